@@ -1,0 +1,83 @@
+"""blockctl: drive QEMU's block layer on running guests, over QMP.
+
+    async with blockctl.open_vm(config) as vm:
+        print(await vm.status())
+
+Errors are all :class:`blockctl.errors.BlockctlError`; value types live in
+:mod:`blockctl.types`.
+"""
+
+from blockctl._console import CommandResult, GuestConsole
+from blockctl._guest import GuestImage, build_guest, find_guest
+from blockctl._machine import (
+    VM,
+    LaunchedVM,
+    Timeouts,
+    attach,
+    launch_detached,
+    open_vm,
+    shutdown_detached,
+)
+from blockctl._qmp.models import (
+    BlockDevice,
+    BlockNode,
+    CacheFlags,
+    Capabilities,
+    StatusInfo,
+    VersionInfo,
+)
+from blockctl._qmp.session import Event, QMPSession
+from blockctl.errors import BlockctlError
+from blockctl.types import (
+    Accel,
+    Aio,
+    BootConfig,
+    CacheMode,
+    DetectZeroes,
+    Discard,
+    Drive,
+    ImageFormat,
+    Interface,
+    MachineConfig,
+    Media,
+)
+
+__all__ = [
+    # Launching and attaching, most to least important
+    "open_vm",
+    "attach",
+    "launch_detached",
+    "shutdown_detached",
+    "VM",
+    "LaunchedVM",
+    "Timeouts",
+    "QMPSession",
+    "Event",
+    # Configuration
+    "MachineConfig",
+    "Drive",
+    "BootConfig",
+    "ImageFormat",
+    "Interface",
+    "Media",
+    "CacheMode",
+    "Aio",
+    "Discard",
+    "DetectZeroes",
+    "Accel",
+    # Replies
+    "StatusInfo",
+    "VersionInfo",
+    "BlockDevice",
+    "BlockNode",
+    "CacheFlags",
+    "Capabilities",
+    # The test guest
+    "GuestImage",
+    "GuestConsole",
+    "CommandResult",
+    "build_guest",
+    "find_guest",
+    # Errors (the whole tree is in blockctl.errors)
+    "BlockctlError",
+]

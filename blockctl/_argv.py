@@ -1,0 +1,292 @@
+"""MachineConfig → qemu-system argv. Pure and sync: no I/O, so it is tested without QEMU.
+
+Block nodes and devices are emitted as JSON (``-blockdev '{...}'``, ``-device '{...}'``), so no
+user string is ever parsed as QEMU options: a filename ``a,read-only=on`` stays a filename
+(qemu-facts.md S5). The few QemuOpts strings left (chardev paths, ``-boot``) carry only paths
+blockctl chose or validated, with commas doubled as QEMU documents.
+Node names and device ids are generated (``drv0``, ``disk0``), never taken from the user.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blockctl._images import ImageLayer
+from blockctl.errors import ConfigError
+from blockctl.types import (
+    Accel,
+    Aio,
+    BootConfig,
+    DetectZeroes,
+    Drive,
+    Interface,
+    MachineConfig,
+    Media,
+    drive_slot,
+)
+
+Json = dict[str, Any]
+
+
+def qemu_opt_escape(value: str) -> str:
+    """Escape a value for a QemuOpts string: a comma is written as two (qemu-system(1))."""
+    return value.replace(",", ",,")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DriveSource:
+    """What preflight learnt about a drive's image on disk.
+
+    ``chain`` is the image and its backing files (top first); ``block_device`` says to use
+    the ``host_device`` protocol driver; ``overlay`` is the throwaway qcow2 for ``snapshot``.
+    """
+
+    chain: tuple[ImageLayer, ...]
+    block_device: bool = False
+    overlay: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DrivePlan:
+    """The -blockdev nodes (bottom-up, as QEMU needs them) and the -device of one drive."""
+
+    index: int
+    device_id: str
+    top_node: str | None
+    nodes: tuple[Json, ...]
+    device: Json
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsoleFd:
+    """The serial console is a socket fd blockctl holds the other end of."""
+
+    fd: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsoleSocket:
+    """The serial console is a listening unix socket (for VMs that outlive the controller),
+    with everything the guest prints also kept in ``log``."""
+
+    path: Path
+    log: Path
+
+
+def _cache_opts(drive: Drive) -> Json:
+    return {"direct": drive.cache.direct, "no-flush": drive.cache.no_flush}
+
+
+def _protocol_node(name: str, filename: str, drive: Drive, *, block_device: bool,
+                   read_only: bool) -> Json:
+    node: Json = {
+        "driver": "host_device" if block_device else "file",
+        "node-name": name,
+        "filename": filename,
+        "cache": _cache_opts(drive),
+        "discard": drive.discard.value,
+        "read-only": read_only,
+    }
+    if drive.aio is not Aio.THREADS:
+        node["aio"] = drive.aio.value
+    if read_only:
+        # Lets a later block-commit reopen a backing file read-write (as libvirt does).
+        node["auto-read-only"] = True
+    return node
+
+
+def _format_node(name: str, fmt: str, file_node: str, drive: Drive, *, backing: str | None,
+                 has_backing_field: bool, read_only: bool, top: bool) -> Json:
+    node: Json = {
+        "driver": fmt,
+        "node-name": name,
+        "file": file_node,
+        "cache": _cache_opts(drive),
+        "discard": drive.discard.value,
+        "read-only": read_only,
+    }
+    if has_backing_field:
+        # Explicit even when null: QEMU must not open a backing file named in the header.
+        node["backing"] = backing
+    if top and drive.detect_zeroes is not DetectZeroes.OFF:
+        node["detect-zeroes"] = drive.detect_zeroes.value
+    return node
+
+
+def _supports_backing(fmt: str) -> bool:
+    return fmt in ("qcow2", "qed", "vmdk")
+
+
+def plan_drive(i: int, drive: Drive, source: DriveSource | None, machine: str,
+               slot: tuple[int, int] | None) -> DrivePlan:
+    """The nodes and device for drive ``i``; ``source`` is None only for an empty cdrom."""
+    nodes: list[Json] = []
+    top: str | None = None
+    if source is not None:
+        chain = source.chain
+        # Bottom-up: a node can only reference nodes defined before it.
+        below: str | None = None
+        for depth in range(len(chain) - 1, -1, -1):
+            layer = chain[depth]
+            name = f"drv{i}" if depth == 0 else f"drv{i}-b{depth}"
+            is_backing_layer = depth > 0
+            read_only = drive.read_only or is_backing_layer or drive.snapshot
+            nodes.append(_protocol_node(f"{name}-file", layer.filename, drive,
+                                        block_device=source.block_device and depth == 0,
+                                        read_only=read_only))
+            nodes.append(_format_node(name, layer.format.value, f"{name}-file", drive,
+                                      backing=below,
+                                      has_backing_field=_supports_backing(layer.format.value),
+                                      read_only=read_only,
+                                      top=depth == 0 and not drive.snapshot))
+            below = name
+        top = f"drv{i}"
+        if drive.snapshot:
+            if source.overlay is None:
+                raise ConfigError(f"drive[{i}].snapshot", "no overlay was created")
+            nodes.append(_protocol_node(f"drv{i}-snap-file", str(source.overlay), drive,
+                                        block_device=False, read_only=False))
+            nodes.append(_format_node(f"drv{i}-snap", "qcow2", f"drv{i}-snap-file", drive,
+                                      backing=top, has_backing_field=True, read_only=False,
+                                      top=True))
+            top = f"drv{i}-snap"
+        if drive.copy_on_read:
+            nodes.append({"driver": "copy-on-read", "node-name": f"drv{i}-cor", "file": top})
+            top = f"drv{i}-cor"
+    device_id = f"disk{i}"
+    return DrivePlan(index=i, device_id=device_id, top_node=top, nodes=tuple(nodes),
+                     device=_device(device_id, drive, top, machine, slot))
+
+
+def _device(device_id: str, drive: Drive, top: str | None, machine: str,
+            slot: tuple[int, int] | None) -> Json:
+    cdrom = drive.media is Media.CDROM
+    device: Json = {"id": device_id}
+    if drive.interface is Interface.VIRTIO:
+        device["driver"] = "virtio-blk-pci"
+    elif drive.interface is Interface.SCSI:
+        bus, unit = slot or (0, 0)
+        device.update(driver="scsi-cd" if cdrom else "scsi-hd", bus=f"scsi{bus}.0",
+                      **{"scsi-id": unit, "lun": 0})
+    elif drive.interface is Interface.IDE:
+        bus, unit = slot or (0, 0)
+        device.update(driver="ide-cd" if cdrom else "ide-hd", bus=f"ide.{bus}")
+        if not machine.startswith("q35"):
+            device["unit"] = unit
+    else:
+        if machine.startswith("q35"):
+            raise ConfigError("drive.interface", "floppy drives need machine type 'pc' "
+                              "(q35 has no floppy controller)")
+        device.update(driver="floppy", unit=(slot or (0, 0))[1])
+    if top is not None:
+        device["drive"] = top
+    if not cdrom and drive.interface is not Interface.FLOPPY:
+        # The guest-visible write cache is part of the cache mode and fixed at realize.
+        device["write-cache"] = "on" if drive.cache.write_cache else "off"
+    if drive.serial is not None:
+        device["serial"] = drive.serial
+    if drive.bootindex is not None:
+        device["bootindex"] = drive.bootindex
+    return device
+
+
+def assign_slots(drives: Sequence[Drive], machine: str) -> list[tuple[int, int] | None]:
+    """Explicit slots as given; IDE, SCSI and floppy drives without one get the next free slot."""
+    slots: list[tuple[int, int] | None] = [drive_slot(d, machine) for d in drives]
+    taken = {(d.interface, s) for d, s in zip(drives, slots, strict=True) if s is not None}
+    limits = {Interface.IDE: (6, 1) if machine.startswith("q35") else (2, 2),
+              Interface.SCSI: (1, 256), Interface.FLOPPY: (1, 2)}
+    for i, drive in enumerate(drives):
+        if slots[i] is not None or drive.interface is Interface.VIRTIO:
+            continue
+        buses, units = limits[drive.interface]
+        free = next(((b, u) for b in range(buses) for u in range(units)
+                     if (drive.interface, (b, u)) not in taken), None)
+        if free is None:
+            raise ConfigError(f"drive[{i}]", f"no free {drive.interface.value} slot left on "
+                              f"{machine}")
+        slots[i] = free
+        taken.add((drive.interface, free))
+    return slots
+
+
+def plan_drives(config: MachineConfig, sources: Mapping[int, DriveSource]) -> tuple[DrivePlan, ...]:
+    slots = assign_slots(config.drives, config.machine)
+    return tuple(plan_drive(i, d, sources.get(i), config.machine, slots[i])
+                 for i, d in enumerate(config.drives))
+
+
+def boot_option(boot: BootConfig) -> str:
+    parts = []
+    if boot.order is not None:
+        parts.append(f"order={boot.order}")
+    if boot.once is not None:
+        parts.append(f"once={boot.once}")
+    if boot.menu is not None:
+        parts.append(f"menu={'on' if boot.menu else 'off'}")
+    if boot.splash is not None:
+        parts.append(f"splash={qemu_opt_escape(str(boot.splash))}")
+    if boot.splash_time is not None:
+        parts.append(f"splash-time={boot.splash_time}")
+    if boot.strict is not None:
+        parts.append(f"strict={'on' if boot.strict else 'off'}")
+    return ",".join(parts)
+
+
+def build_argv(
+    *,
+    binary: str,
+    config: MachineConfig,
+    label: str,
+    accel: Accel,
+    plans: Sequence[DrivePlan],
+    qmp_fd: int,
+    monitor_path: Path | None,
+    console: ConsoleFd | ConsoleSocket | None,
+) -> list[str]:
+    """The full qemu-system command line."""
+    argv = [binary, "-name", f"guest={qemu_opt_escape(label)},debug-threads=on",
+            "-machine", config.machine, "-accel", accel.value,
+            "-m", f"{config.memory_mib}M", "-smp", str(config.cpus),
+            "-nodefaults", "-no-user-config", "-display", "none"]
+    if accel is Accel.KVM:
+        argv += ["-cpu", "host"]
+    if config.no_shutdown:
+        argv.append("-no-shutdown")
+    if config.firmware is not None:
+        argv += ["-bios", str(config.firmware)]
+    if config.kernel is not None:
+        argv += ["-kernel", str(config.kernel)]
+    if config.initrd is not None:
+        argv += ["-initrd", str(config.initrd)]
+    if config.append is not None:
+        argv += ["-append", config.append]
+    if config.boot is not None and (opt := boot_option(config.boot)):
+        argv += ["-boot", opt]
+    argv += ["-chardev", f"socket,id=qmp0,fd={qmp_fd}", "-mon", "chardev=qmp0,mode=control"]
+    if monitor_path is not None:
+        argv += ["-chardev",
+                 f"socket,id=qmp1,path={qemu_opt_escape(str(monitor_path))},server=on,wait=off",
+                 "-mon", "chardev=qmp1,mode=control"]
+    if isinstance(console, ConsoleFd):
+        argv += ["-chardev", f"socket,id=ser0,fd={console.fd}", "-serial", "chardev:ser0"]
+    elif isinstance(console, ConsoleSocket):
+        argv += ["-chardev",
+                 f"socket,id=ser0,path={qemu_opt_escape(str(console.path))},server=on,wait=off,"
+                 f"logfile={qemu_opt_escape(str(console.log))}",
+                 "-serial", "chardev:ser0"]
+    scsi_buses = sorted({
+        int(p.device["bus"][len("scsi"):].split(".")[0])
+        for p in plans if p.device["driver"].startswith("scsi-")
+    })
+    for bus in scsi_buses:
+        argv += ["-device", json.dumps({"driver": "virtio-scsi-pci", "id": f"scsi{bus}"})]
+    for plan in plans:
+        for node in plan.nodes:
+            argv += ["-blockdev", json.dumps(node)]
+        argv += ["-device", json.dumps(plan.device)]
+    return argv

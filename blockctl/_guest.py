@@ -1,0 +1,688 @@
+"""The test guest: a Debian cloud kernel plus a busybox initramfs, built from Debian packages.
+
+Why this guest: block operations need a *running* guest that reads and writes its disks, and
+nothing more. A stock kernel with a busybox initramfs is 15 MB, boots to a shell in about 2 s
+even on TCG, needs no disk image of its own and no network, and comes only from packages apt
+already trusts (guest.md §1). Everything in it is known, so the serial protocol of
+:mod:`blockctl._console` can rely on the exact banner and prompt that ``_data/init`` and
+``_data/profile`` produce.
+
+The build runs helpers only through :mod:`blockctl._proc` and needs nothing on the host beyond
+apt and dpkg: busybox from the downloaded ``busybox-static`` package does ``depmod`` and
+``cpio`` itself. The result lives in one cache directory (:func:`default_guest_dir`); files are
+moved into place with ``os.replace`` and ``manifest.json`` is written last, so a directory with
+a manifest always holds a complete guest, even after a crash or a cancelled build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import fcntl
+import functools
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from blockctl import _proc
+from blockctl._log import get_logger
+from blockctl.errors import BlockctlError, MissingComponent
+
+__all__ = [
+    "APPEND",
+    "WANTED_MODULES",
+    "GuestImage",
+    "build_guest",
+    "default_guest_dir",
+    "find_guest",
+]
+
+#: The kernel command line the guest is built for: the serial console is the shell's terminal,
+#: and a panic ends the VM at once (with QEMU's ``-no-reboot``) instead of hanging a test.
+APPEND = "console=ttyS0 panic=-1 quiet"
+
+#: The cloud flavour: LZ4-compressed (boots ~3 s faster on TCG than the generic XZ one) and
+#: with ext4 built in, so fewer modules to load.
+KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+
+#: What the guest must drive: virtio disks and consoles, SCSI disks and CD-ROMs on virtio-scsi
+#: or the PIIX IDE controller of the ``pc`` machine, and ISO 9660 media. Dependencies
+#: (virtio_ring, scsi_mod, libata, cdrom, ...) are added from modules.dep.
+WANTED_MODULES: tuple[str, ...] = (
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "sr_mod",
+    "ata_piix",
+    "virtio_console",
+    "isofs",
+)
+
+_KERNEL_FILE = "vmlinuz"
+_INITRD_FILE = "initramfs.gz"
+_MANIFEST_FILE = "manifest.json"
+_LOCK_FILE = ".lock"
+_TMP_PREFIX = ".tmp-"
+# Bump when the layout of the guest changes in a way an old cached build would not match.
+_FORMAT = 1
+_MISSING_WHAT = "the test guest"
+_MISSING_HINT = "run `blockctl guest build` (or scripts/build-guest)"
+# Every file in the initramfs gets this mtime, and cpio renumbers inodes and drops device
+# numbers, so the same packages always give the same initramfs bytes.
+_FIXED_MTIME = 0
+# `find . | cpio -o -H newc`, with NUL-separated names, root-owned entries even when built by a
+# user, and inode and device numbers that do not depend on the build host.
+_CPIO_CREATE = (
+    *("cpio", "-o", "-H", "newc", "-0"),
+    *("-R", "0:0"),
+    *("--renumber-inodes", "--ignore-devno"),
+)
+_ROOT_DIRS = ("bin", "dev", "etc", "lib", "mnt", "proc", "run", "sys", "tmp", "usr")
+_LOCK_POLL_SECONDS = 0.2
+_CLEANUP_ATTEMPTS = 20
+_CLEANUP_RETRY_SECONDS = 0.1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuestImage:
+    """A complete built guest: what ``-kernel``, ``-initrd`` and ``-append`` need."""
+
+    kernel: Path
+    initrd: Path
+    append: str
+    kernel_version: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Package:
+    """A downloaded .deb and the name and version dpkg reads from it (for the manifest)."""
+
+    name: str
+    version: str
+    deb: Path
+
+
+def default_guest_dir() -> Path:
+    """Where the guest is cached: ``$BLOCKCTL_GUEST_DIR``, else the XDG cache directory.
+
+    A cache, not data: it can always be rebuilt from packages, so it belongs under
+    ``$XDG_CACHE_HOME`` (``~/.cache`` when unset or not absolute, as the XDG spec says).
+    """
+    explicit = os.environ.get("BLOCKCTL_GUEST_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return cache / "blockctl" / "guest"
+
+
+def _resolve_dir(directory: Path | None) -> Path:
+    # Absolute, because QEMU may be started with another working directory.
+    return (default_guest_dir() if directory is None else directory).expanduser().absolute()
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((directory / _MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        return None
+    if not isinstance(data.get("kernel_version"), str):
+        return None
+    return data
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def find_guest(directory: Path | None = None) -> GuestImage:
+    """The guest cached in ``directory`` (default: :func:`default_guest_dir`).
+
+    Complete means: a readable ``manifest.json`` of this format plus non-empty kernel and
+    initramfs. The manifest is written last, so its presence proves the files beside it are
+    whole.
+
+    :raise MissingComponent: no complete guest there.
+    """
+    where = _resolve_dir(directory)
+    manifest = _read_manifest(where)
+    kernel = where / _KERNEL_FILE
+    initrd = where / _INITRD_FILE
+    if manifest is None or not _nonempty_file(kernel) or not _nonempty_file(initrd):
+        get_logger().debug(
+            "blockctl.guest.not_found",
+            directory=str(where),
+            manifest=manifest is not None,
+            kernel=_nonempty_file(kernel),
+            initrd=_nonempty_file(initrd),
+        )
+        raise MissingComponent(_MISSING_WHAT, _MISSING_HINT)
+    append = manifest.get("append")
+    return GuestImage(
+        kernel=kernel,
+        initrd=initrd,
+        append=append if isinstance(append, str) else APPEND,
+        kernel_version=manifest["kernel_version"],
+    )
+
+
+def _data_file(name: str) -> bytes:
+    return resources.files("blockctl").joinpath("_data").joinpath(name).read_bytes()
+
+
+def _recipe_digest() -> str:
+    """A digest of everything in this package that shapes the guest.
+
+    Stored in the manifest so that a cached guest built from an older /init or module list is
+    rebuilt instead of silently reused.
+    """
+    digest = hashlib.sha256()
+    parts = [str(_FORMAT), KERNEL_META_PACKAGE, BUSYBOX_PACKAGE, APPEND, *WANTED_MODULES]
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    for name in ("init", "profile"):
+        digest.update(_data_file(name) + b"\0")
+    return digest.hexdigest()
+
+
+async def build_guest(directory: Path | None = None, *, force: bool = False) -> GuestImage:
+    """Build the guest into ``directory`` (default: :func:`default_guest_dir`) and return it.
+
+    Cached: a complete guest built from the current recipe is returned as it is, without
+    running anything, unless ``force``. Concurrent builds into one directory are serialised
+    by a lock file; the second one then finds the first one's result.
+
+    :raise MissingComponent: apt does not know the kernel package (run ``apt-get update``), a
+        wanted module is not in it, or apt/dpkg are not installed.
+    :raise ProcessFailed: a helper (apt-get, dpkg-deb, busybox) failed.
+    """
+    where = _resolve_dir(directory)
+    if not force:
+        cached = _cached(where)
+        if cached is not None:
+            return cached
+    log = get_logger(directory=str(where))
+    where.mkdir(parents=True, exist_ok=True)
+    async with _locked(where, log):
+        if not force:
+            # Another process may have finished the same build while we waited for the lock.
+            cached = _cached(where)
+            if cached is not None:
+                return cached
+        _remove_stale_work_dirs(where, log)
+        work = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=where))
+        try:
+            await _build_in(where, work, log)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _remove_work_dir(work, log)
+    return find_guest(where)
+
+
+def _cached(where: Path) -> GuestImage | None:
+    try:
+        image = find_guest(where)
+    except MissingComponent:
+        return None
+    manifest = _read_manifest(where)
+    if manifest is None or manifest.get("recipe") != _recipe_digest():
+        get_logger().info("blockctl.guest.stale", directory=str(where))
+        return None
+    return image
+
+
+@contextlib.asynccontextmanager
+async def _locked(where: Path, log: Any) -> AsyncIterator[None]:
+    """Hold an exclusive flock on ``where/.lock``, polling so that cancellation still works."""
+    fd = os.open(where / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    log.info("blockctl.guest.waiting_for_lock")
+                    waiting = True
+                await anyio.sleep(_LOCK_POLL_SECONDS)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_stale_work_dirs(where: Path, log: Any) -> None:
+    # Under the lock no other build is running here, so any work directory is a crash's leftover.
+    for stale in where.glob(_TMP_PREFIX + "*"):
+        log.info("blockctl.guest.removing_stale", path=str(stale))
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+async def _remove_work_dir(work: Path, log: Any) -> None:
+    """Delete the work directory, retrying briefly.
+
+    A cancelled ``dpkg-deb -x`` is killed, but the tar it forked can go on writing files for a
+    moment, so one rmtree may leave a directory behind. What still remains after the retries
+    is removed by the next build (:func:`_remove_stale_work_dirs`).
+    """
+    if not await anyio.to_thread.run_sync(_rmtree_patiently, work):
+        log.warning("blockctl.guest.work_dir_left", path=str(work))
+
+
+def _rmtree_patiently(path: Path) -> bool:
+    for _ in range(_CLEANUP_ATTEMPTS):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return True
+        time.sleep(_CLEANUP_RETRY_SECONDS)
+    return False
+
+
+class _Steps:
+    """Times each build step and logs it as ``blockctl.guest.build_step``."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    @contextlib.contextmanager
+    def step(self, name: str, **fields: Any) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self._log.info(
+            "blockctl.guest.build_step",
+            step=name,
+            seconds=round(time.monotonic() - started, 3),
+            **fields,
+        )
+
+
+async def _build_in(where: Path, work: Path, log: Any) -> None:
+    started = time.monotonic()
+    steps = _Steps(log)
+    debs, extract, root = work / "debs", work / "extract", work / "root"
+    for path in (debs, extract, root):
+        path.mkdir()
+
+    with steps.step("resolve"):
+        kernel_package = await _resolve_kernel_package()
+    with steps.step("download", packages=[kernel_package, BUSYBOX_PACKAGE]):
+        packages = await _download([kernel_package, BUSYBOX_PACKAGE], debs)
+    with steps.step("extract"):
+        for package in packages.values():
+            await _proc.run(["dpkg-deb", "-x", str(package.deb), str(extract)])
+    kernel_package_info = packages[kernel_package]
+    busybox = extract / "bin" / "busybox"
+    if not busybox.is_file():
+        raise BlockctlError(f"{BUSYBOX_PACKAGE} did not contain bin/busybox")
+    kver, modules_base = _find_kernel_tree(extract, kernel_package)
+    vmlinuz = extract / "boot" / f"vmlinuz-{kver}"
+    if not vmlinuz.is_file():
+        raise BlockctlError(f"{kernel_package} did not contain boot/vmlinuz-{kver}")
+
+    with steps.step("modules"):
+        order, builtin = await _select_modules(busybox, modules_base, kver, kernel_package)
+    with steps.step("root", modules=len(order)):
+        applets = (await _proc.run([str(busybox), "--list"])).stdout.split()
+        await anyio.to_thread.run_sync(
+            functools.partial(
+                _populate_root,
+                root,
+                busybox=busybox,
+                applets=applets,
+                modules_src=modules_base / "lib" / "modules" / kver,
+                kver=kver,
+                modules=order,
+            )
+        )
+        # The package ships no modules.dep (its postinst runs depmod); generate one for the
+        # trimmed tree so that `modprobe` works inside the guest too.
+        await _proc.run([str(busybox), "depmod", "-b", str(root), kver])
+        await anyio.to_thread.run_sync(_fix_mtimes, root)
+    with steps.step("initramfs"):
+        initramfs = work / _INITRD_FILE
+        archive = await _proc.run_bytes(
+            [str(busybox), *_CPIO_CREATE],
+            stdin=b"\0".join(entry.encode() for entry in _cpio_entries(root)),
+            cwd=root,
+        )
+        compressed = await anyio.to_thread.run_sync(
+            functools.partial(gzip.compress, archive, compresslevel=6, mtime=0)
+        )
+        initramfs.write_bytes(compressed)
+
+    manifest = {
+        "format": _FORMAT,
+        "recipe": _recipe_digest(),
+        "kernel_package": kernel_package_info.name,
+        "kernel_package_version": kernel_package_info.version,
+        "kernel_version": kver,
+        "busybox_package": packages[BUSYBOX_PACKAGE].name,
+        "busybox_version": packages[BUSYBOX_PACKAGE].version,
+        "append": APPEND,
+        "modules": order,
+        "builtin_modules_skipped": builtin,
+        "kernel_bytes": vmlinuz.stat().st_size,
+        "initrd_bytes": len(compressed),
+        "initrd_uncompressed_bytes": len(archive),
+        "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "build_seconds": round(time.monotonic() - started, 2),
+    }
+    with steps.step("install"):
+        await anyio.to_thread.run_sync(
+            functools.partial(
+                _install, where, work, kernel=vmlinuz, initrd=initramfs, manifest=manifest
+            )
+        )
+    log.info(
+        "blockctl.guest.built",
+        kernel_package=kernel_package_info.name,
+        kernel_package_version=kernel_package_info.version,
+        kernel_bytes=manifest["kernel_bytes"],
+        initrd_bytes=len(compressed),
+        seconds=manifest["build_seconds"],
+    )
+
+
+async def _resolve_kernel_package() -> str:
+    """The versioned kernel package the meta package currently points to."""
+    done = await _proc.run(["apt-cache", "depends", KERNEL_META_PACKAGE], check=False)
+    for line in done.stdout.splitlines():
+        # "  Depends: linux-image-6.1.0-56-cloud-amd64"; "|Depends:" marks an alternative and
+        # "<name>" a virtual package.
+        key, _, value = line.strip().lstrip("|").partition(":")
+        if key == "Depends" and value.strip():
+            return value.strip().strip("<>")
+    raise MissingComponent(
+        f"the Debian package {KERNEL_META_PACKAGE}",
+        "apt does not know it; run `apt-get update` (as root) and build again",
+    )
+
+
+def _parse_control_fields(text: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not line.startswith((" ", "\t")):
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+async def _download(names: Sequence[str], dest: Path) -> dict[str, _Package]:
+    """``apt-get download`` the packages into ``dest``; map each name to its .deb.
+
+    The .deb file names are URL-escaped (``1%3a1.35.0``), so each file's own control fields
+    say which package and version it is.
+    """
+    # As root apt warns on stderr that _apt cannot access dest ("unsandboxed"): harmless.
+    await _proc.run(["apt-get", "download", *names], cwd=dest)
+    found: dict[str, _Package] = {}
+    debs = await anyio.to_thread.run_sync(lambda: sorted(dest.glob("*.deb")))
+    for deb in debs:
+        fields = _parse_control_fields(
+            (await _proc.run(["dpkg-deb", "--field", str(deb), "Package", "Version"])).stdout
+        )
+        if "Package" in fields and "Version" in fields:
+            found[fields["Package"]] = _Package(
+                name=fields["Package"], version=fields["Version"], deb=deb
+            )
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise BlockctlError(f"apt-get download did not produce a .deb for: {', '.join(missing)}")
+    return found
+
+
+def _find_kernel_tree(extract: Path, kernel_package: str) -> tuple[str, Path]:
+    """The kernel version and the base directory that holds ``lib/modules/<kver>``.
+
+    Bookworm packages ship ``/lib/modules``; merged-/usr packages (trixie on) ship
+    ``/usr/lib/modules``. busybox depmod wants the base that contains ``lib/modules``.
+    """
+    for base in (extract, extract / "usr"):
+        modules = base / "lib" / "modules"
+        if modules.is_dir():
+            versions = sorted(p.name for p in modules.iterdir() if p.is_dir())
+            if len(versions) == 1:
+                return versions[0], base
+            raise BlockctlError(
+                f"{kernel_package} holds {len(versions)} module trees ({versions}), expected one"
+            )
+    raise BlockctlError(f"{kernel_package} has no lib/modules directory")
+
+
+def module_name(path: str) -> str:
+    """The kernel's name for a module file: ``kernel/lib/crc-t10dif.ko`` → ``crc_t10dif``."""
+    return PurePosixPath(path).name.partition(".ko")[0].replace("-", "_")
+
+
+def parse_modules_dep(text: str, kver: str) -> dict[str, tuple[str, ...]]:
+    """modules.dep as ``{module path: dependency paths}``, paths relative to the tree."""
+    prefix = f"/lib/modules/{kver}/"
+
+    def relative(path: str) -> str:
+        return path.removeprefix(prefix).lstrip("/")
+
+    deps: dict[str, tuple[str, ...]] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        module, _, rest = line.partition(":")
+        deps[relative(module.strip())] = tuple(relative(dep) for dep in rest.split())
+    return deps
+
+
+def load_order(
+    wanted: Iterable[str], deps: Mapping[str, Sequence[str]], builtin: Iterable[str] = ()
+) -> tuple[list[str], list[str]]:
+    """The insmod order for ``wanted`` modules: depth-first, dependencies first, each once.
+
+    insmod (unlike modprobe) loads exactly one file and fails on unresolved symbols, so every
+    module must come after everything it needs. Returns ``(module paths in load order, wanted
+    names skipped because they are built into the kernel)``.
+
+    :raise MissingComponent: a wanted module is neither a module file nor built in.
+    """
+    by_name = {module_name(path): path for path in deps}
+    builtin_names = {module_name(path) for path in builtin}
+    order: list[str] = []
+    done: set[str] = set()
+    skipped: list[str] = []
+
+    def visit(path: str, stack: tuple[str, ...]) -> None:
+        if path in done:
+            return
+        if path in stack:
+            raise BlockctlError(f"modules.dep has a cycle: {' -> '.join((*stack, path))}")
+        for dep in deps.get(path, ()):
+            visit(dep, (*stack, path))
+        done.add(path)
+        order.append(path)
+
+    for name in wanted:
+        key = module_name(name)
+        if key in by_name:
+            visit(by_name[key], ())
+        elif key in builtin_names:
+            skipped.append(name)
+        else:
+            raise MissingComponent(
+                f"kernel module {name}",
+                "the kernel package ships it neither as a module nor built in; "
+                "use a kernel flavour that has it or drop it from WANTED_MODULES",
+            )
+    return order, skipped
+
+
+async def _select_modules(
+    busybox: Path, modules_base: Path, kver: str, kernel_package: str
+) -> tuple[list[str], list[str]]:
+    tree = modules_base / "lib" / "modules" / kver
+    # Dependencies come from a modules.dep of the *full* tree; the trimmed tree gets its own.
+    await _proc.run([str(busybox), "depmod", "-b", str(modules_base), kver])
+    deps = parse_modules_dep((tree / "modules.dep").read_text(), kver)
+    builtin_file = tree / "modules.builtin"
+    builtin = builtin_file.read_text().split() if builtin_file.is_file() else []
+    order, skipped = load_order(WANTED_MODULES, deps, builtin)
+    get_logger().debug(
+        "blockctl.guest.modules", kernel_package=kernel_package, order=order, builtin=skipped
+    )
+    return order, skipped
+
+
+def _populate_root(
+    root: Path,
+    *,
+    busybox: Path,
+    applets: Sequence[str],
+    modules_src: Path,
+    kver: str,
+    modules: Sequence[str],
+) -> None:
+    """Lay out the initramfs tree: busybox and its applet links, /init, /etc and modules."""
+    for name in _ROOT_DIRS:
+        (root / name).mkdir()
+    shutil.copyfile(busybox, root / "bin" / "busybox")
+    (root / "bin" / "busybox").chmod(0o755)
+    for applet in sorted(set(applets)):
+        if applet and "/" not in applet and applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    # One directory for every applet: /sbin/..., /usr/bin/... and /usr/sbin/... paths still work.
+    (root / "sbin").symlink_to("bin")
+    (root / "usr" / "bin").symlink_to("../bin")
+    (root / "usr" / "sbin").symlink_to("../bin")
+
+    (root / "init").write_bytes(_data_file("init"))
+    (root / "init").chmod(0o755)
+    (root / "etc" / "profile").write_bytes(_data_file("profile"))
+    (root / "etc" / "modules.load").write_text("".join(f"{path}\n" for path in modules))
+
+    tree = root / "lib" / "modules" / kver
+    for path in modules:
+        target = tree / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(modules_src / path, target)
+    # Lets busybox modprobe treat built-in modules (ext4 on cloud) as present.
+    if (modules_src / "modules.builtin").is_file():
+        tree.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(modules_src / "modules.builtin", tree / "modules.builtin")
+
+
+def _fix_mtimes(root: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            os.utime(
+                os.path.join(dirpath, name), (_FIXED_MTIME, _FIXED_MTIME), follow_symlinks=False
+            )
+    os.utime(root, (_FIXED_MTIME, _FIXED_MTIME))
+
+
+def _cpio_entries(root: Path) -> list[str]:
+    """What ``cd root && find .`` would list, sorted, parents before their contents.
+
+    os.walk puts symlinks to directories (``sbin``) among the directories and does not descend
+    into them, which is what the archive wants: the link itself.
+    """
+    entries = ["."]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
+        entries.extend(f"./{rel / name}" for name in sorted((*dirnames, *filenames)))
+    return entries
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install(
+    where: Path, work: Path, *, kernel: Path, initrd: Path, manifest: Mapping[str, Any]
+) -> None:
+    """Move the files into place, manifest last, so a manifest always means "complete"."""
+    staged_manifest = work / _MANIFEST_FILE
+    staged_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    for path in (kernel, initrd, staged_manifest):
+        _fsync(path)
+    # Without a manifest the directory counts as incomplete while the files are swapped.
+    with contextlib.suppress(FileNotFoundError):
+        (where / _MANIFEST_FILE).unlink()
+    os.replace(kernel, where / _KERNEL_FILE)
+    os.replace(initrd, where / _INITRD_FILE)
+    os.replace(staged_manifest, where / _MANIFEST_FILE)
+    _fsync(where)
+
+
+def _configure_logging(verbose: bool) -> None:
+    # Only for running this module as a program; as a library blockctl never configures
+    # structlog. Events go to stderr so that stdout carries just the result.
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.DEBUG if verbose else logging.INFO
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m blockctl._guest",
+        description="Build (or find, when cached) the blockctl test guest from Debian packages.",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild even when a complete guest is cached"
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help=f"guest directory (default: $BLOCKCTL_GUEST_DIR or {default_guest_dir()})",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        image = anyio.run(
+            functools.partial(build_guest, args.dir, force=args.force), backend="asyncio"
+        )
+    except BlockctlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"kernel:         {image.kernel}")
+    print(f"initrd:         {image.initrd}")
+    print(f"append:         {image.append}")
+    print(f"kernel_version: {image.kernel_version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

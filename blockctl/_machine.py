@@ -1,0 +1,520 @@
+"""Launching, attaching to and shutting down QEMU.
+
+- :func:`open_vm` launches QEMU as a child that dies with this process (PR_SET_PDEATHSIG) and
+  guarantees it is shut down and reaped when the block exits, however it exits.
+- :func:`launch_detached` starts a named VM that outlives the caller (``blockctl up``).
+- :func:`attach` connects to a running QEMU's QMP socket (a named VM, a path, or host:port).
+
+QMP runs over a socketpair handed to QEMU (``-chardev socket,fd=N``), so there is no socket
+file to poll for; a second monitor on ``<run dir>/qmp.sock`` lets other processes attach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+from anyio.abc import SocketStream
+
+from blockctl import _images, _proc, _runtime
+from blockctl._accel import AccelChoice, choose_accel
+from blockctl._argv import (
+    ConsoleFd,
+    ConsoleSocket,
+    DrivePlan,
+    DriveSource,
+    build_argv,
+    plan_drives,
+)
+from blockctl._console import GuestConsole
+from blockctl._log import get_logger
+from blockctl._qmp import wire
+from blockctl._qmp.models import BlockDevice, BlockNode, Capabilities, StatusInfo, VersionInfo
+from blockctl._qmp.session import QMPSession, describe_exit, single_exception
+from blockctl.errors import (
+    BlockctlError,
+    ConfigError,
+    ConnectionLost,
+    LaunchFailed,
+    MissingComponent,
+    QMPConnectFailed,
+    ShutdownFailed,
+    VMExists,
+)
+from blockctl.types import Accel, ImageFormat, MachineConfig, Media
+
+_log = get_logger()
+
+
+def qemu_system_binary() -> str:
+    """``$BLOCKCTL_QEMU_SYSTEM``, else ``qemu-system-x86_64`` from PATH."""
+    return os.environ.get("BLOCKCTL_QEMU_SYSTEM", "qemu-system-x86_64")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Deadlines, in seconds, of the steps of a VM's life.
+
+    ``Timeouts(powerdown=30)`` asks the guest to power off first and waits 30 s for it.
+    """
+
+    launch: float = 30.0  # QEMU started → QMP greeting
+    powerdown: float | None = None  # ACPI power button → QEMU exit; None skips the rung
+    quit: float = 10.0  # QMP quit → QEMU exit
+    terminate: float = 5.0  # SIGTERM → QEMU exit, before SIGKILL
+
+
+class VM:
+    """A running QEMU this process has a QMP session with (launched or attached).
+
+    Typed queries for the common questions; everything else goes through the operation
+    modules, which take ``vm.session``.
+    """
+
+    def __init__(self, session: QMPSession, *, name: str, pid: int | None) -> None:
+        self.session = session
+        self.name = name
+        self.pid = pid
+
+    async def status(self) -> StatusInfo:
+        return await wire.query_status(self.session)
+
+    async def version(self) -> VersionInfo:
+        return await wire.query_version(self.session)
+
+    async def capabilities(self) -> Capabilities:
+        return await wire.query_capabilities(self.session)
+
+    async def block_devices(self) -> tuple[BlockDevice, ...]:
+        return await wire.query_block(self.session)
+
+    async def block_nodes(self) -> tuple[BlockNode, ...]:
+        return await wire.query_named_block_nodes(self.session)
+
+    async def qom_get(self, path: str, prop: str) -> object:
+        return await wire.qom_get(self.session, path, prop)
+
+    async def command(self, name: str, arguments: Mapping[str, Any] | None = None) -> object:
+        """Any QMP command, untyped (the CLI's ``blockctl qmp``)."""
+        return await wire.raw_command(self.session, name, arguments)
+
+
+class LaunchedVM(VM):
+    """A QEMU child of this process, with its console and run directory."""
+
+    def __init__(self, session: QMPSession, *, name: str, process: asyncio.subprocess.Process,
+                 run_dir: Path, argv: list[str], accel: AccelChoice,
+                 console: GuestConsole | None, plans: tuple[DrivePlan, ...]) -> None:
+        super().__init__(session, name=name, pid=process.pid)
+        self.process = process
+        self.run_dir = run_dir
+        self.argv = argv
+        self.accel = accel
+        self.console = console
+        self.drives = plans
+
+    @property
+    def monitor_path(self) -> Path:
+        """The QMP socket other processes attach to."""
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def qemu_log(self) -> str:
+        try:
+            return (self.run_dir / "qemu.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    async def wait_exit(self) -> int:
+        """Wait for QEMU to exit (e.g. after the guest powers off) and return its exit code."""
+        return await self.process.wait()
+
+
+# Section: preflight
+
+
+async def preflight(config: MachineConfig) -> tuple[str, dict[int, DriveSource]]:
+    """Check everything that needs the file system, before QEMU starts.
+
+    Returns the qemu-system binary and, per drive with an image, its backing chain read with
+    the declared format (explicit nodes are built for every layer: nothing is probed).
+    """
+    binary = qemu_system_binary()
+    if shutil.which(binary) is None:
+        raise MissingComponent(binary, "install qemu-system-x86 (Debian) or set "
+                               "BLOCKCTL_QEMU_SYSTEM to a qemu-system-x86_64 binary")
+    for field_name in ("kernel", "initrd", "firmware"):
+        path = getattr(config, field_name)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(field_name, f"{path} does not exist or is not a file")
+    sources: dict[int, DriveSource] = {}
+    for i, drive in enumerate(config.drives):
+        if drive.file is None:
+            continue
+        where = f"drive[{i}].file"
+        path = Path(drive.file).absolute()
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            raise ConfigError(where, f"{path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(where, f"{path}: {exc.strerror}") from None
+        block_device = stat.S_ISBLK(info.st_mode)
+        if not (block_device or stat.S_ISREG(info.st_mode)):
+            raise ConfigError(where, f"{path} is neither a regular file nor a block device")
+        if not os.access(path, os.R_OK if drive.read_only else os.R_OK | os.W_OK):
+            raise ConfigError(where, f"{path} is not {'readable' if drive.read_only else 'readable and writable'}")
+        assert drive.format is not None  # Drive guarantees a format with a file
+        try:
+            chain = await _images.backing_chain(path, drive.format)
+        except BlockctlError as exc:
+            raise ConfigError(where, f"cannot read {path} as {drive.format.value}: "
+                              f"{getattr(exc, 'stderr', '') or exc}".strip()) from exc
+        _images.check_chain(chain, where)
+        if drive.media is Media.CDROM and drive.format is not ImageFormat.RAW:
+            _log.debug("blockctl.launch.cdrom_format", drive=i, format=drive.format.value)
+        sources[i] = DriveSource(chain=chain, block_device=block_device)
+    return binary, sources
+
+
+# Section: launch
+
+
+def _qemu_log_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+@contextlib.asynccontextmanager
+async def _started_qemu(
+    config: MachineConfig, *, run_dir: Path, label: str, detached: bool, console: bool,
+    timeouts: Timeouts,
+) -> AsyncIterator[tuple[QMPSession, asyncio.subprocess.Process, list[str], AccelChoice,
+                         SocketStream | None, tuple[DrivePlan, ...]]]:
+    """Start QEMU and its QMP session; on any failure, reap QEMU and raise LaunchFailed.
+
+    While the block runs, a watcher marks the session lost the moment QEMU exits. When the
+    block exits the session is closed; stopping QEMU is the caller's job.
+    """
+    binary, sources = await preflight(config)
+    accel = choose_accel(config.accel)
+    _log.info("blockctl.launch.accel", vm=label, accel=accel.accel.value, reason=accel.reason)
+    for i, drive in enumerate(config.drives):
+        if drive.snapshot and i in sources:
+            overlay = run_dir / f"drv{i}-overlay.qcow2"
+            assert drive.format is not None and drive.file is not None
+            await _images.create(overlay, ImageFormat.QCOW2,
+                                 backing=Path(sources[i].chain[0].filename),
+                                 backing_format=drive.format)
+            src = sources[i]
+            sources[i] = DriveSource(chain=src.chain, block_device=src.block_device,
+                                     overlay=overlay)
+    plans = plan_drives(config, sources)
+    monitor = run_dir / "qmp.sock"
+    _runtime.check_socket_path(monitor, "runtime_dir")
+    console_spec: ConsoleFd | ConsoleSocket | None = None
+    qmp_ours, qmp_theirs = socket.socketpair()
+    con_ours: socket.socket | None = None
+    con_theirs: socket.socket | None = None
+    pass_fds = [qmp_theirs.fileno()]
+    if console and not detached:
+        con_ours, con_theirs = socket.socketpair()
+        console_spec = ConsoleFd(fd=con_theirs.fileno())
+        pass_fds.append(con_theirs.fileno())
+    elif console:
+        console_spec = ConsoleSocket(path=run_dir / "console.sock", log=run_dir / "console.log")
+        _runtime.check_socket_path(console_spec.path, "runtime_dir")
+    argv = build_argv(binary=binary, config=config, label=label, accel=accel.accel,
+                      plans=plans, qmp_fd=qmp_theirs.fileno(), monitor_path=monitor,
+                      console=console_spec)
+    log_path = run_dir / "qemu.log"
+    log_file: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        process = await _proc.spawn(argv, log=log_file, pass_fds=pass_fds,
+                                    die_with_parent=not detached)
+    finally:
+        log_file.close()
+        qmp_theirs.close()
+        if con_theirs is not None:
+            con_theirs.close()
+    _log.info("blockctl.launch.spawned", vm=label, pid=process.pid, argv=argv)
+
+    def failure(reason: str) -> LaunchFailed:
+        return LaunchFailed(reason, argv=argv, exitcode=process.returncode,
+                            stderr=_qemu_log_text(log_path))
+
+    connected = False
+    yielded = False
+    try:
+        try:
+            async with QMPSession.connect(qmp_ours, label=label,
+                                          timeout=timeouts.launch) as session:
+                connected = True
+                session.process_exit = process.wait
+                async with anyio.create_task_group() as tg:
+
+                    async def watch_exit() -> None:
+                        session.mark_lost(describe_exit(await process.wait()))
+
+                    tg.start_soon(watch_exit)
+                    try:
+                        stream = None
+                        if con_ours is not None:
+                            stream = await SocketStream.from_socket(con_ours)
+                            con_ours = None
+                        yielded = True
+                        yield session, process, argv, accel, stream, plans
+                    finally:
+                        tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise single_exception(group) from None
+    except QMPConnectFailed as exc:
+        if connected:
+            raise
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeouts.terminate):
+            await process.wait()  # QEMU rejecting its argv exits right after connecting
+        raise failure(str(exc) if process.returncode is None else
+                      "QEMU exited during start-up") from exc
+    finally:
+        with anyio.CancelScope(shield=True):
+            if not yielded:
+                await _proc.terminate(process, grace=timeouts.terminate)
+            qmp_ours.close()
+            if con_ours is not None:
+                con_ours.close()
+
+
+@contextlib.asynccontextmanager
+async def open_vm(
+    config: MachineConfig, *, console: bool = True, timeouts: Timeouts = Timeouts(),
+) -> AsyncIterator[LaunchedVM]:
+    """Launch QEMU for ``config``; it is shut down and reaped when the block exits.
+
+    The guest's serial console is ``vm.console`` (if ``console``). A named config registers
+    the VM in the runtime directory for the block's duration, so ``blockctl ls`` and
+    :func:`attach` find it. Shutdown is one shielded ladder: optional ``system_powerdown``
+    (``timeouts.powerdown``) → QMP ``quit`` → SIGTERM → SIGKILL → reap.
+    """
+    run_dir = _make_run_dir(config.name)
+    label = config.name or run_dir.name
+    try:
+        async with _started_qemu(config, run_dir=run_dir, label=label, detached=False,
+                                 console=console, timeouts=timeouts) as started:
+            session, process, argv, accel, stream, plans = started
+            con = None if stream is None else GuestConsole(stream, label)
+            vm = LaunchedVM(session, name=label, process=process, run_dir=run_dir, argv=argv,
+                            accel=accel, console=con, plans=plans)
+            if config.name is not None:
+                _runtime.write_record(_record_for(vm, console_socket=None, console_log=None))
+            try:
+                yield vm
+            finally:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await shutdown_child(session, process, timeouts)
+                    finally:
+                        if con is not None:
+                            await con.aclose()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def launch_detached(
+    config: MachineConfig, *, timeouts: Timeouts = Timeouts(),
+    prepare: Callable[[Path], Awaitable[MachineConfig]] | None = None,
+) -> _runtime.VMRecord:
+    """Start a named VM that keeps running after this process exits (``blockctl up``).
+
+    Its console is ``console.sock`` (connect with ``socat - UNIX:…``) and ``console.log``.
+    ``prepare(run_dir)``, if given, returns the final config once the run directory exists
+    (the embedded default creates its disk there).
+    Stop it with :func:`shutdown_detached`.
+    """
+    if config.name is None:
+        raise ConfigError("name", "a VM that outlives its launcher needs a name")
+    run_dir = _make_run_dir(config.name)
+    try:
+        if prepare is not None:
+            config = await prepare(run_dir)
+        async with _started_qemu(config, run_dir=run_dir, label=config.name, detached=True,
+                                 console=True, timeouts=timeouts) as started:
+            session, process, argv, accel, _stream, plans = started
+            vm = LaunchedVM(session, name=config.name, process=process, run_dir=run_dir,
+                            argv=argv, accel=accel, console=None, plans=plans)
+            record = _record_for(vm, console_socket=run_dir / "console.sock",
+                                 console_log=run_dir / "console.log")
+            _runtime.write_record(record)
+            # The greeting arrived, so QEMU created qmp.sock before we return.
+            return record
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _record_for(vm: LaunchedVM, *, console_socket: Path | None,
+                console_log: Path | None) -> _runtime.VMRecord:
+    return _runtime.VMRecord(
+        name=vm.name, pid=vm.process.pid, run_dir=str(vm.run_dir), monitor=str(vm.monitor_path),
+        console_socket=None if console_socket is None else str(console_socket),
+        console_log=None if console_log is None else str(console_log),
+        qemu_log=str(vm.run_dir / "qemu.log"), argv=tuple(vm.argv),
+        accel=vm.accel.accel.value, started=time.time(),
+    )
+
+
+def _make_run_dir(name: str | None) -> Path:
+    root = _runtime.runtime_root()
+    if name is None:
+        return Path(tempfile.mkdtemp(prefix="vm-", dir=root))
+    run_dir = root / name
+    try:
+        run_dir.mkdir(mode=0o700)
+    except FileExistsError:
+        try:
+            record = _runtime.read_record(name, root)
+        except BlockctlError:
+            record = None
+        if record is not None and _runtime.is_alive(record):
+            raise VMExists(name, f"a VM named {name!r} is already running (pid {record.pid}); "
+                           f"`blockctl down {name}` first") from None
+        # A leftover of a VM that died without cleaning up: QEMU is gone, so reuse the name.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(mode=0o700)
+    return run_dir
+
+
+# Section: shutdown
+
+
+async def shutdown_child(session: QMPSession, process: asyncio.subprocess.Process,
+                         timeouts: Timeouts) -> int:
+    """The shutdown ladder for a child QEMU. Shielded; QEMU is reaped whatever happens.
+
+    :raise ShutdownFailed: QEMU ignored ``quit`` and had to be signalled (after reaping).
+    """
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None and timeouts.powerdown is not None and not session.lost:
+            with anyio.move_on_after(timeouts.powerdown), contextlib.suppress(BlockctlError):
+                await wire.system_powerdown(session)
+                await process.wait()
+        if process.returncode is None and not session.lost:
+            with anyio.move_on_after(timeouts.quit), contextlib.suppress(BlockctlError):
+                await wire.quit_qemu(session)
+        if process.returncode is None:
+            with anyio.move_on_after(timeouts.quit):
+                await process.wait()
+        if process.returncode is None:
+            _log.warning("blockctl.shutdown.signalled", pid=process.pid)
+            code = await _proc.terminate(process, grace=timeouts.terminate)
+            raise ShutdownFailed(f"QEMU (pid {process.pid}) did not exit on quit; it was "
+                                 f"signalled and reaped (exit code {code})")
+        return process.returncode
+
+
+async def shutdown_detached(name: str, *, timeouts: Timeouts = Timeouts()) -> None:
+    """Stop a VM started by :func:`launch_detached`: the same ladder, by its recorded PID."""
+    record = _runtime.read_record(name)
+    run_dir = Path(record.run_dir)
+    if not _runtime.is_alive(record):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    pidfd = os.pidfd_open(record.pid)
+    try:
+        # Checked after opening the pidfd: the fd pins this process, so a PID reused later
+        # cannot be signalled by mistake.
+        if not _runtime.is_alive(record):
+            return
+        exited = _pidfd_exited(pidfd)
+        with contextlib.suppress(BlockctlError, OSError):
+            async with attach(name, timeout=timeouts.launch) as vm:
+                if timeouts.powerdown is not None:
+                    with anyio.move_on_after(timeouts.powerdown):
+                        await wire.system_powerdown(vm.session)
+                        await exited.wait()
+                if not exited.is_set():
+                    with contextlib.suppress(ConnectionLost):
+                        await wire.quit_qemu(vm.session)
+        with anyio.move_on_after(timeouts.quit):
+            await exited.wait()
+        if not exited.is_set():
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            with anyio.move_on_after(timeouts.terminate):
+                await exited.wait()
+        if not exited.is_set():
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            with anyio.fail_after(timeouts.terminate):
+                await exited.wait()
+            raise ShutdownFailed(f"VM {name!r} (pid {record.pid}) ignored quit and SIGTERM; "
+                                 "it was killed")
+    finally:
+        os.close(pidfd)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class _PidfdWatch:
+    """Set when the process behind a pidfd exits (the fd becomes readable)."""
+
+    def __init__(self, pidfd: int) -> None:
+        self._event = anyio.Event()
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._fd = pidfd
+        loop.add_reader(pidfd, self._fired)
+
+    def _fired(self) -> None:
+        self._loop.remove_reader(self._fd)
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+def _pidfd_exited(pidfd: int) -> _PidfdWatch:
+    return _PidfdWatch(pidfd)
+
+
+# Section: attach
+
+
+@contextlib.asynccontextmanager
+async def attach(target: str | Path | tuple[str, int], *, timeout: float = 10.0
+                 ) -> AsyncIterator[VM]:
+    """A session with a running QEMU: a VM name, a QMP unix socket path, or (host, port).
+
+    The monitor serves one client at a time; while another is attached, this waits up to
+    ``timeout`` and then fails with a message saying so.
+    """
+    pid: int | None = None
+    address: str | tuple[str, int]
+    if isinstance(target, tuple):
+        address, name = target, f"{target[0]}:{target[1]}"
+    elif isinstance(target, Path) or "/" in target:
+        address = str(target)
+        name = str(target)
+    else:
+        record = _runtime.read_record(target)
+        if not _runtime.is_alive(record):
+            raise ConnectionLost(f"VM {target!r} is not running any more (its QEMU, pid "
+                                 f"{record.pid}, is gone); `blockctl down {target}` cleans up")
+        address, name, pid = record.monitor, record.name, record.pid
+    if isinstance(address, str):
+        _runtime.check_socket_path(Path(address), "socket")
+    async with QMPSession.connect(address, label=name, timeout=timeout) as session:
+        yield VM(session, name=name, pid=pid)

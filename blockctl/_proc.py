@@ -1,0 +1,191 @@
+"""The one door to subprocesses.
+
+Every process blockctl starts goes through here: argv lists only (never a shell), exit codes
+always checked, and a child is killed and reaped when the caller is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import anyio
+
+from blockctl._log import get_logger
+from blockctl.errors import MissingComponent, ProcessFailed
+
+_log = get_logger()
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Completed:
+    """A finished helper process."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Raw:
+    """What :func:`_run_raw` saw, output still bytes: each public runner decodes as it needs."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+
+
+async def _run_raw(
+    argv: Sequence[str],
+    *,
+    check: bool,
+    stdin: bytes | None,
+    env: Mapping[str, str] | None,
+    cwd: Path | None,
+    ok_codes: frozenset[int],
+) -> _Raw:
+    """The one place that starts a run-to-completion child, so text and binary callers share
+    the not-installed mapping, the logging and the exit-code check."""
+    args = [str(a) for a in argv]
+    started = time.monotonic()
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        result = await anyio.run_process(args, input=stdin, check=False, env=full_env, cwd=cwd)
+    except FileNotFoundError as exc:
+        raise MissingComponent(
+            args[0], f"install it (on Debian: apt-get install the package that ships {args[0]})"
+        ) from exc
+    seconds = time.monotonic() - started
+    raw = _Raw(
+        argv=tuple(args),
+        returncode=result.returncode,
+        stdout=result.stdout,
+        stderr=result.stderr,
+        seconds=seconds,
+    )
+    _log.debug("blockctl.proc.exited", argv=args, rc=raw.returncode, seconds=round(seconds, 4))
+    if check and raw.returncode not in ok_codes:
+        raise ProcessFailed(
+            args,
+            raw.returncode,
+            raw.stdout.decode(errors="replace"),
+            raw.stderr.decode(errors="replace"),
+        )
+    return raw
+
+
+async def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    stdin: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    ok_codes: frozenset[int] = frozenset({0}),
+) -> Completed:
+    """Run ``argv`` to completion and return its output.
+
+    :raise ProcessFailed: the exit code is not in ``ok_codes`` (and ``check`` is true).
+    :raise MissingComponent: the program is not installed.
+    Cancellation kills the child and waits for it before propagating (anyio's guarantee).
+    """
+    raw = await _run_raw(argv, check=check, stdin=stdin, env=env, cwd=cwd, ok_codes=ok_codes)
+    return Completed(
+        argv=raw.argv,
+        returncode=raw.returncode,
+        stdout=raw.stdout.decode(errors="replace"),
+        stderr=raw.stderr.decode(errors="replace"),
+        seconds=raw.seconds,
+    )
+
+
+async def run_bytes(
+    argv: Sequence[str],
+    *,
+    stdin: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> bytes:
+    """Run ``argv`` to completion and return its stdout undecoded.
+
+    For binary output (``cpio -o``), which :func:`run`'s text decoding would corrupt. Same
+    guarantees as :func:`run`, always checked: a non-zero exit raises :class:`ProcessFailed`.
+    """
+    raw = await _run_raw(argv, check=True, stdin=stdin, env=env, cwd=cwd, ok_codes=frozenset({0}))
+    return raw.stdout
+
+
+def _child_setup(die_with_parent: bool, parent_pid: int) -> Callable[[], None]:
+    def setup() -> None:
+        # Sockets and logs QEMU creates are for its owner alone (the run dir is 0700 too).
+        os.umask(0o077)
+        if die_with_parent:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            # The parent may have died between fork and prctl: then nobody would kill us.
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    return setup
+
+
+async def spawn(
+    argv: Sequence[str],
+    *,
+    log: IO[bytes],
+    pass_fds: Sequence[int] = (),
+    die_with_parent: bool = True,
+) -> asyncio.subprocess.Process:
+    """Start a long-running child (QEMU) with stdout and stderr going to ``log``.
+
+    With ``die_with_parent`` the kernel kills the child when this process dies
+    (PR_SET_PDEATHSIG), so a crashed controller never leaves QEMU behind. Without it the child
+    gets its own session and outlives the controller (``blockctl up``). The caller owns reaping:
+    see :func:`terminate`.
+    """
+    args = [str(a) for a in argv]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=tuple(pass_fds),
+            start_new_session=not die_with_parent,
+            preexec_fn=_child_setup(die_with_parent, os.getpid()),
+        )
+    except FileNotFoundError as exc:
+        raise MissingComponent(
+            args[0], "install qemu-system-x86 (Debian) or point BLOCKCTL_QEMU_SYSTEM at a binary"
+        ) from exc
+    _log.debug("blockctl.proc.spawned", argv=args, pid=process.pid)
+    return process
+
+
+async def terminate(process: asyncio.subprocess.Process, *, grace: float) -> int:
+    """SIGTERM, wait ``grace`` seconds, SIGKILL, reap. Shielded: the child is always reaped."""
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(grace):
+                return await process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        returncode = await process.wait()
+    # Outside the with: mypy cannot know that a shielded scope never swallows the return.
+    return returncode

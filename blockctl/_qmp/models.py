@@ -1,0 +1,206 @@
+"""Frozen dataclasses parsed from QMP replies, once, at the boundary.
+
+``from_qmp()`` checks the keys and types blockctl relies on and raises
+:class:`~blockctl.errors.ProtocolMismatch` naming the command; keys it does not know are
+ignored, so newer QEMUs that add fields still parse. No raw ``dict`` leaves ``blockctl._qmp``
+except through :func:`blockctl._qmp.wire.raw_command`, the CLI's pass-through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from blockctl.errors import ProtocolMismatch
+
+_T = TypeVar("_T")
+
+
+def _obj(value: object, command: str, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ProtocolMismatch(command, f"{what} is not a JSON object: {value!r:.200}")
+    return value
+
+
+def _list(value: object, command: str, what: str) -> Sequence[Any]:
+    if not isinstance(value, list):
+        raise ProtocolMismatch(command, f"{what} is not a JSON array: {value!r:.200}")
+    return value
+
+
+def _get(obj: Mapping[str, Any], key: str, kind: type[_T], command: str) -> _T:
+    if key not in obj:
+        raise ProtocolMismatch(command, f"missing key {key!r} in {sorted(obj)}")
+    value = obj[key]
+    # JSON has no int/bool distinction problem in Python except bool being an int.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolMismatch(command, f"{key!r} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def _opt(obj: Mapping[str, Any], key: str, kind: type[_T], command: str) -> _T | None:
+    return _get(obj, key, kind, command) if key in obj else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionInfo:
+    """``query-version``: QEMU's version triple and the distribution's package string."""
+
+    major: int
+    minor: int
+    micro: int
+    package: str
+
+    @classmethod
+    def from_qmp(cls, reply: object, command: str = "query-version") -> VersionInfo:
+        obj = _obj(reply, command, "reply")
+        qemu = _obj(obj.get("qemu"), command, "qemu")
+        return cls(major=_get(qemu, "major", int, command), minor=_get(qemu, "minor", int, command),
+                   micro=_get(qemu, "micro", int, command),
+                   package=_get(obj, "package", str, command).strip())
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.micro}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusInfo:
+    """``query-status``: whether the vCPUs run and QEMU's RunState name."""
+
+    running: bool
+    status: str
+
+    @classmethod
+    def from_qmp(cls, reply: object) -> StatusInfo:
+        obj = _obj(reply, "query-status", "reply")
+        return cls(running=_get(obj, "running", bool, "query-status"),
+                   status=_get(obj, "status", str, "query-status"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheFlags:
+    """The three cache flags QEMU reports for a node."""
+
+    writeback: bool
+    direct: bool
+    no_flush: bool
+
+    @classmethod
+    def from_qmp(cls, value: object, command: str) -> CacheFlags:
+        obj = _obj(value, command, "cache")
+        return cls(writeback=_get(obj, "writeback", bool, command),
+                   direct=_get(obj, "direct", bool, command),
+                   no_flush=_get(obj, "no-flush", bool, command))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockNode:
+    """One entry of ``query-named-block-nodes`` (or ``query-block``'s ``inserted``)."""
+
+    node_name: str
+    driver: str
+    file: str
+    read_only: bool
+    cache: CacheFlags
+    detect_zeroes: str
+    backing_file_depth: int
+    backing_file: str | None
+    virtual_size: int | None
+    write_threshold: int
+
+    @classmethod
+    def from_qmp(cls, value: object, command: str = "query-named-block-nodes") -> BlockNode:
+        obj = _obj(value, command, "node")
+        image = obj.get("image")
+        size = None
+        if image is not None:
+            size = _get(_obj(image, command, "image"), "virtual-size", int, command)
+        return cls(
+            node_name=_get(obj, "node-name", str, command),
+            driver=_get(obj, "drv", str, command),
+            file=_get(obj, "file", str, command),
+            read_only=_get(obj, "ro", bool, command),
+            cache=CacheFlags.from_qmp(obj.get("cache"), command),
+            detect_zeroes=_get(obj, "detect_zeroes", str, command),
+            backing_file_depth=_get(obj, "backing_file_depth", int, command),
+            backing_file=_opt(obj, "backing_file", str, command),
+            virtual_size=size,
+            write_threshold=_opt(obj, "write_threshold", int, command) or 0,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockDevice:
+    """One entry of ``query-block``: a guest device (``qdev``) and its inserted medium."""
+
+    qdev: str | None
+    device: str
+    removable: bool
+    locked: bool
+    tray_open: bool | None
+    inserted: BlockNode | None
+
+    @property
+    def device_id(self) -> str | None:
+        """The ``-device`` id: ``qdev`` is a QOM path for virtio (``…/disk0/virtio-backend``)."""
+        if self.qdev is None:
+            return None
+        path = self.qdev.removesuffix("/virtio-backend")
+        return path.removeprefix("/machine/peripheral/")
+
+    @classmethod
+    def from_qmp(cls, value: object) -> BlockDevice:
+        command = "query-block"
+        obj = _obj(value, command, "entry")
+        inserted = obj.get("inserted")
+        return cls(
+            qdev=_opt(obj, "qdev", str, command),
+            device=_get(obj, "device", str, command),
+            removable=_get(obj, "removable", bool, command),
+            locked=_get(obj, "locked", bool, command),
+            tray_open=_opt(obj, "tray_open", bool, command),
+            inserted=None if inserted is None else BlockNode.from_qmp(inserted, command),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Capabilities:
+    """What this QEMU offers, from ``query-qmp-schema``: decide by feature, not by version."""
+
+    commands: frozenset[str]
+    deprecated_commands: frozenset[str]
+    events: frozenset[str]
+
+    def has(self, command: str) -> bool:
+        return command in self.commands
+
+    def is_deprecated(self, command: str) -> bool:
+        return command in self.deprecated_commands
+
+    @classmethod
+    def from_qmp(cls, reply: object) -> Capabilities:
+        command = "query-qmp-schema"
+        commands: set[str] = set()
+        deprecated: set[str] = set()
+        events: set[str] = set()
+        for entry in _list(reply, command, "reply"):
+            obj = _obj(entry, command, "entry")
+            kind = _get(obj, "meta-type", str, command)
+            name = _get(obj, "name", str, command)
+            if kind == "command":
+                commands.add(name)
+                if "deprecated" in obj.get("features", ()):
+                    deprecated.add(name)
+            elif kind == "event":
+                events.add(name)
+        if not commands:
+            raise ProtocolMismatch(command, "the schema lists no commands")
+        return cls(commands=frozenset(commands), deprecated_commands=frozenset(deprecated),
+                   events=frozenset(events))
+
+
+def parse_list(reply: object, command: str, item: type[_T]) -> tuple[_T, ...]:
+    """Parse a JSON array reply with ``item.from_qmp`` for each element."""
+    from_qmp = item.from_qmp  # type: ignore[attr-defined]
+    return tuple(from_qmp(x) for x in _list(reply, command, "reply"))

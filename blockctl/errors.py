@@ -1,0 +1,215 @@
+"""The one error tree of blockctl.
+
+Every exception blockctl raises on purpose is a :class:`BlockctlError`. Each says what was
+wrong and what to do about it, and carries the facts as attributes, not only as text::
+
+    BlockctlError
+     ├── ConfigError            a machine or drive configuration is invalid (field, value)
+     ├── MissingComponent       a binary or the test guest is not installed (what, hint)
+     ├── ProcessFailed          a helper process (qemu-img, apt-get, ...) exited non-zero
+     ├── LaunchFailed           qemu-system refused to start or died during start-up
+     ├── VMError                something about a named VM in the runtime directory
+     │    ├── VMNotFound
+     │    └── VMExists
+     ├── QMPError               anything on the QMP connection
+     │    ├── QMPConnectFailed  could not connect, attach or negotiate
+     │    ├── CommandFailed     QEMU answered a command with an error (command, error_class)
+     │    ├── ConnectionLost    QEMU went away (exited or closed the socket) mid-operation
+     │    ├── ProtocolMismatch  a reply did not have the shape this QEMU was expected to send
+     │    ├── QMPStateError     the session is not in a state that allows the call
+     │    └── Unsupported       this QEMU's schema lacks a command blockctl needs
+     ├── OperationTimeout       a user-visible operation missed its deadline (operation, seconds)
+     ├── ShutdownFailed         QEMU had to be killed, or would not exit at all
+     └── GuestError             the serial console of the test guest misbehaved
+          └── GuestCommandFailed  a guest shell command exited non-zero (command, rc, output)
+
+The mapping from ``qemu.qmp`` exceptions lives in one place, ``blockctl._qmp.session``, and a
+test fails if any ``qemu.qmp`` exception class is left unmapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BlockctlError",
+    "CommandFailed",
+    "ConfigError",
+    "ConnectionLost",
+    "GuestCommandFailed",
+    "GuestError",
+    "LaunchFailed",
+    "MissingComponent",
+    "OperationTimeout",
+    "ProcessFailed",
+    "ProtocolMismatch",
+    "QMPConnectFailed",
+    "QMPError",
+    "QMPStateError",
+    "ShutdownFailed",
+    "Unsupported",
+    "VMError",
+    "VMExists",
+    "VMNotFound",
+]
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    kept = text.rstrip().splitlines()[-lines:]
+    return "\n".join(f"  | {line}" for line in kept)
+
+
+class BlockctlError(Exception):
+    """Root of every error blockctl raises on purpose."""
+
+
+class ConfigError(BlockctlError, ValueError):
+    """A configuration value is invalid. ``field`` names it, as in the TOML file."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class MissingComponent(BlockctlError):
+    """Something blockctl needs is not installed here; ``hint`` says how to get it."""
+
+    def __init__(self, what: str, hint: str) -> None:
+        self.what = what
+        self.hint = hint
+        super().__init__(f"{what} is missing: {hint}")
+
+
+class ProcessFailed(BlockctlError):
+    """A helper process exited non-zero. Its argv, exit code and output are attached."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        parts = [f"{self.argv[0]} exited with code {returncode}", f"  command: {list(self.argv)}"]
+        if stderr.strip():
+            parts.append("  stderr:\n" + _tail(stderr))
+        if stdout.strip():
+            parts.append("  stdout:\n" + _tail(stdout, 10))
+        super().__init__("\n".join(parts))
+
+
+class LaunchFailed(BlockctlError):
+    """qemu-system did not come up. Carries what a user needs to see why."""
+
+    def __init__(
+        self, reason: str, *, argv: Sequence[str], exitcode: int | None, stderr: str
+    ) -> None:
+        self.reason = reason
+        self.argv = tuple(argv)
+        self.exitcode = exitcode
+        self.stderr = stderr
+        parts = [f"QEMU failed to launch: {reason}"]
+        if exitcode is not None:
+            parts.append(f"  exit code: {exitcode}")
+        if stderr.strip():
+            parts.append("  QEMU said:\n" + _tail(stderr))
+        parts.append(f"  command: {list(self.argv)}")
+        super().__init__("\n".join(parts))
+
+
+class VMError(BlockctlError):
+    """A named VM in the runtime directory is not as the caller expected."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class VMNotFound(VMError):
+    """No running VM has this name."""
+
+
+class VMExists(VMError):
+    """A VM with this name is already running."""
+
+
+class QMPError(BlockctlError):
+    """Anything that went wrong on the QMP connection."""
+
+
+class QMPConnectFailed(QMPError):
+    """Connecting, accepting or negotiating the QMP session failed."""
+
+
+class CommandFailed(QMPError):
+    """QEMU answered a command with an error.
+
+    ``error_class`` is QEMU's class (``GenericError``, ``DeviceNotFound``, ...); ``desc`` is
+    QEMU's sentence, which usually says exactly what was wrong.
+    """
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"QEMU refused {command}: {desc} ({error_class})")
+
+
+class ConnectionLost(QMPError):
+    """QEMU closed the connection or exited while an operation was under way.
+
+    Whether a command sent just before this happened took effect cannot be known from the
+    client side; attach again and ask QEMU (if it still runs).
+    """
+
+
+class ProtocolMismatch(QMPError):
+    """A reply or event did not have the shape blockctl expects; ``command`` names it."""
+
+    def __init__(self, command: str, message: str) -> None:
+        self.command = command
+        super().__init__(f"unexpected reply to {command}: {message}")
+
+
+class QMPStateError(QMPError):
+    """The session is not in a state that allows this call (for example: already closed)."""
+
+
+class Unsupported(QMPError):
+    """This QEMU does not offer a command or argument blockctl needs."""
+
+    def __init__(self, feature: str, message: str) -> None:
+        self.feature = feature
+        super().__init__(message)
+
+
+class OperationTimeout(BlockctlError, TimeoutError):
+    """A user-visible operation did not finish before its deadline."""
+
+    def __init__(self, operation: str, seconds: float, detail: str = "") -> None:
+        self.operation = operation
+        self.seconds = seconds
+        text = f"{operation} did not finish within {seconds:g} s"
+        super().__init__(f"{text}: {detail}" if detail else text)
+
+
+class ShutdownFailed(BlockctlError):
+    """QEMU did not exit by the polite rungs of the shutdown ladder.
+
+    Raised only after the process was killed and reaped: no QEMU is left behind.
+    """
+
+
+class GuestError(BlockctlError):
+    """The test guest's serial console did not behave as the protocol expects."""
+
+
+class GuestCommandFailed(GuestError):
+    """A shell command in the guest exited non-zero."""
+
+    def __init__(self, command: str, returncode: int, output: str) -> None:
+        self.command = command
+        self.returncode = returncode
+        self.output = output
+        super().__init__(
+            f"guest command {command!r} exited with {returncode}:\n{_tail(output)}"
+        )

@@ -1,0 +1,435 @@
+"""Public value types: enums and the frozen, validated machine configuration.
+
+Every configuration object checks itself on construction and raises
+:class:`~blockctl.errors.ConfigError` naming the field, so a bad config fails before QEMU
+is started. Checks that need the file system (does the image exist, is the socket path short
+enough) run at launch, in ``blockctl._machine.preflight``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from blockctl.errors import ConfigError
+
+__all__ = [
+    "Accel",
+    "Aio",
+    "BootConfig",
+    "CacheMode",
+    "DetectZeroes",
+    "Discard",
+    "Drive",
+    "ImageFormat",
+    "Interface",
+    "MachineConfig",
+    "Media",
+]
+
+
+class ImageFormat(enum.StrEnum):
+    """Image formats blockctl opens. There is no "auto": blockctl never probes a format."""
+
+    RAW = "raw"
+    QCOW2 = "qcow2"
+    QED = "qed"
+    VMDK = "vmdk"
+    VDI = "vdi"
+    VPC = "vpc"
+    VHDX = "vhdx"
+
+
+class Interface(enum.StrEnum):
+    """How the drive is presented to the guest (``-drive if=``)."""
+
+    VIRTIO = "virtio"
+    SCSI = "scsi"
+    IDE = "ide"
+    FLOPPY = "floppy"
+
+
+class Media(enum.StrEnum):
+    DISK = "disk"
+    CDROM = "cdrom"
+
+
+class CacheMode(enum.StrEnum):
+    """QEMU's five cache modes, each a combination of three flags (qemu-system(1), -drive)."""
+
+    WRITEBACK = "writeback"
+    NONE = "none"
+    WRITETHROUGH = "writethrough"
+    DIRECTSYNC = "directsync"
+    UNSAFE = "unsafe"
+
+    @property
+    def write_cache(self) -> bool:
+        """The device's write cache: the guest sees a volatile cache and must flush."""
+        return self in (CacheMode.WRITEBACK, CacheMode.NONE, CacheMode.UNSAFE)
+
+    @property
+    def direct(self) -> bool:
+        """O_DIRECT on the host file: bypass the host page cache."""
+        return self in (CacheMode.NONE, CacheMode.DIRECTSYNC)
+
+    @property
+    def no_flush(self) -> bool:
+        """Ignore the guest's flush requests (data is lost on a host crash)."""
+        return self is CacheMode.UNSAFE
+
+
+class Aio(enum.StrEnum):
+    THREADS = "threads"
+    NATIVE = "native"
+    IO_URING = "io_uring"
+
+
+class Discard(enum.StrEnum):
+    IGNORE = "ignore"
+    UNMAP = "unmap"
+
+
+class DetectZeroes(enum.StrEnum):
+    OFF = "off"
+    ON = "on"
+    UNMAP = "unmap"
+
+
+class Accel(enum.StrEnum):
+    """``auto`` uses KVM only where it can really run a guest, TCG otherwise."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+# What QEMU's -machine, and identifiers of ours, may look like; anything else is refused rather
+# than passed through to an option string.
+_MACHINE_TYPE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_VM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_BOOT_DRIVES = re.compile(r"[a-p]*")
+_MAX_SERIAL = 20  # virtio-blk and IDE truncate serials longer than 20 bytes
+
+
+def _enum(kind: type[_E], value: object, where: str) -> _E:
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in kind)
+        raise ConfigError(where, f"{value!r} is not one of: {allowed}") from None
+
+
+def _check_path(value: object, where: str) -> Path:
+    if not isinstance(value, str | Path):
+        raise ConfigError(where, f"expected a file path, got {type(value).__name__}")
+    text = str(value)
+    if not text or "\0" in text or "\n" in text:
+        raise ConfigError(where, "a path must be non-empty and contain no NUL or newline")
+    # A protocol prefix would be read as a URL or JSON by some QEMU front-ends; blockctl takes
+    # plain local paths only.
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", text):
+        raise ConfigError(where, f"{text!r} looks like a protocol string (json:, nbd:, "
+                          "http:, ...); give a local path (./name if it really has a colon)")
+    return Path(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Drive:
+    """One drive, with the options of QEMU's ``-drive``, launched as ``-blockdev`` nodes.
+
+    Attributes:
+        file: the image; ``None`` only for an empty cdrom tray.
+        format: the image format, mandatory with ``file``: blockctl never probes.
+        interface, media: how the guest sees it; a cdrom is read-only and never virtio.
+        bus, unit, index: placement as with ``-drive``; ``index`` derives bus and unit.
+        cache: one of QEMU's five cache modes.
+        snapshot: writes go to a throwaway qcow2 overlay deleted at shutdown.
+        copy_on_read: a copy-on-read filter on top, populating the image from its backing.
+        bootindex: boot priority of this device (lower boots first).
+    """
+
+    file: Path | None
+    format: ImageFormat | None = None
+    interface: Interface = Interface.VIRTIO
+    media: Media = Media.DISK
+    bus: int | None = None
+    unit: int | None = None
+    index: int | None = None
+    cache: CacheMode = CacheMode.WRITEBACK
+    aio: Aio = Aio.THREADS
+    read_only: bool = False
+    serial: str | None = None
+    snapshot: bool = False
+    copy_on_read: bool = False
+    discard: Discard = Discard.IGNORE
+    detect_zeroes: DetectZeroes = DetectZeroes.OFF
+    bootindex: int | None = None
+
+    def __post_init__(self) -> None:
+        self._validate("drive")
+
+    def _validate(self, where: str) -> None:
+        put = object.__setattr__
+        if self.file is not None:
+            put(self, "file", _check_path(self.file, f"{where}.file"))
+        if self.format is not None:
+            put(self, "format", _enum(ImageFormat, self.format, f"{where}.format"))
+        put(self, "interface", _enum(Interface, self.interface, f"{where}.interface"))
+        put(self, "media", _enum(Media, self.media, f"{where}.media"))
+        put(self, "cache", _enum(CacheMode, self.cache, f"{where}.cache"))
+        put(self, "aio", _enum(Aio, self.aio, f"{where}.aio"))
+        put(self, "discard", _enum(Discard, self.discard, f"{where}.discard"))
+        put(self, "detect_zeroes", _enum(DetectZeroes, self.detect_zeroes, f"{where}.detect_zeroes"))
+        for name in ("bus", "unit", "index", "bootindex"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 0):
+                raise ConfigError(f"{where}.{name}", f"must be a non-negative integer, got {value!r}")
+        for name in ("read_only", "snapshot", "copy_on_read"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{where}.{name}", "must be true or false")
+
+        if self.file is None:
+            if self.media is not Media.CDROM:
+                raise ConfigError(f"{where}.file", "a disk needs an image file; only a cdrom "
+                                  "may start empty")
+            if self.format is not None:
+                raise ConfigError(f"{where}.format", "an empty cdrom has no format")
+        elif self.format is None:
+            raise ConfigError(
+                f"{where}.format",
+                "the image format is mandatory (blockctl never probes formats); "
+                "use 'qcow2' or 'raw', see `qemu-img info -f FORMAT FILE`",
+            )
+        if self.media is Media.CDROM:
+            if self.interface in (Interface.VIRTIO, Interface.FLOPPY):
+                raise ConfigError(f"{where}.media", f"a cdrom needs interface 'ide' or 'scsi', "
+                                  f"not {self.interface.value!r}")
+            # Like -drive media=cdrom: a cdrom is read-only whatever the user says.
+            put(self, "read_only", True)
+        if self.aio is Aio.NATIVE and not self.cache.direct:
+            raise ConfigError(f"{where}.aio", "aio 'native' needs O_DIRECT: use cache 'none' or "
+                              "'directsync', or aio 'threads'")
+        if self.index is not None and (self.bus is not None or self.unit is not None):
+            raise ConfigError(f"{where}.index", "give either index, or bus/unit, not both")
+        if self.serial is not None:
+            if not isinstance(self.serial, str) or not re.fullmatch(r"[\x20-\x7e]+", self.serial):
+                raise ConfigError(f"{where}.serial", "must be printable ASCII")
+            if len(self.serial) > _MAX_SERIAL:
+                raise ConfigError(f"{where}.serial", f"at most {_MAX_SERIAL} characters (QEMU "
+                                  "truncates longer serials silently)")
+        if self.interface is Interface.FLOPPY and self.serial is not None:
+            raise ConfigError(f"{where}.serial", "a floppy has no serial number")
+        if self.snapshot and self.read_only:
+            raise ConfigError(f"{where}.snapshot", "a read-only drive needs no snapshot overlay")
+        if self.copy_on_read and self.read_only:
+            raise ConfigError(f"{where}.copy_on_read", "copy-on-read writes to the image; the "
+                              "drive cannot be read-only")
+        if self.detect_zeroes is DetectZeroes.UNMAP and self.discard is not Discard.UNMAP:
+            raise ConfigError(f"{where}.detect_zeroes", "'unmap' needs discard = 'unmap'")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str = "drive") -> Drive:
+        """Build from a TOML table, with errors naming ``where`` (e.g. ``drive[1].cache``)."""
+        return _from_mapping(cls, data, where, aliases={"if": "interface"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BootConfig:
+    """``-boot``: order of drive letters (c disk, d cdrom, a floppy, n network) and menu."""
+
+    order: str | None = None
+    once: str | None = None
+    menu: bool | None = None
+    splash: Path | None = None
+    splash_time: int | None = None
+    strict: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("order", "once"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value or not _BOOT_DRIVES.fullmatch(value):
+                raise ConfigError(f"boot.{name}", f"{value!r}: use drive letters a-p, e.g. 'cd'")
+            if len(set(value)) != len(value):
+                raise ConfigError(f"boot.{name}", f"{value!r} names a drive letter twice")
+        for name in ("menu", "strict"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"boot.{name}", "must be true or false")
+        if self.splash is not None:
+            object.__setattr__(self, "splash", _check_path(self.splash, "boot.splash"))
+        if self.splash_time is not None and (
+            not isinstance(self.splash_time, int) or not 0 <= self.splash_time <= 0xFFFF
+        ):
+            raise ConfigError("boot.splash_time", "milliseconds from 0 to 65535")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> BootConfig:
+        return _from_mapping(cls, data, "boot", aliases={"splash-time": "splash_time"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MachineConfig:
+    """A whole VM. Attributes mirror the qemu-system options they become.
+
+    ``name`` registers the VM under the runtime directory so that other processes find it
+    (``blockctl ls``); a VM without a name is private to the process that launched it.
+    """
+
+    name: str | None = None
+    memory_mib: int = 256
+    cpus: int = 1
+    machine: str = "pc"
+    accel: Accel = Accel.AUTO
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    firmware: Path | None = None
+    drives: tuple[Drive, ...] = ()
+    boot: BootConfig | None = None
+    # Keep QEMU alive (status 'shutdown') when the guest powers off, so its state can be read.
+    no_shutdown: bool = False
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        if self.name is not None and (
+            not isinstance(self.name, str) or not _VM_NAME.fullmatch(self.name)
+        ):
+            raise ConfigError("name", f"{self.name!r}: use 1-32 of a-z 0-9 _ - (start with a "
+                              "letter or digit)")
+        if not isinstance(self.memory_mib, int) or not 16 <= self.memory_mib <= 1 << 20:
+            raise ConfigError("memory_mib", f"{self.memory_mib!r}: MiB from 16 to 1048576")
+        if not isinstance(self.cpus, int) or not 1 <= self.cpus <= 256:
+            raise ConfigError("cpus", f"{self.cpus!r}: from 1 to 256")
+        if not isinstance(self.machine, str) or not _MACHINE_TYPE.fullmatch(self.machine):
+            raise ConfigError("machine", f"{self.machine!r} is not a machine type name "
+                              "(see qemu-system-x86_64 -machine help)")
+        put(self, "accel", _enum(Accel, self.accel, "accel"))
+        for name in ("kernel", "initrd", "firmware"):
+            value = getattr(self, name)
+            if value is not None:
+                put(self, name, _check_path(value, name))
+        if self.initrd is not None and self.kernel is None:
+            raise ConfigError("initrd", "an initrd needs a kernel")
+        if self.append is not None:
+            if self.kernel is None:
+                raise ConfigError("append", "a kernel command line needs a kernel")
+            if not isinstance(self.append, str) or "\0" in self.append or "\n" in self.append:
+                raise ConfigError("append", "must be one line of text")
+        if not isinstance(self.drives, tuple):
+            put(self, "drives", tuple(self.drives))
+        for i, drive in enumerate(self.drives):
+            if not isinstance(drive, Drive):
+                raise ConfigError(f"drive[{i}]", "expected a Drive")
+        _check_placement(self.drives, self.machine)
+        bootindexes = [d.bootindex for d in self.drives if d.bootindex is not None]
+        if len(bootindexes) != len(set(bootindexes)):
+            raise ConfigError("drive.bootindex", "two drives have the same bootindex")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, base: Path | None = None) -> MachineConfig:
+        """Build from a parsed TOML document. Relative paths resolve against ``base``."""
+        data = dict(data)
+        raw_drives = data.pop("drive", [])
+        if not isinstance(raw_drives, list):
+            raise ConfigError("drive", "use [[drive]] tables")
+        drives = []
+        for i, item in enumerate(raw_drives):
+            if not isinstance(item, Mapping):
+                raise ConfigError(f"drive[{i}]", "must be a table")
+            item = dict(item)
+            if base is not None and isinstance(item.get("file"), str):
+                item["file"] = base / item["file"]
+            drives.append(Drive.from_mapping(item, f"drive[{i}]"))
+        raw_boot = data.pop("boot", None)
+        boot = None
+        if raw_boot is not None:
+            if not isinstance(raw_boot, Mapping):
+                raise ConfigError("boot", "must be a table")
+            boot = BootConfig.from_mapping(raw_boot)
+        if base is not None:
+            for key in ("kernel", "initrd", "firmware"):
+                if isinstance(data.get(key), str):
+                    data[key] = base / data[key]
+        data["drives"] = tuple(drives)
+        data["boot"] = boot
+        return _from_mapping(cls, data, "", aliases={"memory": "memory_mib",
+                                                     "no-shutdown": "no_shutdown"})
+
+
+_T = TypeVar("_T")
+
+
+def _from_mapping(cls: type[_T], data: Mapping[str, Any], where: str,
+                  aliases: Mapping[str, str]) -> _T:
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = aliases.get(key, key.replace("-", "_"))
+        if name not in known:
+            prefix = f"{where}." if where else ""
+            options = ", ".join(sorted(known))
+            raise ConfigError(f"{prefix}{key}", f"unknown option; known: {options}")
+        kwargs[name] = value
+    if cls is Drive:
+        kwargs.setdefault("file", None)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(where or "config", str(exc)) from None
+    except ConfigError as exc:
+        # Drive validates itself as "drive"; name the table the user wrote ("drive[2]").
+        if cls is Drive and exc.field.startswith("drive.") and where != "drive":
+            raise ConfigError(where + exc.field[len("drive"):], exc.message) from None
+        raise
+
+
+def _check_placement(drives: Sequence[Drive], machine: str) -> None:
+    """Two drives may not claim the same slot; IDE and floppy slots are limited."""
+    taken: dict[tuple[Interface, int, int], int] = {}
+    for i, drive in enumerate(drives):
+        slot = drive_slot(drive, machine)
+        if slot is None:
+            continue
+        bus, unit = slot
+        if drive.interface is Interface.IDE:
+            buses, units = (6, 1) if machine.startswith("q35") else (2, 2)
+            if bus >= buses or unit >= units:
+                raise ConfigError(f"drive[{i}].unit", f"IDE on {machine} has {buses} buses with "
+                                  f"{units} unit(s) each; bus {bus} unit {unit} does not exist")
+        if drive.interface is Interface.FLOPPY and (bus != 0 or unit > 1):
+            raise ConfigError(f"drive[{i}].unit", "a floppy controller has units 0 and 1 only")
+        key = (drive.interface, bus, unit)
+        if key in taken:
+            raise ConfigError(f"drive[{i}]", f"{drive.interface.value} bus {bus} unit {unit} is "
+                              f"already used by drive[{taken[key]}]")
+        taken[key] = i
+
+
+def drive_slot(drive: Drive, machine: str) -> tuple[int, int] | None:
+    """(bus, unit) as ``-drive`` derives them, or None when the device is placed by QEMU."""
+    if drive.interface is Interface.VIRTIO:
+        return None
+    per_bus = {Interface.IDE: 1 if machine.startswith("q35") else 2,
+               Interface.SCSI: 7, Interface.FLOPPY: 2}[drive.interface]
+    if drive.index is not None:
+        return divmod(drive.index, per_bus)
+    if drive.bus is None and drive.unit is None:
+        return None
+    return (drive.bus or 0, drive.unit or 0)
+
+
+def coerce_enum(kind: type[_E], value: object, where: str) -> _E:
+    """Public helper for CLI arguments: ``value`` as ``kind`` or a ConfigError naming ``where``."""
+    return _enum(kind, value, where)
