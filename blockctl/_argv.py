@@ -81,8 +81,9 @@ def _cache_opts(drive: Drive) -> Json:
     return {"direct": drive.cache.direct, "no-flush": drive.cache.no_flush}
 
 
-def _protocol_node(name: str, filename: str, drive: Drive, *, block_device: bool,
-                   read_only: bool) -> Json:
+def _protocol_node(
+    name: str, filename: str, drive: Drive, *, block_device: bool, read_only: bool
+) -> Json:
     node: Json = {
         "driver": "host_device" if block_device else "file",
         "node-name": name,
@@ -99,8 +100,17 @@ def _protocol_node(name: str, filename: str, drive: Drive, *, block_device: bool
     return node
 
 
-def _format_node(name: str, fmt: str, file_node: str, drive: Drive, *, backing: str | None,
-                 has_backing_field: bool, read_only: bool, top: bool) -> Json:
+def _format_node(
+    name: str,
+    fmt: str,
+    file_node: str,
+    drive: Drive,
+    *,
+    backing: str | None,
+    has_backing_field: bool,
+    read_only: bool,
+    top: bool,
+) -> Json:
     node: Json = {
         "driver": fmt,
         "node-name": name,
@@ -121,8 +131,9 @@ def _supports_backing(fmt: str) -> bool:
     return fmt in ("qcow2", "qed", "vmdk")
 
 
-def plan_drive(i: int, drive: Drive, source: DriveSource | None, machine: str,
-               slot: tuple[int, int] | None) -> DrivePlan:
+def plan_drive(
+    i: int, drive: Drive, source: DriveSource | None, machine: str, slot: tuple[int, int] | None
+) -> DrivePlan:
     """The nodes and device for drive ``i``; ``source`` is None only for an empty cdrom."""
     nodes: list[Json] = []
     top: str | None = None
@@ -135,43 +146,81 @@ def plan_drive(i: int, drive: Drive, source: DriveSource | None, machine: str,
             name = f"drv{i}" if depth == 0 else f"drv{i}-b{depth}"
             is_backing_layer = depth > 0
             read_only = drive.read_only or is_backing_layer or drive.snapshot
-            nodes.append(_protocol_node(f"{name}-file", layer.filename, drive,
-                                        block_device=source.block_device and depth == 0,
-                                        read_only=read_only))
-            nodes.append(_format_node(name, layer.format.value, f"{name}-file", drive,
-                                      backing=below,
-                                      has_backing_field=_supports_backing(layer.format.value),
-                                      read_only=read_only,
-                                      top=depth == 0 and not drive.snapshot))
+            nodes.append(
+                _protocol_node(
+                    f"{name}-file",
+                    layer.filename,
+                    drive,
+                    block_device=source.block_device and depth == 0,
+                    read_only=read_only,
+                )
+            )
+            nodes.append(
+                _format_node(
+                    name,
+                    layer.format.value,
+                    f"{name}-file",
+                    drive,
+                    backing=below,
+                    has_backing_field=_supports_backing(layer.format.value),
+                    read_only=read_only,
+                    top=depth == 0 and not drive.snapshot,
+                )
+            )
             below = name
         top = f"drv{i}"
         if drive.snapshot:
             if source.overlay is None:
                 raise ConfigError(f"drive[{i}].snapshot", "no overlay was created")
-            nodes.append(_protocol_node(f"drv{i}-snap-file", str(source.overlay), drive,
-                                        block_device=False, read_only=False))
-            nodes.append(_format_node(f"drv{i}-snap", "qcow2", f"drv{i}-snap-file", drive,
-                                      backing=top, has_backing_field=True, read_only=False,
-                                      top=True))
+            nodes.append(
+                _protocol_node(
+                    f"drv{i}-snap-file",
+                    str(source.overlay),
+                    drive,
+                    block_device=False,
+                    read_only=False,
+                )
+            )
+            nodes.append(
+                _format_node(
+                    f"drv{i}-snap",
+                    "qcow2",
+                    f"drv{i}-snap-file",
+                    drive,
+                    backing=top,
+                    has_backing_field=True,
+                    read_only=False,
+                    top=True,
+                )
+            )
             top = f"drv{i}-snap"
         if drive.copy_on_read:
             nodes.append({"driver": "copy-on-read", "node-name": f"drv{i}-cor", "file": top})
             top = f"drv{i}-cor"
     device_id = f"disk{i}"
-    return DrivePlan(index=i, device_id=device_id, top_node=top, nodes=tuple(nodes),
-                     device=_device(device_id, drive, top, machine, slot))
+    return DrivePlan(
+        index=i,
+        device_id=device_id,
+        top_node=top,
+        nodes=tuple(nodes),
+        device=_device(device_id, drive, top, machine, slot),
+    )
 
 
-def _device(device_id: str, drive: Drive, top: str | None, machine: str,
-            slot: tuple[int, int] | None) -> Json:
+def _device(
+    device_id: str, drive: Drive, top: str | None, machine: str, slot: tuple[int, int] | None
+) -> Json:
     cdrom = drive.media is Media.CDROM
     device: Json = {"id": device_id}
     if drive.interface is Interface.VIRTIO:
         device["driver"] = "virtio-blk-pci"
     elif drive.interface is Interface.SCSI:
         bus, unit = slot or (0, 0)
-        device.update(driver="scsi-cd" if cdrom else "scsi-hd", bus=f"scsi{bus}.0",
-                      **{"scsi-id": unit, "lun": 0})
+        device.update(
+            driver="scsi-cd" if cdrom else "scsi-hd",
+            bus=f"scsi{bus}.0",
+            **{"scsi-id": unit, "lun": 0},
+        )
     elif drive.interface is Interface.IDE:
         bus, unit = slot or (0, 0)
         device.update(driver="ide-cd" if cdrom else "ide-hd", bus=f"ide.{bus}")
@@ -179,8 +228,10 @@ def _device(device_id: str, drive: Drive, top: str | None, machine: str,
             device["unit"] = unit
     else:
         if machine.startswith("q35"):
-            raise ConfigError("drive.interface", "floppy drives need machine type 'pc' "
-                              "(q35 has no floppy controller)")
+            raise ConfigError(
+                "drive.interface",
+                "floppy drives need machine type 'pc' (q35 has no floppy controller)",
+            )
         device.update(driver="floppy", unit=(slot or (0, 0))[1])
     if top is not None:
         device["drive"] = top
@@ -198,17 +249,28 @@ def assign_slots(drives: Sequence[Drive], machine: str) -> list[tuple[int, int] 
     """Explicit slots as given; IDE, SCSI and floppy drives without one get the next free slot."""
     slots: list[tuple[int, int] | None] = [drive_slot(d, machine) for d in drives]
     taken = {(d.interface, s) for d, s in zip(drives, slots, strict=True) if s is not None}
-    limits = {Interface.IDE: (6, 1) if machine.startswith("q35") else (2, 2),
-              Interface.SCSI: (1, 256), Interface.FLOPPY: (1, 2)}
+    limits = {
+        Interface.IDE: (6, 1) if machine.startswith("q35") else (2, 2),
+        Interface.SCSI: (1, 256),
+        Interface.FLOPPY: (1, 2),
+    }
     for i, drive in enumerate(drives):
         if slots[i] is not None or drive.interface is Interface.VIRTIO:
             continue
         buses, units = limits[drive.interface]
-        free = next(((b, u) for b in range(buses) for u in range(units)
-                     if (drive.interface, (b, u)) not in taken), None)
+        free = next(
+            (
+                (b, u)
+                for b in range(buses)
+                for u in range(units)
+                if (drive.interface, (b, u)) not in taken
+            ),
+            None,
+        )
         if free is None:
-            raise ConfigError(f"drive[{i}]", f"no free {drive.interface.value} slot left on "
-                              f"{machine}")
+            raise ConfigError(
+                f"drive[{i}]", f"no free {drive.interface.value} slot left on {machine}"
+            )
         slots[i] = free
         taken.add((drive.interface, free))
     return slots
@@ -216,8 +278,10 @@ def assign_slots(drives: Sequence[Drive], machine: str) -> list[tuple[int, int] 
 
 def plan_drives(config: MachineConfig, sources: Mapping[int, DriveSource]) -> tuple[DrivePlan, ...]:
     slots = assign_slots(config.drives, config.machine)
-    return tuple(plan_drive(i, d, sources.get(i), config.machine, slots[i])
-                 for i, d in enumerate(config.drives))
+    return tuple(
+        plan_drive(i, d, sources.get(i), config.machine, slots[i])
+        for i, d in enumerate(config.drives)
+    )
 
 
 def boot_option(boot: BootConfig) -> str:
@@ -249,10 +313,23 @@ def build_argv(
     console: ConsoleFd | ConsoleSocket | None,
 ) -> list[str]:
     """The full qemu-system command line."""
-    argv = [binary, "-name", f"guest={qemu_opt_escape(label)},debug-threads=on",
-            "-machine", config.machine, "-accel", accel.value,
-            "-m", f"{config.memory_mib}M", "-smp", str(config.cpus),
-            "-nodefaults", "-no-user-config", "-display", "none"]
+    argv = [
+        binary,
+        "-name",
+        f"guest={qemu_opt_escape(label)},debug-threads=on",
+        "-machine",
+        config.machine,
+        "-accel",
+        accel.value,
+        "-m",
+        f"{config.memory_mib}M",
+        "-smp",
+        str(config.cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+    ]
     if accel is Accel.KVM:
         argv += ["-cpu", "host"]
     if config.no_shutdown:
@@ -269,20 +346,29 @@ def build_argv(
         argv += ["-boot", opt]
     argv += ["-chardev", f"socket,id=qmp0,fd={qmp_fd}", "-mon", "chardev=qmp0,mode=control"]
     if monitor_path is not None:
-        argv += ["-chardev",
-                 f"socket,id=qmp1,path={qemu_opt_escape(str(monitor_path))},server=on,wait=off",
-                 "-mon", "chardev=qmp1,mode=control"]
+        argv += [
+            "-chardev",
+            f"socket,id=qmp1,path={qemu_opt_escape(str(monitor_path))},server=on,wait=off",
+            "-mon",
+            "chardev=qmp1,mode=control",
+        ]
     if isinstance(console, ConsoleFd):
         argv += ["-chardev", f"socket,id=ser0,fd={console.fd}", "-serial", "chardev:ser0"]
     elif isinstance(console, ConsoleSocket):
-        argv += ["-chardev",
-                 f"socket,id=ser0,path={qemu_opt_escape(str(console.path))},server=on,wait=off,"
-                 f"logfile={qemu_opt_escape(str(console.log))}",
-                 "-serial", "chardev:ser0"]
-    scsi_buses = sorted({
-        int(p.device["bus"][len("scsi"):].split(".")[0])
-        for p in plans if p.device["driver"].startswith("scsi-")
-    })
+        argv += [
+            "-chardev",
+            f"socket,id=ser0,path={qemu_opt_escape(str(console.path))},server=on,wait=off,"
+            f"logfile={qemu_opt_escape(str(console.log))}",
+            "-serial",
+            "chardev:ser0",
+        ]
+    scsi_buses = sorted(
+        {
+            int(p.device["bus"][len("scsi") :].split(".")[0])
+            for p in plans
+            if p.device["driver"].startswith("scsi-")
+        }
+    )
     for bus in scsi_buses:
         argv += ["-device", json.dumps({"driver": "virtio-scsi-pci", "id": f"scsi{bus}"})]
     for plan in plans:

@@ -79,8 +79,9 @@ class GuestConsole:
                     # Echo is still on for this first exchange; the sync drains it.
                     await self._exchange("true")
             except TimeoutError:
-                raise OperationTimeout("guest boot", timeout,
-                                       f"console so far:\n{self.recent_output[-2000:]}") from None
+                raise OperationTimeout(
+                    "guest boot", timeout, f"console so far:\n{self.recent_output[-2000:]}"
+                ) from None
             self._ready = True
             self._log.debug("blockctl.guest.ready")
 
@@ -97,8 +98,10 @@ class GuestConsole:
     async def run(self, command: str, *, timeout: float = 60.0) -> CommandResult:
         """Run ``command`` in the guest shell; its stdin is /dev/null."""
         if len(command.encode()) > MAX_COMMAND_BYTES:
-            raise GuestError(f"command of {len(command.encode())} bytes is over the console's "
-                             f"{MAX_COMMAND_BYTES}-byte line limit; move data through a disk")
+            raise GuestError(
+                f"command of {len(command.encode())} bytes is over the console's "
+                f"{MAX_COMMAND_BYTES}-byte line limit; move data through a disk"
+            )
         if not self._ready:
             raise GuestError("the console is not ready; call wait_ready() first")
         async with self._lock:
@@ -108,8 +111,11 @@ class GuestConsole:
             except TimeoutError:
                 # The shell is now in an unknown state; refuse further commands.
                 self._ready = False
-                raise OperationTimeout(f"guest command {command!r}", timeout,
-                                       f"console so far:\n{self.recent_output[-2000:]}") from None
+                raise OperationTimeout(
+                    f"guest command {command!r}",
+                    timeout,
+                    f"console so far:\n{self.recent_output[-2000:]}",
+                ) from None
         self._log.debug("blockctl.guest.command", command=command, rc=rc, output_bytes=len(output))
         return CommandResult(command=command, returncode=rc, output=output)
 

@@ -29,7 +29,10 @@ async def run_demo(progress: Callable[[str], object] | None = None) -> dict[str,
         raw = Path(tmp) / "disk0.raw"
         await _images.create(disk, ImageFormat.QCOW2, size=64 * _MIB)
         config = MachineConfig(
-            memory_mib=256, kernel=guest.kernel, initrd=guest.initrd, append=guest.append,
+            memory_mib=256,
+            kernel=guest.kernel,
+            initrd=guest.initrd,
+            append=guest.append,
             drives=(Drive(file=disk, format=ImageFormat.QCOW2, serial="demo-disk"),),
         )
         started = time.monotonic()
@@ -42,13 +45,18 @@ async def run_demo(progress: Callable[[str], object] | None = None) -> dict[str,
             say(f"guest shell ready after {boot:.1f} s on QEMU {version}")
             serial = (await vm.console.check("cat /sys/block/vda/serial")).strip()
             await vm.console.check(
-                "dd if=/dev/urandom of=/dev/vda bs=1M count=8 oflag=direct conv=fsync 2>/dev/null")
-            guest_sum = (await vm.console.check(
-                "dd if=/dev/vda bs=1M count=8 iflag=direct 2>/dev/null | sha256sum")).split()[0]
+                "dd if=/dev/urandom of=/dev/vda bs=1M count=8 oflag=direct conv=fsync 2>/dev/null"
+            )
+            guest_sum = (
+                await vm.console.check(
+                    "dd if=/dev/vda bs=1M count=8 iflag=direct 2>/dev/null | sha256sum"
+                )
+            ).split()[0]
             say(f"guest wrote 8 MiB to /dev/vda (serial {serial!r}); sha256 {guest_sum[:16]}…")
             devices = await vm.block_devices()
-        await _proc.run([_images.qemu_img_binary(), "convert", "-f", "qcow2", "-O", "raw",
-                         str(disk), str(raw)])
+        await _proc.run(
+            [_images.qemu_img_binary(), "convert", "-f", "qcow2", "-O", "raw", str(disk), str(raw)]
+        )
         with open(raw, "rb") as f:
             host_sum = hashlib.sha256(f.read(8 * _MIB)).hexdigest()
         say(f"host read the image back through qemu-img; sha256 {host_sum[:16]}…")
@@ -60,6 +68,8 @@ async def run_demo(progress: Callable[[str], object] | None = None) -> dict[str,
         "serial": serial,
         "guest_sha256": guest_sum,
         "host_sha256": host_sum,
-        "drives": [{"device": d.qdev, "node": d.inserted.node_name if d.inserted else None}
-                   for d in devices],
+        "drives": [
+            {"device": d.qdev, "node": d.inserted.node_name if d.inserted else None}
+            for d in devices
+        ],
     }

@@ -45,8 +45,14 @@ class ImageLayer:
             raise ProtocolMismatch("qemu-img info", f"unexpected output: {exc!r}") from None
 
 
-async def create(path: Path, fmt: ImageFormat, *, size: int | None = None,
-                 backing: Path | None = None, backing_format: ImageFormat | None = None) -> None:
+async def create(
+    path: Path,
+    fmt: ImageFormat,
+    *,
+    size: int | None = None,
+    backing: Path | None = None,
+    backing_format: ImageFormat | None = None,
+) -> None:
     """``qemu-img create``; a backing file always comes with its format (-F)."""
     argv = [qemu_img_binary(), "create", "-q", "-f", fmt.value]
     if backing is not None:
@@ -61,8 +67,9 @@ async def create(path: Path, fmt: ImageFormat, *, size: int | None = None,
 
 async def backing_chain(path: Path, fmt: ImageFormat) -> tuple[ImageLayer, ...]:
     """The image and its backing files, top first, read with the declared format."""
-    done = await _proc.run([qemu_img_binary(), "info", "-f", fmt.value, "--backing-chain",
-                            "--output=json", str(path)])
+    done = await _proc.run(
+        [qemu_img_binary(), "info", "-f", fmt.value, "--backing-chain", "--output=json", str(path)]
+    )
     try:
         parsed = json.loads(done.stdout)
     except json.JSONDecodeError as exc:
@@ -75,15 +82,24 @@ def check_chain(chain: tuple[ImageLayer, ...], where: str) -> None:
     """Refuse chains QEMU would follow into places nobody named (qemu-facts.md S2)."""
     for layer in chain:
         if layer.data_file is not None:
-            raise ConfigError(where, f"{layer.filename} has an external data file "
-                              f"({layer.data_file}); blockctl does not open such images")
+            raise ConfigError(
+                where,
+                f"{layer.filename} has an external data file "
+                f"({layer.data_file}); blockctl does not open such images",
+            )
         backing = layer.backing_filename
         if backing is None:
             continue
         if backing.startswith("json:") or "://" in backing or backing.startswith("nbd:"):
-            raise ConfigError(where, f"{layer.filename} has a backing file that is a protocol "
-                              f"string ({backing[:80]!r}); refused")
+            raise ConfigError(
+                where,
+                f"{layer.filename} has a backing file that is a protocol "
+                f"string ({backing[:80]!r}); refused",
+            )
         if layer.backing_format is None:
-            raise ConfigError(where, f"{layer.filename} names backing file {backing} without "
-                              "its format; fix it with `qemu-img rebase -u -b BACKING -F FORMAT "
-                              "-f qcow2 IMAGE`")
+            raise ConfigError(
+                where,
+                f"{layer.filename} names backing file {backing} without "
+                "its format; fix it with `qemu-img rebase -u -b BACKING -F FORMAT "
+                "-f qcow2 IMAGE`",
+            )

@@ -12,4 +12,6 @@ import structlog
 
 def get_logger(**initial: Any) -> Any:
     """The blockctl logger, with ``initial`` fields bound to every event it emits."""
-    return structlog.get_logger("blockctl").bind(**initial)
+    # Lazy: the real logger is built on first use, so a structlog.configure() made later (by
+    # the CLI or the embedding application) still applies to module-level loggers.
+    return structlog.get_logger("blockctl", **initial)

@@ -53,7 +53,7 @@ from blockctl.errors import (
     ShutdownFailed,
     VMExists,
 )
-from blockctl.types import Accel, ImageFormat, MachineConfig, Media
+from blockctl.types import ImageFormat, MachineConfig, Media
 
 _log = get_logger()
 
@@ -114,9 +114,18 @@ class VM:
 class LaunchedVM(VM):
     """A QEMU child of this process, with its console and run directory."""
 
-    def __init__(self, session: QMPSession, *, name: str, process: asyncio.subprocess.Process,
-                 run_dir: Path, argv: list[str], accel: AccelChoice,
-                 console: GuestConsole | None, plans: tuple[DrivePlan, ...]) -> None:
+    def __init__(
+        self,
+        session: QMPSession,
+        *,
+        name: str,
+        process: asyncio.subprocess.Process,
+        run_dir: Path,
+        argv: list[str],
+        accel: AccelChoice,
+        console: GuestConsole | None,
+        plans: tuple[DrivePlan, ...],
+    ) -> None:
         super().__init__(session, name=name, pid=process.pid)
         self.process = process
         self.run_dir = run_dir
@@ -153,8 +162,11 @@ async def preflight(config: MachineConfig) -> tuple[str, dict[int, DriveSource]]
     """
     binary = qemu_system_binary()
     if shutil.which(binary) is None:
-        raise MissingComponent(binary, "install qemu-system-x86 (Debian) or set "
-                               "BLOCKCTL_QEMU_SYSTEM to a qemu-system-x86_64 binary")
+        raise MissingComponent(
+            binary,
+            "install qemu-system-x86 (Debian) or set "
+            "BLOCKCTL_QEMU_SYSTEM to a qemu-system-x86_64 binary",
+        )
     for field_name in ("kernel", "initrd", "firmware"):
         path = getattr(config, field_name)
         if path is not None and not Path(path).is_file():
@@ -175,13 +187,18 @@ async def preflight(config: MachineConfig) -> tuple[str, dict[int, DriveSource]]
         if not (block_device or stat.S_ISREG(info.st_mode)):
             raise ConfigError(where, f"{path} is neither a regular file nor a block device")
         if not os.access(path, os.R_OK if drive.read_only else os.R_OK | os.W_OK):
-            raise ConfigError(where, f"{path} is not {'readable' if drive.read_only else 'readable and writable'}")
+            raise ConfigError(
+                where, f"{path} is not {'readable' if drive.read_only else 'readable and writable'}"
+            )
         assert drive.format is not None  # Drive guarantees a format with a file
         try:
             chain = await _images.backing_chain(path, drive.format)
         except BlockctlError as exc:
-            raise ConfigError(where, f"cannot read {path} as {drive.format.value}: "
-                              f"{getattr(exc, 'stderr', '') or exc}".strip()) from exc
+            raise ConfigError(
+                where,
+                f"cannot read {path} as {drive.format.value}: "
+                f"{getattr(exc, 'stderr', '') or exc}".strip(),
+            ) from exc
         _images.check_chain(chain, where)
         if drive.media is Media.CDROM and drive.format is not ImageFormat.RAW:
             _log.debug("blockctl.launch.cdrom_format", drive=i, format=drive.format.value)
@@ -201,10 +218,23 @@ def _qemu_log_text(path: Path) -> str:
 
 @contextlib.asynccontextmanager
 async def _started_qemu(
-    config: MachineConfig, *, run_dir: Path, label: str, detached: bool, console: bool,
+    config: MachineConfig,
+    *,
+    run_dir: Path,
+    label: str,
+    detached: bool,
+    console: bool,
     timeouts: Timeouts,
-) -> AsyncIterator[tuple[QMPSession, asyncio.subprocess.Process, list[str], AccelChoice,
-                         SocketStream | None, tuple[DrivePlan, ...]]]:
+) -> AsyncIterator[
+    tuple[
+        QMPSession,
+        asyncio.subprocess.Process,
+        list[str],
+        AccelChoice,
+        SocketStream | None,
+        tuple[DrivePlan, ...],
+    ]
+]:
     """Start QEMU and its QMP session; on any failure, reap QEMU and raise LaunchFailed.
 
     While the block runs, a watcher marks the session lost the moment QEMU exits. When the
@@ -217,12 +247,16 @@ async def _started_qemu(
         if drive.snapshot and i in sources:
             overlay = run_dir / f"drv{i}-overlay.qcow2"
             assert drive.format is not None and drive.file is not None
-            await _images.create(overlay, ImageFormat.QCOW2,
-                                 backing=Path(sources[i].chain[0].filename),
-                                 backing_format=drive.format)
+            await _images.create(
+                overlay,
+                ImageFormat.QCOW2,
+                backing=Path(sources[i].chain[0].filename),
+                backing_format=drive.format,
+            )
             src = sources[i]
-            sources[i] = DriveSource(chain=src.chain, block_device=src.block_device,
-                                     overlay=overlay)
+            sources[i] = DriveSource(
+                chain=src.chain, block_device=src.block_device, overlay=overlay
+            )
     plans = plan_drives(config, sources)
     monitor = run_dir / "qmp.sock"
     _runtime.check_socket_path(monitor, "runtime_dir")
@@ -238,14 +272,22 @@ async def _started_qemu(
     elif console:
         console_spec = ConsoleSocket(path=run_dir / "console.sock", log=run_dir / "console.log")
         _runtime.check_socket_path(console_spec.path, "runtime_dir")
-    argv = build_argv(binary=binary, config=config, label=label, accel=accel.accel,
-                      plans=plans, qmp_fd=qmp_theirs.fileno(), monitor_path=monitor,
-                      console=console_spec)
+    argv = build_argv(
+        binary=binary,
+        config=config,
+        label=label,
+        accel=accel.accel,
+        plans=plans,
+        qmp_fd=qmp_theirs.fileno(),
+        monitor_path=monitor,
+        console=console_spec,
+    )
     log_path = run_dir / "qemu.log"
     log_file: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - handed to the child, closed below
     try:
-        process = await _proc.spawn(argv, log=log_file, pass_fds=pass_fds,
-                                    die_with_parent=not detached)
+        process = await _proc.spawn(
+            argv, log=log_file, pass_fds=pass_fds, die_with_parent=not detached
+        )
     finally:
         log_file.close()
         qmp_theirs.close()
@@ -254,15 +296,17 @@ async def _started_qemu(
     _log.info("blockctl.launch.spawned", vm=label, pid=process.pid, argv=argv)
 
     def failure(reason: str) -> LaunchFailed:
-        return LaunchFailed(reason, argv=argv, exitcode=process.returncode,
-                            stderr=_qemu_log_text(log_path))
+        return LaunchFailed(
+            reason, argv=argv, exitcode=process.returncode, stderr=_qemu_log_text(log_path)
+        )
 
     connected = False
     yielded = False
     try:
         try:
-            async with QMPSession.connect(qmp_ours, label=label,
-                                          timeout=timeouts.launch) as session:
+            async with QMPSession.connect(
+                qmp_ours, label=label, timeout=timeouts.launch
+            ) as session:
                 connected = True
                 session.process_exit = process.wait
                 async with anyio.create_task_group() as tg:
@@ -287,8 +331,9 @@ async def _started_qemu(
             raise
         with anyio.CancelScope(shield=True), anyio.move_on_after(timeouts.terminate):
             await process.wait()  # QEMU rejecting its argv exits right after connecting
-        raise failure(str(exc) if process.returncode is None else
-                      "QEMU exited during start-up") from exc
+        raise failure(
+            str(exc) if process.returncode is None else "QEMU exited during start-up"
+        ) from exc
     finally:
         with anyio.CancelScope(shield=True):
             if not yielded:
@@ -300,7 +345,10 @@ async def _started_qemu(
 
 @contextlib.asynccontextmanager
 async def open_vm(
-    config: MachineConfig, *, console: bool = True, timeouts: Timeouts = Timeouts(),
+    config: MachineConfig,
+    *,
+    console: bool = True,
+    timeouts: Timeouts = Timeouts(),
 ) -> AsyncIterator[LaunchedVM]:
     """Launch QEMU for ``config``; it is shut down and reaped when the block exits.
 
@@ -312,12 +360,21 @@ async def open_vm(
     run_dir = _make_run_dir(config.name)
     label = config.name or run_dir.name
     try:
-        async with _started_qemu(config, run_dir=run_dir, label=label, detached=False,
-                                 console=console, timeouts=timeouts) as started:
+        async with _started_qemu(
+            config, run_dir=run_dir, label=label, detached=False, console=console, timeouts=timeouts
+        ) as started:
             session, process, argv, accel, stream, plans = started
             con = None if stream is None else GuestConsole(stream, label)
-            vm = LaunchedVM(session, name=label, process=process, run_dir=run_dir, argv=argv,
-                            accel=accel, console=con, plans=plans)
+            vm = LaunchedVM(
+                session,
+                name=label,
+                process=process,
+                run_dir=run_dir,
+                argv=argv,
+                accel=accel,
+                console=con,
+                plans=plans,
+            )
             if config.name is not None:
                 _runtime.write_record(_record_for(vm, console_socket=None, console_log=None))
             try:
@@ -334,7 +391,9 @@ async def open_vm(
 
 
 async def launch_detached(
-    config: MachineConfig, *, timeouts: Timeouts = Timeouts(),
+    config: MachineConfig,
+    *,
+    timeouts: Timeouts = Timeouts(),
     prepare: Callable[[Path], Awaitable[MachineConfig]] | None = None,
 ) -> _runtime.VMRecord:
     """Start a named VM that keeps running after this process exits (``blockctl up``).
@@ -344,19 +403,35 @@ async def launch_detached(
     (the embedded default creates its disk there).
     Stop it with :func:`shutdown_detached`.
     """
-    if config.name is None:
+    name = config.name
+    if name is None:
         raise ConfigError("name", "a VM that outlives its launcher needs a name")
-    run_dir = _make_run_dir(config.name)
+    run_dir = _make_run_dir(name)
     try:
         if prepare is not None:
             config = await prepare(run_dir)
-        async with _started_qemu(config, run_dir=run_dir, label=config.name, detached=True,
-                                 console=True, timeouts=timeouts) as started:
+        async with _started_qemu(
+            config,
+            run_dir=run_dir,
+            label=name,
+            detached=True,
+            console=True,
+            timeouts=timeouts,
+        ) as started:
             session, process, argv, accel, _stream, plans = started
-            vm = LaunchedVM(session, name=config.name, process=process, run_dir=run_dir,
-                            argv=argv, accel=accel, console=None, plans=plans)
-            record = _record_for(vm, console_socket=run_dir / "console.sock",
-                                 console_log=run_dir / "console.log")
+            vm = LaunchedVM(
+                session,
+                name=name,
+                process=process,
+                run_dir=run_dir,
+                argv=argv,
+                accel=accel,
+                console=None,
+                plans=plans,
+            )
+            record = _record_for(
+                vm, console_socket=run_dir / "console.sock", console_log=run_dir / "console.log"
+            )
             _runtime.write_record(record)
             # The greeting arrived, so QEMU created qmp.sock before we return.
             return record
@@ -365,14 +440,20 @@ async def launch_detached(
         raise
 
 
-def _record_for(vm: LaunchedVM, *, console_socket: Path | None,
-                console_log: Path | None) -> _runtime.VMRecord:
+def _record_for(
+    vm: LaunchedVM, *, console_socket: Path | None, console_log: Path | None
+) -> _runtime.VMRecord:
     return _runtime.VMRecord(
-        name=vm.name, pid=vm.process.pid, run_dir=str(vm.run_dir), monitor=str(vm.monitor_path),
+        name=vm.name,
+        pid=vm.process.pid,
+        run_dir=str(vm.run_dir),
+        monitor=str(vm.monitor_path),
         console_socket=None if console_socket is None else str(console_socket),
         console_log=None if console_log is None else str(console_log),
-        qemu_log=str(vm.run_dir / "qemu.log"), argv=tuple(vm.argv),
-        accel=vm.accel.accel.value, started=time.time(),
+        qemu_log=str(vm.run_dir / "qemu.log"),
+        argv=tuple(vm.argv),
+        accel=vm.accel.accel.value,
+        started=time.time(),
     )
 
 
@@ -389,8 +470,11 @@ def _make_run_dir(name: str | None) -> Path:
         except BlockctlError:
             record = None
         if record is not None and _runtime.is_alive(record):
-            raise VMExists(name, f"a VM named {name!r} is already running (pid {record.pid}); "
-                           f"`blockctl down {name}` first") from None
+            raise VMExists(
+                name,
+                f"a VM named {name!r} is already running (pid {record.pid}); "
+                f"`blockctl down {name}` first",
+            ) from None
         # A leftover of a VM that died without cleaning up: QEMU is gone, so reuse the name.
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(mode=0o700)
@@ -400,8 +484,9 @@ def _make_run_dir(name: str | None) -> Path:
 # Section: shutdown
 
 
-async def shutdown_child(session: QMPSession, process: asyncio.subprocess.Process,
-                         timeouts: Timeouts) -> int:
+async def shutdown_child(
+    session: QMPSession, process: asyncio.subprocess.Process, timeouts: Timeouts
+) -> int:
     """The shutdown ladder for a child QEMU. Shielded; QEMU is reaped whatever happens.
 
     :raise ShutdownFailed: QEMU ignored ``quit`` and had to be signalled (after reaping).
@@ -420,9 +505,11 @@ async def shutdown_child(session: QMPSession, process: asyncio.subprocess.Proces
         if process.returncode is None:
             _log.warning("blockctl.shutdown.signalled", pid=process.pid)
             code = await _proc.terminate(process, grace=timeouts.terminate)
-            raise ShutdownFailed(f"QEMU (pid {process.pid}) did not exit on quit; it was "
-                                 f"signalled and reaped (exit code {code})")
-        return process.returncode
+            raise ShutdownFailed(
+                f"QEMU (pid {process.pid}) did not exit on quit; it was "
+                f"signalled and reaped (exit code {code})"
+            )
+    return await process.wait()
 
 
 async def shutdown_detached(name: str, *, timeouts: Timeouts = Timeouts()) -> None:
@@ -458,8 +545,9 @@ async def shutdown_detached(name: str, *, timeouts: Timeouts = Timeouts()) -> No
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             with anyio.fail_after(timeouts.terminate):
                 await exited.wait()
-            raise ShutdownFailed(f"VM {name!r} (pid {record.pid}) ignored quit and SIGTERM; "
-                                 "it was killed")
+            raise ShutdownFailed(
+                f"VM {name!r} (pid {record.pid}) ignored quit and SIGTERM; it was killed"
+            )
     finally:
         os.close(pidfd)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -494,8 +582,9 @@ def _pidfd_exited(pidfd: int) -> _PidfdWatch:
 
 
 @contextlib.asynccontextmanager
-async def attach(target: str | Path | tuple[str, int], *, timeout: float = 10.0
-                 ) -> AsyncIterator[VM]:
+async def attach(
+    target: str | Path | tuple[str, int], *, timeout: float = 10.0
+) -> AsyncIterator[VM]:
     """A session with a running QEMU: a VM name, a QMP unix socket path, or (host, port).
 
     The monitor serves one client at a time; while another is attached, this waits up to
@@ -511,8 +600,10 @@ async def attach(target: str | Path | tuple[str, int], *, timeout: float = 10.0
     else:
         record = _runtime.read_record(target)
         if not _runtime.is_alive(record):
-            raise ConnectionLost(f"VM {target!r} is not running any more (its QEMU, pid "
-                                 f"{record.pid}, is gone); `blockctl down {target}` cleans up")
+            raise ConnectionLost(
+                f"VM {target!r} is not running any more (its QEMU, pid "
+                f"{record.pid}, is gone); `blockctl down {target}` cleans up"
+            )
         address, name, pid = record.monitor, record.name, record.pid
     if isinstance(address, str):
         _runtime.check_socket_path(Path(address), "socket")

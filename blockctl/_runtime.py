@@ -40,16 +40,22 @@ def runtime_root() -> Path:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise ConfigError("runtime_dir", f"{root} is not a directory owned by you")
     if info.st_mode & 0o077:
-        raise ConfigError("runtime_dir", f"{root} is accessible by other users (mode "
-                          f"{stat.S_IMODE(info.st_mode):o}); `chmod 700 {root}`")
+        raise ConfigError(
+            "runtime_dir",
+            f"{root} is accessible by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):o}); `chmod 700 {root}`",
+        )
     return root
 
 
 def check_socket_path(path: Path, what: str) -> None:
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ConfigError(what, f"socket path {path} is {len(os.fsencode(path))} bytes; unix "
-                          f"sockets allow {MAX_SOCKET_PATH}. Set BLOCKCTL_RUNTIME_DIR to a "
-                          "shorter directory")
+        raise ConfigError(
+            what,
+            f"socket path {path} is {len(os.fsencode(path))} bytes; unix "
+            f"sockets allow {MAX_SOCKET_PATH}. Set BLOCKCTL_RUNTIME_DIR to a "
+            "shorter directory",
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -210,6 +210,4 @@ class GuestCommandFailed(GuestError):
         self.command = command
         self.returncode = returncode
         self.output = output
-        super().__init__(
-            f"guest command {command!r} exited with {returncode}:\n{_tail(output)}"
-        )
+        super().__init__(f"guest command {command!r} exited with {returncode}:\n{_tail(output)}")

@@ -23,8 +23,12 @@ from anyio.abc import SocketStream
 
 Handler = Callable[[str, Mapping[str, Any]], object]
 
-GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22},
-                                "package": "fake"}, "capabilities": ["oob"]}}
+GREETING = {
+    "QMP": {
+        "version": {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "fake"},
+        "capabilities": ["oob"],
+    }
+}
 
 
 class FakeError(Exception):
@@ -63,8 +67,13 @@ class FakeQMP:
         await self._stream.send(json.dumps(obj).encode() + b"\n")
 
     async def emit(self, event: str, data: Mapping[str, Any] | None = None) -> None:
-        await self._send({"event": event, "data": dict(data or {}),
-                          "timestamp": {"seconds": 0, "microseconds": 0}})
+        await self._send(
+            {
+                "event": event,
+                "data": dict(data or {}),
+                "timestamp": {"seconds": 0, "microseconds": 0},
+            }
+        )
 
     async def close(self) -> None:
         """Hang up, as QEMU does when it exits."""

@@ -137,8 +137,11 @@ def _check_path(value: object, where: str) -> Path:
     # A protocol prefix would be read as a URL or JSON by some QEMU front-ends; blockctl takes
     # plain local paths only.
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", text):
-        raise ConfigError(where, f"{text!r} looks like a protocol string (json:, nbd:, "
-                          "http:, ...); give a local path (./name if it really has a colon)")
+        raise ConfigError(
+            where,
+            f"{text!r} looks like a protocol string (json:, nbd:, "
+            "http:, ...); give a local path (./name if it really has a colon)",
+        )
     return Path(value)
 
 
@@ -188,20 +191,26 @@ class Drive:
         put(self, "cache", _enum(CacheMode, self.cache, f"{where}.cache"))
         put(self, "aio", _enum(Aio, self.aio, f"{where}.aio"))
         put(self, "discard", _enum(Discard, self.discard, f"{where}.discard"))
-        put(self, "detect_zeroes", _enum(DetectZeroes, self.detect_zeroes, f"{where}.detect_zeroes"))
+        put(
+            self, "detect_zeroes", _enum(DetectZeroes, self.detect_zeroes, f"{where}.detect_zeroes")
+        )
         for name in ("bus", "unit", "index", "bootindex"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 0):
-                raise ConfigError(f"{where}.{name}", f"must be a non-negative integer, got {value!r}")
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0
+            ):
+                raise ConfigError(
+                    f"{where}.{name}", f"must be a non-negative integer, got {value!r}"
+                )
         for name in ("read_only", "snapshot", "copy_on_read"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{where}.{name}", "must be true or false")
 
         if self.file is None:
             if self.media is not Media.CDROM:
-                raise ConfigError(f"{where}.file", "a disk needs an image file; only a cdrom "
-                                  "may start empty")
+                raise ConfigError(
+                    f"{where}.file", "a disk needs an image file; only a cdrom may start empty"
+                )
             if self.format is not None:
                 raise ConfigError(f"{where}.format", "an empty cdrom has no format")
         elif self.format is None:
@@ -212,28 +221,36 @@ class Drive:
             )
         if self.media is Media.CDROM:
             if self.interface in (Interface.VIRTIO, Interface.FLOPPY):
-                raise ConfigError(f"{where}.media", f"a cdrom needs interface 'ide' or 'scsi', "
-                                  f"not {self.interface.value!r}")
+                raise ConfigError(
+                    f"{where}.media",
+                    f"a cdrom needs interface 'ide' or 'scsi', not {self.interface.value!r}",
+                )
             # Like -drive media=cdrom: a cdrom is read-only whatever the user says.
             put(self, "read_only", True)
         if self.aio is Aio.NATIVE and not self.cache.direct:
-            raise ConfigError(f"{where}.aio", "aio 'native' needs O_DIRECT: use cache 'none' or "
-                              "'directsync', or aio 'threads'")
+            raise ConfigError(
+                f"{where}.aio",
+                "aio 'native' needs O_DIRECT: use cache 'none' or 'directsync', or aio 'threads'",
+            )
         if self.index is not None and (self.bus is not None or self.unit is not None):
             raise ConfigError(f"{where}.index", "give either index, or bus/unit, not both")
         if self.serial is not None:
             if not isinstance(self.serial, str) or not re.fullmatch(r"[\x20-\x7e]+", self.serial):
                 raise ConfigError(f"{where}.serial", "must be printable ASCII")
             if len(self.serial) > _MAX_SERIAL:
-                raise ConfigError(f"{where}.serial", f"at most {_MAX_SERIAL} characters (QEMU "
-                                  "truncates longer serials silently)")
+                raise ConfigError(
+                    f"{where}.serial",
+                    f"at most {_MAX_SERIAL} characters (QEMU truncates longer serials silently)",
+                )
         if self.interface is Interface.FLOPPY and self.serial is not None:
             raise ConfigError(f"{where}.serial", "a floppy has no serial number")
         if self.snapshot and self.read_only:
             raise ConfigError(f"{where}.snapshot", "a read-only drive needs no snapshot overlay")
         if self.copy_on_read and self.read_only:
-            raise ConfigError(f"{where}.copy_on_read", "copy-on-read writes to the image; the "
-                              "drive cannot be read-only")
+            raise ConfigError(
+                f"{where}.copy_on_read",
+                "copy-on-read writes to the image; the drive cannot be read-only",
+            )
         if self.detect_zeroes is DetectZeroes.UNMAP and self.discard is not Discard.UNMAP:
             raise ConfigError(f"{where}.detect_zeroes", "'unmap' needs discard = 'unmap'")
 
@@ -306,15 +323,19 @@ class MachineConfig:
         if self.name is not None and (
             not isinstance(self.name, str) or not _VM_NAME.fullmatch(self.name)
         ):
-            raise ConfigError("name", f"{self.name!r}: use 1-32 of a-z 0-9 _ - (start with a "
-                              "letter or digit)")
+            raise ConfigError(
+                "name", f"{self.name!r}: use 1-32 of a-z 0-9 _ - (start with a letter or digit)"
+            )
         if not isinstance(self.memory_mib, int) or not 16 <= self.memory_mib <= 1 << 20:
             raise ConfigError("memory_mib", f"{self.memory_mib!r}: MiB from 16 to 1048576")
         if not isinstance(self.cpus, int) or not 1 <= self.cpus <= 256:
             raise ConfigError("cpus", f"{self.cpus!r}: from 1 to 256")
         if not isinstance(self.machine, str) or not _MACHINE_TYPE.fullmatch(self.machine):
-            raise ConfigError("machine", f"{self.machine!r} is not a machine type name "
-                              "(see qemu-system-x86_64 -machine help)")
+            raise ConfigError(
+                "machine",
+                f"{self.machine!r} is not a machine type name "
+                "(see qemu-system-x86_64 -machine help)",
+            )
         put(self, "accel", _enum(Accel, self.accel, "accel"))
         for name in ("kernel", "initrd", "firmware"):
             value = getattr(self, name)
@@ -364,15 +385,17 @@ class MachineConfig:
                     data[key] = base / data[key]
         data["drives"] = tuple(drives)
         data["boot"] = boot
-        return _from_mapping(cls, data, "", aliases={"memory": "memory_mib",
-                                                     "no-shutdown": "no_shutdown"})
+        return _from_mapping(
+            cls, data, "", aliases={"memory": "memory_mib", "no-shutdown": "no_shutdown"}
+        )
 
 
 _T = TypeVar("_T")
 
 
-def _from_mapping(cls: type[_T], data: Mapping[str, Any], where: str,
-                  aliases: Mapping[str, str]) -> _T:
+def _from_mapping(
+    cls: type[_T], data: Mapping[str, Any], where: str, aliases: Mapping[str, str]
+) -> _T:
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -391,7 +414,7 @@ def _from_mapping(cls: type[_T], data: Mapping[str, Any], where: str,
     except ConfigError as exc:
         # Drive validates itself as "drive"; name the table the user wrote ("drive[2]").
         if cls is Drive and exc.field.startswith("drive.") and where != "drive":
-            raise ConfigError(where + exc.field[len("drive"):], exc.message) from None
+            raise ConfigError(where + exc.field[len("drive") :], exc.message) from None
         raise
 
 
@@ -406,14 +429,20 @@ def _check_placement(drives: Sequence[Drive], machine: str) -> None:
         if drive.interface is Interface.IDE:
             buses, units = (6, 1) if machine.startswith("q35") else (2, 2)
             if bus >= buses or unit >= units:
-                raise ConfigError(f"drive[{i}].unit", f"IDE on {machine} has {buses} buses with "
-                                  f"{units} unit(s) each; bus {bus} unit {unit} does not exist")
+                raise ConfigError(
+                    f"drive[{i}].unit",
+                    f"IDE on {machine} has {buses} buses with "
+                    f"{units} unit(s) each; bus {bus} unit {unit} does not exist",
+                )
         if drive.interface is Interface.FLOPPY and (bus != 0 or unit > 1):
             raise ConfigError(f"drive[{i}].unit", "a floppy controller has units 0 and 1 only")
         key = (drive.interface, bus, unit)
         if key in taken:
-            raise ConfigError(f"drive[{i}]", f"{drive.interface.value} bus {bus} unit {unit} is "
-                              f"already used by drive[{taken[key]}]")
+            raise ConfigError(
+                f"drive[{i}]",
+                f"{drive.interface.value} bus {bus} unit {unit} is "
+                f"already used by drive[{taken[key]}]",
+            )
         taken[key] = i
 
 
@@ -421,8 +450,11 @@ def drive_slot(drive: Drive, machine: str) -> tuple[int, int] | None:
     """(bus, unit) as ``-drive`` derives them, or None when the device is placed by QEMU."""
     if drive.interface is Interface.VIRTIO:
         return None
-    per_bus = {Interface.IDE: 1 if machine.startswith("q35") else 2,
-               Interface.SCSI: 7, Interface.FLOPPY: 2}[drive.interface]
+    per_bus = {
+        Interface.IDE: 1 if machine.startswith("q35") else 2,
+        Interface.SCSI: 7,
+        Interface.FLOPPY: 2,
+    }[drive.interface]
     if drive.index is not None:
         return divmod(drive.index, per_bus)
     if drive.bus is None and drive.unit is None:

@@ -26,7 +26,6 @@ from blockctl._machine import (
     Timeouts,
     attach,
     launch_detached,
-    open_vm,
     shutdown_detached,
 )
 from blockctl.errors import BlockctlError, ConfigError
@@ -44,10 +43,14 @@ def configure_logging(verbose: bool) -> None:
     else:
         renderer = structlog.processors.JSONRenderer(default=repr)
     structlog.configure(
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso"), renderer],
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.WARNING),
+            logging.DEBUG if verbose else logging.WARNING
+        ),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
@@ -64,7 +67,11 @@ def default_config(name: str, disk: Path) -> MachineConfig:
     """The embedded default: the bundled test guest with one virtio qcow2 disk."""
     guest = _guest.find_guest()
     return MachineConfig(
-        name=name, memory_mib=256, kernel=guest.kernel, initrd=guest.initrd, append=guest.append,
+        name=name,
+        memory_mib=256,
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        append=guest.append,
         drives=(Drive(file=disk, format=ImageFormat.QCOW2, serial="blockctl-disk0"),),
     )
 
@@ -99,8 +106,9 @@ class Up(Command):
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("config", nargs="?", type=Path, help="a TOML machine config")
-        parser.add_argument("--name", help=f"VM name (default: from the config, or "
-                            f"{DEFAULT_NAME!r})")
+        parser.add_argument(
+            "--name", help=f"VM name (default: from the config, or {DEFAULT_NAME!r})"
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         if args.config is not None:
@@ -115,12 +123,19 @@ class Up(Command):
                 await _images.create(disk, ImageFormat.QCOW2, size=DEFAULT_DISK_BYTES)
                 return default_config(name, disk)
 
-            record = await launch_detached(
-                MachineConfig(name=name), prepare=prepare)
-        emit(args, {"name": record.name, "pid": record.pid, "monitor": record.monitor,
-                    "console": record.console_socket, "accel": record.accel},
-             f"{record.name}: running (pid {record.pid}, {record.accel})\n"
-             f"  QMP:     {record.monitor}\n  console: {record.console_socket}")
+            record = await launch_detached(MachineConfig(name=name), prepare=prepare)
+        emit(
+            args,
+            {
+                "name": record.name,
+                "pid": record.pid,
+                "monitor": record.monitor,
+                "console": record.console_socket,
+                "accel": record.accel,
+            },
+            f"{record.name}: running (pid {record.pid}, {record.accel})\n"
+            f"  QMP:     {record.monitor}\n  console: {record.console_socket}",
+        )
         return 0
 
 
@@ -131,10 +146,16 @@ class Ls(Command):
     async def run(self, args: argparse.Namespace) -> int:
         rows = []
         for record in _runtime.list_records():
-            rows.append({"name": record.name, "pid": record.pid,
-                         "state": "running" if _runtime.is_alive(record) else "dead",
-                         "accel": record.accel, "monitor": record.monitor,
-                         "started": record.started})
+            rows.append(
+                {
+                    "name": record.name,
+                    "pid": record.pid,
+                    "state": "running" if _runtime.is_alive(record) else "dead",
+                    "accel": record.accel,
+                    "monitor": record.monitor,
+                    "started": record.started,
+                }
+            )
         lines = [f"{'NAME':<20} {'STATE':<8} {'PID':>8}  ACCEL"]
         lines += [f"{r['name']:<20} {r['state']:<8} {r['pid']:>8}  {r['accel']}" for r in rows]
         emit(args, rows, "\n".join(lines) if rows else "no VMs")
@@ -156,24 +177,40 @@ class Status(Command):
         drives = []
         for dev in devices:
             node = dev.inserted
-            drives.append({
-                "device": dev.qdev, "node": node.node_name if node else None,
-                "driver": node.driver if node else None, "file": node.file if node else None,
-                "read_only": node.read_only if node else None,
-                "size": node.virtual_size if node else None,
-                "cache": None if node is None else {"writeback": node.cache.writeback,
-                                                    "direct": node.cache.direct,
-                                                    "no_flush": node.cache.no_flush},
-            })
-        data = {"name": vm.name, "pid": vm.pid, "status": status.status,
-                "running": status.running, "qemu": str(version), "drives": drives}
+            drives.append(
+                {
+                    "device": dev.qdev,
+                    "node": node.node_name if node else None,
+                    "driver": node.driver if node else None,
+                    "file": node.file if node else None,
+                    "read_only": node.read_only if node else None,
+                    "size": node.virtual_size if node else None,
+                    "cache": None
+                    if node is None
+                    else {
+                        "writeback": node.cache.writeback,
+                        "direct": node.cache.direct,
+                        "no_flush": node.cache.no_flush,
+                    },
+                }
+            )
+        data = {
+            "name": vm.name,
+            "pid": vm.pid,
+            "status": status.status,
+            "running": status.running,
+            "qemu": str(version),
+            "drives": drives,
+        }
         lines = [f"{vm.name}: {status.status} (pid {vm.pid}, QEMU {version})"]
         for d in drives:
             if d["node"] is None:
                 lines.append(f"  {d['device']}: empty")
             else:
-                lines.append(f"  {d['device']}: {d['driver']} {d['file']} size={d['size']} "
-                             f"ro={d['read_only']}")
+                lines.append(
+                    f"  {d['device']}: {d['driver']} {d['file']} size={d['size']} "
+                    f"ro={d['read_only']}"
+                )
         emit(args, data, "\n".join(lines))
         return 0
 
@@ -208,8 +245,13 @@ class Down(Command):
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("vm")
-        parser.add_argument("--powerdown-timeout", type=float, default=None, metavar="SECONDS",
-                            help="press the power button first and wait this long")
+        parser.add_argument(
+            "--powerdown-timeout",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="press the power button first and wait this long",
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         await shutdown_detached(args.vm, timeouts=Timeouts(powerdown=args.powerdown_timeout))
@@ -230,9 +272,16 @@ class Guest(Command):
             image = await _guest.build_guest(force=args.force)
         else:
             image = _guest.find_guest()
-        emit(args, {"kernel": str(image.kernel), "initrd": str(image.initrd),
-                    "append": image.append, "kernel_version": image.kernel_version},
-             f"kernel: {image.kernel}\ninitrd: {image.initrd}")
+        emit(
+            args,
+            {
+                "kernel": str(image.kernel),
+                "initrd": str(image.initrd),
+                "append": image.append,
+                "kernel_version": image.kernel_version,
+            },
+            f"kernel: {image.kernel}\ninitrd: {image.initrd}",
+        )
         return 0
 
 
@@ -252,8 +301,9 @@ COMMANDS: tuple[type[Command], ...] = (Up, Ls, Status, Qmp, Down, Guest, Demo)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
-    parser = argparse.ArgumentParser(prog="blockctl", description=__doc__.splitlines()[0]
-                                     if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="blockctl", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show the event stream")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, Command] = {}
@@ -276,8 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlockctlError as exc:
         first, _, rest = str(exc).partition("\n")
         # One line; for a failed process, the last line it printed is usually the reason.
-        said = [line.strip()[1:].strip() for line in rest.splitlines()
-                if line.strip().startswith("|")]
+        said = [
+            line.strip()[1:].strip() for line in rest.splitlines() if line.strip().startswith("|")
+        ]
         suffix = f" — {said[-1]}" if said and not args.verbose else ""
         print(f"blockctl: {type(exc).__name__}: {first}{suffix}", file=sys.stderr)
         if rest and args.verbose:
@@ -289,8 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         structlog.get_logger("blockctl").debug(
-            "blockctl.cli.done", command=args.command,
-            seconds=round(time.monotonic() - started, 3), pid=os.getpid())
+            "blockctl.cli.done",
+            command=args.command,
+            seconds=round(time.monotonic() - started, 3),
+            pid=os.getpid(),
+        )
 
 
 if __name__ == "__main__":

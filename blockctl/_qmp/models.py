@@ -56,9 +56,12 @@ class VersionInfo:
     def from_qmp(cls, reply: object, command: str = "query-version") -> VersionInfo:
         obj = _obj(reply, command, "reply")
         qemu = _obj(obj.get("qemu"), command, "qemu")
-        return cls(major=_get(qemu, "major", int, command), minor=_get(qemu, "minor", int, command),
-                   micro=_get(qemu, "micro", int, command),
-                   package=_get(obj, "package", str, command).strip())
+        return cls(
+            major=_get(qemu, "major", int, command),
+            minor=_get(qemu, "minor", int, command),
+            micro=_get(qemu, "micro", int, command),
+            package=_get(obj, "package", str, command).strip(),
+        )
 
     def __str__(self) -> str:
         return f"{self.major}.{self.minor}.{self.micro}"
@@ -74,8 +77,10 @@ class StatusInfo:
     @classmethod
     def from_qmp(cls, reply: object) -> StatusInfo:
         obj = _obj(reply, "query-status", "reply")
-        return cls(running=_get(obj, "running", bool, "query-status"),
-                   status=_get(obj, "status", str, "query-status"))
+        return cls(
+            running=_get(obj, "running", bool, "query-status"),
+            status=_get(obj, "status", str, "query-status"),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,9 +94,11 @@ class CacheFlags:
     @classmethod
     def from_qmp(cls, value: object, command: str) -> CacheFlags:
         obj = _obj(value, command, "cache")
-        return cls(writeback=_get(obj, "writeback", bool, command),
-                   direct=_get(obj, "direct", bool, command),
-                   no_flush=_get(obj, "no-flush", bool, command))
+        return cls(
+            writeback=_get(obj, "writeback", bool, command),
+            direct=_get(obj, "direct", bool, command),
+            no_flush=_get(obj, "no-flush", bool, command),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,8 +203,11 @@ class Capabilities:
                 events.add(name)
         if not commands:
             raise ProtocolMismatch(command, "the schema lists no commands")
-        return cls(commands=frozenset(commands), deprecated_commands=frozenset(deprecated),
-                   events=frozenset(events))
+        return cls(
+            commands=frozenset(commands),
+            deprecated_commands=frozenset(deprecated),
+            events=frozenset(events),
+        )
 
 
 def parse_list(reply: object, command: str, item: type[_T]) -> tuple[_T, ...]:

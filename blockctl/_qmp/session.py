@@ -23,12 +23,11 @@ from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
-from qemu.qmp import EventListener, QMPClient, Runstate
+from qemu.qmp import EventListener, QMPClient, Runstate, qmp_client
 from qemu.qmp import error as qmp_error
 from qemu.qmp import events as qmp_events
 from qemu.qmp import message as qmp_message
 from qemu.qmp import protocol as qmp_protocol
-from qemu.qmp import qmp_client
 
 from blockctl._log import get_logger
 from blockctl.errors import (
@@ -68,8 +67,7 @@ def translate(exc: qmp_error.QMPError, command: str, lost_reason: str | None) ->
     """The BlockctlError for ``exc``, raised by ``command`` (``"connect"`` while connecting)."""
     target = QMP_ERROR_MAP.get(type(exc))
     if target is None:  # an unknown subclass: use its nearest mapped parent
-        target = next((QMP_ERROR_MAP[k] for k in type(exc).__mro__ if k in QMP_ERROR_MAP),
-                      QMPError)
+        target = next((QMP_ERROR_MAP[k] for k in type(exc).__mro__ if k in QMP_ERROR_MAP), QMPError)
     if target is CommandFailed and isinstance(exc, qmp_client.ExecuteError):
         return CommandFailed(command, exc.error_class, str(exc))
     if target is ProtocolMismatch:
@@ -77,8 +75,9 @@ def translate(exc: qmp_error.QMPError, command: str, lost_reason: str | None) ->
     if target is QMPStateError and lost_reason is not None:
         return ConnectionLost(f"{command}: {lost_reason}")
     if target is ConnectionLost:
-        return ConnectionLost(f"{command} was interrupted: {lost_reason or exc}; whether it took "
-                              "effect is unknown")
+        return ConnectionLost(
+            f"{command} was interrupted: {lost_reason or exc}; whether it took effect is unknown"
+        )
     if target is QMPConnectFailed:
         cause = getattr(exc, "exc", None)
         detail = f"{exc}" + (f" ({cause!r})" if cause is not None else "")
@@ -176,7 +175,10 @@ class QMPSession:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(
-        cls, address: str | tuple[str, int] | socket.socket, *, label: str,
+        cls,
+        address: str | tuple[str, int] | socket.socket,
+        *,
+        label: str,
         timeout: float = 10.0,
     ) -> AsyncIterator[QMPSession]:
         """Connect to a QMP server: a unix socket path, (host, port), or a connected socket."""
@@ -238,17 +240,6 @@ class QMPSession:
     async def wait_lost(self) -> None:
         await self._lost.wait()
 
-    @property
-    def greeting_version(self) -> Mapping[str, Any]:
-        """The ``version`` object of QEMU's greeting."""
-        greeting = self._client.greeting
-        if greeting is None:
-            raise QMPStateError("no greeting: the session never connected")
-        version = greeting["QMP"]["version"]
-        if not isinstance(version, Mapping):
-            raise ProtocolMismatch("greeting", "version is not an object")
-        return version
-
     # Section: commands and events
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
@@ -260,12 +251,22 @@ class QMPSession:
                     lambda: self._client.execute(command, arguments), command
                 )
         except BlockctlError as exc:
-            self._log.info("blockctl.qmp.error", command=command, arguments=arguments,
-                           error=str(exc), error_type=type(exc).__name__,
-                           seconds=round(time.monotonic() - started, 4))
+            self._log.info(
+                "blockctl.qmp.error",
+                command=command,
+                arguments=arguments,
+                error=str(exc),
+                error_type=type(exc).__name__,
+                seconds=round(time.monotonic() - started, 4),
+            )
             raise
-        self._log.debug("blockctl.qmp.command", command=command, arguments=arguments,
-                        reply=_loggable(result), seconds=round(time.monotonic() - started, 4))
+        self._log.debug(
+            "blockctl.qmp.command",
+            command=command,
+            arguments=arguments,
+            reply=_loggable(result),
+            seconds=round(time.monotonic() - started, 4),
+        )
         return result
 
     @contextlib.contextmanager
@@ -311,8 +312,7 @@ class QMPSession:
         with self._client.listener() as listener:
             while True:
                 msg = await listener.get()
-                self._log.debug("blockctl.qmp.event", name=msg.get("event"),
-                                data=msg.get("data"))
+                self._log.debug("blockctl.qmp.event", name=msg.get("event"), data=msg.get("data"))
 
 
 def describe_exit(code: int) -> str:
@@ -335,5 +335,5 @@ def _loggable(reply: object, limit: int = 2000) -> object:
 async def _quiet_disconnect(client: QMPClient) -> None:
     try:
         await client.disconnect()
-    except Exception as exc:  # noqa: BLE001 - the original error matters more; log this one
+    except Exception as exc:
         get_logger().debug("blockctl.qmp.disconnect_error", error=repr(exc))

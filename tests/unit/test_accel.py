@@ -8,8 +8,9 @@ from blockctl._accel import choose_accel, probe_kvm
 from blockctl.types import Accel
 
 
-def make_root(tmp_path: Path, *, kvm: bool = True, pvm: bool = False,
-              flags: str = "fpu vme vmx sse") -> Path:
+def make_root(
+    tmp_path: Path, *, kvm: bool = True, pvm: bool = False, flags: str = "fpu vme vmx sse"
+) -> Path:
     (tmp_path / "dev").mkdir()
     (tmp_path / "proc").mkdir()
     if kvm:

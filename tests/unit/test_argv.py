@@ -12,19 +12,45 @@ from hypothesis import strategies as st
 from blockctl._argv import DriveSource, build_argv, plan_drives, qemu_opt_escape
 from blockctl._images import ImageLayer
 from blockctl.errors import ConfigError
-from blockctl.types import Accel, BootConfig, Drive, ImageFormat, MachineConfig
+from blockctl.types import (
+    Accel,
+    BootConfig,
+    CacheMode,
+    Drive,
+    ImageFormat,
+    Interface,
+    MachineConfig,
+    Media,
+)
 
 
-def layer(name: str, fmt: ImageFormat = ImageFormat.QCOW2, backing: str | None = None,
-          backing_format: str | None = None) -> ImageLayer:
-    return ImageLayer(filename=name, format=fmt, virtual_size=1 << 20,
-                      backing_filename=backing, backing_format=backing_format, data_file=None)
+def layer(
+    name: str,
+    fmt: ImageFormat = ImageFormat.QCOW2,
+    backing: str | None = None,
+    backing_format: str | None = None,
+) -> ImageLayer:
+    return ImageLayer(
+        filename=name,
+        format=fmt,
+        virtual_size=1 << 20,
+        backing_filename=backing,
+        backing_format=backing_format,
+        data_file=None,
+    )
 
 
 def argv_for(config: MachineConfig, sources: dict[int, DriveSource]) -> list[str]:
-    return build_argv(binary="qemu-system-x86_64", config=config, label="t", accel=Accel.TCG,
-                      plans=plan_drives(config, sources), qmp_fd=3,
-                      monitor_path=Path("/run/x/qmp.sock"), console=None)
+    return build_argv(
+        binary="qemu-system-x86_64",
+        config=config,
+        label="t",
+        accel=Accel.TCG,
+        plans=plan_drives(config, sources),
+        qmp_fd=3,
+        monitor_path=Path("/run/x/qmp.sock"),
+        console=None,
+    )
 
 
 def option_values(argv: list[str], option: str) -> list[str]:
@@ -40,7 +66,7 @@ def devices(argv: list[str]) -> list[dict[str, object]]:
 
 
 def test_never_a_drive_option() -> None:
-    config = MachineConfig(drives=(Drive(file=Path("/i.qcow2"), format="qcow2"),))
+    config = MachineConfig(drives=(Drive(file=Path("/i.qcow2"), format=ImageFormat.QCOW2),))
     argv = argv_for(config, {0: DriveSource(chain=(layer("/i.qcow2"),))})
     assert "-drive" not in argv
     nodes = blockdevs(argv)
@@ -50,10 +76,12 @@ def test_never_a_drive_option() -> None:
 
 
 def test_backing_chain_is_explicit_bottom_up() -> None:
-    chain = (layer("/top.qcow2", backing="/mid.qcow2", backing_format="qcow2"),
-             layer("/mid.qcow2", backing="/base.raw", backing_format="raw"),
-             layer("/base.raw", ImageFormat.RAW))
-    config = MachineConfig(drives=(Drive(file=Path("/top.qcow2"), format="qcow2"),))
+    chain = (
+        layer("/top.qcow2", backing="/mid.qcow2", backing_format="qcow2"),
+        layer("/mid.qcow2", backing="/base.raw", backing_format="raw"),
+        layer("/base.raw", ImageFormat.RAW),
+    )
+    config = MachineConfig(drives=(Drive(file=Path("/top.qcow2"), format=ImageFormat.QCOW2),))
     nodes = blockdevs(argv_for(config, {0: DriveSource(chain=chain)}))
     names = [n["node-name"] for n in nodes]
     assert names == ["drv0-b2-file", "drv0-b2", "drv0-b1-file", "drv0-b1", "drv0-file", "drv0"]
@@ -64,14 +92,22 @@ def test_backing_chain_is_explicit_bottom_up() -> None:
     assert by_name["drv0-b1"]["read-only"] is True and by_name["drv0"]["read-only"] is False
 
 
-@pytest.mark.parametrize(("cache", "direct", "no_flush", "wce"), [
-    ("writeback", False, False, "on"), ("none", True, False, "on"),
-    ("writethrough", False, False, "off"), ("directsync", True, False, "off"),
-    ("unsafe", False, True, "on"),
-])
-def test_cache_mode_reaches_nodes_and_device(cache: str, direct: bool, no_flush: bool,
-                                             wce: str) -> None:
-    config = MachineConfig(drives=(Drive(file=Path("/i.raw"), format="raw", cache=cache),))
+@pytest.mark.parametrize(
+    ("cache", "direct", "no_flush", "wce"),
+    [
+        ("writeback", False, False, "on"),
+        ("none", True, False, "on"),
+        ("writethrough", False, False, "off"),
+        ("directsync", True, False, "off"),
+        ("unsafe", False, True, "on"),
+    ],
+)
+def test_cache_mode_reaches_nodes_and_device(
+    cache: str, direct: bool, no_flush: bool, wce: str
+) -> None:
+    config = MachineConfig(
+        drives=(Drive(file=Path("/i.raw"), format=ImageFormat.RAW, cache=CacheMode(cache)),)
+    )
     argv = argv_for(config, {0: DriveSource(chain=(layer("/i.raw", ImageFormat.RAW),))})
     for node in blockdevs(argv):
         assert node["cache"] == {"direct": direct, "no-flush": no_flush}
@@ -79,15 +115,19 @@ def test_cache_mode_reaches_nodes_and_device(cache: str, direct: bool, no_flush:
 
 
 def test_interfaces_and_slots() -> None:
-    config = MachineConfig(drives=(
-        Drive(file=Path("/a"), format="raw", interface="scsi"),
-        Drive(file=Path("/b"), format="raw", interface="scsi", unit=3),
-        Drive(file=Path("/c"), format="raw", interface="ide", index=3),
-        Drive(file=None, media="cdrom", interface="ide"),
-        Drive(file=Path("/f"), format="raw", interface="floppy", serial=None),
-    ))
-    sources = {i: DriveSource(chain=(layer(p, ImageFormat.RAW),))
-               for i, p in ((0, "/a"), (1, "/b"), (2, "/c"), (4, "/f"))}
+    config = MachineConfig(
+        drives=(
+            Drive(file=Path("/a"), format=ImageFormat.RAW, interface=Interface.SCSI),
+            Drive(file=Path("/b"), format=ImageFormat.RAW, interface=Interface.SCSI, unit=3),
+            Drive(file=Path("/c"), format=ImageFormat.RAW, interface=Interface.IDE, index=3),
+            Drive(file=None, media=Media.CDROM, interface=Interface.IDE),
+            Drive(file=Path("/f"), format=ImageFormat.RAW, interface=Interface.FLOPPY, serial=None),
+        )
+    )
+    sources = {
+        i: DriveSource(chain=(layer(p, ImageFormat.RAW),))
+        for i, p in ((0, "/a"), (1, "/b"), (2, "/c"), (4, "/f"))
+    }
     devs = devices(argv_for(config, sources))
     assert devs[0] == {"driver": "virtio-scsi-pci", "id": "scsi0"}
     assert devs[1]["driver"] == "scsi-hd" and devs[1]["scsi-id"] == 0
@@ -99,30 +139,43 @@ def test_interfaces_and_slots() -> None:
 
 
 def test_snapshot_and_copy_on_read_layers() -> None:
-    config = MachineConfig(drives=(
-        Drive(file=Path("/i.qcow2"), format="qcow2", snapshot=True, copy_on_read=True),))
+    config = MachineConfig(
+        drives=(
+            Drive(
+                file=Path("/i.qcow2"), format=ImageFormat.QCOW2, snapshot=True, copy_on_read=True
+            ),
+        )
+    )
     source = DriveSource(chain=(layer("/i.qcow2"),), overlay=Path("/run/o.qcow2"))
     argv = argv_for(config, {0: source})
     nodes = {n["node-name"]: n for n in blockdevs(argv)}
     assert nodes["drv0"]["read-only"] is True  # the base is never written
     assert nodes["drv0-snap"]["backing"] == "drv0"
     assert nodes["drv0-snap-file"]["filename"] == "/run/o.qcow2"
-    assert nodes["drv0-cor"] == {"driver": "copy-on-read", "node-name": "drv0-cor",
-                                 "file": "drv0-snap"}
+    assert nodes["drv0-cor"] == {
+        "driver": "copy-on-read",
+        "node-name": "drv0-cor",
+        "file": "drv0-snap",
+    }
     assert devices(argv)[0]["drive"] == "drv0-cor"
 
 
 def test_boot_option() -> None:
-    config = MachineConfig(boot=BootConfig(order="cd", once="d", menu=True,
-                                           splash=Path("/x,y.bmp"), splash_time=5,
-                                           strict=False))
+    config = MachineConfig(
+        boot=BootConfig(
+            order="cd", once="d", menu=True, splash=Path("/x,y.bmp"), splash_time=5, strict=False
+        )
+    )
     assert option_values(argv_for(config, {}), "-boot") == [
-        "order=cd,once=d,menu=on,splash=/x,,y.bmp,splash-time=5,strict=off"]
+        "order=cd,once=d,menu=on,splash=/x,,y.bmp,splash-time=5,strict=off"
+    ]
 
 
 def test_floppy_needs_pc() -> None:
-    config = MachineConfig(machine="q35", drives=(
-        Drive(file=Path("/f"), format="raw", interface="floppy"),))
+    config = MachineConfig(
+        machine="q35",
+        drives=(Drive(file=Path("/f"), format=ImageFormat.RAW, interface=Interface.FLOPPY),),
+    )
     with pytest.raises(ConfigError, match="floppy"):
         argv_for(config, {0: DriveSource(chain=(layer("/f", ImageFormat.RAW),))})
 
@@ -131,17 +184,24 @@ def test_qemu_opt_escape() -> None:
     assert qemu_opt_escape("/a,b,,c") == "/a,,b,,,,c"
 
 
-paths = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0\n"),
-                min_size=1, max_size=60).map(lambda s: "/" + s)
+paths = st.text(
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\0\n"),
+    min_size=1,
+    max_size=60,
+).map(lambda s: "/" + s)
 
 
 @settings(max_examples=300, deadline=None)
-@given(path=paths, serial=st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e),
-                                  min_size=1, max_size=20))
+@given(
+    path=paths,
+    serial=st.text(
+        alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=20
+    ),
+)
 def test_user_strings_never_become_options(path: str, serial: str) -> None:
     """Any path or serial either is refused, or round-trips as exactly one JSON value."""
     try:
-        drive = Drive(file=Path(path), format="raw", serial=serial)
+        drive = Drive(file=Path(path), format=ImageFormat.RAW, serial=serial)
     except ConfigError:
         return
     config = MachineConfig(drives=(drive,))

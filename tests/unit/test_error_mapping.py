@@ -27,8 +27,11 @@ def test_the_scan_finds_the_known_classes() -> None:
     assert {"ExecuteError", "ConnectError", "StateError", "ExecInterruptedError"} <= names
 
 
-@pytest.mark.parametrize("cls", sorted(qmp_exception_classes(), key=lambda c: c.__qualname__),
-                         ids=lambda c: c.__qualname__)
+@pytest.mark.parametrize(
+    "cls",
+    sorted(qmp_exception_classes(), key=lambda c: str(getattr(c, "__qualname__", c))),
+    ids=lambda c: str(getattr(c, "__qualname__", c)),
+)
 def test_every_qemu_qmp_exception_is_mapped(cls: type[BaseException]) -> None:
     assert cls in QMP_ERROR_MAP, f"{cls.__module__}.{cls.__qualname__} has no BlockctlError"
     assert issubclass(QMP_ERROR_MAP[cls], BlockctlError)

@@ -26,132 +26,104 @@ def handler(command: str, arguments: Mapping[str, Any]) -> object:
     if command == "query-block":
         return [{"device": "", "locked": False}]  # no 'removable': a shape we do not accept
     if command == "query-qmp-schema":
-        return [{"name": "drive-backup", "meta-type": "command", "arg-type": "0",
-                 "ret-type": "0", "features": ["deprecated"]},
-                {"name": "blockdev-backup", "meta-type": "command", "arg-type": "0",
-                 "ret-type": "0"},
-                {"name": "SHUTDOWN", "meta-type": "event", "arg-type": "0"}]
+        return [
+            {
+                "name": "drive-backup",
+                "meta-type": "command",
+                "arg-type": "0",
+                "ret-type": "0",
+                "features": ["deprecated"],
+            },
+            {"name": "blockdev-backup", "meta-type": "command", "arg-type": "0", "ret-type": "0"},
+            {"name": "SHUTDOWN", "meta-type": "event", "arg-type": "0"},
+        ]
     raise FakeError("CommandNotFound", f"The command {command} has not been found")
 
 
 @contextlib.asynccontextmanager
 async def fake_session() -> AsyncIterator[tuple[FakeQMP, QMPSession]]:
-    async with FakeQMP(handler).serving() as fake, QMPSession.connect(
-            fake.client_socket, label="fake") as session:
+    async with (
+        FakeQMP(handler).serving() as fake,
+        QMPSession.connect(fake.client_socket, label="fake") as session,
+    ):
         yield fake, session
 
 
 async def test_typed_replies() -> None:
-    async with fake_session() as (fake, session):
-        await _test_typed_replies(fake, session)
-
-
-async def _test_typed_replies(fake: FakeQMP, session: QMPSession) -> None:
-    status = await wire.query_status(session)
-    assert status.running and status.status == "running"
-    version = await wire.query_version(session)
-    assert str(version) == "7.2.22" and version.package == "Debian"
+    async with fake_session() as (_fake, session):
+        status = await wire.query_status(session)
+        assert status.running and status.status == "running"
+        version = await wire.query_version(session)
+        assert str(version) == "7.2.22" and version.package == "Debian"
 
 
 async def test_capabilities_come_from_the_schema() -> None:
-    async with fake_session() as (fake, session):
-        await _test_capabilities_come_from_the_schema(fake, session)
-
-
-async def _test_capabilities_come_from_the_schema(fake: FakeQMP, session: QMPSession) -> None:
-    caps = await wire.query_capabilities(session)
-    assert caps.has("blockdev-backup") and not caps.has("nosuch")
-    assert caps.is_deprecated("drive-backup") and not caps.is_deprecated("blockdev-backup")
-    assert "SHUTDOWN" in caps.events
+    async with fake_session() as (_fake, session):
+        caps = await wire.query_capabilities(session)
+        assert caps.has("blockdev-backup") and not caps.has("nosuch")
+        assert caps.is_deprecated("drive-backup") and not caps.is_deprecated("blockdev-backup")
+        assert "SHUTDOWN" in caps.events
 
 
 async def test_error_reply_becomes_command_failed() -> None:
-    async with fake_session() as (fake, session):
-        await _test_error_reply_becomes_command_failed(fake, session)
-
-
-async def _test_error_reply_becomes_command_failed(fake: FakeQMP, session: QMPSession) -> None:
-    with pytest.raises(CommandFailed) as info:
-        await wire.raw_command(session, "blockdev-del", {"node-name": "hp1"})
-    assert info.value.error_class == "GenericError"
-    assert info.value.desc == "Node hp1 is in use"
-    assert info.value.command == "blockdev-del"
+    async with fake_session() as (_fake, session):
+        with pytest.raises(CommandFailed) as info:
+            await wire.raw_command(session, "blockdev-del", {"node-name": "hp1"})
+        assert info.value.error_class == "GenericError"
+        assert info.value.desc == "Node hp1 is in use"
+        assert info.value.command == "blockdev-del"
 
 
 async def test_unexpected_shape_is_protocol_mismatch() -> None:
-    async with fake_session() as (fake, session):
-        await _test_unexpected_shape_is_protocol_mismatch(fake, session)
-
-
-async def _test_unexpected_shape_is_protocol_mismatch(fake: FakeQMP, session: QMPSession) -> None:
-    with pytest.raises(ProtocolMismatch, match="query-block.*removable"):
-        await wire.query_block(session)
+    async with fake_session() as (_fake, session):
+        with pytest.raises(ProtocolMismatch, match=r"query-block.*removable"):
+            await wire.query_block(session)
 
 
 async def test_raw_command_refuses_non_names() -> None:
-    async with fake_session() as (fake, session):
-        await _test_raw_command_refuses_non_names(fake, session)
-
-
-async def _test_raw_command_refuses_non_names(fake: FakeQMP, session: QMPSession) -> None:
-    with pytest.raises(ConfigError):
-        await wire.raw_command(session, 'quit", "x', None)
+    async with fake_session() as (_fake, session):
+        with pytest.raises(ConfigError):
+            await wire.raw_command(session, 'quit", "x', None)
 
 
 async def test_every_command_and_error_is_logged() -> None:
-    async with fake_session() as (fake, session):
-        await _test_every_command_and_error_is_logged(fake, session)
-
-
-async def _test_every_command_and_error_is_logged(fake: FakeQMP, session: QMPSession) -> None:
-    with capture_logs() as logs:
-        await wire.query_status(session)
-        with pytest.raises(CommandFailed):
-            await wire.raw_command(session, "nosuch", None)
-    commands = [e for e in logs if e["event"] == "blockctl.qmp.command"]
-    errors = [e for e in logs if e["event"] == "blockctl.qmp.error"]
-    assert commands[0]["command"] == "query-status" and commands[0]["seconds"] >= 0
-    assert errors[0]["command"] == "nosuch" and errors[0]["error_type"] == "CommandFailed"
+    async with fake_session() as (_fake, session):
+        with capture_logs() as logs:
+            await wire.query_status(session)
+            with pytest.raises(CommandFailed):
+                await wire.raw_command(session, "nosuch", None)
+        commands = [e for e in logs if e["event"] == "blockctl.qmp.command"]
+        errors = [e for e in logs if e["event"] == "blockctl.qmp.error"]
+        assert commands[0]["command"] == "query-status" and commands[0]["seconds"] >= 0
+        assert errors[0]["command"] == "nosuch" and errors[0]["error_type"] == "CommandFailed"
 
 
 async def test_event_arrives() -> None:
     async with fake_session() as (fake, session):
-        await _test_event_arrives(fake, session)
-
-
-async def _test_event_arrives(fake: FakeQMP, session: QMPSession) -> None:
-    with session.events("DEVICE_DELETED") as stream:
-        await fake.emit("DEVICE_DELETED", {"path": "/machine/peripheral/d1/virtio-backend"})
-        await fake.emit("DEVICE_DELETED", {"device": "d1", "path": "/machine/peripheral/d1"})
-        event = await stream.wait_for(lambda e: e.data.get("device") == "d1")
-    assert event.name == "DEVICE_DELETED"
+        with session.events("DEVICE_DELETED") as stream:
+            await fake.emit("DEVICE_DELETED", {"path": "/machine/peripheral/d1/virtio-backend"})
+            await fake.emit("DEVICE_DELETED", {"device": "d1", "path": "/machine/peripheral/d1"})
+            event = await stream.wait_for(lambda e: e.data.get("device") == "d1")
+        assert event.name == "DEVICE_DELETED"
 
 
 async def test_event_wait_fails_when_peer_hangs_up() -> None:
     async with fake_session() as (fake, session):
-        await _test_event_wait_fails_when_peer_hangs_up(fake, session)
-
-
-async def _test_event_wait_fails_when_peer_hangs_up(fake: FakeQMP, session: QMPSession) -> None:
-    with session.events("SHUTDOWN") as stream, anyio.fail_after(10):
-        await fake.close()
+        with session.events("SHUTDOWN") as stream, anyio.fail_after(10):
+            await fake.close()
+            with pytest.raises(ConnectionLost):
+                await stream.next()
         with pytest.raises(ConnectionLost):
-            await stream.next()
-    with pytest.raises(ConnectionLost):
-        await wire.query_status(session)
+            await wire.query_status(session)
 
 
 async def test_event_wait_fails_when_owner_marks_lost() -> None:
-    async with fake_session() as (fake, session):
-        await _test_event_wait_fails_when_owner_marks_lost(fake, session)
-
-
-async def _test_event_wait_fails_when_owner_marks_lost(fake: FakeQMP, session: QMPSession) -> None:
-    with session.events("SHUTDOWN") as stream, anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: _mark_later(session))
-            with pytest.raises(ConnectionLost, match="SIGKILL"):
-                await stream.next()
+    async with fake_session() as (_fake, session):
+        with session.events("SHUTDOWN") as stream, anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: _mark_later(session))
+                with pytest.raises(ConnectionLost, match="SIGKILL"):
+                    await stream.next()
 
 
 async def _mark_later(session: QMPSession) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from blockctl.errors import ConfigError
 from blockctl.types import (
+    Aio,
     BootConfig,
     CacheMode,
     Drive,
@@ -46,27 +47,34 @@ def test_unknown_format_lists_the_known_ones() -> None:
 
 
 def test_bad_cache_mode() -> None:
-    err = error_of(Drive, file=IMG, format="raw", cache="fast")
+    err = error_of(Drive, file=IMG, format=ImageFormat.RAW, cache="fast")
     assert err.field == "drive.cache"
     assert "writethrough" in err.message
 
 
 @pytest.mark.parametrize(
     ("mode", "write_cache", "direct", "no_flush"),
-    [("writeback", True, False, False), ("none", True, True, False),
-     ("writethrough", False, False, False), ("directsync", False, True, False),
-     ("unsafe", True, False, True)],
+    [
+        ("writeback", True, False, False),
+        ("none", True, True, False),
+        ("writethrough", False, False, False),
+        ("directsync", False, True, False),
+        ("unsafe", True, False, True),
+    ],
 )
-def test_cache_modes_are_qemus_flag_table(mode: str, write_cache: bool, direct: bool,
-                                          no_flush: bool) -> None:
+def test_cache_modes_are_qemus_flag_table(
+    mode: str, write_cache: bool, direct: bool, no_flush: bool
+) -> None:
     cache = CacheMode(mode)
     assert (cache.write_cache, cache.direct, cache.no_flush) == (write_cache, direct, no_flush)
 
 
 def test_cdrom_is_read_only_and_never_virtio() -> None:
-    cd = Drive(file=IMG, format="raw", media="cdrom", interface="ide")
+    cd = Drive(file=IMG, format=ImageFormat.RAW, media=Media.CDROM, interface=Interface.IDE)
     assert cd.read_only
-    assert error_of(Drive, file=IMG, format="raw", media="cdrom").field == "drive.media"
+    assert (
+        error_of(Drive, file=IMG, format=ImageFormat.RAW, media=Media.CDROM).field == "drive.media"
+    )
 
 
 def test_only_a_cdrom_may_be_empty() -> None:
@@ -75,77 +83,106 @@ def test_only_a_cdrom_may_be_empty() -> None:
 
 
 def test_native_aio_needs_direct_io() -> None:
-    err = error_of(Drive, file=IMG, format="raw", aio="native")
+    err = error_of(Drive, file=IMG, format=ImageFormat.RAW, aio=Aio.NATIVE)
     assert err.field == "drive.aio"
-    assert Drive(file=IMG, format="raw", aio="native", cache="none").aio.value == "native"
+    assert (
+        Drive(file=IMG, format=ImageFormat.RAW, aio=Aio.NATIVE, cache=CacheMode.NONE).aio.value
+        == "native"
+    )
 
 
 @pytest.mark.parametrize("serial", ["x" * 21, "tab\there", ""])
 def test_bad_serials(serial: str) -> None:
-    assert error_of(Drive, file=IMG, format="raw", serial=serial).field == "drive.serial"
+    assert error_of(Drive, file=IMG, format=ImageFormat.RAW, serial=serial).field == "drive.serial"
 
 
-@pytest.mark.parametrize("path", ["json:{\"driver\":\"file\"}", "nbd://host/x", "http://x/y",
-                                  "file:/etc/passwd", "a\nb", "a\0b"])
+@pytest.mark.parametrize(
+    "path",
+    ['json:{"driver":"file"}', "nbd://host/x", "http://x/y", "file:/etc/passwd", "a\nb", "a\0b"],
+)
 def test_protocol_strings_and_control_characters_are_not_paths(path: str) -> None:
-    assert error_of(Drive, file=path, format="raw").field == "drive.file"
+    assert error_of(Drive, file=path, format=ImageFormat.RAW).field == "drive.file"
 
 
 def test_commas_and_spaces_are_fine_in_paths() -> None:
-    drive = Drive(file="/tmp/a,read-only=on b.qcow2", format="qcow2")
+    drive = Drive(file=Path("/tmp/a,read-only=on b.qcow2"), format=ImageFormat.QCOW2)
     assert drive.file == Path("/tmp/a,read-only=on b.qcow2")
 
 
 def test_two_drives_in_one_slot() -> None:
-    drives = (Drive(file=IMG, format="raw", interface="ide", bus=0, unit=1),
-              Drive(file=IMG, format="raw", interface="ide", index=1))
+    drives = (
+        Drive(file=IMG, format=ImageFormat.RAW, interface=Interface.IDE, bus=0, unit=1),
+        Drive(file=IMG, format=ImageFormat.RAW, interface=Interface.IDE, index=1),
+    )
     err = error_of(MachineConfig, drives=drives)
     assert err.field == "drive[1]"
     assert "drive[0]" in err.message
 
 
 def test_ide_slots_depend_on_the_machine() -> None:
-    drive = Drive(file=IMG, format="raw", interface="ide", bus=2)
+    drive = Drive(file=IMG, format=ImageFormat.RAW, interface=Interface.IDE, bus=2)
     assert error_of(MachineConfig, drives=(drive,)).field == "drive[0].unit"
     assert MachineConfig(machine="q35", drives=(drive,)).machine == "q35"
 
 
 def test_duplicate_bootindex() -> None:
-    drives = (Drive(file=IMG, format="raw", bootindex=1), Drive(file=IMG, format="raw",
-                                                                 bootindex=1))
+    drives = (
+        Drive(file=IMG, format=ImageFormat.RAW, bootindex=1),
+        Drive(file=IMG, format=ImageFormat.RAW, bootindex=1),
+    )
     assert error_of(MachineConfig, drives=drives).field == "drive.bootindex"
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"memory_mib": 8}, "memory_mib"), ({"cpus": 0}, "cpus"),
-    ({"machine": "pc,accel=kvm"}, "machine"), ({"accel": "hvf"}, "accel"),
-    ({"name": "Bad Name"}, "name"), ({"initrd": "/x"}, "initrd"),
-    ({"append": "quiet"}, "append"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"memory_mib": 8}, "memory_mib"),
+        ({"cpus": 0}, "cpus"),
+        ({"machine": "pc,accel=kvm"}, "machine"),
+        ({"accel": "hvf"}, "accel"),
+        ({"name": "Bad Name"}, "name"),
+        ({"initrd": "/x"}, "initrd"),
+        ({"append": "quiet"}, "append"),
+    ],
+)
 def test_machine_fields(kwargs: dict[str, object], field: str) -> None:
     assert error_of(MachineConfig, **kwargs).field == field
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"order": "cz"}, "boot.order"), ({"order": "cc"}, "boot.order"),
-    ({"once": "C"}, "boot.once"), ({"splash_time": 70000}, "boot.splash_time"),
-    ({"menu": "yes"}, "boot.menu"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"order": "cz"}, "boot.order"),
+        ({"order": "cc"}, "boot.order"),
+        ({"once": "C"}, "boot.once"),
+        ({"splash_time": 70000}, "boot.splash_time"),
+        ({"menu": "yes"}, "boot.menu"),
+    ],
+)
 def test_boot_fields(kwargs: dict[str, object], field: str) -> None:
     assert error_of(BootConfig, **kwargs).field == field
 
 
 def test_from_mapping_names_the_table() -> None:
-    data = {"name": "vm1", "drive": [{"file": "a.qcow2", "format": "qcow2"},
-                                     {"file": "b.raw", "format": "raw", "cache": "bogus"}]}
+    data = {
+        "name": "vm1",
+        "drive": [
+            {"file": "a.qcow2", "format": "qcow2"},
+            {"file": "b.raw", "format": "raw", "cache": "bogus"},
+        ],
+    }
     err = error_of(MachineConfig.from_mapping, data, base=Path("/cfg"))
     assert err.field == "drive[1].cache"
 
 
 def test_from_mapping_resolves_paths_and_aliases() -> None:
-    data = {"name": "vm1", "memory": 128, "kernel": "k", "boot": {"order": "c",
-                                                                  "splash-time": 10},
-            "drive": [{"file": "a.qcow2", "format": "qcow2", "if": "scsi"}]}
+    data = {
+        "name": "vm1",
+        "memory": 128,
+        "kernel": "k",
+        "boot": {"order": "c", "splash-time": 10},
+        "drive": [{"file": "a.qcow2", "format": "qcow2", "if": "scsi"}],
+    }
     config = MachineConfig.from_mapping(data, base=Path("/cfg"))
     assert config.memory_mib == 128
     assert config.kernel == Path("/cfg/k")
@@ -155,7 +192,8 @@ def test_from_mapping_resolves_paths_and_aliases() -> None:
 
 
 def test_from_mapping_rejects_unknown_keys() -> None:
-    err = error_of(MachineConfig.from_mapping, {"drive": [{"file": "a", "format": "raw",
-                                                           "werror": "stop"}]})
+    err = error_of(
+        MachineConfig.from_mapping, {"drive": [{"file": "a", "format": "raw", "werror": "stop"}]}
+    )
     assert err.field == "drive[0].werror"
     assert "known:" in err.message
