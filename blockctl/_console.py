@@ -119,6 +119,15 @@ class GuestConsole:
         self._log.debug("blockctl.guest.command", command=command, rc=rc, output_bytes=len(output))
         return CommandResult(command=command, returncode=rc, output=output)
 
+    async def send_detached(self, command: str) -> None:
+        """Send a command whose end the guest will never report (``poweroff -f``, ``reboot``).
+
+        The console is unusable for :meth:`run` afterwards until :meth:`wait_ready` again.
+        """
+        async with self._lock:
+            self._ready = False
+            await self._stream.send(f"{command}\n".encode())
+
     async def check(self, command: str, *, timeout: float = 60.0) -> str:
         """Run ``command`` and return its output; :class:`GuestCommandFailed` if it fails."""
         result = await self.run(command, timeout=timeout)

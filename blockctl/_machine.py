@@ -283,7 +283,9 @@ async def _started_qemu(
         console=console_spec,
     )
     log_path = run_dir / "qemu.log"
-    log_file: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - handed to the child, closed below
+    log_file: IO[bytes] = os.fdopen(
+        os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb"
+    )
     try:
         process = await _proc.spawn(
             argv, log=log_file, pass_fds=pass_fds, die_with_parent=not detached
@@ -309,6 +311,11 @@ async def _started_qemu(
             ) as session:
                 connected = True
                 session.process_exit = process.wait
+                # The greeting came after QEMU created its sockets; tighten them to 0600
+                # (QEMU makes them 0700 under our umask; the run dir is 0700 as well).
+                for sock_path in (monitor, run_dir / "console.sock"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.chmod(sock_path, 0o600)
                 async with anyio.create_task_group() as tg:
 
                     async def watch_exit() -> None:

@@ -179,7 +179,7 @@ class Status(Command):
             node = dev.inserted
             drives.append(
                 {
-                    "device": dev.qdev,
+                    "device": dev.device_id,
                     "node": node.node_name if node else None,
                     "driver": node.driver if node else None,
                     "file": node.file if node else None,
@@ -305,7 +305,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         prog="blockctl", description=__doc__.splitlines()[0] if __doc__ else None
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show the event stream")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     commands: dict[str, Command] = {}
     for cls in COMMANDS:
         command = cls()
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose)
     started = time.monotonic()
     try:
-        return anyio.run(commands[args.command].run, args, backend="asyncio")
+        return anyio.run(commands[args.subcommand].run, args, backend="asyncio")
     except BlockctlError as exc:
         first, _, rest = str(exc).partition("\n")
         # One line; for a failed process, the last line it printed is usually the reason.
@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         structlog.get_logger("blockctl").debug(
             "blockctl.cli.done",
-            command=args.command,
+            command=args.subcommand,
             seconds=round(time.monotonic() - started, 3),
             pid=os.getpid(),
         )

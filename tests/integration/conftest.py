@@ -1,0 +1,132 @@
+"""Fixtures for tests against real QEMU and the real test guest.
+
+Every test gets a private, short runtime directory (unix socket paths must stay under 108
+bytes, which pytest's tmp_path does not guarantee) and, after it, a check that no QEMU it
+started is still running: a leak fails the test, after the leaked process is killed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from blockctl import GuestImage, find_guest
+from blockctl.errors import MissingComponent
+from blockctl.types import Drive, MachineConfig
+from tests.conftest import missing
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestImage:
+    for binary in ("qemu-system-x86_64", "qemu-img"):
+        if shutil.which(binary) is None:
+            missing(binary)
+    try:
+        return find_guest()
+    except MissingComponent as exc:
+        missing(str(exc))
+        raise
+
+
+def qemu_pids_under(directory: Path) -> list[int]:
+    """QEMU processes whose command line mentions ``directory`` (their run dir lives there)."""
+    needle = os.fsencode(str(directory))
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and needle in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="bct-", dir="/tmp"))
+    monkeypatch.setenv("BLOCKCTL_RUNTIME_DIR", str(root))
+    yield root
+    leaked = qemu_pids_under(root)
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+    assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """A directory for test images (not the runtime dir: image paths may be long)."""
+    path = tmp_path / "images"
+    path.mkdir()
+    return path
+
+
+def base_config(guest: GuestImage, *drives: Drive, **kwargs: object) -> MachineConfig:
+    return MachineConfig(
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        append=guest.append,
+        drives=drives,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """Deterministic, incompressible-looking bytes: a guest reading them back proves the path."""
+    out = bytearray()
+    block = hashlib.sha256(seed.to_bytes(8, "little")).digest()
+    while len(out) < size:
+        block = hashlib.sha256(block).digest()
+        out += block * 16
+    return bytes(out[:size])
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def run(*argv: str | Path) -> str:
+    """A helper command for test setup; a failure fails the test with its output."""
+    result = await anyio.run_process([str(a) for a in argv], check=False)
+    assert result.returncode == 0, (argv, result.stderr.decode())
+    return result.stdout.decode()
+
+
+async def raw_image(path: Path, data: bytes, size: int | None = None) -> Path:
+    with open(path, "wb") as f:
+        f.write(data)
+        if size is not None:
+            f.truncate(size)
+    return path
+
+
+async def qcow2_image(path: Path, data: bytes, size: int) -> Path:
+    raw = path.with_suffix(".src.raw")
+    await raw_image(raw, data, size)
+    await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path)
+    raw.unlink()
+    return path
+
+
+async def image_bytes(path: Path, fmt: str, length: int) -> bytes:
+    """The first ``length`` guest-visible bytes of an image, read on the host with its format."""
+    out = path.with_suffix(".check.raw")
+    await run("qemu-img", "convert", "-f", fmt, "-O", "raw", path, out)
+    try:
+        with open(out, "rb") as f:
+            return f.read(length)
+    finally:
+        out.unlink()
