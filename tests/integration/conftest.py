@@ -7,18 +7,20 @@ started is still running: a leak fails the test, after the leaked process is kil
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
-from blockctl import GuestImage, find_guest
+from blockctl import GuestImage, LaunchedVM, find_guest, open_vm
 from blockctl.errors import MissingComponent
 from blockctl.types import Drive, MachineConfig
 from tests.conftest import missing
@@ -130,3 +132,48 @@ async def image_bytes(path: Path, fmt: str, length: int) -> bytes:
             return f.read(length)
     finally:
         out.unlink()
+
+
+@contextlib.asynccontextmanager
+async def vm_in_background(config: MachineConfig) -> AsyncIterator[LaunchedVM]:
+    """A booted VM whose ``open_vm`` block lives in a task of its own.
+
+    pytest-asyncio may run a fixture's setup and teardown in different tasks; anyio's cancel
+    scopes (inside ``open_vm``) must be entered and left by one task. The runner task owns
+    the whole block; the fixture only starts and stops it.
+    """
+    booted: asyncio.Future[LaunchedVM] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+
+    async def runner() -> None:
+        try:
+            async with open_vm(config) as vm:
+                assert vm.console is not None
+                await vm.console.wait_ready()
+                booted.set_result(vm)
+                await stop.wait()
+        except BaseException as exc:
+            if not booted.done():
+                booted.set_exception(exc)
+            raise
+
+    task = asyncio.get_running_loop().create_task(runner())
+    try:
+        yield await booted
+    finally:
+        stop.set()
+        await task
+
+
+@pytest.fixture(scope="module")
+def module_runtime_dir() -> Iterator[Path]:
+    """A runtime dir for a module-scoped VM, with the same leak check as ``runtime_dir``."""
+    root = Path(tempfile.mkdtemp(prefix="bcm-", dir="/tmp"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BLOCKCTL_RUNTIME_DIR", str(root))
+        yield root
+    leaked = qemu_pids_under(root)
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+    assert not leaked, f"QEMU processes left running: {leaked}"
