@@ -56,6 +56,14 @@ def qemu_pids_under(directory: Path) -> list[int]:
     return pids
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie has an empty cmdline)."""
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except OSError:
+        return False
+
+
 @pytest.fixture(autouse=True)
 def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="bct-", dir="/tmp"))
