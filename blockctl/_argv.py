@@ -215,12 +215,10 @@ def _device(
     if drive.interface is Interface.VIRTIO:
         device["driver"] = "virtio-blk-pci"
     elif drive.interface is Interface.SCSI:
-        bus, unit = slot or (0, 0)
-        device.update(
-            driver="scsi-cd" if cdrom else "scsi-hd",
-            bus=f"scsi{bus}.0",
-            **{"scsi-id": unit, "lun": 0},
-        )
+        device.update(driver="scsi-cd" if cdrom else "scsi-hd", bus=f"scsi{(slot or (0, 0))[0]}.0")
+        if slot is not None:
+            device.update({"scsi-id": slot[1], "lun": 0})
+        # Without a slot (hot-plug), QEMU picks a free SCSI id on the bus.
     elif drive.interface is Interface.IDE:
         bus, unit = slot or (0, 0)
         device.update(driver="ide-cd" if cdrom else "ide-hd", bus=f"ide.{bus}")

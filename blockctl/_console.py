@@ -5,7 +5,8 @@ byte is lost before we read (guest.md §3). The protocol:
 
 - wait for ``GUESTPROTO-READY`` (printed by the guest's /init before each shell) and the prompt;
 - send one raw line that turns echo, CRLF translation, prompts and job-control noise off;
-- send each command as ``{ CMD\\n} </dev/null 2>&1; printf '\\n__END_%s_%d\\n' NONCE $?``
+- send each command as ``( CMD\\n) </dev/null 2>&1; printf '\\n__END_%s_%d\\n' NONCE $?``
+  (a subshell, so ``exit`` ends only the command; shell state such as ``cd`` does not carry over)
   and read up to ``__END_NONCE_``: what came before is the output, what follows is ``$?``.
   ``printf`` assembles the tag, so an echoed command line never contains it.
 """
@@ -87,7 +88,8 @@ class GuestConsole:
 
     async def _exchange(self, command: str) -> tuple[int, str]:
         nonce = secrets.token_hex(6)
-        line = f"{{ {command}\n}} </dev/null 2>&1; printf '\\n__END_%s_%d\\n' {nonce} $?\n"
+        # A subshell: `exit N` in a command ends the command with N, not the guest's shell.
+        line = f"( {command}\n) </dev/null 2>&1; printf '\\n__END_%s_%d\\n' {nonce} $?\n"
         await self._stream.send(line.encode())
         output = await self._read_until(f"\n__END_{nonce}_".encode())
         status = await self._read_until(b"\n")

@@ -43,6 +43,7 @@ from blockctl._log import get_logger
 from blockctl._qmp import wire
 from blockctl._qmp.models import BlockDevice, BlockNode, Capabilities, StatusInfo, VersionInfo
 from blockctl._qmp.session import QMPSession, describe_exit, single_exception
+from blockctl._registry import DriveRecord, DriveRegistry
 from blockctl.errors import (
     BlockctlError,
     ConfigError,
@@ -53,7 +54,7 @@ from blockctl.errors import (
     ShutdownFailed,
     VMExists,
 )
-from blockctl.types import ImageFormat, MachineConfig, Media
+from blockctl.types import Drive, ImageFormat, MachineConfig
 
 _log = get_logger()
 
@@ -83,10 +84,16 @@ class VM:
     modules, which take ``vm.session``.
     """
 
-    def __init__(self, session: QMPSession, *, name: str, pid: int | None) -> None:
+    def __init__(
+        self, session: QMPSession, *, name: str, pid: int | None, run_dir: Path | None = None
+    ) -> None:
         self.session = session
         self.name = name
         self.pid = pid
+        #: Where blockctl keeps this VM's files; None for a QEMU it did not launch.
+        self.run_dir = run_dir
+        #: The options of the drives blockctl created (for reopen and unplug).
+        self.registry = DriveRegistry.load(run_dir)
 
     async def status(self) -> StatusInfo:
         return await wire.query_status(self.session)
@@ -126,9 +133,9 @@ class LaunchedVM(VM):
         console: GuestConsole | None,
         plans: tuple[DrivePlan, ...],
     ) -> None:
-        super().__init__(session, name=name, pid=process.pid)
+        super().__init__(session, name=name, pid=process.pid, run_dir=run_dir)
         self.process = process
-        self.run_dir = run_dir
+        self.run_dir: Path = run_dir
         self.argv = argv
         self.accel = accel
         self.console = console
@@ -173,37 +180,38 @@ async def preflight(config: MachineConfig) -> tuple[str, dict[int, DriveSource]]
             raise ConfigError(field_name, f"{path} does not exist or is not a file")
     sources: dict[int, DriveSource] = {}
     for i, drive in enumerate(config.drives):
-        if drive.file is None:
-            continue
-        where = f"drive[{i}].file"
-        path = Path(drive.file).absolute()
-        try:
-            info = path.stat()
-        except FileNotFoundError:
-            raise ConfigError(where, f"{path} does not exist") from None
-        except OSError as exc:
-            raise ConfigError(where, f"{path}: {exc.strerror}") from None
-        block_device = stat.S_ISBLK(info.st_mode)
-        if not (block_device or stat.S_ISREG(info.st_mode)):
-            raise ConfigError(where, f"{path} is neither a regular file nor a block device")
-        if not os.access(path, os.R_OK if drive.read_only else os.R_OK | os.W_OK):
-            raise ConfigError(
-                where, f"{path} is not {'readable' if drive.read_only else 'readable and writable'}"
-            )
-        assert drive.format is not None  # Drive guarantees a format with a file
-        try:
-            chain = await _images.backing_chain(path, drive.format)
-        except BlockctlError as exc:
-            raise ConfigError(
-                where,
-                f"cannot read {path} as {drive.format.value}: "
-                f"{getattr(exc, 'stderr', '') or exc}".strip(),
-            ) from exc
-        _images.check_chain(chain, where)
-        if drive.media is Media.CDROM and drive.format is not ImageFormat.RAW:
-            _log.debug("blockctl.launch.cdrom_format", drive=i, format=drive.format.value)
-        sources[i] = DriveSource(chain=chain, block_device=block_device)
+        if drive.file is not None:
+            sources[i] = await inspect_drive(drive, f"drive[{i}].file")
     return binary, sources
+
+
+async def inspect_drive(drive: Drive, where: str) -> DriveSource:
+    """The image behind ``drive`` as QEMU will open it: checked, and its chain read with the
+    declared format. ``where`` names the drive in errors."""
+    assert drive.file is not None and drive.format is not None  # a Drive with a file has both
+    path = Path(drive.file).absolute()
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(where, f"{path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(where, f"{path}: {exc.strerror}") from None
+    block_device = stat.S_ISBLK(info.st_mode)
+    if not (block_device or stat.S_ISREG(info.st_mode)):
+        raise ConfigError(where, f"{path} is neither a regular file nor a block device")
+    if not os.access(path, os.R_OK if drive.read_only else os.R_OK | os.W_OK):
+        raise ConfigError(
+            where, f"{path} is not {'readable' if drive.read_only else 'readable and writable'}"
+        )
+    try:
+        chain = await _images.backing_chain(path, drive.format)
+    except BlockctlError as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise ConfigError(
+            where, f"cannot read {path} as {drive.format.value}: {detail}".strip()
+        ) from exc
+    _images.check_chain(chain, where)
+    return DriveSource(chain=chain, block_device=block_device)
 
 
 # Section: launch
@@ -258,6 +266,12 @@ async def _started_qemu(
                 chain=src.chain, block_device=src.block_device, overlay=overlay
             )
     plans = plan_drives(config, sources)
+    registry = DriveRegistry.load(run_dir)
+    for plan in plans:
+        registry.drives[plan.device_id] = DriveRecord(
+            device_id=plan.device_id, device=plan.device, nodes=plan.nodes
+        )
+    registry.save()
     monitor = run_dir / "qmp.sock"
     _runtime.check_socket_path(monitor, "runtime_dir")
     console_spec: ConsoleFd | ConsoleSocket | None = None
@@ -598,6 +612,7 @@ async def attach(
     ``timeout`` and then fails with a message saying so.
     """
     pid: int | None = None
+    run_dir: Path | None = None
     address: str | tuple[str, int]
     if isinstance(target, tuple):
         address, name = target, f"{target[0]}:{target[1]}"
@@ -612,7 +627,8 @@ async def attach(
                 f"{record.pid}, is gone); `blockctl down {target}` cleans up"
             )
         address, name, pid = record.monitor, record.name, record.pid
+        run_dir = Path(record.run_dir)
     if isinstance(address, str):
         _runtime.check_socket_path(Path(address), "socket")
     async with QMPSession.connect(address, label=name, timeout=timeout) as session:
-        yield VM(session, name=name, pid=pid)
+        yield VM(session, name=name, pid=pid, run_dir=run_dir)

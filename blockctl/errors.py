@@ -11,6 +11,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      ├── VMError                something about a named VM in the runtime directory
      │    ├── VMNotFound
      │    └── VMExists
+     ├── DriveNotFound          the VM has no such drive (device_id)
      ├── QMPError               anything on the QMP connection
      │    ├── QMPConnectFailed  could not connect, attach or negotiate
      │    ├── CommandFailed     QEMU answered a command with an error (command, error_class)
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 __all__ = [
     "BlockctlError",
     "CommandFailed",
+    "DriveNotFound",
     "ConfigError",
     "ConnectionLost",
     "GuestCommandFailed",
@@ -130,6 +132,14 @@ class VMNotFound(VMError):
 
 class VMExists(VMError):
     """A VM with this name is already running."""
+
+
+class DriveNotFound(BlockctlError):
+    """The VM has no drive with this device id (it may have been detached already)."""
+
+    def __init__(self, device_id: str, message: str) -> None:
+        self.device_id = device_id
+        super().__init__(message)
 
 
 class QMPError(BlockctlError):

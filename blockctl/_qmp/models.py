@@ -102,6 +102,29 @@ class CacheFlags:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class IoLimits:
+    """A drive's I/O throttling (``block_set_io_throttle``); zero means unlimited."""
+
+    bps: int = 0
+    bps_rd: int = 0
+    bps_wr: int = 0
+    iops: int = 0
+    iops_rd: int = 0
+    iops_wr: int = 0
+    group: str | None = None
+
+    @property
+    def limited(self) -> bool:
+        return any((self.bps, self.bps_rd, self.bps_wr, self.iops, self.iops_rd, self.iops_wr))
+
+    @classmethod
+    def from_qmp(cls, obj: Mapping[str, Any], command: str) -> IoLimits:
+        values = {k: _opt(obj, k, int, command) or 0 for k in
+                  ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")}
+        return cls(**values, group=_opt(obj, "group", str, command))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BlockNode:
     """One entry of ``query-named-block-nodes`` (or ``query-block``'s ``inserted``)."""
 
@@ -115,6 +138,7 @@ class BlockNode:
     backing_file: str | None
     virtual_size: int | None
     write_threshold: int
+    io_limits: IoLimits
 
     @classmethod
     def from_qmp(cls, value: object, command: str = "query-named-block-nodes") -> BlockNode:
@@ -134,6 +158,7 @@ class BlockNode:
             backing_file=_opt(obj, "backing_file", str, command),
             virtual_size=size,
             write_threshold=_opt(obj, "write_threshold", int, command) or 0,
+            io_limits=IoLimits.from_qmp(obj, command),
         )
 
 

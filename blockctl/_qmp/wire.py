@@ -12,7 +12,7 @@ from typing import Any
 
 from blockctl._qmp.models import BlockDevice, BlockNode, Capabilities, StatusInfo, VersionInfo
 from blockctl._qmp.models import parse_list as _parse_list
-from blockctl._qmp.session import EventStream, QMPSession
+from blockctl._qmp.session import Event, EventStream, QMPSession
 from blockctl.errors import ConfigError
 
 # Events, by the name QEMU sends.
@@ -57,12 +57,98 @@ async def quit_qemu(session: QMPSession) -> None:
     await session.execute("quit")
 
 
+async def system_reset(session: QMPSession) -> None:
+    """Reset the machine; it also completes pending device removals."""
+    await session.execute("system_reset")
+
+
 async def stop(session: QMPSession) -> None:
     await session.execute("stop")
 
 
 async def cont(session: QMPSession) -> None:
     await session.execute("cont")
+
+
+# Section: drives
+
+
+async def blockdev_add(session: QMPSession, options: Mapping[str, Any]) -> None:
+    """Add one node; ``options`` always name the driver (no probing) and a node-name."""
+    await session.execute("blockdev-add", dict(options))
+
+
+async def blockdev_del(session: QMPSession, node_name: str) -> None:
+    await session.execute("blockdev-del", {"node-name": node_name})
+
+
+async def blockdev_reopen(session: QMPSession, options: list[Mapping[str, Any]]) -> None:
+    """Reopen nodes with *complete* option sets: anything omitted resets to its default."""
+    await session.execute("blockdev-reopen", {"options": [dict(o) for o in options]})
+
+
+async def device_add(session: QMPSession, options: Mapping[str, Any]) -> None:
+    await session.execute("device_add", dict(options))
+
+
+async def device_del(session: QMPSession, device_id: str) -> None:
+    await session.execute("device_del", {"id": device_id})
+
+
+async def qom_list(session: QMPSession, path: str) -> dict[str, str]:
+    """QOM children and properties of ``path``: name → type."""
+    reply = await session.execute("qom-list", {"path": path})
+    return {str(p["name"]): str(p["type"]) for p in reply}
+
+
+async def blockdev_open_tray(session: QMPSession, device_id: str, *, force: bool) -> None:
+    await session.execute("blockdev-open-tray", {"id": device_id, "force": force})
+
+
+async def blockdev_close_tray(session: QMPSession, device_id: str) -> None:
+    await session.execute("blockdev-close-tray", {"id": device_id})
+
+
+async def blockdev_remove_medium(session: QMPSession, device_id: str) -> None:
+    await session.execute("blockdev-remove-medium", {"id": device_id})
+
+
+async def blockdev_insert_medium(session: QMPSession, device_id: str, node_name: str) -> None:
+    await session.execute("blockdev-insert-medium", {"id": device_id, "node-name": node_name})
+
+
+async def block_resize(session: QMPSession, node_name: str, size: int) -> None:
+    await session.execute("block_resize", {"node-name": node_name, "size": size})
+
+
+async def block_set_io_throttle(
+    session: QMPSession, device_id: str, limits: Mapping[str, int], group: str | None
+) -> None:
+    """Set the device's I/O limits; every one of the six base limits must be given."""
+    arguments: dict[str, Any] = {"id": device_id, **limits}
+    if group is not None:
+        arguments["group"] = group
+    await session.execute("block_set_io_throttle", arguments)
+
+
+@contextlib.contextmanager
+def device_deleted_events(session: QMPSession) -> Iterator[EventStream]:
+    with session.events(EVENT_DEVICE_DELETED) as stream:
+        yield stream
+
+
+def is_device_deleted(event: Event, device_id: str) -> bool:
+    """The DEVICE_DELETED that means ``device_id`` is gone.
+
+    virtio devices send one for their backend first (only a ``path`` ending in
+    ``/virtio-backend``, no ``device`` key); that one must not count.
+    """
+    if event.name != EVENT_DEVICE_DELETED:
+        return False
+    return bool(
+        event.data.get("device") == device_id
+        or event.data.get("path") == f"/machine/peripheral/{device_id}"
+    )
 
 
 async def raw_command(

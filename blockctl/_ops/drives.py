@@ -1,0 +1,432 @@
+"""Drives of a running guest: hot-plug, unplug, media, live cache mode, resize, throttling.
+
+Node and device names are generated (``drvN…`` / ``diskN``) as at launch, never taken from the
+user, and the options blockctl used for each node are kept in the VM's drive registry so that a
+``blockdev-reopen`` can send the complete option set.
+
+Unplug is a state machine (qemu-facts.md F6, guest.md §4)::
+
+    present ──device_del──▶ unplug requested ──DEVICE_DELETED(device=id)──▶ device gone
+       │                        │ deadline passes                              │
+       │                        ▼                                              ▼
+       │                   PENDING: nodes untouched           blockdev-del top-down ──▶ REMOVED
+       └─ a repeat call from PENDING sends device_del again and waits again.
+
+``blockdev-del`` is never sent before the matching ``DEVICE_DELETED``: QEMU would refuse it
+("Node … is in use") and, worse, a guest that finishes the unplug later would find it gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio
+
+from blockctl._argv import plan_drive
+from blockctl._log import get_logger
+from blockctl._machine import VM, inspect_drive
+from blockctl._qmp import wire
+from blockctl._qmp.models import BlockDevice, BlockNode, CacheFlags, IoLimits
+from blockctl._registry import DriveRecord
+from blockctl.errors import (
+    BlockctlError,
+    CommandFailed,
+    ConfigError,
+    DriveNotFound,
+    Unsupported,
+)
+from blockctl.types import CacheMode, Drive, ImageFormat, Interface, Media
+
+_log = get_logger()
+
+_OURS = re.compile(r"^(?:drv|disk)(\d+)")
+_THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
+
+
+class UnplugState(enum.StrEnum):
+    REMOVED = "removed"  #: DEVICE_DELETED arrived and every node was deleted
+    PENDING = "pending"  #: the guest has not released the device yet; nodes untouched
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnplugResult:
+    device_id: str
+    state: UnplugState
+    deleted_nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DriveInfo:
+    """One drive of a VM as QEMU reports it, with what blockctl knows about it."""
+
+    device_id: str
+    device_driver: str | None
+    removable: bool
+    tray_open: bool | None
+    top_node: str | None
+    chain: tuple[BlockNode, ...]  # top first, down the backing chain
+    pending_unplug: bool
+    #: Throttling lives on the device's block backend: query-block reports it, not the nodes.
+    io_limits: IoLimits | None
+
+    @property
+    def format(self) -> str | None:
+        formats = [n.driver for n in self.chain if n.driver not in ("copy-on-read", "throttle")]
+        return formats[0] if formats else None
+
+    @property
+    def file(self) -> str | None:
+        return self.chain[0].file if self.chain else None
+
+    @property
+    def size(self) -> int | None:
+        return self.chain[0].virtual_size if self.chain else None
+
+    @property
+    def read_only(self) -> bool | None:
+        return self.chain[0].read_only if self.chain else None
+
+    @property
+    def cache(self) -> CacheFlags | None:
+        return self.chain[0].cache if self.chain else None
+
+    def to_json(self) -> dict[str, Any]:
+        cache = self.cache
+        limits = self.io_limits
+        return {
+            "device": self.device_id,
+            "driver": self.device_driver,
+            "removable": self.removable,
+            "tray_open": self.tray_open,
+            "node": self.top_node,
+            "format": self.format,
+            "file": self.file,
+            "size": self.size,
+            "read_only": self.read_only,
+            "cache": None
+            if cache is None
+            else {"writeback": cache.writeback, "direct": cache.direct, "no_flush": cache.no_flush},
+            "throttle": None
+            if limits is None
+            else {k: getattr(limits, k) for k in (*_THROTTLE_KEYS, "group")},
+            "chain": [
+                {"node": n.node_name, "driver": n.driver, "file": n.file} for n in self.chain
+            ],
+            "pending_unplug": self.pending_unplug,
+        }
+
+
+# Section: reading
+
+
+async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
+    """Every drive device of the VM, reconciled with blockctl's registry."""
+    devices = await vm.block_devices()
+    nodes = {n.node_name: n for n in await vm.block_nodes()}
+    vm.registry.reconcile((d.device_id or "" for d in devices), nodes)
+    by_file = {n.file: n for n in nodes.values()}
+    drives = []
+    for dev in devices:
+        device_id = dev.device_id or dev.device
+        record = vm.registry.drives.get(device_id)
+        chain: list[BlockNode] = []
+        node = nodes.get(dev.inserted.node_name) if dev.inserted else None
+        while node is not None and len(chain) < 64:
+            chain.append(node)
+            node = by_file.get(node.backing_file) if node.backing_file else None
+        drives.append(
+            DriveInfo(
+                device_id=device_id,
+                device_driver=None if record is None else str(record.device.get("driver")),
+                removable=dev.removable,
+                tray_open=dev.tray_open,
+                top_node=dev.inserted.node_name if dev.inserted else None,
+                chain=tuple(chain),
+                pending_unplug=record.pending_unplug if record else False,
+                io_limits=dev.inserted.io_limits if dev.inserted else None,
+            )
+        )
+    # Devices whose unplug is pending but that QEMU no longer lists under query-block do not
+    # exist: reconcile() above already dropped them.
+    return tuple(drives)
+
+
+async def _find(vm: VM, device_id: str) -> tuple[BlockDevice | None, DriveRecord | None]:
+    devices = {d.device_id: d for d in await vm.block_devices()}
+    return devices.get(device_id), vm.registry.drives.get(device_id)
+
+
+async def _next_index(vm: VM) -> int:
+    names = [n.node_name for n in await vm.block_nodes()]
+    names += [d.device_id or "" for d in await vm.block_devices()]
+    names += list(await wire.qom_list(vm.session, "/machine/peripheral"))
+    names += list(vm.registry.drives)
+    used = [int(m.group(1)) for n in names if (m := _OURS.match(n))]
+    return max(used, default=-1) + 1
+
+
+# Section: hot-plug
+
+
+async def hotplug(vm: VM, drive: Drive) -> DriveInfo:
+    """Add ``drive`` to the running guest: ``blockdev-add`` bottom-up, then ``device_add``.
+
+    A failure at any step removes what this call added, in reverse order (shielded), and
+    re-raises: no node or device is leaked.
+    """
+    if drive.interface in (Interface.IDE, Interface.FLOPPY):
+        raise ConfigError(
+            "drive.interface",
+            f"{drive.interface.value} has no hot-plug; use 'virtio' or 'scsi' (a cdrom's "
+            "medium is changed with `blockctl media`)",
+        )
+    if drive.snapshot:
+        raise ConfigError("drive.snapshot", "a throwaway overlay is only made at launch")
+    if any(v is not None for v in (drive.bus, drive.unit, drive.index)):
+        raise ConfigError("drive.unit", "hot-plugged drives are placed by QEMU")
+    source = None if drive.file is None else await inspect_drive(drive, "file")
+    index = await _next_index(vm)
+    machine = str(await vm.qom_get("/machine", "type"))
+    plan = plan_drive(index, drive, source, machine, None)
+    added_nodes: list[str] = []
+    added_devices: list[str] = []
+    try:
+        if drive.interface is Interface.SCSI:
+            peripherals = await wire.qom_list(vm.session, "/machine/peripheral")
+            if "scsi0" not in peripherals:
+                await wire.device_add(vm.session, {"driver": "virtio-scsi-pci", "id": "scsi0"})
+                added_devices.append("scsi0")
+        for node in plan.nodes:
+            await wire.blockdev_add(vm.session, node)
+            added_nodes.append(str(node["node-name"]))
+        await wire.device_add(vm.session, plan.device)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _rollback(vm, added_nodes, added_devices)
+        raise
+    vm.registry.put(DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.nodes))
+    _log.info("blockctl.drive.plugged", vm=vm.name, device=plan.device_id, node=plan.top_node)
+    return await drive_info(vm, plan.device_id)
+
+
+async def _rollback(vm: VM, nodes: list[str], devices: list[str]) -> None:
+    for name in reversed(nodes):
+        try:
+            await wire.blockdev_del(vm.session, name)
+        except BlockctlError as exc:
+            _log.warning("blockctl.drive.rollback_failed", node=name, error=str(exc))
+    for device_id in reversed(devices):
+        # An empty controller: its removal needs no guest cooperation worth waiting for.
+        with contextlib.suppress(BlockctlError):
+            await wire.device_del(vm.session, device_id)
+
+
+async def drive_info(vm: VM, device_id: str) -> DriveInfo:
+    for info in await list_drives(vm):
+        if info.device_id == device_id:
+            return info
+    raise DriveNotFound(device_id, f"the VM has no drive {device_id!r} (see `blockctl drives`)")
+
+
+# Section: unplug
+
+
+async def unplug(vm: VM, device_id: str, *, timeout: float = 10.0) -> UnplugResult:
+    """Remove a drive: ``device_del``, wait for its ``DEVICE_DELETED``, then ``blockdev-del``.
+
+    If the guest does not release the device within ``timeout`` the result is PENDING and the
+    nodes stay; calling again is safe (it asks again, or finishes a removal that completed
+    meanwhile).
+    """
+    device, record = await _find(vm, device_id)
+    peripherals = await wire.qom_list(vm.session, "/machine/peripheral")
+    if device is None and device_id not in peripherals:
+        if record is not None and record.nodes:
+            # The device went away (e.g. the guest finished a pending unplug): finish up.
+            return await _delete_nodes(vm, record)
+        raise DriveNotFound(device_id, f"the VM has no drive {device_id!r} (already detached?)")
+    if record is None:
+        raise Unsupported(
+            "unplug", f"{device_id!r} was not created by blockctl; its nodes are unknown"
+        )
+    vm.registry.set_pending(device_id, True)
+    with wire.device_deleted_events(vm.session) as events:
+        try:
+            await wire.device_del(vm.session, device_id)
+        except CommandFailed as exc:
+            if "already in the process of unplug" not in exc.desc:
+                vm.registry.set_pending(device_id, False)
+                raise
+        with anyio.move_on_after(timeout) as scope:
+            await events.wait_for(lambda e: wire.is_device_deleted(e, device_id))
+    if scope.cancelled_caught:
+        _log.warning("blockctl.drive.unplug_pending", vm=vm.name, device=device_id, seconds=timeout)
+        return UnplugResult(device_id=device_id, state=UnplugState.PENDING)
+    return await _delete_nodes(vm, vm.registry.drives.get(device_id, record))
+
+
+async def _delete_nodes(vm: VM, record: DriveRecord) -> UnplugResult:
+    live = {n.node_name for n in await vm.block_nodes()}
+    deleted = []
+    for name in record.node_names:  # top-down
+        if name in live:
+            await wire.blockdev_del(vm.session, name)
+            deleted.append(name)
+    vm.registry.remove(record.device_id)
+    _log.info("blockctl.drive.unplugged", vm=vm.name, device=record.device_id, nodes=deleted)
+    return UnplugResult(
+        device_id=record.device_id, state=UnplugState.REMOVED, deleted_nodes=tuple(deleted)
+    )
+
+
+# Section: removable media
+
+
+async def eject(vm: VM, device_id: str, *, force: bool = False) -> None:
+    """Open the tray and remove the medium (``force`` opens a tray the guest has locked)."""
+    device, record = await _find(vm, device_id)
+    if device is None:
+        raise DriveNotFound(device_id, f"the VM has no drive {device_id!r}")
+    if not device.removable:
+        raise ConfigError("device", f"{device_id!r} has no removable medium")
+    await wire.blockdev_open_tray(vm.session, device_id, force=force)
+    if device.inserted is None:
+        return
+    try:
+        await wire.blockdev_remove_medium(vm.session, device_id)
+    except CommandFailed as exc:
+        if "not open" in exc.desc or "locked" in exc.desc:
+            raise CommandFailed(
+                exc.command,
+                exc.error_class,
+                f"{exc.desc}: the guest holds the tray locked; eject with force",
+            ) from exc
+        raise
+    if record is not None:
+        for name in record.node_names:
+            with contextlib.suppress(CommandFailed):
+                await wire.blockdev_del(vm.session, name)
+        vm.registry.put(replace(record, nodes=()))
+
+
+async def insert(vm: VM, device_id: str, file: Any, fmt: ImageFormat) -> DriveInfo:
+    """Insert a medium into an empty drive and close the tray."""
+    device, record = await _find(vm, device_id)
+    if device is None or record is None:
+        raise DriveNotFound(device_id, f"the VM has no drive {device_id!r} made by blockctl")
+    if not device.removable:
+        raise ConfigError("device", f"{device_id!r} has no removable medium")
+    if device.inserted is not None:
+        raise ConfigError("device", f"{device_id!r} holds a medium; eject it first (or change)")
+    medium = Drive(file=file, format=fmt, interface=Interface.IDE, media=Media.CDROM)
+    source = await inspect_drive(medium, "file")
+    plan = plan_drive(await _next_index(vm), medium, source, "pc", None)
+    added: list[str] = []
+    try:
+        for node in plan.nodes:
+            await wire.blockdev_add(vm.session, node)
+            added.append(str(node["node-name"]))
+        await wire.blockdev_open_tray(vm.session, device_id, force=True)
+        assert plan.top_node is not None
+        await wire.blockdev_insert_medium(vm.session, device_id, plan.top_node)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _rollback(vm, added, [])
+        raise
+    vm.registry.put(replace(record, nodes=plan.nodes))
+    await wire.blockdev_close_tray(vm.session, device_id)
+    return await drive_info(vm, device_id)
+
+
+async def change_medium(
+    vm: VM, device_id: str, file: Any, fmt: ImageFormat, *, force: bool = False
+) -> DriveInfo:
+    await eject(vm, device_id, force=force)
+    return await insert(vm, device_id, file, fmt)
+
+
+# Section: cache, size, throttling
+
+
+async def set_cache(vm: VM, device_id: str, mode: CacheMode) -> DriveInfo:
+    """Change a live drive's cache mode with ``blockdev-reopen`` of its nodes.
+
+    ``cache.direct`` and ``cache.no-flush`` change at runtime. The guest-visible write cache
+    (WCE) is fixed when the device is realized; a mode that needs a different one is refused
+    with the ways out: choose a mode with the same write cache, re-plug the drive with the new
+    mode, or let the guest switch it (``/sys/block/vdX/cache_type``).
+    """
+    device, record = await _find(vm, device_id)
+    if device is None or device.inserted is None:
+        raise DriveNotFound(device_id, f"the VM has no drive {device_id!r} with a medium")
+    if record is None or not record.nodes:
+        raise Unsupported(
+            "cache",
+            f"{device_id!r} was not created by blockctl: its node options are unknown, "
+            "and blockdev-reopen resets every option it is not given",
+        )
+    wce = device.inserted.cache.writeback
+    if mode.write_cache != wce:
+        now = "on" if wce else "off"
+        raise Unsupported(
+            "cache",
+            f"cache mode {mode.value!r} needs the device write cache "
+            f"{'on' if mode.write_cache else 'off'}, but it is {now} and QEMU cannot change "
+            f"it after the device is realized. Choose a mode with write cache {now} "
+            f"({', '.join(m.value for m in CacheMode if m.write_cache == wce)}), or detach "
+            "and attach the drive again with the new mode",
+        )
+    new_cache = {"direct": mode.direct, "no-flush": mode.no_flush}
+    nodes = tuple({**n, "cache": new_cache} if "cache" in n else n for n in record.nodes)
+    # Complete option sets, every node of the drive in one atomic reopen.
+    await wire.blockdev_reopen(vm.session, [n for n in nodes if "cache" in n])
+    vm.registry.put(replace(record, nodes=nodes))
+    _log.info("blockctl.drive.cache_changed", vm=vm.name, device=device_id, mode=mode.value)
+    return await drive_info(vm, device_id)
+
+
+async def resize(vm: VM, device_id: str, size: int, *, allow_shrink: bool = False) -> DriveInfo:
+    """Grow (or, with ``allow_shrink``, shrink) a live drive's image to ``size`` bytes."""
+    info = await drive_info(vm, device_id)
+    if size <= 0 or size % 512:
+        raise ConfigError("size", f"{size} is not a positive multiple of 512 bytes")
+    node = next((n for n in info.chain if n.driver not in ("copy-on-read", "throttle")), None)
+    if node is None or info.size is None:
+        raise DriveNotFound(device_id, f"{device_id!r} has no medium to resize")
+    if size < info.size and not allow_shrink:
+        raise ConfigError(
+            "size",
+            f"{size} is smaller than the current {info.size} bytes; shrinking cuts off "
+            "whatever the guest stored at the end. Pass allow_shrink (--shrink) to do it anyway",
+        )
+    await wire.block_resize(vm.session, node.node_name, size)
+    return await drive_info(vm, device_id)
+
+
+async def set_throttle(
+    vm: VM, device_id: str, limits: Mapping[str, int], *, group: str | None = None
+) -> DriveInfo:
+    """Set I/O limits (bytes/s and operations/s; 0 = unlimited). Unnamed limits become 0."""
+    unknown = set(limits) - set(_THROTTLE_KEYS)
+    if unknown:
+        raise ConfigError("throttle", f"unknown limits {sorted(unknown)}; use {_THROTTLE_KEYS}")
+    for key, value in limits.items():
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"throttle.{key}", "must be a non-negative integer")
+    if (limits.get("bps") and (limits.get("bps_rd") or limits.get("bps_wr"))) or (
+        limits.get("iops") and (limits.get("iops_rd") or limits.get("iops_wr"))
+    ):
+        raise ConfigError("throttle", "a total limit cannot be combined with read/write limits")
+    device, _ = await _find(vm, device_id)
+    if device is None or device.inserted is None:
+        raise DriveNotFound(device_id, f"the VM has no drive {device_id!r} with a medium")
+    full = {k: int(limits.get(k, 0)) for k in _THROTTLE_KEYS}
+    # For virtio the block backend sits on the device's virtio-backend child: address it by
+    # the QOM path query-block reports, not by the proxy's id.
+    await wire.block_set_io_throttle(vm.session, device.qdev or device_id, full, group)
+    return await drive_info(vm, device_id)

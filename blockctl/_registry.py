@@ -1,0 +1,122 @@
+"""What blockctl remembers about the drives it created, beside the VM (``<run dir>/drives.json``).
+
+QEMU is the source of truth about which devices and nodes exist. What QEMU cannot tell is the
+*options* each node was opened with (``query-named-block-nodes`` does not report ``discard``,
+``aio`` or the child names), and ``blockdev-reopen`` resets every option it is not given. So
+blockctl keeps the options it used, and :meth:`DriveRegistry.reconcile` drops whatever QEMU no
+longer has. The file is rewritten atomically (write, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+Json = dict[str, Any]
+
+FILE = "drives.json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DriveRecord:
+    """One drive blockctl created: its device and its nodes' options (bottom-up)."""
+
+    device_id: str
+    device: Json
+    nodes: tuple[Json, ...] = ()
+    pending_unplug: bool = False
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        """Top-down, the order in which ``blockdev-del`` must remove them."""
+        return tuple(str(n["node-name"]) for n in reversed(self.nodes))
+
+    @property
+    def top_node(self) -> str | None:
+        return None if not self.nodes else str(self.nodes[-1]["node-name"])
+
+    def to_json(self) -> Json:
+        return {
+            "device_id": self.device_id,
+            "device": self.device,
+            "nodes": list(self.nodes),
+            "pending_unplug": self.pending_unplug,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DriveRecord:
+        return cls(
+            device_id=str(data["device_id"]),
+            device=dict(data["device"]),
+            nodes=tuple(dict(n) for n in data.get("nodes", ())),
+            pending_unplug=bool(data.get("pending_unplug", False)),
+        )
+
+
+@dataclass(slots=True)
+class DriveRegistry:
+    """The drive records of one VM. ``path`` is None for a VM blockctl did not launch."""
+
+    path: Path | None
+    drives: dict[str, DriveRecord] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, run_dir: Path | None) -> DriveRegistry:
+        if run_dir is None:
+            return cls(path=None)
+        path = run_dir / FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls(path=path)
+        drives = {d["device_id"]: DriveRecord.from_json(d) for d in data.get("drives", [])}
+        return cls(path=path, drives=drives)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"drives": [d.to_json() for d in self.drives.values()]}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def put(self, record: DriveRecord) -> None:
+        self.drives[record.device_id] = record
+        self.save()
+
+    def remove(self, device_id: str) -> None:
+        if self.drives.pop(device_id, None) is not None:
+            self.save()
+
+    def set_pending(self, device_id: str, pending: bool) -> None:
+        record = self.drives.get(device_id)
+        if record is not None and record.pending_unplug != pending:
+            self.put(replace(record, pending_unplug=pending))
+
+    def node_options(self, name: str) -> Json | None:
+        for record in self.drives.values():
+            for node in record.nodes:
+                if node["node-name"] == name:
+                    return node
+        return None
+
+    def reconcile(self, devices: Iterable[str], nodes: Iterable[str]) -> None:
+        """Forget what QEMU no longer has: QEMU is the source of truth."""
+        live_devices, live_nodes = set(devices), set(nodes)
+        changed = False
+        for device_id, record in list(self.drives.items()):
+            kept = tuple(n for n in record.nodes if n["node-name"] in live_nodes)
+            if device_id not in live_devices and not kept:
+                del self.drives[device_id]
+                changed = True
+            elif kept != record.nodes or (device_id not in live_devices and record.pending_unplug):
+                self.drives[device_id] = replace(record, nodes=kept)
+                changed = True
+        if changed:
+            self.save()

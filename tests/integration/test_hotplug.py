@@ -1,0 +1,247 @@
+"""Drives on a running guest, seen from inside the guest and on disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from blockctl import GuestImage, LaunchedVM, open_vm
+from blockctl._ops import drives
+from blockctl._ops.drives import UnplugState
+from blockctl._qmp import wire
+from blockctl.errors import (
+    CommandFailed,
+    ConfigError,
+    ConnectionLost,
+    DriveNotFound,
+    Unsupported,
+)
+from blockctl.types import CacheMode, Drive, ImageFormat, Interface, MachineConfig, Media
+from tests.integration.conftest import (
+    MIB,
+    base_config,
+    image_bytes,
+    pattern,
+    qcow2_image,
+    raw_image,
+    sha256,
+)
+
+pytestmark = pytest.mark.guest
+
+
+async def sh(vm: LaunchedVM, command: str) -> str:
+    assert vm.console is not None
+    return await vm.console.check(command)
+
+
+async def wait_block(vm: LaunchedVM, dev: str, present: bool = True) -> None:
+    """Wait (in the guest, bounded) until /dev/DEV appears or disappears."""
+    test = f"[ -b /dev/{dev} ]" if present else f"[ ! -b /dev/{dev} ]"
+    await sh(vm, f"for i in $(seq 100); do {test} && exit 0; sleep 0.1; done; exit 1")
+
+
+async def node_names(vm: LaunchedVM) -> set[str]:
+    return {n.node_name for n in await vm.block_nodes()}
+
+
+async def test_hotplug_write_and_unplug_virtio_and_scsi(guest: GuestImage, images: Path) -> None:
+    data = pattern(11, 2 * MIB)
+    virtio_img = await qcow2_image(images / "hot ü,1.qcow2", data, 16 * MIB)
+    scsi_img = await qcow2_image(images / "scsi.qcow2", b"", 16 * MIB)
+    async with open_vm(base_config(guest)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        before = await node_names(vm)
+        virtio = await drives.hotplug(
+            vm, Drive(file=virtio_img, format=ImageFormat.QCOW2, serial="HOT-V")
+        )
+        scsi = await drives.hotplug(
+            vm,
+            Drive(
+                file=scsi_img,
+                format=ImageFormat.QCOW2,
+                interface=Interface.SCSI,
+                cache=CacheMode.NONE,
+            ),
+        )
+        assert (virtio.device_id, virtio.top_node, virtio.format) == ("disk0", "drv0", "qcow2")
+        assert scsi.device_driver == "scsi-hd"
+        assert scsi.cache is not None
+        assert scsi.cache.direct
+        await wait_block(vm, "vda")
+        await wait_block(vm, "sda")
+        assert (await sh(vm, "cat /sys/block/vda/serial")) == "HOT-V"
+        guest_sum = await sh(vm, "dd if=/dev/vda bs=1M count=2 2>/dev/null | sha256sum")
+        assert guest_sum.split()[0] == sha256(data)
+        await sh(vm, "dd if=/dev/vda of=/dev/sda bs=1M count=1 oflag=direct 2>/dev/null")
+        await sh(vm, "sync")
+
+        listed = {d.device_id: d for d in await drives.list_drives(vm)}
+        assert set(listed) == {"disk0", "disk1"}
+        assert listed["disk0"].file == str(virtio_img)
+
+        for device_id, dev in (("disk0", "vda"), ("disk1", "sda")):
+            result = await drives.unplug(vm, device_id)
+            assert result.state is UnplugState.REMOVED
+            await wait_block(vm, dev, present=False)
+        assert await node_names(vm) == before
+        assert vm.registry.drives == {}
+        with pytest.raises(DriveNotFound):
+            await drives.unplug(vm, "disk0")  # a repeat call changes nothing
+        assert (await vm.status()).running
+    # What the guest copied onto the SCSI disk is in the image, read offline with its format.
+    assert await image_bytes(scsi_img, "qcow2", MIB) == data[:MIB]
+
+
+async def test_failed_device_add_rolls_back(guest: GuestImage, images: Path) -> None:
+    first = await qcow2_image(images / "a.qcow2", b"", 8 * MIB)
+    second = await qcow2_image(images / "b.qcow2", b"", 8 * MIB)
+    config = base_config(guest, Drive(file=first, format=ImageFormat.QCOW2, bootindex=1))
+    async with open_vm(config) as vm:
+        before = await node_names(vm)
+        with pytest.raises(CommandFailed, match="bootindex"):
+            await drives.hotplug(vm, Drive(file=second, format=ImageFormat.QCOW2, bootindex=1))
+        assert await node_names(vm) == before
+        assert set(vm.registry.drives) == {"disk0"}
+        assert "disk1" not in await wire.qom_list(vm.session, "/machine/peripheral")
+
+
+async def test_bad_hotplug_inputs(guest: GuestImage, images: Path) -> None:
+    disk = await qcow2_image(images / "in-use.qcow2", b"", 8 * MIB)
+    raw = await raw_image(images / "plain.raw", pattern(3, MIB))
+    config = base_config(guest, Drive(file=disk, format=ImageFormat.QCOW2))
+    async with open_vm(config) as vm:
+        before = await node_names(vm)
+        with pytest.raises(ConfigError, match="does not exist"):
+            await drives.hotplug(vm, Drive(file=images / "nope.qcow2", format=ImageFormat.QCOW2))
+        with pytest.raises(ConfigError, match="as qcow2"):
+            await drives.hotplug(vm, Drive(file=raw, format=ImageFormat.QCOW2))
+        # The running VM holds the write lock on its own disk: a second writer is refused.
+        with pytest.raises(ConfigError, match="lock"):
+            await drives.hotplug(vm, Drive(file=disk, format=ImageFormat.QCOW2))
+        with pytest.raises(ConfigError, match="no hot-plug"):
+            await drives.hotplug(
+                vm, Drive(file=raw, format=ImageFormat.RAW, interface=Interface.IDE)
+            )
+        with pytest.raises(DriveNotFound):
+            await drives.unplug(vm, "disk7")
+        with pytest.raises(ConfigError, match="shrink"):
+            await drives.resize(vm, "disk0", 4 * MIB)
+        with pytest.raises(ConfigError):
+            await drives.set_throttle(vm, "disk0", {"bps": 1, "bps_rd": 1})
+        assert await node_names(vm) == before
+        assert (await vm.status()).running
+
+
+async def test_unplug_pending_when_the_guest_never_releases(images: Path) -> None:
+    """A VM with no OS never acknowledges an ACPI unplug: PENDING, nodes kept, then reset."""
+    disk = await qcow2_image(images / "p.qcow2", b"", 8 * MIB)
+    async with open_vm(MachineConfig(), console=False) as vm:
+        plugged = await drives.hotplug(vm, Drive(file=disk, format=ImageFormat.QCOW2))
+        result = await drives.unplug(vm, plugged.device_id, timeout=1)
+        assert result.state is UnplugState.PENDING
+        assert {"drv0", "drv0-file"} <= await node_names(vm)
+        (info,) = await drives.list_drives(vm)
+        assert info.pending_unplug
+        # Asking again is safe and still pending.
+        assert (await drives.unplug(vm, "disk0", timeout=1)).state is UnplugState.PENDING
+        # A reset completes the removal (qmp-ref); the next call finishes the job.
+        with wire.device_deleted_events(vm.session) as events:
+            await wire.system_reset(vm.session)
+            await events.wait_for(lambda e: wire.is_device_deleted(e, "disk0"))
+        result = await drives.unplug(vm, "disk0")
+        assert result.state is UnplugState.REMOVED
+        assert result.deleted_nodes == ("drv0", "drv0-file")
+        assert await drives.list_drives(vm) == ()
+
+
+async def test_media_eject_insert_change_and_a_locked_tray(guest: GuestImage, images: Path) -> None:
+    one = await raw_image(images / "one.iso", b"MEDIUM-ONE", MIB)
+    two = await raw_image(images / "two,2.iso", b"MEDIUM-TWO", MIB)
+    config = base_config(
+        guest, Drive(file=one, format=ImageFormat.RAW, interface=Interface.IDE, media=Media.CDROM)
+    )
+    read = "head -c 10 /dev/sr0 2>/dev/null || head -c 10 /dev/sr0"  # 1st read: media changed
+    async with open_vm(config) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        assert await sh(vm, read) == "MEDIUM-ONE"
+        await drives.eject(vm, "disk0")
+        (info,) = await drives.list_drives(vm)
+        assert info.top_node is None
+        assert info.tray_open
+        assert "drv0" not in await node_names(vm)
+        await drives.insert(vm, "disk0", two, ImageFormat.RAW)
+        assert await sh(vm, read) == "MEDIUM-TWO"
+        changed = await drives.change_medium(vm, "disk0", one, ImageFormat.RAW)
+        assert changed.file == str(one)
+        assert await sh(vm, read) == "MEDIUM-ONE"
+
+        # Linux locks the tray while /dev/sr0 is open.
+        await sh(vm, "( sleep 600 </dev/sr0 & )")
+        with anyio.fail_after(20):  # the guest's open (and its lock) happens in the background
+            while not {d.device_id: d for d in await vm.block_devices()}["disk0"].locked:  # noqa: ASYNC110 - no QMP event reports a tray lock
+                await anyio.sleep(0.1)
+        with pytest.raises(CommandFailed, match="force"):
+            await drives.eject(vm, "disk0")
+        await drives.eject(vm, "disk0", force=True)
+        (info,) = await drives.list_drives(vm)
+        assert info.top_node is None
+
+
+async def test_live_cache_resize_and_throttle(guest: GuestImage, images: Path) -> None:
+    disk = await qcow2_image(images / "c.qcow2", pattern(5, MIB), 16 * MIB)
+    config = base_config(guest, Drive(file=disk, format=ImageFormat.QCOW2, serial="C"))
+    async with open_vm(config) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        writer = "dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek={} oflag=direct 2>/dev/null"
+        await sh(vm, writer.format(0))
+        info = await drives.set_cache(vm, "disk0", CacheMode.NONE)
+        assert info.cache is not None
+        assert (info.cache.direct, info.cache.no_flush) == (True, False)
+        nodes = {n.node_name: n for n in await vm.block_nodes()}
+        assert nodes["drv0-file"].cache.direct
+        assert not nodes["drv0"].read_only  # the complete option set was sent
+        await sh(vm, writer.format(64))  # the guest keeps writing after the reopen
+        info = await drives.set_cache(vm, "disk0", CacheMode.UNSAFE)
+        assert info.cache is not None
+        assert (info.cache.direct, info.cache.no_flush) == (False, True)
+        with pytest.raises(Unsupported, match="realized"):
+            await drives.set_cache(vm, "disk0", CacheMode.WRITETHROUGH)
+        await sh(vm, "sync")
+        guest_sum = await sh(
+            vm, "dd if=/dev/vda bs=1M count=2 iflag=direct 2>/dev/null | sha256sum"
+        )
+
+        info = await drives.resize(vm, "disk0", 32 * MIB)
+        assert info.size == 32 * MIB
+        sectors = await sh(
+            vm,
+            "for i in $(seq 50); do s=$(cat /sys/block/vda/size); "
+            "[ $s = 65536 ] && break; sleep 0.1; done; echo $s",
+        )
+        assert sectors.strip() == "65536"
+        info = await drives.resize(vm, "disk0", 24 * MIB, allow_shrink=True)
+        assert info.size == 24 * MIB
+
+        info = await drives.set_throttle(vm, "disk0", {"bps_wr": 4 * MIB, "iops": 500})
+        assert info.io_limits is not None
+        assert (info.io_limits.bps_wr, info.io_limits.iops, info.io_limits.bps) == (4 * MIB, 500, 0)
+        info = await drives.set_throttle(vm, "disk0", {})
+        assert info.io_limits is not None
+        assert not info.io_limits.limited
+    offline = await image_bytes(disk, "qcow2", 2 * MIB)
+    assert sha256(offline) == guest_sum.split()[0]
+
+
+async def test_qemu_dying_mid_operation(guest: GuestImage, images: Path) -> None:
+    disk = await qcow2_image(images / "x.qcow2", b"", 8 * MIB)
+    with anyio.fail_after(60):
+        async with open_vm(base_config(guest)) as vm:
+            os.kill(vm.pid or 0, signal.SIGKILL)
+            await vm.session.wait_lost()
+            with pytest.raises(ConnectionLost):
+                await drives.hotplug(vm, Drive(file=disk, format=ImageFormat.QCOW2))
