@@ -462,6 +462,22 @@ def drive_slot(drive: Drive, machine: str) -> tuple[int, int] | None:
     return (drive.bus or 0, drive.unit or 0)
 
 
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+
+
+def parse_size(value: object, where: str = "size") -> int:
+    """Bytes from an int or a string like ``64M``, ``1G``, ``512K`` (binary units, as qemu-img)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(where, "must not be negative")
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if not isinstance(value, str) or match is None:
+        raise ConfigError(where, f"{value!r} is not a size (e.g. 1073741824, 64M, 1G)")
+    number, unit = match.groups()
+    return int(number) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit.upper()]
+
+
 def coerce_enum(kind: type[_E], value: object, where: str) -> _E:
     """Public helper for CLI arguments: ``value`` as ``kind`` or a ConfigError naming ``where``."""
     return _enum(kind, value, where)

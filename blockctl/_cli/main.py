@@ -28,8 +28,18 @@ from blockctl._machine import (
     launch_detached,
     shutdown_detached,
 )
+from blockctl._ops import apply as apply_ops
+from blockctl._ops import drives
+from blockctl._ops.drives import DriveInfo
 from blockctl.errors import BlockctlError, ConfigError
-from blockctl.types import Drive, ImageFormat, MachineConfig
+from blockctl.types import (
+    CacheMode,
+    Drive,
+    ImageFormat,
+    MachineConfig,
+    coerce_enum,
+    parse_size,
+)
 
 DEFAULT_NAME = "default"
 DEFAULT_DISK_BYTES = 64 << 20
@@ -297,7 +307,251 @@ class Demo(Command):
         return 0 if report["ok"] else 1
 
 
-COMMANDS: tuple[type[Command], ...] = (Up, Ls, Status, Qmp, Down, Guest, Demo)
+def drive_lines(info: DriveInfo) -> str:
+    if info.top_node is None:
+        state = "empty (tray open)" if info.tray_open else "empty"
+        return f"{info.device_id:<8} {info.device_driver or '?':<15} {state}"
+    cache = info.cache
+    flags = (
+        ""
+        if cache is None
+        else (
+            f"wce={'on' if cache.writeback else 'off'} direct={'on' if cache.direct else 'off'} "
+            f"no-flush={'on' if cache.no_flush else 'off'}"
+        )
+    )
+    extra = []
+    if info.read_only:
+        extra.append("ro")
+    if info.io_limits is not None and info.io_limits.limited:
+        extra.append("throttled")
+    if info.pending_unplug:
+        extra.append("UNPLUG PENDING")
+    chain = " ← ".join(f"{n.node_name}({n.driver})" for n in info.chain)
+    return (
+        f"{info.device_id:<8} {info.device_driver or '?':<15} {info.format or '?':<6} "
+        f"{info.size or 0:>12} {flags} {' '.join(extra)}\n{'':<9}{info.file}\n"
+        f"{'':<9}{chain}"
+    )
+
+
+class Drives(Command):
+    name = "drives"
+    help = "list a VM's drives: device, node chain, format, cache flags, size, throttling"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        async with attach(args.vm) as vm:
+            infos = await drives.list_drives(vm)
+        emit(
+            args,
+            [i.to_json() for i in infos],
+            "\n".join(drive_lines(i) for i in infos) or "no drives",
+        )
+        return 0
+
+
+class AttachDrive(Command):
+    name = "attach"
+    help = "hot-plug a disk into a running VM"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("file", type=Path)
+        parser.add_argument("--format", required=True, help="image format (never probed)")
+        parser.add_argument("--bus", default="virtio", help="virtio | scsi")
+        parser.add_argument("--cache", default="writeback")
+        parser.add_argument("--aio", default="threads")
+        parser.add_argument("--discard", default="ignore")
+        parser.add_argument("--serial")
+        parser.add_argument("--read-only", action="store_true")
+        parser.add_argument("--bootindex", type=int)
+
+    async def run(self, args: argparse.Namespace) -> int:
+        drive = Drive.from_mapping(
+            {
+                "file": str(args.file.absolute()),
+                "format": args.format,
+                "interface": args.bus,
+                "cache": args.cache,
+                "aio": args.aio,
+                "discard": args.discard,
+                "serial": args.serial,
+                "read_only": args.read_only,
+                "bootindex": args.bootindex,
+            }
+        )
+        async with attach(args.vm) as vm:
+            info = await drives.hotplug(vm, drive)
+        emit(args, info.to_json(), f"attached {info.device_id}\n{drive_lines(info)}")
+        return 0
+
+
+class DetachDrive(Command):
+    name = "detach"
+    help = "unplug a drive: device_del, wait for the guest, then remove its nodes"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("device", help="device id, e.g. disk1 (see `blockctl drives`)")
+        parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        async with attach(args.vm) as vm:
+            result = await drives.unplug(vm, args.device, timeout=args.timeout)
+        pending = result.state is drives.UnplugState.PENDING
+        emit(
+            args,
+            {
+                "device": result.device_id,
+                "state": result.state.value,
+                "deleted_nodes": list(result.deleted_nodes),
+            },
+            f"{result.device_id}: "
+            + (
+                "unplug pending: the guest has not released it yet; "
+                "its nodes are kept. Run detach again later."
+                if pending
+                else "detached"
+            ),
+        )
+        return 3 if pending else 0  # 3: not an error, but not done (2 is a usage error)
+
+
+class MediaCommand(Command):
+    name = "media"
+    help = "insert, eject or change the medium of a cdrom"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("action", choices=["insert", "eject", "change"])
+        parser.add_argument("device")
+        parser.add_argument("file", type=Path, nargs="?")
+        parser.add_argument("--format", help="image format (insert/change)")
+        parser.add_argument("--force", action="store_true", help="open a tray the guest locked")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        if args.action != "eject" and (args.file is None or args.format is None):
+            raise ConfigError("file", f"{args.action} needs FILE and --format")
+        fmt = None if args.format is None else coerce_enum(ImageFormat, args.format, "format")
+        async with attach(args.vm) as vm:
+            if args.action == "eject":
+                await drives.eject(vm, args.device, force=args.force)
+                info = await drives.drive_info(vm, args.device)
+            elif args.action == "insert":
+                assert fmt is not None
+                info = await drives.insert(vm, args.device, args.file.absolute(), fmt)
+            else:
+                assert fmt is not None
+                info = await drives.change_medium(
+                    vm, args.device, args.file.absolute(), fmt, force=args.force
+                )
+        emit(args, info.to_json(), drive_lines(info))
+        return 0
+
+
+class CacheCommand(Command):
+    name = "cache"
+    help = "change the cache mode of a live drive (blockdev-reopen)"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("device")
+        parser.add_argument("mode", help="writeback | none | writethrough | directsync | unsafe")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        mode = coerce_enum(CacheMode, args.mode, "mode")
+        async with attach(args.vm) as vm:
+            info = await drives.set_cache(vm, args.device, mode)
+        emit(args, info.to_json(), drive_lines(info))
+        return 0
+
+
+class ResizeCommand(Command):
+    name = "resize"
+    help = "grow a live drive (shrinking needs --shrink)"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("device")
+        parser.add_argument("size", help="bytes, or 64M, 10G, ...")
+        parser.add_argument("--shrink", action="store_true", help="allow making it smaller")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        size = parse_size(args.size)
+        async with attach(args.vm) as vm:
+            info = await drives.resize(vm, args.device, size, allow_shrink=args.shrink)
+        emit(args, info.to_json(), drive_lines(info))
+        return 0
+
+
+class ThrottleCommand(Command):
+    name = "throttle"
+    help = "set I/O limits of a live drive (omitted limits become unlimited)"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("device")
+        for key in ("bps", "bps-rd", "bps-wr", "iops", "iops-rd", "iops-wr"):
+            parser.add_argument(f"--{key}", default="0")
+        parser.add_argument("--group", help="share the limits with other drives in this group")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        limits = {}
+        for key in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"):
+            raw = getattr(args, key)
+            limits[key] = parse_size(raw, key) if key.startswith("bps") else int(raw)
+        async with attach(args.vm) as vm:
+            info = await drives.set_throttle(vm, args.device, limits, group=args.group)
+        emit(args, info.to_json(), drive_lines(info))
+        return 0
+
+
+class ApplyCommand(Command):
+    name = "apply"
+    help = "make a VM's drives match a TOML file: print the plan, then carry it out"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("file", type=Path)
+        parser.add_argument("--dry-run", action="store_true", help="only print the plan")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        desired = apply_ops.load_desired(args.file)
+        async with attach(args.vm) as vm:
+            plan = await apply_ops.apply(vm, desired, dry_run=args.dry_run)
+        verb = "would do" if args.dry_run else "did"
+        emit(
+            args,
+            {
+                "steps": [s.to_json() for s in plan.steps],
+                "conflicts": list(plan.conflicts),
+                "applied": not args.dry_run,
+            },
+            plan.render() if plan.empty else f"{verb}:\n{plan.render()}",
+        )
+        return 0
+
+
+COMMANDS: tuple[type[Command], ...] = (
+    Up,
+    Ls,
+    Status,
+    Qmp,
+    Down,
+    Drives,
+    AttachDrive,
+    DetachDrive,
+    MediaCommand,
+    CacheCommand,
+    ResizeCommand,
+    ThrottleCommand,
+    ApplyCommand,
+    Guest,
+    Demo,
+)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -245,3 +246,70 @@ async def test_qemu_dying_mid_operation(guest: GuestImage, images: Path) -> None
             await vm.session.wait_lost()
             with pytest.raises(ConnectionLost):
                 await drives.hotplug(vm, Drive(file=disk, format=ImageFormat.QCOW2))
+
+
+async def test_cli_drive_commands_and_idempotent_apply(
+    guest: GuestImage, images: Path, runtime_dir: Path
+) -> None:
+    from tests.integration.test_attach_cli import cli
+
+    first = await qcow2_image(images / "one, ü.qcow2", b"", 16 * MIB)
+    second = await qcow2_image(images / "two.qcow2", b"", 16 * MIB)
+    await cli("up", "--name", "dr")
+    try:
+        attached = json.loads(
+            (
+                await cli(
+                    "attach",
+                    "dr",
+                    first,
+                    "--format",
+                    "qcow2",
+                    "--bus",
+                    "scsi",
+                    "--cache",
+                    "none",
+                    "--json",
+                )
+            ).stdout
+        )
+        assert attached["device"] == "disk1"
+        assert attached["cache"]["direct"] is True
+        listed = json.loads((await cli("drives", "dr", "--json")).stdout)
+        assert [d["device"] for d in listed] == ["disk0", "disk1"]
+        bad = await cli("cache", "dr", "disk1", "fast", check=False)
+        assert bad.returncode == 1
+        assert bad.stderr.startswith("blockctl: ConfigError: mode: 'fast' is not one of")
+        assert (
+            json.loads((await cli("resize", "dr", "disk1", "32M", "--json")).stdout)["size"]
+            == 32 * MIB
+        )
+        throttled = json.loads(
+            (await cli("throttle", "dr", "disk1", "--bps-wr", "8M", "--json")).stdout
+        )
+        assert throttled["throttle"]["bps_wr"] == 8 * MIB
+        desired = images / "want.toml"
+        desired.write_text(
+            f'[[drive]]\nfile = "{first}"\nformat = "qcow2"\nif = "scsi"\ncache = "unsafe"\n'
+            f'size = "48M"\n\n[[drive]]\nfile = "{second}"\nformat = "qcow2"\n'
+        )
+        before = (await cli("drives", "dr", "--json")).stdout
+        dry = json.loads((await cli("apply", "dr", desired, "--dry-run", "--json")).stdout)
+        assert [s["action"] for s in dry["steps"]] == ["cache", "resize", "attach", "detach"]
+        assert (await cli("drives", "dr", "--json")).stdout == before  # a dry run changes nothing
+        done = json.loads((await cli("apply", "dr", desired, "--json")).stdout)
+        assert done["applied"] is True
+        again = json.loads((await cli("apply", "dr", desired, "--json")).stdout)
+        assert again["steps"] == []
+        assert again["conflicts"] == []
+        final = {d["file"]: d for d in json.loads((await cli("drives", "dr", "--json")).stdout)}
+        assert set(final) == {str(first), str(second)}
+        assert final[str(first)]["size"] == 48 * MIB
+        assert final[str(first)]["cache"]["no_flush"] is True
+        detached = json.loads((await cli("detach", "dr", "disk1", "--json")).stdout)
+        assert detached["state"] == "removed"
+        missing = await cli("detach", "dr", "disk1", check=False)
+        assert missing.returncode == 1
+        assert "DriveNotFound" in missing.stderr
+    finally:
+        await cli("down", "dr")

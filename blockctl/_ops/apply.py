@@ -1,0 +1,275 @@
+"""Declarative drives: a file of desired drives → a plan against the live VM → apply.
+
+The planner is pure (desired drives + the live drives as :class:`DriveInfo` → a :class:`Plan`);
+the executor runs the plan's steps through :mod:`blockctl._ops.drives`. Applying the same file
+twice gives an empty plan the second time.
+
+Identity: a desired drive with ``device = "diskN"`` means that device (needed for cdroms,
+whose medium changes); otherwise a disk is matched by its image file. Live disks that blockctl
+created and the file does not mention are detached; drives blockctl did not create are never
+touched.
+
+File format (TOML)::
+
+    [[drive]]
+    file = "data.qcow2"     # plus any launch option: format, if, cache, serial, ...
+    format = "qcow2"
+    cache = "none"
+    size = "2G"             # grow to this size (shrink only with allow-shrink = true)
+    throttle = { bps_wr = 10485760 }
+
+    [[drive]]
+    device = "disk1"        # a cdrom: the medium it should hold (no file: empty)
+    media = "cdrom"
+    if = "ide"
+    file = "install.iso"
+    format = "raw"
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blockctl._machine import VM
+from blockctl._ops import drives as ops
+from blockctl._ops.drives import DriveInfo
+from blockctl.errors import ConfigError, Unsupported
+from blockctl.types import CacheMode, Drive, Media, parse_size
+
+_THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DesiredDrive:
+    drive: Drive
+    device: str | None = None
+    size: int | None = None
+    allow_shrink: bool = False
+    throttle: Mapping[str, int] | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str, base: Path | None) -> DesiredDrive:
+        values = dict(data)
+        device = values.pop("device", None)
+        size = values.pop("size", None)
+        allow_shrink = values.pop("allow-shrink", values.pop("allow_shrink", False))
+        throttle = values.pop("throttle", None)
+        if base is not None and isinstance(values.get("file"), str):
+            values["file"] = base / values["file"]
+        if device is not None and not isinstance(device, str):
+            raise ConfigError(f"{where}.device", "must be a device id such as 'disk1'")
+        if throttle is not None:
+            if not isinstance(throttle, Mapping) or set(throttle) - set(_THROTTLE_KEYS):
+                raise ConfigError(f"{where}.throttle", f"a table of {', '.join(_THROTTLE_KEYS)}")
+            throttle = {k: int(v) for k, v in throttle.items()}
+        return cls(
+            drive=Drive.from_mapping(values, where),
+            device=device,
+            size=None if size is None else parse_size(size, f"{where}.size"),
+            allow_shrink=bool(allow_shrink),
+            throttle=throttle,
+        )
+
+
+def load_desired(path: Path) -> tuple[DesiredDrive, ...]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError("file", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("file", f"{path} is not valid TOML: {exc}") from None
+    unknown = set(data) - {"drive"}
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown key; a drives file has [[drive]] tables")
+    items = data.get("drive", [])
+    if not isinstance(items, list):
+        raise ConfigError("drive", "use [[drive]] tables")
+    return tuple(
+        DesiredDrive.from_mapping(item, f"drive[{i}]", path.parent) for i, item in enumerate(items)
+    )
+
+
+class Action(enum.StrEnum):
+    ATTACH = "attach"
+    DETACH = "detach"
+    MEDIA = "media"
+    CACHE = "cache"
+    RESIZE = "resize"
+    THROTTLE = "throttle"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    action: Action
+    device: str | None  # None for an attach (the id is generated when it happens)
+    detail: str
+    desired: DesiredDrive | None = None
+    cache: CacheMode | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action.value, "device": self.device, "detail": self.detail}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    steps: tuple[Step, ...] = ()
+    #: Differences a live change cannot make (e.g. the interface of a plugged disk).
+    conflicts: tuple[str, ...] = field(default=())
+
+    @property
+    def empty(self) -> bool:
+        return not self.steps and not self.conflicts
+
+    def render(self) -> str:
+        if self.empty:
+            return "nothing to do: the VM matches"
+        lines = [f"  {s.action.value:<8} {s.device or '(new)':<8} {s.detail}" for s in self.steps]
+        lines += [f"  CONFLICT {c}" for c in self.conflicts]
+        return "\n".join(lines)
+
+
+def _same_file(a: Path | None, b: str | None) -> bool:
+    return a is not None and b is not None and Path(a).absolute() == Path(b)
+
+
+def _live_cache_matches(live: DriveInfo, mode: CacheMode) -> bool:
+    flags = live.cache
+    return flags is not None and (flags.direct, flags.no_flush) == (mode.direct, mode.no_flush)
+
+
+def plan(desired: Sequence[DesiredDrive], live: Sequence[DriveInfo]) -> Plan:
+    """What to do so that ``live`` matches ``desired``. Pure."""
+    steps: list[Step] = []
+    conflicts: list[str] = []
+    by_device = {d.device_id: d for d in live}
+    matched: set[str] = set()
+    for want in desired:
+        drive = want.drive
+        if want.device is not None:
+            current = by_device.get(want.device)
+            if current is None:
+                conflicts.append(f"{want.device}: no such device in the VM")
+                continue
+        else:
+            current = next(
+                (d for d in live if d.device_id not in matched and _same_file(drive.file, d.file)),
+                None,
+            )
+        if current is None:
+            steps.append(
+                Step(action=Action.ATTACH, device=None, detail=_describe(drive), desired=want)
+            )
+            continue
+        matched.add(current.device_id)
+        if drive.media is Media.CDROM:
+            if not _same_file(drive.file, current.file) and not (
+                drive.file is None and current.file is None
+            ):
+                target = "empty" if drive.file is None else str(drive.file)
+                steps.append(
+                    Step(
+                        action=Action.MEDIA,
+                        device=current.device_id,
+                        detail=f"{current.file or 'empty'} → {target}",
+                        desired=want,
+                    )
+                )
+            continue
+        if not _same_file(drive.file, current.file):
+            conflicts.append(
+                f"{current.device_id}: holds {current.file}, not {drive.file}; "
+                "a disk's image is changed by detach + attach"
+            )
+            continue
+        if current.cache is not None and not _live_cache_matches(current, drive.cache):
+            steps.append(
+                Step(
+                    action=Action.CACHE,
+                    device=current.device_id,
+                    detail=f"cache → {drive.cache.value}",
+                    cache=drive.cache,
+                )
+            )
+        if want.size is not None and current.size is not None and want.size != current.size:
+            if want.size < current.size and not want.allow_shrink:
+                conflicts.append(
+                    f"{current.device_id}: size {want.size} < {current.size}; "
+                    "set allow-shrink = true to shrink"
+                )
+            else:
+                steps.append(
+                    Step(
+                        action=Action.RESIZE,
+                        device=current.device_id,
+                        detail=f"{current.size} → {want.size} bytes",
+                        desired=want,
+                    )
+                )
+        if want.throttle is not None and current.io_limits is not None:
+            live_limits = {k: getattr(current.io_limits, k) for k in _THROTTLE_KEYS}
+            wanted = {k: int(want.throttle.get(k, 0)) for k in _THROTTLE_KEYS}
+            if live_limits != wanted:
+                shown = ", ".join(f"{k}={v}" for k, v in wanted.items() if v) or "unlimited"
+                steps.append(
+                    Step(
+                        action=Action.THROTTLE, device=current.device_id, detail=shown, desired=want
+                    )
+                )
+    for current in live:
+        # Only disks blockctl plugged (it knows their device driver) are removed; a cdrom
+        # drive itself stays (its medium is what a file changes).
+        if (
+            current.device_id not in matched
+            and current.device_driver is not None
+            and not current.removable
+        ):
+            steps.append(
+                Step(action=Action.DETACH, device=current.device_id, detail=str(current.file))
+            )
+    return Plan(steps=tuple(steps), conflicts=tuple(conflicts))
+
+
+def _describe(drive: Drive) -> str:
+    return (
+        f"{drive.file} ({drive.format.value if drive.format else '-'}, "
+        f"{drive.interface.value}, cache {drive.cache.value})"
+    )
+
+
+async def apply(vm: VM, desired: Sequence[DesiredDrive], *, dry_run: bool = False) -> Plan:
+    """Plan, and unless ``dry_run`` carry the plan out. Conflicts stop it before any change."""
+    current = plan(desired, await ops.list_drives(vm))
+    if dry_run or current.empty:
+        return current
+    if current.conflicts:
+        raise Unsupported(
+            "apply", "the plan has conflicts, nothing was changed:\n" + "\n".join(current.conflicts)
+        )
+    for step in current.steps:
+        want = step.desired
+        if step.action is Action.ATTACH and want is not None:
+            info = await ops.hotplug(vm, want.drive)
+            if want.throttle:
+                await ops.set_throttle(vm, info.device_id, want.throttle)
+        elif step.action is Action.DETACH and step.device is not None:
+            await ops.unplug(vm, step.device)
+        elif step.action is Action.MEDIA and step.device is not None and want is not None:
+            if want.drive.file is None:
+                await ops.eject(vm, step.device, force=True)
+            else:
+                assert want.drive.format is not None
+                await ops.change_medium(
+                    vm, step.device, want.drive.file, want.drive.format, force=True
+                )
+        elif step.action is Action.CACHE and step.device is not None and step.cache is not None:
+            await ops.set_cache(vm, step.device, step.cache)
+        elif step.action is Action.RESIZE and step.device and want and want.size:
+            await ops.resize(vm, step.device, want.size, allow_shrink=want.allow_shrink)
+        elif step.action is Action.THROTTLE and step.device and want and want.throttle is not None:
+            await ops.set_throttle(vm, step.device, want.throttle)
+    return current
