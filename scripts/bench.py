@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""blockctl benchmarks: each row measured next to its baseline in the same run.
+
+    scripts/bench [--quick] [--json FILE] [BENCHMARK ...]
+
+Benchmarks: qmp (a QMP round trip through blockctl vs raw qemu.qmp), hotplug (attach until the
+guest sees the disk, detach until DEVICE_DELETED and the nodes are gone, vs the same QMP steps
+sent with raw qemu.qmp). The machines are shared and noisy: read the ratios, not the absolute
+times. Exits non-zero if a benchmark breaks (never because the machine is slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import anyio
+from qemu.qmp import QMPClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blockctl import LaunchedVM, find_guest, open_vm
+from blockctl._images import create
+from blockctl._ops import drives
+from blockctl.types import Drive, ImageFormat, MachineConfig
+
+
+@dataclass
+class Row:
+    operation: str
+    unit: str
+    blockctl: list[float]
+    baseline: list[float]
+    baseline_name: str
+
+    def stats(self, values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        return {
+            "min": ordered[0],
+            "median": statistics.median(ordered),
+            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+            "max": ordered[-1],
+        }
+
+    def to_json(self) -> dict[str, object]:
+        mine, base = self.stats(self.blockctl), self.stats(self.baseline)
+        return {
+            **asdict(self),
+            "blockctl_stats": mine,
+            "baseline_stats": base,
+            "ratio_median": mine["median"] / base["median"],
+            "reps": len(self.blockctl),
+        }
+
+
+async def timed(fn: Callable[[], Awaitable[object]]) -> float:
+    start = time.perf_counter()
+    await fn()
+    return (time.perf_counter() - start) * 1000
+
+
+async def raw_client(vm: LaunchedVM) -> QMPClient:
+    client = QMPClient("bench-raw")
+    await client.connect(str(vm.monitor_path))  # the VM's second monitor: same QEMU
+    return client
+
+
+async def bench_qmp(vm: LaunchedVM, reps: int) -> list[Row]:
+    raw = await raw_client(vm)
+    try:
+        mine = [await timed(vm.block_devices) for _ in range(reps)]
+        base = [await timed(lambda: raw.execute("query-block")) for _ in range(reps)]
+        mine_status = [await timed(vm.status) for _ in range(reps)]
+        base_status = [await timed(lambda: raw.execute("query-status")) for _ in range(reps)]
+    finally:
+        await raw.disconnect()
+    return [
+        Row("query-block round trip (parsed)", "ms", mine, base, "raw qemu.qmp execute"),
+        Row(
+            "query-status round trip (parsed)",
+            "ms",
+            mine_status,
+            base_status,
+            "raw qemu.qmp execute",
+        ),
+    ]
+
+
+async def guest_sees(vm: LaunchedVM, dev: str, present: bool) -> None:
+    assert vm.console is not None
+    test = f"[ -b /dev/{dev} ]" if present else f"[ ! -b /dev/{dev} ]"
+    await vm.console.check(
+        f"i=0; until {test}; do usleep 5000; i=$((i+1)); [ $i -gt 2000 ] && exit 1; done; true"
+    )
+
+
+async def bench_hotplug(vm: LaunchedVM, reps: int, images: Path) -> list[Row]:
+    image = images / "hp.qcow2"
+    await create(image, ImageFormat.QCOW2, size=64 << 20)
+    raw = await raw_client(vm)
+    attach_mine, detach_mine, attach_raw, detach_raw = [], [], [], []
+    try:
+        for _ in range(reps):
+            start = time.perf_counter()
+            info = await drives.hotplug(vm, Drive(file=image, format=ImageFormat.QCOW2))
+            await guest_sees(vm, "vda", True)
+            attach_mine.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            result = await drives.unplug(vm, info.device_id)
+            detach_mine.append((time.perf_counter() - start) * 1000)
+            assert result.state is drives.UnplugState.REMOVED
+            await guest_sees(vm, "vda", False)
+
+            start = time.perf_counter()
+            await raw.execute(
+                "blockdev-add", {"driver": "file", "node-name": "raw-file", "filename": str(image)}
+            )
+            await raw.execute(
+                "blockdev-add", {"driver": "qcow2", "node-name": "raw-fmt", "file": "raw-file"}
+            )
+            await raw.execute(
+                "device_add", {"driver": "virtio-blk-pci", "id": "rawdev", "drive": "raw-fmt"}
+            )
+            await guest_sees(vm, "vda", True)
+            attach_raw.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            with raw.listener("DEVICE_DELETED") as listener:
+                await raw.execute("device_del", {"id": "rawdev"})
+                while True:
+                    data = (await listener.get())["data"]
+                    if isinstance(data, dict) and data.get("device") == "rawdev":
+                        break
+            await raw.execute("blockdev-del", {"node-name": "raw-fmt"})
+            await raw.execute("blockdev-del", {"node-name": "raw-file"})
+            detach_raw.append((time.perf_counter() - start) * 1000)
+            await guest_sees(vm, "vda", False)
+    finally:
+        await raw.disconnect()
+    return [
+        Row(
+            "hot-plug: attach until the guest sees /dev/vda",
+            "ms",
+            attach_mine,
+            attach_raw,
+            "raw qemu.qmp: 2x blockdev-add + device_add",
+        ),
+        Row(
+            "hot-unplug: detach until DEVICE_DELETED + nodes deleted",
+            "ms",
+            detach_mine,
+            detach_raw,
+            "raw qemu.qmp: device_del, event, 2x blockdev-del",
+        ),
+    ]
+
+
+BENCHMARKS = ("qmp", "hotplug")
+
+
+def render(rows: list[Row]) -> str:
+    head = (
+        f"{'operation':<58} {'blockctl':>10} {'baseline':>10} {'ratio':>6} "
+        f"{'reps':>5}  blockctl min/median/max"
+    )
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        data = row.to_json()
+        mine, base = data["blockctl_stats"], data["baseline_stats"]
+        assert isinstance(mine, dict) and isinstance(base, dict)
+        lines.append(
+            f"{row.operation:<58} {mine['median']:>8.2f}{row.unit:<2} "
+            f"{base['median']:>8.2f}{row.unit:<2} {data['ratio_median']:>6.2f} "
+            f"{data['reps']:>5}  {mine['min']:.2f}/{mine['median']:.2f}/{mine['max']:.2f}"
+        )
+    lines.append("baselines: " + "; ".join(sorted({f"{r.baseline_name}" for r in rows})))
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> int:
+    selected = args.benchmarks or list(BENCHMARKS)
+    unknown = set(selected) - set(BENCHMARKS)
+    if unknown:
+        print(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(BENCHMARKS)}")
+        return 2
+    guest = find_guest()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="blockctl-bench-") as tmp:
+        config = MachineConfig(kernel=guest.kernel, initrd=guest.initrd, append=guest.append)
+        async with open_vm(config) as vm:
+            assert vm.console is not None
+            await vm.console.wait_ready()
+            if "qmp" in selected:
+                rows += await bench_qmp(vm, 50 if args.quick else 500)
+            if "hotplug" in selected:
+                rows += await bench_hotplug(vm, 2 if args.quick else 10, Path(tmp))
+    print(render(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_json() for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK", help="qmp, hotplug")
+    parser.add_argument("--quick", action="store_true", help="few repetitions (CI smoke)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    sys.exit(anyio.run(main, parser.parse_args(), backend="asyncio"))
