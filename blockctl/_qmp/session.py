@@ -246,10 +246,12 @@ class QMPSession:
         """Send one command and return its ``return`` value. Only ``_qmp.wire`` calls this."""
         started = time.monotonic()
         try:
+            if self._lost.is_set():
+                raise ConnectionLost(f"{command}: {self._lost_reason}")
+            # No race needed here (unlike event waits): qemu.qmp fails a pending command with
+            # ExecInterruptedError as soon as the socket closes, which a dying QEMU does.
             with map_qmp_errors(command, self._lost_reason):
-                result = await self.until_lost(
-                    lambda: self._client.execute(command, arguments), command
-                )
+                result = await self._client.execute(command, arguments)
         except BlockctlError as exc:
             self._log.info(
                 "blockctl.qmp.error",

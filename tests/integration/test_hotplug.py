@@ -181,6 +181,16 @@ async def test_media_eject_insert_change_and_a_locked_tray(guest: GuestImage, im
         assert changed.file == str(one)
         assert await sh(vm, read) == "MEDIUM-ONE"
 
+        # A SCSI cdrom can be hot-plugged (an IDE one cannot): the guest reads its medium.
+        scsi_cd = await drives.hotplug(
+            vm, Drive(file=two, format=ImageFormat.RAW, interface=Interface.SCSI, media=Media.CDROM)
+        )
+        assert scsi_cd.device_driver == "scsi-cd"
+        assert scsi_cd.read_only
+        await wait_block(vm, "sr1")
+        assert await sh(vm, read.replace("sr0", "sr1")) == "MEDIUM-TWO"
+        assert (await drives.unplug(vm, scsi_cd.device_id)).state is UnplugState.REMOVED
+
         # Linux locks the tray while /dev/sr0 is open.
         await sh(vm, "( sleep 600 </dev/sr0 & )")
         with anyio.fail_after(20):  # the guest's open (and its lock) happens in the background
