@@ -137,7 +137,36 @@ def plan_drive(
     """The nodes and device for drive ``i``; ``source`` is None only for an empty cdrom."""
     nodes: list[Json] = []
     top: str | None = None
-    if source is not None:
+    if drive.nbd is not None and drive.format is not None:
+        # The image's header is on the server: no chain was read, so a qcow2 over NBD is
+        # opened with backing null rather than whatever its header names.
+        nodes.append(
+            {
+                "driver": "nbd",
+                "node-name": f"drv{i}-file",
+                "server": {"type": "unix", "path": str(drive.nbd.socket)},
+                "export": drive.nbd.export,
+                "cache": _cache_opts(drive),
+                "read-only": drive.read_only,
+            }
+        )
+        nodes.append(
+            _format_node(
+                f"drv{i}",
+                drive.format.value,
+                f"drv{i}-file",
+                drive,
+                backing=None,
+                has_backing_field=_supports_backing(drive.format.value),
+                read_only=drive.read_only,
+                top=True,
+            )
+        )
+        top = f"drv{i}"
+        if drive.copy_on_read:
+            nodes.append({"driver": "copy-on-read", "node-name": f"drv{i}-cor", "file": top})
+            top = f"drv{i}-cor"
+    elif source is not None:
         chain = source.chain
         # Bottom-up: a node can only reference nodes defined before it.
         below: str | None = None

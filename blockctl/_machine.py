@@ -182,7 +182,22 @@ async def preflight(config: MachineConfig) -> tuple[str, dict[int, DriveSource]]
     for i, drive in enumerate(config.drives):
         if drive.file is not None:
             sources[i] = await inspect_drive(drive, f"drive[{i}].file")
+        elif drive.nbd is not None:
+            check_nbd(drive, f"drive[{i}].nbd")
     return binary, sources
+
+
+def check_nbd(drive: Drive, where: str) -> None:
+    """The NBD server's socket must exist now; QEMU connects to it when the node is added."""
+    assert drive.nbd is not None
+    socket_path = drive.nbd.socket
+    _runtime.check_socket_path(socket_path, f"{where}.socket")
+    try:
+        mode = socket_path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"{where}.socket", f"{socket_path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{where}.socket", f"{socket_path} is not a unix socket")
 
 
 async def inspect_drive(drive: Drive, where: str) -> DriveSource:

@@ -29,6 +29,7 @@ __all__ = [
     "Interface",
     "MachineConfig",
     "Media",
+    "NbdSource",
 ]
 
 
@@ -146,6 +147,25 @@ def _check_path(value: object, where: str) -> Path:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NbdSource:
+    """An NBD export on a local unix socket (e.g. served by ``qemu-nbd``) as a drive's image."""
+
+    socket: Path
+    export: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "socket", _check_path(self.socket, "nbd.socket"))
+        if not isinstance(self.export, str) or "\0" in self.export or len(self.export) > 4096:
+            raise ConfigError("nbd.export", "an export name is a string of at most 4096 bytes")
+
+    @classmethod
+    def from_mapping(cls, data: object, where: str) -> NbdSource:
+        if not isinstance(data, Mapping):
+            raise ConfigError(where, 'use a table: nbd = { socket = "/path", export = "" }')
+        return _from_mapping(cls, data, where, aliases={})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Drive:
     """One drive, with the options of QEMU's ``-drive``, launched as ``-blockdev`` nodes.
 
@@ -160,7 +180,7 @@ class Drive:
         bootindex: boot priority of this device (lower boots first).
     """
 
-    file: Path | None
+    file: Path | None = None
     format: ImageFormat | None = None
     interface: Interface = Interface.VIRTIO
     media: Media = Media.DISK
@@ -176,6 +196,7 @@ class Drive:
     discard: Discard = Discard.IGNORE
     detect_zeroes: DetectZeroes = DetectZeroes.OFF
     bootindex: int | None = None
+    nbd: NbdSource | None = None
 
     def __post_init__(self) -> None:
         self._validate("drive")
@@ -206,14 +227,21 @@ class Drive:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{where}.{name}", "must be true or false")
 
-        if self.file is None:
+        if self.nbd is not None:
+            if not isinstance(self.nbd, NbdSource):
+                put(self, "nbd", NbdSource.from_mapping(self.nbd, f"{where}.nbd"))
+            if self.file is not None:
+                raise ConfigError(f"{where}.nbd", "give either file or nbd, not both")
+            if self.snapshot:
+                raise ConfigError(f"{where}.snapshot", "no throwaway overlay over NBD")
+        if self.file is None and self.nbd is None:
             if self.media is not Media.CDROM:
                 raise ConfigError(
                     f"{where}.file", "a disk needs an image file; only a cdrom may start empty"
                 )
             if self.format is not None:
                 raise ConfigError(f"{where}.format", "an empty cdrom has no format")
-        elif self.format is None:
+        elif self.format is None:  # an image, from a file or over NBD
             raise ConfigError(
                 f"{where}.format",
                 "the image format is mandatory (blockctl never probes formats); "

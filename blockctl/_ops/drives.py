@@ -29,7 +29,7 @@ import anyio
 
 from blockctl._argv import plan_drive
 from blockctl._log import get_logger
-from blockctl._machine import VM, inspect_drive
+from blockctl._machine import VM, check_nbd, inspect_drive
 from blockctl._qmp import wire
 from blockctl._qmp.models import BlockDevice, BlockNode, CacheFlags, IoLimits
 from blockctl._registry import DriveRecord
@@ -190,6 +190,8 @@ async def hotplug(vm: VM, drive: Drive) -> DriveInfo:
     if any(v is not None for v in (drive.bus, drive.unit, drive.index)):
         raise ConfigError("drive.unit", "hot-plugged drives are placed by QEMU")
     source = None if drive.file is None else await inspect_drive(drive, "file")
+    if drive.nbd is not None:
+        check_nbd(drive, "nbd")
     index = await _next_index(vm)
     machine = str(await vm.qom_get("/machine", "type"))
     plan = plan_drive(index, drive, source, machine, None)

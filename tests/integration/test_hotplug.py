@@ -21,7 +21,15 @@ from blockctl.errors import (
     DriveNotFound,
     Unsupported,
 )
-from blockctl.types import CacheMode, Drive, ImageFormat, Interface, MachineConfig, Media
+from blockctl.types import (
+    CacheMode,
+    Drive,
+    ImageFormat,
+    Interface,
+    MachineConfig,
+    Media,
+    NbdSource,
+)
 from tests.integration.conftest import (
     MIB,
     base_config,
@@ -323,3 +331,38 @@ async def test_cli_drive_commands_and_idempotent_apply(
         assert "DriveNotFound" in missing.stderr
     finally:
         await cli("down", "dr")
+
+
+async def test_hotplug_an_nbd_export(guest: GuestImage, images: Path, runtime_dir: Path) -> None:
+    data = pattern(21, MIB)
+    image = await qcow2_image(images / "served.qcow2", data, 8 * MIB)
+    sock = runtime_dir / "nbd.sock"
+    # qemu-nbd reads the qcow2 (its format named) and exports the guest-visible bytes: raw.
+    server = await anyio.open_process(
+        ["qemu-nbd", "--format=qcow2", "--persistent", f"--socket={sock}", str(image)]
+    )
+    try:
+        with anyio.fail_after(10):
+            while not sock.exists():  # noqa: ASYNC110 - qemu-nbd has no readiness signal
+                await anyio.sleep(0.05)
+        async with open_vm(base_config(guest)) as vm:
+            await vm.console.wait_ready()  # type: ignore[union-attr]
+            info = await drives.hotplug(
+                vm, Drive(nbd=NbdSource(socket=sock), format=ImageFormat.RAW, serial="NBD")
+            )
+            assert info.chain[0].driver == "raw"
+            assert [n.node_name for n in await vm.block_nodes() if n.node_name == "drv0-file"]
+            await wait_block(vm, "vda")
+            got = await sh(vm, "dd if=/dev/vda bs=1M count=1 2>/dev/null | sha256sum")
+            assert got.split()[0] == sha256(data)
+            await sh(vm, "echo over-nbd | dd of=/dev/vda bs=512 seek=4096 conv=fsync 2>/dev/null")
+            assert (await drives.unplug(vm, info.device_id)).state is UnplugState.REMOVED
+            with pytest.raises(ConfigError, match="No such file"):
+                await drives.hotplug(
+                    vm, Drive(nbd=NbdSource(socket=runtime_dir / "x.sock"), format=ImageFormat.RAW)
+                )
+    finally:
+        server.terminate()
+        await server.wait()
+        await server.aclose()
+    assert (await image_bytes(image, "qcow2", 4096 * 512 + 9))[-9:] == b"over-nbd\n"
