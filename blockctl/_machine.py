@@ -248,16 +248,7 @@ async def _started_qemu(
     detached: bool,
     console: bool,
     timeouts: Timeouts,
-) -> AsyncIterator[
-    tuple[
-        QMPSession,
-        asyncio.subprocess.Process,
-        list[str],
-        AccelChoice,
-        SocketStream | None,
-        tuple[DrivePlan, ...],
-    ]
-]:
+) -> AsyncIterator[LaunchedVM]:
     """Start QEMU and its QMP session; on any failure, reap QEMU and raise LaunchFailed.
 
     While the block runs, a watcher marks the session lost the moment QEMU exits. When the
@@ -357,7 +348,16 @@ async def _started_qemu(
                             stream = await SocketStream.from_socket(con_ours)
                             con_ours = None
                         yielded = True
-                        yield session, process, argv, accel, stream, plans
+                        yield LaunchedVM(
+                            session,
+                            name=label,
+                            process=process,
+                            run_dir=run_dir,
+                            argv=argv,
+                            accel=accel,
+                            console=None if stream is None else GuestConsole(stream, label),
+                            plans=plans,
+                        )
                     finally:
                         tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -398,19 +398,7 @@ async def open_vm(
     try:
         async with _started_qemu(
             config, run_dir=run_dir, label=label, detached=False, console=console, timeouts=timeouts
-        ) as started:
-            session, process, argv, accel, stream, plans = started
-            con = None if stream is None else GuestConsole(stream, label)
-            vm = LaunchedVM(
-                session,
-                name=label,
-                process=process,
-                run_dir=run_dir,
-                argv=argv,
-                accel=accel,
-                console=con,
-                plans=plans,
-            )
+        ) as vm:
             if config.name is not None:
                 _runtime.write_record(_record_for(vm, console_socket=None, console_log=None))
             try:
@@ -418,10 +406,10 @@ async def open_vm(
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
-                        await shutdown_child(session, process, timeouts)
+                        await shutdown_child(vm.session, vm.process, timeouts)
                     finally:
-                        if con is not None:
-                            await con.aclose()
+                        if vm.console is not None:
+                            await vm.console.aclose()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -453,18 +441,7 @@ async def launch_detached(
             detached=True,
             console=True,
             timeouts=timeouts,
-        ) as started:
-            session, process, argv, accel, _stream, plans = started
-            vm = LaunchedVM(
-                session,
-                name=name,
-                process=process,
-                run_dir=run_dir,
-                argv=argv,
-                accel=accel,
-                console=None,
-                plans=plans,
-            )
+        ) as vm:
             record = _record_for(
                 vm, console_socket=run_dir / "console.sock", console_log=run_dir / "console.log"
             )
