@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 import anyio
+import anyio.abc
 
 from blockctl._log import get_logger
 from blockctl.errors import MissingComponent, ProcessFailed
@@ -57,14 +59,20 @@ async def _run_raw(
     env: Mapping[str, str] | None,
     cwd: Path | None,
     ok_codes: frozenset[int],
+    on_output: Callable[[bytes], None] | None = None,
 ) -> _Raw:
     """The one place that starts a run-to-completion child, so text and binary callers share
-    the not-installed mapping, the logging and the exit-code check."""
+    the not-installed mapping, the logging and the exit-code check. ``on_output`` sees stdout
+    as it arrives (qemu-img's progress), not only at the end."""
     args = [str(a) for a in argv]
     started = time.monotonic()
     full_env = None if env is None else {**os.environ, **env}
     try:
-        result = await anyio.run_process(args, input=stdin, check=False, env=full_env, cwd=cwd)
+        if on_output is None:
+            result = await anyio.run_process(args, input=stdin, check=False, env=full_env, cwd=cwd)
+            returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
+        else:
+            returncode, stdout, stderr = await _run_streaming(args, full_env, cwd, on_output)
     except FileNotFoundError as exc:
         raise MissingComponent(
             args[0], f"install it (on Debian: apt-get install the package that ships {args[0]})"
@@ -72,9 +80,9 @@ async def _run_raw(
     seconds = time.monotonic() - started
     raw = _Raw(
         argv=tuple(args),
-        returncode=result.returncode,
-        stdout=result.stdout,
-        stderr=result.stderr,
+        returncode=returncode,
+        stdout=stdout,
+        stderr=stderr,
         seconds=seconds,
     )
     _log.debug("blockctl.proc.exited", argv=args, rc=raw.returncode, seconds=round(seconds, 4))
@@ -88,6 +96,36 @@ async def _run_raw(
     return raw
 
 
+async def _run_streaming(
+    args: list[str],
+    env: Mapping[str, str] | None,
+    cwd: Path | None,
+    on_output: Callable[[bytes], None],
+) -> tuple[int, bytes, bytes]:
+    out, err = bytearray(), bytearray()
+    # Leaving the block kills and reaps the child if we are cancelled (anyio Process.aclose).
+    async with await anyio.open_process(
+        args, stdin=subprocess.DEVNULL, env=env, cwd=cwd
+    ) as process:
+
+        async def drain(
+            stream: anyio.abc.ByteReceiveStream,
+            sink: bytearray,
+            callback: Callable[[bytes], None] | None,
+        ) -> None:
+            async for chunk in stream:
+                sink += chunk
+                if callback is not None:
+                    callback(chunk)
+
+        assert process.stdout is not None and process.stderr is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, process.stdout, out, on_output)
+            tg.start_soon(drain, process.stderr, err, None)
+        returncode = await process.wait()
+    return returncode, bytes(out), bytes(err)
+
+
 async def run(
     argv: Sequence[str],
     *,
@@ -96,6 +134,7 @@ async def run(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     ok_codes: frozenset[int] = frozenset({0}),
+    on_output: Callable[[bytes], None] | None = None,
 ) -> Completed:
     """Run ``argv`` to completion and return its output.
 
@@ -103,7 +142,9 @@ async def run(
     :raise MissingComponent: the program is not installed.
     Cancellation kills the child and waits for it before propagating (anyio's guarantee).
     """
-    raw = await _run_raw(argv, check=check, stdin=stdin, env=env, cwd=cwd, ok_codes=ok_codes)
+    raw = await _run_raw(
+        argv, check=check, stdin=stdin, env=env, cwd=cwd, ok_codes=ok_codes, on_output=on_output
+    )
     return Completed(
         argv=raw.argv,
         returncode=raw.returncode,
