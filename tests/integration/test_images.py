@@ -69,7 +69,7 @@ async def test_info_parses_the_qemu_10_shape() -> None:
 
 
 async def test_commit_with_progress_and_check(images: Path) -> None:
-    _base, mid, top, _base_data, _ = await chain(images)
+    _base, mid, top, _ = await chain(images)
     before = await image_bytes(top, "qcow2", 4 * MIB)
     seen: list[float] = []
     await _images.commit(top, QCOW2, progress=seen.append)
@@ -92,7 +92,7 @@ async def test_check_reports_leaks(images: Path) -> None:
 
 
 async def test_rebase_convert_compare_map_measure(images: Path) -> None:
-    base, _mid, top, _base_data, _ = await chain(images)
+    base, _mid, top, _ = await chain(images)
     flat = images / "flat.qcow2"
     await _images.convert(top, QCOW2, flat, QCOW2, compress=True, options={"cluster_size": "65536"})
     assert await _images.compare(top, QCOW2, flat, QCOW2)
