@@ -137,3 +137,29 @@ async def test_create_never_leaves_a_backing_without_format(images: Path) -> Non
         await _images.create(images / "o.qcow2", QCOW2, backing=base)
     raw_json = await run("qemu-img", "info", "-f", "raw", "--output=json", base)
     assert json.loads(raw_json)["format"] == "raw"
+
+
+async def test_cli_img(images: Path) -> None:
+    from tests.integration.test_attach_cli import cli
+
+    image = images / "c, 1.qcow2"
+    await cli("img", "create", image, "32M", "-f", "qcow2")
+    info = json.loads((await cli("img", "info", image, "-f", "qcow2", "--json")).stdout)
+    assert info[0]["virtual_size"] == 32 * MIB
+    assert json.loads((await cli("img", "check", image, "-f", "qcow2", "--json")).stdout)[
+        "returncode"] == 0
+    await cli("img", "snapshot", image, "create", "t1")
+    listed = json.loads((await cli("img", "snapshot", image, "list", "--json")).stdout)
+    assert [s["name"] for s in listed] == ["t1"]
+    flat = images / "flat.raw"
+    await cli("img", "convert", image, flat, "-f", "qcow2", "-O", "raw")
+    assert (await cli("img", "compare", image, flat, "-f", "qcow2", "-F", "raw")).returncode == 0
+    other = await raw_image(images / "other.raw", pattern(8, MIB), 32 * MIB)
+    differ = await cli("img", "compare", image, other, "-f", "qcow2", "-F", "raw", check=False)
+    assert differ.returncode == 1
+    assert differ.stdout.strip() == "different"
+    bad = await cli("img", "info", image, "-f", "qcow3", check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("blockctl: ConfigError: format: 'qcow3' is not one of")
+    missing_format = await cli("img", "info", image, check=False)
+    assert missing_format.returncode == 2  # argparse: -f is required, no probing
