@@ -20,6 +20,11 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    ├── QMPStateError     the session is not in a state that allows the call
      │    └── Unsupported       this QEMU's schema lacks a command blockctl needs
      ├── OperationTimeout       a user-visible operation missed its deadline (operation, seconds)
+     │    └── JobNeverReady     a mirror/active commit never became READY (speed below write rate?)
+     ├── JobError               a block job did not succeed (job_id, job_type, target, error)
+     │    ├── JobFailed         it concluded with an error, or without copying everything
+     │    └── JobCancelled      it was cancelled before it finished
+     ├── NodeNotFound           the block graph has no such node or device (name)
      ├── ShutdownFailed         QEMU had to be killed, or would not exit at all
      └── GuestError             the serial console of the test guest misbehaved
           └── GuestCommandFailed  a guest shell command exited non-zero (command, rc, output)
@@ -40,8 +45,13 @@ __all__ = [
     "ConnectionLost",
     "GuestCommandFailed",
     "GuestError",
+    "JobCancelled",
+    "JobError",
+    "JobFailed",
+    "JobNeverReady",
     "LaunchFailed",
     "MissingComponent",
+    "NodeNotFound",
     "OperationTimeout",
     "ProcessFailed",
     "ProtocolMismatch",
@@ -221,3 +231,69 @@ class GuestCommandFailed(GuestError):
         self.returncode = returncode
         self.output = output
         super().__init__(f"guest command {command!r} exited with {returncode}:\n{_tail(output)}")
+
+
+# Section: jobs
+
+
+class JobError(BlockctlError):
+    """A block job did not succeed. It has been dismissed: QEMU no longer lists it.
+
+    ``target`` names the node or device the job worked on; ``offset``/``length`` are QEMU's
+    progress counters when it concluded (equal only when everything was copied).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: str,
+        job_type: str | None,
+        target: str | None,
+        status: str | None,
+        error: str | None,
+        offset: int | None,
+        length: int | None,
+    ) -> None:
+        self.job_id = job_id
+        self.job_type = job_type
+        self.target = target
+        self.status = status
+        self.error = error
+        self.offset = offset
+        self.length = length
+        super().__init__(message)
+
+
+class JobFailed(JobError):
+    """The job concluded with an error (``error`` is QEMU's text), or with ``offset != length``.
+
+    A job that stopped early is never counted as done, even without an error (qemu-facts F5).
+    """
+
+
+class JobCancelled(JobError):
+    """The job was cancelled before it finished (by blockctl or another client).
+
+    For a commit this leaves ``base`` partly written: the top image is still authoritative.
+    """
+
+
+class JobNeverReady(OperationTimeout):
+    """A mirror or active commit did not reach READY before the deadline.
+
+    Its copy cannot converge while the guest dirties data faster than the job's speed limit
+    allows; raise the limit (``set_speed(0)``) or cancel. The job is still running.
+    """
+
+    def __init__(self, operation: str, seconds: float, detail: str, *, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(operation, seconds, detail)
+
+
+class NodeNotFound(BlockctlError):
+    """The block graph has no node (or device) with this name."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(message)

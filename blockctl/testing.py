@@ -2,7 +2,8 @@
 
 ``FakeQMP(handler)`` speaks the QMP wire protocol over a socketpair: the greeting, capability
 negotiation, then every command goes to ``handler(command, arguments)``, which returns the
-``return`` value or raises :class:`FakeError` to send an error reply. ``emit()`` sends events::
+``return`` value (or a :class:`FakeReply` carrying events to send before/after the reply) or
+raises :class:`FakeError` to send an error reply. ``emit()`` sends events::
 
     async with FakeQMP(handler).serving() as fake:
         async with QMPSession.connect(fake.client_socket, label="t") as session:
@@ -15,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -29,6 +31,17 @@ GREETING = {
         "capabilities": ["oob"],
     }
 }
+
+
+@dataclass(frozen=True, slots=True)
+class FakeReply:
+    """Return from a handler to send events around the reply, as QEMU does: ``before`` go
+    out before the reply (``job-dismiss`` sends the job's ``null`` transition first),
+    ``after`` right after it (a job's first transitions follow the command's reply)."""
+
+    value: object
+    before: Sequence[tuple[str, Mapping[str, Any]]] = ()
+    after: Sequence[tuple[str, Mapping[str, Any]]] = ()
 
 
 class FakeError(Exception):
@@ -105,12 +118,22 @@ class FakeQMP:
         reply: dict[str, Any] = {}
         if "id" in msg:
             reply["id"] = msg["id"]
+        after: Sequence[tuple[str, Mapping[str, Any]]] = ()
         if command == "qmp_capabilities":
             reply["return"] = {}
         else:
             self.received.append((command, arguments))
             try:
-                reply["return"] = self.handler(command, arguments)
+                value = self.handler(command, arguments)
             except FakeError as exc:
                 reply["error"] = {"class": exc.error_class, "desc": exc.desc}
+            else:
+                if isinstance(value, FakeReply):
+                    for name, data in value.before:
+                        await self.emit(name, data)
+                    after = value.after
+                    value = value.value
+                reply["return"] = value
         await self._send(reply)
+        for name, data in after:
+            await self.emit(name, data)

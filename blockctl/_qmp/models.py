@@ -8,6 +8,7 @@ except through :func:`blockctl._qmp.wire.raw_command`, the CLI's pass-through.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -119,8 +120,10 @@ class IoLimits:
 
     @classmethod
     def from_qmp(cls, obj: Mapping[str, Any], command: str) -> IoLimits:
-        values = {k: _opt(obj, k, int, command) or 0 for k in
-                  ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")}
+        values = {
+            k: _opt(obj, k, int, command) or 0
+            for k in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
+        }
         return cls(**values, group=_opt(obj, "group", str, command))
 
 
@@ -239,3 +242,170 @@ def parse_list(reply: object, command: str, item: type[_T]) -> tuple[_T, ...]:
     """Parse a JSON array reply with ``item.from_qmp`` for each element."""
     from_qmp = item.from_qmp  # type: ignore[attr-defined]
     return tuple(from_qmp(x) for x in _list(reply, command, "reply"))
+
+
+# Section: jobs
+
+
+class JobStatus(enum.StrEnum):
+    """QEMU's ``JobStatus``: where a job is in its life (qemu-qmp-ref(7), since 2.12)."""
+
+    UNDEFINED = "undefined"  # erroneous default; never visible
+    CREATED = "created"  # created, not started
+    RUNNING = "running"  # copying
+    PAUSED = "paused"  # paused by the user or internally (drained sections pause briefly)
+    READY = "ready"  # mirror/active commit: in sync, waiting for job-complete or job-cancel
+    STANDBY = "standby"  # ready, but paused
+    WAITING = "waiting"  # waiting for the other jobs of its transaction
+    PENDING = "pending"  # work done; graph changes wait for job-finalize if auto-finalize=false
+    ABORTING = "aborting"  # failing or cancelled; will conclude with an error
+    CONCLUDED = "concluded"  # finished; stays listed until job-dismiss (auto-dismiss=false)
+    NULL = "null"  # being dismantled (after job-dismiss)
+
+
+#: Statuses after which a job does no more work.
+JOB_FINAL = frozenset({JobStatus.CONCLUDED, JobStatus.NULL})
+
+
+def _status(value: str, command: str) -> JobStatus:
+    try:
+        return JobStatus(value)
+    except ValueError:
+        raise ProtocolMismatch(command, f"unknown job status {value!r}") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobInfo:
+    """One entry of ``query-jobs``. ``error`` present means the job failed (or was cancelled)."""
+
+    id: str
+    type: str
+    status: JobStatus
+    current_progress: int
+    total_progress: int
+    error: str | None
+
+    @classmethod
+    def from_qmp(cls, value: object, command: str = "query-jobs") -> JobInfo:
+        obj = _obj(value, command, "job")
+        return cls(
+            id=_get(obj, "id", str, command),
+            type=_get(obj, "type", str, command),
+            status=_status(_get(obj, "status", str, command), command),
+            current_progress=_get(obj, "current-progress", int, command),
+            total_progress=_get(obj, "total-progress", int, command),
+            error=_opt(obj, "error", str, command),
+        )
+
+
+class JobEventKind(enum.Enum):
+    """Which job event a :class:`JobEvent` came from."""
+
+    STATUS = "JOB_STATUS_CHANGE"
+    READY = "BLOCK_JOB_READY"
+    COMPLETED = "BLOCK_JOB_COMPLETED"
+    CANCELLED = "BLOCK_JOB_CANCELLED"
+    ERROR = "BLOCK_JOB_ERROR"
+    PENDING = "BLOCK_JOB_PENDING"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobEvent:
+    """A job event, parsed. ``status`` only for STATUS; offset/length/speed for the
+    BLOCK_JOB_READY/COMPLETED/CANCELLED events; ``error`` only on a failed COMPLETED;
+    ``operation``/``action`` only for ERROR."""
+
+    kind: JobEventKind
+    job_id: str
+    status: JobStatus | None = None
+    job_type: str | None = None
+    offset: int | None = None
+    length: int | None = None
+    speed: int | None = None
+    error: str | None = None
+    operation: str | None = None
+    action: str | None = None
+
+    @classmethod
+    def from_event(cls, name: str, data: Mapping[str, Any]) -> JobEvent:
+        kind = JobEventKind(name)
+        if kind is JobEventKind.STATUS:
+            return cls(
+                kind=kind,
+                job_id=_get(data, "id", str, name),
+                status=_status(_get(data, "status", str, name), name),
+            )
+        if kind is JobEventKind.PENDING:
+            return cls(kind=kind, job_id=_get(data, "id", str, name), job_type=data.get("type"))
+        if kind is JobEventKind.ERROR:
+            return cls(
+                kind=kind,
+                job_id=_get(data, "device", str, name),
+                operation=_opt(data, "operation", str, name),
+                action=_opt(data, "action", str, name),
+            )
+        return cls(
+            kind=kind,
+            job_id=_get(data, "device", str, name),
+            job_type=_opt(data, "type", str, name),
+            offset=_get(data, "offset", int, name),
+            length=_get(data, "len", int, name),
+            speed=_opt(data, "speed", int, name),
+            error=_opt(data, "error", str, name),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirtyBitmap:
+    """One entry of a node's ``dirty-bitmaps`` (``BlockDirtyInfo``)."""
+
+    name: str | None
+    count: int
+    granularity: int
+    recording: bool
+    busy: bool
+    persistent: bool
+    inconsistent: bool
+
+    @classmethod
+    def from_qmp(cls, value: object, command: str) -> DirtyBitmap:
+        obj = _obj(value, command, "dirty bitmap")
+        return cls(
+            name=_opt(obj, "name", str, command),
+            count=_get(obj, "count", int, command),
+            granularity=_get(obj, "granularity", int, command),
+            recording=_get(obj, "recording", bool, command),
+            busy=_get(obj, "busy", bool, command),
+            persistent=_get(obj, "persistent", bool, command),
+            inconsistent=_opt(obj, "inconsistent", bool, command) or False,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeDetail:
+    """A ``query-named-block-nodes`` entry with what the block graph needs beyond
+    :class:`BlockNode`: the image's own view of its backing file, and its dirty bitmaps."""
+
+    node: BlockNode
+    image_filename: str | None
+    image_format: str | None
+    backing_filename: str | None  # as written in the image header (may be relative)
+    full_backing_filename: str | None  # resolved by QEMU
+    dirty_bitmaps: tuple[DirtyBitmap, ...]
+
+    @classmethod
+    def from_qmp(cls, value: object, command: str = "query-named-block-nodes") -> NodeDetail:
+        obj = _obj(value, command, "node")
+        image = obj.get("image")
+        img = {} if image is None else _obj(image, command, "image")
+        return cls(
+            node=BlockNode.from_qmp(obj, command),
+            image_filename=_opt(img, "filename", str, command),
+            image_format=_opt(img, "format", str, command),
+            backing_filename=_opt(img, "backing-filename", str, command),
+            full_backing_filename=_opt(img, "full-backing-filename", str, command),
+            dirty_bitmaps=tuple(
+                DirtyBitmap.from_qmp(b, command)
+                for b in _list(obj.get("dirty-bitmaps", []), command, "dirty-bitmaps")
+            ),
+        )

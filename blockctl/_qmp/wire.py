@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from blockctl._qmp import models as _models
 from blockctl._qmp.models import BlockDevice, BlockNode, Capabilities, StatusInfo, VersionInfo
 from blockctl._qmp.models import parse_list as _parse_list
 from blockctl._qmp.session import Event, EventStream, QMPSession
@@ -151,6 +152,43 @@ def is_device_deleted(event: Event, device_id: str) -> bool:
     )
 
 
+# Section: snapshots
+
+
+async def transaction_snapshot(session: QMPSession, pairs: list[tuple[str, str]]) -> None:
+    """One ``transaction`` of ``blockdev-snapshot`` actions: every (node, overlay) pair is
+    switched at the same point in time, or none is."""
+    actions = [
+        {"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay}}
+        for node, overlay in pairs
+    ]
+    await session.execute("transaction", {"actions": actions})
+
+
+async def snapshot_save(
+    session: QMPSession, *, job_id: str, tag: str, vmstate: str, devices: list[str]
+) -> None:
+    """Start an internal snapshot job (VM state into ``vmstate``). Such jobs are never
+    auto-dismissed and report failure only in ``query-jobs``."""
+    await session.execute(
+        "snapshot-save", {"job-id": job_id, "tag": tag, "vmstate": vmstate, "devices": devices}
+    )
+
+
+async def snapshot_load(
+    session: QMPSession, *, job_id: str, tag: str, vmstate: str, devices: list[str]
+) -> None:
+    await session.execute(
+        "snapshot-load", {"job-id": job_id, "tag": tag, "vmstate": vmstate, "devices": devices}
+    )
+
+
+async def snapshot_delete(
+    session: QMPSession, *, job_id: str, tag: str, devices: list[str]
+) -> None:
+    await session.execute("snapshot-delete", {"job-id": job_id, "tag": tag, "devices": devices})
+
+
 async def raw_command(
     session: QMPSession, command: str, arguments: Mapping[str, Any] | None
 ) -> object:
@@ -165,3 +203,143 @@ async def raw_command(
 def shutdown_events(session: QMPSession) -> Iterator[EventStream]:
     with session.events(EVENT_SHUTDOWN) as stream:
         yield stream
+
+
+# Section: jobs
+
+#: The events a job driver listens to (register them before the command that starts a job).
+JOB_EVENTS = tuple(kind.value for kind in _models.JobEventKind)
+
+
+@contextlib.contextmanager
+def job_events(session: QMPSession) -> Iterator[EventStream]:
+    with session.events(*JOB_EVENTS) as stream:
+        yield stream
+
+
+def parse_job_event(event: Event) -> _models.JobEvent:
+    """A job event as a typed record (only for events from :func:`job_events`)."""
+    return _models.JobEvent.from_event(event.name, event.data)
+
+
+async def query_jobs(session: QMPSession) -> tuple[_models.JobInfo, ...]:
+    return _parse_list(await session.execute("query-jobs"), "query-jobs", _models.JobInfo)
+
+
+async def query_named_block_node_details(session: QMPSession) -> tuple[_models.NodeDetail, ...]:
+    """``query-named-block-nodes`` (flat) with image and dirty-bitmap details, for the graph."""
+    reply = await session.execute("query-named-block-nodes", {"flat": True})
+    return _parse_list(reply, "query-named-block-nodes", _models.NodeDetail)
+
+
+async def job_cancel(session: QMPSession, job_id: str) -> None:
+    await session.execute("job-cancel", {"id": job_id})
+
+
+async def job_pause(session: QMPSession, job_id: str) -> None:
+    await session.execute("job-pause", {"id": job_id})
+
+
+async def job_resume(session: QMPSession, job_id: str) -> None:
+    await session.execute("job-resume", {"id": job_id})
+
+
+async def job_complete(session: QMPSession, job_id: str) -> None:
+    await session.execute("job-complete", {"id": job_id})
+
+
+async def job_finalize(session: QMPSession, job_id: str) -> None:
+    await session.execute("job-finalize", {"id": job_id})
+
+
+async def job_dismiss(session: QMPSession, job_id: str) -> None:
+    await session.execute("job-dismiss", {"id": job_id})
+
+
+async def block_job_set_speed(session: QMPSession, job_id: str, speed: int) -> None:
+    """Limit a block job to ``speed`` bytes/s; 0 removes the limit."""
+    await session.execute("block-job-set-speed", {"device": job_id, "speed": speed})
+
+
+def _job_options(
+    job_id: str, speed: int | None, auto_finalize: bool, extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The options every blockctl job gets: its id, never auto-dismissed (so its outcome
+    survives a controller crash: qemu-facts F3), and the optional speed limit."""
+    options: dict[str, Any] = {"job-id": job_id, "auto-dismiss": False}
+    if not auto_finalize:
+        options["auto-finalize"] = False
+    if speed is not None:
+        options["speed"] = speed
+    options.update({k: v for k, v in extra.items() if v is not None})
+    return options
+
+
+async def blockdev_backup(
+    session: QMPSession,
+    *,
+    job_id: str,
+    device: str,
+    target: str,
+    sync: str = "full",
+    speed: int | None = None,
+    auto_finalize: bool = True,
+    bitmap: str | None = None,
+    on_source_error: str | None = None,
+    on_target_error: str | None = None,
+) -> None:
+    """Start a backup job of node ``device`` into the existing node ``target``."""
+    extra = {
+        "device": device,
+        "target": target,
+        "sync": sync,
+        "bitmap": bitmap,
+        "on-source-error": on_source_error,
+        "on-target-error": on_target_error,
+    }
+    await session.execute("blockdev-backup", _job_options(job_id, speed, auto_finalize, extra))
+
+
+async def block_commit(
+    session: QMPSession,
+    *,
+    job_id: str,
+    device: str,
+    top_node: str | None = None,
+    base_node: str | None = None,
+    speed: int | None = None,
+    auto_finalize: bool = True,
+    backing_file: str | None = None,
+    on_error: str | None = None,
+) -> None:
+    """Start a commit job. Without ``top_node`` it is an *active* commit (READY, then
+    job-complete pivots the device onto ``base_node``)."""
+    extra = {
+        "device": device,
+        "top-node": top_node,
+        "base-node": base_node,
+        "backing-file": backing_file,
+        "on-error": on_error,
+    }
+    await session.execute("block-commit", _job_options(job_id, speed, auto_finalize, extra))
+
+
+async def block_stream(
+    session: QMPSession,
+    *,
+    job_id: str,
+    device: str,
+    base_node: str | None = None,
+    speed: int | None = None,
+    auto_finalize: bool = True,
+    backing_file: str | None = None,
+    on_error: str | None = None,
+) -> None:
+    """Start a stream job: copy the backing data above ``base_node`` into ``device``."""
+    extra = {
+        "device": device,
+        "base-node": base_node,
+        "backing-file": backing_file,
+        "on-error": on_error,
+    }
+    await session.execute("block-stream", _job_options(job_id, speed, auto_finalize, extra))

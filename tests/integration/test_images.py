@@ -146,8 +146,10 @@ async def test_cli_img(images: Path) -> None:
     await cli("img", "create", image, "32M", "-f", "qcow2")
     info = json.loads((await cli("img", "info", image, "-f", "qcow2", "--json")).stdout)
     assert info[0]["virtual_size"] == 32 * MIB
-    assert json.loads((await cli("img", "check", image, "-f", "qcow2", "--json")).stdout)[
-        "returncode"] == 0
+    assert (
+        json.loads((await cli("img", "check", image, "-f", "qcow2", "--json")).stdout)["returncode"]
+        == 0
+    )
     await cli("img", "snapshot", image, "create", "t1")
     listed = json.loads((await cli("img", "snapshot", image, "list", "--json")).stdout)
     assert [s["name"] for s in listed] == ["t1"]

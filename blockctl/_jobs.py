@@ -1,0 +1,666 @@
+"""The one driver for every QEMU job: backup, commit, stream, mirror, snapshot-*.
+
+A job is a state machine over ``JOB_STATUS_CHANGE`` events (the ``BLOCK_JOB_*`` events add
+offset/length/error details). Rules, each from something that went wrong elsewhere
+(``notes/qemu-facts.md`` §0, F2, F3, F5, F7):
+
+- The listener is registered *before* the command that creates the job
+  (:func:`start_job`): a fast job can conclude before its command's reply arrives.
+- Jobs are created with ``auto-dismiss: false``; the driver reads ``query-jobs[].error`` at
+  ``concluded`` and always sends ``job-dismiss``. Nothing is left in ``query-jobs``.
+- Success is *only* "concluded, no ``error``, and ``current-progress == total-progress``".
+  Anything else raises :class:`~blockctl.errors.JobFailed` (or ``JobCancelled``).
+- One deadline per operation (``anyio.fail_after`` around the whole wait), never per event;
+  every wait races the connection (a QEMU that dies raises ``ConnectionLost``, no hang).
+- Completion is event-driven. ``query-jobs`` is sampled at an interval only to feed
+  progress hooks (:class:`JobHook`); the samples never decide anything.
+
+The transitions a job goes through are kept in :attr:`Job.transitions` and reported to hooks
+as frozen :class:`JobTransition` records; progress samples as :class:`JobProgress` records
+(stamina's hook idea: this module calls hooks, it imports no UI).
+
+Cancelling (:meth:`Job.cancel`, ``job-cancel``) a mirror or active commit that is READY ends
+it *without* the pivot: the device stays on the top image, and ``base`` has already received
+some or all of top's data, so it no longer matches its own point in time (qemu-facts F2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import anyio
+
+from blockctl._log import get_logger
+from blockctl._qmp import wire
+from blockctl._qmp.models import JOB_FINAL, JobEvent, JobEventKind, JobInfo, JobStatus
+from blockctl._qmp.session import EventStream, QMPSession, single_exception
+from blockctl.errors import (
+    BlockctlError,
+    CommandFailed,
+    ConnectionLost,
+    JobCancelled,
+    JobError,
+    JobFailed,
+    JobNeverReady,
+    OperationTimeout,
+)
+
+__all__ = [
+    "Job",
+    "JobHook",
+    "JobProgress",
+    "JobResult",
+    "JobStatus",
+    "JobTransition",
+    "StructlogJobHook",
+    "adopt_jobs",
+    "new_job_id",
+    "start_job",
+]
+
+_log = get_logger()
+
+#: Job types that wait in READY for job-complete (the "copy until in sync" jobs).
+READY_JOB_TYPES = frozenset({"mirror", "commit"})
+#: QEMU's JobType values that are also valid job-id kinds.
+_TYPE_KINDS = frozenset({"commit", "stream", "mirror", "backup", "create", "amend"})
+
+_counter = itertools.count(1)
+
+
+def new_job_id(kind: str) -> str:
+    """A job id blockctl owns: ``bc-<kind>-<n>-<random>``. Never a user string."""
+    if not kind.isalnum():
+        raise ValueError(f"job kind {kind!r} must be alphanumeric")
+    return f"bc-{kind}-{next(_counter)}-{secrets.token_hex(3)}"
+
+
+# Section: records and hooks
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobTransition:
+    """A job moved to ``status`` (from ``previous``); ``seconds`` since blockctl began
+    watching it."""
+
+    job_id: str
+    job_type: str | None
+    status: JobStatus
+    previous: JobStatus | None
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobProgress:
+    """A progress sample: ``done`` of ``total`` (QEMU's unit: bytes for block jobs).
+
+    ``rate`` (bytes/s) and ``eta`` (seconds) are estimated from consecutive samples and are
+    None until two samples exist (or while nothing moves).
+    """
+
+    job_id: str
+    job_type: str | None
+    status: JobStatus
+    done: int
+    total: int
+    rate: float | None
+    eta: float | None
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobResult:
+    """A job that concluded with no error and ``offset == length``, and was dismissed."""
+
+    job_id: str
+    job_type: str | None
+    target: str | None
+    transitions: tuple[JobStatus, ...]
+    offset: int
+    length: int
+    seconds: float
+    completed_on_ready: bool  # job-complete was sent at READY (an active commit pivoted)
+
+
+class JobHook(Protocol):
+    """What the jobs layer calls. Implementations must be quick and must not block."""
+
+    def on_transition(self, transition: JobTransition) -> None: ...
+
+    def on_progress(self, progress: JobProgress) -> None: ...
+
+
+class StructlogJobHook:
+    """Logs ``blockctl.job.<status>`` for every transition and ``blockctl.job.progress``."""
+
+    def on_transition(self, transition: JobTransition) -> None:
+        _log.info(
+            f"blockctl.job.{transition.status.value}",
+            job_id=transition.job_id,
+            job_type=transition.job_type,
+            previous=None if transition.previous is None else transition.previous.value,
+            seconds=round(transition.seconds, 4),
+        )
+
+    def on_progress(self, progress: JobProgress) -> None:
+        _log.debug(
+            "blockctl.job.progress",
+            job_id=progress.job_id,
+            status=progress.status.value,
+            done=progress.done,
+            total=progress.total,
+            rate=None if progress.rate is None else round(progress.rate),
+            eta=None if progress.eta is None else round(progress.eta, 1),
+        )
+
+
+DEFAULT_HOOKS: tuple[JobHook, ...] = (StructlogJobHook(),)
+
+
+def _call_hooks(hooks: Sequence[JobHook], method: str, record: object) -> None:
+    for hook in hooks:
+        try:
+            getattr(hook, method)(record)
+        except Exception as exc:  # a broken progress bar must not break a commit
+            _log.warning("blockctl.job.hook_failed", hook=repr(hook), error=repr(exc))
+
+
+# Section: the job handle
+
+
+class Job:
+    """One QEMU job, started by :func:`start_job` or found by :func:`adopt_jobs`.
+
+    :meth:`wait` drives it to its end; :meth:`cancel`, :meth:`pause`, :meth:`resume`,
+    :meth:`set_speed` and :meth:`complete` act on it meanwhile (from another task, or before
+    calling :meth:`wait` again after :meth:`wait_ready`).
+    """
+
+    def __init__(
+        self,
+        session: QMPSession,
+        job_id: str,
+        *,
+        job_type: str | None,
+        target: str | None = None,
+        auto_finalize: bool | None = True,
+        speed: int | None = None,
+        status: JobStatus | None = None,
+        stream: EventStream | None = None,
+    ) -> None:
+        self.session = session
+        self.id = job_id
+        self.type = job_type
+        #: The node or device the job works on, for messages.
+        self.target = target
+        #: None for an adopted job: QEMU does not report it, so PENDING is finalized anyway.
+        self.auto_finalize = auto_finalize
+        self.speed = speed
+        self.status = status
+        self._stream = stream
+        self._transitions: list[JobStatus] = [] if status is None else [status]
+        self._started = time.monotonic()
+        self._ready = False
+        self._completing = False
+        self._finalizing = False
+        self._cancel_requested = False
+        self._cancelled_event = False
+        self._final_event: JobEvent | None = None
+        self._dismissed = False
+        self._result: JobResult | None = None
+        self._error: JobError | None = None
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} type={self.type} status={self.status}>"
+
+    @property
+    def transitions(self) -> tuple[JobStatus, ...]:
+        """Every status seen, in order (from events, or a ``query-jobs`` resync)."""
+        return tuple(self._transitions)
+
+    @property
+    def done(self) -> bool:
+        """Whether the job has concluded and been dismissed (its outcome is known)."""
+        return self._result is not None or self._error is not None
+
+    @property
+    def outcome(self) -> JobResult | JobError | None:
+        """The result or error once :attr:`done` (an adopted concluded job has one at once)."""
+        return self._result if self._result is not None else self._error
+
+    # Section: verbs
+
+    async def cancel(self) -> None:
+        """``job-cancel``. The job ends in :class:`JobCancelled` (or, if it was about to
+        finish anyway, succeeds). For a READY mirror/active commit: ends without pivot."""
+        self._cancel_requested = True
+        await wire.job_cancel(self.session, self.id)
+
+    async def pause(self) -> None:
+        await wire.job_pause(self.session, self.id)
+
+    async def resume(self) -> None:
+        await wire.job_resume(self.session, self.id)
+
+    async def complete(self) -> None:
+        """``job-complete`` (only in READY): an active commit pivots onto its base."""
+        self._completing = True
+        try:
+            await wire.job_complete(self.session, self.id)
+        except BaseException:
+            self._completing = False
+            raise
+
+    async def set_speed(self, bytes_per_second: int) -> None:
+        """Change the speed limit; 0 removes it."""
+        await wire.block_job_set_speed(self.session, self.id, bytes_per_second)
+        self.speed = bytes_per_second
+
+    async def info(self) -> JobInfo | None:
+        """The job's ``query-jobs`` entry now (None once dismissed). For display only."""
+        return next((j for j in await wire.query_jobs(self.session) if j.id == self.id), None)
+
+    # Section: waiting
+
+    async def wait(
+        self,
+        *,
+        complete_on_ready: bool,
+        deadline: float,
+        hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+        progress_interval: float | None = 1.0,
+    ) -> JobResult:
+        """Drive the job until it concludes; dismiss it; return its result.
+
+        ``complete_on_ready``: at READY, send ``job-complete`` (active commit: pivot);
+        otherwise keep waiting in READY (someone else completes or cancels).
+        ``deadline``: seconds for the whole wait.
+
+        :raise JobFailed: concluded with an error, or ``offset != length``.
+        :raise JobCancelled: it was cancelled.
+        :raise JobNeverReady: a mirror/commit was still not READY at the deadline.
+        :raise OperationTimeout: any other missed deadline (the job keeps running).
+        :raise ConnectionLost: QEMU went away; the outcome is unknown (attach and adopt).
+        """
+        await self._drive(
+            until_ready=False,
+            complete_on_ready=complete_on_ready,
+            deadline=deadline,
+            hooks=hooks,
+            progress_interval=progress_interval,
+        )
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        # Include the NULL transition that followed job-dismiss.
+        self._result = replace(self._result, transitions=self.transitions)
+        return self._result
+
+    async def wait_ready(
+        self,
+        *,
+        deadline: float,
+        hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+        progress_interval: float | None = 1.0,
+    ) -> None:
+        """Drive the job until READY (then :meth:`complete` or :meth:`cancel`, and
+        :meth:`wait`). A job that concludes first raises its error, or returns."""
+        await self._drive(
+            until_ready=True,
+            complete_on_ready=False,
+            deadline=deadline,
+            hooks=hooks,
+            progress_interval=progress_interval,
+        )
+        if self._error is not None:
+            raise self._error
+
+    async def _drive(
+        self,
+        *,
+        until_ready: bool,
+        complete_on_ready: bool,
+        deadline: float,
+        hooks: Sequence[JobHook],
+        progress_interval: float | None,
+    ) -> None:
+        if self.done or (until_ready and self._ready and self.status is JobStatus.READY):
+            return
+        operation = f"job {self.id} ({self.type or 'job'}{self._on()})"
+        try:
+            with anyio.fail_after(deadline), self._listening() as (stream, resync):
+                try:
+                    async with anyio.create_task_group() as tg:
+                        if progress_interval is not None and hooks:
+                            tg.start_soon(self._sample, hooks, progress_interval)
+                        if resync:
+                            await self._resync(hooks)
+                        await self._loop(stream, until_ready, complete_on_ready, hooks)
+                        tg.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    raise single_exception(group) from None
+        except TimeoutError:
+            if self.done:
+                return  # the outcome is known; only the trailing NULL event was late
+            raise self._timeout(operation, deadline, complete_on_ready or until_ready) from None
+        except ConnectionLost as exc:
+            raise ConnectionLost(
+                f"{operation}: {exc}; the job's outcome is unknown (if QEMU still runs, "
+                "attach again: adopt_jobs() reports it)"
+            ) from exc
+
+    def _on(self) -> str:
+        return f" on {self.target}" if self.target else ""
+
+    def _timeout(self, operation: str, deadline: float, wants_ready: bool) -> OperationTimeout:
+        detail = f"status {self.status.value if self.status else 'unknown'}"
+        if wants_ready and not self._ready and self.type in READY_JOB_TYPES:
+            speed = f"{self.speed} bytes/s" if self.speed else "its speed limit"
+            return JobNeverReady(
+                operation,
+                deadline,
+                f"never became READY ({detail}); the guest may write faster than {speed}: "
+                "raise the limit with set_speed(0), or cancel the job (it is still running)",
+                job_id=self.id,
+            )
+        return OperationTimeout(operation, deadline, f"{detail}; the job is still running")
+
+    @contextlib.contextmanager
+    def _listening(self) -> Iterator[tuple[EventStream, bool]]:
+        """The job's event stream. A job not started by :func:`start_job` gets one now,
+        and then needs a ``query-jobs`` resync for what happened before."""
+        if self._stream is not None:
+            yield self._stream, False
+            return
+        with wire.job_events(self.session) as stream:
+            yield stream, True
+
+    def _vanished(self) -> JobFailed:
+        return JobFailed(
+            f"job {self.id}{self._on()} is no longer listed by QEMU (dismissed by another "
+            "client?); its outcome is unknown",
+            job_id=self.id,
+            job_type=self.type,
+            target=self.target,
+            status=None,
+            error=None,
+            offset=None,
+            length=None,
+        )
+
+    async def _resync(self, hooks: Sequence[JobHook]) -> None:
+        info = await self.info()
+        if info is None:
+            self._error = self._vanished()
+            return
+        if info.status is not self.status:
+            self._transition(info.status, hooks)
+        if info.status is JobStatus.READY:
+            self._ready = True
+        if info.status is JobStatus.CONCLUDED:
+            await self._conclude(info)
+
+    async def _loop(
+        self,
+        stream: EventStream,
+        until_ready: bool,
+        complete_on_ready: bool,
+        hooks: Sequence[JobHook],
+    ) -> None:
+        # After job-dismiss QEMU sends the NULL transition before the reply: read it too, so
+        # the recorded sequence is complete.
+        while not (self.done and self.status in (JobStatus.NULL, None)):
+            if (
+                self._error is not None
+                and self.status is not JobStatus.NULL
+                and not self._dismissed
+            ):
+                return  # vanished (resync found nothing): there is no NULL to wait for
+            event = wire.parse_job_event(await stream.next())
+            if event.job_id != self.id:
+                continue
+            if event.kind is not JobEventKind.STATUS:
+                self._detail(event)
+                continue
+            assert event.status is not None
+            self._transition(event.status, hooks)
+            match event.status:
+                case JobStatus.READY:
+                    self._ready = True
+                    if until_ready:
+                        return
+                    if complete_on_ready and not self._completing and not self._cancel_requested:
+                        try:
+                            await self.complete()
+                        except CommandFailed as exc:  # no longer ready (an error reset it)
+                            _log.info(
+                                "blockctl.job.complete_refused", job_id=self.id, error=str(exc)
+                            )
+                case JobStatus.PENDING if self.auto_finalize is not True and not self._finalizing:
+                    self._finalizing = True
+                    try:
+                        await wire.job_finalize(self.session, self.id)
+                    except CommandFailed as exc:  # an adopted job that finalized by itself
+                        _log.info("blockctl.job.finalize_refused", job_id=self.id, error=str(exc))
+                case JobStatus.CONCLUDED if not self._dismissed:
+                    await self._conclude(await self.info())
+                case JobStatus.NULL if not self.done:
+                    # Dismissed by someone else (or created with auto-dismiss): only the
+                    # final BLOCK_JOB_* event, if any, tells how it ended.
+                    self._dismissed = True
+                    await self._conclude(None)
+                case _:
+                    pass
+
+    def _transition(self, status: JobStatus, hooks: Sequence[JobHook]) -> None:
+        previous, self.status = self.status, status
+        self._transitions.append(status)
+        record = JobTransition(
+            job_id=self.id,
+            job_type=self.type,
+            status=status,
+            previous=previous,
+            seconds=time.monotonic() - self._started,
+        )
+        _call_hooks(hooks, "on_transition", record)
+
+    def _detail(self, event: JobEvent) -> None:
+        if event.job_type is not None and self.type is None:
+            self.type = event.job_type
+        if event.speed is not None:
+            self.speed = event.speed or None
+        if event.kind in (JobEventKind.COMPLETED, JobEventKind.CANCELLED):
+            self._final_event = event
+            self._cancelled_event = event.kind is JobEventKind.CANCELLED
+        elif event.kind is JobEventKind.ERROR:
+            _log.warning(
+                "blockctl.job.io_error",
+                job_id=self.id,
+                operation=event.operation,
+                action=event.action,
+            )
+
+    async def _conclude(self, info: JobInfo | None) -> None:
+        """Read the outcome (``query-jobs`` first, the final event as a fallback), dismiss,
+        and record the result or the error."""
+        event = self._final_event
+        if info is None and event is None:
+            self._error = self._vanished()
+            return
+        error = info.error if info is not None else None
+        if error is None and event is not None:
+            error = event.error
+        offset: int | None = None
+        length: int | None = None
+        if info is not None:
+            offset, length = info.current_progress, info.total_progress
+        elif event is not None:
+            offset, length = event.offset, event.length
+        if info is not None and self.type is None:
+            self.type = info.type
+        if not self._dismissed:
+            await wire.job_dismiss(self.session, self.id)
+            self._dismissed = True
+
+        def failure(cls: type[JobError], message: str) -> JobError:
+            return cls(
+                message,
+                job_id=self.id,
+                job_type=self.type,
+                target=self.target,
+                status=JobStatus.CONCLUDED.value,
+                error=error,
+                offset=offset,
+                length=length,
+            )
+
+        what = f"{self.type or 'job'} job {self.id}{self._on()}"
+        cancelled = self._cancelled_event or (self._cancel_requested and error is not None)
+        if cancelled:
+            detail = f": {error}" if error else ""
+            self._error = failure(
+                JobCancelled, f"{what} was cancelled at {offset} of {length}{detail}"
+            )
+        elif error is not None:
+            self._error = failure(JobFailed, f"{what} failed at {offset} of {length}: {error}")
+        elif offset is None or length is None or offset != length:
+            self._error = failure(
+                JobFailed,
+                f"{what} concluded without an error but copied only {offset} of {length}; "
+                "it is not counted as done",
+            )
+        else:
+            self._result = JobResult(
+                job_id=self.id,
+                job_type=self.type,
+                target=self.target,
+                transitions=self.transitions,
+                offset=offset,
+                length=length,
+                seconds=time.monotonic() - self._started,
+                completed_on_ready=self._completing,
+            )
+
+    async def _sample(self, hooks: Sequence[JobHook], interval: float) -> None:
+        """Progress for display: ``query-jobs`` every ``interval`` s. Never decides anything."""
+        last: tuple[float, int] | None = None
+        rate: float | None = None
+        wake = anyio.Event()  # never set: the task group's cancellation ends this loop
+        while True:
+            try:
+                info = await self.info()
+            except BlockctlError:
+                return  # the main loop reports what went wrong
+            if info is None or info.status in JOB_FINAL:
+                return
+            now = time.monotonic()
+            if last is not None and now > last[0]:
+                current = (info.current_progress - last[1]) / (now - last[0])
+                rate = current if rate is None else 0.5 * rate + 0.5 * current
+            last = (now, info.current_progress)
+            remaining = max(info.total_progress - info.current_progress, 0)
+            eta = remaining / rate if rate else None
+            record = JobProgress(
+                job_id=self.id,
+                job_type=info.type,
+                status=info.status,
+                done=info.current_progress,
+                total=info.total_progress,
+                rate=rate,
+                eta=eta,
+                seconds=now - self._started,
+            )
+            _call_hooks(hooks, "on_progress", record)
+            with anyio.move_on_after(interval):
+                await wake.wait()
+
+    async def _abandon(self, hooks: Sequence[JobHook], timeout: float) -> None:
+        """Cancel a job its owner left unfinished, drive it to the end and dismiss it."""
+        if self.done or self.session.lost or self.status is JobStatus.NULL:
+            return
+        _log.warning("blockctl.job.abandoned", job_id=self.id, status=str(self.status))
+        if self.status is not JobStatus.CONCLUDED:
+            with contextlib.suppress(CommandFailed):  # it may have concluded meanwhile
+                await self.cancel()
+        try:
+            await self.wait(complete_on_ready=False, deadline=timeout, hooks=hooks)
+        except BlockctlError as exc:
+            _log.info("blockctl.job.abandoned_outcome", job_id=self.id, outcome=str(exc))
+
+
+# Section: starting and adopting
+
+
+@contextlib.asynccontextmanager
+async def start_job(
+    session: QMPSession,
+    kind: str,
+    start: Callable[[str], Awaitable[None]],
+    *,
+    job_type: str | None = None,
+    target: str | None = None,
+    auto_finalize: bool = True,
+    speed: int | None = None,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    cleanup_timeout: float = 30.0,
+) -> AsyncIterator[Job]:
+    """Register the job listener, then ``await start(job_id)`` (the QMP command that creates
+    the job, with ``auto-dismiss: false``; the ``wire`` job starters do that), then yield
+    the :class:`Job`.
+
+    ``kind`` names the job id (``bc-<kind>-…``) and, when it is a QEMU job type (``backup``,
+    ``commit``, ``stream``, ``mirror``, …), the job's type unless ``job_type`` says otherwise
+    (the type matters before QEMU reports it: a commit that never gets READY is
+    :class:`~blockctl.errors.JobNeverReady`). ``auto_finalize`` and ``speed`` must be what
+    ``start`` passes to QEMU. If the block exits while the job is unfinished (an exception,
+    a deadline), the job is cancelled, driven to its end and dismissed (shielded, at most
+    ``cleanup_timeout`` s), so no job is left behind.
+    """
+    job_id = new_job_id(kind)
+    with wire.job_events(session) as stream:
+        job = Job(
+            session,
+            job_id,
+            job_type=job_type or (kind if kind in _TYPE_KINDS else None),
+            target=target,
+            auto_finalize=auto_finalize,
+            speed=speed,
+            stream=stream,
+        )
+        await start(job_id)
+        try:
+            yield job
+        finally:
+            if not job.done:
+                with anyio.CancelScope(shield=True):
+                    await job._abandon(hooks, cleanup_timeout)
+
+
+async def adopt_jobs(
+    session: QMPSession, *, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+) -> tuple[Job, ...]:
+    """Every job QEMU lists, as handles (after attaching: events are not replayed).
+
+    Concluded jobs are read (``error``, progress) and dismissed here; their handle is
+    :attr:`Job.done` with the :attr:`Job.outcome`. The others can be waited for, cancelled, ….
+    """
+    jobs = []
+    for info in await wire.query_jobs(session):
+        job = Job(session, info.id, job_type=info.type, auto_finalize=None, status=info.status)
+        _call_hooks(
+            hooks,
+            "on_transition",
+            JobTransition(
+                job_id=info.id, job_type=info.type, status=info.status, previous=None, seconds=0
+            ),
+        )
+        if info.status is JobStatus.CONCLUDED:
+            await job._conclude(info)
+        jobs.append(job)
+    return tuple(jobs)
