@@ -33,6 +33,7 @@ from blockctl.types import (
     Aio,
     BootConfig,
     CacheMode,
+    DeprecatedInput,
     DetectZeroes,
     Discard,
     Drive,
@@ -65,6 +66,7 @@ __all__ = [
     "Discard",
     "DetectZeroes",
     "Accel",
+    "DeprecatedInput",
     # Replies
     "StatusInfo",
     "VersionInfo",

@@ -21,6 +21,7 @@ from blockctl.types import (
     Accel,
     Aio,
     BootConfig,
+    DeprecatedInput,
     DetectZeroes,
     Drive,
     Interface,
@@ -357,6 +358,8 @@ def build_argv(
         "-display",
         "none",
     ]
+    if config.deprecated_input is not DeprecatedInput.ACCEPT:
+        argv += ["-compat", f"deprecated-input={config.deprecated_input.value}"]
     if accel is Accel.KVM:
         argv += ["-cpu", "host"]
     if config.no_shutdown:

@@ -209,8 +209,17 @@ class BlockGraph:
     # Section: building
 
     @classmethod
-    def from_qmp(cls, nodes: Iterable[NodeDetail], devices: Iterable[BlockDevice]) -> BlockGraph:
+    def from_qmp(
+        cls,
+        nodes: Iterable[NodeDetail],
+        devices: Iterable[BlockDevice],
+        backing_hints: Mapping[str, str | None] | None = None,
+    ) -> BlockGraph:
+        """``backing_hints`` (node → the backing node it was opened with, as blockctl
+        recorded it) settle what filenames cannot: two chains whose backing nodes open the
+        same file. A hint is used only if QEMU's ``backing_file`` agrees with it."""
         raw = {d.node.node_name: _Raw(d, _json_name(d.node.file)) for d in nodes}
+        hints = dict(backing_hints or {})
         warnings: list[str] = []
 
         def descriptor(name: str) -> Mapping[str, Any] | None:
@@ -271,6 +280,9 @@ class BlockGraph:
             if isinstance(spec, Mapping) and len(found) > 1:
                 wanted = _key(spec)
                 found = [n for n in found if _key(descriptors[n] or {}) == wanted]
+            hinted = hints.get(name)
+            if len(found) > 1 and hinted in found:
+                found = [hinted]
             if len(found) > 1:  # filters above the backing image share its filename
                 found = _lowest_non_protocol(found, {n: file_child_of[n] for n in found})
             if len(found) != 1:

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockctl import _proc
+from blockctl import _binaries, _proc
 from blockctl.errors import ConfigError, ProtocolMismatch
 from blockctl.types import ImageFormat
 
 
 def qemu_img_binary() -> str:
-    return os.environ.get("BLOCKCTL_QEMU_IMG", "qemu-img")
+    """``$BLOCKCTL_QEMU_IMG``, else ``$BLOCKCTL_QEMU_PREFIX/bin/qemu-img``, else from PATH."""
+    return _binaries.qemu_img()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,13 +38,25 @@ async def create(
     size: int | None = None,
     backing: Path | None = None,
     backing_format: ImageFormat | None = None,
+    unsafe: bool = False,
 ) -> None:
-    """``qemu-img create``; a backing file always comes with its format (-F)."""
+    """``qemu-img create``; a backing file always comes with its format (-F).
+
+    ``unsafe`` (-u) does not open the backing file: needed when a running QEMU holds its lock
+    (a live snapshot's overlay); ``size`` must then be given.
+    """
     argv = [qemu_img_binary(), "create", "-q", "-f", fmt.value]
     if backing is not None:
         if backing_format is None:
             raise ConfigError("backing_format", "a backing file needs its format")
         argv += ["-b", str(backing), "-F", backing_format.value]
+        if unsafe:
+            if size is None:
+                raise ConfigError(
+                    "size",
+                    "an overlay made without opening its backing file needs an explicit size",
+                )
+            argv.append("-u")
     argv.append(str(path))
     if size is not None:
         argv.append(str(size))

@@ -28,7 +28,7 @@ from typing import IO, Any
 import anyio
 from anyio.abc import SocketStream
 
-from blockctl import _images, _proc, _runtime
+from blockctl import _binaries, _images, _proc, _runtime
 from blockctl._accel import AccelChoice, choose_accel
 from blockctl._argv import (
     ConsoleFd,
@@ -60,8 +60,8 @@ _log = get_logger()
 
 
 def qemu_system_binary() -> str:
-    """``$BLOCKCTL_QEMU_SYSTEM``, else ``qemu-system-x86_64`` from PATH."""
-    return os.environ.get("BLOCKCTL_QEMU_SYSTEM", "qemu-system-x86_64")
+    """``$BLOCKCTL_QEMU_SYSTEM``, else ``$BLOCKCTL_QEMU_PREFIX/bin/…``, else from PATH."""
+    return _binaries.qemu_system()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,11 +169,7 @@ async def preflight(config: MachineConfig) -> tuple[str, dict[int, DriveSource]]
     """
     binary = qemu_system_binary()
     if shutil.which(binary) is None:
-        raise MissingComponent(
-            binary,
-            "install qemu-system-x86 (Debian) or set "
-            "BLOCKCTL_QEMU_SYSTEM to a qemu-system-x86_64 binary",
-        )
+        raise MissingComponent(binary, _binaries.install_hint("qemu-system-x86_64"))
     for field_name in ("kernel", "initrd", "firmware"):
         path = getattr(config, field_name)
         if path is not None and not Path(path).is_file():

@@ -21,6 +21,7 @@ from typing import IO
 import anyio
 import anyio.abc
 
+from blockctl import _binaries
 from blockctl._log import get_logger
 from blockctl.errors import MissingComponent, ProcessFailed
 
@@ -210,9 +211,7 @@ async def spawn(
             preexec_fn=_child_setup(die_with_parent, os.getpid()),
         )
     except FileNotFoundError as exc:
-        raise MissingComponent(
-            args[0], "install qemu-system-x86 (Debian) or point BLOCKCTL_QEMU_SYSTEM at a binary"
-        ) from exc
+        raise MissingComponent(args[0], _binaries.install_hint("qemu-system-x86_64")) from exc
     _log.debug("blockctl.proc.spawned", argv=args, pid=process.pid)
     return process
 

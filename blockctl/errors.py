@@ -12,6 +12,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    ├── VMNotFound
      │    └── VMExists
      ├── DriveNotFound          the VM has no such drive (device_id)
+     ├── UnsafeOperation        refused: it would change data something else depends on
      ├── QMPError               anything on the QMP connection
      │    ├── QMPConnectFailed  could not connect, attach or negotiate
      │    ├── CommandFailed     QEMU answered a command with an error (command, error_class)
@@ -41,6 +42,7 @@ __all__ = [
     "BlockctlError",
     "CommandFailed",
     "DriveNotFound",
+    "UnsafeOperation",
     "ConfigError",
     "ConnectionLost",
     "GuestCommandFailed",
@@ -150,6 +152,11 @@ class DriveNotFound(BlockctlError):
     def __init__(self, device_id: str, message: str) -> None:
         self.device_id = device_id
         super().__init__(message)
+
+
+class UnsafeOperation(BlockctlError):
+    """Refused because it would change data that something else depends on (e.g. a commit
+    into a shared base). The message says how to proceed if it is really intended."""
 
 
 class QMPError(BlockctlError):

@@ -22,6 +22,7 @@ __all__ = [
     "Aio",
     "BootConfig",
     "CacheMode",
+    "DeprecatedInput",
     "DetectZeroes",
     "Discard",
     "Drive",
@@ -107,6 +108,18 @@ class Accel(enum.StrEnum):
     AUTO = "auto"
     KVM = "kvm"
     TCG = "tcg"
+
+
+class DeprecatedInput(enum.StrEnum):
+    """What QEMU does with deprecated QMP commands and arguments (``-compat deprecated-input``).
+
+    ``reject`` makes QEMU refuse them (``drive-backup`` → CommandNotFound, ``block-commit top``
+    → "Deprecated parameter top disabled by policy"), so a use of a deprecated interface fails
+    loudly instead of breaking on a later QEMU; blockctl's own tests run with it.
+    """
+
+    ACCEPT = "accept"
+    REJECT = "reject"
 
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -345,6 +358,8 @@ class MachineConfig:
     boot: BootConfig | None = None
     # Keep QEMU alive (status 'shutdown') when the guest powers off, so its state can be read.
     no_shutdown: bool = False
+    # reject: QEMU refuses deprecated QMP commands and arguments (-compat deprecated-input=reject).
+    deprecated_input: DeprecatedInput = DeprecatedInput.ACCEPT
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -365,6 +380,11 @@ class MachineConfig:
                 "(see qemu-system-x86_64 -machine help)",
             )
         put(self, "accel", _enum(Accel, self.accel, "accel"))
+        put(
+            self,
+            "deprecated_input",
+            _enum(DeprecatedInput, self.deprecated_input, "deprecated_input"),
+        )
         for name in ("kernel", "initrd", "firmware"):
             value = getattr(self, name)
             if value is not None:

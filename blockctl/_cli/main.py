@@ -23,6 +23,15 @@ import anyio
 import structlog
 
 from blockctl import _guest, _images, _runtime
+from blockctl._jobs import (
+    JobHook,
+    JobProgress,
+    JobResult,
+    JobStatus,
+    JobTransition,
+    StructlogJobHook,
+    adopt_jobs,
+)
 from blockctl._machine import (
     Timeouts,
     attach,
@@ -30,7 +39,7 @@ from blockctl._machine import (
     shutdown_detached,
 )
 from blockctl._ops import apply as apply_ops
-from blockctl._ops import drives
+from blockctl._ops import chains, drives
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import BlockctlError, ConfigError
 from blockctl.types import (
@@ -769,6 +778,263 @@ class Img(Command):
         return code
 
 
+class JobBar:
+    """A JobHook that draws the job's progress on stderr (terminal only, never with --json)."""
+
+    def __init__(self, args: argparse.Namespace, label: str) -> None:
+        self.bar = ProgressBar(args, label)
+
+    def on_transition(self, transition: JobTransition) -> None:
+        if transition.status in (JobStatus.CONCLUDED, JobStatus.NULL):
+            self.bar.done()
+            self.bar.enabled = False
+
+    def on_progress(self, progress: JobProgress) -> None:
+        if progress.total:
+            self.bar(100.0 * progress.done / progress.total)
+
+
+def job_hooks(args: argparse.Namespace, label: str) -> tuple[JobHook, ...]:
+    return (StructlogJobHook(), JobBar(args, label))
+
+
+def chain_result_json(result: chains.ChainResult) -> dict[str, Any]:
+    return {
+        "device": result.device,
+        "job": result.job.job_id,
+        "transitions": [t.value for t in result.job.transitions],
+        "bytes": result.job.length,
+        "seconds": round(result.job.seconds, 3),
+        "removed_nodes": list(result.removed_nodes),
+        "removed_files": list(result.removed_files),
+        "chain": list(result.chain),
+    }
+
+
+class Chain(Command):
+    name = "chain"
+    help = "show a VM's block graph: devices, nodes, backing chains, bitmaps"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        async with attach(args.vm) as vm:
+            graph = await chains.read_graph(vm)
+        emit(args, graph.to_json(), graph.render_text())
+        return 0
+
+
+class SnapshotCommand(Command):
+    name = "snapshot"
+    help = "external (create/list/delete) and internal (save/load/delete --internal) snapshots"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("action", choices=["create", "list", "delete", "save", "load"])
+        parser.add_argument("tag", nargs="?")
+        parser.add_argument(
+            "--dir", type=Path, help="where overlays go (default: beside each disk's current image)"
+        )
+        parser.add_argument(
+            "--disk",
+            action="append",
+            help="device to snapshot (repeat; default: every writable disk)",
+        )
+        parser.add_argument("--internal", action="store_true", help="delete an internal one")
+        parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        if args.action != "list" and not args.tag:
+            raise ConfigError("tag", f"snapshot {args.action} needs a TAG")
+        hooks = job_hooks(args, args.action)
+        data: Any
+        async with attach(args.vm) as vm:
+            if args.action == "create":
+                snap = await chains.external_snapshot(vm, args.tag, args.dir, devices=args.disk)
+                data = {
+                    "tag": snap.tag,
+                    "overlays": {k: str(v) for k, v in snap.overlays.items()},
+                    "frozen": snap.frozen,
+                }
+                human = "\n".join(
+                    f"{d}: {snap.frozen[d]} frozen; writes go to {o}"
+                    for d, o in snap.overlays.items()
+                )
+            elif args.action == "list":
+                external = await chains.list_external(vm)
+                internal = await chains.list_internal(vm)
+                data = {"external": external, "internal": internal}
+                lines = [f"{dev}: {' ← '.join(layers)}" for dev, layers in external.items()]
+                lines += [
+                    f"{dev}: internal {', '.join(tags) or '(none)'}"
+                    for dev, tags in internal.items()
+                ]
+                human = "\n".join(lines)
+            elif args.action == "delete" and not args.internal:
+                results = await chains.delete_external(
+                    vm, args.tag, timeout=args.timeout, hooks=hooks
+                )
+                data = [chain_result_json(r) for r in results]
+                human = "\n".join(
+                    f"{r.device}: merged; chain {' ← '.join(r.chain)}" for r in results
+                )
+            else:
+                run_internal = {
+                    "save": chains.save_internal,
+                    "load": chains.load_internal,
+                    "delete": chains.delete_internal,
+                }[args.action]
+                result = await run_internal(vm, args.tag, deadline=args.timeout, hooks=hooks)
+                data = {
+                    "job": result.job_id,
+                    "tag": args.tag,
+                    "transitions": [t.value for t in result.transitions],
+                }
+                human = f"{args.action} {args.tag}: done in {result.seconds:.2f} s"
+        emit(args, data, human)
+        return 0
+
+
+class CommitCommand(Command):
+    name = "commit"
+    help = "block-commit a layer of a live chain into a lower one (active: pivot)"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("device")
+        parser.add_argument("--top", help="node or file (default: the active layer)")
+        parser.add_argument("--base", help="node or file (default: right below top)")
+        parser.add_argument("--speed", help="bytes/s limit (e.g. 50M)")
+        parser.add_argument(
+            "--allow-shared-base",
+            action="store_true",
+            help="commit even though something else uses the base",
+        )
+        parser.add_argument(
+            "--delete-files",
+            action="store_true",
+            help="delete the image files of the merged layers",
+        )
+        parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        async with attach(args.vm) as vm:
+            result = await chains.commit(
+                vm,
+                args.device,
+                top=args.top,
+                base=args.base,
+                speed=None if args.speed is None else parse_size(args.speed, "speed"),
+                deadline=args.timeout,
+                allow_shared_base=args.allow_shared_base,
+                delete_files=args.delete_files,
+                hooks=job_hooks(args, "commit"),
+            )
+        emit(
+            args,
+            chain_result_json(result),
+            f"{result.device}: committed {result.job.length} bytes in "
+            f"{result.job.seconds:.2f} s; chain {' ← '.join(result.chain)}",
+        )
+        return 0
+
+
+class StreamCommand(Command):
+    name = "stream"
+    help = "block-stream backing data into the active layer (and drop those layers)"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("device")
+        parser.add_argument("--base", help="keep this layer and below (default: none)")
+        parser.add_argument("--speed", help="bytes/s limit (e.g. 50M)")
+        parser.add_argument("--delete-files", action="store_true")
+        parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        async with attach(args.vm) as vm:
+            result = await chains.stream(
+                vm,
+                args.device,
+                base=args.base,
+                speed=None if args.speed is None else parse_size(args.speed, "speed"),
+                deadline=args.timeout,
+                delete_files=args.delete_files,
+                hooks=job_hooks(args, "stream"),
+            )
+        emit(
+            args,
+            chain_result_json(result),
+            f"{result.device}: streamed {result.job.length} bytes in "
+            f"{result.job.seconds:.2f} s; chain {' ← '.join(result.chain)}",
+        )
+        return 0
+
+
+class Jobs(Command):
+    name = "jobs"
+    help = "list a VM's jobs (adopting any left by another controller), or act on one"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument(
+            "action",
+            nargs="?",
+            default="list",
+            choices=["list", "cancel", "pause", "resume", "speed"],
+        )
+        parser.add_argument("job", nargs="?")
+        parser.add_argument("speed", nargs="?", help="bytes/s, for `speed` (0: unlimited)")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        async with attach(args.vm) as vm:
+            jobs = await adopt_jobs(vm.session)
+            if args.action == "list":
+                rows = []
+                for job in jobs:
+                    info = await job.info()
+                    outcome = job.outcome
+                    rows.append(
+                        {
+                            "id": job.id,
+                            "type": job.type,
+                            "status": info.status.value if info else "dismissed",
+                            "done": info.current_progress if info else None,
+                            "total": info.total_progress if info else None,
+                            "outcome": None
+                            if outcome is None
+                            else ("ok" if isinstance(outcome, JobResult) else str(outcome)),
+                        }
+                    )
+                emit(
+                    args,
+                    rows,
+                    "\n".join(
+                        f"{r['id']:<28} {r['type']:<14} {r['status']:<10} "
+                        f"{r['done']}/{r['total']} {r['outcome'] or ''}"
+                        for r in rows
+                    )
+                    or "no jobs",
+                )
+                return 0
+            target = next((j for j in jobs if j.id == args.job), None)
+            if target is None:
+                raise ConfigError("job", f"no job {args.job!r} in this VM (see `blockctl jobs`)")
+            if args.action == "cancel":
+                await target.cancel()
+            elif args.action == "pause":
+                await target.pause()
+            elif args.action == "resume":
+                await target.resume()
+            else:
+                if args.speed is None:
+                    raise ConfigError("speed", "give the new speed in bytes/s (0: unlimited)")
+                await target.set_speed(parse_size(args.speed, "speed"))
+        emit(args, {"job": args.job, "action": args.action}, f"{args.job}: {args.action} sent")
+        return 0
+
+
 COMMANDS: tuple[type[Command], ...] = (
     Up,
     Ls,
@@ -783,6 +1049,11 @@ COMMANDS: tuple[type[Command], ...] = (
     ResizeCommand,
     ThrottleCommand,
     ApplyCommand,
+    Chain,
+    SnapshotCommand,
+    CommitCommand,
+    StreamCommand,
+    Jobs,
     Img,
     Guest,
     Demo,

@@ -392,6 +392,7 @@ class NodeDetail:
     backing_filename: str | None  # as written in the image header (may be relative)
     full_backing_filename: str | None  # resolved by QEMU
     dirty_bitmaps: tuple[DirtyBitmap, ...]
+    snapshots: tuple[str, ...] = ()  # internal snapshot names in the image
 
     @classmethod
     def from_qmp(cls, value: object, command: str = "query-named-block-nodes") -> NodeDetail:
@@ -407,5 +408,9 @@ class NodeDetail:
             dirty_bitmaps=tuple(
                 DirtyBitmap.from_qmp(b, command)
                 for b in _list(obj.get("dirty-bitmaps", []), command, "dirty-bitmaps")
+            ),
+            snapshots=tuple(
+                str(_get(_obj(s, command, "snapshot"), "name", str, command))
+                for s in _list(img.get("snapshots", []), command, "snapshots")
             ),
         )

@@ -7,7 +7,7 @@ One typed async function per command. Replies become frozen dataclasses from
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from blockctl._qmp import models as _models
@@ -83,7 +83,7 @@ async def blockdev_del(session: QMPSession, node_name: str) -> None:
     await session.execute("blockdev-del", {"node-name": node_name})
 
 
-async def blockdev_reopen(session: QMPSession, options: list[Mapping[str, Any]]) -> None:
+async def blockdev_reopen(session: QMPSession, options: Sequence[Mapping[str, Any]]) -> None:
     """Reopen nodes with *complete* option sets: anything omitted resets to its default."""
     await session.execute("blockdev-reopen", {"options": [dict(o) for o in options]})
 

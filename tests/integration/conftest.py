@@ -3,6 +3,11 @@
 Every test gets a private, short runtime directory (unix socket paths must stay under 108
 bytes, which pytest's tmp_path does not guarantee) and, after it, a check that no QEMU it
 started is still running: a leak fails the test, after the leaked process is killed.
+
+The QEMU programs are the ones blockctl would run (``BLOCKCTL_QEMU_SYSTEM`` … or
+``BLOCKCTL_QEMU_PREFIX``, see ``blockctl/_binaries.py``): helper commands go through
+:func:`qemu_binary` / :func:`run`, never a bare name, so one variable switches the whole suite
+to another QEMU. VMs launch with ``-compat deprecated-input=reject`` (:func:`base_config`).
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from blockctl import GuestImage, LaunchedVM, find_guest, open_vm
+from blockctl import GuestImage, LaunchedVM, _binaries, find_guest, open_vm
 from blockctl.errors import MissingComponent
-from blockctl.types import Drive, MachineConfig
+from blockctl.types import DeprecatedInput, Drive, MachineConfig
 from tests.conftest import missing
 
 MIB = 1 << 20
@@ -30,9 +35,9 @@ MIB = 1 << 20
 
 @pytest.fixture(scope="session")
 def guest() -> GuestImage:
-    for binary in ("qemu-system-x86_64", "qemu-img"):
-        if shutil.which(binary) is None:
-            missing(binary)
+    for program in _binaries.PROGRAMS:
+        if shutil.which(qemu_binary(program)) is None:
+            missing(f"{qemu_binary(program)} ({_binaries.install_hint(program)})")
     try:
         return find_guest()
     except MissingComponent as exc:
@@ -84,7 +89,18 @@ def images(tmp_path: Path) -> Path:
     return path
 
 
+def qemu_binary(program: _binaries.Program) -> str:
+    """The QEMU program the tests (and blockctl) run, honouring the environment."""
+    return _binaries.binary(program)
+
+
+# Every test VM runs with QEMU refusing deprecated QMP commands and arguments, so any use of
+# one fails loudly. A test of an explicit legacy path passes deprecated_input=ACCEPT.
+STRICT = DeprecatedInput.REJECT
+
+
 def base_config(guest: GuestImage, *drives: Drive, **kwargs: object) -> MachineConfig:
+    kwargs.setdefault("deprecated_input", STRICT)
     return MachineConfig(
         kernel=guest.kernel,
         initrd=guest.initrd,
@@ -109,8 +125,14 @@ def sha256(data: bytes) -> str:
 
 
 async def run(*argv: str | Path) -> str:
-    """A helper command for test setup; a failure fails the test with its output."""
-    result = await anyio.run_process([str(a) for a in argv], check=False)
+    """A helper command for test setup; a failure fails the test with its output.
+
+    A QEMU program named bare (``run("qemu-io", ...)``) is the selected one (:func:`qemu_binary`).
+    """
+    args = [str(a) for a in argv]
+    if args[0] in _binaries.PROGRAMS:
+        args[0] = _binaries.binary(args[0])
+    result = await anyio.run_process(args, check=False)
     assert result.returncode == 0, (argv, result.stderr.decode())
     return result.stdout.decode()
 

@@ -35,7 +35,11 @@ async def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProc
 def named(guest: GuestImage, name: str) -> MachineConfig:
     config = base_config(guest)
     return MachineConfig(
-        name=name, kernel=config.kernel, initrd=config.initrd, append=config.append
+        name=name,
+        kernel=config.kernel,
+        initrd=config.initrd,
+        append=config.append,
+        deprecated_input=config.deprecated_input,
     )
 
 

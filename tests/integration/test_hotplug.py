@@ -32,10 +32,12 @@ from blockctl.types import (
 )
 from tests.integration.conftest import (
     MIB,
+    STRICT,
     base_config,
     image_bytes,
     pattern,
     qcow2_image,
+    qemu_binary,
     raw_image,
     sha256,
 )
@@ -149,7 +151,7 @@ async def test_bad_hotplug_inputs(guest: GuestImage, images: Path) -> None:
 async def test_unplug_pending_when_the_guest_never_releases(images: Path) -> None:
     """A VM with no OS never acknowledges an ACPI unplug: PENDING, nodes kept, then reset."""
     disk = await qcow2_image(images / "p.qcow2", b"", 8 * MIB)
-    async with open_vm(MachineConfig(), console=False) as vm:
+    async with open_vm(MachineConfig(deprecated_input=STRICT), console=False) as vm:
         plugged = await drives.hotplug(vm, Drive(file=disk, format=ImageFormat.QCOW2))
         result = await drives.unplug(vm, plugged.device_id, timeout=1)
         assert result.state is UnplugState.PENDING
@@ -339,7 +341,7 @@ async def test_hotplug_an_nbd_export(guest: GuestImage, images: Path, runtime_di
     sock = runtime_dir / "nbd.sock"
     # qemu-nbd reads the qcow2 (its format named) and exports the guest-visible bytes: raw.
     server = await anyio.open_process(
-        ["qemu-nbd", "--format=qcow2", "--persistent", f"--socket={sock}", str(image)]
+        [qemu_binary("qemu-nbd"), "--format=qcow2", "--persistent", f"--socket={sock}", str(image)]
     )
     try:
         with anyio.fail_after(10):

@@ -25,6 +25,7 @@ from blockctl.errors import (
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from tests.integration.conftest import (
     MIB,
+    STRICT,
     base_config,
     image_bytes,
     pattern,
@@ -110,7 +111,7 @@ def test_qemu_dies_with_a_killed_controller(guest: GuestImage, runtime_dir: Path
         from blockctl.types import MachineConfig
         async def main():
             config = MachineConfig(kernel={str(guest.kernel)!r}, initrd={str(guest.initrd)!r},
-                                   append={guest.append!r})
+                                   append={guest.append!r}, deprecated_input={STRICT.value!r})
             async with open_vm(config) as vm:
                 print("QEMU-PID", vm.pid, flush=True)
                 await anyio.sleep_forever()
@@ -141,7 +142,7 @@ def test_qemu_dies_with_a_killed_controller(guest: GuestImage, runtime_dir: Path
 
 
 async def test_launch_failure_carries_argv_exit_code_and_stderr(guest: GuestImage) -> None:
-    config = MachineConfig(machine="nosuchmachine", kernel=guest.kernel)
+    config = MachineConfig(machine="nosuchmachine", kernel=guest.kernel, deprecated_input=STRICT)
     with pytest.raises(LaunchFailed) as info:
         async with open_vm(config):
             pass
@@ -176,7 +177,7 @@ async def test_declared_format_that_does_not_match_is_refused(
 
 async def test_missing_kernel(images: Path) -> None:
     with pytest.raises(ConfigError, match="kernel"):
-        async with open_vm(MachineConfig(kernel=images / "vmlinuz")):
+        async with open_vm(MachineConfig(kernel=images / "vmlinuz", deprecated_input=STRICT)):
             pass
 
 

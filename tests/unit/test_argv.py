@@ -16,6 +16,7 @@ from blockctl.types import (
     Accel,
     BootConfig,
     CacheMode,
+    DeprecatedInput,
     Drive,
     ImageFormat,
     Interface,
@@ -169,6 +170,19 @@ def test_boot_option() -> None:
     assert option_values(argv_for(config, {}), "-boot") == [
         "order=cd,once=d,menu=on,splash=/x,,y.bmp,splash-time=5,strict=off"
     ]
+
+
+def test_deprecated_input_policy() -> None:
+    # The default passes no -compat: QEMU's own default (accept) applies.
+    assert option_values(argv_for(MachineConfig(), {}), "-compat") == []
+    strict = MachineConfig(deprecated_input=DeprecatedInput.REJECT)
+    assert option_values(argv_for(strict, {}), "-compat") == ["deprecated-input=reject"]
+    # From TOML, by its spelled-out name; anything else is refused with the choices.
+    from_toml = MachineConfig.from_mapping({"deprecated-input": "reject"})
+    assert from_toml.deprecated_input is DeprecatedInput.REJECT
+    with pytest.raises(ConfigError, match="accept, reject") as info:
+        MachineConfig.from_mapping({"deprecated-input": "crash"})
+    assert info.value.field == "deprecated_input"
 
 
 def test_floppy_needs_pc() -> None:

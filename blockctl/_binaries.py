@@ -1,0 +1,65 @@
+"""Which QEMU programs blockctl runs: the one place that reads the environment for them.
+
+Each program is, in order: its own variable (``BLOCKCTL_QEMU_SYSTEM``, ``BLOCKCTL_QEMU_IMG``,
+``BLOCKCTL_QEMU_IO``, ``BLOCKCTL_QEMU_NBD``); else ``$BLOCKCTL_QEMU_PREFIX/bin/<program>``
+(a QEMU installed beside the system's, e.g. by ``scripts/install-qemu10``); else the program's
+name, looked up on PATH. An empty variable counts as unset.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Final, Literal
+
+Program = Literal["qemu-system-x86_64", "qemu-img", "qemu-io", "qemu-nbd"]
+
+PROGRAMS: Final[tuple[Program, ...]] = ("qemu-system-x86_64", "qemu-img", "qemu-io", "qemu-nbd")
+ENV_VARS: Final[dict[Program, str]] = {
+    "qemu-system-x86_64": "BLOCKCTL_QEMU_SYSTEM",
+    "qemu-img": "BLOCKCTL_QEMU_IMG",
+    "qemu-io": "BLOCKCTL_QEMU_IO",
+    "qemu-nbd": "BLOCKCTL_QEMU_NBD",
+}
+PREFIX_VAR: Final = "BLOCKCTL_QEMU_PREFIX"
+_PACKAGES: Final[dict[Program, str]] = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "qemu-io": "qemu-utils",
+    "qemu-nbd": "qemu-utils",
+}
+
+
+def binary(program: Program) -> str:
+    """The command to run for ``program`` (a path, or a bare name for PATH lookup)."""
+    explicit = os.environ.get(ENV_VARS[program])
+    if explicit:
+        return explicit
+    prefix = os.environ.get(PREFIX_VAR)
+    if prefix:
+        return str(Path(prefix) / "bin" / program)
+    return program
+
+
+def install_hint(program: Program) -> str:
+    """What to do when ``program`` is missing (for :class:`~blockctl.errors.MissingComponent`)."""
+    return (
+        f"install {_PACKAGES[program]} (Debian), or set {ENV_VARS[program]} to a {program} "
+        f"binary or {PREFIX_VAR} to a directory with bin/{program}"
+    )
+
+
+def qemu_system() -> str:
+    return binary("qemu-system-x86_64")
+
+
+def qemu_img() -> str:
+    return binary("qemu-img")
+
+
+def qemu_io() -> str:
+    return binary("qemu-io")
+
+
+def qemu_nbd() -> str:
+    return binary("qemu-nbd")

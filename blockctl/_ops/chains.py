@@ -1,0 +1,558 @@
+"""Backing chains of a running guest: external and internal snapshots, block-commit, stream.
+
+Every job goes through the one job driver (:mod:`blockctl._jobs`); every decision about the
+chain is made on the pure :class:`~blockctl._graph.BlockGraph` read from QEMU right before.
+
+Rules (qemu-facts.md §0.1, F1, F2, F7, F11):
+
+- A commit writes into ``base``. If anything else in the VM depends on ``base`` (another
+  device's chain, an overlay outside this chain), that user would silently read changed data:
+  refused unless ``allow_shared_base``. Images used by *other* QEMUs cannot be seen from here;
+  the error message and the docs say so.
+- Backing layers are opened read-only (as libvirt does); the layers a commit writes are
+  reopened read-write first, with their complete option sets from the drive registry, and an
+  intermediate commit's base is made read-only again afterwards.
+- Nodes that leave a chain stay open in QEMU (holding their files) until ``blockdev-del``:
+  they are deleted top-down after the job succeeded, and optionally their files.
+- Internal snapshots (``snapshot-save``/``-load``/``-delete``) need every writable disk to be
+  qcow2; QEMU reports the failure only in ``query-jobs``, so it is checked first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from blockctl import _images
+from blockctl._graph import BlockGraph, GraphNode, NodeRole
+from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, start_job
+from blockctl._log import get_logger
+from blockctl._machine import VM
+from blockctl._qmp import wire
+from blockctl._registry import DriveRecord
+from blockctl.errors import (
+    BlockctlError,
+    ConfigError,
+    NodeNotFound,
+    UnsafeOperation,
+)
+from blockctl.types import ImageFormat
+
+_log = get_logger()
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
+_PREFIX = re.compile(r"^(drv\d+)")
+
+Json = dict[str, Any]
+
+
+async def read_graph(vm: VM) -> BlockGraph:
+    """The VM's block graph as QEMU reports it now."""
+    nodes = await wire.query_named_block_node_details(vm.session)
+    hints = {
+        str(n["node-name"]): n["backing"]
+        for record in vm.registry.drives.values()
+        for n in record.nodes
+        if "backing" in n
+    }
+    return BlockGraph.from_qmp(nodes, await vm.block_devices(), hints)
+
+
+def _check_tag(tag: str) -> None:
+    if not _TAG.fullmatch(tag):
+        raise ConfigError(
+            "tag", f"{tag!r}: use 1-40 of A-Z a-z 0-9 _ . - (start with a letter or digit)"
+        )
+
+
+def _record_of(vm: VM, device: str) -> DriveRecord | None:
+    return vm.registry.drives.get(device)
+
+
+def _node_options(record: DriveRecord | None, name: str) -> Json | None:
+    if record is None:
+        return None
+    return next((dict(n) for n in record.nodes if n["node-name"] == name), None)
+
+
+def _writable_disks(graph: BlockGraph, devices: Sequence[str] | None) -> list[str]:
+    if devices is not None:
+        for device in devices:
+            if device not in graph.devices:
+                raise NodeNotFound(device, f"the VM has no device {device!r}")
+        return list(devices)
+    return [
+        dev.id
+        for dev in graph.devices.values()
+        if dev.root is not None and not graph.format_node(dev.id).read_only
+    ]
+
+
+# Section: external snapshots
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExternalSnapshot:
+    """One point in time across disks: each device's new overlay (written from now on)."""
+
+    tag: str
+    overlays: dict[str, Path]
+    frozen: dict[str, str]  # device → the image that now holds the point in time
+
+
+async def external_snapshot(
+    vm: VM, tag: str, directory: Path | None = None, *, devices: Sequence[str] | None = None
+) -> ExternalSnapshot:
+    """Snapshot ``devices`` (default: every writable disk) at one point in time.
+
+    New qcow2 overlays (backing file and its format always recorded) are created in
+    ``directory`` (default: beside each disk's current image), added with ``blockdev-add``
+    (``backing: null``), then switched in by ONE ``transaction`` of ``blockdev-snapshot``
+    actions. On any failure the added nodes and the created files are removed.
+    """
+    _check_tag(tag)
+    graph = await read_graph(vm)
+    chosen = _writable_disks(graph, devices)
+    if not chosen:
+        raise ConfigError("devices", "no writable disk to snapshot")
+    plans: list[tuple[str, GraphNode, Path, str]] = []
+    for device in chosen:
+        top = graph.format_node(device)
+        if top.read_only:
+            raise ConfigError("devices", f"{device} is read-only: nothing to snapshot")
+        if top.filename is None:
+            raise UnsafeOperation(f"{device}: cannot tell which file {top.name} is")
+        try:
+            ImageFormat(top.driver)
+        except ValueError:
+            raise ConfigError(
+                "devices",
+                f"{device}: {top.driver} images cannot be snapshotted externally by blockctl",
+            ) from None
+        where = Path(top.filename).parent if directory is None else Path(directory).absolute()
+        overlay = where / _overlay_name(vm, device, tag)
+        if overlay.exists():
+            raise ConfigError("overlay", f"{overlay} exists; choose another tag or directory")
+        prefix = m.group(1) if (m := _PREFIX.match(top.name)) else f"ext-{device}"
+        taken = {n for n in graph.nodes}
+        k = 1
+        while f"{prefix}-s{k}" in taken:
+            k += 1
+        plans.append((device, top, overlay, f"{prefix}-s{k}"))
+    created: list[Path] = []
+    added: list[str] = []
+    try:
+        for _device, top, overlay, name in plans:
+            # -u: do not open the backing file (QEMU holds its lock); size given explicitly.
+            await _images.create(
+                overlay,
+                ImageFormat.QCOW2,
+                size=top.virtual_size,
+                backing=Path(str(top.filename)),
+                backing_format=ImageFormat(top.driver),
+                unsafe=True,
+            )
+            created.append(overlay)
+            file_node: Json = {
+                "driver": "file",
+                "node-name": f"{name}-file",
+                "filename": str(overlay),
+            }
+            await wire.blockdev_add(vm.session, file_node)
+            added.append(f"{name}-file")
+            await wire.blockdev_add(
+                vm.session,
+                {"driver": "qcow2", "node-name": name, "file": f"{name}-file", "backing": None},
+            )
+            added.append(name)
+        await wire.transaction_snapshot(
+            vm.session, [(top.name, name) for _d, top, _o, name in plans]
+        )
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            for name in reversed(added):
+                try:
+                    await wire.blockdev_del(vm.session, name)
+                except BlockctlError as exc:
+                    _log.warning("blockctl.snapshot.rollback_failed", node=name, error=str(exc))
+            for path in created:
+                path.unlink(missing_ok=True)
+        raise
+    for device, top, overlay, name in plans:
+        record = _record_of(vm, device)
+        if record is not None:
+            file_opts = {"driver": "file", "node-name": f"{name}-file", "filename": str(overlay)}
+            # Recorded as QEMU now has it: the overlay's backing is the old top.
+            fmt_opts = {
+                "driver": "qcow2",
+                "node-name": name,
+                "file": f"{name}-file",
+                "backing": top.name,
+            }
+            vm.registry.put(replace(record, nodes=(*record.nodes, file_opts, fmt_opts)))
+    _log.info("blockctl.snapshot.external", vm=vm.name, tag=tag, devices=[p[0] for p in plans])
+    return ExternalSnapshot(
+        tag=tag,
+        overlays={d: o for d, _t, o, _n in plans},
+        frozen={d: str(t.filename) for d, t, _o, _n in plans},
+    )
+
+
+def _overlay_name(vm: VM, device: str, tag: str) -> str:
+    return f"{vm.name}-{device}-{tag}.qcow2"
+
+
+async def list_external(vm: VM) -> dict[str, list[str]]:
+    """Each device's chain, top first, as image files (each layer below the top holds the
+    disk as it was when the overlay above it was created)."""
+    graph = await read_graph(vm)
+    return {
+        device.id: [str(n.filename) for n in graph.chain_of(device.id)]
+        for device in graph.devices.values()
+        if device.root is not None
+    }
+
+
+async def delete_external(
+    vm: VM, tag: str, *, timeout: float = 600.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+) -> list[ChainResult]:
+    """Delete external snapshot ``tag``: merge each overlay it created down into the image
+    below (commit; active or intermediate), then delete the overlay files."""
+    _check_tag(tag)
+    graph = await read_graph(vm)
+    found = []
+    for dev in graph.devices.values():
+        if dev.root is None:
+            continue
+        for node in graph.chain_of(dev.id):
+            if node.filename and Path(node.filename).name == _overlay_name(vm, dev.id, tag):
+                found.append((dev.id, node))
+    if not found:
+        raise ConfigError("tag", f"no external snapshot {tag!r} in this VM (see `snapshot list`)")
+    results = []
+    for device, overlay in found:
+        results.append(
+            await commit(
+                vm, device, top=overlay.name, deadline=timeout, delete_files=True, hooks=hooks
+            )
+        )
+    return results
+
+
+# Section: commit and stream
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChainResult:
+    """What a commit or stream did: the job's result and the layers that left the chain."""
+
+    device: str
+    job: JobResult
+    removed_nodes: tuple[str, ...]
+    removed_files: tuple[str, ...]
+    chain: tuple[str, ...]  # the device's chain afterwards, top first (node names)
+
+
+def _index(chain: Sequence[GraphNode], name: str, device: str, what: str) -> int:
+    for i, node in enumerate(chain):
+        if node.name == name or node.filename == name:
+            return i
+    names = ", ".join(n.name for n in chain)
+    raise ConfigError(what, f"{name!r} is not in the backing chain of {device} ({names})")
+
+
+def _subtree(graph: BlockGraph, node: GraphNode) -> list[str]:
+    """A format node and the protocol node under it, top-down (the blockdev-del order)."""
+    names = [node.name]
+    child = node.file_child
+    while child is not None and child in graph.nodes:
+        names.append(child)
+        child_node = graph.nodes[child]
+        child = child_node.file_child if child_node.role is not NodeRole.FORMAT else None
+    return names
+
+
+async def _set_read_only(
+    vm: VM, device: str, graph: BlockGraph, node: GraphNode, read_only: bool
+) -> None:
+    """Reopen a layer (format node and its file node) read-write or read-only, sending the
+    complete option sets blockctl opened them with."""
+    record = _record_of(vm, device)
+    options = []
+    for name in reversed(_subtree(graph, node)):  # file node first
+        recorded = _node_options(record, name)
+        if recorded is None:
+            return  # not opened by blockctl: leave it to QEMU (it says why if it must)
+        if recorded.get("read-only") != read_only:
+            options.append({**recorded, "read-only": read_only})
+    if options:
+        await wire.blockdev_reopen(vm.session, options)
+        if record is not None:
+            changed = {str(o["node-name"]): o for o in options}
+            vm.registry.put(
+                replace(
+                    record, nodes=tuple(changed.get(str(n["node-name"]), n) for n in record.nodes)
+                )
+            )
+
+
+def _shared_users(
+    graph: BlockGraph, base: GraphNode, device: str, chain: Sequence[GraphNode]
+) -> list[str]:
+    """Who else reads ``base``: through the graph, or through another node opened on the same
+    file (each drive opens its own backing nodes, so two chains can share a file, not a node)."""
+    ours = {n.name for n in chain} | {base.name}
+    others = []
+    same_file = [
+        n
+        for n in graph.nodes.values()
+        if n.role is NodeRole.FORMAT and n.filename == base.filename and n.name not in ours
+    ]
+    for node in (base, *same_file):
+        if node is not base and graph.attached(node.name):
+            others.append(f"node {node.name} (the same file)")
+        for user in graph.users_of(node.name):
+            if not user.attached:
+                continue
+            if user.kind == "device" and user.name != device:
+                others.append(f"device {user.name}")
+            elif user.kind == "overlay" and user.name not in ours:
+                others.append(f"overlay {user.name}")
+    return sorted(set(others))
+
+
+async def _finish(
+    vm: VM,
+    device: str,
+    graph_before: BlockGraph,
+    dropped: list[GraphNode],
+    delete_files: bool,
+    result: JobResult,
+) -> ChainResult:
+    removed: list[str] = []
+    files: list[str] = []
+    for layer in dropped:  # top-down
+        for name in _subtree(graph_before, layer):
+            await wire.blockdev_del(vm.session, name)
+            removed.append(name)
+        if delete_files and layer.filename is not None:
+            Path(layer.filename).unlink(missing_ok=True)
+            files.append(layer.filename)
+    after = await read_graph(vm)
+    record = _record_of(vm, device)
+    if record is not None:
+        nodes = tuple(n for n in record.nodes if n["node-name"] not in removed)
+        # Backing links as QEMU has them now (a commit or stream rewired them).
+        nodes = tuple(
+            {**n, "backing": after.nodes[str(n["node-name"])].backing}
+            if "backing" in n and str(n["node-name"]) in after.nodes
+            else n
+            for n in nodes
+        )
+        vm.registry.put(replace(record, nodes=nodes))
+    return ChainResult(
+        device=device,
+        job=result,
+        removed_nodes=tuple(removed),
+        removed_files=tuple(files),
+        chain=tuple(n.name for n in after.chain_of(device)),
+    )
+
+
+async def commit(
+    vm: VM,
+    device: str,
+    *,
+    top: str | None = None,
+    base: str | None = None,
+    speed: int | None = None,
+    deadline: float = 600.0,
+    allow_shared_base: bool = False,
+    delete_files: bool = False,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+) -> ChainResult:
+    """Commit ``top`` (default: the active layer) down into ``base`` (default: the layer
+    right below ``top``). Nodes and files may be given by node name or filename.
+
+    An active commit waits for READY and pivots (``job-complete``); an intermediate one has no
+    READY phase. Afterwards the layers between ``top`` and ``base`` are deleted from QEMU (and,
+    with ``delete_files``, from disk).
+
+    :raise UnsafeOperation: something else in the VM uses ``base`` (see ``allow_shared_base``).
+    :raise JobNeverReady: an active commit could not catch up with the guest's writes under
+    ``speed`` within ``deadline``; raise the speed limit (``set_speed``) or drop it.
+    """
+    graph = await read_graph(vm)
+    chain = graph.chain_of(device)
+    top_i = 0 if top is None else _index(chain, top, device, "top")
+    if base is None:
+        if top_i + 1 >= len(chain):
+            raise ConfigError("base", f"{chain[top_i].name} has no backing file to commit into")
+        base_i = top_i + 1
+    else:
+        base_i = _index(chain, base, device, "base")
+    if base_i <= top_i:
+        raise ConfigError("base", f"{chain[base_i].name} is not below {chain[top_i].name}")
+    top_node, base_node = chain[top_i], chain[base_i]
+    users = _shared_users(graph, base_node, device, chain[:base_i])
+    if users and not allow_shared_base:
+        raise UnsafeOperation(
+            f"{base_node.name} ({base_node.filename}) is also used by {', '.join(users)}: "
+            "committing into it would change what they read. Pass allow_shared_base "
+            "(--allow-shared-base) if that is intended. (Images used by other VMs cannot be "
+            "seen from here.)"
+        )
+    active = top_i == 0
+    await _set_read_only(vm, device, graph, base_node, False)
+    if not active:
+        # The overlay above top gets its backing-file name rewritten: it must be writable.
+        await _set_read_only(vm, device, graph, chain[top_i - 1], False)
+
+    async def start(job_id: str) -> None:
+        await wire.block_commit(
+            vm.session,
+            job_id=job_id,
+            device=chain[0].name,
+            top_node=None if active else top_node.name,
+            base_node=base_node.name,
+            speed=speed,
+        )
+
+    try:
+        async with start_job(
+            vm.session, "commit", start, target=base_node.name, speed=speed, hooks=hooks
+        ) as job:
+            result = await job.wait(complete_on_ready=True, deadline=deadline, hooks=hooks)
+    except BaseException:
+        # qemu-facts F1/F2: a failed or cancelled commit has already written part of top's
+        # data into base; top still reads correctly, base is no longer its point in time.
+        _log.warning("blockctl.commit.failed", vm=vm.name, device=device, base=base_node.name)
+        raise
+    if not active:
+        await _set_read_only(vm, device, await read_graph(vm), base_node, True)
+    _log.info(
+        "blockctl.commit.done",
+        vm=vm.name,
+        device=device,
+        top=top_node.name,
+        base=base_node.name,
+        active=active,
+    )
+    return await _finish(vm, device, graph, list(chain[top_i:base_i]), delete_files, result)
+
+
+async def stream(
+    vm: VM,
+    device: str,
+    *,
+    base: str | None = None,
+    speed: int | None = None,
+    deadline: float = 600.0,
+    delete_files: bool = False,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+) -> ChainResult:
+    """Copy the data of the layers above ``base`` (default: all of them) into the active layer,
+    which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted."""
+    graph = await read_graph(vm)
+    chain = graph.chain_of(device)
+    if len(chain) < 2:
+        raise ConfigError("device", f"{device} has no backing file to stream from")
+    base_i = len(chain) if base is None else _index(chain, base, device, "base")
+    if base_i == 0:
+        raise ConfigError("base", "the base must be below the active layer")
+    base_name = None if base is None else chain[base_i].name
+
+    async def start(job_id: str) -> None:
+        await wire.block_stream(
+            vm.session, job_id=job_id, device=chain[0].name, base_node=base_name, speed=speed
+        )
+
+    async with start_job(
+        vm.session, "stream", start, target=chain[0].name, speed=speed, hooks=hooks
+    ) as job:
+        result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+    return await _finish(vm, device, graph, list(chain[1:base_i]), delete_files, result)
+
+
+# Section: internal snapshots (VM state + disks, inside the qcow2 images)
+
+
+def _internal_targets(graph: BlockGraph) -> list[str]:
+    nodes = []
+    for device in graph.devices.values():
+        if device.root is None:
+            continue
+        node = graph.format_node(device.id)
+        if node.read_only:
+            continue
+        if node.driver != "qcow2":
+            raise UnsafeOperation(
+                f"{device.id} ({node.driver}) is writable but cannot hold internal snapshots; "
+                "only qcow2 can (QEMU would report this only inside the job). Use an external "
+                "snapshot, or make the disk read-only"
+            )
+        nodes.append(node.name)
+    if not nodes:
+        raise ConfigError("devices", "no writable qcow2 disk to hold the VM state")
+    return nodes
+
+
+async def _internal(
+    vm: VM, kind: str, tag: str, deadline: float, hooks: Sequence[JobHook]
+) -> JobResult:
+    _check_tag(tag)
+    nodes = _internal_targets(await read_graph(vm))
+
+    async def start(job_id: str) -> None:
+        if kind == "snapshot-save":
+            await wire.snapshot_save(
+                vm.session, job_id=job_id, tag=tag, vmstate=nodes[0], devices=nodes
+            )
+        elif kind == "snapshot-load":
+            await wire.snapshot_load(
+                vm.session, job_id=job_id, tag=tag, vmstate=nodes[0], devices=nodes
+            )
+        else:
+            await wire.snapshot_delete(vm.session, job_id=job_id, tag=tag, devices=nodes)
+
+    short = kind.removeprefix("snapshot-")  # job ids: bc-save-…, bc-load-…, bc-delete-…
+    async with start_job(vm.session, short, start, job_type=kind, hooks=hooks) as job:
+        return await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+
+
+async def save_internal(
+    vm: VM, tag: str, *, deadline: float = 300.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+) -> JobResult:
+    """``snapshot-save``: VM state and every writable disk, inside the qcow2 images."""
+    return await _internal(vm, "snapshot-save", tag, deadline, hooks)
+
+
+async def load_internal(
+    vm: VM, tag: str, *, deadline: float = 300.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+) -> JobResult:
+    """``snapshot-load``: the guest continues from the saved state."""
+    return await _internal(vm, "snapshot-load", tag, deadline, hooks)
+
+
+async def delete_internal(
+    vm: VM, tag: str, *, deadline: float = 300.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+) -> JobResult:
+    return await _internal(vm, "snapshot-delete", tag, deadline, hooks)
+
+
+async def list_internal(vm: VM) -> dict[str, tuple[str, ...]]:
+    """Internal snapshot names per writable qcow2 disk (from the running QEMU)."""
+    graph = await read_graph(vm)
+    details = {d.node.node_name: d for d in await wire.query_named_block_node_details(vm.session)}
+    result = {}
+    for device in graph.devices.values():
+        if device.root is None:
+            continue
+        node = graph.format_node(device.id)
+        detail = details.get(node.name)
+        result[device.id] = () if detail is None else detail.snapshots
+    return result
