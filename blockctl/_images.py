@@ -64,9 +64,13 @@ async def create(
 
 
 async def backing_chain(path: Path, fmt: ImageFormat) -> tuple[ImageLayer, ...]:
-    """The image and its backing files, top first, read with the declared format."""
+    """The image and its backing files, top first, read with the declared format.
+
+    Run under CPU and memory limits: the image may come from anywhere (a guest-written header
+    is the classic attack), and this runs before QEMU ever opens it.
+    """
     layers = []
-    for image in await info(path, fmt, backing_chain=True):
+    for image in await info(path, fmt, backing_chain=True, untrusted=True):
         try:
             layer_format = ImageFormat(image.format)
         except ValueError:

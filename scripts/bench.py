@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -26,9 +27,9 @@ from qemu.qmp import QMPClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blockctl import LaunchedVM, find_guest, open_vm
+from blockctl import LaunchedVM, _images, _proc, find_guest, open_vm
 from blockctl._images import create
-from blockctl._ops import drives
+from blockctl._ops import chains, drives
 from blockctl.types import Drive, ImageFormat, MachineConfig
 
 
@@ -161,7 +162,65 @@ async def bench_hotplug(vm: LaunchedVM, reps: int, images: Path) -> list[Row]:
     ]
 
 
-BENCHMARKS = ("qmp", "hotplug")
+async def make_chain(directory: Path, name: str, mib: int) -> Path:
+    """base.raw full of random data, top.qcow2 with half of it rewritten."""
+    base, top = directory / f"{name}-base.raw", directory / f"{name}-top.qcow2"
+    with open(base, "wb") as f:
+        for _ in range(mib // 16):
+            f.write(os.urandom(16 << 20))
+    await create(top, ImageFormat.QCOW2, backing=base, backing_format=ImageFormat.RAW)
+    await _proc.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {mib // 2}M", str(top)])
+    return top
+
+
+async def bench_chains(reps: int, mib: int, images: Path) -> list[Row]:
+    """Commit and stream inside a running QEMU vs qemu-img on an identical chain."""
+    commit_mine, commit_base, stream_mine, stream_base = [], [], [], []
+    for rep in range(reps):
+        ours_top = await make_chain(images, f"c{rep}a", mib)
+        theirs_top = await make_chain(images, f"c{rep}b", mib)
+        config = MachineConfig(drives=(Drive(file=ours_top, format=ImageFormat.QCOW2),))
+        async with open_vm(config, console=False) as vm:
+            start = time.perf_counter()
+            await chains.commit(vm, "disk0", hooks=())
+            commit_mine.append(mib / (time.perf_counter() - start))
+        start = time.perf_counter()
+        await _images.commit(theirs_top, ImageFormat.QCOW2)
+        commit_base.append(mib / (time.perf_counter() - start))
+
+        ours_top = await make_chain(images, f"s{rep}a", mib)
+        theirs_top = await make_chain(images, f"s{rep}b", mib)
+        config = MachineConfig(drives=(Drive(file=ours_top, format=ImageFormat.QCOW2),))
+        async with open_vm(config, console=False) as vm:
+            start = time.perf_counter()
+            await chains.stream(vm, "disk0", hooks=())
+            stream_mine.append(mib / (time.perf_counter() - start))
+        start = time.perf_counter()
+        await _images.convert(
+            theirs_top, ImageFormat.QCOW2, images / f"s{rep}-flat.qcow2", ImageFormat.QCOW2
+        )
+        stream_base.append(mib / (time.perf_counter() - start))
+        for leftover in images.glob("*"):
+            leftover.unlink()
+    return [
+        Row(
+            f"active commit {mib} MiB chain (MiB/s, higher is better)",
+            "MB/s",
+            commit_mine,
+            commit_base,
+            "qemu-img commit (offline, same chain)",
+        ),
+        Row(
+            f"stream {mib} MiB chain (MiB/s, higher is better)",
+            "MB/s",
+            stream_mine,
+            stream_base,
+            "qemu-img convert -O qcow2 (offline, same chain)",
+        ),
+    ]
+
+
+BENCHMARKS = ("qmp", "hotplug", "chains")
 
 
 def render(rows: list[Row]) -> str:
@@ -189,17 +248,22 @@ async def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(BENCHMARKS)}")
         return 2
-    guest = find_guest()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="blockctl-bench-") as tmp:
-        config = MachineConfig(kernel=guest.kernel, initrd=guest.initrd, append=guest.append)
-        async with open_vm(config) as vm:
-            assert vm.console is not None
-            await vm.console.wait_ready()
-            if "qmp" in selected:
-                rows += await bench_qmp(vm, 50 if args.quick else 500)
-            if "hotplug" in selected:
-                rows += await bench_hotplug(vm, 2 if args.quick else 10, Path(tmp))
+        if {"qmp", "hotplug"} & set(selected):
+            guest = find_guest()
+            config = MachineConfig(kernel=guest.kernel, initrd=guest.initrd, append=guest.append)
+            async with open_vm(config) as vm:
+                assert vm.console is not None
+                await vm.console.wait_ready()
+                if "qmp" in selected:
+                    rows += await bench_qmp(vm, 50 if args.quick else 500)
+                if "hotplug" in selected:
+                    rows += await bench_hotplug(vm, 2 if args.quick else 10, Path(tmp))
+        if "chains" in selected:
+            chain_dir = Path(tmp) / "chains"
+            chain_dir.mkdir()
+            rows += await bench_chains(1 if args.quick else 3, 64 if args.quick else 256, chain_dir)
     print(render(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_json() for r in rows], indent=1))
