@@ -27,7 +27,7 @@ from qemu.qmp import QMPClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blockctl import LaunchedVM, _images, _proc, find_guest, open_vm
+from blockctl import LaunchedVM, _binaries, _images, _proc, find_guest, open_vm
 from blockctl._images import create
 from blockctl._ops import chains, drives
 from blockctl.types import Drive, ImageFormat, MachineConfig
@@ -169,7 +169,9 @@ async def make_chain(directory: Path, name: str, mib: int) -> Path:
         for _ in range(mib // 16):
             f.write(os.urandom(16 << 20))
     await create(top, ImageFormat.QCOW2, backing=base, backing_format=ImageFormat.RAW)
-    await _proc.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {mib // 2}M", str(top)])
+    await _proc.run(
+        [_binaries.qemu_io(), "-f", "qcow2", "-c", f"write -P 0x5a 0 {mib // 2}M", str(top)]
+    )
     return top
 
 

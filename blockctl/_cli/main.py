@@ -44,6 +44,7 @@ from blockctl._ops.drives import DriveInfo
 from blockctl.errors import BlockctlError, ConfigError
 from blockctl.types import (
     CacheMode,
+    DeprecatedInput,
     Drive,
     ImageFormat,
     MachineConfig,
@@ -129,10 +130,18 @@ class Up(Command):
         parser.add_argument(
             "--name", help=f"VM name (default: from the config, or {DEFAULT_NAME!r})"
         )
+        parser.add_argument(
+            "--strict",
+            action="store_true",
+            help="make QEMU reject deprecated commands and arguments "
+            "(-compat deprecated-input=reject)",
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         if args.config is not None:
             config = load_config(args.config, args.name)
+            if args.strict:
+                config = dataclasses.replace(config, deprecated_input=DeprecatedInput.REJECT)
             record = await launch_detached(config)
         else:
             name = args.name or DEFAULT_NAME
@@ -141,7 +150,10 @@ class Up(Command):
             async def prepare(run_dir: Path) -> MachineConfig:
                 disk = run_dir / "disk0.qcow2"
                 await _images.create(disk, ImageFormat.QCOW2, size=DEFAULT_DISK_BYTES)
-                return default_config(name, disk)
+                config = default_config(name, disk)
+                if args.strict:
+                    config = dataclasses.replace(config, deprecated_input=DeprecatedInput.REJECT)
+                return config
 
             record = await launch_detached(MachineConfig(name=name), prepare=prepare)
         emit(

@@ -189,6 +189,68 @@ async def snapshot_delete(
     await session.execute("snapshot-delete", {"job-id": job_id, "tag": tag, "devices": devices})
 
 
+# Section: backup
+
+
+def backup_action(
+    *,
+    job_id: str,
+    device: str,
+    target: str,
+    sync: str,
+    bitmap: str | None = None,
+    bitmap_mode: str | None = None,
+    compress: bool = False,
+    speed: int | None = None,
+    on_target_error: str | None = None,
+) -> dict[str, Any]:
+    """One ``blockdev-backup`` action for a ``transaction`` (never auto-dismissed)."""
+    data: dict[str, Any] = {
+        "job-id": job_id,
+        "device": device,
+        "target": target,
+        "sync": sync,
+        "auto-dismiss": False,
+    }
+    if bitmap is not None:
+        data["bitmap"] = bitmap
+    if bitmap_mode is not None:
+        data["bitmap-mode"] = bitmap_mode
+    if compress:
+        data["compress"] = True
+    if speed is not None:
+        data["speed"] = speed
+    if on_target_error is not None:
+        data["on-target-error"] = on_target_error
+    return {"type": "blockdev-backup", "data": data}
+
+
+def bitmap_add_action(node: str, name: str) -> dict[str, Any]:
+    """Add a persistent dirty bitmap (kept in the qcow2 image across restarts)."""
+    return {
+        "type": "block-dirty-bitmap-add",
+        "data": {"node": node, "name": name, "persistent": True},
+    }
+
+
+def bitmap_clear_action(node: str, name: str) -> dict[str, Any]:
+    return {"type": "block-dirty-bitmap-clear", "data": {"node": node, "name": name}}
+
+
+async def transaction(
+    session: QMPSession, actions: Sequence[Mapping[str, Any]], *, grouped: bool = False
+) -> None:
+    """Run ``actions`` atomically. ``grouped``: the jobs they start succeed or fail together."""
+    arguments: dict[str, Any] = {"actions": [dict(a) for a in actions]}
+    if grouped:
+        arguments["properties"] = {"completion-mode": "grouped"}
+    await session.execute("transaction", arguments)
+
+
+async def bitmap_remove(session: QMPSession, node: str, name: str) -> None:
+    await session.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
+
+
 async def raw_command(
     session: QMPSession, command: str, arguments: Mapping[str, Any] | None
 ) -> object:

@@ -66,7 +66,7 @@ async def test_monitor_serves_one_client_at_a_time(guest: GuestImage) -> None:
 
 
 async def test_cli_up_ls_status_qmp_down(guest: GuestImage, runtime_dir: Path) -> None:
-    up = json.loads((await cli("up", "--json")).stdout)
+    up = json.loads((await cli("up", "--json", "--strict")).stdout)
     assert up["name"] == "default"
     pid = up["pid"]
     try:
@@ -126,7 +126,7 @@ cache = "none"
 serial = "TOML-1"
 """
     )
-    await cli("up", config)
+    await cli("up", config, "--strict")
     try:
         reply = json.loads((await cli("qmp", "tomlvm", "query-block", "--json")).stdout)
         inserted = reply[0]["inserted"]

@@ -284,7 +284,7 @@ async def test_image_without_a_backing_format_is_refused(guest: GuestImage, imag
 async def test_cli_chain_snapshot_commit_stream_jobs(runtime_dir: Path) -> None:
     from tests.integration.test_attach_cli import cli
 
-    await cli("up", "--name", "ch")
+    await cli("up", "--name", "ch", "--strict")
     try:
         graph = json.loads((await cli("chain", "ch", "--json")).stdout)
         assert graph["devices"]

@@ -275,7 +275,7 @@ async def test_cli_drive_commands_and_idempotent_apply(
 
     first = await qcow2_image(images / "one, ü.qcow2", b"", 16 * MIB)
     second = await qcow2_image(images / "two.qcow2", b"", 16 * MIB)
-    await cli("up", "--name", "dr")
+    await cli("up", "--name", "dr", "--strict")
     try:
         attached = json.loads(
             (
