@@ -5,6 +5,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
 
     BlockctlError
      ├── ConfigError            a machine or drive configuration is invalid (field, value)
+     │    └── UntrustedImage    an image points at files outside the allowed roots (path, reason)
      ├── MissingComponent       a binary or the test guest is not installed (what, hint)
      ├── ProcessFailed          a helper process (qemu-img, apt-get, ...) exited non-zero
      ├── LaunchFailed           qemu-system refused to start or died during start-up
@@ -13,6 +14,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    └── VMExists
      ├── DriveNotFound          the VM has no such drive (device_id)
      ├── UnsafeOperation        refused: it would change data something else depends on
+     ├── BackupCorrupt          a backup's data does not match its manifest
      ├── QMPError               anything on the QMP connection
      │    ├── QMPConnectFailed  could not connect, attach or negotiate
      │    ├── CommandFailed     QEMU answered a command with an error (command, error_class)
@@ -43,6 +45,8 @@ __all__ = [
     "CommandFailed",
     "DriveNotFound",
     "UnsafeOperation",
+    "UntrustedImage",
+    "BackupCorrupt",
     "ConfigError",
     "ConnectionLost",
     "GuestCommandFailed",
@@ -84,6 +88,22 @@ class ConfigError(BlockctlError, ValueError):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
+
+
+class UntrustedImage(ConfigError):
+    """An image blockctl did not create would make QEMU read something nobody named.
+
+    Its header (or a backing file's header) names a backing file or data file outside the
+    allowed roots, a protocol/``json:`` string, a backing file without its format, or it is
+    not an image of the declared format. ``path`` is the image whose header says so, ``reason``
+    what it says. Nothing was opened by QEMU. A subclass of :class:`ConfigError`: ``field``
+    names the drive, as for any other bad configuration.
+    """
+
+    def __init__(self, field: str, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(field, f"untrusted image {path}: {reason}")
 
 
 class MissingComponent(BlockctlError):
@@ -157,6 +177,10 @@ class DriveNotFound(BlockctlError):
 class UnsafeOperation(BlockctlError):
     """Refused because it would change data that something else depends on (e.g. a commit
     into a shared base). The message says how to proceed if it is really intended."""
+
+
+class BackupCorrupt(BlockctlError):
+    """A backup's data does not match its manifest (checksum, missing file, corruption)."""
 
 
 class QMPError(BlockctlError):

@@ -1,0 +1,574 @@
+"""Backups of running guests: full, incremental and differential, into a repository on disk.
+
+A backup of a VM's disks is one point in time: one ``transaction`` starts a
+``blockdev-backup`` job per disk (for incrementals ``completion-mode: grouped``: they succeed
+or fail together) and, for a full backup, (re)creates each disk's persistent dirty bitmaps
+at that same point. An incremental copies what its bitmap marks (``sync: incremental``,
+``bitmap-mode: on-success``, so a failed backup leaves the bitmap as it was); a differential
+copies everything since the last full (``sync: bitmap``, ``bitmap-mode: never``, on a
+second bitmap that only full backups reset).
+
+Repository: ``<repo>/<vm>/<backup id>/<device>.qcow2`` plus ``manifest.json``. An incremental
+data file is a thin qcow2 whose backing file is the parent backup's data file (a relative path
+with its format), so ``qemu-img convert`` of it reads the whole disk at that point. A backup is
+complete only when its jobs concluded with no error and ``offset == len`` (the job driver's
+rule) *and* its manifest was written atomically (write, fsync, rename, fsync the directory).
+A failed backup leaves no manifest, and its directory is removed.
+
+A missing, disabled, busy or ``inconsistent`` bitmap (QEMU killed, bitmap removed) makes the
+next backup a full one, logged with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from blockctl import _images
+from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook, start_job
+from blockctl._log import get_logger
+from blockctl._machine import VM
+from blockctl._ops.chains import read_graph
+from blockctl._qmp import wire
+from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, JobError
+from blockctl.types import ImageFormat
+
+_log = get_logger()
+
+MANIFEST = "manifest.json"
+#: Two persistent bitmaps per disk: changes since the last backup of any kind (incrementals
+#: use and reset it), and changes since the last full backup (differentials read it, only full
+#: backups reset it).
+BITMAP_INC = "blockctl-inc"
+BITMAP_FULL = "blockctl-full"
+BITMAPS = (BITMAP_INC, BITMAP_FULL)
+
+
+class BackupKind(enum.StrEnum):
+    FULL = "full"
+    INCREMENTAL = "incremental"  # since the previous backup of any kind
+    DIFFERENTIAL = "differential"  # since the last full backup
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiskBackup:
+    device: str
+    node: str
+    file: str  # relative to the backup's directory
+    virtual_size: int
+    bytes_copied: int
+    image_sha256: str  # the guest-visible disk at this point (what a restore must produce)
+    file_sha256: str  # the data file as stored (what verify checks without restoring)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    id: str
+    vm: str
+    kind: BackupKind
+    parent: str | None
+    full: str  # the full backup this point is built on (itself, for a full one)
+    bitmap: str
+    started: float
+    completed: float
+    qemu: str
+    disks: tuple[DiskBackup, ...]
+    fallback_reason: str | None = None  # why an incremental was taken as a full backup
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kind"] = self.kind.value
+        data["disks"] = [asdict(d) for d in self.disks]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        values = dict(data)
+        values["kind"] = BackupKind(values["kind"])
+        values["disks"] = tuple(DiskBackup(**d) for d in values["disks"])
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class Repository:
+    """``<root>/<vm>/<id>/``: the backups of one VM, oldest first by id."""
+
+    root: Path
+    vm: str
+    _cache: dict[str, Manifest] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return self.root / self.vm
+
+    def manifests(self) -> list[Manifest]:
+        """Complete backups only (a directory without a manifest is not a backup)."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for entry in sorted(self.directory.iterdir()):
+            path = entry / MANIFEST
+            if path.is_file():
+                found.append(Manifest.from_json(json.loads(path.read_text())))
+        return found
+
+    def get(self, backup_id: str) -> Manifest:
+        for manifest in self.manifests():
+            if manifest.id == backup_id:
+                return manifest
+        raise ConfigError(
+            "backup", f"no complete backup {backup_id!r} of {self.vm} in {self.directory}"
+        )
+
+    def latest(self) -> Manifest | None:
+        manifests = self.manifests()
+        return manifests[-1] if manifests else None
+
+    def data_file(self, manifest: Manifest, disk: DiskBackup) -> Path:
+        return self.directory / manifest.id / disk.file
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Atomically: a reader sees no manifest or the whole one, even after a crash."""
+        directory = self.directory / manifest.id
+        tmp = directory / (MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest.to_json(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / MANIFEST)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def new_backup_id() -> str:
+    """Sortable by time, unique: ``20261127T223700-1a2b``."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+async def image_sha256(path: Path, fmt: ImageFormat, scratch: Path) -> str:
+    """sha256 of the guest-visible bytes of an image (its chain included)."""
+    flat = scratch / f".sha-{secrets.token_hex(4)}.raw"
+    try:
+        await _images.convert(path, fmt, flat, ImageFormat.RAW)
+        return await anyio.to_thread.run_sync(_file_sha256, flat)
+    finally:
+        flat.unlink(missing_ok=True)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Section: taking a backup
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _DiskPlan:
+    device: str
+    node: str
+    virtual_size: int
+    target: Path
+    target_node: str
+    bitmaps_ok: frozenset[str]  # present, persistent, recording, consistent, not busy
+    bitmaps_present: frozenset[str]
+
+
+async def backup(
+    vm: VM,
+    repo_root: Path,
+    *,
+    kind: BackupKind = BackupKind.INCREMENTAL,
+    devices: Sequence[str] | None = None,
+    compress: bool = False,
+    speed: int | None = None,
+    deadline: float = 3600.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+) -> Manifest:
+    """Back up ``devices`` (default: every writable disk) of a running VM at one point in time.
+
+    ``kind`` incremental or differential falls back to full (logged, and recorded as the
+    manifest's ``fallback_reason``) when there is no earlier backup or a disk's bitmap is
+    missing, disabled, busy or inconsistent.
+    """
+    repo = Repository(root=Path(repo_root).absolute(), vm=vm.name)
+    graph = await read_graph(vm)
+    chosen = (
+        list(devices)
+        if devices is not None
+        else [
+            d.id
+            for d in graph.devices.values()
+            if d.root is not None and not graph.format_node(d.id).read_only
+        ]
+    )
+    if not chosen:
+        raise ConfigError("devices", "no writable disk to back up")
+    previous = repo.latest()
+    parent: Manifest | None = None
+    fallback: str | None = None
+    if kind is not BackupKind.FULL:
+        if previous is None:
+            fallback = "there is no earlier backup in the repository"
+        elif {d.device for d in previous.disks} != set(chosen):
+            fallback = "the disks differ from the last backup's"
+        elif kind is BackupKind.DIFFERENTIAL:
+            parent = repo.get(previous.full)
+        else:
+            parent = previous
+    backup_id = new_backup_id()
+    directory = repo.directory / backup_id
+    plans: list[_DiskPlan] = []
+    for n, device in enumerate(chosen):
+        node = graph.format_node(device)
+        if node.virtual_size is None:
+            raise ConfigError("devices", f"{device}: unknown size")
+        present = {b.name: b for b in node.dirty_bitmaps if b.name in BITMAPS}
+        usable = frozenset(
+            name
+            for name, b in present.items()
+            if b.persistent and b.recording and not b.inconsistent and not b.busy
+        )
+        needed = BITMAP_INC if kind is BackupKind.INCREMENTAL else BITMAP_FULL
+        if kind is not BackupKind.FULL and fallback is None and needed not in usable:
+            bitmap = present.get(needed)
+            state = (
+                "missing"
+                if bitmap is None
+                else "inconsistent"
+                if bitmap.inconsistent
+                else "busy"
+                if bitmap.busy
+                else "not recording"
+            )
+            fallback = f"the dirty bitmap of {device} is {state} (e.g. after QEMU was killed)"
+        if node.driver != "qcow2" and kind is not BackupKind.FULL:
+            fallback = fallback or f"{device} is {node.driver}: persistent bitmaps need qcow2"
+        plans.append(
+            _DiskPlan(
+                device=device,
+                node=node.name,
+                virtual_size=node.virtual_size,
+                target=directory / f"{device}.qcow2",
+                target_node=f"bk{n}-{backup_id[-4:]}",
+                bitmaps_ok=usable,
+                bitmaps_present=frozenset(present),
+            )
+        )
+    effective = kind if fallback is None else BackupKind.FULL
+    if fallback is not None:
+        _log.warning(
+            "blockctl.backup.fallback_to_full", vm=vm.name, asked=kind.value, reason=fallback
+        )
+        parent = None
+    started = time.time()
+    directory.mkdir(parents=True)
+    added: list[str] = []
+    try:
+        jobs = await _run_backup(
+            vm, plans, effective, parent, repo, compress, speed, deadline, hooks, added
+        )
+        # QEMU must let go of the targets before they are read (image locks).
+        await _delete_nodes(vm, added)
+        disks = []
+        for plan in plans:
+            result = jobs[plan.device]
+            disks.append(
+                DiskBackup(
+                    device=plan.device,
+                    node=plan.node,
+                    file=plan.target.name,
+                    virtual_size=plan.virtual_size,
+                    bytes_copied=result,
+                    image_sha256=await image_sha256(plan.target, ImageFormat.QCOW2, directory),
+                    file_sha256=await anyio.to_thread.run_sync(_file_sha256, plan.target),
+                )
+            )
+        version = await vm.version()
+        manifest = Manifest(
+            id=backup_id,
+            vm=vm.name,
+            kind=effective,
+            parent=None if parent is None else parent.id,
+            full=backup_id if parent is None else parent.full,
+            bitmap=BITMAP_INC if effective is not BackupKind.DIFFERENTIAL else BITMAP_FULL,
+            started=started,
+            completed=time.time(),
+            qemu=str(version),
+            disks=tuple(disks),
+            fallback_reason=fallback,
+        )
+        repo.write_manifest(manifest)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _delete_nodes(vm, added)
+            shutil.rmtree(directory, ignore_errors=True)
+            if effective is BackupKind.FULL:
+                # The transaction already reset the bitmaps to "changes since this backup",
+                # which did not happen: drop them, so the next backup is a full one.
+                for plan in plans:
+                    for name in BITMAPS:
+                        with contextlib.suppress(BlockctlError):
+                            await wire.bitmap_remove(vm.session, plan.node, name)
+        raise
+    await _delete_nodes(vm, added)
+    _log.info(
+        "blockctl.backup.done",
+        vm=vm.name,
+        id=backup_id,
+        kind=effective.value,
+        bytes=sum(d.bytes_copied for d in manifest.disks),
+    )
+    return manifest
+
+
+async def _delete_nodes(vm: VM, names: list[str]) -> None:
+    for name in reversed(names):
+        with contextlib.suppress(BlockctlError):
+            await wire.blockdev_del(vm.session, name)
+    names.clear()
+
+
+async def _run_backup(
+    vm: VM,
+    plans: list[_DiskPlan],
+    kind: BackupKind,
+    parent: Manifest | None,
+    repo: Repository,
+    compress: bool,
+    speed: int | None,
+    deadline: float,
+    hooks: Sequence[JobHook],
+    added: list[str],
+) -> dict[str, int]:
+    """Create the targets, start every job in one transaction, wait for all. Returns the
+    bytes each disk's job copied."""
+    for plan in plans:
+        if parent is None:
+            await _images.create(plan.target, ImageFormat.QCOW2, size=plan.virtual_size)
+        else:
+            parent_disk = next(d for d in parent.disks if d.device == plan.device)
+            # A relative backing path keeps the repository movable.
+            backing = Path("..") / parent.id / parent_disk.file
+            await _images.create(
+                plan.target,
+                ImageFormat.QCOW2,
+                size=plan.virtual_size,
+                backing=backing,
+                backing_format=ImageFormat.QCOW2,
+                unsafe=True,
+            )
+        await wire.blockdev_add(
+            vm.session,
+            {
+                "driver": "file",
+                "node-name": f"{plan.target_node}-file",
+                "filename": str(plan.target),
+            },
+        )
+        added.append(f"{plan.target_node}-file")
+        # backing: null: the job writes whole clusters; the parent is only for readers later.
+        await wire.blockdev_add(
+            vm.session,
+            {
+                "driver": "qcow2",
+                "node-name": plan.target_node,
+                "file": f"{plan.target_node}-file",
+                "backing": None,
+            },
+        )
+        added.append(plan.target_node)
+
+    actions: list[dict[str, Any]] = []
+
+    def start_for(plan: _DiskPlan, last: bool) -> Any:
+        async def start(job_id: str) -> None:
+            if kind is BackupKind.FULL:
+                sync, bitmap, mode = "full", None, None
+                for name in BITMAPS:  # both start counting at this very point
+                    if name in plan.bitmaps_ok:
+                        actions.append(wire.bitmap_clear_action(plan.node, name))
+                    else:
+                        if name in plan.bitmaps_present:
+                            await wire.bitmap_remove(vm.session, plan.node, name)
+                        actions.append(wire.bitmap_add_action(plan.node, name))
+            elif kind is BackupKind.INCREMENTAL:
+                sync, bitmap, mode = "incremental", BITMAP_INC, "on-success"
+            else:
+                sync, bitmap, mode = "bitmap", BITMAP_FULL, "never"
+            actions.append(
+                wire.backup_action(
+                    job_id=job_id,
+                    device=plan.node,
+                    target=plan.target_node,
+                    sync=sync,
+                    bitmap=bitmap,
+                    bitmap_mode=mode,
+                    compress=compress,
+                    speed=speed,
+                )
+            )
+            if last:
+                # Every job's listener is registered by now: start them all at one point.
+                # Incremental jobs fail together (grouped): a disk whose job succeeded while
+                # another failed would otherwise have consumed its bitmap for a backup that
+                # is never recorded. QEMU refuses grouped mode with bitmap actions, so a full
+                # backup runs its jobs individually; if one fails, every bitmap is dropped.
+                await wire.transaction(vm.session, actions, grouped=kind is not BackupKind.FULL)
+
+        return start
+
+    copied: dict[str, int] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        jobs: list[tuple[_DiskPlan, Job]] = []
+        for i, plan in enumerate(plans):
+            job = await stack.enter_async_context(
+                start_job(
+                    vm.session,
+                    "backup",
+                    start_for(plan, i == len(plans) - 1),
+                    target=plan.target_node,
+                    speed=speed,
+                    hooks=hooks,
+                )
+            )
+            jobs.append((plan, job))
+        errors: list[JobError] = []
+
+        async def wait(plan: _DiskPlan, job: Job) -> None:
+            try:
+                result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+                copied[plan.device] = result.offset
+            except JobError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for plan, job in jobs:
+                tg.start_soon(wait, plan, job)
+        if errors:
+            raise errors[0]
+    return copied
+
+
+# Section: restore, verify, prune
+
+
+async def restore(
+    repo_root: Path,
+    vm_name: str,
+    backup_id: str,
+    device: str,
+    dest: Path,
+    fmt: ImageFormat = ImageFormat.QCOW2,
+) -> Path:
+    """Rebuild ``device`` as it was at ``backup_id`` into a new file; checked against the
+    manifest's checksum (a mismatch removes the file and raises)."""
+    repo = Repository(root=Path(repo_root).absolute(), vm=vm_name)
+    manifest = repo.get(backup_id)
+    disk = next((d for d in manifest.disks if d.device == device), None)
+    if disk is None:
+        raise ConfigError(
+            "device",
+            f"backup {backup_id} has no disk {device!r} "
+            f"(it has {', '.join(d.device for d in manifest.disks)})",
+        )
+    if dest.exists():
+        raise ConfigError("dest", f"{dest} exists; restore writes a new file")
+    await _images.convert(repo.data_file(manifest, disk), ImageFormat.QCOW2, dest, fmt)
+    got = await image_sha256(dest, fmt, dest.parent)
+    if got != disk.image_sha256:
+        dest.unlink(missing_ok=True)
+        raise BackupCorrupt(
+            f"restored {device} of {backup_id} reads {got[:16]}…, the "
+            f"manifest says {disk.image_sha256[:16]}…: the repository is "
+            "damaged (run `blockctl backup verify`)"
+        )
+    return dest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verification:
+    backup_id: str
+    ok: bool
+    problems: tuple[str, ...]
+
+
+async def verify(
+    repo_root: Path, vm_name: str, backup_id: str, *, deep: bool = False
+) -> Verification:
+    """Recompute each data file's checksum (and with ``deep`` the guest-visible image's,
+    through its chain) and compare them with the manifest, without restoring anything."""
+    repo = Repository(root=Path(repo_root).absolute(), vm=vm_name)
+    manifest = repo.get(backup_id)
+    problems = []
+    for disk in manifest.disks:
+        path = repo.data_file(manifest, disk)
+        if not path.is_file():
+            problems.append(f"{disk.device}: {path} is missing")
+            continue
+        if await anyio.to_thread.run_sync(_file_sha256, path) != disk.file_sha256:
+            problems.append(f"{disk.device}: {path.name} does not match its checksum")
+        check = await _images.check(path, ImageFormat.QCOW2)
+        if check.corrupt:
+            problems.append(f"{disk.device}: qemu-img check reports corruption")
+        if deep and await image_sha256(path, ImageFormat.QCOW2, path.parent) != (disk.image_sha256):
+            problems.append(f"{disk.device}: the restored image would not match")
+    return Verification(backup_id=backup_id, ok=not problems, problems=tuple(problems))
+
+
+async def prune(repo_root: Path, vm_name: str, *, keep_last: int) -> list[str]:
+    """Keep the newest ``keep_last`` backups; delete the others. A kept backup whose parent is
+    deleted is first made self-contained (its data file absorbs its backing chain: qemu-img
+    rebase onto nothing), so every kept point stays restorable. Returns the deleted ids."""
+    if keep_last < 1:
+        raise ConfigError("keep_last", "keep at least one backup")
+    repo = Repository(root=Path(repo_root).absolute(), vm=vm_name)
+    manifests = repo.manifests()
+    doomed = [m.id for m in manifests[:-keep_last]]
+    if not doomed:
+        return []
+    for manifest in manifests[-keep_last:]:
+        if manifest.parent in doomed:
+            for disk in manifest.disks:
+                await _images.rebase(repo.data_file(manifest, disk), ImageFormat.QCOW2, None, None)
+            disks = []
+            for disk in manifest.disks:
+                digest = await anyio.to_thread.run_sync(
+                    _file_sha256, repo.data_file(manifest, disk)
+                )
+                disks.append(replace(disk, file_sha256=digest))
+            repo.write_manifest(
+                replace(
+                    manifest,
+                    kind=BackupKind.FULL,
+                    parent=None,
+                    full=manifest.id,
+                    disks=tuple(disks),
+                )
+            )
+            # Later kept backups that built on the deleted full now build on this one.
+            for later in repo.manifests():
+                if later.full in doomed and later.id != manifest.id:
+                    repo.write_manifest(replace(later, full=manifest.id))
+    for backup_id in doomed:
+        (repo.directory / backup_id / MANIFEST).unlink()  # first: it stops being a backup
+        shutil.rmtree(repo.directory / backup_id)
+    return doomed

@@ -1,0 +1,224 @@
+"""Backups of a running guest: every restored point equals the guest's disk at that point."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from blockctl import GuestImage, LaunchedVM, open_vm
+from blockctl._ops import backup as bk
+from blockctl._qmp import wire
+from blockctl.errors import BackupCorrupt, ConfigError, JobFailed
+from blockctl.types import Drive, ImageFormat, MachineConfig
+from tests.conftest import missing
+from tests.integration.conftest import MIB, qcow2_image, run, sha256
+
+pytestmark = pytest.mark.guest
+
+DISK_MIB = 16
+
+
+def config(guest: GuestImage, name: str, *disks: Path) -> MachineConfig:
+    from blockctl.types import DeprecatedInput
+
+    return MachineConfig(
+        name=name,
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        append=guest.append,
+        deprecated_input=DeprecatedInput.REJECT,
+        drives=tuple(Drive(file=d, format=ImageFormat.QCOW2) for d in disks),
+    )
+
+
+async def sh(vm: LaunchedVM, command: str) -> str:
+    assert vm.console is not None
+    return await vm.console.check(command)
+
+
+async def write(vm: LaunchedVM, dev: str, offset_kib: int, kib: int) -> None:
+    """Random data at a 64 KiB-aligned place, flushed (the backup sees what the guest wrote)."""
+    await sh(
+        vm,
+        f"dd if=/dev/urandom of=/dev/{dev} bs=64k seek={offset_kib // 64} "
+        f"count={kib // 64} oflag=direct conv=fsync 2>/dev/null",
+    )
+
+
+async def disk_sha(vm: LaunchedVM, dev: str) -> str:
+    out = await sh(
+        vm, f"dd if=/dev/{dev} bs=1M count={DISK_MIB} iflag=direct 2>/dev/null | sha256sum"
+    )
+    return out.split()[0]
+
+
+async def restored_sha(repo: Path, vm: str, backup_id: str, device: str, out: Path) -> str:
+    dest = out / f"{backup_id}-{device}.raw"
+    await bk.restore(repo, vm, backup_id, device, dest, ImageFormat.RAW)
+    data = dest.read_bytes()
+    dest.unlink()
+    return sha256(data)
+
+
+async def test_full_incremental_differential_restore_verify_prune(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    d0 = await qcow2_image(images / "d0.qcow2", b"", DISK_MIB * MIB)
+    d1 = await qcow2_image(images / "d1.qcow2", b"", DISK_MIB * MIB)
+    points: dict[str, dict[str, str]] = {}
+    async with open_vm(config(guest, "bk", d0, d1)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 4096)
+        await write(vm, "vdb", 0, 2048)
+        full = await bk.backup(vm, repo, kind=bk.BackupKind.INCREMENTAL)
+        # Nothing to build on yet: the incremental became a full backup, and says why.
+        assert full.kind is bk.BackupKind.FULL
+        assert full.fallback_reason == "there is no earlier backup in the repository"
+        points[full.id] = {"disk0": await disk_sha(vm, "vda"), "disk1": await disk_sha(vm, "vdb")}
+
+        await write(vm, "vda", 8192, 1024)  # 1 MiB
+        await write(vm, "vdb", 64, 64)  # 64 KiB
+        inc1 = await bk.backup(vm, repo)
+        assert inc1.kind is bk.BackupKind.INCREMENTAL
+        assert inc1.parent == full.id
+        copied = {d.device: d.bytes_copied for d in inc1.disks}
+        assert copied == {"disk0": 1 * MIB, "disk1": 64 * 1024}  # the dirty bytes, no more
+        points[inc1.id] = {"disk0": await disk_sha(vm, "vda"), "disk1": await disk_sha(vm, "vdb")}
+
+        await write(vm, "vda", 0, 512)
+        inc2 = await bk.backup(vm, repo)
+        assert inc2.parent == inc1.id
+        assert {d.device: d.bytes_copied for d in inc2.disks} == {"disk0": 512 * 1024, "disk1": 0}
+        points[inc2.id] = {"disk0": await disk_sha(vm, "vda"), "disk1": await disk_sha(vm, "vdb")}
+
+        diff = await bk.backup(vm, repo, kind=bk.BackupKind.DIFFERENTIAL)
+        assert diff.parent == full.id
+        # Everything changed since the full backup: 1 MiB + 512 KiB on disk0 (overlapping
+        # nothing), 64 KiB on disk1.
+        assert {d.device: d.bytes_copied for d in diff.disks} == {
+            "disk0": 1 * MIB + 512 * 1024,
+            "disk1": 64 * 1024,
+        }
+        points[diff.id] = points[inc2.id]
+        assert await wire.query_jobs(vm.session) == ()
+        assert not [n for n in await vm.block_nodes() if n.node_name.startswith("bk")]
+
+    for backup_id, sums in points.items():
+        for device, expected in sums.items():
+            assert await restored_sha(repo, "bk", backup_id, device, tmp_path) == expected
+        assert (await bk.verify(repo, "bk", backup_id, deep=True)).ok
+
+    # Retention: keep the last two; the kept incremental/differential stay restorable.
+    deleted = await bk.prune(repo, "bk", keep_last=2)
+    assert deleted == [full.id, inc1.id]
+    kept = bk.Repository(root=repo, vm="bk").manifests()
+    assert [m.id for m in kept] == [inc2.id, diff.id]
+    assert kept[0].kind is bk.BackupKind.FULL  # inc2 absorbed its chain
+    for manifest in kept:
+        for device, expected in points[manifest.id].items():
+            assert await restored_sha(repo, "bk", manifest.id, device, tmp_path) == expected
+
+    # A damaged repository is caught by verify and by restore.
+    victim = bk.Repository(root=repo, vm="bk").data_file(kept[1], kept[1].disks[0])
+    with open(victim, "r+b") as f:
+        f.seek(os.path.getsize(victim) - 4096)
+        f.write(b"\xff" * 16)
+    report = await bk.verify(repo, "bk", diff.id)
+    assert not report.ok
+    assert "checksum" in report.problems[0]
+    with pytest.raises(ConfigError, match="exists"):
+        await bk.restore(repo, "bk", diff.id, "disk0", victim, ImageFormat.RAW)
+    with pytest.raises(ConfigError, match="no complete backup"):
+        await bk.restore(repo, "bk", "nosuch", "disk0", tmp_path / "x.raw")
+
+
+async def test_one_percent_dirty_copies_one_percent(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    size_mib = 64
+    disk = await qcow2_image(images / "big.qcow2", b"", size_mib * MIB)
+    async with open_vm(config(guest, "pct", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await sh(
+            vm, f"dd if=/dev/urandom of=/dev/vda bs=1M count={size_mib} oflag=direct 2>/dev/null"
+        )
+        full = await bk.backup(vm, tmp_path / "repo", kind=bk.BackupKind.FULL)
+        assert full.disks[0].bytes_copied == size_mib * MIB
+        # Dirty 1% of the disk (10 x 64 KiB spread over it).
+        for i in range(10):
+            await write(vm, "vda", i * 6400, 64)
+        inc = await bk.backup(vm, tmp_path / "repo")
+        copied = inc.disks[0].bytes_copied
+        assert copied == 10 * 64 * 1024
+        assert copied / (size_mib * MIB) < 0.011
+
+
+async def test_failed_backup_leaves_nothing_and_keeps_the_bitmap(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """The repository on a 6 MiB tmpfs: an incremental of 8 MiB runs out of space. No manifest,
+    no directory is left, the bitmap is not consumed; after the space grows (remount), the next
+    incremental copies the same 8 MiB and restores to the guest's disk."""
+    if os.geteuid() != 0:
+        missing("root (to mount a small tmpfs)")
+    disk = await qcow2_image(images / "d.qcow2", b"", DISK_MIB * MIB)
+    repo = tmp_path / "small"
+    repo.mkdir()
+    await run("mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", repo)
+    try:
+        async with open_vm(config(guest, "nospace", disk)) as vm:
+            await vm.console.wait_ready()  # type: ignore[union-attr]
+            await write(vm, "vda", 0, 1024)
+            full = await bk.backup(vm, repo, kind=bk.BackupKind.FULL)  # ~1 MiB of data
+            await write(vm, "vda", 4096, 8192)  # 8 MiB more: does not fit
+            with pytest.raises(JobFailed, match="No space left"):
+                await bk.backup(vm, repo)
+            assert [m.id for m in bk.Repository(root=repo, vm="nospace").manifests()] == [full.id]
+            assert sorted(p.name for p in (repo / "nospace").iterdir()) == [full.id]
+            assert await wire.query_jobs(vm.session) == ()
+            await run("mount", "-o", "remount,size=64m", repo)
+            inc = await bk.backup(vm, repo)
+            assert inc.kind is bk.BackupKind.INCREMENTAL
+            assert inc.disks[0].bytes_copied == 8 * MIB  # the bitmap kept the failed range
+            expected = await disk_sha(vm, "vda")
+        assert await restored_sha(repo, "nospace", inc.id, "disk0", tmp_path) == expected
+    finally:
+        await run("umount", repo)
+
+
+async def test_qemu_killed_next_backup_is_full(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Persistent bitmaps are written on clean close only: after kill -9 the next backup
+    falls back to full (logged, recorded), and restores correctly."""
+    disk = await qcow2_image(images / "k.qcow2", b"", DISK_MIB * MIB)
+    repo = tmp_path / "repo"
+    async with open_vm(config(guest, "killed", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 1024)
+        await bk.backup(vm, repo, kind=bk.BackupKind.FULL)
+        await write(vm, "vda", 2048, 1024)
+        os.kill(vm.pid or 0, signal.SIGKILL)
+        await vm.wait_exit()
+    await run("qemu-img", "check", "-r", "leaks", "-f", "qcow2", disk)
+    async with open_vm(config(guest, "killed", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        again = await bk.backup(vm, repo)
+        assert again.kind is bk.BackupKind.FULL
+        assert again.fallback_reason is not None
+        assert "bitmap" in again.fallback_reason
+        expected = await disk_sha(vm, "vda")
+    assert await restored_sha(repo, "killed", again.id, "disk0", tmp_path) == expected
+
+
+async def test_bad_backup_inputs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="keep at least one"):
+        await bk.prune(tmp_path, "x", keep_last=0)
+    with pytest.raises(ConfigError, match="no complete backup"):
+        await bk.verify(tmp_path, "x", "nope")
+    with pytest.raises(BackupCorrupt.__mro__[1]):  # any BlockctlError for an absent repo
+        await bk.restore(tmp_path, "x", "nope", "disk0", tmp_path / "o.raw")
