@@ -39,6 +39,7 @@ from blockctl._machine import (
     shutdown_detached,
 )
 from blockctl._ops import apply as apply_ops
+from blockctl._ops import backup as backup_ops
 from blockctl._ops import chains, drives
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import BlockctlError, ConfigError
@@ -1047,6 +1048,115 @@ class Jobs(Command):
         return 0
 
 
+class BackupCommand(Command):
+    name = "backup"
+    help = (
+        "back up a running VM (VM [--full|--incremental|--differential]), or: "
+        "list VM | verify VM ID | prune VM --keep N"
+    )
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("words", nargs="+", metavar="VM | list VM | verify VM ID | prune VM")
+        parser.add_argument("--repo", type=Path, required=True, help="the backup repository")
+        kind = parser.add_mutually_exclusive_group()
+        kind.add_argument("--full", action="store_true")
+        kind.add_argument("--incremental", action="store_true", help="(the default)")
+        kind.add_argument("--differential", action="store_true")
+        parser.add_argument("--disk", action="append", help="device (repeat; default: all)")
+        parser.add_argument("--compress", action="store_true")
+        parser.add_argument("--speed", help="bytes/s limit per disk (e.g. 100M)")
+        parser.add_argument("--keep", type=int, help="prune: how many backups to keep")
+        parser.add_argument(
+            "--deep", action="store_true", help="verify: also rebuild each image through its chain"
+        )
+        parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        words = args.words
+        action = words[0] if words[0] in ("list", "verify", "prune") and len(words) > 1 else None
+        if action == "list":
+            manifests = backup_ops.Repository(root=args.repo, vm=words[1]).manifests()
+            emit(
+                args,
+                [m.to_json() for m in manifests],
+                "\n".join(
+                    f"{m.id}  {m.kind.value:<12} parent={m.parent or '-':<22} "
+                    f"{sum(d.bytes_copied for d in m.disks):>12} bytes"
+                    + (f"  (full because {m.fallback_reason})" if m.fallback_reason else "")
+                    for m in manifests
+                )
+                or "no backups",
+            )
+            return 0
+        if action == "verify":
+            if len(words) < 3:
+                raise ConfigError("backup", "verify needs VM and a backup ID")
+            report = await backup_ops.verify(args.repo, words[1], words[2], deep=args.deep)
+            emit(
+                args,
+                {"id": report.backup_id, "ok": report.ok, "problems": list(report.problems)},
+                "ok" if report.ok else "\n".join(report.problems),
+            )
+            return 0 if report.ok else 1
+        if action == "prune":
+            if args.keep is None:
+                raise ConfigError("keep", "prune needs --keep N")
+            deleted = await backup_ops.prune(args.repo, words[1], keep_last=args.keep)
+            emit(args, {"deleted": deleted}, f"deleted {len(deleted)} backup(s)")
+            return 0
+        kind = (
+            backup_ops.BackupKind.FULL
+            if args.full
+            else backup_ops.BackupKind.DIFFERENTIAL
+            if args.differential
+            else backup_ops.BackupKind.INCREMENTAL
+        )
+        async with attach(words[0]) as vm:
+            manifest = await backup_ops.backup(
+                vm,
+                args.repo,
+                kind=kind,
+                devices=args.disk,
+                compress=args.compress,
+                speed=None if args.speed is None else parse_size(args.speed, "speed"),
+                deadline=args.timeout,
+                hooks=job_hooks(args, "backup"),
+            )
+        copied = sum(d.bytes_copied for d in manifest.disks)
+        note = f" (full because {manifest.fallback_reason})" if manifest.fallback_reason else ""
+        emit(
+            args,
+            manifest.to_json(),
+            f"{manifest.id}: {manifest.kind.value} backup, {copied} bytes copied{note}",
+        )
+        return 0
+
+
+class RestoreCommand(Command):
+    name = "restore"
+    help = "rebuild a disk at a backup point into a new image (checked against the manifest)"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("backup_id")
+        parser.add_argument("device")
+        parser.add_argument("dest", type=Path)
+        parser.add_argument("--repo", type=Path, required=True)
+        parser.add_argument("-O", "--output-format", default="qcow2")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        fmt = coerce_enum(ImageFormat, args.output_format, "output_format")
+        dest = await backup_ops.restore(
+            args.repo, args.vm, args.backup_id, args.device, args.dest.absolute(), fmt
+        )
+        emit(
+            args,
+            {"restored": str(dest), "format": fmt.value},
+            f"restored {args.device} of {args.backup_id} to {dest}",
+        )
+        return 0
+
+
 COMMANDS: tuple[type[Command], ...] = (
     Up,
     Ls,
@@ -1066,6 +1176,8 @@ COMMANDS: tuple[type[Command], ...] = (
     CommitCommand,
     StreamCommand,
     Jobs,
+    BackupCommand,
+    RestoreCommand,
     Img,
     Guest,
     Demo,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -222,3 +223,35 @@ async def test_bad_backup_inputs(tmp_path: Path) -> None:
         await bk.verify(tmp_path, "x", "nope")
     with pytest.raises(BackupCorrupt.__mro__[1]):  # any BlockctlError for an absent repo
         await bk.restore(tmp_path, "x", "nope", "disk0", tmp_path / "o.raw")
+
+
+async def test_cli_backup_list_verify_restore_prune(runtime_dir: Path, tmp_path: Path) -> None:
+    from tests.integration.test_attach_cli import cli
+
+    repo = tmp_path / "repo"
+    await cli("up", "--name", "bcli", "--strict")
+    try:
+        first = json.loads((await cli("backup", "bcli", "--repo", repo, "--json")).stdout)
+        assert first["kind"] == "full"
+        assert "no earlier backup" in first["fallback_reason"]
+        second = json.loads((await cli("backup", "bcli", "--repo", repo, "--json")).stdout)
+        assert second["kind"] == "incremental"
+        assert second["parent"] == first["id"]
+    finally:
+        await cli("down", "bcli")
+    listed = json.loads((await cli("backup", "list", "bcli", "--repo", repo, "--json")).stdout)
+    assert [m["id"] for m in listed] == [first["id"], second["id"]]
+    verified = json.loads(
+        (await cli("backup", "verify", "bcli", second["id"], "--repo", repo, "--json")).stdout
+    )
+    assert verified == {"id": second["id"], "ok": True, "problems": []}
+    dest = tmp_path / "restored.qcow2"
+    await cli("restore", "bcli", second["id"], "disk0", dest, "--repo", repo)
+    assert dest.exists()
+    pruned = json.loads(
+        (await cli("backup", "prune", "bcli", "--keep", "1", "--repo", repo, "--json")).stdout
+    )
+    assert pruned == {"deleted": [first["id"]]}
+    bad = await cli("restore", "bcli", "nope", "disk0", tmp_path / "x", "--repo", repo, check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("blockctl: ConfigError: backup: no complete backup 'nope'")
