@@ -20,7 +20,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -52,6 +52,7 @@ from blockctl.errors import (
     MissingComponent,
     QMPConnectFailed,
     ShutdownFailed,
+    Unsupported,
     VMExists,
 )
 from blockctl.types import Drive, ImageFormat, MachineConfig
@@ -94,6 +95,7 @@ class VM:
         self.run_dir = run_dir
         #: The options of the drives blockctl created (for reopen and unplug).
         self.registry = DriveRegistry.load(run_dir)
+        self._capabilities: Capabilities | None = None
 
     async def status(self) -> StatusInfo:
         return await wire.query_status(self.session)
@@ -102,7 +104,26 @@ class VM:
         return await wire.query_version(self.session)
 
     async def capabilities(self) -> Capabilities:
-        return await wire.query_capabilities(self.session)
+        """What this QEMU offers (``query-qmp-schema``), read once per session."""
+        if self._capabilities is None:
+            self._capabilities = await wire.query_capabilities(self.session)
+        return self._capabilities
+
+    async def require(self, *commands: str) -> None:
+        """Fail early, with a clear error, if this QEMU lacks a command or deprecates it.
+
+        Choices are made from the schema, never from version numbers.
+        """
+        caps = await self.capabilities()
+        for command in commands:
+            if not caps.has(command):
+                raise Unsupported(command, f"this QEMU has no {command!r} command")
+            if caps.is_deprecated(command):
+                raise Unsupported(
+                    command,
+                    f"{command!r} is deprecated in this QEMU; blockctl "
+                    "does not use deprecated commands",
+                )
 
     async def block_devices(self) -> tuple[BlockDevice, ...]:
         return await wire.query_block(self.session)
@@ -177,7 +198,7 @@ async def preflight(config: MachineConfig) -> tuple[str, dict[int, DriveSource]]
     sources: dict[int, DriveSource] = {}
     for i, drive in enumerate(config.drives):
         if drive.file is not None:
-            sources[i] = await inspect_drive(drive, f"drive[{i}].file")
+            sources[i] = await inspect_drive(drive, f"drive[{i}].file", roots=config.image_roots)
         elif drive.nbd is not None:
             check_nbd(drive, f"drive[{i}].nbd")
     return binary, sources
@@ -196,9 +217,17 @@ def check_nbd(drive: Drive, where: str) -> None:
         raise ConfigError(f"{where}.socket", f"{socket_path} is not a unix socket")
 
 
-async def inspect_drive(drive: Drive, where: str) -> DriveSource:
+async def inspect_drive(
+    drive: Drive, where: str, *, roots: Iterable[Path | str] = ()
+) -> DriveSource:
     """The image behind ``drive`` as QEMU will open it: checked, and its chain read with the
-    declared format. ``where`` names the drive in errors."""
+    declared format. ``where`` names the drive in errors.
+
+    The one door for images from outside (launch, hot-plug, media insert/change): the chain is
+    checked by :func:`blockctl._images.inspect_untrusted` (backing/data files confined to the
+    image's directory tree, ``$BLOCKCTL_IMAGE_ROOTS`` and ``roots``; no protocol strings; no
+    backing without a format) before QEMU opens anything.
+    """
     assert drive.file is not None and drive.format is not None  # a Drive with a file has both
     path = Path(drive.file).absolute()
     try:
@@ -214,14 +243,7 @@ async def inspect_drive(drive: Drive, where: str) -> DriveSource:
         raise ConfigError(
             where, f"{path} is not {'readable' if drive.read_only else 'readable and writable'}"
         )
-    try:
-        chain = await _images.backing_chain(path, drive.format)
-    except BlockctlError as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        raise ConfigError(
-            where, f"cannot read {path} as {drive.format.value}: {detail}".strip()
-        ) from exc
-    _images.check_chain(chain, where)
+    chain = await _images.inspect_untrusted(path, drive.format, roots=roots, where=where)
     return DriveSource(chain=chain, block_device=block_device)
 
 

@@ -210,6 +210,8 @@ async def backup(
     missing, disabled, busy or inconsistent.
     """
     repo = Repository(root=Path(repo_root).absolute(), vm=vm.name)
+    # The modern route only: blockdev-backup (drive-backup is deprecated since QEMU 6.2).
+    await vm.require("blockdev-backup", "transaction", "block-dirty-bitmap-add", "job-dismiss")
     graph = await read_graph(vm)
     chosen = (
         list(devices)

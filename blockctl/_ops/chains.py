@@ -16,6 +16,11 @@ Rules (qemu-facts.md §0.1, F1, F2, F7, F11):
   they are deleted top-down after the job succeeded, and optionally their files.
 - Internal snapshots (``snapshot-save``/``-load``/``-delete``) need every writable disk to be
   qcow2; QEMU reports the failure only in ``query-jobs``, so it is checked first.
+- Untrusted images (qemu-facts.md S2): nothing here opens an image blockctl did not create.
+  An external snapshot's overlays are made by blockctl (backing file and format recorded, the
+  backing being a node QEMU already has open) and added with ``backing: null``; commit and
+  stream work on nodes already open, which passed :func:`blockctl._images.inspect_untrusted`
+  when they were launched or plugged.
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ async def external_snapshot(
     actions. On any failure the added nodes and the created files are removed.
     """
     _check_tag(tag)
+    await vm.require("transaction", "blockdev-snapshot", "blockdev-add")
     graph = await read_graph(vm)
     chosen = _writable_disks(graph, devices)
     if not chosen:
@@ -386,6 +392,7 @@ async def commit(
     :raise JobNeverReady: an active commit could not catch up with the guest's writes under
     ``speed`` within ``deadline``; raise the speed limit (``set_speed``) or drop it.
     """
+    await vm.require("block-commit", "blockdev-reopen", "job-dismiss")
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     top_i = 0 if top is None else _index(chain, top, device, "top")
@@ -457,6 +464,7 @@ async def stream(
 ) -> ChainResult:
     """Copy the data of the layers above ``base`` (default: all of them) into the active layer,
     which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted."""
+    await vm.require("block-stream", "job-dismiss")
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     if len(chain) < 2:
@@ -505,6 +513,7 @@ async def _internal(
     vm: VM, kind: str, tag: str, deadline: float, hooks: Sequence[JobHook]
 ) -> JobResult:
     _check_tag(tag)
+    await vm.require(kind)
     nodes = _internal_targets(await read_graph(vm))
 
     async def start(job_id: str) -> None:

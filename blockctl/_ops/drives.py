@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -173,11 +174,13 @@ async def _next_index(vm: VM) -> int:
 # Section: hot-plug
 
 
-async def hotplug(vm: VM, drive: Drive) -> DriveInfo:
+async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = ()) -> DriveInfo:
     """Add ``drive`` to the running guest: ``blockdev-add`` bottom-up, then ``device_add``.
 
-    A failure at any step removes what this call added, in reverse order (shielded), and
-    re-raises: no node or device is leaked.
+    The image is inspected first (:func:`blockctl._images.inspect_untrusted`; ``image_roots``
+    are allowed roots for its backing files besides ``$BLOCKCTL_IMAGE_ROOTS``). A failure at
+    any step removes what this call added, in reverse order (shielded), and re-raises: no node
+    or device is leaked.
     """
     if drive.interface in (Interface.IDE, Interface.FLOPPY):
         raise ConfigError(
@@ -189,7 +192,7 @@ async def hotplug(vm: VM, drive: Drive) -> DriveInfo:
         raise ConfigError("drive.snapshot", "a throwaway overlay is only made at launch")
     if any(v is not None for v in (drive.bus, drive.unit, drive.index)):
         raise ConfigError("drive.unit", "hot-plugged drives are placed by QEMU")
-    source = None if drive.file is None else await inspect_drive(drive, "file")
+    source = None if drive.file is None else await inspect_drive(drive, "file", roots=image_roots)
     if drive.nbd is not None:
         check_nbd(drive, "nbd")
     index = await _next_index(vm)
@@ -316,8 +319,11 @@ async def eject(vm: VM, device_id: str, *, force: bool = False) -> None:
         vm.registry.put(replace(record, nodes=()))
 
 
-async def insert(vm: VM, device_id: str, file: Any, fmt: ImageFormat) -> DriveInfo:
-    """Insert a medium into an empty drive and close the tray."""
+async def insert(
+    vm: VM, device_id: str, file: Any, fmt: ImageFormat, *, image_roots: Iterable[Path | str] = ()
+) -> DriveInfo:
+    """Insert a medium into an empty drive and close the tray (the image inspected first, as
+    for :func:`hotplug`)."""
     device, record = await _find(vm, device_id)
     if device is None or record is None:
         raise DriveNotFound(device_id, f"the VM has no drive {device_id!r} made by blockctl")
@@ -326,7 +332,7 @@ async def insert(vm: VM, device_id: str, file: Any, fmt: ImageFormat) -> DriveIn
     if device.inserted is not None:
         raise ConfigError("device", f"{device_id!r} holds a medium; eject it first (or change)")
     medium = Drive(file=file, format=fmt, interface=Interface.IDE, media=Media.CDROM)
-    source = await inspect_drive(medium, "file")
+    source = await inspect_drive(medium, "file", roots=image_roots)
     plan = plan_drive(await _next_index(vm), medium, source, "pc", None)
     added: list[str] = []
     try:
@@ -346,10 +352,19 @@ async def insert(vm: VM, device_id: str, file: Any, fmt: ImageFormat) -> DriveIn
 
 
 async def change_medium(
-    vm: VM, device_id: str, file: Any, fmt: ImageFormat, *, force: bool = False
+    vm: VM,
+    device_id: str,
+    file: Any,
+    fmt: ImageFormat,
+    *,
+    force: bool = False,
+    image_roots: Iterable[Path | str] = (),
 ) -> DriveInfo:
+    # The new medium is inspected before the old one is ejected.
+    medium = Drive(file=file, format=fmt, interface=Interface.IDE, media=Media.CDROM)
+    await inspect_drive(medium, "file", roots=image_roots)
     await eject(vm, device_id, force=force)
-    return await insert(vm, device_id, file, fmt)
+    return await insert(vm, device_id, file, fmt, image_roots=image_roots)
 
 
 # Section: cache, size, throttling
@@ -383,6 +398,7 @@ async def set_cache(vm: VM, device_id: str, mode: CacheMode) -> DriveInfo:
             f"({', '.join(m.value for m in CacheMode if m.write_cache == wce)}), or detach "
             "and attach the drive again with the new mode",
         )
+    await vm.require("blockdev-reopen")
     new_cache = {"direct": mode.direct, "no-flush": mode.no_flush}
     nodes = tuple({**n, "cache": new_cache} if "cache" in n else n for n in record.nodes)
     # Complete option sets, every node of the drive in one atomic reopen.

@@ -129,3 +129,18 @@ async def test_event_wait_fails_when_owner_marks_lost() -> None:
 async def _mark_later(session: QMPSession) -> None:
     await anyio.sleep(0.05)
     session.mark_lost("QEMU was killed by SIGKILL")
+
+
+async def test_vm_require_reads_the_schema_not_the_version() -> None:
+    from blockctl._machine import VM
+    from blockctl.errors import Unsupported
+
+    async with fake_session() as (fake, session):
+        vm = VM(session, name="fake", pid=None)
+        await vm.require("blockdev-backup")
+        with pytest.raises(Unsupported, match="deprecated"):
+            await vm.require("drive-backup")
+        with pytest.raises(Unsupported, match="no 'block-commit'"):
+            await vm.require("block-commit")
+        # The schema is asked once per session.
+        assert [c for c, _ in fake.received].count("query-qmp-schema") == 1
