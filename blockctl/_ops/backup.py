@@ -26,6 +26,7 @@ import enum
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -37,7 +38,7 @@ from typing import Any
 import anyio
 
 from blockctl import _images
-from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook, start_job
+from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook, adopt_jobs, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._ops.chains import read_graph
@@ -178,6 +179,66 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Section: recovery
+
+
+_TARGET_NODE = re.compile(r"^bk\d+-[0-9a-f]{4}(-file)?$")
+
+
+async def recover(vm: VM, repo_root: Path) -> list[str]:
+    """Reconcile after a controller stopped in the middle of a backup (crash, kill -9).
+
+    QEMU is the source of truth: backup jobs blockctl started are adopted (a running one is
+    cancelled, a concluded one reported and dismissed), target nodes left in QEMU are deleted,
+    and backup directories without a manifest (never complete) are removed. If any such
+    leftover is found, the disks' bitmaps are dropped: a killed *full* backup had already reset
+    them, so only a new full backup is safe. Returns what was done, for the log.
+    """
+    notes: list[str] = []
+    for job in await adopt_jobs(vm.session):
+        if job.type != "backup" or not job.id.startswith("bc-backup-"):
+            continue
+        if job.done:
+            notes.append(f"job {job.id} had ended ({job.outcome}); dismissed")
+            continue
+        with contextlib.suppress(BlockctlError):
+            await job.cancel()
+        with contextlib.suppress(BlockctlError):
+            await job.wait(complete_on_ready=False, deadline=60)
+        notes.append(f"job {job.id} of a stopped controller was cancelled")
+    stale = sorted(
+        (n.node_name for n in await vm.block_nodes() if _TARGET_NODE.match(n.node_name)),
+        key=lambda n: n.endswith("-file"),
+    )
+    for name in stale:  # format nodes before their file nodes
+        with contextlib.suppress(BlockctlError):
+            await wire.blockdev_del(vm.session, name)
+            notes.append(f"deleted leftover target node {name}")
+    repo = Repository(root=Path(repo_root).absolute(), vm=vm.name)
+    incomplete = [
+        d
+        for d in (repo.directory.iterdir() if repo.directory.is_dir() else ())
+        if d.is_dir() and not (d / MANIFEST).exists()
+    ]
+    for directory in incomplete:
+        shutil.rmtree(directory, ignore_errors=True)
+        notes.append(f"removed incomplete backup {directory.name} (it has no manifest)")
+    if notes:
+        graph = await read_graph(vm)
+        for device in graph.devices.values():
+            if device.root is None:
+                continue
+            node = graph.format_node(device.id)
+            for bitmap in node.dirty_bitmaps:
+                if bitmap.name in BITMAPS:
+                    with contextlib.suppress(BlockctlError):
+                        await wire.bitmap_remove(vm.session, node.name, bitmap.name)
+        notes.append("dropped the backup bitmaps: the next backup is a full one")
+        for note in notes:
+            _log.warning("blockctl.backup.recovered", vm=vm.name, note=note)
+    return notes
+
+
 # Section: taking a backup
 
 
@@ -212,6 +273,7 @@ async def backup(
     repo = Repository(root=Path(repo_root).absolute(), vm=vm.name)
     # The modern route only: blockdev-backup (drive-backup is deprecated since QEMU 6.2).
     await vm.require("blockdev-backup", "transaction", "block-dirty-bitmap-add", "job-dismiss")
+    recovered = await recover(vm, repo_root)
     graph = await read_graph(vm)
     chosen = (
         list(devices)
@@ -228,7 +290,9 @@ async def backup(
     parent: Manifest | None = None
     fallback: str | None = None
     if kind is not BackupKind.FULL:
-        if previous is None:
+        if recovered:
+            fallback = "an earlier backup was interrupted: " + recovered[0]
+        elif previous is None:
             fallback = "there is no earlier backup in the repository"
         elif {d.device for d in previous.disks} != set(chosen):
             fallback = "the disks differ from the last backup's"

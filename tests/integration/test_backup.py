@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, open_vm
@@ -255,3 +257,54 @@ async def test_cli_backup_list_verify_restore_prune(runtime_dir: Path, tmp_path:
     bad = await cli("restore", "bcli", "nope", "disk0", tmp_path / "x", "--repo", repo, check=False)
     assert bad.returncode == 1
     assert bad.stderr.startswith("blockctl: ConfigError: backup: no complete backup 'nope'")
+
+
+async def test_controller_killed_mid_backup_is_adopted_never_recorded(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """A second process runs a slow backup and is killed -9 mid-job. The next backup (a fresh
+    controller's) adopts and cancels the orphaned job, deletes its nodes and its half-written
+    directory, and takes a full backup: nothing incomplete is ever listed as a backup."""
+    disk = await qcow2_image(images / "c.qcow2", b"", DISK_MIB * MIB)
+    repo = tmp_path / "repo"
+    async with open_vm(config(guest, "orphan", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 8192)
+        first = await bk.backup(vm, repo, kind=bk.BackupKind.FULL)
+        await write(vm, "vda", 0, 4096)
+        controller = await anyio.open_process(
+            [
+                sys.executable,
+                "-m",
+                "blockctl",
+                "backup",
+                "orphan",
+                "--repo",
+                str(repo),
+                "--full",
+                "--speed",
+                "256K",
+            ],
+        )
+        try:
+            with anyio.fail_after(30):
+                while not await wire.query_jobs(vm.session):  # noqa: ASYNC110 - another process's job
+                    await anyio.sleep(0.05)
+        finally:
+            controller.kill()
+            await controller.wait()
+            await controller.aclose()
+        orphan = await wire.query_jobs(vm.session)
+        assert orphan[0].status.value == "running"
+        # Only the complete backup is listed, even though a directory was being written.
+        assert [m.id for m in bk.Repository(root=repo, vm="orphan").manifests()] == [first.id]
+        assert len(list((repo / "orphan").iterdir())) == 2
+        after = await bk.backup(vm, repo)
+        assert after.kind is bk.BackupKind.FULL
+        assert after.fallback_reason is not None
+        assert "interrupted" in after.fallback_reason
+        assert await wire.query_jobs(vm.session) == ()
+        assert not [n for n in await vm.block_nodes() if n.node_name.startswith("bk")]
+        assert sorted(p.name for p in (repo / "orphan").iterdir()) == sorted([first.id, after.id])
+        expected = await disk_sha(vm, "vda")
+    assert await restored_sha(repo, "orphan", after.id, "disk0", tmp_path) == expected
