@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import anyio
@@ -31,34 +29,8 @@ from blockctl import LaunchedVM, _binaries, _images, _proc, find_guest, open_vm
 from blockctl._images import create
 from blockctl._ops import chains, drives
 from blockctl.types import Drive, ImageFormat, MachineConfig
-
-
-@dataclass
-class Row:
-    operation: str
-    unit: str
-    blockctl: list[float]
-    baseline: list[float]
-    baseline_name: str
-
-    def stats(self, values: list[float]) -> dict[str, float]:
-        ordered = sorted(values)
-        return {
-            "min": ordered[0],
-            "median": statistics.median(ordered),
-            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-            "max": ordered[-1],
-        }
-
-    def to_json(self) -> dict[str, object]:
-        mine, base = self.stats(self.blockctl), self.stats(self.baseline)
-        return {
-            **asdict(self),
-            "blockctl_stats": mine,
-            "baseline_stats": base,
-            "ratio_median": mine["median"] / base["median"],
-            "reps": len(self.blockctl),
-        }
+from scripts import bench_more
+from scripts.bench_common import Row
 
 
 async def timed(fn: Callable[[], Awaitable[object]]) -> float:
@@ -222,7 +194,7 @@ async def bench_chains(reps: int, mib: int, images: Path) -> list[Row]:
     ]
 
 
-BENCHMARKS = ("qmp", "hotplug", "chains")
+BENCHMARKS = ("qmp", "launch", "hotplug", "chains", "backup", "stall", "scale")
 
 
 def render(rows: list[Row]) -> str:
@@ -266,6 +238,20 @@ async def main(args: argparse.Namespace) -> int:
             chain_dir = Path(tmp) / "chains"
             chain_dir.mkdir()
             rows += await bench_chains(1 if args.quick else 3, 64 if args.quick else 256, chain_dir)
+        work = Path(tmp) / "more"
+        work.mkdir()
+        if "launch" in selected:
+            rows += await bench_more.bench_launch(find_guest(), 2 if args.quick else 5)
+        if "backup" in selected:
+            rows += await bench_more.bench_backup(
+                find_guest(), 1 if args.quick else 3, 64 if args.quick else 256, work
+            )
+        if "stall" in selected:
+            rows += await bench_more.bench_snapshot_stall(
+                find_guest(), 1 if args.quick else 5, work
+            )
+        if "scale" in selected:
+            rows += await bench_more.bench_scale((1, 2) if args.quick else (1, 8, 32), work)
     print(render(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_json() for r in rows], indent=1))
@@ -277,7 +263,12 @@ if __name__ == "__main__":
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK", help="qmp, hotplug")
+    parser.add_argument(
+        "benchmarks",
+        nargs="*",
+        metavar="BENCHMARK",
+        help="qmp, launch, hotplug, chains, backup, stall, scale (default: all)",
+    )
     parser.add_argument("--quick", action="store_true", help="few repetitions (CI smoke)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     sys.exit(anyio.run(main, parser.parse_args(), backend="asyncio"))
