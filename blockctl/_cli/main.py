@@ -1064,6 +1064,12 @@ class BackupCommand(Command):
         kind.add_argument("--differential", action="store_true")
         parser.add_argument("--disk", action="append", help="device (repeat; default: all)")
         parser.add_argument("--compress", action="store_true")
+        parser.add_argument(
+            "--pull",
+            action="store_true",
+            help="export a point-in-time view over NBD and copy it with "
+            "blockctl's reader (only allocated/dirty extents)",
+        )
         parser.add_argument("--speed", help="bytes/s limit per disk (e.g. 100M)")
         parser.add_argument("--keep", type=int, help="prune: how many backups to keep")
         parser.add_argument(
@@ -1121,6 +1127,7 @@ class BackupCommand(Command):
                 speed=None if args.speed is None else parse_size(args.speed, "speed"),
                 deadline=args.timeout,
                 hooks=job_hooks(args, "backup"),
+                pull=args.pull,
             )
         copied = sum(d.bytes_copied for d in manifest.disks)
         note = f" (full because {manifest.fallback_reason})" if manifest.fallback_reason else ""

@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +42,7 @@ from blockctl import _images
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook, adopt_jobs, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
+from blockctl._nbd import MAX_REQUEST, STATE_DIRTY, STATE_ZERO, NbdClient
 from blockctl._ops.chains import read_graph
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, JobError
@@ -182,7 +184,7 @@ def _file_sha256(path: Path) -> str:
 # Section: recovery
 
 
-_TARGET_NODE = re.compile(r"^bk\d+-[0-9a-f]{4}(-file)?$")
+_TARGET_NODE = re.compile(r"^bk\d+-[0-9a-f]{4}(-fl)?(-file)?$")
 
 
 async def recover(vm: VM, repo_root: Path) -> list[str]:
@@ -208,7 +210,7 @@ async def recover(vm: VM, repo_root: Path) -> list[str]:
         notes.append(f"job {job.id} of a stopped controller was cancelled")
     stale = sorted(
         (n.node_name for n in await vm.block_nodes() if _TARGET_NODE.match(n.node_name)),
-        key=lambda n: n.endswith("-file"),
+        key=lambda n: (n.endswith("-file"), n.endswith("-fl")),
     )
     for name in stale:  # format nodes before their file nodes
         with contextlib.suppress(BlockctlError):
@@ -230,7 +232,7 @@ async def recover(vm: VM, repo_root: Path) -> list[str]:
                 continue
             node = graph.format_node(device.id)
             for bitmap in node.dirty_bitmaps:
-                if bitmap.name in BITMAPS:
+                if bitmap.name in BITMAPS or (bitmap.name or "").endswith(".next"):
                     with contextlib.suppress(BlockctlError):
                         await wire.bitmap_remove(vm.session, node.name, bitmap.name)
         notes.append("dropped the backup bitmaps: the next backup is a full one")
@@ -263,8 +265,13 @@ async def backup(
     speed: int | None = None,
     deadline: float = 3600.0,
     hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    pull: bool = False,
 ) -> Manifest:
     """Back up ``devices`` (default: every writable disk) of a running VM at one point in time.
+
+    ``pull``: instead of QEMU pushing the data, export a frozen point-in-time view over NBD
+    (fleecing) and copy it with blockctl's own NBD reader: only allocated extents for a full
+    backup, only the dirty ones (the frozen bitmap, exported) for an incremental/differential.
 
     ``kind`` incremental or differential falls back to full (logged, and recorded as the
     manifest's ``fallback_reason``) when there is no earlier backup or a disk's bitmap is
@@ -349,9 +356,12 @@ async def backup(
     directory.mkdir(parents=True)
     added: list[str] = []
     try:
-        jobs = await _run_backup(
-            vm, plans, effective, parent, repo, compress, speed, deadline, hooks, added
-        )
+        if pull:
+            jobs = await _run_pull(vm, plans, effective, parent, deadline, hooks, added)
+        else:
+            jobs = await _run_backup(
+                vm, plans, effective, parent, repo, compress, speed, deadline, hooks, added
+            )
         # QEMU must let go of the targets before they are read (image locks).
         await _delete_nodes(vm, added)
         disks = []
@@ -531,6 +541,227 @@ async def _run_backup(
                 tg.start_soon(wait, plan, job)
         if errors:
             raise errors[0]
+    return copied
+
+
+# Section: pull mode (NBD export of a fleecing view)
+
+
+async def _create_target(plan: _DiskPlan, parent: Manifest | None) -> None:
+    if parent is None:
+        await _images.create(plan.target, ImageFormat.QCOW2, size=plan.virtual_size)
+        return
+    parent_disk = next(d for d in parent.disks if d.device == plan.device)
+    # A relative backing path keeps the repository movable.
+    await _images.create(
+        plan.target,
+        ImageFormat.QCOW2,
+        size=plan.virtual_size,
+        backing=Path("..") / parent.id / parent_disk.file,
+        backing_format=ImageFormat.QCOW2,
+        unsafe=True,
+    )
+
+
+async def _add_qcow2(vm: VM, name: str, path: Path, backing: str | None, added: list[str]) -> None:
+    await wire.blockdev_add(
+        vm.session, {"driver": "file", "node-name": f"{name}-file", "filename": str(path)}
+    )
+    added.append(f"{name}-file")
+    await wire.blockdev_add(
+        vm.session,
+        {"driver": "qcow2", "node-name": name, "file": f"{name}-file", "backing": backing},
+    )
+    added.append(name)
+
+
+async def _run_pull(
+    vm: VM,
+    plans: list[_DiskPlan],
+    kind: BackupKind,
+    parent: Manifest | None,
+    deadline: float,
+    hooks: Sequence[JobHook],
+    added: list[str],
+) -> dict[str, int]:
+    """Fleece every disk at one point in time (``blockdev-backup sync: none`` into a
+    temporary overlay whose backing is the disk: the guest keeps writing, old data is copied
+    aside first), export the views over NBD, copy what is needed through an NBD client into the
+    backup targets (exported writable by the same server), and tear it all down in every path.
+
+    For an incremental/differential the bitmap is *rotated* in the same transaction: the
+    current one is disabled (frozen at the point, exported read-only) and a ``.next`` one starts
+    recording. Afterwards ``.next`` is merged back (success of an incremental: the frozen bits
+    are cleared first), so no change is lost whatever happens.
+    """
+    await vm.require("nbd-server-start", "block-export-add", "block-export-del")
+    frozen = {BackupKind.INCREMENTAL: BITMAP_INC, BackupKind.DIFFERENTIAL: BITMAP_FULL}.get(kind)
+    fresh = None if frozen is None else f"{frozen}.next"
+    workdir = Path(tempfile.mkdtemp(prefix="bc-nbd-", dir="/tmp"))  # a short socket path
+    server = workdir / "nbd.sock"
+    fleece_files: list[Path] = []
+    for plan in plans:
+        fleece = plan.target.with_name(f".fleece-{plan.device}.qcow2")
+        await _images.create(fleece, ImageFormat.QCOW2, size=plan.virtual_size)
+        fleece_files.append(fleece)
+        await _add_qcow2(vm, f"{plan.target_node}-fl", fleece, plan.node, added)
+        await _create_target(plan, parent)
+        # Written through NBD in whole bitmap clusters: no backing needed while writing.
+        await _add_qcow2(vm, plan.target_node, plan.target, None, added)
+
+    actions: list[dict[str, Any]] = []
+
+    def start_for(plan: _DiskPlan, last: bool) -> Any:
+        async def start(job_id: str) -> None:
+            if kind is BackupKind.FULL:
+                for name in BITMAPS:
+                    if name in plan.bitmaps_ok:
+                        actions.append(wire.bitmap_clear_action(plan.node, name))
+                    else:
+                        if name in plan.bitmaps_present:
+                            await wire.bitmap_remove(vm.session, plan.node, name)
+                        actions.append(wire.bitmap_add_action(plan.node, name))
+            else:
+                assert frozen is not None and fresh is not None
+                actions.append(wire.bitmap_add_action(plan.node, fresh))
+                actions.append(wire.bitmap_disable_action(plan.node, frozen))
+            actions.append(
+                wire.backup_action(
+                    job_id=job_id, device=plan.node, target=f"{plan.target_node}-fl", sync="none"
+                )
+            )
+            if last:
+                await wire.transaction(vm.session, actions)
+
+        return start
+
+    copied: dict[str, int] = {}
+    success = False
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            jobs: list[Job] = []
+            for i, plan in enumerate(plans):
+                jobs.append(
+                    await stack.enter_async_context(
+                        start_job(
+                            vm.session,
+                            "backup",
+                            start_for(plan, i == len(plans) - 1),
+                            target=f"{plan.target_node}-fl",
+                            hooks=hooks,
+                        )
+                    )
+                )
+            await wire.nbd_server_start(vm.session, str(server))
+            try:
+                for plan in plans:
+                    await wire.block_export_add(
+                        vm.session,
+                        export_id=f"src-{plan.target_node}",
+                        node=f"{plan.target_node}-fl",
+                        name=f"src-{plan.device}",
+                        writable=False,
+                        bitmaps=() if frozen is None else ((plan.node, frozen),),
+                    )
+                    await wire.block_export_add(
+                        vm.session,
+                        export_id=f"dst-{plan.target_node}",
+                        node=plan.target_node,
+                        name=f"dst-{plan.device}",
+                        writable=True,
+                    )
+                with anyio.fail_after(deadline):
+                    for plan in plans:
+                        copied[plan.device] = await _pull_disk(str(server), plan.device, frozen)
+                success = True
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for plan in plans:
+                        for prefix in ("src", "dst"):
+                            with contextlib.suppress(BlockctlError):
+                                await wire.block_export_del(
+                                    vm.session, f"{prefix}-{plan.target_node}"
+                                )
+                    with contextlib.suppress(BlockctlError):
+                        await wire.nbd_server_stop(vm.session)
+                    for job in jobs:  # sync=none runs until cancelled: that is its end
+                        with contextlib.suppress(BlockctlError):
+                            await job.cancel()
+                            await job.wait(complete_on_ready=False, deadline=60, hooks=hooks)
+    finally:
+        with anyio.CancelScope(shield=True):
+            if frozen is not None and fresh is not None:
+                await _unrotate(
+                    vm, plans, frozen, fresh, clear=success and kind is BackupKind.INCREMENTAL
+                )
+            shutil.rmtree(workdir, ignore_errors=True)
+            # The fleecing overlays go now; the targets' nodes go with the caller's cleanup.
+            for name in [n for n in reversed(added) if "-fl" in n]:  # top-down
+                with contextlib.suppress(BlockctlError):
+                    await wire.blockdev_del(vm.session, name)
+                added.remove(name)
+            for fleece in fleece_files:
+                fleece.unlink(missing_ok=True)
+    return copied
+
+
+async def _unrotate(vm: VM, plans: list[_DiskPlan], frozen: str, fresh: str, clear: bool) -> None:
+    """Put the rotated bitmaps back into one recording bitmap. ``clear``: the frozen bits were
+    backed up (incremental success) and are dropped; otherwise they are kept (failure, or a
+    differential, which keeps counting from the full backup)."""
+    actions: list[dict[str, Any]] = []
+    for plan in plans:
+        if clear:
+            actions.append(wire.bitmap_clear_action(plan.node, frozen))
+        actions.append(wire.bitmap_merge_action(plan.node, frozen, [fresh]))
+        actions.append(wire.bitmap_enable_action(plan.node, frozen))
+        actions.append(wire.bitmap_remove_action(plan.node, fresh))
+    try:
+        await wire.transaction(vm.session, actions)
+    except BlockctlError as exc:
+        _log.warning(
+            "blockctl.backup.bitmap_restore_failed",
+            vm=vm.name,
+            error=str(exc),
+            note="the next backup will be a full one",
+        )
+        for plan in plans:
+            for name in (frozen, fresh):
+                with contextlib.suppress(BlockctlError):
+                    await wire.bitmap_remove(vm.session, plan.node, name)
+
+
+async def _pull_disk(server: str, device: str, frozen: str | None) -> int:
+    """Copy the extents that matter from ``src-DEVICE`` to ``dst-DEVICE``: every allocated,
+    non-zero extent (full), or every dirty one (incremental/differential)."""
+    context = "base:allocation" if frozen is None else f"qemu:dirty-bitmap:{frozen}"
+    copied = 0
+    source = await NbdClient.open(server, f"src-{device}", context)
+    try:
+        target = await NbdClient.open(server, f"dst-{device}", None)
+        try:
+            offset = 0
+            while offset < source.size:
+                for extent in await source.block_status(offset, source.size - offset):
+                    wanted = (
+                        (extent.flags & STATE_DIRTY)
+                        if frozen is not None
+                        else not (extent.flags & STATE_ZERO)
+                    )
+                    if wanted:
+                        position = extent.offset
+                        end = min(extent.offset + extent.length, source.size)
+                        while position < end:
+                            size = min(MAX_REQUEST, end - position)
+                            await target.write(position, await source.read(position, size))
+                            position += size
+                            copied += size
+                    offset = extent.offset + extent.length
+            await target.flush()
+        finally:
+            await target.aclose()
+    finally:
+        await source.aclose()
     return copied
 
 

@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, open_vm
+from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._ops import backup as bk
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, ConfigError, JobFailed
@@ -236,7 +237,9 @@ async def test_cli_backup_list_verify_restore_prune(runtime_dir: Path, tmp_path:
         first = json.loads((await cli("backup", "bcli", "--repo", repo, "--json")).stdout)
         assert first["kind"] == "full"
         assert "no earlier backup" in first["fallback_reason"]
-        second = json.loads((await cli("backup", "bcli", "--repo", repo, "--json")).stdout)
+        second = json.loads(
+            (await cli("backup", "bcli", "--repo", repo, "--pull", "--json")).stdout
+        )
         assert second["kind"] == "incremental"
         assert second["parent"] == first["id"]
     finally:
@@ -308,3 +311,77 @@ async def test_controller_killed_mid_backup_is_adopted_never_recorded(
         assert sorted(p.name for p in (repo / "orphan").iterdir()) == sorted([first.id, after.id])
         expected = await disk_sha(vm, "vda")
     assert await restored_sha(repo, "orphan", after.id, "disk0", tmp_path) == expected
+
+
+class StartSignal:
+    """A job hook that sets an event once a job is running (after the transaction's point)."""
+
+    def __init__(self, event: anyio.Event) -> None:
+        self.event = event
+
+    def on_transition(self, transition: JobTransition) -> None:
+        if transition.status is JobStatus.RUNNING:
+            self.event.set()
+
+    def on_progress(self, progress: JobProgress) -> None:
+        pass
+
+
+async def test_pull_backups_over_nbd_while_the_guest_writes(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Pull mode: the point-in-time view is exported over NBD (fleecing) and copied by
+    blockctl's NBD reader while the guest keeps writing; each restore equals the guest's disk
+    at the backup's point, an incremental pull copies only the dirty bytes."""
+    repo = tmp_path / "repo"
+    disk = await qcow2_image(images / "p.qcow2", b"", DISK_MIB * MIB)
+    writer = (
+        "( while [ ! -e /tmp/stop ]; do dd if=/dev/urandom of=/dev/vda bs=64k count=1 "
+        "seek=$((RANDOM % 256)) oflag=direct conv=notrunc 2>/dev/null; done; "
+        "touch /tmp/stopped ) &"
+    )
+    async with open_vm(config(guest, "pull", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 4096)
+        at_full = await disk_sha(vm, "vda")
+        full = await bk.backup(vm, repo, kind=bk.BackupKind.FULL, pull=True)
+        assert full.disks[0].bytes_copied == 4 * MIB  # allocated data only
+        await write(vm, "vda", 8192, 1024)
+        at_inc = await disk_sha(vm, "vda")
+        # The guest starts writing right after the point in time (when the fleecing job
+        # runs) and goes on while blockctl reads the export.
+        after_point = anyio.Event()
+        manifests: list[bk.Manifest] = []
+
+        async def pull() -> None:
+            manifests.append(
+                await bk.backup(vm, repo, pull=True, hooks=(StartSignal(after_point),))
+            )
+
+        async def guest_writes() -> None:
+            await after_point.wait()
+            await sh(vm, "rm -f /tmp/stop /tmp/stopped; " + writer)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pull)
+            tg.start_soon(guest_writes)
+        (inc,) = manifests
+        await sh(vm, "touch /tmp/stop; until [ -e /tmp/stopped ]; do usleep 10000; done")
+        assert inc.kind is bk.BackupKind.INCREMENTAL
+        assert inc.disks[0].bytes_copied == 1 * MIB
+        # The writes made during the pull are in the bitmap for the next backup.
+        at_next = await disk_sha(vm, "vda")
+        nxt = await bk.backup(vm, repo, pull=True)
+        assert nxt.kind is bk.BackupKind.INCREMENTAL
+        assert nxt.disks[0].bytes_copied > 0
+        assert await wire.query_jobs(vm.session) == ()
+        assert not [n for n in await vm.block_nodes() if n.node_name.startswith("bk")]
+        names = {
+            b.name
+            for n in await wire.query_named_block_node_details(vm.session)
+            for b in n.dirty_bitmaps
+        }
+        assert names == {"blockctl-inc", "blockctl-full"}
+    assert await restored_sha(repo, "pull", full.id, "disk0", tmp_path) == at_full
+    assert await restored_sha(repo, "pull", inc.id, "disk0", tmp_path) == at_inc
+    assert await restored_sha(repo, "pull", nxt.id, "disk0", tmp_path) == at_next
