@@ -6,6 +6,7 @@ Each function returns rows measured next to their baseline in the same run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import secrets
@@ -113,7 +114,8 @@ async def raw_launch(guest: GuestImage) -> tuple[float, float]:
         shell_ms = (time.perf_counter() - start) * 1000
         await stream.aclose()
         await client.execute("quit")
-        await client.disconnect()
+        with contextlib.suppress(EOFError):  # QEMU closes the socket as it quits
+            await client.disconnect()
     finally:
         if process.returncode is None:
             process.kill()
