@@ -8,6 +8,7 @@ Unix sockets only; one request in flight at a time (simple and enough for a sequ
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from dataclasses import dataclass
 
@@ -226,8 +227,6 @@ class NbdClient:
         await self._chunks(await self._request(_CMD_FLUSH, 0, 0))
 
     async def aclose(self) -> None:
-        try:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             await self._request(_CMD_DISC, 0, 0)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
         await self._stream.aclose()

@@ -1073,6 +1073,17 @@ class BackupCommand(Command):
         parser.add_argument("--speed", help="bytes/s limit per disk (e.g. 100M)")
         parser.add_argument("--keep", type=int, help="prune: how many backups to keep")
         parser.add_argument(
+            "--keep-within",
+            type=float,
+            metavar="SECONDS",
+            help="prune: also keep backups newer than this",
+        )
+        parser.add_argument(
+            "--legacy",
+            action="store_true",
+            help="use QEMU's deprecated drive-backup (only where needed)",
+        )
+        parser.add_argument(
             "--deep", action="store_true", help="verify: also rebuild each image through its chain"
         )
         parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
@@ -1105,9 +1116,9 @@ class BackupCommand(Command):
             )
             return 0 if report.ok else 1
         if action == "prune":
-            if args.keep is None:
-                raise ConfigError("keep", "prune needs --keep N")
-            deleted = await backup_ops.prune(args.repo, words[1], keep_last=args.keep)
+            deleted = await backup_ops.prune(
+                args.repo, words[1], keep_last=args.keep, keep_within=args.keep_within
+            )
             emit(args, {"deleted": deleted}, f"deleted {len(deleted)} backup(s)")
             return 0
         kind = (
@@ -1128,6 +1139,7 @@ class BackupCommand(Command):
                 deadline=args.timeout,
                 hooks=job_hooks(args, "backup"),
                 pull=args.pull,
+                legacy=args.legacy,
             )
         copied = sum(d.bytes_copied for d in manifest.disks)
         note = f" (full because {manifest.fallback_reason})" if manifest.fallback_reason else ""

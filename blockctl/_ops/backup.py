@@ -45,7 +45,7 @@ from blockctl._machine import VM
 from blockctl._nbd import MAX_REQUEST, STATE_DIRTY, STATE_ZERO, NbdClient
 from blockctl._ops.chains import read_graph
 from blockctl._qmp import wire
-from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, JobError
+from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, JobError, Unsupported
 from blockctl.types import ImageFormat
 
 _log = get_logger()
@@ -232,9 +232,10 @@ async def recover(vm: VM, repo_root: Path) -> list[str]:
                 continue
             node = graph.format_node(device.id)
             for bitmap in node.dirty_bitmaps:
-                if bitmap.name in BITMAPS or (bitmap.name or "").endswith(".next"):
+                name = bitmap.name or ""
+                if name in BITMAPS or name.endswith(".next"):
                     with contextlib.suppress(BlockctlError):
-                        await wire.bitmap_remove(vm.session, node.name, bitmap.name)
+                        await wire.bitmap_remove(vm.session, node.name, name)
         notes.append("dropped the backup bitmaps: the next backup is a full one")
         for note in notes:
             _log.warning("blockctl.backup.recovered", vm=vm.name, note=note)
@@ -266,6 +267,7 @@ async def backup(
     deadline: float = 3600.0,
     hooks: Sequence[JobHook] = DEFAULT_HOOKS,
     pull: bool = False,
+    legacy: bool = False,
 ) -> Manifest:
     """Back up ``devices`` (default: every writable disk) of a running VM at one point in time.
 
@@ -278,8 +280,24 @@ async def backup(
     missing, disabled, busy or inconsistent.
     """
     repo = Repository(root=Path(repo_root).absolute(), vm=vm.name)
-    # The modern route only: blockdev-backup (drive-backup is deprecated since QEMU 6.2).
-    await vm.require("blockdev-backup", "transaction", "block-dirty-bitmap-add", "job-dismiss")
+    caps = await vm.capabilities()
+    if not legacy and not caps.has("blockdev-backup") and caps.has("drive-backup"):
+        legacy = True  # chosen from the schema, never from a version number
+        _log.warning("blockctl.backup.legacy", vm=vm.name, reason="no blockdev-backup")
+    if legacy:
+        if pull:
+            raise ConfigError("legacy", "pull mode needs blockdev-backup, not drive-backup")
+        if not caps.has("drive-backup"):
+            raise Unsupported("drive-backup", "this QEMU has no drive-backup")
+        _log.warning(
+            "blockctl.backup.legacy",
+            vm=vm.name,
+            note="drive-backup is deprecated by QEMU; use it only where needed",
+        )
+        await vm.require("transaction", "block-dirty-bitmap-add", "job-dismiss")
+    else:
+        # The modern route: blockdev-backup into nodes blockctl adds itself.
+        await vm.require("blockdev-backup", "transaction", "block-dirty-bitmap-add", "job-dismiss")
     recovered = await recover(vm, repo_root)
     graph = await read_graph(vm)
     chosen = (
@@ -360,7 +378,17 @@ async def backup(
             jobs = await _run_pull(vm, plans, effective, parent, deadline, hooks, added)
         else:
             jobs = await _run_backup(
-                vm, plans, effective, parent, repo, compress, speed, deadline, hooks, added
+                vm,
+                plans,
+                effective,
+                parent,
+                repo,
+                compress,
+                speed,
+                deadline,
+                hooks,
+                added,
+                legacy,
             )
         # QEMU must let go of the targets before they are read (image locks).
         await _delete_nodes(vm, added)
@@ -434,44 +462,16 @@ async def _run_backup(
     deadline: float,
     hooks: Sequence[JobHook],
     added: list[str],
+    legacy: bool = False,
 ) -> dict[str, int]:
     """Create the targets, start every job in one transaction, wait for all. Returns the
-    bytes each disk's job copied."""
+    bytes each disk's job copied. ``legacy``: drive-backup into the created files instead of
+    blockdev-backup into added nodes."""
     for plan in plans:
-        if parent is None:
-            await _images.create(plan.target, ImageFormat.QCOW2, size=plan.virtual_size)
-        else:
-            parent_disk = next(d for d in parent.disks if d.device == plan.device)
-            # A relative backing path keeps the repository movable.
-            backing = Path("..") / parent.id / parent_disk.file
-            await _images.create(
-                plan.target,
-                ImageFormat.QCOW2,
-                size=plan.virtual_size,
-                backing=backing,
-                backing_format=ImageFormat.QCOW2,
-                unsafe=True,
-            )
-        await wire.blockdev_add(
-            vm.session,
-            {
-                "driver": "file",
-                "node-name": f"{plan.target_node}-file",
-                "filename": str(plan.target),
-            },
-        )
-        added.append(f"{plan.target_node}-file")
-        # backing: null: the job writes whole clusters; the parent is only for readers later.
-        await wire.blockdev_add(
-            vm.session,
-            {
-                "driver": "qcow2",
-                "node-name": plan.target_node,
-                "file": f"{plan.target_node}-file",
-                "backing": None,
-            },
-        )
-        added.append(plan.target_node)
+        await _create_target(plan, parent)
+        if not legacy:
+            # backing: null: the job writes whole clusters; the parent is for readers later.
+            await _add_qcow2(vm, plan.target_node, plan.target, None, added)
 
     actions: list[dict[str, Any]] = []
 
@@ -490,18 +490,33 @@ async def _run_backup(
                 sync, bitmap, mode = "incremental", BITMAP_INC, "on-success"
             else:
                 sync, bitmap, mode = "bitmap", BITMAP_FULL, "never"
-            actions.append(
-                wire.backup_action(
-                    job_id=job_id,
-                    device=plan.node,
-                    target=plan.target_node,
-                    sync=sync,
-                    bitmap=bitmap,
-                    bitmap_mode=mode,
-                    compress=compress,
-                    speed=speed,
+            if legacy:
+                actions.append(
+                    wire.drive_backup_action(
+                        job_id=job_id,
+                        device=plan.node,
+                        target=str(plan.target),
+                        target_format="qcow2",
+                        sync=sync,
+                        bitmap=bitmap,
+                        bitmap_mode=mode,
+                        compress=compress,
+                        speed=speed,
+                    )
                 )
-            )
+            else:
+                actions.append(
+                    wire.backup_action(
+                        job_id=job_id,
+                        device=plan.node,
+                        target=plan.target_node,
+                        sync=sync,
+                        bitmap=bitmap,
+                        bitmap_mode=mode,
+                        compress=compress,
+                        speed=speed,
+                    )
+                )
             if last:
                 # Every job's listener is registered by now: start them all at one point.
                 # Incremental jobs fail together (grouped): a disk whose job succeeded while
@@ -831,18 +846,30 @@ async def verify(
     return Verification(backup_id=backup_id, ok=not problems, problems=tuple(problems))
 
 
-async def prune(repo_root: Path, vm_name: str, *, keep_last: int) -> list[str]:
-    """Keep the newest ``keep_last`` backups; delete the others. A kept backup whose parent is
-    deleted is first made self-contained (its data file absorbs its backing chain: qemu-img
-    rebase onto nothing), so every kept point stays restorable. Returns the deleted ids."""
-    if keep_last < 1:
+async def prune(
+    repo_root: Path, vm_name: str, *, keep_last: int | None = None, keep_within: float | None = None
+) -> list[str]:
+    """Keep the newest ``keep_last`` backups and/or those newer than ``keep_within`` seconds
+    (a backup kept by either rule stays; the newest one always stays); delete the others. A
+    kept backup whose parent is deleted is first made self-contained (its data file absorbs
+    its backing chain: qemu-img rebase onto nothing), so every kept point stays restorable.
+    Returns the deleted ids."""
+    if keep_last is None and keep_within is None:
+        raise ConfigError("keep", "say what to keep: keep_last (--keep) or keep_within")
+    if keep_last is not None and keep_last < 1:
         raise ConfigError("keep_last", "keep at least one backup")
     repo = Repository(root=Path(repo_root).absolute(), vm=vm_name)
     manifests = repo.manifests()
-    doomed = [m.id for m in manifests[:-keep_last]]
+    now = time.time()
+    keep = {manifests[-1].id} if manifests else set()
+    if keep_last is not None:
+        keep |= {m.id for m in manifests[-keep_last:]}
+    if keep_within is not None:
+        keep |= {m.id for m in manifests if now - m.completed <= keep_within}
+    doomed = [m.id for m in manifests if m.id not in keep]
     if not doomed:
         return []
-    for manifest in manifests[-keep_last:]:
+    for manifest in [m for m in manifests if m.id in keep]:  # oldest first
         if manifest.parent in doomed:
             for disk in manifest.disks:
                 await _images.rebase(repo.data_file(manifest, disk), ImageFormat.QCOW2, None, None)

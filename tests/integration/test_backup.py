@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -385,3 +386,38 @@ async def test_pull_backups_over_nbd_while_the_guest_writes(
     assert await restored_sha(repo, "pull", full.id, "disk0", tmp_path) == at_full
     assert await restored_sha(repo, "pull", inc.id, "disk0", tmp_path) == at_inc
     assert await restored_sha(repo, "pull", nxt.id, "disk0", tmp_path) == at_next
+
+
+async def test_legacy_drive_backup_path_on_request(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """drive-backup (deprecated) only on request: refused by a QEMU that rejects deprecated
+    input, working (full + incremental, restorable) on one that accepts it."""
+    from blockctl.errors import CommandFailed
+    from blockctl.types import DeprecatedInput
+
+    disk = await qcow2_image(images / "l.qcow2", b"", DISK_MIB * MIB)
+    repo = tmp_path / "repo"
+    async with open_vm(config(guest, "strict", disk)) as vm:
+        with pytest.raises(CommandFailed, match="drive-backup"):
+            await bk.backup(vm, repo, kind=bk.BackupKind.FULL, legacy=True)
+        assert bk.Repository(root=repo, vm="strict").manifests() == []
+    legacy_config = dataclasses.replace(
+        config(guest, "legacy", disk), deprecated_input=DeprecatedInput.ACCEPT
+    )
+    async with open_vm(legacy_config) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 1024)
+        full = await bk.backup(vm, repo, kind=bk.BackupKind.FULL, legacy=True)
+        at_full = await disk_sha(vm, "vda")
+        await write(vm, "vda", 4096, 512)
+        inc = await bk.backup(vm, repo, legacy=True)
+        assert inc.disks[0].bytes_copied == 512 * 1024
+        at_inc = await disk_sha(vm, "vda")
+        with pytest.raises(ConfigError, match="pull"):
+            await bk.backup(vm, repo, legacy=True, pull=True)
+    assert await restored_sha(repo, "legacy", full.id, "disk0", tmp_path) == at_full
+    assert await restored_sha(repo, "legacy", inc.id, "disk0", tmp_path) == at_inc
+    # Retention by age: everything is younger than an hour; keep_last=1 alone would drop one.
+    assert await bk.prune(repo, "legacy", keep_within=3600) == []
+    assert await bk.prune(repo, "legacy", keep_last=1) == [full.id]
