@@ -76,7 +76,21 @@ async def cont(session: QMPSession) -> None:
 
 async def blockdev_add(session: QMPSession, options: Mapping[str, Any]) -> None:
     """Add one node; ``options`` always name the driver (no probing) and a node-name."""
+    _check_node_options(options)
     await session.execute("blockdev-add", dict(options))
+
+
+def _check_node_options(options: Mapping[str, Any]) -> None:
+    """Every node blockctl sends names its driver and node-name, and never disables locking
+    (qemu-facts.md S1, T9); nested inline nodes (``file: {...}``) too."""
+    if not isinstance(options.get("driver"), str) or not isinstance(options.get("node-name"), str):
+        raise ConfigError("blockdev", f"node options without a driver or node-name: {options!r}")
+    for key, value in options.items():
+        if key == "locking" and value not in ("on", "auto"):
+            raise ConfigError("blockdev", "blockctl never turns image locking off")
+        inline = isinstance(value, Mapping) and key in ("file", "backing", "data-file")
+        if inline and "driver" not in value:
+            raise ConfigError("blockdev", f"inline {key} node without a driver: {value!r}")
 
 
 async def blockdev_del(session: QMPSession, node_name: str) -> None:
@@ -85,6 +99,8 @@ async def blockdev_del(session: QMPSession, node_name: str) -> None:
 
 async def blockdev_reopen(session: QMPSession, options: Sequence[Mapping[str, Any]]) -> None:
     """Reopen nodes with *complete* option sets: anything omitted resets to its default."""
+    for node in options:
+        _check_node_options(node)
     await session.execute("blockdev-reopen", {"options": [dict(o) for o in options]})
 
 
@@ -225,6 +241,40 @@ def backup_action(
     return {"type": "blockdev-backup", "data": data}
 
 
+def drive_backup_action(
+    *,
+    job_id: str,
+    device: str,
+    target: str,
+    target_format: str,
+    sync: str,
+    bitmap: str | None = None,
+    bitmap_mode: str | None = None,
+    compress: bool = False,
+    speed: int | None = None,
+) -> dict[str, Any]:
+    """The legacy ``drive-backup`` action (deprecated by QEMU): into an image blockctl created
+    (``mode: existing``), with its format named, so QEMU never probes it."""
+    data: dict[str, Any] = {
+        "job-id": job_id,
+        "device": device,
+        "target": target,
+        "format": target_format,
+        "mode": "existing",
+        "sync": sync,
+        "auto-dismiss": False,
+    }
+    if bitmap is not None:
+        data["bitmap"] = bitmap
+    if bitmap_mode is not None:
+        data["bitmap-mode"] = bitmap_mode
+    if compress:
+        data["compress"] = True
+    if speed is not None:
+        data["speed"] = speed
+    return {"type": "drive-backup", "data": data}
+
+
 def bitmap_add_action(node: str, name: str) -> dict[str, Any]:
     """Add a persistent dirty bitmap (kept in the qcow2 image across restarts)."""
     return {
@@ -242,6 +292,7 @@ async def transaction(
 ) -> None:
     """Run ``actions`` atomically. ``grouped``: the jobs they start succeed or fail together."""
     arguments: dict[str, Any] = {"actions": [dict(a) for a in actions]}
+    check_arguments("transaction", arguments)
     if grouped:
         arguments["properties"] = {"completion-mode": "grouped"}
     await session.execute("transaction", arguments)
@@ -251,12 +302,98 @@ async def bitmap_remove(session: QMPSession, node: str, name: str) -> None:
     await session.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
 
 
+def bitmap_merge_action(node: str, target: str, bitmaps: Sequence[str]) -> dict[str, Any]:
+    """Merge ``bitmaps`` (names on ``node``) into ``target``, as a transaction action."""
+    data = {"node": node, "target": target, "bitmaps": list(bitmaps)}
+    check_arguments("block-dirty-bitmap-merge", data)
+    return {"type": "block-dirty-bitmap-merge", "data": data}
+
+
+async def bitmap_merge(session: QMPSession, node: str, target: str, bitmaps: Sequence[str]) -> None:
+    """``block-dirty-bitmap-merge``: ``target`` |= each of ``bitmaps`` (at least one)."""
+    data = bitmap_merge_action(node, target, bitmaps)["data"]
+    await session.execute("block-dirty-bitmap-merge", data)
+
+
+def check_arguments(command: str, arguments: Mapping[str, Any] | None) -> None:
+    """Refuse arguments that are schema-valid but known to crash QEMU (qemu-facts.md §0.5).
+
+    ``block-dirty-bitmap-merge`` with an empty ``bitmaps`` list kills QEMU 7.2.22 with SIGSEGV,
+    directly or as a ``transaction`` action; blockctl never sends it.
+    """
+    if command == "transaction" and arguments is not None:
+        for action in arguments.get("actions") or ():
+            if isinstance(action, Mapping):
+                check_arguments(str(action.get("type")), action.get("data"))
+    if command == "block-dirty-bitmap-merge":
+        bitmaps = None if arguments is None else arguments.get("bitmaps")
+        if not isinstance(bitmaps, list) or not bitmaps:
+            raise ConfigError(
+                "bitmaps",
+                "block-dirty-bitmap-merge needs at least one source bitmap "
+                "(an empty list crashes QEMU 7.2)",
+            )
+
+
+# Section: NBD exports (pull-mode backup)
+
+
+def bitmap_disable_action(node: str, name: str) -> dict[str, Any]:
+    return {"type": "block-dirty-bitmap-disable", "data": {"node": node, "name": name}}
+
+
+def bitmap_enable_action(node: str, name: str) -> dict[str, Any]:
+    return {"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": name}}
+
+
+def bitmap_remove_action(node: str, name: str) -> dict[str, Any]:
+    return {"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": name}}
+
+
+async def nbd_server_start(session: QMPSession, socket_path: str) -> None:
+    await session.execute(
+        "nbd-server-start", {"addr": {"type": "unix", "data": {"path": socket_path}}}
+    )
+
+
+async def nbd_server_stop(session: QMPSession) -> None:
+    await session.execute("nbd-server-stop")
+
+
+async def block_export_add(
+    session: QMPSession,
+    *,
+    export_id: str,
+    node: str,
+    name: str,
+    writable: bool,
+    bitmaps: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Export ``node`` over the NBD server as ``name``; ``bitmaps``: (node, bitmap) pairs
+    whose dirty maps are offered as ``qemu:dirty-bitmap:<bitmap>`` (they must be disabled)."""
+    arguments: dict[str, Any] = {
+        "type": "nbd",
+        "id": export_id,
+        "node-name": node,
+        "name": name,
+        "writable": writable,
+    }
+    if bitmaps:
+        arguments["bitmaps"] = [{"node": n, "name": b} for n, b in bitmaps]
+    await session.execute("block-export-add", arguments)
+
+
+async def block_export_del(session: QMPSession, export_id: str) -> None:
+    await session.execute("block-export-del", {"id": export_id})
+
+
 async def raw_command(
     session: QMPSession, command: str, arguments: Mapping[str, Any] | None
 ) -> object:
     """Any command, untyped: the CLI's ``blockctl qmp`` pass-through and nothing else."""
-    if not command or not all(c.isalnum() or c in "-_" for c in command):
+    if not command or not all(c.isascii() and (c.isalnum() or c in "-_") for c in command):
         raise ConfigError("command", f"{command!r} is not a QMP command name")
+    check_arguments(command, arguments)
     result: object = await session.execute(command, arguments)
     return result
 
