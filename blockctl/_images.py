@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from blockctl import _binaries, _proc
-from blockctl.errors import ConfigError, ProtocolMismatch
+from blockctl._log import get_logger
+from blockctl.errors import ConfigError, ProcessFailed, ProtocolMismatch, UntrustedImage
 from blockctl.types import ImageFormat
+
+_log = get_logger()
 
 
 def qemu_img_binary() -> str:
@@ -61,61 +65,6 @@ async def create(
     if size is not None:
         argv.append(str(size))
     await _proc.run(argv)
-
-
-async def backing_chain(path: Path, fmt: ImageFormat) -> tuple[ImageLayer, ...]:
-    """The image and its backing files, top first, read with the declared format.
-
-    Run under CPU and memory limits: the image may come from anywhere (a guest-written header
-    is the classic attack), and this runs before QEMU ever opens it.
-    """
-    layers = []
-    for image in await info(path, fmt, backing_chain=True, untrusted=True):
-        try:
-            layer_format = ImageFormat(image.format)
-        except ValueError:
-            raise ConfigError(
-                "format",
-                f"{image.filename} is a {image.format!r} image, which blockctl does not open",
-            ) from None
-        layers.append(
-            ImageLayer(
-                filename=image.filename,
-                format=layer_format,
-                virtual_size=image.virtual_size,
-                backing_filename=image.backing_filename,
-                backing_format=image.backing_format,
-                data_file=image.data_file,
-            )
-        )
-    return tuple(layers)
-
-
-def check_chain(chain: tuple[ImageLayer, ...], where: str) -> None:
-    """Refuse chains QEMU would follow into places nobody named (qemu-facts.md S2)."""
-    for layer in chain:
-        if layer.data_file is not None:
-            raise ConfigError(
-                where,
-                f"{layer.filename} has an external data file "
-                f"({layer.data_file}); blockctl does not open such images",
-            )
-        backing = layer.backing_filename
-        if backing is None:
-            continue
-        if backing.startswith("json:") or "://" in backing or backing.startswith("nbd:"):
-            raise ConfigError(
-                where,
-                f"{layer.filename} has a backing file that is a protocol "
-                f"string ({backing[:80]!r}); refused",
-            )
-        if layer.backing_format is None:
-            raise ConfigError(
-                where,
-                f"{layer.filename} names backing file {backing} without "
-                "its format; fix it with `qemu-img rebase -u -b BACKING -F FORMAT "
-                "-f qcow2 IMAGE`",
-            )
 
 
 # Section: the rest of qemu-img (offline images; never on an image a running QEMU writes)
@@ -410,3 +359,218 @@ async def measure(
         argv += ["-f", image[1].value, str(image[0])]
     data = _json(await _proc.run(argv), "qemu-img measure")
     return Measure(required=int(data["required"]), fully_allocated=int(data["fully-allocated"]))
+
+
+# Section: untrusted images (qemu-facts.md S1-S3, T10)
+#
+# Every image blockctl did not create is read here before QEMU opens it. The chain is walked
+# ONE LAYER AT A TIME (`qemu-img info -f FMT`, without --backing-chain, under prlimit): a
+# backing file is opened by qemu-img only after the header that names it passed every rule,
+# so a `json:`/URL backing never makes even qemu-img connect anywhere. The rules:
+#
+# - a backing file name that QEMU would parse as a protocol (a ':' before the first '/', as
+#   QEMU's own path_has_protocol: `json:`, `nbd:`, `http://`, `file:` ...) is refused;
+# - a backing file without its recorded format is refused (QEMU would probe it);
+# - a backing file, or a VMDK extent, must resolve (realpath: symlinks and `../` followed) into
+#   the directory tree of the image the user named, or into an allowed root
+#   (``BLOCKCTL_IMAGE_ROOTS``, colon-separated, plus the caller's ``roots``);
+# - an external data file (qcow2 `data-file`) is refused wherever it is: blockctl builds every
+#   node explicitly and has no data-file node, and QEMU would open the header's name itself;
+# - the layer must be an image of its declared (or recorded) format: qemu-img -f says so;
+# - a chain that loops or is deeper than MAX_CHAIN layers is refused.
+#
+# A raw image is never probed and has no header: qcow2 bytes inside it are the guest's data
+# (a guest may write them at any time, so refusing them at open time would protect nothing).
+# QEMU opens it with driver "raw" and never interprets them; blockctl never opens any image
+# without a format (tests/unit/test_hygiene.py). Such bytes are only logged
+# (``blockctl.image.raw_with_header``), never refused.
+
+#: Extra directories backing files may live in (colon-separated absolute paths).
+IMAGE_ROOTS_ENV = "BLOCKCTL_IMAGE_ROOTS"
+#: Deeper chains are refused (and loops are caught before this).
+MAX_CHAIN = 64
+
+# Format magics at offset 0 (and VDI's at 0x40): what a guest-written header looks like.
+_MAGICS = (
+    (0, b"QFI\xfb", "qcow2"),
+    (0, b"QED\0", "qed"),
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"conectix", "vpc"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+)
+
+
+def has_protocol(name: str) -> bool:
+    """Whether QEMU would read ``name`` as ``protocol:...`` rather than as a file name (its
+    ``path_has_protocol``: a colon before the first slash)."""
+    return ":" in name.split("/", 1)[0]
+
+
+def image_roots(extra: Iterable[Path | str] = ()) -> tuple[Path, ...]:
+    """The allowed roots: ``$BLOCKCTL_IMAGE_ROOTS`` then ``extra``, each resolved (realpath).
+
+    :raise ConfigError: a root is not an absolute path.
+    """
+    env = os.environ.get(IMAGE_ROOTS_ENV, "")
+    named: list[tuple[str, str]] = [(IMAGE_ROOTS_ENV, p) for p in env.split(":") if p]
+    named += [("image_roots", str(p)) for p in extra]
+    roots = []
+    for where, text in named:
+        if not os.path.isabs(text) or "\0" in text:
+            raise ConfigError(where, f"{text!r}: an image root must be an absolute path")
+        roots.append(Path(os.path.realpath(text)))
+    return tuple(roots)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def raw_header_format(path: Path) -> str | None:
+    """The format whose magic the first bytes of ``path`` carry, if any (read by blockctl,
+    never by QEMU: information for a log line, never a reason to open it differently)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x44)
+    except OSError:
+        return None
+    return next((name for at, magic, name in _MAGICS if head[at : at + len(magic)] == magic), None)
+
+
+async def inspect_untrusted(
+    path: Path,
+    fmt: ImageFormat,
+    *,
+    roots: Iterable[Path | str] = (),
+    where: str = "image",
+) -> tuple[ImageLayer, ...]:
+    """Check an image blockctl did not create and return its chain (top first), ready for
+    explicit ``-blockdev``/``blockdev-add`` nodes with each layer's format.
+
+    ``roots`` are allowed roots besides ``$BLOCKCTL_IMAGE_ROOTS`` and the directory tree of
+    ``path`` itself. ``where`` names the configuration field in errors. Every launch, hot-plug
+    and media insert goes through this (``blockctl._machine.inspect_drive``); an image restored
+    from elsewhere should too.
+
+    :raise UntrustedImage: see the rules above; QEMU has opened nothing.
+    """
+    top = Path(os.path.abspath(path))
+    allowed = (Path(os.path.realpath(top)).parent, *image_roots(roots))
+    shown = ", ".join(str(r) for r in allowed)
+    layers: list[ImageLayer] = []
+    seen: set[str] = set()
+    current, current_fmt = top, fmt
+    for _depth in range(MAX_CHAIN):
+        real = os.path.realpath(current)
+        if real in seen:
+            raise UntrustedImage(where, str(current), f"the backing chain of {top} loops")
+        seen.add(real)
+        obj = await _untrusted_info(current, current_fmt, where)
+        specific = obj.get("format-specific", {}).get("data", {})
+        data_file = specific.get("data-file")
+        if data_file is not None:
+            raise UntrustedImage(
+                where,
+                str(current),
+                f"{current} has an external data file ({str(data_file)[:120]!r}); blockctl does "
+                "not open such images (QEMU would open whatever the header names)",
+            )
+        for extent in specific.get("extents", ()) if current_fmt is ImageFormat.VMDK else ():
+            name = str(extent.get("filename", ""))
+            target = name if os.path.isabs(name) else os.path.join(current.parent, name)
+            if has_protocol(name) or not any(
+                _inside(Path(os.path.realpath(target)), r) for r in allowed
+            ):
+                raise UntrustedImage(
+                    where,
+                    str(current),
+                    f"{current} has an extent {name[:120]!r} outside the allowed roots ({shown})",
+                )
+        if current_fmt is ImageFormat.RAW and (seen_as := raw_header_format(current)):
+            _log.warning(
+                "blockctl.image.raw_with_header",
+                image=str(current),
+                header=seen_as,
+                opened_as="raw",
+            )
+        backing = obj.get("backing-filename")
+        backing_format = obj.get("backing-filename-format")
+        full = obj.get("full-backing-filename")
+        if backing is None:
+            layers.append(_layer(current, current_fmt, obj, None, None))
+            return tuple(layers)
+        backing = str(backing)
+        if has_protocol(backing) or (full is not None and has_protocol(str(full))):
+            raise UntrustedImage(
+                where,
+                str(current),
+                f"{current} has a backing file that is a protocol string "
+                f"({backing[:120]!r}); refused",
+            )
+        if backing_format is None:
+            raise UntrustedImage(
+                where,
+                str(current),
+                f"{current} names backing file {backing} without its format; fix it with "
+                "`qemu-img rebase -u -b BACKING -F FORMAT -f qcow2 IMAGE`",
+            )
+        try:
+            next_fmt = ImageFormat(str(backing_format))
+        except ValueError:
+            raise UntrustedImage(
+                where,
+                str(current),
+                f"{current} names a {backing_format!r} backing file, which blockctl does not open",
+            ) from None
+        # As QEMU combines them: relative to the directory of the image as it was named.
+        backing_path = Path(
+            backing if os.path.isabs(backing) else os.path.join(current.parent, backing)
+        )
+        resolved = Path(os.path.realpath(backing_path))
+        if not any(_inside(resolved, r) for r in allowed):
+            how = " (through '..')" if ".." in Path(backing).parts else ""
+            raise UntrustedImage(
+                where,
+                str(current),
+                f"{current} names backing file {backing!r}, which resolves to {resolved}{how}: "
+                f"outside the allowed roots ({shown}); add its directory to "
+                f"{IMAGE_ROOTS_ENV} if it is trusted",
+            )
+        layers.append(_layer(current, current_fmt, obj, str(backing_path), next_fmt.value))
+        current, current_fmt = backing_path, next_fmt
+    raise UntrustedImage(where, str(top), f"{top} has more than {MAX_CHAIN} backing layers")
+
+
+def _layer(
+    path: Path, fmt: ImageFormat, obj: Mapping[str, Any], backing: str | None, bfmt: str | None
+) -> ImageLayer:
+    return ImageLayer(
+        filename=str(path),
+        format=fmt,
+        virtual_size=int(obj.get("virtual-size", 0)),
+        backing_filename=backing,
+        backing_format=bfmt,
+        data_file=None,
+    )
+
+
+async def _untrusted_info(path: Path, fmt: ImageFormat, where: str) -> Mapping[str, Any]:
+    """``qemu-img info`` of this one image (its backing file is not opened), under limits."""
+    argv = [qemu_img_binary(), "info", "-f", fmt.value, "--output=json", str(path)]
+    try:
+        done = await _proc.run(_limited(argv))
+    except ProcessFailed as exc:
+        said = " ".join(line.strip() for line in exc.stderr.strip().splitlines())
+        detail = said or f"exit code {exc.returncode}"
+        if exc.returncode < 0 or exc.returncode >= 128:
+            detail += " (qemu-img hit its CPU or memory limit)"
+        raise UntrustedImage(
+            where, str(path), f"cannot read {path} as {fmt.value}: {detail}"
+        ) from exc
+    obj = _json(done, "qemu-img info")
+    if not isinstance(obj, dict) or obj.get("format") != fmt.value:
+        raise UntrustedImage(where, str(path), f"cannot read {path} as {fmt.value}")
+    return obj

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import tempfile
 from dataclasses import asdict, dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 from blockctl.errors import ConfigError, VMNotFound
 
 RECORD = "vm.json"
+# As types.MachineConfig.name allows (1-32 of a-z 0-9 _ -, not starting with _ or -).
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -97,6 +100,9 @@ def write_record(record: VMRecord) -> None:
 
 
 def read_record(name: str, root: Path | None = None) -> VMRecord:
+    if not _NAME.fullmatch(name):
+        # A VM name is one directory of the runtime dir: never "..", a path, or a NUL.
+        raise VMNotFound(name, f"no VM named {name!r}: not a VM name (see `blockctl ls`)")
     path = (root or runtime_root()) / name / RECORD
     try:
         data = json.loads(path.read_text())

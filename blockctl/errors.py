@@ -95,15 +95,15 @@ class UntrustedImage(ConfigError):
 
     Its header (or a backing file's header) names a backing file or data file outside the
     allowed roots, a protocol/``json:`` string, a backing file without its format, or it is
-    not an image of the declared format. ``path`` is the image whose header says so, ``reason``
-    what it says. Nothing was opened by QEMU. A subclass of :class:`ConfigError`: ``field``
-    names the drive, as for any other bad configuration.
+    not an image of the declared format. ``path`` is the image whose header says so; ``reason``
+    (which names it) what is wrong. QEMU has opened nothing. A subclass of
+    :class:`ConfigError`: ``field`` names the drive, as for any other bad configuration.
     """
 
     def __init__(self, field: str, path: str, reason: str) -> None:
         self.path = path
         self.reason = reason
-        super().__init__(field, f"untrusted image {path}: {reason}")
+        super().__init__(field, reason)
 
 
 class MissingComponent(BlockctlError):

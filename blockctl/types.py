@@ -142,12 +142,24 @@ def _enum(kind: type[_E], value: object, where: str) -> _E:
         raise ConfigError(where, f"{value!r} is not one of: {allowed}") from None
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_path(value: object, where: str) -> Path:
     if not isinstance(value, str | Path):
         raise ConfigError(where, f"expected a file path, got {type(value).__name__}")
     text = str(value)
     if not text or "\0" in text or "\n" in text:
         raise ConfigError(where, "a path must be non-empty and contain no NUL or newline")
+    if not _utf8(text):
+        # QEMU's JSON options carry Unicode text: an undecodable file name (a lone surrogate
+        # from os.fsdecode) would reach QEMU as some other name.
+        raise ConfigError(where, f"{text!r} is not valid UTF-8 text")
     # A protocol prefix would be read as a URL or JSON by some QEMU front-ends; blockctl takes
     # plain local paths only.
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", text):
@@ -168,7 +180,12 @@ class NbdSource:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "socket", _check_path(self.socket, "nbd.socket"))
-        if not isinstance(self.export, str) or "\0" in self.export or len(self.export) > 4096:
+        if (
+            not isinstance(self.export, str)
+            or "\0" in self.export
+            or not _utf8(self.export)
+            or len(self.export.encode()) > 4096
+        ):
             raise ConfigError("nbd.export", "an export name is a string of at most 4096 bytes")
 
     @classmethod
@@ -360,6 +377,9 @@ class MachineConfig:
     no_shutdown: bool = False
     # reject: QEMU refuses deprecated QMP commands and arguments (-compat deprecated-input=reject).
     deprecated_input: DeprecatedInput = DeprecatedInput.ACCEPT
+    # Where backing files of the drives' images may live besides each image's own directory
+    # tree (and $BLOCKCTL_IMAGE_ROOTS); absolute paths (TOML: relative to the file).
+    image_roots: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -389,6 +409,12 @@ class MachineConfig:
             value = getattr(self, name)
             if value is not None:
                 put(self, name, _check_path(value, name))
+        if isinstance(self.image_roots, str | Path) or not isinstance(self.image_roots, Sequence):
+            raise ConfigError("image_roots", "a list of absolute directory paths")
+        roots = tuple(_check_path(r, "image_roots") for r in self.image_roots)
+        if not all(r.is_absolute() for r in roots):
+            raise ConfigError("image_roots", "each root must be an absolute path")
+        put(self, "image_roots", roots)
         if self.initrd is not None and self.kernel is None:
             raise ConfigError("initrd", "an initrd needs a kernel")
         if self.append is not None:
@@ -431,6 +457,10 @@ class MachineConfig:
             for key in ("kernel", "initrd", "firmware"):
                 if isinstance(data.get(key), str):
                     data[key] = base / data[key]
+            if isinstance(data.get("image-roots"), list):
+                data["image-roots"] = [
+                    base / r if isinstance(r, str) else r for r in data["image-roots"]
+                ]
         data["drives"] = tuple(drives)
         data["boot"] = boot
         return _from_mapping(
@@ -510,20 +540,26 @@ def drive_slot(drive: Drive, machine: str) -> tuple[int, int] | None:
     return (drive.bus or 0, drive.unit or 0)
 
 
-_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE | re.ASCII)
+#: QMP sizes are int64: a larger number would only earn an error from QEMU.
+MAX_SIZE = (1 << 63) - 1
 
 
 def parse_size(value: object, where: str = "size") -> int:
     """Bytes from an int or a string like ``64M``, ``1G``, ``512K`` (binary units, as qemu-img)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ConfigError(where, "must not be negative")
-        return value
-    match = _SIZE.fullmatch(str(value).strip())
-    if not isinstance(value, str) or match is None:
-        raise ConfigError(where, f"{value!r} is not a size (e.g. 1073741824, 64M, 1G)")
-    number, unit = match.groups()
-    return int(number) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit.upper()]
+        size = value
+    else:
+        match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if match is None:
+            raise ConfigError(where, f"{value!r} is not a size (e.g. 1073741824, 64M, 1G)")
+        number, unit = match.groups()
+        size = int(number) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit.upper()]
+    if size < 0:
+        raise ConfigError(where, "must not be negative")
+    if size > MAX_SIZE:
+        raise ConfigError(where, f"{value!r} is larger than {MAX_SIZE} bytes")
+    return size
 
 
 def coerce_enum(kind: type[_E], value: object, where: str) -> _E:

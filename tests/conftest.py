@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 
 def missing(what: str) -> None:
@@ -12,3 +13,11 @@ def missing(what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{what} is missing, and under CI nothing may be skipped")
     pytest.skip(f"{what} is missing")
+
+
+# Property tests explore new random examples locally; under CI they replay a fixed sequence, so
+# a run's verdict depends on the code, not on the draw (a failure found locally is kept in
+# hypothesis's example database and becomes a regular test case).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

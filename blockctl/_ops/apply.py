@@ -54,6 +54,8 @@ class DesiredDrive:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str, base: Path | None) -> DesiredDrive:
+        if not isinstance(data, Mapping):
+            raise ConfigError(where, "must be a table")
         values = dict(data)
         device = values.pop("device", None)
         size = values.pop("size", None)
@@ -63,10 +65,15 @@ class DesiredDrive:
             values["file"] = base / values["file"]
         if device is not None and not isinstance(device, str):
             raise ConfigError(f"{where}.device", "must be a device id such as 'disk1'")
+        if not isinstance(allow_shrink, bool):
+            raise ConfigError(f"{where}.allow-shrink", "must be true or false")
         if throttle is not None:
             if not isinstance(throttle, Mapping) or set(throttle) - set(_THROTTLE_KEYS):
                 raise ConfigError(f"{where}.throttle", f"a table of {', '.join(_THROTTLE_KEYS)}")
-            throttle = {k: int(v) for k, v in throttle.items()}
+            for key, value in throttle.items():
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ConfigError(f"{where}.throttle.{key}", "must be a non-negative integer")
+            throttle = dict(throttle)
         return cls(
             drive=Drive.from_mapping(values, where),
             device=device,

@@ -804,7 +804,11 @@ async def restore(
         )
     if dest.exists():
         raise ConfigError("dest", f"{dest} exists; restore writes a new file")
-    await _images.convert(repo.data_file(manifest, disk), ImageFormat.QCOW2, dest, fmt)
+    source = repo.data_file(manifest, disk)
+    # The repository is outside QEMU's and blockctl's control: a tampered incremental could
+    # name a host file as its backing. Its chain must stay inside the repository.
+    await _images.inspect_untrusted(source, ImageFormat.QCOW2, roots=[repo.root], where="backup")
+    await _images.convert(source, ImageFormat.QCOW2, dest, fmt)
     got = await image_sha256(dest, fmt, dest.parent)
     if got != disk.image_sha256:
         dest.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from blockctl import GuestImage, LaunchedVM, open_vm
 from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._ops import backup as bk
 from blockctl._qmp import wire
-from blockctl.errors import BackupCorrupt, ConfigError, JobFailed
+from blockctl.errors import BackupCorrupt, ConfigError, JobFailed, UntrustedImage
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from tests.conftest import missing
 from tests.integration.conftest import MIB, qcow2_image, run, sha256
@@ -421,3 +421,11 @@ async def test_legacy_drive_backup_path_on_request(
     # Retention by age: everything is younger than an hour; keep_last=1 alone would drop one.
     assert await bk.prune(repo, "legacy", keep_within=3600) == []
     assert await bk.prune(repo, "legacy", keep_last=1) == [full.id]
+    # A tampered repository: the kept backup now names a host file as its backing.
+    kept = bk.Repository(root=repo, vm="legacy").get(inc.id)
+    data_file = bk.Repository(root=repo, vm="legacy").data_file(kept, kept.disks[0])
+    await run("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw",
+              data_file)
+    with pytest.raises(UntrustedImage):
+        await bk.restore(repo, "legacy", inc.id, "disk0", tmp_path / "evil.raw")
+    assert not (tmp_path / "evil.raw").exists()
