@@ -424,8 +424,9 @@ async def test_legacy_drive_backup_path_on_request(
     # A tampered repository: the kept backup now names a host file as its backing.
     kept = bk.Repository(root=repo, vm="legacy").get(inc.id)
     data_file = bk.Repository(root=repo, vm="legacy").data_file(kept, kept.disks[0])
-    await run("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw",
-              data_file)
+    await run(
+        "qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", data_file
+    )
     with pytest.raises(UntrustedImage):
         await bk.restore(repo, "legacy", inc.id, "disk0", tmp_path / "evil.raw")
     assert not (tmp_path / "evil.raw").exists()
