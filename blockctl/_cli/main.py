@@ -1162,17 +1162,24 @@ class RestoreCommand(Command):
         parser.add_argument("dest", type=Path)
         parser.add_argument("--repo", type=Path, required=True)
         parser.add_argument("-O", "--output-format", default="qcow2")
+        parser.add_argument(
+            "--attach", metavar="TARGET_VM", help="hot-plug the restored disk into this running VM"
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         fmt = coerce_enum(ImageFormat, args.output_format, "output_format")
         dest = await backup_ops.restore(
             args.repo, args.vm, args.backup_id, args.device, args.dest.absolute(), fmt
         )
-        emit(
-            args,
-            {"restored": str(dest), "format": fmt.value},
-            f"restored {args.device} of {args.backup_id} to {dest}",
-        )
+        attached = None
+        if args.attach:
+            async with attach(args.attach) as vm:
+                attached = (await drives.hotplug(vm, Drive(file=dest, format=fmt))).device_id
+                emit(
+                    args,
+                    {"restored": str(dest), "format": fmt.value, "attached": attached},
+                    f"restored {args.device} of {args.backup_id} to {dest}",
+                )
         return 0
 
 

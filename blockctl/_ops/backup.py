@@ -31,7 +31,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -184,7 +184,7 @@ def _file_sha256(path: Path) -> str:
 # Section: recovery
 
 
-_TARGET_NODE = re.compile(r"^bk\d+-[0-9a-f]{4}(-fl)?(-file)?$")
+_TARGET_NODE = re.compile(r"^bk\d+-[0-9a-f]{4}(-fl)?(-dbg|-file)?$")
 
 
 async def recover(vm: VM, repo_root: Path) -> list[str]:
@@ -210,7 +210,7 @@ async def recover(vm: VM, repo_root: Path) -> list[str]:
         notes.append(f"job {job.id} of a stopped controller was cancelled")
     stale = sorted(
         (n.node_name for n in await vm.block_nodes() if _TARGET_NODE.match(n.node_name)),
-        key=lambda n: (n.endswith("-file"), n.endswith("-fl")),
+        key=lambda n: (n.endswith("-file"), n.endswith("-dbg"), n.endswith("-fl")),
     )
     for name in stale:  # format nodes before their file nodes
         with contextlib.suppress(BlockctlError):
@@ -268,8 +268,11 @@ async def backup(
     hooks: Sequence[JobHook] = DEFAULT_HOOKS,
     pull: bool = False,
     legacy: bool = False,
+    inject_errors: Sequence[Mapping[str, Any]] = (),
 ) -> Manifest:
     """Back up ``devices`` (default: every writable disk) of a running VM at one point in time.
+
+    ``inject_errors``: blkdebug rules put under each push target (fault-injection tests).
 
     ``pull``: instead of QEMU pushing the data, export a frozen point-in-time view over NBD
     (fleecing) and copy it with blockctl's own NBD reader: only allocated extents for a full
@@ -389,6 +392,7 @@ async def backup(
                 hooks,
                 added,
                 legacy,
+                inject_errors,
             )
         # QEMU must let go of the targets before they are read (image locks).
         await _delete_nodes(vm, added)
@@ -463,6 +467,7 @@ async def _run_backup(
     hooks: Sequence[JobHook],
     added: list[str],
     legacy: bool = False,
+    inject_errors: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, int]:
     """Create the targets, start every job in one transaction, wait for all. Returns the
     bytes each disk's job copied. ``legacy``: drive-backup into the created files instead of
@@ -471,7 +476,7 @@ async def _run_backup(
         await _create_target(plan, parent)
         if not legacy:
             # backing: null: the job writes whole clusters; the parent is for readers later.
-            await _add_qcow2(vm, plan.target_node, plan.target, None, added)
+            await _add_qcow2(vm, plan.target_node, plan.target, None, added, inject_errors)
 
     actions: list[dict[str, Any]] = []
 
@@ -578,14 +583,36 @@ async def _create_target(plan: _DiskPlan, parent: Manifest | None) -> None:
     )
 
 
-async def _add_qcow2(vm: VM, name: str, path: Path, backing: str | None, added: list[str]) -> None:
+async def _add_qcow2(
+    vm: VM,
+    name: str,
+    path: Path,
+    backing: str | None,
+    added: list[str],
+    inject_errors: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """A qcow2 node on a file node; with ``inject_errors`` a blkdebug node sits between them
+    (fault injection: the reliability tests make the target fail exactly where they want)."""
     await wire.blockdev_add(
         vm.session, {"driver": "file", "node-name": f"{name}-file", "filename": str(path)}
     )
     added.append(f"{name}-file")
+    file_node = f"{name}-file"
+    if inject_errors:
+        await wire.blockdev_add(
+            vm.session,
+            {
+                "driver": "blkdebug",
+                "node-name": f"{name}-dbg",
+                "image": file_node,
+                "inject-error": [dict(rule) for rule in inject_errors],
+            },
+        )
+        added.append(f"{name}-dbg")
+        file_node = f"{name}-dbg"
     await wire.blockdev_add(
         vm.session,
-        {"driver": "qcow2", "node-name": name, "file": f"{name}-file", "backing": backing},
+        {"driver": "qcow2", "node-name": name, "file": file_node, "backing": backing},
     )
     added.append(name)
 

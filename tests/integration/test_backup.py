@@ -243,6 +243,26 @@ async def test_cli_backup_list_verify_restore_prune(runtime_dir: Path, tmp_path:
         )
         assert second["kind"] == "incremental"
         assert second["parent"] == first["id"]
+        # Restore straight into the running VM as a new disk.
+        restored = json.loads(
+            (
+                await cli(
+                    "restore",
+                    "bcli",
+                    first["id"],
+                    "disk0",
+                    tmp_path / "r0.qcow2",
+                    "--repo",
+                    repo,
+                    "--attach",
+                    "bcli",
+                    "--json",
+                )
+            ).stdout
+        )
+        assert restored["attached"] == "disk1"
+        drives_now = json.loads((await cli("drives", "bcli", "--json")).stdout)
+        assert [d["file"] for d in drives_now][-1] == str(tmp_path / "r0.qcow2")
     finally:
         await cli("down", "bcli")
     listed = json.loads((await cli("backup", "list", "bcli", "--repo", repo, "--json")).stdout)
@@ -430,3 +450,28 @@ async def test_legacy_drive_backup_path_on_request(
     with pytest.raises(UntrustedImage):
         await bk.restore(repo, "legacy", inc.id, "disk0", tmp_path / "evil.raw")
     assert not (tmp_path / "evil.raw").exists()
+
+
+async def test_injected_target_io_error(guest: GuestImage, images: Path, tmp_path: Path) -> None:
+    """EIO on the target's writes (blkdebug): the job fails with QEMU's error, nothing is
+    recorded, no node is left, and the bitmap was not consumed."""
+    disk = await qcow2_image(images / "e.qcow2", b"", DISK_MIB * MIB)
+    repo = tmp_path / "repo"
+    eio = [{"event": "write_aio", "errno": 5}]
+    async with open_vm(config(guest, "eio", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 1024)
+        with pytest.raises(JobFailed, match="Input/output error"):
+            await bk.backup(vm, repo, kind=bk.BackupKind.FULL, inject_errors=eio)
+        full = await bk.backup(vm, repo, kind=bk.BackupKind.FULL)
+        await write(vm, "vda", 2048, 512)
+        with pytest.raises(JobFailed, match="Input/output error"):
+            await bk.backup(vm, repo, inject_errors=eio)
+        assert [m.id for m in bk.Repository(root=repo, vm="eio").manifests()] == [full.id]
+        assert not [n for n in await vm.block_nodes() if n.node_name.startswith("bk")]
+        assert await wire.query_jobs(vm.session) == ()
+        inc = await bk.backup(vm, repo)
+        assert inc.kind is bk.BackupKind.INCREMENTAL
+        assert inc.disks[0].bytes_copied == 512 * 1024  # the failed attempt consumed nothing
+        expected = await disk_sha(vm, "vda")
+    assert await restored_sha(repo, "eio", inc.id, "disk0", tmp_path) == expected
