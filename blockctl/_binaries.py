@@ -9,8 +9,11 @@ name, looked up on PATH. An empty variable counts as unset.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Final, Literal
+
+from blockctl.errors import ConfigError
 
 Program = Literal["qemu-system-x86_64", "qemu-img", "qemu-io", "qemu-nbd"]
 
@@ -30,14 +33,57 @@ _PACKAGES: Final[dict[Program, str]] = {
 }
 
 
+#: The configuration file's ``[qemu]`` table: ``prefix = "/opt/qemu-10"`` and/or per-program
+#: paths (``qemu-system-x86_64 = "..."``, ``qemu-img = "..."``, ...). Environment variables win.
+CONFIG_VAR: Final = "BLOCKCTL_CONFIG"
+
+
+def config_path() -> Path:
+    """``$BLOCKCTL_CONFIG``, else ``$XDG_CONFIG_HOME/blockctl/config.toml`` (or ~/.config/...)."""
+    explicit = os.environ.get(CONFIG_VAR)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "blockctl" / "config.toml"
+
+
+def _configured() -> dict[str, str]:
+    path = config_path()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("config", f"{path}: {exc}") from None
+    table = data.get("qemu", {})
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise ConfigError("config", f"{path}: [qemu] holds strings: prefix, or program paths")
+    unknown = set(table) - {"prefix", *PROGRAMS}
+    if unknown:
+        raise ConfigError(
+            "config",
+            f"{path}: unknown [qemu] keys {sorted(unknown)}; known: prefix, {', '.join(PROGRAMS)}",
+        )
+    return dict(table)
+
+
 def binary(program: Program) -> str:
-    """The command to run for ``program`` (a path, or a bare name for PATH lookup)."""
+    """The command to run for ``program`` (a path, or a bare name for PATH lookup).
+
+    In order: its environment variable, ``$BLOCKCTL_QEMU_PREFIX/bin/<program>``, the
+    configuration file's ``[qemu]`` path for it, then its ``prefix``, then PATH.
+    """
     explicit = os.environ.get(ENV_VARS[program])
     if explicit:
         return explicit
     prefix = os.environ.get(PREFIX_VAR)
     if prefix:
         return str(Path(prefix) / "bin" / program)
+    configured = _configured()
+    if configured.get(program):
+        return configured[program]
+    if configured.get("prefix"):
+        return str(Path(configured["prefix"]) / "bin" / program)
     return program
 
 
