@@ -125,7 +125,8 @@ class Repository:
             path = entry / MANIFEST
             if path.is_file():
                 found.append(Manifest.from_json(json.loads(path.read_text())))
-        return found
+        # The order of the points in time, whatever the directory names say.
+        return sorted(found, key=lambda m: (m.started, m.id))
 
     def get(self, backup_id: str) -> Manifest:
         for manifest in self.manifests():
@@ -159,8 +160,13 @@ class Repository:
 
 
 def new_backup_id() -> str:
-    """Sortable by time, unique: ``20261127T223700-1a2b``."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+    """Sortable by time to the microsecond, unique: ``20261127T223700.123456-1a2b``.
+
+    (Seconds were not enough: two backups in one second sorted by their random suffix.)
+    """
+    now = time.time_ns() // 1000
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 1_000_000))
+    return f"{stamp}.{now % 1_000_000:06d}-{secrets.token_hex(2)}"
 
 
 async def image_sha256(path: Path, fmt: ImageFormat, scratch: Path) -> str:
