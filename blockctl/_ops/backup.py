@@ -461,6 +461,21 @@ async def _delete_nodes(vm: VM, names: list[str]) -> None:
     names.clear()
 
 
+async def _reset_bitmaps(vm: VM, plan: _DiskPlan) -> list[dict[str, Any]]:
+    """The transaction actions that make both bitmaps start counting at a full backup's point:
+    clear a usable one, (re)add one that is missing or unusable (removed first, outside the
+    transaction, as a bitmap in use cannot be replaced inside it)."""
+    actions = []
+    for name in BITMAPS:
+        if name in plan.bitmaps_ok:
+            actions.append(wire.bitmap_clear_action(plan.node, name))
+        else:
+            if name in plan.bitmaps_present:
+                await wire.bitmap_remove(vm.session, plan.node, name)
+            actions.append(wire.bitmap_add_action(plan.node, name))
+    return actions
+
+
 async def _run_backup(
     vm: VM,
     plans: list[_DiskPlan],
@@ -490,13 +505,7 @@ async def _run_backup(
         async def start(job_id: str) -> None:
             if kind is BackupKind.FULL:
                 sync, bitmap, mode = "full", None, None
-                for name in BITMAPS:  # both start counting at this very point
-                    if name in plan.bitmaps_ok:
-                        actions.append(wire.bitmap_clear_action(plan.node, name))
-                    else:
-                        if name in plan.bitmaps_present:
-                            await wire.bitmap_remove(vm.session, plan.node, name)
-                        actions.append(wire.bitmap_add_action(plan.node, name))
+                actions.extend(await _reset_bitmaps(vm, plan))
             elif kind is BackupKind.INCREMENTAL:
                 sync, bitmap, mode = "incremental", BITMAP_INC, "on-success"
             else:
@@ -662,13 +671,7 @@ async def _run_pull(
     def start_for(plan: _DiskPlan, last: bool) -> Any:
         async def start(job_id: str) -> None:
             if kind is BackupKind.FULL:
-                for name in BITMAPS:
-                    if name in plan.bitmaps_ok:
-                        actions.append(wire.bitmap_clear_action(plan.node, name))
-                    else:
-                        if name in plan.bitmaps_present:
-                            await wire.bitmap_remove(vm.session, plan.node, name)
-                        actions.append(wire.bitmap_add_action(plan.node, name))
+                actions.extend(await _reset_bitmaps(vm, plan))
             else:
                 assert frozen is not None and fresh is not None
                 actions.append(wire.bitmap_add_action(plan.node, fresh))

@@ -87,7 +87,7 @@ def _check_node_options(options: Mapping[str, Any]) -> None:
         raise ConfigError("blockdev", f"node options without a driver or node-name: {options!r}")
     for key, value in options.items():
         if key == "locking" and value not in ("on", "auto"):
-            raise ConfigError("blockdev", "blockctl never turns image locking off")
+            raise ConfigError("blockdev", "blockctl never disables image locking")
         inline = isinstance(value, Mapping) and key in ("file", "backing", "data-file")
         if inline and "driver" not in value:
             raise ConfigError("blockdev", f"inline {key} node without a driver: {value!r}")
@@ -208,6 +208,32 @@ async def snapshot_delete(
 # Section: backup
 
 
+def _backup_data(
+    job_id: str,
+    fields: Mapping[str, Any],
+    bitmap: str | None,
+    bitmap_mode: str | None,
+    compress: bool,
+    speed: int | None,
+    on_target_error: str | None,
+) -> dict[str, Any]:
+    """The data of a backup action: required fields, never auto-dismissed, optional ones only
+    when given."""
+    optional = {
+        "bitmap": bitmap,
+        "bitmap-mode": bitmap_mode,
+        "compress": True if compress else None,
+        "speed": speed,
+        "on-target-error": on_target_error,
+    }
+    return {
+        "job-id": job_id,
+        **fields,
+        "auto-dismiss": False,
+        **{k: v for k, v in optional.items() if v is not None},
+    }
+
+
 def backup_action(
     *,
     job_id: str,
@@ -221,23 +247,8 @@ def backup_action(
     on_target_error: str | None = None,
 ) -> dict[str, Any]:
     """One ``blockdev-backup`` action for a ``transaction`` (never auto-dismissed)."""
-    data: dict[str, Any] = {
-        "job-id": job_id,
-        "device": device,
-        "target": target,
-        "sync": sync,
-        "auto-dismiss": False,
-    }
-    if bitmap is not None:
-        data["bitmap"] = bitmap
-    if bitmap_mode is not None:
-        data["bitmap-mode"] = bitmap_mode
-    if compress:
-        data["compress"] = True
-    if speed is not None:
-        data["speed"] = speed
-    if on_target_error is not None:
-        data["on-target-error"] = on_target_error
+    fields = {"device": device, "target": target, "sync": sync}
+    data = _backup_data(job_id, fields, bitmap, bitmap_mode, compress, speed, on_target_error)
     return {"type": "blockdev-backup", "data": data}
 
 
@@ -255,23 +266,14 @@ def drive_backup_action(
 ) -> dict[str, Any]:
     """The legacy ``drive-backup`` action (deprecated by QEMU): into an image blockctl created
     (``mode: existing``), with its format named, so QEMU never probes it."""
-    data: dict[str, Any] = {
-        "job-id": job_id,
+    fields = {
         "device": device,
         "target": target,
         "format": target_format,
         "mode": "existing",
         "sync": sync,
-        "auto-dismiss": False,
     }
-    if bitmap is not None:
-        data["bitmap"] = bitmap
-    if bitmap_mode is not None:
-        data["bitmap-mode"] = bitmap_mode
-    if compress:
-        data["compress"] = True
-    if speed is not None:
-        data["speed"] = speed
+    data = _backup_data(job_id, fields, bitmap, bitmap_mode, compress, speed, None)
     return {"type": "drive-backup", "data": data}
 
 
