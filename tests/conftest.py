@@ -21,3 +21,15 @@ def missing(what: str) -> None:
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the figures the tests measured (fault cases, crash points, rejected images...)."""
+    from tests.figures import FIGURES
+
+    if not FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for topic, lines in FIGURES.items():
+        for line in lines:
+            terminalreporter.write_line(f"{topic}: {line}")

@@ -27,6 +27,7 @@ from blockctl._images import IMAGE_ROOTS_ENV, inspect_untrusted
 from blockctl._ops import drives
 from blockctl.errors import UntrustedImage
 from blockctl.types import Drive, ImageFormat, Interface, Media
+from tests.figures import report
 from tests.integration.conftest import (
     MIB,
     base_config,
@@ -366,5 +367,6 @@ async def test_figures(request: pytest.FixtureRequest, capsys: pytest.CaptureFix
         f"({len({c for c, _ in REJECTED})} images x {len({e for _, e in REJECTED})} entry points)"
         ", 0 host bytes reached the guest"
     )
+    report("untrusted images", line)
     with capsys.disabled():  # shown in the suite's output, whatever the capture mode
         print(f"\n{line}")

@@ -46,6 +46,7 @@ from blockctl.types import (
     NbdSource,
     parse_size,
 )
+from tests.figures import report
 
 #: Examples tried per test, and how many of them were refused (the rest were used literally).
 TRIED: Counter[str] = Counter()
@@ -609,6 +610,7 @@ def test_figures(capsys: pytest.CaptureFixture[str]) -> None:
     total = sum(TRIED.values())
     detail = ", ".join(f"{k} {TRIED[k]} ({REFUSED[k]} refused)" for k in sorted(TRIED))
     line = f"injection property examples: {total} tried, 0 escaped as an option — {detail}"
+    report("injection", line)
     with capsys.disabled():
         print(f"\n{line}")
     assert all(TRIED[k] > 0 for k in TRIED)
