@@ -37,6 +37,7 @@ from blockctl.types import (
     DetectZeroes,
     Discard,
     Drive,
+    ErrorPolicy,
     ImageFormat,
     Interface,
     MachineConfig,
@@ -67,6 +68,7 @@ __all__ = [
     "DetectZeroes",
     "Accel",
     "DeprecatedInput",
+    "ErrorPolicy",
     # Replies
     "StatusInfo",
     "VersionInfo",

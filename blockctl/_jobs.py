@@ -12,6 +12,13 @@ offset/length/error details). Rules, each from something that went wrong elsewhe
   Anything else raises :class:`~blockctl.errors.JobFailed` (or ``JobCancelled``).
 - One deadline per operation (``anyio.fail_after`` around the whole wait), never per event;
   every wait races the connection (a QEMU that dies raises ``ConnectionLost``, no hang).
+- I/O errors follow the job's error policy (``on-error``/``on-source-error``/
+  ``on-target-error``), reported by ``BLOCK_JOB_ERROR``: ``report`` fails the job; ``stop``
+  (and ``enospc`` on ENOSPC) pauses it, and a job nobody resumes within ``pause_timeout`` is
+  cancelled (:class:`~blockctl.errors.JobStoppedOnError`); ``ignore`` makes backup, commit and
+  mirror retry the failing request in a tight loop (about 17,000 events/s on a persistent
+  fault, measured), so after ``ignored_error_limit`` of them the job is cancelled and fails.
+  A transient fault retried under ``ignore`` still ends in a complete, successful copy.
 - Completion is event-driven. ``query-jobs`` is sampled at an interval only to feed
   progress hooks (:class:`JobHook`); the samples never decide anything.
 
@@ -39,7 +46,7 @@ import anyio
 from blockctl._log import get_logger
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobEvent, JobEventKind, JobInfo, JobStatus
-from blockctl._qmp.session import EventStream, QMPSession, single_exception
+from blockctl._qmp.session import Event, EventStream, QMPSession, single_exception
 from blockctl.errors import (
     BlockctlError,
     CommandFailed,
@@ -48,12 +55,14 @@ from blockctl.errors import (
     JobError,
     JobFailed,
     JobNeverReady,
+    JobStoppedOnError,
     OperationTimeout,
 )
 
 __all__ = [
     "Job",
     "JobHook",
+    "JobIOError",
     "JobProgress",
     "JobResult",
     "JobStatus",
@@ -128,8 +137,29 @@ class JobResult:
     completed_on_ready: bool  # job-complete was sent at READY (an active commit pivoted)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobIOError:
+    """The job met an I/O error (``BLOCK_JOB_ERROR``): ``operation`` ``read`` (source) or
+    ``write`` (target), and what its error policy did: ``action`` ``report`` (it fails),
+    ``stop`` (it pauses until resumed) or ``ignore`` (QEMU retries). ``count`` numbers the
+    errors of this job; ``pause_timeout`` is how long a stopped job waits to be resumed."""
+
+    job_id: str
+    job_type: str | None
+    operation: str
+    action: str
+    count: int
+    pause_timeout: float
+    seconds: float
+
+
 class JobHook(Protocol):
-    """What the jobs layer calls. Implementations must be quick and must not block."""
+    """What the jobs layer calls. Implementations must be quick and must not block.
+
+    A hook may also define ``on_io_error(self, error: JobIOError) -> None``: it is called
+    when the job meets an I/O error (for ``ignore``, the first one and the one it gives up
+    at). It is optional so hooks written before it keep working.
+    """
 
     def on_transition(self, transition: JobTransition) -> None: ...
 
@@ -159,14 +189,27 @@ class StructlogJobHook:
             eta=None if progress.eta is None else round(progress.eta, 1),
         )
 
+    def on_io_error(self, error: JobIOError) -> None:
+        _log.warning(
+            "blockctl.job.io_error",
+            job_id=error.job_id,
+            job_type=error.job_type,
+            operation=error.operation,
+            action=error.action,
+            count=error.count,
+        )
+
 
 DEFAULT_HOOKS: tuple[JobHook, ...] = (StructlogJobHook(),)
 
 
 def _call_hooks(hooks: Sequence[JobHook], method: str, record: object) -> None:
     for hook in hooks:
+        call = getattr(hook, method, None)
+        if call is None:
+            continue  # an optional method (on_io_error) this hook does not define
         try:
-            getattr(hook, method)(record)
+            call(record)
         except Exception as exc:  # a broken progress bar must not break a commit
             _log.warning("blockctl.job.hook_failed", hook=repr(hook), error=repr(exc))
 
@@ -215,6 +258,13 @@ class Job:
         self._dismissed = False
         self._result: JobResult | None = None
         self._error: JobError | None = None
+        #: I/O errors seen (``BLOCK_JOB_ERROR``); see :class:`JobIOError`.
+        self.io_errors = 0
+        self._last_io_error: JobIOError | None = None
+        self._stopped_since: float | None = None  # paused on an I/O error, waiting for resume
+        self._gave_up: str | None = None  # why blockctl cancelled it (its I/O errors)
+        self._pause_timeout = 60.0
+        self._ignored_error_limit = 64
 
     def __repr__(self) -> str:
         return f"<Job {self.id} type={self.type} status={self.status}>"
@@ -275,19 +325,29 @@ class Job:
         deadline: float,
         hooks: Sequence[JobHook] = DEFAULT_HOOKS,
         progress_interval: float | None = 1.0,
+        pause_timeout: float = 60.0,
+        ignored_error_limit: int = 64,
     ) -> JobResult:
         """Drive the job until it concludes; dismiss it; return its result.
 
         ``complete_on_ready``: at READY, send ``job-complete`` (active commit: pivot);
         otherwise keep waiting in READY (someone else completes or cancels).
         ``deadline``: seconds for the whole wait.
+        ``pause_timeout``: how long a job paused on an I/O error (policy ``stop``/``enospc``)
+        waits for someone to resume it (:meth:`resume`, ``blockctl jobs VM resume ID``) before
+        blockctl cancels it. ``ignored_error_limit``: errors retried under policy ``ignore``
+        before blockctl cancels the job.
 
-        :raise JobFailed: concluded with an error, or ``offset != length``.
+        :raise JobFailed: concluded with an error, or ``offset != length``, or cancelled by
+            blockctl after ``ignored_error_limit`` ignored errors.
+        :raise JobStoppedOnError: paused on an I/O error longer than ``pause_timeout``.
         :raise JobCancelled: it was cancelled.
         :raise JobNeverReady: a mirror/commit was still not READY at the deadline.
         :raise OperationTimeout: any other missed deadline (the job keeps running).
         :raise ConnectionLost: QEMU went away; the outcome is unknown (attach and adopt).
         """
+        self._pause_timeout = pause_timeout
+        self._ignored_error_limit = ignored_error_limit
         await self._drive(
             until_ready=False,
             complete_on_ready=complete_on_ready,
@@ -403,6 +463,13 @@ class Job:
             self._transition(info.status, hooks)
         if info.status is JobStatus.READY:
             self._ready = True
+        # An adopted job may be paused on an error that happened before we listened.
+        if (
+            info.status is JobStatus.PAUSED
+            and self._stopped_since is None
+            and await wire.block_job_io_status(self.session, self.id) not in (None, "ok")
+        ):
+            self._stopped_since = time.monotonic()
         if info.status is JobStatus.CONCLUDED:
             await self._conclude(info)
 
@@ -422,14 +489,23 @@ class Job:
                 and not self._dismissed
             ):
                 return  # vanished (resync found nothing): there is no NULL to wait for
-            event = wire.parse_job_event(await stream.next())
+            raw = await self._next_event(stream)
+            if raw is None:  # paused on an I/O error for pause_timeout: nobody resumed it
+                await self._give_up(await self._stopped_reason())
+                continue
+            event = wire.parse_job_event(raw)
             if event.job_id != self.id:
+                continue
+            if event.kind is JobEventKind.ERROR:
+                await self._io_error(event, hooks)
                 continue
             if event.kind is not JobEventKind.STATUS:
                 self._detail(event)
                 continue
             assert event.status is not None
             self._transition(event.status, hooks)
+            if event.status is JobStatus.RUNNING:
+                self._stopped_since = None  # resumed (by us, a hook, or another client)
             match event.status:
                 case JobStatus.READY:
                     self._ready = True
@@ -458,6 +534,62 @@ class Job:
                 case _:
                     pass
 
+    async def _next_event(self, stream: EventStream) -> Event | None:
+        """The next event; None once the job has been paused on an I/O error for
+        ``pause_timeout`` (then blockctl gives up on it)."""
+        if self._stopped_since is None or self._gave_up is not None:
+            return await stream.next()
+        left = self._stopped_since + self._pause_timeout - time.monotonic()
+        with anyio.move_on_after(max(left, 0.0)):
+            return await stream.next()
+        return None
+
+    async def _io_error(self, event: JobEvent, hooks: Sequence[JobHook]) -> None:
+        self.io_errors += 1
+        if self._gave_up is not None:
+            return  # the retries of a job being cancelled: counted, not reported again
+        record = JobIOError(
+            job_id=self.id,
+            job_type=self.type,
+            operation=event.operation or "unknown",
+            action=event.action or "unknown",
+            count=self.io_errors,
+            pause_timeout=self._pause_timeout,
+            seconds=time.monotonic() - self._started,
+        )
+        self._last_io_error = record
+        if record.action == "stop":
+            self._stopped_since = time.monotonic()
+        if record.action != "ignore" or self.io_errors == 1:
+            _call_hooks(hooks, "on_io_error", record)
+        if record.action == "ignore" and self.io_errors >= self._ignored_error_limit:
+            _call_hooks(hooks, "on_io_error", record)
+            side = "source" if record.operation == "read" else "target"
+            await self._give_up(
+                f"met {self.io_errors} {record.operation} errors that QEMU retried under error "
+                f"policy ignore (the {side} keeps failing), so blockctl cancelled it"
+            )
+
+    async def _stopped_reason(self) -> str:
+        io_status = await wire.block_job_io_status(self.session, self.id)
+        last = self._last_io_error
+        operation = last.operation if last is not None else "unknown"
+        side = "source read" if operation == "read" else "target write"
+        what = "no space left" if io_status == "nospace" else "an I/O error"
+        return (
+            f"paused on a {side} error ({what}; io-status {io_status}) and was not resumed "
+            f"within {self._pause_timeout:g} s, so blockctl cancelled it. Fix the cause (free "
+            "space on the target, repair the storage) and run it again, or resume it in time "
+            "(blockctl jobs VM resume ID)"
+        )
+
+    async def _give_up(self, reason: str) -> None:
+        """Cancel the job because of its I/O errors; :meth:`_conclude` reports ``reason``."""
+        self._gave_up = reason
+        _log.warning("blockctl.job.gave_up", job_id=self.id, reason=reason)
+        with contextlib.suppress(CommandFailed):  # it may have concluded meanwhile
+            await wire.job_cancel(self.session, self.id)
+
     def _transition(self, status: JobStatus, hooks: Sequence[JobHook]) -> None:
         previous, self.status = self.status, status
         self._transitions.append(status)
@@ -478,13 +610,6 @@ class Job:
         if event.kind in (JobEventKind.COMPLETED, JobEventKind.CANCELLED):
             self._final_event = event
             self._cancelled_event = event.kind is JobEventKind.CANCELLED
-        elif event.kind is JobEventKind.ERROR:
-            _log.warning(
-                "blockctl.job.io_error",
-                job_id=self.id,
-                operation=event.operation,
-                action=event.action,
-            )
 
     async def _conclude(self, info: JobInfo | None) -> None:
         """Read the outcome (``query-jobs`` first, the final event as a fallback), dismiss,
@@ -522,7 +647,17 @@ class Job:
 
         what = f"{self.type or 'job'} job {self.id}{self._on()}"
         cancelled = self._cancelled_event or (self._cancel_requested and error is not None)
-        if cancelled:
+        if self._gave_up is not None and (cancelled or error is not None):
+            last = self._last_io_error
+            stopped = last is not None and last.action == "stop"
+            failed = failure(
+                JobStoppedOnError if stopped else JobFailed,
+                f"{what} {self._gave_up} (at {offset} of {length})",
+            )
+            if isinstance(failed, JobStoppedOnError) and last is not None:
+                failed.operation = last.operation
+            self._error = failed
+        elif cancelled:
             detail = f": {error}" if error else ""
             self._error = failure(
                 JobCancelled, f"{what} was cancelled at {offset} of {length}{detail}"

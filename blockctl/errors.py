@@ -26,6 +26,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    └── JobNeverReady     a mirror/active commit never became READY (speed below write rate?)
      ├── JobError               a block job did not succeed (job_id, job_type, target, error)
      │    ├── JobFailed         it concluded with an error, or without copying everything
+     │    │    └── JobStoppedOnError  it paused on an I/O error and nobody resumed it in time
      │    └── JobCancelled      it was cancelled before it finished
      ├── NodeNotFound           the block graph has no such node or device (name)
      ├── ShutdownFailed         QEMU had to be killed, or would not exit at all
@@ -55,6 +56,7 @@ __all__ = [
     "JobError",
     "JobFailed",
     "JobNeverReady",
+    "JobStoppedOnError",
     "LaunchFailed",
     "MissingComponent",
     "NodeNotFound",
@@ -301,6 +303,20 @@ class JobFailed(JobError):
 
     A job that stopped early is never counted as done, even without an error (qemu-facts F5).
     """
+
+
+class JobStoppedOnError(JobFailed):
+    """The job paused on an I/O error (error policy ``stop``, or ``enospc`` on a full target)
+    and was not resumed within its pause timeout, so blockctl cancelled it.
+
+    ``operation`` is ``read`` (the source failed) or ``write`` (the target failed);
+    ``io_status`` is QEMU's view of the job's last error (``failed`` or ``nospace``). Fix the
+    cause (free space, repair the storage) and resume the job while it waits, or raise the
+    pause timeout.
+    """
+
+    operation: str | None = None
+    io_status: str | None = None
 
 
 class JobCancelled(JobError):

@@ -26,6 +26,7 @@ __all__ = [
     "DetectZeroes",
     "Discard",
     "Drive",
+    "ErrorPolicy",
     "ImageFormat",
     "Interface",
     "MachineConfig",
@@ -100,6 +101,22 @@ class DetectZeroes(enum.StrEnum):
     OFF = "off"
     ON = "on"
     UNMAP = "unmap"
+
+
+class ErrorPolicy(enum.StrEnum):
+    """What a block job does on an I/O error (QEMU's ``on-error`` and friends).
+
+    ``report`` (QEMU's default): the job fails. ``stop``: it pauses until resumed (blockctl
+    waits ``pause_timeout`` seconds for that, then cancels it). ``enospc``: ``stop`` on "no
+    space left", ``report`` on anything else. ``ignore``: QEMU retries the failing request;
+    blockctl cancels the job after a bounded number of retries, so a persistent fault still
+    fails the job and a transient one is ridden out.
+    """
+
+    REPORT = "report"
+    STOP = "stop"
+    ENOSPC = "enospc"
+    IGNORE = "ignore"
 
 
 class Accel(enum.StrEnum):

@@ -25,6 +25,7 @@ import structlog
 from blockctl import _guest, _images, _runtime
 from blockctl._jobs import (
     JobHook,
+    JobIOError,
     JobProgress,
     JobResult,
     JobStatus,
@@ -47,6 +48,7 @@ from blockctl.types import (
     CacheMode,
     DeprecatedInput,
     Drive,
+    ErrorPolicy,
     ImageFormat,
     MachineConfig,
     coerce_enum,
@@ -795,6 +797,7 @@ class JobBar:
     """A JobHook that draws the job's progress on stderr (terminal only, never with --json)."""
 
     def __init__(self, args: argparse.Namespace, label: str) -> None:
+        self.args = args
         self.bar = ProgressBar(args, label)
 
     def on_transition(self, transition: JobTransition) -> None:
@@ -805,6 +808,43 @@ class JobBar:
     def on_progress(self, progress: JobProgress) -> None:
         if progress.total:
             self.bar(100.0 * progress.done / progress.total)
+
+    def on_io_error(self, error: JobIOError) -> None:
+        # Said even with --json (on stderr): a paused job waits for a human to act.
+        side = "source read" if error.operation == "read" else "target write"
+        if error.action == "stop":
+            words = getattr(self.args, "words", None) or ["VM"]
+            vm = getattr(self.args, "vm", None) or words[0]
+            print(
+                f"blockctl: job {error.job_id} paused on a {side} error; fix the cause, then "
+                f"run `blockctl jobs {vm} resume {error.job_id}` within "
+                f"{error.pause_timeout:g} s, or it is cancelled",
+                file=sys.stderr,
+            )
+        elif error.action == "ignore" and error.count == 1:
+            print(
+                f"blockctl: job {error.job_id}: {side} error, retried (error policy ignore)",
+                file=sys.stderr,
+            )
+
+
+def error_policy_options(parser: argparse.ArgumentParser, *flags: str) -> None:
+    """``--on-error``-style options (QEMU's job error policies) and ``--pause-timeout``."""
+    for flag in flags:
+        parser.add_argument(
+            flag,
+            choices=[p.value for p in ErrorPolicy],
+            default=ErrorPolicy.REPORT.value,
+            help="on an I/O error: fail (report, the default), pause until resumed (stop), "
+            "pause only when out of space (enospc), or retry (ignore; bounded)",
+        )
+    parser.add_argument(
+        "--pause-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a job paused on an I/O error waits for `blockctl jobs VM resume ID`",
+    )
 
 
 def job_hooks(args: argparse.Namespace, label: str) -> tuple[JobHook, ...]:
@@ -930,6 +970,7 @@ class CommitCommand(Command):
             help="delete the image files of the merged layers",
         )
         parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+        error_policy_options(parser, "--on-error")
 
     async def run(self, args: argparse.Namespace) -> int:
         async with attach(args.vm) as vm:
@@ -943,6 +984,8 @@ class CommitCommand(Command):
                 allow_shared_base=args.allow_shared_base,
                 delete_files=args.delete_files,
                 hooks=job_hooks(args, "commit"),
+                on_error=args.on_error,
+                pause_timeout=args.pause_timeout,
             )
         emit(
             args,
@@ -964,6 +1007,7 @@ class StreamCommand(Command):
         parser.add_argument("--speed", help="bytes/s limit (e.g. 50M)")
         parser.add_argument("--delete-files", action="store_true")
         parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+        error_policy_options(parser, "--on-error")
 
     async def run(self, args: argparse.Namespace) -> int:
         async with attach(args.vm) as vm:
@@ -975,6 +1019,8 @@ class StreamCommand(Command):
                 deadline=args.timeout,
                 delete_files=args.delete_files,
                 hooks=job_hooks(args, "stream"),
+                on_error=args.on_error,
+                pause_timeout=args.pause_timeout,
             )
         emit(
             args,
@@ -1087,6 +1133,7 @@ class BackupCommand(Command):
             "--deep", action="store_true", help="verify: also rebuild each image through its chain"
         )
         parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
+        error_policy_options(parser, "--on-source-error", "--on-target-error")
 
     async def run(self, args: argparse.Namespace) -> int:
         words = args.words
@@ -1140,6 +1187,9 @@ class BackupCommand(Command):
                 hooks=job_hooks(args, "backup"),
                 pull=args.pull,
                 legacy=args.legacy,
+                on_source_error=args.on_source_error,
+                on_target_error=args.on_target_error,
+                pause_timeout=args.pause_timeout,
             )
         copied = sum(d.bytes_copied for d in manifest.disks)
         note = f" (full because {manifest.fallback_reason})" if manifest.fallback_reason else ""

@@ -46,7 +46,7 @@ from blockctl._nbd import MAX_REQUEST, STATE_DIRTY, STATE_ZERO, NbdClient
 from blockctl._ops.chains import read_graph
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, JobError, Unsupported
-from blockctl.types import ImageFormat
+from blockctl.types import ErrorPolicy, ImageFormat, coerce_enum
 
 _log = get_logger()
 
@@ -275,10 +275,18 @@ async def backup(
     pull: bool = False,
     legacy: bool = False,
     inject_errors: Sequence[Mapping[str, Any]] = (),
+    on_source_error: ErrorPolicy | str = ErrorPolicy.REPORT,
+    on_target_error: ErrorPolicy | str = ErrorPolicy.REPORT,
+    pause_timeout: float = 60.0,
 ) -> Manifest:
     """Back up ``devices`` (default: every writable disk) of a running VM at one point in time.
 
     ``inject_errors``: blkdebug rules put under each push target (fault-injection tests).
+
+    ``on_source_error``/``on_target_error``: the jobs' error policies (push mode). With
+    ``stop``/``enospc`` a job paused on an error waits ``pause_timeout`` s to be resumed (free
+    space on the target, then ``blockctl jobs VM resume ID``) before it is cancelled. Whatever
+    the policy, a backup is recorded only if every job copied everything.
 
     ``pull``: instead of QEMU pushing the data, export a frozen point-in-time view over NBD
     (fleecing) and copy it with blockctl's own NBD reader: only allocated extents for a full
@@ -289,6 +297,11 @@ async def backup(
     missing, disabled, busy or inconsistent.
     """
     repo = Repository(root=Path(repo_root).absolute(), vm=vm.name)
+    policies = _policies(on_source_error, on_target_error)
+    if pull and policies:
+        raise ConfigError(
+            "on_source_error", "pull mode has no error policies (its copy is blockctl's own)"
+        )
     caps = await vm.capabilities()
     if not legacy and not caps.has("blockdev-backup") and caps.has("drive-backup"):
         legacy = True  # chosen from the schema, never from a version number
@@ -399,6 +412,8 @@ async def backup(
                 added,
                 legacy,
                 inject_errors,
+                policies,
+                pause_timeout,
             )
         # QEMU must let go of the targets before they are read (image locks).
         await _delete_nodes(vm, added)
@@ -489,6 +504,8 @@ async def _run_backup(
     added: list[str],
     legacy: bool = False,
     inject_errors: Sequence[Mapping[str, Any]] = (),
+    policies: Mapping[str, str] | None = None,
+    pause_timeout: float = 60.0,
 ) -> dict[str, int]:
     """Create the targets, start every job in one transaction, wait for all. Returns the
     bytes each disk's job copied. ``legacy``: drive-backup into the created files instead of
@@ -522,6 +539,7 @@ async def _run_backup(
                         bitmap_mode=mode,
                         compress=compress,
                         speed=speed,
+                        **(policies or {}),
                     )
                 )
             else:
@@ -535,6 +553,7 @@ async def _run_backup(
                         bitmap_mode=mode,
                         compress=compress,
                         speed=speed,
+                        **(policies or {}),
                     )
                 )
             if last:
@@ -566,7 +585,12 @@ async def _run_backup(
 
         async def wait(plan: _DiskPlan, job: Job) -> None:
             try:
-                result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+                result = await job.wait(
+                    complete_on_ready=False,
+                    deadline=deadline,
+                    hooks=hooks,
+                    pause_timeout=pause_timeout,
+                )
                 copied[plan.device] = result.offset
             except JobError as exc:
                 errors.append(exc)
@@ -580,6 +604,16 @@ async def _run_backup(
 
 
 # Section: pull mode (NBD export of a fleecing view)
+
+
+def _policies(source: ErrorPolicy | str, target: ErrorPolicy | str) -> dict[str, str]:
+    """The error-policy arguments of the backup actions (QEMU's default ``report`` is left
+    out, so the actions stay as before)."""
+    chosen = {
+        "on_source_error": coerce_enum(ErrorPolicy, source, "on_source_error"),
+        "on_target_error": coerce_enum(ErrorPolicy, target, "on_target_error"),
+    }
+    return {k: v.value for k, v in chosen.items() if v is not ErrorPolicy.REPORT}
 
 
 async def _create_target(plan: _DiskPlan, parent: Manifest | None) -> None:

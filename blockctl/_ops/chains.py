@@ -46,7 +46,7 @@ from blockctl.errors import (
     NodeNotFound,
     UnsafeOperation,
 )
-from blockctl.types import ImageFormat
+from blockctl.types import ErrorPolicy, ImageFormat, coerce_enum
 
 _log = get_logger()
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
@@ -263,6 +263,12 @@ class ChainResult:
     chain: tuple[str, ...]  # the device's chain afterwards, top first (node names)
 
 
+def _policy(on_error: ErrorPolicy | str) -> str | None:
+    """``on-error`` for QEMU; None for its default (``report``), which is not sent."""
+    policy = coerce_enum(ErrorPolicy, on_error, "on_error")
+    return None if policy is ErrorPolicy.REPORT else policy.value
+
+
 def _index(chain: Sequence[GraphNode], name: str, device: str, what: str) -> int:
     for i, node in enumerate(chain):
         if node.name == name or node.filename == name:
@@ -380,6 +386,8 @@ async def commit(
     allow_shared_base: bool = False,
     delete_files: bool = False,
     hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    on_error: ErrorPolicy | str = ErrorPolicy.REPORT,
+    pause_timeout: float = 60.0,
 ) -> ChainResult:
     """Commit ``top`` (default: the active layer) down into ``base`` (default: the layer
     right below ``top``). Nodes and files may be given by node name or filename.
@@ -388,11 +396,15 @@ async def commit(
     READY phase. Afterwards the layers between ``top`` and ``base`` are deleted from QEMU (and,
     with ``delete_files``, from disk).
 
+    ``on_error``: the job's error policy (see :class:`~blockctl.types.ErrorPolicy`); a job
+    paused on an error waits ``pause_timeout`` s to be resumed, then is cancelled.
+
     :raise UnsafeOperation: something else in the VM uses ``base`` (see ``allow_shared_base``).
     :raise JobNeverReady: an active commit could not catch up with the guest's writes under
     ``speed`` within ``deadline``; raise the speed limit (``set_speed``) or drop it.
     """
     await vm.require("block-commit", "blockdev-reopen", "job-dismiss")
+    policy = _policy(on_error)
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     top_i = 0 if top is None else _index(chain, top, device, "top")
@@ -427,13 +439,16 @@ async def commit(
             top_node=None if active else top_node.name,
             base_node=base_node.name,
             speed=speed,
+            on_error=policy,
         )
 
     try:
         async with start_job(
             vm.session, "commit", start, target=base_node.name, speed=speed, hooks=hooks
         ) as job:
-            result = await job.wait(complete_on_ready=True, deadline=deadline, hooks=hooks)
+            result = await job.wait(
+                complete_on_ready=True, deadline=deadline, hooks=hooks, pause_timeout=pause_timeout
+            )
     except BaseException:
         # qemu-facts F1/F2: a failed or cancelled commit has already written part of top's
         # data into base; top still reads correctly, base is no longer its point in time.
@@ -461,10 +476,14 @@ async def stream(
     deadline: float = 600.0,
     delete_files: bool = False,
     hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    on_error: ErrorPolicy | str = ErrorPolicy.REPORT,
+    pause_timeout: float = 60.0,
 ) -> ChainResult:
     """Copy the data of the layers above ``base`` (default: all of them) into the active layer,
-    which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted."""
+    which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted.
+    ``on_error``/``pause_timeout`` as for :func:`commit`."""
     await vm.require("block-stream", "job-dismiss")
+    policy = _policy(on_error)
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     if len(chain) < 2:
@@ -476,13 +495,20 @@ async def stream(
 
     async def start(job_id: str) -> None:
         await wire.block_stream(
-            vm.session, job_id=job_id, device=chain[0].name, base_node=base_name, speed=speed
+            vm.session,
+            job_id=job_id,
+            device=chain[0].name,
+            base_node=base_name,
+            speed=speed,
+            on_error=policy,
         )
 
     async with start_job(
         vm.session, "stream", start, target=chain[0].name, speed=speed, hooks=hooks
     ) as job:
-        result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+        result = await job.wait(
+            complete_on_ready=False, deadline=deadline, hooks=hooks, pause_timeout=pause_timeout
+        )
     return await _finish(vm, device, graph, list(chain[1:base_i]), delete_files, result)
 
 

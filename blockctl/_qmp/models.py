@@ -298,6 +298,23 @@ class JobInfo:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockJobIOStatus:
+    """The I/O status of one block job (``query-block-jobs``): ``ok``, ``failed`` or
+    ``nospace`` (the last error it met, kept while it is paused on it)."""
+
+    job_id: str
+    io_status: str
+
+    @classmethod
+    def from_qmp(cls, value: object, command: str = "query-block-jobs") -> BlockJobIOStatus:
+        obj = _obj(value, command, "block job")
+        return cls(
+            job_id=_get(obj, "device", str, command),
+            io_status=_opt(obj, "io-status", str, command) or "ok",
+        )
+
+
 class JobEventKind(enum.Enum):
     """Which job event a :class:`JobEvent` came from."""
 

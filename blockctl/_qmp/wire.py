@@ -215,6 +215,7 @@ def _backup_data(
     bitmap_mode: str | None,
     compress: bool,
     speed: int | None,
+    on_source_error: str | None,
     on_target_error: str | None,
 ) -> dict[str, Any]:
     """The data of a backup action: required fields, never auto-dismissed, optional ones only
@@ -224,6 +225,7 @@ def _backup_data(
         "bitmap-mode": bitmap_mode,
         "compress": True if compress else None,
         "speed": speed,
+        "on-source-error": on_source_error,
         "on-target-error": on_target_error,
     }
     return {
@@ -244,11 +246,14 @@ def backup_action(
     bitmap_mode: str | None = None,
     compress: bool = False,
     speed: int | None = None,
+    on_source_error: str | None = None,
     on_target_error: str | None = None,
 ) -> dict[str, Any]:
     """One ``blockdev-backup`` action for a ``transaction`` (never auto-dismissed)."""
     fields = {"device": device, "target": target, "sync": sync}
-    data = _backup_data(job_id, fields, bitmap, bitmap_mode, compress, speed, on_target_error)
+    data = _backup_data(
+        job_id, fields, bitmap, bitmap_mode, compress, speed, on_source_error, on_target_error
+    )
     return {"type": "blockdev-backup", "data": data}
 
 
@@ -263,6 +268,8 @@ def drive_backup_action(
     bitmap_mode: str | None = None,
     compress: bool = False,
     speed: int | None = None,
+    on_source_error: str | None = None,
+    on_target_error: str | None = None,
 ) -> dict[str, Any]:
     """The legacy ``drive-backup`` action (deprecated by QEMU): into an image blockctl created
     (``mode: existing``), with its format named, so QEMU never probes it."""
@@ -273,7 +280,9 @@ def drive_backup_action(
         "mode": "existing",
         "sync": sync,
     }
-    data = _backup_data(job_id, fields, bitmap, bitmap_mode, compress, speed, None)
+    data = _backup_data(
+        job_id, fields, bitmap, bitmap_mode, compress, speed, on_source_error, on_target_error
+    )
     return {"type": "drive-backup", "data": data}
 
 
@@ -425,6 +434,15 @@ def parse_job_event(event: Event) -> _models.JobEvent:
 
 async def query_jobs(session: QMPSession) -> tuple[_models.JobInfo, ...]:
     return _parse_list(await session.execute("query-jobs"), "query-jobs", _models.JobInfo)
+
+
+async def block_job_io_status(session: QMPSession, job_id: str) -> str | None:
+    """The job's ``io-status`` (``ok``, ``failed``, ``nospace``); None if it is not listed."""
+    reply = await session.execute("query-block-jobs")
+    for entry in _parse_list(reply, "query-block-jobs", _models.BlockJobIOStatus):
+        if entry.job_id == job_id:
+            return entry.io_status
+    return None
 
 
 async def query_named_block_node_details(session: QMPSession) -> tuple[_models.NodeDetail, ...]:
