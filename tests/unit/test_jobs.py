@@ -14,6 +14,7 @@ import pytest
 
 from blockctl._jobs import (
     Job,
+    JobIOError,
     JobProgress,
     JobStatus,
     JobTransition,
@@ -28,6 +29,7 @@ from blockctl.errors import (
     JobCancelled,
     JobFailed,
     JobNeverReady,
+    JobStoppedOnError,
     OperationTimeout,
 )
 from blockctl.testing import FakeError, FakeQMP, FakeReply
@@ -72,6 +74,8 @@ class FakeJob:
     on_complete: list[Ev] = field(default_factory=list)
     on_cancel: list[Ev] = field(default_factory=list)
     on_finalize: list[Ev] = field(default_factory=list)
+    on_resume: list[Ev] = field(default_factory=list)
+    io_status: str = "ok"
     progress: tuple[int, int] = (32 * MIB, 32 * MIB)
     error: str | None = None
     status: str = "created"
@@ -131,10 +135,14 @@ class FakeQEMU:
             "job-complete": job.on_complete,
             "job-cancel": job.on_cancel,
             "job-finalize": job.on_finalize,
+            "job-resume": job.on_resume,
         }
         if command in verbs:
             return FakeReply({}, after=self.events(verbs[command]))
-        if command in ("block-job-set-speed", "job-pause", "job-resume"):
+        if command == "query-block-jobs":
+            listed = job.job_id and job.status not in ("null", "concluded")
+            return [{"device": job.job_id, "io-status": job.io_status}] if listed else []
+        if command in ("block-job-set-speed", "job-pause"):
             return {}
         raise FakeError("CommandNotFound", f"The command {command} has not been found")
 
@@ -152,6 +160,12 @@ class Recorder:
     def __init__(self) -> None:
         self.transitions: list[JobTransition] = []
         self.progress: list[JobProgress] = []
+        self.io_errors: list[JobIOError] = []
+        self.got_io_error = anyio.Event()
+
+    def on_io_error(self, error: JobIOError) -> None:
+        self.io_errors.append(error)
+        self.got_io_error.set()
 
     def on_transition(self, transition: JobTransition) -> None:
         self.transitions.append(transition)
@@ -467,3 +481,106 @@ async def test_failing_start_command_leaves_nothing_to_clean() -> None:
             async with start_job(session, "commit", backup_start(session)):
                 pytest.fail("the block must not run")
         assert [c for c, _ in fake.received] == ["blockdev-backup"]
+
+
+# Section: error policies (BLOCK_JOB_ERROR)
+
+
+def io_error(operation: str, action: str) -> Ev:
+    return ("BLOCK_JOB_ERROR", {"device": "", "operation": operation, "action": action})
+
+
+CANCELLED_AT_8 = [
+    status("", AB),
+    block_event("BLOCK_JOB_CANCELLED", "", 8 * MIB, 32 * MIB),
+    status("", CONC),
+]
+
+
+async def test_stopped_on_error_and_never_resumed_is_cancelled_and_reported() -> None:
+    job = FakeJob(
+        on_start=[status("", C), status("", R), io_error("write", "stop"), status("", P)],
+        on_cancel=CANCELLED_AT_8,
+        io_status="nospace",
+        progress=(8 * MIB, 32 * MIB),
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        hook = Recorder()
+        async with start_job(session, "backup", backup_start(session), target="drv0") as handle:
+            with pytest.raises(JobStoppedOnError) as info:
+                await handle.wait(
+                    complete_on_ready=False, deadline=30, hooks=[hook], pause_timeout=0.2
+                )
+        err = info.value
+        assert err.operation == "write" and (err.offset, err.length) == (8 * MIB, 32 * MIB)
+        assert "no space left" in str(err) and "resume" in str(err) and handle.id in str(err)
+        assert [(e.operation, e.action, e.count) for e in hook.io_errors] == [("write", "stop", 1)]
+        assert commands(fake) == [
+            "blockdev-backup",
+            "query-block-jobs",
+            "job-cancel",
+            "job-dismiss",
+        ]
+
+
+async def test_stopped_on_error_then_resumed_completes() -> None:
+    job = FakeJob(
+        on_start=[status("", C), status("", R), io_error("write", "stop"), status("", P)],
+        on_resume=[
+            status("", R),
+            status("", W),
+            status("", PEND),
+            block_event("BLOCK_JOB_COMPLETED", "", 32 * MIB, 32 * MIB),
+            status("", CONC),
+        ],
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        hook = Recorder()
+        async with (
+            start_job(session, "backup", backup_start(session)) as handle,
+            anyio.create_task_group() as tg,
+        ):
+
+            async def operator() -> None:  # someone frees space, then resumes the job
+                await hook.got_io_error.wait()
+                await handle.resume()
+
+            tg.start_soon(operator)
+            # pause_timeout is far away: the resume, not a timer, ends the pause.
+            result = await handle.wait(
+                complete_on_ready=False, deadline=30, hooks=[hook], pause_timeout=300
+            )
+        assert result.offset == result.length and handle.io_errors == 1
+        assert "job-cancel" not in commands(fake)
+
+
+async def test_ignored_errors_are_bounded_then_the_job_is_cancelled() -> None:
+    flood = [io_error("read", "ignore") for _ in range(200)]
+    job = FakeJob(
+        on_start=[status("", C), status("", R), *flood],
+        on_cancel=CANCELLED_AT_8,
+        progress=(8 * MIB, 32 * MIB),
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        hook = Recorder()
+        async with start_job(session, "backup", backup_start(session)) as handle:
+            with pytest.raises(JobFailed) as info:
+                await handle.wait(
+                    complete_on_ready=False, deadline=30, hooks=[hook], ignored_error_limit=10
+                )
+        assert not isinstance(info.value, JobStoppedOnError)
+        assert "retried under error policy ignore" in str(info.value)
+        assert "source keeps failing" in str(info.value)
+        assert [e.count for e in hook.io_errors] == [1, 10]  # the first, and the last straw
+        assert commands(fake).count("job-cancel") == 1
+        assert handle.io_errors == 200  # the retries already queued are counted, not reported
+
+
+async def test_a_transient_error_retried_under_ignore_still_succeeds() -> None:
+    job = ok_backup()
+    job.on_start.insert(2, io_error("read", "ignore"))
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        async with start_job(session, "backup", backup_start(session)) as handle:
+            result = await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
+        assert result.offset == result.length and handle.io_errors == 1
+        assert commands(fake) == ["blockdev-backup", "job-dismiss"]
