@@ -15,10 +15,13 @@ offset/length/error details). Rules, each from something that went wrong elsewhe
 - I/O errors follow the job's error policy (``on-error``/``on-source-error``/
   ``on-target-error``), reported by ``BLOCK_JOB_ERROR``: ``report`` fails the job; ``stop``
   (and ``enospc`` on ENOSPC) pauses it, and a job nobody resumes within ``pause_timeout`` is
-  cancelled (:class:`~blockctl.errors.JobStoppedOnError`); ``ignore`` makes backup, commit and
-  mirror retry the failing request in a tight loop (about 17,000 events/s on a persistent
-  fault, measured), so after ``ignored_error_limit`` of them the job is cancelled and fails.
-  A transient fault retried under ``ignore`` still ends in a complete, successful copy.
+  cancelled (:class:`~blockctl.errors.JobStoppedOnError`). QEMU's own ``ignore`` makes backup,
+  commit and mirror retry the failing request in a tight loop: about 17,000
+  ``BLOCK_JOB_ERROR`` events/s on a persistent fault (measured), which buried the QMP monitor
+  so deep that a ``job-cancel`` took 24 s to be answered. So blockctl's ``ignore`` runs the job
+  with ``stop`` and resumes it itself, ``retries`` times at most (:meth:`Job.wait`), then
+  cancels it; a transient fault is ridden out and still ends in a complete copy. A job someone
+  else started with QEMU's ``ignore`` is cancelled after ``ignored_error_limit`` errors.
 - Completion is event-driven. ``query-jobs`` is sampled at an interval only to feed
   progress hooks (:class:`JobHook`); the samples never decide anything.
 
@@ -58,6 +61,7 @@ from blockctl.errors import (
     JobStoppedOnError,
     OperationTimeout,
 )
+from blockctl.types import ErrorPolicy, coerce_enum
 
 __all__ = [
     "Job",
@@ -69,6 +73,7 @@ __all__ = [
     "JobTransition",
     "StructlogJobHook",
     "adopt_jobs",
+    "error_policy",
     "new_job_id",
     "start_job",
 ]
@@ -88,6 +93,28 @@ def new_job_id(kind: str) -> str:
     if not kind.isalnum():
         raise ValueError(f"job kind {kind!r} must be alphanumeric")
     return f"bc-{kind}-{next(_counter)}-{secrets.token_hex(3)}"
+
+
+#: How many times blockctl's ``ignore`` policy retries a failing request (per job).
+IGNORE_RETRIES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class QEMUErrorPolicy:
+    """An :class:`~blockctl.types.ErrorPolicy` as sent to QEMU (``value``; None: QEMU's
+    default, ``report``, not sent) plus the ``retries`` :meth:`Job.wait` gives it."""
+
+    value: str | None
+    retries: int
+
+
+def error_policy(policy: ErrorPolicy | str, where: str = "on_error") -> QEMUErrorPolicy:
+    """What blockctl asks of QEMU for ``policy``: ``ignore`` becomes ``stop`` plus
+    :data:`IGNORE_RETRIES` resumes (see the module docstring for why)."""
+    chosen = coerce_enum(ErrorPolicy, policy, where)
+    if chosen is ErrorPolicy.IGNORE:
+        return QEMUErrorPolicy(ErrorPolicy.STOP.value, IGNORE_RETRIES)
+    return QEMUErrorPolicy(None if chosen is ErrorPolicy.REPORT else chosen.value, 0)
 
 
 # Section: records and hooks
@@ -141,7 +168,8 @@ class JobResult:
 class JobIOError:
     """The job met an I/O error (``BLOCK_JOB_ERROR``): ``operation`` ``read`` (source) or
     ``write`` (target), and what its error policy did: ``action`` ``report`` (it fails),
-    ``stop`` (it pauses until resumed) or ``ignore`` (QEMU retries). ``count`` numbers the
+    ``stop`` (it pauses until resumed), ``retry`` (blockctl resumes it at once: its ``ignore``
+    policy) or ``ignore`` (QEMU retried it by itself). ``count`` numbers the
     errors of this job; ``pause_timeout`` is how long a stopped job waits to be resumed."""
 
     job_id: str
@@ -265,6 +293,9 @@ class Job:
         self._gave_up: str | None = None  # why blockctl cancelled it (its I/O errors)
         self._pause_timeout = 60.0
         self._ignored_error_limit = 64
+        self._retries = 0  # stops to resume at once (blockctl's "ignore" policy)
+        self._retried = 0
+        self._retry_pending = False
 
     def __repr__(self) -> str:
         return f"<Job {self.id} type={self.type} status={self.status}>"
@@ -327,6 +358,7 @@ class Job:
         progress_interval: float | None = 1.0,
         pause_timeout: float = 60.0,
         ignored_error_limit: int = 64,
+        retries: int = 0,
     ) -> JobResult:
         """Drive the job until it concludes; dismiss it; return its result.
 
@@ -335,11 +367,14 @@ class Job:
         ``deadline``: seconds for the whole wait.
         ``pause_timeout``: how long a job paused on an I/O error (policy ``stop``/``enospc``)
         waits for someone to resume it (:meth:`resume`, ``blockctl jobs VM resume ID``) before
-        blockctl cancels it. ``ignored_error_limit``: errors retried under policy ``ignore``
-        before blockctl cancels the job.
+        blockctl cancels it. ``retries``: how many times a job that stopped on an I/O error is
+        resumed at once (a retry of the failing request: blockctl's ``ignore`` policy, with
+        QEMU's ``stop``) before blockctl gives up and cancels it. ``ignored_error_limit``:
+        errors QEMU itself retried (a job started with QEMU's ``ignore``) before blockctl
+        cancels the job.
 
         :raise JobFailed: concluded with an error, or ``offset != length``, or cancelled by
-            blockctl after ``ignored_error_limit`` ignored errors.
+            blockctl after ``retries`` retries or ``ignored_error_limit`` ignored errors.
         :raise JobStoppedOnError: paused on an I/O error longer than ``pause_timeout``.
         :raise JobCancelled: it was cancelled.
         :raise JobNeverReady: a mirror/commit was still not READY at the deadline.
@@ -348,6 +383,7 @@ class Job:
         """
         self._pause_timeout = pause_timeout
         self._ignored_error_limit = ignored_error_limit
+        self._retries = retries
         await self._drive(
             until_ready=False,
             complete_on_ready=complete_on_ready,
@@ -506,6 +542,11 @@ class Job:
             self._transition(event.status, hooks)
             if event.status is JobStatus.RUNNING:
                 self._stopped_since = None  # resumed (by us, a hook, or another client)
+            if event.status is JobStatus.PAUSED and self._retry_pending:
+                self._retry_pending = False
+                self._retried += 1
+                with contextlib.suppress(CommandFailed):  # cancelled or resumed meanwhile
+                    await self.resume()
             match event.status:
                 case JobStatus.READY:
                     self._ready = True
@@ -548,23 +589,36 @@ class Job:
         self.io_errors += 1
         if self._gave_up is not None:
             return  # the retries of a job being cancelled: counted, not reported again
+        action = event.action or "unknown"
+        retry = action == "stop" and self._retries > 0
         record = JobIOError(
             job_id=self.id,
             job_type=self.type,
             operation=event.operation or "unknown",
-            action=event.action or "unknown",
+            action="retry" if retry else action,
             count=self.io_errors,
             pause_timeout=self._pause_timeout,
             seconds=time.monotonic() - self._started,
         )
         self._last_io_error = record
+        side = "source" if record.operation == "read" else "target"
+        if retry:
+            _call_hooks(hooks, "on_io_error", record)
+            if self._retried < self._retries:
+                self._retry_pending = True  # resumed when QEMU reports it paused
+                return
+            await self._give_up(
+                f"met {self.io_errors} {record.operation} errors in a row and was retried "
+                f"{self._retried} times (error policy ignore: the {side} keeps failing), so "
+                "blockctl cancelled it"
+            )
+            return
         if record.action == "stop":
             self._stopped_since = time.monotonic()
         if record.action != "ignore" or self.io_errors == 1:
             _call_hooks(hooks, "on_io_error", record)
         if record.action == "ignore" and self.io_errors >= self._ignored_error_limit:
             _call_hooks(hooks, "on_io_error", record)
-            side = "source" if record.operation == "read" else "target"
             await self._give_up(
                 f"met {self.io_errors} {record.operation} errors that QEMU retried under error "
                 f"policy ignore (the {side} keeps failing), so blockctl cancelled it"

@@ -108,9 +108,10 @@ class ErrorPolicy(enum.StrEnum):
 
     ``report`` (QEMU's default): the job fails. ``stop``: it pauses until resumed (blockctl
     waits ``pause_timeout`` seconds for that, then cancels it). ``enospc``: ``stop`` on "no
-    space left", ``report`` on anything else. ``ignore``: QEMU retries the failing request;
-    blockctl cancels the job after a bounded number of retries, so a persistent fault still
-    fails the job and a transient one is ridden out.
+    space left", ``report`` on anything else. ``ignore``: retry the failing request, a bounded
+    number of times (then the job fails): a transient fault is ridden out, a persistent one
+    still fails the job. (blockctl runs the job with QEMU's ``stop`` and resumes it itself:
+    QEMU's own ``ignore`` retries in a tight loop that floods the QMP monitor.)
     """
 
     REPORT = "report"

@@ -821,9 +821,9 @@ class JobBar:
                 f"{error.pause_timeout:g} s, or it is cancelled",
                 file=sys.stderr,
             )
-        elif error.action == "ignore" and error.count == 1:
+        elif error.action in ("retry", "ignore") and error.count == 1:
             print(
-                f"blockctl: job {error.job_id}: {side} error, retried (error policy ignore)",
+                f"blockctl: job {error.job_id}: {side} error, retrying (error policy ignore)",
                 file=sys.stderr,
             )
 

@@ -39,14 +39,22 @@ from typing import Any
 import anyio
 
 from blockctl import _images
-from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook, adopt_jobs, start_job
+from blockctl._jobs import (
+    DEFAULT_HOOKS,
+    Job,
+    JobHook,
+    QEMUErrorPolicy,
+    adopt_jobs,
+    error_policy,
+    start_job,
+)
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._nbd import MAX_REQUEST, STATE_DIRTY, STATE_ZERO, NbdClient
 from blockctl._ops.chains import read_graph
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, JobError, Unsupported
-from blockctl.types import ErrorPolicy, ImageFormat, coerce_enum
+from blockctl.types import ErrorPolicy, ImageFormat
 
 _log = get_logger()
 
@@ -298,7 +306,7 @@ async def backup(
     """
     repo = Repository(root=Path(repo_root).absolute(), vm=vm.name)
     policies = _policies(on_source_error, on_target_error)
-    if pull and policies:
+    if pull and any(p.value is not None for p in policies.values()):
         raise ConfigError(
             "on_source_error", "pull mode has no error policies (its copy is blockctl's own)"
         )
@@ -504,7 +512,7 @@ async def _run_backup(
     added: list[str],
     legacy: bool = False,
     inject_errors: Sequence[Mapping[str, Any]] = (),
-    policies: Mapping[str, str] | None = None,
+    policies: Mapping[str, QEMUErrorPolicy] | None = None,
     pause_timeout: float = 60.0,
 ) -> dict[str, int]:
     """Create the targets, start every job in one transaction, wait for all. Returns the
@@ -517,6 +525,8 @@ async def _run_backup(
             await _add_qcow2(vm, plan.target_node, plan.target, None, added, inject_errors)
 
     actions: list[dict[str, Any]] = []
+    sent = {k: p.value for k, p in (policies or {}).items() if p.value is not None}
+    retries = max((p.retries for p in (policies or {}).values()), default=0)
 
     def start_for(plan: _DiskPlan, last: bool) -> Any:
         async def start(job_id: str) -> None:
@@ -539,7 +549,7 @@ async def _run_backup(
                         bitmap_mode=mode,
                         compress=compress,
                         speed=speed,
-                        **(policies or {}),
+                        **sent,
                     )
                 )
             else:
@@ -553,7 +563,7 @@ async def _run_backup(
                         bitmap_mode=mode,
                         compress=compress,
                         speed=speed,
-                        **(policies or {}),
+                        **sent,
                     )
                 )
             if last:
@@ -590,6 +600,7 @@ async def _run_backup(
                     deadline=deadline,
                     hooks=hooks,
                     pause_timeout=pause_timeout,
+                    retries=retries,
                 )
                 copied[plan.device] = result.offset
             except JobError as exc:
@@ -606,14 +617,13 @@ async def _run_backup(
 # Section: pull mode (NBD export of a fleecing view)
 
 
-def _policies(source: ErrorPolicy | str, target: ErrorPolicy | str) -> dict[str, str]:
-    """The error-policy arguments of the backup actions (QEMU's default ``report`` is left
-    out, so the actions stay as before)."""
-    chosen = {
-        "on_source_error": coerce_enum(ErrorPolicy, source, "on_source_error"),
-        "on_target_error": coerce_enum(ErrorPolicy, target, "on_target_error"),
+def _policies(source: ErrorPolicy | str, target: ErrorPolicy | str) -> dict[str, QEMUErrorPolicy]:
+    """The error policies of the backup actions, by argument name (QEMU's default,
+    ``report``, is not sent: the actions stay as before)."""
+    return {
+        "on_source_error": error_policy(source, "on_source_error"),
+        "on_target_error": error_policy(target, "on_target_error"),
     }
-    return {k: v.value for k, v in chosen.items() if v is not ErrorPolicy.REPORT}
 
 
 async def _create_target(plan: _DiskPlan, parent: Manifest | None) -> None:

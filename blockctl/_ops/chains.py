@@ -35,7 +35,7 @@ import anyio
 
 from blockctl import _images
 from blockctl._graph import BlockGraph, GraphNode, NodeRole
-from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, start_job
+from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, error_policy, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._qmp import wire
@@ -46,7 +46,7 @@ from blockctl.errors import (
     NodeNotFound,
     UnsafeOperation,
 )
-from blockctl.types import ErrorPolicy, ImageFormat, coerce_enum
+from blockctl.types import ErrorPolicy, ImageFormat
 
 _log = get_logger()
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
@@ -263,12 +263,6 @@ class ChainResult:
     chain: tuple[str, ...]  # the device's chain afterwards, top first (node names)
 
 
-def _policy(on_error: ErrorPolicy | str) -> str | None:
-    """``on-error`` for QEMU; None for its default (``report``), which is not sent."""
-    policy = coerce_enum(ErrorPolicy, on_error, "on_error")
-    return None if policy is ErrorPolicy.REPORT else policy.value
-
-
 def _index(chain: Sequence[GraphNode], name: str, device: str, what: str) -> int:
     for i, node in enumerate(chain):
         if node.name == name or node.filename == name:
@@ -404,7 +398,7 @@ async def commit(
     ``speed`` within ``deadline``; raise the speed limit (``set_speed``) or drop it.
     """
     await vm.require("block-commit", "blockdev-reopen", "job-dismiss")
-    policy = _policy(on_error)
+    policy = error_policy(on_error)
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     top_i = 0 if top is None else _index(chain, top, device, "top")
@@ -439,7 +433,7 @@ async def commit(
             top_node=None if active else top_node.name,
             base_node=base_node.name,
             speed=speed,
-            on_error=policy,
+            on_error=policy.value,
         )
 
     try:
@@ -447,7 +441,11 @@ async def commit(
             vm.session, "commit", start, target=base_node.name, speed=speed, hooks=hooks
         ) as job:
             result = await job.wait(
-                complete_on_ready=True, deadline=deadline, hooks=hooks, pause_timeout=pause_timeout
+                complete_on_ready=True,
+                deadline=deadline,
+                hooks=hooks,
+                pause_timeout=pause_timeout,
+                retries=policy.retries,
             )
     except BaseException:
         # qemu-facts F1/F2: a failed or cancelled commit has already written part of top's
@@ -483,7 +481,7 @@ async def stream(
     which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted.
     ``on_error``/``pause_timeout`` as for :func:`commit`."""
     await vm.require("block-stream", "job-dismiss")
-    policy = _policy(on_error)
+    policy = error_policy(on_error)
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     if len(chain) < 2:
@@ -500,14 +498,18 @@ async def stream(
             device=chain[0].name,
             base_node=base_name,
             speed=speed,
-            on_error=policy,
+            on_error=policy.value,
         )
 
     async with start_job(
         vm.session, "stream", start, target=chain[0].name, speed=speed, hooks=hooks
     ) as job:
         result = await job.wait(
-            complete_on_ready=False, deadline=deadline, hooks=hooks, pause_timeout=pause_timeout
+            complete_on_ready=False,
+            deadline=deadline,
+            hooks=hooks,
+            pause_timeout=pause_timeout,
+            retries=policy.retries,
         )
     return await _finish(vm, device, graph, list(chain[1:base_i]), delete_files, result)
 

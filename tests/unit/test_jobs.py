@@ -13,18 +13,22 @@ import anyio
 import pytest
 
 from blockctl._jobs import (
+    IGNORE_RETRIES,
     Job,
     JobIOError,
     JobProgress,
     JobStatus,
     JobTransition,
+    QEMUErrorPolicy,
     adopt_jobs,
+    error_policy,
     new_job_id,
     start_job,
 )
 from blockctl._qmp import wire
 from blockctl._qmp.session import QMPSession
 from blockctl.errors import (
+    ConfigError,
     ConnectionLost,
     JobCancelled,
     JobFailed,
@@ -33,6 +37,7 @@ from blockctl.errors import (
     OperationTimeout,
 )
 from blockctl.testing import FakeError, FakeQMP, FakeReply
+from blockctl.types import ErrorPolicy
 
 EVENTS = Path(__file__).resolve().parents[2] / "fixtures" / "qmp" / "events"
 Ev = tuple[str, Mapping[str, Any]]
@@ -584,3 +589,32 @@ async def test_a_transient_error_retried_under_ignore_still_succeeds() -> None:
             result = await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
         assert result.offset == result.length and handle.io_errors == 1
         assert commands(fake) == ["blockdev-backup", "job-dismiss"]
+
+
+async def test_ignore_policy_resumes_a_stopped_job_a_bounded_number_of_times() -> None:
+    """blockctl's ``ignore``: QEMU ``stop`` + resume at once, ``retries`` times, then cancel."""
+    stop = [io_error("read", "stop"), status("", P)]
+    job = FakeJob(
+        on_start=[status("", C), status("", R), *stop],
+        on_resume=[status("", R), *stop],  # the fault persists: every retry fails again
+        on_cancel=CANCELLED_AT_8,
+        progress=(8 * MIB, 32 * MIB),
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        hook = Recorder()
+        async with start_job(session, "backup", backup_start(session)) as handle:
+            with pytest.raises(JobFailed) as info:
+                await handle.wait(complete_on_ready=False, deadline=30, hooks=[hook], retries=3)
+        assert not isinstance(info.value, JobStoppedOnError)
+        assert "retried 3 times" in str(info.value) and "ignore" in str(info.value)
+        assert commands(fake).count("job-resume") == 3
+        assert commands(fake)[-2:] == ["job-cancel", "job-dismiss"]
+        assert [e.action for e in hook.io_errors] == ["retry"] * 4
+
+
+def test_ignore_is_sent_to_qemu_as_stop_with_retries() -> None:
+    assert error_policy("ignore") == QEMUErrorPolicy("stop", IGNORE_RETRIES)
+    assert error_policy(ErrorPolicy.REPORT) == QEMUErrorPolicy(None, 0)
+    assert error_policy("enospc") == QEMUErrorPolicy("enospc", 0)
+    with pytest.raises(ConfigError, match="on_error"):
+        error_policy("sometimes")

@@ -1,0 +1,380 @@
+"""The fault-injection matrix (issue #7, qemu-facts §4): every long job, where the I/O fails,
+how it fails, and the job's error policy, against real QEMU and QEMU's ``blkdebug`` driver.
+
+{full backup, incremental backup, intermediate commit, active commit, stream}
+x {source read error, target write error} x {EIO, ENOSPC} x {report, stop, enospc, ignore}
+= 80 cases. Each case builds its own images, opens them in one running VM (the guest keeps
+running throughout), runs the operation through blockctl's library API, and checks:
+
+- the outcome blockctl reports: ``report`` → :class:`JobFailed` naming QEMU's error; ``stop``
+  (and ``enospc`` with ENOSPC) → the job paused, was not resumed, and was cancelled
+  (:class:`JobStoppedOnError`); ``enospc`` with EIO → reported; ``ignore`` → the request is
+  retried (blockctl resumes the stopped job) 16 times, then the job fails;
+- the source data is unchanged: what the device reads through its chain is byte-identical to
+  what it read before (``qemu-img compare`` once QEMU has let go of the images);
+- for backups: nothing was recorded in the repository, and the bitmap was not consumed (its
+  dirty count is unchanged);
+- ``qemu-img check`` is clean on every qcow2 image of the case;
+- no job and no node is left behind (the node set is back to what it was).
+
+The faults are persistent (every matching request fails), so a case never depends on timing.
+Source read errors are rules on ``read_aio`` of a layer's file (data reads only: qcow2
+metadata reads do not fire it); target write errors are rules on ``write_aio``. In the
+incremental case the source rule is armed only once the guest has flushed its new data
+(blkdebug ``set-state`` on ``flush_to_disk``), so the full backup before it is clean.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from blockctl import GuestImage, LaunchedVM
+from blockctl._ops import backup as bk
+from blockctl._ops import chains
+from blockctl._qmp import wire
+from blockctl.errors import JobFailed, JobStoppedOnError
+from blockctl.types import ErrorPolicy
+from tests.figures import report
+from tests.integration.conftest import MIB, base_config, run, vm_in_background
+
+pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="module")]
+
+OPS = ("backup-full", "backup-incremental", "commit-intermediate", "commit-active", "stream")
+SIDES = ("source", "target")
+ERRNOS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
+MESSAGES = {"EIO": "Input/output error", "ENOSPC": "No space left on device"}
+POLICIES = tuple(ErrorPolicy)
+CASES = [
+    pytest.param(op, side, err, policy, id=f"{op}-{side}-{err}-{policy.value}")
+    for op, side, err, policy in itertools.product(OPS, SIDES, ERRNOS, POLICIES)
+]
+SIZE = 16 * MIB
+#: A job paused on an error waits this long for a resume that never comes (then is cancelled).
+PAUSE_TIMEOUT = 0.3
+#: Case outcomes, for the figure: (op, side, errno, policy) -> the outcome class seen.
+OUTCOMES: dict[tuple[str, str, str, str], str] = {}
+
+_serial = itertools.count(1)
+
+
+@dataclass
+class Rig:
+    vm: LaunchedVM
+    baseline: frozenset[str]  # node names of the VM before any case
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def rig(guest: GuestImage, module_runtime_dir: Path) -> AsyncIterator[Rig]:
+    async with vm_in_background(base_config(guest, name="faults")) as vm:
+        yield Rig(vm=vm, baseline=frozenset(await node_names(vm)))
+
+
+async def node_names(vm: LaunchedVM) -> set[str]:
+    return {n.node_name for n in await vm.block_nodes()}
+
+
+# Section: building a case's chain
+
+
+def rule(event: str, err: str, *, armed_by_flush: bool = False) -> dict[str, Any]:
+    """A blkdebug rule failing every ``event`` request; with ``armed_by_flush`` only once the
+    node has seen a flush (state 2)."""
+    return {"event": event, "errno": ERRNOS[err], **({"state": 2} if armed_by_flush else {})}
+
+
+@dataclass
+class Layer:
+    """One qcow2 layer: ``name`` (format node), ``<name>-file``, and optionally a blkdebug
+    node ``<name>-dbg`` between them failing as ``rules`` say."""
+
+    name: str
+    path: Path
+    rules: Sequence[dict[str, Any]] = ()
+    set_state_on_flush: bool = False
+
+    def nodes(self, backing: str | None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [
+            {"driver": "file", "node-name": f"{self.name}-file", "filename": str(self.path)}
+        ]
+        file_node = f"{self.name}-file"
+        if self.rules:
+            dbg: dict[str, Any] = {
+                "driver": "blkdebug",
+                "node-name": f"{self.name}-dbg",
+                "image": file_node,
+                "inject-error": list(self.rules),
+            }
+            if self.set_state_on_flush:
+                dbg["set-state"] = [{"event": "flush_to_disk", "state": 1, "new_state": 2}]
+            out.append(dbg)
+            file_node = f"{self.name}-dbg"
+        out.append(
+            {"driver": "qcow2", "node-name": self.name, "file": file_node, "backing": backing}
+        )
+        return out
+
+    def names(self) -> list[str]:
+        """Top-down, for blockdev-del."""
+        return [self.name, *([f"{self.name}-dbg"] if self.rules else []), f"{self.name}-file"]
+
+
+async def qemu_io(path: Path, *commands: str) -> None:
+    argv: list[str | Path] = ["qemu-io", "-f", "qcow2"]
+    for command in commands:
+        argv += ["-c", command]
+    await run(*argv, path)
+
+
+async def make_chain(directory: Path, count: int) -> list[Path]:
+    """``count`` qcow2 layers, base first, each writing its own pattern over 2 MiB from
+    ``1 MiB + i MiB`` (so every layer holds data the ones above do not all hide)."""
+    paths: list[Path] = []
+    for i in range(count):
+        path = directory / f"l{i}.qcow2"
+        argv: list[str | Path] = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if paths:
+            argv += ["-b", paths[-1], "-F", "qcow2"]
+        await run(*argv, path, str(SIZE))
+        await qemu_io(path, f"write -P {0x41 + i} {1 + i}M 2M")
+        paths.append(path)
+    return paths
+
+
+async def add_chain(vm: LaunchedVM, layers: Sequence[Layer]) -> None:
+    """Open ``layers`` (base first) in QEMU, each backed by the one before."""
+    backing: str | None = None
+    for layer in layers:
+        # The base gets "backing": null: nothing below it, stated rather than read.
+        for node in layer.nodes(backing):
+            await wire.blockdev_add(vm.session, node)
+        backing = layer.name
+
+
+async def remove(vm: LaunchedVM, layers: Sequence[Layer], device: str | None = None) -> None:
+    """Unplug ``device`` (waiting for its DEVICE_DELETED), then delete the nodes top-down."""
+    if device is not None:
+        with wire.device_deleted_events(vm.session) as events:
+            await wire.device_del(vm.session, device)
+            await events.wait_for(lambda e: wire.is_device_deleted(e, device))
+    for layer in reversed(layers):
+        for name in layer.names():
+            await wire.blockdev_del(vm.session, name)
+
+
+async def snapshot_of(path: Path, out: Path) -> Path:
+    """What a reader of ``path`` (through its backing chain) sees, as a raw file."""
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, out)
+    return out
+
+
+async def assert_same(path: Path, expected: Path) -> None:
+    """``path`` through its chain reads exactly like ``expected`` (qemu-img compare: 0)."""
+    await run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", path, expected)
+
+
+async def assert_clean(*paths: Path) -> None:
+    for path in paths:
+        out = await run("qemu-img", "check", "-f", "qcow2", "--output=json", path)
+        assert '"corruptions"' not in out or '"corruptions": 0' in out, out
+        assert '"leaks"' not in out or '"leaks": 0' in out, out
+
+
+def expected_outcome(op: str, err: str, policy: ErrorPolicy) -> type[JobFailed]:
+    if policy is ErrorPolicy.STOP or (policy is ErrorPolicy.ENOSPC and err == "ENOSPC"):
+        return JobStoppedOnError
+    return JobFailed
+
+
+def check_outcome(raised: JobFailed, op: str, side: str, err: str, policy: ErrorPolicy) -> None:
+    expected = expected_outcome(op, err, policy)
+    assert type(raised) is expected, f"{type(raised).__name__}: {raised}"
+    message = str(raised)
+    if expected is JobStoppedOnError:
+        assert isinstance(raised, JobStoppedOnError)
+        assert raised.operation == ("read" if side == "source" else "write")
+        assert "was not resumed" in message
+        assert ("no space left" in message) == (err == "ENOSPC"), message
+    elif policy is ErrorPolicy.IGNORE:
+        # Retried (blockctl resumes the stopped job), a bounded number of times, then failed.
+        assert "error policy ignore" in message and "retried 16 times" in message, message
+    else:
+        assert MESSAGES[err] in message, message
+    OUTCOMES[(op, side, err, policy.value)] = type(raised).__name__
+
+
+async def no_leftovers(rig: Rig) -> None:
+    assert await wire.query_jobs(rig.vm.session) == ()
+    assert await node_names(rig.vm) == set(rig.baseline)
+    assert (await rig.vm.status()).running
+
+
+# Section: the cases
+
+
+async def guest_dev(vm: LaunchedVM, serial: str) -> str:
+    """The guest's name for the virtio disk with this serial."""
+    assert vm.console is not None
+    out = await vm.console.check(
+        f'for d in /sys/block/vd*; do [ "$(cat $d/serial)" = {serial} ] && echo ${{d##*/}}; '
+        "done; true"
+    )
+    assert out.strip(), f"no guest disk with serial {serial}"
+    return out.strip()
+
+
+async def inc_count(vm: LaunchedVM, node: str) -> int:
+    for detail in await wire.query_named_block_node_details(vm.session):
+        if detail.node.node_name == node:
+            for bitmap in detail.dirty_bitmaps:
+                if bitmap.name == bk.BITMAP_INC:
+                    return bitmap.count
+    raise AssertionError(f"{node} has no {bk.BITMAP_INC} bitmap")
+
+
+async def backup_case(
+    rig: Rig, directory: Path, op: str, side: str, err: str, policy: ErrorPolicy
+) -> None:
+    vm, n = rig.vm, next(_serial)
+    (path,) = await make_chain(directory, 1)
+    incremental = op == "backup-incremental"
+    src = Layer(
+        f"f{n}",
+        path,
+        rules=[rule("read_aio", err, armed_by_flush=incremental)] if side == "source" else (),
+        set_state_on_flush=incremental and side == "source",
+    )
+    await add_chain(vm, [src])
+    device, serial = f"fdev{n}", f"FM{n}"
+    await wire.device_add(
+        vm.session, {"driver": "virtio-blk-pci", "id": device, "drive": src.name, "serial": serial}
+    )
+    repo = directory / "repo"
+    target_rules = [rule("write_aio", err)] if side == "target" else []
+    recorded: list[str] = []
+    if incremental:
+        full = await bk.backup(vm, repo, kind=bk.BackupKind.FULL, devices=[device])
+        recorded.append(full.id)
+        # The guest writes 64 KiB of zeros at 2 MiB and flushes (arming the source rule).
+        dev = await guest_dev(vm, serial)
+        assert vm.console is not None
+        await vm.console.check(
+            f"dd if=/dev/zero of=/dev/{dev} bs=64k seek=32 count=1 oflag=direct conv=fsync"
+            " 2>/dev/null"
+        )
+    dirty_before = await inc_count(vm, src.name) if incremental else None
+    with pytest.raises(JobFailed) as info:
+        await bk.backup(
+            vm,
+            repo,
+            kind=bk.BackupKind.INCREMENTAL if incremental else bk.BackupKind.FULL,
+            devices=[device],
+            inject_errors=target_rules,
+            on_source_error=policy if side == "source" else ErrorPolicy.REPORT,
+            on_target_error=policy if side == "target" else ErrorPolicy.REPORT,
+            pause_timeout=PAUSE_TIMEOUT,
+        )
+    check_outcome(info.value, op, side, err, policy)
+    # Nothing recorded; the bitmap still holds the guest's write.
+    assert [m.id for m in bk.Repository(root=repo, vm=vm.name).manifests()] == recorded
+    if incremental:
+        assert dirty_before == 64 * 1024
+        assert await inc_count(vm, src.name) == dirty_before
+    assert not [n for n in await node_names(vm) if n.startswith("bk")]
+    await remove(vm, [src], device)
+    await no_leftovers(rig)
+    # The source reads as before: its pattern, plus the guest's zeros for the incremental.
+    expected = directory / "expected.raw"
+    await run("qemu-img", "create", "-q", "-f", "raw", expected, str(SIZE))
+    await run("qemu-io", "-f", "raw", "-c", f"write -P {0x41} 1M 2M", expected)
+    if incremental:
+        await run("qemu-io", "-f", "raw", "-c", "write -P 0 2M 64k", expected)
+    await assert_same(path, expected)
+    await assert_clean(path, *sorted(repo.rglob("*.qcow2")))
+
+
+async def chain_case(
+    rig: Rig, directory: Path, op: str, side: str, err: str, policy: ErrorPolicy
+) -> None:
+    vm, n = rig.vm, next(_serial)
+    count = 2 if op == "commit-active" else 3
+    paths = await make_chain(directory, count)
+    expected = await snapshot_of(paths[-1], directory / "expected.raw")
+    names = [f"c{n}-{i}" for i in range(count)]
+    # Which layer fails: the one the job reads (source) or the one it writes (target).
+    failing = {
+        ("commit-intermediate", "source"): 1,  # mid is read
+        ("commit-intermediate", "target"): 0,  # base is written
+        ("commit-active", "source"): 1,  # the active layer is read
+        ("commit-active", "target"): 0,  # base is written
+        ("stream", "source"): 1,  # mid (a backing layer) is read
+        ("stream", "target"): 2,  # the active layer is written
+    }[(op, side)]
+    event = "read_aio" if side == "source" else "write_aio"
+    layers = [
+        Layer(name, path, rules=[rule(event, err)] if i == failing else ())
+        for i, (name, path) in enumerate(zip(names, paths, strict=True))
+    ]
+    await add_chain(vm, layers)
+    top = names[-1]
+    if op == "stream":
+        job = chains.stream(vm, top, on_error=policy, pause_timeout=PAUSE_TIMEOUT, hooks=())
+    else:
+        job = chains.commit(
+            vm,
+            top,
+            top=None if op == "commit-active" else names[1],
+            base=names[0],
+            on_error=policy,
+            pause_timeout=PAUSE_TIMEOUT,
+            deadline=120,
+            hooks=(),
+        )
+    with pytest.raises(JobFailed) as info:
+        await job
+    check_outcome(info.value, op, side, err, policy)
+    # The chain is untouched: the same layers, the same backing links.
+    graph = await chains.read_graph(vm)
+    assert [node.name for node in graph.chain_of(top)] == list(reversed(names))
+    await remove(vm, layers)
+    await no_leftovers(rig)
+    await assert_same(paths[-1], expected)  # the device would read exactly what it read
+    await assert_clean(*paths)
+
+
+@pytest.mark.parametrize(("op", "side", "err", "policy"), CASES)
+async def test_fault(
+    rig: Rig, tmp_path: Path, op: str, side: str, err: str, policy: ErrorPolicy
+) -> None:
+    if op.startswith("backup"):
+        await backup_case(rig, tmp_path, op, side, err, policy)
+    else:
+        await chain_case(rig, tmp_path, op, side, err, policy)
+
+
+async def test_figures(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every selected case recorded its outcome; print the figure."""
+    selected = [
+        item
+        for item in request.session.items
+        if item.path == request.path and item.name.startswith("test_fault[")
+    ]
+    assert len(OUTCOMES) == len(selected)
+    kinds = Counter(OUTCOMES.values())
+    line = (
+        f"{len(OUTCOMES)} of {len(selected)} fault cases passed "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}): the source read the same "
+        "in every case, no failed backup was recorded, no bitmap was consumed, qemu-img check "
+        "clean, no job or node left"
+    )
+    report("fault injection", line)
+    with capsys.disabled():
+        print(f"\nfault injection: {line}")
