@@ -601,7 +601,7 @@ class Job:
             seconds=time.monotonic() - self._started,
         )
         self._last_io_error = record
-        side = "source" if record.operation == "read" else "target"
+        side = _side(self.type, record.operation)
         if retry:
             _call_hooks(hooks, "on_io_error", record)
             if self._retried < self._retries:
@@ -628,7 +628,7 @@ class Job:
         io_status = await wire.block_job_io_status(self.session, self.id)
         last = self._last_io_error
         operation = last.operation if last is not None else "unknown"
-        side = "source read" if operation == "read" else "target write"
+        side = _side(self.type, operation, detailed=True)
         what = "no space left" if io_status == "nospace" else "an I/O error"
         return (
             f"paused on a {side} error ({what}; io-status {io_status}) and was not resumed "
@@ -781,6 +781,16 @@ class Job:
             await self.wait(complete_on_ready=False, deadline=timeout, hooks=hooks)
         except BlockctlError as exc:
             _log.info("blockctl.job.abandoned_outcome", job_id=self.id, outcome=str(exc))
+
+
+def _side(job_type: str | None, operation: str, *, detailed: bool = False) -> str:
+    """Which side failed, in words. A stream job reports every error as a read, including
+    a failed copy-on-read write into the active layer (measured: QEMU 7.2 and 10.0)."""
+    if job_type == "stream":
+        return "source or target" if not detailed else "source read or target write"
+    if operation == "read":
+        return "source read" if detailed else "source"
+    return "target write" if detailed else "target"
 
 
 # Section: starting and adopting
