@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, open_vm
-from blockctl._jobs import JobProgress, JobStatus, JobTransition
+from blockctl._jobs import JobIOError, JobProgress, JobStatus, JobTransition
 from blockctl._ops import backup as bk
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, ConfigError, JobFailed, UntrustedImage
@@ -191,6 +191,79 @@ async def test_failed_backup_leaves_nothing_and_keeps_the_bitmap(
             assert inc.disks[0].bytes_copied == 8 * MIB  # the bitmap kept the failed range
             expected = await disk_sha(vm, "vda")
         assert await restored_sha(repo, "nospace", inc.id, "disk0", tmp_path) == expected
+    finally:
+        await run("umount", repo)
+
+
+class PauseSignal:
+    """A JobHook that tells the test when a job has paused on an I/O error."""
+
+    def __init__(self) -> None:
+        self.errors: list[JobIOError] = []
+        self.paused = anyio.Event()
+
+    def on_transition(self, transition: JobTransition) -> None:
+        pass
+
+    def on_progress(self, progress: JobProgress) -> None:
+        pass
+
+    def on_io_error(self, error: JobIOError) -> None:
+        self.errors.append(error)
+        if error.action == "stop":
+            self.paused.set()
+
+
+async def test_enospc_pauses_then_grown_and_resumed_from_the_cli_completes(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """Error policy ``enospc`` with a real ENOSPC: the repository on a 4 MiB tmpfs, a 12 MiB
+    full backup. The job pauses and blockctl says so; the space grows (remount) and another
+    process resumes the job (``blockctl jobs VM resume ID``); the backup completes, and its
+    image is identical to the guest's disk."""
+    if os.geteuid() != 0:
+        missing("root (to mount a small tmpfs)")
+    disk = await qcow2_image(images / "d.qcow2", b"", DISK_MIB * MIB)
+    repo = tmp_path / "small"
+    repo.mkdir()
+    await run("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", repo)
+    try:
+        async with open_vm(config(guest, "grow", disk)) as vm:
+            await vm.console.wait_ready()  # type: ignore[union-attr]
+            await write(vm, "vda", 0, 12 * 1024)
+            expected = await disk_sha(vm, "vda")
+            signal_ = PauseSignal()
+            resumed: list[str] = []
+
+            async def operator() -> None:
+                await signal_.paused.wait()
+                # While paused: QEMU reports the job paused with io-status nospace.
+                (job,) = await wire.query_jobs(vm.session)
+                assert job.status is JobStatus.PAUSED
+                assert await wire.block_job_io_status(vm.session, job.id) == "nospace"
+                await run("mount", "-o", "remount,size=96m", repo)
+                out = await anyio.run_process(
+                    [sys.executable, "-m", "blockctl", "jobs", "grow", "resume", job.id, "--json"],
+                    env=dict(os.environ),
+                )
+                resumed.append(json.loads(out.stdout)["action"])
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(operator)
+                manifest = await bk.backup(
+                    vm,
+                    repo,
+                    kind=bk.BackupKind.FULL,
+                    on_target_error="enospc",
+                    pause_timeout=300,  # far away: the resume, not a timer, ends the pause
+                    hooks=[signal_],
+                )
+            assert resumed == ["resume"]
+            assert [(e.operation, e.action) for e in signal_.errors][:1] == [("write", "stop")]
+            assert manifest.disks[0].bytes_copied == DISK_MIB * MIB  # offset == len
+            assert await wire.query_jobs(vm.session) == ()
+        assert await restored_sha(repo, "grow", manifest.id, "disk0", tmp_path) == expected
+        assert (await bk.verify(repo, "grow", manifest.id)).ok
     finally:
         await run("umount", repo)
 
