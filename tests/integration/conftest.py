@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, _binaries, find_guest, open_vm
+from blockctl._jobs import JobIOError, JobProgress, JobTransition
 from blockctl.errors import MissingComponent
 from blockctl.types import DeprecatedInput, Drive, MachineConfig
 from tests.conftest import missing
@@ -207,3 +210,32 @@ def module_runtime_dir() -> Iterator[Path]:
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(root, ignore_errors=True)
     assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+class PauseSignal:
+    """A JobHook that tells the test when a job has paused on an I/O error."""
+
+    def __init__(self) -> None:
+        self.errors: list[JobIOError] = []
+        self.paused = anyio.Event()
+
+    def on_transition(self, transition: JobTransition) -> None:
+        pass
+
+    def on_progress(self, progress: JobProgress) -> None:
+        pass
+
+    def on_io_error(self, error: JobIOError) -> None:
+        self.errors.append(error)
+        if error.action == "stop":
+            self.paused.set()
+
+
+async def resume_from_cli(vm_name: str, job_id: str) -> str:
+    """``blockctl jobs VM resume ID --json`` from another process, as a user would; returns
+    the action it reports."""
+    out = await anyio.run_process(
+        [sys.executable, "-m", "blockctl", "jobs", vm_name, "resume", job_id, "--json"],
+        env=dict(os.environ),
+    )
+    return str(json.loads(out.stdout)["action"])

@@ -13,13 +13,20 @@ import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, open_vm
-from blockctl._jobs import JobIOError, JobProgress, JobStatus, JobTransition
+from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._ops import backup as bk
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, ConfigError, JobFailed, UntrustedImage
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from tests.conftest import missing
-from tests.integration.conftest import MIB, qcow2_image, run, sha256
+from tests.integration.conftest import (
+    MIB,
+    PauseSignal,
+    qcow2_image,
+    resume_from_cli,
+    run,
+    sha256,
+)
 
 pytestmark = pytest.mark.guest
 
@@ -195,25 +202,6 @@ async def test_failed_backup_leaves_nothing_and_keeps_the_bitmap(
         await run("umount", repo)
 
 
-class PauseSignal:
-    """A JobHook that tells the test when a job has paused on an I/O error."""
-
-    def __init__(self) -> None:
-        self.errors: list[JobIOError] = []
-        self.paused = anyio.Event()
-
-    def on_transition(self, transition: JobTransition) -> None:
-        pass
-
-    def on_progress(self, progress: JobProgress) -> None:
-        pass
-
-    def on_io_error(self, error: JobIOError) -> None:
-        self.errors.append(error)
-        if error.action == "stop":
-            self.paused.set()
-
-
 async def test_enospc_pauses_then_grown_and_resumed_from_the_cli_completes(
     guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
 ) -> None:
@@ -242,11 +230,7 @@ async def test_enospc_pauses_then_grown_and_resumed_from_the_cli_completes(
                 assert job.status is JobStatus.PAUSED
                 assert await wire.block_job_io_status(vm.session, job.id) == "nospace"
                 await run("mount", "-o", "remount,size=96m", repo)
-                out = await anyio.run_process(
-                    [sys.executable, "-m", "blockctl", "jobs", "grow", "resume", job.id, "--json"],
-                    env=dict(os.environ),
-                )
-                resumed.append(json.loads(out.stdout)["action"])
+                resumed.append(await resume_from_cli("grow", job.id))
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(operator)

@@ -10,9 +10,11 @@ one for its block, ``qemu-img check`` clean, ``query-jobs`` empty.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
+import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, open_vm
@@ -28,13 +30,16 @@ from blockctl.errors import (
     UnsafeOperation,
 )
 from blockctl.types import Drive, ImageFormat
+from tests.conftest import missing
 from tests.integration.conftest import (
     MIB,
+    PauseSignal,
     base_config,
     image_bytes,
     pattern,
     qcow2_image,
     raw_image,
+    resume_from_cli,
     run,
     sha256,
 )
@@ -178,6 +183,56 @@ async def test_cancelled_commit_and_stream_leave_a_consistent_chain(
         assert await guest_sha(vm, "vda") == before
         assert (await vm.status()).running
     assert (await check(top, ImageFormat.QCOW2)).clean
+
+
+async def test_commit_into_a_full_base_pauses_then_grown_and_resumed_completes(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """Active commit under error policy ``enospc`` into a base on a 2 MiB tmpfs: the job
+    pauses on ENOSPC; the space grows and another process resumes it; the commit pivots and
+    the guest reads exactly what it read before."""
+    if os.geteuid() != 0:
+        missing("root (to mount a small tmpfs)")
+    small = tmp_path / "small"
+    small.mkdir()
+    await run("mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small)
+    try:
+        base = small / "base.qcow2"
+        await run("qemu-img", "create", "-q", "-f", "qcow2", base, f"{DISK_MIB}M")
+        top = images / "top.qcow2"
+        await run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+        drive = Drive(file=top, format=ImageFormat.QCOW2)
+        config = base_config(guest, drive, name="cgrow", image_roots=(small,))
+        async with open_vm(config) as vm:
+            await vm.console.wait_ready()  # type: ignore[union-attr]
+            await sh(vm, "dd if=/dev/urandom of=/dev/vda bs=1M count=6 oflag=direct 2>/dev/null")
+            before = await guest_sha(vm, "vda")
+            signal_ = PauseSignal()
+            resumed: list[str] = []
+
+            async def operator() -> None:
+                await signal_.paused.wait()
+                (job,) = await wire.query_jobs(vm.session)
+                assert await wire.block_job_io_status(vm.session, job.id) == "nospace"
+                await run("mount", "-o", "remount,size=32m", small)
+                resumed.append(await resume_from_cli("cgrow", job.id))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(operator)
+                result = await chains.commit(
+                    vm, "disk0", on_error="enospc", pause_timeout=300, hooks=[signal_]
+                )
+            assert resumed == ["resume"]
+            assert signal_.errors[0].operation == "write"
+            assert result.job.completed_on_ready
+            assert [n.filename for n in (await chains.read_graph(vm)).chain_of("disk0")] == [
+                str(base)
+            ]
+            assert await guest_sha(vm, "vda") == before
+            assert await wire.query_jobs(vm.session) == ()
+        assert (await check(base, ImageFormat.QCOW2)).clean
+    finally:
+        await run("umount", small)
 
 
 async def test_injected_io_error_names_the_job_and_node(guest: GuestImage, images: Path) -> None:
