@@ -338,7 +338,11 @@ async def _finish(
     dropped: list[GraphNode],
     delete_files: bool,
     result: JobResult,
+    new_top: str | None = None,
 ) -> ChainResult:
+    """Delete the ``dropped`` layers' nodes (and files), update the registry, report the chain.
+    ``new_top``: the node that now heads the chain when ``device`` named the old top node
+    itself rather than a device (an active commit pivoted away from it)."""
     removed: list[str] = []
     files: list[str] = []
     for layer in dropped:  # top-down
@@ -365,7 +369,12 @@ async def _finish(
         job=result,
         removed_nodes=tuple(removed),
         removed_files=tuple(files),
-        chain=tuple(n.name for n in after.chain_of(device)),
+        chain=tuple(
+            n.name
+            for n in after.chain_of(
+                device if new_top is None or device in after.devices else new_top
+            )
+        ),
     )
 
 
@@ -462,7 +471,15 @@ async def commit(
         base=base_node.name,
         active=active,
     )
-    return await _finish(vm, device, graph, list(chain[top_i:base_i]), delete_files, result)
+    return await _finish(
+        vm,
+        device,
+        graph,
+        list(chain[top_i:base_i]),
+        delete_files,
+        result,
+        new_top=base_node.name if active else None,
+    )
 
 
 async def stream(

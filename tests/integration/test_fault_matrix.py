@@ -85,10 +85,17 @@ async def node_names(vm: LaunchedVM) -> set[str]:
 # Section: building a case's chain
 
 
-def rule(event: str, err: str, *, armed_by_flush: bool = False) -> dict[str, Any]:
-    """A blkdebug rule failing every ``event`` request; with ``armed_by_flush`` only once the
-    node has seen a flush (state 2)."""
-    return {"event": event, "errno": ERRNOS[err], **({"state": 2} if armed_by_flush else {})}
+def rule(
+    event: str, err: str, *, armed_by_flush: bool = False, once: bool = False
+) -> dict[str, Any]:
+    """A blkdebug rule failing every ``event`` request (``once``: only the first one); with
+    ``armed_by_flush`` only once the node has seen a flush (state 2)."""
+    return {
+        "event": event,
+        "errno": ERRNOS[err],
+        **({"state": 2} if armed_by_flush else {}),
+        **({"once": True} if once else {}),
+    }
 
 
 @dataclass
@@ -243,7 +250,13 @@ async def inc_count(vm: LaunchedVM, node: str) -> int:
 
 
 async def backup_case(
-    rig: Rig, directory: Path, op: str, side: str, err: str, policy: ErrorPolicy
+    rig: Rig,
+    directory: Path,
+    op: str,
+    side: str,
+    err: str,
+    policy: ErrorPolicy,
+    transient: bool = False,
 ) -> None:
     vm, n = rig.vm, next(_serial)
     (path,) = await make_chain(directory, 1)
@@ -251,7 +264,9 @@ async def backup_case(
     src = Layer(
         f"f{n}",
         path,
-        rules=[rule("read_aio", err, armed_by_flush=incremental)] if side == "source" else (),
+        rules=[rule("read_aio", err, armed_by_flush=incremental, once=transient)]
+        if side == "source"
+        else (),
         set_state_on_flush=incremental and side == "source",
     )
     await add_chain(vm, [src])
@@ -260,7 +275,7 @@ async def backup_case(
         vm.session, {"driver": "virtio-blk-pci", "id": device, "drive": src.name, "serial": serial}
     )
     repo = directory / "repo"
-    target_rules = [rule("write_aio", err)] if side == "target" else []
+    target_rules = [rule("write_aio", err, once=transient)] if side == "target" else []
     recorded: list[str] = []
     if incremental:
         full = await bk.backup(vm, repo, kind=bk.BackupKind.FULL, devices=[device])
@@ -273,23 +288,27 @@ async def backup_case(
             " 2>/dev/null"
         )
     dirty_before = await inc_count(vm, src.name) if incremental else None
-    with pytest.raises(JobFailed) as info:
-        await bk.backup(
-            vm,
-            repo,
-            kind=bk.BackupKind.INCREMENTAL if incremental else bk.BackupKind.FULL,
-            devices=[device],
-            inject_errors=target_rules,
-            on_source_error=policy if side == "source" else ErrorPolicy.REPORT,
-            on_target_error=policy if side == "target" else ErrorPolicy.REPORT,
-            pause_timeout=PAUSE_TIMEOUT,
-        )
-    check_outcome(info.value, op, side, err, policy)
-    # Nothing recorded; the bitmap still holds the guest's write.
+    attempt = bk.backup(
+        vm,
+        repo,
+        kind=bk.BackupKind.INCREMENTAL if incremental else bk.BackupKind.FULL,
+        devices=[device],
+        inject_errors=target_rules,
+        on_source_error=policy if side == "source" else ErrorPolicy.REPORT,
+        on_target_error=policy if side == "target" else ErrorPolicy.REPORT,
+        pause_timeout=PAUSE_TIMEOUT,
+    )
+    if transient:
+        recorded.append((await attempt).id)  # the one failed request was retried
+    else:
+        with pytest.raises(JobFailed) as info:
+            await attempt
+        check_outcome(info.value, op, side, err, policy)
+    # Nothing recorded for a failure; the bitmap still holds the guest's write.
     assert [m.id for m in bk.Repository(root=repo, vm=vm.name).manifests()] == recorded
     if incremental:
         assert dirty_before == 64 * 1024
-        assert await inc_count(vm, src.name) == dirty_before
+        assert await inc_count(vm, src.name) == (0 if transient else dirty_before)
     assert not [n for n in await node_names(vm) if n.startswith("bk")]
     await remove(vm, [src], device)
     await no_leftovers(rig)
@@ -301,10 +320,19 @@ async def backup_case(
         await run("qemu-io", "-f", "raw", "-c", "write -P 0 2M 64k", expected)
     await assert_same(path, expected)
     await assert_clean(path, *sorted(repo.rglob("*.qcow2")))
+    if transient:  # the backup restores to exactly that
+        restored = await bk.restore(repo, vm.name, recorded[-1], device, directory / "r.qcow2")
+        await assert_same(restored, expected)
 
 
 async def chain_case(
-    rig: Rig, directory: Path, op: str, side: str, err: str, policy: ErrorPolicy
+    rig: Rig,
+    directory: Path,
+    op: str,
+    side: str,
+    err: str,
+    policy: ErrorPolicy,
+    transient: bool = False,
 ) -> None:
     vm, n = rig.vm, next(_serial)
     count = 2 if op == "commit-active" else 3
@@ -322,7 +350,7 @@ async def chain_case(
     }[(op, side)]
     event = "read_aio" if side == "source" else "write_aio"
     layers = [
-        Layer(name, path, rules=[rule(event, err)] if i == failing else ())
+        Layer(name, path, rules=[rule(event, err, once=transient)] if i == failing else ())
         for i, (name, path) in enumerate(zip(names, paths, strict=True))
     ]
     await add_chain(vm, layers)
@@ -340,15 +368,31 @@ async def chain_case(
             deadline=120,
             hooks=(),
         )
-    with pytest.raises(JobFailed) as info:
-        await job
-    check_outcome(info.value, op, side, err, policy)
-    # The chain is untouched: the same layers, the same backing links.
+    if transient:
+        result = await job  # the one failed request was retried
+        if op == "commit-intermediate":
+            kept = [names[2], names[0]]  # mid merged into base
+        elif op == "commit-active":
+            kept = [names[0]]  # pivoted onto base
+        else:
+            kept = [names[2]]  # everything streamed into the active layer
+        assert list(result.chain) == kept
+        # What blockctl did not delete is what the chain still holds.
+        layers = [layer for layer in layers if layer.name in kept]
+        top, final = kept[0], paths[names.index(kept[0])]
+    else:
+        with pytest.raises(JobFailed) as info:
+            await job
+        check_outcome(info.value, op, side, err, policy)
+        final = paths[-1]
+    # The chain is as expected: untouched after a failure (the same layers and links).
     graph = await chains.read_graph(vm)
-    assert [node.name for node in graph.chain_of(top)] == list(reversed(names))
+    assert [node.name for node in graph.chain_of(top)] == (
+        list(result.chain) if transient else list(reversed(names))
+    )
     await remove(vm, layers)
     await no_leftovers(rig)
-    await assert_same(paths[-1], expected)  # the device would read exactly what it read
+    await assert_same(final, expected)  # the device would read exactly what it read
     await assert_clean(*paths)
 
 
@@ -362,6 +406,23 @@ async def test_fault(
         await chain_case(rig, tmp_path, op, side, err, policy)
 
 
+TRANSIENT: list[str] = []
+
+
+@pytest.mark.parametrize(
+    ("op", "side"), [pytest.param(op, side, id=f"{op}-{side}") for op in OPS for side in SIDES]
+)
+async def test_transient_fault_is_retried_under_ignore(
+    rig: Rig, tmp_path: Path, op: str, side: str
+) -> None:
+    """One failing request (blkdebug ``once``), policy ``ignore``: the retry succeeds and the
+    result is complete and exact (a backup restores to the source, a commit or stream leaves
+    a chain that reads the same)."""
+    case = backup_case if op.startswith("backup") else chain_case
+    await case(rig, tmp_path, op, side, "EIO", ErrorPolicy.IGNORE, transient=True)
+    TRANSIENT.append(f"{op}-{side}")
+
+
 async def test_figures(request: pytest.FixtureRequest) -> None:
     """Every selected case recorded its outcome; print the figure."""
     selected = [
@@ -370,11 +431,18 @@ async def test_figures(request: pytest.FixtureRequest) -> None:
         if item.path == request.path and item.name.startswith("test_fault[")
     ]
     assert len(OUTCOMES) == len(selected)
+    transient = [
+        item
+        for item in request.session.items
+        if item.path == request.path and item.name.startswith("test_transient_fault")
+    ]
+    assert len(TRANSIENT) == len(transient)
     kinds = Counter(OUTCOMES.values())
     line = (
         f"{len(OUTCOMES)} of {len(selected)} fault cases passed "
         f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}): the source read the same "
         "in every case, no failed backup was recorded, no bitmap was consumed, qemu-img check "
-        "clean, no job or node left"
+        f"clean, no job or node left; {len(TRANSIENT)} transient faults retried under ignore "
+        "to a complete, exact result"
     )
     report("fault injection", line)  # printed at the end of the suite
