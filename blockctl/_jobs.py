@@ -347,6 +347,11 @@ class Job:
         """The job's ``query-jobs`` entry now (None once dismissed). For display only."""
         return next((j for j in await wire.query_jobs(self.session) if j.id == self.id), None)
 
+    async def io_status(self) -> str | None:
+        """QEMU's I/O status of the job: ``ok``, or ``failed``/``nospace`` while it is paused
+        on an I/O error (None once dismissed)."""
+        return await wire.block_job_io_status(self.session, self.id)
+
     # Section: waiting
 
     async def wait(

@@ -1054,11 +1054,14 @@ class Jobs(Command):
                 for job in jobs:
                     info = await job.info()
                     outcome = job.outcome
+                    # "failed"/"nospace": paused on an I/O error, waiting for a resume.
+                    io_status = await job.io_status() if info else None
                     rows.append(
                         {
                             "id": job.id,
                             "type": job.type,
                             "status": info.status.value if info else "dismissed",
+                            "io_status": io_status,
                             "done": info.current_progress if info else None,
                             "total": info.total_progress if info else None,
                             "outcome": None
@@ -1072,6 +1075,11 @@ class Jobs(Command):
                     "\n".join(
                         f"{r['id']:<28} {r['type']:<14} {r['status']:<10} "
                         f"{r['done']}/{r['total']} {r['outcome'] or ''}"
+                        + (
+                            f" (paused on an I/O error: {r['io_status']})"
+                            if r["io_status"] not in (None, "ok")
+                            else ""
+                        )
                         for r in rows
                     )
                     or "no jobs",

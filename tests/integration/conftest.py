@@ -23,6 +23,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -231,11 +232,14 @@ class PauseSignal:
             self.paused.set()
 
 
-async def resume_from_cli(vm_name: str, job_id: str) -> str:
-    """``blockctl jobs VM resume ID --json`` from another process, as a user would; returns
-    the action it reports."""
+async def cli_json(*args: str) -> Any:
+    """``blockctl ARGS --json`` from another process, as a user would; its parsed output."""
     out = await anyio.run_process(
-        [sys.executable, "-m", "blockctl", "jobs", vm_name, "resume", job_id, "--json"],
-        env=dict(os.environ),
+        [sys.executable, "-m", "blockctl", *args, "--json"], env=dict(os.environ)
     )
-    return str(json.loads(out.stdout)["action"])
+    return json.loads(out.stdout)
+
+
+async def resume_from_cli(vm_name: str, job_id: str) -> str:
+    """``blockctl jobs VM resume ID`` from another process; returns the action it reports."""
+    return str((await cli_json("jobs", vm_name, "resume", job_id))["action"])

@@ -22,6 +22,7 @@ from tests.conftest import missing
 from tests.integration.conftest import (
     MIB,
     PauseSignal,
+    cli_json,
     qcow2_image,
     resume_from_cli,
     run,
@@ -229,6 +230,8 @@ async def test_enospc_pauses_then_grown_and_resumed_from_the_cli_completes(
                 (job,) = await wire.query_jobs(vm.session)
                 assert job.status is JobStatus.PAUSED
                 assert await wire.block_job_io_status(vm.session, job.id) == "nospace"
+                (row,) = await cli_json("jobs", "grow")  # what a user sees meanwhile
+                assert (row["id"], row["status"], row["io_status"]) == (job.id, "paused", "nospace")
                 await run("mount", "-o", "remount,size=96m", repo)
                 resumed.append(await resume_from_cli("grow", job.id))
 
