@@ -32,4 +32,4 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("reliability figures")
     for topic, lines in FIGURES.items():
         for line in lines:
-            terminalreporter.write_line(f"{topic}: {line}")
+            terminalreporter.write_line(line if line.startswith(topic) else f"{topic}: {line}")
