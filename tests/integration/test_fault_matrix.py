@@ -26,14 +26,17 @@ incremental case the source rule is armed only once the guest has flushed its ne
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
+import os
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import pytest_asyncio
 
@@ -43,8 +46,9 @@ from blockctl._ops import chains
 from blockctl._qmp import wire
 from blockctl.errors import JobFailed, JobStoppedOnError
 from blockctl.types import ErrorPolicy
+from tests.conftest import missing
 from tests.figures import report
-from tests.integration.conftest import MIB, base_config, run, vm_in_background
+from tests.integration.conftest import MIB, PauseSignal, base_config, run, vm_in_background
 
 pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="module")]
 
@@ -406,6 +410,121 @@ async def test_fault(
         await chain_case(rig, tmp_path, op, side, err, policy)
 
 
+# Section: real ENOSPC (no injection): a small tmpfs fills up, grows, the job resumes
+
+ENOSPC_OPS = ("backup-full", "commit-intermediate", "commit-active", "stream")
+ENOSPC_POLICIES = (ErrorPolicy.ENOSPC, ErrorPolicy.STOP, ErrorPolicy.REPORT)
+ENOSPC_DONE: list[str] = []
+
+
+@contextlib.asynccontextmanager
+async def small_tmpfs(path: Path, size: str) -> AsyncIterator[Path]:
+    if os.geteuid() != 0:
+        missing("root (to mount a small tmpfs)")
+    path.mkdir()
+    await run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path)
+    try:
+        yield path
+    finally:
+        await run("umount", "-l", path)  # lazy: a failed case may still hold a file open
+
+
+async def grow_and_resume(vm: LaunchedVM, signal_: PauseSignal, mount: Path) -> None:
+    """The operator: once the job paused on the full disk, grow the tmpfs and resume it."""
+    await signal_.paused.wait()
+    job_id = signal_.errors[0].job_id
+    assert await wire.block_job_io_status(vm.session, job_id) == "nospace"
+    await run("mount", "-o", "remount,size=64m", mount)
+    await wire.job_resume(vm.session, job_id)
+
+
+@pytest.mark.parametrize(
+    ("op", "policy"),
+    [pytest.param(op, p, id=f"{op}-{p.value}") for op in ENOSPC_OPS for p in ENOSPC_POLICIES],
+)
+async def test_real_enospc(rig: Rig, tmp_path: Path, op: str, policy: ErrorPolicy) -> None:
+    """The job's target lives on a 1 MiB tmpfs and needs 6 MiB. ``report``: a clean failure
+    (nothing recorded, the source reads the same). ``enospc``/``stop``: the job pauses with
+    io-status ``nospace``; the tmpfs grows and the job is resumed; the result is exact."""
+    vm, n = rig.vm, next(_serial)
+    signal_ = PauseSignal()
+    async with small_tmpfs(tmp_path / "small", "1m") as small, anyio.create_task_group() as tg:
+        if policy is not ErrorPolicy.REPORT:
+            tg.start_soon(grow_and_resume, vm, signal_, small)
+        # Layers base first; the one the job writes is on the tmpfs; the data is 6 MiB.
+        count = {"backup-full": 1, "commit-active": 2}.get(op, 3)
+        on_tmpfs = {"backup-full": None, "stream": count - 1}.get(op, 0)
+        paths: list[Path] = []
+        for i in range(count):
+            path = (small if i == on_tmpfs else tmp_path) / f"l{i}.qcow2"
+            argv: list[str | Path] = ["qemu-img", "create", "-q", "-f", "qcow2"]
+            if paths:
+                argv += ["-b", paths[-1], "-F", "qcow2"]
+            await run(*argv, path, str(SIZE))
+            if i != on_tmpfs:
+                await qemu_io(path, f"write -P {0x61 + i} {i}M 6M")
+            paths.append(path)
+        expected = await snapshot_of(paths[-1], tmp_path / "expected.raw")
+        layers = [Layer(f"e{n}-{i}", p) for i, p in enumerate(paths)]
+        await add_chain(vm, layers)
+        top = layers[-1].name
+        device = None
+        job: Coroutine[Any, Any, bk.Manifest | chains.ChainResult]
+        if op == "backup-full":
+            device = f"edev{n}"
+            await wire.device_add(
+                vm.session, {"driver": "virtio-blk-pci", "id": device, "drive": top}
+            )
+            job = bk.backup(
+                vm,
+                small / "repo",
+                kind=bk.BackupKind.FULL,
+                devices=[device],
+                on_target_error=policy,
+                pause_timeout=300,
+                hooks=[signal_],
+            )
+        elif op == "stream":
+            job = chains.stream(vm, top, on_error=policy, pause_timeout=300, hooks=[signal_])
+        else:
+            job = chains.commit(
+                vm,
+                top,
+                top=None if op == "commit-active" else layers[1].name,
+                base=layers[0].name,
+                on_error=policy,
+                pause_timeout=300,
+                hooks=[signal_],
+            )
+        kept = layers
+        if policy is ErrorPolicy.REPORT:
+            with pytest.raises(JobFailed, match="No space left on device"):
+                await job
+            if op == "backup-full":
+                assert bk.Repository(root=small / "repo", vm=vm.name).manifests() == []
+        else:
+            result = await job
+            # (A stream job reports its copy-on-read write errors as reads.)
+            assert [e.operation for e in signal_.errors][:1] == [
+                "read" if op == "stream" else "write"
+            ]
+            if isinstance(result, bk.Manifest):
+                restored = await bk.restore(
+                    small / "repo", vm.name, result.id, device or "", tmp_path / "r.qcow2"
+                )
+                await assert_same(restored, expected)
+            else:
+                kept = [layer for layer in layers if layer.name in result.chain]
+                top = result.chain[0]
+        assert await wire.query_jobs(vm.session) == ()
+        await remove(vm, kept, device)
+        await no_leftovers(rig)
+        final = next(layer.path for layer in kept if layer.name == top)
+        await assert_same(final, expected)  # the device reads exactly what it read
+        await assert_clean(*(p for p in paths if p.exists()))
+    ENOSPC_DONE.append(f"{op}-{policy.value}")
+
+
 TRANSIENT: list[str] = []
 
 
@@ -437,12 +556,19 @@ async def test_figures(request: pytest.FixtureRequest) -> None:
         if item.path == request.path and item.name.startswith("test_transient_fault")
     ]
     assert len(TRANSIENT) == len(transient)
+    real = [
+        item
+        for item in request.session.items
+        if item.path == request.path and item.name.startswith("test_real_enospc")
+    ]
+    assert len(ENOSPC_DONE) == len(real)
     kinds = Counter(OUTCOMES.values())
     line = (
         f"{len(OUTCOMES)} of {len(selected)} fault cases passed "
         f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}): the source read the same "
         "in every case, no failed backup was recorded, no bitmap was consumed, qemu-img check "
         f"clean, no job or node left; {len(TRANSIENT)} transient faults retried under ignore "
-        "to a complete, exact result"
+        f"to a complete, exact result; {len(ENOSPC_DONE)} real-ENOSPC cases (tmpfs full: "
+        "reported, or paused, grown, resumed to an exact result)"
     )
     report("fault injection", line)  # printed at the end of the suite
