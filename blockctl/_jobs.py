@@ -294,6 +294,7 @@ class Job:
         self._pause_timeout = 60.0
         self._ignored_error_limit = 64
         self._retries = 0  # stops to resume at once (blockctl's "ignore" policy)
+        self._retry_on: frozenset[str] = frozenset()
         self._retried = 0
         self._retry_pending = False
 
@@ -364,6 +365,7 @@ class Job:
         pause_timeout: float = 60.0,
         ignored_error_limit: int = 64,
         retries: int = 0,
+        retry_on: frozenset[str] = frozenset({"read", "write"}),
     ) -> JobResult:
         """Drive the job until it concludes; dismiss it; return its result.
 
@@ -374,7 +376,9 @@ class Job:
         waits for someone to resume it (:meth:`resume`, ``blockctl jobs VM resume ID``) before
         blockctl cancels it. ``retries``: how many times a job that stopped on an I/O error is
         resumed at once (a retry of the failing request: blockctl's ``ignore`` policy, with
-        QEMU's ``stop``) before blockctl gives up and cancels it. ``ignored_error_limit``:
+        QEMU's ``stop``) before blockctl gives up and cancels it; ``retry_on``: for errors of
+        these operations only (``read``: source, ``write``: target; a backup can have
+        ``ignore`` on one side and ``stop`` on the other). ``ignored_error_limit``:
         errors QEMU itself retried (a job started with QEMU's ``ignore``) before blockctl
         cancels the job.
 
@@ -389,6 +393,7 @@ class Job:
         self._pause_timeout = pause_timeout
         self._ignored_error_limit = ignored_error_limit
         self._retries = retries
+        self._retry_on = retry_on
         await self._drive(
             until_ready=False,
             complete_on_ready=complete_on_ready,
@@ -595,7 +600,7 @@ class Job:
         if self._gave_up is not None:
             return  # the retries of a job being cancelled: counted, not reported again
         action = event.action or "unknown"
-        retry = action == "stop" and self._retries > 0
+        retry = action == "stop" and self._retries > 0 and event.operation in self._retry_on
         record = JobIOError(
             job_id=self.id,
             job_type=self.type,

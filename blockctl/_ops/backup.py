@@ -526,7 +526,14 @@ async def _run_backup(
 
     actions: list[dict[str, Any]] = []
     sent = {k: p.value for k, p in (policies or {}).items() if p.value is not None}
-    retries = max((p.retries for p in (policies or {}).values()), default=0)
+    chosen = policies or {}
+    retries = max((p.retries for p in chosen.values()), default=0)
+    # Which side's errors are retried: a source on "ignore" and a target on "stop" differ.
+    retry_on = frozenset(
+        op
+        for key, op in (("on_source_error", "read"), ("on_target_error", "write"))
+        if key in chosen and chosen[key].retries
+    )
 
     def start_for(plan: _DiskPlan, last: bool) -> Any:
         async def start(job_id: str) -> None:
@@ -601,6 +608,7 @@ async def _run_backup(
                     hooks=hooks,
                     pause_timeout=pause_timeout,
                     retries=retries,
+                    retry_on=retry_on,
                 )
                 copied[plan.device] = result.offset
             except JobError as exc:

@@ -618,3 +618,26 @@ def test_ignore_is_sent_to_qemu_as_stop_with_retries() -> None:
     assert error_policy("enospc") == QEMUErrorPolicy("enospc", 0)
     with pytest.raises(ConfigError, match="on_error"):
         error_policy("sometimes")
+
+
+async def test_retries_apply_only_to_the_side_whose_policy_is_ignore() -> None:
+    """A backup with ``ignore`` on the source and ``stop`` on the target: a target error waits
+    for a resume (and is cancelled after pause_timeout); it is not retried."""
+    job = FakeJob(
+        on_start=[status("", C), status("", R), io_error("write", "stop"), status("", P)],
+        on_cancel=CANCELLED_AT_8,
+        io_status="failed",
+        progress=(8 * MIB, 32 * MIB),
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        async with start_job(session, "backup", backup_start(session)) as handle:
+            with pytest.raises(JobStoppedOnError):
+                await handle.wait(
+                    complete_on_ready=False,
+                    deadline=30,
+                    hooks=[],
+                    retries=5,
+                    retry_on=frozenset({"read"}),
+                    pause_timeout=0.2,
+                )
+        assert "job-resume" not in commands(fake)
