@@ -69,6 +69,7 @@ __all__ = [
     "coerce_quiesce",
     "connect_agent",
     "quiesced",
+    "require_agent",
 ]
 
 _log = get_logger()
@@ -331,10 +332,9 @@ class GuestAgent:
 
     async def fsfreeze_status(self) -> FreezeStatus:
         reply = await self.execute("guest-fsfreeze-status")
-        try:
-            return FreezeStatus(reply)
-        except ValueError:
-            raise _bad_reply("guest-fsfreeze-status", reply) from None
+        if reply not in tuple(FreezeStatus):
+            raise _bad_reply("guest-fsfreeze-status", reply)
+        return FreezeStatus(str(reply))
 
     async def fsfreeze_freeze(
         self, mountpoints: Sequence[str] | None = None, *, timeout: float = FREEZE_TIMEOUT
@@ -348,9 +348,7 @@ class GuestAgent:
             command = "guest-fsfreeze-freeze"
         else:
             command = "guest-fsfreeze-freeze-list"
-            reply = await self.execute(
-                command, {"mountpoints": list(mountpoints)}, timeout=timeout
-            )
+            reply = await self.execute(command, {"mountpoints": list(mountpoints)}, timeout=timeout)
         if not isinstance(reply, int) or isinstance(reply, bool):
             raise _bad_reply(command, reply)
         return reply
@@ -417,6 +415,13 @@ def agent_socket(vm: VM) -> Path:
             "guest-agent = true (MachineConfig(guest_agent=True)) and a guest running qemu-ga"
         )
     return path
+
+
+def require_agent(vm: VM, quiesce: Quiesce | bool | str) -> None:
+    """Fail before anything is created when quiesce is required and the VM has no agent
+    channel at all (whether the agent answers is found out at the freeze)."""
+    if coerce_quiesce(quiesce) is Quiesce.REQUIRED:
+        agent_socket(vm)
 
 
 @contextlib.asynccontextmanager

@@ -33,7 +33,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    └── GuestCommandFailed  a guest shell command exited non-zero (command, rc, output)
      └── GuestAgentError        anything about the guest agent (qemu-ga) of a VM
           ├── AgentNotConfigured   the VM has no guest-agent channel
-          ├── AgentUnavailable     nothing answers on the channel (not started, hung, busy) (seconds)
+          ├── AgentUnavailable     no reply in time: not started, hung or busy (what, seconds)
           ├── AgentCommandFailed   the agent answered with an error (command, error_class, desc)
           │    └── AgentFrozen     refused because the guest's filesystems are frozen
           ├── QuiesceFailed        a freeze did not freeze what was expected (frozen, expected)

@@ -39,6 +39,7 @@ from typing import Any
 import anyio
 
 from blockctl import _images
+from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, quiesced, require_agent
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook, adopt_jobs, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
@@ -275,8 +276,13 @@ async def backup(
     pull: bool = False,
     legacy: bool = False,
     inject_errors: Sequence[Mapping[str, Any]] = (),
+    quiesce: Quiesce | bool | str = Quiesce.OFF,
+    freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
 ) -> Manifest:
     """Back up ``devices`` (default: every writable disk) of a running VM at one point in time.
+
+    ``quiesce``: freeze the guest's filesystems (guest agent) just around the transaction that
+    starts the jobs, and thaw as soon as it returns, not after the copy.
 
     ``inject_errors``: blkdebug rules put under each push target (fault-injection tests).
 
@@ -288,6 +294,7 @@ async def backup(
     manifest's ``fallback_reason``) when there is no earlier backup or a disk's bitmap is
     missing, disabled, busy or inconsistent.
     """
+    require_agent(vm, quiesce)
     repo = Repository(root=Path(repo_root).absolute(), vm=vm.name)
     caps = await vm.capabilities()
     if not legacy and not caps.has("blockdev-backup") and caps.has("drive-backup"):
@@ -384,7 +391,9 @@ async def backup(
     added: list[str] = []
     try:
         if pull:
-            jobs = await _run_pull(vm, plans, effective, parent, deadline, hooks, added)
+            jobs = await _run_pull(
+                vm, plans, effective, parent, deadline, hooks, added, quiesce, freeze_deadline
+            )
         else:
             jobs = await _run_backup(
                 vm,
@@ -399,6 +408,8 @@ async def backup(
                 added,
                 legacy,
                 inject_errors,
+                quiesce,
+                freeze_deadline,
             )
         # QEMU must let go of the targets before they are read (image locks).
         await _delete_nodes(vm, added)
@@ -489,6 +500,8 @@ async def _run_backup(
     added: list[str],
     legacy: bool = False,
     inject_errors: Sequence[Mapping[str, Any]] = (),
+    quiesce: Quiesce | bool | str = Quiesce.OFF,
+    freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
 ) -> dict[str, int]:
     """Create the targets, start every job in one transaction, wait for all. Returns the
     bytes each disk's job copied. ``legacy``: drive-backup into the created files instead of
@@ -543,7 +556,10 @@ async def _run_backup(
                 # another failed would otherwise have consumed its bitmap for a backup that
                 # is never recorded. QEMU refuses grouped mode with bitmap actions, so a full
                 # backup runs its jobs individually; if one fails, every bitmap is dropped.
-                await wire.transaction(vm.session, actions, grouped=kind is not BackupKind.FULL)
+                async with quiesced(
+                    vm, quiesce, operation="backup", freeze_deadline=freeze_deadline
+                ):
+                    await wire.transaction(vm.session, actions, grouped=kind is not BackupKind.FULL)
 
         return start
 
@@ -640,6 +656,8 @@ async def _run_pull(
     deadline: float,
     hooks: Sequence[JobHook],
     added: list[str],
+    quiesce: Quiesce | bool | str = Quiesce.OFF,
+    freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
 ) -> dict[str, int]:
     """Fleece every disk at one point in time (``blockdev-backup sync: none`` into a
     temporary overlay whose backing is the disk: the guest keeps writing, old data is copied
@@ -682,7 +700,10 @@ async def _run_pull(
                 )
             )
             if last:
-                await wire.transaction(vm.session, actions)
+                async with quiesced(
+                    vm, quiesce, operation="backup", freeze_deadline=freeze_deadline
+                ):
+                    await wire.transaction(vm.session, actions)
 
         return start
 
