@@ -44,7 +44,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from blockctl._log import get_logger
 from blockctl._machine import AGENT_SOCKET, VM
-from blockctl.errors import (
+from blockctl.errors import (  # re-exported for callers of this module
     AgentCommandFailed,
     AgentFrozen,
     AgentNotConfigured,
