@@ -161,6 +161,7 @@ class GuestAgent:
         self.label = label
         #: Lines skipped as stale by the last sync (replies meant for earlier clients).
         self.stale_skipped = 0
+        self._closed = False
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -189,8 +190,14 @@ class GuestAgent:
             await agent.sync(timeout=timeout)
             yield agent
         finally:
+            await agent.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection (idempotent). The agent serves the next client then."""
+        if not self._closed:
+            self._closed = True
             with anyio.CancelScope(shield=True):
-                await stream.aclose()
+                await self._stream.aclose()
 
     # Section: the wire
 
@@ -597,7 +604,15 @@ async def _thaw(
         thawed = await agent.fsfreeze_thaw(timeout=FREEZE_TIMEOUT)
         status = await agent.fsfreeze_status()
     except GuestAgentError as first:
+        if isinstance(first, AgentCommandFailed):
+            log.error("blockctl.agent.thaw_failed", error=str(first))
+            raise ThawFailed(
+                f"{agent.label}: the agent refused to thaw ({first}); the guest's filesystems "
+                "may still be frozen: retry `blockctl agent VM thaw`"
+            ) from first
         log.warning("blockctl.agent.thaw_retry", error=str(first))
+        # The agent serves one client at a time: let go of this connection first.
+        await agent.aclose()
         try:
             async with GuestAgent.connect(agent.path, label=agent.label, timeout=timeout) as again:
                 thawed = await again.fsfreeze_thaw(timeout=FREEZE_TIMEOUT)
