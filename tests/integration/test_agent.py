@@ -35,6 +35,7 @@ from blockctl import GuestImage, LaunchedVM, build_guest, find_guest
 from blockctl._agent import FreezeStatus, Quiesce, connect_agent
 from blockctl._ops import backup as bk
 from blockctl._ops import chains
+from blockctl._qmp import wire
 from blockctl.errors import (
     AgentUnavailable,
     BlockctlError,
@@ -205,7 +206,7 @@ async def test_quiesced_snapshot_holds_a_clean_filesystem(rig: Rig) -> None:
 async def test_thawed_when_the_snapshot_fails_between_freeze_and_thaw(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = chains.wire.transaction_snapshot
+    real = wire.transaction_snapshot
     seen: list[FreezeStatus] = []
 
     async def failing(session: Any, pairs: list[tuple[str, str]]) -> None:
@@ -213,7 +214,7 @@ async def test_thawed_when_the_snapshot_fails_between_freeze_and_thaw(
         # A real transaction that QEMU refuses: the overlay node does not exist.
         await real(session, [(node, "no-such-overlay") for node, _overlay in pairs])
 
-    monkeypatch.setattr(chains.wire, "transaction_snapshot", failing)
+    monkeypatch.setattr(wire, "transaction_snapshot", failing)
     with pytest.raises(CommandFailed):
         await chains.external_snapshot(rig.vm, "f1", rig.images, quiesce=True)
     assert seen
@@ -230,7 +231,7 @@ async def test_thawed_when_the_controller_task_is_cancelled(
         inside.set()
         await anyio.sleep_forever()
 
-    monkeypatch.setattr(chains.wire, "transaction_snapshot", stuck)
+    monkeypatch.setattr(wire, "transaction_snapshot", stuck)
     async with anyio.create_task_group() as tg:
         tg.start_soon(functools.partial(chains.external_snapshot, quiesce=True), rig.vm, "k1")
         await inside.wait()
@@ -248,7 +249,7 @@ async def test_the_freeze_deadline_thaws_and_fails(
     async def stuck(session: Any, pairs: list[tuple[str, str]]) -> None:
         await anyio.sleep_forever()
 
-    monkeypatch.setattr(chains.wire, "transaction_snapshot", stuck)
+    monkeypatch.setattr(wire, "transaction_snapshot", stuck)
     with pytest.raises(FreezeDeadlineExceeded):
         await chains.external_snapshot(rig.vm, "d1", rig.images, quiesce=True, freeze_deadline=1.0)
     await rig.assert_thawed("d1")
