@@ -8,8 +8,12 @@ the same VM, alternating, plus the wall time of both calls and the agent's freez
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
+
+import structlog
+from structlog.testing import capture_logs
 
 from blockctl import GuestImage, _images, _proc, open_vm
 from blockctl._agent import connect_agent
@@ -49,6 +53,57 @@ async def bench_quiesce(guest: GuestImage, reps: int, cycles: int, work: Path) -
     freeze: list[float] = []
     thaw: list[float] = []
     ping: list[float] = []
+    # The frozen window (freeze reply → thaw reply) is what blockctl logs with the thaw.
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        with capture_logs() as logs:
+            await _run(config, reps, cycles, work, stall, wall, freeze, thaw, ping)
+    finally:
+        structlog.configure(**saved)
+    frozen_ms = [
+        float(e["frozen_ms"])
+        for e in logs
+        if e["event"] == "blockctl.agent.thaw" and e["frozen_ms"]
+    ]
+    return [
+        Row(
+            "guest write stall, quiesced external snapshot (longest gap)",
+            "ms",
+            stall[True],
+            stall[False],
+            "longest gap, crash-consistent snapshot",
+        ),
+        Row(
+            "external snapshot call, quiesced (freeze+transaction+thaw)",
+            "ms",
+            wall[True],
+            wall[False],
+            "crash-consistent snapshot call",
+        ),
+        Row(
+            "guest frozen during a quiesced snapshot (freeze→thaw)",
+            "ms",
+            frozen_ms,
+            wall[False],
+            "crash-consistent snapshot call",
+        ),
+        Row("qemu-ga guest-fsfreeze-freeze (ext4, idle)", "ms", freeze, ping, "qemu-ga ping"),
+        Row("qemu-ga guest-fsfreeze-thaw", "ms", thaw, ping, "qemu-ga ping"),
+    ]
+
+
+async def _run(
+    config: MachineConfig,
+    reps: int,
+    cycles: int,
+    work: Path,
+    stall: dict[bool, list[float]],
+    wall: dict[bool, list[float]],
+    freeze: list[float],
+    thaw: list[float],
+    ping: list[float],
+) -> None:
     async with open_vm(config) as vm:
         assert vm.console is not None
         await vm.console.wait_ready()
@@ -84,21 +139,3 @@ async def bench_quiesce(guest: GuestImage, reps: int, cycles: int, work: Path) -
                 await ga.fsfreeze_thaw()
                 thaw.append((time.perf_counter() - started) * 1000)
         await vm.console.check("umount /mnt")
-    return [
-        Row(
-            "guest write stall, quiesced external snapshot (longest gap)",
-            "ms",
-            stall[True],
-            stall[False],
-            "longest gap, crash-consistent snapshot",
-        ),
-        Row(
-            "external snapshot call, quiesced (freeze+transaction+thaw)",
-            "ms",
-            wall[True],
-            wall[False],
-            "crash-consistent snapshot call",
-        ),
-        Row("qemu-ga guest-fsfreeze-freeze (ext4, idle)", "ms", freeze, ping, "qemu-ga ping"),
-        Row("qemu-ga guest-fsfreeze-thaw", "ms", thaw, ping, "qemu-ga ping"),
-    ]
