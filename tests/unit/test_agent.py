@@ -422,3 +422,42 @@ def test_agent_guest_lives_apart_from_the_default_guest(monkeypatch: pytest.Monk
     assert _guest.default_guest_dir() == Path("/x/guest")
     assert _guest.default_guest_dir(agent=True) == Path("/x/guest-qga")
     assert _guest._recipe_digest() != _guest._recipe_digest(agent=True)
+
+
+# Section: the channel in the VM config and argv
+
+
+def test_argv_has_the_agent_channel_only_when_asked() -> None:
+    from blockctl._argv import AGENT_PORT_NAME, build_argv
+    from blockctl.types import Accel, MachineConfig
+
+    def argv_for(agent_socket: Path | None) -> list[str]:
+        return build_argv(
+            binary="qemu-system-x86_64",
+            config=MachineConfig(guest_agent=agent_socket is not None),
+            label="vm",
+            accel=Accel.TCG,
+            plans=(),
+            qmp_fd=3,
+            monitor_path=None,
+            console=None,
+            agent_socket=agent_socket,
+        )
+
+    argv = argv_for(Path("/run/a,b/qga.sock"))
+    devices = [json.loads(argv[i + 1]) for i, arg in enumerate(argv) if arg == "-device"]
+    assert {"driver": "virtio-serial-pci", "id": "vser0"} in devices
+    port = next(d for d in devices if d["driver"] == "virtserialport")
+    assert (port["bus"], port["chardev"], port["name"]) == ("vser0.0", "qga0", AGENT_PORT_NAME)
+    # The path is the only value in the QemuOpts string, with its comma doubled.
+    assert "socket,id=qga0,path=/run/a,,b/qga.sock,server=on,wait=off" in argv
+    assert not any("virtio-serial" in arg or "qga0" in arg for arg in argv_for(None))
+
+
+def test_guest_agent_in_toml() -> None:
+    from blockctl.types import MachineConfig
+
+    assert MachineConfig.from_mapping({"guest-agent": True}).guest_agent
+    assert not MachineConfig.from_mapping({}).guest_agent
+    with pytest.raises(ConfigError, match="guest_agent"):
+        MachineConfig.from_mapping({"guest-agent": "yes"})
