@@ -510,7 +510,7 @@ async def quiesced(
         skipped: str | None = None
         try:
             agent = await stack.enter_async_context(connect_agent(vm, timeout=timeout))
-        except (AgentNotConfigured, AgentUnavailable) as exc:
+        except GuestAgentError as exc:  # not configured, not answering, channel closed
             if mode is Quiesce.REQUIRED:
                 raise
             skipped = str(exc)
