@@ -1300,11 +1300,12 @@ class AgentCommand(Command):
                     f"until `blockctl agent {args.vm} thaw`"
                 )
                 if args.mountpoint and count < len(set(args.mountpoint)):
-                    emit(args, data, human)
+                    # Not what was asked: undo it rather than leave a partial freeze behind.
+                    await ga.fsfreeze_thaw()
                     raise QuiesceFailed(
                         f"froze {count} of {len(set(args.mountpoint))} listed mountpoints "
                         "(qemu-ga freezes 0 for a path that is not a mounted block-device "
-                        f"filesystem); `blockctl agent {args.vm} thaw` to undo",
+                        "filesystem); thawed again",
                         frozen=count,
                         expected=len(set(args.mountpoint)),
                     )

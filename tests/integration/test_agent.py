@@ -299,17 +299,22 @@ async def test_quiesced_backup_and_internal_snapshot(rig: Rig) -> None:
     target = repo / NAME / manifest.id / manifest.disks[0].file
     recovery, rc, out = await fs_state(target, rig.images / "b")
     assert not recovery and rc == 0, out
+    pulled = await bk.backup(rig.vm, repo, kind=bk.BackupKind.FULL, pull=True, quiesce=True)
+    await rig.assert_thawed("b2")
+    target = repo / NAME / pulled.id / pulled.disks[0].file
+    recovery, rc, out = await fs_state(target, rig.images / "p")
+    assert not recovery and rc == 0, out
     result = await chains.save_internal(rig.vm, "i1", quiesce=True)
     assert result.job_id
     await rig.assert_thawed("i1")
 
 
-async def blockctl_cli(rig: Rig, *args: str) -> Any:
+async def blockctl_cli(rig: Rig, *args: str, rc: int = 0) -> Any:
     env = {**os.environ, "BLOCKCTL_RUNTIME_DIR": str(rig.runtime)}
     done = await anyio.run_process(
         [sys.executable, "-m", "blockctl", *args, "--json"], check=False, env=env
     )
-    assert done.returncode == 0, done.stderr.decode()
+    assert done.returncode == rc, done.stderr.decode()
     return json.loads(done.stdout)
 
 
@@ -320,6 +325,10 @@ async def test_cli(rig: Rig) -> None:
     assert (await blockctl_cli(rig, "agent", NAME, "status"))["status"] == "frozen"
     thawed = await blockctl_cli(rig, "agent", NAME, "thaw")
     assert thawed == {"thawed": 1, "status": "thawed", "ms": thawed["ms"]}
+    # A mountpoint that is not a filesystem freezes nothing: an error, and nothing left frozen.
+    wrong = await blockctl_cli(rig, "agent", NAME, "freeze", "--mountpoint", "/tmp", rc=1)
+    assert wrong["error"]["type"] == "QuiesceFailed"
+    assert (await blockctl_cli(rig, "agent", NAME, "status"))["status"] == "thawed"
     snap = await blockctl_cli(
         rig, "snapshot", NAME, "create", "cli1", "--dir", str(rig.images), "--quiesce"
     )
