@@ -7,6 +7,7 @@ Errors are all :class:`blockctl.errors.BlockctlError`; value types live in
 :mod:`blockctl.types`.
 """
 
+from blockctl._agent import GuestAgent, Quiesce, Quiesced, connect_agent, quiesced
 from blockctl._console import CommandResult, GuestConsole
 from blockctl._guest import GuestImage, build_guest, find_guest
 from blockctl._machine import (
@@ -76,6 +77,12 @@ __all__ = [
     "BlockNode",
     "CacheFlags",
     "Capabilities",
+    # The guest agent (qemu-ga) and filesystem-consistent quiesce
+    "connect_agent",
+    "quiesced",
+    "Quiesce",
+    "Quiesced",
+    "GuestAgent",
     # The test guest
     "GuestImage",
     "GuestConsole",

@@ -329,6 +329,31 @@ def boot_option(boot: BootConfig) -> str:
     return ",".join(parts)
 
 
+#: The virtio-serial port name qemu-ga looks for (and every management stack uses).
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"
+
+
+def agent_args(socket_path: Path) -> list[str]:
+    """A virtio-serial controller and the guest agent's port, backed by a listening unix
+    socket (``wait=off``: QEMU does not wait for a client; one client at a time is served)."""
+    return [
+        "-device",
+        json.dumps({"driver": "virtio-serial-pci", "id": "vser0"}),
+        "-chardev",
+        f"socket,id=qga0,path={qemu_opt_escape(str(socket_path))},server=on,wait=off",
+        "-device",
+        json.dumps(
+            {
+                "driver": "virtserialport",
+                "bus": "vser0.0",
+                "chardev": "qga0",
+                "name": AGENT_PORT_NAME,
+                "id": "qga0-port",
+            }
+        ),
+    ]
+
+
 def build_argv(
     *,
     binary: str,
@@ -339,8 +364,9 @@ def build_argv(
     qmp_fd: int,
     monitor_path: Path | None,
     console: ConsoleFd | ConsoleSocket | None,
+    agent_socket: Path | None = None,
 ) -> list[str]:
-    """The full qemu-system command line."""
+    """The full qemu-system command line (``agent_socket``: the guest agent's channel)."""
     argv = [
         binary,
         "-name",
@@ -405,4 +431,6 @@ def build_argv(
         for node in plan.nodes:
             argv += ["-blockdev", json.dumps(node)]
         argv += ["-device", json.dumps(plan.device)]
+    if agent_socket is not None:
+        argv += agent_args(agent_socket)
     return argv

@@ -45,6 +45,7 @@ from blockctl._log import get_logger
 from blockctl.errors import BlockctlError, MissingComponent
 
 __all__ = [
+    "AGENT_PACKAGES",
     "APPEND",
     "WANTED_MODULES",
     "GuestImage",
@@ -76,6 +77,31 @@ WANTED_MODULES: tuple[str, ...] = (
     "isofs",
 )
 
+#: The guest-agent variant (``build_guest(agent=True)``) adds Debian's qemu-guest-agent and
+#: exactly the libraries it links, resolved by the extracted Debian loader (qga.md §1), so the
+#: host's own libraries never end up in the guest. bookworm names.
+AGENT_PACKAGES: tuple[str, ...] = (
+    "qemu-guest-agent",
+    "libc6",
+    "libglib2.0-0",
+    "libpcre2-8-0",
+    "libnuma1",
+    "libudev1",
+    "liburing2",
+)
+_AGENT_SUFFIX = "-qga"
+_AGENT_LIB_DIR = "lib/x86_64-linux-gnu"
+_AGENT_LOADER = "ld-linux-x86-64.so.2"
+# /init of the agent variant starts the agent in the background, before the shell loop; its
+# output goes to a file so that a late line never interleaves with the serial protocol.
+_AGENT_INIT_MARK = "# Interactive ash reads $ENV"
+_AGENT_INIT_LINES = """\
+# The guest-agent variant: start qemu-ga on its virtio-serial port unless told qga=0.
+if [ -x /sbin/qga-start ] && ! grep -qw qga=0 /proc/cmdline; then
+    /sbin/qga-start 10 >/run/qga-start.log 2>&1 &
+fi
+
+"""
 _KERNEL_FILE = "vmlinuz"
 _INITRD_FILE = "initramfs.gz"
 _MANIFEST_FILE = "manifest.json"
@@ -109,6 +135,8 @@ class GuestImage:
     initrd: Path
     append: str
     kernel_version: str
+    #: Whether the initramfs carries qemu-ga (started on ``org.qemu.guest_agent.0``).
+    agent: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,23 +148,28 @@ class _Package:
     deb: Path
 
 
-def default_guest_dir() -> Path:
+def default_guest_dir(*, agent: bool = False) -> Path:
     """Where the guest is cached: ``$BLOCKCTL_GUEST_DIR``, else the XDG cache directory.
 
     A cache, not data: it can always be rebuilt from packages, so it belongs under
     ``$XDG_CACHE_HOME`` (``~/.cache`` when unset or not absolute, as the XDG spec says).
+    The guest-agent variant lives beside it (``guest-qga``), so the default guest stays small
+    and fast to boot.
     """
     explicit = os.environ.get("BLOCKCTL_GUEST_DIR")
     if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return cache / "blockctl" / "guest"
+        base = Path(explicit).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+        base = cache / "blockctl" / "guest"
+    return base.with_name(base.name + _AGENT_SUFFIX) if agent else base
 
 
-def _resolve_dir(directory: Path | None) -> Path:
+def _resolve_dir(directory: Path | None, agent: bool = False) -> Path:
     # Absolute, because QEMU may be started with another working directory.
-    return (default_guest_dir() if directory is None else directory).expanduser().absolute()
+    chosen = default_guest_dir(agent=agent) if directory is None else directory
+    return chosen.expanduser().absolute()
 
 
 def _read_manifest(directory: Path) -> dict[str, Any] | None:
@@ -158,17 +191,19 @@ def _nonempty_file(path: Path) -> bool:
         return False
 
 
-def find_guest(directory: Path | None = None) -> GuestImage:
+def find_guest(directory: Path | None = None, *, agent: bool = False) -> GuestImage:
     """The guest cached in ``directory`` (default: :func:`default_guest_dir`).
 
     Complete means: a readable ``manifest.json`` of this format plus non-empty kernel and
     initramfs. The manifest is written last, so its presence proves the files beside it are
-    whole.
+    whole. ``agent``: the variant with qemu-ga (``build_guest(agent=True)``).
 
-    :raise MissingComponent: no complete guest there.
+    :raise MissingComponent: no complete guest there (or it lacks the agent).
     """
-    where = _resolve_dir(directory)
+    where = _resolve_dir(directory, agent)
     manifest = _read_manifest(where)
+    if agent and manifest is not None and manifest.get("agent") is not True:
+        manifest = None
     kernel = where / _KERNEL_FILE
     initrd = where / _INITRD_FILE
     if manifest is None or not _nonempty_file(kernel) or not _nonempty_file(initrd):
@@ -179,6 +214,11 @@ def find_guest(directory: Path | None = None) -> GuestImage:
             kernel=_nonempty_file(kernel),
             initrd=_nonempty_file(initrd),
         )
+        if agent:
+            raise MissingComponent(
+                "the test guest with the guest agent",
+                "run `blockctl guest build --agent` (or scripts/build-guest --agent)",
+            )
         raise MissingComponent(_MISSING_WHAT, _MISSING_HINT)
     append = manifest.get("append")
     return GuestImage(
@@ -186,6 +226,7 @@ def find_guest(directory: Path | None = None) -> GuestImage:
         initrd=initrd,
         append=append if isinstance(append, str) else APPEND,
         kernel_version=manifest["kernel_version"],
+        agent=manifest.get("agent") is True,
     )
 
 
@@ -193,35 +234,41 @@ def _data_file(name: str) -> bytes:
     return resources.files("blockctl").joinpath("_data").joinpath(name).read_bytes()
 
 
-def _recipe_digest() -> str:
+def _recipe_digest(agent: bool = False) -> str:
     """A digest of everything in this package that shapes the guest.
 
     Stored in the manifest so that a cached guest built from an older /init or module list is
-    rebuilt instead of silently reused.
+    rebuilt instead of silently reused. The agent's parts count only for the agent variant:
+    the default guest's digest (and cache) is the same as before the variant existed.
     """
     digest = hashlib.sha256()
     parts = [str(_FORMAT), KERNEL_META_PACKAGE, BUSYBOX_PACKAGE, APPEND, *WANTED_MODULES]
+    if agent:
+        parts += ["agent", *AGENT_PACKAGES, _AGENT_INIT_LINES]
     for part in parts:
         digest.update(part.encode() + b"\0")
-    for name in ("init", "profile"):
+    for name in ("init", "profile", *(("qga-start",) if agent else ())):
         digest.update(_data_file(name) + b"\0")
     return digest.hexdigest()
 
 
-async def build_guest(directory: Path | None = None, *, force: bool = False) -> GuestImage:
+async def build_guest(
+    directory: Path | None = None, *, force: bool = False, agent: bool = False
+) -> GuestImage:
     """Build the guest into ``directory`` (default: :func:`default_guest_dir`) and return it.
 
     Cached: a complete guest built from the current recipe is returned as it is, without
     running anything, unless ``force``. Concurrent builds into one directory are serialised
-    by a lock file; the second one then finds the first one's result.
+    by a lock file; the second one then finds the first one's result. ``agent``: the variant
+    with qemu-ga (its own directory by default, ``guest-qga``; about +2.7 MB of initramfs).
 
     :raise MissingComponent: apt does not know the kernel package (run ``apt-get update``), a
         wanted module is not in it, or apt/dpkg are not installed.
     :raise ProcessFailed: a helper (apt-get, dpkg-deb, busybox) failed.
     """
-    where = _resolve_dir(directory)
+    where = _resolve_dir(directory, agent)
     if not force:
-        cached = _cached(where)
+        cached = _cached(where, agent)
         if cached is not None:
             return cached
     log = get_logger(directory=str(where))
@@ -229,26 +276,26 @@ async def build_guest(directory: Path | None = None, *, force: bool = False) -> 
     async with _locked(where, log):
         if not force:
             # Another process may have finished the same build while we waited for the lock.
-            cached = _cached(where)
+            cached = _cached(where, agent)
             if cached is not None:
                 return cached
         _remove_stale_work_dirs(where, log)
         work = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=where))
         try:
-            await _build_in(where, work, log)
+            await _build_in(where, work, log, agent=agent)
         finally:
             with anyio.CancelScope(shield=True):
                 await _remove_work_dir(work, log)
-    return find_guest(where)
+    return find_guest(where, agent=agent)
 
 
-def _cached(where: Path) -> GuestImage | None:
+def _cached(where: Path, agent: bool = False) -> GuestImage | None:
     try:
-        image = find_guest(where)
+        image = find_guest(where, agent=agent)
     except MissingComponent:
         return None
     manifest = _read_manifest(where)
-    if manifest is None or manifest.get("recipe") != _recipe_digest():
+    if manifest is None or manifest.get("recipe") != _recipe_digest(agent):
         get_logger().info("blockctl.guest.stale", directory=str(where))
         return None
     return image
@@ -319,7 +366,7 @@ class _Steps:
         )
 
 
-async def _build_in(where: Path, work: Path, log: Any) -> None:
+async def _build_in(where: Path, work: Path, log: Any, *, agent: bool = False) -> None:
     started = time.monotonic()
     steps = _Steps(log)
     debs, extract, root = work / "debs", work / "extract", work / "root"
@@ -360,7 +407,11 @@ async def _build_in(where: Path, work: Path, log: Any) -> None:
         # The package ships no modules.dep (its postinst runs depmod); generate one for the
         # trimmed tree so that `modprobe` works inside the guest too.
         await _proc.run([str(busybox), "depmod", "-b", str(root), kver])
-        await anyio.to_thread.run_sync(_fix_mtimes, root)
+    agent_versions: dict[str, str] = {}
+    if agent:
+        with steps.step("agent", packages=list(AGENT_PACKAGES)):
+            agent_versions = await _add_agent(root, work / "qga")
+    await anyio.to_thread.run_sync(_fix_mtimes, root)
     with steps.step("initramfs"):
         initramfs = work / _INITRD_FILE
         archive = await _proc.run_bytes(
@@ -375,7 +426,7 @@ async def _build_in(where: Path, work: Path, log: Any) -> None:
 
     manifest = {
         "format": _FORMAT,
-        "recipe": _recipe_digest(),
+        "recipe": _recipe_digest(agent),
         "kernel_package": kernel_package_info.name,
         "kernel_package_version": kernel_package_info.version,
         "kernel_version": kver,
@@ -390,6 +441,9 @@ async def _build_in(where: Path, work: Path, log: Any) -> None:
         "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "build_seconds": round(time.monotonic() - started, 2),
     }
+    if agent:
+        manifest["agent"] = True
+        manifest["agent_packages"] = agent_versions
     with steps.step("install"):
         await anyio.to_thread.run_sync(
             functools.partial(
@@ -404,6 +458,92 @@ async def _build_in(where: Path, work: Path, log: Any) -> None:
         initrd_bytes=len(compressed),
         seconds=manifest["build_seconds"],
     )
+
+
+async def _add_agent(root: Path, work: Path) -> dict[str, str]:
+    """Put qemu-ga, its libraries, the Debian loader and ``/sbin/qga-start`` into ``root``.
+
+    The libraries come from the downloaded packages and are resolved by the *extracted*
+    loader (``ld.so --list``): never the host's (Debian's ``/lib64/ld-linux…`` is an absolute
+    symlink to the host's file, so only the file under ``lib/x86_64-linux-gnu`` is used).
+    Returns the package versions for the manifest.
+    """
+    debs, extract = work / "debs", work / "extract"
+    debs.mkdir(parents=True)
+    extract.mkdir()
+    packages = await _download(AGENT_PACKAGES, debs)
+    for package in packages.values():
+        await _proc.run(["dpkg-deb", "-x", str(package.deb), str(extract)])
+    binary = extract / "usr" / "sbin" / "qemu-ga"
+    loader = extract / _AGENT_LIB_DIR / _AGENT_LOADER
+    for path in (binary, loader):
+        if not path.is_file():
+            raise BlockctlError(f"the agent packages did not contain {path.relative_to(extract)}")
+    search = f"{extract / _AGENT_LIB_DIR}:{extract / 'usr' / _AGENT_LIB_DIR}"
+    listing = await _proc.run([str(loader), "--library-path", search, "--list", str(binary)])
+    libraries = parse_loader_list(listing.stdout)
+    await anyio.to_thread.run_sync(
+        functools.partial(
+            _populate_agent, root, extract=extract, binary=binary, loader=loader, libs=libraries
+        )
+    )
+    get_logger().debug("blockctl.guest.agent_libraries", libraries=sorted(libraries))
+    return {p.name: p.version for p in packages.values()}
+
+
+def parse_loader_list(text: str) -> dict[str, Path]:
+    """``ld.so --list`` output as ``{soname: resolved path}`` (the vdso and loader lines,
+    which have no ``=>``, are left out).
+
+    :raise MissingComponent: a library was ``not found``.
+    """
+    found: dict[str, Path] = {}
+    for line in text.splitlines():
+        name, arrow, rest = line.strip().partition(" => ")
+        # The loader's own line ("/lib64/ld-linux-x86-64.so.2 => …") names a path, not a
+        # soname: it is copied separately, and a path here must never become a destination.
+        if not arrow or "/" in name or not name:
+            continue
+        target = rest.rsplit(" (", 1)[0].strip()
+        if target == "not found" or not target:
+            raise MissingComponent(
+                f"library {name} for qemu-ga",
+                "no agent package ships it; add its package to AGENT_PACKAGES",
+            )
+        found[name] = Path(target)
+    return found
+
+
+def _populate_agent(
+    root: Path, *, extract: Path, binary: Path, loader: Path, libs: Mapping[str, Path]
+) -> None:
+    lib_dir = root / _AGENT_LIB_DIR
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    for soname, path in libs.items():
+        destination = lib_dir / soname
+        if "/" in soname or destination.parent != lib_dir:
+            raise BlockctlError(f"refusing library name {soname!r}: not a plain soname")
+        real = path.resolve()
+        if not real.is_relative_to(extract.resolve()):
+            raise BlockctlError(f"{soname} resolved to {real}, outside the agent packages")
+        # Regular files under their sonames: Debian's loader searches this directory itself.
+        shutil.copyfile(real, destination)
+    (root / "lib64").mkdir(exist_ok=True)
+    shutil.copyfile(loader.resolve(), root / "lib64" / _AGENT_LOADER)
+    (root / "lib64" / _AGENT_LOADER).chmod(0o755)
+    # /usr/sbin is a link to /bin in this initramfs: /usr/sbin/qemu-ga works too.
+    shutil.copyfile(binary, root / "bin" / "qemu-ga")
+    (root / "bin" / "qemu-ga").chmod(0o755)
+    (root / "bin" / "qga-start").write_bytes(_data_file("qga-start"))
+    (root / "bin" / "qga-start").chmod(0o755)
+    # qemu-ga's state dir is /var/run (qga.state, qga.state.isfrozen while frozen).
+    (root / "var").mkdir(exist_ok=True)
+    (root / "var" / "run").symlink_to("../run")
+    init = _data_file("init").decode()
+    if _AGENT_INIT_MARK not in init:
+        raise BlockctlError("_data/init changed: the agent start line has no place to go")
+    (root / "init").write_text(init.replace(_AGENT_INIT_MARK, _AGENT_INIT_LINES + _AGENT_INIT_MARK))
+    (root / "init").chmod(0o755)
 
 
 async def _resolve_kernel_package() -> str:
@@ -667,12 +807,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help=f"guest directory (default: $BLOCKCTL_GUEST_DIR or {default_guest_dir()})",
     )
+    parser.add_argument(
+        "--agent", action="store_true", help="the variant with qemu-ga (guest-qga directory)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     try:
         image = anyio.run(
-            functools.partial(build_guest, args.dir, force=args.force), backend="asyncio"
+            functools.partial(build_guest, args.dir, force=args.force, agent=args.agent),
+            backend="asyncio",
         )
     except BlockctlError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -681,6 +825,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     print(f"initrd:         {image.initrd}")
     print(f"append:         {image.append}")
     print(f"kernel_version: {image.kernel_version}")
+    print(f"agent:          {image.agent}")
     return 0
 
 

@@ -59,6 +59,10 @@ from blockctl.types import Drive, ImageFormat, MachineConfig
 
 _log = get_logger()
 
+#: The guest agent's socket in a VM's run directory, the same path for the launcher and for
+#: any process that attaches by name (``blockctl._agent.agent_socket``).
+AGENT_SOCKET = "qga.sock"
+
 
 def qemu_system_binary() -> str:
     """``$BLOCKCTL_QEMU_SYSTEM``, else ``$BLOCKCTL_QEMU_PREFIX/bin/…``, else from PATH."""
@@ -310,6 +314,9 @@ async def _started_qemu(
     elif console:
         console_spec = ConsoleSocket(path=run_dir / "console.sock", log=run_dir / "console.log")
         _runtime.check_socket_path(console_spec.path, "runtime_dir")
+    agent_socket = run_dir / AGENT_SOCKET if config.guest_agent else None
+    if agent_socket is not None:
+        _runtime.check_socket_path(agent_socket, "runtime_dir")
     argv = build_argv(
         binary=binary,
         config=config,
@@ -319,6 +326,7 @@ async def _started_qemu(
         qmp_fd=qmp_theirs.fileno(),
         monitor_path=monitor,
         console=console_spec,
+        agent_socket=agent_socket,
     )
     log_path = run_dir / "qemu.log"
     log_file: IO[bytes] = os.fdopen(
@@ -351,7 +359,7 @@ async def _started_qemu(
                 session.process_exit = process.wait
                 # The greeting came after QEMU created its sockets; tighten them to 0600
                 # (QEMU makes them 0700 under our umask; the run dir is 0700 as well).
-                for sock_path in (monitor, run_dir / "console.sock"):
+                for sock_path in (monitor, run_dir / "console.sock", run_dir / AGENT_SOCKET):
                     with contextlib.suppress(FileNotFoundError):
                         os.chmod(sock_path, 0o600)
                 async with anyio.create_task_group() as tg:

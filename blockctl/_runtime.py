@@ -1,8 +1,9 @@
 """The runtime directory: where named VMs are found by other processes.
 
 Layout: ``<root>/<name>/`` (0700) holds ``vm.json`` (the record), ``qmp.sock`` (a QMP monitor
-for attaching, 0600), ``console.sock``/``console.log`` for VMs that outlive their launcher, and
-``qemu.log`` (QEMU's stdout and stderr). QEMU is the source of truth about a VM's state; the
+for attaching, 0600), ``console.sock``/``console.log`` for VMs that outlive their launcher,
+``qemu.log`` (QEMU's stdout and stderr), and ``qga.sock`` (the guest agent's channel, 0600) for
+VMs with ``guest_agent``. QEMU is the source of truth about a VM's state; the
 record only says where to find it and which process it is.
 """
 

@@ -30,8 +30,16 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    └── JobCancelled      it was cancelled before it finished
      ├── NodeNotFound           the block graph has no such node or device (name)
      ├── ShutdownFailed         QEMU had to be killed, or would not exit at all
-     └── GuestError             the serial console of the test guest misbehaved
-          └── GuestCommandFailed  a guest shell command exited non-zero (command, rc, output)
+     ├── GuestError             the serial console of the test guest misbehaved
+     │    └── GuestCommandFailed  a guest shell command exited non-zero (command, rc, output)
+     └── GuestAgentError        anything about the guest agent (qemu-ga) of a VM
+          ├── AgentNotConfigured   the VM has no guest-agent channel
+          ├── AgentUnavailable     no reply in time: not started, hung or busy (what, seconds)
+          ├── AgentCommandFailed   the agent answered with an error (command, error_class, desc)
+          │    └── AgentFrozen     refused because the guest's filesystems are frozen
+          ├── QuiesceFailed        a freeze did not freeze what was expected (frozen, expected)
+          ├── FreezeDeadlineExceeded  the operation outlasted the freeze deadline (thawed)
+          └── ThawFailed           the thaw did not succeed: the guest may still be frozen
 
 The mapping from ``qemu.qmp`` exceptions lives in one place, ``blockctl._qmp.session``, and a
 test fails if any ``qemu.qmp`` exception class is left unmapped.
@@ -52,6 +60,14 @@ __all__ = [
     "ConnectionLost",
     "GuestCommandFailed",
     "GuestError",
+    "GuestAgentError",
+    "AgentNotConfigured",
+    "AgentUnavailable",
+    "AgentCommandFailed",
+    "AgentFrozen",
+    "QuiesceFailed",
+    "FreezeDeadlineExceeded",
+    "ThawFailed",
     "JobCancelled",
     "JobError",
     "JobFailed",
@@ -344,3 +360,77 @@ class NodeNotFound(BlockctlError):
     def __init__(self, name: str, message: str) -> None:
         self.name = name
         super().__init__(message)
+
+
+# Section: guest agent
+
+
+class GuestAgentError(BlockctlError):
+    """Anything about a VM's guest agent (qemu-ga on ``org.qemu.guest_agent.0``)."""
+
+
+class AgentNotConfigured(GuestAgentError):
+    """The VM has no guest-agent channel: launch it with ``guest_agent=True``
+    (TOML ``guest-agent = true``) and a guest that runs qemu-ga."""
+
+
+class AgentUnavailable(GuestAgentError, TimeoutError):
+    """Nothing answered on the agent's channel within ``seconds``.
+
+    qemu-ga is not running in the guest (not installed, not started yet, killed), is hung, or
+    another client holds the channel (the agent serves one client at a time).
+    """
+
+    def __init__(self, what: str, seconds: float, detail: str = "") -> None:
+        self.what = what
+        self.seconds = seconds
+        text = f"the guest agent did not answer {what} within {seconds:g} s"
+        super().__init__(f"{text}: {detail}" if detail else text)
+
+
+class AgentCommandFailed(GuestAgentError):
+    """The agent answered a command with an error (``error_class``, ``desc`` as qemu-ga said)."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"the guest agent refused {command}: {desc} ({error_class})")
+
+
+class AgentFrozen(AgentCommandFailed):
+    """Refused because the guest's filesystems are frozen (the agent disables most commands
+    then). ``blockctl agent VM thaw`` thaws them if nothing else should stay frozen."""
+
+
+class QuiesceFailed(GuestAgentError):
+    """A freeze did not freeze what was expected (``frozen`` of ``expected`` filesystems), or
+    the guest was already frozen by someone else. blockctl left nothing frozen."""
+
+    def __init__(
+        self, message: str, *, frozen: int | None = None, expected: int | None = None
+    ) -> None:
+        self.frozen = frozen
+        self.expected = expected
+        super().__init__(message)
+
+
+class FreezeDeadlineExceeded(GuestAgentError, TimeoutError):
+    """The point-in-time operation did not finish within ``seconds`` of the freeze: blockctl
+    thawed the guest and failed the operation (a guest left frozen is an outage)."""
+
+    def __init__(self, operation: str, seconds: float) -> None:
+        self.operation = operation
+        self.seconds = seconds
+        super().__init__(
+            f"{operation} did not finish within the freeze deadline of {seconds:g} s; the "
+            "guest was thawed and the operation abandoned (raise the deadline if it is just slow)"
+        )
+
+
+class ThawFailed(GuestAgentError):
+    """The thaw did not succeed: the guest's filesystems may still be frozen.
+
+    Writes in the guest block until they are thawed: retry ``blockctl agent VM thaw``, or
+    restart qemu-ga in the guest and thaw (its state file remembers the freeze).
+    """

@@ -398,9 +398,14 @@ class MachineConfig:
     # Where backing files of the drives' images may live besides each image's own directory
     # tree (and $BLOCKCTL_IMAGE_ROOTS); absolute paths (TOML: relative to the file).
     image_roots: tuple[Path, ...] = ()
+    # A guest-agent channel: virtio-serial port org.qemu.guest_agent.0 on <run dir>/qga.sock
+    # (TOML: guest-agent = true). The guest must run qemu-ga on it (blockctl._agent).
+    guest_agent: bool = False
 
     def __post_init__(self) -> None:
         put = object.__setattr__
+        if not isinstance(self.guest_agent, bool):
+            raise ConfigError("guest_agent", f"{self.guest_agent!r}: true or false")
         if self.name is not None and (
             not isinstance(self.name, str) or not _VM_NAME.fullmatch(self.name)
         ):

@@ -25,11 +25,11 @@ from qemu.qmp import QMPClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blockctl import LaunchedVM, _binaries, _images, _proc, find_guest, open_vm
+from blockctl import LaunchedVM, _binaries, _images, _proc, build_guest, find_guest, open_vm
 from blockctl._images import create
 from blockctl._ops import chains, drives
 from blockctl.types import Drive, ImageFormat, MachineConfig
-from scripts import bench_more
+from scripts import bench_agent, bench_more
 from scripts.bench_common import Row
 
 
@@ -194,7 +194,7 @@ async def bench_chains(reps: int, mib: int, images: Path) -> list[Row]:
     ]
 
 
-BENCHMARKS = ("qmp", "launch", "hotplug", "chains", "backup", "stall", "scale")
+BENCHMARKS = ("qmp", "launch", "hotplug", "chains", "backup", "stall", "scale", "quiesce")
 
 
 def render(rows: list[Row]) -> str:
@@ -252,6 +252,11 @@ async def main(args: argparse.Namespace) -> int:
             )
         if "scale" in selected:
             rows += await bench_more.bench_scale((1, 2) if args.quick else (1, 8, 32), work)
+        if "quiesce" in selected:
+            # The guest with qemu-ga: cached, built only when missing.
+            rows += await bench_agent.bench_quiesce(
+                await build_guest(agent=True), 1 if args.quick else 5, 3 if args.quick else 20, work
+            )
     print(render(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_json() for r in rows], indent=1))
@@ -267,7 +272,7 @@ if __name__ == "__main__":
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="qmp, launch, hotplug, chains, backup, stall, scale (default: all)",
+        help="qmp, launch, hotplug, chains, backup, stall, scale, quiesce (default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="few repetitions (CI smoke)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import anyio
 import structlog
 
-from blockctl import _guest, _images, _runtime
+from blockctl import _agent, _guest, _images, _runtime
 from blockctl._jobs import (
     JobHook,
     JobIOError,
@@ -43,7 +43,7 @@ from blockctl._ops import apply as apply_ops
 from blockctl._ops import backup as backup_ops
 from blockctl._ops import chains, drives
 from blockctl._ops.drives import DriveInfo
-from blockctl.errors import BlockctlError, ConfigError
+from blockctl.errors import BlockctlError, ConfigError, QuiesceFailed
 from blockctl.types import (
     CacheMode,
     DeprecatedInput,
@@ -87,9 +87,10 @@ def emit(args: argparse.Namespace, data: object, human: str) -> None:
         print(human)
 
 
-def default_config(name: str, disk: Path) -> MachineConfig:
-    """The embedded default: the bundled test guest with one virtio qcow2 disk."""
-    guest = _guest.find_guest()
+def default_config(name: str, disk: Path, *, agent: bool = False) -> MachineConfig:
+    """The embedded default: the bundled test guest with one virtio qcow2 disk (``agent``: the
+    guest variant with qemu-ga, and its channel)."""
+    guest = _guest.find_guest(agent=agent)
     return MachineConfig(
         name=name,
         memory_mib=256,
@@ -97,6 +98,7 @@ def default_config(name: str, disk: Path) -> MachineConfig:
         initrd=guest.initrd,
         append=guest.append,
         drives=(Drive(file=disk, format=ImageFormat.QCOW2, serial="blockctl-disk0"),),
+        guest_agent=agent,
     )
 
 
@@ -139,21 +141,30 @@ class Up(Command):
             help="make QEMU reject deprecated commands and arguments "
             "(-compat deprecated-input=reject)",
         )
+        parser.add_argument(
+            "--agent",
+            action="store_true",
+            help="the bundled guest with qemu-ga and a guest-agent channel "
+            "(`blockctl guest build --agent` first); with a config: add the channel",
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         if args.config is not None:
             config = load_config(args.config, args.name)
             if args.strict:
                 config = dataclasses.replace(config, deprecated_input=DeprecatedInput.REJECT)
+            if args.agent:
+                config = dataclasses.replace(config, guest_agent=True)
             record = await launch_detached(config)
         else:
             name = args.name or DEFAULT_NAME
-            _guest.find_guest()  # fail before creating anything if the guest is not built
+            # Fail before creating anything if the guest is not built.
+            _guest.find_guest(agent=args.agent)
 
             async def prepare(run_dir: Path) -> MachineConfig:
                 disk = run_dir / "disk0.qcow2"
                 await _images.create(disk, ImageFormat.QCOW2, size=DEFAULT_DISK_BYTES)
-                config = default_config(name, disk)
+                config = default_config(name, disk, agent=args.agent)
                 if args.strict:
                     config = dataclasses.replace(config, deprecated_input=DeprecatedInput.REJECT)
                 return config
@@ -301,12 +312,15 @@ class Guest(Command):
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("action", choices=["build", "path"])
         parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+        parser.add_argument(
+            "--agent", action="store_true", help="the variant with qemu-ga (cached separately)"
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         if args.action == "build":
-            image = await _guest.build_guest(force=args.force)
+            image = await _guest.build_guest(force=args.force, agent=args.agent)
         else:
-            image = _guest.find_guest()
+            image = _guest.find_guest(agent=args.agent)
         emit(
             args,
             {
@@ -314,6 +328,7 @@ class Guest(Command):
                 "initrd": str(image.initrd),
                 "append": image.append,
                 "kernel_version": image.kernel_version,
+                "agent": image.agent,
             },
             f"kernel: {image.kernel}\ninitrd: {image.initrd}",
         )
@@ -896,24 +911,36 @@ class SnapshotCommand(Command):
         )
         parser.add_argument("--internal", action="store_true", help="delete an internal one")
         parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+        add_quiesce_options(parser, "create and save")
 
     async def run(self, args: argparse.Namespace) -> int:
         if args.action != "list" and not args.tag:
             raise ConfigError("tag", f"snapshot {args.action} needs a TAG")
+        quiesce = quiesce_option(args)
+        if quiesce is not _agent.Quiesce.OFF and args.action not in ("create", "save"):
+            raise ConfigError("quiesce", f"snapshot {args.action} does not quiesce the guest")
         hooks = job_hooks(args, args.action)
         data: Any
         async with attach(args.vm) as vm:
             if args.action == "create":
-                snap = await chains.external_snapshot(vm, args.tag, args.dir, devices=args.disk)
+                snap = await chains.external_snapshot(
+                    vm,
+                    args.tag,
+                    args.dir,
+                    devices=args.disk,
+                    quiesce=quiesce,
+                    freeze_deadline=freeze_deadline_option(args),
+                )
                 data = {
                     "tag": snap.tag,
                     "overlays": {k: str(v) for k, v in snap.overlays.items()},
                     "frozen": snap.frozen,
+                    "quiesced": snap.quiesced,
                 }
                 human = "\n".join(
                     f"{d}: {snap.frozen[d]} frozen; writes go to {o}"
                     for d, o in snap.overlays.items()
-                )
+                ) + ("\n(filesystem-consistent: the guest was quiesced)" if snap.quiesced else "")
             elif args.action == "list":
                 external = await chains.list_external(vm)
                 internal = await chains.list_internal(vm)
@@ -938,7 +965,17 @@ class SnapshotCommand(Command):
                     "load": chains.load_internal,
                     "delete": chains.delete_internal,
                 }[args.action]
-                result = await run_internal(vm, args.tag, deadline=args.timeout, hooks=hooks)
+                if args.action == "save":
+                    result = await chains.save_internal(
+                        vm,
+                        args.tag,
+                        deadline=args.timeout,
+                        hooks=hooks,
+                        quiesce=quiesce,
+                        freeze_deadline=freeze_deadline_option(args, 60.0),
+                    )
+                else:
+                    result = await run_internal(vm, args.tag, deadline=args.timeout, hooks=hooks)
                 data = {
                     "job": result.job_id,
                     "tag": args.tag,
@@ -1142,9 +1179,11 @@ class BackupCommand(Command):
         )
         parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
         error_policy_options(parser, "--on-source-error", "--on-target-error")
+        add_quiesce_options(parser, "a backup")
 
     async def run(self, args: argparse.Namespace) -> int:
         words = args.words
+        quiesce = quiesce_option(args)
         action = words[0] if words[0] in ("list", "verify", "prune") and len(words) > 1 else None
         if action == "list":
             manifests = backup_ops.Repository(root=args.repo, vm=words[1]).manifests()
@@ -1198,6 +1237,8 @@ class BackupCommand(Command):
                 on_source_error=args.on_source_error,
                 on_target_error=args.on_target_error,
                 pause_timeout=args.pause_timeout,
+                quiesce=quiesce,
+                freeze_deadline=freeze_deadline_option(args),
             )
         copied = sum(d.bytes_copied for d in manifest.disks)
         note = f" (full because {manifest.fallback_reason})" if manifest.fallback_reason else ""
@@ -1206,6 +1247,136 @@ class BackupCommand(Command):
             manifest.to_json(),
             f"{manifest.id}: {manifest.kind.value} backup, {copied} bytes copied{note}",
         )
+        return 0
+
+
+def add_quiesce_options(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--quiesce",
+        action="store_const",
+        const=_agent.Quiesce.REQUIRED,
+        dest="quiesce",
+        help=f"{what}: freeze the guest's filesystems (guest agent) around the point in "
+        "time; fail if there is no agent",
+    )
+    group.add_argument(
+        "--quiesce-if-possible",
+        action="store_const",
+        const=_agent.Quiesce.IF_POSSIBLE,
+        dest="quiesce",
+        help="as --quiesce, but go on crash-consistent (with a warning) without an agent",
+    )
+    parser.add_argument(
+        "--freeze-deadline",
+        type=float,
+        metavar="SECONDS",
+        help="thaw and fail if the point-in-time operation takes longer than this "
+        f"(default {_agent.DEFAULT_FREEZE_DEADLINE:g}; internal snapshots 60)",
+    )
+
+
+def quiesce_option(args: argparse.Namespace) -> _agent.Quiesce:
+    mode = getattr(args, "quiesce", None) or _agent.Quiesce.OFF
+    if args.freeze_deadline is not None and mode is _agent.Quiesce.OFF:
+        raise ConfigError("freeze-deadline", "only with --quiesce or --quiesce-if-possible")
+    if args.freeze_deadline is not None and not args.freeze_deadline > 0:
+        raise ConfigError("freeze-deadline", "must be a positive number of seconds")
+    return mode
+
+
+def freeze_deadline_option(
+    args: argparse.Namespace, default: float = _agent.DEFAULT_FREEZE_DEADLINE
+) -> float:
+    return default if args.freeze_deadline is None else float(args.freeze_deadline)
+
+
+class AgentCommand(Command):
+    name = "agent"
+    help = "the VM's guest agent (qemu-ga): ping, info, fsinfo, status, freeze, thaw"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument(
+            "action", choices=["ping", "info", "fsinfo", "status", "freeze", "thaw"]
+        )
+        parser.add_argument(
+            "--mountpoint",
+            action="append",
+            help="freeze: only this mountpoint (repeat; default: every filesystem)",
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=_agent.DEFAULT_TIMEOUT,
+            metavar="SECONDS",
+            help="for connecting and each command (a freeze gets "
+            f"{_agent.FREEZE_TIMEOUT:g} s to flush)",
+        )
+
+    async def run(self, args: argparse.Namespace) -> int:
+        if args.mountpoint and args.action != "freeze":
+            raise ConfigError("mountpoint", "only for freeze")
+        data: Any
+        async with attach(args.vm) as vm, _agent.connect_agent(vm, timeout=args.timeout) as ga:
+            started = time.monotonic()
+            if args.action == "ping":
+                await ga.ping(timeout=args.timeout)
+                ms = round((time.monotonic() - started) * 1000, 2)
+                data, human = {"ok": True, "ms": ms}, f"pong ({ms} ms)"
+            elif args.action == "info":
+                info = await ga.info()
+                data = dataclasses.asdict(info)
+                enabled = sum(c.enabled for c in info.commands)
+                human = (
+                    f"qemu-ga {info.version}: {enabled} of {len(info.commands)} commands enabled"
+                )
+            elif args.action == "fsinfo":
+                filesystems = await ga.get_fsinfo()
+                data = [dataclasses.asdict(fs) for fs in filesystems]
+                human = (
+                    "\n".join(
+                        f"{fs.mountpoint}  {fs.type}  {fs.name}  "
+                        f"{', '.join(d.dev or d.bus_type for d in fs.disks)}"
+                        for fs in filesystems
+                    )
+                    or "no filesystems on block devices"
+                )
+            elif args.action == "status":
+                status = await ga.fsfreeze_status()
+                data, human = {"status": status.value}, status.value
+            elif args.action == "freeze":
+                # Left frozen on purpose: the guest's writes block until `agent VM thaw`.
+                count = await ga.fsfreeze_freeze(args.mountpoint)
+                ms = round((time.monotonic() - started) * 1000, 1)
+                structlog.get_logger("blockctl").info(
+                    "blockctl.agent.freeze", vm=vm.name, count=count, ms=ms, manual=True
+                )
+                data = {"frozen": count, "ms": ms}
+                human = (
+                    f"froze {count} filesystem(s) in {ms} ms; the guest's writes block "
+                    f"until `blockctl agent {args.vm} thaw`"
+                )
+                if args.mountpoint and count < len(set(args.mountpoint)):
+                    # Not what was asked: undo it rather than leave a partial freeze behind.
+                    await ga.fsfreeze_thaw()
+                    raise QuiesceFailed(
+                        f"froze {count} of {len(set(args.mountpoint))} listed mountpoints "
+                        "(qemu-ga freezes 0 for a path that is not a mounted block-device "
+                        "filesystem); thawed again",
+                        frozen=count,
+                        expected=len(set(args.mountpoint)),
+                    )
+            else:
+                count = await ga.fsfreeze_thaw()
+                status = await ga.fsfreeze_status()
+                ms = round((time.monotonic() - started) * 1000, 1)
+                structlog.get_logger("blockctl").info(
+                    "blockctl.agent.thaw", vm=vm.name, count=count, ms=ms, manual=True
+                )
+                data = {"thawed": count, "status": status.value, "ms": ms}
+                human = f"thawed {count} filesystem(s) in {ms} ms; status {status.value}"
+        emit(args, data, human)
         return 0
 
 
@@ -1262,6 +1433,7 @@ COMMANDS: tuple[type[Command], ...] = (
     Jobs,
     BackupCommand,
     RestoreCommand,
+    AgentCommand,
     Img,
     Guest,
     Demo,

@@ -39,6 +39,7 @@ from typing import Any
 import anyio
 
 from blockctl import _images
+from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, quiesced, require_agent
 from blockctl._jobs import (
     DEFAULT_HOOKS,
     Job,
@@ -286,8 +287,13 @@ async def backup(
     on_source_error: ErrorPolicy | str = ErrorPolicy.REPORT,
     on_target_error: ErrorPolicy | str = ErrorPolicy.REPORT,
     pause_timeout: float = 60.0,
+    quiesce: Quiesce | bool | str = Quiesce.OFF,
+    freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
 ) -> Manifest:
     """Back up ``devices`` (default: every writable disk) of a running VM at one point in time.
+
+    ``quiesce``: freeze the guest's filesystems (guest agent) just around the transaction that
+    starts the jobs, and thaw as soon as it returns, not after the copy.
 
     ``inject_errors``: blkdebug rules put under each push target (fault-injection tests).
 
@@ -304,6 +310,7 @@ async def backup(
     manifest's ``fallback_reason``) when there is no earlier backup or a disk's bitmap is
     missing, disabled, busy or inconsistent.
     """
+    require_agent(vm, quiesce)
     repo = Repository(root=Path(repo_root).absolute(), vm=vm.name)
     policies = _policies(on_source_error, on_target_error)
     if pull and any(p.value is not None for p in policies.values()):
@@ -405,7 +412,9 @@ async def backup(
     added: list[str] = []
     try:
         if pull:
-            jobs = await _run_pull(vm, plans, effective, parent, deadline, hooks, added)
+            jobs = await _run_pull(
+                vm, plans, effective, parent, deadline, hooks, added, quiesce, freeze_deadline
+            )
         else:
             jobs = await _run_backup(
                 vm,
@@ -422,6 +431,8 @@ async def backup(
                 inject_errors,
                 policies,
                 pause_timeout,
+                quiesce,
+                freeze_deadline,
             )
         # QEMU must let go of the targets before they are read (image locks).
         await _delete_nodes(vm, added)
@@ -514,6 +525,8 @@ async def _run_backup(
     inject_errors: Sequence[Mapping[str, Any]] = (),
     policies: Mapping[str, QEMUErrorPolicy] | None = None,
     pause_timeout: float = 60.0,
+    quiesce: Quiesce | bool | str = Quiesce.OFF,
+    freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
 ) -> dict[str, int]:
     """Create the targets, start every job in one transaction, wait for all. Returns the
     bytes each disk's job copied. ``legacy``: drive-backup into the created files instead of
@@ -579,7 +592,10 @@ async def _run_backup(
                 # another failed would otherwise have consumed its bitmap for a backup that
                 # is never recorded. QEMU refuses grouped mode with bitmap actions, so a full
                 # backup runs its jobs individually; if one fails, every bitmap is dropped.
-                await wire.transaction(vm.session, actions, grouped=kind is not BackupKind.FULL)
+                async with quiesced(
+                    vm, quiesce, operation="backup", freeze_deadline=freeze_deadline
+                ):
+                    await wire.transaction(vm.session, actions, grouped=kind is not BackupKind.FULL)
 
         return start
 
@@ -692,6 +708,8 @@ async def _run_pull(
     deadline: float,
     hooks: Sequence[JobHook],
     added: list[str],
+    quiesce: Quiesce | bool | str = Quiesce.OFF,
+    freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
 ) -> dict[str, int]:
     """Fleece every disk at one point in time (``blockdev-backup sync: none`` into a
     temporary overlay whose backing is the disk: the guest keeps writing, old data is copied
@@ -734,7 +752,10 @@ async def _run_pull(
                 )
             )
             if last:
-                await wire.transaction(vm.session, actions)
+                async with quiesced(
+                    vm, quiesce, operation="backup", freeze_deadline=freeze_deadline
+                ):
+                    await wire.transaction(vm.session, actions)
 
         return start
 

@@ -34,6 +34,7 @@ from typing import Any
 import anyio
 
 from blockctl import _images
+from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, quiesced, require_agent
 from blockctl._graph import BlockGraph, GraphNode, NodeRole
 from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, error_policy, start_job
 from blockctl._log import get_logger
@@ -107,10 +108,17 @@ class ExternalSnapshot:
     tag: str
     overlays: dict[str, Path]
     frozen: dict[str, str]  # device → the image that now holds the point in time
+    quiesced: bool = False  # the guest's filesystems were frozen at the point in time
 
 
 async def external_snapshot(
-    vm: VM, tag: str, directory: Path | None = None, *, devices: Sequence[str] | None = None
+    vm: VM,
+    tag: str,
+    directory: Path | None = None,
+    *,
+    devices: Sequence[str] | None = None,
+    quiesce: Quiesce | bool | str = Quiesce.OFF,
+    freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
 ) -> ExternalSnapshot:
     """Snapshot ``devices`` (default: every writable disk) at one point in time.
 
@@ -118,8 +126,12 @@ async def external_snapshot(
     ``directory`` (default: beside each disk's current image), added with ``blockdev-add``
     (``backing: null``), then switched in by ONE ``transaction`` of ``blockdev-snapshot``
     actions. On any failure the added nodes and the created files are removed.
+
+    ``quiesce``: freeze the guest's filesystems (guest agent) just around the transaction, so
+    the images hold clean filesystems (see :func:`blockctl._agent.quiesced`).
     """
     _check_tag(tag)
+    require_agent(vm, quiesce)
     await vm.require("transaction", "blockdev-snapshot", "blockdev-add")
     graph = await read_graph(vm)
     chosen = _writable_disks(graph, devices)
@@ -175,17 +187,27 @@ async def external_snapshot(
                 {"driver": "qcow2", "node-name": name, "file": f"{name}-file", "backing": None},
             )
             added.append(name)
-        await wire.transaction_snapshot(
-            vm.session, [(top.name, name) for _d, top, _o, name in plans]
-        )
+        async with quiesced(
+            vm, quiesce, operation="external snapshot", freeze_deadline=freeze_deadline
+        ) as point:
+            await wire.transaction_snapshot(
+                vm.session, [(top.name, name) for _d, top, _o, name in plans]
+            )
     except BaseException:
         with anyio.CancelScope(shield=True):
+            in_use: set[str] = set()
             for name in reversed(added):
                 try:
                     await wire.blockdev_del(vm.session, name)
                 except BlockctlError as exc:
+                    # Still in use: the transaction took effect after all (cancelled while
+                    # QEMU executed it, say a freeze deadline). The guest writes into it now.
+                    in_use.add(name)
                     _log.warning("blockctl.snapshot.rollback_failed", node=name, error=str(exc))
-            for path in created:
+            for (_d, _t, _o, name), path in zip(plans, created, strict=False):
+                if name in in_use or f"{name}-file" in in_use:
+                    _log.warning("blockctl.snapshot.overlay_kept", overlay=str(path))
+                    continue  # never unlink an image QEMU has open
                 path.unlink(missing_ok=True)
         raise
     for device, top, overlay, name in plans:
@@ -205,6 +227,7 @@ async def external_snapshot(
         tag=tag,
         overlays={d: o for d, _t, o, _n in plans},
         frozen={d: str(t.filename) for d, t, _o, _n in plans},
+        quiesced=point.consistent,
     )
 
 
@@ -579,10 +602,25 @@ async def _internal(
 
 
 async def save_internal(
-    vm: VM, tag: str, *, deadline: float = 300.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+    vm: VM,
+    tag: str,
+    *,
+    deadline: float = 300.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    quiesce: Quiesce | bool | str = Quiesce.OFF,
+    freeze_deadline: float = 60.0,
 ) -> JobResult:
-    """``snapshot-save``: VM state and every writable disk, inside the qcow2 images."""
-    return await _internal(vm, "snapshot-save", tag, deadline, hooks)
+    """``snapshot-save``: VM state and every writable disk, inside the qcow2 images.
+
+    ``quiesce``: the guest's filesystems are frozen for the whole job (QEMU stops the VM for
+    it anyway). The saved memory holds the frozen state: a guest loaded from this snapshot
+    resumes frozen, so thaw it afterwards (``blockctl agent VM thaw``).
+    """
+    require_agent(vm, quiesce)
+    async with quiesced(
+        vm, quiesce, operation="internal snapshot", freeze_deadline=freeze_deadline
+    ):
+        return await _internal(vm, "snapshot-save", tag, deadline, hooks)
 
 
 async def load_internal(

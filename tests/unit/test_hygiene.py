@@ -112,6 +112,37 @@ def test_node_option_literals_name_a_driver() -> None:
     assert checked >= 5
 
 
+def test_only_the_session_imports_qemu_qmp() -> None:
+    """One QMP boundary: blockctl/_qmp/session.py. The guest agent (blockctl/_agent.py) has
+    its own raw-socket client on purpose: qemu-ga is not QMP (no greeting, replies that
+    survive reconnects, id-less stale errors that end a qemu.qmp session; qga.md §2)."""
+    importers = set()
+    for path, text in source_files():
+        if path.suffix != ".py" or "blockctl" not in path.parts:
+            continue
+        for node in ast.walk(ast.parse(text)):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "qemu" or n.startswith("qemu.") for n in names):
+                importers.add(str(path.relative_to(ROOT)))
+    assert importers == {"blockctl/_qmp/session.py"}
+
+
+def test_only_the_agent_module_spells_agent_commands() -> None:
+    """qemu-ga command names ("guest-ping", "guest-fsfreeze-freeze", ...) live in _agent.py,
+    as QMP command names live in _qmp/wire.py."""
+    command = re.compile(r"""["']guest-(sync|ping|info|fsfreeze|get|set|exec|file|shutdown)""")
+    hits = {
+        str(path.relative_to(ROOT))
+        for path, text in source_files()
+        if path.suffix == ".py" and command.search(text)
+    }
+    assert hits == {"blockctl/_agent.py"}
+
+
 # Section: qemu-img argv, recorded
 
 
