@@ -237,9 +237,10 @@ async def guest_dev(vm: LaunchedVM, serial: str) -> str:
     (bounded wait in the guest: a hot-plugged disk appears asynchronously)."""
     assert vm.console is not None
     out = await vm.console.check(
+        # "$d" quoted: an unmatched glob stays literal even if the disk appears meanwhile.
         "for i in $(seq 100); do for d in /sys/block/vd*; do "
-        f'[ "$(cat $d/serial 2>/dev/null)" = {serial} ] && echo ${{d##*/}} && exit 0; '
-        "done; sleep 0.1; done; exit 1"
+        f'[ -e "$d/serial" ] && [ "$(cat "$d/serial")" = {serial} ] && echo "${{d##*/}}" '
+        "&& exit 0; done; sleep 0.1; done; exit 1"
     )
     return out.strip()
 
