@@ -33,11 +33,12 @@ from typing import Any
 
 import anyio
 
-from blockctl import _images
+from blockctl import _images, _journal
 from blockctl._graph import BlockGraph, GraphNode, NodeRole
 from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
+from blockctl._ops import recovery
 from blockctl._qmp import wire
 from blockctl._registry import DriveRecord
 from blockctl.errors import (
@@ -121,6 +122,7 @@ async def external_snapshot(
     """
     _check_tag(tag)
     await vm.require("transaction", "blockdev-snapshot", "blockdev-add")
+    await recovery.settle(vm)
     graph = await read_graph(vm)
     chosen = _writable_disks(graph, devices)
     if not chosen:
@@ -149,6 +151,7 @@ async def external_snapshot(
         while f"{prefix}-s{k}" in taken:
             k += 1
         plans.append((device, top, overlay, f"{prefix}-s{k}"))
+    op = _journal.begin(vm, _journal.snapshot_intent(vm.name, tag, graph, plans))
     created: list[Path] = []
     added: list[str] = []
     try:
@@ -175,6 +178,7 @@ async def external_snapshot(
                 {"driver": "qcow2", "node-name": name, "file": f"{name}-file", "backing": None},
             )
             added.append(name)
+        op.step(_journal.Step.SWITCHING)
         await wire.transaction_snapshot(
             vm.session, [(top.name, name) for _d, top, _o, name in plans]
         )
@@ -187,7 +191,9 @@ async def external_snapshot(
                     _log.warning("blockctl.snapshot.rollback_failed", node=name, error=str(exc))
             for path in created:
                 path.unlink(missing_ok=True)
+            op.abandoned()
         raise
+    op.step(_journal.Step.CONCLUDED)
     for device, top, overlay, name in plans:
         record = _record_of(vm, device)
         if record is not None:
@@ -200,6 +206,7 @@ async def external_snapshot(
                 "backing": top.name,
             }
             vm.registry.put(replace(record, nodes=(*record.nodes, file_opts, fmt_opts)))
+    op.finished()
     _log.info("blockctl.snapshot.external", vm=vm.name, tag=tag, devices=[p[0] for p in plans])
     return ExternalSnapshot(
         tag=tag,
@@ -393,6 +400,7 @@ async def commit(
     ``speed`` within ``deadline``; raise the speed limit (``set_speed``) or drop it.
     """
     await vm.require("block-commit", "blockdev-reopen", "job-dismiss")
+    await recovery.settle(vm)
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     top_i = 0 if top is None else _index(chain, top, device, "top")
@@ -414,12 +422,25 @@ async def commit(
             "seen from here.)"
         )
     active = top_i == 0
+    op = _journal.begin(
+        vm,
+        _journal.chain_intent(
+            vm.name,
+            _journal.OpKind.COMMIT,
+            device,
+            graph,
+            top=top_i,
+            base=base_i,
+            delete_files=delete_files,
+        ),
+    )
     await _set_read_only(vm, device, graph, base_node, False)
     if not active:
         # The overlay above top gets its backing-file name rewritten: it must be writable.
         await _set_read_only(vm, device, graph, chain[top_i - 1], False)
 
     async def start(job_id: str) -> None:
+        op.starting(job_id)
         await wire.block_commit(
             vm.session,
             job_id=job_id,
@@ -430,10 +451,13 @@ async def commit(
         )
 
     try:
-        async with start_job(
-            vm.session, "commit", start, target=base_node.name, speed=speed, hooks=hooks
-        ) as job:
-            result = await job.wait(complete_on_ready=True, deadline=deadline, hooks=hooks)
+        async with (
+            op.watch(),
+            start_job(
+                vm.session, "commit", start, target=base_node.name, speed=speed, hooks=hooks
+            ) as job,
+        ):
+            result = await job.wait(complete_on_ready=True, deadline=deadline, hooks=(*hooks, op))
     except BaseException:
         # qemu-facts F1/F2: a failed or cancelled commit has already written part of top's
         # data into base; top still reads correctly, base is no longer its point in time.
@@ -449,7 +473,9 @@ async def commit(
         base=base_node.name,
         active=active,
     )
-    return await _finish(vm, device, graph, list(chain[top_i:base_i]), delete_files, result)
+    done = await _finish(vm, device, graph, list(chain[top_i:base_i]), delete_files, result)
+    op.finished()
+    return done
 
 
 async def stream(
@@ -465,6 +491,7 @@ async def stream(
     """Copy the data of the layers above ``base`` (default: all of them) into the active layer,
     which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted."""
     await vm.require("block-stream", "job-dismiss")
+    await recovery.settle(vm)
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     if len(chain) < 2:
@@ -473,17 +500,35 @@ async def stream(
     if base_i == 0:
         raise ConfigError("base", "the base must be below the active layer")
     base_name = None if base is None else chain[base_i].name
+    op = _journal.begin(
+        vm,
+        _journal.chain_intent(
+            vm.name,
+            _journal.OpKind.STREAM,
+            device,
+            graph,
+            top=0,
+            base=base_i,
+            delete_files=delete_files,
+        ),
+    )
 
     async def start(job_id: str) -> None:
+        op.starting(job_id)
         await wire.block_stream(
             vm.session, job_id=job_id, device=chain[0].name, base_node=base_name, speed=speed
         )
 
-    async with start_job(
-        vm.session, "stream", start, target=chain[0].name, speed=speed, hooks=hooks
-    ) as job:
-        result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
-    return await _finish(vm, device, graph, list(chain[1:base_i]), delete_files, result)
+    async with (
+        op.watch(),
+        start_job(
+            vm.session, "stream", start, target=chain[0].name, speed=speed, hooks=hooks
+        ) as job,
+    ):
+        result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=(*hooks, op))
+    done = await _finish(vm, device, graph, list(chain[1:base_i]), delete_files, result)
+    op.finished()
+    return done
 
 
 # Section: internal snapshots (VM state + disks, inside the qcow2 images)
