@@ -325,7 +325,7 @@ class Facts:
     alive: bool
     jobs: Mapping[str, JobFact] = field(default_factory=dict)
     nodes: frozenset[str] = frozenset()
-    files: frozenset[str] = frozenset()  # filenames some live node has open
+    files: Mapping[str, str] = field(default_factory=dict)  # node → the file it has open
     chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # device → nodes
 
 
@@ -431,8 +431,10 @@ def plan(intent: Intent, facts: Facts) -> Plan:
         present = tuple(n for n in intent.drop_nodes if n in facts.nodes)
         if present:
             actions.append(DeleteNodes(present))
-        if intent.delete_files:
-            actions.append(DeleteFiles(tuple(f for f in intent.drop_files if f not in facts.files)))
+        used = _in_use(facts, present)
+        unused = tuple(f for f in intent.drop_files if f not in used)
+        if intent.delete_files and unused:
+            actions.append(DeleteFiles(unused))
         actions.extend(restore)
         for device in intent.devices:
             actions.append(
@@ -487,6 +489,12 @@ def _unchanged(intent: Intent) -> str:
     return "The chain is unchanged and reads as before."
 
 
+def _in_use(facts: Facts, deleting: Sequence[str]) -> set[str]:
+    """Files some node keeps open, apart from the nodes about to be deleted."""
+    gone = set(deleting)
+    return {f for node, f in facts.files.items() if node not in gone}
+
+
 def _rollback(intent: Intent, facts: Facts) -> tuple[Action, ...]:
     """Undo a snapshot's additions that are not in any chain."""
     in_chains = {n for chain in facts.chains.values() for n in chain}
@@ -495,7 +503,8 @@ def _rollback(intent: Intent, facts: Facts) -> tuple[Action, ...]:
     actions: list[Action] = []
     if stale:
         actions.append(DeleteNodes(stale))
-    files = tuple(f for f in intent.created_files if f not in facts.files)
+    used = _in_use(facts, stale)
+    files = tuple(f for f in intent.created_files if f not in used)
     if files:
         actions.append(DeleteFiles(files))
     return tuple(actions)

@@ -98,7 +98,7 @@ async def read_facts(vm: VM) -> Facts:
         alive=True,
         jobs=jobs,
         nodes=frozenset(graph.nodes),
-        files=frozenset(str(n.filename) for n in graph.nodes.values() if n.filename),
+        files={n.name: str(n.filename) for n in graph.nodes.values() if n.filename},
         chains={
             d.id: tuple(n.name for n in graph.chain_of(d.id))
             for d in graph.devices.values()

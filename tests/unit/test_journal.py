@@ -112,7 +112,7 @@ def facts(
         alive=True,
         jobs=jobs or {},
         nodes=frozenset(nodes),
-        files=frozenset(files),
+        files={f"n{i}": f for i, f in enumerate(files)},
         chains={"disk0": chain},
     )
 
@@ -221,7 +221,18 @@ def test_files_are_deleted_only_when_asked_and_not_open() -> None:
     p = j.plan(active_commit(Step.CONCLUDED), facts(("top", "base"), files=FILES[1:]))
     assert DeleteFiles((FILES[0],)) in p.actions
     p = j.plan(active_commit(Step.CONCLUDED), facts(("top", "base"), files=FILES))
-    assert DeleteFiles(()) in p.actions
+    assert not [a for a in p.actions if isinstance(a, DeleteFiles)]
+    # The file of a node being deleted is not "in use".
+    p = j.plan(
+        active_commit(Step.CONCLUDED),
+        Facts(
+            alive=True,
+            nodes=frozenset({"top", "base", "ov", "ov-file"}),
+            files={"ov-file": FILES[0], "top": FILES[1]},
+            chains={"disk0": ("top", "base")},
+        ),
+    )
+    assert p.actions[:2] == (DeleteNodes(("ov", "ov-file")), DeleteFiles((FILES[0],)))
 
 
 def test_pre_state_is_not_done_and_says_what_base_holds() -> None:
