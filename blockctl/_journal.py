@@ -84,6 +84,7 @@ class DeviceChains:
     after: tuple[str, ...]
     files_before: tuple[str, ...]
     files_after: tuple[str, ...]
+    formats_before: tuple[str, ...] = ()  # each layer's format driver, for an offline relink
 
     def to_json(self) -> Json:
         return {
@@ -91,6 +92,7 @@ class DeviceChains:
             "after": list(self.after),
             "files_before": list(self.files_before),
             "files_after": list(self.files_after),
+            "formats_before": list(self.formats_before),
         }
 
     @classmethod
@@ -100,6 +102,7 @@ class DeviceChains:
             after=tuple(data["after"]),
             files_before=tuple(data["files_before"]),
             files_after=tuple(data["files_after"]),
+            formats_before=tuple(data.get("formats_before", ())),
         )
 
 
@@ -360,13 +363,23 @@ class ReopenReadOnly:
 
 
 @dataclass(frozen=True, slots=True)
+class Relink:
+    """Offline (QEMU gone): point ``path`` back at ``backing`` (``qemu-img rebase -u``)."""
+
+    path: str
+    fmt: str
+    backing: str
+    backing_fmt: str
+
+
+@dataclass(frozen=True, slots=True)
 class UpdateRegistry:
     device: str
     remove: tuple[str, ...]
     add: tuple[Json, ...]
 
 
-Action = AdoptJob | DeleteNodes | DeleteFiles | ReopenReadOnly | UpdateRegistry
+Action = AdoptJob | DeleteNodes | DeleteFiles | ReopenReadOnly | UpdateRegistry | Relink
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -529,6 +542,25 @@ def _diverged(intent: Intent, facts: Facts, what: str, note: str) -> Plan:
     )
 
 
+def _relinks(intent: Intent) -> tuple[Relink, ...]:
+    """Stream and intermediate commit: once the job may have run, restore the backing link of
+    the image above the dropped layers to the first of them (qemu-facts F1: those layers are
+    only read by the job, so the old chain reads the same data, flushed or not)."""
+    if intent.kind is OpKind.SNAPSHOT or intent.active:
+        return ()
+    if intent.step.order < Step.STARTING.order:
+        return ()
+    links = []
+    for chains in intent.devices.values():
+        files, fmts = chains.files_before, chains.formats_before
+        dropped = [i for i, f in enumerate(files) if f not in chains.files_after]
+        if not dropped or len(fmts) != len(files) or dropped[0] == 0:
+            continue
+        above = dropped[0] - 1
+        links.append(Relink(files[above], fmts[above], files[above + 1], fmts[above + 1]))
+    return tuple(links)
+
+
 def _plan_gone(intent: Intent, what: str) -> Plan:
     """QEMU is gone: say which file is each device's top now, and what is not known."""
     tops: dict[str, str] = {}
@@ -558,10 +590,18 @@ def _plan_gone(intent: Intent, what: str) -> Plan:
             notes.append("the base may hold part of the committed data (not a point in time)")
     elif took_effect:
         notes.append("the job had finished; the dropped layers are no longer in the chain")
+    relinks = _relinks(intent)
+    if relinks:
+        notes.append(
+            "a finished stream or intermediate commit rewrites the backing link before QEMU "
+            "flushes the copied data's metadata, so the image above the dropped layers is "
+            "pointed back at them (they are unchanged by the job; nothing is lost either way): "
+            + ", ".join(f"{Path(r.path).name} → {Path(r.backing).name}" for r in relinks)
+        )
     chain_text = "; ".join(f"{d}: top {f}" for d, f in tops.items())
     return Plan(
         verdict=Verdict.QEMU_GONE,
-        actions=(),
+        actions=relinks,
         tops=tops,
         message=(
             f"{what} was interrupted at step {intent.step.value}: QEMU is gone. "
@@ -590,6 +630,7 @@ def _chains(before: Sequence[GraphNode], after: Sequence[GraphNode]) -> DeviceCh
         after=tuple(n.name for n in after),
         files_before=tuple(str(n.filename) for n in before),
         files_after=tuple(str(n.filename) for n in after),
+        formats_before=tuple(n.driver for n in before),
     )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from blockctl import _journal, _runtime
+from blockctl import _images, _journal, _runtime
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
 from blockctl._journal import (
     AdoptJob,
@@ -29,6 +29,7 @@ from blockctl._journal import (
     Facts,
     Intent,
     JobFact,
+    Relink,
     ReopenReadOnly,
     Step,
     Unreadable,
@@ -40,6 +41,7 @@ from blockctl._machine import VM, attach
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobStatus
 from blockctl.errors import BlockctlError, CommandFailed, JobError, UnsafeOperation
+from blockctl.types import ImageFormat
 
 _log = get_logger()
 
@@ -231,15 +233,31 @@ async def _act(vm: VM, action: _journal.Action) -> str:
             raise AssertionError(action)
 
 
-def reconcile_offline(run_dir: Path) -> list[Recovery]:
+async def reconcile_offline(run_dir: Path) -> list[Recovery]:
     """QEMU is gone: report each record (which file is each device's top on disk now, and
-    what is uncertain), then drop it: it has been reported, and QEMU cannot be asked."""
+    what is uncertain), repair the backing links a finished job may have left unflushed
+    (:class:`~blockctl._journal.Relink`), then drop the record: it has been reported, and
+    QEMU cannot be asked."""
     results = []
     for item in _journal.load_all(run_dir):
         if isinstance(item, Unreadable):
             results.append(_unreadable(item))
             continue
         plan = _journal.plan(item, Facts(alive=False))
+        done = []
+        for action in plan.actions:
+            assert isinstance(action, Relink)
+            try:
+                formats = ImageFormat(action.fmt), ImageFormat(action.backing_fmt)
+            except ValueError:
+                formats = None
+            if formats is None or not Path(action.backing).exists():
+                done.append(f"{action.path} could not be relinked to {action.backing}")
+                continue
+            await _images.rebase(
+                Path(action.path), formats[0], Path(action.backing), formats[1], unsafe=True
+            )
+            done.append(f"{action.path} backs onto {action.backing} again")
         results.append(
             Recovery(
                 op_id=item.id,
@@ -249,6 +267,7 @@ def reconcile_offline(run_dir: Path) -> list[Recovery]:
                 verdict=Verdict.QEMU_GONE,
                 message=plan.message,
                 tops=dict(plan.tops),
+                done=tuple(done),
             )
         )
         _journal.remove(run_dir, item.id)
@@ -276,7 +295,7 @@ async def recover_vm(
     """``blockctl recover``: (QEMU alive, the journal's recoveries, backup recovery notes)."""
     record = _runtime.read_record(name)
     if not _runtime.is_alive(record):
-        return False, reconcile_offline(Path(record.run_dir)), []
+        return False, await reconcile_offline(Path(record.run_dir)), []
     async with attach(name) as vm:
         results = await reconcile(vm, deadline=deadline, forget=forget)
         notes: list[str] = []

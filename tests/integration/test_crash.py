@@ -257,6 +257,10 @@ async def test_qemu_killed_mid_operation_chain_reads_the_same(
         assert found.step == step
         assert "QEMU is gone" in found.message
         assert layer_name(found.tops["disk0"]) == top, found
+        if kind == "stream" and step == "concluded":
+            # The job had rewritten the backing link; the metadata of the copied data may not
+            # have reached the disk (seen: the top then read zeros). Relinked to the old chain.
+            assert any("backs onto" in d for d in found.done), found
     on_disk = Path(found.tops["disk0"])
     # A new QEMU on the images as they are now.
     config = base_config(guest, Drive(file=on_disk, format=ImageFormat.QCOW2))

@@ -337,3 +337,15 @@ def test_the_planner_never_deletes_what_a_chain_uses(
         assert tuple(chain) == intent.devices["disk0"].after
     if p.verdict is None:
         assert jobs
+
+
+def test_qemu_gone_after_a_stream_or_commit_job_relinks_the_old_chain() -> None:
+    fmts = {"formats_before": ("qcow2", "qcow2", "raw")}
+    chains = replace(commit_intermediate().devices["disk0"], **fmts)
+    intent = commit_intermediate(Step.CONCLUDED, devices={"disk0": chains})
+    p = j.plan(intent, Facts(alive=False))
+    assert p.actions == (j.Relink(FILES[0], "qcow2", FILES[1], "qcow2"),)
+    assert p.tops == {"disk0": FILES[0]}
+    # Before the job could run there is nothing to relink; an active commit never is.
+    assert j.plan(replace(intent, step=Step.PLANNED), Facts(alive=False)).actions == ()
+    assert j.plan(replace(active_commit(Step.CONCLUDED)), Facts(alive=False)).actions == ()
