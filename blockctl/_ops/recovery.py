@@ -15,10 +15,13 @@ runs it too when given the repository.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from blockctl import _images, _journal, _runtime
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
@@ -37,7 +40,7 @@ from blockctl._journal import (
     Verdict,
 )
 from blockctl._log import get_logger
-from blockctl._machine import VM, attach
+from blockctl._machine import VM, _pidfd_exited, attach
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobStatus
 from blockctl.errors import BlockctlError, CommandFailed, JobError, UnsafeOperation
@@ -289,12 +292,27 @@ async def settle(vm: VM) -> None:
         )
 
 
+async def _exited(pid: int, timeout: float = 10.0) -> None:
+    """Wait until a QEMU that is no longer running has also closed its files (a killed
+    process loses its command line before it releases its image locks)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # already reaped
+    try:
+        with anyio.move_on_after(timeout):  # a reused PID: do not wait for a stranger
+            await _pidfd_exited(pidfd).wait()
+    finally:
+        os.close(pidfd)
+
+
 async def recover_vm(
     name: str, *, repo: Path | None = None, deadline: float = 600.0, forget: bool = False
 ) -> tuple[bool, list[Recovery], list[str]]:
     """``blockctl recover``: (QEMU alive, the journal's recoveries, backup recovery notes)."""
     record = _runtime.read_record(name)
     if not _runtime.is_alive(record):
+        await _exited(record.pid)
         return False, await reconcile_offline(Path(record.run_dir)), []
     async with attach(name) as vm:
         results = await reconcile(vm, deadline=deadline, forget=forget)

@@ -1,10 +1,11 @@
-"""A controller that dies: attach to VM, run one chain operation, kill -9 itself at a step.
+"""A controller that dies: attach to VM, run one operation, kill -9 itself at a step.
 
 ``python -m tests.integration.crash_child VM KIND STEP JSON`` — KIND is ``commit``,
-``stream`` or ``snapshot``; STEP a :class:`blockctl._journal.Step` value; JSON the
-operation's keyword arguments. The process SIGKILLs itself right after the journal record for
-STEP is on disk (``_journal.FAILPOINT``): the crash point is exact, never a race. Exit code 3:
-the operation ended without reaching STEP (the test fails on it).
+``stream``, ``snapshot`` or ``backup``; STEP a :class:`blockctl._journal.Step` value (for a
+backup: a job status); JSON the operation's keyword arguments. The process SIGKILLs itself
+right after the journal record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup,
+when its job reaches that status (a job hook): the crash point is exact, never a race. Exit
+code 3: the operation ended without reaching STEP (the test fails on it).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 import anyio
 
 from blockctl import _journal
+from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._machine import attach
-from blockctl._ops import chains
+from blockctl._ops import backup, chains
 
 
 def die_at(kind: str, step: str) -> None:
@@ -30,9 +32,29 @@ def die_at(kind: str, step: str) -> None:
     _journal.FAILPOINT = failpoint
 
 
+class DieAt:
+    """A job hook: SIGKILL this process when a job reaches ``status`` (before the driver
+    acts on it: a concluded job is then neither read nor dismissed)."""
+
+    def __init__(self, status: str) -> None:
+        self.status = JobStatus(status)
+
+    def on_transition(self, transition: JobTransition) -> None:
+        if transition.status is self.status:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_progress(self, progress: JobProgress) -> None:
+        pass
+
+
 async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
     async with attach(vm_name) as vm:
-        if kind == "commit":
+        if kind == "backup":
+            kwargs.pop("device")
+            repo = kwargs.pop("repo")
+            mode = backup.BackupKind(kwargs.pop("mode"))
+            await backup.backup(vm, repo, kind=mode, hooks=(DieAt(kwargs.pop("status")),))
+        elif kind == "commit":
             await chains.commit(vm, **kwargs)
         elif kind == "stream":
             await chains.stream(vm, **kwargs)
@@ -44,5 +66,6 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
 if __name__ == "__main__":
     name, op_kind, at, args = sys.argv[1:5]
     die_at(op_kind, at)
-    anyio.run(main, name, op_kind, json.loads(args), backend="asyncio")
+    extra = {"status": at} if op_kind == "backup" else {}
+    anyio.run(main, name, op_kind, {**json.loads(args), **extra}, backend="asyncio")
     sys.exit(3)

@@ -32,13 +32,23 @@ import pytest
 
 from blockctl import GuestImage, _journal, open_vm
 from blockctl._images import check
+from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._machine import attach, launch_detached, shutdown_detached
+from blockctl._ops import backup as bk
 from blockctl._ops import chains, recovery
 from blockctl._qmp import wire
 from blockctl.errors import BlockctlError
 from blockctl.types import Drive, ImageFormat
 from tests.figures import report
-from tests.integration.conftest import MIB, base_config, image_bytes, pattern, raw_image, run
+from tests.integration.conftest import (
+    MIB,
+    base_config,
+    image_bytes,
+    pattern,
+    qcow2_image,
+    raw_image,
+    run,
+)
 
 pytestmark = pytest.mark.guest
 
@@ -127,14 +137,15 @@ async def recover_cli(name: str) -> dict[str, Any]:
     return data
 
 
-async def offline_check(files: list[Path | str], layers: int) -> None:
+async def offline_check(files: list[Path | str], layers: int, *, data: bytes | None = None) -> None:
     for f in files:
         if str(f).endswith(".qcow2"):
             result = await check(Path(f), ImageFormat.QCOW2)
             assert (result.check_errors, result.corruptions) == (0, 0), (f, result)
     top = Path(files[0])
     fmt = "qcow2" if top.suffix == ".qcow2" else "raw"
-    assert await image_bytes(top, fmt, DISK) == expected(layers), f"{top} reads other data"
+    want = expected(layers) if data is None else data
+    assert await image_bytes(top, fmt, DISK) == want, f"{top} reads other data"
 
 
 # Section: the controller is killed
@@ -171,30 +182,71 @@ def layer_name(path: str) -> str:
     return stem.rsplit("-", 1)[-1] if stem.startswith("crashc-") else stem
 
 
-async def test_controller_killed_at_each_step_is_adopted_and_finished(
-    guest: GuestImage, images: Path
+async def run_controller_cases(
+    guest: GuestImage, images: Path, cases: list[tuple[str, str, dict[str, Any], str, list[str]]]
 ) -> None:
     files = await make_chain(images, 5)
     async with detached(guest, "crashc", files[0]) as run_dir:
-        for kind, step, kwargs, verdict, after in CONTROLLER_CASES:
+        for kind, step, kwargs, verdict, after in cases:
             by_file = {layer_name(f): f for f in await chain_files("crashc")}
             args = {k: by_file.get(v, v) if k in ("top", "base") else v for k, v in kwargs.items()}
             if kind == "snapshot":
                 args["directory"] = str(images)
             await kill_controller_at("crashc", kind, step, device="disk0", **args)
-            if kind == "snapshot":
-                args.pop("directory")
             assert list(run_dir.glob("journal-*")), "the killed controller left no record"
             data = await recover_cli("crashc")
             [op] = data["operations"]
             assert (op["kind"], op["step"], op["verdict"]) == (kind, step, verdict), op
             chain = await assert_clean("crashc", run_dir)
             assert [layer_name(f) for f in chain] == after, (kind, step, chain)
-            SURVIVED["controller"].append(f"{kind}@{step}")
+            active = kind == "commit" and "top" not in kwargs
+            SURVIVED["controller"].append(f"{'active-' if active else ''}{kind}@{step}")
         # Nothing left unused on disk by the snapshot cases that did not happen.
-        assert sorted(p.name for p in images.glob("crashc-*")) == ["crashc-disk0-k3.qcow2"]
+        kept = {
+            f"crashc-disk0-{kw['tag']}.qcow2"
+            for k, _s, kw, v, _a in cases
+            if k == "snapshot" and v == "finished"
+        }
+        assert {p.name for p in images.glob("crashc-*")} == kept
         final = [Path(f) for f in await chain_files("crashc")]
     await offline_check(list(final), 5)
+
+
+async def test_controller_killed_at_each_step_is_adopted_and_finished(
+    guest: GuestImage, images: Path
+) -> None:
+    await run_controller_cases(guest, images, CONTROLLER_CASES)
+
+
+#: The longer tier: the steps before a job exists (nothing may be left half-done), and an
+#: active commit killed mid-job before READY.
+LONG_CONTROLLER_CASES: list[tuple[str, str, dict[str, Any], str, list[str]]] = [
+    (
+        "commit",
+        "planned",
+        {"top": "L2", "base": "L1"},
+        "not-done",
+        ["L5", "L4", "L3", "L2", "L1", "base"],
+    ),
+    (
+        "commit",
+        "starting",
+        {"top": "L2", "base": "L1"},
+        "not-done",
+        ["L5", "L4", "L3", "L2", "L1", "base"],
+    ),
+    ("stream", "planned", {"base": "L2"}, "not-done", ["L5", "L4", "L3", "L2", "L1", "base"]),
+    ("stream", "starting", {"base": "L2"}, "not-done", ["L5", "L4", "L3", "L2", "L1", "base"]),
+    ("commit", "starting", {}, "not-done", ["L5", "L4", "L3", "L2", "L1", "base"]),
+    ("commit", "running", {"speed": SLOW}, "finished", ["L4", "L3", "L2", "L1", "base"]),
+    ("snapshot", "switching", {"tag": "k4"}, "not-done", ["L4", "L3", "L2", "L1", "base"]),
+    ("commit", "concluded", {}, "finished", ["L3", "L2", "L1", "base"]),
+]
+
+
+@pytest.mark.long
+async def test_controller_killed_before_any_job_exists(guest: GuestImage, images: Path) -> None:
+    await run_controller_cases(guest, images, LONG_CONTROLLER_CASES)
 
 
 # Section: QEMU is killed
@@ -218,7 +270,9 @@ async def kill_qemu_during(name: str, kind: str, step: str, operation: Any, **kw
             _journal.FAILPOINT = None
 
 
-#: (kind, step, kwargs (layer names), layers in the chain, the top on disk afterwards)
+#: (kind, step, kwargs (layer names), layers in the chain, the top on disk afterwards, long).
+#: No active commit killed "mid-job": a mirror copies a small disk in one burst whatever its
+#: speed limit, so whether QEMU dies before or after READY would be a race.
 QEMU_CASES: list[tuple[str, str, dict[str, Any], int, str, bool]] = [
     ("commit", "planned", {"top": "L1", "base": "base"}, 2, "L2", False),
     ("commit", "running", {"top": "L1", "base": "base", "speed": SLOW}, 2, "L2", False),
@@ -226,6 +280,9 @@ QEMU_CASES: list[tuple[str, str, dict[str, Any], int, str, bool]] = [
     ("stream", "running", {"speed": SLOW}, 2, "L2", False),
     ("stream", "concluded", {}, 2, "L2", False),
     ("commit", "concluded", {}, 2, "L1", True),
+    ("commit", "concluded", {"top": "L1", "base": "base"}, 2, "L2", True),
+    ("commit", "starting", {"top": "L1", "base": "base"}, 2, "L2", True),
+    ("stream", "starting", {}, 2, "L2", True),
 ]
 
 
@@ -268,7 +325,88 @@ async def test_qemu_killed_mid_operation_chain_reads_the_same(
         chain = (await chains.list_external(vm))["disk0"]
         assert await recovery.reconcile(vm) == []
     await offline_check(list(chain), layers)
-    SURVIVED["qemu"].append(f"{kind}@{step}")
+    active = kind == "commit" and "top" not in kwargs
+    SURVIVED["qemu"].append(f"{'active-' if active else ''}{kind}@{step}")
+
+
+# Section: backups (their record is the repository; recovery is backup.recover)
+
+
+async def restored(repo: Path, vm: str, backup_id: str, out: Path) -> bytes:
+    dest = out / f"{backup_id}.raw"
+    await bk.restore(repo, vm, backup_id, "disk0", dest, ImageFormat.RAW)
+    data = dest.read_bytes()
+    dest.unlink()
+    return data
+
+
+async def test_backup_controller_killed_with_its_job_concluded(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Killed after the job concluded but before it was read, dismissed and recorded: the
+    data is all there, but no manifest. A fresh ``blockctl recover --repo`` dismisses the
+    job, removes the directory (never listed as a backup) and drops the bitmaps; the next
+    backup is full and restores the disk exactly."""
+    disk = await qcow2_image(images / "b.qcow2", pattern(3, DISK), DISK)
+    repo = tmp_path / "repo"
+    async with detached(guest, "crashb", disk):
+        async with attach("crashb") as vm:
+            first = await bk.backup(vm, repo, kind=bk.BackupKind.FULL)
+        await kill_controller_at(
+            "crashb", "backup", "concluded", device="disk0", repo=str(repo), mode="incremental"
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        argv = [sys.executable, "-m", "blockctl", "recover", "crashb", "--repo", str(repo)]
+        done = await anyio.run_process([*argv, "--json"], check=False, env=env, cwd=ROOT)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        notes = json.loads(done.stdout)["backup"]
+        assert any("had ended" in n for n in notes), notes
+        assert any("removed incomplete backup" in n for n in notes), notes
+        assert [m.id for m in bk.Repository(root=repo, vm="crashb").manifests()] == [first.id]
+        async with attach("crashb") as vm:
+            assert await wire.query_jobs(vm.session) == ()
+            again = await bk.backup(vm, repo)
+        assert again.kind is bk.BackupKind.FULL
+    assert await restored(repo, "crashb", again.id, tmp_path) == pattern(3, DISK)
+    await offline_check([disk], 0, data=pattern(3, DISK))
+    SURVIVED["controller"].append("backup@concluded")
+
+
+async def test_backup_qemu_killed_mid_job(guest: GuestImage, images: Path, tmp_path: Path) -> None:
+    """QEMU killed while a throttled backup copies: the disk reads the same after a restart,
+    the half-written backup is never listed, and the next backup is full and exact."""
+    disk = await qcow2_image(images / "q.qcow2", pattern(4, DISK), DISK)
+    repo = tmp_path / "repo"
+    async with detached(guest, "crashbq", disk), attach("crashbq") as vm:
+        first = await bk.backup(vm, repo, kind=bk.BackupKind.FULL)
+        pid = vm.pid or 0
+
+        class KillQemu:
+            def on_transition(self, transition: JobTransition) -> None:
+                if transition.status is JobStatus.RUNNING:
+                    os.kill(pid, signal.SIGKILL)
+
+            def on_progress(self, progress: JobProgress) -> None:
+                pass
+
+        lost = False
+        try:
+            await bk.backup(vm, repo, kind=bk.BackupKind.FULL, speed=SLOW, hooks=(KillQemu(),))
+        except* BlockctlError:  # ConnectionLost, possibly inside the job wait's task group
+            lost = True
+        assert lost
+    await offline_check([disk], 0, data=pattern(4, DISK))
+    config = base_config(guest, Drive(file=disk, format=ImageFormat.QCOW2), name="crashbq")
+    async with open_vm(config, console=False) as vm:
+        again = await bk.backup(vm, repo)
+    assert again.kind is bk.BackupKind.FULL
+    assert again.fallback_reason is not None
+    assert [m.id for m in bk.Repository(root=repo, vm="crashbq").manifests()] == [
+        first.id,
+        again.id,
+    ]
+    assert await restored(repo, "crashbq", again.id, tmp_path) == pattern(4, DISK)
+    SURVIVED["qemu"].append("backup@running")
 
 
 def test_zz_report_crash_figures() -> None:
