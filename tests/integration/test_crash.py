@@ -37,7 +37,7 @@ from blockctl._machine import attach, launch_detached, shutdown_detached
 from blockctl._ops import backup as bk
 from blockctl._ops import chains, recovery
 from blockctl._qmp import wire
-from blockctl.errors import BlockctlError
+from blockctl.errors import BlockctlError, VMExists
 from blockctl.types import Drive, ImageFormat
 from tests.figures import report
 from tests.integration.conftest import (
@@ -307,6 +307,10 @@ async def test_qemu_killed_mid_operation_chain_reads_the_same(
     operation = chains.commit if kind == "commit" else chains.stream
     async with detached(guest, "crashq", files[0]):
         await kill_qemu_during("crashq", kind, step, operation, **args)
+        # The dead VM's run dir holds the record: a new VM of that name must not wipe it.
+        again = base_config(guest, Drive(file=files[0], format=ImageFormat.QCOW2), name="crashq")
+        with pytest.raises(VMExists, match="blockctl recover crashq"):
+            await launch_detached(again)
         alive, [found], notes = await recovery.recover_vm("crashq")
         assert not alive
         assert notes == []
