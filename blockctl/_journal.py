@@ -403,7 +403,6 @@ _ACTIVE_JOB = frozenset(
         JobStatus.PENDING,
         JobStatus.ABORTING,
         JobStatus.CONCLUDED,
-        JobStatus.NULL,
     }
 )
 
@@ -414,7 +413,7 @@ def plan(intent: Intent, facts: Facts) -> Plan:
     if not facts.alive:
         return _plan_gone(intent, what)
     job = facts.jobs.get(intent.job_id) if intent.job_id else None
-    if job is not None:
+    if job is not None and job.status is not JobStatus.NULL:  # NULL: being dismissed = gone
         if job.status in _ACTIVE_JOB:
             complete = intent.kind is OpKind.COMMIT and intent.active
             return Plan(
@@ -433,12 +432,6 @@ def plan(intent: Intent, facts: Facts) -> Plan:
         )
     states = {d: _state(facts.chains.get(d, ()), c) for d, c in intent.devices.items()}
     restore = tuple(ReopenReadOnly(d, n) for d, n in intent.read_only_after if n in facts.nodes)
-    if intent.error is not None:
-        return Plan(
-            verdict=Verdict.FAILED,
-            actions=(*_rollback(intent, facts), *restore),
-            message=f"{what} failed: {intent.error}. {_unchanged(intent)}",
-        )
     if states and all(s == "after" for s in states.values()):
         actions: list[Action] = []
         present = tuple(n for n in intent.drop_nodes if n in facts.nodes)
@@ -464,6 +457,14 @@ def plan(intent: Intent, facts: Facts) -> Plan:
             verdict=Verdict.FINISHED,
             actions=tuple(actions),
             message=f"{what}: done ({by}cleanup completed by recovery)",
+        )
+    # A failed job never changes the graph: the post-state above wins over a recorded error
+    # (e.g. "outcome unknown" when someone else dismissed the job).
+    if intent.error is not None:
+        return Plan(
+            verdict=Verdict.FAILED,
+            actions=(*_rollback(intent, facts), *restore),
+            message=f"{what} failed: {intent.error}. {_unchanged(intent)}",
         )
     if states and all(s == "before" for s in states.values()):
         if intent.step is Step.CONCLUDED:

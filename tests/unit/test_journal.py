@@ -349,3 +349,11 @@ def test_qemu_gone_after_a_stream_or_commit_job_relinks_the_old_chain() -> None:
     # Before the job could run there is nothing to relink; an active commit never is.
     assert j.plan(replace(intent, step=Step.PLANNED), Facts(alive=False)).actions == ()
     assert j.plan(replace(active_commit(Step.CONCLUDED)), Facts(alive=False)).actions == ()
+
+
+def test_the_graph_wins_over_a_recorded_error_and_a_dismissed_job_is_gone() -> None:
+    intent = commit_intermediate(Step.RUNNING, error="job vanished; outcome unknown")
+    assert j.plan(intent, facts(("ov", "base"))).verdict is Verdict.FINISHED
+    being_dismissed = {"bc-commit-1-abc": JobFact(status=JobStatus.NULL, error=None)}
+    p = j.plan(commit_intermediate(), facts(("ov", "base"), jobs=being_dismissed))
+    assert p.verdict is Verdict.FINISHED
