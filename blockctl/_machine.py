@@ -28,7 +28,7 @@ from typing import IO, Any
 import anyio
 from anyio.abc import SocketStream
 
-from blockctl import _binaries, _images, _proc, _runtime
+from blockctl import _binaries, _images, _journal, _proc, _runtime
 from blockctl._accel import AccelChoice, choose_accel
 from blockctl._argv import (
     ConsoleFd,
@@ -513,6 +513,12 @@ def _make_run_dir(name: str | None) -> Path:
                 name,
                 f"a VM named {name!r} is already running (pid {record.pid}); "
                 f"`blockctl down {name}` first",
+            ) from None
+        if _journal.load_all(run_dir):  # never drop an unreported interrupted operation
+            raise VMExists(
+                name,
+                f"VM {name!r} died in the middle of an operation (journal records in {run_dir}): "
+                f"`blockctl recover {name}` reports and repairs it; then start it again",
             ) from None
         # A leftover of a VM that died without cleaning up: QEMU is gone, so reuse the name.
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -41,7 +41,7 @@ from blockctl._machine import (
 )
 from blockctl._ops import apply as apply_ops
 from blockctl._ops import backup as backup_ops
-from blockctl._ops import chains, drives
+from blockctl._ops import chains, drives, recovery
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import BlockctlError, ConfigError, QuiesceFailed
 from blockctl.types import (
@@ -1139,6 +1139,33 @@ class Jobs(Command):
         return 0
 
 
+class RecoverCommand(Command):
+    name = "recover"
+    help = "finish or report operations a stopped controller left (the journal vs QEMU)"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm")
+        parser.add_argument("--repo", type=Path, help="also recover backups into this repository")
+        parser.add_argument(
+            "--forget", action="store_true", help="drop records that need attention (checked)"
+        )
+        parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+
+    async def run(self, args: argparse.Namespace) -> int:
+        alive, results, notes = await recovery.recover_vm(
+            args.vm, repo=args.repo, deadline=args.timeout, forget=args.forget
+        )
+        data = {
+            "qemu_running": alive,
+            "operations": [r.to_json() for r in results],
+            "backup": notes,
+        }
+        lines = [f"{r.verdict.value}: {r.message}" for r in results]
+        lines += [f"backup: {n}" for n in notes]
+        emit(args, data, "\n".join(lines) or "nothing to recover")
+        return 1 if any(r.kept for r in results) else 0
+
+
 class BackupCommand(Command):
     name = "backup"
     help = (
@@ -1431,6 +1458,7 @@ COMMANDS: tuple[type[Command], ...] = (
     CommitCommand,
     StreamCommand,
     Jobs,
+    RecoverCommand,
     BackupCommand,
     RestoreCommand,
     AgentCommand,

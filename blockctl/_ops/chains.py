@@ -33,12 +33,13 @@ from typing import Any
 
 import anyio
 
-from blockctl import _images
+from blockctl import _images, _journal
 from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, quiesced, require_agent
 from blockctl._graph import BlockGraph, GraphNode, NodeRole
 from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, error_policy, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
+from blockctl._ops import recovery
 from blockctl._qmp import wire
 from blockctl._registry import DriveRecord
 from blockctl.errors import (
@@ -133,6 +134,7 @@ async def external_snapshot(
     _check_tag(tag)
     require_agent(vm, quiesce)
     await vm.require("transaction", "blockdev-snapshot", "blockdev-add")
+    await recovery.settle(vm)
     graph = await read_graph(vm)
     chosen = _writable_disks(graph, devices)
     if not chosen:
@@ -161,6 +163,7 @@ async def external_snapshot(
         while f"{prefix}-s{k}" in taken:
             k += 1
         plans.append((device, top, overlay, f"{prefix}-s{k}"))
+    op = _journal.begin(vm, _journal.snapshot_intent(vm.name, tag, graph, plans))
     created: list[Path] = []
     added: list[str] = []
     try:
@@ -187,6 +190,7 @@ async def external_snapshot(
                 {"driver": "qcow2", "node-name": name, "file": f"{name}-file", "backing": None},
             )
             added.append(name)
+        op.step(_journal.Step.SWITCHING)
         async with quiesced(
             vm, quiesce, operation="external snapshot", freeze_deadline=freeze_deadline
         ) as point:
@@ -209,7 +213,14 @@ async def external_snapshot(
                     _log.warning("blockctl.snapshot.overlay_kept", overlay=str(path))
                     continue  # never unlink an image QEMU has open
                 path.unlink(missing_ok=True)
+            if in_use:
+                # The snapshot happened: the record stays and the next reconcile (any chain
+                # operation, or blockctl recover) finds the post-state and finishes it.
+                op.step(_journal.Step.CONCLUDED)
+            else:
+                op.abandoned()
         raise
+    op.step(_journal.Step.CONCLUDED)
     for device, top, overlay, name in plans:
         record = _record_of(vm, device)
         if record is not None:
@@ -222,6 +233,7 @@ async def external_snapshot(
                 "backing": top.name,
             }
             vm.registry.put(replace(record, nodes=(*record.nodes, file_opts, fmt_opts)))
+    op.finished()
     _log.info("blockctl.snapshot.external", vm=vm.name, tag=tag, devices=[p[0] for p in plans])
     return ExternalSnapshot(
         tag=tag,
@@ -431,6 +443,7 @@ async def commit(
     """
     await vm.require("block-commit", "blockdev-reopen", "job-dismiss")
     policy = error_policy(on_error)
+    await recovery.settle(vm)
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     top_i = 0 if top is None else _index(chain, top, device, "top")
@@ -452,12 +465,25 @@ async def commit(
             "seen from here.)"
         )
     active = top_i == 0
+    op = _journal.begin(
+        vm,
+        _journal.chain_intent(
+            vm.name,
+            _journal.OpKind.COMMIT,
+            device,
+            graph,
+            top=top_i,
+            base=base_i,
+            delete_files=delete_files,
+        ),
+    )
     await _set_read_only(vm, device, graph, base_node, False)
     if not active:
         # The overlay above top gets its backing-file name rewritten: it must be writable.
         await _set_read_only(vm, device, graph, chain[top_i - 1], False)
 
     async def start(job_id: str) -> None:
+        op.starting(job_id)
         await wire.block_commit(
             vm.session,
             job_id=job_id,
@@ -469,13 +495,16 @@ async def commit(
         )
 
     try:
-        async with start_job(
-            vm.session, "commit", start, target=base_node.name, speed=speed, hooks=hooks
-        ) as job:
+        async with (
+            op.watch(),
+            start_job(
+                vm.session, "commit", start, target=base_node.name, speed=speed, hooks=hooks
+            ) as job,
+        ):
             result = await job.wait(
                 complete_on_ready=True,
                 deadline=deadline,
-                hooks=hooks,
+                hooks=(*hooks, op),
                 pause_timeout=pause_timeout,
                 retries=policy.retries,
             )
@@ -494,7 +523,7 @@ async def commit(
         base=base_node.name,
         active=active,
     )
-    return await _finish(
+    done = await _finish(
         vm,
         device,
         graph,
@@ -503,6 +532,8 @@ async def commit(
         result,
         new_top=base_node.name if active else None,
     )
+    op.finished()
+    return done
 
 
 async def stream(
@@ -522,6 +553,7 @@ async def stream(
     ``on_error``/``pause_timeout`` as for :func:`commit`."""
     await vm.require("block-stream", "job-dismiss")
     policy = error_policy(on_error)
+    await recovery.settle(vm)
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     if len(chain) < 2:
@@ -530,8 +562,21 @@ async def stream(
     if base_i == 0:
         raise ConfigError("base", "the base must be below the active layer")
     base_name = None if base is None else chain[base_i].name
+    op = _journal.begin(
+        vm,
+        _journal.chain_intent(
+            vm.name,
+            _journal.OpKind.STREAM,
+            device,
+            graph,
+            top=0,
+            base=base_i,
+            delete_files=delete_files,
+        ),
+    )
 
     async def start(job_id: str) -> None:
+        op.starting(job_id)
         await wire.block_stream(
             vm.session,
             job_id=job_id,
@@ -541,17 +586,22 @@ async def stream(
             on_error=policy.value,
         )
 
-    async with start_job(
-        vm.session, "stream", start, target=chain[0].name, speed=speed, hooks=hooks
-    ) as job:
+    async with (
+        op.watch(),
+        start_job(
+            vm.session, "stream", start, target=chain[0].name, speed=speed, hooks=hooks
+        ) as job,
+    ):
         result = await job.wait(
             complete_on_ready=False,
             deadline=deadline,
-            hooks=hooks,
+            hooks=(*hooks, op),
             pause_timeout=pause_timeout,
             retries=policy.retries,
         )
-    return await _finish(vm, device, graph, list(chain[1:base_i]), delete_files, result)
+    done = await _finish(vm, device, graph, list(chain[1:base_i]), delete_files, result)
+    op.finished()
+    return done
 
 
 # Section: internal snapshots (VM state + disks, inside the qcow2 images)

@@ -1,0 +1,327 @@
+"""Crash recovery: reconcile the operation journal against QEMU, and carry the plan out.
+
+The decisions are :func:`blockctl._journal.plan`'s (pure, unit-tested); this module reads the
+facts from QEMU (``query-jobs``, ``query-named-block-nodes``, ``query-block``), runs the
+actions, and returns one :class:`Recovery` per journaled operation. QEMU is the source of
+truth: the record says what was intended, QEMU says what happened.
+
+Entry points: :func:`reconcile` (a live VM; also run at the start of the next chain
+operation, :func:`settle`), :func:`reconcile_offline` (QEMU is gone: report from the record)
+and :func:`recover_vm` (by name, either case; ``blockctl recover VM``). Backups keep their own
+record (the repository) and their own :func:`blockctl._ops.backup.recover`; ``recover_vm``
+runs it too when given the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from blockctl import _images, _journal, _runtime
+from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
+from blockctl._journal import (
+    AdoptJob,
+    DeleteFiles,
+    DeleteNodes,
+    Facts,
+    Intent,
+    JobFact,
+    Relink,
+    ReopenReadOnly,
+    Step,
+    Unreadable,
+    UpdateRegistry,
+    Verdict,
+)
+from blockctl._log import get_logger
+from blockctl._machine import VM, _pidfd_exited, attach
+from blockctl._qmp import wire
+from blockctl._qmp.models import JOB_FINAL, JobStatus
+from blockctl.errors import BlockctlError, CommandFailed, JobError, UnsafeOperation
+from blockctl.types import ImageFormat
+
+_log = get_logger()
+
+#: Plan/act rounds per record: adopt the job, then finish (a third round is a safety margin).
+_ROUNDS = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recovery:
+    """What recovery found and did about one interrupted operation."""
+
+    op_id: str
+    kind: str
+    what: str
+    step: str  # how far the stopped controller had got
+    verdict: Verdict
+    message: str
+    done: tuple[str, ...] = ()  # the actions carried out, for the log and --json
+    tops: dict[str, str] = field(default_factory=dict)  # QEMU gone: device → top file on disk
+    kept: bool = False  # the record stays (needs attention)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.op_id,
+            "kind": self.kind,
+            "what": self.what,
+            "step": self.step,
+            "verdict": self.verdict.value,
+            "message": self.message,
+            "done": list(self.done),
+            "tops": self.tops,
+            "kept": self.kept,
+        }
+
+
+def _unreadable(item: Unreadable) -> Recovery:
+    return Recovery(
+        op_id=item.path.name,
+        kind="?",
+        what=str(item.path),
+        step="?",
+        verdict=Verdict.ATTENTION,
+        message=f"{item.path}: unreadable journal record ({item.reason}); it was kept",
+        kept=True,
+    )
+
+
+async def read_facts(vm: VM) -> Facts:
+    from blockctl._ops import chains  # chains runs settle() first: imported late
+
+    graph = await chains.read_graph(vm)
+    jobs = {
+        j.id: JobFact(status=j.status, error=j.error) for j in await wire.query_jobs(vm.session)
+    }
+    return Facts(
+        alive=True,
+        jobs=jobs,
+        nodes=frozenset(graph.nodes),
+        files={n.name: str(n.filename) for n in graph.nodes.values() if n.filename},
+        chains={
+            d.id: tuple(n.name for n in graph.chain_of(d.id))
+            for d in graph.devices.values()
+            if d.root is not None
+        },
+    )
+
+
+async def reconcile(
+    vm: VM,
+    *,
+    deadline: float = 600.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    forget: bool = False,
+) -> list[Recovery]:
+    """Reconcile every journaled operation of ``vm`` (a live QEMU). ``forget``: drop the
+    records that need attention too (after the operator checked them)."""
+    results = []
+    for item in _journal.load_all(vm.run_dir):
+        if isinstance(item, Unreadable):
+            if forget:
+                item.path.unlink(missing_ok=True)
+            results.append(replace(_unreadable(item), kept=not forget))
+            continue
+        results.append(await _reconcile_one(vm, item, deadline, hooks, forget))
+    for r in results:
+        _log.warning(
+            "blockctl.recovery", vm=vm.name, op=r.op_id, verdict=r.verdict.value, message=r.message
+        )
+    return results
+
+
+async def _reconcile_one(
+    vm: VM, intent: Intent, deadline: float, hooks: Sequence[JobHook], forget: bool
+) -> Recovery:
+    assert vm.run_dir is not None
+    first_step = intent.step.value
+    done: list[str] = []
+    plan = _journal.plan(intent, await read_facts(vm))
+    for _ in range(_ROUNDS):
+        if plan.verdict is not None:
+            break
+        for action in plan.actions:
+            assert isinstance(action, AdoptJob)
+            intent = await _adopt(vm, intent, action, deadline, hooks)
+            done.append(f"adopted job {action.job_id}: {intent.error or 'succeeded'}")
+            _journal.write(vm.run_dir, intent)
+        plan = _journal.plan(intent, await read_facts(vm))
+    verdict, message = plan.verdict or Verdict.ATTENTION, plan.message
+    keep = not plan.forget
+    try:
+        for action in plan.actions:
+            done.append(await _act(vm, action))
+    except BlockctlError as exc:
+        verdict, keep = Verdict.ATTENTION, True
+        message = f"{message}; recovery could not finish: {exc} (run `blockctl recover` again)"
+    if keep and not forget:
+        _journal.write(vm.run_dir, intent)
+    else:
+        _journal.remove(vm.run_dir, intent.id)
+    return Recovery(
+        op_id=intent.id,
+        kind=intent.kind.value,
+        what=intent.describe(),
+        step=first_step,
+        verdict=verdict,
+        message=message,
+        done=tuple(done),
+        tops=dict(plan.tops),
+        kept=keep and not forget,
+    )
+
+
+async def _adopt(
+    vm: VM, intent: Intent, action: AdoptJob, deadline: float, hooks: Sequence[JobHook]
+) -> Intent:
+    """Drive the dead controller's job to its end (at full speed), and record the outcome."""
+    info = next((j for j in await wire.query_jobs(vm.session) if j.id == action.job_id), None)
+    if info is None:
+        return intent  # gone meanwhile: the next plan reads the graph
+    job = Job(vm.session, info.id, job_type=info.type, auto_finalize=None, status=info.status)
+    if info.status not in JOB_FINAL:
+        with contextlib.suppress(CommandFailed):
+            await job.set_speed(0)  # the dead controller's limit was for its own pacing
+    if action.complete and info.status is JobStatus.READY:
+        await job.complete()
+    if info.status is JobStatus.PENDING:  # waits for job-finalize (auto-finalize: false)
+        with contextlib.suppress(CommandFailed):
+            await wire.job_finalize(vm.session, job.id)
+    try:
+        await job.wait(complete_on_ready=action.complete, deadline=deadline, hooks=hooks)
+    except JobError as exc:
+        return replace(intent, error=str(exc))
+    return replace(intent, step=Step.CONCLUDED)
+
+
+async def _act(vm: VM, action: _journal.Action) -> str:
+    from blockctl._ops import chains
+
+    match action:
+        case DeleteNodes(names):
+            present = {n.node_name for n in await vm.block_nodes()}
+            for name in names:
+                if name in present:
+                    await wire.blockdev_del(vm.session, name)
+            return f"deleted nodes {', '.join(names)}"
+        case DeleteFiles(paths):
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
+            return f"deleted files {', '.join(paths)}"
+        case ReopenReadOnly(device, node):
+            graph = await chains.read_graph(vm)
+            if node in graph.nodes:
+                await chains._set_read_only(vm, device, graph, graph.nodes[node], True)
+            return f"{node} read-only again"
+        case UpdateRegistry(device, remove, add):
+            record = vm.registry.drives.get(device)
+            if record is None:
+                return f"{device}: not in the drive registry"
+            graph = await chains.read_graph(vm)
+            have = {str(n["node-name"]) for n in record.nodes}
+            nodes = [n for n in record.nodes if n["node-name"] not in remove]
+            nodes += [dict(a) for a in add if a["node-name"] not in have]
+            nodes = [
+                {**n, "backing": graph.nodes[str(n["node-name"])].backing}
+                if "backing" in n and str(n["node-name"]) in graph.nodes
+                else n
+                for n in nodes
+            ]
+            vm.registry.put(replace(record, nodes=tuple(nodes)))
+            return f"{device}: drive registry updated"
+        case _:
+            raise AssertionError(action)
+
+
+async def reconcile_offline(run_dir: Path) -> list[Recovery]:
+    """QEMU is gone: report each record (which file is each device's top on disk now, and
+    what is uncertain), repair the backing links a finished job may have left unflushed
+    (:class:`~blockctl._journal.Relink`), then drop the record: it has been reported, and
+    QEMU cannot be asked."""
+    results = []
+    for item in _journal.load_all(run_dir):
+        if isinstance(item, Unreadable):
+            results.append(_unreadable(item))
+            continue
+        plan = _journal.plan(item, Facts(alive=False))
+        done = []
+        for action in plan.actions:
+            assert isinstance(action, Relink)
+            try:
+                formats = ImageFormat(action.fmt), ImageFormat(action.backing_fmt)
+            except ValueError:
+                formats = None
+            if formats is None or not Path(action.backing).exists():
+                done.append(f"{action.path} could not be relinked to {action.backing}")
+                continue
+            await _images.rebase(
+                Path(action.path), formats[0], Path(action.backing), formats[1], unsafe=True
+            )
+            done.append(f"{action.path} backs onto {action.backing} again")
+        results.append(
+            Recovery(
+                op_id=item.id,
+                kind=item.kind.value,
+                what=item.describe(),
+                step=item.step.value,
+                verdict=Verdict.QEMU_GONE,
+                message=plan.message,
+                tops=dict(plan.tops),
+                done=tuple(done),
+            )
+        )
+        _journal.remove(run_dir, item.id)
+        _log.warning("blockctl.recovery", op=item.id, verdict="qemu-gone", message=plan.message)
+    return results
+
+
+async def settle(vm: VM) -> None:
+    """Before a chain operation: finish or report what an earlier controller left.
+
+    :raise UnsafeOperation: a record needs attention (the graph is in neither state).
+    """
+    if not _journal.load_all(vm.run_dir):
+        return
+    stuck = [r for r in await reconcile(vm) if r.verdict is Verdict.ATTENTION]
+    if stuck:
+        raise UnsafeOperation(
+            "an interrupted operation needs attention first: " + "; ".join(r.message for r in stuck)
+        )
+
+
+async def _exited(pid: int, timeout: float = 10.0) -> None:
+    """Wait until a QEMU that is no longer running has also closed its files (a killed
+    process loses its command line before it releases its image locks)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # already reaped
+    try:
+        with anyio.move_on_after(timeout):  # a reused PID: do not wait for a stranger
+            await _pidfd_exited(pidfd).wait()
+    finally:
+        os.close(pidfd)
+
+
+async def recover_vm(
+    name: str, *, repo: Path | None = None, deadline: float = 600.0, forget: bool = False
+) -> tuple[bool, list[Recovery], list[str]]:
+    """``blockctl recover``: (QEMU alive, the journal's recoveries, backup recovery notes)."""
+    record = _runtime.read_record(name)
+    if not _runtime.is_alive(record):
+        await _exited(record.pid)
+        return False, await reconcile_offline(Path(record.run_dir)), []
+    async with attach(name) as vm:
+        results = await reconcile(vm, deadline=deadline, forget=forget)
+        notes: list[str] = []
+        if repo is not None:
+            from blockctl._ops import backup
+
+            notes = await backup.recover(vm, repo)
+    return True, results, notes

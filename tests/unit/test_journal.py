@@ -1,0 +1,359 @@
+"""The operation journal: atomic records, and the pure reconcile planner (QEMU is the truth)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blockctl import _journal as j
+from blockctl._jobs import JobTransition
+from blockctl._journal import (
+    AdoptJob,
+    DeleteFiles,
+    DeleteNodes,
+    DeviceChains,
+    Facts,
+    Intent,
+    JobFact,
+    OpKind,
+    ReopenReadOnly,
+    Step,
+    UpdateRegistry,
+    Verdict,
+)
+from blockctl._qmp.models import JobStatus
+
+# disk0: overlay "ov" (ov.qcow2) → "top" (top.qcow2) → "base" (base.raw)
+BEFORE = ("ov", "top", "base")
+FILES = ("/i/ov.qcow2", "/i/top.qcow2", "/i/base.raw")
+
+
+def commit_intermediate(step: Step = Step.RUNNING, **kw: object) -> Intent:
+    base = Intent(
+        id="commit-1",
+        kind=OpKind.COMMIT,
+        vm="vm",
+        step=step,
+        job_id="bc-commit-1-abc",
+        devices={
+            "disk0": DeviceChains(
+                before=BEFORE,
+                after=("ov", "base"),
+                files_before=FILES,
+                files_after=(FILES[0], FILES[2]),
+            )
+        },
+        drop_nodes=("top", "top-file"),
+        drop_files=(FILES[1],),
+        read_only_after=(("disk0", "base"),),
+        what="commit of top.qcow2 into base.raw on disk0",
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def active_commit(step: Step) -> Intent:
+    return Intent(
+        id="commit-2",
+        kind=OpKind.COMMIT,
+        vm="vm",
+        step=step,
+        job_id="bc-commit-2-abc",
+        active=True,
+        devices={
+            "disk0": DeviceChains(
+                before=BEFORE, after=("top", "base"), files_before=FILES, files_after=FILES[1:]
+            )
+        },
+        drop_nodes=("ov", "ov-file"),
+        drop_files=(FILES[0],),
+        delete_files=True,
+    )
+
+
+def snapshot(step: Step) -> Intent:
+    return Intent(
+        id="snapshot-1",
+        kind=OpKind.SNAPSHOT,
+        vm="vm",
+        step=step,
+        devices={
+            "disk0": DeviceChains(
+                before=BEFORE,
+                after=("new", *BEFORE),
+                files_before=FILES,
+                files_after=("/i/new.qcow2", *FILES),
+            )
+        },
+        add_nodes={
+            "disk0": (
+                {"driver": "file", "node-name": "new-file", "filename": "/i/new.qcow2"},
+                {"driver": "qcow2", "node-name": "new", "file": "new-file", "backing": "ov"},
+            )
+        },
+        created_files=("/i/new.qcow2",),
+    )
+
+
+def facts(
+    chain: tuple[str, ...],
+    *,
+    jobs: dict[str, JobFact] | None = None,
+    extra: tuple[str, ...] = (),
+    files: tuple[str, ...] = (),
+) -> Facts:
+    nodes = {*chain, *(f"{n}-file" for n in chain), *extra}
+    return Facts(
+        alive=True,
+        jobs=jobs or {},
+        nodes=frozenset(nodes),
+        files={f"n{i}": f for i, f in enumerate(files)},
+        chains={"disk0": chain},
+    )
+
+
+# Section: storage
+
+
+def test_records_are_written_atomically_0600_and_read_back(tmp_path: Path) -> None:
+    intent = commit_intermediate()
+    j.write(tmp_path, intent)
+    path = j.path_of(tmp_path, intent.id)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert j.load_all(tmp_path) == [intent]
+    assert json.loads(path.read_text())["step"] == "running"
+    assert not list(tmp_path.glob("*.tmp"))
+    j.remove(tmp_path, intent.id)
+    assert j.load_all(tmp_path) == []
+
+
+def test_a_torn_temporary_file_is_ignored_and_a_bad_record_reported(tmp_path: Path) -> None:
+    (tmp_path / "journal-x.tmp").write_text("{")  # a write that never got renamed
+    (tmp_path / "journal-y.json").write_text('{"version": 99}')
+    found = j.load_all(tmp_path)
+    assert len(found) == 1
+    assert isinstance(found[0], j.Unreadable)
+    assert "version" in found[0].reason
+    assert not (tmp_path / "journal-x.tmp").exists()
+
+
+def test_op_handle_records_steps_and_leaves_nothing_when_finished(tmp_path: Path) -> None:
+    seen: list[Step] = []
+    lost = False
+    j.FAILPOINT = lambda i: seen.append(i.step)
+    try:
+        op = j.Op(tmp_path, commit_intermediate(Step.PLANNED), lambda: lost)
+        op.starting("bc-commit-9-000000")
+        op.on_transition(
+            JobTransition(
+                job_id="bc-commit-9-000000",
+                job_type="commit",
+                status=JobStatus.RUNNING,
+                previous=JobStatus.CREATED,
+                seconds=0,
+            )
+        )
+        assert j.load_all(tmp_path)[0] == op.intent
+        op.abandoned()  # raised with QEMU still there: the caller has the error
+        assert j.load_all(tmp_path) == []
+        op = j.Op(tmp_path, commit_intermediate(Step.PLANNED), lambda: lost)
+        lost = True
+        op.abandoned()  # QEMU gone: kept for the report
+        assert len(j.load_all(tmp_path)) == 1
+        op.finished()
+        assert j.load_all(tmp_path) == []
+    finally:
+        j.FAILPOINT = None
+    assert seen == [Step.PLANNED, Step.STARTING, Step.RUNNING, Step.PLANNED]
+
+
+def test_no_run_dir_means_no_journal() -> None:
+    op = j.Op(None, commit_intermediate(), lambda: False)
+    op.step(Step.CONCLUDED)
+    op.finished()
+
+
+# Section: the planner
+
+
+def test_a_running_job_is_adopted_and_an_active_commit_completed() -> None:
+    running = {"bc-commit-1-abc": JobFact(status=JobStatus.RUNNING, error=None)}
+    p = j.plan(commit_intermediate(), facts(BEFORE, jobs=running))
+    assert p.verdict is None
+    assert p.actions == (AdoptJob("bc-commit-1-abc", complete=False),)
+    ready = {"bc-commit-2-abc": JobFact(status=JobStatus.READY, error=None)}
+    p = j.plan(active_commit(Step.READY), facts(BEFORE, jobs=ready))
+    assert p.actions == (AdoptJob("bc-commit-2-abc", complete=True),)
+
+
+def test_a_paused_job_needs_attention_and_nothing_is_touched() -> None:
+    paused = {"bc-commit-1-abc": JobFact(status=JobStatus.PAUSED, error=None)}
+    p = j.plan(commit_intermediate(), facts(BEFORE, jobs=paused))
+    assert p.verdict is Verdict.ATTENTION
+    assert p.actions == ()
+    assert not p.forget
+
+
+def test_post_state_finishes_the_cleanup_the_dead_controller_did_not_do() -> None:
+    # The job finished (graph rewired) but "top" was never blockdev-del'd.
+    p = j.plan(commit_intermediate(Step.RUNNING), facts(("ov", "base"), extra=("top", "top-file")))
+    assert p.verdict is Verdict.FINISHED
+    assert p.actions == (
+        DeleteNodes(("top", "top-file")),
+        ReopenReadOnly("disk0", "base"),
+        UpdateRegistry("disk0", ("top", "top-file"), ()),
+    )
+    assert "QEMU finished it" in p.message
+    # Already deleted (the controller died after blockdev-del): only the registry is left.
+    p = j.plan(commit_intermediate(Step.CONCLUDED), facts(("ov", "base")))
+    assert p.actions == (
+        ReopenReadOnly("disk0", "base"),
+        UpdateRegistry("disk0", ("top", "top-file"), ()),
+    )
+
+
+def test_files_are_deleted_only_when_asked_and_not_open() -> None:
+    p = j.plan(active_commit(Step.CONCLUDED), facts(("top", "base"), files=FILES[1:]))
+    assert DeleteFiles((FILES[0],)) in p.actions
+    p = j.plan(active_commit(Step.CONCLUDED), facts(("top", "base"), files=FILES))
+    assert not [a for a in p.actions if isinstance(a, DeleteFiles)]
+    # The file of a node being deleted is not "in use".
+    p = j.plan(
+        active_commit(Step.CONCLUDED),
+        Facts(
+            alive=True,
+            nodes=frozenset({"top", "base", "ov", "ov-file"}),
+            files={"ov-file": FILES[0], "top": FILES[1]},
+            chains={"disk0": ("top", "base")},
+        ),
+    )
+    assert p.actions[:2] == (DeleteNodes(("ov", "ov-file")), DeleteFiles((FILES[0],)))
+
+
+def test_pre_state_is_not_done_and_says_what_base_holds() -> None:
+    p = j.plan(commit_intermediate(Step.PLANNED), facts(BEFORE))
+    assert p.verdict is Verdict.NOT_DONE
+    assert "stopped before changing anything" in p.message
+    assert p.actions == (ReopenReadOnly("disk0", "base"),)
+    p = j.plan(commit_intermediate(Step.RUNNING), facts(BEFORE))
+    assert p.verdict is Verdict.NOT_DONE
+    assert "no longer a point in time" in p.message
+
+
+def test_a_failed_adopted_job_is_reported_failed() -> None:
+    intent = commit_intermediate(Step.RUNNING, error="commit job failed: EIO")
+    p = j.plan(intent, facts(BEFORE))
+    assert p.verdict is Verdict.FAILED
+    assert "EIO" in p.message
+
+
+def test_snapshot_rollback_and_completion() -> None:
+    # Overlays added, switch never sent: the added nodes and the created file go.
+    p = j.plan(snapshot(Step.SWITCHING), facts(BEFORE, extra=("new", "new-file")))
+    assert p.verdict is Verdict.NOT_DONE
+    assert p.actions == (DeleteNodes(("new", "new-file")), DeleteFiles(("/i/new.qcow2",)))
+    # Switched: the registry learns the new nodes.
+    p = j.plan(snapshot(Step.SWITCHING), facts(("new", *BEFORE)))
+    assert p.verdict is Verdict.FINISHED
+    assert p.actions == (UpdateRegistry("disk0", (), snapshot(Step.PLANNED).add_nodes["disk0"]),)
+
+
+def test_anything_else_is_reported_and_kept() -> None:
+    p = j.plan(commit_intermediate(), facts(("ov",)))
+    assert p.verdict is Verdict.ATTENTION
+    assert not p.forget
+    assert p.actions == ()
+    p = j.plan(commit_intermediate(Step.CONCLUDED), facts(BEFORE))
+    assert p.verdict is Verdict.ATTENTION
+
+
+@pytest.mark.parametrize(
+    ("intent", "top", "note"),
+    [
+        (commit_intermediate(Step.RUNNING), FILES[0], "interrupted"),
+        (commit_intermediate(Step.CONCLUDED), FILES[0], "had finished"),
+        (active_commit(Step.RUNNING), FILES[0], "part of the committed data"),
+        (active_commit(Step.READY), FILES[0], "READY"),
+        (active_commit(Step.CONCLUDED), FILES[1], "had finished"),
+        (snapshot(Step.PLANNED), FILES[0], "never switched"),
+        (snapshot(Step.SWITCHING), "/i/new.qcow2", ""),
+    ],
+)
+def test_qemu_gone_reports_the_top_on_disk(intent: Intent, top: str, note: str) -> None:
+    p = j.plan(intent, Facts(alive=False))
+    assert p.verdict is Verdict.QEMU_GONE
+    assert p.tops == {"disk0": top}
+    assert note in p.message
+    assert p.actions == ()
+
+
+NAMES = st.sampled_from(["ov", "top", "base", "new", "x"])
+
+
+@given(
+    intent=st.sampled_from(
+        [
+            *(commit_intermediate(s) for s in Step),
+            *(active_commit(s) for s in Step),
+            *(snapshot(s) for s in Step),
+        ]
+    ),
+    chain=st.lists(NAMES, max_size=4, unique=True),
+    extra=st.lists(st.sampled_from(["top", "ov", "new", "new-file", "top-file"]), max_size=3),
+    files=st.lists(st.sampled_from([*FILES, "/i/new.qcow2"]), max_size=4),
+    job=st.none() | st.sampled_from(list(JobStatus)),
+    error=st.none() | st.just("boom"),
+)
+def test_the_planner_never_deletes_what_a_chain_uses(
+    intent: Intent,
+    chain: list[str],
+    extra: list[str],
+    files: list[str],
+    job: JobStatus | None,
+    error: str | None,
+) -> None:
+    """Whatever QEMU reports, no node in a live chain and no open file is ever deleted, and
+    an operation is finished only when QEMU shows its result."""
+    jobs = (
+        {}
+        if job is None or intent.job_id is None
+        else {intent.job_id: JobFact(status=job, error=None)}
+    )
+    if error is not None:
+        intent = replace(intent, error=error)
+    f = facts(tuple(chain), jobs=jobs, extra=tuple(extra), files=tuple(files))
+    p = j.plan(intent, f)
+    for action in p.actions:
+        if isinstance(action, DeleteNodes):
+            assert not set(action.names) & set(chain)
+        if isinstance(action, DeleteFiles):
+            assert not set(action.paths) & set(files)
+    if p.verdict is Verdict.FINISHED:
+        assert tuple(chain) == intent.devices["disk0"].after
+    if p.verdict is None:
+        assert jobs
+
+
+def test_qemu_gone_after_a_stream_or_commit_job_relinks_the_old_chain() -> None:
+    fmts = {"formats_before": ("qcow2", "qcow2", "raw")}
+    chains = replace(commit_intermediate().devices["disk0"], **fmts)
+    intent = commit_intermediate(Step.CONCLUDED, devices={"disk0": chains})
+    p = j.plan(intent, Facts(alive=False))
+    assert p.actions == (j.Relink(FILES[0], "qcow2", FILES[1], "qcow2"),)
+    assert p.tops == {"disk0": FILES[0]}
+    # Before the job could run there is nothing to relink; an active commit never is.
+    assert j.plan(replace(intent, step=Step.PLANNED), Facts(alive=False)).actions == ()
+    assert j.plan(replace(active_commit(Step.CONCLUDED)), Facts(alive=False)).actions == ()
+
+
+def test_the_graph_wins_over_a_recorded_error_and_a_dismissed_job_is_gone() -> None:
+    intent = commit_intermediate(Step.RUNNING, error="job vanished; outcome unknown")
+    assert j.plan(intent, facts(("ov", "base"))).verdict is Verdict.FINISHED
+    being_dismissed = {"bc-commit-1-abc": JobFact(status=JobStatus.NULL, error=None)}
+    p = j.plan(commit_intermediate(), facts(("ov", "base"), jobs=being_dismissed))
+    assert p.verdict is Verdict.FINISHED
