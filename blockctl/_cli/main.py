@@ -1484,12 +1484,30 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     return parser, commands
 
 
+def _check_single_values(args: argparse.Namespace) -> None:
+    """A positional argument that takes one value must hold one value. Python 3.11's argparse
+    drops a literal ``--`` given as such a value and hands the command an empty list (found by
+    the injection property test: ``attach VM -- '' --``)."""
+    for name, value in vars(args).items():
+        if name in SINGLE_POSITIONALS and isinstance(value, list):
+            raise ConfigError(
+                name,
+                "'--' cannot be given as a value here (the argument parser drops it); "
+                "use a path such as ./--",
+            )
+
+
+#: Positional arguments that take exactly one value, in any command.
+SINGLE_POSITIONALS = frozenset({"vm", "file", "device", "dest", "backup_id", "job", "tag"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     started = time.monotonic()
     try:
+        _check_single_values(args)
         return anyio.run(commands[args.subcommand].run, args, backend="asyncio")
     except BlockctlError as exc:
         first, _, rest = str(exc).partition("\n")
