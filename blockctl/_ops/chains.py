@@ -366,6 +366,24 @@ def _shared_users(
     return sorted(set(others))
 
 
+async def flush_chain(vm: VM, device: str) -> bool:
+    """Flush every node blockctl opened for ``device`` to stable storage.
+
+    QMP has no flush command; ``blockdev-reopen`` flushes each node it reopens before
+    anything else, so the nodes are reopened with the complete options they have now
+    (nothing changes). False when blockctl did not open the device (nothing was flushed).
+    """
+    record = _record_of(vm, device)
+    if record is None or not record.nodes:
+        _log.warning("blockctl.chain.flush_skipped", vm=vm.name, device=device)
+        return False
+    present = {n.node_name for n in await vm.block_nodes()}
+    options = [dict(n) for n in record.nodes if n["node-name"] in present]
+    if options:
+        await wire.blockdev_reopen(vm.session, options)
+    return bool(options)
+
+
 async def _finish(
     vm: VM,
     device: str,
@@ -384,9 +402,6 @@ async def _finish(
         for name in _subtree(graph_before, layer):
             await wire.blockdev_del(vm.session, name)
             removed.append(name)
-        if delete_files and layer.filename is not None:
-            Path(layer.filename).unlink(missing_ok=True)
-            files.append(layer.filename)
     after = await read_graph(vm)
     record = _record_of(vm, device)
     if record is not None:
@@ -399,6 +414,14 @@ async def _finish(
             for n in nodes
         )
         vm.registry.put(replace(record, nodes=nodes))
+    dropped_files = [layer.filename for layer in dropped if layer.filename is not None]
+    if delete_files and dropped_files:
+        # The copied data and the new backing links may still sit in QEMU's caches: make
+        # them durable before the only other copy goes.
+        await flush_chain(vm, device)
+        for filename in dropped_files:
+            Path(filename).unlink(missing_ok=True)
+            files.append(filename)
     return ChainResult(
         device=device,
         job=result,

@@ -211,6 +211,9 @@ async def _act(vm: VM, action: _journal.Action) -> str:
                     await wire.blockdev_del(vm.session, name)
             return f"deleted nodes {', '.join(names)}"
         case DeleteFiles(paths):
+            # Make what the surviving chains hold durable before the old layers go.
+            for device in list(vm.registry.drives):
+                await chains.flush_chain(vm, device)
             for path in paths:
                 Path(path).unlink(missing_ok=True)
             return f"deleted files {', '.join(paths)}"
