@@ -377,10 +377,14 @@ async def flush_chain(vm: VM, device: str) -> bool:
     if record is None or not record.nodes:
         _log.warning("blockctl.chain.flush_skipped", vm=vm.name, device=device)
         return False
-    present = {n.node_name for n in await vm.block_nodes()}
-    options = [dict(n) for n in record.nodes if n["node-name"] in present]
+    graph = await read_graph(vm)
+    # The chain's format nodes and their protocol nodes only (filters on top may not support
+    # reopening, and hold no data of their own).
+    names = {name for layer in graph.chain_of(device) for name in _subtree(graph, layer)}
+    options = [dict(n) for n in record.nodes if n["node-name"] in names]
     if options:
         await wire.blockdev_reopen(vm.session, options)
+        _log.info("blockctl.chain.flushed", vm=vm.name, device=device, nodes=len(options))
     return bool(options)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from blockctl import GuestImage, LaunchedVM, open_vm
 from blockctl._images import check
@@ -121,8 +122,12 @@ async def test_snapshot_commit_stream_under_writing_guest(guest: GuestImage, ima
         streamed = await chains.stream(vm, "disk1")
         assert streamed.chain == ("drv1-s1",)
         # Active commit of disk0's overlay into base, READY → pivot, while writes go on.
-        active = await chains.commit(vm, "disk0", delete_files=True)
+        with capture_logs() as logs:
+            active = await chains.commit(vm, "disk0", delete_files=True)
         assert active.chain == ("drv0-b1",)
+        # The surviving chain was flushed (reopened) before the overlay's file went.
+        flushed = [e for e in logs if e["event"] == "blockctl.chain.flushed"]
+        assert [(e["device"], e["nodes"]) for e in flushed] == [("disk0", 2)]
         assert active.removed_files == (str(snap.overlays["disk0"]),)
         assert not snap.overlays["disk0"].exists()
         assert "ready" in [t.value for t in active.job.transitions]
