@@ -18,7 +18,10 @@ own small client on a raw socket, not ``qemu.qmp``:
 thaw runs in a shielded ``finally`` on every path (error, cancellation, the freeze deadline), the
 freeze count is checked against what the guest has mounted, and the thaw is verified with
 ``guest-fsfreeze-status``. qemu-ga never thaws by itself, disconnecting does not thaw, and it
-ignores SIGTERM while frozen: a guest left frozen stays frozen.
+ignores SIGTERM while frozen: a guest left frozen stays frozen. So a freeze is recorded in the
+VM's run dir before it is sent (``freeze-<id>.json``, removed after a verified thaw): a
+controller killed in between leaves the record, and :func:`plan_thaw` (pure) decides what
+reconcile (:mod:`blockctl._ops.recovery`) does about it.
 
 Only this module spells qemu-ga command names (tests/unit/test_hygiene.py checks it).
 """
@@ -574,7 +577,13 @@ async def _frozen(
     frozen_at: float | None = None
     # Before the freeze is sent: a controller killed from here on leaves this record, and the
     # next reconcile thaws the guest (see plan_thaw). Gone only after a verified thaw.
-    record = _write_freeze_record(run_dir, operation, mountpoints)
+    try:
+        record = _write_freeze_record(run_dir, operation, mountpoints)
+    except OSError as exc:
+        raise QuiesceFailed(
+            f"{agent.label}: could not record the freeze in {run_dir} ({exc.strerror}); "
+            "nothing was frozen"
+        ) from exc
     try:
         count = await agent.fsfreeze_freeze(mountpoints, timeout=freeze_timeout)
         frozen_at = time.monotonic()
