@@ -18,7 +18,10 @@ own small client on a raw socket, not ``qemu.qmp``:
 thaw runs in a shielded ``finally`` on every path (error, cancellation, the freeze deadline), the
 freeze count is checked against what the guest has mounted, and the thaw is verified with
 ``guest-fsfreeze-status``. qemu-ga never thaws by itself, disconnecting does not thaw, and it
-ignores SIGTERM while frozen: a guest left frozen stays frozen.
+ignores SIGTERM while frozen: a guest left frozen stays frozen. So a freeze is recorded in the
+VM's run dir before it is sent (``freeze-<id>.json``, removed after a verified thaw): a
+controller killed in between leaves the record, and :func:`plan_thaw` (pure) decides what
+reconcile (:mod:`blockctl._ops.recovery`) does about it.
 
 Only this module spells qemu-ga command names (tests/unit/test_hygiene.py checks it).
 """
@@ -33,7 +36,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ import anyio
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from blockctl import _journal
 from blockctl._log import get_logger
 from blockctl._machine import AGENT_SOCKET, VM
 from blockctl.errors import (  # re-exported for callers of this module
@@ -61,13 +65,21 @@ __all__ = [
     "AgentInfo",
     "Filesystem",
     "FsDisk",
+    "FreezeRecord",
     "FreezeStatus",
     "GuestAgent",
     "Quiesce",
     "Quiesced",
+    "ThawPlan",
+    "ThawStep",
     "agent_socket",
     "coerce_quiesce",
     "connect_agent",
+    "load_freeze_records",
+    "plan_thaw",
+    "process_start",
+    "remove_dead_freeze_records",
+    "writer_alive",
     "quiesced",
     "require_agent",
 ]
@@ -526,6 +538,7 @@ async def quiesced(
             return
         async with _frozen(
             agent,
+            run_dir=vm.run_dir,
             mode=mode,
             operation=operation,
             mountpoints=mountpoints,
@@ -540,6 +553,7 @@ async def quiesced(
 async def _frozen(
     agent: GuestAgent,
     *,
+    run_dir: Path | None,
     mode: Quiesce,
     operation: str,
     mountpoints: Sequence[str] | None,
@@ -561,9 +575,20 @@ async def _frozen(
     count = 0
     started = time.monotonic()
     frozen_at: float | None = None
+    # Before the freeze is sent: a controller killed from here on leaves this record, and the
+    # next reconcile thaws the guest (see plan_thaw). Gone only after a verified thaw.
+    try:
+        record = _write_freeze_record(run_dir, operation, mountpoints)
+    except OSError as exc:
+        raise QuiesceFailed(
+            f"{agent.label}: could not record the freeze in {run_dir} ({exc.strerror}); "
+            "nothing was frozen"
+        ) from exc
     try:
         count = await agent.fsfreeze_freeze(mountpoints, timeout=freeze_timeout)
         frozen_at = time.monotonic()
+        if FAILPOINT is not None:
+            FAILPOINT("frozen")
         log.info(
             "blockctl.agent.freeze",
             count=count,
@@ -590,6 +615,8 @@ async def _frozen(
     finally:
         with anyio.CancelScope(shield=True):
             await _thaw(agent, log, frozen=count, frozen_at=frozen_at, timeout=timeout)
+            if record is not None:  # not reached when the thaw failed: the record stays
+                _journal.remove_durably(record)
 
 
 async def _thaw(
@@ -637,3 +664,193 @@ async def _thaw(
         raise ThawFailed(f"{agent.label}: the agent still reports {status.value} after thawing")
     if thawed != frozen:
         log.warning("blockctl.agent.thaw_count_differs", thawed=thawed, frozen=frozen)
+
+
+# Section: the freeze record (crash safety of a freeze)
+
+#: ``<run dir>/freeze-<id>.json``: a freeze by a controller that has not thawed yet.
+FREEZE_PREFIX = "freeze-"
+
+#: Test hook: called with ``"frozen"`` right after the freeze returned and its count was
+#: checked (crash tests SIGKILL the process here: the guest is then frozen, nobody thaws).
+FAILPOINT: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FreezeRecord:
+    """A controller is freezing (or has frozen) the guest for ``operation``. ``pid`` and
+    ``pid_start`` (the process's start time in clock ticks since boot, ``/proc/PID/stat``)
+    identify the writer, so a reused PID is not mistaken for it."""
+
+    path: Path
+    operation: str
+    pid: int
+    pid_start: int | None
+    started: float
+    mountpoints: tuple[str, ...] | None
+
+    @property
+    def id(self) -> str:
+        return self.path.stem
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "operation": self.operation,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "started": self.started,
+            "mountpoints": None if self.mountpoints is None else list(self.mountpoints),
+        }
+
+    @classmethod
+    def from_json(cls, path: Path, data: Mapping[str, Any]) -> FreezeRecord:
+        if data.get("version") != 1:
+            raise ValueError(f"freeze record version {data.get('version')!r}, expected 1")
+        points = data.get("mountpoints")
+        start = data.get("pid_start")
+        return cls(
+            path=path,
+            operation=str(data["operation"]),
+            pid=int(data["pid"]),
+            pid_start=None if start is None else int(start),
+            started=float(data["started"]),
+            mountpoints=None if points is None else tuple(str(p) for p in points),
+        )
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot), None if there is none."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat_line[stat_line.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])  # field 22 overall
+    except (IndexError, ValueError):
+        return None
+
+
+def writer_alive(record: FreezeRecord) -> bool:
+    """The process that wrote ``record`` still runs (same PID and same start time)."""
+    start = process_start(record.pid)
+    return start is not None and start == record.pid_start
+
+
+def _write_freeze_record(
+    run_dir: Path | None, operation: str, mountpoints: Sequence[str] | None
+) -> Path | None:
+    if run_dir is None:
+        return None  # attached by socket path: no run dir, nothing to record in
+    pid = os.getpid()
+    path = run_dir / f"{FREEZE_PREFIX}{pid}-{secrets.token_hex(4)}.json"
+    record = FreezeRecord(
+        path=path,
+        operation=operation,
+        pid=pid,
+        pid_start=process_start(pid),
+        started=time.time(),
+        mountpoints=None if mountpoints is None else tuple(mountpoints),
+    )
+    _journal.write_atomic(path, json.dumps(record.to_json(), indent=1).encode())
+    return path
+
+
+def load_freeze_records(run_dir: Path | None) -> list[FreezeRecord | _journal.Unreadable]:
+    """Every freeze record in ``run_dir``, oldest first (leftover temporary files removed)."""
+    if run_dir is None or not run_dir.is_dir():
+        return []
+    found: list[FreezeRecord | _journal.Unreadable] = []
+    for path in sorted(run_dir.glob(f"{FREEZE_PREFIX}*")):
+        if path.suffix == ".tmp":
+            path.unlink(missing_ok=True)
+            continue
+        try:
+            found.append(FreezeRecord.from_json(path, json.loads(path.read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            found.append(_journal.Unreadable(path, str(exc)))
+    found.sort(key=lambda r: r.started if isinstance(r, FreezeRecord) else 0.0)
+    return found
+
+
+def remove_dead_freeze_records(run_dir: Path | None) -> list[str]:
+    """After a verified thaw (``blockctl agent VM thaw``): drop the records of controllers
+    that are gone; the ids removed. A live writer's record is its own to remove."""
+    removed = []
+    for record in load_freeze_records(run_dir):
+        if isinstance(record, FreezeRecord) and not writer_alive(record):
+            _journal.remove_durably(record.path)
+            removed.append(record.id)
+    return removed
+
+
+class ThawStep(enum.StrEnum):
+    LEAVE = "leave"  # the writer is alive: its operation is in progress; do nothing
+    ASK = "ask"  # ask the agent for guest-fsfreeze-status, then plan again
+    THAW = "thaw"  # thaw, ask the status again, then plan again with ``thawed`` set
+    DONE = "done"  # drop the record; report
+    KEEP = "keep"  # keep the record; report (needs attention)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThawPlan:
+    step: ThawStep
+    message: str = ""
+    #: The outcome for the report: "finished" or "needs-attention" (None: no report).
+    verdict: str | None = None
+
+
+def plan_thaw(
+    record: FreezeRecord,
+    *,
+    writer_alive: bool,
+    status: FreezeStatus | None = None,
+    agent_error: str | None = None,
+    thawed: int | None = None,
+) -> ThawPlan:
+    """What to do about a freeze record (pure). ``status``: what the agent reports (None: not
+    asked yet); ``agent_error``: it could not be reached or asked; ``thawed``: the count of
+    the thaw recovery already sent (the status is then the one read after it)."""
+    what = f"left frozen by a controller that died during {record.operation}"
+    retry = "run `blockctl agent VM thaw` (or `blockctl recover VM` again)"
+    if writer_alive:
+        return ThawPlan(
+            step=ThawStep.LEAVE,
+            message=f"controller {record.pid} is still running {record.operation}; "
+            "its freeze is its own to thaw",
+        )
+    if agent_error is not None:
+        what_then = "after thawing" if thawed is not None else "so the freeze status is unknown"
+        return ThawPlan(
+            step=ThawStep.KEEP,
+            verdict="needs-attention",
+            message=(
+                f"the guest's filesystems may still be {what} (pid {record.pid}): the guest "
+                f"agent could not be asked ({agent_error}) {what_then}; {retry}"
+            ),
+        )
+    if status is None:
+        return ThawPlan(step=ThawStep.ASK)
+    if thawed is not None:
+        if status is FreezeStatus.THAWED:
+            return ThawPlan(
+                step=ThawStep.DONE,
+                verdict="finished",
+                message=f"thawed the guest's filesystems ({thawed}), {what}",
+            )
+        return ThawPlan(
+            step=ThawStep.KEEP,
+            verdict="needs-attention",
+            message=f"the guest's filesystems, {what}, still report {status.value} after a "
+            f"thaw; {retry}",
+        )
+    if status is FreezeStatus.FROZEN:
+        return ThawPlan(step=ThawStep.THAW)
+    return ThawPlan(
+        step=ThawStep.DONE,
+        verdict="finished",
+        message=f"the guest's filesystems, {what}, were already thawed (by someone else, or "
+        "the freeze never took effect); record dropped",
+    )

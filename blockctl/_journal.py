@@ -190,21 +190,31 @@ def path_of(run_dir: Path, op_id: str) -> Path:
 
 def write(run_dir: Path, intent: Intent) -> None:
     """Replace the record atomically: a reader sees the old or the new one, never a mix."""
-    final = path_of(run_dir, intent.id)
+    write_atomic(path_of(run_dir, intent.id), json.dumps(intent.to_json(), indent=1).encode())
+
+
+def write_atomic(final: Path, data: bytes) -> None:
+    """Write ``final`` (mode 0600) atomically and durably: temporary file beside it (``.tmp``),
+    fsync, rename, fsync of the directory."""
     tmp = final.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, json.dumps(intent.to_json(), indent=1).encode())
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    _fsync_dir(final.parent)
 
 
 def remove(run_dir: Path, op_id: str) -> None:
-    path_of(run_dir, op_id).unlink(missing_ok=True)
-    _fsync_dir(run_dir)
+    remove_durably(path_of(run_dir, op_id))
+
+
+def remove_durably(path: Path) -> None:
+    """Unlink ``path`` (if there) and fsync its directory."""
+    path.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1403,6 +1403,12 @@ class AgentCommand(Command):
                 )
                 data = {"thawed": count, "status": status.value, "ms": ms}
                 human = f"thawed {count} filesystem(s) in {ms} ms; status {status.value}"
+                if status is _agent.FreezeStatus.THAWED:
+                    # A freeze record of a controller that died frozen is settled now.
+                    removed = _agent.remove_dead_freeze_records(vm.run_dir)
+                    if removed:
+                        data["records_removed"] = removed
+                        human += f"; removed {len(removed)} stale freeze record(s)"
         emit(args, data, human)
         return 0
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 
-from blockctl import _images, _journal, _runtime
+from blockctl import _agent, _images, _journal, _runtime
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
 from blockctl._journal import (
     AdoptJob,
@@ -43,7 +43,13 @@ from blockctl._log import get_logger
 from blockctl._machine import VM, _pidfd_exited, attach
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobStatus
-from blockctl.errors import BlockctlError, CommandFailed, JobError, UnsafeOperation
+from blockctl.errors import (
+    BlockctlError,
+    CommandFailed,
+    GuestAgentError,
+    JobError,
+    UnsafeOperation,
+)
 from blockctl.types import ImageFormat
 
 _log = get_logger()
@@ -121,7 +127,8 @@ async def reconcile(
 ) -> list[Recovery]:
     """Reconcile every journaled operation of ``vm`` (a live QEMU). ``forget``: drop the
     records that need attention too (after the operator checked them)."""
-    results = []
+    # First the guest: a freeze left by a dead controller blocks every write in it.
+    results = await reconcile_freezes(vm, forget=forget)
     for item in _journal.load_all(vm.run_dir):
         if isinstance(item, Unreadable):
             if forget:
@@ -134,6 +141,65 @@ async def reconcile(
             "blockctl.recovery", vm=vm.name, op=r.op_id, verdict=r.verdict.value, message=r.message
         )
     return results
+
+
+async def reconcile_freezes(vm: VM, *, forget: bool = False) -> list[Recovery]:
+    """Thaw a guest left frozen by a controller that died between freeze and thaw (its
+    record, :func:`blockctl._agent.plan_thaw`). Records of live controllers are left alone
+    and not reported. ``forget``: drop the records that need attention too."""
+    results = []
+    for item in _agent.load_freeze_records(vm.run_dir):
+        if isinstance(item, Unreadable):
+            if forget:
+                _journal.remove_durably(item.path)
+            results.append(replace(_unreadable(item), kept=not forget))
+            continue
+        result = await _reconcile_freeze(vm, item)
+        if result is None:
+            continue
+        if result.kept and forget:
+            _journal.remove_durably(item.path)
+            result = replace(result, kept=False)
+        results.append(result)
+    return results
+
+
+async def _reconcile_freeze(vm: VM, record: _agent.FreezeRecord) -> Recovery | None:
+    alive = _agent.writer_alive(record)
+    plan = _agent.plan_thaw(record, writer_alive=alive)
+    done: list[str] = []
+    if plan.step is _agent.ThawStep.ASK:
+        thawed: int | None = None
+        try:
+            async with _agent.connect_agent(vm) as ga:
+                status = await ga.fsfreeze_status()
+                plan = _agent.plan_thaw(record, writer_alive=alive, status=status)
+                if plan.step is _agent.ThawStep.THAW:
+                    thawed = await ga.fsfreeze_thaw(timeout=_agent.FREEZE_TIMEOUT)
+                    done.append(f"thawed {thawed} filesystem(s)")
+                    status = await ga.fsfreeze_status()
+                    plan = _agent.plan_thaw(
+                        record, writer_alive=alive, status=status, thawed=thawed
+                    )
+        except GuestAgentError as exc:
+            plan = _agent.plan_thaw(record, writer_alive=alive, agent_error=str(exc), thawed=thawed)
+    if plan.step is _agent.ThawStep.LEAVE:
+        _log.info("blockctl.recovery.freeze_in_progress", vm=vm.name, pid=record.pid)
+        return None
+    assert plan.step in (_agent.ThawStep.DONE, _agent.ThawStep.KEEP), plan
+    keep = plan.step is _agent.ThawStep.KEEP
+    if not keep:
+        _journal.remove_durably(record.path)
+    return Recovery(
+        op_id=record.id,
+        kind="freeze",
+        what=f"freeze of the guest's filesystems for {record.operation}",
+        step="frozen",
+        verdict=Verdict(plan.verdict or Verdict.ATTENTION.value),
+        message=plan.message,
+        done=tuple(done),
+        kept=keep,
+    )
 
 
 async def _reconcile_one(
@@ -248,6 +314,26 @@ async def reconcile_offline(run_dir: Path) -> list[Recovery]:
     (:class:`~blockctl._journal.Relink`), then drop the record: it has been reported, and
     QEMU cannot be asked."""
     results = []
+    for freeze in _agent.load_freeze_records(run_dir):
+        if isinstance(freeze, Unreadable):
+            results.append(_unreadable(freeze))
+            continue
+        # QEMU is gone and its guest with it: nothing can still be frozen.
+        results.append(
+            Recovery(
+                op_id=freeze.id,
+                kind="freeze",
+                what=f"freeze of the guest's filesystems for {freeze.operation}",
+                step="frozen",
+                verdict=Verdict.QEMU_GONE,
+                message=(
+                    f"the guest's filesystems were frozen for {freeze.operation} by a "
+                    "controller that stopped before thawing; QEMU is gone, and with it the "
+                    "guest: nothing stays frozen"
+                ),
+            )
+        )
+        _journal.remove_durably(freeze.path)
     for item in _journal.load_all(run_dir):
         if isinstance(item, Unreadable):
             results.append(_unreadable(item))
@@ -289,9 +375,13 @@ async def settle(vm: VM) -> None:
 
     :raise UnsafeOperation: a record needs attention (the graph is in neither state).
     """
-    if not _journal.load_all(vm.run_dir):
+    if not _journal.load_all(vm.run_dir) and not _agent.load_freeze_records(vm.run_dir):
         return
-    stuck = [r for r in await reconcile(vm) if r.verdict is Verdict.ATTENTION]
+    # A freeze that could not be thawed is reported (logged) but does not block the chain
+    # operations: they do not depend on the guest's filesystems, and the agent may be gone.
+    stuck = [
+        r for r in await reconcile(vm) if r.verdict is Verdict.ATTENTION and r.kind != "freeze"
+    ]
     if stuck:
         raise UnsafeOperation(
             "an interrupted operation needs attention first: " + "; ".join(r.message for r in stuck)

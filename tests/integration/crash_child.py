@@ -2,7 +2,8 @@
 
 ``python -m tests.integration.crash_child VM KIND STEP JSON`` — KIND is ``commit``,
 ``stream``, ``snapshot`` or ``backup``; STEP a :class:`blockctl._journal.Step` value (for a
-backup: a job status); JSON the operation's keyword arguments. The process SIGKILLs itself
+backup: a job status; ``frozen``: right after a quiesced operation's freeze is confirmed, via
+``_agent.FAILPOINT``); JSON the operation's keyword arguments. The process SIGKILLs itself
 right after the journal record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup,
 when its job reaches that status (a job hook): the crash point is exact, never a race. Exit
 code 3: the operation ended without reaching STEP (the test fails on it).
@@ -18,13 +19,17 @@ from typing import Any
 
 import anyio
 
-from blockctl import _journal
+from blockctl import _agent, _journal
 from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._machine import attach
 from blockctl._ops import backup, chains
 
 
 def die_at(kind: str, step: str) -> None:
+    if step == "frozen":  # inside quiesced: the guest's freeze has just been confirmed
+        _agent.FAILPOINT = lambda stage: os.kill(os.getpid(), signal.SIGKILL)
+        return
+
     def failpoint(intent: _journal.Intent) -> None:
         if intent.kind.value == kind and intent.step.value == step:
             os.kill(os.getpid(), signal.SIGKILL)

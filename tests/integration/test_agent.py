@@ -21,6 +21,7 @@ import concurrent.futures
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from blockctl.errors import (
 )
 from blockctl.types import Drive, ImageFormat
 from tests.conftest import missing
-from tests.figures import FIGURES
+from tests.figures import FIGURES, report
 from tests.integration.conftest import base_config, run, vm_in_background
 
 pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="module")]
@@ -334,3 +335,56 @@ async def test_cli(rig: Rig) -> None:
     )
     assert snap["quiesced"] is True
     await rig.assert_thawed("cli1")
+
+
+async def test_a_controller_killed_while_frozen_is_thawed_by_recover(rig: Rig) -> None:
+    """A child controller runs a quiesced external snapshot and SIGKILLs itself right after
+    the freeze is confirmed (before the snapshot transaction): the guest stays frozen, with
+    nobody to thaw it. ``blockctl recover`` (a fresh process) thaws it from the freeze record
+    and rolls back the snapshot that never switched."""
+    run_dir = rig.vm.run_dir
+    chain_before = (await chains.list_external(rig.vm))["disk0"]
+    nodes_before = set((await chains.read_graph(rig.vm)).nodes)
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "BLOCKCTL_RUNTIME_DIR": str(rig.runtime)}
+    kwargs = {"device": "disk0", "tag": "z1", "directory": str(rig.images), "quiesce": True}
+    argv = [sys.executable, "-m", "tests.integration.crash_child", NAME, "snapshot", "frozen"]
+    done = await anyio.run_process([*argv, json.dumps(kwargs)], check=False, env=env, cwd=root)
+    assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr.decode()[-2000:])
+    assert len(list(run_dir.glob("freeze-*"))) == 1, "the killed controller left no record"
+    assert len(list(run_dir.glob("journal-*"))) == 1
+    # Frozen, proven by the agent and by a writer asleep in the kernel's freeze wait.
+    assert await rig.status() is FreezeStatus.FROZEN
+    await rig.sh(
+        "rm -f /tmp/zdone; ( ( echo after > /mnt/z1; sync; echo done > /tmp/zdone ) "
+        ">/dev/null 2>&1 & echo $! > /tmp/zpid )"
+    )
+    await rig.wait_for("grep -q percpu_rwsem /proc/$(cat /tmp/zpid)/wchan 2>/dev/null")
+    assert "missing" in await rig.sh("[ -e /tmp/zdone ] && echo there || echo missing")
+
+    result = await blockctl_cli(rig, "recover", NAME)
+    ops = {op["kind"]: op for op in result["operations"]}
+    assert set(ops) == {"freeze", "snapshot"}, result
+    freeze, snap = ops["freeze"], ops["snapshot"]
+    assert result["operations"][0]["kind"] == "freeze"  # the guest first
+    assert (freeze["verdict"], freeze["kept"]) == ("finished", False), freeze
+    assert freeze["message"].startswith("thawed the guest's filesystems"), freeze
+    assert "died during external snapshot" in freeze["message"], freeze
+    # The snapshot never switched (killed before its transaction): not done, rolled back.
+    assert (snap["step"], snap["verdict"], snap["kept"]) == ("switching", "not-done", False), snap
+
+    await rig.wait_for("[ -e /tmp/zdone ]")  # the blocked write completed
+    await rig.assert_thawed("z1")
+    assert (await rig.sh("cat /mnt/z1")).strip() == "after"
+    assert not list(run_dir.glob("freeze-*")) and not list(run_dir.glob("journal-*"))
+    assert (await chains.list_external(rig.vm))["disk0"] == chain_before
+    assert set((await chains.read_graph(rig.vm)).nodes) == nodes_before, "an overlay node leaked"
+    assert not list(rig.images.glob("*-z1.qcow2")), "the overlay file leaked"
+    # Nothing left for the next operation's settle either.
+    assert (await blockctl_cli(rig, "recover", NAME))["operations"] == []
+    report(
+        "crash recovery",
+        "controller kill -9 between freeze and thaw (quiesced snapshot): `blockctl recover` "
+        "thawed the guest, the blocked guest write completed, the snapshot was rolled back "
+        f"(not-done, {len(nodes_before)} nodes as before, no overlay left), no record left",
+    )
