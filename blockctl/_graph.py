@@ -341,6 +341,17 @@ class BlockGraph:
             node = self.node(node.file_child)
         return node
 
+    def layer_nodes(self, node: GraphNode) -> list[str]:
+        """A format node and the protocol node(s) under it, top-down (the blockdev-del
+        order): one layer of a chain as QEMU holds it."""
+        names = [node.name]
+        child = node.file_child
+        while child is not None and child in self.nodes:
+            names.append(child)
+            below = self.nodes[child]
+            child = below.file_child if below.role is not NodeRole.FORMAT else None
+        return names
+
     def chain_of(self, device_or_node: str) -> tuple[GraphNode, ...]:
         """The backing chain, top first: the format node, then each backing node."""
         chain = [self.format_node(device_or_node)]

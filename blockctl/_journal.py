@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blockctl._graph import BlockGraph, GraphNode, NodeRole
+from blockctl._graph import BlockGraph, GraphNode
 from blockctl._log import get_logger
 from blockctl._qmp.models import JobStatus
 
@@ -624,17 +624,6 @@ def _plan_gone(intent: Intent, what: str) -> Plan:
 # Section: records for each operation
 
 
-def _layer_nodes(graph: BlockGraph, node: GraphNode) -> list[str]:
-    """A format node and the protocol node(s) under it, top-down (the blockdev-del order)."""
-    names = [node.name]
-    child = node.file_child
-    while child is not None and child in graph.nodes:
-        names.append(child)
-        below = graph.nodes[child]
-        child = below.file_child if below.role is not NodeRole.FORMAT else None
-    return names
-
-
 def _chains(before: Sequence[GraphNode], after: Sequence[GraphNode]) -> DeviceChains:
     return DeviceChains(
         before=tuple(n.name for n in before),
@@ -673,7 +662,7 @@ def chain_intent(
         vm=vm,
         active=active,
         devices={device: _chains(chain, after)},
-        drop_nodes=tuple(n for layer in dropped for n in _layer_nodes(graph, layer)),
+        drop_nodes=tuple(n for layer in dropped for n in graph.layer_nodes(layer)),
         drop_files=tuple(str(n.filename) for n in dropped if n.filename is not None),
         delete_files=delete_files,
         read_only_after=() if kind is OpKind.STREAM or active else ((device, chain[base].name),),

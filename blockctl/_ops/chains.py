@@ -306,17 +306,6 @@ def _index(chain: Sequence[GraphNode], name: str, device: str, what: str) -> int
     raise ConfigError(what, f"{name!r} is not in the backing chain of {device} ({names})")
 
 
-def _subtree(graph: BlockGraph, node: GraphNode) -> list[str]:
-    """A format node and the protocol node under it, top-down (the blockdev-del order)."""
-    names = [node.name]
-    child = node.file_child
-    while child is not None and child in graph.nodes:
-        names.append(child)
-        child_node = graph.nodes[child]
-        child = child_node.file_child if child_node.role is not NodeRole.FORMAT else None
-    return names
-
-
 async def _set_read_only(
     vm: VM, device: str, graph: BlockGraph, node: GraphNode, read_only: bool
 ) -> None:
@@ -324,7 +313,7 @@ async def _set_read_only(
     complete option sets blockctl opened them with."""
     record = _record_of(vm, device)
     options = []
-    for name in reversed(_subtree(graph, node)):  # file node first
+    for name in reversed(graph.layer_nodes(node)):  # file node first
         recorded = _node_options(record, name)
         if recorded is None:
             return  # not opened by blockctl: leave it to QEMU (it says why if it must)
@@ -380,7 +369,7 @@ async def flush_chain(vm: VM, device: str) -> bool:
     graph = await read_graph(vm)
     # The chain's format nodes and their protocol nodes only (filters on top may not support
     # reopening, and hold no data of their own).
-    names = {name for layer in graph.chain_of(device) for name in _subtree(graph, layer)}
+    names = {name for layer in graph.chain_of(device) for name in graph.layer_nodes(layer)}
     options = [dict(n) for n in record.nodes if n["node-name"] in names]
     if options:
         await wire.blockdev_reopen(vm.session, options)
@@ -403,7 +392,7 @@ async def _finish(
     removed: list[str] = []
     files: list[str] = []
     for layer in dropped:  # top-down
-        for name in _subtree(graph_before, layer):
+        for name in graph_before.layer_nodes(layer):
             await wire.blockdev_del(vm.session, name)
             removed.append(name)
     after = await read_graph(vm)
