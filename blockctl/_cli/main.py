@@ -1219,7 +1219,7 @@ class BackupCommand(Command):
                 [m.to_json() for m in manifests],
                 "\n".join(
                     f"{m.id}  {m.kind.value:<12} parent={m.parent or '-':<22} "
-                    f"{sum(d.bytes_copied for d in m.disks):>12} bytes"
+                    f"{sum(d.bytes_copied for d in m.disks):>12} bytes  {m.consistency}"
                     + (f"  (full because {m.fallback_reason})" if m.fallback_reason else "")
                     for m in manifests
                 )

@@ -39,7 +39,13 @@ from typing import Any
 import anyio
 
 from blockctl import _images
-from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, quiesced, require_agent
+from blockctl._agent import (
+    DEFAULT_FREEZE_DEADLINE,
+    Quiesce,
+    Quiesced,
+    quiesced,
+    require_agent,
+)
 from blockctl._jobs import (
     DEFAULT_HOOKS,
     Job,
@@ -98,6 +104,10 @@ class Manifest:
     qemu: str
     disks: tuple[DiskBackup, ...]
     fallback_reason: str | None = None  # why an incremental was taken as a full backup
+    #: "filesystem": the guest's filesystems were frozen at the point (quiesce, guest agent),
+    #: so they need no journal replay; "crash": crash-consistent (older manifests say nothing).
+    consistency: str = "crash"
+    frozen_filesystems: int = 0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -410,10 +420,20 @@ async def backup(
     started = time.time()
     directory.mkdir(parents=True)
     added: list[str] = []
+    points: list[Quiesced] = []  # what the freeze around the starting transaction achieved
     try:
         if pull:
             jobs = await _run_pull(
-                vm, plans, effective, parent, deadline, hooks, added, quiesce, freeze_deadline
+                vm,
+                plans,
+                effective,
+                parent,
+                deadline,
+                hooks,
+                added,
+                quiesce,
+                freeze_deadline,
+                points,
             )
         else:
             jobs = await _run_backup(
@@ -433,6 +453,7 @@ async def backup(
                 pause_timeout,
                 quiesce,
                 freeze_deadline,
+                points,
             )
         # QEMU must let go of the targets before they are read (image locks).
         await _delete_nodes(vm, added)
@@ -463,6 +484,8 @@ async def backup(
             qemu=str(version),
             disks=tuple(disks),
             fallback_reason=fallback,
+            consistency="filesystem" if points and points[0].consistent else "crash",
+            frozen_filesystems=points[0].frozen if points else 0,
         )
         repo.write_manifest(manifest)
     except BaseException:
@@ -527,6 +550,7 @@ async def _run_backup(
     pause_timeout: float = 60.0,
     quiesce: Quiesce | bool | str = Quiesce.OFF,
     freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
+    points: list[Quiesced] | None = None,
 ) -> dict[str, int]:
     """Create the targets, start every job in one transaction, wait for all. Returns the
     bytes each disk's job copied. ``legacy``: drive-backup into the created files instead of
@@ -594,8 +618,10 @@ async def _run_backup(
                 # backup runs its jobs individually; if one fails, every bitmap is dropped.
                 async with quiesced(
                     vm, quiesce, operation="backup", freeze_deadline=freeze_deadline
-                ):
+                ) as point:
                     await wire.transaction(vm.session, actions, grouped=kind is not BackupKind.FULL)
+                if points is not None:
+                    points.append(point)
 
         return start
 
@@ -710,6 +736,7 @@ async def _run_pull(
     added: list[str],
     quiesce: Quiesce | bool | str = Quiesce.OFF,
     freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
+    points: list[Quiesced] | None = None,
 ) -> dict[str, int]:
     """Fleece every disk at one point in time (``blockdev-backup sync: none`` into a
     temporary overlay whose backing is the disk: the guest keeps writing, old data is copied
@@ -754,8 +781,10 @@ async def _run_pull(
             if last:
                 async with quiesced(
                     vm, quiesce, operation="backup", freeze_deadline=freeze_deadline
-                ):
+                ) as point:
                     await wire.transaction(vm.session, actions)
+                if points is not None:
+                    points.append(point)
 
         return start
 

@@ -297,11 +297,19 @@ async def test_quiesced_backup_and_internal_snapshot(rig: Rig) -> None:
     repo = rig.images / "repo"
     manifest = await bk.backup(rig.vm, repo, kind=bk.BackupKind.FULL, quiesce=True)
     await rig.assert_thawed("b1")
+    # The manifest says what the point is (the freeze covered every mounted filesystem).
+    assert manifest.consistency == "filesystem" and manifest.frozen_filesystems >= 1
+    again = bk.Repository(root=repo, vm=NAME).get(manifest.id)
+    assert (again.consistency, again.frozen_filesystems) == (
+        "filesystem",
+        manifest.frozen_filesystems,
+    )
     target = repo / NAME / manifest.id / manifest.disks[0].file
     recovery, rc, out = await fs_state(target, rig.images / "b")
     assert not recovery and rc == 0, out
     pulled = await bk.backup(rig.vm, repo, kind=bk.BackupKind.FULL, pull=True, quiesce=True)
     await rig.assert_thawed("b2")
+    assert pulled.consistency == "filesystem"
     target = repo / NAME / pulled.id / pulled.disks[0].file
     recovery, rc, out = await fs_state(target, rig.images / "p")
     assert not recovery and rc == 0, out

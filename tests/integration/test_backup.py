@@ -91,6 +91,7 @@ async def test_full_incremental_differential_restore_verify_prune(
         # Nothing to build on yet: the incremental became a full backup, and says why.
         assert full.kind is bk.BackupKind.FULL
         assert full.fallback_reason == "there is no earlier backup in the repository"
+        assert (full.consistency, full.frozen_filesystems) == ("crash", 0)  # no quiesce asked
         points[full.id] = {"disk0": await disk_sha(vm, "vda"), "disk1": await disk_sha(vm, "vdb")}
 
         await write(vm, "vda", 8192, 1024)  # 1 MiB
