@@ -417,7 +417,7 @@ def test_zz_report_crash_figures() -> None:
     """Runs last in this module: the figure line for the README."""
     c, q = SURVIVED["controller"], SURVIVED["qemu"]
     if not c and not q:
-        pytest.skip("no crash case ran")
+        return  # this selection ran no crash case: there is no figure to print
     report(
         "crash recovery",
         f"{len(c) + len(q)} crash points survived (controller kill -9: {len(c)} "
