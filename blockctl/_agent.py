@@ -764,8 +764,7 @@ def load_freeze_records(run_dir: Path | None) -> list[FreezeRecord | _journal.Un
         return []
     found: list[FreezeRecord | _journal.Unreadable] = []
     for path in sorted(run_dir.glob(f"{FREEZE_PREFIX}*")):
-        if path.suffix == ".tmp":
-            path.unlink(missing_ok=True)
+        if _journal.discard_if_stale(path):
             continue
         try:
             found.append(FreezeRecord.from_json(path, json.loads(path.read_text())))

@@ -194,9 +194,9 @@ def write(run_dir: Path, intent: Intent) -> None:
 
 
 def write_atomic(final: Path, data: bytes) -> None:
-    """Write ``final`` (mode 0600) atomically and durably: temporary file beside it (``.tmp``),
-    fsync, rename, fsync of the directory."""
-    tmp = final.with_suffix(".tmp")
+    """Write ``final`` (mode 0600) atomically and durably: temporary file beside it (named
+    with the writer's pid, ``<name>.<pid>.tmp``), fsync, rename, fsync of the directory."""
+    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -205,6 +205,18 @@ def write_atomic(final: Path, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+
+
+def discard_if_stale(path: Path) -> bool:
+    """For a loader meeting a temporary file: True if it is one (to be skipped); it is removed
+    only when its writer is gone. Another controller may be between its write and its rename
+    right now: deleting its file would make that rename fail and its operation with it."""
+    if path.suffix != ".tmp":
+        return False
+    pid = path.stem.rpartition(".")[2]
+    if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+        path.unlink(missing_ok=True)  # the rename that would have published it never came
+    return True
 
 
 def remove(run_dir: Path, op_id: str) -> None:
@@ -240,8 +252,7 @@ def load_all(run_dir: Path | None) -> list[Intent | Unreadable]:
         return []
     found: list[Intent | Unreadable] = []
     for path in sorted(run_dir.glob(f"{PREFIX}*")):
-        if path.suffix == ".tmp":
-            path.unlink(missing_ok=True)
+        if discard_if_stale(path):
             continue
         try:
             found.append(Intent.from_json(json.loads(path.read_text())))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -133,11 +134,16 @@ def test_records_are_written_atomically_0600_and_read_back(tmp_path: Path) -> No
 
 
 def test_a_torn_temporary_file_is_ignored_and_a_bad_record_reported(tmp_path: Path) -> None:
-    (tmp_path / "journal-x.tmp").write_text("{")  # a write that never got renamed
+    dead = tmp_path / "journal-x.json.0.tmp"  # a write that never got renamed (no pid 0)
+    dead.write_text("{")
+    live = tmp_path / f"journal-z.json.{os.getpid()}.tmp"  # a writer mid-write, alive
+    live.write_text("{")
     (tmp_path / "journal-y.json").write_text('{"version": 99}')
     found = j.load_all(tmp_path)
     assert len(found) == 1
     assert isinstance(found[0], j.Unreadable)
+    # The dead writer's file is cleaned up; the live writer's is left for its rename.
+    assert not dead.exists() and live.exists()
     assert "version" in found[0].reason
     assert not (tmp_path / "journal-x.tmp").exists()
 
