@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import anyio
 import structlog
 
-from blockctl import _agent, _guest, _images, _runtime
+from blockctl import _agent, _guest, _images, _journal, _runtime
 from blockctl._jobs import (
     JobHook,
     JobIOError,
@@ -220,6 +220,10 @@ class Status(Command):
             status = await vm.status()
             version = await vm.version()
             devices = await vm.block_devices()
+            # Left by a controller that died mid-operation: `blockctl recover` settles them.
+            interrupted = len(_journal.load_all(vm.run_dir)) + len(
+                _agent.load_freeze_records(vm.run_dir)
+            )
         drives = []
         for dev in devices:
             node = dev.inserted
@@ -247,8 +251,14 @@ class Status(Command):
             "running": status.running,
             "qemu": str(version),
             "drives": drives,
+            "interrupted_operations": interrupted,
         }
         lines = [f"{vm.name}: {status.status} (pid {vm.pid}, QEMU {version})"]
+        if interrupted:
+            lines.append(
+                f"  {interrupted} interrupted operation(s) on record: run `blockctl recover "
+                f"{vm.name}`"
+            )
         for d in drives:
             if d["node"] is None:
                 lines.append(f"  {d['device']}: empty")

@@ -126,6 +126,15 @@ async def kill_controller_at(name: str, kind: str, step: str, **kwargs: Any) -> 
     assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr.decode()[-2000:])
 
 
+async def status_cli(name: str) -> dict[str, Any]:
+    """``blockctl status NAME --json`` from another process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "blockctl", "status", name, "--json"]
+    done = await anyio.run_process(argv, env=env, cwd=ROOT)
+    data: dict[str, Any] = json.loads(done.stdout)
+    return data
+
+
 async def recover_cli(name: str) -> dict[str, Any]:
     """A fresh controller process: ``blockctl recover NAME --json``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -194,7 +203,10 @@ async def run_controller_cases(
                 args["directory"] = str(images)
             await kill_controller_at("crashc", kind, step, device="disk0", **args)
             assert list(run_dir.glob("journal-*")), "the killed controller left no record"
+            # What a user sees before recovering: the status names the interrupted operation.
+            assert (await status_cli("crashc"))["interrupted_operations"] == 1
             data = await recover_cli("crashc")
+            assert (await status_cli("crashc"))["interrupted_operations"] == 0
             [op] = data["operations"]
             assert (op["kind"], op["step"], op["verdict"]) == (kind, step, verdict), op
             chain = await assert_clean("crashc", run_dir)
