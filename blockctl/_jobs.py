@@ -291,6 +291,7 @@ class Job:
         self._last_io_error: JobIOError | None = None
         self._stopped_since: float | None = None  # paused on an I/O error, waiting for resume
         self._gave_up: str | None = None  # why blockctl cancelled it (its I/O errors)
+        self._stopped_io_status: str | None = None  # QEMU's io-status when it gave up
         self._pause_timeout = 60.0
         self._ignored_error_limit = 64
         self._retries = 0  # stops to resume at once (blockctl's "ignore" policy)
@@ -513,7 +514,7 @@ class Job:
         if (
             info.status is JobStatus.PAUSED
             and self._stopped_since is None
-            and await wire.block_job_io_status(self.session, self.id) not in (None, "ok")
+            and await self.io_status() not in (None, "ok")
         ):
             self._stopped_since = time.monotonic()
         if info.status is JobStatus.CONCLUDED:
@@ -635,7 +636,7 @@ class Job:
             )
 
     async def _stopped_reason(self) -> str:
-        io_status = await wire.block_job_io_status(self.session, self.id)
+        io_status = self._stopped_io_status = await self.io_status()
         last = self._last_io_error
         operation = last.operation if last is not None else "unknown"
         side = _side(self.type, operation, detailed=True)
@@ -720,6 +721,7 @@ class Job:
             )
             if isinstance(failed, JobStoppedOnError) and last is not None:
                 failed.operation = last.operation
+                failed.io_status = self._stopped_io_status
             self._error = failed
         elif cancelled:
             detail = f": {error}" if error else ""

@@ -215,6 +215,7 @@ def check_outcome(raised: JobFailed, op: str, side: str, err: str, policy: Error
         assert raised.operation == ("read" if side == "source" or op == "stream" else "write")
         assert "was not resumed" in message
         assert ("no space left" in message) == (err == "ENOSPC"), message
+        assert raised.io_status == ("nospace" if err == "ENOSPC" else "failed")
     elif policy is ErrorPolicy.IGNORE:
         # Retried (blockctl resumes the stopped job), a bounded number of times, then failed.
         assert "error policy ignore" in message and "retried 16 times" in message, message

@@ -518,6 +518,7 @@ async def test_stopped_on_error_and_never_resumed_is_cancelled_and_reported() ->
                 )
         err = info.value
         assert err.operation == "write" and (err.offset, err.length) == (8 * MIB, 32 * MIB)
+        assert err.io_status == "nospace"
         assert "no space left" in str(err) and "resume" in str(err) and handle.id in str(err)
         assert [(e.operation, e.action, e.count) for e in hook.io_errors] == [("write", "stop", 1)]
         assert commands(fake) == [
