@@ -14,7 +14,11 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    └── VMExists
      ├── DriveNotFound          the VM has no such drive (device_id)
      ├── UnsafeOperation        refused: it would change data something else depends on
-     ├── BackupCorrupt          a backup's data does not match its manifest
+     ├── RepositoryError        a backup repository is missing, loose, locked or malformed (path)
+     │    ├── BackupCorrupt     a backup's data does not match its manifest or index
+     │    ├── BackupKeyError    an encrypted repository's key is missing or wrong
+     │    └── RepositoryBusy    another process holds the repository (gc vs a running backup)
+     ├── NbdError               reading a point-in-time export over NBD failed (errno, name)
      ├── QMPError               anything on the QMP connection
      │    ├── QMPConnectFailed  could not connect, attach or negotiate
      │    ├── CommandFailed     QEMU answered a command with an error (command, error_class)
@@ -56,6 +60,10 @@ __all__ = [
     "UnsafeOperation",
     "UntrustedImage",
     "BackupCorrupt",
+    "BackupKeyError",
+    "RepositoryBusy",
+    "NbdError",
+    "RepositoryError",
     "ConfigError",
     "ConnectionLost",
     "GuestCommandFailed",
@@ -197,8 +205,35 @@ class UnsafeOperation(BlockctlError):
     into a shared base). The message says how to proceed if it is really intended."""
 
 
-class BackupCorrupt(BlockctlError):
-    """A backup's data does not match its manifest (checksum, missing file, corruption)."""
+class RepositoryError(BlockctlError):
+    """A backup repository cannot be used as it is: missing, not a repository, group- or
+    world-writable, owned by someone else, or holding names that would leave it (hostile).
+    The message names the path and what to do."""
+
+
+class BackupCorrupt(RepositoryError):
+    """A backup's data does not match its manifest or index (digest, missing chunk, failed
+    authentication). The message names the chunk or file and the points it affects."""
+
+
+class BackupKeyError(RepositoryError):
+    """An encrypted repository was opened without its key, or with another one. Raised before
+    anything is read or written."""
+
+
+class NbdError(BlockctlError):
+    """Reading a backup's point-in-time export over NBD failed. ``errno`` is the number
+    (None if the server gave none); the message names the export, the offset and the errno's
+    name (``EIO``, ``ENOSPC``...)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class RepositoryBusy(RepositoryError):
+    """Another process holds the repository's lock (garbage collection waits for no backup to
+    be writing, and a backup for no collection to be running)."""
 
 
 class QMPError(BlockctlError):

@@ -14,7 +14,7 @@ from blockctl._qmp import models as _models
 from blockctl._qmp.models import BlockDevice, BlockNode, Capabilities, StatusInfo, VersionInfo
 from blockctl._qmp.models import parse_list as _parse_list
 from blockctl._qmp.session import Event, EventStream, QMPSession
-from blockctl.errors import ConfigError
+from blockctl.errors import ConfigError, ProtocolMismatch
 
 # Events, by the name QEMU sends.
 EVENT_SHUTDOWN = "SHUTDOWN"
@@ -286,11 +286,11 @@ def drive_backup_action(
     return {"type": "drive-backup", "data": data}
 
 
-def bitmap_add_action(node: str, name: str) -> dict[str, Any]:
-    """Add a persistent dirty bitmap (kept in the qcow2 image across restarts)."""
+def bitmap_add_action(node: str, name: str, *, persistent: bool = True) -> dict[str, Any]:
+    """Add a dirty bitmap; ``persistent``: kept in the qcow2 image across clean restarts."""
     return {
         "type": "block-dirty-bitmap-add",
-        "data": {"node": node, "name": name, "persistent": True},
+        "data": {"node": node, "name": name, "persistent": persistent},
     }
 
 
@@ -396,6 +396,14 @@ async def block_export_add(
 
 async def block_export_del(session: QMPSession, export_id: str) -> None:
     await session.execute("block-export-del", {"id": export_id})
+
+
+async def query_block_exports(session: QMPSession) -> tuple[str, ...]:
+    """The ids of the block exports QEMU runs."""
+    reply = await session.execute("query-block-exports")
+    if not isinstance(reply, list):
+        raise ProtocolMismatch("query-block-exports", f"expected a list, got {reply!r}")
+    return tuple(str(e.get("id")) for e in reply if isinstance(e, dict))
 
 
 async def raw_command(

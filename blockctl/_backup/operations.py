@@ -1,0 +1,956 @@
+"""Backups of running guests into a chunked repository, and restore, verify, prune.
+
+A backup is one point in time for all its disks: one ``transaction`` adds each disk's new
+checkpoint bitmap, freezes the previous one (incrementals), and starts a fleecing job per disk
+(``blockdev-backup sync: none`` into a scratch overlay whose backing is the disk: old data is
+copied aside before the guest overwrites it). The point-in-time views are exported read-only
+over QEMU's NBD server on a private socket and read with libnbd: only chunks that are not zero
+(full) or that a dirty extent touches (incremental), each byte once, hashed and compressed as
+it arrives. Then the chunks are made durable, the indexes written, and the manifest (the
+commit point); only after that is the previous checkpoint given up. Any failure before the
+manifest puts the checkpoints back as they were (see :mod:`.checkpoints`) and removes the
+incomplete point; exports, jobs, nodes and scratch files are torn down in every path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from blockctl import _binaries, _images, _proc
+from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, Quiesced, quiesced, require_agent
+from blockctl._backup import checkpoints
+from blockctl._backup.crypto import read_key_file
+from blockctl._backup.reader import (
+    DEFAULT_CONNECTIONS,
+    ChunkCopier,
+    close,
+    libnbd,
+    measure_rate,
+    plan_reads,
+)
+from blockctl._backup.store import (
+    ZERO_DIGEST,
+    DiskIndex,
+    DiskPoint,
+    Manifest,
+    Repository,
+    check_name,
+    make_private_dir,
+    new_point_id,
+)
+from blockctl._jobs import (
+    DEFAULT_HOOKS,
+    Job,
+    JobHook,
+    JobProgress,
+    JobStatus,
+    adopt_jobs,
+    start_job,
+)
+from blockctl._log import get_logger
+from blockctl._machine import VM
+from blockctl._ops.chains import read_graph
+from blockctl._qmp import wire
+from blockctl.errors import (
+    BackupCorrupt,
+    BlockctlError,
+    ConfigError,
+    RepositoryBusy,
+    RepositoryError,
+)
+from blockctl.types import ImageFormat
+
+_log = get_logger()
+
+#: Names of what a backup adds to QEMU: fleecing nodes, exports, jobs (recovery finds them).
+_FLEECE_NODE = re.compile(r"^bcf\d+-[0-9a-f]{4}(-file)?$")
+_EXPORT = re.compile(r"^bcx\d+-[0-9a-f]{4}$")
+#: Steps where a test can make a backup fail (``failpoint``), in order.
+STEPS = (
+    "before-transaction",
+    "after-transaction",
+    "after-chunks",
+    "after-index",
+    "after-manifest",
+)
+
+Failpoint = Callable[[str], None]
+
+
+def _no_failpoint(step: str) -> None:
+    return None
+
+
+def open_repository(
+    path: Path | str, *, key_file: Path | str | None = None, secret: bytes | None = None
+) -> Repository:
+    """Open the repository at ``path``; an encrypted one needs its key file (0600) or the
+    secret itself."""
+    if key_file is not None:
+        secret = read_key_file(Path(key_file))
+    return Repository.open(Path(path), secret=secret)
+
+
+def init_repository(
+    path: Path | str,
+    *,
+    key_file: Path | str | None = None,
+    chunk_size: int | None = None,
+    compression: str = "zstd",
+) -> Repository:
+    """Create a repository (owner-only); with ``key_file`` its chunks, indexes and manifests
+    are encrypted and authenticated with a key wrapped by that file's secret."""
+    secret = None if key_file is None else read_key_file(Path(key_file))
+    kwargs: dict[str, Any] = {"compression": compression, "secret": secret}
+    if chunk_size is not None:
+        kwargs["chunk_size"] = chunk_size
+    return Repository.init(Path(path), **kwargs)
+
+
+@contextlib.contextmanager
+def _vm_lock(repo: Repository, vm: str) -> Any:
+    """One backup of a VM into a repository at a time (its checkpoints are one sequence)."""
+    import fcntl
+
+    directory = repo.path / "points" / check_name(vm, "VM")
+    make_private_dir(directory)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RepositoryBusy(
+                f"another backup of {vm} into {repo.path} is running; wait for it to finish"
+            ) from exc
+        yield
+    finally:
+        os.close(fd)
+
+
+# Section: recovery
+
+
+async def recover(vm: VM, repo: Repository) -> list[str]:
+    """Put a VM and a repository back in order after a backup's controller stopped midway
+    (kill -9, lost session). QEMU is the truth: blockctl's backup jobs are cancelled and
+    dismissed, its exports and the NBD server they used stopped, its fleecing nodes and scratch
+    files deleted; the repository's incomplete points removed; the checkpoints settled (a
+    failed attempt's bitmap is merged into the last good point's, so nothing is lost). Returns
+    what was done."""
+    with _vm_lock(repo, vm.name):
+        return await _recover(vm, repo)
+
+
+async def _recover(vm: VM, repo: Repository) -> list[str]:
+    notes: list[str] = []
+    exports = await wire.query_block_exports(vm.session)
+    ours = [e for e in exports if _EXPORT.match(e)]
+    for export in ours:
+        with contextlib.suppress(BlockctlError):
+            await wire.block_export_del(vm.session, export)
+            notes.append(f"removed the leftover NBD export {export}")
+    if ours and len(ours) == len(exports):
+        with contextlib.suppress(BlockctlError):
+            await wire.nbd_server_stop(vm.session)
+    for job in await adopt_jobs(vm.session):
+        if job.type != "backup" or not job.id.startswith("bc-backup-"):
+            continue
+        if not job.done:
+            with contextlib.suppress(BlockctlError):
+                await job.cancel()
+            with contextlib.suppress(BlockctlError):
+                await job.wait(complete_on_ready=False, deadline=60)
+        notes.append(f"the fleecing job {job.id} of a stopped controller was ended")
+    nodes = await vm.block_nodes()
+    stale = sorted(
+        (n for n in nodes if _FLEECE_NODE.match(n.node_name)),
+        key=lambda n: n.node_name.endswith("-file"),  # format nodes before their files
+    )
+    for node in stale:
+        with contextlib.suppress(BlockctlError):
+            await wire.blockdev_del(vm.session, node.node_name)
+            notes.append(f"deleted the leftover fleecing node {node.node_name}")
+        if node.node_name.endswith("-file") and node.file:
+            scratch = Path(node.file)
+            if scratch.name.startswith("fleece-") and scratch.parent.name.startswith("bc-scratch-"):
+                shutil.rmtree(scratch.parent, ignore_errors=True)
+    for point in repo.incomplete_points(vm.name):
+        repo.delete_point(vm.name, point)
+        notes.append(f"removed the incomplete point {point} (it has no manifest)")
+    notes += await _settle(vm, repo, devices=None)
+    for note in notes:
+        _log.warning("blockctl.backup.recovered", vm=vm.name, note=note)
+    return notes
+
+
+async def _settle(vm: VM, repo: Repository, devices: Sequence[str] | None) -> list[str]:
+    """Bring each disk's checkpoints of ``repo`` to the invariant (see :mod:`.checkpoints`)."""
+    graph = await read_graph(vm)
+    manifests = repo.manifests(vm.name)
+    latest = manifests[-1] if manifests else None
+    notes = []
+    actions: list[dict[str, Any]] = []
+    for device in graph.devices.values():
+        if device.root is None or (devices is not None and device.id not in devices):
+            continue
+        node = graph.format_node(device.id)
+        in_latest = latest is not None and any(
+            d.device == device.id and d.virtual_size == node.virtual_size for d in latest.disks
+        )
+        plan = checkpoints.plan(
+            device=device.id,
+            node=node.name,
+            driver=node.driver,
+            bitmaps=node.dirty_bitmaps,
+            repository_id=repo.config.id,
+            latest=None if latest is None else latest.id,
+            committed=[m.id for m in manifests],
+            in_latest=in_latest,
+        )
+        actions += plan.settle
+        actions += checkpoints.legacy_removals(node.name, node.dirty_bitmaps)
+    if actions:
+        await wire.transaction(vm.session, actions)
+        notes.append(f"settled the checkpoints ({len(actions)} bitmap actions)")
+    return notes
+
+
+# Section: taking a backup
+
+
+@dataclass(slots=True, kw_only=True)
+class _Disk:
+    device: str
+    node: str
+    driver: str
+    virtual_size: int
+    number: int
+    base: str | None  # the frozen bitmap an incremental reads (None: full)
+    reason: str | None
+    parent_index: DiskIndex | None
+    fleece: str = ""
+    export: str = ""
+    copier: ChunkCopier | None = None
+    started: float = 0.0
+    index: DiskIndex | None = None
+    zero_known: int = 0
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+
+async def backup(
+    vm: VM,
+    repo: Repository,
+    *,
+    kind: str = "incremental",
+    devices: Sequence[str] | None = None,
+    deadline: float = 3600.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    quiesce: Quiesce | bool | str = Quiesce.OFF,
+    freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
+    connections: int = DEFAULT_CONNECTIONS,
+    scratch_dir: Path | None = None,
+    failpoint: Failpoint = _no_failpoint,
+    fail_after_chunks: int | None = None,
+) -> Manifest:
+    """Back up ``devices`` (default: every writable disk) of a running VM at one point in
+    time into ``repo``. ``kind`` ``incremental`` (the default) reads only what changed since
+    this repository's last point of this VM; it is taken as ``full`` (the reason recorded in
+    the manifest, per disk) when the repository has no usable checkpoint. ``quiesce`` freezes
+    the guest's filesystems around the transaction only. ``scratch_dir`` holds the fleecing
+    overlays (what the guest overwrites while the backup reads; default: the temp dir).
+    ``failpoint``/``fail_after_chunks``: fault injection for tests."""
+    if kind not in ("full", "incremental"):
+        raise ConfigError("kind", f"{kind!r}: full or incremental")
+    require_agent(vm, quiesce)
+    check_name(vm.name, "VM")
+    await vm.require(
+        "blockdev-backup",
+        "transaction",
+        "block-dirty-bitmap-add",
+        "job-dismiss",
+        "nbd-server-start",
+        "block-export-add",
+        "block-export-del",
+    )
+    libnbd()  # before anything is changed
+    with repo.lock(exclusive=False), _vm_lock(repo, vm.name):
+        recovered = await _recover(vm, repo)
+        return await _backup(
+            vm,
+            repo,
+            kind,
+            devices,
+            deadline,
+            hooks,
+            quiesce,
+            freeze_deadline,
+            connections,
+            scratch_dir,
+            failpoint,
+            fail_after_chunks,
+            recovered,
+        )
+
+
+async def _backup(
+    vm: VM,
+    repo: Repository,
+    kind: str,
+    devices: Sequence[str] | None,
+    deadline: float,
+    hooks: Sequence[JobHook],
+    quiesce: Quiesce | bool | str,
+    freeze_deadline: float,
+    connections: int,
+    scratch_dir: Path | None,
+    failpoint: Failpoint,
+    fail_after_chunks: int | None,
+    recovered: list[str],
+) -> Manifest:
+    graph = await read_graph(vm)
+    chosen = (
+        list(devices)
+        if devices is not None
+        else [
+            d.id
+            for d in graph.devices.values()
+            if d.root is not None and not graph.format_node(d.id).read_only
+        ]
+    )
+    if not chosen:
+        raise ConfigError("devices", "no writable disk to back up")
+    manifests = repo.manifests(vm.name)
+    latest = manifests[-1] if manifests else None
+    point = new_point_id()
+    bitmap = checkpoints.bitmap_name(repo.config.id, point)
+    disks: list[_Disk] = []
+    for n, device in enumerate(chosen):
+        if device not in graph.devices or graph.devices[device].root is None:
+            raise ConfigError("devices", f"{vm.name} has no disk {device!r}")
+        node = graph.format_node(device)
+        if node.virtual_size is None:
+            raise ConfigError("devices", f"{device}: unknown size")
+        in_latest = latest is not None and any(
+            d.device == device and d.virtual_size == node.virtual_size for d in latest.disks
+        )
+        plan = checkpoints.plan(
+            device=device,
+            node=node.name,
+            driver=node.driver,
+            bitmaps=node.dirty_bitmaps,
+            repository_id=repo.config.id,
+            latest=None if latest is None else latest.id,
+            committed=[m.id for m in manifests],
+            in_latest=in_latest,
+        )
+        base = plan.base if kind == "incremental" else None
+        reason = plan.reason if kind == "incremental" else None
+        parent_index: DiskIndex | None = None
+        if base is not None and latest is not None:
+            parent_index = repo.read_index(vm.name, latest.id, device)
+            if parent_index.chunk_size != repo.chunk_size:
+                base, reason, parent_index = None, "the repository's chunk size changed", None
+        disks.append(
+            _Disk(
+                device=device,
+                node=node.name,
+                driver=node.driver,
+                virtual_size=node.virtual_size,
+                number=n,
+                base=base,
+                reason=reason,
+                parent_index=parent_index,
+                fleece=f"bcf{n}-{point[-4:]}",
+                export=f"bcx{n}-{point[-4:]}",
+            )
+        )
+    reasons = [f"{d.device}: {d.reason}" for d in disks if d.reason]
+    if recovered and kind == "incremental":
+        _log.warning("blockctl.backup.recovered_first", vm=vm.name, notes=recovered)
+    for d in disks:
+        if d.reason:
+            _log.warning(
+                "blockctl.backup.fallback_to_full", vm=vm.name, device=d.device, reason=d.reason
+            )
+    started = time.time()
+    scratch = Path(tempfile.mkdtemp(prefix="bc-scratch-", dir=scratch_dir))
+    os.chmod(scratch, 0o700)
+    added: list[str] = []
+    jobs: list[Job] = []
+    transaction_sent = False
+    server_started = False
+    committed = False
+    points: list[Quiesced] = []
+    repo.begin_point(vm.name, point)
+    try:
+        failpoint("before-transaction")
+        for d in disks:
+            path = scratch / f"fleece-{d.device}.qcow2"
+            await _images.create(path, ImageFormat.QCOW2, size=d.virtual_size)
+            os.chmod(path, 0o600)
+            await wire.blockdev_add(
+                vm.session,
+                {"driver": "file", "node-name": f"{d.fleece}-file", "filename": str(path)},
+            )
+            added.append(f"{d.fleece}-file")
+            await wire.blockdev_add(
+                vm.session,
+                {
+                    "driver": "qcow2",
+                    "node-name": d.fleece,
+                    "file": f"{d.fleece}-file",
+                    "backing": d.node,
+                },
+            )
+            added.append(d.fleece)
+        actions: list[dict[str, Any]] = []
+        async with contextlib.AsyncExitStack() as stack:
+
+            def start_for(d: _Disk, last: bool) -> Callable[[str], Any]:
+                async def start(job_id: str) -> None:
+                    nonlocal transaction_sent
+                    actions.append(
+                        wire.bitmap_add_action(
+                            d.node, bitmap, persistent=checkpoints.persistent_for(d.driver)
+                        )
+                    )
+                    if d.base is not None:
+                        actions.append(wire.bitmap_disable_action(d.node, d.base))
+                    actions.append(
+                        wire.backup_action(
+                            job_id=job_id, device=d.node, target=d.fleece, sync="none"
+                        )
+                    )
+                    if last:
+                        async with quiesced(
+                            vm, quiesce, operation="backup", freeze_deadline=freeze_deadline
+                        ) as frozen:
+                            await wire.transaction(vm.session, actions)
+                            transaction_sent = True
+                        points.append(frozen)
+
+                return start
+
+            for i, d in enumerate(disks):
+                jobs.append(
+                    await stack.enter_async_context(
+                        start_job(
+                            vm.session,
+                            "backup",
+                            start_for(d, i == len(disks) - 1),
+                            target=d.fleece,
+                            hooks=hooks,
+                        )
+                    )
+                )
+            failpoint("after-transaction")
+            socket = str(scratch / "nbd.sock")
+            await wire.nbd_server_start(vm.session, socket)
+            server_started = True
+            for d in disks:
+                await wire.block_export_add(
+                    vm.session,
+                    export_id=d.export,
+                    node=d.fleece,
+                    name=d.device,
+                    writable=False,
+                    bitmaps=() if d.base is None else ((d.node, d.base),),
+                )
+            with anyio.fail_after(deadline):
+                for d in disks:
+                    await _copy_disk(d, repo, socket, connections, hooks, fail_after_chunks)
+            # The copy is done: QEMU's side goes before the repository is committed.
+            await _teardown(vm, disks, jobs, added, server_started)
+            server_started = False
+        await anyio.to_thread.run_sync(repo.sync)
+        failpoint("after-chunks")
+        for d in disks:
+            assert d.index is not None
+            repo.write_index(vm.name, point, d.device, d.index)
+        failpoint("after-index")
+        version = await vm.version()
+        full_asked = kind == "full"
+        manifest = Manifest(
+            id=point,
+            vm=vm.name,
+            kind="incremental" if any(d.base for d in disks) else "full",
+            parent=None if latest is None or not any(d.base for d in disks) else latest.id,
+            checkpoint=bitmap,
+            started=started,
+            completed=time.time(),
+            qemu=str(version),
+            disks=tuple(_disk_point(d) for d in disks),
+            fallback_reason=None if full_asked or not reasons else "; ".join(reasons),
+            consistency="filesystem" if points and points[0].consistent else "crash",
+            frozen_filesystems=points[0].frozen if points else 0,
+        )
+        repo.write_manifest(manifest)
+        committed = True
+        failpoint("after-manifest")
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _teardown(vm, disks, jobs, added, server_started)
+            if not committed:
+                with contextlib.suppress(OSError, RepositoryError):
+                    repo.delete_point(vm.name, point)
+            if transaction_sent:
+                # Merge this attempt's bitmap into the last good point's and enable it (or,
+                # if the manifest was written, give up the old one): nothing is lost.
+                try:
+                    await _settle(vm, repo, devices=[d.device for d in disks])
+                except BlockctlError as exc:
+                    _log.error(
+                        "blockctl.backup.checkpoints_unsettled",
+                        vm=vm.name,
+                        error=str(exc),
+                        note="run `blockctl recover VM --repo R` or the next backup settles them",
+                    )
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+    # The point is durable: now the previous checkpoints may go.
+    try:
+        await _settle(vm, repo, devices=[d.device for d in disks])
+    except BlockctlError as exc:
+        _log.warning("blockctl.backup.old_checkpoint_kept", vm=vm.name, error=str(exc))
+    _log.info(
+        "blockctl.backup.done",
+        vm=vm.name,
+        id=point,
+        kind=manifest.kind,
+        bytes_read=manifest.bytes_read,
+        bytes_new=manifest.bytes_new,
+    )
+    return manifest
+
+
+def _disk_point(d: _Disk) -> DiskPoint:
+    assert d.index is not None and d.copier is not None
+    stats = d.copier.stats
+    zero_chunks = sum(1 for i in range(d.index.count) if d.index.at(i) == ZERO_DIGEST)
+    return DiskPoint(
+        device=d.device,
+        node=d.node,
+        virtual_size=d.virtual_size,
+        chunk_size=d.index.chunk_size,
+        disk_digest=d.index.disk_digest(),
+        chunks=d.index.count,
+        zero_chunks=zero_chunks,
+        bytes_read=stats.bytes_read,
+        bytes_new=stats.bytes_new,
+        bytes_stored=stats.bytes_stored,
+        seconds=round(time.monotonic() - d.started, 3),
+    )
+
+
+async def _copy_disk(
+    d: _Disk,
+    repo: Repository,
+    socket: str,
+    connections: int,
+    hooks: Sequence[JobHook],
+    fail_after_chunks: int | None,
+) -> None:
+    d.started = time.monotonic()
+    plan = await anyio.to_thread.run_sync(
+        lambda: plan_reads(
+            socket,
+            d.device,
+            size=d.virtual_size,
+            chunk_size=repo.chunk_size,
+            dirty_bitmap=d.base,
+        )
+    )
+    if d.parent_index is not None:
+        d.index = d.parent_index.copy()
+    else:
+        d.index = DiskIndex.empty(d.virtual_size, repo.chunk_size)
+    copier = ChunkCopier(
+        socket=socket,
+        export=d.device,
+        repo=repo,
+        index=d.index,
+        chunks=plan.read,
+        connections=connections,
+        fail_after=fail_after_chunks,
+    )
+    d.copier = copier
+    copier.start()
+    job_id = f"read-{d.device}"
+    try:
+        while not copier.done():
+            await anyio.sleep(0.25)
+            _progress(d, job_id, hooks)
+    finally:
+        copier.stop()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(copier.join_quietly)
+    copier.join()
+    _progress(d, job_id, hooks)
+
+
+def _progress(d: _Disk, job_id: str, hooks: Sequence[JobHook]) -> None:
+    assert d.copier is not None
+    done, total = d.copier.stats.bytes_read, d.copier.total
+    now = time.monotonic()
+    rate = measure_rate(d.samples, now, done)
+    eta = None if not rate else max(0.0, (total - done) / rate)
+    record = JobProgress(
+        job_id=job_id,
+        job_type="backup-read",
+        status=JobStatus.RUNNING,
+        done=done,
+        total=total,
+        rate=rate,
+        eta=eta,
+        seconds=now - d.started,
+    )
+    for hook in hooks:
+        hook.on_progress(record)
+
+
+async def _teardown(
+    vm: VM, disks: list[_Disk], jobs: list[Job], added: list[str], server_started: bool
+) -> None:
+    """Exports, server, fleecing jobs (sync=none runs until cancelled: that is its end),
+    then the nodes, top-down. Shielded; every step is tried whatever the others did."""
+    with anyio.CancelScope(shield=True):
+        for d in disks:
+            with contextlib.suppress(BlockctlError):
+                await wire.block_export_del(vm.session, d.export)
+        if server_started:
+            with contextlib.suppress(BlockctlError):
+                await wire.nbd_server_stop(vm.session)
+        for job in jobs:
+            if not job.done:
+                with contextlib.suppress(BlockctlError):
+                    await job.cancel()
+                    await job.wait(complete_on_ready=False, deadline=60)
+        for name in reversed(added):
+            with contextlib.suppress(BlockctlError):
+                await wire.blockdev_del(vm.session, name)
+        added.clear()
+
+
+# Section: restore, verify, prune
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RestoreResult:
+    path: Path
+    format: ImageFormat
+    device: str
+    point: str
+    bytes_written: int
+    chunks_verified: int
+    seconds: float
+
+
+async def restore(
+    repo: Repository,
+    vm_name: str,
+    point: str,
+    device: str,
+    dest: Path,
+    fmt: ImageFormat = ImageFormat.QCOW2,
+    *,
+    connections: int = DEFAULT_CONNECTIONS,
+) -> RestoreResult:
+    """Rebuild ``device`` as it was at ``point`` into a new image (raw or qcow2, sparse, mode
+    0600). Every chunk is checked against its digest before it is written, the index against
+    the manifest first; a failure removes the new file."""
+    started = time.monotonic()
+    manifest = repo.get(vm_name, point)
+    disk = manifest.disk(device)
+    if fmt not in (ImageFormat.RAW, ImageFormat.QCOW2):
+        raise ConfigError("format", f"restore writes raw or qcow2, not {fmt.value}")
+    dest = Path(dest).absolute()
+    if dest.exists() or dest.is_symlink():
+        raise ConfigError("dest", f"{dest} exists; restore writes a new file")
+    index = repo.read_index(vm_name, point, device)
+    if index.disk_digest() != disk.disk_digest or index.virtual_size != disk.virtual_size:
+        raise BackupCorrupt(
+            f"the index of {device} in {point} does not match its manifest: the repository is "
+            "damaged (run `blockctl backup verify`)"
+        )
+    chunks = [i for i in range(index.count) if index.at(i) != ZERO_DIGEST]
+    written = 0
+    try:
+        if fmt is ImageFormat.RAW:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.ftruncate(fd, index.virtual_size)
+                written = await anyio.to_thread.run_sync(
+                    _restore_into, repo, index, chunks, point, connections, fd, None
+                )
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            await _images.create(dest, ImageFormat.QCOW2, size=index.virtual_size)
+            os.chmod(dest, 0o600)
+            written = await _restore_qcow2(repo, index, chunks, point, connections, dest)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return RestoreResult(
+        path=dest,
+        format=fmt,
+        device=device,
+        point=point,
+        bytes_written=written,
+        chunks_verified=len(chunks),
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def _restore_into(
+    repo: Repository,
+    index: DiskIndex,
+    chunks: list[int],
+    point: str,
+    connections: int,
+    fd: int | None,
+    socket: str | None,
+) -> int:
+    """Threads: read+verify chunks, write them at their offsets (a file or an NBD export)."""
+    import threading
+
+    lock = threading.Lock()
+    work = iter(chunks)
+    errors: list[BaseException] = []
+    total = [0]
+
+    def worker() -> None:
+        handle = None
+        try:
+            if socket is not None:
+                nbd = libnbd()
+                handle = nbd.NBD()
+                handle.connect_unix(socket)
+            while True:
+                with lock:
+                    if errors:
+                        return
+                    i = next(work, None)
+                if i is None:
+                    return
+                data = repo.read_chunk(index.at(i), index.chunk_length(i), where=f" of {point}")
+                offset = i * index.chunk_size
+                if handle is not None:
+                    handle.pwrite(data, offset)
+                else:
+                    assert fd is not None
+                    view = memoryview(data)
+                    while view:
+                        n = os.pwrite(fd, view, offset)
+                        view, offset = view[n:], offset + n
+                with lock:
+                    total[0] += len(data)
+            if handle is not None:
+                handle.flush()
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+        finally:
+            if handle is not None:
+                close(handle)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, connections))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return total[0]
+
+
+async def _restore_qcow2(
+    repo: Repository, index: DiskIndex, chunks: list[int], point: str, connections: int, dest: Path
+) -> int:
+    """qcow2 is written through qemu-nbd (QEMU's own qcow2 code), by the same threads."""
+    workdir = Path(tempfile.mkdtemp(prefix="bc-restore-"))
+    socket = workdir / "nbd.sock"
+    argv = [
+        _binaries.qemu_nbd(),
+        "--format=qcow2",
+        "--cache=writeback",
+        "--discard=unmap",
+        f"--shared={max(1, connections)}",
+        "--persistent",
+        f"--socket={socket}",
+        str(dest),
+    ]
+    log = open(workdir / "qemu-nbd.log", "w+b")  # noqa: SIM115 - closed in finally
+    try:
+        process = await _proc.spawn(argv, log=log)
+        try:
+            while not socket.exists():
+                if process.returncode is not None:
+                    log.seek(0)
+                    raise BlockctlError(
+                        f"restore: qemu-nbd exited with {process.returncode} on {dest}: "
+                        + log.read().decode(errors="replace").strip()
+                    )
+                await anyio.sleep(0.02)
+            return await anyio.to_thread.run_sync(
+                _restore_into, repo, index, chunks, point, connections, None, str(socket)
+            )
+        finally:
+            # SIGTERM: qemu-nbd flushes and closes the image cleanly.
+            await _proc.terminate(process, grace=30)
+    finally:
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verification:
+    point: str
+    ok: bool
+    problems: tuple[str, ...]
+    chunks_checked: int
+    bytes_checked: int
+    #: Points (of any VM in the repository) that reference a bad chunk.
+    affected: tuple[str, ...] = ()
+
+
+async def verify(
+    repo: Repository, vm_name: str, point: str, *, sample: float | None = None
+) -> Verification:
+    """Check a point: its manifest, its indexes against the manifest, and every chunk it
+    references (read, decrypted, decompressed, hashed) — so a damaged chunk anywhere in its
+    history is found. ``sample`` (0-1): check that fraction of the chunks, chosen at random."""
+    return await anyio.to_thread.run_sync(_verify, repo, vm_name, point, sample)
+
+
+def _verify(repo: Repository, vm_name: str, point: str, sample: float | None) -> Verification:
+    import random
+
+    problems: list[str] = []
+    checked = checked_bytes = 0
+    bad: set[bytes] = set()
+    try:
+        manifest = repo.get(vm_name, point)
+    except BackupCorrupt as exc:
+        return Verification(
+            point=point, ok=False, problems=(str(exc),), chunks_checked=0, bytes_checked=0
+        )
+    for disk in manifest.disks:
+        try:
+            index = repo.read_index(vm_name, point, disk.device)
+        except RepositoryError as exc:
+            problems.append(f"{disk.device}: {exc}")
+            continue
+        if index.disk_digest() != disk.disk_digest or index.virtual_size != disk.virtual_size:
+            problems.append(f"{disk.device}: the index does not match the manifest")
+        wanted: dict[bytes, int] = {}
+        for i in range(index.count):
+            digest = index.at(i)
+            if digest != ZERO_DIGEST:
+                wanted.setdefault(digest, index.chunk_length(i))
+        items = list(wanted.items())
+        if sample is not None:
+            items = random.sample(items, max(1, int(len(items) * sample))) if items else []
+        for digest, length in items:
+            try:
+                repo.read_chunk(digest, length)
+            except RepositoryError as exc:
+                problems.append(f"{disk.device}: {exc}")
+                bad.add(digest)
+            checked += 1
+            checked_bytes += length
+    affected: list[str] = []
+    if bad:
+        for vm in repo.vms():
+            for other in repo.manifests(vm):
+                for disk in other.disks:
+                    with contextlib.suppress(RepositoryError):
+                        if repo.read_index(vm, other.id, disk.device).referenced() & bad:
+                            affected.append(f"{vm}/{other.id}")
+                            break
+        problems.append("points affected by the damaged chunks: " + ", ".join(affected))
+    return Verification(
+        point=point,
+        ok=not problems,
+        problems=tuple(problems),
+        chunks_checked=checked,
+        bytes_checked=checked_bytes,
+        affected=tuple(affected),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PruneResult:
+    deleted: tuple[str, ...]
+    kept: tuple[str, ...]
+    chunks_removed: int
+    bytes_removed: int
+    gc_skipped: str | None = None
+
+
+async def prune(
+    repo: Repository,
+    vm_name: str,
+    *,
+    keep_last: int | None = None,
+    keep_within: float | None = None,
+    gc: bool = True,
+) -> PruneResult:
+    """Keep the newest ``keep_last`` points and/or those newer than ``keep_within`` seconds
+    (the newest always stays: the VM's checkpoint is named after it); delete the others, then
+    collect the chunks no point references (skipped, and said, while a backup writes)."""
+    if keep_last is None and keep_within is None:
+        raise ConfigError("keep", "say what to keep: keep_last (--keep) or keep_within")
+    if keep_last is not None and keep_last < 1:
+        raise ConfigError("keep_last", "keep at least one backup")
+    manifests = repo.manifests(vm_name)
+    now = time.time()
+    keep = {manifests[-1].id} if manifests else set()
+    if keep_last is not None:
+        keep |= {m.id for m in manifests[-keep_last:]}
+    if keep_within is not None:
+        keep |= {m.id for m in manifests if now - m.completed <= keep_within}
+    doomed = [m.id for m in manifests if m.id not in keep]
+    for point in doomed:
+        repo.delete_point(vm_name, point)
+    removed = removed_bytes = 0
+    skipped = None
+    if gc and doomed:
+        try:
+            result = await anyio.to_thread.run_sync(repo.gc)
+            removed, removed_bytes = result.chunks_removed, result.bytes_removed
+        except RepositoryBusy as exc:
+            skipped = str(exc)
+    return PruneResult(
+        deleted=tuple(doomed),
+        kept=tuple(m.id for m in manifests if m.id in keep),
+        chunks_removed=removed,
+        bytes_removed=removed_bytes,
+        gc_skipped=skipped,
+    )
+
+
+def summary(manifest: Manifest) -> Mapping[str, Any]:
+    """The figures of a point, one meaning in every mode (for ``backup list`` and events)."""
+    read, new, stored = manifest.bytes_read, manifest.bytes_new, manifest.bytes_stored
+    return {
+        "bytes_read": read,
+        "bytes_new": new,
+        "bytes_stored": stored,
+        "dedup_ratio": None if not new else round(read / new, 3),
+        "compression_ratio": None if not stored else round(new / stored, 3),
+    }

@@ -1,0 +1,268 @@
+"""Reading a point-in-time export over NBD into the repository: each byte read once.
+
+libnbd (Debian's ``python3-libnbd``) does the NBD work: it measured 270 MB/s per connection
+here against blockctl's own asyncio client's 130-150, and it releases the GIL, so several
+connections (QEMU's read-only export allows multi-conn) read, hash, compress and write in
+parallel threads: hashlib, zstandard and the AES-GCM of ``cryptography`` release it too.
+
+The plan comes from block status first: for a full backup, chunks whose extents are all
+zeros are not read; for an incremental, only chunks that a dirty extent of the frozen
+bitmap touches are read, the others keep their parent's digest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_module
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from blockctl._backup.store import ZERO_DIGEST, DiskIndex, Repository
+from blockctl.errors import MissingComponent, NbdError
+
+#: NBD block-status flags (base:allocation), and the dirty flag of qemu:dirty-bitmap:*.
+STATE_HOLE = 1
+STATE_ZERO = 2
+STATE_DIRTY = 1
+#: Extents asked per block-status call (QEMU answers at most this much at once anyway).
+STATUS_SPAN = 1 << 30
+DEFAULT_CONNECTIONS = 2
+
+
+def libnbd() -> ModuleType:
+    try:
+        import nbd
+    except ImportError as exc:
+        raise MissingComponent(
+            "libnbd's Python bindings (module nbd)",
+            "apt-get install python3-libnbd; in a virtualenv, link nbd.py and libnbdmod*.so "
+            "from /usr/lib/python3/dist-packages into its site-packages (scripts/setup does)",
+        ) from exc
+    module: ModuleType = nbd
+    return module
+
+
+def _nbd_error(exc: Any, export: str, what: str) -> NbdError:
+    number = getattr(exc, "errno", None)
+    name = errno_module.errorcode.get(number or 0, "no errno")
+    return NbdError(
+        f"NBD export {export!r}: {what}: {getattr(exc, 'string', exc)} ({name})", number
+    )
+
+
+def close(handle: Any) -> None:
+    """Disconnect politely and release the handle now (libnbd's bindings close only when the
+    object is collected, which a thread's frame may delay)."""
+    nbd = libnbd()
+    if not handle.aio_is_closed():
+        with contextlib.suppress(nbd.Error):
+            handle.shutdown()
+    handle.__del__()
+    with contextlib.suppress(AttributeError):
+        del handle._o
+
+
+def _connect(socket: str, export: str, context: str | None) -> Any:
+    nbd = libnbd()
+    handle = nbd.NBD()
+    try:
+        handle.set_export_name(export)
+        if context is not None:
+            handle.add_meta_context(context)
+        handle.connect_unix(socket)
+        if context is not None and not handle.can_meta_context(context):
+            raise NbdError(f"NBD export {export!r} does not offer {context}")
+    except nbd.Error as exc:
+        close(handle)
+        raise _nbd_error(exc, export, "connect") from exc
+    except BaseException:
+        close(handle)
+        raise
+    return handle
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReadPlan:
+    read: tuple[int, ...]  # chunk numbers to read, in order
+    zero: tuple[int, ...]  # chunk numbers known to be all zeros without reading
+
+
+def plan_reads(
+    socket: str, export: str, *, size: int, chunk_size: int, dirty_bitmap: str | None
+) -> ReadPlan:
+    """Which chunks to read: all but the zero ones (full), or the dirty ones (incremental)."""
+    context = "base:allocation" if dirty_bitmap is None else f"qemu:dirty-bitmap:{dirty_bitmap}"
+    handle = _connect(socket, export, context)
+    count = -(-size // chunk_size)
+    touched = bytearray(count)  # full: a non-zero extent; incremental: a dirty one
+    try:
+        offset = 0
+        extents: list[tuple[int, int, int]] = []
+
+        def collect(meta: str, start: int, entries: list[int], err: Any) -> int:
+            if meta == context:
+                position = start
+                for i in range(0, len(entries) - 1, 2):
+                    extents.append((position, entries[i], entries[i + 1]))
+                    position += entries[i]
+            return 0
+
+        while offset < size:
+            extents.clear()
+
+            try:
+                handle.block_status(min(STATUS_SPAN, size - offset), offset, collect)
+            except libnbd().Error as exc:
+                raise _nbd_error(exc, export, f"block status at {offset}") from exc
+            if not extents:
+                raise NbdError(f"NBD export {export!r}: no block status at offset {offset}")
+            for start, length, flags in extents:
+                end = min(start + length, size)
+                wanted = bool(flags & STATE_DIRTY) if dirty_bitmap else not flags & STATE_ZERO
+                if wanted and end > start:
+                    for i in range(start // chunk_size, (end - 1) // chunk_size + 1):
+                        touched[i] = 1
+                offset = max(offset, end)
+    finally:
+        close(handle)
+    read = tuple(i for i in range(count) if touched[i])
+    zero = () if dirty_bitmap else tuple(i for i in range(count) if not touched[i])
+    return ReadPlan(read=read, zero=zero)
+
+
+@dataclass(slots=True)
+class CopyStats:
+    bytes_read: int = 0
+    bytes_new: int = 0
+    bytes_stored: int = 0
+    chunks_new: int = 0
+    chunks_read: int = 0
+    zero_read: int = 0  # chunks read that turned out to hold zeros only
+
+
+class ChunkCopier:
+    """Reads ``plan.read`` through ``connections`` NBD connections in threads, stores each
+    chunk and fills ``index``. :meth:`start`, then poll :meth:`done`/``stats``; :meth:`stop`
+    asks the threads to finish their current chunk; :meth:`join` waits and raises the first
+    error a thread met."""
+
+    def __init__(
+        self,
+        *,
+        socket: str,
+        export: str,
+        repo: Repository,
+        index: DiskIndex,
+        chunks: tuple[int, ...],
+        connections: int = DEFAULT_CONNECTIONS,
+        fail_after: int | None = None,
+    ) -> None:
+        self.socket = socket
+        self.export = export
+        self.repo = repo
+        self.index = index
+        self.stats = CopyStats()
+        self.total = sum(index.chunk_length(i) for i in chunks)
+        self._chunks: Iterator[int] = iter(chunks)
+        self._lock = threading.Lock()
+        self._seen: set[bytes] = set()
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._threads = [
+            threading.Thread(target=self._work, name=f"bc-read-{export}-{n}", daemon=True)
+            for n in range(max(1, min(connections, len(chunks) or 1)))
+        ]
+        #: Fault injection for tests: fail after this many chunks were stored.
+        self._fail_after = fail_after
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def done(self) -> bool:
+        return not any(t.is_alive() for t in self._threads)
+
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
+
+    def join_quietly(self) -> None:
+        for thread in self._threads:
+            thread.join()
+
+    def _next(self) -> int | None:
+        with self._lock:
+            if self._stop.is_set():
+                return None
+            return next(self._chunks, None)
+
+    def _work(self) -> None:
+        try:
+            handle = _connect(self.socket, self.export, None)
+        except BaseException as exc:
+            self._fail(exc)
+            return
+        zeros = bytes(self.index.chunk_size)
+        nbd = libnbd()
+        try:
+            while (i := self._next()) is not None:
+                length = self.index.chunk_length(i)
+                offset = i * self.index.chunk_size
+                try:
+                    data = handle.pread(length, offset)
+                except nbd.Error as exc:
+                    raise _nbd_error(
+                        exc, self.export, f"read of {length} bytes at {offset}"
+                    ) from exc
+                if data == zeros[:length]:
+                    digest, written, new = ZERO_DIGEST, 0, False
+                else:
+                    digest = self.repo.digest(data)
+                    with self._lock:
+                        new = digest not in self._seen and not self.repo.has_chunk(digest)
+                        self._seen.add(digest)
+                    written = self.repo.write_chunk(digest, data) if new else 0
+                with self._lock:
+                    self.index.put(i, digest)
+                    self.stats.bytes_read += length
+                    self.stats.chunks_read += 1
+                    if digest == ZERO_DIGEST:
+                        self.stats.zero_read += 1
+                    if new and written:
+                        self.stats.bytes_new += length
+                        self.stats.bytes_stored += written
+                        self.stats.chunks_new += 1
+                    if self._fail_after is not None and self.stats.chunks_read >= self._fail_after:
+                        raise OSError(errno_module.EIO, "injected failure (test)")
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            close(handle)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._errors.append(exc)
+        self._stop.set()
+
+
+def measure_rate(samples: list[tuple[float, int]], now: float, done: int) -> float | None:
+    """Bytes/s over the last few seconds of ``samples`` (kept to the last 10)."""
+    samples.append((now, done))
+    del samples[:-10]
+    first_t, first_done = samples[0]
+    if now - first_t <= 0 or done <= first_done:
+        return None
+    return (done - first_done) / (now - first_t)
+
+
+Clock = Callable[[], float]
+monotonic: Clock = time.monotonic

@@ -1,0 +1,846 @@
+"""The backup repository (format 2): fixed-size chunks named by their digest, stored once per
+repository; a point is a per-disk index of chunk digests plus a manifest.
+
+Layout (directories 0700, files 0600, whatever the umask)::
+
+    REPO/config.json                      format, id, chunk size, digest, compression, encryption
+    REPO/lock                             flock: shared while a backup writes, exclusive for gc
+    REPO/chunks/ab/abcdef…(64 hex)        one chunk: header + (zstd?) (AES-GCM?) payload
+    REPO/points/<vm>/<point id>/<device>.index
+    REPO/points/<vm>/<point id>/manifest.json    the commit point of a backup
+
+Crash safety: a chunk is written to a temporary file, fsynced and renamed (complete or absent);
+an index is written only after every chunk it names and their directories are durable; the
+manifest is written last, atomically (write, fsync, rename, fsync the directory). A point
+without a manifest is not a point. Garbage collection takes the lock exclusively, so it never
+sees the chunks of a backup that has not written its manifest yet.
+
+The repository is untrusted input: every name read from it (point ids, VM and device names,
+digests) is validated before it touches the filesystem, files are opened relative to
+directory descriptors with ``O_NOFOLLOW`` (no symlink leads out), and sizes and counts are
+bounded before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import stat
+import struct
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from blockctl._backup.crypto import RepositoryKey, new_key, unwrap
+from blockctl.errors import (
+    BackupCorrupt,
+    BackupKeyError,
+    ConfigError,
+    RepositoryBusy,
+    RepositoryError,
+)
+
+FORMAT = "blockctl-repository"
+VERSION = 2
+#: 4 MiB, as Proxmox Backup Server's fixed index: 2 fsyncs per 8 MiB and an index of 8 KiB per
+#: GiB; `scripts/bench backup` measures the alternatives.
+DEFAULT_CHUNK_SIZE = 4 << 20
+MIN_CHUNK_SIZE = 64 << 10
+MAX_CHUNK_SIZE = 32 << 20  # one NBD request (QEMU's block_size_maximum)
+#: Bounds checked before allocating anything read from the repository.
+MAX_VIRTUAL_SIZE = 1 << 50  # 1 PiB
+MAX_MANIFEST = 16 << 20
+MAX_DISKS = 256
+#: An index entry of 32 zero bytes is a chunk of zeros: never stored, never read.
+ZERO_DIGEST = bytes(32)
+DIGEST_SIZE = 32
+
+_CHUNK_MAGIC = b"BCC2"
+_INDEX_MAGIC = b"BCI2"
+_INDEX_HEADER = struct.Struct(">4sB3xQQ")  # magic, flags, virtual size, chunk size
+_FLAG_ZSTD = 1
+_FLAG_SEALED = 2
+
+#: VM and device names as blockctl makes them and QEMU accepts them; nothing else is joined
+#: to a path.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
+_POINT = re.compile(r"\d{8}T\d{6}\.\d{6}-[0-9a-f]{4}\Z")
+_DIGEST_HEX = re.compile(r"[0-9a-f]{64}\Z")
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value) or value in (".", ".."):
+        raise RepositoryError(f"{what} {value!r} is not a valid name (letters, digits, ._+-)")
+    return value
+
+
+def check_point_id(value: object) -> str:
+    if not isinstance(value, str) or not _POINT.match(value):
+        raise RepositoryError(f"point id {value!r} is not of the form 20261203T101500.123456-ab12")
+    return value
+
+
+def new_point_id() -> str:
+    """Sortable by time to the microsecond, unique: ``20261127T223700.123456-1a2b``."""
+    now = time.time_ns() // 1000
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 1_000_000))
+    return f"{stamp}.{now % 1_000_000:06d}-{secrets.token_hex(2)}"
+
+
+# Section: files, owner-only and atomic
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) 0700 whatever the umask; an existing one is
+    checked, not changed."""
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+            os.chmod(directory, 0o700)
+
+
+def check_private_dir(path: Path, what: str = "repository") -> None:
+    """Refuse a directory that others could write into or that is not ours (as ssh refuses
+    a loose key file): they could plant chunks, indexes or symlinks."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError as exc:
+        raise RepositoryError(f"{what} {path} does not exist") from exc
+    if stat.S_ISLNK(info.st_mode):
+        info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise RepositoryError(f"{what} {path} is not a directory")
+    if info.st_uid != os.geteuid():
+        raise RepositoryError(
+            f"{what} {path} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): "
+            "refused; back up into a directory you own"
+        )
+    if info.st_mode & 0o022:
+        raise RepositoryError(
+            f"{what} {path} is writable by group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}): refused; run chmod 700 {path}"
+        )
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` 0600 so that a reader sees nothing or all of it, even after a crash:
+    a pid-tagged temporary file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, _O_DIR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _errno_text(exc: OSError) -> str:
+    import errno as errno_module
+
+    name = errno_module.errorcode.get(exc.errno or 0, str(exc.errno))
+    return f"{exc.strerror or exc} ({name})"
+
+
+def _read_bounded(directory: Path, parts: tuple[str, ...], limit: int, what: str) -> bytes:
+    """Read REPO-relative ``parts`` without following any symlink, at most ``limit`` bytes."""
+    fd = os.open(directory, _O_DIR)
+    try:
+        for part in parts[:-1]:
+            try:
+                nxt = os.open(part, _O_DIR, dir_fd=fd)
+            except FileNotFoundError as exc:
+                raise BackupCorrupt(f"{what}: {part}/ is missing") from exc
+            except OSError as exc:
+                raise BackupCorrupt(f"{what}: {part} is not a plain directory ({exc})") from exc
+            os.close(fd)
+            fd = nxt
+        try:
+            file_fd = os.open(parts[-1], _O_FILE, dir_fd=fd)
+        except FileNotFoundError as exc:
+            raise BackupCorrupt(f"{what} is missing") from exc
+        except OSError as exc:
+            raise BackupCorrupt(f"{what} is not a plain file ({exc})") from exc
+    finally:
+        os.close(fd)
+    try:
+        info = os.fstat(file_fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BackupCorrupt(f"{what} is not a regular file")
+        if info.st_size > limit:
+            raise BackupCorrupt(f"{what} is {info.st_size} bytes, over the limit of {limit}")
+        chunks = []
+        left = limit + 1
+        while left > 0:
+            data = os.read(file_fd, min(left, 16 << 20))
+            if not data:
+                break
+            chunks.append(data)
+            left -= len(data)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise BackupCorrupt(f"{what} grew over the limit of {limit} bytes while read")
+        return data
+    finally:
+        os.close(file_fd)
+
+
+# Section: values
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RepositoryConfig:
+    id: str
+    chunk_size: int
+    digest: str  # "sha256", or "hmac-sha256" with a key
+    compression: str  # "zstd" | "none"
+    encryption: dict[str, Any] | None
+    created: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: object, path: Path) -> RepositoryConfig:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise RepositoryError(f"{path}: not a blockctl repository")
+        if data.get("version") != VERSION:
+            raise RepositoryError(
+                f"{path}: repository format {data.get('version')!r}; this blockctl reads "
+                f"format {VERSION} only (the qcow2-chain format 1 is gone: start a new one)"
+            )
+        try:
+            config = cls(
+                id=str(data["id"]),
+                chunk_size=int(data["chunk_size"]),
+                digest=str(data["digest"]),
+                compression=str(data["compression"]),
+                encryption=data.get("encryption"),
+                created=float(data["created"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RepositoryError(f"{path}/config.json is malformed ({exc})") from exc
+        _check_chunk_size(config.chunk_size)
+        if config.digest not in ("sha256", "hmac-sha256") or config.compression not in (
+            "zstd",
+            "none",
+        ):
+            raise RepositoryError(f"{path}: unknown digest or compression in config.json")
+        if (config.digest == "hmac-sha256") != (config.encryption is not None):
+            raise RepositoryError(f"{path}: config.json: digest and encryption disagree")
+        return config
+
+
+def _check_chunk_size(size: int) -> None:
+    if not (MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE) or size & (size - 1):
+        raise RepositoryError(
+            f"chunk size {size}: a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
+        )
+
+
+@dataclass(slots=True)
+class DiskIndex:
+    """The chunks of one disk at one point: ``digests[32*i:32*i+32]`` is chunk ``i``."""
+
+    virtual_size: int
+    chunk_size: int
+    digests: bytearray
+
+    @classmethod
+    def empty(cls, virtual_size: int, chunk_size: int) -> DiskIndex:
+        count = math.ceil(virtual_size / chunk_size)
+        return cls(virtual_size, chunk_size, bytearray(count * DIGEST_SIZE))
+
+    @property
+    def count(self) -> int:
+        return len(self.digests) // DIGEST_SIZE
+
+    def at(self, i: int) -> bytes:
+        return bytes(self.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
+
+    def put(self, i: int, digest: bytes) -> None:
+        self.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = digest
+
+    def chunk_length(self, i: int) -> int:
+        return min(self.chunk_size, self.virtual_size - i * self.chunk_size)
+
+    def referenced(self) -> set[bytes]:
+        view = memoryview(self.digests)
+        found = {bytes(view[i : i + DIGEST_SIZE]) for i in range(0, len(view), DIGEST_SIZE)}
+        found.discard(ZERO_DIGEST)
+        return found
+
+    def disk_digest(self) -> str:
+        """The digest of the guest-visible disk at this point, derived from the index (no
+        second pass over the data): equal disks give equal digests in one repository."""
+        h = hashlib.sha256(b"blockctl-disk-v2\0")
+        h.update(struct.pack(">QQ", self.virtual_size, self.chunk_size))
+        h.update(self.digests)
+        return h.hexdigest()
+
+    def copy(self) -> DiskIndex:
+        return DiskIndex(self.virtual_size, self.chunk_size, bytearray(self.digests))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiskPoint:
+    """One disk of a backup point, with what the backup cost (one meaning in every mode)."""
+
+    device: str
+    node: str
+    virtual_size: int
+    chunk_size: int
+    disk_digest: str
+    chunks: int  # in the index
+    zero_chunks: int  # chunks of zeros (not stored)
+    bytes_read: int  # read from QEMU for this point
+    bytes_new: int  # uncompressed bytes of chunks that were new to the repository
+    bytes_stored: int  # what those new chunks take in the repository (compressed, sealed)
+    seconds: float = 0.0
+
+    @property
+    def dedup_ratio(self) -> float | None:
+        """Bytes read per byte new to the repository (higher is better)."""
+        return None if not self.bytes_new else self.bytes_read / self.bytes_new
+
+    @property
+    def compression_ratio(self) -> float | None:
+        return None if not self.bytes_stored else self.bytes_new / self.bytes_stored
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    id: str
+    vm: str
+    kind: str  # "full" | "incremental"
+    parent: str | None  # the point an incremental read its unchanged chunks from
+    checkpoint: str  # the dirty bitmap that records changes since this point
+    started: float
+    completed: float
+    qemu: str
+    disks: tuple[DiskPoint, ...]
+    fallback_reason: str | None = None  # why an incremental was taken as a full backup
+    consistency: str = "crash"  # "filesystem" when the guest was frozen at the point
+    frozen_filesystems: int = 0
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(d.bytes_read for d in self.disks)
+
+    @property
+    def bytes_new(self) -> int:
+        return sum(d.bytes_new for d in self.disks)
+
+    @property
+    def bytes_stored(self) -> int:
+        return sum(d.bytes_stored for d in self.disks)
+
+    def disk(self, device: str) -> DiskPoint:
+        for disk in self.disks:
+            if disk.device == device:
+                return disk
+        raise ConfigError(
+            "device",
+            f"backup {self.id} has no disk {device!r} "
+            f"(it has {', '.join(d.device for d in self.disks)})",
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["disks"] = [asdict(d) for d in self.disks]
+        return {"format": VERSION, **data}
+
+    @classmethod
+    def from_json(cls, data: object, where: str) -> Manifest:
+        try:
+            if not isinstance(data, dict) or data.get("format") != VERSION:
+                raise BackupCorrupt(f"{where}: not a format-{VERSION} manifest")
+            values = {k: v for k, v in data.items() if k not in ("format", "mac")}
+            disks_raw = values.pop("disks")
+            if not isinstance(disks_raw, list) or not 1 <= len(disks_raw) <= MAX_DISKS:
+                raise BackupCorrupt(f"{where}: 1 to {MAX_DISKS} disks expected")
+            disks = tuple(DiskPoint(**d) for d in disks_raw)
+            manifest = cls(disks=disks, **values)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise BackupCorrupt(f"{where}: malformed manifest ({exc})") from exc
+        check_point_id(manifest.id)
+        check_name(manifest.vm, "VM")
+        if manifest.parent is not None:
+            check_point_id(manifest.parent)
+        if manifest.kind not in ("full", "incremental"):
+            raise BackupCorrupt(f"{where}: unknown kind {manifest.kind!r}")
+        for disk in disks:
+            check_name(disk.device, "device")
+            _check_chunk_size(disk.chunk_size)
+            if not 0 < disk.virtual_size <= MAX_VIRTUAL_SIZE:
+                raise BackupCorrupt(
+                    f"{where}: {disk.device}: size {disk.virtual_size} out of range"
+                )
+            if not _DIGEST_HEX.match(disk.disk_digest):
+                raise BackupCorrupt(f"{where}: {disk.device}: malformed disk digest")
+        if len({d.device for d in disks}) != len(disks):
+            raise BackupCorrupt(f"{where}: a device is listed twice")
+        return manifest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GcResult:
+    chunks_kept: int
+    chunks_removed: int
+    bytes_removed: int
+    temporary_removed: int
+
+
+# Section: the repository
+
+
+@dataclass(slots=True)
+class Repository:
+    """An open repository. Use :meth:`init` to create one and :meth:`open` to use one."""
+
+    path: Path
+    config: RepositoryConfig
+    key: RepositoryKey | None = None
+    _zstd: Any = field(default=None, repr=False)
+    _touched: set[str] = field(default_factory=set, repr=False)
+
+    # -- creation and opening
+
+    @classmethod
+    def init(
+        cls,
+        path: Path,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        compression: str = "zstd",
+        secret: bytes | None = None,
+    ) -> Repository:
+        """Create a repository at ``path`` (a new or empty directory), owner-only.
+        ``secret``: encrypt it with a key wrapped by this secret (a key file's content)."""
+        path = Path(path).absolute()
+        _check_chunk_size(chunk_size)
+        if compression not in ("zstd", "none"):
+            raise ConfigError("compression", f"{compression!r}: zstd or none")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RepositoryError(f"{path} exists and is not an empty directory")
+        key, record = (None, None) if secret is None else new_key(secret)
+        make_private_dir(path)
+        check_private_dir(path)
+        for sub in ("chunks", "points"):
+            make_private_dir(path / sub)
+        config = RepositoryConfig(
+            id=uuid.uuid4().hex,
+            chunk_size=chunk_size,
+            digest="sha256" if key is None else "hmac-sha256",
+            compression=compression,
+            encryption=record,
+            created=time.time(),
+        )
+        _create_private_file(path / "lock")
+        atomic_write(path / "config.json", json.dumps(config.to_json(), indent=1).encode())
+        return cls.open(path, secret=secret)
+
+    @classmethod
+    def open(cls, path: Path, *, secret: bytes | None = None) -> Repository:
+        path = Path(path).absolute()
+        if not (path / "config.json").exists():
+            if not path.exists():
+                raise RepositoryError(
+                    f"no repository at {path}: create one with `blockctl backup init "
+                    f"--repo {path}` (or Repository.init)"
+                )
+            raise RepositoryError(
+                f"{path} is not a blockctl repository (no config.json); create one with "
+                "`blockctl backup init`"
+            )
+        check_private_dir(path)
+        raw = _read_bounded(path, ("config.json",), 1 << 20, f"{path}/config.json")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise RepositoryError(f"{path}/config.json is not JSON ({exc})") from exc
+        config = RepositoryConfig.from_json(data, path)
+        key = None
+        if config.encryption is not None:
+            if secret is None:
+                raise BackupKeyError(
+                    f"the repository {path} is encrypted (key id "
+                    f"{config.encryption.get('key_id')}): give its key file (--key-file)"
+                )
+            key = unwrap(config.encryption, secret, path)
+        repo = cls(path=path, config=config, key=key)
+        if config.compression == "zstd":
+            import zstandard
+
+            repo._zstd = zstandard
+        return repo
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key is not None
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    # -- locking
+
+    @contextlib.contextmanager
+    def lock(self, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
+        """Shared while a backup writes (several may), exclusive for garbage collection."""
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fd, flags | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError as exc:
+                raise RepositoryBusy(
+                    f"{self.path} is in use by another process (a backup is writing, or a "
+                    "garbage collection is running): try again when it is done"
+                ) from exc
+            yield
+        finally:
+            os.close(fd)
+
+    # -- chunks
+
+    def digest(self, data: bytes | memoryview) -> bytes:
+        if self.key is not None:
+            return self.key.digest(data)
+        return hashlib.sha256(data).digest()
+
+    def _chunk_path(self, digest: bytes) -> Path:
+        hexd = digest.hex()
+        return self.path / "chunks" / hexd[:2] / hexd
+
+    def has_chunk(self, digest: bytes) -> bool:
+        return self._chunk_path(digest).exists()
+
+    def write_chunk(self, digest: bytes, data: bytes | memoryview) -> int:
+        """Store one chunk (its digest computed by the caller with :meth:`digest`). Returns
+        the bytes written, 0 if the repository had it. Complete or absent after a crash; the
+        directory is fsynced by :meth:`sync` before any index names the chunk."""
+        path = self._chunk_path(digest)
+        if path.exists():
+            return 0
+        flags = 0
+        payload: bytes | memoryview = data
+        if self._zstd is not None:
+            packed = self._zstd.ZstdCompressor(level=1).compress(data)
+            if len(packed) < len(data):
+                payload, flags = packed, flags | _FLAG_ZSTD
+        if self.key is not None:
+            flags |= _FLAG_SEALED
+            payload = self.key.seal(bytes(payload), digest + bytes([flags]))
+        blob = _CHUNK_MAGIC + bytes([flags]) + bytes(payload)
+        directory = path.parent
+        if not directory.is_dir():
+            make_private_dir(directory)
+            self._touched.add("")
+        tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise RepositoryError(
+                f"repository {self.path}: writing chunk {digest.hex()[:16]}…: {_errno_text(exc)}"
+            ) from exc
+        self._touched.add(directory.name)
+        return len(blob)
+
+    def sync(self) -> None:
+        """Make every chunk written so far durable (their directories' entries)."""
+        for name in sorted(self._touched):
+            fsync_dir(self.path / "chunks" / name if name else self.path / "chunks")
+        self._touched.clear()
+
+    def read_chunk(self, digest: bytes, length: int, *, where: str = "") -> bytes:
+        """The chunk's bytes, checked against its digest (and authenticated if encrypted)."""
+        hexd = digest.hex()
+        what = f"chunk {hexd[:16]}…{where}"
+        blob = _read_bounded(self.path, ("chunks", hexd[:2], hexd), self.chunk_size + 4096, what)
+        if len(blob) < 5 or blob[:4] != _CHUNK_MAGIC:
+            raise BackupCorrupt(f"{what}: not a chunk (bad header)")
+        flags = blob[4]
+        payload = blob[5:]
+        if flags & _FLAG_SEALED:
+            if self.key is None:
+                raise BackupCorrupt(f"{what}: encrypted, but the repository is not")
+            payload = self.key.open(payload, digest + bytes([flags]), what)
+        elif self.key is not None:
+            raise BackupCorrupt(f"{what}: not encrypted in an encrypted repository")
+        if flags & _FLAG_ZSTD:
+            if self._zstd is None:
+                import zstandard
+
+                self._zstd = zstandard
+            try:
+                payload = self._zstd.ZstdDecompressor().decompress(payload, max_output_size=length)
+            except self._zstd.ZstdError as exc:
+                raise BackupCorrupt(f"{what}: does not decompress ({exc})") from exc
+        if len(payload) != length or self.digest(payload) != digest:
+            raise BackupCorrupt(f"{what}: its content does not match its digest")
+        return payload
+
+    def chunk_digests(self) -> Iterator[bytes]:
+        chunks = self.path / "chunks"
+        for sub in sorted(os.listdir(chunks)):
+            directory = chunks / sub
+            if len(sub) != 2 or directory.is_symlink() or not directory.is_dir():
+                continue
+            for name in os.listdir(directory):
+                if _DIGEST_HEX.match(name) and name.startswith(sub):
+                    yield bytes.fromhex(name)
+
+    # -- points
+
+    def _point_dir(self, vm: str, point: str) -> Path:
+        return self.path / "points" / check_name(vm, "VM") / check_point_id(point)
+
+    def begin_point(self, vm: str, point: str) -> Path:
+        directory = self._point_dir(vm, point)
+        make_private_dir(directory)
+        return directory
+
+    def write_index(self, vm: str, point: str, device: str, index: DiskIndex) -> None:
+        """After :meth:`sync`: the index names only durable chunks."""
+        check_name(device, "device")
+        flags = 0
+        header = _INDEX_HEADER.pack(_INDEX_MAGIC, flags, index.virtual_size, index.chunk_size)
+        body = bytes(index.digests)
+        if self.key is not None:
+            header = _INDEX_HEADER.pack(
+                _INDEX_MAGIC, _FLAG_SEALED, index.virtual_size, index.chunk_size
+            )
+            body = self.key.seal(body, header + f"{vm}/{point}/{device}".encode())
+        atomic_write(self._point_dir(vm, point) / f"{device}.index", header + body)
+
+    def read_index(self, vm: str, point: str, device: str) -> DiskIndex:
+        check_name(device, "device")
+        where = f"index of {device} in {vm}/{point}"
+        limit = _INDEX_HEADER.size + (MAX_VIRTUAL_SIZE // MIN_CHUNK_SIZE) * DIGEST_SIZE + 64
+        raw = _read_bounded(
+            self.path, ("points", vm, check_point_id(point), f"{device}.index"), limit, where
+        )
+        if len(raw) < _INDEX_HEADER.size:
+            raise BackupCorrupt(f"{where}: truncated header")
+        magic, flags, size, chunk = _INDEX_HEADER.unpack_from(raw)
+        if magic != _INDEX_MAGIC:
+            raise BackupCorrupt(f"{where}: not an index")
+        if not 0 < size <= MAX_VIRTUAL_SIZE:
+            raise BackupCorrupt(f"{where}: disk size {size} out of range")
+        try:
+            _check_chunk_size(chunk)
+        except RepositoryError as exc:
+            raise BackupCorrupt(f"{where}: {exc}") from exc
+        body = raw[_INDEX_HEADER.size :]
+        if flags & _FLAG_SEALED:
+            if self.key is None:
+                raise BackupCorrupt(f"{where}: encrypted, but the repository is not")
+            aad = raw[: _INDEX_HEADER.size] + f"{vm}/{point}/{device}".encode()
+            body = self.key.open(body, aad, where)
+        elif self.key is not None:
+            raise BackupCorrupt(f"{where}: not encrypted in an encrypted repository")
+        count = math.ceil(size / chunk)
+        if len(body) != count * DIGEST_SIZE:
+            raise BackupCorrupt(
+                f"{where}: {len(body)} bytes of digests, {count * DIGEST_SIZE} expected "
+                "(truncated?)"
+            )
+        return DiskIndex(size, chunk, bytearray(body))
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """The commit point of a backup: written last, atomically."""
+        data = manifest.to_json()
+        if self.key is not None:
+            data["mac"] = self.key.sign(_canonical(data))
+        atomic_write(
+            self._point_dir(manifest.vm, manifest.id) / "manifest.json",
+            json.dumps(data, indent=1).encode(),
+        )
+
+    def read_manifest(self, vm: str, point: str) -> Manifest:
+        where = f"manifest of {vm}/{point}"
+        raw = _read_bounded(
+            self.path,
+            ("points", check_name(vm, "VM"), check_point_id(point), "manifest.json"),
+            MAX_MANIFEST,
+            where,
+        )
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise BackupCorrupt(f"{where}: not JSON ({exc})") from exc
+        if self.key is not None:
+            if not isinstance(data, dict) or not isinstance(data.get("mac"), str):
+                raise BackupCorrupt(f"{where}: unsigned in an encrypted repository")
+            mac = data.pop("mac")
+            if mac != self.key.sign(_canonical(data)):
+                raise BackupCorrupt(f"{where}: authentication failed (changed or damaged)")
+            data["mac"] = mac
+        manifest = Manifest.from_json(data, where)
+        if manifest.id != point or manifest.vm != vm:
+            raise BackupCorrupt(f"{where}: it names {manifest.vm}/{manifest.id}")
+        return manifest
+
+    def vms(self) -> list[str]:
+        points = self.path / "points"
+        return sorted(
+            n for n in os.listdir(points) if _NAME.match(n) and not (points / n).is_symlink()
+        )
+
+    def point_ids(self, vm: str) -> list[str]:
+        """Every point directory of ``vm`` (with or without a manifest), oldest first."""
+        directory = self.path / "points" / check_name(vm, "VM")
+        if not directory.is_dir() or directory.is_symlink():
+            return []
+        return sorted(n for n in os.listdir(directory) if _POINT.match(n))
+
+    def manifests(self, vm: str) -> list[Manifest]:
+        """Complete points only (a directory without a manifest is not a point), oldest
+        first. A manifest that cannot be read is an error, not a gap."""
+        found = []
+        for point in self.point_ids(vm):
+            if (self.path / "points" / vm / point / "manifest.json").exists():
+                found.append(self.read_manifest(vm, point))
+        return sorted(found, key=lambda m: (m.started, m.id))
+
+    def get(self, vm: str, point: str) -> Manifest:
+        check_name(vm, "VM")
+        check_point_id(point)
+        if not (self.path / "points" / vm / point / "manifest.json").exists():
+            raise ConfigError("backup", f"no complete backup {point!r} of {vm} in {self.path}")
+        return self.read_manifest(vm, point)
+
+    def latest(self, vm: str) -> Manifest | None:
+        manifests = self.manifests(vm)
+        return manifests[-1] if manifests else None
+
+    def delete_point(self, vm: str, point: str) -> None:
+        """The manifest goes first: from then on it is not a point; the rest is removed."""
+        directory = self._point_dir(vm, point)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / "manifest.json")
+            fsync_dir(directory)
+        for name in os.listdir(directory):
+            os.unlink(directory / name)
+        os.rmdir(directory)
+        fsync_dir(directory.parent)
+
+    def incomplete_points(self, vm: str) -> list[str]:
+        return [
+            p
+            for p in self.point_ids(vm)
+            if not (self.path / "points" / vm / p / "manifest.json").exists()
+        ]
+
+    # -- garbage collection
+
+    def gc(self, *, wait: bool = False) -> GcResult:
+        """Remove chunks no point references, and temporary files of dead writers. Takes the
+        lock exclusively: no backup is between writing chunks and writing its manifest."""
+        with self.lock(exclusive=True, wait=wait):
+            referenced: set[bytes] = set()
+            temporary = 0
+            for vm in self.vms():
+                for point in self.point_ids(vm):
+                    directory = self.path / "points" / vm / point
+                    if not (directory / "manifest.json").exists():
+                        # No manifest and nobody writing (we hold the lock): a dead backup.
+                        for name in os.listdir(directory):
+                            os.unlink(directory / name)
+                        os.rmdir(directory)
+                        temporary += 1
+                        continue
+                    manifest = self.read_manifest(vm, point)
+                    for disk in manifest.disks:
+                        referenced |= self.read_index(vm, point, disk.device).referenced()
+            kept = removed = removed_bytes = 0
+            chunks = self.path / "chunks"
+            for sub in sorted(os.listdir(chunks)):
+                directory = chunks / sub
+                if directory.is_symlink() or not directory.is_dir():
+                    continue
+                for name in os.listdir(directory):
+                    path = directory / name
+                    if name.endswith(".tmp"):
+                        path.unlink(missing_ok=True)
+                        temporary += 1
+                        continue
+                    if not _DIGEST_HEX.match(name):
+                        continue
+                    if bytes.fromhex(name) in referenced:
+                        kept += 1
+                        continue
+                    removed_bytes += path.stat().st_size
+                    path.unlink()
+                    removed += 1
+            return GcResult(
+                chunks_kept=kept,
+                chunks_removed=removed,
+                bytes_removed=removed_bytes,
+                temporary_removed=temporary,
+            )
+
+
+def _canonical(data: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {k: v for k, v in data.items() if k != "mac"}, sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+def _create_private_file(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def with_disks(manifest: Manifest, disks: tuple[DiskPoint, ...]) -> Manifest:
+    return replace(manifest, disks=disks)

@@ -1,0 +1,233 @@
+"""Repository v2 against a real guest: every restored point equals a reference image that
+QEMU's own qemu-img took of the disk at that point (VM paused), whatever other repositories,
+failures and kills happened in between."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from blockctl import GuestImage, LaunchedVM, open_vm
+from blockctl._backup import checkpoints
+from blockctl._backup import operations as ops
+from blockctl._backup.store import Repository
+from blockctl._ops.chains import read_graph
+from blockctl._qmp import wire
+from blockctl.errors import BackupCorrupt, BackupKeyError, RepositoryError
+from blockctl.types import DeprecatedInput, Drive, ImageFormat, MachineConfig
+from tests.integration.conftest import MIB, qcow2_image, qemu_binary, run
+
+pytestmark = pytest.mark.guest
+
+DISK_MIB = 64
+
+
+def config(guest: GuestImage, name: str, *disks: Path) -> MachineConfig:
+    return MachineConfig(
+        name=name,
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        append=guest.append,
+        deprecated_input=DeprecatedInput.REJECT,
+        drives=tuple(Drive(file=d, format=ImageFormat.QCOW2) for d in disks),
+    )
+
+
+async def sh(vm: LaunchedVM, command: str) -> str:
+    assert vm.console is not None
+    return await vm.console.check(command)
+
+
+async def write(vm: LaunchedVM, dev: str, offset_kib: int, kib: int) -> None:
+    """Random data, flushed to the image (O_DIRECT + fsync)."""
+    await sh(
+        vm,
+        f"dd if=/dev/urandom of=/dev/{dev} bs=64k seek={offset_kib // 64} "
+        f"count={kib // 64} oflag=direct conv=fsync 2>/dev/null",
+    )
+
+
+@dataclass
+class References:
+    """Reference images of each disk at each point, made by qemu-img with the VM paused."""
+
+    directory: Path
+    taken: dict[tuple[str, str], Path] = field(default_factory=dict)
+    n: int = 0
+
+    async def take(self, vm: LaunchedVM, disks: dict[str, Path]) -> dict[str, Path]:
+        await wire.stop(vm.session)  # QEMU flushes every disk when the VM stops
+        self.n += 1
+        out = {}
+        for device, image in disks.items():
+            ref = self.directory / f"ref{self.n}-{device}.raw"
+            await run(qemu_binary("qemu-img"), "convert", "-U", "-f", "qcow2", "-O", "raw",
+                      image, ref)
+            out[device] = ref
+        return out
+
+    async def resume(self, vm: LaunchedVM) -> None:
+        await wire.cont(vm.session)
+
+
+async def same(a: Path, fmt: str, b: Path) -> bool:
+    try:
+        await run(qemu_binary("qemu-img"), "compare", "-f", fmt, "-F", "raw", a, b)
+    except Exception:
+        return False
+    return True
+
+
+async def restore_equals(repo: Repository, vm: str, point: str, device: str, ref: Path,
+                         out: Path, fmt: ImageFormat = ImageFormat.RAW) -> bool:
+    dest = out / f"restore-{point}-{device}.{fmt.value}"
+    await ops.restore(repo, vm, point, device, dest, fmt)
+    try:
+        return await same(dest, fmt.value, ref)
+    finally:
+        dest.unlink()
+
+
+async def test_two_repositories_interleaved_every_point_restores_exactly(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """The issue's silent loss: a backup into repository B must not hide a write from A's next
+    incremental. Fulls and incrementals interleaved; every point of both equals its reference."""
+    refs = References(tmp_path)
+    a = ops.init_repository(tmp_path / "A")
+    b = ops.init_repository(tmp_path / "B", compression="none")
+    d0 = await qcow2_image(images / "d0.qcow2", b"", DISK_MIB * MIB)
+    d1 = await qcow2_image(images / "d1.qcow2", b"", DISK_MIB * MIB)
+    disks = {"disk0": d0, "disk1": d1}
+    recorded: list[tuple[Repository, str, dict[str, Path]]] = []
+    async with open_vm(config(guest, "two", d0, d1)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 8192)
+        await write(vm, "vdb", 1024, 1024)
+
+        async def point(repo: Repository, kind: str = "incremental") -> ops.Manifest:
+            ref = await refs.take(vm, disks)
+            try:
+                manifest = await ops.backup(vm, repo, kind=kind)
+            finally:
+                await refs.resume(vm)
+            recorded.append((repo, manifest.id, ref))
+            return manifest
+
+        first_a = await point(a)
+        assert first_a.kind == "full"
+        assert first_a.fallback_reason is not None
+        assert "no earlier backup" in first_a.fallback_reason
+        await write(vm, "vda", 20 * 1024, 256)  # the write only A's next incremental may hold
+        first_b = await point(b)  # B's full must not reset what A sees
+        assert first_b.kind == "full"
+        await write(vm, "vda", 22 * 1024, 128)
+        await write(vm, "vdb", 0, 64)
+        inc_a = await point(a)
+        assert inc_a.kind == "incremental" and inc_a.parent == first_a.id
+        # A read what changed since ITS last point: 20 MiB, 22 MiB (one 4 MiB chunk each,
+        # they are in chunks 5) and vdb's first chunk; nothing else.
+        read = {d.device: d.bytes_read for d in inc_a.disks}
+        chunk = a.chunk_size
+        assert read["disk1"] == chunk
+        assert read["disk0"] <= 2 * chunk
+        await write(vm, "vdb", 4096, 512)
+        inc_b = await point(b)
+        assert inc_b.kind == "incremental" and inc_b.parent == first_b.id
+        full_a = await point(a, "full")
+        assert full_a.kind == "full" and full_a.fallback_reason is None
+        await write(vm, "vda", 40 * 1024, 64)
+        await point(a)
+        await point(b)
+        # Each repository keeps one checkpoint per disk, named after its latest point.
+        graph = await read_graph(vm)
+        expected = {
+            checkpoints.bitmap_name(r.config.id, r.latest("two").id)  # type: ignore[union-attr]
+            for r in (a, b)
+        }
+        for device in disks:
+            names = {x.name for x in graph.format_node(device).dirty_bitmaps}
+            assert names == expected, (device, names)
+    for repo, point_id, ref in recorded:
+        for device, path in ref.items():
+            assert await restore_equals(repo, "two", point_id, device, path, tmp_path), (
+                repo.path.name, point_id, device)
+    # qcow2 output too, for one point.
+    repo, point_id, ref = recorded[2]
+    assert await restore_equals(repo, "two", point_id, "disk0", ref["disk0"], tmp_path,
+                                ImageFormat.QCOW2)
+
+
+async def test_owner_only_modes_whatever_the_umask(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    old = os.umask(0)
+    try:
+        repo = ops.init_repository(tmp_path / "R")
+        d0 = await qcow2_image(images / "d0.qcow2", b"", 16 * MIB)
+        async with open_vm(config(guest, "modes", d0)) as vm:
+            await vm.console.wait_ready()  # type: ignore[union-attr]
+            await write(vm, "vda", 0, 1024)
+            manifest = await ops.backup(vm, repo)
+        restored = await ops.restore(repo, "modes", manifest.id, "disk0", tmp_path / "r.raw",
+                                     ImageFormat.RAW)
+    finally:
+        os.umask(old)
+    for root, dirs, files in os.walk(repo.path):
+        for name in dirs:
+            assert stat.S_IMODE(os.stat(Path(root) / name).st_mode) == 0o700, name
+        for name in files:
+            assert stat.S_IMODE(os.stat(Path(root) / name).st_mode) == 0o600, name
+    assert stat.S_IMODE(os.stat(repo.path).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(restored.path).st_mode) == 0o600
+    # A loose repository is refused.
+    os.chmod(repo.path, 0o777)
+    with pytest.raises(RepositoryError, match="chmod 700"):
+        ops.open_repository(repo.path)
+
+
+async def test_encrypted_repository_roundtrip_wrong_key_and_tamper(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32).hex().encode() + b"\n")
+    key.chmod(0o600)
+    other = tmp_path / "other"
+    other.write_bytes(b"another key entirely\n")
+    other.chmod(0o600)
+    refs = References(tmp_path)
+    repo = ops.init_repository(tmp_path / "E", key_file=key)
+    d0 = await qcow2_image(images / "d0.qcow2", b"", 16 * MIB)
+    async with open_vm(config(guest, "enc", d0)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 2048)
+        ref1 = await refs.take(vm, {"disk0": d0})
+        p1 = await ops.backup(vm, repo)
+        await refs.resume(vm)
+        await write(vm, "vda", 4096, 256)
+        ref2 = await refs.take(vm, {"disk0": d0})
+        p2 = await ops.backup(vm, repo)
+        await refs.resume(vm)
+    assert p2.kind == "incremental"
+    assert await restore_equals(repo, "enc", p1.id, "disk0", ref1["disk0"], tmp_path)
+    assert await restore_equals(repo, "enc", p2.id, "disk0", ref2["disk0"], tmp_path)
+    with pytest.raises(BackupKeyError, match="wrong key"):
+        ops.open_repository(repo.path, key_file=other)
+    with pytest.raises(BackupKeyError, match="encrypted"):
+        ops.open_repository(repo.path)
+    # No plaintext of the guest's data or of the key in the repository.
+    assert (await ops.verify(repo, "enc", p2.id)).ok
+    chunk = next((repo.path / "chunks").glob("*/*"))
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    chunk.write_bytes(bytes(raw))
+    report = await ops.verify(repo, "enc", p2.id)
+    assert not report.ok
+    assert f"enc/{p1.id}" in report.affected and f"enc/{p2.id}" in report.affected
+    with pytest.raises(BackupCorrupt):
+        await ops.restore(repo, "enc", p1.id, "disk0", tmp_path / "x.raw", ImageFormat.RAW)
+    assert not (tmp_path / "x.raw").exists()
