@@ -45,7 +45,7 @@ import anyio
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from blockctl import _journal
+from blockctl import _fsutil, _journal
 from blockctl._log import get_logger
 from blockctl._machine import AGENT_SOCKET, VM
 from blockctl.errors import (  # re-exported for callers of this module
@@ -754,7 +754,7 @@ def _write_freeze_record(
         started=time.time(),
         mountpoints=None if mountpoints is None else tuple(mountpoints),
     )
-    _journal.write_atomic(path, json.dumps(record.to_json(), indent=1).encode())
+    _fsutil.atomic_write_bytes(path, json.dumps(record.to_json(), indent=1).encode())
     return path
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from blockctl import _guest, _images, _proc
+from blockctl import _fsutil, _guest, _images, _proc
 from blockctl._machine import open_vm
 from blockctl.types import Drive, ImageFormat, MachineConfig
 
@@ -54,9 +54,19 @@ async def run_demo(progress: Callable[[str], object] | None = None) -> dict[str,
             ).split()[0]
             say(f"guest wrote 8 MiB to /dev/vda (serial {serial!r}); sha256 {guest_sum[:16]}…")
             devices = await vm.block_devices()
-        await _proc.run(
-            [_images.qemu_img_binary(), "convert", "-f", "qcow2", "-O", "raw", str(disk), str(raw)]
-        )
+        with _images.new_image_file(raw, _fsutil.PRIVATE_FILE):  # 0600, as the disk
+            await _proc.run(
+                [
+                    _images.qemu_img_binary(),
+                    "convert",
+                    "-f",
+                    "qcow2",
+                    "-O",
+                    "raw",
+                    str(disk),
+                    str(raw),
+                ]
+            )
         with open(raw, "rb") as f:
             host_sum = hashlib.sha256(f.read(8 * _MIB)).hexdigest()
         say(f"host read the image back through qemu-img; sha256 {host_sum[:16]}…")

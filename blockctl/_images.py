@@ -1,16 +1,26 @@
-"""qemu-img, through the one subprocess door. Every call names the image format: no probing."""
+"""qemu-img, through the one subprocess door. Every call names the image format: no probing.
+
+An image file :func:`create` or :func:`convert` makes is owner-only (0600) whatever the umask:
+it holds a guest's data, and blockctl makes the images of its VMs (snapshot overlays, restored
+disks, the run directory's disk) and the user's (``blockctl img create|convert``) this way
+alike, as restic and borg do for what they write. The file is created empty with that mode
+before qemu-img opens it (qemu-img keeps an existing file's mode), so no byte is ever readable
+by others. A destination that already exists keeps its mode: the owner's choice. ``mode=``
+asks for another mode; ``mode=None`` leaves it to qemu-img and the umask.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockctl import _binaries, _proc
+from blockctl import _binaries, _fsutil, _proc
 from blockctl._log import get_logger
 from blockctl.errors import ConfigError, ProcessFailed, ProtocolMismatch, UntrustedImage
 from blockctl.types import ImageFormat
@@ -43,11 +53,13 @@ async def create(
     backing: Path | None = None,
     backing_format: ImageFormat | None = None,
     unsafe: bool = False,
+    mode: int | None = _fsutil.PRIVATE_FILE,
 ) -> None:
     """``qemu-img create``; a backing file always comes with its format (-F).
 
     ``unsafe`` (-u) does not open the backing file: needed when a running QEMU holds its lock
-    (a live snapshot's overlay); ``size`` must then be given.
+    (a live snapshot's overlay); ``size`` must then be given. A new file gets exactly ``mode``
+    (default 0600), see the module's docstring.
     """
     argv = [qemu_img_binary(), "create", "-q", "-f", fmt.value]
     if backing is not None:
@@ -64,7 +76,29 @@ async def create(
     argv.append(str(path))
     if size is not None:
         argv.append(str(size))
-    await _proc.run(argv)
+    with new_image_file(path, mode):
+        await _proc.run(argv)
+
+
+@contextlib.contextmanager
+def new_image_file(path: Path, mode: int | None) -> Iterator[None]:
+    """Around the qemu-img (or QEMU) call that writes image ``path``: if nothing is there, an
+    empty file with exactly ``mode`` is created first, and removed again if the call fails.
+    An existing file is left as it is (its mode is its owner's choice); ``mode=None`` does
+    nothing. Any other obstacle (a missing directory, no permission) is left for the call to
+    report in its usual words."""
+    created = False
+    if mode is not None:
+        with contextlib.suppress(OSError):
+            _fsutil.create_private_file(path, mode=mode)
+            created = True
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
 
 
 # Section: the rest of qemu-img (offline images; never on an image a running QEMU writes)
@@ -267,7 +301,10 @@ async def convert(
     compress: bool = False,
     options: Mapping[str, str] | None = None,
     progress: Progress | None = None,
+    mode: int | None = _fsutil.PRIVATE_FILE,
 ) -> None:
+    """``qemu-img convert`` to ``dst``; a new ``dst`` gets exactly ``mode`` (default 0600), see
+    the module's docstring."""
     argv = [qemu_img_binary(), "convert", "-p", "-f", src_fmt.value, "-O", dst_fmt.value]
     if compress:
         argv.append("-c")
@@ -277,7 +314,8 @@ async def convert(
                 raise ConfigError("options", f"{key}={value}: commas are not allowed")
         argv += ["-o", ",".join(f"{k}={v}" for k, v in options.items())]
     argv += [str(src), str(dst)]
-    await _proc.run(argv, on_output=_progress_parser(progress))
+    with new_image_file(dst, mode):
+        await _proc.run(argv, on_output=_progress_parser(progress))
 
 
 async def resize(path: Path, fmt: ImageFormat, size: int, *, shrink: bool = False) -> None:

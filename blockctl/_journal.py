@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from blockctl import _fsutil
 from blockctl._graph import BlockGraph, GraphNode
 from blockctl._log import get_logger
 from blockctl._qmp.models import JobStatus
@@ -190,28 +190,16 @@ def path_of(run_dir: Path, op_id: str) -> Path:
 
 def write(run_dir: Path, intent: Intent) -> None:
     """Replace the record atomically: a reader sees the old or the new one, never a mix."""
-    write_atomic(path_of(run_dir, intent.id), json.dumps(intent.to_json(), indent=1).encode())
-
-
-def write_atomic(final: Path, data: bytes) -> None:
-    """Write ``final`` (mode 0600) atomically and durably: temporary file beside it (named
-    with the writer's pid, ``<name>.<pid>.tmp``), fsync, rename, fsync of the directory."""
-    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    _fsutil.atomic_write_bytes(
+        path_of(run_dir, intent.id), json.dumps(intent.to_json(), indent=1).encode()
+    )
 
 
 def discard_if_stale(path: Path) -> bool:
     """For a loader meeting a temporary file: True if it is one (to be skipped); it is removed
     only when its writer is gone. Another controller may be between its write and its rename
     right now: deleting its file would make that rename fail and its operation with it."""
-    if path.suffix != ".tmp":
+    if path.suffix != _fsutil.TMP_SUFFIX:
         return False
     pid = path.stem.rpartition(".")[2]
     if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
@@ -226,15 +214,7 @@ def remove(run_dir: Path, op_id: str) -> None:
 def remove_durably(path: Path) -> None:
     """Unlink ``path`` (if there) and fsync its directory."""
     path.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsutil.fsync_dir(path.parent)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from typing import IO, Any
 import anyio
 from anyio.abc import SocketStream
 
-from blockctl import _binaries, _images, _journal, _proc, _runtime
+from blockctl import _binaries, _fsutil, _images, _journal, _proc, _runtime
 from blockctl._accel import AccelChoice, choose_accel
 from blockctl._argv import (
     ConsoleFd,
@@ -499,10 +499,12 @@ def _record_for(
 def _make_run_dir(name: str | None) -> Path:
     root = _runtime.runtime_root()
     if name is None:
-        return Path(tempfile.mkdtemp(prefix="vm-", dir=root))
+        run_dir = Path(tempfile.mkdtemp(prefix="vm-", dir=root))
+        os.chmod(run_dir, _fsutil.PRIVATE_DIR)  # explicitly, whatever the umask
+        return run_dir
     run_dir = root / name
     try:
-        run_dir.mkdir(mode=0o700)
+        run_dir.mkdir(mode=_fsutil.PRIVATE_DIR)
     except FileExistsError:
         try:
             record = _runtime.read_record(name, root)
@@ -522,7 +524,8 @@ def _make_run_dir(name: str | None) -> Path:
             ) from None
         # A leftover of a VM that died without cleaning up: QEMU is gone, so reuse the name.
         shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(mode=0o700)
+        run_dir.mkdir(mode=_fsutil.PRIVATE_DIR)
+    os.chmod(run_dir, _fsutil.PRIVATE_DIR)  # explicitly, whatever the umask
     return run_dir
 
 

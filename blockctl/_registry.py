@@ -4,17 +4,19 @@ QEMU is the source of truth about which devices and nodes exist. What QEMU canno
 *options* each node was opened with (``query-named-block-nodes`` does not report ``discard``,
 ``aio`` or the child names), and ``blockdev-reopen`` resets every option it is not given. So
 blockctl keeps the options it used, and :meth:`DriveRegistry.reconcile` drops whatever QEMU no
-longer has. The file is rewritten atomically (write, fsync, rename).
+longer has. The file is rewritten atomically and durably, mode 0600
+(:func:`blockctl._fsutil.atomic_write_bytes`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from blockctl import _fsutil
 
 Json = dict[str, Any]
 
@@ -79,12 +81,8 @@ class DriveRegistry:
     def save(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"drives": [d.to_json() for d in self.drives.values()]}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        data = {"drives": [d.to_json() for d in self.drives.values()]}
+        _fsutil.atomic_write_bytes(self.path, json.dumps(data, indent=1).encode())
 
     def put(self, record: DriveRecord) -> None:
         self.drives[record.device_id] = record

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from blockctl import _fsutil
 from blockctl.errors import ConfigError, VMNotFound
 
 RECORD = "vm.json"
@@ -39,7 +40,8 @@ def runtime_root() -> Path:
         root = Path(xdg) / "blockctl"
     else:
         root = Path(tempfile.gettempdir()) / f"blockctl-{os.getuid()}"
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Missing: created 0700 (and any missing parent), whatever the umask.
+    _fsutil.make_private_dir(root, what="runtime_dir")
     info = root.lstat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise ConfigError("runtime_dir", f"{root} is not a directory owned by you")
@@ -90,14 +92,10 @@ class VMRecord:
 
 
 def write_record(record: VMRecord) -> None:
-    """Write ``vm.json`` atomically: a reader sees the old record or the new one, whole."""
+    """Write ``vm.json`` atomically (mode 0600): a reader sees the old record or the new one,
+    whole."""
     target = Path(record.run_dir) / RECORD
-    tmp = target.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record.to_json(), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    _fsutil.atomic_write_bytes(target, json.dumps(record.to_json(), indent=1).encode())
 
 
 def read_record(name: str, root: Path | None = None) -> VMRecord:

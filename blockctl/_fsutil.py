@@ -1,0 +1,186 @@
+"""Files and directories for their owner alone: created private, written atomically.
+
+What blockctl writes holds a guest's data or controls a VM: disk images, journal and freeze
+records, the drive registry, backups. So what it creates is owner-only *by construction*:
+a new file gets mode 0600 and a new directory 0700 set explicitly on the new object
+(``fchmod`` on its descriptor, before any byte is written), never left to the umask, which
+may be 022 or even 000. An existing directory blockctl is asked to keep private data in is
+checked the way ssh checks a key's directory: refused if others can write it or someone else
+owns it (:func:`check_private_dir`).
+
+The one atomic writer, :func:`atomic_write_bytes`: a temporary file beside the target named
+``<name>.<pid>.tmp`` (the writer's pid, so a loader can tell a live writer's temporary file
+from a dead one's, :func:`blockctl._journal.discard_if_stale`), created exclusively without
+following a symlink, mode set, data written in full, fsync, rename over the target, fsync of
+the directory. A reader sees the old content or the new, whole; once it returns, a crash
+keeps the new.
+
+Stable API (other modules build on these signatures): :func:`atomic_write_bytes`,
+:func:`make_private_dir`, :func:`create_private_file`, :func:`check_private_dir`,
+:func:`fsync_dir`, :func:`temp_path`, :data:`PRIVATE_FILE`, :data:`PRIVATE_DIR`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import stat
+from pathlib import Path
+
+from blockctl.errors import ConfigError
+
+__all__ = [
+    "PRIVATE_DIR",
+    "PRIVATE_FILE",
+    "TMP_SUFFIX",
+    "atomic_write_bytes",
+    "check_private_dir",
+    "create_private_file",
+    "fsync_dir",
+    "make_private_dir",
+    "temp_path",
+]
+
+#: Mode of every file blockctl creates unless its caller asks for another.
+PRIVATE_FILE = 0o600
+#: Mode of every directory blockctl creates.
+PRIVATE_DIR = 0o700
+#: Suffix of :func:`atomic_write_bytes`' temporary files (``<name>.<pid>.tmp``).
+TMP_SUFFIX = ".tmp"
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary file :func:`atomic_write_bytes` uses for ``path`` in this process:
+    ``<name>.<pid>.tmp`` beside it."""
+    return path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
+    """Replace ``path`` with ``data`` atomically and durably; the file has exactly ``mode``
+    (default 0600) whatever the umask.
+
+    Steps: the temporary file :func:`temp_path` (a leftover of this pid's is removed first) is
+    created with ``O_EXCL | O_NOFOLLOW`` and ``fchmod``-ed to ``mode`` before any byte is
+    written; ``data`` is written in full and fsynced; the file is renamed over ``path``; the
+    directory is fsynced. A reader sees the old content or the new, never a mix; after the
+    return, the new content survives a crash. The result is a new inode: an old ``path``'s
+    mode, owner or hard links do not carry over, and a symlink at ``path`` is replaced, not
+    followed. On any error the temporary file is removed and ``path`` is left as it was.
+
+    The temporary name is per process: one writer per ``path`` per process at a time.
+    """
+    tmp = temp_path(path)
+    tmp.unlink(missing_ok=True)  # this pid's: its writer (a previous holder of the pid) is gone
+    fd = os.open(tmp, _NEW_FILE, mode & 0o777)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def create_private_file(path: Path, *, mode: int = PRIVATE_FILE) -> None:
+    """Create ``path`` as a new, empty file with exactly ``mode`` (default 0600), whatever the
+    umask. Exclusive: :class:`FileExistsError` if anything is at ``path`` (a symlink included,
+    which is never followed).
+
+    For a file another program then fills (``qemu-img create``/``convert``, QEMU's
+    ``blockdev-create``): they open an existing file without changing its mode, so the data
+    is never readable by others, not even for a moment.
+    """
+    fd = os.open(path, _NEW_FILE, mode & 0o777)
+    try:
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    os.close(fd)
+
+
+def make_private_dir(path: Path, *, what: str = "directory") -> None:
+    """Make sure directory ``path`` exists for its owner alone.
+
+    Missing, it is created with mode 0700 set explicitly whatever the umask, and so is each
+    missing parent. Existing, it is not changed (its mode is its owner's choice) but checked
+    with :func:`check_private_dir`: refused, with :class:`~blockctl.errors.ConfigError`
+    (``field`` = ``what``), if others can write it or someone else owns it.
+    """
+    missing = []
+    parent = path
+    while not os.path.lexists(parent) and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, PRIVATE_DIR)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: checked below if it is ``path``
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, PRIVATE_DIR)
+        finally:
+            os.close(fd)
+    check_private_dir(path, what)
+
+
+def check_private_dir(path: Path, what: str) -> None:
+    """Refuse ``path`` unless it is a directory owned by the current (effective) user that
+    neither its group nor others can write, as ssh refuses a loose key file.
+
+    Raises :class:`~blockctl.errors.ConfigError` with ``field`` = ``what``, a message naming
+    the path, the cause (mode or owner) and the fix (``chmod 700 PATH``, ``chown``). A symlink
+    at ``path`` is followed: the directory it names is checked. Readability by others is not
+    refused (a directory blockctl creates is 0700; a looser one someone made on purpose is
+    their choice), only what would let another user replace or add files.
+    """
+    quoted = shlex.quote(str(path))
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(what, f"{path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(what, f"cannot check {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(what, f"{path} is not a directory")
+    uid = os.geteuid()
+    if info.st_uid != uid:
+        raise ConfigError(
+            what,
+            f"{path} is owned by uid {info.st_uid}, not by you (uid {uid}): another user "
+            f"could replace what blockctl keeps there; use a directory of your own, or "
+            f"`chown {uid} {quoted} && chmod 700 {quoted}`",
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        who = " and ".join(
+            name for bit, name in ((0o020, "its group"), (0o002, "all users")) if mode & bit
+        )
+        raise ConfigError(
+            what,
+            f"{path} is writable by {who} (mode {mode:04o}): they could replace what "
+            f"blockctl keeps there; `chmod 700 {quoted}`",
+        )
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync ``directory``: a rename, creation or unlink in it is then durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

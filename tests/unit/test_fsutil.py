@@ -1,0 +1,205 @@
+"""Owner-only files and dirs whatever the umask; the one atomic writer; loose dirs refused."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockctl import _fsutil
+from blockctl._fsutil import (
+    atomic_write_bytes,
+    check_private_dir,
+    create_private_file,
+    make_private_dir,
+)
+from blockctl.errors import ConfigError
+
+NOBODY = 65534
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.fixture(params=[0o022, 0o000], ids=["umask022", "umask000"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    value: int = request.param
+    old = os.umask(value)
+    try:
+        yield value
+    finally:
+        os.umask(old)
+
+
+def test_atomic_write_is_0600_and_leaves_no_temporary_file(tmp_path: Path, umask: int) -> None:
+    target = tmp_path / "record.json"
+    atomic_write_bytes(target, b'{"a": 1}')
+    assert target.read_bytes() == b'{"a": 1}'
+    assert mode_of(target) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+
+
+def test_atomic_write_replaces_a_loose_file_with_a_private_one(tmp_path: Path, umask: int) -> None:
+    target = tmp_path / "drives.json"
+    target.write_bytes(b"old")
+    target.chmod(0o666)
+    atomic_write_bytes(target, b"new" * 100_000)
+    assert target.read_bytes() == b"new" * 100_000
+    assert mode_of(target) == 0o600
+
+
+def test_atomic_write_sets_the_mode_asked_for_exactly(tmp_path: Path) -> None:
+    old = os.umask(0o077)  # would strip 0o040 if the mode were left to the umask
+    try:
+        atomic_write_bytes(tmp_path / "shared", b"x", mode=0o640)
+    finally:
+        os.umask(old)
+    assert mode_of(tmp_path / "shared") == 0o640
+
+
+def test_atomic_write_does_not_follow_a_planted_temporary_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    target = tmp_path / "record.json"
+    _fsutil.temp_path(target).symlink_to(victim)
+    atomic_write_bytes(target, b"data")
+    assert victim.read_bytes() == b"keep"
+    assert target.read_bytes() == b"data"
+    assert not target.is_symlink()
+
+
+def test_atomic_write_temporary_name_is_pid_tagged(tmp_path: Path) -> None:
+    # The loaders of journal and freeze records rely on it (blockctl._journal.discard_if_stale).
+    assert _fsutil.temp_path(tmp_path / "j.json").name == f"j.json.{os.getpid()}.tmp"
+
+
+def test_atomic_write_failure_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "record.json"
+    target.write_bytes(b"old")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="Input/output"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+
+
+def test_create_private_file_is_0600_and_empty(tmp_path: Path, umask: int) -> None:
+    path = tmp_path / "disk0.qcow2"
+    create_private_file(path)
+    assert mode_of(path) == 0o600
+    assert path.stat().st_size == 0
+
+
+def test_create_private_file_takes_a_mode(tmp_path: Path, umask: int) -> None:
+    create_private_file(tmp_path / "shared.qcow2", mode=0o640)
+    assert mode_of(tmp_path / "shared.qcow2") == 0o640
+
+
+def test_create_private_file_is_exclusive_and_never_follows_a_symlink(tmp_path: Path) -> None:
+    existing = tmp_path / "existing"
+    existing.write_bytes(b"data")
+    existing.chmod(0o644)
+    with pytest.raises(FileExistsError):
+        create_private_file(existing)
+    assert existing.read_bytes() == b"data"
+    assert mode_of(existing) == 0o644
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError):
+        create_private_file(link)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_make_private_dir_creates_it_and_its_parents_0700(tmp_path: Path, umask: int) -> None:
+    path = tmp_path / "a" / "b" / "c"
+    make_private_dir(path)
+    for directory in (tmp_path / "a", tmp_path / "a" / "b", path):
+        assert mode_of(directory) == 0o700, directory
+    make_private_dir(path)  # existing and private: fine, unchanged
+    assert mode_of(path) == 0o700
+
+
+def test_make_private_dir_keeps_an_existing_readable_dir(tmp_path: Path) -> None:
+    path = tmp_path / "repo"
+    path.mkdir()
+    path.chmod(0o755)
+    make_private_dir(path)
+    assert mode_of(path) == 0o755
+
+
+def test_make_private_dir_refuses_an_existing_loose_dir(tmp_path: Path) -> None:
+    path = tmp_path / "repo"
+    path.mkdir()
+    path.chmod(0o777)
+    with pytest.raises(ConfigError) as caught:
+        make_private_dir(path, what="repo")
+    assert caught.value.field == "repo"
+    assert f"chmod 700 {path}" in str(caught.value)
+    assert mode_of(path) == 0o777  # reported, not silently changed
+
+
+@pytest.mark.parametrize(
+    ("mode", "who"),
+    [(0o770, "its group"), (0o703, "all users"), (0o777, "its group and all users")],
+)
+def test_check_private_dir_refuses_a_writable_dir(tmp_path: Path, mode: int, who: str) -> None:
+    path = tmp_path / "loose"
+    path.mkdir()
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as caught:
+        check_private_dir(path, "repo")
+    message = str(caught.value)
+    assert caught.value.field == "repo"
+    assert str(path) in message
+    assert f"writable by {who} (mode {mode:04o})" in message
+    assert f"`chmod 700 {path}`" in message
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o750, 0o755, 0o500])
+def test_check_private_dir_accepts_a_dir_only_its_owner_writes(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "ok"
+    path.mkdir()
+    path.chmod(mode)
+    check_private_dir(path, "repo")
+
+
+def test_check_private_dir_refuses_a_file_and_a_missing_path(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        check_private_dir(tmp_path / "file", "repo")
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_private_dir(tmp_path / "missing", "repo")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a directory to another uid")
+def test_check_private_dir_refuses_a_dir_owned_by_another_uid(tmp_path: Path) -> None:
+    path = tmp_path / "theirs"
+    path.mkdir(mode=0o700)
+    os.chown(path, NOBODY, -1)
+    with pytest.raises(ConfigError) as caught:
+        check_private_dir(path, "repo")
+    message = str(caught.value)
+    assert str(path) in message
+    assert f"owned by uid {NOBODY}, not by you (uid 0)" in message
+    assert f"chown 0 {path}" in message
+    with pytest.raises(ConfigError, match="owned by uid"):
+        make_private_dir(path)
+
+
+def test_error_message_quotes_a_path_for_the_shell(tmp_path: Path) -> None:
+    path = tmp_path / "my repo"
+    path.mkdir()
+    path.chmod(0o777)
+    with pytest.raises(ConfigError) as caught:
+        check_private_dir(path, "repo")
+    assert f"`chmod 700 '{path}'`" in str(caught.value)
