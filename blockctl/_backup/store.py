@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from blockctl import _fsutil
 from blockctl._backup.crypto import RepositoryKey, new_key, unwrap
 from blockctl.errors import (
     BackupCorrupt,
@@ -101,73 +102,17 @@ def new_point_id() -> str:
 # Section: files, owner-only and atomic
 
 
-def make_private_dir(path: Path) -> None:
-    """Create ``path`` (and missing parents) 0700 whatever the umask; an existing one is
-    checked, not changed."""
-    missing = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(directory, 0o700)
-            os.chmod(directory, 0o700)
-
-
 def check_private_dir(path: Path, what: str = "repository") -> None:
     """Refuse a directory that others could write into or that is not ours (as ssh refuses
     a loose key file): they could plant chunks, indexes or symlinks."""
     try:
-        info = os.lstat(path)
-    except FileNotFoundError as exc:
-        raise RepositoryError(f"{what} {path} does not exist") from exc
-    if stat.S_ISLNK(info.st_mode):
-        info = os.stat(path)
-    if not stat.S_ISDIR(info.st_mode):
-        raise RepositoryError(f"{what} {path} is not a directory")
-    if info.st_uid != os.geteuid():
-        raise RepositoryError(
-            f"{what} {path} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): "
-            "refused; back up into a directory you own"
-        )
-    if info.st_mode & 0o022:
-        raise RepositoryError(
-            f"{what} {path} is writable by group or others (mode "
-            f"{stat.S_IMODE(info.st_mode):04o}): refused; run chmod 700 {path}"
-        )
+        _fsutil.check_private_dir(path, what)
+    except ConfigError as exc:
+        raise RepositoryError(str(exc)) from exc
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` 0600 so that a reader sees nothing or all of it, even after a crash:
-    a pid-tagged temporary file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, _O_DIR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def make_private_dir(path: Path) -> None:
+    _fsutil.make_private_dir(path, what="repository directory")
 
 
 def _errno_text(exc: OSError) -> str:
@@ -471,8 +416,10 @@ class Repository:
             encryption=record,
             created=time.time(),
         )
-        _create_private_file(path / "lock")
-        atomic_write(path / "config.json", json.dumps(config.to_json(), indent=1).encode())
+        _fsutil.create_private_file(path / "lock")
+        _fsutil.atomic_write_bytes(
+            path / "config.json", json.dumps(config.to_json(), indent=1).encode()
+        )
         return cls.open(path, secret=secret)
 
     @classmethod
@@ -596,7 +543,7 @@ class Repository:
     def sync(self) -> None:
         """Make every chunk written so far durable (their directories' entries)."""
         for name in sorted(self._touched):
-            fsync_dir(self.path / "chunks" / name if name else self.path / "chunks")
+            _fsutil.fsync_dir(self.path / "chunks" / name if name else self.path / "chunks")
         self._touched.clear()
 
     def read_chunk(self, digest: bytes, length: int, *, where: str = "") -> bytes:
@@ -658,7 +605,7 @@ class Repository:
                 _INDEX_MAGIC, _FLAG_SEALED, index.virtual_size, index.chunk_size
             )
             body = self.key.seal(body, header + f"{vm}/{point}/{device}".encode())
-        atomic_write(self._point_dir(vm, point) / f"{device}.index", header + body)
+        _fsutil.atomic_write_bytes(self._point_dir(vm, point) / f"{device}.index", header + body)
 
     def read_index(self, vm: str, point: str, device: str) -> DiskIndex:
         check_name(device, "device")
@@ -699,7 +646,7 @@ class Repository:
         data = manifest.to_json()
         if self.key is not None:
             data["mac"] = self.key.sign(_canonical(data))
-        atomic_write(
+        _fsutil.atomic_write_bytes(
             self._point_dir(manifest.vm, manifest.id) / "manifest.json",
             json.dumps(data, indent=1).encode(),
         )
@@ -766,11 +713,11 @@ class Repository:
         directory = self._point_dir(vm, point)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(directory / "manifest.json")
-            fsync_dir(directory)
+            _fsutil.fsync_dir(directory)
         for name in os.listdir(directory):
             os.unlink(directory / name)
         os.rmdir(directory)
-        fsync_dir(directory.parent)
+        _fsutil.fsync_dir(directory.parent)
 
     def incomplete_points(self, vm: str) -> list[str]:
         return [
@@ -832,14 +779,6 @@ def _canonical(data: dict[str, Any]) -> bytes:
     return json.dumps(
         {k: v for k, v in data.items() if k != "mac"}, sort_keys=True, separators=(",", ":")
     ).encode()
-
-
-def _create_private_file(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
 
 
 def with_disks(manifest: Manifest, disks: tuple[DiskPoint, ...]) -> Manifest:
