@@ -1,0 +1,83 @@
+"""Backups of running guests into a chunked, content-addressed repository (format 2).
+
+::
+
+    from blockctl import backup
+
+    repo = backup.init_repository("/srv/backups")          # once; key_file=... to encrypt
+    repo = backup.open_repository("/srv/backups")
+    point = await backup.create(vm, repo)                  # incremental unless there is no base
+    await backup.restore(repo, vm.name, point.id, "disk0", Path("disk0.qcow2"))
+    report = await backup.verify(repo, vm.name, point.id)
+    await backup.prune(repo, vm.name, keep_last=7)
+
+See the README's "Backups" section for the guarantees.
+"""
+
+from blockctl._backup.operations import (
+    STEPS as STEPS,
+)
+from blockctl._backup.operations import (
+    PruneResult as PruneResult,
+)
+from blockctl._backup.operations import (
+    RestoreResult as RestoreResult,
+)
+from blockctl._backup.operations import (
+    Verification as Verification,
+)
+from blockctl._backup.operations import (
+    backup as create,
+)
+from blockctl._backup.operations import (
+    init_repository as init_repository,
+)
+from blockctl._backup.operations import (
+    open_repository as open_repository,
+)
+from blockctl._backup.operations import (
+    prune as prune,
+)
+from blockctl._backup.operations import (
+    recover as recover,
+)
+from blockctl._backup.operations import (
+    restore as restore,
+)
+from blockctl._backup.operations import (
+    summary as summary,
+)
+from blockctl._backup.operations import (
+    verify as verify,
+)
+from blockctl._backup.store import (
+    DiskPoint as DiskPoint,
+)
+from blockctl._backup.store import (
+    GcResult as GcResult,
+)
+from blockctl._backup.store import (
+    Manifest as Manifest,
+)
+from blockctl._backup.store import (
+    Repository as Repository,
+)
+
+__all__ = [
+    "create",
+    "restore",
+    "verify",
+    "prune",
+    "recover",
+    "summary",
+    "init_repository",
+    "open_repository",
+    "Repository",
+    "Manifest",
+    "DiskPoint",
+    "RestoreResult",
+    "Verification",
+    "PruneResult",
+    "GcResult",
+    "STEPS",
+]
