@@ -66,6 +66,8 @@ from blockctl.errors import (
     BackupCorrupt,
     BlockctlError,
     ConfigError,
+    JobError,
+    JobFailed,
     RepositoryBusy,
     RepositoryError,
 )
@@ -468,10 +470,16 @@ async def _backup(
                     bitmaps=() if d.base is None else ((d.node, d.base),),
                 )
             with anyio.fail_after(deadline):
-                for d in disks:
-                    await _copy_disk(d, repo, socket, connections, hooks, fail_after_chunks)
+                async with anyio.create_task_group() as tg:
+                    # The fleecing jobs hold the point-in-time view: one that ends (an I/O
+                    # error copying old data aside) ends the backup.
+                    for job in jobs:
+                        tg.start_soon(_watch_fleece, job, hooks, deadline)
+                    for d in disks:
+                        await _copy_disk(d, repo, socket, connections, hooks, fail_after_chunks)
+                    tg.cancel_scope.cancel()
             # The copy is done: QEMU's side goes before the repository is committed.
-            await _teardown(vm, disks, jobs, added, server_started)
+            await _teardown(vm, disks, jobs, added, server_started, hooks)
             server_started = False
         await anyio.to_thread.run_sync(repo.sync)
         failpoint("after-chunks")
@@ -500,7 +508,7 @@ async def _backup(
         failpoint("after-manifest")
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await _teardown(vm, disks, jobs, added, server_started)
+            await _teardown(vm, disks, jobs, added, server_started, hooks)
             if not committed:
                 with contextlib.suppress(OSError, RepositoryError):
                     repo.delete_point(vm.name, point)
@@ -533,6 +541,35 @@ async def _backup(
         bytes_new=manifest.bytes_new,
     )
     return manifest
+
+
+async def _watch_fleece(job: Job, hooks: Sequence[JobHook], deadline: float) -> None:
+    try:
+        await job.wait(
+            complete_on_ready=False, deadline=deadline + 60, hooks=hooks, progress_interval=None
+        )
+    except JobError as exc:
+        raise JobFailed(
+            f"the fleecing job {job.id} ended during the copy, so the point-in-time view is "
+            f"gone: {exc}; the backup is not recorded",
+            job_id=exc.job_id,
+            job_type=exc.job_type,
+            target=exc.target,
+            status=exc.status,
+            error=exc.error,
+            offset=exc.offset,
+            length=exc.length,
+        ) from exc
+    raise JobFailed(
+        f"the fleecing job {job.id} ended during the copy; the backup is not recorded",
+        job_id=job.id,
+        job_type="backup",
+        target=None,
+        status="concluded",
+        error=None,
+        offset=None,
+        length=None,
+    )
 
 
 def _disk_point(d: _Disk) -> DiskPoint:
@@ -621,7 +658,12 @@ def _progress(d: _Disk, job_id: str, hooks: Sequence[JobHook]) -> None:
 
 
 async def _teardown(
-    vm: VM, disks: list[_Disk], jobs: list[Job], added: list[str], server_started: bool
+    vm: VM,
+    disks: list[_Disk],
+    jobs: list[Job],
+    added: list[str],
+    server_started: bool,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
 ) -> None:
     """Exports, server, fleecing jobs (sync=none runs until cancelled: that is its end),
     then the nodes, top-down. Shielded; every step is tried whatever the others did."""
@@ -636,7 +678,7 @@ async def _teardown(
             if not job.done:
                 with contextlib.suppress(BlockctlError):
                     await job.cancel()
-                    await job.wait(complete_on_ready=False, deadline=60)
+                    await job.wait(complete_on_ready=False, deadline=60, hooks=hooks)
         for name in reversed(added):
             with contextlib.suppress(BlockctlError):
                 await wire.blockdev_del(vm.session, name)

@@ -23,6 +23,7 @@ import anyio
 import structlog
 
 from blockctl import _agent, _guest, _images, _journal, _runtime
+from blockctl import backup as backup_ops
 from blockctl._jobs import (
     JobHook,
     JobIOError,
@@ -40,7 +41,6 @@ from blockctl._machine import (
     shutdown_detached,
 )
 from blockctl._ops import apply as apply_ops
-from blockctl._ops import backup as backup_ops
 from blockctl._ops import chains, drives, recovery
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import BlockctlError, ConfigError, QuiesceFailed
@@ -1156,14 +1156,16 @@ class RecoverCommand(Command):
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("vm")
         parser.add_argument("--repo", type=Path, help="also recover backups into this repository")
+        parser.add_argument("--key-file", type=Path, help="the repository's key file (encrypted)")
         parser.add_argument(
             "--forget", action="store_true", help="drop records that need attention (checked)"
         )
         parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
 
     async def run(self, args: argparse.Namespace) -> int:
+        repo = None if args.repo is None else open_repo(args)
         alive, results, notes = await recovery.recover_vm(
-            args.vm, repo=args.repo, deadline=args.timeout, forget=args.forget
+            args.vm, repo=repo, deadline=args.timeout, forget=args.forget
         )
         data = {
             "qemu_running": alive,
@@ -1176,113 +1178,244 @@ class RecoverCommand(Command):
         return 1 if any(r.kept for r in results) else 0
 
 
-class BackupCommand(Command):
-    name = "backup"
-    help = (
-        "back up a running VM (VM [--full|--incremental|--differential]), or: "
-        "list VM | verify VM ID | prune VM --keep N"
+def human_size(n: float) -> str:
+    """1536 → '1.5 KiB' (binary units, as qemu-img prints them)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+class BackupProgress:
+    """A progress hook: one line per disk with bytes, rate and ETA on stderr; redrawn in place
+    on a terminal, a plain line every 5 s otherwise; nothing with --json."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.enabled = not args.json
+        self.tty = sys.stderr.isatty()
+        self.last: dict[str, float] = {}
+        self.current: str | None = None
+
+    def on_transition(self, transition: JobTransition) -> None:
+        pass
+
+    def on_progress(self, progress: JobProgress) -> None:
+        if not self.enabled or progress.job_type != "backup-read":
+            return
+        disk = progress.job_id.removeprefix("read-")
+        rate = "" if progress.rate is None else f", {human_size(progress.rate)}/s"
+        eta = "" if progress.eta is None else f", ETA {progress.eta:.0f} s"
+        line = (
+            f"{disk}: {human_size(progress.done)} of {human_size(progress.total)} read{rate}{eta}"
+        )
+        finished = progress.done >= progress.total
+        if self.tty:
+            if self.current not in (None, disk):
+                sys.stderr.write("\n")
+            self.current = disk
+            sys.stderr.write("\r\x1b[K" + line + ("\n" if finished else ""))
+            if finished:
+                self.current = None
+            sys.stderr.flush()
+        elif finished or progress.seconds - self.last.get(disk, -5.0) >= 5.0:
+            self.last[disk] = progress.seconds
+            print(line, file=sys.stderr)
+
+
+def repo_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", type=Path, required=True, help="the backup repository")
+    parser.add_argument(
+        "--key-file",
+        type=Path,
+        help="an encrypted repository's key file (mode 0600; its content is the secret)",
     )
 
+
+def open_repo(args: argparse.Namespace) -> backup_ops.Repository:
+    return backup_ops.open_repository(args.repo, key_file=args.key_file)
+
+
+def manifest_json(manifest: backup_ops.Manifest) -> dict[str, Any]:
+    return {**manifest.to_json(), **backup_ops.summary(manifest)}
+
+
+def manifest_line(m: backup_ops.Manifest) -> str:
+    figures = backup_ops.summary(m)
+    dedup = figures["dedup_ratio"]
+    ratio = "-" if dedup is None else f"{dedup:.1f}x"
+    return (
+        f"{m.id}  {m.kind:<11}  {human_size(m.bytes_read):>10}  {human_size(m.bytes_new):>10}  "
+        f"{human_size(m.bytes_stored):>10}  {ratio:>6}  {m.consistency:<10}"
+        + (f"  (full because {m.fallback_reason})" if m.fallback_reason else "")
+    )
+
+
+MANIFEST_HEADER = (
+    f"{'POINT':<27}  {'KIND':<11}  {'READ':>10}  {'NEW':>10}  {'STORED':>10}  {'DEDUP':>6}  "
+    "CONSISTENCY"
+)
+
+
+class BackupCommand(Command):
+    name = "backup"
+    help = "backups into a chunked repository: init, create, list, verify, prune, gc"
+
     def configure(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("words", nargs="+", metavar="VM | list VM | verify VM ID | prune VM")
-        parser.add_argument("--repo", type=Path, required=True, help="the backup repository")
-        kind = parser.add_mutually_exclusive_group()
-        kind.add_argument("--full", action="store_true")
-        kind.add_argument("--incremental", action="store_true", help="(the default)")
-        kind.add_argument("--differential", action="store_true")
-        parser.add_argument("--disk", action="append", help="device (repeat; default: all)")
-        parser.add_argument("--compress", action="store_true")
-        parser.add_argument(
-            "--pull",
-            action="store_true",
-            help="export a point-in-time view over NBD and copy it with "
-            "blockctl's reader (only allocated/dirty extents)",
+        sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+        p = sub.add_parser(
+            "init", parents=[_json_option()], help="create a repository (owner-only)"
         )
-        parser.add_argument("--speed", help="bytes/s limit per disk (e.g. 100M)")
-        parser.add_argument("--keep", type=int, help="prune: how many backups to keep")
-        parser.add_argument(
-            "--keep-within",
-            type=float,
-            metavar="SECONDS",
-            help="prune: also keep backups newer than this",
+        repo_options(p)
+        p.add_argument("--chunk-size", help="fixed chunk size (default 4M; 64K to 32M)")
+        p.add_argument("--compression", choices=["zstd", "none"], default="zstd")
+        p = sub.add_parser(
+            "create",
+            parents=[_json_option()],
+            help="back up a running VM (incremental since this repository's last point, or "
+            "full when there is none)",
         )
-        parser.add_argument(
-            "--legacy",
-            action="store_true",
-            help="use QEMU's deprecated drive-backup (only where needed)",
+        p.add_argument("vm")
+        repo_options(p)
+        p.add_argument("--full", action="store_true", help="read every non-zero chunk")
+        p.add_argument("--disk", action="append", help="device (repeat; default: all)")
+        p.add_argument("--connections", type=int, default=2, help="NBD connections per disk")
+        p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
+        p.add_argument(
+            "--scratch-dir", type=Path, help="where the fleecing overlays go (default: TMPDIR)"
         )
-        parser.add_argument(
-            "--deep", action="store_true", help="verify: also rebuild each image through its chain"
+        add_quiesce_options(p, "a backup")
+        p = sub.add_parser("list", parents=[_json_option()], help="a VM's backup points")
+        p.add_argument("vm")
+        repo_options(p)
+        p = sub.add_parser(
+            "verify",
+            parents=[_json_option()],
+            help="check every chunk a point depends on (default: every point of the VM)",
         )
-        parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
-        error_policy_options(parser, "--on-source-error", "--on-target-error")
-        add_quiesce_options(parser, "a backup")
+        p.add_argument("vm")
+        p.add_argument("backup_id", nargs="?")
+        repo_options(p)
+        p.add_argument(
+            "--sample", type=float, metavar="FRACTION", help="check this fraction of the chunks"
+        )
+        p = sub.add_parser(
+            "prune", parents=[_json_option()], help="delete old points, then unreferenced chunks"
+        )
+        p.add_argument("vm")
+        repo_options(p)
+        p.add_argument("--keep", type=int, help="how many points to keep")
+        p.add_argument(
+            "--keep-within", type=float, metavar="SECONDS", help="also keep points newer than this"
+        )
+        p.add_argument("--no-gc", action="store_true", help="leave the chunks for a later gc")
+        p = sub.add_parser("gc", parents=[_json_option()], help="remove chunks no point references")
+        repo_options(p)
 
     async def run(self, args: argparse.Namespace) -> int:
-        words = args.words
-        quiesce = quiesce_option(args)
-        action = words[0] if words[0] in ("list", "verify", "prune") and len(words) > 1 else None
-        if action == "list":
-            manifests = backup_ops.Repository(root=args.repo, vm=words[1]).manifests()
+        action = args.action
+        if action == "init":
+            key = None if args.key_file is None else args.key_file
+            chunk = None if args.chunk_size is None else parse_size(args.chunk_size, "chunk_size")
+            repo = backup_ops.init_repository(
+                args.repo, key_file=key, chunk_size=chunk, compression=args.compression
+            )
             emit(
                 args,
-                [m.to_json() for m in manifests],
-                "\n".join(
-                    f"{m.id}  {m.kind.value:<12} parent={m.parent or '-':<22} "
-                    f"{sum(d.bytes_copied for d in m.disks):>12} bytes  {m.consistency}"
-                    + (f"  (full because {m.fallback_reason})" if m.fallback_reason else "")
-                    for m in manifests
-                )
-                or "no backups",
+                {
+                    "repository": str(repo.path),
+                    "id": repo.config.id,
+                    "chunk_size": repo.chunk_size,
+                    "compression": repo.config.compression,
+                    "encrypted": repo.encrypted,
+                },
+                f"created {'an encrypted ' if repo.encrypted else 'a '}repository at {repo.path} "
+                f"(chunks of {human_size(repo.chunk_size)}, {repo.config.compression})",
+            )
+            return 0
+        repo = open_repo(args)
+        if action == "list":
+            manifests = repo.manifests(args.vm)
+            lines = [MANIFEST_HEADER, *(manifest_line(m) for m in manifests)]
+            emit(
+                args,
+                [manifest_json(m) for m in manifests],
+                "\n".join(lines) if manifests else f"no backups of {args.vm} in {repo.path}",
             )
             return 0
         if action == "verify":
-            if len(words) < 3:
-                raise ConfigError("backup", "verify needs VM and a backup ID")
-            report = await backup_ops.verify(args.repo, words[1], words[2], deep=args.deep)
+            ids = [args.backup_id] if args.backup_id else [m.id for m in repo.manifests(args.vm)]
+            if not ids:
+                raise ConfigError("backup", f"no backups of {args.vm} in {repo.path} to verify")
+            reports = [
+                await backup_ops.verify(repo, args.vm, point, sample=args.sample) for point in ids
+            ]
             emit(
                 args,
-                {"id": report.backup_id, "ok": report.ok, "problems": list(report.problems)},
-                "ok" if report.ok else "\n".join(report.problems),
+                [
+                    {
+                        "id": r.point,
+                        "ok": r.ok,
+                        "problems": list(r.problems),
+                        "chunks_checked": r.chunks_checked,
+                        "bytes_checked": r.bytes_checked,
+                        "affected": list(r.affected),
+                    }
+                    for r in reports
+                ],
+                "\n".join(
+                    f"{r.point}: ok ({r.chunks_checked} chunks, {human_size(r.bytes_checked)})"
+                    if r.ok
+                    else f"{r.point}: FAILED\n  " + "\n  ".join(r.problems)
+                    for r in reports
+                ),
             )
-            return 0 if report.ok else 1
+            return 0 if all(r.ok for r in reports) else 1
         if action == "prune":
-            deleted = await backup_ops.prune(
-                args.repo, words[1], keep_last=args.keep, keep_within=args.keep_within
+            result = await backup_ops.prune(
+                repo,
+                args.vm,
+                keep_last=args.keep,
+                keep_within=args.keep_within,
+                gc=not args.no_gc,
             )
-            emit(args, {"deleted": deleted}, f"deleted {len(deleted)} backup(s)")
+            human = (
+                f"deleted {len(result.deleted)} point(s), kept {len(result.kept)}; removed "
+                f"{result.chunks_removed} chunk(s), {human_size(result.bytes_removed)}"
+            )
+            if result.gc_skipped:
+                human += f"; chunks not collected: {result.gc_skipped}"
+            emit(args, dataclasses.asdict(result), human)
             return 0
-        kind = (
-            backup_ops.BackupKind.FULL
-            if args.full
-            else backup_ops.BackupKind.DIFFERENTIAL
-            if args.differential
-            else backup_ops.BackupKind.INCREMENTAL
-        )
-        async with attach(words[0]) as vm:
-            manifest = await backup_ops.backup(
-                vm,
-                args.repo,
-                kind=kind,
-                devices=args.disk,
-                compress=args.compress,
-                speed=None if args.speed is None else parse_size(args.speed, "speed"),
-                deadline=args.timeout,
-                hooks=job_hooks(args, "backup"),
-                pull=args.pull,
-                legacy=args.legacy,
-                on_source_error=args.on_source_error,
-                on_target_error=args.on_target_error,
-                pause_timeout=args.pause_timeout,
-                quiesce=quiesce,
-                freeze_deadline=freeze_deadline_option(args),
+        if action == "gc":
+            gc = await anyio.to_thread.run_sync(repo.gc)
+            emit(
+                args,
+                dataclasses.asdict(gc),
+                f"removed {gc.chunks_removed} chunk(s) ({human_size(gc.bytes_removed)}), "
+                f"kept {gc.chunks_kept}",
             )
-        copied = sum(d.bytes_copied for d in manifest.disks)
+            return 0
+        async with attach(args.vm) as vm:
+            manifest = await backup_ops.create(
+                vm,
+                repo,
+                kind="full" if args.full else "incremental",
+                devices=args.disk,
+                deadline=args.timeout,
+                hooks=(StructlogJobHook(), BackupProgress(args)),
+                quiesce=quiesce_option(args),
+                freeze_deadline=freeze_deadline_option(args),
+                connections=args.connections,
+                scratch_dir=args.scratch_dir,
+            )
         note = f" (full because {manifest.fallback_reason})" if manifest.fallback_reason else ""
         emit(
             args,
-            manifest.to_json(),
-            f"{manifest.id}: {manifest.kind.value} backup, {copied} bytes copied{note}",
+            manifest_json(manifest),
+            f"{manifest.id}: {manifest.kind} backup of {len(manifest.disks)} disk(s): read "
+            f"{human_size(manifest.bytes_read)}, new {human_size(manifest.bytes_new)}, stored "
+            f"{human_size(manifest.bytes_stored)}{note}",
         )
         return 0
 
@@ -1425,33 +1558,45 @@ class AgentCommand(Command):
 
 class RestoreCommand(Command):
     name = "restore"
-    help = "rebuild a disk at a backup point into a new image (checked against the manifest)"
+    help = "rebuild a disk at a backup point into a new image (every chunk verified)"
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("vm")
         parser.add_argument("backup_id")
         parser.add_argument("device")
         parser.add_argument("dest", type=Path)
-        parser.add_argument("--repo", type=Path, required=True)
-        parser.add_argument("-O", "--output-format", default="qcow2")
+        repo_options(parser)
+        parser.add_argument("-O", "--output-format", default="qcow2", choices=["qcow2", "raw"])
         parser.add_argument(
             "--attach", metavar="TARGET_VM", help="hot-plug the restored disk into this running VM"
         )
 
     async def run(self, args: argparse.Namespace) -> int:
         fmt = coerce_enum(ImageFormat, args.output_format, "output_format")
-        dest = await backup_ops.restore(
-            args.repo, args.vm, args.backup_id, args.device, args.dest.absolute(), fmt
+        repo = open_repo(args)
+        result = await backup_ops.restore(
+            repo, args.vm, args.backup_id, args.device, args.dest.absolute(), fmt
         )
         attached = None
         if args.attach:
             async with attach(args.attach) as vm:
-                attached = (await drives.hotplug(vm, Drive(file=dest, format=fmt))).device_id
-                emit(
-                    args,
-                    {"restored": str(dest), "format": fmt.value, "attached": attached},
-                    f"restored {args.device} of {args.backup_id} to {dest}",
-                )
+                attached = (await drives.hotplug(vm, Drive(file=result.path, format=fmt))).device_id
+        emit(
+            args,
+            {
+                "restored": str(result.path),
+                "format": fmt.value,
+                "device": args.device,
+                "point": args.backup_id,
+                "bytes_written": result.bytes_written,
+                "chunks_verified": result.chunks_verified,
+                "seconds": result.seconds,
+                "attached": attached,
+            },
+            f"restored {args.device} of {args.backup_id} to {result.path} "
+            f"({human_size(result.bytes_written)} written, {result.chunks_verified} chunks "
+            "verified)" + (f", attached to {args.attach} as {attached}" if attached else ""),
+        )
         return 0
 
 

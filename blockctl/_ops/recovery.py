@@ -8,7 +8,7 @@ truth: the record says what was intended, QEMU says what happened.
 Entry points: :func:`reconcile` (a live VM; also run at the start of the next chain
 operation, :func:`settle`), :func:`reconcile_offline` (QEMU is gone: report from the record)
 and :func:`recover_vm` (by name, either case; ``blockctl recover VM``). Backups keep their own
-record (the repository) and their own :func:`blockctl._ops.backup.recover`; ``recover_vm``
+record (the repository) and their own :func:`blockctl.backup.recover`; ``recover_vm``
 runs it too when given the repository.
 """
 
@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -51,6 +51,9 @@ from blockctl.errors import (
     UnsafeOperation,
 )
 from blockctl.types import ImageFormat
+
+if TYPE_CHECKING:
+    from blockctl._backup.store import Repository
 
 _log = get_logger()
 
@@ -403,7 +406,7 @@ async def _exited(pid: int, timeout: float = 10.0) -> None:
 
 
 async def recover_vm(
-    name: str, *, repo: Path | None = None, deadline: float = 600.0, forget: bool = False
+    name: str, *, repo: Repository | None = None, deadline: float = 600.0, forget: bool = False
 ) -> tuple[bool, list[Recovery], list[str]]:
     """``blockctl recover``: (QEMU alive, the journal's recoveries, backup recovery notes)."""
     record = _runtime.read_record(name)
@@ -414,7 +417,7 @@ async def recover_vm(
         results = await reconcile(vm, deadline=deadline, forget=forget)
         notes: list[str] = []
         if repo is not None:
-            from blockctl._ops import backup
+            from blockctl._backup.operations import recover
 
-            notes = await backup.recover(vm, repo)
+            notes = await recover(vm, repo)
     return True, results, notes

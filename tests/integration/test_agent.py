@@ -32,9 +32,8 @@ import anyio
 import pytest
 import pytest_asyncio
 
-from blockctl import GuestImage, LaunchedVM, build_guest, find_guest
+from blockctl import GuestImage, LaunchedVM, backup, build_guest, find_guest
 from blockctl._agent import FreezeStatus, Quiesce, connect_agent
-from blockctl._ops import backup as bk
 from blockctl._ops import chains
 from blockctl._qmp import wire
 from blockctl.errors import (
@@ -294,24 +293,20 @@ async def test_hung_agent_is_a_clear_error_and_stale_replies_are_ignored(rig: Ri
 
 
 async def test_quiesced_backup_and_internal_snapshot(rig: Rig) -> None:
-    repo = rig.images / "repo"
-    manifest = await bk.backup(rig.vm, repo, kind=bk.BackupKind.FULL, quiesce=True)
+    repo = backup.init_repository(rig.images / "repo")
+    manifest = await backup.create(rig.vm, repo, kind="full", quiesce=True)
     await rig.assert_thawed("b1")
     # The manifest says what the point is (the freeze covered every mounted filesystem).
     assert manifest.consistency == "filesystem" and manifest.frozen_filesystems >= 1
-    again = bk.Repository(root=repo, vm=NAME).get(manifest.id)
+    again = repo.get(NAME, manifest.id)
     assert (again.consistency, again.frozen_filesystems) == (
         "filesystem",
         manifest.frozen_filesystems,
     )
-    target = repo / NAME / manifest.id / manifest.disks[0].file
-    recovery, rc, out = await fs_state(target, rig.images / "b")
-    assert not recovery and rc == 0, out
-    pulled = await bk.backup(rig.vm, repo, kind=bk.BackupKind.FULL, pull=True, quiesce=True)
-    await rig.assert_thawed("b2")
-    assert pulled.consistency == "filesystem"
-    target = repo / NAME / pulled.id / pulled.disks[0].file
-    recovery, rc, out = await fs_state(target, rig.images / "p")
+    restored = await backup.restore(
+        repo, NAME, manifest.id, manifest.disks[0].device, rig.images / "b.qcow2"
+    )
+    recovery, rc, out = await fs_state(restored.path, rig.images / "b")
     assert not recovery and rc == 0, out
     result = await chains.save_internal(rig.vm, "i1", quiesce=True)
     assert result.job_id

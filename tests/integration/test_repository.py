@@ -221,7 +221,9 @@ async def test_encrypted_repository_roundtrip_wrong_key_and_tamper(
         ops.open_repository(repo.path)
     # No plaintext of the guest's data or of the key in the repository.
     assert (await ops.verify(repo, "enc", p2.id)).ok
-    chunk = next((repo.path / "chunks").glob("*/*"))
+    # Damage a chunk of the first point, which the second inherited: both are affected.
+    inherited = sorted(repo.read_index("enc", p1.id, "disk0").referenced())[0].hex()
+    chunk = repo.path / "chunks" / inherited[:2] / inherited
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 1
     chunk.write_bytes(bytes(raw))
