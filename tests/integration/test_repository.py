@@ -65,8 +65,9 @@ class References:
         out = {}
         for device, image in disks.items():
             ref = self.directory / f"ref{self.n}-{device}.raw"
-            await run(qemu_binary("qemu-img"), "convert", "-U", "-f", "qcow2", "-O", "raw",
-                      image, ref)
+            await run(
+                qemu_binary("qemu-img"), "convert", "-U", "-f", "qcow2", "-O", "raw", image, ref
+            )
             out[device] = ref
         return out
 
@@ -82,8 +83,15 @@ async def same(a: Path, fmt: str, b: Path) -> bool:
     return True
 
 
-async def restore_equals(repo: Repository, vm: str, point: str, device: str, ref: Path,
-                         out: Path, fmt: ImageFormat = ImageFormat.RAW) -> bool:
+async def restore_equals(
+    repo: Repository,
+    vm: str,
+    point: str,
+    device: str,
+    ref: Path,
+    out: Path,
+    fmt: ImageFormat = ImageFormat.RAW,
+) -> bool:
     dest = out / f"restore-{point}-{device}.{fmt.value}"
     await ops.restore(repo, vm, point, device, dest, fmt)
     try:
@@ -155,11 +163,15 @@ async def test_two_repositories_interleaved_every_point_restores_exactly(
     for repo, point_id, ref in recorded:
         for device, path in ref.items():
             assert await restore_equals(repo, "two", point_id, device, path, tmp_path), (
-                repo.path.name, point_id, device)
+                repo.path.name,
+                point_id,
+                device,
+            )
     # qcow2 output too, for one point.
     repo, point_id, ref = recorded[2]
-    assert await restore_equals(repo, "two", point_id, "disk0", ref["disk0"], tmp_path,
-                                ImageFormat.QCOW2)
+    assert await restore_equals(
+        repo, "two", point_id, "disk0", ref["disk0"], tmp_path, ImageFormat.QCOW2
+    )
 
 
 async def test_owner_only_modes_whatever_the_umask(
@@ -173,8 +185,9 @@ async def test_owner_only_modes_whatever_the_umask(
             await vm.console.wait_ready()  # type: ignore[union-attr]
             await write(vm, "vda", 0, 1024)
             manifest = await ops.backup(vm, repo)
-        restored = await ops.restore(repo, "modes", manifest.id, "disk0", tmp_path / "r.raw",
-                                     ImageFormat.RAW)
+        restored = await ops.restore(
+            repo, "modes", manifest.id, "disk0", tmp_path / "r.raw", ImageFormat.RAW
+        )
     finally:
         os.umask(old)
     for root, dirs, files in os.walk(repo.path):
