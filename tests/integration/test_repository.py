@@ -14,7 +14,7 @@ import pytest
 from blockctl import GuestImage, LaunchedVM, open_vm
 from blockctl._backup import checkpoints
 from blockctl._backup import operations as ops
-from blockctl._backup.store import Repository
+from blockctl._backup.store import Manifest, Repository
 from blockctl._ops.chains import read_graph
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BackupKeyError, RepositoryError
@@ -117,7 +117,7 @@ async def test_two_repositories_interleaved_every_point_restores_exactly(
         await write(vm, "vda", 0, 8192)
         await write(vm, "vdb", 1024, 1024)
 
-        async def point(repo: Repository, kind: str = "incremental") -> ops.Manifest:
+        async def point(repo: Repository, kind: str = "incremental") -> Manifest:
             ref = await refs.take(vm, disks)
             try:
                 manifest = await ops.backup(vm, repo, kind=kind)
