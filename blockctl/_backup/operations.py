@@ -15,6 +15,7 @@ incomplete point; exports, jobs, nodes and scratch files are torn down in every 
 from __future__ import annotations
 
 import contextlib
+import errno as errno_module
 import os
 import re
 import shutil
@@ -138,6 +139,20 @@ def _vm_lock(repo: Repository, vm: str) -> Any:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _step(repo: Repository, step: str) -> Any:
+    """An OSError while writing the repository names the step and the errno's name."""
+    try:
+        yield
+    except OSError as exc:
+        name = errno_module.errorcode.get(exc.errno or 0, str(exc.errno))
+        full = " (the repository is full)" if exc.errno == errno_module.ENOSPC else ""
+        raise RepositoryError(
+            f"repository {repo.path}: {step}: {exc.strerror or exc}: {name}{full}; the backup "
+            "is not recorded and the next incremental still holds every write"
+        ) from exc
 
 
 # Section: recovery
@@ -394,7 +409,8 @@ async def _backup(
     server_started = False
     committed = False
     points: list[Quiesced] = []
-    repo.begin_point(vm.name, point)
+    with _step(repo, "creating the point's directory"):
+        repo.begin_point(vm.name, point)
     try:
         failpoint("before-transaction")
         for d in disks:
@@ -481,11 +497,13 @@ async def _backup(
             # The copy is done: QEMU's side goes before the repository is committed.
             await _teardown(vm, disks, jobs, added, server_started, hooks)
             server_started = False
-        await anyio.to_thread.run_sync(repo.sync)
+        with _step(repo, "making the chunks durable"):
+            await anyio.to_thread.run_sync(repo.sync)
         failpoint("after-chunks")
         for d in disks:
             assert d.index is not None
-            repo.write_index(vm.name, point, d.device, d.index)
+            with _step(repo, f"writing the index of {d.device}"):
+                repo.write_index(vm.name, point, d.device, d.index)
         failpoint("after-index")
         version = await vm.version()
         full_asked = kind == "full"
@@ -503,7 +521,8 @@ async def _backup(
             consistency="filesystem" if points and points[0].consistent else "crash",
             frozen_filesystems=points[0].frozen if points else 0,
         )
-        repo.write_manifest(manifest)
+        with _step(repo, "writing the manifest"):
+            repo.write_manifest(manifest)
         committed = True
         failpoint("after-manifest")
     except BaseException:

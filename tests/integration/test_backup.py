@@ -221,7 +221,7 @@ async def test_two_vms_cloned_from_one_base_store_the_shared_data_once(
     base = images / "base.raw"
     base.write_bytes(os.urandom(8 * MIB))
     os.truncate(base, DISK_MIB * MIB)
-    clones = []
+    clones: list[Path] = []
     for name in ("c1", "c2"):
         clone = images / f"{name}.qcow2"
         await run(
@@ -229,22 +229,39 @@ async def test_two_vms_cloned_from_one_base_store_the_shared_data_once(
         )
         clones.append(clone)
     repo = backup.init_repository(tmp_path / "repo", compression="none")
-    stored = []
-    for name, clone in zip(("c1", "c2"), clones, strict=True):
-        cfg = config(guest, name, clone)
-        async with open_vm(cfg) as vm:
+    async with (
+        open_vm(config(guest, "c1", clones[0])) as vm1,
+        open_vm(config(guest, "c2", clones[1])) as vm2,
+    ):
+        vms = (vm1, vm2)
+        for vm in vms:
             await vm.console.wait_ready()  # type: ignore[union-attr]
             await write(vm, "vda", 12 * 1024, 64)  # each clone's own change: different chunks
-            manifest = await backup.create(vm, repo)
-            stored.append(manifest)
-    first, second = stored
-    assert first.bytes_read == second.bytes_read >= 8 * MIB
-    # The second VM's backup found the base's chunks in the repository: only its own chunk
-    # (one 4 MiB chunk holding its 64 KiB write) is new.
-    assert second.bytes_new == repo.chunk_size
-    assert first.bytes_new == first.bytes_read
-    chunk_files = list((repo.path / "chunks").glob("*/*"))
-    assert len(chunk_files) == 8 * MIB // repo.chunk_size + 2
+        first = await backup.create(vm1, repo)
+        second = await backup.create(vm2, repo)
+        assert first.bytes_read == second.bytes_read >= 8 * MIB
+        # The second VM's backup found the base's chunks in the repository: only its own
+        # chunk (one 4 MiB chunk holding its 64 KiB write) is new.
+        assert second.bytes_new == repo.chunk_size
+        assert first.bytes_new == first.bytes_read
+        chunk_files = list((repo.path / "chunks").glob("*/*"))
+        assert len(chunk_files) == 8 * MIB // repo.chunk_size + 2
+        # Both VMs back up into the one repository at the same time.
+        for vm in vms:
+            await write(vm, "vda", 4 * 1024, 128)
+        expected = [await disk_sha(vm, "vda") for vm in vms]
+        together: dict[str, backup.Manifest] = {}
+
+        async def take(vm: LaunchedVM) -> None:
+            together[vm.name] = await backup.create(vm, repo)
+
+        async with anyio.create_task_group() as tg:
+            for vm in vms:
+                tg.start_soon(take, vm)
+    for vm_name, sha in zip(("c1", "c2"), expected, strict=True):
+        point = together[vm_name]
+        assert point.kind == "incremental"
+        assert await restored_sha(repo, vm_name, point.id, "disk0", tmp_path) == sha
 
 
 async def test_bad_backup_inputs(tmp_path: Path) -> None:
