@@ -4,6 +4,7 @@ failures and kills happened in between."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -232,8 +233,15 @@ async def test_encrypted_repository_roundtrip_wrong_key_and_tamper(
         ops.open_repository(repo.path, key_file=other)
     with pytest.raises(BackupKeyError, match="encrypted"):
         ops.open_repository(repo.path)
-    # No plaintext of the guest's data or of the key in the repository.
     assert (await ops.verify(repo, "enc", p2.id)).ok
+    # No chunk file holds its plaintext (the guest's random data) as such.
+    index = repo.read_index("enc", p2.id, "disk0")
+    for i in range(index.count):
+        if index.at(i) != bytes(32):
+            plain = repo.read_chunk(index.at(i), index.chunk_length(i))
+            name = index.at(i).hex()
+            stored = (repo.path / "chunks" / name[:2] / name).read_bytes()
+            assert plain[:4096] not in stored and plain[-4096:] not in stored
     # Damage a chunk of the first point, which the second inherited: both are affected.
     inherited = sorted(repo.read_index("enc", p1.id, "disk0").referenced())[0].hex()
     chunk = repo.path / "chunks" / inherited[:2] / inherited
@@ -246,3 +254,72 @@ async def test_encrypted_repository_roundtrip_wrong_key_and_tamper(
     with pytest.raises(BackupCorrupt):
         await ops.restore(repo, "enc", p1.id, "disk0", tmp_path / "x.raw", ImageFormat.RAW)
     assert not (tmp_path / "x.raw").exists()
+
+
+async def test_no_key_material_in_argv_logs_journal_or_json(
+    runtime_dir: Path, tmp_path: Path
+) -> None:
+    """An encrypted repository driven from the CLI with the event stream on: neither the key
+    file's secret nor the repository's master keys appear in QEMU's or any helper's argv
+    (logged by the one subprocess door), the logs, the run directory (journal, records) or the
+    JSON output."""
+    from tests.integration.test_attach_cli import cli
+
+    secret = os.urandom(24).hex()
+    key = tmp_path / "key"
+    key.write_text(secret + "\n")
+    key.chmod(0o600)
+    repo = tmp_path / "R"
+    outputs: list[str] = []
+
+    async def run_cli(*args: str | Path) -> str:
+        done = await cli("-v", *args)
+        outputs.extend((done.stdout, done.stderr))
+        return done.stdout
+
+    await run_cli("backup", "init", "--repo", repo, "--key-file", key, "--json")
+    await run_cli("up", "--name", "keyvm", "--strict")
+    try:
+        record = json.loads((runtime_dir / "keyvm" / "vm.json").read_text())
+        cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes()
+        point = json.loads(
+            await run_cli("backup", "create", "keyvm", "--repo", repo, "--key-file", key, "--json")
+        )
+        await run_cli("backup", "list", "keyvm", "--repo", repo, "--key-file", key, "--json")
+        await run_cli("backup", "verify", "keyvm", "--repo", repo, "--key-file", key, "--json")
+        await run_cli(
+            "restore",
+            "keyvm",
+            point["id"],
+            "disk0",
+            tmp_path / "r.qcow2",
+            "--repo",
+            repo,
+            "--key-file",
+            key,
+            "--json",
+        )
+        run_dir_bytes = b"".join(
+            p.read_bytes() for p in (runtime_dir / "keyvm").rglob("*") if p.is_file()
+        )
+    finally:
+        await cli("down", "keyvm")
+    opened = ops.open_repository(repo, key_file=key)
+    assert opened.key is not None
+    needles = [
+        secret.encode(),
+        opened.key.enc,
+        opened.key.mac,
+        opened.key.enc.hex().encode(),
+        opened.key.mac.hex().encode(),
+    ]
+    haystacks = {
+        "qemu argv": cmdline,
+        "cli output and logs": "\n".join(outputs).encode(),
+        "run dir": run_dir_bytes,
+        "repository metadata": (repo / "config.json").read_bytes(),
+    }
+    assert "blockctl.proc.spawned" in haystacks["cli output and logs"].decode()  # argv logged
+    for where, data in haystacks.items():
+        for needle in needles:
+            assert needle not in data, where
