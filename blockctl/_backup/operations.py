@@ -15,6 +15,7 @@ incomplete point; exports, jobs, nodes and scratch files are torn down in every 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import errno as errno_module
 import os
 import re
@@ -88,7 +89,14 @@ STEPS = (
     "after-manifest",
 )
 
-Failpoint = Callable[[str], None]
+#: Called at each step; it may raise (a fault) or return an awaitable (a test acting meanwhile).
+Failpoint = Callable[[str], Any]
+
+
+async def _at(failpoint: Failpoint, step: str) -> None:
+    result = failpoint(step)
+    if inspect.isawaitable(result):
+        await result
 
 
 def _no_failpoint(step: str) -> None:
@@ -122,20 +130,31 @@ def init_repository(
 
 
 @contextlib.contextmanager
-def _vm_lock(repo: Repository, vm: str) -> Any:
-    """One backup of a VM into a repository at a time (its checkpoints are one sequence)."""
+def _vm_lock(repo: Repository, vm: VM) -> Any:
+    """One backup of a VM at a time: per repository (its checkpoints are one sequence) and,
+    for a VM with a run directory, per VM (a backup's recovery step tears down what it finds
+    of blockctl's backups in QEMU, which must not be another process's running backup)."""
+    directory = repo.path / "points" / check_name(vm.name, "VM")
+    make_private_dir(directory)
+    with contextlib.ExitStack() as stack:
+        paths = [directory / ".lock"]
+        if vm.run_dir is not None:
+            paths.append(Path(vm.run_dir) / "backup.lock")
+        for path in paths:
+            stack.enter_context(_flock(path, f"another backup of {vm.name} is running"))
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, busy: str) -> Any:
     import fcntl
 
-    directory = repo.path / "points" / check_name(vm, "VM")
-    make_private_dir(directory)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise RepositoryBusy(
-                f"another backup of {vm} into {repo.path} is running; wait for it to finish"
-            ) from exc
+            raise RepositoryBusy(f"{busy} (it holds {path}); wait for it to finish") from exc
         yield
     finally:
         os.close(fd)
@@ -165,7 +184,7 @@ async def recover(vm: VM, repo: Repository) -> list[str]:
     files deleted; the repository's incomplete points removed; the checkpoints settled (a
     failed attempt's bitmap is merged into the last good point's, so nothing is lost). Returns
     what was done."""
-    with _vm_lock(repo, vm.name):
+    with _vm_lock(repo, vm):
         return await _recover(vm, repo)
 
 
@@ -301,7 +320,7 @@ async def backup(
         "block-export-del",
     )
     libnbd()  # before anything is changed
-    with repo.lock(exclusive=False), _vm_lock(repo, vm.name):
+    with repo.lock(exclusive=False), _vm_lock(repo, vm):
         recovered = await _recover(vm, repo)
         return await _backup(
             vm,
@@ -412,7 +431,7 @@ async def _backup(
     with _step(repo, "creating the point's directory"):
         repo.begin_point(vm.name, point)
     try:
-        failpoint("before-transaction")
+        await _at(failpoint, "before-transaction")
         for d in disks:
             path = scratch / f"fleece-{d.device}.qcow2"
             await _images.create(path, ImageFormat.QCOW2, size=d.virtual_size)
@@ -472,7 +491,7 @@ async def _backup(
                         )
                     )
                 )
-            failpoint("after-transaction")
+            await _at(failpoint, "after-transaction")
             socket = str(scratch / "nbd.sock")
             await wire.nbd_server_start(vm.session, socket)
             server_started = True
@@ -499,12 +518,12 @@ async def _backup(
             server_started = False
         with _step(repo, "making the chunks durable"):
             await anyio.to_thread.run_sync(repo.sync)
-        failpoint("after-chunks")
+        await _at(failpoint, "after-chunks")
         for d in disks:
             assert d.index is not None
             with _step(repo, f"writing the index of {d.device}"):
                 repo.write_index(vm.name, point, d.device, d.index)
-        failpoint("after-index")
+        await _at(failpoint, "after-index")
         version = await vm.version()
         full_asked = kind == "full"
         manifest = Manifest(
@@ -524,7 +543,7 @@ async def _backup(
         with _step(repo, "writing the manifest"):
             repo.write_manifest(manifest)
         committed = True
-        failpoint("after-manifest")
+        await _at(failpoint, "after-manifest")
     except BaseException:
         with anyio.CancelScope(shield=True):
             await _teardown(vm, disks, jobs, added, server_started, hooks)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from blockctl import GuestImage, LaunchedVM, open_vm
+from blockctl import VM, GuestImage, LaunchedVM, open_vm
 from blockctl._backup import checkpoints
 from blockctl._backup import operations as ops
 from blockctl._backup.store import Manifest, Repository
 from blockctl._ops.chains import read_graph
 from blockctl._qmp import wire
-from blockctl.errors import BackupCorrupt, BackupKeyError, RepositoryError
+from blockctl.errors import BackupCorrupt, BackupKeyError, RepositoryBusy, RepositoryError
 from blockctl.types import DeprecatedInput, Drive, ImageFormat, MachineConfig
 from tests.integration.conftest import MIB, qcow2_image, qemu_binary, run
 
@@ -60,7 +60,7 @@ class References:
     taken: dict[tuple[str, str], Path] = field(default_factory=dict)
     n: int = 0
 
-    async def take(self, vm: LaunchedVM, disks: dict[str, Path]) -> dict[str, Path]:
+    async def take(self, vm: VM, disks: dict[str, Path]) -> dict[str, Path]:
         await wire.stop(vm.session)  # QEMU flushes every disk when the VM stops
         self.n += 1
         out = {}
@@ -72,7 +72,7 @@ class References:
             out[device] = ref
         return out
 
-    async def resume(self, vm: LaunchedVM) -> None:
+    async def resume(self, vm: VM) -> None:
         await wire.cont(vm.session)
 
 
@@ -323,3 +323,42 @@ async def test_no_key_material_in_argv_logs_journal_or_json(
     for where, data in haystacks.items():
         for needle in needles:
             assert needle not in data, where
+
+
+async def test_another_backup_of_the_vm_meanwhile_is_refused_and_harms_nothing(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """While one backup of a VM reads its export, a second one (another repository, another
+    process's view) is refused before it changes anything: the first completes exactly."""
+    from blockctl import attach as attach_vm
+    from blockctl import launch_detached, shutdown_detached
+
+    refs = References(tmp_path)
+    a = ops.init_repository(tmp_path / "A")
+    b = ops.init_repository(tmp_path / "B")
+    d0 = await qcow2_image(images / "d0.qcow2", b"", 16 * MIB)
+    launched = await launch_detached(config(guest, "meanwhile", d0))
+    try:
+        async with attach_vm("meanwhile") as vm:
+            refused: list[BaseException] = []
+
+            async def second_backup(step: str) -> None:
+                if step == "after-transaction":
+                    try:
+                        await ops.backup(vm, b)
+                    except RepositoryBusy as exc:
+                        refused.append(exc)
+
+            ref = await refs.take(vm, {"disk0": d0})
+            try:
+                first = await ops.backup(vm, a, failpoint=second_backup)
+            finally:
+                await refs.resume(vm)
+            assert len(refused) == 1 and "another backup of meanwhile" in str(refused[0])
+            assert b.manifests("meanwhile") == []
+            graph = await read_graph(vm)
+            names = {x.name for x in graph.format_node("disk0").dirty_bitmaps}
+            assert names == {first.checkpoint}
+    finally:
+        await shutdown_detached(launched.name)
+    assert await restore_equals(a, "meanwhile", first.id, "disk0", ref["disk0"], tmp_path)
