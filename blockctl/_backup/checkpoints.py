@@ -107,7 +107,8 @@ def plan(
         reason = (
             f"the VM has no checkpoint of the last backup {latest} on {device}: QEMU was "
             "restarted since without a clean shutdown (persistent bitmaps are written on clean "
-            "close only), or the bitmap was removed"
+            "close only), the disk's top layer changed (an external snapshot or a commit), or "
+            "the bitmap was removed"
         )
     elif base.inconsistent:
         reason = (
