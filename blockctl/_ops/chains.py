@@ -60,13 +60,7 @@ Json = dict[str, Any]
 async def read_graph(vm: VM) -> BlockGraph:
     """The VM's block graph as QEMU reports it now."""
     nodes = await wire.query_named_block_node_details(vm.session)
-    hints = {
-        str(n["node-name"]): n["backing"]
-        for record in vm.registry.drives.values()
-        for n in record.nodes
-        if "backing" in n
-    }
-    return BlockGraph.from_qmp(nodes, await vm.block_devices(), hints)
+    return BlockGraph.from_qmp(nodes, await vm.block_devices(), vm.registry.backing_hints())
 
 
 def _check_tag(tag: str) -> None:
