@@ -346,7 +346,10 @@ class JobNeverReady(OperationTimeout):
     """A mirror or active commit did not reach READY before the deadline.
 
     Its copy cannot converge while the guest dirties data faster than the job's speed limit
-    allows; raise the limit (``set_speed(0)``) or cancel. The job is still running.
+    allows. The message says what became of the job: cancelled by blockctl when blockctl
+    started it (run the operation again with a higher speed limit or a longer deadline), else
+    still running (raise its limit, ``Job.set_speed(0)`` / ``blockctl jobs VM speed ID 0``, or
+    cancel it). An intermediate commit has no READY phase and never raises this.
     """
 
     def __init__(self, operation: str, seconds: float, detail: str, *, job_id: str) -> None:

@@ -324,6 +324,45 @@ async def _set_read_only(
             )
 
 
+async def _restore_read_only(vm: VM, device: str, names: Sequence[str], why: str) -> None:
+    """Reopen the layers ``names`` (format nodes) read-only again, shielded from
+    cancellation (a Ctrl-C or a deadline must not leave them writable) and bounded.
+
+    A failure here does not hide the caller's error: it is logged with the nodes left
+    writable (``blockctl.commit.read_only_not_restored``), and the truth check of the next
+    listing (``blockctl chain``: ``rw``) shows them.
+    """
+    if not names:
+        return
+    with anyio.CancelScope(shield=True), anyio.move_on_after(30) as scope:
+        try:
+            graph = await read_graph(vm)
+            for name in names:
+                if name in graph.nodes:
+                    await _set_read_only(vm, device, graph, graph.nodes[name], True)
+        except BlockctlError as exc:
+            _log.error(
+                "blockctl.commit.read_only_not_restored",
+                vm=vm.name,
+                device=device,
+                nodes=list(names),
+                after=why,
+                error=str(exc),
+            )
+            return
+    if scope.cancelled_caught:
+        _log.error(
+            "blockctl.commit.read_only_not_restored",
+            vm=vm.name,
+            device=device,
+            nodes=list(names),
+            after=why,
+            error="no answer within 30 s",
+        )
+    else:
+        _log.info("blockctl.commit.read_only_restored", vm=vm.name, nodes=list(names), after=why)
+
+
 def _shared_users(
     graph: BlockGraph, base: GraphNode, device: str, chain: Sequence[GraphNode]
 ) -> list[str]:
@@ -487,10 +526,21 @@ async def commit(
             delete_files=delete_files,
         ),
     )
-    await _set_read_only(vm, device, graph, base_node, False)
+    # The layers the job writes are reopened read-write; those that are backing layers after
+    # the job (every one of them unless an active commit pivoted) go back to read-only in
+    # every path, success or failure, cancelled or not (issue 16, defect 3): a writable
+    # backing node holds the image's write lock, so nothing else could even read it.
+    writable = [base_node]
     if not active:
         # The overlay above top gets its backing-file name rewritten: it must be writable.
-        await _set_read_only(vm, device, graph, chain[top_i - 1], False)
+        writable.append(chain[top_i - 1])
+    restore = [n.name for n in writable if n.read_only]
+    try:
+        for node in writable:
+            await _set_read_only(vm, device, graph, node, False)
+    except BaseException:
+        await _restore_read_only(vm, device, restore, "commit.reopen_failed")
+        raise
 
     async def start(job_id: str) -> None:
         op.starting(job_id)
@@ -512,7 +562,8 @@ async def commit(
             ) as job,
         ):
             result = await job.wait(
-                complete_on_ready=True,
+                # An intermediate commit has no READY phase (issue 16, defect 4).
+                complete_on_ready=active,
                 deadline=deadline,
                 hooks=(*hooks, op),
                 pause_timeout=pause_timeout,
@@ -522,9 +573,10 @@ async def commit(
         # qemu-facts F1/F2: a failed or cancelled commit has already written part of top's
         # data into base; top still reads correctly, base is no longer its point in time.
         _log.warning("blockctl.commit.failed", vm=vm.name, device=device, base=base_node.name)
+        await _restore_read_only(vm, device, restore, "commit.failed")
         raise
     if not active:
-        await _set_read_only(vm, device, await read_graph(vm), base_node, True)
+        await _restore_read_only(vm, device, restore, "commit.done")
     _log.info(
         "blockctl.commit.done",
         vm=vm.name,

@@ -6,12 +6,18 @@ QEMU's own replies (``query-block``, ``query-named-block-nodes``, ``query-jobs``
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, open_vm
-from blockctl._ops import drives
+from blockctl._jobs import JobIOError, JobProgress, JobTransition
+from blockctl._ops import chains, drives
+from blockctl._qmp import wire
+from blockctl._qmp.models import JobStatus
+from blockctl.errors import JobCancelled, JobNeverReady, OperationTimeout
 from blockctl.types import CacheMode, Drive, ImageFormat
 from tests.integration.conftest import MIB, base_config, cli_json, qcow2_image, run
 
@@ -73,3 +79,127 @@ async def test_write_cache_is_the_devices(guest: GuestImage, images: Path, mode:
         assert listed[0]["cache"]["writeback"] is mode.write_cache
         seen = (await sh(vm, "cat /sys/block/vda/cache_type")).strip()
         assert seen == ("write back" if mode.write_cache else "write through")
+
+
+class RunningSignal:
+    """A JobHook that tells the test when its job is RUNNING."""
+
+    def __init__(self) -> None:
+        self.job_id: str | None = None
+        self.running = anyio.Event()
+
+    def on_transition(self, transition: JobTransition) -> None:
+        if transition.status is JobStatus.RUNNING:
+            self.job_id = transition.job_id
+            self.running.set()
+
+    def on_progress(self, progress: JobProgress) -> None:
+        pass
+
+    def on_io_error(self, error: JobIOError) -> None:
+        pass
+
+
+async def read_only_state(vm: LaunchedVM) -> dict[str, bool]:
+    """Every node's read-only flag as QEMU reports it."""
+    return {n.node_name: n.read_only for n in await vm.block_nodes()}
+
+
+async def assert_base_usable(base: Path, tmp: Path) -> None:
+    """What a live backup does with a backing image: read its header and copy it (both
+    fail on QEMU's write lock while it is writable)."""
+    await run("qemu-img", "info", "-f", "qcow2", "--output=json", base)
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", base, tmp / "copy.raw")
+
+
+async def slow_chain(images: Path) -> list[Path]:
+    """D ← C ← B ← A with 4 MiB of data in B and D: a commit at 64 KiB/s takes a minute."""
+    layers = await four_layer_chain(images)
+    for layer in (layers[0], layers[2]):
+        await run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {4 * MIB}", layer)
+    return layers
+
+
+async def test_intermediate_commit_past_its_deadline(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Defects 3 and 4: a timed-out intermediate commit left its base (and the overlay whose
+    backing link it rewrites) read-write, and said JobNeverReady with a library name."""
+    layers = await slow_chain(images)
+    async with open_vm(base_config(guest, Drive(file=layers[0], format=ImageFormat.QCOW2))) as vm:
+        before = await read_only_state(vm)
+        assert before["drv0-b3"] and before["drv0-b1"]  # A and C are backing layers
+        with pytest.raises(OperationTimeout) as info:
+            await chains.commit(vm, "disk0", top="drv0-b2", speed=64 * 1024, deadline=1.5)
+        assert not isinstance(info.value, JobNeverReady)  # no READY phase to wait for
+        message = str(info.value)
+        assert "READY" not in message and "set_speed" not in message
+        assert "still running" not in message
+        assert re.search(
+            r"blockctl cancelled job bc-commit-\S+ \(nothing is left running\)", message
+        )
+        assert await wire.query_jobs(vm.session) == ()
+        assert await read_only_state(vm) == before
+        assert [n.name for n in (await chains.read_graph(vm)).chain_of("disk0")] == [
+            "drv0",
+            "drv0-b1",
+            "drv0-b2",
+            "drv0-b3",
+        ]
+        await assert_base_usable(layers[3], tmp_path)
+        await assert_base_usable(layers[1], tmp_path)
+
+
+async def test_active_commit_cancelled_from_elsewhere(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Defect 3: an active commit cancelled by another client (``job-cancel``) left its
+    base read-write."""
+    layers = await slow_chain(images)
+    async with open_vm(base_config(guest, Drive(file=layers[0], format=ImageFormat.QCOW2))) as vm:
+        before = await read_only_state(vm)
+        signal_ = RunningSignal()
+
+        async def other_client() -> None:
+            await signal_.running.wait()
+            assert signal_.job_id is not None
+            await wire.job_cancel(vm.session, signal_.job_id)
+
+        outcome: list[BaseException] = []
+
+        async def commit() -> None:
+            try:
+                await chains.commit(vm, "disk0", speed=64 * 1024, hooks=[signal_])
+            except JobCancelled as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_client)
+            tg.start_soon(commit)
+        assert len(outcome) == 1
+        assert await wire.query_jobs(vm.session) == ()
+        assert await read_only_state(vm) == before
+        await assert_base_usable(layers[1], tmp_path)
+
+
+async def test_commit_interrupted_by_the_caller(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Defect 3: a commit whose caller is cancelled (Ctrl-C on the CLI) left its base
+    read-write; the clean-up is shielded."""
+    layers = await slow_chain(images)
+    async with open_vm(base_config(guest, Drive(file=layers[0], format=ImageFormat.QCOW2))) as vm:
+        before = await read_only_state(vm)
+        signal_ = RunningSignal()
+        async with anyio.create_task_group() as tg:
+
+            async def caller() -> None:
+                await chains.commit(vm, "disk0", top="drv0-b2", speed=64 * 1024, hooks=[signal_])
+
+            tg.start_soon(caller)
+            await signal_.running.wait()
+            tg.cancel_scope.cancel()
+        assert await wire.query_jobs(vm.session) == ()
+        assert await read_only_state(vm) == before
+        await assert_base_usable(layers[3], tmp_path)
+        await assert_base_usable(layers[1], tmp_path)
