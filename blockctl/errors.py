@@ -26,7 +26,8 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    └── JobNeverReady     a mirror/active commit never became READY (speed below write rate?)
      ├── JobError               a block job did not succeed (job_id, job_type, target, error)
      │    ├── JobFailed         it concluded with an error, or without copying everything
-     │    │    └── JobStoppedOnError  it paused on an I/O error and nobody resumed it in time
+     │    │    ├── JobStoppedOnError  it paused on an I/O error and nobody resumed it in time
+     │    │    └── SnapshotLoadFailed  snapshot-load failed midway (run state, what was reverted)
      │    └── JobCancelled      it was cancelled before it finished
      ├── NodeNotFound           the block graph has no such node or device (name)
      ├── ShutdownFailed         QEMU had to be killed, or would not exit at all
@@ -73,6 +74,7 @@ __all__ = [
     "JobFailed",
     "JobNeverReady",
     "JobStoppedOnError",
+    "SnapshotLoadFailed",
     "LaunchFailed",
     "MissingComponent",
     "NodeNotFound",
@@ -333,6 +335,24 @@ class JobStoppedOnError(JobFailed):
 
     operation: str | None = None
     io_status: str | None = None
+
+
+class SnapshotLoadFailed(JobFailed):
+    """``snapshot-load`` failed inside QEMU after blockctl's checks passed (e.g. the VM's RAM
+    size differs from the snapshot's: QEMU finds out only while loading the VM state).
+
+    QEMU stops the VM for the load and leaves it stopped on failure. ``reverted`` names the
+    disks QEMU had already reverted to the snapshot (it reverts every disk before it loads
+    the VM state; a failure while loading the state comes after), ``run_state`` is
+    ``query-status`` afterwards, ``resumed`` whether blockctl resumed the guest (only when
+    nothing was reverted and it was running before: it then continues where it was), and
+    ``qemu_log`` the lines QEMU wrote to its log meanwhile (its reason is often only there).
+    """
+
+    run_state: str = "unknown"
+    reverted: tuple[str, ...] = ()
+    resumed: bool = False
+    qemu_log: tuple[str, ...] = ()
 
 
 class JobCancelled(JobError):

@@ -917,7 +917,13 @@ class SnapshotCommand(Command):
         parser.add_argument(
             "--disk",
             action="append",
-            help="device to snapshot (repeat; default: every writable disk)",
+            help="device to snapshot, load or delete (repeat; default: every writable disk; "
+            "a writable disk not named is left out of an internal snapshot)",
+        )
+        parser.add_argument(
+            "--vmstate",
+            metavar="DEVICE",
+            help="save/load: the disk that holds the VM state (default: the first disk)",
         )
         parser.add_argument("--internal", action="store_true", help="delete an internal one")
         parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
@@ -927,6 +933,10 @@ class SnapshotCommand(Command):
         if args.action != "list" and not args.tag:
             raise ConfigError("tag", f"snapshot {args.action} needs a TAG")
         quiesce = quiesce_option(args)
+        if args.disk and args.action == "list":
+            raise ConfigError("disk", "snapshot list shows every disk; --disk does not apply")
+        if args.vmstate is not None and args.action not in ("save", "load"):
+            raise ConfigError("vmstate", f"snapshot {args.action} has no VM state to place")
         if quiesce is not _agent.Quiesce.OFF and args.action not in ("create", "save"):
             raise ConfigError("quiesce", f"snapshot {args.action} does not quiesce the guest")
         hooks = job_hooks(args, args.action)
@@ -963,18 +973,13 @@ class SnapshotCommand(Command):
                 human = "\n".join(lines)
             elif args.action == "delete" and not args.internal:
                 results = await chains.delete_external(
-                    vm, args.tag, timeout=args.timeout, hooks=hooks
+                    vm, args.tag, timeout=args.timeout, hooks=hooks, devices=args.disk
                 )
                 data = [chain_result_json(r) for r in results]
                 human = "\n".join(
                     f"{r.device}: merged; chain {' ← '.join(r.chain)}" for r in results
                 )
             else:
-                run_internal = {
-                    "save": chains.save_internal,
-                    "load": chains.load_internal,
-                    "delete": chains.delete_internal,
-                }[args.action]
                 if args.action == "save":
                     result = await chains.save_internal(
                         vm,
@@ -983,9 +988,22 @@ class SnapshotCommand(Command):
                         hooks=hooks,
                         quiesce=quiesce,
                         freeze_deadline=freeze_deadline_option(args, 60.0),
+                        devices=args.disk,
+                        vmstate=args.vmstate,
+                    )
+                elif args.action == "load":
+                    result = await chains.load_internal(
+                        vm,
+                        args.tag,
+                        deadline=args.timeout,
+                        hooks=hooks,
+                        devices=args.disk,
+                        vmstate=args.vmstate,
                     )
                 else:
-                    result = await run_internal(vm, args.tag, deadline=args.timeout, hooks=hooks)
+                    result = await chains.delete_internal(
+                        vm, args.tag, deadline=args.timeout, hooks=hooks, devices=args.disk
+                    )
                 data = {
                     "job": result.job_id,
                     "tag": args.tag,

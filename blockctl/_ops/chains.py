@@ -45,7 +45,9 @@ from blockctl._registry import DriveRecord
 from blockctl.errors import (
     BlockctlError,
     ConfigError,
+    JobFailed,
     NodeNotFound,
+    SnapshotLoadFailed,
     UnsafeOperation,
 )
 from blockctl.types import ErrorPolicy, ImageFormat
@@ -253,21 +255,31 @@ async def list_external(vm: VM) -> dict[str, list[str]]:
 
 
 async def delete_external(
-    vm: VM, tag: str, *, timeout: float = 600.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+    vm: VM,
+    tag: str,
+    *,
+    timeout: float = 600.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    devices: Sequence[str] | None = None,
 ) -> list[ChainResult]:
     """Delete external snapshot ``tag``: merge each overlay it created down into the image
-    below (commit; active or intermediate), then delete the overlay files."""
+    below (commit; active or intermediate), then delete the overlay files. ``devices``: only
+    on these disks (default: every disk that has it)."""
     _check_tag(tag)
     graph = await read_graph(vm)
+    for device in devices or ():
+        if device not in graph.devices:
+            raise NodeNotFound(device, f"the VM has no device {device!r}")
     found = []
     for dev in graph.devices.values():
-        if dev.root is None:
+        if dev.root is None or (devices is not None and dev.id not in devices):
             continue
         for node in graph.chain_of(dev.id):
             if node.filename and Path(node.filename).name == _overlay_name(vm, dev.id, tag):
                 found.append((dev.id, node))
     if not found:
-        raise ConfigError("tag", f"no external snapshot {tag!r} in this VM (see `snapshot list`)")
+        where = "this VM" if devices is None else ", ".join(devices)
+        raise ConfigError("tag", f"no external snapshot {tag!r} on {where} (see `snapshot list`)")
     results = []
     for device, overlay in found:
         results.append(
@@ -669,48 +681,213 @@ async def stream(
 # Section: internal snapshots (VM state + disks, inside the qcow2 images)
 
 
-def _internal_targets(graph: BlockGraph) -> list[str]:
+def _internal_targets(
+    graph: BlockGraph, devices: Sequence[str] | None = None, vmstate: str | None = None
+) -> tuple[list[str], list[str], str]:
+    """The disks of an internal snapshot: (device ids, their format nodes, the vmstate node).
+
+    ``devices`` None: every writable disk, each of which must be qcow2 (QEMU reports a
+    writable disk that cannot hold a snapshot only inside the job). Given: exactly those
+    disks, each of which must exist, have a medium, be writable and be qcow2; any other
+    writable disk (a raw one, say) is left out of the snapshot, as QEMU allows. ``vmstate``:
+    the disk that holds the VM state (default: the first one); it must be one of them.
+    """
+    chosen: list[str] = []
+    if devices is None:
+        for device in graph.devices.values():
+            if device.root is None or graph.format_node(device.id).read_only:
+                continue
+            chosen.append(device.id)
+    else:
+        for device_id in devices:
+            if device_id not in graph.devices:
+                names = ", ".join(sorted(graph.devices)) or "none"
+                raise NodeNotFound(
+                    device_id, f"the VM has no device {device_id!r} (its devices: {names})"
+                )
+            if graph.devices[device_id].root is None:
+                raise ConfigError("devices", f"{device_id} has no medium")
+            if graph.format_node(device_id).read_only:
+                raise ConfigError(
+                    "devices", f"{device_id} is read-only: an internal snapshot writes into it"
+                )
+            if device_id not in chosen:
+                chosen.append(device_id)
     nodes = []
-    for device in graph.devices.values():
-        if device.root is None:
-            continue
-        node = graph.format_node(device.id)
-        if node.read_only:
-            continue
+    for device_id in chosen:
+        node = graph.format_node(device_id)
         if node.driver != "qcow2":
             raise UnsafeOperation(
-                f"{device.id} ({node.driver}) is writable but cannot hold internal snapshots; "
-                "only qcow2 can (QEMU would report this only inside the job). Use an external "
-                "snapshot, or make the disk read-only"
+                f"{device_id} ({node.driver}) is writable but cannot hold internal snapshots; "
+                "only qcow2 can (QEMU would report this only inside the job). Leave it out "
+                "(--disk / devices= naming only the qcow2 disks; it is then not part of the "
+                "snapshot), use an external snapshot, or make the disk read-only"
             )
         nodes.append(node.name)
     if not nodes:
         raise ConfigError("devices", "no writable qcow2 disk to hold the VM state")
-    return nodes
+    if vmstate is None:
+        return chosen, nodes, nodes[0]
+    if vmstate not in chosen:
+        raise ConfigError(
+            "vmstate",
+            f"{vmstate!r} is not one of the snapshot's disks ({', '.join(chosen)}): the VM "
+            "state goes into one of them",
+        )
+    return chosen, nodes, nodes[chosen.index(vmstate)]
+
+
+async def _check_loadable(
+    vm: VM, tag: str, chosen: Sequence[str], nodes: Sequence[str], vmstate: str
+) -> None:
+    """Refuse a ``snapshot-load`` that QEMU would refuse only after stopping the VM: every
+    disk must have the snapshot, and the vmstate disk must hold VM state for it (from
+    ``query-named-block-nodes``; nothing has been sent yet)."""
+    details = {d.node.node_name: d for d in await wire.query_named_block_node_details(vm.session)}
+    missing = [
+        device
+        for device, node in zip(chosen, nodes, strict=True)
+        if node not in details or tag not in details[node].snapshots
+    ]
+    if missing:
+        have = {
+            device: list(details[node].snapshots) if node in details else []
+            for device, node in zip(chosen, nodes, strict=True)
+        }
+        raise ConfigError(
+            "tag",
+            f"snapshot {tag!r} is not on {', '.join(missing)} (internal snapshots per disk: "
+            f"{have}); nothing was changed. Load a tag every disk has, or name the disks "
+            "that have it (--disk)",
+        )
+    sizes = dict(details[vmstate].vm_state_sizes)
+    if sizes.get(tag, 0) <= 0:
+        device = chosen[list(nodes).index(vmstate)]
+        raise ConfigError(
+            "tag",
+            f"snapshot {tag!r} on {device} holds no VM state (a disk-only snapshot, or the "
+            "VM state is on another disk: --vmstate); nothing was changed. A disk-only "
+            "snapshot can be reverted only offline: blockctl down VM, then blockctl img "
+            f"snapshot IMAGE apply {tag}",
+        )
+
+
+def _log_size(vm: VM) -> int:
+    if vm.run_dir is None:
+        return 0
+    try:
+        return (vm.run_dir / "qemu.log").stat().st_size
+    except OSError:
+        return 0
+
+
+def _log_since(vm: VM, offset: int) -> tuple[str, ...]:
+    """What QEMU wrote to its log since ``offset`` (its reasons are often only there)."""
+    if vm.run_dir is None:
+        return ()
+    try:
+        with open(vm.run_dir / "qemu.log", "rb") as f:
+            f.seek(offset)
+            text = f.read(64 * 1024).decode(errors="replace")
+    except OSError:
+        return ()
+    return tuple(line for line in text.splitlines() if line.strip())[-20:]
+
+
+#: QEMU's load_snapshot() reverts every disk, then loads the VM state: an error with this
+#: text comes after the disks were reverted (QEMU 7.2 and 10.0: "Error -22 while loading VM
+#: state"); any earlier error comes before anything changed.
+_LOADING_STATE = "while loading VM state"
+
+
+async def _load_failed(
+    vm: VM, exc: JobFailed, chosen: Sequence[str], was_running: bool, log_offset: int
+) -> SnapshotLoadFailed:
+    """What a failed ``snapshot-load`` left: the run state, the disks reverted, whether the
+    guest was resumed (only when nothing changed), and QEMU's log lines."""
+    reverted = tuple(chosen) if _LOADING_STATE in (exc.error or "") else ()
+    resumed = False
+    state = "unknown"
+    with anyio.CancelScope(shield=True):
+        try:
+            status = await vm.status()
+            if not reverted and was_running and not status.running:
+                # Nothing was reverted: the guest continues exactly where it was stopped.
+                await wire.cont(vm.session)
+                resumed = True
+                status = await vm.status()
+            state = status.status
+        except BlockctlError as err:
+            state = f"unknown ({err})"
+    log = _log_since(vm, log_offset)
+    if reverted:
+        outcome = (
+            f"QEMU had reverted {', '.join(reverted)} to the snapshot but not the RAM, and "
+            f"left the VM {state}. blockctl does not resume it: the guest's memory no longer "
+            "matches its disks. Load a snapshot that fits this VM, or restart it "
+            "(blockctl down; the disks hold the snapshot's data)"
+        )
+    elif resumed:
+        outcome = f"nothing was reverted; blockctl resumed the guest (now {state})"
+    else:
+        outcome = f"nothing was reverted; the VM is {state}"
+    failed = SnapshotLoadFailed(
+        f"{exc}; {outcome}"
+        + ("\n  qemu.log:\n" + "\n".join(f"  | {x}" for x in log) if log else ""),
+        job_id=exc.job_id,
+        job_type=exc.job_type,
+        target=exc.target,
+        status=exc.status,
+        error=exc.error,
+        offset=exc.offset,
+        length=exc.length,
+    )
+    failed.run_state = state
+    failed.reverted = reverted
+    failed.resumed = resumed
+    failed.qemu_log = log
+    return failed
 
 
 async def _internal(
-    vm: VM, kind: str, tag: str, deadline: float, hooks: Sequence[JobHook]
+    vm: VM,
+    kind: str,
+    tag: str,
+    deadline: float,
+    hooks: Sequence[JobHook],
+    devices: Sequence[str] | None = None,
+    vmstate: str | None = None,
 ) -> JobResult:
     _check_tag(tag)
     await vm.require(kind)
-    nodes = _internal_targets(await read_graph(vm))
+    chosen, nodes, vmstate_node = _internal_targets(await read_graph(vm), devices, vmstate)
+    was_running = False
+    log_offset = 0
+    if kind == "snapshot-load":
+        await _check_loadable(vm, tag, chosen, nodes, vmstate_node)
+        was_running = (await vm.status()).running
+        log_offset = _log_size(vm)
 
     async def start(job_id: str) -> None:
         if kind == "snapshot-save":
             await wire.snapshot_save(
-                vm.session, job_id=job_id, tag=tag, vmstate=nodes[0], devices=nodes
+                vm.session, job_id=job_id, tag=tag, vmstate=vmstate_node, devices=nodes
             )
         elif kind == "snapshot-load":
             await wire.snapshot_load(
-                vm.session, job_id=job_id, tag=tag, vmstate=nodes[0], devices=nodes
+                vm.session, job_id=job_id, tag=tag, vmstate=vmstate_node, devices=nodes
             )
         else:
             await wire.snapshot_delete(vm.session, job_id=job_id, tag=tag, devices=nodes)
 
     short = kind.removeprefix("snapshot-")  # job ids: bc-save-…, bc-load-…, bc-delete-…
-    async with start_job(vm.session, short, start, job_type=kind, hooks=hooks) as job:
-        return await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+    try:
+        async with start_job(vm.session, short, start, job_type=kind, hooks=hooks) as job:
+            return await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+    except JobFailed as exc:
+        if kind != "snapshot-load":
+            raise
+        raise await _load_failed(vm, exc, chosen, was_running, log_offset) from exc
 
 
 async def save_internal(
@@ -721,8 +898,12 @@ async def save_internal(
     hooks: Sequence[JobHook] = DEFAULT_HOOKS,
     quiesce: Quiesce | bool | str = Quiesce.OFF,
     freeze_deadline: float = 60.0,
+    devices: Sequence[str] | None = None,
+    vmstate: str | None = None,
 ) -> JobResult:
-    """``snapshot-save``: VM state and every writable disk, inside the qcow2 images.
+    """``snapshot-save``: VM state and every writable disk (or the ``devices`` named: others
+    are left out of the snapshot), inside the qcow2 images; the VM state goes into
+    ``vmstate`` (a device id; default the first disk).
 
     ``quiesce``: the guest's filesystems are frozen for the whole job (QEMU stops the VM for
     it anyway). The saved memory holds the frozen state: a guest loaded from this snapshot
@@ -732,20 +913,38 @@ async def save_internal(
     async with quiesced(
         vm, quiesce, operation="internal snapshot", freeze_deadline=freeze_deadline
     ):
-        return await _internal(vm, "snapshot-save", tag, deadline, hooks)
+        return await _internal(vm, "snapshot-save", tag, deadline, hooks, devices, vmstate)
 
 
 async def load_internal(
-    vm: VM, tag: str, *, deadline: float = 300.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+    vm: VM,
+    tag: str,
+    *,
+    deadline: float = 300.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    devices: Sequence[str] | None = None,
+    vmstate: str | None = None,
 ) -> JobResult:
-    """``snapshot-load``: the guest continues from the saved state."""
-    return await _internal(vm, "snapshot-load", tag, deadline, hooks)
+    """``snapshot-load``: the guest continues from the saved state.
+
+    Refused before anything is sent unless every disk has ``tag`` and the vmstate disk holds
+    VM state for it (:class:`~blockctl.errors.ConfigError`; the VM runs on untouched).
+
+    :raise SnapshotLoadFailed: QEMU failed midway; it says the VM's run state, which disks
+        were reverted and whether the guest was resumed.
+    """
+    return await _internal(vm, "snapshot-load", tag, deadline, hooks, devices, vmstate)
 
 
 async def delete_internal(
-    vm: VM, tag: str, *, deadline: float = 300.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+    vm: VM,
+    tag: str,
+    *,
+    deadline: float = 300.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    devices: Sequence[str] | None = None,
 ) -> JobResult:
-    return await _internal(vm, "snapshot-delete", tag, deadline, hooks)
+    return await _internal(vm, "snapshot-delete", tag, deadline, hooks, devices)
 
 
 async def list_internal(vm: VM) -> dict[str, tuple[str, ...]]:

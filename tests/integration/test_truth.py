@@ -13,13 +13,30 @@ import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, open_vm
+from blockctl._images import snapshot
 from blockctl._jobs import JobIOError, JobProgress, JobTransition
 from blockctl._ops import chains, drives
 from blockctl._qmp import wire
 from blockctl._qmp.models import JobStatus
-from blockctl.errors import JobCancelled, JobNeverReady, OperationTimeout
+from blockctl.errors import (
+    ConfigError,
+    JobCancelled,
+    JobNeverReady,
+    NodeNotFound,
+    OperationTimeout,
+    SnapshotLoadFailed,
+    UnsafeOperation,
+)
 from blockctl.types import CacheMode, Drive, ImageFormat
-from tests.integration.conftest import MIB, base_config, cli_json, qcow2_image, run
+from tests.integration.conftest import (
+    MIB,
+    base_config,
+    cli_json,
+    qcow2_image,
+    raw_image,
+    run,
+)
+from tests.integration.test_attach_cli import cli
 
 pytestmark = pytest.mark.guest
 
@@ -203,3 +220,98 @@ async def test_commit_interrupted_by_the_caller(
         assert await read_only_state(vm) == before
         await assert_base_usable(layers[3], tmp_path)
         await assert_base_usable(layers[1], tmp_path)
+
+
+async def details_by_node(vm: LaunchedVM) -> dict[str, dict[str, int]]:
+    """Internal snapshots per node, with their VM state size, from query-named-block-nodes."""
+    return {
+        d.node.node_name: dict(d.vm_state_sizes)
+        for d in await wire.query_named_block_node_details(vm.session)
+    }
+
+
+async def test_snapshot_load_refuses_before_changing(guest: GuestImage, images: Path) -> None:
+    """Defect 5: a load of a missing tag or of a disk-only snapshot left the VM paused in
+    ``restore-vm``; it is now refused before anything is sent, and the guest runs on."""
+    disk = await qcow2_image(images / "d.qcow2", b"", 8 * MIB)
+    await snapshot(disk, "create", "diskonly")  # qemu-img: no VM state
+    async with open_vm(base_config(guest, Drive(file=disk, format=ImageFormat.QCOW2))) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        assert (await details_by_node(vm))["drv0"] == {"diskonly": 0}
+        with pytest.raises(ConfigError, match=r"'nosuch' is not on disk0.*nothing was changed"):
+            await chains.load_internal(vm, "nosuch")
+        with pytest.raises(ConfigError, match=r"holds no VM state.*nothing was changed"):
+            await chains.load_internal(vm, "diskonly")
+        status = await vm.status()
+        assert (status.running, status.status) == (True, "running")
+        assert await wire.query_jobs(vm.session) == ()
+        assert (await sh(vm, "echo alive")) == "alive\n"
+
+
+async def test_snapshot_load_failing_midway_says_what_it_left(
+    guest: GuestImage, images: Path
+) -> None:
+    """Defect 5: a load QEMU fails only while reading the VM state (the RAM size differs)
+    reverted the disks, left the VM paused and said nothing; now the error names the run
+    state (as query-status has it), the reverted disks and QEMU's reason from its log."""
+    disk = await qcow2_image(images / "d.qcow2", b"", 8 * MIB)
+    drive = Drive(file=disk, format=ImageFormat.QCOW2)
+    async with open_vm(base_config(guest, drive, memory_mib=256)) as vm:
+        await chains.save_internal(vm, "small")
+    async with open_vm(base_config(guest, drive, memory_mib=320)) as vm:
+        with pytest.raises(SnapshotLoadFailed) as info:
+            await chains.load_internal(vm, "small")
+        failed = info.value
+        status = await vm.status()
+        assert failed.run_state == status.status
+        assert not status.running
+        assert failed.reverted == ("disk0",)
+        assert not failed.resumed
+        message = str(failed)
+        assert f"left the VM {status.status}" in message
+        assert "does not resume it" in message
+        assert any("mismatch" in line for line in failed.qemu_log), failed.qemu_log
+        assert "mismatch" in message
+        assert await wire.query_jobs(vm.session) == ()
+
+
+async def test_internal_snapshot_disks(guest: GuestImage, images: Path) -> None:
+    """Defect 6: ``--disk`` was ignored by save/load/delete, even for a device that does not
+    exist; a writable raw disk could not be left out; the VM state disk could not be chosen."""
+    a = await qcow2_image(images / "a.qcow2", b"", 8 * MIB)
+    b = await qcow2_image(images / "b.qcow2", b"", 8 * MIB)
+    raw = await raw_image(images / "r.raw", b"", 8 * MIB)
+    config = base_config(
+        guest,
+        Drive(file=a, format=ImageFormat.QCOW2),
+        Drive(file=b, format=ImageFormat.QCOW2),
+        Drive(file=raw, format=ImageFormat.RAW),
+        name="intdisks",
+    )
+    async with open_vm(config) as vm:
+        for call in (chains.save_internal, chains.load_internal, chains.delete_internal):
+            with pytest.raises(NodeNotFound, match="disk9"):
+                await call(vm, "t", devices=["disk9"])
+        with pytest.raises(UnsafeOperation, match=r"disk2 \(raw\) is writable.*Leave it out"):
+            await chains.save_internal(vm, "t")
+        with pytest.raises(ConfigError, match="vmstate"):
+            await chains.save_internal(vm, "t", devices=["disk0"], vmstate="disk1")
+        # The raw disk is left out; the VM state goes to disk1.
+        await chains.save_internal(vm, "t", devices=["disk0", "disk1"], vmstate="disk1")
+        sizes = await details_by_node(vm)
+        assert sizes["drv0"]["t"] == 0 and sizes["drv1"]["t"] > 0
+        assert sizes["drv2"] == {}
+        # Loading with the VM state on disk0 is refused before anything changes.
+        with pytest.raises(ConfigError, match="holds no VM state"):
+            await chains.load_internal(vm, "t", devices=["disk0", "disk1"])
+        await chains.load_internal(vm, "t", devices=["disk0", "disk1"], vmstate="disk1")
+        assert (await vm.status()).running
+        # The CLI passes --disk through (and refuses an unknown one).
+        bad = await cli(
+            "snapshot", "intdisks", "delete", "t", "--internal", "--disk", "disk9", check=False
+        )
+        assert bad.returncode == 1 and "NodeNotFound" in bad.stderr
+        await cli("snapshot", "intdisks", "delete", "t", "--internal", "--disk", "disk0")
+        sizes = await details_by_node(vm)
+        assert "t" not in sizes["drv0"] and "t" in sizes["drv1"]
+        assert await wire.query_jobs(vm.session) == ()
