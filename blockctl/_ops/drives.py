@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -220,6 +221,8 @@ async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = (
         raise ConfigError("drive.snapshot", "a throwaway overlay is only made at launch")
     if any(v is not None for v in (drive.bus, drive.unit, drive.index)):
         raise ConfigError("drive.unit", "hot-plugged drives are placed by QEMU")
+    if drive.file is not None:
+        await _refuse_if_in_use(vm, drive)
     source = None if drive.file is None else await inspect_drive(drive, "file", roots=image_roots)
     if drive.nbd is not None:
         check_nbd(drive, "nbd")
@@ -245,6 +248,43 @@ async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = (
     vm.registry.put(DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.nodes))
     _log.info("blockctl.drive.plugged", vm=vm.name, device=plan.device_id, node=plan.top_node)
     return await drive_info(vm, plan.device_id)
+
+
+def _same_file(a: str, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
+    """An image this VM already has open is refused by name, before qemu-img or QEMU trip
+    over its write lock: attached as a device, or a backing layer of one (a read-only attach
+    of a read-only layer is allowed: QEMU shares reads)."""
+    assert drive.file is not None
+    path = Path(drive.file).absolute()
+    details = await wire.query_named_block_node_details(vm.session)
+    graph = BlockGraph.from_qmp(details, await vm.block_devices(), vm.registry.backing_hints())
+    for node in graph.nodes.values():
+        if node.role is not NodeRole.FORMAT or node.filename is None:
+            continue
+        if not _same_file(node.filename, path):
+            continue
+        if drive.read_only and node.read_only:
+            continue
+        device = graph.device_of(node.name)
+        if device is None:
+            where = f"open in this VM as node {node.name} (no device uses it)"
+            way_out = "remove that node first"
+        elif device.root is not None and graph.format_node(device.id).name == node.name:
+            where = f"already attached as {device.id} (node {node.name})"
+            way_out = f"use {device.id}, or detach it first (blockctl detach {vm.name} {device.id})"
+        else:
+            where = f"a backing layer of {device.id} (node {node.name})"
+            way_out = (
+                "attach it read-only (--read-only), or attach a copy or a new overlay on top of it"
+            )
+        raise ConfigError("file", f"{path} is {where}: {way_out}")
 
 
 async def _rollback(vm: VM, nodes: list[str], devices: list[str]) -> None:

@@ -315,3 +315,28 @@ async def test_internal_snapshot_disks(guest: GuestImage, images: Path) -> None:
         sizes = await details_by_node(vm)
         assert "t" not in sizes["drv0"] and "t" in sizes["drv1"]
         assert await wire.query_jobs(vm.session) == ()
+
+
+async def test_attaching_an_attached_image_names_its_device(
+    guest: GuestImage, images: Path
+) -> None:
+    """Defect 9: attaching an image the VM already has open failed as ``UntrustedImage …
+    Failed to get shared "write" lock``; it now names the device (or the chain) using it."""
+    base = await qcow2_image(images / "base.qcow2", b"", 8 * MIB)
+    top = images / "top.qcow2"
+    await run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    config = base_config(guest, Drive(file=top, format=ImageFormat.QCOW2), name="twice")
+    async with open_vm(config) as vm:
+        nodes_before = {n.node_name for n in await vm.block_nodes()}
+        with pytest.raises(ConfigError, match=r"already attached as disk0 \(node drv0\)"):
+            await drives.hotplug(vm, Drive(file=top, format=ImageFormat.QCOW2))
+        with pytest.raises(ConfigError, match=r"a backing layer of disk0 \(node drv0-b1\)"):
+            await drives.hotplug(vm, Drive(file=base, format=ImageFormat.QCOW2))
+        done = await cli("attach", "twice", top, "--format", "qcow2", check=False)
+        assert done.returncode == 1
+        assert "already attached as disk0" in done.stderr
+        assert "UntrustedImage" not in done.stderr and "Failed to get" not in done.stderr
+        assert {n.node_name for n in await vm.block_nodes()} == nodes_before
+        # A read-only layer can be shared read-only.
+        info = await drives.hotplug(vm, Drive(file=base, format=ImageFormat.QCOW2, read_only=True))
+        assert info.read_only and info.file == str(base)
