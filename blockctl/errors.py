@@ -48,6 +48,8 @@ test fails if any ``qemu.qmp`` exception class is left unmapped.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Sequence
 
 __all__ = [
@@ -135,15 +137,62 @@ class MissingComponent(BlockctlError):
         super().__init__(f"{what} is missing: {hint}")
 
 
+def errno_name(text: str) -> str | None:
+    """The symbolic name (``ENOSPC``) of the errno whose ``strerror`` text appears in
+    ``text`` (the longest match: "No space left on device" → ``ENOSPC``), or None."""
+    best: tuple[int, str] | None = None
+    for code, name in errno.errorcode.items():
+        message = os.strerror(code)
+        if message.startswith("Unknown error") or message not in text:
+            continue
+        if best is None or len(message) > best[0]:
+            best = (len(message), name)
+    return None if best is None else best[1]
+
+
+def _reason(stdout: str, stderr: str) -> str | None:
+    """The line a failed program gave as its reason: its last line on stderr; else its last
+    line on stdout, unless that is JSON (a closing brace explains nothing)."""
+    for text in (stderr, "" if stdout.lstrip()[:1] in ("{", "[") else stdout):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return None
+
+
+def _step(argv: Sequence[str]) -> str:
+    """``qemu-img convert``: the program (past a ``prlimit`` wrapper) and its subcommand."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if os.path.basename(arg).startswith("qemu"):
+            args = args[i:]
+            break
+    step = os.path.basename(args[0]) if args else "?"
+    if len(args) > 1 and not args[1].startswith("-"):
+        step += f" {args[1]}"
+    return step
+
+
 class ProcessFailed(BlockctlError):
-    """A helper process exited non-zero. Its argv, exit code and output are attached."""
+    """A helper process exited non-zero. Its argv, exit code and output are attached.
+
+    ``reason`` is the line it gave as its reason (its last line on stderr), ``errno`` the
+    symbolic name of an OS error named there (``ENOSPC``); both lead the message.
+    """
 
     def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
         self.argv = tuple(argv)
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
-        parts = [f"{self.argv[0]} exited with code {returncode}", f"  command: {list(self.argv)}"]
+        self.reason = _reason(stdout, stderr)
+        self.errno = None if self.reason is None else errno_name(self.reason)
+        head = f"{_step(self.argv)} exited with code {returncode}"
+        if self.reason is not None:
+            head += f": {self.reason}"
+        if self.errno is not None:
+            head += f" ({self.errno})"
+        parts = [head, f"  command: {list(self.argv)}"]
         if stderr.strip():
             parts.append("  stderr:\n" + _tail(stderr))
         if stdout.strip():

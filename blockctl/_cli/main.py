@@ -43,7 +43,7 @@ from blockctl._ops import apply as apply_ops
 from blockctl._ops import backup as backup_ops
 from blockctl._ops import chains, drives, recovery
 from blockctl._ops.drives import DriveInfo
-from blockctl.errors import BlockctlError, ConfigError, QuiesceFailed
+from blockctl.errors import BlockctlError, ConfigError, ProcessFailed, QuiesceFailed
 from blockctl.types import (
     CacheMode,
     DeprecatedInput,
@@ -767,7 +767,16 @@ class Img(Command):
             )
             data, human = {"rebased": str(args.image)}, f"rebased {args.image}"
         elif args.action == "convert":
-            options = dict(o.split("=", 1) for o in args.option if "=" in o)
+            options = {}
+            for option in args.option:
+                key, eq, value = option.partition("=")
+                if not eq or not key or not value:
+                    raise ConfigError(
+                        "option",
+                        f"-o {option!r}: needs KEY=VALUE (e.g. -o cluster_size=64k, "
+                        "-o lazy_refcounts=on); nothing was converted",
+                    )
+                options[key] = value
             await _images.convert(
                 args.source,
                 fmt(args.format),
@@ -1549,7 +1558,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         said = [
             line.strip()[1:].strip() for line in rest.splitlines() if line.strip().startswith("|")
         ]
-        suffix = f" — {said[-1]}" if said and not args.verbose else ""
+        # (A ProcessFailed names its reason in its first line already.)
+        suffix = (
+            f" — {said[-1]}"
+            if said and not args.verbose and not isinstance(exc, ProcessFailed)
+            else ""
+        )
         print(f"blockctl: {type(exc).__name__}: {first}{suffix}", file=sys.stderr)
         if rest and args.verbose:
             print(rest, file=sys.stderr)

@@ -6,6 +6,8 @@ QEMU's own replies (``query-block``, ``query-named-block-nodes``, ``query-jobs``
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -13,9 +15,10 @@ import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, open_vm
-from blockctl._images import snapshot
+from blockctl._images import convert, snapshot
 from blockctl._jobs import JobIOError, JobProgress, JobTransition
 from blockctl._ops import chains, drives
+from blockctl._ops.apply import load_desired
 from blockctl._qmp import wire
 from blockctl._qmp.models import JobStatus
 from blockctl.errors import (
@@ -24,14 +27,17 @@ from blockctl.errors import (
     JobNeverReady,
     NodeNotFound,
     OperationTimeout,
+    ProcessFailed,
     SnapshotLoadFailed,
     UnsafeOperation,
 )
 from blockctl.types import CacheMode, Drive, ImageFormat
+from tests.conftest import missing
 from tests.integration.conftest import (
     MIB,
     base_config,
     cli_json,
+    pattern,
     qcow2_image,
     raw_image,
     run,
@@ -340,3 +346,120 @@ async def test_attaching_an_attached_image_names_its_device(
         # A read-only layer can be shared read-only.
         info = await drives.hotplug(vm, Drive(file=base, format=ImageFormat.QCOW2, read_only=True))
         assert info.read_only and info.file == str(base)
+
+
+def bmp_24bpp(path: Path) -> Path:
+    """A 1x1 24-bit BMP (the format QEMU's boot splash takes)."""
+    pixels = b"\x00\x00\xff\x00"  # one pixel, padded to 4 bytes
+    header = (
+        b"BM" + (54 + len(pixels)).to_bytes(4, "little") + bytes(4) + (54).to_bytes(4, "little")
+    )
+    info = (
+        (40).to_bytes(4, "little")
+        + (1).to_bytes(4, "little")
+        + (1).to_bytes(4, "little")
+        + (1).to_bytes(2, "little")
+        + (24).to_bytes(2, "little")
+        + bytes(24)
+    )
+    path.write_bytes(header + info + pixels)
+    return path
+
+
+async def test_splash_is_relative_to_the_config_file(
+    guest: GuestImage, images: Path, runtime_dir: Path
+) -> None:
+    """Defect 7: ``[boot] splash`` was not resolved against the TOML's directory (kernel and
+    initrd are): QEMU logged "failed to find file" and ``up`` reported success."""
+    splash = bmp_24bpp(images / "splash.bmp")
+    config = images / "vm.toml"
+    text = (
+        f'name = "splashvm"\nkernel = "{guest.kernel}"\ninitrd = "{guest.initrd}"\n'
+        f'append = "{guest.append}"\n\n[boot]\nmenu = true\nsplash = "SPLASH"\n'
+        "splash-time = 100\n"
+    )
+    config.write_text(text.replace("SPLASH", splash.name))
+    await cli("up", config)
+    try:
+        argv = json.loads((await cli("status", "splashvm", "--json")).stdout)
+        assert argv["running"]
+        log = (runtime_dir / "splashvm" / "qemu.log").read_text()
+        assert "failed to find file" not in log
+        cmdline = (Path("/proc") / str(argv["pid"]) / "cmdline").read_bytes().split(b"\0")
+        assert any(f"splash={splash}".encode() in arg for arg in cmdline), cmdline
+    finally:
+        await cli("down", "splashvm")
+    # A splash image that is not there is refused before QEMU starts.
+    config.write_text(text.replace("SPLASH", "absent.bmp"))
+    done = await cli("up", config, check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith("blockctl: ConfigError: boot.splash: ")
+    assert str(images / "absent.bmp") in done.stderr
+    assert list(runtime_dir.iterdir()) == []
+
+
+async def test_img_errors_name_their_reason(images: Path, tmp_path: Path) -> None:
+    """Defect 8 (qemu-img): ``img check`` of an image qemu-img cannot even open printed the
+    last line of its JSON (``}``) or only the exit code; ``-o KEY`` without a value was
+    dropped and the convert succeeded."""
+    disk = await qcow2_image(images / "c.qcow2", b"\x01" * MIB, 8 * MIB)
+    data = bytearray(disk.read_bytes())
+    data[40:48] = (0x12345).to_bytes(8, "big")  # an L1 table offset that is not aligned
+    disk.write_bytes(bytes(data))
+    done = await cli("img", "check", disk, "-f", "qcow2", check=False)
+    assert done.returncode == 1
+    first = done.stderr.splitlines()[0]
+    assert first.startswith("blockctl: ProcessFailed: qemu-img check exited with code 1: ")
+    assert "Active L1 table offset invalid" in first
+    assert not first.endswith("}")
+    good = await qcow2_image(images / "g.qcow2", b"", 8 * MIB)
+    out = images / "out.qcow2"
+    done = await cli(
+        "img", "convert", good, out, "-f", "qcow2", "-O", "qcow2", "-o", "cluster_size", check=False
+    )
+    assert done.returncode == 1
+    assert "ConfigError: option: -o 'cluster_size': needs KEY=VALUE" in done.stderr
+    assert not out.exists()
+
+
+async def test_img_enospc_names_the_errno(images: Path, tmp_path: Path) -> None:
+    """Defect 8: a qemu-img step failing on a full file system said only "exited with code
+    1"; the error now leads with qemu-img's reason and the errno's name."""
+    if os.geteuid() != 0:
+        missing("root (to mount a small tmpfs)")
+    small = tmp_path / "small"
+    small.mkdir()
+    await run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small)
+    try:
+        source = await raw_image(images / "src.raw", pattern(9, 4 * MIB))
+        with pytest.raises(ProcessFailed) as info:
+            await convert(source, ImageFormat.RAW, small / "dst.raw", ImageFormat.RAW)
+        assert info.value.errno == "ENOSPC"
+        head = str(info.value).splitlines()[0]
+        assert head.startswith("qemu-img convert exited with code 1: ")
+        assert "No space left on device (ENOSPC)" in head
+        done = await cli(
+            "img", "convert", source, small / "dst2.raw", "-f", "raw", "-O", "raw", check=False
+        )
+        assert done.returncode == 1
+        assert "(ENOSPC)" in done.stderr.splitlines()[0]
+    finally:
+        await run("umount", small)
+
+
+async def test_url_in_a_toml_file_is_refused_as_a_protocol_string(
+    images: Path, runtime_dir: Path
+) -> None:
+    """Defect 8: a URL in a TOML ``file =`` was joined to the TOML's directory and reported
+    missing; it is refused as what it is."""
+    config = images / "vm.toml"
+    config.write_text('[[drive]]\nfile = "http://example.com/disk.qcow2"\nformat = "qcow2"\n')
+    done = await cli("up", config, check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith("blockctl: ConfigError: drive[0].file: ")
+    assert "protocol string" in done.stderr
+    assert str(images) not in done.stderr
+    drives_file = images / "drives.toml"
+    drives_file.write_text('[[drive]]\nfile = "nbd://host/export"\nformat = "raw"\n')
+    with pytest.raises(ConfigError, match=r"drive\[0\].file: .*protocol string"):
+        load_desired(drives_file)
