@@ -41,6 +41,7 @@ from tests.integration.conftest import (
     qcow2_image,
     raw_image,
     run,
+    truth_check,
 )
 from tests.integration.test_attach_cli import cli
 
@@ -77,6 +78,7 @@ async def test_drives_shows_every_layer_of_a_chain(guest: GuestImage, images: Pa
         assert raw[info.chain[-1].node_name].backing_file is None
         listed = await cli_json("drives", vm.name)
         assert [c["driver"] for c in listed[0]["chain"]] == ["qcow2"] * 4
+        await truth_check(vm)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +104,7 @@ async def test_write_cache_is_the_devices(guest: GuestImage, images: Path, mode:
         assert listed[0]["cache"]["writeback"] is mode.write_cache
         seen = (await sh(vm, "cat /sys/block/vda/cache_type")).strip()
         assert seen == ("write back" if mode.write_cache else "write through")
+        await truth_check(vm)
 
 
 class RunningSignal:
@@ -171,6 +174,7 @@ async def test_intermediate_commit_past_its_deadline(
         ]
         await assert_base_usable(layers[3], tmp_path)
         await assert_base_usable(layers[1], tmp_path)
+        await truth_check(vm)
 
 
 async def test_active_commit_cancelled_from_elsewhere(
@@ -203,6 +207,7 @@ async def test_active_commit_cancelled_from_elsewhere(
         assert await wire.query_jobs(vm.session) == ()
         assert await read_only_state(vm) == before
         await assert_base_usable(layers[1], tmp_path)
+        await truth_check(vm)
 
 
 async def test_commit_interrupted_by_the_caller(
@@ -226,6 +231,7 @@ async def test_commit_interrupted_by_the_caller(
         assert await read_only_state(vm) == before
         await assert_base_usable(layers[3], tmp_path)
         await assert_base_usable(layers[1], tmp_path)
+        await truth_check(vm)
 
 
 async def details_by_node(vm: LaunchedVM) -> dict[str, dict[str, int]]:
@@ -252,6 +258,7 @@ async def test_snapshot_load_refuses_before_changing(guest: GuestImage, images: 
         assert (status.running, status.status) == (True, "running")
         assert await wire.query_jobs(vm.session) == ()
         assert (await sh(vm, "echo alive")) == "alive\n"
+        await truth_check(vm)
 
 
 async def test_snapshot_load_failing_midway_says_what_it_left(
@@ -279,6 +286,7 @@ async def test_snapshot_load_failing_midway_says_what_it_left(
         assert any("mismatch" in line for line in failed.qemu_log), failed.qemu_log
         assert "mismatch" in message
         assert await wire.query_jobs(vm.session) == ()
+        await truth_check(vm)
 
 
 async def test_internal_snapshot_disks(guest: GuestImage, images: Path) -> None:
@@ -321,6 +329,7 @@ async def test_internal_snapshot_disks(guest: GuestImage, images: Path) -> None:
         sizes = await details_by_node(vm)
         assert "t" not in sizes["drv0"] and "t" in sizes["drv1"]
         assert await wire.query_jobs(vm.session) == ()
+        await truth_check(vm)
 
 
 async def test_attaching_an_attached_image_names_its_device(
@@ -346,6 +355,7 @@ async def test_attaching_an_attached_image_names_its_device(
         # A read-only layer can be shared read-only.
         info = await drives.hotplug(vm, Drive(file=base, format=ImageFormat.QCOW2, read_only=True))
         assert info.read_only and info.file == str(base)
+        await truth_check(vm)
 
 
 def bmp_24bpp(path: Path) -> Path:
