@@ -162,8 +162,16 @@ async def external_snapshot(
     op = _journal.begin(vm, _journal.snapshot_intent(vm.name, tag, graph, plans))
     created: list[Path] = []
     added: list[str] = []
+
+    def cache_of(device: str, top: GraphNode) -> Json:
+        """The old top's cache options: the overlay takes over its I/O (``blockctl cache``
+        reopens every node of the drive with the options recorded here)."""
+        recorded = _node_options(_record_of(vm, device), top.name)
+        cache = None if recorded is None else recorded.get("cache")
+        return {} if cache is None else {"cache": dict(cache)}
+
     try:
-        for _device, top, overlay, name in plans:
+        for device, top, overlay, name in plans:
             # -u: do not open the backing file (QEMU holds its lock); size given explicitly.
             await _images.create(
                 overlay,
@@ -178,12 +186,19 @@ async def external_snapshot(
                 "driver": "file",
                 "node-name": f"{name}-file",
                 "filename": str(overlay),
+                **cache_of(device, top),
             }
             await wire.blockdev_add(vm.session, file_node)
             added.append(f"{name}-file")
             await wire.blockdev_add(
                 vm.session,
-                {"driver": "qcow2", "node-name": name, "file": f"{name}-file", "backing": None},
+                {
+                    "driver": "qcow2",
+                    "node-name": name,
+                    "file": f"{name}-file",
+                    "backing": None,
+                    **cache_of(device, top),
+                },
             )
             added.append(name)
         op.step(_journal.Step.SWITCHING)
@@ -217,16 +232,25 @@ async def external_snapshot(
                 op.abandoned()
         raise
     op.step(_journal.Step.CONCLUDED)
+    # QEMU reopens each old top read-only once its overlay is in (blockdev-snapshot): the
+    # records say so too, or the next reopen from them would make a backing layer writable.
+    await _record_read_only(vm, [p[0] for p in plans])
     for device, top, overlay, name in plans:
         record = _record_of(vm, device)
         if record is not None:
-            file_opts = {"driver": "file", "node-name": f"{name}-file", "filename": str(overlay)}
+            file_opts = {
+                "driver": "file",
+                "node-name": f"{name}-file",
+                "filename": str(overlay),
+                **cache_of(device, top),
+            }
             # Recorded as QEMU now has it: the overlay's backing is the old top.
             fmt_opts = {
                 "driver": "qcow2",
                 "node-name": name,
                 "file": f"{name}-file",
                 "backing": top.name,
+                **cache_of(device, top),
             }
             vm.registry.put(replace(record, nodes=(*record.nodes, file_opts, fmt_opts)))
     op.finished()
@@ -237,6 +261,23 @@ async def external_snapshot(
         frozen={d: str(t.filename) for d, t, _o, _n in plans},
         quiesced=point.consistent,
     )
+
+
+async def _record_read_only(vm: VM, devices: Sequence[str]) -> None:
+    """Record each node's read-only state as QEMU has it now, for ``devices``' records."""
+    live = {n.node_name: n.read_only for n in await vm.block_nodes()}
+    for device in devices:
+        record = _record_of(vm, device)
+        if record is None:
+            continue
+        nodes = tuple(
+            {**n, "read-only": live[str(n["node-name"])]}
+            if str(n["node-name"]) in live and bool(n.get("read-only")) != live[str(n["node-name"])]
+            else n
+            for n in record.nodes
+        )
+        if nodes != record.nodes:
+            vm.registry.put(replace(record, nodes=nodes))
 
 
 def _overlay_name(vm: VM, device: str, tag: str) -> str:

@@ -451,7 +451,11 @@ def _compare(raw: dict[str, Any], views: dict[str, Any]) -> list[str]:
 
 
 def _registered(vm: VM) -> bool:
-    """Whether the CLI can find ``vm`` by name (a named config registers it)."""
+    """Whether the CLI can reach ``vm`` while this process holds its session: it must be
+    registered by name (a named config) and have a second monitor (one this process
+    launched; a monitor serves one client at a time)."""
+    if not isinstance(vm, LaunchedVM):
+        return False
     try:
         _runtime.read_record(vm.name)
     except BlockctlError:
@@ -466,7 +470,7 @@ async def truth_check(vm: VM, *, cli: bool = True, attempts: int = 5) -> None:
     ``cli``, the CLI's JSON from another process) are compared with QEMU's raw
     ``query-block``, ``query-named-block-nodes``, ``query-jobs`` and ``query-status``,
     including every node's read-only state and blockctl's record of it. The CLI part runs
-    for a VM the CLI can find (a named config). A guest can change
+    for a VM the CLI can reach meanwhile (launched here from a named config). A guest can change
     facts meanwhile (its virtio driver renegotiates the write cache while it boots): QEMU is
     read before and after the views, and a comparison whose QEMU facts moved is taken again.
     """

@@ -473,3 +473,31 @@ async def test_url_in_a_toml_file_is_refused_as_a_protocol_string(
     drives_file.write_text('[[drive]]\nfile = "nbd://host/export"\nformat = "raw"\n')
     with pytest.raises(ConfigError, match=r"drive\[0\].file: .*protocol string"):
         load_desired(drives_file)
+
+
+async def test_external_snapshot_then_cache_change_keeps_backing_read_only(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Found by the truth check: QEMU reopens a snapshot's old top read-only, but blockctl's
+    record still said read-write, so the next reopen from the record (``blockctl cache``)
+    made that backing layer writable again (and its write lock stopped any copy of it); the
+    overlay, recorded without cache options, kept its old cache mode."""
+    disk = await qcow2_image(images / "d.qcow2", b"", 8 * MIB)
+    config = base_config(
+        guest, Drive(file=disk, format=ImageFormat.QCOW2, cache=CacheMode.WRITEBACK)
+    )
+    async with open_vm(config) as vm:
+        # (The guest's virtio driver renegotiates the write cache while it boots, and the
+        # cache change depends on it.)
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        snap = await chains.external_snapshot(vm, "t1", images)
+        assert (await read_only_state(vm))["drv0"]  # QEMU's doing
+        await truth_check(vm)
+        info = await drives.set_cache(vm, "disk0", CacheMode.NONE)
+        assert info.cache is not None and info.cache.direct  # the overlay took the new mode
+        nodes = {n.node_name: n for n in await vm.block_nodes()}
+        assert nodes["drv0"].read_only
+        assert nodes["drv0-s1"].cache.direct and nodes["drv0-s1-file"].cache.direct
+        await assert_base_usable(disk, tmp_path)
+        await truth_check(vm)
+        assert snap.overlays["disk0"].exists()
