@@ -388,7 +388,8 @@ class Job:
         :raise JobStoppedOnError: paused on an I/O error longer than ``pause_timeout``.
         :raise JobCancelled: it was cancelled.
         :raise JobNeverReady: a mirror/commit was still not READY at the deadline.
-        :raise OperationTimeout: any other missed deadline (the job keeps running).
+        :raise OperationTimeout: any other missed deadline (a job started by
+            :func:`start_job` is then cancelled on the way out; any other keeps running).
         :raise ConnectionLost: QEMU went away; the outcome is unknown (attach and adopt).
         """
         self._pause_timeout = pause_timeout
@@ -466,17 +467,32 @@ class Job:
         return f" on {self.target}" if self.target else ""
 
     def _timeout(self, operation: str, deadline: float, wants_ready: bool) -> OperationTimeout:
+        """The missed deadline, in words. A job started by :func:`start_job` is cancelled on
+        the way out of its block, which then says so (:func:`_after_abandon`); any other job
+        is still running, and the error says what to do with it."""
         detail = f"status {self.status.value if self.status else 'unknown'}"
+        owned = self._stream is not None
         if wants_ready and not self._ready and self.type in READY_JOB_TYPES:
             speed = f"{self.speed} bytes/s" if self.speed else "its speed limit"
+            running = (
+                ""
+                if owned
+                else "; the job is still running: raise its speed limit (Job.set_speed(0), "
+                f"blockctl jobs VM speed {self.id} 0) or cancel it"
+            )
             return JobNeverReady(
                 operation,
                 deadline,
-                f"never became READY ({detail}); the guest may write faster than {speed}: "
-                "raise the limit with set_speed(0), or cancel the job (it is still running)",
+                f"never became READY ({detail}); the guest may write faster than {speed}" + running,
                 job_id=self.id,
             )
-        return OperationTimeout(operation, deadline, f"{detail}; the job is still running")
+        running = (
+            ""
+            if owned
+            else f"; the job is still running (wait for it, or cancel it: blockctl jobs VM "
+            f"cancel {self.id})"
+        )
+        return OperationTimeout(operation, deadline, detail + running)
 
     @contextlib.contextmanager
     def _listening(self) -> Iterator[tuple[EventStream, bool]]:
@@ -847,10 +863,37 @@ async def start_job(
         await start(job_id)
         try:
             yield job
+        except OperationTimeout as exc:
+            if not job.done:
+                with anyio.CancelScope(shield=True):
+                    await job._abandon(hooks, cleanup_timeout)
+            _after_abandon(exc, job)
+            raise
         finally:
             if not job.done:
                 with anyio.CancelScope(shield=True):
                     await job._abandon(hooks, cleanup_timeout)
+
+
+def _after_abandon(exc: OperationTimeout, job: Job) -> None:
+    """Complete a missed deadline's message with what became of the job (cancelled by
+    :func:`start_job`, or not) and the way out."""
+    if not job.done:
+        tail = (
+            f"; blockctl could not cancel job {job.id}: see blockctl jobs VM, and cancel it there"
+        )
+    elif isinstance(exc, JobNeverReady):
+        tail = (
+            f"; blockctl cancelled job {job.id} (nothing is left running): run the operation "
+            "again with a higher speed limit or none (speed= / --speed), or a longer deadline "
+            "(deadline= / --timeout)"
+        )
+    else:
+        tail = (
+            f"; blockctl cancelled job {job.id} (nothing is left running): run the operation "
+            "again with a longer deadline (deadline= / --timeout)"
+        )
+    exc.args = (f"{exc}{tail}", *exc.args[1:])
 
 
 async def adopt_jobs(

@@ -199,6 +199,14 @@ async def preflight(config: MachineConfig) -> tuple[str, dict[int, DriveSource]]
         path = getattr(config, field_name)
         if path is not None and not Path(path).is_file():
             raise ConfigError(field_name, f"{path} does not exist or is not a file")
+    # QEMU only warns about a missing splash image ("failed to find file") and boots on.
+    splash = None if config.boot is None else config.boot.splash
+    if splash is not None and not Path(splash).is_file():
+        raise ConfigError(
+            "boot.splash",
+            f"{splash} does not exist or is not a file (a relative path is relative to the "
+            "config file)",
+        )
     sources: dict[int, DriveSource] = {}
     for i, drive in enumerate(config.drives):
         if drive.file is not None:

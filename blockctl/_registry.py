@@ -104,6 +104,15 @@ class DriveRegistry:
                     return node
         return None
 
+    def backing_hints(self) -> dict[str, str | None]:
+        """Node → the backing node blockctl opened it with (settles chains that share a file)."""
+        return {
+            str(n["node-name"]): n["backing"]
+            for record in self.drives.values()
+            for n in record.nodes
+            if "backing" in n
+        }
+
     def reconcile(self, devices: Iterable[str], nodes: Iterable[str]) -> None:
         """Forget what QEMU no longer has: QEMU is the source of truth."""
         live_devices, live_nodes = set(devices), set(nodes)

@@ -30,7 +30,8 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    └── JobNeverReady     a mirror/active commit never became READY (speed below write rate?)
      ├── JobError               a block job did not succeed (job_id, job_type, target, error)
      │    ├── JobFailed         it concluded with an error, or without copying everything
-     │    │    └── JobStoppedOnError  it paused on an I/O error and nobody resumed it in time
+     │    │    ├── JobStoppedOnError  it paused on an I/O error and nobody resumed it in time
+     │    │    └── SnapshotLoadFailed  snapshot-load failed midway (run state, what was reverted)
      │    └── JobCancelled      it was cancelled before it finished
      ├── NodeNotFound           the block graph has no such node or device (name)
      ├── ShutdownFailed         QEMU had to be killed, or would not exit at all
@@ -51,6 +52,8 @@ test fails if any ``qemu.qmp`` exception class is left unmapped.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Sequence
 
 __all__ = [
@@ -81,6 +84,7 @@ __all__ = [
     "JobFailed",
     "JobNeverReady",
     "JobStoppedOnError",
+    "SnapshotLoadFailed",
     "LaunchFailed",
     "MissingComponent",
     "NodeNotFound",
@@ -141,15 +145,62 @@ class MissingComponent(BlockctlError):
         super().__init__(f"{what} is missing: {hint}")
 
 
+def errno_name(text: str) -> str | None:
+    """The symbolic name (``ENOSPC``) of the errno whose ``strerror`` text appears in
+    ``text`` (the longest match: "No space left on device" → ``ENOSPC``), or None."""
+    best: tuple[int, str] | None = None
+    for code, name in errno.errorcode.items():
+        message = os.strerror(code)
+        if message.startswith("Unknown error") or message not in text:
+            continue
+        if best is None or len(message) > best[0]:
+            best = (len(message), name)
+    return None if best is None else best[1]
+
+
+def _reason(stdout: str, stderr: str) -> str | None:
+    """The line a failed program gave as its reason: its last line on stderr; else its last
+    line on stdout, unless that is JSON (a closing brace explains nothing)."""
+    for text in (stderr, "" if stdout.lstrip()[:1] in ("{", "[") else stdout):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return None
+
+
+def _step(argv: Sequence[str]) -> str:
+    """``qemu-img convert``: the program (past a ``prlimit`` wrapper) and its subcommand."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if os.path.basename(arg).startswith("qemu"):
+            args = args[i:]
+            break
+    step = os.path.basename(args[0]) if args else "?"
+    if len(args) > 1 and not args[1].startswith("-"):
+        step += f" {args[1]}"
+    return step
+
+
 class ProcessFailed(BlockctlError):
-    """A helper process exited non-zero. Its argv, exit code and output are attached."""
+    """A helper process exited non-zero. Its argv, exit code and output are attached.
+
+    ``reason`` is the line it gave as its reason (its last line on stderr), ``errno`` the
+    symbolic name of an OS error named there (``ENOSPC``); both lead the message.
+    """
 
     def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
         self.argv = tuple(argv)
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
-        parts = [f"{self.argv[0]} exited with code {returncode}", f"  command: {list(self.argv)}"]
+        self.reason = _reason(stdout, stderr)
+        self.errno = None if self.reason is None else errno_name(self.reason)
+        head = f"{_step(self.argv)} exited with code {returncode}"
+        if self.reason is not None:
+            head += f": {self.reason}"
+        if self.errno is not None:
+            head += f" ({self.errno})"
+        parts = [head, f"  command: {list(self.argv)}"]
         if stderr.strip():
             parts.append("  stderr:\n" + _tail(stderr))
         if stdout.strip():
@@ -370,6 +421,24 @@ class JobStoppedOnError(JobFailed):
     io_status: str | None = None
 
 
+class SnapshotLoadFailed(JobFailed):
+    """``snapshot-load`` failed inside QEMU after blockctl's checks passed (e.g. the VM's RAM
+    size differs from the snapshot's: QEMU finds out only while loading the VM state).
+
+    QEMU stops the VM for the load and leaves it stopped on failure. ``reverted`` names the
+    disks QEMU had already reverted to the snapshot (it reverts every disk before it loads
+    the VM state; a failure while loading the state comes after), ``run_state`` is
+    ``query-status`` afterwards, ``resumed`` whether blockctl resumed the guest (only when
+    nothing was reverted and it was running before: it then continues where it was), and
+    ``qemu_log`` the lines QEMU wrote to its log meanwhile (its reason is often only there).
+    """
+
+    run_state: str = "unknown"
+    reverted: tuple[str, ...] = ()
+    resumed: bool = False
+    qemu_log: tuple[str, ...] = ()
+
+
 class JobCancelled(JobError):
     """The job was cancelled before it finished (by blockctl or another client).
 
@@ -381,7 +450,10 @@ class JobNeverReady(OperationTimeout):
     """A mirror or active commit did not reach READY before the deadline.
 
     Its copy cannot converge while the guest dirties data faster than the job's speed limit
-    allows; raise the limit (``set_speed(0)``) or cancel. The job is still running.
+    allows. The message says what became of the job: cancelled by blockctl when blockctl
+    started it (run the operation again with a higher speed limit or a longer deadline), else
+    still running (raise its limit, ``Job.set_speed(0)`` / ``blockctl jobs VM speed ID 0``, or
+    cancel it). An intermediate commit has no READY phase and never raises this.
     """
 
     def __init__(self, operation: str, seconds: float, detail: str, *, job_id: str) -> None:

@@ -168,6 +168,13 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def relative_to(base: Path, value: str, where: str) -> Path:
+    """A path from a file (TOML) resolved against the file's directory ``base``, after the
+    checks of a path: a protocol string (``http://…``) is refused as such, not joined to
+    ``base`` and then reported missing."""
+    return base / _check_path(value, where)
+
+
 def _check_path(value: object, where: str) -> Path:
     if not isinstance(value, str | Path):
         raise ConfigError(where, f"expected a file path, got {type(value).__name__}")
@@ -468,21 +475,25 @@ class MachineConfig:
                 raise ConfigError(f"drive[{i}]", "must be a table")
             item = dict(item)
             if base is not None and isinstance(item.get("file"), str):
-                item["file"] = base / item["file"]
+                item["file"] = relative_to(base, item["file"], f"drive[{i}].file")
             drives.append(Drive.from_mapping(item, f"drive[{i}]"))
         raw_boot = data.pop("boot", None)
         boot = None
         if raw_boot is not None:
             if not isinstance(raw_boot, Mapping):
                 raise ConfigError("boot", "must be a table")
+            raw_boot = dict(raw_boot)
+            if base is not None and isinstance(raw_boot.get("splash"), str):
+                raw_boot["splash"] = relative_to(base, raw_boot["splash"], "boot.splash")
             boot = BootConfig.from_mapping(raw_boot)
         if base is not None:
             for key in ("kernel", "initrd", "firmware"):
                 if isinstance(data.get(key), str):
-                    data[key] = base / data[key]
+                    data[key] = relative_to(base, data[key], key)
             if isinstance(data.get("image-roots"), list):
                 data["image-roots"] = [
-                    base / r if isinstance(r, str) else r for r in data["image-roots"]
+                    relative_to(base, r, "image-roots") if isinstance(r, str) else r
+                    for r in data["image-roots"]
                 ]
         data["drives"] = tuple(drives)
         data["boot"] = boot

@@ -43,7 +43,7 @@ from blockctl._machine import (
 from blockctl._ops import apply as apply_ops
 from blockctl._ops import chains, drives, recovery
 from blockctl._ops.drives import DriveInfo
-from blockctl.errors import BlockctlError, ConfigError, QuiesceFailed
+from blockctl.errors import BlockctlError, ConfigError, ProcessFailed, QuiesceFailed
 from blockctl.types import (
     CacheMode,
     DeprecatedInput,
@@ -767,7 +767,16 @@ class Img(Command):
             )
             data, human = {"rebased": str(args.image)}, f"rebased {args.image}"
         elif args.action == "convert":
-            options = dict(o.split("=", 1) for o in args.option if "=" in o)
+            options = {}
+            for option in args.option:
+                key, eq, value = option.partition("=")
+                if not eq or not key or not value:
+                    raise ConfigError(
+                        "option",
+                        f"-o {option!r}: needs KEY=VALUE (e.g. -o cluster_size=64k, "
+                        "-o lazy_refcounts=on); nothing was converted",
+                    )
+                options[key] = value
             await _images.convert(
                 args.source,
                 fmt(args.format),
@@ -917,7 +926,13 @@ class SnapshotCommand(Command):
         parser.add_argument(
             "--disk",
             action="append",
-            help="device to snapshot (repeat; default: every writable disk)",
+            help="device to snapshot, load or delete (repeat; default: every writable disk; "
+            "a writable disk not named is left out of an internal snapshot)",
+        )
+        parser.add_argument(
+            "--vmstate",
+            metavar="DEVICE",
+            help="save/load: the disk that holds the VM state (default: the first disk)",
         )
         parser.add_argument("--internal", action="store_true", help="delete an internal one")
         parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
@@ -927,6 +942,10 @@ class SnapshotCommand(Command):
         if args.action != "list" and not args.tag:
             raise ConfigError("tag", f"snapshot {args.action} needs a TAG")
         quiesce = quiesce_option(args)
+        if args.disk and args.action == "list":
+            raise ConfigError("disk", "snapshot list shows every disk; --disk does not apply")
+        if args.vmstate is not None and args.action not in ("save", "load"):
+            raise ConfigError("vmstate", f"snapshot {args.action} has no VM state to place")
         if quiesce is not _agent.Quiesce.OFF and args.action not in ("create", "save"):
             raise ConfigError("quiesce", f"snapshot {args.action} does not quiesce the guest")
         hooks = job_hooks(args, args.action)
@@ -963,18 +982,13 @@ class SnapshotCommand(Command):
                 human = "\n".join(lines)
             elif args.action == "delete" and not args.internal:
                 results = await chains.delete_external(
-                    vm, args.tag, timeout=args.timeout, hooks=hooks
+                    vm, args.tag, timeout=args.timeout, hooks=hooks, devices=args.disk
                 )
                 data = [chain_result_json(r) for r in results]
                 human = "\n".join(
                     f"{r.device}: merged; chain {' ← '.join(r.chain)}" for r in results
                 )
             else:
-                run_internal = {
-                    "save": chains.save_internal,
-                    "load": chains.load_internal,
-                    "delete": chains.delete_internal,
-                }[args.action]
                 if args.action == "save":
                     result = await chains.save_internal(
                         vm,
@@ -983,9 +997,22 @@ class SnapshotCommand(Command):
                         hooks=hooks,
                         quiesce=quiesce,
                         freeze_deadline=freeze_deadline_option(args, 60.0),
+                        devices=args.disk,
+                        vmstate=args.vmstate,
+                    )
+                elif args.action == "load":
+                    result = await chains.load_internal(
+                        vm,
+                        args.tag,
+                        deadline=args.timeout,
+                        hooks=hooks,
+                        devices=args.disk,
+                        vmstate=args.vmstate,
                     )
                 else:
-                    result = await run_internal(vm, args.tag, deadline=args.timeout, hooks=hooks)
+                    result = await chains.delete_internal(
+                        vm, args.tag, deadline=args.timeout, hooks=hooks, devices=args.disk
+                    )
                 data = {
                     "job": result.job_id,
                     "tag": args.tag,
@@ -1676,7 +1703,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         said = [
             line.strip()[1:].strip() for line in rest.splitlines() if line.strip().startswith("|")
         ]
-        suffix = f" — {said[-1]}" if said and not args.verbose else ""
+        # (A ProcessFailed names its reason in its first line already.)
+        suffix = (
+            f" — {said[-1]}"
+            if said and not args.verbose and not isinstance(exc, ProcessFailed)
+            else ""
+        )
         print(f"blockctl: {type(exc).__name__}: {first}{suffix}", file=sys.stderr)
         if rest and args.verbose:
             print(rest, file=sys.stderr)

@@ -39,7 +39,7 @@ from blockctl._machine import VM
 from blockctl._ops import drives as ops
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import ConfigError, Unsupported
-from blockctl.types import CacheMode, Drive, Media, parse_size
+from blockctl.types import CacheMode, Drive, Media, parse_size, relative_to
 
 _THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
 
@@ -62,7 +62,7 @@ class DesiredDrive:
         allow_shrink = values.pop("allow-shrink", values.pop("allow_shrink", False))
         throttle = values.pop("throttle", None)
         if base is not None and isinstance(values.get("file"), str):
-            values["file"] = base / values["file"]
+            values["file"] = relative_to(base, values["file"], f"{where}.file")
         if device is not None and not isinstance(device, str):
             raise ConfigError(f"{where}.device", "must be a device id such as 'disk1'")
         if not isinstance(allow_shrink, bool):

@@ -45,7 +45,9 @@ from blockctl._registry import DriveRecord
 from blockctl.errors import (
     BlockctlError,
     ConfigError,
+    JobFailed,
     NodeNotFound,
+    SnapshotLoadFailed,
     UnsafeOperation,
 )
 from blockctl.types import ErrorPolicy, ImageFormat
@@ -60,13 +62,7 @@ Json = dict[str, Any]
 async def read_graph(vm: VM) -> BlockGraph:
     """The VM's block graph as QEMU reports it now."""
     nodes = await wire.query_named_block_node_details(vm.session)
-    hints = {
-        str(n["node-name"]): n["backing"]
-        for record in vm.registry.drives.values()
-        for n in record.nodes
-        if "backing" in n
-    }
-    return BlockGraph.from_qmp(nodes, await vm.block_devices(), hints)
+    return BlockGraph.from_qmp(nodes, await vm.block_devices(), vm.registry.backing_hints())
 
 
 def _check_tag(tag: str) -> None:
@@ -166,8 +162,16 @@ async def external_snapshot(
     op = _journal.begin(vm, _journal.snapshot_intent(vm.name, tag, graph, plans))
     created: list[Path] = []
     added: list[str] = []
+
+    def cache_of(device: str, top: GraphNode) -> Json:
+        """The old top's cache options: the overlay takes over its I/O (``blockctl cache``
+        reopens every node of the drive with the options recorded here)."""
+        recorded = _node_options(_record_of(vm, device), top.name)
+        cache = None if recorded is None else recorded.get("cache")
+        return {} if cache is None else {"cache": dict(cache)}
+
     try:
-        for _device, top, overlay, name in plans:
+        for device, top, overlay, name in plans:
             # -u: do not open the backing file (QEMU holds its lock); size given explicitly.
             await _images.create(
                 overlay,
@@ -182,12 +186,19 @@ async def external_snapshot(
                 "driver": "file",
                 "node-name": f"{name}-file",
                 "filename": str(overlay),
+                **cache_of(device, top),
             }
             await wire.blockdev_add(vm.session, file_node)
             added.append(f"{name}-file")
             await wire.blockdev_add(
                 vm.session,
-                {"driver": "qcow2", "node-name": name, "file": f"{name}-file", "backing": None},
+                {
+                    "driver": "qcow2",
+                    "node-name": name,
+                    "file": f"{name}-file",
+                    "backing": None,
+                    **cache_of(device, top),
+                },
             )
             added.append(name)
         op.step(_journal.Step.SWITCHING)
@@ -221,16 +232,25 @@ async def external_snapshot(
                 op.abandoned()
         raise
     op.step(_journal.Step.CONCLUDED)
+    # QEMU reopens each old top read-only once its overlay is in (blockdev-snapshot): the
+    # records say so too, or the next reopen from them would make a backing layer writable.
+    await _record_read_only(vm, [p[0] for p in plans])
     for device, top, overlay, name in plans:
         record = _record_of(vm, device)
         if record is not None:
-            file_opts = {"driver": "file", "node-name": f"{name}-file", "filename": str(overlay)}
+            file_opts = {
+                "driver": "file",
+                "node-name": f"{name}-file",
+                "filename": str(overlay),
+                **cache_of(device, top),
+            }
             # Recorded as QEMU now has it: the overlay's backing is the old top.
             fmt_opts = {
                 "driver": "qcow2",
                 "node-name": name,
                 "file": f"{name}-file",
                 "backing": top.name,
+                **cache_of(device, top),
             }
             vm.registry.put(replace(record, nodes=(*record.nodes, file_opts, fmt_opts)))
     op.finished()
@@ -241,6 +261,23 @@ async def external_snapshot(
         frozen={d: str(t.filename) for d, t, _o, _n in plans},
         quiesced=point.consistent,
     )
+
+
+async def _record_read_only(vm: VM, devices: Sequence[str]) -> None:
+    """Record each node's read-only state as QEMU has it now, for ``devices``' records."""
+    live = {n.node_name: n.read_only for n in await vm.block_nodes()}
+    for device in devices:
+        record = _record_of(vm, device)
+        if record is None:
+            continue
+        nodes = tuple(
+            {**n, "read-only": live[str(n["node-name"])]}
+            if str(n["node-name"]) in live and bool(n.get("read-only")) != live[str(n["node-name"])]
+            else n
+            for n in record.nodes
+        )
+        if nodes != record.nodes:
+            vm.registry.put(replace(record, nodes=nodes))
 
 
 def _overlay_name(vm: VM, device: str, tag: str) -> str:
@@ -259,21 +296,31 @@ async def list_external(vm: VM) -> dict[str, list[str]]:
 
 
 async def delete_external(
-    vm: VM, tag: str, *, timeout: float = 600.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+    vm: VM,
+    tag: str,
+    *,
+    timeout: float = 600.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    devices: Sequence[str] | None = None,
 ) -> list[ChainResult]:
     """Delete external snapshot ``tag``: merge each overlay it created down into the image
-    below (commit; active or intermediate), then delete the overlay files."""
+    below (commit; active or intermediate), then delete the overlay files. ``devices``: only
+    on these disks (default: every disk that has it)."""
     _check_tag(tag)
     graph = await read_graph(vm)
+    for device in devices or ():
+        if device not in graph.devices:
+            raise NodeNotFound(device, f"the VM has no device {device!r}")
     found = []
     for dev in graph.devices.values():
-        if dev.root is None:
+        if dev.root is None or (devices is not None and dev.id not in devices):
             continue
         for node in graph.chain_of(dev.id):
             if node.filename and Path(node.filename).name == _overlay_name(vm, dev.id, tag):
                 found.append((dev.id, node))
     if not found:
-        raise ConfigError("tag", f"no external snapshot {tag!r} in this VM (see `snapshot list`)")
+        where = "this VM" if devices is None else ", ".join(devices)
+        raise ConfigError("tag", f"no external snapshot {tag!r} on {where} (see `snapshot list`)")
     results = []
     for device, overlay in found:
         results.append(
@@ -328,6 +375,45 @@ async def _set_read_only(
                     record, nodes=tuple(changed.get(str(n["node-name"]), n) for n in record.nodes)
                 )
             )
+
+
+async def _restore_read_only(vm: VM, device: str, names: Sequence[str], why: str) -> None:
+    """Reopen the layers ``names`` (format nodes) read-only again, shielded from
+    cancellation (a Ctrl-C or a deadline must not leave them writable) and bounded.
+
+    A failure here does not hide the caller's error: it is logged with the nodes left
+    writable (``blockctl.commit.read_only_not_restored``), and the truth check of the next
+    listing (``blockctl chain``: ``rw``) shows them.
+    """
+    if not names:
+        return
+    with anyio.CancelScope(shield=True), anyio.move_on_after(30) as scope:
+        try:
+            graph = await read_graph(vm)
+            for name in names:
+                if name in graph.nodes:
+                    await _set_read_only(vm, device, graph, graph.nodes[name], True)
+        except BlockctlError as exc:
+            _log.error(
+                "blockctl.commit.read_only_not_restored",
+                vm=vm.name,
+                device=device,
+                nodes=list(names),
+                after=why,
+                error=str(exc),
+            )
+            return
+    if scope.cancelled_caught:
+        _log.error(
+            "blockctl.commit.read_only_not_restored",
+            vm=vm.name,
+            device=device,
+            nodes=list(names),
+            after=why,
+            error="no answer within 30 s",
+        )
+    else:
+        _log.info("blockctl.commit.read_only_restored", vm=vm.name, nodes=list(names), after=why)
 
 
 def _shared_users(
@@ -493,10 +579,21 @@ async def commit(
             delete_files=delete_files,
         ),
     )
-    await _set_read_only(vm, device, graph, base_node, False)
+    # The layers the job writes are reopened read-write; those that are backing layers after
+    # the job (every one of them unless an active commit pivoted) go back to read-only in
+    # every path, success or failure, cancelled or not (issue 16, defect 3): a writable
+    # backing node holds the image's write lock, so nothing else could even read it.
+    writable = [base_node]
     if not active:
         # The overlay above top gets its backing-file name rewritten: it must be writable.
-        await _set_read_only(vm, device, graph, chain[top_i - 1], False)
+        writable.append(chain[top_i - 1])
+    restore = [n.name for n in writable if n.read_only]
+    try:
+        for node in writable:
+            await _set_read_only(vm, device, graph, node, False)
+    except BaseException:
+        await _restore_read_only(vm, device, restore, "commit.reopen_failed")
+        raise
 
     async def start(job_id: str) -> None:
         op.starting(job_id)
@@ -518,7 +615,8 @@ async def commit(
             ) as job,
         ):
             result = await job.wait(
-                complete_on_ready=True,
+                # An intermediate commit has no READY phase (issue 16, defect 4).
+                complete_on_ready=active,
                 deadline=deadline,
                 hooks=(*hooks, op),
                 pause_timeout=pause_timeout,
@@ -528,9 +626,10 @@ async def commit(
         # qemu-facts F1/F2: a failed or cancelled commit has already written part of top's
         # data into base; top still reads correctly, base is no longer its point in time.
         _log.warning("blockctl.commit.failed", vm=vm.name, device=device, base=base_node.name)
+        await _restore_read_only(vm, device, restore, "commit.failed")
         raise
     if not active:
-        await _set_read_only(vm, device, await read_graph(vm), base_node, True)
+        await _restore_read_only(vm, device, restore, "commit.done")
     _log.info(
         "blockctl.commit.done",
         vm=vm.name,
@@ -623,48 +722,213 @@ async def stream(
 # Section: internal snapshots (VM state + disks, inside the qcow2 images)
 
 
-def _internal_targets(graph: BlockGraph) -> list[str]:
+def _internal_targets(
+    graph: BlockGraph, devices: Sequence[str] | None = None, vmstate: str | None = None
+) -> tuple[list[str], list[str], str]:
+    """The disks of an internal snapshot: (device ids, their format nodes, the vmstate node).
+
+    ``devices`` None: every writable disk, each of which must be qcow2 (QEMU reports a
+    writable disk that cannot hold a snapshot only inside the job). Given: exactly those
+    disks, each of which must exist, have a medium, be writable and be qcow2; any other
+    writable disk (a raw one, say) is left out of the snapshot, as QEMU allows. ``vmstate``:
+    the disk that holds the VM state (default: the first one); it must be one of them.
+    """
+    chosen: list[str] = []
+    if devices is None:
+        for device in graph.devices.values():
+            if device.root is None or graph.format_node(device.id).read_only:
+                continue
+            chosen.append(device.id)
+    else:
+        for device_id in devices:
+            if device_id not in graph.devices:
+                names = ", ".join(sorted(graph.devices)) or "none"
+                raise NodeNotFound(
+                    device_id, f"the VM has no device {device_id!r} (its devices: {names})"
+                )
+            if graph.devices[device_id].root is None:
+                raise ConfigError("devices", f"{device_id} has no medium")
+            if graph.format_node(device_id).read_only:
+                raise ConfigError(
+                    "devices", f"{device_id} is read-only: an internal snapshot writes into it"
+                )
+            if device_id not in chosen:
+                chosen.append(device_id)
     nodes = []
-    for device in graph.devices.values():
-        if device.root is None:
-            continue
-        node = graph.format_node(device.id)
-        if node.read_only:
-            continue
+    for device_id in chosen:
+        node = graph.format_node(device_id)
         if node.driver != "qcow2":
             raise UnsafeOperation(
-                f"{device.id} ({node.driver}) is writable but cannot hold internal snapshots; "
-                "only qcow2 can (QEMU would report this only inside the job). Use an external "
-                "snapshot, or make the disk read-only"
+                f"{device_id} ({node.driver}) is writable but cannot hold internal snapshots; "
+                "only qcow2 can (QEMU would report this only inside the job). Leave it out "
+                "(--disk / devices= naming only the qcow2 disks; it is then not part of the "
+                "snapshot), use an external snapshot, or make the disk read-only"
             )
         nodes.append(node.name)
     if not nodes:
         raise ConfigError("devices", "no writable qcow2 disk to hold the VM state")
-    return nodes
+    if vmstate is None:
+        return chosen, nodes, nodes[0]
+    if vmstate not in chosen:
+        raise ConfigError(
+            "vmstate",
+            f"{vmstate!r} is not one of the snapshot's disks ({', '.join(chosen)}): the VM "
+            "state goes into one of them",
+        )
+    return chosen, nodes, nodes[chosen.index(vmstate)]
+
+
+async def _check_loadable(
+    vm: VM, tag: str, chosen: Sequence[str], nodes: Sequence[str], vmstate: str
+) -> None:
+    """Refuse a ``snapshot-load`` that QEMU would refuse only after stopping the VM: every
+    disk must have the snapshot, and the vmstate disk must hold VM state for it (from
+    ``query-named-block-nodes``; nothing has been sent yet)."""
+    details = {d.node.node_name: d for d in await wire.query_named_block_node_details(vm.session)}
+    missing = [
+        device
+        for device, node in zip(chosen, nodes, strict=True)
+        if node not in details or tag not in details[node].snapshots
+    ]
+    if missing:
+        have = {
+            device: list(details[node].snapshots) if node in details else []
+            for device, node in zip(chosen, nodes, strict=True)
+        }
+        raise ConfigError(
+            "tag",
+            f"snapshot {tag!r} is not on {', '.join(missing)} (internal snapshots per disk: "
+            f"{have}); nothing was changed. Load a tag every disk has, or name the disks "
+            "that have it (--disk)",
+        )
+    sizes = dict(details[vmstate].vm_state_sizes)
+    if sizes.get(tag, 0) <= 0:
+        device = chosen[list(nodes).index(vmstate)]
+        raise ConfigError(
+            "tag",
+            f"snapshot {tag!r} on {device} holds no VM state (a disk-only snapshot, or the "
+            "VM state is on another disk: --vmstate); nothing was changed. A disk-only "
+            "snapshot can be reverted only offline: blockctl down VM, then blockctl img "
+            f"snapshot IMAGE apply {tag}",
+        )
+
+
+def _log_size(vm: VM) -> int:
+    if vm.run_dir is None:
+        return 0
+    try:
+        return (vm.run_dir / "qemu.log").stat().st_size
+    except OSError:
+        return 0
+
+
+def _log_since(vm: VM, offset: int) -> tuple[str, ...]:
+    """What QEMU wrote to its log since ``offset`` (its reasons are often only there)."""
+    if vm.run_dir is None:
+        return ()
+    try:
+        with open(vm.run_dir / "qemu.log", "rb") as f:
+            f.seek(offset)
+            text = f.read(64 * 1024).decode(errors="replace")
+    except OSError:
+        return ()
+    return tuple(line for line in text.splitlines() if line.strip())[-20:]
+
+
+#: QEMU's load_snapshot() reverts every disk, then loads the VM state: an error with this
+#: text comes after the disks were reverted (QEMU 7.2 and 10.0: "Error -22 while loading VM
+#: state"); any earlier error comes before anything changed.
+_LOADING_STATE = "while loading VM state"
+
+
+async def _load_failed(
+    vm: VM, exc: JobFailed, chosen: Sequence[str], was_running: bool, log_offset: int
+) -> SnapshotLoadFailed:
+    """What a failed ``snapshot-load`` left: the run state, the disks reverted, whether the
+    guest was resumed (only when nothing changed), and QEMU's log lines."""
+    reverted = tuple(chosen) if _LOADING_STATE in (exc.error or "") else ()
+    resumed = False
+    state = "unknown"
+    with anyio.CancelScope(shield=True):
+        try:
+            status = await vm.status()
+            if not reverted and was_running and not status.running:
+                # Nothing was reverted: the guest continues exactly where it was stopped.
+                await wire.cont(vm.session)
+                resumed = True
+                status = await vm.status()
+            state = status.status
+        except BlockctlError as err:
+            state = f"unknown ({err})"
+    log = _log_since(vm, log_offset)
+    if reverted:
+        outcome = (
+            f"QEMU had reverted {', '.join(reverted)} to the snapshot but not the RAM, and "
+            f"left the VM {state}. blockctl does not resume it: the guest's memory no longer "
+            "matches its disks. Load a snapshot that fits this VM, or restart it "
+            "(blockctl down; the disks hold the snapshot's data)"
+        )
+    elif resumed:
+        outcome = f"nothing was reverted; blockctl resumed the guest (now {state})"
+    else:
+        outcome = f"nothing was reverted; the VM is {state}"
+    failed = SnapshotLoadFailed(
+        f"{exc}; {outcome}"
+        + ("\n  qemu.log:\n" + "\n".join(f"  | {x}" for x in log) if log else ""),
+        job_id=exc.job_id,
+        job_type=exc.job_type,
+        target=exc.target,
+        status=exc.status,
+        error=exc.error,
+        offset=exc.offset,
+        length=exc.length,
+    )
+    failed.run_state = state
+    failed.reverted = reverted
+    failed.resumed = resumed
+    failed.qemu_log = log
+    return failed
 
 
 async def _internal(
-    vm: VM, kind: str, tag: str, deadline: float, hooks: Sequence[JobHook]
+    vm: VM,
+    kind: str,
+    tag: str,
+    deadline: float,
+    hooks: Sequence[JobHook],
+    devices: Sequence[str] | None = None,
+    vmstate: str | None = None,
 ) -> JobResult:
     _check_tag(tag)
     await vm.require(kind)
-    nodes = _internal_targets(await read_graph(vm))
+    chosen, nodes, vmstate_node = _internal_targets(await read_graph(vm), devices, vmstate)
+    was_running = False
+    log_offset = 0
+    if kind == "snapshot-load":
+        await _check_loadable(vm, tag, chosen, nodes, vmstate_node)
+        was_running = (await vm.status()).running
+        log_offset = _log_size(vm)
 
     async def start(job_id: str) -> None:
         if kind == "snapshot-save":
             await wire.snapshot_save(
-                vm.session, job_id=job_id, tag=tag, vmstate=nodes[0], devices=nodes
+                vm.session, job_id=job_id, tag=tag, vmstate=vmstate_node, devices=nodes
             )
         elif kind == "snapshot-load":
             await wire.snapshot_load(
-                vm.session, job_id=job_id, tag=tag, vmstate=nodes[0], devices=nodes
+                vm.session, job_id=job_id, tag=tag, vmstate=vmstate_node, devices=nodes
             )
         else:
             await wire.snapshot_delete(vm.session, job_id=job_id, tag=tag, devices=nodes)
 
     short = kind.removeprefix("snapshot-")  # job ids: bc-save-…, bc-load-…, bc-delete-…
-    async with start_job(vm.session, short, start, job_type=kind, hooks=hooks) as job:
-        return await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+    try:
+        async with start_job(vm.session, short, start, job_type=kind, hooks=hooks) as job:
+            return await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+    except JobFailed as exc:
+        if kind != "snapshot-load":
+            raise
+        raise await _load_failed(vm, exc, chosen, was_running, log_offset) from exc
 
 
 async def save_internal(
@@ -675,8 +939,12 @@ async def save_internal(
     hooks: Sequence[JobHook] = DEFAULT_HOOKS,
     quiesce: Quiesce | bool | str = Quiesce.OFF,
     freeze_deadline: float = 60.0,
+    devices: Sequence[str] | None = None,
+    vmstate: str | None = None,
 ) -> JobResult:
-    """``snapshot-save``: VM state and every writable disk, inside the qcow2 images.
+    """``snapshot-save``: VM state and every writable disk (or the ``devices`` named: others
+    are left out of the snapshot), inside the qcow2 images; the VM state goes into
+    ``vmstate`` (a device id; default the first disk).
 
     ``quiesce``: the guest's filesystems are frozen for the whole job (QEMU stops the VM for
     it anyway). The saved memory holds the frozen state: a guest loaded from this snapshot
@@ -686,20 +954,38 @@ async def save_internal(
     async with quiesced(
         vm, quiesce, operation="internal snapshot", freeze_deadline=freeze_deadline
     ):
-        return await _internal(vm, "snapshot-save", tag, deadline, hooks)
+        return await _internal(vm, "snapshot-save", tag, deadline, hooks, devices, vmstate)
 
 
 async def load_internal(
-    vm: VM, tag: str, *, deadline: float = 300.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+    vm: VM,
+    tag: str,
+    *,
+    deadline: float = 300.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    devices: Sequence[str] | None = None,
+    vmstate: str | None = None,
 ) -> JobResult:
-    """``snapshot-load``: the guest continues from the saved state."""
-    return await _internal(vm, "snapshot-load", tag, deadline, hooks)
+    """``snapshot-load``: the guest continues from the saved state.
+
+    Refused before anything is sent unless every disk has ``tag`` and the vmstate disk holds
+    VM state for it (:class:`~blockctl.errors.ConfigError`; the VM runs on untouched).
+
+    :raise SnapshotLoadFailed: QEMU failed midway; it says the VM's run state, which disks
+        were reverted and whether the guest was resumed.
+    """
+    return await _internal(vm, "snapshot-load", tag, deadline, hooks, devices, vmstate)
 
 
 async def delete_internal(
-    vm: VM, tag: str, *, deadline: float = 300.0, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+    vm: VM,
+    tag: str,
+    *,
+    deadline: float = 300.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    devices: Sequence[str] | None = None,
 ) -> JobResult:
-    return await _internal(vm, "snapshot-delete", tag, deadline, hooks)
+    return await _internal(vm, "snapshot-delete", tag, deadline, hooks, devices)
 
 
 async def list_internal(vm: VM) -> dict[str, tuple[str, ...]]:

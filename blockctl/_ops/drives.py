@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ from typing import Any
 import anyio
 
 from blockctl._argv import plan_drive
+from blockctl._graph import BlockGraph, NodeRole
 from blockctl._log import get_logger
 from blockctl._machine import VM, check_nbd, inspect_drive
 from blockctl._qmp import wire
@@ -74,6 +76,11 @@ class DriveInfo:
     pending_unplug: bool
     #: Throttling lives on the device's block backend: query-block reports it, not the nodes.
     io_limits: IoLimits | None
+    #: The cache flags of the device's medium as ``query-block`` reports them. Only there is
+    #: ``writeback`` the guest-visible write cache (WCE) of the block backend:
+    #: ``query-named-block-nodes`` reports ``writeback: true`` for every node, whatever the
+    #: device does (issue 16, defect 2).
+    device_cache: CacheFlags | None
 
     @property
     def format(self) -> str | None:
@@ -94,7 +101,9 @@ class DriveInfo:
 
     @property
     def cache(self) -> CacheFlags | None:
-        return self.chain[0].cache if self.chain else None
+        """The device's cache flags: write cache from the block backend (query-block),
+        ``direct``/``no_flush`` from its top node."""
+        return self.device_cache
 
     def to_json(self) -> dict[str, Any]:
         cache = self.cache
@@ -126,20 +135,21 @@ class DriveInfo:
 
 
 async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
-    """Every drive device of the VM, reconciled with blockctl's registry."""
+    """Every drive device of the VM, reconciled with blockctl's registry.
+
+    Each drive's ``chain`` is the block graph's (:class:`~blockctl._graph.BlockGraph`, the one
+    ``blockctl chain`` shows): the filters on top, then the format node and every backing
+    layer's format node, top first. Protocol (``file``) nodes are not layers.
+    """
     devices = await vm.block_devices()
-    nodes = {n.node_name: n for n in await vm.block_nodes()}
+    details = await wire.query_named_block_node_details(vm.session)
+    nodes = {d.node.node_name: d.node for d in details}
     vm.registry.reconcile((d.device_id or "" for d in devices), nodes)
-    by_file = {n.file: n for n in nodes.values()}
+    graph = BlockGraph.from_qmp(details, devices, vm.registry.backing_hints())
     drives = []
     for dev in devices:
         device_id = dev.device_id or dev.device
         record = vm.registry.drives.get(device_id)
-        chain: list[BlockNode] = []
-        node = nodes.get(dev.inserted.node_name) if dev.inserted else None
-        while node is not None and len(chain) < 64:
-            chain.append(node)
-            node = by_file.get(node.backing_file) if node.backing_file else None
         drives.append(
             DriveInfo(
                 device_id=device_id,
@@ -147,14 +157,33 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
                 removable=dev.removable,
                 tray_open=dev.tray_open,
                 top_node=dev.inserted.node_name if dev.inserted else None,
-                chain=tuple(chain),
+                chain=_chain(graph, device_id, nodes) if dev.inserted else (),
                 pending_unplug=record.pending_unplug if record else False,
                 io_limits=dev.inserted.io_limits if dev.inserted else None,
+                device_cache=dev.inserted.cache if dev.inserted else None,
             )
         )
     # Devices whose unplug is pending but that QEMU no longer lists under query-block do not
     # exist: reconcile() above already dropped them.
     return tuple(drives)
+
+
+def _chain(
+    graph: BlockGraph, device_id: str, nodes: Mapping[str, BlockNode]
+) -> tuple[BlockNode, ...]:
+    """The filters above the device's format node, then its backing chain (format nodes)."""
+    device = graph.devices.get(device_id)
+    if device is None or device.root is None or device.root not in graph.nodes:
+        return ()
+    names: list[str] = []
+    node = graph.nodes[device.root]
+    while node.role is NodeRole.FILTER and node.file_child is not None:
+        names.append(node.name)
+        if node.file_child not in graph.nodes:
+            break
+        node = graph.nodes[node.file_child]
+    names.extend(n.name for n in graph.chain_of(device_id) if n.name not in names)
+    return tuple(nodes[n] for n in names if n in nodes)
 
 
 async def _find(vm: VM, device_id: str) -> tuple[BlockDevice | None, DriveRecord | None]:
@@ -192,6 +221,8 @@ async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = (
         raise ConfigError("drive.snapshot", "a throwaway overlay is only made at launch")
     if any(v is not None for v in (drive.bus, drive.unit, drive.index)):
         raise ConfigError("drive.unit", "hot-plugged drives are placed by QEMU")
+    if drive.file is not None:
+        await _refuse_if_in_use(vm, drive)
     source = None if drive.file is None else await inspect_drive(drive, "file", roots=image_roots)
     if drive.nbd is not None:
         check_nbd(drive, "nbd")
@@ -217,6 +248,43 @@ async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = (
     vm.registry.put(DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.nodes))
     _log.info("blockctl.drive.plugged", vm=vm.name, device=plan.device_id, node=plan.top_node)
     return await drive_info(vm, plan.device_id)
+
+
+def _same_file(a: str, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
+    """An image this VM already has open is refused by name, before qemu-img or QEMU trip
+    over its write lock: attached as a device, or a backing layer of one (a read-only attach
+    of a read-only layer is allowed: QEMU shares reads)."""
+    assert drive.file is not None
+    path = Path(drive.file).absolute()
+    details = await wire.query_named_block_node_details(vm.session)
+    graph = BlockGraph.from_qmp(details, await vm.block_devices(), vm.registry.backing_hints())
+    for node in graph.nodes.values():
+        if node.role is not NodeRole.FORMAT or node.filename is None:
+            continue
+        if not _same_file(node.filename, path):
+            continue
+        if drive.read_only and node.read_only:
+            continue
+        device = graph.device_of(node.name)
+        if device is None:
+            where = f"open in this VM as node {node.name} (no device uses it)"
+            way_out = "remove that node first"
+        elif device.root is not None and graph.format_node(device.id).name == node.name:
+            where = f"already attached as {device.id} (node {node.name})"
+            way_out = f"use {device.id}, or detach it first (blockctl detach {vm.name} {device.id})"
+        else:
+            where = f"a backing layer of {device.id} (node {node.name})"
+            way_out = (
+                "attach it read-only (--read-only), or attach a copy or a new overlay on top of it"
+            )
+        raise ConfigError("file", f"{path} is {where}: {way_out}")
 
 
 async def _rollback(vm: VM, nodes: list[str], devices: list[str]) -> None:

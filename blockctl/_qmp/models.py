@@ -410,6 +410,8 @@ class NodeDetail:
     full_backing_filename: str | None  # resolved by QEMU
     dirty_bitmaps: tuple[DirtyBitmap, ...]
     snapshots: tuple[str, ...] = ()  # internal snapshot names in the image
+    #: (name, vm-state-size) of each internal snapshot: 0 is a disk-only snapshot.
+    vm_state_sizes: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_qmp(cls, value: object, command: str = "query-named-block-nodes") -> NodeDetail:
@@ -428,6 +430,13 @@ class NodeDetail:
             ),
             snapshots=tuple(
                 str(_get(_obj(s, command, "snapshot"), "name", str, command))
+                for s in _list(img.get("snapshots", []), command, "snapshots")
+            ),
+            vm_state_sizes=tuple(
+                (
+                    str(_get(_obj(s, command, "snapshot"), "name", str, command)),
+                    _get(_obj(s, command, "snapshot"), "vm-state-size", int, command),
+                )
                 for s in _list(img.get("snapshots", []), command, "snapshots")
             ),
         )

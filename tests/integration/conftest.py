@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -28,9 +29,10 @@ from typing import Any
 import anyio
 import pytest
 
-from blockctl import GuestImage, LaunchedVM, _binaries, find_guest, open_vm
+from blockctl import VM, GuestImage, LaunchedVM, _binaries, _runtime, find_guest, open_vm
 from blockctl._jobs import JobIOError, JobProgress, JobTransition
-from blockctl.errors import MissingComponent
+from blockctl._qmp import wire
+from blockctl.errors import BlockctlError, MissingComponent
 from blockctl.types import DeprecatedInput, Drive, MachineConfig
 from tests.conftest import missing
 
@@ -243,3 +245,241 @@ async def cli_json(*args: str) -> Any:
 async def resume_from_cli(vm_name: str, job_id: str) -> str:
     """``blockctl jobs VM resume ID`` from another process; returns the action it reports."""
     return str((await cli_json("jobs", vm_name, "resume", job_id))["action"])
+
+
+# Section: the truth check
+
+
+#: Drivers that pass I/O through to one child (blockctl._graph's filters).
+_FILTERS = frozenset({"copy-on-read", "throttle", "blkdebug", "blkverify", "blklogwrites"})
+
+
+def _qemu_facts(block: Any, nodes: Any, jobs: Any, status: Any) -> dict[str, Any]:
+    """The facts of QEMU's raw replies that blockctl reports (not the counters a running
+    guest changes: allocation, bitmap counts, progress)."""
+
+    def cache(c: Any) -> tuple[bool, bool, bool]:
+        return (c["writeback"], c["direct"], c["no-flush"])
+
+    devices = {}
+    for d in block:
+        qdev = d.get("qdev")
+        dev_id = (
+            d["device"]
+            if not qdev
+            else qdev.removesuffix("/virtio-backend").removeprefix("/machine/peripheral/")
+        )
+        ins = d.get("inserted")
+        devices[dev_id] = {
+            "tray_open": d.get("tray_open"),
+            "inserted": None
+            if ins is None
+            else {
+                "node": ins["node-name"],
+                "file": ins["file"],
+                "ro": ins["ro"],
+                "cache": cache(ins["cache"]),
+                "limits": {k: ins.get(k, 0) for k in ("bps", "bps_rd", "bps_wr", "iops")},
+            },
+        }
+    return {
+        "devices": devices,
+        "nodes": {
+            n["node-name"]: {
+                "driver": n["drv"],
+                "file": n["file"],
+                "ro": n["ro"],
+                "backing_file": n.get("backing_file"),
+            }
+            for n in nodes
+        },
+        "jobs": sorted((j["id"], j["type"], j["status"]) for j in jobs),
+        "status": (status["status"], status["running"]),
+    }
+
+
+async def _raw_facts(vm: VM) -> dict[str, Any]:
+    return _qemu_facts(
+        await vm.command("query-block"),
+        await vm.command("query-named-block-nodes", {"flat": True}),
+        await vm.command("query-jobs"),
+        await vm.command("query-status"),
+    )
+
+
+async def _blockctl_views(vm: VM, cli: bool) -> dict[str, Any]:
+    """What blockctl reports: library values, and (``cli``) the CLI's JSON from another
+    process, as a user would see them."""
+    from blockctl._ops import chains, drives
+
+    views: dict[str, Any] = {
+        "drives": [d.to_json() for d in await drives.list_drives(vm)],
+        "graph": (await chains.read_graph(vm)).to_json(),
+        "jobs": await wire.query_jobs(vm.session),
+        "status": await vm.status(),
+        "registry": {
+            str(n["node-name"]): bool(n.get("read-only", False))
+            for r in vm.registry.drives.values()
+            for n in r.nodes
+        },
+    }
+    if cli:
+        views["cli"] = {
+            "drives": await cli_json("drives", vm.name),
+            "chain": await cli_json("chain", vm.name),
+            "jobs": await cli_json("jobs", vm.name),
+            "status": await cli_json("status", vm.name),
+        }
+    return views
+
+
+def _compare(raw: dict[str, Any], views: dict[str, Any]) -> list[str]:
+    """Every difference between QEMU's facts and blockctl's views, in words."""
+    diffs: list[str] = []
+
+    def same(what: str, ours: object, qemu: object) -> None:
+        if ours != qemu:
+            diffs.append(f"{what}: blockctl says {ours!r}, QEMU says {qemu!r}")
+
+    nodes = raw["nodes"]
+    devices = raw["devices"]
+    drive_views = [("drives", views["drives"])]
+    if "cli" in views:
+        drive_views.append(("cli drives", views["cli"]["drives"]))
+    for label, listing in drive_views:
+        same(f"{label}: devices", sorted(d["device"] for d in listing), sorted(devices))
+        for d in listing:
+            dev = devices.get(d["device"])
+            if dev is None:
+                continue
+            where = f"{label} {d['device']}"
+            same(f"{where}: tray_open", d["tray_open"], dev["tray_open"])
+            ins = dev["inserted"]
+            same(f"{where}: node", d["node"], None if ins is None else ins["node"])
+            if ins is None:
+                continue
+            same(f"{where}: file", d["file"], ins["file"])
+            same(f"{where}: read_only", d["read_only"], ins["ro"])
+            cache = d["cache"]
+            same(
+                f"{where}: cache",
+                (cache["writeback"], cache["direct"], cache["no_flush"]),
+                ins["cache"],
+            )
+            same(
+                f"{where}: throttle",
+                {k: d["throttle"][k] for k in ("bps", "bps_rd", "bps_wr", "iops")},
+                ins["limits"],
+            )
+            # The chain: filters, then format layers, each the backing file of the one
+            # above, as many as QEMU's backing_file_depth says, each as QEMU has it.
+            chain = d["chain"]
+            same(f"{where}: chain top", chain[0]["node"] if chain else None, ins["node"])
+            layers = [c for c in chain if c["driver"] not in _FILTERS]
+            for c in chain:
+                raw_node = nodes.get(c["node"])
+                same(f"{where}: chain node {c['node']} exists", raw_node is not None, True)
+                if raw_node is not None:
+                    same(
+                        f"{where}: chain node {c['node']}",
+                        (c["driver"], c["file"]),
+                        (raw_node["driver"], raw_node["file"]),
+                    )
+            if all(c["node"] in nodes for c in layers):
+                # (QEMU names a node by a json: string when its backing is not the header's
+                # default; it names the backing the same way, so the comparison holds.)
+                for upper, lower in itertools.pairwise(layers):
+                    same(
+                        f"{where}: backing of {upper['node']}",
+                        lower["file"],
+                        nodes[upper["node"]]["backing_file"],
+                    )
+                if layers:
+                    same(
+                        f"{where}: the chain ends where QEMU's does ({layers[-1]['node']})",
+                        None,
+                        nodes[layers[-1]["node"]]["backing_file"],
+                    )
+    # The block graph (library and CLI): the same nodes, drivers and read-only flags.
+    graph_views = [("chain", views["graph"])]
+    if "cli" in views:
+        graph_views.append(("cli chain", views["cli"]["chain"]))
+    for label, graph in graph_views:
+        ours = {n["node-name"]: (n["driver"], n["read-only"]) for n in graph["nodes"]}
+        same(f"{label}: nodes", ours, {k: (v["driver"], v["ro"]) for k, v in nodes.items()})
+        for dev in graph["devices"]:
+            same(
+                f"{label}: {dev['id']} root",
+                dev["root"],
+                None
+                if devices.get(dev["id"], {}).get("inserted") is None
+                else devices[dev["id"]]["inserted"]["node"],
+            )
+    # The drives view and the graph agree on every chain's format layers.
+    graph_chains = {d["id"]: d["chain"] for d in views["graph"]["devices"]}
+    for d in views["drives"]:
+        layers = [c["node"] for c in d["chain"] if c["driver"] not in _FILTERS]
+        same(f"drives/chain {d['device']}: layers", layers, graph_chains.get(d["device"], []))
+    # Jobs and run state (library and CLI).
+    same("jobs", sorted((j.id, j.type, j.status.value) for j in views["jobs"]), raw["jobs"])
+    same("status", (views["status"].status, views["status"].running), raw["status"])
+    if "cli" in views:
+        cli_view = views["cli"]
+        same(
+            "cli jobs",
+            sorted((j["id"], j["type"], j["status"]) for j in cli_view["jobs"]),
+            raw["jobs"],
+        )
+        same(
+            "cli status",
+            (cli_view["status"]["status"], cli_view["status"]["running"]),
+            raw["status"],
+        )
+    # Read-only state: blockctl's record of each node it made matches QEMU, and with no job
+    # running every backing layer is read-only (a writable one holds the image's write lock:
+    # nothing else could read or copy it).
+    for name, recorded in views["registry"].items():
+        if name in nodes:
+            same(f"registry {name}: read-only", recorded, nodes[name]["ro"])
+    if not raw["jobs"]:
+        for d in views["drives"]:
+            layers = [c["node"] for c in d["chain"] if c["driver"] not in _FILTERS]
+            for name in layers[1:]:
+                if name in nodes and not nodes[name]["ro"]:
+                    diffs.append(f"{d['device']}: backing layer {name} is read-write")
+    return diffs
+
+
+def _registered(vm: VM) -> bool:
+    """Whether the CLI can reach ``vm`` while this process holds its session: it must be
+    registered by name (a named config) and have a second monitor (one this process
+    launched; a monitor serves one client at a time)."""
+    if not isinstance(vm, LaunchedVM):
+        return False
+    try:
+        _runtime.read_record(vm.name)
+    except BlockctlError:
+        return False
+    return True
+
+
+async def truth_check(vm: VM, *, cli: bool = True, attempts: int = 5) -> None:
+    """What blockctl reports equals what QEMU has (issue 16); any difference fails the test.
+
+    blockctl's views (``drives``, ``chain``, ``jobs``, ``status``: library values and, with
+    ``cli``, the CLI's JSON from another process) are compared with QEMU's raw
+    ``query-block``, ``query-named-block-nodes``, ``query-jobs`` and ``query-status``,
+    including every node's read-only state and blockctl's record of it. The CLI part runs
+    for a VM the CLI can reach meanwhile (launched here from a named config). A guest can change
+    facts meanwhile (its virtio driver renegotiates the write cache while it boots): QEMU is
+    read before and after the views, and a comparison whose QEMU facts moved is taken again.
+    """
+    for _ in range(attempts):
+        before = await _raw_facts(vm)
+        views = await _blockctl_views(vm, cli and _registered(vm))
+        after = await _raw_facts(vm)
+        if before == after:
+            diffs = _compare(before, views)
+            assert not diffs, "blockctl's report differs from QEMU:\n" + "\n".join(diffs)
+            return
+    raise AssertionError(f"QEMU's block facts kept changing over {attempts} reads")

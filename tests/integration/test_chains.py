@@ -18,7 +18,7 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from blockctl import GuestImage, LaunchedVM, open_vm
+from blockctl import GuestImage, LaunchedVM, attach, open_vm
 from blockctl._images import check
 from blockctl._ops import chains
 from blockctl._qmp import wire
@@ -43,6 +43,7 @@ from tests.integration.conftest import (
     resume_from_cli,
     run,
     sha256,
+    truth_check,
 )
 
 pytestmark = pytest.mark.guest
@@ -107,6 +108,7 @@ async def test_snapshot_commit_stream_under_writing_guest(guest: GuestImage, ima
         # One point in time across both disks.
         snap = await chains.external_snapshot(vm, "t1", images)
         assert set(snap.overlays) == {"disk0", "disk1"}
+        await truth_check(vm)
         graph = await chains.read_graph(vm)
         assert [n.filename for n in graph.chain_of("disk0")] == [
             str(snap.overlays["disk0"]),
@@ -118,9 +120,11 @@ async def test_snapshot_commit_stream_under_writing_guest(guest: GuestImage, ima
         inter = await chains.commit(vm, "disk0", top=str(top), base=str(base))
         assert inter.chain == ("drv0-s1", "drv0-b1")
         assert inter.removed_nodes == ("drv0", "drv0-file")
+        await truth_check(vm)
         # Stream disk1's original image into its overlay: the overlay stands alone.
         streamed = await chains.stream(vm, "disk1")
         assert streamed.chain == ("drv1-s1",)
+        await truth_check(vm)
         # Active commit of disk0's overlay into base, READY → pivot, while writes go on.
         with capture_logs() as logs:
             active = await chains.commit(vm, "disk0", delete_files=True)
@@ -154,6 +158,7 @@ async def test_snapshot_commit_stream_under_writing_guest(guest: GuestImage, ima
                 )
             )
             assert [n.filename for n in graph.chain_of(device)] == [i["filename"] for i in on_disk]
+        await truth_check(vm)
     # Offline, with explicit formats: disk0 is now base.raw itself, disk1 the stream target.
     disk0 = await image_bytes(base, "raw", DISK_MIB * MIB)
     disk1 = await image_bytes(snap.overlays["disk1"], "qcow2", DISK_MIB * MIB)
@@ -187,6 +192,7 @@ async def test_cancelled_commit_and_stream_leave_a_consistent_chain(
         assert [n.name for n in (await chains.read_graph(vm)).chain_of("disk0")] == chain_before
         assert await guest_sha(vm, "vda") == before
         assert (await vm.status()).running
+        await truth_check(vm)
     assert (await check(top, ImageFormat.QCOW2)).clean
 
 
@@ -235,6 +241,7 @@ async def test_commit_into_a_full_base_pauses_then_grown_and_resumed_completes(
             ]
             assert await guest_sha(vm, "vda") == before
             assert await wire.query_jobs(vm.session) == ()
+            await truth_check(vm)
         assert (await check(base, ImageFormat.QCOW2)).clean
     finally:
         await run("umount", small)
@@ -248,14 +255,16 @@ async def test_injected_io_error_names_the_job_and_node(guest: GuestImage, image
         await vm.console.wait_ready()  # type: ignore[union-attr]
         # A chain whose base reads fail (blkdebug), attached by hand as device "dbg".
         for node in (
-            {"driver": "file", "node-name": "b-file", "filename": str(base)},
+            # The backing layer read-only, as blockctl opens backing layers.
+            {"driver": "file", "node-name": "b-file", "filename": str(base), "read-only": True},
             {
                 "driver": "blkdebug",
                 "node-name": "b-dbg",
                 "image": "b-file",
                 "inject-error": [{"event": "read_aio", "errno": 5}],
+                "read-only": True,
             },
-            {"driver": "raw", "node-name": "b", "file": "b-dbg"},
+            {"driver": "raw", "node-name": "b", "file": "b-dbg", "read-only": True},
             {"driver": "file", "node-name": "t-file", "filename": str(top)},
             {"driver": "qcow2", "node-name": "t", "file": "t-file", "backing": "b"},
         ):
@@ -270,6 +279,7 @@ async def test_injected_io_error_names_the_job_and_node(guest: GuestImage, image
         assert await wire.query_jobs(vm.session) == ()
         assert (await vm.status()).running
         assert (await sh(vm, "echo alive")) == "alive\n"
+        await truth_check(vm)
 
 
 async def test_internal_snapshots_save_load_delete(guest: GuestImage, images: Path) -> None:
@@ -290,6 +300,7 @@ async def test_internal_snapshots_save_load_delete(guest: GuestImage, images: Pa
         await chains.delete_internal(vm, "before")
         assert (await chains.list_internal(vm))["disk0"] == ()
         assert await wire.query_jobs(vm.session) == ()
+        await truth_check(vm)
     assert (await check(disk, ImageFormat.QCOW2)).clean
 
 
@@ -324,6 +335,7 @@ async def test_bad_chain_requests(guest: GuestImage, images: Path) -> None:
             await chains.external_snapshot(vm, "t1", images, devices=["disk2"])
         assert await wire.query_jobs(vm.session) == ()
         assert (await vm.status()).running
+        await truth_check(vm)
 
 
 async def test_image_without_a_backing_format_is_refused(guest: GuestImage, images: Path) -> None:
@@ -370,5 +382,7 @@ async def test_cli_chain_snapshot_commit_stream_jobs(runtime_dir: Path) -> None:
         await cli("snapshot", "ch", "load", "i1")
         await cli("snapshot", "ch", "delete", "i1", "--internal")
         assert json.loads((await cli("jobs", "ch", "--json")).stdout) == []
+        async with attach("ch") as vm:  # (the CLI views were checked above)
+            await truth_check(vm, cli=False)
     finally:
         await cli("down", "ch")

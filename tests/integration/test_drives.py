@@ -35,6 +35,7 @@ from tests.integration.conftest import (
     raw_image,
     run,
     sha256,
+    truth_check,
     vm_in_background,
 )
 
@@ -130,11 +131,13 @@ async def rig(
             bootindex=2,
         ),
         boot=BootConfig(order="dc", menu=True, splash_time=500, strict=True),
+        name="drives",
     )
     async with vm_in_background(config) as vm:
         nodes = {n.node_name: n for n in await vm.block_nodes()}
         devices = {d.device_id or "": d for d in await vm.block_devices()}
         yield Rig(vm=vm, images=images, data=data, nodes=nodes, devices=devices)
+        await truth_check(vm)
 
 
 async def test_nodes_are_explicit_and_named_by_blockctl(rig: Rig) -> None:

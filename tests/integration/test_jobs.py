@@ -8,6 +8,7 @@ explicit format) and compared.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -28,6 +29,7 @@ from tests.integration.conftest import (
     raw_image,
     run,
     sha256,
+    truth_check,
 )
 
 pytestmark = pytest.mark.guest
@@ -108,22 +110,27 @@ async def test_backup_of_a_running_guest_matches_the_guest(guest: GuestImage, im
         await assert_no_jobs(vm)
         await del_nodes(vm, "bk", "bk-file")
         assert (await vm.status()).running
+        await truth_check(vm)
     backed_up = await image_bytes(target, "qcow2", DISK_MIB * MIB)
     assert sha256(backed_up) == expected
     print(f"backup of {DISK_MIB} MiB: {seconds:.2f} s")
 
 
-async def reopen_writable(vm: LaunchedVM, *nodes: str) -> None:
+async def reopen_writable(vm: LaunchedVM, *nodes: str, read_only: bool = False) -> None:
     """Backing layers are opened read-only; a commit needs its target layers writable.
-    Reopen them (file nodes first) with their full options, as QEMU requires."""
-    options = {str(n["node-name"]): n for n in vm.drives[0].nodes}
-    await wire.blockdev_reopen(
-        vm.session,
-        [
-            {**options[name], "read-only": False}
-            for node in nodes
-            for name in (f"{node}-file", node)
-        ],
+    Reopen them (file nodes first) with their full options, as QEMU requires, and keep
+    blockctl's record of them true (as blockctl's own commit does)."""
+    record = vm.registry.drives["disk0"]
+    options = {str(n["node-name"]): n for n in record.nodes}
+    changed = [
+        {**options[name], "read-only": read_only}
+        for node in nodes
+        for name in (f"{node}-file", node)
+    ]
+    await wire.blockdev_reopen(vm.session, changed)
+    by_name = {str(o["node-name"]): o for o in changed}
+    vm.registry.put(
+        replace(record, nodes=tuple(by_name.get(str(n["node-name"]), n) for n in record.nodes))
     )
 
 
@@ -185,6 +192,7 @@ async def test_intermediate_then_active_commit_under_a_writing_guest(
         await del_nodes(vm, "drv0", "drv0-file", "drv0-b1", "drv0-b1-file")
         assert set((await graph(vm)).nodes) == {"drv0-b2", "drv0-b2-file"}
         assert (await vm.status()).running
+        await truth_check(vm)
     on_disk = await image_bytes(base, "raw", DISK_MIB * MIB)
     assert sha256(on_disk) == expected
     print(f"commit timings: {timings}")
@@ -230,6 +238,7 @@ async def test_failing_backup_raises_qemus_error_and_the_guest_runs_on(
         await del_nodes(vm, "bad", "bad-dbg", "bad-file")
         assert (await vm.status()).running
         assert await sh(vm, "echo alive") == "alive\n"
+        await truth_check(vm)
 
 
 async def test_cancel_midway_leaves_everything_consistent(guest: GuestImage, images: Path) -> None:
@@ -271,6 +280,7 @@ async def test_cancel_midway_leaves_everything_consistent(guest: GuestImage, ima
             await job.wait(complete_on_ready=False, deadline=60)
         await del_nodes(vm, "again", "again-file")
         await assert_no_jobs(vm)
+        await truth_check(vm)
     assert sha256(await image_bytes(target, "qcow2", DISK_MIB * MIB)) == before
 
 
@@ -301,3 +311,6 @@ async def test_cancelling_a_ready_active_commit_does_not_pivot(
         g = await graph(vm)
         assert [n.name for n in g.chain_of("disk0")] == ["drv0", "drv0-b1"]  # no pivot
         assert await guest_sha(vm) == before
+        # The base stays a backing layer: read-only again, as blockctl's commit leaves it.
+        await reopen_writable(vm, "drv0-b1", read_only=True)
+        await truth_check(vm)

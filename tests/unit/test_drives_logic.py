@@ -52,6 +52,7 @@ def live(
         chain=chain,
         pending_unplug=False,
         io_limits=limits or IoLimits(),
+        device_cache=chain[0].cache if chain else None,
     )
 
 
