@@ -15,8 +15,8 @@ incomplete point; exports, jobs, nodes and scratch files are torn down in every 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import errno as errno_module
+import inspect
 import os
 import re
 import shutil
