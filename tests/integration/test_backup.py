@@ -352,3 +352,42 @@ async def test_cli_backup_init_create_list_verify_restore_prune(
     bad = await cli("restore", "bcli", "nope", "disk0", tmp_path / "x", "--repo", repo, check=False)
     assert bad.returncode == 1
     assert bad.stderr.startswith("blockctl: RepositoryError: point id 'nope'")
+
+
+async def test_raw_disk_incrementals_until_qemu_restarts(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """A raw disk cannot keep a persistent bitmap: it gets one that lives as long as QEMU, so
+    incrementals work until QEMU restarts; then the backup is full and says why."""
+    raw = images / "r.raw"
+    raw.write_bytes(b"")
+    os.truncate(raw, DISK_MIB * MIB)
+    repo = backup.init_repository(tmp_path / "repo", chunk_size=64 * 1024)
+    cfg = MachineConfig(
+        name="rawbk",
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        append=guest.append,
+        deprecated_input=DeprecatedInput.REJECT,
+        drives=(Drive(file=raw, format=ImageFormat.RAW),),
+    )
+    async with open_vm(cfg) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 1024)
+        await backup.create(vm, repo)
+        await write(vm, "vda", 4096, 128)
+        inc = await backup.create(vm, repo)
+        assert inc.kind == "incremental" and inc.bytes_read == 128 * 1024
+        (bitmap,) = [
+            b
+            for n in await wire.query_named_block_node_details(vm.session)
+            for b in n.dirty_bitmaps
+        ]
+        assert not bitmap.persistent
+        at_inc = await disk_sha(vm, "vda")
+    async with open_vm(cfg) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        again = await backup.create(vm, repo)
+        assert again.kind == "full"
+        assert again.fallback_reason is not None and "no checkpoint" in again.fallback_reason
+    assert await restored_sha(repo, "rawbk", inc.id, "disk0", tmp_path) == at_inc
