@@ -47,7 +47,6 @@ from blockctl._backup.store import (
     Manifest,
     Repository,
     check_name,
-    make_private_dir,
     new_point_id,
 )
 from blockctl._jobs import (
@@ -126,8 +125,7 @@ def _vm_lock(repo: Repository, vm: str) -> Any:
     """One backup of a VM into a repository at a time (its checkpoints are one sequence)."""
     import fcntl
 
-    directory = repo.path / "points" / check_name(vm, "VM")
-    make_private_dir(directory)
+    directory = repo.vm_dir(vm)
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         try:
