@@ -414,6 +414,32 @@ def incomplete_point_symlink(ctx: Ctx) -> None:
     (ctx.repo / "points" / VM / "20261203T100200.000003-cccc").symlink_to(ctx.outside / "loose")
 
 
+def chunk_is_a_directory(ctx: Ctx) -> None:
+    ctx.chunk("E").unlink()
+    ctx.chunk("E").mkdir(0o700)
+
+
+def unreferenced_chunk_directory(ctx: Ctx) -> None:
+    name = hashlib.sha256(b"a directory").hexdigest()
+    (ctx.repo / "chunks" / name[:2] / name).mkdir(0o700, parents=True)
+    (ctx.repo / "chunks" / name[:2] / "x.tmp").mkdir(0o700)
+
+
+def incomplete_point_with_subdir(ctx: Ctx) -> None:
+    point = ctx.repo / "points" / VM / "20261203T100200.000003-cccc"
+    (point / "sub").mkdir(0o700, parents=True)
+    (point / "disk0.index").write_bytes(b"partial")
+
+
+def point_is_a_file(ctx: Ctx) -> None:
+    put(ctx.repo / "points" / VM / "20261203T100200.000003-cccc", b"not a directory")
+
+
+def vm_is_a_file(ctx: Ctx) -> None:
+    shutil.rmtree(ctx.repo / "points" / VM)
+    put(ctx.repo / "points" / VM, b"not a directory")
+
+
 def unreferenced_chunk_symlink(ctx: Ctx) -> None:
     name = hashlib.sha256(b"nobody").hexdigest()
     directory = ctx.repo / "chunks" / name[:2]
@@ -644,6 +670,14 @@ CASES: list[Case] = [
         symlink_out(lambda c: c.repo / "lock", lambda c: c.outside / "secret.txt"),
         {"gc": R, "prune": R},
     ),
+    # -- a directory where a file belongs, a file where a directory belongs
+    Case("chunk-is-a-directory", chunk_is_a_directory, {**CHUNK_DATA, "gc": None}),
+    Case("unreferenced-chunk-is-a-directory", unreferenced_chunk_directory, {"gc": None}),
+    Case(
+        "incomplete-point-holds-a-directory", incomplete_point_with_subdir, {"gc": C, "recover": C}
+    ),
+    Case("point-is-a-file", point_is_a_file, {"gc": C, "recover": C, "manifests": None}),
+    Case("vm-dir-is-a-file", vm_is_a_file, {**readers(C, get=G, restore=G, verify=G), "write": C}),
     # -- huge counts and sizes
     Case("index-claims-1PiB", huge_index_header, point_data()),
     Case("index-sparse-4GiB", sparse(lambda c: c.index(), 4 << 30), point_data()),

@@ -175,6 +175,22 @@ def test_same_chunk_is_stored_once_and_keys_do_not_share_digests(tmp_path: Path)
     assert len({one.digest(INCOMPRESSIBLE), two.digest(INCOMPRESSIBLE), digest}) == 3
 
 
+def test_a_symlink_at_a_chunks_name_is_not_the_chunk_and_is_replaced_not_followed(
+    tmp_path: Path,
+) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    digest = repo.digest(COMPRESSIBLE)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"outside")
+    path = repo.path / "chunks" / digest.hex()[:2] / digest.hex()
+    path.parent.mkdir(mode=0o700)
+    path.symlink_to(victim)
+    assert not repo.has_chunk(digest)
+    assert repo.write_chunk(digest, COMPRESSIBLE) > 0
+    assert not path.is_symlink() and victim.read_bytes() == b"outside"
+    assert repo.read_chunk(digest, CHUNK) == COMPRESSIBLE
+
+
 class _FakeNbd:
     class Error(Exception):
         pass
