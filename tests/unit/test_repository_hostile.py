@@ -974,6 +974,7 @@ def test_the_hostile_suite_is_not_empty() -> None:
     refused = sum(1 for case in CASES for e in case.expect.values() if e is not None)
     report(
         "hostile repository",
-        f"{len(CASES)} crafted repositories, {len(PARAMS)} operations on them, {refused} "
-        "refused with a specific error, none read or wrote outside the repository",
+        f"{len(CASES)} crafted repositories, {len(PARAMS)} operations on them ({refused} must "
+        "be refused with a specific error); each run checks that nothing outside the "
+        "repository was read or written",
     )
