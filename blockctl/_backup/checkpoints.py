@@ -15,8 +15,11 @@ has exactly one bitmap of R, enabled, named after R's latest point of that VM. A
 ``settle`` with R's latest *committed* point L: a bitmap of R named after a point with no
 manifest (a backup that failed or was killed) is merged into ``bc-R-L`` and removed — its
 writes happened after L, so L's next incremental must still see them; ``bc-R-L`` is enabled
-again; bitmaps of older committed points are removed. Bitmaps of other repositories, tools or
-users are never touched: no other repository can change what R's next incremental sees.
+again; bitmaps of older committed points are removed. If ``bc-R-L`` was left disabled and the
+writes since are not all in a mergeable bitmap (the failed backup's is busy, inconsistent, not
+recording or gone), the next backup is full, with that reason: never an incremental that
+misses a write. Bitmaps of other repositories, tools or users are never touched: no other
+repository can change what R's next incremental sees.
 """
 
 from __future__ import annotations
@@ -86,16 +89,29 @@ def plan(
     done = set(committed)
     actions: list[dict[str, Any]] = []
     leftovers: list[str] = []
+    recording_leftover = False
+    #: Records of writes after the latest point that cannot be merged (busy, inconsistent).
+    unmergeable: list[DirtyBitmap] = []
     for bitmap in mine:
         name = bitmap.name
         assert name is not None
         if bitmap is base:
             continue
-        if bitmap.busy:
-            continue  # in use by an export or a job: not ours to change now
         point = point_of(name, repository_id)
-        if point is not None and point not in done and base is not None and not base.busy:
+        after_latest = point is not None and point not in done and base is not None
+        if bitmap.busy:
+            if after_latest:
+                unmergeable.append(bitmap)
+            continue  # in use by an export or a job: not ours to change now
+        if after_latest and base is not None and base.busy:
+            continue  # kept: merged when the base is free again
+        if after_latest and bitmap.inconsistent:
+            # QEMU refuses to merge it; what it recorded is lost with it.
+            unmergeable.append(bitmap)
+            actions.append(wire.bitmap_remove_action(node, name))
+        elif after_latest:
             leftovers.append(name)  # a failed or killed backup after the latest point
+            recording_leftover |= bitmap.recording
         else:
             actions.append(wire.bitmap_remove_action(node, name))
     reason: str | None = None
@@ -117,17 +133,29 @@ def plan(
         )
     elif base.busy:
         reason = f"the checkpoint of {latest} on {device} is in use by another job or export"
+    elif not base.recording and unmergeable:
+        # The base was frozen by a backup that failed; the writes since are only in that
+        # backup's checkpoint, which cannot be merged now.
+        state = "inconsistent" if any(b.inconsistent for b in unmergeable) else "in use"
+        reason = (
+            f"the checkpoint of a failed backup after {latest} on {device} is {state}: the "
+            "writes since that backup are not all recorded"
+        )
+    elif not base.recording and not recording_leftover:
+        reason = (
+            f"the checkpoint of {latest} on {device} was left disabled and no checkpoint of the "
+            "failed backup that disabled it is recording: the writes since are not recorded"
+        )
     if base is not None and not base.busy:
         if base.inconsistent:
             actions.append(wire.bitmap_remove_action(node, base.name or ""))
+            actions.extend(wire.bitmap_remove_action(node, name) for name in leftovers)
         else:
             if leftovers:
                 actions.append(wire.bitmap_merge_action(node, base.name or "", leftovers))
             actions.extend(wire.bitmap_remove_action(node, name) for name in leftovers)
             if not base.recording:
                 actions.append(wire.bitmap_enable_action(node, base.name or ""))
-    elif leftovers:
-        actions.extend(wire.bitmap_remove_action(node, name) for name in leftovers)
     return DiskCheckpoint(
         device=device,
         node=node,

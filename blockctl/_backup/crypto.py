@@ -120,7 +120,10 @@ def unwrap(record: dict[str, Any], secret: bytes, repo: Path) -> RepositoryKey:
     except (KeyError, TypeError, ValueError) as exc:
         raise BackupKeyError(f"{repo}/config.json: malformed encryption record ({exc})") from exc
     _check_secret(secret)
-    kek = _kek(secret, salt, n, r, p)
+    try:
+        kek = _kek(secret, salt, n, r, p)
+    except ValueError as exc:  # n not a power of two, or more memory than allowed
+        raise BackupKeyError(f"{repo}/config.json: unusable KDF parameters ({exc})") from exc
     try:
         master = bytes(_aesgcm(kek).decrypt(wrapped[:NONCE], wrapped[NONCE:], _WRAP_AAD))
     except (InvalidTag, ValueError) as exc:

@@ -48,7 +48,6 @@ from blockctl._backup.store import (
     Manifest,
     Repository,
     check_name,
-    make_private_dir,
     new_point_id,
 )
 from blockctl._jobs import (
@@ -130,18 +129,18 @@ def init_repository(
 
 
 @contextlib.contextmanager
-def _vm_lock(repo: Repository, vm: VM) -> Any:
+def _vm_lock(repo: Repository, vm: VM | str) -> Any:
     """One backup of a VM at a time: per repository (its checkpoints are one sequence) and,
     for a VM with a run directory, per VM (a backup's recovery step tears down what it finds
     of blockctl's backups in QEMU, which must not be another process's running backup)."""
-    directory = repo.path / "points" / check_name(vm.name, "VM")
-    make_private_dir(directory)
+    name = vm if isinstance(vm, str) else vm.name
+    directory = repo.vm_dir(name)
     with contextlib.ExitStack() as stack:
         paths = [directory / ".lock"]
-        if vm.run_dir is not None:
+        if not isinstance(vm, str) and vm.run_dir is not None:
             paths.append(Path(vm.run_dir) / "backup.lock")
         for path in paths:
-            stack.enter_context(_flock(path, f"another backup of {vm.name} is running"))
+            stack.enter_context(_flock(path, f"another backup of {name} is running"))
         yield
 
 

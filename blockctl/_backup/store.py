@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from blockctl import _fsutil
-from blockctl._backup.crypto import RepositoryKey, new_key, unwrap
+from blockctl._backup.crypto import NONCE, TAG, RepositoryKey, new_key, unwrap
 from blockctl.errors import (
     BackupCorrupt,
     BackupKeyError,
@@ -112,7 +113,30 @@ def check_private_dir(path: Path, what: str = "repository") -> None:
 
 
 def make_private_dir(path: Path) -> None:
-    _fsutil.make_private_dir(path, what="repository directory")
+    try:
+        _fsutil.make_private_dir(path, what="repository directory")
+    except ConfigError as exc:
+        raise RepositoryError(str(exc)) from exc
+
+
+def _plain_dir(path: Path, what: str) -> bool:
+    """True if ``path`` is a directory (not a symlink to one), False if it is missing;
+    anything else at ``path`` is refused."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(info.st_mode):
+        raise BackupCorrupt(f"{what} {path} is not a plain directory (a symlink?): refused")
+    return True
+
+
+def _json(raw: bytes) -> Any:
+    """``json.loads``, with a nesting too deep for the parser reported as what it is."""
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
 
 
 def _errno_text(exc: OSError) -> str:
@@ -124,6 +148,39 @@ def _errno_text(exc: OSError) -> str:
 
 def _read_bounded(directory: Path, parts: tuple[str, ...], limit: int, what: str) -> bytes:
     """Read REPO-relative ``parts`` without following any symlink, at most ``limit`` bytes."""
+    file_fd = _open_nofollow(directory, parts, what)
+    try:
+        info = os.fstat(file_fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BackupCorrupt(f"{what} is not a regular file")
+        if info.st_size > limit:
+            raise BackupCorrupt(f"{what} is {info.st_size} bytes, over the limit of {limit}")
+        return _read_fd(file_fd, limit, what)
+    finally:
+        os.close(file_fd)
+
+
+def _read_fd(file_fd: int, limit: int, what: str) -> bytes:
+    chunks = []
+    left = limit + 1
+    while left > 0:
+        data = os.read(file_fd, min(left, 16 << 20))
+        if not data:
+            break
+        chunks.append(data)
+        left -= len(data)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise BackupCorrupt(f"{what} grew over the limit of {limit} bytes while read")
+    return data
+
+
+def _open_nofollow(directory: Path, parts: tuple[str, ...], what: str) -> int:
+    """A descriptor of REPO-relative ``parts`` (each one name: no ``/``, no ``..``), opened
+    one component at a time without following any symlink."""
+    for part in parts:
+        if not part or "/" in part or part in (".", ".."):
+            raise RepositoryError(f"{what}: {part!r} is not a name inside the repository")
     fd = os.open(directory, _O_DIR)
     try:
         for part in parts[:-1]:
@@ -143,26 +200,7 @@ def _read_bounded(directory: Path, parts: tuple[str, ...], limit: int, what: str
             raise BackupCorrupt(f"{what} is not a plain file ({exc})") from exc
     finally:
         os.close(fd)
-    try:
-        info = os.fstat(file_fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BackupCorrupt(f"{what} is not a regular file")
-        if info.st_size > limit:
-            raise BackupCorrupt(f"{what} is {info.st_size} bytes, over the limit of {limit}")
-        chunks = []
-        left = limit + 1
-        while left > 0:
-            data = os.read(file_fd, min(left, 16 << 20))
-            if not data:
-                break
-            chunks.append(data)
-            left -= len(data)
-        data = b"".join(chunks)
-        if len(data) > limit:
-            raise BackupCorrupt(f"{what} grew over the limit of {limit} bytes while read")
-        return data
-    finally:
-        os.close(file_fd)
+    return file_fd
 
 
 # Section: values
@@ -206,6 +244,8 @@ class RepositoryConfig:
             "none",
         ):
             raise RepositoryError(f"{path}: unknown digest or compression in config.json")
+        if config.encryption is not None and not isinstance(config.encryption, dict):
+            raise RepositoryError(f"{path}/config.json: malformed encryption record")
         if (config.digest == "hmac-sha256") != (config.encryption is not None):
             raise RepositoryError(f"{path}: config.json: digest and encryption disagree")
         return config
@@ -343,6 +383,9 @@ class Manifest:
             manifest = cls(disks=disks, **values)
         except (TypeError, ValueError, AttributeError) as exc:
             raise BackupCorrupt(f"{where}: malformed manifest ({exc})") from exc
+        _check_types(manifest, _MANIFEST_TYPES, where)
+        for disk in disks:
+            _check_types(disk, _DISK_TYPES, f"{where}: disk")
         check_point_id(manifest.id)
         check_name(manifest.vm, "VM")
         if manifest.parent is not None:
@@ -361,6 +404,45 @@ class Manifest:
         if len({d.device for d in disks}) != len(disks):
             raise BackupCorrupt(f"{where}: a device is listed twice")
         return manifest
+
+
+_NUMBER = (int, float)
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "vm": str,
+    "kind": str,
+    "parent": (str, type(None)),
+    "checkpoint": str,
+    "started": _NUMBER,
+    "completed": _NUMBER,
+    "qemu": str,
+    "fallback_reason": (str, type(None)),
+    "consistency": str,
+    "frozen_filesystems": int,
+}
+_DISK_TYPES: dict[str, type | tuple[type, ...]] = {
+    "device": str,
+    "node": str,
+    "virtual_size": int,
+    "chunk_size": int,
+    "disk_digest": str,
+    "chunks": int,
+    "zero_chunks": int,
+    "bytes_read": int,
+    "bytes_new": int,
+    "bytes_stored": int,
+    "seconds": _NUMBER,
+}
+
+
+def _check_types(value: object, types: dict[str, type | tuple[type, ...]], where: str) -> None:
+    """JSON gives any type anywhere: a size that is a string would fail later, far from here."""
+    for name, kind in types.items():
+        field_value = getattr(value, name)
+        if isinstance(field_value, bool) or not isinstance(field_value, kind):
+            raise BackupCorrupt(f"{where}: {name} is a {type(field_value).__name__}")
+        if isinstance(field_value, float) and not math.isfinite(field_value):
+            raise BackupCorrupt(f"{where}: {name} is {field_value}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -424,7 +506,9 @@ class Repository:
 
     @classmethod
     def open(cls, path: Path, *, secret: bytes | None = None) -> Repository:
-        path = Path(path).absolute()
+        # The path the user named may be a symlink (followed once, here); inside the
+        # repository nothing is followed.
+        path = Path(path).resolve()
         if not (path / "config.json").exists():
             if not path.exists():
                 raise RepositoryError(
@@ -438,10 +522,17 @@ class Repository:
         check_private_dir(path)
         raw = _read_bounded(path, ("config.json",), 1 << 20, f"{path}/config.json")
         try:
-            data = json.loads(raw)
+            data = _json(raw)
         except ValueError as exc:
             raise RepositoryError(f"{path}/config.json is not JSON ({exc})") from exc
         config = RepositoryConfig.from_json(data, path)
+        for sub in ("chunks", "points"):
+            try:
+                present = _plain_dir(path / sub, "the repository's")
+            except BackupCorrupt as exc:
+                raise RepositoryError(str(exc)) from exc
+            if not present:
+                raise RepositoryError(f"{path}: {sub}/ is missing: the repository is damaged")
         key = None
         if config.encryption is not None:
             if secret is None:
@@ -470,7 +561,13 @@ class Repository:
     @contextlib.contextmanager
     def lock(self, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
         """Shared while a backup writes (several may), exclusive for garbage collection."""
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise RepositoryError(
+                f"{self.path}/lock: cannot open the repository's lock file (missing, or a "
+                f"symlink: refused): {_errno_text(exc)}"
+            ) from exc
         try:
             flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             try:
@@ -496,14 +593,22 @@ class Repository:
         return self.path / "chunks" / hexd[:2] / hexd
 
     def has_chunk(self, digest: bytes) -> bool:
-        return self._chunk_path(digest).exists()
+        """A regular file by the chunk's name (a symlink there is not a chunk)."""
+        try:
+            return stat.S_ISREG(os.lstat(self._chunk_path(digest)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def write_chunk(self, digest: bytes, data: bytes | memoryview) -> int:
         """Store one chunk (its digest computed by the caller with :meth:`digest`). Returns
         the bytes written, 0 if the repository had it. Complete or absent after a crash; the
         directory is fsynced by :meth:`sync` before any index names the chunk."""
         path = self._chunk_path(digest)
-        if path.exists():
+        directory = path.parent
+        if not _plain_dir(directory, "chunk directory"):
+            make_private_dir(directory)
+            self._touched.add("")
+        if self.has_chunk(digest):
             return 0
         flags = 0
         payload: bytes | memoryview = data
@@ -515,10 +620,6 @@ class Repository:
             flags |= _FLAG_SEALED
             payload = self.key.seal(bytes(payload), digest + bytes([flags]))
         blob = _CHUNK_MAGIC + bytes([flags]) + bytes(payload)
-        directory = path.parent
-        if not directory.is_dir():
-            make_private_dir(directory)
-            self._touched.add("")
         tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -567,6 +668,10 @@ class Repository:
 
                 self._zstd = zstandard
             try:
+                # A frame says its size; decompress() would allocate it before any check.
+                claimed = self._zstd.frame_content_size(payload)
+                if claimed not in (-1, length):
+                    raise BackupCorrupt(f"{what}: claims {claimed} bytes, {length} expected")
                 payload = self._zstd.ZstdDecompressor().decompress(payload, max_output_size=length)
             except self._zstd.ZstdError as exc:
                 raise BackupCorrupt(f"{what}: does not decompress ({exc})") from exc
@@ -587,7 +692,17 @@ class Repository:
     # -- points
 
     def _point_dir(self, vm: str, point: str) -> Path:
-        return self.path / "points" / check_name(vm, "VM") / check_point_id(point)
+        directory = self.path / "points" / check_name(vm, "VM") / check_point_id(point)
+        _plain_dir(directory.parent, "VM directory")
+        _plain_dir(directory, "point directory")
+        return directory
+
+    def vm_dir(self, vm: str) -> Path:
+        """``points/<vm>``, made owner-only if missing; a symlink in its place is refused."""
+        directory = self.path / "points" / check_name(vm, "VM")
+        if not _plain_dir(directory, "VM directory"):
+            make_private_dir(directory)
+        return directory
 
     def begin_point(self, vm: str, point: str) -> Path:
         directory = self._point_dir(vm, point)
@@ -608,14 +723,28 @@ class Repository:
         _fsutil.atomic_write_bytes(self._point_dir(vm, point) / f"{device}.index", header + body)
 
     def read_index(self, vm: str, point: str, device: str) -> DiskIndex:
+        check_name(vm, "VM")
         check_name(device, "device")
         where = f"index of {device} in {vm}/{point}"
-        limit = _INDEX_HEADER.size + (MAX_VIRTUAL_SIZE // MIN_CHUNK_SIZE) * DIGEST_SIZE + 64
-        raw = _read_bounded(
-            self.path, ("points", vm, check_point_id(point), f"{device}.index"), limit, where
-        )
-        if len(raw) < _INDEX_HEADER.size:
-            raise BackupCorrupt(f"{where}: truncated header")
+        parts = ("points", vm, check_point_id(point), f"{device}.index")
+        fd = _open_nofollow(self.path, parts, where)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise BackupCorrupt(f"{where} is not a regular file")
+            header = os.pread(fd, _INDEX_HEADER.size, 0)
+            if len(header) < _INDEX_HEADER.size:
+                raise BackupCorrupt(f"{where}: truncated header")
+            expected = self._index_length(header, where)
+            # The header says how long the file is: checked before the body is read.
+            if info.st_size != expected:
+                raise BackupCorrupt(
+                    f"{where}: {info.st_size} bytes where its header makes {expected} "
+                    "(truncated, or not this index's body)"
+                )
+            raw = _read_fd(fd, expected, where)
+        finally:
+            os.close(fd)
         magic, flags, size, chunk = _INDEX_HEADER.unpack_from(raw)
         if magic != _INDEX_MAGIC:
             raise BackupCorrupt(f"{where}: not an index")
@@ -641,6 +770,20 @@ class Repository:
             )
         return DiskIndex(size, chunk, bytearray(body))
 
+    def _index_length(self, header: bytes, where: str) -> int:
+        magic, flags, size, chunk = _INDEX_HEADER.unpack_from(header)
+        if magic != _INDEX_MAGIC:
+            raise BackupCorrupt(f"{where}: not an index")
+        if not 0 < size <= MAX_VIRTUAL_SIZE:
+            raise BackupCorrupt(f"{where}: disk size {size} out of range")
+        try:
+            _check_chunk_size(chunk)
+        except RepositoryError as exc:
+            raise BackupCorrupt(f"{where}: {exc}") from exc
+        sealed = NONCE + TAG if flags & _FLAG_SEALED else 0
+        length: int = _INDEX_HEADER.size + math.ceil(size / chunk) * DIGEST_SIZE + sealed
+        return length
+
     def write_manifest(self, manifest: Manifest) -> None:
         """The commit point of a backup: written last, atomically."""
         data = manifest.to_json()
@@ -660,14 +803,14 @@ class Repository:
             where,
         )
         try:
-            data = json.loads(raw)
+            data = _json(raw)
         except ValueError as exc:
             raise BackupCorrupt(f"{where}: not JSON ({exc})") from exc
         if self.key is not None:
             if not isinstance(data, dict) or not isinstance(data.get("mac"), str):
                 raise BackupCorrupt(f"{where}: unsigned in an encrypted repository")
             mac = data.pop("mac")
-            if mac != self.key.sign(_canonical(data)):
+            if not hmac.compare_digest(mac.encode(), self.key.sign(_canonical(data)).encode()):
                 raise BackupCorrupt(f"{where}: authentication failed (changed or damaged)")
             data["mac"] = mac
         manifest = Manifest.from_json(data, where)
@@ -677,14 +820,13 @@ class Repository:
 
     def vms(self) -> list[str]:
         points = self.path / "points"
-        return sorted(
-            n for n in os.listdir(points) if _NAME.match(n) and not (points / n).is_symlink()
-        )
+        # A symlink here is listed: point_ids refuses it (gc does not skip it silently).
+        return sorted(n for n in os.listdir(points) if _NAME.match(n))
 
     def point_ids(self, vm: str) -> list[str]:
         """Every point directory of ``vm`` (with or without a manifest), oldest first."""
         directory = self.path / "points" / check_name(vm, "VM")
-        if not directory.is_dir() or directory.is_symlink():
+        if not _plain_dir(directory, "VM directory"):
             return []
         return sorted(n for n in os.listdir(directory) if _POINT.match(n))
 
@@ -710,14 +852,7 @@ class Repository:
 
     def delete_point(self, vm: str, point: str) -> None:
         """The manifest goes first: from then on it is not a point; the rest is removed."""
-        directory = self._point_dir(vm, point)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / "manifest.json")
-            _fsutil.fsync_dir(directory)
-        for name in os.listdir(directory):
-            os.unlink(directory / name)
-        os.rmdir(directory)
-        _fsutil.fsync_dir(directory.parent)
+        _remove_point(self._point_dir(vm, point))
 
     def incomplete_points(self, vm: str) -> list[str]:
         return [
@@ -739,14 +874,22 @@ class Repository:
                     directory = self.path / "points" / vm / point
                     if not (directory / "manifest.json").exists():
                         # No manifest and nobody writing (we hold the lock): a dead backup.
-                        for name in os.listdir(directory):
-                            os.unlink(directory / name)
-                        os.rmdir(directory)
+                        _remove_point(self._point_dir(vm, point))
                         temporary += 1
                         continue
                     manifest = self.read_manifest(vm, point)
                     for disk in manifest.disks:
-                        referenced |= self.read_index(vm, point, disk.device).referenced()
+                        index = self.read_index(vm, point, disk.device)
+                        if (
+                            index.disk_digest() != disk.disk_digest
+                            or index.virtual_size != disk.virtual_size
+                        ):
+                            # What it references is unknown: removing anything could lose data.
+                            raise BackupCorrupt(
+                                f"the index of {disk.device} in {vm}/{point} does not match "
+                                "its manifest: garbage collection refused (run verify)"
+                            )
+                        referenced |= index.referenced()
             kept = removed = removed_bytes = 0
             chunks = self.path / "chunks"
             for sub in sorted(os.listdir(chunks)):
@@ -755,6 +898,9 @@ class Repository:
                     continue
                 for name in os.listdir(directory):
                     path = directory / name
+                    info = os.lstat(path)
+                    if stat.S_ISDIR(info.st_mode):
+                        continue  # not ours: a chunk or a temporary file is a file
                     if name.endswith(".tmp"):
                         path.unlink(missing_ok=True)
                         temporary += 1
@@ -764,7 +910,7 @@ class Repository:
                     if bytes.fromhex(name) in referenced:
                         kept += 1
                         continue
-                    removed_bytes += path.stat().st_size
+                    removed_bytes += info.st_size
                     path.unlink()
                     removed += 1
             return GcResult(
@@ -773,6 +919,33 @@ class Repository:
                 bytes_removed=removed_bytes,
                 temporary_removed=temporary,
             )
+
+
+def _remove_point(directory: Path) -> None:
+    """Remove a point directory: its manifest first (from then on it is not a point), then
+    its files, through a descriptor of the directory: a symlink in it is removed, never
+    followed; a symlink in its place, or a directory in it, is refused."""
+    try:
+        fd = os.open(directory, _O_DIR)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BackupCorrupt(f"{directory} is not a plain directory: refused ({exc})") from exc
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink("manifest.json", dir_fd=fd)
+            os.fsync(fd)
+        for name in os.listdir(fd):
+            try:
+                os.unlink(name, dir_fd=fd)
+            except IsADirectoryError as exc:
+                raise BackupCorrupt(
+                    f"{directory}/{name} is a directory: a point holds files only"
+                ) from exc
+    finally:
+        os.close(fd)
+    os.rmdir(directory)
+    _fsutil.fsync_dir(directory.parent)
 
 
 def _canonical(data: dict[str, Any]) -> bytes:

@@ -1,0 +1,452 @@
+"""The repository store (issue 13 item 2, issue 21 items 1-2) without QEMU: chunks, dedup, zero
+chunks, indexes, manifests, garbage collection and its lock, prune, owner-only modes, loose
+repositories and keys. Repositories are built with the store's own API; the NBD reader is fed
+by a fake handle where a test needs it."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockctl._backup import operations as ops
+from blockctl._backup import reader
+from blockctl._backup.reader import ChunkCopier
+from blockctl._backup.store import (
+    ZERO_DIGEST,
+    DiskIndex,
+    DiskPoint,
+    Manifest,
+    Repository,
+)
+from blockctl.errors import (
+    BackupKeyError,
+    ConfigError,
+    RepositoryBusy,
+    RepositoryError,
+)
+from blockctl.types import ImageFormat
+
+CHUNK = 64 << 10
+SECRET = b"store-suite-secret"
+VM = "vm1"
+POINTS = (
+    "20261203T100000.000001-aaaa",
+    "20261203T100100.000002-bbbb",
+    "20261203T100200.000003-cccc",
+)
+
+INCOMPRESSIBLE = os.urandom(CHUNK)
+COMPRESSIBLE = (b"blockctl repository chunk " * CHUNK)[:CHUNK]
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def chunk_files(repo: Repository) -> set[str]:
+    return {p.name for p in (repo.path / "chunks").glob("*/*")}
+
+
+def store(repo: Repository, data: bytes) -> bytes:
+    digest = repo.digest(data)
+    repo.write_chunk(digest, data)
+    return digest
+
+
+def commit(repo: Repository, point: str, disks: dict[str, DiskIndex], n: int = 0) -> Manifest:
+    """Index and manifest of one point, as a backup writes them (after the chunks)."""
+    repo.sync()
+    repo.begin_point(VM, point)
+    entries = []
+    for device, index in disks.items():
+        repo.write_index(VM, point, device, index)
+        entries.append(
+            DiskPoint(
+                device=device,
+                node=f"node-{device}",
+                virtual_size=index.virtual_size,
+                chunk_size=index.chunk_size,
+                disk_digest=index.disk_digest(),
+                chunks=index.count,
+                zero_chunks=sum(1 for i in range(index.count) if index.at(i) == ZERO_DIGEST),
+                bytes_read=0,
+                bytes_new=0,
+                bytes_stored=0,
+            )
+        )
+    manifest = Manifest(
+        id=point,
+        vm=VM,
+        kind="full",
+        parent=None,
+        checkpoint=f"bc-{repo.config.id[:12]}-{point}",
+        started=1000.0 + n,
+        completed=1001.0 + n,
+        qemu="7.2.0",
+        disks=tuple(entries),
+    )
+    repo.write_manifest(manifest)
+    return manifest
+
+
+def index_of(repo: Repository, *pieces: bytes) -> DiskIndex:
+    """A disk made of ``pieces`` (one chunk each, zeros not stored)."""
+    index = DiskIndex.empty(sum(len(p) for p in pieces), CHUNK)
+    for i, piece in enumerate(pieces):
+        if any(piece):
+            index.put(i, store(repo, piece))
+    return index
+
+
+@pytest.fixture(params=[0o022, 0o000], ids=["umask022", "umask000"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    value: int = request.param
+    old = os.umask(value)
+    try:
+        yield value
+    finally:
+        os.umask(old)
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
+    """Every entry under ``root``: mode, mtime, content."""
+    found = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(dirpath) / name
+            info = os.lstat(path)
+            content = path.read_bytes() if stat.S_ISREG(info.st_mode) else None
+            found[str(path.relative_to(root))] = (info.st_mode, info.st_mtime_ns, content)
+    return found
+
+
+# Section: chunks
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+@pytest.mark.parametrize(
+    "data",
+    [COMPRESSIBLE, INCOMPRESSIBLE, COMPRESSIBLE[:1000]],
+    ids=["compressible", "incompressible", "short"],
+)
+def test_chunk_round_trip(tmp_path: Path, compression: str, encrypted: bool, data: bytes) -> None:
+    repo = Repository.init(
+        tmp_path / "r",
+        chunk_size=CHUNK,
+        compression=compression,
+        secret=SECRET if encrypted else None,
+    )
+    digest = repo.digest(data)
+    assert (digest == hashlib.sha256(data).digest()) is not encrypted  # keyed when encrypted
+    written = repo.write_chunk(digest, data)
+    repo.sync()
+    blob = (repo.path / "chunks" / digest.hex()[:2] / digest.hex()).read_bytes()
+    assert written == len(blob)
+    assert blob[:4] == b"BCC2"
+    flags = blob[4]
+    assert bool(flags & 1) is (compression == "zstd" and data is not INCOMPRESSIBLE)
+    assert bool(flags & 2) is encrypted
+    if encrypted or flags & 1:
+        assert data[:64] not in blob
+    reopened = Repository.open(repo.path, secret=SECRET if encrypted else None)
+    assert reopened.read_chunk(digest, len(data)) == data
+    assert reopened.has_chunk(digest)
+
+
+def test_same_chunk_is_stored_once_and_keys_do_not_share_digests(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    digest = repo.digest(INCOMPRESSIBLE)
+    assert repo.write_chunk(digest, INCOMPRESSIBLE) > 0
+    assert repo.write_chunk(digest, INCOMPRESSIBLE) == 0  # already there: nothing written
+    index = index_of(repo, INCOMPRESSIBLE, INCOMPRESSIBLE, COMPRESSIBLE, INCOMPRESSIBLE)
+    assert chunk_files(repo) == {digest.hex(), repo.digest(COMPRESSIBLE).hex()}
+    assert index.referenced() == {digest, repo.digest(COMPRESSIBLE)}
+    one = Repository.init(tmp_path / "k1", chunk_size=CHUNK, secret=b"first secret")
+    two = Repository.init(tmp_path / "k2", chunk_size=CHUNK, secret=b"second secret")
+    assert len({one.digest(INCOMPRESSIBLE), two.digest(INCOMPRESSIBLE), digest}) == 3
+
+
+def test_a_symlink_at_a_chunks_name_is_not_the_chunk_and_is_replaced_not_followed(
+    tmp_path: Path,
+) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    digest = repo.digest(COMPRESSIBLE)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"outside")
+    path = repo.path / "chunks" / digest.hex()[:2] / digest.hex()
+    path.parent.mkdir(mode=0o700)
+    path.symlink_to(victim)
+    assert not repo.has_chunk(digest)
+    assert repo.write_chunk(digest, COMPRESSIBLE) > 0
+    assert not path.is_symlink() and victim.read_bytes() == b"outside"
+    assert repo.read_chunk(digest, CHUNK) == COMPRESSIBLE
+
+
+class _FakeNbd:
+    class Error(Exception):
+        pass
+
+
+class _FakeHandle:
+    def __init__(self, disk: bytes) -> None:
+        self.disk = disk
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self.disk[offset : offset + length]
+
+
+def copy(repo: Repository, disk: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[DiskIndex, Any]:
+    """The reader's copy loop over a fake NBD handle serving ``disk``."""
+    monkeypatch.setattr(reader, "_connect", lambda socket, export, context: _FakeHandle(disk))
+    monkeypatch.setattr(reader, "libnbd", lambda: _FakeNbd)
+    monkeypatch.setattr(reader, "close", lambda handle: None)
+    index = DiskIndex.empty(len(disk), CHUNK)
+    copier = ChunkCopier(
+        socket="unused",
+        export="disk0",
+        repo=repo,
+        index=index,
+        chunks=tuple(range(index.count)),
+        connections=3,
+    )
+    copier.start()
+    copier.join()
+    return index, copier.stats
+
+
+async def test_zero_chunks_are_never_stored_nor_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    half_zero = bytes(CHUNK // 2)
+    disk = INCOMPRESSIBLE + bytes(CHUNK) + INCOMPRESSIBLE + COMPRESSIBLE + half_zero
+    index, stats = copy(repo, disk, monkeypatch)
+    assert [index.at(i) for i in range(index.count)] == [
+        repo.digest(INCOMPRESSIBLE),
+        ZERO_DIGEST,
+        repo.digest(INCOMPRESSIBLE),
+        repo.digest(COMPRESSIBLE),
+        ZERO_DIGEST,
+    ]
+    assert stats.zero_read == 2
+    assert stats.chunks_new == 2 and stats.bytes_new == 2 * CHUNK  # the repeat stored once
+    assert chunk_files(repo) == {repo.digest(INCOMPRESSIBLE).hex(), repo.digest(COMPRESSIBLE).hex()}
+    assert ZERO_DIGEST not in index.referenced()
+    commit(repo, POINTS[0], {"disk0": index})
+    # A planted chunk by the zero digest's name is never read: restore writes zeros there.
+    planted = repo.path / "chunks" / "00" / ZERO_DIGEST.hex()
+    planted.parent.mkdir(mode=0o700, exist_ok=True)
+    planted.write_bytes(b"BCC2\x00" + b"\xff" * CHUNK)
+    dest = tmp_path / "restored.raw"
+    await ops.restore(repo, VM, POINTS[0], "disk0", dest, ImageFormat.RAW)
+    assert dest.read_bytes() == disk
+    assert repo.gc().chunks_removed == 1 and not planted.exists()
+
+
+# Section: indexes and manifests
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_index_and_manifest_round_trip(tmp_path: Path, encrypted: bool) -> None:
+    secret = SECRET if encrypted else None
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK, secret=secret)
+    index = index_of(repo, COMPRESSIBLE, bytes(CHUNK), INCOMPRESSIBLE[:100])
+    manifest = commit(repo, POINTS[0], {"disk0": index, "disk1": index_of(repo, COMPRESSIBLE)})
+    reopened = Repository.open(repo.path, secret=secret)
+    read = reopened.read_index(VM, POINTS[0], "disk0")
+    assert (read.virtual_size, read.chunk_size, read.digests) == (
+        2 * CHUNK + 100,
+        CHUNK,
+        index.digests,
+    )
+    assert reopened.read_manifest(VM, POINTS[0]) == manifest
+    assert reopened.get(VM, POINTS[0]) == manifest
+    assert reopened.manifests(VM) == [manifest] and reopened.latest(VM) == manifest
+    raw = (repo.path / "points" / VM / POINTS[0] / "disk0.index").read_bytes()
+    assert (index.digests in raw) is not encrypted
+
+
+def test_disk_digest_derives_from_the_index_alone(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    index = index_of(repo, COMPRESSIBLE, bytes(CHUNK), INCOMPRESSIBLE)
+    expected = hashlib.sha256(
+        b"blockctl-disk-v2\0" + struct.pack(">QQ", 3 * CHUNK, CHUNK) + bytes(index.digests)
+    ).hexdigest()
+    assert index.disk_digest() == expected
+    assert index_of(repo, COMPRESSIBLE, bytes(CHUNK), INCOMPRESSIBLE).disk_digest() == expected
+    changed = index.copy()
+    changed.put(1, repo.digest(COMPRESSIBLE))
+    assert changed.disk_digest() != expected and index.disk_digest() == expected
+    longer = DiskIndex(3 * CHUNK + 1, CHUNK, bytearray(index.digests) + bytes(32))
+    assert longer.disk_digest() != expected
+
+
+# Section: garbage collection and prune
+
+
+def test_gc_removes_unreferenced_chunks_and_dead_points_and_keeps_referenced(
+    tmp_path: Path,
+) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    kept = index_of(repo, COMPRESSIBLE, INCOMPRESSIBLE)
+    commit(repo, POINTS[0], {"disk0": kept})
+    orphan = store(repo, INCOMPRESSIBLE[::-1])
+    # A backup that died after its index, before its manifest: not a point.
+    dead = DiskIndex.empty(CHUNK, CHUNK)
+    dead.put(0, store(repo, COMPRESSIBLE[::-1]))
+    repo.sync()
+    repo.begin_point(VM, POINTS[1])
+    repo.write_index(VM, POINTS[1], "disk0", dead)
+    tmp = repo.path / "chunks" / orphan.hex()[:2] / f".{orphan.hex()}.1.dead.tmp"
+    tmp.write_bytes(b"partial")
+    result = repo.gc()
+    assert (result.chunks_kept, result.chunks_removed, result.temporary_removed) == (2, 2, 2)
+    assert result.bytes_removed > 0
+    assert chunk_files(repo) == {d.hex() for d in kept.referenced()}
+    assert repo.point_ids(VM) == [POINTS[0]]
+    assert not tmp.exists()
+    for i in range(kept.count):
+        assert repo.read_chunk(kept.at(i), kept.chunk_length(i))
+    assert repo.gc().chunks_removed == 0
+
+
+def test_gc_refuses_while_another_open_file_holds_the_shared_lock(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    orphan = store(repo, INCOMPRESSIBLE)
+    fd = os.open(repo.path / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # a backup writing (another open file description)
+        with pytest.raises(RepositoryBusy):
+            repo.gc()
+        with repo.lock(exclusive=False), pytest.raises(RepositoryBusy):
+            repo.gc()  # a second shared holder in this very process
+        assert chunk_files(repo) == {orphan.hex()}
+    finally:
+        os.close(fd)
+    assert repo.gc().chunks_removed == 1
+
+
+async def test_prune_keeps_the_newest_and_what_it_references(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    old_only = INCOMPRESSIBLE[::-1]
+    for n, point in enumerate(POINTS):
+        disk = (old_only if n < 2 else INCOMPRESSIBLE) + COMPRESSIBLE
+        commit(repo, point, {"disk0": index_of(repo, disk[:CHUNK], disk[CHUNK:])}, n)
+    with pytest.raises(ConfigError):
+        await ops.prune(repo, VM, keep_last=0)
+    result = await ops.prune(repo, VM, keep_last=1)
+    assert result.deleted == POINTS[:2] and result.kept == POINTS[2:]
+    assert result.chunks_removed == 1 and result.gc_skipped is None
+    assert [m.id for m in repo.manifests(VM)] == [POINTS[2]]
+    assert repo.digest(old_only).hex() not in chunk_files(repo)
+    dest = tmp_path / "newest.raw"
+    await ops.restore(repo, VM, POINTS[2], "disk0", dest, ImageFormat.RAW)
+    assert dest.read_bytes() == INCOMPRESSIBLE + COMPRESSIBLE
+    # keep_within=0 keeps nothing by age, but the newest always stays.
+    again = await ops.prune(repo, VM, keep_within=0)
+    assert again.deleted == () and again.kept == POINTS[2:]
+
+
+async def test_prune_says_when_gc_was_skipped_for_a_running_backup(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    for n, point in enumerate(POINTS[:2]):
+        commit(repo, point, {"disk0": index_of(repo, os.urandom(CHUNK))}, n)
+    with repo.lock(exclusive=False):
+        result = await ops.prune(repo, VM, keep_last=1)
+    assert result.deleted == POINTS[:1] and result.gc_skipped is not None
+    assert len(chunk_files(repo)) == 2  # collected later, not while the backup writes
+    assert repo.gc().chunks_removed == 1
+
+
+# Section: modes, loose repositories, keys
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+async def test_everything_is_owner_only_whatever_the_umask(
+    tmp_path: Path, umask: int, encrypted: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK, secret=SECRET if encrypted else None)
+    index, _ = copy(repo, INCOMPRESSIBLE + COMPRESSIBLE + bytes(CHUNK), monkeypatch)
+    commit(repo, POINTS[0], {"disk0": index})
+    with ops._vm_lock(repo, VM):
+        repo.begin_point(VM, POINTS[1])  # a backup in progress
+    store(repo, os.urandom(CHUNK))
+    repo.gc()
+    dest = tmp_path / "out" / "restored.raw"
+    dest.parent.mkdir()
+    await ops.restore(repo, VM, POINTS[0], "disk0", dest, ImageFormat.RAW)
+    seen = 0
+    for path in [repo.path, *repo.path.rglob("*")]:
+        seen += 1
+        assert mode_of(path) == (0o700 if path.is_dir() else 0o600), path
+    assert seen >= 10
+    assert mode_of(dest) == 0o600
+
+
+@pytest.mark.parametrize("how", ["mode-0777", "mode-0770", "uid-65534"])
+def test_a_loose_repository_is_refused(tmp_path: Path, how: str) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    if how == "uid-65534":
+        os.chown(repo.path, 65534, 65534)
+    else:
+        os.chmod(repo.path, int(how[-4:], 8))
+    with pytest.raises(RepositoryError) as info:
+        Repository.open(repo.path)
+    assert type(info.value) is RepositoryError and str(repo.path) in str(info.value)
+    empty = tmp_path / "new"
+    empty.mkdir()
+    os.chmod(empty, 0o777)
+    with pytest.raises(RepositoryError):
+        Repository.init(empty, chunk_size=CHUNK)
+    assert list(empty.iterdir()) == []
+
+
+def test_a_repository_path_that_is_a_symlink_is_followed_once(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    digest = store(repo, COMPRESSIBLE)
+    (tmp_path / "link").symlink_to(repo.path)
+    opened = Repository.open(tmp_path / "link")
+    assert opened.path == repo.path
+    assert opened.read_chunk(digest, CHUNK) == COMPRESSIBLE
+
+
+def key_file(path: Path, secret: bytes, mode: int = 0o600) -> Path:
+    path.write_bytes(secret + b"\n")
+    os.chmod(path, mode)
+    return path
+
+
+def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    loose = key_file(tmp_path / "key", SECRET, 0o644)
+    with pytest.raises(ConfigError):
+        ops.init_repository(tmp_path / "r", key_file=loose)
+    assert not (tmp_path / "r").exists()
+    ops.init_repository(tmp_path / "r", key_file=key_file(tmp_path / "good", SECRET))
+    with pytest.raises(ConfigError):
+        ops.open_repository(tmp_path / "r", key_file=loose)
+    assert ops.open_repository(tmp_path / "r", key_file=tmp_path / "good").encrypted
+
+
+def test_a_wrong_or_missing_key_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    good = key_file(tmp_path / "good", SECRET)
+    repo = ops.init_repository(tmp_path / "r", key_file=good, chunk_size=CHUNK)
+    commit(repo, POINTS[0], {"disk0": index_of(repo, COMPRESSIBLE)})
+    before = tree(repo.path)
+    wrong = key_file(tmp_path / "wrong", b"not the secret")
+    with pytest.raises(BackupKeyError):
+        ops.open_repository(repo.path, key_file=wrong)
+    with pytest.raises(BackupKeyError):
+        ops.open_repository(repo.path)
+    with pytest.raises(BackupKeyError):
+        Repository.open(repo.path, secret=b"\x00" * 32)
+    assert tree(repo.path) == before
+    assert ops.open_repository(repo.path, key_file=good).get(VM, POINTS[0]).id == POINTS[0]
