@@ -473,6 +473,9 @@ async def _backup(
             # The copy is done: QEMU's side goes before the repository is committed.
             await _teardown(vm, disks, jobs, added, server_started)
             server_started = False
+        # The overlays go with their nodes: a controller killed from here on leaves no
+        # scratch file that recovery (which finds them through the nodes) could not see.
+        shutil.rmtree(scratch, ignore_errors=True)
         await anyio.to_thread.run_sync(repo.sync)
         failpoint("after-chunks")
         for d in disks:
