@@ -46,7 +46,6 @@ from blockctl._backup import operations as ops
 from blockctl._backup.store import Manifest, Repository
 from blockctl._console import GuestConsole
 from blockctl._machine import VM, attach, launch_detached, shutdown_detached
-from blockctl._ops.chains import read_graph
 from blockctl._qmp import wire
 from blockctl._qmp.models import DirtyBitmap
 from blockctl.errors import ConnectionLost, RepositoryError
@@ -109,13 +108,15 @@ class Writes:
 
 
 async def my_bitmaps(vm: VM, repo: Repository) -> list[DirtyBitmap]:
-    graph = await read_graph(vm)
-    prefix = checkpoints.repository_prefix(repo.config.id)
-    return [
-        b
-        for b in graph.format_node("disk0").dirty_bitmaps
-        if b.name is not None and b.name.startswith(prefix)
+    """The repository's bitmaps on the VM's one qcow2 disk (its format node: while a
+    fleecing job runs, a copy-before-write filter sits above it)."""
+    [disk] = [
+        d
+        for d in await wire.query_named_block_node_details(vm.session)
+        if d.node.driver == "qcow2" and not d.node.node_name.startswith("bcf")
     ]
+    prefix = checkpoints.repository_prefix(repo.config.id)
+    return [b for b in disk.dirty_bitmaps if b.name is not None and b.name.startswith(prefix)]
 
 
 async def checkpoint_of(vm: VM, repo: Repository, point: str, covers: int, what: str) -> int:
@@ -410,6 +411,36 @@ async def kill_controller_at(name: str, step: str, repo: Repository, scratch: Pa
 #: Where the child dies: every step, and "copy" (its first progress record of the read, with
 #: QEMU's fleecing job, nodes, NBD server and export all live).
 KILL_STEPS = ("before-transaction", "after-transaction", "copy", *ops.STEPS[2:])
+#: What each kill leaves before recovery: (fleecing nodes, job, export, the incomplete point's
+#: files, the repository's bitmaps: the last good point's and the attempt's, and whether the
+#: good one records).
+KILL_LEAVES: dict[str, tuple[bool, bool, bool, list[str] | None, str]] = {
+    "before-transaction": (False, False, False, [], "good, recording"),
+    "after-transaction": (True, True, False, [], "good + new, frozen"),
+    "copy": (True, True, True, [], "good + new, frozen"),
+    "after-chunks": (False, False, False, [], "good + new, frozen"),
+    "after-index": (False, False, False, ["disk0.index"], "good + new, frozen"),
+    "after-manifest": (False, False, False, None, "good + new, frozen"),
+}
+
+
+async def left_behind(
+    vm: VM, repo: Repository, name: str, good: str
+) -> tuple[bool, bool, bool, list[str] | None, str]:
+    nodes = any(n.node_name.startswith("bcf") for n in await vm.block_nodes())
+    jobs = bool(await wire.query_jobs(vm.session))
+    exports = bool(await wire.query_block_exports(vm.session))
+    incomplete = repo.incomplete_points(name)
+    files = (
+        sorted(os.listdir(repo.path / "points" / name / incomplete[0]))
+        if len(incomplete) == 1
+        else None
+    )
+    bitmaps = {b.name: b for b in await my_bitmaps(vm, repo)}
+    base = bitmaps.pop(checkpoints.bitmap_name(repo.config.id, good), None)
+    assert base is not None, bitmaps
+    state = "recording" if base.recording else "frozen"
+    return nodes, jobs, exports, files, f"good{' + new' if bitmaps else ''}, {state}"
 
 
 async def test_controller_killed_at_every_step_then_recovered_loses_no_write(
@@ -440,6 +471,8 @@ async def test_controller_killed_at_every_step_then_recovered_loses_no_write(
             # writes are only in the killed attempt's new bitmap.
             w2 = await guest_writes.w2(n)
             async with attach("killed") as vm:
+                # What the killed controller left: the crash point is the one asked for.
+                assert await left_behind(vm, repo, "killed", good.id) == KILL_LEAVES[step], what
                 notes = await ops.recover(vm, repo)
                 if step == "after-manifest":
                     [recorded] = [m for m in repo.manifests("killed") if m.id not in points]
