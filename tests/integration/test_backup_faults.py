@@ -15,13 +15,18 @@ fsync), a backup fails at step S, and then:
   lost.
 
 The steps: every name in ``operations.STEPS`` ("after-manifest": the point *is* recorded and
-restores exactly; the next backup settles the previous checkpoint), a failure during the copy
+restores exactly; the previous checkpoint may linger until the failure path, a recovery or the
+next backup settles it), a failure during the copy
 (``fail_after_chunks=1``), real ENOSPC at the chunk writes (a small tmpfs that fills, then
 grows), at the index write and at the manifest write (the tmpfs filled at the step before),
 the controller killed -9 at every step and mid-copy (a child process, then
 ``backup.recover``; the guest writes between the kill and the recovery, into the attempt's
 new bitmap only), and QEMU killed -9 after the transaction (restarted on the same disk: the
 next backup is full with a true reason, and exact).
+
+The in-process failures run with the guest idle during the attempt (nothing awaits inside a
+failpoint); writes that land in an attempt's own bitmap and must be merged back are the
+controller-kill cases (the failure path and recovery settle the checkpoints with the same code).
 """
 
 from __future__ import annotations
