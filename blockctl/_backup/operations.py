@@ -515,6 +515,9 @@ async def _backup(
             # The copy is done: QEMU's side goes before the repository is committed.
             await _teardown(vm, disks, jobs, added, server_started, hooks)
             server_started = False
+        # The overlays go with their nodes: a controller killed from here on leaves no
+        # scratch file that recovery (which finds them through the nodes) could not see.
+        shutil.rmtree(scratch, ignore_errors=True)
         with _step(repo, "making the chunks durable"):
             await anyio.to_thread.run_sync(repo.sync)
         await _at(failpoint, "after-chunks")

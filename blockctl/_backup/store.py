@@ -720,7 +720,15 @@ class Repository:
                 _INDEX_MAGIC, _FLAG_SEALED, index.virtual_size, index.chunk_size
             )
             body = self.key.seal(body, header + f"{vm}/{point}/{device}".encode())
-        _fsutil.atomic_write_bytes(self._point_dir(vm, point) / f"{device}.index", header + body)
+        try:
+            _fsutil.atomic_write_bytes(
+                self._point_dir(vm, point) / f"{device}.index", header + body
+            )
+        except OSError as exc:
+            raise RepositoryError(
+                f"repository {self.path}: writing the index of {device} in {vm}/{point}: "
+                f"{_errno_text(exc)}"
+            ) from exc
 
     def read_index(self, vm: str, point: str, device: str) -> DiskIndex:
         check_name(vm, "VM")
@@ -789,10 +797,16 @@ class Repository:
         data = manifest.to_json()
         if self.key is not None:
             data["mac"] = self.key.sign(_canonical(data))
-        _fsutil.atomic_write_bytes(
-            self._point_dir(manifest.vm, manifest.id) / "manifest.json",
-            json.dumps(data, indent=1).encode(),
-        )
+        try:
+            _fsutil.atomic_write_bytes(
+                self._point_dir(manifest.vm, manifest.id) / "manifest.json",
+                json.dumps(data, indent=1).encode(),
+            )
+        except OSError as exc:
+            raise RepositoryError(
+                f"repository {self.path}: writing the manifest of {manifest.vm}/{manifest.id}: "
+                f"{_errno_text(exc)}"
+            ) from exc
 
     def read_manifest(self, vm: str, point: str) -> Manifest:
         where = f"manifest of {vm}/{point}"

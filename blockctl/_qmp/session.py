@@ -74,6 +74,12 @@ def translate(exc: qmp_error.QMPError, command: str, lost_reason: str | None) ->
         return ProtocolMismatch(command, str(exc))
     if target is QMPStateError and lost_reason is not None:
         return ConnectionLost(f"{command}: {lost_reason}")
+    if (
+        isinstance(exc, qmp_protocol.StateError)
+        and exc.state is qmp_protocol.Runstate.DISCONNECTING
+    ):
+        # QEMU closed the connection (it exited) before the owner of the process noticed.
+        return ConnectionLost(f"{command}: QEMU closed the QMP connection ({exc})")
     if target is ConnectionLost:
         return ConnectionLost(
             f"{command} was interrupted: {lost_reason or exc}; whether it took effect is unknown"

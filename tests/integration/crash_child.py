@@ -2,11 +2,13 @@
 
 ``python -m tests.integration.crash_child VM KIND STEP JSON`` — KIND is ``commit``,
 ``stream``, ``snapshot`` or ``backup``; STEP a :class:`blockctl._journal.Step` value (for a
-backup: a job status; ``frozen``: right after a quiesced operation's freeze is confirmed, via
-``_agent.FAILPOINT``); JSON the operation's keyword arguments. The process SIGKILLs itself
-right after the journal record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup,
-when its job reaches that status (a job hook): the crash point is exact, never a race. Exit
-code 3: the operation ended without reaching STEP (the test fails on it).
+backup: a name in ``blockctl.backup.STEPS``, or ``copy``; ``frozen``: right after a quiesced
+operation's freeze is confirmed, via ``_agent.FAILPOINT``); JSON the operation's keyword
+arguments (for a backup: ``repo``, and optionally ``kind`` and ``scratch_dir``). The process
+SIGKILLs itself right after the journal record for STEP is on disk (``_journal.FAILPOINT``),
+or, for a backup, at the backup's failpoint STEP (``copy``: at the first progress record of
+the read, with the fleecing job, nodes and export live): the crash point is exact, never a
+race. Exit code 3: the operation ended without reaching STEP (the test fails on it).
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 
-from blockctl import _agent, _journal
-from blockctl._jobs import JobProgress, JobStatus, JobTransition
+from blockctl import _agent, _journal, backup
+from blockctl._jobs import JobProgress, JobTransition
 from blockctl._machine import attach
-from blockctl._ops import backup, chains
+from blockctl._ops import chains
 
 
 def die_at(kind: str, step: str) -> None:
@@ -37,28 +41,44 @@ def die_at(kind: str, step: str) -> None:
     _journal.FAILPOINT = failpoint
 
 
-class DieAt:
-    """A job hook: SIGKILL this process when a job reaches ``status`` (before the driver
-    acts on it: a concluded job is then neither read nor dismissed)."""
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    def __init__(self, status: str) -> None:
-        self.status = JobStatus(status)
+
+class DieReading:
+    """A job hook: SIGKILL this process at the backup's first progress record of its read
+    (QEMU's fleecing job, nodes, NBD server and export are all live then)."""
 
     def on_transition(self, transition: JobTransition) -> None:
-        if transition.status is self.status:
-            os.kill(os.getpid(), signal.SIGKILL)
+        pass
 
     def on_progress(self, progress: JobProgress) -> None:
-        pass
+        if progress.job_type == "backup-read":
+            die()
+
+
+def backup_failpoint(step: str) -> Callable[[str], None]:
+    def failpoint(at: str) -> None:
+        if at == step:
+            die()
+
+    return failpoint
 
 
 async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
     async with attach(vm_name) as vm:
         if kind == "backup":
-            kwargs.pop("device")
-            repo = kwargs.pop("repo")
-            mode = backup.BackupKind(kwargs.pop("mode"))
-            await backup.backup(vm, repo, kind=mode, hooks=(DieAt(kwargs.pop("status")),))
+            step = kwargs.pop("step")
+            repo = backup.open_repository(kwargs.pop("repo"))
+            scratch = kwargs.pop("scratch_dir", None)
+            await backup.create(
+                vm,
+                repo,
+                kind=kwargs.pop("kind", "incremental"),
+                scratch_dir=None if scratch is None else Path(scratch),
+                hooks=(DieReading(),) if step == "copy" else (),
+                failpoint=backup_failpoint(step),
+            )
         elif kind == "commit":
             await chains.commit(vm, **kwargs)
         elif kind == "stream":
@@ -70,7 +90,11 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     name, op_kind, at, args = sys.argv[1:5]
-    die_at(op_kind, at)
-    extra = {"status": at} if op_kind == "backup" else {}
+    if op_kind == "backup":
+        if at != "copy" and at not in backup.STEPS:
+            sys.exit(f"no backup step {at!r}: {', '.join(backup.STEPS)} or copy")
+    else:
+        die_at(op_kind, at)
+    extra = {"step": at} if op_kind == "backup" else {}
     anyio.run(main, name, op_kind, {**json.loads(args), **extra}, backend="asyncio")
     sys.exit(3)

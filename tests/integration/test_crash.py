@@ -32,9 +32,7 @@ import pytest
 
 from blockctl import GuestImage, _journal, open_vm
 from blockctl._images import check
-from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._machine import attach, launch_detached, shutdown_detached
-from blockctl._ops import backup as bk
 from blockctl._ops import chains, recovery
 from blockctl._qmp import wire
 from blockctl.errors import BlockctlError, VMExists
@@ -45,7 +43,6 @@ from tests.integration.conftest import (
     base_config,
     image_bytes,
     pattern,
-    qcow2_image,
     raw_image,
     run,
 )
@@ -345,84 +342,8 @@ async def test_qemu_killed_mid_operation_chain_reads_the_same(
     SURVIVED["qemu"].append(f"{'active-' if active else ''}{kind}@{step}")
 
 
-# Section: backups (their record is the repository; recovery is backup.recover)
-
-
-async def restored(repo: Path, vm: str, backup_id: str, out: Path) -> bytes:
-    dest = out / f"{backup_id}.raw"
-    await bk.restore(repo, vm, backup_id, "disk0", dest, ImageFormat.RAW)
-    data = dest.read_bytes()
-    dest.unlink()
-    return data
-
-
-async def test_backup_controller_killed_with_its_job_concluded(
-    guest: GuestImage, images: Path, tmp_path: Path
-) -> None:
-    """Killed after the job concluded but before it was read, dismissed and recorded: the
-    data is all there, but no manifest. A fresh ``blockctl recover --repo`` dismisses the
-    job, removes the directory (never listed as a backup) and drops the bitmaps; the next
-    backup is full and restores the disk exactly."""
-    disk = await qcow2_image(images / "b.qcow2", pattern(3, DISK), DISK)
-    repo = tmp_path / "repo"
-    async with detached(guest, "crashb", disk):
-        async with attach("crashb") as vm:
-            first = await bk.backup(vm, repo, kind=bk.BackupKind.FULL)
-        await kill_controller_at(
-            "crashb", "backup", "concluded", device="disk0", repo=str(repo), mode="incremental"
-        )
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        argv = [sys.executable, "-m", "blockctl", "recover", "crashb", "--repo", str(repo)]
-        done = await anyio.run_process([*argv, "--json"], check=False, env=env, cwd=ROOT)
-        assert done.returncode == 0, done.stderr.decode()[-2000:]
-        notes = json.loads(done.stdout)["backup"]
-        assert any("had ended" in n for n in notes), notes
-        assert any("removed incomplete backup" in n for n in notes), notes
-        assert [m.id for m in bk.Repository(root=repo, vm="crashb").manifests()] == [first.id]
-        async with attach("crashb") as vm:
-            assert await wire.query_jobs(vm.session) == ()
-            again = await bk.backup(vm, repo)
-        assert again.kind is bk.BackupKind.FULL
-    assert await restored(repo, "crashb", again.id, tmp_path) == pattern(3, DISK)
-    await offline_check([disk], 0, data=pattern(3, DISK))
-    SURVIVED["controller"].append("backup@concluded")
-
-
-async def test_backup_qemu_killed_mid_job(guest: GuestImage, images: Path, tmp_path: Path) -> None:
-    """QEMU killed while a throttled backup copies: the disk reads the same after a restart,
-    the half-written backup is never listed, and the next backup is full and exact."""
-    disk = await qcow2_image(images / "q.qcow2", pattern(4, DISK), DISK)
-    repo = tmp_path / "repo"
-    async with detached(guest, "crashbq", disk), attach("crashbq") as vm:
-        first = await bk.backup(vm, repo, kind=bk.BackupKind.FULL)
-        pid = vm.pid or 0
-
-        class KillQemu:
-            def on_transition(self, transition: JobTransition) -> None:
-                if transition.status is JobStatus.RUNNING:
-                    os.kill(pid, signal.SIGKILL)
-
-            def on_progress(self, progress: JobProgress) -> None:
-                pass
-
-        lost = False
-        try:
-            await bk.backup(vm, repo, kind=bk.BackupKind.FULL, speed=SLOW, hooks=(KillQemu(),))
-        except* BlockctlError:  # ConnectionLost, possibly inside the job wait's task group
-            lost = True
-        assert lost
-    await offline_check([disk], 0, data=pattern(4, DISK))
-    config = base_config(guest, Drive(file=disk, format=ImageFormat.QCOW2), name="crashbq")
-    async with open_vm(config, console=False) as vm:
-        again = await bk.backup(vm, repo)
-    assert again.kind is bk.BackupKind.FULL
-    assert again.fallback_reason is not None
-    assert [m.id for m in bk.Repository(root=repo, vm="crashbq").manifests()] == [
-        first.id,
-        again.id,
-    ]
-    assert await restored(repo, "crashbq", again.id, tmp_path) == pattern(4, DISK)
-    SURVIVED["qemu"].append("backup@running")
+# Section: backups. Their record is the repository and their recovery ``backup.recover``;
+# the controller and QEMU killed -9 at every step of a backup are in test_backup_faults.py.
 
 
 def test_zz_report_crash_figures() -> None:

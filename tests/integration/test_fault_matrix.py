@@ -1,9 +1,9 @@
 """The fault-injection matrix (issue #7, qemu-facts §4): every long job, where the I/O fails,
 how it fails, and the job's error policy, against real QEMU and QEMU's ``blkdebug`` driver.
 
-{full backup, incremental backup, intermediate commit, active commit, stream}
+{intermediate commit, active commit, stream}
 x {source read error, target write error} x {EIO, ENOSPC} x {report, stop, enospc, ignore}
-= 80 cases. Each case builds its own images, opens them in one running VM (the guest keeps
+= 48 cases. Each case builds its own images, opens them in one running VM (the guest keeps
 running throughout), runs the operation through blockctl's library API, and checks:
 
 - the outcome blockctl reports: ``report`` → :class:`JobFailed` naming QEMU's error; ``stop``
@@ -12,16 +12,16 @@ running throughout), runs the operation through blockctl's library API, and chec
   retried (blockctl resumes the stopped job) 16 times, then the job fails;
 - the source data is unchanged: what the device reads through its chain is byte-identical to
   what it read before (``qemu-img compare`` once QEMU has let go of the images);
-- for backups: nothing was recorded in the repository, and the bitmap was not consumed (its
-  dirty count is unchanged);
 - ``qemu-img check`` is clean on every qcow2 image of the case;
 - no job and no node is left behind (the node set is back to what it was).
 
 The faults are persistent (every matching request fails), so a case never depends on timing.
 Source read errors are rules on ``read_aio`` of a layer's file (data reads only: qcow2
-metadata reads do not fire it); target write errors are rules on ``write_aio``. In the
-incremental case the source rule is armed only once the guest has flushed its new data
-(blkdebug ``set-state`` on ``flush_to_disk``), so the full backup before it is clean.
+metadata reads do not fire it); target write errors are rules on ``write_aio``.
+
+Backups are not here: they read a fleecing export over NBD (no QEMU job writes a target, so
+no error policy applies); their faults at every step, ENOSPC and kill -9 are in
+``test_backup_faults.py``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import pytest
 import pytest_asyncio
 
 from blockctl import GuestImage, LaunchedVM
-from blockctl._ops import backup as bk
 from blockctl._ops import chains
 from blockctl._qmp import wire
 from blockctl.errors import JobFailed, JobStoppedOnError
@@ -52,7 +51,7 @@ from tests.integration.conftest import MIB, PauseSignal, base_config, run, vm_in
 
 pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="module")]
 
-OPS = ("backup-full", "backup-incremental", "commit-intermediate", "commit-active", "stream")
+OPS = ("commit-intermediate", "commit-active", "stream")
 SIDES = ("source", "target")
 ERRNOS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
 MESSAGES = {"EIO": "Input/output error", "ENOSPC": "No space left on device"}
@@ -89,17 +88,9 @@ async def node_names(vm: LaunchedVM) -> set[str]:
 # Section: building a case's chain
 
 
-def rule(
-    event: str, err: str, *, armed_by_flush: bool = False, once: bool = False
-) -> dict[str, Any]:
-    """A blkdebug rule failing every ``event`` request (``once``: only the first one); with
-    ``armed_by_flush`` only once the node has seen a flush (state 2)."""
-    return {
-        "event": event,
-        "errno": ERRNOS[err],
-        **({"state": 2} if armed_by_flush else {}),
-        **({"once": True} if once else {}),
-    }
+def rule(event: str, err: str, *, once: bool = False) -> dict[str, Any]:
+    """A blkdebug rule failing every ``event`` request (``once``: only the first one)."""
+    return {"event": event, "errno": ERRNOS[err], **({"once": True} if once else {})}
 
 
 @dataclass
@@ -110,7 +101,6 @@ class Layer:
     name: str
     path: Path
     rules: Sequence[dict[str, Any]] = ()
-    set_state_on_flush: bool = False
 
     def nodes(self, backing: str | None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [
@@ -124,8 +114,6 @@ class Layer:
                 "image": file_node,
                 "inject-error": list(self.rules),
             }
-            if self.set_state_on_flush:
-                dbg["set-state"] = [{"event": "flush_to_disk", "state": 1, "new_state": 2}]
             out.append(dbg)
             file_node = f"{self.name}-dbg"
         out.append(
@@ -170,12 +158,8 @@ async def add_chain(vm: LaunchedVM, layers: Sequence[Layer]) -> None:
         backing = layer.name
 
 
-async def remove(vm: LaunchedVM, layers: Sequence[Layer], device: str | None = None) -> None:
-    """Unplug ``device`` (waiting for its DEVICE_DELETED), then delete the nodes top-down."""
-    if device is not None:
-        with wire.device_deleted_events(vm.session) as events:
-            await wire.device_del(vm.session, device)
-            await events.wait_for(lambda e: wire.is_device_deleted(e, device))
+async def remove(vm: LaunchedVM, layers: Sequence[Layer]) -> None:
+    """Delete the nodes top-down."""
     for layer in reversed(layers):
         for name in layer.names():
             await wire.blockdev_del(vm.session, name)
@@ -231,104 +215,6 @@ async def no_leftovers(rig: Rig) -> None:
 
 
 # Section: the cases
-
-
-async def guest_dev(vm: LaunchedVM, serial: str) -> str:
-    """The guest's name for the virtio disk with this serial, once the guest has probed it
-    (bounded wait in the guest: a hot-plugged disk appears asynchronously)."""
-    assert vm.console is not None
-    out = await vm.console.check(
-        # "$d" quoted: an unmatched glob stays literal even if the disk appears meanwhile.
-        "for i in $(seq 100); do for d in /sys/block/vd*; do "
-        f'[ -e "$d/serial" ] && [ "$(cat "$d/serial")" = {serial} ] && echo "${{d##*/}}" '
-        "&& exit 0; done; sleep 0.1; done; exit 1"
-    )
-    return out.strip()
-
-
-async def inc_count(vm: LaunchedVM, node: str) -> int:
-    for detail in await wire.query_named_block_node_details(vm.session):
-        if detail.node.node_name == node:
-            for bitmap in detail.dirty_bitmaps:
-                if bitmap.name == bk.BITMAP_INC:
-                    return bitmap.count
-    raise AssertionError(f"{node} has no {bk.BITMAP_INC} bitmap")
-
-
-async def backup_case(
-    rig: Rig,
-    directory: Path,
-    op: str,
-    side: str,
-    err: str,
-    policy: ErrorPolicy,
-    transient: bool = False,
-) -> None:
-    vm, n = rig.vm, next(_serial)
-    (path,) = await make_chain(directory, 1)
-    incremental = op == "backup-incremental"
-    src = Layer(
-        f"f{n}",
-        path,
-        rules=[rule("read_aio", err, armed_by_flush=incremental, once=transient)]
-        if side == "source"
-        else (),
-        set_state_on_flush=incremental and side == "source",
-    )
-    await add_chain(vm, [src])
-    device, serial = f"fdev{n}", f"FM{n}"
-    await wire.device_add(
-        vm.session, {"driver": "virtio-blk-pci", "id": device, "drive": src.name, "serial": serial}
-    )
-    repo = directory / "repo"
-    target_rules = [rule("write_aio", err, once=transient)] if side == "target" else []
-    recorded: list[str] = []
-    if incremental:
-        full = await bk.backup(vm, repo, kind=bk.BackupKind.FULL, devices=[device])
-        recorded.append(full.id)
-        # The guest writes 64 KiB of zeros at 2 MiB and flushes (arming the source rule).
-        dev = await guest_dev(vm, serial)
-        assert vm.console is not None
-        await vm.console.check(
-            f"dd if=/dev/zero of=/dev/{dev} bs=64k seek=32 count=1 oflag=direct conv=fsync"
-            " 2>/dev/null"
-        )
-    dirty_before = await inc_count(vm, src.name) if incremental else None
-    attempt = bk.backup(
-        vm,
-        repo,
-        kind=bk.BackupKind.INCREMENTAL if incremental else bk.BackupKind.FULL,
-        devices=[device],
-        inject_errors=target_rules,
-        on_source_error=policy if side == "source" else ErrorPolicy.REPORT,
-        on_target_error=policy if side == "target" else ErrorPolicy.REPORT,
-        pause_timeout=PAUSE_TIMEOUT,
-    )
-    if transient:
-        recorded.append((await attempt).id)  # the one failed request was retried
-    else:
-        with pytest.raises(JobFailed) as info:
-            await attempt
-        check_outcome(info.value, op, side, err, policy)
-    # Nothing recorded for a failure; the bitmap still holds the guest's write.
-    assert [m.id for m in bk.Repository(root=repo, vm=vm.name).manifests()] == recorded
-    if incremental:
-        assert dirty_before == 64 * 1024
-        assert await inc_count(vm, src.name) == (0 if transient else dirty_before)
-    assert not [n for n in await node_names(vm) if n.startswith("bk")]
-    await remove(vm, [src], device)
-    await no_leftovers(rig)
-    # The source reads as before: its pattern, plus the guest's zeros for the incremental.
-    expected = directory / "expected.raw"
-    await run("qemu-img", "create", "-q", "-f", "raw", expected, str(SIZE))
-    await run("qemu-io", "-f", "raw", "-c", f"write -P {0x41} 1M 2M", expected)
-    if incremental:
-        await run("qemu-io", "-f", "raw", "-c", "write -P 0 2M 64k", expected)
-    await assert_same(path, expected)
-    await assert_clean(path, *sorted(repo.rglob("*.qcow2")))
-    if transient:  # the backup restores to exactly that
-        restored = await bk.restore(repo, vm.name, recorded[-1], device, directory / "r.qcow2")
-        await assert_same(restored, expected)
 
 
 async def chain_case(
@@ -406,15 +292,12 @@ async def chain_case(
 async def test_fault(
     rig: Rig, tmp_path: Path, op: str, side: str, err: str, policy: ErrorPolicy
 ) -> None:
-    if op.startswith("backup"):
-        await backup_case(rig, tmp_path, op, side, err, policy)
-    else:
-        await chain_case(rig, tmp_path, op, side, err, policy)
+    await chain_case(rig, tmp_path, op, side, err, policy)
 
 
 # Section: real ENOSPC (no injection): a small tmpfs fills up, grows, the job resumes
 
-ENOSPC_OPS = ("backup-full", "commit-intermediate", "commit-active", "stream")
+ENOSPC_OPS = ("commit-intermediate", "commit-active", "stream")
 ENOSPC_POLICIES = (ErrorPolicy.ENOSPC, ErrorPolicy.STOP, ErrorPolicy.REPORT)
 ENOSPC_DONE: list[str] = []
 
@@ -446,7 +329,7 @@ async def grow_and_resume(vm: LaunchedVM, signal_: PauseSignal, mount: Path) -> 
 )
 async def test_real_enospc(rig: Rig, tmp_path: Path, op: str, policy: ErrorPolicy) -> None:
     """The job's target lives on a 1 MiB tmpfs and needs 6 MiB. ``report``: a clean failure
-    (nothing recorded, the source reads the same). ``enospc``/``stop``: the job pauses with
+    (the source reads the same). ``enospc``/``stop``: the job pauses with
     io-status ``nospace``; the tmpfs grows and the job is resumed; the result is exact."""
     vm, n = rig.vm, next(_serial)
     signal_ = PauseSignal()
@@ -454,8 +337,8 @@ async def test_real_enospc(rig: Rig, tmp_path: Path, op: str, policy: ErrorPolic
         if policy is not ErrorPolicy.REPORT:
             tg.start_soon(grow_and_resume, vm, signal_, small)
         # Layers base first; the one the job writes is on the tmpfs; the data is 6 MiB.
-        count = {"backup-full": 1, "commit-active": 2}.get(op, 3)
-        on_tmpfs = {"backup-full": None, "stream": count - 1}.get(op, 0)
+        count = 2 if op == "commit-active" else 3
+        on_tmpfs = count - 1 if op == "stream" else 0
         paths: list[Path] = []
         for i in range(count):
             path = (small if i == on_tmpfs else tmp_path) / f"l{i}.qcow2"
@@ -470,23 +353,8 @@ async def test_real_enospc(rig: Rig, tmp_path: Path, op: str, policy: ErrorPolic
         layers = [Layer(f"e{n}-{i}", p) for i, p in enumerate(paths)]
         await add_chain(vm, layers)
         top = layers[-1].name
-        device = None
-        job: Coroutine[Any, Any, bk.Manifest | chains.ChainResult]
-        if op == "backup-full":
-            device = f"edev{n}"
-            await wire.device_add(
-                vm.session, {"driver": "virtio-blk-pci", "id": device, "drive": top}
-            )
-            job = bk.backup(
-                vm,
-                small / "repo",
-                kind=bk.BackupKind.FULL,
-                devices=[device],
-                on_target_error=policy,
-                pause_timeout=300,
-                hooks=[signal_],
-            )
-        elif op == "stream":
+        job: Coroutine[Any, Any, chains.ChainResult]
+        if op == "stream":
             job = chains.stream(vm, top, on_error=policy, pause_timeout=300, hooks=[signal_])
         else:
             job = chains.commit(
@@ -502,24 +370,16 @@ async def test_real_enospc(rig: Rig, tmp_path: Path, op: str, policy: ErrorPolic
         if policy is ErrorPolicy.REPORT:
             with pytest.raises(JobFailed, match="No space left on device"):
                 await job
-            if op == "backup-full":
-                assert bk.Repository(root=small / "repo", vm=vm.name).manifests() == []
         else:
             result = await job
             # (A stream job reports its copy-on-read write errors as reads.)
             assert [e.operation for e in signal_.errors][:1] == [
                 "read" if op == "stream" else "write"
             ]
-            if isinstance(result, bk.Manifest):
-                restored = await bk.restore(
-                    small / "repo", vm.name, result.id, device or "", tmp_path / "r.qcow2"
-                )
-                await assert_same(restored, expected)
-            else:
-                kept = [layer for layer in layers if layer.name in result.chain]
-                top = result.chain[0]
+            kept = [layer for layer in layers if layer.name in result.chain]
+            top = result.chain[0]
         assert await wire.query_jobs(vm.session) == ()
-        await remove(vm, kept, device)
+        await remove(vm, kept)
         await no_leftovers(rig)
         final = next(layer.path for layer in kept if layer.name == top)
         await assert_same(final, expected)  # the device reads exactly what it read
@@ -537,10 +397,8 @@ async def test_transient_fault_is_retried_under_ignore(
     rig: Rig, tmp_path: Path, op: str, side: str
 ) -> None:
     """One failing request (blkdebug ``once``), policy ``ignore``: the retry succeeds and the
-    result is complete and exact (a backup restores to the source, a commit or stream leaves
-    a chain that reads the same)."""
-    case = backup_case if op.startswith("backup") else chain_case
-    await case(rig, tmp_path, op, side, "EIO", ErrorPolicy.IGNORE, transient=True)
+    result is complete and exact (a commit or stream leaves a chain that reads the same)."""
+    await chain_case(rig, tmp_path, op, side, "EIO", ErrorPolicy.IGNORE, transient=True)
     TRANSIENT.append(f"{op}-{side}")
 
 
@@ -568,7 +426,7 @@ async def test_figures(request: pytest.FixtureRequest) -> None:
     line = (
         f"{len(OUTCOMES)} of {len(selected)} fault cases passed "
         f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}): the source read the same "
-        "in every case, no failed backup was recorded, no bitmap was consumed, qemu-img check "
+        "in every case, qemu-img check "
         f"clean, no job or node left; {len(TRANSIENT)} transient faults retried under ignore "
         f"to a complete, exact result; {len(ENOSPC_DONE)} real-ENOSPC cases (tmpfs full: "
         "reported, or paused, grown, resumed to an exact result)"

@@ -44,6 +44,16 @@ def test_state_error_after_loss_is_connection_lost() -> None:
     assert isinstance(lost, ConnectionLost) and "SIGKILL" in str(lost)
 
 
+def test_state_error_while_disconnecting_is_connection_lost() -> None:
+    """QEMU died and qemu.qmp saw the EOF before the session was told: a command sent then
+    fails with "QMPClient is disconnecting", which is a lost connection, not a misuse."""
+    exc = protocol.StateError(
+        "QMPClient is disconnecting.", protocol.Runstate.DISCONNECTING, protocol.Runstate.RUNNING
+    )
+    lost = translate(exc, "job-cancel", None)
+    assert isinstance(lost, ConnectionLost) and "job-cancel" in str(lost)
+
+
 def test_interrupted_command_says_outcome_is_unknown() -> None:
     with pytest.raises(ConnectionLost, match="unknown"), map_qmp_errors("quit"):
         raise qmp_client.ExecInterruptedError("disconnected")
