@@ -504,14 +504,20 @@ async def _backup(
                     bitmaps=() if d.base is None else ((d.node, d.base),),
                 )
             with anyio.fail_after(deadline):
-                async with anyio.create_task_group() as tg:
-                    # The fleecing jobs hold the point-in-time view: one that ends (an I/O
-                    # error copying old data aside) ends the backup.
-                    for job in jobs:
-                        tg.start_soon(_watch_fleece, job, hooks, deadline)
-                    for d in disks:
-                        await _copy_disk(d, repo, socket, connections, hooks, fail_after_chunks)
-                    tg.cancel_scope.cancel()
+                try:
+                    async with anyio.create_task_group() as tg:
+                        # The fleecing jobs hold the point-in-time view: one that ends (an I/O
+                        # error copying old data aside) ends the backup.
+                        for job in jobs:
+                            tg.start_soon(_watch_fleece, job, hooks, deadline)
+                        for d in disks:
+                            await _copy_disk(
+                                d, repo, socket, connections, hooks, fail_after_chunks
+                            )
+                        tg.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    # One failure, said as itself: callers catch NbdError, OSError, JobFailed.
+                    raise _first_leaf(group) from None
             # The copy is done: QEMU's side goes before the repository is committed.
             await _teardown(vm, disks, jobs, added, server_started, hooks)
             server_started = False
@@ -581,6 +587,14 @@ async def _backup(
         bytes_new=manifest.bytes_new,
     )
     return manifest
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_leaf(exc)
+        return exc
+    return group
 
 
 async def _watch_fleece(job: Job, hooks: Sequence[JobHook], deadline: float) -> None:
