@@ -362,3 +362,40 @@ async def test_another_backup_of_the_vm_meanwhile_is_refused_and_harms_nothing(
     finally:
         await shutdown_detached(launched.name)
     assert await restore_equals(a, "meanwhile", first.id, "disk0", ref["disk0"], tmp_path)
+
+
+async def test_a_failed_full_backup_keeps_the_checkpoint(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Format 1 dropped both bitmaps when a full backup failed, and the next incremental turned
+    full "because QEMU was killed". Now a failed full leaves the repository's checkpoint as it
+    was: the next backup is an incremental holding every write since the last good point."""
+    refs = References(tmp_path)
+    repo = ops.init_repository(tmp_path / "R")
+    d0 = await qcow2_image(images / "d0.qcow2", b"", 32 * MIB)
+    async with open_vm(config(guest, "ff", d0)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 2048)
+        good = await ops.backup(vm, repo)
+        await write(vm, "vda", 8 * 1024, 1024)  # the write the failed full must not lose
+
+        def fail(step: str) -> None:
+            if step == "after-index":
+                raise OSError(5, "injected before the manifest")
+
+        with pytest.raises(OSError, match="injected"):
+            await ops.backup(vm, repo, kind="full", failpoint=fail)
+        assert [m.id for m in repo.manifests("ff")] == [good.id]
+        graph = await read_graph(vm)
+        (bitmap,) = graph.format_node("disk0").dirty_bitmaps
+        assert bitmap.name == good.checkpoint and bitmap.recording
+        await write(vm, "vda", 16 * 1024, 64)
+        ref = await refs.take(vm, {"disk0": d0})
+        try:
+            nxt = await ops.backup(vm, repo)
+        finally:
+            await refs.resume(vm)
+    assert nxt.kind == "incremental" and nxt.fallback_reason is None
+    assert nxt.parent == good.id
+    assert nxt.bytes_read == 2 * repo.chunk_size  # the chunks at 8 MiB and 16 MiB
+    assert await restore_equals(repo, "ff", nxt.id, "disk0", ref["disk0"], tmp_path)
