@@ -5,8 +5,10 @@
 
 Benchmarks: qmp (a QMP round trip through blockctl vs raw qemu.qmp), hotplug (attach until the
 guest sees the disk, detach until DEVICE_DELETED and the nodes are gone, vs the same QMP steps
-sent with raw qemu.qmp). The machines are shared and noisy: read the ratios, not the absolute
-times. Exits non-zero if a benchmark breaks (never because the machine is slow).
+sent with raw qemu.qmp), backup (repository v2 vs the raw QMP incremental, qemu-img convert, cat
+and zstd: scripts/bench_backup.py), and more in bench_more and bench_agent. The machines are
+shared and noisy: read the ratios, not the absolute times. Exits non-zero if a benchmark breaks
+(never because the machine is slow).
 """
 
 from __future__ import annotations

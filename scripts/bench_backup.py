@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+import anyio
 
 from blockctl import GuestImage, LaunchedVM, _binaries, _images, _proc, open_vm
 from blockctl import backup as bk
@@ -115,6 +119,13 @@ class SpaceWatch:
 # Section: the floors
 
 
+async def clock() -> float:
+    """Write back what earlier steps left dirty (each measurement pays for its own writes),
+    then the time."""
+    await anyio.to_thread.run_sync(os.sync)
+    return time.perf_counter()
+
+
 async def node_of(vm: LaunchedVM, device: str) -> str:
     return (await read_graph(vm)).format_node(device).name
 
@@ -133,7 +144,7 @@ async def raw_incremental(
     (the bitmap is cleared on success), wait for BLOCK_JOB_COMPLETED, blockdev-del. Seconds
     and the target's allocated bytes."""
     session = vm.session
-    start = time.perf_counter()
+    start = await clock()
     await _proc.run([_binaries.qemu_img(), "create", "-q", "-f", "qcow2", str(target), str(size)])
     await session.execute(
         "blockdev-add",
@@ -166,7 +177,7 @@ async def raw_incremental(
 
 async def convert_seconds(src: Path, dst: Path, out_fmt: str) -> float:
     """qemu-img convert -U (the VM holds the image) to a new file on the same filesystem."""
-    start = time.perf_counter()
+    start = await clock()
     await _proc.run(
         [_binaries.qemu_img(), "convert", "-U", "-f", "qcow2", "-O", out_fmt, str(src), str(dst)]
     )
@@ -175,8 +186,12 @@ async def convert_seconds(src: Path, dst: Path, out_fmt: str) -> float:
     return seconds
 
 
+async def convert_into(src: Path, dst: Path, out_fmt: str, mib: int, out: list[float]) -> None:
+    out.append(mib / await convert_seconds(src, dst, out_fmt))
+
+
 async def cat_seconds(directory: Path) -> float:
-    start = time.perf_counter()
+    start = await clock()
     await _proc.run(
         ["sh", "-c", 'find "$1" -type f -print0 | xargs -0 cat > /dev/null', "sh", str(directory)]
     )
@@ -258,7 +273,7 @@ async def _incrementals(
                 await write_regions(vm, dev, size, sizes)
                 watch = SpaceWatch(repo.path, scratch)
                 with watch.watching():
-                    start = time.perf_counter()
+                    start = await clock()
                     point = await bk.create(
                         vm, repo, devices=[device], hooks=(), scratch_dir=scratch
                     )
@@ -306,7 +321,7 @@ async def _incrementals(
                 mine_s, raw_s, read_s = [], [], []
                 for rep in range(sizes.reps):
                     await write_scattered(vm, dev, size, sizes.scattered, seed=rep)
-                    start = time.perf_counter()
+                    start = await clock()
                     point = await bk.create(
                         vm, repo, devices=[device], hooks=(), scratch_dir=scratch
                     )
@@ -383,21 +398,36 @@ async def _fulls(
     async with open_vm(guest_config(guest, "bench-full", disk, text_disk)) as vm:
         assert vm.console is not None
         await vm.console.wait_ready()
-        full, enc, conv_raw, conv_qcow2 = [], [], [], []
+        full: list[float] = []
+        enc: list[float] = []
+        plain: list[float] = []
+        conv_raw: list[float] = []
+        conv_qcow2: list[float] = []
         first: tuple[bk.Repository, bk.Manifest] | None = None
+
+        async def full_into(repo: bk.Repository, out: list[float]) -> bk.Manifest:
+            start = await clock()
+            point = await bk.create(vm, repo, devices=["disk0"], hooks=(), scratch_dir=scratch)
+            out.append(mib / (time.perf_counter() - start))
+            assert point.bytes_read == mib * MIB, point.bytes_read
+            return point
+
         for rep in range(sizes.reps):
             repo = bk.init_repository(work / f"repo-full{rep}")
-            start = time.perf_counter()
-            point = await bk.create(vm, repo, devices=["disk0"], hooks=(), scratch_dir=scratch)
-            full.append(mib / (time.perf_counter() - start))
-            assert point.bytes_read == mib * MIB, point.bytes_read
-            first = first or (repo, point)
             erepo = bk.init_repository(work / f"repo-enc{rep}", key_file=key)
-            start = time.perf_counter()
-            await bk.create(vm, erepo, devices=["disk0"], hooks=(), scratch_dir=scratch)
-            enc.append(mib / (time.perf_counter() - start))
-            conv_raw.append(mib / await convert_seconds(disk, work / "conv.raw", "raw"))
-            conv_qcow2.append(mib / await convert_seconds(disk, work / "conv.qcow2", "qcow2"))
+            prepo = bk.init_repository(work / f"repo-plain{rep}", compression="none")
+            steps: list[Callable[[], Awaitable[object]]] = [
+                partial(full_into, repo, full),
+                partial(full_into, erepo, enc),
+                partial(full_into, prepo, plain),
+                partial(convert_into, disk, work / "conv.raw", "raw", mib, conv_raw),
+                partial(convert_into, disk, work / "conv.qcow2", "qcow2", mib, conv_qcow2),
+            ]
+            for step in steps[rep % len(steps) :] + steps[: rep % len(steps)]:
+                await step()
+            first = first or (repo, repo.manifests(vm.name)[-1])
+            for other in (erepo, prepo) if rep == 0 else (repo, erepo, prepo):
+                shutil.rmtree(other.path)
         rows += [
             Row(
                 f"full backup {mib} MiB random, incl. hashing (MiB/s)",
@@ -415,6 +445,14 @@ async def _fulls(
                 "the unencrypted full above (what AES-GCM costs)",
                 goal="(cost)",
             ),
+            Row(
+                f"full backup {mib} MiB, compression none (MiB/s)",
+                "MB/s",
+                plain,
+                conv_raw,
+                "qemu-img convert -O raw, same image",
+                goal="(zstd's share)",
+            ),
         ]
         rows[0].met = rows[0].ratio() >= 1.0
         assert first is not None
@@ -426,11 +464,11 @@ async def _fulls(
         for _ in range(sizes.reps):
             for fmt, out in ((ImageFormat.RAW, restore_raw), (ImageFormat.QCOW2, restore_qcow2)):
                 dest = work / f"restored.{fmt.value}"
-                start = time.perf_counter()
+                start = await clock()
                 await bk.restore(repo, vm.name, point.id, "disk0", dest, fmt)
                 out.append(mib / (time.perf_counter() - start))
                 dest.unlink()
-            start = time.perf_counter()
+            start = await clock()
             report = await bk.verify(repo, vm.name, point.id)
             verify.append(mib / (time.perf_counter() - start))
             assert report.ok, report.problems
@@ -501,35 +539,55 @@ async def _chunk_sizes(
     (qemu-img convert, then the raw QMP incremental of the same writes)."""
     mib = sizes.full_mib
     node = await node_of(vm, "disk0")
-    repos: dict[int, bk.Repository] = {}
-    fulls: dict[int, float] = {}
-    for chunk in (1, 4):
-        repos[chunk] = bk.init_repository(work / f"repo-chunk{chunk}", chunk_size=chunk * MIB)
-        start = time.perf_counter()
-        await bk.create(vm, repos[chunk], devices=["disk0"], hooks=(), scratch_dir=scratch)
-        fulls[chunk] = time.perf_counter() - start
-    convert = await convert_seconds(disk, work / "conv.raw", "raw")
-    bitmap = await raw_bitmap(vm, node)
-    count = sizes.scattered // 4  # spread over a disk a quarter (or less) of the 1 GiB one
-    await write_scattered(vm, "vda", mib * MIB, count, seed=99)
+    count = sizes.scattered // 4  # spread over a disk half the size of the 1 GiB one
+    bitmap: str | None = None
+    fulls: dict[int, list[float]] = {1: [], 4: []}
+    incs: dict[int, list[float]] = {1: [], 4: []}
+    read: dict[int, list[float]] = {1: [], 4: []}
+    index_size: dict[int, int] = {}
+    floor: list[float] = []
+    for rep in range(sizes.reps):
+        order = (1, 4) if rep % 2 == 0 else (4, 1)
+        repos: dict[int, bk.Repository] = {}
+        for chunk in order:
+            repos[chunk] = bk.init_repository(
+                work / f"repo-chunk{chunk}-{rep}", chunk_size=chunk * MIB
+            )
+            start = await clock()
+            await bk.create(vm, repos[chunk], devices=["disk0"], hooks=(), scratch_dir=scratch)
+            fulls[chunk].append(time.perf_counter() - start)
+        convert = await convert_seconds(disk, work / "conv.raw", "raw")
+        if bitmap is None:
+            bitmap = await raw_bitmap(vm, node)
+        else:  # start from here, as the repositories do
+            await raw_incremental(vm, node, bitmap, work / "raw-target.qcow2", mib * MIB)
+        await write_scattered(vm, "vda", mib * MIB, count, seed=99 + rep)
+        for chunk in order:
+            start = await clock()
+            point = await bk.create(
+                vm, repos[chunk], devices=["disk0"], hooks=(), scratch_dir=scratch
+            )
+            incs[chunk].append(time.perf_counter() - start)
+            read[chunk].append(read_mib(point))
+            assert point.kind == "incremental", point.fallback_reason
+            index = repos[chunk].path / "points" / vm.name / point.id / "disk0.index"
+            index_size[chunk] = index.stat().st_size
+        await clock()
+        raw_inc, _ = await raw_incremental(vm, node, bitmap, work / "raw-target.qcow2", mib * MIB)
+        floor.append(convert + raw_inc)
+        for repo in repos.values():
+            shutil.rmtree(repo.path)
     rows = []
     for chunk in (1, 4):
-        start = time.perf_counter()
-        point = await bk.create(vm, repos[chunk], devices=["disk0"], hooks=(), scratch_dir=scratch)
-        inc = time.perf_counter() - start
-        assert point.kind == "incremental", point.fallback_reason
-        if chunk == 1:
-            raw_inc, _ = await raw_incremental(
-                vm, node, bitmap, work / "raw-target.qcow2", mib * MIB
-            )
-        index = (repos[chunk].path / "points" / vm.name / point.id / "disk0.index").stat()
+        total = [f + i for f, i in zip(fulls[chunk], incs[chunk], strict=True)]
         rows.append(
             Row(
-                f"chunk {chunk} MiB: full {mib} MiB {fulls[chunk]:.2f}s + incr. {count}x64 KiB "
-                f"{inc:.2f}s (read {read_mib(point):.0f} MiB, index {index.st_size} B)",
+                f"chunk {chunk} MiB: full {mib} MiB {statistics.median(fulls[chunk]):.2f}s + "
+                f"incr. {count}x64 KiB {statistics.median(incs[chunk]):.2f}s "
+                f"(read {statistics.median(read[chunk]):.0f} MiB, index {index_size[chunk]} B)",
                 "s",
-                [fulls[chunk] + inc],
-                [convert + raw_inc],
+                total,
+                floor,
                 "qemu-img convert + raw QMP incremental",
                 goal="(choice)",
             )
