@@ -5,8 +5,10 @@
 
 Benchmarks: qmp (a QMP round trip through blockctl vs raw qemu.qmp), hotplug (attach until the
 guest sees the disk, detach until DEVICE_DELETED and the nodes are gone, vs the same QMP steps
-sent with raw qemu.qmp). The machines are shared and noisy: read the ratios, not the absolute
-times. Exits non-zero if a benchmark breaks (never because the machine is slow).
+sent with raw qemu.qmp), backup (repository v2 vs the raw QMP incremental, qemu-img convert, cat
+and zstd: scripts/bench_backup.py), and more in bench_more and bench_agent. The machines are
+shared and noisy: read the ratios, not the absolute times. Exits non-zero if a benchmark breaks
+(never because the machine is slow).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from blockctl import LaunchedVM, _binaries, _images, _proc, build_guest, find_gu
 from blockctl._images import create
 from blockctl._ops import chains, drives
 from blockctl.types import Drive, ImageFormat, MachineConfig
-from scripts import bench_agent, bench_more
+from scripts import bench_agent, bench_backup, bench_more
 from scripts.bench_common import Row
 
 
@@ -198,19 +200,22 @@ BENCHMARKS = ("qmp", "launch", "hotplug", "chains", "backup", "stall", "scale", 
 
 
 def render(rows: list[Row]) -> str:
+    width = max([58, *(len(r.operation) for r in rows)])
     head = (
-        f"{'operation':<58} {'blockctl':>10} {'baseline':>10} {'ratio':>6} "
-        f"{'reps':>5}  blockctl min/median/max"
+        f"{'operation':<{width}} {'blockctl':>10} {'baseline':>10} {'ratio':>6} "
+        f"{'reps':>5}  {'goal':<16} blockctl min/median/max"
     )
     lines = [head, "-" * len(head)]
     for row in rows:
         data = row.to_json()
         mine, base = data["blockctl_stats"], data["baseline_stats"]
         assert isinstance(mine, dict) and isinstance(base, dict)
+        goal = row.goal + ("" if row.met is None else " met" if row.met else " MISSED")
         lines.append(
-            f"{row.operation:<58} {mine['median']:>8.2f}{row.unit:<2} "
+            f"{row.operation:<{width}} {mine['median']:>8.2f}{row.unit:<2} "
             f"{base['median']:>8.2f}{row.unit:<2} {data['ratio_median']:>6.2f} "
-            f"{data['reps']:>5}  {mine['min']:.2f}/{mine['median']:.2f}/{mine['max']:.2f}"
+            f"{data['reps']:>5}  {goal:<16} "
+            f"{mine['min']:.2f}/{mine['median']:.2f}/{mine['max']:.2f}"
         )
     lines.append("baselines: " + "; ".join(sorted({f"{r.baseline_name}" for r in rows})))
     return "\n".join(lines)
@@ -223,6 +228,7 @@ async def main(args: argparse.Namespace) -> int:
         print(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(BENCHMARKS)}")
         return 2
     rows: list[Row] = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="blockctl-bench-") as tmp:
         if {"qmp", "hotplug"} & set(selected):
             guest = find_guest()
@@ -243,9 +249,13 @@ async def main(args: argparse.Namespace) -> int:
         if "launch" in selected:
             rows += await bench_more.bench_launch(find_guest(), 2 if args.quick else 5)
         if "backup" in selected:
-            rows += await bench_more.bench_backup(
-                find_guest(), 1 if args.quick else 3, 64 if args.quick else 256, work
+            backup_dir = Path(tmp) / "backup"
+            backup_dir.mkdir()
+            backup_rows, backup_notes = await bench_backup.bench_backup(
+                find_guest(), args.quick, backup_dir
             )
+            rows += backup_rows
+            notes += backup_notes
         if "stall" in selected:
             rows += await bench_more.bench_snapshot_stall(
                 find_guest(), 1 if args.quick else 5, work
@@ -258,6 +268,8 @@ async def main(args: argparse.Namespace) -> int:
                 await build_guest(agent=True), 1 if args.quick else 5, 3 if args.quick else 20, work
             )
     print(render(rows))
+    for note in notes:
+        print(f"note: {note}")
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_json() for r in rows], indent=1))
     return 0

@@ -13,6 +13,9 @@ class Row:
     blockctl: list[float]
     baseline: list[float]
     baseline_name: str
+    #: The goal the ratio is held to ("<= 2x", ">= 1x", or a note), and whether it was met.
+    goal: str = ""
+    met: bool | None = None
 
     def stats(self, values: list[float]) -> dict[str, float]:
         ordered = sorted(values)
@@ -23,12 +26,16 @@ class Row:
             "max": ordered[-1],
         }
 
+    def ratio(self) -> float:
+        """blockctl's median over the baseline's."""
+        return statistics.median(self.blockctl) / statistics.median(self.baseline)
+
     def to_json(self) -> dict[str, object]:
         mine, base = self.stats(self.blockctl), self.stats(self.baseline)
         return {
             **asdict(self),
             "blockctl_stats": mine,
             "baseline_stats": base,
-            "ratio_median": mine["median"] / base["median"],
+            "ratio_median": self.ratio(),
             "reps": len(self.blockctl),
         }

@@ -1,4 +1,4 @@
-"""More benchmark rows for scripts/bench.py: launch, backup, incremental, snapshot stall, scale.
+"""More benchmark rows for scripts/bench.py: launch, snapshot stall, scale (backup: bench_backup).
 
 Each function returns rows measured next to their baseline in the same run.
 """
@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import resource
-import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -17,9 +15,7 @@ from pathlib import Path
 import anyio
 from qemu.qmp import QMPClient
 
-from blockctl import GuestImage, _binaries, _images, _proc, open_vm
-from blockctl._jobs import JobProgress, JobTransition
-from blockctl._ops import backup as bk
+from blockctl import GuestImage, _binaries, _images, open_vm
 from blockctl._ops import chains
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from scripts.bench_common import Row
@@ -124,134 +120,6 @@ async def raw_launch(guest: GuestImage) -> tuple[float, float]:
             leftover.unlink()
         tmp.rmdir()
     return qmp_ms, shell_ms
-
-
-class JobClock:
-    """A JobHook that keeps how long each job ran (to its last transition)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def on_transition(self, transition: JobTransition) -> None:
-        self.seconds[transition.job_id] = transition.seconds
-
-    def on_progress(self, progress: JobProgress) -> None:
-        pass
-
-
-async def dd_mbps(path: Path, mib: int, write: bool) -> float:
-    start = time.perf_counter()
-    if write:
-        await _proc.run(
-            [
-                "dd",
-                "if=/dev/zero",
-                f"of={path}",
-                "bs=1M",
-                f"count={mib}",
-                "oflag=direct",
-                "status=none",
-            ]
-        )
-    else:
-        await _proc.run(
-            ["dd", f"if={path}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"]
-        )
-    return mib / (time.perf_counter() - start)
-
-
-async def bench_backup(guest: GuestImage, reps: int, mib: int, work: Path) -> list[Row]:
-    """Full backup throughput vs qemu-img convert of the same image vs the disk's own
-    sequential direct I/O; incremental cost against the dirty fraction."""
-    disk = work / "disk.qcow2"
-    raw = work / "disk.raw"
-    with open(raw, "wb") as f:
-        for _ in range(mib // 16):
-            f.write(os.urandom(16 * MIB))
-    await _images.convert(raw, ImageFormat.RAW, disk, ImageFormat.QCOW2)
-    full_mine: list[float] = []
-    job_only: list[float] = []
-    convert: list[float] = []
-    dd_read: list[float] = []
-    dd_write: list[float] = []
-    rows: list[Row] = []
-    async with open_vm(
-        guest_config(
-            guest, Drive(file=disk, format=ImageFormat.QCOW2), name=f"bench-{secrets.token_hex(2)}"
-        )
-    ) as vm:
-        assert vm.console is not None
-        await vm.console.wait_ready()
-        for rep in range(reps):
-            clock = JobClock()
-            start = time.perf_counter()
-            await bk.backup(vm, work / "repo", kind=bk.BackupKind.FULL, hooks=(clock,))
-            full_mine.append(mib / (time.perf_counter() - start))
-            job_only.append(mib / max(clock.seconds.values()))
-            start = time.perf_counter()
-            await _images.convert(
-                raw, ImageFormat.RAW, work / f"copy{rep}.qcow2", ImageFormat.QCOW2
-            )
-            convert.append(mib / (time.perf_counter() - start))
-            (work / f"copy{rep}.qcow2").unlink()
-            dd_read.append(await dd_mbps(raw, mib, write=False))
-            dd_write.append(await dd_mbps(work / "dd.raw", mib, write=True))
-        rows += [
-            Row(
-                f"full backup {mib} MiB (MiB/s; incl. checksums)",
-                "MB/s",
-                full_mine,
-                convert,
-                "qemu-img convert of the same data",
-            ),
-            Row(
-                f"full backup {mib} MiB, the copy job alone (MiB/s)",
-                "MB/s",
-                job_only,
-                convert,
-                "qemu-img convert of the same data",
-            ),
-            Row(
-                f"full backup {mib} MiB (MiB/s) vs disk read",
-                "MB/s",
-                full_mine,
-                dd_read,
-                "dd iflag=direct sequential read",
-            ),
-            Row(
-                f"full backup {mib} MiB (MiB/s) vs disk write",
-                "MB/s",
-                full_mine,
-                dd_write,
-                "dd oflag=direct sequential write",
-            ),
-        ]
-        full_seconds = [mib / x for x in full_mine]
-        for percent in (0.1, 1.0, 10.0):
-            clusters = max(1, int(mib * MIB * percent / 100) // (64 * 1024))
-            times, copied = [], []
-            for _ in range(reps):
-                step = max(1, (mib * 16) // clusters)  # 64 KiB clusters spread over the disk
-                await vm.console.check(
-                    f"i=0; while [ $i -lt {clusters} ]; do dd if=/dev/urandom of=/dev/vda "
-                    f"bs=64k count=1 seek=$((i * {step})) oflag=direct conv=notrunc "
-                    "2>/dev/null; i=$((i+1)); done",
-                    timeout=300,
-                )
-                start = time.perf_counter()
-                manifest = await bk.backup(vm, work / "repo", hooks=())
-                times.append(time.perf_counter() - start)
-                copied.append(sum(d.bytes_copied for d in manifest.disks) / MIB)
-            rows.append(
-                Row(
-                    f"incremental, {percent}% dirty (s; copied {copied[0]:.2f} MiB)",
-                    "s",
-                    times,
-                    full_seconds,
-                    "full backup of the same disk",
-                )
-            )
-    return rows
 
 
 async def bench_snapshot_stall(guest: GuestImage, reps: int, work: Path) -> list[Row]:

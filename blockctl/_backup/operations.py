@@ -680,8 +680,9 @@ async def _copy_disk(
     copier.start()
     job_id = f"read-{d.device}"
     try:
-        while not copier.done():
-            await anyio.sleep(0.25)
+        while not copier.finished.is_set():
+            # Wakes as soon as the copy ends; progress every 0.25 s meanwhile.
+            await anyio.to_thread.run_sync(copier.finished.wait, 0.25)
             _progress(d, job_id, hooks)
     finally:
         copier.stop()

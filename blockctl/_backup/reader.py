@@ -178,6 +178,10 @@ class ChunkCopier:
         ]
         #: Fault injection for tests: fail after this many chunks were stored.
         self._fail_after = fail_after
+        #: Set when the last thread has ended, whatever the outcome: what a waiter blocks on
+        #: (polling :meth:`done` at a fixed interval added that interval to every backup).
+        self.finished = threading.Event()
+        self._running = len(self._threads)
 
     def start(self) -> None:
         for thread in self._threads:
@@ -206,6 +210,15 @@ class ChunkCopier:
             return next(self._chunks, None)
 
     def _work(self) -> None:
+        try:
+            self._copy()
+        finally:
+            with self._lock:
+                self._running -= 1
+                if not self._running:
+                    self.finished.set()
+
+    def _copy(self) -> None:
         try:
             handle = _connect(self.socket, self.export, None)
         except BaseException as exc:

@@ -71,6 +71,8 @@ _INDEX_MAGIC = b"BCI2"
 _INDEX_HEADER = struct.Struct(">4sB3xQQ")  # magic, flags, virtual size, chunk size
 _FLAG_ZSTD = 1
 _FLAG_SEALED = 2
+#: Bytes per sample of the compressibility probe (four per chunk).
+_SAMPLE = 16 << 10
 
 #: VM and device names as blockctl makes them and QEMU accepts them; nothing else is joined
 #: to a path.
@@ -612,7 +614,7 @@ class Repository:
             return 0
         flags = 0
         payload: bytes | memoryview = data
-        if self._zstd is not None:
+        if self._zstd is not None and self._compressible(data):
             packed = self._zstd.ZstdCompressor(level=1).compress(data)
             if len(packed) < len(data):
                 payload, flags = packed, flags | _FLAG_ZSTD
@@ -640,6 +642,20 @@ class Repository:
             ) from exc
         self._touched.add(directory.name)
         return len(blob)
+
+    def _compressible(self, data: bytes | memoryview) -> bool:
+        """Whether zstd is worth running on a chunk: four 16 KiB samples spread over it must
+        shrink by 3 %. Incompressible data (media, encrypted or compressed files) is then
+        stored as it is without compressing it whole first (that cost a full backup of random
+        data more than half its speed, `scripts/bench backup`). A chunk compressible only
+        between the samples is stored uncompressed: compression lost, never data."""
+        if len(data) <= 4 * _SAMPLE:
+            return True
+        view = memoryview(data)
+        step = (len(data) - _SAMPLE) // 3
+        sample = b"".join(view[i * step : i * step + _SAMPLE] for i in range(4))
+        packed = self._zstd.ZstdCompressor(level=1).compress(sample)
+        return len(packed) < len(sample) * 0.97
 
     def sync(self) -> None:
         """Make every chunk written so far durable (their directories' entries)."""
