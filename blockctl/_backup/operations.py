@@ -511,9 +511,7 @@ async def _backup(
                         for job in jobs:
                             tg.start_soon(_watch_fleece, job, hooks, deadline)
                         for d in disks:
-                            await _copy_disk(
-                                d, repo, socket, connections, hooks, fail_after_chunks
-                            )
+                            await _copy_disk(d, repo, socket, connections, hooks, fail_after_chunks)
                         tg.cancel_scope.cancel()
                 except BaseExceptionGroup as group:
                     # One failure, said as itself: callers catch NbdError, OSError, JobFailed.
