@@ -188,15 +188,21 @@ def fsync_file(path: Path) -> None:
 
 
 async def convert_seconds(src: Path, dst: Path, out_fmt: str) -> float:
-    """qemu-img convert -U (the VM holds the image) to a new file on the same filesystem, then
-    fsync it: ``-O raw`` does not (strace: no fdatasync; ``-O qcow2`` does), and a backup or
-    a restore is only done when its data is durable, as blockctl's are."""
-    start = await clock()
-    await _proc.run(
-        [_binaries.qemu_img(), "convert", "-U", "-f", "qcow2", "-O", out_fmt, str(src), str(dst)]
-    )
-    await anyio.to_thread.run_sync(fsync_file, dst)
-    seconds = time.perf_counter() - start
+    """qemu-img convert to a new file on the same filesystem, then fsync it: ``-O raw`` does
+    not (strace: no fdatasync; ``-O qcow2`` does), and a backup or a restore is only done when
+    its data is durable, as blockctl's are. The VM holds ``src``'s lock, and blockctl never
+    overrides a lock (not even here): the floor converts a sparse copy of it, made untimed."""
+    copy = dst.with_name(dst.name + ".src.qcow2")
+    await _proc.run(["cp", "--sparse=always", str(src), str(copy)])
+    try:
+        start = await clock()
+        await _proc.run(
+            [_binaries.qemu_img(), "convert", "-f", "qcow2", "-O", out_fmt, str(copy), str(dst)]
+        )
+        await anyio.to_thread.run_sync(fsync_file, dst)
+        seconds = time.perf_counter() - start
+    finally:
+        copy.unlink(missing_ok=True)
     dst.unlink()
     return seconds
 

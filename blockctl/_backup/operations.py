@@ -553,6 +553,7 @@ async def _backup(
     except BaseException:
         with anyio.CancelScope(shield=True):
             await _teardown(vm, disks, jobs, added, server_started, hooks)
+            repo.discard()
             if not committed:
                 with contextlib.suppress(OSError, RepositoryError):
                     repo.delete_point(vm.name, point)

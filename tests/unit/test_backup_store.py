@@ -19,8 +19,9 @@ class CountingZstd:
     def __init__(self, real: Any) -> None:
         self.real = real
         self.inputs: list[int] = []
-        self.ZstdDecompressor = real.ZstdDecompressor
-        self.ZstdError = real.ZstdError
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)  # the rest of zstandard, as it is
 
     def ZstdCompressor(self, **kwargs: Any) -> Any:
         outer = self
@@ -45,6 +46,7 @@ def stored(repo: Repository, data: bytes, counter: CountingZstd) -> tuple[int, l
     counter.inputs.clear()
     digest = repo.digest(data)
     written = repo.write_chunk(digest, data)
+    repo.sync()
     assert repo.read_chunk(digest, len(data)) == data
     return written, list(counter.inputs)
 

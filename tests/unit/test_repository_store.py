@@ -58,6 +58,7 @@ def chunk_files(repo: Repository) -> set[str]:
 def store(repo: Repository, data: bytes) -> bytes:
     digest = repo.digest(data)
     repo.write_chunk(digest, data)
+    repo.sync()
     return digest
 
 
@@ -166,6 +167,8 @@ def test_same_chunk_is_stored_once_and_keys_do_not_share_digests(tmp_path: Path)
     repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
     digest = repo.digest(INCOMPRESSIBLE)
     assert repo.write_chunk(digest, INCOMPRESSIBLE) > 0
+    assert repo.write_chunk(digest, INCOMPRESSIBLE) == 0  # being written: nothing more
+    repo.sync()
     assert repo.write_chunk(digest, INCOMPRESSIBLE) == 0  # already there: nothing written
     index = index_of(repo, INCOMPRESSIBLE, INCOMPRESSIBLE, COMPRESSIBLE, INCOMPRESSIBLE)
     assert chunk_files(repo) == {digest.hex(), repo.digest(COMPRESSIBLE).hex()}
@@ -187,6 +190,7 @@ def test_a_symlink_at_a_chunks_name_is_not_the_chunk_and_is_replaced_not_followe
     path.symlink_to(victim)
     assert not repo.has_chunk(digest)
     assert repo.write_chunk(digest, COMPRESSIBLE) > 0
+    repo.sync()
     assert not path.is_symlink() and victim.read_bytes() == b"outside"
     assert repo.read_chunk(digest, CHUNK) == COMPRESSIBLE
 
@@ -220,6 +224,7 @@ def copy(repo: Repository, disk: bytes, monkeypatch: pytest.MonkeyPatch) -> tupl
     )
     copier.start()
     copier.join()
+    repo.sync()
     return index, copier.stats
 
 
