@@ -365,7 +365,13 @@ async def _set_read_only(
         if recorded is None:
             return  # not opened by blockctl: leave it to QEMU (it says why if it must)
         if recorded.get("read-only") != read_only:
-            options.append({**recorded, "read-only": read_only})
+            option = {**recorded, "read-only": read_only}
+            if "backing" in recorded and name in graph.nodes:
+                # The live link, not the recorded one: after an intermediate commit the
+                # overlay above top backs onto base, and reopening it with the old backing
+                # would attach the dropped layer again (blockdev-del then fails: "busy").
+                option["backing"] = graph.nodes[name].backing
+            options.append(option)
     if options:
         await wire.blockdev_reopen(vm.session, options)
         if record is not None:
