@@ -29,7 +29,7 @@ from blockctl import LaunchedVM, _binaries, _images, _proc, build_guest, find_gu
 from blockctl._images import create
 from blockctl._ops import chains, drives
 from blockctl.types import Drive, ImageFormat, MachineConfig
-from scripts import bench_agent, bench_more
+from scripts import bench_agent, bench_clients, bench_more
 from scripts.bench_common import Row
 
 
@@ -194,7 +194,17 @@ async def bench_chains(reps: int, mib: int, images: Path) -> list[Row]:
     ]
 
 
-BENCHMARKS = ("qmp", "launch", "hotplug", "chains", "backup", "stall", "scale", "quiesce")
+BENCHMARKS = (
+    "qmp",
+    "launch",
+    "hotplug",
+    "chains",
+    "backup",
+    "stall",
+    "scale",
+    "quiesce",
+    "clients",
+)
 
 
 def render(rows: list[Row]) -> str:
@@ -257,6 +267,8 @@ async def main(args: argparse.Namespace) -> int:
             rows += await bench_agent.bench_quiesce(
                 await build_guest(agent=True), 1 if args.quick else 5, 3 if args.quick else 20, work
             )
+        if "clients" in selected:
+            rows += await bench_clients.bench_clients(find_guest(), 1 if args.quick else 4, work)
     print(render(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_json() for r in rows], indent=1))
@@ -272,7 +284,7 @@ if __name__ == "__main__":
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="qmp, launch, hotplug, chains, backup, stall, scale, quiesce (default: all)",
+        help="qmp, launch, hotplug, chains, backup, stall, scale, quiesce, clients (default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="few repetitions (CI smoke)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
