@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, attach, open_vm
+from blockctl._machine import launch_detached, shutdown_detached
 from blockctl._qmp import wire
 from blockctl.errors import MonitorsBusy, QMPConnectFailed
 from blockctl.types import Drive, ImageFormat, MachineConfig
@@ -149,6 +150,35 @@ async def test_pool_serves_many_clients_and_names_the_holders(guest: GuestImage)
         # Released: a new client gets a monitor at once.
         async with attach("pool", timeout=0.5) as again:
             assert (await again.status()).running
+
+
+async def test_up_gives_a_detached_vm_eight_monitors(guest: GuestImage, runtime_dir: Path) -> None:
+    """`blockctl up` (launch_detached): eight monitors in the record and on QEMU's command
+    line, one per client, plus qmp.sock."""
+    record = await launch_detached(named(guest, "detached"))
+    try:
+        assert [Path(m).name for m in record.monitors] == [f"qmp-{i}.sock" for i in range(8)]
+        assert record.argv.count("-mon") == 2 + 8
+        for sock in record.monitors:
+            assert Path(sock).stat().st_mode & 0o777 == 0o600
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(attach("detached")) for _ in range(8)]
+            assert {c.monitor for c in clients} == {Path(m) for m in record.monitors}
+            for client in clients:
+                assert (await client.status()).running
+    finally:
+        await shutdown_detached("detached")
+    assert not (runtime_dir / "detached").exists()
+
+
+async def test_qemu_accepts_a_large_pool(guest: GuestImage) -> None:
+    """No limit on monitors in QEMU (7.2 and 10.0): 64 of them, every one answering."""
+    async with open_vm(named(guest, "large"), monitors=64) as vm:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(attach("large")) for _ in range(64)]
+            for client in clients:
+                assert (await client.status()).running
+        assert len(vm.pool) == 64
 
 
 async def test_a_killed_client_frees_its_monitor(guest: GuestImage) -> None:
