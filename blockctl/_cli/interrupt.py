@@ -122,7 +122,9 @@ def summary(tracker: JobTracker) -> tuple[str, list[dict[str, object]]]:
             row.update(outcome="unknown", chain_unchanged=None)
         rows.append(row)
     if not sentences:
-        sentences.append("no job was running")
+        sentences.append(
+            "the command was cancelled and its clean-up ran (no job of it was running)"
+        )
     return "; ".join(sentences), rows
 
 

@@ -229,7 +229,10 @@ def test_summary_says_what_was_cancelled_and_at_what_point() -> None:
             "chain_unchanged": True,
         }
     ]
-    assert interrupt.summary(interrupt.JobTracker())[0] == "no job was running"
+    assert (
+        interrupt.summary(interrupt.JobTracker())[0]
+        == "the command was cancelled and its clean-up ran (no job of it was running)"
+    )
 
 
 async def test_sigint_cancels_the_command_runs_its_cleanup_and_reports(
@@ -250,7 +253,11 @@ async def test_sigint_cancels_the_command_runs_its_cleanup_and_reports(
     interrupt.TRACKER.clear()
     assert await interrupt.run_interruptible(command, args()) == 130
     assert cleaned == [True]
-    assert capsys.readouterr().err == "blockctl: interrupted: no job was running\n"
+    assert (
+        capsys.readouterr().err
+        == "blockctl: interrupted: the command was cancelled and its clean-up ran (no job of "
+        "it was running)\n"
+    )
 
 
 def test_null_transition_alone_is_not_reported() -> None:
@@ -258,4 +265,7 @@ def test_null_transition_alone_is_not_reported() -> None:
     tracker.on_transition(
         JobTransition(job_id="j", job_type="stream", status=NULL, previous=CONC, seconds=1)
     )
-    assert interrupt.summary(tracker)[0] == "no job was running"
+    assert (
+        interrupt.summary(tracker)[0]
+        == "the command was cancelled and its clean-up ran (no job of it was running)"
+    )
