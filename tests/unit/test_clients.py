@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog
 
 from blockctl import _monitors
 from blockctl._argv import build_argv
@@ -251,7 +252,11 @@ async def test_sigint_cancels_the_command_runs_its_cleanup_and_reports(
         return 0
 
     interrupt.TRACKER.clear()
-    assert await interrupt.run_interruptible(command, args()) == 130
+    saved = structlog.get_config()  # the interrupt mutes warnings process-wide
+    try:
+        assert await interrupt.run_interruptible(command, args()) == 130
+    finally:
+        structlog.configure(**saved)
     assert cleaned == [True]
     assert (
         capsys.readouterr().err
