@@ -765,8 +765,7 @@ class Job:
             detail = f": {error}" if error else ""
             self._error = failure(
                 JobCancelledByOther,
-                f"{what} was cancelled by another client (not by this process) at "
-                f"{_percent(offset, length)}{detail}",
+                f"{what} was cancelled by another client at {_percent(offset, length)}{detail}",
             )
         elif cancelled:
             detail = f": {error}" if error else ""

@@ -471,9 +471,9 @@ class JobCancelled(JobError):
 
 class JobCancelledByOther(JobCancelled):
     """The job was cancelled by another client (``blockctl jobs VM cancel ID`` from another
-    process, or any QMP client's ``job-cancel``), not by this process. What it leaves is what
-    any cancel leaves (the chain as before the job; a commit's base read-only again). The
-    command line exits with status 3 for it.
+    process, or any QMP client's ``job-cancel``), not through the job's handle. What it
+    leaves is what any cancel leaves (the chain as before the job; a commit's base read-only
+    again). The command line exits with status 3 for it.
     """
 
     exit_code = 3
