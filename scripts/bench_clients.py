@@ -10,12 +10,15 @@ loop; the commit's I/O runs there too).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import anyio
+import anyio.abc
+from qemu.qmp import QMPClient
 
-from blockctl import GuestImage, _binaries, _images, _proc, attach, open_vm
+from blockctl import GuestImage, _binaries, _images, _monitors, _proc, attach, open_vm
 from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._ops import chains
 from blockctl._qmp import wire
@@ -57,6 +60,50 @@ async def _attach_times(name: str, reps: int) -> list[float]:
     return times
 
 
+async def _relay_vs_direct(
+    pool: tuple[Path, ...], work: Path, reps: int
+) -> tuple[list[float], list[float]]:
+    """``query-status`` through a byte relay (the least a multiplexing daemon adds: one more
+    hop per command) vs straight to a monitor, both with raw qemu.qmp."""
+    relay_path = work / "relay.sock"
+    leases = [await _monitors.take(pool, vm="bench", timeout=10) for _ in range(2)]
+    try:
+
+        async def pipe(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> None:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                async for chunk in src:
+                    await dst.send(chunk)
+
+        async def serve(client: anyio.abc.SocketStream) -> None:
+            upstream = await anyio.connect_unix(str(leases[0].socket))
+            async with client, upstream, anyio.create_task_group() as tg:
+                tg.start_soon(pipe, client, upstream)
+                await pipe(upstream, client)
+                tg.cancel_scope.cancel()
+
+        listener = await anyio.create_unix_listener(relay_path)
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, serve)
+            relayed, direct = QMPClient("relayed"), QMPClient("direct")
+            await relayed.connect(str(relay_path))
+            await direct.connect(str(leases[1].socket))
+            via_relay, straight = [], []
+            for _ in range(reps):
+                start = time.perf_counter()
+                await relayed.execute("query-status")
+                via_relay.append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+                await direct.execute("query-status")
+                straight.append((time.perf_counter() - start) * 1000)
+            await relayed.disconnect()
+            await direct.disconnect()
+            tg.cancel_scope.cancel()
+        return via_relay, straight
+    finally:
+        for lease in leases:
+            lease.release()
+
+
 async def bench_clients(guest: GuestImage, reps: int, work: Path) -> list[Row]:
     base, top = work / "cl-base.qcow2", work / "cl-top.qcow2"
     await _images.create(base, ImageFormat.QCOW2, size=128 * MIB)
@@ -70,6 +117,7 @@ async def bench_clients(guest: GuestImage, reps: int, work: Path) -> list[Row]:
         drives=(Drive(file=top, format=ImageFormat.QCOW2),),
     )
     async with open_vm(config, console=False) as vm:
+        via_relay, straight = await _relay_vs_direct(vm.pool, work, reps * 50)
         idle_status = await _status_rtts(vm.name, reps * 50)
         idle_attach = await _attach_times(vm.name, reps * 5)
         running = _Running()
@@ -103,6 +151,13 @@ async def bench_clients(guest: GuestImage, reps: int, work: Path) -> list[Row]:
             busy_attach,
             idle_attach,
             "the same on the idle VM",
+        ),
+        Row(
+            "query-status through a relay (a daemon's extra hop), idle",
+            "ms",
+            via_relay,
+            straight,
+            "straight to a pool monitor (raw qemu.qmp)",
         ),
     ]
 
