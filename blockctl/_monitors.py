@@ -25,7 +25,7 @@ from pathlib import Path
 
 import anyio
 
-from blockctl.errors import MonitorsBusy
+from blockctl.errors import MonitorsBusy, QMPConnectFailed
 
 #: Monitors in a VM's pool. QEMU has no limit on ``-mon`` options; each costs one listening
 #: socket, and a connected one an I/O watch, in QEMU.
@@ -155,7 +155,14 @@ async def take(
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
-        lease = try_take(sockets, what)
+        try:
+            lease = try_take(sockets, what)
+        except OSError as exc:  # the run directory went away (the VM stopped), or worse
+            where = exc.filename or (lock_path(sockets[0]) if sockets else "?")
+            raise QMPConnectFailed(
+                f"attach to VM {vm!r}: taking a QMP monitor failed: {where}: "
+                f"{exc.strerror or exc}. Is the VM still running? (`blockctl ls`)"
+            ) from exc
         if lease is not None:
             return lease
         if time.monotonic() >= deadline:

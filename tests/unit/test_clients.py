@@ -17,7 +17,7 @@ from blockctl import _monitors
 from blockctl._argv import build_argv
 from blockctl._cli import interrupt
 from blockctl._jobs import JobEnded, JobTransition, adopt_jobs, start_job
-from blockctl.errors import JobCancelled, JobCancelledByOther, MonitorsBusy
+from blockctl.errors import JobCancelled, JobCancelledByOther, MonitorsBusy, QMPConnectFailed
 from blockctl.testing import FakeError, FakeReply
 from blockctl.types import Accel, MachineConfig
 from tests.unit.test_jobs import (
@@ -276,3 +276,13 @@ def test_null_transition_alone_is_not_reported() -> None:
         interrupt.summary(tracker)[0]
         == "the command was cancelled and its clean-up ran (no job of it was running)"
     )
+
+
+async def test_a_vanished_run_directory_is_a_clear_connect_error(tmp_path: Path) -> None:
+    sockets = _monitors.pool_sockets(tmp_path / "gone", 2)
+    with pytest.raises(QMPConnectFailed) as failed:
+        await _monitors.take(sockets, vm="gone", timeout=1)
+    message = str(failed.value)
+    assert "attach to VM 'gone': taking a QMP monitor failed" in message
+    assert "qmp-0.lock: No such file or directory" in message
+    assert "Is the VM still running?" in message
