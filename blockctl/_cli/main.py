@@ -1157,7 +1157,9 @@ class Jobs(Command):
                     rows,
                     "\n".join(
                         f"{r['id']:<28} {r['type']:<14} {r['status']:<10} "
-                        f"{r['done']}/{r['total']} ({r['percent']} %) {r['outcome'] or ''}"
+                        f"{r['done']}/{r['total']}"
+                        + ("" if r["percent"] is None else f" ({r['percent']} %)")
+                        + f" {r['outcome'] or ''}"
                         + (
                             f" (paused on an I/O error: {r['io_status']})"
                             if r["io_status"] not in (None, "ok")
