@@ -354,6 +354,22 @@ def agent_args(socket_path: Path) -> list[str]:
     ]
 
 
+def pool_args(sockets: Sequence[Path]) -> list[str]:
+    """One QMP monitor per socket (chardev ``qmp-pool-N``), each serving one client at a
+    time (``wait=off``: QEMU does not wait for a client to start). QEMU has no limit on the
+    number of monitors; every monitor gets every event, and QEMU runs their commands one at
+    a time in its main loop."""
+    argv: list[str] = []
+    for i, path in enumerate(sockets):
+        argv += [
+            "-chardev",
+            f"socket,id=qmp-pool-{i},path={qemu_opt_escape(str(path))},server=on,wait=off",
+            "-mon",
+            f"chardev=qmp-pool-{i},mode=control",
+        ]
+    return argv
+
+
 def build_argv(
     *,
     binary: str,
@@ -365,8 +381,10 @@ def build_argv(
     monitor_path: Path | None,
     console: ConsoleFd | ConsoleSocket | None,
     agent_socket: Path | None = None,
+    monitor_pool: Sequence[Path] = (),
 ) -> list[str]:
-    """The full qemu-system command line (``agent_socket``: the guest agent's channel)."""
+    """The full qemu-system command line (``agent_socket``: the guest agent's channel;
+    ``monitor_pool``: more QMP monitors, one listening socket each, see :func:`pool_args`)."""
     argv = [
         binary,
         "-name",
@@ -408,6 +426,7 @@ def build_argv(
             "-mon",
             "chardev=qmp1,mode=control",
         ]
+    argv += pool_args(monitor_pool)
     if isinstance(console, ConsoleFd):
         argv += ["-chardev", f"socket,id=ser0,fd={console.fd}", "-serial", "chardev:ser0"]
     elif isinstance(console, ConsoleSocket):

@@ -55,6 +55,7 @@ from blockctl.errors import (
     CommandFailed,
     ConnectionLost,
     JobCancelled,
+    JobCancelledByOther,
     JobError,
     JobFailed,
     JobNeverReady,
@@ -65,6 +66,7 @@ from blockctl.types import ErrorPolicy, coerce_enum
 
 __all__ = [
     "Job",
+    "JobEnded",
     "JobHook",
     "JobIOError",
     "JobProgress",
@@ -181,12 +183,23 @@ class JobIOError:
     seconds: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobEnded:
+    """A job's end, as :meth:`Job.wait` saw it: ``error`` is None if it succeeded."""
+
+    job_id: str
+    job_type: str | None
+    error: JobError | None
+
+
 class JobHook(Protocol):
     """What the jobs layer calls. Implementations must be quick and must not block.
 
     A hook may also define ``on_io_error(self, error: JobIOError) -> None``: it is called
     when the job meets an I/O error (for ``ignore``, the first one and the one it gives up
-    at). It is optional so hooks written before it keep working.
+    at), and ``on_end(self, ended: JobEnded) -> None``, called when :meth:`Job.wait` has
+    the job's outcome (the CLI's Ctrl-C summary uses it). Both are optional so hooks written
+    before them keep working.
     """
 
     def on_transition(self, transition: JobTransition) -> None: ...
@@ -402,6 +415,9 @@ class Job:
             deadline=deadline,
             hooks=hooks,
             progress_interval=progress_interval,
+        )
+        _call_hooks(
+            hooks, "on_end", JobEnded(job_id=self.id, job_type=self.type, error=self._error)
         )
         if self._error is not None:
             raise self._error
@@ -711,7 +727,13 @@ class Job:
         if info is not None and self.type is None:
             self.type = info.type
         if not self._dismissed:
-            await wire.job_dismiss(self.session, self.id)
+            try:
+                await wire.job_dismiss(self.session, self.id)
+            except CommandFailed:
+                # Another client dismissed it between our query-jobs and job-dismiss (or
+                # before: info is None). Its outcome is what QEMU reported.
+                if info is not None and event is None:
+                    raise
             self._dismissed = True
 
         def failure(cls: type[JobError], message: str) -> JobError:
@@ -739,6 +761,12 @@ class Job:
                 failed.operation = last.operation
                 failed.io_status = self._stopped_io_status
             self._error = failed
+        elif cancelled and not self._cancel_requested:
+            detail = f": {error}" if error else ""
+            self._error = failure(
+                JobCancelledByOther,
+                f"{what} was cancelled by another client at {_percent(offset, length)}{detail}",
+            )
         elif cancelled:
             detail = f": {error}" if error else ""
             self._error = failure(
@@ -809,6 +837,13 @@ class Job:
             await self.wait(complete_on_ready=False, deadline=timeout, hooks=hooks)
         except BlockctlError as exc:
             _log.info("blockctl.job.abandoned_outcome", job_id=self.id, outcome=str(exc))
+
+
+def _percent(offset: int | None, length: int | None) -> str:
+    """``37 % (1234 of 3333 bytes)``, or the raw counters when the length is unknown."""
+    if offset is None or not length:
+        return f"{offset} of {length}"
+    return f"{100 * offset // length} % ({offset} of {length} bytes)"
 
 
 def _side(job_type: str | None, operation: str, *, detailed: bool = False) -> str:
@@ -897,12 +932,14 @@ def _after_abandon(exc: OperationTimeout, job: Job) -> None:
 
 
 async def adopt_jobs(
-    session: QMPSession, *, hooks: Sequence[JobHook] = DEFAULT_HOOKS
+    session: QMPSession, *, hooks: Sequence[JobHook] = DEFAULT_HOOKS, dismiss: bool = True
 ) -> tuple[Job, ...]:
     """Every job QEMU lists, as handles (after attaching: events are not replayed).
 
     Concluded jobs are read (``error``, progress) and dismissed here; their handle is
     :attr:`Job.done` with the :attr:`Job.outcome`. The others can be waited for, cancelled, ….
+    ``dismiss=False`` leaves concluded jobs to their owner: while other clients are attached,
+    one of them may be about to read and dismiss its job (its outcome is only there).
     """
     jobs = []
     for info in await wire.query_jobs(session):
@@ -914,7 +951,7 @@ async def adopt_jobs(
                 job_id=info.id, job_type=info.type, status=info.status, previous=None, seconds=0
             ),
         )
-        if info.status is JobStatus.CONCLUDED:
+        if info.status is JobStatus.CONCLUDED and dismiss:
             await job._conclude(info)
         jobs.append(job)
     return tuple(jobs)

@@ -6,7 +6,9 @@
 - :func:`attach` connects to a running QEMU's QMP socket (a named VM, a path, or host:port).
 
 QMP runs over a socketpair handed to QEMU (``-chardev socket,fd=N``), so there is no socket
-file to poll for; a second monitor on ``<run dir>/qmp.sock`` lets other processes attach.
+file to poll for; a second monitor on ``<run dir>/qmp.sock`` lets other processes attach, and a
+named VM has a pool of more (``qmp-N.sock``, :mod:`blockctl._monitors`) so that several
+processes can drive it at once.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import IO, Any
 import anyio
 from anyio.abc import SocketStream
 
-from blockctl import _binaries, _fsutil, _images, _journal, _proc, _runtime
+from blockctl import _binaries, _fsutil, _images, _journal, _monitors, _proc, _runtime
 from blockctl._accel import AccelChoice, choose_accel
 from blockctl._argv import (
     ConsoleFd,
@@ -90,13 +92,24 @@ class VM:
     """
 
     def __init__(
-        self, session: QMPSession, *, name: str, pid: int | None, run_dir: Path | None = None
+        self,
+        session: QMPSession,
+        *,
+        name: str,
+        pid: int | None,
+        run_dir: Path | None = None,
+        monitor: Path | None = None,
+        pool: tuple[Path, ...] = (),
     ) -> None:
         self.session = session
         self.name = name
         self.pid = pid
         #: Where blockctl keeps this VM's files; None for a QEMU it did not launch.
         self.run_dir = run_dir
+        #: The pool monitor this session holds (None: the launcher's own, or one by path).
+        self.monitor = monitor
+        #: The VM's pool of monitors (empty: a single monitor, one client at a time).
+        self.pool = pool
         #: The options of the drives blockctl created (for reopen and unplug).
         self.registry = DriveRegistry.load(run_dir)
         self._capabilities: Capabilities | None = None
@@ -142,6 +155,10 @@ class VM:
         """Any QMP command, untyped (the CLI's ``blockctl qmp``)."""
         return await wire.raw_command(self.session, name, arguments)
 
+    def other_clients(self) -> list[_monitors.Holder]:
+        """The other blockctl clients attached to this VM's pool now (pid, command)."""
+        return _monitors.holders(self.pool, besides=self.monitor)
+
 
 class LaunchedVM(VM):
     """A QEMU child of this process, with its console and run directory."""
@@ -157,8 +174,9 @@ class LaunchedVM(VM):
         accel: AccelChoice,
         console: GuestConsole | None,
         plans: tuple[DrivePlan, ...],
+        pool: tuple[Path, ...] = (),
     ) -> None:
-        super().__init__(session, name=name, pid=process.pid, run_dir=run_dir)
+        super().__init__(session, name=name, pid=process.pid, run_dir=run_dir, pool=pool)
         self.process = process
         self.run_dir: Path = run_dir
         self.argv = argv
@@ -278,8 +296,10 @@ async def _started_qemu(
     detached: bool,
     console: bool,
     timeouts: Timeouts,
+    monitors: int = 0,
 ) -> AsyncIterator[LaunchedVM]:
     """Start QEMU and its QMP session; on any failure, reap QEMU and raise LaunchFailed.
+    ``monitors``: the size of its pool of QMP monitors for other processes.
 
     While the block runs, a watcher marks the session lost the moment QEMU exits. When the
     block exits the session is closed; stopping QEMU is the caller's job.
@@ -310,6 +330,9 @@ async def _started_qemu(
     registry.save()
     monitor = run_dir / "qmp.sock"
     _runtime.check_socket_path(monitor, "runtime_dir")
+    pool = tuple(_monitors.pool_sockets(run_dir, monitors))
+    for sock_path in pool:
+        _runtime.check_socket_path(sock_path, "runtime_dir")
     console_spec: ConsoleFd | ConsoleSocket | None = None
     qmp_ours, qmp_theirs = socket.socketpair()
     con_ours: socket.socket | None = None
@@ -335,6 +358,7 @@ async def _started_qemu(
         monitor_path=monitor,
         console=console_spec,
         agent_socket=agent_socket,
+        monitor_pool=pool,
     )
     log_path = run_dir / "qemu.log"
     log_file: IO[bytes] = os.fdopen(
@@ -367,7 +391,12 @@ async def _started_qemu(
                 session.process_exit = process.wait
                 # The greeting came after QEMU created its sockets; tighten them to 0600
                 # (QEMU makes them 0700 under our umask; the run dir is 0700 as well).
-                for sock_path in (monitor, run_dir / "console.sock", run_dir / AGENT_SOCKET):
+                for sock_path in (
+                    monitor,
+                    *pool,
+                    run_dir / "console.sock",
+                    run_dir / AGENT_SOCKET,
+                ):
                     with contextlib.suppress(FileNotFoundError):
                         os.chmod(sock_path, 0o600)
                 async with anyio.create_task_group() as tg:
@@ -391,6 +420,7 @@ async def _started_qemu(
                             accel=accel,
                             console=None if stream is None else GuestConsole(stream, label),
                             plans=plans,
+                            pool=pool,
                         )
                     finally:
                         tg.cancel_scope.cancel()
@@ -419,19 +449,27 @@ async def open_vm(
     *,
     console: bool = True,
     timeouts: Timeouts = Timeouts(),
+    monitors: int = _monitors.POOL_SIZE,
 ) -> AsyncIterator[LaunchedVM]:
     """Launch QEMU for ``config``; it is shut down and reaped when the block exits.
 
     The guest's serial console is ``vm.console`` (if ``console``). A named config registers
     the VM in the runtime directory for the block's duration, so ``blockctl ls`` and
-    :func:`attach` find it. Shutdown is one shielded ladder: optional ``system_powerdown``
-    (``timeouts.powerdown``) → QMP ``quit`` → SIGTERM → SIGKILL → reap.
+    :func:`attach` find it, and gives it a pool of ``monitors`` QMP monitors, so that that
+    many other processes can attach at once. Shutdown is one shielded ladder: optional
+    ``system_powerdown`` (``timeouts.powerdown``) → QMP ``quit`` → SIGTERM → SIGKILL → reap.
     """
     run_dir = _make_run_dir(config.name)
     label = config.name or run_dir.name
     try:
         async with _started_qemu(
-            config, run_dir=run_dir, label=label, detached=False, console=console, timeouts=timeouts
+            config,
+            run_dir=run_dir,
+            label=label,
+            detached=False,
+            console=console,
+            timeouts=timeouts,
+            monitors=monitors if config.name is not None else 0,
         ) as vm:
             if config.name is not None:
                 _runtime.write_record(_record_for(vm, console_socket=None, console_log=None))
@@ -453,10 +491,12 @@ async def launch_detached(
     *,
     timeouts: Timeouts = Timeouts(),
     prepare: Callable[[Path], Awaitable[MachineConfig]] | None = None,
+    monitors: int = _monitors.POOL_SIZE,
 ) -> _runtime.VMRecord:
     """Start a named VM that keeps running after this process exits (``blockctl up``).
 
-    Its console is ``console.sock`` (connect with ``socat - UNIX:…``) and ``console.log``.
+    Its console is ``console.sock`` (connect with ``socat - UNIX:…``) and ``console.log``;
+    ``monitors`` processes can drive it at once (its pool of QMP monitors, ``qmp-N.sock``).
     ``prepare(run_dir)``, if given, returns the final config once the run directory exists
     (the embedded default creates its disk there).
     Stop it with :func:`shutdown_detached`.
@@ -475,6 +515,7 @@ async def launch_detached(
             detached=True,
             console=True,
             timeouts=timeouts,
+            monitors=monitors,
         ) as vm:
             record = _record_for(
                 vm, console_socket=run_dir / "console.sock", console_log=run_dir / "console.log"
@@ -501,6 +542,7 @@ def _record_for(
         argv=tuple(vm.argv),
         accel=vm.accel.accel.value,
         started=time.time(),
+        monitors=tuple(str(p) for p in vm.pool),
     )
 
 
@@ -639,15 +681,20 @@ def _pidfd_exited(pidfd: int) -> _PidfdWatch:
 
 @contextlib.asynccontextmanager
 async def attach(
-    target: str | Path | tuple[str, int], *, timeout: float = 10.0
+    target: str | Path | tuple[str, int], *, timeout: float = 10.0, command: str | None = None
 ) -> AsyncIterator[VM]:
     """A session with a running QEMU: a VM name, a QMP unix socket path, or (host, port).
 
-    The monitor serves one client at a time; while another is attached, this waits up to
-    ``timeout`` and then fails with a message saying so.
+    A VM blockctl launched by name has a pool of monitors: this takes a free one (and holds it
+    for the block's life, signed with ``command``, default this process's argv), waiting up to
+    ``timeout`` while all are taken, then fails with :class:`~blockctl.errors.MonitorsBusy`
+    naming their holders. A single monitor (a socket path, host:port, or a QEMU started
+    elsewhere) serves one client at a time; while another is attached, this waits up to
+    ``timeout`` and then fails with a message naming the socket.
     """
     pid: int | None = None
     run_dir: Path | None = None
+    pool: tuple[Path, ...] = ()
     address: str | tuple[str, int]
     if isinstance(target, tuple):
         address, name = target, f"{target[0]}:{target[1]}"
@@ -663,7 +710,20 @@ async def attach(
             )
         address, name, pid = record.monitor, record.name, record.pid
         run_dir = Path(record.run_dir)
-    if isinstance(address, str):
-        _runtime.check_socket_path(Path(address), "socket")
-    async with QMPSession.connect(address, label=name, timeout=timeout) as session:
-        yield VM(session, name=name, pid=pid, run_dir=run_dir)
+        pool = tuple(Path(p) for p in record.monitors)
+    if not pool:
+        if isinstance(address, str):
+            _runtime.check_socket_path(Path(address), "socket")
+        async with QMPSession.connect(address, label=name, timeout=timeout) as session:
+            yield VM(session, name=name, pid=pid, run_dir=run_dir)
+        return
+    started = time.monotonic()
+    lease = await _monitors.take(pool, vm=name, timeout=timeout, command=command)
+    try:
+        remaining = max(timeout - (time.monotonic() - started), 1.0)
+        async with QMPSession.connect(
+            str(lease.socket), label=name, timeout=remaining, where=str(lease.socket)
+        ) as session:
+            yield VM(session, name=name, pid=pid, run_dir=run_dir, monitor=lease.socket, pool=pool)
+    finally:
+        lease.release()  # after the session closed: the next client finds the monitor free

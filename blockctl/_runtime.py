@@ -1,10 +1,11 @@
 """The runtime directory: where named VMs are found by other processes.
 
 Layout: ``<root>/<name>/`` (0700) holds ``vm.json`` (the record), ``qmp.sock`` (a QMP monitor
-for attaching, 0600), ``console.sock``/``console.log`` for VMs that outlive their launcher,
-``qemu.log`` (QEMU's stdout and stderr), and ``qga.sock`` (the guest agent's channel, 0600) for
-VMs with ``guest_agent``. QEMU is the source of truth about a VM's state; the
-record only says where to find it and which process it is.
+for attaching, 0600), ``qmp-N.sock``/``qmp-N.lock`` (the pool of monitors blockctl clients
+take one of, see ``blockctl._monitors``), ``console.sock``/``console.log`` for VMs that
+outlive their launcher, ``qemu.log`` (QEMU's stdout and stderr), and ``qga.sock`` (the guest
+agent's channel, 0600) for VMs with ``guest_agent``. QEMU is the source of truth about a VM's
+state; the record only says where to find it and which process it is.
 """
 
 from __future__ import annotations
@@ -78,16 +79,20 @@ class VMRecord:
     argv: tuple[str, ...]
     accel: str
     started: float
+    #: The pool of QMP monitor sockets clients take one of (empty in an older record).
+    monitors: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
         data["argv"] = list(self.argv)
+        data["monitors"] = list(self.monitors)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> VMRecord:
         values = dict(data)
         values["argv"] = tuple(values.get("argv", ()))  # type: ignore[arg-type]
+        values["monitors"] = tuple(values.get("monitors", ()))  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
 
 

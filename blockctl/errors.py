@@ -21,6 +21,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      ├── NbdError               reading a point-in-time export over NBD failed (errno, name)
      ├── QMPError               anything on the QMP connection
      │    ├── QMPConnectFailed  could not connect, attach or negotiate
+     │    │    └── MonitorsBusy  every QMP monitor of the VM is taken (holders: who, running what)
      │    ├── CommandFailed     QEMU answered a command with an error (command, error_class)
      │    ├── ConnectionLost    QEMU went away (exited or closed the socket) mid-operation
      │    ├── ProtocolMismatch  a reply did not have the shape this QEMU was expected to send
@@ -33,6 +34,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    │    ├── JobStoppedOnError  it paused on an I/O error and nobody resumed it in time
      │    │    └── SnapshotLoadFailed  snapshot-load failed midway (run state, what was reverted)
      │    └── JobCancelled      it was cancelled before it finished
+     │         └── JobCancelledByOther  by another client (CLI exit code 3)
      ├── NodeNotFound           the block graph has no such node or device (name)
      ├── ShutdownFailed         QEMU had to be killed, or would not exit at all
      ├── GuestError             the serial console of the test guest misbehaved
@@ -80,6 +82,8 @@ __all__ = [
     "FreezeDeadlineExceeded",
     "ThawFailed",
     "JobCancelled",
+    "JobCancelledByOther",
+    "MonitorsBusy",
     "JobError",
     "JobFailed",
     "JobNeverReady",
@@ -108,7 +112,13 @@ def _tail(text: str, lines: int = 20) -> str:
 
 
 class BlockctlError(Exception):
-    """Root of every error blockctl raises on purpose."""
+    """Root of every error blockctl raises on purpose.
+
+    ``exit_code`` is the command line's exit status for it: 1, unless a subclass documents
+    another (:class:`JobCancelledByOther`: 3).
+    """
+
+    exit_code: int = 1
 
 
 class ConfigError(BlockctlError, ValueError):
@@ -295,6 +305,19 @@ class QMPConnectFailed(QMPError):
     """Connecting, accepting or negotiating the QMP session failed."""
 
 
+class MonitorsBusy(QMPConnectFailed):
+    """Every QMP monitor of a VM was taken for the whole attach timeout.
+
+    ``holders`` describes each client holding one (pid, since when, the command it runs).
+    Wait for one of them to finish, or stop one; a VM started by ``blockctl up`` has a pool
+    of monitors (``qmp-N.sock``), one client each.
+    """
+
+    def __init__(self, message: str, holders: Sequence[str]) -> None:
+        super().__init__(message)
+        self.holders = tuple(holders)
+
+
 class CommandFailed(QMPError):
     """QEMU answered a command with an error.
 
@@ -444,6 +467,16 @@ class JobCancelled(JobError):
 
     For a commit this leaves ``base`` partly written: the top image is still authoritative.
     """
+
+
+class JobCancelledByOther(JobCancelled):
+    """The job was cancelled by another client (``blockctl jobs VM cancel ID`` from another
+    process, or any QMP client's ``job-cancel``), not through the job's handle. What it
+    leaves is what any cancel leaves (the chain as before the job; a commit's base read-only
+    again). The command line exits with status 3 for it.
+    """
+
+    exit_code = 3
 
 
 class JobNeverReady(OperationTimeout):

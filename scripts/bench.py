@@ -31,7 +31,7 @@ from blockctl import LaunchedVM, _binaries, _images, _proc, build_guest, find_gu
 from blockctl._images import create
 from blockctl._ops import chains, drives
 from blockctl.types import Drive, ImageFormat, MachineConfig
-from scripts import bench_agent, bench_backup, bench_more
+from scripts import bench_agent, bench_backup, bench_clients, bench_more
 from scripts.bench_common import Row
 
 
@@ -196,7 +196,17 @@ async def bench_chains(reps: int, mib: int, images: Path) -> list[Row]:
     ]
 
 
-BENCHMARKS = ("qmp", "launch", "hotplug", "chains", "backup", "stall", "scale", "quiesce")
+BENCHMARKS = (
+    "qmp",
+    "launch",
+    "hotplug",
+    "chains",
+    "backup",
+    "stall",
+    "scale",
+    "quiesce",
+    "clients",
+)
 
 
 def render(rows: list[Row]) -> str:
@@ -267,6 +277,8 @@ async def main(args: argparse.Namespace) -> int:
             rows += await bench_agent.bench_quiesce(
                 await build_guest(agent=True), 1 if args.quick else 5, 3 if args.quick else 20, work
             )
+        if "clients" in selected:
+            rows += await bench_clients.bench_clients(find_guest(), 1 if args.quick else 4, work)
     print(render(rows))
     for note in notes:
         print(f"note: {note}")
@@ -284,7 +296,7 @@ if __name__ == "__main__":
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="qmp, launch, hotplug, chains, backup, stall, scale, quiesce (default: all)",
+        help="qmp, launch, hotplug, chains, backup, stall, scale, quiesce, clients (default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="few repetitions (CI smoke)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")

@@ -1,8 +1,9 @@
 """The ``blockctl`` command line: a thin shell over the library.
 
 One class per subcommand (``name``, ``help``, ``configure()``, ``async run()``); one runner turns
-a :class:`BlockctlError` into one clear line on stderr and exit code 1. Every command takes
-``--json``. This is the only place that configures logging or calls ``anyio.run``.
+a :class:`BlockctlError` into one clear line on stderr and exit code 1 (3: a job cancelled by
+another client; 130: Ctrl-C, see ``blockctl._cli.interrupt``). Every command takes ``--json``.
+This is the only place that configures logging or calls ``anyio.run``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import structlog
 
 from blockctl import _agent, _guest, _images, _journal, _runtime
 from blockctl import backup as backup_ops
+from blockctl._cli import interrupt
 from blockctl._jobs import (
     JobHook,
     JobIOError,
@@ -882,7 +884,7 @@ def error_policy_options(parser: argparse.ArgumentParser, *flags: str) -> None:
 
 
 def job_hooks(args: argparse.Namespace, label: str) -> tuple[JobHook, ...]:
-    return (StructlogJobHook(), JobBar(args, label))
+    return (StructlogJobHook(), JobBar(args, label), interrupt.TRACKER)
 
 
 def chain_result_json(result: chains.ChainResult) -> dict[str, Any]:
@@ -1107,7 +1109,9 @@ class StreamCommand(Command):
 
 class Jobs(Command):
     name = "jobs"
-    help = "list a VM's jobs (adopting any left by another controller), or act on one"
+    help = (
+        "list a VM's jobs, whichever process started them, or pause, resume, re-speed or cancel one"
+    )
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("vm")
@@ -1122,7 +1126,9 @@ class Jobs(Command):
 
     async def run(self, args: argparse.Namespace) -> int:
         async with attach(args.vm) as vm:
-            jobs = await adopt_jobs(vm.session)
+            # A concluded job is dismissed (its outcome read) only when no other client is
+            # attached: otherwise its owner may be about to read it (issue 14).
+            jobs = await adopt_jobs(vm.session, dismiss=not vm.other_clients())
             if args.action == "list":
                 rows = []
                 for job in jobs:
@@ -1138,6 +1144,9 @@ class Jobs(Command):
                             "io_status": io_status,
                             "done": info.current_progress if info else None,
                             "total": info.total_progress if info else None,
+                            "percent": None
+                            if not info or not info.total_progress
+                            else round(100 * info.current_progress / info.total_progress, 1),
                             "outcome": None
                             if outcome is None
                             else ("ok" if isinstance(outcome, JobResult) else str(outcome)),
@@ -1148,7 +1157,9 @@ class Jobs(Command):
                     rows,
                     "\n".join(
                         f"{r['id']:<28} {r['type']:<14} {r['status']:<10} "
-                        f"{r['done']}/{r['total']} {r['outcome'] or ''}"
+                        f"{r['done']}/{r['total']}"
+                        + ("" if r["percent"] is None else f" ({r['percent']} %)")
+                        + f" {r['outcome'] or ''}"
                         + (
                             f" (paused on an I/O error: {r['io_status']})"
                             if r["io_status"] not in (None, "ok")
@@ -1696,7 +1707,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         _check_single_values(args)
-        return anyio.run(commands[args.subcommand].run, args, backend="asyncio")
+        return anyio.run(
+            interrupt.run_interruptible, commands[args.subcommand].run, args, backend="asyncio"
+        )
     except BlockctlError as exc:
         first, _, rest = str(exc).partition("\n")
         # One line; for a failed process, the last line it printed is usually the reason.
@@ -1714,9 +1727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(rest, file=sys.stderr)
         if args.json:
             print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        return exc.exit_code
+    except KeyboardInterrupt:  # before the command's SIGINT handler was in place
+        return interrupt.EXIT_INTERRUPTED
     finally:
         structlog.get_logger("blockctl").debug(
             "blockctl.cli.done",

@@ -45,6 +45,7 @@ from blockctl._registry import DriveRecord
 from blockctl.errors import (
     BlockctlError,
     ConfigError,
+    JobCancelled,
     JobFailed,
     NodeNotFound,
     SnapshotLoadFailed,
@@ -365,7 +366,13 @@ async def _set_read_only(
         if recorded is None:
             return  # not opened by blockctl: leave it to QEMU (it says why if it must)
         if recorded.get("read-only") != read_only:
-            options.append({**recorded, "read-only": read_only})
+            option = {**recorded, "read-only": read_only}
+            if "backing" in recorded and name in graph.nodes:
+                # The live link, not the recorded one: after an intermediate commit the
+                # overlay above top backs onto base, and reopening it with the old backing
+                # would attach the dropped layer again (blockdev-del then fails: "busy").
+                option["backing"] = graph.nodes[name].backing
+            options.append(option)
     if options:
         await wire.blockdev_reopen(vm.session, options)
         if record is not None:
@@ -622,10 +629,12 @@ async def commit(
                 pause_timeout=pause_timeout,
                 retries=policy.retries,
             )
-    except BaseException:
+    except BaseException as exc:
         # qemu-facts F1/F2: a failed or cancelled commit has already written part of top's
         # data into base; top still reads correctly, base is no longer its point in time.
-        _log.warning("blockctl.commit.failed", vm=vm.name, device=device, base=base_node.name)
+        # A cancel (by another client too) is an outcome someone asked for: not a warning.
+        log = _log.info if isinstance(exc, JobCancelled) else _log.warning
+        log("blockctl.commit.failed", vm=vm.name, device=device, base=base_node.name)
         await _restore_read_only(vm, device, restore, "commit.failed")
         raise
     if not active:

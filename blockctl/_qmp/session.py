@@ -186,8 +186,12 @@ class QMPSession:
         *,
         label: str,
         timeout: float = 10.0,
+        where: str | None = None,
     ) -> AsyncIterator[QMPSession]:
-        """Connect to a QMP server: a unix socket path, (host, port), or a connected socket."""
+        """Connect to a QMP server: a unix socket path, (host, port), or a connected socket.
+
+        ``where`` names the monitor in errors (default: ``address`` if it is a path or
+        host:port, else ``label``)."""
         client = QMPClient(label)
         started = time.monotonic()
         try:
@@ -196,9 +200,19 @@ class QMPSession:
         except TimeoutError:
             with anyio.CancelScope(shield=True):
                 await _quiet_disconnect(client)
+            if where is None:
+                where = (
+                    address
+                    if isinstance(address, str)
+                    else f"{address[0]}:{address[1]}"
+                    if isinstance(address, tuple)
+                    else label
+                )
             raise QMPConnectFailed(
-                f"QMP connect to {label} got no greeting within {timeout:g} s; is another client "
-                "attached? (a QMP monitor serves one client at a time)"
+                f"QMP connect to {label}: the monitor {where} sent no greeting within "
+                f"{timeout:g} s. A QMP monitor serves one client at a time: another client is "
+                f"most likely attached to {where} (or QEMU is hung). Retry when it is done; a VM "
+                "started with `blockctl up` has a pool of monitors for several clients"
             ) from None
         session = cls(client, label)
         session._log.debug("blockctl.qmp.connected", seconds=round(time.monotonic() - started, 4))

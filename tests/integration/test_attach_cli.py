@@ -59,7 +59,8 @@ async def test_second_process_attaches_to_a_launched_vm(guest: GuestImage) -> No
 
 
 async def test_monitor_serves_one_client_at_a_time(guest: GuestImage) -> None:
-    async with open_vm(named(guest, "busy")) as vm, attach("busy"):
+    # (attach by name takes a monitor of the VM's pool; qmp.sock is the single one)
+    async with open_vm(named(guest, "busy")) as vm, attach(vm.monitor_path):
         with pytest.raises(QMPConnectFailed, match="one client at a time"):
             async with attach(vm.monitor_path, timeout=1):
                 pass

@@ -1,0 +1,354 @@
+"""Many clients, one VM (issue 14): the pool of QMP monitors, jobs driven from another process,
+Ctrl-C in the CLI, and eight clients querying during a commit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from blockctl import GuestImage, LaunchedVM, attach, open_vm
+from blockctl._machine import launch_detached, shutdown_detached
+from blockctl._qmp import wire
+from blockctl.errors import MonitorsBusy, QMPConnectFailed
+from blockctl.types import Drive, ImageFormat, MachineConfig
+from tests.integration.conftest import MIB, base_config, qcow2_image, run, truth_check
+from tests.integration.test_attach_cli import cli
+
+pytestmark = pytest.mark.guest
+
+
+def named(guest: GuestImage, name: str, top: Path | None = None) -> MachineConfig:
+    drives = () if top is None else (Drive(file=top, format=ImageFormat.QCOW2),)
+    config = base_config(guest, *drives)
+    return MachineConfig(
+        name=name,
+        kernel=config.kernel,
+        initrd=config.initrd,
+        append=config.append,
+        drives=config.drives,
+        deprecated_input=config.deprecated_input,
+    )
+
+
+async def slow_chain(images: Path) -> list[Path]:
+    """D ← C ← B ← A (D on top; returns [D, C, B, A]) with 4 MiB of data in B: committing
+    B into A at 64 KiB/s takes a minute, at 1 MiB/s four seconds."""
+    layers = [await qcow2_image(images / "A.qcow2", b"", 8 * MIB)]
+    for name in "BCD":
+        layer = images / f"{name}.qcow2"
+        await run("qemu-img", "create", "-q", "-f", "qcow2", "-b", layers[-1], "-F", "qcow2", layer)
+        layers.append(layer)
+    await run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {4 * MIB}", layers[1])
+    await run("qemu-io", "-f", "qcow2", "-c", f"write -P 0xa5 {2 * MIB} {MIB}", layers[3])
+    return layers[::-1]
+
+
+async def chain_names(vm: LaunchedVM) -> list[str]:
+    from blockctl._ops import chains
+
+    return [n.name for n in (await chains.read_graph(vm)).chain_of("disk0")]
+
+
+async def read_only_state(vm: LaunchedVM) -> dict[str, bool]:
+    """Every node's read-only flag, from QEMU's raw query-named-block-nodes."""
+    nodes = await vm.command("query-named-block-nodes", {"flat": True})
+    assert isinstance(nodes, list)
+    return {n["node-name"]: n["ro"] for n in nodes}
+
+
+async def raw_jobs(vm: LaunchedVM) -> list[dict[str, Any]]:
+    jobs = await vm.command("query-jobs")
+    assert isinstance(jobs, list)
+    return jobs
+
+
+async def running_job(vm: LaunchedVM) -> dict[str, Any]:
+    """The one job, once QEMU reports it running (watched through the launcher's own
+    monitor, which takes no pool slot)."""
+    with wire.job_events(vm.session) as stream:
+        while True:
+            jobs = await raw_jobs(vm)
+            if jobs and jobs[0]["status"] == "running":
+                return jobs[0]
+            await stream.next()
+
+
+@contextlib.asynccontextmanager
+async def blockctl_process(*args: str) -> AsyncIterator[anyio.abc.Process]:
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "blockctl", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ),
+    )
+    try:
+        yield proc
+    finally:
+        with anyio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            await proc.aclose()
+
+
+async def finish(proc: anyio.abc.Process) -> tuple[int, str, str]:
+    """Wait for the process; its exit code, stdout and stderr."""
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = bytearray(), bytearray()
+
+    async def drain(stream: anyio.abc.ByteReceiveStream, into: bytearray) -> None:
+        async for chunk in stream:
+            into += chunk
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain, proc.stdout, out)
+        tg.start_soon(drain, proc.stderr, err)
+    code = await proc.wait()
+    return code, out.decode(), err.decode()
+
+
+# Section: the pool
+
+
+async def test_pool_serves_many_clients_and_names_the_holders(guest: GuestImage) -> None:
+    async with open_vm(named(guest, "pool"), monitors=3) as vm:
+        assert sorted(p.name for p in vm.pool) == ["qmp-0.sock", "qmp-1.sock", "qmp-2.sock"]
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(attach("pool", command=f"holder {i}"))
+                for i in range(3)
+            ]
+            assert len({c.monitor for c in clients}) == 3
+            for client in clients:
+                assert (await client.status()).running
+            assert sorted(h.command for h in clients[0].other_clients()) == [
+                "holder 1",
+                "holder 2",
+            ]
+            with pytest.raises(MonitorsBusy) as busy:
+                async with attach("pool", timeout=0.5):
+                    pass
+            message = str(busy.value)
+            assert "all 3 of its QMP monitors" in message
+            for i in range(3):
+                assert f"pid {os.getpid()} running `holder {i}`" in message
+            assert len(busy.value.holders) == 3
+            # qmp.sock, the single monitor, is still there for a foreign client.
+            async with attach(vm.monitor_path) as foreign:
+                assert (await foreign.status()).running
+            await stack.aclose()
+        # Released: a new client gets a monitor at once.
+        async with attach("pool", timeout=0.5) as again:
+            assert (await again.status()).running
+
+
+async def test_up_gives_a_detached_vm_eight_monitors(guest: GuestImage, runtime_dir: Path) -> None:
+    """`blockctl up` (launch_detached): eight monitors in the record and on QEMU's command
+    line, one per client, plus qmp.sock."""
+    record = await launch_detached(named(guest, "detached"))
+    try:
+        assert [Path(m).name for m in record.monitors] == [f"qmp-{i}.sock" for i in range(8)]
+        assert record.argv.count("-mon") == 2 + 8
+        for sock in record.monitors:
+            assert Path(sock).stat().st_mode & 0o777 == 0o600
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(attach("detached")) for _ in range(8)]
+            assert {c.monitor for c in clients} == {Path(m) for m in record.monitors}
+            for client in clients:
+                assert (await client.status()).running
+    finally:
+        await shutdown_detached("detached")
+    assert not (runtime_dir / "detached").exists()
+
+
+async def test_qemu_accepts_a_large_pool(guest: GuestImage) -> None:
+    """No limit on monitors in QEMU (7.2 and 10.0): 64 of them, every one answering."""
+    async with open_vm(named(guest, "large"), monitors=64) as vm:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(attach("large")) for _ in range(64)]
+            for client in clients:
+                assert (await client.status()).running
+        assert len(vm.pool) == 64
+
+
+async def test_a_killed_client_frees_its_monitor(guest: GuestImage) -> None:
+    """The kernel drops a dead process's flock: a SIGKILLed client leaves nothing taken."""
+    async with open_vm(named(guest, "killed"), monitors=1) as vm:
+        code = (
+            "import anyio, os, sys\n"
+            "from blockctl import attach\n"
+            "async def main():\n"
+            "    async with attach('killed'):\n"
+            "        print('attached', flush=True)\n"
+            "        await anyio.sleep_forever()\n"
+            "anyio.run(main)\n"
+        )
+        proc = await anyio.open_process(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, env=dict(os.environ)
+        )
+        try:
+            assert proc.stdout is not None
+            said = b""
+            while b"attached\n" not in said:  # (structlog's default prints there too)
+                said += await proc.stdout.receive()
+            with pytest.raises(MonitorsBusy, match=f"pid {proc.pid} running"):
+                async with attach("killed", timeout=0.3):
+                    pass
+            proc.kill()
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            await proc.aclose()
+        async with attach("killed") as again:
+            assert again.monitor == vm.pool[0]
+            assert (await again.status()).running
+
+
+async def test_a_single_monitor_serves_one_client_and_names_its_socket(guest: GuestImage) -> None:
+    async with open_vm(named(guest, "single")) as vm, attach(vm.monitor_path):
+        with pytest.raises(QMPConnectFailed) as failed:
+            async with attach(vm.monitor_path, timeout=1):
+                pass
+        assert not isinstance(failed.value, MonitorsBusy)
+        assert f"the monitor {vm.monitor_path} sent no greeting" in str(failed.value)
+        assert "one client at a time" in str(failed.value)
+
+
+# Section: a job started by one process, driven by another
+
+
+async def test_job_of_one_process_driven_and_cancelled_by_another(
+    guest: GuestImage, images: Path
+) -> None:
+    layers = await slow_chain(images)
+    async with open_vm(named(guest, "jobs2", layers[0])) as vm:
+        before_ro = await read_only_state(vm)
+        before_chain = await chain_names(vm)
+        async with blockctl_process(
+            "commit", "jobs2", "disk0", "--top", "drv0-b2", "--speed", "64K", "--json"
+        ) as a:
+            job = await running_job(vm)
+            job_id = job["id"]
+            listed = await cli("jobs", "jobs2", "--json")
+            rows = json.loads(listed.stdout)
+            assert [(r["id"], r["type"], r["status"]) for r in rows] == [
+                (job_id, "commit", "running")
+            ]
+            assert rows[0]["total"] == job["total-progress"] > 0
+            await cli("jobs", "jobs2", "pause", job_id)
+            paused = json.loads((await cli("jobs", "jobs2", "--json")).stdout)
+            assert paused[0]["status"] in ("paused", "standby")
+            await cli("jobs", "jobs2", "resume", job_id)
+            assert (await raw_jobs(vm))[0]["status"] == "running"
+            await cli("jobs", "jobs2", "speed", job_id, "128K")
+            block_jobs = await vm.command("query-block-jobs")
+            assert isinstance(block_jobs, list)
+            assert block_jobs[0]["speed"] == 128 * 1024
+            await cli("jobs", "jobs2", "cancel", job_id)
+            code, out, err = await finish(a)
+        assert code == 3, (out, err)
+        error = json.loads(out)["error"]
+        assert error["type"] == "JobCancelledByOther"
+        # One line on stderr, the error itself (no log lines: a cancel is not a warning).
+        (line,) = err.strip().splitlines()
+        assert line.startswith(
+            f"blockctl: JobCancelledByOther: commit job {job_id} on drv0-b3 was cancelled by "
+            "another client at "
+        )
+        # Exactly as after any cancel: no job left, the chain and every read-only flag as
+        # before (the base A, drv0-b3, and the overlay C above B read-only again).
+        assert await raw_jobs(vm) == []
+        assert await read_only_state(vm) == before_ro
+        assert await chain_names(vm) == before_chain
+        await truth_check(vm)
+
+
+# Section: Ctrl-C
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["human", "json"])
+async def test_ctrl_c_cancels_the_job_and_says_what_was_done(
+    guest: GuestImage, images: Path, as_json: bool
+) -> None:
+    layers = await slow_chain(images)
+    async with open_vm(named(guest, "ctrlc", layers[0])) as vm:
+        before_ro = await read_only_state(vm)
+        before_chain = await chain_names(vm)
+        args = ["commit", "ctrlc", "disk0", "--top", "drv0-b2", "--speed", "64K"]
+        async with blockctl_process(*args, *(["--json"] if as_json else [])) as a:
+            job_id = (await running_job(vm))["id"]
+            a.send_signal(signal.SIGINT)
+            code, out, err = await finish(a)
+        assert code == 130, (out, err)
+        lines = err.strip().splitlines()
+        # One sentence, no raw log lines (JSON events on a non-terminal stderr).
+        assert len(lines) == 1, err
+        assert lines[0].startswith(f"blockctl: interrupted: cancelled job {job_id} (commit) at ")
+        assert lines[0].endswith("%; the chain is unchanged")
+        if as_json:
+            data = json.loads(out)
+            assert data["interrupted"] is True
+            assert [(j["job"], j["outcome"], j["chain_unchanged"]) for j in data["jobs"]] == [
+                (job_id, "cancelled", True)
+            ]
+        else:
+            assert out == ""
+        assert await raw_jobs(vm) == []
+        assert await read_only_state(vm) == before_ro
+        assert await chain_names(vm) == before_chain
+        await truth_check(vm)
+
+
+# Section: eight clients during a commit
+
+
+async def test_eight_clients_query_during_a_commit(guest: GuestImage, images: Path) -> None:
+    layers = await slow_chain(images)
+    top, _c, b, a = layers
+    # What the commit must produce: A afterwards reads exactly what B read before.
+    expected = images / "expected.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", b, expected)
+    async with open_vm(named(guest, "eight", top)) as vm:
+        async with blockctl_process(
+            "commit", "eight", "disk0", "--top", "drv0-b2", "--speed", "64K", "--json"
+        ) as committer:
+            job_id = (await running_job(vm))["id"]
+            failures: list[str] = []
+
+            async def client(i: int) -> None:
+                for command in ("status", "drives", "chain", "jobs"):
+                    done = await cli(command, "eight", "--json", check=False)
+                    if done.returncode != 0:
+                        failures.append(f"client {i} {command}: {done.stderr}")
+                    elif command == "jobs":
+                        ids = [r["id"] for r in json.loads(done.stdout)]
+                        if ids != [job_id]:
+                            failures.append(f"client {i} jobs: {ids}")
+
+            async with anyio.create_task_group() as tg:
+                for i in range(8):
+                    tg.start_soon(client, i)
+            assert failures == []
+            still = await raw_jobs(vm)
+            assert [j["id"] for j in still] == [job_id]  # the clients overlapped the commit
+            await cli("jobs", "eight", "speed", job_id, "0")
+            code, out, err = await finish(committer)
+        assert code == 0, (out, err)
+        result = json.loads(out)
+        assert result["job"] == job_id
+        assert result["chain"] == ["drv0", "drv0-b1", "drv0-b3"]
+        assert await raw_jobs(vm) == []
+        await run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", a, expected)
+        await truth_check(vm)

@@ -1,0 +1,288 @@
+"""Many clients, one VM (issue 14), without QEMU: the monitor pool's locks and messages, the
+pool's argv, a job cancelled or dismissed by another client, and the CLI's Ctrl-C summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import structlog
+
+from blockctl import _monitors
+from blockctl._argv import build_argv
+from blockctl._cli import interrupt
+from blockctl._jobs import JobEnded, JobTransition, adopt_jobs, start_job
+from blockctl.errors import JobCancelled, JobCancelledByOther, MonitorsBusy, QMPConnectFailed
+from blockctl.testing import FakeError, FakeReply
+from blockctl.types import Accel, MachineConfig
+from tests.unit.test_jobs import (
+    AB,
+    CONC,
+    MIB,
+    NULL,
+    C,
+    FakeJob,
+    FakeQEMU,
+    R,
+    backup_start,
+    block_event,
+    commands,
+    ok_backup,
+    qemu,
+    status,
+)
+
+# Section: the pool's argv
+
+
+def test_pool_monitors_are_listening_sockets_with_control_monitors() -> None:
+    pool = [Path("/run/x/qmp-0.sock"), Path("/run/x/qmp-1.sock")]
+    argv = build_argv(
+        binary="qemu-system-x86_64",
+        config=MachineConfig(),
+        label="t",
+        accel=Accel.TCG,
+        plans=(),
+        qmp_fd=3,
+        monitor_path=Path("/run/x/qmp.sock"),
+        console=None,
+        monitor_pool=pool,
+    )
+    pairs = [(argv[i], argv[i + 1]) for i in range(len(argv) - 1) if argv[i] == "-chardev"]
+    assert ("-chardev", "socket,id=qmp-pool-1,path=/run/x/qmp-1.sock,server=on,wait=off") in pairs
+    assert argv.count("-mon") == 4  # qmp0 (fd), qmp1 (qmp.sock), two pool monitors
+    assert "chardev=qmp-pool-0,mode=control" in argv
+
+
+# Section: the pool's locks
+
+
+def test_take_signs_the_lock_and_holders_name_who_runs_what(tmp_path: Path) -> None:
+    sockets = _monitors.pool_sockets(tmp_path, 2)
+    first = _monitors.try_take(sockets, "blockctl commit vm disk0")
+    second = _monitors.try_take(sockets, "blockctl jobs vm")
+    assert first is not None and second is not None
+    assert (first.socket.name, second.socket.name) == ("qmp-0.sock", "qmp-1.sock")
+    assert _monitors.try_take(sockets, "a third") is None
+    held = _monitors.holders(sockets)
+    assert [(h.pid, h.command) for h in held] == [
+        (os.getpid(), "blockctl commit vm disk0"),
+        (os.getpid(), "blockctl jobs vm"),
+    ]
+    assert [h.command for h in _monitors.holders(sockets, besides=first.socket)] == [
+        "blockctl jobs vm"
+    ]
+    assert (tmp_path / "qmp-0.lock").stat().st_mode & 0o777 == 0o600
+    first.release()
+    assert [h.command for h in _monitors.holders(sockets)] == ["blockctl jobs vm"]
+    again = _monitors.try_take(sockets, "again")
+    assert again is not None and again.socket.name == "qmp-0.sock"
+    again.release()
+    second.release()
+    assert _monitors.holders(sockets) == []
+
+
+async def test_take_waits_then_fails_naming_the_holders(tmp_path: Path) -> None:
+    sockets = _monitors.pool_sockets(tmp_path, 1)
+    lease = _monitors.try_take(sockets, "blockctl commit vm disk0 --speed 1M")
+    assert lease is not None
+    try:
+        with pytest.raises(MonitorsBusy) as busy:
+            await _monitors.take(sockets, vm="vm", timeout=0.2)
+        message = str(busy.value)
+        assert "attach to VM 'vm': all 1 of its QMP monitors stayed in use for 0.2 s" in message
+        assert (
+            f"qmp-0.sock: pid {os.getpid()} running `blockctl commit vm disk0 --speed 1M`"
+            in message
+        )
+        assert "`blockctl jobs vm`" in message  # the way out
+        assert len(busy.value.holders) == 1
+
+        async def release_soon() -> None:
+            await anyio.sleep(0.1)
+            lease.release()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_soon)
+            taken = await _monitors.take(sockets, vm="vm", timeout=30, command="next")
+        assert [h.command for h in _monitors.holders(sockets)] == ["next"]
+        taken.release()
+    finally:
+        lease.release()
+
+
+# Section: jobs and other clients
+
+
+async def test_a_job_cancelled_by_another_client_says_so() -> None:
+    job = FakeJob(
+        on_start=[
+            status("", C),
+            status("", R),
+            # Nobody in this process sent job-cancel: another client did.
+            status("", AB),
+            block_event("BLOCK_JOB_CANCELLED", "", 3 * MIB, 32 * MIB),
+            status("", CONC),
+        ],
+        progress=(3 * MIB, 32 * MIB),
+        error="Operation canceled",
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        async with start_job(session, "backup", backup_start(session)) as handle:
+            with pytest.raises(JobCancelledByOther) as info:
+                await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
+        assert "was cancelled by another client at 9 % (3145728 of 33554432 bytes)" in str(
+            info.value
+        )
+        assert info.value.exit_code == 3
+        assert commands(fake) == ["blockdev-backup", "job-dismiss"]
+
+
+async def test_our_own_cancel_is_not_another_clients() -> None:
+    job = FakeJob(
+        on_start=[status("", C), status("", R)],
+        on_cancel=[
+            status("", AB),
+            block_event("BLOCK_JOB_CANCELLED", "", 3 * MIB, 32 * MIB),
+            status("", CONC),
+        ],
+        progress=(3 * MIB, 32 * MIB),
+    )
+    async with qemu(FakeQEMU(job)) as (_fake, session):
+        async with start_job(session, "backup", backup_start(session)) as handle:
+            await handle.cancel()
+            with pytest.raises(JobCancelled) as info:
+                await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
+        assert not isinstance(info.value, JobCancelledByOther)
+        assert info.value.exit_code == 1
+
+
+class DismissedElsewhere(FakeQEMU):
+    """Another client dismisses the job as soon as it concludes (a `jobs` listing)."""
+
+    def __call__(self, command: str, args: Any) -> object:
+        if command == "query-jobs" and self.job.status == "concluded":
+            # The other client's job-dismiss came first: QEMU announced NULL to every monitor.
+            return FakeReply([], before=self.events([status(self.job.job_id, NULL)]))
+        if command == "query-jobs" and self.job.status == "null":
+            return []
+        if command == "job-dismiss":
+            raise FakeError("GenericError", f"Job '{args['id']}' not found")
+        return super().__call__(command, args)
+
+
+async def test_a_job_dismissed_by_another_client_keeps_its_outcome_from_the_event() -> None:
+    async with qemu(DismissedElsewhere(ok_backup())) as (_fake, session):
+        async with start_job(session, "backup", backup_start(session)) as handle:
+            result = await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
+        assert result.offset == result.length == 32 * MIB
+
+
+async def test_adopt_without_dismiss_leaves_concluded_jobs_to_their_owner() -> None:
+    listed = [
+        {
+            "id": "bc-commit-1-aaaaaa",
+            "type": "commit",
+            "status": "concluded",
+            "current-progress": 10,
+            "total-progress": 10,
+        }
+    ]
+    fake_qemu = FakeQEMU(FakeJob(), listed=listed)
+    async with qemu(fake_qemu) as (_fake, session):
+        (job,) = await adopt_jobs(session, hooks=[], dismiss=False)
+        assert not job.done and job.status is CONC
+        assert fake_qemu.dismissed == []
+
+
+# Section: Ctrl-C
+
+
+def args(**kw: Any) -> argparse.Namespace:
+    return argparse.Namespace(json=False, verbose=False, **kw)
+
+
+def test_summary_says_what_was_cancelled_and_at_what_point() -> None:
+    tracker = interrupt.JobTracker()
+    error = JobCancelled(
+        "cancelled",
+        job_id="bc-commit-1-a",
+        job_type="commit",
+        target="b",
+        status="concluded",
+        error=None,
+        offset=37,
+        length=100,
+    )
+    tracker.on_end(JobEnded(job_id="bc-commit-1-a", job_type="commit", error=error))
+    sentence, rows = interrupt.summary(tracker)
+    assert sentence == "cancelled job bc-commit-1-a (commit) at 37 %; the chain is unchanged"
+    assert rows == [
+        {
+            "job": "bc-commit-1-a",
+            "type": "commit",
+            "done": 37,
+            "total": 100,
+            "outcome": "cancelled",
+            "chain_unchanged": True,
+        }
+    ]
+    assert (
+        interrupt.summary(interrupt.JobTracker())[0]
+        == "the command was cancelled and its clean-up ran (no job of it was running)"
+    )
+
+
+async def test_sigint_cancels_the_command_runs_its_cleanup_and_reports(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cleaned = []
+
+    async def command(_: argparse.Namespace) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.01)
+                cleaned.append(True)
+        return 0
+
+    interrupt.TRACKER.clear()
+    saved = structlog.get_config()  # the interrupt mutes warnings process-wide
+    try:
+        assert await interrupt.run_interruptible(command, args()) == 130
+    finally:
+        structlog.configure(**saved)
+    assert cleaned == [True]
+    assert (
+        capsys.readouterr().err
+        == "blockctl: interrupted: the command was cancelled and its clean-up ran (no job of "
+        "it was running)\n"
+    )
+
+
+def test_null_transition_alone_is_not_reported() -> None:
+    tracker = interrupt.JobTracker()
+    tracker.on_transition(
+        JobTransition(job_id="j", job_type="stream", status=NULL, previous=CONC, seconds=1)
+    )
+    assert (
+        interrupt.summary(tracker)[0]
+        == "the command was cancelled and its clean-up ran (no job of it was running)"
+    )
+
+
+async def test_a_vanished_run_directory_is_a_clear_connect_error(tmp_path: Path) -> None:
+    sockets = _monitors.pool_sockets(tmp_path / "gone", 2)
+    with pytest.raises(QMPConnectFailed) as failed:
+        await _monitors.take(sockets, vm="gone", timeout=1)
+    message = str(failed.value)
+    assert "attach to VM 'gone': taking a QMP monitor failed" in message
+    assert "qmp-0.lock: No such file or directory" in message
+    assert "Is the VM still running?" in message
