@@ -743,6 +743,14 @@ async def _teardown(
 # Section: restore, verify, prune
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RestoreResult:
     path: Path
@@ -884,7 +892,9 @@ async def _restore_qcow2(
     argv = [
         _binaries.qemu_nbd(),
         "--format=qcow2",
-        "--cache=writeback",
+        # Flushes ignored while writing (2.4x faster than writeback here, `scripts/bench
+        # backup`); the image is made durable by blockctl's fsync after qemu-nbd closed it.
+        "--cache=unsafe",
         "--discard=unmap",
         f"--shared={max(1, connections)}",
         "--persistent",
@@ -903,12 +913,20 @@ async def _restore_qcow2(
                         + log.read().decode(errors="replace").strip()
                     )
                 await anyio.sleep(0.02)
-            return await anyio.to_thread.run_sync(
+            written = await anyio.to_thread.run_sync(
                 _restore_into, repo, index, chunks, point, connections, None, str(socket)
             )
         finally:
-            # SIGTERM: qemu-nbd flushes and closes the image cleanly.
-            await _proc.terminate(process, grace=30)
+            # SIGTERM: qemu-nbd writes its metadata and closes the image cleanly.
+            code = await _proc.terminate(process, grace=30)
+        if code != 0:
+            log.seek(0)
+            raise BlockctlError(
+                f"restore: qemu-nbd exited with {code} closing {dest}: "
+                + log.read().decode(errors="replace").strip()
+            )
+        await anyio.to_thread.run_sync(_fsync_path, dest)
+        return written
     finally:
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
