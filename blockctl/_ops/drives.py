@@ -270,7 +270,7 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
             continue
         if not _same_file(node.filename, path):
             continue
-        if drive.read_only and node.read_only:
+        if (drive.read_only or drive.media is Media.CDROM) and node.read_only:
             continue
         device = graph.device_of(node.name)
         if device is None:
@@ -400,6 +400,7 @@ async def insert(
     if device.inserted is not None:
         raise ConfigError("device", f"{device_id!r} holds a medium; eject it first (or change)")
     medium = Drive(file=file, format=fmt, interface=Interface.IDE, media=Media.CDROM)
+    await _refuse_if_in_use(vm, medium)
     source = await inspect_drive(medium, "file", roots=image_roots)
     plan = plan_drive(await _next_index(vm), medium, source, "pc", None)
     added: list[str] = []

@@ -31,7 +31,7 @@ from blockctl.errors import (
     SnapshotLoadFailed,
     UnsafeOperation,
 )
-from blockctl.types import CacheMode, Drive, ImageFormat
+from blockctl.types import CacheMode, Drive, ImageFormat, Interface, Media
 from tests.conftest import missing
 from tests.integration.conftest import (
     MIB,
@@ -340,9 +340,16 @@ async def test_attaching_an_attached_image_names_its_device(
     base = await qcow2_image(images / "base.qcow2", b"", 8 * MIB)
     top = images / "top.qcow2"
     await run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
-    config = base_config(guest, Drive(file=top, format=ImageFormat.QCOW2), name="twice")
+    config = base_config(
+        guest,
+        Drive(file=top, format=ImageFormat.QCOW2),
+        Drive(interface=Interface.IDE, media=Media.CDROM),  # empty
+        name="twice",
+    )
     async with open_vm(config) as vm:
         nodes_before = {n.node_name for n in await vm.block_nodes()}
+        with pytest.raises(ConfigError, match=r"already attached as disk0 \(node drv0\)"):
+            await drives.insert(vm, "disk1", top, ImageFormat.QCOW2)
         with pytest.raises(ConfigError, match=r"already attached as disk0 \(node drv0\)"):
             await drives.hotplug(vm, Drive(file=top, format=ImageFormat.QCOW2))
         with pytest.raises(ConfigError, match=r"a backing layer of disk0 \(node drv0-b1\)"):
