@@ -81,6 +81,9 @@ class DriveInfo:
     #: ``query-named-block-nodes`` reports ``writeback: true`` for every node, whatever the
     #: device does (issue 16, defect 2).
     device_cache: CacheFlags | None
+    #: The image file of each ``chain`` entry (the block graph's: QEMU names a node by a
+    #: ``json:`` string when its backing is not the one its header names, e.g. a raw one).
+    filenames: tuple[str | None, ...] = ()
 
     @property
     def format(self) -> str | None:
@@ -89,6 +92,9 @@ class DriveInfo:
 
     @property
     def file(self) -> str | None:
+        """The image file of the top layer (not a ``json:`` description of the chain)."""
+        if self.filenames and self.filenames[0] is not None:
+            return self.filenames[0]
         return self.chain[0].file if self.chain else None
 
     @property
@@ -125,7 +131,12 @@ class DriveInfo:
             if limits is None
             else {k: getattr(limits, k) for k in (*_THROTTLE_KEYS, "group")},
             "chain": [
-                {"node": n.node_name, "driver": n.driver, "file": n.file} for n in self.chain
+                {"node": n.node_name, "driver": n.driver, "file": n.file, "filename": f}
+                for n, f in zip(
+                    self.chain,
+                    self.filenames or (None,) * len(self.chain),
+                    strict=True,
+                )
             ],
             "pending_unplug": self.pending_unplug,
         }
@@ -150,6 +161,7 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
     for dev in devices:
         device_id = dev.device_id or dev.device
         record = vm.registry.drives.get(device_id)
+        chain = _chain(graph, device_id) if dev.inserted else ()
         drives.append(
             DriveInfo(
                 device_id=device_id,
@@ -157,7 +169,8 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
                 removable=dev.removable,
                 tray_open=dev.tray_open,
                 top_node=dev.inserted.node_name if dev.inserted else None,
-                chain=_chain(graph, device_id, nodes) if dev.inserted else (),
+                chain=tuple(nodes[n] for n in chain),
+                filenames=tuple(graph.nodes[n].filename for n in chain),
                 pending_unplug=record.pending_unplug if record else False,
                 io_limits=dev.inserted.io_limits if dev.inserted else None,
                 device_cache=dev.inserted.cache if dev.inserted else None,
@@ -168,9 +181,7 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
     return tuple(drives)
 
 
-def _chain(
-    graph: BlockGraph, device_id: str, nodes: Mapping[str, BlockNode]
-) -> tuple[BlockNode, ...]:
+def _chain(graph: BlockGraph, device_id: str) -> tuple[str, ...]:
     """The filters above the device's format node, then its backing chain (format nodes)."""
     device = graph.devices.get(device_id)
     if device is None or device.root is None or device.root not in graph.nodes:
@@ -183,7 +194,7 @@ def _chain(
             break
         node = graph.nodes[node.file_child]
     names.extend(n.name for n in graph.chain_of(device_id) if n.name not in names)
-    return tuple(nodes[n] for n in names if n in nodes)
+    return tuple(names)
 
 
 async def _find(vm: VM, device_id: str) -> tuple[BlockDevice | None, DriveRecord | None]:

@@ -18,7 +18,7 @@ from blockctl import GuestImage, LaunchedVM, open_vm
 from blockctl._images import convert, snapshot
 from blockctl._jobs import JobIOError, JobProgress, JobTransition
 from blockctl._ops import chains, drives
-from blockctl._ops.apply import load_desired
+from blockctl._ops.apply import apply, load_desired
 from blockctl._qmp import wire
 from blockctl._qmp.models import JobStatus
 from blockctl.errors import (
@@ -508,3 +508,27 @@ async def test_external_snapshot_then_cache_change_keeps_backing_read_only(
         await assert_base_usable(disk, tmp_path)
         await truth_check(vm)
         assert snap.overlays["disk0"].exists()
+
+
+async def test_drives_names_image_files_not_json_descriptions(
+    guest: GuestImage, images: Path
+) -> None:
+    """Found with the truth check: QEMU names a node whose header gives its backing file by
+    a relative name by a ``json:`` description; ``drives`` showed that as the disk's file,
+    and ``apply`` matched disks by it, so a drives file naming the attached image planned to
+    attach it again and to detach the disk."""
+    base = await raw_image(images / "base.raw", b"", 8 * MIB)
+    top = images / "top.qcow2"
+    # A relative backing name (resolved against the overlay's directory), as is common.
+    await run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top)
+    config = base_config(guest, Drive(file=top, format=ImageFormat.QCOW2), name="jsonname")
+    async with open_vm(config) as vm:
+        (raw,) = await vm.block_devices()
+        assert raw.inserted is not None and raw.inserted.file.startswith("json:")  # QEMU's way
+        (info,) = await drives.list_drives(vm)
+        assert info.file == str(top)
+        assert [n["filename"] for n in info.to_json()["chain"]] == [str(top), str(base)]
+        wanted = images / "drives.toml"
+        wanted.write_text(f'[[drive]]\nfile = "{top.name}"\nformat = "qcow2"\n')
+        assert (await apply(vm, load_desired(wanted), dry_run=True)).steps == ()
+        await truth_check(vm)
