@@ -532,3 +532,23 @@ async def test_drives_names_image_files_not_json_descriptions(
         wanted.write_text(f'[[drive]]\nfile = "{top.name}"\nformat = "qcow2"\n')
         assert (await apply(vm, load_desired(wanted), dry_run=True)).steps == ()
         await truth_check(vm)
+
+
+async def test_attach_json_reports_the_devices_write_cache(guest: GuestImage, images: Path) -> None:
+    """Defect 2, ``attach --json``: a writethrough or directsync disk was reported with
+    ``"writeback": true``."""
+    async with open_vm(base_config(guest, name="attachwce")) as vm:
+        # After boot: the firmware's virtio driver (no write-cache feature) turns a disk's
+        # write cache off while it runs, and the guest's kernel resets it.
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        for i, mode in enumerate(("writethrough", "directsync", "none")):
+            disk = await qcow2_image(images / f"{mode}.qcow2", b"", 8 * MIB)
+            attached = await cli_json(
+                "attach", "attachwce", str(disk), "--format", "qcow2", "--cache", mode
+            )
+            assert attached["device"] == f"disk{i}"
+            raw = {d.device_id: d for d in await vm.block_devices()}[f"disk{i}"]
+            assert raw.inserted is not None
+            assert attached["cache"]["writeback"] is raw.inserted.cache.writeback
+            assert attached["cache"]["writeback"] is CacheMode(mode).write_cache
+        await truth_check(vm)
