@@ -538,8 +538,8 @@ async def test_attach_json_reports_the_devices_write_cache(guest: GuestImage, im
     """Defect 2, ``attach --json``: a writethrough or directsync disk was reported with
     ``"writeback": true``."""
     async with open_vm(base_config(guest, name="attachwce")) as vm:
-        # After boot: the firmware's virtio driver (no write-cache feature) turns a disk's
-        # write cache off while it runs, and the guest's kernel resets it.
+        # After boot: the disks' write cache changes while the guest boots (QEMU reports it
+        # off for a while, measured), so attach once it has settled.
         await vm.console.wait_ready()  # type: ignore[union-attr]
         for i, mode in enumerate(("writethrough", "directsync", "none")):
             disk = await qcow2_image(images / f"{mode}.qcow2", b"", 8 * MIB)
