@@ -448,6 +448,23 @@ def _compare(raw: dict[str, Any], views: dict[str, Any]) -> list[str]:
             (cli_view["status"]["status"], cli_view["status"]["running"]),
             raw["status"],
         )
+        for d in cli_view["status"]["drives"]:
+            ins = devices.get(d["device"], {}).get("inserted")
+            status_drive: tuple[Any, ...] | None = None
+            if d["node"] is not None:
+                cache = d["cache"]
+                status_drive = (
+                    d["node"],
+                    d["file"],
+                    d["read_only"],
+                    (cache["writeback"], cache["direct"], cache["no_flush"]),
+                )
+            qemu = (
+                None
+                if ins is None
+                else (ins["node"], _image_file(ins["file"]), ins["ro"], ins["cache"])
+            )
+            same(f"cli status {d['device']}", status_drive, qemu)
     # Read-only state: blockctl's record of each node it made matches QEMU, and with no job
     # running every backing layer is read-only (a writable one holds the image's write lock:
     # nothing else could read or copy it).
