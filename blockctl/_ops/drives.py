@@ -81,8 +81,9 @@ class DriveInfo:
     #: ``query-named-block-nodes`` reports ``writeback: true`` for every node, whatever the
     #: device does (issue 16, defect 2).
     device_cache: CacheFlags | None
-    #: The image file of each ``chain`` entry (the block graph's: QEMU names a node by a
-    #: ``json:`` string when its backing is not the one its header names, e.g. a raw one).
+    #: The image file of each ``chain`` entry (the block graph's). QEMU's own name for a node
+    #: (``BlockNode.file``) is a ``json:`` description when it cannot be a plain filename,
+    #: e.g. when the image header names its backing file by a relative path.
     filenames: tuple[str | None, ...] = ()
 
     @property
