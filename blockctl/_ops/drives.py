@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 
 from blockctl._argv import plan_drive
-from blockctl._graph import BlockGraph, NodeRole
+from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
 from blockctl._machine import VM, check_nbd, inspect_drive
 from blockctl._qmp import wire
@@ -171,7 +171,7 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
                 tray_open=dev.tray_open,
                 top_node=dev.inserted.node_name if dev.inserted else None,
                 chain=tuple(nodes[n] for n in chain),
-                filenames=tuple(graph.nodes[n].filename for n in chain),
+                filenames=tuple(_filename(graph, nodes, n) for n in chain),
                 pending_unplug=record.pending_unplug if record else False,
                 io_limits=dev.inserted.io_limits if dev.inserted else None,
                 device_cache=dev.inserted.cache if dev.inserted else None,
@@ -180,6 +180,13 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
     # Devices whose unplug is pending but that QEMU no longer lists under query-block do not
     # exist: reconcile() above already dropped them.
     return tuple(drives)
+
+
+def _filename(graph: BlockGraph, nodes: Mapping[str, BlockNode], name: str) -> str | None:
+    """A node's image file: the graph's, else read from QEMU's name for it (the graph leaves
+    it unset when two protocol nodes open one file, e.g. two chains sharing a base)."""
+    found = graph.nodes[name].filename
+    return found if found is not None else image_filename(nodes[name].file)
 
 
 def _chain(graph: BlockGraph, device_id: str) -> tuple[str, ...]:
@@ -277,10 +284,12 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
     path = Path(drive.file).absolute()
     details = await wire.query_named_block_node_details(vm.session)
     graph = BlockGraph.from_qmp(details, await vm.block_devices(), vm.registry.backing_hints())
+    nodes = {d.node.node_name: d.node for d in details}
     for node in graph.nodes.values():
-        if node.role is not NodeRole.FORMAT or node.filename is None:
+        if node.role is not NodeRole.FORMAT:
             continue
-        if not _same_file(node.filename, path):
+        filename = _filename(graph, nodes, node.name)
+        if filename is None or not _same_file(filename, path):
             continue
         if (drive.read_only or drive.media is Media.CDROM) and node.read_only:
             continue
