@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from blockctl._graph import BlockGraph, NodeRole
+from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._qmp.models import BlockDevice, NodeDetail, parse_list
 from blockctl.errors import NodeNotFound
 
@@ -161,8 +161,6 @@ def test_an_image_opened_twice_is_a_warning_not_a_guess() -> None:
 
 
 def test_image_filename_reads_qemus_node_names() -> None:
-    from blockctl._graph import image_filename
-
     assert image_filename("/srv/a.qcow2") == "/srv/a.qcow2"
     # QEMU's json: name for a qcow2 node whose header names its backing file relatively
     # (measured, QEMU 7.2): the image is the innermost file, not the backing's.
