@@ -177,6 +177,15 @@ def _leaf_filename(descriptor: Mapping[str, Any]) -> str | None:
     return None
 
 
+def image_filename(qemu_name: str) -> str | None:
+    """The image file a QEMU node name stands for: the name itself, or the innermost
+    ``filename`` of a ``json:`` description (through ``file``/``image`` children)."""
+    descriptor = _json_name(qemu_name)
+    if descriptor is None:
+        return None if qemu_name.startswith("json:") else qemu_name
+    return _leaf_filename(descriptor)
+
+
 def _key(descriptor: Mapping[str, Any]) -> str:
     """A comparable form of a node description, without its ``backing`` (a node's own
     description does not always carry it)."""

@@ -899,10 +899,12 @@ async def start_job(
         try:
             yield job
         except OperationTimeout as exc:
+            # Only a deadline that left the job unfinished is about the job: say what became
+            # of it (a job that had already concluded was not cancelled by anyone).
             if not job.done:
                 with anyio.CancelScope(shield=True):
                     await job._abandon(hooks, cleanup_timeout)
-            _after_abandon(exc, job)
+                _after_abandon(exc, job)
             raise
         finally:
             if not job.done:

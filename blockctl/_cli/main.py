@@ -221,28 +221,29 @@ class Status(Command):
         async with attach(args.vm) as vm:
             status = await vm.status()
             version = await vm.version()
-            devices = await vm.block_devices()
+            infos = await drives.list_drives(vm)
             # Left by a controller that died mid-operation: `blockctl recover` settles them.
             interrupted = len(_journal.load_all(vm.run_dir)) + len(
                 _agent.load_freeze_records(vm.run_dir)
             )
-        drives = []
-        for dev in devices:
-            node = dev.inserted
-            drives.append(
+        # The same facts as `blockctl drives` (image file, the device's write cache).
+        rows = []
+        for info in infos:
+            cache = info.cache
+            rows.append(
                 {
-                    "device": dev.device_id,
-                    "node": node.node_name if node else None,
-                    "driver": node.driver if node else None,
-                    "file": node.file if node else None,
-                    "read_only": node.read_only if node else None,
-                    "size": node.virtual_size if node else None,
+                    "device": info.device_id,
+                    "node": info.top_node,
+                    "driver": info.chain[0].driver if info.chain else None,
+                    "file": info.file,
+                    "read_only": info.read_only,
+                    "size": info.size,
                     "cache": None
-                    if node is None
+                    if cache is None
                     else {
-                        "writeback": node.cache.writeback,
-                        "direct": node.cache.direct,
-                        "no_flush": node.cache.no_flush,
+                        "writeback": cache.writeback,
+                        "direct": cache.direct,
+                        "no_flush": cache.no_flush,
                     },
                 }
             )
@@ -252,7 +253,7 @@ class Status(Command):
             "status": status.status,
             "running": status.running,
             "qemu": str(version),
-            "drives": drives,
+            "drives": rows,
             "interrupted_operations": interrupted,
         }
         lines = [f"{vm.name}: {status.status} (pid {vm.pid}, QEMU {version})"]
@@ -261,7 +262,7 @@ class Status(Command):
                 f"  {interrupted} interrupted operation(s) on record: run `blockctl recover "
                 f"{vm.name}`"
             )
-        for d in drives:
+        for d in rows:
             if d["node"] is None:
                 lines.append(f"  {d['device']}: empty")
             else:

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 
 from blockctl._argv import plan_drive
-from blockctl._graph import BlockGraph, NodeRole
+from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
 from blockctl._machine import VM, check_nbd, inspect_drive
 from blockctl._qmp import wire
@@ -81,6 +81,10 @@ class DriveInfo:
     #: ``query-named-block-nodes`` reports ``writeback: true`` for every node, whatever the
     #: device does (issue 16, defect 2).
     device_cache: CacheFlags | None
+    #: The image file of each ``chain`` entry (the block graph's). QEMU's own name for a node
+    #: (``BlockNode.file``) is a ``json:`` description when it cannot be a plain filename,
+    #: e.g. when the image header names its backing file by a relative path.
+    filenames: tuple[str | None, ...] = ()
 
     @property
     def format(self) -> str | None:
@@ -89,6 +93,9 @@ class DriveInfo:
 
     @property
     def file(self) -> str | None:
+        """The image file of the top layer (not a ``json:`` description of the chain)."""
+        if self.filenames and self.filenames[0] is not None:
+            return self.filenames[0]
         return self.chain[0].file if self.chain else None
 
     @property
@@ -125,7 +132,12 @@ class DriveInfo:
             if limits is None
             else {k: getattr(limits, k) for k in (*_THROTTLE_KEYS, "group")},
             "chain": [
-                {"node": n.node_name, "driver": n.driver, "file": n.file} for n in self.chain
+                {"node": n.node_name, "driver": n.driver, "file": n.file, "filename": f}
+                for n, f in zip(
+                    self.chain,
+                    self.filenames or (None,) * len(self.chain),
+                    strict=True,
+                )
             ],
             "pending_unplug": self.pending_unplug,
         }
@@ -150,6 +162,7 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
     for dev in devices:
         device_id = dev.device_id or dev.device
         record = vm.registry.drives.get(device_id)
+        chain = _chain(graph, device_id) if dev.inserted else ()
         drives.append(
             DriveInfo(
                 device_id=device_id,
@@ -157,7 +170,8 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
                 removable=dev.removable,
                 tray_open=dev.tray_open,
                 top_node=dev.inserted.node_name if dev.inserted else None,
-                chain=_chain(graph, device_id, nodes) if dev.inserted else (),
+                chain=tuple(nodes[n] for n in chain),
+                filenames=tuple(_filename(graph, nodes, n) for n in chain),
                 pending_unplug=record.pending_unplug if record else False,
                 io_limits=dev.inserted.io_limits if dev.inserted else None,
                 device_cache=dev.inserted.cache if dev.inserted else None,
@@ -168,9 +182,14 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
     return tuple(drives)
 
 
-def _chain(
-    graph: BlockGraph, device_id: str, nodes: Mapping[str, BlockNode]
-) -> tuple[BlockNode, ...]:
+def _filename(graph: BlockGraph, nodes: Mapping[str, BlockNode], name: str) -> str | None:
+    """A node's image file: the graph's, else read from QEMU's name for it (the graph leaves
+    it unset when two protocol nodes open one file, e.g. two chains sharing a base)."""
+    found = graph.nodes[name].filename
+    return found if found is not None else image_filename(nodes[name].file)
+
+
+def _chain(graph: BlockGraph, device_id: str) -> tuple[str, ...]:
     """The filters above the device's format node, then its backing chain (format nodes)."""
     device = graph.devices.get(device_id)
     if device is None or device.root is None or device.root not in graph.nodes:
@@ -183,7 +202,7 @@ def _chain(
             break
         node = graph.nodes[node.file_child]
     names.extend(n.name for n in graph.chain_of(device_id) if n.name not in names)
-    return tuple(nodes[n] for n in names if n in nodes)
+    return tuple(names)
 
 
 async def _find(vm: VM, device_id: str) -> tuple[BlockDevice | None, DriveRecord | None]:
@@ -265,12 +284,14 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
     path = Path(drive.file).absolute()
     details = await wire.query_named_block_node_details(vm.session)
     graph = BlockGraph.from_qmp(details, await vm.block_devices(), vm.registry.backing_hints())
+    nodes = {d.node.node_name: d.node for d in details}
     for node in graph.nodes.values():
-        if node.role is not NodeRole.FORMAT or node.filename is None:
+        if node.role is not NodeRole.FORMAT:
             continue
-        if not _same_file(node.filename, path):
+        filename = _filename(graph, nodes, node.name)
+        if filename is None or not _same_file(filename, path):
             continue
-        if drive.read_only and node.read_only:
+        if (drive.read_only or drive.media is Media.CDROM) and node.read_only:
             continue
         device = graph.device_of(node.name)
         if device is None:
@@ -400,6 +421,7 @@ async def insert(
     if device.inserted is not None:
         raise ConfigError("device", f"{device_id!r} holds a medium; eject it first (or change)")
     medium = Drive(file=file, format=fmt, interface=Interface.IDE, media=Media.CDROM)
+    await _refuse_if_in_use(vm, medium)
     source = await inspect_drive(medium, "file", roots=image_roots)
     plan = plan_drive(await _next_index(vm), medium, source, "pc", None)
     added: list[str] = []

@@ -254,6 +254,19 @@ async def resume_from_cli(vm_name: str, job_id: str) -> str:
 _FILTERS = frozenset({"copy-on-read", "throttle", "blkdebug", "blkverify", "blklogwrites"})
 
 
+def _image_file(qemu_name: str) -> str:
+    """The image file a QEMU node name stands for: itself, or the innermost ``filename`` of a
+    ``json:`` description (through ``file``/``image`` children, not ``backing``)."""
+    if not qemu_name.startswith("json:"):
+        return qemu_name
+    spec: Any = json.loads(qemu_name[len("json:") :])
+    while isinstance(spec, dict):
+        if isinstance(spec.get("filename"), str):
+            return str(spec["filename"])
+        spec = spec.get("file", spec.get("image"))
+    raise AssertionError(f"no filename in {qemu_name}")
+
+
 def _qemu_facts(block: Any, nodes: Any, jobs: Any, status: Any) -> dict[str, Any]:
     """The facts of QEMU's raw replies that blockctl reports (not the counters a running
     guest changes: allocation, bitmap counts, progress)."""
@@ -358,7 +371,7 @@ def _compare(raw: dict[str, Any], views: dict[str, Any]) -> list[str]:
             same(f"{where}: node", d["node"], None if ins is None else ins["node"])
             if ins is None:
                 continue
-            same(f"{where}: file", d["file"], ins["file"])
+            same(f"{where}: file", d["file"], _image_file(ins["file"]))
             same(f"{where}: read_only", d["read_only"], ins["ro"])
             cache = d["cache"]
             same(
@@ -382,8 +395,8 @@ def _compare(raw: dict[str, Any], views: dict[str, Any]) -> list[str]:
                 if raw_node is not None:
                     same(
                         f"{where}: chain node {c['node']}",
-                        (c["driver"], c["file"]),
-                        (raw_node["driver"], raw_node["file"]),
+                        (c["driver"], c["file"], c["filename"]),
+                        (raw_node["driver"], raw_node["file"], _image_file(raw_node["file"])),
                     )
             if all(c["node"] in nodes for c in layers):
                 # (QEMU names a node by a json: string when its backing is not the header's
@@ -435,6 +448,23 @@ def _compare(raw: dict[str, Any], views: dict[str, Any]) -> list[str]:
             (cli_view["status"]["status"], cli_view["status"]["running"]),
             raw["status"],
         )
+        for d in cli_view["status"]["drives"]:
+            ins = devices.get(d["device"], {}).get("inserted")
+            status_drive: tuple[Any, ...] | None = None
+            if d["node"] is not None:
+                cache = d["cache"]
+                status_drive = (
+                    d["node"],
+                    d["file"],
+                    d["read_only"],
+                    (cache["writeback"], cache["direct"], cache["no_flush"]),
+                )
+            qemu = (
+                None
+                if ins is None
+                else (ins["node"], _image_file(ins["file"]), ins["ro"], ins["cache"])
+            )
+            same(f"cli status {d['device']}", status_drive, qemu)
     # Read-only state: blockctl's record of each node it made matches QEMU, and with no job
     # running every backing layer is read-only (a writable one holds the image's write lock:
     # nothing else could read or copy it).

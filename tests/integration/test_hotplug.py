@@ -41,6 +41,7 @@ from tests.integration.conftest import (
     qemu_binary,
     raw_image,
     sha256,
+    truth_check,
 )
 
 pytestmark = pytest.mark.guest
@@ -95,6 +96,7 @@ async def test_hotplug_write_and_unplug_virtio_and_scsi(guest: GuestImage, image
         listed = {d.device_id: d for d in await drives.list_drives(vm)}
         assert set(listed) == {"disk0", "disk1"}
         assert listed["disk0"].file == str(virtio_img)
+        await truth_check(vm)
 
         for device_id, dev in (("disk0", "vda"), ("disk1", "sda")):
             result = await drives.unplug(vm, device_id)
@@ -105,6 +107,7 @@ async def test_hotplug_write_and_unplug_virtio_and_scsi(guest: GuestImage, image
         with pytest.raises(DriveNotFound):
             await drives.unplug(vm, "disk0")  # a repeat call changes nothing
         assert (await vm.status()).running
+        await truth_check(vm)
     # What the guest copied onto the SCSI disk is in the image, read offline with its format.
     assert await image_bytes(scsi_img, "qcow2", MIB) == data[:MIB]
 
@@ -120,6 +123,7 @@ async def test_failed_device_add_rolls_back(guest: GuestImage, images: Path) -> 
         assert await node_names(vm) == before
         assert set(vm.registry.drives) == {"disk0"}
         assert "disk1" not in await wire.qom_list(vm.session, "/machine/peripheral")
+        await truth_check(vm)
 
 
 async def test_bad_hotplug_inputs(guest: GuestImage, images: Path) -> None:
@@ -132,8 +136,8 @@ async def test_bad_hotplug_inputs(guest: GuestImage, images: Path) -> None:
             await drives.hotplug(vm, Drive(file=images / "nope.qcow2", format=ImageFormat.QCOW2))
         with pytest.raises(ConfigError, match="as qcow2"):
             await drives.hotplug(vm, Drive(file=raw, format=ImageFormat.QCOW2))
-        # The running VM holds the write lock on its own disk: a second writer is refused.
-        with pytest.raises(ConfigError, match="lock"):
+        # The running VM has its own disk open: a second attach is refused by name.
+        with pytest.raises(ConfigError, match=r"already attached as disk0 \(node drv0\)"):
             await drives.hotplug(vm, Drive(file=disk, format=ImageFormat.QCOW2))
         with pytest.raises(ConfigError, match="no hot-plug"):
             await drives.hotplug(
@@ -147,6 +151,7 @@ async def test_bad_hotplug_inputs(guest: GuestImage, images: Path) -> None:
             await drives.set_throttle(vm, "disk0", {"bps": 1, "bps_rd": 1})
         assert await node_names(vm) == before
         assert (await vm.status()).running
+        await truth_check(vm)
 
 
 async def test_unplug_pending_when_the_guest_never_releases(images: Path) -> None:
@@ -169,6 +174,7 @@ async def test_unplug_pending_when_the_guest_never_releases(images: Path) -> Non
         assert result.state is UnplugState.REMOVED
         assert result.deleted_nodes == ("drv0", "drv0-file")
         assert await drives.list_drives(vm) == ()
+        await truth_check(vm)
 
 
 async def test_media_eject_insert_change_and_a_locked_tray(guest: GuestImage, images: Path) -> None:
@@ -191,6 +197,7 @@ async def test_media_eject_insert_change_and_a_locked_tray(guest: GuestImage, im
         changed = await drives.change_medium(vm, "disk0", one, ImageFormat.RAW)
         assert changed.file == str(one)
         assert await sh(vm, read) == "MEDIUM-ONE"
+        await truth_check(vm)
 
         # A SCSI cdrom can be hot-plugged (an IDE one cannot): the guest reads its medium.
         scsi_cd = await drives.hotplug(
@@ -212,6 +219,7 @@ async def test_media_eject_insert_change_and_a_locked_tray(guest: GuestImage, im
         await drives.eject(vm, "disk0", force=True)
         (info,) = await drives.list_drives(vm)
         assert info.top_node is None
+        await truth_check(vm)
 
 
 async def test_live_cache_resize_and_throttle(guest: GuestImage, images: Path) -> None:
@@ -231,6 +239,7 @@ async def test_live_cache_resize_and_throttle(guest: GuestImage, images: Path) -
         info = await drives.set_cache(vm, "disk0", CacheMode.UNSAFE)
         assert info.cache is not None
         assert (info.cache.direct, info.cache.no_flush) == (False, True)
+        await truth_check(vm)
         with pytest.raises(Unsupported, match="realized"):
             await drives.set_cache(vm, "disk0", CacheMode.WRITETHROUGH)
         await sh(vm, "sync")
@@ -252,9 +261,11 @@ async def test_live_cache_resize_and_throttle(guest: GuestImage, images: Path) -
         info = await drives.set_throttle(vm, "disk0", {"bps_wr": 4 * MIB, "iops": 500})
         assert info.io_limits is not None
         assert (info.io_limits.bps_wr, info.io_limits.iops, info.io_limits.bps) == (4 * MIB, 500, 0)
+        await truth_check(vm)
         info = await drives.set_throttle(vm, "disk0", {})
         assert info.io_limits is not None
         assert not info.io_limits.limited
+        await truth_check(vm)
     offline = await image_bytes(disk, "qcow2", 2 * MIB)
     assert sha256(offline) == guest_sum.split()[0]
 
@@ -366,6 +377,7 @@ async def test_hotplug_an_nbd_export(guest: GuestImage, images: Path, runtime_di
             )
             assert info.chain[0].driver == "raw"
             assert [n.node_name for n in await vm.block_nodes() if n.node_name == "drv0-file"]
+            await truth_check(vm)
             await wait_block(vm, "vda")
             got = await sh(vm, "dd if=/dev/vda bs=1M count=1 2>/dev/null | sha256sum")
             assert got.split()[0] == sha256(data)

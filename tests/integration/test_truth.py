@@ -18,7 +18,7 @@ from blockctl import GuestImage, LaunchedVM, open_vm
 from blockctl._images import convert, snapshot
 from blockctl._jobs import JobIOError, JobProgress, JobTransition
 from blockctl._ops import chains, drives
-from blockctl._ops.apply import load_desired
+from blockctl._ops.apply import apply, load_desired
 from blockctl._qmp import wire
 from blockctl._qmp.models import JobStatus
 from blockctl.errors import (
@@ -31,7 +31,7 @@ from blockctl.errors import (
     SnapshotLoadFailed,
     UnsafeOperation,
 )
-from blockctl.types import CacheMode, Drive, ImageFormat
+from blockctl.types import CacheMode, Drive, ImageFormat, Interface, Media
 from tests.conftest import missing
 from tests.integration.conftest import (
     MIB,
@@ -340,9 +340,16 @@ async def test_attaching_an_attached_image_names_its_device(
     base = await qcow2_image(images / "base.qcow2", b"", 8 * MIB)
     top = images / "top.qcow2"
     await run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
-    config = base_config(guest, Drive(file=top, format=ImageFormat.QCOW2), name="twice")
+    config = base_config(
+        guest,
+        Drive(file=top, format=ImageFormat.QCOW2),
+        Drive(interface=Interface.IDE, media=Media.CDROM),  # empty
+        name="twice",
+    )
     async with open_vm(config) as vm:
         nodes_before = {n.node_name for n in await vm.block_nodes()}
+        with pytest.raises(ConfigError, match=r"already attached as disk0 \(node drv0\)"):
+            await drives.insert(vm, "disk1", top, ImageFormat.QCOW2)
         with pytest.raises(ConfigError, match=r"already attached as disk0 \(node drv0\)"):
             await drives.hotplug(vm, Drive(file=top, format=ImageFormat.QCOW2))
         with pytest.raises(ConfigError, match=r"a backing layer of disk0 \(node drv0-b1\)"):
@@ -501,3 +508,47 @@ async def test_external_snapshot_then_cache_change_keeps_backing_read_only(
         await assert_base_usable(disk, tmp_path)
         await truth_check(vm)
         assert snap.overlays["disk0"].exists()
+
+
+async def test_drives_names_image_files_not_json_descriptions(
+    guest: GuestImage, images: Path
+) -> None:
+    """Found with the truth check: QEMU names a node whose header gives its backing file by
+    a relative name by a ``json:`` description; ``drives`` showed that as the disk's file,
+    and ``apply`` matched disks by it, so a drives file naming the attached image planned to
+    attach it again and to detach the disk."""
+    base = await raw_image(images / "base.raw", b"", 8 * MIB)
+    top = images / "top.qcow2"
+    # A relative backing name (resolved against the overlay's directory), as is common.
+    await run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top)
+    config = base_config(guest, Drive(file=top, format=ImageFormat.QCOW2), name="jsonname")
+    async with open_vm(config) as vm:
+        (raw,) = await vm.block_devices()
+        assert raw.inserted is not None and raw.inserted.file.startswith("json:")  # QEMU's way
+        (info,) = await drives.list_drives(vm)
+        assert info.file == str(top)
+        assert [n["filename"] for n in info.to_json()["chain"]] == [str(top), str(base)]
+        wanted = images / "drives.toml"
+        wanted.write_text(f'[[drive]]\nfile = "{top.name}"\nformat = "qcow2"\n')
+        assert (await apply(vm, load_desired(wanted), dry_run=True)).steps == ()
+        await truth_check(vm)
+
+
+async def test_attach_json_reports_the_devices_write_cache(guest: GuestImage, images: Path) -> None:
+    """Defect 2, ``attach --json``: a writethrough or directsync disk was reported with
+    ``"writeback": true``."""
+    async with open_vm(base_config(guest, name="attachwce")) as vm:
+        # After boot: the disks' write cache changes while the guest boots (QEMU reports it
+        # off for a while, measured), so attach once it has settled.
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        for i, mode in enumerate(("writethrough", "directsync", "none")):
+            disk = await qcow2_image(images / f"{mode}.qcow2", b"", 8 * MIB)
+            attached = await cli_json(
+                "attach", "attachwce", str(disk), "--format", "qcow2", "--cache", mode
+            )
+            assert attached["device"] == f"disk{i}"
+            raw = {d.device_id: d for d in await vm.block_devices()}[f"disk{i}"]
+            assert raw.inserted is not None
+            assert attached["cache"]["writeback"] is raw.inserted.cache.writeback
+            assert attached["cache"]["writeback"] is CacheMode(mode).write_cache
+        await truth_check(vm)

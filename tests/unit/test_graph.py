@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from blockctl._graph import BlockGraph, NodeRole
+from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._qmp.models import BlockDevice, NodeDetail, parse_list
 from blockctl.errors import NodeNotFound
 
@@ -158,3 +158,16 @@ def test_an_image_opened_twice_is_a_warning_not_a_guess() -> None:
     assert g.node("drv0").backing is None
     assert any("drv0: backing file" in w and "several" in w for w in g.warnings)
     assert "warning: drv0: backing file" in g.render_text()
+
+
+def test_image_filename_reads_qemus_node_names() -> None:
+    assert image_filename("/srv/a.qcow2") == "/srv/a.qcow2"
+    # QEMU's json: name for a qcow2 node whose header names its backing file relatively
+    # (measured, QEMU 7.2): the image is the innermost file, not the backing's.
+    name = (
+        'json:{"backing": {"driver": "raw", "file": {"driver": "file", "filename": '
+        '"/srv/base.raw"}}, "driver": "qcow2", "file": {"driver": "file", "filename": '
+        '"/srv/top.qcow2"}}'
+    )
+    assert image_filename(name) == "/srv/top.qcow2"
+    assert image_filename("json:{not json") is None
