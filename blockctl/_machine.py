@@ -475,6 +475,10 @@ async def open_vm(
                 _runtime.write_record(_record_for(vm, console_socket=None, console_log=None))
             try:
                 yield vm
+                # The block ended normally: observers see the VM before it is shut down.
+                if vm.process.returncode is None and not vm.session.lost:
+                    for observe in BEFORE_SHUTDOWN:
+                        await observe(vm)
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
@@ -484,6 +488,12 @@ async def open_vm(
                             await vm.console.aclose()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+#: Called with each VM of :func:`open_vm` whose block ended normally, before its shutdown.
+#: A seam for test suites (the integration tests compare blockctl's reports with QEMU's facts
+#: there); an exception from one fails the block.
+BEFORE_SHUTDOWN: list[Callable[[VM], Awaitable[None]]] = []
 
 
 async def launch_detached(
