@@ -51,6 +51,7 @@ from blockctl._backup.store import (
     check_name,
     new_point_id,
 )
+from blockctl._graph import GraphNode
 from blockctl._jobs import (
     DEFAULT_HOOKS,
     Job,
@@ -230,30 +231,36 @@ async def _recover(vm: VM, repo: Repository) -> list[str]:
     return notes
 
 
+def _checkpoint(
+    repo: Repository, device: str, node: GraphNode, manifests: Sequence[Manifest]
+) -> checkpoints.DiskCheckpoint:
+    """The repository's checkpoint of one disk (``manifests``: its complete points, oldest
+    first)."""
+    latest = manifests[-1] if manifests else None
+    return checkpoints.plan(
+        device=device,
+        node=node.name,
+        driver=node.driver,
+        bitmaps=node.dirty_bitmaps,
+        repository_id=repo.config.id,
+        latest=None if latest is None else latest.id,
+        committed=[m.id for m in manifests],
+        in_latest=latest is not None
+        and any(d.device == device and d.virtual_size == node.virtual_size for d in latest.disks),
+    )
+
+
 async def _settle(vm: VM, repo: Repository, devices: Sequence[str] | None) -> list[str]:
     """Bring each disk's checkpoints of ``repo`` to the invariant (see :mod:`.checkpoints`)."""
     graph = await read_graph(vm)
     manifests = repo.manifests(vm.name)
-    latest = manifests[-1] if manifests else None
     notes = []
     actions: list[dict[str, Any]] = []
     for device in graph.devices.values():
         if device.root is None or (devices is not None and device.id not in devices):
             continue
         node = graph.format_node(device.id)
-        in_latest = latest is not None and any(
-            d.device == device.id and d.virtual_size == node.virtual_size for d in latest.disks
-        )
-        plan = checkpoints.plan(
-            device=device.id,
-            node=node.name,
-            driver=node.driver,
-            bitmaps=node.dirty_bitmaps,
-            repository_id=repo.config.id,
-            latest=None if latest is None else latest.id,
-            committed=[m.id for m in manifests],
-            in_latest=in_latest,
-        )
+        plan = _checkpoint(repo, device.id, node, manifests)
         actions += plan.settle
         actions += checkpoints.legacy_removals(node.name, node.dirty_bitmaps)
     if actions:
@@ -377,19 +384,7 @@ async def _backup(
         node = graph.format_node(device)
         if node.virtual_size is None:
             raise ConfigError("devices", f"{device}: unknown size")
-        in_latest = latest is not None and any(
-            d.device == device and d.virtual_size == node.virtual_size for d in latest.disks
-        )
-        plan = checkpoints.plan(
-            device=device,
-            node=node.name,
-            driver=node.driver,
-            bitmaps=node.dirty_bitmaps,
-            repository_id=repo.config.id,
-            latest=None if latest is None else latest.id,
-            committed=[m.id for m in manifests],
-            in_latest=in_latest,
-        )
+        plan = _checkpoint(repo, device, node, manifests)
         base = plan.base if kind == "incremental" else None
         reason = plan.reason if kind == "incremental" else None
         parent_index: DiskIndex | None = None

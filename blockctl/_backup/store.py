@@ -790,15 +790,7 @@ class Repository:
             raw = _read_fd(fd, expected, where)
         finally:
             os.close(fd)
-        magic, flags, size, chunk = _INDEX_HEADER.unpack_from(raw)
-        if magic != _INDEX_MAGIC:
-            raise BackupCorrupt(f"{where}: not an index")
-        if not 0 < size <= MAX_VIRTUAL_SIZE:
-            raise BackupCorrupt(f"{where}: disk size {size} out of range")
-        try:
-            _check_chunk_size(chunk)
-        except RepositoryError as exc:
-            raise BackupCorrupt(f"{where}: {exc}") from exc
+        flags, size, chunk = _index_header(raw, where)
         body = raw[_INDEX_HEADER.size :]
         if flags & _FLAG_SEALED:
             if self.key is None:
@@ -816,15 +808,7 @@ class Repository:
         return DiskIndex(size, chunk, bytearray(body))
 
     def _index_length(self, header: bytes, where: str) -> int:
-        magic, flags, size, chunk = _INDEX_HEADER.unpack_from(header)
-        if magic != _INDEX_MAGIC:
-            raise BackupCorrupt(f"{where}: not an index")
-        if not 0 < size <= MAX_VIRTUAL_SIZE:
-            raise BackupCorrupt(f"{where}: disk size {size} out of range")
-        try:
-            _check_chunk_size(chunk)
-        except RepositoryError as exc:
-            raise BackupCorrupt(f"{where}: {exc}") from exc
+        flags, size, chunk = _index_header(header, where)
         sealed = NONCE + TAG if flags & _FLAG_SEALED else 0
         length: int = _INDEX_HEADER.size + math.ceil(size / chunk) * DIGEST_SIZE + sealed
         return length
@@ -997,6 +981,21 @@ def _remove_point(directory: Path) -> None:
         os.close(fd)
     os.rmdir(directory)
     _fsutil.fsync_dir(directory.parent)
+
+
+def _index_header(raw: bytes, where: str) -> tuple[int, int, int]:
+    """(flags, virtual size, chunk size) of an index, each checked before anything is sized
+    by it."""
+    magic, flags, size, chunk = _INDEX_HEADER.unpack_from(raw)
+    if magic != _INDEX_MAGIC:
+        raise BackupCorrupt(f"{where}: not an index")
+    if not 0 < size <= MAX_VIRTUAL_SIZE:
+        raise BackupCorrupt(f"{where}: disk size {size} out of range")
+    try:
+        _check_chunk_size(chunk)
+    except RepositoryError as exc:
+        raise BackupCorrupt(f"{where}: {exc}") from exc
+    return flags, size, chunk
 
 
 def _syncfs(path: Path) -> None:

@@ -57,7 +57,8 @@ from blockctl.errors import ConnectionLost, RepositoryError
 from tests.conftest import missing
 from tests.figures import report
 from tests.integration.conftest import MIB, qcow2_image, qemu_binary, run
-from tests.integration.test_repository import config, restore_equals, same
+from tests.integration.test_backup import config
+from tests.integration.test_repository import restore_equals, same
 
 pytestmark = pytest.mark.guest
 

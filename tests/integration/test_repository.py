@@ -12,44 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from blockctl import VM, GuestImage, LaunchedVM, open_vm
+from blockctl import VM, GuestImage, open_vm
 from blockctl._backup import checkpoints
 from blockctl._backup import operations as ops
 from blockctl._backup.store import Manifest, Repository
 from blockctl._ops.chains import read_graph
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BackupKeyError, RepositoryBusy, RepositoryError
-from blockctl.types import DeprecatedInput, Drive, ImageFormat, MachineConfig
+from blockctl.types import ImageFormat
 from tests.integration.conftest import MIB, qcow2_image, qemu_binary, run
+from tests.integration.test_backup import config, write
 
 pytestmark = pytest.mark.guest
 
 DISK_MIB = 64
-
-
-def config(guest: GuestImage, name: str, *disks: Path) -> MachineConfig:
-    return MachineConfig(
-        name=name,
-        kernel=guest.kernel,
-        initrd=guest.initrd,
-        append=guest.append,
-        deprecated_input=DeprecatedInput.REJECT,
-        drives=tuple(Drive(file=d, format=ImageFormat.QCOW2) for d in disks),
-    )
-
-
-async def sh(vm: LaunchedVM, command: str) -> str:
-    assert vm.console is not None
-    return await vm.console.check(command)
-
-
-async def write(vm: LaunchedVM, dev: str, offset_kib: int, kib: int) -> None:
-    """Random data, flushed to the image (O_DIRECT + fsync)."""
-    await sh(
-        vm,
-        f"dd if=/dev/urandom of=/dev/{dev} bs=64k seek={offset_kib // 64} "
-        f"count={kib // 64} oflag=direct conv=fsync 2>/dev/null",
-    )
 
 
 @dataclass
