@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -52,3 +55,20 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for topic, lines in FIGURES.items():
         for line in lines:
             terminalreporter.write_line(line if line.startswith(topic) else f"{topic}: {line}")
+
+
+def mode_of(path: Path) -> int:
+    """A file's permission bits, not following a symlink."""
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.fixture(params=[0o022, 0o000], ids=["umask022", "umask000"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The process umask for the test (children such as qemu-img and `blockctl up` inherit
+    it): what blockctl creates must be owner-only under either."""
+    value: int = request.param
+    old = os.umask(value)
+    try:
+        yield value
+    finally:
+        os.umask(old)

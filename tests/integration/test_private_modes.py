@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -23,24 +21,10 @@ from blockctl._images import convert, create
 from blockctl._ops import chains
 from blockctl.errors import ProcessFailed
 from blockctl.types import Drive, ImageFormat
+from tests.conftest import mode_of
 from tests.integration.conftest import MIB, base_config, qcow2_image, raw_image, running
 
 QCOW2, RAW = ImageFormat.QCOW2, ImageFormat.RAW
-
-
-@pytest.fixture(params=[0o022, 0o000], ids=["umask022", "umask000"])
-def umask(request: pytest.FixtureRequest) -> Iterator[int]:
-    """The process umask for the test (children such as qemu-img and `blockctl up` inherit it)."""
-    value: int = request.param
-    old = os.umask(value)
-    try:
-        yield value
-    finally:
-        os.umask(old)
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def modes_under(directory: Path) -> dict[str, str]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,22 +15,9 @@ from blockctl._fsutil import (
     make_private_dir,
 )
 from blockctl.errors import ConfigError
+from tests.conftest import mode_of
 
 NOBODY = 65534
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)
-
-
-@pytest.fixture(params=[0o022, 0o000], ids=["umask022", "umask000"])
-def umask(request: pytest.FixtureRequest) -> Iterator[int]:
-    value: int = request.param
-    old = os.umask(value)
-    try:
-        yield value
-    finally:
-        os.umask(old)
 
 
 def test_atomic_write_is_0600_and_leaves_no_temporary_file(tmp_path: Path, umask: int) -> None:

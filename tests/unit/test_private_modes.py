@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,20 +13,7 @@ import pytest
 from blockctl import _agent, _fsutil, _journal, _runtime
 from blockctl._journal import Intent, OpKind, Step
 from blockctl._registry import DriveRecord, DriveRegistry
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)
-
-
-@pytest.fixture(params=[0o022, 0o000], ids=["umask022", "umask000"])
-def umask(request: pytest.FixtureRequest) -> Iterator[int]:
-    value: int = request.param
-    old = os.umask(value)
-    try:
-        yield value
-    finally:
-        os.umask(old)
+from tests.conftest import mode_of
 
 
 def intent() -> Intent:

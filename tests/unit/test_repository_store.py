@@ -10,7 +10,6 @@ import hashlib
 import os
 import stat
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from blockctl.errors import (
     RepositoryError,
 )
 from blockctl.types import ImageFormat
+from tests.conftest import mode_of
 
 CHUNK = 64 << 10
 SECRET = b"store-suite-secret"
@@ -45,10 +45,6 @@ POINTS = (
 
 INCOMPRESSIBLE = os.urandom(CHUNK)
 COMPRESSIBLE = (b"blockctl repository chunk " * CHUNK)[:CHUNK]
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def chunk_files(repo: Repository) -> set[str]:
@@ -105,16 +101,6 @@ def index_of(repo: Repository, *pieces: bytes) -> DiskIndex:
         if any(piece):
             index.put(i, store(repo, piece))
     return index
-
-
-@pytest.fixture(params=[0o022, 0o000], ids=["umask022", "umask000"])
-def umask(request: pytest.FixtureRequest) -> Iterator[int]:
-    value: int = request.param
-    old = os.umask(value)
-    try:
-        yield value
-    finally:
-        os.umask(old)
 
 
 def tree(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
