@@ -44,6 +44,7 @@ from blockctl._backup.reader import (
 )
 from blockctl._backup.store import (
     ZERO_DIGEST,
+    ChunkBatch,
     DiskIndex,
     DiskPoint,
     Manifest,
@@ -423,6 +424,7 @@ async def _backup(
     server_started = False
     committed = False
     points: list[Quiesced] = []
+    batch = repo.batch()  # this backup's chunks: synced, or discarded, by this backup alone
     with _step(repo, "creating the point's directory"):
         repo.begin_point(vm.name, point)
     try:
@@ -507,7 +509,9 @@ async def _backup(
                         for job in jobs:
                             tg.start_soon(_watch_fleece, job, hooks, deadline)
                         for d in disks:
-                            await _copy_disk(d, repo, socket, connections, hooks, fail_after_chunks)
+                            await _copy_disk(
+                                d, repo, batch, socket, connections, hooks, fail_after_chunks
+                            )
                         tg.cancel_scope.cancel()
                 except BaseExceptionGroup as group:
                     # One failure, said as itself: callers catch NbdError, OSError, JobFailed.
@@ -519,7 +523,7 @@ async def _backup(
         # scratch file that recovery (which finds them through the nodes) could not see.
         shutil.rmtree(scratch, ignore_errors=True)
         with _step(repo, "making the chunks durable"):
-            await anyio.to_thread.run_sync(repo.sync)
+            await anyio.to_thread.run_sync(batch.sync)
         await _at(failpoint, "after-chunks")
         for d in disks:
             assert d.index is not None
@@ -549,7 +553,7 @@ async def _backup(
     except BaseException:
         with anyio.CancelScope(shield=True):
             await _teardown(vm, disks, jobs, added, server_started, hooks)
-            repo.discard()
+            batch.discard()
             if not committed:
                 with contextlib.suppress(OSError, RepositoryError):
                     repo.delete_point(vm.name, point)
@@ -643,6 +647,7 @@ def _disk_point(d: _Disk) -> DiskPoint:
 async def _copy_disk(
     d: _Disk,
     repo: Repository,
+    batch: ChunkBatch,
     socket: str,
     connections: int,
     hooks: Sequence[JobHook],
@@ -670,6 +675,7 @@ async def _copy_disk(
         chunks=plan.read,
         connections=connections,
         fail_after=fail_after_chunks,
+        batch=batch,
     )
     d.copier = copier
     copier.start()

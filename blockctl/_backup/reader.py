@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from blockctl._backup.store import ZERO_DIGEST, DiskIndex, Repository
+from blockctl._backup.store import ZERO_DIGEST, ChunkBatch, DiskIndex, Repository
 from blockctl.errors import MissingComponent, NbdError
 
 #: NBD block-status flags (base:allocation), and the dirty flag of qemu:dirty-bitmap:*.
@@ -160,11 +160,14 @@ class ChunkCopier:
         chunks: tuple[int, ...],
         connections: int = DEFAULT_CONNECTIONS,
         fail_after: int | None = None,
+        batch: ChunkBatch | None = None,
     ) -> None:
         self.socket = socket
         self.export = export
         self.repo = repo
         self.index = index
+        #: Where the chunks go until the backup syncs them (default: the repository's own).
+        self.batch = batch if batch is not None else repo._default_batch()
         self.stats = CopyStats()
         self.total = sum(index.chunk_length(i) for i in chunks)
         self._chunks: Iterator[int] = iter(chunks)
@@ -243,7 +246,7 @@ class ChunkCopier:
                     with self._lock:
                         new = digest not in self._seen and not self.repo.has_chunk(digest)
                         self._seen.add(digest)
-                    written = self.repo.write_chunk(digest, data) if new else 0
+                    written = self.batch.write(digest, data) if new else 0
                 with self._lock:
                     self.index.put(i, digest)
                     self.stats.bytes_read += length

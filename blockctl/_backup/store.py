@@ -466,9 +466,9 @@ class Repository:
     config: RepositoryConfig
     key: RepositoryKey | None = None
     _zstd: Any = field(default=None, repr=False)
-    _touched: set[str] = field(default_factory=set, repr=False)
-    #: Chunks written to temporary files, not yet durable nor under their names (see sync).
-    _pending: dict[bytes, tuple[Path, Path]] = field(default_factory=dict, repr=False)
+    #: The batch of :meth:`write_chunk`/:meth:`sync`/:meth:`discard` (a backup uses its own,
+    #: :meth:`batch`: two backups sharing this object must not sync each other's chunks).
+    _default: ChunkBatch | None = field(default=None, repr=False)
 
     # -- creation and opening
 
@@ -603,22 +603,29 @@ class Repository:
         except FileNotFoundError:
             return False
 
-    def write_chunk(self, digest: bytes, data: bytes | memoryview) -> int:
-        """Store one chunk (its digest computed by the caller with :meth:`digest`). Returns
-        the bytes written, 0 if the repository had it (or this process is writing it).
+    def batch(self) -> ChunkBatch:
+        """A new set of pending chunks: written by :meth:`ChunkBatch.write`, made durable by
+        its :meth:`~ChunkBatch.sync` or dropped by its :meth:`~ChunkBatch.discard`."""
+        return ChunkBatch(self)
 
-        The chunk goes to a temporary file; :meth:`sync` makes every pending one durable with
-        one ``syncfs`` and only then renames them to their names and fsyncs the directories,
-        so a chunk under its name is complete after a crash (never a torn file a later backup
-        would take for the chunk), and one flush replaces one fsync per chunk
-        (`scripts/bench backup`). :meth:`discard` drops the pending ones of a failed backup."""
-        path = self._chunk_path(digest)
-        directory = path.parent
-        if not _plain_dir(directory, "chunk directory"):
-            make_private_dir(directory)
-            self._touched.add("")
-        if digest in self._pending or self.has_chunk(digest):
-            return 0
+    def _default_batch(self) -> ChunkBatch:
+        if self._default is None:
+            self._default = ChunkBatch(self)
+        return self._default
+
+    def write_chunk(self, digest: bytes, data: bytes | memoryview) -> int:
+        """:meth:`ChunkBatch.write` in this repository's default batch."""
+        return self._default_batch().write(digest, data)
+
+    def sync(self) -> None:
+        """:meth:`ChunkBatch.sync` of the default batch."""
+        self._default_batch().sync()
+
+    def discard(self) -> None:
+        """:meth:`ChunkBatch.discard` of the default batch."""
+        self._default_batch().discard()
+
+    def _encode_chunk(self, digest: bytes, data: bytes | memoryview) -> bytes:
         flags = 0
         payload: bytes | memoryview = data
         if self._zstd is not None and self._compressible(data):
@@ -628,25 +635,7 @@ class Repository:
         if self.key is not None:
             flags |= _FLAG_SEALED
             payload = self.key.seal(bytes(payload), digest + bytes([flags]))
-        blob = _CHUNK_MAGIC + bytes([flags]) + bytes(payload)
-        tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                view = memoryview(blob)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            self._pending[digest] = (tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise RepositoryError(
-                f"repository {self.path}: writing chunk {digest.hex()[:16]}…: {_errno_text(exc)}"
-            ) from exc
-        return len(blob)
+        return _CHUNK_MAGIC + bytes([flags]) + bytes(payload)
 
     def _compressible(self, data: bytes | memoryview) -> bool:
         """Whether zstd is worth running on a chunk: four 16 KiB samples spread over it must
@@ -661,28 +650,6 @@ class Repository:
         sample = b"".join(view[i * step : i * step + _SAMPLE] for i in range(4))
         packed = self._zstd.ZstdCompressor(level=1).compress(sample)
         return len(packed) < len(sample) * 0.97
-
-    def sync(self) -> None:
-        """Make every chunk written so far durable and put it under its name: the data first
-        (one ``syncfs`` of the repository's filesystem), then the renames, then the
-        directories' entries. Only after this may an index name the chunks."""
-        pending = list(self._pending.values())
-        if pending:
-            _syncfs(self.path)
-        for tmp, path in pending:
-            os.replace(tmp, path)
-            self._touched.add(path.parent.name)
-        self._pending.clear()
-        for name in sorted(self._touched):
-            _fsutil.fsync_dir(self.path / "chunks" / name if name else self.path / "chunks")
-        self._touched.clear()
-
-    def discard(self) -> None:
-        """Drop the chunks of a backup that will not commit (their temporary files)."""
-        for tmp, _path in self._pending.values():
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        self._pending.clear()
 
     def read_chunk(self, digest: bytes, length: int, *, where: str = "") -> bytes:
         """The chunk's bytes, checked against its digest (and authenticated if encrypted)."""
@@ -981,6 +948,77 @@ def _remove_point(directory: Path) -> None:
         os.close(fd)
     os.rmdir(directory)
     _fsutil.fsync_dir(directory.parent)
+
+
+class ChunkBatch:
+    """The chunks one backup writes, pending until :meth:`sync`.
+
+    A chunk goes to a temporary file; :meth:`sync` makes every pending one durable with one
+    ``syncfs`` and only then renames them to their names and fsyncs the directories, so a chunk
+    under its name is complete after a crash (never a torn file a later backup would take for
+    the chunk), and one flush replaces one fsync per chunk (`scripts/bench backup`).
+    :meth:`discard` drops the pending ones of a backup that will not commit. Writes may come
+    from several threads; :meth:`sync` and :meth:`discard` only after they are done.
+    """
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self._pending: dict[bytes, tuple[Path, Path]] = {}
+        self._touched: set[str] = set()
+
+    def write(self, digest: bytes, data: bytes | memoryview) -> int:
+        """Store one chunk (its digest computed with :meth:`Repository.digest`). Returns the
+        bytes written, 0 if the repository has it or this batch is writing it."""
+        repo = self.repo
+        path = repo._chunk_path(digest)
+        directory = path.parent
+        if not _plain_dir(directory, "chunk directory"):
+            make_private_dir(directory)
+            self._touched.add("")
+        if digest in self._pending or repo.has_chunk(digest):
+            return 0
+        blob = repo._encode_chunk(digest, data)
+        tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            self._pending[digest] = (tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise RepositoryError(
+                f"repository {repo.path}: writing chunk {digest.hex()[:16]}…: {_errno_text(exc)}"
+            ) from exc
+        return len(blob)
+
+    def sync(self) -> None:
+        """Make every chunk of this batch durable and put it under its name: the data first
+        (one ``syncfs`` of the repository's filesystem), then the renames, then the
+        directories' entries. Only after this may an index name the chunks."""
+        pending = list(self._pending.values())
+        if pending:
+            _syncfs(self.repo.path)
+        for tmp, path in pending:
+            os.replace(tmp, path)
+            self._touched.add(path.parent.name)
+        self._pending.clear()
+        chunks = self.repo.path / "chunks"
+        for name in sorted(self._touched):
+            _fsutil.fsync_dir(chunks / name if name else chunks)
+        self._touched.clear()
+
+    def discard(self) -> None:
+        """Drop the chunks of a backup that will not commit (their temporary files)."""
+        for tmp, _path in self._pending.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._pending.clear()
 
 
 def _index_header(raw: bytes, where: str) -> tuple[int, int, int]:

@@ -441,3 +441,23 @@ def test_a_wrong_or_missing_key_is_refused_before_anything_is_written(tmp_path: 
         Repository.open(repo.path, secret=b"\x00" * 32)
     assert tree(repo.path) == before
     assert ops.open_repository(repo.path, key_file=good).get(VM, POINTS[0]).id == POINTS[0]
+
+
+def test_two_backups_sharing_a_repository_object_sync_only_their_own_chunks(
+    tmp_path: Path,
+) -> None:
+    """Two backups in one process share a Repository: each syncs (or discards) its own
+    chunks. With one shared pending set, one backup's sync raced the other's writes and left
+    a chunk its index named as a temporary file (found by the concurrent two-VM test)."""
+    repo = Repository.init(tmp_path / "r", compression="none")
+    first, second = repo.batch(), repo.batch()
+    one, two = os.urandom(CHUNK), os.urandom(CHUNK)
+    d1, d2 = repo.digest(one), repo.digest(two)
+    assert first.write(d1, one) > 0
+    assert second.write(d2, two) > 0
+    first.sync()
+    assert repo.has_chunk(d1) and not repo.has_chunk(d2)  # the other's is still pending
+    second.discard()
+    assert not repo.has_chunk(d2)
+    assert not [p for p in (repo.path / "chunks").rglob("*.tmp")]
+    assert repo.read_chunk(d1, CHUNK) == one
