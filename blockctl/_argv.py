@@ -370,6 +370,21 @@ def pool_args(sockets: Sequence[Path]) -> list[str]:
     return argv
 
 
+#: Device ids of the PCIe root ports blockctl makes at launch (hp0, hp1, ...): the port's
+#: bus has the same name, which a hot-plugged device names as its ``bus``.
+HOTPLUG_PORT_PREFIX = "hp"
+
+
+def hotplug_port_args(count: int) -> list[str]:
+    """``count`` PCIe root ports (q35), each a hot-plug slot for one PCI device. Each port
+    needs its own chassis number; the guest's ACPI hot-plug handles them (no 5 s pciehp wait)."""
+    argv: list[str] = []
+    for i in range(count):
+        port = {"driver": "pcie-root-port", "id": f"{HOTPLUG_PORT_PREFIX}{i}", "chassis": i + 1}
+        argv += ["-device", json.dumps(port)]
+    return argv
+
+
 def build_argv(
     *,
     binary: str,
@@ -437,6 +452,7 @@ def build_argv(
             "-serial",
             "chardev:ser0",
         ]
+    argv += hotplug_port_args(config.hotplug_slots or 0)
     scsi_buses = sorted(
         {
             int(p.device["bus"][len("scsi") :].split(".")[0])

@@ -62,6 +62,7 @@ __all__ = [
     "BlockctlError",
     "CommandFailed",
     "DriveNotFound",
+    "NoFreeSlot",
     "UnsafeOperation",
     "UntrustedImage",
     "BackupCorrupt",
@@ -259,6 +260,11 @@ class DriveNotFound(BlockctlError):
     def __init__(self, device_id: str, message: str) -> None:
         self.device_id = device_id
         super().__init__(message)
+
+
+class NoFreeSlot(BlockctlError):
+    """A hot-plugged PCI device has nowhere to go: every hot-plug slot of the VM is taken.
+    The message names what holds them and the ways out (virtio-scsi, detach, more ports)."""
 
 
 class UnsafeOperation(BlockctlError):

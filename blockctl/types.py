@@ -144,6 +144,19 @@ _E = TypeVar("_E", bound=enum.Enum)
 
 # What QEMU's -machine, and identifiers of ours, may look like; anything else is refused rather
 # than passed through to an option string.
+#: PCIe root ports a q35 VM gets at launch unless its config says otherwise (libvirt adds a
+#: few free ones too); each holds one hot-plugged PCI device. A virtio-scsi controller on one
+#: port holds hundreds of disks.
+DEFAULT_HOTPLUG_SLOTS = 8
+#: The root complex has 32 slots, some used by the chipset and the cold-plugged devices.
+MAX_HOTPLUG_SLOTS = 24
+
+
+def is_pcie_machine(machine: str) -> bool:
+    """A q35 machine type ('q35', 'pc-q35-7.2'): its root bus pcie.0 has no hot-plug."""
+    return "q35" in machine
+
+
 _MACHINE_TYPE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _VM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _BOOT_DRIVES = re.compile(r"[a-p]*")
@@ -408,6 +421,10 @@ class MachineConfig:
     # A guest-agent channel: virtio-serial port org.qemu.guest_agent.0 on <run dir>/qga.sock
     # (TOML: guest-agent = true). The guest must run qemu-ga on it (blockctl._agent).
     guest_agent: bool = False
+    # PCIe root ports made at launch on a q35 machine (TOML: hotplug-slots): q35's root bus
+    # takes no hot-plugged device, so each hot-plugged PCI device (a virtio disk, a virtio-scsi
+    # controller) needs a free port. None: 8 on q35, 0 elsewhere ('pc' hot-plugs on pci.0).
+    hotplug_slots: int | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -430,6 +447,22 @@ class MachineConfig:
                 "(see qemu-system-x86_64 -machine help)",
             )
         put(self, "accel", _enum(Accel, self.accel, "accel"))
+        if self.hotplug_slots is None:
+            put(self, "hotplug_slots", DEFAULT_HOTPLUG_SLOTS if is_pcie_machine(self.machine) else 0)
+        elif (
+            isinstance(self.hotplug_slots, bool)
+            or not isinstance(self.hotplug_slots, int)
+            or not 0 <= self.hotplug_slots <= MAX_HOTPLUG_SLOTS
+        ):
+            raise ConfigError(
+                "hotplug_slots", f"{self.hotplug_slots!r}: from 0 to {MAX_HOTPLUG_SLOTS}"
+            )
+        elif self.hotplug_slots and not is_pcie_machine(self.machine):
+            raise ConfigError(
+                "hotplug_slots",
+                f"PCIe root ports are for q35 machines; {self.machine!r} hot-plugs PCI devices "
+                "on its own bus (leave hotplug-slots unset)",
+            )
         put(
             self,
             "deprecated_input",

@@ -222,6 +222,7 @@ class Status(Command):
             status = await vm.status()
             version = await vm.version()
             infos = await drives.list_drives(vm)
+            slots = await drives.hotplug_slots(vm)
             # Left by a controller that died mid-operation: `blockctl recover` settles them.
             interrupted = len(_journal.load_all(vm.run_dir)) + len(
                 _agent.load_freeze_records(vm.run_dir)
@@ -255,8 +256,15 @@ class Status(Command):
             "qemu": str(version),
             "drives": rows,
             "interrupted_operations": interrupted,
+            "hotplug_slots": slots.as_dict(),
         }
         lines = [f"{vm.name}: {status.status} (pid {vm.pid}, QEMU {version})"]
+        if slots.pcie:
+            lines.append(
+                f"  hot-plug slots: {slots.free_count} of {len(slots.ports)} PCIe root ports free"
+            )
+        else:
+            lines.append(f"  hot-plug slots: {slots.free_count} free on the PCI root bus")
         if interrupted:
             lines.append(
                 f"  {interrupted} interrupted operation(s) on record: run `blockctl recover "

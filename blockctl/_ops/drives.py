@@ -41,9 +41,18 @@ from blockctl.errors import (
     CommandFailed,
     ConfigError,
     DriveNotFound,
+    NoFreeSlot,
     Unsupported,
 )
-from blockctl.types import CacheMode, Drive, ImageFormat, Interface, Media
+from blockctl.types import (
+    MAX_HOTPLUG_SLOTS,
+    CacheMode,
+    Drive,
+    ImageFormat,
+    Interface,
+    Media,
+    is_pcie_machine,
+)
 
 _log = get_logger()
 
@@ -219,6 +228,113 @@ async def _next_index(vm: VM) -> int:
     return max(used, default=-1) + 1
 
 
+# Section: hot-plug slots
+
+#: Slots on the root bus of a 'pc' machine (i440FX): QEMU places hot-plugged PCI devices there.
+PCI_ROOT_SLOTS = 32
+_PCI_HOTPLUGGED = ("virtio-blk-pci", "virtio-scsi-pci")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HotplugSlots:
+    """Where the VM's hot-plugged PCI devices (virtio disks, virtio-scsi controllers) go.
+
+    On q35 (``pcie``) each goes into a PCIe root port: ``ports`` maps every port to the device
+    in it (None: free). On 'pc' QEMU places them on the root bus: ``ports`` is empty and
+    ``free_count`` is the number of its empty slots.
+    """
+
+    pcie: bool
+    ports: tuple[tuple[str, str | None], ...]
+    free_count: int
+
+    @property
+    def free(self) -> tuple[str, ...]:
+        return tuple(port for port, device in self.ports if device is None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "pcie-root-port" if self.pcie else "pci",
+            "free": self.free_count,
+            "ports": dict(self.ports),
+        }
+
+
+async def hotplug_slots(vm: VM) -> HotplugSlots:
+    """The VM's hot-plug slots as QEMU has them now (QOM: each device's ``parent_bus``)."""
+    if not is_pcie_machine(str(await vm.qom_get("/machine", "type"))):
+        used = await wire.pci_root_slots_used(vm.session)
+        return HotplugSlots(pcie=False, ports=(), free_count=PCI_ROOT_SLOTS - len(used))
+    holders: dict[str, str] = {}
+    ports: list[str] = []
+    for parent in ("/machine/peripheral", "/machine/peripheral-anon"):
+        for name, kind in (await wire.qom_children(vm.session, parent)).items():
+            if kind == "pcie-root-port" and parent == "/machine/peripheral":
+                ports.append(name)  # a port's bus has the port's id: a device names it
+                continue
+            bus = str(await vm.qom_get(f"{parent}/{name}", "parent_bus"))
+            # "/machine/peripheral/hp0/hp0": the bus of port hp0.
+            head, _, _ = bus.rpartition("/")
+            if head.startswith("/machine/peripheral/"):
+                holders[head.rsplit("/", 1)[1]] = name
+    ports.sort(key=lambda p: (len(p), p))
+    slots = tuple((port, holders.get(port)) for port in ports)
+    return HotplugSlots(pcie=True, ports=slots, free_count=sum(d is None for _, d in slots))
+
+
+def _no_free_slot(vm: VM, device: Mapping[str, Any], slots: HotplugSlots) -> NoFreeSlot:
+    what = f"{vm.name}: no free hot-plug slot for {device.get('id')} ({device['driver']})"
+    scsi = (
+        "attach disks with --bus scsi (one virtio-scsi controller holds hundreds of disks "
+        "on one slot)"
+    )
+    if not slots.pcie:
+        return NoFreeSlot(
+            f"{what}: every slot of the PCI root bus is in use. Ways out: {scsi}, or detach a "
+            "virtio disk (`blockctl drives` lists them)"
+        )
+    if not slots.ports:
+        return NoFreeSlot(
+            f"{what}: this q35 VM has no PCIe root port, and q35's root bus pcie.0 takes no "
+            f"hot-plugged device. Ways out: relaunch it with hotplug-slots = N (blockctl makes N "
+            f"ports, at most {MAX_HOTPLUG_SLOTS}), or {scsi} on a controller it already has"
+        )
+    held = ", ".join(f"{port}: {holder}" for port, holder in slots.ports)
+    return NoFreeSlot(
+        f"{what}: all {len(slots.ports)} PCIe root ports are in use ({held}). Ways out: {scsi}, "
+        "detach a device, or relaunch with more ports (hotplug-slots = N, at most "
+        f"{MAX_HOTPLUG_SLOTS})"
+    )
+
+
+async def _device_add_placed(vm: VM, device: Mapping[str, Any]) -> None:
+    """``device_add``, into a free PCIe root port on q35 (another client may take the port
+    first: then the next free one); a full bus becomes :class:`NoFreeSlot` with the ways out."""
+    if device["driver"] not in _PCI_HOTPLUGGED:
+        await wire.device_add(vm.session, device)
+        return
+    slots = await hotplug_slots(vm)
+    if not slots.pcie:
+        try:
+            await wire.device_add(vm.session, device)
+        except CommandFailed as exc:
+            if "no slot/function available" not in str(exc):
+                raise
+            raise _no_free_slot(vm, device, slots) from exc
+        return
+    tried: set[str] = set()
+    while free := [p for p in slots.free if p not in tried]:
+        try:
+            await wire.device_add(vm.session, {**device, "bus": free[0]})
+            return
+        except CommandFailed as exc:
+            if "not available" not in str(exc):  # "PCI: slot 0 function 0 not available ..."
+                raise
+            tried.add(free[0])
+            slots = await hotplug_slots(vm)
+    raise _no_free_slot(vm, device, slots)
+
+
 # Section: hot-plug
 
 
@@ -254,12 +370,12 @@ async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = (
         if drive.interface is Interface.SCSI:
             peripherals = await wire.qom_list(vm.session, "/machine/peripheral")
             if "scsi0" not in peripherals:
-                await wire.device_add(vm.session, {"driver": "virtio-scsi-pci", "id": "scsi0"})
+                await _device_add_placed(vm, {"driver": "virtio-scsi-pci", "id": "scsi0"})
                 added_devices.append("scsi0")
         for node in plan.nodes:
             await wire.blockdev_add(vm.session, node)
             added_nodes.append(str(node["node-name"]))
-        await wire.device_add(vm.session, plan.device)
+        await _device_add_placed(vm, plan.device)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await _rollback(vm, added_nodes, added_devices)

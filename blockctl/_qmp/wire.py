@@ -48,6 +48,22 @@ async def qom_get(session: QMPSession, path: str, prop: str) -> object:
     return result
 
 
+async def qom_children(session: QMPSession, path: str) -> dict[str, str]:
+    """The QOM children of ``path`` (``child<TYPE>`` properties): name → TYPE."""
+    return {
+        name: kind[len("child<") : -1]
+        for name, kind in (await qom_list(session, path)).items()
+        if kind.startswith("child<")
+    }
+
+
+async def pci_root_slots_used(session: QMPSession) -> set[int]:
+    """The slots of PCI bus 0 that hold a device (``query-pci``; bus 0 is listed even before
+    the guest's firmware numbers the buses behind bridges)."""
+    reply = await session.execute("query-pci")
+    return {int(d["slot"]) for bus in reply if int(bus["bus"]) == 0 for d in bus["devices"]}
+
+
 async def system_powerdown(session: QMPSession) -> None:
     """Press the ACPI power button. The guest decides whether it powers off."""
     await session.execute("system_powerdown")
