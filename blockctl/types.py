@@ -448,7 +448,9 @@ class MachineConfig:
             )
         put(self, "accel", _enum(Accel, self.accel, "accel"))
         if self.hotplug_slots is None:
-            put(self, "hotplug_slots", DEFAULT_HOTPLUG_SLOTS if is_pcie_machine(self.machine) else 0)
+            put(
+                self, "hotplug_slots", DEFAULT_HOTPLUG_SLOTS if is_pcie_machine(self.machine) else 0
+            )
         elif (
             isinstance(self.hotplug_slots, bool)
             or not isinstance(self.hotplug_slots, int)

@@ -100,7 +100,7 @@ async def test_q35_without_root_ports_names_the_way_out(images: Path) -> None:
     async with open_vm(config, console=False) as vm:
         assert (await drives.hotplug_slots(vm)).ports == ()
         before = await nodes(vm)
-        with pytest.raises(NoFreeSlot, match="no PCIe root port.*hotplug-slots"):
+        with pytest.raises(NoFreeSlot, match=r"no PCIe root port.*hotplug-slots"):
             await drives.hotplug(vm, Drive(file=img, format=ImageFormat.QCOW2))
         assert await nodes(vm) == before
 
@@ -117,7 +117,7 @@ async def test_a_full_pc_bus_is_refused_with_the_way_out(images: Path) -> None:
         assert (await drives.hotplug_slots(vm)).free_count == 0
         before = await nodes(vm)
         last = await qcow2_image(images / "last.qcow2", b"", MIB)
-        with pytest.raises(NoFreeSlot, match="every slot of the PCI root bus.*--bus scsi"):
+        with pytest.raises(NoFreeSlot, match=r"every slot of the PCI root bus.*--bus scsi"):
             await drives.hotplug(vm, Drive(file=last, format=ImageFormat.QCOW2))
         assert await nodes(vm) == before
         # The way out works: SCSI disks share the controller's one slot... which needs a slot

@@ -13,6 +13,8 @@ from blockctl._argv import DriveSource, build_argv, plan_drives, qemu_opt_escape
 from blockctl._images import ImageLayer
 from blockctl.errors import ConfigError
 from blockctl.types import (
+    DEFAULT_HOTPLUG_SLOTS,
+    MAX_HOTPLUG_SLOTS,
     Accel,
     BootConfig,
     CacheMode,
@@ -183,6 +185,26 @@ def test_deprecated_input_policy() -> None:
     with pytest.raises(ConfigError, match="accept, reject") as info:
         MachineConfig.from_mapping({"deprecated-input": "crash"})
     assert info.value.field == "deprecated_input"
+
+
+def test_q35_gets_pcie_root_ports_for_hotplug() -> None:
+    def ports(config: MachineConfig) -> list[dict[str, object]]:
+        return [d for d in devices(argv_for(config, {})) if d["driver"] == "pcie-root-port"]
+
+    # q35's root bus takes no hot-plugged device: 8 ports by default, each its own chassis.
+    default = ports(MachineConfig(machine="q35"))
+    assert [p["id"] for p in default] == [f"hp{i}" for i in range(DEFAULT_HOTPLUG_SLOTS)]
+    assert len({p["chassis"] for p in default}) == DEFAULT_HOTPLUG_SLOTS
+    assert len(ports(MachineConfig(machine="pc-q35-7.2", hotplug_slots=3))) == 3
+    assert ports(MachineConfig(machine="q35", hotplug_slots=0)) == []
+    assert ports(MachineConfig()) == []  # 'pc' hot-plugs on its own root bus
+    assert MachineConfig.from_mapping({"machine": "q35", "hotplug-slots": 2}).hotplug_slots == 2
+    with pytest.raises(ConfigError, match="q35") as info:
+        MachineConfig(hotplug_slots=2)
+    assert info.value.field == "hotplug_slots"
+    for bad in (-1, MAX_HOTPLUG_SLOTS + 1, True, "4"):
+        with pytest.raises(ConfigError, match="from 0 to"):
+            MachineConfig(machine="q35", hotplug_slots=bad)  # type: ignore[arg-type]
 
 
 def test_floppy_needs_pc() -> None:
