@@ -8,6 +8,7 @@ import pytest
 
 from blockctl import GuestImage, LaunchedVM, open_vm
 from blockctl._ops import drives
+from blockctl._ops.apply import Action, DesiredDrive, apply
 from blockctl._ops.drives import UnplugState
 from blockctl.errors import NoFreeSlot
 from blockctl.types import Drive, ImageFormat, Interface, MachineConfig
@@ -17,6 +18,7 @@ from tests.integration.conftest import (
     base_config,
     pattern,
     qcow2_image,
+    run,
     sha256,
     truth_check,
 )
@@ -127,3 +129,45 @@ async def test_a_full_pc_bus_is_refused_with_the_way_out(images: Path) -> None:
                 vm, Drive(file=last, format=ImageFormat.QCOW2, interface=Interface.SCSI)
             )
         assert await nodes(vm) == before
+
+
+async def test_a_hundred_scsi_disks_by_apply_attach_idempotently_and_detach(
+    guest: GuestImage, images: Path
+) -> None:
+    """virtio-scsi holds them all on one slot; `apply` stays idempotent at that size."""
+    count = 100
+    files = []
+    for i in range(count):
+        path = images / f"many{i:03}.qcow2"
+        await run("qemu-img", "create", "-q", "-f", "qcow2", path, "1M")
+        files.append(path)
+    desired = [
+        DesiredDrive(
+            drive=Drive(file=f, format=ImageFormat.QCOW2, interface=Interface.SCSI, serial=f.stem)
+        )
+        for f in files
+    ]
+    async with open_vm(base_config(guest, machine="q35", hotplug_slots=1)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        before = await nodes(vm)
+        done = await apply(vm, desired)
+        assert [s.action for s in done.steps] == [Action.ATTACH] * count
+        # One port holds the controller; the guest sees every disk.
+        assert dict((await drives.hotplug_slots(vm)).ports) == {"hp0": "scsi0"}
+        seen = await sh(
+            vm,
+            f"for i in $(seq 100); do [ $(ls /sys/block | grep -c '^sd') = {count} ] && break; "
+            "sleep 0.2; done; ls /sys/block | grep -c '^sd'",
+        )
+        assert int(seen) == count
+        assert (await apply(vm, desired)).empty  # a second apply has nothing to do
+        removed = await apply(vm, [])
+        assert [s.action for s in removed.steps] == [Action.DETACH] * count
+        left = await sh(
+            vm,
+            "for i in $(seq 100); do ls /sys/block | grep -q '^sd' || break; sleep 0.2; done; "
+            "ls /sys/block | grep -c '^sd' || true",
+        )
+        assert int(left) == 0
+        assert await nodes(vm) == before
+        await truth_check(vm)
