@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,9 +101,13 @@ class VM:
         run_dir: Path | None = None,
         monitor: Path | None = None,
         pool: tuple[Path, ...] = (),
+        named: bool = True,
     ) -> None:
         self.session = session
         self.name = name
+        #: False for a QEMU attached by address that has no identity (no ``-name``, no
+        #: ``vm_name``): ``name`` is then a description, never used to name a file.
+        self.named = named
         self.pid = pid
         #: Where blockctl keeps this VM's files; None for a QEMU it did not launch.
         self.run_dir = run_dir
@@ -113,6 +118,18 @@ class VM:
         #: The options of the drives blockctl created (for reopen and unplug).
         self.registry = DriveRegistry.load(run_dir)
         self._capabilities: Capabilities | None = None
+
+    @property
+    def identity(self) -> str:
+        """The VM's name where it names files (snapshot overlays, backup points)."""
+        if not self.named:
+            raise ConfigError(
+                "vm_name",
+                f"{self.name} was started without -name, and this operation names files "
+                "after the VM: give it an identity with --vm-name NAME (the library: "
+                "attach(..., vm_name=NAME)), the same one every time",
+            )
+        return self.name
 
     async def status(self) -> StatusInfo:
         return await wire.query_status(self.session)
@@ -689,11 +706,58 @@ def _pidfd_exited(pidfd: int) -> _PidfdWatch:
 # Section: attach
 
 
+#: Where the state of VMs blockctl did not launch lives, under the runtime directory: one
+#: directory per VM identity. Not a valid VM name, so no launched VM's run directory collides.
+ATTACHED_DIR = "_attached"
+_IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_identity(name: str) -> str:
+    """A VM identity (QEMU's ``-name``, or the caller's): it names files (snapshot overlays,
+    the VM's points in a backup repository, its state directory), so it is one safe path
+    component, refused otherwise with the way out."""
+    if not _IDENTITY.fullmatch(name):
+        raise ConfigError(
+            "vm_name",
+            f"{name!r} cannot name this VM's files (use 1-128 of A-Z a-z 0-9 . _ + -, starting "
+            "with a letter or digit); give it another with --vm-name NAME",
+        )
+    return name
+
+
+def attached_state_dir(identity: str) -> Path:
+    """The state directory (drive records, journal) of a VM blockctl did not launch."""
+    base = _runtime.runtime_root() / ATTACHED_DIR
+    _fsutil.make_private_dir(base, what="runtime_dir")
+    state = base / identity
+    _fsutil.make_private_dir(state, what="runtime_dir")
+    return state
+
+
+def _launched_run_dir(socket_path: Path) -> Path | None:
+    """The run directory of the blockctl-launched VM whose monitor ``socket_path`` is."""
+    parent = socket_path.absolute().parent
+    try:
+        in_runtime = parent.parent == _runtime.runtime_root()
+    except BlockctlError:
+        return None
+    return parent if in_runtime else None
+
+
 @contextlib.asynccontextmanager
 async def attach(
-    target: str | Path | tuple[str, int], *, timeout: float = 10.0, command: str | None = None
+    target: str | Path | tuple[str, int],
+    *,
+    timeout: float = 10.0,
+    command: str | None = None,
+    vm_name: str | None = None,
 ) -> AsyncIterator[VM]:
     """A session with a running QEMU: a VM name, a QMP unix socket path, or (host, port).
+
+    A QEMU blockctl did not launch is identified by ``vm_name``, else by the name it was
+    started with (``-name``); its state (drive records, journal) lives in
+    ``<runtime dir>/_attached/<identity>/``. Without either it is "unnamed": queries and
+    hot-plug work, operations that name files refuse with the way out (``--vm-name``).
 
     A VM blockctl launched by name has a pool of monitors: this takes a free one (and holds it
     for the block's life, signed with ``command``, default this process's argv), waiting up to
@@ -706,12 +770,17 @@ async def attach(
     run_dir: Path | None = None
     pool: tuple[Path, ...] = ()
     address: str | tuple[str, int]
+    foreign = True
     if isinstance(target, tuple):
         address, name = target, f"{target[0]}:{target[1]}"
     elif isinstance(target, Path) or "/" in target:
         address = str(target)
         name = str(target)
+        launched = _launched_run_dir(Path(target))
+        if launched is not None:  # a blockctl VM's own monitor, named by path
+            foreign, run_dir = False, launched
     else:
+        foreign = False
         record = _runtime.read_record(target)
         if not _runtime.is_alive(record):
             raise ConnectionLost(
@@ -725,7 +794,14 @@ async def attach(
         if isinstance(address, str):
             _runtime.check_socket_path(Path(address), "socket")
         async with QMPSession.connect(address, label=name, timeout=timeout) as session:
-            yield VM(session, name=name, pid=pid, run_dir=run_dir)
+            identity = vm_name or await wire.query_name(session)
+            if identity is not None:
+                name = check_identity(identity)
+                if foreign:
+                    run_dir = attached_state_dir(name)
+            elif run_dir is None:
+                name = f"unnamed VM at {name}"
+            yield VM(session, name=name, pid=pid, run_dir=run_dir, named=identity is not None)
         return
     started = time.monotonic()
     lease = await _monitors.take(pool, vm=name, timeout=timeout, command=command)

@@ -317,7 +317,7 @@ async def backup(
     if kind not in ("full", "incremental"):
         raise ConfigError("kind", f"{kind!r}: full or incremental")
     require_agent(vm, quiesce)
-    check_name(vm.name, "VM")
+    check_name(vm.identity, "VM")
     await vm.require(
         "blockdev-backup",
         "transaction",

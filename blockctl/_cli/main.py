@@ -218,7 +218,7 @@ class Status(Command):
         parser.add_argument("vm", help="VM name, or a QMP socket path")
 
     async def run(self, args: argparse.Namespace) -> int:
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             status = await vm.status()
             version = await vm.version()
             infos = await drives.list_drives(vm)
@@ -300,7 +300,7 @@ class Qmp(Command):
                 raise ConfigError("arguments", f"not JSON: {exc}") from None
             if not isinstance(arguments, dict):
                 raise ConfigError("arguments", "must be a JSON object")
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             reply = await vm.command(args.command, arguments)
         emit(args, reply, json.dumps(reply, indent=2))
         return 0
@@ -404,7 +404,7 @@ class Drives(Command):
         parser.add_argument("vm")
 
     async def run(self, args: argparse.Namespace) -> int:
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             infos = await drives.list_drives(vm)
         emit(
             args,
@@ -444,7 +444,7 @@ class AttachDrive(Command):
                 "bootindex": args.bootindex,
             }
         )
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             info = await drives.hotplug(vm, drive)
         emit(args, info.to_json(), f"attached {info.device_id}\n{drive_lines(info)}")
         return 0
@@ -460,7 +460,7 @@ class DetachDrive(Command):
         parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
 
     async def run(self, args: argparse.Namespace) -> int:
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             result = await drives.unplug(vm, args.device, timeout=args.timeout)
         pending = result.state is drives.UnplugState.PENDING
         emit(
@@ -497,7 +497,7 @@ class MediaCommand(Command):
         if args.action != "eject" and (args.file is None or args.format is None):
             raise ConfigError("file", f"{args.action} needs FILE and --format")
         fmt = None if args.format is None else coerce_enum(ImageFormat, args.format, "format")
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             if args.action == "eject":
                 await drives.eject(vm, args.device, force=args.force)
                 info = await drives.drive_info(vm, args.device)
@@ -524,7 +524,7 @@ class CacheCommand(Command):
 
     async def run(self, args: argparse.Namespace) -> int:
         mode = coerce_enum(CacheMode, args.mode, "mode")
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             info = await drives.set_cache(vm, args.device, mode)
         emit(args, info.to_json(), drive_lines(info))
         return 0
@@ -542,7 +542,7 @@ class ResizeCommand(Command):
 
     async def run(self, args: argparse.Namespace) -> int:
         size = parse_size(args.size)
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             info = await drives.resize(vm, args.device, size, allow_shrink=args.shrink)
         emit(args, info.to_json(), drive_lines(info))
         return 0
@@ -564,7 +564,7 @@ class ThrottleCommand(Command):
         for key in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"):
             raw = getattr(args, key)
             limits[key] = parse_size(raw, key) if key.startswith("bps") else int(raw)
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             info = await drives.set_throttle(vm, args.device, limits, group=args.group)
         emit(args, info.to_json(), drive_lines(info))
         return 0
@@ -581,7 +581,7 @@ class ApplyCommand(Command):
 
     async def run(self, args: argparse.Namespace) -> int:
         desired = apply_ops.load_desired(args.file)
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             plan = await apply_ops.apply(vm, desired, dry_run=args.dry_run)
         verb = "would do" if args.dry_run else "did"
         emit(
@@ -917,7 +917,7 @@ class Chain(Command):
         parser.add_argument("vm")
 
     async def run(self, args: argparse.Namespace) -> int:
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             graph = await chains.read_graph(vm)
         emit(args, graph.to_json(), graph.render_text())
         return 0
@@ -961,7 +961,7 @@ class SnapshotCommand(Command):
             raise ConfigError("quiesce", f"snapshot {args.action} does not quiesce the guest")
         hooks = job_hooks(args, args.action)
         data: Any
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             if args.action == "create":
                 snap = await chains.external_snapshot(
                     vm,
@@ -1058,7 +1058,7 @@ class CommitCommand(Command):
         error_policy_options(parser, "--on-error")
 
     async def run(self, args: argparse.Namespace) -> int:
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             result = await chains.commit(
                 vm,
                 args.device,
@@ -1095,7 +1095,7 @@ class StreamCommand(Command):
         error_policy_options(parser, "--on-error")
 
     async def run(self, args: argparse.Namespace) -> int:
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             result = await chains.stream(
                 vm,
                 args.device,
@@ -1134,7 +1134,7 @@ class Jobs(Command):
         parser.add_argument("speed", nargs="?", help="bytes/s, for `speed` (0: unlimited)")
 
     async def run(self, args: argparse.Namespace) -> int:
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             # A concluded job is dismissed (its outcome read) only when no other client is
             # attached: otherwise its owner may be about to read it (issue 14).
             jobs = await adopt_jobs(vm.session, dismiss=not vm.other_clients())
@@ -1443,7 +1443,7 @@ class BackupCommand(Command):
                 f"kept {gc.chunks_kept}",
             )
             return 0
-        async with attach(args.vm) as vm:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
             manifest = await backup_ops.create(
                 vm,
                 repo,
@@ -1535,7 +1535,10 @@ class AgentCommand(Command):
         if args.mountpoint and args.action != "freeze":
             raise ConfigError("mountpoint", "only for freeze")
         data: Any
-        async with attach(args.vm) as vm, _agent.connect_agent(vm, timeout=args.timeout) as ga:
+        async with (
+            attach(args.vm, vm_name=args.vm_name) as vm,
+            _agent.connect_agent(vm, timeout=args.timeout) as ga,
+        ):
             started = time.monotonic()
             if args.action == "ping":
                 await ga.ping(timeout=args.timeout)
@@ -1626,7 +1629,7 @@ class RestoreCommand(Command):
         )
         attached = None
         if args.attach:
-            async with attach(args.attach) as vm:
+            async with attach(args.attach, vm_name=args.vm_name) as vm:
                 attached = (await drives.hotplug(vm, Drive(file=result.path, format=fmt))).device_id
         emit(
             args,
@@ -1687,6 +1690,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         command = cls()
         p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument(
+            "--vm-name",
+            metavar="NAME",
+            help="the identity of a QEMU attached by socket path or host:port (default: its "
+            "-name); it names snapshot overlays, backup points and its state directory",
+        )
         command.configure(p)
         commands[cls.name] = command
     return parser, commands

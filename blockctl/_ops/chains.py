@@ -282,7 +282,7 @@ async def _record_read_only(vm: VM, devices: Sequence[str]) -> None:
 
 
 def _overlay_name(vm: VM, device: str, tag: str) -> str:
-    return f"{vm.name}-{device}-{tag}.qcow2"
+    return f"{vm.identity}-{device}-{tag}.qcow2"
 
 
 async def list_external(vm: VM) -> dict[str, list[str]]:

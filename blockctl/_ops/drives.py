@@ -504,11 +504,12 @@ async def eject(vm: VM, device_id: str, *, force: bool = False) -> None:
         raise DriveNotFound(device_id, f"the VM has no drive {device_id!r}")
     if not device.removable:
         raise ConfigError("device", f"{device_id!r} has no removable medium")
-    await wire.blockdev_open_tray(vm.session, device_id, force=force)
+    qom_id = device.qom_path or device_id
+    await wire.blockdev_open_tray(vm.session, qom_id, force=force)
     if device.inserted is None:
         return
     try:
-        await wire.blockdev_remove_medium(vm.session, device_id)
+        await wire.blockdev_remove_medium(vm.session, qom_id)
     except CommandFailed as exc:
         if "not open" in exc.desc or "locked" in exc.desc:
             raise CommandFailed(

@@ -177,12 +177,25 @@ class BlockDevice:
     inserted: BlockNode | None
 
     @property
-    def device_id(self) -> str | None:
-        """The ``-device`` id: ``qdev`` is a QOM path for virtio (``…/disk0/virtio-backend``)."""
+    def qom_path(self) -> str | None:
+        """The guest device's QOM path (QMP's ``id`` arguments take it for any device)."""
         if self.qdev is None:
             return None
-        path = self.qdev.removesuffix("/virtio-backend")
-        return path.removeprefix("/machine/peripheral/")
+        path = self.qdev.removesuffix("/virtio-backend")  # virtio: ``…/disk0/virtio-backend``
+        return path if path.startswith("/") else f"/machine/peripheral/{path}"
+
+    @property
+    def device_id(self) -> str | None:
+        """The name a user types for this drive: the ``-device`` id; for a device without one
+        (an anonymous ``-device``, a legacy ``-drive if=virtio|ide``, whose ``qdev`` is
+        ``/machine/peripheral-anon/device[0]`` or ``/machine/unattached/…``) the name of its
+        BlockBackend (``drive0``, ``ide0-hd0``), which QEMU keeps unique."""
+        path = self.qom_path
+        if path is None:
+            return None
+        if path.startswith("/machine/peripheral/"):
+            return path.removeprefix("/machine/peripheral/")
+        return self.device or path
 
     @classmethod
     def from_qmp(cls, value: object) -> BlockDevice:

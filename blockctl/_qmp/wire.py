@@ -48,6 +48,13 @@ async def qom_get(session: QMPSession, path: str, prop: str) -> object:
     return result
 
 
+async def query_name(session: QMPSession) -> str | None:
+    """The name QEMU was started with (``-name``), or None."""
+    reply = await session.execute("query-name")
+    name = reply.get("name") if isinstance(reply, dict) else None
+    return str(name) if name else None
+
+
 async def qom_children(session: QMPSession, path: str) -> dict[str, str]:
     """The QOM children of ``path`` (``child<TYPE>`` properties): name → TYPE."""
     return {
