@@ -418,7 +418,7 @@ def test_cli_attach_passes_one_literal_drive(
     seen: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
-    async def fake_attach(target: str) -> AsyncIterator[object]:
+    async def fake_attach(target: str, vm_name: str | None = None) -> AsyncIterator[object]:
         seen["vm"] = target
         yield object()
 
@@ -470,7 +470,7 @@ def test_cli_qmp_sends_one_literal_command(command: str, arguments: str | None) 
             return await wire.raw_command(FakeSession(), name, args)  # type: ignore[arg-type]
 
     @contextlib.asynccontextmanager
-    async def fake_attach(target: str) -> AsyncIterator[FakeVM]:
+    async def fake_attach(target: str, vm_name: str | None = None) -> AsyncIterator[FakeVM]:
         yield FakeVM()
 
     with pytest.MonkeyPatch.context() as patch:
