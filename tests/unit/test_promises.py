@@ -109,3 +109,5 @@ def test_the_readme_ledger_table_is_the_ledger() -> None:
     assert render_table() in SECTION_TEXT[LEDGER_HEADING] + "\n", (
         "README's ledger table differs from tests/promises.py: paste render_table()"
     )
+    counts = f"{len(PROMISES)} promises, {len(mutations())} mutations, all killed"
+    assert counts in normalized(SECTION_TEXT[LEDGER_HEADING])
