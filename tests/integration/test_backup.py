@@ -10,8 +10,10 @@ from pathlib import Path
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from blockctl import GuestImage, LaunchedVM, backup, open_vm
+from blockctl._backup import operations as ops
 from blockctl._backup.store import Repository
 from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._qmp import wire
@@ -159,6 +161,47 @@ async def test_one_percent_dirty_reads_one_percent(
         assert inc.disks[0].bytes_new == 10 * 64 * 1024  # random data: all of it is new
         at = await disk_sha(vm, "vda", size_mib)
     assert await restored_sha(repo, "pct", inc.id, "disk0", tmp_path) == at
+
+
+async def test_one_transaction_fixes_the_point_of_every_disk(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Every disk's new checkpoint bitmap and fleecing job are in ONE transaction (the point in
+    time of all disks); a backup that fails during the copy tears down its exports, jobs and
+    nodes, whatever it had started."""
+    repo = backup.init_repository(tmp_path / "repo")
+    d0 = await qcow2_image(images / "d0.qcow2", b"\x01" * MIB, DISK_MIB * MIB)
+    d1 = await qcow2_image(images / "d1.qcow2", b"\x02" * MIB, DISK_MIB * MIB)
+    async with open_vm(config(guest, "one", d0, d1)) as vm:
+        nodes = {n.node_name for n in await vm.block_nodes()}
+        with capture_logs() as logs:
+            point = await backup.create(vm, repo)
+        sent = [
+            e["arguments"]["actions"]
+            for e in logs
+            if e["event"] == "blockctl.qmp.command" and e.get("command") == "transaction"
+        ]
+        [actions, *_settle] = sent  # then the old checkpoints' removal, if any
+        by_type = {
+            kind: sorted(
+                a["data"].get("node") or a["data"]["device"] for a in actions if a["type"] == kind
+            )
+            for kind in {a["type"] for a in actions}
+        }
+        assert by_type == {
+            "block-dirty-bitmap-add": ["drv0", "drv1"],
+            "blockdev-backup": ["drv0", "drv1"],
+        }
+        assert {a["data"]["name"] for a in actions if a["type"] == "block-dirty-bitmap-add"} == {
+            point.checkpoint
+        }
+        assert (await backup.verify(repo, "one", point.id)).ok  # every chunk durable
+        with pytest.raises(OSError, match="injected"):
+            await ops.backup(vm, repo, kind="full", fail_after_chunks=1)
+        assert {n.node_name for n in await vm.block_nodes()} == nodes
+        assert await wire.query_jobs(vm.session) == ()
+        assert await wire.query_block_exports(vm.session) == ()
+        assert [m.id for m in repo.manifests("one")] == [point.id]
 
 
 async def test_backup_while_the_guest_writes(

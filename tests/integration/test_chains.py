@@ -23,6 +23,7 @@ from blockctl._images import check
 from blockctl._ops import chains
 from blockctl._qmp import wire
 from blockctl.errors import (
+    CommandFailed,
     ConfigError,
     JobFailed,
     JobNeverReady,
@@ -333,8 +334,45 @@ async def test_bad_chain_requests(guest: GuestImage, images: Path) -> None:
         await chains.external_snapshot(vm, "t1", images, devices=["disk2"])
         with pytest.raises(ConfigError, match="exists"):
             await chains.external_snapshot(vm, "t1", images, devices=["disk2"])
+        # allow_shared_base (--allow-shared-base) passes blockctl's check and reaches QEMU,
+        # which refuses the write itself while disk1's device has the image open (its lock);
+        # the base is read-only again afterwards (truth_check below).
+        with pytest.raises(CommandFailed, match="block-commit"):
+            await chains.commit(vm, "disk0", allow_shared_base=True)
         assert await wire.query_jobs(vm.session) == ()
         assert (await vm.status()).running
+        await truth_check(vm)
+
+
+async def test_failed_snapshot_removes_its_nodes_and_overlays(
+    guest: GuestImage, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot whose transaction QEMU refuses leaves the VM as it was: the overlay nodes
+    it added are deleted (not only their files), the chain and the journal unchanged."""
+    d0 = await qcow2_image(images / "d0.qcow2", b"", DISK_MIB * MIB)
+    d1 = await qcow2_image(images / "d1.qcow2", b"", DISK_MIB * MIB)
+    config = base_config(
+        guest, Drive(file=d0, format=ImageFormat.QCOW2), Drive(file=d1, format=ImageFormat.QCOW2)
+    )
+    real = wire.transaction_snapshot
+
+    async def refused(session: object, pairs: list[tuple[str, str]]) -> None:
+        # A real transaction QEMU refuses (the last overlay node does not exist): the overlays
+        # of both disks were added before it.
+        await real(session, [*pairs[:-1], (pairs[-1][0], "no-such-overlay")])  # type: ignore[arg-type]
+
+    async with open_vm(config) as vm:
+        before = {n.node_name for n in await vm.block_nodes()}
+        chains_before = {d: (await chains.read_graph(vm)).chain_of(d) for d in ("disk0", "disk1")}
+        monkeypatch.setattr(wire, "transaction_snapshot", refused)
+        with pytest.raises(CommandFailed):
+            await chains.external_snapshot(vm, "f1", images)
+        monkeypatch.undo()
+        assert {n.node_name for n in await vm.block_nodes()} == before
+        graph = await chains.read_graph(vm)
+        assert {d: graph.chain_of(d) for d in chains_before} == chains_before
+        assert not list(images.glob("*f1*"))
+        assert vm.run_dir is not None and not list(vm.run_dir.glob("journal-*"))
         await truth_check(vm)
 
 

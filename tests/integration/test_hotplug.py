@@ -24,6 +24,8 @@ from blockctl.errors import (
 )
 from blockctl.types import (
     CacheMode,
+    DetectZeroes,
+    Discard,
     Drive,
     ImageFormat,
     Interface,
@@ -224,7 +226,14 @@ async def test_media_eject_insert_change_and_a_locked_tray(guest: GuestImage, im
 
 async def test_live_cache_resize_and_throttle(guest: GuestImage, images: Path) -> None:
     disk = await qcow2_image(images / "c.qcow2", pattern(5, MIB), 16 * MIB)
-    config = base_config(guest, Drive(file=disk, format=ImageFormat.QCOW2, serial="C"))
+    drive = Drive(
+        file=disk,
+        format=ImageFormat.QCOW2,
+        serial="C",
+        discard=Discard.UNMAP,
+        detect_zeroes=DetectZeroes.UNMAP,
+    )
+    config = base_config(guest, drive)
     async with open_vm(config) as vm:
         await vm.console.wait_ready()  # type: ignore[union-attr]
         writer = "dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek={} oflag=direct 2>/dev/null"
@@ -234,7 +243,9 @@ async def test_live_cache_resize_and_throttle(guest: GuestImage, images: Path) -
         assert (info.cache.direct, info.cache.no_flush) == (True, False)
         nodes = {n.node_name: n for n in await vm.block_nodes()}
         assert nodes["drv0-file"].cache.direct
-        assert not nodes["drv0"].read_only  # the complete option set was sent
+        # The complete option set was sent: nothing reset to QEMU's defaults.
+        assert not nodes["drv0"].read_only
+        assert nodes["drv0"].detect_zeroes == "unmap"
         await sh(vm, writer.format(64))  # the guest keeps writing after the reopen
         info = await drives.set_cache(vm, "disk0", CacheMode.UNSAFE)
         assert info.cache is not None

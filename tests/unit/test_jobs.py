@@ -361,6 +361,21 @@ async def test_deadline_raises_and_leaving_the_block_cancels_and_dismisses() -> 
         assert handle.transitions == (C, R, AB, CONC, NULL)
 
 
+async def test_leaving_the_block_on_any_error_cancels_and_dismisses() -> None:
+    job = FakeJob(
+        on_start=[status("", C), status("", R)],
+        on_cancel=[status("", AB), status("", CONC)],
+        error="Operation canceled",
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        with anyio.fail_after(10):
+            with pytest.raises(LookupError, match="the caller's own error"):
+                async with start_job(session, "backup", backup_start(session)) as handle:
+                    raise LookupError("the caller's own error")
+        assert commands(fake) == ["blockdev-backup", "job-cancel", "job-dismiss"]
+        assert handle.done and handle.transitions == (C, R, AB, CONC, NULL)
+
+
 async def test_active_commit_that_never_gets_ready_says_why() -> None:
     job = FakeJob(
         job_type="commit",
@@ -622,6 +637,7 @@ async def test_ignore_policy_resumes_a_stopped_job_a_bounded_number_of_times() -
 
 def test_ignore_is_sent_to_qemu_as_stop_with_retries() -> None:
     assert error_policy("ignore") == QEMUErrorPolicy("stop", IGNORE_RETRIES)
+    assert IGNORE_RETRIES == 16  # what the README promises: "16 times at most"
     assert error_policy(ErrorPolicy.REPORT) == QEMUErrorPolicy(None, 0)
     assert error_policy("enospc") == QEMUErrorPolicy("enospc", 0)
     with pytest.raises(ConfigError, match="on_error"):

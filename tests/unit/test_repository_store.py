@@ -5,6 +5,8 @@ by a fake handle where a test needs it."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import fcntl
 import hashlib
 import os
@@ -264,6 +266,29 @@ def test_index_and_manifest_round_trip(tmp_path: Path, encrypted: bool) -> None:
     assert reopened.manifests(VM) == [manifest] and reopened.latest(VM) == manifest
     raw = (repo.path / "points" / VM / POINTS[0] / "disk0.index").read_bytes()
     assert (index.digests in raw) is not encrypted
+
+
+def test_a_manifest_write_that_fails_leaves_no_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest is the commit point, written atomically: a write that fails before it is
+    durable (here its fsync) leaves no manifest, not a torn one; the point does not exist."""
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    first = commit(repo, POINTS[0], {"disk0": index_of(repo, COMPRESSIBLE)})
+    second = dataclasses.replace(first, id=POINTS[1], started=2000.0, completed=2001.0)
+    repo.begin_point(VM, POINTS[1])
+    repo.write_index(VM, POINTS[1], "disk0", repo.read_index(VM, POINTS[0], "disk0"))
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(RepositoryError, match="writing the manifest"):
+        repo.write_manifest(second)
+    monkeypatch.undo()
+    point = repo.path / "points" / VM / POINTS[1]
+    assert sorted(p.name for p in point.iterdir()) == ["disk0.index"]
+    assert repo.manifests(VM) == [first]
 
 
 def test_disk_digest_derives_from_the_index_alone(tmp_path: Path) -> None:

@@ -1,0 +1,933 @@
+"""The promise ledger: each promise the README makes, the tests that enforce it, and at least one
+mutation of blockctl that breaks it (issue 22, part 1).
+
+A :class:`Mutation` is a small textual patch to one file under ``blockctl/``: ``find`` must occur
+exactly once in that file and is replaced by ``replace``. ``scripts/mutants`` applies each one in
+a scratch copy of the tree and runs only its promise's tests, which must then FAIL (the mutant is
+killed). ``tests/unit/test_promises.py`` checks the ledger itself without running QEMU: every
+quote is in its README section, every test node id exists, every ``find`` occurs exactly once,
+every promise section is covered, and the README's ledger table is this ledger.
+
+The mutations are the ones a careless refactor would plausibly make: a dropped clean-up call, a
+condition that forgets a case, a shield removed, a check moved after the fact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mutation:
+    """Replace the one occurrence of ``find`` in ``file`` (a path under ``blockctl/``)."""
+
+    file: str
+    find: str
+    replace: str
+    #: What the mutant does, in a few words (the README table shows it).
+    what: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Promise:
+    id: str
+    #: The README heading (without ``#``) whose section holds ``quote``.
+    section: str
+    #: Words of the README (whitespace-insensitive) that make the promise.
+    quote: str
+    #: pytest node ids, relative to the repository root; the fast ones that enforce it.
+    tests: tuple[str, ...]
+    mutations: tuple[Mutation, ...]
+
+
+#: The README sections whose promises the ledger must cover (each: at least one promise).
+SECTIONS = (
+    "Many clients, one VM",
+    "Drives of a running guest",
+    "Snapshots, chains and jobs",
+    "Backups",
+    "Guest agent",
+    "Reliability",
+    "Crash recovery",
+    "Untrusted images",
+    "Private by construction",
+)
+
+U = "tests/unit/"
+I = "tests/integration/"  # noqa: E741
+
+PROMISES: tuple[Promise, ...] = (
+    # Section: Many clients, one VM
+    Promise(
+        id="clients-pool-busy-names-holders",
+        section="Many clients, one VM",
+        quote="When all are taken it retries until its timeout, then fails with "
+        "`MonitorsBusy` naming each holder",
+        tests=(U + "test_clients.py::test_take_waits_then_fails_naming_the_holders",),
+        mutations=(
+            Mutation(
+                file="blockctl/_monitors.py",
+                find="    taken = [h.describe() for h in holders(sockets)]",
+                replace="    taken: list[str] = []",
+                what="MonitorsBusy no longer names the holders",
+            ),
+        ),
+    ),
+    Promise(
+        id="clients-cancel-by-other-exit-3",
+        section="Many clients, one VM",
+        quote="a cancel ends it with `JobCancelledByOther`",
+        tests=(U + "test_clients.py::test_a_job_cancelled_by_another_client_says_so",),
+        mutations=(
+            Mutation(
+                file="blockctl/errors.py",
+                find="    exit_code = 3",
+                replace="    exit_code = 1",
+                what="a job cancelled by another client exits 1, not 3",
+            ),
+        ),
+    ),
+    Promise(
+        id="clients-dismiss-only-when-alone",
+        section="Many clients, one VM",
+        quote="A concluded job is dismissed by `jobs` only when no other client is attached",
+        tests=(
+            U + "test_clients.py::test_adopt_without_dismiss_leaves_concluded_jobs_to_their_owner",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_jobs.py",
+                find="        if info.status is JobStatus.CONCLUDED and dismiss:",
+                replace="        if info.status is JobStatus.CONCLUDED:",
+                what="adopt_jobs dismisses concluded jobs even with dismiss=False",
+            ),
+        ),
+    ),
+    # Section: Drives of a running guest
+    Promise(
+        id="drives-hotplug-rollback",
+        section="Drives of a running guest",
+        quote="Any failure midway removes what was added: no node or device leaks.",
+        tests=(I + "test_hotplug.py::test_failed_device_add_rolls_back",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/drives.py",
+                find="    for name in reversed(nodes):\n",
+                replace="    for name in reversed(nodes[:0]):\n",
+                what="a failed hot-plug keeps the nodes it added",
+            ),
+        ),
+    ),
+    Promise(
+        id="drives-unplug-waits-for-event",
+        section="Drives of a running guest",
+        quote="`blockdev-del` is never sent before that event.",
+        tests=(I + "test_hotplug.py::test_unplug_pending_when_the_guest_never_releases",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/drives.py",
+                find="            await events.wait_for("
+                "lambda e: wire.is_device_deleted(e, device_id))",
+                replace="            pass",
+                what="unplug sends blockdev-del without waiting for DEVICE_DELETED",
+            ),
+        ),
+    ),
+    Promise(
+        id="drives-virtio-backend-event-ignored",
+        section="Drives of a running guest",
+        quote="(virtio sends one for its backend first, which does not count)",
+        tests=(U + "test_drives_logic.py::test_only_the_device_event_counts_as_deleted",),
+        mutations=(
+            Mutation(
+                file="blockctl/_qmp/wire.py",
+                find='        or event.data.get("path") == f"/machine/peripheral/{device_id}"',
+                replace='        or str(event.data.get("path"))'
+                '.startswith(f"/machine/peripheral/{device_id}")',
+                what="the virtio backend's DEVICE_DELETED counts as the device's",
+            ),
+        ),
+    ),
+    Promise(
+        id="drives-reopen-complete-options",
+        section="Drives of a running guest",
+        quote="sent with each node's *complete* option set (omitted options would reset to "
+        "defaults",
+        tests=(I + "test_hotplug.py::test_live_cache_resize_and_throttle",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/drives.py",
+                find='    nodes = tuple({**n, "cache": new_cache} if "cache" in n else n for n in '
+                "record.nodes)",
+                replace="    nodes = tuple({k: v for k, v in n.items() if k in "
+                '("driver", "node-name", "file", "filename", "backing")} | '
+                '{"cache": new_cache} if "cache" in n else n for n in record.nodes)',
+                what="cache change reopens with driver, node-name, file and cache only "
+                "(detect-zeroes, discard, read-only reset)",
+            ),
+        ),
+    ),
+    Promise(
+        id="drives-write-cache-change-refused",
+        section="Drives of a running guest",
+        quote="a mode that needs another one is refused with the ways out",
+        tests=(I + "test_hotplug.py::test_live_cache_resize_and_throttle",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/drives.py",
+                find="    if mode.write_cache != wce:",
+                replace="    if False:",
+                what="a cache mode needing another device write cache is not refused",
+            ),
+        ),
+    ),
+    Promise(
+        id="drives-apply-never-touches-foreign",
+        section="Drives of a running guest",
+        quote="drives blockctl did not make are never touched",
+        tests=(U + "test_drives_logic.py::test_attach_detach_and_live_changes",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/apply.py",
+                find="            and current.device_driver is not None\n",
+                replace="",
+                what="apply detaches drives blockctl did not make",
+            ),
+        ),
+    ),
+    # Section: Snapshots, chains and jobs
+    Promise(
+        id="jobs-done-only-when-complete",
+        section="Snapshots, chains and jobs",
+        quote="a job counts as done only if it concluded with no `error` and `offset == len`",
+        tests=(U + "test_jobs.py::test_concluded_without_error_but_short_is_a_failure",),
+        mutations=(
+            Mutation(
+                file="blockctl/_jobs.py",
+                find="        elif offset is None or length is None or offset != length:",
+                replace="        elif offset is None or length is None:",
+                what="a job that concluded short without an error counts as done",
+            ),
+        ),
+    ),
+    Promise(
+        id="jobs-leaving-early-cancels",
+        section="Snapshots, chains and jobs",
+        quote="leaving an operation early cancels, drains and dismisses its job",
+        tests=(
+            U + "test_jobs.py::test_deadline_raises_and_leaving_the_block_cancels_and_dismisses",
+            U + "test_jobs.py::test_leaving_the_block_on_any_error_cancels_and_dismisses",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_jobs.py",
+                find="        finally:\n            if not job.done:\n",
+                replace="        finally:\n            if False:\n",
+                what="leaving the job's block early leaves the job running",
+            ),
+        ),
+    ),
+    Promise(
+        id="snapshot-rollback-deletes-nodes",
+        section="Snapshots, chains and jobs",
+        quote="switch all disks in ONE `transaction` of `blockdev-snapshot`; any failure removes "
+        "what was added.",
+        tests=(I + "test_chains.py::test_failed_snapshot_removes_its_nodes_and_overlays",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/chains.py",
+                find="                try:\n"
+                "                    await wire.blockdev_del(vm.session, name)\n"
+                "                except BlockctlError as exc:\n                    # Still in use",
+                replace="                try:\n                    pass\n"
+                "                except BlockctlError as exc:\n                    # Still in use",
+                what="a failed external snapshot's rollback keeps the overlay nodes "
+                "(issue 22 survivor)",
+            ),
+        ),
+    ),
+    Promise(
+        id="commit-shared-base-refused-unless-allowed",
+        section="Snapshots, chains and jobs",
+        quote="is refused unless `--allow-shared-base`",
+        tests=(I + "test_chains.py::test_bad_chain_requests",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/chains.py",
+                find="    if users and not allow_shared_base:",
+                replace="    if users:",
+                what="--allow-shared-base is ignored (issue 22 survivor: no test)",
+            ),
+            Mutation(
+                file="blockctl/_ops/chains.py",
+                find="    if users and not allow_shared_base:",
+                replace="    if False:",
+                what="a commit into a base another disk uses is not refused",
+            ),
+        ),
+    ),
+    Promise(
+        id="commit-base-read-only-in-every-path",
+        section="Snapshots, chains and jobs",
+        quote="every one of them that is a backing layer afterwards goes back to read-only in "
+        "every path",
+        tests=(I + "test_truth.py::test_commit_interrupted_by_the_caller",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/chains.py",
+                find='        await _restore_read_only(vm, device, restore, "commit.failed")',
+                replace="        pass",
+                what="a failed or cancelled commit leaves its base writable",
+            ),
+        ),
+    ),
+    Promise(
+        id="snapshot-load-refuses-before-changing",
+        section="Snapshots, chains and jobs",
+        quote="**A load refuses before changing anything** unless every disk has the tag",
+        tests=(I + "test_truth.py::test_snapshot_load_refuses_before_changing",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/chains.py",
+                find="    if missing:\n        have = {",
+                replace="    if False:\n        have = {",
+                what="a load of a tag some disk lacks is sent to QEMU",
+            ),
+        ),
+    ),
+    Promise(
+        id="ignore-retries-bounded",
+        section="Snapshots, chains and jobs",
+        quote="`ignore` retries the failing request, 16 times at most, then fails the job",
+        tests=(
+            U + "test_jobs.py::test_ignore_policy_resumes_a_stopped_job_a_bounded_number_of_times",
+            U + "test_jobs.py::test_ignore_is_sent_to_qemu_as_stop_with_retries",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_jobs.py",
+                find="IGNORE_RETRIES = 16",
+                replace="IGNORE_RETRIES = 10**6",
+                what="ignore retries a million times, not 16",
+            ),
+            Mutation(
+                file="blockctl/_jobs.py",
+                find="            if self._retried < self._retries:",
+                replace="            if self._retried <= self._retries:",
+                what="one retry more than asked for (off by one)",
+            ),
+        ),
+    ),
+    Promise(
+        id="ignore-not-passed-to-qemu",
+        section="Snapshots, chains and jobs",
+        quote="blockctl does not pass `ignore` to QEMU",
+        tests=(U + "test_jobs.py::test_ignore_is_sent_to_qemu_as_stop_with_retries",),
+        mutations=(
+            Mutation(
+                file="blockctl/_jobs.py",
+                find="        return QEMUErrorPolicy(ErrorPolicy.STOP.value, IGNORE_RETRIES)",
+                replace="        return QEMUErrorPolicy(ErrorPolicy.IGNORE.value, IGNORE_RETRIES)",
+                what="ignore is passed to QEMU as ignore",
+            ),
+        ),
+    ),
+    # Section: Backups
+    Promise(
+        id="backup-failed-keeps-writes",
+        section="Backups",
+        quote="the next backup (or `blockctl recover VM --repo DIR`) merges it into the last good "
+        "point's bitmap and enables that again: every write since the last good point is still "
+        "there",
+        tests=(
+            U + "test_checkpoints.py::"
+            "test_failed_attempt_after_latest_is_merged_into_the_disabled_base_then_removed",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/checkpoints.py",
+                find="            if leftovers:\n"
+                '                actions.append(wire.bitmap_merge_action(node, base.name or "", '
+                "leftovers))\n",
+                replace="",
+                what="a failed backup's bitmap is removed without being merged "
+                "(issue 22 survivor: the bitmap consumed by a failure)",
+            ),
+            Mutation(
+                file="blockctl/_backup/checkpoints.py",
+                find="            if not base.recording:\n"
+                '                actions.append(wire.bitmap_enable_action(node, base.name or ""))',
+                replace="            if False:\n"
+                '                actions.append(wire.bitmap_enable_action(node, base.name or ""))',
+                what="the last good point's bitmap stays disabled after a failure",
+            ),
+        ),
+    ),
+    Promise(
+        id="backup-failed-full-keeps-checkpoint",
+        section="Backups",
+        quote="A full backup that fails leaves R's checkpoint untouched.",
+        tests=(I + "test_repository.py::test_a_failed_full_backup_keeps_the_checkpoint",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="            if transaction_sent:\n"
+                "                # Merge this attempt's bitmap",
+                replace="            if False:\n                # Merge this attempt's bitmap",
+                what="a failed backup does not settle the checkpoints (its bitmap lingers)",
+            ),
+        ),
+    ),
+    Promise(
+        id="backup-manifest-atomic",
+        section="Backups",
+        quote="the manifest is written last, atomically. A point without a manifest is not a "
+        "point.",
+        tests=(
+            U + "test_repository_store.py::test_a_manifest_write_that_fails_leaves_no_manifest",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/store.py",
+                find="            _fsutil.atomic_write_bytes(\n"
+                '                self._point_dir(manifest.vm, manifest.id) / "manifest.json",',
+                replace="            (lambda p, data, **_: p.write_bytes(data))(\n"
+                '                self._point_dir(manifest.vm, manifest.id) / "manifest.json",',
+                what="the manifest is written in place, not atomically "
+                "(issue 22 survivor: the atomic manifest write)",
+            ),
+        ),
+    ),
+    Promise(
+        id="backup-index-after-chunks-durable",
+        section="Backups",
+        quote="an index is written only after every chunk it names and their directories are "
+        "fsynced",
+        tests=(I + "test_backup.py::test_one_transaction_fixes_the_point_of_every_disk",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="            await anyio.to_thread.run_sync(batch.sync)",
+                replace="            pass",
+                what="the index and manifest are written before the chunks are made durable",
+            ),
+        ),
+    ),
+    Promise(
+        id="backup-one-transaction-for-all-disks",
+        section="Backups",
+        quote="added in the same `transaction` that fixes the point",
+        tests=(I + "test_backup.py::test_one_transaction_fixes_the_point_of_every_disk",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="                            start_for(d, i == len(disks) - 1),",
+                replace="                            start_for(d, True),",
+                what="each disk's bitmap and fleecing job in its own transaction "
+                "(issue 22 survivor: grouped completion across disks)",
+            ),
+        ),
+    ),
+    Promise(
+        id="backup-teardown-on-failure",
+        section="Backups",
+        quote="Exports, jobs, nodes and scratch files are torn down in every path.",
+        tests=(I + "test_backup.py::test_one_transaction_fixes_the_point_of_every_disk",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="        with anyio.CancelScope(shield=True):\n"
+                "            await _teardown(vm, disks, jobs, added, server_started, hooks)\n"
+                "            batch.discard()",
+                replace="        with anyio.CancelScope(shield=True):\n            batch.discard()",
+                what="a failed backup leaves its export, NBD server, job and nodes "
+                "(issue 22 survivor: pull-mode teardown on failure)",
+            ),
+        ),
+    ),
+    Promise(
+        id="backup-zero-chunks-not-stored",
+        section="Backups",
+        quote="one chunk (zero chunks are never stored)",
+        tests=(U + "test_repository_store.py::test_zero_chunks_are_never_stored_nor_read",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/reader.py",
+                find="                if data == zeros[:length]:",
+                replace="                if False:",
+                what="chunks of zeros are hashed and stored",
+            ),
+        ),
+    ),
+    Promise(
+        id="restore-checks-every-chunk-digest",
+        section="Backups",
+        quote="every chunk against its digest before it is written",
+        tests=(
+            U + "test_repository_hostile.py::"
+            "test_hostile_repository_is_refused_without_touching_the_outside"
+            "[chunk-of-other-content-restore]",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/store.py",
+                find="        if len(payload) != length or self.digest(payload) != digest:",
+                replace="        if len(payload) != length:",
+                what="a chunk's content is not checked against its digest",
+            ),
+        ),
+    ),
+    Promise(
+        id="verify-names-every-affected-point",
+        section="Backups",
+        quote="names every point (of any VM in the repository) that references a damaged chunk",
+        tests=(I + "test_repository.py::test_encrypted_repository_roundtrip_wrong_key_and_tamper",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="                        if repo.read_index(vm, other.id, disk.device)"
+                ".referenced() & bad:",
+                replace="                        if other.id == point and "
+                "repo.read_index(vm, other.id, disk.device).referenced() & bad:",
+                what="verify names only the point it checked, not the others sharing the chunk",
+            ),
+        ),
+    ),
+    Promise(
+        id="prune-keeps-newest",
+        section="Backups",
+        quote="the newest point always stays",
+        tests=(U + "test_repository_store.py::test_prune_keeps_the_newest_and_what_it_references",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="    keep = {manifests[-1].id} if manifests else set()",
+                replace="    keep: set[str] = set()",
+                what="prune may delete the newest point (the VM's checkpoint)",
+            ),
+        ),
+    ),
+    Promise(
+        id="repository-wrong-key-refused",
+        section="Backups",
+        quote="A wrong key is refused before anything is read or written",
+        tests=(
+            U + "test_repository_store.py::"
+            "test_a_wrong_or_missing_key_is_refused_before_anything_is_written",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/crypto.py",
+                find="    except (InvalidTag, ValueError) as exc:",
+                replace="    except ValueError as exc:",
+                what="a wrong key's failed unwrap is not turned into a refusal",
+            ),
+        ),
+    ),
+    Promise(
+        id="repository-names-validated",
+        section="Backups",
+        quote="every name read from it (point ids, VM and device names, digests) is validated "
+        "before it touches the filesystem",
+        tests=(
+            U + "test_repository_hostile.py::"
+            "test_hostile_repository_is_refused_without_touching_the_outside"
+            "[manifest-device-traversal-restore]",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/store.py",
+                find='_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\\Z")',
+                replace='_NAME = re.compile(r"[A-Za-z0-9./][A-Za-z0-9._+/-]{0,127}\\Z")',
+                what="names read from the repository may contain '/'",
+            ),
+        ),
+    ),
+    Promise(
+        id="repository-gc-exclusive",
+        section="Backups",
+        quote="`gc` takes the lock exclusively, so it never collects the chunks of a backup that "
+        "has not committed yet",
+        tests=(
+            U + "test_repository_store.py::"
+            "test_gc_refuses_while_another_open_file_holds_the_shared_lock",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/store.py",
+                find="            flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH",
+                replace="            flags = fcntl.LOCK_SH",
+                what="gc takes the repository lock shared",
+            ),
+        ),
+    ),
+    # Section: Guest agent
+    Promise(
+        id="agent-thaw-always-runs",
+        section="Guest agent",
+        quote="**The thaw always runs**, in a shielded `finally`",
+        tests=(U + "test_agent.py::test_thawed_when_the_controller_task_is_cancelled",),
+        mutations=(
+            Mutation(
+                file="blockctl/_agent.py",
+                find="        with anyio.CancelScope(shield=True):\n"
+                "            await _thaw(agent, log, frozen=count, frozen_at=frozen_at, "
+                "timeout=timeout)",
+                replace="        with anyio.CancelScope(shield=False):\n"
+                "            await _thaw(agent, log, frozen=count, frozen_at=frozen_at, "
+                "timeout=timeout)",
+                what="the thaw is not shielded: a cancelled operation leaves the guest frozen",
+            ),
+        ),
+    ),
+    Promise(
+        id="agent-freeze-count-checked",
+        section="Guest agent",
+        quote="the freeze must cover every filesystem `guest-get-fsinfo` lists",
+        tests=(U + "test_agent.py::test_freezing_fewer_filesystems_than_mounted_fails_and_thaws",),
+        mutations=(
+            Mutation(
+                file="blockctl/_agent.py",
+                find="        if count < expected:",
+                replace="        if count < 0:",
+                what="a freeze that missed filesystems counts as consistent",
+            ),
+        ),
+    ),
+    Promise(
+        id="agent-foreign-freeze-left-alone",
+        section="Guest agent",
+        quote="A guest already frozen by someone else is refused and left alone.",
+        tests=(U + "test_agent.py::test_a_guest_frozen_by_someone_else_is_refused_and_left_alone",),
+        mutations=(
+            Mutation(
+                file="blockctl/_agent.py",
+                find="    if await agent.fsfreeze_status() is FreezeStatus.FROZEN:",
+                replace="    if False:",
+                what="a guest someone else froze is frozen again and thawed by blockctl",
+            ),
+        ),
+    ),
+    Promise(
+        id="agent-freeze-record-kept-until-verified-thaw",
+        section="Guest agent",
+        quote="only a verified thaw removes it (a `ThawFailed` keeps it)",
+        tests=(U + "test_freeze_record.py::test_the_record_stays_when_the_thaw_fails",),
+        mutations=(
+            Mutation(
+                file="blockctl/_agent.py",
+                find="            await _thaw(agent, log, frozen=count, frozen_at=frozen_at, "
+                "timeout=timeout)\n"
+                "            if record is not None:  # not reached when the thaw failed: the "
+                "record stays\n"
+                "                _journal.remove_durably(record)",
+                replace="            if record is not None:\n"
+                "                _journal.remove_durably(record)\n"
+                "            await _thaw(agent, log, frozen=count, frozen_at=frozen_at, "
+                "timeout=timeout)",
+                what="the freeze record is removed before the thaw is verified",
+            ),
+        ),
+    ),
+    Promise(
+        id="agent-live-writer-never-thawed",
+        section="Guest agent",
+        quote="A record whose writer still runs is never acted on",
+        tests=(U + "test_freeze_record.py::test_a_live_writer_is_never_thawed_nor_asked",),
+        mutations=(
+            Mutation(
+                file="blockctl/_agent.py",
+                find="    if writer_alive:\n        return ThawPlan(",
+                replace="    if False:\n        return ThawPlan(",
+                what="recovery thaws a freeze whose controller still runs",
+            ),
+        ),
+    ),
+    # Section: Reliability (its own text, Injection-proof inputs, Hygiene, Fault injection)
+    Promise(
+        id="hygiene-locking-never-off",
+        section="Reliability",
+        quote="`wire.blockdev_add` / `blockdev_reopen` refuse one that does not, or one that sets "
+        "`locking` off",
+        tests=(U + "test_hygiene.py::test_blockdev_add_refuses_nodes_without_a_driver",),
+        mutations=(
+            Mutation(
+                file="blockctl/_qmp/wire.py",
+                find='        if key == "locking" and value not in ("on", "auto"):',
+                replace='        if key == "lock" and value not in ("on", "auto"):',
+                what="a node that turns image locking off is sent",
+            ),
+            Mutation(
+                file="blockctl/_qmp/wire.py",
+                find='    if not isinstance(options.get("driver"), str) or not '
+                'isinstance(options.get("node-name"), str):',
+                replace='    if not isinstance(options.get("node-name"), str):',
+                what="a node without a driver (QEMU would probe the format) is sent",
+            ),
+        ),
+    ),
+    Promise(
+        id="injection-bitmap-merge-never-empty",
+        section="Reliability",
+        quote="blockctl never sends `block-dirty-bitmap-merge` with an empty `bitmaps` list",
+        tests=(U + "test_injection.py::test_bitmap_merge_never_sends_an_empty_list",),
+        mutations=(
+            Mutation(
+                file="blockctl/_qmp/wire.py",
+                find="        if not isinstance(bitmaps, list) or not bitmaps:",
+                replace="        if not isinstance(bitmaps, list):",
+                what="an empty bitmap merge (a QEMU 7.2 crash) is sent",
+            ),
+        ),
+    ),
+    Promise(
+        id="injection-one-literal-value",
+        section="Reliability",
+        quote="Each input is used as one literal value",
+        tests=(
+            U + "test_argv.py::test_boot_option",
+            U + "test_injection.py::test_config_strings_are_one_literal_value_in_the_argv",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_argv.py",
+                find='    return value.replace(",", ",,")',
+                replace="    return value",
+                what="commas in QemuOpts values are not doubled",
+            ),
+        ),
+    ),
+    Promise(
+        id="fault-ignore-exact-after-retry",
+        section="Reliability",
+        quote="the retry succeeds and the result is exact",
+        tests=(U + "test_jobs.py::test_a_transient_error_retried_under_ignore_still_succeeds",),
+        mutations=(
+            Mutation(
+                file="blockctl/_jobs.py",
+                find='        if record.action == "ignore" and self.io_errors >= '
+                "self._ignored_error_limit:",
+                replace='        if record.action == "ignore":',
+                what="the first ignored error gives the job up",
+            ),
+        ),
+    ),
+    # Section: Crash recovery
+    Promise(
+        id="recovery-paused-job-needs-attention",
+        section="Crash recovery",
+        quote="| the job paused (an I/O error policy) | nothing; says to resume or cancel it | "
+        "`needs-attention` (kept) |",
+        tests=(U + "test_journal.py::test_a_paused_job_needs_attention_and_nothing_is_touched",),
+        mutations=(
+            Mutation(
+                file="blockctl/_journal.py",
+                find="        if job.status in _ACTIVE_JOB:",
+                replace="        if True:",
+                what="recovery adopts a job paused on an I/O error",
+            ),
+        ),
+    ),
+    Promise(
+        id="recovery-files-deleted-only-unused",
+        section="Crash recovery",
+        quote="deletes their files (if asked, and only if no other node has them open)",
+        tests=(U + "test_journal.py::test_files_are_deleted_only_when_asked_and_not_open",),
+        mutations=(
+            Mutation(
+                file="blockctl/_journal.py",
+                find="        unused = tuple(f for f in intent.drop_files if f not in used)",
+                replace="        unused = tuple(intent.drop_files)",
+                what="recovery deletes a dropped layer's file that another node still has open",
+            ),
+        ),
+    ),
+    Promise(
+        id="recovery-qemu-gone-relinks",
+        section="Crash recovery",
+        quote="gets the image above the dropped layers pointed back at them",
+        tests=(
+            U
+            + "test_journal.py::test_qemu_gone_after_a_stream_or_commit_job_relinks_the_old_chain",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_journal.py",
+                find="        if not dropped or len(fmts) != len(files) or dropped[0] == 0:",
+                replace="        if True:",
+                what="no relink after QEMU died under a stream or intermediate commit",
+            ),
+        ),
+    ),
+    Promise(
+        id="recovery-vm-exists-until-recovered",
+        section="Crash recovery",
+        quote="cannot be started again under its name (`VMExists`) until `blockctl recover` has "
+        "reported them",
+        tests=(
+            I
+            + "test_crash.py::test_qemu_killed_mid_operation_chain_reads_the_same[commit-planned]",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_machine.py",
+                find="        if _journal.load_all(run_dir):  # never drop an unreported "
+                "interrupted operation",
+                replace="        if False:",
+                what="a new VM of a crashed VM's name wipes its journal records",
+            ),
+        ),
+    ),
+    # Section: Untrusted images
+    Promise(
+        id="untrusted-backing-outside-roots",
+        section="Untrusted images",
+        quote="a backing file that resolves (realpath: symlinks and `../` followed) outside the "
+        "**allowed roots**",
+        tests=(I + "test_untrusted.py::test_rejected_at_launch[symlink-escape]",),
+        mutations=(
+            Mutation(
+                file="blockctl/_images.py",
+                find="        resolved = Path(os.path.realpath(backing_path))",
+                replace="        resolved = Path(os.path.abspath(backing_path))",
+                what="a backing symlink is not followed before the roots check",
+            ),
+        ),
+    ),
+    Promise(
+        id="untrusted-data-file-refused",
+        section="Untrusted images",
+        quote="any external data file (qcow2 `data-file`)",
+        tests=(I + "test_untrusted.py::test_rejected_at_launch[data-file]",),
+        mutations=(
+            Mutation(
+                file="blockctl/_images.py",
+                find="        if data_file is not None:",
+                replace="        if data_file is not None and not data_file:",
+                what="an image with an external data file is opened",
+            ),
+        ),
+    ),
+    Promise(
+        id="untrusted-protocol-backing-refused",
+        section="Untrusted images",
+        quote="a backing name QEMU would parse as a protocol",
+        tests=(I + "test_untrusted.py::test_rejected_at_launch[json-backing]",),
+        mutations=(
+            Mutation(
+                file="blockctl/_images.py",
+                find='    return ":" in name.split("/", 1)[0]',
+                replace='    return "://" in name',
+                what="only URLs count as protocols (json:, nbd: pass as file names)",
+            ),
+        ),
+    ),
+    Promise(
+        id="untrusted-vmdk-extent",
+        section="Untrusted images",
+        quote="a VMDK extent outside the allowed roots",
+        tests=(I + "test_untrusted.py::test_rejected_at_launch[vmdk-flat-extent]",),
+        mutations=(
+            Mutation(
+                file="blockctl/_images.py",
+                find='        for extent in specific.get("extents", ()) if current_fmt is '
+                "ImageFormat.VMDK else ():",
+                replace="        for extent in ():",
+                what="VMDK extents are not checked",
+            ),
+        ),
+    ),
+    # Section: Private by construction
+    Promise(
+        id="private-atomic-write-mode-before-bytes",
+        section="Private by construction",
+        quote="a pid-tagged temporary file created `O_EXCL|O_NOFOLLOW` and made 0600 before any "
+        "byte",
+        tests=(U + "test_fsutil.py::test_atomic_write_sets_the_mode_asked_for_exactly",),
+        mutations=(
+            Mutation(
+                file="blockctl/_fsutil.py",
+                find="            os.fchmod(fd, mode)\n            view = memoryview(data)",
+                replace="            view = memoryview(data)",
+                what="the atomic writer leaves the mode to the umask",
+            ),
+        ),
+    ),
+    Promise(
+        id="private-image-created-before-qemu-img",
+        section="Private by construction",
+        quote="An image file is created empty with its mode *before* qemu-img opens it",
+        tests=(I + "test_private_modes.py::test_created_and_converted_images_are_0600[umask022]",),
+        mutations=(
+            Mutation(
+                file="blockctl/_images.py",
+                find="            _fsutil.create_private_file(path, mode=mode)\n"
+                "            created = True",
+                replace="            created = False",
+                what="images are created by qemu-img under the umask (0644)",
+            ),
+        ),
+    ),
+    Promise(
+        id="private-loose-dir-refused",
+        section="Private by construction",
+        quote="refuses a directory others can write or another user owns",
+        tests=(U + "test_fsutil.py::test_check_private_dir_refuses_a_writable_dir",),
+        mutations=(
+            Mutation(
+                file="blockctl/_fsutil.py",
+                find="    if mode & 0o022:",
+                replace="    if mode & 0o002:",
+                what="a group-writable directory passes as private",
+            ),
+        ),
+    ),
+    Promise(
+        id="private-run-dir-0700",
+        section="Private by construction",
+        quote="run directories 0700",
+        tests=(I + "test_private_modes.py::test_up_run_dir_and_its_disk_are_owner_only[umask000]",),
+        mutations=(
+            Mutation(
+                file="blockctl/_machine.py",
+                find="        run_dir.mkdir(mode=_fsutil.PRIVATE_DIR)\n"
+                "    os.chmod(run_dir, _fsutil.PRIVATE_DIR)  # explicitly, whatever the umask",
+                replace="        run_dir.mkdir(mode=_fsutil.PRIVATE_DIR)\n"
+                "    os.chmod(run_dir, 0o755)",
+                what="a named VM's run directory is made 0755",
+            ),
+        ),
+    ),
+)
+
+
+def mutation_key(promise: Promise, n: int) -> str:
+    """The mutation's name in reports and ``--only``: the promise id, ``#n`` from the second."""
+    return promise.id if n == 0 else f"{promise.id}#{n + 1}"
+
+
+def mutations() -> list[tuple[str, Promise, Mutation]]:
+    """Every mutation of the ledger with its key, in ledger order."""
+    return [(mutation_key(p, n), p, m) for p in PROMISES for n, m in enumerate(p.mutations)]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_table(results: dict[str, str] | None = None) -> str:
+    """The README's ledger table (markdown): one row per mutation. ``results``: mutation key →
+    outcome (default: "killed" for every row, which is what CI requires)."""
+    lines = [
+        "| promise | section | tests | mutation (file: what it breaks) | result |",
+        "|---|---|---|---|---|",
+    ]
+    for key, promise, mutation in mutations():
+        tests = ", ".join(f"`{t.removeprefix('tests/')}`" for t in promise.tests)
+        outcome = "killed" if results is None else results.get(key, "not run")
+        where = mutation.file.removeprefix("blockctl/")
+        lines.append(
+            f"| `{key}` | {_cell(promise.section)} | {_cell(tests)} | "
+            f"`{where}`: {_cell(mutation.what)} | {outcome} |"
+        )
+    return "\n".join(lines) + "\n"
