@@ -110,12 +110,12 @@ async def node_names(vm: LaunchedVM) -> set[str]:
 # Section: building a case's chain, with blockctl
 
 CHECKS = {
-    "outcome": "the outcome blockctl reported",
-    "chain": "the chain as expected",
-    "read-only": "every backing layer read-only again (blockctl's restore)",
-    "blkdebug": "the fault layer kept under its node (blockctl's reopen: complete options)",
+    "outcome": "outcome as expected",
+    "chain": "chain unchanged",
+    "read-only": "backing layers read-only again where QEMU could flush them",
+    "blkdebug": "blkdebug kept through blockctl's reopens",
     "nothing-left": "no job or node left",
-    "bytes": "the device read byte-for-byte what it read before",
+    "bytes": "source byte-identical",
     "check": "qemu-img check clean",
 }
 #: One tally per figure line: the 48 persistent faults, the 6 transient ones, real ENOSPC.
