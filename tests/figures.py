@@ -44,6 +44,7 @@ class Tally:
     @contextmanager
     def case(self, name: str, required: frozenset[str] | None = None) -> Iterator[set[str]]:
         """One case; ``required``: the checks it must run (default: every declared one)."""
+        assert name not in self.tried, f"two cases named {name!r}: one would hide the other"
         self.tried.append(name)
         self.required[name] = frozenset(self.checks) if required is None else required
         done: set[str] = set()

@@ -226,7 +226,10 @@ def layer_name(path: str) -> str:
 
 
 async def run_controller_cases(
-    guest: GuestImage, images: Path, cases: list[tuple[str, str, dict[str, Any], str, list[str]]]
+    guest: GuestImage,
+    images: Path,
+    cases: list[tuple[str, str, dict[str, Any], str, list[str]]],
+    tier: str = "",
 ) -> None:
     files = await make_chain(images, 5)
     async with detached(guest, "crashc", files[0]) as run_dir:
@@ -237,7 +240,7 @@ async def run_controller_cases(
                 args["directory"] = str(images)
             active = kind == "commit" and "top" not in kwargs
             point = f"{'active-' if active else ''}{kind}@{step}"
-            with CRASH.case(f"controller-kill:{point}") as ok:
+            with CRASH.case(f"controller-kill{tier}:{point}") as ok:
                 await kill_controller_at("crashc", kind, step, device="disk0", **args)
                 assert list(run_dir.glob("journal-*")), "the killed controller left no record"
                 # What a user sees before recovering: the status names the interrupted operation.
@@ -299,7 +302,7 @@ LONG_CONTROLLER_CASES: list[tuple[str, str, dict[str, Any], str, list[str]]] = [
 
 @pytest.mark.long
 async def test_controller_killed_before_any_job_exists(guest: GuestImage, images: Path) -> None:
-    await run_controller_cases(guest, images, LONG_CONTROLLER_CASES)
+    await run_controller_cases(guest, images, LONG_CONTROLLER_CASES, tier="(long)")
 
 
 # Section: QEMU is killed
