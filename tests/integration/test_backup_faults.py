@@ -77,10 +77,13 @@ FAULTS = Tally(
         "point, covering the writes since)",
         "next-exact": "the next backup restores equal to a reference taken with the VM paused",
         "copied": "the copy failed midway (some chunks read, not all)",
+        "gc": "a writer killed mid-copy left chunk temporaries (recovery keeps them), which "
+        "gc removed",
     }
 )
-#: The checks every fault point runs ("copied": only a failure during the copy).
-EVERY = frozenset(FAULTS.checks) - {"copied"}
+#: The checks every fault point runs ("copied": only a failure during the copy; "gc": only
+#: a controller killed during the copy).
+EVERY = frozenset(FAULTS.checks) - {"copied", "gc"}
 
 
 class Injected(Exception):
@@ -168,6 +171,11 @@ async def checkpoint_of(vm: VM, repo: Repository, point: str, covers: int, what:
     return bitmap.count
 
 
+def temporaries(repo: Repository) -> list[Path]:
+    """Every temporary file in the repository (chunks' and atomic writes' alike)."""
+    return sorted(p for p in repo.path.rglob("*") if p.name.endswith(TMP_SUFFIX))
+
+
 async def nothing_left(
     vm: VM, repo: Repository, name: str, points: list[str], scratch: Path, what: str
 ) -> None:
@@ -178,8 +186,7 @@ async def nothing_left(
     # (Its ".lock" is the one-backup-per-VM lock file: it stays.)
     entries = sorted(e for e in os.listdir(repo.path / "points" / name) if e != ".lock")
     assert entries == sorted(points), f"{what}: left in the point directory: {entries}"
-    temporary = [p for p in repo.path.rglob("*") if p.name.endswith(TMP_SUFFIX)]
-    assert temporary == [], f"{what}: temporary files left: {temporary}"
+    assert temporaries(repo) == [], f"{what}: temporary files left: {temporaries(repo)}"
     nodes = [n.node_name for n in await vm.block_nodes() if n.node_name.startswith("bcf")]
     assert nodes == [], (what, nodes)
     assert await wire.query_block_exports(vm.session) == (), what
@@ -531,7 +538,8 @@ async def test_controller_killed_at_every_step_then_recovered_loses_no_write(
             _ref, good = await paused_backup(vm, repo, disk, tmp_path, scratch_dir=scratch)
         for n, step in enumerate(KILL_STEPS):
             what = f"controller killed at {step}"
-            with FAULTS.case(f"controller-kill@{step}", required=EVERY) as ok:
+            required = EVERY | ({"gc"} if step == "copy" else set())
+            with FAULTS.case(f"controller-kill@{step}", required=required) as ok:
                 w1 = await guest_writes.w1(n)
                 points = [m.id for m in repo.manifests("killed")]
                 async with attach("killed") as vm:
@@ -565,6 +573,17 @@ async def test_controller_killed_at_every_step_then_recovered_loses_no_write(
                         assert [m.id for m in repo.manifests("killed")] == points, what
                         chunks, covers = 4, w1 + w2
                     ok.add("no-point")
+                    # A writer killed while it stored chunks leaves their temporary files:
+                    # recovery does not touch the chunk store, gc removes dead writers' ones.
+                    temporary = temporaries(repo)
+                    if step == "copy":
+                        assert temporary, f"{what}: no chunk was being written?"
+                        pids = {int(p.name.split(".")[-3]) for p in temporary}
+                        assert not any(Path(f"/proc/{pid}").exists() for pid in pids), pids
+                        assert repo.gc().temporary_removed == len(temporary)
+                        ok.add("gc")
+                    else:
+                        assert temporary == [], what
                     await nothing_left(vm, repo, "killed", points, scratch, what)
                     ok.add("nothing-left")
                     await checkpoint_of(vm, repo, good.id, covers, what)
