@@ -413,6 +413,7 @@ async def test_enospc_at_chunk_index_and_manifest_writes(
                 progress = Progress()
                 with pytest.raises(RepositoryError, match="ENOSPC") as raised:
                     await ops.backup(vm, repo, scratch_dir=scratch, hooks=[progress], **fault)
+                assert type(raised.value) is RepositoryError, raised.value  # not a subclass
                 assert message in str(raised.value), (what, str(raised.value))
                 ok.add("error")
                 if where == "chunk":

@@ -472,8 +472,9 @@ async def test_real_enospc(rig: Rig, tmp_path: Path, op: str, policy: ErrorPolic
                     hooks=[signal_],
                 )
             if policy is ErrorPolicy.REPORT:
-                with pytest.raises(JobFailed, match="No space left on device"):
+                with pytest.raises(JobFailed, match="No space left on device") as info:
                     await job
+                assert type(info.value) is JobFailed, info.value  # reported, not paused
                 kept = list(reversed(names))
             else:
                 result = await job
