@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +19,32 @@ def missing(what: str) -> None:
     pytest.skip(f"{what} is missing")
 
 
-# Property tests explore new random examples locally; under CI they replay a fixed sequence, so
-# a run's verdict depends on the code, not on the draw (a failure found locally is kept in
-# hypothesis's example database and becomes a regular test case).
-settings.register_profile("ci", derandomize=True, print_blob=True)
+# Property tests draw fresh examples on every run, locally and under CI (a fixed sequence
+# would test the same few thousand inputs forever). Under CI every run has one seed, printed
+# in the header (pytest_report_header) and on a failure (print_blob: the failing example as
+# a @reproduce_failure blob), so a failure is replayed with
+# `pytest --hypothesis-seed=SEED`. A failure found locally is kept in hypothesis's example
+# database and tried first next time.
+settings.register_profile("ci", derandomize=False, print_blob=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under CI without ``--hypothesis-seed``: draw this run's seed (reported in the header)."""
+    if os.environ.get("CI") and config.getoption("hypothesis_seed", None) is None:
+        import hypothesis.core
+
+        seed = secrets.randbits(32)
+        config.option.hypothesis_seed = str(seed)
+        hypothesis.core.global_force_seed = seed  # type: ignore[assignment]
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    seed = config.getoption("hypothesis_seed", None)
+    if seed is None:
+        return None
+    return f"hypothesis seed: {seed} (to replay this run's examples: --hypothesis-seed={seed})"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

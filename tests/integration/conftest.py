@@ -35,6 +35,7 @@ from blockctl._qmp import wire
 from blockctl.errors import BlockctlError, MissingComponent
 from blockctl.types import DeprecatedInput, Drive, MachineConfig
 from tests.conftest import missing
+from tests.figures import Tally, report
 
 MIB = 1 << 20
 
@@ -515,8 +516,8 @@ async def truth_check(vm: VM, *, cli: bool = True, attempts: int = 5) -> None:
     raise AssertionError(f"QEMU's block facts kept changing over {attempts} reads")
 
 
-#: The VMs truth-checked at their shutdown in this run (for the figures).
-TRUTH_CHECKS: list[str] = []
+#: The VMs truth-checked at their shutdown in this run, and whether they matched (figures).
+TRUTH = Tally({"same": "no difference"})
 
 
 @pytest.fixture(autouse=True)
@@ -526,8 +527,9 @@ def _truth_check_every_vm() -> Iterator[None]:
     are compared by the tests that call :func:`truth_check` themselves)."""
 
     async def check(vm: VM) -> None:
-        await truth_check(vm, cli=False)
-        TRUTH_CHECKS.append(vm.name)
+        with TRUTH.case(vm.name) as ok:
+            await truth_check(vm, cli=False)
+            ok.add("same")
 
     _machine.BEFORE_SHUTDOWN.append(check)
     try:
@@ -539,12 +541,10 @@ def _truth_check_every_vm() -> Iterator[None]:
 @pytest.fixture(autouse=True, scope="session")
 def _truth_check_figure() -> Iterator[None]:
     yield
-    if TRUTH_CHECKS:
-        from tests.figures import report
-
+    if TRUTH.tried:  # no VM was opened: no figure (this is not a test that can fail)
         report(
             "truth check",
-            f"{len(TRUTH_CHECKS)} VMs compared at their shutdown (drives, chain, jobs, status, "
+            f"{len(TRUTH.tried)} VMs compared at their shutdown (drives, chain, jobs, status, "
             "the registry's read-only flags vs QEMU's query-block, query-named-block-nodes, "
-            "query-jobs, query-status): 0 differences",
+            f"query-jobs, query-status): {TRUTH.phrases()}",
         )

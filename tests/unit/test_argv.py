@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -234,11 +235,13 @@ paths = st.text(
         alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=20
     ),
 )
-def test_user_strings_never_become_options(path: str, serial: str) -> None:
+def strings_never_become_options(path: str, serial: str) -> None:
     """Any path or serial either is refused, or round-trips as exactly one JSON value."""
+    EXAMPLES["tried"] += 1
     try:
         drive = Drive(file=Path(path), format=ImageFormat.RAW, serial=serial)
     except ConfigError:
+        EXAMPLES["refused"] += 1
         return
     config = MachineConfig(drives=(drive,))
     argv = argv_for(config, {0: DriveSource(chain=(layer(str(drive.file), ImageFormat.RAW),))})
@@ -248,3 +251,19 @@ def test_user_strings_never_become_options(path: str, serial: str) -> None:
     device = devices(argv)[0]
     assert device["serial"] == serial
     assert set(device) == {"id", "driver", "drive", "write-cache", "serial"}
+    EXAMPLES["used"] += 1
+
+
+#: Examples of the property above: tried, refused, used (each counted once its checks held).
+EXAMPLES: Counter[str] = Counter()
+
+
+def test_user_strings_never_become_options() -> None:
+    """The property, and proof it tested something: most examples must be used (a Drive that
+    refused every path or serial would pass every example)."""
+    EXAMPLES.clear()
+    strings_never_become_options()
+    tried, used = EXAMPLES["tried"], EXAMPLES["used"]
+    assert tried > 0
+    assert used + EXAMPLES["refused"] == tried
+    assert used >= 0.5 * tried, EXAMPLES

@@ -48,9 +48,26 @@ from blockctl.types import (
 )
 from tests.figures import report
 
-#: Examples tried per test, and how many of them were refused (the rest were used literally).
+#: Per property test: examples tried, and how many of them passed every check as a literal
+#: value (USED) or as a refusal with a BlockctlError (REFUSED). An example counts in USED or
+#: REFUSED only once its checks passed: TRIED - USED - REFUSED failed a check (or raised).
 TRIED: Counter[str] = Counter()
+USED: Counter[str] = Counter()
 REFUSED: Counter[str] = Counter()
+#: The property test of each label, and the least share of its examples that must be used as
+#: literal values: a change that makes a door refuse everything fails its test (a refusal
+#: would otherwise pass every example).
+LABELS = {
+    "test_config_strings_are_one_literal_value_in_the_argv": "config → argv",
+    "test_machine_toml_loads_or_refuses": "machine TOML",
+    "test_apply_file_loads_or_refuses": "apply TOML",
+    "test_cli_attach_passes_one_literal_drive": "CLI attach",
+    "test_cli_qmp_sends_one_literal_command": "CLI qmp",
+    "test_snapshot_tags": "snapshot tag",
+    "test_sizes": "size",
+    "test_vm_names_never_leave_the_runtime_dir": "VM name",
+}
+MIN_USED_SHARE = 0.05
 
 FRAGMENTS = [
     ",",
@@ -129,6 +146,31 @@ formats = mostly(st.sampled_from([f.value for f in ImageFormat]))
 
 def refused(test: str) -> None:
     REFUSED[test] += 1
+
+
+def used(test: str) -> None:
+    USED[test] += 1
+
+
+@pytest.fixture(autouse=True)
+def enough_used(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each property test: every example it tried passed its checks, and at least
+    :data:`MIN_USED_SHARE` of them were used as literal values (not all refused)."""
+    label = LABELS.get(request.node.originalname)
+    before = (TRIED[label], USED[label], REFUSED[label]) if label else (0, 0, 0)
+    yield
+    if label is None:
+        return
+    tried, used_, refused_ = (
+        TRIED[label] - before[0],
+        USED[label] - before[1],
+        REFUSED[label] - before[2],
+    )
+    assert tried > 0, f"{label}: no example was tried"
+    assert used_ + refused_ == tried, f"{label}: {tried - used_ - refused_} examples failed"
+    assert used_ >= MIN_USED_SHARE * tried, (
+        f"{label}: only {used_} of {tried} examples were used as literal values"
+    )
 
 
 # Section: config → argv
@@ -284,6 +326,7 @@ def test_config_strings_are_one_literal_value_in_the_argv(
     )
     assert set(device) == set(benign_device)
     assert [set(n) for n in nodes] == [set(n) for n in json_values(benign_argv, "-blockdev")]
+    used("config → argv")
 
 
 # Section: the TOML loaders
@@ -328,6 +371,7 @@ def test_machine_toml_loads_or_refuses(
     assert drive.file == workdir / file  # relative to the TOML file, or absolute as given
     assert drive.serial == serial and drive.cache.value == cache and config.name == name
     assert config.image_roots == tuple(workdir / r for r in roots)
+    used("machine TOML")
 
 
 @settings(max_examples=300, deadline=None)
@@ -384,6 +428,7 @@ def test_apply_file_loads_or_refuses(
     assert desired.size is not None and 0 <= desired.size < 2**63
     assert isinstance(desired.allow_shrink, bool)
     assert desired.throttle is not None and isinstance(desired.throttle["bps_wr"], int)
+    used("apply TOML")
 
 
 # Section: the command line, down to the library call
@@ -441,6 +486,7 @@ def test_cli_attach_passes_one_literal_drive(
     assert seen["vm"] == vm
     assert str(drive.file) == str(Path(file).absolute())
     assert (drive.format.value, drive.serial, drive.cache.value) == (fmt, serial, cache)
+    used("CLI attach")
 
 
 @settings(max_examples=250, deadline=None)
@@ -485,6 +531,7 @@ def test_cli_qmp_sends_one_literal_command(command: str, arguments: str | None) 
     ((name, args),) = sent
     assert name == command and re.fullmatch(r"[A-Za-z0-9_-]+", name)
     assert args == (None if arguments is None else json.loads(arguments))
+    used("CLI qmp")
 
 
 def test_cli_usage_errors_are_argparse_exits() -> None:
@@ -509,6 +556,7 @@ def test_snapshot_tags(tag: str) -> None:
         refused("snapshot tag")
         return
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", tag)
+    used("snapshot tag")
 
 
 @settings(max_examples=300, deadline=None)
@@ -531,10 +579,11 @@ def test_sizes(value: object) -> None:
         refused("size")
         return
     assert isinstance(size, int) and 0 <= size < 2**63
+    used("size")
 
 
 @settings(max_examples=300, deadline=None)
-@given(name=nasty)
+@given(name=st.one_of(nasty, nasty, st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,31}\Z")))
 def test_vm_names_never_leave_the_runtime_dir(
     name: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -545,14 +594,16 @@ def test_vm_names_never_leave_the_runtime_dir(
         root.mkdir(parents=True, mode=0o700)
         # A decoy record one level up: `..` must not find it.
         (base / _runtime.RECORD).write_text(json.dumps({"name": "decoy"}))
+    # Whatever the name, the lookup finds nothing (the decoy one level up included).
     with pytest.raises(VMNotFound):
         _runtime.read_record(name, root)
-    refused("VM name")
     try:
         MachineConfig(name=name)
     except ConfigError:
+        refused("VM name")
         return
     assert re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name)
+    used("VM name")
 
 
 # Section: QMP arguments that crash QEMU
@@ -608,11 +659,20 @@ async def test_bitmap_merge_never_sends_an_empty_list() -> None:
 
 
 def test_figures(capsys: pytest.CaptureFixture[str]) -> None:
-    """Print the figure; every property test above ran (when the whole module is selected)."""
+    """Print the figure, computed from the examples' checks; fails when no example ran."""
     total = sum(TRIED.values())
-    detail = ", ".join(f"{k} {TRIED[k]} ({REFUSED[k]} refused)" for k in sorted(TRIED))
-    line = f"injection property examples: {total} tried, 0 escaped as an option — {detail}"
+    assert total > 0, "no property example was tried: there is no figure to print"
+    used_, refused_ = sum(USED.values()), sum(REFUSED.values())
+    failed = total - used_ - refused_
+    detail = ", ".join(
+        f"{k} {TRIED[k]} ({USED[k]} used, {REFUSED[k]} refused)" for k in sorted(TRIED)
+    )
+    line = (
+        f"injection property examples: {total} tried, {used_} used as one literal value "
+        f"({100 * used_ / total:.0f}%), {refused_} refused with a BlockctlError, "
+        f"{failed} escaped (failed a check) — {detail}"
+    )
     report("injection", line)
     with capsys.disabled():
         print(f"\n{line}")
-    assert all(TRIED[k] > 0 for k in TRIED)
+    assert failed == 0, line

@@ -28,6 +28,7 @@ from blockctl._jobs import (
 from blockctl._qmp import wire
 from blockctl._qmp.session import QMPSession
 from blockctl.errors import (
+    CommandFailed,
     ConfigError,
     ConnectionLost,
     JobCancelled,
@@ -428,7 +429,6 @@ async def test_progress_hook_gets_samples_with_rate_and_eta() -> None:
         progress=(0, 64 * MIB),
         error="Operation canceled",
     )
-    hook = Recorder()
     original = job.info
 
     def moving() -> dict[str, Any]:
@@ -436,14 +436,32 @@ async def test_progress_hook_gets_samples_with_rate_and_eta() -> None:
         return original()
 
     job.info = moving  # type: ignore[method-assign]
+    enough = anyio.Event()
+
+    class Counting(Recorder):
+        """Stops the wait after three samples, however long they took (no timing)."""
+
+        def on_progress(self, progress: JobProgress) -> None:
+            super().on_progress(progress)
+            if len(self.progress) >= 3:
+                enough.set()
+
+    hook = Counting()
     async with (
         qemu(FakeQEMU(job)) as (_fake, session),
         start_job(session, "backup", backup_start(session), hooks=[]) as handle,
+        anyio.create_task_group() as tg,
     ):
-        with pytest.raises(OperationTimeout):
-            await handle.wait(
-                complete_on_ready=False, deadline=0.5, hooks=[hook], progress_interval=0.05
-            )
+
+        async def stop_after_three() -> None:
+            await enough.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(stop_after_three)
+        await handle.wait(
+            complete_on_ready=False, deadline=3600, hooks=[hook], progress_interval=0.05
+        )
+        pytest.fail("the job cannot end: it runs until it is cancelled")
     assert len(hook.progress) >= 3
     last = hook.progress[-1]
     assert last.status is R and last.total == 64 * MIB and last.done > hook.progress[0].done
@@ -504,9 +522,10 @@ async def test_failing_start_command_leaves_nothing_to_clean() -> None:
         FakeQMP(handler).serving() as fake,
         QMPSession.connect(fake.client_socket, label="fake") as session,
     ):
-        with pytest.raises(Exception, match="read-only"):
+        with pytest.raises(CommandFailed, match="read-only") as info:
             async with start_job(session, "commit", backup_start(session)):
                 pytest.fail("the block must not run")
+        assert (info.value.command, info.value.error_class) == ("blockdev-backup", "GenericError")
         assert [c for c, _ in fake.received] == ["blockdev-backup"]
 
 

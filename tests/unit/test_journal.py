@@ -178,10 +178,18 @@ def test_op_handle_records_steps_and_leaves_nothing_when_finished(tmp_path: Path
     assert seen == [Step.PLANNED, Step.STARTING, Step.RUNNING, Step.PLANNED]
 
 
-def test_no_run_dir_means_no_journal() -> None:
+def test_no_run_dir_means_no_journal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QEMU blockctl did not launch has no run dir: the operation's steps are tracked, but
+    nothing is written, removed, or offered to the failpoint."""
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(j, "write", lambda *args: calls.append(("write", args)))
+    monkeypatch.setattr(j, "remove", lambda *args: calls.append(("remove", args)))
+    monkeypatch.setattr(j, "FAILPOINT", lambda intent: calls.append(("failpoint", intent)))
     op = j.Op(None, commit_intermediate(), lambda: False)
     op.step(Step.CONCLUDED)
+    assert op.intent.step is Step.CONCLUDED
     op.finished()
+    assert calls == []
 
 
 # Section: the planner

@@ -50,7 +50,7 @@ from blockctl.errors import (
     RepositoryError,
 )
 from blockctl.types import ImageFormat
-from tests.figures import report
+from tests.figures import Tally, report, require_any
 
 CHUNK = 64 << 10
 SECRET = b"hostile-suite-secret"
@@ -248,6 +248,16 @@ def atime_visible(tmp_path_factory: pytest.TempPathFactory) -> bool:
         report("hostile repository", "atime not updated on this filesystem: reads not checked")
     return visible
 
+
+#: Each (crafted repository, operation), and which of its checks held.
+HOSTILE = Tally(
+    {
+        "outside": "nothing outside the repository read or written, the root unchanged",
+        "outcome": "refused with the specific error expected, or harmless",
+    }
+)
+#: Operation -> whether it was refused (for the figure; set once every check held).
+OUTCOMES: dict[str, bool] = {}
 
 # Section: one case
 
@@ -941,28 +951,32 @@ async def test_hostile_repository_is_refused_without_touching_the_outside(
 ) -> None:
     ctx = world(goldens[case.encrypted])
     case.mutate(ctx)
-    sentinel = Sentinel(ctx.outside)
-    top = sorted(p.name for p in ctx.root.iterdir())
-    raised: BaseException | None = None
-    with metered_reads(monkeypatch):
-        try:
-            await run(op, ctx)
-        except Exception as exc:  # judged below, after the sentinel
-            raised = exc
-    touched = sentinel.problems(atime=atime_visible)
-    assert touched == [], f"{case.id}/{op} touched the outside ({raised!r})"
-    if raised is not None and not isinstance(raised, (RepositoryError, ConfigError, Reported)):
-        raise raised
-    if expected is None:
-        assert raised is None, f"{case.id}/{op} should succeed harmlessly, raised {raised!r}"
-    else:
-        assert type(raised) is expected, (
-            f"{case.id}/{op}: expected {expected.__name__}, got {raised!r}"
-        )
-    assert sorted(p.name for p in ctx.root.iterdir()) == top
-    if op == "restore" and expected is not None:
-        assert not ctx.dest.exists() and not ctx.dest.is_symlink()
-        assert list(ctx.out.iterdir()) == []
+    with HOSTILE.case(f"{case.id}/{op}") as ok:
+        sentinel = Sentinel(ctx.outside)
+        top = sorted(p.name for p in ctx.root.iterdir())
+        raised: BaseException | None = None
+        with metered_reads(monkeypatch):
+            try:
+                await run(op, ctx)
+            except Exception as exc:  # judged below, after the sentinel
+                raised = exc
+        touched = sentinel.problems(atime=atime_visible)
+        assert touched == [], f"{case.id}/{op} touched the outside ({raised!r})"
+        assert sorted(p.name for p in ctx.root.iterdir()) == top
+        ok.add("outside")
+        if raised is not None and not isinstance(raised, (RepositoryError, ConfigError, Reported)):
+            raise raised
+        if expected is None:
+            assert raised is None, f"{case.id}/{op} should succeed harmlessly, raised {raised!r}"
+        else:
+            assert type(raised) is expected, (
+                f"{case.id}/{op}: expected {expected.__name__}, got {raised!r}"
+            )
+        if op == "restore" and expected is not None:
+            assert not ctx.dest.exists() and not ctx.dest.is_symlink()
+            assert list(ctx.out.iterdir()) == []
+        ok.add("outcome")
+        OUTCOMES[f"{case.id}/{op}"] = expected is not None
 
 
 def test_the_hostile_suite_is_not_empty() -> None:
@@ -971,10 +985,23 @@ def test_the_hostile_suite_is_not_empty() -> None:
     assert len(PARAMS) >= 250, len(PARAMS)
     assert {"open", "get", "manifests", "restore", "verify", "gc", "prune", "index"} <= ops_seen
     assert len({case.id for case in CASES}) == len(CASES), "case ids must be unique"
-    refused = sum(1 for case in CASES for e in case.expect.values() if e is not None)
+
+
+def test_zz_figures(request: pytest.FixtureRequest) -> None:
+    """Print the figure, computed from the operations' checks; fails when none ran."""
+    selected = sum(
+        1
+        for item in request.session.items
+        if item.path == request.path and item.name.startswith("test_hostile_repository_")
+    )
+    HOSTILE.require_cases(selected)
+    require_any(HOSTILE)
+    complete = HOSTILE.complete()
+    refused = sum(OUTCOMES[c] for c in complete)
+    repositories = len({c.rsplit("/", 1)[0] for c in complete})
     report(
         "hostile repository",
-        f"{len(CASES)} crafted repositories, {len(PARAMS)} operations on them ({refused} must "
-        "be refused with a specific error); each run checks that nothing outside the "
-        "repository was read or written",
+        f"{repositories} crafted repositories, {len(complete)} operations on them passed "
+        f"every check ({refused} refused with the specific error expected, "
+        f"{len(complete) - refused} harmless); {HOSTILE.summary()}: {HOSTILE.phrases()}",
     )
