@@ -463,9 +463,14 @@ class Job:
                     async with anyio.create_task_group() as tg:
                         if progress_interval is not None and hooks:
                             tg.start_soon(self._sample, hooks, progress_interval)
+                        stop = False
                         if resync:
                             await self._resync(hooks)
-                        await self._loop(stream, until_ready, complete_on_ready, hooks)
+                            # READY before we listened: its event will not come again.
+                            if self.status is JobStatus.READY:
+                                stop = await self._reached_ready(until_ready, complete_on_ready)
+                        if not stop:
+                            await self._loop(stream, until_ready, complete_on_ready, hooks)
                         tg.cancel_scope.cancel()
                 except BaseExceptionGroup as group:
                     raise single_exception(group) from None
@@ -552,6 +557,19 @@ class Job:
         if info.status is JobStatus.CONCLUDED:
             await self._conclude(info)
 
+    async def _reached_ready(self, until_ready: bool, complete_on_ready: bool) -> bool:
+        """The job is READY (an event, or a resync): True when the caller waited for just
+        that; with ``complete_on_ready`` it is told to complete (pivot) once."""
+        self._ready = True
+        if until_ready:
+            return True
+        if complete_on_ready and not self._completing and not self._cancel_requested:
+            try:
+                await self.complete()
+            except CommandFailed as exc:  # no longer ready (an error reset it)
+                _log.info("blockctl.job.complete_refused", job_id=self.id, error=str(exc))
+        return False
+
     async def _loop(
         self,
         stream: EventStream,
@@ -592,16 +610,8 @@ class Job:
                     await self.resume()
             match event.status:
                 case JobStatus.READY:
-                    self._ready = True
-                    if until_ready:
+                    if await self._reached_ready(until_ready, complete_on_ready):
                         return
-                    if complete_on_ready and not self._completing and not self._cancel_requested:
-                        try:
-                            await self.complete()
-                        except CommandFailed as exc:  # no longer ready (an error reset it)
-                            _log.info(
-                                "blockctl.job.complete_refused", job_id=self.id, error=str(exc)
-                            )
                 case JobStatus.PENDING if self.auto_finalize is not True and not self._finalizing:
                     self._finalizing = True
                     try:

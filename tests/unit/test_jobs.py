@@ -684,3 +684,31 @@ async def test_retries_apply_only_to_the_side_whose_policy_is_ignore() -> None:
                     pause_timeout=0.2,
                 )
         assert "job-resume" not in commands(fake)
+
+
+async def test_an_adopted_job_already_ready_is_completed_not_waited_for() -> None:
+    """Recovery adopts an active commit that turned READY between its query-jobs and its
+    wait: READY's event is gone, so the resync must act on it (it waited out its deadline)."""
+    job = FakeJob(
+        job_type="commit",
+        status="ready",
+        job_id="bc-commit-7-abcdef",
+        on_complete=[
+            status("", W),
+            status("", PEND),
+            block_event("BLOCK_JOB_COMPLETED", "", 4 * MIB, 4 * MIB, type="commit"),
+            status("", CONC),
+        ],
+        progress=(4 * MIB, 4 * MIB),
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        adopted = Job(session, job.job_id, job_type="commit", status=R)
+        result = await adopted.wait(complete_on_ready=True, deadline=5, hooks=[])
+        assert result.completed_on_ready
+        assert commands(fake).count("job-complete") == 1
+        # Waiting only for READY returns at once too.
+        again = FakeJob(job_type="commit", status="ready", job_id="bc-commit-8-abcdef")
+    async with qemu(FakeQEMU(again)) as (fake, session):
+        adopted = Job(session, again.job_id, job_type="commit", status=R)
+        await adopted.wait_ready(deadline=5, hooks=[])
+        assert "job-complete" not in commands(fake)
