@@ -36,6 +36,7 @@ from blockctl._jobs import (
     StructlogJobHook,
     adopt_jobs,
 )
+from blockctl._log import get_logger
 from blockctl._machine import (
     Timeouts,
     attach,
@@ -61,10 +62,11 @@ DEFAULT_NAME = "default"
 DEFAULT_DISK_BYTES = 64 << 20
 
 
-def configure_logging(verbose: bool) -> None:
-    """structlog to stderr: debug events with ``-v``, warnings only otherwise."""
+def configure_logging(verbose: bool, log_json: bool = False) -> None:
+    """structlog to stderr: debug events with ``-v``, warnings only otherwise; one JSON object
+    per line with ``--log-json`` (or when stderr is not a terminal)."""
     renderer: Any
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and not log_json:
         renderer = structlog.dev.ConsoleRenderer()
     else:
         renderer = structlog.processors.JSONRenderer(default=repr)
@@ -1569,7 +1571,7 @@ class AgentCommand(Command):
                 # Left frozen on purpose: the guest's writes block until `agent VM thaw`.
                 count = await ga.fsfreeze_freeze(args.mountpoint)
                 ms = round((time.monotonic() - started) * 1000, 1)
-                structlog.get_logger("blockctl").info(
+                get_logger().info(
                     "blockctl.agent.freeze", vm=vm.name, count=count, ms=ms, manual=True
                 )
                 data = {"frozen": count, "ms": ms}
@@ -1591,7 +1593,7 @@ class AgentCommand(Command):
                 count = await ga.fsfreeze_thaw()
                 status = await ga.fsfreeze_status()
                 ms = round((time.monotonic() - started) * 1000, 1)
-                structlog.get_logger("blockctl").info(
+                get_logger().info(
                     "blockctl.agent.thaw", vm=vm.name, count=count, ms=ms, manual=True
                 )
                 data = {"thawed": count, "status": status.value, "ms": ms}
@@ -1684,6 +1686,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         prog="blockctl", description=__doc__.splitlines()[0] if __doc__ else None
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show the event stream")
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        help="events on stderr as one JSON object per line (for log pipelines)",
+    )
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     commands: dict[str, Command] = {}
     for cls in COMMANDS:
@@ -1721,7 +1728,7 @@ SINGLE_POSITIONALS = frozenset({"vm", "file", "device", "dest", "backup_id", "jo
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, args.log_json)
     started = time.monotonic()
     try:
         _check_single_values(args)
@@ -1749,7 +1756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the command's SIGINT handler was in place
         return interrupt.EXIT_INTERRUPTED
     finally:
-        structlog.get_logger("blockctl").debug(
+        get_logger().debug(
             "blockctl.cli.done",
             command=args.subcommand,
             seconds=round(time.monotonic() - started, 3),
