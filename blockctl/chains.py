@@ -21,14 +21,13 @@ from blockctl._ops.chains import (
     delete_external,
     delete_internal,
     external_snapshot,
-    flush_chain,
     list_external,
     list_internal,
     load_internal,
-    read_graph,
     save_internal,
     stream,
 )
+from blockctl._ops.nodes import flush_chain, read_graph
 
 __all__ = [
     "external_snapshot",

@@ -12,6 +12,7 @@ See the README's "Crash recovery" section for what is journaled and how it is de
 """
 
 from blockctl._journal import Verdict
-from blockctl._ops.recovery import Recovery, reconcile, reconcile_offline, recover_vm
+from blockctl._ops.recovery import Recovery, reconcile, reconcile_offline
+from blockctl._ops.vm_recovery import RecoveryReport, recover_vm
 
-__all__ = ["reconcile", "reconcile_offline", "recover_vm", "Recovery", "Verdict"]
+__all__ = ["recover_vm", "reconcile", "reconcile_offline", "Recovery", "RecoveryReport", "Verdict"]

@@ -44,7 +44,7 @@ from blockctl._machine import (
     shutdown_detached,
 )
 from blockctl._ops import apply as apply_ops
-from blockctl._ops import chains, drives, recovery
+from blockctl._ops import chains, drives, vm_recovery
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import BlockctlError, ConfigError, ProcessFailed, QuiesceFailed
 from blockctl.types import (
@@ -1213,7 +1213,7 @@ class RecoverCommand(Command):
 
     async def run(self, args: argparse.Namespace) -> int:
         repo = None if args.repo is None else open_repo(args)
-        alive, results, notes = await recovery.recover_vm(
+        alive, results, notes = await vm_recovery.recover_vm(
             args.vm, repo=repo, deadline=args.timeout, forget=args.forget
         )
         data = {
