@@ -1708,10 +1708,21 @@ EXIT_CODES_HELP = """exit codes:
 """
 
 
-def _global_options(parent: bool) -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as JSON on stdout too when ``--json`` is anywhere on the command line."""
+
+    argv: ClassVar[Sequence[str]] = ()
+
+    def error(self, message: str) -> NoReturn:
+        if "--json" in _Parser.argv:
+            print(json.dumps({"error": {"type": "UsageError", "message": message}}))
+        super().error(message)
+
+
+def _global_options(parent: bool) -> _Parser:
     """``--json``, ``-v`` and ``--log-json``, accepted before the command and after it. After
     it they default to SUPPRESS so they never undo what was given before it."""
-    options = argparse.ArgumentParser(add_help=False)
+    options = _Parser(add_help=False)
     default: Any = False if parent else argparse.SUPPRESS
     options.add_argument(
         "--json", action="store_true", default=default, help="machine-readable output"
@@ -1726,17 +1737,6 @@ def _global_options(parent: bool) -> argparse.ArgumentParser:
         help="events on stderr as one JSON object per line (for log pipelines)",
     )
     return options
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as JSON on stdout too when ``--json`` is anywhere on the command line."""
-
-    argv: ClassVar[Sequence[str]] = ()
-
-    def error(self, message: str) -> NoReturn:
-        if "--json" in _Parser.argv:
-            print(json.dumps({"error": {"type": "UsageError", "message": message}}))
-        super().error(message)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:

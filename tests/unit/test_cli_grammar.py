@@ -41,7 +41,7 @@ def test_global_options_before_or_after_the_command(tmp_path: Path, argv: list[s
 @pytest.mark.parametrize("argv", [["bogus", "--json"], ["attach", "--json"], ["--json", "ls", "x"]])
 def test_usage_errors_exit_2_with_json_under_json(tmp_path: Path, argv: list[str]) -> None:
     done = blockctl(*argv, runtime=tmp_path / "rt")
-    assert done.returncode == ExitCode.USAGE == 2
+    assert done.returncode == ExitCode.USAGE
     error = json.loads(done.stdout)["error"]
     assert error["type"] == "UsageError" and error["message"]
     assert "usage: blockctl" in done.stderr
