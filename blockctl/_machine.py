@@ -476,6 +476,7 @@ async def open_vm(
     many other processes can attach at once. Shutdown is one shielded ladder: optional
     ``system_powerdown`` (``timeouts.powerdown``) → QMP ``quit`` → SIGTERM → SIGKILL → reap.
     """
+    require_asyncio("open_vm")
     run_dir = _make_run_dir(config.name)
     label = config.name or run_dir.name
     try:
@@ -528,6 +529,7 @@ async def launch_detached(
     (the embedded default creates its disk there).
     Stop it with :func:`shutdown_detached`.
     """
+    require_asyncio("launch_detached")
     name = config.name
     if name is None:
         raise ConfigError("name", "a VM that outlives its launcher needs a name")
@@ -706,6 +708,20 @@ def _pidfd_exited(pidfd: int) -> _PidfdWatch:
 # Section: attach
 
 
+def require_asyncio(entry: str) -> None:
+    """blockctl runs on asyncio: its QMP library (qemu.qmp) is asyncio-based, so under trio
+    every entry point would fail deep inside with "no running event loop". Say so at once."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise ConfigError(
+            "event_loop",
+            f"{entry}() needs asyncio (blockctl's QMP library, qemu.qmp, is asyncio-based); "
+            "trio is not supported: run it with anyio.run(main, backend='asyncio') or "
+            "asyncio.run(main())",
+        ) from None
+
+
 #: Where the state of VMs blockctl did not launch lives, under the runtime directory: one
 #: directory per VM identity. Not a valid VM name, so no launched VM's run directory collides.
 ATTACHED_DIR = "_attached"
@@ -766,6 +782,7 @@ async def attach(
     elsewhere) serves one client at a time; while another is attached, this waits up to
     ``timeout`` and then fails with a message naming the socket.
     """
+    require_asyncio("attach")
     pid: int | None = None
     run_dir: Path | None = None
     pool: tuple[Path, ...] = ()

@@ -104,6 +104,7 @@ __all__ = [
     "VMError",
     "VMExists",
     "VMNotFound",
+    "errno_name",
 ]
 
 

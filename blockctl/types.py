@@ -18,6 +18,14 @@ from typing import Any, TypeVar
 from blockctl.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_HOTPLUG_SLOTS",
+    "MAX_HOTPLUG_SLOTS",
+    "MAX_SIZE",
+    "coerce_enum",
+    "drive_slot",
+    "is_pcie_machine",
+    "parse_size",
+    "relative_to",
     "Accel",
     "Aio",
     "BootConfig",

@@ -64,7 +64,7 @@ from blockctl._jobs import (
 )
 from blockctl._log import get_logger
 from blockctl._machine import VM
-from blockctl._ops.chains import read_graph
+from blockctl._ops.nodes import read_graph
 from blockctl._qmp import wire
 from blockctl.errors import (
     BackupCorrupt,

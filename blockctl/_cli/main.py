@@ -1,8 +1,9 @@
 """The ``blockctl`` command line: a thin shell over the library.
 
 One class per subcommand (``name``, ``help``, ``configure()``, ``async run()``); one runner turns
-a :class:`BlockctlError` into one clear line on stderr and exit code 1 (3: a job cancelled by
-another client; 130: Ctrl-C, see ``blockctl._cli.interrupt``). Every command takes ``--json``.
+a :class:`BlockctlError` into one clear line on stderr and its exit code (:class:`ExitCode`:
+the table in ``--help`` and the README). Every command takes ``--json``, ``-v`` and
+``--log-json``, before or after its name.
 This is the only place that configures logging or calls ``anyio.run``.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import anyio
 import structlog
@@ -36,6 +38,7 @@ from blockctl._jobs import (
     StructlogJobHook,
     adopt_jobs,
 )
+from blockctl._log import get_logger
 from blockctl._machine import (
     Timeouts,
     attach,
@@ -43,7 +46,7 @@ from blockctl._machine import (
     shutdown_detached,
 )
 from blockctl._ops import apply as apply_ops
-from blockctl._ops import chains, drives, recovery
+from blockctl._ops import chains, drives, vm_recovery
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import BlockctlError, ConfigError, ProcessFailed, QuiesceFailed
 from blockctl.types import (
@@ -61,10 +64,11 @@ DEFAULT_NAME = "default"
 DEFAULT_DISK_BYTES = 64 << 20
 
 
-def configure_logging(verbose: bool) -> None:
-    """structlog to stderr: debug events with ``-v``, warnings only otherwise."""
+def configure_logging(verbose: bool, log_json: bool = False) -> None:
+    """structlog to stderr: debug events with ``-v``, warnings only otherwise; one JSON object
+    per line with ``--log-json`` (or when stderr is not a terminal)."""
     renderer: Any
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and not log_json:
         renderer = structlog.dev.ConsoleRenderer()
     else:
         renderer = structlog.processors.JSONRenderer(default=repr)
@@ -478,7 +482,7 @@ class DetachDrive(Command):
                 else "detached"
             ),
         )
-        return 3 if pending else 0  # 3: not an error, but not done (2 is a usage error)
+        return ExitCode.PENDING if pending else ExitCode.OK
 
 
 class MediaCommand(Command):
@@ -639,7 +643,7 @@ class Img(Command):
         p.add_argument("--chain", action="store_true")
         p.add_argument("--untrusted", action="store_true", help="under CPU and memory limits")
         p = sub.add_parser(
-            "check", parents=[_json_option()], help="consistency check (exit 2: corrupt)"
+            "check", parents=[_json_option()], help="consistency check (exit 4: corrupt)"
         )
         p.add_argument("image", type=Path)
         p.add_argument("-f", "--format", required=True)
@@ -697,7 +701,7 @@ class Img(Command):
         p = sub.add_parser(
             "compare",
             parents=[_json_option()],
-            help="whether two images read the same (exit 1: differ)",
+            help="whether two images read the same (exit 4: differ)",
         )
         p.add_argument("first", type=Path)
         p.add_argument("second", type=Path)
@@ -745,7 +749,7 @@ class Img(Command):
                 if result.corrupt
                 else f"leaked clusters: {result.leaks}; check errors: {result.check_errors}"
             )
-            code = 2 if result.corrupt else 0
+            code = ExitCode.DIFFERENT if result.corrupt else ExitCode.OK
         elif args.action == "create":
             backing_fmt = (
                 None if args.backing_format is None else fmt(args.backing_format, "backing_format")
@@ -816,7 +820,7 @@ class Img(Command):
                 strict=args.strict,
             )
             data, human = {"identical": same}, "identical" if same else "different"
-            code = 0 if same else 1
+            code = ExitCode.OK if same else ExitCode.DIFFERENT
         elif args.action == "map":
             extents = await _images.map_extents(args.image, fmt(args.format))
             data = [dataclasses.asdict(e) for e in extents]
@@ -1211,7 +1215,7 @@ class RecoverCommand(Command):
 
     async def run(self, args: argparse.Namespace) -> int:
         repo = None if args.repo is None else open_repo(args)
-        alive, results, notes = await recovery.recover_vm(
+        alive, results, notes = await vm_recovery.recover_vm(
             args.vm, repo=repo, deadline=args.timeout, forget=args.forget
         )
         data = {
@@ -1222,7 +1226,7 @@ class RecoverCommand(Command):
         lines = [f"{r.verdict.value}: {r.message}" for r in results]
         lines += [f"backup: {n}" for n in notes]
         emit(args, data, "\n".join(lines) or "nothing to recover")
-        return 1 if any(r.kept for r in results) else 0
+        return ExitCode.PENDING if any(r.kept for r in results) else ExitCode.OK
 
 
 def human_size(n: float) -> str:
@@ -1417,7 +1421,7 @@ class BackupCommand(Command):
                     for r in reports
                 ),
             )
-            return 0 if all(r.ok for r in reports) else 1
+            return ExitCode.OK if all(r.ok for r in reports) else ExitCode.DIFFERENT
         if action == "prune":
             result = await backup_ops.prune(
                 repo,
@@ -1569,7 +1573,7 @@ class AgentCommand(Command):
                 # Left frozen on purpose: the guest's writes block until `agent VM thaw`.
                 count = await ga.fsfreeze_freeze(args.mountpoint)
                 ms = round((time.monotonic() - started) * 1000, 1)
-                structlog.get_logger("blockctl").info(
+                get_logger().info(
                     "blockctl.agent.freeze", vm=vm.name, count=count, ms=ms, manual=True
                 )
                 data = {"frozen": count, "ms": ms}
@@ -1591,7 +1595,7 @@ class AgentCommand(Command):
                 count = await ga.fsfreeze_thaw()
                 status = await ga.fsfreeze_status()
                 ms = round((time.monotonic() - started) * 1000, 1)
-                structlog.get_logger("blockctl").info(
+                get_logger().info(
                     "blockctl.agent.thaw", vm=vm.name, count=count, ms=ms, manual=True
                 )
                 data = {"thawed": count, "status": status.value, "ms": ms}
@@ -1679,17 +1683,81 @@ COMMANDS: tuple[type[Command], ...] = (
 )
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
-    parser = argparse.ArgumentParser(
-        prog="blockctl", description=__doc__.splitlines()[0] if __doc__ else None
+class ExitCode(enum.IntEnum):
+    """The command line's exit codes: one meaning each."""
+
+    OK = 0
+    ERROR = 1  #: a BlockctlError: one line on stderr naming its class (and JSON with --json)
+    USAGE = 2  #: the command line itself is wrong (unknown option, missing argument)
+    PENDING = 3  #: not failed, not done: unplug pending, job cancelled by another client,
+    #: an interrupted operation that needs attention
+    DIFFERENT = 4  #: a check found a problem: images differ, an image is corrupt, a backup
+    #: failed verification
+    INTERRUPTED = 130  #: Ctrl-C (what was done is reported)
+    BROKEN_PIPE = 141  #: the reader of stdout went away (``| head``); nothing more is printed
+
+
+EXIT_CODES_HELP = """exit codes:
+  0    ok
+  1    error (one line on stderr naming the error class; with --json also {"error": ...})
+  2    usage error (with --json also {"error": ...} on stdout)
+  3    pending: unplug pending, job cancelled by another client, a record needing attention
+  4    a check found a problem: images differ, an image is corrupt, a backup failed
+       verification
+  130  interrupted (Ctrl-C; what was done is reported)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as JSON on stdout too when ``--json`` is anywhere on the command line."""
+
+    argv: ClassVar[Sequence[str]] = ()
+
+    def error(self, message: str) -> NoReturn:
+        if "--json" in _Parser.argv:
+            print(json.dumps({"error": {"type": "UsageError", "message": message}}))
+        super().error(message)
+
+
+def _global_options(parent: bool) -> _Parser:
+    """``--json``, ``-v`` and ``--log-json``, accepted before the command and after it. After
+    it they default to SUPPRESS so they never undo what was given before it."""
+    options = _Parser(add_help=False)
+    default: Any = False if parent else argparse.SUPPRESS
+    options.add_argument(
+        "--json", action="store_true", default=default, help="machine-readable output"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the event stream")
+    options.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="show the event stream"
+    )
+    options.add_argument(
+        "--log-json",
+        action="store_true",
+        default=default,
+        help="events on stderr as one JSON object per line (for log pipelines)",
+    )
+    return options
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    parser = _Parser(
+        prog="blockctl",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        parents=[_global_options(parent=True)],
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     commands: dict[str, Command] = {}
     for cls in COMMANDS:
         command = cls()
-        p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p = sub.add_parser(
+            cls.name,
+            help=cls.help,
+            description=cls.help,
+            parents=[_global_options(parent=False)],
+            conflict_handler="resolve",
+        )
         p.add_argument(
             "--vm-name",
             metavar="NAME",
@@ -1720,8 +1788,22 @@ SINGLE_POSITIONALS = frozenset({"vm", "file", "device", "dest", "backup_id", "jo
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
+    _Parser.argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    try:
+        code = _run(args, commands)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return code
+    except BrokenPipeError:
+        # The reader went away (`blockctl qmp VM query-qmp-schema | head`): no traceback, and
+        # nothing more written (stdout points at /dev/null so the exit flush is quiet too).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.BROKEN_PIPE
+
+
+def _run(args: argparse.Namespace, commands: dict[str, Command]) -> int:
+    configure_logging(args.verbose, args.log_json)
     started = time.monotonic()
     try:
         _check_single_values(args)
@@ -1749,7 +1831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the command's SIGINT handler was in place
         return interrupt.EXIT_INTERRUPTED
     finally:
-        structlog.get_logger("blockctl").debug(
+        get_logger().debug(
             "blockctl.cli.done",
             command=args.subcommand,
             seconds=round(time.monotonic() - started, 3),

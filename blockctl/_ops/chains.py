@@ -40,6 +40,9 @@ from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, error_policy, star
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._ops import recovery
+from blockctl._ops.nodes import flush_chain as flush_chain  # re-exported: chains' own API
+from blockctl._ops.nodes import node_options, set_read_only
+from blockctl._ops.nodes import read_graph as read_graph
 from blockctl._qmp import wire
 from blockctl._registry import DriveRecord
 from blockctl.errors import (
@@ -60,12 +63,6 @@ _PREFIX = re.compile(r"^(drv\d+)")
 Json = dict[str, Any]
 
 
-async def read_graph(vm: VM) -> BlockGraph:
-    """The VM's block graph as QEMU reports it now."""
-    nodes = await wire.query_named_block_node_details(vm.session)
-    return BlockGraph.from_qmp(nodes, await vm.block_devices(), vm.registry.backing_hints())
-
-
 def _check_tag(tag: str) -> None:
     if not _TAG.fullmatch(tag):
         raise ConfigError(
@@ -75,12 +72,6 @@ def _check_tag(tag: str) -> None:
 
 def _record_of(vm: VM, device: str) -> DriveRecord | None:
     return vm.registry.drives.get(device)
-
-
-def _node_options(record: DriveRecord | None, name: str) -> Json | None:
-    if record is None:
-        return None
-    return next((dict(n) for n in record.nodes if n["node-name"] == name), None)
 
 
 def _writable_disks(graph: BlockGraph, devices: Sequence[str] | None) -> list[str]:
@@ -167,7 +158,7 @@ async def external_snapshot(
     def cache_of(device: str, top: GraphNode) -> Json:
         """The old top's cache options: the overlay takes over its I/O (``blockctl cache``
         reopens every node of the drive with the options recorded here)."""
-        recorded = _node_options(_record_of(vm, device), top.name)
+        recorded = node_options(_record_of(vm, device), top.name)
         cache = None if recorded is None else recorded.get("cache")
         return {} if cache is None else {"cache": dict(cache)}
 
@@ -354,36 +345,6 @@ def _index(chain: Sequence[GraphNode], name: str, device: str, what: str) -> int
     raise ConfigError(what, f"{name!r} is not in the backing chain of {device} ({names})")
 
 
-async def _set_read_only(
-    vm: VM, device: str, graph: BlockGraph, node: GraphNode, read_only: bool
-) -> None:
-    """Reopen a layer (format node and its file node) read-write or read-only, sending the
-    complete option sets blockctl opened them with."""
-    record = _record_of(vm, device)
-    options = []
-    for name in reversed(graph.layer_nodes(node)):  # file node first
-        recorded = _node_options(record, name)
-        if recorded is None:
-            return  # not opened by blockctl: leave it to QEMU (it says why if it must)
-        if recorded.get("read-only") != read_only:
-            option = {**recorded, "read-only": read_only}
-            if "backing" in recorded and name in graph.nodes:
-                # The live link, not the recorded one: after an intermediate commit the
-                # overlay above top backs onto base, and reopening it with the old backing
-                # would attach the dropped layer again (blockdev-del then fails: "busy").
-                option["backing"] = graph.nodes[name].backing
-            options.append(option)
-    if options:
-        await wire.blockdev_reopen(vm.session, options)
-        if record is not None:
-            changed = {str(o["node-name"]): o for o in options}
-            vm.registry.put(
-                replace(
-                    record, nodes=tuple(changed.get(str(n["node-name"]), n) for n in record.nodes)
-                )
-            )
-
-
 async def _restore_read_only(vm: VM, device: str, names: Sequence[str], why: str) -> None:
     """Reopen the layers ``names`` (format nodes) read-only again, shielded from
     cancellation (a Ctrl-C or a deadline must not leave them writable) and bounded.
@@ -399,7 +360,7 @@ async def _restore_read_only(vm: VM, device: str, names: Sequence[str], why: str
             graph = await read_graph(vm)
             for name in names:
                 if name in graph.nodes:
-                    await _set_read_only(vm, device, graph, graph.nodes[name], True)
+                    await set_read_only(vm, device, graph, graph.nodes[name], True)
         except BlockctlError as exc:
             _log.error(
                 "blockctl.commit.read_only_not_restored",
@@ -446,28 +407,6 @@ def _shared_users(
             elif user.kind == "overlay" and user.name not in ours:
                 others.append(f"overlay {user.name}")
     return sorted(set(others))
-
-
-async def flush_chain(vm: VM, device: str) -> bool:
-    """Flush every node blockctl opened for ``device`` to stable storage.
-
-    QMP has no flush command; ``blockdev-reopen`` flushes each node it reopens before
-    anything else, so the nodes are reopened with the complete options they have now
-    (nothing changes). False when blockctl did not open the device (nothing was flushed).
-    """
-    record = _record_of(vm, device)
-    if record is None or not record.nodes:
-        _log.warning("blockctl.chain.flush_skipped", vm=vm.name, device=device)
-        return False
-    graph = await read_graph(vm)
-    # The chain's format nodes and their protocol nodes only (filters on top may not support
-    # reopening, and hold no data of their own).
-    names = {name for layer in graph.chain_of(device) for name in graph.layer_nodes(layer)}
-    options = [dict(n) for n in record.nodes if n["node-name"] in names]
-    if options:
-        await wire.blockdev_reopen(vm.session, options)
-        _log.info("blockctl.chain.flushed", vm=vm.name, device=device, nodes=len(options))
-    return bool(options)
 
 
 async def _finish(
@@ -597,7 +536,7 @@ async def commit(
     restore = [n.name for n in writable if n.read_only]
     try:
         for node in writable:
-            await _set_read_only(vm, device, graph, node, False)
+            await set_read_only(vm, device, graph, node, False)
     except BaseException:
         await _restore_read_only(vm, device, restore, "commit.reopen_failed")
         raise

@@ -15,15 +15,12 @@ runs it too when given the repository.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from blockctl import _agent, _images, _journal, _runtime
+from blockctl import _agent, _images, _journal
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
 from blockctl._journal import (
     AdoptJob,
@@ -40,7 +37,8 @@ from blockctl._journal import (
     Verdict,
 )
 from blockctl._log import get_logger
-from blockctl._machine import VM, _pidfd_exited, attach
+from blockctl._machine import VM
+from blockctl._ops.nodes import flush_chain, read_graph, set_read_only
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobStatus
 from blockctl.errors import (
@@ -53,7 +51,7 @@ from blockctl.errors import (
 from blockctl.types import ImageFormat
 
 if TYPE_CHECKING:
-    from blockctl._backup.store import Repository
+    pass
 
 _log = get_logger()
 
@@ -102,9 +100,7 @@ def _unreadable(item: Unreadable) -> Recovery:
 
 
 async def read_facts(vm: VM) -> Facts:
-    from blockctl._ops import chains  # chains runs settle() first: imported late
-
-    graph = await chains.read_graph(vm)
+    graph = await read_graph(vm)
     jobs = {
         j.id: JobFact(status=j.status, error=j.error) for j in await wire.query_jobs(vm.session)
     }
@@ -270,8 +266,6 @@ async def _adopt(
 
 
 async def _act(vm: VM, action: _journal.Action) -> str:
-    from blockctl._ops import chains
-
     match action:
         case DeleteNodes(names):
             present = {n.node_name for n in await vm.block_nodes()}
@@ -282,20 +276,20 @@ async def _act(vm: VM, action: _journal.Action) -> str:
         case DeleteFiles(paths):
             # Make what the surviving chains hold durable before the old layers go.
             for device in list(vm.registry.drives):
-                await chains.flush_chain(vm, device)
+                await flush_chain(vm, device)
             for path in paths:
                 Path(path).unlink(missing_ok=True)
             return f"deleted files {', '.join(paths)}"
         case ReopenReadOnly(device, node):
-            graph = await chains.read_graph(vm)
+            graph = await read_graph(vm)
             if node in graph.nodes:
-                await chains._set_read_only(vm, device, graph, graph.nodes[node], True)
+                await set_read_only(vm, device, graph, graph.nodes[node], True)
             return f"{node} read-only again"
         case UpdateRegistry(device, remove, add):
             record = vm.registry.drives.get(device)
             if record is None:
                 return f"{device}: not in the drive registry"
-            graph = await chains.read_graph(vm)
+            graph = await read_graph(vm)
             have = {str(n["node-name"]) for n in record.nodes}
             nodes = [n for n in record.nodes if n["node-name"] not in remove]
             nodes += [dict(a) for a in add if a["node-name"] not in have]
@@ -389,35 +383,3 @@ async def settle(vm: VM) -> None:
         raise UnsafeOperation(
             "an interrupted operation needs attention first: " + "; ".join(r.message for r in stuck)
         )
-
-
-async def _exited(pid: int, timeout: float = 10.0) -> None:
-    """Wait until a QEMU that is no longer running has also closed its files (a killed
-    process loses its command line before it releases its image locks)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return  # already reaped
-    try:
-        with anyio.move_on_after(timeout):  # a reused PID: do not wait for a stranger
-            await _pidfd_exited(pidfd).wait()
-    finally:
-        os.close(pidfd)
-
-
-async def recover_vm(
-    name: str, *, repo: Repository | None = None, deadline: float = 600.0, forget: bool = False
-) -> tuple[bool, list[Recovery], list[str]]:
-    """``blockctl recover``: (QEMU alive, the journal's recoveries, backup recovery notes)."""
-    record = _runtime.read_record(name)
-    if not _runtime.is_alive(record):
-        await _exited(record.pid)
-        return False, await reconcile_offline(Path(record.run_dir)), []
-    async with attach(name) as vm:
-        results = await reconcile(vm, deadline=deadline, forget=forget)
-        notes: list[str] = []
-        if repo is not None:
-            from blockctl._backup.operations import recover
-
-            notes = await recover(vm, repo)
-    return True, results, notes

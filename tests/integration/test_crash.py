@@ -36,6 +36,7 @@ from blockctl._machine import attach, launch_detached, shutdown_detached
 from blockctl._ops import chains, recovery
 from blockctl._qmp import wire
 from blockctl.errors import ConnectionLost, VMExists
+from blockctl.recovery import recover_vm
 from blockctl.types import Drive, ImageFormat
 from tests.figures import Tally, report, require_any
 from tests.integration.conftest import (
@@ -373,7 +374,7 @@ async def test_qemu_killed_mid_operation_chain_reads_the_same(
             )
             with pytest.raises(VMExists, match="blockctl recover crashq"):
                 await launch_detached(again)
-            alive, [found], notes = await recovery.recover_vm("crashq")
+            alive, [found], notes = await recover_vm("crashq")
             assert not alive
             assert notes == []
             assert found.verdict.value == "qemu-gone"

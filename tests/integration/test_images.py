@@ -171,7 +171,7 @@ async def test_cli_img(images: Path) -> None:
     assert (await cli("img", "compare", image, flat, "-f", "qcow2", "-F", "raw")).returncode == 0
     other = await raw_image(images / "other.raw", pattern(8, MIB), 32 * MIB)
     differ = await cli("img", "compare", image, other, "-f", "qcow2", "-F", "raw", check=False)
-    assert differ.returncode == 1
+    assert differ.returncode == 4  # ExitCode.DIFFERENT
     assert differ.stdout.strip() == "different"
     bad = await cli("img", "info", image, "-f", "qcow3", check=False)
     assert bad.returncode == 1

@@ -1,0 +1,81 @@
+"""What chains and recovery both need from a running VM's nodes: the block graph as QEMU
+reports it now, and a flush of a device's chain. Below both (recovery runs before every chain
+operation, and finishes what an interrupted one left), so neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from blockctl._graph import BlockGraph, GraphNode
+from blockctl._log import get_logger
+from blockctl._machine import VM
+from blockctl._qmp import wire
+from blockctl._registry import DriveRecord
+
+_log = get_logger()
+
+
+async def read_graph(vm: VM) -> BlockGraph:
+    """The VM's block graph as QEMU reports it now."""
+    nodes = await wire.query_named_block_node_details(vm.session)
+    return BlockGraph.from_qmp(nodes, await vm.block_devices(), vm.registry.backing_hints())
+
+
+async def flush_chain(vm: VM, device: str) -> bool:
+    """Flush every node blockctl opened for ``device`` to stable storage.
+
+    QMP has no flush command; ``blockdev-reopen`` flushes each node it reopens before
+    anything else, so the nodes are reopened with the complete options they have now
+    (nothing changes). False when blockctl did not open the device (nothing was flushed).
+    """
+    record = vm.registry.drives.get(device)
+    if record is None or not record.nodes:
+        _log.warning("blockctl.chain.flush_skipped", vm=vm.name, device=device)
+        return False
+    graph = await read_graph(vm)
+    # The chain's format nodes and their protocol nodes only (filters on top may not support
+    # reopening, and hold no data of their own).
+    names = {name for layer in graph.chain_of(device) for name in graph.layer_nodes(layer)}
+    options = [dict(n) for n in record.nodes if n["node-name"] in names]
+    if options:
+        await wire.blockdev_reopen(vm.session, options)
+        _log.info("blockctl.chain.flushed", vm=vm.name, device=device, nodes=len(options))
+    return bool(options)
+
+
+def node_options(record: DriveRecord | None, name: str) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return next((dict(n) for n in record.nodes if n["node-name"] == name), None)
+
+
+async def set_read_only(
+    vm: VM, device: str, graph: BlockGraph, node: GraphNode, read_only: bool
+) -> None:
+    """Reopen a layer (format node and its file node) read-write or read-only, sending the
+    complete option sets blockctl opened them with."""
+    record = vm.registry.drives.get(device)
+    options = []
+    for name in reversed(graph.layer_nodes(node)):  # file node first
+        recorded = node_options(record, name)
+        if recorded is None:
+            return  # not opened by blockctl: leave it to QEMU (it says why if it must)
+        if recorded.get("read-only") != read_only:
+            option = {**recorded, "read-only": read_only}
+            if "backing" in recorded and name in graph.nodes:
+                # The live link, not the recorded one: after an intermediate commit the
+                # overlay above top backs onto base, and reopening it with the old backing
+                # would attach the dropped layer again (blockdev-del then fails: "busy").
+                option["backing"] = graph.nodes[name].backing
+            options.append(option)
+    if options:
+        await wire.blockdev_reopen(vm.session, options)
+        if record is not None:
+            changed = {str(o["node-name"]): o for o in options}
+            vm.registry.put(
+                replace(
+                    record, nodes=tuple(changed.get(str(n["node-name"]), n) for n in record.nodes)
+                )
+            )

@@ -1,0 +1,60 @@
+"""``blockctl recover``: everything a dead controller left behind on one VM, in one call —
+the crash journal's interrupted chain operations (:mod:`blockctl._ops.recovery`) and, given a
+repository, the backup's (:func:`blockctl._backup.operations.recover`). Above both, so that
+neither imports the other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import anyio
+
+from blockctl import _runtime
+from blockctl._backup.operations import recover as recover_backup
+from blockctl._backup.store import Repository
+from blockctl._machine import _pidfd_exited, attach
+from blockctl._ops.recovery import Recovery, reconcile, reconcile_offline
+
+
+class RecoveryReport(NamedTuple):
+    """What :func:`recover_vm` found and did (a named tuple: ``alive, ops, notes = ...``)."""
+
+    qemu_running: bool
+    #: The journal's interrupted operations, each with its verdict.
+    operations: list[Recovery]
+    #: What the backup recovery did (fleecing jobs ended, points removed, bitmaps merged).
+    backup_notes: list[str]
+
+
+async def _exited(pid: int, timeout: float = 10.0) -> None:
+    """Wait until a QEMU that is no longer running has also closed its files (a killed
+    process loses its command line before it releases its image locks)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # already reaped
+    try:
+        with anyio.move_on_after(timeout):  # a reused PID: do not wait for a stranger
+            await _pidfd_exited(pidfd).wait()
+    finally:
+        os.close(pidfd)
+
+
+async def recover_vm(
+    name: str, *, repo: Repository | None = None, deadline: float = 600.0, forget: bool = False
+) -> RecoveryReport:
+    """Recover the VM named ``name``: reconcile its journal (offline from the records and the
+    files on disk if its QEMU is gone) and, with ``repo``, the backup's leftovers."""
+    record = _runtime.read_record(name)
+    if not _runtime.is_alive(record):
+        await _exited(record.pid)
+        return RecoveryReport(False, await reconcile_offline(Path(record.run_dir)), [])
+    async with attach(name) as vm:
+        results = await reconcile(vm, deadline=deadline, forget=forget)
+        notes: list[str] = []
+        if repo is not None:
+            notes = await recover_backup(vm, repo)
+    return RecoveryReport(True, results, notes)

@@ -1,0 +1,47 @@
+"""QEMU block jobs as blockctl drives them: hooks that observe a job, the records they get,
+and adopting jobs another process started (to wait for, pause, resume or cancel them).
+
+::
+
+    from blockctl import jobs
+
+    class Progress:                        # any object with these methods is a JobHook
+        def on_transition(self, t: jobs.JobTransition) -> None: ...
+        def on_progress(self, p: jobs.JobProgress) -> None: print(p.offset, p.length)
+        def on_io_error(self, e: jobs.JobIOError) -> None: ...
+
+    await chains.commit(vm, "disk0", hooks=[Progress()])
+    for job in await jobs.adopt_jobs(vm.session):    # jobs running in this VM, from any client
+        await job.pause()
+
+A job succeeded only if it concluded with no error and ``offset == length``.
+"""
+
+from blockctl._jobs import (
+    IGNORE_RETRIES,
+    Job,
+    JobEnded,
+    JobHook,
+    JobIOError,
+    JobProgress,
+    JobResult,
+    JobTransition,
+    StructlogJobHook,
+    adopt_jobs,
+)
+from blockctl._qmp.models import JobInfo, JobStatus
+
+__all__ = [
+    "adopt_jobs",
+    "Job",
+    "JobHook",
+    "StructlogJobHook",
+    "JobTransition",
+    "JobProgress",
+    "JobIOError",
+    "JobEnded",
+    "JobResult",
+    "JobInfo",
+    "JobStatus",
+    "IGNORE_RETRIES",
+]
