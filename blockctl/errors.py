@@ -63,6 +63,7 @@ __all__ = [
     "CommandFailed",
     "DriveNotFound",
     "NoFreeSlot",
+    "PartiallyApplied",
     "UnsafeOperation",
     "UntrustedImage",
     "BackupCorrupt",
@@ -266,6 +267,24 @@ class DriveNotFound(BlockctlError):
 class NoFreeSlot(BlockctlError):
     """A hot-plugged PCI device has nowhere to go: every hot-plug slot of the VM is taken.
     The message names what holds them and the ways out (virtio-scsi, detach, more ports)."""
+
+
+class PartiallyApplied(BlockctlError):
+    """``apply`` stopped at a step that failed although the whole plan was checked first:
+    ``done`` were carried out, ``failed`` and ``not_done`` were not."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        done: tuple[object, ...],
+        failed: object,
+        not_done: tuple[object, ...],
+    ) -> None:
+        self.done = done
+        self.failed = failed
+        self.not_done = not_done
+        super().__init__(message)
 
 
 class UnsafeOperation(BlockctlError):

@@ -597,7 +597,8 @@ class ApplyCommand(Command):
             },
             plan.render() if plan.empty else f"{verb}:\n{plan.render()}",
         )
-        return 0
+        # A real apply with conflicts raised before changing anything; a dry run says so too.
+        return ExitCode.ERROR if plan.conflicts else ExitCode.OK
 
 
 class ProgressBar:

@@ -31,14 +31,14 @@ from __future__ import annotations
 import enum
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from blockctl._machine import VM
 from blockctl._ops import drives as ops
 from blockctl._ops.drives import DriveInfo
-from blockctl.errors import ConfigError, Unsupported
+from blockctl.errors import BlockctlError, ConfigError, PartiallyApplied, Unsupported
 from blockctl.types import CacheMode, Drive, Media, parse_size, relative_to
 
 _THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
@@ -70,10 +70,18 @@ class DesiredDrive:
         if throttle is not None:
             if not isinstance(throttle, Mapping) or set(throttle) - set(_THROTTLE_KEYS):
                 raise ConfigError(f"{where}.throttle", f"a table of {', '.join(_THROTTLE_KEYS)}")
+            rates: dict[str, int] = {}
             for key, value in throttle.items():
+                if key.startswith("bps") and isinstance(value, str):
+                    value = parse_size(value, f"{where}.throttle.{key}")  # "20M": the CLI's units
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ConfigError(f"{where}.throttle.{key}", "must be a non-negative integer")
-            throttle = dict(throttle)
+                    raise ConfigError(
+                        f"{where}.throttle.{key}",
+                        "must be a non-negative integer"
+                        + (" or a size such as '20M'" if key.startswith("bps") else ""),
+                    )
+                rates[key] = value
+            throttle = rates
         return cls(
             drive=Drive.from_mapping(values, where),
             device=device,
@@ -248,35 +256,85 @@ def _describe(drive: Drive) -> str:
     )
 
 
+async def check(vm: VM, current: Plan) -> Plan:
+    """The plan with what would make a step fail added to its conflicts, found before any
+    step runs: an image that is missing, in use or refused by inspection, a cache mode the
+    device's write cache cannot take, a drive that cannot be hot-plugged."""
+    problems: list[str] = []
+    for step in current.steps:
+        want = step.desired
+        try:
+            if step.action is Action.ATTACH and want is not None:
+                await ops.check_hotplug(vm, want.drive)
+            elif step.action is Action.MEDIA and want is not None and want.drive.file is not None:
+                await ops.check_medium(vm, want.drive.file, want.drive.format)
+            elif step.action is Action.CACHE and step.device and step.cache is not None:
+                await ops.check_cache(vm, step.device, step.cache)
+        except BlockctlError as exc:
+            problems.append(f"{step.action.value} {step.device or _describe_short(want)}: {exc}")
+    return replace(current, conflicts=(*current.conflicts, *problems))
+
+
+def _describe_short(want: DesiredDrive | None) -> str:
+    return "(new)" if want is None or want.drive.file is None else str(want.drive.file)
+
+
 async def apply(vm: VM, desired: Sequence[DesiredDrive], *, dry_run: bool = False) -> Plan:
-    """Plan, and unless ``dry_run`` carry the plan out. Conflicts stop it before any change."""
-    current = plan(desired, await ops.list_drives(vm))
+    """Plan, check the whole plan (:func:`check`), and unless ``dry_run`` carry it out.
+
+    A conflict stops it before any change (:class:`~blockctl.errors.Unsupported`, naming
+    every conflict); a step that fails anyway stops it with
+    :class:`~blockctl.errors.PartiallyApplied`, naming the steps done and not done.
+    """
+    current = await check(vm, plan(desired, await ops.list_drives(vm)))
     if dry_run or current.empty:
         return current
     if current.conflicts:
         raise Unsupported(
-            "apply", "the plan has conflicts, nothing was changed:\n" + "\n".join(current.conflicts)
+            "apply", "the plan has conflicts, nothing was changed: " + "; ".join(current.conflicts)
         )
+    done: list[Step] = []
     for step in current.steps:
-        want = step.desired
-        if step.action is Action.ATTACH and want is not None:
-            info = await ops.hotplug(vm, want.drive)
-            if want.throttle:
-                await ops.set_throttle(vm, info.device_id, want.throttle)
-        elif step.action is Action.DETACH and step.device is not None:
-            await ops.unplug(vm, step.device)
-        elif step.action is Action.MEDIA and step.device is not None and want is not None:
-            if want.drive.file is None:
-                await ops.eject(vm, step.device, force=True)
-            else:
-                assert want.drive.format is not None
-                await ops.change_medium(
-                    vm, step.device, want.drive.file, want.drive.format, force=True
-                )
-        elif step.action is Action.CACHE and step.device is not None and step.cache is not None:
-            await ops.set_cache(vm, step.device, step.cache)
-        elif step.action is Action.RESIZE and step.device and want and want.size:
-            await ops.resize(vm, step.device, want.size, allow_shrink=want.allow_shrink)
-        elif step.action is Action.THROTTLE and step.device and want and want.throttle is not None:
-            await ops.set_throttle(vm, step.device, want.throttle)
+        try:
+            await _carry_out(vm, step)
+        except BlockctlError as exc:
+            left = current.steps[len(done) + 1 :]
+            raise PartiallyApplied(
+                f"apply stopped at step {len(done) + 1} of {len(current.steps)} "
+                f"({step.action.value} {step.device or _describe_short(step.desired)}): {exc}. "
+                f"Done: {_steps_text(done)}. Not done: {_steps_text(left)}. Run apply again "
+                "to finish (a second apply plans only what is still missing)",
+                done=tuple(done),
+                failed=step,
+                not_done=tuple(left),
+            ) from exc
+        done.append(step)
     return current
+
+
+def _steps_text(steps: Sequence[Step]) -> str:
+    if not steps:
+        return "nothing"
+    return ", ".join(f"{s.action.value} {s.device or _describe_short(s.desired)}" for s in steps)
+
+
+async def _carry_out(vm: VM, step: Step) -> None:
+    want = step.desired
+    if step.action is Action.ATTACH and want is not None:
+        info = await ops.hotplug(vm, want.drive)
+        if want.throttle:
+            await ops.set_throttle(vm, info.device_id, want.throttle)
+    elif step.action is Action.DETACH and step.device is not None:
+        await ops.unplug(vm, step.device)
+    elif step.action is Action.MEDIA and step.device is not None and want is not None:
+        if want.drive.file is None:
+            await ops.eject(vm, step.device, force=True)
+        else:
+            assert want.drive.format is not None
+            await ops.change_medium(vm, step.device, want.drive.file, want.drive.format, force=True)
+    elif step.action is Action.CACHE and step.device is not None and step.cache is not None:
+        await ops.set_cache(vm, step.device, step.cache)
+    elif step.action is Action.RESIZE and step.device and want and want.size:
+        await ops.resize(vm, step.device, want.size, allow_shrink=want.allow_shrink)
+    elif step.action is Action.THROTTLE and step.device and want and want.throttle is not None:
+        await ops.set_throttle(vm, step.device, want.throttle)

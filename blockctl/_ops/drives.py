@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from blockctl._argv import plan_drive
+from blockctl._argv import DriveSource, plan_drive
 from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
 from blockctl._machine import VM, check_nbd, inspect_drive
@@ -338,14 +338,12 @@ async def _device_add_placed(vm: VM, device: Mapping[str, Any]) -> None:
 # Section: hot-plug
 
 
-async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = ()) -> DriveInfo:
-    """Add ``drive`` to the running guest: ``blockdev-add`` bottom-up, then ``device_add``.
-
-    The image is inspected first (:func:`blockctl._images.inspect_untrusted`; ``image_roots``
-    are allowed roots for its backing files besides ``$BLOCKCTL_IMAGE_ROOTS``). A failure at
-    any step removes what this call added, in reverse order (shielded), and re-raises: no node
-    or device is leaked.
-    """
+async def check_hotplug(
+    vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = ()
+) -> DriveSource | None:
+    """Everything :func:`hotplug` checks before it changes anything (``apply`` checks a whole
+    plan with it first): the drive can be hot-plugged, its image is not in use in this VM
+    and passes inspection. Returns the inspected chain."""
     if drive.interface in (Interface.IDE, Interface.FLOPPY):
         raise ConfigError(
             "drive.interface",
@@ -361,6 +359,18 @@ async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = (
     source = None if drive.file is None else await inspect_drive(drive, "file", roots=image_roots)
     if drive.nbd is not None:
         check_nbd(drive, "nbd")
+    return source
+
+
+async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = ()) -> DriveInfo:
+    """Add ``drive`` to the running guest: ``blockdev-add`` bottom-up, then ``device_add``.
+
+    The image is inspected first (:func:`blockctl._images.inspect_untrusted`; ``image_roots``
+    are allowed roots for its backing files besides ``$BLOCKCTL_IMAGE_ROOTS``). A failure at
+    any step removes what this call added, in reverse order (shielded), and re-raises: no node
+    or device is leaked.
+    """
+    source = await check_hotplug(vm, drive, image_roots=image_roots)
     index = await _next_index(vm)
     machine = str(await vm.qom_get("/machine", "type"))
     plan = plan_drive(index, drive, source, machine, None)
@@ -567,11 +577,22 @@ async def change_medium(
     force: bool = False,
     image_roots: Iterable[Path | str] = (),
 ) -> DriveInfo:
-    # The new medium is inspected before the old one is ejected.
-    medium = Drive(file=file, format=fmt, interface=Interface.IDE, media=Media.CDROM)
-    await inspect_drive(medium, "file", roots=image_roots)
+    # The new medium is checked before the old one is ejected.
+    await check_medium(vm, file, fmt, image_roots=image_roots)
     await eject(vm, device_id, force=force)
     return await insert(vm, device_id, file, fmt, image_roots=image_roots)
+
+
+async def check_medium(
+    vm: VM, file: Any, fmt: ImageFormat | None, *, image_roots: Iterable[Path | str] = ()
+) -> None:
+    """What :func:`change_medium` checks first: the image is not in use in this VM (a
+    read-only medium may share a read-only layer) and passes inspection."""
+    if fmt is None:
+        raise ConfigError("format", f"{file}: a medium needs its format")
+    medium = Drive(file=file, format=fmt, interface=Interface.IDE, media=Media.CDROM)
+    await _refuse_if_in_use(vm, medium)
+    await inspect_drive(medium, "file", roots=image_roots)
 
 
 # Section: cache, size, throttling
@@ -585,6 +606,19 @@ async def set_cache(vm: VM, device_id: str, mode: CacheMode) -> DriveInfo:
     with the ways out: choose a mode with the same write cache, re-plug the drive with the new
     mode, or let the guest switch it (``/sys/block/vdX/cache_type``).
     """
+    record = await check_cache(vm, device_id, mode)
+    await vm.require("blockdev-reopen")
+    new_cache = {"direct": mode.direct, "no-flush": mode.no_flush}
+    nodes = tuple({**n, "cache": new_cache} if "cache" in n else n for n in record.nodes)
+    # Complete option sets, every node of the drive in one atomic reopen.
+    await wire.blockdev_reopen(vm.session, [n for n in nodes if "cache" in n])
+    vm.registry.put(replace(record, nodes=nodes))
+    _log.info("blockctl.drive.cache_changed", vm=vm.name, device=device_id, mode=mode.value)
+    return await drive_info(vm, device_id)
+
+
+async def check_cache(vm: VM, device_id: str, mode: CacheMode) -> DriveRecord:
+    """Everything :func:`set_cache` checks before it changes anything; the drive's record."""
     device, record = await _find(vm, device_id)
     if device is None or device.inserted is None:
         raise DriveNotFound(device_id, f"the VM has no drive {device_id!r} with a medium")
@@ -605,14 +639,7 @@ async def set_cache(vm: VM, device_id: str, mode: CacheMode) -> DriveInfo:
             f"({', '.join(m.value for m in CacheMode if m.write_cache == wce)}), or detach "
             "and attach the drive again with the new mode",
         )
-    await vm.require("blockdev-reopen")
-    new_cache = {"direct": mode.direct, "no-flush": mode.no_flush}
-    nodes = tuple({**n, "cache": new_cache} if "cache" in n else n for n in record.nodes)
-    # Complete option sets, every node of the drive in one atomic reopen.
-    await wire.blockdev_reopen(vm.session, [n for n in nodes if "cache" in n])
-    vm.registry.put(replace(record, nodes=nodes))
-    _log.info("blockctl.drive.cache_changed", vm=vm.name, device=device_id, mode=mode.value)
-    return await drive_info(vm, device_id)
+    return record
 
 
 async def resize(vm: VM, device_id: str, size: int, *, allow_shrink: bool = False) -> DriveInfo:
