@@ -37,6 +37,7 @@ from blockctl._backup.crypto import read_key_file
 from blockctl._backup.reader import (
     DEFAULT_CONNECTIONS,
     ChunkCopier,
+    RateLimiter,
     close,
     libnbd,
     measure_rate,
@@ -316,6 +317,7 @@ async def backup(
     freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
     connections: int = DEFAULT_CONNECTIONS,
     scratch_dir: Path | None = None,
+    speed: int | None = None,
     failpoint: Failpoint = _no_failpoint,
     fail_after_chunks: int | None = None,
 ) -> Manifest:
@@ -325,9 +327,12 @@ async def backup(
     the manifest, per disk) when the repository has no usable checkpoint. ``quiesce`` freezes
     the guest's filesystems around the transaction only. ``scratch_dir`` holds the fleecing
     overlays (what the guest overwrites while the backup reads; default: the temp dir).
+    ``speed``: at most this many bytes/s read from QEMU, all disks together (None: no limit).
     ``failpoint``/``fail_after_chunks``: fault injection for tests."""
     if kind not in ("full", "incremental"):
         raise ConfigError("kind", f"{kind!r}: full or incremental")
+    if speed is not None and speed <= 0:
+        raise ConfigError("speed", f"{speed} bytes/s: a speed limit must be positive")
     require_agent(vm, quiesce)
     check_name(vm.name, "VM")
     await vm.require(
@@ -358,6 +363,7 @@ async def backup(
             fail_after_chunks,
             recovered,
             graph,
+            None if speed is None else RateLimiter(speed),
         )
 
 
@@ -376,6 +382,7 @@ async def _backup(
     fail_after_chunks: int | None,
     recovered: list[str],
     graph: BlockGraph | None,
+    limiter: RateLimiter | None,
 ) -> Manifest:
     if graph is None:
         graph = await read_graph(vm)
@@ -534,7 +541,14 @@ async def _backup(
                             tg.start_soon(_watch_fleece, job, hooks, deadline)
                         for d in disks:
                             await _copy_disk(
-                                d, repo, batch, socket, connections, hooks, fail_after_chunks
+                                d,
+                                repo,
+                                batch,
+                                socket,
+                                connections,
+                                hooks,
+                                fail_after_chunks,
+                                limiter,
                             )
                         tg.cancel_scope.cancel()
                 except BaseExceptionGroup as group:
@@ -690,6 +704,7 @@ async def _copy_disk(
     connections: int,
     hooks: Sequence[JobHook],
     fail_after_chunks: int | None,
+    limiter: RateLimiter | None,
 ) -> None:
     d.started = time.monotonic()
     plan = await anyio.to_thread.run_sync(
@@ -714,6 +729,7 @@ async def _copy_disk(
         connections=connections,
         fail_after=fail_after_chunks,
         batch=batch,
+        limiter=limiter,
     )
     d.copier = copier
     copier.start()
