@@ -52,6 +52,7 @@ from blockctl._backup.store import (
     Repository,
     check_name,
     new_point_id,
+    start_writeback,
 )
 from blockctl._graph import BlockGraph, GraphNode
 from blockctl._jobs import (
@@ -884,8 +885,11 @@ def _restore_into(
     connections: int,
     fd: int | None,
     socket: str | None,
+    writeback_fd: int | None = None,
 ) -> int:
-    """Threads: read+verify chunks, write them at their offsets (a file or an NBD export)."""
+    """Threads: read+verify chunks, write them at their offsets (a file or an NBD export).
+    Writeback of what was written starts at once (``writeback_fd``: the file behind the
+    export), so the final fsync waits for the rest only."""
     import threading
 
     lock = threading.Lock()
@@ -913,12 +917,16 @@ def _restore_into(
                 offset = i * index.chunk_size
                 if handle is not None:
                     handle.pwrite(data, offset)
+                    if writeback_fd is not None:
+                        start_writeback(writeback_fd)  # qcow2: where it went is QEMU's
                 else:
                     assert fd is not None
                     view = memoryview(data)
+                    start = offset
                     while view:
                         n = os.pwrite(fd, view, offset)
                         view, offset = view[n:], offset + n
+                    start_writeback(fd, start, offset - start)
                 with lock:
                     total[0] += len(data)
             if handle is not None:
@@ -969,10 +977,22 @@ async def _restore_qcow2(
                         f"restore: qemu-nbd exited with {process.returncode} on {dest}: "
                         + log.read().decode(errors="replace").strip()
                     )
-                await anyio.sleep(0.02)
-            written = await anyio.to_thread.run_sync(
-                _restore_into, repo, index, chunks, point, connections, None, str(socket)
-            )
+                await anyio.sleep(0.005)  # qemu-nbd listens within ms
+            writeback = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                written = await anyio.to_thread.run_sync(
+                    _restore_into,
+                    repo,
+                    index,
+                    chunks,
+                    point,
+                    connections,
+                    None,
+                    str(socket),
+                    writeback,
+                )
+            finally:
+                os.close(writeback)
         finally:
             # SIGTERM: qemu-nbd writes its metadata and closes the image cleanly.
             code = await _proc.terminate(process, grace=30)

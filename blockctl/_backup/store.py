@@ -996,7 +996,7 @@ class ChunkBatch:
                 _write_all(fd, header, payload)
                 # Writeback starts now, while the next chunks are read: sync() then waits
                 # for what is left instead of for every chunk of the backup.
-                _start_writeback(fd)
+                start_writeback(fd)
             finally:
                 os.close(fd)
             self._pending[digest] = (tmp, path)
@@ -1063,16 +1063,20 @@ _SYNC_FILE_RANGE_WRITE = 2
 _libc: Any = None
 
 
-def _start_writeback(fd: int) -> None:
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
     """``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writing the file's dirty pages back
-    without waiting for them (no durability promise: :meth:`ChunkBatch.sync` gives that)."""
+    (``length`` 0: to its end) without waiting for them. No durability promise (an fsync or
+    syncfs gives that later): the disk works while the next chunks are read or hashed, and
+    the final flush waits for what is left, not for everything."""
     global _libc
     import ctypes
 
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     with contextlib.suppress(AttributeError):
-        _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
+        _libc.sync_file_range(
+            fd, ctypes.c_int64(offset), ctypes.c_int64(length), _SYNC_FILE_RANGE_WRITE
+        )
 
 
 def _syncfs(path: Path) -> None:
