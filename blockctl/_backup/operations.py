@@ -807,6 +807,11 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+#: Restore threads (and qemu-nbd connections for qcow2): 4 wrote qcow2 ~1.5x faster than 2
+#: here (more requests in flight for qemu-nbd, hashing beside writing).
+RESTORE_CONNECTIONS = 4
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RestoreResult:
     path: Path
@@ -826,7 +831,7 @@ async def restore(
     dest: Path,
     fmt: ImageFormat = ImageFormat.QCOW2,
     *,
-    connections: int = DEFAULT_CONNECTIONS,
+    connections: int = RESTORE_CONNECTIONS,
 ) -> RestoreResult:
     """Rebuild ``device`` as it was at ``point`` into a new image (raw or qcow2, sparse, mode
     0600). Every chunk is checked against its digest before it is written, the index against
