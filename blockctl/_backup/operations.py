@@ -807,8 +807,8 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-#: Restore threads (and qemu-nbd connections for qcow2): 4 wrote qcow2 ~1.5x faster than 2
-#: here (more requests in flight for qemu-nbd, hashing beside writing).
+#: Threads and qemu-nbd connections of a qcow2 restore: 4 wrote ~1.5x faster than 2 here
+#: (more requests in flight for qemu-nbd, hashing beside writing).
 RESTORE_CONNECTIONS = 4
 
 
@@ -831,11 +831,12 @@ async def restore(
     dest: Path,
     fmt: ImageFormat = ImageFormat.QCOW2,
     *,
-    connections: int = RESTORE_CONNECTIONS,
+    connections: int | None = None,
 ) -> RestoreResult:
     """Rebuild ``device`` as it was at ``point`` into a new image (raw or qcow2, sparse, mode
     0600). Every chunk is checked against its digest before it is written, the index against
-    the manifest first; a failure removes the new file."""
+    the manifest first; a failure removes the new file. ``connections``: writer threads (and
+    qemu-nbd connections for qcow2; default 2 for raw, 4 for qcow2)."""
     started = time.monotonic()
     manifest = repo.get(vm_name, point)
     disk = manifest.disk(device)
@@ -859,7 +860,14 @@ async def restore(
                 os.fchmod(fd, 0o600)
                 os.ftruncate(fd, index.virtual_size)
                 written = await anyio.to_thread.run_sync(
-                    _restore_into, repo, index, chunks, point, connections, fd, None
+                    _restore_into,
+                    repo,
+                    index,
+                    chunks,
+                    point,
+                    connections or DEFAULT_CONNECTIONS,
+                    fd,
+                    None,
                 )
                 os.fsync(fd)
             finally:
@@ -867,7 +875,9 @@ async def restore(
         else:
             await _images.create(dest, ImageFormat.QCOW2, size=index.virtual_size)
             os.chmod(dest, 0o600)
-            written = await _restore_qcow2(repo, index, chunks, point, connections, dest)
+            written = await _restore_qcow2(
+                repo, index, chunks, point, connections or RESTORE_CONNECTIONS, dest
+            )
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
@@ -893,8 +903,8 @@ def _restore_into(
     writeback_fd: int | None = None,
 ) -> int:
     """Threads: read+verify chunks, write them at their offsets (a file or an NBD export).
-    Writeback of what was written starts at once (``writeback_fd``: the file behind the
-    export), so the final fsync waits for the rest only."""
+    ``writeback_fd`` (the file behind the export): its writeback starts after each chunk, so
+    the final fsync waits for the rest only."""
     import threading
 
     lock = threading.Lock()
@@ -927,11 +937,9 @@ def _restore_into(
                 else:
                     assert fd is not None
                     view = memoryview(data)
-                    start = offset
                     while view:
                         n = os.pwrite(fd, view, offset)
                         view, offset = view[n:], offset + n
-                    start_writeback(fd, start, offset - start)
                 with lock:
                     total[0] += len(data)
             if handle is not None:
