@@ -555,14 +555,25 @@ async def _backup(
                 except BaseExceptionGroup as group:
                     # One failure, said as itself: callers catch NbdError, OSError, JobFailed.
                     raise _first_leaf(group) from None
-            # The copy is done: QEMU's side goes before the repository is committed.
-            await _teardown(vm, disks, jobs, added, server_started, hooks)
+
+            # The copy is done: QEMU's side goes before the repository is committed, while
+            # the chunks are made durable (independent: one waits for QEMU, one for the disk).
+            async def qemu_side() -> None:
+                await _teardown(vm, disks, jobs, added, server_started, hooks)
+                # The overlays go with their nodes: a controller killed from here on leaves
+                # no scratch file that recovery (which finds them through the nodes) could
+                # not see; gone before the sync, their pages are not written back.
+                shutil.rmtree(scratch, ignore_errors=True)
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(qemu_side)
+                    with _step(repo, "making the chunks durable"):
+                        await anyio.to_thread.run_sync(batch.sync)
+            except BaseExceptionGroup as group:
+                raise _first_leaf(group) from None
             server_started = False
-        # The overlays go with their nodes: a controller killed from here on leaves no
-        # scratch file that recovery (which finds them through the nodes) could not see.
         shutil.rmtree(scratch, ignore_errors=True)
-        with _step(repo, "making the chunks durable"):
-            await anyio.to_thread.run_sync(batch.sync)
         await _at(failpoint, "after-chunks")
         for d in disks:
             assert d.index is not None
