@@ -57,7 +57,7 @@ class RepositoryKey:
     def key_id(self) -> str:
         return hmac.new(self.mac, b"blockctl-key-id", hashlib.sha256).hexdigest()[:16]
 
-    def digest(self, data: bytes | memoryview) -> bytes:
+    def digest(self, data: bytes | bytearray | memoryview) -> bytes:
         return hmac.new(self.mac, data, hashlib.sha256).digest()
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:

@@ -1332,6 +1332,9 @@ class BackupCommand(Command):
         p.add_argument("--full", action="store_true", help="read every non-zero chunk")
         p.add_argument("--disk", action="append", help="device (repeat; default: all)")
         p.add_argument("--connections", type=int, default=2, help="NBD connections per disk")
+        p.add_argument(
+            "--speed", help="read at most this many bytes/s, all disks together (e.g. 100M)"
+        )
         p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
         p.add_argument(
             "--scratch-dir", type=Path, help="where the fleecing overlays go (default: TMPDIR)"
@@ -1460,6 +1463,7 @@ class BackupCommand(Command):
                 freeze_deadline=freeze_deadline_option(args),
                 connections=args.connections,
                 scratch_dir=args.scratch_dir,
+                speed=None if args.speed is None else parse_size(args.speed, "speed"),
             )
         note = f" (full because {manifest.fallback_reason})" if manifest.fallback_reason else ""
         emit(

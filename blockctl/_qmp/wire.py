@@ -593,3 +593,9 @@ async def block_stream(
         "on-error": on_error,
     }
     await session.execute("block-stream", _job_options(job_id, speed, auto_finalize, extra))
+
+
+async def blockdev_create(session: QMPSession, *, job_id: str, options: Mapping[str, Any]) -> None:
+    """Start a ``blockdev-create`` job: format the existing node ``options['file']`` (QEMU's
+    own image code, no ``qemu-img`` process). Such jobs are never auto-dismissed."""
+    await session.execute("blockdev-create", {"job-id": job_id, "options": dict(options)})

@@ -187,13 +187,31 @@ class _FakeNbd:
     class Error(Exception):
         pass
 
+    class Buffer:
+        def __init__(self, shared: bytearray) -> None:
+            self._o = shared
+
+        @classmethod
+        def from_buffer(cls, shared: bytearray) -> _FakeNbd.Buffer:
+            return cls(shared)
+
+        def to_buffer(self) -> bytearray:
+            return self._o
+
 
 class _FakeHandle:
     def __init__(self, disk: bytes) -> None:
         self.disk = disk
 
-    def pread(self, length: int, offset: int) -> bytes:
-        return self.disk[offset : offset + length]
+    def aio_pread(self, buffer: _FakeNbd.Buffer, offset: int) -> int:
+        buffer._o[:] = self.disk[offset : offset + len(buffer._o)]
+        return 1
+
+    def aio_command_completed(self, cookie: int) -> bool:
+        return True
+
+    def poll(self, timeout: int) -> None:
+        raise AssertionError("the fake completes every command at once")
 
 
 def copy(repo: Repository, disk: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[DiskIndex, Any]:
