@@ -22,18 +22,9 @@ from tests.integration.conftest import (
     sha256,
     truth_check,
 )
+from tests.integration.test_hotplug import sh, wait_block
 
 pytestmark = pytest.mark.guest
-
-
-async def sh(vm: LaunchedVM, command: str) -> str:
-    assert vm.console is not None
-    return await vm.console.check(command)
-
-
-async def wait_block(vm: LaunchedVM, dev: str, present: bool = True) -> None:
-    test = f"[ -b /dev/{dev} ]" if present else f"[ ! -b /dev/{dev} ]"
-    await sh(vm, f"for i in $(seq 100); do {test} && exit 0; sleep 0.1; done; exit 1")
 
 
 async def nodes(vm: LaunchedVM) -> set[str]:
