@@ -106,6 +106,7 @@ __all__ = [
     "VMExists",
     "VMNotFound",
     "errno_name",
+    "errno_symbol",
 ]
 
 
@@ -156,6 +157,14 @@ class MissingComponent(BlockctlError):
         self.what = what
         self.hint = hint
         super().__init__(f"{what} is missing: {hint}")
+
+
+def errno_symbol(number: int | None) -> str:
+    """The symbolic name of an errno number (``ENOSPC``): what every error message that
+    carries an errno prints; ``no errno`` for None or 0."""
+    if not number:
+        return "no errno"
+    return errno.errorcode.get(number, str(number))
 
 
 def errno_name(text: str) -> str | None:

@@ -76,6 +76,7 @@ from blockctl.errors import (
     JobFailed,
     RepositoryBusy,
     RepositoryError,
+    errno_symbol,
 )
 from blockctl.types import ImageFormat
 
@@ -170,7 +171,7 @@ def _step(repo: Repository, step: str) -> Any:
     try:
         yield
     except OSError as exc:
-        name = errno_module.errorcode.get(exc.errno or 0, str(exc.errno))
+        name = errno_symbol(exc.errno)
         full = " (the repository is full)" if exc.errno == errno_module.ENOSPC else ""
         raise RepositoryError(
             f"repository {repo.path}: {step}: {exc.strerror or exc}: {name}{full}; the backup "

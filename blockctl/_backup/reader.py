@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from blockctl._backup.store import ZERO_DIGEST, ChunkBatch, DiskIndex, Repository
-from blockctl.errors import ConfigError, MissingComponent, NbdError
+from blockctl.errors import ConfigError, MissingComponent, NbdError, errno_symbol
 
 #: NBD block-status flags (base:allocation), and the dirty flag of qemu:dirty-bitmap:*.
 STATE_HOLE = 1
@@ -48,7 +48,7 @@ def libnbd() -> ModuleType:
 
 def _nbd_error(exc: Any, export: str, what: str) -> NbdError:
     number = getattr(exc, "errno", None)
-    name = errno_module.errorcode.get(number or 0, "no errno")
+    name = errno_symbol(number)
     return NbdError(
         f"NBD export {export!r}: {what}: {getattr(exc, 'string', exc)} ({name})", number
     )

@@ -49,6 +49,7 @@ from blockctl.errors import (
     ConfigError,
     RepositoryBusy,
     RepositoryError,
+    errno_symbol,
 )
 
 FORMAT = "blockctl-repository"
@@ -142,10 +143,7 @@ def _json(raw: bytes) -> Any:
 
 
 def _errno_text(exc: OSError) -> str:
-    import errno as errno_module
-
-    name = errno_module.errorcode.get(exc.errno or 0, str(exc.errno))
-    return f"{exc.strerror or exc} ({name})"
+    return f"{exc.strerror or exc} ({errno_symbol(exc.errno)})"
 
 
 def _read_bounded(directory: Path, parts: tuple[str, ...], limit: int, what: str) -> bytes:
