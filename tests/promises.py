@@ -42,6 +42,9 @@ class Promise:
 
 #: The README sections whose promises the ledger must cover (each: at least one promise).
 SECTIONS = (
+    "The command line",
+    "VMs started by other tools",
+    "The library",
     "Many clients, one VM",
     "Drives of a running guest",
     "Snapshots, chains and jobs",
@@ -57,6 +60,87 @@ U = "tests/unit/"
 I = "tests/integration/"  # noqa: E741
 
 PROMISES: tuple[Promise, ...] = (
+    # Section: The command line, VMs started by other tools, The library
+    Promise(
+        id="cli-closed-pipe-is-quiet",
+        section="The command line",
+        quote="A closed pipe (`blockctl qmp VM query-qmp-schema | head`) ends the command quietly",
+        tests=(U + "test_cli_grammar.py::test_a_closed_pipe_is_quiet",),
+        mutations=(
+            Mutation(
+                file="blockctl/_cli/main.py",
+                find="        return ExitCode.BROKEN_PIPE",
+                replace="        raise",
+                what="a closed pipe ends in a traceback",
+            ),
+        ),
+    ),
+    Promise(
+        id="cli-usage-errors-in-json",
+        section="The command line",
+        quote='2    usage error (with --json also {"error": ...} on stdout)',
+        tests=(U + "test_cli_grammar.py::test_usage_errors_exit_2_with_json_under_json",),
+        mutations=(
+            Mutation(
+                file="blockctl/_cli/main.py",
+                find='        if "--json" in _Parser.argv:',
+                replace="        if False:",
+                what="usage errors print no JSON under --json",
+            ),
+        ),
+    ),
+    Promise(
+        id="foreign-vm-identity-not-a-path",
+        section="VMs started by other tools",
+        quote="identified by the name QEMU was started with (`-name`), or by `--vm-name NAME`",
+        tests=(I + "test_foreign_vm.py::test_a_qemu_started_with_drive_options",),
+        mutations=(
+            Mutation(
+                file="blockctl/_machine.py",
+                find="            identity = vm_name or await wire.query_name(session)",
+                replace="            identity = vm_name",
+                what="QEMU's -name is ignored: the VM is named by its socket path",
+            ),
+            Mutation(
+                file="blockctl/_qmp/models.py",
+                find="        return self.device or path",
+                replace="        return path",
+                what="a -drive disk is listed by its QOM path, not its block backend's name",
+            ),
+        ),
+    ),
+    Promise(
+        id="library-silent-unless-configured",
+        section="The library",
+        quote="The library prints nothing until the application configures structlog",
+        tests=(
+            I + "test_library.py::test_the_library_prints_nothing_unless_logging_is_configured",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_log.py",
+                find="        if structlog.is_configured():",
+                replace="        if True:",
+                what="an unconfigured structlog prints every event to stdout",
+            ),
+        ),
+    ),
+    Promise(
+        id="library-trio-refused",
+        section="The library",
+        quote="Under trio, `open_vm`, `attach` and `launch_detached` refuse at once",
+        tests=(
+            U + "test_public_api.py::test_trio_is_refused_at_the_entry_points_with_the_way_out",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_machine.py",
+                find='    require_asyncio("open_vm")',
+                replace="    pass",
+                what="open_vm under trio fails deep inside instead",
+            ),
+        ),
+    ),
     # Section: Many clients, one VM
     Promise(
         id="clients-pool-busy-names-holders",
@@ -192,6 +276,48 @@ PROMISES: tuple[Promise, ...] = (
                 find="            and current.device_driver is not None\n",
                 replace="",
                 what="apply detaches drives blockctl did not make",
+            ),
+        ),
+    ),
+    Promise(
+        id="drives-q35-root-ports",
+        section="Drives of a running guest",
+        quote="each hot-plugged virtio disk or virtio-scsi controller goes into a free port",
+        tests=(I + "test_q35.py::test_q35_hotplug_uses_root_ports_frees_and_reuses_them",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/drives.py",
+                find='            await wire.device_add(vm.session, {**device, "bus": free[0]})',
+                replace="            await wire.device_add(vm.session, dict(device))",
+                what="a q35 hot-plug is sent to pcie.0 (QEMU refuses it)",
+            ),
+        ),
+    ),
+    Promise(
+        id="drives-full-bus-names-way-out",
+        section="Drives of a running guest",
+        quote="a full `pc` bus gets the same message",
+        tests=(I + "test_q35.py::test_a_full_pc_bus_is_refused_with_the_way_out",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/drives.py",
+                find='            if "no slot/function available" not in str(exc):',
+                replace="            if True:",
+                what="QEMU's bare 'no slot/function available' reaches the user",
+            ),
+        ),
+    ),
+    Promise(
+        id="drives-apply-checks-whole-plan",
+        section="Drives of a running guest",
+        quote="The whole plan is checked before anything changes",
+        tests=(I + "test_apply.py::test_apply_checks_the_whole_plan_before_any_change",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/apply.py",
+                find="    current = await check(vm, plan(desired, await ops.list_drives(vm)))",
+                replace="    current = plan(desired, await ops.list_drives(vm))",
+                what="apply starts changing drives before it knows a later step fails",
             ),
         ),
     ),
