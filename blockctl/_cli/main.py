@@ -222,10 +222,9 @@ class Status(Command):
             status = await vm.status()
             version = await vm.version()
             infos = await drives.list_drives(vm)
-            # Left by a controller that died mid-operation: `blockctl recover` settles them.
-            interrupted = len(_journal.load_all(vm.run_dir)) + len(
-                _agent.load_freeze_records(vm.run_dir)
-            )
+            # A record whose writer still runs is another client's operation in progress;
+            # the others were left by a controller that died: `blockctl recover` settles them.
+            running, interrupted = operations_on_record(vm.run_dir)
         # The same facts as `blockctl drives` (image file, the device's write cache).
         rows = []
         for info in infos:
@@ -255,8 +254,12 @@ class Status(Command):
             "qemu": str(version),
             "drives": rows,
             "interrupted_operations": interrupted,
+            "running_operations": running,
         }
         lines = [f"{vm.name}: {status.status} (pid {vm.pid}, QEMU {version})"]
+        for op in running:
+            job = f", job {op['job_id']}" if op.get("job_id") else ""
+            lines.append(f"  running: {op['what']} (pid {op['pid']}{job})")
         if interrupted:
             lines.append(
                 f"  {interrupted} interrupted operation(s) on record: run `blockctl recover "
@@ -272,6 +275,42 @@ class Status(Command):
                 )
         emit(args, data, "\n".join(lines))
         return 0
+
+
+def operations_on_record(run_dir: Path | None) -> tuple[list[dict[str, Any]], int]:
+    """The journal's and the freeze records' operations whose writer still runs (each as
+    ``{id, kind, what, step, job_id, pid}``), and how many others there are (interrupted)."""
+    running: list[dict[str, Any]] = []
+    interrupted = 0
+    for item in _journal.load_all(run_dir):
+        if isinstance(item, _journal.Intent) and _journal.owner_alive(item):
+            running.append(
+                {
+                    "id": item.id,
+                    "kind": item.kind.value,
+                    "what": item.describe(),
+                    "step": item.step.value,
+                    "job_id": item.job_id,
+                    "pid": item.pid,
+                }
+            )
+        else:
+            interrupted += 1
+    for freeze in _agent.load_freeze_records(run_dir):
+        if isinstance(freeze, _agent.FreezeRecord) and _agent.writer_alive(freeze):
+            running.append(
+                {
+                    "id": freeze.id,
+                    "kind": "freeze",
+                    "what": f"freeze of the guest's filesystems for {freeze.operation}",
+                    "step": "frozen",
+                    "job_id": None,
+                    "pid": freeze.pid,
+                }
+            )
+        else:
+            interrupted += 1
+    return running, interrupted
 
 
 class Qmp(Command):

@@ -229,6 +229,7 @@ async def external_snapshot(
                 # The snapshot happened: the record stays and the next reconcile (any chain
                 # operation, or blockctl recover) finds the post-state and finishes it.
                 op.step(_journal.Step.CONCLUDED)
+                op.release()
             else:
                 op.abandoned()
         raise
@@ -600,6 +601,7 @@ async def commit(
             await _set_read_only(vm, device, graph, node, False)
     except BaseException:
         await _restore_read_only(vm, device, restore, "commit.reopen_failed")
+        op.abandoned()
         raise
 
     async def start(job_id: str) -> None:

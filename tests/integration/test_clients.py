@@ -275,6 +275,65 @@ async def test_job_of_one_process_driven_and_cancelled_by_another(
         await truth_check(vm)
 
 
+# Section: another client's operation is running, not interrupted
+
+
+async def test_a_commit_of_another_process_is_running_not_interrupted(
+    guest: GuestImage, images: Path
+) -> None:
+    """Process A commits (rate-limited); process B's `status` lists it as running by A's
+    pid and B's `recover` leaves it alone (no adoption, no speed change, the record as A
+    wrote it); A's commit then completes exactly."""
+    layers = await slow_chain(images)
+    top, _c, b, a = layers
+    expected = images / "expected.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", b, expected)
+    async with open_vm(named(guest, "owned", top)) as vm:
+        assert vm.run_dir is not None
+        async with blockctl_process(
+            "commit", "owned", "disk0", "--top", "drv0-b2", "--speed", "64K", "--json"
+        ) as committer:
+            job_id = (await running_job(vm))["id"]
+            (record,) = vm.run_dir.glob("journal-*.json")
+            written = record.read_bytes()
+            assert json.loads(written)["pid"] == committer.pid
+            ro_before = await read_only_state(vm)
+            status = json.loads((await cli("status", "owned", "--json")).stdout)
+            assert status["interrupted_operations"] == 0
+            (op,) = status["running_operations"]
+            assert (op["kind"], op["pid"], op["job_id"]) == ("commit", committer.pid, job_id)
+            human = (await cli("status", "owned")).stdout
+            assert f"running: commit of B.qcow2 into A.qcow2 on disk0 (pid {committer.pid}" in human
+            assert "interrupted" not in human
+            recovered = await cli("recover", "owned", "--json", check=False)
+            assert recovered.returncode == 0, (recovered.stdout, recovered.stderr)
+            (found,) = json.loads(recovered.stdout)["operations"]
+            assert (found["verdict"], found["owner_pid"], found["done"]) == (
+                "running",
+                committer.pid,
+                [],
+            )
+            # Nothing touched: the job runs on at A's speed, the record is A's, flags as before.
+            block_jobs = await vm.command("query-block-jobs")
+            assert isinstance(block_jobs, list)
+            (job,) = block_jobs
+            assert (job["device"], job["speed"], job["status"]) == (job_id, 64 * 1024, "running")
+            # (A itself may have written RUNNING meanwhile: its job's event can come later.)
+            after = json.loads(record.read_bytes())
+            assert after["step"] in ("starting", "running")
+            assert {**after, "step": None} == {**json.loads(written), "step": None}
+            assert await read_only_state(vm) == ro_before
+            await cli("jobs", "owned", "speed", job_id, "0")
+            code, out, err = await finish(committer)
+        assert code == 0, (out, err)
+        result = json.loads(out)
+        assert (result["job"], result["chain"]) == (job_id, ["drv0", "drv0-b1", "drv0-b3"])
+        assert not list(vm.run_dir.glob("journal-*"))
+        assert await raw_jobs(vm) == []
+        await run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", a, expected)
+        await truth_check(vm)
+
+
 # Section: Ctrl-C
 
 
