@@ -2,7 +2,8 @@
 
 One class per subcommand (``name``, ``help``, ``configure()``, ``async run()``); one runner turns
 a :class:`BlockctlError` into one clear line on stderr and exit code 1 (3: a job cancelled by
-another client; 130: Ctrl-C, see ``blockctl._cli.interrupt``). Every command takes ``--json``.
+another client; 4: refused, another operation runs on that disk; 130: Ctrl-C, see
+``blockctl._cli.interrupt``). Every command takes ``--json``.
 This is the only place that configures logging or calls ``anyio.run``.
 """
 
@@ -45,7 +46,7 @@ from blockctl._machine import (
 from blockctl._ops import apply as apply_ops
 from blockctl._ops import chains, drives, recovery
 from blockctl._ops.drives import DriveInfo
-from blockctl.errors import BlockctlError, ConfigError, ProcessFailed, QuiesceFailed
+from blockctl.errors import BlockctlError, ConfigError, Conflict, ProcessFailed, QuiesceFailed
 from blockctl.types import (
     CacheMode,
     DeprecatedInput,
@@ -1766,7 +1767,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest and args.verbose:
             print(rest, file=sys.stderr)
         if args.json:
-            print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
+            error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+            if isinstance(exc, Conflict):  # what is running, for a script to wait on
+                error["running"] = {
+                    "kind": exc.kind,
+                    "job_id": exc.job_id,
+                    "device": exc.device,
+                    "pid": exc.pid,
+                }
+            print(json.dumps({"error": error}))
         return exc.exit_code
     except KeyboardInterrupt:  # before the command's SIGINT handler was in place
         return interrupt.EXIT_INTERRUPTED

@@ -334,6 +334,172 @@ async def test_a_commit_of_another_process_is_running_not_interrupted(
         await truth_check(vm)
 
 
+# Section: conflicting operations, refused by name
+
+#: The operation process A runs (rate-limited: it lasts a minute unless re-speeded).
+RUNNING = {
+    "commit": ["commit", "conflict", "disk0", "--top", "drv0-b2", "--speed", "64K", "--json"],
+    "stream": ["stream", "conflict", "disk0", "--base", "drv0-b3", "--speed", "64K", "--json"],
+}
+#: What process B tries.
+SECOND = {
+    "commit": ["commit", "conflict", "disk0", "--top", "drv0-b1", "--json"],
+    "unplug": ["detach", "conflict", "disk0", "--json"],
+    "snapshot": ["snapshot", "conflict", "create", "s1", "--disk", "disk0", "--json"],
+}
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], kind: str, pid: int) -> dict[str, Any]:
+    """Exit code 4, one line on stderr, the running operation named in --json."""
+    assert done.returncode == 4, (done.stdout, done.stderr)
+    error = json.loads(done.stdout)["error"]
+    assert error["type"] == "Conflict"
+    assert error["running"]["kind"] == kind
+    assert error["running"]["device"] == "disk0"
+    assert error["running"]["pid"] == pid
+    assert f"pid {pid}" in error["message"]
+    assert "nothing was changed" in error["message"]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("blockctl: Conflict: ")
+    return dict(error)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("commit", "commit"),
+        ("commit", "unplug"),
+        ("commit", "snapshot"),
+        ("stream", "unplug"),
+        ("stream", "commit"),
+    ],
+)
+async def test_a_conflicting_operation_is_refused_by_name(
+    guest: GuestImage, images: Path, first: str, second: str
+) -> None:
+    """Process A runs a commit or stream on disk0; process B's commit, unplug or snapshot
+    of disk0 is refused (exit 4) naming A's operation, job and pid, before anything changed;
+    A's job then completes exactly."""
+    layers = await slow_chain(images)
+    top, _c, b, a = layers
+    expected = images / "expected.raw"  # what the job must leave: see the end
+    source = b if first == "commit" else top
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", source, expected)
+    async with open_vm(named(guest, "conflict", top)) as vm:
+        assert vm.run_dir is not None
+        async with blockctl_process(*RUNNING[first]) as proc_a:
+            job_id = (await running_job(vm))["id"]
+            ro_before = await read_only_state(vm)
+            chain_before = await chain_names(vm)
+            files_before = sorted(p.name for p in images.iterdir())
+            done = await cli(*SECOND[second], check=False)
+            error = assert_refused(done, first, proc_a.pid)
+            assert error["running"]["job_id"] == job_id
+            assert f"job {job_id}" in error["message"]
+            assert error["message"].startswith(f"{second} of disk0 refused: {first} of ")
+            # Nothing changed: A's job runs on at its speed; flags, chain, files, the disk
+            # (no unplug requested), one journal record (A's).
+            block_jobs = await vm.command("query-block-jobs")
+            assert isinstance(block_jobs, list)
+            assert [(j["device"], j["speed"], j["status"]) for j in block_jobs] == [
+                (job_id, 64 * 1024, "running")
+            ]
+            assert await read_only_state(vm) == ro_before
+            assert await chain_names(vm) == chain_before
+            assert sorted(p.name for p in images.iterdir()) == files_before
+            assert "disk0" in await wire.qom_list(vm.session, "/machine/peripheral")
+            assert len(list(vm.run_dir.glob("journal-*.json"))) == 1
+            await cli("jobs", "conflict", "speed", job_id, "0")
+            code, out, err = await finish(proc_a)
+        assert code == 0, (out, err)
+        assert json.loads(out)["job"] == job_id
+        assert await raw_jobs(vm) == []
+        await truth_check(vm)
+    # (Once QEMU is gone: a stream's metadata may still be in its cache until then.)
+    if first == "commit":  # A now reads what B read
+        await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", a, expected)
+    else:  # D, now backed by A, reads what the whole chain read
+        await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, expected)
+
+
+#: Process A: a full backup of NAME's disk0 into REPO that stops once its fleecing job runs
+#: (the failpoint after the transaction), says "held", and goes on when its stdin gets a line.
+BACKUP_HOLDER = """
+import sys, anyio
+from blockctl import attach, backup
+
+async def main(name, repo_path):
+    async def hold(step):
+        if step == "after-transaction":
+            print("held", flush=True)
+            await anyio.to_thread.run_sync(sys.stdin.readline)
+    async with attach(name) as vm:
+        manifest = await backup.create(
+            vm, backup.open_repository(repo_path), kind="full", failpoint=hold
+        )
+    print(manifest.id, flush=True)
+
+anyio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+async def test_commit_and_unplug_of_a_disk_under_backup_are_refused(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Process A's backup of disk0 holds its fleecing job; B's commit and unplug of disk0
+    are refused naming the backup and A's pid; the backup then completes exactly."""
+    from blockctl import backup
+
+    layers = await slow_chain(images)
+    top = layers[0]
+    reference = images / "reference.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", top, reference)
+    repo_path = tmp_path / "repo"
+    repo = backup.init_repository(repo_path, chunk_size=64 * 1024)
+    async with open_vm(named(guest, "conflict", top)) as vm:
+        proc = await anyio.open_process(
+            [sys.executable, "-c", BACKUP_HOLDER, "conflict", str(repo_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(os.environ),
+        )
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            said = b""
+            while b"held\n" not in said:
+                said += await proc.stdout.receive()
+            (backup_job,) = await raw_jobs(vm)
+            assert backup_job["type"] == "backup"
+            ro_before = await read_only_state(vm)
+            chain_before = await chain_names(vm)
+            for second in ("commit", "unplug"):
+                done = await cli(*SECOND[second], check=False)
+                error = assert_refused(done, "backup", proc.pid)
+                assert error["running"]["job_id"] == backup_job["id"]
+                assert error["message"].startswith(
+                    f"{second} of disk0 refused: a backup of disk0 (job {backup_job['id']}; "
+                    f"pid {proc.pid})"
+                )
+            assert await read_only_state(vm) == ro_before
+            assert await chain_names(vm) == chain_before
+            assert "disk0" in await wire.qom_list(vm.session, "/machine/peripheral")
+            await proc.stdin.send(b"go\n")
+            code, out, err = await finish(proc)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
+                await proc.aclose()
+        assert code == 0, (out, err)
+        point = out.strip().splitlines()[-1]
+        await truth_check(vm)
+    restored = tmp_path / "restored.raw"
+    await backup.restore(repo, "conflict", point, "disk0", restored, ImageFormat.RAW)
+    await run("qemu-img", "compare", "-f", "raw", "-F", "raw", restored, reference)
+
+
 # Section: Ctrl-C
 
 
