@@ -32,12 +32,15 @@ from blockctl._jobs import (
     JobIOError,
     JobProgress,
     JobResult,
+    JobSample,
     JobStatus,
     JobTransition,
     StructlogJobHook,
     adopt_jobs,
+    measured_rate,
 )
 from blockctl._machine import (
+    VM,
     Timeouts,
     attach,
     launch_detached,
@@ -46,6 +49,8 @@ from blockctl._machine import (
 from blockctl._ops import apply as apply_ops
 from blockctl._ops import chains, drives, recovery
 from blockctl._ops.drives import DriveInfo
+from blockctl._qmp import wire
+from blockctl._qmp.models import JOB_FINAL
 from blockctl.errors import BlockctlError, ConfigError, Conflict, ProcessFailed, QuiesceFailed
 from blockctl.types import (
     CacheMode,
@@ -1164,6 +1169,13 @@ class Jobs(Command):
         )
         parser.add_argument("job", nargs="?")
         parser.add_argument("speed", nargs="?", help="bytes/s, for `speed` (0: unlimited)")
+        parser.add_argument(
+            "--sample",
+            type=float,
+            default=0.5,
+            metavar="SECONDS",
+            help="list: measure each job's rate over this long (default 0.5; 0: no rate/ETA)",
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         async with attach(args.vm) as vm:
@@ -1171,9 +1183,11 @@ class Jobs(Command):
             # attached: otherwise its owner may be about to read it (issue 14).
             jobs = await adopt_jobs(vm.session, dismiss=not vm.other_clients())
             if args.action == "list":
-                rows = []
+                rates = await sample_rates(vm, args.sample) if jobs else {}
+                rows: list[dict[str, Any]] = []
                 for job in jobs:
                     info = await job.info()
+                    rate, eta = rates.get(job.id, (None, None))
                     outcome = job.outcome
                     # "failed"/"nospace": paused on an I/O error, waiting for a resume.
                     io_status = await job.io_status() if info else None
@@ -1191,6 +1205,9 @@ class Jobs(Command):
                             "outcome": None
                             if outcome is None
                             else ("ok" if isinstance(outcome, JobResult) else str(outcome)),
+                            "rate": None if rate is None else round(rate),
+                            "eta": None if eta is None else round(eta, 1),
+                            "sampled": args.sample if job.id in rates else None,
                         }
                     )
                 emit(
@@ -1200,6 +1217,8 @@ class Jobs(Command):
                         f"{r['id']:<28} {r['type']:<14} {r['status']:<10} "
                         f"{r['done']}/{r['total']}"
                         + ("" if r["percent"] is None else f" ({r['percent']} %)")
+                        + ("" if r["rate"] is None else f" {human_size(r['rate'])}/s")
+                        + ("" if r["eta"] is None else f", ETA {r['eta']:.0f} s")
                         + f" {r['outcome'] or ''}"
                         + (
                             f" (paused on an I/O error: {r['io_status']})"
@@ -1226,6 +1245,29 @@ class Jobs(Command):
                 await target.set_speed(parse_size(args.speed, "speed"))
         emit(args, {"job": args.job, "action": args.action}, f"{args.job}: {args.action} sent")
         return 0
+
+
+async def sample_rates(vm: VM, interval: float) -> dict[str, tuple[float | None, float | None]]:
+    """Each running job's measured rate and ETA: two ``query-jobs`` ``interval`` s apart
+    (:func:`blockctl._jobs.measured_rate`). Nothing when ``interval`` is 0."""
+    if interval <= 0:
+        return {}
+
+    async def sample() -> dict[str, JobSample]:
+        infos = await wire.query_jobs(vm.session)
+        at = time.monotonic()
+        return {
+            j.id: JobSample(at=at, done=j.current_progress, total=j.total_progress)
+            for j in infos
+            if j.status not in JOB_FINAL
+        }
+
+    first = await sample()
+    if not first:
+        return {}
+    await anyio.sleep(interval)
+    second = await sample()
+    return {i: measured_rate(first[i], second[i]) for i in first.keys() & second.keys()}
 
 
 class RecoverCommand(Command):

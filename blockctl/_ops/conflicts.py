@@ -285,6 +285,7 @@ async def claim(
         vm.run_dir / OPS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
     )
     try:
+        os.fchmod(fd, 0o600)  # whatever the umask (see "Private by construction")
         with anyio.move_on_after(timeout) as scope:
             while True:
                 try:

@@ -247,6 +247,20 @@ async def test_job_of_one_process_driven_and_cancelled_by_another(
                 (job_id, "commit", "running")
             ]
             assert rows[0]["total"] == job["total-progress"] > 0
+            # Rate and ETA measured over the sample (0.5 s by default). A rate-limited
+            # commit moves in 512 KiB steps, so a short sample may see none: a rate of 0
+            # and no ETA, said as such.
+            assert rows[0]["sampled"] == 0.5
+            assert rows[0]["rate"] >= 0
+            assert (rows[0]["eta"] is None) == (rows[0]["rate"] == 0)
+            human = (await cli("jobs", "jobs2", "--sample", "1")).stdout
+            assert "B/s" in human and job_id in human
+            unsampled = json.loads((await cli("jobs", "jobs2", "--sample", "0", "--json")).stdout)
+            assert (unsampled[0]["rate"], unsampled[0]["eta"], unsampled[0]["sampled"]) == (
+                None,
+                None,
+                None,
+            )
             await cli("jobs", "jobs2", "pause", job_id)
             paused = json.loads((await cli("jobs", "jobs2", "--json")).stdout)
             assert paused[0]["status"] in ("paused", "standby")
