@@ -4,6 +4,7 @@ Ctrl-C in the CLI, and eight clients querying during a commit."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from blockctl._machine import launch_detached, shutdown_detached
 from blockctl._qmp import wire
 from blockctl.errors import MonitorsBusy, QMPConnectFailed
 from blockctl.types import Drive, ImageFormat, MachineConfig
-from tests.integration.conftest import MIB, base_config, qcow2_image, run, truth_check
+from tests.integration.conftest import MIB, base_config, pattern, qcow2_image, run, truth_check
 from tests.integration.test_attach_cli import cli
 
 pytestmark = pytest.mark.guest
@@ -550,44 +551,123 @@ async def test_ctrl_c_cancels_the_job_and_says_what_was_done(
         await truth_check(vm)
 
 
-# Section: eight clients during a commit
+# Section: eight clients during a commit and a backup
 
 
-async def test_eight_clients_query_during_a_commit(guest: GuestImage, images: Path) -> None:
+async def test_eight_clients_query_during_a_commit_and_a_backup(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """A commit on disk0 (another process, the CLI) and a backup of disk1 (this process,
+    the library) run while eight CLI clients loop over status, drives, chain and jobs: no
+    client fails or sees a wrong job list, the committing process sees every event this
+    process's monitor sees, and both jobs are exact (disk0's chain reads as before, disk1's
+    restore equals it)."""
+    from blockctl import backup
+    from blockctl._ops import chains
+
     layers = await slow_chain(images)
     top, _c, b, a = layers
-    # What the commit must produce: A afterwards reads exactly what B read before.
-    expected = images / "expected.raw"
+    expected = images / "expected.raw"  # the commit must make A read what B read
     await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", b, expected)
-    async with open_vm(named(guest, "eight", top)) as vm:
-        async with blockctl_process(
-            "commit", "eight", "disk0", "--top", "drv0-b2", "--speed", "64K", "--json"
-        ) as committer:
-            job_id = (await running_job(vm))["id"]
-            failures: list[str] = []
+    data = await qcow2_image(images / "data.qcow2", pattern(7, 4 * MIB), 8 * MIB)
+    reference = images / "data.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", data, reference)
+    repo = backup.init_repository(tmp_path / "repo", chunk_size=64 * 1024)
+    config = named(guest, "eight", top)
+    config = dataclasses.replace(
+        config, drives=(*config.drives, Drive(file=data, format=ImageFormat.QCOW2))
+    )
+    held, release, commit_running = anyio.Event(), anyio.Event(), anyio.Event()
+    points: list[str] = []
 
-            async def client(i: int) -> None:
-                for command in ("status", "drives", "chain", "jobs"):
-                    done = await cli(command, "eight", "--json", check=False)
-                    if done.returncode != 0:
-                        failures.append(f"client {i} {command}: {done.stderr}")
-                    elif command == "jobs":
-                        ids = [r["id"] for r in json.loads(done.stdout)]
-                        if ids != [job_id]:
-                            failures.append(f"client {i} jobs: {ids}")
+    async with open_vm(config) as vm:
+        assert (await chains.read_graph(vm)).chain_of("disk1")[0].filename == str(data)
 
+        async def hold(step: str) -> None:
+            if step == "after-transaction":
+                held.set()
+                await release.wait()
+
+        async def run_backup() -> None:
+            manifest = await backup.create(vm, repo, kind="full", devices=["disk1"], failpoint=hold)
+            points.append(manifest.id)
+
+        seen: list[str] = []  # the commit job's statuses, as this process's monitor saw them
+
+        async def watch(stream: Any) -> None:
+            while True:
+                event = await stream.next()
+                if event.name == "JOB_STATUS_CHANGE" and event.data["id"].startswith("bc-commit-"):
+                    seen.append(event.data["status"])
+                    if event.data["status"] == "running":
+                        commit_running.set()
+                    if event.data["status"] == "null":
+                        return
+
+        with wire.job_events(vm.session) as stream:
             async with anyio.create_task_group() as tg:
-                for i in range(8):
-                    tg.start_soon(client, i)
-            assert failures == []
-            still = await raw_jobs(vm)
-            assert [j["id"] for j in still] == [job_id]  # the clients overlapped the commit
-            await cli("jobs", "eight", "speed", job_id, "0")
-            code, out, err = await finish(committer)
+                tg.start_soon(watch, stream)
+                tg.start_soon(run_backup)
+                await held.wait()
+                (backup_job,) = await raw_jobs(vm)
+                async with blockctl_process(
+                    # 16 KiB/s: four minutes, longer than the clients take on a busy machine.
+                    "commit",
+                    "eight",
+                    "disk0",
+                    "--top",
+                    "drv0-b2",
+                    "--speed",
+                    "16K",
+                    "--json",
+                ) as committer:
+                    await commit_running.wait()
+                    (commit_job,) = [j for j in await raw_jobs(vm) if j["type"] == "commit"]
+                    both = {backup_job["id"], commit_job["id"]}
+                    failures: list[str] = []
+                    calls = 0
+
+                    async def client(i: int) -> None:
+                        nonlocal calls
+                        for _round in range(2):
+                            for command in ("status", "drives", "chain", "jobs"):
+                                done = await cli(command, "eight", "--json", check=False)
+                                calls += 1
+                                if done.returncode != 0:
+                                    failures.append(f"client {i} {command}: {done.stderr}")
+                                elif command == "jobs":
+                                    ids = {r["id"] for r in json.loads(done.stdout)}
+                                    if ids != both:
+                                        failures.append(f"client {i} jobs: {ids}")
+                                elif command == "drives":
+                                    devices = [d["device"] for d in json.loads(done.stdout)]
+                                    if devices != ["disk0", "disk1"]:
+                                        failures.append(f"client {i} drives: {devices}")
+
+                    async with anyio.create_task_group() as clients:
+                        for i in range(8):
+                            clients.start_soon(client, i)
+                    assert failures == []
+                    assert calls == 8 * 2 * 4
+                    # Both jobs overlapped every client.
+                    assert {j["id"] for j in await raw_jobs(vm)} == both
+                    release.set()
+                    await cli("jobs", "eight", "speed", commit_job["id"], "0")
+                    code, out, err = await finish(committer)
         assert code == 0, (out, err)
         result = json.loads(out)
-        assert result["job"] == job_id
+        assert result["job"] == commit_job["id"]
         assert result["chain"] == ["drv0", "drv0-b1", "drv0-b3"]
+        # No lost event: the committing process saw what this monitor saw, "created" (its
+        # job driver's start) aside.
+        assert [t for t in result["transitions"] if t != "created"] == [
+            t for t in seen if t != "created"
+        ]
+        assert seen[-2:] == ["concluded", "null"]
         assert await raw_jobs(vm) == []
-        await run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", a, expected)
         await truth_check(vm)
+    (point,) = points
+    restored = tmp_path / "restored.raw"
+    await backup.restore(repo, "eight", point, "disk1", restored, ImageFormat.RAW)
+    await run("qemu-img", "compare", "-f", "raw", "-F", "raw", restored, reference)
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", a, expected)
