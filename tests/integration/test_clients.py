@@ -621,7 +621,16 @@ async def test_eight_clients_query_during_a_commit_and_a_backup(
                     "16K",
                     "--json",
                 ) as committer:
-                    await commit_running.wait()
+                    async with anyio.create_task_group() as race:  # or the commit's failure
+
+                        async def exited() -> None:
+                            await committer.wait()
+                            race.cancel_scope.cancel()
+
+                        race.start_soon(exited)
+                        await commit_running.wait()
+                        race.cancel_scope.cancel()
+                    assert commit_running.is_set(), await finish(committer)
                     (commit_job,) = [j for j in await raw_jobs(vm) if j["type"] == "commit"]
                     both = {backup_job["id"], commit_job["id"]}
                     failures: list[str] = []
