@@ -46,6 +46,7 @@ from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from blockctl import _fsutil, _journal
+from blockctl._journal import process_start
 from blockctl._log import get_logger
 from blockctl._machine import AGENT_SOCKET, VM
 from blockctl.errors import (  # re-exported for callers of this module
@@ -719,24 +720,9 @@ class FreezeRecord:
         )
 
 
-def process_start(pid: int) -> int | None:
-    """The start time of process ``pid`` (clock ticks since boot), None if there is none."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat_line[stat_line.rfind(")") + 2 :].split()
-    try:
-        return int(fields[19])  # field 22 overall
-    except (IndexError, ValueError):
-        return None
-
-
 def writer_alive(record: FreezeRecord) -> bool:
     """The process that wrote ``record`` still runs (same PID and same start time)."""
-    start = process_start(record.pid)
-    return start is not None and start == record.pid_start
+    return _journal.process_alive(record.pid, record.pid_start)
 
 
 def _write_freeze_record(

@@ -261,6 +261,17 @@ class BlockGraph:
             node = raw[name].detail.node
             if role_of(node.driver) is NodeRole.PROTOCOL:
                 return None
+            if role_of(node.driver) is NodeRole.FILTER and raw[name].descriptor is None:
+                # A filter named by a plain filename (an implicit job filter: a backup's
+                # copy-before-write above a disk) passes through to that file's format node.
+                formats = [
+                    n
+                    for n, o in raw.items()
+                    if o.detail.node.file == node.file
+                    and role_of(o.detail.node.driver) is NodeRole.FORMAT
+                ]
+                if len(formats) == 1:
+                    return formats[0]
             desc = descriptors[name]
             spec = None if desc is None else _child_spec(desc)
             if spec is None:

@@ -76,6 +76,7 @@ __all__ = [
     "StructlogJobHook",
     "adopt_jobs",
     "error_policy",
+    "measured_rate",
     "new_job_id",
     "start_job",
 ]
@@ -150,6 +151,30 @@ class JobProgress:
     rate: float | None
     eta: float | None
     seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSample:
+    """One ``query-jobs`` reading of a job: ``at`` is a monotonic clock time (seconds)."""
+
+    at: float
+    done: int
+    total: int
+
+
+def measured_rate(first: JobSample, second: JobSample) -> tuple[float | None, float | None]:
+    """The rate (bytes/s) and the ETA (seconds) of a job between two samples of it, as
+    measured, never guessed: ``(None, None)`` when they cannot say (no time between them, or
+    progress that went back: another job with the same id); a rate of 0 (paused, or waiting
+    for I/O) gives no ETA. An ETA assumes the rest goes at the measured rate."""
+    interval = second.at - first.at
+    moved = second.done - first.done
+    if interval <= 0 or moved < 0:
+        return None, None
+    rate = moved / interval
+    if rate == 0:
+        return 0.0, None
+    return rate, max(second.total - second.done, 0) / rate
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,8 +30,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import os
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -132,6 +134,11 @@ class Intent:
     started: float = 0.0
     #: For messages: "commit of top.qcow2 into base.raw on disk0".
     what: str = ""
+    #: The writer: its pid and start time (clock ticks since boot, ``/proc/PID/stat``), so
+    #: that a reused pid is not mistaken for it. A record whose writer still runs is another
+    #: client's operation in progress, not an interrupted one (:func:`owner_alive`).
+    pid: int | None = None
+    pid_start: int | None = None
 
     def describe(self) -> str:
         return self.what or f"{self.kind.value} on {', '.join(self.devices)}"
@@ -155,6 +162,8 @@ class Intent:
             "error": self.error,
             "started": self.started,
             "what": self.what,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
         }
 
     @classmethod
@@ -178,7 +187,52 @@ class Intent:
             error=data.get("error"),
             started=float(data.get("started", 0.0)),
             what=str(data.get("what", "")),
+            pid=_int_or_none(data.get("pid")),
+            pid_start=_int_or_none(data.get("pid_start")),
         )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# Section: the writer
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot), None if there is none."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat_line[stat_line.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])  # field 22 overall
+    except (IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int | None, pid_start: int | None) -> bool:
+    """Process ``pid`` still runs and is the one that started at ``pid_start``."""
+    if pid is None or pid_start is None:
+        return False
+    return process_start(pid) == pid_start
+
+
+#: The operations in progress in this process (by record id): a record this process wrote
+#: but no longer drives (an operation that raised and left it for the next reconcile) is not
+#: "alive" even though its writer is.
+_IN_PROGRESS: weakref.WeakValueDictionary[str, Op] = weakref.WeakValueDictionary()
+
+
+def owner_alive(intent: Intent) -> bool:
+    """The operation of ``intent`` is still being driven by its writer: another live process
+    (same pid and start time), or an :class:`Op` in progress in this one. False for a record
+    written before records named their writer."""
+    if intent.pid == os.getpid():
+        return intent.id in _IN_PROGRESS
+    return process_alive(intent.pid, intent.pid_start)
 
 
 # Section: storage
@@ -256,6 +310,7 @@ class Op:
         self.run_dir = run_dir
         self.intent = intent
         self._lost = session_lost
+        _IN_PROGRESS[intent.id] = self
         self._write()
 
     def _write(self) -> None:
@@ -274,6 +329,7 @@ class Op:
 
     def finished(self) -> None:
         """Done, cleanup included: the record goes."""
+        self.release()
         if self.run_dir is not None:
             remove(self.run_dir, self.intent.id)
 
@@ -282,8 +338,14 @@ class Op:
         ran and the caller gets the exception: the record goes, unless only cleanup was left
         (then the next reconcile finishes it). With QEMU gone the record stays: the next
         reconcile reports what the images on disk now hold."""
+        self.release()
         if not self._lost() and self.intent.step is not Step.CONCLUDED:
             self.finished()
+
+    def release(self) -> None:
+        """No longer driven by this process: a record left behind is for reconcile."""
+        if _IN_PROGRESS.get(self.intent.id) is self:
+            del _IN_PROGRESS[self.intent.id]
 
     @contextlib.asynccontextmanager
     async def watch(self) -> AsyncIterator[None]:
@@ -307,8 +369,13 @@ class Op:
 
 
 def begin(vm: VM, intent: Intent) -> Op:
+    pid = os.getpid()
     intent = replace(
-        intent, id=intent.id or f"{intent.kind.value}-{secrets.token_hex(4)}", started=time.time()
+        intent,
+        id=intent.id or f"{intent.kind.value}-{secrets.token_hex(4)}",
+        started=time.time(),
+        pid=pid,
+        pid_start=process_start(pid),
     )
     return Op(vm.run_dir, intent, lambda: vm.session.lost)
 
@@ -339,6 +406,7 @@ class Verdict(enum.StrEnum):
     FAILED = "failed"  # its job ended with an error; the chain is as before
     QEMU_GONE = "qemu-gone"  # QEMU died: reported from the record and the files on disk
     ATTENTION = "needs-attention"  # neither state, or a paused job: nothing changed, kept
+    RUNNING = "running"  # its writer still drives it (another client): left alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,11 +476,27 @@ _ACTIVE_JOB = frozenset(
 )
 
 
-def plan(intent: Intent, facts: Facts) -> Plan:
-    """Decide what to do about one journaled operation, from what QEMU reports now."""
+def plan(intent: Intent, facts: Facts, *, owner_alive: bool = False) -> Plan:
+    """Decide what to do about one journaled operation, from what QEMU reports now.
+
+    ``owner_alive``: the process that wrote the record still drives the operation
+    (:func:`owner_alive`): it is another client's operation in progress, whatever QEMU shows
+    (its job may not exist yet, or have just ended), and is left alone. With QEMU gone
+    nothing runs any more, whoever is alive."""
     what = intent.describe()
     if not facts.alive:
         return _plan_gone(intent, what)
+    if owner_alive:
+        its_job = f", job {intent.job_id}" if intent.job_id else ""
+        return Plan(
+            verdict=Verdict.RUNNING,
+            actions=(),
+            forget=False,
+            message=(
+                f"{what}: running in process {intent.pid} (step {intent.step.value}{its_job}); "
+                "left to it"
+            ),
+        )
     job = facts.jobs.get(intent.job_id) if intent.job_id else None
     if job is not None and job.status is not JobStatus.NULL:  # NULL: being dismissed = gone
         if job.status in _ACTIVE_JOB:

@@ -14,6 +14,9 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      │    └── VMExists
      ├── DriveNotFound          the VM has no such drive (device_id)
      ├── UnsafeOperation        refused: it would change data something else depends on
+     │    └── Conflict          refused: another operation runs on that disk (CLI exit code 5)
+     │         └── NodeBusy     QEMU refused a command: a block job uses the node (also a
+     │                          CommandFailed)
      ├── RepositoryError        a backup repository is missing, loose, locked or malformed (path)
      │    ├── BackupCorrupt     a backup's data does not match its manifest or index
      │    ├── BackupKeyError    an encrypted repository's key is missing or wrong
@@ -65,6 +68,8 @@ __all__ = [
     "NoFreeSlot",
     "PartiallyApplied",
     "UnsafeOperation",
+    "Conflict",
+    "NodeBusy",
     "UntrustedImage",
     "BackupCorrupt",
     "BackupKeyError",
@@ -301,6 +306,34 @@ class UnsafeOperation(BlockctlError):
     into a shared base). The message says how to proceed if it is really intended."""
 
 
+class Conflict(UnsafeOperation):
+    """Refused before anything changed: another operation is running on the same disk (a
+    commit, stream, external snapshot or backup, from this process or any other client).
+
+    ``kind`` (``commit``, ``stream``, ``snapshot``, ``backup``, or QEMU's job type),
+    ``job_id``, ``device`` and ``pid`` (the process driving it; None when unknown) name the
+    running operation. Wait for it to end (``blockctl jobs VM``), or cancel it; then run the
+    command again. CLI exit code 5: nothing was done, and running it again later may work.
+    """
+
+    exit_code = 5
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        job_id: str | None = None,
+        device: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        self.kind = kind
+        self.job_id = job_id
+        self.device = device
+        self.pid = pid
+        super().__init__(message)
+
+
 class RepositoryError(BlockctlError):
     """A backup repository cannot be used as it is: missing, not a repository, group- or
     world-writable, owned by someone else, or holding names that would leave it (hostile).
@@ -365,6 +398,25 @@ class CommandFailed(QMPError):
         self.error_class = error_class
         self.desc = desc
         super().__init__(f"QEMU refused {command}: {desc} ({error_class})")
+
+
+class NodeBusy(Conflict, CommandFailed):
+    """QEMU refused a command because a block job uses the node (``Node 'X' is busy: block
+    device is in use by block job: commit``): the conflict blockctl's own check did not see
+    (a job started by another tool, or a race). ``node`` is QEMU's node, ``kind`` the job's
+    type. Nothing was changed by the refused command."""
+
+    def __init__(self, command: str, error_class: str, desc: str, *, node: str, kind: str):
+        CommandFailed.__init__(self, command, error_class, desc)
+        self.kind = kind
+        self.job_id = None
+        self.device = None
+        self.pid = None
+        self.node = node
+        self.args = (
+            f"QEMU refused {command}: node {node} is in use by a running {kind} job ({desc}); "
+            "wait for the job to end (`blockctl jobs VM`) or cancel it, then run it again",
+        )
 
 
 class ConnectionLost(QMPError):

@@ -66,6 +66,7 @@ from blockctl._jobs import (
 )
 from blockctl._log import get_logger
 from blockctl._machine import VM
+from blockctl._ops import conflicts
 from blockctl._ops.nodes import read_graph
 from blockctl._qmp import wire
 from blockctl.errors import (
@@ -146,7 +147,11 @@ def _vm_lock(repo: Repository, vm: VM | str) -> Any:
         if not isinstance(vm, str) and vm.run_dir is not None:
             paths.append(Path(vm.run_dir) / "backup.lock")
         for path in paths:
-            stack.enter_context(_flock(path, f"another backup of {name} is running"))
+            fd = stack.enter_context(_flock(path, f"another backup of {name} is running"))
+            if path.name == conflicts.BACKUP_LOCK:
+                # Named, so that a commit or unplug of a disk under it is refused naming it.
+                conflicts.write_backup_owner(fd, "backup")
+                stack.callback(conflicts.clear_backup_owner, fd)
         yield
 
 
@@ -160,7 +165,7 @@ def _flock(path: Path, busy: str) -> Any:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             raise RepositoryBusy(f"{busy} (it holds {path}); wait for it to finish") from exc
-        yield
+        yield fd
     finally:
         os.close(fd)
 

@@ -33,13 +33,16 @@ from blockctl._jobs import (
     JobIOError,
     JobProgress,
     JobResult,
+    JobSample,
     JobStatus,
     JobTransition,
     StructlogJobHook,
     adopt_jobs,
+    measured_rate,
 )
 from blockctl._log import get_logger
 from blockctl._machine import (
+    VM,
     Timeouts,
     attach,
     launch_detached,
@@ -48,7 +51,9 @@ from blockctl._machine import (
 from blockctl._ops import apply as apply_ops
 from blockctl._ops import chains, drives, vm_recovery
 from blockctl._ops.drives import DriveInfo
-from blockctl.errors import BlockctlError, ConfigError, ProcessFailed, QuiesceFailed
+from blockctl._qmp import wire
+from blockctl._qmp.models import JOB_FINAL
+from blockctl.errors import BlockctlError, ConfigError, Conflict, ProcessFailed, QuiesceFailed
 from blockctl.types import (
     CacheMode,
     DeprecatedInput,
@@ -227,10 +232,9 @@ class Status(Command):
             version = await vm.version()
             infos = await drives.list_drives(vm)
             slots = await drives.hotplug_slots(vm)
-            # Left by a controller that died mid-operation: `blockctl recover` settles them.
-            interrupted = len(_journal.load_all(vm.run_dir)) + len(
-                _agent.load_freeze_records(vm.run_dir)
-            )
+            # A record whose writer still runs is another client's operation in progress;
+            # the others were left by a controller that died: `blockctl recover` settles them.
+            running, interrupted = operations_on_record(vm.run_dir)
         # The same facts as `blockctl drives` (image file, the device's write cache).
         rows = []
         for info in infos:
@@ -260,6 +264,7 @@ class Status(Command):
             "qemu": str(version),
             "drives": rows,
             "interrupted_operations": interrupted,
+            "running_operations": running,
             "hotplug_slots": slots.as_dict(),
         }
         lines = [f"{vm.name}: {status.status} (pid {vm.pid}, QEMU {version})"]
@@ -269,6 +274,9 @@ class Status(Command):
             )
         else:
             lines.append(f"  hot-plug slots: {slots.free_count} free on the PCI root bus")
+        for op in running:
+            job = f", job {op['job_id']}" if op.get("job_id") else ""
+            lines.append(f"  running: {op['what']} (pid {op['pid']}{job})")
         if interrupted:
             lines.append(
                 f"  {interrupted} interrupted operation(s) on record: run `blockctl recover "
@@ -284,6 +292,42 @@ class Status(Command):
                 )
         emit(args, data, "\n".join(lines))
         return 0
+
+
+def operations_on_record(run_dir: Path | None) -> tuple[list[dict[str, Any]], int]:
+    """The journal's and the freeze records' operations whose writer still runs (each as
+    ``{id, kind, what, step, job_id, pid}``), and how many others there are (interrupted)."""
+    running: list[dict[str, Any]] = []
+    interrupted = 0
+    for item in _journal.load_all(run_dir):
+        if isinstance(item, _journal.Intent) and _journal.owner_alive(item):
+            running.append(
+                {
+                    "id": item.id,
+                    "kind": item.kind.value,
+                    "what": item.describe(),
+                    "step": item.step.value,
+                    "job_id": item.job_id,
+                    "pid": item.pid,
+                }
+            )
+        else:
+            interrupted += 1
+    for freeze in _agent.load_freeze_records(run_dir):
+        if isinstance(freeze, _agent.FreezeRecord) and _agent.writer_alive(freeze):
+            running.append(
+                {
+                    "id": freeze.id,
+                    "kind": "freeze",
+                    "what": f"freeze of the guest's filesystems for {freeze.operation}",
+                    "step": "frozen",
+                    "job_id": None,
+                    "pid": freeze.pid,
+                }
+            )
+        else:
+            interrupted += 1
+    return running, interrupted
 
 
 class Qmp(Command):
@@ -1137,6 +1181,13 @@ class Jobs(Command):
         )
         parser.add_argument("job", nargs="?")
         parser.add_argument("speed", nargs="?", help="bytes/s, for `speed` (0: unlimited)")
+        parser.add_argument(
+            "--sample",
+            type=float,
+            default=0.5,
+            metavar="SECONDS",
+            help="list: measure each job's rate over this long (default 0.5; 0: no rate/ETA)",
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         async with attach(args.vm, vm_name=args.vm_name) as vm:
@@ -1144,9 +1195,11 @@ class Jobs(Command):
             # attached: otherwise its owner may be about to read it (issue 14).
             jobs = await adopt_jobs(vm.session, dismiss=not vm.other_clients())
             if args.action == "list":
-                rows = []
+                rates = await sample_rates(vm, args.sample) if jobs else {}
+                rows: list[dict[str, Any]] = []
                 for job in jobs:
                     info = await job.info()
+                    rate, eta = rates.get(job.id, (None, None))
                     outcome = job.outcome
                     # "failed"/"nospace": paused on an I/O error, waiting for a resume.
                     io_status = await job.io_status() if info else None
@@ -1164,6 +1217,9 @@ class Jobs(Command):
                             "outcome": None
                             if outcome is None
                             else ("ok" if isinstance(outcome, JobResult) else str(outcome)),
+                            "rate": None if rate is None else round(rate),
+                            "eta": None if eta is None else round(eta, 1),
+                            "sampled": args.sample if job.id in rates else None,
                         }
                     )
                 emit(
@@ -1173,6 +1229,8 @@ class Jobs(Command):
                         f"{r['id']:<28} {r['type']:<14} {r['status']:<10} "
                         f"{r['done']}/{r['total']}"
                         + ("" if r["percent"] is None else f" ({r['percent']} %)")
+                        + ("" if r["rate"] is None else f" {human_size(r['rate'])}/s")
+                        + ("" if r["eta"] is None else f", ETA {r['eta']:.0f} s")
                         + f" {r['outcome'] or ''}"
                         + (
                             f" (paused on an I/O error: {r['io_status']})"
@@ -1199,6 +1257,29 @@ class Jobs(Command):
                 await target.set_speed(parse_size(args.speed, "speed"))
         emit(args, {"job": args.job, "action": args.action}, f"{args.job}: {args.action} sent")
         return 0
+
+
+async def sample_rates(vm: VM, interval: float) -> dict[str, tuple[float | None, float | None]]:
+    """Each running job's measured rate and ETA: two ``query-jobs`` ``interval`` s apart
+    (:func:`blockctl._jobs.measured_rate`). Nothing when ``interval`` is 0."""
+    if interval <= 0:
+        return {}
+
+    async def sample() -> dict[str, JobSample]:
+        infos = await wire.query_jobs(vm.session)
+        at = time.monotonic()
+        return {
+            j.id: JobSample(at=at, done=j.current_progress, total=j.total_progress)
+            for j in infos
+            if j.status not in JOB_FINAL
+        }
+
+    first = await sample()
+    if not first:
+        return {}
+    await anyio.sleep(interval)
+    second = await sample()
+    return {i: measured_rate(first[i], second[i]) for i in first.keys() & second.keys()}
 
 
 class RecoverCommand(Command):
@@ -1698,6 +1779,7 @@ class ExitCode(enum.IntEnum):
     #: an interrupted operation that needs attention
     DIFFERENT = 4  #: a check found a problem: images differ, an image is corrupt, a backup
     #: failed verification
+    BUSY = 5  #: refused: another operation runs on that disk (errors.Conflict)
     INTERRUPTED = 130  #: Ctrl-C (what was done is reported)
     BROKEN_PIPE = 141  #: the reader of stdout went away (``| head``); nothing more is printed
 
@@ -1709,6 +1791,7 @@ EXIT_CODES_HELP = """exit codes:
   3    pending: unplug pending, job cancelled by another client, a record needing attention
   4    a check found a problem: images differ, an image is corrupt, a backup failed
        verification
+  5    busy: refused, another operation runs on that disk (named: kind, job, client pid)
   130  interrupted (Ctrl-C; what was done is reported)
 """
 
@@ -1831,7 +1914,15 @@ def _run(args: argparse.Namespace, commands: dict[str, Command]) -> int:
         if rest and args.verbose:
             print(rest, file=sys.stderr)
         if args.json:
-            print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
+            error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+            if isinstance(exc, Conflict):  # what is running, for a script to wait on
+                error["running"] = {
+                    "kind": exc.kind,
+                    "job_id": exc.job_id,
+                    "device": exc.device,
+                    "pid": exc.pid,
+                }
+            print(json.dumps({"error": error}))
         return exc.exit_code
     except KeyboardInterrupt:  # before the command's SIGINT handler was in place
         return interrupt.EXIT_INTERRUPTED

@@ -39,7 +39,7 @@ from blockctl._graph import BlockGraph, GraphNode, NodeRole
 from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, error_policy, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
-from blockctl._ops import recovery
+from blockctl._ops import conflicts, recovery
 from blockctl._ops.nodes import flush_chain as flush_chain  # re-exported: chains' own API
 from blockctl._ops.nodes import node_options, set_read_only
 from blockctl._ops.nodes import read_graph as read_graph
@@ -151,7 +151,8 @@ async def external_snapshot(
         while f"{prefix}-s{k}" in taken:
             k += 1
         plans.append((device, top, overlay, f"{prefix}-s{k}"))
-    op = _journal.begin(vm, _journal.snapshot_intent(vm.name, tag, graph, plans))
+    async with conflicts.claim(vm, "snapshot", chosen):
+        op = _journal.begin(vm, _journal.snapshot_intent(vm.name, tag, graph, plans))
     created: list[Path] = []
     added: list[str] = []
 
@@ -220,6 +221,7 @@ async def external_snapshot(
                 # The snapshot happened: the record stays and the next reconcile (any chain
                 # operation, or blockctl recover) finds the post-state and finishes it.
                 op.step(_journal.Step.CONCLUDED)
+                op.release()
             else:
                 op.abandoned()
         raise
@@ -492,6 +494,8 @@ async def commit(
     await vm.require("block-commit", "blockdev-reopen", "job-dismiss")
     policy = error_policy(on_error)
     await recovery.settle(vm)
+    # First: what runs on the disk may also hide its chain (a backup's filter above it).
+    await conflicts.refuse_conflicts(vm, "commit", [device])
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     top_i = 0 if top is None else _index(chain, top, device, "top")
@@ -513,18 +517,19 @@ async def commit(
             "seen from here.)"
         )
     active = top_i == 0
-    op = _journal.begin(
-        vm,
-        _journal.chain_intent(
-            vm.name,
-            _journal.OpKind.COMMIT,
-            device,
-            graph,
-            top=top_i,
-            base=base_i,
-            delete_files=delete_files,
-        ),
-    )
+    async with conflicts.claim(vm, "commit", [device]):
+        op = _journal.begin(
+            vm,
+            _journal.chain_intent(
+                vm.name,
+                _journal.OpKind.COMMIT,
+                device,
+                graph,
+                top=top_i,
+                base=base_i,
+                delete_files=delete_files,
+            ),
+        )
     # The layers the job writes are reopened read-write; those that are backing layers after
     # the job (every one of them unless an active commit pivoted) go back to read-only in
     # every path, success or failure, cancelled or not (issue 16, defect 3): a writable
@@ -539,6 +544,7 @@ async def commit(
             await set_read_only(vm, device, graph, node, False)
     except BaseException:
         await _restore_read_only(vm, device, restore, "commit.reopen_failed")
+        op.abandoned()
         raise
 
     async def start(job_id: str) -> None:
@@ -617,6 +623,8 @@ async def stream(
     await vm.require("block-stream", "job-dismiss")
     policy = error_policy(on_error)
     await recovery.settle(vm)
+    # First: what runs on the disk may also hide its chain (a backup's filter above it).
+    await conflicts.refuse_conflicts(vm, "stream", [device])
     graph = await read_graph(vm)
     chain = graph.chain_of(device)
     if len(chain) < 2:
@@ -625,18 +633,19 @@ async def stream(
     if base_i == 0:
         raise ConfigError("base", "the base must be below the active layer")
     base_name = None if base is None else chain[base_i].name
-    op = _journal.begin(
-        vm,
-        _journal.chain_intent(
-            vm.name,
-            _journal.OpKind.STREAM,
-            device,
-            graph,
-            top=0,
-            base=base_i,
-            delete_files=delete_files,
-        ),
-    )
+    async with conflicts.claim(vm, "stream", [device]):
+        op = _journal.begin(
+            vm,
+            _journal.chain_intent(
+                vm.name,
+                _journal.OpKind.STREAM,
+                device,
+                graph,
+                top=0,
+                base=base_i,
+                delete_files=delete_files,
+            ),
+        )
 
     async def start(job_id: str) -> None:
         op.starting(job_id)

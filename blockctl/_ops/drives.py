@@ -33,6 +33,7 @@ from blockctl._argv import DriveSource, plan_drive
 from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
 from blockctl._machine import VM, check_nbd, inspect_drive
+from blockctl._ops import conflicts
 from blockctl._qmp import wire
 from blockctl._qmp.models import BlockDevice, BlockNode, CacheFlags, IoLimits
 from blockctl._registry import DriveRecord
@@ -474,14 +475,16 @@ async def unplug(vm: VM, device_id: str, *, timeout: float = 10.0) -> UnplugResu
         raise Unsupported(
             "unplug", f"{device_id!r} was not created by blockctl; its nodes are unknown"
         )
-    vm.registry.set_pending(device_id, True)
     with wire.device_deleted_events(vm.session) as events:
-        try:
-            await wire.device_del(vm.session, device_id)
-        except CommandFailed as exc:
-            if "already in the process of unplug" not in exc.desc:
-                vm.registry.set_pending(device_id, False)
-                raise
+        # QEMU accepts device_del of a disk a job is writing: refused here, by name.
+        async with conflicts.claim(vm, "unplug", [device_id]):
+            vm.registry.set_pending(device_id, True)
+            try:
+                await wire.device_del(vm.session, device_id)
+            except CommandFailed as exc:
+                if "already in the process of unplug" not in exc.desc:
+                    vm.registry.set_pending(device_id, False)
+                    raise
         with anyio.move_on_after(timeout) as scope:
             await events.wait_for(lambda e: wire.is_device_deleted(e, device_id))
     if scope.cancelled_caught:

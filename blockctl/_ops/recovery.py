@@ -72,6 +72,8 @@ class Recovery:
     done: tuple[str, ...] = ()  # the actions carried out, for the log and --json
     tops: dict[str, str] = field(default_factory=dict)  # QEMU gone: device → top file on disk
     kept: bool = False  # the record stays (needs attention)
+    #: The process that drives it (verdict ``running``: another client's live operation).
+    owner_pid: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +86,7 @@ class Recovery:
             "done": list(self.done),
             "tops": self.tops,
             "kept": self.kept,
+            "owner_pid": self.owner_pid,
         }
 
 
@@ -136,9 +139,9 @@ async def reconcile(
             continue
         results.append(await _reconcile_one(vm, item, deadline, hooks, forget))
     for r in results:
-        _log.warning(
-            "blockctl.recovery", vm=vm.name, op=r.op_id, verdict=r.verdict.value, message=r.message
-        )
+        # Another client's operation in progress is not something recovery found wrong.
+        log = _log.info if r.verdict is Verdict.RUNNING else _log.warning
+        log("blockctl.recovery", vm=vm.name, op=r.op_id, verdict=r.verdict.value, message=r.message)
     return results
 
 
@@ -207,7 +210,18 @@ async def _reconcile_one(
     assert vm.run_dir is not None
     first_step = intent.step.value
     done: list[str] = []
-    plan = _journal.plan(intent, await read_facts(vm))
+    plan = _journal.plan(intent, await read_facts(vm), owner_alive=_journal.owner_alive(intent))
+    if plan.verdict is Verdict.RUNNING:
+        # Another client drives it: its record is its own; not adopted, written or forgotten.
+        return Recovery(
+            op_id=intent.id,
+            kind=intent.kind.value,
+            what=intent.describe(),
+            step=first_step,
+            verdict=plan.verdict,
+            message=plan.message,
+            owner_pid=intent.pid,
+        )
     for _ in range(_ROUNDS):
         if plan.verdict is not None:
             break

@@ -14,6 +14,7 @@ Command names are not spelled here; ``blockctl._qmp.wire`` does that.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import time
@@ -34,6 +35,7 @@ from blockctl.errors import (
     BlockctlError,
     CommandFailed,
     ConnectionLost,
+    NodeBusy,
     ProtocolMismatch,
     QMPConnectFailed,
     QMPError,
@@ -63,12 +65,23 @@ QMP_ERROR_MAP: dict[type[BaseException], type[BlockctlError]] = {
 }
 
 
+#: QEMU's refusal when a block job blocks an operation on a node (bdrv_op_is_blocked).
+_NODE_BUSY = re.compile(
+    r"Node '(?P<node>[^']*)' is busy: block device is in use by block job: (?P<kind>[\w-]+)"
+)
+
+
 def translate(exc: qmp_error.QMPError, command: str, lost_reason: str | None) -> BlockctlError:
     """The BlockctlError for ``exc``, raised by ``command`` (``"connect"`` while connecting)."""
     target = QMP_ERROR_MAP.get(type(exc))
     if target is None:  # an unknown subclass: use its nearest mapped parent
         target = next((QMP_ERROR_MAP[k] for k in type(exc).__mro__ if k in QMP_ERROR_MAP), QMPError)
     if target is CommandFailed and isinstance(exc, qmp_client.ExecuteError):
+        busy = _NODE_BUSY.search(str(exc))
+        if busy is not None:  # a block job holds the node: a conflict, named as one
+            return NodeBusy(
+                command, exc.error_class, str(exc), node=busy["node"], kind=busy["kind"]
+            )
         return CommandFailed(command, exc.error_class, str(exc))
     if target is ProtocolMismatch:
         return ProtocolMismatch(command, str(exc))

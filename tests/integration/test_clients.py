@@ -4,6 +4,7 @@ Ctrl-C in the CLI, and eight clients querying during a commit."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from blockctl._machine import launch_detached, shutdown_detached
 from blockctl._qmp import wire
 from blockctl.errors import MonitorsBusy, QMPConnectFailed
 from blockctl.types import Drive, ImageFormat, MachineConfig
-from tests.integration.conftest import MIB, base_config, qcow2_image, run, truth_check
+from tests.integration.conftest import MIB, base_config, pattern, qcow2_image, run, truth_check
 from tests.integration.test_attach_cli import cli
 
 pytestmark = pytest.mark.guest
@@ -247,15 +248,31 @@ async def test_job_of_one_process_driven_and_cancelled_by_another(
                 (job_id, "commit", "running")
             ]
             assert rows[0]["total"] == job["total-progress"] > 0
+            # Rate and ETA measured over the sample (0.5 s by default). A rate-limited
+            # commit moves in 512 KiB steps, so a short sample may see none: a rate of 0
+            # and no ETA, said as such.
+            assert rows[0]["sampled"] == 0.5
+            assert rows[0]["rate"] >= 0
+            assert (rows[0]["eta"] is None) == (rows[0]["rate"] == 0)
+            human = (await cli("jobs", "jobs2", "--sample", "1")).stdout
+            assert "B/s" in human and job_id in human
+            unsampled = json.loads((await cli("jobs", "jobs2", "--sample", "0", "--json")).stdout)
+            assert (unsampled[0]["rate"], unsampled[0]["eta"], unsampled[0]["sampled"]) == (
+                None,
+                None,
+                None,
+            )
             await cli("jobs", "jobs2", "pause", job_id)
             paused = json.loads((await cli("jobs", "jobs2", "--json")).stdout)
             assert paused[0]["status"] in ("paused", "standby")
             await cli("jobs", "jobs2", "resume", job_id)
             assert (await raw_jobs(vm))[0]["status"] == "running"
-            await cli("jobs", "jobs2", "speed", job_id, "128K")
+            # (Slower, not faster: the job must still be there for the cancel below, however
+            # long the CLI calls take on a busy machine.)
+            await cli("jobs", "jobs2", "speed", job_id, "32K")
             block_jobs = await vm.command("query-block-jobs")
             assert isinstance(block_jobs, list)
-            assert block_jobs[0]["speed"] == 128 * 1024
+            assert block_jobs[0]["speed"] == 32 * 1024
             await cli("jobs", "jobs2", "cancel", job_id)
             code, out, err = await finish(a)
         assert code == 3, (out, err)
@@ -273,6 +290,231 @@ async def test_job_of_one_process_driven_and_cancelled_by_another(
         assert await read_only_state(vm) == before_ro
         assert await chain_names(vm) == before_chain
         await truth_check(vm)
+
+
+# Section: another client's operation is running, not interrupted
+
+
+async def test_a_commit_of_another_process_is_running_not_interrupted(
+    guest: GuestImage, images: Path
+) -> None:
+    """Process A commits (rate-limited); process B's `status` lists it as running by A's
+    pid and B's `recover` leaves it alone (no adoption, no speed change, the record as A
+    wrote it); A's commit then completes exactly."""
+    layers = await slow_chain(images)
+    top, _c, b, a = layers
+    expected = images / "expected.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", b, expected)
+    async with open_vm(named(guest, "owned", top)) as vm:
+        assert vm.run_dir is not None
+        async with blockctl_process(
+            "commit", "owned", "disk0", "--top", "drv0-b2", "--speed", "64K", "--json"
+        ) as committer:
+            job_id = (await running_job(vm))["id"]
+            (record,) = vm.run_dir.glob("journal-*.json")
+            written = record.read_bytes()
+            assert json.loads(written)["pid"] == committer.pid
+            ro_before = await read_only_state(vm)
+            status = json.loads((await cli("status", "owned", "--json")).stdout)
+            assert status["interrupted_operations"] == 0
+            (op,) = status["running_operations"]
+            assert (op["kind"], op["pid"], op["job_id"]) == ("commit", committer.pid, job_id)
+            human = (await cli("status", "owned")).stdout
+            assert f"running: commit of B.qcow2 into A.qcow2 on disk0 (pid {committer.pid}" in human
+            assert "interrupted" not in human
+            recovered = await cli("recover", "owned", "--json", check=False)
+            assert recovered.returncode == 0, (recovered.stdout, recovered.stderr)
+            (found,) = json.loads(recovered.stdout)["operations"]
+            assert (found["verdict"], found["owner_pid"], found["done"]) == (
+                "running",
+                committer.pid,
+                [],
+            )
+            # Nothing touched: the job runs on at A's speed, the record is A's, flags as before.
+            block_jobs = await vm.command("query-block-jobs")
+            assert isinstance(block_jobs, list)
+            (job,) = block_jobs
+            assert (job["device"], job["speed"], job["status"]) == (job_id, 64 * 1024, "running")
+            # (A itself may have written RUNNING meanwhile: its job's event can come later.)
+            after = json.loads(record.read_bytes())
+            assert after["step"] in ("starting", "running")
+            assert {**after, "step": None} == {**json.loads(written), "step": None}
+            assert await read_only_state(vm) == ro_before
+            await cli("jobs", "owned", "speed", job_id, "0")
+            code, out, err = await finish(committer)
+        assert code == 0, (out, err)
+        result = json.loads(out)
+        assert (result["job"], result["chain"]) == (job_id, ["drv0", "drv0-b1", "drv0-b3"])
+        assert not list(vm.run_dir.glob("journal-*"))
+        assert await raw_jobs(vm) == []
+        await run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", a, expected)
+        await truth_check(vm)
+
+
+# Section: conflicting operations, refused by name
+
+#: The operation process A runs (rate-limited: it lasts a minute unless re-speeded).
+RUNNING = {
+    "commit": ["commit", "conflict", "disk0", "--top", "drv0-b2", "--speed", "64K", "--json"],
+    "stream": ["stream", "conflict", "disk0", "--base", "drv0-b3", "--speed", "64K", "--json"],
+}
+#: What process B tries.
+SECOND = {
+    "commit": ["commit", "conflict", "disk0", "--top", "drv0-b1", "--json"],
+    "unplug": ["detach", "conflict", "disk0", "--json"],
+    "snapshot": ["snapshot", "conflict", "create", "s1", "--disk", "disk0", "--json"],
+}
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], kind: str, pid: int) -> dict[str, Any]:
+    """Exit code 4, one line on stderr, the running operation named in --json."""
+    assert done.returncode == 5, (done.stdout, done.stderr)
+    error = json.loads(done.stdout)["error"]
+    assert error["type"] == "Conflict"
+    assert error["running"]["kind"] == kind
+    assert error["running"]["device"] == "disk0"
+    assert error["running"]["pid"] == pid
+    assert f"pid {pid}" in error["message"]
+    assert "nothing was changed" in error["message"]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("blockctl: Conflict: ")
+    return dict(error)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("commit", "commit"),
+        ("commit", "unplug"),
+        ("commit", "snapshot"),
+        ("stream", "unplug"),
+        ("stream", "commit"),
+    ],
+)
+async def test_a_conflicting_operation_is_refused_by_name(
+    guest: GuestImage, images: Path, first: str, second: str
+) -> None:
+    """Process A runs a commit or stream on disk0; process B's commit, unplug or snapshot
+    of disk0 is refused (exit 4) naming A's operation, job and pid, before anything changed;
+    A's job then completes exactly."""
+    layers = await slow_chain(images)
+    top, _c, b, a = layers
+    expected = images / "expected.raw"  # what the job must leave: see the end
+    source = b if first == "commit" else top
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", source, expected)
+    async with open_vm(named(guest, "conflict", top)) as vm:
+        assert vm.run_dir is not None
+        async with blockctl_process(*RUNNING[first]) as proc_a:
+            job_id = (await running_job(vm))["id"]
+            ro_before = await read_only_state(vm)
+            chain_before = await chain_names(vm)
+            files_before = sorted(p.name for p in images.iterdir())
+            done = await cli(*SECOND[second], check=False)
+            error = assert_refused(done, first, proc_a.pid)
+            assert error["running"]["job_id"] == job_id
+            assert f"job {job_id}" in error["message"]
+            assert error["message"].startswith(f"{second} of disk0 refused: {first} of ")
+            # Nothing changed: A's job runs on at its speed; flags, chain, files, the disk
+            # (no unplug requested), one journal record (A's).
+            block_jobs = await vm.command("query-block-jobs")
+            assert isinstance(block_jobs, list)
+            assert [(j["device"], j["speed"], j["status"]) for j in block_jobs] == [
+                (job_id, 64 * 1024, "running")
+            ]
+            assert await read_only_state(vm) == ro_before
+            assert await chain_names(vm) == chain_before
+            assert sorted(p.name for p in images.iterdir()) == files_before
+            assert "disk0" in await wire.qom_list(vm.session, "/machine/peripheral")
+            assert len(list(vm.run_dir.glob("journal-*.json"))) == 1
+            await cli("jobs", "conflict", "speed", job_id, "0")
+            code, out, err = await finish(proc_a)
+        assert code == 0, (out, err)
+        assert json.loads(out)["job"] == job_id
+        assert await raw_jobs(vm) == []
+        await truth_check(vm)
+    # (Once QEMU is gone: a stream's metadata may still be in its cache until then.)
+    if first == "commit":  # A now reads what B read
+        await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", a, expected)
+    else:  # D, now backed by A, reads what the whole chain read
+        await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, expected)
+
+
+#: Process A: a full backup of NAME's disk0 into REPO that stops once its fleecing job runs
+#: (the failpoint after the transaction), says "held", and goes on when its stdin gets a line.
+BACKUP_HOLDER = """
+import sys, anyio
+from blockctl import attach, backup
+
+async def main(name, repo_path):
+    async def hold(step):
+        if step == "after-transaction":
+            print("held", flush=True)
+            await anyio.to_thread.run_sync(sys.stdin.readline)
+    async with attach(name) as vm:
+        manifest = await backup.create(
+            vm, backup.open_repository(repo_path), kind="full", failpoint=hold
+        )
+    print(manifest.id, flush=True)
+
+anyio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+async def test_commit_and_unplug_of_a_disk_under_backup_are_refused(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Process A's backup of disk0 holds its fleecing job; B's commit and unplug of disk0
+    are refused naming the backup and A's pid; the backup then completes exactly."""
+    from blockctl import backup
+
+    layers = await slow_chain(images)
+    top = layers[0]
+    reference = images / "reference.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", top, reference)
+    repo_path = tmp_path / "repo"
+    repo = backup.init_repository(repo_path, chunk_size=64 * 1024)
+    async with open_vm(named(guest, "conflict", top)) as vm:
+        proc = await anyio.open_process(
+            [sys.executable, "-c", BACKUP_HOLDER, "conflict", str(repo_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(os.environ),
+        )
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            said = b""
+            while b"held\n" not in said:
+                said += await proc.stdout.receive()
+            (backup_job,) = await raw_jobs(vm)
+            assert backup_job["type"] == "backup"
+            ro_before = await read_only_state(vm)
+            chain_before = await chain_names(vm)
+            for second in ("commit", "unplug"):
+                done = await cli(*SECOND[second], check=False)
+                error = assert_refused(done, "backup", proc.pid)
+                assert error["running"]["job_id"] == backup_job["id"]
+                assert error["message"].startswith(
+                    f"{second} of disk0 refused: a backup of disk0 (job {backup_job['id']}; "
+                    f"pid {proc.pid})"
+                )
+            assert await read_only_state(vm) == ro_before
+            assert await chain_names(vm) == chain_before
+            assert "disk0" in await wire.qom_list(vm.session, "/machine/peripheral")
+            await proc.stdin.send(b"go\n")
+            code, out, err = await finish(proc)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
+                await proc.aclose()
+        assert code == 0, (out, err)
+        point = out.strip().splitlines()[-1]
+        await truth_check(vm)
+    restored = tmp_path / "restored.raw"
+    await backup.restore(repo, "conflict", point, "disk0", restored, ImageFormat.RAW)
+    await run("qemu-img", "compare", "-f", "raw", "-F", "raw", restored, reference)
 
 
 # Section: Ctrl-C
@@ -311,44 +553,132 @@ async def test_ctrl_c_cancels_the_job_and_says_what_was_done(
         await truth_check(vm)
 
 
-# Section: eight clients during a commit
+# Section: eight clients during a commit and a backup
 
 
-async def test_eight_clients_query_during_a_commit(guest: GuestImage, images: Path) -> None:
+async def test_eight_clients_query_during_a_commit_and_a_backup(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """A commit on disk0 (another process, the CLI) and a backup of disk1 (this process,
+    the library) run while eight CLI clients loop over status, drives, chain and jobs: no
+    client fails or sees a wrong job list, the committing process sees every event this
+    process's monitor sees, and both jobs are exact (disk0's chain reads as before, disk1's
+    restore equals it)."""
+    from blockctl import backup
+    from blockctl._ops import chains
+
     layers = await slow_chain(images)
     top, _c, b, a = layers
-    # What the commit must produce: A afterwards reads exactly what B read before.
-    expected = images / "expected.raw"
+    expected = images / "expected.raw"  # the commit must make A read what B read
     await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", b, expected)
-    async with open_vm(named(guest, "eight", top)) as vm:
-        async with blockctl_process(
-            "commit", "eight", "disk0", "--top", "drv0-b2", "--speed", "64K", "--json"
-        ) as committer:
-            job_id = (await running_job(vm))["id"]
-            failures: list[str] = []
+    data = await qcow2_image(images / "data.qcow2", pattern(7, 4 * MIB), 8 * MIB)
+    reference = images / "data.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", data, reference)
+    repo = backup.init_repository(tmp_path / "repo", chunk_size=64 * 1024)
+    config = named(guest, "eight", top)
+    config = dataclasses.replace(
+        config, drives=(*config.drives, Drive(file=data, format=ImageFormat.QCOW2))
+    )
+    held, release, commit_running = anyio.Event(), anyio.Event(), anyio.Event()
+    points: list[str] = []
 
-            async def client(i: int) -> None:
-                for command in ("status", "drives", "chain", "jobs"):
-                    done = await cli(command, "eight", "--json", check=False)
-                    if done.returncode != 0:
-                        failures.append(f"client {i} {command}: {done.stderr}")
-                    elif command == "jobs":
-                        ids = [r["id"] for r in json.loads(done.stdout)]
-                        if ids != [job_id]:
-                            failures.append(f"client {i} jobs: {ids}")
+    async with open_vm(config) as vm:
+        assert (await chains.read_graph(vm)).chain_of("disk1")[0].filename == str(data)
 
+        async def hold(step: str) -> None:
+            if step == "after-transaction":
+                held.set()
+                await release.wait()
+
+        async def run_backup() -> None:
+            manifest = await backup.create(vm, repo, kind="full", devices=["disk1"], failpoint=hold)
+            points.append(manifest.id)
+
+        seen: list[str] = []  # the commit job's statuses, as this process's monitor saw them
+
+        async def watch(stream: Any) -> None:
+            while True:
+                event = await stream.next()
+                if event.name == "JOB_STATUS_CHANGE" and event.data["id"].startswith("bc-commit-"):
+                    seen.append(event.data["status"])
+                    if event.data["status"] == "running":
+                        commit_running.set()
+                    if event.data["status"] == "null":
+                        return
+
+        with wire.job_events(vm.session) as stream:
             async with anyio.create_task_group() as tg:
-                for i in range(8):
-                    tg.start_soon(client, i)
-            assert failures == []
-            still = await raw_jobs(vm)
-            assert [j["id"] for j in still] == [job_id]  # the clients overlapped the commit
-            await cli("jobs", "eight", "speed", job_id, "0")
-            code, out, err = await finish(committer)
+                tg.start_soon(watch, stream)
+                tg.start_soon(run_backup)
+                await held.wait()
+                (backup_job,) = await raw_jobs(vm)
+                async with blockctl_process(
+                    # 16 KiB/s: four minutes, longer than the clients take on a busy machine.
+                    "commit",
+                    "eight",
+                    "disk0",
+                    "--top",
+                    "drv0-b2",
+                    "--speed",
+                    "16K",
+                    "--json",
+                ) as committer:
+                    async with anyio.create_task_group() as race:  # or the commit's failure
+
+                        async def exited() -> None:
+                            await committer.wait()
+                            race.cancel_scope.cancel()
+
+                        race.start_soon(exited)
+                        await commit_running.wait()
+                        race.cancel_scope.cancel()
+                    assert commit_running.is_set(), await finish(committer)
+                    (commit_job,) = [j for j in await raw_jobs(vm) if j["type"] == "commit"]
+                    both = {backup_job["id"], commit_job["id"]}
+                    failures: list[str] = []
+                    calls = 0
+
+                    async def client(i: int) -> None:
+                        nonlocal calls
+                        for _round in range(2):
+                            for command in ("status", "drives", "chain", "jobs"):
+                                done = await cli(command, "eight", "--json", check=False)
+                                calls += 1
+                                if done.returncode != 0:
+                                    failures.append(f"client {i} {command}: {done.stderr}")
+                                elif command == "jobs":
+                                    ids = {r["id"] for r in json.loads(done.stdout)}
+                                    if ids != both:
+                                        failures.append(f"client {i} jobs: {ids}")
+                                elif command == "drives":
+                                    devices = [d["device"] for d in json.loads(done.stdout)]
+                                    if devices != ["disk0", "disk1"]:
+                                        failures.append(f"client {i} drives: {devices}")
+
+                    async with anyio.create_task_group() as clients:
+                        for i in range(8):
+                            clients.start_soon(client, i)
+                    assert failures == []
+                    assert calls == 8 * 2 * 4
+                    # Both jobs overlapped every client.
+                    assert {j["id"] for j in await raw_jobs(vm)} == both
+                    release.set()
+                    await cli("jobs", "eight", "speed", commit_job["id"], "0")
+                    code, out, err = await finish(committer)
         assert code == 0, (out, err)
         result = json.loads(out)
-        assert result["job"] == job_id
+        assert result["job"] == commit_job["id"]
         assert result["chain"] == ["drv0", "drv0-b1", "drv0-b3"]
+        # No lost event: the committing process saw what this monitor saw, "created" (its
+        # job driver's start) aside.
+        assert [t for t in result["transitions"] if t != "created"] == [
+            t for t in seen if t != "created"
+        ]
+        assert seen[-2:] == ["concluded", "null"]
         assert await raw_jobs(vm) == []
-        await run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", a, expected)
         await truth_check(vm)
+    (point,) = points
+    restored = tmp_path / "restored.raw"
+    await backup.restore(repo, "eight", point, "disk1", restored, ImageFormat.RAW)
+    await run("qemu-img", "compare", "-f", "raw", "-F", "raw", restored, reference)
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", a, expected)

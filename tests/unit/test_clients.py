@@ -16,7 +16,7 @@ import structlog
 from blockctl import _monitors
 from blockctl._argv import build_argv
 from blockctl._cli import interrupt
-from blockctl._jobs import JobEnded, JobTransition, adopt_jobs, start_job
+from blockctl._jobs import JobEnded, JobSample, JobTransition, adopt_jobs, measured_rate, start_job
 from blockctl.errors import JobCancelled, JobCancelledByOther, MonitorsBusy, QMPConnectFailed
 from blockctl.testing import FakeError, FakeReply
 from blockctl.types import Accel, MachineConfig
@@ -286,3 +286,39 @@ async def test_a_vanished_run_directory_is_a_clear_connect_error(tmp_path: Path)
     assert "attach to VM 'gone': taking a QMP monitor failed" in message
     assert "qmp-0.lock: No such file or directory" in message
     assert "Is the VM still running?" in message
+
+
+# Section: rate and ETA in `blockctl jobs`, measured from two samples
+
+
+def test_rate_and_eta_are_measured_between_two_samples() -> None:
+    first = JobSample(at=100.0, done=1 * MIB, total=9 * MIB)
+    second = JobSample(at=100.5, done=2 * MIB, total=9 * MIB)
+    rate, eta = measured_rate(first, second)
+    assert rate == 2 * MIB  # 1 MiB in 0.5 s
+    assert eta == 3.5  # 7 MiB left at 2 MiB/s
+
+
+def test_a_job_that_did_not_move_has_rate_zero_and_no_eta() -> None:
+    sample = JobSample(at=1.0, done=MIB, total=2 * MIB)
+    assert measured_rate(sample, JobSample(at=2.0, done=MIB, total=2 * MIB)) == (0.0, None)
+
+
+def test_no_rate_without_time_between_or_when_progress_goes_back() -> None:
+    sample = JobSample(at=5.0, done=MIB, total=2 * MIB)
+    assert measured_rate(sample, sample) == (None, None)
+    assert measured_rate(sample, JobSample(at=4.0, done=2 * MIB, total=2 * MIB)) == (None, None)
+    # A new job under the same id (the old one dismissed meanwhile): progress went back.
+    assert measured_rate(sample, JobSample(at=6.0, done=0, total=MIB)) == (None, None)
+
+
+def test_the_eta_follows_a_growing_total_and_never_goes_negative() -> None:
+    # An active commit's total grows with the guest's writes; done may pass the old total.
+    rate, eta = measured_rate(
+        JobSample(at=0.0, done=0, total=MIB), JobSample(at=1.0, done=MIB, total=3 * MIB)
+    )
+    assert (rate, eta) == (MIB, 2.0)
+    rate, eta = measured_rate(
+        JobSample(at=0.0, done=0, total=MIB), JobSample(at=2.0, done=2 * MIB, total=MIB)
+    )
+    assert (rate, eta) == (MIB, 0.0)

@@ -171,3 +171,24 @@ def test_image_filename_reads_qemus_node_names() -> None:
     )
     assert image_filename(name) == "/srv/top.qcow2"
     assert image_filename("json:{not json") is None
+
+
+def test_a_backups_filter_above_a_disk_passes_through_to_its_format_node() -> None:
+    """During a backup QEMU puts a copy-before-write filter (an implicit ``#block…`` node
+    named by the disk's plain filename) above the disk's top: the device's chain is still
+    the four layers, not the top's protocol node (recorded from QEMU 7.2; the filter's
+    ``target`` child, the fleecing node, is not a file or backing edge)."""
+    g = graph("backup-fleecing")
+    filters = [n for n in g.nodes.values() if n.driver == "copy-before-write"]
+    (cbw,) = filters
+    assert g.devices["disk0"].root == cbw.name
+    assert cbw.file_child == "drv0"
+    assert [n.name for n in g.chain_of("disk0")] == ["drv0", "drv0-b1", "drv0-b2", "drv0-b3"]
+    # (QEMU also lists the backup job as a parent of the filter: "main node".)
+    edges = {e for e in truth("backup-fleecing") if e[1] not in ("target", "main node")}
+    assert edges == derived(g)
+    (fleece,) = [n for n in g.nodes.values() if n.name.startswith("bcf") and n.driver == "qcow2"]
+    assert fleece.backing == "drv0"
+    device = g.device_of(fleece.backing)
+    assert device is not None and device.id == "disk0"
+    assert g.warnings == ()

@@ -371,3 +371,81 @@ def test_the_graph_wins_over_a_recorded_error_and_a_dismissed_job_is_gone() -> N
     being_dismissed = {"bc-commit-1-abc": JobFact(status=JobStatus.NULL, error=None)}
     p = j.plan(commit_intermediate(), facts(("ov", "base"), jobs=being_dismissed))
     assert p.verdict is Verdict.FINISHED
+
+
+# Section: a record whose writer still runs (issue 14: another client's operation)
+
+
+@given(
+    intent=st.sampled_from(
+        [
+            *(commit_intermediate(s) for s in Step),
+            *(active_commit(s) for s in Step),
+            *(snapshot(s) for s in Step),
+        ]
+    ),
+    chain=st.lists(NAMES, max_size=4, unique=True),
+    job=st.none() | st.sampled_from(list(JobStatus)),
+)
+def test_a_live_writers_operation_is_running_and_left_alone(
+    intent: Intent, chain: list[str], job: JobStatus | None
+) -> None:
+    """Whatever QEMU shows (no job yet, the job in any state, either chain), a record whose
+    writer still runs is reported running by its pid: no action, never forgotten."""
+    intent = replace(intent, pid=4242, pid_start=77)
+    jobs = (
+        {}
+        if job is None or intent.job_id is None
+        else {intent.job_id: JobFact(status=job, error=None)}
+    )
+    p = j.plan(intent, facts(tuple(chain), jobs=jobs), owner_alive=True)
+    assert p.verdict is Verdict.RUNNING
+    assert p.actions == ()
+    assert not p.forget
+    assert "running in process 4242" in p.message
+    # The same record once its writer is gone: what it was before (adopt, finish, undo...).
+    assert j.plan(intent, facts(tuple(chain), jobs=jobs)).verdict is not Verdict.RUNNING
+
+
+def test_qemu_gone_wins_over_a_live_writer() -> None:
+    p = j.plan(commit_intermediate(), Facts(alive=False), owner_alive=True)
+    assert p.verdict is Verdict.QEMU_GONE
+
+
+def test_records_name_their_writer_and_owner_alive_checks_it(tmp_path: Path) -> None:
+    me = os.getpid()
+    start = j.process_start(me)
+    assert start is not None
+    op = j.Op(tmp_path, replace(commit_intermediate(Step.PLANNED), pid=me, pid_start=start), bool)
+    (loaded,) = j.load_all(tmp_path)
+    assert isinstance(loaded, Intent) and (loaded.pid, loaded.pid_start) == (me, start)
+    # This process drives it: alive. Once it no longer does (the record left behind for the
+    # next reconcile), not alive, though the writer runs.
+    assert j.owner_alive(loaded)
+    op.release()
+    assert not j.owner_alive(loaded)
+    # Another process: alive while it runs with the same start time (a reused pid is not it).
+    parent = os.getppid()
+    parent_start = j.process_start(parent)
+    other = replace(loaded, pid=parent, pid_start=parent_start)
+    assert j.owner_alive(other)
+    assert not j.owner_alive(replace(other, pid_start=(parent_start or 0) + 1))
+    # A record from before records named their writer: not alive (interrupted, as before).
+    assert not j.owner_alive(replace(loaded, pid=None, pid_start=None))
+
+
+def test_begin_names_the_writer(tmp_path: Path) -> None:
+    class FakeSession:
+        lost = False
+
+    class FakeVM:
+        run_dir = tmp_path
+        session = FakeSession()
+
+    op = j.begin(FakeVM(), replace(commit_intermediate(Step.PLANNED), id=""))  # type: ignore[arg-type]
+    assert op.intent.pid == os.getpid()
+    assert op.intent.pid_start == j.process_start(os.getpid())
+    assert j.owner_alive(op.intent)
+    op.finished()
+    assert not j.owner_alive(op.intent)
+    assert j.load_all(tmp_path) == []
