@@ -9,8 +9,9 @@ tell the mutant from the code, with the reason) or ``open`` (a real gap, known a
 covered by a test, with what a test would need). Exit 1 if a survivor is in neither list, or
 if mutmut could not run.
 
-    scripts/mutation-score                  # every module
-    scripts/mutation-score --module journal --module checkpoints
+    scripts/mutation-score                  # the modules CI runs (DEFAULT)
+    scripts/mutation-score --all            # every module
+    scripts/mutation-score --module graph --module jobs
     scripts/mutation-score --draft out.toml # unexplained survivors as entries to fill in
 """
 
@@ -87,6 +88,12 @@ MODULES: dict[str, Module] = {
     ),
     "checkpoints": Module("blockctl/_backup/checkpoints.py", ("*",)),
 }
+
+#: What CI runs (``scripts/mutation-score`` without ``--module``): the modules whose every
+#: survivor is killed or explained, within CI's time. The others run with ``--module`` or
+#: ``--all``; their first runs are in the README (graph: survivors not yet explained; argv
+#: and jobs: too slow for CI on this 2-core machine so far).
+DEFAULT = ("journal", "checkpoints", "apply")
 
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
@@ -184,11 +191,13 @@ def toml_string(text: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", choices=sorted(MODULES), default=[])
+    parser.add_argument("--all", action="store_true", help="every module, not only CI's")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-run", action="store_true", help="report the last run's results")
     parser.add_argument("--draft", type=Path, help="write unexplained survivors as entries")
     args = parser.parse_args()
-    selected = {k: MODULES[k] for k in (args.module or MODULES)}
+    keys = list(MODULES) if args.all else args.module or list(DEFAULT)
+    selected = {k: MODULES[k] for k in keys}
     explained = load_explained()
     started = time.monotonic()
     if not args.no_run:

@@ -147,10 +147,10 @@ def test_every_kind_of_step_and_conflict_exactly_and_each_lets_the_next_drive_be
         cdrom("/same.iso", device="disk7"),  # the same medium: nothing
         cdrom(None, device="disk8"),  # empty and empty: nothing
         want("/x.qcow2", device="disk1"),  # another image: a conflict
-        want("/a.qcow2", cache=CacheMode.NONE, size=1 << 27, throttle={"bps": 100}),
+        want("/a.qcow2", cache=CacheMode.NONE, size=1 << 27, throttle={"bps": 100, "iops": 7}),
         want("/s.qcow2", size=1 << 20),  # shrink without permission
         want("/u.qcow2", throttle={}),  # limits removed
-        want("/e.qcow2", size=1 << 26),  # the same size: nothing
+        want("/e.qcow2", size=1 << 26, throttle={}),  # the same size and limits: nothing
     ]
     lives = [
         live("disk0", "/a.qcow2"),
@@ -189,7 +189,9 @@ def test_every_kind_of_step_and_conflict_exactly_and_each_lets_the_next_drive_be
                 detail=f"{1 << 26} → {1 << 27} bytes",
                 desired=wants[7],
             ),
-            Step(action=Action.THROTTLE, device="disk0", detail="bps=100", desired=wants[7]),
+            Step(
+                action=Action.THROTTLE, device="disk0", detail="bps=100, iops=7", desired=wants[7]
+            ),
             Step(action=Action.THROTTLE, device="disk5", detail="unlimited", desired=wants[9]),
             Step(action=Action.DETACH, device="disk6", detail="/gone.qcow2"),
         ),
