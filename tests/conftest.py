@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 
 def missing(what: str) -> None:
@@ -28,6 +28,17 @@ def missing(what: str) -> None:
 settings.register_profile("ci", derandomize=False, print_blob=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+# Mutation testing (scripts/mutation-score, `--hypothesis-profile=mutation`): the same fixed
+# sequence, no shrinking (the first failing example kills the mutant; shrinking it only costs
+# time), no example database (every mutant starts alike) and no deadline (a slow run on a
+# loaded machine must not count as a kill).
+settings.register_profile(
+    "mutation",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=(Phase.explicit, Phase.generate),
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

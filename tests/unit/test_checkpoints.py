@@ -208,6 +208,111 @@ def test_bitmaps_of_other_repositories_and_tools_are_never_named() -> None:
             assert not names_in(action) & protected, action
 
 
+@pytest.mark.parametrize(
+    ("bitmaps", "latest", "in_latest", "reason"),
+    [
+        pytest.param([], None, True, "the repository has no earlier backup of this VM", id="first"),
+        pytest.param(
+            [mine(P2)],
+            P2,
+            False,
+            f"disk0 is not in the last backup {P2} (added, or resized since)",
+            id="not-in-latest",
+        ),
+        pytest.param(
+            [mine(P1)],
+            P2,
+            True,
+            f"the VM has no checkpoint of the last backup {P2} on disk0: QEMU was restarted "
+            "since without a clean shutdown (persistent bitmaps are written on clean close "
+            "only), the disk's top layer changed (an external snapshot or a commit), or the "
+            "bitmap was removed",
+            id="base-missing",
+        ),
+        pytest.param(
+            [mine(P2, inconsistent=True)],
+            P2,
+            True,
+            f"the checkpoint of {P2} on disk0 is inconsistent: QEMU was killed while it was in use",
+            id="base-inconsistent",
+        ),
+        pytest.param(
+            [mine(P2, busy=True)],
+            P2,
+            True,
+            f"the checkpoint of {P2} on disk0 is in use by another job or export",
+            id="base-busy",
+        ),
+        pytest.param(
+            [mine(P2, recording=False), mine(FAILED, inconsistent=True)],
+            P2,
+            True,
+            f"the checkpoint of a failed backup after {P2} on disk0 is inconsistent: the writes "
+            "since that backup are not all recorded",
+            id="failed-inconsistent",
+        ),
+        pytest.param(
+            [mine(P2, recording=False), mine(FAILED, busy=True)],
+            P2,
+            True,
+            f"the checkpoint of a failed backup after {P2} on disk0 is in use: the writes since "
+            "that backup are not all recorded",
+            id="failed-busy",
+        ),
+        pytest.param(
+            [mine(P2, recording=False)],
+            P2,
+            True,
+            f"the checkpoint of {P2} on disk0 was left disabled and no checkpoint of the failed "
+            "backup that disabled it is recording: the writes since are not recorded",
+            id="base-disabled",
+        ),
+    ],
+)
+def test_the_reason_for_a_full_backup_is_exact(
+    bitmaps: list[DirtyBitmap], latest: str | None, in_latest: bool, reason: str
+) -> None:
+    """The reason is all a user learns about why a backup was full (mutation testing showed
+    any wording or a wrong state word in it went unnoticed)."""
+    result = run(bitmaps, latest=latest, committed=(P1, P2) if latest else (), in_latest=in_latest)
+    assert (result.device, result.node, result.base, result.reason) == ("disk0", NODE, None, reason)
+
+
+def test_with_the_base_busy_even_an_unmergeable_leftover_is_kept_and_older_points_still_go() -> (
+    None
+):
+    # Nothing after the latest point is touched while the base is busy (it is settled when
+    # the base is free again), whatever its state and wherever it comes in the list; older
+    # points' bitmaps, which hold nothing the next incremental needs, are removed all the same.
+    older = bitmap_name(REPO, P1)
+    for failed in (mine(FAILED), mine(FAILED, inconsistent=True)):
+        result = run([failed, mine(P2, busy=True), mine(P1)])
+        assert result.settle == (wire.bitmap_remove_action(NODE, older),)
+
+
+def test_one_recording_leftover_among_several_keeps_the_disabled_base_usable() -> None:
+    # The writes since the base was frozen are all in the recording leftover, wherever it
+    # comes among the failed attempts' bitmaps.
+    one, two = bitmap_name(REPO, FAILED), bitmap_name(REPO, FAILED2)
+    result = run([mine(P2, recording=False), mine(FAILED), mine(FAILED2, recording=False)])
+    assert (result.base, result.reason) == (BASE, None)
+    assert result.settle[0] == wire.bitmap_merge_action(NODE, BASE, [one, two])
+
+
+def test_a_bitmap_of_this_repository_not_named_after_a_point_is_removed_not_merged() -> None:
+    # Only a name ending in a point's exact form is a failed attempt to merge; anything else
+    # under the repository's prefix is removed (it can record nothing the point needs).
+    stray = f"{checkpoints.repository_prefix(REPO)}not-a-point"
+    assert checkpoints.point_of(stray, REPO) is None
+    assert checkpoints.point_of(bitmap_name(REPO, FAILED), REPO) == FAILED
+    result = run([mine(P2, recording=False), bm(stray)])
+    assert result.base is None
+    assert result.settle == (
+        wire.bitmap_remove_action(NODE, stray),
+        wire.bitmap_enable_action(NODE, BASE),
+    )
+
+
 def test_legacy_bitmaps_are_removed_unless_busy() -> None:
     bitmaps = [
         bm("blockctl-inc"),

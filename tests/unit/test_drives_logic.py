@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blockctl._ops.apply import Action, DesiredDrive, load_desired, plan
+from blockctl._ops.apply import Action, DesiredDrive, Plan, Step, load_desired, plan
 from blockctl._ops.drives import DriveInfo
 from blockctl._qmp import wire
 from blockctl._qmp.models import BlockNode, CacheFlags, IoLimits
@@ -129,6 +129,89 @@ def test_cdrom_medium_by_device() -> None:
 def test_unknown_device_is_a_conflict() -> None:
     result = plan([want("/a.iso", device="disk9", media=Media.CDROM, interface=Interface.IDE)], [])
     assert result.conflicts == ("disk9: no such device in the VM",)
+
+
+def test_every_kind_of_step_and_conflict_exactly_and_each_lets_the_next_drive_be_planned() -> None:
+    """The whole plan, field by field (what each step shows and carries to the executor), with
+    each early decision (a conflict, an attach, a medium) placed before other drives, so a
+    planner that stopped at one would miss the rest."""
+
+    def cdrom(file: str | None, device: str | None = None) -> DesiredDrive:
+        return want(file, device=device, media=Media.CDROM, interface=Interface.IDE)
+
+    wants = [
+        cdrom("/a.iso", device="cd9"),  # no such device
+        want("/new.qcow2"),  # attach
+        cdrom(None),  # attach of an empty cdrom drive
+        cdrom("/two.iso", device="disk3"),  # medium change
+        cdrom("/same.iso", device="disk7"),  # the same medium: nothing
+        cdrom(None, device="disk8"),  # empty and empty: nothing
+        want("/x.qcow2", device="disk1"),  # another image: a conflict
+        want("/a.qcow2", cache=CacheMode.NONE, size=1 << 27, throttle={"bps": 100, "iops": 7}),
+        want("/s.qcow2", size=1 << 20),  # shrink without permission
+        want("/u.qcow2", throttle={}),  # limits removed
+        want("/e.qcow2", size=1 << 26, throttle={}),  # the same size and limits: nothing
+    ]
+    lives = [
+        live("disk0", "/a.qcow2"),
+        live("disk1", "/old.qcow2"),
+        live("disk2", "/foreign.qcow2", driver=None),
+        live("disk3", "/one.iso", driver="ide-cd", removable=True),
+        live("disk4", "/s.qcow2"),
+        live("disk5", "/u.qcow2", limits=IoLimits(bps=5, iops_wr=7)),
+        live("disk6", "/gone.qcow2"),
+        live("disk7", "/same.iso", driver="ide-cd", removable=True),
+        live("disk8", None, driver="ide-cd", removable=True),
+        live("disk9", "/e.qcow2"),
+    ]
+    result = plan(wants, lives)
+    assert result == Plan(
+        steps=(
+            Step(
+                action=Action.ATTACH,
+                device=None,
+                detail="/new.qcow2 (qcow2, virtio, cache writeback)",
+                desired=wants[1],
+            ),
+            Step(
+                action=Action.ATTACH,
+                device=None,
+                detail="None (-, ide, cache writeback)",
+                desired=wants[2],
+            ),
+            Step(
+                action=Action.MEDIA, device="disk3", detail="/one.iso → /two.iso", desired=wants[3]
+            ),
+            Step(action=Action.CACHE, device="disk0", detail="cache → none", cache=CacheMode.NONE),
+            Step(
+                action=Action.RESIZE,
+                device="disk0",
+                detail=f"{1 << 26} → {1 << 27} bytes",
+                desired=wants[7],
+            ),
+            Step(
+                action=Action.THROTTLE, device="disk0", detail="bps=100, iops=7", desired=wants[7]
+            ),
+            Step(action=Action.THROTTLE, device="disk5", detail="unlimited", desired=wants[9]),
+            Step(action=Action.DETACH, device="disk6", detail="/gone.qcow2"),
+        ),
+        conflicts=(
+            "cd9: no such device in the VM",
+            "disk1: holds /old.qcow2, not /x.qcow2; a disk's image is changed by detach + attach",
+            f"disk4: size {1 << 20} < {1 << 26}; set allow-shrink = true to shrink",
+        ),
+    )
+    eject = plan([cdrom(None, device="disk3")], [lives[3]])
+    assert eject.steps == (
+        Step(
+            action=Action.MEDIA,
+            device="disk3",
+            detail="/one.iso → empty",
+            desired=eject.steps[0].desired,
+        ),
+    )
+    insert = plan([cdrom("/one.iso", device="disk8")], [lives[8]])
+    assert [s.detail for s in insert.steps] == ["empty → /one.iso"]
 
 
 def test_load_desired(tmp_path: Path) -> None:

@@ -449,3 +449,240 @@ def test_begin_names_the_writer(tmp_path: Path) -> None:
     op.finished()
     assert not j.owner_alive(op.intent)
     assert j.load_all(tmp_path) == []
+
+
+# Section: what recovery reports (exact: these lines are the whole of what a user is told about
+# an interrupted operation; mutation testing showed that any wording, a lost device name or a
+# wrong step boundary in them went unnoticed)
+
+WHAT = "commit of top.qcow2 into base.raw on disk0"
+UNCHANGED = "The chain is unchanged and reads as before."
+UNCHANGED_COMMIT = (
+    "The chain is unchanged and reads as before; its base may already hold part of the "
+    "committed data, so it is no longer a point in time of its own (qemu-facts F1/F2)."
+)
+DIVERGED = (
+    "QEMU's graph is neither the state before nor the one expected after{extra} "
+    "(disk0: {seen} (before: ov ← top ← base, expected after: ov ← base)). Nothing was "
+    "changed; check the chain (`blockctl chain`), then `blockctl recover VM --forget` drops "
+    "this record"
+)
+RELINK_NOTE = (
+    "a finished stream or intermediate commit rewrites the backing link before QEMU flushes "
+    "the copied data's metadata, so the image above the dropped layers is pointed back at them "
+    "(they are unchanged by the job; nothing is lost either way): "
+)
+INTERRUPTED = "the job was interrupted; the chain below reads as before"
+PART = "the base may hold part of the committed data (not a point in time)"
+FINISHED_NOTE = "the job had finished; the dropped layers are no longer in the chain"
+
+
+def with_formats(intent: Intent) -> Intent:
+    fmts = ("qcow2", "qcow2", "raw")
+    devices = {d: replace(c, formats_before=fmts) for d, c in intent.devices.items()}
+    return replace(intent, devices=devices)
+
+
+def job(status: JobStatus) -> dict[str, JobFact]:
+    return {"bc-commit-1-abc": JobFact(status=status, error=None)}
+
+
+@pytest.mark.parametrize(
+    ("intent", "now", "verdict", "message"),
+    [
+        pytest.param(
+            commit_intermediate(),
+            facts(BEFORE, jobs=job(JobStatus.RUNNING)),
+            None,
+            f"{WHAT}: job bc-commit-1-abc is running; adopting it",
+            id="adopt",
+        ),
+        pytest.param(
+            commit_intermediate(),
+            facts(BEFORE, jobs=job(JobStatus.PAUSED)),
+            Verdict.ATTENTION,
+            f"{WHAT}: job bc-commit-1-abc is paused: resume it (`blockctl jobs`) or cancel it, "
+            "then run `blockctl recover` again",
+            id="paused",
+        ),
+        pytest.param(
+            commit_intermediate(Step.RUNNING),
+            facts(("ov", "base")),
+            Verdict.FINISHED,
+            f"{WHAT}: done (QEMU finished it after the controller stopped; cleanup completed "
+            "by recovery)",
+            id="finished-by-qemu",
+        ),
+        pytest.param(
+            commit_intermediate(Step.CONCLUDED),
+            facts(("ov", "base")),
+            Verdict.FINISHED,
+            f"{WHAT}: done (cleanup completed by recovery)",
+            id="finished",
+        ),
+        pytest.param(
+            commit_intermediate(Step.RUNNING, error="EIO"),
+            facts(BEFORE),
+            Verdict.FAILED,
+            f"{WHAT} failed: EIO. {UNCHANGED_COMMIT}",
+            id="failed",
+        ),
+        pytest.param(
+            commit_intermediate(Step.PLANNED),
+            facts(BEFORE),
+            Verdict.NOT_DONE,
+            f"{WHAT}: not done: it stopped before changing anything. {UNCHANGED} Run it again "
+            "if still wanted",
+            id="not-done-planned",
+        ),
+        pytest.param(
+            commit_intermediate(Step.STARTING),
+            facts(BEFORE),
+            Verdict.NOT_DONE,
+            f"{WHAT}: not done: its job bc-commit-1-abc ended without changing the chain and "
+            "its result went with the controller (it failed, was cancelled, or was never "
+            f"created). {UNCHANGED_COMMIT} Run it again if still wanted",
+            id="not-done-starting",
+        ),
+        pytest.param(
+            snapshot(Step.SWITCHING),
+            facts(BEFORE),
+            Verdict.NOT_DONE,
+            "snapshot on disk0: not done: the controller stopped before the switch took "
+            f"effect. {UNCHANGED} Run it again if still wanted",
+            id="not-done-snapshot",
+        ),
+        pytest.param(
+            commit_intermediate(Step.CONCLUDED),
+            facts(BEFORE),
+            Verdict.ATTENTION,
+            f"{WHAT}: "
+            + DIVERGED.format(
+                extra=" although the record says it took effect", seen="ov ← top ← base"
+            ),
+            id="diverged-although-concluded",
+        ),
+        pytest.param(
+            commit_intermediate(),
+            facts(("ov",)),
+            Verdict.ATTENTION,
+            f"{WHAT}: " + DIVERGED.format(extra="", seen="ov"),
+            id="diverged",
+        ),
+        pytest.param(
+            commit_intermediate(),
+            Facts(alive=True),
+            Verdict.ATTENTION,
+            f"{WHAT}: " + DIVERGED.format(extra="", seen="no chain"),
+            id="device-gone",
+        ),
+    ],
+)
+def test_the_report_of_each_verdict_is_exact(
+    intent: Intent, now: Facts, verdict: Verdict | None, message: str
+) -> None:
+    p = j.plan(intent, now)
+    assert (p.verdict, p.message) == (verdict, message)
+    assert p.forget is (verdict is not Verdict.ATTENTION)
+
+
+@pytest.mark.parametrize(
+    ("intent", "message"),
+    [
+        pytest.param(
+            with_formats(commit_intermediate(Step.STARTING)),
+            f"{WHAT} was interrupted at step starting: QEMU is gone. On disk: disk0: top "
+            f"/i/ov.qcow2. {INTERRUPTED}; {PART}; {RELINK_NOTE}ov.qcow2 → top.qcow2",
+            id="commit-starting",
+        ),
+        pytest.param(
+            commit_intermediate(Step.RUNNING),
+            f"{WHAT} was interrupted at step running: QEMU is gone. On disk: disk0: top "
+            f"/i/ov.qcow2. {INTERRUPTED}; {PART}",
+            id="commit-running",
+        ),
+        pytest.param(
+            with_formats(commit_intermediate(Step.CONCLUDED)),
+            f"{WHAT} was interrupted at step concluded: QEMU is gone. On disk: disk0: top "
+            f"/i/ov.qcow2. {FINISHED_NOTE}; {RELINK_NOTE}ov.qcow2 → top.qcow2",
+            id="commit-concluded",
+        ),
+        pytest.param(
+            active_commit(Step.READY),
+            "commit on disk0 was interrupted at step ready: QEMU is gone. On disk: disk0: top "
+            "/i/ov.qcow2. the commit was READY and blockctl was completing it: if the device "
+            "had not switched yet, the top image is current (its chain is intact, used below); "
+            "if it had, the base is, and writes after the switch are only there",
+            id="active-ready",
+        ),
+        pytest.param(
+            active_commit(Step.CONCLUDED),
+            "commit on disk0 was interrupted at step concluded: QEMU is gone. On disk: disk0: "
+            f"top /i/top.qcow2. {FINISHED_NOTE}",
+            id="active-concluded",
+        ),
+        pytest.param(
+            snapshot(Step.PLANNED),
+            "snapshot on disk0 was interrupted at step planned: QEMU is gone. On disk: disk0: "
+            "top /i/ov.qcow2. the overlays were never switched in; the created files are unused",
+            id="snapshot-planned",
+        ),
+        pytest.param(
+            commit_intermediate(Step.PLANNED),
+            f"{WHAT} was interrupted at step planned: QEMU is gone. On disk: disk0: top "
+            "/i/ov.qcow2.",
+            id="commit-planned",
+        ),
+    ],
+)
+def test_the_report_with_qemu_gone_is_exact(intent: Intent, message: str) -> None:
+    assert j.plan(intent, Facts(alive=False)).message == message
+
+
+def test_a_snapshot_whose_switch_was_sent_is_not_reported_as_never_switched() -> None:
+    p = j.plan(snapshot(Step.SWITCHING), Facts(alive=False))
+    assert p.tops == {"disk0": "/i/new.qcow2"}
+    assert "never switched" not in p.message
+
+
+def two_devices(intent: Intent) -> Intent:
+    """The same operation on disk0 and disk1 (disk1's files under /j/)."""
+    chains = intent.devices["disk0"]
+
+    def moved(files: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f.replace("/i/", "/j/") for f in files)
+
+    disk1 = replace(
+        chains, files_before=moved(chains.files_before), files_after=moved(chains.files_after)
+    )
+    return replace(intent, devices={"disk0": chains, "disk1": disk1}, what="")
+
+
+def test_reports_on_two_devices_name_both() -> None:
+    intent = with_formats(two_devices(commit_intermediate(Step.CONCLUDED)))
+    p = j.plan(intent, Facts(alive=False))
+    assert p.message == (
+        "commit on disk0, disk1 was interrupted at step concluded: QEMU is gone. On disk: "
+        f"disk0: top /i/ov.qcow2; disk1: top /j/ov.qcow2. {FINISHED_NOTE}; {RELINK_NOTE}"
+        "ov.qcow2 → top.qcow2, ov.qcow2 → top.qcow2"
+    )
+    assert p.actions == (
+        j.Relink("/i/ov.qcow2", "qcow2", "/i/top.qcow2", "qcow2"),
+        j.Relink("/j/ov.qcow2", "qcow2", "/j/top.qcow2", "qcow2"),
+    )
+    p = j.plan(intent, replace(facts(BEFORE), chains={"disk0": BEFORE}))
+    assert p.message == (
+        "commit on disk0, disk1: QEMU's graph is neither the state before nor the one expected "
+        "after (disk0: ov ← top ← base (before: ov ← top ← base, expected after: ov ← base); "
+        "disk1: no chain (before: ov ← top ← base, "
+        "expected after: ov ← base)). Nothing was changed; check the chain (`blockctl chain`), "
+        "then `blockctl recover VM --forget` drops this record"
+    )
+
+
+def test_a_device_with_nothing_dropped_does_not_stop_the_relinks_of_the_next() -> None:
+    intent = with_formats(two_devices(commit_intermediate(Step.CONCLUDED)))
+    untouched = replace(intent.devices["disk0"], after=BEFORE, files_after=FILES)
+    intent = replace(intent, devices={"disk0": untouched, "disk1": intent.devices["disk1"]})
+    p = j.plan(intent, Facts(alive=False))
+    assert p.actions == (j.Relink("/j/ov.qcow2", "qcow2", "/j/top.qcow2", "qcow2"),)
