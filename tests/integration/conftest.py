@@ -527,7 +527,8 @@ def _truth_check_every_vm() -> Iterator[None]:
     are compared by the tests that call :func:`truth_check` themselves)."""
 
     async def check(vm: VM) -> None:
-        with TRUTH.case(vm.name) as ok:
+        # One case per VM opened: a named VM may be opened again (a QEMU restart).
+        with TRUTH.case(f"{vm.name}#{len(TRUTH.tried) + 1}") as ok:
             await truth_check(vm, cli=False)
             ok.add("same")
 

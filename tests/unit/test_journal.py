@@ -407,6 +407,21 @@ def test_a_live_writers_operation_is_running_and_left_alone(
     assert j.plan(intent, facts(tuple(chain), jobs=jobs)).verdict is not Verdict.RUNNING
 
 
+def test_the_report_of_a_running_operation_is_exact() -> None:
+    """What `recover` and `status` print for another client's operation, word for word."""
+    intent = replace(commit_intermediate(Step.RUNNING), pid=4242, pid_start=77)
+    assert intent.job_id
+    chain = facts(("ov", "top", "base"))
+    p = j.plan(intent, chain, owner_alive=True)
+    assert p.forget is False
+    assert p.message.partition(": running in process ")[2] == (
+        f"4242 (step running, job {intent.job_id}); left to it"
+    )
+    planned = replace(intent, job_id=None, step=Step.PLANNED)
+    p = j.plan(planned, chain, owner_alive=True)
+    assert p.message.partition(": running in process ")[2] == "4242 (step planned); left to it"
+
+
 def test_qemu_gone_wins_over_a_live_writer() -> None:
     p = j.plan(commit_intermediate(), Facts(alive=False), owner_alive=True)
     assert p.verdict is Verdict.QEMU_GONE
