@@ -182,5 +182,5 @@ def test_qemus_job_refusal_is_a_conflict_naming_the_node() -> None:
     exc = qmp_client.ExecuteError(response, {"execute": "block-stream"}, {"error": {}})  # type: ignore[arg-type]
     error = translate(exc, "block-stream", None)
     assert isinstance(error, NodeBusy) and isinstance(error, Conflict)
-    assert (error.node, error.kind, error.desc, error.exit_code) == ("drv0", "commit", desc, 4)
+    assert (error.node, error.kind, error.desc, error.exit_code) == ("drv0", "commit", desc, 5)
     assert "node drv0 is in use by a running commit job" in str(error)
