@@ -78,8 +78,11 @@ def mutated(mutation: Mutation) -> str:
     return new
 
 
-def run_tests(tree: Path, tests: Sequence[str], timeout: float) -> tuple[int | None, str]:
-    """pytest on ``tests`` in ``tree``: (exit code, or None after a timeout; its last lines)."""
+def run_tests(
+    tree: Path, tests: Sequence[str], timeout: float, keep: int = 2000
+) -> tuple[int | None, str]:
+    """pytest on ``tests`` in ``tree``: (exit code, or None after a timeout; its last ``keep``
+    characters)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
     argv = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     proc = subprocess.Popen(  # noqa: S603 (our own interpreter and the ledger's node ids)
@@ -95,8 +98,8 @@ def run_tests(tree: Path, tests: Sequence[str], timeout: float) -> tuple[int | N
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        return None, out.decode(errors="replace")[-2000:]
-    return proc.returncode, out.decode(errors="replace")[-2000:]
+        return None, out.decode(errors="replace")[-keep:]
+    return proc.returncode, out.decode(errors="replace")[-keep:]
 
 
 def one(tree: Path, key: str, promise: Promise, mutation: Mutation, timeout: float) -> Outcome:
@@ -165,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_baseline:
             tests = list(dict.fromkeys(t for _k, p, _m in chosen for t in p.tests))
             t0 = time.monotonic()
-            rc, out = run_tests(trees[0], tests, args.timeout * 2)
+            # A failing baseline prints its whole failure: the cause sits before pytest's
+            # full diff, which alone can fill the last 2000 characters.
+            rc, out = run_tests(trees[0], tests, args.timeout * 2, keep=40_000)
             print(
                 f"baseline: {len(tests)} test ids unmutated: "
                 f"{'pass' if rc == 0 else 'FAIL'} ({time.monotonic() - t0:.0f} s)",

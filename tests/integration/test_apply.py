@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anyio
 import pytest
 
 from blockctl import GuestImage
@@ -21,6 +22,19 @@ async def listing(vm: str) -> dict[str, dict[str, object]]:
     return {d["file"]: d for d in json.loads((await cli("drives", vm, "--json")).stdout)}
 
 
+async def settled_listing(vm: str) -> dict[str, dict[str, object]]:
+    """The listing once the guest's virtio driver has set every disk up. Until then QEMU runs a
+    virtio-blk disk in "auto writethrough" (``cache.writeback`` false) and turns the write cache
+    on when the driver negotiates it: a listing taken while the guest boots changes later by
+    itself. (Found under load: the comparison below failed on disk0's write cache.)"""
+    with anyio.fail_after(180):
+        while True:
+            now = await listing(vm)
+            if all(d["cache"]["writeback"] for d in now.values()):  # type: ignore[index]
+                return now
+            await anyio.sleep(0.5)
+
+
 async def test_apply_checks_the_whole_plan_before_any_change(
     guest: GuestImage, images: Path, runtime_dir: Path
 ) -> None:
@@ -28,7 +42,7 @@ async def test_apply_checks_the_whole_plan_before_any_change(
     await cli("up", "--name", "ap", "--strict")
     try:
         await cli("attach", "ap", disk, "--format", "qcow2", "--cache", "writeback")
-        before = await listing("ap")
+        before = await settled_listing("ap")
         # A resize that would work, then an attach of a file that does not exist, and a cache
         # mode that needs another guest write cache: all three found before the resize runs.
         desired = images / "want.toml"
