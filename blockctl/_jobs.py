@@ -75,6 +75,7 @@ __all__ = [
     "JobTransition",
     "StructlogJobHook",
     "adopt_jobs",
+    "call_hooks",
     "error_policy",
     "measured_rate",
     "new_job_id",
@@ -269,7 +270,7 @@ class StructlogJobHook:
 DEFAULT_HOOKS: tuple[JobHook, ...] = (StructlogJobHook(),)
 
 
-def _call_hooks(hooks: Sequence[JobHook], method: str, record: object) -> None:
+def call_hooks(hooks: Sequence[JobHook], method: str, record: object) -> None:
     for hook in hooks:
         call = getattr(hook, method, None)
         if call is None:
@@ -441,9 +442,7 @@ class Job:
             hooks=hooks,
             progress_interval=progress_interval,
         )
-        _call_hooks(
-            hooks, "on_end", JobEnded(job_id=self.id, job_type=self.type, error=self._error)
-        )
+        call_hooks(hooks, "on_end", JobEnded(job_id=self.id, job_type=self.type, error=self._error))
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -681,7 +680,7 @@ class Job:
         self._last_io_error = record
         side = _side(self.type, record.operation)
         if retry:
-            _call_hooks(hooks, "on_io_error", record)
+            call_hooks(hooks, "on_io_error", record)
             if self._retried < self._retries:
                 self._retry_pending = True  # resumed when QEMU reports it paused
                 return
@@ -694,9 +693,9 @@ class Job:
         if record.action == "stop":
             self._stopped_since = time.monotonic()
         if record.action != "ignore" or self.io_errors == 1:
-            _call_hooks(hooks, "on_io_error", record)
+            call_hooks(hooks, "on_io_error", record)
         if record.action == "ignore" and self.io_errors >= self._ignored_error_limit:
-            _call_hooks(hooks, "on_io_error", record)
+            call_hooks(hooks, "on_io_error", record)
             await self._give_up(
                 f"met {self.io_errors} {record.operation} errors that QEMU retried under error "
                 f"policy ignore (the {side} keeps failing), so blockctl cancelled it"
@@ -732,7 +731,7 @@ class Job:
             previous=previous,
             seconds=time.monotonic() - self._started,
         )
-        _call_hooks(hooks, "on_transition", record)
+        call_hooks(hooks, "on_transition", record)
 
     def _detail(self, event: JobEvent) -> None:
         if event.job_type is not None and self.type is None:
@@ -856,7 +855,7 @@ class Job:
                 eta=eta,
                 seconds=now - self._started,
             )
-            _call_hooks(hooks, "on_progress", record)
+            call_hooks(hooks, "on_progress", record)
             with anyio.move_on_after(interval):
                 await wake.wait()
 
@@ -981,7 +980,7 @@ async def adopt_jobs(
     jobs = []
     for info in await wire.query_jobs(session):
         job = Job(session, info.id, job_type=info.type, auto_finalize=None, status=info.status)
-        _call_hooks(
+        call_hooks(
             hooks,
             "on_transition",
             JobTransition(

@@ -172,6 +172,57 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="clients-backup-paused-by-other",
+        section="Many clients, one VM",
+        quote="`pause` holds every next read (the fleecing job keeps the point in time)",
+        tests=(U + "test_backup_control.py::test_a_paused_copy_reads_nothing_until_resumed",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/control.py",
+                find="                if self.paused or self.error_pause is not None:\n"
+                "                    self._cond.wait()",
+                replace="                if self.error_pause is not None:\n"
+                "                    self._cond.wait()",
+                what="a paused backup's readers go on reading",
+            ),
+        ),
+    ),
+    Promise(
+        id="clients-backup-enospc-pauses",
+        section="Many clients, one VM",
+        quote="a full repository pauses the copy instead of failing it",
+        tests=(
+            U
+            + "test_backup_control.py::test_a_full_repository_pauses_until_resumed_under_enospc_only",
+            I
+            + "test_clients.py::test_a_backup_paused_on_a_full_repository_is_resumed_from_a_second_shell",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/reader.py",
+                find="                    or not self.control.pause_on_error(cause, self._stop)",
+                replace="                    or True",
+                what="a full repository fails the backup under --on-error enospc",
+            ),
+        ),
+    ),
+    Promise(
+        id="clients-backup-cancel-by-other",
+        section="Many clients, one VM",
+        quote="a cancel ends the backup with `JobCancelledByOther`",
+        tests=(
+            I + "test_clients.py::test_a_backup_of_one_process_driven_and_cancelled_by_another",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="tg.start_soon(control_ops.watch_cancel, control, jobs[0].id)",
+                replace="tg.start_soon(anyio.sleep_forever)",
+                what="a backup ignores another client's cancel",
+            ),
+        ),
+    ),
+    Promise(
         id="clients-dismiss-only-when-alone",
         section="Many clients, one VM",
         quote="A concluded job is dismissed by `jobs` only when no other client is attached",

@@ -33,11 +33,12 @@ import anyio
 from blockctl import _binaries, _fsutil, _images, _proc
 from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, Quiesced, quiesced, require_agent
 from blockctl._backup import checkpoints
+from blockctl._backup import control as control_ops
+from blockctl._backup.control import CopyControl
 from blockctl._backup.crypto import read_key_file
 from blockctl._backup.reader import (
     DEFAULT_CONNECTIONS,
     ChunkCopier,
-    RateLimiter,
     close,
     libnbd,
     measure_rate,
@@ -59,9 +60,11 @@ from blockctl._jobs import (
     DEFAULT_HOOKS,
     Job,
     JobHook,
+    JobIOError,
     JobProgress,
     JobStatus,
     adopt_jobs,
+    call_hooks,
     start_job,
 )
 from blockctl._log import get_logger
@@ -325,6 +328,8 @@ async def backup(
     connections: int = DEFAULT_CONNECTIONS,
     scratch_dir: Path | None = None,
     speed: int | None = None,
+    on_error: str = "report",
+    pause_timeout: float = 60.0,
     failpoint: Failpoint = _no_failpoint,
     fail_after_chunks: int | None = None,
 ) -> Manifest:
@@ -335,11 +340,14 @@ async def backup(
     the guest's filesystems around the transaction only. ``scratch_dir`` holds the fleecing
     overlays (what the guest overwrites while the backup reads; default: the temp dir).
     ``speed``: at most this many bytes/s read from QEMU, all disks together (None: no limit).
+    ``on_error``: ``report`` (a full repository fails the backup), ``enospc`` or ``stop`` (the
+    copy pauses on a full repository, or on any write error, until another client resumes it,
+    ``blockctl jobs VM resume ID``, or ``pause_timeout`` s pass). While it copies, any process
+    can list, pause, resume, re-speed or cancel it (:mod:`blockctl._backup.control`).
     ``failpoint``/``fail_after_chunks``: fault injection for tests."""
     if kind not in ("full", "incremental"):
         raise ConfigError("kind", f"{kind!r}: full or incremental")
-    if speed is not None and speed <= 0:
-        raise ConfigError("speed", f"{speed} bytes/s: a speed limit must be positive")
+    control = CopyControl(rate=speed, on_error=on_error, pause_timeout=pause_timeout)
     require_agent(vm, quiesce)
     check_name(vm.identity, "VM")
     await vm.require(
@@ -370,7 +378,7 @@ async def backup(
             fail_after_chunks,
             recovered,
             graph,
-            None if speed is None else RateLimiter(speed),
+            control,
         )
 
 
@@ -389,7 +397,7 @@ async def _backup(
     fail_after_chunks: int | None,
     recovered: list[str],
     graph: BlockGraph | None,
-    limiter: RateLimiter | None,
+    control: CopyControl,
 ) -> Manifest:
     if graph is None:
         graph = await read_graph(vm)
@@ -526,6 +534,15 @@ async def _backup(
                         )
                     )
                 )
+
+            async def end_jobs_on_failure(exc_type: object, *_exc: object) -> bool:
+                # Before the job handles close: they would warn that a job was abandoned,
+                # while ending a sync=none fleecing job by a cancel is how it always ends.
+                if exc_type is not None:
+                    await _teardown(vm, disks, jobs, added, server_started, hooks)
+                return False
+
+            stack.push_async_exit(end_jobs_on_failure)
             await _at(failpoint, "after-transaction")
             socket = str(scratch / "nbd.sock")
             await wire.nbd_server_start(vm.session, socket)
@@ -541,11 +558,15 @@ async def _backup(
                 )
             with anyio.fail_after(deadline):
                 try:
-                    async with anyio.create_task_group() as tg:
+                    async with (
+                        control_ops.serving(control, vm.run_dir, [j.id for j in jobs]),
+                        anyio.create_task_group() as tg,
+                    ):
                         # The fleecing jobs hold the point-in-time view: one that ends (an I/O
                         # error copying old data aside) ends the backup.
                         for job in jobs:
                             tg.start_soon(_watch_fleece, job, hooks, deadline)
+                        tg.start_soon(control_ops.watch_cancel, control, jobs[0].id)
                         for d in disks:
                             await _copy_disk(
                                 d,
@@ -555,7 +576,8 @@ async def _backup(
                                 connections,
                                 hooks,
                                 fail_after_chunks,
-                                limiter,
+                                control,
+                                jobs[0].id,
                             )
                         tg.cancel_scope.cancel()
                 except BaseExceptionGroup as group:
@@ -722,7 +744,8 @@ async def _copy_disk(
     connections: int,
     hooks: Sequence[JobHook],
     fail_after_chunks: int | None,
-    limiter: RateLimiter | None,
+    control: CopyControl,
+    job_id: str,
 ) -> None:
     d.started = time.monotonic()
     plan = await anyio.to_thread.run_sync(
@@ -747,22 +770,37 @@ async def _copy_disk(
         connections=connections,
         fail_after=fail_after_chunks,
         batch=batch,
-        limiter=limiter,
+        control=control,
     )
     d.copier = copier
+    done_before = control.done
+    control.total += copier.total
     copier.start()
-    job_id = f"read-{d.device}"
     try:
         while not copier.finished.is_set():
             # Wakes as soon as the copy ends; progress every 0.25 s meanwhile.
             await anyio.to_thread.run_sync(copier.finished.wait, 0.25)
-            _progress(d, job_id, hooks)
+            control.done = done_before + copier.stats.bytes_read
+            _progress(d, f"read-{d.device}", hooks)
+            if (paused := control.new_error_pause()) is not None:
+                # Said to the hooks once per pause: the CLI prints the command that resumes.
+                error = JobIOError(
+                    job_id=job_id,
+                    job_type="backup",
+                    operation="write",
+                    action="stop",
+                    count=paused.count,
+                    pause_timeout=paused.pause_timeout,
+                    seconds=time.monotonic() - d.started,
+                )
+                call_hooks(hooks, "on_io_error", error)
     finally:
         copier.stop()
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(copier.join_quietly)
     copier.join()
-    _progress(d, job_id, hooks)
+    control.done = done_before + copier.stats.bytes_read
+    _progress(d, f"read-{d.device}", hooks)
 
 
 def _progress(d: _Disk, job_id: str, hooks: Sequence[JobHook]) -> None:

@@ -19,10 +19,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockctl._backup.store import ZERO_DIGEST, ChunkBatch, DiskIndex, Repository
-from blockctl.errors import ConfigError, MissingComponent, NbdError, errno_symbol
+from blockctl.errors import (
+    ConfigError,
+    MissingComponent,
+    NbdError,
+    RepositoryError,
+    errno_symbol,
+)
+
+if TYPE_CHECKING:
+    from blockctl._backup.control import CopyControl
 
 #: NBD block-status flags (base:allocation), and the dirty flag of qemu:dirty-bitmap:*.
 STATE_HOLE = 1
@@ -186,7 +195,7 @@ class ChunkCopier:
         connections: int = DEFAULT_CONNECTIONS,
         fail_after: int | None = None,
         batch: ChunkBatch | None = None,
-        limiter: RateLimiter | None = None,
+        control: CopyControl | None = None,
     ) -> None:
         self.socket = socket
         self.export = export
@@ -194,7 +203,9 @@ class ChunkCopier:
         self.index = index
         #: Where the chunks go until the backup syncs them (default: the repository's own).
         self.batch = batch if batch is not None else repo._default_batch()
-        self.limiter = limiter
+        #: Pause, speed limit and waiting out a full repository: shared by the disks of
+        #: one backup, driven by other clients too (blockctl._backup.control).
+        self.control = control
         self.stats = CopyStats()
         self.total = sum(index.chunk_length(i) for i in chunks)
         self._chunks: Iterator[int] = iter(chunks)
@@ -219,6 +230,8 @@ class ChunkCopier:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.control is not None:
+            self.control.wake()
 
     def done(self) -> bool:
         return not any(t.is_alive() for t in self._threads)
@@ -264,10 +277,8 @@ class ChunkCopier:
             while (i := self._next()) is not None:
                 length = self.index.chunk_length(i)
                 offset = i * size
-                if self.limiter is not None:
-                    wait = self.limiter.take(length)
-                    if wait and self._stop.wait(wait):
-                        return  # stopped while waiting: the backup is ending
+                if self.control is not None and not self.control.admit(length, self._stop):
+                    return  # stopped while paused or held to the speed: the backup is ending
                 target = whole if length == size else nbd.Buffer.from_buffer(bytearray(length))
                 try:
                     cookie = handle.aio_pread(target, offset)
@@ -285,7 +296,7 @@ class ChunkCopier:
                     with self._lock:
                         new = digest not in self._seen and not self.repo.has_chunk(digest)
                         self._seen.add(digest)
-                    written = self.batch.write(digest, data) if new else 0
+                    written = self._store(digest, data) if new else 0
                 with self._lock:
                     self.index.put(i, digest)
                     self.stats.bytes_read += length
@@ -302,6 +313,21 @@ class ChunkCopier:
             self._fail(exc)
         finally:
             close(handle)
+
+    def _store(self, digest: bytes, data: bytearray) -> int:
+        """Write one chunk; a write error the control pauses for (a full repository, with the
+        ``enospc`` policy) is tried again once another client resumes the copy."""
+        while True:
+            try:
+                return self.batch.write(digest, data)
+            except (OSError, RepositoryError) as exc:
+                cause = exc if isinstance(exc, OSError) else exc.__cause__
+                if (
+                    self.control is None
+                    or not isinstance(cause, OSError)
+                    or not self.control.pause_on_error(cause, self._stop)
+                ):
+                    raise
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:

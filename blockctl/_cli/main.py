@@ -27,6 +27,7 @@ import structlog
 
 from blockctl import _agent, _guest, _images, _journal, _runtime
 from blockctl import backup as backup_ops
+from blockctl._backup import control as control_ops
 from blockctl._cli import interrupt
 from blockctl._jobs import (
     JobHook,
@@ -904,22 +905,28 @@ class JobBar:
             self.bar(100.0 * progress.done / progress.total)
 
     def on_io_error(self, error: JobIOError) -> None:
-        # Said even with --json (on stderr): a paused job waits for a human to act.
         side = "source read" if error.operation == "read" else "target write"
         if error.action == "stop":
-            words = getattr(self.args, "words", None) or ["VM"]
-            vm = getattr(self.args, "vm", None) or words[0]
-            print(
-                f"blockctl: job {error.job_id} paused on a {side} error; fix the cause, then "
-                f"run `blockctl jobs {vm} resume {error.job_id}` within "
-                f"{error.pause_timeout:g} s, or it is cancelled",
-                file=sys.stderr,
-            )
+            say_paused(self.args, error)
         elif error.action in ("retry", "ignore") and error.count == 1:
             print(
                 f"blockctl: job {error.job_id}: {side} error, retrying (error policy ignore)",
                 file=sys.stderr,
             )
+
+
+def say_paused(args: argparse.Namespace, error: JobIOError) -> None:
+    """The command that resumes a paused job. Said even with --json (on stderr): a paused
+    job waits for a human to act."""
+    side = "source read" if error.operation == "read" else "target write"
+    words = getattr(args, "words", None) or ["VM"]
+    vm = getattr(args, "vm", None) or words[0]
+    print(
+        f"blockctl: job {error.job_id} paused on a {side} error; fix the cause, then "
+        f"run `blockctl jobs {vm} resume {error.job_id}` within "
+        f"{error.pause_timeout:g} s, or it is cancelled",
+        file=sys.stderr,
+    )
 
 
 def error_policy_options(parser: argparse.ArgumentParser, *flags: str) -> None:
@@ -1203,23 +1210,34 @@ class Jobs(Command):
                     outcome = job.outcome
                     # "failed"/"nospace": paused on an I/O error, waiting for a resume.
                     io_status = await job.io_status() if info else None
+                    status = info.status.value if info else "dismissed"
+                    done = info.current_progress if info else None
+                    total = info.total_progress if info else None
+                    # A backup's job only holds its point in time; the copy (its progress,
+                    # its pause) is the backup process's, asked on its control socket.
+                    copy = await control_ops.ask(vm.run_dir, job.id, "status") if info else None
+                    if copy is not None:
+                        status, io_status = copy["status"], copy["io_status"]
+                        done, total = copy["done"], copy["total"]
                     rows.append(
                         {
                             "id": job.id,
                             "type": job.type,
-                            "status": info.status.value if info else "dismissed",
+                            "status": status,
                             "io_status": io_status,
-                            "done": info.current_progress if info else None,
-                            "total": info.total_progress if info else None,
+                            "done": done,
+                            "total": total,
                             "percent": None
-                            if not info or not info.total_progress
-                            else round(100 * info.current_progress / info.total_progress, 1),
+                            if not total or done is None
+                            else round(100 * done / total, 1),
                             "outcome": None
                             if outcome is None
                             else ("ok" if isinstance(outcome, JobResult) else str(outcome)),
                             "rate": None if rate is None else round(rate),
                             "eta": None if eta is None else round(eta, 1),
                             "sampled": args.sample if job.id in rates else None,
+                            "driven_by": None if copy is None else copy["pid"],
+                            "speed": None if copy is None else copy["speed"],
                         }
                     )
                 emit(
@@ -1245,16 +1263,23 @@ class Jobs(Command):
             target = next((j for j in jobs if j.id == args.job), None)
             if target is None:
                 raise ConfigError("job", f"no job {args.job!r} in this VM (see `blockctl jobs`)")
-            if args.action == "cancel":
+            speed = None
+            if args.action == "speed":
+                if args.speed is None:
+                    raise ConfigError("speed", "give the new speed in bytes/s (0: unlimited)")
+                speed = parse_size(args.speed, "speed")
+            fields = {} if speed is None else {"speed": speed}
+            if await control_ops.ask(vm.run_dir, target.id, args.action, **fields) is not None:
+                pass  # a backup's copy: its process pauses, resumes, re-speeds or cancels it
+            elif args.action == "cancel":
                 await target.cancel()
             elif args.action == "pause":
                 await target.pause()
             elif args.action == "resume":
                 await target.resume()
             else:
-                if args.speed is None:
-                    raise ConfigError("speed", "give the new speed in bytes/s (0: unlimited)")
-                await target.set_speed(parse_size(args.speed, "speed"))
+                assert speed is not None
+                await target.set_speed(speed)
         emit(args, {"job": args.job, "action": args.action}, f"{args.job}: {args.action} sent")
         return 0
 
@@ -1266,13 +1291,16 @@ async def sample_rates(vm: VM, interval: float) -> dict[str, tuple[float | None,
         return {}
 
     async def sample() -> dict[str, JobSample]:
-        infos = await wire.query_jobs(vm.session)
-        at = time.monotonic()
-        return {
-            j.id: JobSample(at=at, done=j.current_progress, total=j.total_progress)
-            for j in infos
-            if j.status not in JOB_FINAL
-        }
+        samples = {}
+        for j in await wire.query_jobs(vm.session):
+            if j.status in JOB_FINAL:
+                continue
+            done, total = j.current_progress, j.total_progress
+            copy = await control_ops.ask(vm.run_dir, j.id, "status")
+            if copy is not None:  # a backup: its copy's progress, not its job's
+                done, total = copy["done"], copy["total"]
+            samples[j.id] = JobSample(at=time.monotonic(), done=done, total=total)
+        return samples
 
     first = await sample()
     if not first:
@@ -1325,6 +1353,7 @@ class BackupProgress:
     on a terminal, a plain line every 5 s otherwise; nothing with --json."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
         self.enabled = not args.json
         self.tty = sys.stderr.isatty()
         self.last: dict[str, float] = {}
@@ -1332,6 +1361,12 @@ class BackupProgress:
 
     def on_transition(self, transition: JobTransition) -> None:
         pass
+
+    def on_io_error(self, error: JobIOError) -> None:
+        if self.tty and self.current is not None:
+            sys.stderr.write("\n")
+            self.current = None
+        say_paused(self.args, error)
 
     def on_progress(self, progress: JobProgress) -> None:
         if not self.enabled or progress.job_type != "backup-read":
@@ -1419,6 +1454,21 @@ class BackupCommand(Command):
         p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
         p.add_argument(
             "--scratch-dir", type=Path, help="where the fleecing overlays go (default: TMPDIR)"
+        )
+        p.add_argument(
+            "--on-error",
+            choices=["report", "enospc", "stop"],
+            default="report",
+            help="a repository write error fails the backup (report, the default), or pauses "
+            "the copy until `blockctl jobs VM resume ID`: when out of space (enospc), or on "
+            "any write error (stop)",
+        )
+        p.add_argument(
+            "--pause-timeout",
+            type=float,
+            default=60.0,
+            metavar="SECONDS",
+            help="how long a paused backup waits for the resume before it fails",
         )
         add_quiesce_options(p, "a backup")
         p = sub.add_parser("list", parents=[_json_option()], help="a VM's backup points")
@@ -1545,6 +1595,8 @@ class BackupCommand(Command):
                 connections=args.connections,
                 scratch_dir=args.scratch_dir,
                 speed=None if args.speed is None else parse_size(args.speed, "speed"),
+                on_error=args.on_error,
+                pause_timeout=args.pause_timeout,
             )
         note = f" (full because {manifest.fallback_reason})" if manifest.fallback_reason else ""
         emit(

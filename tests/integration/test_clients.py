@@ -682,3 +682,164 @@ async def test_eight_clients_query_during_a_commit_and_a_backup(
     await backup.restore(repo, "eight", point, "disk1", restored, ImageFormat.RAW)
     await run("qemu-img", "compare", "-f", "raw", "-F", "raw", restored, reference)
     await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", a, expected)
+
+
+# Section: a backup driven from another process
+
+
+async def node_bitmaps(vm: LaunchedVM) -> dict[str, list[tuple[str, int]]]:
+    """Every node's dirty bitmaps (name, count), from QEMU's raw query-named-block-nodes."""
+    nodes = await vm.command("query-named-block-nodes", {"flat": True})
+    assert isinstance(nodes, list)
+    return {
+        n["node-name"]: sorted((b["name"], b["count"]) for b in n.get("dirty-bitmaps", []))
+        for n in nodes
+        if n.get("dirty-bitmaps")
+    }
+
+
+async def copy_row(vm_name: str, pid: int) -> dict[str, Any]:
+    """The backup's row in ``jobs --json``, once its process serves the copy's control."""
+    with anyio.fail_after(120):
+        while True:
+            rows = json.loads((await cli("jobs", vm_name, "--json", "--sample", "0")).stdout)
+            mine = [r for r in rows if r["driven_by"] == pid]
+            if mine:
+                assert len(mine) == 1, rows
+                return mine[0]  # type: ignore[no-any-return]
+            await anyio.sleep(0.2)
+
+
+async def guest_write(vm: LaunchedVM, offset_mib: int, mib: int) -> None:
+    assert vm.console is not None
+    await vm.console.check(
+        f"dd if=/dev/urandom of=/dev/vda bs=1M seek={offset_mib} count={mib} "
+        "oflag=direct conv=fsync 2>/dev/null"
+    )
+
+
+async def guest_sha(vm: LaunchedVM, mib: int) -> str:
+    assert vm.console is not None
+    out = await vm.console.check(
+        f"dd if=/dev/vda bs=1M count={mib} iflag=direct 2>/dev/null | sha256sum"
+    )
+    return out.split()[0]
+
+
+async def restored_sha(repo: Path, vm_name: str, images: Path) -> str:
+    """The newest point of ``vm_name``'s disk0, restored to raw by the CLI; its sha256."""
+    points = json.loads((await cli("backup", "list", vm_name, "--repo", repo, "--json")).stdout)
+    out = images / f"restored-{points[-1]['id']}.raw"
+    await cli("restore", vm_name, points[-1]["id"], "disk0", out, "--repo", repo, "-O", "raw")
+    return (await run("sha256sum", out)).split()[0]
+
+
+async def test_a_backup_of_one_process_driven_and_cancelled_by_another(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    disk = await qcow2_image(images / "b.qcow2", b"", 16 * MIB)
+    repo = tmp_path / "repo"
+    await cli("backup", "init", "--repo", repo, "--chunk-size", "256K")
+    async with open_vm(named(guest, "bjobs", disk)) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        await guest_write(vm, 0, 4)
+        await cli("backup", "create", "bjobs", "--repo", repo, "--json")
+        await guest_write(vm, 8, 8)  # the incremental below reads these 8 MiB
+        bitmaps_before = await node_bitmaps(vm)
+        ((_name, dirty),) = bitmaps_before["drv0"]
+        async with blockctl_process(
+            "backup", "create", "bjobs", "--repo", str(repo), "--speed", "256K", "--json"
+        ) as a:
+            row = await copy_row("bjobs", a.pid)
+            job_id = row["id"]
+            # The copy's own figures: what it reads is what QEMU's checkpoint counted.
+            assert (row["type"], row["status"], row["total"]) == ("backup", "running", dirty)
+            assert row["speed"] == 256 * 1024
+            await cli("jobs", "bjobs", "pause", job_id)
+            assert (await copy_row("bjobs", a.pid))["status"] == "paused"
+            assert [j["status"] for j in await raw_jobs(vm)] == ["running"]  # QEMU's side holds
+            await cli("jobs", "bjobs", "resume", job_id)
+            assert (await copy_row("bjobs", a.pid))["status"] == "running"
+            await cli("jobs", "bjobs", "speed", job_id, "128K")
+            slower = await copy_row("bjobs", a.pid)
+            assert slower["speed"] == 128 * 1024 and slower["done"] < slower["total"]
+            sampled = json.loads((await cli("jobs", "bjobs", "--json", "--sample", "1")).stdout)
+            assert sampled[0]["sampled"] == 1 and sampled[0]["rate"] is not None
+            await cli("jobs", "bjobs", "cancel", job_id)
+            code, out, err = await finish(a)
+        assert code == 3, (out, err)
+        assert json.loads(out)["error"]["type"] == "JobCancelledByOther"
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, lines  # the error, no log lines: a cancel is not a warning
+        line = lines[0]
+        assert line.startswith(
+            f"blockctl: JobCancelledByOther: backup job {job_id} was cancelled by another client "
+            f"(pid "
+        )
+        assert "the backup is not recorded" in line
+        # As after any failed backup: no job, no fleecing node, the checkpoint as before (the
+        # attempt's bitmap merged back into it), one point, no control socket left.
+        assert await raw_jobs(vm) == []
+        nodes = await vm.command("query-named-block-nodes", {"flat": True})
+        assert isinstance(nodes, list)
+        assert not [n["node-name"] for n in nodes if n["node-name"].startswith("bcf")]
+        assert await node_bitmaps(vm) == bitmaps_before
+        listed = json.loads((await cli("backup", "list", "bjobs", "--repo", repo, "--json")).stdout)
+        assert len(listed) == 1
+        assert vm.run_dir is not None
+        assert list((vm.run_dir / "control").glob("*")) == []
+        # The next incremental is exact: restored, it reads as the guest reads its disk.
+        done = json.loads((await cli("backup", "create", "bjobs", "--repo", repo, "--json")).stdout)
+        assert done["kind"] == "incremental"
+        assert await restored_sha(repo, "bjobs", images) == await guest_sha(vm, 16)
+        await truth_check(vm)
+
+
+async def test_a_backup_paused_on_a_full_repository_is_resumed_from_a_second_shell(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """The repository on a 4 MiB tmpfs, 8 MiB of random data to store: the chunk writes fail
+    with ENOSPC midway. Under ``--on-error enospc`` the copy pauses and prints the command
+    that resumes it; the tmpfs grows, that exact command runs in another process, and the
+    backup completes to an exact point."""
+    import shlex
+
+    from tests.integration.test_backup_faults import small_tmpfs
+
+    disk = await qcow2_image(images / "f.qcow2", b"", 16 * MIB)
+    async with (
+        small_tmpfs(tmp_path / "small", "4m") as mount,
+        open_vm(named(guest, "bfull", disk)) as vm,
+    ):
+        repo = mount / "repo"
+        await cli("backup", "init", "--repo", repo, "--chunk-size", "256K")
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        await guest_write(vm, 0, 8)
+        async with blockctl_process(
+            "backup", "create", "bfull", "--repo", str(repo), "--on-error", "enospc",
+            "--pause-timeout", "600", "--json",
+        ) as a:  # fmt: skip
+            assert a.stderr is not None
+            said = ""
+            with anyio.fail_after(300):
+                while "`blockctl jobs" not in said:
+                    said += (await a.stderr.receive()).decode()
+            hint = next(line for line in said.splitlines() if "paused on" in line)
+            assert hint.endswith("s, or it is cancelled"), hint
+            command = shlex.split(hint.split("`")[1])
+            assert command[:4] == ["blockctl", "jobs", "bfull", "resume"], hint
+            row = await copy_row("bfull", a.pid)
+            assert (row["status"], row["io_status"]) == ("paused", "nospace")
+            assert 0 < row["done"] < row["total"]
+            await run("mount", "-o", "remount,size=64m", mount)
+            resumed = await anyio.run_process(
+                [sys.executable, "-m", *command], check=False, env=dict(os.environ)
+            )
+            assert resumed.returncode == 0, resumed.stderr
+            code, out, err = await finish(a)
+        assert code == 0, (out, said + err)
+        assert json.loads(out)["kind"] == "full"
+        assert await restored_sha(repo, "bfull", images) == await guest_sha(vm, 16)
+        assert await raw_jobs(vm) == []
