@@ -192,10 +192,10 @@ PROMISES: tuple[Promise, ...] = (
         section="Many clients, one VM",
         quote="a full repository pauses the copy instead of failing it",
         tests=(
-            U
-            + "test_backup_control.py::test_a_full_repository_pauses_until_resumed_under_enospc_only",
-            I
-            + "test_clients.py::test_a_backup_paused_on_a_full_repository_is_resumed_from_a_second_shell",
+            U + "test_backup_control.py::"
+            "test_a_full_repository_pauses_until_resumed_under_enospc_only",
+            I + "test_clients.py::"
+            "test_a_backup_paused_on_a_full_repository_is_resumed_from_a_second_shell",
         ),
         mutations=(
             Mutation(

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
@@ -29,6 +29,7 @@ from blockctl import _agent, _guest, _images, _journal, _runtime
 from blockctl import backup as backup_ops
 from blockctl._backup import control as control_ops
 from blockctl._cli import interrupt
+from blockctl._cli.output import human_size, table
 from blockctl._jobs import (
     JobHook,
     JobIOError,
@@ -417,32 +418,45 @@ class Demo(Command):
         return 0 if report["ok"] else 1
 
 
-def drive_lines(info: DriveInfo) -> str:
+def drive_row(info: DriveInfo) -> list[object]:
+    """One row of the ``drives`` table (DRIVE_HEADERS)."""
     if info.top_node is None:
         state = "empty (tray open)" if info.tray_open else "empty"
-        return f"{info.device_id:<8} {info.device_driver or '?':<15} {state}"
+        return [info.device_id, info.device_driver or "?", state, None, None, None, None]
     cache = info.cache
     flags = (
-        ""
+        []
         if cache is None
-        else (
-            f"wce={'on' if cache.writeback else 'off'} direct={'on' if cache.direct else 'off'} "
-            f"no-flush={'on' if cache.no_flush else 'off'}"
-        )
+        else [
+            f"wce={'on' if cache.writeback else 'off'}",
+            f"direct={'on' if cache.direct else 'off'}",
+            f"no-flush={'on' if cache.no_flush else 'off'}",
+        ]
     )
-    extra = []
     if info.read_only:
-        extra.append("ro")
+        flags.append("ro")
     if info.io_limits is not None and info.io_limits.limited:
-        extra.append("throttled")
+        flags.append("throttled")
     if info.pending_unplug:
-        extra.append("UNPLUG PENDING")
+        flags.append("UNPLUG-PENDING")
     chain = " ← ".join(f"{n.node_name}({n.driver})" for n in info.chain)
-    return (
-        f"{info.device_id:<8} {info.device_driver or '?':<15} {info.format or '?':<6} "
-        f"{info.size or 0:>12} {flags} {' '.join(extra)}\n{'':<9}{info.file}\n"
-        f"{'':<9}{chain}"
-    )
+    return [
+        info.device_id,
+        info.device_driver or "?",
+        info.format or "?",
+        None if info.size is None else human_size(info.size),
+        " ".join(flags),
+        info.file,
+        chain,
+    ]
+
+
+DRIVE_HEADERS = ("DEVICE", "DRIVER", "FORMAT", "SIZE", "FLAGS", "FILE", "NODES")
+
+
+def drive_lines(info: DriveInfo) -> str:
+    """One drive, headed (what attach, cache, resize and throttle print)."""
+    return table(DRIVE_HEADERS, [drive_row(info)], right={"SIZE"})
 
 
 class Drives(Command):
@@ -458,7 +472,9 @@ class Drives(Command):
         emit(
             args,
             [i.to_json() for i in infos],
-            "\n".join(drive_lines(i) for i in infos) or "no drives",
+            table(DRIVE_HEADERS, [drive_row(i) for i in infos], right={"SIZE"})
+            if infos
+            else "no drives",
         )
         return 0
 
@@ -1240,25 +1256,7 @@ class Jobs(Command):
                             "speed": None if copy is None else copy["speed"],
                         }
                     )
-                emit(
-                    args,
-                    rows,
-                    "\n".join(
-                        f"{r['id']:<28} {r['type']:<14} {r['status']:<10} "
-                        f"{r['done']}/{r['total']}"
-                        + ("" if r["percent"] is None else f" ({r['percent']} %)")
-                        + ("" if r["rate"] is None else f" {human_size(r['rate'])}/s")
-                        + ("" if r["eta"] is None else f", ETA {r['eta']:.0f} s")
-                        + f" {r['outcome'] or ''}"
-                        + (
-                            f" (paused on an I/O error: {r['io_status']})"
-                            if r["io_status"] not in (None, "ok")
-                            else ""
-                        )
-                        for r in rows
-                    )
-                    or "no jobs",
-                )
+                emit(args, rows, job_table(rows) if rows else "no jobs")
                 return 0
             target = next((j for j in jobs if j.id == args.job), None)
             if target is None:
@@ -1282,6 +1280,40 @@ class Jobs(Command):
                 await target.set_speed(speed)
         emit(args, {"job": args.job, "action": args.action}, f"{args.job}: {args.action} sent")
         return 0
+
+
+def job_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The ``jobs`` rows as a headed table, sizes and rates in binary units."""
+
+    def size(n: int | None) -> str | None:
+        return None if n is None else human_size(n)
+
+    def note(r: Mapping[str, Any]) -> str:
+        words = [] if r["outcome"] is None else [str(r["outcome"])]
+        if r["io_status"] not in (None, "ok"):
+            words.append(f"paused on an I/O error: {r['io_status']}")
+        if r.get("driven_by") is not None:
+            words.append(f"copied by pid {r['driven_by']}")
+        return "; ".join(words)
+
+    return table(
+        ("ID", "TYPE", "STATUS", "DONE", "TOTAL", "%", "RATE", "ETA", "NOTE"),
+        [
+            (
+                r["id"],
+                r["type"],
+                r["status"],
+                size(r["done"]),
+                size(r["total"]),
+                r["percent"],
+                None if r["rate"] is None else f"{human_size(r['rate'])}/s",
+                None if r["eta"] is None else f"{r['eta']:.0f} s",
+                note(r),
+            )
+            for r in rows
+        ],
+        right={"DONE", "TOTAL", "%", "RATE", "ETA"},
+    )
 
 
 async def sample_rates(vm: VM, interval: float) -> dict[str, tuple[float | None, float | None]]:
@@ -1337,15 +1369,6 @@ class RecoverCommand(Command):
         lines += [f"backup: {n}" for n in notes]
         emit(args, data, "\n".join(lines) or "nothing to recover")
         return ExitCode.PENDING if any(r.kept for r in results) else ExitCode.OK
-
-
-def human_size(n: float) -> str:
-    """1536 → '1.5 KiB' (binary units, as qemu-img prints them)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
 
 
 class BackupProgress:
@@ -1907,6 +1930,44 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         command.configure(p)
         commands[cls.name] = command
     return parser, commands
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.ArgumentParser, str]]:
+    """A parser's subcommands: name → (its parser, its one-line help)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            return {name: (p, helps.get(name, "")) for name, p in action.choices.items()}
+    return {}
+
+
+def _synopsis(parser: argparse.ArgumentParser) -> str:
+    """The positional arguments: ``VM [list|cancel|…] [JOB]``."""
+    words = []
+    for action in parser._actions:
+        if action.option_strings or isinstance(action, argparse._SubParsersAction):
+            continue
+        if action.choices:
+            word = "|".join(str(c) for c in action.choices)
+        else:
+            metavar = action.metavar if isinstance(action.metavar, str) else None
+            word = (metavar or action.dest).upper()
+        words.append(f"[{word}]" if action.nargs in ("?", "*") else word)
+    return " ".join(words)
+
+
+def command_reference() -> str:
+    """Every command and sub-action with its arguments and what it does, as the README's
+    command reference table (``tests/unit/test_cli_grammar.py`` keeps the two equal)."""
+    parser, _ = build_parser()
+    rows = ["| command | what it does |", "|---|---|"]
+    for name, (sub, help_text) in _subcommands(parser).items():
+        actions = _subcommands(sub)
+        leaves = [(f"{name} {a}", leaf, h or help_text) for a, (leaf, h) in actions.items()]
+        for words, leaf, what in leaves or [(name, sub, help_text)]:
+            usage = f"blockctl {words} {_synopsis(leaf)}".rstrip().replace("|", "\\|")
+            rows.append(f"| `{usage}` | {what} |")
+    return "\n".join(rows) + "\n"
 
 
 def _check_single_values(args: argparse.Namespace) -> None:

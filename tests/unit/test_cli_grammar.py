@@ -65,3 +65,14 @@ def test_the_exit_code_table_names_every_code() -> None:
     assert listed == {c.value for c in ExitCode} - {ExitCode.BROKEN_PIPE}
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert EXIT_CODES_HELP in readme
+
+
+def test_the_readme_command_reference_is_the_parser() -> None:
+    """README's command table is ``command_reference()``: every command and sub-action, with
+    its arguments. Regenerate it when a command changes."""
+    from pathlib import Path
+
+    from blockctl._cli.main import command_reference
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert command_reference() in readme, "paste blockctl._cli.main.command_reference()"
