@@ -682,15 +682,6 @@ class ProgressBar:
             sys.stderr.write("\n")
 
 
-def _json_option() -> argparse.ArgumentParser:
-    """``--json`` for every (sub)command, including nested ones such as ``img info``."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
-    )
-    return parent
-
-
 class Img(Command):
     name = "img"
     help = "qemu-img, with explicit formats and JSON output: info, check, commit, rebase, ..."
@@ -698,19 +689,19 @@ class Img(Command):
     def configure(self, parser: argparse.ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         p = sub.add_parser(
-            "info", parents=[_json_option()], help="image info (--chain: with backing files)"
+            "info", parents=[_global_options(parent=False)], help="image info (--chain: with backing files)"
         )
         p.add_argument("image", type=Path)
         p.add_argument("-f", "--format", required=True)
         p.add_argument("--chain", action="store_true")
         p.add_argument("--untrusted", action="store_true", help="under CPU and memory limits")
         p = sub.add_parser(
-            "check", parents=[_json_option()], help="consistency check (exit 4: corrupt)"
+            "check", parents=[_global_options(parent=False)], help="consistency check (exit 4: corrupt)"
         )
         p.add_argument("image", type=Path)
         p.add_argument("-f", "--format", required=True)
         p = sub.add_parser(
-            "create", parents=[_json_option()], help="create an image (a backing file needs -F)"
+            "create", parents=[_global_options(parent=False)], help="create an image (a backing file needs -F)"
         )
         p.add_argument("image", type=Path)
         p.add_argument("size", nargs="?")
@@ -719,7 +710,7 @@ class Img(Command):
         p.add_argument("-F", "--backing-format")
         p = sub.add_parser(
             "commit",
-            parents=[_json_option()],
+            parents=[_global_options(parent=False)],
             help="merge an image into its backing file (offline)",
         )
         p.add_argument("image", type=Path)
@@ -727,7 +718,7 @@ class Img(Command):
         p.add_argument("-b", "--base", type=Path)
         p.add_argument("-d", "--drop", action="store_true", help="leave the image as it is")
         p = sub.add_parser(
-            "rebase", parents=[_json_option()], help="point an image at another backing file"
+            "rebase", parents=[_global_options(parent=False)], help="point an image at another backing file"
         )
         p.add_argument("image", type=Path)
         p.add_argument("-f", "--format", required=True)
@@ -735,7 +726,7 @@ class Img(Command):
         p.add_argument("-F", "--backing-format")
         p.add_argument("-u", "--unsafe", action="store_true", help="rewrite the header only")
         p = sub.add_parser(
-            "convert", parents=[_json_option()], help="copy an image into another format"
+            "convert", parents=[_global_options(parent=False)], help="copy an image into another format"
         )
         p.add_argument("source", type=Path)
         p.add_argument("target", type=Path)
@@ -745,7 +736,7 @@ class Img(Command):
         p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE")
         p = sub.add_parser(
             "resize",
-            parents=[_json_option()],
+            parents=[_global_options(parent=False)],
             help="change the virtual size (--shrink to make smaller)",
         )
         p.add_argument("image", type=Path)
@@ -754,7 +745,7 @@ class Img(Command):
         p.add_argument("--shrink", action="store_true")
         p = sub.add_parser(
             "snapshot",
-            parents=[_json_option()],
+            parents=[_global_options(parent=False)],
             help="internal snapshots of a qcow2: list/create/apply/delete",
         )
         p.add_argument("image", type=Path)
@@ -762,7 +753,7 @@ class Img(Command):
         p.add_argument("tag", nargs="?")
         p = sub.add_parser(
             "compare",
-            parents=[_json_option()],
+            parents=[_global_options(parent=False)],
             help="whether two images read the same (exit 4: differ)",
         )
         p.add_argument("first", type=Path)
@@ -770,10 +761,10 @@ class Img(Command):
         p.add_argument("-f", "--format", required=True)
         p.add_argument("-F", "--second-format", required=True)
         p.add_argument("-s", "--strict", action="store_true")
-        p = sub.add_parser("map", parents=[_json_option()], help="allocation map")
+        p = sub.add_parser("map", parents=[_global_options(parent=False)], help="allocation map")
         p.add_argument("image", type=Path)
         p.add_argument("-f", "--format", required=True)
-        p = sub.add_parser("measure", parents=[_json_option()], help="space a new image needs")
+        p = sub.add_parser("measure", parents=[_global_options(parent=False)], help="space a new image needs")
         p.add_argument("-O", "--output-format", required=True)
         p.add_argument("--size")
         p.add_argument("--image", type=Path)
@@ -1455,14 +1446,14 @@ class BackupCommand(Command):
     def configure(self, parser: argparse.ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         p = sub.add_parser(
-            "init", parents=[_json_option()], help="create a repository (owner-only)"
+            "init", parents=[_global_options(parent=False)], help="create a repository (owner-only)"
         )
         repo_options(p)
         p.add_argument("--chunk-size", help="fixed chunk size (default 4M; 64K to 32M)")
         p.add_argument("--compression", choices=["zstd", "none"], default="zstd")
         p = sub.add_parser(
             "create",
-            parents=[_json_option()],
+            parents=[_global_options(parent=False)],
             help="back up a running VM (incremental since this repository's last point, or "
             "full when there is none)",
         )
@@ -1494,12 +1485,12 @@ class BackupCommand(Command):
             help="how long a paused backup waits for the resume before it fails",
         )
         add_quiesce_options(p, "a backup")
-        p = sub.add_parser("list", parents=[_json_option()], help="a VM's backup points")
+        p = sub.add_parser("list", parents=[_global_options(parent=False)], help="a VM's backup points")
         p.add_argument("vm")
         repo_options(p)
         p = sub.add_parser(
             "verify",
-            parents=[_json_option()],
+            parents=[_global_options(parent=False)],
             help="check every chunk a point depends on (default: every point of the VM)",
         )
         p.add_argument("vm")
@@ -1509,7 +1500,7 @@ class BackupCommand(Command):
             "--sample", type=float, metavar="FRACTION", help="check this fraction of the chunks"
         )
         p = sub.add_parser(
-            "prune", parents=[_json_option()], help="delete old points, then unreferenced chunks"
+            "prune", parents=[_global_options(parent=False)], help="delete old points, then unreferenced chunks"
         )
         p.add_argument("vm")
         repo_options(p)
@@ -1518,7 +1509,7 @@ class BackupCommand(Command):
             "--keep-within", type=float, metavar="SECONDS", help="also keep points newer than this"
         )
         p.add_argument("--no-gc", action="store_true", help="leave the chunks for a later gc")
-        p = sub.add_parser("gc", parents=[_json_option()], help="remove chunks no point references")
+        p = sub.add_parser("gc", parents=[_global_options(parent=False)], help="remove chunks no point references")
         repo_options(p)
 
     async def run(self, args: argparse.Namespace) -> int:

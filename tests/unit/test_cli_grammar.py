@@ -76,3 +76,23 @@ def test_the_readme_command_reference_is_the_parser() -> None:
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert command_reference() in readme, "paste blockctl._cli.main.command_reference()"
+
+
+def test_nested_commands_take_the_global_options_after_their_action(tmp_path: Path) -> None:
+    """``img info X -v --log-json`` and ``backup list VM --repo R -v`` (the nested parsers once
+    knew only --json, and refused -v after the action as a usage error)."""
+    image = tmp_path / "x.raw"
+    image.write_bytes(bytes(65536))
+    done = blockctl("img", "info", str(image), "-f", "raw", "--json", "-v", "--log-json",
+                    runtime=tmp_path / "rt")  # fmt: skip
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert json.loads(done.stdout)[0]["virtual_size"] == 65536
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert "blockctl.cli.done" in [e["event"] for e in events]
+    repo = tmp_path / "repo"
+    assert blockctl("backup", "init", "--repo", str(repo), runtime=tmp_path / "rt").returncode == 0
+    listed = blockctl("backup", "list", "vm1", "--repo", str(repo), "-v", "--json",
+                      runtime=tmp_path / "rt")  # fmt: skip
+    assert listed.returncode == ExitCode.OK, listed.stderr
+    assert json.loads(listed.stdout) == []
+    assert "blockctl.cli.done" in listed.stderr
