@@ -689,19 +689,25 @@ class Img(Command):
     def configure(self, parser: argparse.ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         p = sub.add_parser(
-            "info", parents=[_global_options(parent=False)], help="image info (--chain: with backing files)"
+            "info",
+            parents=[_global_options(parent=False)],
+            help="image info (--chain: with backing files)",
         )
         p.add_argument("image", type=Path)
         p.add_argument("-f", "--format", required=True)
         p.add_argument("--chain", action="store_true")
         p.add_argument("--untrusted", action="store_true", help="under CPU and memory limits")
         p = sub.add_parser(
-            "check", parents=[_global_options(parent=False)], help="consistency check (exit 4: corrupt)"
+            "check",
+            parents=[_global_options(parent=False)],
+            help="consistency check (exit 4: corrupt)",
         )
         p.add_argument("image", type=Path)
         p.add_argument("-f", "--format", required=True)
         p = sub.add_parser(
-            "create", parents=[_global_options(parent=False)], help="create an image (a backing file needs -F)"
+            "create",
+            parents=[_global_options(parent=False)],
+            help="create an image (a backing file needs -F)",
         )
         p.add_argument("image", type=Path)
         p.add_argument("size", nargs="?")
@@ -718,7 +724,9 @@ class Img(Command):
         p.add_argument("-b", "--base", type=Path)
         p.add_argument("-d", "--drop", action="store_true", help="leave the image as it is")
         p = sub.add_parser(
-            "rebase", parents=[_global_options(parent=False)], help="point an image at another backing file"
+            "rebase",
+            parents=[_global_options(parent=False)],
+            help="point an image at another backing file",
         )
         p.add_argument("image", type=Path)
         p.add_argument("-f", "--format", required=True)
@@ -726,7 +734,9 @@ class Img(Command):
         p.add_argument("-F", "--backing-format")
         p.add_argument("-u", "--unsafe", action="store_true", help="rewrite the header only")
         p = sub.add_parser(
-            "convert", parents=[_global_options(parent=False)], help="copy an image into another format"
+            "convert",
+            parents=[_global_options(parent=False)],
+            help="copy an image into another format",
         )
         p.add_argument("source", type=Path)
         p.add_argument("target", type=Path)
@@ -764,7 +774,9 @@ class Img(Command):
         p = sub.add_parser("map", parents=[_global_options(parent=False)], help="allocation map")
         p.add_argument("image", type=Path)
         p.add_argument("-f", "--format", required=True)
-        p = sub.add_parser("measure", parents=[_global_options(parent=False)], help="space a new image needs")
+        p = sub.add_parser(
+            "measure", parents=[_global_options(parent=False)], help="space a new image needs"
+        )
         p.add_argument("-O", "--output-format", required=True)
         p.add_argument("--size")
         p.add_argument("--image", type=Path)
@@ -1485,7 +1497,9 @@ class BackupCommand(Command):
             help="how long a paused backup waits for the resume before it fails",
         )
         add_quiesce_options(p, "a backup")
-        p = sub.add_parser("list", parents=[_global_options(parent=False)], help="a VM's backup points")
+        p = sub.add_parser(
+            "list", parents=[_global_options(parent=False)], help="a VM's backup points"
+        )
         p.add_argument("vm")
         repo_options(p)
         p = sub.add_parser(
@@ -1500,7 +1514,9 @@ class BackupCommand(Command):
             "--sample", type=float, metavar="FRACTION", help="check this fraction of the chunks"
         )
         p = sub.add_parser(
-            "prune", parents=[_global_options(parent=False)], help="delete old points, then unreferenced chunks"
+            "prune",
+            parents=[_global_options(parent=False)],
+            help="delete old points, then unreferenced chunks",
         )
         p.add_argument("vm")
         repo_options(p)
@@ -1509,7 +1525,9 @@ class BackupCommand(Command):
             "--keep-within", type=float, metavar="SECONDS", help="also keep points newer than this"
         )
         p.add_argument("--no-gc", action="store_true", help="leave the chunks for a later gc")
-        p = sub.add_parser("gc", parents=[_global_options(parent=False)], help="remove chunks no point references")
+        p = sub.add_parser(
+            "gc", parents=[_global_options(parent=False)], help="remove chunks no point references"
+        )
         repo_options(p)
 
     async def run(self, args: argparse.Namespace) -> int:
