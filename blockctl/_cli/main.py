@@ -30,6 +30,7 @@ from blockctl import backup as backup_ops
 from blockctl._backup import control as control_ops
 from blockctl._cli import interrupt
 from blockctl._cli.output import human_size, table
+from blockctl._cli.progress import ProgressDisplay, close_all
 from blockctl._jobs import (
     JobHook,
     JobIOError,
@@ -663,23 +664,17 @@ class ApplyCommand(Command):
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr (only on a terminal, never with --json)."""
+    """A qemu-img run's progress (it reports percent): a line on stderr (never with --json)."""
 
     def __init__(self, args: argparse.Namespace, label: str) -> None:
-        self.enabled = not args.json and sys.stderr.isatty()
+        self.display = ProgressDisplay(enabled=not args.json)
         self.label = label
 
     def __call__(self, percent: float) -> None:
-        if self.enabled:
-            filled = int(percent / 100 * 30)
-            sys.stderr.write(
-                f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {percent:5.1f}%"
-            )
-            sys.stderr.flush()
+        self.display.update(self.label, self.label, percent, 100.0, unit="%")
 
     def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        self.display.finish(self.label)
 
 
 class Img(Command):
@@ -908,20 +903,28 @@ class Img(Command):
 
 
 class JobBar:
-    """A JobHook that draws the job's progress on stderr (terminal only, never with --json)."""
+    """A JobHook that shows each job's progress on stderr: bytes, rate and ETA, a line per job
+    (blockctl._cli.progress; never with --json)."""
 
     def __init__(self, args: argparse.Namespace, label: str) -> None:
         self.args = args
-        self.bar = ProgressBar(args, label)
+        self.label = label
+        self.display = ProgressDisplay(enabled=not args.json)
 
     def on_transition(self, transition: JobTransition) -> None:
         if transition.status in (JobStatus.CONCLUDED, JobStatus.NULL):
-            self.bar.done()
-            self.bar.enabled = False
+            self.display.finish(transition.job_id)
 
     def on_progress(self, progress: JobProgress) -> None:
         if progress.total:
-            self.bar(100.0 * progress.done / progress.total)
+            self.display.update(
+                progress.job_id,
+                f"{self.label} ({progress.job_id})",
+                progress.done,
+                progress.total,
+                rate=progress.rate,
+                eta=progress.eta,
+            )
 
     def on_io_error(self, error: JobIOError) -> None:
         side = "source read" if error.operation == "read" else "target write"
@@ -1375,46 +1378,32 @@ class RecoverCommand(Command):
 
 
 class BackupProgress:
-    """A progress hook: one line per disk with bytes, rate and ETA on stderr; redrawn in place
-    on a terminal, a plain line every 5 s otherwise; nothing with --json."""
+    """A progress hook: a line per disk with bytes read, rate and ETA on stderr
+    (blockctl._cli.progress: live on a terminal, a plain line every 5 s otherwise; nothing
+    with --json), and the command that resumes a copy paused on a write error."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.enabled = not args.json
-        self.tty = sys.stderr.isatty()
-        self.last: dict[str, float] = {}
-        self.current: str | None = None
+        self.display = ProgressDisplay(enabled=not args.json)
 
     def on_transition(self, transition: JobTransition) -> None:
         pass
 
     def on_io_error(self, error: JobIOError) -> None:
-        if self.tty and self.current is not None:
-            sys.stderr.write("\n")
-            self.current = None
         say_paused(self.args, error)
 
     def on_progress(self, progress: JobProgress) -> None:
-        if not self.enabled or progress.job_type != "backup-read":
+        if progress.job_type != "backup-read":
             return
         disk = progress.job_id.removeprefix("read-")
-        rate = "" if progress.rate is None else f", {human_size(progress.rate)}/s"
-        eta = "" if progress.eta is None else f", ETA {progress.eta:.0f} s"
-        line = (
-            f"{disk}: {human_size(progress.done)} of {human_size(progress.total)} read{rate}{eta}"
+        self.display.update(
+            disk,
+            f"{disk} read",
+            progress.done,
+            progress.total,
+            rate=progress.rate,
+            eta=progress.eta,
         )
-        finished = progress.done >= progress.total
-        if self.tty:
-            if self.current not in (None, disk):
-                sys.stderr.write("\n")
-            self.current = disk
-            sys.stderr.write("\r\x1b[K" + line + ("\n" if finished else ""))
-            if finished:
-                self.current = None
-            sys.stderr.flush()
-        elif finished or progress.seconds - self.last.get(disk, -5.0) >= 5.0:
-            self.last[disk] = progress.seconds
-            print(line, file=sys.stderr)
 
 
 def repo_options(parser: argparse.ArgumentParser) -> None:
@@ -2021,6 +2010,7 @@ def _run(args: argparse.Namespace, commands: dict[str, Command]) -> int:
             interrupt.run_interruptible, commands[args.subcommand].run, args, backend="asyncio"
         )
     except BlockctlError as exc:
+        close_all()  # a live progress display ends before the error line
         first, _, rest = str(exc).partition("\n")
         # One line; for a failed process, the last line it printed is usually the reason.
         said = [
@@ -2049,6 +2039,7 @@ def _run(args: argparse.Namespace, commands: dict[str, Command]) -> int:
     except KeyboardInterrupt:  # before the command's SIGINT handler was in place
         return interrupt.EXIT_INTERRUPTED
     finally:
+        close_all()
         get_logger().debug(
             "blockctl.cli.done",
             command=args.subcommand,
