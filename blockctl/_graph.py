@@ -497,16 +497,16 @@ class BlockGraph:
             devices.append({"id": d.id, "qdev": d.qdev, "root": d.root, "chain": chain})
         nodes = [
             {
-                "node-name": n.name,
+                "node_name": n.name,
                 "driver": n.driver,
                 "role": n.role.value,
                 "filename": n.filename,
-                "read-only": n.read_only,
-                "virtual-size": n.virtual_size,
+                "read_only": n.read_only,
+                "virtual_size": n.virtual_size,
                 "file": n.file_child,
                 "backing": n.backing,
                 "attached": self.attached(n.name),
-                "dirty-bitmaps": [
+                "dirty_bitmaps": [
                     {
                         "name": b.name,
                         "count": b.count,

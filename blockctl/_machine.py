@@ -118,6 +118,7 @@ class VM:
         #: The options of the drives blockctl created (for reopen and unplug).
         self.registry = DriveRegistry.load(run_dir)
         self._capabilities: Capabilities | None = None
+        self._version: VersionInfo | None = None
 
     @property
     def identity(self) -> str:
@@ -135,7 +136,10 @@ class VM:
         return await wire.query_status(self.session)
 
     async def version(self) -> VersionInfo:
-        return await wire.query_version(self.session)
+        """QEMU's version, read once per session (a running QEMU does not change it)."""
+        if self._version is None:
+            self._version = await wire.query_version(self.session)
+        return self._version
 
     async def capabilities(self) -> Capabilities:
         """What this QEMU offers (``query-qmp-schema``), read once per session."""

@@ -419,7 +419,7 @@ def _compare(raw: dict[str, Any], views: dict[str, Any]) -> list[str]:
     if "cli" in views:
         graph_views.append(("cli chain", views["cli"]["chain"]))
     for label, graph in graph_views:
-        ours = {n["node-name"]: (n["driver"], n["read-only"]) for n in graph["nodes"]}
+        ours = {n["node_name"]: (n["driver"], n["read_only"]) for n in graph["nodes"]}
         same(f"{label}: nodes", ours, {k: (v["driver"], v["ro"]) for k, v in nodes.items()})
         for dev in graph["devices"]:
             same(

@@ -175,7 +175,7 @@ async def test_an_unnamed_qemu_gets_its_identity_from_the_user(
         overlay = Path(str(snap["overlays"]["drive0"]))
         assert overlay.name == "anon7-drive0-s1.qcow2"
         _, chain = await cli("chain", sock, "--vm-name", "anon7")
-        files = {n["node-name"]: n["filename"] for n in chain["nodes"]}
+        files = {n["node_name"]: n["filename"] for n in chain["nodes"]}
         device = chain["devices"][0]
         assert device["id"] == "drive0"
         assert [files[n] for n in device["chain"]] == [str(overlay), str(disk)]

@@ -135,9 +135,12 @@ def test_json_rendering_is_serializable() -> None:
     json.dumps(data)
     disk0 = next(d for d in data["devices"] if d["id"] == "disk0")
     assert disk0["chain"] == ["drv0", "drv0-b1", "drv0-b2"]
-    drv0 = next(n for n in data["nodes"] if n["node-name"] == "drv0")
+    drv0 = next(n for n in data["nodes"] if n["node_name"] == "drv0")
     assert drv0["backing"] == "drv0-b1" and drv0["file"] == "drv0-file"
-    assert drv0["dirty-bitmaps"][0]["name"] == "bm0"
+    assert drv0["dirty_bitmaps"][0]["name"] == "bm0"
+    # One key style in every --json output: snake_case, as drives, jobs and backups print.
+    keys = {k for n in data["nodes"] for k in n} | {k for d in data["devices"] for k in d}
+    assert not [k for k in keys if "-" in k]
 
 
 def test_unknown_names_raise() -> None:
