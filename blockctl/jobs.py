@@ -7,16 +7,18 @@ and adopting jobs another process started (to wait for, pause, resume or cancel 
 
     class Progress:                        # any object with these methods is a JobHook
         def on_transition(self, t: jobs.JobTransition) -> None: ...
-        def on_progress(self, p: jobs.JobProgress) -> None: print(p.offset, p.length)
+        def on_progress(self, p: jobs.JobProgress) -> None: print(p.done, p.total, p.eta)
         def on_io_error(self, e: jobs.JobIOError) -> None: ...
 
     await chains.commit(vm, "disk0", hooks=[Progress()])
     for job in await jobs.adopt_jobs(vm.session):    # jobs running in this VM, from any client
         await job.pause()
+    await jobs.control_job(vm, job_id, "speed", speed=10 << 20)  # a backup's copy too
 
 A job succeeded only if it concluded with no error and ``offset == length``.
 """
 
+from blockctl._backup.control import control_job
 from blockctl._jobs import (
     IGNORE_RETRIES,
     Job,
@@ -33,6 +35,7 @@ from blockctl._qmp.models import JobInfo, JobStatus
 
 __all__ = [
     "adopt_jobs",
+    "control_job",
     "Job",
     "JobHook",
     "StructlogJobHook",

@@ -23,13 +23,17 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
 from blockctl._backup.reader import RateLimiter
+from blockctl._jobs import adopt_jobs
 from blockctl.errors import ConfigError, JobCancelledByOther
+
+if TYPE_CHECKING:
+    from blockctl._machine import VM
 
 #: Under the VM's run directory: one socket per fleecing job of a running backup.
 CONTROL_DIR = "control"
@@ -321,3 +325,33 @@ async def ask(
     if not reply.get("ok"):
         raise ConfigError(verb, f"the backup driving job {job_id} refused: {reply.get('error')}")
     return reply  # type: ignore[no-any-return]
+
+
+async def control_job(vm: VM, job_id: str, action: str, *, speed: int | None = None) -> str:
+    """``pause``, ``resume``, ``speed`` (``speed`` bytes/s; 0: no limit) or ``cancel`` the
+    job ``job_id`` of ``vm``, whichever process started it. A backup's job goes to the backup's
+    process, which pauses, re-speeds or cancels its copy; any other job to QEMU. Returns which
+    of the two acted: ``"backup"`` or ``"qemu"``."""
+    if action not in ("pause", "resume", "speed", "cancel"):
+        raise ConfigError("action", f"{action!r}: pause, resume, speed or cancel")
+    if action == "speed" and speed is None:
+        raise ConfigError("speed", "give the new speed in bytes/s (0: unlimited)")
+    # A concluded job is dismissed only when no other client is attached: its owner may be
+    # about to read its outcome.
+    jobs = await adopt_jobs(vm.session, dismiss=not vm.other_clients())
+    target = next((j for j in jobs if j.id == job_id), None)
+    if target is None:
+        raise ConfigError("job", f"no job {job_id!r} in {vm.name} (see `blockctl jobs`)")
+    fields = {} if speed is None else {"speed": speed}
+    if await ask(vm.run_dir, job_id, action, **fields) is not None:
+        return "backup"
+    if action == "cancel":
+        await target.cancel()
+    elif action == "pause":
+        await target.pause()
+    elif action == "resume":
+        await target.resume()
+    else:
+        assert speed is not None
+        await target.set_speed(speed)
+    return "qemu"

@@ -1220,10 +1220,10 @@ class Jobs(Command):
 
     async def run(self, args: argparse.Namespace) -> int:
         async with attach(args.vm, vm_name=args.vm_name) as vm:
-            # A concluded job is dismissed (its outcome read) only when no other client is
-            # attached: otherwise its owner may be about to read it (issue 14).
-            jobs = await adopt_jobs(vm.session, dismiss=not vm.other_clients())
             if args.action == "list":
+                # A concluded job is dismissed (its outcome read) only when no other client is
+                # attached: otherwise its owner may be about to read it (issue 14).
+                jobs = await adopt_jobs(vm.session, dismiss=not vm.other_clients())
                 rates = await sample_rates(vm, args.sample) if jobs else {}
                 rows: list[dict[str, Any]] = []
                 for job in jobs:
@@ -1264,27 +1264,15 @@ class Jobs(Command):
                     )
                 emit(args, rows, job_table(rows) if rows else "no jobs")
                 return 0
-            target = next((j for j in jobs if j.id == args.job), None)
-            if target is None:
-                raise ConfigError("job", f"no job {args.job!r} in this VM (see `blockctl jobs`)")
-            speed = None
-            if args.action == "speed":
-                if args.speed is None:
-                    raise ConfigError("speed", "give the new speed in bytes/s (0: unlimited)")
-                speed = parse_size(args.speed, "speed")
-            fields = {} if speed is None else {"speed": speed}
-            if await control_ops.ask(vm.run_dir, target.id, args.action, **fields) is not None:
-                pass  # a backup's copy: its process pauses, resumes, re-speeds or cancels it
-            elif args.action == "cancel":
-                await target.cancel()
-            elif args.action == "pause":
-                await target.pause()
-            elif args.action == "resume":
-                await target.resume()
-            else:
-                assert speed is not None
-                await target.set_speed(speed)
-        emit(args, {"job": args.job, "action": args.action}, f"{args.job}: {args.action} sent")
+            if args.job is None:
+                raise ConfigError("job", "give the job's id (see `blockctl jobs VM`)")
+            speed = None if args.speed is None else parse_size(args.speed, "speed")
+            by = await control_ops.control_job(vm, args.job, args.action, speed=speed)
+        emit(
+            args,
+            {"job": args.job, "action": args.action, "by": by},
+            f"{args.job}: {args.action} sent (to {'the backup' if by == 'backup' else 'QEMU'})",
+        )
         return 0
 
 
