@@ -247,8 +247,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_ops/drives.py",
-                find="    for name in reversed(nodes):\n",
-                replace="    for name in reversed(nodes[:0]):\n",
+                find='    await delete_nodes(vm, nodes, event="blockctl.drive.rollback_failed")',
+                replace='    await delete_nodes(vm, nodes[:0], event="blockctl.drive.rollback_failed")',
                 what="a failed hot-plug keeps the nodes it added",
             ),
         ),
@@ -413,11 +413,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_ops/chains.py",
-                find="                try:\n"
-                "                    await wire.blockdev_del(vm.session, name)\n"
-                "                except BlockctlError as exc:\n                    # Still in use",
-                replace="                try:\n                    pass\n"
-                "                except BlockctlError as exc:\n                    # Still in use",
+                find='await delete_nodes(vm, added, event="blockctl.snapshot.rollback_failed")',
+                replace='await delete_nodes(vm, added[:0], event="blockctl.snapshot.rollback_failed")',
                 what="a failed external snapshot's rollback keeps the overlay nodes "
                 "(issue 22 survivor)",
             ),

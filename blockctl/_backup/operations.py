@@ -70,7 +70,7 @@ from blockctl._jobs import (
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._ops import conflicts
-from blockctl._ops.nodes import read_graph
+from blockctl._ops.nodes import delete_nodes, read_graph
 from blockctl._qmp import wire
 from blockctl.errors import (
     BackupCorrupt,
@@ -845,9 +845,7 @@ async def _teardown(
                 with contextlib.suppress(BlockctlError):
                     await job.cancel()
                     await job.wait(complete_on_ready=False, deadline=60, hooks=hooks)
-        for name in reversed(added):
-            with contextlib.suppress(BlockctlError):
-                await wire.blockdev_del(vm.session, name)
+        await delete_nodes(vm, added, event="blockctl.backup.node_kept")
         added.clear()
 
 

@@ -40,8 +40,8 @@ from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, error_policy, star
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._ops import conflicts, recovery
+from blockctl._ops.nodes import delete_nodes, node_options, set_read_only
 from blockctl._ops.nodes import flush_chain as flush_chain  # re-exported: chains' own API
-from blockctl._ops.nodes import node_options, set_read_only
 from blockctl._ops.nodes import read_graph as read_graph
 from blockctl._qmp import wire
 from blockctl._registry import DriveRecord
@@ -203,15 +203,9 @@ async def external_snapshot(
             )
     except BaseException:
         with anyio.CancelScope(shield=True):
-            in_use: set[str] = set()
-            for name in reversed(added):
-                try:
-                    await wire.blockdev_del(vm.session, name)
-                except BlockctlError as exc:
-                    # Still in use: the transaction took effect after all (cancelled while
-                    # QEMU executed it, say a freeze deadline). The guest writes into it now.
-                    in_use.add(name)
-                    _log.warning("blockctl.snapshot.rollback_failed", node=name, error=str(exc))
+            # Refused: still in use, the transaction took effect after all (cancelled while
+            # QEMU executed it, say a freeze deadline). The guest writes into it now.
+            in_use = set(await delete_nodes(vm, added, event="blockctl.snapshot.rollback_failed"))
             for (_d, _t, _o, name), path in zip(plans, created, strict=False):
                 if name in in_use or f"{name}-file" in in_use:
                     _log.warning("blockctl.snapshot.overlay_kept", overlay=str(path))

@@ -34,6 +34,7 @@ from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
 from blockctl._machine import VM, check_nbd, inspect_drive
 from blockctl._ops import conflicts
+from blockctl._ops.nodes import delete_nodes
 from blockctl._qmp import wire
 from blockctl._qmp.models import BlockDevice, BlockNode, CacheFlags, IoLimits
 from blockctl._registry import DriveRecord
@@ -436,11 +437,7 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
 
 
 async def _rollback(vm: VM, nodes: list[str], devices: list[str]) -> None:
-    for name in reversed(nodes):
-        try:
-            await wire.blockdev_del(vm.session, name)
-        except BlockctlError as exc:
-            _log.warning("blockctl.drive.rollback_failed", node=name, error=str(exc))
+    await delete_nodes(vm, nodes, event="blockctl.drive.rollback_failed")
     for device_id in reversed(devices):
         # An empty controller: its removal needs no guest cooperation worth waiting for.
         with contextlib.suppress(BlockctlError):

@@ -5,14 +5,18 @@ operation, and finishes what an interrupted one left), so neither imports the ot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
+
+import anyio
 
 from blockctl._graph import BlockGraph, GraphNode
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._qmp import wire
 from blockctl._registry import DriveRecord
+from blockctl.errors import BlockctlError
 
 _log = get_logger()
 
@@ -79,3 +83,20 @@ async def set_read_only(
                     record, nodes=tuple(changed.get(str(n["node-name"]), n) for n in record.nodes)
                 )
             )
+
+
+async def delete_nodes(vm: VM, added: Sequence[str], *, event: str) -> dict[str, BlockctlError]:
+    """Roll back nodes an operation added (``added`` in the order they were added): delete
+    them top-down, shielded from cancellation, every one tried whatever the others did. The
+    nodes QEMU refused to delete (still in use: the operation took effect after all) are
+    returned with QEMU's refusal, each also logged as ``event``."""
+    refused: dict[str, BlockctlError] = {}
+    with anyio.CancelScope(shield=True):
+        for name in reversed(added):
+            try:
+                await wire.blockdev_del(vm.session, name)
+            except BlockctlError as exc:
+                refused[name] = exc
+                if not vm.session.lost:  # QEMU gone: its nodes went with it, nothing is kept
+                    _log.warning(event, node=name, error=str(exc))
+    return refused
