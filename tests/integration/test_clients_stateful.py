@@ -78,6 +78,7 @@ def sha(data: bytes | bytearray) -> str:
 @dataclass
 class Disk:
     serial: str
+    owner: int  # the client that hot-plugged it
     #: What the guest must read (all DISK bytes).
     content: bytearray
     #: The chain's layers, top first: the 512 KiB chunks each one holds data in (at least
@@ -228,6 +229,7 @@ class TwoClients(RuleBasedStateMachine):
         assert device not in self.disks
         self.disks[device] = Disk(
             serial=serial,
+            owner=client,
             content=bytearray(data),
             layers=[set(), set(range(DISK // CHUNK)), set()],
         )
@@ -508,18 +510,22 @@ class TwoClients(RuleBasedStateMachine):
         self.run(go)
 
     def teardown(self) -> None:
-        """Back to a VM with no disk and no job, whatever the example left."""
+        """Back to a VM with no disk and no job, whatever the example left: each disk the
+        model knows is unplugged by the client that did not hot-plug it, then anything else
+        QEMU lists."""
         job = self.job
+        owners = {device: disk.owner for device, disk in self.disks.items()}
 
         async def go() -> None:
-            vm = self.w.clients[0]
             if job is not None:
-                for j in await adopt_jobs(vm.session, dismiss=False):
+                for j in await adopt_jobs(self.w.clients[0].session, dismiss=False):
                     await j.cancel()
                 with anyio.fail_after(60):
                     await job.done.wait()
-            for d in await drives.list_drives(vm):
-                await drives.unplug(vm, d.device_id)
+            for device, owner in owners.items():
+                await drives.unplug(self.w.clients[1 - owner], device)
+            for d in await drives.list_drives(self.w.clients[0]):
+                await drives.unplug(self.w.clients[0], d.device_id)
             assert await guest_devices(self.w.vm) == {}
 
         self.run(go)
