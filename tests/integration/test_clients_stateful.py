@@ -68,6 +68,7 @@ CHUNK = 512 * 1024  # what QEMU's commit copies per step (its rate limit sleeps 
 #: model takes while it runs; "finish" lifts the limit (speed 0), which wakes it at once.
 SLOW = 16 * 1024
 MAX_DISKS = 2
+#: Nodes of a drive's chain that are not layers (a backup's filter is there while it runs).
 _FILTERS = frozenset({"copy-on-read", "throttle", "copy-before-write", "snapshot-access"})
 
 
@@ -126,7 +127,7 @@ class World:
     work: Path
     examples: int = 0
     serials: int = 0
-    #: Per example: each rule's name, counted (reported at the end).
+    #: How many times each rule ran, over all examples (reported as a figure).
     steps: dict[str, int] = field(default_factory=dict)
 
 
