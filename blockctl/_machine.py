@@ -115,10 +115,16 @@ class VM:
         self.monitor = monitor
         #: The VM's pool of monitors (empty: a single monitor, one client at a time).
         self.pool = pool
-        #: The options of the drives blockctl created (for reopen and unplug).
-        self.registry = DriveRegistry.load(run_dir)
+        self._registry = DriveRegistry.load(run_dir)
         self._capabilities: Capabilities | None = None
         self._version: VersionInfo | None = None
+
+    @property
+    def registry(self) -> DriveRegistry:
+        """The options of the drives blockctl created (for reopen and unplug), as the VM's
+        record has them now: another client may have changed them since the last look."""
+        self._registry.refresh()
+        return self._registry
 
     @property
     def identity(self) -> str:

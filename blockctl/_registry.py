@@ -10,8 +10,11 @@ longer has. The file is rewritten atomically and durably, mode 0600
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -65,37 +68,71 @@ class DriveRegistry:
 
     path: Path | None
     drives: dict[str, DriveRecord] = field(default_factory=dict)
+    #: (inode, mtime, size) of the file as last read; None: not read (missing).
+    _stamp: tuple[int, int, int] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, run_dir: Path | None) -> DriveRegistry:
-        if run_dir is None:
-            return cls(path=None)
-        path = run_dir / FILE
+        registry = cls(path=None if run_dir is None else run_dir / FILE)
+        registry.refresh()
+        return registry
+
+    def refresh(self) -> None:
+        """Read the file again if another client (or process) changed it since."""
+        if self.path is None:
+            return
         try:
-            data = json.loads(path.read_text())
+            st = os.stat(self.path)
         except FileNotFoundError:
-            return cls(path=path)
-        drives = {d["device_id"]: DriveRecord.from_json(d) for d in data.get("drives", [])}
-        return cls(path=path, drives=drives)
+            self.drives, self._stamp = {}, None
+            return
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        data = json.loads(self.path.read_bytes())
+        self.drives = {d["device_id"]: DriveRecord.from_json(d) for d in data.get("drives", [])}
+        self._stamp = stamp
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """A read-modify-write of the file, one client at a time."""
+        if self.path is None:
+            yield
+            return
+        # The directory's own flock (the file is replaced on every write; nothing else locks
+        # the run directory itself).
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.refresh()
+            yield
+        finally:
+            os.close(fd)
 
     def save(self) -> None:
         if self.path is None:
             return
         data = {"drives": [d.to_json() for d in self.drives.values()]}
         _fsutil.atomic_write_bytes(self.path, json.dumps(data, indent=1).encode())
+        st = os.stat(self.path)
+        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def put(self, record: DriveRecord) -> None:
-        self.drives[record.device_id] = record
-        self.save()
-
-    def remove(self, device_id: str) -> None:
-        if self.drives.pop(device_id, None) is not None:
+        with self._changing():
+            self.drives[record.device_id] = record
             self.save()
 
+    def remove(self, device_id: str) -> None:
+        with self._changing():
+            if self.drives.pop(device_id, None) is not None:
+                self.save()
+
     def set_pending(self, device_id: str, pending: bool) -> None:
-        record = self.drives.get(device_id)
-        if record is not None and record.pending_unplug != pending:
-            self.put(replace(record, pending_unplug=pending))
+        with self._changing():
+            record = self.drives.get(device_id)
+            if record is not None and record.pending_unplug != pending:
+                self.drives[device_id] = replace(record, pending_unplug=pending)
+                self.save()
 
     def node_options(self, name: str) -> Json | None:
         for record in self.drives.values():
@@ -113,11 +150,29 @@ class DriveRegistry:
             if "backing" in n
         }
 
-    def reconcile(self, devices: Iterable[str], nodes: Iterable[str]) -> None:
-        """Forget what QEMU no longer has: QEMU is the source of truth."""
+    def reconcile(
+        self,
+        devices: Iterable[str],
+        nodes: Iterable[str],
+        known: Mapping[str, DriveRecord] | None = None,
+    ) -> None:
+        """Forget what QEMU no longer has: QEMU is the source of truth. ``known``: the
+        records as they were before QEMU was asked (default: all of them now); a record
+        another client wrote since is not judged by a reply that predates it."""
         live_devices, live_nodes = set(devices), set(nodes)
+        with self._changing():
+            self._reconcile(live_devices, live_nodes, known)
+
+    def _reconcile(
+        self,
+        live_devices: set[str],
+        live_nodes: set[str],
+        known: Mapping[str, DriveRecord] | None,
+    ) -> None:
         changed = False
         for device_id, record in list(self.drives.items()):
+            if known is not None and known.get(device_id) != record:
+                continue
             kept = tuple(n for n in record.nodes if n["node-name"] in live_nodes)
             if device_id not in live_devices and not kept:
                 del self.drives[device_id]

@@ -238,6 +238,22 @@ PROMISES: tuple[Promise, ...] = (
             ),
         ),
     ),
+    Promise(
+        id="clients-share-the-drive-records",
+        section="Many clients, one VM",
+        quote="a disk one client hot-plugged can be unplugged, snapshotted or committed by any "
+        "other",
+        tests=(I + "test_clients_stateful.py::test_two_clients_random_operations",),
+        mutations=(
+            Mutation(
+                file="blockctl/_registry.py",
+                find="        if stamp == self._stamp:",
+                replace="        if self._stamp is not None or stamp == self._stamp:",
+                what="a client reads the drive records once: disks hot-plugged by another "
+                "client later stay unknown to it",
+            ),
+        ),
+    ),
     # Section: Drives of a running guest
     Promise(
         id="drives-hotplug-rollback",

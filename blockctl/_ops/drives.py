@@ -164,10 +164,11 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
     ``blockctl chain`` shows): the filters on top, then the format node and every backing
     layer's format node, top first. Protocol (``file``) nodes are not layers.
     """
+    known = dict(vm.registry.drives)  # (what another client writes meanwhile is kept)
     devices = await vm.block_devices()
     details = await wire.query_named_block_node_details(vm.session)
     nodes = {d.node.node_name: d.node for d in details}
-    vm.registry.reconcile((d.device_id or "" for d in devices), nodes)
+    vm.registry.reconcile((d.device_id or "" for d in devices), nodes, known)
     graph = BlockGraph.from_qmp(details, devices, vm.registry.backing_hints())
     drives = []
     for dev in devices:

@@ -322,3 +322,49 @@ def test_the_eta_follows_a_growing_total_and_never_goes_negative() -> None:
         JobSample(at=0.0, done=0, total=MIB), JobSample(at=2.0, done=2 * MIB, total=MIB)
     )
     assert (rate, eta) == (MIB, 0.0)
+
+
+# Section: the drive registry, shared by the clients
+
+
+def _record(n: int) -> Any:
+    from blockctl._registry import DriveRecord
+
+    return DriveRecord(
+        device_id=f"disk{n}",
+        device={"driver": "virtio-blk-pci"},
+        nodes=({"driver": "qcow2", "node-name": f"drv{n}"},),
+    )
+
+
+def test_a_client_sees_and_keeps_the_drives_another_client_recorded(tmp_path: Path) -> None:
+    """Two clients' registries of one VM (each loaded when it attached): what one records,
+    the other sees at its next look, and a change by either keeps the other's records."""
+    from blockctl._registry import DriveRegistry
+
+    a, b = DriveRegistry.load(tmp_path), DriveRegistry.load(tmp_path)
+    a.put(_record(1))
+    assert set(b.drives) == set()  # (the field as loaded: refresh() reads the file again)
+    b.refresh()
+    assert set(b.drives) == {"disk1"}
+    b.put(_record(2))
+    a.remove("disk9")  # (no such record: nothing written)
+    assert set(DriveRegistry.load(tmp_path).drives) == {"disk1", "disk2"}
+    a.set_pending("disk2", True)  # a knows disk2 only from the file
+    assert DriveRegistry.load(tmp_path).drives["disk2"].pending_unplug
+    b.remove("disk1")
+    a.refresh()
+    assert set(a.drives) == {"disk2"}
+
+
+def test_reconcile_keeps_a_record_written_after_qemu_was_asked(tmp_path: Path) -> None:
+    """A client's ``drives`` asks QEMU, then forgets the records QEMU does not have; a disk
+    another client hot-plugged meanwhile (its record written after the reply) stays."""
+    from blockctl._registry import DriveRegistry
+
+    a, b = DriveRegistry.load(tmp_path), DriveRegistry.load(tmp_path)
+    a.put(_record(1))
+    known = dict(a.drives)
+    b.put(_record(2))  # after a's query: QEMU's reply (no devices) predates it
+    a.reconcile(devices=[], nodes=[], known=known)
+    assert set(DriveRegistry.load(tmp_path).drives) == {"disk2"}
