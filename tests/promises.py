@@ -263,8 +263,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_ops/drives.py",
-                find='    await delete_nodes(vm, nodes, event="blockctl.drive.rollback_failed")',
-                replace='    await delete_nodes(vm, nodes[:0], event="blockctl.drive.rollback_failed")',
+                find="    await delete_nodes(vm, nodes, event=",
+                replace="    await delete_nodes(vm, nodes[:0], event=",
                 what="a failed hot-plug keeps the nodes it added",
             ),
         ),
@@ -429,8 +429,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_ops/chains.py",
-                find='await delete_nodes(vm, added, event="blockctl.snapshot.rollback_failed")',
-                replace='await delete_nodes(vm, added[:0], event="blockctl.snapshot.rollback_failed")',
+                find="await delete_nodes(vm, added, event=",
+                replace="await delete_nodes(vm, added[:0], event=",
                 what="a failed external snapshot's rollback keeps the overlay nodes "
                 "(issue 22 survivor)",
             ),
