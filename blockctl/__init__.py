@@ -5,45 +5,53 @@
 
 Errors are all :class:`blockctl.errors.BlockctlError`; value types live in
 :mod:`blockctl.types`.
+
+Each name below is imported on first use (``blockctl._lazy``): ``import blockctl``, which every
+``import blockctl.X`` runs first, imports none of the modules behind them.
 """
 
-from blockctl._agent import GuestAgent, Quiesce, Quiesced, connect_agent, quiesced
-from blockctl._console import CommandResult, GuestConsole
-from blockctl._guest import GuestImage, build_guest, find_guest
-from blockctl._machine import (
-    VM,
-    LaunchedVM,
-    Timeouts,
-    attach,
-    launch_detached,
-    open_vm,
-    shutdown_detached,
-)
-from blockctl._qmp.models import (
-    BlockDevice,
-    BlockNode,
-    CacheFlags,
-    Capabilities,
-    StatusInfo,
-    VersionInfo,
-)
-from blockctl._qmp.session import Event, QMPSession
-from blockctl.errors import BlockctlError
-from blockctl.types import (
-    Accel,
-    Aio,
-    BootConfig,
-    CacheMode,
-    DeprecatedInput,
-    DetectZeroes,
-    Discard,
-    Drive,
-    ErrorPolicy,
-    ImageFormat,
-    Interface,
-    MachineConfig,
-    Media,
-)
+import typing
+
+from blockctl import _lazy
+
+if typing.TYPE_CHECKING:
+    from blockctl._agent import GuestAgent, Quiesce, Quiesced, connect_agent, quiesced
+    from blockctl._console import CommandResult, GuestConsole
+    from blockctl._guest import GuestImage, build_guest, find_guest
+    from blockctl._machine import (
+        VM,
+        LaunchedVM,
+        Timeouts,
+        attach,
+        launch_detached,
+        open_vm,
+        shutdown_detached,
+    )
+    from blockctl._qmp.models import (
+        BlockDevice,
+        BlockNode,
+        CacheFlags,
+        Capabilities,
+        StatusInfo,
+        VersionInfo,
+    )
+    from blockctl._qmp.session import Event, QMPSession
+    from blockctl.errors import BlockctlError
+    from blockctl.types import (
+        Accel,
+        Aio,
+        BootConfig,
+        CacheMode,
+        DeprecatedInput,
+        DetectZeroes,
+        Discard,
+        Drive,
+        ErrorPolicy,
+        ImageFormat,
+        Interface,
+        MachineConfig,
+        Media,
+    )
 
 __all__ = [
     # Launching and attaching, most to least important
@@ -92,3 +100,48 @@ __all__ = [
     # Errors (the whole tree is in blockctl.errors)
     "BlockctlError",
 ]
+
+if not typing.TYPE_CHECKING:  # type checkers see the imports above, and no __getattr__
+    # The same imports, made on first use.
+    __getattr__, __dir__ = _lazy.exports(
+        __name__,
+        {
+            "blockctl._agent": ("GuestAgent", "Quiesce", "Quiesced", "connect_agent", "quiesced"),
+            "blockctl._console": ("CommandResult", "GuestConsole"),
+            "blockctl._guest": ("GuestImage", "build_guest", "find_guest"),
+            "blockctl._machine": (
+                "VM",
+                "LaunchedVM",
+                "Timeouts",
+                "attach",
+                "launch_detached",
+                "open_vm",
+                "shutdown_detached",
+            ),
+            "blockctl._qmp.models": (
+                "BlockDevice",
+                "BlockNode",
+                "CacheFlags",
+                "Capabilities",
+                "StatusInfo",
+                "VersionInfo",
+            ),
+            "blockctl._qmp.session": ("Event", "QMPSession"),
+            "blockctl.errors": ("BlockctlError",),
+            "blockctl.types": (
+                "Accel",
+                "Aio",
+                "BootConfig",
+                "CacheMode",
+                "DeprecatedInput",
+                "DetectZeroes",
+                "Discard",
+                "Drive",
+                "ErrorPolicy",
+                "ImageFormat",
+                "Interface",
+                "MachineConfig",
+                "Media",
+            ),
+        },
+    )

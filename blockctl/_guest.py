@@ -38,7 +38,6 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import structlog
 
 from blockctl import _proc
 from blockctl._log import get_logger
@@ -780,6 +779,8 @@ def _install(
 def _configure_logging(verbose: bool) -> None:
     # Only for running this module as a program; as a library blockctl never configures
     # structlog. Events go to stderr so that stdout carries just the result.
+    import structlog
+
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -6,7 +6,8 @@
 Benchmarks: qmp (a QMP round trip through blockctl vs raw qemu.qmp), hotplug (attach until the
 guest sees the disk, detach until DEVICE_DELETED and the nodes are gone, vs the same QMP steps
 sent with raw qemu.qmp), backup (repository v2 vs the raw QMP incremental, qemu-img convert, cat
-and zstd: scripts/bench_backup.py), and more in bench_more and bench_agent. The machines are
+and zstd: scripts/bench_backup.py), cli (the command line's start-up: scripts/bench_cli.py), and
+more in bench_more and bench_agent. The machines are
 shared and noisy: read the ratios, not the absolute times. Exits non-zero if a benchmark breaks
 (never because the machine is slow).
 """
@@ -31,7 +32,7 @@ from blockctl import LaunchedVM, _binaries, _images, _proc, build_guest, find_gu
 from blockctl._images import create
 from blockctl._ops import chains, drives
 from blockctl.types import Drive, ImageFormat, MachineConfig
-from scripts import bench_agent, bench_backup, bench_clients, bench_more
+from scripts import bench_agent, bench_backup, bench_cli, bench_clients, bench_more
 from scripts.bench_common import Row
 
 
@@ -206,6 +207,7 @@ BENCHMARKS = (
     "scale",
     "quiesce",
     "clients",
+    "cli",
 )
 
 
@@ -279,6 +281,14 @@ async def main(args: argparse.Namespace) -> int:
             )
         if "clients" in selected:
             rows += await bench_clients.bench_clients(find_guest(), 1 if args.quick else 4, work)
+        if "cli" in selected:
+            cli_dir = Path(tmp) / "cli"
+            cli_dir.mkdir()
+            cli_rows, cli_notes = await anyio.to_thread.run_sync(
+                bench_cli.bench_cli, 5 if args.quick else 30, cli_dir
+            )
+            rows += cli_rows
+            notes += cli_notes
     print(render(rows))
     for note in notes:
         print(f"note: {note}")
@@ -296,7 +306,8 @@ if __name__ == "__main__":
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="qmp, launch, hotplug, chains, backup, stall, scale, quiesce, clients (default: all)",
+        help="qmp, launch, hotplug, chains, backup, stall, scale, quiesce, clients, cli "
+        "(default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="few repetitions (CI smoke)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")

@@ -119,8 +119,9 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_log.py",
-                find="        if structlog.is_configured():",
-                replace="        if True:",
+                find='    structlog = sys.modules.get("structlog")\n'
+                "    if structlog is not None and structlog.is_configured():\n",
+                replace="    import structlog\n\n    if True:\n",
                 what="an unconfigured structlog prints every event to stdout",
             ),
         ),

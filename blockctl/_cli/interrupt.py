@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
-import structlog
 from anyio.abc import TaskStatus
 
+from blockctl import _log
 from blockctl._jobs import JobEnded, JobProgress, JobStatus, JobTransition
 from blockctl._qmp.session import single_exception
 from blockctl.errors import BlockctlError, JobCancelled
@@ -130,7 +130,9 @@ def summary(tracker: JobTracker) -> tuple[str, list[dict[str, object]]]:
 
 def _mute_warnings(args: argparse.Namespace) -> None:
     """The clean-up's warnings (``blockctl.job.abandoned`` …) are what the summary says."""
-    if not getattr(args, "verbose", False):
+    if not getattr(args, "verbose", False) and not _log.raise_level_on_demand(logging.ERROR):
+        import structlog
+
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 
 

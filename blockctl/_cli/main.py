@@ -20,14 +20,11 @@ import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import anyio
-import structlog
 
-from blockctl import _agent, _guest, _images, _journal, _runtime
-from blockctl import backup as backup_ops
-from blockctl._backup import control as control_ops
+from blockctl import _agent, _images, _journal, _lazy, _log, _runtime
 from blockctl._cli import interrupt
 from blockctl._cli.output import human_size, table
 from blockctl._cli.progress import ProgressDisplay, close_all
@@ -51,8 +48,7 @@ from blockctl._machine import (
     launch_detached,
     shutdown_detached,
 )
-from blockctl._ops import apply as apply_ops
-from blockctl._ops import chains, drives, vm_recovery
+from blockctl._ops import drives
 from blockctl._ops.drives import DriveInfo
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL
@@ -68,13 +64,40 @@ from blockctl.types import (
     parse_size,
 )
 
+if TYPE_CHECKING:
+    from blockctl import _guest
+    from blockctl import backup as backup_ops
+    from blockctl._backup import control as control_ops
+    from blockctl._ops import apply as apply_ops
+    from blockctl._ops import chains, vm_recovery
+else:
+    # Imported when first used: `status`, `drives`, `ls` and `--version` need none of them.
+    _guest = _lazy.module("blockctl._guest")
+    backup_ops = _lazy.module("blockctl.backup")
+    control_ops = _lazy.module("blockctl._backup.control")
+    apply_ops = _lazy.module("blockctl._ops.apply")
+    chains = _lazy.module("blockctl._ops.chains")
+    vm_recovery = _lazy.module("blockctl._ops.vm_recovery")
+
 DEFAULT_NAME = "default"
 DEFAULT_DISK_BYTES = 64 << 20
 
 
 def configure_logging(verbose: bool, log_json: bool = False) -> None:
     """structlog to stderr: debug events with ``-v``, warnings only otherwise; one JSON object
-    per line with ``--log-json`` (or when stderr is not a terminal)."""
+    per line with ``--log-json`` (or when stderr is not a terminal). Without ``-v`` structlog
+    is configured (and imported) only when a warning comes."""
+    if verbose:
+        _configure_structlog(logging.DEBUG, log_json)
+    else:
+        _log.configure_on_demand(
+            logging.WARNING, lambda level: _configure_structlog(level, log_json)
+        )
+
+
+def _configure_structlog(level: int, log_json: bool) -> None:
+    import structlog
+
     renderer: Any
     if sys.stderr.isatty() and not log_json:
         renderer = structlog.dev.ConsoleRenderer()
@@ -86,9 +109,7 @@ def configure_logging(verbose: bool, log_json: bool = False) -> None:
             structlog.processors.TimeStamper(fmt="iso"),
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.WARNING
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
@@ -1868,6 +1889,25 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version (``{"version": ...}`` with
+    ``--json``), looked up only when asked (importlib.metadata is slow to import)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("blockctl")
+        except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+            version = "unknown (not installed)"
+        as_json = "--json" in _Parser.argv
+        print(json.dumps({"version": version}) if as_json else f"blockctl {version}")
+        parser.exit()
+
+
 def _global_options(parent: bool) -> _Parser:
     """``--json``, ``-v`` and ``--log-json``, accepted before the command and after it. After
     it they default to SUPPRESS so they never undo what was given before it."""
@@ -1896,6 +1936,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_Version, help="print blockctl's version and exit")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     commands: dict[str, Command] = {}
     for cls in COMMANDS:

@@ -32,9 +32,10 @@ EXAMPLE = ROOT / "tests" / "unit" / "library_example.py"
 @pytest.mark.parametrize("name", PUBLIC_MODULES)
 def test_all_equals_the_public_names(name: str) -> None:
     module = importlib.import_module(name)
+    # dir() and getattr(): ``blockctl`` imports its names on first use (PEP 562).
     public = {
         n
-        for n, value in vars(module).items()
+        for n, value in ((n, getattr(module, n)) for n in dir(module))
         if not n.startswith("_")
         and not isinstance(value, types.ModuleType)
         # errors and types define what they export and import helpers (typing names,
