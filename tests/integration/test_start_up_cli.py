@@ -35,9 +35,7 @@ async def blockctl(*argv: str) -> tuple[Any, int, set[str], list[dict[str, Any]]
     return json.loads(result.stdout), report["code"], set(report["loaded"]), events
 
 
-async def test_status_and_drives_import_only_what_they_use(
-    guest: GuestImage, images: Path
-) -> None:
+async def test_status_and_drives_import_only_what_they_use(guest: GuestImage, images: Path) -> None:
     disk = await qcow2_image(images / "lean.qcow2", pattern(1, MIB), 4 * MIB)
     config = base_config(guest, Drive(file=disk, format=ImageFormat.QCOW2), name="lean")
     async with open_vm(config, console=False) as vm:
