@@ -816,6 +816,13 @@ async def _teardown(
 # Section: restore, verify, prune
 
 
+#: Threads of a qcow2 restore. Measured here (2 cores, shared; 512 MiB random, 8 runs in
+#: rotated order against `qemu-img convert -O qcow2` + fsync at 927 MB/s): 2 threads 576,
+#: 3 833, 4 821 MB/s; 64 MiB: 777, 809, 799 against 705. A thread waits in the writeback
+#: it starts after each chunk while the others hash.
+RESTORE_CONNECTIONS = 4
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RestoreResult:
     path: Path
@@ -840,8 +847,8 @@ async def restore(
     """Rebuild ``device`` as it was at ``point`` into a new image (raw or qcow2, sparse, mode
     0600). Every chunk is checked against its digest before it is written, the index against
     the manifest first; a failure removes the new file. ``connections``: writer threads
-    (default 2). qcow2 is written directly (:mod:`.qcow2`): zero chunks and zero clusters stay
-    unallocated."""
+    (default 2 for raw, 4 for qcow2). qcow2 is written directly (:mod:`.qcow2`): zero chunks
+    and zero clusters stay unallocated."""
     started = time.monotonic()
     manifest = repo.get(vm_name, point)
     disk = manifest.disk(device)
@@ -873,7 +880,7 @@ async def restore(
                 index,
                 chunks,
                 point,
-                connections or DEFAULT_CONNECTIONS,
+                connections or (RESTORE_CONNECTIONS if image else DEFAULT_CONNECTIONS),
                 fd,
                 image,
             )
