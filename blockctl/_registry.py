@@ -68,8 +68,8 @@ class DriveRegistry:
 
     path: Path | None
     drives: dict[str, DriveRecord] = field(default_factory=dict)
-    #: (inode, mtime, size) of the file as last read; None: not read (missing).
-    _stamp: tuple[int, int, int] | None = field(default=None, repr=False, compare=False)
+    #: The file's bytes as last read or written; None: not read (missing).
+    _raw: bytes | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, run_dir: Path | None) -> DriveRegistry:
@@ -78,20 +78,21 @@ class DriveRegistry:
         return registry
 
     def refresh(self) -> None:
-        """Read the file again if another client (or process) changed it since."""
+        """Read the file again if another client (or process) changed it since. Decided by
+        the content: a file's (inode, mtime, size) can repeat across two quick rewrites (inode
+        numbers are reused, mtime moves by the kernel's tick)."""
         if self.path is None:
             return
         try:
-            st = os.stat(self.path)
+            raw = self.path.read_bytes()
         except FileNotFoundError:
-            self.drives, self._stamp = {}, None
+            self.drives, self._raw = {}, None
             return
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
+        if raw == self._raw:
             return
-        data = json.loads(self.path.read_bytes())
+        data = json.loads(raw)
         self.drives = {d["device_id"]: DriveRecord.from_json(d) for d in data.get("drives", [])}
-        self._stamp = stamp
+        self._raw = raw
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[None]:
@@ -113,9 +114,9 @@ class DriveRegistry:
         if self.path is None:
             return
         data = {"drives": [d.to_json() for d in self.drives.values()]}
-        _fsutil.atomic_write_bytes(self.path, json.dumps(data, indent=1).encode())
-        st = os.stat(self.path)
-        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        raw = json.dumps(data, indent=1).encode()
+        _fsutil.atomic_write_bytes(self.path, raw)
+        self._raw = raw
 
     def put(self, record: DriveRecord) -> None:
         with self._changing():

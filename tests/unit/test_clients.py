@@ -368,3 +368,28 @@ def test_reconcile_keeps_a_record_written_after_qemu_was_asked(tmp_path: Path) -
     b.put(_record(2))  # after a's query: QEMU's reply (no devices) predates it
     a.reconcile(devices=[], nodes=[], known=known)
     assert set(DriveRegistry.load(tmp_path).drives) == {"disk2"}
+
+
+def test_a_rewrite_with_the_same_inode_mtime_and_size_is_seen(tmp_path: Path) -> None:
+    """Another client's rewrite is seen even when the file's (inode, mtime, size) repeat: a
+    rewrite within one kernel tick of a reused inode number looks so. (The first version
+    compared those three and kept its stale copy.)"""
+    from blockctl._registry import FILE, DriveRegistry
+
+    a = DriveRegistry.load(tmp_path)
+    a.put(_record(1))
+    path = tmp_path / FILE
+    before = os.stat(path)
+    # The same bytes but disk1 → disk2, written in place, its mtime put back.
+    text = path.read_bytes().replace(b"disk1", b"disk2").replace(b"drv1", b"drv2")
+    with open(path, "r+b") as f:
+        f.write(text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_size,
+    )
+    a.refresh()
+    assert set(a.drives) == {"disk2"}
