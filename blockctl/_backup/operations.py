@@ -627,6 +627,8 @@ async def _backup(
         with _step(repo, "writing the manifest"):
             repo.write_manifest(manifest)
         committed = True
+        # The point is recorded: a hook reporting an interrupt says so, not "nothing recorded".
+        call_hooks(hooks, "on_point_recorded", manifest)
         await _at(failpoint, "after-manifest")
     except BaseException:
         with anyio.CancelScope(shield=True):

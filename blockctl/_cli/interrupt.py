@@ -20,11 +20,13 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
 from blockctl import _log
+from blockctl._cli.output import human_size
 from blockctl._jobs import JobEnded, JobProgress, JobStatus, JobTransition
 from blockctl._qmp.session import single_exception
 from blockctl.errors import BlockctlError, JobCancelled
@@ -35,6 +37,8 @@ EXIT_INTERRUPTED = 130
 #: Job types whose cancel leaves the chain as it was before the job (qemu-facts F2: a
 #: cancelled commit has written part of top into base, but top still reads the same).
 _CHAIN_JOBS = frozenset({"commit", "stream", "mirror"})
+#: A backup's read of one disk (blockctl._backup.operations' progress records).
+_BACKUP_READ = "backup-read"
 
 
 @dataclass(slots=True)
@@ -53,6 +57,7 @@ class JobTracker:
 
     def __init__(self) -> None:
         self.jobs: dict[str, _Seen] = {}
+        self.points: list[str] = []  # backup points recorded by this command
 
     def _get(self, job_id: str, job_type: str | None) -> _Seen:
         seen = self.jobs.setdefault(job_id, _Seen(id=job_id, type=job_type))
@@ -74,8 +79,13 @@ class JobTracker:
         if ended.error is not None and ended.error.length:
             seen.done, seen.total = ended.error.offset, ended.error.length
 
+    def on_point_recorded(self, manifest: Any) -> None:
+        """A backup's manifest was written: its point is recorded, whatever comes after."""
+        self.points.append(str(manifest.id))
+
     def clear(self) -> None:
         self.jobs.clear()
+        self.points.clear()
 
 
 TRACKER = JobTracker()
@@ -91,7 +101,37 @@ def summary(tracker: JobTracker) -> tuple[str, list[dict[str, object]]]:
     """What the interrupted command did, in one sentence and as JSON rows."""
     sentences: list[str] = []
     rows: list[dict[str, object]] = []
+    reads = [seen for seen in tracker.jobs.values() if seen.type == _BACKUP_READ]
+    if reads:
+        # A backup: its QEMU jobs only held the point in time; what was done is its read.
+        read = ", ".join(
+            f"{s.id.removeprefix('read-')} {human_size(s.done or 0)} of {human_size(s.total or 0)}"
+            for s in reads
+        )
+        fleece = [s.id for s in tracker.jobs.values() if s.type == "backup"]
+        backup_row: dict[str, object] = {
+            "job": fleece[0] if fleece else None,
+            "type": "backup",
+            "done": sum(s.done or 0 for s in reads),
+            "total": sum(s.total or 0 for s in reads),
+            "points_recorded": list(tracker.points),
+        }
+        if tracker.points:
+            sentences.append(
+                f"the backup's point {', '.join(tracker.points)} was recorded before the "
+                f"cancel took effect (read: {read})"
+            )
+            backup_row["outcome"] = "finished"
+        else:
+            sentences.append(
+                f"cancelled the backup (read: {read}); no point was recorded and the "
+                "checkpoints are as before it"
+            )
+            backup_row["outcome"] = "cancelled"
+        rows.append(backup_row)
     for seen in tracker.jobs.values():
+        if reads and seen.type in (_BACKUP_READ, "backup", "create"):
+            continue  # said above, as the backup
         kind = seen.type or "job"
         row: dict[str, object] = {
             "job": seen.id,

@@ -1619,7 +1619,7 @@ class BackupCommand(Command):
                 kind="full" if args.full else "incremental",
                 devices=args.disk,
                 deadline=args.timeout,
-                hooks=(StructlogJobHook(), BackupProgress(args)),
+                hooks=(StructlogJobHook(), BackupProgress(args), interrupt.TRACKER),
                 quiesce=quiesce_option(args),
                 freeze_deadline=freeze_deadline_option(args),
                 connections=args.connections,

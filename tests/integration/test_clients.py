@@ -846,3 +846,43 @@ async def test_a_backup_paused_on_a_full_repository_is_resumed_from_a_second_she
         assert json.loads(out)["kind"] == "full"
         assert await restored_sha(repo, "bfull", images) == await guest_sha(vm, 16)
         assert await raw_jobs(vm) == []
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["human", "json"])
+async def test_ctrl_c_cancels_a_backup_and_says_what_was_read(
+    guest: GuestImage, images: Path, tmp_path: Path, as_json: bool
+) -> None:
+    """Ctrl-C during ``backup create`` names the backup and what it read, and that no point
+    was recorded (it said "no job of it was running" while the copy was at 12 MiB of 32)."""
+    disk = await qcow2_image(images / "c.qcow2", pattern(7, 32 * MIB), 32 * MIB)
+    repo = tmp_path / "repo"
+    await cli("backup", "init", "--repo", repo, "--compression", "none")
+    async with open_vm(named(guest, "ctrlcb", disk)) as vm:
+        bitmaps_before = await node_bitmaps(vm)
+        args = ["backup", "create", "ctrlcb", "--repo", str(repo), "--speed", "1M"]
+        async with blockctl_process(*args, *(["--json"] if as_json else [])) as a:
+            await copy_row("ctrlcb", a.pid)  # copying
+            a.send_signal(signal.SIGINT)
+            code, out, err = await finish(a)
+        assert code == 130, (out, err)
+        said = err.strip().splitlines()[-1]
+        assert said.startswith("blockctl: interrupted: cancelled the backup (read: disk0 "), err
+        assert said.endswith(
+            "of 32.0 MiB); no point was recorded and the checkpoints are as before it"
+        ), err
+        if as_json:
+            (row,) = json.loads(out)["jobs"]
+            assert (row["type"], row["outcome"], row["points_recorded"]) == (
+                "backup",
+                "cancelled",
+                [],
+            )
+            assert 0 < row["done"] < row["total"] == 32 * MIB
+        # As said: no job, no fleecing node, no point, the bitmaps as before.
+        assert await raw_jobs(vm) == []
+        assert await node_bitmaps(vm) == bitmaps_before
+        listed = json.loads(
+            (await cli("backup", "list", "ctrlcb", "--repo", repo, "--json")).stdout
+        )
+        assert listed == []
+        await truth_check(vm)

@@ -393,3 +393,41 @@ def test_a_rewrite_with_the_same_inode_mtime_and_size_is_seen(tmp_path: Path) ->
     )
     a.refresh()
     assert set(a.drives) == {"disk2"}
+
+
+def test_an_interrupted_backup_says_whether_its_point_was_recorded() -> None:
+    from blockctl._jobs import JobProgress, JobStatus
+
+    def read(tracker: interrupt.JobTracker, done: int) -> None:
+        tracker.on_progress(
+            JobProgress(
+                job_id="read-disk0",
+                job_type="backup-read",
+                status=JobStatus.RUNNING,
+                done=done,
+                total=8 << 20,
+                rate=None,
+                eta=None,
+                seconds=1.0,
+            )
+        )
+
+    tracker = interrupt.JobTracker()
+    read(tracker, 3 << 20)
+    sentence, rows = interrupt.summary(tracker)
+    assert sentence == (
+        "cancelled the backup (read: disk0 3.0 MiB of 8.0 MiB); no point was recorded and "
+        "the checkpoints are as before it"
+    )
+    assert [(r["outcome"], r["done"], r["total"]) for r in rows] == [
+        ("cancelled", 3 << 20, 8 << 20)
+    ]
+    read(tracker, 8 << 20)
+
+    class Point:
+        id = "20261203T1700-1"
+
+    tracker.on_point_recorded(Point())
+    sentence, rows = interrupt.summary(tracker)
+    assert sentence.startswith("the backup's point 20261203T1700-1 was recorded before the cancel")
+    assert rows[0]["outcome"] == "finished" and rows[0]["points_recorded"] == ["20261203T1700-1"]
