@@ -224,8 +224,9 @@ class JobHook(Protocol):
     A hook may also define ``on_io_error(self, error: JobIOError) -> None``: it is called
     when the job meets an I/O error (for ``ignore``, the first one and the one it gives up
     at), and ``on_end(self, ended: JobEnded) -> None``, called when :meth:`Job.wait` has
-    the job's outcome (the CLI's Ctrl-C summary uses it). Both are optional so hooks written
-    before them keep working.
+    the job's outcome (the CLI's Ctrl-C summary uses it); a backup also calls
+    ``on_point_recorded(self, manifest) -> None`` once its manifest is written. These are
+    optional so hooks written before them keep working.
     """
 
     def on_transition(self, transition: JobTransition) -> None: ...
