@@ -861,7 +861,9 @@ async def test_ctrl_c_cancels_a_backup_and_says_what_was_read(
         bitmaps_before = await node_bitmaps(vm)
         args = ["backup", "create", "ctrlcb", "--repo", str(repo), "--speed", "1M"]
         async with blockctl_process(*args, *(["--json"] if as_json else [])) as a:
-            await copy_row("ctrlcb", a.pid)  # copying
+            with anyio.fail_after(120):  # copying, and its progress reported
+                while (await copy_row("ctrlcb", a.pid))["done"] == 0:
+                    await anyio.sleep(0.2)
             a.send_signal(signal.SIGINT)
             code, out, err = await finish(a)
         assert code == 130, (out, err)
