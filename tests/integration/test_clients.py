@@ -754,7 +754,9 @@ async def test_a_backup_of_one_process_driven_and_cancelled_by_another(
         async with blockctl_process(
             "backup", "create", "bjobs", "--repo", str(repo), "--speed", "256K", "--json"
         ) as a:
-            row = await copy_row("bjobs", a.pid)
+            with anyio.fail_after(120):  # the copy has planned its reads
+                while (row := await copy_row("bjobs", a.pid))["total"] == 0:
+                    await anyio.sleep(0.2)
             job_id = row["id"]
             # The copy's own figures: what it reads is what QEMU's checkpoint counted.
             assert (row["type"], row["status"], row["total"]) == ("backup", "running", dirty)
