@@ -248,8 +248,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_registry.py",
-                find="        if stamp == self._stamp:",
-                replace="        if self._stamp is not None or stamp == self._stamp:",
+                find="        if raw == self._raw:",
+                replace="        if self._raw is not None or raw == self._raw:",
                 what="a client reads the drive records once: disks hot-plugged by another "
                 "client later stay unknown to it",
             ),
