@@ -16,6 +16,7 @@ policy says to wait for a resume; the control server changes it from the event l
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import threading
@@ -138,8 +139,6 @@ class CopyControl:
             return not stop.is_set()
 
     def _pauses_for(self, exc: OSError) -> bool:
-        import errno
-
         if self.on_error == "stop":
             return True
         return self.on_error == "enospc" and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -24,6 +24,7 @@ from blockctl.errors import MonitorsBusy, QMPConnectFailed
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from tests.integration.conftest import MIB, base_config, pattern, qcow2_image, run, truth_check
 from tests.integration.test_attach_cli import cli
+from tests.integration.test_backup import disk_sha, write
 
 pytestmark = pytest.mark.guest
 
@@ -716,22 +717,6 @@ async def copy_row(
             await anyio.sleep(0.2)
 
 
-async def guest_write(vm: LaunchedVM, offset_mib: int, mib: int) -> None:
-    assert vm.console is not None
-    await vm.console.check(
-        f"dd if=/dev/urandom of=/dev/vda bs=1M seek={offset_mib} count={mib} "
-        "oflag=direct conv=fsync 2>/dev/null"
-    )
-
-
-async def guest_sha(vm: LaunchedVM, mib: int) -> str:
-    assert vm.console is not None
-    out = await vm.console.check(
-        f"dd if=/dev/vda bs=1M count={mib} iflag=direct 2>/dev/null | sha256sum"
-    )
-    return out.split()[0]
-
-
 async def restored_sha(repo: Path, vm_name: str, images: Path) -> str:
     """The newest point of ``vm_name``'s disk0, restored to raw by the CLI; its sha256."""
     points = json.loads((await cli("backup", "list", vm_name, "--repo", repo, "--json")).stdout)
@@ -749,9 +734,9 @@ async def test_a_backup_of_one_process_driven_and_cancelled_by_another(
     async with open_vm(named(guest, "bjobs", disk)) as vm:
         assert vm.console is not None
         await vm.console.wait_ready()
-        await guest_write(vm, 0, 4)
+        await write(vm, "vda", 0, 4 * 1024)
         await cli("backup", "create", "bjobs", "--repo", repo, "--json")
-        await guest_write(vm, 8, 8)  # the incremental below reads these 8 MiB
+        await write(vm, "vda", 8 * 1024, 8 * 1024)  # the incremental below reads these 8 MiB
         bitmaps_before = await node_bitmaps(vm)
         ((_name, dirty),) = bitmaps_before["drv0"]
         async with blockctl_process(
@@ -799,7 +784,7 @@ async def test_a_backup_of_one_process_driven_and_cancelled_by_another(
         # The next incremental is exact: restored, it reads as the guest reads its disk.
         done = json.loads((await cli("backup", "create", "bjobs", "--repo", repo, "--json")).stdout)
         assert done["kind"] == "incremental"
-        assert await restored_sha(repo, "bjobs", images) == await guest_sha(vm, 16)
+        assert await restored_sha(repo, "bjobs", images) == await disk_sha(vm, "vda", 16)
         await truth_check(vm)
 
 
@@ -823,7 +808,7 @@ async def test_a_backup_paused_on_a_full_repository_is_resumed_from_a_second_she
         await cli("backup", "init", "--repo", repo, "--chunk-size", "256K")
         assert vm.console is not None
         await vm.console.wait_ready()
-        await guest_write(vm, 0, 8)
+        await write(vm, "vda", 0, 8 * 1024)
         async with blockctl_process(
             "backup", "create", "bfull", "--repo", str(repo), "--on-error", "enospc",
             "--pause-timeout", "600", "--json",
@@ -848,7 +833,7 @@ async def test_a_backup_paused_on_a_full_repository_is_resumed_from_a_second_she
             code, out, err = await finish(a)
         assert code == 0, (out, said + err)
         assert json.loads(out)["kind"] == "full"
-        assert await restored_sha(repo, "bfull", images) == await guest_sha(vm, 16)
+        assert await restored_sha(repo, "bfull", images) == await disk_sha(vm, "vda", 16)
         assert await raw_jobs(vm) == []
 
 
