@@ -68,3 +68,96 @@ def test_compressible_and_partly_compressible_chunks_are_compressed(repo: Reposi
     half = os.urandom(CHUNK // 2) + bytes(CHUNK // 2)
     written, inputs = stored(repo, half, counter)
     assert CHUNK in inputs and written < CHUNK * 0.6
+
+
+def chunk_files(repo: Repository) -> list[Path]:
+    return sorted(p for p in (repo.path / "chunks").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("length", [CHUNK, CHUNK - 1, 4096 - 5, 1])
+def test_direct_writes_keep_every_byte_and_the_exact_size(repo: Repository, length: int) -> None:
+    """O_DIRECT writes whole pages: the padding past the chunk's end is cut off again, so
+    the file holds exactly header + payload, whatever the payload's length."""
+    data = os.urandom(length)
+    digest = repo.digest(data)
+    batch = repo._default_batch()
+    written = batch.write(digest, data)
+    assert batch._direct  # this filesystem (the tests' tmp dir) takes O_DIRECT
+    repo.sync()
+    (file,) = chunk_files(repo)
+    assert file.stat().st_size == written
+    assert repo.read_chunk(digest, length) == data
+
+
+def test_a_filesystem_without_o_direct_gets_buffered_writes(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tmpfs refuses O_DIRECT at open (EINVAL): the batch writes that chunk, and every next
+    one, through the page cache instead; nothing is lost or left behind."""
+    real_open = os.open
+    refused: list[str] = []
+
+    def no_direct(path: Any, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            refused.append(str(path))
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    batch = repo._default_batch()
+    chunks = [os.urandom(CHUNK - 7), os.urandom(5000)]
+    for data in chunks:
+        batch.write(repo.digest(data), data)
+    assert len(refused) == 1 and not batch._direct
+    monkeypatch.undo()
+    repo.sync()
+    for data in chunks:
+        assert repo.read_chunk(repo.digest(data), len(data)) == data
+    assert not [p for p in chunk_files(repo) if p.name.endswith(".tmp")]
+
+
+def test_an_alignment_refused_at_write_falls_back_without_a_torn_file(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device wanting more than page alignment refuses the direct write itself (EINVAL):
+    the half-made file is removed and the chunk written buffered."""
+    real_writev = os.writev
+    calls: list[int] = []
+
+    def refuse_first(fd: int, buffers: Any) -> int:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(22, "Invalid argument")
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", refuse_first)
+    data = os.urandom(CHUNK)
+    batch = repo._default_batch()
+    batch.write(repo.digest(data), data)
+    monkeypatch.undo()
+    assert not batch._direct and len(calls) == 2
+    repo.sync()
+    (file,) = chunk_files(repo)
+    assert file.stat().st_size == 5 + CHUNK  # no leftover of the refused direct write
+    assert repo.read_chunk(repo.digest(data), CHUNK) == data
+
+
+def test_aligned_buffers_go_back_to_the_pool_when_a_batch_ends(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blockctl._backup import store
+
+    monkeypatch.setattr(store, "_POOL", [])
+    batch = repo._default_batch()
+    data = os.urandom(CHUNK)
+    batch.write(repo.digest(data), data)
+    assert len(batch._buffers) == 1
+    (buffer,) = batch._buffers.values()
+    repo.sync()
+    assert batch._buffers == {}
+    assert any(b is buffer for b in store._POOL)
+    again = repo._default_batch()
+    other = os.urandom(CHUNK)
+    again.write(repo.digest(other), other)
+    assert next(iter(again._buffers.values())) is buffer  # reused, no fresh pages
+    again.discard()
