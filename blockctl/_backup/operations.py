@@ -30,7 +30,7 @@ from typing import Any
 
 import anyio
 
-from blockctl import _fsutil
+from blockctl import _direct, _fsutil
 from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, Quiesced, quiesced, require_agent
 from blockctl._backup import checkpoints
 from blockctl._backup import control as control_ops
@@ -905,11 +905,14 @@ async def restore(
     written = 0
     try:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        direct: int | None = None
         try:
             os.fchmod(fd, 0o600)
+            # The data goes past the page cache where the file takes it (blockctl._direct).
+            direct = _direct.reopen_direct(fd)
             image: Qcow2Writer | None = None
             if fmt is ImageFormat.QCOW2:
-                image = Qcow2Writer(fd, index.virtual_size, index.chunk_size, chunks)
+                image = Qcow2Writer(fd, index.virtual_size, index.chunk_size, chunks, direct)
             else:
                 os.ftruncate(fd, index.virtual_size)
             written = await anyio.to_thread.run_sync(
@@ -920,12 +923,17 @@ async def restore(
                 point,
                 connections or (RESTORE_CONNECTIONS if image else DEFAULT_CONNECTIONS),
                 fd,
+                direct,
                 image,
             )
             if image is not None:
                 image.finish()
+            else:
+                os.ftruncate(fd, index.virtual_size)  # a padded last chunk's tail cut off
             os.fsync(fd)
         finally:
+            if direct is not None:
+                os.close(direct)
             os.close(fd)
     except BaseException:
         dest.unlink(missing_ok=True)
@@ -948,14 +956,17 @@ def _restore_into(
     point: str,
     connections: int,
     fd: int,
+    direct: int | None,
     image: Qcow2Writer | None,
 ) -> int:
     """Threads: read+verify chunks, write them at their offsets (raw) or their slots in the
-    new qcow2 ``image``; the qcow2 file's writeback starts after each chunk, so the final
-    fsync waits for the rest only."""
+    new qcow2 ``image``, through ``direct`` (the file opened with O_DIRECT) where it was
+    taken; otherwise buffered, the qcow2 file's writeback started after each chunk, so the
+    final fsync waits for the rest only."""
     import threading
 
     lock = threading.Lock()
+    writes = [direct]  # the O_DIRECT descriptor while the file takes it
     work = iter(chunks)
     errors: list[BaseException] = []
     total = [0]
@@ -974,8 +985,9 @@ def _restore_into(
                 )
                 if image is not None:
                     image.write_chunk(i, data)
-                    start_writeback(fd, image.host_offset(i), index.chunk_size)
-                else:
+                    if image.direct_fd is None:
+                        start_writeback(fd, image.host_offset(i), index.chunk_size)
+                elif not _write_direct(writes, data, i * index.chunk_size):
                     view = memoryview(data)
                     offset = i * index.chunk_size
                     while view:
@@ -995,6 +1007,22 @@ def _restore_into(
     if errors:
         raise errors[0]
     return total[0]
+
+
+def _write_direct(writes: list[int | None], data: bytes | memoryview, offset: int) -> bool:
+    """``data`` at ``offset`` of a raw image past the page cache; False where it was not
+    (no O_DIRECT, or refused now: then never again for this file)."""
+    direct = writes[0]
+    if direct is None:
+        return False
+    try:
+        _direct.pwrite_direct(direct, (data,), offset)
+    except OSError as exc:
+        if not _direct.refused(exc):
+            raise
+        writes[0] = None
+        return False
+    return True
 
 
 VERIFY_THREADS = 4

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from blockctl import _direct
 from blockctl.errors import ConfigError
 
 CLUSTER_BITS = 16
@@ -55,6 +56,8 @@ class Qcow2Writer:
     virtual_size: int
     chunk_size: int
     chunks: Sequence[int]
+    #: The same file opened with O_DIRECT for the data clusters (``_direct``), or None.
+    direct_fd: int | None = None
     _slot: dict[int, int] = field(init=False)
     _cpc: int = field(init=False)  # clusters per chunk
     _data_start: int = field(init=False)  # in clusters
@@ -119,10 +122,24 @@ class Qcow2Writer:
                 if start < 0:
                     start = k
             elif start >= 0:
-                _pwrite_all(self.fd, view[start * CLUSTER : k * CLUSTER], base + start * CLUSTER)
+                self._write_data(view[start * CLUSTER : k * CLUSTER], base + start * CLUSTER)
                 start = -1
         with self._lock:
             self._allocated[chunk] = mask
+
+    def _write_data(self, view: memoryview, offset: int) -> None:
+        """Data clusters past the page cache where the file takes it: a padded tail stays
+        inside its cluster (ALIGN divides CLUSTER), whose rest is past the disk's end."""
+        direct = self.direct_fd
+        if direct is not None:
+            try:
+                _direct.pwrite_direct(direct, (view,), offset)
+                return
+            except OSError as exc:
+                if not _direct.refused(exc):
+                    raise
+                self.direct_fd = None  # written through the page cache from now on
+        _pwrite_all(self.fd, view, offset)
 
     def finish(self) -> None:
         """Write the metadata for the clusters written, and size the file."""

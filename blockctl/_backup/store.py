@@ -24,19 +24,16 @@ bounded before anything is allocated.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import hmac
 import json
 import math
-import mmap
 import os
 import re
 import secrets
 import stat
 import struct
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from blockctl import _fsutil
+from blockctl import _direct, _fsutil
 from blockctl._backup.crypto import NONCE, TAG, RepositoryKey, new_key, unwrap
 from blockctl.errors import (
     BackupCorrupt,
@@ -976,9 +973,8 @@ class ChunkBatch:
         self.repo = repo
         self._pending: dict[bytes, tuple[Path, Path]] = {}
         self._touched: set[str] = set()
-        #: Chunk files written with O_DIRECT until the filesystem refuses it (tmpfs).
+        #: Chunk files written with O_DIRECT until the filesystem refuses it.
         self._direct = True
-        self._buffers: dict[int, mmap.mmap] = {}  # reader thread -> its aligned buffer
 
     def write(self, digest: bytes, data: bytes | bytearray | memoryview) -> int:
         """Store one chunk (its digest computed with :meth:`Repository.digest`). Returns the
@@ -1007,46 +1003,28 @@ class ChunkBatch:
     def _write_file(
         self, tmp: Path, header: bytes, payload: bytes | bytearray | memoryview
     ) -> None:
-        """A new chunk file, written past the page cache (``O_DIRECT``) where the filesystem
-        allows it. Buffered writes of new data need fresh page-cache pages, and here (a VM
-        whose free memory goes back to its host) they took 35-230 ms per 4 MiB against 5-7 ms
-        direct, the main cost of an incremental backup (`scripts/bench backup`); the data is
-        also on the device already when :meth:`sync` flushes. Where ``O_DIRECT`` is refused
-        (tmpfs), or its alignment is, the write is buffered and its writeback started."""
+        """A new chunk file, written past the page cache where the filesystem allows it
+        (:mod:`blockctl._direct`: new page-cache pages were most of an incremental's time),
+        else buffered with its writeback started at once."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        length = len(header) + memoryview(payload).nbytes
         if self._direct:
-            try:
-                fd = os.open(tmp, flags | os.O_DIRECT, 0o600)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._direct = False  # this filesystem has no O_DIRECT: buffered from now on
+            fd = _direct.open_direct(tmp, flags)
+            if fd is None:
+                self._direct = False  # this filesystem has no O_DIRECT (old tmpfs, FUSE)
             else:
                 try:
                     os.fchmod(fd, 0o600)
-                    buffer = self._aligned(length)
-                    buffer[: len(header)] = header
-                    buffer[len(header) : length] = memoryview(payload).cast("B")
-                    padded = -(-length // _DIRECT_ALIGN) * _DIRECT_ALIGN
-                    buffer[length:padded] = bytes(padded - length)
-                    try:
-                        _write_all(fd, b"", buffer[:padded])
-                    except OSError as exc:
-                        if exc.errno != errno.EINVAL:
-                            raise
-                        # An alignment the device wants beyond _DIRECT_ALIGN: write it plainly.
-                        os.close(fd)
-                        fd = -1
-                        os.unlink(tmp)
-                        self._direct = False
-                    else:
-                        if padded != length:
-                            os.ftruncate(fd, length)
-                        return
+                    length = _direct.pwrite_direct(fd, (header, payload), 0)
+                    if length % _direct.ALIGN:
+                        os.ftruncate(fd, length)  # the padding cut off again
+                    return
+                except OSError as exc:
+                    if not _direct.refused(exc):
+                        raise
+                    self._direct = False  # an alignment beyond ALIGN: written plainly below
+                    os.unlink(tmp)
                 finally:
-                    if fd >= 0:
-                        os.close(fd)
+                    os.close(fd)
         fd = os.open(tmp, flags, 0o600)
         try:
             os.fchmod(fd, 0o600)
@@ -1056,29 +1034,6 @@ class ChunkBatch:
             start_writeback(fd)
         finally:
             os.close(fd)
-
-    def _aligned(self, length: int) -> memoryview:
-        """The calling thread's page-aligned buffer of at least ``length`` bytes, kept until
-        the batch syncs or is discarded; taken from (and then returned to) a pool shared by
-        every batch of the process, so a service's next backup does not fault in fresh pages
-        again."""
-        need = -(-length // _DIRECT_ALIGN) * _DIRECT_ALIGN
-        thread = threading.get_ident()
-        with _POOL_LOCK:
-            buffer = self._buffers.pop(thread, None)
-        if buffer is None or len(buffer) < need:
-            if buffer is not None:
-                _release_buffer(buffer)
-            buffer = _take_buffer(need)
-        with _POOL_LOCK:
-            self._buffers[thread] = buffer
-        return memoryview(buffer)
-
-    def _release_buffers(self) -> None:
-        with _POOL_LOCK:
-            buffers, self._buffers = list(self._buffers.values()), {}
-        for buffer in buffers:
-            _release_buffer(buffer)
 
     def sync(self) -> None:
         """Make every chunk of this batch durable and put it under its name: the data first
@@ -1095,7 +1050,6 @@ class ChunkBatch:
         for name in sorted(self._touched):
             _fsutil.fsync_dir(chunks / name if name else chunks)
         self._touched.clear()
-        self._release_buffers()
 
     def discard(self) -> None:
         """Drop the chunks of a backup that will not commit (their temporary files)."""
@@ -1103,7 +1057,6 @@ class ChunkBatch:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         self._pending.clear()
-        self._release_buffers()
 
 
 def _index_header(raw: bytes, where: str) -> tuple[int, int, int]:
@@ -1134,30 +1087,6 @@ def _write_all(fd: int, header: bytes, payload: bytes | bytearray | memoryview) 
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-#: O_DIRECT's alignment of buffer, offset and length: the page size covers 512 and 4096
-#: byte logical blocks.
-_DIRECT_ALIGN = mmap.PAGESIZE
-#: Aligned buffers of finished batches, reused by the next (at most _POOL_KEEP kept).
-_POOL: list[mmap.mmap] = []
-_POOL_LOCK = threading.Lock()
-_POOL_KEEP = 8
-
-
-def _take_buffer(size: int) -> mmap.mmap:
-    with _POOL_LOCK:
-        for n, buffer in enumerate(_POOL):
-            if len(buffer) >= size:
-                return _POOL.pop(n)
-    return mmap.mmap(-1, size)
-
-
-def _release_buffer(buffer: mmap.mmap) -> None:
-    with _POOL_LOCK:
-        if len(_POOL) < _POOL_KEEP:
-            _POOL.append(buffer)
-            return
-    with contextlib.suppress(BufferError):  # a view still held: the collector frees it
-        buffer.close()
 
 
 _libc: Any = None

@@ -92,8 +92,8 @@ def test_direct_writes_keep_every_byte_and_the_exact_size(repo: Repository, leng
 def test_a_filesystem_without_o_direct_gets_buffered_writes(
     repo: Repository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """tmpfs refuses O_DIRECT at open (EINVAL): the batch writes that chunk, and every next
-    one, through the page cache instead; nothing is lost or left behind."""
+    """A filesystem refusing O_DIRECT at open (EINVAL; tmpfs before Linux 6.6): the batch
+    writes that chunk, and every next one, through the page cache; nothing lost or left."""
     real_open = os.open
     refused: list[str] = []
 
@@ -121,43 +121,19 @@ def test_an_alignment_refused_at_write_falls_back_without_a_torn_file(
 ) -> None:
     """A device wanting more than page alignment refuses the direct write itself (EINVAL):
     the half-made file is removed and the chunk written buffered."""
-    real_writev = os.writev
     calls: list[int] = []
 
-    def refuse_first(fd: int, buffers: Any) -> int:
+    def refuse(fd: int, data: Any, offset: int) -> int:
         calls.append(fd)
-        if len(calls) == 1:
-            raise OSError(22, "Invalid argument")
-        return real_writev(fd, buffers)
+        raise OSError(22, "Invalid argument")
 
-    monkeypatch.setattr(os, "writev", refuse_first)
+    monkeypatch.setattr(os, "pwrite", refuse)
     data = os.urandom(CHUNK)
     batch = repo._default_batch()
     batch.write(repo.digest(data), data)
     monkeypatch.undo()
-    assert not batch._direct and len(calls) == 2
+    assert not batch._direct and len(calls) == 1
     repo.sync()
     (file,) = chunk_files(repo)
     assert file.stat().st_size == 5 + CHUNK  # no leftover of the refused direct write
     assert repo.read_chunk(repo.digest(data), CHUNK) == data
-
-
-def test_aligned_buffers_go_back_to_the_pool_when_a_batch_ends(
-    repo: Repository, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from blockctl._backup import store
-
-    monkeypatch.setattr(store, "_POOL", [])
-    batch = repo._default_batch()
-    data = os.urandom(CHUNK)
-    batch.write(repo.digest(data), data)
-    assert len(batch._buffers) == 1
-    (buffer,) = batch._buffers.values()
-    repo.sync()
-    assert batch._buffers == {}
-    assert any(b is buffer for b in store._POOL)
-    again = repo._default_batch()
-    other = os.urandom(CHUNK)
-    again.write(repo.digest(other), other)
-    assert next(iter(again._buffers.values())) is buffer  # reused, no fresh pages
-    again.discard()
