@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from blockctl._backup.store import ZERO_DIGEST, DiskIndex, Repository
 
-#: Decoded chunks kept (8 × 4 MiB = 32 MiB at the default chunk size).
+#: Decoded chunks kept (8 chunks of 4 MiB: 32 MiB at the default chunk size).
 CACHE_CHUNKS = 8
 
 
@@ -35,7 +35,7 @@ class Extent:
 class _Pending:
     """A chunk one thread is decoding; the others wait on ``done``."""
 
-    __slots__ = ("done", "data", "error")
+    __slots__ = ("data", "done", "error")
 
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -47,7 +47,12 @@ class PointImage:
     """The guest-visible bytes of one disk at one point, read-only, safe across threads."""
 
     def __init__(
-        self, repo: Repository, index: DiskIndex, *, where: str = "", cache_chunks: int = CACHE_CHUNKS
+        self,
+        repo: Repository,
+        index: DiskIndex,
+        *,
+        where: str = "",
+        cache_chunks: int = CACHE_CHUNKS,
     ) -> None:
         self.repo = repo
         self.index = index

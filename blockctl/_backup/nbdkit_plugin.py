@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 API_VERSION = 2
@@ -51,9 +52,9 @@ def config_complete() -> None:
     from blockctl._backup.export import PointImage
     from blockctl._backup.store import Repository
 
-    for key in ("repo", "vm", "point", "device", "readyfd"):
-        if key not in _params:
-            raise ValueError(f"missing parameter {key}=")
+    for name in ("repo", "vm", "point", "device", "readyfd"):
+        if name not in _params:
+            raise ValueError(f"missing parameter {name}=")
     key = None
     if "keyfd" in _params:
         fd = int(_params["keyfd"])
@@ -64,7 +65,7 @@ def config_complete() -> None:
         if len(raw) != 64:
             raise ValueError("keyfd: expected 64 bytes of key")
         key = RepositoryKey(enc=raw[:32], mac=raw[32:])
-    repo = Repository.open(_params["repo"], key=key)  # type: ignore[arg-type]
+    repo = Repository.open(Path(_params["repo"]), key=key)
     vm, point, device = _params["vm"], _params["point"], _params["device"]
     index = repo.read_index(vm, point, device)
     _image = PointImage(repo, index, where=f" of {vm}/{point}/{device}")
@@ -82,7 +83,7 @@ def after_fork() -> None:
     os.close(fd)
 
 
-def open(readonly: bool) -> int:  # noqa: A001 - nbdkit's callback name
+def open(readonly: bool) -> int:  # nbdkit's callback name
     return 1
 
 

@@ -64,7 +64,12 @@ def _plugin_paths() -> list[str]:
 
 
 def nbdkit_argv(
-    repo: Repository, vm_name: str, point: str, device: str, socket: Path, keyfd: int | None,
+    repo: Repository,
+    vm_name: str,
+    point: str,
+    device: str,
+    socket: Path,
+    keyfd: int | None,
     readyfd: int,
 ) -> list[str]:
     """The server's argv (pure): foreground, read-only, one unix socket."""
