@@ -57,7 +57,7 @@ class PointImage:
         self.repo = repo
         self.index = index
         self.where = where
-        self._cache_chunks = max(1, cache_chunks)
+        self._cache_chunks = max(0, cache_chunks)
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._pending: dict[int, _Pending] = {}

@@ -9,6 +9,7 @@ are imported in :func:`config_complete`. Parameters::
     keyfd=N               an inherited pipe holding the unwrapped repository key (encrypted
                           repositories; never in argv, the environment or a file)
     readyfd=N             an inherited pipe: one byte is written once nbdkit listens
+    cache=N               decoded chunks kept (default: PointImage's; the bench varies it)
 
 Every request goes through :class:`blockctl._backup.export.PointImage`: a chunk that fails
 its digest check makes the request fail with EIO.
@@ -40,7 +41,7 @@ def config(key: str, value: str) -> None:
         # In the order given, ahead of the interpreter's own site-packages.
         sys.path.insert(len(_paths), value)
         _paths.append(value)
-    elif key in ("repo", "vm", "point", "device", "keyfd", "readyfd"):
+    elif key in ("repo", "vm", "point", "device", "keyfd", "readyfd", "cache"):
         _params[key] = value
     else:
         raise ValueError(f"unknown parameter {key}")
@@ -68,7 +69,8 @@ def config_complete() -> None:
     repo = Repository.open(Path(_params["repo"]), key=key)
     vm, point, device = _params["vm"], _params["point"], _params["device"]
     index = repo.read_index(vm, point, device)
-    _image = PointImage(repo, index, where=f" of {vm}/{point}/{device}")
+    cache = {"cache_chunks": int(_params["cache"])} if "cache" in _params else {}
+    _image = PointImage(repo, index, where=f" of {vm}/{point}/{device}", **cache)
 
 
 def thread_model() -> int:

@@ -71,6 +71,7 @@ def nbdkit_argv(
     socket: Path,
     keyfd: int | None,
     readyfd: int,
+    cache_chunks: int | None = None,
 ) -> list[str]:
     """The server's argv (pure): foreground, read-only, one unix socket."""
     argv = [
@@ -86,13 +87,22 @@ def nbdkit_argv(
     argv += [f"repo={repo.path}", f"vm={vm_name}", f"point={point}", f"device={device}"]
     if keyfd is not None:
         argv.append(f"keyfd={keyfd}")
+    if cache_chunks is not None:
+        argv.append(f"cache={cache_chunks}")
     argv.append(f"readyfd={readyfd}")
     return argv
 
 
 @contextlib.asynccontextmanager
 async def serve_point(
-    repo: Repository, vm_name: str, point: str, device: str, directory: Path, *, size: int
+    repo: Repository,
+    vm_name: str,
+    point: str,
+    device: str,
+    directory: Path,
+    *,
+    size: int,
+    cache_chunks: int | None = None,
 ) -> AsyncIterator[PointExport]:
     """Run an NBD server of ``device`` at ``point`` for the block's duration, on a socket in
     a new private directory under ``directory``; the directory goes when the block exits."""
@@ -118,7 +128,7 @@ async def serve_point(
             os.close(key_w)
             fds.remove(key_w)
             keyfd = key_r
-        argv = nbdkit_argv(repo, vm_name, point, device, socket, keyfd, ready_w)
+        argv = nbdkit_argv(repo, vm_name, point, device, socket, keyfd, ready_w, cache_chunks)
         with open(home / "nbdkit.log", "wb") as log:
             process = await _proc.spawn(argv, log=log, pass_fds=[f for f in fds if f != ready_r])
         try:
