@@ -256,3 +256,62 @@ async def test_a_failure_before_the_stream_leaves_nothing(
             await backup.restore_live(vm, repo, "lrf", point.id, "disk0", target)
         assert not [e for e in logs if e["event"] == "blockctl.backup.export_started"]
         assert not target.exists()
+
+
+def nbdkit_pids_under(directory: Path) -> list[int]:
+    """nbdkit processes whose command line mentions ``directory`` (their socket is there)."""
+    needle = os.fsencode(str(directory))
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"nbdkit\0") and needle in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.guest
+async def test_cli_restore_live(runtime_dir: Path, tmp_path: Path) -> None:
+    from tests.integration.test_attach_cli import cli
+
+    repo = tmp_path / "repo"
+    await cli("backup", "init", "--repo", repo)
+    await cli("up", "--name", "lcli", "--strict")
+    try:
+        point = json.loads((await cli("backup", "create", "lcli", "--repo", repo, "--json")).stdout)
+        live_image = tmp_path / "live.qcow2"
+        restored = json.loads(
+            (
+                await cli(
+                    "restore",
+                    "lcli",
+                    point["id"],
+                    "disk0",
+                    live_image,
+                    "--repo",
+                    repo,
+                    "--attach",
+                    "lcli",
+                    "--live",
+                    "--json",
+                )
+            ).stdout
+        )
+        assert restored["live"] is True and restored["attached"] == "disk1"
+        assert restored["seconds_to_attach"] <= restored["seconds"]
+        drives_now = json.loads((await cli("drives", "lcli", "--json")).stdout)
+        assert [d["file"] for d in drives_now][-1] == str(live_image)
+        # One layer: the backup's nodes are gone.
+        assert [n["filename"] for n in drives_now[-1]["chain"]] == [str(live_image)]
+        assert nbdkit_pids_under(runtime_dir) == []
+    finally:
+        await cli("down", "lcli")
+    info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "qcow2", live_image))
+    assert "backing-filename" not in info
+    plain = tmp_path / "plain.raw"
+    await cli("restore", "lcli", point["id"], "disk0", plain, "--repo", repo, "-O", "raw")
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", live_image, plain)
