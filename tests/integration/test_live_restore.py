@@ -18,7 +18,7 @@ from blockctl import GuestImage, LaunchedVM, backup, open_vm
 from blockctl._backup import live
 from blockctl._backup.serve import serve_point
 from blockctl._backup.store import Repository
-from blockctl._jobs import JobProgress, JobTransition
+from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, CommandFailed, ProcessFailed
 from blockctl.types import ImageFormat
@@ -123,7 +123,7 @@ class StreamWatch:
         self.job_id: str | None = None
 
     def on_transition(self, transition: JobTransition) -> None:
-        if transition.status.value == "running" and self.job_id is None:
+        if transition.status is JobStatus.RUNNING and self.job_id is None:
             self.job_id = transition.job_id
             self.running.set()
 
@@ -236,19 +236,24 @@ async def test_a_failure_before_the_stream_leaves_nothing(
         before_nodes = await node_names(vm)
         before_devices = {d.device_id for d in await vm.block_devices()}
 
-        async def refused(*args: object, **kwargs: object) -> None:
-            raise CommandFailed("block-stream", "GenericError", "injected")
+        # Refused at device_add (the nodes are in: hotplug's rollback), then at block-stream
+        # (the device is in: unplugged again).
+        for command in ("device_add", "block_stream"):
 
-        monkeypatch.setattr(wire, "block_stream", refused)
-        with capture_logs() as logs, pytest.raises(CommandFailed, match="injected"):
-            await backup.restore_live(vm, repo, "lrf", point.id, "disk0", target)
-        assert await node_names(vm) == before_nodes
-        assert {d.device_id for d in await vm.block_devices()} == before_devices
-        assert set(vm.registry.drives) == {"disk0"}
-        assert not target.exists()
-        (started,) = [e for e in logs if e["event"] == "blockctl.backup.export_started"]
-        assert not running(started["pid"])
-        assert not list(vm.run_dir.glob("nbd-*"))
+            async def refused(*args: object, command: str = command, **kwargs: object) -> None:
+                raise CommandFailed(command, "GenericError", "injected")
+
+            with monkeypatch.context() as patch:
+                patch.setattr(wire, command, refused)
+                with capture_logs() as logs, pytest.raises(CommandFailed, match="injected"):
+                    await backup.restore_live(vm, repo, "lrf", point.id, "disk0", target)
+            assert await node_names(vm) == before_nodes
+            assert {d.device_id for d in await vm.block_devices()} == before_devices
+            assert set(vm.registry.drives) == {"disk0"}
+            assert not target.exists()
+            (started,) = [e for e in logs if e["event"] == "blockctl.backup.export_started"]
+            assert not running(started["pid"])
+            assert not list(vm.run_dir.glob("nbd-*"))
         # A point with a missing chunk is refused before anything is started.
         digest = next(iter(repo.read_index("lrf", point.id, "disk0").referenced())).hex()
         (repo.path / "chunks" / digest[:2] / digest).unlink()
