@@ -2,7 +2,7 @@
 
 The server is nbdkit with its Python plugin running :mod:`.nbdkit_plugin` (which reads
 through :class:`.export.PointImage`: the store's own chunk reading, every chunk checked
-against its digest). ``scripts/bench live-export`` measured the choice (README, "Live
+against its digest). ``scripts/bench live`` measured the choice (README, "Live
 restore"). nbdkit is started through :mod:`blockctl._proc` on a unix socket in a private
 directory (0700, the socket 0600) under the VM's run directory; it dies with this process
 (PR_SET_PDEATHSIG) and is always terminated and reaped when the block exits (shielded).
