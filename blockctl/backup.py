@@ -8,12 +8,19 @@
     repo = backup.open_repository("/srv/backups")
     point = await backup.create(vm, repo)                  # incremental unless there is no base
     await backup.restore(repo, vm.name, point.id, "disk0", Path("disk0.qcow2"))
+    await backup.restore_live(vm, repo, vm.name, point.id, "disk0", Path("new.qcow2"))
     report = await backup.verify(repo, vm.name, point.id)
     await backup.prune(repo, vm.name, keep_last=7)
 
 See the README's "Backups" section for the guarantees.
 """
 
+from blockctl._backup.live import (
+    LiveRestoreResult as LiveRestoreResult,
+)
+from blockctl._backup.live import (
+    restore_live as restore_live,
+)
 from blockctl._backup.operations import (
     STEPS as STEPS,
 )
@@ -66,6 +73,7 @@ from blockctl._backup.store import (
 __all__ = [
     "create",
     "restore",
+    "restore_live",
     "verify",
     "prune",
     "recover",
@@ -76,6 +84,7 @@ __all__ = [
     "Manifest",
     "DiskPoint",
     "RestoreResult",
+    "LiveRestoreResult",
     "Verification",
     "PruneResult",
     "GcResult",

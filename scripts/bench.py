@@ -6,7 +6,8 @@
 Benchmarks: qmp (a QMP round trip through blockctl vs raw qemu.qmp), hotplug (attach until the
 guest sees the disk, detach until DEVICE_DELETED and the nodes are gone, vs the same QMP steps
 sent with raw qemu.qmp), backup (repository v2 vs the raw QMP incremental, qemu-img convert, cat
-and zstd: scripts/bench_backup.py), cli (the command line's start-up: scripts/bench_cli.py), and
+and zstd: scripts/bench_backup.py), live (live restore's NBD server of a backup point:
+scripts/bench_live.py), cli (the command line's start-up: scripts/bench_cli.py), and
 more in bench_more and bench_agent. The machines are
 shared and noisy: read the ratios, not the absolute times. Exits non-zero if a benchmark breaks
 (never because the machine is slow).
@@ -32,7 +33,7 @@ from blockctl import LaunchedVM, _binaries, _images, _proc, build_guest, find_gu
 from blockctl._images import create
 from blockctl._ops import chains, drives
 from blockctl.types import Drive, ImageFormat, MachineConfig
-from scripts import bench_agent, bench_backup, bench_cli, bench_clients, bench_more
+from scripts import bench_agent, bench_backup, bench_cli, bench_clients, bench_live, bench_more
 from scripts.bench_common import Row
 
 
@@ -203,6 +204,7 @@ BENCHMARKS = (
     "hotplug",
     "chains",
     "backup",
+    "live",
     "stall",
     "scale",
     "quiesce",
@@ -268,6 +270,10 @@ async def main(args: argparse.Namespace) -> int:
             )
             rows += backup_rows
             notes += backup_notes
+        if "live" in selected:
+            live_dir = Path(tmp) / "live"
+            live_dir.mkdir()
+            rows += await bench_live.bench_live(args.quick, live_dir)
         if "stall" in selected:
             rows += await bench_more.bench_snapshot_stall(
                 find_guest(), 1 if args.quick else 5, work
@@ -306,7 +312,7 @@ if __name__ == "__main__":
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="qmp, launch, hotplug, chains, backup, stall, scale, quiesce, clients, cli "
+        help="qmp, launch, hotplug, chains, backup, live, stall, scale, quiesce, clients, cli "
         "(default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="few repetitions (CI smoke)")

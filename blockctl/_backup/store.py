@@ -507,7 +507,11 @@ class Repository:
         return cls.open(path, secret=secret)
 
     @classmethod
-    def open(cls, path: Path, *, secret: bytes | None = None) -> Repository:
+    def open(
+        cls, path: Path, *, secret: bytes | None = None, key: RepositoryKey | None = None
+    ) -> Repository:
+        """``secret`` unwraps an encrypted repository's key; ``key`` is that key already
+        unwrapped (a helper process given it by its parent: no second scrypt)."""
         # The path the user named may be a symlink (followed once, here); inside the
         # repository nothing is followed.
         path = Path(path).resolve()
@@ -535,14 +539,18 @@ class Repository:
                 raise RepositoryError(str(exc)) from exc
             if not present:
                 raise RepositoryError(f"{path}: {sub}/ is missing: the repository is damaged")
-        key = None
-        if config.encryption is not None:
+        if config.encryption is not None and key is not None:
+            if key.key_id != config.encryption.get("key_id"):
+                raise BackupKeyError(f"{path}: the key given is not this repository's")
+        elif config.encryption is not None:
             if secret is None:
                 raise BackupKeyError(
                     f"the repository {path} is encrypted (key id "
                     f"{config.encryption.get('key_id')}): give its key file (--key-file)"
                 )
             key = unwrap(config.encryption, secret, path)
+        else:
+            key = None
         repo = cls(path=path, config=config, key=key)
         if config.compression == "zstd":
             import zstandard

@@ -22,14 +22,14 @@ import contextlib
 import enum
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from blockctl._argv import DriveSource, plan_drive
+from blockctl._argv import DrivePlan, DriveSource, plan_drive
 from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
 from blockctl._machine import VM, check_nbd, inspect_drive
@@ -365,18 +365,31 @@ async def check_hotplug(
     return source
 
 
-async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = ()) -> DriveInfo:
+async def hotplug(
+    vm: VM,
+    drive: Drive,
+    *,
+    image_roots: Iterable[Path | str] = (),
+    backing: Sequence[Mapping[str, Any]] = (),
+) -> DriveInfo:
     """Add ``drive`` to the running guest: ``blockdev-add`` bottom-up, then ``device_add``.
 
     The image is inspected first (:func:`blockctl._images.inspect_untrusted`; ``image_roots``
     are allowed roots for its backing files besides ``$BLOCKCTL_IMAGE_ROOTS``). A failure at
     any step removes what this call added, in reverse order (shielded), and re-raises: no node
     or device is leaked.
+
+    ``backing``: nodes (bottom-up) added below the image, the last of which becomes its
+    backing node at run time, not named in its header (a live restore's NBD export). The
+    image must then be a qcow2 with no backing file; the nodes belong to the drive's record
+    and to its rollback like the others.
     """
     source = await check_hotplug(vm, drive, image_roots=image_roots)
     index = await _next_index(vm)
     machine = str(await vm.qom_get("/machine", "type"))
     plan = plan_drive(index, drive, source, machine, None)
+    if backing:
+        plan = _over_backing(plan, f"drv{index}", backing)
     added_nodes: list[str] = []
     added_devices: list[str] = []
     try:
@@ -396,6 +409,20 @@ async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = (
     vm.registry.put(DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.nodes))
     _log.info("blockctl.drive.plugged", vm=vm.name, device=plan.device_id, node=plan.top_node)
     return await drive_info(vm, plan.device_id)
+
+
+def _over_backing(
+    plan: DrivePlan, image_node: str, backing: Sequence[Mapping[str, Any]]
+) -> DrivePlan:
+    """``plan`` with ``backing`` below its image node, which backs onto the last of them."""
+    image = next((n for n in plan.nodes if n["node-name"] == image_node), None)
+    if image is None or image["driver"] != "qcow2" or image.get("backing", "") is not None:
+        raise ConfigError(
+            "drive.file", "a run-time backing node needs a qcow2 image with no backing file"
+        )
+    top = str(backing[-1]["node-name"])
+    nodes = [{**n, "backing": top} if n is image else n for n in plan.nodes]
+    return replace(plan, nodes=(*(dict(n) for n in backing), *nodes))
 
 
 def _same_file(a: str, b: Path) -> bool:

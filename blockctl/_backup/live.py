@@ -1,0 +1,237 @@
+"""Live restore, first slice: a disk of a backup point hot-plugged into a running guest at
+once, its data copied underneath while the guest uses it (``notes/backup-data-path.md``,
+"Live restore on stock QEMU 7.2").
+
+::
+
+    verify the point (index against manifest, every chunk present)
+    nbdkit serves the point's disk read-only (serve.serve_point)
+    new empty qcow2 target
+    blockdev-add nbd (read-only, reconnect-delay) → raw → the target's qcow2, backing = raw
+    device_add                                       (drives.hotplug: records, rollback)
+    block-stream on the target (the job driver)      the guest reads and writes meanwhile;
+                                                     QEMU's copy-on-read filter brings the
+                                                     blocks it reads first
+    concluded → blockdev-del raw, nbd; the server stops; the target stands alone
+
+A failure before the stream starts removes everything it added (device, nodes, server,
+target file). Not yet (issue 18): a journal, so that a killed controller, server or QEMU
+during the stream is recovered; raw targets (mirror); a failed stream leaves the device on a
+backing whose server is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from blockctl import _images
+from blockctl._backup.serve import serve_point
+from blockctl._backup.store import Repository
+from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, start_job
+from blockctl._log import get_logger
+from blockctl._machine import VM
+from blockctl._ops import drives
+from blockctl._ops.nodes import delete_nodes
+from blockctl._qmp import wire
+from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError
+from blockctl.types import Drive, ImageFormat, Interface
+
+_log = get_logger()
+
+#: Seconds the NBD client waits for a server that went away before requests fail (a short
+#: outage goes unnoticed: ``notes/backup-data-path.md``).
+RECONNECT_DELAY = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveRestoreResult:
+    """A finished live restore: the guest's new disk stands alone on ``path``."""
+
+    device_id: str  # the new device in the guest
+    path: Path
+    point: str
+    source_device: str  # the disk of the point
+    #: Seconds from the call until the guest had the disk (what an outage lasts).
+    seconds_to_attach: float
+    seconds: float
+    job: JobResult
+
+
+def check_point(repo: Repository, vm_name: str, point: str, device: str) -> int:
+    """The cheap check before a live restore: the index matches the manifest and every chunk
+    it names is present (a full read is ``backup verify``; each chunk is still checked
+    against its digest as it is served). Returns the disk's size."""
+    disk = repo.get(vm_name, point).disk(device)
+    index = repo.read_index(vm_name, point, device)
+    if index.disk_digest() != disk.disk_digest or index.virtual_size != disk.virtual_size:
+        raise BackupCorrupt(
+            f"the index of {device} in {point} does not match its manifest: the repository is "
+            "damaged (run `blockctl backup verify`)"
+        )
+    missing = [d for d in index.referenced() if not repo.has_chunk(d)]
+    if missing:
+        raise BackupCorrupt(
+            f"{len(missing)} chunk(s) of {device} in {point} are missing (the first: "
+            f"{missing[0].hex()[:16]}…): the point cannot be restored; run `blockctl backup "
+            "verify` to see which points are affected"
+        )
+    return index.virtual_size
+
+
+async def restore_live(
+    vm: VM,
+    repo: Repository,
+    vm_name: str,
+    point: str,
+    device: str,
+    target: Path,
+    *,
+    interface: Interface = Interface.VIRTIO,
+    speed: int | None = None,
+    deadline: float = 3600.0,
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+) -> LiveRestoreResult:
+    """Hot-plug ``device`` of ``vm_name``'s backup ``point`` into the running ``vm`` as a new
+    disk on ``target`` (a new qcow2, 0600), usable by the guest at once, and copy the point
+    into it underneath (``block-stream``, ``speed`` bytes/s at most; ``hooks`` see its
+    progress like any job's). Returns once the disk stands alone: no backing file, no
+    backup node, no server. The repository is held shared for the whole time (no gc)."""
+    started = time.monotonic()
+    await vm.require("blockdev-add", "device_add", "block-stream", "job-dismiss")
+    target = Path(target).absolute()
+    if target.exists() or target.is_symlink():
+        raise ConfigError("target", f"{target} exists; a live restore writes a new file")
+    with repo.lock(exclusive=False):
+        size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
+        with _server_home(vm) as home:
+            async with serve_point(repo, vm_name, point, device, home, size=size) as export:
+                base = f"bclr-{secrets.token_hex(2)}"
+                backing = (
+                    {
+                        "driver": "nbd",
+                        "node-name": f"{base}-nbd",
+                        "server": {"type": "unix", "path": str(export.socket)},
+                        "read-only": True,
+                        "reconnect-delay": RECONNECT_DELAY,
+                    },
+                    {"driver": "raw", "node-name": base, "file": f"{base}-nbd", "read-only": True},
+                )
+                info = await _attach(vm, target, size, interface, backing)
+                attached = time.monotonic() - started
+                _log.info(
+                    "blockctl.backup.live_attached",
+                    vm=vm.name,
+                    device=info.device_id,
+                    point=point,
+                    seconds=round(attached, 3),
+                )
+                result = await _stream(vm, info.device_id, base, speed, deadline, hooks)
+    return LiveRestoreResult(
+        device_id=info.device_id,
+        path=target,
+        point=point,
+        source_device=device,
+        seconds_to_attach=round(attached, 3),
+        seconds=round(time.monotonic() - started, 3),
+        job=result,
+    )
+
+
+@contextlib.contextmanager
+def _server_home(vm: VM) -> Any:
+    """Where the server's private directory goes: the VM's run directory, or (a QEMU
+    blockctl did not launch) a private temporary one."""
+    if vm.run_dir is not None:
+        yield Path(vm.run_dir)
+        return
+    home = Path(tempfile.mkdtemp(prefix="blockctl-live-"))
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def _attach(
+    vm: VM, target: Path, size: int, interface: Interface, backing: Sequence[dict[str, Any]]
+) -> drives.DriveInfo:
+    """A new empty qcow2 at ``target``, hot-plugged over ``backing``; nothing left of it on
+    a failure."""
+    try:
+        await _images.create(target, ImageFormat.QCOW2, size=size)
+        drive = Drive(file=target, format=ImageFormat.QCOW2, interface=interface)
+        return await drives.hotplug(vm, drive, backing=backing)
+    except BaseException:
+        # hotplug removed its nodes and device itself; the file is ours.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        raise
+
+
+async def _stream(
+    vm: VM,
+    device_id: str,
+    base: str,
+    speed: int | None,
+    deadline: float,
+    hooks: Sequence[JobHook],
+) -> JobResult:
+    record = vm.registry.drives[device_id]
+    image = next(str(n["node-name"]) for n in record.nodes if n.get("backing") == base)
+    backing_names = [
+        str(n["node-name"]) for n in record.nodes if n["node-name"] in (f"{base}-nbd", base)
+    ]
+
+    started = False
+
+    async def start(job_id: str) -> None:
+        nonlocal started
+        await wire.block_stream(vm.session, job_id=job_id, device=image, speed=speed)
+        started = True
+
+    try:
+        async with start_job(
+            vm.session, "stream", start, target=image, speed=speed, hooks=hooks
+        ) as job:
+            result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+    except BaseException:
+        if not started:  # the guest has not had the disk long: take it away again
+            with anyio.CancelScope(shield=True):
+                await _detach(vm, device_id, record.nodes)
+        raise
+    # QEMU dropped the backing link at the end of the stream: the backup nodes are free.
+    refused = await delete_nodes(vm, backing_names, event="blockctl.backup.live_node_kept")
+    record = vm.registry.drives[device_id]
+    nodes = tuple(
+        {**n, "backing": None} if n["node-name"] == image else n
+        for n in record.nodes
+        if n["node-name"] not in backing_names or n["node-name"] in refused
+    )
+    vm.registry.put(replace(record, nodes=nodes))
+    return result
+
+
+async def _detach(vm: VM, device_id: str, nodes: Sequence[Any]) -> None:
+    path = next((n["filename"] for n in nodes if n.get("driver") == "file"), None)
+    try:
+        unplugged = await drives.unplug(vm, device_id)
+    except BlockctlError as exc:
+        _log.warning("blockctl.backup.live_rollback_failed", device=device_id, error=str(exc))
+        return
+    if unplugged.state is not drives.UnplugState.REMOVED:
+        # The guest still holds the disk: its file stays (unplug again to finish).
+        _log.warning("blockctl.backup.live_rollback_pending", device=device_id)
+        return
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

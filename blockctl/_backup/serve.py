@@ -1,0 +1,163 @@
+"""Serve one disk of a backup point over NBD, read-only, straight from the repository.
+
+The server is nbdkit with its Python plugin running :mod:`.nbdkit_plugin` (which reads
+through :class:`.export.PointImage`: the store's own chunk reading, every chunk checked
+against its digest). ``scripts/bench live`` measured the choice (README, "Live
+restore"). nbdkit is started through :mod:`blockctl._proc` on a unix socket in a private
+directory (0700, the socket 0600) under the VM's run directory; it dies with this process
+(PR_SET_PDEATHSIG) and is always terminated and reaped when the block exits (shielded).
+
+Readiness is a pipe, not a poll: the plugin writes one byte from nbdkit's ``after_fork``
+hook, which runs once the socket listens. A server that exits first closes the pipe, and its
+log is the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import sysconfig
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from blockctl import _proc
+from blockctl._backup import nbdkit_plugin
+from blockctl._backup.store import Repository, check_name, check_point_id
+from blockctl._log import get_logger
+from blockctl.errors import MissingComponent, ProcessFailed
+
+_log = get_logger()
+
+NBDKIT = "nbdkit"
+NBDKIT_HINT = "install nbdkit and nbdkit-plugin-python (Debian: apt-get install nbdkit " + (
+    "nbdkit-plugin-python)"
+)
+#: How long nbdkit may take to load Python and blockctl and listen.
+READY_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PointExport:
+    """A running NBD server of one disk of a point: its unix socket and process id."""
+
+    socket: Path
+    pid: int
+    size: int
+
+
+def _plugin_paths() -> list[str]:
+    """What the plugin's interpreter needs on ``sys.path``: this blockctl, then the
+    controller's site-packages (its dependencies). Never the controller's standard library:
+    nbdkit embeds Debian's own."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    paths = [package_root]
+    for key in ("purelib", "platlib"):
+        path = sysconfig.get_paths()[key]
+        if path not in paths:
+            paths.append(path)
+    return paths
+
+
+def nbdkit_argv(
+    repo: Repository,
+    vm_name: str,
+    point: str,
+    device: str,
+    socket: Path,
+    keyfd: int | None,
+    readyfd: int,
+    cache_chunks: int | None = None,
+) -> list[str]:
+    """The server's argv (pure): foreground, read-only, one unix socket."""
+    argv = [
+        NBDKIT,
+        "--foreground",
+        "--readonly",
+        "--unix",
+        str(socket),
+        "python",
+        str(Path(nbdkit_plugin.__file__).resolve()),
+    ]
+    argv += [f"path={p}" for p in _plugin_paths()]
+    argv += [f"repo={repo.path}", f"vm={vm_name}", f"point={point}", f"device={device}"]
+    if keyfd is not None:
+        argv.append(f"keyfd={keyfd}")
+    if cache_chunks is not None:
+        argv.append(f"cache={cache_chunks}")
+    argv.append(f"readyfd={readyfd}")
+    return argv
+
+
+@contextlib.asynccontextmanager
+async def serve_point(
+    repo: Repository,
+    vm_name: str,
+    point: str,
+    device: str,
+    directory: Path,
+    *,
+    size: int,
+    cache_chunks: int | None = None,
+) -> AsyncIterator[PointExport]:
+    """Run an NBD server of ``device`` at ``point`` for the block's duration, on a socket in
+    a new private directory under ``directory``; the directory goes when the block exits."""
+    check_name(vm_name, "VM")
+    check_name(device, "device")
+    check_point_id(point)
+    if shutil.which(NBDKIT) is None:
+        raise MissingComponent(NBDKIT, NBDKIT_HINT)
+    home = Path(directory) / f"nbd-{secrets.token_hex(4)}"
+    os.mkdir(home, 0o700)
+    os.chmod(home, 0o700)  # whatever the umask
+    socket = home / "sock"
+    keyfd: int | None = None
+    fds: list[int] = []
+    try:
+        ready_r, ready_w = os.pipe()
+        fds += [ready_r, ready_w]
+        if repo.key is not None:
+            key_r, key_w = os.pipe()
+            fds += [key_r, key_w]
+            # 64 bytes fit any pipe's buffer: written before the child exists, never blocks.
+            os.write(key_w, repo.key.enc + repo.key.mac)
+            os.close(key_w)
+            fds.remove(key_w)
+            keyfd = key_r
+        argv = nbdkit_argv(repo, vm_name, point, device, socket, keyfd, ready_w, cache_chunks)
+        with open(home / "nbdkit.log", "wb") as log:
+            process = await _proc.spawn(argv, log=log, pass_fds=[f for f in fds if f != ready_r])
+        try:
+            for fd in [f for f in fds if f != ready_r]:
+                os.close(fd)
+                fds.remove(fd)
+            with anyio.fail_after(READY_TIMEOUT):
+                await anyio.wait_readable(ready_r)
+            if os.read(ready_r, 1) != b"1":  # the pipe closed: nbdkit exited before listening
+                with anyio.CancelScope(shield=True):
+                    code = await _proc.terminate(process, grace=5.0)
+                raise ProcessFailed(
+                    argv, code, "", (home / "nbdkit.log").read_text(errors="replace")
+                )
+            # nbdkit makes its socket 0755 whatever the umask; the directory (0700) already
+            # keeps others out, the socket's own mode says so too.
+            os.chmod(socket, 0o600)
+            _log.info(
+                "blockctl.backup.export_started",
+                vm=vm_name,
+                point=point,
+                device=device,
+                pid=process.pid,
+            )
+            yield PointExport(socket=socket, pid=process.pid, size=size)
+        finally:
+            code = await _proc.terminate(process, grace=5.0)
+            _log.info("blockctl.backup.export_stopped", pid=process.pid, rc=code)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(home, ignore_errors=True)

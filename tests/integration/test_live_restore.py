@@ -1,0 +1,322 @@
+"""Live restore, first slice (issue 18): the NBD server of a backup point (nbdkit with
+blockctl's Python plugin) read with libnbd, and a point restored into a running guest that
+reads and writes the disk while it is copied underneath."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import anyio
+import nbd
+import pytest
+from structlog.testing import capture_logs
+
+from blockctl import GuestImage, LaunchedVM, backup, open_vm
+from blockctl._backup import live
+from blockctl._backup.serve import serve_point
+from blockctl._backup.store import Repository
+from blockctl._jobs import JobProgress, JobStatus, JobTransition
+from blockctl._qmp import wire
+from blockctl.errors import BackupCorrupt, CommandFailed, ProcessFailed
+from blockctl.types import ImageFormat
+from tests.conftest import missing
+from tests.integration.conftest import MIB, qcow2_image, run, running, sha256
+from tests.integration.test_backup import config, disk_sha, sh, write
+from tests.unit.test_repository_store import CHUNK, POINTS, SECRET, VM, commit, index_of
+
+PIECES = (os.urandom(CHUNK), bytes(CHUNK), os.urandom(CHUNK), os.urandom(1000))
+DISK = b"".join(PIECES)
+
+
+@pytest.fixture(autouse=True)
+def nbdkit() -> None:
+    if shutil.which("nbdkit") is None:
+        missing("nbdkit (apt-get install nbdkit nbdkit-plugin-python)")
+
+
+def point_repo(root: Path, encrypted: bool) -> Repository:
+    repo = Repository.init(root / "repo", secret=SECRET if encrypted else None)
+    commit(repo, POINTS[0], {"disk0": index_of(repo, *PIECES)})
+    return repo
+
+
+def connect(socket: Path) -> nbd.NBD:
+    handle = nbd.NBD()
+    handle.connect_unix(str(socket))
+    return handle
+
+
+# Section: the server
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+async def test_the_server_serves_the_point_and_is_reaped(tmp_path: Path, encrypted: bool) -> None:
+    repo = point_repo(tmp_path, encrypted)
+    async with serve_point(repo, VM, POINTS[0], "disk0", tmp_path, size=len(DISK)) as export:
+        assert os.stat(export.socket).st_mode & 0o777 == 0o600
+        assert os.stat(export.socket.parent).st_mode & 0o777 == 0o700
+        handle = connect(export.socket)
+        assert handle.get_size() == len(DISK)
+        assert handle.is_read_only()
+        assert handle.pread(len(DISK), 0) == DISK
+        assert handle.pread(200, CHUNK - 100) == DISK[CHUNK - 100 : CHUNK + 100]
+        assert handle.pread(CHUNK, CHUNK) == bytes(CHUNK)
+        with pytest.raises(nbd.Error):
+            handle.pwrite(b"x", 0)
+        handle.shutdown()
+    assert not running(export.pid)
+    assert not export.socket.parent.exists()
+
+
+async def test_a_damaged_chunk_is_eio_never_other_bytes(tmp_path: Path) -> None:
+    repo = point_repo(tmp_path, encrypted=False)
+    digest = repo.read_index(VM, POINTS[0], "disk0").at(2).hex()
+    path = repo.path / "chunks" / digest[:2] / digest
+    blob = bytearray(path.read_bytes())
+    blob[-10] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    async with serve_point(repo, VM, POINTS[0], "disk0", tmp_path, size=len(DISK)) as export:
+        handle = connect(export.socket)
+        with pytest.raises(nbd.Error) as caught:
+            handle.pread(4096, 2 * CHUNK + 4096)
+        assert caught.value.errno == "EIO"  # libnbd names it
+        # The rest of the disk still reads.
+        assert handle.pread(CHUNK, 0) == PIECES[0]
+        handle.shutdown()
+    assert not running(export.pid)
+
+
+async def test_the_server_is_reaped_when_the_block_fails(tmp_path: Path) -> None:
+    repo = point_repo(tmp_path, encrypted=False)
+    pids: list[int] = []
+
+    async def fail_while_serving() -> None:
+        async with serve_point(repo, VM, POINTS[0], "disk0", tmp_path, size=len(DISK)) as export:
+            pids.append(export.pid)
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        await fail_while_serving()
+    assert pids and not running(pids[0])
+    assert not list(tmp_path.glob("nbd-*"))
+
+
+async def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:
+    repo = point_repo(tmp_path, encrypted=False)
+    with pytest.raises(ProcessFailed, match="disk9"):
+        async with serve_point(repo, VM, POINTS[0], "disk9", tmp_path, size=len(DISK)):
+            pass
+    assert not list(tmp_path.glob("nbd-*"))
+
+
+# Section: live restore into a running guest
+
+
+class StreamWatch:
+    """A job hook: the stream's id, once it runs."""
+
+    def __init__(self) -> None:
+        self.running = anyio.Event()
+        self.job_id: str | None = None
+
+    def on_transition(self, transition: JobTransition) -> None:
+        if transition.status is JobStatus.RUNNING and self.job_id is None:
+            self.job_id = transition.job_id
+            self.running.set()
+
+    def on_progress(self, progress: JobProgress) -> None:
+        pass
+
+
+async def node_names(vm: LaunchedVM) -> set[str]:
+    return {n.node_name for n in await vm.block_nodes()}
+
+
+#: What the guest writes into the new disk during the stream: (offset KiB, KiB, byte):
+#: inside the data, across a chunk boundary, and where the point has zeros (bytes that are
+#: letters: W, X, Y).
+GUEST_WRITES = ((1024, 128, 0x57), (4032, 128, 0x58), (12288, 64, 0x59))
+
+
+async def guest_fill(vm: LaunchedVM, dev: str, offset_kib: int, kib: int, byte: int) -> None:
+    await sh(
+        vm,
+        f"dd if=/dev/zero bs=64k count={kib // 64} 2>/dev/null | tr '\\000' {chr(byte)} | "
+        f"dd of=/dev/{dev} bs=64k seek={offset_kib // 64} oflag=direct conv=fsync,notrunc "
+        "2>/dev/null",
+    )
+
+
+@pytest.mark.guest
+async def test_live_restore_while_the_guest_reads_and_writes(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    repo = backup.init_repository(tmp_path / "repo", chunk_size=256 * 1024)
+    disk = await qcow2_image(images / "d0.qcow2", b"", 16 * MIB)
+    target = images / "live.qcow2"
+    watch = StreamWatch()
+    async with open_vm(config(guest, "lr", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 4096)
+        await write(vm, "vda", 8192, 1024)
+        point = await backup.create(vm, repo)
+        at_point = await disk_sha(vm, "vda")
+        before = await node_names(vm)
+        results: list[live.LiveRestoreResult] = []
+
+        async def restore() -> None:
+            # 1 byte/s: the stream copies at most one request, then waits for the speed
+            # change below; so everything the guest does meanwhile is during the stream.
+            results.append(
+                await backup.restore_live(
+                    vm, repo, "lr", point.id, "disk0", target, speed=1, hooks=(watch,)
+                )
+            )
+
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(restore)
+                await watch.running.wait()
+                assert watch.job_id is not None
+                await sh(vm, "for i in $(seq 200); do [ -b /dev/vdb ] && break; sleep 0.1; done")
+                # The guest reads the whole disk through the backup (copy-on-read) ...
+                assert await disk_sha(vm, "vdb") == at_point
+                # ... and writes to it.
+                for offset, kib, byte in GUEST_WRITES:
+                    await guest_fill(vm, "vdb", offset, kib, byte)
+                during = await disk_sha(vm, "vdb")
+                jobs = await wire.query_jobs(vm.session)
+                assert [j.id for j in jobs] == [watch.job_id]
+                assert any(n.startswith("bclr-") for n in await node_names(vm))
+                await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+        (result,) = results
+        assert result.device_id in {d.device_id for d in await vm.block_devices()}
+        # After the stream: the guest's writes are there, the backup is not.
+        assert await disk_sha(vm, "vdb") == during
+        after = await node_names(vm)
+        assert not [n for n in after if n.startswith("bclr-")]
+        record = vm.registry.drives[result.device_id]
+        assert after == before | set(record.node_names)
+        assert await wire.query_jobs(vm.session) == ()
+    (started,) = [e for e in logs if e["event"] == "blockctl.backup.export_started"]
+    assert not running(started["pid"])
+    info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "qcow2", target))
+    assert "backing-filename" not in info
+    # The reference, built without live restore: the point restored plainly, then the
+    # guest's writes applied offline at the same offsets.
+    reference = images / "reference.raw"
+    await backup.restore(repo, "lr", point.id, "disk0", reference, ImageFormat.RAW)
+    for offset, kib, byte in GUEST_WRITES:
+        await run(
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            f"write -P {byte} {offset * 1024} {kib * 1024}",
+            reference,
+        )
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", target, reference)
+    assert sha256(reference.read_bytes()) == during
+
+
+@pytest.mark.guest
+async def test_a_failure_before_the_stream_leaves_nothing(
+    guest: GuestImage, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "d0.qcow2", b"", 8 * MIB)
+    target = images / "live.qcow2"
+    async with open_vm(config(guest, "lrf", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 1024)
+        point = await backup.create(vm, repo)
+        before_nodes = await node_names(vm)
+        before_devices = {d.device_id for d in await vm.block_devices()}
+
+        # Refused at device_add (the nodes are in: hotplug's rollback), then at block-stream
+        # (the device is in: unplugged again).
+        for command in ("device_add", "block_stream"):
+
+            async def refused(*args: object, command: str = command, **kwargs: object) -> None:
+                raise CommandFailed(command, "GenericError", "injected")
+
+            with monkeypatch.context() as patch:
+                patch.setattr(wire, command, refused)
+                with capture_logs() as logs, pytest.raises(CommandFailed, match="injected"):
+                    await backup.restore_live(vm, repo, "lrf", point.id, "disk0", target)
+            assert await node_names(vm) == before_nodes
+            assert {d.device_id for d in await vm.block_devices()} == before_devices
+            assert set(vm.registry.drives) == {"disk0"}
+            assert not target.exists()
+            (started,) = [e for e in logs if e["event"] == "blockctl.backup.export_started"]
+            assert not running(started["pid"])
+            assert not list(vm.run_dir.glob("nbd-*"))
+        # A point with a missing chunk is refused before anything is started.
+        digest = next(iter(repo.read_index("lrf", point.id, "disk0").referenced())).hex()
+        (repo.path / "chunks" / digest[:2] / digest).unlink()
+        with capture_logs() as logs, pytest.raises(BackupCorrupt, match="missing"):
+            await backup.restore_live(vm, repo, "lrf", point.id, "disk0", target)
+        assert not [e for e in logs if e["event"] == "blockctl.backup.export_started"]
+        assert not target.exists()
+
+
+def nbdkit_pids_under(directory: Path) -> list[int]:
+    """nbdkit processes whose command line mentions ``directory`` (their socket is there)."""
+    needle = os.fsencode(str(directory))
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"nbdkit\0") and needle in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.guest
+async def test_cli_restore_live(runtime_dir: Path, tmp_path: Path) -> None:
+    from tests.integration.test_attach_cli import cli
+
+    repo = tmp_path / "repo"
+    await cli("backup", "init", "--repo", repo)
+    await cli("up", "--name", "lcli", "--strict")
+    try:
+        point = json.loads((await cli("backup", "create", "lcli", "--repo", repo, "--json")).stdout)
+        live_image = tmp_path / "live.qcow2"
+        restored = json.loads(
+            (
+                await cli(
+                    "restore",
+                    "lcli",
+                    point["id"],
+                    "disk0",
+                    live_image,
+                    "--repo",
+                    repo,
+                    "--attach",
+                    "lcli",
+                    "--live",
+                    "--json",
+                )
+            ).stdout
+        )
+        assert restored["live"] is True and restored["attached"] == "disk1"
+        assert restored["seconds_to_attach"] <= restored["seconds"]
+        drives_now = json.loads((await cli("drives", "lcli", "--json")).stdout)
+        assert [d["file"] for d in drives_now][-1] == str(live_image)
+        # One layer: the backup's nodes are gone.
+        assert [n["filename"] for n in drives_now[-1]["chain"]] == [str(live_image)]
+        assert nbdkit_pids_under(runtime_dir) == []
+    finally:
+        await cli("down", "lcli")
+    info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "qcow2", live_image))
+    assert "backing-filename" not in info
+    plain = tmp_path / "plain.raw"
+    await cli("restore", "lcli", point["id"], "disk0", plain, "--repo", repo, "-O", "raw")
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", live_image, plain)
