@@ -15,20 +15,29 @@ following a symlink, mode set, data written in full, fsync, rename over the targ
 the directory. A reader sees the old content or the new, whole; once it returns, a crash
 keeps the new.
 
+The one file lock, :func:`flocked` (and :func:`flocked_polling` for a coroutine that waits):
+``flock`` on a file opened ``O_CLOEXEC`` (a child process never inherits the lock), created
+0600, released when the block ends however it ends, or when the process dies.
+
 Stable API (other modules build on these signatures): :func:`atomic_write_bytes`,
 :func:`make_private_dir`, :func:`create_private_file`, :func:`check_private_dir`,
-:func:`fsync_dir`, :func:`temp_path`, :data:`PRIVATE_FILE`, :data:`PRIVATE_DIR`.
+:func:`fsync_dir`, :func:`temp_path`, :func:`flocked`, :func:`flocked_polling`,
+:data:`PRIVATE_FILE`, :data:`PRIVATE_DIR`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shlex
 import stat
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-from blockctl.errors import ConfigError
+import anyio
+
+from blockctl.errors import BlockctlError, ConfigError
 
 __all__ = [
     "PRIVATE_DIR",
@@ -37,6 +46,8 @@ __all__ = [
     "atomic_write_bytes",
     "check_private_dir",
     "create_private_file",
+    "flocked",
+    "flocked_polling",
     "fsync_dir",
     "make_private_dir",
     "temp_path",
@@ -182,5 +193,96 @@ def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_lock(path: Path, *, create: bool, read_only: bool, directory: bool) -> int:
+    """The descriptor to ``flock``: ``O_CLOEXEC`` always; a file is never reached through a
+    symlink (``O_NOFOLLOW``) and, with ``create``, made if missing and set to 0600 whatever
+    the umask."""
+    if directory:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(path, flags | (os.O_CREAT if create else 0), PRIVATE_FILE)
+    if create:
+        try:
+            os.fchmod(fd, PRIVATE_FILE)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def _flock_operation(*, shared: bool, wait: bool) -> int:
+    return (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+
+
+@contextlib.contextmanager
+def flocked(
+    path: Path,
+    *,
+    shared: bool = False,
+    wait: bool = True,
+    create: bool = False,
+    read_only: bool = False,
+    directory: bool = False,
+    busy: Callable[[], BlockctlError] | None = None,
+    open_error: Callable[[OSError], BaseException] | None = None,
+) -> Iterator[int | None]:
+    """Hold a ``flock`` on ``path`` for the block; yields the locked descriptor.
+
+    ``shared``: a shared lock (any number of holders) instead of an exclusive one. ``wait``:
+    block until the lock is free; without it a held lock is *busy*: raised as ``busy()``
+    (a :class:`~blockctl.errors.BlockctlError` naming who to wait for), or, without ``busy``,
+    the block gets ``None`` instead of a descriptor. The file is opened read-write
+    (``read_only``: read-only) and ``O_CLOEXEC``, never through a symlink; ``create`` makes a
+    missing one, mode 0600. ``directory``: ``path`` is a directory, opened read-only and
+    locked itself. ``open_error``: what an :class:`OSError` opening the file is raised as (by
+    default it propagates). The descriptor is closed when the block ends, however it ends, which
+    releases the lock; the kernel releases it too if the process dies.
+    """
+    try:
+        fd = _open_lock(path, create=create, read_only=read_only, directory=directory)
+    except OSError as exc:
+        if open_error is None:
+            raise
+        raise open_error(exc) from exc
+    try:
+        try:
+            fcntl.flock(fd, _flock_operation(shared=shared, wait=wait))
+        except BlockingIOError as exc:
+            if busy is not None:
+                raise busy() from exc
+            locked = False
+        else:
+            locked = True
+        yield fd if locked else None
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def flocked_polling(
+    path: Path, *, poll: float, create: bool = False, on_wait: Callable[[], None] | None = None
+) -> AsyncIterator[int]:
+    """:func:`flocked` (exclusive, on a file) for a coroutine: tries every ``poll`` s until the
+    lock is free, so that a cancellation or a timeout around it still ends the wait (a
+    blocking ``flock`` would hold the event loop). ``on_wait`` is called once, when the lock
+    is first found held. Yields the locked descriptor; closed, so released, when the block
+    ends however it ends."""
+    fd = _open_lock(path, create=create, read_only=False, directory=False)
+    try:
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, _flock_operation(shared=False, wait=False))
+                break
+            except BlockingIOError:
+                if not waiting and on_wait is not None:
+                    on_wait()
+                waiting = True
+                await anyio.sleep(poll)
+        yield fd
     finally:
         os.close(fd)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import fcntl
 import functools
 import gzip
 import hashlib
@@ -39,7 +38,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from blockctl import _proc
+from blockctl import _fsutil, _proc
 from blockctl._log import get_logger
 from blockctl.errors import BlockctlError, MissingComponent
 
@@ -303,21 +302,13 @@ def _cached(where: Path, agent: bool = False) -> GuestImage | None:
 @contextlib.asynccontextmanager
 async def _locked(where: Path, log: Any) -> AsyncIterator[None]:
     """Hold an exclusive flock on ``where/.lock``, polling so that cancellation still works."""
-    fd = os.open(where / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waiting:
-                    log.info("blockctl.guest.waiting_for_lock")
-                    waiting = True
-                await anyio.sleep(_LOCK_POLL_SECONDS)
+    async with _fsutil.flocked_polling(
+        where / _LOCK_FILE,
+        poll=_LOCK_POLL_SECONDS,
+        create=True,
+        on_wait=lambda: log.info("blockctl.guest.waiting_for_lock"),
+    ):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _remove_stale_work_dirs(where: Path, log: Any) -> None:

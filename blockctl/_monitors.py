@@ -14,7 +14,7 @@ multiplex. Why a pool and not a per-VM daemon: README, "Many clients, one VM".
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import os
 import sys
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import anyio
 
+from blockctl import _fsutil
 from blockctl.errors import MonitorsBusy, QMPConnectFailed
 
 #: Monitors in a VM's pool. QEMU has no limit on ``-mon`` options; each costs one listening
@@ -69,36 +70,25 @@ class Holder:
 class Lease:
     """One monitor taken: its socket, and the lock held until :meth:`release`."""
 
-    def __init__(self, socket_path: Path, fd: int) -> None:
+    def __init__(self, socket_path: Path, lock: contextlib.ExitStack) -> None:
         self.socket = socket_path
-        self._fd: int | None = fd
+        self._lock = lock
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the file releases the flock
-            self._fd = None
-
-
-def _open_lock(path: Path, flags: int) -> int:
-    return os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self._lock.close()  # closing the file releases the flock (once; then a no-op)
 
 
 def try_take(sockets: Sequence[Path], command: str) -> Lease | None:
     """The first free monitor, locked and signed with ``command``; None if all are taken."""
     for sock in sockets:
-        fd = _open_lock(lock_path(sock), os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        except BaseException:
-            os.close(fd)
-            raise
-        record = {"pid": os.getpid(), "since": time.time(), "command": command}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        return Lease(sock, fd)
+        with contextlib.ExitStack() as lock:
+            fd = lock.enter_context(_fsutil.flocked(lock_path(sock), create=True, wait=False))
+            if fd is None:
+                continue
+            record = {"pid": os.getpid(), "since": time.time(), "command": command}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+            return Lease(sock, lock.pop_all())
     return None
 
 
@@ -113,24 +103,22 @@ def holders(sockets: Sequence[Path], *, besides: Path | None = None) -> list[Hol
         if sock == besides:
             continue
         try:
-            fd = _open_lock(lock_path(sock), os.O_RDONLY)
+            with _fsutil.flocked(lock_path(sock), shared=True, wait=False, read_only=True) as probe:
+                if probe is None:
+                    found.append(_read_holder(sock))
         except FileNotFoundError:
             continue  # never taken
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                found.append(_read_holder(sock, fd))
-            else:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
     return found
 
 
-def _read_holder(sock: Path, fd: int) -> Holder:
+def _read_holder(sock: Path) -> Holder:
     try:
-        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        fd = os.open(lock_path(sock), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            raw = os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        data = json.loads(raw or b"{}")
         pid = data.get("pid")
         since = data.get("since")
         command = str(data.get("command") or "(unknown)")
@@ -140,7 +128,7 @@ def _read_holder(sock: Path, fd: int) -> Holder:
             since=float(since) if isinstance(since, (int, float)) else None,
             command=command,
         )
-    except (ValueError, AttributeError):  # being rewritten by a new holder right now
+    except (OSError, ValueError, AttributeError):  # being rewritten right now, or just removed
         return Holder(monitor=str(sock), pid=None, since=None, command="(unknown)")
 
 

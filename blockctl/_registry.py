@@ -11,9 +11,7 @@ longer has. The file is rewritten atomically and durably, mode 0600
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -102,13 +100,9 @@ class DriveRegistry:
             return
         # The directory's own flock (the file is replaced on every write; nothing else locks
         # the run directory itself).
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with _fsutil.flocked(self.path.parent, directory=True):
             self.refresh()
             yield
-        finally:
-            os.close(fd)
 
     def save(self) -> None:
         if self.path is None:

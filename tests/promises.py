@@ -745,8 +745,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_backup/store.py",
-                find="            flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH",
-                replace="            flags = fcntl.LOCK_SH",
+                find="            shared=not exclusive,",
+                replace="            shared=True,",
                 what="gc takes the repository lock shared",
             ),
         ),

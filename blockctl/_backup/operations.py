@@ -158,19 +158,13 @@ def _vm_lock(repo: Repository, vm: VM | str) -> Any:
         yield
 
 
-@contextlib.contextmanager
 def _flock(path: Path, busy: str) -> Any:
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise RepositoryBusy(f"{busy} (it holds {path}); wait for it to finish") from exc
-        yield fd
-    finally:
-        os.close(fd)
+    return _fsutil.flocked(
+        path,
+        create=True,
+        wait=False,
+        busy=lambda: RepositoryBusy(f"{busy} (it holds {path}); wait for it to finish"),
+    )
 
 
 @contextlib.contextmanager

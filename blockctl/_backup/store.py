@@ -24,7 +24,6 @@ bounded before anything is allocated.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
@@ -571,25 +570,20 @@ class Repository:
     @contextlib.contextmanager
     def lock(self, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
         """Shared while a backup writes (several may), exclusive for garbage collection."""
-        try:
-            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise RepositoryError(
+        with _fsutil.flocked(
+            self.path / "lock",
+            shared=not exclusive,
+            wait=wait,
+            busy=lambda: RepositoryBusy(
+                f"{self.path} is in use by another process (a backup is writing, or a "
+                "garbage collection is running): try again when it is done"
+            ),
+            open_error=lambda exc: RepositoryError(
                 f"{self.path}/lock: cannot open the repository's lock file (missing, or a "
                 f"symlink: refused): {_errno_text(exc)}"
-            ) from exc
-        try:
-            flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-            try:
-                fcntl.flock(fd, flags | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError as exc:
-                raise RepositoryBusy(
-                    f"{self.path} is in use by another process (a backup is writing, or a "
-                    "garbage collection is running): try again when it is done"
-                ) from exc
+            ),
+        ):
             yield
-        finally:
-            os.close(fd)
 
     # -- chunks
 

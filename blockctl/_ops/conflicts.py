@@ -24,7 +24,6 @@ recorded its operation. What QEMU itself refuses because a job holds a node is m
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from blockctl import _journal
+from blockctl import _fsutil, _journal
 from blockctl._ops.nodes import read_graph
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobInfo
@@ -280,18 +279,13 @@ async def claim(
         await refuse_conflicts(vm, action, devices)
         yield
         return
-    fd = os.open(
-        vm.run_dir / OPS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-    )
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask (see "Private by construction")
+    async with contextlib.AsyncExitStack() as lock:
         with anyio.move_on_after(timeout) as scope:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await anyio.sleep(0.02)  # held for a check and one write: milliseconds
+            # Held for a check and one write: milliseconds. Created 0600 whatever the umask
+            # (see "Private by construction").
+            await lock.enter_async_context(
+                _fsutil.flocked_polling(vm.run_dir / OPS_LOCK, poll=0.02, create=True)
+            )
         if scope.cancelled_caught:
             raise OperationTimeout(
                 f"the conflict check of {action} on {', '.join(devices)}",
@@ -300,5 +294,3 @@ async def claim(
             )
         await refuse_conflicts(vm, action, devices)
         yield
-    finally:
-        os.close(fd)  # releases the lock

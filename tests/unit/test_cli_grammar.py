@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from blockctl._cli.main import EXIT_CODES_HELP, ExitCode, build_parser
+from blockctl._cli.common import EXIT_CODES_HELP, ExitCode
+from blockctl._cli.main import build_parser
 
 
 def blockctl(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blockctl._cli.main import job_table
+from blockctl._cli.jobs import job_table
 from blockctl._cli.output import human_size, table
 
 

@@ -1,10 +1,17 @@
-"""Owner-only files and dirs whatever the umask; the one atomic writer; loose dirs refused."""
+"""Owner-only files and dirs whatever the umask; the one atomic writer; loose dirs refused;
+the one file lock."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from blockctl import _fsutil
@@ -14,7 +21,7 @@ from blockctl._fsutil import (
     create_private_file,
     make_private_dir,
 )
-from blockctl.errors import ConfigError
+from blockctl.errors import BlockctlError, ConfigError
 from tests.conftest import mode_of
 
 NOBODY = 65534
@@ -188,3 +195,201 @@ def test_error_message_quotes_a_path_for_the_shell(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         check_private_dir(path, "repo")
     assert f"`chmod 700 '{path}'`" in str(caught.value)
+
+
+# Section: the one file lock (flocked, flocked_polling)
+
+
+class Busy(BlockctlError):
+    """What a test's ``busy`` factory raises."""
+
+
+class Boom(Exception):
+    """Raised inside a locked block."""
+
+
+#: Holds an exclusive lock on argv[1] until stdin closes; says "held" once it has it.
+HOLDER = """
+import sys
+from pathlib import Path
+from blockctl import _fsutil
+with _fsutil.flocked(Path(sys.argv[1]), create=True, shared=sys.argv[2] == "shared"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def holder(path: Path, *, shared: bool = False) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding a lock on ``path`` (killed at the end if still running)."""
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), "shared" if shared else "exclusive"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "held\n"
+            yield child
+        finally:
+            child.kill()
+
+
+def free(path: Path) -> bool:
+    with _fsutil.flocked(path, wait=False) as fd:
+        return fd is not None
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_flocked_is_busy_between_two_descriptors_of_one_process(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    with _fsutil.flocked(lock, create=True) as fd:
+        assert isinstance(fd, int)
+        with _fsutil.flocked(lock, wait=False) as second:
+            assert second is None
+        with pytest.raises(Busy) as caught, _fsutil.flocked(lock, wait=False, busy=Busy):
+            pass
+        assert isinstance(caught.value.__cause__, BlockingIOError)
+    assert free(lock)
+
+
+def test_flocked_is_busy_while_another_process_holds_it_and_free_when_it_dies(
+    tmp_path: Path,
+) -> None:
+    lock = tmp_path / "lock"
+    with holder(lock) as child:
+        assert not free(lock)
+        with pytest.raises(Busy), _fsutil.flocked(lock, wait=False, busy=Busy):
+            pass
+        child.kill()  # no clean-up in the child: the kernel releases its lock
+        child.wait()
+        assert free(lock)
+
+
+def test_flocked_shared_holders_coexist_and_exclude_an_exclusive_one(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    with holder(lock, shared=True) as child:
+        with _fsutil.flocked(lock, shared=True, wait=False) as fd:
+            assert fd is not None  # a second shared holder
+            with _fsutil.flocked(lock, wait=False) as exclusive:
+                assert exclusive is None
+        assert not free(lock)  # the child's shared lock still holds
+        assert child.stdin is not None
+        child.stdin.close()  # the child leaves its block
+        child.wait()
+        assert free(lock)
+    with _fsutil.flocked(lock), _fsutil.flocked(lock, shared=True, wait=False) as shared:
+        assert shared is None  # an exclusive holder excludes a shared one
+
+
+def test_flocked_releases_and_closes_on_an_exception(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    before = open_fds()
+
+    def fail_while_locked() -> None:
+        with _fsutil.flocked(lock, create=True):
+            assert not free(lock)
+            raise Boom
+
+    with pytest.raises(Boom):
+        fail_while_locked()
+    assert free(lock)
+    assert open_fds() == before
+    with (
+        pytest.raises(Busy),
+        _fsutil.flocked(lock),
+        _fsutil.flocked(lock, wait=False, busy=Busy),
+    ):
+        pass
+    assert open_fds() == before  # a busy refusal closed its descriptor too
+
+
+def test_flocked_creates_0600_and_never_follows_a_symlink(tmp_path: Path, umask: int) -> None:
+    lock = tmp_path / "lock"
+    with _fsutil.flocked(lock, create=True):
+        assert mode_of(lock) == 0o600
+    loose = tmp_path / "loose"
+    loose.touch()
+    loose.chmod(0o644)  # made by someone else: made private when used as a lock
+    with _fsutil.flocked(loose, create=True):
+        assert mode_of(loose) == 0o600
+    target = tmp_path / "elsewhere"
+    planted = tmp_path / "planted"
+    planted.symlink_to(target)
+    with (
+        pytest.raises(OSError, match=os.strerror(errno.ELOOP)),
+        _fsutil.flocked(planted, create=True),
+    ):
+        pass
+    assert not target.exists()
+
+
+def test_flocked_open_error_is_raised_as_asked(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError), _fsutil.flocked(missing):
+        pass
+    with (
+        pytest.raises(Busy, match="no lock file") as caught,
+        _fsutil.flocked(missing, open_error=lambda exc: Busy(f"no lock file: {exc.strerror}")),
+    ):
+        pass
+    assert isinstance(caught.value.__cause__, FileNotFoundError)
+    assert not missing.exists()  # not created without create=True
+
+
+def test_flocked_locks_a_directory_itself(tmp_path: Path) -> None:
+    with (
+        _fsutil.flocked(tmp_path, directory=True),
+        _fsutil.flocked(tmp_path, directory=True, wait=False) as second,
+    ):
+        assert second is None
+    with _fsutil.flocked(tmp_path, directory=True, wait=False) as again:
+        assert again is not None
+    assert list(tmp_path.iterdir()) == []  # nothing created in it
+
+
+async def test_flocked_polling_waits_says_so_once_and_takes_the_lock_when_freed(
+    tmp_path: Path,
+) -> None:
+    lock = tmp_path / "lock"
+    waiting = anyio.Event()
+    acquired = anyio.Event()
+    waits: list[str] = []
+
+    def on_wait() -> None:
+        waits.append("waiting")
+        waiting.set()
+
+    async def take() -> None:
+        async with _fsutil.flocked_polling(lock, poll=0.01, create=True, on_wait=on_wait):
+            assert not free(lock)
+            acquired.set()
+
+    held = contextlib.ExitStack()
+    held.enter_context(_fsutil.flocked(lock, create=True))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take)
+        await waiting.wait()
+        for _ in range(5):  # it keeps polling while the lock is held
+            await anyio.sleep(0.01)
+        assert not acquired.is_set()
+        held.close()
+        await acquired.wait()
+    assert waits == ["waiting"]
+    assert free(lock)
+
+
+async def test_flocked_polling_ends_on_a_timeout_without_a_leak(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    before = open_fds()
+    with _fsutil.flocked(lock, create=True):
+        with anyio.move_on_after(0.05) as scope:
+            async with _fsutil.flocked_polling(lock, poll=0.01):
+                pytest.fail("took a held lock")
+        assert scope.cancelled_caught
+    assert open_fds() == before
+    assert free(lock)

@@ -29,7 +29,9 @@ from hypothesis import strategies as st
 
 from blockctl import _runtime
 from blockctl._argv import DriveSource, build_argv, plan_drives
+from blockctl._cli import drives as cli_drives
 from blockctl._cli import main as cli
+from blockctl._cli import vm as cli_vm
 from blockctl._images import ImageLayer
 from blockctl._ops import apply as apply_ops
 from blockctl._ops import chains
@@ -363,7 +365,7 @@ def test_machine_toml_loads_or_refuses(
     path = workdir / "vm.toml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     try:
-        config = cli.load_config(path, None)
+        config = cli_vm.load_config(path, None)
     except BlockctlError:
         refused("machine TOML")
         return
@@ -472,7 +474,7 @@ def test_cli_attach_passes_one_literal_drive(
         raise Reached("stop here")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "attach", fake_attach)
+        patch.setattr(cli_drives, "attach", fake_attach)
         patch.setattr(drives_ops, "hotplug", fake_hotplug)
         # --opt=VALUE and "--" keep argparse from reading a value as an option.
         code = cli_main(
@@ -520,7 +522,7 @@ def test_cli_qmp_sends_one_literal_command(command: str, arguments: str | None) 
         yield FakeVM()
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "attach", fake_attach)
+        patch.setattr(cli_vm, "attach", fake_attach)
         argv = ["qmp", "--", "vm", command] + ([] if arguments is None else [arguments])
         code = cli_main(argv)
     if code == 1:

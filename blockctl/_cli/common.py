@@ -1,0 +1,76 @@
+"""What every command module shares: the :class:`Command` shape, :func:`emit` (text, or JSON
+with ``--json``), the exit codes and the global options."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import sys
+from typing import Any, ClassVar
+
+
+def emit(args: argparse.Namespace, data: object, human: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=None if not sys.stdout.isatty() else 2, default=str))
+    elif human:
+        print(human)
+
+
+class Command:
+    name: ClassVar[str]
+    help: ClassVar[str]
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    async def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError
+
+
+class ExitCode(enum.IntEnum):
+    """The command line's exit codes: one meaning each."""
+
+    OK = 0
+    ERROR = 1  #: a BlockctlError: one line on stderr naming its class (and JSON with --json)
+    USAGE = 2  #: the command line itself is wrong (unknown option, missing argument)
+    PENDING = 3  #: not failed, not done: unplug pending, job cancelled by another client,
+    #: an interrupted operation that needs attention
+    DIFFERENT = 4  #: a check found a problem: images differ, an image is corrupt, a backup
+    #: failed verification
+    BUSY = 5  #: refused: another operation runs on that disk (errors.Conflict)
+    INTERRUPTED = 130  #: Ctrl-C (what was done is reported)
+    BROKEN_PIPE = 141  #: the reader of stdout went away (``| head``); nothing more is printed
+
+
+EXIT_CODES_HELP = """exit codes:
+  0    ok
+  1    error (one line on stderr naming the error class; with --json also {"error": ...})
+  2    usage error (with --json also {"error": ...} on stdout)
+  3    pending: unplug pending, job cancelled by another client, a record needing attention
+  4    a check found a problem: images differ, an image is corrupt, a backup failed
+       verification
+  5    busy: refused, another operation runs on that disk (named: kind, job, client pid)
+  130  interrupted (Ctrl-C; what was done is reported)
+"""
+
+
+def global_options(parent: bool) -> argparse.ArgumentParser:
+    """``--json``, ``-v`` and ``--log-json``, accepted before the command and after it. After
+    it they default to SUPPRESS so they never undo what was given before it. (A parent parser
+    only lends its arguments and never parses: the parsers that do are ``main._Parser``.)"""
+    options = argparse.ArgumentParser(add_help=False)
+    default: Any = False if parent else argparse.SUPPRESS
+    options.add_argument(
+        "--json", action="store_true", default=default, help="machine-readable output"
+    )
+    options.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="show the event stream"
+    )
+    options.add_argument(
+        "--log-json",
+        action="store_true",
+        default=default,
+        help="events on stderr as one JSON object per line (for log pipelines)",
+    )
+    return options
