@@ -14,6 +14,9 @@ import typing
 
 from blockctl import _lazy
 
+#: The distribution's version too: pyproject.toml reads it here.
+__version__ = "0.1.0"
+
 if typing.TYPE_CHECKING:
     from blockctl._agent import GuestAgent, Quiesce, Quiesced, connect_agent, quiesced
     from blockctl._console import CommandResult, GuestConsole

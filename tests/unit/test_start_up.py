@@ -175,3 +175,40 @@ def test_logging_is_configured_on_the_first_event_it_shows(
     assert calls == [logging.ERROR]
     assert logs == [{"event": "test.error", "x": 1, "log_level": "error"}]
     assert not _log.raise_level_on_demand(logging.ERROR)  # done: nothing pending
+
+
+def test_a_command_parsed_alone_is_parsed_as_among_all() -> None:
+    """``main`` builds only the parser of the command it is given: its help, usage and the
+    top level's usage are those of the parser with every command."""
+    from blockctl._cli import main
+
+    everything, _ = main.build_parser()
+    every = main._subcommands(everything)
+    for cls in main.COMMANDS:
+        alone, commands = main.build_parser(only=cls.name)
+        assert list(commands) == [cls.name]
+        assert alone.format_usage() == everything.format_usage()
+        sub, _ = main._subcommands(alone)[cls.name]
+        assert sub.format_help() == every[cls.name][0].format_help()
+        assert sub.format_usage() == every[cls.name][0].format_usage()
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["status", "vm"], "status"),
+        (["--json", "-v", "drives", "vm"], "drives"),
+        (["--log-json", "--verbose", "ls"], "ls"),
+        (["--version"], ""),
+        (["--json", "--version", "status"], ""),
+        (["-h", "status"], None),  # the top level's help lists every command
+        (["--verb", "status"], None),  # an abbreviation: argparse decides
+        (["stat", "vm"], None),  # an unknown command: the error lists every command
+        (["--", "status"], None),
+        ([], None),
+    ],
+)
+def test_the_command_main_builds_alone(argv: list[str], named: str | None) -> None:
+    from blockctl._cli import main
+
+    assert main._named_command(argv) == named
