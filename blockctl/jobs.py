@@ -10,7 +10,8 @@ and adopting jobs another process started (to wait for, pause, resume or cancel 
         def on_progress(self, p: jobs.JobProgress) -> None: print(p.done, p.total, p.eta)
         def on_io_error(self, e: jobs.JobIOError) -> None: ...
 
-    await chains.commit(vm, "disk0", hooks=[Progress()])
+    control = jobs.JobControl(speed=50 << 20, on_error=ErrorPolicy.STOP, hooks=[Progress()])
+    await chains.commit(vm, "disk0", control=control)   # backup, stream, snapshots: the same
     for job in await jobs.adopt_jobs(vm.session):    # jobs running in this VM, from any client
         await job.pause()
     await jobs.control_job(vm, job_id, "speed", speed=10 << 20)  # a backup's copy too
@@ -22,6 +23,7 @@ from blockctl._backup.control import control_job
 from blockctl._jobs import (
     IGNORE_RETRIES,
     Job,
+    JobControl,
     JobEnded,
     JobHook,
     JobIOError,
@@ -37,6 +39,7 @@ __all__ = [
     "adopt_jobs",
     "control_job",
     "Job",
+    "JobControl",
     "JobHook",
     "StructlogJobHook",
     "JobTransition",

@@ -29,6 +29,7 @@ from blockctl._cli import interrupt
 from blockctl._cli.output import human_size, table
 from blockctl._cli.progress import ProgressDisplay, close_all
 from blockctl._jobs import (
+    JobControl,
     JobHook,
     JobIOError,
     JobProgress,
@@ -995,6 +996,19 @@ def job_hooks(args: argparse.Namespace, label: str) -> tuple[JobHook, ...]:
     return (StructlogJobHook(), JobBar(args, label), interrupt.TRACKER)
 
 
+def job_control(args: argparse.Namespace, hooks: Sequence[JobHook]) -> JobControl:
+    """A job command's ``--speed``, ``--timeout``, ``--on-error`` and ``--pause-timeout``
+    (those it has)."""
+    speed = getattr(args, "speed", None)
+    return JobControl(
+        speed=None if speed is None else parse_size(speed, "speed"),
+        deadline=args.timeout,
+        on_error=ErrorPolicy(getattr(args, "on_error", ErrorPolicy.REPORT)),
+        pause_timeout=getattr(args, "pause_timeout", 60.0),
+        hooks=hooks,
+    )
+
+
 def chain_result_json(result: chains.ChainResult) -> dict[str, Any]:
     return {
         "device": result.device,
@@ -1092,7 +1106,7 @@ class SnapshotCommand(Command):
                 human = "\n".join(lines)
             elif args.action == "delete" and not args.internal:
                 results = await chains.delete_external(
-                    vm, args.tag, timeout=args.timeout, hooks=hooks, devices=args.disk
+                    vm, args.tag, devices=args.disk, control=job_control(args, hooks)
                 )
                 data = [chain_result_json(r) for r in results]
                 human = "\n".join(
@@ -1103,8 +1117,7 @@ class SnapshotCommand(Command):
                     result = await chains.save_internal(
                         vm,
                         args.tag,
-                        deadline=args.timeout,
-                        hooks=hooks,
+                        control=job_control(args, hooks),
                         quiesce=quiesce,
                         freeze_deadline=freeze_deadline_option(args, 60.0),
                         devices=args.disk,
@@ -1114,14 +1127,13 @@ class SnapshotCommand(Command):
                     result = await chains.load_internal(
                         vm,
                         args.tag,
-                        deadline=args.timeout,
-                        hooks=hooks,
+                        control=job_control(args, hooks),
                         devices=args.disk,
                         vmstate=args.vmstate,
                     )
                 else:
                     result = await chains.delete_internal(
-                        vm, args.tag, deadline=args.timeout, hooks=hooks, devices=args.disk
+                        vm, args.tag, devices=args.disk, control=job_control(args, hooks)
                     )
                 data = {
                     "job": result.job_id,
@@ -1163,13 +1175,9 @@ class CommitCommand(Command):
                 args.device,
                 top=args.top,
                 base=args.base,
-                speed=None if args.speed is None else parse_size(args.speed, "speed"),
-                deadline=args.timeout,
                 allow_shared_base=args.allow_shared_base,
                 delete_files=args.delete_files,
-                hooks=job_hooks(args, "commit"),
-                on_error=args.on_error,
-                pause_timeout=args.pause_timeout,
+                control=job_control(args, job_hooks(args, "commit")),
             )
         emit(
             args,
@@ -1199,12 +1207,8 @@ class StreamCommand(Command):
                 vm,
                 args.device,
                 base=args.base,
-                speed=None if args.speed is None else parse_size(args.speed, "speed"),
-                deadline=args.timeout,
                 delete_files=args.delete_files,
-                hooks=job_hooks(args, "stream"),
-                on_error=args.on_error,
-                pause_timeout=args.pause_timeout,
+                control=job_control(args, job_hooks(args, "stream")),
             )
         emit(
             args,
@@ -1618,15 +1622,15 @@ class BackupCommand(Command):
                 repo,
                 kind="full" if args.full else "incremental",
                 devices=args.disk,
-                deadline=args.timeout,
-                hooks=(StructlogJobHook(), BackupProgress(args), interrupt.TRACKER),
-                quiesce=quiesce_option(args),
-                freeze_deadline=freeze_deadline_option(args),
-                connections=args.connections,
-                scratch_dir=args.scratch_dir,
-                speed=None if args.speed is None else parse_size(args.speed, "speed"),
-                on_error=args.on_error,
-                pause_timeout=args.pause_timeout,
+                options=backup_ops.BackupOptions(
+                    quiesce=quiesce_option(args),
+                    freeze_deadline=freeze_deadline_option(args),
+                    connections=args.connections,
+                    scratch_dir=args.scratch_dir,
+                ),
+                control=job_control(
+                    args, (StructlogJobHook(), BackupProgress(args), interrupt.TRACKER)
+                ),
             )
         note = f" (full because {manifest.fallback_reason})" if manifest.fallback_reason else ""
         emit(
