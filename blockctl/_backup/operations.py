@@ -81,6 +81,7 @@ from blockctl._machine import VM
 from blockctl._ops import conflicts
 from blockctl._ops.nodes import delete_nodes, read_graph
 from blockctl._qmp import wire
+from blockctl._qmp.models import FileOptions, FormatOptions
 from blockctl.errors import (
     BackupCorrupt,
     BlockctlError,
@@ -515,29 +516,25 @@ async def _backup(
         for d in disks:
             path = scratch / f"fleece-{d.device}.qcow2"
             _fsutil.create_private_file(path)
-            await wire.blockdev_add(
-                vm.session,
-                {
-                    "driver": "file",
-                    "node-name": f"{d.fleece}-file",
-                    "filename": str(path),
-                    # Scratch that no crash needs back: flushes (formatting and copying
-                    # old data aside) would only wait for the disk.
-                    "cache": {"no-flush": True},
-                },
-            )
+            scratch_file: FileOptions = {
+                "driver": "file",
+                "node-name": f"{d.fleece}-file",
+                "filename": str(path),
+                # Scratch that no crash needs back: flushes (formatting and copying old data
+                # aside) would only wait for the disk.
+                "cache": {"no-flush": True},
+            }
+            await wire.blockdev_add(vm.session, scratch_file)
             added.append(f"{d.fleece}-file")
             # Formatted by QEMU itself (blockdev-create): a qemu-img process cost 20-60 ms.
             await _format_qcow2(vm, f"{d.fleece}-file", d.virtual_size, hooks)
-            await wire.blockdev_add(
-                vm.session,
-                {
-                    "driver": "qcow2",
-                    "node-name": d.fleece,
-                    "file": f"{d.fleece}-file",
-                    "backing": d.node,
-                },
-            )
+            fleece: FormatOptions = {
+                "driver": "qcow2",
+                "node-name": d.fleece,
+                "file": f"{d.fleece}-file",
+                "backing": d.node,
+            }
+            await wire.blockdev_add(vm.session, fleece)
             added.append(d.fleece)
         actions: list[dict[str, Any]] = []
         async with contextlib.AsyncExitStack() as stack:

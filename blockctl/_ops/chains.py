@@ -29,7 +29,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -44,6 +43,7 @@ from blockctl._ops.nodes import delete_nodes, node_options, set_read_only
 from blockctl._ops.nodes import flush_chain as flush_chain  # re-exported: chains' own API
 from blockctl._ops.nodes import read_graph as read_graph
 from blockctl._qmp import wire
+from blockctl._qmp.models import CacheOptions, node_json, overlay_options
 from blockctl._registry import DriveRecord
 from blockctl.errors import (
     BlockctlError,
@@ -59,8 +59,6 @@ from blockctl.types import ErrorPolicy, ImageFormat
 _log = get_logger()
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 _PREFIX = re.compile(r"^(drv\d+)")
-
-Json = dict[str, Any]
 
 
 def _check_tag(tag: str) -> None:
@@ -156,12 +154,12 @@ async def external_snapshot(
     created: list[Path] = []
     added: list[str] = []
 
-    def cache_of(device: str, top: GraphNode) -> Json:
+    def cache_of(device: str, top: GraphNode) -> CacheOptions | None:
         """The old top's cache options: the overlay takes over its I/O (``blockctl cache``
         reopens every node of the drive with the options recorded here)."""
         recorded = node_options(_record_of(vm, device), top.name)
-        cache = None if recorded is None else recorded.get("cache")
-        return {} if cache is None else {"cache": dict(cache)}
+        cache: CacheOptions | None = None if recorded is None else recorded.get("cache")
+        return cache
 
     try:
         for device, top, overlay, name in plans:
@@ -175,24 +173,12 @@ async def external_snapshot(
                 unsafe=True,
             )
             created.append(overlay)
-            file_node: Json = {
-                "driver": "file",
-                "node-name": f"{name}-file",
-                "filename": str(overlay),
-                **cache_of(device, top),
-            }
+            file_node, format_node = overlay_options(
+                name, str(overlay), backing=None, cache=cache_of(device, top)
+            )
             await wire.blockdev_add(vm.session, file_node)
             added.append(f"{name}-file")
-            await wire.blockdev_add(
-                vm.session,
-                {
-                    "driver": "qcow2",
-                    "node-name": name,
-                    "file": f"{name}-file",
-                    "backing": None,
-                    **cache_of(device, top),
-                },
-            )
+            await wire.blockdev_add(vm.session, format_node)
             added.append(name)
         op.step(_journal.Step.SWITCHING)
         async with quiesced(
@@ -226,21 +212,12 @@ async def external_snapshot(
     for device, top, overlay, name in plans:
         record = _record_of(vm, device)
         if record is not None:
-            file_opts = {
-                "driver": "file",
-                "node-name": f"{name}-file",
-                "filename": str(overlay),
-                **cache_of(device, top),
-            }
             # Recorded as QEMU now has it: the overlay's backing is the old top.
-            fmt_opts = {
-                "driver": "qcow2",
-                "node-name": name,
-                "file": f"{name}-file",
-                "backing": top.name,
-                **cache_of(device, top),
-            }
-            vm.registry.put(replace(record, nodes=(*record.nodes, file_opts, fmt_opts)))
+            nodes = overlay_options(
+                name, str(overlay), backing=top.name, cache=cache_of(device, top)
+            )
+            added_json = tuple(node_json(n) for n in nodes)
+            vm.registry.put(replace(record, nodes=(*record.nodes, *added_json)))
     op.finished()
     _log.info("blockctl.snapshot.external", vm=vm.name, tag=tag, devices=[p[0] for p in plans])
     return ExternalSnapshot(

@@ -393,7 +393,9 @@ async def hotplug(vm: VM, drive: Drive, *, image_roots: Iterable[Path | str] = (
         with anyio.CancelScope(shield=True):
             await _rollback(vm, added_nodes, added_devices)
         raise
-    vm.registry.put(DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.nodes))
+    vm.registry.put(
+        DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.record_nodes())
+    )
     _log.info("blockctl.drive.plugged", vm=vm.name, device=plan.device_id, node=plan.top_node)
     return await drive_info(vm, plan.device_id)
 
@@ -564,7 +566,7 @@ async def insert(
         with anyio.CancelScope(shield=True):
             await _rollback(vm, added, [])
         raise
-    vm.registry.put(replace(record, nodes=plan.nodes))
+    vm.registry.put(replace(record, nodes=plan.record_nodes()))
     await wire.blockdev_close_tray(vm.session, device_id)
     return await drive_info(vm, device_id)
 
