@@ -3,7 +3,8 @@ and adopting jobs another process started (to wait for, pause, resume or cancel 
 
 ::
 
-    from blockctl import jobs
+    from blockctl import chains, jobs
+    from blockctl.types import ErrorPolicy
 
     class Progress:                        # any object with these methods is a JobHook
         def on_transition(self, t: jobs.JobTransition) -> None: ...
@@ -16,7 +17,8 @@ and adopting jobs another process started (to wait for, pause, resume or cancel 
         await job.pause()
     await jobs.control_job(vm, job_id, "speed", speed=10 << 20)  # a backup's copy too
 
-A job succeeded only if it concluded with no error and ``offset == length``.
+``JobControl`` is the one option group of every long-running operation (speed, deadline,
+error policy, pause timeout, hooks), checked when made. A job succeeded only if it concluded with no error and ``offset == length``.
 """
 
 from blockctl._backup.control import control_job
