@@ -18,7 +18,8 @@ and adopting jobs another process started (to wait for, pause, resume or cancel 
     await jobs.control_job(vm, job_id, "speed", speed=10 << 20)  # a backup's copy too
 
 ``JobControl`` is the one option group of every long-running operation (speed, deadline,
-error policy, pause timeout, hooks), checked when made. A job succeeded only if it concluded with no error and ``offset == length``.
+error policy, pause timeout, hooks), checked when made. A job succeeded only if it concluded
+with no error and ``offset == length``.
 """
 
 from blockctl._backup.control import control_job
