@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from blockctl._images import ImageLayer
+from blockctl._qmp.models import (
+    BlockdevOptions,
+    CacheOptions,
+    FileOptions,
+    FormatOptions,
+    node_json,
+)
 from blockctl.errors import ConfigError
 from blockctl.types import (
     Accel,
@@ -58,8 +65,12 @@ class DrivePlan:
     index: int
     device_id: str
     top_node: str | None
-    nodes: tuple[Json, ...]
+    nodes: tuple[BlockdevOptions, ...]
     device: Json
+
+    def record_nodes(self) -> tuple[Json, ...]:
+        """The nodes as the plain JSON a drive's record keeps."""
+        return tuple(node_json(n) for n in self.nodes)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,14 +89,14 @@ class ConsoleSocket:
     log: Path
 
 
-def _cache_opts(drive: Drive) -> Json:
+def _cache_opts(drive: Drive) -> CacheOptions:
     return {"direct": drive.cache.direct, "no-flush": drive.cache.no_flush}
 
 
 def _protocol_node(
     name: str, filename: str, drive: Drive, *, block_device: bool, read_only: bool
-) -> Json:
-    node: Json = {
+) -> FileOptions:
+    node: FileOptions = {
         "driver": "host_device" if block_device else "file",
         "node-name": name,
         "filename": filename,
@@ -111,8 +122,8 @@ def _format_node(
     has_backing_field: bool,
     read_only: bool,
     top: bool,
-) -> Json:
-    node: Json = {
+) -> FormatOptions:
+    node: FormatOptions = {
         "driver": fmt,
         "node-name": name,
         "file": file_node,
@@ -136,7 +147,7 @@ def plan_drive(
     i: int, drive: Drive, source: DriveSource | None, machine: str, slot: tuple[int, int] | None
 ) -> DrivePlan:
     """The nodes and device for drive ``i``; ``source`` is None only for an empty cdrom."""
-    nodes: list[Json] = []
+    nodes: list[BlockdevOptions] = []
     top: str | None = None
     if drive.nbd is not None and drive.format is not None:
         # The image's header is on the server: no chain was read, so a qcow2 over NBD is

@@ -53,6 +53,7 @@ from blockctl._qmp.session import Event, EventStream, QMPSession, single_excepti
 from blockctl.errors import (
     BlockctlError,
     CommandFailed,
+    ConfigError,
     ConnectionLost,
     JobCancelled,
     JobCancelledByOther,
@@ -66,6 +67,7 @@ from blockctl.types import ErrorPolicy, coerce_enum
 
 __all__ = [
     "Job",
+    "JobControl",
     "JobEnded",
     "JobHook",
     "JobIOError",
@@ -269,6 +271,59 @@ class StructlogJobHook:
 
 
 DEFAULT_HOOKS: tuple[JobHook, ...] = (StructlogJobHook(),)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobControl:
+    """How a long-running operation drives its QEMU jobs, shared by backup, commit, stream,
+    the deletion of external snapshots and internal snapshots. Checked when it is made
+    (:class:`~blockctl.errors.ConfigError` naming the field).
+
+    ``speed``: at most this many bytes/s (None: no limit). ``deadline``: seconds for the whole
+    operation (None: the operation's own default, e.g. 600 s for a commit, 3600 s for a
+    backup). ``on_error``: the jobs' error policy (:class:`~blockctl.types.ErrorPolicy`; a
+    string is taken as one); a job paused on an error waits ``pause_timeout`` s to be resumed
+    (``blockctl jobs VM resume ID``), then is cancelled. ``hooks`` (:class:`JobHook`) see the
+    jobs' transitions and progress; the default logs them.
+    """
+
+    speed: int | None = None
+    deadline: float | None = None
+    on_error: ErrorPolicy = ErrorPolicy.REPORT
+    pause_timeout: float = 60.0
+    hooks: Sequence[JobHook] = DEFAULT_HOOKS
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        speed = self.speed
+        if speed is not None and (not isinstance(speed, int) or isinstance(speed, bool)):
+            raise ConfigError("speed", f"{speed!r}: bytes/s as an integer, or None for no limit")
+        if speed is not None and speed <= 0:
+            raise ConfigError("speed", f"{speed} bytes/s: a speed limit must be positive")
+        if self.deadline is not None and not _positive(self.deadline):
+            raise ConfigError("deadline", f"{self.deadline!r}: seconds, more than 0")
+        if not (_positive(self.pause_timeout) or self.pause_timeout == 0):
+            raise ConfigError("pause_timeout", f"{self.pause_timeout!r}: seconds, 0 or more")
+        put(self, "on_error", coerce_enum(ErrorPolicy, self.on_error, "on_error"))
+        if isinstance(self.hooks, str) or not isinstance(self.hooks, Sequence):
+            raise ConfigError("hooks", f"{self.hooks!r}: a sequence of job hooks")
+        put(self, "hooks", tuple(self.hooks))
+
+    def deadline_or(self, default: float) -> float:
+        """``deadline``, or the operation's ``default`` when none was given."""
+        return default if self.deadline is None else self.deadline
+
+
+def _positive(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value > 0  # False for NaN too
+    )
+
+
+#: The default :class:`JobControl`: no speed limit, the operation's deadline, ``report``.
+DEFAULT_CONTROL = JobControl()
 
 
 def call_hooks(hooks: Sequence[JobHook], method: str, record: object) -> None:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from blockctl import _fsutil
 from blockctl._graph import BlockGraph, GraphNode
 from blockctl._log import get_logger
-from blockctl._qmp.models import JobStatus
+from blockctl._qmp.models import JobStatus, node_json, overlay_options
 
 if TYPE_CHECKING:
     from blockctl._jobs import JobProgress, JobTransition
@@ -759,9 +759,8 @@ def snapshot_intent(
             after=(name, *before.before),
             files_after=(str(overlay), *before.files_before),
         )
-        add[device] = (
-            {"driver": "file", "node-name": f"{name}-file", "filename": str(overlay)},
-            {"driver": "qcow2", "node-name": name, "file": f"{name}-file", "backing": top.name},
+        add[device] = tuple(
+            node_json(n) for n in overlay_options(name, str(overlay), backing=top.name)
         )
     return Intent(
         id="",

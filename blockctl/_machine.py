@@ -352,7 +352,7 @@ async def _started_qemu(
     registry = DriveRegistry.load(run_dir)
     for plan in plans:
         registry.drives[plan.device_id] = DriveRecord(
-            device_id=plan.device_id, device=plan.device, nodes=plan.nodes
+            device_id=plan.device_id, device=plan.device, nodes=plan.record_nodes()
         )
     registry.save()
     monitor = run_dir / "qmp.sock"

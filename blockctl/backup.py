@@ -7,6 +7,10 @@
     repo = backup.init_repository("/srv/backups")          # once; key_file=... to encrypt
     repo = backup.open_repository("/srv/backups")
     point = await backup.create(vm, repo)                  # incremental unless there is no base
+    point = await backup.create(
+        vm, repo, options=backup.BackupOptions(quiesce="if-possible"),
+        control=jobs.JobControl(speed=100 << 20),          # from blockctl import jobs
+    )
     await backup.restore(repo, vm.name, point.id, "disk0", Path("disk0.qcow2"))
     await backup.restore_live(vm, repo, vm.name, point.id, "disk0", Path("new.qcow2"))
     report = await backup.verify(repo, vm.name, point.id)
@@ -23,6 +27,9 @@ from blockctl._backup.live import (
 )
 from blockctl._backup.operations import (
     STEPS as STEPS,
+)
+from blockctl._backup.operations import (
+    BackupOptions as BackupOptions,
 )
 from blockctl._backup.operations import (
     PruneResult as PruneResult,
@@ -80,6 +87,7 @@ __all__ = [
     "summary",
     "init_repository",
     "open_repository",
+    "BackupOptions",
     "Repository",
     "Manifest",
     "DiskPoint",

@@ -7,10 +7,12 @@ commit, stream, internal snapshots, and the block graph they work on.
 
     snap = await chains.external_snapshot(vm, "before-upgrade", quiesce="if-possible")
     ...
-    result = await chains.commit(vm, "disk0", speed=50 << 20, hooks=[my_progress])
+    control = jobs.JobControl(speed=50 << 20, hooks=[my_progress])   # from blockctl import jobs
+    result = await chains.commit(vm, "disk0", control=control)
 
-Long operations run as QEMU jobs; ``hooks`` (see :mod:`blockctl.jobs`) receive their
-transitions and progress. See the README's "Snapshots, chains and jobs" section.
+Long operations run as QEMU jobs; their ``control`` (:class:`blockctl.jobs.JobControl`) sets
+speed, deadline, error policy, pause timeout and the hooks that receive their transitions and
+progress. See the README's "Snapshots, chains and jobs" section.
 """
 
 from blockctl._graph import BlockGraph, GraphDevice, GraphNode, NodeRole

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from blockctl import LaunchedVM, _binaries, _images, _proc, build_guest, find_guest, open_vm
 from blockctl._images import create
 from blockctl._ops import chains, drives
+from blockctl.jobs import JobControl
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from scripts import bench_agent, bench_backup, bench_cli, bench_clients, bench_live, bench_more
 from scripts.bench_common import Row
@@ -160,7 +161,7 @@ async def bench_chains(reps: int, mib: int, images: Path) -> list[Row]:
         config = MachineConfig(drives=(Drive(file=ours_top, format=ImageFormat.QCOW2),))
         async with open_vm(config, console=False) as vm:
             start = time.perf_counter()
-            await chains.commit(vm, "disk0", hooks=())
+            await chains.commit(vm, "disk0", control=JobControl(hooks=()))
             commit_mine.append(mib / (time.perf_counter() - start))
         start = time.perf_counter()
         await _images.commit(theirs_top, ImageFormat.QCOW2)
@@ -171,7 +172,7 @@ async def bench_chains(reps: int, mib: int, images: Path) -> list[Row]:
         config = MachineConfig(drives=(Drive(file=ours_top, format=ImageFormat.QCOW2),))
         async with open_vm(config, console=False) as vm:
             start = time.perf_counter()
-            await chains.stream(vm, "disk0", hooks=())
+            await chains.stream(vm, "disk0", control=JobControl(hooks=()))
             stream_mine.append(mib / (time.perf_counter() - start))
         start = time.perf_counter()
         await _images.convert(

@@ -26,6 +26,8 @@ import anyio
 from blockctl import GuestImage, LaunchedVM, _binaries, _images, _proc, open_vm
 from blockctl import backup as bk
 from blockctl._ops.chains import read_graph
+from blockctl.backup import BackupOptions
+from blockctl.jobs import JobControl
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from scripts.bench_common import Row
 
@@ -285,7 +287,13 @@ async def _incrementals(
         for n, size in enumerate(sizes.inc_disks):
             device, dev = f"disk{n}", f"vd{'abcdefgh'[n]}"
             repo = bk.init_repository(work / f"repo-inc{n}")
-            first = await bk.create(vm, repo, devices=[device], hooks=(), scratch_dir=scratch)
+            first = await bk.create(
+                vm,
+                repo,
+                devices=[device],
+                options=BackupOptions(scratch_dir=scratch),
+                control=JobControl(hooks=()),
+            )
             assert first.kind == "full"
             node = await node_of(vm, device)
             bitmap = await raw_bitmap(vm, node)
@@ -304,7 +312,11 @@ async def _incrementals(
                 with watch.watching() if watched else contextlib.nullcontext(watch):
                     start = await clock()
                     point = await bk.create(
-                        vm, repo, devices=[device], hooks=(), scratch_dir=scratch
+                        vm,
+                        repo,
+                        devices=[device],
+                        options=BackupOptions(scratch_dir=scratch),
+                        control=JobControl(hooks=()),
                     )
                     seconds = time.perf_counter() - start
                 assert point.kind == "incremental", point.fallback_reason
@@ -355,7 +367,11 @@ async def _incrementals(
                     await write_scattered(vm, dev, size, sizes.scattered, seed=rep)
                     start = await clock()
                     point = await bk.create(
-                        vm, repo, devices=[device], hooks=(), scratch_dir=scratch
+                        vm,
+                        repo,
+                        devices=[device],
+                        options=BackupOptions(scratch_dir=scratch),
+                        control=JobControl(hooks=()),
                     )
                     mine_s.append(time.perf_counter() - start)
                     read_s.append(read_mib(point))
@@ -439,7 +455,13 @@ async def _fulls(
 
         async def full_into(repo: bk.Repository, out: list[float]) -> bk.Manifest:
             start = await clock()
-            point = await bk.create(vm, repo, devices=["disk0"], hooks=(), scratch_dir=scratch)
+            point = await bk.create(
+                vm,
+                repo,
+                devices=["disk0"],
+                options=BackupOptions(scratch_dir=scratch),
+                control=JobControl(hooks=()),
+            )
             out.append(mib / (time.perf_counter() - start))
             assert point.bytes_read == mib * MIB, point.bytes_read
             return point
@@ -544,7 +566,13 @@ async def _compression(
     import zstandard
 
     repo = bk.init_repository(work / "repo-text")
-    point = await bk.create(vm, repo, devices=["disk1"], hooks=(), scratch_dir=scratch)
+    point = await bk.create(
+        vm,
+        repo,
+        devices=["disk1"],
+        options=BackupOptions(scratch_dir=scratch),
+        control=JobControl(hooks=()),
+    )
     floor = len(zstandard.ZstdCompressor(level=1).compress(text_src.read_bytes()))
     text_src.unlink()
     summary = bk.summary(point)
@@ -586,7 +614,13 @@ async def _chunk_sizes(
                 work / f"repo-chunk{chunk}-{rep}", chunk_size=chunk * MIB
             )
             start = await clock()
-            await bk.create(vm, repos[chunk], devices=["disk0"], hooks=(), scratch_dir=scratch)
+            await bk.create(
+                vm,
+                repos[chunk],
+                devices=["disk0"],
+                options=BackupOptions(scratch_dir=scratch),
+                control=JobControl(hooks=()),
+            )
             fulls[chunk].append(time.perf_counter() - start)
         convert = await convert_seconds(disk, work / "conv.raw", "raw")
         if bitmap is None:
@@ -597,7 +631,11 @@ async def _chunk_sizes(
         for chunk in order:
             start = await clock()
             point = await bk.create(
-                vm, repos[chunk], devices=["disk0"], hooks=(), scratch_dir=scratch
+                vm,
+                repos[chunk],
+                devices=["disk0"],
+                options=BackupOptions(scratch_dir=scratch),
+                control=JobControl(hooks=()),
             )
             incs[chunk].append(time.perf_counter() - start)
             read[chunk].append(read_mib(point))
@@ -643,7 +681,9 @@ async def _dedup(guest: GuestImage, sizes: Sizes, work: Path, scratch: Path) -> 
         async with open_vm(guest_config(guest, name, overlay)) as vm:
             assert vm.console is not None
             await vm.console.wait_ready()
-            point = await bk.create(vm, repo, hooks=(), scratch_dir=scratch)
+            point = await bk.create(
+                vm, repo, options=BackupOptions(scratch_dir=scratch), control=JobControl(hooks=())
+            )
         stored.append(point.bytes_stored)
         after.append(du(repo.path / "chunks") / MIB)
     return [

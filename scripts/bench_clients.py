@@ -24,6 +24,7 @@ from blockctl import GuestImage, _binaries, _images, _monitors, _proc, attach, b
 from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._ops import chains
 from blockctl._qmp import wire
+from blockctl.jobs import JobControl
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from scripts.bench_common import Row
 
@@ -142,7 +143,9 @@ async def bench_clients(guest: GuestImage, reps: int, work: Path) -> list[Row]:
 
             async def commit() -> None:
                 # 64 MiB at 8 MiB/s: 8 s, longer than the measurements below.
-                await chains.commit(vm, "disk0", speed=8 * MIB, hooks=(running,))
+                await chains.commit(
+                    vm, "disk0", control=JobControl(speed=8 * MIB, hooks=(running,))
+                )
 
             tg.start_soon(commit)
             await running.event.wait()
@@ -158,7 +161,9 @@ async def bench_clients(guest: GuestImage, reps: int, work: Path) -> list[Row]:
 
             async def full_backup() -> None:
                 # 64 MiB at 8 MiB/s: 8 s, longer than the measurements below.
-                await backup.create(vm, repo, kind="full", speed=8 * MIB, hooks=(backing_up,))
+                await backup.create(
+                    vm, repo, kind="full", control=JobControl(speed=8 * MIB, hooks=(backing_up,))
+                )
 
             tg.start_soon(full_backup)
             await backing_up.event.wait()

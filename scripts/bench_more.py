@@ -17,6 +17,7 @@ from qemu.qmp import QMPClient
 
 from blockctl import GuestImage, _binaries, _images, open_vm
 from blockctl._ops import chains
+from blockctl.jobs import JobControl
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from scripts.bench_common import Row
 
@@ -189,7 +190,7 @@ async def bench_scale(counts: tuple[int, ...], work: Path) -> list[Row]:
             # Each VM lives in its own task (its cancel scopes stay in one task).
             async with open_vm(cfg, console=False) as vm:
                 await chains.external_snapshot(vm, tag, work)
-                await chains.commit(vm, "disk0", delete_files=True, hooks=())
+                await chains.commit(vm, "disk0", delete_files=True, control=JobControl(hooks=()))
 
         async with anyio.create_task_group() as tg:
             for i, cfg in enumerate(configs):

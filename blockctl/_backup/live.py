@@ -38,14 +38,14 @@ import anyio
 from blockctl import _images
 from blockctl._backup.serve import serve_point
 from blockctl._backup.store import Repository
-from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, start_job
+from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobHook, JobResult, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._ops import drives
 from blockctl._ops.nodes import delete_nodes
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError
-from blockctl.types import Drive, ImageFormat, Interface
+from blockctl.types import Drive, ErrorPolicy, ImageFormat, Interface
 
 _log = get_logger()
 
@@ -98,16 +98,19 @@ async def restore_live(
     target: Path,
     *,
     interface: Interface = Interface.VIRTIO,
-    speed: int | None = None,
-    deadline: float = 3600.0,
-    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
+    control: JobControl = DEFAULT_CONTROL,
 ) -> LiveRestoreResult:
     """Hot-plug ``device`` of ``vm_name``'s backup ``point`` into the running ``vm`` as a new
     disk on ``target`` (a new qcow2, 0600), usable by the guest at once, and copy the point
-    into it underneath (``block-stream``, ``speed`` bytes/s at most; ``hooks`` see its
-    progress like any job's). Returns once the disk stands alone: no backing file, no
-    backup node, no server. The repository is held shared for the whole time (no gc)."""
+    into it underneath (``block-stream``; ``control``'s speed, deadline (default 3600 s) and
+    hooks as for any job; its error policy must be ``report``). Returns once the disk stands
+    alone: no backing file, no backup node, no server. The repository is held shared for
+    the whole time (no gc)."""
     started = time.monotonic()
+    if control.on_error is not ErrorPolicy.REPORT:
+        raise ConfigError(
+            "on_error", "a live restore's copy fails on its first error (policy 'report')"
+        )
     await vm.require("blockdev-add", "device_add", "block-stream", "job-dismiss")
     target = Path(target).absolute()
     if target.exists() or target.is_symlink():
@@ -136,7 +139,14 @@ async def restore_live(
                     point=point,
                     seconds=round(attached, 3),
                 )
-                result = await _stream(vm, info.device_id, base, speed, deadline, hooks)
+                result = await _stream(
+                    vm,
+                    info.device_id,
+                    base,
+                    control.speed,
+                    control.deadline_or(3600.0),
+                    control.hooks,
+                )
     return LiveRestoreResult(
         device_id=info.device_id,
         path=target,

@@ -31,7 +31,14 @@ from typing import Any
 import anyio
 
 from blockctl import _direct, _fsutil
-from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, Quiesced, quiesced, require_agent
+from blockctl._agent import (
+    DEFAULT_FREEZE_DEADLINE,
+    Quiesce,
+    Quiesced,
+    coerce_quiesce,
+    quiesced,
+    require_agent,
+)
 from blockctl._backup import checkpoints
 from blockctl._backup import control as control_ops
 from blockctl._backup.control import CopyControl
@@ -57,8 +64,10 @@ from blockctl._backup.store import (
 )
 from blockctl._graph import BlockGraph, GraphNode
 from blockctl._jobs import (
+    DEFAULT_CONTROL,
     DEFAULT_HOOKS,
     Job,
+    JobControl,
     JobHook,
     JobIOError,
     JobProgress,
@@ -72,6 +81,7 @@ from blockctl._machine import VM
 from blockctl._ops import conflicts
 from blockctl._ops.nodes import delete_nodes, read_graph
 from blockctl._qmp import wire
+from blockctl._qmp.models import FileOptions, FormatOptions
 from blockctl.errors import (
     BackupCorrupt,
     BlockctlError,
@@ -82,7 +92,7 @@ from blockctl.errors import (
     RepositoryError,
     errno_symbol,
 )
-from blockctl.types import ImageFormat
+from blockctl.types import ErrorPolicy, ImageFormat
 
 _log = get_logger()
 
@@ -309,39 +319,75 @@ class _Disk:
     samples: list[tuple[float, int]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackupOptions:
+    """How a backup takes its point in time and reads it; checked when made
+    (:class:`~blockctl.errors.ConfigError` naming the field).
+
+    ``quiesce`` freezes the guest's filesystems around the transaction only (``True``:
+    required, ``False``: off), for at most ``freeze_deadline`` s. ``connections``: NBD
+    connections per disk. ``scratch_dir`` holds the fleecing overlays (what the guest
+    overwrites while the backup reads; default: the temp dir).
+    """
+
+    quiesce: Quiesce = Quiesce.OFF
+    freeze_deadline: float = DEFAULT_FREEZE_DEADLINE
+    connections: int = DEFAULT_CONNECTIONS
+    scratch_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        put(self, "quiesce", coerce_quiesce(self.quiesce))
+        deadline = self.freeze_deadline
+        if isinstance(deadline, bool) or not isinstance(deadline, int | float) or not deadline > 0:
+            raise ConfigError("freeze_deadline", f"{deadline!r}: seconds, more than 0")
+        n = self.connections
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError("connections", f"{n!r}: at least 1 NBD connection per disk")
+        if self.scratch_dir is not None:
+            put(self, "scratch_dir", Path(self.scratch_dir))
+
+
+#: The default :class:`BackupOptions`.
+DEFAULT_OPTIONS = BackupOptions()
+
+
 async def backup(
     vm: VM,
     repo: Repository,
     *,
     kind: str = "incremental",
     devices: Sequence[str] | None = None,
-    deadline: float = 3600.0,
-    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
-    quiesce: Quiesce | bool | str = Quiesce.OFF,
-    freeze_deadline: float = DEFAULT_FREEZE_DEADLINE,
-    connections: int = DEFAULT_CONNECTIONS,
-    scratch_dir: Path | None = None,
-    speed: int | None = None,
-    on_error: str = "report",
-    pause_timeout: float = 60.0,
-    failpoint: Failpoint = _no_failpoint,
-    fail_after_chunks: int | None = None,
+    options: BackupOptions = DEFAULT_OPTIONS,
+    control: JobControl = DEFAULT_CONTROL,
+    _failpoint: Failpoint = _no_failpoint,
+    _fail_after_chunks: int | None = None,
 ) -> Manifest:
     """Back up ``devices`` (default: every writable disk) of a running VM at one point in
     time into ``repo``. ``kind`` ``incremental`` (the default) reads only what changed since
     this repository's last point of this VM; it is taken as ``full`` (the reason recorded in
-    the manifest, per disk) when the repository has no usable checkpoint. ``quiesce`` freezes
-    the guest's filesystems around the transaction only. ``scratch_dir`` holds the fleecing
-    overlays (what the guest overwrites while the backup reads; default: the temp dir).
-    ``speed``: at most this many bytes/s read from QEMU, all disks together (None: no limit).
-    ``on_error``: ``report`` (a full repository fails the backup), ``enospc`` or ``stop`` (the
-    copy pauses on a full repository, or on any write error, until another client resumes it,
-    ``blockctl jobs VM resume ID``, or ``pause_timeout`` s pass). While it copies, any process
-    can list, pause, resume, re-speed or cancel it (:mod:`blockctl._backup.control`).
-    ``failpoint``/``fail_after_chunks``: fault injection for tests."""
+    the manifest, per disk) when the repository has no usable checkpoint. ``options``: quiesce,
+    NBD connections, scratch directory (:class:`BackupOptions`).
+
+    ``control`` (:class:`~blockctl._jobs.JobControl`): ``speed``, at most this many bytes/s
+    read from QEMU, all disks together; ``deadline`` (default 3600 s); ``on_error``:
+    ``report`` (a full repository fails the backup), ``enospc`` or ``stop`` (the copy pauses
+    on a full repository, or on any write error, until another client resumes it, ``blockctl
+    jobs VM resume ID``, or ``pause_timeout`` s pass; ``ignore`` is refused); ``hooks``.
+    While it copies, any process can list, pause, resume, re-speed or cancel it
+    (:mod:`blockctl._backup.control`).
+
+    ``_failpoint``/``_fail_after_chunks``: fault injection for blockctl's own tests."""
     if kind not in ("full", "incremental"):
         raise ConfigError("kind", f"{kind!r}: full or incremental")
-    control = CopyControl(rate=speed, on_error=on_error, pause_timeout=pause_timeout)
+    if control.on_error is ErrorPolicy.IGNORE:
+        raise ConfigError(
+            "on_error", "ignore: a backup's copy fails (report) or pauses (stop, enospc)"
+        )
+    copy_control = CopyControl(
+        rate=control.speed, on_error=control.on_error.value, pause_timeout=control.pause_timeout
+    )
+    quiesce = options.quiesce
     require_agent(vm, quiesce)
     check_name(vm.identity, "VM")
     await vm.require(
@@ -362,17 +408,17 @@ async def backup(
             repo,
             kind,
             devices,
-            deadline,
-            hooks,
+            control.deadline_or(3600.0),
+            control.hooks,
             quiesce,
-            freeze_deadline,
-            connections,
-            scratch_dir,
-            failpoint,
-            fail_after_chunks,
+            options.freeze_deadline,
+            options.connections,
+            options.scratch_dir,
+            _failpoint,
+            _fail_after_chunks,
             recovered,
             graph,
-            control,
+            copy_control,
         )
 
 
@@ -464,29 +510,25 @@ async def _backup(
         for d in disks:
             path = scratch / f"fleece-{d.device}.qcow2"
             _fsutil.create_private_file(path)
-            await wire.blockdev_add(
-                vm.session,
-                {
-                    "driver": "file",
-                    "node-name": f"{d.fleece}-file",
-                    "filename": str(path),
-                    # Scratch that no crash needs back: flushes (formatting and copying
-                    # old data aside) would only wait for the disk.
-                    "cache": {"no-flush": True},
-                },
-            )
+            scratch_file: FileOptions = {
+                "driver": "file",
+                "node-name": f"{d.fleece}-file",
+                "filename": str(path),
+                # Scratch that no crash needs back: flushes (formatting and copying old data
+                # aside) would only wait for the disk.
+                "cache": {"no-flush": True},
+            }
+            await wire.blockdev_add(vm.session, scratch_file)
             added.append(f"{d.fleece}-file")
             # Formatted by QEMU itself (blockdev-create): a qemu-img process cost 20-60 ms.
             await _format_qcow2(vm, f"{d.fleece}-file", d.virtual_size, hooks)
-            await wire.blockdev_add(
-                vm.session,
-                {
-                    "driver": "qcow2",
-                    "node-name": d.fleece,
-                    "file": f"{d.fleece}-file",
-                    "backing": d.node,
-                },
-            )
+            fleece: FormatOptions = {
+                "driver": "qcow2",
+                "node-name": d.fleece,
+                "file": f"{d.fleece}-file",
+                "backing": d.node,
+            }
+            await wire.blockdev_add(vm.session, fleece)
             added.append(d.fleece)
         actions: list[dict[str, Any]] = []
         async with contextlib.AsyncExitStack() as stack:

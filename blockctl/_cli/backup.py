@@ -13,7 +13,7 @@ from blockctl import _lazy
 from blockctl._cli import interrupt
 from blockctl._cli.agent import add_quiesce_options, freeze_deadline_option, quiesce_option
 from blockctl._cli.common import Command, ExitCode, emit, global_options
-from blockctl._cli.jobs import job_hooks, say_paused
+from blockctl._cli.jobs import job_control, job_hooks, say_paused
 from blockctl._cli.output import human_size
 from blockctl._cli.progress import ProgressDisplay
 from blockctl._jobs import JobIOError, JobProgress, JobTransition, StructlogJobHook
@@ -292,15 +292,15 @@ class BackupCommand(Command):
                 repo,
                 kind="full" if args.full else "incremental",
                 devices=args.disk,
-                deadline=args.timeout,
-                hooks=(StructlogJobHook(), BackupProgress(args), interrupt.TRACKER),
-                quiesce=quiesce_option(args),
-                freeze_deadline=freeze_deadline_option(args),
-                connections=args.connections,
-                scratch_dir=args.scratch_dir,
-                speed=None if args.speed is None else parse_size(args.speed, "speed"),
-                on_error=args.on_error,
-                pause_timeout=args.pause_timeout,
+                options=backup_ops.BackupOptions(
+                    quiesce=quiesce_option(args),
+                    freeze_deadline=freeze_deadline_option(args),
+                    connections=args.connections,
+                    scratch_dir=args.scratch_dir,
+                ),
+                control=job_control(
+                    args, (StructlogJobHook(), BackupProgress(args), interrupt.TRACKER)
+                ),
             )
         note = f" (full because {manifest.fallback_reason})" if manifest.fallback_reason else ""
         emit(
@@ -387,9 +387,7 @@ class RestoreCommand(Command):
                 args.backup_id,
                 args.device,
                 args.dest.absolute(),
-                speed=None if args.speed is None else parse_size(args.speed, "speed"),
-                deadline=args.timeout,
-                hooks=job_hooks(args, "restore"),
+                control=job_control(args, job_hooks(args, "restore")),
             )
         emit(
             args,

@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING, Any
 from blockctl import _agent, _lazy
 from blockctl._cli.agent import add_quiesce_options, freeze_deadline_option, quiesce_option
 from blockctl._cli.common import Command, emit
-from blockctl._cli.jobs import error_policy_options, job_hooks
+from blockctl._cli.jobs import error_policy_options, job_control, job_hooks
 from blockctl._machine import attach
 from blockctl.errors import ConfigError
-from blockctl.types import parse_size
 
 if TYPE_CHECKING:
     from blockctl._ops import chains
@@ -118,7 +117,7 @@ class SnapshotCommand(Command):
                 human = "\n".join(lines)
             elif args.action == "delete" and not args.internal:
                 results = await chains.delete_external(
-                    vm, args.tag, timeout=args.timeout, hooks=hooks, devices=args.disk
+                    vm, args.tag, devices=args.disk, control=job_control(args, hooks)
                 )
                 data = [chain_result_json(r) for r in results]
                 human = "\n".join(
@@ -129,8 +128,7 @@ class SnapshotCommand(Command):
                     result = await chains.save_internal(
                         vm,
                         args.tag,
-                        deadline=args.timeout,
-                        hooks=hooks,
+                        control=job_control(args, hooks),
                         quiesce=quiesce,
                         freeze_deadline=freeze_deadline_option(args, 60.0),
                         devices=args.disk,
@@ -140,14 +138,13 @@ class SnapshotCommand(Command):
                     result = await chains.load_internal(
                         vm,
                         args.tag,
-                        deadline=args.timeout,
-                        hooks=hooks,
+                        control=job_control(args, hooks),
                         devices=args.disk,
                         vmstate=args.vmstate,
                     )
                 else:
                     result = await chains.delete_internal(
-                        vm, args.tag, deadline=args.timeout, hooks=hooks, devices=args.disk
+                        vm, args.tag, devices=args.disk, control=job_control(args, hooks)
                     )
                 data = {
                     "job": result.job_id,
@@ -189,13 +186,9 @@ class CommitCommand(Command):
                 args.device,
                 top=args.top,
                 base=args.base,
-                speed=None if args.speed is None else parse_size(args.speed, "speed"),
-                deadline=args.timeout,
                 allow_shared_base=args.allow_shared_base,
                 delete_files=args.delete_files,
-                hooks=job_hooks(args, "commit"),
-                on_error=args.on_error,
-                pause_timeout=args.pause_timeout,
+                control=job_control(args, job_hooks(args, "commit")),
             )
         emit(
             args,
@@ -225,12 +218,8 @@ class StreamCommand(Command):
                 vm,
                 args.device,
                 base=args.base,
-                speed=None if args.speed is None else parse_size(args.speed, "speed"),
-                deadline=args.timeout,
                 delete_files=args.delete_files,
-                hooks=job_hooks(args, "stream"),
-                on_error=args.on_error,
-                pause_timeout=args.pause_timeout,
+                control=job_control(args, job_hooks(args, "stream")),
             )
         emit(
             args,

@@ -17,6 +17,7 @@ from blockctl._cli.common import Command, emit
 from blockctl._cli.output import human_size, table
 from blockctl._cli.progress import ProgressDisplay
 from blockctl._jobs import (
+    JobControl,
     JobHook,
     JobIOError,
     JobProgress,
@@ -111,6 +112,19 @@ def error_policy_options(parser: argparse.ArgumentParser, *flags: str) -> None:
 
 def job_hooks(args: argparse.Namespace, label: str) -> tuple[JobHook, ...]:
     return (StructlogJobHook(), JobBar(args, label), interrupt.TRACKER)
+
+
+def job_control(args: argparse.Namespace, hooks: Sequence[JobHook]) -> JobControl:
+    """A job command's ``--speed``, ``--timeout``, ``--on-error`` and ``--pause-timeout``
+    (those it has)."""
+    speed = getattr(args, "speed", None)
+    return JobControl(
+        speed=None if speed is None else parse_size(speed, "speed"),
+        deadline=args.timeout,
+        on_error=ErrorPolicy(getattr(args, "on_error", ErrorPolicy.REPORT)),
+        pause_timeout=getattr(args, "pause_timeout", 60.0),
+        hooks=hooks,
+    )
 
 
 class Jobs(Command):

@@ -29,14 +29,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import anyio
 
 from blockctl import _images, _journal
 from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, quiesced, require_agent
 from blockctl._graph import BlockGraph, GraphNode, NodeRole
-from blockctl._jobs import DEFAULT_HOOKS, JobHook, JobResult, error_policy, start_job
+from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobResult, error_policy, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._ops import conflicts, recovery
@@ -44,6 +43,7 @@ from blockctl._ops.nodes import delete_nodes, node_options, set_read_only
 from blockctl._ops.nodes import flush_chain as flush_chain  # re-exported: chains' own API
 from blockctl._ops.nodes import read_graph as read_graph
 from blockctl._qmp import wire
+from blockctl._qmp.models import CacheOptions, node_json, overlay_options
 from blockctl._registry import DriveRecord
 from blockctl.errors import (
     BlockctlError,
@@ -59,8 +59,6 @@ from blockctl.types import ErrorPolicy, ImageFormat
 _log = get_logger()
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 _PREFIX = re.compile(r"^(drv\d+)")
-
-Json = dict[str, Any]
 
 
 def _check_tag(tag: str) -> None:
@@ -156,12 +154,12 @@ async def external_snapshot(
     created: list[Path] = []
     added: list[str] = []
 
-    def cache_of(device: str, top: GraphNode) -> Json:
+    def cache_of(device: str, top: GraphNode) -> CacheOptions | None:
         """The old top's cache options: the overlay takes over its I/O (``blockctl cache``
         reopens every node of the drive with the options recorded here)."""
         recorded = node_options(_record_of(vm, device), top.name)
-        cache = None if recorded is None else recorded.get("cache")
-        return {} if cache is None else {"cache": dict(cache)}
+        cache: CacheOptions | None = None if recorded is None else recorded.get("cache")
+        return cache
 
     try:
         for device, top, overlay, name in plans:
@@ -175,24 +173,12 @@ async def external_snapshot(
                 unsafe=True,
             )
             created.append(overlay)
-            file_node: Json = {
-                "driver": "file",
-                "node-name": f"{name}-file",
-                "filename": str(overlay),
-                **cache_of(device, top),
-            }
+            file_node, format_node = overlay_options(
+                name, str(overlay), backing=None, cache=cache_of(device, top)
+            )
             await wire.blockdev_add(vm.session, file_node)
             added.append(f"{name}-file")
-            await wire.blockdev_add(
-                vm.session,
-                {
-                    "driver": "qcow2",
-                    "node-name": name,
-                    "file": f"{name}-file",
-                    "backing": None,
-                    **cache_of(device, top),
-                },
-            )
+            await wire.blockdev_add(vm.session, format_node)
             added.append(name)
         op.step(_journal.Step.SWITCHING)
         async with quiesced(
@@ -226,21 +212,12 @@ async def external_snapshot(
     for device, top, overlay, name in plans:
         record = _record_of(vm, device)
         if record is not None:
-            file_opts = {
-                "driver": "file",
-                "node-name": f"{name}-file",
-                "filename": str(overlay),
-                **cache_of(device, top),
-            }
             # Recorded as QEMU now has it: the overlay's backing is the old top.
-            fmt_opts = {
-                "driver": "qcow2",
-                "node-name": name,
-                "file": f"{name}-file",
-                "backing": top.name,
-                **cache_of(device, top),
-            }
-            vm.registry.put(replace(record, nodes=(*record.nodes, file_opts, fmt_opts)))
+            nodes = overlay_options(
+                name, str(overlay), backing=top.name, cache=cache_of(device, top)
+            )
+            added_json = tuple(node_json(n) for n in nodes)
+            vm.registry.put(replace(record, nodes=(*record.nodes, *added_json)))
     op.finished()
     _log.info("blockctl.snapshot.external", vm=vm.name, tag=tag, devices=[p[0] for p in plans])
     return ExternalSnapshot(
@@ -287,13 +264,13 @@ async def delete_external(
     vm: VM,
     tag: str,
     *,
-    timeout: float = 600.0,
-    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
     devices: Sequence[str] | None = None,
+    control: JobControl = DEFAULT_CONTROL,
 ) -> list[ChainResult]:
     """Delete external snapshot ``tag``: merge each overlay it created down into the image
     below (commit; active or intermediate), then delete the overlay files. ``devices``: only
-    on these disks (default: every disk that has it)."""
+    on these disks (default: every disk that has it). ``control`` applies to each commit (its
+    deadline, default 600 s, to each one)."""
     _check_tag(tag)
     graph = await read_graph(vm)
     for device in devices or ():
@@ -312,9 +289,7 @@ async def delete_external(
     results = []
     for device, overlay in found:
         results.append(
-            await commit(
-                vm, device, top=overlay.name, deadline=timeout, delete_files=True, hooks=hooks
-            )
+            await commit(vm, device, top=overlay.name, delete_files=True, control=control)
         )
     return results
 
@@ -463,13 +438,9 @@ async def commit(
     *,
     top: str | None = None,
     base: str | None = None,
-    speed: int | None = None,
-    deadline: float = 600.0,
     allow_shared_base: bool = False,
     delete_files: bool = False,
-    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
-    on_error: ErrorPolicy | str = ErrorPolicy.REPORT,
-    pause_timeout: float = 60.0,
+    control: JobControl = DEFAULT_CONTROL,
 ) -> ChainResult:
     """Commit ``top`` (default: the active layer) down into ``base`` (default: the layer
     right below ``top``). Nodes and files may be given by node name or filename.
@@ -478,15 +449,16 @@ async def commit(
     READY phase. Afterwards the layers between ``top`` and ``base`` are deleted from QEMU (and,
     with ``delete_files``, from disk).
 
-    ``on_error``: the job's error policy (see :class:`~blockctl.types.ErrorPolicy`); a job
-    paused on an error waits ``pause_timeout`` s to be resumed, then is cancelled.
+    ``control``: speed, deadline (default 600 s), error policy, pause timeout and hooks (see
+    :class:`~blockctl._jobs.JobControl`).
 
     :raise UnsafeOperation: something else in the VM uses ``base`` (see ``allow_shared_base``).
     :raise JobNeverReady: an active commit could not catch up with the guest's writes under
-    ``speed`` within ``deadline``; raise the speed limit (``set_speed``) or drop it.
+    ``control.speed`` within the deadline; raise the speed limit (``set_speed``) or drop it.
     """
     await vm.require("block-commit", "blockdev-reopen", "job-dismiss")
-    policy = error_policy(on_error)
+    policy = error_policy(control.on_error)
+    speed, hooks = control.speed, control.hooks
     await recovery.settle(vm)
     # First: what runs on the disk may also hide its chain (a backup's filter above it).
     await conflicts.refuse_conflicts(vm, "commit", [device])
@@ -563,9 +535,9 @@ async def commit(
             result = await job.wait(
                 # An intermediate commit has no READY phase (issue 16, defect 4).
                 complete_on_ready=active,
-                deadline=deadline,
+                deadline=control.deadline_or(600.0),
                 hooks=(*hooks, op),
-                pause_timeout=pause_timeout,
+                pause_timeout=control.pause_timeout,
                 retries=policy.retries,
             )
     except BaseException as exc:
@@ -604,18 +576,15 @@ async def stream(
     device: str,
     *,
     base: str | None = None,
-    speed: int | None = None,
-    deadline: float = 600.0,
     delete_files: bool = False,
-    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
-    on_error: ErrorPolicy | str = ErrorPolicy.REPORT,
-    pause_timeout: float = 60.0,
+    control: JobControl = DEFAULT_CONTROL,
 ) -> ChainResult:
     """Copy the data of the layers above ``base`` (default: all of them) into the active layer,
     which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted.
-    ``on_error``/``pause_timeout`` as for :func:`commit`."""
+    ``control`` as for :func:`commit` (default deadline 600 s)."""
     await vm.require("block-stream", "job-dismiss")
-    policy = error_policy(on_error)
+    policy = error_policy(control.on_error)
+    speed, hooks = control.speed, control.hooks
     await recovery.settle(vm)
     # First: what runs on the disk may also hide its chain (a backup's filter above it).
     await conflicts.refuse_conflicts(vm, "stream", [device])
@@ -660,9 +629,9 @@ async def stream(
     ):
         result = await job.wait(
             complete_on_ready=False,
-            deadline=deadline,
+            deadline=control.deadline_or(600.0),
             hooks=(*hooks, op),
-            pause_timeout=pause_timeout,
+            pause_timeout=control.pause_timeout,
             retries=policy.retries,
         )
     done = await _finish(vm, device, graph, list(chain[1:base_i]), delete_files, result)
@@ -845,12 +814,17 @@ async def _internal(
     vm: VM,
     kind: str,
     tag: str,
-    deadline: float,
-    hooks: Sequence[JobHook],
+    control: JobControl,
     devices: Sequence[str] | None = None,
     vmstate: str | None = None,
 ) -> JobResult:
     _check_tag(tag)
+    # QEMU's snapshot jobs take neither a speed nor an error policy.
+    if control.speed is not None:
+        raise ConfigError("speed", f"{kind} has no speed limit")
+    if control.on_error is not ErrorPolicy.REPORT:
+        raise ConfigError("on_error", f"{kind} has no error policy: it fails on an I/O error")
+    hooks = control.hooks
     await vm.require(kind)
     chosen, nodes, vmstate_node = _internal_targets(await read_graph(vm), devices, vmstate)
     was_running = False
@@ -875,7 +849,9 @@ async def _internal(
     short = kind.removeprefix("snapshot-")  # job ids: bc-save-…, bc-load-…, bc-delete-…
     try:
         async with start_job(vm.session, short, start, job_type=kind, hooks=hooks) as job:
-            return await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+            return await job.wait(
+                complete_on_ready=False, deadline=control.deadline_or(300.0), hooks=hooks
+            )
     except JobFailed as exc:
         if kind != "snapshot-load":
             raise
@@ -886,12 +862,11 @@ async def save_internal(
     vm: VM,
     tag: str,
     *,
-    deadline: float = 300.0,
-    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
     quiesce: Quiesce | bool | str = Quiesce.OFF,
     freeze_deadline: float = 60.0,
     devices: Sequence[str] | None = None,
     vmstate: str | None = None,
+    control: JobControl = DEFAULT_CONTROL,
 ) -> JobResult:
     """``snapshot-save``: VM state and every writable disk (or the ``devices`` named: others
     are left out of the snapshot), inside the qcow2 images; the VM state goes into
@@ -900,22 +875,25 @@ async def save_internal(
     ``quiesce``: the guest's filesystems are frozen for the whole job (QEMU stops the VM for
     it anyway). The saved memory holds the frozen state: a guest loaded from this snapshot
     resumes frozen, so thaw it afterwards (``blockctl agent VM thaw``).
+
+    ``control``: the deadline (default 300 s) and hooks; a snapshot job has no speed limit or
+    error policy (:class:`~blockctl.errors.ConfigError` if one is given). The same for
+    :func:`load_internal` and :func:`delete_internal`.
     """
     require_agent(vm, quiesce)
     async with quiesced(
         vm, quiesce, operation="internal snapshot", freeze_deadline=freeze_deadline
     ):
-        return await _internal(vm, "snapshot-save", tag, deadline, hooks, devices, vmstate)
+        return await _internal(vm, "snapshot-save", tag, control, devices, vmstate)
 
 
 async def load_internal(
     vm: VM,
     tag: str,
     *,
-    deadline: float = 300.0,
-    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
     devices: Sequence[str] | None = None,
     vmstate: str | None = None,
+    control: JobControl = DEFAULT_CONTROL,
 ) -> JobResult:
     """``snapshot-load``: the guest continues from the saved state.
 
@@ -925,18 +903,17 @@ async def load_internal(
     :raise SnapshotLoadFailed: QEMU failed midway; it says the VM's run state, which disks
         were reverted and whether the guest was resumed.
     """
-    return await _internal(vm, "snapshot-load", tag, deadline, hooks, devices, vmstate)
+    return await _internal(vm, "snapshot-load", tag, control, devices, vmstate)
 
 
 async def delete_internal(
     vm: VM,
     tag: str,
     *,
-    deadline: float = 300.0,
-    hooks: Sequence[JobHook] = DEFAULT_HOOKS,
     devices: Sequence[str] | None = None,
+    control: JobControl = DEFAULT_CONTROL,
 ) -> JobResult:
-    return await _internal(vm, "snapshot-delete", tag, deadline, hooks, devices)
+    return await _internal(vm, "snapshot-delete", tag, control, devices)
 
 
 async def list_internal(vm: VM) -> dict[str, tuple[str, ...]]:

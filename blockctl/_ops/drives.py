@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -36,7 +36,7 @@ from blockctl._machine import VM, check_nbd, inspect_drive
 from blockctl._ops import conflicts
 from blockctl._ops.nodes import delete_nodes
 from blockctl._qmp import wire
-from blockctl._qmp.models import BlockDevice, BlockNode, CacheFlags, IoLimits
+from blockctl._qmp.models import BlockDevice, BlockdevOptions, BlockNode, CacheFlags, IoLimits
 from blockctl._registry import DriveRecord
 from blockctl.errors import (
     BlockctlError,
@@ -406,7 +406,9 @@ async def hotplug(
         with anyio.CancelScope(shield=True):
             await _rollback(vm, added_nodes, added_devices)
         raise
-    vm.registry.put(DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.nodes))
+    vm.registry.put(
+        DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.record_nodes())
+    )
     _log.info("blockctl.drive.plugged", vm=vm.name, device=plan.device_id, node=plan.top_node)
     return await drive_info(vm, plan.device_id)
 
@@ -421,8 +423,11 @@ def _over_backing(
             "drive.file", "a run-time backing node needs a qcow2 image with no backing file"
         )
     top = str(backing[-1]["node-name"])
-    nodes = [{**n, "backing": top} if n is image else n for n in plan.nodes]
-    return replace(plan, nodes=(*(dict(n) for n in backing), *nodes))
+    # The backing nodes are the caller's (an NBD client with options blockctl's builders do
+    # not make): sent as given.
+    below = [cast(BlockdevOptions, dict(n)) for n in backing]
+    nodes = [cast(BlockdevOptions, {**n, "backing": top}) if n is image else n for n in plan.nodes]
+    return replace(plan, nodes=(*below, *nodes))
 
 
 def _same_file(a: str, b: Path) -> bool:
@@ -591,7 +596,7 @@ async def insert(
         with anyio.CancelScope(shield=True):
             await _rollback(vm, added, [])
         raise
-    vm.registry.put(replace(record, nodes=plan.nodes))
+    vm.registry.put(replace(record, nodes=plan.record_nodes()))
     await wire.blockdev_close_tray(vm.session, device_id)
     return await drive_info(vm, device_id)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, NotRequired, TypedDict, TypeVar
 
 from blockctl.errors import ProtocolMismatch
 
@@ -453,3 +453,105 @@ class NodeDetail:
                 for s in _list(img.get("snapshots", []), command, "snapshots")
             ),
         )
+
+
+# Section: node options (what blockctl sends to blockdev-add and blockdev-create)
+#
+# QEMU's option names have hyphens, so these TypedDicts use the functional syntax. They type
+# what blockctl builds (mypy checks the keys and their values); the JSON QEMU gets is the
+# same dict. Options replayed from a drive's record stay plain JSON: they were built here.
+
+#: ``cache`` of a node: ``direct`` (O_DIRECT) and ``no-flush`` (flushes are not passed down).
+CacheOptions = TypedDict("CacheOptions", {"direct": bool, "no-flush": bool}, total=False)
+
+
+class UnixAddress(TypedDict):
+    """A UNIX socket address (QAPI ``SocketAddress``, ``type: unix``)."""
+
+    type: Literal["unix"]
+    path: str
+
+
+#: A protocol node over a file or a host block device (``file``, ``host_device``).
+FileOptions = TypedDict(
+    "FileOptions",
+    {
+        "driver": Literal["file", "host_device"],
+        "node-name": str,
+        "filename": str,
+        "cache": NotRequired[CacheOptions],
+        "discard": NotRequired[str],
+        "read-only": NotRequired[bool],
+        "auto-read-only": NotRequired[bool],
+        "aio": NotRequired[str],
+    },
+)
+
+#: A format node (``qcow2``, ``raw``, ... an :class:`~blockctl.types.ImageFormat` value) over
+#: the protocol node ``file``. ``backing``: the node below, or None for none (sent as null:
+#: QEMU must not open what the image's header names); absent for formats without backing.
+FormatOptions = TypedDict(
+    "FormatOptions",
+    {
+        "driver": str,
+        "node-name": str,
+        "file": str,
+        "backing": NotRequired[str | None],
+        "cache": NotRequired[CacheOptions],
+        "discard": NotRequired[str],
+        "read-only": NotRequired[bool],
+        "detect-zeroes": NotRequired[str],
+    },
+)
+
+#: A protocol node reading an NBD export.
+NbdOptions = TypedDict(
+    "NbdOptions",
+    {
+        "driver": Literal["nbd"],
+        "node-name": str,
+        "server": UnixAddress,
+        "export": str,
+        "cache": NotRequired[CacheOptions],
+        "read-only": NotRequired[bool],
+    },
+)
+
+#: A ``copy-on-read`` filter over ``file``.
+CopyOnReadOptions = TypedDict(
+    "CopyOnReadOptions",
+    {"driver": Literal["copy-on-read"], "node-name": str, "file": str},
+)
+
+#: What ``blockdev-add`` takes from blockctl's builders.
+BlockdevOptions = FileOptions | FormatOptions | NbdOptions | CopyOnReadOptions
+
+
+#: ``blockdev-create`` of a qcow2 image inside the existing protocol node ``file``.
+class Qcow2CreateOptions(TypedDict):
+    driver: Literal["qcow2"]
+    file: str
+    size: int
+
+
+def node_json(options: BlockdevOptions) -> dict[str, Any]:
+    """``options`` as the plain JSON object a drive's record keeps (a copy)."""
+    return dict(options)
+
+
+def overlay_options(
+    name: str, filename: str, *, backing: str | None, cache: CacheOptions | None = None
+) -> tuple[FileOptions, FormatOptions]:
+    """A qcow2 overlay in ``filename``: its file node ``{name}-file`` and the format node
+    ``name`` over it, backed by the node ``backing`` (None: sent as null, nothing opened)."""
+    file: FileOptions = {"driver": "file", "node-name": f"{name}-file", "filename": filename}
+    fmt: FormatOptions = {
+        "driver": "qcow2",
+        "node-name": name,
+        "file": f"{name}-file",
+        "backing": backing,
+    }
+    if cache is not None:
+        file["cache"] = cache.copy()
+        fmt["cache"] = cache.copy()
+    return file, fmt

@@ -11,7 +11,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from blockctl._qmp import models as _models
-from blockctl._qmp.models import BlockDevice, BlockNode, Capabilities, StatusInfo, VersionInfo
+from blockctl._qmp.models import (
+    BlockDevice,
+    BlockNode,
+    Capabilities,
+    Qcow2CreateOptions,
+    StatusInfo,
+    VersionInfo,
+)
 from blockctl._qmp.models import parse_list as _parse_list
 from blockctl._qmp.session import Event, EventStream, QMPSession
 from blockctl.errors import ConfigError, ProtocolMismatch
@@ -595,7 +602,7 @@ async def block_stream(
     await session.execute("block-stream", _job_options(job_id, speed, auto_finalize, extra))
 
 
-async def blockdev_create(session: QMPSession, *, job_id: str, options: Mapping[str, Any]) -> None:
+async def blockdev_create(session: QMPSession, *, job_id: str, options: Qcow2CreateOptions) -> None:
     """Start a ``blockdev-create`` job: format the existing node ``options['file']`` (QEMU's
     own image code, no ``qemu-img`` process). Such jobs are never auto-dismissed."""
     await session.execute("blockdev-create", {"job-id": job_id, "options": dict(options)})

@@ -27,6 +27,8 @@ from blockctl import _agent, _journal, backup
 from blockctl._jobs import JobProgress, JobTransition
 from blockctl._machine import attach
 from blockctl._ops import chains
+from blockctl.backup import BackupOptions
+from blockctl.jobs import JobControl
 
 
 def die_at(kind: str, step: str) -> None:
@@ -75,14 +77,14 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
                 vm,
                 repo,
                 kind=kwargs.pop("kind", "incremental"),
-                scratch_dir=None if scratch is None else Path(scratch),
-                hooks=(DieReading(),) if step == "copy" else (),
-                failpoint=backup_failpoint(step),
+                _failpoint=backup_failpoint(step),
+                options=BackupOptions(scratch_dir=None if scratch is None else Path(scratch)),
+                control=JobControl(hooks=(DieReading(),) if step == "copy" else ()),
             )
         elif kind == "commit":
-            await chains.commit(vm, **kwargs)
+            await chains.commit(vm, control=JobControl(speed=kwargs.pop("speed", None)), **kwargs)
         elif kind == "stream":
-            await chains.stream(vm, **kwargs)
+            await chains.stream(vm, control=JobControl(speed=kwargs.pop("speed", None)), **kwargs)
         else:
             kwargs["devices"] = [kwargs.pop("device")]
             await chains.external_snapshot(vm, **kwargs)

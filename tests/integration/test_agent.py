@@ -305,7 +305,9 @@ async def test_hung_agent_is_a_clear_error_and_stale_replies_are_ignored(rig: Ri
 
 async def test_quiesced_backup_and_internal_snapshot(rig: Rig) -> None:
     repo = backup.init_repository(rig.images / "repo")
-    manifest = await backup.create(rig.vm, repo, kind="full", quiesce=True)
+    manifest = await backup.create(
+        rig.vm, repo, kind="full", options=backup.BackupOptions(quiesce=Quiesce.REQUIRED)
+    )
     await rig.assert_thawed("b1")
     # The manifest says what the point is (the freeze covered every mounted filesystem).
     assert manifest.consistency == "filesystem" and manifest.frozen_filesystems >= 1

@@ -18,6 +18,7 @@ from blockctl._backup.store import Repository
 from blockctl._jobs import JobProgress, JobStatus, JobTransition
 from blockctl._qmp import wire
 from blockctl.errors import ConfigError, RepositoryError
+from blockctl.jobs import JobControl
 from blockctl.types import DeprecatedInput, Drive, ImageFormat, MachineConfig
 from tests.integration.conftest import MIB, qcow2_image, qemu_binary, run, sha256
 
@@ -197,7 +198,7 @@ async def test_one_transaction_fixes_the_point_of_every_disk(
         }
         assert (await backup.verify(repo, "one", point.id)).ok  # every chunk durable
         with pytest.raises(OSError, match="injected"):
-            await ops.backup(vm, repo, kind="full", fail_after_chunks=1)
+            await ops.backup(vm, repo, kind="full", _fail_after_chunks=1)
         assert {n.node_name for n in await vm.block_nodes()} == nodes
         assert await wire.query_jobs(vm.session) == ()
         assert await wire.query_block_exports(vm.session) == ()
@@ -227,7 +228,9 @@ async def test_backup_while_the_guest_writes(
         manifests: list[backup.Manifest] = []
 
         async def take() -> None:
-            manifests.append(await backup.create(vm, repo, hooks=(StartSignal(after_point),)))
+            manifests.append(
+                await backup.create(vm, repo, control=JobControl(hooks=(StartSignal(after_point),)))
+            )
 
         async def guest_writes() -> None:
             await after_point.wait()

@@ -17,7 +17,7 @@ fsync), a backup fails at step S, and then:
 The steps: every name in ``operations.STEPS`` ("after-manifest": the point *is* recorded and
 restores exactly; the previous checkpoint may linger until the failure path, a recovery or the
 next backup settles it), a failure during the copy
-(``fail_after_chunks=1``), real ENOSPC at the chunk writes (a small tmpfs that fills, then
+(``_fail_after_chunks=1``), real ENOSPC at the chunk writes (a small tmpfs that fills, then
 grows), at the index write and at the manifest write (the tmpfs filled at the step before),
 the controller killed -9 at every step and mid-copy (a child process, then
 ``backup.recover``; the guest writes between the kill and the recovery, into the attempt's
@@ -55,7 +55,9 @@ from blockctl._jobs import JobIOError, JobProgress, JobTransition
 from blockctl._machine import VM, attach, launch_detached, shutdown_detached
 from blockctl._qmp import wire
 from blockctl._qmp.models import DirtyBitmap
+from blockctl.backup import BackupOptions
 from blockctl.errors import ConnectionLost, RepositoryError
+from blockctl.jobs import JobControl
 from tests.conftest import missing
 from tests.figures import Tally, report, require_any
 from tests.integration.conftest import MIB, qcow2_image, qemu_binary, run
@@ -203,14 +205,14 @@ async def reference(vm: VM, disk: Path, out: Path) -> Path:
 
 
 async def paused_backup(
-    vm: VM, repo: Repository, disk: Path, out: Path, **kwargs: Any
+    vm: VM, repo: Repository, disk: Path, out: Path, *, scratch_dir: Path
 ) -> tuple[Path, Manifest]:
     """A reference, then a backup, with the VM paused (the point and the reference are the
     same instant)."""
     await wire.stop(vm.session)
     try:
         ref = await reference(vm, disk, out)
-        manifest = await ops.backup(vm, repo, **kwargs)
+        manifest = await ops.backup(vm, repo, options=BackupOptions(scratch_dir=scratch_dir))
     finally:
         await wire.cont(vm.session)
     return ref, manifest
@@ -256,10 +258,11 @@ async def test_failure_at_every_step_records_nothing_and_loses_no_write(
     scratch.mkdir()
     disk = await qcow2_image(images / "d0.qcow2", b"", DISK_MIB * MIB)
     cases: list[tuple[str, dict[str, Any], type[Exception]]] = [
-        (step, {"failpoint": fail_at(step)}, Injected) for step in ops.STEPS
+        (step, {"_failpoint": fail_at(step)}, Injected) for step in ops.STEPS
     ]
     # One connection: the copy stops right after its first chunk, one of W1's three.
-    cases.insert(2, ("copy", {"fail_after_chunks": 1, "connections": 1}, OSError))
+    one = BackupOptions(scratch_dir=scratch, connections=1)
+    cases.insert(2, ("copy", {"_fail_after_chunks": 1, "options": one}, OSError))
     async with open_vm(config(guest, "faults", disk)) as vm:
         assert vm.console is not None
         await vm.console.wait_ready()
@@ -279,7 +282,12 @@ async def test_failure_at_every_step_records_nothing_and_loses_no_write(
                 try:
                     ref = await reference(vm, disk, tmp_path)
                     with pytest.raises(error) as raised:
-                        await ops.backup(vm, repo, scratch_dir=scratch, hooks=[progress], **fault)
+                        await ops.backup(
+                            vm,
+                            repo,
+                            **{"options": BackupOptions(scratch_dir=scratch), **fault},
+                            control=JobControl(hooks=[progress]),
+                        )
                 finally:
                     await wire.cont(vm.session)
                 if isinstance(raised.value, OSError):
@@ -400,8 +408,8 @@ async def test_enospc_at_chunk_index_and_manifest_writes(
 
         cases: list[tuple[str, dict[str, Any], str]] = [
             ("chunk", {}, "writing chunk"),
-            ("index", {"failpoint": fill_at("after-chunks")}, "writing the index of disk0"),
-            ("manifest", {"failpoint": fill_at("after-index")}, "writing the manifest"),
+            ("index", {"_failpoint": fill_at("after-chunks")}, "writing the index of disk0"),
+            ("manifest", {"_failpoint": fill_at("after-index")}, "writing the manifest"),
         ]
         for n, (where, fault, message) in enumerate(cases):
             what = f"ENOSPC at the {where} write"
@@ -412,7 +420,13 @@ async def test_enospc_at_chunk_index_and_manifest_writes(
                 points = [m.id for m in repo.manifests("full")]
                 progress = Progress()
                 with pytest.raises(RepositoryError, match="ENOSPC") as raised:
-                    await ops.backup(vm, repo, scratch_dir=scratch, hooks=[progress], **fault)
+                    await ops.backup(
+                        vm,
+                        repo,
+                        **fault,
+                        options=BackupOptions(scratch_dir=scratch),
+                        control=JobControl(hooks=[progress]),
+                    )
                 assert type(raised.value) is RepositoryError, raised.value  # not a subclass
                 assert message in str(raised.value), (what, str(raised.value))
                 ok.add("error")
@@ -638,7 +652,9 @@ async def test_qemu_killed_after_the_transaction_next_backup_is_full_and_exact(
         # QEMU's bitmaps die with it: no checkpoint to keep; the next backup is full.
         with FAULTS.case("qemu-kill@after-transaction", required=EVERY - {"checkpoint"}) as ok:
             with pytest.raises(ConnectionLost):
-                await ops.backup(vm, repo, scratch_dir=scratch, failpoint=kill_qemu)
+                await ops.backup(
+                    vm, repo, _failpoint=kill_qemu, options=BackupOptions(scratch_dir=scratch)
+                )
             ok.add("error")
             await after_qemu_kill(guest, repo, disk, tmp_path, scratch, good.id, ok)
 

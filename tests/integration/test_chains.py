@@ -31,7 +31,8 @@ from blockctl.errors import (
     OperationTimeout,
     UnsafeOperation,
 )
-from blockctl.types import Drive, ImageFormat
+from blockctl.jobs import JobControl
+from blockctl.types import Drive, ErrorPolicy, ImageFormat
 from tests.conftest import missing
 from tests.integration.conftest import (
     MIB,
@@ -186,9 +187,9 @@ async def test_cancelled_commit_and_stream_leave_a_consistent_chain(
         # 64 KiB/s cannot copy 4 MiB within the deadline: an active commit never gets READY;
         # the job is cancelled and dismissed, and the error says why.
         with pytest.raises(JobNeverReady, match="speed"):
-            await chains.commit(vm, "disk0", speed=64 * 1024, deadline=1.5)
+            await chains.commit(vm, "disk0", control=JobControl(speed=64 * 1024, deadline=1.5))
         with pytest.raises(OperationTimeout):
-            await chains.stream(vm, "disk0", speed=64 * 1024, deadline=1.5)
+            await chains.stream(vm, "disk0", control=JobControl(speed=64 * 1024, deadline=1.5))
         assert await wire.query_jobs(vm.session) == ()
         assert [n.name for n in (await chains.read_graph(vm)).chain_of("disk0")] == chain_before
         assert await guest_sha(vm, "vda") == before
@@ -232,7 +233,11 @@ async def test_commit_into_a_full_base_pauses_then_grown_and_resumed_completes(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(operator)
                 result = await chains.commit(
-                    vm, "disk0", on_error="enospc", pause_timeout=300, hooks=[signal_]
+                    vm,
+                    "disk0",
+                    control=JobControl(
+                        on_error=ErrorPolicy.ENOSPC, pause_timeout=300, hooks=[signal_]
+                    ),
                 )
             assert resumed == ["resume"]
             assert signal_.errors[0].operation == "write"

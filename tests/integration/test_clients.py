@@ -453,7 +453,7 @@ async def main(name, repo_path):
             await anyio.to_thread.run_sync(sys.stdin.readline)
     async with attach(name) as vm:
         manifest = await backup.create(
-            vm, backup.open_repository(repo_path), kind="full", failpoint=hold
+            vm, backup.open_repository(repo_path), kind="full", _failpoint=hold
         )
     print(manifest.id, flush=True)
 
@@ -595,7 +595,9 @@ async def test_eight_clients_query_during_a_commit_and_a_backup(
                 await release.wait()
 
         async def run_backup() -> None:
-            manifest = await backup.create(vm, repo, kind="full", devices=["disk1"], failpoint=hold)
+            manifest = await backup.create(
+                vm, repo, kind="full", devices=["disk1"], _failpoint=hold
+            )
             points.append(manifest.id)
 
         seen: list[str] = []  # the commit job's statuses, as this process's monitor saw them

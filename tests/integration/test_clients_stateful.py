@@ -52,6 +52,7 @@ from blockctl._jobs import JobProgress, JobStatus, JobTransition, adopt_jobs
 from blockctl._ops import chains, drives
 from blockctl._qmp import wire
 from blockctl.errors import Conflict, JobCancelledByOther
+from blockctl.jobs import JobControl
 from blockctl.types import Drive, ImageFormat
 from tests.figures import report
 from tests.integration.conftest import MIB, pattern, qcow2_image, run, truth_check
@@ -308,7 +309,7 @@ class TwoClients(RuleBasedStateMachine):
                 job = box[0]
                 try:
                     job.outcome = await chains.commit(
-                        vm, device, top=top, speed=SLOW, hooks=(running,)
+                        vm, device, top=top, control=JobControl(speed=SLOW, hooks=(running,))
                     )
                 except Exception as exc:  # the model decides whether it was expected
                     job.outcome = exc

@@ -36,6 +36,7 @@ from blockctl._machine import attach, launch_detached, shutdown_detached
 from blockctl._ops import chains, recovery
 from blockctl._qmp import wire
 from blockctl.errors import ConnectionLost, VMExists
+from blockctl.jobs import JobControl
 from blockctl.recovery import recover_vm
 from blockctl.types import Drive, ImageFormat
 from tests.figures import Tally, report, require_any
@@ -322,8 +323,9 @@ async def kill_qemu_during(name: str, kind: str, step: str, operation: Any, **kw
         _journal.FAILPOINT = failpoint
         try:
             # QEMU dies under the operation: the session says so, whatever step it was at.
+            control = JobControl(speed=kwargs.pop("speed", None))
             with pytest.raises(ConnectionLost):
-                await operation(vm, device="disk0", **kwargs)
+                await operation(vm, device="disk0", control=control, **kwargs)
         finally:
             _journal.FAILPOINT = None
 

@@ -58,6 +58,7 @@ from blockctl._ops import chains, drives
 from blockctl._ops.drives import UnplugState
 from blockctl._qmp import wire
 from blockctl.errors import JobFailed, JobStoppedOnError
+from blockctl.jobs import JobControl
 from blockctl.types import Drive, ErrorPolicy, ImageFormat
 from tests.conftest import missing
 from tests.figures import Tally, report, require_any
@@ -335,17 +336,20 @@ async def chain_case(
         event = "read_aio" if side == "source" else "write_aio"
         dbg = await insert_blkdebug(vm, device, names[failing], [rule(event, err, once=transient)])
         if op == "stream":
-            job = chains.stream(vm, device, on_error=policy, pause_timeout=PAUSE_TIMEOUT, hooks=())
+            job = chains.stream(
+                vm,
+                device,
+                control=JobControl(on_error=policy, pause_timeout=PAUSE_TIMEOUT, hooks=()),
+            )
         else:
             job = chains.commit(
                 vm,
                 device,
                 top=None if op == "commit-active" else names[1],
                 base=names[0],
-                on_error=policy,
-                pause_timeout=PAUSE_TIMEOUT,
-                deadline=120,
-                hooks=(),
+                control=JobControl(
+                    on_error=policy, pause_timeout=PAUSE_TIMEOUT, deadline=120, hooks=()
+                ),
             )
         if transient:
             result = await job  # the one failed request was retried
@@ -460,16 +464,18 @@ async def test_real_enospc(rig: Rig, tmp_path: Path, op: str, policy: ErrorPolic
             names, device = built.names, built.device
             job: Coroutine[Any, Any, chains.ChainResult]
             if op == "stream":
-                job = chains.stream(vm, device, on_error=policy, pause_timeout=300, hooks=[signal_])
+                job = chains.stream(
+                    vm,
+                    device,
+                    control=JobControl(on_error=policy, pause_timeout=300, hooks=[signal_]),
+                )
             else:
                 job = chains.commit(
                     vm,
                     device,
                     top=None if op == "commit-active" else names[1],
                     base=names[0],
-                    on_error=policy,
-                    pause_timeout=300,
-                    hooks=[signal_],
+                    control=JobControl(on_error=policy, pause_timeout=300, hooks=[signal_]),
                 )
             if policy is ErrorPolicy.REPORT:
                 with pytest.raises(JobFailed, match="No space left on device") as info:

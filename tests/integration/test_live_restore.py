@@ -18,7 +18,7 @@ from blockctl import GuestImage, LaunchedVM, backup, open_vm
 from blockctl._backup import live
 from blockctl._backup.serve import serve_point
 from blockctl._backup.store import Repository
-from blockctl._jobs import JobProgress, JobStatus, JobTransition
+from blockctl._jobs import JobControl, JobProgress, JobStatus, JobTransition
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, CommandFailed, ProcessFailed
 from blockctl.types import ImageFormat
@@ -172,7 +172,13 @@ async def test_live_restore_while_the_guest_reads_and_writes(
             # change below; so everything the guest does meanwhile is during the stream.
             results.append(
                 await backup.restore_live(
-                    vm, repo, "lr", point.id, "disk0", target, speed=1, hooks=(watch,)
+                    vm,
+                    repo,
+                    "lr",
+                    point.id,
+                    "disk0",
+                    target,
+                    control=JobControl(speed=1, hooks=(watch,)),
                 )
             )
 

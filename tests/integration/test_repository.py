@@ -329,7 +329,7 @@ async def test_another_backup_of_the_vm_meanwhile_is_refused_and_harms_nothing(
 
             ref = await refs.take(vm, {"disk0": d0})
             try:
-                first = await ops.backup(vm, a, failpoint=second_backup)
+                first = await ops.backup(vm, a, _failpoint=second_backup)
             finally:
                 await refs.resume(vm)
             assert len(refused) == 1 and "another backup of meanwhile" in str(refused[0])
@@ -362,7 +362,7 @@ async def test_a_failed_full_backup_keeps_the_checkpoint(
                 raise OSError(5, "injected before the manifest")
 
         with pytest.raises(OSError, match="injected"):
-            await ops.backup(vm, repo, kind="full", failpoint=fail)
+            await ops.backup(vm, repo, kind="full", _failpoint=fail)
         assert [m.id for m in repo.manifests("ff")] == [good.id]
         graph = await read_graph(vm)
         (bitmap,) = graph.format_node("disk0").dirty_bitmaps

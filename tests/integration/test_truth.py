@@ -31,6 +31,7 @@ from blockctl.errors import (
     SnapshotLoadFailed,
     UnsafeOperation,
 )
+from blockctl.jobs import JobControl
 from blockctl.types import CacheMode, Drive, ImageFormat, Interface, Media
 from tests.conftest import missing
 from tests.integration.conftest import (
@@ -156,7 +157,9 @@ async def test_intermediate_commit_past_its_deadline(
         before = await read_only_state(vm)
         assert before["drv0-b3"] and before["drv0-b1"]  # A and C are backing layers
         with pytest.raises(OperationTimeout) as info:
-            await chains.commit(vm, "disk0", top="drv0-b2", speed=64 * 1024, deadline=1.5)
+            await chains.commit(
+                vm, "disk0", top="drv0-b2", control=JobControl(speed=64 * 1024, deadline=1.5)
+            )
         assert not isinstance(info.value, JobNeverReady)  # no READY phase to wait for
         message = str(info.value)
         assert "READY" not in message and "set_speed" not in message
@@ -196,7 +199,9 @@ async def test_active_commit_cancelled_from_elsewhere(
 
         async def commit() -> None:
             try:
-                await chains.commit(vm, "disk0", speed=64 * 1024, hooks=[signal_])
+                await chains.commit(
+                    vm, "disk0", control=JobControl(speed=64 * 1024, hooks=[signal_])
+                )
             except JobCancelled as exc:
                 outcome.append(exc)
 
@@ -222,7 +227,9 @@ async def test_commit_interrupted_by_the_caller(
         async with anyio.create_task_group() as tg:
 
             async def caller() -> None:
-                await chains.commit(vm, "disk0", top="drv0-b2", speed=64 * 1024, hooks=[signal_])
+                await chains.commit(
+                    vm, "disk0", top="drv0-b2", control=JobControl(speed=64 * 1024, hooks=[signal_])
+                )
 
             tg.start_soon(caller)
             await signal_.running.wait()

@@ -36,10 +36,12 @@ async def main() -> None:
         extra = await drives.hotplug(vm, Drive(file=Path("extra.qcow2"), format=ImageFormat.RAW))
         snapshot = await chains.external_snapshot(vm, "before-upgrade")
         print(snapshot.overlays)  # device -> the new overlay the guest writes to
-        await chains.commit(vm, "disk0", speed=50 << 20, hooks=[Progress()])  # merge it back
+        control = jobs.JobControl(speed=50 << 20, hooks=[Progress()])
+        await chains.commit(vm, "disk0", control=control)  # merge it back
         repo = backup.init_repository(Path("backups"))
         with anyio.move_on_after(600):  # cancelled: no point recorded, nothing left behind
-            point = await backup.create(vm, repo, hooks=[Progress()])
+            control = jobs.JobControl(speed=100 << 20, hooks=[Progress()])
+            point = await backup.create(vm, repo, control=control)
             print(point.id, point.kind, point.bytes_read)
         await drives.unplug(vm, extra.device_id)
 

@@ -30,7 +30,7 @@ def test_backing_nodes_come_first_and_the_image_backs_onto_the_last() -> None:
     after = _over_backing(before, "drv3", BACKING)
     assert after.nodes[:2] == BACKING
     image = next(n for n in after.nodes if n["node-name"] == "drv3")
-    assert image["backing"] == "bclr-1"
+    assert dict(image)["backing"] == "bclr-1"
     # Nothing else changes: the other nodes and the device are the plan's.
     assert [n for n in after.nodes[2:] if n["node-name"] != "drv3"] == [
         n for n in before.nodes if n["node-name"] != "drv3"
