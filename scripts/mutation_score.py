@@ -150,7 +150,8 @@ def run_mutmut(selected: dict[str, Module], children: int) -> None:
         shutil.rmtree(WORK)
     mutmut = Path(sys.executable).parent / "mutmut"
     names = [p for m in selected.values() for p in patterns(m)]
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # BLOCKCTL_MUTATION: property tests draw fewer examples (see tests/unit/test_argv.py).
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "BLOCKCTL_MUTATION": "1"}
     proc = subprocess.run(  # noqa: S603 - our own venv's mutmut, fixed arguments
         [str(mutmut), "run", "--max-children", str(children), *names],
         cwd=ROOT,
