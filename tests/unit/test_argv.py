@@ -39,6 +39,7 @@ from blockctl.types import (
     MachineConfig,
     Media,
     NbdSource,
+    drive_slot,
 )
 
 
@@ -776,3 +777,15 @@ def test_explicit_slots_are_kept_and_skipped() -> None:
         (1, 0),
         (1, 1),
     ]
+
+
+def test_a_versioned_q35_type_has_q35s_ide_slots() -> None:
+    """'pc-q35-7.2' is a q35 machine: six IDE buses of one unit each, for an explicit index and
+    for an explicit bus (it was given pc's two buses of two units)."""
+    cdrom = Drive(file=None, media=Media.CDROM, interface=Interface.IDE, index=3)
+    assert drive_slot(cdrom, "pc-q35-7.2") == (3, 0)
+    assert drive_slot(cdrom, "pc") == (1, 1)
+    on_bus5 = Drive(file=None, media=Media.CDROM, interface=Interface.IDE, bus=5, unit=0)
+    assert MachineConfig(machine="pc-q35-7.2", drives=(on_bus5,)).drives == (on_bus5,)
+    with pytest.raises(ConfigError, match="bus 5 unit 0 does not exist"):
+        MachineConfig(machine="pc", drives=(on_bus5,))
