@@ -789,3 +789,21 @@ def test_a_versioned_q35_type_has_q35s_ide_slots() -> None:
     assert MachineConfig(machine="pc-q35-7.2", drives=(on_bus5,)).drives == (on_bus5,)
     with pytest.raises(ConfigError, match="bus 5 unit 0 does not exist"):
         MachineConfig(machine="pc", drives=(on_bus5,))
+
+
+def test_an_nbd_drive_detects_zeroes_on_its_format_node() -> None:
+    drive = Drive(
+        nbd=NbdSource(socket=Path("/run/nbd.sock")),
+        format=ImageFormat.RAW,
+        detect_zeroes=DetectZeroes.ON,
+    )
+    plan = plan_drive(0, drive, None, "pc", None)
+    assert plan.nodes[1] == {
+        "driver": "raw",
+        "node-name": "drv0",
+        "file": "drv0-file",
+        "cache": {"direct": False, "no-flush": False},
+        "discard": "ignore",
+        "read-only": False,
+        "detect-zeroes": "on",
+    }
