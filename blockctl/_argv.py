@@ -35,6 +35,7 @@ from blockctl.types import (
     MachineConfig,
     Media,
     drive_slot,
+    is_pcie_machine,
 )
 
 Json = dict[str, Any]
@@ -263,10 +264,10 @@ def _device(
     elif drive.interface is Interface.IDE:
         bus, unit = slot or (0, 0)
         device.update(driver="ide-cd" if cdrom else "ide-hd", bus=f"ide.{bus}")
-        if not machine.startswith("q35"):
+        if not is_pcie_machine(machine):
             device["unit"] = unit
     else:
-        if machine.startswith("q35"):
+        if is_pcie_machine(machine):
             raise ConfigError(
                 "drive.interface",
                 "floppy drives need machine type 'pc' (q35 has no floppy controller)",
@@ -289,7 +290,7 @@ def assign_slots(drives: Sequence[Drive], machine: str) -> list[tuple[int, int] 
     slots: list[tuple[int, int] | None] = [drive_slot(d, machine) for d in drives]
     taken = {(d.interface, s) for d, s in zip(drives, slots, strict=True) if s is not None}
     limits = {
-        Interface.IDE: (6, 1) if machine.startswith("q35") else (2, 2),
+        Interface.IDE: (6, 1) if is_pcie_machine(machine) else (2, 2),
         Interface.SCSI: (1, 256),
         Interface.FLOPPY: (1, 2),
     }

@@ -582,7 +582,7 @@ def _check_placement(drives: Sequence[Drive], machine: str) -> None:
             continue
         bus, unit = slot
         if drive.interface is Interface.IDE:
-            buses, units = (6, 1) if machine.startswith("q35") else (2, 2)
+            buses, units = (6, 1) if is_pcie_machine(machine) else (2, 2)
             if bus >= buses or unit >= units:
                 raise ConfigError(
                     f"drive[{i}].unit",
@@ -606,7 +606,7 @@ def drive_slot(drive: Drive, machine: str) -> tuple[int, int] | None:
     if drive.interface is Interface.VIRTIO:
         return None
     per_bus = {
-        Interface.IDE: 1 if machine.startswith("q35") else 2,
+        Interface.IDE: 1 if is_pcie_machine(machine) else 2,
         Interface.SCSI: 7,
         Interface.FLOPPY: 2,
     }[drive.interface]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -10,21 +11,35 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockctl._argv import DriveSource, build_argv, plan_drives, qemu_opt_escape
+from blockctl._argv import (
+    ConsoleFd,
+    ConsoleSocket,
+    DriveSource,
+    assign_slots,
+    build_argv,
+    plan_drive,
+    plan_drives,
+    qemu_opt_escape,
+)
 from blockctl._images import ImageLayer
 from blockctl.errors import ConfigError
 from blockctl.types import (
     DEFAULT_HOTPLUG_SLOTS,
     MAX_HOTPLUG_SLOTS,
     Accel,
+    Aio,
     BootConfig,
     CacheMode,
     DeprecatedInput,
+    DetectZeroes,
+    Discard,
     Drive,
     ImageFormat,
     Interface,
     MachineConfig,
     Media,
+    NbdSource,
+    drive_slot,
 )
 
 
@@ -228,7 +243,12 @@ paths = st.text(
 ).map(lambda s: "/" + s)
 
 
-@settings(max_examples=300, deadline=None)
+#: Under scripts/mutation-score (which sets BLOCKCTL_MUTATION) the first 30 examples of the
+#: same fixed sequence: every mutant runs this test, and 300 examples cost seconds each.
+STRING_EXAMPLES = 30 if os.environ.get("BLOCKCTL_MUTATION") else 300
+
+
+@settings(max_examples=STRING_EXAMPLES, deadline=None)
 @given(
     path=paths,
     serial=st.text(
@@ -267,3 +287,523 @@ def test_user_strings_never_become_options() -> None:
     assert tried > 0
     assert used + EXAMPLES["refused"] == tried
     assert used >= 0.5 * tried, EXAMPLES
+
+
+# Section: exact command lines (found by mutation testing: every option and JSON key is what
+# QEMU reads, so the whole argv is compared, not a few fields)
+
+
+def test_every_option_of_a_full_machine_exactly() -> None:
+    """q35 under KVM with every machine option, a second monitor and a pool, a console fd,
+    the guest agent; drives: a qcow2 over a vmdk backing (native aio, unmap, detect-zeroes,
+    O_DIRECT, serial, bootindex), a read-only host block device on SCSI, an empty SCSI
+    cdrom, a qcow2 over NBD with copy-on-read, a qed with a snapshot overlay."""
+    drives = (
+        Drive(
+            file=Path("/img/top.qcow2"),
+            format=ImageFormat.QCOW2,
+            aio=Aio.NATIVE,
+            discard=Discard.UNMAP,
+            detect_zeroes=DetectZeroes.UNMAP,
+            serial="S1",
+            bootindex=1,
+            cache=CacheMode("none"),
+        ),
+        Drive(
+            file=Path("/dev/sdz"), format=ImageFormat.RAW, read_only=True, interface=Interface.SCSI
+        ),
+        Drive(file=None, media=Media.CDROM, interface=Interface.SCSI),
+        Drive(
+            nbd=NbdSource(socket=Path("/run/nbd.sock"), export="exp"),
+            format=ImageFormat.QCOW2,
+            copy_on_read=True,
+        ),
+        Drive(
+            file=Path("/img/s.qed"),
+            format=ImageFormat.QED,
+            snapshot=True,
+            detect_zeroes=DetectZeroes.ON,
+        ),
+    )
+    config = MachineConfig(
+        machine="q35",
+        memory_mib=512,
+        cpus=2,
+        no_shutdown=True,
+        firmware=Path("/fw/bios.bin"),
+        kernel=Path("/boot/vmlinuz"),
+        initrd=Path("/boot/initrd"),
+        append="console=ttyS0",
+        hotplug_slots=2,
+        deprecated_input=DeprecatedInput.REJECT,
+        drives=drives,
+    )
+    sources = {
+        0: DriveSource(
+            chain=(
+                layer("/img/top.qcow2", backing="/img/base.vmdk"),
+                layer("/img/base.vmdk", ImageFormat.VMDK),
+            )
+        ),
+        1: DriveSource(chain=(layer("/dev/sdz", ImageFormat.RAW),), block_device=True),
+        4: DriveSource(
+            chain=(layer("/img/s.qed", ImageFormat.QED),), overlay=Path("/run/ov.qcow2")
+        ),
+    }
+    plans = plan_drives(config, sources)
+    assert [(p.index, p.device_id, p.top_node) for p in plans] == [
+        (0, "disk0", "drv0"),
+        (1, "disk1", "drv1"),
+        (2, "disk2", None),
+        (3, "disk3", "drv3-cor"),
+        (4, "disk4", "drv4-snap"),
+    ]
+    argv = build_argv(
+        binary="qemu-system-x86_64",
+        config=config,
+        label="vm,1",
+        accel=Accel.KVM,
+        plans=plans,
+        qmp_fd=3,
+        monitor_path=Path("/run/a,b/qmp.sock"),
+        console=ConsoleFd(fd=7),
+        agent_socket=Path("/run/qga,0.sock"),
+        monitor_pool=(Path("/run/p0.sock"), Path("/run/p1.sock")),
+    )
+    assert argv == [
+        "qemu-system-x86_64",
+        "-name",
+        "guest=vm,,1,debug-threads=on",
+        "-machine",
+        "q35",
+        "-accel",
+        "kvm",
+        "-m",
+        "512M",
+        "-smp",
+        "2",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-compat",
+        "deprecated-input=reject",
+        "-cpu",
+        "host",
+        "-no-shutdown",
+        "-bios",
+        "/fw/bios.bin",
+        "-kernel",
+        "/boot/vmlinuz",
+        "-initrd",
+        "/boot/initrd",
+        "-append",
+        "console=ttyS0",
+        "-chardev",
+        "socket,id=qmp0,fd=3",
+        "-mon",
+        "chardev=qmp0,mode=control",
+        "-chardev",
+        "socket,id=qmp1,path=/run/a,,b/qmp.sock,server=on,wait=off",
+        "-mon",
+        "chardev=qmp1,mode=control",
+        "-chardev",
+        "socket,id=qmp-pool-0,path=/run/p0.sock,server=on,wait=off",
+        "-mon",
+        "chardev=qmp-pool-0,mode=control",
+        "-chardev",
+        "socket,id=qmp-pool-1,path=/run/p1.sock,server=on,wait=off",
+        "-mon",
+        "chardev=qmp-pool-1,mode=control",
+        "-chardev",
+        "socket,id=ser0,fd=7",
+        "-serial",
+        "chardev:ser0",
+        "-device",
+        json.dumps({"driver": "pcie-root-port", "id": "hp0", "chassis": 1}),
+        "-device",
+        json.dumps({"driver": "pcie-root-port", "id": "hp1", "chassis": 2}),
+        "-device",
+        json.dumps({"driver": "virtio-scsi-pci", "id": "scsi0"}),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "file",
+                "node-name": "drv0-b1-file",
+                "filename": "/img/base.vmdk",
+                "cache": {"direct": True, "no-flush": False},
+                "discard": "unmap",
+                "read-only": True,
+                "aio": "native",
+                "auto-read-only": True,
+            }
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "vmdk",
+                "node-name": "drv0-b1",
+                "file": "drv0-b1-file",
+                "cache": {"direct": True, "no-flush": False},
+                "discard": "unmap",
+                "read-only": True,
+                "backing": None,
+            }
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "file",
+                "node-name": "drv0-file",
+                "filename": "/img/top.qcow2",
+                "cache": {"direct": True, "no-flush": False},
+                "discard": "unmap",
+                "read-only": False,
+                "aio": "native",
+            }
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "qcow2",
+                "node-name": "drv0",
+                "file": "drv0-file",
+                "cache": {"direct": True, "no-flush": False},
+                "discard": "unmap",
+                "read-only": False,
+                "backing": "drv0-b1",
+                "detect-zeroes": "unmap",
+            }
+        ),
+        "-device",
+        json.dumps(
+            {
+                "id": "disk0",
+                "driver": "virtio-blk-pci",
+                "drive": "drv0",
+                "write-cache": "on",
+                "serial": "S1",
+                "bootindex": 1,
+            }
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "host_device",
+                "node-name": "drv1-file",
+                "filename": "/dev/sdz",
+                "cache": {"direct": False, "no-flush": False},
+                "discard": "ignore",
+                "read-only": True,
+                "auto-read-only": True,
+            }
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "raw",
+                "node-name": "drv1",
+                "file": "drv1-file",
+                "cache": {"direct": False, "no-flush": False},
+                "discard": "ignore",
+                "read-only": True,
+            }
+        ),
+        "-device",
+        json.dumps(
+            {
+                "id": "disk1",
+                "driver": "scsi-hd",
+                "bus": "scsi0.0",
+                "scsi-id": 0,
+                "lun": 0,
+                "drive": "drv1",
+                "write-cache": "on",
+            }
+        ),
+        "-device",
+        json.dumps({"id": "disk2", "driver": "scsi-cd", "bus": "scsi0.0", "scsi-id": 1, "lun": 0}),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "nbd",
+                "node-name": "drv3-file",
+                "server": {"type": "unix", "path": "/run/nbd.sock"},
+                "export": "exp",
+                "cache": {"direct": False, "no-flush": False},
+                "read-only": False,
+            }
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "qcow2",
+                "node-name": "drv3",
+                "file": "drv3-file",
+                "cache": {"direct": False, "no-flush": False},
+                "discard": "ignore",
+                "read-only": False,
+                "backing": None,
+            }
+        ),
+        "-blockdev",
+        json.dumps({"driver": "copy-on-read", "node-name": "drv3-cor", "file": "drv3"}),
+        "-device",
+        json.dumps(
+            {"id": "disk3", "driver": "virtio-blk-pci", "drive": "drv3-cor", "write-cache": "on"}
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "file",
+                "node-name": "drv4-file",
+                "filename": "/img/s.qed",
+                "cache": {"direct": False, "no-flush": False},
+                "discard": "ignore",
+                "read-only": True,
+                "auto-read-only": True,
+            }
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "qed",
+                "node-name": "drv4",
+                "file": "drv4-file",
+                "cache": {"direct": False, "no-flush": False},
+                "discard": "ignore",
+                "read-only": True,
+                "backing": None,
+            }
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "file",
+                "node-name": "drv4-snap-file",
+                "filename": "/run/ov.qcow2",
+                "cache": {"direct": False, "no-flush": False},
+                "discard": "ignore",
+                "read-only": False,
+            }
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "qcow2",
+                "node-name": "drv4-snap",
+                "file": "drv4-snap-file",
+                "cache": {"direct": False, "no-flush": False},
+                "discard": "ignore",
+                "read-only": False,
+                "backing": "drv4",
+                "detect-zeroes": "on",
+            }
+        ),
+        "-device",
+        json.dumps(
+            {"id": "disk4", "driver": "virtio-blk-pci", "drive": "drv4-snap", "write-cache": "on"}
+        ),
+        "-device",
+        json.dumps({"driver": "virtio-serial-pci", "id": "vser0"}),
+        "-chardev",
+        "socket,id=qga0,path=/run/qga,,0.sock,server=on,wait=off",
+        "-device",
+        json.dumps(
+            {
+                "driver": "virtserialport",
+                "bus": "vser0.0",
+                "chardev": "qga0",
+                "name": "org.qemu.guest_agent.0",
+                "id": "qga0-port",
+            }
+        ),
+    ]
+
+
+def test_every_option_of_a_pc_machine_exactly() -> None:
+    """pc under TCG: IDE disk and cdrom in the first free slots, a floppy in its unit, SCSI on
+    bus 1 only, a console socket with its log, -boot, no second monitor."""
+    drives = (
+        Drive(
+            file=Path("/img/a.raw"),
+            format=ImageFormat.RAW,
+            interface=Interface.IDE,
+            cache=CacheMode("unsafe"),
+        ),
+        Drive(file=None, media=Media.CDROM, interface=Interface.IDE),
+        Drive(file=Path("/img/f.raw"), format=ImageFormat.RAW, interface=Interface.FLOPPY, unit=1),
+        Drive(
+            file=Path("/img/s.raw"), format=ImageFormat.RAW, interface=Interface.SCSI, bus=1, unit=5
+        ),
+    )
+    config = MachineConfig(drives=drives, boot=BootConfig(menu=False, strict=True))
+    sources = {
+        i: DriveSource(chain=(layer(f"/img/{name}.raw", ImageFormat.RAW),))
+        for i, name in ((0, "a"), (2, "f"), (3, "s"))
+    }
+    argv = build_argv(
+        binary="qemu",
+        config=config,
+        label="t",
+        accel=Accel.TCG,
+        plans=plan_drives(config, sources),
+        qmp_fd=4,
+        monitor_path=None,
+        console=ConsoleSocket(path=Path("/run/c,1.sock"), log=Path("/run/c,1.log")),
+    )
+    raw = {"cache": {"direct": False, "no-flush": False}, "discard": "ignore", "read-only": False}
+    unsafe = dict(raw, cache={"direct": False, "no-flush": True})
+
+    def nodes(i: int, filename: str, opts: dict[str, object]) -> list[str]:
+        protocol = {"driver": "file", "node-name": f"drv{i}-file", "filename": filename, **opts}
+        fmt = {"driver": "raw", "node-name": f"drv{i}", "file": f"drv{i}-file", **opts}
+        return ["-blockdev", json.dumps(protocol), "-blockdev", json.dumps(fmt)]
+
+    def device(**fields: object) -> list[str]:
+        return ["-device", json.dumps(fields)]
+
+    assert argv == [
+        *("qemu", "-name", "guest=t,debug-threads=on", "-machine", "pc", "-accel", "tcg"),
+        *("-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none"),
+        *("-boot", "menu=off,strict=on"),
+        *("-chardev", "socket,id=qmp0,fd=4", "-mon", "chardev=qmp0,mode=control"),
+        "-chardev",
+        "socket,id=ser0,path=/run/c,,1.sock,server=on,wait=off,logfile=/run/c,,1.log",
+        *("-serial", "chardev:ser0"),
+        *device(driver="virtio-scsi-pci", id="scsi1"),
+        *nodes(0, "/img/a.raw", unsafe),
+        *device(
+            id="disk0", driver="ide-hd", bus="ide.0", unit=0, drive="drv0", **{"write-cache": "on"}
+        ),
+        *device(id="disk1", driver="ide-cd", bus="ide.0", unit=1),
+        *nodes(2, "/img/f.raw", raw),
+        *device(id="disk2", driver="floppy", unit=1, drive="drv2"),
+        *nodes(3, "/img/s.raw", raw),
+        *device(
+            id="disk3",
+            driver="scsi-hd",
+            bus="scsi1.0",
+            **{"scsi-id": 5, "lun": 0, "drive": "drv3", "write-cache": "on"},
+        ),
+    ]
+
+
+def test_hot_plugged_devices_without_a_slot() -> None:
+    """A drive planned without a slot (hot-plug): SCSI on bus 0 with no id (QEMU picks one),
+    IDE on bus 0 unit 0, a floppy in unit 0; q35's IDE has no unit."""
+    scsi = Drive(file=None, media=Media.CDROM, interface=Interface.SCSI)
+    ide = Drive(file=None, media=Media.CDROM, interface=Interface.IDE)
+    floppy = Drive(file=Path("/f"), format=ImageFormat.RAW, interface=Interface.FLOPPY)
+    source = DriveSource(chain=(layer("/f", ImageFormat.RAW),))
+    assert plan_drive(0, scsi, None, "pc", None).device == {
+        "id": "disk0",
+        "driver": "scsi-cd",
+        "bus": "scsi0.0",
+    }
+    assert plan_drive(1, ide, None, "pc", None).device == {
+        "id": "disk1",
+        "driver": "ide-cd",
+        "bus": "ide.0",
+        "unit": 0,
+    }
+    assert plan_drive(1, ide, None, "pc-q35-7.2", (3, 0)).device == {
+        "id": "disk1",
+        "driver": "ide-cd",
+        "bus": "ide.3",
+    }
+    assert plan_drive(2, floppy, source, "pc", None).device == {
+        "id": "disk2",
+        "driver": "floppy",
+        "unit": 0,
+        "drive": "drv2",
+    }
+    with pytest.raises(
+        ConfigError,
+        match=r"^drive\.interface: floppy drives need machine type 'pc' "
+        r"\(q35 has no floppy controller\)$",
+    ) as info:
+        plan_drive(2, floppy, source, "q35", None)
+    assert info.value.field == "drive.interface"
+    with pytest.raises(ConfigError, match="floppy"):
+        plan_drive(2, floppy, source, "pc-q35-7.2", None)
+
+
+def test_a_snapshot_drive_without_its_overlay_is_refused() -> None:
+    drive = Drive(file=Path("/i.qcow2"), format=ImageFormat.QCOW2, snapshot=True)
+    with pytest.raises(
+        ConfigError, match=r"^drive\[0\]\.snapshot: no overlay was created$"
+    ) as info:
+        plan_drive(0, drive, DriveSource(chain=(layer("/i.qcow2"),)), "pc", None)
+    assert info.value.field == "drive[0].snapshot"
+
+
+@pytest.mark.parametrize(
+    ("machine", "interface", "slots"),
+    [
+        ("pc", Interface.IDE, [(0, 0), (0, 1), (1, 0), (1, 1)]),
+        ("q35", Interface.IDE, [(b, 0) for b in range(6)]),
+        # A versioned q35 type is q35 too (it was given pc's 2 x 2 IDE slots).
+        ("pc-q35-7.2", Interface.IDE, [(b, 0) for b in range(6)]),
+        ("pc", Interface.FLOPPY, [(0, 0), (0, 1)]),
+        ("pc", Interface.SCSI, [(0, u) for u in range(256)]),
+    ],
+)
+def test_free_slots_run_out_at_the_controllers_size(
+    machine: str, interface: Interface, slots: list[tuple[int, int]]
+) -> None:
+    """Every slot the machine's controllers have, in order, then a refusal naming the drive."""
+    drive = (
+        Drive(file=Path("/f"), format=ImageFormat.RAW, interface=interface)
+        if interface is Interface.FLOPPY
+        else Drive(file=None, media=Media.CDROM, interface=interface)
+    )
+    assert assign_slots([drive] * len(slots), machine) == slots
+    with pytest.raises(ConfigError) as info:
+        assign_slots([drive] * (len(slots) + 1), machine)
+    assert info.value.field == f"drive[{len(slots)}]"
+    assert str(info.value).endswith(f"no free {interface.value} slot left on {machine}")
+
+
+def test_explicit_slots_are_kept_and_skipped() -> None:
+    """A virtio drive needs no slot; a drive's explicit slot is not given to another."""
+    ide = Drive(file=None, media=Media.CDROM, interface=Interface.IDE)
+    virtio = Drive(file=Path("/v"), format=ImageFormat.RAW)
+    fixed = Drive(file=None, media=Media.CDROM, interface=Interface.IDE, index=1)
+    assert assign_slots([virtio, fixed, ide, ide, ide], "pc") == [
+        None,
+        (0, 1),
+        (0, 0),
+        (1, 0),
+        (1, 1),
+    ]
+
+
+def test_a_versioned_q35_type_has_q35s_ide_slots() -> None:
+    """'pc-q35-7.2' is a q35 machine: six IDE buses of one unit each, for an explicit index and
+    for an explicit bus (it was given pc's two buses of two units)."""
+    cdrom = Drive(file=None, media=Media.CDROM, interface=Interface.IDE, index=3)
+    assert drive_slot(cdrom, "pc-q35-7.2") == (3, 0)
+    assert drive_slot(cdrom, "pc") == (1, 1)
+    on_bus5 = Drive(file=None, media=Media.CDROM, interface=Interface.IDE, bus=5, unit=0)
+    assert MachineConfig(machine="pc-q35-7.2", drives=(on_bus5,)).drives == (on_bus5,)
+    with pytest.raises(ConfigError, match="bus 5 unit 0 does not exist"):
+        MachineConfig(machine="pc", drives=(on_bus5,))
+
+
+def test_an_nbd_drive_detects_zeroes_on_its_format_node() -> None:
+    drive = Drive(
+        nbd=NbdSource(socket=Path("/run/nbd.sock")),
+        format=ImageFormat.RAW,
+        detect_zeroes=DetectZeroes.ON,
+    )
+    plan = plan_drive(0, drive, None, "pc", None)
+    assert plan.nodes[1] == {
+        "driver": "raw",
+        "node-name": "drv0",
+        "file": "drv0-file",
+        "cache": {"direct": False, "no-flush": False},
+        "discard": "ignore",
+        "read-only": False,
+        "detect-zeroes": "on",
+    }
