@@ -65,9 +65,11 @@ T = TypeVar("T")
 DISK = 2 * MIB
 BLOCK = 64 * 1024  # what one guest write changes
 CHUNK = 512 * 1024  # what QEMU's commit copies per step (its rate limit sleeps between steps)
-#: A commit's speed: after its first 512 KiB step it sleeps 32 s, longer than the steps the
-#: model takes while it runs; "finish" lifts the limit (speed 0), which wakes it at once.
-SLOW = 16 * 1024
+#: A commit's speed: after its first 512 KiB step it sleeps 512 s, far longer than the steps
+#: the model takes while it runs, however busy the machine ("finish" lifts the limit, speed 0,
+#: which wakes it at once; "resume" lets it take one step). At 16 KiB/s (a 32 s sleep) two
+#: backups and their checks outlasted it on a loaded machine, and the commit ended unasked.
+SLOW = 1024
 MAX_DISKS = 2
 #: Nodes of a drive's chain that are not layers (a backup's filter is there while it runs).
 _FILTERS = frozenset({"copy-on-read", "throttle", "copy-before-write", "snapshot-access"})
