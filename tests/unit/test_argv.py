@@ -807,3 +807,15 @@ def test_an_nbd_drive_detects_zeroes_on_its_format_node() -> None:
         "read-only": False,
         "detect-zeroes": "on",
     }
+
+
+def test_a_drive_record_keeps_plain_copies_of_every_node() -> None:
+    """What the registry stores: each node's options as its own plain JSON object, equal to
+    what QEMU was sent and not the plan's object (a later change to one is not the other)."""
+    drive = Drive(file=Path("/i.qcow2"), format=ImageFormat.QCOW2)
+    plan = plan_drive(0, drive, DriveSource(chain=(layer("/i.qcow2"),)), "pc", None)
+    record = plan.record_nodes()
+    assert [type(n) for n in record] == [dict] * len(plan.nodes)
+    assert list(record) == [dict(n) for n in plan.nodes]
+    assert all(r is not n for r, n in zip(record, plan.nodes, strict=True))
+    assert json.loads(json.dumps(record)) == list(record)
