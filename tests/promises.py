@@ -590,6 +590,40 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="restore-raw-exact-size",
+        section="Backups",
+        quote="The data is written past the page cache (`O_DIRECT`) where the filesystem "
+        "allows it, and a raw image is exactly the disk's size.",
+        tests=(
+            U + "test_repository_store.py::test_restore_to_raw_is_exact_with_or_without_o_direct",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="                os.ftruncate(fd, index.virtual_size)  # a padded last chunk's "
+                "tail cut off",
+                replace="                pass",
+                what="a raw restore keeps the zero padding of its last direct write",
+            ),
+        ),
+    ),
+    Promise(
+        id="live-restore-failure-removes-everything",
+        section="Backups",
+        quote="A failure before the stream starts removes everything** (the device, the nodes, "
+        "the server, the target file).",
+        tests=(I + "test_live_restore.py::test_a_failure_before_the_stream_leaves_nothing",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/live.py",
+                find="        if not started:  # the guest has not had the disk long: take it "
+                "away again",
+                replace="        if False:",
+                what="a live restore whose stream failed to start leaves its disk attached",
+            ),
+        ),
+    ),
+    Promise(
         id="backup-index-after-chunks-durable",
         section="Backups",
         quote="an index is written only after every chunk it names and their directories are "
