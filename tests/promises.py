@@ -600,8 +600,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_backup/operations.py",
-                find="                os.ftruncate(fd, index.virtual_size)  # a padded last chunk's "
-                "tail cut off",
+                find="                os.ftruncate(fd, index.virtual_size)  # a padded last "
+                "chunk's tail cut off",
                 replace="                pass",
                 what="a raw restore keeps the zero padding of its last direct write",
             ),
