@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,9 @@ def guest() -> GuestImage:
         raise
 
 
-def qemu_pids_under(directory: Path) -> list[int]:
-    """QEMU processes whose command line mentions ``directory`` (their run dir lives there)."""
+def pids_under(directory: Path, program: Callable[[bytes], bool]) -> list[int]:
+    """Processes whose command line mentions ``directory`` and whose command line (NUL
+    separated) ``program`` accepts."""
     needle = os.fsencode(str(directory))
     pids = []
     for entry in Path("/proc").iterdir():
@@ -63,9 +64,14 @@ def qemu_pids_under(directory: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"qemu-system" in cmdline and needle in cmdline:
+        if program(cmdline) and needle in cmdline:
             pids.append(int(entry.name))
     return pids
+
+
+def qemu_pids_under(directory: Path) -> list[int]:
+    """QEMU processes whose command line mentions ``directory`` (their run dir lives there)."""
+    return pids_under(directory, lambda cmdline: b"qemu-system" in cmdline)
 
 
 def running(pid: int) -> bool:

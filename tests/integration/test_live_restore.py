@@ -23,7 +23,7 @@ from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, CommandFailed, ProcessFailed
 from blockctl.types import ImageFormat
 from tests.conftest import missing
-from tests.integration.conftest import MIB, qcow2_image, run, running, sha256
+from tests.integration.conftest import MIB, pids_under, qcow2_image, run, running, sha256
 from tests.integration.test_backup import config, disk_sha, sh, write
 from tests.unit.test_repository_store import CHUNK, POINTS, SECRET, VM, commit, index_of
 
@@ -271,18 +271,7 @@ async def test_a_failure_before_the_stream_leaves_nothing(
 
 def nbdkit_pids_under(directory: Path) -> list[int]:
     """nbdkit processes whose command line mentions ``directory`` (their socket is there)."""
-    needle = os.fsencode(str(directory))
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(b"nbdkit\0") and needle in cmdline:
-            pids.append(int(entry.name))
-    return pids
+    return pids_under(directory, lambda cmdline: cmdline.startswith(b"nbdkit\0"))
 
 
 @pytest.mark.guest
