@@ -218,6 +218,18 @@ async def _stream(
         if not started:  # the guest has not had the disk long: take it away again
             with anyio.CancelScope(shield=True):
                 await _detach(vm, device_id, record.nodes)
+        else:
+            # Not taken away under a guest that may have written to it: said instead.
+            _log.warning(
+                "blockctl.backup.live_left_attached",
+                vm=vm.name,
+                device=device_id,
+                image=image,
+                reason="the stream did not finish: the disk stays attached, what the guest "
+                "wrote is kept in it, and blocks not yet copied fail to read once the backup's "
+                f"server stops; detach it (blockctl detach {vm.name} {device_id}) and "
+                "restore again",
+            )
         raise
     # QEMU dropped the backing link at the end of the stream: the backup nodes are free.
     refused = await delete_nodes(vm, backing_names, event="blockctl.backup.live_node_kept")

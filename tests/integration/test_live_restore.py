@@ -20,7 +20,7 @@ from blockctl._backup.serve import serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import JobControl, JobProgress, JobStatus, JobTransition
 from blockctl._qmp import wire
-from blockctl.errors import BackupCorrupt, CommandFailed, ProcessFailed
+from blockctl.errors import BackupCorrupt, CommandFailed, OperationTimeout, ProcessFailed
 from blockctl.types import ImageFormat
 from tests.conftest import missing
 from tests.integration.conftest import MIB, pids_under, qcow2_image, run, running, sha256
@@ -315,3 +315,32 @@ async def test_cli_restore_live(runtime_dir: Path, tmp_path: Path) -> None:
     plain = tmp_path / "plain.raw"
     await cli("restore", "lcli", point["id"], "disk0", plain, "--repo", repo, "-O", "raw")
     await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", live_image, plain)
+
+
+@pytest.mark.guest
+async def test_a_stream_that_does_not_finish_is_reported_with_the_disk_left(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """Past the start of the stream the guest may have written to the disk: it is not taken
+    away, and the warning says so, with the way out."""
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "d0.qcow2", b"", 8 * MIB)
+    target = images / "live.qcow2"
+    async with open_vm(config(guest, "lrs", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 1024)
+        point = await backup.create(vm, repo)
+        with capture_logs() as logs, pytest.raises(OperationTimeout):
+            await backup.restore_live(
+                vm,
+                repo,
+                "lrs",
+                point.id,
+                "disk0",
+                target,
+                control=JobControl(speed=1, deadline=1.0),
+            )
+        (left,) = [e for e in logs if e["event"] == "blockctl.backup.live_left_attached"]
+        assert left["device"] in {d.device_id for d in await vm.block_devices()}
+        assert f"blockctl detach lrs {left['device']}" in left["reason"]
+        assert target.exists()
