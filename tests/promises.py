@@ -376,6 +376,24 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="drives-apply-says-pending-unplug",
+        section="Drives of a running guest",
+        quote="A detach the guest has not acknowledged is not done",
+        tests=(
+            I
+            + "test_hotplug.py::"
+            + "test_apply_reports_a_detach_the_guest_has_not_finished_then_finishes_it",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/apply.py",
+                find="        return result.state is ops.UnplugState.PENDING",
+                replace="        return False",
+                what="apply reports a disk detached while the guest still holds it",
+            ),
+        ),
+    ),
+    Promise(
         id="drives-apply-checks-whole-plan",
         section="Drives of a running guest",
         quote="The whole plan is checked before anything changes",
@@ -383,8 +401,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_ops/apply.py",
-                find="    current = await check(vm, plan(desired, await ops.list_drives(vm)))",
-                replace="    current = plan(desired, await ops.list_drives(vm))",
+                find="    current = await check(vm, plan(desired, live, released))",
+                replace="    current = plan(desired, live, released)",
                 what="apply starts changing drives before it knows a later step fails",
             ),
         ),

@@ -248,20 +248,38 @@ class ApplyCommand(Command):
         parser.add_argument("vm")
         parser.add_argument("file", type=Path)
         parser.add_argument("--dry-run", action="store_true", help="only print the plan")
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=10.0,
+            metavar="SECONDS",
+            help="how long to wait for the guest to release each disk detached (default 10)",
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         desired = apply_ops.load_desired(args.file)
         async with attach(args.vm, vm_name=args.vm_name) as vm:
-            plan = await apply_ops.apply(vm, desired, dry_run=args.dry_run)
+            plan = await apply_ops.apply(
+                vm, desired, dry_run=args.dry_run, unplug_timeout=args.timeout
+            )
         verb = "would do" if args.dry_run else "did"
+        text = plan.render() if plan.empty else f"{verb}:\n{plan.render()}"
+        if plan.pending:
+            text += (
+                f"\nnot applied yet: the guest has not released {', '.join(plan.pending)}; "
+                "run apply again once it has (it deletes their nodes), or reset the VM"
+            )
         emit(
             args,
             {
                 "steps": [s.to_json() for s in plan.steps],
                 "conflicts": list(plan.conflicts),
-                "applied": not args.dry_run,
+                "pending": list(plan.pending),
+                "applied": not args.dry_run and not plan.pending,
             },
-            plan.render() if plan.empty else f"{verb}:\n{plan.render()}",
+            text,
         )
         # A real apply with conflicts raised before changing anything; a dry run says so too.
-        return ExitCode.ERROR if plan.conflicts else ExitCode.OK
+        if plan.conflicts:
+            return ExitCode.ERROR
+        return ExitCode.PENDING if plan.pending else ExitCode.OK

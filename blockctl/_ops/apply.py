@@ -135,6 +135,9 @@ class Plan:
     steps: tuple[Step, ...] = ()
     #: Differences a live change cannot make (e.g. the interface of a plugged disk).
     conflicts: tuple[str, ...] = field(default=())
+    #: Set by :func:`apply`: disks whose unplug was asked for and that the guest has not
+    #: released yet (their nodes stay; the next apply finishes the removal).
+    pending: tuple[str, ...] = field(default=())
 
     @property
     def empty(self) -> bool:
@@ -145,6 +148,7 @@ class Plan:
             return "nothing to do: the VM matches"
         lines = [f"  {s.action.value:<8} {s.device or '(new)':<8} {s.detail}" for s in self.steps]
         lines += [f"  CONFLICT {c}" for c in self.conflicts]
+        lines += [f"  PENDING  {d:<8} not released by the guest yet" for d in self.pending]
         return "\n".join(lines)
 
 
@@ -157,9 +161,18 @@ def _live_cache_matches(live: DriveInfo, mode: CacheMode) -> bool:
     return flags is not None and (flags.direct, flags.no_flush) == (mode.direct, mode.no_flush)
 
 
-def plan(desired: Sequence[DesiredDrive], live: Sequence[DriveInfo]) -> Plan:
-    """What to do so that ``live`` matches ``desired``. Pure."""
-    steps: list[Step] = []
+def plan(
+    desired: Sequence[DesiredDrive], live: Sequence[DriveInfo], released: Sequence[str] = ()
+) -> Plan:
+    """What to do so that ``live`` matches ``desired``. Pure.
+
+    ``released``: disks blockctl plugged whose device the guest has since released (an unplug
+    that was pending) while their nodes are still open; each gets a detach that deletes them.
+    """
+    steps: list[Step] = [
+        Step(action=Action.DETACH, device=d, detail="the guest released it: delete its nodes")
+        for d in released
+    ]
     conflicts: list[str] = []
     by_device = {d.device_id: d for d in live}
     matched: set[str] = set()
@@ -279,14 +292,29 @@ def _describe_short(want: DesiredDrive | None) -> str:
     return "(new)" if want is None or want.drive.file is None else str(want.drive.file)
 
 
-async def apply(vm: VM, desired: Sequence[DesiredDrive], *, dry_run: bool = False) -> Plan:
+async def apply(
+    vm: VM,
+    desired: Sequence[DesiredDrive],
+    *,
+    dry_run: bool = False,
+    unplug_timeout: float = 10.0,
+) -> Plan:
     """Plan, check the whole plan (:func:`check`), and unless ``dry_run`` carry it out.
 
     A conflict stops it before any change (:class:`~blockctl.errors.Unsupported`, naming
     every conflict); a step that fails anyway stops it with
-    :class:`~blockctl.errors.PartiallyApplied`, naming the steps done and not done.
+    :class:`~blockctl.errors.PartiallyApplied`, naming the steps done and not done. A detach
+    the guest has not acknowledged within ``unplug_timeout`` seconds is not done: the result's
+    ``pending`` names it.
     """
-    current = await check(vm, plan(desired, await ops.list_drives(vm)))
+    live = await ops.list_drives(vm)  # (reconciles the registry with QEMU first)
+    shown = {d.device_id for d in live}
+    released = sorted(
+        device_id
+        for device_id, record in vm.registry.drives.items()
+        if device_id not in shown and record.nodes
+    )
+    current = await check(vm, plan(desired, live, released))
     if dry_run or current.empty:
         return current
     if current.conflicts:
@@ -294,9 +322,12 @@ async def apply(vm: VM, desired: Sequence[DesiredDrive], *, dry_run: bool = Fals
             "apply", "the plan has conflicts, nothing was changed: " + "; ".join(current.conflicts)
         )
     done: list[Step] = []
+    pending: list[str] = []
     for step in current.steps:
         try:
-            await _carry_out(vm, step)
+            if await _carry_out(vm, step, unplug_timeout):
+                assert step.device is not None
+                pending.append(step.device)
         except BlockctlError as exc:
             left = current.steps[len(done) + 1 :]
             raise PartiallyApplied(
@@ -309,7 +340,7 @@ async def apply(vm: VM, desired: Sequence[DesiredDrive], *, dry_run: bool = Fals
                 not_done=tuple(left),
             ) from exc
         done.append(step)
-    return current
+    return replace(current, pending=tuple(pending))
 
 
 def _steps_text(steps: Sequence[Step]) -> str:
@@ -318,14 +349,16 @@ def _steps_text(steps: Sequence[Step]) -> str:
     return ", ".join(f"{s.action.value} {s.device or _describe_short(s.desired)}" for s in steps)
 
 
-async def _carry_out(vm: VM, step: Step) -> None:
+async def _carry_out(vm: VM, step: Step, unplug_timeout: float) -> bool:
+    """Carry out one step; True if it is left pending (an unplug the guest has not finished)."""
     want = step.desired
     if step.action is Action.ATTACH and want is not None:
         info = await ops.hotplug(vm, want.drive)
         if want.throttle:
             await ops.set_throttle(vm, info.device_id, want.throttle)
     elif step.action is Action.DETACH and step.device is not None:
-        await ops.unplug(vm, step.device)
+        result = await ops.unplug(vm, step.device, timeout=unplug_timeout)
+        return result.state is ops.UnplugState.PENDING
     elif step.action is Action.MEDIA and step.device is not None and want is not None:
         if want.drive.file is None:
             await ops.eject(vm, step.device, force=True)
@@ -338,3 +371,4 @@ async def _carry_out(vm: VM, step: Step) -> None:
         await ops.resize(vm, step.device, want.size, allow_shrink=want.allow_shrink)
     elif step.action is Action.THROTTLE and step.device and want and want.throttle is not None:
         await ops.set_throttle(vm, step.device, want.throttle)
+    return False

@@ -528,7 +528,13 @@ async def _delete_nodes(vm: VM, record: DriveRecord) -> UnplugResult:
     deleted = []
     for name in record.node_names:  # top-down
         if name in live:
-            await wire.blockdev_del(vm.session, name)
+            try:
+                await wire.blockdev_del(vm.session, name)
+            except CommandFailed:
+                # Another client finishing the same removal deleted it first: not an error.
+                if name in {n.node_name for n in await vm.block_nodes()}:
+                    raise
+                continue
             deleted.append(name)
     vm.registry.remove(record.device_id)
     _log.info("blockctl.drive.unplugged", vm=vm.name, device=record.device_id, nodes=deleted)

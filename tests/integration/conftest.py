@@ -158,6 +158,14 @@ async def raw_image(path: Path, data: bytes, size: int | None = None) -> Path:
     return path
 
 
+async def shell_prompt_in(console_log: Path, timeout: float = 120.0) -> None:
+    """Wait until a detached VM's guest has printed its shell prompt (it has booted; its ACPI
+    answers hot-plug) on its console log."""
+    with anyio.fail_after(timeout):  # the boot, bounded
+        while not (console_log.exists() and b"guest# " in console_log.read_bytes()):  # noqa: ASYNC110 - a file has no readiness signal
+            await anyio.sleep(0.1)
+
+
 async def qcow2_image(path: Path, data: bytes, size: int) -> Path:
     raw = path.with_suffix(".src.raw")
     await raw_image(raw, data, size)

@@ -60,7 +60,7 @@ from blockctl.errors import ConnectionLost, RepositoryError
 from blockctl.jobs import JobControl
 from tests.conftest import missing
 from tests.figures import Tally, report, require_any
-from tests.integration.conftest import MIB, qcow2_image, qemu_binary, run
+from tests.integration.conftest import MIB, qcow2_image, qemu_binary, run, shell_prompt_in
 from tests.integration.test_backup import config
 from tests.integration.test_repository import restore_equals, same
 
@@ -473,12 +473,7 @@ async def detached(guest: GuestImage, name: str, disk: Path) -> AsyncIterator[Gu
     record = await launch_detached(config(guest, name, disk))
     try:
         assert record.console_socket is not None and record.console_log is not None
-        log = Path(record.console_log)
-        with anyio.fail_after(120):  # the boot, bounded
-            while True:
-                if log.exists() and b"guest# " in log.read_bytes():
-                    break
-                await anyio.sleep(0.1)
+        await shell_prompt_in(Path(record.console_log))
         stream = await anyio.connect_unix(record.console_socket)
         console = GuestConsole(stream, name)
         try:

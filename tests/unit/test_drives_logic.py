@@ -106,6 +106,23 @@ def test_attach_detach_and_live_changes() -> None:
     assert not result.conflicts
 
 
+def test_a_released_disk_gets_a_detach_that_deletes_its_nodes_and_the_rest_is_planned() -> None:
+    # disk3's unplug was pending; the guest has released it since, its nodes still open.
+    result = plan([want("/a.qcow2")], [live("disk0", "/a.qcow2")], released=["disk3"])
+    assert [(s.action, s.device) for s in result.steps] == [(Action.DETACH, "disk3")]
+    assert "released" in result.steps[0].detail
+    assert not result.empty
+    # Nothing released and nothing to change: empty.
+    assert plan([want("/a.qcow2")], [live("disk0", "/a.qcow2")], released=[]).empty
+
+
+def test_a_pending_unplug_is_rendered() -> None:
+    step = Step(action=Action.DETACH, device="disk1", detail="/old.qcow2")
+    text = Plan(steps=(step,), pending=("disk1",)).render()
+    assert text.splitlines()[-1].split()[:2] == ["PENDING", "disk1"]
+    assert "not released by the guest" in text
+
+
 def test_shrink_without_permission_is_a_conflict() -> None:
     result = plan([want("/a.qcow2", size=1 << 20)], [live("disk0", "/a.qcow2")])
     assert not result.steps
