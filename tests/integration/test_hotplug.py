@@ -183,13 +183,19 @@ async def test_unplug_pending_when_the_guest_never_releases(images: Path) -> Non
 
 
 async def test_apply_reports_a_detach_the_guest_has_not_finished_then_finishes_it(
-    images: Path,
+    images: Path, runtime_dir: Path
 ) -> None:
     """``apply`` does not call a detach done while the guest holds the disk: the result names
-    it pending (the CLI exits 3, ``applied`` false); once released, the next apply deletes
-    its nodes."""
+    it pending (the CLI says ``"applied": false`` and exits 3); once released, the next apply
+    deletes its nodes."""
+    from tests.integration.test_attach_cli import cli
+
     disk = await qcow2_image(images / "p.qcow2", b"", 8 * MIB)
-    async with open_vm(MachineConfig(deprecated_input=STRICT), console=False) as vm:
+    empty = images / "none.toml"
+    empty.write_text("")
+    # A VM with no OS never acknowledges an ACPI unplug; named, so the CLI reaches it too.
+    config = MachineConfig(name="pend", deprecated_input=STRICT)
+    async with open_vm(config, console=False) as vm:
         plugged = await drives.hotplug(vm, Drive(file=disk, format=ImageFormat.QCOW2))
         result = await apply_drives(vm, [], unplug_timeout=1)
         assert [(s.action, s.device) for s in result.steps] == [(Action.DETACH, plugged.device_id)]
@@ -197,18 +203,21 @@ async def test_apply_reports_a_detach_the_guest_has_not_finished_then_finishes_i
         (info,) = await drives.list_drives(vm)
         assert info.pending_unplug
         assert {"drv0", "drv0-file"} <= await node_names(vm)
-        # Asked again: still pending, still said.
-        assert (await apply_drives(vm, [], unplug_timeout=1)).pending == (plugged.device_id,)
+        # Asked again, from the CLI: still pending, still said.
+        again = await cli("apply", "pend", empty, "--timeout", "1", "--json", check=False)
+        assert again.returncode == 3, again.stderr
+        said = json.loads(again.stdout)
+        assert (said["applied"], said["pending"]) == (False, [plugged.device_id])
         with wire.device_deleted_events(vm.session) as events:
             await wire.system_reset(vm.session)
             await events.wait_for(lambda e: wire.is_device_deleted(e, plugged.device_id))
         # The device is gone, its nodes are not: the next apply deletes them.
         assert {"drv0", "drv0-file"} <= await node_names(vm)
-        finished = await apply_drives(vm, [], unplug_timeout=1)
-        assert [(s.action, s.device) for s in finished.steps] == [
-            (Action.DETACH, plugged.device_id)
+        finished = json.loads((await cli("apply", "pend", empty, "--json")).stdout)
+        assert [(s["action"], s["device"]) for s in finished["steps"]] == [
+            ("detach", plugged.device_id)
         ]
-        assert finished.pending == ()
+        assert (finished["applied"], finished["pending"]) == (True, [])
         assert not {"drv0", "drv0-file"} & await node_names(vm)
         assert (await apply_drives(vm, [])).empty
         await truth_check(vm)
