@@ -32,7 +32,7 @@ import anyio
 from blockctl._argv import DrivePlan, DriveSource, plan_drive
 from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
-from blockctl._machine import VM, check_nbd, inspect_drive
+from blockctl._machine import VM, check_iscsi, check_nbd, inspect_drive
 from blockctl._ops import conflicts
 from blockctl._ops.nodes import delete_nodes
 from blockctl._qmp import wire
@@ -362,6 +362,8 @@ async def check_hotplug(
     source = None if drive.file is None else await inspect_drive(drive, "file", roots=image_roots)
     if drive.nbd is not None:
         check_nbd(drive, "nbd")
+    if drive.iscsi is not None:
+        check_iscsi(drive, "iscsi")
     return source
 
 
@@ -392,19 +394,23 @@ async def hotplug(
         plan = _over_backing(plan, f"drv{index}", backing)
     added_nodes: list[str] = []
     added_devices: list[str] = []
+    added_objects: list[str] = []
     try:
         if drive.interface is Interface.SCSI:
             peripherals = await wire.qom_list(vm.session, "/machine/peripheral")
             if "scsi0" not in peripherals:
                 await _device_add_placed(vm, {"driver": "virtio-scsi-pci", "id": "scsi0"})
                 added_devices.append("scsi0")
+        for secret in plan.objects:
+            await wire.secret_add(vm.session, secret)
+            added_objects.append(secret["id"])
         for node in plan.nodes:
             await wire.blockdev_add(vm.session, node)
             added_nodes.append(str(node["node-name"]))
         await _device_add_placed(vm, plan.device)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await _rollback(vm, added_nodes, added_devices)
+            await _rollback(vm, added_nodes, added_devices, added_objects)
         raise
     vm.registry.put(
         DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.record_nodes())
@@ -469,12 +475,23 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
         raise ConfigError("file", f"{path} is {where}: {way_out}")
 
 
-async def _rollback(vm: VM, nodes: list[str], devices: list[str]) -> None:
+async def _rollback(
+    vm: VM, nodes: list[str], devices: list[str], objects: Sequence[str] = ()
+) -> None:
     await delete_nodes(vm, nodes, event="blockctl.drive.rollback_failed")
+    await _delete_secrets(vm, objects)
     for device_id in reversed(devices):
         # An empty controller: its removal needs no guest cooperation worth waiting for.
         with contextlib.suppress(BlockctlError):
             await wire.device_del(vm.session, device_id)
+
+
+async def _delete_secrets(vm: VM, ids: Sequence[str]) -> None:
+    """Delete the ``secret`` objects of a drive's nodes once no node uses them (one already
+    gone, e.g. deleted by another client finishing the same removal, is not an error)."""
+    for object_id in ids:
+        with contextlib.suppress(CommandFailed):
+            await wire.object_del(vm.session, object_id)
 
 
 async def drive_info(vm: VM, device_id: str) -> DriveInfo:
@@ -536,6 +553,9 @@ async def _delete_nodes(vm: VM, record: DriveRecord) -> UnplugResult:
                     raise
                 continue
             deleted.append(name)
+    await _delete_secrets(
+        vm, [str(n["password-secret"]) for n in record.nodes if "password-secret" in n]
+    )
     vm.registry.remove(record.device_id)
     _log.info("blockctl.drive.unplugged", vm=vm.name, device=record.device_id, nodes=deleted)
     return UnplugResult(
