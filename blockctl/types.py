@@ -340,9 +340,9 @@ class IscsiSource:
 
     @classmethod
     def from_url(cls, url: str, where: str = "iscsi") -> IscsiSource:
-        """``iscsi://[user@]host[:port]/target-iqn/lun`` parsed into its parts; a malformed
-        URL is a ConfigError naming the part. A password in the URL is refused: it would be
-        in the clear in the shell's history and the process list."""
+        """``iscsi://host[:port]/target-iqn/lun`` parsed into its parts; a malformed URL is a
+        ConfigError naming the part. Credentials in the URL are refused (a password would be
+        in the clear in the shell's history and the process list): CHAP is given apart."""
         prefix = "iscsi://"
         if not isinstance(url, str) or not url.startswith(prefix):
             raise ConfigError(where, f"{url!r} is not an iscsi://host[:port]/target/lun URL")
@@ -350,16 +350,19 @@ class IscsiSource:
         if any(c in rest for c in "?#") or any(c.isspace() for c in rest):
             raise ConfigError(where, "an iscsi:// URL takes no query, fragment or spaces")
         netloc, slash, path = rest.partition("/")
-        user = None
         if "@" in netloc:
-            userinfo, _, netloc = netloc.rpartition("@")
+            userinfo = netloc.rpartition("@")[0]
             if ":" in userinfo or "%" in userinfo:
                 raise ConfigError(
                     f"{where}.password",
                     "no password in a URL (it would be visible to every user of the host); "
-                    "give the user and a password file (0600) instead",
+                    "give the CHAP user and a password file (0600) instead",
                 )
-            user = userinfo
+            raise ConfigError(
+                f"{where}.user",
+                "give the CHAP user apart from the URL, with its password file "
+                "(user + password_file; on the command line --chap-user, --chap-password-file)",
+            )
         if not slash:
             raise ConfigError(f"{where}.target", "missing: iscsi://host[:port]/target/lun")
         parts = path.split("/")
@@ -371,7 +374,7 @@ class IscsiSource:
         target, lun_text = parts
         if not lun_text.isascii() or not lun_text.isdigit():
             raise ConfigError(f"{where}.lun", f"{lun_text!r}: a LUN is a number")
-        return cls(portal=netloc, target=target, lun=int(lun_text), user=user)
+        return cls(portal=netloc, target=target, lun=int(lun_text))
 
     @classmethod
     def from_mapping(cls, data: object, where: str) -> IscsiSource:

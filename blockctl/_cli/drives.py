@@ -118,7 +118,7 @@ class AttachDrive(Command):
             source["iscsi"] = replace(
                 iscsi,
                 initiator_name=args.initiator_name,
-                user=args.chap_user or iscsi.user,
+                user=args.chap_user,
                 password_file=None
                 if args.chap_password_file is None
                 else args.chap_password_file.absolute(),
