@@ -20,6 +20,7 @@ import anyio
 import pytest
 
 from blockctl import GuestImage, LaunchedVM, open_vm
+from blockctl._backup import operations as backup_ops
 from blockctl._ops import drives
 from blockctl._ops.drives import UnplugState
 from blockctl._qmp import wire
@@ -327,3 +328,29 @@ async def test_host_device_on_a_loop_device(guest: GuestImage, tmp_path: Path) -
         with anyio.CancelScope(shield=True):
             await anyio.run_process(["losetup", "-d", str(loop)], check=False)
     assert sha256(image.read_bytes()[2 * MIB : 3 * MIB]) == written
+
+
+async def test_full_backup_of_an_iscsi_disk_restores_the_guests_view(
+    guest: GuestImage, tgt: Tgt, tmp_path: Path
+) -> None:
+    """A full backup of a disk on an iSCSI LUN into a repository restores to exactly what
+    the guest reads from that disk at the point (and what the LUN's file holds)."""
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    disk = Drive(iscsi=tgt.source(1), format=ImageFormat.RAW, interface=Interface.SCSI)
+    async with open_vm(base_config(guest, disk, name="iscsibk")) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        dev = await disk_with_vendor(vm, "QEMU")
+        await guest_write_read(vm, dev, 5)
+        await sh(vm, "sync")
+        guest_view = (
+            await sh(vm, f"dd if=/dev/{dev} bs=1M iflag=direct 2>/dev/null | sha256sum")
+        ).split()[0]
+        manifest = await backup_ops.backup(vm, repo, kind="full")
+        assert [d.device for d in manifest.disks] == ["disk0"]
+    restored = tmp_path / "restored.raw"
+    await backup_ops.restore(repo, "iscsibk", manifest.id, "disk0", restored, ImageFormat.RAW)
+    data = restored.read_bytes()
+    assert len(data) == LUN_SIZE
+    assert sha256(data) == guest_view
+    assert data == tgt.backing[0].read_bytes()
