@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,7 @@ def tgt(tmp_path: Path) -> Iterator[Tgt]:
             if probe.returncode == 0:
                 break
             assert process.poll() is None, (tmp_path / "tgtd.log").read_text()
-            subprocess.run(["sleep", "0.1"], check=True)
+            time.sleep(0.1)
         else:
             raise AssertionError("tgtd did not answer on its control port")
         tgtadm(control, "--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "1",
