@@ -169,8 +169,9 @@ def _iscsi_node(name: str, drive: Drive) -> tuple[IscsiOptions, tuple[SecretObje
     if source.initiator_name is not None:
         node["initiator-name"] = source.initiator_name
     objects: tuple[SecretObject, ...] = ()
-    if source.user is not None and source.password_file is not None:
+    if source.password_file is not None:
         # QEMU reads the password from the file itself: only the file's name is sent.
+        assert source.user is not None  # IscsiSource: CHAP has both or neither
         secret: SecretObject = {
             "qom-type": "secret",
             "id": secret_id(name),

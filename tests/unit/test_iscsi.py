@@ -160,6 +160,14 @@ def test_nodes_and_device_of_an_iscsi_disk() -> None:
     assert drive_plan.device["driver"] == "scsi-hd"
     assert drive_plan.device["drive"] == "drv3"
     assert drive_plan.objects == ()
+    named = Drive(
+        iscsi=lun(initiator_name="iqn.2026-12.org.example:host"),
+        format=ImageFormat.RAW,
+        interface=Interface.SCSI,
+    )
+    node = plan_drive(0, named, None, "pc", None).nodes[0]
+    assert node["initiator-name"] == "iqn.2026-12.org.example:host"  # type: ignore[typeddict-item]
+    assert "user" not in node and "password-secret" not in node
 
 
 def test_a_passed_through_lun_is_scsi_block_without_a_write_cache_property() -> None:
@@ -199,11 +207,12 @@ def test_chap_password_goes_through_a_secret_object_read_from_the_file() -> None
         monitor_path=None,
         console=None,
     )
-    # The secret object comes before the node that names it.
+    # The secret object comes just before the node that names it, the rest is all there.
     at = argv.index("-object")
     assert json.loads(argv[at + 1])["id"] == "drv0-file-secret"
-    first_node = argv.index("-blockdev")
-    assert at < first_node
+    assert argv[at + 2] == "-blockdev"
+    assert json.loads(argv[at + 3])["password-secret"] == "drv0-file-secret"
+    assert argv[0] == "qemu" and argv.count("-object") == 1
 
 
 def test_an_iscsi_node_is_named_by_its_url() -> None:
@@ -221,6 +230,12 @@ def test_an_iscsi_node_is_named_by_its_url() -> None:
         }
     )
     assert image_filename(qemu_name) == URL
+    # LUN 0 may be left out; without a portal or a target there is no URL.
+    bare = {"driver": "iscsi", "portal": "h:3260", "target": IQN}
+    assert image_filename("json:" + json.dumps(bare)) == f"iscsi://h:3260/{IQN}/0"
+    for missing_key in ("portal", "target"):
+        partial = {k: v for k, v in bare.items() if k != missing_key}
+        assert image_filename("json:" + json.dumps(partial)) is None
 
 
 def test_apply_matches_an_iscsi_disk_by_its_url(tmp_path: Path) -> None:
