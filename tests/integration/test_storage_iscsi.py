@@ -23,6 +23,8 @@ import pytest
 from blockctl import GuestImage, LaunchedVM, open_vm
 from blockctl._backup import operations as backup_ops
 from blockctl._ops import drives
+from blockctl._ops.apply import Action, load_desired
+from blockctl._ops.apply import apply as apply_drives
 from blockctl._ops.drives import UnplugState
 from blockctl._qmp import wire
 from blockctl.errors import CommandFailed
@@ -355,3 +357,29 @@ async def test_full_backup_of_an_iscsi_disk_restores_the_guests_view(
     assert len(data) == LUN_SIZE
     assert sha256(data) == guest_view
     assert data == tgt.backing[0].read_bytes()
+
+
+async def test_apply_attaches_an_iscsi_lun_once_and_detaches_it(
+    guest: GuestImage, tgt: Tgt, tmp_path: Path
+) -> None:
+    """A drives file naming a LUN by its iscsi:// URL: the first apply attaches it, the
+    second finds the VM matching (the live disk is named by the same URL), an empty file
+    detaches it."""
+    wanted = tmp_path / "drives.toml"
+    wanted.write_text(
+        f'[[drive]]\nformat = "raw"\nif = "scsi"\niscsi = "iscsi://{tgt.portal}/{TARGET}/2"\n'
+    )
+    empty = tmp_path / "none.toml"
+    empty.write_text("")
+    async with open_vm(base_config(guest)) as vm:
+        first = await apply_drives(vm, load_desired(wanted))
+        assert [s.action for s in first.steps] == [Action.ATTACH]
+        (info,) = await drives.list_drives(vm)
+        assert info.file == f"iscsi://{tgt.portal}/{TARGET}/2"
+        assert info.size == LUN_SIZE
+        again = await apply_drives(vm, load_desired(wanted), dry_run=True)
+        assert again.empty
+        gone = await apply_drives(vm, load_desired(empty))
+        assert [(s.action, s.device) for s in gone.steps] == [(Action.DETACH, info.device_id)]
+        assert await drives.list_drives(vm) == ()
+        assert await node_names(vm) == set()
