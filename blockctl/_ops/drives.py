@@ -357,7 +357,7 @@ async def check_hotplug(
         raise ConfigError("drive.snapshot", "a throwaway overlay is only made at launch")
     if any(v is not None for v in (drive.bus, drive.unit, drive.index)):
         raise ConfigError("drive.unit", "hot-plugged drives are placed by QEMU")
-    if drive.file is not None:
+    if drive.file is not None or drive.iscsi is not None:
         await _refuse_if_in_use(vm, drive)
     source = None if drive.file is None else await inspect_drive(drive, "file", roots=image_roots)
     if drive.nbd is not None:
@@ -446,9 +446,13 @@ def _same_file(a: str, b: Path) -> bool:
 async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
     """An image this VM already has open is refused by name, before qemu-img or QEMU trip
     over its write lock: attached as a device, or a backing layer of one (a read-only attach
-    of a read-only layer is allowed: QEMU shares reads)."""
-    assert drive.file is not None
-    path = Path(drive.file).absolute()
+    of a read-only layer is allowed: QEMU shares reads). An iSCSI LUN likewise, by its URL:
+    QEMU takes no lock on a LUN, so a second writer would go unnoticed."""
+    if drive.iscsi is not None:
+        field, named = "iscsi", drive.iscsi.url
+    else:
+        assert drive.file is not None
+        field, named = "file", str(Path(drive.file).absolute())
     details = await wire.query_named_block_node_details(vm.session)
     graph = BlockGraph.from_qmp(details, await vm.block_devices(), vm.registry.backing_hints())
     nodes = {d.node.node_name: d.node for d in details}
@@ -456,7 +460,9 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
         if node.role is not NodeRole.FORMAT:
             continue
         filename = _filename(graph, nodes, node.name)
-        if filename is None or not _same_file(filename, path):
+        if filename is None or not (
+            filename == named if drive.iscsi is not None else _same_file(filename, Path(named))
+        ):
             continue
         if (drive.read_only or drive.media is Media.CDROM) and node.read_only:
             continue
@@ -472,7 +478,7 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
             way_out = (
                 "attach it read-only (--read-only), or attach a copy or a new overlay on top of it"
             )
-        raise ConfigError("file", f"{path} is {where}: {way_out}")
+        raise ConfigError(field, f"{named} is {where}: {way_out}")
 
 
 async def _rollback(

@@ -27,7 +27,7 @@ from blockctl._ops.apply import Action, load_desired
 from blockctl._ops.apply import apply as apply_drives
 from blockctl._ops.drives import UnplugState
 from blockctl._qmp import wire
-from blockctl.errors import CommandFailed
+from blockctl.errors import CommandFailed, ConfigError
 from blockctl.types import Drive, ImageFormat, Interface, IscsiSource
 from tests.conftest import missing
 from tests.integration.conftest import (
@@ -198,6 +198,10 @@ async def test_iscsi_lun_at_launch_and_passed_through_by_hotplug(
             ),
         )
         assert passthrough.device_driver == "scsi-block"
+        # QEMU takes no lock on a LUN: blockctl refuses a second writer by the LUN's URL.
+        for again in (launch, Drive(iscsi=tgt.source(2), format=ImageFormat.RAW)):
+            with pytest.raises(ConfigError, match="already attached as disk"):
+                await drives.hotplug(vm, again)
         assert passthrough.file == f"iscsi://{tgt.portal}/{TARGET}/2"
         emulated = await disk_with_vendor(vm, "QEMU")
         passed = await disk_with_vendor(vm, "IET")  # tgt's vendor id: the LUN itself
