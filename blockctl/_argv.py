@@ -21,6 +21,8 @@ from blockctl._qmp.models import (
     CacheOptions,
     FileOptions,
     FormatOptions,
+    IscsiOptions,
+    SecretObject,
     node_json,
 )
 from blockctl.errors import ConfigError
@@ -68,6 +70,8 @@ class DrivePlan:
     top_node: str | None
     nodes: tuple[BlockdevOptions, ...]
     device: Json
+    #: ``secret`` objects the nodes name (an iSCSI CHAP password), made before them.
+    objects: tuple[SecretObject, ...] = ()
 
     def record_nodes(self) -> tuple[Json, ...]:
         """The nodes as the plain JSON a drive's record keeps."""
@@ -144,25 +148,68 @@ def _supports_backing(fmt: str) -> bool:
     return fmt in ("qcow2", "qed", "vmdk")
 
 
+def secret_id(node_name: str) -> str:
+    """The id of the ``secret`` object holding the CHAP password of iSCSI node ``node_name``."""
+    return f"{node_name}-secret"
+
+
+def _iscsi_node(name: str, drive: Drive) -> tuple[IscsiOptions, tuple[SecretObject, ...]]:
+    assert drive.iscsi is not None
+    source = drive.iscsi
+    node: IscsiOptions = {
+        "driver": "iscsi",
+        "node-name": name,
+        "transport": "tcp",
+        "portal": source.portal,
+        "target": source.target,
+        "lun": source.lun,
+        "cache": _cache_opts(drive),
+        "read-only": drive.read_only,
+    }
+    if source.initiator_name is not None:
+        node["initiator-name"] = source.initiator_name
+    objects: tuple[SecretObject, ...] = ()
+    if source.password_file is not None:
+        # QEMU reads the password from the file itself: only the file's name is sent.
+        assert source.user is not None  # IscsiSource: CHAP has both or neither
+        secret: SecretObject = {
+            "qom-type": "secret",
+            "id": secret_id(name),
+            "file": str(Path(source.password_file).absolute()),
+            "format": "raw",
+        }
+        node["user"] = source.user
+        node["password-secret"] = secret["id"]
+        objects = (secret,)
+    return node, objects
+
+
 def plan_drive(
     i: int, drive: Drive, source: DriveSource | None, machine: str, slot: tuple[int, int] | None
 ) -> DrivePlan:
     """The nodes and device for drive ``i``; ``source`` is None only for an empty cdrom."""
     nodes: list[BlockdevOptions] = []
+    objects: tuple[SecretObject, ...] = ()
     top: str | None = None
-    if drive.nbd is not None and drive.format is not None:
-        # The image's header is on the server: no chain was read, so a qcow2 over NBD is
-        # opened with backing null rather than whatever its header names.
-        nodes.append(
-            {
-                "driver": "nbd",
-                "node-name": f"drv{i}-file",
-                "server": {"type": "unix", "path": str(drive.nbd.socket)},
-                "export": drive.nbd.export,
-                "cache": _cache_opts(drive),
-                "read-only": drive.read_only,
-            }
-        )
+    remote = drive.nbd is not None or drive.iscsi is not None
+    if remote and drive.format is not None:
+        # The image's header is on the server: no chain was read, so a qcow2 over NBD or
+        # iSCSI is opened with backing null rather than whatever its header names.
+        if drive.iscsi is not None:
+            iscsi, objects = _iscsi_node(f"drv{i}-file", drive)
+            nodes.append(iscsi)
+        else:
+            assert drive.nbd is not None
+            nodes.append(
+                {
+                    "driver": "nbd",
+                    "node-name": f"drv{i}-file",
+                    "server": {"type": "unix", "path": str(drive.nbd.socket)},
+                    "export": drive.nbd.export,
+                    "cache": _cache_opts(drive),
+                    "read-only": drive.read_only,
+                }
+            )
         nodes.append(
             _format_node(
                 f"drv{i}",
@@ -246,6 +293,7 @@ def plan_drive(
         top_node=top,
         nodes=tuple(nodes),
         device=_device(device_id, drive, top, machine, slot),
+        objects=objects,
     )
 
 
@@ -257,7 +305,8 @@ def _device(
     if drive.interface is Interface.VIRTIO:
         device["driver"] = "virtio-blk-pci"
     elif drive.interface is Interface.SCSI:
-        device.update(driver="scsi-cd" if cdrom else "scsi-hd", bus=f"scsi{(slot or (0, 0))[0]}.0")
+        kind = "scsi-cd" if cdrom else "scsi-block" if drive.passthrough else "scsi-hd"
+        device.update(driver=kind, bus=f"scsi{(slot or (0, 0))[0]}.0")
         if slot is not None:
             device.update({"scsi-id": slot[1], "lun": 0})
         # Without a slot (hot-plug), QEMU picks a free SCSI id on the bus.
@@ -275,8 +324,9 @@ def _device(
         device.update(driver="floppy", unit=(slot or (0, 0))[1])
     if top is not None:
         device["drive"] = top
-    if not cdrom and drive.interface is not Interface.FLOPPY:
+    if not cdrom and drive.interface is not Interface.FLOPPY and not drive.passthrough:
         # The guest-visible write cache is part of the cache mode and fixed at realize.
+        # (scsi-block has none: the guest talks to the LUN's own cache.)
         device["write-cache"] = "on" if drive.cache.write_cache else "off"
     if drive.serial is not None:
         device["serial"] = drive.serial
@@ -475,6 +525,8 @@ def build_argv(
     for bus in scsi_buses:
         argv += ["-device", json.dumps({"driver": "virtio-scsi-pci", "id": f"scsi{bus}"})]
     for plan in plans:
+        for secret in plan.objects:
+            argv += ["-object", json.dumps(secret)]
         for node in plan.nodes:
             argv += ["-blockdev", json.dumps(node)]
         argv += ["-device", json.dumps(plan.device)]

@@ -173,8 +173,20 @@ def _leaf_filename(descriptor: Mapping[str, Any]) -> str | None:
         name = current.get("filename")
         if isinstance(name, str):
             return name
+        if current.get("driver") == "iscsi":
+            # An iSCSI LUN has no filename: its URL names it (never with credentials).
+            return iscsi_url(current)
         current = _child_spec(current)
     return None
+
+
+def iscsi_url(spec: Mapping[str, Any]) -> str | None:
+    """``iscsi://portal/target/lun`` of an iscsi node's options (QEMU reports the LUN as a
+    number or a string)."""
+    portal, target, lun = spec.get("portal"), spec.get("target"), spec.get("lun", 0)
+    if not isinstance(portal, str) or not isinstance(target, str):
+        return None
+    return f"iscsi://{portal}/{target}/{lun}"
 
 
 def image_filename(qemu_name: str) -> str | None:

@@ -258,7 +258,29 @@ async def preflight(config: MachineConfig) -> tuple[str, dict[int, DriveSource]]
             sources[i] = await inspect_drive(drive, f"drive[{i}].file", roots=config.image_roots)
         elif drive.nbd is not None:
             check_nbd(drive, f"drive[{i}].nbd")
+        elif drive.iscsi is not None:
+            check_iscsi(drive, f"drive[{i}].iscsi")
     return binary, sources
+
+
+def check_iscsi(drive: Drive, where: str) -> None:
+    """A CHAP password file must be a regular file only its owner can read: QEMU reads the
+    password from it (blockctl never does)."""
+    assert drive.iscsi is not None
+    path = drive.iscsi.password_file
+    if path is None:
+        return
+    try:
+        info = Path(path).stat()
+    except OSError as exc:
+        raise ConfigError(f"{where}.password_file", f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{where}.password_file", f"{path} is not a regular file")
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            f"{where}.password_file",
+            f"{path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 it",
+        )
 
 
 def check_nbd(drive: Drive, where: str) -> None:

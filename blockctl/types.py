@@ -22,6 +22,7 @@ __all__ = [
     "MAX_HOTPLUG_SLOTS",
     "MAX_SIZE",
     "coerce_enum",
+    "drive_paths_relative_to",
     "drive_slot",
     "is_pcie_machine",
     "parse_size",
@@ -37,6 +38,7 @@ __all__ = [
     "ErrorPolicy",
     "ImageFormat",
     "Interface",
+    "IscsiSource",
     "MachineConfig",
     "Media",
     "NbdSource",
@@ -196,6 +198,22 @@ def relative_to(base: Path, value: str, where: str) -> Path:
     return base / _check_path(value, where)
 
 
+def drive_paths_relative_to(base: Path, item: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A ``[[drive]]`` table with its paths (``file``, ``iscsi.password-file``) resolved
+    against ``base`` (see :func:`relative_to`)."""
+    values = dict(item)
+    if isinstance(values.get("file"), str):
+        values["file"] = relative_to(base, values["file"], f"{where}.file")
+    iscsi = values.get("iscsi")
+    if isinstance(iscsi, Mapping):
+        iscsi = dict(iscsi)
+        for key in ("password-file", "password_file"):
+            if isinstance(iscsi.get(key), str):
+                iscsi[key] = relative_to(base, iscsi[key], f"{where}.iscsi.{key}")
+        values["iscsi"] = iscsi
+    return values
+
+
 def _check_path(value: object, where: str) -> Path:
     if not isinstance(value, str | Path):
         raise ConfigError(where, f"expected a file path, got {type(value).__name__}")
@@ -241,6 +259,167 @@ class NbdSource:
         return _from_mapping(cls, data, where, aliases={})
 
 
+#: iSCSI names (RFC 3720 3.2.6.3): ``iqn.YYYY-MM.reversed.domain[:anything]``, ``eui.`` + 16
+#: hex digits, ``naa.`` + 16 or 32 hex digits; at most 223 bytes. No ``/`` (the URL's separator).
+_ISCSI_NAME = re.compile(
+    r"(?:iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(?::[A-Za-z0-9.:_-]+)?"
+    r"|eui\.[0-9A-Fa-f]{16}|naa\.(?:[0-9A-Fa-f]{16}|[0-9A-Fa-f]{32}))",
+    re.ASCII,
+)
+_MAX_ISCSI_NAME = 223
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\]", re.ASCII)
+#: A LUN in SAM's flat space addressing (what tgt and libiscsi take).
+_MAX_LUN = 16383
+_ISCSI_PORT = 3260
+
+
+def _iscsi_name(value: object, where: str) -> str:
+    if (
+        not isinstance(value, str)
+        or len(value) > _MAX_ISCSI_NAME
+        or not _ISCSI_NAME.fullmatch(value)
+    ):
+        raise ConfigError(
+            where,
+            f"{value!r} is not an iSCSI name: use iqn.YYYY-MM.reversed.domain[:name] "
+            "(lower case), eui.<16 hex> or naa.<16 or 32 hex>",
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IscsiSource:
+    """A LUN of an iSCSI target as a drive's storage, reached by QEMU's own initiator
+    (libiscsi, driver ``iscsi``; no kernel initiator).
+
+    Attributes:
+        portal: ``host:port`` of the target's portal (port 3260 when left out).
+        target: the target's IQN.
+        lun: the logical unit number.
+        initiator_name: the IQN QEMU logs in as (QEMU's default when None).
+        user, password_file: CHAP credentials; the password is read by QEMU from the file
+            (a ``secret`` object), never put on a command line, in a log or a record.
+    """
+
+    portal: str
+    target: str
+    lun: int = 0
+    initiator_name: str | None = None
+    user: str | None = None
+    password_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        put(self, "portal", _portal(self.portal, "iscsi.portal"))
+        _iscsi_name(self.target, "iscsi.target")
+        if (
+            isinstance(self.lun, bool)
+            or not isinstance(self.lun, int)
+            or not 0 <= self.lun <= _MAX_LUN
+        ):
+            raise ConfigError("iscsi.lun", f"{self.lun!r}: a LUN from 0 to {_MAX_LUN}")
+        if self.initiator_name is not None:
+            _iscsi_name(self.initiator_name, "iscsi.initiator_name")
+        if self.user is not None and (
+            not isinstance(self.user, str) or not re.fullmatch(r"[\x21-\x7e]{1,255}", self.user)
+        ):
+            raise ConfigError("iscsi.user", "a CHAP user name is 1-255 printable ASCII characters")
+        if self.password_file is not None:
+            put(self, "password_file", _check_path(self.password_file, "iscsi.password_file"))
+        if (self.user is None) != (self.password_file is None):
+            raise ConfigError(
+                "iscsi.password_file" if self.user is not None else "iscsi.user",
+                "CHAP needs both user and password_file (a file holding the password)",
+            )
+
+    @property
+    def url(self) -> str:
+        """``iscsi://portal/target/lun``: how QEMU's tools and blockctl's output name it
+        (never the credentials)."""
+        return f"iscsi://{self.portal}/{self.target}/{self.lun}"
+
+    @classmethod
+    def from_url(cls, url: str, where: str = "iscsi") -> IscsiSource:
+        """``iscsi://host[:port]/target-iqn/lun`` parsed into its parts; a malformed URL is a
+        ConfigError naming the part. Credentials in the URL are refused (a password would be
+        in the clear in the shell's history and the process list): CHAP is given apart."""
+        prefix = "iscsi://"
+        if not isinstance(url, str) or not url.startswith(prefix):
+            raise ConfigError(where, f"{url!r} is not an iscsi://host[:port]/target/lun URL")
+        rest = url[len(prefix) :]
+        if any(c in rest for c in "?#") or any(c.isspace() for c in rest):
+            raise ConfigError(where, "an iscsi:// URL takes no query, fragment or spaces")
+        netloc, slash, path = rest.partition("/")
+        if "@" in netloc:
+            userinfo = netloc.rpartition("@")[0]
+            if ":" in userinfo or "%" in userinfo:
+                raise ConfigError(
+                    f"{where}.password",
+                    "no password in a URL (it would be visible to every user of the host); "
+                    "give the CHAP user and a password file (0600) instead",
+                )
+            raise ConfigError(
+                f"{where}.user",
+                "give the CHAP user apart from the URL, with its password file "
+                "(user + password_file; on the command line --chap-user, --chap-password-file)",
+            )
+        if not slash:
+            raise ConfigError(f"{where}.target", "missing: iscsi://host[:port]/target/lun")
+        parts = path.split("/")
+        if len(parts) != 2 or not parts[0]:
+            raise ConfigError(
+                f"{where}.target" if not parts[0] else f"{where}.lun",
+                f"{path!r}: the path is /target-iqn/lun",
+            )
+        target, lun_text = parts
+        if not lun_text.isascii() or not lun_text.isdigit():
+            raise ConfigError(f"{where}.lun", f"{lun_text!r}: a LUN is a number")
+        return cls(portal=netloc, target=target, lun=int(lun_text))
+
+    @classmethod
+    def from_mapping(cls, data: object, where: str) -> IscsiSource:
+        """From a TOML table (or an ``iscsi://`` URL string); errors name ``where``."""
+        try:
+            if isinstance(data, str):
+                return cls.from_url(data, "iscsi")
+            if not isinstance(data, Mapping):
+                raise ConfigError(
+                    where,
+                    'use a table: iscsi = { portal = "host:3260", target = "iqn...", lun = 1 }',
+                )
+            return _from_mapping(cls, data, "iscsi", aliases={})
+        except ConfigError as exc:
+            if exc.field == "iscsi" or exc.field.startswith("iscsi."):
+                raise ConfigError(where + exc.field[len("iscsi") :], exc.message) from None
+            raise
+
+
+def _portal(value: object, where: str) -> str:
+    """``host[:port]`` checked, with the port made explicit."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(where, f"{value!r}: give host:port, e.g. 127.0.0.1:3260")
+    host, port_text = value, ""
+    if value.startswith("["):
+        close = value.find("]")
+        if close < 0:
+            raise ConfigError(where, f"{value!r}: an IPv6 address is written [addr]:port")
+        host, port_text = value[: close + 1], value[close + 1 :]
+        if port_text and not port_text.startswith(":"):
+            raise ConfigError(where, f"{value!r}: expected :port after the address")
+        port_text = port_text[1:]
+    elif ":" in value:
+        host, _, port_text = value.rpartition(":")
+    if not _HOST.fullmatch(host):
+        raise ConfigError(where, f"{host!r} is not a host name or IP address")
+    if port_text:
+        if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(where, f"{port_text!r} is not a TCP port (1-65535)")
+        port = int(port_text)
+    else:
+        port = _ISCSI_PORT
+    return f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Drive:
     """One drive, with the options of QEMU's ``-drive``, launched as ``-blockdev`` nodes.
@@ -273,6 +452,10 @@ class Drive:
     detect_zeroes: DetectZeroes = DetectZeroes.OFF
     bootindex: int | None = None
     nbd: NbdSource | None = None
+    iscsi: IscsiSource | None = None
+    #: SCSI LUN passthrough: the guest gets the LUN itself (``scsi-block``: SCSI commands go
+    #: to the target, the guest sees its vendor, VPD pages, ...), not an emulated disk.
+    passthrough: bool = False
 
     def __post_init__(self) -> None:
         self._validate("drive")
@@ -299,7 +482,7 @@ class Drive:
                 raise ConfigError(
                     f"{where}.{name}", f"must be a non-negative integer, got {value!r}"
                 )
-        for name in ("read_only", "snapshot", "copy_on_read"):
+        for name in ("read_only", "snapshot", "copy_on_read", "passthrough"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{where}.{name}", "must be true or false")
 
@@ -310,14 +493,44 @@ class Drive:
                 raise ConfigError(f"{where}.nbd", "give either file or nbd, not both")
             if self.snapshot:
                 raise ConfigError(f"{where}.snapshot", "no throwaway overlay over NBD")
-        if self.file is None and self.nbd is None:
+        if self.iscsi is not None:
+            if not isinstance(self.iscsi, IscsiSource):
+                put(self, "iscsi", IscsiSource.from_mapping(self.iscsi, f"{where}.iscsi"))
+            if self.file is not None or self.nbd is not None:
+                raise ConfigError(f"{where}.iscsi", "give one of file, nbd or iscsi")
+            if self.snapshot:
+                raise ConfigError(f"{where}.snapshot", "no throwaway overlay over iSCSI")
+        if self.passthrough:
+            if self.iscsi is None:
+                raise ConfigError(
+                    f"{where}.passthrough",
+                    "LUN passthrough (scsi-block) needs an iscsi LUN (the host has no SCSI "
+                    "devices blockctl passes through)",
+                )
+            if self.interface is not Interface.SCSI or self.media is not Media.DISK:
+                raise ConfigError(f"{where}.passthrough", "a passed-through LUN needs if = 'scsi'")
+            if self.format is not ImageFormat.RAW and self.format is not None:
+                raise ConfigError(
+                    f"{where}.passthrough",
+                    "the guest reads the LUN itself: the format must be 'raw'",
+                )
+            if self.serial is not None:
+                raise ConfigError(
+                    f"{where}.serial", "a passed-through LUN reports the target's own serial"
+                )
+            if self.copy_on_read or self.detect_zeroes is not DetectZeroes.OFF:
+                raise ConfigError(
+                    f"{where}.passthrough",
+                    "SCSI commands bypass the block layer: no copy_on_read or detect_zeroes",
+                )
+        if self.file is None and self.nbd is None and self.iscsi is None:
             if self.media is not Media.CDROM:
                 raise ConfigError(
                     f"{where}.file", "a disk needs an image file; only a cdrom may start empty"
                 )
             if self.format is not None:
                 raise ConfigError(f"{where}.format", "an empty cdrom has no format")
-        elif self.format is None:  # an image, from a file or over NBD
+        elif self.format is None:  # an image, from a file, over NBD or iSCSI
             raise ConfigError(
                 f"{where}.format",
                 "the image format is mandatory (blockctl never probes formats); "
@@ -517,8 +730,8 @@ class MachineConfig:
             if not isinstance(item, Mapping):
                 raise ConfigError(f"drive[{i}]", "must be a table")
             item = dict(item)
-            if base is not None and isinstance(item.get("file"), str):
-                item["file"] = relative_to(base, item["file"], f"drive[{i}].file")
+            if base is not None:
+                item = drive_paths_relative_to(base, item, f"drive[{i}]")
             drives.append(Drive.from_mapping(item, f"drive[{i}]"))
         raw_boot = data.pop("boot", None)
         boot = None

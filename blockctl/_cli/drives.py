@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blockctl import _lazy
 from blockctl._cli.common import Command, ExitCode, emit
@@ -14,7 +15,7 @@ from blockctl._machine import attach
 from blockctl._ops import drives
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import ConfigError
-from blockctl.types import CacheMode, Drive, ImageFormat, coerce_enum, parse_size
+from blockctl.types import CacheMode, Drive, ImageFormat, IscsiSource, coerce_enum, parse_size
 
 if TYPE_CHECKING:
     from blockctl._ops import apply as apply_ops
@@ -90,9 +91,19 @@ class AttachDrive(Command):
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("vm")
-        parser.add_argument("file", type=Path)
+        parser.add_argument("file", help="an image file, or an iscsi://host[:port]/iqn/lun URL")
         parser.add_argument("--format", required=True, help="image format (never probed)")
         parser.add_argument("--bus", default="virtio", help="virtio | scsi")
+        parser.add_argument(
+            "--passthrough",
+            action="store_true",
+            help="iSCSI LUN passthrough (scsi-block, --bus scsi, --format raw)",
+        )
+        parser.add_argument("--initiator-name", help="the IQN QEMU logs in to iSCSI as")
+        parser.add_argument("--chap-user", help="iSCSI CHAP user name")
+        parser.add_argument(
+            "--chap-password-file", type=Path, help="a 0600 file holding the CHAP password"
+        )
         parser.add_argument("--cache", default="writeback")
         parser.add_argument("--aio", default="threads")
         parser.add_argument("--discard", default="ignore")
@@ -101,9 +112,26 @@ class AttachDrive(Command):
         parser.add_argument("--bootindex", type=int)
 
     async def run(self, args: argparse.Namespace) -> int:
+        source: dict[str, Any] = {}
+        if args.file.startswith("iscsi://"):
+            iscsi = IscsiSource.from_url(args.file)
+            source["iscsi"] = replace(
+                iscsi,
+                initiator_name=args.initiator_name,
+                user=args.chap_user,
+                password_file=None
+                if args.chap_password_file is None
+                else args.chap_password_file.absolute(),
+            )
+        else:
+            for option in ("initiator_name", "chap_user", "chap_password_file"):
+                if getattr(args, option) is not None:
+                    raise ConfigError(option.replace("_", "-"), "is for an iscsi:// source")
+            source["file"] = str(Path(args.file).absolute())
         drive = Drive.from_mapping(
             {
-                "file": str(args.file.absolute()),
+                **source,
+                "passthrough": args.passthrough,
                 "format": args.format,
                 "interface": args.bus,
                 "cache": args.cache,

@@ -39,7 +39,7 @@ from blockctl._machine import VM
 from blockctl._ops import drives as ops
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import BlockctlError, ConfigError, PartiallyApplied, Unsupported
-from blockctl.types import CacheMode, Drive, Media, parse_size, relative_to
+from blockctl.types import CacheMode, Drive, Media, drive_paths_relative_to, parse_size
 
 _THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
 
@@ -61,8 +61,8 @@ class DesiredDrive:
         size = values.pop("size", None)
         allow_shrink = values.pop("allow-shrink", values.pop("allow_shrink", False))
         throttle = values.pop("throttle", None)
-        if base is not None and isinstance(values.get("file"), str):
-            values["file"] = relative_to(base, values["file"], f"{where}.file")
+        if base is not None:
+            values = drive_paths_relative_to(base, values, where)
         if device is not None and not isinstance(device, str):
             raise ConfigError(f"{where}.device", "must be a device id such as 'disk1'")
         if not isinstance(allow_shrink, bool):
@@ -156,6 +156,18 @@ def _same_file(a: Path | None, b: str | None) -> bool:
     return a is not None and b is not None and Path(a).absolute() == Path(b)
 
 
+def _source_name(drive: Drive) -> str:
+    """The drive's storage as a live drive's ``file`` names it: the image file, or the
+    URL of an iSCSI LUN."""
+    return drive.iscsi.url if drive.iscsi is not None else str(drive.file)
+
+
+def _same_source(drive: Drive, live_file: str | None) -> bool:
+    if drive.iscsi is not None:
+        return live_file == drive.iscsi.url
+    return _same_file(drive.file, live_file)
+
+
 def _live_cache_matches(live: DriveInfo, mode: CacheMode) -> bool:
     flags = live.cache
     return flags is not None and (flags.direct, flags.no_flush) == (mode.direct, mode.no_flush)
@@ -185,7 +197,7 @@ def plan(
                 continue
         else:
             current = next(
-                (d for d in live if d.device_id not in matched and _same_file(drive.file, d.file)),
+                (d for d in live if d.device_id not in matched and _same_source(drive, d.file)),
                 None,
             )
         if current is None:
@@ -208,9 +220,9 @@ def plan(
                     )
                 )
             continue
-        if not _same_file(drive.file, current.file):
+        if not _same_source(drive, current.file):
             conflicts.append(
-                f"{current.device_id}: holds {current.file}, not {drive.file}; "
+                f"{current.device_id}: holds {current.file}, not {_source_name(drive)}; "
                 "a disk's image is changed by detach + attach"
             )
             continue
@@ -264,7 +276,7 @@ def plan(
 
 def _describe(drive: Drive) -> str:
     return (
-        f"{drive.file} ({drive.format.value if drive.format else '-'}, "
+        f"{_source_name(drive)} ({drive.format.value if drive.format else '-'}, "
         f"{drive.interface.value}, cache {drive.cache.value})"
     )
 
@@ -289,6 +301,8 @@ async def check(vm: VM, current: Plan) -> Plan:
 
 
 def _describe_short(want: DesiredDrive | None) -> str:
+    if want is not None and want.drive.iscsi is not None:
+        return want.drive.iscsi.url
     return "(new)" if want is None or want.drive.file is None else str(want.drive.file)
 
 

@@ -32,7 +32,7 @@ import anyio
 from blockctl._argv import DrivePlan, DriveSource, plan_drive
 from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
-from blockctl._machine import VM, check_nbd, inspect_drive
+from blockctl._machine import VM, check_iscsi, check_nbd, inspect_drive
 from blockctl._ops import conflicts
 from blockctl._ops.nodes import delete_nodes
 from blockctl._qmp import wire
@@ -357,11 +357,13 @@ async def check_hotplug(
         raise ConfigError("drive.snapshot", "a throwaway overlay is only made at launch")
     if any(v is not None for v in (drive.bus, drive.unit, drive.index)):
         raise ConfigError("drive.unit", "hot-plugged drives are placed by QEMU")
-    if drive.file is not None:
+    if drive.file is not None or drive.iscsi is not None:
         await _refuse_if_in_use(vm, drive)
     source = None if drive.file is None else await inspect_drive(drive, "file", roots=image_roots)
     if drive.nbd is not None:
         check_nbd(drive, "nbd")
+    if drive.iscsi is not None:
+        check_iscsi(drive, "iscsi")
     return source
 
 
@@ -392,19 +394,23 @@ async def hotplug(
         plan = _over_backing(plan, f"drv{index}", backing)
     added_nodes: list[str] = []
     added_devices: list[str] = []
+    added_objects: list[str] = []
     try:
         if drive.interface is Interface.SCSI:
             peripherals = await wire.qom_list(vm.session, "/machine/peripheral")
             if "scsi0" not in peripherals:
                 await _device_add_placed(vm, {"driver": "virtio-scsi-pci", "id": "scsi0"})
                 added_devices.append("scsi0")
+        for secret in plan.objects:
+            await wire.secret_add(vm.session, secret)
+            added_objects.append(secret["id"])
         for node in plan.nodes:
             await wire.blockdev_add(vm.session, node)
             added_nodes.append(str(node["node-name"]))
         await _device_add_placed(vm, plan.device)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await _rollback(vm, added_nodes, added_devices)
+            await _rollback(vm, added_nodes, added_devices, added_objects)
         raise
     vm.registry.put(
         DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.record_nodes())
@@ -440,9 +446,13 @@ def _same_file(a: str, b: Path) -> bool:
 async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
     """An image this VM already has open is refused by name, before qemu-img or QEMU trip
     over its write lock: attached as a device, or a backing layer of one (a read-only attach
-    of a read-only layer is allowed: QEMU shares reads)."""
-    assert drive.file is not None
-    path = Path(drive.file).absolute()
+    of a read-only layer is allowed: QEMU shares reads). An iSCSI LUN likewise, by its URL:
+    QEMU takes no lock on a LUN, so a second writer would go unnoticed."""
+    if drive.iscsi is not None:
+        field, named = "iscsi", drive.iscsi.url
+    else:
+        assert drive.file is not None
+        field, named = "file", str(Path(drive.file).absolute())
     details = await wire.query_named_block_node_details(vm.session)
     graph = BlockGraph.from_qmp(details, await vm.block_devices(), vm.registry.backing_hints())
     nodes = {d.node.node_name: d.node for d in details}
@@ -450,7 +460,9 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
         if node.role is not NodeRole.FORMAT:
             continue
         filename = _filename(graph, nodes, node.name)
-        if filename is None or not _same_file(filename, path):
+        if filename is None or not (
+            filename == named if drive.iscsi is not None else _same_file(filename, Path(named))
+        ):
             continue
         if (drive.read_only or drive.media is Media.CDROM) and node.read_only:
             continue
@@ -466,15 +478,26 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
             way_out = (
                 "attach it read-only (--read-only), or attach a copy or a new overlay on top of it"
             )
-        raise ConfigError("file", f"{path} is {where}: {way_out}")
+        raise ConfigError(field, f"{named} is {where}: {way_out}")
 
 
-async def _rollback(vm: VM, nodes: list[str], devices: list[str]) -> None:
+async def _rollback(
+    vm: VM, nodes: list[str], devices: list[str], objects: Sequence[str] = ()
+) -> None:
     await delete_nodes(vm, nodes, event="blockctl.drive.rollback_failed")
+    await _delete_secrets(vm, objects)
     for device_id in reversed(devices):
         # An empty controller: its removal needs no guest cooperation worth waiting for.
         with contextlib.suppress(BlockctlError):
             await wire.device_del(vm.session, device_id)
+
+
+async def _delete_secrets(vm: VM, ids: Sequence[str]) -> None:
+    """Delete the ``secret`` objects of a drive's nodes once no node uses them (one already
+    gone, e.g. deleted by another client finishing the same removal, is not an error)."""
+    for object_id in ids:
+        with contextlib.suppress(CommandFailed):
+            await wire.object_del(vm.session, object_id)
 
 
 async def drive_info(vm: VM, device_id: str) -> DriveInfo:
@@ -536,6 +559,9 @@ async def _delete_nodes(vm: VM, record: DriveRecord) -> UnplugResult:
                     raise
                 continue
             deleted.append(name)
+    await _delete_secrets(
+        vm, [str(n["password-secret"]) for n in record.nodes if "password-secret" in n]
+    )
     vm.registry.remove(record.device_id)
     _log.info("blockctl.drive.unplugged", vm=vm.name, device=record.device_id, nodes=deleted)
     return UnplugResult(

@@ -517,6 +517,32 @@ NbdOptions = TypedDict(
     },
 )
 
+#: A protocol node on an iSCSI LUN (QEMU's libiscsi initiator). ``password-secret`` names a
+#: ``secret`` object (:data:`SecretObject`) holding the CHAP password: never the password.
+IscsiOptions = TypedDict(
+    "IscsiOptions",
+    {
+        "driver": Literal["iscsi"],
+        "node-name": str,
+        "transport": Literal["tcp"],
+        "portal": str,
+        "target": str,
+        "lun": int,
+        "initiator-name": NotRequired[str],
+        "user": NotRequired[str],
+        "password-secret": NotRequired[str],
+        "cache": NotRequired[CacheOptions],
+        "read-only": NotRequired[bool],
+    },
+)
+
+#: A ``secret`` object whose data QEMU reads from ``file`` (``-object`` / ``object-add``):
+#: the secret itself is never in a command line, a QMP message or a record.
+SecretObject = TypedDict(
+    "SecretObject",
+    {"qom-type": Literal["secret"], "id": str, "file": str, "format": Literal["raw"]},
+)
+
 #: A ``copy-on-read`` filter over ``file``.
 CopyOnReadOptions = TypedDict(
     "CopyOnReadOptions",
@@ -524,7 +550,7 @@ CopyOnReadOptions = TypedDict(
 )
 
 #: What ``blockdev-add`` takes from blockctl's builders.
-BlockdevOptions = FileOptions | FormatOptions | NbdOptions | CopyOnReadOptions
+BlockdevOptions = FileOptions | FormatOptions | NbdOptions | IscsiOptions | CopyOnReadOptions
 
 
 #: ``blockdev-create`` of a qcow2 image inside the existing protocol node ``file``.

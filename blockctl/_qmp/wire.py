@@ -123,6 +123,17 @@ def _check_node_options(options: Mapping[str, Any]) -> None:
             raise ConfigError("blockdev", f"inline {key} node without a driver: {value!r}")
 
 
+async def secret_add(session: QMPSession, secret: _models.SecretObject) -> None:
+    """A ``secret`` object QEMU reads from a file (the secret itself is never sent)."""
+    if set(secret) != {"qom-type", "id", "file", "format"}:
+        raise ConfigError("secret", "a secret object is read from a file, never sent inline")
+    await session.execute("object-add", dict(secret))
+
+
+async def object_del(session: QMPSession, object_id: str) -> None:
+    await session.execute("object-del", {"id": object_id})
+
+
 async def blockdev_del(session: QMPSession, node_name: str) -> None:
     await session.execute("blockdev-del", {"node-name": node_name})
 

@@ -278,6 +278,8 @@ def _image_file(qemu_name: str) -> str:
     while isinstance(spec, dict):
         if isinstance(spec.get("filename"), str):
             return str(spec["filename"])
+        if spec.get("driver") == "iscsi":  # a LUN is named by its URL
+            return f"iscsi://{spec['portal']}/{spec['target']}/{spec['lun']}"
         spec = spec.get("file", spec.get("image"))
     raise AssertionError(f"no filename in {qemu_name}")
 

@@ -1,0 +1,389 @@
+"""Storage types against real servers: iSCSI LUNs served by a real tgtd on loopback (as an
+emulated disk, scsi-hd, and passed through, scsi-block), and host_device on a loop device.
+
+tgtd is started by a fixture on a free loopback port with its own control port, and stopped by
+its process id whatever the test did (tgtd ignores SIGTERM while it has targets: they are
+deleted first). QEMU reaches the LUNs with its own initiator (libiscsi); the kernel here has no
+SCSI layer, so nothing is logged in on the host.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+
+from blockctl import GuestImage, LaunchedVM, open_vm
+from blockctl._backup import operations as backup_ops
+from blockctl._ops import drives
+from blockctl._ops.apply import Action, load_desired
+from blockctl._ops.apply import apply as apply_drives
+from blockctl._ops.drives import UnplugState
+from blockctl._qmp import wire
+from blockctl.errors import CommandFailed, ConfigError
+from blockctl.types import Drive, ImageFormat, Interface, IscsiSource
+from tests.conftest import missing
+from tests.integration.conftest import (
+    MIB,
+    base_config,
+    pattern,
+    raw_image,
+    sha256,
+    truth_check,
+)
+
+pytestmark = pytest.mark.guest
+
+TARGET = "iqn.2026-12.org.blockctl.test:storage"
+LUN_SIZE = 16 * MIB
+
+
+@dataclass(frozen=True, slots=True)
+class Tgt:
+    """A running tgtd with one target whose LUNs 1.. are files in ``backing``."""
+
+    portal: str
+    control: int
+    backing: tuple[Path, ...]
+
+    def source(self, lun: int, **kwargs: object) -> IscsiSource:
+        return IscsiSource(portal=self.portal, target=TARGET, lun=lun, **kwargs)  # type: ignore[arg-type]
+
+    def admin(self, *args: str) -> None:
+        tgtadm(self.control, *args)
+
+
+def tgtadm(control: int, *args: str) -> None:
+    result = subprocess.run(
+        ["tgtadm", "-C", str(control), *args], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_control_port() -> int:
+    """A tgtd control port (tgtadm -C N: the unix socket /var/run/tgtd/socket.N) no tgtd
+    uses now."""
+    return next(n for n in range(100, 30000) if not Path(f"/var/run/tgtd/socket.{n}").exists())
+
+
+@pytest.fixture
+def tgt(tmp_path: Path) -> Iterator[Tgt]:
+    """tgtd on 127.0.0.1:PORT (with a control port of its own: another tgtd's is never used),
+    target TARGET with LUNs 1 and 2 over files holding a pattern, open to every initiator."""
+    if shutil.which("tgtd") is None or shutil.which("tgtadm") is None:
+        missing("tgtd/tgtadm (Debian package tgt, installed by scripts/setup)")
+    port = free_port()
+    control = free_control_port()
+    backing = []
+    for lun in (1, 2):
+        path = tmp_path / f"lun{lun}.img"
+        path.write_bytes(pattern(100 + lun, LUN_SIZE))
+        backing.append(path)
+    log = (tmp_path / "tgtd.log").open("wb")
+    process = subprocess.Popen(
+        ["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        # tgtd is ready when its control socket answers (bounded: 10 s).
+        for _ in range(100):
+            probe = subprocess.run(
+                ["tgtadm", "-C", str(control), "--op", "show", "--mode", "system"],
+                capture_output=True,
+                check=False,
+            )
+            if probe.returncode == 0:
+                break
+            assert process.poll() is None, (tmp_path / "tgtd.log").read_text()
+            time.sleep(0.1)
+        else:
+            raise AssertionError("tgtd did not answer on its control port")
+        tgtadm(control, "--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "1",
+               "-T", TARGET)  # fmt: skip
+        for lun, path in enumerate(backing, start=1):
+            tgtadm(control, "--lld", "iscsi", "--op", "new", "--mode", "logicalunit",
+                   "--tid", "1", "--lun", str(lun), "-b", str(path))  # fmt: skip
+        tgtadm(control, "--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1",
+               "-I", "ALL")  # fmt: skip
+        yield Tgt(portal=f"127.0.0.1:{port}", control=control, backing=tuple(backing))
+    finally:
+        # tgtd ignores SIGTERM while it has targets: delete them, then the system (it exits).
+        for args in (
+            ("--op", "delete", "--mode", "target", "--tid", "1", "--force"),
+            ("--op", "delete", "--mode", "system"),
+        ):
+            subprocess.run(["tgtadm", "-C", str(control), *args], capture_output=True, check=False)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        # tgtd leaves its control socket behind when it exits.
+        for leftover in (f"socket.{control}", f"socket.{control}.lock"):
+            Path("/var/run/tgtd", leftover).unlink(missing_ok=True)
+
+
+async def sh(vm: LaunchedVM, command: str) -> str:
+    assert vm.console is not None
+    return await vm.console.check(command)
+
+
+async def disk_with_vendor(vm: LaunchedVM, vendor: str) -> str:
+    """The guest's sdX whose SCSI INQUIRY vendor is ``vendor`` (bounded wait for it)."""
+    found = await sh(
+        vm,
+        "for i in $(seq 100); do for d in /sys/block/sd*; do "
+        f'[ -e $d/device/vendor ] && [ "$(cat $d/device/vendor | tr -d " ")" = {vendor} ] '
+        "&& { basename $d; exit 0; }; done; sleep 0.1; done; exit 1",
+    )
+    return found.strip()
+
+
+async def guest_write_read(vm: LaunchedVM, dev: str, seed: int) -> str:
+    """The guest writes 1 MiB of fresh data at offset 2 MiB of /dev/DEV (O_DIRECT, synced)
+    and reads it back from the disk; returns the sha256 both agree on."""
+    await sh(vm, f"dd if=/dev/urandom of=/tmp/w{seed} bs=1M count=1 2>/dev/null")
+    written = (await sh(vm, f"sha256sum /tmp/w{seed}")).split()[0]
+    await sh(vm, f"dd if=/tmp/w{seed} of=/dev/{dev} bs=1M seek=2 oflag=direct 2>/dev/null")
+    await sh(vm, "sync")
+    await sh(vm, "echo 3 > /proc/sys/vm/drop_caches")
+    read = (
+        await sh(vm, f"dd if=/dev/{dev} bs=1M skip=2 count=1 iflag=direct 2>/dev/null | sha256sum")
+    ).split()[0]
+    assert read == written
+    return written
+
+
+async def node_names(vm: LaunchedVM) -> set[str]:
+    return {n.node_name for n in await vm.block_nodes()}
+
+
+async def test_iscsi_lun_at_launch_and_passed_through_by_hotplug(
+    guest: GuestImage, tgt: Tgt
+) -> None:
+    """LUN 1 is an emulated SCSI disk from launch (scsi-hd: the guest sees QEMU's INQUIRY),
+    LUN 2 is hot-plugged passed through (scsi-block: the guest sees tgt's own INQUIRY). The
+    guest reads what the host put on each LUN, writes and reads back through each; after
+    unplug the LUNs' backing files hold what the guest wrote, and nothing is left in QEMU."""
+    launch = Drive(iscsi=tgt.source(1), format=ImageFormat.RAW, interface=Interface.SCSI)
+    async with open_vm(base_config(guest, launch)) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        listed = {d.device_id: d for d in await drives.list_drives(vm)}
+        assert listed["disk0"].device_driver == "scsi-hd"
+        assert listed["disk0"].file == f"iscsi://{tgt.portal}/{TARGET}/1"
+        assert [n.driver for n in await vm.block_nodes() if n.node_name == "drv0-file"] == ["iscsi"]
+        passthrough = await drives.hotplug(
+            vm,
+            Drive(
+                iscsi=tgt.source(2),
+                format=ImageFormat.RAW,
+                interface=Interface.SCSI,
+                passthrough=True,
+            ),
+        )
+        assert passthrough.device_driver == "scsi-block"
+        # QEMU takes no lock on a LUN: blockctl refuses a second writer by the LUN's URL.
+        for again in (launch, Drive(iscsi=tgt.source(2), format=ImageFormat.RAW)):
+            with pytest.raises(ConfigError, match="already attached as disk"):
+                await drives.hotplug(vm, again)
+        assert passthrough.file == f"iscsi://{tgt.portal}/{TARGET}/2"
+        emulated = await disk_with_vendor(vm, "QEMU")
+        passed = await disk_with_vendor(vm, "IET")  # tgt's vendor id: the LUN itself
+        assert emulated != passed
+        for dev, lun in ((emulated, 1), (passed, 2)):
+            head = await sh(vm, f"dd if=/dev/{dev} bs=1M count=2 2>/dev/null | sha256sum")
+            assert head.split()[0] == sha256(pattern(100 + lun, LUN_SIZE)[: 2 * MIB])
+        sums = {
+            1: await guest_write_read(vm, emulated, 1),
+            2: await guest_write_read(vm, passed, 2),
+        }
+        await truth_check(vm)
+        for device_id in ("disk0", passthrough.device_id):
+            result = await drives.unplug(vm, device_id)
+            assert result.state is UnplugState.REMOVED
+        assert await node_names(vm) == set()
+        assert vm.registry.drives == {}
+        await truth_check(vm)
+    for lun, path in enumerate(tgt.backing, start=1):
+        data = path.read_bytes()
+        assert sha256(data[2 * MIB : 3 * MIB]) == sums[lun]
+        # The rest of the LUN is as the host wrote it.
+        assert data[: 2 * MIB] == pattern(100 + lun, LUN_SIZE)[: 2 * MIB]
+
+
+async def test_iscsi_chap_secret_from_a_file(
+    guest: GuestImage, tgt: Tgt, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """With CHAP on the target, a LUN is reached with the right password (read by QEMU from
+    a 0600 file through a secret object, deleted at unplug) and refused with a wrong one,
+    which leaves nothing behind; the password is in no argv, log or record."""
+    password = "chap-secret-4f1c2e9a"  # tgt: 12-16 characters for iSCSI CHAP
+    tgt.admin("--lld", "iscsi", "--op", "new", "--mode", "account", "--user", "bob",
+              "--password", password)  # fmt: skip
+    tgt.admin("--lld", "iscsi", "--op", "bind", "--mode", "account", "--tid", "1",
+              "--user", "bob")  # fmt: skip
+    good = tmp_path / "chap.pw"
+    good.write_text(password)
+    good.chmod(0o600)
+    wrong = tmp_path / "wrong.pw"
+    wrong.write_text("not-the-password")
+    wrong.chmod(0o600)
+    # LUN 2 from launch (the secret an -object), LUN 1 hot-plugged (object-add).
+    at_launch = Drive(
+        iscsi=tgt.source(2, user="bob", password_file=good),
+        format=ImageFormat.RAW,
+        interface=Interface.SCSI,
+    )
+    async with open_vm(base_config(guest, at_launch)) as vm:
+        assert "-object" in vm.argv
+        assert (await drives.drive_info(vm, "disk0")).size == LUN_SIZE
+        before = await node_names(vm)
+        launch_secrets = {o for o in await object_ids(vm) if o.endswith("-secret")}
+        assert launch_secrets == {"drv0-file-secret"}
+        with pytest.raises(CommandFailed) as refused:
+            await drives.hotplug(
+                vm,
+                Drive(
+                    iscsi=tgt.source(1, user="bob", password_file=wrong),
+                    format=ImageFormat.RAW,
+                    interface=Interface.SCSI,
+                ),
+            )
+        assert "Authentication failure" in str(refused.value)
+        assert await node_names(vm) == before
+        assert {o for o in await object_ids(vm) if o.endswith("-secret")} == launch_secrets
+        info = await drives.hotplug(
+            vm,
+            Drive(
+                iscsi=tgt.source(1, user="bob", password_file=good),
+                format=ImageFormat.RAW,
+                interface=Interface.SCSI,
+            ),
+        )
+        assert info.size == LUN_SIZE
+        secrets = [o for o in await object_ids(vm) if o.endswith("-secret")]
+        assert len(secrets) == 2
+        # The drive's record (registry), vm.json, journals, qemu.log: the file name only.
+        files = [p for p in vm.run_dir.rglob("*") if p.is_file()]
+        assert files
+        for path in files:
+            assert password.encode() not in path.read_bytes(), path
+        # The drive's record is among them, naming the secret object only.
+        assert any(secrets[0].encode() in p.read_bytes() for p in files)
+        result = await drives.unplug(vm, info.device_id)
+        assert result.state is UnplugState.REMOVED
+        assert {o for o in await object_ids(vm) if o.endswith("-secret")} == launch_secrets
+        assert await node_names(vm) == before
+        result = await drives.unplug(vm, "disk0")
+        assert result.state is UnplugState.REMOVED
+        assert not [o for o in await object_ids(vm) if o.endswith("-secret")]
+        assert await node_names(vm) == set()
+        argv = list(vm.argv)
+    assert password not in " ".join(argv)
+    out, err = capfd.readouterr()
+    assert password not in out + err  # blockctl's log lines and QEMU's
+
+
+async def object_ids(vm: LaunchedVM) -> list[str]:
+    return list(await wire.qom_list(vm.session, "/objects"))
+
+
+async def test_host_device_on_a_loop_device(guest: GuestImage, tmp_path: Path) -> None:
+    """A raw drive whose file is a block device (a loop device here: this kernel has no
+    device-mapper, so no LVM volume) is opened with the host_device driver; the guest reads
+    the host's data and writes through to the device."""
+    if shutil.which("losetup") is None:
+        missing("losetup (util-linux)")
+    image = await raw_image(tmp_path / "loop.img", pattern(7, 8 * MIB))
+    attached = await anyio.run_process(["losetup", "-f", "--show", str(image)], check=False)
+    if attached.returncode != 0:
+        missing(f"a loop device ({attached.stderr.decode().strip()})")
+    loop = Path(attached.stdout.decode().strip())
+    try:
+        async with open_vm(base_config(guest)) as vm:
+            assert vm.console is not None
+            await vm.console.wait_ready()
+            info = await drives.hotplug(vm, Drive(file=loop, format=ImageFormat.RAW))
+            assert info.file == str(loop)
+            drivers = {n.node_name: n.driver for n in await vm.block_nodes()}
+            assert drivers[f"{info.top_node}-file"] == "host_device"
+            await sh(vm, "for i in $(seq 100); do [ -b /dev/vda ] && exit 0; sleep 0.1; done")
+            head = await sh(vm, "dd if=/dev/vda bs=1M count=2 2>/dev/null | sha256sum")
+            assert head.split()[0] == sha256(pattern(7, 8 * MIB)[: 2 * MIB])
+            written = await guest_write_read(vm, "vda", 3)
+            await truth_check(vm)
+            result = await drives.unplug(vm, info.device_id)
+            assert result.state is UnplugState.REMOVED
+            assert await node_names(vm) == set()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.run_process(["losetup", "-d", str(loop)], check=False)
+    assert sha256(image.read_bytes()[2 * MIB : 3 * MIB]) == written
+
+
+async def test_full_backup_of_an_iscsi_disk_restores_the_guests_view(
+    guest: GuestImage, tgt: Tgt, tmp_path: Path
+) -> None:
+    """A full backup of a disk on an iSCSI LUN into a repository restores to exactly what
+    the guest reads from that disk at the point (and what the LUN's file holds)."""
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    disk = Drive(iscsi=tgt.source(1), format=ImageFormat.RAW, interface=Interface.SCSI)
+    async with open_vm(base_config(guest, disk, name="iscsibk")) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        dev = await disk_with_vendor(vm, "QEMU")
+        await guest_write_read(vm, dev, 5)
+        await sh(vm, "sync")
+        guest_view = (
+            await sh(vm, f"dd if=/dev/{dev} bs=1M iflag=direct 2>/dev/null | sha256sum")
+        ).split()[0]
+        manifest = await backup_ops.backup(vm, repo, kind="full")
+        assert [d.device for d in manifest.disks] == ["disk0"]
+    restored = tmp_path / "restored.raw"
+    await backup_ops.restore(repo, "iscsibk", manifest.id, "disk0", restored, ImageFormat.RAW)
+    data = restored.read_bytes()
+    assert len(data) == LUN_SIZE
+    assert sha256(data) == guest_view
+    assert data == tgt.backing[0].read_bytes()
+
+
+async def test_apply_attaches_an_iscsi_lun_once_and_detaches_it(
+    guest: GuestImage, tgt: Tgt, tmp_path: Path
+) -> None:
+    """A drives file naming a LUN by its iscsi:// URL: the first apply attaches it, the
+    second finds the VM matching (the live disk is named by the same URL), an empty file
+    detaches it."""
+    wanted = tmp_path / "drives.toml"
+    wanted.write_text(
+        f'[[drive]]\nformat = "raw"\nif = "scsi"\niscsi = "iscsi://{tgt.portal}/{TARGET}/2"\n'
+    )
+    empty = tmp_path / "none.toml"
+    empty.write_text("")
+    async with open_vm(base_config(guest)) as vm:
+        first = await apply_drives(vm, load_desired(wanted))
+        assert [s.action for s in first.steps] == [Action.ATTACH]
+        (info,) = await drives.list_drives(vm)
+        assert info.file == f"iscsi://{tgt.portal}/{TARGET}/2"
+        assert info.size == LUN_SIZE
+        again = await apply_drives(vm, load_desired(wanted), dry_run=True)
+        assert again.empty
+        gone = await apply_drives(vm, load_desired(empty))
+        assert [(s.action, s.device) for s in gone.steps] == [(Action.DETACH, info.device_id)]
+        assert await drives.list_drives(vm) == ()
+        assert await node_names(vm) == set()
