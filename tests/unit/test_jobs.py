@@ -1240,10 +1240,13 @@ async def test_what_blockctl_decided_about_a_job_is_logged() -> None:
     """The log says when blockctl gave up on a job (and why) and when an adopted job's
     finalize was refused (it finalized by itself)."""
 
+    refused = anyio.Event()
+
     class Refusing(FakeQEMU):
         def __call__(self, command: str, args: Mapping[str, Any]) -> object:
             if command == "job-finalize" and args["id"] == self.job.job_id:
                 self.job.status = "concluded"  # it finalized by itself meanwhile
+                refused.set()
                 raise FakeError("GenericError", "Job is not pending")
             return super().__call__(command, args)
 
@@ -1255,6 +1258,8 @@ async def test_what_blockctl_decided_about_a_job_is_logged() -> None:
 
                 async def finish() -> None:
                     await fake.emit("JOB_STATUS_CHANGE", {"id": job.job_id, "status": "pending"})
+                    await refused.wait()
+                    await anyio.wait_all_tasks_blocked()  # the refusal sent
                     await fake.emit("JOB_STATUS_CHANGE", {"id": job.job_id, "status": "concluded"})
 
                 async def wait() -> None:
@@ -1291,3 +1296,69 @@ async def test_what_blockctl_decided_about_a_job_is_logged() -> None:
         )
     ]
     assert gave_up[0]["reason"] in str(info.value)
+
+
+async def test_a_retry_whose_resume_is_refused_goes_on_when_another_client_resumes() -> None:
+    """blockctl's ``ignore`` resumes a stopped job; another client resumed it first (the
+    resume is refused): the wait goes on to the job's end."""
+
+    refused = anyio.Event()
+
+    class ResumeRefused(FakeQEMU):
+        def __call__(self, command: str, args: Mapping[str, Any]) -> object:
+            if command == "job-resume":
+                refused.set()
+                raise FakeError("GenericError", f"Job '{args['id']}' is not paused")
+            return super().__call__(command, args)
+
+    job = FakeJob(on_start=[status("", C), status("", R), io_error("read", "stop"), status("", P)])
+    peer = ResumeRefused(job)
+    async with (
+        qemu(peer) as (fake, session),
+        start_job(session, "backup", backup_start(session)) as handle,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def other_client() -> None:
+            await refused.wait()
+            await anyio.wait_all_tasks_blocked()  # the refusal sent, not one event at a time
+            finish = [
+                status("", R),
+                status("", W),
+                status("", PEND),
+                block_event("BLOCK_JOB_COMPLETED", "", 32 * MIB, 32 * MIB),
+                status("", CONC),
+            ]
+            for name, data in peer.events(finish):
+                await fake.emit(name, data)
+
+        tg.start_soon(other_client)
+        result = await handle.wait(complete_on_ready=False, deadline=30, hooks=[], retries=2)
+    assert result.offset == result.length == 32 * MIB
+    assert commands(fake) == ["blockdev-backup", "job-resume", "job-dismiss"]
+
+
+async def test_a_refused_complete_does_not_count_as_completed_on_ready() -> None:
+    """job-complete refused, then another client completes the job: blockctl did not pivot."""
+
+    class CompleteRefused(FakeQEMU):
+        def __call__(self, command: str, args: Mapping[str, Any]) -> object:
+            if command == "job-complete":
+                raise FakeError("GenericError", "The active block job is not ready")
+            return super().__call__(command, args)
+
+    job = FakeJob(job_type="commit", on_start=[status("", C), status("", R), status("", RDY)])
+    peer = CompleteRefused(job)
+    async with qemu(peer) as (fake, session):
+
+        async def start(job_id: str) -> None:
+            await wire.block_commit(session, job_id=job_id, device="drv0")
+
+        async with start_job(session, "commit", start) as handle:
+            await handle.wait_ready(deadline=10, hooks=[])
+            with pytest.raises(CommandFailed, match="not ready"):
+                await handle.complete()
+            for name, data in peer.events([status("", W), status("", PEND), status("", CONC)]):
+                await fake.emit(name, data)
+            result = await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
+    assert result.completed_on_ready is False
