@@ -1269,8 +1269,8 @@ async def test_what_blockctl_decided_about_a_job_is_logged() -> None:
                 await anyio.wait_all_tasks_blocked()
                 tg.start_soon(finish)
         assert adopted.done
-        refused = [e for e in logs if e["event"] == "blockctl.job.finalize_refused"]
-        assert [(e["job_id"], e["error"]) for e in refused] == [
+        finalize_refused = [e for e in logs if e["event"] == "blockctl.job.finalize_refused"]
+        assert [(e["job_id"], e["error"]) for e in finalize_refused] == [
             (job.job_id, "QEMU refused job-finalize: Job is not pending (GenericError)")
         ]
 
