@@ -431,6 +431,10 @@ async def test_disconnect_mid_job_raises_connection_lost_not_a_hang() -> None:
                     await fake.close()
         assert len(failures) == 1
         assert "outcome is unknown" in str(failures[0]) and handle.id in str(failures[0])
+        assert str(failures[0]).endswith(
+            "; the job's outcome is unknown (if QEMU still runs, attach again: adopt_jobs() "
+            "reports it)"
+        )
 
 
 async def test_progress_hook_gets_samples_with_rate_and_eta() -> None:
@@ -513,6 +517,7 @@ async def test_adopt_reports_and_dismisses_concluded_jobs_and_keeps_running_ones
         assert failed.outcome.error == "Input/output error"
         assert ok.outcome is not None and not isinstance(ok.outcome, Exception)
         assert ok.outcome.offset == ok.outcome.length == 10
+        assert ok.outcome.transitions == (CONC,)  # all blockctl saw of it
         assert not running.done and running.status is R and running.type == "commit"
         assert fake_qemu.dismissed == ["bc-backup-9-aaaaaa", "bc-backup-10-bbbbbb"]
 
@@ -1362,3 +1367,57 @@ async def test_a_refused_complete_does_not_count_as_completed_on_ready() -> None
                 await fake.emit(name, data)
             result = await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
     assert result.completed_on_ready is False
+
+
+async def test_a_cancel_without_an_error_text_says_only_where_it_stopped() -> None:
+    by_other = FakeJob(
+        on_start=[
+            status("", C),
+            status("", R),
+            status("", AB),
+            block_event("BLOCK_JOB_CANCELLED", "", 3 * MIB, 32 * MIB),
+            status("", CONC),
+        ],
+        progress=(3 * MIB, 32 * MIB),
+    )
+    async with (
+        qemu(FakeQEMU(by_other)) as (_fake, session),
+        start_job(session, "backup", backup_start(session)) as handle,
+    ):
+        with pytest.raises(JobCancelledByOther) as other:
+            await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
+    assert str(other.value) == (
+        f"backup job {handle.id} was cancelled by another client at 9 % (3145728 of 33554432 bytes)"
+    )
+    ours = FakeJob(on_start=[status("", C), status("", R)], on_cancel=CANCELLED_AT_8)
+    ours.progress = (8 * MIB, 32 * MIB)
+    async with (
+        qemu(FakeQEMU(ours)) as (_fake, session),
+        start_job(session, "backup", backup_start(session)) as handle,
+    ):
+        await handle.cancel()
+        with pytest.raises(JobCancelled) as cancelled:
+            await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
+    assert str(cancelled.value) == f"backup job {handle.id} was cancelled at 8388608 of 33554432"
+
+
+async def test_an_auto_dismissed_job_is_not_dismissed_again() -> None:
+    """Its NULL transition came with no CONCLUDED seen (created with auto-dismiss, or dismissed
+    by another client at once): the final event tells the outcome; no job-dismiss is sent."""
+    job = FakeJob(
+        on_start=[
+            status("", C),
+            status("", R),
+            status("", W),
+            status("", PEND),
+            block_event("BLOCK_JOB_COMPLETED", "", 32 * MIB, 32 * MIB),
+            status("", NULL),
+        ]
+    )
+    async with (
+        qemu(FakeQEMU(job)) as (fake, session),
+        start_job(session, "backup", backup_start(session)) as handle,
+    ):
+        result = await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
+    assert result.offset == result.length == 32 * MIB
+    assert commands(fake) == ["blockdev-backup"]
