@@ -43,6 +43,7 @@ from typing import Any
 
 from blockctl._qmp.models import BlockDevice, DirtyBitmap, NodeDetail
 from blockctl.errors import NodeNotFound
+from blockctl.types import iscsi_url as _iscsi_url
 
 __all__ = ["BlockGraph", "GraphDevice", "GraphNode", "NodeRole", "User"]
 
@@ -186,7 +187,7 @@ def iscsi_url(spec: Mapping[str, Any]) -> str | None:
     portal, target, lun = spec.get("portal"), spec.get("target"), spec.get("lun", 0)
     if not isinstance(portal, str) or not isinstance(target, str):
         return None
-    return f"iscsi://{portal}/{target}/{lun}"
+    return _iscsi_url(portal, target, lun)
 
 
 def image_filename(qemu_name: str) -> str | None:

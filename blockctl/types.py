@@ -25,6 +25,7 @@ __all__ = [
     "drive_paths_relative_to",
     "drive_slot",
     "is_pcie_machine",
+    "iscsi_url",
     "parse_size",
     "relative_to",
     "Accel",
@@ -287,6 +288,12 @@ def _iscsi_name(value: object, where: str) -> str:
     return value
 
 
+def iscsi_url(portal: str, target: str, lun: object) -> str:
+    """``iscsi://portal/target/lun``: the one name of a LUN, in blockctl's output and in the
+    graph read from QEMU (never with credentials)."""
+    return f"iscsi://{portal}/{target}/{lun}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IscsiSource:
     """A LUN of an iSCSI target as a drive's storage, reached by QEMU's own initiator
@@ -336,7 +343,7 @@ class IscsiSource:
     def url(self) -> str:
         """``iscsi://portal/target/lun``: how QEMU's tools and blockctl's output name it
         (never the credentials)."""
-        return f"iscsi://{self.portal}/{self.target}/{self.lun}"
+        return iscsi_url(self.portal, self.target, self.lun)
 
     @classmethod
     def from_url(cls, url: str, where: str = "iscsi") -> IscsiSource:
