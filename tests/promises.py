@@ -394,6 +394,20 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="chains-commit-no-needless-reopen",
+        section="Snapshots, chains and jobs",
+        quote="A layer QEMU already has writable is not reopened",
+        tests=(I + "test_chains.py::test_snapshot_commit_stream_under_writing_guest",),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/nodes.py",
+                find='        if recorded.get("read-only", False) != read_only:',
+                replace='        if recorded.get("read-only") != read_only:',
+                what="an intermediate commit reopens the writable active layer under the guest",
+            ),
+        ),
+    ),
+    Promise(
         id="drives-apply-checks-whole-plan",
         section="Drives of a running guest",
         quote="The whole plan is checked before anything changes",
