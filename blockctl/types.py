@@ -527,9 +527,11 @@ class NfsSource:
         prefix = "nfs://"
         if not isinstance(url, str) or not url.startswith(prefix):
             raise ConfigError(where, f"{url!r} is not an nfs://server/path/to/file URL")
-        rest, _, query = url[len(prefix) :].partition("?")
+        rest, question, query = url[len(prefix) :].partition("?")
         if "#" in rest or "#" in query or any(c.isspace() for c in url):
             raise ConfigError(where, "an nfs:// URL takes no fragment or spaces")
+        if question and not query:
+            raise ConfigError(where, "a '?' with no options after it: drop it")
         netloc, slash, path = rest.partition("/")
         if "@" in netloc:
             raise ConfigError(
@@ -547,7 +549,7 @@ class NfsSource:
         if not slash:
             raise ConfigError(f"{where}.path", "missing: nfs://server/path/to/file")
         values: dict[str, Any] = {"server": netloc, "path": "/" + path}
-        for item in query.split("&") if query else ():
+        for item in query.split("&") if question else ():
             key, eq, text = item.partition("=")
             if key not in _NFS_QUERY:
                 raise ConfigError(

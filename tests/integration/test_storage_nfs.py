@@ -15,6 +15,7 @@ their process ids whatever the test did.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -337,6 +338,11 @@ async def test_nfs_disks_launch_hotplug_snapshot_commit_backup_apply(
         assert await node_names(vm) == set()
         await truth_check(vm)
 
+    # The overlay (left on disk: commit deletes no file unless asked) names its NFS backing by
+    # its URL, as QEMU does.
+    header = json.loads(await run("qemu-img", "info", "--output=json", "-U", overlay))
+    assert header["backing-filename"] == nfs.url("hot.qcow2")
+    assert header["backing-filename-format"] == "qcow2"
     for device, view in views.items():
         restored = tmp_path / f"restored-{device}.raw"
         await backup_ops.restore(repo, "nfsvm", manifest.id, device, restored, ImageFormat.RAW)
