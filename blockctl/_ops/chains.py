@@ -176,9 +176,7 @@ async def external_snapshot(
                 overlay,
                 ImageFormat.QCOW2,
                 size=top.virtual_size,
-                backing=str(top.filename)
-                if "://" in str(top.filename)
-                else Path(str(top.filename)),
+                backing=_backing_name(str(top.filename)),
                 backing_format=ImageFormat(top.driver),
                 unsafe=True,
             )
@@ -236,6 +234,12 @@ async def external_snapshot(
         frozen={d: str(t.filename) for d, t, _o, _n in plans},
         quiesced=point.consistent,
     )
+
+
+def _backing_name(filename: str) -> Path | str:
+    """How an overlay's header names its backing: a local path, or a server's URL as it is
+    (``nfs://…``, ``iscsi://…``: a Path would fold the ``//``)."""
+    return filename if "://" in filename else Path(filename)
 
 
 async def _record_read_only(vm: VM, devices: Sequence[str]) -> None:

@@ -443,12 +443,17 @@ def _same_file(a: str, b: Path) -> bool:
         return False
 
 
+def _same_image(url: str, other: str) -> bool:
+    return url.partition("?")[0] == other.partition("?")[0]
+
+
 async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
     """An image this VM already has open is refused by name, before qemu-img or QEMU trip
     over its write lock: attached as a device, or a backing layer of one (a read-only attach
     of a read-only layer is allowed: QEMU shares reads). An iSCSI LUN or an NFS image
     likewise, by its URL: QEMU takes no lock on either (libiscsi, libnfs), so a second writer
-    would go unnoticed."""
+    would go unnoticed. NFS images compare without the URL's ?uid=&gid= (the same file under
+    another uid is the same file)."""
     remote = drive.remote_url
     if remote is not None:
         field, named = "iscsi" if drive.iscsi is not None else "nfs", remote
@@ -463,7 +468,9 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
             continue
         filename = _filename(graph, nodes, node.name)
         if filename is None or not (
-            filename == named if remote is not None else _same_file(filename, Path(named))
+            _same_image(filename, named)
+            if remote is not None
+            else _same_file(filename, Path(named))
         ):
             continue
         if (drive.read_only or drive.media is Media.CDROM) and node.read_only:
