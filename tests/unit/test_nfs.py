@@ -199,9 +199,16 @@ def test_an_nfs_node_is_named_by_its_url() -> None:
     for server in (nested, flat):
         spec = {"driver": "qcow2", "file": {**server, "path": "/srv/export/disk.qcow2"}}
         assert image_filename("json:" + json.dumps(spec)) == URL
-        with_ids = {**spec["file"], "user": "1000", "group": 0}  # type: ignore[dict-item]
-        named = image_filename("json:" + json.dumps({"driver": "raw", "file": with_ids}))
-        assert named == image(user=1000).url == f"{URL}?uid=1000"
+        # The ids as numbers or strings; a zero one is left out, as QEMU does.
+        for user, group, url in (
+            ("1000", 100, f"{URL}?uid=1000&gid=100"),
+            (1000, "0", f"{URL}?uid=1000"),
+            (0, 7, f"{URL}?gid=7"),
+            ("x", True, URL),  # not ids: no query rather than a wrong one
+        ):
+            with_ids = {**spec["file"], "user": user, "group": group}  # type: ignore[dict-item]
+            named = image_filename("json:" + json.dumps({"driver": "raw", "file": with_ids}))
+            assert named == url
     for partial in ({"driver": "nfs", "path": "/e/f"}, {**nested}):
         assert image_filename("json:" + json.dumps(partial)) is None
 
