@@ -467,7 +467,7 @@ class NfsSource:
         server: the server's host name or IPv4 address.
         path: the image's absolute path on the server (export path + file path).
         user, group: the uid and gid QEMU sends (AUTH_SYS); the server's squashing applies.
-        readahead_size: libnfs read-ahead in bytes, at most 1 MiB (libnfs's default: none).
+        readahead_size: libnfs read-ahead in bytes, at most 1 MiB (None: libnfs's default).
     """
 
     server: str

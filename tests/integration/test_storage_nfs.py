@@ -253,7 +253,8 @@ async def test_nfs_disks_launch_hotplug_snapshot_commit_backup_apply(
     overlay, written, and actively committed back onto its NFS node. A full backup restores to
     exactly the guest's view of both disks. A drives file naming the disks by nfs:// URL finds
     them (QEMU's name for each reads back as its URL) and attaches a third, read-only with a
-    uid and gid; an empty file detaches all three, leaving no node in QEMU. The export's files
+    uid, gid and readahead (QEMU's name has the ids, not the readahead: the second apply finds
+    it all the same); an empty file detaches all three, leaving no node in QEMU. The export's files
     hold what the guest wrote."""
     launch_img = await raw_image(nfs.export / "launch.raw", pattern(201, DISK_SIZE))
     base = await raw_image(tmp_path / "hot-data.raw", pattern(202, DISK_SIZE))
@@ -320,12 +321,15 @@ async def test_nfs_disks_launch_hotplug_snapshot_commit_backup_apply(
             f'[[drive]]\nformat = "raw"\nnfs = "{nfs.url("launch.raw")}"\n'
             f'serial = "nfslaunch"\n\n'
             f'[[drive]]\nformat = "qcow2"\nnfs = "{nfs.url("hot.qcow2")}"\nserial = "nfshot"\n\n'
-            f'[[drive]]\nformat = "raw"\nread-only = true\nnfs = "{third_url}"\n'
+            f'[[drive]]\nformat = "raw"\nread-only = true\nnfs = "{third_url}&readahead=65536"\n'
         )
         first = await apply_drives(vm, load_desired(wanted))
         assert [s.action for s in first.steps] == [Action.ATTACH]
         third = next(d for d in await drives.list_drives(vm) if d.file == third_url)
         assert third.size == 4 * MIB
+        # QEMU took the readahead (an option blockdev-add would refuse if it did not know it).
+        sent = vm.registry.drives[third.device_id].nodes
+        assert [n.get("readahead-size") for n in sent if n["driver"] == "nfs"] == [65536]
         assert (await apply_drives(vm, load_desired(wanted), dry_run=True)).empty
         await truth_check(vm)
         empty = tmp_path / "none.toml"
