@@ -22,6 +22,7 @@ from blockctl._qmp.models import (
     FileOptions,
     FormatOptions,
     IscsiOptions,
+    NfsOptions,
     SecretObject,
     node_json,
 )
@@ -184,6 +185,26 @@ def _iscsi_node(name: str, drive: Drive) -> tuple[IscsiOptions, tuple[SecretObje
     return node, objects
 
 
+def _nfs_node(name: str, drive: Drive) -> NfsOptions:
+    assert drive.nfs is not None
+    source = drive.nfs
+    node: NfsOptions = {
+        "driver": "nfs",
+        "node-name": name,
+        "server": {"type": "inet", "host": source.server},
+        "path": source.path,
+        "cache": _cache_opts(drive),
+        "read-only": drive.read_only,
+    }
+    if source.user is not None:
+        node["user"] = source.user
+    if source.group is not None:
+        node["group"] = source.group
+    if source.readahead_size is not None:
+        node["readahead-size"] = source.readahead_size
+    return node
+
+
 def plan_drive(
     i: int, drive: Drive, source: DriveSource | None, machine: str, slot: tuple[int, int] | None
 ) -> DrivePlan:
@@ -191,13 +212,15 @@ def plan_drive(
     nodes: list[BlockdevOptions] = []
     objects: tuple[SecretObject, ...] = ()
     top: str | None = None
-    remote = drive.nbd is not None or drive.iscsi is not None
+    remote = drive.nbd is not None or drive.iscsi is not None or drive.nfs is not None
     if remote and drive.format is not None:
-        # The image's header is on the server: no chain was read, so a qcow2 over NBD or
-        # iSCSI is opened with backing null rather than whatever its header names.
+        # The image's header is on the server: no chain was read, so a qcow2 over NBD, iSCSI
+        # or NFS is opened with backing null rather than whatever its header names.
         if drive.iscsi is not None:
             iscsi, objects = _iscsi_node(f"drv{i}-file", drive)
             nodes.append(iscsi)
+        elif drive.nfs is not None:
+            nodes.append(_nfs_node(f"drv{i}-file", drive))
         else:
             assert drive.nbd is not None
             nodes.append(

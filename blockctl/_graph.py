@@ -44,6 +44,7 @@ from typing import Any
 from blockctl._qmp.models import BlockDevice, DirtyBitmap, NodeDetail
 from blockctl.errors import NodeNotFound
 from blockctl.types import iscsi_url as _iscsi_url
+from blockctl.types import nfs_url as _nfs_url
 
 __all__ = ["BlockGraph", "GraphDevice", "GraphNode", "NodeRole", "User"]
 
@@ -177,6 +178,10 @@ def _leaf_filename(descriptor: Mapping[str, Any]) -> str | None:
         if current.get("driver") == "iscsi":
             # An iSCSI LUN has no filename: its URL names it (never with credentials).
             return iscsi_url(current)
+        if current.get("driver") == "nfs":
+            # In a json: name, an NFS image is its options: its URL names it, as QEMU's own
+            # filename of the node does.
+            return nfs_url(current)
         current = _child_spec(current)
     return None
 
@@ -188,6 +193,19 @@ def iscsi_url(spec: Mapping[str, Any]) -> str | None:
     if not isinstance(portal, str) or not isinstance(target, str):
         return None
     return _iscsi_url(portal, target, lun)
+
+
+def nfs_url(spec: Mapping[str, Any]) -> str | None:
+    """``nfs://server/path[?uid=U][&gid=G]`` of an nfs node's options (QEMU reports the ids
+    as numbers or strings)."""
+    server, path = spec.get("server"), spec.get("path")
+    # Nested as blockctl sends it, or flattened ("server.host") as QEMU keeps a node's options.
+    host = server.get("host") if isinstance(server, Mapping) else spec.get("server.host")
+    if not isinstance(host, str) or not isinstance(path, str):
+        return None
+    ids = [spec.get(key) for key in ("user", "group")]
+    user, group = (int(v) if isinstance(v, int | str) and str(v).isdigit() else None for v in ids)
+    return _nfs_url(host, path, user, group)
 
 
 def image_filename(qemu_name: str) -> str | None:

@@ -50,12 +50,14 @@ async def create(
     fmt: ImageFormat,
     *,
     size: int | None = None,
-    backing: Path | None = None,
+    backing: Path | str | None = None,
     backing_format: ImageFormat | None = None,
     unsafe: bool = False,
     mode: int | None = _fsutil.PRIVATE_FILE,
 ) -> None:
-    """``qemu-img create``; a backing file always comes with its format (-F).
+    """``qemu-img create``; a backing file always comes with its format (-F). A ``str``
+    backing is written as given (a URL such as ``nfs://server/path``; a Path would fold its
+    ``//``).
 
     ``unsafe`` (-u) does not open the backing file: needed when a running QEMU holds its lock
     (a live snapshot's overlay); ``size`` must then be given. A new file gets exactly ``mode``

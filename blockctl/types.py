@@ -26,6 +26,7 @@ __all__ = [
     "drive_slot",
     "is_pcie_machine",
     "iscsi_url",
+    "nfs_url",
     "parse_size",
     "relative_to",
     "Accel",
@@ -43,6 +44,7 @@ __all__ = [
     "MachineConfig",
     "Media",
     "NbdSource",
+    "NfsSource",
 ]
 
 
@@ -427,6 +429,158 @@ def _portal(value: object, where: str) -> str:
     return f"{host}:{port}"
 
 
+#: QEMU's nfs driver (nfs.c) clamps a larger readahead to 1 MiB with a warning: refused here.
+_MAX_NFS_READAHEAD = 1024 * 1024
+#: libnfs takes uid and gid as a C int.
+_MAX_NFS_ID = 2**31 - 1
+#: The URL query keys of QEMU's nfs:// syntax that blockctl takes, and the fields they fill.
+_NFS_QUERY = {"uid": "user", "gid": "group", "readahead": "readahead_size"}
+_NFS_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})", re.ASCII)
+
+
+def nfs_url(server: str, path: str, user: int | None = None, group: int | None = None) -> str:
+    """``nfs://server/path[?uid=U][&gid=G]``: the one name of an image over NFS, in blockctl's
+    output and in the graph read from QEMU. It is QEMU's own name for an nfs node
+    (``nfs_refresh_filename``: uid and gid only when non-zero), so a live disk's filename
+    reads back equal to its source's URL."""
+    query = [f"{key}={value}" for key, value in (("uid", user), ("gid", group)) if value]
+    return f"nfs://{server}{path}" + (f"?{'&'.join(query)}" if query else "")
+
+
+def _nfs_id(value: object, where: str) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_NFS_ID
+    ):
+        raise ConfigError(where, f"{value!r}: a numeric id from 0 to {_MAX_NFS_ID}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NfsSource:
+    """An image file on an NFS server as a drive's storage, reached by QEMU's own NFSv3
+    client (libnfs, driver ``nfs``; the host mounts nothing).
+
+    QEMU mounts the directory holding ``path`` (the export, or a directory in it) and asks
+    the server's portmapper (port 111) for the MOUNT and NFS ports: its nfs driver has no
+    port or protocol-version option, so neither has this.
+
+    Attributes:
+        server: the server's host name or IPv4 address.
+        path: the image's absolute path on the server (export path + file path).
+        user, group: the uid and gid QEMU sends (AUTH_SYS); the server's squashing applies.
+        readahead_size: libnfs read-ahead in bytes, at most 1 MiB (None: libnfs's default).
+    """
+
+    server: str
+    path: str
+    user: int | None = None
+    group: int | None = None
+    readahead_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.server, str) or not _NFS_HOST.fullmatch(self.server):
+            raise ConfigError(
+                "nfs.server",
+                f"{self.server!r} is not a host name or IPv4 address (no port: QEMU asks the "
+                "server's portmapper on port 111)",
+            )
+        path = self.path
+        if (
+            not isinstance(path, str)
+            or not path.startswith("/")
+            or any(c in path for c in "\0\n?#")
+            or not _utf8(path)
+        ):
+            raise ConfigError(
+                "nfs.path",
+                f"{path!r}: the image's absolute path on the server, e.g. /export/disk.qcow2 "
+                "(UTF-8, no NUL, newline, ? or #)",
+            )
+        directory, _, name = path.rpartition("/")
+        if not directory or not name or "" in directory.split("/")[1:]:
+            raise ConfigError(
+                "nfs.path",
+                f"{path!r}: give /export/.../file (QEMU mounts the directory holding the file)",
+            )
+        if any(part in (".", "..") for part in path.split("/")):
+            raise ConfigError("nfs.path", f"{path!r}: no . or .. components")
+        _nfs_id(self.user, "nfs.user")
+        _nfs_id(self.group, "nfs.group")
+        size = self.readahead_size
+        if size is not None and (
+            isinstance(size, bool)
+            or not isinstance(size, int)
+            or not 0 <= size <= _MAX_NFS_READAHEAD
+        ):
+            raise ConfigError(
+                "nfs.readahead_size", f"{size!r}: bytes from 0 to {_MAX_NFS_READAHEAD} (1 MiB)"
+            )
+
+    @property
+    def url(self) -> str:
+        """``nfs://server/path[?uid=U][&gid=G]``, QEMU's name for the node (see :func:`nfs_url`)."""
+        return nfs_url(self.server, self.path, self.user, self.group)
+
+    @classmethod
+    def from_url(cls, url: str, where: str = "nfs") -> NfsSource:
+        """``nfs://server/path/to/file[?uid=U&gid=G&readahead=BYTES]`` (QEMU's nfs URL)
+        parsed into its parts; a malformed URL is a ConfigError naming the part."""
+        prefix = "nfs://"
+        if not isinstance(url, str) or not url.startswith(prefix):
+            raise ConfigError(where, f"{url!r} is not an nfs://server/path/to/file URL")
+        rest, question, query = url[len(prefix) :].partition("?")
+        if "#" in rest or "#" in query or any(c.isspace() for c in url):
+            raise ConfigError(where, "an nfs:// URL takes no fragment or spaces")
+        if question and not query:
+            raise ConfigError(where, "a '?' with no options after it: drop it")
+        netloc, slash, path = rest.partition("/")
+        if "@" in netloc:
+            raise ConfigError(
+                f"{where}.user",
+                "NFS (AUTH_SYS) has no user name or password: give a numeric ?uid=U&gid=G",
+            )
+        if ":" in netloc:
+            raise ConfigError(
+                f"{where}.server",
+                f"{netloc!r}: no port (QEMU's nfs driver has no port option: it asks the "
+                "server's portmapper on port 111); drop the :PORT",
+            )
+        if not netloc:
+            raise ConfigError(f"{where}.server", "missing: nfs://server/path/to/file")
+        if not slash:
+            raise ConfigError(f"{where}.path", "missing: nfs://server/path/to/file")
+        values: dict[str, Any] = {"server": netloc, "path": "/" + path}
+        for item in query.split("&") if question else ():
+            key, eq, text = item.partition("=")
+            if key not in _NFS_QUERY:
+                raise ConfigError(
+                    f"{where}.{key or '?'}",
+                    f"unknown nfs:// URL option; known: {', '.join(_NFS_QUERY)}",
+                )
+            field = _NFS_QUERY[key]
+            if field in values:
+                raise ConfigError(f"{where}.{field}", f"?{key}= given twice")
+            if not eq or not text.isascii() or not text.isdigit():
+                raise ConfigError(f"{where}.{field}", f"{key}={text!r}: a number")
+            values[field] = int(text)
+        return cls(**values)
+
+    @classmethod
+    def from_mapping(cls, data: object, where: str) -> NfsSource:
+        """From a TOML table (or an ``nfs://`` URL string); errors name ``where``."""
+        try:
+            if isinstance(data, str):
+                return cls.from_url(data, "nfs")
+            if not isinstance(data, Mapping):
+                raise ConfigError(
+                    where, 'use a table: nfs = { server = "host", path = "/export/disk.qcow2" }'
+                )
+            return _from_mapping(cls, data, "nfs", aliases={})
+        except ConfigError as exc:
+            if exc.field == "nfs" or exc.field.startswith("nfs."):
+                raise ConfigError(where + exc.field[len("nfs") :], exc.message) from None
+            raise
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Drive:
     """One drive, with the options of QEMU's ``-drive``, launched as ``-blockdev`` nodes.
@@ -460,6 +614,7 @@ class Drive:
     bootindex: int | None = None
     nbd: NbdSource | None = None
     iscsi: IscsiSource | None = None
+    nfs: NfsSource | None = None
     #: SCSI LUN passthrough: the guest gets the LUN itself (``scsi-block``: SCSI commands go
     #: to the target, the guest sees its vendor, VPD pages, ...), not an emulated disk.
     passthrough: bool = False
@@ -469,6 +624,11 @@ class Drive:
 
     def _validate(self, where: str) -> None:
         put = object.__setattr__
+        if isinstance(self.file, str) and self.file.startswith(("nfs://", "iscsi://")):
+            kind = self.file.partition(":")[0]
+            raise ConfigError(
+                f"{where}.file", f"a remote image is given as {kind} = {self.file!r}, not as file"
+            )
         if self.file is not None:
             put(self, "file", _check_path(self.file, f"{where}.file"))
         if self.format is not None:
@@ -507,6 +667,13 @@ class Drive:
                 raise ConfigError(f"{where}.iscsi", "give one of file, nbd or iscsi")
             if self.snapshot:
                 raise ConfigError(f"{where}.snapshot", "no throwaway overlay over iSCSI")
+        if self.nfs is not None:
+            if not isinstance(self.nfs, NfsSource):
+                put(self, "nfs", NfsSource.from_mapping(self.nfs, f"{where}.nfs"))
+            if self.file is not None or self.nbd is not None or self.iscsi is not None:
+                raise ConfigError(f"{where}.nfs", "give one of file, nbd, iscsi or nfs")
+            if self.snapshot:
+                raise ConfigError(f"{where}.snapshot", "no throwaway overlay over NFS")
         if self.passthrough:
             if self.iscsi is None:
                 raise ConfigError(
@@ -530,14 +697,14 @@ class Drive:
                     f"{where}.passthrough",
                     "SCSI commands bypass the block layer: no copy_on_read or detect_zeroes",
                 )
-        if self.file is None and self.nbd is None and self.iscsi is None:
+        if self.file is None and self.nbd is None and self.iscsi is None and self.nfs is None:
             if self.media is not Media.CDROM:
                 raise ConfigError(
                     f"{where}.file", "a disk needs an image file; only a cdrom may start empty"
                 )
             if self.format is not None:
                 raise ConfigError(f"{where}.format", "an empty cdrom has no format")
-        elif self.format is None:  # an image, from a file, over NBD or iSCSI
+        elif self.format is None:  # an image, from a file, over NBD, iSCSI or NFS
             raise ConfigError(
                 f"{where}.format",
                 "the image format is mandatory (blockctl never probes formats); "
@@ -577,6 +744,16 @@ class Drive:
             )
         if self.detect_zeroes is DetectZeroes.UNMAP and self.discard is not Discard.UNMAP:
             raise ConfigError(f"{where}.detect_zeroes", "'unmap' needs discard = 'unmap'")
+
+    @property
+    def remote_url(self) -> str | None:
+        """The URL of the drive's iSCSI LUN or NFS image: how the live disk's file reads back
+        from QEMU (blockctl matches and refuses a second writer by it). None otherwise."""
+        if self.iscsi is not None:
+            return self.iscsi.url
+        if self.nfs is not None:
+            return self.nfs.url
+        return None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = "drive") -> Drive:

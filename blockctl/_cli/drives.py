@@ -15,7 +15,15 @@ from blockctl._machine import attach
 from blockctl._ops import drives
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import ConfigError
-from blockctl.types import CacheMode, Drive, ImageFormat, IscsiSource, coerce_enum, parse_size
+from blockctl.types import (
+    CacheMode,
+    Drive,
+    ImageFormat,
+    IscsiSource,
+    NfsSource,
+    coerce_enum,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from blockctl._ops import apply as apply_ops
@@ -91,7 +99,11 @@ class AttachDrive(Command):
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("vm")
-        parser.add_argument("file", help="an image file, or an iscsi://host[:port]/iqn/lun URL")
+        parser.add_argument(
+            "file",
+            help="an image file, an iscsi://host[:port]/iqn/lun or an "
+            "nfs://server/path/file[?uid=U&gid=G] URL",
+        )
         parser.add_argument("--format", required=True, help="image format (never probed)")
         parser.add_argument("--bus", default="virtio", help="virtio | scsi")
         parser.add_argument(
@@ -127,7 +139,10 @@ class AttachDrive(Command):
             for option in ("initiator_name", "chap_user", "chap_password_file"):
                 if getattr(args, option) is not None:
                     raise ConfigError(option.replace("_", "-"), "is for an iscsi:// source")
-            source["file"] = str(Path(args.file).absolute())
+            if args.file.startswith("nfs://"):
+                source["nfs"] = NfsSource.from_url(args.file)
+            else:
+                source["file"] = str(Path(args.file).absolute())
         drive = Drive.from_mapping(
             {
                 **source,

@@ -158,13 +158,13 @@ def _same_file(a: Path | None, b: str | None) -> bool:
 
 def _source_name(drive: Drive) -> str:
     """The drive's storage as a live drive's ``file`` names it: the image file, or the
-    URL of an iSCSI LUN."""
-    return drive.iscsi.url if drive.iscsi is not None else str(drive.file)
+    URL of an iSCSI LUN or NFS image."""
+    return drive.remote_url or str(drive.file)
 
 
 def _same_source(drive: Drive, live_file: str | None) -> bool:
-    if drive.iscsi is not None:
-        return live_file == drive.iscsi.url
+    if drive.remote_url is not None:
+        return live_file == drive.remote_url
     return _same_file(drive.file, live_file)
 
 
@@ -301,8 +301,8 @@ async def check(vm: VM, current: Plan) -> Plan:
 
 
 def _describe_short(want: DesiredDrive | None) -> str:
-    if want is not None and want.drive.iscsi is not None:
-        return want.drive.iscsi.url
+    if want is not None and want.drive.remote_url is not None:
+        return want.drive.remote_url
     return "(new)" if want is None or want.drive.file is None else str(want.drive.file)
 
 

@@ -139,6 +139,14 @@ async def external_snapshot(
                 "devices",
                 f"{device}: {top.driver} images cannot be snapshotted externally by blockctl",
             ) from None
+        # A disk on a server (nfs://, iscsi://) has no directory here: the overlay is a local
+        # file, and its header names the URL as it is (a Path would fold its "//").
+        remote = "://" in top.filename
+        if remote and directory is None:
+            raise ConfigError(
+                "directory",
+                f"{device} is on {top.filename}: give a local directory for its overlay (--dir)",
+            )
         where = Path(top.filename).parent if directory is None else Path(directory).absolute()
         overlay = where / _overlay_name(vm, device, tag)
         if overlay.exists():
@@ -168,7 +176,7 @@ async def external_snapshot(
                 overlay,
                 ImageFormat.QCOW2,
                 size=top.virtual_size,
-                backing=Path(str(top.filename)),
+                backing=_backing_name(str(top.filename)),
                 backing_format=ImageFormat(top.driver),
                 unsafe=True,
             )
@@ -226,6 +234,12 @@ async def external_snapshot(
         frozen={d: str(t.filename) for d, t, _o, _n in plans},
         quiesced=point.consistent,
     )
+
+
+def _backing_name(filename: str) -> Path | str:
+    """How an overlay's header names its backing: a local path, or a server's URL as it is
+    (``nfs://…``, ``iscsi://…``: a Path would fold the ``//``)."""
+    return filename if "://" in filename else Path(filename)
 
 
 async def _record_read_only(vm: VM, devices: Sequence[str]) -> None:

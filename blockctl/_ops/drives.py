@@ -357,7 +357,7 @@ async def check_hotplug(
         raise ConfigError("drive.snapshot", "a throwaway overlay is only made at launch")
     if any(v is not None for v in (drive.bus, drive.unit, drive.index)):
         raise ConfigError("drive.unit", "hot-plugged drives are placed by QEMU")
-    if drive.file is not None or drive.iscsi is not None:
+    if drive.file is not None or drive.remote_url is not None:
         await _refuse_if_in_use(vm, drive)
     source = None if drive.file is None else await inspect_drive(drive, "file", roots=image_roots)
     if drive.nbd is not None:
@@ -443,13 +443,20 @@ def _same_file(a: str, b: Path) -> bool:
         return False
 
 
+def _same_image(url: str, other: str) -> bool:
+    return url.partition("?")[0] == other.partition("?")[0]
+
+
 async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
     """An image this VM already has open is refused by name, before qemu-img or QEMU trip
     over its write lock: attached as a device, or a backing layer of one (a read-only attach
-    of a read-only layer is allowed: QEMU shares reads). An iSCSI LUN likewise, by its URL:
-    QEMU takes no lock on a LUN, so a second writer would go unnoticed."""
-    if drive.iscsi is not None:
-        field, named = "iscsi", drive.iscsi.url
+    of a read-only layer is allowed: QEMU shares reads). An iSCSI LUN or an NFS image
+    likewise, by its URL: QEMU takes no lock on either (libiscsi, libnfs), so a second writer
+    would go unnoticed. NFS images compare without the URL's ?uid=&gid= (the same file under
+    another uid is the same file)."""
+    remote = drive.remote_url
+    if remote is not None:
+        field, named = "iscsi" if drive.iscsi is not None else "nfs", remote
     else:
         assert drive.file is not None
         field, named = "file", str(Path(drive.file).absolute())
@@ -461,7 +468,9 @@ async def _refuse_if_in_use(vm: VM, drive: Drive) -> None:
             continue
         filename = _filename(graph, nodes, node.name)
         if filename is None or not (
-            filename == named if drive.iscsi is not None else _same_file(filename, Path(named))
+            _same_image(filename, named)
+            if remote is not None
+            else _same_file(filename, Path(named))
         ):
             continue
         if (drive.read_only or drive.media is Media.CDROM) and node.read_only:

@@ -536,6 +536,29 @@ IscsiOptions = TypedDict(
     },
 )
 
+
+#: The ``NFSServer`` of an nfs node (its only transport is ``inet``; no port).
+class InetServer(TypedDict):
+    type: Literal["inet"]
+    host: str
+
+
+#: A protocol node on an image file over NFS (QEMU's libnfs client, NFSv3).
+NfsOptions = TypedDict(
+    "NfsOptions",
+    {
+        "driver": Literal["nfs"],
+        "node-name": str,
+        "server": InetServer,
+        "path": str,
+        "user": NotRequired[int],
+        "group": NotRequired[int],
+        "readahead-size": NotRequired[int],
+        "cache": NotRequired[CacheOptions],
+        "read-only": NotRequired[bool],
+    },
+)
+
 #: A ``secret`` object whose data QEMU reads from ``file`` (``-object`` / ``object-add``):
 #: the secret itself is never in a command line, a QMP message or a record.
 SecretObject = TypedDict(
@@ -550,7 +573,9 @@ CopyOnReadOptions = TypedDict(
 )
 
 #: What ``blockdev-add`` takes from blockctl's builders.
-BlockdevOptions = FileOptions | FormatOptions | NbdOptions | IscsiOptions | CopyOnReadOptions
+BlockdevOptions = (
+    FileOptions | FormatOptions | NbdOptions | IscsiOptions | NfsOptions | CopyOnReadOptions
+)
 
 
 #: ``blockdev-create`` of a qcow2 image inside the existing protocol node ``file``.
