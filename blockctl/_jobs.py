@@ -842,13 +842,15 @@ class Job:
         cancelled = self._cancelled_event or (self._cancel_requested and error is not None)
         if self._gave_up is not None and (cancelled or error is not None):
             last = self._last_io_error
-            stopped = last is not None and last.action == "stop"
+            # Given up because it stayed paused on an error (its io-status was read then):
+            # also for an adopted job whose BLOCK_JOB_ERROR came before we listened.
+            stopped = self._stopped_io_status is not None
             failed = failure(
                 JobStoppedOnError if stopped else JobFailed,
                 f"{what} {self._gave_up} (at {offset} of {length})",
             )
-            if isinstance(failed, JobStoppedOnError) and last is not None:
-                failed.operation = last.operation
+            if isinstance(failed, JobStoppedOnError):
+                failed.operation = last.operation if last is not None else None
                 failed.io_status = self._stopped_io_status
             self._error = failed
         elif cancelled and not self._cancel_requested:

@@ -882,9 +882,11 @@ async def test_an_adopted_job_paused_on_an_error_before_we_listened_is_cancelled
     )
     async with qemu(FakeQEMU(job)) as (fake, session):
         adopted = Job(session, job.job_id, job_type="backup", status=R)
-        with pytest.raises(JobFailed) as info:
+        with pytest.raises(JobStoppedOnError) as info:
             await adopted.wait(complete_on_ready=False, deadline=30, hooks=[], pause_timeout=0)
-        # Which side failed is not known (its BLOCK_JOB_ERROR came before we listened).
+        # Stopped on an error like a job we started, the same class, its io-status read;
+        # which side failed is not known (its BLOCK_JOB_ERROR came before we listened).
+        assert (info.value.io_status, info.value.operation) == ("failed", None)
         assert "(an I/O error; io-status failed) and was not resumed within 0 s" in str(info.value)
         assert "blockctl cancelled it" in str(info.value)
         assert commands(fake) == [
