@@ -275,6 +275,7 @@ async def main(args: argparse.Namespace) -> int:
             live_dir = Path(tmp) / "live"
             live_dir.mkdir()
             rows += await bench_live.bench_live(args.quick, live_dir)
+            rows += await bench_live.bench_live_guest(find_guest(), args.quick, live_dir)
         if "stall" in selected:
             rows += await bench_more.bench_snapshot_stall(
                 find_guest(), 1 if args.quick else 5, work
