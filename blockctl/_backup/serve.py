@@ -41,13 +41,18 @@ NBDKIT_HINT = "install nbdkit and nbdkit-plugin-python (Debian: apt-get install 
 READY_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class PointExport:
     """A running NBD server of one disk of a point: its unix socket and process id."""
 
     socket: Path
     pid: int
     size: int
+    home: Path  # its private directory (the socket, its log)
+    #: Set by the caller of a ``detached`` server to leave it running when the block exits:
+    #: a live restore whose copy goes on without this controller (its journal record names
+    #: the server, and recovery stops it).
+    keep_running: bool = False
 
 
 def _plugin_paths() -> list[str]:
@@ -103,9 +108,14 @@ async def serve_point(
     *,
     size: int,
     cache_chunks: int | None = None,
+    detached: bool = False,
 ) -> AsyncIterator[PointExport]:
     """Run an NBD server of ``device`` at ``point`` for the block's duration, on a socket in
-    a new private directory under ``directory``; the directory goes when the block exits."""
+    a new private directory under ``directory``; the directory goes when the block exits.
+
+    ``detached``: the server does not die with this process (its own session, no
+    PR_SET_PDEATHSIG), and the caller may set ``keep_running`` to leave it (and its
+    directory) when the block exits."""
     check_name(vm_name, "VM")
     check_name(device, "device")
     check_point_id(point)
@@ -117,6 +127,7 @@ async def serve_point(
     socket = home / "sock"
     keyfd: int | None = None
     fds: list[int] = []
+    export: PointExport | None = None
     try:
         ready_r, ready_w = os.pipe()
         fds += [ready_r, ready_w]
@@ -130,7 +141,12 @@ async def serve_point(
             keyfd = key_r
         argv = nbdkit_argv(repo, vm_name, point, device, socket, keyfd, ready_w, cache_chunks)
         with open(home / "nbdkit.log", "wb") as log:
-            process = await _proc.spawn(argv, log=log, pass_fds=[f for f in fds if f != ready_r])
+            process = await _proc.spawn(
+                argv,
+                log=log,
+                pass_fds=[f for f in fds if f != ready_r],
+                die_with_parent=not detached,
+            )
         try:
             for fd in [f for f in fds if f != ready_r]:
                 os.close(fd)
@@ -153,11 +169,16 @@ async def serve_point(
                 device=device,
                 pid=process.pid,
             )
-            yield PointExport(socket=socket, pid=process.pid, size=size)
+            export = PointExport(socket=socket, pid=process.pid, size=size, home=home)
+            yield export
         finally:
-            code = await _proc.terminate(process, grace=5.0)
-            _log.info("blockctl.backup.export_stopped", pid=process.pid, rc=code)
+            if detached and export is not None and export.keep_running:
+                _log.warning("blockctl.backup.export_left_running", pid=process.pid)
+            else:
+                code = await _proc.terminate(process, grace=5.0)
+                _log.info("blockctl.backup.export_stopped", pid=process.pid, rc=code)
     finally:
         for fd in fds:
             os.close(fd)
-        shutil.rmtree(home, ignore_errors=True)
+        if export is None or not export.keep_running:
+            shutil.rmtree(home, ignore_errors=True)

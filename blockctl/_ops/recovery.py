@@ -15,12 +15,14 @@ runs it too when given the repository.
 from __future__ import annotations
 
 import contextlib
+import secrets
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blockctl import _agent, _images, _journal
+from blockctl import _agent, _images, _journal, _proc
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
 from blockctl._journal import (
     AdoptJob,
@@ -31,7 +33,9 @@ from blockctl._journal import (
     JobFact,
     Relink,
     ReopenReadOnly,
+    RestartStream,
     Step,
+    StopServer,
     Unreadable,
     UpdateRegistry,
     Verdict,
@@ -102,7 +106,8 @@ def _unreadable(item: Unreadable) -> Recovery:
     )
 
 
-async def read_facts(vm: VM) -> Facts:
+async def read_facts(vm: VM, intent: Intent | None = None) -> Facts:
+    """What QEMU reports now (and whether ``intent``'s server, if it has one, still runs)."""
     graph = await read_graph(vm)
     jobs = {
         j.id: JobFact(status=j.status, error=j.error) for j in await wire.query_jobs(vm.session)
@@ -117,6 +122,9 @@ async def read_facts(vm: VM) -> Facts:
             for d in graph.devices.values()
             if d.root is not None
         },
+        server_alive=intent is not None
+        and intent.server is not None
+        and _proc.process_alive(intent.server.pid, intent.server.pid_start),
     )
 
 
@@ -210,7 +218,12 @@ async def _reconcile_one(
     assert vm.run_dir is not None
     first_step = intent.step.value
     done: list[str] = []
-    plan = _journal.plan(intent, await read_facts(vm), owner_alive=_journal.owner_alive(intent))
+    if intent.server is not None:
+        # A live restore's copy is tried again on each recovery run (while its server runs).
+        intent = replace(intent, error=None)
+    plan = _journal.plan(
+        intent, await read_facts(vm, intent), owner_alive=_journal.owner_alive(intent)
+    )
     if plan.verdict is Verdict.RUNNING:
         # Another client drives it: its record is its own; not adopted, written or forgotten.
         return Recovery(
@@ -226,11 +239,15 @@ async def _reconcile_one(
         if plan.verdict is not None:
             break
         for action in plan.actions:
+            if isinstance(action, RestartStream):
+                intent = await _restart_stream(vm, intent, action)
+                done.append(f"started the copy again: job {intent.job_id}")
+                continue
             assert isinstance(action, AdoptJob)
             intent = await _adopt(vm, intent, action, deadline, hooks)
             done.append(f"adopted job {action.job_id}: {intent.error or 'succeeded'}")
             _journal.write(vm.run_dir, intent)
-        plan = _journal.plan(intent, await read_facts(vm))
+        plan = _journal.plan(intent, await read_facts(vm, intent))
     verdict, message = plan.verdict or Verdict.ATTENTION, plan.message
     keep = not plan.forget
     try:
@@ -242,6 +259,8 @@ async def _reconcile_one(
     if keep and not forget:
         _journal.write(vm.run_dir, intent)
     else:
+        if keep and intent.server is not None:  # given up (--forget): its server goes too
+            done.append(await _act(vm, StopServer(intent.server)))
         _journal.remove(vm.run_dir, intent.id)
     return Recovery(
         op_id=intent.id,
@@ -279,8 +298,26 @@ async def _adopt(
     return replace(intent, step=Step.CONCLUDED)
 
 
+async def _restart_stream(vm: VM, intent: Intent, action: RestartStream) -> Intent:
+    """Start a live restore's copy again; the record names the new job before it exists."""
+    assert vm.run_dir is not None
+    job_id = f"bc-stream-{secrets.token_hex(3)}"
+    intent = replace(intent, job_id=job_id, step=Step.STARTING, error=None)
+    _journal.write(vm.run_dir, intent)
+    await wire.block_stream(vm.session, job_id=job_id, device=action.node)
+    return intent
+
+
+async def _stop_server(server: _journal.ServerRecord) -> str:
+    stopped = await _proc.stop_recorded(server.pid, server.pid_start, grace=5.0)
+    shutil.rmtree(server.home, ignore_errors=True)
+    return f"{'stopped' if stopped else 'found gone'} the backup's server (pid {server.pid})"
+
+
 async def _act(vm: VM, action: _journal.Action) -> str:
     match action:
+        case StopServer(server):
+            return await _stop_server(server)
         case DeleteNodes(names):
             present = {n.node_name for n in await vm.block_nodes()}
             for name in names:
@@ -352,6 +389,9 @@ async def reconcile_offline(run_dir: Path) -> list[Recovery]:
         plan = _journal.plan(item, Facts(alive=False))
         done = []
         for action in plan.actions:
+            if isinstance(action, StopServer):
+                done.append(await _stop_server(action.server))
+                continue
             assert isinstance(action, Relink)
             try:
                 formats = ImageFormat(action.fmt), ImageFormat(action.backing_fmt)

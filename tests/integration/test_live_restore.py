@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import anyio
@@ -15,18 +16,31 @@ import pytest
 from structlog.testing import capture_logs
 
 from blockctl import GuestImage, LaunchedVM, backup, open_vm
+from blockctl import attach as attach_vm
 from blockctl._backup import live
 from blockctl._backup.serve import serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import JobControl, JobProgress, JobStatus, JobTransition
+from blockctl._journal import Verdict
+from blockctl._ops import drives, recovery
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, CommandFailed, OperationTimeout, ProcessFailed
 from blockctl.types import ImageFormat
 from tests.conftest import missing
-from tests.integration.conftest import MIB, pids_under, qcow2_image, run, running, sha256
+from tests.integration.conftest import (
+    MIB,
+    pids_under,
+    qcow2_image,
+    run,
+    running,
+    sha256,
+    truth_check,
+)
 from tests.integration.test_backup import config, disk_sha, sh, write
+from tests.integration.test_hotplug import wait_block
 from tests.unit.test_repository_store import CHUNK, POINTS, SECRET, VM, commit, index_of
 
+ROOT = Path(__file__).parents[2]
 PIECES = (os.urandom(CHUNK), bytes(CHUNK), os.urandom(CHUNK), os.urandom(1000))
 DISK = b"".join(PIECES)
 
@@ -318,18 +332,22 @@ async def test_cli_restore_live(runtime_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.guest
-async def test_a_stream_that_does_not_finish_is_reported_with_the_disk_left(
+async def test_a_copy_that_does_not_finish_keeps_the_server_and_recover_finishes_it(
     guest: GuestImage, images: Path, tmp_path: Path
 ) -> None:
     """Past the start of the stream the guest may have written to the disk: it is not taken
-    away, and the warning says so, with the way out."""
+    away. The copy stops (a missed deadline here); the server stays, so the guest still reads
+    every block, the warning says how to finish, and ``recover`` copies the rest, deletes the
+    backup nodes and stops the server."""
     repo = backup.init_repository(tmp_path / "repo")
     disk = await qcow2_image(images / "d0.qcow2", b"", 8 * MIB)
     target = images / "live.qcow2"
     async with open_vm(config(guest, "lrs", disk)) as vm:
+        assert vm.run_dir is not None
         await vm.console.wait_ready()  # type: ignore[union-attr]
         await write(vm, "vda", 0, 1024)
         point = await backup.create(vm, repo)
+        want = await disk_sha(vm, "vda", 8)
         with capture_logs() as logs, pytest.raises(OperationTimeout):
             await backup.restore_live(
                 vm,
@@ -340,7 +358,84 @@ async def test_a_stream_that_does_not_finish_is_reported_with_the_disk_left(
                 target,
                 control=JobControl(speed=1, deadline=1.0),
             )
-        (left,) = [e for e in logs if e["event"] == "blockctl.backup.live_left_attached"]
-        assert left["device"] in {d.device_id for d in await vm.block_devices()}
-        assert f"blockctl detach lrs {left['device']}" in left["reason"]
-        assert target.exists()
+        (left,) = [e for e in logs if e["event"] == "blockctl.backup.live_unfinished"]
+        device = left["device"]
+        assert device in {d.device_id for d in await vm.block_devices()}
+        assert "blockctl recover lrs" in left["reason"]
+        assert nbdkit_pids_under(vm.run_dir) == [left["server"]]
+        (record,) = list(vm.run_dir.glob("journal-*.json"))
+        assert json.loads(record.read_text())["server"]["pid"] == left["server"]
+        # The guest still reads the whole disk (through the server).
+        await wait_block(vm, "vdb")
+        assert await disk_sha(vm, "vdb", 8) == want
+        (done,) = await recovery.reconcile(vm)
+        assert done.verdict is Verdict.FINISHED, done.message
+        assert any(d.startswith("stopped the backup's server") for d in done.done), done.done
+        assert nbdkit_pids_under(vm.run_dir) == []
+        assert not list(vm.run_dir.glob("journal-*.json"))
+        assert not {n for n in await node_names(vm) if n.startswith("bclr")}
+        (drive,) = [d for d in await drives.list_drives(vm) if d.device_id == device]
+        assert [n.node_name for n in drive.chain] == [drive.top_node]
+        assert await disk_sha(vm, "vdb", 8) == want
+        await truth_check(vm)
+    info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "qcow2", target))
+    assert "backing-filename" not in info
+    plain = tmp_path / "plain.raw"
+    await backup.restore(repo, "lrs", point.id, "disk0", plain, ImageFormat.RAW)
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", target, plain)
+
+
+@pytest.mark.guest
+async def test_a_killed_controller_leaves_the_copy_running_and_recover_finishes_it(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """kill -9 of the controller once the copy runs: QEMU's stream and the server go on (the
+    guest reads every block meanwhile); ``blockctl recover`` adopts the copy and finishes."""
+    from tests.integration.test_attach_cli import cli
+    from tests.integration.test_backup_faults import detached
+
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "k0.qcow2", b"", 8 * MIB)
+    target = images / "live.qcow2"
+    run_dir = runtime_dir / "lrk"
+    async with detached(guest, "lrk", disk) as console:
+        await console.check(
+            "dd if=/dev/urandom of=/dev/vda bs=64k count=16 oflag=direct conv=fsync 2>/dev/null"
+        )
+        async with attach_vm("lrk") as vm:
+            point = await backup.create(vm, repo)
+        want = (
+            await console.check("dd if=/dev/vda bs=1M count=8 iflag=direct 2>/dev/null | sha256sum")
+        ).split()[0]
+        arguments = {
+            "repo": str(repo.path),
+            "point": point.id,
+            "device": "disk0",
+            "target": str(target),
+            "speed": 1,
+        }
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        argv = [sys.executable, "-m", "tests.integration.crash_child", "lrk", "live", "running"]
+        killed = await anyio.run_process([*argv, json.dumps(arguments)], check=False, env=env)
+        assert killed.returncode == -9, killed.stderr.decode()
+        (server,) = nbdkit_pids_under(run_dir)
+        (record,) = list(run_dir.glob("journal-*.json"))
+        assert json.loads(record.read_text())["server"]["pid"] == server
+        # The controller is gone; the guest reads the new disk whole, through the server.
+        await console.check(
+            "for i in $(seq 100); do test -b /dev/vdb && exit 0; sleep 0.1; done; exit 1"
+        )
+        read = await console.check(
+            "dd if=/dev/vdb bs=1M count=8 iflag=direct 2>/dev/null | sha256sum"
+        )
+        assert read.split()[0] == want
+        done = json.loads((await cli("recover", "lrk", "--json")).stdout)
+        (result,) = [r for r in done["operations"] if r["kind"] == "stream"]
+        assert result["verdict"] == "finished", result
+        assert nbdkit_pids_under(run_dir) == [] and not running(server)
+        assert not list(run_dir.glob("journal-*.json"))
+        listed = json.loads((await cli("drives", "lrk", "--json")).stdout)
+        assert [n["filename"] for n in listed[-1]["chain"]] == [str(target)]
+    plain = tmp_path / "plain.raw"
+    await backup.restore(repo, "lrk", point.id, "disk0", plain, ImageFormat.RAW)
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", target, plain)
