@@ -5,9 +5,11 @@ through :class:`.export.PointImage`: the store's own chunk reading, every chunk 
 against its digest). ``scripts/bench live`` measured the choice (README, "Live
 restore"). nbdkit is started through :mod:`blockctl._proc` on a unix socket in a private
 directory (0700, the socket 0600) under the VM's run directory; it dies with this process
-(PR_SET_PDEATHSIG) and is always terminated and reaped when the block exits (shielded).
+(nbdkit in the foreground sets PR_SET_PDEATHSIG) and is always terminated and reaped when the
+block exits (shielded). A ``detached`` server (a live restore's) runs forked into the
+background, so that it outlives a killed controller; its pid comes through the ready pipe.
 
-Readiness is a pipe, not a poll: the plugin writes one byte from nbdkit's ``after_fork``
+Readiness is a pipe, not a poll: the plugin writes "1" and its pid from nbdkit's ``after_fork``
 hook, which runs once the socket listens. A server that exits first closes the pipe, and its
 log is the error.
 """
@@ -77,11 +79,15 @@ def nbdkit_argv(
     keyfd: int | None,
     readyfd: int,
     cache_chunks: int | None = None,
+    detached: bool = False,
 ) -> list[str]:
-    """The server's argv (pure): foreground, read-only, one unix socket."""
+    """The server's argv (pure): read-only, one unix socket; in the foreground, or
+    ``detached``: forked into the background, where nbdkit no longer dies with the process
+    that started it (in the foreground it sets PR_SET_PDEATHSIG itself, measured with
+    strace: nbdkit 1.32)."""
     argv = [
         NBDKIT,
-        "--foreground",
+        "--log=stderr" if detached else "--foreground",
         "--readonly",
         "--unix",
         str(socket),
@@ -139,7 +145,9 @@ async def serve_point(
             os.close(key_w)
             fds.remove(key_w)
             keyfd = key_r
-        argv = nbdkit_argv(repo, vm_name, point, device, socket, keyfd, ready_w, cache_chunks)
+        argv = nbdkit_argv(
+            repo, vm_name, point, device, socket, keyfd, ready_w, cache_chunks, detached
+        )
         with open(home / "nbdkit.log", "wb") as log:
             process = await _proc.spawn(
                 argv,
@@ -153,12 +161,19 @@ async def serve_point(
                 fds.remove(fd)
             with anyio.fail_after(READY_TIMEOUT):
                 await anyio.wait_readable(ready_r)
-            if os.read(ready_r, 1) != b"1":  # the pipe closed: nbdkit exited before listening
+            said = os.read(ready_r, 32)  # b"1<pid>\n" from the serving process
+            if not said.startswith(b"1"):  # the pipe closed: nbdkit exited before listening
                 with anyio.CancelScope(shield=True):
                     code = await _proc.terminate(process, grace=5.0)
                 raise ProcessFailed(
                     argv, code, "", (home / "nbdkit.log").read_text(errors="replace")
                 )
+            pid = int(said[1:]) if said[1:].strip() else process.pid
+            if detached:
+                # The process started has forked the server and exits: reap it.
+                with anyio.CancelScope(shield=True):
+                    await _proc.terminate(process, grace=5.0)
+                server_start = _proc.process_start(pid)
             # nbdkit makes its socket 0755 whatever the umask; the directory (0700) already
             # keeps others out, the socket's own mode says so too.
             os.chmod(socket, 0o600)
@@ -167,13 +182,16 @@ async def serve_point(
                 vm=vm_name,
                 point=point,
                 device=device,
-                pid=process.pid,
+                pid=pid,
             )
-            export = PointExport(socket=socket, pid=process.pid, size=size, home=home)
+            export = PointExport(socket=socket, pid=pid, size=size, home=home)
             yield export
         finally:
-            if detached and export is not None and export.keep_running:
-                _log.warning("blockctl.backup.export_left_running", pid=process.pid)
+            if export is not None and export.keep_running:
+                _log.warning("blockctl.backup.export_left_running", pid=export.pid)
+            elif detached and export is not None:
+                await _proc.stop_recorded(export.pid, server_start, grace=5.0)
+                _log.info("blockctl.backup.export_stopped", pid=export.pid)
             else:
                 code = await _proc.terminate(process, grace=5.0)
                 _log.info("blockctl.backup.export_stopped", pid=process.pid, rc=code)
