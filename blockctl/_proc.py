@@ -231,26 +231,48 @@ async def terminate(process: asyncio.subprocess.Process, *, grace: float) -> int
     return returncode
 
 
+async def reap(process: asyncio.subprocess.Process, *, grace: float) -> int:
+    """Wait for a child that exits by itself (a daemon's launcher, once it has forked); if it
+    has not after ``grace`` seconds, SIGKILL, never SIGTERM: a handler that runs in the
+    launcher may touch what it shares with the daemon (nbdkit's quit pipe). Shielded."""
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(grace):
+            return await process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        returncode = await process.wait()
+    return returncode
+
+
 # Section: processes this controller did not start (a previous controller's, by record)
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields 3 onwards of ``/proc/PID/stat`` (empty if there is no such process)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    return stat_line[stat_line.rfind(")") + 2 :].split()
 
 
 def process_start(pid: int) -> int | None:
     """The start time of process ``pid`` (clock ticks since boot), None if there is none."""
     try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat_line[stat_line.rfind(")") + 2 :].split()
-    try:
-        return int(fields[19])  # field 22 overall
+        return int(_stat_fields(pid)[19])  # field 22 overall
     except (IndexError, ValueError):
         return None
 
 
 def process_alive(pid: int | None, pid_start: int | None) -> bool:
-    """Process ``pid`` still runs and is the one that started at ``pid_start``."""
+    """Process ``pid`` still runs and is the one that started at ``pid_start``. A zombie
+    (exited, not reaped: a detached server whose parent is a PID 1 that does not reap) is
+    not running."""
     if pid is None or pid_start is None:
+        return False
+    fields = _stat_fields(pid)
+    if not fields or fields[0] in ("Z", "X"):  # field 3: the state
         return False
     return process_start(pid) == pid_start
 

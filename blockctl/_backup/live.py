@@ -258,6 +258,10 @@ async def _stream(
             result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=watchers)
     except BaseException:
         if not started:  # the guest has not had the disk long: take it away again
+            if op is not None:
+                # Released first: unplug's conflict check would otherwise see this very
+                # record (a stream on the device, its writer alive) and refuse.
+                op.release()
             with anyio.CancelScope(shield=True):
                 await _detach(vm, device_id, record.nodes)
             if op is not None:

@@ -170,9 +170,12 @@ async def serve_point(
                 )
             pid = int(said[1:]) if said[1:].strip() else process.pid
             if detached:
-                # The process started has forked the server and exits: reap it.
-                with anyio.CancelScope(shield=True):
-                    await _proc.terminate(process, grace=5.0)
+                # The process started has forked the server and exits by itself: reaped,
+                # never sent SIGTERM. It shares nbdkit's quit pipe with the server, and if
+                # still alive its SIGTERM handler writes to it: the server, whose own quit flag
+                # is unset, then spins on the readable pipe and never accepts a connection (a
+                # blockdev-add of it hangs; reproduced by writing a byte to the pipe).
+                await _proc.reap(process, grace=READY_TIMEOUT)
                 server_start = _proc.process_start(pid)
             # nbdkit makes its socket 0755 whatever the umask; the directory (0700) already
             # keeps others out, the socket's own mode says so too.

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from blockctl import GuestImage, LaunchedVM, backup, open_vm
 from blockctl import attach as attach_vm
-from blockctl._backup import live
+from blockctl._backup import live, serve
 from blockctl._backup.serve import serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import JobControl, JobProgress, JobStatus, JobTransition
@@ -124,6 +124,57 @@ async def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:
         async with serve_point(repo, VM, POINTS[0], "disk9", tmp_path, size=len(DISK)):
             pass
     assert not list(tmp_path.glob("nbd-*"))
+
+
+#: A stand-in for nbdkit 1.32 forking into the background, as far as the launcher goes: the
+#: launcher (the process started) and the server share a quit pipe; the launcher's SIGTERM
+#: handler writes to it; the launcher exits by itself a moment after the server is ready. The
+#: server answers each connection with whether the pipe is readable (real nbdkit then spins and
+#: never accepts: a blockdev-add of it hangs).
+FAKE_NBDKIT = """\
+import os, select, signal, socket, sys, time
+args = sys.argv[1:]
+path = args[args.index("--unix") + 1]
+ready = int(next(a for a in args if a.startswith("readyfd=")).split("=")[1])
+quit_r, quit_w = os.pipe()
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(path)
+listener.listen()
+if os.fork() == 0:
+    os.setsid()
+    os.write(ready, b"1%d\\n" % os.getpid())
+    os.close(ready)
+    while True:
+        conn, _ = listener.accept()
+        readable = select.select([quit_r], [], [], 0)[0]
+        conn.sendall(b"quit" if readable else b"ok")
+        conn.close()
+os.close(ready)
+signal.signal(signal.SIGTERM, lambda *_: (os.write(quit_w, b"x"), os._exit(0)))
+time.sleep(2)
+"""
+
+
+async def test_a_detached_server_is_never_told_to_quit_by_its_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher of a detached server is reaped, not sent SIGTERM: that once left the
+    server spinning on its quit pipe, never accepting QEMU (the live restore's hang)."""
+    fake = tmp_path / "fake-nbdkit"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_NBDKIT}")
+    fake.chmod(0o700)
+    monkeypatch.setattr(serve, "NBDKIT", str(fake))
+    repo = point_repo(tmp_path, encrypted=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    async with serve_point(
+        repo, VM, POINTS[0], "disk0", home, size=len(DISK), detached=True
+    ) as export:
+        client = await anyio.connect_unix(export.socket)
+        said = await client.receive()
+        await client.aclose()
+        assert said == b"ok"
+    assert not running(export.pid)
 
 
 # Section: live restore into a running guest

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockctl import _journal as j
+from blockctl import _proc
 from blockctl._jobs import JobTransition
 from blockctl._journal import (
     AdoptJob,
@@ -447,6 +450,22 @@ def test_records_name_their_writer_and_owner_alive_checks_it(tmp_path: Path) -> 
     assert not j.owner_alive(replace(other, pid_start=(parent_start or 0) + 1))
     # A record from before records named their writer: not alive (interrupted, as before).
     assert not j.owner_alive(replace(loaded, pid=None, pid_start=None))
+
+
+def test_a_zombie_is_not_alive() -> None:
+    """A killed process nobody reaps (a detached server whose parent is a PID 1 that does not
+    reap) keeps its pid and start time: still, it is gone (recovery must restart its server)."""
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        start = _proc.process_start(child.pid)
+        assert _proc.process_alive(child.pid, start)
+        os.kill(child.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        assert _proc.process_start(child.pid) == start
+        assert not _proc.process_alive(child.pid, start)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_begin_names_the_writer(tmp_path: Path) -> None:
