@@ -118,9 +118,20 @@ class ServerRecord:
     pid: int
     pid_start: int | None
     home: str  # its private directory (socket, log), removed with it
+    # What it serves (for the way on once QEMU is gone: restore the point, rebase onto it).
+    repo: str = ""
+    point: str = ""
+    device: str = ""
 
     def to_json(self) -> Json:
-        return {"pid": self.pid, "pid_start": self.pid_start, "home": self.home}
+        return {
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "home": self.home,
+            "repo": self.repo,
+            "point": self.point,
+            "device": self.device,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ServerRecord:
@@ -128,6 +139,9 @@ class ServerRecord:
             pid=int(data["pid"]),
             pid_start=_int_or_none(data.get("pid_start")),
             home=str(data["home"]),
+            repo=str(data.get("repo", "")),
+            point=str(data.get("point", "")),
+            device=str(data.get("device", "")),
         )
 
 
@@ -747,11 +761,8 @@ def _plan_gone(intent: Intent, what: str) -> Plan:
             notes.append("the base may hold part of the committed data (not a point in time)")
     elif took_effect:
         notes.append("the job had finished; the dropped layers are no longer in the chain")
-    if intent.server is not None and not took_effect:
-        notes.append(
-            "a live restore: the top holds only the blocks copied so far and the guest's "
-            "writes, not a whole disk; the backup point is unchanged: restore it again"
-        )
+    if intent.server is not None:
+        notes.append(_live_way_on(intent, intent.server, tops))
     relinks = _relinks(intent)
     if relinks:
         notes.append(
@@ -770,6 +781,23 @@ def _plan_gone(intent: Intent, what: str) -> Plan:
             f"{what} was interrupted at step {intent.step.value}: QEMU is gone. "
             f"On disk: {chain_text}. {'; '.join(notes)}".rstrip()
         ),
+    )
+
+
+def _live_way_on(intent: Intent, server: ServerRecord, tops: Mapping[str, str]) -> str:
+    """A live restore whose QEMU is gone: what the target holds and how to make it whole
+    without losing the guest's writes (they are in it; restoring again would drop them)."""
+    target = next(iter(tops.values()), "TARGET")
+    base = f"{target}.base.raw"
+    repo = f" --repo {server.repo}" if server.repo else ""
+    return (
+        f"a live restore: {target} holds the guest's writes and the blocks copied so far, "
+        "read over the backup's server (stopped now), whose place in the image is not "
+        "written in it; the backup point is unchanged. To finish, keeping the guest's writes: "
+        f"`blockctl restore {intent.vm} {server.point or 'POINT'} {server.device or 'DEVICE'} "
+        f"{base}{repo} -O raw`, `qemu-img rebase -u -f qcow2 -F raw -b {base} {target}`, "
+        f"`qemu-img rebase -f qcow2 -b '' {target}` (copies in the rest), then remove {base}: "
+        f"{target} stands alone"
     )
 
 

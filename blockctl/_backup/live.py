@@ -151,7 +151,7 @@ async def restore_live(
                 )
                 op = None
                 if journaled:
-                    op = await _begin(vm, info.device_id, export, point, device, target)
+                    op = await _begin(vm, info.device_id, export, repo.path, point, device, target)
                 result = await _stream(
                     vm,
                     info.device_id,
@@ -204,7 +204,13 @@ async def _attach(
 
 
 async def _begin(
-    vm: VM, device_id: str, export: PointExport, point: str, device: str, target: Path
+    vm: VM,
+    device_id: str,
+    export: PointExport,
+    repo_path: Path,
+    point: str,
+    device: str,
+    target: Path,
 ) -> _journal.Op:
     """The record of the copy to come: a stream of ``device_id`` off the backup nodes, and
     the server that recovery stops once they are gone."""
@@ -219,7 +225,12 @@ async def _begin(
         delete_files=False,
     )
     server = _journal.ServerRecord(
-        pid=export.pid, pid_start=_proc.process_start(export.pid), home=str(export.home)
+        pid=export.pid,
+        pid_start=_proc.process_start(export.pid),
+        home=str(export.home),
+        repo=str(repo_path),
+        point=point,
+        device=device,
     )
     what = f"live restore of {device} ({point}) into {target.name} on {device_id}"
     return _journal.begin(vm, replace(intent, server=server, what=what))

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -24,7 +27,15 @@ from blockctl._jobs import JobControl, JobProgress, JobStatus, JobTransition
 from blockctl._journal import Verdict
 from blockctl._ops import drives, recovery
 from blockctl._qmp import wire
-from blockctl.errors import BackupCorrupt, CommandFailed, OperationTimeout, ProcessFailed
+from blockctl._runtime import read_record
+from blockctl.errors import (
+    BackupCorrupt,
+    BlockctlError,
+    CommandFailed,
+    ConnectionLost,
+    OperationTimeout,
+    ProcessFailed,
+)
 from blockctl.types import ImageFormat
 from tests.conftest import missing
 from tests.integration.conftest import (
@@ -436,28 +447,74 @@ async def test_a_copy_that_does_not_finish_keeps_the_server_and_recover_finishes
     await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", target, plain)
 
 
+# Section: kill points (a qcow2 target; the VM outlives its controllers: `blockctl up`)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path → sha256 of its bytes)."""
+    return {
+        str(p.relative_to(root)): sha256(p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def fill(dev: str, offset_kib: int, kib: int, byte: int) -> str:
+    """The guest command writing ``kib`` KiB of ``byte`` at ``offset_kib``, flushed."""
+    return (
+        f"dd if=/dev/zero bs=64k count={kib // 64} 2>/dev/null | tr '\\000' {chr(byte)} | "
+        f"dd of=/dev/{dev} bs=64k seek={offset_kib // 64} oflag=direct conv=fsync,notrunc "
+        "2>/dev/null"
+    )
+
+
+def read_sha(dev: str, mib: int) -> str:
+    return f"dd if=/dev/{dev} bs=1M count={mib} iflag=direct 2>/dev/null | sha256sum"
+
+
+WAIT_VDB = "for i in $(seq 200); do test -b /dev/vdb && exit 0; sleep 0.1; done; exit 1"
+
+
+async def reference(repo: Repository, vm_name: str, point: str, path: Path) -> Path:
+    """Built without live restore: the point restored plainly, then :data:`GUEST_WRITES`
+    applied offline at the same offsets."""
+    await backup.restore(repo, vm_name, point, "disk0", path, ImageFormat.RAW)
+    for offset, kib, byte in GUEST_WRITES:
+        await run(
+            "qemu-io", "-f", "raw", "-c", f"write -P {byte} {offset * 1024} {kib * 1024}", path
+        )
+    return path
+
+
+async def standalone_equals(target: Path, want: Path) -> None:
+    info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "qcow2", target))
+    assert "backing-filename" not in info
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", target, want)
+
+
 @pytest.mark.guest
-async def test_a_killed_controller_leaves_the_copy_running_and_recover_finishes_it(
+async def test_a_controller_killed_mid_copy_then_recover_finishes_with_every_guest_write(
     guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
 ) -> None:
-    """kill -9 of the controller once the copy runs: QEMU's stream and the server go on (the
-    guest reads every block meanwhile); ``blockctl recover`` adopts the copy and finishes."""
+    """kill -9 of the controller once the copy runs (1 B/s: under way, far from done): QEMU's
+    stream and the server go on, the guest reads every block and writes; ``blockctl recover``
+    adopts the copy and finishes: the disk stands alone, equal to the point plus the guest's
+    writes; the repository unchanged, no server, no record."""
     from tests.integration.test_attach_cli import cli
     from tests.integration.test_backup_faults import detached
 
     repo = backup.init_repository(tmp_path / "repo")
-    disk = await qcow2_image(images / "k0.qcow2", b"", 8 * MIB)
+    disk = await qcow2_image(images / "k0.qcow2", b"", 16 * MIB)
     target = images / "live.qcow2"
     run_dir = runtime_dir / "lrk"
     async with detached(guest, "lrk", disk) as console:
         await console.check(
-            "dd if=/dev/urandom of=/dev/vda bs=64k count=16 oflag=direct conv=fsync 2>/dev/null"
+            "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
         )
         async with attach_vm("lrk") as vm:
             point = await backup.create(vm, repo)
-        want = (
-            await console.check("dd if=/dev/vda bs=1M count=8 iflag=direct 2>/dev/null | sha256sum")
-        ).split()[0]
+        hashes = tree_digest(repo.path)
+        want = (await console.check(read_sha("vda", 16))).split()[0]
         arguments = {
             "repo": str(repo.path),
             "point": point.id,
@@ -472,14 +529,13 @@ async def test_a_killed_controller_leaves_the_copy_running_and_recover_finishes_
         (server,) = nbdkit_pids_under(run_dir)
         (record,) = list(run_dir.glob("journal-*.json"))
         assert json.loads(record.read_text())["server"]["pid"] == server
-        # The controller is gone; the guest reads the new disk whole, through the server.
-        await console.check(
-            "for i in $(seq 100); do test -b /dev/vdb && exit 0; sleep 0.1; done; exit 1"
-        )
-        read = await console.check(
-            "dd if=/dev/vdb bs=1M count=8 iflag=direct 2>/dev/null | sha256sum"
-        )
-        assert read.split()[0] == want
+        # The controller is gone; the guest reads the new disk whole, through the server,
+        # and writes to it.
+        await console.check(WAIT_VDB)
+        assert (await console.check(read_sha("vdb", 16))).split()[0] == want
+        for write_ in GUEST_WRITES:
+            await console.check(fill("vdb", *write_))
+        during = (await console.check(read_sha("vdb", 16))).split()[0]
         done = json.loads((await cli("recover", "lrk", "--json")).stdout)
         (result,) = [r for r in done["operations"] if r["kind"] == "stream"]
         assert result["verdict"] == "finished", result
@@ -487,6 +543,81 @@ async def test_a_killed_controller_leaves_the_copy_running_and_recover_finishes_
         assert not list(run_dir.glob("journal-*.json"))
         listed = json.loads((await cli("drives", "lrk", "--json")).stdout)
         assert [n["filename"] for n in listed[-1]["chain"]] == [str(target)]
-    plain = tmp_path / "plain.raw"
-    await backup.restore(repo, "lrk", point.id, "disk0", plain, ImageFormat.RAW)
-    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", target, plain)
+        assert (await console.check(read_sha("vdb", 16))).split()[0] == during
+    assert tree_digest(repo.path) == hashes
+    await standalone_equals(target, await reference(repo, "lrk", point.id, tmp_path / "r.raw"))
+
+
+@pytest.mark.guest
+async def test_qemu_killed_mid_copy_then_recover_says_how_to_finish_keeping_the_guest_writes(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """kill -9 of QEMU while the guest has read the disk (copy-on-read) and written to it:
+    the controller stops the server; ``blockctl recover`` drops the record and says what the
+    target holds and the commands that make it whole. Run as given, they give the point plus
+    the guest's writes, standalone; the repository is unchanged."""
+    from tests.integration.test_attach_cli import cli
+    from tests.integration.test_backup_faults import detached
+
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "q0.qcow2", b"", 16 * MIB)
+    target = images / "live.qcow2"
+    run_dir = runtime_dir / "lrq"
+    watch = StreamWatch()
+    raised: list[BaseException] = []
+    async with detached(guest, "lrq", disk) as console:
+        await console.check(
+            "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
+        )
+        async with attach_vm("lrq") as vm:
+            point = await backup.create(vm, repo)
+            hashes = tree_digest(repo.path)
+            want = (await console.check(read_sha("vda", 16))).split()[0]
+
+            async def restore() -> None:
+                try:
+                    await backup.restore_live(
+                        vm,
+                        repo,
+                        "lrq",
+                        point.id,
+                        "disk0",
+                        target,
+                        control=JobControl(speed=1, hooks=(watch,)),
+                    )
+                except BlockctlError as exc:
+                    raised.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(restore)
+                await watch.running.wait()
+                await console.check(WAIT_VDB)
+                assert (await console.check(read_sha("vdb", 16))).split()[0] == want
+                for write_ in GUEST_WRITES:
+                    await console.check(fill("vdb", *write_))
+                os.kill(read_record("lrq").pid, signal.SIGKILL)
+        (error,) = raised
+        assert isinstance(error, ConnectionLost), repr(error)
+        assert nbdkit_pids_under(run_dir) == []
+        done = json.loads((await cli("recover", "lrq", "--json")).stdout)
+        (result,) = [r for r in done["operations"] if r["kind"] == "stream"]
+        assert result["verdict"] == "qemu-gone", result
+        assert not list(run_dir.glob("journal-*.json"))
+    assert result["tops"] == {"disk1": str(target)}
+    assert "holds the guest's writes" in result["message"]
+    # The way on, run as the message gives it.
+    steps = re.findall(r"`([^`]+)`", result["message"].split("To finish")[1])
+    assert [s.split()[:2] for s in steps] == [
+        ["blockctl", "restore"],
+        ["qemu-img", "rebase"],
+        ["qemu-img", "rebase"],
+    ]
+    for step in steps:
+        words = shlex.split(step)
+        if words[0] == "blockctl":
+            await cli(*words[1:])
+        else:
+            await run(*words)
+    Path(f"{target}.base.raw").unlink()
+    assert tree_digest(repo.path) == hashes
+    await standalone_equals(target, await reference(repo, "lrq", point.id, tmp_path / "r.raw"))

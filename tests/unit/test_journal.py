@@ -724,7 +724,9 @@ def test_a_device_with_nothing_dropped_does_not_stop_the_relinks_of_the_next() -
 
 # Section: a live restore (a stream off a backup's NBD server, which the record names)
 
-SERVER = j.ServerRecord(pid=4242, pid_start=777, home="/run/vm/nbd-1")
+SERVER = j.ServerRecord(
+    pid=4242, pid_start=777, home="/run/vm/nbd-1", repo="/r", point="p1", device="disk0"
+)
 
 
 def live_restore(step: Step = Step.RUNNING, **kw: object) -> Intent:
@@ -771,6 +773,9 @@ def test_a_live_restore_record_round_trips_with_its_server(tmp_path: Path) -> No
         "pid": 4242,
         "pid_start": 777,
         "home": "/run/vm/nbd-1",
+        "repo": "/r",
+        "point": "p1",
+        "device": "disk0",
     }
     # A record without a server (every other operation) reads back without one.
     assert commit_intermediate().to_json()["server"] is None
@@ -854,10 +859,18 @@ def test_a_live_restore_with_qemu_gone_stops_the_server_and_says_the_target_is_p
     assert plan.verdict is Verdict.QEMU_GONE
     assert plan.actions == (j.StopServer(SERVER),)  # no relink onto a server's URL
     assert plan.tops == {"disk1": "/t/new.qcow2"}
+    # The guest's writes are in the target: the way on keeps them (never "restore again").
     assert plan.message.endswith(
-        "a live restore: the top holds only the blocks copied so far and the guest's writes, "
-        "not a whole disk; the backup point is unchanged: restore it again"
+        "a live restore: /t/new.qcow2 holds the guest's writes and the blocks copied so far, "
+        "read over the backup's server (stopped now), whose place in the image is not written "
+        "in it; the backup point is unchanged. To finish, keeping the guest's writes: "
+        "`blockctl restore vm p1 disk0 /t/new.qcow2.base.raw --repo /r -O raw`, `qemu-img "
+        "rebase -u -f qcow2 -F raw -b /t/new.qcow2.base.raw /t/new.qcow2`, `qemu-img rebase "
+        "-f qcow2 -b '' /t/new.qcow2` (copies in the rest), then remove "
+        "/t/new.qcow2.base.raw: /t/new.qcow2 stands alone"
     )
+    # Concluded (the copy done, perhaps not flushed): the same way on is safe and says so.
     done = j.plan(live_restore(Step.CONCLUDED), Facts(alive=False))
     assert done.actions == (j.StopServer(SERVER),)
-    assert "only the blocks copied" not in done.message
+    assert done.tops == {"disk1": "/t/new.qcow2"}
+    assert "rebase -u" in done.message
