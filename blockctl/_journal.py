@@ -120,6 +120,7 @@ class ServerRecord:
     home: str  # its private directory (socket, log), removed with it
     # What it serves (for the way on once QEMU is gone: restore the point, rebase onto it).
     repo: str = ""
+    source_vm: str = ""  # the VM the point belongs to in the repository
     point: str = ""
     device: str = ""
 
@@ -129,6 +130,7 @@ class ServerRecord:
             "pid_start": self.pid_start,
             "home": self.home,
             "repo": self.repo,
+            "source_vm": self.source_vm,
             "point": self.point,
             "device": self.device,
         }
@@ -140,6 +142,7 @@ class ServerRecord:
             pid_start=_int_or_none(data.get("pid_start")),
             home=str(data["home"]),
             repo=str(data.get("repo", "")),
+            source_vm=str(data.get("source_vm", "")),
             point=str(data.get("point", "")),
             device=str(data.get("device", "")),
         )
@@ -478,6 +481,16 @@ class StopServer:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplaceServer:
+    """A live restore's server is gone (the guest's disk cannot read what is not copied yet):
+    start a new one, put new backup nodes on it under ``node`` (``blockdev-reopen``), delete
+    the old ones; then plan again (copy again)."""
+
+    device: str
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
 class RestartStream:
     """A live restore's copy stopped with the disk still on the backup: start it again (a
     new job id), then plan again (adopt it)."""
@@ -494,6 +507,7 @@ Action = (
     | UpdateRegistry
     | Relink
     | StopServer
+    | ReplaceServer
     | RestartStream
 )
 
@@ -633,6 +647,12 @@ def _plan_live_unfinished(intent: Intent, facts: Facts, what: str) -> Plan:
             verdict=None,
             actions=(RestartStream(device, chains.before[0]),),
             message=f"{what}: the copy stopped before the end; starting it again",
+        )
+    if intent.error is None and intent.server.repo:
+        return Plan(
+            verdict=None,
+            actions=(ReplaceServer(device, chains.before[0]),),
+            message=f"{what}: the backup's server is gone; starting a new one",
         )
     why = f"the copy failed: {intent.error}" if intent.error else "the copy stopped"
     if facts.server_alive:
@@ -790,12 +810,15 @@ def _live_way_on(intent: Intent, server: ServerRecord, tops: Mapping[str, str]) 
     target = next(iter(tops.values()), "TARGET")
     base = f"{target}.base.raw"
     repo = f" --repo {server.repo}" if server.repo else ""
+    source = (
+        f"{server.source_vm or intent.vm} {server.point or 'POINT'} {server.device or 'DEVICE'}"
+    )
     return (
         f"a live restore: {target} holds the guest's writes and the blocks copied so far, "
         "read over the backup's server (stopped now), whose place in the image is not "
         "written in it; the backup point is unchanged. To finish, keeping the guest's writes: "
-        f"`blockctl restore {intent.vm} {server.point or 'POINT'} {server.device or 'DEVICE'} "
-        f"{base}{repo} -O raw`, `qemu-img rebase -u -f qcow2 -F raw -b {base} {target}`, "
+        f"`blockctl restore {source} {base}{repo} -O raw`, "
+        f"`qemu-img rebase -u -f qcow2 -F raw -b {base} {target}`, "
         f"`qemu-img rebase -f qcow2 -b '' {target}` (copies in the rest), then remove {base}: "
         f"{target} stands alone"
     )

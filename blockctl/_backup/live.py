@@ -22,9 +22,10 @@ Journaled (a VM with a run directory): once the disk is attached, the operation'
 written before the stream starts, and the server runs in its own session, not tied to this
 process. A controller that is killed, interrupted or sees the copy fail leaves the server
 running and the record; ``blockctl recover`` adopts the copy (or starts it again while the
-server runs), then deletes the backup nodes and stops the server. QEMU killed: recovery
-stops the server and says the target is incomplete. Not yet (issue 18): a server killed
-mid-copy is not restarted; raw targets (mirror).
+server runs), then deletes the backup nodes and stops the server. Server killed: recovery
+starts a new one and puts the target on new backup nodes (``blockdev-reopen``), then copies.
+QEMU killed: recovery stops the server and says how to make the target whole keeping the
+guest's writes. Not yet (issue 18): raw targets (mirror).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any
 import anyio
 
 from blockctl import _images, _journal, _proc
-from blockctl._backup.serve import PointExport, serve_point
+from blockctl._backup.serve import PointExport, backing_nodes, serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobHook, JobResult, start_job
 from blockctl._log import get_logger
@@ -55,10 +56,6 @@ from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError
 from blockctl.types import Drive, ErrorPolicy, ImageFormat, Interface
 
 _log = get_logger()
-
-#: Seconds the NBD client waits for a server that went away before requests fail (a short
-#: outage goes unnoticed: ``notes/backup-data-path.md``).
-RECONNECT_DELAY = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,16 +127,7 @@ async def restore_live(
                 repo, vm_name, point, device, home, size=size, detached=journaled
             ) as export:
                 base = f"bclr-{secrets.token_hex(2)}"
-                backing = (
-                    {
-                        "driver": "nbd",
-                        "node-name": f"{base}-nbd",
-                        "server": {"type": "unix", "path": str(export.socket)},
-                        "read-only": True,
-                        "reconnect-delay": RECONNECT_DELAY,
-                    },
-                    {"driver": "raw", "node-name": base, "file": f"{base}-nbd", "read-only": True},
-                )
+                backing = backing_nodes(base, export.socket)
                 info = await _attach(vm, target, size, interface, backing)
                 attached = time.monotonic() - started
                 _log.info(
@@ -151,7 +139,9 @@ async def restore_live(
                 )
                 op = None
                 if journaled:
-                    op = await _begin(vm, info.device_id, export, repo.path, point, device, target)
+                    op = await _begin(
+                        vm, info.device_id, export, repo.path, vm_name, point, device, target
+                    )
                 result = await _stream(
                     vm,
                     info.device_id,
@@ -208,6 +198,7 @@ async def _begin(
     device_id: str,
     export: PointExport,
     repo_path: Path,
+    source_vm: str,
     point: str,
     device: str,
     target: Path,
@@ -229,6 +220,7 @@ async def _begin(
         pid_start=_proc.process_start(export.pid),
         home=str(export.home),
         repo=str(repo_path),
+        source_vm=source_vm,
         point=point,
         device=device,
     )

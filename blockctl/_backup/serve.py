@@ -24,6 +24,7 @@ import sysconfig
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -41,6 +42,24 @@ NBDKIT_HINT = "install nbdkit and nbdkit-plugin-python (Debian: apt-get install 
 )
 #: How long nbdkit may take to load Python and blockctl and listen.
 READY_TIMEOUT = 30.0
+#: Seconds the NBD client waits for a server that went away before requests fail (a short
+#: outage goes unnoticed: ``notes/backup-data-path.md``).
+RECONNECT_DELAY = 10
+
+
+def backing_nodes(base: str, socket: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The nodes a live restore's target backs onto (bottom-up): an NBD client of the server
+    on ``socket`` (read-only, riding out a short outage), and ``base``, raw over it."""
+    return (
+        {
+            "driver": "nbd",
+            "node-name": f"{base}-nbd",
+            "server": {"type": "unix", "path": str(socket)},
+            "read-only": True,
+            "reconnect-delay": RECONNECT_DELAY,
+        },
+        {"driver": "raw", "node-name": base, "file": f"{base}-nbd", "read-only": True},
+    )
 
 
 @dataclass(slots=True, kw_only=True)

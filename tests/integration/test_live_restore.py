@@ -11,7 +11,9 @@ import shlex
 import shutil
 import signal
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nbd
@@ -33,6 +35,7 @@ from blockctl.errors import (
     BlockctlError,
     CommandFailed,
     ConnectionLost,
+    JobFailed,
     OperationTimeout,
     ProcessFailed,
 )
@@ -621,3 +624,71 @@ async def test_qemu_killed_mid_copy_then_recover_says_how_to_finish_keeping_the_
     Path(f"{target}.base.raw").unlink()
     assert tree_digest(repo.path) == hashes
     await standalone_equals(target, await reference(repo, "lrq", point.id, tmp_path / "r.raw"))
+
+
+@pytest.mark.guest
+async def test_a_server_killed_mid_copy_then_recover_puts_in_a_new_one_and_finishes(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the NBD server while the copy runs and after the guest wrote (whole
+    clusters: nothing read from the backup): once the reconnect delay is over the copy fails
+    on a read; ``recover`` starts a new server, puts new backup nodes on it under the target
+    (``blockdev-reopen``), copies again and finishes: the point plus the guest's writes,
+    standalone; the repository unchanged, no server, no record."""
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "s0.qcow2", b"", 16 * MIB)
+    target = images / "live.qcow2"
+    watch = StreamWatch()
+    raised: list[BaseException] = []
+    async with open_vm(config(guest, "lrn", disk)) as vm:
+        assert vm.run_dir is not None
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 1024)
+        await write(vm, "vda", 8192, 1024)
+        point = await backup.create(vm, repo)
+        hashes = tree_digest(repo.path)
+
+        async def restore() -> None:
+            try:
+                await backup.restore_live(
+                    vm,
+                    repo,
+                    "lrn",
+                    point.id,
+                    "disk0",
+                    target,
+                    control=JobControl(speed=1, hooks=(watch,)),
+                )
+            except BlockctlError as exc:
+                raised.append(exc)
+
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(restore)
+                await watch.running.wait()
+                await sh(vm, WAIT_VDB)
+                for offset, kib, byte in GUEST_WRITES:
+                    await guest_fill(vm, "vdb", offset, kib, byte)
+                (server,) = nbdkit_pids_under(vm.run_dir)
+                os.kill(server, signal.SIGKILL)
+                await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+        (error,) = raised
+        assert isinstance(error, JobFailed), repr(error)
+        assert [e for e in logs if e["event"] == "blockctl.backup.live_unfinished"]
+        (done,) = await recovery.reconcile(vm)
+        assert done.verdict is Verdict.FINISHED, (done.message, done.done)
+        assert any(d.startswith("started a new server") for d in done.done), done.done
+        assert nbdkit_pids_under(vm.run_dir) == []
+        assert not list(vm.run_dir.glob("journal-*.json"))
+        assert not list(vm.run_dir.glob("nbd-*"))
+        assert not {n for n in await node_names(vm) if n.startswith("bclr")}
+        (drive,) = [d for d in await drives.list_drives(vm) if d.device_id == error_device(logs)]
+        assert [n.node_name for n in drive.chain] == [drive.top_node]
+        await truth_check(vm)
+    assert tree_digest(repo.path) == hashes
+    await standalone_equals(target, await reference(repo, "lrn", point.id, tmp_path / "r.raw"))
+
+
+def error_device(logs: Sequence[Mapping[str, Any]]) -> str:
+    (left,) = [e for e in logs if e["event"] == "blockctl.backup.live_unfinished"]
+    return str(left["device"])

@@ -725,7 +725,13 @@ def test_a_device_with_nothing_dropped_does_not_stop_the_relinks_of_the_next() -
 # Section: a live restore (a stream off a backup's NBD server, which the record names)
 
 SERVER = j.ServerRecord(
-    pid=4242, pid_start=777, home="/run/vm/nbd-1", repo="/r", point="p1", device="disk0"
+    pid=4242,
+    pid_start=777,
+    home="/run/vm/nbd-1",
+    repo="/r",
+    source_vm="vm",
+    point="p1",
+    device="disk0",
 )
 
 
@@ -774,6 +780,7 @@ def test_a_live_restore_record_round_trips_with_its_server(tmp_path: Path) -> No
         "pid_start": 777,
         "home": "/run/vm/nbd-1",
         "repo": "/r",
+        "source_vm": "vm",
         "point": "p1",
         "device": "disk0",
     }
@@ -841,7 +848,9 @@ def test_a_live_restore_whose_copy_failed_or_whose_server_is_gone_needs_attentio
         "recover` tries the copy again. Or give it up: detach the disk (`blockctl detach`), "
         "then `blockctl recover --forget` stops the server; the backup point is unchanged"
     )
-    gone = j.plan(live_restore(), live_facts(("drv1", "bclr"), server_alive=False))
+    # A server gone, from a record that does not say what it served: nothing to restart.
+    unnamed = replace(SERVER, repo="")
+    gone = j.plan(live_restore(server=unnamed), live_facts(("drv1", "bclr"), server_alive=False))
     assert (gone.verdict, gone.actions, gone.forget) == (Verdict.ATTENTION, (), False)
     assert gone.message == (
         "live restore of disk0 (p1) into new.qcow2 on disk1: the copy stopped; the backup's "
@@ -852,6 +861,22 @@ def test_a_live_restore_whose_copy_failed_or_whose_server_is_gone_needs_attentio
     # A plain stream in the same state is "not done", as before.
     plain = j.plan(live_restore(server=None), live_facts(("drv1", "bclr"), server_alive=True))
     assert plain.verdict is Verdict.NOT_DONE
+
+
+def test_a_live_restore_whose_server_is_gone_gets_a_new_one_then_copies_again() -> None:
+    plan = j.plan(live_restore(), live_facts(("drv1", "bclr"), server_alive=False))
+    assert plan.verdict is None
+    assert plan.actions == (j.ReplaceServer("disk1", "drv1"),)
+    assert plan.message == (
+        "live restore of disk0 (p1) into new.qcow2 on disk1: the backup's server is gone; "
+        "starting a new one"
+    )
+    # Once a new server could not be put in (the record's error): said, not tried again.
+    failed = j.plan(
+        live_restore(error="a new server of the backup could not be put in: x"),
+        live_facts(("drv1", "bclr"), server_alive=False),
+    )
+    assert (failed.verdict, failed.actions) == (Verdict.ATTENTION, ())
 
 
 def test_a_live_restore_with_qemu_gone_stops_the_server_and_says_the_target_is_partial() -> None:
