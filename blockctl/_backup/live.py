@@ -299,6 +299,8 @@ async def _stream(
                 "restore again",
             )
         raise
+    if op is not None:  # only the cleanup is left (recovery finishes it)
+        op.step(_journal.Step.CONCLUDED)
     # QEMU dropped the backing link at the end of the stream: the backup nodes are free.
     refused = await delete_nodes(vm, backing_names, event="blockctl.backup.live_node_kept")
     record = vm.registry.drives[device_id]

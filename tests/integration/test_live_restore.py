@@ -496,13 +496,16 @@ async def standalone_equals(target: Path, want: Path) -> None:
 
 
 @pytest.mark.guest
-async def test_a_controller_killed_mid_copy_then_recover_finishes_with_every_guest_write(
-    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+@pytest.mark.parametrize("step", ["starting", "running", "concluded"])
+async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_every_guest_write(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path, step: str
 ) -> None:
-    """kill -9 of the controller once the copy runs (1 B/s: under way, far from done): QEMU's
-    stream and the server go on, the guest reads every block and writes; ``blockctl recover``
-    adopts the copy and finishes: the disk stands alone, equal to the point plus the guest's
-    writes; the repository unchanged, no server, no record."""
+    """kill -9 of the controller right after its record reaches ``step``: at the start (the
+    stream about to be sent), mid-copy (it runs at 1 B/s: under way, far from done) or at
+    the end (the copy done, the cleanup not). The guest reads every block and writes;
+    ``blockctl recover`` starts the copy again or adopts it, and cleans up: the disk stands
+    alone, equal to the point plus the guest's writes; the repository unchanged, no server,
+    no record."""
     from tests.integration.test_attach_cli import cli
     from tests.integration.test_backup_faults import detached
 
@@ -523,10 +526,10 @@ async def test_a_controller_killed_mid_copy_then_recover_finishes_with_every_gue
             "point": point.id,
             "device": "disk0",
             "target": str(target),
-            "speed": 1,
+            "speed": None if step == "concluded" else 1,
         }
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        argv = [sys.executable, "-m", "tests.integration.crash_child", "lrk", "live", "running"]
+        argv = [sys.executable, "-m", "tests.integration.crash_child", "lrk", "live", step]
         killed = await anyio.run_process([*argv, json.dumps(arguments)], check=False, env=env)
         assert killed.returncode == -9, killed.stderr.decode()
         (server,) = nbdkit_pids_under(run_dir)
