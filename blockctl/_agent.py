@@ -46,9 +46,9 @@ from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from blockctl import _fsutil, _journal
-from blockctl._journal import process_start
 from blockctl._log import get_logger
 from blockctl._machine import AGENT_SOCKET, VM
+from blockctl._proc import process_alive, process_start
 from blockctl.errors import (  # re-exported for callers of this module
     AgentCommandFailed,
     AgentFrozen,
@@ -722,7 +722,7 @@ class FreezeRecord:
 
 def writer_alive(record: FreezeRecord) -> bool:
     """The process that wrote ``record`` still runs (same PID and same start time)."""
-    return _journal.process_alive(record.pid, record.pid_start)
+    return process_alive(record.pid, record.pid_start)
 
 
 def _write_freeze_record(

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 from blockctl import _fsutil
 from blockctl._graph import BlockGraph, GraphNode
 from blockctl._log import get_logger
+from blockctl._proc import process_alive as process_alive
+from blockctl._proc import process_start as process_start
 from blockctl._qmp.models import JobStatus, node_json, overlay_options
 
 if TYPE_CHECKING:
@@ -109,6 +111,44 @@ class DeviceChains:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ServerRecord:
+    """A live restore's NBD server: started by the operation, it outlives a killed controller
+    (the guest's disk reads through it until the copy ends), so the record names it."""
+
+    pid: int
+    pid_start: int | None
+    home: str  # its private directory (socket, log), removed with it
+    # What it serves (for the way on once QEMU is gone: restore the point, rebase onto it).
+    repo: str = ""
+    source_vm: str = ""  # the VM the point belongs to in the repository
+    point: str = ""
+    device: str = ""
+
+    def to_json(self) -> Json:
+        return {
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "home": self.home,
+            "repo": self.repo,
+            "source_vm": self.source_vm,
+            "point": self.point,
+            "device": self.device,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ServerRecord:
+        return cls(
+            pid=int(data["pid"]),
+            pid_start=_int_or_none(data.get("pid_start")),
+            home=str(data["home"]),
+            repo=str(data.get("repo", "")),
+            source_vm=str(data.get("source_vm", "")),
+            point=str(data.get("point", "")),
+            device=str(data.get("device", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Intent:
     """One journaled operation (the content of one ``journal-<id>.json``)."""
 
@@ -139,6 +179,8 @@ class Intent:
     #: client's operation in progress, not an interrupted one (:func:`owner_alive`).
     pid: int | None = None
     pid_start: int | None = None
+    #: A live restore (a stream off a backup's NBD server): its server.
+    server: ServerRecord | None = None
 
     def describe(self) -> str:
         return self.what or f"{self.kind.value} on {', '.join(self.devices)}"
@@ -164,6 +206,7 @@ class Intent:
             "what": self.what,
             "pid": self.pid,
             "pid_start": self.pid_start,
+            "server": None if self.server is None else self.server.to_json(),
         }
 
     @classmethod
@@ -189,6 +232,7 @@ class Intent:
             what=str(data.get("what", "")),
             pid=_int_or_none(data.get("pid")),
             pid_start=_int_or_none(data.get("pid_start")),
+            server=None if data.get("server") is None else ServerRecord.from_json(data["server"]),
         )
 
 
@@ -197,27 +241,6 @@ def _int_or_none(value: Any) -> int | None:
 
 
 # Section: the writer
-
-
-def process_start(pid: int) -> int | None:
-    """The start time of process ``pid`` (clock ticks since boot), None if there is none."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat_line[stat_line.rfind(")") + 2 :].split()
-    try:
-        return int(fields[19])  # field 22 overall
-    except (IndexError, ValueError):
-        return None
-
-
-def process_alive(pid: int | None, pid_start: int | None) -> bool:
-    """Process ``pid`` still runs and is the one that started at ``pid_start``."""
-    if pid is None or pid_start is None:
-        return False
-    return process_start(pid) == pid_start
 
 
 #: The operations in progress in this process (by record id): a record this process wrote
@@ -398,6 +421,7 @@ class Facts:
     nodes: frozenset[str] = frozenset()
     files: Mapping[str, str] = field(default_factory=dict)  # node → the file it has open
     chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # device → nodes
+    server_alive: bool = False  # the record's server (a live restore's) still runs
 
 
 class Verdict(enum.StrEnum):
@@ -448,7 +472,44 @@ class UpdateRegistry:
     add: tuple[Json, ...]
 
 
-Action = AdoptJob | DeleteNodes | DeleteFiles | ReopenReadOnly | UpdateRegistry | Relink
+@dataclass(frozen=True, slots=True)
+class StopServer:
+    """Stop a live restore's NBD server (if its pid is still that process) and remove its
+    directory."""
+
+    server: ServerRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceServer:
+    """A live restore's server is gone (the guest's disk cannot read what is not copied yet):
+    start a new one, put new backup nodes on it under ``node`` (``blockdev-reopen``), delete
+    the old ones; then plan again (copy again)."""
+
+    device: str
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class RestartStream:
+    """A live restore's copy stopped with the disk still on the backup: start it again (a
+    new job id), then plan again (adopt it)."""
+
+    device: str
+    node: str
+
+
+Action = (
+    AdoptJob
+    | DeleteNodes
+    | DeleteFiles
+    | ReopenReadOnly
+    | UpdateRegistry
+    | Relink
+    | StopServer
+    | ReplaceServer
+    | RestartStream
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -538,11 +599,15 @@ def plan(intent: Intent, facts: Facts, *, owner_alive: bool = False) -> Plan:
             if intent.step.order < (Step.CONCLUDED.order)
             else ""
         )
+        if intent.server is not None:
+            actions.append(StopServer(intent.server))
         return Plan(
             verdict=Verdict.FINISHED,
             actions=tuple(actions),
             message=f"{what}: done ({by}cleanup completed by recovery)",
         )
+    if intent.server is not None and states and all(s == "before" for s in states.values()):
+        return _plan_live_unfinished(intent, facts, what)
     # A failed job never changes the graph: the post-state above wins over a recorded error
     # (e.g. "outcome unknown" when someone else dismissed the job).
     if intent.error is not None:
@@ -569,6 +634,46 @@ def plan(intent: Intent, facts: Facts, *, owner_alive: bool = False) -> Plan:
             message=f"{what}: not done: {why}. {_unchanged(intent)} Run it again if still wanted",
         )
     return _diverged(intent, facts, what, "")
+
+
+def _plan_live_unfinished(intent: Intent, facts: Facts, what: str) -> Plan:
+    """A live restore whose copy stopped (failed, cancelled, or its result lost with the
+    controller) while the disk still reads the backup through the server: copy again once
+    per recovery run while the server runs; otherwise say what is left and the ways out."""
+    assert intent.server is not None
+    (device, chains), *_ = intent.devices.items()
+    if facts.server_alive and intent.error is None:
+        return Plan(
+            verdict=None,
+            actions=(RestartStream(device, chains.before[0]),),
+            message=f"{what}: the copy stopped before the end; starting it again",
+        )
+    if intent.error is None and intent.server.repo:
+        return Plan(
+            verdict=None,
+            actions=(ReplaceServer(device, chains.before[0]),),
+            message=f"{what}: the backup's server is gone; starting a new one",
+        )
+    why = f"the copy failed: {intent.error}" if intent.error else "the copy stopped"
+    if facts.server_alive:
+        server = (
+            f"the disk still reads the backup through its server (pid {intent.server.pid}), "
+            "kept running; `blockctl recover` tries the copy again"
+        )
+    else:
+        server = (
+            f"the backup's server (pid {intent.server.pid}) is gone: the blocks not copied "
+            "yet cannot be read (the guest gets I/O errors on them)"
+        )
+    return Plan(
+        verdict=Verdict.ATTENTION,
+        actions=(),
+        forget=False,
+        message=(
+            f"{what}: {why}; {server}. Or give it up: detach the disk (`blockctl detach`), "
+            "then `blockctl recover --forget` stops the server; the backup point is unchanged"
+        ),
+    )
 
 
 def _state(chain: Sequence[str], chains: DeviceChains) -> str:
@@ -632,8 +737,8 @@ def _relinks(intent: Intent) -> tuple[Relink, ...]:
     """Stream and intermediate commit: once the job may have run, restore the backing link of
     the image above the dropped layers to the first of them (qemu-facts F1: those layers are
     only read by the job, so the old chain reads the same data, flushed or not)."""
-    if intent.kind is OpKind.SNAPSHOT or intent.active:
-        return ()
+    if intent.kind is OpKind.SNAPSHOT or intent.active or intent.server is not None:
+        return ()  # (a live restore's backing is a server, not a file)
     if intent.step.order < Step.STARTING.order:
         return ()
     links = []
@@ -676,6 +781,8 @@ def _plan_gone(intent: Intent, what: str) -> Plan:
             notes.append("the base may hold part of the committed data (not a point in time)")
     elif took_effect:
         notes.append("the job had finished; the dropped layers are no longer in the chain")
+    if intent.server is not None:
+        notes.append(_live_way_on(intent, intent.server, tops))
     relinks = _relinks(intent)
     if relinks:
         notes.append(
@@ -685,14 +792,35 @@ def _plan_gone(intent: Intent, what: str) -> Plan:
             + ", ".join(f"{Path(r.path).name} → {Path(r.backing).name}" for r in relinks)
         )
     chain_text = "; ".join(f"{d}: top {f}" for d, f in tops.items())
+    stop = () if intent.server is None else (StopServer(intent.server),)
     return Plan(
         verdict=Verdict.QEMU_GONE,
-        actions=relinks,
+        actions=(*relinks, *stop),
         tops=tops,
         message=(
             f"{what} was interrupted at step {intent.step.value}: QEMU is gone. "
             f"On disk: {chain_text}. {'; '.join(notes)}".rstrip()
         ),
+    )
+
+
+def _live_way_on(intent: Intent, server: ServerRecord, tops: Mapping[str, str]) -> str:
+    """A live restore whose QEMU is gone: what the target holds and how to make it whole
+    without losing the guest's writes (they are in it; restoring again would drop them)."""
+    target = next(iter(tops.values()), "TARGET")
+    base = f"{target}.base.raw"
+    repo = f" --repo {server.repo}" if server.repo else ""
+    source = (
+        f"{server.source_vm or intent.vm} {server.point or 'POINT'} {server.device or 'DEVICE'}"
+    )
+    return (
+        f"a live restore: {target} holds the guest's writes and the blocks copied so far, "
+        "read over the backup's server (stopped now), whose place in the image is not "
+        "written in it; the backup point is unchanged. To finish, keeping the guest's writes: "
+        f"`blockctl restore {source} {base}{repo} -O raw`, "
+        f"`qemu-img rebase -u -f qcow2 -F raw -b {base} {target}`, "
+        f"`qemu-img rebase -f qcow2 -b '' {target}` (copies in the rest), then remove {base}: "
+        f"{target} stands alone"
     )
 
 

@@ -229,3 +229,75 @@ async def terminate(process: asyncio.subprocess.Process, *, grace: float) -> int
         returncode = await process.wait()
     # Outside the with: mypy cannot know that a shielded scope never swallows the return.
     return returncode
+
+
+async def reap(process: asyncio.subprocess.Process, *, grace: float) -> int:
+    """Wait for a child that exits by itself (a daemon's launcher, once it has forked); if it
+    has not after ``grace`` seconds, SIGKILL, never SIGTERM: a handler that runs in the
+    launcher may touch what it shares with the daemon (nbdkit's quit pipe). Shielded."""
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(grace):
+            return await process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        returncode = await process.wait()
+    return returncode
+
+
+# Section: processes this controller did not start (a previous controller's, by record)
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields 3 onwards of ``/proc/PID/stat`` (empty if there is no such process)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    return stat_line[stat_line.rfind(")") + 2 :].split()
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot), None if there is none."""
+    try:
+        return int(_stat_fields(pid)[19])  # field 22 overall
+    except (IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int | None, pid_start: int | None) -> bool:
+    """Process ``pid`` still runs and is the one that started at ``pid_start``. A zombie
+    (exited, not reaped: a detached server whose parent is a PID 1 that does not reap) is
+    not running."""
+    if pid is None or pid_start is None:
+        return False
+    fields = _stat_fields(pid)
+    if not fields or fields[0] in ("Z", "X"):  # field 3: the state
+        return False
+    return process_start(pid) == pid_start
+
+
+async def stop_recorded(pid: int, pid_start: int | None, *, grace: float) -> bool:
+    """Stop a process a previous controller started and recorded (pid and start time):
+    SIGTERM, ``grace`` seconds, SIGKILL, until it is gone. A pid now used by another process
+    is left alone. True if it was running."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        # Checked after the pidfd is held: from here the pid cannot be reused under us.
+        if not process_alive(pid, pid_start):
+            return False
+        with anyio.CancelScope(shield=True):
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            with anyio.move_on_after(grace) as waited:
+                await anyio.wait_readable(pidfd)
+            if waited.cancelled_caught:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                await anyio.wait_readable(pidfd)
+        _log.info("blockctl.proc.stopped", pid=pid)
+        return True
+    finally:
+        os.close(pidfd)

@@ -15,9 +15,17 @@ once, its data copied underneath while the guest uses it (``notes/backup-data-pa
     concluded → blockdev-del raw, nbd; the server stops; the target stands alone
 
 A failure before the stream starts removes everything it added (device, nodes, server,
-target file). Not yet (issue 18): a journal, so that a killed controller, server or QEMU
-during the stream is recovered; raw targets (mirror); a failed stream leaves the device on a
-backing whose server is gone.
+target file).
+
+Journaled (a VM with a run directory): once the disk is attached, the operation's record
+(:mod:`blockctl._journal`, a stream whose backing is the server, the server's pid named) is
+written before the stream starts, and the server runs in its own session, not tied to this
+process. A controller that is killed, interrupted or sees the copy fail leaves the server
+running and the record; ``blockctl recover`` adopts the copy (or starts it again while the
+server runs), then deletes the backup nodes and stops the server. Server killed: recovery
+starts a new one and puts the target on new backup nodes (``blockdev-reopen``), then copies.
+QEMU killed: recovery stops the server and says how to make the target whole keeping the
+guest's writes. Not yet (issue 18): raw targets (mirror).
 """
 
 from __future__ import annotations
@@ -35,23 +43,19 @@ from typing import Any
 
 import anyio
 
-from blockctl import _images
-from blockctl._backup.serve import serve_point
+from blockctl import _images, _journal, _proc
+from blockctl._backup.serve import PointExport, backing_nodes, serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobHook, JobResult, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._ops import drives
-from blockctl._ops.nodes import delete_nodes
+from blockctl._ops.nodes import delete_nodes, read_graph
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError
 from blockctl.types import Drive, ErrorPolicy, ImageFormat, Interface
 
 _log = get_logger()
-
-#: Seconds the NBD client waits for a server that went away before requests fail (a short
-#: outage goes unnoticed: ``notes/backup-data-path.md``).
-RECONNECT_DELAY = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,19 +121,13 @@ async def restore_live(
         raise ConfigError("target", f"{target} exists; a live restore writes a new file")
     with repo.lock(exclusive=False):
         size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
+        journaled = vm.run_dir is not None
         with _server_home(vm) as home:
-            async with serve_point(repo, vm_name, point, device, home, size=size) as export:
+            async with serve_point(
+                repo, vm_name, point, device, home, size=size, detached=journaled
+            ) as export:
                 base = f"bclr-{secrets.token_hex(2)}"
-                backing = (
-                    {
-                        "driver": "nbd",
-                        "node-name": f"{base}-nbd",
-                        "server": {"type": "unix", "path": str(export.socket)},
-                        "read-only": True,
-                        "reconnect-delay": RECONNECT_DELAY,
-                    },
-                    {"driver": "raw", "node-name": base, "file": f"{base}-nbd", "read-only": True},
-                )
+                backing = backing_nodes(base, export.socket)
                 info = await _attach(vm, target, size, interface, backing)
                 attached = time.monotonic() - started
                 _log.info(
@@ -139,6 +137,11 @@ async def restore_live(
                     point=point,
                     seconds=round(attached, 3),
                 )
+                op = None
+                if journaled:
+                    op = await _begin(
+                        vm, info.device_id, export, repo.path, vm_name, point, device, target
+                    )
                 result = await _stream(
                     vm,
                     info.device_id,
@@ -146,6 +149,8 @@ async def restore_live(
                     control.speed,
                     control.deadline_or(3600.0),
                     control.hooks,
+                    op,
+                    export,
                 )
     return LiveRestoreResult(
         device_id=info.device_id,
@@ -188,6 +193,41 @@ async def _attach(
         raise
 
 
+async def _begin(
+    vm: VM,
+    device_id: str,
+    export: PointExport,
+    repo_path: Path,
+    source_vm: str,
+    point: str,
+    device: str,
+    target: Path,
+) -> _journal.Op:
+    """The record of the copy to come: a stream of ``device_id`` off the backup nodes, and
+    the server that recovery stops once they are gone."""
+    graph = await read_graph(vm)
+    intent = _journal.chain_intent(
+        vm.name,
+        _journal.OpKind.STREAM,
+        device_id,
+        graph,
+        top=0,
+        base=len(graph.chain_of(device_id)),
+        delete_files=False,
+    )
+    server = _journal.ServerRecord(
+        pid=export.pid,
+        pid_start=_proc.process_start(export.pid),
+        home=str(export.home),
+        repo=str(repo_path),
+        source_vm=source_vm,
+        point=point,
+        device=device,
+    )
+    what = f"live restore of {device} ({point}) into {target.name} on {device_id}"
+    return _journal.begin(vm, replace(intent, server=server, what=what))
+
+
 async def _stream(
     vm: VM,
     device_id: str,
@@ -195,6 +235,8 @@ async def _stream(
     speed: int | None,
     deadline: float,
     hooks: Sequence[JobHook],
+    op: _journal.Op | None,
+    export: PointExport,
 ) -> JobResult:
     record = vm.registry.drives[device_id]
     image = next(str(n["node-name"]) for n in record.nodes if n.get("backing") == base)
@@ -206,18 +248,44 @@ async def _stream(
 
     async def start(job_id: str) -> None:
         nonlocal started
+        if op is not None:
+            op.starting(job_id)
         await wire.block_stream(vm.session, job_id=job_id, device=image, speed=speed)
         started = True
 
+    watchers = hooks if op is None else (*hooks, op)
     try:
         async with start_job(
-            vm.session, "stream", start, target=image, speed=speed, hooks=hooks
+            vm.session, "stream", start, target=image, speed=speed, hooks=watchers
         ) as job:
-            result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=hooks)
+            result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=watchers)
     except BaseException:
         if not started:  # the guest has not had the disk long: take it away again
+            if op is not None:
+                # Released first: unplug's conflict check would otherwise see this very
+                # record (a stream on the device, its writer alive) and refuse.
+                op.release()
             with anyio.CancelScope(shield=True):
                 await _detach(vm, device_id, record.nodes)
+            if op is not None:
+                op.finished()
+        elif op is not None and not vm.session.lost:
+            # The guest reads the disk through the server: both stay, and the record says
+            # how to finish.
+            op.release()
+            export.keep_running = True
+            _log.warning(
+                "blockctl.backup.live_unfinished",
+                vm=vm.name,
+                device=device_id,
+                image=image,
+                server=export.pid,
+                reason="the copy did not finish: the disk stays attached and reads the backup "
+                "through its server, which keeps running; `blockctl recover "
+                f"{vm.name}` copies the rest and finishes",
+            )
+        elif op is not None:
+            op.release()  # QEMU is gone: the record is for `blockctl recover` to report
         else:
             # Not taken away under a guest that may have written to it: said instead.
             _log.warning(
@@ -231,6 +299,8 @@ async def _stream(
                 "restore again",
             )
         raise
+    if op is not None:  # only the cleanup is left (recovery finishes it)
+        op.step(_journal.Step.CONCLUDED)
     # QEMU dropped the backing link at the end of the stream: the backup nodes are free.
     refused = await delete_nodes(vm, backing_names, event="blockctl.backup.live_node_kept")
     record = vm.registry.drives[device_id]
@@ -240,6 +310,8 @@ async def _stream(
         if n["node-name"] not in backing_names or n["node-name"] in refused
     )
     vm.registry.put(replace(record, nodes=nodes))
+    if op is not None:
+        op.finished()
     return result
 
 

@@ -8,7 +8,8 @@ are imported in :func:`config_complete`. Parameters::
     path=DIR (repeated)   repo=PATH  vm=NAME  point=ID  device=NAME
     keyfd=N               an inherited pipe holding the unwrapped repository key (encrypted
                           repositories; never in argv, the environment or a file)
-    readyfd=N             an inherited pipe: one byte is written once nbdkit listens
+    readyfd=N             an inherited pipe: "1", the serving pid and a newline, once nbdkit
+                          listens
     cache=N               decoded chunks kept (default: PointImage's; the bench varies it)
 
 Every request goes through :class:`blockctl._backup.export.PointImage`: a chunk that fails
@@ -81,7 +82,8 @@ def thread_model() -> int:
 def after_fork() -> None:
     # nbdkit listens by now: the parent waits for this byte rather than poll the socket.
     fd = int(_params["readyfd"])
-    os.write(fd, b"1")
+    # With the serving process's pid: in the background it is not the one the parent started.
+    os.write(fd, b"1%d\n" % os.getpid())
     os.close(fd)
 
 

@@ -5,9 +5,11 @@ through :class:`.export.PointImage`: the store's own chunk reading, every chunk 
 against its digest). ``scripts/bench live`` measured the choice (README, "Live
 restore"). nbdkit is started through :mod:`blockctl._proc` on a unix socket in a private
 directory (0700, the socket 0600) under the VM's run directory; it dies with this process
-(PR_SET_PDEATHSIG) and is always terminated and reaped when the block exits (shielded).
+(nbdkit in the foreground sets PR_SET_PDEATHSIG) and is always terminated and reaped when the
+block exits (shielded). A ``detached`` server (a live restore's) runs forked into the
+background, so that it outlives a killed controller; its pid comes through the ready pipe.
 
-Readiness is a pipe, not a poll: the plugin writes one byte from nbdkit's ``after_fork``
+Readiness is a pipe, not a poll: the plugin writes "1" and its pid from nbdkit's ``after_fork``
 hook, which runs once the socket listens. A server that exits first closes the pipe, and its
 log is the error.
 """
@@ -22,6 +24,7 @@ import sysconfig
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -39,15 +42,38 @@ NBDKIT_HINT = "install nbdkit and nbdkit-plugin-python (Debian: apt-get install 
 )
 #: How long nbdkit may take to load Python and blockctl and listen.
 READY_TIMEOUT = 30.0
+#: Seconds the NBD client waits for a server that went away before requests fail (a short
+#: outage goes unnoticed: ``notes/backup-data-path.md``).
+RECONNECT_DELAY = 10
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+def backing_nodes(base: str, socket: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The nodes a live restore's target backs onto (bottom-up): an NBD client of the server
+    on ``socket`` (read-only, riding out a short outage), and ``base``, raw over it."""
+    return (
+        {
+            "driver": "nbd",
+            "node-name": f"{base}-nbd",
+            "server": {"type": "unix", "path": str(socket)},
+            "read-only": True,
+            "reconnect-delay": RECONNECT_DELAY,
+        },
+        {"driver": "raw", "node-name": base, "file": f"{base}-nbd", "read-only": True},
+    )
+
+
+@dataclass(slots=True, kw_only=True)
 class PointExport:
     """A running NBD server of one disk of a point: its unix socket and process id."""
 
     socket: Path
     pid: int
     size: int
+    home: Path  # its private directory (the socket, its log)
+    #: Set by the caller of a ``detached`` server to leave it running when the block exits:
+    #: a live restore whose copy goes on without this controller (its journal record names
+    #: the server, and recovery stops it).
+    keep_running: bool = False
 
 
 def _plugin_paths() -> list[str]:
@@ -72,11 +98,15 @@ def nbdkit_argv(
     keyfd: int | None,
     readyfd: int,
     cache_chunks: int | None = None,
+    detached: bool = False,
 ) -> list[str]:
-    """The server's argv (pure): foreground, read-only, one unix socket."""
+    """The server's argv (pure): read-only, one unix socket; in the foreground, or
+    ``detached``: forked into the background, where nbdkit no longer dies with the process
+    that started it (in the foreground it sets PR_SET_PDEATHSIG itself, measured with
+    strace: nbdkit 1.32)."""
     argv = [
         NBDKIT,
-        "--foreground",
+        "--log=stderr" if detached else "--foreground",
         "--readonly",
         "--unix",
         str(socket),
@@ -103,9 +133,14 @@ async def serve_point(
     *,
     size: int,
     cache_chunks: int | None = None,
+    detached: bool = False,
 ) -> AsyncIterator[PointExport]:
     """Run an NBD server of ``device`` at ``point`` for the block's duration, on a socket in
-    a new private directory under ``directory``; the directory goes when the block exits."""
+    a new private directory under ``directory``; the directory goes when the block exits.
+
+    ``detached``: the server does not die with this process (its own session, no
+    PR_SET_PDEATHSIG), and the caller may set ``keep_running`` to leave it (and its
+    directory) when the block exits."""
     check_name(vm_name, "VM")
     check_name(device, "device")
     check_point_id(point)
@@ -117,6 +152,7 @@ async def serve_point(
     socket = home / "sock"
     keyfd: int | None = None
     fds: list[int] = []
+    export: PointExport | None = None
     try:
         ready_r, ready_w = os.pipe()
         fds += [ready_r, ready_w]
@@ -128,21 +164,38 @@ async def serve_point(
             os.close(key_w)
             fds.remove(key_w)
             keyfd = key_r
-        argv = nbdkit_argv(repo, vm_name, point, device, socket, keyfd, ready_w, cache_chunks)
+        argv = nbdkit_argv(
+            repo, vm_name, point, device, socket, keyfd, ready_w, cache_chunks, detached
+        )
         with open(home / "nbdkit.log", "wb") as log:
-            process = await _proc.spawn(argv, log=log, pass_fds=[f for f in fds if f != ready_r])
+            process = await _proc.spawn(
+                argv,
+                log=log,
+                pass_fds=[f for f in fds if f != ready_r],
+                die_with_parent=not detached,
+            )
         try:
             for fd in [f for f in fds if f != ready_r]:
                 os.close(fd)
                 fds.remove(fd)
             with anyio.fail_after(READY_TIMEOUT):
                 await anyio.wait_readable(ready_r)
-            if os.read(ready_r, 1) != b"1":  # the pipe closed: nbdkit exited before listening
+            said = os.read(ready_r, 32)  # b"1<pid>\n" from the serving process
+            if not said.startswith(b"1"):  # the pipe closed: nbdkit exited before listening
                 with anyio.CancelScope(shield=True):
                     code = await _proc.terminate(process, grace=5.0)
                 raise ProcessFailed(
                     argv, code, "", (home / "nbdkit.log").read_text(errors="replace")
                 )
+            pid = int(said[1:]) if said[1:].strip() else process.pid
+            if detached:
+                # The process started has forked the server and exits by itself: reaped,
+                # never sent SIGTERM. It shares nbdkit's quit pipe with the server, and if
+                # still alive its SIGTERM handler writes to it: the server, whose own quit flag
+                # is unset, then spins on the readable pipe and never accepts a connection (a
+                # blockdev-add of it hangs; reproduced by writing a byte to the pipe).
+                await _proc.reap(process, grace=READY_TIMEOUT)
+                server_start = _proc.process_start(pid)
             # nbdkit makes its socket 0755 whatever the umask; the directory (0700) already
             # keeps others out, the socket's own mode says so too.
             os.chmod(socket, 0o600)
@@ -151,13 +204,21 @@ async def serve_point(
                 vm=vm_name,
                 point=point,
                 device=device,
-                pid=process.pid,
+                pid=pid,
             )
-            yield PointExport(socket=socket, pid=process.pid, size=size)
+            export = PointExport(socket=socket, pid=pid, size=size, home=home)
+            yield export
         finally:
-            code = await _proc.terminate(process, grace=5.0)
-            _log.info("blockctl.backup.export_stopped", pid=process.pid, rc=code)
+            if export is not None and export.keep_running:
+                _log.warning("blockctl.backup.export_left_running", pid=export.pid)
+            elif detached and export is not None:
+                await _proc.stop_recorded(export.pid, server_start, grace=5.0)
+                _log.info("blockctl.backup.export_stopped", pid=export.pid)
+            else:
+                code = await _proc.terminate(process, grace=5.0)
+                _log.info("blockctl.backup.export_stopped", pid=process.pid, rc=code)
     finally:
         for fd in fds:
             os.close(fd)
-        shutil.rmtree(home, ignore_errors=True)
+        if export is None or not export.keep_running:
+            shutil.rmtree(home, ignore_errors=True)

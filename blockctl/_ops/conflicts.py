@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from blockctl import _fsutil, _journal
+from blockctl import _fsutil, _journal, _proc
 from blockctl._ops.nodes import read_graph
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobInfo
@@ -210,7 +210,7 @@ def write_backup_owner(fd: int, operation: str) -> None:
     data = json.dumps(
         {
             "pid": pid,
-            "pid_start": _journal.process_start(pid),
+            "pid_start": _proc.process_start(pid),
             "operation": operation,
             "started": time.time(),
         }
@@ -237,7 +237,7 @@ def read_backup_owner(run_dir: Path | None) -> BackupOwner | None:
         pid, start = int(data["pid"]), data.get("pid_start")
     except (KeyError, TypeError, ValueError):
         return None
-    if not _journal.process_alive(pid, None if start is None else int(start)):
+    if not _proc.process_alive(pid, None if start is None else int(start)):
         return None
     return BackupOwner(pid=pid, operation=str(data.get("operation", "backup")))
 

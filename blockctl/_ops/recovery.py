@@ -15,12 +15,16 @@ runs it too when given the repository.
 from __future__ import annotations
 
 import contextlib
+import secrets
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blockctl import _agent, _images, _journal
+from blockctl import _agent, _images, _journal, _proc
+from blockctl._backup.serve import backing_nodes, serve_point
+from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
 from blockctl._journal import (
     AdoptJob,
@@ -31,14 +35,17 @@ from blockctl._journal import (
     JobFact,
     Relink,
     ReopenReadOnly,
+    ReplaceServer,
+    RestartStream,
     Step,
+    StopServer,
     Unreadable,
     UpdateRegistry,
     Verdict,
 )
 from blockctl._log import get_logger
 from blockctl._machine import VM
-from blockctl._ops.nodes import flush_chain, read_graph, set_read_only
+from blockctl._ops.nodes import delete_nodes, flush_chain, node_options, read_graph, set_read_only
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobStatus
 from blockctl.errors import (
@@ -102,7 +109,8 @@ def _unreadable(item: Unreadable) -> Recovery:
     )
 
 
-async def read_facts(vm: VM) -> Facts:
+async def read_facts(vm: VM, intent: Intent | None = None) -> Facts:
+    """What QEMU reports now (and whether ``intent``'s server, if it has one, still runs)."""
     graph = await read_graph(vm)
     jobs = {
         j.id: JobFact(status=j.status, error=j.error) for j in await wire.query_jobs(vm.session)
@@ -117,6 +125,9 @@ async def read_facts(vm: VM) -> Facts:
             for d in graph.devices.values()
             if d.root is not None
         },
+        server_alive=intent is not None
+        and intent.server is not None
+        and _proc.process_alive(intent.server.pid, intent.server.pid_start),
     )
 
 
@@ -210,7 +221,12 @@ async def _reconcile_one(
     assert vm.run_dir is not None
     first_step = intent.step.value
     done: list[str] = []
-    plan = _journal.plan(intent, await read_facts(vm), owner_alive=_journal.owner_alive(intent))
+    if intent.server is not None:
+        # A live restore's copy is tried again on each recovery run (while its server runs).
+        intent = replace(intent, error=None)
+    plan = _journal.plan(
+        intent, await read_facts(vm, intent), owner_alive=_journal.owner_alive(intent)
+    )
     if plan.verdict is Verdict.RUNNING:
         # Another client drives it: its record is its own; not adopted, written or forgotten.
         return Recovery(
@@ -226,11 +242,26 @@ async def _reconcile_one(
         if plan.verdict is not None:
             break
         for action in plan.actions:
+            if isinstance(action, RestartStream):
+                intent = await _restart_stream(vm, intent, action)
+                done.append(f"started the copy again: job {intent.job_id}")
+                continue
+            if isinstance(action, ReplaceServer):
+                old = intent.server
+                intent = await _replace_server(vm, intent, action)
+                if intent.error is None:
+                    assert old is not None and intent.server is not None
+                    done.append(
+                        f"started a new server of the backup (pid {intent.server.pid}; pid "
+                        f"{old.pid} was gone) and put the disk on it"
+                    )
+                _journal.write(vm.run_dir, intent)
+                continue
             assert isinstance(action, AdoptJob)
             intent = await _adopt(vm, intent, action, deadline, hooks)
             done.append(f"adopted job {action.job_id}: {intent.error or 'succeeded'}")
             _journal.write(vm.run_dir, intent)
-        plan = _journal.plan(intent, await read_facts(vm))
+        plan = _journal.plan(intent, await read_facts(vm, intent))
     verdict, message = plan.verdict or Verdict.ATTENTION, plan.message
     keep = not plan.forget
     try:
@@ -242,6 +273,8 @@ async def _reconcile_one(
     if keep and not forget:
         _journal.write(vm.run_dir, intent)
     else:
+        if keep and intent.server is not None:  # given up (--forget): its server goes too
+            done.append(await _act(vm, StopServer(intent.server)))
         _journal.remove(vm.run_dir, intent.id)
     return Recovery(
         op_id=intent.id,
@@ -279,8 +312,108 @@ async def _adopt(
     return replace(intent, step=Step.CONCLUDED)
 
 
+async def _restart_stream(vm: VM, intent: Intent, action: RestartStream) -> Intent:
+    """Start a live restore's copy again; the record names the new job before it exists."""
+    assert vm.run_dir is not None
+    job_id = f"bc-stream-{secrets.token_hex(3)}"
+    intent = replace(intent, job_id=job_id, step=Step.STARTING, error=None)
+    _journal.write(vm.run_dir, intent)
+    await wire.block_stream(vm.session, job_id=job_id, device=action.node)
+    return intent
+
+
+async def _replace_server(vm: VM, intent: Intent, action: ReplaceServer) -> Intent:
+    """A new server of the same point; new backup nodes on it become ``action.node``'s
+    backing (``blockdev-reopen``: the measured way on, ``notes/backup-data-path.md``), the
+    old ones are deleted, the old server's directory removed. The record follows each name.
+    A failure is recorded as the operation's error (the next plan says what is left)."""
+    old = intent.server
+    assert old is not None and vm.run_dir is not None
+    record = vm.registry.drives.get(action.device)
+    image = node_options(record, action.node)
+    if record is None or image is None:
+        return replace(intent, error=f"{action.node} was not opened by blockctl")
+    chains = intent.devices[action.device]
+    try:
+        repo = Repository.open(Path(old.repo))
+        size = repo.read_index(old.source_vm, old.point, old.device).virtual_size
+        async with serve_point(
+            repo,
+            old.source_vm,
+            old.point,
+            old.device,
+            Path(old.home).parent,
+            size=size,
+            detached=True,
+        ) as export:
+            export.keep_running = True  # it serves the disk from now on
+        server = _journal.ServerRecord(
+            pid=export.pid,
+            pid_start=_proc.process_start(export.pid),
+            home=str(export.home),
+            repo=old.repo,
+            source_vm=old.source_vm,
+            point=old.point,
+            device=old.device,
+        )
+        # Recorded before QEMU is told: a crash from here leaves a record naming the new
+        # server (running) and the old nodes (the next run replaces them again).
+        intent = replace(intent, server=server)
+        _journal.write(vm.run_dir, intent)
+        await _stop_server(old)
+        base = f"bclr-{secrets.token_hex(2)}"
+        nodes = backing_nodes(base, export.socket)
+        added: list[str] = []
+        try:
+            for node in nodes:
+                await wire.blockdev_add(vm.session, node)
+                added.append(str(node["node-name"]))
+            await wire.blockdev_reopen(vm.session, [{**image, "backing": base}])
+        except BlockctlError:
+            await delete_nodes(vm, added, event="blockctl.recovery.live_node_kept")
+            raise
+    except BlockctlError as exc:
+        return replace(intent, error=f"a new server of the backup could not be put in: {exc}")
+    # The old backup nodes: raw first (it holds the nbd node).
+    old_nodes = sorted(intent.drop_nodes, key=lambda n: n.endswith("-nbd"))
+    await delete_nodes(vm, old_nodes[::-1], event="blockctl.recovery.live_node_kept")
+    # In the record, each old backup node's place is taken by its new counterpart.
+    new_nbd, new_raw = nodes
+    swapped = {**{n: new_nbd for n in intent.drop_nodes if n.endswith("-nbd")}}
+    swapped.update({n: new_raw for n in intent.drop_nodes if not n.endswith("-nbd")})
+    vm.registry.put(
+        replace(
+            record,
+            nodes=tuple(
+                swapped.get(str(n["node-name"]))
+                or ({**n, "backing": base} if n["node-name"] == action.node else n)
+                for n in record.nodes
+            ),
+        )
+    )
+    names = {n: base for n in intent.drop_nodes if not n.endswith("-nbd")}
+    url = f"nbd+unix:///?socket={export.socket}"
+    devices = {
+        **intent.devices,
+        action.device: replace(
+            chains,
+            before=tuple(names.get(n, n) for n in chains.before),
+            files_before=(*chains.files_before[:1], url, *chains.files_before[2:]),
+        ),
+    }
+    return replace(intent, devices=devices, drop_nodes=(base, f"{base}-nbd"), drop_files=(url,))
+
+
+async def _stop_server(server: _journal.ServerRecord) -> str:
+    stopped = await _proc.stop_recorded(server.pid, server.pid_start, grace=5.0)
+    shutil.rmtree(server.home, ignore_errors=True)
+    return f"{'stopped' if stopped else 'found gone'} the backup's server (pid {server.pid})"
+
+
 async def _act(vm: VM, action: _journal.Action) -> str:
     match action:
+        case StopServer(server):
+            return await _stop_server(server)
         case DeleteNodes(names):
             present = {n.node_name for n in await vm.block_nodes()}
             for name in names:
@@ -352,6 +485,9 @@ async def reconcile_offline(run_dir: Path) -> list[Recovery]:
         plan = _journal.plan(item, Facts(alive=False))
         done = []
         for action in plan.actions:
+            if isinstance(action, StopServer):
+                done.append(await _stop_server(action.server))
+                continue
             assert isinstance(action, Relink)
             try:
                 formats = ImageFormat(action.fmt), ImageFormat(action.backing_fmt)

@@ -1,7 +1,8 @@
 """A controller that dies: attach to VM, run one operation, kill -9 itself at a step.
 
 ``python -m tests.integration.crash_child VM KIND STEP JSON`` — KIND is ``commit``,
-``stream``, ``snapshot`` or ``backup``; STEP a :class:`blockctl._journal.Step` value (for a
+``stream``, ``snapshot``, ``backup`` or ``live`` (a live restore: ``repo``, ``point``,
+``device``, ``target``, ``speed``); STEP a :class:`blockctl._journal.Step` value (for a
 backup: a name in ``blockctl.backup.STEPS``, or ``copy``; ``frozen``: right after a quiesced
 operation's freeze is confirmed, via ``_agent.FAILPOINT``); JSON the operation's keyword
 arguments (for a backup: ``repo``, and optionally ``kind`` and ``scratch_dir``). The process
@@ -81,6 +82,17 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
                 options=BackupOptions(scratch_dir=None if scratch is None else Path(scratch)),
                 control=JobControl(hooks=(DieReading(),) if step == "copy" else ()),
             )
+        elif kind == "live":
+            repo = backup.open_repository(kwargs.pop("repo"))
+            await backup.restore_live(
+                vm,
+                repo,
+                vm_name,
+                kwargs["point"],
+                kwargs["device"],
+                Path(kwargs["target"]),
+                control=JobControl(speed=kwargs.get("speed")),
+            )
         elif kind == "commit":
             await chains.commit(vm, control=JobControl(speed=kwargs.pop("speed", None)), **kwargs)
         elif kind == "stream":
@@ -96,7 +108,8 @@ if __name__ == "__main__":
         if at != "copy" and at not in backup.STEPS:
             sys.exit(f"no backup step {at!r}: {', '.join(backup.STEPS)} or copy")
     else:
-        die_at(op_kind, at)
+        # A live restore's record is a stream's (with its server).
+        die_at("stream" if op_kind == "live" else op_kind, at)
     extra = {"step": at} if op_kind == "backup" else {}
     anyio.run(main, name, op_kind, {**json.loads(args), **extra}, backend="asyncio")
     sys.exit(3)

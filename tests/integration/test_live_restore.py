@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
+import signal
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nbd
@@ -15,18 +21,40 @@ import pytest
 from structlog.testing import capture_logs
 
 from blockctl import GuestImage, LaunchedVM, backup, open_vm
-from blockctl._backup import live
+from blockctl import attach as attach_vm
+from blockctl._backup import live, serve
 from blockctl._backup.serve import serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import JobControl, JobProgress, JobStatus, JobTransition
+from blockctl._journal import Verdict
+from blockctl._ops import drives, recovery
 from blockctl._qmp import wire
-from blockctl.errors import BackupCorrupt, CommandFailed, OperationTimeout, ProcessFailed
+from blockctl._runtime import read_record
+from blockctl.errors import (
+    BackupCorrupt,
+    BlockctlError,
+    CommandFailed,
+    ConnectionLost,
+    JobFailed,
+    OperationTimeout,
+    ProcessFailed,
+)
 from blockctl.types import ImageFormat
 from tests.conftest import missing
-from tests.integration.conftest import MIB, pids_under, qcow2_image, run, running, sha256
+from tests.integration.conftest import (
+    MIB,
+    pids_under,
+    qcow2_image,
+    run,
+    running,
+    sha256,
+    truth_check,
+)
 from tests.integration.test_backup import config, disk_sha, sh, write
+from tests.integration.test_hotplug import wait_block
 from tests.unit.test_repository_store import CHUNK, POINTS, SECRET, VM, commit, index_of
 
+ROOT = Path(__file__).parents[2]
 PIECES = (os.urandom(CHUNK), bytes(CHUNK), os.urandom(CHUNK), os.urandom(1000))
 DISK = b"".join(PIECES)
 
@@ -110,6 +138,57 @@ async def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:
         async with serve_point(repo, VM, POINTS[0], "disk9", tmp_path, size=len(DISK)):
             pass
     assert not list(tmp_path.glob("nbd-*"))
+
+
+#: A stand-in for nbdkit 1.32 forking into the background, as far as the launcher goes: the
+#: launcher (the process started) and the server share a quit pipe; the launcher's SIGTERM
+#: handler writes to it; the launcher exits by itself a moment after the server is ready. The
+#: server answers each connection with whether the pipe is readable (real nbdkit then spins and
+#: never accepts: a blockdev-add of it hangs).
+FAKE_NBDKIT = """\
+import os, select, signal, socket, sys, time
+args = sys.argv[1:]
+path = args[args.index("--unix") + 1]
+ready = int(next(a for a in args if a.startswith("readyfd=")).split("=")[1])
+quit_r, quit_w = os.pipe()
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(path)
+listener.listen()
+if os.fork() == 0:
+    os.setsid()
+    os.write(ready, b"1%d\\n" % os.getpid())
+    os.close(ready)
+    while True:
+        conn, _ = listener.accept()
+        readable = select.select([quit_r], [], [], 0)[0]
+        conn.sendall(b"quit" if readable else b"ok")
+        conn.close()
+os.close(ready)
+signal.signal(signal.SIGTERM, lambda *_: (os.write(quit_w, b"x"), os._exit(0)))
+time.sleep(2)
+"""
+
+
+async def test_a_detached_server_is_never_told_to_quit_by_its_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher of a detached server is reaped, not sent SIGTERM: that once left the
+    server spinning on its quit pipe, never accepting QEMU (the live restore's hang)."""
+    fake = tmp_path / "fake-nbdkit"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_NBDKIT}")
+    fake.chmod(0o700)
+    monkeypatch.setattr(serve, "NBDKIT", str(fake))
+    repo = point_repo(tmp_path, encrypted=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    async with serve_point(
+        repo, VM, POINTS[0], "disk0", home, size=len(DISK), detached=True
+    ) as export:
+        client = await anyio.connect_unix(export.socket)
+        said = await client.receive()
+        await client.aclose()
+        assert said == b"ok"
+    assert not running(export.pid)
 
 
 # Section: live restore into a running guest
@@ -318,18 +397,22 @@ async def test_cli_restore_live(runtime_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.guest
-async def test_a_stream_that_does_not_finish_is_reported_with_the_disk_left(
+async def test_a_copy_that_does_not_finish_keeps_the_server_and_recover_finishes_it(
     guest: GuestImage, images: Path, tmp_path: Path
 ) -> None:
     """Past the start of the stream the guest may have written to the disk: it is not taken
-    away, and the warning says so, with the way out."""
+    away. The copy stops (a missed deadline here); the server stays, so the guest still reads
+    every block, the warning says how to finish, and ``recover`` copies the rest, deletes the
+    backup nodes and stops the server."""
     repo = backup.init_repository(tmp_path / "repo")
     disk = await qcow2_image(images / "d0.qcow2", b"", 8 * MIB)
     target = images / "live.qcow2"
     async with open_vm(config(guest, "lrs", disk)) as vm:
+        assert vm.run_dir is not None
         await vm.console.wait_ready()  # type: ignore[union-attr]
         await write(vm, "vda", 0, 1024)
         point = await backup.create(vm, repo)
+        want = await disk_sha(vm, "vda", 8)
         with capture_logs() as logs, pytest.raises(OperationTimeout):
             await backup.restore_live(
                 vm,
@@ -340,7 +423,275 @@ async def test_a_stream_that_does_not_finish_is_reported_with_the_disk_left(
                 target,
                 control=JobControl(speed=1, deadline=1.0),
             )
-        (left,) = [e for e in logs if e["event"] == "blockctl.backup.live_left_attached"]
-        assert left["device"] in {d.device_id for d in await vm.block_devices()}
-        assert f"blockctl detach lrs {left['device']}" in left["reason"]
-        assert target.exists()
+        (left,) = [e for e in logs if e["event"] == "blockctl.backup.live_unfinished"]
+        device = left["device"]
+        assert device in {d.device_id for d in await vm.block_devices()}
+        assert "blockctl recover lrs" in left["reason"]
+        assert nbdkit_pids_under(vm.run_dir) == [left["server"]]
+        (record,) = list(vm.run_dir.glob("journal-*.json"))
+        assert json.loads(record.read_text())["server"]["pid"] == left["server"]
+        # The guest still reads the whole disk (through the server).
+        await wait_block(vm, "vdb")
+        assert await disk_sha(vm, "vdb", 8) == want
+        (done,) = await recovery.reconcile(vm)
+        assert done.verdict is Verdict.FINISHED, done.message
+        assert any(d.startswith("stopped the backup's server") for d in done.done), done.done
+        assert nbdkit_pids_under(vm.run_dir) == []
+        assert not list(vm.run_dir.glob("journal-*.json"))
+        assert not {n for n in await node_names(vm) if n.startswith("bclr")}
+        (drive,) = [d for d in await drives.list_drives(vm) if d.device_id == device]
+        assert [n.node_name for n in drive.chain] == [drive.top_node]
+        assert await disk_sha(vm, "vdb", 8) == want
+        await truth_check(vm)
+    info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "qcow2", target))
+    assert "backing-filename" not in info
+    plain = tmp_path / "plain.raw"
+    await backup.restore(repo, "lrs", point.id, "disk0", plain, ImageFormat.RAW)
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", target, plain)
+
+
+# Section: kill points (a qcow2 target; the VM outlives its controllers: `blockctl up`)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path → sha256 of its bytes)."""
+    return {
+        str(p.relative_to(root)): sha256(p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def fill(dev: str, offset_kib: int, kib: int, byte: int) -> str:
+    """The guest command writing ``kib`` KiB of ``byte`` at ``offset_kib``, flushed."""
+    return (
+        f"dd if=/dev/zero bs=64k count={kib // 64} 2>/dev/null | tr '\\000' {chr(byte)} | "
+        f"dd of=/dev/{dev} bs=64k seek={offset_kib // 64} oflag=direct conv=fsync,notrunc "
+        "2>/dev/null"
+    )
+
+
+def read_sha(dev: str, mib: int) -> str:
+    return f"dd if=/dev/{dev} bs=1M count={mib} iflag=direct 2>/dev/null | sha256sum"
+
+
+WAIT_VDB = "for i in $(seq 200); do test -b /dev/vdb && exit 0; sleep 0.1; done; exit 1"
+
+
+async def reference(repo: Repository, vm_name: str, point: str, path: Path) -> Path:
+    """Built without live restore: the point restored plainly, then :data:`GUEST_WRITES`
+    applied offline at the same offsets."""
+    await backup.restore(repo, vm_name, point, "disk0", path, ImageFormat.RAW)
+    for offset, kib, byte in GUEST_WRITES:
+        await run(
+            "qemu-io", "-f", "raw", "-c", f"write -P {byte} {offset * 1024} {kib * 1024}", path
+        )
+    return path
+
+
+async def standalone_equals(target: Path, want: Path) -> None:
+    info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "qcow2", target))
+    assert "backing-filename" not in info
+    await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", target, want)
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("step", ["starting", "running", "concluded"])
+async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_every_guest_write(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path, step: str
+) -> None:
+    """kill -9 of the controller right after its record reaches ``step``: at the start (the
+    stream about to be sent), mid-copy (it runs at 1 B/s: under way, far from done) or at
+    the end (the copy done, the cleanup not). The guest reads every block and writes;
+    ``blockctl recover`` starts the copy again or adopts it, and cleans up: the disk stands
+    alone, equal to the point plus the guest's writes; the repository unchanged, no server,
+    no record."""
+    from tests.integration.test_attach_cli import cli
+    from tests.integration.test_backup_faults import detached
+
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "k0.qcow2", b"", 16 * MIB)
+    target = images / "live.qcow2"
+    run_dir = runtime_dir / "lrk"
+    async with detached(guest, "lrk", disk) as console:
+        await console.check(
+            "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
+        )
+        async with attach_vm("lrk") as vm:
+            point = await backup.create(vm, repo)
+        hashes = tree_digest(repo.path)
+        want = (await console.check(read_sha("vda", 16))).split()[0]
+        arguments = {
+            "repo": str(repo.path),
+            "point": point.id,
+            "device": "disk0",
+            "target": str(target),
+            "speed": None if step == "concluded" else 1,
+        }
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        argv = [sys.executable, "-m", "tests.integration.crash_child", "lrk", "live", step]
+        killed = await anyio.run_process([*argv, json.dumps(arguments)], check=False, env=env)
+        assert killed.returncode == -9, killed.stderr.decode()
+        (server,) = nbdkit_pids_under(run_dir)
+        (record,) = list(run_dir.glob("journal-*.json"))
+        assert json.loads(record.read_text())["server"]["pid"] == server
+        # The controller is gone; the guest reads the new disk whole, through the server,
+        # and writes to it.
+        await console.check(WAIT_VDB)
+        assert (await console.check(read_sha("vdb", 16))).split()[0] == want
+        for write_ in GUEST_WRITES:
+            await console.check(fill("vdb", *write_))
+        during = (await console.check(read_sha("vdb", 16))).split()[0]
+        done = json.loads((await cli("recover", "lrk", "--json")).stdout)
+        (result,) = [r for r in done["operations"] if r["kind"] == "stream"]
+        assert result["verdict"] == "finished", result
+        assert nbdkit_pids_under(run_dir) == [] and not running(server)
+        assert not list(run_dir.glob("journal-*.json"))
+        listed = json.loads((await cli("drives", "lrk", "--json")).stdout)
+        assert [n["filename"] for n in listed[-1]["chain"]] == [str(target)]
+        assert (await console.check(read_sha("vdb", 16))).split()[0] == during
+    assert tree_digest(repo.path) == hashes
+    await standalone_equals(target, await reference(repo, "lrk", point.id, tmp_path / "r.raw"))
+
+
+@pytest.mark.guest
+async def test_qemu_killed_mid_copy_then_recover_says_how_to_finish_keeping_the_guest_writes(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """kill -9 of QEMU while the guest has read the disk (copy-on-read) and written to it:
+    the controller stops the server; ``blockctl recover`` drops the record and says what the
+    target holds and the commands that make it whole. Run as given, they give the point plus
+    the guest's writes, standalone; the repository is unchanged."""
+    from tests.integration.test_attach_cli import cli
+    from tests.integration.test_backup_faults import detached
+
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "q0.qcow2", b"", 16 * MIB)
+    target = images / "live.qcow2"
+    run_dir = runtime_dir / "lrq"
+    watch = StreamWatch()
+    raised: list[BaseException] = []
+    async with detached(guest, "lrq", disk) as console:
+        await console.check(
+            "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
+        )
+        async with attach_vm("lrq") as vm:
+            point = await backup.create(vm, repo)
+            hashes = tree_digest(repo.path)
+            want = (await console.check(read_sha("vda", 16))).split()[0]
+
+            async def restore() -> None:
+                try:
+                    await backup.restore_live(
+                        vm,
+                        repo,
+                        "lrq",
+                        point.id,
+                        "disk0",
+                        target,
+                        control=JobControl(speed=1, hooks=(watch,)),
+                    )
+                except BlockctlError as exc:
+                    raised.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(restore)
+                await watch.running.wait()
+                await console.check(WAIT_VDB)
+                assert (await console.check(read_sha("vdb", 16))).split()[0] == want
+                for write_ in GUEST_WRITES:
+                    await console.check(fill("vdb", *write_))
+                os.kill(read_record("lrq").pid, signal.SIGKILL)
+        (error,) = raised
+        assert isinstance(error, ConnectionLost), repr(error)
+        assert nbdkit_pids_under(run_dir) == []
+        done = json.loads((await cli("recover", "lrq", "--json")).stdout)
+        (result,) = [r for r in done["operations"] if r["kind"] == "stream"]
+        assert result["verdict"] == "qemu-gone", result
+        assert not list(run_dir.glob("journal-*.json"))
+    assert result["tops"] == {"disk1": str(target)}
+    assert "holds the guest's writes" in result["message"]
+    # The way on, run as the message gives it.
+    steps = re.findall(r"`([^`]+)`", result["message"].split("To finish")[1])
+    assert [s.split()[:2] for s in steps] == [
+        ["blockctl", "restore"],
+        ["qemu-img", "rebase"],
+        ["qemu-img", "rebase"],
+    ]
+    for step in steps:
+        words = shlex.split(step)
+        if words[0] == "blockctl":
+            await cli(*words[1:])
+        else:
+            await run(*words)
+    Path(f"{target}.base.raw").unlink()
+    assert tree_digest(repo.path) == hashes
+    await standalone_equals(target, await reference(repo, "lrq", point.id, tmp_path / "r.raw"))
+
+
+@pytest.mark.guest
+async def test_a_server_killed_mid_copy_then_recover_puts_in_a_new_one_and_finishes(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the NBD server while the copy runs and after the guest wrote (whole
+    clusters: nothing read from the backup): once the reconnect delay is over the copy fails
+    on a read; ``recover`` starts a new server, puts new backup nodes on it under the target
+    (``blockdev-reopen``), copies again and finishes: the point plus the guest's writes,
+    standalone; the repository unchanged, no server, no record."""
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "s0.qcow2", b"", 16 * MIB)
+    target = images / "live.qcow2"
+    watch = StreamWatch()
+    raised: list[BaseException] = []
+    async with open_vm(config(guest, "lrn", disk)) as vm:
+        assert vm.run_dir is not None
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 1024)
+        await write(vm, "vda", 8192, 1024)
+        point = await backup.create(vm, repo)
+        hashes = tree_digest(repo.path)
+
+        async def restore() -> None:
+            try:
+                await backup.restore_live(
+                    vm,
+                    repo,
+                    "lrn",
+                    point.id,
+                    "disk0",
+                    target,
+                    control=JobControl(speed=1, hooks=(watch,)),
+                )
+            except BlockctlError as exc:
+                raised.append(exc)
+
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(restore)
+                await watch.running.wait()
+                await sh(vm, WAIT_VDB)
+                for offset, kib, byte in GUEST_WRITES:
+                    await guest_fill(vm, "vdb", offset, kib, byte)
+                (server,) = nbdkit_pids_under(vm.run_dir)
+                os.kill(server, signal.SIGKILL)
+                await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+        (error,) = raised
+        assert isinstance(error, JobFailed), repr(error)
+        assert [e for e in logs if e["event"] == "blockctl.backup.live_unfinished"]
+        (done,) = await recovery.reconcile(vm)
+        assert done.verdict is Verdict.FINISHED, (done.message, done.done)
+        assert any(d.startswith("started a new server") for d in done.done), done.done
+        assert nbdkit_pids_under(vm.run_dir) == []
+        assert not list(vm.run_dir.glob("journal-*.json"))
+        assert not list(vm.run_dir.glob("nbd-*"))
+        assert not {n for n in await node_names(vm) if n.startswith("bclr")}
+        (drive,) = [d for d in await drives.list_drives(vm) if d.device_id == error_device(logs)]
+        assert [n.node_name for n in drive.chain] == [drive.top_node]
+        await truth_check(vm)
+    assert tree_digest(repo.path) == hashes
+    await standalone_equals(target, await reference(repo, "lrn", point.id, tmp_path / "r.raw"))
+
+
+def error_device(logs: Sequence[Mapping[str, Any]]) -> str:
+    (left,) = [e for e in logs if e["event"] == "blockctl.backup.live_unfinished"]
+    return str(left["device"])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockctl import _journal as j
+from blockctl import _proc
 from blockctl._jobs import JobTransition
 from blockctl._journal import (
     AdoptJob,
@@ -449,6 +452,22 @@ def test_records_name_their_writer_and_owner_alive_checks_it(tmp_path: Path) -> 
     assert not j.owner_alive(replace(loaded, pid=None, pid_start=None))
 
 
+def test_a_zombie_is_not_alive() -> None:
+    """A killed process nobody reaps (a detached server whose parent is a PID 1 that does not
+    reap) keeps its pid and start time: still, it is gone (recovery must restart its server)."""
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        start = _proc.process_start(child.pid)
+        assert _proc.process_alive(child.pid, start)
+        os.kill(child.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        assert _proc.process_start(child.pid) == start
+        assert not _proc.process_alive(child.pid, start)
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_begin_names_the_writer(tmp_path: Path) -> None:
     class FakeSession:
         lost = False
@@ -701,3 +720,182 @@ def test_a_device_with_nothing_dropped_does_not_stop_the_relinks_of_the_next() -
     intent = replace(intent, devices={"disk0": untouched, "disk1": intent.devices["disk1"]})
     p = j.plan(intent, Facts(alive=False))
     assert p.actions == (j.Relink("/j/ov.qcow2", "qcow2", "/j/top.qcow2", "qcow2"),)
+
+
+# Section: a live restore (a stream off a backup's NBD server, which the record names)
+
+SERVER = j.ServerRecord(
+    pid=4242,
+    pid_start=777,
+    home="/run/vm/nbd-1",
+    repo="/r",
+    source_vm="vm",
+    point="p1",
+    device="disk0",
+)
+
+
+def live_restore(step: Step = Step.RUNNING, **kw: object) -> Intent:
+    base = Intent(
+        id="stream-9",
+        kind=OpKind.STREAM,
+        vm="vm",
+        step=step,
+        job_id="bc-stream-9",
+        devices={
+            "disk1": DeviceChains(
+                before=("drv1", "bclr"),
+                after=("drv1",),
+                files_before=("/t/new.qcow2", "nbd+unix:///?socket=/run/vm/nbd-1/sock"),
+                files_after=("/t/new.qcow2",),
+                formats_before=("qcow2", "raw"),
+            )
+        },
+        drop_nodes=("bclr", "bclr-nbd"),
+        drop_files=("nbd+unix:///?socket=/run/vm/nbd-1/sock",),
+        server=SERVER,
+        what="live restore of disk0 (p1) into new.qcow2 on disk1",
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def live_facts(
+    chain: tuple[str, ...], *, server_alive: bool, jobs: dict[str, JobFact] | None = None
+) -> Facts:
+    return Facts(
+        alive=True,
+        jobs=jobs or {},
+        nodes=frozenset({*chain, "drv1-file", *(("bclr-nbd",) if "bclr" in chain else ())}),
+        chains={"disk1": chain},
+        server_alive=server_alive,
+    )
+
+
+def test_a_live_restore_record_round_trips_with_its_server(tmp_path: Path) -> None:
+    intent = live_restore()
+    j.write(tmp_path, intent)
+    assert j.load_all(tmp_path) == [intent]
+    assert json.loads(j.path_of(tmp_path, intent.id).read_text())["server"] == {
+        "pid": 4242,
+        "pid_start": 777,
+        "home": "/run/vm/nbd-1",
+        "repo": "/r",
+        "source_vm": "vm",
+        "point": "p1",
+        "device": "disk0",
+    }
+    # A record without a server (every other operation) reads back without one.
+    assert commit_intermediate().to_json()["server"] is None
+    assert Intent.from_json(commit_intermediate().to_json()).server is None
+
+
+def test_a_live_restore_whose_copy_runs_is_adopted() -> None:
+    plan = j.plan(
+        live_restore(),
+        live_facts(
+            ("drv1", "bclr"),
+            server_alive=True,
+            jobs={"bc-stream-9": JobFact(status=JobStatus.RUNNING, error=None)},
+        ),
+    )
+    assert plan.verdict is None
+    assert plan.actions == (AdoptJob("bc-stream-9", False),)
+
+
+def test_a_finished_live_restore_deletes_the_backup_nodes_and_stops_the_server() -> None:
+    plan = j.plan(live_restore(), live_facts(("drv1",), server_alive=True))
+    assert plan.verdict is Verdict.FINISHED
+    assert plan.actions == (
+        UpdateRegistry("disk1", ("bclr", "bclr-nbd"), ()),
+        j.StopServer(SERVER),
+    )
+    with_nodes = j.plan(
+        live_restore(),
+        replace(
+            live_facts(("drv1",), server_alive=False),
+            nodes=frozenset({"drv1", "drv1-file", "bclr", "bclr-nbd"}),
+        ),
+    )
+    assert with_nodes.actions == (
+        DeleteNodes(("bclr", "bclr-nbd")),
+        UpdateRegistry("disk1", ("bclr", "bclr-nbd"), ()),
+        j.StopServer(SERVER),
+    )
+    # A plain stream (no server) stops nothing.
+    plain = j.plan(live_restore(server=None), live_facts(("drv1",), server_alive=False))
+    assert not [a for a in plain.actions if isinstance(a, j.StopServer)]
+
+
+def test_a_live_restore_on_the_backup_copies_again_while_its_server_runs() -> None:
+    for step in (Step.STARTING, Step.RUNNING):
+        plan = j.plan(live_restore(step), live_facts(("drv1", "bclr"), server_alive=True))
+        assert plan.verdict is None
+        assert plan.actions == (j.RestartStream("disk1", "drv1"),)
+        assert plan.message == (
+            "live restore of disk0 (p1) into new.qcow2 on disk1: the copy stopped before the "
+            "end; starting it again"
+        )
+
+
+def test_a_live_restore_whose_copy_failed_or_whose_server_is_gone_needs_attention() -> None:
+    failed = j.plan(
+        live_restore(error="read error"), live_facts(("drv1", "bclr"), server_alive=True)
+    )
+    assert (failed.verdict, failed.actions, failed.forget) == (Verdict.ATTENTION, (), False)
+    assert failed.message == (
+        "live restore of disk0 (p1) into new.qcow2 on disk1: the copy failed: read error; the "
+        "disk still reads the backup through its server (pid 4242), kept running; `blockctl "
+        "recover` tries the copy again. Or give it up: detach the disk (`blockctl detach`), "
+        "then `blockctl recover --forget` stops the server; the backup point is unchanged"
+    )
+    # A server gone, from a record that does not say what it served: nothing to restart.
+    unnamed = replace(SERVER, repo="")
+    gone = j.plan(live_restore(server=unnamed), live_facts(("drv1", "bclr"), server_alive=False))
+    assert (gone.verdict, gone.actions, gone.forget) == (Verdict.ATTENTION, (), False)
+    assert gone.message == (
+        "live restore of disk0 (p1) into new.qcow2 on disk1: the copy stopped; the backup's "
+        "server (pid 4242) is gone: the blocks not copied yet cannot be read (the guest gets "
+        "I/O errors on them). Or give it up: detach the disk (`blockctl detach`), then "
+        "`blockctl recover --forget` stops the server; the backup point is unchanged"
+    )
+    # A plain stream in the same state is "not done", as before.
+    plain = j.plan(live_restore(server=None), live_facts(("drv1", "bclr"), server_alive=True))
+    assert plain.verdict is Verdict.NOT_DONE
+
+
+def test_a_live_restore_whose_server_is_gone_gets_a_new_one_then_copies_again() -> None:
+    plan = j.plan(live_restore(), live_facts(("drv1", "bclr"), server_alive=False))
+    assert plan.verdict is None
+    assert plan.actions == (j.ReplaceServer("disk1", "drv1"),)
+    assert plan.message == (
+        "live restore of disk0 (p1) into new.qcow2 on disk1: the backup's server is gone; "
+        "starting a new one"
+    )
+    # Once a new server could not be put in (the record's error): said, not tried again.
+    failed = j.plan(
+        live_restore(error="a new server of the backup could not be put in: x"),
+        live_facts(("drv1", "bclr"), server_alive=False),
+    )
+    assert (failed.verdict, failed.actions) == (Verdict.ATTENTION, ())
+
+
+def test_a_live_restore_with_qemu_gone_stops_the_server_and_says_the_target_is_partial() -> None:
+    plan = j.plan(live_restore(), Facts(alive=False))
+    assert plan.verdict is Verdict.QEMU_GONE
+    assert plan.actions == (j.StopServer(SERVER),)  # no relink onto a server's URL
+    assert plan.tops == {"disk1": "/t/new.qcow2"}
+    # The guest's writes are in the target: the way on keeps them (never "restore again").
+    assert plan.message.endswith(
+        "a live restore: /t/new.qcow2 holds the guest's writes and the blocks copied so far, "
+        "read over the backup's server (stopped now), whose place in the image is not written "
+        "in it; the backup point is unchanged. To finish, keeping the guest's writes: "
+        "`blockctl restore vm p1 disk0 /t/new.qcow2.base.raw --repo /r -O raw`, `qemu-img "
+        "rebase -u -f qcow2 -F raw -b /t/new.qcow2.base.raw /t/new.qcow2`, `qemu-img rebase "
+        "-f qcow2 -b '' /t/new.qcow2` (copies in the rest), then remove "
+        "/t/new.qcow2.base.raw: /t/new.qcow2 stands alone"
+    )
+    # Concluded (the copy done, perhaps not flushed): the same way on is safe and says so.
+    done = j.plan(live_restore(Step.CONCLUDED), Facts(alive=False))
+    assert done.actions == (j.StopServer(SERVER),)
+    assert done.tops == {"disk1": "/t/new.qcow2"}
+    assert "rebase -u" in done.message
