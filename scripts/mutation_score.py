@@ -9,7 +9,7 @@ tell the mutant from the code, with the reason) or ``open`` (a real gap, known a
 covered by a test, with what a test would need). Exit 1 if a survivor is in neither list, or
 if mutmut could not run.
 
-    scripts/mutation-score                  # the modules CI runs (DEFAULT)
+    scripts/mutation-score                  # the modules CI runs (DEFAULT: all six)
     scripts/mutation-score --all            # every module
     scripts/mutation-score --module graph --module jobs
     scripts/mutation-score --draft out.toml # unexplained survivors as entries to fill in
@@ -89,10 +89,20 @@ MODULES: dict[str, Module] = {
     "checkpoints": Module("blockctl/_backup/checkpoints.py", ("*",)),
 }
 
-#: What CI runs (``scripts/mutation-score`` without ``--module``): the modules whose every
-#: survivor is killed or explained, within CI's time. jobs runs with ``--module jobs`` or
-#: ``--all``; its survivors are killed or explained too, but one run takes over 20 minutes.
-DEFAULT = ("journal", "checkpoints", "apply", "graph", "argv")
+#: What CI runs (``scripts/mutation-score`` without ``--module``): every module, whole (no
+#: sampling, no shard), each survivor killed or explained.
+DEFAULT = ("journal", "checkpoints", "apply", "graph", "argv", "jobs")
+
+#: Seconds one test may run in a mutant's worker (tests/conftest.py stops the worker and mutmut
+#: counts the mutant killed, "timeout"). The slowest unit test in scope takes 0.6 s; a mutant
+#: that stalls a job would otherwise wait for mutmut's timeout, (the sum of the measured times
+#: of every test reaching the function + 2 s) x 4: about 20 s for `_jobs`' loop.
+TEST_LIMIT = 5.0
+
+#: Workers per CPU. Most of a `_jobs` mutant's time is its tests waiting on the clock (deadlines
+#: of 0.2 to 0.5 s, a stalled job until TEST_LIMIT): one run used 4 min of CPU in 16 min with
+#: one worker per CPU, so two per CPU halve the wait without the CPU becoming the limit.
+WORKERS_PER_CPU = 2
 
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
@@ -150,7 +160,13 @@ def run_mutmut(selected: dict[str, Module], children: int) -> None:
     mutmut = Path(sys.executable).parent / "mutmut"
     names = [p for m in selected.values() for p in patterns(m)]
     # BLOCKCTL_MUTATION: property tests draw fewer examples (see tests/unit/test_argv.py).
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "BLOCKCTL_MUTATION": "1"}
+    # BLOCKCTL_MUTATION_TEST_LIMIT: see TEST_LIMIT.
+    env = {
+        **os.environ,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "BLOCKCTL_MUTATION": "1",
+        "BLOCKCTL_MUTATION_TEST_LIMIT": str(TEST_LIMIT),
+    }
     proc = subprocess.run(  # noqa: S603 - our own venv's mutmut, fixed arguments
         [str(mutmut), "run", "--max-children", str(children), *names],
         cwd=ROOT,
@@ -192,7 +208,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", choices=sorted(MODULES), default=[])
     parser.add_argument("--all", action="store_true", help="every module, not only CI's")
-    parser.add_argument("--children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--children", type=int, default=WORKERS_PER_CPU * (os.cpu_count() or 1))
     parser.add_argument("--no-run", action="store_true", help="report the last run's results")
     parser.add_argument("--draft", type=Path, help="write unexplained survivors as entries")
     args = parser.parse_args()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+import threading
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,33 @@ settings.register_profile(
     deadline=None,
     phases=(Phase.explicit, Phase.generate),
 )
+
+
+# scripts/mutation-score sets BLOCKCTL_MUTATION_TEST_LIMIT (seconds). In a mutant's worker
+# (mutmut names the mutant in MUTANT_UNDER_TEST; its stats and clean runs are not timed) a test
+# that runs longer than that is stopped: the worker exits with mutmut's "timeout" code, which
+# counts as killed, as mutmut's own timeout does. A mutant that stalls a job would otherwise
+# make its test wait for the job's deadline, or mutmut's timeout for the sum of all the tests
+# that reach the function (about 20 s for `_jobs`); the slowest unit test in scope takes 0.6 s.
+MUTMUT_TIMEOUT_EXIT = 36  # mutmut.stats.status_by_exit_code: "timeout"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    limit = os.environ.get("BLOCKCTL_MUTATION_TEST_LIMIT")
+    if not limit or "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+        return (yield)
+    # A thread, not SIGALRM: an exception raised in the event loop could be caught by the code
+    # under test (or by the mutant), and the test would go on waiting.
+    watchdog = threading.Timer(float(limit), os._exit, args=(MUTMUT_TIMEOUT_EXIT,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return (yield)
+    finally:
+        watchdog.cancel()
 
 
 def pytest_configure(config: pytest.Config) -> None:
