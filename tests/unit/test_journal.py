@@ -895,7 +895,7 @@ def test_a_live_restore_with_qemu_gone_stops_the_server_and_says_the_target_is_p
         "/t/new.qcow2.base.raw: /t/new.qcow2 stands alone"
     )
     # A record from before the source VM was recorded: the restore's own VM is named.
-    unnamed = replace(SERVER, source_vm=None)
+    unnamed = replace(SERVER, source_vm="")
     older = j.plan(live_restore(vm="vm2", server=unnamed), Facts(alive=False))
     assert "`blockctl restore vm2 p1 disk0 /t/new.qcow2.base.raw --repo /r -O raw`" in (
         older.message
