@@ -139,7 +139,21 @@ class VM:
         return self.name
 
     async def status(self) -> StatusInfo:
+        """QEMU's run state: ``status`` ``io-error`` is a VM paused by a drive's error
+        policy (rerror/werror ``stop``); :func:`blockctl.drives.list_drives` names the drive
+        (``DriveInfo.io_status``)."""
         return await wire.query_status(self.session)
+
+    async def resume(self) -> StatusInfo:
+        """Resume a paused VM (QMP ``cont``) and return its run state afterwards.
+
+        After an I/O-error pause QEMU first retries the failed requests: if the storage is
+        still away, the VM pauses again at once (status ``io-error`` again), and nothing is
+        lost; run it again once the storage is back. A running VM is left running.
+        """
+        if not (await self.status()).running:
+            await wire.cont(self.session)
+        return await self.status()
 
     async def version(self) -> VersionInfo:
         """QEMU's version, read once per session (a running QEMU does not change it)."""

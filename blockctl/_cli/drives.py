@@ -122,6 +122,15 @@ class AttachDrive(Command):
         parser.add_argument("--serial")
         parser.add_argument("--read-only", action="store_true")
         parser.add_argument("--bootindex", type=int)
+        parser.add_argument(
+            "--rerror",
+            help="on a failed read: report | ignore | stop (pause the VM until `blockctl resume`)",
+        )
+        parser.add_argument(
+            "--werror",
+            help="on a failed write: report | ignore | enospc | stop (pause the VM until "
+            "`blockctl resume`)",
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         source: dict[str, Any] = {}
@@ -155,6 +164,8 @@ class AttachDrive(Command):
                 "serial": args.serial,
                 "read_only": args.read_only,
                 "bootindex": args.bootindex,
+                "rerror": args.rerror,
+                "werror": args.werror,
             }
         )
         async with attach(args.vm, vm_name=args.vm_name) as vm:
