@@ -43,8 +43,8 @@ def test_the_policies_go_on_the_device(interface: Interface) -> None:
         file=Path("/i.raw"),
         format=ImageFormat.RAW,
         interface=interface,
-        rerror="stop",
-        werror="enospc",
+        rerror=DeviceErrorPolicy.STOP,
+        werror=DeviceErrorPolicy.ENOSPC,
     )
     plan = plan_drive(0, drive, _source(), "pc", (0, 0))
     assert plan.device["rerror"] == "stop"
@@ -104,7 +104,7 @@ def test_nbd_reconnect_delay_reaches_the_node() -> None:
     drive = Drive(
         nbd=NbdSource(socket=Path("/run/nbd.sock"), reconnect_delay=30),
         format=ImageFormat.RAW,
-        werror="stop",
+        werror=DeviceErrorPolicy.STOP,
     )
     plan = plan_drive(0, drive, None, "pc", None)
     assert plan.nodes[0]["driver"] == "nbd"
