@@ -228,10 +228,17 @@ class Resume(Command):
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("vm", help="VM name, or a QMP socket path")
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=10.0,
+            metavar="SECONDS",
+            help="how long to keep resuming a VM that pauses again on an I/O error",
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         async with attach(args.vm, vm_name=args.vm_name) as vm:
-            status = await vm.resume()
+            status = await vm.resume(timeout=args.timeout)
             failed = (
                 [i.device_id for i in await drives.list_drives(vm) if i.io_error]
                 if status.status == "io-error"
