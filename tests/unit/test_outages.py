@@ -6,11 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from blockctl import _machine
 from blockctl._argv import DriveSource, plan_drive
 from blockctl._cli.main import build_parser
 from blockctl._images import ImageLayer
+from blockctl._machine import VM
 from blockctl._ops.drives import DriveInfo
-from blockctl._qmp.models import BlockDevice
+from blockctl._qmp import wire
+from blockctl._qmp.models import BlockDevice, StatusInfo
 from blockctl.errors import ConfigError
 from blockctl.types import (
     DeviceErrorPolicy,
@@ -155,3 +158,57 @@ def test_a_drive_is_in_error_only_on_a_failed_status(io_status: str | None, fail
     )
     assert info.io_error is failed
     assert info.to_json()["io_status"] == io_status
+
+
+class FakeQEMU:
+    """A VM paused on an I/O error whose first ``failing`` resumes pause it again at once
+    (the retried requests fail while QEMU's NBD client reconnects)."""
+
+    def __init__(self, status: str, failing: int) -> None:
+        self.state = StatusInfo(running=status == "running", status=status)
+        self.failing = failing
+        self.conts = 0
+        self.session = self
+        self.name = "vm"
+
+    async def status(self) -> StatusInfo:
+        return self.state
+
+    async def cont(self) -> None:
+        self.conts += 1
+        paused_again = self.conts <= self.failing
+        self.state = StatusInfo(
+            running=not paused_again, status="io-error" if paused_again else "running"
+        )
+
+
+@pytest.fixture
+def fake_cont(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def cont(session: FakeQEMU) -> None:
+        await session.cont()
+
+    monkeypatch.setattr(wire, "cont", cont)
+    monkeypatch.setattr(_machine, "RESUME_SETTLE", 0.01)
+
+
+@pytest.mark.usefixtures("fake_cont")
+async def test_resume_resumes_again_a_vm_that_pauses_at_once() -> None:
+    qemu = FakeQEMU("io-error", failing=1)
+    status = await VM.resume(qemu, timeout=5)  # type: ignore[arg-type]
+    assert status == StatusInfo(running=True, status="running")
+    assert qemu.conts == 2
+
+
+@pytest.mark.usefixtures("fake_cont")
+async def test_resume_reports_storage_still_away_after_the_timeout() -> None:
+    qemu = FakeQEMU("io-error", failing=10**6)
+    status = await VM.resume(qemu, timeout=0)  # type: ignore[arg-type]
+    assert status.status == "io-error"
+    assert qemu.conts == 1
+
+
+@pytest.mark.usefixtures("fake_cont")
+async def test_resume_leaves_a_running_vm_alone() -> None:
+    qemu = FakeQEMU("running", failing=0)
+    assert (await VM.resume(qemu)).running  # type: ignore[arg-type]
+    assert qemu.conts == 0
