@@ -13,7 +13,7 @@ from blockctl import _agent, _images, _journal, _lazy, _runtime
 from blockctl._cli.common import Command, emit
 from blockctl._machine import Timeouts, attach, launch_detached, shutdown_detached
 from blockctl._ops import drives
-from blockctl.errors import BlockctlError, ConfigError
+from blockctl.errors import ConfigError, VMError
 from blockctl.types import DeprecatedInput, Drive, ImageFormat, MachineConfig
 
 if TYPE_CHECKING:
@@ -246,10 +246,11 @@ class Resume(Command):
             )
         if status.status == "io-error":
             # QEMU retried the failed requests and they failed again: the storage is still away.
-            raise BlockctlError(
+            raise VMError(
+                vm.name,
                 f"{vm.name} paused again on an I/O error of {', '.join(failed) or 'a drive'}: "
                 f"its storage is still unreachable (nothing was lost); bring it back and run "
-                f"`blockctl resume {vm.name}` again"
+                f"`blockctl resume {vm.name}` again",
             )
         emit(
             args,

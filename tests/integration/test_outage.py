@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import anyio
@@ -117,6 +118,15 @@ async def test_a_killed_nbd_server_pauses_the_guest_and_nothing_is_lost(
             assert (status["status"], status["running"]) == ("io-error", False)
             assert status["io_error_drives"] == ["disk0"]
             assert [d["io_status"] for d in status["drives"]] == ["failed"]
+
+            # Still away: resume retries for its timeout, then says so; the VM stays paused.
+            early = await anyio.run_process(
+                [sys.executable, "-m", "blockctl", "resume", vm.name, "--timeout", "1"],
+                check=False,
+            )
+            assert early.returncode == 1
+            assert b"paused again on an I/O error of disk0" in early.stderr
+            assert (await vm.status()).status == "io-error"
 
             servers.append(await start_server(image, sock))
             resumed = await cli_json("resume", vm.name)
