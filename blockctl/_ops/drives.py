@@ -98,7 +98,7 @@ class DriveInfo:
     filenames: tuple[str | None, ...] = ()
     #: QEMU's I/O status of the device (``ok``, ``failed``, ``nospace``): ``failed`` or
     #: ``nospace`` on the drive whose failed request paused the VM (rerror/werror ``stop``
-    #: or ``enospc``). None for a device with no such policy.
+    #: or ``enospc``). None for a device QEMU tracks no I/O status for.
     io_status: str | None = None
 
     @property

@@ -175,8 +175,8 @@ class BlockDevice:
     locked: bool
     tray_open: bool | None
     inserted: BlockNode | None
-    #: ``ok``, ``failed`` or ``nospace`` (the last failed request's), reported only for a
-    #: device with an error policy (rerror/werror) that can pause the VM; None otherwise.
+    #: ``ok``, or ``failed``/``nospace`` once a failed request paused the VM (error policy
+    #: ``stop``/``enospc``) until it is resumed; None for a device QEMU tracks none for.
     io_status: str | None = None
 
     @property
