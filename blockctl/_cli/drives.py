@@ -53,6 +53,8 @@ def drive_row(info: DriveInfo) -> list[object]:
         flags.append("throttled")
     if info.pending_unplug:
         flags.append("UNPLUG-PENDING")
+    if info.io_error:
+        flags.append(f"IO-ERROR({info.io_status})")
     chain = " ← ".join(f"{n.node_name}({n.driver})" for n in info.chain)
     return [
         info.device_id,

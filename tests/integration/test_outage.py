@@ -118,6 +118,9 @@ async def test_a_killed_nbd_server_pauses_the_guest_and_nothing_is_lost(
             assert (status["status"], status["running"]) == ("io-error", False)
             assert status["io_error_drives"] == ["disk0"]
             assert [d["io_status"] for d in status["drives"]] == ["failed"]
+            said = await anyio.run_process([sys.executable, "-m", "blockctl", "status", vm.name])
+            assert b"paused on an I/O error of disk0" in said.stdout
+            assert b"io-status=failed" in said.stdout
 
             # Still away: resume retries for its timeout, then says so; the VM stays paused.
             early = await anyio.run_process(

@@ -8,6 +8,7 @@ import pytest
 
 from blockctl import _machine
 from blockctl._argv import DriveSource, plan_drive
+from blockctl._cli.drives import drive_row
 from blockctl._cli.main import build_parser
 from blockctl._images import ImageLayer
 from blockctl._machine import VM
@@ -149,7 +150,7 @@ def test_a_drive_is_in_error_only_on_a_failed_status(io_status: str | None, fail
         device_driver="virtio-blk-pci",
         removable=False,
         tray_open=None,
-        top_node=None,
+        top_node="drv1",
         chain=(),
         pending_unplug=False,
         io_limits=None,
@@ -158,6 +159,7 @@ def test_a_drive_is_in_error_only_on_a_failed_status(io_status: str | None, fail
     )
     assert info.io_error is failed
     assert info.to_json()["io_status"] == io_status
+    assert (f"IO-ERROR({io_status})" in str(drive_row(info))) is failed
 
 
 class FakeQEMU:
