@@ -47,6 +47,7 @@ if typing.TYPE_CHECKING:
         CacheMode,
         DeprecatedInput,
         DetectZeroes,
+        DeviceErrorPolicy,
         Discard,
         Drive,
         ErrorPolicy,
@@ -81,6 +82,7 @@ __all__ = [
     "Accel",
     "DeprecatedInput",
     "ErrorPolicy",
+    "DeviceErrorPolicy",
     # Replies
     "StatusInfo",
     "VersionInfo",
@@ -138,6 +140,7 @@ if not typing.TYPE_CHECKING:  # type checkers see the imports above, and no __ge
                 "CacheMode",
                 "DeprecatedInput",
                 "DetectZeroes",
+                "DeviceErrorPolicy",
                 "Discard",
                 "Drive",
                 "ErrorPolicy",

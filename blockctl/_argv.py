@@ -22,6 +22,7 @@ from blockctl._qmp.models import (
     FileOptions,
     FormatOptions,
     IscsiOptions,
+    NbdOptions,
     NfsOptions,
     SecretObject,
     node_json,
@@ -223,16 +224,17 @@ def plan_drive(
             nodes.append(_nfs_node(f"drv{i}-file", drive))
         else:
             assert drive.nbd is not None
-            nodes.append(
-                {
-                    "driver": "nbd",
-                    "node-name": f"drv{i}-file",
-                    "server": {"type": "unix", "path": str(drive.nbd.socket)},
-                    "export": drive.nbd.export,
-                    "cache": _cache_opts(drive),
-                    "read-only": drive.read_only,
-                }
-            )
+            nbd: NbdOptions = {
+                "driver": "nbd",
+                "node-name": f"drv{i}-file",
+                "server": {"type": "unix", "path": str(drive.nbd.socket)},
+                "export": drive.nbd.export,
+                "cache": _cache_opts(drive),
+                "read-only": drive.read_only,
+            }
+            if drive.nbd.reconnect_delay:
+                nbd["reconnect-delay"] = drive.nbd.reconnect_delay
+            nodes.append(nbd)
         nodes.append(
             _format_node(
                 f"drv{i}",
@@ -355,6 +357,11 @@ def _device(
         device["serial"] = drive.serial
     if drive.bootindex is not None:
         device["bootindex"] = drive.bootindex
+    # On the device, not the node: the policy is the guest's view of a failed request.
+    if drive.rerror is not None:
+        device["rerror"] = drive.rerror.value
+    if drive.werror is not None:
+        device["werror"] = drive.werror.value
     return device
 
 

@@ -85,6 +85,12 @@ class Timeouts:
     terminate: float = 5.0  # SIGTERM → QEMU exit, before SIGKILL
 
 
+#: How long a resumed VM must keep running before :meth:`VM.resume` counts it as resumed: the
+#: requests QEMU retries on ``cont`` fail, and pause it again, within this time.
+RESUME_SETTLE = 1.0
+RESUME_CHECKS = 10
+
+
 class VM:
     """A running QEMU this process has a QMP session with (launched or attached).
 
@@ -139,7 +145,35 @@ class VM:
         return self.name
 
     async def status(self) -> StatusInfo:
+        """QEMU's run state: ``status`` ``io-error`` is a VM paused by a drive's error
+        policy (rerror/werror ``stop``); :func:`blockctl.drives.list_drives` names the drive
+        (``DriveInfo.io_status``)."""
         return await wire.query_status(self.session)
+
+    async def resume(self, *, timeout: float = 10.0) -> StatusInfo:
+        """Resume a paused VM (QMP ``cont``) and return its run state afterwards.
+
+        After an I/O-error pause (rerror/werror ``stop``) QEMU retries the failed requests on
+        ``cont``; if they fail again the VM pauses again (status ``io-error``), nothing lost.
+        QEMU's NBD client reconnects in the background, started by the first retried request,
+        which fails: so a VM that pauses again within :data:`RESUME_SETTLE` s is resumed
+        again, until ``timeout`` s have passed. The returned status is then ``io-error`` if
+        the storage is still away. A running VM is left running.
+        """
+        deadline = time.monotonic() + timeout
+        status = await self.status()
+        while not status.running:
+            await wire.cont(self.session)
+            for _ in range(RESUME_CHECKS):
+                status = await self.status()
+                if not status.running:
+                    break
+                await anyio.sleep(RESUME_SETTLE / RESUME_CHECKS)
+            if status.status != "io-error" or time.monotonic() >= deadline:
+                break
+            _log.info("blockctl.vm.paused_again", vm=self.name, status=status.status)
+            await anyio.sleep(0.2)
+        return status
 
     async def version(self) -> VersionInfo:
         """QEMU's version, read once per session (a running QEMU does not change it)."""

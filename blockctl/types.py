@@ -35,6 +35,7 @@ __all__ = [
     "CacheMode",
     "DeprecatedInput",
     "DetectZeroes",
+    "DeviceErrorPolicy",
     "Discard",
     "Drive",
     "ErrorPolicy",
@@ -131,6 +132,24 @@ class ErrorPolicy(enum.StrEnum):
     STOP = "stop"
     ENOSPC = "enospc"
     IGNORE = "ignore"
+
+
+class DeviceErrorPolicy(enum.StrEnum):
+    """What a guest device does when its image fails a read (``rerror``) or a write
+    (``werror``): QEMU's ``BlockdevOnError`` on ``-device``.
+
+    ``report``: the guest sees the I/O error. ``ignore``: the request completes as if it had
+    succeeded (data may be lost). ``stop``: QEMU pauses the whole VM (run state ``io-error``,
+    event ``BLOCK_IO_ERROR``) and retries the failed requests on resume: the guest sees no
+    error, so an outage of a remote image server is ridden out. ``enospc`` (writes only):
+    ``stop`` on "no space left", ``report`` on anything else. Unset: QEMU's ``auto``
+    (``enospc`` for writes, ``report`` for reads, device-dependent).
+    """
+
+    REPORT = "report"
+    IGNORE = "ignore"
+    ENOSPC = "enospc"
+    STOP = "stop"
 
 
 class Accel(enum.StrEnum):
@@ -244,9 +263,17 @@ class NbdSource:
 
     socket: Path
     export: str = ""
+    #: Seconds QEMU's NBD client keeps requests waiting, while it reconnects, after the
+    #: server went away, before failing them (QEMU's ``reconnect-delay``; 0: fail at once).
+    #: Requests that outlast it fail, and the drive's ``rerror``/``werror`` decide what the
+    #: guest sees. QEMU's client reconnects after a lost connection either way.
+    reconnect_delay: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "socket", _check_path(self.socket, "nbd.socket"))
+        delay = self.reconnect_delay
+        if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= 3600:
+            raise ConfigError("nbd.reconnect_delay", f"whole seconds from 0 to 3600, got {delay!r}")
         if (
             not isinstance(self.export, str)
             or "\0" in self.export
@@ -618,6 +645,10 @@ class Drive:
     #: SCSI LUN passthrough: the guest gets the LUN itself (``scsi-block``: SCSI commands go
     #: to the target, the guest sees its vendor, VPD pages, ...), not an emulated disk.
     passthrough: bool = False
+    #: What the device does on a failed read / write (:class:`DeviceErrorPolicy`); None:
+    #: QEMU's default. ``stop`` pauses the VM until it is resumed (``blockctl resume``).
+    rerror: DeviceErrorPolicy | None = None
+    werror: DeviceErrorPolicy | None = None
 
     def __post_init__(self) -> None:
         self._validate("drive")
@@ -641,6 +672,21 @@ class Drive:
         put(
             self, "detect_zeroes", _enum(DetectZeroes, self.detect_zeroes, f"{where}.detect_zeroes")
         )
+        for name in ("rerror", "werror"):
+            if getattr(self, name) is not None:
+                put(self, name, _enum(DeviceErrorPolicy, getattr(self, name), f"{where}.{name}"))
+        if self.rerror is DeviceErrorPolicy.ENOSPC:
+            raise ConfigError(
+                f"{where}.rerror",
+                "'enospc' is for writes (werror): a read never runs out of space; "
+                "use rerror = 'stop' or 'report'",
+            )
+        if self.interface is Interface.FLOPPY and (self.rerror or self.werror):
+            raise ConfigError(
+                f"{where}.rerror" if self.rerror else f"{where}.werror",
+                "QEMU's floppy device takes no rerror/werror: use if = 'virtio', 'scsi' or "
+                "'ide' for an error policy, or drop it",
+            )
         for name in ("bus", "unit", "index", "bootindex"):
             value = getattr(self, name)
             if value is not None and (

@@ -53,6 +53,8 @@ def drive_row(info: DriveInfo) -> list[object]:
         flags.append("throttled")
     if info.pending_unplug:
         flags.append("UNPLUG-PENDING")
+    if info.io_error:
+        flags.append(f"IO-ERROR({info.io_status})")
     chain = " ← ".join(f"{n.node_name}({n.driver})" for n in info.chain)
     return [
         info.device_id,
@@ -122,6 +124,15 @@ class AttachDrive(Command):
         parser.add_argument("--serial")
         parser.add_argument("--read-only", action="store_true")
         parser.add_argument("--bootindex", type=int)
+        parser.add_argument(
+            "--rerror",
+            help="on a failed read: report | ignore | stop (pause the VM until `blockctl resume`)",
+        )
+        parser.add_argument(
+            "--werror",
+            help="on a failed write: report | ignore | enospc | stop (pause the VM until "
+            "`blockctl resume`)",
+        )
 
     async def run(self, args: argparse.Namespace) -> int:
         source: dict[str, Any] = {}
@@ -155,6 +166,8 @@ class AttachDrive(Command):
                 "serial": args.serial,
                 "read_only": args.read_only,
                 "bootindex": args.bootindex,
+                "rerror": args.rerror,
+                "werror": args.werror,
             }
         )
         async with attach(args.vm, vm_name=args.vm_name) as vm:

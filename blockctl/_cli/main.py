@@ -41,7 +41,7 @@ from blockctl._cli.drives import (
 from blockctl._cli.img import Img
 from blockctl._cli.jobs import Jobs
 from blockctl._cli.progress import close_all
-from blockctl._cli.vm import Demo, Down, Guest, Ls, Qmp, Status, Up
+from blockctl._cli.vm import Demo, Down, Guest, Ls, Qmp, Resume, Status, Up
 from blockctl._log import get_logger
 from blockctl.errors import BlockctlError, ConfigError, Conflict, ProcessFailed
 
@@ -82,6 +82,7 @@ COMMANDS: tuple[type[Command], ...] = (
     Up,
     Ls,
     Status,
+    Resume,
     Qmp,
     Down,
     Drives,

@@ -13,7 +13,7 @@ from blockctl import _agent, _images, _journal, _lazy, _runtime
 from blockctl._cli.common import Command, emit
 from blockctl._machine import Timeouts, attach, launch_detached, shutdown_detached
 from blockctl._ops import drives
-from blockctl.errors import ConfigError
+from blockctl.errors import ConfigError, VMError
 from blockctl.types import DeprecatedInput, Drive, ImageFormat, MachineConfig
 
 if TYPE_CHECKING:
@@ -172,8 +172,10 @@ class Status(Command):
                         "direct": cache.direct,
                         "no_flush": cache.no_flush,
                     },
+                    "io_status": info.io_status,
                 }
             )
+        failed = [i.device_id for i in infos if i.io_error]
         data = {
             "name": vm.name,
             "pid": vm.pid,
@@ -184,8 +186,15 @@ class Status(Command):
             "interrupted_operations": interrupted,
             "running_operations": running,
             "hotplug_slots": slots.as_dict(),
+            "io_error_drives": failed,
         }
         lines = [f"{vm.name}: {status.status} (pid {vm.pid}, QEMU {version})"]
+        if status.status == "io-error":
+            lines.append(
+                "  paused on an I/O error of "
+                + (", ".join(failed) if failed else "a drive")
+                + f": bring its storage back, then `blockctl resume {vm.name}`"
+            )
         if slots.pcie:
             lines.append(
                 f"  hot-plug slots: {slots.free_count} of {len(slots.ports)} PCIe root ports free"
@@ -204,11 +213,50 @@ class Status(Command):
             if d["node"] is None:
                 lines.append(f"  {d['device']}: empty")
             else:
+                io = f" io-status={d['io_status']}" if d["io_status"] not in (None, "ok") else ""
                 lines.append(
                     f"  {d['device']}: {d['driver']} {d['file']} size={d['size']} "
-                    f"ro={d['read_only']}"
+                    f"ro={d['read_only']}{io}"
                 )
         emit(args, data, "\n".join(lines))
+        return 0
+
+
+class Resume(Command):
+    name = "resume"
+    help = "resume a paused VM (e.g. paused on an I/O error once its storage is back)"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("vm", help="VM name, or a QMP socket path")
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=10.0,
+            metavar="SECONDS",
+            help="how long to keep resuming a VM that pauses again on an I/O error",
+        )
+
+    async def run(self, args: argparse.Namespace) -> int:
+        async with attach(args.vm, vm_name=args.vm_name) as vm:
+            status = await vm.resume(timeout=args.timeout)
+            failed = (
+                [i.device_id for i in await drives.list_drives(vm) if i.io_error]
+                if status.status == "io-error"
+                else []
+            )
+        if status.status == "io-error":
+            # QEMU retried the failed requests and they failed again: the storage is still away.
+            raise VMError(
+                vm.name,
+                f"{vm.name} paused again on an I/O error of {', '.join(failed) or 'a drive'}: "
+                f"its storage is still unreachable (nothing was lost); bring it back and run "
+                f"`blockctl resume {vm.name}` again",
+            )
+        emit(
+            args,
+            {"name": vm.name, "status": status.status, "running": status.running},
+            f"{vm.name}: {status.status}",
+        )
         return 0
 
 

@@ -96,6 +96,15 @@ class DriveInfo:
     #: (``BlockNode.file``) is a ``json:`` description when it cannot be a plain filename,
     #: e.g. when the image header names its backing file by a relative path.
     filenames: tuple[str | None, ...] = ()
+    #: QEMU's I/O status of the device (``ok``, ``failed``, ``nospace``): ``failed`` or
+    #: ``nospace`` on the drive whose failed request paused the VM (rerror/werror ``stop``
+    #: or ``enospc``). None for a device QEMU tracks no I/O status for.
+    io_status: str | None = None
+
+    @property
+    def io_error(self) -> bool:
+        """Whether this drive's last request failed under a policy that pauses the VM."""
+        return self.io_status not in (None, "ok")
 
     @property
     def format(self) -> str | None:
@@ -151,6 +160,7 @@ class DriveInfo:
                 )
             ],
             "pending_unplug": self.pending_unplug,
+            "io_status": self.io_status,
         }
 
 
@@ -187,6 +197,7 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
                 pending_unplug=record.pending_unplug if record else False,
                 io_limits=dev.inserted.io_limits if dev.inserted else None,
                 device_cache=dev.inserted.cache if dev.inserted else None,
+                io_status=dev.io_status,
             )
         )
     # Devices whose unplug is pending but that QEMU no longer lists under query-block do not

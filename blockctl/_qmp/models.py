@@ -175,6 +175,9 @@ class BlockDevice:
     locked: bool
     tray_open: bool | None
     inserted: BlockNode | None
+    #: ``ok``, or ``failed``/``nospace`` once a failed request paused the VM (error policy
+    #: ``stop``/``enospc``) until it is resumed; None for a device QEMU tracks none for.
+    io_status: str | None = None
 
     @property
     def qom_path(self) -> str | None:
@@ -209,6 +212,7 @@ class BlockDevice:
             locked=_get(obj, "locked", bool, command),
             tray_open=_opt(obj, "tray_open", bool, command),
             inserted=None if inserted is None else BlockNode.from_qmp(inserted, command),
+            io_status=_opt(obj, "io-status", str, command),
         )
 
 
@@ -512,6 +516,7 @@ NbdOptions = TypedDict(
         "node-name": str,
         "server": UnixAddress,
         "export": str,
+        "reconnect-delay": NotRequired[int],
         "cache": NotRequired[CacheOptions],
         "read-only": NotRequired[bool],
     },

@@ -302,6 +302,7 @@ def _qemu_facts(block: Any, nodes: Any, jobs: Any, status: Any) -> dict[str, Any
         ins = d.get("inserted")
         devices[dev_id] = {
             "tray_open": d.get("tray_open"),
+            "io_status": d.get("io-status"),
             "inserted": None
             if ins is None
             else {
@@ -384,6 +385,7 @@ def _compare(raw: dict[str, Any], views: dict[str, Any]) -> list[str]:
                 continue
             where = f"{label} {d['device']}"
             same(f"{where}: tray_open", d["tray_open"], dev["tray_open"])
+            same(f"{where}: io_status", d["io_status"], dev["io_status"])
             ins = dev["inserted"]
             same(f"{where}: node", d["node"], None if ins is None else ins["node"])
             if ins is None:

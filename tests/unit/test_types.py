@@ -193,7 +193,7 @@ def test_from_mapping_resolves_paths_and_aliases() -> None:
 
 def test_from_mapping_rejects_unknown_keys() -> None:
     err = error_of(
-        MachineConfig.from_mapping, {"drive": [{"file": "a", "format": "raw", "werror": "stop"}]}
+        MachineConfig.from_mapping, {"drive": [{"file": "a", "format": "raw", "wwn": "0x5000"}]}
     )
-    assert err.field == "drive[0].werror"
+    assert err.field == "drive[0].wwn"
     assert "known:" in err.message
