@@ -185,6 +185,23 @@ async def test_fleet_backup_of_two_hosts(
                     runtimes["hv1"], "fleet", "backup", inventory, "--address", address, "--json"
                 )
             )
+            # A VM its host does not run: that VM's failure is recorded, and the run fails.
+            ghost = tmp_path / "ghost.toml"
+            ghost.write_text('repository = "shared-repo"\n[hosts.hv2]\nvms = ["web"]\n')
+            failed = await anyio.run_process(
+                [sys.executable, "-m", "blockctl", "fleet", "backup", ghost,
+                 "--address", address, "--json"],
+                check=False,
+                env=cli_env(runtimes["hv1"]),
+            )  # fmt: skip
+        assert failed.returncode == 1, failed.stderr.decode()
+        (ghost_result,) = json.loads(failed.stdout)["results"]
+        assert (ghost_result["host"], ghost_result["vm"], ghost_result["point"]) == (
+            "hv2",
+            "web",
+            None,
+        )
+        assert "web" in ghost_result["error"], ghost_result
         assert out["failed"] == 0, out
         done = {(r["host"], r["vm"]): r for r in out["results"]}
         assert sorted(done) == sorted((h, vm) for h, vms in HOSTS.items() for vm in vms)
@@ -196,9 +213,9 @@ async def test_fleet_backup_of_two_hosts(
             # Exactly one point per VM, in its host's repository and nowhere else.
             assert repo.point_ids(vm) == [result["point"]]
             manifest = repo.get(vm, result["point"])
-            (disk,) = manifest.disks
+            (point_disk,) = manifest.disks
             restored = tmp_path / f"{vm}.restored.qcow2"
-            await backup.restore(repo, vm, result["point"], disk.device, restored)
+            await backup.restore(repo, vm, result["point"], point_disk.device, restored)
             compare = await anyio.run_process(
                 ["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", disks[vm], restored],
                 check=False,
