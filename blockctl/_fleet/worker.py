@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 
@@ -49,14 +50,29 @@ async def run_worker(
     runner = SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules("blockctl")
     )
-    activities = Worker(client, task_queue=task_queue(host), activities=[backup_vm])
-    workflows = Worker(
-        client, task_queue=WORKFLOW_QUEUE, workflows=[FleetBackup], workflow_runner=runner
-    )
-    async with activities, workflows:
+    workers = [
+        Worker(client, task_queue=task_queue(host), activities=[backup_vm]),
+        Worker(client, task_queue=WORKFLOW_QUEUE, workflows=[FleetBackup], workflow_runner=runner),
+    ]
+    # Plain asyncio tasks, outside anyio's cancel scopes: anyio cancels every await of a
+    # cancelled scope again, which would cut the workers' own shutdown short and leave tasks
+    # that the event loop's close then waits on for ever.
+    runs = [asyncio.ensure_future(w.run()) for w in workers]
+    try:
         if on_ready is not None:
             on_ready()
-        await anyio.sleep_forever()
+        # Until cancelled (Ctrl-C), or a worker stops by itself (its error is raised below).
+        await asyncio.wait(runs, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        with anyio.CancelScope(shield=True):
+            for w, run in zip(workers, runs, strict=True):
+                if not run.done():
+                    await w.shutdown()
+            ended = await asyncio.gather(*runs, return_exceptions=True)
+    for outcome in ended:
+        if isinstance(outcome, BaseException):
+            raise FleetError(f"the worker of {host} stopped: {outcome}") from outcome
+    raise FleetError(f"the worker of {host} stopped")
 
 
 async def fleet_backup(
