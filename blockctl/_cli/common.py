@@ -20,6 +20,9 @@ def emit(args: argparse.Namespace, data: object, human: str) -> None:
 class Command:
     name: ClassVar[str]
     help: ClassVar[str]
+    #: Leave with os._exit once the output is flushed, skipping the interpreter's finalization
+    #: (for a command whose library's threads cannot survive it).
+    exit_hard: ClassVar[bool] = False
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
         pass

@@ -38,6 +38,7 @@ from blockctl._cli.drives import (
     ResizeCommand,
     ThrottleCommand,
 )
+from blockctl._cli.fleet import Fleet
 from blockctl._cli.img import Img
 from blockctl._cli.jobs import Jobs
 from blockctl._cli.progress import close_all
@@ -105,6 +106,7 @@ COMMANDS: tuple[type[Command], ...] = (
     Img,
     Guest,
     Demo,
+    Fleet,
 )
 
 
@@ -245,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _run(args, commands)
         sys.stdout.flush()  # here, where a closed pipe can still be handled
+        if commands[args.subcommand].exit_hard:
+            sys.stderr.flush()
+            os._exit(code)
         return code
     except BrokenPipeError:
         # The reader went away (`blockctl qmp VM query-qmp-schema | head`): no traceback, and

@@ -71,7 +71,7 @@ def test_public_modules_only_reexport() -> None:
                 assert owner.startswith("blockctl._"), (name, export, owner)
     private = [p for p in (ROOT / "blockctl").rglob("*.py") if "/_" in str(p.relative_to(ROOT))]
     for path in private:
-        if path.parent.name == "_cli":  # the command line is a face too: it uses the others
+        if path.parent.name in ("_cli", "_fleet"):  # faces too: they use the others
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -79,6 +79,26 @@ def test_public_modules_only_reexport() -> None:
                 imported = [f"{node.module}.{a.name}" for a in node.names]
                 for target in [node.module, *imported]:
                     assert target not in PUBLIC_MODULES[3:], (path, target)
+
+
+def test_the_fleet_uses_only_the_public_library() -> None:
+    """The fleet (blockctl._fleet) sits above the library as a user of it would: it imports
+    blockctl's public modules and its own, nothing else of blockctl."""
+    allowed = ("blockctl", *PUBLIC_MODULES)
+    for path in (ROOT / "blockctl" / "_fleet").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("blockctl")
+            ):
+                assert node.module in allowed or node.module.startswith("blockctl._fleet"), (
+                    path.name,
+                    node.module,
+                )
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("blockctl"), (path.name, alias.name)
 
 
 def test_the_readme_example_is_the_checked_example() -> None:

@@ -1,0 +1,126 @@
+"""The fleet's inventory (a TOML file: hosts, their VMs, the repository each backs up into)
+and the plain values workflows and activities pass to each other (dataclasses of str and
+int: Temporal's JSON converter carries them as they are).
+
+::
+
+    repository = "/srv/backups"        # shared by every host unless a host names its own
+
+    [hosts.hv1]
+    vms = ["web", "db"]
+
+    [hosts.hv2]
+    vms = ["mail"]
+    repository = "/srv/hv2-backups"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blockctl.errors import ConfigError
+
+#: A host's name: what its task queue is named after (``blockctl@NAME``).
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+#: As MachineConfig.name allows.
+_VM = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+#: The task queue the fleet's workflows run on (any worker polls it; they only route work).
+WORKFLOW_QUEUE = "blockctl-fleet"
+
+
+def task_queue(host: str) -> str:
+    """The task queue of ``host``'s worker: the only one that runs that host's activities."""
+    return f"blockctl@{check_host(host)}"
+
+
+def check_host(host: str) -> str:
+    if not _HOST.fullmatch(host):
+        raise ConfigError("host", f"{host!r}: 1-63 of A-Z a-z 0-9 . _ -, not starting with . _ -")
+    return host
+
+
+@dataclass(frozen=True, slots=True)
+class VMBackup:
+    """One VM's backup: on ``host``, VM ``vm`` into the repository at ``repository``."""
+
+    host: str
+    vm: str
+    repository: str
+
+
+@dataclass(frozen=True, slots=True)
+class VMBackupResult:
+    """How one VM's backup ended: its point (id and kind), or the error that stopped it."""
+
+    host: str
+    vm: str
+    repository: str
+    point: str | None = None
+    kind: str | None = None
+    bytes_read: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetBackupRequest:
+    backups: list[VMBackup]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetBackupResult:
+    results: list[VMBackupResult]
+
+    @property
+    def failed(self) -> list[VMBackupResult]:
+        return [r for r in self.results if r.error is not None]
+
+
+def parse_inventory(data: dict[str, Any], base: Path) -> FleetBackupRequest:
+    """The backups an inventory asks for, host by host in the file's order. Relative
+    repository paths are relative to ``base`` (the file's directory)."""
+    shared = data.get("repository")
+    unknown = set(data) - {"repository", "hosts"}
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown key (an inventory has repository, hosts)")
+    hosts = data.get("hosts")
+    if not isinstance(hosts, dict) or not hosts:
+        raise ConfigError("hosts", "at least one [hosts.NAME] table with vms = [...]")
+    backups: list[VMBackup] = []
+    seen: set[tuple[str, str]] = set()
+    for host, table in hosts.items():
+        where = f"hosts.{host}"
+        check_host(host)
+        if not isinstance(table, dict):
+            raise ConfigError(where, "a table: vms = [...], repository = ...")
+        unknown = set(table) - {"vms", "repository"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key (vms, repository)")
+        vms = table.get("vms")
+        if not isinstance(vms, list) or not all(isinstance(v, str) for v in vms):
+            raise ConfigError(f"{where}.vms", "a list of VM names")
+        repository = table.get("repository", shared)
+        if not isinstance(repository, str) or not repository:
+            raise ConfigError(f"{where}.repository", "a path (here or as the top-level repository)")
+        for vm in vms:
+            if not _VM.fullmatch(vm):
+                raise ConfigError(f"{where}.vms", f"{vm!r} is not a VM name")
+            if (host, vm) in seen:
+                raise ConfigError(f"{where}.vms", f"{vm!r} is listed twice")
+            seen.add((host, vm))
+            backups.append(VMBackup(host, vm, str(base / repository)))
+    return FleetBackupRequest(backups)
+
+
+def load_inventory(path: Path) -> FleetBackupRequest:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError("inventory", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("inventory", f"{path} is not valid TOML: {exc}") from None
+    return parse_inventory(data, path.parent.absolute())

