@@ -532,8 +532,17 @@ async def test_ctrl_c_cancels_the_job_and_says_what_was_done(
         args = ["commit", "ctrlc", "disk0", "--top", "drv0-b2", "--speed", "64K"]
         async with blockctl_process(*args, *(["--json"] if as_json else [])) as a:
             job_id = (await running_job(vm))["id"]
+            said = b""
+            if not as_json:
+                # The first progress line comes from the CLI's first sample of the job, which
+                # may follow QEMU's "running" by a moment: interrupt only once it was printed
+                # (a Ctrl-C before any sample rightly prints none).
+                assert a.stderr is not None
+                while f"commit ({job_id}): ".encode() not in said:
+                    said += await a.stderr.receive()
             a.send_signal(signal.SIGINT)
             code, out, err = await finish(a)
+            err = said.decode() + err
         assert code == 130, (out, err)
         # One sentence, no raw log lines (JSON events on a non-terminal stderr); without
         # --json, the job's progress lines (a plain one off a terminal) come before it.
