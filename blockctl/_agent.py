@@ -670,7 +670,7 @@ async def _thaw(
 # Section: the freeze record (crash safety of a freeze)
 
 #: ``<run dir>/freeze-<id>.json``: a freeze by a controller that has not thawed yet.
-FREEZE_PREFIX = "freeze-"
+FREEZE_PREFIX = _journal.FREEZE_PREFIX
 
 #: Test hook: called with ``"frozen"`` right after the freeze returned and its count was
 #: checked (crash tests SIGKILL the process here: the guest is then frozen, nobody thaws).

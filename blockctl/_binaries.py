@@ -9,7 +9,6 @@ name, looked up on PATH. An empty variable counts as unset.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Final, Literal
 
@@ -50,10 +49,16 @@ def config_path() -> Path:
 def _configured() -> dict[str, str]:
     path = config_path()
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except OSError as exc:
+        raise ConfigError("config", f"{path}: {exc}") from None
+    import tomllib  # here: most runs have no config file (tomllib is some 2 ms of a start-up)
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path}: {exc}") from None
     table = data.get("qemu", {})
     if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):

@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 _log = get_logger()
 
 PREFIX = "journal-"
+#: ``<run dir>/freeze-<id>.json``: a freeze by a controller that has not thawed yet
+#: (:mod:`blockctl._agent` writes them; named here so that a reader of the run dir can tell
+#: whether there is one without importing the guest agent's module).
+FREEZE_PREFIX = "freeze-"
 SUFFIX = ".json"
 VERSION = 1
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -172,12 +171,18 @@ async def run_bytes(
 
 
 def _child_setup(die_with_parent: bool, parent_pid: int) -> Callable[[], None]:
+    if die_with_parent:
+        # Imported and loaded here, in the parent: only such a spawn needs ctypes (a short
+        # command does not pay for it), and the child after fork only calls.
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
     def setup() -> None:
         # Sockets and logs QEMU creates are for its owner alone (the run dir is 0700 too).
         os.umask(0o077)
         if die_with_parent:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             # The parent may have died between fork and prctl: then nobody would kill us.
             if os.getppid() != parent_pid:
                 os._exit(1)

@@ -20,16 +20,19 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
 
 from blockctl import _log
 from blockctl._cli.output import human_size
-from blockctl._jobs import JobEnded, JobProgress, JobStatus, JobTransition
+from blockctl._qmp.models import JobStatus
 from blockctl._qmp.session import single_exception
 from blockctl.errors import BlockctlError, JobCancelled
+
+if TYPE_CHECKING:  # the job driver is imported by the commands that run jobs, not by all
+    from blockctl._jobs import JobEnded, JobProgress, JobTransition
 
 #: Exit status of a command stopped by Ctrl-C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130

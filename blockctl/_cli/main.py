@@ -2,7 +2,8 @@
 
 One class per subcommand (``name``, ``help``, ``configure()``, ``async run()``), in a module
 per domain (``vm``, ``drives``, ``chains``, ``jobs``, ``backup``, ``img``, ``agent``; what they
-share is in ``common``); here the parser is assembled from them, and one runner turns
+share is in ``common``); here the parser is assembled from them (a table names each command's
+module, imported only when needed: see :data:`COMMANDS`), and one runner turns
 a :class:`BlockctlError` into one clear line on stderr and its exit code (:class:`ExitCode`:
 the table in ``--help`` and the README). Every command takes ``--json``, ``-v`` and
 ``--log-json``, before or after its name.
@@ -12,6 +13,7 @@ This is the only place that configures logging or calls ``anyio.run``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -20,31 +22,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, NoReturn
 
-import anyio
-
 from blockctl import _log
-from blockctl._cli import interrupt
-from blockctl._cli.agent import AgentCommand
-from blockctl._cli.backup import BackupCommand, RecoverCommand, RestoreCommand
-from blockctl._cli.chains import Chain, CommitCommand, SnapshotCommand, StreamCommand
 from blockctl._cli.common import EXIT_CODES_HELP, Command, ExitCode, global_options
-from blockctl._cli.drives import (
-    ApplyCommand,
-    AttachDrive,
-    CacheCommand,
-    DetachDrive,
-    Drives,
-    MediaCommand,
-    ResizeCommand,
-    ThrottleCommand,
-)
-from blockctl._cli.fleet import Fleet
-from blockctl._cli.img import Img
-from blockctl._cli.jobs import Jobs
-from blockctl._cli.progress import close_all
-from blockctl._cli.vm import Demo, Down, Guest, Ls, Qmp, Resume, Status, Up
-from blockctl._log import get_logger
-from blockctl.errors import BlockctlError, ConfigError, Conflict, ProcessFailed
 
 
 def configure_logging(verbose: bool, log_json: bool = False) -> None:
@@ -79,35 +58,47 @@ def _configure_structlog(level: int, log_json: bool) -> None:
     )
 
 
-COMMANDS: tuple[type[Command], ...] = (
-    Up,
-    Ls,
-    Status,
-    Resume,
-    Qmp,
-    Down,
-    Drives,
-    AttachDrive,
-    DetachDrive,
-    MediaCommand,
-    CacheCommand,
-    ResizeCommand,
-    ThrottleCommand,
-    ApplyCommand,
-    Chain,
-    SnapshotCommand,
-    CommitCommand,
-    StreamCommand,
-    Jobs,
-    RecoverCommand,
-    BackupCommand,
-    RestoreCommand,
-    AgentCommand,
-    Img,
-    Guest,
-    Demo,
-    Fleet,
+#: Every command, in the order the help lists them: its name, and the module of
+#: ``blockctl._cli`` and the class that implement it. A command's module is imported when the
+#: command line names it (``main`` builds that command's parser alone), or when every parser is
+#: built (help, a usage error): a short command does not pay for the others' imports.
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("up", "vm", "Up"),
+    ("ls", "vm", "Ls"),
+    ("status", "vm", "Status"),
+    ("resume", "vm", "Resume"),
+    ("qmp", "vm", "Qmp"),
+    ("down", "vm", "Down"),
+    ("drives", "drives", "Drives"),
+    ("attach", "drives", "AttachDrive"),
+    ("detach", "drives", "DetachDrive"),
+    ("media", "drives", "MediaCommand"),
+    ("cache", "drives", "CacheCommand"),
+    ("resize", "drives", "ResizeCommand"),
+    ("throttle", "drives", "ThrottleCommand"),
+    ("apply", "drives", "ApplyCommand"),
+    ("chain", "chains", "Chain"),
+    ("snapshot", "chains", "SnapshotCommand"),
+    ("commit", "chains", "CommitCommand"),
+    ("stream", "chains", "StreamCommand"),
+    ("jobs", "jobs", "Jobs"),
+    ("recover", "backup", "RecoverCommand"),
+    ("backup", "backup", "BackupCommand"),
+    ("restore", "backup", "RestoreCommand"),
+    ("agent", "agent", "AgentCommand"),
+    ("img", "img", "Img"),
+    ("guest", "vm", "Guest"),
+    ("demo", "vm", "Demo"),
+    ("fleet", "fleet", "Fleet"),
 )
+
+
+def command_class(module: str, name: str) -> type[Command]:
+    """The class ``name`` of ``blockctl._cli.<module>`` (imported now)."""
+    cls = getattr(importlib.import_module(f"blockctl._cli.{module}"), name)
+    if not (isinstance(cls, type) and issubclass(cls, Command)):
+        raise TypeError(f"blockctl._cli.{module}.{name} is not a Command")
+    return cls
 
 
 class _Parser(argparse.ArgumentParser):
@@ -151,12 +142,13 @@ def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict
     parser.add_argument("--version", action=_Version, help="print blockctl's version and exit")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     commands: dict[str, Command] = {}
-    for cls in COMMANDS:
-        if only is not None and cls.name != only:
+    for name, module, class_name in COMMANDS:
+        if only is not None and name != only:
             continue
+        cls = command_class(module, class_name)
         command = cls()
         p = sub.add_parser(
-            cls.name,
+            name,
             help=cls.help,
             description=cls.help,
             parents=[global_options(parent=False)],
@@ -169,7 +161,7 @@ def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict
             "-name); it names snapshot overlays, backup points and its state directory",
         )
         command.configure(p)
-        commands[cls.name] = command
+        commands[name] = command
     return parser, commands
 
 
@@ -215,6 +207,8 @@ def _check_single_values(args: argparse.Namespace) -> None:
     """A positional argument that takes one value must hold one value. Python 3.11's argparse
     drops a literal ``--`` given as such a value and hands the command an empty list (found by
     the injection property test: ``attach VM -- '' --``)."""
+    from blockctl.errors import ConfigError
+
     for name, value in vars(args).items():
         if name in SINGLE_POSITIONALS and isinstance(value, list):
             raise ConfigError(
@@ -236,7 +230,7 @@ def _named_command(argv: Sequence[str]) -> str | None:
         if arg == "--version":
             return ""
         if arg not in ("--json", "-v", "--verbose", "--log-json"):
-            return arg if any(cls.name == arg for cls in COMMANDS) else None
+            return arg if any(name == arg for name, _, _ in COMMANDS) else None
     return None
 
 
@@ -260,6 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, commands: dict[str, Command]) -> int:
+    # Imported here: what parsing alone ends (`--version`, help, a usage error) needs none of
+    # them (anyio and the error tree are most of the cost of that import).
+    import anyio
+
+    from blockctl._cli import interrupt
+    from blockctl._cli.progress import close_all
+    from blockctl.errors import BlockctlError, Conflict, ProcessFailed
+
     configure_logging(args.verbose, args.log_json)
     started = time.monotonic()
     try:
@@ -298,7 +300,7 @@ def _run(args: argparse.Namespace, commands: dict[str, Command]) -> int:
         return interrupt.EXIT_INTERRUPTED
     finally:
         close_all()
-        get_logger().debug(
+        _log.get_logger().debug(
             "blockctl.cli.done",
             command=args.subcommand,
             seconds=round(time.monotonic() - started, 3),

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blockctl import _agent, _images, _journal, _lazy, _runtime
+from blockctl import _images, _journal, _lazy, _runtime
 from blockctl._cli.common import Command, emit
 from blockctl._machine import Timeouts, attach, launch_detached, shutdown_detached
 from blockctl._ops import drives
@@ -17,9 +16,11 @@ from blockctl.errors import ConfigError, VMError
 from blockctl.types import DeprecatedInput, Drive, ImageFormat, MachineConfig
 
 if TYPE_CHECKING:
-    from blockctl import _guest
+    from blockctl import _agent, _guest
 else:
-    # Imported when first used: `status`, `drives`, `ls` and `--version` do not need it.
+    # Imported when first used: `status`, `drives`, `ls` and `--version` do not need them
+    # (`status` reads the guest agent's freeze records only when there is one).
+    _agent = _lazy.module("blockctl._agent")
     _guest = _lazy.module("blockctl._guest")
 
 
@@ -43,6 +44,8 @@ def default_config(name: str, disk: Path, *, agent: bool = False) -> MachineConf
 
 
 def load_config(path: Path, name: str | None) -> MachineConfig:
+    import tomllib  # here: only `up --config` reads TOML (about 2 ms of a short command)
+
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -279,7 +282,8 @@ def operations_on_record(run_dir: Path | None) -> tuple[list[dict[str, Any]], in
             )
         else:
             interrupted += 1
-    for freeze in _agent.load_freeze_records(run_dir):
+    has_freeze = run_dir is not None and any(run_dir.glob(f"{_journal.FREEZE_PREFIX}*"))
+    for freeze in _agent.load_freeze_records(run_dir) if has_freeze else ():
         if isinstance(freeze, _agent.FreezeRecord) and _agent.writer_alive(freeze):
             running.append(
                 {

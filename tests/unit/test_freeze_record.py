@@ -213,3 +213,21 @@ def test_agent_thaw_removes_only_dead_writers_records(tmp_path: Path) -> None:
     )
     assert _agent.remove_dead_freeze_records(tmp_path) == [dead.stem]
     assert live.exists() and not dead.exists()
+
+
+# Section: `blockctl status` (which reads the records only when one is there)
+
+
+def test_status_counts_freeze_records_live_and_dead(tmp_path: Path) -> None:
+    from blockctl._cli.vm import operations_on_record
+
+    assert operations_on_record(tmp_path) == ([], 0)
+    assert operations_on_record(None) == ([], 0)
+    mine = _agent._write_freeze_record(tmp_path, "external snapshot", None)
+    assert mine is not None and mine.name.startswith("freeze-")
+    dead = tmp_path / "freeze-1-dead.json"
+    gone = record(path=dead, pid=2**22 + 1)  # above the largest pid Linux allows (2**22)
+    dead.write_text(json.dumps(gone.to_json()))
+    running, interrupted = operations_on_record(tmp_path)
+    assert interrupted == 1
+    assert [(r["kind"], r["pid"], r["id"]) for r in running] == [("freeze", os.getpid(), mine.stem)]

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: What a command that shows a VM or the version has no use for: structlog and its console
 #: renderer (rich), backups (and their repository code), chains, apply, recovery, the guest
-#: builder.
+#: builder, the job driver, the guest agent (``status`` reads its freeze records only when
+#: there is one), TOML (read only from a config file), the other commands' modules.
 HEAVY = (
     "structlog",
     "structlog.dev",
@@ -40,6 +41,31 @@ HEAVY = (
     "blockctl._ops.recovery",
     "blockctl._ops.vm_recovery",
     "blockctl._guest",
+    "blockctl._jobs",
+    "blockctl._agent",
+    "tomllib",
+    "blockctl._cli.backup",
+    "blockctl._cli.chains",
+    "blockctl._cli.jobs",
+    "blockctl._cli.agent",
+    "blockctl._cli.img",
+    "blockctl._cli.fleet",
+)
+
+#: What parsing alone needs none of: ``--version`` (and help, a usage error) imports no
+#: command module, no event loop, no library module but the package itself.
+NOT_FOR_PARSING = (
+    "anyio",
+    "asyncio",
+    "qemu.qmp",
+    "blockctl.errors",
+    "blockctl.types",
+    "blockctl._machine",
+    "blockctl._qmp.models",
+    "blockctl._cli.interrupt",
+    "blockctl._cli.vm",
+    "blockctl._cli.drives",
+    "importlib.metadata",
 )
 
 #: Runs ``blockctl ARGV`` (or, with no ARGV, only ``import blockctl._cli.main``), then prints
@@ -80,6 +106,7 @@ def test_the_cli_module_imports_nothing_heavy(tmp_path: Path) -> None:
     assert code == 0
     assert "blockctl._cli.main" in loaded
     assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
+    assert loaded.isdisjoint(NOT_FOR_PARSING), sorted(loaded & set(NOT_FOR_PARSING))
 
 
 def test_version_imports_nothing_heavy(tmp_path: Path) -> None:
@@ -88,6 +115,7 @@ def test_version_imports_nothing_heavy(tmp_path: Path) -> None:
     out, code, loaded = run("--version", runtime=tmp_path / "rt")
     assert (out, code) == (f"blockctl {version('blockctl')}\n", 0)
     assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
+    assert loaded.isdisjoint(NOT_FOR_PARSING), sorted(loaded & set(NOT_FOR_PARSING))
     out, code, _ = run("--version", "--json", runtime=tmp_path / "rt")
     assert (json.loads(out), code) == ({"version": version("blockctl")}, 0)
 
@@ -184,13 +212,38 @@ def test_a_command_parsed_alone_is_parsed_as_among_all() -> None:
 
     everything, _ = main.build_parser()
     every = main._subcommands(everything)
-    for cls in main.COMMANDS:
-        alone, commands = main.build_parser(only=cls.name)
-        assert list(commands) == [cls.name]
+    for name, _, _ in main.COMMANDS:
+        alone, commands = main.build_parser(only=name)
+        assert list(commands) == [name]
         assert alone.format_usage() == everything.format_usage()
-        sub, _ = main._subcommands(alone)[cls.name]
-        assert sub.format_help() == every[cls.name][0].format_help()
-        assert sub.format_usage() == every[cls.name][0].format_usage()
+        sub, _ = main._subcommands(alone)[name]
+        assert sub.format_help() == every[name][0].format_help()
+        assert sub.format_usage() == every[name][0].format_usage()
+
+
+def test_the_command_table_names_every_command_by_its_name() -> None:
+    """``main.COMMANDS`` names each command without importing its module: each entry's class
+    has that name, and every command class of the command modules is in the table once."""
+    from blockctl._cli import common, main
+
+    listed = set()
+    for name, module, class_name in main.COMMANDS:
+        cls = main.command_class(module, class_name)
+        assert cls.name == name
+        listed.add(cls)
+    assert len(listed) == len(main.COMMANDS)
+    defined = {
+        cls
+        for module in {module for _, module, _ in main.COMMANDS}
+        for cls in vars(importlib.import_module(f"blockctl._cli.{module}")).values()
+        if isinstance(cls, type)
+        and issubclass(cls, common.Command)
+        and cls is not common.Command
+        and "name" in vars(cls)
+    }
+    assert defined == listed
+    with pytest.raises(TypeError, match="is not a Command"):
+        main.command_class("common", "ExitCode")
 
 
 @pytest.mark.parametrize(
