@@ -61,6 +61,54 @@ class DriveSource:
     chain: tuple[ImageLayer, ...]
     block_device: bool = False
     overlay: Path | None = None
+    #: A vhost-user-blk drive: the socket its qemu-storage-daemon serves it on.
+    vhost_socket: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VhostPlan:
+    """The qemu-storage-daemon side of a vhost-user-blk drive: its nodes (bottom-up), its
+    export of the top one on ``socket``, and the chardev QEMU connects to it with."""
+
+    nodes: tuple[BlockdevOptions, ...]
+    export: Json
+    socket: Path
+    chardev_id: str
+
+    def chardev_option(self) -> str:
+        """QEMU's ``-chardev`` (a client socket: the daemon listens)."""
+        return f"socket,id={self.chardev_id},path={qemu_opt_escape(str(self.socket))}"
+
+    def chardev_add(self) -> Json:
+        """The same chardev as ``chardev-add`` arguments (hot-plug)."""
+        return {
+            "id": self.chardev_id,
+            "backend": {
+                "type": "socket",
+                "data": {
+                    "addr": {"type": "unix", "data": {"path": str(self.socket)}},
+                    "server": False,
+                },
+            },
+        }
+
+
+def daemon_argv(binary: str, plan: VhostPlan, *, qmp_fd: int, monitor: Path) -> list[str]:
+    """The qemu-storage-daemon command line for one vhost-user-blk drive: its nodes and
+    export as JSON (no user string parsed as options), QMP on the socketpair end ``qmp_fd``
+    (the launcher's) and on the listening socket ``monitor`` (other processes')."""
+    argv = [binary]
+    for node in plan.nodes:
+        argv += ["--blockdev", json.dumps(node)]
+    argv += ["--export", json.dumps(plan.export)]
+    argv += ["--chardev", f"socket,id=qmp0,fd={qmp_fd}", "--monitor", "chardev=qmp0"]
+    argv += [
+        "--chardev",
+        f"socket,id=qmp1,path={qemu_opt_escape(str(monitor))},server=on,wait=off",
+        "--monitor",
+        "chardev=qmp1",
+    ]
+    return argv
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +122,9 @@ class DrivePlan:
     device: Json
     #: ``secret`` objects the nodes name (an iSCSI CHAP password), made before them.
     objects: tuple[SecretObject, ...] = ()
+    #: A vhost-user-blk drive: what its qemu-storage-daemon serves (``nodes`` is then empty:
+    #: QEMU has none of the drive's nodes, only the device and its chardev).
+    vhost: VhostPlan | None = None
 
     def record_nodes(self) -> tuple[Json, ...]:
         """The nodes as the plain JSON a drive's record keeps."""
@@ -312,6 +363,8 @@ def plan_drive(
             nodes.append({"driver": "copy-on-read", "node-name": f"drv{i}-cor", "file": top})
             top = f"drv{i}-cor"
     device_id = f"disk{i}"
+    if drive.vhost_user_blk is not None:
+        return _vhost_plan(i, device_id, drive, source, top, nodes)
     return DrivePlan(
         index=i,
         device_id=device_id,
@@ -319,6 +372,42 @@ def plan_drive(
         nodes=tuple(nodes),
         device=_device(device_id, drive, top, machine, slot),
         objects=objects,
+    )
+
+
+def _vhost_plan(
+    i: int,
+    device_id: str,
+    drive: Drive,
+    source: DriveSource | None,
+    top: str | None,
+    nodes: Sequence[BlockdevOptions],
+) -> DrivePlan:
+    """The nodes built for the image go to the daemon; QEMU gets the device and a chardev."""
+    if source is None or source.vhost_socket is None or top is None:
+        raise ConfigError(f"drive[{i}].vhost_user_blk", "no daemon socket was planned")
+    export: Json = {
+        "type": "vhost-user-blk",
+        "id": f"drv{i}-export",
+        "node-name": top,
+        "addr": {"type": "unix", "path": str(source.vhost_socket)},
+        "writable": not drive.read_only,
+    }
+    vhost = VhostPlan(
+        nodes=tuple(nodes), export=export, socket=source.vhost_socket, chardev_id=f"drv{i}-vhost"
+    )
+    # The guest-visible write cache is the device's (config-wce), fixed at realize as for
+    # virtio-blk; direct and no-flush are the daemon's nodes' options.
+    device: Json = {
+        "driver": "vhost-user-blk-pci",
+        "id": device_id,
+        "chardev": vhost.chardev_id,
+        "config-wce": drive.cache.write_cache,
+    }
+    if drive.bootindex is not None:
+        device["bootindex"] = drive.bootindex
+    return DrivePlan(
+        index=i, device_id=device_id, top_node=None, nodes=(), device=device, vhost=vhost
     )
 
 
@@ -421,6 +510,9 @@ def boot_option(boot: BootConfig) -> str:
     return ",".join(parts)
 
 
+#: The id of the guest's RAM when it is shared memory (``MachineConfig.shared_memory``).
+SHARED_RAM_ID = "ram0"
+
 #: The virtio-serial port name qemu-ga looks for (and every management stack uses).
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 
@@ -509,6 +601,16 @@ def build_argv(
         "-display",
         "none",
     ]
+    if config.shared_memory:
+        # Guest RAM as a shared memfd: a vhost-user backend maps the guest's buffers itself.
+        argv[argv.index("-machine") + 1] += f",memory-backend={SHARED_RAM_ID}"
+        ram = {
+            "qom-type": "memory-backend-memfd",
+            "id": SHARED_RAM_ID,
+            "size": config.memory_mib << 20,
+            "share": True,
+        }
+        argv += ["-object", json.dumps(ram)]
     if config.deprecated_input is not DeprecatedInput.ACCEPT:
         argv += ["-compat", f"deprecated-input={config.deprecated_input.value}"]
     if accel is Accel.KVM:
@@ -559,6 +661,8 @@ def build_argv(
             argv += ["-object", json.dumps(secret)]
         for node in plan.nodes:
             argv += ["-blockdev", json.dumps(node)]
+        if plan.vhost is not None:
+            argv += ["-chardev", plan.vhost.chardev_option()]
         argv += ["-device", json.dumps(plan.device)]
     if agent_socket is not None:
         argv += agent_args(agent_socket)

@@ -1,9 +1,10 @@
 """Which QEMU programs blockctl runs: the one place that reads the environment for them.
 
 Each program is, in order: its own variable (``BLOCKCTL_QEMU_SYSTEM``, ``BLOCKCTL_QEMU_IMG``,
-``BLOCKCTL_QEMU_IO``, ``BLOCKCTL_QEMU_NBD``); else ``$BLOCKCTL_QEMU_PREFIX/bin/<program>``
-(a QEMU installed beside the system's, e.g. by ``scripts/install-qemu10``); else the program's
-name, looked up on PATH. An empty variable counts as unset.
+``BLOCKCTL_QEMU_IO``, ``BLOCKCTL_QEMU_NBD``, ``BLOCKCTL_QEMU_STORAGE_DAEMON``); else
+``$BLOCKCTL_QEMU_PREFIX/bin/<program>`` (a QEMU installed beside the system's, e.g. by
+``scripts/install-qemu10``); else the program's name, looked up on PATH.
+An empty variable counts as unset.
 """
 
 from __future__ import annotations
@@ -14,14 +15,21 @@ from typing import Final, Literal
 
 from blockctl.errors import ConfigError
 
-Program = Literal["qemu-system-x86_64", "qemu-img", "qemu-io", "qemu-nbd"]
+Program = Literal["qemu-system-x86_64", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon"]
 
-PROGRAMS: Final[tuple[Program, ...]] = ("qemu-system-x86_64", "qemu-img", "qemu-io", "qemu-nbd")
+PROGRAMS: Final[tuple[Program, ...]] = (
+    "qemu-system-x86_64",
+    "qemu-img",
+    "qemu-io",
+    "qemu-nbd",
+    "qemu-storage-daemon",
+)
 ENV_VARS: Final[dict[Program, str]] = {
     "qemu-system-x86_64": "BLOCKCTL_QEMU_SYSTEM",
     "qemu-img": "BLOCKCTL_QEMU_IMG",
     "qemu-io": "BLOCKCTL_QEMU_IO",
     "qemu-nbd": "BLOCKCTL_QEMU_NBD",
+    "qemu-storage-daemon": "BLOCKCTL_QEMU_STORAGE_DAEMON",
 }
 PREFIX_VAR: Final = "BLOCKCTL_QEMU_PREFIX"
 _PACKAGES: Final[dict[Program, str]] = {
@@ -29,6 +37,7 @@ _PACKAGES: Final[dict[Program, str]] = {
     "qemu-img": "qemu-utils",
     "qemu-io": "qemu-utils",
     "qemu-nbd": "qemu-utils",
+    "qemu-storage-daemon": "qemu-system-common",
 }
 
 
@@ -114,3 +123,7 @@ def qemu_io() -> str:
 
 def qemu_nbd() -> str:
     return binary("qemu-nbd")
+
+
+def qemu_storage_daemon() -> str:
+    return binary("qemu-storage-daemon")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -31,7 +32,16 @@ from typing import IO, Any
 import anyio
 from anyio.abc import SocketStream
 
-from blockctl import _binaries, _fsutil, _images, _journal, _monitors, _proc, _runtime
+from blockctl import (
+    _binaries,
+    _fsutil,
+    _images,
+    _journal,
+    _monitors,
+    _proc,
+    _runtime,
+    _storage_daemon,
+)
 from blockctl._accel import AccelChoice, choose_accel
 from blockctl._argv import (
     ConsoleFd,
@@ -51,6 +61,7 @@ from blockctl.errors import (
     BlockctlError,
     ConfigError,
     ConnectionLost,
+    InStorageDaemon,
     LaunchFailed,
     MissingComponent,
     QMPConnectFailed,
@@ -216,6 +227,23 @@ class VM:
         """Any QMP command, untyped (the CLI's ``blockctl qmp``)."""
         return await wire.raw_command(self.session, name, arguments)
 
+    def refuse_daemon_disks(self, operation: str, devices: Iterable[str] | None) -> None:
+        """Refuse ``operation`` on a vhost-user-blk disk (its nodes live in its
+        qemu-storage-daemon, not in QEMU): on one of ``devices``, or, when ``devices`` is None
+        (every disk), on any such disk of the VM; acting on QEMU's nodes alone would leave it
+        out without saying so."""
+        records = self.registry.drives
+        named = list(records) if devices is None else list(devices)
+        for device_id in named:
+            record = records.get(device_id)
+            if record is not None and record.daemon is not None:
+                raise InStorageDaemon(
+                    operation,
+                    device_id,
+                    daemon_pid=record.daemon.get("pid"),
+                    monitor=record.daemon.get("monitor"),
+                )
+
     def other_clients(self) -> list[_monitors.Holder]:
         """The other blockctl clients attached to this VM's pool now (pid, command)."""
         return _monitors.holders(self.pool, besides=self.monitor)
@@ -236,8 +264,11 @@ class LaunchedVM(VM):
         console: GuestConsole | None,
         plans: tuple[DrivePlan, ...],
         pool: tuple[Path, ...] = (),
+        daemons: _storage_daemon.StorageDaemons | None = None,
     ) -> None:
         super().__init__(session, name=name, pid=process.pid, run_dir=run_dir, pool=pool)
+        #: The qemu-storage-daemons of its vhost-user-blk drives (children of this process).
+        self.daemons = daemons or _storage_daemon.StorageDaemons(run_dir)
         self.process = process
         self.run_dir: Path = run_dir
         self.argv = argv
@@ -294,7 +325,18 @@ async def preflight(config: MachineConfig) -> tuple[str, dict[int, DriveSource]]
             check_nbd(drive, f"drive[{i}].nbd")
         elif drive.iscsi is not None:
             check_iscsi(drive, f"drive[{i}].iscsi")
+        elif drive.vhost_user_blk is not None:
+            sources[i] = await inspect_drive(
+                vhost_image(drive), f"drive[{i}].vhost_user_blk.file", roots=config.image_roots
+            )
     return binary, sources
+
+
+def vhost_image(drive: Drive) -> Drive:
+    """The image a vhost-user-blk drive's daemon opens, as a plain file drive (for the
+    inspection every image from outside goes through)."""
+    assert drive.vhost_user_blk is not None
+    return Drive(file=drive.vhost_user_blk.file, format=drive.format, read_only=drive.read_only)
 
 
 def check_iscsi(drive: Drive, where: str) -> None:
@@ -385,8 +427,46 @@ async def _started_qemu(
     ``monitors``: the size of its pool of QMP monitors for other processes.
 
     While the block runs, a watcher marks the session lost the moment QEMU exits. When the
-    block exits the session is closed; stopping QEMU is the caller's job.
+    block exits the session is closed; stopping QEMU is the caller's job. The
+    qemu-storage-daemons of vhost-user-blk drives start before QEMU and are stopped and
+    reaped when QEMU exits, or at the latest when the block exits.
     """
+    vhost = [i for i, d in enumerate(config.drives) if d.vhost_user_blk is not None]
+    if detached and vhost:
+        raise ConfigError(
+            f"drive[{vhost[0]}].vhost_user_blk",
+            "a VM that outlives its launcher cannot have vhost-user-blk disks yet (their "
+            "qemu-storage-daemons are children of the launching process and die with it): "
+            "launch it with the library's open_vm, or attach the image as a plain file",
+        )
+    async with (
+        _storage_daemon.daemons_of(run_dir) as daemons,
+        _qemu_with_daemons(
+            config,
+            run_dir=run_dir,
+            label=label,
+            detached=detached,
+            console=console,
+            timeouts=timeouts,
+            monitors=monitors,
+            daemons=daemons,
+        ) as vm,
+    ):
+        yield vm
+
+
+@contextlib.asynccontextmanager
+async def _qemu_with_daemons(
+    config: MachineConfig,
+    *,
+    run_dir: Path,
+    label: str,
+    detached: bool,
+    console: bool,
+    timeouts: Timeouts,
+    monitors: int,
+    daemons: _storage_daemon.StorageDaemons,
+) -> AsyncIterator[LaunchedVM]:
     binary, sources = await preflight(config)
     accel = choose_accel(config.accel)
     _log.info("blockctl.launch.accel", vm=label, accel=accel.accel.value, reason=accel.reason)
@@ -404,11 +484,21 @@ async def _started_qemu(
             sources[i] = DriveSource(
                 chain=src.chain, block_device=src.block_device, overlay=overlay
             )
+    for i, drive in enumerate(config.drives):
+        if drive.vhost_user_blk is not None:
+            socket_path = _storage_daemon.vhost_socket(run_dir, i)
+            sources[i] = dataclasses.replace(sources[i], vhost_socket=socket_path)
     plans = plan_drives(config, sources)
     registry = DriveRegistry.load(run_dir)
-    for plan in plans:
+    for plan, drive in zip(plans, config.drives, strict=True):
+        daemon = None
+        if plan.vhost is not None:
+            # Before QEMU: its chardev connects to the daemon's socket at start-up.
+            started = await daemons.start(plan)
+            assert drive.vhost_user_blk is not None and drive.format is not None
+            daemon = started.record(Path(drive.vhost_user_blk.file).absolute(), drive.format.value)
         registry.drives[plan.device_id] = DriveRecord(
-            device_id=plan.device_id, device=plan.device, nodes=plan.record_nodes()
+            device_id=plan.device_id, device=plan.device, nodes=plan.record_nodes(), daemon=daemon
         )
     registry.save()
     monitor = run_dir / "qmp.sock"
@@ -486,6 +576,8 @@ async def _started_qemu(
 
                     async def watch_exit() -> None:
                         session.mark_lost(describe_exit(await process.wait()))
+                        # Its storage daemons die with it, whoever ended QEMU.
+                        await daemons.stop_all()
 
                     tg.start_soon(watch_exit)
                     try:
@@ -504,6 +596,7 @@ async def _started_qemu(
                             console=None if stream is None else GuestConsole(stream, label),
                             plans=plans,
                             pool=pool,
+                            daemons=daemons,
                         )
                     finally:
                         tg.cancel_scope.cancel()

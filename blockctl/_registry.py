@@ -32,6 +32,10 @@ class DriveRecord:
     device: Json
     nodes: tuple[Json, ...] = ()
     pending_unplug: bool = False
+    #: A vhost-user-blk drive's qemu-storage-daemon (``nodes`` is then empty: QEMU has none):
+    #: ``pid``, ``pid_start``, ``monitor`` (its QMP socket), ``socket`` (the vhost-user one),
+    #: ``chardev`` (QEMU's chardev id), ``file``, ``format``, ``nodes`` (the daemon's).
+    daemon: Json | None = None
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -48,6 +52,7 @@ class DriveRecord:
             "device": self.device,
             "nodes": list(self.nodes),
             "pending_unplug": self.pending_unplug,
+            **({} if self.daemon is None else {"daemon": self.daemon}),
         }
 
     @classmethod
@@ -57,6 +62,7 @@ class DriveRecord:
             device=dict(data["device"]),
             nodes=tuple(dict(n) for n in data.get("nodes", ())),
             pending_unplug=bool(data.get("pending_unplug", False)),
+            daemon=None if data.get("daemon") is None else dict(data["daemon"]),
         )
 
 

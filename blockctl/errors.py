@@ -9,6 +9,8 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      ├── MissingComponent       a binary or the test guest is not installed (what, hint)
      ├── ProcessFailed          a helper process (qemu-img, apt-get, ...) exited non-zero
      ├── LaunchFailed           qemu-system refused to start or died during start-up
+ ├── StorageDaemonFailed    a drive's qemu-storage-daemon refused to start or to stop
+ ├── InStorageDaemon        refused: the disk's nodes live in a qemu-storage-daemon, not QEMU
      ├── VMError                something about a named VM in the runtime directory
      │    ├── VMNotFound
      │    └── VMExists
@@ -97,6 +99,8 @@ __all__ = [
     "JobStoppedOnError",
     "SnapshotLoadFailed",
     "LaunchFailed",
+    "StorageDaemonFailed",
+    "InStorageDaemon",
     "MissingComponent",
     "NodeNotFound",
     "OperationTimeout",
@@ -252,6 +256,49 @@ class LaunchFailed(BlockctlError):
             parts.append("  QEMU said:\n" + _tail(stderr))
         parts.append(f"  command: {list(self.argv)}")
         super().__init__("\n".join(parts))
+
+
+class StorageDaemonFailed(BlockctlError):
+    """The qemu-storage-daemon serving a vhost-user-blk drive did not come up (or would not
+    stop). Carries its command line, exit code and what it printed."""
+
+    def __init__(
+        self, device_id: str, reason: str, *, argv: Sequence[str], exitcode: int | None, log: str
+    ) -> None:
+        self.device_id = device_id
+        self.reason = reason
+        self.argv = tuple(argv)
+        self.exitcode = exitcode
+        self.log = log
+        parts = [f"the qemu-storage-daemon of {device_id} failed: {reason}"]
+        if exitcode is not None:
+            parts.append(f"  exit code: {exitcode}")
+        if log.strip():
+            parts.append("  it said:\n" + _tail(log))
+        parts.append(f"  command: {list(self.argv)}")
+        super().__init__("\n".join(parts))
+
+
+class InStorageDaemon(BlockctlError):
+    """Refused: ``device_id`` is a vhost-user-blk disk whose image and nodes live in a
+    qemu-storage-daemon (``daemon_pid``, QMP on ``monitor``), not in QEMU, and blockctl does
+    not route ``operation`` to the daemon's QMP. Acting on QEMU would act on no node, or on
+    the wrong one."""
+
+    def __init__(
+        self, operation: str, device_id: str, *, daemon_pid: int | None, monitor: str | None
+    ) -> None:
+        self.operation = operation
+        self.device_id = device_id
+        self.daemon_pid = daemon_pid
+        self.monitor = monitor
+        super().__init__(
+            f"{operation}: {device_id} is a vhost-user-blk disk; its image is served by a "
+            f"qemu-storage-daemon (pid {daemon_pid}, QMP {monitor}), not by QEMU, and blockctl "
+            f"does not route {operation} to the daemon yet. Ways out: leave {device_id} out "
+            "(name the other disks), run the block commands on the daemon's QMP socket "
+            "yourself, or detach the disk and attach its image as a plain file"
+        )
 
 
 class VMError(BlockctlError):

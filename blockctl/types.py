@@ -46,6 +46,7 @@ __all__ = [
     "Media",
     "NbdSource",
     "NfsSource",
+    "VhostUserBlkSource",
 ]
 
 
@@ -233,6 +234,10 @@ def drive_paths_relative_to(base: Path, item: Mapping[str, Any], where: str) -> 
             if isinstance(iscsi.get(key), str):
                 iscsi[key] = relative_to(base, iscsi[key], f"{where}.iscsi.{key}")
         values["iscsi"] = iscsi
+    for key in ("vhost-user-blk", "vhost_user_blk"):
+        vhost = values.get(key)
+        if isinstance(vhost, Mapping) and isinstance(vhost.get("file"), str):
+            values[key] = {**vhost, "file": relative_to(base, vhost["file"], f"{where}.{key}.file")}
     return values
 
 
@@ -609,6 +614,39 @@ class NfsSource:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class VhostUserBlkSource:
+    """A local image served to the guest by a ``qemu-storage-daemon`` of its own, over a
+    vhost-user-blk socket (``-device vhost-user-blk-pci``): the guest's I/O goes to the daemon
+    through shared guest memory, not through QEMU's block layer.
+
+    blockctl starts one daemon per such drive before QEMU (or on hot-plug) and stops and reaps
+    it with the VM (or on unplug). The image's nodes live in the daemon, not in QEMU: QEMU's
+    ``query-block`` does not list the disk, and block operations would have to go to the
+    daemon's own QMP monitor (blockctl refuses them for now, naming the daemon).
+
+    Attributes:
+        file: the image (a local file or block device); its format is the drive's ``format``.
+    """
+
+    file: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "file", _check_path(self.file, "vhost_user_blk.file"))
+
+    @classmethod
+    def from_mapping(cls, data: object, where: str) -> VhostUserBlkSource:
+        """From a TOML table; errors name ``where``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(where, 'use a table: vhost-user-blk = { file = "disk.qcow2" }')
+        try:
+            return _from_mapping(cls, data, "vhost_user_blk", aliases={})
+        except ConfigError as exc:
+            if exc.field.startswith("vhost_user_blk"):
+                raise ConfigError(where + exc.field[len("vhost_user_blk") :], exc.message) from None
+            raise
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Drive:
     """One drive, with the options of QEMU's ``-drive``, launched as ``-blockdev`` nodes.
 
@@ -642,6 +680,9 @@ class Drive:
     nbd: NbdSource | None = None
     iscsi: IscsiSource | None = None
     nfs: NfsSource | None = None
+    #: The image is served by a qemu-storage-daemon over vhost-user-blk (TOML
+    #: ``vhost-user-blk = { file = "..." }``); the VM's guest RAM must be shared memory.
+    vhost_user_blk: VhostUserBlkSource | None = None
     #: SCSI LUN passthrough: the guest gets the LUN itself (``scsi-block``: SCSI commands go
     #: to the target, the guest sees its vendor, VPD pages, ...), not an emulated disk.
     passthrough: bool = False
@@ -720,6 +761,8 @@ class Drive:
                 raise ConfigError(f"{where}.nfs", "give one of file, nbd, iscsi or nfs")
             if self.snapshot:
                 raise ConfigError(f"{where}.snapshot", "no throwaway overlay over NFS")
+        if self.vhost_user_blk is not None:
+            self._validate_vhost(where)
         if self.passthrough:
             if self.iscsi is None:
                 raise ConfigError(
@@ -743,7 +786,13 @@ class Drive:
                     f"{where}.passthrough",
                     "SCSI commands bypass the block layer: no copy_on_read or detect_zeroes",
                 )
-        if self.file is None and self.nbd is None and self.iscsi is None and self.nfs is None:
+        if (
+            self.file is None
+            and self.nbd is None
+            and self.iscsi is None
+            and self.nfs is None
+            and self.vhost_user_blk is None
+        ):
             if self.media is not Media.CDROM:
                 raise ConfigError(
                     f"{where}.file", "a disk needs an image file; only a cdrom may start empty"
@@ -790,6 +839,35 @@ class Drive:
             )
         if self.detect_zeroes is DetectZeroes.UNMAP and self.discard is not Discard.UNMAP:
             raise ConfigError(f"{where}.detect_zeroes", "'unmap' needs discard = 'unmap'")
+
+    def _validate_vhost(self, where: str) -> None:
+        """A vhost-user-blk disk: a virtio disk whose device (vhost-user-blk-pci) has none of
+        the block-backend options of QEMU's other disks."""
+        key = f"{where}.vhost_user_blk"
+        if not isinstance(self.vhost_user_blk, VhostUserBlkSource):
+            object.__setattr__(
+                self, "vhost_user_blk", VhostUserBlkSource.from_mapping(self.vhost_user_blk, key)
+            )
+        if any(s is not None for s in (self.file, self.nbd, self.iscsi, self.nfs)):
+            raise ConfigError(key, "give one of file, nbd, iscsi, nfs or vhost_user_blk")
+        if self.interface is not Interface.VIRTIO or self.media is not Media.DISK:
+            raise ConfigError(key, "a vhost-user-blk drive is a virtio disk (if = 'virtio')")
+        refused = {
+            "snapshot": (self.snapshot, "no throwaway overlay: the image lives in the daemon"),
+            "copy_on_read": (self.copy_on_read, "no copy-on-read filter in the daemon (yet)"),
+            "serial": (
+                self.serial is not None,
+                "vhost-user-blk-pci has no serial property (the daemon answers the guest's "
+                "serial request itself)",
+            ),
+            "rerror": (
+                self.rerror is not None or self.werror is not None,
+                "vhost-user-blk-pci takes no rerror/werror: errors are the daemon's",
+            ),
+        }
+        for name, (given, why) in refused.items():
+            if given:
+                raise ConfigError(f"{where}.{name}", why)
 
     @property
     def remote_url(self) -> str | None:
@@ -876,6 +954,10 @@ class MachineConfig:
     # takes no hot-plugged device, so each hot-plugged PCI device (a virtio disk, a virtio-scsi
     # controller) needs a free port. None: 8 on q35, 0 elsewhere ('pc' hot-plugs on pci.0).
     hotplug_slots: int | None = None
+    # Guest RAM as a shared memfd (TOML: shared-memory), which vhost-user devices need: the
+    # storage daemon reads and writes the guest's buffers itself. None: on when a drive is
+    # vhost-user-blk, off otherwise; true lets vhost-user-blk disks be hot-plugged later.
+    shared_memory: bool | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -944,6 +1026,17 @@ class MachineConfig:
             if not isinstance(drive, Drive):
                 raise ConfigError(f"drive[{i}]", "expected a Drive")
         _check_placement(self.drives, self.machine)
+        vhost = [i for i, d in enumerate(self.drives) if d.vhost_user_blk is not None]
+        if self.shared_memory is None:
+            put(self, "shared_memory", bool(vhost))
+        elif not isinstance(self.shared_memory, bool):
+            raise ConfigError("shared_memory", f"{self.shared_memory!r}: true or false")
+        elif vhost and not self.shared_memory:
+            raise ConfigError(
+                f"drive[{vhost[0]}].vhost_user_blk",
+                "a vhost-user-blk disk needs the guest's RAM as shared memory: drop "
+                "shared-memory = false",
+            )
         bootindexes = [d.bootindex for d in self.drives if d.bootindex is not None]
         if len(bootindexes) != len(set(bootindexes)):
             raise ConfigError("drive.bootindex", "two drives have the same bootindex")

@@ -388,6 +388,7 @@ async def backup(
         rate=control.speed, on_error=control.on_error.value, pause_timeout=control.pause_timeout
     )
     quiesce = options.quiesce
+    vm.refuse_daemon_disks("backup", devices)
     require_agent(vm, quiesce)
     check_name(vm.identity, "VM")
     await vm.require(

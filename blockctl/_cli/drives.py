@@ -56,13 +56,18 @@ def drive_row(info: DriveInfo) -> list[object]:
     if info.io_error:
         flags.append(f"IO-ERROR({info.io_status})")
     chain = " ← ".join(f"{n.node_name}({n.driver})" for n in info.chain)
+    vhost = info.vhost_user
+    if vhost is not None:
+        # Its nodes are the daemon's, not QEMU's: say where they are instead.
+        state = "running" if vhost.daemon_running else "NOT RUNNING"
+        chain = f"in qemu-storage-daemon pid {vhost.daemon_pid} ({state}), socket {vhost.socket}"
     return [
         info.device_id,
         info.device_driver or "?",
-        info.format or "?",
+        (vhost.format if vhost is not None else info.format) or "?",
         None if info.size is None else human_size(info.size),
         " ".join(flags),
-        info.file,
+        vhost.file if vhost is not None else info.file,
         chain,
     ]
 

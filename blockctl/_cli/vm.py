@@ -176,6 +176,7 @@ class Status(Command):
                         "no_flush": cache.no_flush,
                     },
                     "io_status": info.io_status,
+                    "vhost_user": None if info.vhost_user is None else info.vhost_user.to_json(),
                 }
             )
         failed = [i.device_id for i in infos if i.io_error]

@@ -118,6 +118,7 @@ async def external_snapshot(
     the images hold clean filesystems (see :func:`blockctl._agent.quiesced`).
     """
     _check_tag(tag)
+    vm.refuse_daemon_disks("snapshot", devices)
     require_agent(vm, quiesce)
     await vm.require("transaction", "blockdev-snapshot", "blockdev-add")
     await recovery.settle(vm)
@@ -470,6 +471,7 @@ async def commit(
     :raise JobNeverReady: an active commit could not catch up with the guest's writes under
     ``control.speed`` within the deadline; raise the speed limit (``set_speed``) or drop it.
     """
+    vm.refuse_daemon_disks("commit", [device])
     await vm.require("block-commit", "blockdev-reopen", "job-dismiss")
     policy = error_policy(control.on_error)
     speed, hooks = control.speed, control.hooks
@@ -596,6 +598,7 @@ async def stream(
     """Copy the data of the layers above ``base`` (default: all of them) into the active layer,
     which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted.
     ``control`` as for :func:`commit` (default deadline 600 s)."""
+    vm.refuse_daemon_disks("stream", [device])
     await vm.require("block-stream", "job-dismiss")
     policy = error_policy(control.on_error)
     speed, hooks = control.speed, control.hooks
@@ -894,6 +897,7 @@ async def save_internal(
     error policy (:class:`~blockctl.errors.ConfigError` if one is given). The same for
     :func:`load_internal` and :func:`delete_internal`.
     """
+    vm.refuse_daemon_disks("internal snapshot", devices)
     require_agent(vm, quiesce)
     async with quiesced(
         vm, quiesce, operation="internal snapshot", freeze_deadline=freeze_deadline

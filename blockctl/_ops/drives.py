@@ -29,10 +29,11 @@ from typing import Any, cast
 
 import anyio
 
+from blockctl import _proc, _storage_daemon
 from blockctl._argv import DrivePlan, DriveSource, plan_drive
 from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
-from blockctl._machine import VM, check_iscsi, check_nbd, inspect_drive
+from blockctl._machine import VM, LaunchedVM, check_iscsi, check_nbd, inspect_drive, vhost_image
 from blockctl._ops import conflicts
 from blockctl._ops.nodes import delete_nodes
 from blockctl._qmp import wire
@@ -75,6 +76,32 @@ class UnplugResult:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class VhostUserInfo:
+    """The qemu-storage-daemon serving a vhost-user-blk disk, as its record and the host's
+    process table have it (its QMP monitor is not asked: blockctl does not route to it yet)."""
+
+    socket: str
+    chardev: str
+    daemon_pid: int | None
+    #: The recorded process still runs (the same pid and start time).
+    daemon_running: bool
+    monitor: str | None
+    file: str | None
+    format: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "socket": self.socket,
+            "chardev": self.chardev,
+            "daemon_pid": self.daemon_pid,
+            "daemon_running": self.daemon_running,
+            "monitor": self.monitor,
+            "file": self.file,
+            "format": self.format,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DriveInfo:
     """One drive of a VM as QEMU reports it, with what blockctl knows about it."""
 
@@ -100,6 +127,9 @@ class DriveInfo:
     #: ``nospace`` on the drive whose failed request paused the VM (rerror/werror ``stop``
     #: or ``enospc``). None for a device QEMU tracks no I/O status for.
     io_status: str | None = None
+    #: A vhost-user-blk disk: its qemu-storage-daemon (QEMU has none of its nodes, so
+    #: ``chain`` is empty and ``top_node`` None: the image lives in the daemon).
+    vhost_user: VhostUserInfo | None = None
 
     @property
     def io_error(self) -> bool:
@@ -161,6 +191,7 @@ class DriveInfo:
             ],
             "pending_unplug": self.pending_unplug,
             "io_status": self.io_status,
+            "vhost_user": None if self.vhost_user is None else self.vhost_user.to_json(),
         }
 
 
@@ -178,7 +209,8 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
     devices = await vm.block_devices()
     details = await wire.query_named_block_node_details(vm.session)
     nodes = {d.node.node_name: d.node for d in details}
-    vm.registry.reconcile((d.device_id or "" for d in devices), nodes, known)
+    vhost = await _vhost_devices(vm, known)
+    vm.registry.reconcile([*(d.device_id or "" for d in devices), *vhost], nodes, known)
     graph = BlockGraph.from_qmp(details, devices, vm.registry.backing_hints())
     drives = []
     for dev in devices:
@@ -200,9 +232,54 @@ async def list_drives(vm: VM) -> tuple[DriveInfo, ...]:
                 io_status=dev.io_status,
             )
         )
+    for device_id, chardev in vhost.items():
+        record = vm.registry.drives.get(device_id)
+        if record is None or record.daemon is None:
+            continue
+        daemon = record.daemon
+        pid = daemon.get("pid")
+        drives.append(
+            DriveInfo(
+                device_id=device_id,
+                device_driver=VHOST_USER_BLK_DEVICE,
+                removable=False,
+                tray_open=None,
+                top_node=None,
+                chain=(),
+                pending_unplug=record.pending_unplug,
+                io_limits=None,
+                device_cache=None,
+                vhost_user=VhostUserInfo(
+                    socket=str(daemon.get("socket")),
+                    chardev=chardev,
+                    daemon_pid=pid,
+                    daemon_running=_proc.process_alive(pid, daemon.get("pid_start")),
+                    monitor=daemon.get("monitor"),
+                    file=daemon.get("file"),
+                    format=daemon.get("format"),
+                ),
+            )
+        )
     # Devices whose unplug is pending but that QEMU no longer lists under query-block do not
     # exist: reconcile() above already dropped them.
     return tuple(drives)
+
+
+#: QEMU's device for a vhost-user-blk disk.
+VHOST_USER_BLK_DEVICE = "vhost-user-blk-pci"
+
+
+async def _vhost_devices(vm: VM, records: Mapping[str, DriveRecord]) -> dict[str, str]:
+    """The vhost-user-blk devices QEMU has (QOM; ``query-block`` does not list them) among
+    the drives blockctl recorded with a daemon: device id → the id of its chardev."""
+    if not any(r.daemon is not None for r in records.values()):
+        return {}
+    found = {}
+    peripherals = await wire.qom_children(vm.session, "/machine/peripheral")
+    for device_id, kind in peripherals.items():
+        if kind == VHOST_USER_BLK_DEVICE and device_id in records:
+            found[device_id] = str(await vm.qom_get(f"/machine/peripheral/{device_id}", "chardev"))
+    return found
 
 
 def _filename(graph: BlockGraph, nodes: Mapping[str, BlockNode], name: str) -> str | None:
@@ -246,7 +323,7 @@ async def _next_index(vm: VM) -> int:
 
 #: Slots on the root bus of a 'pc' machine (i440FX): QEMU places hot-plugged PCI devices there.
 PCI_ROOT_SLOTS = 32
-_PCI_HOTPLUGGED = ("virtio-blk-pci", "virtio-scsi-pci")
+_PCI_HOTPLUGGED = ("virtio-blk-pci", "virtio-scsi-pci", "vhost-user-blk-pci")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -368,6 +445,9 @@ async def check_hotplug(
         raise ConfigError("drive.snapshot", "a throwaway overlay is only made at launch")
     if any(v is not None for v in (drive.bus, drive.unit, drive.index)):
         raise ConfigError("drive.unit", "hot-plugged drives are placed by QEMU")
+    if drive.vhost_user_blk is not None:
+        await _check_vhost_hotplug(vm)
+        return await inspect_drive(vhost_image(drive), "vhost_user_blk.file", roots=image_roots)
     if drive.file is not None or drive.remote_url is not None:
         await _refuse_if_in_use(vm, drive)
     source = None if drive.file is None else await inspect_drive(drive, "file", roots=image_roots)
@@ -376,6 +456,62 @@ async def check_hotplug(
     if drive.iscsi is not None:
         check_iscsi(drive, "iscsi")
     return source
+
+
+async def _check_vhost_hotplug(vm: VM) -> LaunchedVM:
+    """A vhost-user-blk disk is hot-plugged by the process that launched the VM (its daemon
+    is that process's child, part of the VM's lifecycle) into a VM whose RAM is shared."""
+    if not isinstance(vm, LaunchedVM):
+        raise ConfigError(
+            "vhost_user_blk",
+            f"{vm.name}: a vhost-user-blk disk is hot-plugged by the process that launched the "
+            "VM (its qemu-storage-daemon lives and dies with that process); this one attached "
+            "to it. Use the launcher's VM object (open_vm), or attach the image as a plain file",
+        )
+    try:
+        backend = str(await vm.qom_get("/machine", "memory-backend"))
+        shared = bool(backend) and await vm.qom_get(backend, "share") is True
+    except CommandFailed:
+        shared = False
+    if not shared:
+        raise ConfigError(
+            "shared_memory",
+            f"{vm.name}: its guest RAM is not shared memory, and a vhost-user-blk disk needs it "
+            "(the qemu-storage-daemon reads and writes the guest's buffers itself); QEMU cannot "
+            "change that while the VM runs. Relaunch the VM with shared-memory = true "
+            "(MachineConfig(shared_memory=True)), or attach the image as a plain file",
+        )
+    return vm
+
+
+async def _hotplug_vhost(vm: VM, drive: Drive, source: DriveSource | None) -> DriveInfo:
+    """Start the drive's daemon, then ``chardev-add`` and ``device_add``; a failure at any
+    step undoes the others (shielded): no daemon, chardev or device is left."""
+    launched = await _check_vhost_hotplug(vm)
+    assert source is not None and drive.vhost_user_blk is not None and drive.format is not None
+    index = await _next_index(vm)
+    source = replace(source, vhost_socket=_storage_daemon.vhost_socket(launched.run_dir, index))
+    plan = plan_drive(index, drive, source, "pc", None)
+    assert plan.vhost is not None
+    daemon = await launched.daemons.start(plan)
+    chardev = False
+    try:
+        await wire.chardev_add(vm.session, plan.vhost.chardev_add())
+        chardev = True
+        await _device_add_placed(vm, plan.device)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            if chardev:
+                with contextlib.suppress(BlockctlError):
+                    await wire.chardev_remove(vm.session, plan.vhost.chardev_id)
+            await launched.daemons.stop(plan.device_id)
+        raise
+    record = daemon.record(Path(drive.vhost_user_blk.file).absolute(), drive.format.value)
+    vm.registry.put(
+        DriveRecord(device_id=plan.device_id, device=plan.device, nodes=(), daemon=record)
+    )
+    _log.info("blockctl.drive.plugged", vm=vm.name, device=plan.device_id, daemon=daemon.pid)
+    return await drive_info(vm, plan.device_id)
 
 
 async def hotplug(
@@ -398,6 +534,10 @@ async def hotplug(
     and to its rollback like the others.
     """
     source = await check_hotplug(vm, drive, image_roots=image_roots)
+    if drive.vhost_user_blk is not None:
+        if backing:
+            raise ConfigError("backing", "a vhost-user-blk disk's nodes live in its daemon")
+        return await _hotplug_vhost(vm, drive, source)
     index = await _next_index(vm)
     machine = str(await vm.qom_get("/machine", "type"))
     plan = plan_drive(index, drive, source, machine, None)
@@ -566,7 +706,28 @@ async def unplug(vm: VM, device_id: str, *, timeout: float = 10.0) -> UnplugResu
     return await _delete_nodes(vm, vm.registry.drives.get(device_id, record))
 
 
+async def _stop_daemon(vm: VM, record: DriveRecord) -> None:
+    """The unplugged vhost-user-blk disk's chardev is removed and its daemon stopped: by
+    this process if it is the daemon's parent (reaped here), else by its recorded pid and
+    start time (a pid reused since is left alone)."""
+    assert record.daemon is not None
+    chardev = str(record.daemon.get("chardev"))
+    if chardev in await wire.query_chardev_labels(vm.session):
+        await wire.chardev_remove(vm.session, chardev)
+    if isinstance(vm, LaunchedVM) and record.device_id in vm.daemons.running:
+        await vm.daemons.stop(record.device_id)
+    else:
+        pid = record.daemon.get("pid")
+        if isinstance(pid, int):
+            await _proc.stop_recorded(
+                pid, record.daemon.get("pid_start"), grace=_storage_daemon.STOP_TIMEOUT
+            )
+    _log.info("blockctl.drive.daemon_stopped", vm=vm.name, device=record.device_id)
+
+
 async def _delete_nodes(vm: VM, record: DriveRecord) -> UnplugResult:
+    if record.daemon is not None:
+        await _stop_daemon(vm, record)
     live = {n.node_name for n in await vm.block_nodes()}
     deleted = []
     for name in record.node_names:  # top-down
@@ -691,6 +852,7 @@ async def set_cache(vm: VM, device_id: str, mode: CacheMode) -> DriveInfo:
     with the ways out: choose a mode with the same write cache, re-plug the drive with the new
     mode, or let the guest switch it (``/sys/block/vdX/cache_type``).
     """
+    vm.refuse_daemon_disks("cache", [device_id])
     record = await check_cache(vm, device_id, mode)
     await vm.require("blockdev-reopen")
     new_cache = {"direct": mode.direct, "no-flush": mode.no_flush}
@@ -704,6 +866,7 @@ async def set_cache(vm: VM, device_id: str, mode: CacheMode) -> DriveInfo:
 
 async def check_cache(vm: VM, device_id: str, mode: CacheMode) -> DriveRecord:
     """Everything :func:`set_cache` checks before it changes anything; the drive's record."""
+    vm.refuse_daemon_disks("cache", [device_id])
     device, record = await _find(vm, device_id)
     if device is None or device.inserted is None:
         raise DriveNotFound(device_id, f"the VM has no drive {device_id!r} with a medium")
@@ -729,6 +892,7 @@ async def check_cache(vm: VM, device_id: str, mode: CacheMode) -> DriveRecord:
 
 async def resize(vm: VM, device_id: str, size: int, *, allow_shrink: bool = False) -> DriveInfo:
     """Grow (or, with ``allow_shrink``, shrink) a live drive's image to ``size`` bytes."""
+    vm.refuse_daemon_disks("resize", [device_id])
     info = await drive_info(vm, device_id)
     if size <= 0 or size % 512:
         raise ConfigError("size", f"{size} is not a positive multiple of 512 bytes")
@@ -749,6 +913,7 @@ async def set_throttle(
     vm: VM, device_id: str, limits: Mapping[str, int], *, group: str | None = None
 ) -> DriveInfo:
     """Set I/O limits (bytes/s and operations/s; 0 = unlimited). Unnamed limits become 0."""
+    vm.refuse_daemon_disks("throttle", [device_id])
     unknown = set(limits) - set(_THROTTLE_KEYS)
     if unknown:
         raise ConfigError("throttle", f"unknown limits {sorted(unknown)}; use {_THROTTLE_KEYS}")

@@ -149,6 +149,19 @@ async def device_add(session: QMPSession, options: Mapping[str, Any]) -> None:
     await session.execute("device_add", dict(options))
 
 
+async def chardev_add(session: QMPSession, options: Mapping[str, Any]) -> None:
+    await session.execute("chardev-add", dict(options))
+
+
+async def query_chardev_labels(session: QMPSession) -> set[str]:
+    """The ids of the chardevs QEMU has."""
+    return {str(c["label"]) for c in await session.execute("query-chardev")}
+
+
+async def chardev_remove(session: QMPSession, chardev_id: str) -> None:
+    await session.execute("chardev-remove", {"id": chardev_id})
+
+
 async def device_del(session: QMPSession, device_id: str) -> None:
     await session.execute("device_del", {"id": device_id})
 

@@ -43,6 +43,8 @@ MIB = 1 << 20
 @pytest.fixture(scope="session")
 def guest() -> GuestImage:
     for program in _binaries.PROGRAMS:
+        if program == "qemu-storage-daemon":
+            continue  # only for vhost-user-blk disks: their tests ask for it themselves
         if shutil.which(qemu_binary(program)) is None:
             missing(f"{qemu_binary(program)} ({_binaries.install_hint(program)})")
     try:
@@ -70,8 +72,11 @@ def pids_under(directory: Path, program: Callable[[bytes], bool]) -> list[int]:
 
 
 def qemu_pids_under(directory: Path) -> list[int]:
-    """QEMU processes whose command line mentions ``directory`` (their run dir lives there)."""
-    return pids_under(directory, lambda cmdline: b"qemu-system" in cmdline)
+    """QEMU processes (and qemu-storage-daemons) whose command line mentions ``directory``
+    (their run dir lives there)."""
+    return pids_under(
+        directory, lambda cmdline: b"qemu-system" in cmdline or b"qemu-storage-daemon" in cmdline
+    )
 
 
 def running(pid: int) -> bool:
@@ -330,12 +335,25 @@ def _qemu_facts(block: Any, nodes: Any, jobs: Any, status: Any) -> dict[str, Any
 
 
 async def _raw_facts(vm: VM) -> dict[str, Any]:
-    return _qemu_facts(
+    facts = _qemu_facts(
         await vm.command("query-block"),
         await vm.command("query-named-block-nodes", {"flat": True}),
         await vm.command("query-jobs"),
         await vm.command("query-status"),
     )
+    # vhost-user-blk disks: QEMU has the device and its chardev (QOM), query-block nothing.
+    children: Any = await vm.command("qom-list", {"path": "/machine/peripheral"})
+    for child in children:
+        if child["type"] == "child<vhost-user-blk-pci>":
+            path = f"/machine/peripheral/{child['name']}"
+            chardev = await vm.command("qom-get", {"path": path, "property": "chardev"})
+            facts["devices"][child["name"]] = {
+                "tray_open": None,
+                "io_status": None,
+                "inserted": None,
+                "vhost_chardev": chardev,
+            }
+    return facts
 
 
 async def _blockctl_views(vm: VM, cli: bool) -> dict[str, Any]:
@@ -388,6 +406,11 @@ def _compare(raw: dict[str, Any], views: dict[str, Any]) -> list[str]:
             same(f"{where}: io_status", d["io_status"], dev["io_status"])
             ins = dev["inserted"]
             same(f"{where}: node", d["node"], None if ins is None else ins["node"])
+            same(
+                f"{where}: vhost-user chardev",
+                (d.get("vhost_user") or {}).get("chardev"),
+                dev.get("vhost_chardev"),
+            )
             if ins is None:
                 continue
             same(f"{where}: file", d["file"], _image_file(ins["file"]))

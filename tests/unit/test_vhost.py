@@ -1,0 +1,125 @@
+"""vhost-user-blk drives, pure logic: the typed source, its validation, QEMU's and the
+storage daemon's command lines (the live behaviour: tests/integration/test_storage_vhost.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from blockctl._argv import DriveSource, daemon_argv, plan_drives
+from blockctl.errors import ConfigError, InStorageDaemon
+from blockctl.types import (
+    CacheMode,
+    Drive,
+    ImageFormat,
+    Interface,
+    MachineConfig,
+    VhostUserBlkSource,
+)
+from tests.unit.test_argv import argv_for, blockdevs, devices, layer, option_values
+
+
+def vhost(**kwargs: object) -> Drive:
+    return Drive(vhost_user_blk={"file": "/img/d.qcow2"}, format="qcow2", **kwargs)  # type: ignore[arg-type]
+
+
+def test_toml_table_relative_to_the_file() -> None:
+    config = MachineConfig.from_mapping(
+        {"drive": [{"format": "raw", "vhost-user-blk": {"file": "d.raw"}}]}, base=Path("/cfg")
+    )
+    (drive,) = config.drives
+    assert drive.vhost_user_blk == VhostUserBlkSource(file=Path("/cfg/d.raw"))
+    assert config.shared_memory is True  # on because a drive needs it
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"serial": "x"}, "drive.serial"),
+        ({"rerror": "stop"}, "drive.rerror"),
+        ({"snapshot": True}, "drive.snapshot"),
+        ({"copy_on_read": True}, "drive.copy_on_read"),
+        ({"interface": Interface.SCSI}, "drive.vhost_user_blk"),
+        ({"file": "/img/other.raw"}, "drive.vhost_user_blk"),
+    ],
+)
+def test_refused_combinations(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        vhost(**kwargs)
+    assert caught.value.field == field
+
+
+def test_bad_tables() -> None:
+    with pytest.raises(ConfigError, match="use a table"):
+        Drive.from_mapping({"format": "raw", "vhost-user-blk": "/x"}, "drive[0]")
+    with pytest.raises(ConfigError) as caught:
+        Drive.from_mapping({"format": "raw", "vhost-user-blk": {"file": "nbd:x"}}, "drive[0]")
+    assert caught.value.field == "drive[0].vhost_user_blk.file"
+    with pytest.raises(ConfigError, match="format is mandatory"):
+        Drive(vhost_user_blk=VhostUserBlkSource(file=Path("/d")))
+
+
+def test_shared_memory_default_and_conflict() -> None:
+    assert MachineConfig().shared_memory is False
+    assert MachineConfig(shared_memory=True).shared_memory is True
+    with pytest.raises(ConfigError, match="shared memory"):
+        MachineConfig(drives=(vhost(),), shared_memory=False)
+
+
+def test_qemu_gets_device_chardev_and_shared_ram_the_daemon_the_nodes() -> None:
+    config = MachineConfig(drives=(vhost(cache=CacheMode.DIRECTSYNC, bootindex=1),))
+    sock = Path("/run/x/drv0-vhost.sock")
+    source = DriveSource(chain=(layer("/img/d.qcow2"),), vhost_socket=sock)
+    argv = argv_for(config, {0: source})
+    assert blockdevs(argv) == []  # QEMU has none of its nodes
+    assert devices(argv) == [
+        {
+            "driver": "vhost-user-blk-pci",
+            "id": "disk0",
+            "chardev": "drv0-vhost",
+            "config-wce": False,
+            "bootindex": 1,
+        }
+    ]
+    assert f"socket,id=drv0-vhost,path={sock}" in option_values(argv, "-chardev")
+    assert option_values(argv, "-machine") == ["pc,memory-backend=ram0"]
+    ram = [json.loads(v) for v in option_values(argv, "-object")]
+    assert ram == [
+        {"qom-type": "memory-backend-memfd", "id": "ram0", "size": 256 << 20, "share": True}
+    ]
+    (plan,) = plan_drives(config, {0: source})
+    assert plan.vhost is not None and plan.nodes == ()
+    qsd = daemon_argv("qsd", plan.vhost, qmp_fd=7, monitor=Path("/run/x/disk0-qsd.sock"))
+    nodes = [json.loads(v) for v in option_values(qsd, "--blockdev")]
+    assert [(n["driver"], n["node-name"]) for n in nodes] == [
+        ("file", "drv0-file"),
+        ("qcow2", "drv0"),
+    ]
+    assert all(n["cache"] == {"direct": True, "no-flush": False} for n in nodes)
+    assert [json.loads(v) for v in option_values(qsd, "--export")] == [
+        {
+            "type": "vhost-user-blk",
+            "id": "drv0-export",
+            "node-name": "drv0",
+            "addr": {"type": "unix", "path": str(sock)},
+            "writable": True,
+        }
+    ]
+    assert option_values(qsd, "--chardev")[0] == "socket,id=qmp0,fd=7"
+
+
+def test_no_shared_ram_without_a_need() -> None:
+    config = MachineConfig(drives=(Drive(file=Path("/img/a.raw"), format=ImageFormat.RAW),))
+    argv = argv_for(config, {0: DriveSource(chain=(layer("/img/a.raw", ImageFormat.RAW),))})
+    assert option_values(argv, "-machine") == ["pc"]
+    assert option_values(argv, "-object") == []
+
+
+def test_refusal_names_disk_daemon_and_ways_out() -> None:
+    error = InStorageDaemon("resize", "disk3", daemon_pid=42, monitor="/run/x/disk3-qsd.sock")
+    text = str(error)
+    for part in ("resize", "disk3", "qemu-storage-daemon", "pid 42", "/run/x/disk3-qsd.sock"):
+        assert part in text
+    assert "Ways out" in text
