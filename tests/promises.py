@@ -602,6 +602,22 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="backup-request-once",
+        section="Backups",
+        quote="Another call with the same ID first recovers what an earlier attempt left (as "
+        "`blockctl recover`), then returns the point that attempt recorded, if its manifest was "
+        "written, instead of taking a second one",
+        tests=(I + "test_repository.py::test_a_retried_request_returns_the_point_it_recorded",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="                if manifest.request_id == request_id:\n",
+                replace="                if False:\n",
+                what="a retried request takes a second point",
+            ),
+        ),
+    ),
+    Promise(
         id="backup-manifest-atomic",
         section="Backups",
         quote="the manifest is written last, atomically. A point without a manifest is not a "

@@ -59,6 +59,7 @@ from blockctl._backup.store import (
     Manifest,
     Repository,
     check_name,
+    check_request_id,
     new_point_id,
     start_writeback,
 )
@@ -360,6 +361,7 @@ async def backup(
     devices: Sequence[str] | None = None,
     options: BackupOptions = DEFAULT_OPTIONS,
     control: JobControl = DEFAULT_CONTROL,
+    request_id: str | None = None,
     _failpoint: Failpoint = _no_failpoint,
     _fail_after_chunks: int | None = None,
 ) -> Manifest:
@@ -377,6 +379,11 @@ async def backup(
     While it copies, any process can list, pause, resume, re-speed or cancel it
     (:mod:`blockctl._backup.control`).
 
+    ``request_id``: the caller's id of this request, recorded in the point's manifest. A
+    retry with the same id (its first attempt's controller killed, or its answer lost) first
+    recovers what the attempt left (as :func:`recover`), then returns the point that attempt
+    recorded, if it got that far, instead of taking a second one.
+
     ``_failpoint``/``_fail_after_chunks``: fault injection for blockctl's own tests."""
     if kind not in ("full", "incremental"):
         raise ConfigError("kind", f"{kind!r}: full or incremental")
@@ -391,6 +398,8 @@ async def backup(
     vm.refuse_daemon_disks("backup", devices)
     require_agent(vm, quiesce)
     check_name(vm.identity, "VM")
+    if request_id is not None:
+        check_request_id(request_id)
     await vm.require(
         "blockdev-backup",
         "blockdev-create",
@@ -404,6 +413,19 @@ async def backup(
     libnbd()  # before anything is changed
     with repo.lock(exclusive=False), _vm_lock(repo, vm):
         recovered, graph = await _recover(vm, repo)
+        if request_id is not None:
+            # Under the VM's lock and after recovery: the point an earlier attempt recorded
+            # is complete and its checkpoints settled, or there is none.
+            for manifest in reversed(repo.manifests(vm.name)):
+                if manifest.request_id == request_id:
+                    _log.warning(
+                        "blockctl.backup.already_recorded",
+                        vm=vm.name,
+                        id=manifest.id,
+                        request_id=request_id,
+                        recovered=recovered,
+                    )
+                    return manifest
         return await _backup(
             vm,
             repo,
@@ -420,6 +442,7 @@ async def backup(
             recovered,
             graph,
             copy_control,
+            request_id,
         )
 
 
@@ -439,6 +462,7 @@ async def _backup(
     recovered: list[str],
     graph: BlockGraph | None,
     control: CopyControl,
+    request_id: str | None,
 ) -> Manifest:
     if graph is None:
         graph = await read_graph(vm)
@@ -659,6 +683,7 @@ async def _backup(
             fallback_reason=None if full_asked or not reasons else "; ".join(reasons),
             consistency="filesystem" if points and points[0].consistent else "crash",
             frozen_filesystems=points[0].frozen if points else 0,
+            request_id=request_id,
         )
         with _step(repo, "writing the manifest"):
             repo.write_manifest(manifest)

@@ -95,6 +95,19 @@ def check_point_id(value: object) -> str:
     return value
 
 
+#: A request id: printable ASCII without spaces (Temporal's workflow and activity ids fit).
+_REQUEST_ID = re.compile(r"[!-~]{1,2048}")
+
+
+def check_request_id(value: object, where: str | None = None) -> str:
+    """A backup's request id; from a manifest (``where``): BackupCorrupt, else ConfigError."""
+    if isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+        return value
+    if where is not None:
+        raise BackupCorrupt(f"{where}: malformed request id")
+    raise ConfigError("request_id", f"{value!r}: 1-2048 printable ASCII characters, no spaces")
+
+
 def new_point_id() -> str:
     """Sortable by time to the microsecond, unique: ``20261127T223700.123456-1a2b``."""
     now = time.time_ns() // 1000
@@ -341,6 +354,9 @@ class Manifest:
     fallback_reason: str | None = None  # why an incremental was taken as a full backup
     consistency: str = "crash"  # "filesystem" when the guest was frozen at the point
     frozen_filesystems: int = 0
+    # The caller's id of the request that took this point (a fleet activity's workflow and
+    # activity): a retry of that request finds this point instead of taking a second one.
+    request_id: str | None = None
 
     @property
     def bytes_read(self) -> int:
@@ -367,6 +383,9 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["disks"] = [asdict(d) for d in self.disks]
+        if data["request_id"] is None:
+            # Written only when set: a point taken without one is as before it existed.
+            del data["request_id"]
         return {"format": VERSION, **data}
 
     @classmethod
@@ -387,6 +406,8 @@ class Manifest:
             _check_types(disk, _DISK_TYPES, f"{where}: disk")
         check_point_id(manifest.id)
         check_name(manifest.vm, "VM")
+        if manifest.request_id is not None:
+            check_request_id(manifest.request_id, where)
         if manifest.parent is not None:
             check_point_id(manifest.parent)
         if manifest.kind not in ("full", "incremental"):
@@ -418,6 +439,7 @@ _MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
     "fallback_reason": (str, type(None)),
     "consistency": str,
     "frozen_filesystems": int,
+    "request_id": (str, type(None)),
 }
 _DISK_TYPES: dict[str, type | tuple[type, ...]] = {
     "device": str,

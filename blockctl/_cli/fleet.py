@@ -27,6 +27,16 @@ def _require_temporalio() -> None:
         ) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1.0 <= value <= 86400.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, 1 to 86400")
+    return value
+
+
 class Fleet(Command):
     name = "fleet"
     help = "blockctl on Temporal: a worker per host, fleet backups over an inventory"
@@ -55,6 +65,15 @@ class Fleet(Command):
         )
         p.add_argument("inventory", type=Path, help="a TOML inventory: [hosts.NAME] vms = [...]")
         p.add_argument("--workflow-id", help="the workflow's id (default: fleet-backup-<uuid>)")
+        from blockctl._fleet.inventory import DEFAULT_HEARTBEAT_TIMEOUT
+
+        p.add_argument(
+            "--heartbeat-timeout",
+            type=_seconds,
+            default=DEFAULT_HEARTBEAT_TIMEOUT,
+            metavar="SECONDS",
+            help="a worker silent this long is taken as lost and its backups retried (default 30)",
+        )
         self._server_options(p)
 
     @staticmethod
@@ -93,9 +112,11 @@ class Fleet(Command):
         return ExitCode.OK
 
     async def _backup(self, args: argparse.Namespace) -> int:
+        from dataclasses import replace
+
         from blockctl._fleet.inventory import load_inventory
 
-        request = load_inventory(args.inventory)
+        request = replace(load_inventory(args.inventory), heartbeat_timeout=args.heartbeat_timeout)
         _require_temporalio()
         from blockctl._fleet.worker import fleet_backup
 

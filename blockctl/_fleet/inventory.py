@@ -66,9 +66,15 @@ class VMBackupResult:
     error: str | None = None
 
 
+#: How long a backup activity may go without a heartbeat before Temporal takes its worker
+#: as gone and retries it (the activity heartbeats every quarter of this, and with progress).
+DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class FleetBackupRequest:
     backups: list[VMBackup]
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT  # seconds
 
 
 @dataclass(frozen=True, slots=True)

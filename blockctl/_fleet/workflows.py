@@ -23,11 +23,16 @@ with workflow.unsafe.imports_passed_through():
 #: The backup activity's name (blockctl._fleet.activities.BACKUP_VM: not imported here, the
 #: sandbox would re-import the library behind it).
 BACKUP_VM = "blockctl.backup"
-#: One attempt: a retried backup would start a second one (re-adopting the running job by a
-#: deterministic id is the next slice).
-ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
-#: A worker that stops heartbeating (it heartbeats with the copy's progress) is taken as gone.
-HEARTBEAT_TIMEOUT = timedelta(minutes=5)
+#: A backup is retried when its worker is lost (no heartbeat within the request's heartbeat
+#: timeout: killed, its host down) or the VM's backup lock is still held by an attempt taken
+#: for lost; the activity marks every other error final. A retry is safe: the activity's
+#: request id makes it return the point an earlier attempt recorded (activities.py).
+RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=5,
+)
 BACKUP_TIMEOUT = timedelta(hours=1)  # as blockctl's own default deadline for a backup
 
 
@@ -38,10 +43,11 @@ class FleetBackup:
 
     @workflow.run
     async def run(self, request: FleetBackupRequest) -> FleetBackupResult:
-        results = await asyncio.gather(*(self._backup(b) for b in request.backups))
+        heartbeat = timedelta(seconds=request.heartbeat_timeout)
+        results = await asyncio.gather(*(self._backup(b, heartbeat) for b in request.backups))
         return FleetBackupResult(list(results))
 
-    async def _backup(self, request: VMBackup) -> VMBackupResult:
+    async def _backup(self, request: VMBackup, heartbeat: timedelta) -> VMBackupResult:
         try:
             result: VMBackupResult = await workflow.execute_activity(
                 BACKUP_VM,
@@ -50,8 +56,8 @@ class FleetBackup:
                 task_queue=task_queue(request.host),
                 activity_id=f"backup/{request.host}/{request.vm}",
                 start_to_close_timeout=BACKUP_TIMEOUT,
-                heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                retry_policy=ONE_ATTEMPT,
+                heartbeat_timeout=heartbeat,
+                retry_policy=RETRY,
             )
         except ActivityError as exc:
             cause = exc.cause if exc.cause is not None else exc

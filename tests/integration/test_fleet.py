@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -27,7 +28,7 @@ from anyio.abc import Process
 
 from blockctl import GuestImage, backup
 from tests.conftest import missing
-from tests.integration.conftest import MIB, pattern, qcow2_image, qemu_pids_under
+from tests.integration.conftest import MIB, pattern, qcow2_image, qemu_pids_under, running
 
 pytestmark = pytest.mark.guest
 
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HOSTS = {"hv1": ["web", "db"], "hv2": ["mail", "dns"]}
 #: A deadline for the server and a worker to come up (a wait, not an assertion on time).
 START_DEADLINE = 120.0
+#: A deadline for a fleet backup run (a wait, not an assertion on time).
+BACKUP_DEADLINE = 600.0
 
 
 def temporal_cli() -> str:
@@ -117,13 +120,21 @@ async def blockctl(runtime: Path, *args: str | Path) -> str:
 
 
 @contextlib.asynccontextmanager
-async def worker(host: str, runtime: Path, address: str, log: Path) -> AsyncIterator[Process]:
+async def worker(
+    host: str, runtime: Path, address: str, log: Path, fault: tuple[str, str, str] | None = None
+) -> AsyncIterator[Process]:
     """``blockctl fleet worker --host HOST`` as a process of its own, once it polls; stopped
-    by PID (SIGINT: it stops polling and exits) when the block ends."""
-    argv = [sys.executable, "-m", "blockctl", "fleet", "worker", "--host", host,
-            "--runtime-dir", str(runtime), "--address", address, "--json"]  # fmt: skip
+    by PID (SIGINT: it stops polling and exits) when the block ends, unless it died in it.
+    ``fault``: (VM, STEP, ACTION) of tests/integration/fleet_worker_child.py."""
+    argv = ["fleet", "worker", "--host", host, "--runtime-dir", str(runtime), "--address",
+            address, "--json"]  # fmt: skip
+    if fault is None:
+        argv = [sys.executable, "-m", "blockctl", *argv]
+    else:
+        argv = [sys.executable, "-m", "tests.integration.fleet_worker_child", *fault, *argv]
     with open(log, "wb") as err:
-        process = await anyio.open_process(argv, env=cli_env(runtime), stderr=err)
+        process = await anyio.open_process(argv, env=cli_env(runtime), stderr=err, cwd=ROOT)
+    died = False
     try:
         assert process.stdout is not None
         line = b""
@@ -138,6 +149,7 @@ async def worker(host: str, runtime: Path, address: str, log: Path) -> AsyncIter
         }, log.read_text()
         yield process
     finally:
+        died = process.returncode is not None
         stop(process, signal.SIGINT)
         with anyio.move_on_after(START_DEADLINE):  # its stop, bounded
             await process.wait()
@@ -148,7 +160,86 @@ async def worker(host: str, runtime: Path, address: str, log: Path) -> AsyncIter
         await process.aclose()
     # Ctrl-C: it stopped polling and left, with the interrupted status (it once hung in the
     # event loop's close, its shutdown cut short by anyio's cancellation).
-    assert stopped == 130, (stopped, log.read_text())
+    assert died or stopped == 130, (stopped, log.read_text())
+
+
+async def killed(process: Process, log: Path) -> None:
+    """Wait for a worker to SIGKILL itself at its fault (bounded: the step is reached)."""
+    with anyio.fail_after(START_DEADLINE):
+        await process.wait()
+    assert process.returncode == -signal.SIGKILL, (process.returncode, log.read_text())
+
+
+@contextlib.asynccontextmanager
+async def fleet_backup_running(
+    runtime: Path, inventory: Path, address: str, out: Path
+) -> AsyncIterator[Process]:
+    """``blockctl fleet backup INVENTORY --json`` started in the background (a worker lost
+    for 5 s is retried); its output goes to ``out``. Stopped by PID if the block fails."""
+    argv = [sys.executable, "-m", "blockctl", "fleet", "backup", str(inventory), "--address",
+            address, "--heartbeat-timeout", "5", "--json"]  # fmt: skip
+    with open(out, "wb") as stdout:
+        process = await anyio.open_process(
+            argv, env=cli_env(runtime), stdout=stdout, stderr=subprocess.STDOUT
+        )
+    try:
+        yield process
+    finally:
+        stop(process)
+        with anyio.move_on_after(START_DEADLINE):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.aclose()
+
+
+async def fleet_result(process: Process, out: Path, code: int = 0) -> dict[str, dict[str, Any]]:
+    """The background fleet backup's results by VM, once it ends with ``code``."""
+    with anyio.fail_after(BACKUP_DEADLINE):
+        await process.wait()
+    text = out.read_text()
+    assert process.returncode == code, text
+    return {r["vm"]: r for r in json.loads(text.splitlines()[-1])["results"]}
+
+
+async def up_vms(runtime: Path, tmp_path: Path, names: list[str]) -> dict[str, Path]:
+    """Firmware-idle VMs (no kernel: the firmware finds nothing to boot and idles; it never
+    writes), each with one 4 MiB qcow2 disk of its own pattern; their disks by name."""
+    disks = {}
+    for seed, vm in enumerate(names, start=1):
+        disk = await qcow2_image(tmp_path / f"{vm}.qcow2", pattern(seed, MIB), 4 * MIB)
+        disks[vm] = disk
+        config = tmp_path / f"{vm}.toml"
+        config.write_text(
+            f'name = "{vm}"\nmemory = 64\n[[drive]]\nfile = "{disk}"\nformat = "qcow2"\n'
+        )
+        await blockctl(runtime, "up", config)
+    return disks
+
+
+async def down_vms(runtime: Path, names: list[str]) -> list[int]:
+    """Stop the VMs (by name; then any QEMU left under ``runtime``, by PID): those PIDs."""
+    for vm in names:
+        with contextlib.suppress(AssertionError):
+            await blockctl(runtime, "down", vm)
+    leaked = qemu_pids_under(runtime)
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(runtime, ignore_errors=True)
+    return leaked
+
+
+async def restores_to(repo_path: Path, vm: str, point: str, disk: Path, tmp_path: Path) -> None:
+    """The point restores to an image ``qemu-img compare`` finds equal to ``disk``."""
+    repo = backup.open_repository(repo_path)
+    (point_disk,) = repo.get(vm, point).disks
+    restored = tmp_path / f"{vm}-{point}.restored.qcow2"
+    await backup.restore(repo, vm, point, point_disk.device, restored)
+    compare = await anyio.run_process(
+        ["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", disk, restored], check=False
+    )
+    assert compare.returncode == 0, (vm, point, compare.stdout.decode())
 
 
 async def test_fleet_backup_of_two_hosts(
@@ -237,4 +328,113 @@ async def test_fleet_backup_of_two_hosts(
             os.kill(pid, signal.SIGKILL)
         for r in runtimes.values():
             shutil.rmtree(r, ignore_errors=True)
+    assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+async def test_a_killed_worker_is_retried_into_exactly_one_point(
+    guest: GuestImage, temporal_server: str, tmp_path: Path
+) -> None:
+    """kill -9 of the worker during the copy (its fleecing job, nodes, NBD export live in
+    QEMU), then after the manifest (the point durable, the activity not yet answered): the
+    restarted worker's retry recovers what the dead one left and ends with exactly one point,
+    restorable and equal to the disk; a point already recorded is returned, not taken again."""
+    address = temporal_server
+    repo_path = tmp_path / "repo"
+    backup.init_repository(repo_path)
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text('repository = "repo"\n[hosts.hv1]\nvms = ["web", "db"]\n')
+    runtime = Path(tempfile.mkdtemp(prefix="bct-hv1-", dir="/tmp"))
+    names = ["web", "db"]
+    try:
+        disks = await up_vms(runtime, tmp_path, names)
+        points: dict[str, list[str]] = {vm: [] for vm in names}
+        for run, step in enumerate(["copy", "after-manifest"], start=1):
+            out = tmp_path / f"run{run}.json"
+            dead_log, log = tmp_path / f"run{run}-dead.log", tmp_path / f"run{run}-worker.log"
+            async with fleet_backup_running(runtime, inventory, address, out) as fleet:
+                async with worker("hv1", runtime, address, dead_log, ("web", step, "kill")) as w:
+                    await killed(w, dead_log)
+                async with worker("hv1", runtime, address, log):
+                    results = await fleet_result(fleet, out)
+            for vm in names:
+                result = results[vm]
+                assert result["error"] is None, result
+                assert result["kind"] == ("full" if run == 1 else "incremental"), result
+                points[vm].append(result["point"])
+                # Exactly one new point per VM in this run: the retried activity's.
+                assert backup.open_repository(repo_path).point_ids(vm) == points[vm]
+                await restores_to(repo_path, vm, result["point"], disks[vm], tmp_path)
+            manifest = backup.open_repository(repo_path).get("web", points["web"][-1])
+            assert manifest.request_id is not None
+            assert manifest.request_id.endswith("/backup/hv1/web"), manifest.request_id
+            retry_log = log.read_text()
+            if step == "copy":
+                # The dead worker's fleecing job, export and nodes were found and removed.
+                assert "the fleecing job" in retry_log, retry_log
+                assert "removed the leftover NBD export" in retry_log, retry_log
+                assert "deleted the leftover fleecing node" in retry_log, retry_log
+            else:
+                # Killed after writing the manifest: the retry returned that point.
+                assert "blockctl.backup.already_recorded" in retry_log, retry_log
+                assert manifest.kind == "incremental" and manifest.parent == points["web"][0]
+    finally:
+        leaked = await down_vms(runtime, names)
+    assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+async def test_a_killed_qemu_fails_its_vm_alone_and_its_next_backup_is_a_recorded_full(
+    guest: GuestImage, temporal_server: str, tmp_path: Path
+) -> None:
+    """kill -9 of one VM's QEMU while its backup's fleecing job runs: that VM's failure is
+    recorded, the other VM's incremental is taken; started again, the VM's next fleet backup
+    is a full with the reason recorded (its checkpoint bitmap died with QEMU)."""
+    address = temporal_server
+    repo_path = tmp_path / "repo"
+    backup.init_repository(repo_path)
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text('repository = "repo"\n[hosts.hv1]\nvms = ["web", "db"]\n')
+    only_web = tmp_path / "web.fleet.toml"
+    only_web.write_text('repository = "repo"\n[hosts.hv1]\nvms = ["web"]\n')
+    runtime = Path(tempfile.mkdtemp(prefix="bct-hv1-", dir="/tmp"))
+    names = ["web", "db"]
+    held = tmp_path / "held"
+    try:
+        disks = await up_vms(runtime, tmp_path, names)
+        async with (
+            worker("hv1", runtime, address, tmp_path / "worker1.log"),
+            fleet_backup_running(runtime, inventory, address, tmp_path / "1") as f,
+        ):
+            first = await fleet_result(f, tmp_path / "1")
+        assert {first[vm]["kind"] for vm in names} == {"full"}, first
+        hold = ("web", "after-transaction", f"hold:{held}")
+        async with worker("hv1", runtime, address, tmp_path / "worker2.log", hold):
+            async with fleet_backup_running(runtime, inventory, address, tmp_path / "2") as f:
+                with anyio.fail_after(BACKUP_DEADLINE):
+                    while not held.exists():  # noqa: ASYNC110 - web's backup holds: a file, no event
+                        await anyio.sleep(0.1)
+                (qemu,) = qemu_pids_under(disks["web"])
+                os.kill(qemu, signal.SIGKILL)
+                with anyio.fail_after(START_DEADLINE):
+                    while running(qemu):  # noqa: ASYNC110 - not our child: no exit event
+                        await anyio.sleep(0.1)
+                held.unlink()
+                second = await fleet_result(f, tmp_path / "2", code=1)
+            assert second["web"]["point"] is None and second["web"]["error"], second
+            assert second["db"]["error"] is None and second["db"]["kind"] == "incremental"
+            await blockctl(runtime, "up", tmp_path / "web.toml")
+            # The same worker (its hold was once): web's next run, once it runs again.
+            async with fleet_backup_running(runtime, only_web, address, tmp_path / "3") as f:
+                third = await fleet_result(f, tmp_path / "3")
+        web = third["web"]
+        assert web["kind"] == "full", web
+        repo = backup.open_repository(repo_path)
+        # The failed run left no point (nor an incomplete one).
+        assert repo.point_ids("web") == [first["web"]["point"], web["point"]]
+        assert repo.point_ids("db") == [first["db"]["point"], second["db"]["point"]]
+        reason = repo.get("web", web["point"]).fallback_reason
+        assert reason is not None and "without a clean shutdown" in reason, reason
+        await restores_to(repo_path, "web", web["point"], disks["web"], tmp_path)
+        await restores_to(repo_path, "db", second["db"]["point"], disks["db"], tmp_path)
+    finally:
+        leaked = await down_vms(runtime, names)
     assert not leaked, f"QEMU processes left running: {leaked}"

@@ -19,8 +19,8 @@ from blockctl._backup.store import Manifest, Repository
 from blockctl._ops.chains import read_graph
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BackupKeyError, RepositoryBusy, RepositoryError
-from blockctl.types import ImageFormat
-from tests.integration.conftest import MIB, qcow2_image, qemu_binary, run
+from blockctl.types import Drive, ImageFormat, MachineConfig
+from tests.integration.conftest import MIB, pattern, qcow2_image, qemu_binary, run
 from tests.integration.test_backup import config, write
 
 pytestmark = pytest.mark.guest
@@ -377,3 +377,35 @@ async def test_a_failed_full_backup_keeps_the_checkpoint(
     assert nxt.parent == good.id
     assert nxt.bytes_read == 2 * repo.chunk_size  # the chunks at 8 MiB and 16 MiB
     assert await restore_equals(repo, "ff", nxt.id, "disk0", ref["disk0"], tmp_path)
+
+
+async def test_a_retried_request_returns_the_point_it_recorded(
+    guest: GuestImage, images: Path, tmp_path: Path
+) -> None:
+    """An attempt that failed after its manifest (a killed controller's retry sees the same):
+    the same request id returns that point, not a second one; another id takes its own."""
+    repo = ops.init_repository(tmp_path / "R")
+    d0 = await qcow2_image(images / "d0.qcow2", pattern(1, MIB), 4 * MIB)
+    # No kernel: the firmware finds nothing to boot and idles; it never writes.
+    machine = MachineConfig(
+        name="rq", memory_mib=64, drives=(Drive(file=d0, format=ImageFormat.QCOW2),)
+    )
+
+    def fail(step: str) -> None:
+        if step == "after-manifest":
+            raise OSError(5, "injected after the manifest")
+
+    async with open_vm(machine) as vm:
+        with pytest.raises(OSError, match="injected"):
+            await ops.backup(vm, repo, request_id="fleet/run-1/backup/rq", _failpoint=fail)
+        (recorded,) = repo.manifests("rq")
+        assert recorded.request_id == "fleet/run-1/backup/rq"
+        again = await ops.backup(vm, repo, request_id="fleet/run-1/backup/rq")
+        other = await ops.backup(vm, repo, request_id="fleet/run-2/backup/rq")
+    assert again == recorded
+    assert [m.id for m in repo.manifests("rq")] == [recorded.id, other.id]
+    # The failed attempt's checkpoints were settled: the next point is an incremental on it.
+    assert other.kind == "incremental" and other.parent == recorded.id
+    ref = tmp_path / "ref.raw"  # the disk as QEMU left it (the firmware never wrote to it)
+    await run(qemu_binary("qemu-img"), "convert", "-f", "qcow2", "-O", "raw", d0, ref)
+    assert await restore_equals(repo, "rq", other.id, "disk0", ref, tmp_path)

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from blockctl._backup.store import Repository
+from blockctl._backup.store import DiskPoint, Manifest, Repository, check_request_id
+from blockctl.errors import BackupCorrupt, ConfigError
 
 CHUNK = 4 << 20
 
@@ -137,3 +138,37 @@ def test_an_alignment_refused_at_write_falls_back_without_a_torn_file(
     (file,) = chunk_files(repo)
     assert file.stat().st_size == 5 + CHUNK  # no leftover of the refused direct write
     assert repo.read_chunk(repo.digest(data), CHUNK) == data
+
+
+def _manifest(repo: Repository, request_id: str | None) -> Manifest:
+    point = "20261203T101500.123456-ab12"
+    disk = DiskPoint(
+        device="disk0", node="drv0", virtual_size=CHUNK, chunk_size=CHUNK, disk_digest="0" * 64,
+        chunks=1, zero_chunks=1, bytes_read=0, bytes_new=0, bytes_stored=0,
+    )  # fmt: skip
+    return Manifest(
+        id=point, vm="vm1", kind="full", parent=None, checkpoint=f"bc-x-{point}", started=1.0,
+        completed=2.0, qemu="7.2.0", disks=(disk,), request_id=request_id,
+    )  # fmt: skip
+
+
+def test_a_request_id_is_recorded_and_read_back_and_absent_without_one(repo: Repository) -> None:
+    """A fleet activity's id survives the manifest's round trip (a retry finds its point by
+    it); a point taken without one is written as before the field existed."""
+    key = "temporal:fleet-backup-1/run-2/backup/hv1/web"
+    with_id = _manifest(repo, key)
+    repo.begin_point("vm1", with_id.id)
+    repo.write_manifest(with_id)
+    assert repo.get("vm1", with_id.id).request_id == key
+    assert "request_id" not in _manifest(repo, None).to_json()
+    assert Manifest.from_json(_manifest(repo, None).to_json(), "m").request_id is None
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "a\nb", "é", "x" * 2049, 5])
+def test_a_malformed_request_id_is_refused(repo: Repository, bad: object) -> None:
+    with pytest.raises(ConfigError):
+        check_request_id(bad)
+    data = _manifest(repo, "ok").to_json()
+    data["request_id"] = bad
+    with pytest.raises(BackupCorrupt):
+        Manifest.from_json(data, "manifest")

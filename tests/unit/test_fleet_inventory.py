@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from blockctl._fleet.inventory import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
     FleetBackupRequest,
     VMBackup,
     load_inventory,
@@ -100,3 +101,23 @@ def test_fleet_worker_refuses_a_bad_host_name_before_connecting() -> None:
     )
     assert result.returncode == 1
     assert result.stderr.startswith("blockctl: ConfigError: "), result.stderr
+
+
+def test_a_request_carries_the_default_heartbeat_timeout() -> None:
+    assert FleetBackupRequest([]).heartbeat_timeout == DEFAULT_HEARTBEAT_TIMEOUT == 30.0
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "nan", "x", "86401"])
+def test_fleet_backup_refuses_a_bad_heartbeat_timeout_as_usage(tmp_path: Path, value: str) -> None:
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text('repository = "r"\n[hosts.hv1]\nvms = ["web"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "blockctl", "fleet", "backup", str(inventory),
+         "--address", "127.0.0.1:1", "--heartbeat-timeout", value],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--heartbeat-timeout" in result.stderr and "1 to 86400" in result.stderr

@@ -563,6 +563,8 @@ CASES: list[Case] = [
     Case("manifest-names-another-point", edit_manifest(id=P1), readers(C)),
     Case("manifest-names-another-vm", edit_manifest(vm="vm2"), readers(C)),
     Case("manifest-unknown-kind", edit_manifest(kind="../full"), readers(C)),
+    Case("manifest-request-id-number", edit_manifest(request_id=5), readers(C)),
+    Case("manifest-request-id-newline", edit_manifest(request_id="a\nb"), readers(C)),
     # -- names passed to the API
     Case(
         "api-vm-traversal",

@@ -1,0 +1,82 @@
+"""A fleet worker with a fault at an exact step of one VM's backup (test-only: nothing of
+this is in blockctl; it wraps ``blockctl.backup.create``, which the worker's backup activity
+calls, in this process only).
+
+``python -m tests.integration.fleet_worker_child VM STEP ACTION ARGV...`` runs ``blockctl
+ARGV...`` (``fleet worker ...``) with, for VM's backup: at STEP (a name in
+``blockctl.backup.STEPS``, or ``copy``: the read's first progress record, with QEMU's
+fleecing job, nodes, NBD server and export live), ACTION: ``kill`` (this worker SIGKILLs
+itself: the crash point is exact, never a race) or ``hold:PATH`` (it creates PATH and waits
+until PATH is removed, while the test acts; once; not at ``copy``, where job hooks cannot
+wait).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from blockctl import backup
+from blockctl._cli.main import main
+from blockctl.jobs import JobControl, JobProgress, JobTransition
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DieReading:
+    """A job hook: SIGKILL this process at the backup's first progress record of its read."""
+
+    def on_transition(self, transition: JobTransition) -> None:
+        pass
+
+    def on_progress(self, progress: JobProgress) -> None:
+        if progress.job_type == "backup-read":
+            die()
+
+
+async def hold(path: Path) -> None:
+    path.write_text(str(os.getpid()))
+    while path.exists():  # noqa: ASYNC110 - the test removes it once it has acted
+        await anyio.sleep(0.1)
+
+
+def install(vm_name: str, step: str, action: str) -> None:
+    if step != "copy" and step not in backup.STEPS:
+        sys.exit(f"no backup step {step!r}: {', '.join(backup.STEPS)} or copy")
+    if action != "kill" and not (action.startswith("hold:") and step != "copy"):
+        sys.exit(f"no action {action!r}: kill, or hold:PATH (not at copy)")
+    create = backup.create
+    held = False
+
+    async def failpoint(at: str) -> None:
+        nonlocal held
+        if at != step or held:
+            return
+        if action == "kill":
+            die()
+        held = True  # once: the worker goes on serving as any other
+        await hold(Path(action.removeprefix("hold:")))
+
+    async def create_with_fault(vm: Any, repo: Any, **kwargs: Any) -> Any:
+        if vm.name == vm_name:
+            if step == "copy":
+                control: JobControl = kwargs.get("control", JobControl())
+                kwargs["control"] = replace(control, hooks=[*control.hooks, DieReading()])
+            else:
+                kwargs["_failpoint"] = failpoint
+        return await create(vm, repo, **kwargs)
+
+    backup.create = create_with_fault
+
+
+if __name__ == "__main__":
+    install(*sys.argv[1:4])
+    sys.exit(main(sys.argv[4:]))
