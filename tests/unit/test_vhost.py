@@ -123,3 +123,64 @@ def test_refusal_names_disk_daemon_and_ways_out() -> None:
     for part in ("resize", "disk3", "qemu-storage-daemon", "pid 42", "/run/x/disk3-qsd.sock"):
         assert part in text
     assert "Ways out" in text
+
+
+def test_daemon_command_line_whole() -> None:
+    """Every word of the daemon's command line, in order: QMP on the launcher's socketpair end
+    and on the listening socket (escaped for QEMU's option syntax), after the nodes and the
+    export."""
+    config = MachineConfig(drives=(vhost(), vhost(read_only=True)))
+    sock0, sock1 = Path("/run/x/drv0-vhost.sock"), Path("/run/x,y/drv1-vhost.sock")
+    sources = {
+        0: DriveSource(chain=(layer("/img/d.qcow2"),), vhost_socket=sock0),
+        1: DriveSource(chain=(layer("/img/e.qcow2"),), vhost_socket=sock1),
+    }
+    first, second = plan_drives(config, sources)
+    assert (first.index, first.device_id, second.index, second.device_id) == (
+        0,
+        "disk0",
+        1,
+        "disk1",
+    )
+    assert second.vhost is not None and second.vhost.export["writable"] is False
+    assert second.vhost.export["id"] == "drv1-export"
+    qsd = daemon_argv("/usr/bin/qsd", second.vhost, qmp_fd=9, monitor=Path("/run/x,y/m.sock"))
+    nodes = [json.dumps(n) for n in second.vhost.nodes]
+    assert qsd == [
+        "/usr/bin/qsd",
+        *[w for n in nodes for w in ("--blockdev", n)],
+        "--export",
+        json.dumps(second.vhost.export),
+        "--chardev",
+        "socket,id=qmp0,fd=9",
+        "--monitor",
+        "chardev=qmp0",
+        "--chardev",
+        "socket,id=qmp1,path=/run/x,,y/m.sock,server=on,wait=off",
+        "--monitor",
+        "chardev=qmp1",
+    ]
+    assert second.vhost.chardev_option() == "socket,id=drv1-vhost,path=/run/x,,y/drv1-vhost.sock"
+    # Hot-plug: the same client socket as chardev-add arguments.
+    assert second.vhost.chardev_add() == {
+        "id": "drv1-vhost",
+        "backend": {
+            "type": "socket",
+            "data": {
+                "addr": {"type": "unix", "data": {"path": str(sock1)}},
+                "server": False,
+            },
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [{}, {0: DriveSource(chain=(layer("/img/d.qcow2"),))}],
+    ids=["no-source", "no-socket"],
+)
+def test_a_drive_without_a_planned_socket_is_refused(sources: dict[int, DriveSource]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        plan_drives(MachineConfig(drives=(vhost(),)), sources)
+    assert caught.value.field == "drive[0].vhost_user_blk"
+    assert caught.value.message == "no daemon socket was planned"
