@@ -29,11 +29,14 @@ from blockctl._ops.apply import apply as apply_drives
 from blockctl._ops.drives import UnplugState
 from blockctl._qmp import wire
 from blockctl.errors import CommandFailed, ConfigError, PassedThrough
-from blockctl.types import Drive, ImageFormat, Interface, IscsiSource
+from blockctl.types import DeviceErrorPolicy, Drive, ImageFormat, Interface, IscsiSource
 from tests.conftest import missing
+from tests.figures import report
+from tests.integration import test_outage as outage
 from tests.integration.conftest import (
     MIB,
     base_config,
+    cli_json,
     pattern,
     raw_image,
     run,
@@ -623,3 +626,79 @@ async def test_a_passed_through_lun_refuses_an_external_snapshot(
         await truth_check(vm)
     lun = tgt.backing[1].read_bytes()
     assert (sha256(mib(lun, 2)), sha256(mib(lun, 5))) == (before, after)
+
+
+async def test_a_killed_tgtd_stalls_the_guest_and_nothing_is_lost(
+    guest: GuestImage, tgt: Tgt
+) -> None:
+    """tgtd SIGKILLed mid-write under a drive with ``rerror = werror = "stop"``. What QEMU
+    really does (measured, QEMU 7.2 and 10.0): nothing fails, so nothing pauses. libiscsi
+    keeps the guest's requests queued and reconnects on its own; QEMU sees no error, its run
+    state stays ``running`` and the drive's io-status ``ok`` (``blockctl status`` says so, as
+    QEMU does), while the guest's writer stalls. Once tgtd is back on the same portal with
+    the same target and LUN, libiscsi logs in again, the queued writes go through, the writer
+    goes on, and the LUN's file holds every record the guest counted: none lost, none failed.
+    """
+    drive = Drive(
+        iscsi=tgt.source(1),
+        format=ImageFormat.RAW,
+        interface=Interface.SCSI,
+        rerror=DeviceErrorPolicy.STOP,
+        werror=DeviceErrorPolicy.STOP,
+    )
+    async with open_vm(base_config(guest, drive, name="iscsiout")) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        dev = await disk_with_vendor(vm, "QEMU")
+        await sh(vm, outage.WRITER.replace("/dev/vda", f"/dev/{dev}"))
+        await sh(vm, "until [ -s /tmp/seq ] && [ $(cat /tmp/seq) -ge 20 ]; do usleep 10000; done")
+
+        tgt.kill()  # mid-I/O: the writer is still running
+        killed = time.monotonic()
+        # The writer stalls: wait (bounded) until its count holds still for 3 s on end, the
+        # VM running all along (a pause would be QEMU seeing the loss, which it does not).
+        stalled_at, still_since = await outage.last_record(vm), time.monotonic()
+        with anyio.fail_after(120):
+            while time.monotonic() - still_since < 3:
+                await anyio.sleep(0.5)
+                assert (await vm.status()).status == "running"
+                now = await outage.last_record(vm)
+                if now != stalled_at:
+                    stalled_at, still_since = now, time.monotonic()
+        status = await cli_json("status", vm.name)
+        assert (status["status"], status["running"]) == ("running", True)
+        assert status["io_error_drives"] == []
+        assert [d["io_status"] for d in status["drives"]] == ["ok"]
+        assert await sh(vm, "cat /tmp/failed 2>/dev/null || echo none") == "none\n"
+        assert stalled_at < outage.BLOCKS - 1  # stalled, not finished
+
+        tgt.restart()
+        restarted = time.monotonic()
+        with anyio.fail_after(120):
+            while await outage.last_record(vm) == stalled_at:  # noqa: ASYNC110 - a guest poll
+                await anyio.sleep(0.1)
+        reconnected = time.monotonic() - restarted
+        await sh(vm, f"until [ $(cat /tmp/seq) -ge {stalled_at + 20} ]; do usleep 10000; done")
+        await sh(vm, "touch /tmp/stop; until [ -e /tmp/seq.done ]; do usleep 10000; done")
+        last = await outage.last_record(vm)
+        failed = await sh(vm, "cat /tmp/failed 2>/dev/null || echo none")
+        assert failed.split()[-1] == "none", "the guest saw a write fail"
+        assert (await vm.status()).status == "running"
+        await truth_check(vm)
+        stalled_for = restarted - killed
+        version = await vm.version()
+        qemu = f"{version.major}.{version.minor}.{version.micro}"
+    data = tgt.backing[0].read_bytes()
+    lost = [
+        i
+        for i in range(last + 1)
+        if data[i * 4096 : i * 4096 + len(outage.RECORD % i)] != (outage.RECORD % i).encode()
+    ]
+    assert lost == [], f"records the guest wrote but the LUN's file lacks: {lost[:10]}"
+    report(
+        "outage",
+        f"tgtd SIGKILLed mid-write under werror=stop (QEMU {qemu}): no pause, "
+        f"the guest stalled {stalled_for:.0f} s at record {stalled_at}, went on "
+        f"{reconnected:.1f} s after tgtd restarted (libiscsi's reconnect); {last + 1} records "
+        f"written, {len(lost)} lost",
+    )
