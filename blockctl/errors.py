@@ -11,6 +11,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      ├── LaunchFailed           qemu-system refused to start or died during start-up
  ├── StorageDaemonFailed    a drive's qemu-storage-daemon refused to start or to stop
  ├── InStorageDaemon        refused: the disk's nodes live in a qemu-storage-daemon, not QEMU
+     ├── PassedThrough          refused: a passed-through LUN (scsi-block) bypasses QEMU's nodes
      ├── VMError                something about a named VM in the runtime directory
      │    ├── VMNotFound
      │    └── VMExists
@@ -67,6 +68,7 @@ __all__ = [
     "BlockctlError",
     "CommandFailed",
     "DriveNotFound",
+    "PassedThrough",
     "NoFreeSlot",
     "PartiallyApplied",
     "UnsafeOperation",
@@ -298,6 +300,25 @@ class InStorageDaemon(BlockctlError):
             f"does not route {operation} to the daemon yet. Ways out: leave {device_id} out "
             "(name the other disks), run the block commands on the daemon's QMP socket "
             "yourself, or detach the disk and attach its image as a plain file"
+        )
+
+
+class PassedThrough(BlockctlError):
+    """Refused: ``device_id`` is a passed-through LUN (``device_driver``, scsi-block): the
+    guest's SCSI commands go to the target as they are (an ioctl through QEMU's nodes), which
+    only the iscsi node can carry, and which no overlay, bitmap or job above it sees."""
+
+    def __init__(self, operation: str, device_id: str, *, device_driver: str) -> None:
+        self.operation = operation
+        self.device_id = device_id
+        self.device_driver = device_driver
+        super().__init__(
+            f"{operation}: {device_id} is a passed-through LUN ({device_driver}): the guest's "
+            "SCSI commands reach the target directly, and a qcow2 overlay above it cannot pass "
+            "them on (every guest read and write would fail with an I/O error). Ways out: "
+            f"leave {device_id} out (name the other disks), take the snapshot on the target "
+            f"(the storage's own snapshot), or attach the LUN emulated (scsi-hd, without "
+            "passthrough) to snapshot it"
         )
 
 

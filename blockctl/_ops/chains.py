@@ -25,7 +25,9 @@ Rules (qemu-facts.md §0.1, F1, F2, F7, F11):
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,6 +53,7 @@ from blockctl.errors import (
     JobCancelled,
     JobFailed,
     NodeNotFound,
+    PassedThrough,
     SnapshotLoadFailed,
     UnsafeOperation,
 )
@@ -126,6 +129,7 @@ async def external_snapshot(
     chosen = _writable_disks(graph, devices)
     if not chosen:
         raise ConfigError("devices", "no writable disk to snapshot")
+    await _refuse_passed_through(vm, graph, chosen, "snapshot")
     plans: list[tuple[str, GraphNode, Path, str]] = []
     for device in chosen:
         top = graph.format_node(device)
@@ -147,6 +151,13 @@ async def external_snapshot(
             raise ConfigError(
                 "directory",
                 f"{device} is on {top.filename}: give a local directory for its overlay (--dir)",
+            )
+        # Nor has a block device (host_device): its directory is /dev, no place for an image.
+        if directory is None and _is_block_device(top.filename):
+            raise ConfigError(
+                "directory",
+                f"{device} is the block device {top.filename}: give a directory for its "
+                "overlay (--dir)",
             )
         where = Path(top.filename).parent if directory is None else Path(directory).absolute()
         overlay = where / _overlay_name(vm, device, tag)
@@ -235,6 +246,35 @@ async def external_snapshot(
         frozen={d: str(t.filename) for d, t, _o, _n in plans},
         quiesced=point.consistent,
     )
+
+
+#: Guest devices that send the guest's SCSI commands to the LUN as they are (SG_IO through
+#: the block layer, which only the iscsi node answers: measured, a qcow2 overlay above one
+#: fails every guest read and write with EIO while QEMU reports the snapshot done).
+_PASSTHROUGH_DEVICES = frozenset({"scsi-block", "scsi-generic"})
+
+
+async def _refuse_passed_through(
+    vm: VM, graph: BlockGraph, devices: Sequence[str], operation: str
+) -> None:
+    """Refuse ``operation`` on any of ``devices`` that is a passed-through LUN, by the QOM
+    type of the guest device QEMU has (not a record: a foreign VM has none)."""
+    for device in devices:
+        qdev = graph.devices[device].qdev
+        if not qdev:
+            continue  # a block backend with no guest device: nothing passes through
+        # QEMU names a device by its id when it has one, else by its QOM path.
+        path = qdev if qdev.startswith("/") else f"/machine/peripheral/{qdev}"
+        kind = str(await vm.qom_get(path, "type"))
+        if kind in _PASSTHROUGH_DEVICES:
+            raise PassedThrough(operation, device, device_driver=kind)
+
+
+def _is_block_device(filename: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(filename).st_mode)
+    except OSError:
+        return False
 
 
 def _backing_name(filename: str) -> Path | str:

@@ -9,6 +9,7 @@ SCSI layer, so nothing is logged in on the host.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -20,21 +21,25 @@ from pathlib import Path
 import anyio
 import pytest
 
-from blockctl import GuestImage, LaunchedVM, open_vm
+from blockctl import GuestImage, LaunchedVM, chains, open_vm
 from blockctl._backup import operations as backup_ops
 from blockctl._ops import drives
 from blockctl._ops.apply import Action, load_desired
 from blockctl._ops.apply import apply as apply_drives
 from blockctl._ops.drives import UnplugState
 from blockctl._qmp import wire
-from blockctl.errors import CommandFailed, ConfigError
-from blockctl.types import Drive, ImageFormat, Interface, IscsiSource
+from blockctl.errors import CommandFailed, ConfigError, PassedThrough
+from blockctl.types import DeviceErrorPolicy, Drive, ImageFormat, Interface, IscsiSource
 from tests.conftest import missing
+from tests.figures import report
+from tests.integration import test_outage as outage
 from tests.integration.conftest import (
     MIB,
     base_config,
+    cli_json,
     pattern,
     raw_image,
+    run,
     sha256,
     truth_check,
 )
@@ -47,17 +52,33 @@ LUN_SIZE = 16 * MIB
 
 @dataclass(frozen=True, slots=True)
 class Tgt:
-    """A running tgtd with one target whose LUNs 1.. are files in ``backing``."""
+    """A running tgtd with one target whose LUNs 1.. are files in ``backing``; ``processes``
+    holds every tgtd started for it (the last one is the one serving, unless killed)."""
 
     portal: str
     control: int
     backing: tuple[Path, ...]
+    log: Path
+    processes: list[subprocess.Popen[bytes]]
 
     def source(self, lun: int, **kwargs: object) -> IscsiSource:
         return IscsiSource(portal=self.portal, target=TARGET, lun=lun, **kwargs)  # type: ignore[arg-type]
 
     def admin(self, *args: str) -> None:
         tgtadm(self.control, *args)
+
+    def kill(self) -> None:
+        """The outage: SIGKILL by pid (no goodbye to the initiators), reaped."""
+        process = self.processes[-1]
+        process.kill()
+        process.wait()
+
+    def restart(self) -> None:
+        """A new tgtd on the same portal and control port serving the same target, LUNs and
+        backing files."""
+        for leftover in (f"socket.{self.control}", f"socket.{self.control}.lock"):
+            Path("/var/run/tgtd", leftover).unlink(missing_ok=True)
+        self.processes.append(start_tgtd(self.portal, self.control, self.backing, self.log))
 
 
 def tgtadm(control: int, *args: str) -> None:
@@ -79,25 +100,17 @@ def free_control_port() -> int:
     return next(n for n in range(100, 30000) if not Path(f"/var/run/tgtd/socket.{n}").exists())
 
 
-@pytest.fixture
-def tgt(tmp_path: Path) -> Iterator[Tgt]:
-    """tgtd on 127.0.0.1:PORT (with a control port of its own: another tgtd's is never used),
-    target TARGET with LUNs 1 and 2 over files holding a pattern, open to every initiator."""
-    if shutil.which("tgtd") is None or shutil.which("tgtadm") is None:
-        missing("tgtd/tgtadm (Debian package tgt, installed by scripts/setup)")
-    port = free_port()
-    control = free_control_port()
-    backing = []
-    for lun in (1, 2):
-        path = tmp_path / f"lun{lun}.img"
-        path.write_bytes(pattern(100 + lun, LUN_SIZE))
-        backing.append(path)
-    log = (tmp_path / "tgtd.log").open("wb")
-    process = subprocess.Popen(
-        ["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+def start_tgtd(
+    portal: str, control: int, backing: tuple[Path, ...], log: Path
+) -> subprocess.Popen[bytes]:
+    """tgtd on ``portal`` with control port ``control``: target TARGET, LUN i+1 over
+    ``backing[i]``, open to every initiator. The caller stops it (:func:`stop_tgtd`)."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            ["tgtd", "-f", "-C", str(control), "--iscsi", f"portal={portal}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         # tgtd is ready when its control socket answers (bounded: 10 s).
         for _ in range(100):
@@ -108,7 +121,7 @@ def tgt(tmp_path: Path) -> Iterator[Tgt]:
             )
             if probe.returncode == 0:
                 break
-            assert process.poll() is None, (tmp_path / "tgtd.log").read_text()
+            assert process.poll() is None, log.read_text()
             time.sleep(0.1)
         else:
             raise AssertionError("tgtd did not answer on its control port")
@@ -119,9 +132,16 @@ def tgt(tmp_path: Path) -> Iterator[Tgt]:
                    "--tid", "1", "--lun", str(lun), "-b", str(path))  # fmt: skip
         tgtadm(control, "--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1",
                "-I", "ALL")  # fmt: skip
-        yield Tgt(portal=f"127.0.0.1:{port}", control=control, backing=tuple(backing))
-    finally:
-        # tgtd ignores SIGTERM while it has targets: delete them, then the system (it exits).
+    except BaseException:
+        stop_tgtd(control, process)
+        raise
+    return process
+
+
+def stop_tgtd(control: int, process: subprocess.Popen[bytes]) -> None:
+    """Stop ``process`` by its pid: tgtd ignores SIGTERM while it has targets, so they are
+    deleted first, then the system (it exits); SIGKILL if it is still there after 10 s."""
+    if process.poll() is None:
         for args in (
             ("--op", "delete", "--mode", "target", "--tid", "1", "--force"),
             ("--op", "delete", "--mode", "system"),
@@ -132,10 +152,37 @@ def tgt(tmp_path: Path) -> Iterator[Tgt]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        log.close()
-        # tgtd leaves its control socket behind when it exits.
-        for leftover in (f"socket.{control}", f"socket.{control}.lock"):
-            Path("/var/run/tgtd", leftover).unlink(missing_ok=True)
+    # tgtd leaves its control socket behind when it exits.
+    for leftover in (f"socket.{control}", f"socket.{control}.lock"):
+        Path("/var/run/tgtd", leftover).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def tgt(tmp_path: Path) -> Iterator[Tgt]:
+    """tgtd on 127.0.0.1:PORT (with a control port of its own: another tgtd's is never used),
+    target TARGET with LUNs 1 and 2 over files holding a pattern, open to every initiator."""
+    if shutil.which("tgtd") is None or shutil.which("tgtadm") is None:
+        missing("tgtd/tgtadm (Debian package tgt, installed by scripts/setup)")
+    portal = f"127.0.0.1:{free_port()}"
+    control = free_control_port()
+    backing = []
+    for lun in (1, 2):
+        path = tmp_path / f"lun{lun}.img"
+        path.write_bytes(pattern(100 + lun, LUN_SIZE))
+        backing.append(path)
+    log = tmp_path / "tgtd.log"
+    server = Tgt(
+        portal=portal,
+        control=control,
+        backing=tuple(backing),
+        log=log,
+        processes=[start_tgtd(portal, control, tuple(backing), log)],
+    )
+    try:
+        yield server
+    finally:
+        for process in reversed(server.processes):  # the serving one first: its socket
+            stop_tgtd(control, process)
 
 
 async def sh(vm: LaunchedVM, command: str) -> str:
@@ -154,19 +201,36 @@ async def disk_with_vendor(vm: LaunchedVM, vendor: str) -> str:
     return found.strip()
 
 
-async def guest_write_read(vm: LaunchedVM, dev: str, seed: int) -> str:
-    """The guest writes 1 MiB of fresh data at offset 2 MiB of /dev/DEV (O_DIRECT, synced)
+async def guest_write_read(vm: LaunchedVM, dev: str, seed: int, offset_mib: int = 2) -> str:
+    """The guest writes 1 MiB of fresh data at ``offset_mib`` of /dev/DEV (O_DIRECT, synced)
     and reads it back from the disk; returns the sha256 both agree on."""
     await sh(vm, f"dd if=/dev/urandom of=/tmp/w{seed} bs=1M count=1 2>/dev/null")
     written = (await sh(vm, f"sha256sum /tmp/w{seed}")).split()[0]
-    await sh(vm, f"dd if=/tmp/w{seed} of=/dev/{dev} bs=1M seek=2 oflag=direct 2>/dev/null")
+    await sh(
+        vm, f"dd if=/tmp/w{seed} of=/dev/{dev} bs=1M seek={offset_mib} oflag=direct 2>/dev/null"
+    )
     await sh(vm, "sync")
     await sh(vm, "echo 3 > /proc/sys/vm/drop_caches")
     read = (
-        await sh(vm, f"dd if=/dev/{dev} bs=1M skip=2 count=1 iflag=direct 2>/dev/null | sha256sum")
+        await sh(
+            vm,
+            f"dd if=/dev/{dev} bs=1M skip={offset_mib} count=1 iflag=direct 2>/dev/null "
+            "| sha256sum",
+        )
     ).split()[0]
     assert read == written
     return written
+
+
+async def guest_view(vm: LaunchedVM, dev: str) -> str:
+    """sha256 of the whole disk as the guest reads it (caches dropped, O_DIRECT)."""
+    await sh(vm, "sync; echo 3 > /proc/sys/vm/drop_caches")
+    return (await sh(vm, f"dd if=/dev/{dev} bs=1M iflag=direct 2>/dev/null | sha256sum")).split()[0]
+
+
+def mib(data: bytes, at: int) -> bytes:
+    """The MiB of ``data`` at ``at`` MiB."""
+    return data[at * MIB : (at + 1) * MIB]
 
 
 async def node_names(vm: LaunchedVM) -> set[str]:
@@ -387,3 +451,254 @@ async def test_apply_attaches_an_iscsi_lun_once_and_detaches_it(
         assert [(s.action, s.device) for s in gone.steps] == [(Action.DETACH, info.device_id)]
         assert await drives.list_drives(vm) == ()
         assert await node_names(vm) == set()
+
+
+async def test_iscsi_disk_snapshot_commit_and_incremental_backup(
+    guest: GuestImage, tgt: Tgt, tmp_path: Path
+) -> None:
+    """An emulated iSCSI disk (scsi-hd) is snapshotted onto a local overlay (``--dir``
+    required: the LUN has no directory here), the guest writes into the overlay (the LUN's
+    file does not change), and an active commit brings it back onto the iscsi node: the LUN's
+    file then holds every write. A full backup, more guest writes, and an incremental one that
+    reads less than the disk restores to exactly the guest's view and the LUN's file."""
+    url = f"iscsi://{tgt.portal}/{TARGET}/1"
+    original = pattern(101, LUN_SIZE)
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    disk = Drive(iscsi=tgt.source(1), format=ImageFormat.RAW, interface=Interface.SCSI)
+    async with open_vm(base_config(guest, disk, name="iscsichain")) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        dev = await disk_with_vendor(vm, "QEMU")
+        before = await guest_write_read(vm, dev, 11, 2)
+        nodes_before = await node_names(vm)
+        with pytest.raises(ConfigError, match="--dir"):
+            await chains.external_snapshot(vm, "s1", devices=["disk0"])
+        assert await node_names(vm) == nodes_before
+        overlays = tmp_path / "overlays"
+        overlays.mkdir()
+        snap = await chains.external_snapshot(vm, "s1", overlays, devices=["disk0"])
+        overlay = snap.overlays["disk0"]
+        assert overlay.parent == overlays
+        assert snap.frozen["disk0"] == url
+        assert (await chains.list_external(vm))["disk0"] == [str(overlay), url]
+        in_overlay = await guest_write_read(vm, dev, 12, 5)
+        # The overlay took the write: the LUN still holds what the host put there.
+        assert mib(tgt.backing[0].read_bytes(), 5) == mib(original, 5)
+        await truth_check(vm)
+        committed = await chains.commit(vm, "disk0")
+        assert len(committed.chain) == 1
+        assert (await chains.list_external(vm))["disk0"] == [url]
+        assert (await drives.drive_info(vm, "disk0")).file == url
+        assert await node_names(vm) == nodes_before
+        await truth_check(vm)
+        # The commit reached the target: tgtd wrote it into the LUN's file.
+        lun = tgt.backing[0].read_bytes()
+        assert sha256(mib(lun, 2)) == before
+        assert sha256(mib(lun, 5)) == in_overlay
+
+        full = await backup_ops.backup(vm, repo, kind="full")
+        after = await guest_write_read(vm, dev, 13, 9)
+        view = await guest_view(vm, dev)
+        inc = await backup_ops.backup(vm, repo, kind="incremental")
+        assert (inc.kind, inc.parent) == ("incremental", full.id)
+        (point,) = inc.disks
+        assert point.device == "disk0"
+        assert point.bytes_read < LUN_SIZE  # only what changed since the full backup
+        await truth_check(vm)
+    header = json.loads(await run("qemu-img", "info", "--output=json", "-U", overlay))
+    assert header["backing-filename"] == url
+    restored = tmp_path / "restored.raw"
+    await backup_ops.restore(repo, "iscsichain", inc.id, "disk0", restored, ImageFormat.RAW)
+    data = restored.read_bytes()
+    assert sha256(data) == view
+    assert data == tgt.backing[0].read_bytes()
+    assert sha256(mib(data, 9)) == after
+
+
+async def test_host_device_snapshot_commit_backup_restore(
+    guest: GuestImage, tmp_path: Path
+) -> None:
+    """A raw disk on a block device (host_device on a loop device) is snapshotted onto a local
+    overlay (``--dir`` required: its directory is /dev), written by the guest, and actively
+    committed back onto the host_device node; a full backup restores to exactly the guest's
+    view; after shutdown the loop device's file holds every write, including the one made
+    into the overlay, and equals the restored image."""
+    if shutil.which("losetup") is None:
+        missing("losetup (util-linux)")
+    original = pattern(8, LUN_SIZE)
+    image = await raw_image(tmp_path / "loop.img", original)
+    attached = await anyio.run_process(["losetup", "-f", "--show", str(image)], check=False)
+    if attached.returncode != 0:
+        missing(f"a loop device ({attached.stderr.decode().strip()})")
+    loop = Path(attached.stdout.decode().strip())
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    try:
+        disk = Drive(file=loop, format=ImageFormat.RAW, serial="loopdisk")
+        async with open_vm(base_config(guest, disk, name="loopchain")) as vm:
+            assert vm.console is not None
+            await vm.console.wait_ready()
+            drivers = {n.node_name: n.driver for n in await vm.block_nodes()}
+            assert drivers["drv0-file"] == "host_device"
+            before = await guest_write_read(vm, "vda", 21, 2)
+            nodes_before = await node_names(vm)
+            with pytest.raises(ConfigError, match=f"block device {loop}.*--dir"):
+                await chains.external_snapshot(vm, "s1", devices=["disk0"])
+            assert await node_names(vm) == nodes_before
+            snap = await chains.external_snapshot(vm, "s1", overlays, devices=["disk0"])
+            overlay = snap.overlays["disk0"]
+            assert snap.frozen["disk0"] == str(loop)
+            assert (await chains.list_external(vm))["disk0"] == [str(overlay), str(loop)]
+            in_overlay = await guest_write_read(vm, "vda", 22, 5)
+            await truth_check(vm)
+            await chains.commit(vm, "disk0")
+            assert (await chains.list_external(vm))["disk0"] == [str(loop)]
+            assert await node_names(vm) == nodes_before
+            assert (await drives.drive_info(vm, "disk0")).file == str(loop)
+            await truth_check(vm)
+            view = await guest_view(vm, "vda")
+            manifest = await backup_ops.backup(vm, repo, kind="full")
+            assert [d.device for d in manifest.disks] == ["disk0"]
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.run_process(["losetup", "-d", str(loop)], check=False)
+    header = json.loads(await run("qemu-img", "info", "--output=json", "-U", overlay))
+    assert header["backing-filename"] == str(loop)
+    restored = tmp_path / "restored.raw"
+    await backup_ops.restore(repo, "loopchain", manifest.id, "disk0", restored, ImageFormat.RAW)
+    assert sha256(restored.read_bytes()) == view
+    data = image.read_bytes()
+    assert sha256(mib(data, 2)) == before
+    assert sha256(mib(data, 5)) == in_overlay  # only the commit can have put it there
+    await run("qemu-img", "compare", "-f", "raw", "-F", "raw", image, restored)
+
+
+async def test_a_passed_through_lun_refuses_an_external_snapshot(
+    guest: GuestImage, tgt: Tgt, tmp_path: Path
+) -> None:
+    """A passed-through LUN (scsi-block) cannot take an overlay: QEMU accepts one (measured:
+    blockdev-snapshot succeeds), but the guest's SCSI commands then reach a qcow2 node that
+    cannot pass them on and every guest read and write fails with EIO. blockctl refuses the
+    snapshot before it touches anything, naming the disk, the reason and the ways out, both
+    when the disk is named and when every disk is meant; nothing changes (nodes, records,
+    files, the guest's I/O), and the emulated disk beside it (the way out: name the others)
+    is snapshotted and committed back as usual. A commit has nothing to commit into."""
+    emulated = Drive(iscsi=tgt.source(1), format=ImageFormat.RAW, interface=Interface.SCSI)
+    passed = Drive(
+        iscsi=tgt.source(2), format=ImageFormat.RAW, interface=Interface.SCSI, passthrough=True
+    )
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    async with open_vm(base_config(guest, emulated, passed, name="ptsnap")) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        listed = {d.device_id: d.device_driver for d in await drives.list_drives(vm)}
+        assert listed == {"disk0": "scsi-hd", "disk1": "scsi-block"}
+        lun_dev = await disk_with_vendor(vm, "IET")
+        before = await guest_write_read(vm, lun_dev, 31, 2)
+        nodes = await node_names(vm)
+        records = dict(vm.registry.drives)
+        chains_before = await chains.list_external(vm)
+        for devices in (["disk1"], None):
+            with pytest.raises(PassedThrough) as refused:
+                await chains.external_snapshot(vm, "s1", overlays, devices=devices)
+            assert (refused.value.operation, refused.value.device_id) == ("snapshot", "disk1")
+            assert refused.value.device_driver == "scsi-block"
+            said = str(refused.value)
+            assert "disk1 is a passed-through LUN (scsi-block)" in said
+            assert "cannot pass them on" in said and "leave disk1 out" in said
+            assert await node_names(vm) == nodes
+            assert dict(vm.registry.drives) == records
+            assert await chains.list_external(vm) == chains_before
+            assert list(overlays.iterdir()) == []
+        with pytest.raises(ConfigError, match="no backing file to commit into"):
+            await chains.commit(vm, "disk1")
+        assert await node_names(vm) == nodes
+        # The guest's I/O on the LUN goes on as before.
+        after = await guest_write_read(vm, lun_dev, 32, 5)
+        await truth_check(vm)
+        # The way out: the other disks alone.
+        snap = await chains.external_snapshot(vm, "s1", overlays, devices=["disk0"])
+        assert list(snap.overlays) == ["disk0"]
+        await chains.commit(vm, "disk0")
+        assert await node_names(vm) == nodes
+        await truth_check(vm)
+    lun = tgt.backing[1].read_bytes()
+    assert (sha256(mib(lun, 2)), sha256(mib(lun, 5))) == (before, after)
+
+
+async def test_a_killed_tgtd_stalls_the_guest_and_nothing_is_lost(
+    guest: GuestImage, tgt: Tgt
+) -> None:
+    """tgtd SIGKILLed mid-write under a drive with ``rerror = werror = "stop"``. What QEMU
+    really does (measured, QEMU 7.2 and 10.0): nothing fails, so nothing pauses. libiscsi
+    keeps the guest's requests queued and reconnects on its own; QEMU sees no error, its run
+    state stays ``running`` and the drive's io-status ``ok`` (``blockctl status`` says so, as
+    QEMU does), while the guest's writer stalls. Once tgtd is back on the same portal with
+    the same target and LUN, libiscsi logs in again, the queued writes go through, the writer
+    goes on, and the LUN's file holds every record the guest counted: none lost, none failed.
+    """
+    drive = Drive(
+        iscsi=tgt.source(1),
+        format=ImageFormat.RAW,
+        interface=Interface.SCSI,
+        rerror=DeviceErrorPolicy.STOP,
+        werror=DeviceErrorPolicy.STOP,
+    )
+    async with open_vm(base_config(guest, drive, name="iscsiout")) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        dev = await disk_with_vendor(vm, "QEMU")
+        await sh(vm, outage.WRITER.replace("/dev/vda", f"/dev/{dev}"))
+        await sh(vm, "until [ -s /tmp/seq ] && [ $(cat /tmp/seq) -ge 20 ]; do usleep 10000; done")
+
+        tgt.kill()  # mid-I/O: the writer is still running
+        killed = time.monotonic()
+        # The writer stalls: wait (bounded) until its count holds still for 3 s on end, the
+        # VM running all along (a pause would be QEMU seeing the loss, which it does not).
+        stalled_at, still_since = await outage.last_record(vm), time.monotonic()
+        with anyio.fail_after(120):
+            while time.monotonic() - still_since < 3:
+                await anyio.sleep(0.5)
+                assert (await vm.status()).status == "running"
+                now = await outage.last_record(vm)
+                if now != stalled_at:
+                    stalled_at, still_since = now, time.monotonic()
+        status = await cli_json("status", vm.name)
+        assert (status["status"], status["running"]) == ("running", True)
+        assert status["io_error_drives"] == []
+        assert [d["io_status"] for d in status["drives"]] == ["ok"]
+        assert await sh(vm, "cat /tmp/failed 2>/dev/null || echo none") == "none\n"
+        assert stalled_at < outage.BLOCKS - 1  # stalled, not finished
+
+        tgt.restart()
+        restarted = time.monotonic()
+        with anyio.fail_after(120):
+            while await outage.last_record(vm) == stalled_at:  # noqa: ASYNC110 - a guest poll
+                await anyio.sleep(0.1)
+        reconnected = time.monotonic() - restarted
+        await sh(vm, f"until [ $(cat /tmp/seq) -ge {stalled_at + 20} ]; do usleep 10000; done")
+        await sh(vm, "touch /tmp/stop; until [ -e /tmp/seq.done ]; do usleep 10000; done")
+        last = await outage.last_record(vm)
+        failed = await sh(vm, "cat /tmp/failed 2>/dev/null || echo none")
+        assert failed.split()[-1] == "none", "the guest saw a write fail"
+        assert (await vm.status()).status == "running"
+        await truth_check(vm)
+        stalled_for = restarted - killed
+        version = await vm.version()
+        qemu = f"{version.major}.{version.minor}.{version.micro}"
+    data = tgt.backing[0].read_bytes()
+    lost = [
+        i
+        for i in range(last + 1)
+        if data[i * 4096 : i * 4096 + len(outage.RECORD % i)] != (outage.RECORD % i).encode()
+    ]
+    assert lost == [], f"records the guest wrote but the LUN's file lacks: {lost[:10]}"
+    report(
+        "outage",
+        f"tgtd SIGKILLed mid-write under werror=stop (QEMU {qemu}): no pause, "
+        f"the guest stalled {stalled_for:.0f} s at record {stalled_at}, went on "
+        f"{reconnected:.1f} s after tgtd restarted (libiscsi's reconnect); {last + 1} records "
+        f"written, {len(lost)} lost",
+    )
