@@ -67,6 +67,9 @@ class OpKind(enum.StrEnum):
     COMMIT = "commit"
     STREAM = "stream"
     SNAPSHOT = "snapshot"
+    #: A live restore into a raw target: the disk runs on a temporary qcow2 overlay over the
+    #: backup, mirrored (write-blocking) into the target, which the device pivots onto.
+    MIRROR = "mirror"
 
 
 class Step(enum.StrEnum):
@@ -161,7 +164,7 @@ class Intent:
     vm: str
     step: Step = Step.PLANNED
     job_id: str | None = None
-    active: bool = False  # an active commit (READY, then pivot)
+    active: bool = False  # an active commit or a mirror (READY, then pivot)
     devices: Mapping[str, DeviceChains] = field(default_factory=dict)
     #: Nodes to ``blockdev-del`` once the job succeeded, top-down (format before file).
     drop_nodes: tuple[str, ...] = ()
@@ -495,6 +498,17 @@ class ReplaceServer:
 
 
 @dataclass(frozen=True, slots=True)
+class RestartMirror:
+    """A live restore's mirror into its raw target stopped with the disk still on the
+    overlay: start it again from ``node`` into ``target`` (the whole disk again; a new job
+    id), then plan again (adopt it: READY, then the pivot)."""
+
+    device: str
+    node: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
 class RestartStream:
     """A live restore's copy stopped with the disk still on the backup: start it again (a
     new job id), then plan again (adopt it)."""
@@ -513,6 +527,7 @@ Action = (
     | StopServer
     | ReplaceServer
     | RestartStream
+    | RestartMirror
 )
 
 
@@ -565,7 +580,7 @@ def plan(intent: Intent, facts: Facts, *, owner_alive: bool = False) -> Plan:
     job = facts.jobs.get(intent.job_id) if intent.job_id else None
     if job is not None and job.status is not JobStatus.NULL:  # NULL: being dismissed = gone
         if job.status in _ACTIVE_JOB:
-            complete = intent.kind is OpKind.COMMIT and intent.active
+            complete = intent.active  # an active commit or a mirror: pivot at READY
             return Plan(
                 verdict=None,
                 actions=(AdoptJob(intent.job_id or "", complete),),
@@ -589,15 +604,21 @@ def plan(intent: Intent, facts: Facts, *, owner_alive: bool = False) -> Plan:
             actions.append(DeleteNodes(present))
         used = _in_use(facts, present)
         unused = tuple(f for f in intent.drop_files if f not in used)
+        registry = [
+            UpdateRegistry(
+                device, tuple(intent.drop_nodes), tuple(intent.add_nodes.get(device, ()))
+            )
+            for device in intent.devices
+        ]
+        if intent.kind is OpKind.MIRROR:
+            # The target's nodes enter the registry first: the flush before the overlay file
+            # goes then covers them (the overlay is given up once the target is durable).
+            actions.extend(registry)
         if intent.delete_files and unused:
             actions.append(DeleteFiles(unused))
         actions.extend(restore)
-        for device in intent.devices:
-            actions.append(
-                UpdateRegistry(
-                    device, tuple(intent.drop_nodes), tuple(intent.add_nodes.get(device, ()))
-                )
-            )
+        if intent.kind is not OpKind.MIRROR:
+            actions.extend(registry)
         by = (
             "QEMU finished it after the controller stopped; "
             if intent.step.order < (Step.CONCLUDED.order)
@@ -646,6 +667,13 @@ def _plan_live_unfinished(intent: Intent, facts: Facts, what: str) -> Plan:
     per recovery run while the server runs; otherwise say what is left and the ways out."""
     assert intent.server is not None
     (device, chains), *_ = intent.devices.items()
+    if facts.server_alive and intent.error is None and intent.kind is OpKind.MIRROR:
+        target = str(intent.add_nodes[device][-1]["node-name"])
+        return Plan(
+            verdict=None,
+            actions=(RestartMirror(device, chains.before[0], target),),
+            message=f"{what}: the copy stopped before the pivot; starting it again",
+        )
     if facts.server_alive and intent.error is None:
         return Plan(
             verdict=None,
@@ -817,6 +845,8 @@ def _live_way_on(intent: Intent, server: ServerRecord, tops: Mapping[str, str]) 
     source = (
         f"{server.source_vm or intent.vm} {server.point or 'POINT'} {server.device or 'DEVICE'}"
     )
+    if intent.kind is OpKind.MIRROR:
+        return _mirror_way_on(intent, source, repo)
     return (
         f"a live restore: {target} holds the guest's writes and the blocks copied so far, "
         "read over the backup's server (stopped now), whose place in the image is not "
@@ -825,6 +855,28 @@ def _live_way_on(intent: Intent, server: ServerRecord, tops: Mapping[str, str]) 
         f"`qemu-img rebase -u -f qcow2 -F raw -b {base} {target}`, "
         f"`qemu-img rebase -f qcow2 -b '' {target}` (copies in the rest), then remove {base}: "
         f"{target} stands alone"
+    )
+
+
+def _mirror_way_on(intent: Intent, source: str, repo: str) -> str:
+    """A live restore into a raw target whose QEMU is gone."""
+    chains = next(iter(intent.devices.values()), None)
+    overlay = chains.files_before[0] if chains and chains.files_before else "OVERLAY"
+    target = chains.files_after[0] if chains and chains.files_after else "TARGET"
+    if intent.step is Step.CONCLUDED:
+        return (
+            f"a live restore into a raw target: the device had pivoted onto {target}, which "
+            f"holds the whole disk; the overlay {overlay} is no longer needed (remove it); "
+            "the backup point is unchanged"
+        )
+    base = f"{overlay}.base.raw"
+    return (
+        f"a live restore into a raw target: {overlay} holds the guest's writes, {target} only "
+        "part of the copy; the backup point is unchanged. To finish, keeping the guest's "
+        f"writes: `blockctl restore {source} {base}{repo} -O raw`, "
+        f"`qemu-img rebase -u -f qcow2 -F raw -b {base} {overlay}`, "
+        f"`qemu-img convert -n -f qcow2 -O raw {overlay} {target}`, then remove {overlay} "
+        f"and {base}: {target} stands alone"
     )
 
 

@@ -25,7 +25,25 @@ running and the record; ``blockctl recover`` adopts the copy (or starts it again
 server runs), then deletes the backup nodes and stops the server. Server killed: recovery
 starts a new one and puts the target on new backup nodes (``blockdev-reopen``), then copies.
 QEMU killed: recovery stops the server and says how to make the target whole keeping the
-guest's writes. Not yet (issue 18): raw targets (mirror).
+guest's writes.
+
+A raw target (a new raw file, or an existing block device: ``host_device``) cannot back onto
+anything, so the guest's disk runs on a temporary local qcow2 overlay over the backup nodes,
+mirrored into the target::
+
+    new raw target (a file: created 0600; a block device: at least the point's size)
+    new empty qcow2 overlay (next to a file target; else in the run directory) over the
+    backup nodes, hot-plugged as above
+    blockdev-add the target's nodes (file or host_device → raw)
+    blockdev-mirror overlay → target, sync full, copy-mode write-blocking (a guest write
+    completes once it is on the target too)
+    READY → job-complete: the device pivots onto the target's raw node
+    concluded with no error and offset == length, the device on the target → flush the
+    target (blockdev-reopen), then blockdev-del the overlay and backup nodes, remove the
+    overlay file; the server stops
+
+Journaled as a ``mirror`` record (before: overlay ← backup; after: the target's raw node);
+``recover`` adopts the mirror (pivoting at READY), or mirrors again while the server runs.
 """
 
 from __future__ import annotations
@@ -44,13 +62,13 @@ from typing import Any
 import anyio
 
 from blockctl import _images, _journal, _proc
-from blockctl._backup.serve import PointExport, backing_nodes, serve_point
+from blockctl._backup.serve import BACKUP_NODE_PREFIX, PointExport, backing_nodes, serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobHook, JobResult, start_job
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._ops import drives
-from blockctl._ops.nodes import delete_nodes, read_graph
+from blockctl._ops.nodes import delete_nodes, flush_chain, read_graph
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError
 from blockctl.types import Drive, ErrorPolicy, ImageFormat, Interface
@@ -103,30 +121,60 @@ async def restore_live(
     *,
     interface: Interface = Interface.VIRTIO,
     control: JobControl = DEFAULT_CONTROL,
+    target_format: ImageFormat = ImageFormat.QCOW2,
 ) -> LiveRestoreResult:
     """Hot-plug ``device`` of ``vm_name``'s backup ``point`` into the running ``vm`` as a new
     disk on ``target`` (a new qcow2, 0600), usable by the guest at once, and copy the point
     into it underneath (``block-stream``; ``control``'s speed, deadline (default 3600 s) and
     hooks as for any job; its error policy must be ``report``). Returns once the disk stands
     alone: no backing file, no backup node, no server. The repository is held shared for
-    the whole time (no gc)."""
+    the whole time (no gc).
+
+    ``target_format`` raw: ``target`` is a new raw file (0600) or an existing block device at
+    least as large as the disk; the guest runs on a temporary qcow2 overlay meanwhile, which
+    is mirrored into the target (module docstring); the result's ``job`` is the mirror."""
     started = time.monotonic()
     if control.on_error is not ErrorPolicy.REPORT:
         raise ConfigError(
             "on_error", "a live restore's copy fails on its first error (policy 'report')"
         )
-    await vm.require("blockdev-add", "device_add", "block-stream", "job-dismiss")
+    raw = target_format is ImageFormat.RAW
+    if target_format not in (ImageFormat.QCOW2, ImageFormat.RAW):
+        raise ConfigError("target_format", "a live restore writes a qcow2 or a raw target")
+    copy = ("blockdev-mirror", "job-complete") if raw else ("block-stream",)
+    await vm.require("blockdev-add", "device_add", *copy, "job-dismiss")
     target = Path(target).absolute()
-    if target.exists() or target.is_symlink():
-        raise ConfigError("target", f"{target} exists; a live restore writes a new file")
+    device_target = raw and target.is_block_device()
+    if not device_target and (target.exists() or target.is_symlink()):
+        raise ConfigError(
+            "target",
+            f"{target} exists; a live restore writes a new file"
+            + (" or an existing block device" if raw else ""),
+        )
     with repo.lock(exclusive=False):
         size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
+        if device_target:
+            _check_device_size(target, size)
+        if raw:
+            return await _restore_raw(
+                vm,
+                repo,
+                vm_name,
+                point,
+                device,
+                target,
+                size,
+                device_target,
+                interface,
+                control,
+                started,
+            )
         journaled = vm.run_dir is not None
         with _server_home(vm) as home:
             async with serve_point(
                 repo, vm_name, point, device, home, size=size, detached=journaled
             ) as export:
-                base = f"bclr-{secrets.token_hex(2)}"
+                base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
                 backing = backing_nodes(base, export.socket)
                 info = await _attach(vm, target, size, interface, backing)
                 attached = time.monotonic() - started
@@ -161,6 +209,280 @@ async def restore_live(
         seconds=round(time.monotonic() - started, 3),
         job=result,
     )
+
+
+def _check_device_size(path: Path, size: int) -> None:
+    with open(path, "rb") as dev:
+        have = dev.seek(0, os.SEEK_END)
+    if have < size:
+        raise ConfigError(
+            "target",
+            f"{path} holds {have} bytes, the disk {size}: give a block device at least as large",
+        )
+
+
+async def _restore_raw(
+    vm: VM,
+    repo: Repository,
+    vm_name: str,
+    point: str,
+    device: str,
+    target: Path,
+    size: int,
+    device_target: bool,
+    interface: Interface,
+    control: JobControl,
+    started: float,
+) -> LiveRestoreResult:
+    """The raw target's path (the repository lock is held by the caller)."""
+    journaled = vm.run_dir is not None
+    tag = secrets.token_hex(2)
+    if device_target:
+        overlay = Path(vm.run_dir or tempfile.gettempdir()) / f"live-overlay-{tag}.qcow2"
+    else:
+        overlay = target.parent / f".{target.name}.live-overlay-{tag}.qcow2"
+        await _images.create(target, ImageFormat.RAW, size=size)
+    try:
+        with _server_home(vm) as home:
+            async with serve_point(
+                repo, vm_name, point, device, home, size=size, detached=journaled
+            ) as export:
+                base = f"{BACKUP_NODE_PREFIX}{tag}"
+                info = await _attach(
+                    vm, overlay, size, interface, backing_nodes(base, export.socket)
+                )
+                attached = time.monotonic() - started
+                _log.info(
+                    "blockctl.backup.live_attached",
+                    vm=vm.name,
+                    device=info.device_id,
+                    point=point,
+                    seconds=round(attached, 3),
+                )
+                record = vm.registry.drives[info.device_id]
+                image = next(str(n["node-name"]) for n in record.nodes if n.get("backing") == base)
+                target_nodes = _target_nodes(record.nodes, image, target, size, device_target)
+                try:
+                    for node in target_nodes:
+                        await wire.blockdev_add(vm.session, node)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await _detach(vm, info.device_id, record.nodes)
+                    raise
+                op = None
+                if journaled:
+                    op = await _begin_mirror(
+                        vm,
+                        info.device_id,
+                        export,
+                        repo.path,
+                        vm_name,
+                        point,
+                        device,
+                        target,
+                        target_nodes,
+                    )
+                result = await _mirror(
+                    vm, info.device_id, image, base, target_nodes, overlay, control, op, export
+                )
+    except BaseException:
+        # A new file target nothing writes to any more (the mirror never started, or it was
+        # taken away with the device) goes; one the device may still use stays.
+        if not device_target and not overlay.exists():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+        raise
+    return LiveRestoreResult(
+        device_id=info.device_id,
+        path=target,
+        point=point,
+        source_device=device,
+        seconds_to_attach=round(attached, 3),
+        seconds=round(time.monotonic() - started, 3),
+        job=result,
+    )
+
+
+def _target_nodes(
+    nodes: Sequence[Any], image: str, target: Path, size: int, device_target: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The raw target's nodes (bottom-up), with the overlay's cache and discard options."""
+    overlay_file = next(n for n in nodes if n["node-name"] == f"{image}-file")
+    name = f"{image}-target"
+    file_node = {
+        **overlay_file,
+        "driver": "host_device" if device_target else "file",
+        "node-name": f"{name}-file",
+        "filename": str(target),
+    }
+    raw = {
+        "driver": "raw",
+        "node-name": name,
+        "file": f"{name}-file",
+        "cache": overlay_file.get("cache"),
+        "discard": overlay_file.get("discard"),
+        "read-only": False,
+    }
+    if device_target:
+        raw["size"] = size  # the disk's size, not the device's
+    return file_node, {k: v for k, v in raw.items() if v is not None}
+
+
+async def _begin_mirror(
+    vm: VM,
+    device_id: str,
+    export: PointExport,
+    repo_path: Path,
+    source_vm: str,
+    point: str,
+    device: str,
+    target: Path,
+    target_nodes: Sequence[dict[str, Any]],
+) -> _journal.Op:
+    """The record of the copy to come: the device leaves its overlay and the backup nodes for
+    the target's raw node; the overlay file goes with them."""
+    graph = await read_graph(vm)
+    chain = graph.chain_of(device_id)
+    dropped = [n for layer in chain for n in graph.layer_nodes(layer)]
+    chains = _journal.DeviceChains(
+        before=tuple(n.name for n in chain),
+        after=(str(target_nodes[-1]["node-name"]),),
+        files_before=tuple(str(n.filename) for n in chain),
+        files_after=(str(target),),
+        formats_before=tuple(n.driver for n in chain),
+    )
+    server = _journal.ServerRecord(
+        pid=export.pid,
+        pid_start=_proc.process_start(export.pid),
+        home=str(export.home),
+        repo=str(repo_path),
+        source_vm=source_vm,
+        point=point,
+        device=device,
+    )
+    intent = _journal.Intent(
+        id="",
+        kind=_journal.OpKind.MIRROR,
+        vm=vm.name,
+        active=True,
+        devices={device_id: chains},
+        drop_nodes=tuple(dropped),
+        drop_files=(str(chain[0].filename),),
+        delete_files=True,
+        add_nodes={device_id: tuple(target_nodes)},
+        server=server,
+        what=f"live restore of {device} ({point}) into {target} (raw) on {device_id}",
+    )
+    return _journal.begin(vm, intent)
+
+
+async def _mirror(
+    vm: VM,
+    device_id: str,
+    image: str,
+    base: str,
+    target_nodes: Sequence[dict[str, Any]],
+    overlay: Path,
+    control: JobControl,
+    op: _journal.Op | None,
+    export: PointExport,
+) -> JobResult:
+    record = vm.registry.drives[device_id]
+    target = str(target_nodes[-1]["node-name"])
+    started = False
+
+    async def start(job_id: str) -> None:
+        nonlocal started
+        if op is not None:
+            op.starting(job_id)
+        await wire.blockdev_mirror(
+            vm.session,
+            job_id=job_id,
+            device=image,
+            target=target,
+            copy_mode="write-blocking",
+            speed=control.speed,
+        )
+        started = True
+
+    hooks = control.hooks if op is None else (*control.hooks, op)
+    try:
+        async with start_job(
+            vm.session, "mirror", start, target=image, speed=control.speed, hooks=hooks
+        ) as job:
+            result = await job.wait(
+                complete_on_ready=True, deadline=control.deadline_or(3600.0), hooks=hooks
+            )
+        # JobResult: concluded with no error and offset == length. And QEMU must show the
+        # pivot before anything the device ran on is given up.
+        on = (await read_graph(vm)).chain_of(device_id)
+        if [n.name for n in on] != [target]:
+            raise BlockctlError(
+                f"live restore of {device_id}: the mirror concluded but the device is on "
+                f"{' ← '.join(n.name for n in on)}, not on {target}; nothing was removed"
+            )
+    except BaseException:
+        if not started:
+            if op is not None:
+                op.release()
+            with anyio.CancelScope(shield=True):
+                await delete_nodes(
+                    vm,
+                    [str(n["node-name"]) for n in target_nodes],
+                    event="blockctl.backup.live_node_kept",
+                )
+                await _detach(vm, device_id, record.nodes)
+            if op is not None:
+                op.finished()
+        else:
+            _left_behind(vm, device_id, image, op, export)
+        raise
+    if op is not None:  # only the cleanup is left (recovery finishes it)
+        op.step(_journal.Step.CONCLUDED)
+    # The target's nodes are the drive's now; flushed before the overlay is given up.
+    vm.registry.put(replace(record, nodes=tuple(target_nodes)))
+    await flush_chain(vm, device_id)
+    old = [str(n["node-name"]) for n in record.nodes]  # bottom-up: deleted top-down
+    refused = await delete_nodes(vm, old, event="blockctl.backup.live_node_kept")
+    if image not in refused and f"{image}-file" not in refused:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(overlay)
+    if op is not None:
+        op.finished()
+    return result
+
+
+def _left_behind(
+    vm: VM, device_id: str, image: str, op: _journal.Op | None, export: PointExport
+) -> None:
+    """The copy started and did not finish: the disk stays (the guest may have written to
+    it); journaled, the server stays too and the record says how to finish."""
+    if op is not None and not vm.session.lost:
+        op.release()
+        export.keep_running = True
+        _log.warning(
+            "blockctl.backup.live_unfinished",
+            vm=vm.name,
+            device=device_id,
+            image=image,
+            server=export.pid,
+            reason="the copy did not finish: the disk stays attached and reads the backup "
+            "through its server, which keeps running; `blockctl recover "
+            f"{vm.name}` copies the rest and finishes",
+        )
+    elif op is not None:
+        op.release()  # QEMU is gone: the record is for `blockctl recover` to report
+    else:
+        _log.warning(
+            "blockctl.backup.live_left_attached",
+            vm=vm.name,
+            device=device_id,
+            image=image,
+            reason="the copy did not finish: the disk stays attached, what the guest "
+            "wrote is kept in it, and blocks not yet copied fail to read once the backup's "
+            f"server stops; detach it (blockctl detach {vm.name} {device_id}) and "
+            "restore again",
+        )
 
 
 @contextlib.contextmanager
@@ -269,35 +591,9 @@ async def _stream(
                 await _detach(vm, device_id, record.nodes)
             if op is not None:
                 op.finished()
-        elif op is not None and not vm.session.lost:
-            # The guest reads the disk through the server: both stay, and the record says
-            # how to finish.
-            op.release()
-            export.keep_running = True
-            _log.warning(
-                "blockctl.backup.live_unfinished",
-                vm=vm.name,
-                device=device_id,
-                image=image,
-                server=export.pid,
-                reason="the copy did not finish: the disk stays attached and reads the backup "
-                "through its server, which keeps running; `blockctl recover "
-                f"{vm.name}` copies the rest and finishes",
-            )
-        elif op is not None:
-            op.release()  # QEMU is gone: the record is for `blockctl recover` to report
         else:
             # Not taken away under a guest that may have written to it: said instead.
-            _log.warning(
-                "blockctl.backup.live_left_attached",
-                vm=vm.name,
-                device=device_id,
-                image=image,
-                reason="the stream did not finish: the disk stays attached, what the guest "
-                "wrote is kept in it, and blocks not yet copied fail to read once the backup's "
-                f"server stops; detach it (blockctl detach {vm.name} {device_id}) and "
-                "restore again",
-            )
+            _left_behind(vm, device_id, image, op, export)
         raise
     if op is not None:  # only the cleanup is left (recovery finishes it)
         op.step(_journal.Step.CONCLUDED)

@@ -45,6 +45,9 @@ READY_TIMEOUT = 30.0
 #: Seconds the NBD client waits for a server that went away before requests fail (a short
 #: outage goes unnoticed: ``notes/backup-data-path.md``).
 RECONNECT_DELAY = 10
+#: The names of a live restore's backup nodes begin with it (recovery tells them from the
+#: other nodes an operation drops by it).
+BACKUP_NODE_PREFIX = "bclr-"
 
 
 def backing_nodes(base: str, socket: Path) -> tuple[dict[str, Any], dict[str, Any]]:

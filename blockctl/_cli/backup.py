@@ -331,7 +331,7 @@ class RestoreCommand(Command):
             "--live",
             action="store_true",
             help="with --attach: attach the disk at once and copy the point into it while the "
-            "guest uses it (qcow2 only)",
+            "guest uses it (-O raw: a new raw file or a block device, mirrored from an overlay)",
         )
         parser.add_argument("--speed", help="--live: bytes/s limit of the copy (e.g. 50M)")
         parser.add_argument(
@@ -345,8 +345,6 @@ class RestoreCommand(Command):
                 raise ConfigError(
                     "live", "--live needs --attach TARGET_VM: the running VM to restore into"
                 )
-            if fmt is not ImageFormat.QCOW2:
-                raise ConfigError("output_format", "--live writes qcow2 (raw targets: not yet)")
             return await self._live(args, open_repo(args), fmt)
         if args.speed is not None:
             raise ConfigError("speed", "--speed limits a --live restore's copy")
@@ -388,6 +386,7 @@ class RestoreCommand(Command):
                 args.device,
                 args.dest.absolute(),
                 control=job_control(args, job_hooks(args, "restore")),
+                target_format=fmt,
             )
         emit(
             args,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockctl import _agent, _images, _journal, _proc
-from blockctl._backup.serve import backing_nodes, serve_point
+from blockctl._backup.serve import BACKUP_NODE_PREFIX, backing_nodes, serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
 from blockctl._journal import (
@@ -36,6 +36,7 @@ from blockctl._journal import (
     Relink,
     ReopenReadOnly,
     ReplaceServer,
+    RestartMirror,
     RestartStream,
     Step,
     StopServer,
@@ -242,8 +243,8 @@ async def _reconcile_one(
         if plan.verdict is not None:
             break
         for action in plan.actions:
-            if isinstance(action, RestartStream):
-                intent = await _restart_stream(vm, intent, action)
+            if isinstance(action, RestartStream | RestartMirror):
+                intent = await _restart_copy(vm, intent, action)
                 done.append(f"started the copy again: job {intent.job_id}")
                 continue
             if isinstance(action, ReplaceServer):
@@ -312,13 +313,23 @@ async def _adopt(
     return replace(intent, step=Step.CONCLUDED)
 
 
-async def _restart_stream(vm: VM, intent: Intent, action: RestartStream) -> Intent:
+async def _restart_copy(vm: VM, intent: Intent, action: RestartStream | RestartMirror) -> Intent:
     """Start a live restore's copy again; the record names the new job before it exists."""
     assert vm.run_dir is not None
-    job_id = f"bc-stream-{secrets.token_hex(3)}"
+    kind = "mirror" if isinstance(action, RestartMirror) else "stream"
+    job_id = f"bc-{kind}-{secrets.token_hex(3)}"
     intent = replace(intent, job_id=job_id, step=Step.STARTING, error=None)
     _journal.write(vm.run_dir, intent)
-    await wire.block_stream(vm.session, job_id=job_id, device=action.node)
+    if isinstance(action, RestartMirror):
+        await wire.blockdev_mirror(
+            vm.session,
+            job_id=job_id,
+            device=action.node,
+            target=action.target,
+            copy_mode="write-blocking",
+        )
+    else:
+        await wire.block_stream(vm.session, job_id=job_id, device=action.node)
     return intent
 
 
@@ -361,7 +372,7 @@ async def _replace_server(vm: VM, intent: Intent, action: ReplaceServer) -> Inte
         intent = replace(intent, server=server)
         _journal.write(vm.run_dir, intent)
         await _stop_server(old)
-        base = f"bclr-{secrets.token_hex(2)}"
+        base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
         nodes = backing_nodes(base, export.socket)
         added: list[str] = []
         try:
@@ -374,13 +385,15 @@ async def _replace_server(vm: VM, intent: Intent, action: ReplaceServer) -> Inte
             raise
     except BlockctlError as exc:
         return replace(intent, error=f"a new server of the backup could not be put in: {exc}")
-    # The old backup nodes: raw first (it holds the nbd node).
-    old_nodes = sorted(intent.drop_nodes, key=lambda n: n.endswith("-nbd"))
+    # The old backup nodes (a raw target's overlay is dropped at the end too, but stays):
+    # raw first (it holds the nbd node).
+    old_backup = [n for n in intent.drop_nodes if n.startswith(BACKUP_NODE_PREFIX)]
+    old_nodes = sorted(old_backup, key=lambda n: n.endswith("-nbd"))
     await delete_nodes(vm, old_nodes[::-1], event="blockctl.recovery.live_node_kept")
     # In the record, each old backup node's place is taken by its new counterpart.
     new_nbd, new_raw = nodes
-    swapped = {**{n: new_nbd for n in intent.drop_nodes if n.endswith("-nbd")}}
-    swapped.update({n: new_raw for n in intent.drop_nodes if not n.endswith("-nbd")})
+    swapped = {**{n: new_nbd for n in old_backup if n.endswith("-nbd")}}
+    swapped.update({n: new_raw for n in old_backup if not n.endswith("-nbd")})
     vm.registry.put(
         replace(
             record,
@@ -391,8 +404,9 @@ async def _replace_server(vm: VM, intent: Intent, action: ReplaceServer) -> Inte
             ),
         )
     )
-    names = {n: base for n in intent.drop_nodes if not n.endswith("-nbd")}
+    names = {n: base for n in old_backup if not n.endswith("-nbd")}
     url = f"nbd+unix:///?socket={export.socket}"
+    old_url = chains.files_before[1] if len(chains.files_before) > 1 else None
     devices = {
         **intent.devices,
         action.device: replace(
@@ -401,7 +415,13 @@ async def _replace_server(vm: VM, intent: Intent, action: ReplaceServer) -> Inte
             files_before=(*chains.files_before[:1], url, *chains.files_before[2:]),
         ),
     }
-    return replace(intent, devices=devices, drop_nodes=(base, f"{base}-nbd"), drop_files=(url,))
+    kept = tuple(n for n in intent.drop_nodes if n not in old_backup)
+    return replace(
+        intent,
+        devices=devices,
+        drop_nodes=(*kept, base, f"{base}-nbd"),
+        drop_files=(*(f for f in intent.drop_files if f != old_url), url),
+    )
 
 
 async def _stop_server(server: _journal.ServerRecord) -> str:

@@ -581,6 +581,33 @@ async def blockdev_backup(
     await session.execute("blockdev-backup", _job_options(job_id, speed, auto_finalize, extra))
 
 
+async def blockdev_mirror(
+    session: QMPSession,
+    *,
+    job_id: str,
+    device: str,
+    target: str,
+    sync: str = "full",
+    copy_mode: str | None = None,
+    speed: int | None = None,
+    auto_finalize: bool = True,
+    on_source_error: str | None = None,
+    on_target_error: str | None = None,
+) -> None:
+    """Start a mirror of node ``device`` into the existing node ``target``: READY once in
+    sync, then ``job-complete`` moves ``device``'s users onto ``target``. ``copy_mode``
+    ``write-blocking``: a guest write completes only once it is on the target too."""
+    extra = {
+        "device": device,
+        "target": target,
+        "sync": sync,
+        "copy-mode": copy_mode,
+        "on-source-error": on_source_error,
+        "on-target-error": on_target_error,
+    }
+    await session.execute("blockdev-mirror", _job_options(job_id, speed, auto_finalize, extra))
+
+
 async def block_commit(
     session: QMPSession,
     *,

@@ -1,14 +1,15 @@
 """A controller that dies: attach to VM, run one operation, kill -9 itself at a step.
 
 ``python -m tests.integration.crash_child VM KIND STEP JSON`` — KIND is ``commit``,
-``stream``, ``snapshot``, ``backup`` or ``live`` (a live restore: ``repo``, ``point``,
-``device``, ``target``, ``speed``); STEP a :class:`blockctl._journal.Step` value (for a
-backup: a name in ``blockctl.backup.STEPS``, or ``copy``; ``frozen``: right after a quiesced
-operation's freeze is confirmed, via ``_agent.FAILPOINT``); JSON the operation's keyword
-arguments (for a backup: ``repo``, and optionally ``kind`` and ``scratch_dir``). The process
-SIGKILLs itself right after the journal record for STEP is on disk (``_journal.FAILPOINT``),
-or, for a backup, at the backup's failpoint STEP (``copy``: at the first progress record of
-the read, with the fleecing job, nodes and export live): the crash point is exact, never a
+``stream``, ``snapshot``, ``backup``, ``live`` (a live restore: ``repo``, ``point``,
+``device``, ``target``, ``speed``) or ``live-raw`` (the same, into a new raw file); STEP a
+:class:`blockctl._journal.Step` value (for a backup: a name in ``blockctl.backup.STEPS``, or
+``copy``; ``frozen``: right after a quiesced operation's freeze is confirmed, via
+``_agent.FAILPOINT``); JSON the operation's keyword arguments (for a backup: ``repo``, and
+optionally ``kind`` and ``scratch_dir``). The process SIGKILLs itself right after the journal
+record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup, at the backup's
+failpoint STEP (``copy``: at the first progress record of the read, with the fleecing job,
+nodes and export live): the crash point is exact, never a
 race. Exit code 3: the operation ended without reaching STEP (the test fails on it).
 """
 
@@ -30,6 +31,7 @@ from blockctl._machine import attach
 from blockctl._ops import chains
 from blockctl.backup import BackupOptions
 from blockctl.jobs import JobControl
+from blockctl.types import ImageFormat
 
 
 def die_at(kind: str, step: str) -> None:
@@ -82,7 +84,7 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
                 options=BackupOptions(scratch_dir=None if scratch is None else Path(scratch)),
                 control=JobControl(hooks=(DieReading(),) if step == "copy" else ()),
             )
-        elif kind == "live":
+        elif kind in ("live", "live-raw"):
             repo = backup.open_repository(kwargs.pop("repo"))
             await backup.restore_live(
                 vm,
@@ -92,6 +94,7 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
                 kwargs["device"],
                 Path(kwargs["target"]),
                 control=JobControl(speed=kwargs.get("speed")),
+                target_format=ImageFormat.RAW if kind == "live-raw" else ImageFormat.QCOW2,
             )
         elif kind == "commit":
             await chains.commit(vm, control=JobControl(speed=kwargs.pop("speed", None)), **kwargs)
@@ -108,8 +111,9 @@ if __name__ == "__main__":
         if at != "copy" and at not in backup.STEPS:
             sys.exit(f"no backup step {at!r}: {', '.join(backup.STEPS)} or copy")
     else:
-        # A live restore's record is a stream's (with its server).
-        die_at("stream" if op_kind == "live" else op_kind, at)
+        # A live restore's record is a stream's (with its server); into a raw target, a
+        # mirror's.
+        die_at({"live": "stream", "live-raw": "mirror"}.get(op_kind, op_kind), at)
     extra = {"step": at} if op_kind == "backup" else {}
     anyio.run(main, name, op_kind, {**json.loads(args), **extra}, backend="asyncio")
     sys.exit(3)

@@ -9,6 +9,7 @@ import stat
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -905,3 +906,81 @@ def test_a_live_restore_with_qemu_gone_stops_the_server_and_says_the_target_is_p
     assert done.actions == (j.StopServer(SERVER),)
     assert done.tops == {"disk1": "/t/new.qcow2"}
     assert "rebase -u" in done.message
+
+
+# Section: a live restore into a raw target (a mirror from an overlay, then a pivot)
+
+TARGET_NODES = (
+    {"driver": "file", "node-name": "drv1-target-file", "filename": "/t.raw"},
+    {"driver": "raw", "node-name": "drv1-target", "file": "drv1-target-file"},
+)
+MIRROR_DROPS = ("drv1", "drv1-file", "bclr", "bclr-nbd")
+
+
+def live_mirror(step: Step = Step.RUNNING) -> Intent:
+    return Intent(
+        id="mirror-1",
+        kind=OpKind.MIRROR,
+        vm="vm",
+        step=step,
+        job_id="bc-mirror-9",
+        active=True,
+        devices={
+            "disk1": DeviceChains(
+                before=("drv1", "bclr"),
+                after=("drv1-target",),
+                files_before=("/.t.raw.live-overlay-1.qcow2", "nbd+unix:///?socket=/s"),
+                files_after=("/t.raw",),
+                formats_before=("qcow2", "raw"),
+            )
+        },
+        drop_nodes=MIRROR_DROPS,
+        drop_files=("/.t.raw.live-overlay-1.qcow2",),
+        delete_files=True,
+        add_nodes={"disk1": TARGET_NODES},
+        server=SERVER,
+    )
+
+
+def mirror_facts(chain: tuple[str, ...], **kwargs: Any) -> Facts:
+    nodes = frozenset({*chain, *MIRROR_DROPS, "drv1-target-file"})
+    return replace(live_facts(chain, **kwargs), nodes=nodes)
+
+
+def test_a_live_mirror_that_runs_is_adopted_and_pivoted_at_ready() -> None:
+    jobs = {"bc-mirror-9": JobFact(status=JobStatus.RUNNING, error=None)}
+    plan = j.plan(live_mirror(), mirror_facts(("drv1", "bclr"), server_alive=True, jobs=jobs))
+    assert plan.verdict is None
+    assert plan.actions == (AdoptJob("bc-mirror-9", True),)
+
+
+def test_a_pivoted_live_mirror_puts_the_target_in_the_registry_before_the_overlay_goes() -> None:
+    plan = j.plan(live_mirror(Step.CONCLUDED), mirror_facts(("drv1-target",), server_alive=True))
+    assert plan.verdict is Verdict.FINISHED
+    assert plan.actions == (
+        DeleteNodes(MIRROR_DROPS),
+        UpdateRegistry("disk1", MIRROR_DROPS, TARGET_NODES),
+        DeleteFiles(("/.t.raw.live-overlay-1.qcow2",)),
+        j.StopServer(SERVER),
+    )
+
+
+def test_a_live_mirror_still_on_the_overlay_mirrors_again_while_its_server_runs() -> None:
+    plan = j.plan(live_mirror(), mirror_facts(("drv1", "bclr"), server_alive=True))
+    assert plan.verdict is None
+    assert plan.actions == (j.RestartMirror("disk1", "drv1", "drv1-target"),)
+    # The server gone: a new one is put in, as for a stream.
+    gone = j.plan(live_mirror(), mirror_facts(("drv1", "bclr"), server_alive=False))
+    assert gone.actions == (j.ReplaceServer("disk1", "drv1"),)
+
+
+def test_a_live_mirror_whose_qemu_died_says_how_to_finish_keeping_the_writes() -> None:
+    plan = j.plan(live_mirror(), Facts(alive=False))
+    assert plan.verdict is Verdict.QEMU_GONE
+    assert plan.tops == {"disk1": "/.t.raw.live-overlay-1.qcow2"}
+    assert "qemu-img convert -n -f qcow2 -O raw /.t.raw.live-overlay-1.qcow2 /t.raw" in (
+        plan.message
+    )
+    done = j.plan(live_mirror(Step.CONCLUDED), Facts(alive=False))
+    assert done.tops == {"disk1": "/t.raw"}
+    assert "had pivoted onto /t.raw" in done.message
