@@ -20,6 +20,7 @@ import inspect
 import os
 import re
 import shutil
+import socket as socket_module
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -104,6 +105,7 @@ _EXPORT = re.compile(r"^bcx\d+-[0-9a-f]{4}$")
 STEPS = (
     "before-transaction",
     "after-transaction",
+    "after-server-start",
     "after-chunks",
     "after-index",
     "after-manifest",
@@ -217,9 +219,6 @@ async def _recover(vm: VM, repo: Repository) -> tuple[list[str], BlockGraph | No
         with contextlib.suppress(BlockctlError):
             await wire.block_export_del(vm.session, export)
             notes.append(f"removed the leftover NBD export {export}")
-    if ours and len(ours) == len(exports):
-        with contextlib.suppress(BlockctlError):
-            await wire.nbd_server_stop(vm.session)
     for job in await adopt_jobs(vm.session):
         if job.type != "backup" or not job.id.startswith("bc-backup-"):
             continue
@@ -235,6 +234,15 @@ async def _recover(vm: VM, repo: Repository) -> tuple[list[str], BlockGraph | No
         (n for n in graph.nodes.values() if _FLEECE_NODE.match(n.name)),
         key=lambda n: n.name.endswith("-file"),  # format nodes before their files
     )
+    # QEMU runs one NBD server, and names neither its address nor its owner. It is ours when
+    # our exports were its only ones, or, killed before any export was added, when it listens
+    # on a stopped backup's socket (in the scratch directory beside its fleecing overlays):
+    # left running, it would refuse every later backup ("NBD server already running").
+    if len(ours) == len(exports) and (ours or any(map(_listens, _scratch_sockets(stale)))):
+        with contextlib.suppress(BlockctlError):
+            await wire.nbd_server_stop(vm.session)
+            if not ours:
+                notes.append("stopped the NBD server of a stopped controller (it had no export)")
     for node in stale:
         graph = None  # nodes go: the graph is read again
         with contextlib.suppress(BlockctlError):
@@ -254,6 +262,29 @@ async def _recover(vm: VM, repo: Repository) -> tuple[list[str], BlockGraph | No
     for note in notes:
         _log.warning("blockctl.backup.recovered", vm=vm.name, note=note)
     return notes, graph
+
+
+def _scratch_sockets(nodes: Sequence[GraphNode]) -> list[Path]:
+    """Where the backups that added these fleecing nodes served their exports."""
+    return sorted(
+        {
+            Path(n.filename).parent / "nbd.sock"
+            for n in nodes
+            if n.filename and Path(n.filename).parent.name.startswith("bc-scratch-")
+        }
+    )
+
+
+def _listens(path: Path) -> bool:
+    """Whether something accepts connections on the unix socket ``path`` (a socket file
+    outlives the QEMU that listened on it)."""
+    with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _checkpoint(
@@ -607,6 +638,7 @@ async def _backup(
             socket = str(scratch / "nbd.sock")
             await wire.nbd_server_start(vm.session, socket)
             server_started = True
+            await _at(failpoint, "after-server-start")
             for d in disks:
                 await wire.block_export_add(
                     vm.session,

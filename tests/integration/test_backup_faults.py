@@ -262,7 +262,7 @@ async def test_failure_at_every_step_records_nothing_and_loses_no_write(
     ]
     # One connection: the copy stops right after its first chunk, one of W1's three.
     one = BackupOptions(scratch_dir=scratch, connections=1)
-    cases.insert(2, ("copy", {"_fail_after_chunks": 1, "options": one}, OSError))
+    cases.insert(3, ("copy", {"_fail_after_chunks": 1, "options": one}, OSError))
     async with open_vm(config(guest, "faults", disk)) as vm:
         assert vm.console is not None
         await vm.console.wait_ready()
@@ -500,14 +500,24 @@ async def kill_controller_at(name: str, step: str, repo: Repository, scratch: Pa
 
 
 #: Where the child dies: every step, and "copy" (its first progress record of the read, with
-#: QEMU's fleecing job, nodes, NBD server and export all live).
-KILL_STEPS = ("before-transaction", "after-transaction", "copy", *ops.STEPS[2:])
+#: QEMU's fleecing job, nodes, NBD server and export all live). At "after-server-start" QEMU's
+#: NBD server runs with no export yet: recovery must still stop it, or every later backup is
+#: refused ("NBD server already running"; seen in a fleet run where a worker died with two
+#: backups in flight).
+KILL_STEPS = (
+    "before-transaction",
+    "after-transaction",
+    "after-server-start",
+    "copy",
+    *ops.STEPS[3:],
+)
 #: What each kill leaves before recovery: (fleecing nodes, job, export, the incomplete point's
 #: files, the repository's bitmaps: the last good point's and the attempt's, and whether the
 #: good one records).
 KILL_LEAVES: dict[str, tuple[bool, bool, bool, list[str] | None, str]] = {
     "before-transaction": (False, False, False, [], "good, recording"),
     "after-transaction": (True, True, False, [], "good + new, frozen"),
+    "after-server-start": (True, True, False, [], "good + new, frozen"),
     "copy": (True, True, True, [], "good + new, frozen"),
     "after-chunks": (False, False, False, [], "good + new, frozen"),
     "after-index": (False, False, False, ["disk0.index"], "good + new, frozen"),
