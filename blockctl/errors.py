@@ -63,6 +63,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
+from typing import ClassVar
 
 __all__ = [
     "BlockctlError",
@@ -308,17 +309,32 @@ class PassedThrough(BlockctlError):
     guest's SCSI commands go to the target as they are (an ioctl through QEMU's nodes), which
     only the iscsi node can carry, and which no overlay, bitmap or job above it sees."""
 
+    #: Why each operation cannot be done on such a disk, and the way out it names.
+    WHY: ClassVar[dict[str, tuple[str, str]]] = {
+        "snapshot": (
+            "a qcow2 overlay above it cannot pass them on (every guest read and write would "
+            "fail with an I/O error)",
+            "take the snapshot on the target (the storage's own snapshot), or attach the LUN "
+            "emulated (scsi-hd, without passthrough) to snapshot it",
+        ),
+        "backup": (
+            "its writes bypass QEMU's block layer: no dirty bitmap records them and no "
+            "copy-before-write filter holds the point in time, so a backup could miss writes "
+            "without a sign",
+            "back it up on the target (the storage's own snapshot or backup), or attach the "
+            "LUN emulated (scsi-hd, without passthrough) to back it up",
+        ),
+    }
+
     def __init__(self, operation: str, device_id: str, *, device_driver: str) -> None:
         self.operation = operation
         self.device_id = device_id
         self.device_driver = device_driver
+        why, elsewhere = self.WHY.get(operation, self.WHY["snapshot"])
         super().__init__(
             f"{operation}: {device_id} is a passed-through LUN ({device_driver}): the guest's "
-            "SCSI commands reach the target directly, and a qcow2 overlay above it cannot pass "
-            "them on (every guest read and write would fail with an I/O error). Ways out: "
-            f"leave {device_id} out (name the other disks), take the snapshot on the target "
-            f"(the storage's own snapshot), or attach the LUN emulated (scsi-hd, without "
-            "passthrough) to snapshot it"
+            f"SCSI commands reach the target directly, and {why}. Ways out: leave "
+            f"{device_id} out (name the other disks), {elsewhere}"
         )
 
 

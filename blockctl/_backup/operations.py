@@ -81,7 +81,7 @@ from blockctl._jobs import (
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._ops import conflicts
-from blockctl._ops.nodes import delete_nodes, read_graph
+from blockctl._ops.nodes import delete_nodes, read_graph, refuse_passed_through
 from blockctl._qmp import wire
 from blockctl._qmp.models import FileOptions, FormatOptions
 from blockctl.errors import (
@@ -541,6 +541,8 @@ async def _backup(
                 export=f"bcx{n}-{point[-4:]}",
             )
         )
+    # Before anything is added: a passed-through LUN's writes would escape the checkpoint.
+    await refuse_passed_through(vm, graph, chosen, "backup")
     reasons = [f"{d.device}: {d.reason}" for d in disks if d.reason]
     if recovered and kind == "incremental":
         _log.warning("blockctl.backup.recovered_first", vm=vm.name, notes=recovered)

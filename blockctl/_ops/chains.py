@@ -41,7 +41,7 @@ from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobResult, error_policy,
 from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._ops import conflicts, recovery
-from blockctl._ops.nodes import delete_nodes, node_options, set_read_only
+from blockctl._ops.nodes import delete_nodes, node_options, refuse_passed_through, set_read_only
 from blockctl._ops.nodes import flush_chain as flush_chain  # re-exported: chains' own API
 from blockctl._ops.nodes import read_graph as read_graph
 from blockctl._qmp import wire
@@ -53,7 +53,6 @@ from blockctl.errors import (
     JobCancelled,
     JobFailed,
     NodeNotFound,
-    PassedThrough,
     SnapshotLoadFailed,
     UnsafeOperation,
 )
@@ -129,7 +128,7 @@ async def external_snapshot(
     chosen = _writable_disks(graph, devices)
     if not chosen:
         raise ConfigError("devices", "no writable disk to snapshot")
-    await _refuse_passed_through(vm, graph, chosen, "snapshot")
+    await refuse_passed_through(vm, graph, chosen, "snapshot")
     plans: list[tuple[str, GraphNode, Path, str]] = []
     for device in chosen:
         top = graph.format_node(device)
@@ -246,28 +245,6 @@ async def external_snapshot(
         frozen={d: str(t.filename) for d, t, _o, _n in plans},
         quiesced=point.consistent,
     )
-
-
-#: Guest devices that send the guest's SCSI commands to the LUN as they are (SG_IO through
-#: the block layer, which only the iscsi node answers: measured, a qcow2 overlay above one
-#: fails every guest read and write with EIO while QEMU reports the snapshot done).
-_PASSTHROUGH_DEVICES = frozenset({"scsi-block", "scsi-generic"})
-
-
-async def _refuse_passed_through(
-    vm: VM, graph: BlockGraph, devices: Sequence[str], operation: str
-) -> None:
-    """Refuse ``operation`` on any of ``devices`` that is a passed-through LUN, by the QOM
-    type of the guest device QEMU has (not a record: a foreign VM has none)."""
-    for device in devices:
-        qdev = graph.devices[device].qdev
-        if not qdev:
-            continue  # a block backend with no guest device: nothing passes through
-        # QEMU names a device by its id when it has one, else by its QOM path.
-        path = qdev if qdev.startswith("/") else f"/machine/peripheral/{qdev}"
-        kind = str(await vm.qom_get(path, "type"))
-        if kind in _PASSTHROUGH_DEVICES:
-            raise PassedThrough(operation, device, device_driver=kind)
 
 
 def _is_block_device(filename: str) -> bool:

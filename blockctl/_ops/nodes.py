@@ -16,7 +16,7 @@ from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._qmp import wire
 from blockctl._registry import DriveRecord
-from blockctl.errors import BlockctlError
+from blockctl.errors import BlockctlError, PassedThrough
 
 _log = get_logger()
 
@@ -105,3 +105,26 @@ async def delete_nodes(vm: VM, added: Sequence[str], *, event: str) -> dict[str,
                 if not vm.session.lost:  # QEMU gone: its nodes went with it, nothing is kept
                     _log.warning(event, node=name, error=str(exc))
     return refused
+
+
+#: Guest devices that send the guest's SCSI commands to the LUN as they are (SG_IO through
+#: the block layer, which only the iscsi node answers: measured, a qcow2 overlay above one
+#: fails every guest read and write with EIO while QEMU reports the snapshot done). Their
+#: writes are ioctls: no dirty bitmap records them and no copy-before-write filter sees them.
+PASSTHROUGH_DEVICES = frozenset({"scsi-block", "scsi-generic"})
+
+
+async def refuse_passed_through(
+    vm: VM, graph: BlockGraph, devices: Sequence[str], operation: str
+) -> None:
+    """Refuse ``operation`` on any of ``devices`` that is a passed-through LUN, by the QOM
+    type of the guest device QEMU has (not a record: a foreign VM has none)."""
+    for device in devices:
+        qdev = graph.devices[device].qdev
+        if not qdev:
+            continue  # a block backend with no guest device: nothing passes through
+        # QEMU names a device by its id when it has one, else by its QOM path.
+        path = qdev if qdev.startswith("/") else f"/machine/peripheral/{qdev}"
+        kind = str(await vm.qom_get(path, "type"))
+        if kind in PASSTHROUGH_DEVICES:
+            raise PassedThrough(operation, device, device_driver=kind)

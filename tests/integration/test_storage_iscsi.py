@@ -27,6 +27,7 @@ from blockctl._ops import drives
 from blockctl._ops.apply import Action, load_desired
 from blockctl._ops.apply import apply as apply_drives
 from blockctl._ops.drives import UnplugState
+from blockctl._ops.nodes import read_graph
 from blockctl._qmp import wire
 from blockctl.errors import CommandFailed, ConfigError, PassedThrough
 from blockctl.types import DeviceErrorPolicy, Drive, ImageFormat, Interface, IscsiSource
@@ -615,6 +616,23 @@ async def test_a_passed_through_lun_refuses_an_external_snapshot(
         with pytest.raises(ConfigError, match="no backing file to commit into"):
             await chains.commit(vm, "disk1")
         assert await node_names(vm) == nodes
+        # A backup too: the LUN's writes are ioctls that no dirty bitmap records and no
+        # copy-before-write filter holds back, so a point of it could miss writes silently.
+        repo = backup_ops.init_repository(tmp_path / "repo")
+        bitmaps = {n.name: n.dirty_bitmaps for n in (await read_graph(vm)).nodes.values()}
+        for devices in (["disk1"], None):
+            with pytest.raises(PassedThrough) as refused:
+                await backup_ops.backup(vm, repo, devices=devices)
+            assert (refused.value.operation, refused.value.device_id) == ("backup", "disk1")
+            said = str(refused.value)
+            assert "no dirty bitmap records them" in said and "leave disk1 out" in said
+            assert await node_names(vm) == nodes
+            assert {
+                n.name: n.dirty_bitmaps for n in (await read_graph(vm)).nodes.values()
+            } == bitmaps
+            assert await wire.query_jobs(vm.session) == ()
+            assert await wire.query_block_exports(vm.session) == ()
+            assert repo.manifests("ptsnap") == [] and repo.incomplete_points("ptsnap") == []
         # The guest's I/O on the LUN goes on as before.
         after = await guest_write_read(vm, lun_dev, 32, 5)
         await truth_check(vm)
@@ -623,6 +641,8 @@ async def test_a_passed_through_lun_refuses_an_external_snapshot(
         assert list(snap.overlays) == ["disk0"]
         await chains.commit(vm, "disk0")
         assert await node_names(vm) == nodes
+        point = await backup_ops.backup(vm, repo, devices=["disk0"])
+        assert [d.device for d in point.disks] == ["disk0"]
         await truth_check(vm)
     lun = tgt.backing[1].read_bytes()
     assert (sha256(mib(lun, 2)), sha256(mib(lun, 5))) == (before, after)
