@@ -1,5 +1,6 @@
 """``fleet``: blockctl on Temporal (the ``blockctl[fleet]`` extra). ``worker`` runs a host's
-worker; ``backup`` runs a fleet backup over an inventory and prints each VM's point.
+worker; ``backup`` runs a fleet backup over an inventory and prints each VM's point;
+``status`` shows each VM's last point and the last fleet backups Temporal has.
 
 temporalio is imported only when a fleet command runs: every other command, and this one's
 parser, work without it.
@@ -10,10 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blockctl._cli.common import Command, ExitCode, emit, global_options
+from blockctl._cli.output import table
 from blockctl.errors import MissingComponent
+
+if TYPE_CHECKING:
+    from blockctl._fleet.status import FleetStatus
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 
@@ -35,6 +42,12 @@ def _seconds(text: str) -> float:
     if not 1.0 <= value <= 86400.0:
         raise argparse.ArgumentTypeError(f"{text!r}: seconds, 1 to 86400")
     return value
+
+
+def _runs(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of runs, 1 to 100")
+    return int(text)
 
 
 class Fleet(Command):
@@ -76,6 +89,21 @@ class Fleet(Command):
         )
         self._server_options(p)
 
+        p = sub.add_parser(
+            "status",
+            parents=[global_options(parent=False)],
+            help="each VM's last point (from its repository) and the last fleet backups",
+        )
+        p.add_argument("inventory", type=Path, help="a TOML inventory: [hosts.NAME] vms = [...]")
+        p.add_argument(
+            "--runs",
+            type=_runs,
+            default=5,
+            metavar="N",
+            help="how many of the last fleet backup runs to show (default 5)",
+        )
+        self._server_options(p)
+
     @staticmethod
     def _server_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -88,6 +116,8 @@ class Fleet(Command):
     async def run(self, args: argparse.Namespace) -> int:
         if args.action == "worker":
             return await self._worker(args)
+        if args.action == "status":
+            return await self._status(args)
         return await self._backup(args)
 
     async def _worker(self, args: argparse.Namespace) -> int:
@@ -147,3 +177,53 @@ class Fleet(Command):
             "\n".join(lines),
         )
         return ExitCode.ERROR if failed else ExitCode.OK
+
+    async def _status(self, args: argparse.Namespace) -> int:
+        from blockctl._fleet.inventory import load_inventory
+        from blockctl._fleet.status import FleetStatus, to_json, vm_points
+
+        vms = vm_points(load_inventory(args.inventory))
+        _require_temporalio()
+        from blockctl._fleet.worker import recent_runs
+
+        status = FleetStatus(vms, await recent_runs(args.address, args.namespace, args.runs))
+        emit(args, to_json(status), render_status(status))
+        return ExitCode.OK
+
+
+def _when(stamp: float | None) -> str:
+    return "" if stamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def render_status(status: FleetStatus) -> str:
+    """Two tables: the VMs with their last points, the runs with their outcomes; then each
+    failed VM of a completed run, and each ended run's error."""
+    vms = table(
+        ["HOST", "VM", "LAST POINT", "KIND", "COMPLETED"],
+        [
+            (v.host, v.vm, "(no point)", None, None)
+            if v.last is None
+            else (v.host, v.vm, v.last.id, v.last.kind, _when(v.last.completed))
+            for v in status.vms
+        ],
+    )
+    if not status.runs:
+        return f"{vms}\n\nno fleet backup runs on the server"
+    runs = table(
+        ["WORKFLOW", "STATUS", "STARTED", "CLOSED", "BACKED UP", "FAILED"],
+        [
+            (
+                r.workflow_id,
+                r.status,
+                _when(r.started),
+                _when(r.closed),
+                r.backed_up,
+                None if r.backed_up is None else len(r.failed),
+            )
+            for r in status.runs
+        ],
+        right={"BACKED UP", "FAILED"},
+    )
+    notes = [f"{r.workflow_id}: {f.host}/{f.vm}: {f.error}" for r in status.runs for f in r.failed]
+    notes += [f"{r.workflow_id}: {r.error}" for r in status.runs if r.error is not None]
+    return "\n\n".join([vms, runs, *(["\n".join(notes)] if notes else [])])

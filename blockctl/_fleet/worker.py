@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 
 import anyio
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.service import RPCError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -19,11 +20,17 @@ from blockctl._fleet.inventory import (
     FleetBackupResult,
     task_queue,
 )
+from blockctl._fleet.status import RunStatus, VMFailure
 from blockctl._fleet.workflows import FleetBackup
 from blockctl.errors import BlockctlError
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 DEFAULT_NAMESPACE = "default"
+#: How long in all ``fleet_backup`` keeps waiting for a workflow's result while the server
+#: does not answer (restarted, its host rebooting): the SDK's own retries give up after 10 s.
+RECONNECT_WINDOW = 600.0
+#: The codes of a server that is not there (yet): its restart, a lost connection.
+_UNREACHABLE = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED}
 
 
 class FleetError(BlockctlError):
@@ -81,15 +88,68 @@ async def fleet_backup(
     namespace: str = DEFAULT_NAMESPACE,
     workflow_id: str | None = None,
 ) -> FleetBackupResult:
-    """Run the fleet backup workflow over ``request`` and wait for its result."""
+    """Run the fleet backup workflow over ``request`` and wait for its result, through a
+    restart of the server: its state is in its database, the workflow goes on, and so does
+    the wait (the SDK reconnects; a call that fails with the server unreachable is made again
+    for up to ``RECONNECT_WINDOW`` s in all)."""
     client = await connect(address, namespace)
     try:
-        return await client.execute_workflow(
+        handle = await client.start_workflow(
             FleetBackup.run,
             request,
             id=workflow_id or f"fleet-backup-{uuid.uuid4()}",
             task_queue=WORKFLOW_QUEUE,
         )
+        unreachable_since: float | None = None
+        while True:
+            try:
+                return await handle.result()
+            except RPCError as exc:
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if exc.status not in _UNREACHABLE or now - unreachable_since > RECONNECT_WINDOW:
+                    raise
+                await asyncio.sleep(1.0)  # the server restarting: wait for it, not poll hot
     except (RPCError, WorkflowFailureError) as exc:
         cause = getattr(exc, "cause", None) or exc
         raise FleetError(f"the fleet backup failed: {cause}") from None
+
+
+#: The workflows ``fleet status`` lists: the fleet backups, newest first.
+_FLEET_BACKUPS = "WorkflowType = 'blockctl.fleet-backup'"
+
+
+async def recent_runs(
+    address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE, limit: int = 5
+) -> list[RunStatus]:
+    """The last ``limit`` fleet backup runs Temporal lists (newest first; a run just started
+    may take a moment to be listed), each with its outcome: a completed run's per-VM
+    failures, another ended run's error."""
+    client = await connect(address, namespace)
+    runs = []
+    try:
+        async for wf in client.list_workflows(_FLEET_BACKUPS, limit=limit):
+            handle = client.get_workflow_handle(
+                wf.id, run_id=wf.run_id, result_type=FleetBackupResult
+            )
+            # The list is the server's visibility store, updated after the fact: the run's
+            # own state says whether it is still running.
+            run = await handle.describe()
+            status = run.status.name if run.status is not None else "UNSPECIFIED"
+            started = run.start_time.timestamp()
+            closed = None if run.close_time is None else run.close_time.timestamp()
+            if run.status == WorkflowExecutionStatus.RUNNING:
+                runs.append(RunStatus(wf.id, wf.run_id, status, started, closed))
+                continue
+            try:
+                result = await handle.result(follow_runs=False)
+            except WorkflowFailureError as exc:
+                error = str(exc.cause or exc)
+                runs.append(RunStatus(wf.id, wf.run_id, status, started, closed, error=error))
+                continue
+            failed = [VMFailure(r.host, r.vm, r.error) for r in result.results if r.error]
+            backed_up = len(result.results) - len(failed)
+            runs.append(RunStatus(wf.id, wf.run_id, status, started, closed, backed_up, failed))
+    except RPCError as exc:
+        raise FleetError(f"cannot list the fleet backups at {address}: {exc}") from None
+    return runs
