@@ -687,7 +687,8 @@ PROMISES: tuple[Promise, ...] = (
                 file="blockctl/_backup/live.py",
                 find="        if vm.session.lost and op is not None:\n"
                 "            # QEMU is gone, before the stream or during it",
-                replace="        if False:\n            # QEMU is gone, before the stream or during it",
+                replace="        if False:\n"
+                "            # QEMU is gone, before the stream or during it",
                 what="QEMU killed before the stream starts: the rollback drops the record",
             ),
             Mutation(
