@@ -25,7 +25,8 @@ running and the record; ``blockctl recover`` adopts the copy (or starts it again
 server runs), then deletes the backup nodes and stops the server. Server killed: recovery
 starts a new one and puts the target on new backup nodes (``blockdev-reopen``), then copies.
 QEMU killed: recovery stops the server and says how to make the target whole keeping the
-guest's writes.
+guest's writes (the controller keeps the record however early or late QEMU dies: before the
+stream, during it, or in the cleanup after it, and raises ConnectionLost).
 
 A raw target (a new raw file, or an existing block device: ``host_device``) cannot back onto
 anything, so the guest's disk runs on a temporary local qcow2 overlay over the backup nodes,
