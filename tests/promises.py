@@ -664,10 +664,39 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_backup/live.py",
-                find="        if not started:  # the guest has not had the disk long: take it "
+                find="        elif not started:  # the guest has not had the disk long: take it "
                 "away again",
-                replace="        if False:",
+                replace="        elif False:",
                 what="a live restore whose stream failed to start leaves its disk attached",
+            ),
+        ),
+    ),
+    Promise(
+        id="live-restore-qemu-gone-keeps-record",
+        section="Backups",
+        quote="the controller now keeps the record whenever QEMU is gone and raises "
+        "`ConnectionLost`",
+        tests=(
+            I + "test_live_restore.py::test_qemu_killed_during_the_copy_then_recover_says_how_to_"
+            "finish_keeping_the_guest_writes[start]",
+            I + "test_live_restore.py::test_qemu_killed_during_the_copy_then_recover_says_how_to_"
+            "finish_keeping_the_guest_writes[end]",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/live.py",
+                find="        if vm.session.lost and op is not None:\n"
+                "            # QEMU is gone, before the stream or during it",
+                replace="        if False:\n"
+                "            # QEMU is gone, before the stream or during it",
+                what="QEMU killed before the stream starts: the rollback drops the record",
+            ),
+            Mutation(
+                file="blockctl/_backup/live.py",
+                find="    _gone_after_the_copy(vm, device_id, op)\n"
+                "    record = vm.registry.drives[device_id]",
+                replace="    record = vm.registry.drives[device_id]",
+                what="QEMU killed after the stream concluded: the restore reports success",
             ),
         ),
     ),

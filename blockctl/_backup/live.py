@@ -25,7 +25,8 @@ running and the record; ``blockctl recover`` adopts the copy (or starts it again
 server runs), then deletes the backup nodes and stops the server. Server killed: recovery
 starts a new one and puts the target on new backup nodes (``blockdev-reopen``), then copies.
 QEMU killed: recovery stops the server and says how to make the target whole keeping the
-guest's writes.
+guest's writes (the controller keeps the record however early or late QEMU dies: before the
+stream, during it, or in the cleanup after it, and raises ConnectionLost).
 
 A raw target (a new raw file, or an existing block device: ``host_device``) cannot back onto
 anything, so the guest's disk runs on a temporary local qcow2 overlay over the backup nodes,
@@ -70,7 +71,7 @@ from blockctl._machine import VM
 from blockctl._ops import drives
 from blockctl._ops.nodes import delete_nodes, flush_chain, read_graph
 from blockctl._qmp import wire
-from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError
+from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, ConnectionLost
 from blockctl.types import Drive, ErrorPolicy, ImageFormat, Interface
 
 _log = get_logger()
@@ -422,7 +423,9 @@ async def _mirror(
                 f"{' ← '.join(n.name for n in on)}, not on {target}; nothing was removed"
             )
     except BaseException:
-        if not started:
+        if vm.session.lost and op is not None:
+            op.release()  # QEMU is gone (as in _stream): the record is for `blockctl recover`
+        elif not started:
             if op is not None:
                 op.release()
             with anyio.CancelScope(shield=True):
@@ -444,6 +447,7 @@ async def _mirror(
     await flush_chain(vm, device_id)
     old = [str(n["node-name"]) for n in record.nodes]  # bottom-up: deleted top-down
     refused = await delete_nodes(vm, old, event="blockctl.backup.live_node_kept")
+    _gone_after_the_copy(vm, device_id, op)
     if image not in refused and f"{image}-file" not in refused:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(overlay)
@@ -452,12 +456,31 @@ async def _mirror(
     return result
 
 
+def _gone_after_the_copy(vm: VM, device_id: str, op: _journal.Op | None) -> None:
+    """After the copy concluded: QEMU went away during the cleanup (its node deletions
+    failed quietly). Not a finished restore: what the target holds on disk is not known to
+    be durable. The record (step concluded) stays for `blockctl recover` to report.
+
+    :raise ConnectionLost: QEMU is gone.
+    """
+    if not vm.session.lost:
+        return
+    if op is not None:
+        op.release()
+    raise ConnectionLost(
+        f"live restore on {device_id}: QEMU went away after the copy concluded, before its "
+        f"cleanup; run `blockctl recover {vm.name}` for what the target holds and how to "
+        "finish"
+    )
+
+
 def _left_behind(
     vm: VM, device_id: str, image: str, op: _journal.Op | None, export: PointExport
 ) -> None:
     """The copy started and did not finish: the disk stays (the guest may have written to
-    it); journaled, the server stays too and the record says how to finish."""
-    if op is not None and not vm.session.lost:
+    it); journaled, the server stays too and the record says how to finish. (QEMU gone:
+    the callers keep the record themselves.)"""
+    if op is not None:
         op.release()
         export.keep_running = True
         _log.warning(
@@ -470,8 +493,6 @@ def _left_behind(
             "through its server, which keeps running; `blockctl recover "
             f"{vm.name}` copies the rest and finishes",
         )
-    elif op is not None:
-        op.release()  # QEMU is gone: the record is for `blockctl recover` to report
     else:
         _log.warning(
             "blockctl.backup.live_left_attached",
@@ -582,7 +603,12 @@ async def _stream(
         ) as job:
             result = await job.wait(complete_on_ready=False, deadline=deadline, hooks=watchers)
     except BaseException:
-        if not started:  # the guest has not had the disk long: take it away again
+        if vm.session.lost and op is not None:
+            # QEMU is gone, before the stream or during it: nothing can be taken away, and
+            # the guest may have written to the disk since it was attached. The record
+            # stays for `blockctl recover` to say what the target holds and how to finish.
+            op.release()
+        elif not started:  # the guest has not had the disk long: take it away again
             if op is not None:
                 # Released first: unplug's conflict check would otherwise see this very
                 # record (a stream on the device, its writer alive) and refuse.
@@ -599,6 +625,7 @@ async def _stream(
         op.step(_journal.Step.CONCLUDED)
     # QEMU dropped the backing link at the end of the stream: the backup nodes are free.
     refused = await delete_nodes(vm, backing_names, event="blockctl.backup.live_node_kept")
+    _gone_after_the_copy(vm, device_id, op)
     record = vm.registry.drives[device_id]
     nodes = tuple(
         {**n, "backing": None} if n["node-name"] == image else n

@@ -11,22 +11,21 @@ import shlex
 import shutil
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 import nbd
 import pytest
 from structlog.testing import capture_logs
 
-from blockctl import GuestImage, LaunchedVM, backup, open_vm
+from blockctl import GuestImage, LaunchedVM, _journal, backup, open_vm
 from blockctl import attach as attach_vm
 from blockctl._backup import live, serve
 from blockctl._backup.serve import serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import JobControl, JobProgress, JobStatus, JobTransition
-from blockctl._journal import Verdict
+from blockctl._journal import Intent, OpKind, Step, Verdict
 from blockctl._ops import drives, recovery
 from blockctl._qmp import wire
 from blockctl._runtime import read_record
@@ -221,12 +220,7 @@ GUEST_WRITES = ((1024, 128, 0x57), (4032, 128, 0x58), (12288, 64, 0x59))
 
 
 async def guest_fill(vm: LaunchedVM, dev: str, offset_kib: int, kib: int, byte: int) -> None:
-    await sh(
-        vm,
-        f"dd if=/dev/zero bs=64k count={kib // 64} 2>/dev/null | tr '\\000' {chr(byte)} | "
-        f"dd of=/dev/{dev} bs=64k seek={offset_kib // 64} oflag=direct conv=fsync,notrunc "
-        "2>/dev/null",
-    )
+    await sh(vm, fill(dev, offset_kib, kib, byte))
 
 
 @pytest.mark.guest
@@ -463,11 +457,13 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def fill(dev: str, offset_kib: int, kib: int, byte: int) -> str:
-    """The guest command writing ``kib`` KiB of ``byte`` at ``offset_kib``, flushed."""
+    """The guest command writing ``kib`` KiB of ``byte`` at ``offset_kib``, flushed, in whole
+    64 KiB writes (``fullblock``: a pipe gives dd short reads, and a short write into a
+    qcow2 cluster not allocated yet reads the rest of the cluster from the backing)."""
     return (
         f"dd if=/dev/zero bs=64k count={kib // 64} 2>/dev/null | tr '\\000' {chr(byte)} | "
-        f"dd of=/dev/{dev} bs=64k seek={offset_kib // 64} oflag=direct conv=fsync,notrunc "
-        "2>/dev/null"
+        f"dd of=/dev/{dev} bs=64k seek={offset_kib // 64} iflag=fullblock oflag=direct "
+        "conv=fsync,notrunc 2>/dev/null"
     )
 
 
@@ -478,11 +474,40 @@ def read_sha(dev: str, mib: int) -> str:
 WAIT_VDB = "for i in $(seq 200); do test -b /dev/vdb && exit 0; sleep 0.1; done; exit 1"
 
 
-async def reference(repo: Repository, vm_name: str, point: str, path: Path) -> Path:
-    """Built without live restore: the point restored plainly, then :data:`GUEST_WRITES`
-    applied offline at the same offsets."""
+#: Where the server and QEMU kill points fall in the copy: ``start`` at the record's
+#: ``starting`` write (the disk attached and serving, the stream about to be sent), ``mid``
+#: while the stream runs at 1 B/s after the guest wrote, ``end`` at its ``concluded`` write
+#: (the copy done, offset == length; the backup nodes and the server not yet removed).
+KILL_POINTS = ("start", "mid", "end")
+KILL_STEPS = {"start": Step.STARTING, "end": Step.CONCLUDED}
+
+
+def kill_at(monkeypatch: pytest.MonkeyPatch, at: str, pid_of: Callable[[Intent], int]) -> None:
+    """SIGKILL ``pid_of(record)`` right after this process writes the live restore's record
+    at ``at``'s step (the journal's failpoint: exact, never a race); ``mid`` is the test's."""
+    if at not in KILL_STEPS:
+        return
+    killed: list[int] = []
+
+    def failpoint(intent: Intent) -> None:
+        if intent.kind is OpKind.STREAM and intent.step is KILL_STEPS[at] and not killed:
+            killed.append(pid_of(intent))
+            os.kill(killed[0], signal.SIGKILL)
+
+    monkeypatch.setattr(_journal, "FAILPOINT", failpoint)
+
+
+async def reference(
+    repo: Repository,
+    vm_name: str,
+    point: str,
+    path: Path,
+    writes: Sequence[tuple[int, int, int]] = GUEST_WRITES,
+) -> Path:
+    """Built without live restore: the point restored plainly, then ``writes`` (the guest's:
+    offset KiB, KiB, byte) applied offline at the same offsets."""
     await backup.restore(repo, vm_name, point, "disk0", path, ImageFormat.RAW)
-    for offset, kib, byte in GUEST_WRITES:
+    for offset, kib, byte in writes:
         await run(
             "qemu-io", "-f", "raw", "-c", f"write -P {byte} {offset * 1024} {kib * 1024}", path
         )
@@ -555,13 +580,22 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
 
 
 @pytest.mark.guest
-async def test_qemu_killed_mid_copy_then_recover_says_how_to_finish_keeping_the_guest_writes(
-    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+@pytest.mark.parametrize("at", KILL_POINTS)
+async def test_qemu_killed_during_the_copy_then_recover_says_how_to_finish_keeping_the_guest_writes(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    runtime_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    at: str,
 ) -> None:
-    """kill -9 of QEMU while the guest has read the disk (copy-on-read) and written to it:
-    the controller stops the server; ``blockctl recover`` drops the record and says what the
-    target holds and the commands that make it whole. Run as given, they give the point plus
-    the guest's writes, standalone; the repository is unchanged."""
+    """kill -9 of QEMU at the start of the copy (the stream about to be sent), mid-copy (the
+    guest has read the disk, copy-on-read, and written to it) or at its end (the stream
+    concluded, its cleanup not done; the guest wrote before): the controller raises
+    ConnectionLost and stops the server; ``blockctl recover`` drops the record and says what
+    the target holds and the commands that make it whole. Run as given, they give the point
+    plus the guest's writes (none at the start: the guest died before it had the disk long),
+    standalone; the repository is unchanged."""
     from tests.integration.test_attach_cli import cli
     from tests.integration.test_backup_faults import detached
 
@@ -571,6 +605,8 @@ async def test_qemu_killed_mid_copy_then_recover_says_how_to_finish_keeping_the_
     run_dir = runtime_dir / "lrq"
     watch = StreamWatch()
     raised: list[BaseException] = []
+    writes = () if at == "start" else GUEST_WRITES
+    kill_at(monkeypatch, at, lambda _: read_record("lrq").pid)
     async with detached(guest, "lrq", disk) as console:
         await console.check(
             "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
@@ -596,18 +632,25 @@ async def test_qemu_killed_mid_copy_then_recover_says_how_to_finish_keeping_the_
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(restore)
-                await watch.running.wait()
-                await console.check(WAIT_VDB)
-                assert (await console.check(read_sha("vdb", 16))).split()[0] == want
-                for write_ in GUEST_WRITES:
-                    await console.check(fill("vdb", *write_))
-                os.kill(read_record("lrq").pid, signal.SIGKILL)
+                if at != "start":
+                    await watch.running.wait()
+                    await console.check(WAIT_VDB)
+                    assert (await console.check(read_sha("vdb", 16))).split()[0] == want
+                    for write_ in writes:
+                        await console.check(fill("vdb", *write_))
+                    if at == "mid":
+                        os.kill(read_record("lrq").pid, signal.SIGKILL)
+                    else:  # full speed: the copy ends, and QEMU with it (kill_at)
+                        await vm.command(
+                            "block-job-set-speed", {"device": watch.job_id, "speed": 0}
+                        )
         (error,) = raised
         assert isinstance(error, ConnectionLost), repr(error)
         assert nbdkit_pids_under(run_dir) == []
         done = json.loads((await cli("recover", "lrq", "--json")).stdout)
         (result,) = [r for r in done["operations"] if r["kind"] == "stream"]
         assert result["verdict"] == "qemu-gone", result
+        assert result["step"] == {"start": "starting", "end": "concluded"}.get(at, "running")
         assert not list(run_dir.glob("journal-*.json"))
     assert result["tops"] == {"disk1": str(target)}
     assert "holds the guest's writes" in result["message"]
@@ -626,23 +669,39 @@ async def test_qemu_killed_mid_copy_then_recover_says_how_to_finish_keeping_the_
             await run(*words)
     Path(f"{target}.base.raw").unlink()
     assert tree_digest(repo.path) == hashes
-    await standalone_equals(target, await reference(repo, "lrq", point.id, tmp_path / "r.raw"))
+    want_file = await reference(repo, "lrq", point.id, tmp_path / "r.raw", writes)
+    await standalone_equals(target, want_file)
+
+
+def server_pid(intent: Intent) -> int:
+    assert intent.server is not None
+    return intent.server.pid
 
 
 @pytest.mark.guest
-async def test_a_server_killed_mid_copy_then_recover_puts_in_a_new_one_and_finishes(
-    guest: GuestImage, images: Path, tmp_path: Path
+@pytest.mark.parametrize("at", KILL_POINTS)
+async def test_a_server_killed_during_the_copy_then_recover_puts_in_a_new_one_and_finishes(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    at: str,
 ) -> None:
-    """kill -9 of the NBD server while the copy runs and after the guest wrote (whole
-    clusters: nothing read from the backup): once the reconnect delay is over the copy fails
-    on a read; ``recover`` starts a new server, puts new backup nodes on it under the target
-    (``blockdev-reopen``), copies again and finishes: the point plus the guest's writes,
-    standalone; the repository unchanged, no server, no record."""
+    """kill -9 of the NBD server at the start of the copy (the stream about to be sent: its
+    first read waits out the reconnect delay and fails), mid-copy after the guest wrote, or
+    at its end (the stream concluded after the guest wrote; its cleanup not done). The
+    guest writes whole clusters (nothing read from the backup). Start and mid: the copy
+    fails on a read; ``recover`` starts a new server, puts new backup nodes on it under the
+    target (``blockdev-reopen``), copies again and finishes. End: nothing is read from the
+    server any more; the controller's cleanup finishes (the dead server's nodes deleted, the
+    server found gone) and leaves ``recover`` nothing. Each: the point plus the guest's
+    writes, standalone; the repository unchanged, no server, no record."""
     repo = backup.init_repository(tmp_path / "repo")
     disk = await qcow2_image(images / "s0.qcow2", b"", 16 * MIB)
     target = images / "live.qcow2"
     watch = StreamWatch()
     raised: list[BaseException] = []
+    kill_at(monkeypatch, at, server_pid)
     async with open_vm(config(guest, "lrn", disk)) as vm:
         assert vm.run_dir is not None
         await vm.console.wait_ready()  # type: ignore[union-attr]
@@ -672,26 +731,29 @@ async def test_a_server_killed_mid_copy_then_recover_puts_in_a_new_one_and_finis
                 await sh(vm, WAIT_VDB)
                 for offset, kib, byte in GUEST_WRITES:
                     await guest_fill(vm, "vdb", offset, kib, byte)
-                (server,) = nbdkit_pids_under(vm.run_dir)
-                os.kill(server, signal.SIGKILL)
-                await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
-        (error,) = raised
-        assert isinstance(error, JobFailed), repr(error)
-        assert [e for e in logs if e["event"] == "blockctl.backup.live_unfinished"]
-        (done,) = await recovery.reconcile(vm)
-        assert done.verdict is Verdict.FINISHED, (done.message, done.done)
-        assert any(d.startswith("started a new server") for d in done.done), done.done
+                if at == "mid":
+                    (server,) = nbdkit_pids_under(vm.run_dir)
+                    os.kill(server, signal.SIGKILL)
+                if at != "start":  # (at the start the copy fails by itself: its first read)
+                    await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+        (attached,) = [e for e in logs if e["event"] == "blockctl.backup.live_attached"]
+        left = [e for e in logs if e["event"] == "blockctl.backup.live_unfinished"]
+        if at == "end":
+            assert raised == [] and left == []
+            assert await recovery.reconcile(vm) == []
+        else:
+            (error,) = raised
+            assert isinstance(error, JobFailed), repr(error)
+            assert [e["device"] for e in left] == [attached["device"]]
+            (done,) = await recovery.reconcile(vm)
+            assert done.verdict is Verdict.FINISHED, (done.message, done.done)
+            assert any(d.startswith("started a new server") for d in done.done), done.done
         assert nbdkit_pids_under(vm.run_dir) == []
         assert not list(vm.run_dir.glob("journal-*.json"))
         assert not list(vm.run_dir.glob("nbd-*"))
         assert not {n for n in await node_names(vm) if n.startswith("bclr")}
-        (drive,) = [d for d in await drives.list_drives(vm) if d.device_id == error_device(logs)]
+        (drive,) = [d for d in await drives.list_drives(vm) if d.device_id == attached["device"]]
         assert [n.node_name for n in drive.chain] == [drive.top_node]
         await truth_check(vm)
     assert tree_digest(repo.path) == hashes
     await standalone_equals(target, await reference(repo, "lrn", point.id, tmp_path / "r.raw"))
-
-
-def error_device(logs: Sequence[Mapping[str, Any]]) -> str:
-    (left,) = [e for e in logs if e["event"] == "blockctl.backup.live_unfinished"]
-    return str(left["device"])
