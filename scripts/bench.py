@@ -7,9 +7,9 @@ Benchmarks: qmp (a QMP round trip through blockctl vs raw qemu.qmp), hotplug (at
 guest sees the disk, detach until DEVICE_DELETED and the nodes are gone, vs the same QMP steps
 sent with raw qemu.qmp), backup (repository v2 vs the raw QMP incremental, qemu-img convert, cat
 and zstd: scripts/bench_backup.py), live (live restore's NBD server of a backup point:
-scripts/bench_live.py), cli (the command line's start-up: scripts/bench_cli.py), fleet (a fleet backup of 12 VMs on
-Temporal vs the same backups from one event loop: scripts/bench_fleet.py), and
-more in bench_more and bench_agent. The machines are
+scripts/bench_live.py), cli (the command line's start-up: scripts/bench_cli.py), fleet (a
+fleet backup of 12 VMs on Temporal vs the same backups from one event loop:
+scripts/bench_fleet.py), and more in bench_more and bench_agent. The machines are
 shared and noisy: read the ratios, not the absolute times. Exits non-zero if a benchmark breaks
 (never because the machine is slow).
 """

@@ -259,7 +259,7 @@ async def bench_fleet(reps: int, work: Path) -> tuple[list[Row], list[str]]:
                 os.environ["BLOCKCTL_RUNTIME_DIR"] = saved
             shutil.rmtree(runtime, ignore_errors=True)
     start_up = await anyio.to_thread.run_sync(_client_start_up)
-    workflow = Row(
+    workflow_row = Row(
         f"fleet backup, 12 VMs (3 hosts x 4, {DATA // MIB} MiB data each): the workflow",
         "s",
         fleet,
@@ -267,8 +267,8 @@ async def bench_fleet(reps: int, work: Path) -> tuple[list[Row], list[str]]:
         "the 12 backup.create in one event loop",
         goal="<= 1.2x",
     )
-    workflow.met = workflow.ratio() <= 1.2
-    whole = Row(
+    workflow_row.met = workflow_row.ratio() <= 1.2
+    whole_row = Row(
         "  the same, its whole client process (Python start, temporalio import)",
         "s",
         client,
@@ -283,7 +283,7 @@ async def bench_fleet(reps: int, work: Path) -> tuple[list[Row], list[str]]:
         f"{', '.join(f'{s:.2f}' for s in direct)} s; a Python start with the fleet client's "
         f"imports alone {start_up:.2f} s (median of 3)"
     ]
-    return [workflow, whole], notes
+    return [workflow_row, whole_row], notes
 
 
 async def _client(inventory: Path, address: str) -> dict[str, object]:
