@@ -7,8 +7,9 @@ Benchmarks: qmp (a QMP round trip through blockctl vs raw qemu.qmp), hotplug (at
 guest sees the disk, detach until DEVICE_DELETED and the nodes are gone, vs the same QMP steps
 sent with raw qemu.qmp), backup (repository v2 vs the raw QMP incremental, qemu-img convert, cat
 and zstd: scripts/bench_backup.py), live (live restore's NBD server of a backup point:
-scripts/bench_live.py), cli (the command line's start-up: scripts/bench_cli.py), and
-more in bench_more and bench_agent. The machines are
+scripts/bench_live.py), cli (the command line's start-up: scripts/bench_cli.py), fleet (a
+fleet backup of 12 VMs on Temporal vs the same backups from one event loop:
+scripts/bench_fleet.py), and more in bench_more and bench_agent. The machines are
 shared and noisy: read the ratios, not the absolute times. Exits non-zero if a benchmark breaks
 (never because the machine is slow).
 """
@@ -34,7 +35,15 @@ from blockctl._images import create
 from blockctl._ops import chains, drives
 from blockctl.jobs import JobControl
 from blockctl.types import Drive, ImageFormat, MachineConfig
-from scripts import bench_agent, bench_backup, bench_cli, bench_clients, bench_live, bench_more
+from scripts import (
+    bench_agent,
+    bench_backup,
+    bench_cli,
+    bench_clients,
+    bench_fleet,
+    bench_live,
+    bench_more,
+)
 from scripts.bench_common import Row
 
 
@@ -210,6 +219,7 @@ BENCHMARKS = (
     "scale",
     "quiesce",
     "clients",
+    "fleet",
     "cli",
 )
 
@@ -289,6 +299,14 @@ async def main(args: argparse.Namespace) -> int:
             )
         if "clients" in selected:
             rows += await bench_clients.bench_clients(find_guest(), 1 if args.quick else 4, work)
+        if "fleet" in selected:
+            fleet_dir = Path(tmp) / "fleet"
+            fleet_dir.mkdir()
+            fleet_rows, fleet_notes = await bench_fleet.bench_fleet(
+                1 if args.quick else 3, fleet_dir
+            )
+            rows += fleet_rows
+            notes += fleet_notes
         if "cli" in selected:
             cli_dir = Path(tmp) / "cli"
             cli_dir.mkdir()
@@ -314,8 +332,8 @@ if __name__ == "__main__":
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="qmp, launch, hotplug, chains, backup, live, stall, scale, quiesce, clients, cli "
-        "(default: all)",
+        help="qmp, launch, hotplug, chains, backup, live, stall, scale, quiesce, clients, fleet, "
+        "cli (default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="few repetitions (CI smoke)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")

@@ -9,6 +9,8 @@ on free ports; it and the workers are stopped by PID, even when the test fails.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -27,8 +29,20 @@ import pytest
 from anyio.abc import Process
 
 from blockctl import GuestImage, backup
+from blockctl._qmp import wire
+from blockctl.types import Drive, ImageFormat
 from tests.conftest import missing
-from tests.integration.conftest import MIB, pattern, qcow2_image, qemu_pids_under, running
+from tests.integration.conftest import (
+    MIB,
+    base_config,
+    pattern,
+    qcow2_image,
+    qemu_binary,
+    qemu_pids_under,
+    run,
+    running,
+    vm_in_background,
+)
 
 pytestmark = pytest.mark.guest
 
@@ -237,11 +251,14 @@ async def fleet_result(process: Process, out: Path, code: int = 0) -> dict[str, 
     return {r["vm"]: r for r in json.loads(text.splitlines()[-1])["results"]}
 
 
-async def up_vms(runtime: Path, tmp_path: Path, names: list[str]) -> dict[str, Path]:
+async def up_vms(
+    runtime: Path, tmp_path: Path, names: list[str], first_seed: int = 1
+) -> dict[str, Path]:
     """Firmware-idle VMs (no kernel: the firmware finds nothing to boot and idles; it never
-    writes), each with one 4 MiB qcow2 disk of its own pattern; their disks by name."""
+    writes), each with one 4 MiB qcow2 disk of its own pattern (seeds from ``first_seed``);
+    their disks by name."""
     disks = {}
-    for seed, vm in enumerate(names, start=1):
+    for seed, vm in enumerate(names, start=first_seed):
         disk = await qcow2_image(tmp_path / f"{vm}.qcow2", pattern(seed, MIB), 4 * MIB)
         disks[vm] = disk
         config = tmp_path / f"{vm}.toml"
@@ -362,6 +379,96 @@ async def test_fleet_backup_of_two_hosts(
             os.kill(pid, signal.SIGKILL)
         for r in runtimes.values():
             shutil.rmtree(r, ignore_errors=True)
+    assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+#: Issue 19's scenario: 3 simulated hosts x 4 firmware-idle VMs, and the booted test guest.
+GRID = {f"hv{h}": [f"h{h}vm{i}" for i in range(1, 5)] for h in (1, 2, 3)}
+#: The booted guest's VM (on hv1, beside its four firmware-idle VMs) and its disk's size.
+IO_VM, IO_DISK = "io", 8 * MIB
+
+
+async def test_fleet_backup_of_three_hosts_by_four_vms_and_a_writing_guest(
+    guest: GuestImage, temporal_server: str, runtime_dir: Path, tmp_path: Path
+) -> None:
+    """3 worker processes, each its own runtime directory and 4 firmware-idle VMs; on hv1 also
+    the booted test guest, which writes its disk through the guest's block layer (O_DIRECT,
+    fsync) and is then paused, so its reference (``qemu-img convert -U``) and its point are
+    the same instant. One ``fleet backup``: every VM exactly one full point, restored and
+    ``qemu-img compare``-equal to its reference; the guest's own checksum of its disk agrees."""
+    address = temporal_server
+    repo_path = tmp_path / "repo"
+    backup.init_repository(repo_path)
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text(
+        'repository = "repo"\n'
+        + "".join(
+            f"[hosts.{host}]\nvms = {json.dumps(vms + ([IO_VM] if host == 'hv1' else []))}\n"
+            for host, vms in GRID.items()
+        )
+    )
+    # hv1's runtime is this process's (runtime_dir), where the guest is launched by name.
+    runtimes = {"hv1": runtime_dir} | {
+        h: Path(tempfile.mkdtemp(prefix=f"bct-{h}-", dir="/tmp")) for h in ("hv2", "hv3")
+    }
+    references: dict[str, tuple[Path, str]] = {}  # VM: (image, its format)
+    leaked: list[int] = []
+    try:
+        for n, (host, vms) in enumerate(GRID.items()):
+            disks = await up_vms(runtimes[host], tmp_path, vms, first_seed=1 + 4 * n)
+            references |= {vm: (disk, "qcow2") for vm, disk in disks.items()}
+        io_disk = await qcow2_image(tmp_path / "io.qcow2", pattern(99, MIB), IO_DISK)
+        config = dataclasses.replace(
+            base_config(guest, Drive(file=io_disk, format=ImageFormat.QCOW2)), name=IO_VM
+        )
+        async with vm_in_background(config) as io:
+            assert io.console is not None
+            # The guest's I/O: 2 MiB of random data over its pattern, and a 1 MiB tail.
+            await io.console.check(
+                "dd if=/dev/urandom of=/dev/vda bs=64k seek=8 count=32 oflag=direct conv=fsync"
+                " 2>/dev/null && dd if=/dev/urandom of=/dev/vda bs=64k seek=112 count=16"
+                " oflag=direct conv=fsync 2>/dev/null"
+            )
+            guest_sum = (await io.console.check("sha256sum /dev/vda")).split()[0]
+            await wire.stop(io.session)  # QEMU flushed the disk: the reference is this instant
+            try:
+                ref = tmp_path / "io.ref.raw"
+                await run(qemu_binary("qemu-img"), "convert", "-U", "-f", "qcow2", "-O", "raw",
+                          io_disk, ref)  # fmt: skip
+                references[IO_VM] = (ref, "raw")
+                async with contextlib.AsyncExitStack() as stack:
+                    for host in GRID:
+                        await stack.enter_async_context(
+                            worker(host, runtimes[host], address, tmp_path / f"{host}.log")
+                        )
+                    argv = ("fleet", "backup", inventory, "--address", address, "--json")
+                    out = json.loads(await blockctl(runtime_dir, *argv))
+            finally:
+                await wire.cont(io.session)
+        # The guest wrote over its pattern, and its checksum of its disk is the reference's.
+        assert ref.read_bytes()[:MIB] != pattern(99, MIB)
+        assert hashlib.sha256(ref.read_bytes()).hexdigest() == guest_sum
+        assert out["failed"] == 0, out
+        done = {(r["host"], r["vm"]): r for r in out["results"]}
+        expected = [(h, vm) for h, vms in GRID.items() for vm in vms] + [("hv1", IO_VM)]
+        assert sorted(done) == sorted(expected)
+        repo = backup.open_repository(repo_path)
+        assert sorted(repo.vms()) == sorted(vm for _, vm in expected)
+        for (_, vm), result in done.items():
+            assert result["error"] is None and result["kind"] == "full", result
+            assert repo.point_ids(vm) == [result["point"]]  # exactly one point
+            (point_disk,) = repo.get(vm, result["point"]).disks
+            restored = tmp_path / f"{vm}.restored.qcow2"
+            await backup.restore(repo, vm, result["point"], point_disk.device, restored)
+            reference, fmt = references[vm]
+            compare = await anyio.run_process(
+                ["qemu-img", "compare", "-U", "-f", fmt, "-F", "qcow2", reference, restored],
+                check=False,
+            )
+            assert compare.returncode == 0, (vm, compare.stdout.decode())
+    finally:
+        for host, vms in GRID.items():
+            leaked += await down_vms(runtimes[host], vms)
     assert not leaked, f"QEMU processes left running: {leaked}"
 
 
