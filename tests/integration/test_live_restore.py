@@ -4,6 +4,7 @@ reads and writes the disk while it is copied underneath."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -305,41 +306,48 @@ async def test_live_restore_while_the_guest_reads_and_writes(
 async def test_a_failure_before_the_stream_leaves_nothing(
     guest: GuestImage, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    repo = backup.init_repository(tmp_path / "repo")
-    disk = await qcow2_image(images / "d0.qcow2", b"", 8 * MIB)
-    target = images / "live.qcow2"
-    async with open_vm(config(guest, "lrf", disk)) as vm:
-        await vm.console.wait_ready()  # type: ignore[union-attr]
-        await write(vm, "vda", 0, 1024)
-        point = await backup.create(vm, repo)
-        before_nodes = await node_names(vm)
-        before_devices = {d.device_id for d in await vm.block_devices()}
+    try:
+        repo = backup.init_repository(tmp_path / "repo")
+        disk = await qcow2_image(images / "d0.qcow2", b"", 8 * MIB)
+        target = images / "live.qcow2"
+        async with open_vm(config(guest, "lrf", disk)) as vm:
+            await vm.console.wait_ready()  # type: ignore[union-attr]
+            await write(vm, "vda", 0, 1024)
+            point = await backup.create(vm, repo)
+            before_nodes = await node_names(vm)
+            before_devices = {d.device_id for d in await vm.block_devices()}
 
-        # Refused at device_add (the nodes are in: hotplug's rollback), then at block-stream
-        # (the device is in: unplugged again).
-        for command in ("device_add", "block_stream"):
+            # Refused at device_add (the nodes are in: hotplug's rollback), then at block-stream
+            # (the device is in: unplugged again).
+            for command in ("device_add", "block_stream"):
 
-            async def refused(*args: object, command: str = command, **kwargs: object) -> None:
-                raise CommandFailed(command, "GenericError", "injected")
+                async def refused(*args: object, command: str = command, **kwargs: object) -> None:
+                    raise CommandFailed(command, "GenericError", "injected")
 
-            with monkeypatch.context() as patch:
-                patch.setattr(wire, command, refused)
-                with capture_logs() as logs, pytest.raises(CommandFailed, match="injected"):
-                    await backup.restore_live(vm, repo, "lrf", point.id, "disk0", target)
-            assert await node_names(vm) == before_nodes
-            assert {d.device_id for d in await vm.block_devices()} == before_devices
-            assert set(vm.registry.drives) == {"disk0"}
+                with monkeypatch.context() as patch:
+                    patch.setattr(wire, command, refused)
+                    with capture_logs() as logs, pytest.raises(CommandFailed, match="injected"):
+                        await backup.restore_live(vm, repo, "lrf", point.id, "disk0", target)
+                assert await node_names(vm) == before_nodes
+                assert {d.device_id for d in await vm.block_devices()} == before_devices
+                assert set(vm.registry.drives) == {"disk0"}
+                assert not target.exists()
+                (started,) = [e for e in logs if e["event"] == "blockctl.backup.export_started"]
+                assert not running(started["pid"])
+                assert not list(vm.run_dir.glob("nbd-*"))
+            # A point with a missing chunk is refused before anything is started.
+            digest = next(iter(repo.read_index("lrf", point.id, "disk0").referenced())).hex()
+            (repo.path / "chunks" / digest[:2] / digest).unlink()
+            with capture_logs() as logs, pytest.raises(BackupCorrupt, match="missing"):
+                await backup.restore_live(vm, repo, "lrf", point.id, "disk0", target)
+            assert not [e for e in logs if e["event"] == "blockctl.backup.export_started"]
             assert not target.exists()
-            (started,) = [e for e in logs if e["event"] == "blockctl.backup.export_started"]
-            assert not running(started["pid"])
-            assert not list(vm.run_dir.glob("nbd-*"))
-        # A point with a missing chunk is refused before anything is started.
-        digest = next(iter(repo.read_index("lrf", point.id, "disk0").referenced())).hex()
-        (repo.path / "chunks" / digest[:2] / digest).unlink()
-        with capture_logs() as logs, pytest.raises(BackupCorrupt, match="missing"):
-            await backup.restore_live(vm, repo, "lrf", point.id, "disk0", target)
-        assert not [e for e in logs if e["event"] == "blockctl.backup.export_started"]
-        assert not target.exists()
+    finally:
+        # Whatever the code under test left (a mutant of the promise ledger keeps the server
+        # running by design): no nbdkit of this test outlives it.
+        for pid in nbdkit_pids_under(tmp_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def nbdkit_pids_under(directory: Path) -> list[int]:
