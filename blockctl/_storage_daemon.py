@@ -26,6 +26,7 @@ import anyio
 from blockctl import _binaries, _proc, _runtime
 from blockctl._argv import DrivePlan, VhostPlan, daemon_argv
 from blockctl._log import get_logger
+from blockctl._qmp import wire
 from blockctl._qmp.models import node_json
 from blockctl._qmp.session import QMPSession
 from blockctl.errors import (
@@ -128,7 +129,7 @@ class StorageDaemons:
                     ours, label=f"qsd-{plan.device_id}", timeout=START_TIMEOUT
                 ) as session:
                     session.process_exit = process.wait
-                    exports = await session.execute("query-block-exports")
+                    exports = await wire.query_block_exports(session)
             except QMPConnectFailed as exc:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_TIMEOUT):
                     await process.wait()  # a refused argv: it exits right after connecting
@@ -139,7 +140,7 @@ class StorageDaemons:
                     exitcode=process.returncode,
                     log=_read(log_path),
                 ) from exc
-            if plan.vhost.export["id"] not in {e.get("id") for e in exports}:
+            if plan.vhost.export["id"] not in exports:
                 raise StorageDaemonFailed(
                     plan.device_id,
                     f"its export {plan.vhost.export['id']} is missing: {exports!r}",
