@@ -49,7 +49,7 @@ import anyio
 from blockctl._log import get_logger
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobEvent, JobEventKind, JobInfo, JobStatus
-from blockctl._qmp.session import Event, EventStream, QMPSession, single_exception
+from blockctl._qmp.session import Event, EventStream, QMPSession, raise_single
 from blockctl.errors import (
     BlockctlError,
     CommandFailed,
@@ -553,7 +553,7 @@ class Job:
                             await self._loop(stream, until_ready, complete_on_ready, hooks)
                         tg.cancel_scope.cancel()
                 except BaseExceptionGroup as group:
-                    raise single_exception(group) from None
+                    raise_single(group)
         except TimeoutError:
             if self.done:
                 return  # the outcome is known; only the trailing NULL event was late

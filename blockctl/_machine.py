@@ -55,7 +55,7 @@ from blockctl._console import GuestConsole
 from blockctl._log import get_logger
 from blockctl._qmp import wire
 from blockctl._qmp.models import BlockDevice, BlockNode, Capabilities, StatusInfo, VersionInfo
-from blockctl._qmp.session import QMPSession, describe_exit, single_exception
+from blockctl._qmp.session import QMPSession, describe_exit, raise_single
 from blockctl._registry import DriveRecord, DriveRegistry
 from blockctl.errors import (
     BlockctlError,
@@ -601,7 +601,7 @@ async def _qemu_with_daemons(
                     finally:
                         tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise single_exception(group) from None
+            raise_single(group)
     except QMPConnectFailed as exc:
         if connected:
             raise

@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 from blockctl import _log
 from blockctl._cli.output import human_size
 from blockctl._qmp.models import JobStatus
-from blockctl._qmp.session import single_exception
+from blockctl._qmp.session import raise_single
 from blockctl.errors import BlockctlError, JobCancelled
 
 if TYPE_CHECKING:  # the job driver is imported by the commands that run jobs, not by all
@@ -230,7 +230,7 @@ async def run_interruptible(
             finally:
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise single_exception(group) from None
+        raise_single(group)
     if interrupted:
         return report(args, failure)
     return outcome[0]

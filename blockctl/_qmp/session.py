@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -129,6 +129,21 @@ def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
     walk(group)
     return leaves[0] if len(leaves) == 1 else group
+
+
+def raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise :func:`single_exception` of ``group`` with its own chain intact.
+
+    ``raise leaf from None`` hides the group, but also the leaf's ``__cause__`` (a
+    ``raise X from exc``) and its ``__context__`` (the error a failing cleanup interrupted:
+    ``open_vm``'s block raised, then QEMU ignored ``quit``): the caller would see only the
+    last error. The leaf's chain is put back as it was before it was re-raised."""
+    leaf = single_exception(group)
+    cause, context, suppress = leaf.__cause__, leaf.__context__, leaf.__suppress_context__
+    try:
+        raise leaf from None
+    finally:
+        leaf.__cause__, leaf.__context__, leaf.__suppress_context__ = cause, context, suppress
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -246,7 +261,7 @@ class QMPSession:
                         await self.aclose()
                     tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise single_exception(group) from None
+            raise_single(group)
 
     async def aclose(self) -> None:
         """Disconnect. Errors from qemu.qmp's background tasks are logged, not raised."""
@@ -326,7 +341,7 @@ class QMPSession:
                 outcome.append(await fn())
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise single_exception(group) from None
+            raise_single(group)
         if not outcome:
             raise ConnectionLost(f"{what}: {self._lost_reason}")
         return outcome[0]

@@ -9,18 +9,20 @@ import stat
 import subprocess
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 import anyio
 import pytest
 
-from blockctl import GuestImage, Timeouts, open_vm
+from blockctl import GuestImage, LaunchedVM, Timeouts, open_vm
 from blockctl.errors import (
     ConfigError,
     ConnectionLost,
     GuestError,
     LaunchFailed,
     MissingComponent,
+    ShutdownFailed,
 )
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from tests.integration.conftest import (
@@ -101,6 +103,29 @@ async def test_qemu_killed_under_the_controller(guest: GuestImage) -> None:
             with pytest.raises(ConnectionLost):
                 await vm.console.run("true")
     assert vm.process.returncode == -signal.SIGKILL
+
+
+async def test_a_failed_shutdown_keeps_the_blocks_own_error_in_view(guest: GuestImage) -> None:
+    """The block raised, then QEMU ignored ``quit`` (stopped with SIGSTOP: it answers
+    nothing) and was killed: ``ShutdownFailed`` says so, and the block's own error stays its
+    visible context (it was hidden, ``__suppress_context__``, by the task group's unwrap)."""
+    launched: list[LaunchedVM] = []
+
+    async def stop_qemu_and_fail() -> None:
+        async with open_vm(base_config(guest), timeouts=Timeouts(quit=1, terminate=1)) as vm:
+            launched.append(vm)
+            assert vm.console is not None
+            await vm.console.wait_ready()
+            os.kill(vm.pid or 0, signal.SIGSTOP)
+            raise LookupError("the block's own error")
+
+    with pytest.raises(ShutdownFailed) as raised:
+        await stop_qemu_and_fail()
+    assert launched[0].process.returncode == -signal.SIGKILL
+    assert isinstance(raised.value.__context__, LookupError)
+    assert not raised.value.__suppress_context__
+    shown = "".join(traceback.format_exception(raised.value))
+    assert "the block's own error" in shown
 
 
 def test_qemu_dies_with_a_killed_controller(guest: GuestImage, runtime_dir: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from blockctl._qmp import wire
-from blockctl._qmp.session import QMPSession
+from blockctl._qmp.session import QMPSession, raise_single
 from blockctl.errors import CommandFailed, ConfigError, ConnectionLost, ProtocolMismatch
 from blockctl.testing import FakeError, FakeQMP
 
@@ -144,3 +144,62 @@ async def test_vm_require_reads_the_schema_not_the_version() -> None:
             await vm.require("block-commit")
         # The schema is asked once per session.
         assert [c for c, _ in fake.received].count("query-qmp-schema") == 1
+
+
+def _raised_in_a_task_group(fail: Any) -> BaseException:
+    """What :func:`raise_single` lets out of a task group in which ``fail`` raised."""
+
+    async def run() -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fail)
+        except BaseExceptionGroup as group:
+            raise_single(group)
+
+    try:
+        anyio.run(run)
+    except BaseException as exc:  # what came out is what the test inspects
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def test_raise_single_unwraps_and_keeps_the_cause() -> None:
+    async def fail() -> None:
+        try:
+            raise OSError(5, "Input/output error")
+        except OSError as exc:
+            raise ConfigError("file", "unreadable") from exc
+
+    error = _raised_in_a_task_group(fail)
+    assert isinstance(error, ConfigError)
+    assert isinstance(error.__cause__, OSError)  # `from None` used to drop it
+
+
+def test_raise_single_keeps_the_error_a_failing_cleanup_interrupted() -> None:
+    async def fail() -> None:
+        try:
+            raise LookupError("the block's own error")
+        finally:
+            raise ConnectionLost("cleanup failed")
+
+    error = _raised_in_a_task_group(fail)
+    assert isinstance(error, ConnectionLost)
+    assert isinstance(error.__context__, LookupError)
+    assert not error.__suppress_context__
+
+
+def test_raise_single_raises_a_group_of_several_as_is() -> None:
+    async def fail() -> None:
+        raise LookupError("one")
+
+    async def run() -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fail)
+                tg.start_soon(fail)
+        except BaseExceptionGroup as group:
+            raise_single(group)
+
+    with pytest.raises(BaseExceptionGroup) as raised:
+        anyio.run(run)
+    assert len(raised.value.exceptions) == 2
