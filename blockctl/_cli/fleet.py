@@ -1,6 +1,7 @@
 """``fleet``: blockctl on Temporal (the ``blockctl[fleet]`` extra). ``worker`` runs a host's
 worker; ``backup`` runs a fleet backup over an inventory and prints each VM's point;
-``status`` shows each VM's last point and the last fleet backups Temporal has.
+``status`` shows each VM's last point, running backups and last failure, and the last fleet
+backups Temporal has.
 
 temporalio is imported only when a fleet command runs: every other command, and this one's
 parser, work without it.
@@ -42,6 +43,16 @@ def _seconds(text: str) -> float:
     if not 1.0 <= value <= 86400.0:
         raise argparse.ArgumentTypeError(f"{text!r}: seconds, 1 to 86400")
     return value
+
+
+def _limit(text: str) -> int:
+    from blockctl._fleet.inventory import MAX_LIMIT
+
+    if not text.isdigit() or not 0 <= int(text) <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a number of backups at once, 1 to {MAX_LIMIT} (0: no limit)"
+        )
+    return int(text)
 
 
 def _runs(text: str) -> int:
@@ -87,14 +98,31 @@ class Fleet(Command):
             metavar="SECONDS",
             help="a worker silent this long is taken as lost and its backups retried (default 30)",
         )
+        p.add_argument(
+            "--per-host",
+            type=_limit,
+            metavar="N",
+            help="at most N backups at once on one host (default: the inventory's; 0: none)",
+        )
+        p.add_argument(
+            "--per-repository",
+            type=_limit,
+            metavar="N",
+            help="at most N at once into one repository (default: the inventory's; 0: none)",
+        )
         self._server_options(p)
 
         p = sub.add_parser(
             "status",
             parents=[global_options(parent=False)],
-            help="each VM's last point (from its repository) and the last fleet backups",
+            help="each VM's last point, running backups and last failure; the last fleet backups",
         )
-        p.add_argument("inventory", type=Path, help="a TOML inventory: [hosts.NAME] vms = [...]")
+        p.add_argument(
+            "--inventory",
+            type=Path,
+            metavar="FILE",
+            help="only this inventory's VMs (default: every VM the server has backups of)",
+        )
         p.add_argument(
             "--runs",
             type=_runs,
@@ -147,6 +175,10 @@ class Fleet(Command):
         from blockctl._fleet.inventory import load_inventory
 
         request = replace(load_inventory(args.inventory), heartbeat_timeout=args.heartbeat_timeout)
+        if args.per_host is not None:
+            request = replace(request, per_host=args.per_host)
+        if args.per_repository is not None:
+            request = replace(request, per_repository=args.per_repository)
         _require_temporalio()
         from blockctl._fleet.worker import fleet_backup
 
@@ -180,12 +212,14 @@ class Fleet(Command):
 
     async def _status(self, args: argparse.Namespace) -> int:
         from blockctl._fleet.inventory import load_inventory
-        from blockctl._fleet.status import FleetStatus, to_json, vm_points
+        from blockctl._fleet.status import FleetStatus, known_vms, to_json, vm_points
 
-        vms = vm_points(load_inventory(args.inventory))
+        inventory = None if args.inventory is None else load_inventory(args.inventory)
         _require_temporalio()
-        from blockctl._fleet.worker import recent_runs
+        from blockctl._fleet.worker import recent_runs, vm_work
 
+        work = await vm_work(args.address, args.namespace)
+        vms = vm_points(known_vms(work) if inventory is None else inventory.backups, work)
         status = FleetStatus(vms, await recent_runs(args.address, args.namespace, args.runs))
         emit(args, to_json(status), render_status(status))
         return ExitCode.OK
@@ -195,18 +229,52 @@ def _when(stamp: float | None) -> str:
     return "" if stamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
 
 
+def _vm_notes(status: FleetStatus) -> list[str]:
+    """Each VM's running backups and last failure, and a repository not read, a line each."""
+    notes = []
+    for v in status.vms:
+        if v.unreadable is not None:
+            notes.append(f"{v.host}/{v.vm}: repository not read: {v.unreadable}")
+        for r in v.running:
+            what = (
+                "its backup not scheduled yet"
+                if r.attempt is None
+                else f"attempt {r.attempt}, {r.state}, last heartbeat {_when(r.last_heartbeat)}"
+            )
+            after = "" if r.last_failure is None else f" (previous attempt: {r.last_failure})"
+            notes.append(f"{v.host}/{v.vm}: running {r.workflow_id}: {what}{after}")
+        f = v.last_failure
+        if f is not None:
+            notes.append(
+                f"{v.host}/{v.vm}: last failure {f.workflow_id} ({f.status} {_when(f.closed)}): "
+                f"{f.error}"
+            )
+    return notes
+
+
 def render_status(status: FleetStatus) -> str:
     """Two tables: the VMs with their last points, the runs with their outcomes; then each
-    failed VM of a completed run, and each ended run's error."""
+    VM's running backups and last failure, each failed VM of a completed run, and each ended
+    run's error."""
     vms = table(
-        ["HOST", "VM", "LAST POINT", "KIND", "COMPLETED"],
+        ["HOST", "VM", "LAST POINT", "KIND", "COMPLETED", "RUNNING"],
         [
-            (v.host, v.vm, "(no point)", None, None)
-            if v.last is None
-            else (v.host, v.vm, v.last.id, v.last.kind, _when(v.last.completed))
+            (
+                v.host,
+                v.vm,
+                "(no point)" if v.last is None else v.last.id,
+                None if v.last is None else v.last.kind,
+                None if v.last is None else _when(v.last.completed),
+                len(v.running) or None,
+            )
             for v in status.vms
         ],
+        right={"RUNNING"},
     )
+    if vm_notes := _vm_notes(status):
+        vms = f"{vms}\n\n" + "\n".join(vm_notes)
+    if not status.vms:
+        vms = "no VM backups on the server"
     if not status.runs:
         return f"{vms}\n\nno fleet backup runs on the server"
     runs = table(

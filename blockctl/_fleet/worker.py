@@ -6,9 +6,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC
 
 import anyio
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
@@ -18,10 +26,12 @@ from blockctl._fleet.inventory import (
     WORKFLOW_QUEUE,
     FleetBackupRequest,
     FleetBackupResult,
+    VMBackupResult,
+    split_vm_workflow_id,
     task_queue,
 )
-from blockctl._fleet.status import RunStatus, VMFailure
-from blockctl._fleet.workflows import FleetBackup
+from blockctl._fleet.status import LastFailure, RunningBackup, RunStatus, VMFailure, VMWork
+from blockctl._fleet.workflows import FleetBackup, VMBackupWorkflow
 from blockctl.errors import BlockctlError
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
@@ -59,7 +69,12 @@ async def run_worker(
     )
     workers = [
         Worker(client, task_queue=task_queue(host), activities=[backup_vm]),
-        Worker(client, task_queue=WORKFLOW_QUEUE, workflows=[FleetBackup], workflow_runner=runner),
+        Worker(
+            client,
+            task_queue=WORKFLOW_QUEUE,
+            workflows=[FleetBackup, VMBackupWorkflow],
+            workflow_runner=runner,
+        ),
     ]
     # Plain asyncio tasks, outside anyio's cancel scopes: anyio cancels every await of a
     # cancelled scope again, which would cut the workers' own shutdown short and leave tasks
@@ -153,3 +168,77 @@ async def recent_runs(
     except RPCError as exc:
         raise FleetError(f"cannot list the fleet backups at {address}: {exc}") from None
     return runs
+
+
+#: The VMs' backup child workflows, newest first.
+_VM_BACKUPS = "WorkflowType = 'blockctl.vm-backup'"
+#: How many of the newest VM backups ``vm_work`` looks at (a VM not among them: nothing).
+VM_BACKUPS_LISTED = 1000
+
+
+async def vm_work(
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    limit: int = VM_BACKUPS_LISTED,
+) -> dict[tuple[str, str], VMWork]:
+    """By (host, VM), from the newest ``limit`` VM backup child workflows: the repository
+    of the newest, those still running (each with its activity's attempt, state, last
+    heartbeat and previous attempt's error, as ``describe`` has them) and the newest that
+    did not complete, with its error."""
+    client = await connect(address, namespace)
+    work: dict[tuple[str, str], VMWork] = {}
+    try:
+        async for wf in client.list_workflows(_VM_BACKUPS, limit=limit):
+            named = split_vm_workflow_id(wf.id)
+            if named is None:
+                continue
+            key = named[1:]
+            known = work.get(key)
+            if known is None:
+                memo = await wf.memo()
+                known = work[key] = VMWork(str(memo.get("repository", "")))
+            handle = client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=VMBackupResult)
+            if wf.status == WorkflowExecutionStatus.RUNNING:
+                # The list lags behind the run: its own state says if it still runs.
+                run = await handle.describe()
+                if run.status == WorkflowExecutionStatus.RUNNING:
+                    known.running.append(_running(wf.id, run))
+                    continue
+                status, close_time = run.status, run.close_time
+            else:
+                status, close_time = wf.status, wf.close_time
+            if status == WorkflowExecutionStatus.COMPLETED or known.last_failure is not None:
+                continue
+            try:
+                await handle.result(follow_runs=False)
+                continue  # completed after all (listed before it closed)
+            except WorkflowFailureError as exc:
+                error = str(exc.cause or exc)
+            closed = None if close_time is None else close_time.timestamp()
+            name = status.name if status is not None else "UNSPECIFIED"
+            work[key] = replace(known, last_failure=LastFailure(wf.id, name, closed, error))
+    except RPCError as exc:
+        raise FleetError(f"cannot list the VM backups at {address}: {exc}") from None
+    return work
+
+
+def _running(workflow_id: str, run: WorkflowExecutionDescription) -> RunningBackup:
+    started = run.start_time.timestamp()
+    pending = run.raw_description.pending_activities
+    if not pending:
+        return RunningBackup(workflow_id, started)
+    activity = pending[0]  # a VM's backup has one activity
+    heartbeat = (
+        activity.last_heartbeat_time.ToDatetime().replace(tzinfo=UTC).timestamp()
+        if activity.HasField("last_heartbeat_time")
+        else None
+    )
+    failure = activity.last_failure.message if activity.HasField("last_failure") else None
+    return RunningBackup(
+        workflow_id,
+        started,
+        attempt=activity.attempt,
+        state=PendingActivityState.Name(activity.state).removeprefix("PENDING_ACTIVITY_STATE_"),
+        last_heartbeat=heartbeat,
+        last_failure=failure,
+    )

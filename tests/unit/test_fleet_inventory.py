@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -16,7 +18,9 @@ from blockctl._fleet.inventory import (
     VMBackup,
     load_inventory,
     parse_inventory,
+    split_vm_workflow_id,
     task_queue,
+    vm_workflow_id,
 )
 from blockctl.errors import ConfigError
 from tests.conftest import missing
@@ -121,3 +125,82 @@ def test_fleet_backup_refuses_a_bad_heartbeat_timeout_as_usage(tmp_path: Path, v
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "--heartbeat-timeout" in result.stderr and "1 to 86400" in result.stderr
+
+
+def test_an_inventory_carries_its_limits_per_host_and_repository(tmp_path: Path) -> None:
+    data = {"repository": "r", "per-host": 2, "per-repository": 3, "hosts": {"h": {"vms": ["a"]}}}
+    request = parse_inventory(data, tmp_path)
+    assert (request.per_host, request.per_repository) == (2, 3)
+    unlimited = parse_inventory({"repository": "r", "hosts": {"h": {"vms": ["a"]}}}, tmp_path)
+    assert (unlimited.per_host, unlimited.per_repository) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("per-host", -1), ("per-host", "2"), ("per-repository", True), ("per-repository", 1001)],
+)
+def test_a_wrong_limit_is_refused_naming_it(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_inventory({"repository": "r", key: value, "hosts": {"h": {"vms": ["a"]}}}, Path("/"))
+    assert caught.value.field == key
+
+
+def test_a_vm_workflow_id_names_its_fleet_run_host_and_vm() -> None:
+    wf = vm_workflow_id("nightly/2026-12-04T00:00:00Z", "hv1.example", "web")
+    assert wf == "nightly/2026-12-04T00:00:00Z/backup/hv1.example/web"
+    assert split_vm_workflow_id(wf) == ("nightly/2026-12-04T00:00:00Z", "hv1.example", "web")
+    assert split_vm_workflow_id("fleet-backup-1") is None
+    assert split_vm_workflow_id("x/backup/hv1/Web") is None
+
+
+@pytest.mark.parametrize(("per_host", "per_repository"), [(0, 0), (1, 0), (2, 0), (0, 1), (2, 3)])
+def test_the_slots_keep_each_limit_and_start_in_order(per_host: int, per_repository: int) -> None:
+    """The fleet workflow's admission (plain asyncio: it has no Temporal call): 3 hosts x 4
+    VMs into 2 repositories; the most at once per host and per repository never exceeds its
+    limit and the limit is reached; VMs of one host and repository start in the request's
+    order (a VM whose repository is full does not hold back the next one whose repository is
+    not)."""
+    try:
+        from blockctl._fleet.workflows import _Slots
+    except ImportError:
+        missing("temporalio (pip install 'blockctl[fleet]')")
+    backups = [
+        VMBackup(f"h{h}", f"v{h}{i}", f"/r{(h + i) % 2}") for h in range(3) for i in range(4)
+    ]
+    running: list[VMBackup] = []
+    most_host: dict[str, int] = {}
+    most_repo: dict[str, int] = {}
+    started: list[str] = []
+
+    async def one(b: VMBackup, slots: _Slots) -> None:
+        await slots.acquire(b)
+        try:
+            running.append(b)
+            started.append(b.vm)
+            for key, most in ((b.host, most_host), (b.repository, most_repo)):
+                now = sum(1 for r in running if key in (r.host, r.repository))
+                most[key] = max(most.get(key, 0), now)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            running.remove(b)
+        finally:
+            slots.release(b)
+
+    async def fleet() -> None:
+        slots = _Slots(per_host, per_repository)
+        await asyncio.gather(*(one(b, slots) for b in backups))
+        assert not slots.waiting and not any(slots.hosts.values())
+
+    asyncio.run(fleet())
+    assert sorted(started) == sorted(b.vm for b in backups)
+    for h, r in itertools.product(range(3), range(2)):
+        alike = {b.vm for b in backups if (b.host, b.repository) == (f"h{h}", f"/r{r}")}
+        mine = [vm for vm in started if vm in alike]
+        assert mine == sorted(mine)
+    assert max(most_host.values()) <= (per_host or 4)
+    assert max(most_repo.values()) <= (per_repository or 12)
+    # The limit is reached (and with none, every VM runs at once).
+    if not per_repository:
+        assert max(most_host.values()) == (per_host or 4)
+    if per_repository:
+        assert max(most_repo.values()) == per_repository
