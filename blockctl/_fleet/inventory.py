@@ -41,6 +41,13 @@ def task_queue(host: str) -> str:
     return f"blockctl@{check_host(host)}"
 
 
+def check_schedule_name(name: str) -> str:
+    """A schedule's name: its Temporal Schedule id, and the start of its runs' workflow ids."""
+    if not _HOST.fullmatch(name):
+        raise ConfigError("name", f"{name!r}: 1-63 of A-Z a-z 0-9 . _ -, not starting with . _ -")
+    return name
+
+
 def check_host(host: str) -> str:
     if not _HOST.fullmatch(host):
         raise ConfigError("host", f"{host!r}: 1-63 of A-Z a-z 0-9 . _ -, not starting with . _ -")

@@ -181,3 +181,49 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
             for r in status.runs
         ],
     }
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRun:
+    """A fleet backup a schedule started: its workflow, when it was due and when it started."""
+
+    workflow_id: str
+    scheduled: float
+    started: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleStatus:
+    """A fleet backup schedule (``fleet schedule create``): its spec (``every`` seconds, or a
+    ``cron`` line), the inventory it was made from and its VM count, its next runs and the
+    recent runs it started (oldest first, as Temporal keeps them)."""
+
+    name: str
+    every: float | None
+    cron: str | None
+    inventory: str
+    vms: int
+    paused: bool
+    next_runs: list[float] = field(default_factory=list)
+    recent: list[ScheduledRun] = field(default_factory=list)
+
+
+def schedules_to_json(schedules: list[ScheduleStatus]) -> dict[str, Any]:
+    return {
+        "schedules": [
+            {
+                "name": s.name,
+                "every": s.every,
+                "cron": s.cron,
+                "inventory": s.inventory,
+                "vms": s.vms,
+                "paused": s.paused,
+                "next_runs": s.next_runs,
+                "recent": [
+                    {"workflow_id": r.workflow_id, "scheduled": r.scheduled, "started": r.started}
+                    for r in s.recent
+                ],
+            }
+            for s in schedules
+        ]
+    }

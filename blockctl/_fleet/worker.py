@@ -7,12 +7,21 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC
+from datetime import UTC, timedelta
 
 import anyio
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import (
     Client,
+    Schedule,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleListActionStartWorkflow,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowFailureError,
@@ -30,8 +39,16 @@ from blockctl._fleet.inventory import (
     split_vm_workflow_id,
     task_queue,
 )
-from blockctl._fleet.status import LastFailure, RunningBackup, RunStatus, VMFailure, VMWork
-from blockctl._fleet.workflows import FleetBackup, VMBackupWorkflow
+from blockctl._fleet.status import (
+    LastFailure,
+    RunningBackup,
+    RunStatus,
+    ScheduledRun,
+    ScheduleStatus,
+    VMFailure,
+    VMWork,
+)
+from blockctl._fleet.workflows import FLEET_BACKUP, FleetBackup, VMBackupWorkflow
 from blockctl.errors import BlockctlError
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
@@ -242,3 +259,100 @@ def _running(workflow_id: str, run: WorkflowExecutionDescription) -> RunningBack
         last_heartbeat=heartbeat,
         last_failure=failure,
     )
+
+
+async def create_schedule(
+    name: str,
+    request: FleetBackupRequest,
+    inventory: str,
+    every: float | None = None,
+    cron: str | None = None,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> None:
+    """A Temporal Schedule ``name`` that runs the fleet backup of ``request`` (the inventory
+    as read now) every ``every`` seconds or at the ``cron`` line's times. A run still going
+    when the next is due: that next one is skipped (Temporal's SKIP overlap policy). Its
+    runs' workflow ids are ``NAME-<due time>`` (Temporal's)."""
+    spec = (
+        ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every))])
+        if every is not None
+        else ScheduleSpec(cron_expressions=[cron or ""])
+    )
+    client = await connect(address, namespace)
+    try:
+        await client.create_schedule(
+            name,
+            Schedule(
+                action=ScheduleActionStartWorkflow(
+                    FleetBackup.run, request, id=name, task_queue=WORKFLOW_QUEUE
+                ),
+                spec=spec,
+                policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+            ),
+            memo={"every": every, "cron": cron, "inventory": inventory,
+                  "vms": len(request.backups)},
+        )  # fmt: skip
+    except ScheduleAlreadyRunningError:
+        raise FleetError(
+            f"a schedule named {name!r} exists (fleet schedule delete it first)"
+        ) from None
+    except RPCError as exc:
+        raise FleetError(f"cannot create the schedule {name!r} at {address}: {exc}") from None
+
+
+async def list_schedules(
+    address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
+) -> list[ScheduleStatus]:
+    """The fleet backup schedules on the server, by name (the server lists a schedule a
+    moment after it is made or deleted)."""
+    client = await connect(address, namespace)
+    found = []
+    try:
+        async for entry in await client.list_schedules():
+            action = None if entry.schedule is None else entry.schedule.action
+            if not (
+                isinstance(action, ScheduleListActionStartWorkflow)
+                and action.workflow == FLEET_BACKUP
+            ):
+                continue
+            memo = await entry.memo()
+            recent = []
+            for r in entry.info.recent_actions if entry.info is not None else []:
+                if isinstance(r.action, ScheduleActionExecutionStartWorkflow):
+                    recent.append(
+                        ScheduledRun(
+                            r.action.workflow_id,
+                            r.scheduled_at.timestamp(),
+                            r.started_at.timestamp(),
+                        )
+                    )
+            every, cron = memo.get("every"), memo.get("cron")
+            found.append(
+                ScheduleStatus(
+                    entry.id,
+                    None if every is None else float(every),
+                    None if cron is None else str(cron),
+                    str(memo.get("inventory", "")),
+                    int(memo.get("vms", 0)),
+                    entry.schedule is not None and entry.schedule.state.paused,
+                    [t.timestamp() for t in (entry.info.next_action_times if entry.info else [])],
+                    recent,
+                )
+            )
+    except RPCError as exc:
+        raise FleetError(f"cannot list the schedules at {address}: {exc}") from None
+    return sorted(found, key=lambda s: s.name)
+
+
+async def delete_schedule(
+    name: str, address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
+) -> None:
+    """Delete schedule ``name``: no more runs start; a run going on goes on to its end."""
+    client = await connect(address, namespace)
+    try:
+        await client.get_schedule_handle(name).delete()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise FleetError(f"no schedule named {name!r} at {address}") from None
+        raise FleetError(f"cannot delete the schedule {name!r} at {address}: {exc}") from None

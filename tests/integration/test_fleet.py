@@ -815,3 +815,99 @@ async def test_per_vm_child_workflows_run_within_the_limits_per_host_and_reposit
         for host, vms in layout.items():
             leaked += await down_vms(runtimes[host], vms)
     assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+def server_list(dev_server: DevServer, *what: str) -> list[dict[str, Any]]:
+    """``temporal <what> list ... -o json``: the server's own answer, not blockctl's."""
+    listed = subprocess.run(
+        [dev_server.binary, *what, "list", "--address", dev_server.address, "-o", "json"],
+        capture_output=True,
+        check=True,
+    )
+    return list(json.loads(listed.stdout or b"[]"))
+
+
+async def test_a_schedule_runs_the_fleet_backup_until_deleted(
+    guest: GuestImage, dev_server: DevServer, tmp_path: Path
+) -> None:
+    """``fleet schedule create nightly INVENTORY --every 5 --per-host 1``: listed with its
+    spec; its runs (workflow ids ``nightly-<due time>``) take points until the VMs have one
+    each; ``fleet schedule delete``: the server has no schedule left and, once the run going
+    on ends, no workflow running; every run the schedule started completed, and each VM
+    has exactly one point per run (its request id naming that run), each restorable."""
+    address = dev_server.address
+    repo_path = tmp_path / "repo"
+    backup.init_repository(repo_path)
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text('repository = "repo"\n[hosts.hv1]\nvms = ["web", "db"]\n')
+    runtime = Path(tempfile.mkdtemp(prefix="bct-hv1-", dir="/tmp"))
+    names = ["web", "db"]
+    try:
+        disks = await up_vms(runtime, tmp_path, names)
+        schedule = ("fleet", "schedule")
+        async with worker("hv1", runtime, address, tmp_path / "worker.log"):
+            created = json.loads(
+                await blockctl(runtime, *schedule, "create", "nightly", inventory, "--every",
+                               "5", "--per-host", "1", "--address", address, "--json")
+            )  # fmt: skip
+            assert created["created"] == "nightly", created
+            repo = backup.open_repository(repo_path)
+            with anyio.fail_after(BACKUP_DEADLINE):
+                while True:  # the schedule's first run: a point per VM
+                    listed = json.loads(
+                        await blockctl(runtime, *schedule, "list", "--address", address, "--json")
+                    )["schedules"]
+                    if listed and all(repo.point_ids(vm) for vm in names):
+                        break
+                    await anyio.sleep(0.5)
+            (nightly,) = listed
+            assert (nightly["name"], nightly["every"], nightly["cron"]) == ("nightly", 5.0, None)
+            assert (nightly["inventory"], nightly["vms"]) == (str(inventory), 2), nightly
+            assert not nightly["paused"] and nightly["next_runs"], nightly
+            text = await blockctl(runtime, *schedule, "list", "--address", address)
+            assert "nightly  every 5 s    2  " in text, text
+            deleted = await blockctl(runtime, *schedule, "delete", "nightly", "--address", address)
+            assert deleted.strip() == "deleted schedule nightly"
+            again = await anyio.run_process(
+                [sys.executable, "-m", "blockctl", *schedule, "delete", "nightly", "--address",
+                 address],
+                check=False,
+                env=cli_env(runtime),
+            )  # fmt: skip
+            assert again.returncode == 1, again.stderr.decode()
+            assert "no schedule named 'nightly'" in again.stderr.decode()
+            with anyio.fail_after(BACKUP_DEADLINE):
+                while True:  # deleted; the run going on, if one is, ends
+                    schedules = server_list(dev_server, "schedule")
+                    running = [
+                        wf
+                        for wf in server_list(dev_server, "workflow")
+                        if wf["status"].endswith("RUNNING")
+                    ]
+                    if not schedules and not running:
+                        break
+                    await anyio.sleep(0.5)
+            listed = json.loads(
+                await blockctl(runtime, *schedule, "list", "--address", address, "--json")
+            )["schedules"]
+            assert listed == [], listed
+        runs = [
+            wf["execution"]["workflowId"]
+            for wf in server_list(dev_server, "workflow")
+            if wf["type"]["name"] == "blockctl.fleet-backup"
+        ]
+        assert runs and all(r.startswith("nightly-") for r in runs), runs
+        statuses = {wf["status"] for wf in server_list(dev_server, "workflow")}
+        assert statuses == {"WORKFLOW_EXECUTION_STATUS_COMPLETED"}, statuses
+        for vm in names:
+            points = repo.point_ids(vm)
+            # One point per run, each run's own: its request id names the run's VM child.
+            taken_by = sorted(
+                (repo.get(vm, p).request_id or "").split("/backup/")[0] for p in points
+            )
+            assert taken_by == sorted(f"temporal:{r}" for r in runs), (vm, taken_by, runs)
+            for point in points:
+                await restores_to(repo_path, vm, point, disks[vm], tmp_path)
+    finally:
+        leaked = await down_vms(runtime, names)
+    assert not leaked, f"QEMU processes left running: {leaked}"

@@ -204,3 +204,50 @@ def test_the_slots_keep_each_limit_and_start_in_order(per_host: int, per_reposit
         assert max(most_host.values()) == (per_host or 4)
     if per_repository:
         assert max(most_repo.values()) == per_repository
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["create"], "name"),
+        (["create", "nightly"], "inventory"),
+        (["create", "nightly", "{inventory}"], "every"),
+        (["create", "bad name", "{inventory}", "--every", "60"], "name"),
+        (["delete"], "name"),
+        (["delete", "nightly", "{inventory}"], "inventory"),
+        (["list", "nightly"], "name"),
+    ],
+)
+def test_fleet_schedule_refuses_what_its_action_does_not_take_before_connecting(
+    tmp_path: Path, argv: list[str], field: str
+) -> None:
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text('repository = "r"\n[hosts.hv1]\nvms = ["web"]\n')
+    argv = [a.replace("{inventory}", str(inventory)) for a in argv]
+    result = subprocess.run(
+        [sys.executable, "-m", "blockctl", "fleet", "schedule", *argv, "--address",
+         "127.0.0.1:1", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    error = json.loads(result.stdout)["error"]
+    assert (result.returncode, error["type"]) == (1, "ConfigError"), result.stderr
+    assert error["message"].startswith(f"{field}: "), error
+
+
+@pytest.mark.parametrize("argv", [["--every", "0"], ["--every", "60", "--cron", "0 2 * * *"]])
+def test_fleet_schedule_refuses_a_bad_or_double_spec_as_usage(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "blockctl", "fleet", "schedule", "create", "n", "fleet.toml",
+         *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--every" in result.stderr, result.stderr
