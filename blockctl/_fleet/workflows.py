@@ -96,7 +96,9 @@ class _Slots:
     def _admit(self) -> None:
         for entry in list(self.waiting):
             b, admitted = entry
-            if self._fits(b):
+            if admitted.done():  # its wait was cancelled (the fleet run cancelled)
+                self.waiting.remove(entry)
+            elif self._fits(b):
                 self.hosts[b.host] = self.hosts.get(b.host, 0) + 1
                 self.repositories[b.repository] = self.repositories.get(b.repository, 0) + 1
                 self.waiting.remove(entry)

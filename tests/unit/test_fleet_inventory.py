@@ -251,3 +251,27 @@ def test_fleet_schedule_refuses_a_bad_or_double_spec_as_usage(
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "--every" in result.stderr, result.stderr
+
+
+def test_a_cancelled_wait_for_a_slot_is_passed_over() -> None:
+    """A VM whose wait is cancelled (its fleet run cancelled) is dropped, not admitted: the
+    next VM gets the slot and nothing raises."""
+    try:
+        from blockctl._fleet.workflows import _Slots
+    except ImportError:
+        missing("temporalio (pip install 'blockctl[fleet]')")
+    first, second, third = (VMBackup("h", vm, "/r") for vm in ("a", "b", "c"))
+
+    async def fleet() -> None:
+        slots = _Slots(1, 0)
+        await slots.acquire(first)
+        waiting = asyncio.ensure_future(slots.acquire(second))
+        admitted = asyncio.ensure_future(slots.acquire(third))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await asyncio.sleep(0)
+        slots.release(first)
+        await admitted
+        assert slots.hosts == {"h": 1} and not slots.waiting
+
+    asyncio.run(fleet())
