@@ -1,6 +1,8 @@
 """``fleet``: blockctl on Temporal (the ``blockctl[fleet]`` extra). ``worker`` runs a host's
 worker; ``backup`` runs a fleet backup over an inventory and prints each VM's point;
-``status`` shows each VM's last point and the last fleet backups Temporal has.
+``status`` shows each VM's last point, running backups and last failure, and the last fleet
+backups Temporal has; ``schedule`` creates, lists and deletes Temporal Schedules that run a
+fleet backup.
 
 temporalio is imported only when a fleet command runs: every other command, and this one's
 parser, work without it.
@@ -20,7 +22,8 @@ from blockctl._cli.output import table
 from blockctl.errors import MissingComponent
 
 if TYPE_CHECKING:
-    from blockctl._fleet.status import FleetStatus
+    from blockctl._fleet.inventory import FleetBackupRequest
+    from blockctl._fleet.status import FleetStatus, ScheduleStatus
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 
@@ -41,6 +44,26 @@ def _seconds(text: str) -> float:
         value = float("nan")
     if not 1.0 <= value <= 86400.0:
         raise argparse.ArgumentTypeError(f"{text!r}: seconds, 1 to 86400")
+    return value
+
+
+def _limit(text: str) -> int:
+    from blockctl._fleet.inventory import MAX_LIMIT
+
+    if not text.isdigit() or not 0 <= int(text) <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a number of backups at once, 1 to {MAX_LIMIT} (0: no limit)"
+        )
+    return int(text)
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1.0 <= value <= 31 * 86400.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, 1 to {31 * 86400} (31 days)")
     return value
 
 
@@ -78,6 +101,51 @@ class Fleet(Command):
         )
         p.add_argument("inventory", type=Path, help="a TOML inventory: [hosts.NAME] vms = [...]")
         p.add_argument("--workflow-id", help="the workflow's id (default: fleet-backup-<uuid>)")
+        self._backup_options(p)
+        self._server_options(p)
+
+        p = sub.add_parser(
+            "status",
+            parents=[global_options(parent=False)],
+            help="each VM's last point, running backups and last failure; the last fleet backups",
+        )
+        p.add_argument(
+            "--inventory",
+            type=Path,
+            metavar="FILE",
+            help="only this inventory's VMs (default: every VM the server has backups of)",
+        )
+        p.add_argument(
+            "--runs",
+            type=_runs,
+            default=5,
+            metavar="N",
+            help="how many of the last fleet backup runs to show (default 5)",
+        )
+        self._server_options(p)
+
+        p = sub.add_parser(
+            "schedule",
+            parents=[global_options(parent=False)],
+            help="create, list or delete a Temporal Schedule running an inventory's fleet backup",
+        )
+        p.add_argument("schedule_action", choices=["create", "list", "delete"])
+        p.add_argument("name", nargs="?", help="the schedule's name (create, delete)")
+        p.add_argument(
+            "inventory", nargs="?", type=Path, help="create: the TOML inventory, read now"
+        )
+        when = p.add_mutually_exclusive_group()
+        when.add_argument(
+            "--every", type=_interval, metavar="SECONDS", help="create: a run every SECONDS"
+        )
+        when.add_argument(
+            "--cron", metavar="SPEC", help='create: runs at a cron line ("0 2 * * *")'
+        )
+        self._backup_options(p)
+        self._server_options(p)
+
+    @staticmethod
+    def _backup_options(p: argparse.ArgumentParser) -> None:
         from blockctl._fleet.inventory import DEFAULT_HEARTBEAT_TIMEOUT
 
         p.add_argument(
@@ -87,22 +155,18 @@ class Fleet(Command):
             metavar="SECONDS",
             help="a worker silent this long is taken as lost and its backups retried (default 30)",
         )
-        self._server_options(p)
-
-        p = sub.add_parser(
-            "status",
-            parents=[global_options(parent=False)],
-            help="each VM's last point (from its repository) and the last fleet backups",
-        )
-        p.add_argument("inventory", type=Path, help="a TOML inventory: [hosts.NAME] vms = [...]")
         p.add_argument(
-            "--runs",
-            type=_runs,
-            default=5,
+            "--per-host",
+            type=_limit,
             metavar="N",
-            help="how many of the last fleet backup runs to show (default 5)",
+            help="at most N backups at once on one host (default: the inventory's; 0: none)",
         )
-        self._server_options(p)
+        p.add_argument(
+            "--per-repository",
+            type=_limit,
+            metavar="N",
+            help="at most N at once into one repository (default: the inventory's; 0: none)",
+        )
 
     @staticmethod
     def _server_options(p: argparse.ArgumentParser) -> None:
@@ -118,6 +182,8 @@ class Fleet(Command):
             return await self._worker(args)
         if args.action == "status":
             return await self._status(args)
+        if args.action == "schedule":
+            return await self._schedule(args)
         return await self._backup(args)
 
     async def _worker(self, args: argparse.Namespace) -> int:
@@ -141,12 +207,69 @@ class Fleet(Command):
         await run_worker(args.host, args.address, args.namespace, on_ready=ready)
         return ExitCode.OK
 
-    async def _backup(self, args: argparse.Namespace) -> int:
+    @staticmethod
+    def _request(args: argparse.Namespace) -> FleetBackupRequest:
+        """The inventory's fleet backup, with the command line's heartbeat timeout and limits."""
         from dataclasses import replace
 
         from blockctl._fleet.inventory import load_inventory
 
         request = replace(load_inventory(args.inventory), heartbeat_timeout=args.heartbeat_timeout)
+        if args.per_host is not None:
+            request = replace(request, per_host=args.per_host)
+        if args.per_repository is not None:
+            request = replace(request, per_repository=args.per_repository)
+        return request
+
+    async def _schedule(self, args: argparse.Namespace) -> int:
+        from blockctl._fleet.inventory import check_schedule_name
+        from blockctl._fleet.status import schedules_to_json
+        from blockctl.errors import ConfigError
+
+        action = args.schedule_action
+        if action == "list":
+            if args.name is not None:
+                raise ConfigError("name", "fleet schedule list takes no name")
+            _require_temporalio()
+            from blockctl._fleet.worker import list_schedules
+
+            found = await list_schedules(args.address, args.namespace)
+            emit(args, schedules_to_json(found), render_schedules(found))
+            return ExitCode.OK
+        if args.name is None:
+            raise ConfigError("name", f"fleet schedule {action} NAME: the schedule's name")
+        name = check_schedule_name(args.name)
+        if action == "delete":
+            if args.inventory is not None:
+                raise ConfigError("inventory", "fleet schedule delete takes a name only")
+            _require_temporalio()
+            from blockctl._fleet.worker import delete_schedule
+
+            await delete_schedule(name, args.address, args.namespace)
+            emit(args, {"deleted": name}, f"deleted schedule {name}")
+            return ExitCode.OK
+        if args.inventory is None:
+            raise ConfigError("inventory", "fleet schedule create NAME INVENTORY")
+        if args.every is None and args.cron is None:
+            raise ConfigError("every", "--every SECONDS or --cron SPEC: when the runs start")
+        request = self._request(args)
+        _require_temporalio()
+        from blockctl._fleet.worker import create_schedule
+
+        inventory = str(args.inventory.absolute())
+        await create_schedule(
+            name, request, inventory, args.every, args.cron, args.address, args.namespace
+        )
+        spec = f"every {args.every:g} s" if args.every is not None else f"cron {args.cron!r}"
+        emit(
+            args,
+            {"created": name, "every": args.every, "cron": args.cron, "inventory": inventory},
+            f"created schedule {name}: the fleet backup of {inventory}, {spec}",
+        )
+        return ExitCode.OK
+
+    async def _backup(self, args: argparse.Namespace) -> int:
+        request = self._request(args)
         _require_temporalio()
         from blockctl._fleet.worker import fleet_backup
 
@@ -180,12 +303,14 @@ class Fleet(Command):
 
     async def _status(self, args: argparse.Namespace) -> int:
         from blockctl._fleet.inventory import load_inventory
-        from blockctl._fleet.status import FleetStatus, to_json, vm_points
+        from blockctl._fleet.status import FleetStatus, known_vms, to_json, vm_points
 
-        vms = vm_points(load_inventory(args.inventory))
+        inventory = None if args.inventory is None else load_inventory(args.inventory)
         _require_temporalio()
-        from blockctl._fleet.worker import recent_runs
+        from blockctl._fleet.worker import recent_runs, vm_work
 
+        work = await vm_work(args.address, args.namespace)
+        vms = vm_points(known_vms(work) if inventory is None else inventory.backups, work)
         status = FleetStatus(vms, await recent_runs(args.address, args.namespace, args.runs))
         emit(args, to_json(status), render_status(status))
         return ExitCode.OK
@@ -195,18 +320,52 @@ def _when(stamp: float | None) -> str:
     return "" if stamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
 
 
+def _vm_notes(status: FleetStatus) -> list[str]:
+    """Each VM's running backups and last failure, and a repository not read, a line each."""
+    notes = []
+    for v in status.vms:
+        if v.unreadable is not None:
+            notes.append(f"{v.host}/{v.vm}: repository not read: {v.unreadable}")
+        for r in v.running:
+            what = (
+                "its backup not scheduled yet"
+                if r.attempt is None
+                else f"attempt {r.attempt}, {r.state}, last heartbeat {_when(r.last_heartbeat)}"
+            )
+            after = "" if r.last_failure is None else f" (previous attempt: {r.last_failure})"
+            notes.append(f"{v.host}/{v.vm}: running {r.workflow_id}: {what}{after}")
+        f = v.last_failure
+        if f is not None:
+            notes.append(
+                f"{v.host}/{v.vm}: last failure {f.workflow_id} ({f.status} {_when(f.closed)}): "
+                f"{f.error}"
+            )
+    return notes
+
+
 def render_status(status: FleetStatus) -> str:
     """Two tables: the VMs with their last points, the runs with their outcomes; then each
-    failed VM of a completed run, and each ended run's error."""
+    VM's running backups and last failure, each failed VM of a completed run, and each ended
+    run's error."""
     vms = table(
-        ["HOST", "VM", "LAST POINT", "KIND", "COMPLETED"],
+        ["HOST", "VM", "LAST POINT", "KIND", "COMPLETED", "RUNNING"],
         [
-            (v.host, v.vm, "(no point)", None, None)
-            if v.last is None
-            else (v.host, v.vm, v.last.id, v.last.kind, _when(v.last.completed))
+            (
+                v.host,
+                v.vm,
+                "(no point)" if v.last is None else v.last.id,
+                None if v.last is None else v.last.kind,
+                None if v.last is None else _when(v.last.completed),
+                len(v.running) or None,
+            )
             for v in status.vms
         ],
+        right={"RUNNING"},
     )
+    if vm_notes := _vm_notes(status):
+        vms = f"{vms}\n\n" + "\n".join(vm_notes)
+    if not status.vms:
+        vms = "no VM backups on the server"
     if not status.runs:
         return f"{vms}\n\nno fleet backup runs on the server"
     runs = table(
@@ -227,3 +386,25 @@ def render_status(status: FleetStatus) -> str:
     notes = [f"{r.workflow_id}: {f.host}/{f.vm}: {f.error}" for r in status.runs for f in r.failed]
     notes += [f"{r.workflow_id}: {r.error}" for r in status.runs if r.error is not None]
     return "\n\n".join([vms, runs, *(["\n".join(notes)] if notes else [])])
+
+
+def render_schedules(schedules: list[ScheduleStatus]) -> str:
+    """A table of the schedules: name, spec, VMs, next run, last run started."""
+    if not schedules:
+        return "no fleet backup schedules on the server"
+    return table(
+        ["NAME", "WHEN", "VMS", "NEXT RUN", "LAST RUN", "INVENTORY"],
+        [
+            (
+                s.name,
+                (f"every {s.every:g} s" if s.every is not None else f"cron {s.cron}")
+                + (" (paused)" if s.paused else ""),
+                s.vms,
+                _when(s.next_runs[0]) if s.next_runs else None,
+                s.recent[-1].workflow_id if s.recent else None,
+                s.inventory,
+            )
+            for s in schedules
+        ],
+        right={"VMS"},
+    )

@@ -12,6 +12,9 @@ int: Temporal's JSON converter carries them as they are).
     [hosts.hv2]
     vms = ["mail"]
     repository = "/srv/hv2-backups"
+
+    per-host = 2                       # optional: at most 2 backups at once on one host
+    per-repository = 4                 # optional: at most 4 at once into one repository
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ WORKFLOW_QUEUE = "blockctl-fleet"
 def task_queue(host: str) -> str:
     """The task queue of ``host``'s worker: the only one that runs that host's activities."""
     return f"blockctl@{check_host(host)}"
+
+
+def check_schedule_name(name: str) -> str:
+    """A schedule's name: its Temporal Schedule id, and the start of its runs' workflow ids."""
+    if not _HOST.fullmatch(name):
+        raise ConfigError("name", f"{name!r}: 1-63 of A-Z a-z 0-9 . _ -, not starting with . _ -")
+    return name
 
 
 def check_host(host: str) -> str:
@@ -73,8 +83,49 @@ DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 
 @dataclass(frozen=True, slots=True)
 class FleetBackupRequest:
+    """The VMs to back up, and how many of their backups may run at once on one host and
+    into one repository (0: no limit)."""
+
     backups: list[VMBackup]
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT  # seconds
+    per_host: int = 0
+    per_repository: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VMBackupRequest:
+    """One VM's child workflow's input: the VM and its activity's heartbeat timeout."""
+
+    backup: VMBackup
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT  # seconds
+
+
+def vm_workflow_id(fleet_workflow_id: str, host: str, vm: str) -> str:
+    """The id of VM ``vm``'s child workflow in the fleet backup ``fleet_workflow_id``: the
+    same in every run of that id (a host or VM name has no ``/``: the last two parts are
+    they)."""
+    return f"{fleet_workflow_id}/backup/{host}/{vm}"
+
+
+def split_vm_workflow_id(workflow_id: str) -> tuple[str, str, str] | None:
+    """(fleet workflow id, host, VM) of a VM's child workflow id, or None if it is not one."""
+    fleet, sep, rest = workflow_id.rpartition("/backup/")
+    host, _, vm = rest.partition("/")
+    if not sep or not fleet or not _HOST.fullmatch(host) or not _VM.fullmatch(vm):
+        return None
+    return fleet, host, vm
+
+
+#: The most backups at once a limit may allow (a limit is 1 to this, or 0: none).
+MAX_LIMIT = 1000
+
+
+def check_limit(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LIMIT:
+        raise ConfigError(
+            name, f"{value!r}: a number of backups at once, 1 to {MAX_LIMIT} (0: no limit)"
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +141,14 @@ def parse_inventory(data: dict[str, Any], base: Path) -> FleetBackupRequest:
     """The backups an inventory asks for, host by host in the file's order. Relative
     repository paths are relative to ``base`` (the file's directory)."""
     shared = data.get("repository")
-    unknown = set(data) - {"repository", "hosts"}
+    unknown = set(data) - {"repository", "hosts", "per-host", "per-repository"}
     if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown key (an inventory has repository, hosts)")
+        raise ConfigError(
+            sorted(unknown)[0],
+            "unknown key (an inventory has repository, hosts, per-host, per-repository)",
+        )
+    per_host = check_limit("per-host", data.get("per-host", 0))
+    per_repository = check_limit("per-repository", data.get("per-repository", 0))
     hosts = data.get("hosts")
     if not isinstance(hosts, dict) or not hosts:
         raise ConfigError("hosts", "at least one [hosts.NAME] table with vms = [...]")
@@ -119,7 +175,7 @@ def parse_inventory(data: dict[str, Any], base: Path) -> FleetBackupRequest:
                 raise ConfigError(f"{where}.vms", f"{vm!r} is listed twice")
             seen.add((host, vm))
             backups.append(VMBackup(host, vm, str(base / repository)))
-    return FleetBackupRequest(backups)
+    return FleetBackupRequest(backups, per_host=per_host, per_repository=per_repository)
 
 
 def load_inventory(path: Path) -> FleetBackupRequest:

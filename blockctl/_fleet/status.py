@@ -1,4 +1,5 @@
-"""``blockctl fleet status``: every VM's last point, read from its repository, and the fleet
+"""``blockctl fleet status``: every VM's last point, read from its repository, its running
+backups and its last failed one (its child workflows, as Temporal has them), and the fleet
 backups Temporal has (running, completed, failed), as plain values and their JSON form. No
 temporalio here: the worker module reads the workflows (the only place that connects), the
 CLI renders the text.
@@ -10,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockctl import backup
-from blockctl._fleet.inventory import FleetBackupRequest
+from blockctl._fleet.inventory import VMBackup
+from blockctl.errors import BlockctlError
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,13 +23,51 @@ class LastPoint:
 
 
 @dataclass(frozen=True, slots=True)
+class RunningBackup:
+    """A VM's backup child workflow still open, and its backup activity as Temporal has it
+    (``state`` SCHEDULED, STARTED, ...; none of these while the child has not scheduled it).
+    ``last_failure``: the previous attempt's error (a worker taken for lost, ...)."""
+
+    workflow_id: str
+    started: float
+    attempt: int | None = None
+    state: str | None = None
+    last_heartbeat: float | None = None
+    last_failure: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LastFailure:
+    """A VM's newest backup child workflow that did not complete (FAILED, TERMINATED, ...)."""
+
+    workflow_id: str
+    status: str
+    closed: float | None
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class VMWork:
+    """What Temporal has of one VM: its backups running and its last failed one, and the
+    repository its newest backup was into."""
+
+    repository: str
+    running: list[RunningBackup] = field(default_factory=list)
+    last_failure: LastFailure | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class VMStatus:
-    """One VM of the inventory and its repository's newest complete point (None: none)."""
+    """One VM and its repository's newest complete point (None: none; ``unreadable``: the
+    repository could not be read, why), its running backups and its last failed one."""
 
     host: str
     vm: str
     repository: str
     last: LastPoint | None
+    running: list[RunningBackup] = field(default_factory=list)
+    last_failure: LastFailure | None = None
+    unreadable: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,18 +100,38 @@ class FleetStatus:
     runs: list[RunStatus]  # newest first
 
 
-def vm_points(request: FleetBackupRequest) -> list[VMStatus]:
-    """Each VM of the inventory with its repository's newest complete point (by start)."""
-    repositories: dict[str, backup.Repository] = {}
+def vm_points(
+    backups: list[VMBackup], work: dict[tuple[str, str], VMWork] | None = None
+) -> list[VMStatus]:
+    """Each VM with its repository's newest complete point (by start) and what ``work``
+    (Temporal's) has of it. A repository that cannot be read is said so, VM by VM."""
+    repositories: dict[str, backup.Repository | BlockctlError] = {}
     found = []
-    for b in request.backups:
+    for b in backups:
         repo = repositories.get(b.repository)
         if repo is None:
-            repo = repositories[b.repository] = backup.open_repository(b.repository)
+            try:
+                repo = backup.open_repository(b.repository)
+            except BlockctlError as exc:
+                repo = exc
+            repositories[b.repository] = repo
+        known = (work or {}).get((b.host, b.vm), VMWork(b.repository))
+        if isinstance(repo, BlockctlError):
+            found.append(
+                VMStatus(b.host, b.vm, b.repository, None, known.running, known.last_failure,
+                         unreadable=str(repo))
+            )  # fmt: skip
+            continue
         latest = repo.latest(b.vm)
         last = None if latest is None else LastPoint(latest.id, latest.kind, latest.completed)
-        found.append(VMStatus(b.host, b.vm, b.repository, last))
+        found.append(VMStatus(b.host, b.vm, b.repository, last, known.running, known.last_failure))
     return found
+
+
+def known_vms(work: dict[tuple[str, str], VMWork]) -> list[VMBackup]:
+    """The VMs Temporal has backups of (by host, then VM), each with its newest backup's
+    repository."""
+    return [VMBackup(host, vm, work[host, vm].repository) for host, vm in sorted(work)]
 
 
 def to_json(status: FleetStatus) -> dict[str, Any]:
@@ -84,6 +144,26 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
                 "last_point": None
                 if v.last is None
                 else {"id": v.last.id, "kind": v.last.kind, "completed": v.last.completed},
+                "unreadable": v.unreadable,
+                "running": [
+                    {
+                        "workflow_id": r.workflow_id,
+                        "started": r.started,
+                        "attempt": r.attempt,
+                        "state": r.state,
+                        "last_heartbeat": r.last_heartbeat,
+                        "last_failure": r.last_failure,
+                    }
+                    for r in v.running
+                ],
+                "last_failure": None
+                if v.last_failure is None
+                else {
+                    "workflow_id": v.last_failure.workflow_id,
+                    "status": v.last_failure.status,
+                    "closed": v.last_failure.closed,
+                    "error": v.last_failure.error,
+                },
             }
             for v in status.vms
         ],
@@ -100,4 +180,50 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
             }
             for r in status.runs
         ],
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRun:
+    """A fleet backup a schedule started: its workflow, when it was due and when it started."""
+
+    workflow_id: str
+    scheduled: float
+    started: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleStatus:
+    """A fleet backup schedule (``fleet schedule create``): its spec (``every`` seconds, or a
+    ``cron`` line), the inventory it was made from and its VM count, its next runs and the
+    recent runs it started (oldest first, as Temporal keeps them)."""
+
+    name: str
+    every: float | None
+    cron: str | None
+    inventory: str
+    vms: int
+    paused: bool
+    next_runs: list[float] = field(default_factory=list)
+    recent: list[ScheduledRun] = field(default_factory=list)
+
+
+def schedules_to_json(schedules: list[ScheduleStatus]) -> dict[str, Any]:
+    return {
+        "schedules": [
+            {
+                "name": s.name,
+                "every": s.every,
+                "cron": s.cron,
+                "inventory": s.inventory,
+                "vms": s.vms,
+                "paused": s.paused,
+                "next_runs": s.next_runs,
+                "recent": [
+                    {"workflow_id": r.workflow_id, "scheduled": r.scheduled, "started": r.started}
+                    for r in s.recent
+                ],
+            }
+            for s in schedules
+        ]
     }

@@ -6,9 +6,26 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, timedelta
 
 import anyio
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleListActionStartWorkflow,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
@@ -18,10 +35,20 @@ from blockctl._fleet.inventory import (
     WORKFLOW_QUEUE,
     FleetBackupRequest,
     FleetBackupResult,
+    VMBackupResult,
+    split_vm_workflow_id,
     task_queue,
 )
-from blockctl._fleet.status import RunStatus, VMFailure
-from blockctl._fleet.workflows import FleetBackup
+from blockctl._fleet.status import (
+    LastFailure,
+    RunningBackup,
+    RunStatus,
+    ScheduledRun,
+    ScheduleStatus,
+    VMFailure,
+    VMWork,
+)
+from blockctl._fleet.workflows import FLEET_BACKUP, FleetBackup, VMBackupWorkflow
 from blockctl.errors import BlockctlError
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
@@ -59,7 +86,12 @@ async def run_worker(
     )
     workers = [
         Worker(client, task_queue=task_queue(host), activities=[backup_vm]),
-        Worker(client, task_queue=WORKFLOW_QUEUE, workflows=[FleetBackup], workflow_runner=runner),
+        Worker(
+            client,
+            task_queue=WORKFLOW_QUEUE,
+            workflows=[FleetBackup, VMBackupWorkflow],
+            workflow_runner=runner,
+        ),
     ]
     # Plain asyncio tasks, outside anyio's cancel scopes: anyio cancels every await of a
     # cancelled scope again, which would cut the workers' own shutdown short and leave tasks
@@ -153,3 +185,174 @@ async def recent_runs(
     except RPCError as exc:
         raise FleetError(f"cannot list the fleet backups at {address}: {exc}") from None
     return runs
+
+
+#: The VMs' backup child workflows, newest first.
+_VM_BACKUPS = "WorkflowType = 'blockctl.vm-backup'"
+#: How many of the newest VM backups ``vm_work`` looks at (a VM not among them: nothing).
+VM_BACKUPS_LISTED = 1000
+
+
+async def vm_work(
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    limit: int = VM_BACKUPS_LISTED,
+) -> dict[tuple[str, str], VMWork]:
+    """By (host, VM), from the newest ``limit`` VM backup child workflows: the repository
+    of the newest, those still running (each with its activity's attempt, state, last
+    heartbeat and previous attempt's error, as ``describe`` has them) and the newest that
+    did not complete, with its error."""
+    client = await connect(address, namespace)
+    work: dict[tuple[str, str], VMWork] = {}
+    try:
+        async for wf in client.list_workflows(_VM_BACKUPS, limit=limit):
+            named = split_vm_workflow_id(wf.id)
+            if named is None:
+                continue
+            key = named[1:]
+            known = work.get(key)
+            if known is None:
+                memo = await wf.memo()
+                known = work[key] = VMWork(str(memo.get("repository", "")))
+            handle = client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=VMBackupResult)
+            if wf.status == WorkflowExecutionStatus.RUNNING:
+                # The list lags behind the run: its own state says if it still runs.
+                run = await handle.describe()
+                if run.status == WorkflowExecutionStatus.RUNNING:
+                    known.running.append(_running(wf.id, run))
+                    continue
+                status, close_time = run.status, run.close_time
+            else:
+                status, close_time = wf.status, wf.close_time
+            if status == WorkflowExecutionStatus.COMPLETED or known.last_failure is not None:
+                continue
+            try:
+                await handle.result(follow_runs=False)
+                continue  # completed after all (listed before it closed)
+            except WorkflowFailureError as exc:
+                error = str(exc.cause or exc)
+            closed = None if close_time is None else close_time.timestamp()
+            name = status.name if status is not None else "UNSPECIFIED"
+            work[key] = replace(known, last_failure=LastFailure(wf.id, name, closed, error))
+    except RPCError as exc:
+        raise FleetError(f"cannot list the VM backups at {address}: {exc}") from None
+    return work
+
+
+def _running(workflow_id: str, run: WorkflowExecutionDescription) -> RunningBackup:
+    started = run.start_time.timestamp()
+    pending = run.raw_description.pending_activities
+    if not pending:
+        return RunningBackup(workflow_id, started)
+    activity = pending[0]  # a VM's backup has one activity
+    heartbeat = (
+        activity.last_heartbeat_time.ToDatetime().replace(tzinfo=UTC).timestamp()
+        if activity.HasField("last_heartbeat_time")
+        else None
+    )
+    failure = activity.last_failure.message if activity.HasField("last_failure") else None
+    return RunningBackup(
+        workflow_id,
+        started,
+        attempt=activity.attempt,
+        state=PendingActivityState.Name(activity.state).removeprefix("PENDING_ACTIVITY_STATE_"),
+        last_heartbeat=heartbeat,
+        last_failure=failure,
+    )
+
+
+async def create_schedule(
+    name: str,
+    request: FleetBackupRequest,
+    inventory: str,
+    every: float | None = None,
+    cron: str | None = None,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> None:
+    """A Temporal Schedule ``name`` that runs the fleet backup of ``request`` (the inventory
+    as read now) every ``every`` seconds or at the ``cron`` line's times. A run still going
+    when the next is due: that next one is skipped (Temporal's SKIP overlap policy). Its
+    runs' workflow ids are ``NAME-<due time>`` (Temporal's)."""
+    spec = (
+        ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every))])
+        if every is not None
+        else ScheduleSpec(cron_expressions=[cron or ""])
+    )
+    client = await connect(address, namespace)
+    try:
+        await client.create_schedule(
+            name,
+            Schedule(
+                action=ScheduleActionStartWorkflow(
+                    FleetBackup.run, request, id=name, task_queue=WORKFLOW_QUEUE
+                ),
+                spec=spec,
+                policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+            ),
+            memo={"every": every, "cron": cron, "inventory": inventory,
+                  "vms": len(request.backups)},
+        )  # fmt: skip
+    except ScheduleAlreadyRunningError:
+        raise FleetError(
+            f"a schedule named {name!r} exists (fleet schedule delete it first)"
+        ) from None
+    except RPCError as exc:
+        raise FleetError(f"cannot create the schedule {name!r} at {address}: {exc}") from None
+
+
+async def list_schedules(
+    address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
+) -> list[ScheduleStatus]:
+    """The fleet backup schedules on the server, by name (the server lists a schedule a
+    moment after it is made or deleted)."""
+    client = await connect(address, namespace)
+    found = []
+    try:
+        async for entry in await client.list_schedules():
+            action = None if entry.schedule is None else entry.schedule.action
+            if not (
+                isinstance(action, ScheduleListActionStartWorkflow)
+                and action.workflow == FLEET_BACKUP
+            ):
+                continue
+            memo = await entry.memo()
+            recent = []
+            for r in entry.info.recent_actions if entry.info is not None else []:
+                if isinstance(r.action, ScheduleActionExecutionStartWorkflow):
+                    recent.append(
+                        ScheduledRun(
+                            r.action.workflow_id,
+                            r.scheduled_at.timestamp(),
+                            r.started_at.timestamp(),
+                        )
+                    )
+            every, cron = memo.get("every"), memo.get("cron")
+            found.append(
+                ScheduleStatus(
+                    entry.id,
+                    None if every is None else float(every),
+                    None if cron is None else str(cron),
+                    str(memo.get("inventory", "")),
+                    int(memo.get("vms", 0)),
+                    entry.schedule is not None and entry.schedule.state.paused,
+                    [t.timestamp() for t in (entry.info.next_action_times if entry.info else [])],
+                    recent,
+                )
+            )
+    except RPCError as exc:
+        raise FleetError(f"cannot list the schedules at {address}: {exc}") from None
+    return sorted(found, key=lambda s: s.name)
+
+
+async def delete_schedule(
+    name: str, address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
+) -> None:
+    """Delete schedule ``name``: no more runs start; a run going on goes on to its end."""
+    client = await connect(address, namespace)
+    try:
+        await client.get_schedule_handle(name).delete()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise FleetError(f"no schedule named {name!r} at {address}") from None
+        raise FleetError(f"cannot delete the schedule {name!r} at {address}: {exc}") from None

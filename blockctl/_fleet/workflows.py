@@ -1,5 +1,12 @@
 """The fleet's workflows: deterministic code that routes work to hosts' task queues and
 collects what comes back. They run in Temporal's sandbox: no I/O, activities named by string.
+
+A fleet backup (``blockctl.fleet-backup``) starts one child workflow per VM
+(``blockctl.vm-backup``, id ``FLEET-ID/backup/HOST/VM``), as many at once as its limits per
+host and per repository allow, in the inventory's order. A child runs that VM's backup
+activity on its host's queue; a VM whose backup failed fails its child (its error is there,
+in Temporal, for ``fleet status``), and the parent records that error in the VM's result and
+goes on with the others.
 """
 
 from __future__ import annotations
@@ -9,20 +16,24 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from blockctl._fleet.inventory import (
         FleetBackupRequest,
         FleetBackupResult,
         VMBackup,
+        VMBackupRequest,
         VMBackupResult,
         task_queue,
+        vm_workflow_id,
     )
 
 #: The backup activity's name (blockctl._fleet.activities.BACKUP_VM: not imported here, the
 #: sandbox would re-import the library behind it).
 BACKUP_VM = "blockctl.backup"
+FLEET_BACKUP = "blockctl.fleet-backup"
+VM_BACKUP = "blockctl.vm-backup"
 #: A backup is retried when its worker is lost (no heartbeat within the request's heartbeat
 #: timeout: killed, its host down) or the VM's backup lock is still held by an attempt taken
 #: for lost; the activity marks every other error final. A retry is safe: the activity's
@@ -34,34 +45,105 @@ RETRY = RetryPolicy(
     maximum_attempts=5,
 )
 BACKUP_TIMEOUT = timedelta(hours=1)  # as blockctl's own default deadline for a backup
+#: A VM's failure type: its child workflow fails with it (never retried: the activity
+#: already was, as far as a retry could help).
+VM_BACKUP_FAILED = "VMBackupFailed"
 
 
-@workflow.defn(name="blockctl.fleet-backup")
-class FleetBackup:
-    """Every VM of the request backed up at once, each on its own host's queue; one result
-    per VM, in the request's order (a failed VM has its error, the others their point)."""
+@workflow.defn(name=VM_BACKUP)
+class VMBackupWorkflow:
+    """One VM's backup: its activity on its host's queue. Fails (non-retryable) with the
+    activity's error when the backup failed."""
 
     @workflow.run
-    async def run(self, request: FleetBackupRequest) -> FleetBackupResult:
-        heartbeat = timedelta(seconds=request.heartbeat_timeout)
-        results = await asyncio.gather(*(self._backup(b, heartbeat) for b in request.backups))
-        return FleetBackupResult(list(results))
-
-    async def _backup(self, request: VMBackup, heartbeat: timedelta) -> VMBackupResult:
+    async def run(self, request: VMBackupRequest) -> VMBackupResult:
+        b = request.backup
         try:
             result: VMBackupResult = await workflow.execute_activity(
                 BACKUP_VM,
-                request,
+                b,
                 result_type=VMBackupResult,
-                task_queue=task_queue(request.host),
-                activity_id=f"backup/{request.host}/{request.vm}",
+                task_queue=task_queue(b.host),
+                activity_id=f"backup/{b.host}/{b.vm}",
                 start_to_close_timeout=BACKUP_TIMEOUT,
-                heartbeat_timeout=heartbeat,
+                heartbeat_timeout=timedelta(seconds=request.heartbeat_timeout),
                 retry_policy=RETRY,
             )
         except ActivityError as exc:
             cause = exc.cause if exc.cause is not None else exc
-            return VMBackupResult(
-                host=request.host, vm=request.vm, repository=request.repository, error=str(cause)
+            raise ApplicationError(str(cause), type=VM_BACKUP_FAILED, non_retryable=True) from None
+        return result
+
+
+class _Slots:
+    """Which VMs' backups may start: at most ``per_host`` at once on one host and
+    ``per_repository`` into one repository (0: no limit), in the request's order. Admitting
+    is synchronous (no await between the check and the count), so the limits hold whatever
+    order the workflow's tasks wake in."""
+
+    def __init__(self, per_host: int, per_repository: int) -> None:
+        self.per_host = per_host
+        self.per_repository = per_repository
+        self.hosts: dict[str, int] = {}
+        self.repositories: dict[str, int] = {}
+        self.waiting: list[tuple[VMBackup, asyncio.Future[None]]] = []
+
+    def _fits(self, b: VMBackup) -> bool:
+        return (not self.per_host or self.hosts.get(b.host, 0) < self.per_host) and (
+            not self.per_repository or self.repositories.get(b.repository, 0) < self.per_repository
+        )
+
+    def _admit(self) -> None:
+        for entry in list(self.waiting):
+            b, admitted = entry
+            if admitted.done():  # its wait was cancelled (the fleet run cancelled)
+                self.waiting.remove(entry)
+            elif self._fits(b):
+                self.hosts[b.host] = self.hosts.get(b.host, 0) + 1
+                self.repositories[b.repository] = self.repositories.get(b.repository, 0) + 1
+                self.waiting.remove(entry)
+                admitted.set_result(None)
+
+    async def acquire(self, b: VMBackup) -> None:
+        admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append((b, admitted))
+        self._admit()
+        await admitted
+
+    def release(self, b: VMBackup) -> None:
+        self.hosts[b.host] -= 1
+        self.repositories[b.repository] -= 1
+        self._admit()
+
+
+@workflow.defn(name=FLEET_BACKUP)
+class FleetBackup:
+    """Every VM of the request backed up in its own child workflow, each on its own host's
+    queue, within the request's limits; one result per VM, in the request's order (a failed
+    VM has its error, the others their point)."""
+
+    @workflow.run
+    async def run(self, request: FleetBackupRequest) -> FleetBackupResult:
+        slots = _Slots(request.per_host, request.per_repository)
+        results = await asyncio.gather(
+            *(self._backup(b, request.heartbeat_timeout, slots) for b in request.backups)
+        )
+        return FleetBackupResult(list(results))
+
+    async def _backup(self, b: VMBackup, heartbeat: float, slots: _Slots) -> VMBackupResult:
+        await slots.acquire(b)
+        try:
+            result: VMBackupResult = await workflow.execute_child_workflow(
+                VM_BACKUP,
+                VMBackupRequest(b, heartbeat),
+                result_type=VMBackupResult,
+                id=vm_workflow_id(workflow.info().workflow_id, b.host, b.vm),
+                task_queue=workflow.info().task_queue,
+                memo={"host": b.host, "vm": b.vm, "repository": b.repository},
             )
+        except ChildWorkflowError as exc:
+            cause = exc.cause if exc.cause is not None else exc
+            return VMBackupResult(host=b.host, vm=b.vm, repository=b.repository, error=str(cause))
+        finally:
+            slots.release(b)
         return result

@@ -581,9 +581,9 @@ async def test_a_killed_qemu_fails_its_vm_alone_and_its_next_backup_is_a_recorde
     assert not leaked, f"QEMU processes left running: {leaked}"
 
 
-async def fleet_status(runtime: Path, inventory: Path, address: str) -> dict[str, Any]:
-    return dict(json.loads(await blockctl(runtime, "fleet", "status", inventory, "--address",
-                                          address, "--json")))  # fmt: skip
+async def fleet_status(runtime: Path, address: str, *more: str | Path) -> dict[str, Any]:
+    return dict(json.loads(await blockctl(runtime, "fleet", "status", "--address", address,
+                                          "--json", *more)))  # fmt: skip
 
 
 async def test_a_fleet_backup_goes_on_through_a_server_restart_and_status_shows_it(
@@ -619,6 +619,20 @@ async def test_a_fleet_backup_goes_on_through_a_server_restart_and_status_shows_
                 with anyio.fail_after(BACKUP_DEADLINE):
                     while not held.exists():  # noqa: ASYNC110 - web's backup holds: a file, no event
                         await anyio.sleep(0.1)
+                # Held: ``fleet status`` shows web's backup running, in its child workflow,
+                # its activity's first attempt started on the worker.
+                with anyio.fail_after(START_DEADLINE):
+                    while True:  # Temporal lists a run a moment after it starts
+                        during = await fleet_status(runtime, address)
+                        vms = {v["vm"]: v for v in during["vms"]}
+                        if "web" in vms and vms["web"]["running"]:
+                            break
+                        await anyio.sleep(0.2)
+                (running_web,) = vms["web"]["running"]
+                assert running_web["workflow_id"] == "through-restart/backup/hv1/web"
+                assert (running_web["attempt"], running_web["state"]) == (1, "STARTED")
+                assert running_web["last_failure"] is None, running_web
+                assert vms["web"]["last_point"] is None and vms["web"]["last_failure"] is None
                 dev_server.kill()
                 await anyio.sleep(SERVER_DOWN)
                 dev_server.start()
@@ -642,9 +656,10 @@ async def test_a_fleet_backup_goes_on_through_a_server_restart_and_status_shows_
         with anyio.fail_after(START_DEADLINE):
             # Temporal lists a run a moment after it starts (its visibility store).
             while True:
-                status = await fleet_status(runtime, everything, address)
+                status = await fleet_status(runtime, address, "--inventory", everything)
                 listed = [r["workflow_id"] for r in status["runs"]]
-                if listed == ["ghost-run", "through-restart"]:
+                ghost_failed = status["vms"][2]["last_failure"] is not None
+                if listed == ["ghost-run", "through-restart"] and ghost_failed:
                     break
                 await anyio.sleep(0.2)
         repo = backup.open_repository(repo_path)
@@ -653,6 +668,25 @@ async def test_a_fleet_backup_goes_on_through_a_server_restart_and_status_shows_
         last = {v["vm"]: v["last_point"] for v in status["vms"]}
         assert list(last) == ["web", "db", "ghost"]
         assert last["ghost"] is None
+        # Nothing runs now; the ghost's child failed with its VM's error, the others did not.
+        web, db, ghost_vm = status["vms"]
+        assert [v["running"] for v in status["vms"]] == [[], [], []], status["vms"]
+        assert web["last_failure"] is None and db["last_failure"] is None, status["vms"]
+        ghost_failure = ghost_vm["last_failure"]
+        assert ghost_failure["workflow_id"] == "ghost-run/backup/hv1/ghost", ghost_failure
+        assert ghost_failure["status"] == "FAILED", ghost_failure
+        assert "VMNotFound" in ghost_failure["error"], ghost_failure
+        # Without an inventory: the VMs the server has backups of; with one: its VMs only.
+        every = await fleet_status(runtime, address)
+        assert [(v["host"], v["vm"]) for v in every["vms"]] == [
+            ("hv1", "db"),
+            ("hv1", "ghost"),
+            ("hv1", "web"),
+        ]
+        assert every["vms"][1]["last_failure"] == ghost_failure
+        assert every["vms"][2]["last_point"] == web["last_point"]
+        only = await fleet_status(runtime, address, "--inventory", inventory)
+        assert [v["vm"] for v in only["vms"]] == ["web", "db"]
         for vm in names:
             manifest = repo.get(vm, results[vm]["point"])
             assert last[vm] == {"id": manifest.id, "kind": "full", "completed": manifest.completed}
@@ -664,9 +698,216 @@ async def test_a_fleet_backup_goes_on_through_a_server_restart_and_status_shows_
         assert restarted["status"] == "COMPLETED", restarted
         assert (restarted["backed_up"], restarted["failed"], restarted["error"]) == (2, [], None)
         assert restarted["started"] < restarted["closed"] <= newest["started"], status["runs"]
-        text = await blockctl(runtime, "fleet", "status", everything, "--address", address)
+        text = await blockctl(
+            runtime, "fleet", "status", "--inventory", everything, "--address", address
+        )
         assert "hv1   ghost  (no point)" in text, text
+        assert "hv1/ghost: last failure ghost-run/backup/hv1/ghost (FAILED " in text, text
         assert f"ghost-run: hv1/ghost: {failure['error']}" in text, text
+    finally:
+        leaked = await down_vms(runtime, names)
+    assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+def vm_workflows(dev_server: DevServer, query: str) -> dict[str, dict[str, Any]]:
+    """The VM child workflows the server lists for ``query`` (its own CLI, not blockctl's
+    client), by workflow id: each one's newest run."""
+    listed = subprocess.run(
+        [dev_server.binary, "workflow", "list", "--address", dev_server.address, "--query",
+         f"WorkflowType = 'blockctl.vm-backup' AND {query}", "-o", "json"],
+        capture_output=True,
+        check=True,
+    )  # fmt: skip
+    found: dict[str, dict[str, Any]] = {}
+    for wf in json.loads(listed.stdout or b"[]"):
+        found.setdefault(wf["execution"]["workflowId"], wf)
+    return found
+
+
+def overlapping(intervals: list[tuple[float, float, str]]) -> list[tuple[str, str]]:
+    """The pairs of (start, end, name) intervals that overlap."""
+    ordered = sorted(intervals)
+    return [(a[2], b[2]) for i, a in enumerate(ordered) for b in ordered[i + 1 :] if b[0] < a[1]]
+
+
+async def test_per_vm_child_workflows_run_within_the_limits_per_host_and_repository(
+    guest: GuestImage, dev_server: DevServer, tmp_path: Path
+) -> None:
+    """Each VM's backup is a child workflow ``FLEET/backup/HOST/VM``; a VM its host does not
+    run fails its own child, the others complete. ``--per-host 1``: the backups of one host
+    never overlap (each point's manifest: started, completed); then the inventory's
+    ``per-repository = 1``: no two of the run's backups overlap at all, both hosts' VMs
+    being in one repository. Every point restores to its VM's disk."""
+    address = dev_server.address
+    repo_path = tmp_path / "repo"
+    backup.init_repository(repo_path)
+    layout = {"hv1": ["web", "db", "mail"], "hv2": ["dns", "ns"]}
+    hosts = '[hosts.hv1]\nvms = ["web", "db", "mail"]\n[hosts.hv2]\nvms = ["dns", "ns", "ghost"]\n'
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text('repository = "repo"\n' + hosts)
+    serial = tmp_path / "serial.toml"
+    serial.write_text('repository = "repo"\nper-repository = 1\n' + hosts)
+    runtimes = {h: Path(tempfile.mkdtemp(prefix=f"bct-{h}-", dir="/tmp")) for h in layout}
+    leaked: list[int] = []
+    try:
+        disks: dict[str, Path] = {}
+        for n, (host, vms) in enumerate(layout.items()):
+            disks |= await up_vms(runtimes[host], tmp_path, vms, first_seed=1 + 3 * n)
+        runs: dict[str, dict[str, dict[str, Any]]] = {}
+        async with (
+            worker("hv1", runtimes["hv1"], address, tmp_path / "hv1.log"),
+            worker("hv2", runtimes["hv2"], address, tmp_path / "hv2.log"),
+        ):
+            plans: list[tuple[str, Path, list[str]]] = [
+                ("per-host", inventory, ["--per-host", "1"]),
+                ("per-repository", serial, []),
+            ]
+            for run_id, file, more in plans:
+                out = tmp_path / f"{run_id}.json"
+                async with fleet_backup_running(
+                    runtimes["hv1"], file, address, out, *more, "--workflow-id", run_id
+                ) as fleet:
+                    runs[run_id] = await fleet_result(fleet, out, code=1)
+        repo = backup.open_repository(repo_path)
+        for run_id, results in runs.items():
+            ghost = results.pop("ghost")
+            assert ghost["point"] is None and "ghost" in ghost["error"], ghost
+            intervals: dict[str, list[tuple[float, float, str]]] = {h: [] for h in layout}
+            for host, vms in layout.items():
+                for vm in vms:
+                    result = results[vm]
+                    assert result["error"] is None, result
+                    kind = "full" if run_id == "per-host" else "incremental"
+                    assert result["kind"] == kind, result
+                    manifest = repo.get(vm, result["point"])
+                    # The point's request id names its child workflow and activity.
+                    assert manifest.request_id is not None
+                    assert manifest.request_id.startswith(
+                        f"temporal:{run_id}/backup/{host}/{vm}/"
+                    ), manifest.request_id
+                    intervals[host].append((manifest.started, manifest.completed, vm))
+                    await restores_to(repo_path, vm, result["point"], disks[vm], tmp_path)
+            if run_id == "per-host":
+                for host, spans in intervals.items():
+                    assert not overlapping(spans), (host, spans)
+            else:
+                spans = [span for host_spans in intervals.values() for span in host_spans]
+                assert not overlapping(spans), spans
+        for vm in disks:
+            assert len(repo.point_ids(vm)) == 2, (vm, repo.point_ids(vm))
+        # Each run's children, as the server has them: one per VM, the ghost's failed with
+        # its VM's error, the others completed.
+        expected = {
+            f"{run_id}/backup/{host}/{vm}": "FAILED" if vm == "ghost" else "COMPLETED"
+            for run_id in runs
+            for host, vms in [("hv1", layout["hv1"]), ("hv2", [*layout["hv2"], "ghost"])]
+            for vm in vms
+        }
+        with anyio.fail_after(START_DEADLINE):
+            while True:  # the server lists a closed run a moment after it closes
+                children = vm_workflows(dev_server, "ExecutionStatus != 'Running'")
+                if sorted(children) == sorted(expected):
+                    break
+                await anyio.sleep(0.2)
+        for wf_id, status in expected.items():
+            assert children[wf_id]["status"].endswith(status), (wf_id, children[wf_id])
+    finally:
+        for host, vms in layout.items():
+            leaked += await down_vms(runtimes[host], vms)
+    assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+def server_list(dev_server: DevServer, *what: str) -> list[dict[str, Any]]:
+    """``temporal <what> list ... -o json``: the server's own answer, not blockctl's."""
+    listed = subprocess.run(
+        [dev_server.binary, *what, "list", "--address", dev_server.address, "-o", "json"],
+        capture_output=True,
+        check=True,
+    )
+    return list(json.loads(listed.stdout or b"[]"))
+
+
+async def test_a_schedule_runs_the_fleet_backup_until_deleted(
+    guest: GuestImage, dev_server: DevServer, tmp_path: Path
+) -> None:
+    """``fleet schedule create nightly INVENTORY --every 5 --per-host 1``: listed with its
+    spec; its runs (workflow ids ``nightly-<due time>``) take points until the VMs have one
+    each; ``fleet schedule delete``: the server has no schedule left and, once the run going
+    on ends, no workflow running; every run the schedule started completed, and each VM
+    has exactly one point per run (its request id naming that run), each restorable."""
+    address = dev_server.address
+    repo_path = tmp_path / "repo"
+    backup.init_repository(repo_path)
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text('repository = "repo"\n[hosts.hv1]\nvms = ["web", "db"]\n')
+    runtime = Path(tempfile.mkdtemp(prefix="bct-hv1-", dir="/tmp"))
+    names = ["web", "db"]
+    try:
+        disks = await up_vms(runtime, tmp_path, names)
+        schedule = ("fleet", "schedule")
+        async with worker("hv1", runtime, address, tmp_path / "worker.log"):
+            created = json.loads(
+                await blockctl(runtime, *schedule, "create", "nightly", inventory, "--every",
+                               "5", "--per-host", "1", "--address", address, "--json")
+            )  # fmt: skip
+            assert created["created"] == "nightly", created
+            repo = backup.open_repository(repo_path)
+            with anyio.fail_after(BACKUP_DEADLINE):
+                while True:  # the schedule's first run: a point per VM
+                    listed = json.loads(
+                        await blockctl(runtime, *schedule, "list", "--address", address, "--json")
+                    )["schedules"]
+                    if listed and all(repo.point_ids(vm) for vm in names):
+                        break
+                    await anyio.sleep(0.5)
+            (nightly,) = listed
+            assert (nightly["name"], nightly["every"], nightly["cron"]) == ("nightly", 5.0, None)
+            assert (nightly["inventory"], nightly["vms"]) == (str(inventory), 2), nightly
+            assert not nightly["paused"] and nightly["next_runs"], nightly
+            text = await blockctl(runtime, *schedule, "list", "--address", address)
+            assert "nightly  every 5 s    2  " in text, text
+            deleted = await blockctl(runtime, *schedule, "delete", "nightly", "--address", address)
+            assert deleted.strip() == "deleted schedule nightly"
+            again = await anyio.run_process(
+                [sys.executable, "-m", "blockctl", *schedule, "delete", "nightly", "--address",
+                 address],
+                check=False,
+                env=cli_env(runtime),
+            )  # fmt: skip
+            assert again.returncode == 1, again.stderr.decode()
+            assert "no schedule named 'nightly'" in again.stderr.decode()
+            with anyio.fail_after(BACKUP_DEADLINE):
+                while True:  # deleted; the run going on, if one is, ends
+                    schedules = server_list(dev_server, "schedule")
+                    running = [
+                        wf
+                        for wf in server_list(dev_server, "workflow")
+                        if wf["status"].endswith("RUNNING")
+                    ]
+                    if not schedules and not running:
+                        break
+                    await anyio.sleep(0.5)
+            listed = json.loads(
+                await blockctl(runtime, *schedule, "list", "--address", address, "--json")
+            )["schedules"]
+            assert listed == [], listed
+        runs = [
+            wf["execution"]["workflowId"]
+            for wf in server_list(dev_server, "workflow")
+            if wf["type"]["name"] == "blockctl.fleet-backup"
+        ]
+        assert runs and all(r.startswith("nightly-") for r in runs), runs
+        statuses = {wf["status"] for wf in server_list(dev_server, "workflow")}
+        assert statuses == {"WORKFLOW_EXECUTION_STATUS_COMPLETED"}, statuses
+        for vm in names:
+            points = repo.point_ids(vm)
+            # One point per run, each run's own: its request id names the run's VM child.
+            taken_by = sorted(
+                (repo.get(vm, p).request_id or "").split("/backup/")[0] for p in points
+            )
+            assert taken_by == sorted(f"temporal:{r}" for r in runs), (vm, taken_by, runs)
+            for point in points:
+                await restores_to(repo_path, vm, point, disks[vm], tmp_path)
     finally:
         leaked = await down_vms(runtime, names)
     assert not leaked, f"QEMU processes left running: {leaked}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -16,7 +18,9 @@ from blockctl._fleet.inventory import (
     VMBackup,
     load_inventory,
     parse_inventory,
+    split_vm_workflow_id,
     task_queue,
+    vm_workflow_id,
 )
 from blockctl.errors import ConfigError
 from tests.conftest import missing
@@ -121,3 +125,153 @@ def test_fleet_backup_refuses_a_bad_heartbeat_timeout_as_usage(tmp_path: Path, v
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "--heartbeat-timeout" in result.stderr and "1 to 86400" in result.stderr
+
+
+def test_an_inventory_carries_its_limits_per_host_and_repository(tmp_path: Path) -> None:
+    data = {"repository": "r", "per-host": 2, "per-repository": 3, "hosts": {"h": {"vms": ["a"]}}}
+    request = parse_inventory(data, tmp_path)
+    assert (request.per_host, request.per_repository) == (2, 3)
+    unlimited = parse_inventory({"repository": "r", "hosts": {"h": {"vms": ["a"]}}}, tmp_path)
+    assert (unlimited.per_host, unlimited.per_repository) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("per-host", -1), ("per-host", "2"), ("per-repository", True), ("per-repository", 1001)],
+)
+def test_a_wrong_limit_is_refused_naming_it(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_inventory({"repository": "r", key: value, "hosts": {"h": {"vms": ["a"]}}}, Path("/"))
+    assert caught.value.field == key
+
+
+def test_a_vm_workflow_id_names_its_fleet_run_host_and_vm() -> None:
+    wf = vm_workflow_id("nightly/2026-12-04T00:00:00Z", "hv1.example", "web")
+    assert wf == "nightly/2026-12-04T00:00:00Z/backup/hv1.example/web"
+    assert split_vm_workflow_id(wf) == ("nightly/2026-12-04T00:00:00Z", "hv1.example", "web")
+    assert split_vm_workflow_id("fleet-backup-1") is None
+    assert split_vm_workflow_id("x/backup/hv1/Web") is None
+
+
+@pytest.mark.parametrize(("per_host", "per_repository"), [(0, 0), (1, 0), (2, 0), (0, 1), (2, 3)])
+def test_the_slots_keep_each_limit_and_start_in_order(per_host: int, per_repository: int) -> None:
+    """The fleet workflow's admission (plain asyncio: it has no Temporal call): 3 hosts x 4
+    VMs into 2 repositories; the most at once per host and per repository never exceeds its
+    limit and the limit is reached; VMs of one host and repository start in the request's
+    order (a VM whose repository is full does not hold back the next one whose repository is
+    not)."""
+    try:
+        from blockctl._fleet.workflows import _Slots
+    except ImportError:
+        missing("temporalio (pip install 'blockctl[fleet]')")
+    backups = [
+        VMBackup(f"h{h}", f"v{h}{i}", f"/r{(h + i) % 2}") for h in range(3) for i in range(4)
+    ]
+    running: list[VMBackup] = []
+    most_host: dict[str, int] = {}
+    most_repo: dict[str, int] = {}
+    started: list[str] = []
+
+    async def one(b: VMBackup, slots: _Slots) -> None:
+        await slots.acquire(b)
+        try:
+            running.append(b)
+            started.append(b.vm)
+            for key, most in ((b.host, most_host), (b.repository, most_repo)):
+                now = sum(1 for r in running if key in (r.host, r.repository))
+                most[key] = max(most.get(key, 0), now)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            running.remove(b)
+        finally:
+            slots.release(b)
+
+    async def fleet() -> None:
+        slots = _Slots(per_host, per_repository)
+        await asyncio.gather(*(one(b, slots) for b in backups))
+        assert not slots.waiting and not any(slots.hosts.values())
+
+    asyncio.run(fleet())
+    assert sorted(started) == sorted(b.vm for b in backups)
+    for h, r in itertools.product(range(3), range(2)):
+        alike = {b.vm for b in backups if (b.host, b.repository) == (f"h{h}", f"/r{r}")}
+        mine = [vm for vm in started if vm in alike]
+        assert mine == sorted(mine)
+    assert max(most_host.values()) <= (per_host or 4)
+    assert max(most_repo.values()) <= (per_repository or 12)
+    # The limit is reached (and with none, every VM runs at once).
+    if not per_repository:
+        assert max(most_host.values()) == (per_host or 4)
+    if per_repository:
+        assert max(most_repo.values()) == per_repository
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["create"], "name"),
+        (["create", "nightly"], "inventory"),
+        (["create", "nightly", "{inventory}"], "every"),
+        (["create", "bad name", "{inventory}", "--every", "60"], "name"),
+        (["delete"], "name"),
+        (["delete", "nightly", "{inventory}"], "inventory"),
+        (["list", "nightly"], "name"),
+    ],
+)
+def test_fleet_schedule_refuses_what_its_action_does_not_take_before_connecting(
+    tmp_path: Path, argv: list[str], field: str
+) -> None:
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text('repository = "r"\n[hosts.hv1]\nvms = ["web"]\n')
+    argv = [a.replace("{inventory}", str(inventory)) for a in argv]
+    result = subprocess.run(
+        [sys.executable, "-m", "blockctl", "fleet", "schedule", *argv, "--address",
+         "127.0.0.1:1", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    error = json.loads(result.stdout)["error"]
+    assert (result.returncode, error["type"]) == (1, "ConfigError"), result.stderr
+    assert error["message"].startswith(f"{field}: "), error
+
+
+@pytest.mark.parametrize("argv", [["--every", "0"], ["--every", "60", "--cron", "0 2 * * *"]])
+def test_fleet_schedule_refuses_a_bad_or_double_spec_as_usage(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "blockctl", "fleet", "schedule", "create", "n", "fleet.toml",
+         *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--every" in result.stderr, result.stderr
+
+
+def test_a_cancelled_wait_for_a_slot_is_passed_over() -> None:
+    """A VM whose wait is cancelled (its fleet run cancelled) is dropped, not admitted: the
+    next VM gets the slot and nothing raises."""
+    try:
+        from blockctl._fleet.workflows import _Slots
+    except ImportError:
+        missing("temporalio (pip install 'blockctl[fleet]')")
+    first, second, third = (VMBackup("h", vm, "/r") for vm in ("a", "b", "c"))
+
+    async def fleet() -> None:
+        slots = _Slots(1, 0)
+        await slots.acquire(first)
+        waiting = asyncio.ensure_future(slots.acquire(second))
+        admitted = asyncio.ensure_future(slots.acquire(third))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await asyncio.sleep(0)
+        slots.release(first)
+        await admitted
+        assert slots.hosts == {"h": 1} and not slots.waiting
+
+    asyncio.run(fleet())

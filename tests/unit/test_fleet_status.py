@@ -12,13 +12,17 @@ import pytest
 from blockctl import backup
 from blockctl._cli.fleet import render_status
 from blockctl._cli.main import build_parser
-from blockctl._fleet.inventory import FleetBackupRequest, VMBackup
+from blockctl._fleet.inventory import VMBackup
 from blockctl._fleet.status import (
     FleetStatus,
+    LastFailure,
     LastPoint,
+    RunningBackup,
     RunStatus,
     VMFailure,
     VMStatus,
+    VMWork,
+    known_vms,
     to_json,
     vm_points,
 )
@@ -33,7 +37,20 @@ def stamp(t: float) -> str:
 STATUS = FleetStatus(
     vms=[
         VMStatus("hv1", "web", "/r", LastPoint("20261204T171442.478113-bcbf", "full", T0)),
-        VMStatus("hv2", "mail", "/r2", None),
+        VMStatus(
+            "hv2",
+            "mail",
+            "/r2",
+            None,
+            running=[
+                RunningBackup("n/backup/hv2/mail", T0 + 60, 2, "STARTED", T0 + 70, "lost"),
+                RunningBackup("m/backup/hv2/mail", T0 + 61),
+            ],
+            last_failure=LastFailure(
+                "a/backup/hv2/mail", "FAILED", T0 + 5, "VMNotFound: no VM named 'mail'"
+            ),
+        ),
+        VMStatus("hv3", "dns", "/gone", None, unreadable="RepositoryError: no repository"),
     ],
     runs=[
         RunStatus("fleet-backup-b", "run-b", "RUNNING", T0 + 60, None),
@@ -54,9 +71,17 @@ STATUS = FleetStatus(
 def test_the_text_has_every_vm_its_last_point_or_none_and_every_run_with_its_outcome() -> None:
     lines = render_status(STATUS).splitlines()
     assert lines == [
-        "HOST  VM    LAST POINT                   KIND  COMPLETED",
+        "HOST  VM    LAST POINT                   KIND  COMPLETED            RUNNING",
         f"hv1   web   20261204T171442.478113-bcbf  full  {stamp(T0)}",
-        "hv2   mail  (no point)",
+        "hv2   mail  (no point)                                                    2",
+        "hv3   dns   (no point)",
+        "",
+        f"hv2/mail: running n/backup/hv2/mail: attempt 2, STARTED, last heartbeat {stamp(T0 + 70)}"
+        " (previous attempt: lost)",
+        "hv2/mail: running m/backup/hv2/mail: its backup not scheduled yet",
+        f"hv2/mail: last failure a/backup/hv2/mail (FAILED {stamp(T0 + 5)}): "
+        "VMNotFound: no VM named 'mail'",
+        "hv3/dns: repository not read: RepositoryError: no repository",
         "",
         "WORKFLOW        STATUS      STARTED              CLOSED               BACKED UP  FAILED",
         f"fleet-backup-b  RUNNING     {stamp(T0 + 60)}",
@@ -69,9 +94,16 @@ def test_the_text_has_every_vm_its_last_point_or_none_and_every_run_with_its_out
 
 
 def test_the_text_says_when_the_server_has_no_run() -> None:
-    text = render_status(FleetStatus(vms=STATUS.vms[1:], runs=[]))
+    text = render_status(FleetStatus(vms=STATUS.vms[2:], runs=[]))
     assert text.splitlines()[1:] == [
-        "hv2   mail  (no point)",
+        "hv3   dns  (no point)",
+        "",
+        "hv3/dns: repository not read: RepositoryError: no repository",
+        "",
+        "no fleet backup runs on the server",
+    ]
+    assert render_status(FleetStatus(vms=[], runs=[])).splitlines() == [
+        "no VM backups on the server",
         "",
         "no fleet backup runs on the server",
     ]
@@ -79,15 +111,42 @@ def test_the_text_says_when_the_server_has_no_run() -> None:
 
 def test_the_json_has_the_raw_values_and_null_for_what_there_is_not() -> None:
     data = json.loads(json.dumps(to_json(STATUS)))
-    assert data["vms"] == [
+    web, mail, dns = data["vms"]
+    assert web == {
+        "host": "hv1",
+        "vm": "web",
+        "repository": "/r",
+        "last_point": {"id": "20261204T171442.478113-bcbf", "kind": "full", "completed": T0},
+        "unreadable": None,
+        "running": [],
+        "last_failure": None,
+    }
+    assert mail["last_point"] is None and mail["unreadable"] is None
+    assert mail["running"] == [
         {
-            "host": "hv1",
-            "vm": "web",
-            "repository": "/r",
-            "last_point": {"id": "20261204T171442.478113-bcbf", "kind": "full", "completed": T0},
+            "workflow_id": "n/backup/hv2/mail",
+            "started": T0 + 60,
+            "attempt": 2,
+            "state": "STARTED",
+            "last_heartbeat": T0 + 70,
+            "last_failure": "lost",
         },
-        {"host": "hv2", "vm": "mail", "repository": "/r2", "last_point": None},
+        {
+            "workflow_id": "m/backup/hv2/mail",
+            "started": T0 + 61,
+            "attempt": None,
+            "state": None,
+            "last_heartbeat": None,
+            "last_failure": None,
+        },
     ]
+    assert mail["last_failure"] == {
+        "workflow_id": "a/backup/hv2/mail",
+        "status": "FAILED",
+        "closed": T0 + 5,
+        "error": "VMNotFound: no VM named 'mail'",
+    }
+    assert dns["unreadable"] == "RepositoryError: no repository"
     running, completed, terminated = data["runs"]
     assert running == {
         "workflow_id": "fleet-backup-b",
@@ -109,8 +168,16 @@ def test_the_json_has_the_raw_values_and_null_for_what_there_is_not() -> None:
 
 def test_a_vm_never_backed_up_has_no_last_point(tmp_path: Path) -> None:
     backup.init_repository(tmp_path / "repo")
-    request = FleetBackupRequest([VMBackup("hv1", "web", str(tmp_path / "repo"))])
-    assert vm_points(request) == [VMStatus("hv1", "web", str(tmp_path / "repo"), None)]
+    backups = [VMBackup("hv1", "web", str(tmp_path / "repo"))]
+    assert vm_points(backups) == [VMStatus("hv1", "web", str(tmp_path / "repo"), None)]
+
+
+def test_a_repository_not_read_is_said_so_with_temporals_work(tmp_path: Path) -> None:
+    failure = LastFailure("a/backup/hv1/web", "FAILED", T0, "RepositoryError: no repository")
+    work = {("hv1", "web"): VMWork(str(tmp_path / "none"), last_failure=failure)}
+    (status,) = vm_points(known_vms(work), work)
+    assert (status.vm, status.last, status.last_failure) == ("web", None, failure)
+    assert status.unreadable is not None and str(tmp_path / "none") in status.unreadable
 
 
 @pytest.mark.parametrize("runs", ["0", "101", "-1", "x"])
@@ -118,5 +185,5 @@ def test_status_refuses_a_number_of_runs_out_of_range(
     runs: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit):
-        build_parser()[0].parse_args(["fleet", "status", "fleet.toml", "--runs", runs])
+        build_parser()[0].parse_args(["fleet", "status", "--runs", runs])
     assert "a number of runs, 1 to 100" in capsys.readouterr().err
