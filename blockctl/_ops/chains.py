@@ -35,7 +35,13 @@ from pathlib import Path
 import anyio
 
 from blockctl import _images, _journal
-from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, quiesced, require_agent
+from blockctl._agent import (
+    DEFAULT_FREEZE_DEADLINE,
+    Quiesce,
+    coerce_quiesce,
+    quiesced,
+    require_agent,
+)
 from blockctl._graph import BlockGraph, GraphNode, NodeRole
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobResult, error_policy, start_job
 from blockctl._log import get_logger
@@ -120,7 +126,16 @@ async def external_snapshot(
     the images hold clean filesystems (see :func:`blockctl._agent.quiesced`).
     """
     _check_tag(tag)
-    vm.refuse_daemon_disks("snapshot", devices)
+    routed = vm.daemon_disk("snapshot", devices)
+    if routed is not None:
+        if coerce_quiesce(quiesce) is not Quiesce.OFF:
+            raise ConfigError(
+                "quiesce",
+                f"{routed} is a vhost-user-blk disk: blockctl does not freeze the guest around "
+                "a snapshot taken in its qemu-storage-daemon yet; snapshot it without quiesce",
+            )
+        async with vm.on_storage_daemon(routed) as daemon:
+            return await external_snapshot(daemon, tag, directory, devices=[routed])
     require_agent(vm, quiesce)
     await vm.require("transaction", "blockdev-snapshot", "blockdev-add")
     await recovery.settle(vm)
@@ -304,6 +319,9 @@ async def delete_external(
     on these disks (default: every disk that has it). ``control`` applies to each commit (its
     deadline, default 600 s, to each one)."""
     _check_tag(tag)
+    if devices is not None and (routed := vm.daemon_disk("snapshot delete", devices)):
+        async with vm.on_storage_daemon(routed) as daemon:
+            return await delete_external(daemon, tag, devices=[routed], control=control)
     graph = await read_graph(vm)
     for device in devices or ():
         if device not in graph.devices:
@@ -488,7 +506,17 @@ async def commit(
     :raise JobNeverReady: an active commit could not catch up with the guest's writes under
     ``control.speed`` within the deadline; raise the speed limit (``set_speed``) or drop it.
     """
-    vm.refuse_daemon_disks("commit", [device])
+    if vm.daemon_disk("commit", [device]) is not None:
+        async with vm.on_storage_daemon(device) as daemon:
+            return await commit(
+                daemon,
+                device,
+                top=top,
+                base=base,
+                allow_shared_base=allow_shared_base,
+                delete_files=delete_files,
+                control=control,
+            )
     await vm.require("block-commit", "blockdev-reopen", "job-dismiss")
     policy = error_policy(control.on_error)
     speed, hooks = control.speed, control.hooks

@@ -3,12 +3,14 @@ RAM a shared memfd, the real test guest reading and writing them.
 
 The daemons belong to the VM's lifecycle: started before QEMU (or on hot-plug), stopped and
 reaped when QEMU exits however it exits, and on unplug. QEMU has none of such a disk's nodes
-(``query-block`` does not list it), so the block operations blockctl cannot yet route to the
-daemon's QMP are refused by name, and nothing in QEMU or the daemon changes.
+(``query-block`` does not list it): an external snapshot and a commit of it go to the daemon's
+QMP; the block operations blockctl cannot yet route there are refused by name, and nothing in
+QEMU or the daemon changes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,8 +26,15 @@ from blockctl._binaries import install_hint
 from blockctl._machine import launch_detached
 from blockctl._ops import drives
 from blockctl._qmp import wire
+from blockctl._qmp.models import JobStatus
 from blockctl.errors import ConfigError, InStorageDaemon
-from blockctl.types import CacheMode, Drive, ImageFormat, MachineConfig, VhostUserBlkSource
+from blockctl.types import (
+    CacheMode,
+    Drive,
+    ImageFormat,
+    MachineConfig,
+    VhostUserBlkSource,
+)
 from tests.conftest import missing
 from tests.integration.conftest import (
     MIB,
@@ -172,9 +181,7 @@ async def test_vhost_user_blk_launch_io_refusals_hotplug_unplug(
             "resize": drives.resize(vm, "disk0", 2 * DISK_SIZE),
             "cache": drives.set_cache(vm, "disk0", CacheMode.NONE),
             "throttle": drives.set_throttle(vm, "disk0", {"bps": 1 << 20}),
-            "commit": chains.commit(vm, "disk0"),
             "stream": chains.stream(vm, "disk0"),
-            "snapshot": chains.external_snapshot(vm, "s1", tmp_path, devices=["disk0"]),
         }
         for operation, call in refused.items():
             with pytest.raises(InStorageDaemon) as caught:
@@ -186,13 +193,14 @@ async def test_vhost_user_blk_launch_io_refusals_hotplug_unplug(
         # Whole-VM operations do not leave the disk out silently.
         for whole in (
             chains.external_snapshot(vm, "s2", tmp_path),
+            chains.external_snapshot(vm, "s3", tmp_path, devices=["disk0"], quiesce=True),
             backup_ops.backup(vm, repo, kind="full"),
             backup_ops.backup(vm, repo, kind="full", devices=["disk0"]),
         ):
-            with pytest.raises(InStorageDaemon, match="disk0"):
+            with pytest.raises((InStorageDaemon, ConfigError), match="disk0"):
                 await whole
         assert (await qemu_state(vm), await daemon_state(vm, "disk0")) == before
-        assert not list(tmp_path.glob("*s1*")) and not list(tmp_path.glob("*s2*"))
+        assert not list(tmp_path.glob("*-s2.*")) and not list(tmp_path.glob("*-s3.*"))
 
         # Hot-plug a raw one, write, unplug: nothing of it left.
         disks = await guest_disks(vm)
@@ -299,3 +307,116 @@ async def test_vhost_user_blk_hotplug_into_shared_memory_vm(
         )
         assert daemon.process.returncode is not None
     assert sha256(img.read_bytes()[MIB : 2 * MIB]) == written
+
+
+async def daemon_nodes(vm: LaunchedVM, device: str) -> tuple[dict[str, str], set[str], object]:
+    """The daemon's exports (id → node), its node names and its jobs, read on its QMP."""
+    async with vm.daemons.running[device].qmp() as session:
+        exports = await wire.query_block_export_nodes(session)
+        nodes = {n.node_name for n in await wire.query_named_block_nodes(session)}
+        jobs = await session.execute("query-jobs")
+    return exports, nodes, jobs
+
+
+async def test_vhost_user_blk_snapshot_and_active_commit_in_daemon(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """An external snapshot of a vhost-user-blk disk (the CLI, from another process) and its
+    active commit (the library) run in the disk's qemu-storage-daemon: the overlay is added
+    there, the export follows it (and the base again after the pivot), the commit job is
+    driven on the daemon's events; QEMU's block state never changes. What the guest wrote
+    while the overlay was on top is in the base afterwards (read in the guest, and in the
+    file after shutdown against a reference); the daemon keeps no node of the overlay, the
+    drive's record says which nodes the daemon holds at each step."""
+    base = await raw_image(tmp_path / "base.raw", pattern(306, DISK_SIZE))
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    async with open_vm(
+        base_config(guest, vhost_drive(base, ImageFormat.RAW), name="vhostsc")
+    ) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        before_sum = await guest_write_read(vm, vda, 11, 1)
+        qemu_before = await qemu_state(vm)
+        exports0, nodes0, _ = await daemon_nodes(vm, "disk0")
+        assert list(exports0.values()) == ["drv0"]
+        recorded0 = vm.registry.drives["disk0"].daemon
+        assert recorded0 is not None
+        assert {n["node-name"] for n in recorded0["nodes"]} == nodes0
+
+        snap = await cli_json(
+            "snapshot", "vhostsc", "create", "s1", "--disk", "disk0", "--dir", str(overlays)
+        )
+        overlay = Path(snap["overlays"]["disk0"])
+        assert overlay.parent == overlays and overlay.is_file()
+        assert snap["frozen"] == {"disk0": str(base)}
+        exports1, nodes1, jobs1 = await daemon_nodes(vm, "disk0")
+        added = nodes1 - nodes0
+        assert len(added) == 2 and list(exports1) == list(exports0)
+        (top,) = exports1.values()
+        assert top in added and top != "drv0"  # the export serves the overlay now
+        assert jobs1 == []
+        recorded1 = vm.registry.drives["disk0"].daemon
+        assert recorded1 is not None
+        assert {n["node-name"] for n in recorded1["nodes"]} == nodes1
+        assert vm.registry.drives["disk0"].nodes == ()  # QEMU holds none of them
+        assert await qemu_state(vm) == qemu_before
+        await truth_check(vm)
+        info = json.loads(await run("qemu-img", "info", "-U", "--output=json", overlay))
+        assert (info["backing-filename"], info["backing-filename-format"]) == (str(base), "raw")
+
+        # The guest writes while the overlay is on top: the base file does not change.
+        base_at_snapshot = base.read_bytes()
+        overlay_sums = [await guest_write_read(vm, vda, 12 + k, 4 + 3 * k) for k in range(3)]
+        assert base.read_bytes() == base_at_snapshot
+
+        result = await chains.commit(vm, "disk0", delete_files=True)
+        assert result.job.length > 0
+        assert JobStatus.READY in result.job.transitions  # driven on the daemon's job events
+        assert result.removed_files == (str(overlay),) and not overlay.exists()
+        assert result.chain == ("drv0",)
+        exports2, nodes2, jobs2 = await daemon_nodes(vm, "disk0")
+        assert list(exports2.values()) == ["drv0"] and nodes2 == nodes0
+        assert jobs2 == []
+        recorded2 = vm.registry.drives["disk0"].daemon
+        assert recorded2 is not None
+        assert {n["node-name"] for n in recorded2["nodes"]} == nodes0
+        assert not list(vm.run_dir.glob("disk0-qsd.ops/journal-*"))  # no journal record left
+        assert await qemu_state(vm) == qemu_before
+        await truth_check(vm)
+        # The guest reads what it wrote, now from the base.
+        await sh(vm, "sync; echo 3 > /proc/sys/vm/drop_caches")
+        for k, written in enumerate(overlay_sums):
+            read = await sh(
+                vm,
+                f"dd if=/dev/{vda} bs=1M skip={4 + 3 * k} count=1 iflag=direct 2>/dev/null"
+                " | sha256sum",
+            )
+            assert read.split()[0] == written
+
+        # Again, the snapshot by the library, its deletion (a commit) by the CLI.
+        again = await chains.external_snapshot(vm, "s2", overlays, devices=["disk0"])
+        assert list((await daemon_nodes(vm, "disk0"))[0].values()) != ["drv0"]
+        late_sum = await guest_write_read(vm, vda, 20, 12)
+        deleted = await cli_json("snapshot", "vhostsc", "delete", "s2", "--disk", "disk0")
+        assert [(d["device"], d["chain"]) for d in deleted] == [("disk0", ["drv0"])]
+        assert "ready" in deleted[0]["transitions"]  # driven on the daemon's job events
+        assert not again.overlays["disk0"].exists()
+        exports3, nodes3, jobs3 = await daemon_nodes(vm, "disk0")
+        assert (list(exports3.values()), nodes3, jobs3) == (["drv0"], nodes0, [])
+        assert await qemu_state(vm) == qemu_before
+        whole = await sh(vm, f"dd if=/dev/{vda} bs=1M iflag=direct 2>/dev/null | sha256sum")
+    # The base file holds every write, and nothing else changed.
+    data = base.read_bytes()
+    assert sha256(data) == whole.split()[0]
+    reference = bytearray(pattern(306, DISK_SIZE))
+    writes = [(1, before_sum), (12, late_sum)] + [
+        (4 + 3 * k, s) for k, s in enumerate(overlay_sums)
+    ]
+    for offset, written in writes:
+        chunk = data[offset * MIB : (offset + 1) * MIB]
+        assert sha256(chunk) == written
+        reference[offset * MIB : (offset + 1) * MIB] = chunk
+    ref = await raw_image(tmp_path / "ref.raw", bytes(reference))
+    await run("qemu-img", "compare", "-f", "raw", "-F", "raw", base, ref)
