@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from blockctl import GuestImage, LaunchedVM, chains, open_vm
+from blockctl import GuestImage, LaunchedVM, Quiesce, chains, open_vm
 from blockctl._backup import operations as backup_ops
 from blockctl._binaries import binary as qemu_binary
 from blockctl._binaries import install_hint
@@ -27,6 +27,7 @@ from blockctl._machine import launch_detached
 from blockctl._ops import drives
 from blockctl._qmp import wire
 from blockctl._qmp.models import JobStatus
+from blockctl.backup import BackupOptions
 from blockctl.errors import ConfigError, InStorageDaemon
 from blockctl.types import (
     CacheMode,
@@ -195,7 +196,13 @@ async def test_vhost_user_blk_launch_io_refusals_hotplug_unplug(
             chains.external_snapshot(vm, "s2", tmp_path),
             chains.external_snapshot(vm, "s3", tmp_path, devices=["disk0"], quiesce=True),
             backup_ops.backup(vm, repo, kind="full"),
-            backup_ops.backup(vm, repo, kind="full", devices=["disk0"]),
+            backup_ops.backup(
+                vm,
+                repo,
+                kind="full",
+                devices=["disk0"],
+                options=BackupOptions(quiesce=Quiesce.REQUIRED),
+            ),
         ):
             with pytest.raises((InStorageDaemon, ConfigError), match="disk0"):
                 await whole
@@ -420,3 +427,79 @@ async def test_vhost_user_blk_snapshot_and_active_commit_in_daemon(
         reference[offset * MIB : (offset + 1) * MIB] = chunk
     ref = await raw_image(tmp_path / "ref.raw", bytes(reference))
     await run("qemu-img", "compare", "-f", "raw", "-F", "raw", base, ref)
+
+
+async def guest_view(vm: LaunchedVM, dev: str) -> str:
+    """The sha256 of the whole disk as the guest reads it (past its page cache)."""
+    await sh(vm, "sync; echo 3 > /proc/sys/vm/drop_caches")
+    out = await sh(vm, f"dd if=/dev/{dev} bs=1M iflag=direct 2>/dev/null | sha256sum")
+    return out.split()[0]
+
+
+async def test_vhost_user_blk_backup_in_daemon_and_restore(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A full and then an incremental backup of a qcow2 vhost-user-blk disk run in its
+    qemu-storage-daemon (fleecing node, checkpoint bitmap, NBD server and export there; QEMU's
+    block state unchanged; nothing of the backup left in the daemon but its checkpoint). Each
+    point restored (raw, qcow2) equals the whole disk as the guest read it at that point,
+    whatever it wrote after; the incremental's restore, hot-plugged as a second vhost-user-blk
+    disk, reads in the guest as the first did."""
+    data = await raw_image(tmp_path / "data.raw", pattern(307, DISK_SIZE))
+    img = tmp_path / "disk.qcow2"
+    await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", data, img)
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    async with open_vm(
+        base_config(guest, vhost_drive(img, ImageFormat.QCOW2), name="vhostbk")
+    ) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        await guest_write_read(vm, vda, 31, 2)
+        full_view = await guest_view(vm, vda)
+        qemu_before = await qemu_state(vm)
+        exports0, nodes0, _ = await daemon_nodes(vm, "disk0")
+
+        full = await backup_ops.backup(vm, repo, kind="full", devices=["disk0"])
+        assert (full.kind, full.vm, [d.device for d in full.disks]) == (
+            "full",
+            "vhostbk",
+            ["disk0"],
+        )
+        assert await daemon_nodes(vm, "disk0") == (exports0, nodes0, [])
+        async with vm.daemons.running["disk0"].qmp() as session:
+            (top,) = [
+                n
+                for n in await wire.query_named_block_node_details(session)
+                if n.node.node_name == "drv0"
+            ]
+        assert [b.name for b in top.dirty_bitmaps] == [full.checkpoint]
+        assert await qemu_state(vm) == qemu_before
+
+        await guest_write_read(vm, vda, 32, 6)
+        inc_view = await guest_view(vm, vda)
+        assert inc_view != full_view
+        inc = await backup_ops.backup(vm, repo, kind="incremental", devices=["disk0"])
+        assert (inc.kind, inc.parent, inc.fallback_reason) == ("incremental", full.id, None)
+        assert 0 < inc.bytes_read < DISK_SIZE
+        assert await daemon_nodes(vm, "disk0") == (exports0, nodes0, [])
+        assert await qemu_state(vm) == qemu_before
+        await guest_write_read(vm, vda, 33, 9)  # after the incremental's point
+
+        full_raw = tmp_path / "full.raw"
+        await backup_ops.restore(repo, "vhostbk", full.id, "disk0", full_raw, ImageFormat.RAW)
+        assert sha256(full_raw.read_bytes()) == full_view
+        inc_qcow2 = tmp_path / "inc.qcow2"
+        await backup_ops.restore(repo, "vhostbk", inc.id, "disk0", inc_qcow2, ImageFormat.QCOW2)
+        inc_raw = tmp_path / "inc.raw"
+        await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", inc_qcow2, inc_raw)
+        assert sha256(inc_raw.read_bytes()) == inc_view
+
+        # The restore as a vhost-user-blk disk: the guest reads what it read at the point.
+        before = await guest_disks(vm)
+        hot = await drives.hotplug(vm, vhost_drive(inc_qcow2, ImageFormat.QCOW2))
+        restored = await new_disk(vm, before)
+        assert await guest_view(vm, restored) == inc_view
+        await truth_check(vm)
+        gone = await drives.unplug(vm, hot.device_id, timeout=60)
+        assert gone.state is drives.UnplugState.REMOVED
