@@ -213,7 +213,10 @@ async def _recover(vm: VM, repo: Repository) -> tuple[list[str], BlockGraph | No
     """What :func:`recover` does, and the block graph as it is afterwards when recovery
     changed nothing in QEMU (None otherwise: read it again), so a backup reads it once."""
     notes: list[str] = []
-    exports = await wire.query_block_exports(vm.session)
+    # NBD exports only: the NBD server is ours when they are all ours (a qemu-storage-daemon
+    # also runs its vhost-user-blk export, which is not served by the NBD server).
+    types = await wire.query_block_export_nodes(vm.session, field="type")
+    exports = [e for e, kind in types.items() if kind == "nbd"]
     ours = [e for e in exports if _EXPORT.match(e)]
     for export in ours:
         with contextlib.suppress(BlockctlError):

@@ -48,6 +48,7 @@ from tests.integration.conftest import (
     sha256,
     truth_check,
 )
+from tests.integration.test_crash import kill_controller_at
 
 pytestmark = pytest.mark.guest
 
@@ -503,3 +504,64 @@ async def test_vhost_user_blk_backup_in_daemon_and_restore(
         await truth_check(vm)
         gone = await drives.unplug(vm, hot.device_id, timeout=60)
         assert gone.state is drives.UnplugState.REMOVED
+
+
+async def test_vhost_user_blk_killed_controller_recovered_in_daemon(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A controller killed (SIGKILL, another process, at an exact step) in an operation on a
+    daemon's disk leaves its state in the daemon; the next operation routed there puts the
+    daemon back first. A snapshot killed with its overlay added but not switched in: its
+    record is in the daemon's directory, and the next snapshot undoes it (nodes, file, record).
+    A backup killed while it reads (fleecing job and node, NBD server and export live in the
+    daemon): the next backup tears all of it down, and its point restores to the guest's
+    view."""
+    base = await raw_image(tmp_path / "base.raw", pattern(308, DISK_SIZE))
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    repo_path = tmp_path / "repo"
+    repo = backup_ops.init_repository(repo_path)
+    async with open_vm(
+        base_config(guest, vhost_drive(base, ImageFormat.RAW), name="vhostcr")
+    ) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        exports0, nodes0, _ = await daemon_nodes(vm, "disk0")
+        ops_dir = vm.run_dir / "disk0-qsd.ops"
+
+        await kill_controller_at(
+            "vhostcr", "snapshot", "switching", tag="k1", directory=str(overlays), device="disk0"
+        )
+        exports1, nodes1, jobs1 = await daemon_nodes(vm, "disk0")
+        assert (exports1, jobs1) == (exports0, []) and len(nodes1 - nodes0) == 2
+        assert len(list(ops_dir.glob("journal-*"))) == 1
+        (k1,) = overlays.glob("*-k1.qcow2")
+        k2 = await chains.external_snapshot(vm, "k2", overlays, devices=["disk0"])
+        assert not k1.exists() and not list(ops_dir.glob("journal-*"))
+        exports2, nodes2, _ = await daemon_nodes(vm, "disk0")
+        assert len(nodes2 - nodes0) == 2
+        async with vm.daemons.running["disk0"].qmp() as session:
+            files = {n.node_name: n.file for n in await wire.query_named_block_nodes(session)}
+        assert files[exports2["drv0-export"]] == str(k2.overlays["disk0"])  # not k1's
+        await chains.commit(vm, "disk0", delete_files=True)
+        assert not k2.overlays["disk0"].exists()
+        assert await daemon_nodes(vm, "disk0") == (exports0, nodes0, [])
+
+        await kill_controller_at(
+            "vhostcr", "backup", "copy", repo=str(repo_path), devices=["disk0"]
+        )
+        async with vm.daemons.running["disk0"].qmp() as session:
+            kinds = await wire.query_block_export_nodes(session, field="type")
+            left_jobs = await session.execute("query-jobs")
+        assert sorted(kinds.values()) == ["nbd", "vhost-user-blk"]
+        assert left_jobs != []
+        await guest_write_read(vm, vda, 41, 3)
+        view = await guest_view(vm, vda)
+        point = await backup_ops.backup(vm, repo, kind="full", devices=["disk0"])
+        assert await daemon_nodes(vm, "disk0") == (exports0, nodes0, [])
+        assert [m.id for m in repo.manifests("vhostcr")] == [point.id]
+        restored = tmp_path / "restored.raw"
+        await backup_ops.restore(repo, "vhostcr", point.id, "disk0", restored, ImageFormat.RAW)
+        assert sha256(restored.read_bytes()) == view
+        await truth_check(vm)
