@@ -294,6 +294,7 @@ class VM:
                 device_id, f"it is not running (pid {pid})", argv=(), exitcode=None, log=""
             )
         journal_dir = daemon_journal_dir(self.run_dir, device_id)
+        journal_dir.mkdir(mode=0o700, exist_ok=True)
         async with QMPSession.connect(
             str(daemon["monitor"]), label=f"qsd-{device_id}", timeout=10.0
         ) as session:
@@ -314,9 +315,7 @@ class VM:
 def daemon_journal_dir(run_dir: Path, device_id: str) -> Path:
     """Where the operations on ``device_id``'s qemu-storage-daemon keep their journal
     records and lock: the directory names the monitor that holds their nodes."""
-    path = run_dir / f"{device_id}-qsd.ops"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
+    return run_dir / f"{device_id}-qsd.ops"
 
 
 class DaemonDisk(VM):

@@ -48,7 +48,7 @@ from tests.integration.conftest import (
     sha256,
     truth_check,
 )
-from tests.integration.test_crash import kill_controller_at
+from tests.integration.test_crash import kill_controller_at, recover_cli
 
 pytestmark = pytest.mark.guest
 
@@ -513,6 +513,8 @@ async def test_vhost_user_blk_killed_controller_recovered_in_daemon(
     daemon's disk leaves its state in the daemon; the next operation routed there puts the
     daemon back first. A snapshot killed with its overlay added but not switched in: its
     record is in the daemon's directory, and the next snapshot undoes it (nodes, file, record).
+    An active commit killed at READY: ``blockctl recover`` (another process) completes it in
+    the daemon and deletes the overlay.
     A backup killed while it reads (fleecing job and node, NBD server and export live in the
     daemon): the next backup tears all of it down, and its point restores to the guest's
     view."""
@@ -536,6 +538,7 @@ async def test_vhost_user_blk_killed_controller_recovered_in_daemon(
         exports1, nodes1, jobs1 = await daemon_nodes(vm, "disk0")
         assert (exports1, jobs1) == (exports0, []) and len(nodes1 - nodes0) == 2
         assert len(list(ops_dir.glob("journal-*"))) == 1
+        assert (await cli_json("status", "vhostcr"))["interrupted_operations"] == 1
         (k1,) = overlays.glob("*-k1.qcow2")
         k2 = await chains.external_snapshot(vm, "k2", overlays, devices=["disk0"])
         assert not k1.exists() and not list(ops_dir.glob("journal-*"))
@@ -544,9 +547,20 @@ async def test_vhost_user_blk_killed_controller_recovered_in_daemon(
         async with vm.daemons.running["disk0"].qmp() as session:
             files = {n.node_name: n.file for n in await wire.query_named_block_nodes(session)}
         assert files[exports2["drv0-export"]] == str(k2.overlays["disk0"])  # not k1's
-        await chains.commit(vm, "disk0", delete_files=True)
-        assert not k2.overlays["disk0"].exists()
+        # An active commit killed at READY: `blockctl recover` finishes it in the daemon.
+        await kill_controller_at("vhostcr", "commit", "ready", device="disk0", delete_files=True)
+        assert len(list(ops_dir.glob("journal-*"))) == 1
+        async with vm.daemons.running["disk0"].qmp() as session:
+            assert [j.status for j in await wire.query_jobs(session)] == [JobStatus.READY]
+        recovered = await recover_cli("vhostcr")
+        assert [(o["kind"], o["verdict"]) for o in recovered["operations"]] == [
+            ("commit", "finished")
+        ]
+        assert not k2.overlays["disk0"].exists() and not list(ops_dir.glob("journal-*"))
+        assert (await cli_json("status", "vhostcr"))["interrupted_operations"] == 0
         assert await daemon_nodes(vm, "disk0") == (exports0, nodes0, [])
+        recorded = vm.registry.drives["disk0"].daemon
+        assert recorded is not None and {n["node-name"] for n in recorded["nodes"]} == nodes0
 
         await kill_controller_at(
             "vhostcr", "backup", "copy", repo=str(repo_path), devices=["disk0"]
