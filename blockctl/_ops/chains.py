@@ -643,7 +643,11 @@ async def stream(
     """Copy the data of the layers above ``base`` (default: all of them) into the active layer,
     which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted.
     ``control`` as for :func:`commit` (default deadline 600 s)."""
-    vm.refuse_daemon_disks("stream", [device])
+    if vm.daemon_disk("stream", [device]) is not None:
+        async with vm.on_storage_daemon(device) as daemon:
+            return await stream(
+                daemon, device, base=base, delete_files=delete_files, control=control
+            )
     await vm.require("block-stream", "job-dismiss")
     policy = error_policy(control.on_error)
     speed, hooks = control.speed, control.hooks

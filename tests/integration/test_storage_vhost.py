@@ -183,7 +183,6 @@ async def test_vhost_user_blk_launch_io_refusals_hotplug_unplug(
             "resize": drives.resize(vm, "disk0", 2 * DISK_SIZE),
             "cache": drives.set_cache(vm, "disk0", CacheMode.NONE),
             "throttle": drives.set_throttle(vm, "disk0", {"bps": 1 << 20}),
-            "stream": chains.stream(vm, "disk0"),
         }
         for operation, call in refused.items():
             with pytest.raises(InStorageDaemon) as caught:
@@ -579,3 +578,46 @@ async def test_vhost_user_blk_killed_controller_recovered_in_daemon(
         await backup_ops.restore(repo, "vhostcr", point.id, "disk0", restored, ImageFormat.RAW)
         assert sha256(restored.read_bytes()) == view
         await truth_check(vm)
+
+
+async def test_vhost_user_blk_stream_in_daemon(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A stream of a vhost-user-blk disk runs in its daemon: after a snapshot and guest writes
+    into the overlay, the base's data is copied up and the overlay stands alone (the export
+    still on it, the base's nodes gone from the daemon, the base file unchanged since the
+    snapshot); the guest reads the whole disk as before the stream, and after shutdown the
+    overlay alone (no backing file) holds it."""
+    base = await raw_image(tmp_path / "base.raw", pattern(309, DISK_SIZE))
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    async with open_vm(
+        base_config(guest, vhost_drive(base, ImageFormat.RAW), name="vhoststr")
+    ) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        qemu_before = await qemu_state(vm)
+        _e, nodes0, _j = await daemon_nodes(vm, "disk0")
+        snap = await chains.external_snapshot(vm, "t1", overlays, devices=["disk0"])
+        overlay = snap.overlays["disk0"]
+        exports1, nodes1, _ = await daemon_nodes(vm, "disk0")
+        await guest_write_read(vm, vda, 51, 5)
+        base_at_snapshot = base.read_bytes()
+        view = await guest_view(vm, vda)
+        result = await chains.stream(vm, "disk0")
+        assert result.job.length > 0
+        exports2, nodes2, jobs2 = await daemon_nodes(vm, "disk0")
+        assert exports2 == exports1 and jobs2 == []  # the export stays on the overlay
+        assert nodes2 == nodes1 - nodes0 and result.chain == (exports2["drv0-export"],)
+        recorded = vm.registry.drives["disk0"].daemon
+        assert recorded is not None and {n["node-name"] for n in recorded["nodes"]} == nodes2
+        assert await qemu_state(vm) == qemu_before
+        assert await guest_view(vm, vda) == view
+        await truth_check(vm)
+    assert base.read_bytes() == base_at_snapshot
+    info = json.loads(await run("qemu-img", "info", "--output=json", overlay))
+    assert "backing-filename" not in info
+    flat = tmp_path / "flat.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", overlay, flat)
+    assert sha256(flat.read_bytes()) == view
