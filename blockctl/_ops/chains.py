@@ -300,11 +300,17 @@ async def list_external(vm: VM) -> dict[str, list[str]]:
     """Each device's chain, top first, as image files (each layer below the top holds the
     disk as it was when the overlay above it was created)."""
     graph = await read_graph(vm)
-    return {
+    chains = {
         device.id: [str(n.filename) for n in graph.chain_of(device.id)]
         for device in graph.devices.values()
         if device.root is not None
     }
+    # A vhost-user-blk disk's chain is in its qemu-storage-daemon.
+    for device_id, record in vm.registry.drives.items():
+        if record.daemon is not None and vm.daemon_disk("snapshot list", [device_id]):
+            async with vm.on_storage_daemon(device_id) as daemon:
+                chains.update(await list_external(daemon))
+    return chains
 
 
 async def delete_external(

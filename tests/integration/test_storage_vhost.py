@@ -358,6 +358,8 @@ async def test_vhost_user_blk_snapshot_and_active_commit_in_daemon(
         overlay = Path(snap["overlays"]["disk0"])
         assert overlay.parent == overlays and overlay.is_file()
         assert snap["frozen"] == {"disk0": str(base)}
+        listed = await cli_json("snapshot", "vhostsc", "list")
+        assert listed["external"] == {"disk0": [str(overlay), str(base)]}
         exports1, nodes1, jobs1 = await daemon_nodes(vm, "disk0")
         added = nodes1 - nodes0
         assert len(added) == 2 and list(exports1) == list(exports0)
@@ -383,6 +385,7 @@ async def test_vhost_user_blk_snapshot_and_active_commit_in_daemon(
         assert JobStatus.READY in result.job.transitions  # driven on the daemon's job events
         assert result.removed_files == (str(overlay),) and not overlay.exists()
         assert result.chain == ("drv0",)
+        assert await chains.list_external(vm) == {"disk0": [str(base)]}
         exports2, nodes2, jobs2 = await daemon_nodes(vm, "disk0")
         assert list(exports2.values()) == ["drv0"] and nodes2 == nodes0
         assert jobs2 == []
