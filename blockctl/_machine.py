@@ -364,7 +364,15 @@ class DaemonDisk(VM):
 
     async def block_devices(self) -> tuple[BlockDevice, ...]:
         root = await self.export_node()
-        inserted = next(n for n in await self.block_nodes() if n.node_name == root)
+        inserted = next((n for n in await self.block_nodes() if n.node_name == root), None)
+        if inserted is None:
+            raise StorageDaemonFailed(
+                self.device_id,
+                f"its export serves {root}, a node it does not list",
+                argv=(),
+                exitcode=None,
+                log="",
+            )
         return (
             BlockDevice(
                 qdev=None,

@@ -503,9 +503,14 @@ async def test_vhost_user_blk_backup_in_daemon_and_restore(
         hot = await drives.hotplug(vm, vhost_drive(inc_qcow2, ImageFormat.QCOW2))
         restored = await new_disk(vm, before)
         assert await guest_view(vm, restored) == inc_view
+        listed = await chains.list_external(vm)  # opens each daemon, its directory made
+        assert listed == {"disk0": [str(img)], hot.device_id: [str(inc_qcow2)]}
+        hot_dir = vm.run_dir / f"{hot.device_id}-qsd.ops"
+        assert hot_dir.is_dir()
         await truth_check(vm)
         gone = await drives.unplug(vm, hot.device_id, timeout=60)
         assert gone.state is drives.UnplugState.REMOVED
+        assert not hot_dir.exists()  # nothing of the unplugged disk's daemon left
 
 
 async def test_vhost_user_blk_killed_controller_recovered_in_daemon(
