@@ -56,7 +56,7 @@ from blockctl._log import get_logger
 from blockctl._qmp import wire
 from blockctl._qmp.models import BlockDevice, BlockNode, Capabilities, StatusInfo, VersionInfo
 from blockctl._qmp.session import QMPSession, describe_exit, raise_single
-from blockctl._registry import DriveRecord, DriveRegistry
+from blockctl._registry import DaemonDriveRegistry, DriveRecord, DriveRegistry
 from blockctl.errors import (
     BlockctlError,
     ConfigError,
@@ -66,6 +66,7 @@ from blockctl.errors import (
     MissingComponent,
     QMPConnectFailed,
     ShutdownFailed,
+    StorageDaemonFailed,
     Unsupported,
     VMExists,
 )
@@ -244,9 +245,147 @@ class VM:
                     monitor=record.daemon.get("monitor"),
                 )
 
+    def daemon_disk(self, operation: str, devices: Iterable[str] | None) -> str | None:
+        """The vhost-user-blk disk ``devices`` names alone, whose ``operation`` goes to its
+        qemu-storage-daemon's QMP (:meth:`on_storage_daemon`); None when none of ``devices``
+        is such a disk (the operation acts on QEMU).
+
+        :raise InStorageDaemon: such a disk among others, or every disk (``devices`` None)
+            when one is such a disk: one point in time across QEMU and a daemon (or two
+            daemons) cannot be taken by one transaction.
+        """
+        records = self.registry.drives
+        named = list(records) if devices is None else list(devices)
+        in_daemons = [d for d in named if (r := records.get(d)) is not None and r.daemon]
+        if not in_daemons:
+            return None
+        if devices is None or len(named) > 1:
+            record = records[in_daemons[0]]
+            assert record.daemon is not None
+            raise InStorageDaemon(
+                operation,
+                in_daemons[0],
+                daemon_pid=record.daemon.get("pid"),
+                monitor=record.daemon.get("monitor"),
+                why=(
+                    f"one {operation} cannot take QEMU's disks and a daemon's (or two daemons') "
+                    "at one point in time"
+                ),
+                way_out=f"name {in_daemons[0]} alone, and the other disks in another {operation}",
+            )
+        return in_daemons[0]
+
+    @contextlib.asynccontextmanager
+    async def on_storage_daemon(self, device_id: str) -> AsyncIterator[DaemonDisk]:
+        """``device_id``'s qemu-storage-daemon as the VM a block operation acts on: a QMP
+        session with the daemon (on the monitor socket its record names, from any process),
+        the drive's nodes as the daemon holds them, the operation's journal and lock in the
+        daemon's own directory (:func:`daemon_journal_dir`: QEMU's recovery never judges the
+        daemon's nodes by QEMU's graph, nor the other way round)."""
+        record = self.registry.drives.get(device_id)
+        if record is None or record.daemon is None:
+            raise ConfigError("device", f"{device_id} is not a vhost-user-blk disk of {self.name}")
+        daemon = record.daemon
+        pid, pid_start = daemon.get("pid"), daemon.get("pid_start")
+        if self.run_dir is None or not isinstance(pid, int):
+            raise ConfigError("device", f"{device_id}: its record names no daemon")
+        if not _proc.process_alive(pid, None if pid_start is None else int(pid_start)):
+            raise StorageDaemonFailed(
+                device_id, f"it is not running (pid {pid})", argv=(), exitcode=None, log=""
+            )
+        journal_dir = daemon_journal_dir(self.run_dir, device_id)
+        journal_dir.mkdir(mode=0o700, exist_ok=True)
+        async with QMPSession.connect(
+            str(daemon["monitor"]), label=f"qsd-{device_id}", timeout=10.0
+        ) as session:
+            yield DaemonDisk(
+                self,
+                session,
+                device_id=device_id,
+                daemon_pid=pid,
+                export_id=daemon.get("export"),
+                journal_dir=journal_dir,
+            )
+
     def other_clients(self) -> list[_monitors.Holder]:
         """The other blockctl clients attached to this VM's pool now (pid, command)."""
         return _monitors.holders(self.pool, besides=self.monitor)
+
+
+def daemon_journal_dir(run_dir: Path, device_id: str) -> Path:
+    """Where the operations on ``device_id``'s qemu-storage-daemon keep their journal
+    records and lock: the directory names the monitor that holds their nodes."""
+    return run_dir / f"{device_id}-qsd.ops"
+
+
+class DaemonDisk(VM):
+    """A vhost-user-blk drive's qemu-storage-daemon, as the VM a block operation acts on
+    (the chain operations take it in place of the VM: one code path for both monitors).
+    ``session`` is the daemon's QMP; its one device is the drive, rooted at the node the
+    drive's export serves now (an export follows its node's replacement: measured,
+    ``query-block-exports`` names the overlay after ``blockdev-snapshot`` and the base again
+    after an active commit's pivot)."""
+
+    def __init__(
+        self,
+        vm: VM,
+        session: QMPSession,
+        *,
+        device_id: str,
+        daemon_pid: int,
+        export_id: object,
+        journal_dir: Path,
+    ) -> None:
+        super().__init__(session, name=vm.name, pid=daemon_pid, run_dir=journal_dir, named=vm.named)
+        self._registry = DaemonDriveRegistry(vm.registry, device_id)
+        self.vm = vm
+        self.device_id = device_id
+        self.export_id = None if export_id is None else str(export_id)
+
+    @property
+    def identity(self) -> str:
+        return self.vm.identity
+
+    async def export_node(self) -> str:
+        """The node the drive's export serves now."""
+        exports = await wire.query_block_export_nodes(self.session)
+        if self.export_id is None and len(exports) == 1:
+            return next(iter(exports.values()))  # a record from before the id was kept
+        node = None if self.export_id is None else exports.get(self.export_id)
+        if node is None:
+            raise StorageDaemonFailed(
+                self.device_id,
+                f"its export {self.export_id} is gone: {sorted(exports)}",
+                argv=(),
+                exitcode=None,
+                log="",
+            )
+        return node
+
+    async def block_devices(self) -> tuple[BlockDevice, ...]:
+        root = await self.export_node()
+        inserted = next((n for n in await self.block_nodes() if n.node_name == root), None)
+        if inserted is None:
+            raise StorageDaemonFailed(
+                self.device_id,
+                f"its export serves {root}, a node it does not list",
+                argv=(),
+                exitcode=None,
+                log="",
+            )
+        return (
+            BlockDevice(
+                qdev=None,
+                device=self.device_id,
+                removable=False,
+                locked=False,
+                tray_open=None,
+                inserted=inserted,
+            ),
+        )
+
+    def daemon_disk(self, operation: str, devices: Iterable[str] | None) -> str | None:
+        return None  # already on the daemon
 
 
 class LaunchedVM(VM):

@@ -183,3 +183,44 @@ class DriveRegistry:
                 changed = True
         if changed:
             self.save()
+
+
+class DaemonDriveRegistry(DriveRegistry):
+    """The registry as an operation routed to a vhost-user-blk drive's qemu-storage-daemon
+    sees it: that one drive, its ``nodes`` the daemon's (``daemon["nodes"]`` of the VM's
+    record, where they are kept: QEMU has none of them). A ``put`` writes them back there, so
+    the VM's record says which monitor holds each node."""
+
+    __slots__ = ("_device", "_vm_registry")
+
+    def __init__(self, vm_registry: DriveRegistry, device_id: str) -> None:
+        super().__init__(path=None)
+        self._vm_registry = vm_registry
+        self._device = device_id
+        self.refresh()
+
+    def refresh(self) -> None:
+        self._vm_registry.refresh()
+        record = self._vm_registry.drives.get(self._device)
+        if record is None or record.daemon is None:
+            self.drives = {}
+            return
+        nodes = tuple(dict(n) for n in record.daemon.get("nodes", ()))
+        self.drives = {self._device: replace(record, nodes=nodes)}
+
+    def put(self, record: DriveRecord) -> None:
+        if record.device_id != self._device:
+            raise ValueError(f"{record.device_id} is not the daemon's drive {self._device}")
+        with self._vm_registry._changing():
+            current = self._vm_registry.drives.get(self._device)
+            if current is not None and current.daemon is not None:
+                daemon = {**current.daemon, "nodes": [dict(n) for n in record.nodes]}
+                self._vm_registry.drives[self._device] = replace(current, daemon=daemon)
+                self._vm_registry.save()
+        self.refresh()
+
+    def remove(self, device_id: str) -> None:
+        raise ValueError(f"{device_id}: a daemon's drive is removed by unplugging it from the VM")
+
+    def set_pending(self, device_id: str, pending: bool) -> None:
+        raise ValueError(f"{device_id}: a daemon's drive is unplugged from the VM")

@@ -86,6 +86,7 @@ class StorageDaemon:
             "monitor": str(self.monitor),
             "socket": str(self.plan.socket),
             "chardev": self.plan.chardev_id,
+            "export": self.plan.export["id"],
             "file": str(file),
             "format": fmt,
             "nodes": [node_json(n) for n in self.plan.nodes],

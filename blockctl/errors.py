@@ -289,18 +289,30 @@ class InStorageDaemon(BlockctlError):
     the wrong one."""
 
     def __init__(
-        self, operation: str, device_id: str, *, daemon_pid: int | None, monitor: str | None
+        self,
+        operation: str,
+        device_id: str,
+        *,
+        daemon_pid: int | None,
+        monitor: str | None,
+        why: str | None = None,
+        way_out: str | None = None,
     ) -> None:
         self.operation = operation
         self.device_id = device_id
         self.daemon_pid = daemon_pid
         self.monitor = monitor
+        why = why or f"blockctl does not route {operation} to the daemon yet"
+        label = "Way out" if way_out else "Ways out"
+        way_out = way_out or (
+            f"leave {device_id} out (name the other disks), run the block commands on the "
+            "daemon's QMP socket yourself, or detach the disk and attach its image as a plain "
+            "file"
+        )
         super().__init__(
             f"{operation}: {device_id} is a vhost-user-blk disk; its image is served by a "
-            f"qemu-storage-daemon (pid {daemon_pid}, QMP {monitor}), not by QEMU, and blockctl "
-            f"does not route {operation} to the daemon yet. Ways out: leave {device_id} out "
-            "(name the other disks), run the block commands on the daemon's QMP socket "
-            "yourself, or detach the disk and attach its image as a plain file"
+            f"qemu-storage-daemon (pid {daemon_pid}, QMP {monitor}), not by QEMU, and {why}. "
+            f"{label}: {way_out}"
         )
 
 

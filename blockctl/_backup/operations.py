@@ -213,7 +213,10 @@ async def _recover(vm: VM, repo: Repository) -> tuple[list[str], BlockGraph | No
     """What :func:`recover` does, and the block graph as it is afterwards when recovery
     changed nothing in QEMU (None otherwise: read it again), so a backup reads it once."""
     notes: list[str] = []
-    exports = await wire.query_block_exports(vm.session)
+    # NBD exports only: the NBD server is ours when they are all ours (a qemu-storage-daemon
+    # also runs its vhost-user-blk export, which is not served by the NBD server).
+    types = await wire.query_block_export_nodes(vm.session, field="type")
+    exports = [e for e, kind in types.items() if kind == "nbd"]
     ours = [e for e in exports if _EXPORT.match(e)]
     for export in ours:
         with contextlib.suppress(BlockctlError):
@@ -426,7 +429,27 @@ async def backup(
         rate=control.speed, on_error=control.on_error.value, pause_timeout=control.pause_timeout
     )
     quiesce = options.quiesce
-    vm.refuse_daemon_disks("backup", devices)
+    routed = vm.daemon_disk("backup", devices)
+    if routed is not None:
+        # Its nodes are the daemon's: fleecing, bitmaps, NBD server and export run there.
+        if quiesce is not Quiesce.OFF:
+            raise ConfigError(
+                "quiesce",
+                f"{routed} is a vhost-user-blk disk: blockctl does not freeze the guest around "
+                "a backup taken in its qemu-storage-daemon yet; back it up without quiesce",
+            )
+        async with vm.on_storage_daemon(routed) as daemon:
+            return await backup(
+                daemon,
+                repo,
+                kind=kind,
+                devices=[routed],
+                options=options,
+                control=control,
+                request_id=request_id,
+                _failpoint=_failpoint,
+                _fail_after_chunks=_fail_after_chunks,
+            )
     require_agent(vm, quiesce)
     check_name(vm.identity, "VM")
     if request_id is not None:

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from blockctl import _images, _journal, _lazy, _runtime
 from blockctl._cli.common import Command, emit
-from blockctl._machine import Timeouts, attach, launch_detached, shutdown_detached
+from blockctl._machine import (
+    Timeouts,
+    attach,
+    daemon_journal_dir,
+    launch_detached,
+    shutdown_detached,
+)
 from blockctl._ops import drives
 from blockctl.errors import ConfigError, VMError
 from blockctl.types import DeprecatedInput, Drive, ImageFormat, MachineConfig
@@ -156,6 +162,14 @@ class Status(Command):
             # A record whose writer still runs is another client's operation in progress;
             # the others were left by a controller that died: `blockctl recover` settles them.
             running, interrupted = operations_on_record(vm.run_dir)
+            # And those that ran in a vhost-user-blk disk's qemu-storage-daemon.
+            for device, record in vm.registry.drives.items():
+                if record.daemon is not None and vm.run_dir is not None:
+                    more, more_interrupted = operations_on_record(
+                        daemon_journal_dir(vm.run_dir, device)
+                    )
+                    running += more
+                    interrupted += more_interrupted
         # The same facts as `blockctl drives` (image file, the device's write cache).
         rows = []
         for info in infos:

@@ -35,7 +35,13 @@ from pathlib import Path
 import anyio
 
 from blockctl import _images, _journal
-from blockctl._agent import DEFAULT_FREEZE_DEADLINE, Quiesce, quiesced, require_agent
+from blockctl._agent import (
+    DEFAULT_FREEZE_DEADLINE,
+    Quiesce,
+    coerce_quiesce,
+    quiesced,
+    require_agent,
+)
 from blockctl._graph import BlockGraph, GraphNode, NodeRole
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobResult, error_policy, start_job
 from blockctl._log import get_logger
@@ -120,7 +126,16 @@ async def external_snapshot(
     the images hold clean filesystems (see :func:`blockctl._agent.quiesced`).
     """
     _check_tag(tag)
-    vm.refuse_daemon_disks("snapshot", devices)
+    routed = vm.daemon_disk("snapshot", devices)
+    if routed is not None:
+        if coerce_quiesce(quiesce) is not Quiesce.OFF:
+            raise ConfigError(
+                "quiesce",
+                f"{routed} is a vhost-user-blk disk: blockctl does not freeze the guest around "
+                "a snapshot taken in its qemu-storage-daemon yet; snapshot it without quiesce",
+            )
+        async with vm.on_storage_daemon(routed) as daemon:
+            return await external_snapshot(daemon, tag, directory, devices=[routed])
     require_agent(vm, quiesce)
     await vm.require("transaction", "blockdev-snapshot", "blockdev-add")
     await recovery.settle(vm)
@@ -285,11 +300,17 @@ async def list_external(vm: VM) -> dict[str, list[str]]:
     """Each device's chain, top first, as image files (each layer below the top holds the
     disk as it was when the overlay above it was created)."""
     graph = await read_graph(vm)
-    return {
+    chains = {
         device.id: [str(n.filename) for n in graph.chain_of(device.id)]
         for device in graph.devices.values()
         if device.root is not None
     }
+    # A vhost-user-blk disk's chain is in its qemu-storage-daemon.
+    for device_id, record in vm.registry.drives.items():
+        if record.daemon is not None and vm.daemon_disk("snapshot list", [device_id]):
+            async with vm.on_storage_daemon(device_id) as daemon:
+                chains.update(await list_external(daemon))
+    return chains
 
 
 async def delete_external(
@@ -304,6 +325,9 @@ async def delete_external(
     on these disks (default: every disk that has it). ``control`` applies to each commit (its
     deadline, default 600 s, to each one)."""
     _check_tag(tag)
+    if devices is not None and (routed := vm.daemon_disk("snapshot delete", devices)):
+        async with vm.on_storage_daemon(routed) as daemon:
+            return await delete_external(daemon, tag, devices=[routed], control=control)
     graph = await read_graph(vm)
     for device in devices or ():
         if device not in graph.devices:
@@ -488,7 +512,17 @@ async def commit(
     :raise JobNeverReady: an active commit could not catch up with the guest's writes under
     ``control.speed`` within the deadline; raise the speed limit (``set_speed``) or drop it.
     """
-    vm.refuse_daemon_disks("commit", [device])
+    if vm.daemon_disk("commit", [device]) is not None:
+        async with vm.on_storage_daemon(device) as daemon:
+            return await commit(
+                daemon,
+                device,
+                top=top,
+                base=base,
+                allow_shared_base=allow_shared_base,
+                delete_files=delete_files,
+                control=control,
+            )
     await vm.require("block-commit", "blockdev-reopen", "job-dismiss")
     policy = error_policy(control.on_error)
     speed, hooks = control.speed, control.hooks
@@ -615,7 +649,11 @@ async def stream(
     """Copy the data of the layers above ``base`` (default: all of them) into the active layer,
     which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted.
     ``control`` as for :func:`commit` (default deadline 600 s)."""
-    vm.refuse_daemon_disks("stream", [device])
+    if vm.daemon_disk("stream", [device]) is not None:
+        async with vm.on_storage_daemon(device) as daemon:
+            return await stream(
+                daemon, device, base=base, delete_files=delete_files, control=control
+            )
     await vm.require("block-stream", "job-dismiss")
     policy = error_policy(control.on_error)
     speed, hooks = control.speed, control.hooks

@@ -22,6 +22,7 @@ import contextlib
 import enum
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +34,15 @@ from blockctl import _proc, _storage_daemon
 from blockctl._argv import DrivePlan, DriveSource, plan_drive
 from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
-from blockctl._machine import VM, LaunchedVM, check_iscsi, check_nbd, inspect_drive, vhost_image
+from blockctl._machine import (
+    VM,
+    LaunchedVM,
+    check_iscsi,
+    check_nbd,
+    daemon_journal_dir,
+    inspect_drive,
+    vhost_image,
+)
 from blockctl._ops import conflicts
 from blockctl._ops.nodes import delete_nodes
 from blockctl._qmp import wire
@@ -723,6 +732,22 @@ async def _stop_daemon(vm: VM, record: DriveRecord) -> None:
                 pid, record.daemon.get("pid_start"), grace=_storage_daemon.STOP_TIMEOUT
             )
     _log.info("blockctl.drive.daemon_stopped", vm=vm.name, device=record.device_id)
+    if vm.run_dir is not None:
+        _remove_daemon_dir(vm, daemon_journal_dir(vm.run_dir, record.device_id))
+
+
+def _remove_daemon_dir(vm: VM, path: Path) -> None:
+    """The stopped daemon's operations directory goes with it (its locks, sockets of no
+    one), unless a record of an interrupted operation is in it: kept, and said."""
+    if not path.is_dir():
+        return
+    records = sorted(p.name for p in path.glob("journal-*"))
+    if records:
+        _log.warning(
+            "blockctl.drive.daemon_records_kept", vm=vm.name, dir=str(path), records=records
+        )
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 async def _delete_nodes(vm: VM, record: DriveRecord) -> UnplugResult:

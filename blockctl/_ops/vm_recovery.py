@@ -47,7 +47,8 @@ async def recover_vm(
     name: str, *, repo: Repository | None = None, deadline: float = 600.0, forget: bool = False
 ) -> RecoveryReport:
     """Recover the VM named ``name``: reconcile its journal (offline from the records and the
-    files on disk if its QEMU is gone) and, with ``repo``, the backup's leftovers."""
+    files on disk if its QEMU is gone) and, with ``repo``, the backup's leftovers; then the
+    same in each of its vhost-user-blk disks' qemu-storage-daemons (while QEMU runs)."""
     record = _runtime.read_record(name)
     if not _runtime.is_alive(record):
         await _exited(record.pid)
@@ -57,4 +58,13 @@ async def recover_vm(
         notes: list[str] = []
         if repo is not None:
             notes = await recover_backup(vm, repo)
+        # A vhost-user-blk disk's operations ran in its qemu-storage-daemon: their records
+        # and leftovers are there, judged by the daemon's graph.
+        for device, drive in vm.registry.drives.items():
+            if drive.daemon is None:
+                continue
+            async with vm.on_storage_daemon(device) as daemon:
+                results += await reconcile(daemon, deadline=deadline, forget=forget)
+                if repo is not None:
+                    notes += await recover_backup(daemon, repo)
     return RecoveryReport(True, results, notes)

@@ -460,6 +460,22 @@ async def query_block_exports(session: QMPSession) -> tuple[str, ...]:
     return tuple(str(e.get("id")) for e in reply if isinstance(e, dict))
 
 
+async def query_block_export_nodes(
+    session: QMPSession, *, field: str = "node-name"
+) -> dict[str, str]:
+    """Each block export's id → the node it exports now (an export follows its node's
+    replacement: a snapshot's overlay, an active commit's base); with ``field="type"``, its
+    type (``nbd``, ``vhost-user-blk``, …)."""
+    reply = await session.execute("query-block-exports")
+    if not isinstance(reply, list):
+        raise ProtocolMismatch("query-block-exports", f"expected a list, got {reply!r}")
+    return {
+        str(e.get("id")): str(e.get(field))
+        for e in reply
+        if isinstance(e, dict) and isinstance(e.get(field), str)
+    }
+
+
 async def raw_command(
     session: QMPSession, command: str, arguments: Mapping[str, Any] | None
 ) -> object:

@@ -6,11 +6,11 @@
 :class:`blockctl._journal.Step` value (for a backup: a name in ``blockctl.backup.STEPS``, or
 ``copy``; ``frozen``: right after a quiesced operation's freeze is confirmed, via
 ``_agent.FAILPOINT``); JSON the operation's keyword arguments (for a backup: ``repo``, and
-optionally ``kind`` and ``scratch_dir``). The process SIGKILLs itself right after the journal
-record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup, at the backup's
-failpoint STEP (``copy``: at the first progress record of the read, with the fleecing job,
-nodes and export live): the crash point is exact, never a
-race. Exit code 3: the operation ended without reaching STEP (the test fails on it).
+optionally ``kind``, ``devices`` and ``scratch_dir``). The process SIGKILLs itself right
+after the journal record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup, at
+the backup's failpoint STEP (``copy``: at the first progress record of the read, with the
+fleecing job, nodes and export live): the crash point is exact, never a race. Exit code 3:
+the operation ended without reaching STEP (the test fails on it).
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
                 vm,
                 repo,
                 kind=kwargs.pop("kind", "incremental"),
+                devices=kwargs.pop("devices", None),
                 _failpoint=backup_failpoint(step),
                 options=BackupOptions(scratch_dir=None if scratch is None else Path(scratch)),
                 control=JobControl(hooks=(DieReading(),) if step == "copy" else ()),

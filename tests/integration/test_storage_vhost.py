@@ -3,12 +3,14 @@ RAM a shared memfd, the real test guest reading and writing them.
 
 The daemons belong to the VM's lifecycle: started before QEMU (or on hot-plug), stopped and
 reaped when QEMU exits however it exits, and on unplug. QEMU has none of such a disk's nodes
-(``query-block`` does not list it), so the block operations blockctl cannot yet route to the
-daemon's QMP are refused by name, and nothing in QEMU or the daemon changes.
+(``query-block`` does not list it): an external snapshot and a commit of it go to the daemon's
+QMP; the block operations blockctl cannot yet route there are refused by name, and nothing in
+QEMU or the daemon changes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,15 +19,23 @@ from pathlib import Path
 import anyio
 import pytest
 
-from blockctl import GuestImage, LaunchedVM, chains, open_vm
+from blockctl import GuestImage, LaunchedVM, Quiesce, chains, open_vm
 from blockctl._backup import operations as backup_ops
 from blockctl._binaries import binary as qemu_binary
 from blockctl._binaries import install_hint
 from blockctl._machine import launch_detached
 from blockctl._ops import drives
 from blockctl._qmp import wire
+from blockctl._qmp.models import JobStatus
+from blockctl.backup import BackupOptions
 from blockctl.errors import ConfigError, InStorageDaemon
-from blockctl.types import CacheMode, Drive, ImageFormat, MachineConfig, VhostUserBlkSource
+from blockctl.types import (
+    CacheMode,
+    Drive,
+    ImageFormat,
+    MachineConfig,
+    VhostUserBlkSource,
+)
 from tests.conftest import missing
 from tests.integration.conftest import (
     MIB,
@@ -38,6 +48,7 @@ from tests.integration.conftest import (
     sha256,
     truth_check,
 )
+from tests.integration.test_crash import kill_controller_at, recover_cli
 
 pytestmark = pytest.mark.guest
 
@@ -172,9 +183,6 @@ async def test_vhost_user_blk_launch_io_refusals_hotplug_unplug(
             "resize": drives.resize(vm, "disk0", 2 * DISK_SIZE),
             "cache": drives.set_cache(vm, "disk0", CacheMode.NONE),
             "throttle": drives.set_throttle(vm, "disk0", {"bps": 1 << 20}),
-            "commit": chains.commit(vm, "disk0"),
-            "stream": chains.stream(vm, "disk0"),
-            "snapshot": chains.external_snapshot(vm, "s1", tmp_path, devices=["disk0"]),
         }
         for operation, call in refused.items():
             with pytest.raises(InStorageDaemon) as caught:
@@ -186,13 +194,20 @@ async def test_vhost_user_blk_launch_io_refusals_hotplug_unplug(
         # Whole-VM operations do not leave the disk out silently.
         for whole in (
             chains.external_snapshot(vm, "s2", tmp_path),
+            chains.external_snapshot(vm, "s3", tmp_path, devices=["disk0"], quiesce=True),
             backup_ops.backup(vm, repo, kind="full"),
-            backup_ops.backup(vm, repo, kind="full", devices=["disk0"]),
+            backup_ops.backup(
+                vm,
+                repo,
+                kind="full",
+                devices=["disk0"],
+                options=BackupOptions(quiesce=Quiesce.REQUIRED),
+            ),
         ):
-            with pytest.raises(InStorageDaemon, match="disk0"):
+            with pytest.raises((InStorageDaemon, ConfigError), match="disk0"):
                 await whole
         assert (await qemu_state(vm), await daemon_state(vm, "disk0")) == before
-        assert not list(tmp_path.glob("*s1*")) and not list(tmp_path.glob("*s2*"))
+        assert not list(tmp_path.glob("*-s2.*")) and not list(tmp_path.glob("*-s3.*"))
 
         # Hot-plug a raw one, write, unplug: nothing of it left.
         disks = await guest_disks(vm)
@@ -299,3 +314,318 @@ async def test_vhost_user_blk_hotplug_into_shared_memory_vm(
         )
         assert daemon.process.returncode is not None
     assert sha256(img.read_bytes()[MIB : 2 * MIB]) == written
+
+
+async def daemon_nodes(vm: LaunchedVM, device: str) -> tuple[dict[str, str], set[str], object]:
+    """The daemon's exports (id → node), its node names and its jobs, read on its QMP."""
+    async with vm.daemons.running[device].qmp() as session:
+        exports = await wire.query_block_export_nodes(session)
+        nodes = {n.node_name for n in await wire.query_named_block_nodes(session)}
+        jobs = await session.execute("query-jobs")
+    return exports, nodes, jobs
+
+
+async def test_vhost_user_blk_snapshot_and_active_commit_in_daemon(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """An external snapshot of a vhost-user-blk disk (the CLI, from another process) and its
+    active commit (the library) run in the disk's qemu-storage-daemon: the overlay is added
+    there, the export follows it (and the base again after the pivot), the commit job is
+    driven on the daemon's events; QEMU's block state never changes. What the guest wrote
+    while the overlay was on top is in the base afterwards (read in the guest, and in the
+    file after shutdown against a reference); the daemon keeps no node of the overlay, the
+    drive's record says which nodes the daemon holds at each step."""
+    base = await raw_image(tmp_path / "base.raw", pattern(306, DISK_SIZE))
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    async with open_vm(
+        base_config(guest, vhost_drive(base, ImageFormat.RAW), name="vhostsc")
+    ) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        before_sum = await guest_write_read(vm, vda, 11, 1)
+        qemu_before = await qemu_state(vm)
+        exports0, nodes0, _ = await daemon_nodes(vm, "disk0")
+        assert list(exports0.values()) == ["drv0"]
+        recorded0 = vm.registry.drives["disk0"].daemon
+        assert recorded0 is not None
+        assert {n["node-name"] for n in recorded0["nodes"]} == nodes0
+
+        snap = await cli_json(
+            "snapshot", "vhostsc", "create", "s1", "--disk", "disk0", "--dir", str(overlays)
+        )
+        overlay = Path(snap["overlays"]["disk0"])
+        assert overlay.parent == overlays and overlay.is_file()
+        assert snap["frozen"] == {"disk0": str(base)}
+        listed = await cli_json("snapshot", "vhostsc", "list")
+        assert listed["external"] == {"disk0": [str(overlay), str(base)]}
+        exports1, nodes1, jobs1 = await daemon_nodes(vm, "disk0")
+        added = nodes1 - nodes0
+        assert len(added) == 2 and list(exports1) == list(exports0)
+        (top,) = exports1.values()
+        assert top in added and top != "drv0"  # the export serves the overlay now
+        assert jobs1 == []
+        recorded1 = vm.registry.drives["disk0"].daemon
+        assert recorded1 is not None
+        assert {n["node-name"] for n in recorded1["nodes"]} == nodes1
+        assert vm.registry.drives["disk0"].nodes == ()  # QEMU holds none of them
+        assert await qemu_state(vm) == qemu_before
+        await truth_check(vm)
+        info = json.loads(await run("qemu-img", "info", "-U", "--output=json", overlay))
+        assert (info["backing-filename"], info["backing-filename-format"]) == (str(base), "raw")
+
+        # The guest writes while the overlay is on top: the base file does not change.
+        base_at_snapshot = base.read_bytes()
+        overlay_sums = [await guest_write_read(vm, vda, 12 + k, 4 + 3 * k) for k in range(3)]
+        assert base.read_bytes() == base_at_snapshot
+
+        result = await chains.commit(vm, "disk0", delete_files=True)
+        assert result.job.length > 0
+        assert JobStatus.READY in result.job.transitions  # driven on the daemon's job events
+        assert result.removed_files == (str(overlay),) and not overlay.exists()
+        assert result.chain == ("drv0",)
+        assert await chains.list_external(vm) == {"disk0": [str(base)]}
+        exports2, nodes2, jobs2 = await daemon_nodes(vm, "disk0")
+        assert list(exports2.values()) == ["drv0"] and nodes2 == nodes0
+        assert jobs2 == []
+        recorded2 = vm.registry.drives["disk0"].daemon
+        assert recorded2 is not None
+        assert {n["node-name"] for n in recorded2["nodes"]} == nodes0
+        assert not list(vm.run_dir.glob("disk0-qsd.ops/journal-*"))  # no journal record left
+        assert await qemu_state(vm) == qemu_before
+        await truth_check(vm)
+        # The guest reads what it wrote, now from the base.
+        await sh(vm, "sync; echo 3 > /proc/sys/vm/drop_caches")
+        for k, written in enumerate(overlay_sums):
+            read = await sh(
+                vm,
+                f"dd if=/dev/{vda} bs=1M skip={4 + 3 * k} count=1 iflag=direct 2>/dev/null"
+                " | sha256sum",
+            )
+            assert read.split()[0] == written
+
+        # Again, the snapshot by the library, its deletion (a commit) by the CLI.
+        again = await chains.external_snapshot(vm, "s2", overlays, devices=["disk0"])
+        assert list((await daemon_nodes(vm, "disk0"))[0].values()) != ["drv0"]
+        late_sum = await guest_write_read(vm, vda, 20, 12)
+        deleted = await cli_json("snapshot", "vhostsc", "delete", "s2", "--disk", "disk0")
+        assert [(d["device"], d["chain"]) for d in deleted] == [("disk0", ["drv0"])]
+        assert "ready" in deleted[0]["transitions"]  # driven on the daemon's job events
+        assert not again.overlays["disk0"].exists()
+        exports3, nodes3, jobs3 = await daemon_nodes(vm, "disk0")
+        assert (list(exports3.values()), nodes3, jobs3) == (["drv0"], nodes0, [])
+        assert await qemu_state(vm) == qemu_before
+        whole = await sh(vm, f"dd if=/dev/{vda} bs=1M iflag=direct 2>/dev/null | sha256sum")
+    # The base file holds every write, and nothing else changed.
+    data = base.read_bytes()
+    assert sha256(data) == whole.split()[0]
+    reference = bytearray(pattern(306, DISK_SIZE))
+    writes = [(1, before_sum), (12, late_sum)] + [
+        (4 + 3 * k, s) for k, s in enumerate(overlay_sums)
+    ]
+    for offset, written in writes:
+        chunk = data[offset * MIB : (offset + 1) * MIB]
+        assert sha256(chunk) == written
+        reference[offset * MIB : (offset + 1) * MIB] = chunk
+    ref = await raw_image(tmp_path / "ref.raw", bytes(reference))
+    await run("qemu-img", "compare", "-f", "raw", "-F", "raw", base, ref)
+
+
+async def guest_view(vm: LaunchedVM, dev: str) -> str:
+    """The sha256 of the whole disk as the guest reads it (past its page cache)."""
+    await sh(vm, "sync; echo 3 > /proc/sys/vm/drop_caches")
+    out = await sh(vm, f"dd if=/dev/{dev} bs=1M iflag=direct 2>/dev/null | sha256sum")
+    return out.split()[0]
+
+
+async def test_vhost_user_blk_backup_in_daemon_and_restore(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A full and then an incremental backup of a qcow2 vhost-user-blk disk run in its
+    qemu-storage-daemon (fleecing node, checkpoint bitmap, NBD server and export there; QEMU's
+    block state unchanged; nothing of the backup left in the daemon but its checkpoint). Each
+    point restored (raw, qcow2) equals the whole disk as the guest read it at that point,
+    whatever it wrote after; the incremental's restore, hot-plugged as a second vhost-user-blk
+    disk, reads in the guest as the first did."""
+    data = await raw_image(tmp_path / "data.raw", pattern(307, DISK_SIZE))
+    img = tmp_path / "disk.qcow2"
+    await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", data, img)
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    async with open_vm(
+        base_config(guest, vhost_drive(img, ImageFormat.QCOW2), name="vhostbk")
+    ) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        await guest_write_read(vm, vda, 31, 2)
+        full_view = await guest_view(vm, vda)
+        qemu_before = await qemu_state(vm)
+        exports0, nodes0, _ = await daemon_nodes(vm, "disk0")
+
+        full = await backup_ops.backup(vm, repo, kind="full", devices=["disk0"])
+        assert (full.kind, full.vm, [d.device for d in full.disks]) == (
+            "full",
+            "vhostbk",
+            ["disk0"],
+        )
+        assert await daemon_nodes(vm, "disk0") == (exports0, nodes0, [])
+        async with vm.daemons.running["disk0"].qmp() as session:
+            (top,) = [
+                n
+                for n in await wire.query_named_block_node_details(session)
+                if n.node.node_name == "drv0"
+            ]
+        assert [b.name for b in top.dirty_bitmaps] == [full.checkpoint]
+        assert await qemu_state(vm) == qemu_before
+
+        await guest_write_read(vm, vda, 32, 6)
+        inc_view = await guest_view(vm, vda)
+        assert inc_view != full_view
+        inc = await backup_ops.backup(vm, repo, kind="incremental", devices=["disk0"])
+        assert (inc.kind, inc.parent, inc.fallback_reason) == ("incremental", full.id, None)
+        assert 0 < inc.bytes_read < DISK_SIZE
+        assert await daemon_nodes(vm, "disk0") == (exports0, nodes0, [])
+        assert await qemu_state(vm) == qemu_before
+        await guest_write_read(vm, vda, 33, 9)  # after the incremental's point
+
+        full_raw = tmp_path / "full.raw"
+        await backup_ops.restore(repo, "vhostbk", full.id, "disk0", full_raw, ImageFormat.RAW)
+        assert sha256(full_raw.read_bytes()) == full_view
+        inc_qcow2 = tmp_path / "inc.qcow2"
+        await backup_ops.restore(repo, "vhostbk", inc.id, "disk0", inc_qcow2, ImageFormat.QCOW2)
+        inc_raw = tmp_path / "inc.raw"
+        await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", inc_qcow2, inc_raw)
+        assert sha256(inc_raw.read_bytes()) == inc_view
+
+        # The restore as a vhost-user-blk disk: the guest reads what it read at the point.
+        before = await guest_disks(vm)
+        hot = await drives.hotplug(vm, vhost_drive(inc_qcow2, ImageFormat.QCOW2))
+        restored = await new_disk(vm, before)
+        assert await guest_view(vm, restored) == inc_view
+        listed = await chains.list_external(vm)  # opens each daemon, its directory made
+        assert listed == {"disk0": [str(img)], hot.device_id: [str(inc_qcow2)]}
+        hot_dir = vm.run_dir / f"{hot.device_id}-qsd.ops"
+        assert hot_dir.is_dir()
+        await truth_check(vm)
+        gone = await drives.unplug(vm, hot.device_id, timeout=60)
+        assert gone.state is drives.UnplugState.REMOVED
+        assert not hot_dir.exists()  # nothing of the unplugged disk's daemon left
+
+
+async def test_vhost_user_blk_killed_controller_recovered_in_daemon(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A controller killed (SIGKILL, another process, at an exact step) in an operation on a
+    daemon's disk leaves its state in the daemon; the next operation routed there puts the
+    daemon back first. A snapshot killed with its overlay added but not switched in: its
+    record is in the daemon's directory, and the next snapshot undoes it (nodes, file, record).
+    An active commit killed at READY: ``blockctl recover`` (another process) completes it in
+    the daemon and deletes the overlay.
+    A backup killed while it reads (fleecing job and node, NBD server and export live in the
+    daemon): the next backup tears all of it down, and its point restores to the guest's
+    view."""
+    base = await raw_image(tmp_path / "base.raw", pattern(308, DISK_SIZE))
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    repo_path = tmp_path / "repo"
+    repo = backup_ops.init_repository(repo_path)
+    async with open_vm(
+        base_config(guest, vhost_drive(base, ImageFormat.RAW), name="vhostcr")
+    ) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        exports0, nodes0, _ = await daemon_nodes(vm, "disk0")
+        ops_dir = vm.run_dir / "disk0-qsd.ops"
+
+        await kill_controller_at(
+            "vhostcr", "snapshot", "switching", tag="k1", directory=str(overlays), device="disk0"
+        )
+        exports1, nodes1, jobs1 = await daemon_nodes(vm, "disk0")
+        assert (exports1, jobs1) == (exports0, []) and len(nodes1 - nodes0) == 2
+        assert len(list(ops_dir.glob("journal-*"))) == 1
+        assert (await cli_json("status", "vhostcr"))["interrupted_operations"] == 1
+        (k1,) = overlays.glob("*-k1.qcow2")
+        k2 = await chains.external_snapshot(vm, "k2", overlays, devices=["disk0"])
+        assert not k1.exists() and not list(ops_dir.glob("journal-*"))
+        exports2, nodes2, _ = await daemon_nodes(vm, "disk0")
+        assert len(nodes2 - nodes0) == 2
+        async with vm.daemons.running["disk0"].qmp() as session:
+            files = {n.node_name: n.file for n in await wire.query_named_block_nodes(session)}
+        assert files[exports2["drv0-export"]] == str(k2.overlays["disk0"])  # not k1's
+        # An active commit killed at READY: `blockctl recover` finishes it in the daemon.
+        await kill_controller_at("vhostcr", "commit", "ready", device="disk0", delete_files=True)
+        assert len(list(ops_dir.glob("journal-*"))) == 1
+        async with vm.daemons.running["disk0"].qmp() as session:
+            assert [j.status for j in await wire.query_jobs(session)] == [JobStatus.READY]
+        recovered = await recover_cli("vhostcr")
+        assert [(o["kind"], o["verdict"]) for o in recovered["operations"]] == [
+            ("commit", "finished")
+        ]
+        assert not k2.overlays["disk0"].exists() and not list(ops_dir.glob("journal-*"))
+        assert (await cli_json("status", "vhostcr"))["interrupted_operations"] == 0
+        assert await daemon_nodes(vm, "disk0") == (exports0, nodes0, [])
+        recorded = vm.registry.drives["disk0"].daemon
+        assert recorded is not None and {n["node-name"] for n in recorded["nodes"]} == nodes0
+
+        await kill_controller_at(
+            "vhostcr", "backup", "copy", repo=str(repo_path), devices=["disk0"]
+        )
+        async with vm.daemons.running["disk0"].qmp() as session:
+            kinds = await wire.query_block_export_nodes(session, field="type")
+            left_jobs = await session.execute("query-jobs")
+        assert sorted(kinds.values()) == ["nbd", "vhost-user-blk"]
+        assert left_jobs != []
+        await guest_write_read(vm, vda, 41, 3)
+        view = await guest_view(vm, vda)
+        point = await backup_ops.backup(vm, repo, kind="full", devices=["disk0"])
+        assert await daemon_nodes(vm, "disk0") == (exports0, nodes0, [])
+        assert [m.id for m in repo.manifests("vhostcr")] == [point.id]
+        restored = tmp_path / "restored.raw"
+        await backup_ops.restore(repo, "vhostcr", point.id, "disk0", restored, ImageFormat.RAW)
+        assert sha256(restored.read_bytes()) == view
+        await truth_check(vm)
+
+
+async def test_vhost_user_blk_stream_in_daemon(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A stream of a vhost-user-blk disk runs in its daemon: after a snapshot and guest writes
+    into the overlay, the base's data is copied up and the overlay stands alone (the export
+    still on it, the base's nodes gone from the daemon, the base file unchanged since the
+    snapshot); the guest reads the whole disk as before the stream, and after shutdown the
+    overlay alone (no backing file) holds it."""
+    base = await raw_image(tmp_path / "base.raw", pattern(309, DISK_SIZE))
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    async with open_vm(
+        base_config(guest, vhost_drive(base, ImageFormat.RAW), name="vhoststr")
+    ) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        qemu_before = await qemu_state(vm)
+        _e, nodes0, _j = await daemon_nodes(vm, "disk0")
+        snap = await chains.external_snapshot(vm, "t1", overlays, devices=["disk0"])
+        overlay = snap.overlays["disk0"]
+        exports1, nodes1, _ = await daemon_nodes(vm, "disk0")
+        await guest_write_read(vm, vda, 51, 5)
+        base_at_snapshot = base.read_bytes()
+        view = await guest_view(vm, vda)
+        result = await chains.stream(vm, "disk0")
+        assert result.job.length > 0
+        exports2, nodes2, jobs2 = await daemon_nodes(vm, "disk0")
+        assert exports2 == exports1 and jobs2 == []  # the export stays on the overlay
+        assert nodes2 == nodes1 - nodes0 and result.chain == (exports2["drv0-export"],)
+        recorded = vm.registry.drives["disk0"].daemon
+        assert recorded is not None and {n["node-name"] for n in recorded["nodes"]} == nodes2
+        assert await qemu_state(vm) == qemu_before
+        assert await guest_view(vm, vda) == view
+        await truth_check(vm)
+    assert base.read_bytes() == base_at_snapshot
+    info = json.loads(await run("qemu-img", "info", "--output=json", overlay))
+    assert "backing-filename" not in info
+    flat = tmp_path / "flat.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", overlay, flat)
+    assert sha256(flat.read_bytes()) == view

@@ -3,12 +3,16 @@ storage daemon's command lines (the live behaviour: tests/integration/test_stora
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from blockctl._argv import DriveSource, daemon_argv, plan_drives
+from blockctl._machine import VM
+from blockctl._registry import DaemonDriveRegistry, DriveRecord, DriveRegistry
 from blockctl.errors import ConfigError, InStorageDaemon
 from blockctl.types import (
     CacheMode,
@@ -184,3 +188,57 @@ def test_a_drive_without_a_planned_socket_is_refused(sources: dict[int, DriveSou
         plan_drives(MachineConfig(drives=(vhost(),)), sources)
     assert caught.value.field == "drive[0].vhost_user_blk"
     assert caught.value.message == "no daemon socket was planned"
+
+
+def daemon_record(device_id: str, nodes: Sequence[Mapping[str, object]]) -> DriveRecord:
+    return DriveRecord(
+        device_id=device_id,
+        device={"driver": "vhost-user-blk-pci", "id": device_id},
+        daemon={"pid": 42, "monitor": f"/run/x/{device_id}-qsd.sock", "nodes": list(nodes)},
+    )
+
+
+def test_daemon_registry_keeps_the_daemons_nodes_in_the_vm_record(tmp_path: Path) -> None:
+    """An operation routed to a daemon sees the drive's nodes as the daemon's; what it records
+    goes back into the VM's record under ``daemon``, never into QEMU's ``nodes``."""
+    base = [{"node-name": "drv0-file", "driver": "file"}, {"node-name": "drv0", "driver": "raw"}]
+    vm_registry = DriveRegistry.load(tmp_path)
+    vm_registry.put(daemon_record("disk0", base))
+    vm_registry.put(DriveRecord(device_id="disk1", device={}, nodes=({"node-name": "q1"},)))
+    seen = DaemonDriveRegistry(vm_registry, "disk0")
+    assert list(seen.drives) == ["disk0"]
+    assert seen.drives["disk0"].nodes == tuple(base)
+    overlay = {"node-name": "drv0-s1", "driver": "qcow2", "backing": "drv0"}
+    seen.put(dataclasses.replace(seen.drives["disk0"], nodes=(*base, overlay)))
+    on_disk = DriveRegistry.load(tmp_path).drives
+    assert on_disk["disk0"].nodes == ()
+    assert on_disk["disk0"].daemon is not None
+    assert on_disk["disk0"].daemon["nodes"] == [*base, overlay]
+    assert on_disk["disk0"].daemon["pid"] == 42
+    assert on_disk["disk1"].nodes == ({"node-name": "q1"},)
+    assert DaemonDriveRegistry(DriveRegistry.load(tmp_path), "disk0").backing_hints() == {
+        "drv0-s1": "drv0"
+    }
+    with pytest.raises(ValueError, match="disk1"):
+        seen.put(on_disk["disk1"])
+    with pytest.raises(ValueError, match="unplug"):
+        seen.remove("disk0")
+    assert DaemonDriveRegistry(vm_registry, "disk1").drives == {}
+
+
+def test_daemon_disk_routes_one_disk_and_refuses_mixes(tmp_path: Path) -> None:
+    """A daemon's disk named alone goes to its daemon; with other disks, or in a whole-VM
+    operation, it is refused naming the disk and the way out; QEMU's disks stay on QEMU."""
+    registry = DriveRegistry.load(tmp_path)
+    registry.put(daemon_record("disk0", []))
+    registry.put(DriveRecord(device_id="disk1", device={}, nodes=({"node-name": "q1"},)))
+    vm = VM(None, name="vm", pid=None, run_dir=tmp_path)  # type: ignore[arg-type]
+    assert vm.daemon_disk("snapshot", ["disk0"]) == "disk0"
+    assert vm.daemon_disk("snapshot", ["disk1"]) is None
+    assert vm.daemon_disk("commit", ["other"]) is None
+    for named in (None, ["disk1", "disk0"]):
+        with pytest.raises(InStorageDaemon) as caught:
+            vm.daemon_disk("snapshot", named)
+        assert caught.value.device_id == "disk0"
+        assert "name disk0 alone" in str(caught.value)
+        assert "one point in time" in str(caught.value)
