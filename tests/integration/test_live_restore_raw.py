@@ -5,6 +5,7 @@ the device pivots onto the raw node, then the overlay, the backup nodes and the 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -19,6 +20,7 @@ from blockctl.types import ImageFormat
 from tests.integration.conftest import MIB, qcow2_image, run, running, sha256, truth_check
 from tests.integration.test_backup import config, disk_sha, sh, write
 from tests.integration.test_live_restore import (
+    LIVE_TARGETS,
     RAW_DISK_MIB,
     RAW_WRITES,
     WAIT_VDB,
@@ -26,20 +28,28 @@ from tests.integration.test_live_restore import (
     guest_fill,
     nbdkit,  # noqa: F401 (the fixture: nbdkit is required)
     node_names,
-    overlays,
     reference,
+    target_path,
 )
 
 DISK_MIB = RAW_DISK_MIB
 
 
 @pytest.mark.guest
-async def test_live_restore_into_a_raw_file_while_the_guest_reads_and_writes(
-    guest: GuestImage, images: Path, tmp_path: Path
+@pytest.mark.parametrize("fmt", ["raw", "device"])
+async def test_live_restore_into_a_raw_target_while_the_guest_reads_and_writes(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    loop_devices: Callable[[Path], Awaitable[Path]],
+    fmt: str,
 ) -> None:
+    """Into a new raw file, or a block device (a loop device 1 MiB larger than the disk:
+    the guest sees the disk's size)."""
+    live_target = LIVE_TARGETS[fmt]
     repo = backup.init_repository(tmp_path / "repo", chunk_size=256 * 1024)
     disk = await qcow2_image(images / "d0.qcow2", b"", DISK_MIB * MIB)
-    target = images / "live.raw"
+    target = await target_path(live_target, images, loop_devices)
     watch = StreamWatch()  # the mirror's id, once it runs
     async with open_vm(config(guest, "lrr", disk)) as vm:
         await vm.console.wait_ready()  # type: ignore[union-attr]
@@ -72,8 +82,10 @@ async def test_live_restore_into_a_raw_file_while_the_guest_reads_and_writes(
                 await watch.running.wait()
                 assert watch.job_id is not None
                 await sh(vm, WAIT_VDB)
-                # The overlay exists while the copy runs, next to the target.
-                assert len(overlays(images)) == 1
+                # The overlay exists while the copy runs (next to a file target; in the
+                # run directory for a device).
+                assert vm.run_dir is not None
+                assert len(live_target.overlays(images, vm.run_dir)) == 1
                 # The guest reads the whole disk through the overlay and the backup ...
                 assert await disk_sha(vm, "vdb", DISK_MIB) == at_point
                 # ... and writes to it.
@@ -91,19 +103,24 @@ async def test_live_restore_into_a_raw_file_while_the_guest_reads_and_writes(
         after = await node_names(vm)
         assert not [n for n in after if n.startswith("bclr-")]
         record = vm.registry.drives[result.device_id]
-        assert [n["driver"] for n in record.nodes] == ["file", "raw"]
+        file_driver = "host_device" if live_target.device else "file"
+        assert [n["driver"] for n in record.nodes] == [file_driver, "raw"]
         assert record.nodes[0]["filename"] == str(target)
+        # The device's raw node is the disk's size, not the (larger) device's.
+        sizes = {n.node_name: n.virtual_size for n in await vm.block_nodes()}
+        assert sizes[record.nodes[-1]["node-name"]] == DISK_MIB * MIB
         assert after == before | set(record.node_names)
         assert await wire.query_jobs(vm.session) == ()
-        assert overlays(images) == []
-        assert vm.run_dir is not None and not list(vm.run_dir.glob("journal-*.json"))
+        assert live_target.overlays(images, vm.run_dir) == []
+        assert not list(vm.run_dir.glob("journal-*.json"))
         await truth_check(vm)
     (started,) = [e for e in logs if e["event"] == "blockctl.backup.export_started"]
     assert not running(started["pid"])
     info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "raw", target))
-    assert info["virtual-size"] == DISK_MIB * MIB
+    assert info["virtual-size"] == (DISK_MIB + live_target.device) * MIB
     # The reference, built without live restore: the point restored plainly, then the
-    # guest's writes applied offline at the same offsets.
+    # guest's writes applied offline at the same offsets. (A device's last MiB, beyond the
+    # disk, is compared against zeros: nothing was written there.)
     want = await reference(repo, "lrr", point.id, tmp_path / "reference.raw", RAW_WRITES)
     await run("qemu-img", "compare", "-f", "raw", "-F", "raw", target, want)
     assert sha256(want.read_bytes()) == during
