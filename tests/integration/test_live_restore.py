@@ -863,7 +863,7 @@ async def test_a_server_killed_during_the_copy_then_recover_puts_in_a_new_one_an
                 await sh(vm, WAIT_VDB)
                 if at == "start" and live_target.raw:
                     # The guest writes once the mirror has failed: QEMU 10.0.2 aborted
-                    # (glibc: "corrupted double-linked list") in 2 of 9 runs when the guest
+                    # (glibc: "corrupted double-linked list") in 3 of 11 runs when the guest
                     # wrote while the write-blocking mirror waited on its dead source.
                     await returned.wait()
                 for offset, kib, byte in live_target.writes:
