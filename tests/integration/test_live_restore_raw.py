@@ -1,6 +1,7 @@
 """Live restore into a raw target (issue 18): the guest's disk runs on a temporary qcow2
-overlay over the backup's NBD server, mirrored (write-blocking) into a new raw file; at READY
-the device pivots onto the raw node, then the overlay, the backup nodes and the server go."""
+overlay over the backup's NBD server, mirrored (write-blocking) into a new raw file or a block
+device; at READY the device pivots onto the raw node, then the overlay, the backup nodes and
+the server go. (The kill points are test_live_restore.py's, parametrized over the target.)"""
 
 from __future__ import annotations
 
