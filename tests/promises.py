@@ -678,9 +678,9 @@ PROMISES: tuple[Promise, ...] = (
         "`ConnectionLost`",
         tests=(
             I + "test_live_restore.py::test_qemu_killed_during_the_copy_then_recover_says_how_to_"
-            "finish_keeping_the_guest_writes[start]",
+            "finish_keeping_the_guest_writes[start-qcow2]",
             I + "test_live_restore.py::test_qemu_killed_during_the_copy_then_recover_says_how_to_"
-            "finish_keeping_the_guest_writes[end]",
+            "finish_keeping_the_guest_writes[end-qcow2]",
         ),
         mutations=(
             Mutation(

@@ -55,7 +55,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -156,60 +156,94 @@ async def restore_live(
         size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
         if device_target:
             _check_device_size(target, size)
-        if raw:
-            return await _restore_raw(
-                vm,
-                repo,
-                vm_name,
-                point,
-                device,
-                target,
-                size,
-                device_target,
-                interface,
-                control,
-                started,
-            )
-        journaled = vm.run_dir is not None
-        with _server_home(vm) as home:
-            async with serve_point(
-                repo, vm_name, point, device, home, size=size, detached=journaled
-            ) as export:
-                base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
-                backing = backing_nodes(base, export.socket)
-                info = await _attach(vm, target, size, interface, backing)
-                attached = time.monotonic() - started
-                _log.info(
-                    "blockctl.backup.live_attached",
-                    vm=vm.name,
-                    device=info.device_id,
-                    point=point,
-                    seconds=round(attached, 3),
-                )
-                op = None
-                if journaled:
-                    op = await _begin(
-                        vm, info.device_id, export, repo.path, vm_name, point, device, target
-                    )
-                result = await _stream(
-                    vm,
-                    info.device_id,
-                    base,
-                    control.speed,
-                    control.deadline_or(3600.0),
-                    control.hooks,
-                    op,
-                    export,
-                )
+        call = _Call(
+            vm=vm,
+            repo=repo,
+            vm_name=vm_name,
+            point=point,
+            device=device,
+            target=target,
+            size=size,
+            device_target=device_target,
+            interface=interface,
+            control=control,
+            started=started,
+        )
+        copied = await (_restore_raw if raw else _restore_qcow2)(call)
     return LiveRestoreResult(
-        device_id=info.device_id,
+        device_id=copied.device_id,
         path=target,
         point=point,
         source_device=device,
-        seconds_to_attach=round(attached, 3),
+        seconds_to_attach=round(copied.attached, 3),
         seconds=round(time.monotonic() - started, 3),
-        job=result,
+        job=copied.job,
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Call:
+    """One call of :func:`restore_live`, checked, as the target's path gets it (the
+    repository lock held)."""
+
+    vm: VM
+    repo: Repository
+    vm_name: str
+    point: str
+    device: str  # the disk of the point
+    target: Path
+    size: int  # the disk's
+    device_target: bool  # ``target`` is an existing block device
+    interface: Interface
+    control: JobControl
+    started: float  # time.monotonic() at the call
+
+
+@dataclass(frozen=True, slots=True)
+class _Copied:
+    """What a target's path reports back: the new device, when the guest had it (seconds
+    since the call), and the copy's job."""
+
+    device_id: str
+    attached: float
+    job: JobResult
+
+
+async def _restore_qcow2(call: _Call) -> _Copied:
+    """The qcow2 target's path (``call.device_target`` is always false here)."""
+    journaled = call.vm.run_dir is not None
+    async with _serving(call) as export:
+        base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
+        backing = backing_nodes(base, export.socket)
+        info = await _attach(call.vm, call.target, call.size, call.interface, backing)
+        attached = _attached(call.vm, info.device_id, call.point, call.started)
+        op = None
+        if journaled:
+            op = await _begin(call, info.device_id, export)
+        result = await _stream(
+            call.vm,
+            info.device_id,
+            base,
+            call.control.speed,
+            call.control.deadline_or(3600.0),
+            call.control.hooks,
+            op,
+            export,
+        )
+    return _Copied(info.device_id, attached, result)
+
+
+def _attached(vm: VM, device_id: str, point: str, started: float) -> float:
+    """The guest has the disk: said; returns the seconds since the call."""
+    attached = time.monotonic() - started
+    _log.info(
+        "blockctl.backup.live_attached",
+        vm=vm.name,
+        device=device_id,
+        point=point,
+        seconds=round(attached, 3),
+    )
+    return attached
 
 
 def _check_device_size(path: Path, size: int) -> None:
@@ -222,86 +256,56 @@ def _check_device_size(path: Path, size: int) -> None:
         )
 
 
-async def _restore_raw(
-    vm: VM,
-    repo: Repository,
-    vm_name: str,
-    point: str,
-    device: str,
-    target: Path,
-    size: int,
-    device_target: bool,
-    interface: Interface,
-    control: JobControl,
-    started: float,
-) -> LiveRestoreResult:
-    """The raw target's path (the repository lock is held by the caller)."""
-    journaled = vm.run_dir is not None
+async def _restore_raw(call: _Call) -> _Copied:
+    """The raw target's path."""
+    journaled = call.vm.run_dir is not None
     tag = secrets.token_hex(2)
-    if device_target:
-        overlay = Path(vm.run_dir or tempfile.gettempdir()) / f"live-overlay-{tag}.qcow2"
+    if call.device_target:
+        overlay = Path(call.vm.run_dir or tempfile.gettempdir()) / f"live-overlay-{tag}.qcow2"
     else:
-        overlay = target.parent / f".{target.name}.live-overlay-{tag}.qcow2"
-        await _images.create(target, ImageFormat.RAW, size=size)
+        overlay = call.target.parent / f".{call.target.name}.live-overlay-{tag}.qcow2"
+        await _images.create(call.target, ImageFormat.RAW, size=call.size)
     try:
-        with _server_home(vm) as home:
-            async with serve_point(
-                repo, vm_name, point, device, home, size=size, detached=journaled
-            ) as export:
-                base = f"{BACKUP_NODE_PREFIX}{tag}"
-                info = await _attach(
-                    vm, overlay, size, interface, backing_nodes(base, export.socket)
-                )
-                attached = time.monotonic() - started
-                _log.info(
-                    "blockctl.backup.live_attached",
-                    vm=vm.name,
-                    device=info.device_id,
-                    point=point,
-                    seconds=round(attached, 3),
-                )
-                record = vm.registry.drives[info.device_id]
-                image = next(str(n["node-name"]) for n in record.nodes if n.get("backing") == base)
-                target_nodes = _target_nodes(record.nodes, image, target, size, device_target)
-                try:
-                    for node in target_nodes:
-                        await wire.blockdev_add(vm.session, node)
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await _detach(vm, info.device_id, record.nodes)
-                    raise
-                op = None
-                if journaled:
-                    op = await _begin_mirror(
-                        vm,
-                        info.device_id,
-                        export,
-                        repo.path,
-                        vm_name,
-                        point,
-                        device,
-                        target,
-                        target_nodes,
-                    )
-                result = await _mirror(
-                    vm, info.device_id, image, base, target_nodes, overlay, control, op, export
-                )
+        async with _serving(call) as export:
+            base = f"{BACKUP_NODE_PREFIX}{tag}"
+            info = await _attach(
+                call.vm, overlay, call.size, call.interface, backing_nodes(base, export.socket)
+            )
+            attached = _attached(call.vm, info.device_id, call.point, call.started)
+            record = call.vm.registry.drives[info.device_id]
+            image = next(str(n["node-name"]) for n in record.nodes if n.get("backing") == base)
+            target_nodes = _target_nodes(
+                record.nodes, image, call.target, call.size, call.device_target
+            )
+            try:
+                for node in target_nodes:
+                    await wire.blockdev_add(call.vm.session, node)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await _detach(call.vm, info.device_id, record.nodes)
+                raise
+            op = None
+            if journaled:
+                op = await _begin_mirror(call, info.device_id, export, target_nodes)
+            result = await _mirror(
+                call.vm,
+                info.device_id,
+                image,
+                base,
+                target_nodes,
+                overlay,
+                call.control,
+                op,
+                export,
+            )
     except BaseException:
         # A new file target nothing writes to any more (the mirror never started, or it was
         # taken away with the device) goes; one the device may still use stays.
-        if not device_target and not overlay.exists():
+        if not call.device_target and not overlay.exists():
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(target)
+                os.unlink(call.target)
         raise
-    return LiveRestoreResult(
-        device_id=info.device_id,
-        path=target,
-        point=point,
-        source_device=device,
-        seconds_to_attach=round(attached, 3),
-        seconds=round(time.monotonic() - started, 3),
-        job=result,
-    )
+    return _Copied(info.device_id, attached, result)
 
 
 def _target_nodes(
@@ -330,41 +334,25 @@ def _target_nodes(
 
 
 async def _begin_mirror(
-    vm: VM,
-    device_id: str,
-    export: PointExport,
-    repo_path: Path,
-    source_vm: str,
-    point: str,
-    device: str,
-    target: Path,
-    target_nodes: Sequence[dict[str, Any]],
+    call: _Call, device_id: str, export: PointExport, target_nodes: Sequence[dict[str, Any]]
 ) -> _journal.Op:
     """The record of the copy to come: the device leaves its overlay and the backup nodes for
     the target's raw node; the overlay file goes with them."""
-    graph = await read_graph(vm)
+    graph = await read_graph(call.vm)
     chain = graph.chain_of(device_id)
     dropped = [n for layer in chain for n in graph.layer_nodes(layer)]
     chains = _journal.DeviceChains(
         before=tuple(n.name for n in chain),
         after=(str(target_nodes[-1]["node-name"]),),
         files_before=tuple(str(n.filename) for n in chain),
-        files_after=(str(target),),
+        files_after=(str(call.target),),
         formats_before=tuple(n.driver for n in chain),
     )
-    server = _journal.ServerRecord(
-        pid=export.pid,
-        pid_start=_proc.process_start(export.pid),
-        home=str(export.home),
-        repo=str(repo_path),
-        source_vm=source_vm,
-        point=point,
-        device=device,
-    )
+    server = _server_record(call, export)
     intent = _journal.Intent(
         id="",
         kind=_journal.OpKind.MIRROR,
-        vm=vm.name,
+        vm=call.vm.name,
         active=True,
         devices={device_id: chains},
         drop_nodes=tuple(dropped),
@@ -372,9 +360,11 @@ async def _begin_mirror(
         delete_files=True,
         add_nodes={device_id: tuple(target_nodes)},
         server=server,
-        what=f"live restore of {device} ({point}) into {target} (raw) on {device_id}",
+        what=(
+            f"live restore of {call.device} ({call.point}) into {call.target} (raw) on {device_id}"
+        ),
     )
-    return _journal.begin(vm, intent)
+    return _journal.begin(call.vm, intent)
 
 
 async def _mirror(
@@ -506,6 +496,36 @@ def _left_behind(
         )
 
 
+@contextlib.asynccontextmanager
+async def _serving(call: _Call) -> AsyncIterator[PointExport]:
+    """The point's server; detached (not tied to this process) when the restore is
+    journaled."""
+    with _server_home(call.vm) as home:
+        async with serve_point(
+            call.repo,
+            call.vm_name,
+            call.point,
+            call.device,
+            home,
+            size=call.size,
+            detached=call.vm.run_dir is not None,
+        ) as export:
+            yield export
+
+
+def _server_record(call: _Call, export: PointExport) -> _journal.ServerRecord:
+    """The journal's name for the server: the process, and what it serves."""
+    return _journal.ServerRecord(
+        pid=export.pid,
+        pid_start=_proc.process_start(export.pid),
+        home=str(export.home),
+        repo=str(call.repo.path),
+        source_vm=call.vm_name,
+        point=call.point,
+        device=call.device,
+    )
+
+
 @contextlib.contextmanager
 def _server_home(vm: VM) -> Any:
     """Where the server's private directory goes: the VM's run directory, or (a QEMU
@@ -536,21 +556,12 @@ async def _attach(
         raise
 
 
-async def _begin(
-    vm: VM,
-    device_id: str,
-    export: PointExport,
-    repo_path: Path,
-    source_vm: str,
-    point: str,
-    device: str,
-    target: Path,
-) -> _journal.Op:
+async def _begin(call: _Call, device_id: str, export: PointExport) -> _journal.Op:
     """The record of the copy to come: a stream of ``device_id`` off the backup nodes, and
     the server that recovery stops once they are gone."""
-    graph = await read_graph(vm)
+    graph = await read_graph(call.vm)
     intent = _journal.chain_intent(
-        vm.name,
+        call.vm.name,
         _journal.OpKind.STREAM,
         device_id,
         graph,
@@ -558,17 +569,9 @@ async def _begin(
         base=len(graph.chain_of(device_id)),
         delete_files=False,
     )
-    server = _journal.ServerRecord(
-        pid=export.pid,
-        pid_start=_proc.process_start(export.pid),
-        home=str(export.home),
-        repo=str(repo_path),
-        source_vm=source_vm,
-        point=point,
-        device=device,
-    )
-    what = f"live restore of {device} ({point}) into {target.name} on {device_id}"
-    return _journal.begin(vm, replace(intent, server=server, what=what))
+    server = _server_record(call, export)
+    what = f"live restore of {call.device} ({call.point}) into {call.target.name} on {device_id}"
+    return _journal.begin(call.vm, replace(intent, server=server, what=what))
 
 
 async def _stream(

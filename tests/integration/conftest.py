@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -596,3 +596,27 @@ def _truth_check_figure() -> Iterator[None]:
             "the registry's read-only flags vs QEMU's query-block, query-named-block-nodes, "
             f"query-jobs, query-status): {TRUTH.phrases()}",
         )
+
+
+@pytest.fixture
+async def loop_devices() -> AsyncIterator[Callable[[Path], Awaitable[Path]]]:
+    """Attaches a file to a free loop device (``losetup -f --show``: a real block device;
+    this kernel has no device-mapper) and returns the device; each is detached when the test
+    ends, however it ends."""
+    if shutil.which("losetup") is None:
+        missing("losetup (util-linux)")
+    loops: list[Path] = []
+
+    async def attach(image: Path) -> Path:
+        attached = await anyio.run_process(["losetup", "-f", "--show", str(image)], check=False)
+        if attached.returncode != 0:
+            missing(f"a loop device ({attached.stderr.decode().strip()})")
+        loops.append(Path(attached.stdout.decode().strip()))
+        return loops[-1]
+
+    try:
+        yield attach
+    finally:
+        with anyio.CancelScope(shield=True):
+            for loop in loops:
+                await anyio.run_process(["losetup", "-d", str(loop)], check=False)

@@ -1,12 +1,12 @@
 """Live restore into a raw target (issue 18): the guest's disk runs on a temporary qcow2
-overlay over the backup's NBD server, mirrored (write-blocking) into a new raw file; at READY
-the device pivots onto the raw node, then the overlay, the backup nodes and the server go."""
+overlay over the backup's NBD server, mirrored (write-blocking) into a new raw file or a block
+device; at READY the device pivots onto the raw node, then the overlay, the backup nodes and
+the server go. (The kill points are test_live_restore.py's, parametrized over the target.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -14,63 +14,43 @@ import pytest
 from structlog.testing import capture_logs
 
 from blockctl import GuestImage, backup, open_vm
-from blockctl import attach as attach_vm
 from blockctl._backup import live
-from blockctl._backup.store import Repository
 from blockctl._jobs import JobControl
-from blockctl._machine import VM
 from blockctl._qmp import wire
 from blockctl.types import ImageFormat
 from tests.integration.conftest import MIB, qcow2_image, run, running, sha256, truth_check
 from tests.integration.test_backup import config, disk_sha, sh, write
 from tests.integration.test_live_restore import (
-    GUEST_WRITES,
-    ROOT,
+    LIVE_TARGETS,
+    RAW_DISK_MIB,
+    RAW_WRITES,
     WAIT_VDB,
     StreamWatch,
-    fill,
     guest_fill,
     nbdkit,  # noqa: F401 (the fixture: nbdkit is required)
-    nbdkit_pids_under,
     node_names,
-    read_sha,
-    tree_digest,
+    reference,
+    target_path,
 )
 
-#: The disk: larger than what a mirror copies in one request (its buffer, 16 MiB), so at
-#: 1 B/s it is mid-copy (one request done, then waiting) until the speed changes.
-DISK_MIB = 64
-#: The guest's writes: :data:`GUEST_WRITES` (inside the first request's range: each must reach
-#: the target through the write-blocking mirror) and one far beyond it (not copied yet).
-RAW_WRITES = (*GUEST_WRITES, (40960, 128, 0x5A))
-
-
-async def nodes_of(vm: VM) -> set[str]:
-    return {n.node_name for n in await vm.block_nodes()}
-
-
-def overlays(directory: Path) -> list[Path]:
-    return list(directory.glob("*live-overlay*"))
-
-
-async def raw_reference(repo: Repository, vm_name: str, point: str, path: Path) -> Path:
-    """Built without live restore: the point restored plainly, then :data:`RAW_WRITES`
-    applied offline at the same offsets."""
-    await backup.restore(repo, vm_name, point, "disk0", path, ImageFormat.RAW)
-    for offset, kib, byte in RAW_WRITES:
-        await run(
-            "qemu-io", "-f", "raw", "-c", f"write -P {byte} {offset * 1024} {kib * 1024}", path
-        )
-    return path
+DISK_MIB = RAW_DISK_MIB
 
 
 @pytest.mark.guest
-async def test_live_restore_into_a_raw_file_while_the_guest_reads_and_writes(
-    guest: GuestImage, images: Path, tmp_path: Path
+@pytest.mark.parametrize("fmt", ["raw", "device"])
+async def test_live_restore_into_a_raw_target_while_the_guest_reads_and_writes(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    loop_devices: Callable[[Path], Awaitable[Path]],
+    fmt: str,
 ) -> None:
+    """Into a new raw file, or a block device (a loop device 1 MiB larger than the disk:
+    the guest sees the disk's size)."""
+    live_target = LIVE_TARGETS[fmt]
     repo = backup.init_repository(tmp_path / "repo", chunk_size=256 * 1024)
     disk = await qcow2_image(images / "d0.qcow2", b"", DISK_MIB * MIB)
-    target = images / "live.raw"
+    target = await target_path(live_target, images, loop_devices)
     watch = StreamWatch()  # the mirror's id, once it runs
     async with open_vm(config(guest, "lrr", disk)) as vm:
         await vm.console.wait_ready()  # type: ignore[union-attr]
@@ -103,8 +83,10 @@ async def test_live_restore_into_a_raw_file_while_the_guest_reads_and_writes(
                 await watch.running.wait()
                 assert watch.job_id is not None
                 await sh(vm, WAIT_VDB)
-                # The overlay exists while the copy runs, next to the target.
-                assert len(overlays(images)) == 1
+                # The overlay exists while the copy runs (next to a file target; in the
+                # run directory for a device).
+                assert vm.run_dir is not None
+                assert len(live_target.overlays(images, vm.run_dir)) == 1
                 # The guest reads the whole disk through the overlay and the backup ...
                 assert await disk_sha(vm, "vdb", DISK_MIB) == at_point
                 # ... and writes to it.
@@ -122,87 +104,24 @@ async def test_live_restore_into_a_raw_file_while_the_guest_reads_and_writes(
         after = await node_names(vm)
         assert not [n for n in after if n.startswith("bclr-")]
         record = vm.registry.drives[result.device_id]
-        assert [n["driver"] for n in record.nodes] == ["file", "raw"]
+        file_driver = "host_device" if live_target.device else "file"
+        assert [n["driver"] for n in record.nodes] == [file_driver, "raw"]
         assert record.nodes[0]["filename"] == str(target)
+        # The device's raw node is the disk's size, not the (larger) device's.
+        sizes = {n.node_name: n.virtual_size for n in await vm.block_nodes()}
+        assert sizes[record.nodes[-1]["node-name"]] == DISK_MIB * MIB
         assert after == before | set(record.node_names)
         assert await wire.query_jobs(vm.session) == ()
-        assert overlays(images) == []
-        assert vm.run_dir is not None and not list(vm.run_dir.glob("journal-*.json"))
+        assert live_target.overlays(images, vm.run_dir) == []
+        assert not list(vm.run_dir.glob("journal-*.json"))
         await truth_check(vm)
     (started,) = [e for e in logs if e["event"] == "blockctl.backup.export_started"]
     assert not running(started["pid"])
     info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "raw", target))
-    assert info["virtual-size"] == DISK_MIB * MIB
+    assert info["virtual-size"] == (DISK_MIB + live_target.device) * MIB
     # The reference, built without live restore: the point restored plainly, then the
-    # guest's writes applied offline at the same offsets.
-    want = await raw_reference(repo, "lrr", point.id, tmp_path / "reference.raw")
+    # guest's writes applied offline at the same offsets. (A device's last MiB, beyond the
+    # disk, is compared against zeros: nothing was written there.)
+    want = await reference(repo, "lrr", point.id, tmp_path / "reference.raw", RAW_WRITES)
     await run("qemu-img", "compare", "-f", "raw", "-F", "raw", target, want)
     assert sha256(want.read_bytes()) == during
-
-
-@pytest.mark.guest
-async def test_a_controller_killed_mid_mirror_then_recover_pivots_with_every_guest_write(
-    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
-) -> None:
-    """kill -9 of the controller mid-copy (the mirror runs at 1 B/s: under way, far from
-    done). The guest reads every block and writes; ``blockctl recover`` adopts the mirror,
-    pivots at READY and cleans up: the raw file stands alone, equal to the point plus the
-    guest's writes; no overlay, server, node or record left; the repository unchanged."""
-    from tests.integration.test_attach_cli import cli
-    from tests.integration.test_backup_faults import detached
-
-    repo = backup.init_repository(tmp_path / "repo")
-    disk = await qcow2_image(images / "k0.qcow2", b"", DISK_MIB * MIB)
-    target = images / "live.raw"
-    run_dir = runtime_dir / "lrrk"
-    async with detached(guest, "lrrk", disk) as console:
-        await console.check(
-            "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
-        )
-        async with attach_vm("lrrk") as vm:
-            point = await backup.create(vm, repo)
-            before = await nodes_of(vm)
-        hashes = tree_digest(repo.path)
-        want = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
-        arguments = {
-            "repo": str(repo.path),
-            "point": point.id,
-            "device": "disk0",
-            "target": str(target),
-            "speed": 1,
-        }
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        argv = [sys.executable, "-m", "tests.integration.crash_child", "lrrk", "live-raw"]
-        killed = await anyio.run_process(
-            [*argv, "running", json.dumps(arguments)], check=False, env=env
-        )
-        assert killed.returncode == -9, killed.stderr.decode()
-        (server,) = nbdkit_pids_under(run_dir)
-        (record,) = list(run_dir.glob("journal-*.json"))
-        written = json.loads(record.read_text())
-        assert written["kind"] == "mirror" and written["server"]["pid"] == server
-        assert len(overlays(images)) == 1
-        # The controller is gone; the mirror runs on in QEMU; the guest reads the disk whole
-        # and writes to it.
-        await console.check(WAIT_VDB)
-        assert (await console.check(read_sha("vdb", DISK_MIB))).split()[0] == want
-        for write_ in RAW_WRITES:
-            await console.check(fill("vdb", *write_))
-        during = (await console.check(read_sha("vdb", DISK_MIB))).split()[0]
-        done = json.loads((await cli("recover", "lrrk", "--json")).stdout)
-        (result,) = [r for r in done["operations"] if r["kind"] == "mirror"]
-        assert result["verdict"] == "finished", result
-        assert nbdkit_pids_under(run_dir) == [] and not running(server)
-        assert not list(run_dir.glob("journal-*.json"))
-        assert overlays(images) == []
-        listed = json.loads((await cli("drives", "lrrk", "--json")).stdout)
-        assert [n["filename"] for n in listed[-1]["chain"]] == [str(target)]
-        assert (await console.check(read_sha("vdb", DISK_MIB))).split()[0] == during
-        async with attach_vm("lrrk") as vm:
-            assert await wire.query_jobs(vm.session) == ()
-            (device,) = set(vm.registry.drives) - {"disk0"}
-            assert await nodes_of(vm) == before | set(vm.registry.drives[device].node_names)
-            await truth_check(vm)
-    assert tree_digest(repo.path) == hashes
-    want_file = await raw_reference(repo, "lrrk", point.id, tmp_path / "r.raw")
-    await run("qemu-img", "compare", "-f", "raw", "-F", "raw", target, want_file)
