@@ -9,12 +9,14 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import stat
 import struct
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 from blockctl import _direct
@@ -29,6 +31,7 @@ from blockctl._backup.store import (
     Repository,
 )
 from blockctl.errors import (
+    BackupCorrupt,
     BackupKeyError,
     ConfigError,
     RepositoryBusy,
@@ -136,7 +139,9 @@ def test_chunk_round_trip(tmp_path: Path, compression: str, encrypted: bool, dat
         secret=SECRET if encrypted else None,
     )
     digest = repo.digest(data)
-    assert (digest == hashlib.sha256(data).digest()) is not encrypted  # keyed when encrypted
+    # blake3 by default, recorded in config.json; keyed (HMAC-SHA256) when encrypted.
+    assert (digest == blake3.blake3(data).digest()) is not encrypted
+    assert repo.config.digest == ("hmac-sha256" if encrypted else "blake3")
     written = repo.write_chunk(digest, data)
     repo.sync()
     blob = (repo.path / "chunks" / digest.hex()[:2] / digest.hex()).read_bytes()
@@ -150,6 +155,44 @@ def test_chunk_round_trip(tmp_path: Path, compression: str, encrypted: bool, dat
     reopened = Repository.open(repo.path, secret=SECRET if encrypted else None)
     assert reopened.read_chunk(digest, len(data)) == data
     assert reopened.has_chunk(digest)
+
+
+def test_a_sha256_repository_keeps_its_digest_and_both_kinds_read_their_chunks(
+    tmp_path: Path,
+) -> None:
+    """A repository made before blake3 records sha256: it is opened, read, verified and
+    written with sha256; a new one uses blake3; neither takes the other's chunk names."""
+    old = Repository.init(tmp_path / "old", chunk_size=CHUNK, digest="sha256")
+    new = Repository.init(tmp_path / "new", chunk_size=CHUNK)
+    config = json.loads((old.path / "config.json").read_bytes())
+    assert config["digest"] == "sha256"
+    assert json.loads((new.path / "config.json").read_bytes())["digest"] == "blake3"
+    for repo, expected in (
+        (old, hashlib.sha256(INCOMPRESSIBLE).digest()),
+        (new, blake3.blake3(INCOMPRESSIBLE).digest()),
+    ):
+        digest = repo.digest(INCOMPRESSIBLE)
+        assert digest == expected
+        assert repo.write_chunk(digest, INCOMPRESSIBLE) > 0
+        repo.sync()
+        reopened = Repository.open(repo.path)
+        assert reopened.digest(INCOMPRESSIBLE) == expected
+        assert reopened.read_chunk(digest, len(INCOMPRESSIBLE)) == INCOMPRESSIBLE
+    assert chunk_files(old).isdisjoint(chunk_files(new))
+    # A chunk file renamed to the other algorithm's digest of the same bytes is not taken for
+    # it: reading checks the digest this repository records.
+    sha, b3 = hashlib.sha256(COMPRESSIBLE).digest(), blake3.blake3(COMPRESSIBLE).digest()
+    new.write_chunk(b3, COMPRESSIBLE)
+    new.sync()
+    (new.path / "chunks" / sha.hex()[:2]).mkdir(mode=0o700, exist_ok=True)
+    os.rename(
+        new.path / "chunks" / b3.hex()[:2] / b3.hex(),
+        new.path / "chunks" / sha.hex()[:2] / sha.hex(),
+    )
+    with pytest.raises(BackupCorrupt):
+        new.read_chunk(sha, len(COMPRESSIBLE))
+    with pytest.raises(ConfigError, match="digest"):
+        Repository.init(tmp_path / "md5", chunk_size=CHUNK, digest="md5")
 
 
 def test_same_chunk_is_stored_once_and_keys_do_not_share_digests(tmp_path: Path) -> None:
