@@ -273,7 +273,7 @@ class RepositoryConfig:
         except (KeyError, TypeError, ValueError) as exc:
             raise RepositoryError(f"{path}/config.json is malformed ({exc})") from exc
         _check_chunk_size(config.chunk_size)
-        if config.digest not in DIGESTS + ("hmac-sha256",) or config.compression not in (
+        if config.digest not in (*DIGESTS, "hmac-sha256") or config.compression not in (
             "zstd",
             "none",
         ):
@@ -645,7 +645,8 @@ class Repository:
     def digest(self, data: bytes | bytearray | memoryview) -> bytes:
         if self.key is not None:
             return self.key.digest(data)
-        return self._hash(data).digest()
+        digest: bytes = self._hash(data).digest()
+        return digest
 
     def _chunk_path(self, digest: bytes) -> Path:
         hexd = digest.hex()
