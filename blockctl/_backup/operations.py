@@ -943,8 +943,6 @@ async def _teardown(
 #: 3 833, 4 821 MB/s; 64 MiB: 777, 809, 799 against 705. A thread waits in the writeback
 #: it starts after each chunk while the others hash.
 RESTORE_CONNECTIONS = 4
-#: Threads of a raw restore (its goal is met with these; the backup's default is its own).
-RESTORE_RAW_CONNECTIONS = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1007,7 +1005,7 @@ async def restore(
                 index,
                 chunks,
                 point,
-                connections or (RESTORE_CONNECTIONS if image else RESTORE_RAW_CONNECTIONS),
+                connections or (RESTORE_CONNECTIONS if image else DEFAULT_CONNECTIONS),
                 fd,
                 direct,
                 image,

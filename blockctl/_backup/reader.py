@@ -43,9 +43,10 @@ STATE_DIRTY = 1
 #: Extents asked per block-status call (QEMU answers at most this much at once anyway).
 STATUS_SPAN = 1 << 30
 #: NBD connections (reader threads, each with its writer thread) of a backup's copy.
-#: Measured (512 MiB random, 6 reps interleaved in one VM, 3 runs, 2 shared cores): 3 read
-#: 513-630 MB/s against 2's 409-534 and 4's 583, and 3 without the writer threads 470.
-DEFAULT_CONNECTIONS = 3
+#: Measured (512 MiB random, 6 reps interleaved in one VM, 2 shared cores): at load 2.5, 2
+#: pipelined read 812 MB/s against 3's 640 (more CPU per GiB: 0.90 s against 0.74); 3 won
+#: only at load 6-7, where more threads take a larger share of the busy cores.
+DEFAULT_CONNECTIONS = 2
 
 
 def libnbd() -> ModuleType:

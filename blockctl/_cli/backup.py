@@ -145,7 +145,7 @@ class BackupCommand(Command):
         repo_options(p)
         p.add_argument("--full", action="store_true", help="read every non-zero chunk")
         p.add_argument("--disk", action="append", help="device (repeat; default: all)")
-        p.add_argument("--connections", type=int, help="NBD connections per disk (default: 3)")
+        p.add_argument("--connections", type=int, default=2, help="NBD connections per disk")
         p.add_argument(
             "--speed", help="read at most this many bytes/s, all disks together (e.g. 100M)"
         )
@@ -295,8 +295,8 @@ class BackupCommand(Command):
                 options=backup_ops.BackupOptions(
                     quiesce=quiesce_option(args),
                     freeze_deadline=freeze_deadline_option(args),
+                    connections=args.connections,
                     scratch_dir=args.scratch_dir,
-                    **({} if args.connections is None else {"connections": args.connections}),
                 ),
                 control=job_control(
                     args, (StructlogJobHook(), BackupProgress(args), interrupt.TRACKER)

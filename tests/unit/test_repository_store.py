@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,88 @@ def copy(repo: Repository, disk: bytes, monkeypatch: pytest.MonkeyPatch) -> tupl
     copier.join()
     repo.sync()
     return index, copier.stats
+
+
+class _CheckingBatch:
+    """A batch whose writes take a while (the disk's wait, as the writer thread has it) and
+    check the bytes they are given against their digest when they are done: a reader that
+    read the next chunk into a buffer still being written would fail the check."""
+
+    def __init__(self, repo: Repository, fail_at: int | None = None) -> None:
+        self.inner = repo.batch()
+        self.repo = repo
+        self.fail_at = fail_at
+        self.writes = 0
+        self.mismatched = 0
+
+    def write(self, digest: bytes, data: bytearray) -> int:
+        self.writes += 1
+        if self.fail_at is not None and self.writes == self.fail_at:
+            raise OSError(errno.EIO, "injected write error (test)")
+        threading.Event().wait(0.005)  # widens the window for a reuse; not an assertion
+        if self.repo.digest(bytes(data)) != digest:
+            self.mismatched += 1
+        return self.inner.write(digest, data)
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+def test_pipelined_copy_never_reads_into_a_buffer_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connections: int
+) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    chunks = [os.urandom(CHUNK) for _ in range(12)]
+    disk = b"".join(chunks)
+    monkeypatch.setattr(reader, "_connect", lambda socket, export, context: _FakeHandle(disk))
+    monkeypatch.setattr(reader, "libnbd", lambda: _FakeNbd)
+    monkeypatch.setattr(reader, "close", lambda handle: None)
+    index = DiskIndex.empty(len(disk), CHUNK)
+    batch = _CheckingBatch(repo)
+    copier = ChunkCopier(
+        socket="unused",
+        export="disk0",
+        repo=repo,
+        index=index,
+        chunks=tuple(range(index.count)),
+        connections=connections,
+        batch=batch,  # type: ignore[arg-type]
+    )
+    copier.start()
+    copier.join()
+    assert batch.writes == 12 and batch.mismatched == 0
+    batch.inner.sync()
+    assert [index.at(i) for i in range(12)] == [repo.digest(c) for c in chunks]
+    assert copier.stats.chunks_read == 12 and copier.stats.bytes_new == 12 * CHUNK
+    for c in chunks:
+        assert repo.read_chunk(repo.digest(c), CHUNK) == c
+
+
+def test_a_write_error_in_the_writer_thread_fails_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    disk = b"".join(os.urandom(CHUNK) for _ in range(8))
+    monkeypatch.setattr(reader, "_connect", lambda socket, export, context: _FakeHandle(disk))
+    monkeypatch.setattr(reader, "libnbd", lambda: _FakeNbd)
+    monkeypatch.setattr(reader, "close", lambda handle: None)
+    index = DiskIndex.empty(len(disk), CHUNK)
+    batch = _CheckingBatch(repo, fail_at=3)
+    copier = ChunkCopier(
+        socket="unused",
+        export="disk0",
+        repo=repo,
+        index=index,
+        chunks=tuple(range(index.count)),
+        connections=1,
+        batch=batch,  # type: ignore[arg-type]
+    )
+    copier.start()
+    with pytest.raises(OSError, match="injected write error"):
+        copier.join()
+    # The failed chunk was never recorded, and the copy stopped: not every chunk is in the
+    # index (a backup would not be recorded).
+    assert index.at(2) == ZERO_DIGEST
+    assert copier.stats.chunks_read < 8
+    batch.inner.discard()
 
 
 async def test_zero_chunks_are_never_stored_nor_read(
