@@ -53,6 +53,7 @@ from blockctl._backup.reader import (
     plan_reads,
 )
 from blockctl._backup.store import (
+    DEFAULT_DIGEST,
     ZERO_DIGEST,
     ChunkBatch,
     DiskIndex,
@@ -141,11 +142,13 @@ def init_repository(
     key_file: Path | str | None = None,
     chunk_size: int | None = None,
     compression: str = "zstd",
+    digest: str = DEFAULT_DIGEST,
 ) -> Repository:
     """Create a repository (owner-only); with ``key_file`` its chunks, indexes and manifests
-    are encrypted and authenticated with a key wrapped by that file's secret."""
+    are encrypted and authenticated with a key wrapped by that file's secret. ``digest``: the
+    chunk digest of an unencrypted one, blake3 (default) or sha256 (as older repositories)."""
     secret = None if key_file is None else read_key_file(Path(key_file))
-    kwargs: dict[str, Any] = {"compression": compression, "secret": secret}
+    kwargs: dict[str, Any] = {"compression": compression, "secret": secret, "digest": digest}
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
     return Repository.init(Path(path), **kwargs)
