@@ -930,7 +930,18 @@ async def resize(vm: VM, device_id: str, size: int, *, allow_shrink: bool = Fals
             f"{size} is smaller than the current {info.size} bytes; shrinking cuts off "
             "whatever the guest stored at the end. Pass allow_shrink (--shrink) to do it anyway",
         )
-    await wire.block_resize(vm.session, node.node_name, size)
+    try:
+        await wire.block_resize(vm.session, node.node_name, size)
+    except CommandFailed as exc:
+        if "Cannot grow device files" not in exc.desc:
+            raise
+        # file-posix: a block device (host_device) has the size its device has.
+        raise ConfigError(
+            "size",
+            f"cannot resize {device_id} to {size} bytes: it is the block device {info.file}, "
+            f"and QEMU cannot grow a device ({exc.desc}); nothing changed. Way out: grow the "
+            "device first (the LV, LUN or loop device), then resize again to at most its size",
+        ) from exc
     return await drive_info(vm, device_id)
 
 
