@@ -996,6 +996,15 @@ async def restore(
     disk = manifest.disk(device)
     if fmt not in (ImageFormat.RAW, ImageFormat.QCOW2):
         raise ConfigError("format", f"restore writes raw or qcow2, not {fmt.value}")
+    # A URL (``iscsi://…``, ``nfs://…``; a Path has folded its ``//`` into ``/``).
+    if re.match(r"^[a-z][a-z0-9+.-]*:/", str(dest)):
+        raise ConfigError(
+            "dest",
+            f"{dest}: restore writes a local file or block device, not a URL (QEMU's "
+            "initiator and NFS client are not used for it). Way out: restore into a new "
+            "file, then copy it onto the remote image with `qemu-img convert -n -f raw -O raw "
+            "FILE URL` while no VM uses it, or restore --live into the VM",
+        )
     dest = Path(dest).absolute()
     device_target = dest.is_block_device()
     if device_target and fmt is not ImageFormat.RAW:

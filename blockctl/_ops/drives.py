@@ -933,14 +933,21 @@ async def resize(vm: VM, device_id: str, size: int, *, allow_shrink: bool = Fals
     try:
         await wire.block_resize(vm.session, node.node_name, size)
     except CommandFailed as exc:
-        if "Cannot grow device files" not in exc.desc:
+        # file-posix ("Cannot grow device files") and iscsi ("Cannot grow iSCSI devices"):
+        # a block device or a LUN has the size its storage gives it, read again here.
+        if not exc.desc.startswith("Cannot grow"):
             raise
-        # file-posix: a block device (host_device) has the size its device has.
+        what = (
+            f"the iSCSI LUN {info.file}"
+            if (info.file or "").startswith("iscsi://")
+            else f"the block device {info.file}"
+        )
+        where = "the LUN on its target" if "LUN" in what else "the device"
         raise ConfigError(
             "size",
-            f"cannot resize {device_id} to {size} bytes: it is the block device {info.file}, "
-            f"and QEMU cannot grow a device ({exc.desc}); nothing changed. Way out: grow the "
-            "device first (the LV, LUN or loop device), then resize again to at most its size",
+            f"cannot resize {device_id} to {size} bytes: it is {what}, whose size QEMU cannot "
+            f"grow ({exc.desc}); nothing changed. Way out: grow {where} first (a loop "
+            "device: its file, then `losetup -c`), then resize again to at most its new size",
         ) from exc
     return await drive_info(vm, device_id)
 

@@ -855,3 +855,45 @@ async def test_host_device_live_operations_incremental_backup_and_restore_onto_a
         with anyio.CancelScope(shield=True):
             for device in loops:
                 await anyio.run_process(["losetup", "-d", str(device)], check=False)
+
+
+async def test_iscsi_disk_live_operations_and_restore_onto_a_lun(
+    guest: GuestImage, tgt: Tgt, tmp_path: Path
+) -> None:
+    """On an emulated iSCSI disk (scsi-hd): live cache change and throttling with the guest's
+    I/O going on; a grow refused (QEMU cannot grow a LUN: blockctl says to grow it on the
+    target) with nothing changed; a backup point restored onto a LUN: ``restore`` refuses a URL
+    with the way out (a file, then ``qemu-img convert -n`` onto the LUN), which puts exactly
+    the guest's view of the disk onto the other LUN's file."""
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    disk = Drive(iscsi=tgt.source(1), format=ImageFormat.RAW, interface=Interface.SCSI)
+    async with open_vm(base_config(guest, disk, name="iscsiops")) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        dev = await disk_with_vendor(vm, "QEMU")
+        await live_cache_and_throttle(vm, "disk0", dev, 50)
+        await truth_check(vm)
+        size = (await drives.drive_info(vm, "disk0")).size
+        assert size == await guest_size(vm, dev) == LUN_SIZE
+        nodes = await node_names(vm)
+        with pytest.raises(ConfigError) as refused:
+            await drives.resize(vm, "disk0", size + 8 * MIB)
+        said = str(refused.value)
+        assert f"iSCSI LUN iscsi://{tgt.portal}/{TARGET}/1" in said
+        assert "grow the LUN on its target" in said and "nothing changed" in said
+        assert (await drives.drive_info(vm, "disk0")).size == size
+        assert await guest_size(vm, dev) == size
+        assert await node_names(vm) == nodes
+        await guest_write_read(vm, dev, 55, 9)
+        view = await guest_view(vm, dev)
+        point = await backup_ops.backup(vm, repo, kind="full")
+        await truth_check(vm)
+    other = f"iscsi://{tgt.portal}/{TARGET}/2"
+    with pytest.raises(ConfigError) as refused:
+        await backup_ops.restore(repo, "iscsiops", point.id, "disk0", Path(other))
+    assert "not a URL" in str(refused.value) and "qemu-img convert -n" in str(refused.value)
+    assert not Path("iscsi:").exists()
+    restored = tmp_path / "restored.raw"
+    await backup_ops.restore(repo, "iscsiops", point.id, "disk0", restored, ImageFormat.RAW)
+    await run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", restored, other)
+    assert sha256(tgt.backing[1].read_bytes()) == view
