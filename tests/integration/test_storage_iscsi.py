@@ -76,6 +76,16 @@ class Tgt:
     def admin(self, *args: str) -> None:
         tgtadm(self.control, *args)
 
+    def grow(self, lun: int, size: int) -> None:
+        """Grow LUN ``lun``'s file to ``size`` bytes and make the LU again over it: tgt reads
+        a LUN's size when the LU is made (removed and made again: the initiators' session
+        stays)."""
+        os.truncate(self.backing[lun - 1], size)
+        self.admin("--lld", "iscsi", "--op", "delete", "--mode", "logicalunit", "--tid", "1",
+                   "--lun", str(lun))  # fmt: skip
+        self.admin("--lld", "iscsi", "--op", "new", "--mode", "logicalunit", "--tid", "1",
+                   "--lun", str(lun), "-b", str(self.backing[lun - 1]))  # fmt: skip
+
     def kill(self) -> None:
         """The outage: SIGKILL by pid (no goodbye to the initiators), reaped."""
         process = self.processes[-1]
@@ -862,9 +872,11 @@ async def test_iscsi_disk_live_operations_and_restore_onto_a_lun(
 ) -> None:
     """On an emulated iSCSI disk (scsi-hd): live cache change and throttling with the guest's
     I/O going on; a grow refused (QEMU cannot grow a LUN: blockctl says to grow it on the
-    target) with nothing changed; a backup point restored onto a LUN: ``restore`` refuses a URL
-    with the way out (a file, then ``qemu-img convert -n`` onto the LUN), which puts exactly
-    the guest's view of the disk onto the other LUN's file."""
+    target) with nothing changed, then the way out: the LUN grown on the target, the resize
+    goes through (QEMU's node and the guest's disk the new size, the guest writing into the
+    new part, which reaches the LUN's file); a backup point restored onto a LUN: ``restore``
+    refuses a URL with the way out (a file, then ``qemu-img convert -n`` onto the LUN), which
+    puts exactly the guest's view of the disk onto the other LUN's file."""
     repo = backup_ops.init_repository(tmp_path / "repo")
     disk = Drive(iscsi=tgt.source(1), format=ImageFormat.RAW, interface=Interface.SCSI)
     async with open_vm(base_config(guest, disk, name="iscsiops")) as vm:
@@ -884,6 +896,14 @@ async def test_iscsi_disk_live_operations_and_restore_onto_a_lun(
         assert (await drives.drive_info(vm, "disk0")).size == size
         assert await guest_size(vm, dev) == size
         assert await node_names(vm) == nodes
+        # The way out: grow the LUN on the target (tgt reads its size when the LU is made),
+        # then resize: QEMU reads the LUN's capacity again and the guest gets the new size.
+        tgt.grow(1, size + 8 * MIB)
+        grown = await drives.resize(vm, "disk0", size + 8 * MIB)
+        assert grown.size == size + 8 * MIB
+        assert await guest_size(vm, dev, grown.size) == grown.size
+        in_new_part = await guest_write_read(vm, dev, 56, (size + 4 * MIB) // MIB)
+        await truth_check(vm)
         await guest_write_read(vm, dev, 55, 9)
         view = await guest_view(vm, dev)
         point = await backup_ops.backup(vm, repo, kind="full")
@@ -895,5 +915,9 @@ async def test_iscsi_disk_live_operations_and_restore_onto_a_lun(
     assert not Path("iscsi:").exists()
     restored = tmp_path / "restored.raw"
     await backup_ops.restore(repo, "iscsiops", point.id, "disk0", restored, ImageFormat.RAW)
+    tgt.grow(2, grown.size)  # as large as the disk now is
     await run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", restored, other)
     assert sha256(tgt.backing[1].read_bytes()) == view
+    lun = tgt.backing[0].read_bytes()
+    assert len(lun) == grown.size
+    assert sha256(mib(lun, (size + 4 * MIB) // MIB)) == in_new_part
