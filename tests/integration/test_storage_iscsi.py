@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -912,6 +913,13 @@ async def test_iscsi_disk_live_operations_and_restore_onto_a_lun(
     with pytest.raises(ConfigError) as refused:
         await backup_ops.restore(repo, "iscsiops", point.id, "disk0", Path(other))
     assert "not a URL" in str(refused.value) and "qemu-img convert -n" in str(refused.value)
+    # The same from the command line (its Path argument folds ``//`` into ``/``).
+    cli = await anyio.run_process(
+        [sys.executable, "-m", "blockctl", "restore", "iscsiops", point.id, "disk0", other,
+         "--repo", str(tmp_path / "repo"), "-O", "raw"],
+        check=False,
+    )  # fmt: skip
+    assert cli.returncode != 0 and "not a URL" in cli.stderr.decode(), cli.stderr
     assert not Path("iscsi:").exists()
     restored = tmp_path / "restored.raw"
     await backup_ops.restore(repo, "iscsiops", point.id, "disk0", restored, ImageFormat.RAW)
