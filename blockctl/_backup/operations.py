@@ -999,9 +999,25 @@ async def restore(
     disk = manifest.disk(device)
     if fmt not in (ImageFormat.RAW, ImageFormat.QCOW2):
         raise ConfigError("format", f"restore writes raw or qcow2, not {fmt.value}")
+    # A URL (``iscsi://…``, ``nfs://…``; a Path has folded its ``//`` into ``/``).
+    if re.match(r"^[a-z][a-z0-9+.-]*:/", str(dest)):
+        raise ConfigError(
+            "dest",
+            f"{dest}: restore writes a local file or block device, not a URL (QEMU's "
+            "initiator and NFS client are not used for it). Way out: restore into a new "
+            "file, then copy it onto the remote image with `qemu-img convert -n -f raw -O raw "
+            "FILE URL` while no VM uses it, or restore --live into the VM",
+        )
     dest = Path(dest).absolute()
-    if dest.exists() or dest.is_symlink():
-        raise ConfigError("dest", f"{dest} exists; restore writes a new file")
+    device_target = dest.is_block_device()
+    if device_target and fmt is not ImageFormat.RAW:
+        raise ConfigError(
+            "format", f"{dest} is a block device: a restore onto it writes raw (-O raw)"
+        )
+    if (dest.exists() or dest.is_symlink()) and not device_target:
+        raise ConfigError(
+            "dest", f"{dest} exists; restore writes a new file (or an existing block device, raw)"
+        )
     index = repo.read_index(vm_name, point, device)
     if index.disk_digest() != disk.disk_digest or index.virtual_size != disk.virtual_size:
         raise BackupCorrupt(
@@ -1010,6 +1026,8 @@ async def restore(
         )
     chunks = [i for i in range(index.count) if index.at(i) != ZERO_DIGEST]
     written = 0
+    if device_target:
+        return await _restore_onto_device(repo, index, chunks, point, device, dest, started)
     try:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         direct: int | None = None
@@ -1048,6 +1066,85 @@ async def restore(
     return RestoreResult(
         path=dest,
         format=fmt,
+        device=device,
+        point=point,
+        bytes_written=written,
+        chunks_verified=len(chunks),
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+#: Linux's BLKZEROOUT ioctl (_IO(0x12, 127)): zero a byte range of a block device.
+_BLKZEROOUT = 0x127F
+#: The byte range QEMU's image locking uses (file-posix: permission bytes from 100, shared
+#: bytes from 200): a POSIX write lock over it conflicts with any QEMU holding the device.
+_QEMU_LOCK_START, _QEMU_LOCK_LENGTH = 100, 200
+
+
+async def _restore_onto_device(
+    repo: Repository,
+    index: DiskIndex,
+    chunks: list[int],
+    point: str,
+    device: str,
+    dest: Path,
+    started: float,
+) -> RestoreResult:
+    """:func:`restore` onto an existing block device (raw): refused while anything holds it
+    (a mount or exclusive holder: ``O_EXCL``; a QEMU: its image locks) or when it is smaller
+    than the disk; the disk's range is zeroed first (a device is not sparse like a new file:
+    the point's zero chunks must read as zeros), then the data chunks are written. A failure
+    midway leaves the device partly written, and says so."""
+    import fcntl
+    import struct
+
+    size = index.virtual_size
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(
+            "dest",
+            f"cannot open the block device {dest} for the restore: {exc.strerror} (it is "
+            "mounted or held by another program): release it, then restore again",
+        ) from exc
+    direct: int | None = None
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, _QEMU_LOCK_LENGTH, _QEMU_LOCK_START)
+        except OSError as exc:
+            raise ConfigError(
+                "dest",
+                f"the block device {dest} is in use by a QEMU (it holds the device's image "
+                "locks): nothing was written; detach the device from that VM or shut the VM "
+                "down, then restore again",
+            ) from exc
+        have = os.lseek(fd, 0, os.SEEK_END)
+        if have < size:
+            raise ConfigError(
+                "dest",
+                f"the block device {dest} holds {have} bytes, {device} at {point} {size}: "
+                "nothing was written; give a block device at least as large",
+            )
+        try:
+            fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", 0, size))
+            direct = _direct.reopen_direct(fd)
+            written = await anyio.to_thread.run_sync(
+                _restore_into, repo, index, chunks, point, DEFAULT_CONNECTIONS, fd, direct, None
+            )
+            os.fsync(fd)
+        except BaseException as exc:
+            exc.add_note(
+                f"the block device {dest} is partly written (zeroed from 0 to {size}, some "
+                "chunks restored): restore again before using it"
+            )
+            raise
+    finally:
+        if direct is not None:
+            os.close(direct)
+        os.close(fd)
+    return RestoreResult(
+        path=dest,
+        format=ImageFormat.RAW,
         device=device,
         point=point,
         bytes_written=written,

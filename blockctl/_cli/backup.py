@@ -350,7 +350,7 @@ class RestoreCommand(Command):
             raise ConfigError("speed", "--speed limits a --live restore's copy")
         repo = open_repo(args)
         result = await backup_ops.restore(
-            repo, args.vm, args.backup_id, args.device, args.dest.absolute(), fmt
+            repo, args.vm, args.backup_id, args.device, args.dest, fmt
         )
         attached = None
         if args.attach:

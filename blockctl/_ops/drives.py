@@ -930,7 +930,25 @@ async def resize(vm: VM, device_id: str, size: int, *, allow_shrink: bool = Fals
             f"{size} is smaller than the current {info.size} bytes; shrinking cuts off "
             "whatever the guest stored at the end. Pass allow_shrink (--shrink) to do it anyway",
         )
-    await wire.block_resize(vm.session, node.node_name, size)
+    try:
+        await wire.block_resize(vm.session, node.node_name, size)
+    except CommandFailed as exc:
+        # file-posix ("Cannot grow device files") and iscsi ("Cannot grow iSCSI devices"):
+        # a block device or a LUN has the size its storage gives it, read again here.
+        if not exc.desc.startswith("Cannot grow"):
+            raise
+        what = (
+            f"the iSCSI LUN {info.file}"
+            if (info.file or "").startswith("iscsi://")
+            else f"the block device {info.file}"
+        )
+        where = "the LUN on its target" if "LUN" in what else "the device"
+        raise ConfigError(
+            "size",
+            f"cannot resize {device_id} to {size} bytes: it is {what}, whose size QEMU cannot "
+            f"grow ({exc.desc}); nothing changed. Way out: grow {where} first (a loop "
+            "device: its file, then `losetup -c`), then resize again to at most its new size",
+        ) from exc
     return await drive_info(vm, device_id)
 
 

@@ -10,9 +10,11 @@ SCSI layer, so nothing is logged in on the host.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +32,14 @@ from blockctl._ops.drives import UnplugState
 from blockctl._ops.nodes import read_graph
 from blockctl._qmp import wire
 from blockctl.errors import CommandFailed, ConfigError, PassedThrough
-from blockctl.types import DeviceErrorPolicy, Drive, ImageFormat, Interface, IscsiSource
+from blockctl.types import (
+    CacheMode,
+    DeviceErrorPolicy,
+    Drive,
+    ImageFormat,
+    Interface,
+    IscsiSource,
+)
 from tests.conftest import missing
 from tests.figures import report
 from tests.integration import test_outage as outage
@@ -67,6 +76,16 @@ class Tgt:
 
     def admin(self, *args: str) -> None:
         tgtadm(self.control, *args)
+
+    def grow(self, lun: int, size: int) -> None:
+        """Grow LUN ``lun``'s file to ``size`` bytes and make the LU again over it: tgt reads
+        a LUN's size when the LU is made (removed and made again: the initiators' session
+        stays)."""
+        os.truncate(self.backing[lun - 1], size)
+        self.admin("--lld", "iscsi", "--op", "delete", "--mode", "logicalunit", "--tid", "1",
+                   "--lun", str(lun))  # fmt: skip
+        self.admin("--lld", "iscsi", "--op", "new", "--mode", "logicalunit", "--tid", "1",
+                   "--lun", str(lun), "-b", str(self.backing[lun - 1]))  # fmt: skip
 
     def kill(self) -> None:
         """The outage: SIGKILL by pid (no goodbye to the initiators), reaped."""
@@ -722,3 +741,191 @@ async def test_a_killed_tgtd_stalls_the_guest_and_nothing_is_lost(
         f"{reconnected:.1f} s after tgtd restarted (libiscsi's reconnect); {last + 1} records "
         f"written, {len(lost)} lost",
     )
+
+
+async def guest_size(vm: LaunchedVM, dev: str, expect: int | None = None) -> int:
+    """The size of /dev/DEV as the guest's kernel has it (``/sys/block/DEV/size``, sectors);
+    with ``expect``, after waiting (bounded: 10 s) for it to become that (a resize reaches
+    the guest as a config change it handles on its own time)."""
+    if expect is not None:
+        await sh(
+            vm,
+            f"for i in $(seq 100); do [ $(cat /sys/block/{dev}/size) = {expect // 512} ] "
+            "&& break; sleep 0.1; done; true",
+        )
+    return int(await sh(vm, f"cat /sys/block/{dev}/size")) * 512
+
+
+async def node_cache(vm: LaunchedVM, device_id: str) -> dict[str, tuple[bool, bool]]:
+    """(direct, no_flush) of each node of the drive's chain, as query-named-block-nodes has it."""
+    info = await drives.drive_info(vm, device_id)
+    chain = {n.node_name for n in info.chain}
+    files = {f"{name}-file" for name in chain}
+    return {
+        n.node_name: (n.cache.direct, n.cache.no_flush)
+        for n in await vm.block_nodes()
+        if n.node_name in chain | files
+    }
+
+
+async def live_cache_and_throttle(vm: LaunchedVM, device_id: str, dev: str, seed: int) -> None:
+    """Cache mode ``none`` then back to ``writeback`` live (the nodes' flags as QEMU reports
+    them, the guest's I/O going on), then I/O limits (``query-block``'s, the guest's write
+    completing under them), then none again."""
+    before = await drives.drive_info(vm, device_id)
+    assert before.cache is not None and not before.cache.direct
+    for mode, seed_offset in ((CacheMode.NONE, 0), (CacheMode.WRITEBACK, 1)):
+        info = await drives.set_cache(vm, device_id, mode)
+        assert info.cache is not None
+        assert (info.cache.writeback, info.cache.direct) == (True, mode.direct)
+        flags = await node_cache(vm, device_id)
+        assert flags and set(flags.values()) == {(mode.direct, False)}, flags
+        await guest_write_read(vm, dev, seed + seed_offset, 3 + seed_offset)
+    limits = {"bps_wr": 4 * MIB, "iops_rd": 300}
+    info = await drives.set_throttle(vm, device_id, limits)
+    assert info.io_limits is not None
+    assert (info.io_limits.bps_wr, info.io_limits.iops_rd, info.io_limits.bps) == (4 * MIB, 300, 0)
+    (listed,) = [d for d in await cli_json("drives", vm.name) if d["device"] == device_id]
+    assert listed["throttle"]["bps_wr"] == 4 * MIB
+    await guest_write_read(vm, dev, seed + 2, 6)
+    info = await drives.set_throttle(vm, device_id, {})
+    assert info.io_limits is None or not info.io_limits.limited
+
+
+async def test_host_device_live_operations_incremental_backup_and_restore_onto_a_device(
+    guest: GuestImage, tmp_path: Path
+) -> None:
+    """On a block device (host_device on a loop device): live cache change and throttling
+    with the guest's I/O going on; a grow beyond the device refused by QEMU and by blockctl
+    with the way out (grow the device first), which then works (QEMU's node and the guest's
+    disk both the new size); a full backup, a guest write, an incremental one reading less than
+    the disk; the point restored onto another block device equals the guest's view, refused
+    while a QEMU holds the device."""
+    if shutil.which("losetup") is None:
+        missing("losetup (util-linux)")
+    image = await raw_image(tmp_path / "loop.img", pattern(9, LUN_SIZE))
+    spare = await raw_image(tmp_path / "spare.img", pattern(10, 2 * LUN_SIZE))
+    loops: list[Path] = []
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    try:
+        for file in (image, spare):
+            attached = await anyio.run_process(["losetup", "-f", "--show", str(file)], check=False)
+            if attached.returncode != 0:
+                missing(f"a loop device ({attached.stderr.decode().strip()})")
+            loops.append(Path(attached.stdout.decode().strip()))
+        loop, target = loops
+        disk = Drive(file=loop, format=ImageFormat.RAW, serial="loopdisk")
+        async with open_vm(base_config(guest, disk, name="loopops")) as vm:
+            assert vm.console is not None
+            await vm.console.wait_ready()
+            await live_cache_and_throttle(vm, "disk0", "vda", 40)
+            await truth_check(vm)
+
+            # Grow: QEMU cannot grow a block device; blockctl says what to do, nothing changes.
+            size = (await drives.drive_info(vm, "disk0")).size
+            assert size == await guest_size(vm, "vda") == image.stat().st_size
+            nodes = await node_names(vm)
+            with pytest.raises(ConfigError) as refused:
+                await drives.resize(vm, "disk0", size + 8 * MIB)
+            said = str(refused.value)
+            assert f"block device {loop}" in said and "grow the device" in said
+            assert (await drives.drive_info(vm, "disk0")).size == size
+            assert await node_names(vm) == nodes
+            # The way out: grow the device (its file, then the loop device's size), then resize.
+            os.truncate(image, size + 8 * MIB)
+            await run("losetup", "-c", str(loop))
+            grown = await drives.resize(vm, "disk0", size + 8 * MIB)
+            assert grown.size == size + 8 * MIB
+            assert await guest_size(vm, "vda", grown.size) == grown.size
+            await guest_write_read(vm, "vda", 45, (size + 4 * MIB) // MIB)  # in the new part
+            await truth_check(vm)
+
+            full = await backup_ops.backup(vm, repo, kind="full")
+            await guest_write_read(vm, "vda", 46, 9)
+            view = await guest_view(vm, "vda")
+            inc = await backup_ops.backup(vm, repo, kind="incremental")
+            assert (inc.kind, inc.parent) == ("incremental", full.id)
+            (point,) = inc.disks
+            assert point.bytes_read < grown.size
+            # Onto a device a QEMU holds: refused, nothing written.
+            with pytest.raises(ConfigError, match="in use by a QEMU"):
+                await backup_ops.restore(repo, "loopops", inc.id, "disk0", loop, ImageFormat.RAW)
+            assert sha256(await anyio.Path(loop).read_bytes()) == view
+            await truth_check(vm)
+        with pytest.raises(ConfigError, match="-O raw"):
+            await backup_ops.restore(repo, "loopops", inc.id, "disk0", target, ImageFormat.QCOW2)
+        restored = await backup_ops.restore(
+            repo, "loopops", inc.id, "disk0", target, ImageFormat.RAW
+        )
+        assert restored.path == target
+        on_device = await anyio.Path(target).read_bytes()
+        assert sha256(on_device[: grown.size]) == view
+        # The rest of the (larger) device is untouched.
+        assert on_device[grown.size :] == pattern(10, 2 * LUN_SIZE)[grown.size :]
+    finally:
+        with anyio.CancelScope(shield=True):
+            for device in loops:
+                await anyio.run_process(["losetup", "-d", str(device)], check=False)
+
+
+async def test_iscsi_disk_live_operations_and_restore_onto_a_lun(
+    guest: GuestImage, tgt: Tgt, tmp_path: Path
+) -> None:
+    """On an emulated iSCSI disk (scsi-hd): live cache change and throttling with the guest's
+    I/O going on; a grow refused (QEMU cannot grow a LUN: blockctl says to grow it on the
+    target) with nothing changed, then the way out: the LUN grown on the target, the resize
+    goes through (QEMU's node and the guest's disk the new size, the guest writing into the
+    new part, which reaches the LUN's file); a backup point restored onto a LUN: ``restore``
+    refuses a URL with the way out (a file, then ``qemu-img convert -n`` onto the LUN), which
+    puts exactly the guest's view of the disk onto the other LUN's file."""
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    disk = Drive(iscsi=tgt.source(1), format=ImageFormat.RAW, interface=Interface.SCSI)
+    async with open_vm(base_config(guest, disk, name="iscsiops")) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        dev = await disk_with_vendor(vm, "QEMU")
+        await live_cache_and_throttle(vm, "disk0", dev, 50)
+        await truth_check(vm)
+        size = (await drives.drive_info(vm, "disk0")).size
+        assert size == await guest_size(vm, dev) == LUN_SIZE
+        nodes = await node_names(vm)
+        with pytest.raises(ConfigError) as refused:
+            await drives.resize(vm, "disk0", size + 8 * MIB)
+        said = str(refused.value)
+        assert f"iSCSI LUN iscsi://{tgt.portal}/{TARGET}/1" in said
+        assert "grow the LUN on its target" in said and "nothing changed" in said
+        assert (await drives.drive_info(vm, "disk0")).size == size
+        assert await guest_size(vm, dev) == size
+        assert await node_names(vm) == nodes
+        # The way out: grow the LUN on the target (tgt reads its size when the LU is made),
+        # then resize: QEMU reads the LUN's capacity again and the guest gets the new size.
+        tgt.grow(1, size + 8 * MIB)
+        grown = await drives.resize(vm, "disk0", size + 8 * MIB)
+        assert grown.size == size + 8 * MIB
+        assert await guest_size(vm, dev, grown.size) == grown.size
+        in_new_part = await guest_write_read(vm, dev, 56, (size + 4 * MIB) // MIB)
+        await truth_check(vm)
+        await guest_write_read(vm, dev, 55, 9)
+        view = await guest_view(vm, dev)
+        point = await backup_ops.backup(vm, repo, kind="full")
+        await truth_check(vm)
+    other = f"iscsi://{tgt.portal}/{TARGET}/2"
+    with pytest.raises(ConfigError) as refused:
+        await backup_ops.restore(repo, "iscsiops", point.id, "disk0", Path(other))
+    assert "not a URL" in str(refused.value) and "qemu-img convert -n" in str(refused.value)
+    # The same from the command line (its Path argument folds ``//`` into ``/``).
+    cli = await anyio.run_process(
+        [sys.executable, "-m", "blockctl", "restore", "iscsiops", point.id, "disk0", other,
+         "--repo", str(tmp_path / "repo"), "-O", "raw"],
+        check=False,
+    )  # fmt: skip
+    assert cli.returncode != 0 and "not a URL" in cli.stderr.decode(), cli.stderr
+    assert not Path("iscsi:").exists()
+    restored = tmp_path / "restored.raw"
+    await backup_ops.restore(repo, "iscsiops", point.id, "disk0", restored, ImageFormat.RAW)
+    tgt.grow(2, grown.size)  # as large as the disk now is
+    await run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", restored, other)
+    assert sha256(tgt.backing[1].read_bytes()) == view
+    lun = tgt.backing[0].read_bytes()
+    assert len(lun) == grown.size
+    assert sha256(mib(lun, (size + 4 * MIB) // MIB)) == in_new_part

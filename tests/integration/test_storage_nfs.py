@@ -35,6 +35,7 @@ from blockctl._ops.apply import apply as apply_drives
 from blockctl.errors import ConfigError
 from blockctl.types import Drive, ImageFormat, NfsSource
 from tests.conftest import missing
+from tests.integration import test_storage_iscsi as iscsi
 from tests.integration.conftest import (
     MIB,
     base_config,
@@ -363,3 +364,53 @@ async def test_nfs_disks_launch_hotplug_snapshot_commit_backup_apply(
     hot_data = hot_raw.read_bytes()
     assert sha256(hot_data[2 * MIB : 3 * MIB]) == sums[vdb]
     assert sha256(hot_data[5 * MIB : 6 * MIB]) == in_overlay
+
+
+async def test_nfs_disk_live_operations_incremental_backup_and_restore_onto_nfs(
+    guest: GuestImage, nfs: Nfs, tmp_path: Path
+) -> None:
+    """One boot, a raw image over NFS: live cache change and throttling with the guest's I/O
+    going on; a grow (QEMU's node and the guest's disk the new size, the export's file too, the
+    guest writing into the new part); a full backup, a guest write, an incremental one reading
+    less than the disk; ``restore`` refuses an nfs:// URL with the way out (a file, then
+    ``qemu-img convert -n`` onto the NFS image), which puts exactly the guest's view onto
+    another image of the export."""
+    image = await raw_image(nfs.export / "ops.raw", pattern(211, DISK_SIZE))
+    grown_size = DISK_SIZE + 8 * MIB
+    spare = await raw_image(nfs.export / "spare.raw", pattern(212, grown_size))
+    disk = Drive(nfs=nfs.source("ops.raw"), format=ImageFormat.RAW, serial="nfsops")
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    async with open_vm(base_config(guest, disk, name="nfsops")) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        dev = await disk_with_serial(vm, "nfsops")
+        await iscsi.live_cache_and_throttle(vm, "disk0", dev, 60)
+        await truth_check(vm)
+        assert (await drives.drive_info(vm, "disk0")).size == DISK_SIZE
+        assert await iscsi.guest_size(vm, dev) == DISK_SIZE
+        grown = await drives.resize(vm, "disk0", grown_size)
+        assert grown.size == grown_size
+        assert await iscsi.guest_size(vm, dev, grown_size) == grown_size
+        assert image.stat().st_size == grown_size
+        in_new_part = await guest_write_read(vm, dev, 63, DISK_SIZE // MIB + 4)
+        await truth_check(vm)
+        full = await backup_ops.backup(vm, repo, kind="full")
+        await guest_write_read(vm, dev, 64, 9)
+        await sh(vm, "sync; echo 3 > /proc/sys/vm/drop_caches")
+        view = await guest_view(vm, dev)
+        inc = await backup_ops.backup(vm, repo, kind="incremental")
+        assert (inc.kind, inc.parent) == ("incremental", full.id)
+        (point,) = inc.disks
+        assert point.bytes_read < grown_size
+        await truth_check(vm)
+    with pytest.raises(ConfigError) as refused:
+        await backup_ops.restore(repo, "nfsops", inc.id, "disk0", Path(nfs.url("spare.raw")))
+    assert "not a URL" in str(refused.value) and "qemu-img convert -n" in str(refused.value)
+    restored = tmp_path / "restored.raw"
+    await backup_ops.restore(repo, "nfsops", inc.id, "disk0", restored, ImageFormat.RAW)
+    assert sha256(restored.read_bytes()) == view
+    # The way out, in the server's network namespace (QEMU's NFS client asks its portmapper).
+    await run(*_in_netns(nfs.netns_pid, qemu_binary("qemu-img"), "convert", "-n", "-f", "raw",
+                         "-O", "raw", str(restored), nfs.url("spare.raw")))  # fmt: skip
+    assert sha256(spare.read_bytes()) == view
+    assert sha256(image.read_bytes()[(DISK_SIZE // MIB + 4) * MIB :][:MIB]) == in_new_part
