@@ -1127,7 +1127,11 @@ async def _restore_onto_device(
             )
         try:
             fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", 0, size))
-            direct = _direct.reopen_direct(fd)
+            # Direct I/O pads the last write to a page: a file is cut back afterwards, a
+            # device is not, so a disk that ends mid-page is written through the page cache
+            # (the padding would overwrite the device's bytes past the disk).
+            if size % _direct.ALIGN == 0:
+                direct = _direct.reopen_direct(fd)
             written = await anyio.to_thread.run_sync(
                 _restore_into, repo, index, chunks, point, DEFAULT_CONNECTIONS, fd, direct, None
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,25 @@ async def test_an_empty_image_written_directly_is_what_qemu_creates(
     with raw.open("wb") as f:
         f.truncate(size)
     await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", image, raw)
+
+
+async def test_restore_onto_a_device_leaves_its_bytes_past_the_disk_alone(
+    tmp_path: Path, loop_devices: Callable[[Path], Awaitable[Path]]
+) -> None:
+    """A disk whose size is not a multiple of the page (QEMU sizes are multiples of 512)
+    restored onto a larger block device: the device reads as the disk up to its size and
+    keeps its own bytes after it. Direct I/O pads the last write to a page, which on a file
+    is cut off again but on a device would overwrite what lies past the disk."""
+    chunk, size = 64 << 10, 3 * (64 << 10) - 512
+    chunks = build(tmp_path / "repo", chunk, size, {0: "r", 2: "r"}, None)
+    reference = sparse_raw(tmp_path / "disk.raw", size, chunk, chunks)
+    backing = tmp_path / "device.img"
+    backing.write_bytes(b"\xa5" * (1 << 20))
+    device = await loop_devices(backing)
+    repo = Repository.open(tmp_path / "repo")
+    result = await ops.restore(repo, VM, POINT, "disk0", device, ImageFormat.RAW)
+    assert result.path == device
+    with open(device, "rb") as f:
+        restored = f.read(1 << 20)
+    assert restored[:size] == reference.read_bytes()
+    assert restored[size:] == b"\xa5" * ((1 << 20) - size)
