@@ -93,10 +93,15 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("BLOCKCTL_RUNTIME_DIR", str(root))
     yield root
     leaked = qemu_pids_under(root)
-    for pid in leaked:
-        os.kill(pid, signal.SIGKILL)
+    # Live restore's NBD servers keep their socket in the VM's run directory, under this
+    # root: one left behind (seen when QEMU died under a test) would outlive the run.
+    servers = pids_under(root, lambda cmdline: cmdline.startswith(b"nbdkit\0"))
+    for pid in leaked + servers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     shutil.rmtree(root, ignore_errors=True)
     assert not leaked, f"QEMU processes left running: {leaked}"
+    assert not servers, f"nbdkit servers left running: {servers}"
 
 
 @pytest.fixture
@@ -229,10 +234,15 @@ def module_runtime_dir() -> Iterator[Path]:
         patch.setenv("BLOCKCTL_RUNTIME_DIR", str(root))
         yield root
     leaked = qemu_pids_under(root)
-    for pid in leaked:
-        os.kill(pid, signal.SIGKILL)
+    # Live restore's NBD servers keep their socket in the VM's run directory, under this
+    # root: one left behind (seen when QEMU died under a test) would outlive the run.
+    servers = pids_under(root, lambda cmdline: cmdline.startswith(b"nbdkit\0"))
+    for pid in leaked + servers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     shutil.rmtree(root, ignore_errors=True)
     assert not leaked, f"QEMU processes left running: {leaked}"
+    assert not servers, f"nbdkit servers left running: {servers}"
 
 
 class PauseSignal:
