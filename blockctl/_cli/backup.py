@@ -334,7 +334,8 @@ class RestoreCommand(Command):
             "--live",
             action="store_true",
             help="with --attach: attach the disk at once and copy the point into it while the "
-            "guest uses it (-O raw: a new raw file or a block device, mirrored from an overlay)",
+            "guest uses it (-O raw: a new raw file, a block device or an iscsi:// LUN, mirrored "
+            "from an overlay)",
         )
         parser.add_argument("--speed", help="--live: bytes/s limit of the copy (e.g. 50M)")
         parser.add_argument(
