@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -72,7 +73,7 @@ from blockctl._ops import drives
 from blockctl._ops.nodes import delete_nodes, flush_chain, read_graph
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, ConnectionLost
-from blockctl.types import Drive, ErrorPolicy, ImageFormat, Interface
+from blockctl.types import Drive, ErrorPolicy, ImageFormat, Interface, IscsiSource
 
 _log = get_logger()
 
@@ -82,7 +83,7 @@ class LiveRestoreResult:
     """A finished live restore: the guest's new disk stands alone on ``path``."""
 
     device_id: str  # the new device in the guest
-    path: Path
+    path: Path | IscsiSource  # the target: a file, a block device or an iSCSI LUN
     point: str
     source_device: str  # the disk of the point
     #: Seconds from the call until the guest had the disk (what an outage lasts).
@@ -118,7 +119,7 @@ async def restore_live(
     vm_name: str,
     point: str,
     device: str,
-    target: Path,
+    target: Path | IscsiSource,
     *,
     interface: Interface = Interface.VIRTIO,
     control: JobControl = DEFAULT_CONTROL,
@@ -133,7 +134,9 @@ async def restore_live(
 
     ``target_format`` raw: ``target`` is a new raw file (0600) or an existing block device at
     least as large as the disk; the guest runs on a temporary qcow2 overlay meanwhile, which
-    is mirrored into the target (module docstring); the result's ``job`` is the mirror."""
+    is mirrored into the target (module docstring); the result's ``job`` is the mirror.
+    ``target`` may also be an :class:`IscsiSource` (raw only): an existing LUN at least as
+    large as the disk, opened by QEMU's initiator (node ``iscsi``) as the mirror's target."""
     started = time.monotonic()
     if control.on_error is not ErrorPolicy.REPORT:
         raise ConfigError(
@@ -144,9 +147,13 @@ async def restore_live(
         raise ConfigError("target_format", "a live restore writes a qcow2 or a raw target")
     copy = ("blockdev-mirror", "job-complete") if raw else ("block-stream",)
     await vm.require("blockdev-add", "device_add", *copy, "job-dismiss")
-    target = Path(target).absolute()
-    device_target = raw and target.is_block_device()
-    if not device_target and (target.exists() or target.is_symlink()):
+    if isinstance(target, IscsiSource):
+        _check_lun_target(target, raw)
+        device_target = True  # an existing target: nothing to create or remove
+    else:
+        target = _local_target(target)
+        device_target = raw and target.is_block_device()
+    if isinstance(target, Path) and not device_target and (target.exists() or target.is_symlink()):
         raise ConfigError(
             "target",
             f"{target} exists; a live restore writes a new file"
@@ -154,7 +161,7 @@ async def restore_live(
         )
     with repo.lock(exclusive=False):
         size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
-        if device_target:
+        if isinstance(target, Path) and device_target:
             _check_device_size(target, size)
         call = _Call(
             vm=vm,
@@ -191,9 +198,9 @@ class _Call:
     vm_name: str
     point: str
     device: str  # the disk of the point
-    target: Path
+    target: Path | IscsiSource
     size: int  # the disk's
-    device_target: bool  # ``target`` is an existing block device
+    device_target: bool  # ``target`` exists (a block device or a LUN): not created, not removed
     interface: Interface
     control: JobControl
     started: float  # time.monotonic() at the call
@@ -211,6 +218,7 @@ class _Copied:
 
 async def _restore_qcow2(call: _Call) -> _Copied:
     """The qcow2 target's path (``call.device_target`` is always false here)."""
+    assert isinstance(call.target, Path)
     journaled = call.vm.run_dir is not None
     async with _serving(call) as export:
         base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
@@ -246,6 +254,42 @@ def _attached(vm: VM, device_id: str, point: str, started: float) -> float:
     return attached
 
 
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*:/")
+
+
+def _local_target(target: Path | str) -> Path:
+    """A file or block device target; a URL other than an iSCSI source is refused (a Path
+    has folded its ``//`` into ``/``)."""
+    if _URL.match(str(target)):
+        raise ConfigError(
+            "target",
+            f"{target}: a live restore writes a local file, a block device or an iSCSI LUN "
+            "(given as an IscsiSource, or iscsi://host[:port]/iqn/lun to the CLI), not this URL",
+        )
+    return Path(target).absolute()
+
+
+def _check_lun_target(target: IscsiSource, raw: bool) -> None:
+    if not raw:
+        raise ConfigError(
+            "target_format",
+            f"{target.url}: a LUN is written raw; a qcow2 live restore (block-stream) writes a "
+            "new local file. Way out: target format raw (the CLI's -O raw)",
+        )
+    if target.password_file is not None:
+        raise ConfigError(
+            "target",
+            f"{target.url}: a LUN with CHAP credentials is not a live-restore target yet. "
+            "Way out: restore --live into a new raw file, then copy it onto the LUN with "
+            "`qemu-img convert -n` while nothing uses it",
+        )
+
+
+def _target_name(target: Path | IscsiSource) -> str:
+    """How records and messages name a target (a LUN by its URL, never credentials)."""
+    return target.url if isinstance(target, IscsiSource) else str(target)
+
+
 def _check_device_size(path: Path, size: int) -> None:
     with open(path, "rb") as dev:
         have = dev.seek(0, os.SEEK_END)
@@ -263,6 +307,7 @@ async def _restore_raw(call: _Call) -> _Copied:
     if call.device_target:
         overlay = Path(call.vm.run_dir or tempfile.gettempdir()) / f"live-overlay-{tag}.qcow2"
     else:
+        assert isinstance(call.target, Path)
         overlay = call.target.parent / f".{call.target.name}.live-overlay-{tag}.qcow2"
         await _images.create(call.target, ImageFormat.RAW, size=call.size)
     try:
@@ -280,6 +325,8 @@ async def _restore_raw(call: _Call) -> _Copied:
             try:
                 for node in target_nodes:
                     await wire.blockdev_add(call.vm.session, node)
+                    if node is target_nodes[0] and isinstance(call.target, IscsiSource):
+                        await _check_lun_size(call, str(node["node-name"]))
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await _detach(call.vm, info.device_id, record.nodes)
@@ -301,25 +348,58 @@ async def _restore_raw(call: _Call) -> _Copied:
     except BaseException:
         # A new file target nothing writes to any more (the mirror never started, or it was
         # taken away with the device) goes; one the device may still use stays.
-        if not call.device_target and not overlay.exists():
+        if not call.device_target and isinstance(call.target, Path) and not overlay.exists():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(call.target)
         raise
     return _Copied(info.device_id, attached, result)
 
 
+async def _check_lun_size(call: _Call, node: str) -> None:
+    """The LUN's node was just added: it must hold the disk (else deleted, and refused)."""
+    have = next(
+        (n.virtual_size or 0 for n in await call.vm.block_nodes() if n.node_name == node), 0
+    )
+    if have < call.size:
+        await delete_nodes(call.vm, [node], event="blockctl.backup.live_node_kept")
+        raise ConfigError(
+            "target",
+            f"{_target_name(call.target)} holds {have} bytes, the disk {call.size}: give a LUN "
+            "at least as large (grow its backing store, then make its LU again)",
+        )
+
+
 def _target_nodes(
-    nodes: Sequence[Any], image: str, target: Path, size: int, device_target: bool
+    nodes: Sequence[Any],
+    image: str,
+    target: Path | IscsiSource,
+    size: int,
+    device_target: bool,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The raw target's nodes (bottom-up), with the overlay's cache and discard options."""
     overlay_file = next(n for n in nodes if n["node-name"] == f"{image}-file")
     name = f"{image}-target"
-    file_node = {
-        **overlay_file,
-        "driver": "host_device" if device_target else "file",
-        "node-name": f"{name}-file",
-        "filename": str(target),
-    }
+    file_node: dict[str, Any]
+    if isinstance(target, IscsiSource):
+        # QEMU's own initiator (libiscsi) opens the LUN: no kernel session, no device node.
+        file_node = {
+            "driver": "iscsi",
+            "node-name": f"{name}-file",
+            "transport": "tcp",
+            "portal": target.portal,
+            "target": target.target,
+            "lun": target.lun,
+            "cache": overlay_file.get("cache"),
+            "initiator-name": target.initiator_name,
+        }
+        file_node = {k: v for k, v in file_node.items() if v is not None}
+    else:
+        file_node = {
+            **overlay_file,
+            "driver": "host_device" if device_target else "file",
+            "node-name": f"{name}-file",
+            "filename": str(target),
+        }
     raw = {
         "driver": "raw",
         "node-name": name,
@@ -345,7 +425,7 @@ async def _begin_mirror(
         before=tuple(n.name for n in chain),
         after=(str(target_nodes[-1]["node-name"]),),
         files_before=tuple(str(n.filename) for n in chain),
-        files_after=(str(call.target),),
+        files_after=(_target_name(call.target),),
         formats_before=tuple(n.driver for n in chain),
     )
     server = _server_record(call, export)
@@ -361,7 +441,8 @@ async def _begin_mirror(
         add_nodes={device_id: tuple(target_nodes)},
         server=server,
         what=(
-            f"live restore of {call.device} ({call.point}) into {call.target} (raw) on {device_id}"
+            f"live restore of {call.device} ({call.point}) into {_target_name(call.target)} "
+            f"(raw) on {device_id}"
         ),
     )
     return _journal.begin(call.vm, intent)
@@ -570,6 +651,7 @@ async def _begin(call: _Call, device_id: str, export: PointExport) -> _journal.O
         delete_files=False,
     )
     server = _server_record(call, export)
+    assert isinstance(call.target, Path)
     what = f"live restore of {call.device} ({call.point}) into {call.target.name} on {device_id}"
     return _journal.begin(call.vm, replace(intent, server=server, what=what))
 

@@ -20,7 +20,7 @@ from blockctl._jobs import JobIOError, JobProgress, JobTransition, StructlogJobH
 from blockctl._machine import attach
 from blockctl._ops import drives
 from blockctl.errors import ConfigError
-from blockctl.types import Drive, ImageFormat, coerce_enum, parse_size
+from blockctl.types import Drive, ImageFormat, IscsiSource, coerce_enum, parse_size
 
 if TYPE_CHECKING:
     from blockctl import backup as backup_ops
@@ -321,7 +321,10 @@ class RestoreCommand(Command):
         parser.add_argument("vm")
         parser.add_argument("backup_id")
         parser.add_argument("device")
-        parser.add_argument("dest", type=Path)
+        parser.add_argument(
+            "dest",
+            help="a new file, a block device, or (--live -O raw) iscsi://host[:port]/iqn/lun",
+        )  # a str: a Path would fold a URL's // into /
         repo_options(parser)
         parser.add_argument("-O", "--output-format", default="qcow2", choices=["qcow2", "raw"])
         parser.add_argument(
@@ -331,7 +334,8 @@ class RestoreCommand(Command):
             "--live",
             action="store_true",
             help="with --attach: attach the disk at once and copy the point into it while the "
-            "guest uses it (-O raw: a new raw file or a block device, mirrored from an overlay)",
+            "guest uses it (-O raw: a new raw file, a block device or an iscsi:// LUN, mirrored "
+            "from an overlay)",
         )
         parser.add_argument("--speed", help="--live: bytes/s limit of the copy (e.g. 50M)")
         parser.add_argument(
@@ -377,6 +381,11 @@ class RestoreCommand(Command):
     async def _live(
         self, args: argparse.Namespace, repo: backup_ops.Repository, fmt: ImageFormat
     ) -> int:
+        target: Path | IscsiSource = (
+            IscsiSource.from_url(args.dest, "dest")
+            if args.dest.startswith("iscsi://")
+            else Path(args.dest).absolute()
+        )
         async with attach(args.attach, vm_name=args.vm_name) as vm:
             result = await backup_ops.restore_live(
                 vm,
@@ -384,14 +393,15 @@ class RestoreCommand(Command):
                 args.vm,
                 args.backup_id,
                 args.device,
-                args.dest.absolute(),
+                target,
                 control=job_control(args, job_hooks(args, "restore")),
                 target_format=fmt,
             )
+        where = result.path.url if isinstance(result.path, IscsiSource) else str(result.path)
         emit(
             args,
             {
-                "restored": str(result.path),
+                "restored": where,
                 "format": fmt.value,
                 "device": args.device,
                 "point": args.backup_id,
@@ -403,6 +413,6 @@ class RestoreCommand(Command):
             },
             f"restored {args.device} of {args.backup_id} live into {args.attach} as "
             f"{result.device_id} (attached after {result.seconds_to_attach:.2f} s, standalone "
-            f"on {result.path} after {result.seconds:.2f} s)",
+            f"on {where} after {result.seconds:.2f} s)",
         )
         return 0

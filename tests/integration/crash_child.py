@@ -2,11 +2,12 @@
 
 ``python -m tests.integration.crash_child VM KIND STEP JSON`` — KIND is ``commit``,
 ``stream``, ``snapshot``, ``backup``, ``live`` (a live restore: ``repo``, ``point``,
-``device``, ``target``, ``speed``) or ``live-raw`` (the same, into a new raw file); STEP a
-:class:`blockctl._journal.Step` value (for a backup: a name in ``blockctl.backup.STEPS``, or
-``copy``; ``frozen``: right after a quiesced operation's freeze is confirmed, via
-``_agent.FAILPOINT``); JSON the operation's keyword arguments (for a backup: ``repo``, and
-optionally ``kind``, ``devices`` and ``scratch_dir``). The process SIGKILLs itself right
+``device``, ``target``, ``speed``) or ``live-raw`` (the same, into a new raw file, a block
+device or an ``iscsi://`` LUN); STEP a :class:`blockctl._journal.Step` value (for a
+backup: a name in ``blockctl.backup.STEPS``, or ``copy``; ``frozen``: right after a
+quiesced operation's freeze is confirmed, via ``_agent.FAILPOINT``); JSON the operation's
+keyword arguments (for a backup: ``repo``, and optionally ``kind``, ``devices`` and
+``scratch_dir``). The process SIGKILLs itself right
 after the journal record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup, at
 the backup's failpoint STEP (``copy``: at the first progress record of the read, with the
 fleecing job, nodes and export live): the crash point is exact, never a race. Exit code 3:
@@ -31,7 +32,7 @@ from blockctl._machine import attach
 from blockctl._ops import chains
 from blockctl.backup import BackupOptions
 from blockctl.jobs import JobControl
-from blockctl.types import ImageFormat
+from blockctl.types import ImageFormat, IscsiSource
 
 
 def die_at(kind: str, step: str) -> None:
@@ -93,7 +94,11 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
                 vm_name,
                 kwargs["point"],
                 kwargs["device"],
-                Path(kwargs["target"]),
+                (
+                    IscsiSource.from_url(kwargs["target"])
+                    if kwargs["target"].startswith("iscsi://")
+                    else Path(kwargs["target"])
+                ),
                 control=JobControl(speed=kwargs.get("speed")),
                 target_format=ImageFormat.RAW if kind == "live-raw" else ImageFormat.QCOW2,
             )

@@ -801,13 +801,15 @@ def server_pid(intent: Intent) -> int:
 
 
 @pytest.mark.guest
-@pytest.mark.parametrize("fmt", FILE_TARGETS)
-@pytest.mark.parametrize("at", KILL_POINTS)
+@pytest.mark.parametrize(
+    ("at", "fmt"), [*((at, fmt) for fmt in FILE_TARGETS for at in KILL_POINTS), ("mid", "device")]
+)
 async def test_a_server_killed_during_the_copy_then_recover_puts_in_a_new_one_and_finishes(
     guest: GuestImage,
     images: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    loop_devices: Callable[[Path], Awaitable[Path]],
     at: str,
     fmt: str,
 ) -> None:
@@ -820,11 +822,12 @@ async def test_a_server_killed_during_the_copy_then_recover_puts_in_a_new_one_an
     nothing is read from the server any more; the controller's cleanup finishes (the dead
     server's nodes deleted, the server found gone) and leaves ``recover`` nothing. Each: the
     point plus the guest's writes, standalone; the repository unchanged, no server, no
-    overlay, no record."""
+    overlay, no record. A block device target (a loop device 1 MiB larger than the disk):
+    mid-copy only."""
     live_target = LIVE_TARGETS[fmt]
     repo = backup.init_repository(tmp_path / "repo")
     disk = await qcow2_image(images / "s0.qcow2", b"", live_target.mib * MIB)
-    target = images / f"live.{live_target.format.value}"
+    target = await target_path(live_target, images, loop_devices)
     watch = StreamWatch()
     raised: list[BaseException] = []
     returned = anyio.Event()
@@ -888,7 +891,7 @@ async def test_a_server_killed_during_the_copy_then_recover_puts_in_a_new_one_an
         assert nbdkit_pids_under(vm.run_dir) == []
         assert not list(vm.run_dir.glob("journal-*.json"))
         assert not list(vm.run_dir.glob("nbd-*"))
-        assert overlays(images) == []
+        assert live_target.overlays(images, vm.run_dir) == []
         assert not {n for n in await node_names(vm) if n.startswith("bclr")}
         (drive,) = [d for d in await drives.list_drives(vm) if d.device_id == attached["device"]]
         assert [n.node_name for n in drive.chain] == [drive.top_node]

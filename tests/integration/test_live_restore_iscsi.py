@@ -1,0 +1,272 @@
+"""Live restore into an iSCSI LUN (issue 18): the guest's disk runs on a temporary qcow2
+overlay over the backup's NBD server, mirrored (write-blocking) into a LUN that QEMU's own
+initiator opens (node ``iscsi``, no kernel session); at READY the device pivots onto the
+LUN's raw node. tgtd is test_storage_iscsi.py's fixture; its LUN files are read after."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from blockctl import GuestImage, backup, open_vm
+from blockctl import attach as attach_vm
+from blockctl._backup import live
+from blockctl._jobs import JobControl
+from blockctl._qmp import wire
+from blockctl.errors import ConfigError
+from blockctl.types import ImageFormat
+from tests.integration.conftest import MIB, qcow2_image, run, running, sha256, truth_check
+from tests.integration.test_backup import config, disk_sha
+from tests.integration.test_live_restore import (
+    RAW_DISK_MIB,
+    RAW_WRITES,
+    ROOT,
+    WAIT_VDB,
+    StreamWatch,
+    fill,
+    guest_fill,
+    nbdkit,  # noqa: F401 (the fixture: nbdkit is required)
+    nbdkit_pids_under,
+    node_names,
+    overlays,
+    read_sha,
+    reference,
+    tree_digest,
+)
+from tests.integration.test_storage_iscsi import Tgt, tgt  # noqa: F401 (tgt: the fixture)
+
+DISK_MIB = RAW_DISK_MIB
+#: The LUN the restore writes: 1 MiB larger than the disk (its last MiB must stay as it was).
+LUN = 2
+
+
+def lun_ready(server: Tgt, lun: int = LUN) -> bytes:
+    """LUN ``lun`` grown to the disk + 1 MiB (its pattern kept); returns its last MiB."""
+    server.grow(lun, (DISK_MIB + 1) * MIB)
+    with open(server.backing[lun - 1], "rb") as file:
+        file.seek(DISK_MIB * MIB)
+        return file.read()
+
+
+async def lun_equals(server: Tgt, want: Path, tail: bytes, lun: int = LUN) -> None:
+    """LUN ``lun``'s file holds ``want`` (``qemu-img compare``) over the disk's size, and
+    ``tail`` after it."""
+    lun_file = server.backing[lun - 1]
+    await run(
+        "qemu-img", "compare", "--image-opts",
+        f"driver=raw,size={DISK_MIB * MIB},file.driver=file,file.filename={lun_file}",
+        f"driver=raw,file.driver=file,file.filename={want}",
+    )  # fmt: skip
+    with open(lun_file, "rb") as file:
+        file.seek(DISK_MIB * MIB)
+        assert file.read() == tail
+
+
+@pytest.mark.guest
+async def test_live_restore_into_an_iscsi_lun_while_the_guest_reads_and_writes(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    tgt: Tgt,  # noqa: F811
+) -> None:
+    """Refused first, nothing changed: a qcow2 target on a LUN, a LUN with CHAP, a LUN
+    smaller than the disk (LUN 1, 16 MiB: its node is added, measured, deleted). Then into
+    LUN 2 while the guest reads the whole disk and writes during the copy."""
+    repo = backup.init_repository(tmp_path / "repo", chunk_size=256 * 1024)
+    disk = await qcow2_image(images / "d0.qcow2", b"", DISK_MIB * MIB)
+    tail = lun_ready(tgt)
+    target = tgt.source(LUN)
+    watch = StreamWatch()  # the mirror's id, once it runs
+    async with open_vm(config(guest, "lri", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await guest_fill(vm, "vda", 0, 64, 0x41)
+        await guest_fill(vm, "vda", 128, 64, 0x42)
+        point = await backup.create(vm, repo)
+        at_point = await disk_sha(vm, "vda", DISK_MIB)
+        before = await node_names(vm)
+        assert vm.run_dir is not None
+        password = tmp_path / "chap"
+        password.write_text("secret")
+        password.chmod(0o600)
+        refusals = (
+            (target, ImageFormat.QCOW2, "target_format", "a LUN is written raw"),
+            (
+                tgt.source(LUN, user="u", password_file=password),
+                ImageFormat.RAW,
+                "target",
+                "CHAP",
+            ),
+            (tgt.source(1), ImageFormat.RAW, "target", "give a LUN at least as large"),
+        )
+        for bad, fmt, field, says in refusals:
+            with pytest.raises(ConfigError) as refused:
+                await backup.restore_live(
+                    vm, repo, "lri", point.id, "disk0", bad, target_format=fmt
+                )
+            assert refused.value.field == field and says in str(refused.value), refused.value
+            assert await node_names(vm) == before
+            assert set(vm.registry.drives) == {"disk0"}
+            assert await wire.query_jobs(vm.session) == ()
+            assert overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
+            assert not list(vm.run_dir.glob("journal-*.json"))
+        results: list[live.LiveRestoreResult] = []
+
+        async def restore() -> None:
+            # 1 byte/s: the mirror copies one request, then waits for the speed change below.
+            results.append(
+                await backup.restore_live(
+                    vm,
+                    repo,
+                    "lri",
+                    point.id,
+                    "disk0",
+                    target,
+                    control=JobControl(speed=1, hooks=(watch,)),
+                    target_format=ImageFormat.RAW,
+                )
+            )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(restore)
+            await watch.running.wait()
+            assert watch.job_id is not None
+            await vm.console.check(WAIT_VDB)  # type: ignore[union-attr]
+            assert len(overlays(vm.run_dir)) == 1  # (a LUN's overlay: in the run directory)
+            assert await disk_sha(vm, "vdb", DISK_MIB) == at_point
+            for offset, kib, byte in RAW_WRITES:
+                await guest_fill(vm, "vdb", offset, kib, byte)
+            during = await disk_sha(vm, "vdb", DISK_MIB)
+            jobs = await wire.query_jobs(vm.session)
+            assert [(j.id, j.type) for j in jobs] == [(watch.job_id, "mirror")]
+            await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+        (result,) = results
+        assert result.path == target
+        assert result.job.completed_on_ready and result.job.offset == result.job.length
+        assert await disk_sha(vm, "vdb", DISK_MIB) == during
+        record = vm.registry.drives[result.device_id]
+        assert [n["driver"] for n in record.nodes] == ["iscsi", "raw"]
+        assert (record.nodes[0]["portal"], record.nodes[0]["lun"]) == (tgt.portal, LUN)
+        # The LUN's raw node is the disk's size, not the (larger) LUN's.
+        sizes = {n.node_name: n.virtual_size for n in await vm.block_nodes()}
+        assert sizes[record.nodes[-1]["node-name"]] == DISK_MIB * MIB
+        assert await node_names(vm) == before | set(record.node_names)
+        assert await wire.query_jobs(vm.session) == ()
+        assert overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
+        assert not list(vm.run_dir.glob("journal-*.json"))
+        await truth_check(vm)
+    want = await reference(repo, "lri", point.id, tmp_path / "reference.raw", RAW_WRITES)
+    assert sha256(want.read_bytes()) == during
+    await lun_equals(tgt, want, tail)
+
+
+@pytest.mark.guest
+async def test_a_controller_killed_mid_mirror_into_a_lun_then_recover_finishes(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    runtime_dir: Path,
+    tgt: Tgt,  # noqa: F811
+) -> None:
+    """The CLI first: `restore --live URL` without -O raw is refused (nothing changed);
+    then a controller (another process) SIGKILLed with its mirror into the LUN running at
+    1 B/s; the guest reads the disk whole and writes; `blockctl recover` finishes: the
+    device on the LUN alone, no server, overlay, record or job; the LUN's file equals the
+    point plus the guest's writes, the repository unchanged. Last, `restore --live -O raw
+    URL` from the CLI into LUN 1: its file then holds the point."""
+    from tests.integration.test_attach_cli import cli
+    from tests.integration.test_backup_faults import detached
+
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "k0.qcow2", b"", DISK_MIB * MIB)
+    tail = lun_ready(tgt)
+    tail1 = lun_ready(tgt, 1)
+    url = tgt.source(LUN).url
+    run_dir = runtime_dir / "lrj"
+    async with detached(guest, "lrj", disk) as console:
+        await console.check(
+            "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
+        )
+        async with attach_vm("lrj") as vm:
+            point = await backup.create(vm, repo)
+            before = await node_names(vm)
+        hashes = tree_digest(repo.path)
+        want = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
+        restore = ("restore", "lrj", point.id, "disk0", url, "--repo", repo.path)
+        refused = await cli(*restore, "--attach", "lrj", "--live", check=False)
+        assert refused.returncode != 0 and "a LUN is written raw" in refused.stderr, refused
+        async with attach_vm("lrj") as vm:
+            assert await node_names(vm) == before and set(vm.registry.drives) == {"disk0"}
+        assert nbdkit_pids_under(run_dir) == [] and overlays(run_dir) == []
+        arguments = {
+            "repo": str(repo.path),
+            "point": point.id,
+            "device": "disk0",
+            "target": url,
+            "speed": 1,
+        }
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        argv = [sys.executable, "-m", "tests.integration.crash_child", "lrj"]
+        killed = await anyio.run_process(
+            [*argv, "live-raw", "running", json.dumps(arguments)], check=False, env=env
+        )
+        assert killed.returncode == -9, killed.stderr.decode()
+        (server,) = nbdkit_pids_under(run_dir)
+        (record,) = list(run_dir.glob("journal-*.json"))
+        written = json.loads(record.read_text())
+        assert written["kind"] == "mirror" and written["server"]["pid"] == server
+        assert len(overlays(run_dir)) == 1
+        await console.check(WAIT_VDB)
+        assert (await console.check(read_sha("vdb", DISK_MIB))).split()[0] == want
+        for write_ in RAW_WRITES:
+            await console.check(fill("vdb", *write_))
+        during = (await console.check(read_sha("vdb", DISK_MIB))).split()[0]
+        done = json.loads((await cli("recover", "lrj", "--json")).stdout)
+        (result,) = [r for r in done["operations"] if r["kind"] == "mirror"]
+        assert result["verdict"] == "finished", result
+        assert nbdkit_pids_under(run_dir) == [] and not running(server)
+        assert not list(run_dir.glob("journal-*.json"))
+        assert overlays(run_dir) == []
+        assert (await console.check(read_sha("vdb", DISK_MIB))).split()[0] == during
+        async with attach_vm("lrj") as vm:
+            assert await wire.query_jobs(vm.session) == ()
+            (device,) = set(vm.registry.drives) - {"disk0"}
+            nodes = vm.registry.drives[device].nodes
+            assert [n["driver"] for n in nodes] == ["iscsi", "raw"]
+            assert await node_names(vm) == before | set(vm.registry.drives[device].node_names)
+            await truth_check(vm)
+        restored = json.loads(
+            (
+                await cli(
+                    *restore[:4],
+                    tgt.source(1).url,
+                    *restore[5:],
+                    "--attach",
+                    "lrj",
+                    "--live",
+                    "-O",
+                    "raw",
+                    "--json",
+                )
+            ).stdout
+        )
+        assert restored["live"] is True and restored["restored"] == tgt.source(1).url
+        async with attach_vm("lrj") as vm:
+            added = vm.registry.drives[restored["attached"]]
+            assert [(n["driver"], n.get("lun")) for n in added.nodes] == [
+                ("iscsi", 1),
+                ("raw", None),
+            ]
+            await truth_check(vm)
+        assert nbdkit_pids_under(run_dir) == [] and overlays(run_dir) == []
+    assert tree_digest(repo.path) == hashes
+    plain = tmp_path / "plain.raw"
+    await backup.restore(repo, "lrj", point.id, "disk0", plain, ImageFormat.RAW)
+    await lun_equals(tgt, plain, tail1, lun=1)
+    want_file = await reference(repo, "lrj", point.id, tmp_path / "r.raw", RAW_WRITES)
+    assert sha256(want_file.read_bytes()) == during
+    await lun_equals(tgt, want_file, tail)
