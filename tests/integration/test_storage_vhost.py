@@ -629,3 +629,65 @@ async def test_vhost_user_blk_stream_in_daemon(
     flat = tmp_path / "flat.raw"
     await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", overlay, flat)
     assert sha256(flat.read_bytes()) == view
+
+
+async def test_vhost_user_blk_and_qemu_disk_incrementals_each_from_its_own_point(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A daemon's disk and a QEMU disk of one VM backed up separately into one repository:
+    full of the daemon's disk, full of QEMU's, then an incremental of each is incremental
+    from that disk's own last point (not a fallback to full because the other disk's point came
+    between), reads less than the disk, and restores to the whole disk as the guest read it."""
+    qemu_data = await raw_image(tmp_path / "q.raw", pattern(321, 8 * MIB))
+    qemu_img = tmp_path / "q.qcow2"
+    await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", qemu_data, qemu_img)
+    daemon_data = await raw_image(tmp_path / "d.raw", pattern(322, DISK_SIZE))
+    daemon_img = tmp_path / "d.qcow2"
+    await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", daemon_data, daemon_img)
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    config = base_config(
+        guest,
+        Drive(file=qemu_img, format=ImageFormat.QCOW2),
+        vhost_drive(daemon_img, ImageFormat.QCOW2),
+        name="vhostalt",
+    )
+    async with open_vm(config) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        assert set(vm.daemons.running) == {"disk1"}
+        # Which vdX is which: the guest's sizes (512-byte sectors).
+        by_size = {
+            int(await sh(vm, f"cat /sys/block/{d}/size")) * 512: d for d in await guest_disks(vm)
+        }
+        vq, vd = by_size[8 * MIB], by_size[DISK_SIZE]
+
+        full_d = await backup_ops.backup(vm, repo, kind="full", devices=["disk1"])
+        await guest_write_read(vm, vd, 41, 3)
+        full_q = await backup_ops.backup(vm, repo, kind="full", devices=["disk0"])
+        assert [d.device for d in full_d.disks] == ["disk1"]
+        assert [d.device for d in full_q.disks] == ["disk0"]
+        await guest_write_read(vm, vd, 42, 7)
+        await guest_write_read(vm, vq, 43, 2)
+        d_view, q_view = await guest_view(vm, vd), await guest_view(vm, vq)
+
+        inc_d = await backup_ops.backup(vm, repo, kind="incremental", devices=["disk1"])
+        assert (inc_d.kind, inc_d.parent, inc_d.fallback_reason) == (
+            "incremental",
+            full_d.id,
+            None,
+        )
+        assert 0 < inc_d.bytes_read < DISK_SIZE
+        inc_q = await backup_ops.backup(vm, repo, kind="incremental", devices=["disk0"])
+        assert (inc_q.kind, inc_q.parent, inc_q.fallback_reason) == (
+            "incremental",
+            full_q.id,
+            None,
+        )
+        assert 0 < inc_q.bytes_read < 8 * MIB
+        await guest_write_read(vm, vd, 44, 11)  # after the points
+        await guest_write_read(vm, vq, 45, 5)
+
+        for point, device, view in ((inc_d, "disk1", d_view), (inc_q, "disk0", q_view)):
+            out = tmp_path / f"{device}.raw"
+            await backup_ops.restore(repo, "vhostalt", point.id, device, out, ImageFormat.RAW)
+            assert sha256(out.read_bytes()) == view
