@@ -14,7 +14,9 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -48,6 +50,7 @@ from tests.integration.conftest import (
     sha256,
     truth_check,
 )
+from tests.integration.test_clients import blockctl_process, finish
 from tests.integration.test_crash import kill_controller_at, recover_cli
 
 pytestmark = pytest.mark.guest
@@ -691,3 +694,80 @@ async def test_vhost_user_blk_and_qemu_disk_incrementals_each_from_its_own_point
             out = tmp_path / f"{device}.raw"
             await backup_ops.restore(repo, "vhostalt", point.id, device, out, ImageFormat.RAW)
             assert sha256(out.read_bytes()) == view
+
+
+async def test_vhost_user_blk_backup_in_daemon_listed_paused_and_cancelled_by_another_process(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A backup of a daemon's disk run by the CLI in one process is listed by ``blockctl jobs
+    VM`` from another (its job is the daemon's, not QEMU's: the row names the daemon's
+    monitor, the copy's progress and pid), paused and cancelled from there: the backup ends
+    with ``JobCancelledByOther``, no point is recorded, and the daemon's nodes, exports, jobs
+    and checkpoint bitmaps are as before."""
+    qemu_img = tmp_path / "q.qcow2"
+    await run("qemu-img", "create", "-f", "qcow2", qemu_img, str(8 * MIB))
+    daemon_data = await raw_image(tmp_path / "d.raw", pattern(331, DISK_SIZE))
+    daemon_img = tmp_path / "d.qcow2"
+    await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", daemon_data, daemon_img)
+    repo = tmp_path / "repo"
+    await cli_json("backup", "init", "--repo", str(repo), "--chunk-size", "256K")
+    config = base_config(
+        guest,
+        Drive(file=qemu_img, format=ImageFormat.QCOW2),
+        vhost_drive(daemon_img, ImageFormat.QCOW2),
+        name="vhostjobs",
+    )
+    async with open_vm(config) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        before = await daemon_nodes(vm, "disk1")
+        qemu_before = await qemu_state(vm)
+        async with blockctl_process(
+            "backup",
+            "create",
+            "vhostjobs",
+            "--repo",
+            str(repo),
+            "--disk",
+            "disk1",
+            "--speed",
+            "256K",
+            "--json",
+        ) as backer:
+
+            async def row(until: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+                with anyio.fail_after(120):
+                    while True:
+                        rows = await cli_json("jobs", "vhostjobs", "--sample", "0")
+                        mine = [r for r in rows if r["driven_by"] == backer.pid]
+                        assert len(mine) <= 1, rows
+                        if mine and until(mine[0]):
+                            return mine[0]  # type: ignore[no-any-return]
+                        await anyio.sleep(0.2)
+
+            first = await row(lambda r: r["total"] > 0)
+            assert (first["type"], first["status"], first["monitor"]) == (
+                "backup",
+                "running",
+                "qsd:disk1",
+            )
+            assert first["total"] == DISK_SIZE and first["speed"] == 256 * 1024
+            assert await vm.command("query-jobs") == []  # not QEMU's job
+            job_id = first["id"]
+            paused = await cli_json("jobs", "vhostjobs", "pause", job_id)
+            assert paused["by"] == "backup"
+            held = await row(lambda r: r["status"] == "paused")
+            assert held["done"] < held["total"]
+            cancelled = await cli_json("jobs", "vhostjobs", "cancel", job_id)
+            assert cancelled["by"] == "backup"
+            code, out, err = await finish(backer)
+        assert code == 3, (out, err)
+        assert json.loads(out)["error"]["type"] == "JobCancelledByOther"
+        assert await daemon_nodes(vm, "disk1") == before
+        assert await qemu_state(vm) == qemu_before
+        async with vm.daemons.running["disk1"].qmp() as session:
+            details = await wire.query_named_block_node_details(session)
+        assert [b.name for n in details for b in n.dirty_bitmaps] == []  # no checkpoint left
+        assert await cli_json("backup", "list", "vhostjobs", "--repo", str(repo)) == []
+        assert not list((vm.run_dir / "disk1-qsd.ops").glob("control/*.sock"))
+        await truth_check(vm)
