@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -771,3 +772,50 @@ async def test_vhost_user_blk_backup_in_daemon_listed_paused_and_cancelled_by_an
         assert await cli_json("backup", "list", "vhostjobs", "--repo", str(repo)) == []
         assert not list((vm.run_dir / "disk1-qsd.ops").glob("control/*.sock"))
         await truth_check(vm)
+
+
+async def test_vhost_user_blk_offline_recover_reports_and_drops_a_daemons_record(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A controller killed in a snapshot of a daemon's disk leaves its record in the disk's
+    operations directory; then QEMU is killed (its daemon with it). ``blockctl recover``
+    (another process) finds QEMU gone and reports that record as QEMU's own offline records
+    are reported (the disk's top on disk: the overlay, backing onto the base), naming the
+    daemon, and drops it."""
+    base = await raw_image(tmp_path / "base.raw", pattern(341, DISK_SIZE))
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    async with open_vm(
+        base_config(guest, vhost_drive(base, ImageFormat.RAW), name="vhostoff")
+    ) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        ops_dir = vm.run_dir / "disk0-qsd.ops"
+        await kill_controller_at(
+            "vhostoff", "snapshot", "switching", tag="k1", directory=str(overlays), device="disk0"
+        )
+        assert len(list(ops_dir.glob("journal-*"))) == 1
+        daemon = vm.daemons.running["disk0"]
+        os.kill(vm.process.pid, signal.SIGKILL)
+        await vm.process.wait()
+        with anyio.fail_after(60):  # a bound on a hang, not a measured time
+            await daemon.process.wait()
+        assert len(list(ops_dir.glob("journal-*"))) == 1  # kept: it holds a record
+        done = await anyio.run_process(
+            [sys.executable, "-m", "blockctl", "recover", "vhostoff", "--json"],
+            check=False,
+            env=dict(os.environ),
+        )
+        assert done.returncode == 0, (done.stdout, done.stderr[-2000:])
+        report = json.loads(done.stdout)
+        assert report["qemu_running"] is False
+        (op,) = report["operations"]
+        assert (op["kind"], op["step"], op["verdict"]) == ("snapshot", "switching", "qemu-gone")
+        assert "disk0's qemu-storage-daemon" in op["what"]
+        # As for QEMU's disks: once the switch may have been sent, the overlay is the top
+        # either way (it holds the writes after it, or none and backs onto the base).
+        (k1,) = overlays.glob("*-k1.qcow2")
+        assert op["tops"] == {"disk0": str(k1)}
+        info = json.loads(await run("qemu-img", "info", "--output=json", k1))
+        assert info["full-backing-filename"] == str(base)
+        assert not list(ops_dir.glob("journal-*"))
