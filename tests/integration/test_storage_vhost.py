@@ -819,3 +819,45 @@ async def test_vhost_user_blk_offline_recover_reports_and_drops_a_daemons_record
         info = json.loads(await run("qemu-img", "info", "--output=json", k1))
         assert info["full-backing-filename"] == str(base)
         assert not list(ops_dir.glob("journal-*"))
+
+
+async def test_vhost_user_blk_chain_shows_the_daemons_graph(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """``blockctl chain VM`` (another process) shows a daemon's disk's chain as its daemon
+    holds it (QEMU's graph has none of its nodes): one layer, then after an external snapshot
+    in the daemon the overlay over the base, each node's file as the daemon's QMP reports it."""
+    base = await raw_image(tmp_path / "base.raw", pattern(351, DISK_SIZE))
+    async with open_vm(
+        base_config(guest, vhost_drive(base, ImageFormat.RAW), name="vhostchain")
+    ) as vm:
+
+        async def daemon_files() -> dict[str, str | None]:
+            async with vm.daemons.running["disk0"].qmp() as session:
+                return {n.node_name: n.file for n in await wire.query_named_block_nodes(session)}
+
+        async def shown() -> tuple[list[str], dict[str, str | None]]:
+            data = await cli_json("chain", "vhostchain")
+            assert data["devices"] == []  # QEMU's graph: the disk's nodes are not there
+            (device,) = data["storage_daemons"]["disk0"]["devices"]
+            assert device["id"] == "disk0"
+            nodes = data["storage_daemons"]["disk0"]["nodes"]
+            return device["chain"], {n["node_name"]: n["filename"] for n in nodes}
+
+        chain, files = await shown()
+        assert files == await daemon_files()
+        assert [files[n] for n in chain if files[n] == str(base)] == [str(base)]
+        snap = await chains.external_snapshot(vm, "c1", tmp_path, devices=["disk0"])
+        overlay = str(snap.overlays["disk0"])
+        chain, files = await shown()
+        assert files == await daemon_files()
+        layers = [files[n] for n in chain]
+        assert layers.index(overlay) < layers.index(str(base))  # the overlay over the base
+        text = (await run_blockctl("chain", "vhostchain")).splitlines()
+        assert "disk0's qemu-storage-daemon:" in text
+        assert any(overlay in line for line in text)
+
+
+async def run_blockctl(*args: str) -> str:
+    done = await anyio.run_process([sys.executable, "-m", "blockctl", *args], env=dict(os.environ))
+    return done.stdout.decode()
