@@ -312,10 +312,14 @@ class VM:
         return _monitors.holders(self.pool, besides=self.monitor)
 
 
+#: The end of a vhost-user-blk disk's operations directory's name (:func:`daemon_journal_dir`).
+DAEMON_OPS_SUFFIX = "-qsd.ops"
+
+
 def daemon_journal_dir(run_dir: Path, device_id: str) -> Path:
     """Where the operations on ``device_id``'s qemu-storage-daemon keep their journal
     records and lock: the directory names the monitor that holds their nodes."""
-    return run_dir / f"{device_id}-qsd.ops"
+    return run_dir / f"{device_id}{DAEMON_OPS_SUFFIX}"
 
 
 class DaemonDisk(VM):

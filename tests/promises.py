@@ -802,9 +802,12 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_backup/operations.py",
-                find="    keep = {manifests[-1].id} if manifests else set()",
+                find=(
+                    "    keep = {m.id for m in (latest_holding(manifests, d) for d in devices) "
+                    "if m is not None}"
+                ),
                 replace="    keep: set[str] = set()",
-                what="prune may delete the newest point (the VM's checkpoint)",
+                what="prune may delete the newest point (each disk's checkpoint)",
             ),
         ),
     ),

@@ -4,7 +4,9 @@ reads bitmap states and returns transaction actions; it sends nothing.
 
 Each point P of repository R gets its own bitmap ``bc-<R id>-<P>`` on every disk, created
 in the transaction that fixes the point, so it records every write after P. At rest each disk
-has exactly one bitmap of R, enabled, named after R's latest point of that VM. A backup of R:
+has exactly one bitmap of R, enabled, named after R's latest point of that VM holding that
+disk (disks backed up apart, like a vhost-user-blk disk in its daemon and QEMU's disks, each
+have their own chain of points). A backup of R:
 
 1. ``settle`` (below), then in one transaction: add ``bc-R-N`` for the new point N; for an
    incremental, disable ``bc-R-L`` (frozen at the point: what changed since L) and start the
@@ -80,7 +82,8 @@ def plan(
     in_latest: bool,
 ) -> DiskCheckpoint:
     """The checkpoint of ``device`` for the repository: ``latest`` is the repository's newest
-    complete point of this VM, ``committed`` every point of it that has a manifest,
+    complete point of this VM holding this disk, ``committed`` every point of it that has a
+    manifest,
     ``in_latest`` whether that point holds this disk (at this size)."""
     prefix = repository_prefix(repository_id)
     mine = [b for b in bitmaps if b.name is not None and b.name.startswith(prefix)]
@@ -116,9 +119,9 @@ def plan(
             actions.append(wire.bitmap_remove_action(node, name))
     reason: str | None = None
     if latest is None:
-        reason = "the repository has no earlier backup of this VM"
+        reason = f"the repository has no earlier backup of this VM holding {device}"
     elif not in_latest:
-        reason = f"{device} is not in the last backup {latest} (added, or resized since)"
+        reason = f"{device} had another size in its last backup {latest} (resized since)"
     elif base is None:
         reason = (
             f"the VM has no checkpoint of the last backup {latest} on {device}: QEMU was "

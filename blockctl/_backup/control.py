@@ -326,10 +326,42 @@ async def ask(
     return reply  # type: ignore[no-any-return]
 
 
+def daemon_dirs(vm: VM) -> dict[str, Path]:
+    """Each vhost-user-blk disk's operations directory (device → directory): a backup of such
+    a disk runs in its qemu-storage-daemon and serves its control socket there."""
+    if vm.run_dir is None:
+        return {}
+    from blockctl._machine import daemon_journal_dir
+
+    return {
+        device: daemon_journal_dir(vm.run_dir, device)
+        for device, record in vm.registry.drives.items()
+        if record.daemon is not None
+    }
+
+
+async def daemon_backups(vm: VM) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """The backups running in ``vm``'s qemu-storage-daemons: (device, job id, the copy's
+    status), asked on their control sockets. Not on the daemon's QMP: the backup holds the
+    daemon's one monitor connection while it runs."""
+    found = []
+    for device, directory in sorted(daemon_dirs(vm).items()):
+        sockets = directory / CONTROL_DIR
+        if not sockets.is_dir():
+            continue
+        for path in sorted(sockets.glob("*.sock")):
+            job_id = path.name[: -len(".sock")]
+            reply = await ask(directory, job_id, "status")
+            if reply is not None:
+                found.append((device, job_id, reply))
+    return found
+
+
 async def control_job(vm: VM, job_id: str, action: str, *, speed: int | None = None) -> str:
     """``pause``, ``resume``, ``speed`` (``speed`` bytes/s; 0: no limit) or ``cancel`` the
     job ``job_id`` of ``vm``, whichever process started it. A backup's job goes to the backup's
-    process, which pauses, re-speeds or cancels its copy; any other job to QEMU. Returns which
+    process, which pauses, re-speeds or cancels its copy (a backup running in a vhost-user-blk
+    disk's daemon too); any other job to QEMU. Returns which
     of the two acted: ``"backup"`` or ``"qemu"``."""
     if action not in ("pause", "resume", "speed", "cancel"):
         raise ConfigError("action", f"{action!r}: pause, resume, speed or cancel")
@@ -339,9 +371,14 @@ async def control_job(vm: VM, job_id: str, action: str, *, speed: int | None = N
     # about to read its outcome.
     jobs = await adopt_jobs(vm.session, dismiss=not vm.other_clients())
     target = next((j for j in jobs if j.id == job_id), None)
-    if target is None:
-        raise ConfigError("job", f"no job {job_id!r} in {vm.name} (see `blockctl jobs`)")
     fields = {} if speed is None else {"speed": speed}
+    if target is None:
+        # A backup in a qemu-storage-daemon: its job is the daemon's, its copy's control in
+        # the disk's operations directory.
+        for directory in daemon_dirs(vm).values():
+            if await ask(directory, job_id, action, **fields) is not None:
+                return "backup"
+        raise ConfigError("job", f"no job {job_id!r} in {vm.name} (see `blockctl jobs`)")
     if await ask(vm.run_dir, job_id, action, **fields) is not None:
         return "backup"
     if action == "cancel":

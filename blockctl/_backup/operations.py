@@ -293,12 +293,20 @@ def _listens(path: Path) -> bool:
     return True
 
 
+def latest_holding(manifests: Sequence[Manifest], device: str) -> Manifest | None:
+    """The newest of ``manifests`` (oldest first) that holds ``device``. Each disk's chain of
+    points is its own: a point of other disks only (a vhost-user-blk disk's backup is taken in
+    its daemon, apart from QEMU's disks) neither ends nor breaks it, as its checkpoint bitmap
+    is only on the disks it holds."""
+    return next((m for m in reversed(manifests) if any(d.device == device for d in m.disks)), None)
+
+
 def _checkpoint(
     repo: Repository, device: str, node: GraphNode, manifests: Sequence[Manifest]
 ) -> checkpoints.DiskCheckpoint:
     """The repository's checkpoint of one disk (``manifests``: its complete points, oldest
     first)."""
-    latest = manifests[-1] if manifests else None
+    latest = latest_holding(manifests, device)
     return checkpoints.plan(
         device=device,
         node=node.name,
@@ -348,6 +356,7 @@ class _Disk:
     base: str | None  # the frozen bitmap an incremental reads (None: full)
     reason: str | None
     parent_index: DiskIndex | None
+    parent: str | None = None  # the point whose index an incremental starts from
     fleece: str = ""
     export: str = ""
     copier: ChunkCopier | None = None
@@ -535,7 +544,6 @@ async def _backup(
     if not chosen:
         raise ConfigError("devices", "no writable disk to back up")
     manifests = repo.manifests(vm.name)
-    latest = manifests[-1] if manifests else None
     point = new_point_id()
     bitmap = checkpoints.bitmap_name(repo.config.id, point)
     disks: list[_Disk] = []
@@ -549,6 +557,7 @@ async def _backup(
         base = plan.base if kind == "incremental" else None
         reason = plan.reason if kind == "incremental" else None
         parent_index: DiskIndex | None = None
+        latest = latest_holding(manifests, device)
         if base is not None and latest is not None:
             parent_index = repo.read_index(vm.name, latest.id, device)
             if parent_index.chunk_size != repo.chunk_size:
@@ -563,6 +572,7 @@ async def _backup(
                 base=base,
                 reason=reason,
                 parent_index=parent_index,
+                parent=None if base is None or latest is None else latest.id,
                 fleece=f"bcf{n}-{point[-4:]}",
                 export=f"bcx{n}-{point[-4:]}",
             )
@@ -734,7 +744,8 @@ async def _backup(
             id=point,
             vm=vm.name,
             kind="incremental" if any(d.base for d in disks) else "full",
-            parent=None if latest is None or not any(d.base for d in disks) else latest.id,
+            # Disks backed up apart have their own last points: the newest is the parent.
+            parent=max((d.parent for d in disks if d.parent is not None), default=None),
             checkpoint=bitmap,
             started=started,
             completed=time.time(),
@@ -1338,15 +1349,18 @@ async def prune(
     gc: bool = True,
 ) -> PruneResult:
     """Keep the newest ``keep_last`` points and/or those newer than ``keep_within`` seconds
-    (the newest always stays: the VM's checkpoint is named after it); delete the others, then
-    collect the chunks no point references (skipped, and said, while a backup writes)."""
+    (the newest point holding each disk always stays: that disk's checkpoint is named after
+    it, and a disk backed up apart, like a vhost-user-blk disk in its daemon, keeps a point);
+    delete the others, then collect the chunks no point references (skipped, and said, while
+    a backup writes)."""
     if keep_last is None and keep_within is None:
         raise ConfigError("keep", "say what to keep: keep_last (--keep) or keep_within")
     if keep_last is not None and keep_last < 1:
         raise ConfigError("keep_last", "keep at least one backup")
     manifests = repo.manifests(vm_name)
     now = time.time()
-    keep = {manifests[-1].id} if manifests else set()
+    devices = {d.device for m in manifests for d in m.disks}
+    keep = {m.id for m in (latest_holding(manifests, d) for d in devices) if m is not None}
     if keep_last is not None:
         keep |= {m.id for m in manifests[-keep_last:]}
     if keep_within is not None:

@@ -43,7 +43,17 @@ class Chain(Command):
     async def run(self, args: argparse.Namespace) -> int:
         async with attach(args.vm, vm_name=args.vm_name) as vm:
             graph = await chains.read_graph(vm)
-        emit(args, graph.to_json(), graph.render_text())
+            in_daemons = await chains.daemon_graphs(vm)
+        data = graph.to_json()
+        text = graph.render_text()
+        if in_daemons:
+            # A vhost-user-blk disk's nodes are in its qemu-storage-daemon, read on its QMP.
+            data["storage_daemons"] = {d: g.to_json() for d, g in sorted(in_daemons.items())}
+            for device, daemon_graph in sorted(in_daemons.items()):
+                text += f"{device}'s qemu-storage-daemon:\n" + "".join(
+                    f"  {line}\n" for line in daemon_graph.render_text().splitlines()
+                )
+        emit(args, data, text)
         return 0
 
 

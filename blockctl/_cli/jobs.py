@@ -193,6 +193,29 @@ class Jobs(Command):
                             "sampled": args.sample if job.id in rates else None,
                             "driven_by": None if copy is None else copy["pid"],
                             "speed": None if copy is None else copy["speed"],
+                            "monitor": "qemu",
+                        }
+                    )
+                # A backup in a vhost-user-blk disk's daemon: the daemon's job, known from
+                # its copy's control socket (the backup holds the daemon's one monitor).
+                for device, job_id, copy in await control_ops.daemon_backups(vm):
+                    done, total = copy["done"], copy["total"]
+                    rows.append(
+                        {
+                            "id": job_id,
+                            "type": "backup",
+                            "status": copy["status"],
+                            "io_status": copy["io_status"],
+                            "done": done,
+                            "total": total,
+                            "percent": None if not total else round(100 * done / total, 1),
+                            "outcome": None,
+                            "rate": None,
+                            "eta": None,
+                            "sampled": None,
+                            "driven_by": copy["pid"],
+                            "speed": copy["speed"],
+                            "monitor": f"qsd:{device}",
                         }
                     )
                 emit(args, rows, job_table(rows) if rows else "no jobs")
@@ -221,6 +244,8 @@ def job_table(rows: Sequence[Mapping[str, Any]]) -> str:
             words.append(f"paused on an I/O error: {r['io_status']}")
         if r.get("driven_by") is not None:
             words.append(f"copied by pid {r['driven_by']}")
+        if str(r.get("monitor")).startswith("qsd:"):
+            words.append(f"in {r['monitor'][4:]}'s qemu-storage-daemon")
         return "; ".join(words)
 
     return table(

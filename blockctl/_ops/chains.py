@@ -313,6 +313,17 @@ async def list_external(vm: VM) -> dict[str, list[str]]:
     return chains
 
 
+async def daemon_graphs(vm: VM) -> dict[str, BlockGraph]:
+    """Each vhost-user-blk disk's block graph, read on its qemu-storage-daemon's QMP (QEMU's
+    graph has none of such a disk's nodes)."""
+    graphs = {}
+    for device_id, record in vm.registry.drives.items():
+        if record.daemon is not None and vm.daemon_disk("chain", [device_id]):
+            async with vm.on_storage_daemon(device_id) as daemon:
+                graphs[device_id] = await read_graph(daemon)
+    return graphs
+
+
 async def delete_external(
     vm: VM,
     tag: str,

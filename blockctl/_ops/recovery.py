@@ -45,7 +45,7 @@ from blockctl._journal import (
     Verdict,
 )
 from blockctl._log import get_logger
-from blockctl._machine import VM
+from blockctl._machine import DAEMON_OPS_SUFFIX, VM
 from blockctl._ops.nodes import delete_nodes, flush_chain, node_options, read_graph, set_read_only
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobStatus
@@ -498,6 +498,22 @@ async def reconcile_offline(run_dir: Path) -> list[Recovery]:
             )
         )
         _journal.remove_durably(freeze.path)
+    results += await _journal_offline(run_dir, "")
+    # A vhost-user-blk disk's operations kept their records in its daemon's directory; the
+    # daemon died with QEMU (it is the launcher's child, stopped when QEMU exits).
+    for daemon_dir in sorted(run_dir.glob(f"*{DAEMON_OPS_SUFFIX}")):
+        device = daemon_dir.name[: -len(DAEMON_OPS_SUFFIX)]
+        if daemon_dir.is_dir() and not daemon_dir.is_symlink():
+            results += await _journal_offline(
+                daemon_dir, f" (in {device}'s qemu-storage-daemon, gone with QEMU)"
+            )
+    return results
+
+
+async def _journal_offline(run_dir: Path, where: str) -> list[Recovery]:
+    """The offline pass over the journal records in ``run_dir`` (QEMU's run directory or a
+    daemon's operations directory, said by ``where``)."""
+    results = []
     for item in _journal.load_all(run_dir):
         if isinstance(item, Unreadable):
             results.append(_unreadable(item))
@@ -524,7 +540,7 @@ async def reconcile_offline(run_dir: Path) -> list[Recovery]:
             Recovery(
                 op_id=item.id,
                 kind=item.kind.value,
-                what=item.describe(),
+                what=item.describe() + where,
                 step=item.step.value,
                 verdict=Verdict.QEMU_GONE,
                 message=plan.message,

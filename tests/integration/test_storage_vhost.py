@@ -14,7 +14,10 @@ import json
 import os
 import shutil
 import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -48,6 +51,7 @@ from tests.integration.conftest import (
     sha256,
     truth_check,
 )
+from tests.integration.test_clients import blockctl_process, finish
 from tests.integration.test_crash import kill_controller_at, recover_cli
 
 pytestmark = pytest.mark.guest
@@ -629,3 +633,231 @@ async def test_vhost_user_blk_stream_in_daemon(
     flat = tmp_path / "flat.raw"
     await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", overlay, flat)
     assert sha256(flat.read_bytes()) == view
+
+
+async def test_vhost_user_blk_and_qemu_disk_incrementals_each_from_its_own_point(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A daemon's disk and a QEMU disk of one VM backed up separately into one repository:
+    full of the daemon's disk, full of QEMU's, then an incremental of each is incremental
+    from that disk's own last point (not a fallback to full because the other disk's point came
+    between), reads less than the disk, and restores to the whole disk as the guest read it."""
+    qemu_data = await raw_image(tmp_path / "q.raw", pattern(321, 8 * MIB))
+    qemu_img = tmp_path / "q.qcow2"
+    await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", qemu_data, qemu_img)
+    daemon_data = await raw_image(tmp_path / "d.raw", pattern(322, DISK_SIZE))
+    daemon_img = tmp_path / "d.qcow2"
+    await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", daemon_data, daemon_img)
+    repo = backup_ops.init_repository(tmp_path / "repo")
+    config = base_config(
+        guest,
+        Drive(file=qemu_img, format=ImageFormat.QCOW2),
+        vhost_drive(daemon_img, ImageFormat.QCOW2),
+        name="vhostalt",
+    )
+    async with open_vm(config) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        assert set(vm.daemons.running) == {"disk1"}
+        # Which vdX is which: the guest's sizes (512-byte sectors).
+        by_size = {
+            int(await sh(vm, f"cat /sys/block/{d}/size")) * 512: d for d in await guest_disks(vm)
+        }
+        vq, vd = by_size[8 * MIB], by_size[DISK_SIZE]
+
+        full_d = await backup_ops.backup(vm, repo, kind="full", devices=["disk1"])
+        await guest_write_read(vm, vd, 41, 3)
+        full_q = await backup_ops.backup(vm, repo, kind="full", devices=["disk0"])
+        assert [d.device for d in full_d.disks] == ["disk1"]
+        assert [d.device for d in full_q.disks] == ["disk0"]
+        await guest_write_read(vm, vd, 42, 7)
+        await guest_write_read(vm, vq, 43, 2)
+        d_view, q_view = await guest_view(vm, vd), await guest_view(vm, vq)
+
+        inc_d = await backup_ops.backup(vm, repo, kind="incremental", devices=["disk1"])
+        assert (inc_d.kind, inc_d.parent, inc_d.fallback_reason) == (
+            "incremental",
+            full_d.id,
+            None,
+        )
+        assert 0 < inc_d.bytes_read < DISK_SIZE
+        inc_q = await backup_ops.backup(vm, repo, kind="incremental", devices=["disk0"])
+        assert (inc_q.kind, inc_q.parent, inc_q.fallback_reason) == (
+            "incremental",
+            full_q.id,
+            None,
+        )
+        assert 0 < inc_q.bytes_read < 8 * MIB
+        await guest_write_read(vm, vd, 44, 11)  # after the points
+        await guest_write_read(vm, vq, 45, 5)
+
+        for point, device, view in ((inc_d, "disk1", d_view), (inc_q, "disk0", q_view)):
+            out = tmp_path / f"{device}.raw"
+            await backup_ops.restore(repo, "vhostalt", point.id, device, out, ImageFormat.RAW)
+            assert sha256(out.read_bytes()) == view
+
+
+async def test_vhost_user_blk_backup_in_daemon_listed_paused_and_cancelled_by_another_process(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A backup of a daemon's disk run by the CLI in one process is listed by ``blockctl jobs
+    VM`` from another (its job is the daemon's, not QEMU's: the row names the daemon's
+    monitor, the copy's progress and pid), paused and cancelled from there: the backup ends
+    with ``JobCancelledByOther``, no point is recorded, and the daemon's nodes, exports, jobs
+    and checkpoint bitmaps are as before."""
+    qemu_img = tmp_path / "q.qcow2"
+    await run("qemu-img", "create", "-f", "qcow2", qemu_img, str(8 * MIB))
+    daemon_data = await raw_image(tmp_path / "d.raw", pattern(331, DISK_SIZE))
+    daemon_img = tmp_path / "d.qcow2"
+    await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", daemon_data, daemon_img)
+    repo = tmp_path / "repo"
+    await cli_json("backup", "init", "--repo", str(repo), "--chunk-size", "256K")
+    config = base_config(
+        guest,
+        Drive(file=qemu_img, format=ImageFormat.QCOW2),
+        vhost_drive(daemon_img, ImageFormat.QCOW2),
+        name="vhostjobs",
+    )
+    async with open_vm(config) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        before = await daemon_nodes(vm, "disk1")
+        qemu_before = await qemu_state(vm)
+        async with blockctl_process(
+            "backup",
+            "create",
+            "vhostjobs",
+            "--repo",
+            str(repo),
+            "--disk",
+            "disk1",
+            "--speed",
+            "256K",
+            "--json",
+        ) as backer:
+
+            async def row(until: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+                with anyio.fail_after(120):
+                    while True:
+                        rows = await cli_json("jobs", "vhostjobs", "--sample", "0")
+                        mine = [r for r in rows if r["driven_by"] == backer.pid]
+                        assert len(mine) <= 1, rows
+                        if mine and until(mine[0]):
+                            return mine[0]  # type: ignore[no-any-return]
+                        await anyio.sleep(0.2)
+
+            first = await row(lambda r: r["total"] > 0)
+            assert (first["type"], first["status"], first["monitor"]) == (
+                "backup",
+                "running",
+                "qsd:disk1",
+            )
+            assert first["total"] == DISK_SIZE and first["speed"] == 256 * 1024
+            assert await vm.command("query-jobs") == []  # not QEMU's job
+            job_id = first["id"]
+            paused = await cli_json("jobs", "vhostjobs", "pause", job_id)
+            assert paused["by"] == "backup"
+            held = await row(lambda r: r["status"] == "paused")
+            assert held["done"] < held["total"]
+            cancelled = await cli_json("jobs", "vhostjobs", "cancel", job_id)
+            assert cancelled["by"] == "backup"
+            code, out, err = await finish(backer)
+        assert code == 3, (out, err)
+        assert json.loads(out)["error"]["type"] == "JobCancelledByOther"
+        assert await daemon_nodes(vm, "disk1") == before
+        assert await qemu_state(vm) == qemu_before
+        async with vm.daemons.running["disk1"].qmp() as session:
+            details = await wire.query_named_block_node_details(session)
+        assert [b.name for n in details for b in n.dirty_bitmaps] == []  # no checkpoint left
+        assert await cli_json("backup", "list", "vhostjobs", "--repo", str(repo)) == []
+        assert not list((vm.run_dir / "disk1-qsd.ops").glob("control/*.sock"))
+        await truth_check(vm)
+
+
+async def test_vhost_user_blk_offline_recover_reports_and_drops_a_daemons_record(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A controller killed in a snapshot of a daemon's disk leaves its record in the disk's
+    operations directory; then QEMU is killed (its daemon with it). ``blockctl recover``
+    (another process) finds QEMU gone and reports that record as QEMU's own offline records
+    are reported (the disk's top on disk: the overlay, backing onto the base), naming the
+    daemon, and drops it."""
+    base = await raw_image(tmp_path / "base.raw", pattern(341, DISK_SIZE))
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    async with open_vm(
+        base_config(guest, vhost_drive(base, ImageFormat.RAW), name="vhostoff")
+    ) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        ops_dir = vm.run_dir / "disk0-qsd.ops"
+        await kill_controller_at(
+            "vhostoff", "snapshot", "switching", tag="k1", directory=str(overlays), device="disk0"
+        )
+        assert len(list(ops_dir.glob("journal-*"))) == 1
+        daemon = vm.daemons.running["disk0"]
+        os.kill(vm.process.pid, signal.SIGKILL)
+        await vm.process.wait()
+        with anyio.fail_after(60):  # a bound on a hang, not a measured time
+            await daemon.process.wait()
+        assert len(list(ops_dir.glob("journal-*"))) == 1  # kept: it holds a record
+        done = await anyio.run_process(
+            [sys.executable, "-m", "blockctl", "recover", "vhostoff", "--json"],
+            check=False,
+            env=dict(os.environ),
+        )
+        assert done.returncode == 0, (done.stdout, done.stderr[-2000:])
+        report = json.loads(done.stdout)
+        assert report["qemu_running"] is False
+        (op,) = report["operations"]
+        assert (op["kind"], op["step"], op["verdict"]) == ("snapshot", "switching", "qemu-gone")
+        assert "disk0's qemu-storage-daemon" in op["what"]
+        # As for QEMU's disks: once the switch may have been sent, the overlay is the top
+        # either way (it holds the writes after it, or none and backs onto the base).
+        (k1,) = overlays.glob("*-k1.qcow2")
+        assert op["tops"] == {"disk0": str(k1)}
+        info = json.loads(await run("qemu-img", "info", "--output=json", k1))
+        assert info["full-backing-filename"] == str(base)
+        assert not list(ops_dir.glob("journal-*"))
+
+
+async def test_vhost_user_blk_chain_shows_the_daemons_graph(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """``blockctl chain VM`` (another process) shows a daemon's disk's chain as its daemon
+    holds it (QEMU's graph has none of its nodes): one layer, then after an external snapshot
+    in the daemon the overlay over the base, each node's file as the daemon's QMP reports it."""
+    base = await raw_image(tmp_path / "base.raw", pattern(351, DISK_SIZE))
+    async with open_vm(
+        base_config(guest, vhost_drive(base, ImageFormat.RAW), name="vhostchain")
+    ) as vm:
+
+        async def daemon_files() -> dict[str, str | None]:
+            async with vm.daemons.running["disk0"].qmp() as session:
+                return {n.node_name: n.file for n in await wire.query_named_block_nodes(session)}
+
+        async def shown() -> tuple[list[str], dict[str, str | None]]:
+            data = await cli_json("chain", "vhostchain")
+            assert data["devices"] == []  # QEMU's graph: the disk's nodes are not there
+            (device,) = data["storage_daemons"]["disk0"]["devices"]
+            assert device["id"] == "disk0"
+            nodes = data["storage_daemons"]["disk0"]["nodes"]
+            return device["chain"], {n["node_name"]: n["filename"] for n in nodes}
+
+        chain, files = await shown()
+        assert files == await daemon_files()
+        assert [files[n] for n in chain if files[n] == str(base)] == [str(base)]
+        snap = await chains.external_snapshot(vm, "c1", tmp_path, devices=["disk0"])
+        overlay = str(snap.overlays["disk0"])
+        chain, files = await shown()
+        assert files == await daemon_files()
+        layers = [files[n] for n in chain]
+        assert layers.index(overlay) < layers.index(str(base))  # the overlay over the base
+        text = (await run_blockctl("chain", "vhostchain")).splitlines()
+        assert "disk0's qemu-storage-daemon:" in text
+        assert any(overlay in line for line in text)
+
+
+async def run_blockctl(*args: str) -> str:
+    done = await anyio.run_process([sys.executable, "-m", "blockctl", *args], env=dict(os.environ))
+    return done.stdout.decode()

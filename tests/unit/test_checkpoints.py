@@ -211,12 +211,18 @@ def test_bitmaps_of_other_repositories_and_tools_are_never_named() -> None:
 @pytest.mark.parametrize(
     ("bitmaps", "latest", "in_latest", "reason"),
     [
-        pytest.param([], None, True, "the repository has no earlier backup of this VM", id="first"),
+        pytest.param(
+            [],
+            None,
+            True,
+            "the repository has no earlier backup of this VM holding disk0",
+            id="first",
+        ),
         pytest.param(
             [mine(P2)],
             P2,
             False,
-            f"disk0 is not in the last backup {P2} (added, or resized since)",
+            f"disk0 had another size in its last backup {P2} (resized since)",
             id="not-in-latest",
         ),
         pytest.param(

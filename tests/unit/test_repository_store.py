@@ -517,6 +517,28 @@ async def test_prune_keeps_the_newest_and_what_it_references(tmp_path: Path) -> 
     assert again.deleted == () and again.kept == POINTS[2:]
 
 
+async def test_prune_keeps_the_newest_point_of_each_disk_backed_up_apart(
+    tmp_path: Path,
+) -> None:
+    """A disk backed up apart (a vhost-user-blk disk's backup runs in its daemon, apart from
+    QEMU's disks) keeps its newest point through ``keep_last=1``: its checkpoint is named after
+    it, and without it the repository would hold no backup of that disk."""
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    apart = {POINTS[0]: "disk1", POINTS[1]: "disk1", POINTS[2]: "disk0"}
+    data = {point: os.urandom(CHUNK) for point in apart}
+    for n, (point, device) in enumerate(apart.items()):
+        commit(repo, point, {device: index_of(repo, data[point])}, n)
+    manifests = repo.manifests(VM)
+    assert ops.latest_holding(manifests, "disk1") == manifests[1]
+    assert ops.latest_holding(manifests, "disk0") == manifests[2]
+    assert ops.latest_holding(manifests, "disk2") is None
+    result = await ops.prune(repo, VM, keep_last=1)
+    assert result.deleted == POINTS[:1] and result.kept == POINTS[1:3]
+    dest = tmp_path / "disk1.raw"
+    await ops.restore(repo, VM, POINTS[1], "disk1", dest, ImageFormat.RAW)
+    assert dest.read_bytes() == data[POINTS[1]]
+
+
 async def test_prune_says_when_gc_was_skipped_for_a_running_backup(tmp_path: Path) -> None:
     repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
     for n, point in enumerate(POINTS[:2]):
