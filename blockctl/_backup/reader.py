@@ -334,9 +334,7 @@ class ChunkCopier:
                     pending.result()  # the other buffer's write: done before it is reused
                     pending = None
                 if new:
-                    pending = writer.submit(
-                        self._store_and_record, i, digest, data, length, frame
-                    )
+                    pending = writer.submit(self._store_and_record, i, digest, data, length, frame)
                 else:
                     self._record(i, digest, length, new=False, written=0)
             if pending is not None:

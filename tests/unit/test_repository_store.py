@@ -293,9 +293,7 @@ class _CheckingBatch:
         self.mismatched = 0
         self.framed = 0  # writes whose bytes sat in an aligned frame after the header's place
 
-    def write(
-        self, digest: bytes, data: bytearray, *, frame: memoryview | None = None
-    ) -> int:
+    def write(self, digest: bytes, data: bytearray, *, frame: memoryview | None = None) -> int:
         self.writes += 1
         if self.fail_at is not None and self.writes == self.fail_at:
             raise OSError(errno.EIO, "injected write error (test)")
