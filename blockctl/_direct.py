@@ -30,6 +30,7 @@ __all__ = [
     "open_direct",
     "padded",
     "pwrite_direct",
+    "pwrite_framed",
     "refused",
     "reopen_direct",
 ]
@@ -111,3 +112,21 @@ def pwrite_direct(fd: int, parts: Sequence[bytes | bytearray | memoryview], offs
         while done < end:
             done += os.pwrite(fd, buffer[done:end], offset + done)
     return length
+
+
+def pwrite_framed(fd: int, frame: memoryview, header: bytes, length: int) -> int:
+    """Write ``header`` and the ``length`` bytes that follow it in ``frame`` (page-aligned,
+    at least :func:`padded` of the total long: what a reader read into after the header's
+    place) at offset 0 of an ``O_DIRECT`` descriptor, zero-padded, without copying the
+    bytes. Returns the bytes of the file (without the padding); ``EINVAL`` as
+    :func:`pwrite_direct`."""
+    total = len(header) + length
+    end = padded(total)
+    if len(frame) < end:
+        raise ValueError(f"frame of {len(frame)} bytes for a write of {end}")
+    frame[: len(header)] = header
+    frame[total:end] = bytes(end - total)
+    done = 0
+    while done < end:
+        done += os.pwrite(fd, frame[done:end], done)
+    return total

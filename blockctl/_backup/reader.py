@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_module
+import mmap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from blockctl._backup.store import ZERO_DIGEST, ChunkBatch, DiskIndex, Repository
+from blockctl import _direct
+from blockctl._backup.store import (
+    CHUNK_HEADER,
+    ZERO_DIGEST,
+    ChunkBatch,
+    DiskIndex,
+    Repository,
+)
 from blockctl.errors import (
     ConfigError,
     MissingComponent,
@@ -285,18 +293,26 @@ class ChunkCopier:
         try:
             zeros = bytes(size)
             # Two buffers per connection, read into again and again: a new 4 MiB object per
-            # chunk (pread's) costs fresh pages, measurable on a busy machine.
-            buffers = [nbd.Buffer.from_buffer(bytearray(size)) for _ in range(2)]
+            # chunk (pread's) costs fresh pages, measurable on a busy machine. Each is a
+            # page-aligned frame that the chunk is read into after its header's place, so
+            # the O_DIRECT write goes out of it as it is (no 4 MiB copy per chunk).
+            frame_size = _direct.padded(CHUNK_HEADER + size)
+            frames = [memoryview(mmap.mmap(-1, frame_size)) for _ in range(2)]
+            buffers = [
+                (frame, nbd.Buffer.from_buffer(frame[CHUNK_HEADER : CHUNK_HEADER + size]))
+                for frame in frames
+            ]
             turn = 0
             while (i := self._next()) is not None:
                 length = self.index.chunk_length(i)
                 offset = i * size
                 if self.control is not None and not self.control.admit(length, self._stop):
                     return  # stopped while paused or held to the speed: the backup is ending
+                frame: memoryview | None
                 if length == size:
-                    target, turn = buffers[turn], 1 - turn
+                    (frame, target), turn = buffers[turn], 1 - turn
                 else:
-                    target = nbd.Buffer.from_buffer(bytearray(length))
+                    frame, target = None, nbd.Buffer.from_buffer(bytearray(length))
                 try:
                     cookie = handle.aio_pread(target, offset)
                     while not handle.aio_command_completed(cookie):
@@ -305,8 +321,9 @@ class ChunkCopier:
                     raise _nbd_error(
                         exc, self.export, f"read of {length} bytes at {offset}"
                     ) from exc
-                data: bytearray = target.to_buffer()
-                if data == (zeros if length == size else zeros[:length]):
+                data: bytearray | memoryview = target.to_buffer()
+                # startswith: a memoryview's == compares item by item, 30x slower here.
+                if zeros.startswith(data):
                     digest, new = ZERO_DIGEST, False
                 else:
                     digest = self.repo.digest(data)
@@ -317,7 +334,7 @@ class ChunkCopier:
                     pending.result()  # the other buffer's write: done before it is reused
                     pending = None
                 if new:
-                    pending = writer.submit(self._store_and_record, i, digest, data, length)
+                    pending = writer.submit(self._store_and_record, i, digest, data, length, frame)
                 else:
                     self._record(i, digest, length, new=False, written=0)
             if pending is not None:
@@ -334,8 +351,15 @@ class ChunkCopier:
             writer.shutdown(wait=True)
             close(handle)
 
-    def _store_and_record(self, i: int, digest: bytes, data: bytearray, length: int) -> None:
-        written = self._store(digest, data)
+    def _store_and_record(
+        self,
+        i: int,
+        digest: bytes,
+        data: bytearray | memoryview,
+        length: int,
+        frame: memoryview | None = None,
+    ) -> None:
+        written = self._store(digest, data, frame)
         self._record(i, digest, length, new=True, written=written)
 
     def _record(self, i: int, digest: bytes, length: int, *, new: bool, written: int) -> None:
@@ -353,12 +377,14 @@ class ChunkCopier:
             if self._fail_after is not None and self.stats.chunks_read >= self._fail_after:
                 raise OSError(errno_module.EIO, "injected failure (test)")
 
-    def _store(self, digest: bytes, data: bytearray) -> int:
+    def _store(
+        self, digest: bytes, data: bytearray | memoryview, frame: memoryview | None = None
+    ) -> int:
         """Write one chunk; a write error the control pauses for (a full repository, with the
         ``enospc`` policy) is tried again once another client resumes the copy."""
         while True:
             try:
-                return self.batch.write(digest, data)
+                return self.batch.write(digest, data, frame=frame)
             except (OSError, RepositoryError) as exc:
                 cause = exc if isinstance(exc, OSError) else exc.__cause__
                 if (

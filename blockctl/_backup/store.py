@@ -74,6 +74,8 @@ DIGESTS = ("blake3", "sha256")
 DEFAULT_DIGEST = "blake3"
 
 _CHUNK_MAGIC = b"BCC2"
+#: A chunk file's header: the magic and one byte of flags, then the payload.
+CHUNK_HEADER = len(_CHUNK_MAGIC) + 1
 _INDEX_MAGIC = b"BCI2"
 _INDEX_HEADER = struct.Struct(">4sB3xQQ")  # magic, flags, virtual size, chunk size
 _FLAG_ZSTD = 1
@@ -1034,9 +1036,21 @@ class ChunkBatch:
         #: Chunk files written with O_DIRECT until the filesystem refuses it.
         self._direct = True
 
-    def write(self, digest: bytes, data: bytes | bytearray | memoryview) -> int:
+    def write(
+        self,
+        digest: bytes,
+        data: bytes | bytearray | memoryview,
+        *,
+        frame: memoryview | None = None,
+    ) -> int:
         """Store one chunk (its digest computed with :meth:`Repository.digest`). Returns the
-        bytes written, 0 if the repository has it or this batch is writing it."""
+        bytes written, 0 if the repository has it or this batch is writing it.
+
+        ``frame``: a page-aligned buffer whose bytes ``[CHUNK_HEADER:CHUNK_HEADER+len(data)]``
+        are ``data`` (the reader reads into it there), with room for the padding: a chunk
+        stored as it is (neither compressed nor sealed) is then written from it with
+        ``O_DIRECT`` after its header, without copying 4 MiB into another aligned buffer.
+        The frame's other bytes are overwritten."""
         repo = self.repo
         path = repo._chunk_path(digest)
         directory = path.parent
@@ -1048,7 +1062,7 @@ class ChunkBatch:
         header, payload = repo._encode_chunk(digest, data)
         tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            self._write_file(tmp, header, payload)
+            self._write_file(tmp, header, payload, frame if payload is data else None)
             self._pending[digest] = (tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -1059,7 +1073,11 @@ class ChunkBatch:
         return len(header) + len(payload)
 
     def _write_file(
-        self, tmp: Path, header: bytes, payload: bytes | bytearray | memoryview
+        self,
+        tmp: Path,
+        header: bytes,
+        payload: bytes | bytearray | memoryview,
+        frame: memoryview | None = None,
     ) -> None:
         """A new chunk file, written past the page cache where the filesystem allows it
         (:mod:`blockctl._direct`: new page-cache pages were most of an incremental's time),
@@ -1072,7 +1090,10 @@ class ChunkBatch:
             else:
                 try:
                     os.fchmod(fd, 0o600)
-                    length = _direct.pwrite_direct(fd, (header, payload), 0)
+                    if frame is not None:
+                        length = _direct.pwrite_framed(fd, frame, header, len(payload))
+                    else:
+                        length = _direct.pwrite_direct(fd, (header, payload), 0)
                     if length % _direct.ALIGN:
                         os.ftruncate(fd, length)  # the padding cut off again
                     return

@@ -25,6 +25,7 @@ from blockctl._backup import operations as ops
 from blockctl._backup import reader
 from blockctl._backup.reader import ChunkCopier
 from blockctl._backup.store import (
+    CHUNK_HEADER,
     ZERO_DIGEST,
     DiskIndex,
     DiskPoint,
@@ -290,15 +291,19 @@ class _CheckingBatch:
         self.fail_at = fail_at
         self.writes = 0
         self.mismatched = 0
+        self.framed = 0  # writes whose bytes sat in an aligned frame after the header's place
 
-    def write(self, digest: bytes, data: bytearray) -> int:
+    def write(self, digest: bytes, data: bytearray, *, frame: memoryview | None = None) -> int:
         self.writes += 1
         if self.fail_at is not None and self.writes == self.fail_at:
             raise OSError(errno.EIO, "injected write error (test)")
         threading.Event().wait(0.005)  # widens the window for a reuse; not an assertion
         if self.repo.digest(bytes(data)) != digest:
             self.mismatched += 1
-        return self.inner.write(digest, data)
+        if frame is not None:
+            assert frame[CHUNK_HEADER : CHUNK_HEADER + len(data)] == data
+            self.framed += 1
+        return self.inner.write(digest, data, frame=frame)
 
 
 @pytest.mark.parametrize("connections", [1, 2])
@@ -325,6 +330,8 @@ def test_pipelined_copy_never_reads_into_a_buffer_being_written(
     copier.start()
     copier.join()
     assert batch.writes == 12 and batch.mismatched == 0
+    # Full chunks are written out of the frame they were read into (no copy per chunk).
+    assert batch.framed == 12
     batch.inner.sync()
     assert [index.at(i) for i in range(12)] == [repo.digest(c) for c in chunks]
     assert copier.stats.chunks_read == 12 and copier.stats.bytes_new == 12 * CHUNK
