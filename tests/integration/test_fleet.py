@@ -116,6 +116,9 @@ class DevServer:
                 [self.binary, "server", "start-dev", "--headless", "--ip", "127.0.0.1",
                  "--port", str(self.grpc), "--http-port", str(self.http),
                  "--metrics-port", str(self.metrics), "--db-filename", str(self.db),
+                 # As README "Fleet" runs it: WAL, synced at checkpoints (the server-restart
+                 # test kills it with -9 under these too).
+                 "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal",
                  "--log-level", "warn"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
