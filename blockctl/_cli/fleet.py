@@ -113,7 +113,8 @@ class Fleet(Command):
             "--inventory",
             type=Path,
             metavar="FILE",
-            help="only this inventory's VMs (default: every VM the server has backups of)",
+            help="only this inventory's VMs, and the runs backing up one of them at least "
+            "(default: every VM the server has backups of, every run)",
         )
         p.add_argument(
             "--runs",
@@ -311,7 +312,10 @@ class Fleet(Command):
 
         work = await vm_work(args.address, args.namespace)
         vms = vm_points(known_vms(work) if inventory is None else inventory.backups, work)
-        status = FleetStatus(vms, await recent_runs(args.address, args.namespace, args.runs))
+        # With an inventory: the runs that back up one of its VMs at least.
+        named = None if inventory is None else {(b.host, b.vm) for b in inventory.backups}
+        runs = await recent_runs(args.address, args.namespace, args.runs, named)
+        status = FleetStatus(vms, runs)
         emit(args, to_json(status), render_status(status))
         return ExitCode.OK
 

@@ -10,7 +10,9 @@ from dataclasses import replace
 from datetime import UTC, timedelta
 
 import anyio
+from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryRequest
 from temporalio.client import (
     Client,
     Schedule,
@@ -151,16 +153,39 @@ async def fleet_backup(
 _FLEET_BACKUPS = "WorkflowType = 'blockctl.fleet-backup'"
 
 
+async def _run_vms(client: Client, workflow_id: str, run_id: str) -> set[tuple[str, str]]:
+    """The (host, VM) pairs a fleet backup run was started with: its input, read from the
+    first event of its history (one event fetched, whatever the run's size)."""
+    response = await client.workflow_service.get_workflow_execution_history(
+        GetWorkflowExecutionHistoryRequest(
+            namespace=client.namespace,
+            execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
+            maximum_page_size=1,
+        )
+    )
+    started = response.history.events[0].workflow_execution_started_event_attributes
+    (request,) = await client.data_converter.decode(started.input.payloads, [FleetBackupRequest])
+    return {(b.host, b.vm) for b in request.backups}
+
+
 async def recent_runs(
-    address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE, limit: int = 5
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    limit: int = 5,
+    vms: set[tuple[str, str]] | None = None,
 ) -> list[RunStatus]:
     """The last ``limit`` fleet backup runs Temporal lists (newest first; a run just started
     may take a moment to be listed), each with its outcome: a completed run's per-VM
-    failures, another ended run's error."""
+    failures, another ended run's error. Given ``vms`` (host, VM): only the runs that back
+    up at least one of them (as started: their input)."""
     client = await connect(address, namespace)
-    runs = []
+    runs: list[RunStatus] = []
     try:
-        async for wf in client.list_workflows(_FLEET_BACKUPS, limit=limit):
+        async for wf in client.list_workflows(_FLEET_BACKUPS):
+            if len(runs) >= limit:
+                break
+            if vms is not None and not vms & await _run_vms(client, wf.id, wf.run_id):
+                continue
             handle = client.get_workflow_handle(
                 wf.id, run_id=wf.run_id, result_type=FleetBackupResult
             )

@@ -116,6 +116,9 @@ class DevServer:
                 [self.binary, "server", "start-dev", "--headless", "--ip", "127.0.0.1",
                  "--port", str(self.grpc), "--http-port", str(self.http),
                  "--metrics-port", str(self.metrics), "--db-filename", str(self.db),
+                 # As README "Fleet" runs it: WAL, synced at checkpoints (the server-restart
+                 # test kills it with -9 under these too).
+                 "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal",
                  "--log-level", "warn"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -687,6 +690,11 @@ async def test_a_fleet_backup_goes_on_through_a_server_restart_and_status_shows_
         assert every["vms"][2]["last_point"] == web["last_point"]
         only = await fleet_status(runtime, address, "--inventory", inventory)
         assert [v["vm"] for v in only["vms"]] == ["web", "db"]
+        # The runs too: those backing up one of the inventory's VMs at least.
+        assert [r["workflow_id"] for r in only["runs"]] == ["through-restart"], only["runs"]
+        ghost_only = await fleet_status(runtime, address, "--inventory", ghost)
+        assert [r["workflow_id"] for r in ghost_only["runs"]] == ["ghost-run"]
+        assert ghost_only["runs"][0]["failed"] == status["runs"][0]["failed"]
         for vm in names:
             manifest = repo.get(vm, results[vm]["point"])
             assert last[vm] == {"id": manifest.id, "kind": "full", "completed": manifest.completed}
