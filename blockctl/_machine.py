@@ -352,7 +352,7 @@ class DaemonDisk(VM):
 
     async def export_node(self) -> str:
         """The node the drive's export serves now."""
-        exports = await wire.query_block_export_nodes(self.session)
+        exports = {e.id: e.node_name for e in await wire.query_block_exports(self.session)}
         if self.export_id is None and len(exports) == 1:
             return next(iter(exports.values()))  # a record from before the id was kept
         node = None if self.export_id is None else exports.get(self.export_id)

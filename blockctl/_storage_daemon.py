@@ -130,7 +130,7 @@ class StorageDaemons:
                     ours, label=f"qsd-{plan.device_id}", timeout=START_TIMEOUT
                 ) as session:
                     session.process_exit = process.wait
-                    exports = await wire.query_block_exports(session)
+                    exports = [e.id for e in await wire.query_block_exports(session)]
             except QMPConnectFailed as exc:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_TIMEOUT):
                     await process.wait()  # a refused argv: it exits right after connecting

@@ -218,8 +218,7 @@ async def _recover(vm: VM, repo: Repository) -> tuple[list[str], BlockGraph | No
     notes: list[str] = []
     # NBD exports only: the NBD server is ours when they are all ours (a qemu-storage-daemon
     # also runs its vhost-user-blk export, which is not served by the NBD server).
-    types = await wire.query_block_export_nodes(vm.session, field="type")
-    exports = [e for e, kind in types.items() if kind == "nbd"]
+    exports = [e.id for e in await wire.query_block_exports(vm.session) if e.type == "nbd"]
     ours = [e for e in exports if _EXPORT.match(e)]
     for export in ours:
         with contextlib.suppress(BlockctlError):

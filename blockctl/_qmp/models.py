@@ -390,6 +390,26 @@ class JobEvent:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BlockExport:
+    """One entry of ``query-block-exports``: ``node_name`` is the node it serves now (an
+    export follows its node's replacement: a snapshot's overlay, an active commit's base);
+    ``type`` is ``nbd``, ``vhost-user-blk``, …"""
+
+    id: str
+    type: str
+    node_name: str
+
+    @classmethod
+    def from_qmp(cls, value: object, command: str = "query-block-exports") -> BlockExport:
+        obj = _obj(value, command, "block export")
+        return cls(
+            id=_get(obj, "id", str, command),
+            type=_get(obj, "type", str, command),
+            node_name=_get(obj, "node-name", str, command),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DirtyBitmap:
     """One entry of a node's ``dirty-bitmaps`` (``BlockDirtyInfo``)."""
 

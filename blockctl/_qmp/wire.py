@@ -21,7 +21,7 @@ from blockctl._qmp.models import (
 )
 from blockctl._qmp.models import parse_list as _parse_list
 from blockctl._qmp.session import Event, EventStream, QMPSession
-from blockctl.errors import ConfigError, ProtocolMismatch
+from blockctl.errors import ConfigError
 
 # Events, by the name QEMU sends.
 EVENT_SHUTDOWN = "SHUTDOWN"
@@ -452,28 +452,11 @@ async def block_export_del(session: QMPSession, export_id: str) -> None:
     await session.execute("block-export-del", {"id": export_id})
 
 
-async def query_block_exports(session: QMPSession) -> tuple[str, ...]:
-    """The ids of the block exports QEMU runs."""
-    reply = await session.execute("query-block-exports")
-    if not isinstance(reply, list):
-        raise ProtocolMismatch("query-block-exports", f"expected a list, got {reply!r}")
-    return tuple(str(e.get("id")) for e in reply if isinstance(e, dict))
-
-
-async def query_block_export_nodes(
-    session: QMPSession, *, field: str = "node-name"
-) -> dict[str, str]:
-    """Each block export's id → the node it exports now (an export follows its node's
-    replacement: a snapshot's overlay, an active commit's base); with ``field="type"``, its
-    type (``nbd``, ``vhost-user-blk``, …)."""
-    reply = await session.execute("query-block-exports")
-    if not isinstance(reply, list):
-        raise ProtocolMismatch("query-block-exports", f"expected a list, got {reply!r}")
-    return {
-        str(e.get("id")): str(e.get(field))
-        for e in reply
-        if isinstance(e, dict) and isinstance(e.get(field), str)
-    }
+async def query_block_exports(session: QMPSession) -> tuple[_models.BlockExport, ...]:
+    """The block exports QEMU (or a qemu-storage-daemon) runs, with their type and node."""
+    return _parse_list(
+        await session.execute("query-block-exports"), "query-block-exports", _models.BlockExport
+    )
 
 
 async def raw_command(

@@ -323,7 +323,7 @@ async def test_vhost_user_blk_hotplug_into_shared_memory_vm(
 async def daemon_nodes(vm: LaunchedVM, device: str) -> tuple[dict[str, str], set[str], object]:
     """The daemon's exports (id → node), its node names and its jobs, read on its QMP."""
     async with vm.daemons.running[device].qmp() as session:
-        exports = await wire.query_block_export_nodes(session)
+        exports = {e.id: e.node_name for e in await wire.query_block_exports(session)}
         nodes = {n.node_name for n in await wire.query_named_block_nodes(session)}
         jobs = await session.execute("query-jobs")
     return exports, nodes, jobs
@@ -577,7 +577,7 @@ async def test_vhost_user_blk_killed_controller_recovered_in_daemon(
             "vhostcr", "backup", "copy", repo=str(repo_path), devices=["disk0"]
         )
         async with vm.daemons.running["disk0"].qmp() as session:
-            kinds = await wire.query_block_export_nodes(session, field="type")
+            kinds = {e.id: e.type for e in await wire.query_block_exports(session)}
             left_jobs = await session.execute("query-jobs")
         assert sorted(kinds.values()) == ["nbd", "vhost-user-blk"]
         assert left_jobs != []
