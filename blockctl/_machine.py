@@ -100,7 +100,6 @@ class Timeouts:
 #: How long a resumed VM must keep running before :meth:`VM.resume` counts it as resumed: the
 #: requests QEMU retries on ``cont`` fail, and pause it again, within this time.
 RESUME_SETTLE = 1.0
-RESUME_CHECKS = 10
 
 
 class VM:
@@ -175,16 +174,17 @@ class VM:
         deadline = time.monotonic() + timeout
         status = await self.status()
         while not status.running:
-            await wire.cont(self.session)
-            for _ in range(RESUME_CHECKS):
-                status = await self.status()
-                if not status.running:
-                    break
-                await anyio.sleep(RESUME_SETTLE / RESUME_CHECKS)
+            with wire.stop_events(self.session) as stops:
+                await wire.cont(self.session)
+                # Retried requests that fail again pause the VM at once: a STOP within the
+                # settle time (none: it runs on).
+                with anyio.move_on_after(RESUME_SETTLE):
+                    await stops.next()
+            status = await self.status()
             if status.status != "io-error" or time.monotonic() >= deadline:
                 break
             _log.info("blockctl.vm.paused_again", vm=self.name, status=status.status)
-            await anyio.sleep(0.2)
+            await anyio.sleep(0.2)  # a back-off: QEMU's NBD client reconnects meanwhile
         return status
 
     async def version(self) -> VersionInfo:

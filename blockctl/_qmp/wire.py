@@ -25,6 +25,7 @@ from blockctl.errors import ConfigError
 
 # Events, by the name QEMU sends.
 EVENT_SHUTDOWN = "SHUTDOWN"
+EVENT_STOP = "STOP"
 EVENT_DEVICE_DELETED = "DEVICE_DELETED"
 
 
@@ -99,6 +100,13 @@ async def stop(session: QMPSession) -> None:
 
 async def cont(session: QMPSession) -> None:
     await session.execute("cont")
+
+
+@contextlib.contextmanager
+def stop_events(session: QMPSession) -> Iterator[EventStream]:
+    """QEMU's ``STOP``: the VM paused (by a drive's error policy, a client, …)."""
+    with session.events(EVENT_STOP) as stream:
+        yield stream
 
 
 # Section: drives

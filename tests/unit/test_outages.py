@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from blockctl import _machine
@@ -170,6 +173,7 @@ class FakeQEMU:
         self.state = StatusInfo(running=status == "running", status=status)
         self.failing = failing
         self.conts = 0
+        self.stops = 0
         self.session = self
         self.name = "vm"
 
@@ -182,6 +186,20 @@ class FakeQEMU:
         self.state = StatusInfo(
             running=not paused_again, status="io-error" if paused_again else "running"
         )
+        if paused_again:
+            self.stops += 1
+
+    @contextlib.contextmanager
+    def events(self, *names: str) -> Iterator[FakeQEMU]:
+        assert names == ("STOP",)
+        self.stops = 0
+        yield self
+
+    async def next(self) -> None:
+        """The STOP the last ``cont`` caused, if any; else nothing comes."""
+        if not self.stops:
+            await anyio.sleep_forever()
+        self.stops -= 1
 
 
 @pytest.fixture
