@@ -22,12 +22,14 @@ The one file lock, :func:`flocked` (and :func:`flocked_polling` for a coroutine 
 Stable API (other modules build on these signatures): :func:`atomic_write_bytes`,
 :func:`make_private_dir`, :func:`create_private_file`, :func:`check_private_dir`,
 :func:`fsync_dir`, :func:`temp_path`, :func:`flocked`, :func:`flocked_polling`,
+:func:`unnamed_file`, :func:`name_unnamed_file`,
 :data:`PRIVATE_FILE`, :data:`PRIVATE_DIR`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shlex
@@ -50,7 +52,9 @@ __all__ = [
     "flocked_polling",
     "fsync_dir",
     "make_private_dir",
+    "name_unnamed_file",
     "temp_path",
+    "unnamed_file",
 ]
 
 #: Mode of every file blockctl creates unless its caller asks for another.
@@ -101,6 +105,39 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> Non
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def unnamed_file(directory: Path, mode: int = PRIVATE_FILE) -> int | None:
+    """A new file in ``directory`` with no name yet (``O_TMPFILE``, read-write, exactly
+    ``mode``): a process killed while writing it leaves nothing behind; the file appears only
+    when :func:`name_unnamed_file` names it. None where the filesystem has no ``O_TMPFILE``
+    (the caller then writes a named file)."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode & 0o777)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        raise
+    try:
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def name_unnamed_file(fd: int, path: Path) -> None:
+    """Give the :func:`unnamed_file` ``fd`` (its data already fsynced) the name ``path``,
+    never over anything already there (:class:`FileExistsError`), and fsync the directory:
+    after the return the file survives a crash under its name."""
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # linkat with AT_SYMLINK_FOLLOW through /proc: CPython calls plain link() (which does
+        # not follow the /proc link: EXDEV) unless a directory descriptor is given.
+        os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=directory, follow_symlinks=True)
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def create_private_file(path: Path, *, mode: int = PRIVATE_FILE) -> None:

@@ -1001,7 +1001,8 @@ async def restore(
 ) -> RestoreResult:
     """Rebuild ``device`` as it was at ``point`` into a new image (raw or qcow2, sparse, mode
     0600). Every chunk is checked against its digest before it is written, the index against
-    the manifest first; a failure removes the new file. ``connections``: writer threads
+    the manifest first. The new file appears at ``dest`` only once complete and durable: a
+    failure, or a kill, leaves nothing there. ``connections``: writer threads
     (default 2 for raw, 4 for qcow2). qcow2 is written directly (:mod:`.qcow2`): zero chunks
     and zero clusters stay unallocated."""
     started = time.monotonic()
@@ -1038,8 +1039,15 @@ async def restore(
     written = 0
     if device_target:
         return await _restore_onto_device(repo, index, chunks, point, device, dest, started)
-    try:
+    # Complete or absent: the image is written as a file with no name yet and named only once
+    # its data is durable, so a restore killed midway leaves nothing at ``dest`` that could be
+    # taken for the disk (where the filesystem has no unnamed files, ``dest`` is written
+    # directly and removed on failure, as before).
+    fd = _fsutil.unnamed_file(dest.parent)
+    ours = fd is None  # ``dest`` is this restore's own file (to remove on failure)
+    if fd is None:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
         direct: int | None = None
         try:
             os.fchmod(fd, 0o600)
@@ -1066,12 +1074,23 @@ async def restore(
             else:
                 os.ftruncate(fd, index.virtual_size)  # a padded last chunk's tail cut off
             os.fsync(fd)
+            if not ours:
+                try:
+                    _fsutil.name_unnamed_file(fd, dest)
+                except FileExistsError:
+                    raise ConfigError(
+                        "dest",
+                        f"{dest} was created by someone else while the restore wrote it: "
+                        "the restored image was dropped; restore again to a new file",
+                    ) from None
+                ours = True
         finally:
             if direct is not None:
                 os.close(direct)
             os.close(fd)
     except BaseException:
-        dest.unlink(missing_ok=True)
+        if ours:
+            dest.unlink(missing_ok=True)
         raise
     return RestoreResult(
         path=dest,
@@ -1103,8 +1122,9 @@ async def _restore_onto_device(
     """:func:`restore` onto an existing block device (raw): refused while anything holds it
     (a mount or exclusive holder: ``O_EXCL``; a QEMU: its image locks) or when it is smaller
     than the disk; the disk's range is zeroed first (a device is not sparse like a new file:
-    the point's zero chunks must read as zeros), then the data chunks are written. A failure
-    midway leaves the device partly written, and says so."""
+    the point's zero chunks must read as zeros), then the data chunks are written, the first
+    one last. A failure midway leaves the device partly written, and says so; a kill midway
+    leaves it with its first chunk zeros."""
     import fcntl
     import struct
 
@@ -1142,14 +1162,31 @@ async def _restore_onto_device(
             # (the padding would overwrite the device's bytes past the disk).
             if size % _direct.ALIGN == 0:
                 direct = _direct.reopen_direct(fd)
+            # The disk's first chunk (partition table, superblock, boot sector) goes last,
+            # after the rest is durable: a restore killed midway leaves a device whose start
+            # reads zeros, which nothing mounts or boots as the disk.
+            first = chunks[:1] if chunks[:1] == [0] else []
             written = await anyio.to_thread.run_sync(
-                _restore_into, repo, index, chunks, point, DEFAULT_CONNECTIONS, fd, direct, None
+                _restore_into,
+                repo,
+                index,
+                chunks[len(first) :],
+                point,
+                DEFAULT_CONNECTIONS,
+                fd,
+                direct,
+                None,
             )
             os.fsync(fd)
+            if first:
+                written += await anyio.to_thread.run_sync(
+                    _restore_into, repo, index, first, point, 1, fd, direct, None
+                )
+                os.fsync(fd)
         except BaseException as exc:
             exc.add_note(
                 f"the block device {dest} is partly written (zeroed from 0 to {size}, some "
-                "chunks restored): restore again before using it"
+                "chunks restored, its first chunk not yet): restore again before using it"
             )
             raise
     finally:

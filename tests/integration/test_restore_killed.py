@@ -1,0 +1,185 @@
+"""A restore killed midway (SIGKILL, the controller gone) leaves nothing taken for the disk.
+
+Before: `blockctl restore` wrote straight into DEST, so a kill midway left a file at DEST, of
+the disk's size, with some chunks in it and the rest holes, which nothing told apart from a
+finished restore; onto a block device the first chunk was written among the first, so the
+device's start (partition table, superblock) was the point's while the rest was not.
+
+The killed process is the real CLI (`blockctl._cli.main`), killed by itself from inside the
+chunk reader at its third chunk (a deterministic point, not a timer). No QEMU: a restore
+reads only the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from blockctl import _binaries
+from blockctl._backup import operations
+from blockctl._backup.store import DiskIndex, DiskPoint, Manifest, Repository, new_point_id
+from blockctl.errors import ConfigError
+from blockctl.types import ImageFormat
+
+VM = "killed-restore"
+CHUNKS = 8
+
+#: Runs the CLI with the chunk reader killing its own process when it is asked for the
+#: chunk numbered argv[1] (counted from 1), before returning it.
+KILLER = """
+import os, signal, sys, threading
+from blockctl._backup.store import Repository
+from blockctl._cli.main import main
+kill_at = int(sys.argv[1])
+calls = [0]
+lock = threading.Lock()
+read = Repository.read_chunk_view
+def read_then_die(self, *args, **kwargs):
+    with lock:
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return read(self, *args, **kwargs)
+Repository.read_chunk_view = read_then_die
+sys.argv = ["blockctl", *sys.argv[2:]]
+main()
+"""
+
+
+def make_point(root: Path) -> tuple[Repository, str, bytes]:
+    """A point of CHUNKS random chunks (the last a zero chunk), and the disk's bytes."""
+    repo = Repository.init(root / "repo")
+    size = CHUNKS * repo.chunk_size
+    index = DiskIndex.empty(size, repo.chunk_size)
+    disk = bytearray(size)
+    for i in range(CHUNKS - 1):
+        data = os.urandom(repo.chunk_size)
+        digest = repo.digest(data)
+        repo.write_chunk(digest, data)
+        index.put(i, digest)
+        disk[i * repo.chunk_size : (i + 1) * repo.chunk_size] = data
+    repo.sync()
+    point = new_point_id()
+    repo.begin_point(VM, point)
+    repo.write_index(VM, point, "disk0", index)
+    now = time.time()
+    repo.write_manifest(
+        Manifest(
+            id=point,
+            vm=VM,
+            kind="full",
+            parent=None,
+            checkpoint="test",
+            started=now,
+            completed=now,
+            qemu="test",
+            disks=(
+                DiskPoint(
+                    device="disk0",
+                    node="test",
+                    virtual_size=size,
+                    chunk_size=repo.chunk_size,
+                    disk_digest=index.disk_digest(),
+                    chunks=index.count,
+                    zero_chunks=1,
+                    bytes_read=size,
+                    bytes_new=size - repo.chunk_size,
+                    bytes_stored=size - repo.chunk_size,
+                ),
+            ),
+        )
+    )
+    return repo, point, bytes(disk)
+
+
+def killed_restore(repo: Repository, point: str, dest: Path, fmt: str) -> None:
+    """`blockctl restore` of the point into ``dest``, SIGKILLed at its third chunk."""
+    args = ["restore", "--repo", str(repo.path), "-O", fmt, VM, point, "disk0", str(dest)]
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, "3", *args], capture_output=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL, (done.returncode, done.stdout, done.stderr)
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+async def test_a_killed_restore_into_a_file_leaves_nothing_at_its_destination(
+    tmp_path: Path, fmt: str
+) -> None:
+    repo, point, disk = make_point(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / f"disk.{fmt}"
+    killed_restore(repo, point, dest, fmt)
+    # Before the fix: DEST was there, its size the disk's, part of its chunks missing.
+    assert entries(out) == [], entries(out)
+    # Nothing is in the way of the restore run again, which gives the point's disk.
+    result = await operations.restore(repo, VM, point, "disk0", dest, ImageFormat(fmt))
+    assert result.path == dest and entries(out) == [dest.name]
+    assert (dest.stat().st_mode & 0o777) == 0o600
+    reference = tmp_path / "reference.raw"
+    reference.write_bytes(disk)
+    compared = await anyio.run_process(
+        [_binaries.qemu_img(), "compare", "-f", fmt, "-F", "raw", str(dest), str(reference)],
+        check=False,
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+async def test_a_killed_restore_onto_a_block_device_leaves_its_start_zeros(
+    tmp_path: Path, loop_devices: Callable[[Path], Awaitable[Path]]
+) -> None:
+    repo, point, disk = make_point(tmp_path)
+    backing = tmp_path / "device.img"
+    # The device holds something else before: it must not read as the point's disk after.
+    backing.write_bytes(b"\xa5" * len(disk))
+    device = await loop_devices(backing)
+    killed_restore(repo, point, device, "raw")
+    chunk = repo.chunk_size
+    with open(device, "rb") as f:
+        head = f.read(chunk)
+        rest = f.read()
+    # Before the fix: the first chunk, written among the first, read as the point's.
+    assert head == bytes(chunk), "the device's first chunk was written before the rest"
+    # Two chunks were read before the kill, so the device is neither as before nor the point.
+    assert rest != b"\xa5" * len(rest)
+    assert hashlib.sha256(head + rest).digest() != hashlib.sha256(disk).digest()
+    result = await operations.restore(repo, VM, point, "disk0", device, ImageFormat.RAW)
+    assert result.bytes_written == len(disk) - chunk
+    with open(device, "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(disk).digest()
+
+
+async def test_a_file_made_at_the_destination_meanwhile_is_kept_and_the_restore_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone else's file appearing at DEST while the restore writes: kept as it is (never
+    replaced), the restore refused with a ConfigError, nothing else left in the directory."""
+    repo, point, _ = make_point(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / "disk.raw"
+    read = Repository.read_chunk_view
+
+    def read_and_make_dest(self: Repository, *args: object, **kwargs: object) -> object:
+        if not dest.exists():
+            dest.write_bytes(b"someone else's")
+        return read(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Repository, "read_chunk_view", read_and_make_dest)
+    with pytest.raises(ConfigError, match="created by someone else"):
+        await operations.restore(repo, VM, point, "disk0", dest, ImageFormat.RAW)
+    assert entries(out) == [dest.name]
+    assert dest.read_bytes() == b"someone else's"
