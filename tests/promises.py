@@ -656,6 +656,31 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="restore-killed-leaves-nothing",
+        section="Backups",
+        quote="a failure, or a restore killed midway (SIGKILL, a crash), leaves nothing",
+        tests=(
+            I + "test_restore_killed.py::test_a_killed_restore_into_a_file_leaves_nothing_at_its_"
+            "destination",
+            I + "test_restore_killed.py::test_a_killed_restore_onto_a_block_device_leaves_its_"
+            "start_zeros",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="    fd = _fsutil.unnamed_file(dest.parent)",
+                replace="    fd = None",
+                what="a restore writes the image under its name from the start",
+            ),
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="            first = chunks[:1] if chunks[:1] == [0] else []",
+                replace="            first: list[int] = []",
+                what="a restore onto a device writes its first chunk among the others",
+            ),
+        ),
+    ),
+    Promise(
         id="live-restore-failure-removes-everything",
         section="Backups",
         quote="A failure before the stream starts removes everything** (the device, the nodes, "
