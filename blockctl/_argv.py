@@ -257,6 +257,16 @@ def _nfs_node(name: str, drive: Drive) -> NfsOptions:
     return node
 
 
+def remote_file_node(name: str, drive: Drive) -> tuple[BlockdevOptions, tuple[SecretObject, ...]]:
+    """The protocol node of a drive on an iSCSI LUN or an NFS image (QEMU's own initiator or
+    NFS client), with the ``secret`` objects it needs: the same node a VM would open."""
+    if drive.iscsi is not None:
+        return _iscsi_node(name, drive)
+    if drive.nfs is not None:
+        return _nfs_node(name, drive), ()
+    raise ConfigError("drive", "an iSCSI LUN or an NFS image was expected")
+
+
 def plan_drive(
     i: int, drive: Drive, source: DriveSource | None, machine: str, slot: tuple[int, int] | None
 ) -> DrivePlan:

@@ -320,6 +320,44 @@ async def convert(
         await _proc.run(argv, on_output=_progress_parser(progress))
 
 
+def _node_argv(objects: Iterable[Mapping[str, Any]]) -> list[str]:
+    """``--object`` arguments (QEMU's JSON form: nothing to escape)."""
+    return [arg for o in objects for arg in ("--object", json.dumps(dict(o)))]
+
+
+def _json_filename(node: Mapping[str, Any]) -> str:
+    """A ``json:`` filename: the node's options as QEMU's own JSON, built here from typed
+    values (never a user's string handed over as options)."""
+    return "json:" + json.dumps(dict(node))
+
+
+async def node_virtual_size(node: Mapping[str, Any], objects: Iterable[Mapping[str, Any]]) -> int:
+    """The virtual size of the image ``node`` opens (a format node over a protocol node, as
+    a ``json:`` filename: an iSCSI LUN, an NFS image), read by ``qemu-img info``."""
+    argv = [qemu_img_binary(), "info", *_node_argv(objects), "--output=json"]
+    done = await _proc.run([*argv, _json_filename(node)])
+    parsed = _json(done, "qemu-img info")
+    try:
+        return int(parsed["virtual-size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolMismatch("qemu-img info", f"unexpected output: {exc!r}") from None
+
+
+async def convert_nodes(
+    source: Mapping[str, Any],
+    target: Mapping[str, Any],
+    objects: Iterable[Mapping[str, Any]] = (),
+    *,
+    progress: Progress | None = None,
+) -> None:
+    """``qemu-img convert -n`` of the image ``source`` opens onto the existing one ``target``
+    opens (both given as node options, each a format node over its protocol node): every
+    byte of the target's first ``source``-size bytes written (no ``--target-is-zero``)."""
+    argv = [qemu_img_binary(), "convert", "-p", "-n", *_node_argv(objects)]
+    argv += ["-O", str(target["driver"]), _json_filename(source), _json_filename(target)]
+    await _proc.run(argv, on_output=_progress_parser(progress))
+
+
 async def resize(path: Path, fmt: ImageFormat, size: int, *, shrink: bool = False) -> None:
     argv = [qemu_img_binary(), "resize", "-q", "-f", fmt.value]
     if shrink:

@@ -40,7 +40,7 @@ from blockctl._agent import (
     quiesced,
     require_agent,
 )
-from blockctl._backup import checkpoints
+from blockctl._backup import checkpoints, remote
 from blockctl._backup import control as control_ops
 from blockctl._backup.control import CopyControl
 from blockctl._backup.crypto import read_key_file
@@ -95,7 +95,7 @@ from blockctl.errors import (
     RepositoryError,
     errno_symbol,
 )
-from blockctl.types import ErrorPolicy, ImageFormat
+from blockctl.types import ErrorPolicy, ImageFormat, IscsiSource, NfsSource
 
 _log = get_logger()
 
@@ -980,7 +980,7 @@ RESTORE_CONNECTIONS = 4
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RestoreResult:
-    path: Path
+    path: Path | IscsiSource | NfsSource  # a remote image: the source it was given as
     format: ImageFormat
     device: str
     point: str
@@ -994,7 +994,7 @@ async def restore(
     vm_name: str,
     point: str,
     device: str,
-    dest: Path,
+    dest: Path | IscsiSource | NfsSource,
     fmt: ImageFormat = ImageFormat.QCOW2,
     *,
     connections: int | None = None,
@@ -1002,7 +1002,8 @@ async def restore(
     """Rebuild ``device`` as it was at ``point`` into a new image (raw or qcow2, sparse, mode
     0600). Every chunk is checked against its digest before it is written, the index against
     the manifest first. The new file appears at ``dest`` only once complete and durable: a
-    failure, or a kill, leaves nothing there. ``connections``: writer threads
+    failure, or a kill, leaves nothing there. ``dest`` may also be an existing remote image,
+    an iSCSI LUN (raw) or an NFS image (:mod:`.remote`). ``connections``: writer threads
     (default 2 for raw, 4 for qcow2). qcow2 is written directly (:mod:`.qcow2`): zero chunks
     and zero clusters stay unallocated."""
     started = time.monotonic()
@@ -1010,14 +1011,25 @@ async def restore(
     disk = manifest.disk(device)
     if fmt not in (ImageFormat.RAW, ImageFormat.QCOW2):
         raise ConfigError("format", f"restore writes raw or qcow2, not {fmt.value}")
+    if isinstance(dest, IscsiSource | NfsSource):
+        index = repo.read_index(vm_name, point, device)
+        _check_index(index, disk, device, point)
+        await remote.restore_onto(repo, vm_name, point, device, index, dest, fmt)
+        return RestoreResult(
+            path=dest,
+            format=fmt,
+            device=device,
+            point=point,
+            bytes_written=sum(index.chunk_length(i) for i in _data_chunks(index)),
+            chunks_verified=len(_data_chunks(index)),
+            seconds=round(time.monotonic() - started, 3),
+        )
     # A URL (``iscsi://…``, ``nfs://…``; a Path has folded its ``//`` into ``/``).
     if re.match(r"^[a-z][a-z0-9+.-]*:/", str(dest)):
         raise ConfigError(
             "dest",
-            f"{dest}: restore writes a local file or block device, not a URL (QEMU's "
-            "initiator and NFS client are not used for it). Way out: restore into a new "
-            "file, then copy it onto the remote image with `qemu-img convert -n -f raw -O raw "
-            "FILE URL` while no VM uses it, or restore --live into the VM",
+            f"{dest}: a path is a local file or block device; a remote image is given as an "
+            "IscsiSource or an NfsSource (the CLI parses iscsi:// and nfs:// URLs into them)",
         )
     dest = Path(dest).absolute()
     device_target = dest.is_block_device()
@@ -1030,12 +1042,8 @@ async def restore(
             "dest", f"{dest} exists; restore writes a new file (or an existing block device, raw)"
         )
     index = repo.read_index(vm_name, point, device)
-    if index.disk_digest() != disk.disk_digest or index.virtual_size != disk.virtual_size:
-        raise BackupCorrupt(
-            f"the index of {device} in {point} does not match its manifest: the repository is "
-            "damaged (run `blockctl backup verify`)"
-        )
-    chunks = [i for i in range(index.count) if index.at(i) != ZERO_DIGEST]
+    _check_index(index, disk, device, point)
+    chunks = _data_chunks(index)
     written = 0
     if device_target:
         return await _restore_onto_device(repo, index, chunks, point, device, dest, started)
@@ -1101,6 +1109,19 @@ async def restore(
         chunks_verified=len(chunks),
         seconds=round(time.monotonic() - started, 3),
     )
+
+
+def _check_index(index: DiskIndex, disk: DiskPoint, device: str, point: str) -> None:
+    if index.disk_digest() != disk.disk_digest or index.virtual_size != disk.virtual_size:
+        raise BackupCorrupt(
+            f"the index of {device} in {point} does not match its manifest: the repository is "
+            "damaged (run `blockctl backup verify`)"
+        )
+
+
+def _data_chunks(index: DiskIndex) -> list[int]:
+    """The chunks a restore writes: all but the zero chunks."""
+    return [i for i in range(index.count) if index.at(i) != ZERO_DIGEST]
 
 
 #: Linux's BLKZEROOUT ioctl (_IO(0x12, 127)): zero a byte range of a block device.

@@ -20,7 +20,7 @@ from blockctl._jobs import JobIOError, JobProgress, JobTransition, StructlogJobH
 from blockctl._machine import attach
 from blockctl._ops import drives
 from blockctl.errors import ConfigError
-from blockctl.types import Drive, ImageFormat, IscsiSource, coerce_enum, parse_size
+from blockctl.types import Drive, ImageFormat, IscsiSource, NfsSource, coerce_enum, parse_size
 
 if TYPE_CHECKING:
     from blockctl import backup as backup_ops
@@ -323,7 +323,8 @@ class RestoreCommand(Command):
         parser.add_argument("device")
         parser.add_argument(
             "dest",
-            help="a new file, a block device, or (--live -O raw) iscsi://host[:port]/iqn/lun",
+            help="a new file, a block device, an iSCSI LUN (-O raw; "
+            "iscsi://host[:port]/iqn/lun) or an NFS image (nfs://server/path), both existing",
         )  # a str: a Path would fold a URL's // into /
         repo_options(parser)
         parser.add_argument("-O", "--output-format", default="qcow2", choices=["qcow2", "raw"])
@@ -353,17 +354,27 @@ class RestoreCommand(Command):
         if args.speed is not None:
             raise ConfigError("speed", "--speed limits a --live restore's copy")
         repo = open_repo(args)
-        result = await backup_ops.restore(
-            repo, args.vm, args.backup_id, args.device, args.dest, fmt
-        )
+        dest: Path | IscsiSource | NfsSource = Path(args.dest)
+        if args.dest.startswith("iscsi://"):
+            dest = IscsiSource.from_url(args.dest, "dest")
+        elif args.dest.startswith("nfs://"):
+            dest = NfsSource.from_url(args.dest, "dest")
+        result = await backup_ops.restore(repo, args.vm, args.backup_id, args.device, dest, fmt)
+        where = str(result.path) if isinstance(result.path, Path) else result.path.url
         attached = None
         if args.attach:
+            if isinstance(result.path, IscsiSource):
+                drive = Drive(iscsi=result.path, format=fmt)
+            elif isinstance(result.path, NfsSource):
+                drive = Drive(nfs=result.path, format=fmt)
+            else:
+                drive = Drive(file=result.path, format=fmt)
             async with attach(args.attach, vm_name=args.vm_name) as vm:
-                attached = (await drives.hotplug(vm, Drive(file=result.path, format=fmt))).device_id
+                attached = (await drives.hotplug(vm, drive)).device_id
         emit(
             args,
             {
-                "restored": str(result.path),
+                "restored": where,
                 "format": fmt.value,
                 "device": args.device,
                 "point": args.backup_id,
@@ -372,7 +383,7 @@ class RestoreCommand(Command):
                 "seconds": result.seconds,
                 "attached": attached,
             },
-            f"restored {args.device} of {args.backup_id} to {result.path} "
+            f"restored {args.device} of {args.backup_id} to {where} "
             f"({human_size(result.bytes_written)} written, {result.chunks_verified} chunks "
             "verified)" + (f", attached to {args.attach} as {attached}" if attached else ""),
         )

@@ -316,10 +316,8 @@ async def test_quiesced_backup_and_internal_snapshot(rig: Rig) -> None:
         "filesystem",
         manifest.frozen_filesystems,
     )
-    restored = await backup.restore(
-        repo, NAME, manifest.id, manifest.disks[0].device, rig.images / "b.qcow2"
-    )
-    recovery, rc, out = await fs_state(restored.path, rig.images / "b")
+    await backup.restore(repo, NAME, manifest.id, manifest.disks[0].device, rig.images / "b.qcow2")
+    recovery, rc, out = await fs_state(rig.images / "b.qcow2", rig.images / "b")
     assert not recovery and rc == 0, out
     result = await chains.save_internal(rig.vm, "i1", quiesce=True)
     assert result.job_id

@@ -175,7 +175,8 @@ async def test_owner_only_modes_whatever_the_umask(
         for name in files:
             assert stat.S_IMODE(os.stat(Path(root) / name).st_mode) == 0o600, name
     assert stat.S_IMODE(os.stat(repo.path).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(restored.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "r.raw").st_mode) == 0o600
+    assert restored.path == tmp_path / "r.raw"
     # A loose repository is refused.
     os.chmod(repo.path, 0o777)
     with pytest.raises(RepositoryError, match="chmod 700"):

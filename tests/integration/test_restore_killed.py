@@ -55,13 +55,18 @@ main()
 """
 
 
-def make_point(root: Path) -> tuple[Repository, str, bytes]:
-    """A point of CHUNKS random chunks (the last a zero chunk), and the disk's bytes."""
+def make_point(
+    root: Path, chunks: int = CHUNKS, zero: int = CHUNKS - 1
+) -> tuple[Repository, str, bytes]:
+    """A point of ``chunks`` random chunks but chunk ``zero`` (a zero chunk, not stored), and
+    the disk's bytes."""
     repo = Repository.init(root / "repo")
-    size = CHUNKS * repo.chunk_size
+    size = chunks * repo.chunk_size
     index = DiskIndex.empty(size, repo.chunk_size)
     disk = bytearray(size)
-    for i in range(CHUNKS - 1):
+    for i in range(chunks):
+        if i == zero:
+            continue
         data = os.urandom(repo.chunk_size)
         digest = repo.digest(data)
         repo.write_chunk(digest, data)

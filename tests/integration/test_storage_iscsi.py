@@ -875,9 +875,9 @@ async def test_iscsi_disk_live_operations_and_restore_onto_a_lun(
     I/O going on; a grow refused (QEMU cannot grow a LUN: blockctl says to grow it on the
     target) with nothing changed, then the way out: the LUN grown on the target, the resize
     goes through (QEMU's node and the guest's disk the new size, the guest writing into the
-    new part, which reaches the LUN's file); a backup point restored onto a LUN: ``restore``
-    refuses a URL with the way out (a file, then ``qemu-img convert -n`` onto the LUN), which
-    puts exactly the guest's view of the disk onto the other LUN's file."""
+    new part, which reaches the LUN's file); a backup point restored onto a LUN: refused while
+    the LUN is smaller than the disk (nothing written), then, the LUN grown, ``blockctl
+    restore ... iscsi://...`` puts exactly the guest's view of the disk onto its file."""
     repo = backup_ops.init_repository(tmp_path / "repo")
     disk = Drive(iscsi=tgt.source(1), format=ImageFormat.RAW, interface=Interface.SCSI)
     async with open_vm(base_config(guest, disk, name="iscsiops")) as vm:
@@ -910,21 +910,21 @@ async def test_iscsi_disk_live_operations_and_restore_onto_a_lun(
         point = await backup_ops.backup(vm, repo, kind="full")
         await truth_check(vm)
     other = f"iscsi://{tgt.portal}/{TARGET}/2"
-    with pytest.raises(ConfigError) as refused:
-        await backup_ops.restore(repo, "iscsiops", point.id, "disk0", Path(other))
-    assert "not a URL" in str(refused.value) and "qemu-img convert -n" in str(refused.value)
-    # The same from the command line (its Path argument folds ``//`` into ``/``).
+    # LUN 2 is smaller than the grown disk: refused, nothing written; then grown on the target.
+    before = tgt.backing[1].read_bytes()
+    with pytest.raises(ConfigError, match="grow it on its server first"):
+        await backup_ops.restore(
+            repo, "iscsiops", point.id, "disk0", tgt.source(2), ImageFormat.RAW
+        )
+    assert tgt.backing[1].read_bytes() == before
+    tgt.grow(2, grown.size)
     cli = await anyio.run_process(
         [sys.executable, "-m", "blockctl", "restore", "iscsiops", point.id, "disk0", other,
          "--repo", str(tmp_path / "repo"), "-O", "raw"],
         check=False,
     )  # fmt: skip
-    assert cli.returncode != 0 and "not a URL" in cli.stderr.decode(), cli.stderr
-    assert not Path("iscsi:").exists()
-    restored = tmp_path / "restored.raw"
-    await backup_ops.restore(repo, "iscsiops", point.id, "disk0", restored, ImageFormat.RAW)
-    tgt.grow(2, grown.size)  # as large as the disk now is
-    await run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", restored, other)
+    assert cli.returncode == 0 and other in cli.stdout.decode(), cli.stderr
+    assert not Path("iscsi:").exists()  # the URL was never taken for a path
     assert sha256(tgt.backing[1].read_bytes()) == view
     lun = tgt.backing[0].read_bytes()
     assert len(lun) == grown.size

@@ -1,0 +1,92 @@
+"""`blockctl restore` onto a remote image: an iSCSI LUN on a real tgtd (loopback).
+
+Before, a URL as the destination was refused and the way out was a restore into a local file
+(a scratch copy of the whole disk), then `qemu-img convert -n` by hand. Now QEMU's own
+initiator writes the LUN from the point's NBD export (each chunk verified as it is served).
+The reference is the disk's bytes the point was made of; the LUN's backing file is read after
+the restore. (NFS: `test_storage_nfs.py`, whose server lives in its own network namespace.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from blockctl._backup import operations
+from blockctl.errors import BlockctlError, ConfigError
+from blockctl.types import ImageFormat
+from tests.integration.test_restore_killed import VM, make_point
+from tests.integration.test_storage_iscsi import LUN_SIZE, TARGET, Tgt, tgt  # noqa: F401 (tgt: the fixture)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def test_a_point_restored_onto_a_lun_from_the_command_line(
+    tgt: Tgt,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A point as large as the LUN, its second chunk zeros: the LUN (which held a pattern)
+    then holds exactly the disk, zeros included; the output names the LUN by its URL."""
+    repo, point, disk = make_point(tmp_path, chunks=LUN_SIZE // (4 << 20), zero=1)
+    assert len(disk) == LUN_SIZE and tgt.backing[1].read_bytes() != disk
+    url = f"iscsi://{tgt.portal}/{TARGET}/2"
+    cli = await anyio.run_process(
+        [sys.executable, "-m", "blockctl", "restore", "--json", "--repo", str(repo.path),
+         "-O", "raw", VM, point, "disk0", url],
+        check=False,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr.decode()
+    said = json.loads(cli.stdout)
+    assert said["restored"] == url and said["chunks_verified"] == 3
+    assert said["bytes_written"] == len(disk) - repo.chunk_size
+    assert sha(tgt.backing[1].read_bytes()) == sha(disk)
+    assert not Path("iscsi:").exists()  # no local path made of the URL
+
+
+async def test_a_lun_too_small_or_qcow2_is_refused_before_anything_is_written(
+    tgt: Tgt,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    repo, point, _ = make_point(tmp_path, chunks=LUN_SIZE // (4 << 20) + 1, zero=1)
+    before = tgt.backing[1].read_bytes()
+    lun = tgt.source(2)
+    with pytest.raises(ConfigError) as refused:
+        await operations.restore(repo, VM, point, "disk0", lun, ImageFormat.RAW)
+    said = str(refused.value)
+    assert lun.url in said and "nothing was written" in said and "grow it" in said
+    with pytest.raises(ConfigError, match="a LUN is written raw"):
+        await operations.restore(repo, VM, point, "disk0", lun, ImageFormat.QCOW2)
+    assert tgt.backing[1].read_bytes() == before
+
+
+async def test_a_damaged_chunk_fails_the_restore_and_leaves_the_luns_start_zeros(
+    tgt: Tgt,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A chunk altered in the repository: nbdkit answers EIO for it, the restore fails saying
+    the LUN is partly written, and the LUN's first chunk is zeros (written last), so what is
+    on the LUN is not taken for the disk."""
+    repo, point, disk = make_point(tmp_path, chunks=LUN_SIZE // (4 << 20), zero=1)
+    digest = repo.read_index(VM, point, "disk0").at(2).hex()
+    path = repo.path / "chunks" / digest[:2] / digest
+    blob = bytearray(path.read_bytes())
+    blob[-10] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(BlockctlError) as failed:
+        await operations.restore(repo, VM, point, "disk0", tgt.source(2), ImageFormat.RAW)
+    said = str(failed.value)
+    assert "reading the point failed" in said and "blockctl backup verify" in said
+    assert f"{tgt.source(2).url} is partly written" in said
+    lun = tgt.backing[1].read_bytes()
+    assert lun[: repo.chunk_size] == bytes(repo.chunk_size)
+    assert (
+        lun[2 * repo.chunk_size : 3 * repo.chunk_size]
+        != disk[2 * repo.chunk_size : 3 * repo.chunk_size]
+    )
