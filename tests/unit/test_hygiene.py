@@ -164,7 +164,7 @@ class Recorder:
     @staticmethod
     def reply(args: list[str]) -> str:
         if "info" in args:
-            fmt = args[args.index("-f") + 1]
+            fmt = args[args.index("-f") + 1] if "-f" in args else "raw"
             one = {"filename": args[-1], "format": fmt, "virtual-size": 1 << 20}
             return json.dumps([one] if "--backing-chain" in args else one)
         if "check" in args:
@@ -201,6 +201,8 @@ async def test_every_qemu_img_call_names_the_format(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(_proc, "run", rec)
     p, q = Path("/i/a.qcow2"), Path("/i/b.raw")
     qcow2, raw = ImageFormat.QCOW2, ImageFormat.RAW
+    lun = {"driver": "iscsi", "transport": "tcp", "portal": "h", "target": "t", "lun": 1}
+    nbd = {"type": "unix", "path": "/s"}
     calls: dict[str, list[Any]] = {
         "create": [
             _images.create(p, qcow2, size=1 << 20),
@@ -224,6 +226,15 @@ async def test_every_qemu_img_call_names_the_format(monkeypatch: pytest.MonkeyPa
         "compare": [_images.compare(p, qcow2, q, raw, strict=True)],
         "map_extents": [_images.map_extents(p, qcow2)],
         "measure": [_images.measure(qcow2, size=1), _images.measure(qcow2, image=(q, raw))],
+        # Node options as json: filenames: the format is the outer node's driver.
+        "node_virtual_size": [_images.node_virtual_size({"driver": "raw", "file": lun}, [])],
+        "convert_nodes": [
+            _images.convert_nodes(
+                {"driver": "raw", "file": {"driver": "nbd", "server": nbd}},
+                {"driver": "raw", "file": lun, "offset": 0, "size": 1},
+                [{"qom-type": "secret", "id": "s", "file": "/p", "format": "raw"}],
+            )
+        ],
     }
     public = {
         name
