@@ -681,6 +681,23 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="restore-onto-remote-first-chunk-last",
+        section="Drives of a running guest",
+        quote="so a restore that fails or is killed midway leaves an image whose start reads zeros",
+        tests=(
+            I + "test_restore_remote.py::test_a_damaged_chunk_fails_the_restore_and_leaves_the_"
+            "luns_start_zeros",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/remote.py",
+                find="            if fmt is ImageFormat.RAW and size > first:",
+                replace="            if False:",
+                what="a restore onto a LUN writes the disk in order, its first chunk first",
+            ),
+        ),
+    ),
+    Promise(
         id="live-restore-failure-removes-everything",
         section="Backups",
         quote="A failure before the stream starts removes everything** (the device, the nodes, "
