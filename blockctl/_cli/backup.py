@@ -12,7 +12,14 @@ import anyio
 from blockctl import _lazy
 from blockctl._cli import interrupt
 from blockctl._cli.agent import add_quiesce_options, freeze_deadline_option, quiesce_option
-from blockctl._cli.common import Command, ExitCode, emit, global_options
+from blockctl._cli.common import (
+    Command,
+    ExitCode,
+    emit,
+    global_options,
+    image_location,
+    iscsi_options,
+)
 from blockctl._cli.jobs import job_control, job_hooks, say_paused
 from blockctl._cli.output import human_size
 from blockctl._cli.progress import ProgressDisplay
@@ -327,6 +334,7 @@ class RestoreCommand(Command):
             "iscsi://host[:port]/iqn/lun) or an NFS image (nfs://server/path), both existing",
         )  # a str: a Path would fold a URL's // into /
         repo_options(parser)
+        iscsi_options(parser)
         parser.add_argument("-O", "--output-format", default="qcow2", choices=["qcow2", "raw"])
         parser.add_argument(
             "--attach", metavar="TARGET_VM", help="hot-plug the restored disk into this running VM"
@@ -354,11 +362,7 @@ class RestoreCommand(Command):
         if args.speed is not None:
             raise ConfigError("speed", "--speed limits a --live restore's copy")
         repo = open_repo(args)
-        dest: Path | IscsiSource | NfsSource = Path(args.dest)
-        if args.dest.startswith("iscsi://"):
-            dest = IscsiSource.from_url(args.dest, "dest")
-        elif args.dest.startswith("nfs://"):
-            dest = NfsSource.from_url(args.dest, "dest")
+        dest = image_location(args.dest, args)
         result = await backup_ops.restore(repo, args.vm, args.backup_id, args.device, dest, fmt)
         where = str(result.path) if isinstance(result.path, Path) else result.path.url
         attached = None
@@ -392,11 +396,14 @@ class RestoreCommand(Command):
     async def _live(
         self, args: argparse.Namespace, repo: backup_ops.Repository, fmt: ImageFormat
     ) -> int:
-        target: Path | IscsiSource = (
-            IscsiSource.from_url(args.dest, "dest")
-            if args.dest.startswith("iscsi://")
-            else Path(args.dest).absolute()
-        )
+        given = image_location(args.dest, args)
+        if isinstance(given, NfsSource):
+            raise ConfigError(
+                "dest",
+                f"{given.url}: a live restore writes a local file, a block device or an iSCSI "
+                "LUN. Way out: restore without --live onto the NFS image",
+            )
+        target: Path | IscsiSource = given
         async with attach(args.attach, vm_name=args.vm_name) as vm:
             result = await backup_ops.restore_live(
                 vm,

@@ -7,7 +7,46 @@ import argparse
 import enum
 import json
 import sys
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from blockctl.types import IscsiSource, NfsSource
+
+
+def iscsi_options(parser: argparse.ArgumentParser) -> None:
+    """How a command given an ``iscsi://`` URL logs in (QEMU's initiator)."""
+    parser.add_argument("--initiator-name", help="the IQN QEMU logs in to iSCSI as")
+    parser.add_argument("--chap-user", help="iSCSI CHAP user name")
+    parser.add_argument(
+        "--chap-password-file", type=Path, help="a 0600 file holding the CHAP password"
+    )
+
+
+def image_location(text: str, args: argparse.Namespace) -> Path | IscsiSource | NfsSource:
+    """A command's image argument: an ``iscsi://`` URL (with :func:`iscsi_options`), an
+    ``nfs://`` URL, or a local path (absolute). The iSCSI options with anything else are a
+    mistake, said so."""
+    # Imported here: every command's start-up goes through this module (test_start_up).
+    from dataclasses import replace
+
+    from blockctl.errors import ConfigError
+    from blockctl.types import IscsiSource, NfsSource
+
+    if text.startswith("iscsi://"):
+        password = args.chap_password_file
+        return replace(
+            IscsiSource.from_url(text),
+            initiator_name=args.initiator_name,
+            user=args.chap_user,
+            password_file=None if password is None else password.absolute(),
+        )
+    for option in ("initiator_name", "chap_user", "chap_password_file"):
+        if getattr(args, option) is not None:
+            raise ConfigError(option.replace("_", "-"), "is for an iscsi:// source")
+    if text.startswith("nfs://"):
+        return NfsSource.from_url(text)
+    return Path(text).absolute()
 
 
 def emit(args: argparse.Namespace, data: object, human: str) -> None:

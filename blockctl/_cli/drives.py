@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockctl import _lazy
-from blockctl._cli.common import Command, ExitCode, emit
+from blockctl._cli.common import Command, ExitCode, emit, image_location, iscsi_options
 from blockctl._cli.output import human_size, table
 from blockctl._machine import attach
 from blockctl._ops import drives
@@ -118,11 +117,7 @@ class AttachDrive(Command):
             action="store_true",
             help="iSCSI LUN passthrough (scsi-block, --bus scsi, --format raw)",
         )
-        parser.add_argument("--initiator-name", help="the IQN QEMU logs in to iSCSI as")
-        parser.add_argument("--chap-user", help="iSCSI CHAP user name")
-        parser.add_argument(
-            "--chap-password-file", type=Path, help="a 0600 file holding the CHAP password"
-        )
+        iscsi_options(parser)
         parser.add_argument("--cache", default="writeback")
         parser.add_argument("--aio", default="threads")
         parser.add_argument("--discard", default="ignore")
@@ -141,24 +136,13 @@ class AttachDrive(Command):
 
     async def run(self, args: argparse.Namespace) -> int:
         source: dict[str, Any] = {}
-        if args.file.startswith("iscsi://"):
-            iscsi = IscsiSource.from_url(args.file)
-            source["iscsi"] = replace(
-                iscsi,
-                initiator_name=args.initiator_name,
-                user=args.chap_user,
-                password_file=None
-                if args.chap_password_file is None
-                else args.chap_password_file.absolute(),
-            )
+        where = image_location(args.file, args)
+        if isinstance(where, IscsiSource):
+            source["iscsi"] = where
+        elif isinstance(where, NfsSource):
+            source["nfs"] = where
         else:
-            for option in ("initiator_name", "chap_user", "chap_password_file"):
-                if getattr(args, option) is not None:
-                    raise ConfigError(option.replace("_", "-"), "is for an iscsi:// source")
-            if args.file.startswith("nfs://"):
-                source["nfs"] = NfsSource.from_url(args.file)
-            else:
-                source["file"] = str(Path(args.file).absolute())
+            source["file"] = str(where)
         drive = Drive.from_mapping(
             {
                 **source,

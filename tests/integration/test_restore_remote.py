@@ -13,6 +13,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -89,4 +90,49 @@ async def test_a_damaged_chunk_fails_the_restore_and_leaves_the_luns_start_zeros
     assert (
         lun[2 * repo.chunk_size : 3 * repo.chunk_size]
         != disk[2 * repo.chunk_size : 3 * repo.chunk_size]
+    )
+
+
+async def test_a_chap_lun_from_the_command_line_the_password_only_in_its_file(
+    tgt: Tgt,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """CHAP bound on the target: the CLI's --chap-user/--chap-password-file reach the LUN
+    (QEMU reads the password from the file: a `secret` object naming the file); a wrong
+    password is QEMU's "Authentication failure" with nothing written; the password is in no
+    output; the iSCSI options with a local path, and --live onto an NFS image, are refused."""
+    password = "chap-secret-7a2d9b10"  # tgt: 12-16 characters for iSCSI CHAP
+    tgt.admin("--lld", "iscsi", "--op", "new", "--mode", "account", "--user", "eve",
+              "--password", password)  # fmt: skip
+    tgt.admin("--lld", "iscsi", "--op", "bind", "--mode", "account", "--tid", "1",
+              "--user", "eve")  # fmt: skip
+    good, wrong = tmp_path / "good", tmp_path / "wrong"
+    for path, text in ((good, password), (wrong, "not-the-password")):
+        path.write_text(text)
+        path.chmod(0o600)
+    repo, point, disk = make_point(tmp_path, chunks=LUN_SIZE // (4 << 20), zero=1)
+    before = tgt.backing[1].read_bytes()
+    url = f"iscsi://{tgt.portal}/{TARGET}/2"
+
+    async def restore(*extra: str) -> Any:
+        return await anyio.run_process(
+            [sys.executable, "-m", "blockctl", "restore", "--repo", str(repo.path), "-O", "raw",
+             VM, point, "disk0", *extra],
+            check=False,
+        )  # fmt: skip
+
+    refused = await restore(url, "--chap-user", "eve", "--chap-password-file", str(wrong))
+    assert refused.returncode == 1 and "Authentication failure" in refused.stderr.decode()
+    assert tgt.backing[1].read_bytes() == before
+    done = await restore(url, "--chap-user", "eve", "--chap-password-file", str(good))
+    assert done.returncode == 0, done.stderr.decode()
+    assert sha(tgt.backing[1].read_bytes()) == sha(disk)
+    for run in (refused, done):
+        assert password not in (run.stdout + run.stderr).decode()
+    local = await restore(str(tmp_path / "new.raw"), "--chap-user", "eve")
+    assert local.returncode == 1 and "chap-user" in local.stderr.decode()
+    assert not (tmp_path / "new.raw").exists()
+    live = await restore("nfs://127.0.0.1/export/x.raw", "--live", "--attach", "nosuchvm")
+    assert live.returncode == 1 and "restore without --live onto the NFS image" in (
+        live.stderr.decode()
     )
