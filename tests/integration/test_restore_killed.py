@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -26,11 +25,11 @@ import pytest
 
 from blockctl import _binaries
 from blockctl._backup import operations
-from blockctl._backup.store import DiskIndex, DiskPoint, Manifest, Repository, new_point_id
+from blockctl._backup.store import DiskIndex, Repository, new_point_id
 from blockctl.errors import ConfigError
 from blockctl.types import ImageFormat
+from tests.unit.test_repository_store import VM, commit, store
 
-VM = "killed-restore"
 CHUNKS = 8
 
 #: Runs the CLI with the chunk reader killing its own process when it is asked for the
@@ -65,44 +64,12 @@ def make_point(
     index = DiskIndex.empty(size, repo.chunk_size)
     disk = bytearray(size)
     for i in range(chunks):
-        if i == zero:
-            continue
-        data = os.urandom(repo.chunk_size)
-        digest = repo.digest(data)
-        repo.write_chunk(digest, data)
-        index.put(i, digest)
-        disk[i * repo.chunk_size : (i + 1) * repo.chunk_size] = data
-    repo.sync()
+        if i != zero:
+            data = os.urandom(repo.chunk_size)
+            index.put(i, store(repo, data))
+            disk[i * repo.chunk_size : (i + 1) * repo.chunk_size] = data
     point = new_point_id()
-    repo.begin_point(VM, point)
-    repo.write_index(VM, point, "disk0", index)
-    now = time.time()
-    repo.write_manifest(
-        Manifest(
-            id=point,
-            vm=VM,
-            kind="full",
-            parent=None,
-            checkpoint="test",
-            started=now,
-            completed=now,
-            qemu="test",
-            disks=(
-                DiskPoint(
-                    device="disk0",
-                    node="test",
-                    virtual_size=size,
-                    chunk_size=repo.chunk_size,
-                    disk_digest=index.disk_digest(),
-                    chunks=index.count,
-                    zero_chunks=1,
-                    bytes_read=size,
-                    bytes_new=size - repo.chunk_size,
-                    bytes_stored=size - repo.chunk_size,
-                ),
-            ),
-        )
-    )
+    commit(repo, point, {"disk0": index})
     return repo, point, bytes(disk)
 
 

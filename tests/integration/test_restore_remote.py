@@ -21,8 +21,9 @@ import pytest
 from blockctl._backup import operations
 from blockctl.errors import BlockctlError, ConfigError
 from blockctl.types import ImageFormat
-from tests.integration.test_restore_killed import VM, make_point
+from tests.integration.test_restore_killed import make_point
 from tests.integration.test_storage_iscsi import LUN_SIZE, TARGET, Tgt, tgt  # noqa: F401 (tgt: the fixture)
+from tests.unit.test_repository_store import VM
 
 
 def sha(data: bytes) -> str:
