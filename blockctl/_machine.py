@@ -946,7 +946,7 @@ async def shutdown_detached(name: str, *, timeouts: Timeouts = Timeouts()) -> No
     record = _runtime.read_record(name)
     run_dir = Path(record.run_dir)
     if not _runtime.is_alive(record):
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_run_dir(name, run_dir)
         return
     pidfd = os.pidfd_open(record.pid)
     try:
@@ -979,7 +979,23 @@ async def shutdown_detached(name: str, *, timeouts: Timeouts = Timeouts()) -> No
             )
     finally:
         os.close(pidfd)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_run_dir(name, run_dir)
+
+
+def _remove_run_dir(name: str, run_dir: Path) -> None:
+    """A stopped detached VM's run directory goes, unless it holds the journal record of an
+    interrupted operation (QEMU died in it): that stays for `blockctl recover`, which says
+    what the VM's disks hold and how to finish (as a relaunch under the name is refused
+    until then)."""
+    if _journal.load_all(run_dir):
+        _log.warning(
+            "blockctl.vm.run_dir_kept",
+            vm=name,
+            run_dir=str(run_dir),
+            reason=f"an interrupted operation's journal record: `blockctl recover {name}`",
+        )
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class _PidfdWatch:

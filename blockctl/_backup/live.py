@@ -63,7 +63,7 @@ from typing import Any
 
 import anyio
 
-from blockctl import _images, _journal, _proc
+from blockctl import _fsutil, _images, _journal, _proc, _runtime
 from blockctl._backup.serve import BACKUP_NODE_PREFIX, PointExport, backing_nodes, serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobHook, JobResult, start_job
@@ -300,12 +300,24 @@ def _check_device_size(path: Path, size: int) -> None:
         )
 
 
+def _live_overlay_dir() -> Path:
+    """Where a block device's or LUN's live restore keeps its overlay: ``_live-overlays``
+    in the runtime root, private (no VM can be named so: names start with a letter or
+    digit)."""
+    directory = _runtime.runtime_root() / "_live-overlays"
+    _fsutil.make_private_dir(directory, what="runtime_dir")
+    return directory
+
+
 async def _restore_raw(call: _Call) -> _Copied:
     """The raw target's path."""
     journaled = call.vm.run_dir is not None
     tag = secrets.token_hex(2)
     if call.device_target:
-        overlay = Path(call.vm.run_dir or tempfile.gettempdir()) / f"live-overlay-{tag}.qcow2"
+        # Not in the run directory: that goes with the VM (`blockctl down`, the end of
+        # open_vm), and once QEMU is gone this overlay holds the only copy of the guest's
+        # writes, until the way on that recovery gives has put them onto the target.
+        overlay = _live_overlay_dir() / f"live-overlay-{tag}.qcow2"
     else:
         assert isinstance(call.target, Path)
         overlay = call.target.parent / f".{call.target.name}.live-overlay-{tag}.qcow2"

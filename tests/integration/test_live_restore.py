@@ -524,9 +524,9 @@ class LiveTarget:
         return "live-raw" if self.raw else "live"
 
     def overlays(self, images: Path, run_dir: Path) -> list[Path]:
-        """A raw target's temporary overlays: next to a file, in the run directory for a
-        block device."""
-        return overlays(run_dir if self.device else images)
+        """A raw target's temporary overlays: next to a file; for a block device, in the
+        runtime root's ``_live-overlays``."""
+        return device_overlays(run_dir) if self.device else overlays(images)
 
 
 LIVE_TARGETS = {
@@ -541,6 +541,12 @@ FILE_TARGETS = ["qcow2", "raw"]
 def overlays(directory: Path) -> list[Path]:
     """The temporary overlays of raw targets in ``directory``."""
     return list(directory.glob("*live-overlay*"))
+
+
+def device_overlays(run_dir: Path) -> list[Path]:
+    """The temporary overlays of block-device and LUN targets: in the runtime root's
+    ``_live-overlays``, not in the VM's run directory (which goes with the VM)."""
+    return overlays(run_dir.parent / "_live-overlays")
 
 
 async def target_path(

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +21,8 @@ from blockctl import attach as attach_vm
 from blockctl._backup import live
 from blockctl._jobs import JobControl
 from blockctl._qmp import wire
-from blockctl.errors import ConfigError
+from blockctl._runtime import read_record
+from blockctl.errors import BlockctlError, ConfigError, ConnectionLost
 from blockctl.types import ImageFormat
 from tests.integration.conftest import MIB, qcow2_image, run, running, sha256, truth_check
 from tests.integration.test_backup import config, disk_sha
@@ -28,6 +32,7 @@ from tests.integration.test_live_restore import (
     ROOT,
     WAIT_VDB,
     StreamWatch,
+    device_overlays,
     fill,
     guest_fill,
     nbdkit,  # noqa: F401 (the fixture: nbdkit is required)
@@ -112,7 +117,7 @@ async def test_live_restore_into_an_iscsi_lun_while_the_guest_reads_and_writes(
             assert await node_names(vm) == before
             assert set(vm.registry.drives) == {"disk0"}
             assert await wire.query_jobs(vm.session) == ()
-            assert overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
+            assert device_overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
             assert not list(vm.run_dir.glob("journal-*.json"))
         results: list[live.LiveRestoreResult] = []
 
@@ -136,7 +141,7 @@ async def test_live_restore_into_an_iscsi_lun_while_the_guest_reads_and_writes(
             await watch.running.wait()
             assert watch.job_id is not None
             await vm.console.check(WAIT_VDB)  # type: ignore[union-attr]
-            assert len(overlays(vm.run_dir)) == 1  # (a LUN's overlay: in the run directory)
+            assert len(device_overlays(vm.run_dir)) == 1  # (a LUN's overlay: in _live-overlays)
             assert await disk_sha(vm, "vdb", DISK_MIB) == at_point
             for offset, kib, byte in RAW_WRITES:
                 await guest_fill(vm, "vdb", offset, kib, byte)
@@ -156,7 +161,7 @@ async def test_live_restore_into_an_iscsi_lun_while_the_guest_reads_and_writes(
         assert sizes[record.nodes[-1]["node-name"]] == DISK_MIB * MIB
         assert await node_names(vm) == before | set(record.node_names)
         assert await wire.query_jobs(vm.session) == ()
-        assert overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
+        assert device_overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
         assert not list(vm.run_dir.glob("journal-*.json"))
         await truth_check(vm)
     want = await reference(repo, "lri", point.id, tmp_path / "reference.raw", RAW_WRITES)
@@ -201,7 +206,7 @@ async def test_a_controller_killed_mid_mirror_into_a_lun_then_recover_finishes(
         assert refused.returncode != 0 and "a LUN is written raw" in refused.stderr, refused
         async with attach_vm("lrj") as vm:
             assert await node_names(vm) == before and set(vm.registry.drives) == {"disk0"}
-        assert nbdkit_pids_under(run_dir) == [] and overlays(run_dir) == []
+        assert nbdkit_pids_under(run_dir) == [] and device_overlays(run_dir) == []
         arguments = {
             "repo": str(repo.path),
             "point": point.id,
@@ -219,7 +224,7 @@ async def test_a_controller_killed_mid_mirror_into_a_lun_then_recover_finishes(
         (record,) = list(run_dir.glob("journal-*.json"))
         written = json.loads(record.read_text())
         assert written["kind"] == "mirror" and written["server"]["pid"] == server
-        assert len(overlays(run_dir)) == 1
+        assert len(device_overlays(run_dir)) == 1
         await console.check(WAIT_VDB)
         assert (await console.check(read_sha("vdb", DISK_MIB))).split()[0] == want
         for write_ in RAW_WRITES:
@@ -230,7 +235,7 @@ async def test_a_controller_killed_mid_mirror_into_a_lun_then_recover_finishes(
         assert result["verdict"] == "finished", result
         assert nbdkit_pids_under(run_dir) == [] and not running(server)
         assert not list(run_dir.glob("journal-*.json"))
-        assert overlays(run_dir) == []
+        assert device_overlays(run_dir) == []
         assert (await console.check(read_sha("vdb", DISK_MIB))).split()[0] == during
         async with attach_vm("lrj") as vm:
             assert await wire.query_jobs(vm.session) == ()
@@ -262,11 +267,102 @@ async def test_a_controller_killed_mid_mirror_into_a_lun_then_recover_finishes(
                 ("raw", None),
             ]
             await truth_check(vm)
-        assert nbdkit_pids_under(run_dir) == [] and overlays(run_dir) == []
+        assert nbdkit_pids_under(run_dir) == [] and device_overlays(run_dir) == []
     assert tree_digest(repo.path) == hashes
     plain = tmp_path / "plain.raw"
     await backup.restore(repo, "lrj", point.id, "disk0", plain, ImageFormat.RAW)
     await lun_equals(tgt, plain, tail1, lun=1)
     want_file = await reference(repo, "lrj", point.id, tmp_path / "r.raw", RAW_WRITES)
     assert sha256(want_file.read_bytes()) == during
+    await lun_equals(tgt, want_file, tail)
+
+
+@pytest.mark.guest
+async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plus_writes(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    runtime_dir: Path,
+    tgt: Tgt,  # noqa: F811
+) -> None:
+    """kill -9 of QEMU mid-copy into a LUN (the guest has read the disk and written to it):
+    the controller raises ConnectionLost and stops the server; ``blockctl recover`` drops
+    the record and says what the LUN and the overlay hold, with the commands that make the
+    LUN whole. Run as given (the last one writes the LUN by its URL through QEMU's own
+    initiator), the LUN's file holds the point plus the guest's writes, and its bytes past
+    the disk as they were; the repository is unchanged."""
+    from tests.integration.test_attach_cli import cli
+    from tests.integration.test_backup_faults import detached
+
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "q0.qcow2", b"", DISK_MIB * MIB)
+    tail = lun_ready(tgt)
+    run_dir = runtime_dir / "lrl"
+    watch = StreamWatch()
+    raised: list[BaseException] = []
+    async with detached(guest, "lrl", disk) as console:
+        await console.check(
+            "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
+        )
+        async with attach_vm("lrl") as vm:
+            point = await backup.create(vm, repo)
+            hashes = tree_digest(repo.path)
+            want = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
+
+            async def restore() -> None:
+                try:
+                    await backup.restore_live(
+                        vm,
+                        repo,
+                        "lrl",
+                        point.id,
+                        "disk0",
+                        tgt.source(LUN),
+                        control=JobControl(speed=1, hooks=(watch,)),
+                        target_format=ImageFormat.RAW,
+                    )
+                except BlockctlError as exc:
+                    raised.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(restore)
+                await watch.running.wait()
+                await console.check(WAIT_VDB)
+                assert (await console.check(read_sha("vdb", DISK_MIB))).split()[0] == want
+                for write_ in RAW_WRITES:
+                    await console.check(fill("vdb", *write_))
+                os.kill(read_record("lrl").pid, signal.SIGKILL)
+        (error,) = raised
+        assert isinstance(error, ConnectionLost), repr(error)
+        assert nbdkit_pids_under(run_dir) == []
+        # The overlay is not in the run directory, which goes with the VM; and `down` of
+        # the dead VM keeps that directory while it holds the interrupted restore's record.
+        assert overlays(run_dir) == []
+        (overlay,) = device_overlays(run_dir)
+        await cli("down", "lrl")
+        assert len(list(run_dir.glob("journal-*.json"))) == 1
+        done = json.loads((await cli("recover", "lrl", "--json")).stdout)
+        (result,) = [r for r in done["operations"] if r["kind"] == "mirror"]
+        assert result["verdict"] == "qemu-gone", result
+        assert not list(run_dir.glob("journal-*.json"))
+    message = result["message"]
+    assert "holds the guest's writes" in message and tgt.source(LUN).url in message
+    steps = re.findall(r"`([^`]+)`", message.split("To finish")[1])
+    assert [s.split()[:2] for s in steps] == [
+        ["blockctl", "restore"],
+        ["qemu-img", "rebase"],
+        ["qemu-img", "convert"],
+    ]
+    for step in steps:
+        words = shlex.split(step)
+        if words[0] == "blockctl":
+            await cli(*words[1:])
+        else:
+            await run(*words)
+    base = Path(f"{overlay}.base.raw")
+    for path in (overlay, base):
+        assert str(path) in message and "remove" in message
+        path.unlink()
+    assert tree_digest(repo.path) == hashes
+    want_file = await reference(repo, "lrl", point.id, tmp_path / "r.raw", RAW_WRITES)
     await lun_equals(tgt, want_file, tail)
