@@ -134,7 +134,7 @@ async def test_vhost_user_blk_launch_io_refusals_hotplug_unplug(
 ) -> None:
     """One boot with a qcow2 vhost-user-blk disk from launch: blockctl lists it truthfully
     (the CLI from another process too), the guest reads what the host put there, writes and
-    reads back; snapshot, commit, stream, backup, resize, cache and throttle are refused
+    reads back; a snapshot or backup with other disks or quiesce, cache and throttle are refused
     naming the disk and its daemon, with QEMU's and the daemon's state unchanged. A raw one
     is hot-plugged, written, and unplugged: its daemon reaped, chardev and sockets gone. After
     shutdown the images hold what the guest wrote (qemu-img compare against a reference)."""
@@ -184,7 +184,6 @@ async def test_vhost_user_blk_launch_io_refusals_hotplug_unplug(
         # Refusals: by name, nothing changed in QEMU or in the daemon.
         before = (await qemu_state(vm), await daemon_state(vm, "disk0"))
         refused = {
-            "resize": drives.resize(vm, "disk0", 2 * DISK_SIZE),
             "cache": drives.set_cache(vm, "disk0", CacheMode.NONE),
             "throttle": drives.set_throttle(vm, "disk0", {"bps": 1 << 20}),
         }
@@ -1041,3 +1040,58 @@ async def test_vhost_user_blk_offline_recover_cleans_a_killed_daemon_backup(
     restored = tmp_path / "restored.raw"
     await backup_ops.restore(repo, name, full.id, "disk0", restored, ImageFormat.RAW)
     assert sha256(restored.read_bytes()) == view
+
+
+async def test_vhost_user_blk_resize_in_daemon_seen_by_the_guest_on_10_refused_on_7_2(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A resize of a vhost-user-blk disk goes to its daemon. From a 10.0 daemon on, the
+    guest sees the new size (its ``/sys/block`` size, then reading the whole disk: the old
+    data, then zeros), the daemon's node has it, and a shrink without allow_shrink is refused
+    with nothing changed. A 7.2 daemon's export does not tell QEMU of a new size (measured):
+    refused with ``InStorageDaemon`` naming that reason, the daemon's and QEMU's state
+    unchanged, the guest's size too."""
+    data = pattern(381, DISK_SIZE)
+    base = await raw_image(tmp_path / "base.raw", data)
+    name = "vhostresize"
+    async with open_vm(base_config(guest, vhost_drive(base, ImageFormat.RAW), name=name)) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        async with vm.daemons.running["disk0"].qmp() as session:
+            version = await wire.query_version(session)
+
+        async def guest_size() -> int:
+            return int(await sh(vm, f"cat /sys/block/{vda}/size")) * 512
+
+        before = (await qemu_state(vm), await daemon_state(vm, "disk0"))
+        if (version.major, version.minor) < drives.DAEMON_RESIZE_SINCE:
+            with pytest.raises(InStorageDaemon) as caught:
+                await drives.resize(vm, "disk0", 2 * DISK_SIZE)
+            assert caught.value.operation == "resize" and caught.value.device_id == "disk0"
+            assert "does not tell QEMU of a new size" in str(caught.value)
+            assert (await qemu_state(vm), await daemon_state(vm, "disk0")) == before
+            assert await guest_size() == DISK_SIZE
+            return
+        with pytest.raises(ConfigError, match="smaller"):
+            await drives.resize(vm, "disk0", DISK_SIZE // 2)
+        assert (await qemu_state(vm), await daemon_state(vm, "disk0")) == before
+        shown = await cli_json("resize", name, "disk0", str(2 * DISK_SIZE))
+        assert shown["size"] == 2 * DISK_SIZE
+        # The guest waits for its new size (bounded: 60 s, a hang's bound, not a figure).
+        sectors = 2 * DISK_SIZE // 512
+        await sh(
+            vm,
+            f"for i in $(seq 300); do [ $(cat /sys/block/{vda}/size) = {sectors} ] && exit 0; "
+            "sleep 0.2; done; exit 1",
+        )
+        assert await guest_size() == 2 * DISK_SIZE
+        async with vm.daemons.running["disk0"].qmp() as session:
+            exports = {e.id: e.node_name for e in await wire.query_block_exports(session)}
+            sizes = {
+                n.node_name: n.virtual_size for n in await wire.query_named_block_nodes(session)
+            }
+        assert sizes[exports["drv0-export"]] == 2 * DISK_SIZE
+        assert await guest_view(vm, vda) == sha256(data + bytes(DISK_SIZE))
+        assert await qemu_state(vm) == before[0]
+        await truth_check(vm)
