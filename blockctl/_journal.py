@@ -57,6 +57,9 @@ PREFIX = "journal-"
 #: (:mod:`blockctl._agent` writes them; named here so that a reader of the run dir can tell
 #: whether there is one without importing the guest agent's module).
 FREEZE_PREFIX = "freeze-"
+#: ``<run dir>/backup.lock``: held (flock) by a backup for its whole run, naming its process
+#: (:mod:`blockctl._ops.conflicts` writes and reads it; named here for readers below it).
+BACKUP_LOCK = "backup.lock"
 SUFFIX = ".json"
 VERSION = 1
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -66,6 +67,7 @@ from blockctl.errors import (
     MissingComponent,
     QMPConnectFailed,
     ShutdownFailed,
+    StorageDaemonBusy,
     StorageDaemonFailed,
     Unsupported,
     VMExists,
@@ -276,12 +278,19 @@ class VM:
         return in_daemons[0]
 
     @contextlib.asynccontextmanager
-    async def on_storage_daemon(self, device_id: str) -> AsyncIterator[DaemonDisk]:
+    async def on_storage_daemon(
+        self, device_id: str, operation: str = "an operation routed to the daemon"
+    ) -> AsyncIterator[DaemonDisk]:
         """``device_id``'s qemu-storage-daemon as the VM a block operation acts on: a QMP
         session with the daemon (on the monitor socket its record names, from any process),
         the drive's nodes as the daemon holds them, the operation's journal and lock in the
         daemon's own directory (:func:`daemon_journal_dir`: QEMU's recovery never judges the
-        daemon's nodes by QEMU's graph, nor the other way round)."""
+        daemon's nodes by QEMU's graph, nor the other way round).
+
+        :raise StorageDaemonBusy: another client holds the daemon's one monitor: at once when
+            the daemon's directory says who (another live process's operation record, or the
+            backup lock), else once the daemon sent no greeting within 10 s. ``operation``
+            names what was refused."""
         record = self.registry.drives.get(device_id)
         if record is None or record.daemon is None:
             raise ConfigError("device", f"{device_id} is not a vhost-user-blk disk of {self.name}")
@@ -295,9 +304,49 @@ class VM:
             )
         journal_dir = daemon_journal_dir(self.run_dir, device_id)
         journal_dir.mkdir(mode=0o700, exist_ok=True)
-        async with QMPSession.connect(
-            str(daemon["monitor"]), label=f"qsd-{device_id}", timeout=10.0
-        ) as session:
+
+        def busy(holder: DaemonHolder) -> StorageDaemonBusy:
+            return StorageDaemonBusy(
+                operation,
+                device_id,
+                vm=self.name,
+                daemon_pid=pid,
+                monitor=str(daemon["monitor"]),
+                holder=holder.what,
+                kind=holder.kind,
+                job_id=holder.job_id,
+                pid=holder.pid,
+            )
+
+        # The daemon's monitor takes one client at a time: a second one waits for a greeting
+        # that comes only once the first leaves. An operation running there says so in the
+        # daemon's directory: refused at once, naming it.
+        holder = daemon_holder(journal_dir)
+        if holder is not None:
+            raise busy(holder)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                session = await stack.enter_async_context(
+                    QMPSession.connect(
+                        str(daemon["monitor"]), label=f"qsd-{device_id}", timeout=10.0
+                    )
+                )
+            except QMPConnectFailed as exc:
+                alive = _proc.process_alive(pid, None if pid_start is None else int(pid_start))
+                if not alive or not Path(str(daemon["monitor"])).exists():
+                    raise
+                # Still no one named in the directory (or an operation that began meanwhile).
+                raise busy(
+                    daemon_holder(journal_dir)
+                    or DaemonHolder(
+                        what=(
+                            "another client blockctl keeps no record of (a `chain` or "
+                            "`snapshot list` from another process, another QMP tool), or the "
+                            "daemon hangs: no greeting came within 10 s"
+                        ),
+                        kind="client",
+                    )
+                ) from exc
             yield DaemonDisk(
                 self,
                 session,
@@ -314,6 +363,53 @@ class VM:
 
 #: The end of a vhost-user-blk disk's operations directory's name (:func:`daemon_journal_dir`).
 DAEMON_OPS_SUFFIX = "-qsd.ops"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonHolder:
+    """Who holds a qemu-storage-daemon's monitor, as its operations directory says."""
+
+    what: str
+    kind: str  # commit, stream, snapshot, backup; "client" when nothing names it
+    job_id: str | None = None
+    pid: int | None = None
+
+
+def daemon_holder(journal_dir: Path) -> DaemonHolder | None:
+    """The operation another live process runs in a daemon now, from the daemon's
+    operations directory: a journal record whose writer still drives it (a snapshot, commit or
+    stream), or the backup lock's live owner. None when it names none (this process's own
+    operations are not another's)."""
+    for item in _journal.load_all(journal_dir):
+        if not isinstance(item, _journal.Intent) or item.pid in (None, os.getpid()):
+            continue
+        if _journal.owner_alive(item):
+            job = f", job {item.job_id}" if item.job_id else ""
+            return DaemonHolder(
+                what=f"the {item.describe()} (pid {item.pid}{job})",
+                kind=item.kind.value,
+                job_id=item.job_id,
+                pid=item.pid,
+            )
+    try:
+        owner = json.loads((journal_dir / _journal.BACKUP_LOCK).read_bytes() or b"null")
+        owner_pid, owner_start = int(owner["pid"]), owner.get("pid_start")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if owner_pid == os.getpid() or not _proc.process_alive(
+        owner_pid, None if owner_start is None else int(owner_start)
+    ):
+        return None
+    job_id = next(
+        (p.name[: -len(".sock")] for p in sorted((journal_dir / "control").glob("*.sock"))),
+        None,
+    )
+    return DaemonHolder(
+        what=f"a backup (pid {owner_pid}{'' if job_id is None else f', job {job_id}'})",
+        kind="backup",
+        job_id=job_id,
+        pid=owner_pid,
+    )
 
 
 def daemon_journal_dir(run_dir: Path, device_id: str) -> Path:

@@ -18,6 +18,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      ├── DriveNotFound          the VM has no such drive (device_id)
      ├── UnsafeOperation        refused: it would change data something else depends on
      │    └── Conflict          refused: another operation runs on that disk (CLI exit code 5)
+     │         ├── StorageDaemonBusy  a vhost-user-blk disk's daemon's one monitor is taken
      │         └── NodeBusy     QEMU refused a command: a block job uses the node (also a
      │                          CommandFailed)
      ├── RepositoryError        a backup repository is missing, loose, locked or malformed (path)
@@ -75,6 +76,7 @@ __all__ = [
     "UnsafeOperation",
     "Conflict",
     "NodeBusy",
+    "StorageDaemonBusy",
     "UntrustedImage",
     "BackupCorrupt",
     "BackupKeyError",
@@ -428,6 +430,47 @@ class Conflict(UnsafeOperation):
         self.device = device
         self.pid = pid
         super().__init__(message)
+
+
+class StorageDaemonBusy(Conflict):
+    """Refused before anything changed: the qemu-storage-daemon of vhost-user-blk disk
+    ``device_id`` (``daemon_pid``, QMP on ``monitor``) serves one QMP client at a time, and
+    another holds it: ``holder`` says who when blockctl knows (an operation in the disk's
+    operations directory, ``kind``, ``job_id``, ``pid``), else it is a client blockctl keeps
+    no record of (a ``chain`` or ``snapshot list`` from another process, another tool).
+    Wait for it to end (a job in the daemon is listed by ``blockctl jobs VM``), or cancel
+    it; then run the command again. CLI exit code 5, as for any conflict."""
+
+    def __init__(
+        self,
+        operation: str,
+        device_id: str,
+        *,
+        vm: str,
+        daemon_pid: int | None,
+        monitor: str | None,
+        holder: str,
+        kind: str,
+        job_id: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        self.operation = operation
+        self.device_id = device_id
+        self.daemon_pid = daemon_pid
+        self.monitor = monitor
+        self.holder = holder
+        ways = [f"wait for it to end (`blockctl jobs {vm}` lists a job running in the daemon)"]
+        if job_id is not None:
+            ways.append(f"cancel it (`blockctl jobs {vm} cancel {job_id}`)")
+        super().__init__(
+            f"{operation}: {device_id}'s qemu-storage-daemon (pid {daemon_pid}, QMP {monitor}) "
+            f"is busy: its monitor serves one client at a time, and {holder} holds it; nothing "
+            f"was changed. Way out: {' or '.join(ways)}, then run it again",
+            kind=kind,
+            job_id=job_id,
+            device=device_id,
+            pid=pid,
+        )
 
 
 class RepositoryError(BlockctlError):

@@ -7,6 +7,11 @@ copies, the backup listens on ``<run dir>/control/<job id>.sock`` for each of it
 jobs; ``blockctl jobs VM ...`` in any process asks there first (:func:`ask`), and QEMU only
 for jobs without such a socket. One request per connection, one JSON line each way.
 
+A commit or stream in a vhost-user-blk disk's qemu-storage-daemon is reached the same way
+(:func:`relaying`): its driving process holds the daemon's one monitor connection, so no other
+process can ask the daemon; it serves ``<D-qsd.ops>/control/<job id>.sock`` and carries each
+request out on its own session (:class:`JobRelay`).
+
 :class:`CopyControl` is the state both sides share: the reader threads take their bytes
 through :meth:`CopyControl.admit` (which waits while paused and keeps to the speed limit) and
 park in :meth:`CopyControl.pause_on_error` when the repository is out of space and the error
@@ -30,8 +35,9 @@ import anyio
 import anyio.abc
 
 from blockctl._backup.reader import RateLimiter
-from blockctl._jobs import adopt_jobs
-from blockctl.errors import ConfigError, JobCancelledByOther
+from blockctl._jobs import Job, adopt_jobs
+from blockctl._qmp import wire
+from blockctl.errors import BlockctlError, ConfigError, JobCancelledByOther
 
 if TYPE_CHECKING:
     from blockctl._machine import VM
@@ -169,7 +175,23 @@ class CopyControl:
                 "total": self.total,
                 "speed": self.rate or 0,
                 "pid": os.getpid(),
+                "type": "backup",
             }
+
+    async def act(self, verb: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Carry out a control request (:data:`VERBS`); the copy's status after it."""
+        if verb == "pause":
+            self.pause()
+        elif verb == "resume":
+            self.resume()
+        elif verb == "speed":
+            self.set_speed(int(request["speed"]))
+        elif verb == "cancel":
+            pid = request.get("pid")
+            self.cancel(pid if isinstance(pid, int) else None)
+        elif verb != "status":
+            raise ValueError(f"unknown verb {verb!r}")
+        return self.status()
 
     def pause(self) -> None:
         with self._cond:
@@ -197,6 +219,50 @@ class CopyControl:
         self.cancel_requested.set()
 
 
+class JobRelay:
+    """Control of a job this process drives on a qemu-storage-daemon's QMP (a commit or a
+    stream of a vhost-user-blk disk), for other processes: each request is carried out on
+    this process's session with the daemon, the one the daemon's monitor accepts. A cancel is
+    sent as another client's would be (``job-cancel``, not :meth:`Job.cancel`), so the driver
+    ends in :class:`~blockctl.errors.JobCancelledByOther` and undoes what it must, as for a
+    job cancelled on QEMU's monitor."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    async def status(self) -> dict[str, Any]:
+        job = self.job
+        info = await job.info()
+        io_status = await job.io_status() if info is not None else None
+        return {
+            "status": "concluded" if info is None else info.status.value,
+            "io_status": io_status or "ok",
+            "error": None if info is None else info.error,
+            "done": 0 if info is None else info.current_progress,
+            "total": 0 if info is None else info.total_progress,
+            "speed": job.speed or 0,
+            "pid": os.getpid(),
+            "type": job.type or (info.type if info is not None else "job"),
+        }
+
+    async def act(self, verb: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        job = self.job
+        if verb == "pause":
+            await job.pause()
+        elif verb == "resume":
+            await job.resume()
+        elif verb == "speed":
+            rate = int(request["speed"])
+            if rate < 0:
+                raise ConfigError("speed", f"{rate} bytes/s: 0 (no limit) or more")
+            await job.set_speed(rate)
+        elif verb == "cancel":
+            await wire.job_cancel(job.session, job.id)
+        elif verb != "status":
+            raise ValueError(f"unknown verb {verb!r}")
+        return await self.status()
+
+
 async def watch_cancel(control: CopyControl, job_id: str) -> None:
     """Raise :class:`JobCancelledByOther` once another client asks to cancel (run it in the
     copy's task group: the backup then ends as after any failure, nothing recorded)."""
@@ -217,7 +283,7 @@ async def watch_cancel(control: CopyControl, job_id: str) -> None:
     )
 
 
-async def _serve_one(control: CopyControl, stream: anyio.abc.ByteStream) -> None:
+async def _serve_one(control: CopyControl | JobRelay, stream: anyio.abc.ByteStream) -> None:
     async with stream:
         try:
             with anyio.fail_after(10):
@@ -225,25 +291,13 @@ async def _serve_one(control: CopyControl, stream: anyio.abc.ByteStream) -> None
                 while not data.endswith(b"\n") and len(data) < 4096:
                     data += await stream.receive(4096)
             request = json.loads(data)
-            verb = request.get("verb")
-            if verb == "pause":
-                control.pause()
-            elif verb == "resume":
-                control.resume()
-            elif verb == "speed":
-                control.set_speed(int(request["speed"]))
-            elif verb == "cancel":
-                pid = request.get("pid")
-                control.cancel(pid if isinstance(pid, int) else None)
-            elif verb != "status":
-                raise ValueError(f"unknown verb {verb!r}")
-            reply: dict[str, Any] = {"ok": True, **control.status()}
+            reply: dict[str, Any] = {"ok": True, **await control.act(request.get("verb"), request)}
         except (
             anyio.EndOfStream,
             ValueError,
             KeyError,
             TypeError,
-            ConfigError,
+            BlockctlError,  # the daemon refused (a pause of a concluded job, ...)
             TimeoutError,
         ) as exc:
             reply = {"ok": False, "error": str(exc)}
@@ -252,8 +306,24 @@ async def _serve_one(control: CopyControl, stream: anyio.abc.ByteStream) -> None
 
 
 @contextlib.asynccontextmanager
+async def relaying(vm: VM, job: Job) -> AsyncIterator[None]:
+    """While the body drives ``job``: when ``vm`` is a qemu-storage-daemon (a vhost-user-blk
+    disk's), serve the job's control socket in the disk's operations directory, so that
+    ``blockctl jobs VM`` in another process lists, pauses, re-speeds and cancels it (the
+    daemon's monitor takes this process alone while it runs). On QEMU nothing: other clients
+    reach its jobs on its monitor."""
+    from blockctl._machine import DaemonDisk
+
+    if not isinstance(vm, DaemonDisk):
+        yield
+        return
+    async with serving(JobRelay(job), vm.run_dir, [job.id]):
+        yield
+
+
+@contextlib.asynccontextmanager
 async def serving(
-    control: CopyControl, run_dir: Path | None, job_ids: Sequence[str]
+    control: CopyControl | JobRelay, run_dir: Path | None, job_ids: Sequence[str]
 ) -> AsyncIterator[None]:
     """Listen for other clients on each job's control socket while the body runs; the
     sockets are removed when it ends. No run directory (a QEMU reached by its socket only):
@@ -301,8 +371,8 @@ async def serving(
 async def ask(
     run_dir: Path | None, job_id: str, verb: str, **fields: Any
 ) -> Mapping[str, Any] | None:
-    """Send ``verb`` to the backup that owns ``job_id``; its reply, or None when no live
-    backup listens for that job (then it is QEMU's job alone)."""
+    """Send ``verb`` to the process that owns ``job_id`` (a backup, or a daemon's commit or
+    stream); its reply, or None when nobody listens for that job (then it is QEMU's alone)."""
     if verb not in VERBS:
         raise ConfigError("verb", f"{verb!r}: one of {', '.join(VERBS)}")
     if run_dir is None:
@@ -322,7 +392,7 @@ async def ask(
         return None  # a socket a killed backup left: nobody drives that copy any more
     reply = json.loads(data)
     if not reply.get("ok"):
-        raise ConfigError(verb, f"the backup driving job {job_id} refused: {reply.get('error')}")
+        raise ConfigError(verb, f"the process driving job {job_id} refused: {reply.get('error')}")
     return reply  # type: ignore[no-any-return]
 
 
@@ -340,10 +410,11 @@ def daemon_dirs(vm: VM) -> dict[str, Path]:
     }
 
 
-async def daemon_backups(vm: VM) -> list[tuple[str, str, Mapping[str, Any]]]:
-    """The backups running in ``vm``'s qemu-storage-daemons: (device, job id, the copy's
-    status), asked on their control sockets. Not on the daemon's QMP: the backup holds the
-    daemon's one monitor connection while it runs."""
+async def daemon_jobs(vm: VM) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """The jobs running in ``vm``'s qemu-storage-daemons: (device, job id, its status: a
+    backup's copy's, or a commit's or stream's as its driving process reads it; ``type`` says
+    which), asked on their control sockets. Not on the daemon's QMP: the process driving the
+    job holds the daemon's one monitor connection while it runs."""
     found = []
     for device, directory in sorted(daemon_dirs(vm).items()):
         sockets = directory / CONTROL_DIR
@@ -361,8 +432,9 @@ async def control_job(vm: VM, job_id: str, action: str, *, speed: int | None = N
     """``pause``, ``resume``, ``speed`` (``speed`` bytes/s; 0: no limit) or ``cancel`` the
     job ``job_id`` of ``vm``, whichever process started it. A backup's job goes to the backup's
     process, which pauses, re-speeds or cancels its copy (a backup running in a vhost-user-blk
-    disk's daemon too); any other job to QEMU. Returns which
-    of the two acted: ``"backup"`` or ``"qemu"``."""
+    disk's daemon too); a commit or stream in a daemon to the process driving it, which acts
+    on the daemon's QMP; any other job to QEMU. Returns which acted: ``"backup"``,
+    ``"daemon"`` (a daemon's commit or stream, through its driving process) or ``"qemu"``."""
     if action not in ("pause", "resume", "speed", "cancel"):
         raise ConfigError("action", f"{action!r}: pause, resume, speed or cancel")
     if action == "speed" and speed is None:
@@ -376,8 +448,9 @@ async def control_job(vm: VM, job_id: str, action: str, *, speed: int | None = N
         # A backup in a qemu-storage-daemon: its job is the daemon's, its copy's control in
         # the disk's operations directory.
         for directory in daemon_dirs(vm).values():
-            if await ask(directory, job_id, action, **fields) is not None:
-                return "backup"
+            reply = await ask(directory, job_id, action, **fields)
+            if reply is not None:
+                return "backup" if reply.get("type", "backup") == "backup" else "daemon"
         raise ConfigError("job", f"no job {job_id!r} in {vm.name} (see `blockctl jobs`)")
     if await ask(vm.run_dir, job_id, action, **fields) is not None:
         return "backup"

@@ -80,7 +80,7 @@ from blockctl._jobs import (
     start_job,
 )
 from blockctl._log import get_logger
-from blockctl._machine import VM
+from blockctl._machine import DAEMON_OPS_SUFFIX, VM
 from blockctl._ops import conflicts
 from blockctl._ops.nodes import delete_nodes, read_graph, refuse_passed_through
 from blockctl._qmp import wire
@@ -101,6 +101,10 @@ _log = get_logger()
 
 #: Names of what a backup adds to QEMU: fleecing nodes, exports, jobs (recovery finds them).
 _FLEECE_NODE = re.compile(r"^bcf\d+-[0-9a-f]{4}(-file)?$")
+#: ``<run dir>/backup-scratch``: the scratch directory of the backup running now (its
+#: fleecing overlays and NBD socket). QEMU names it through the fleecing nodes; once QEMU
+#: (or a daemon) is gone, only this says where a killed backup's overlays are.
+SCRATCH_RECORD = "backup-scratch"
 _EXPORT = re.compile(r"^bcx\d+-[0-9a-f]{4}$")
 #: Steps where a test can make a backup fail (``failpoint``), in order.
 STEPS = (
@@ -267,6 +271,64 @@ async def _recover(vm: VM, repo: Repository) -> tuple[list[str], BlockGraph | No
     for note in notes:
         _log.warning("blockctl.backup.recovered", vm=vm.name, note=note)
     return notes, graph
+
+
+def _record_scratch(vm: VM, scratch: Path) -> None:
+    if vm.run_dir is not None:
+        _fsutil.atomic_write_bytes(Path(vm.run_dir) / SCRATCH_RECORD, str(scratch).encode())
+
+
+def _drop_scratch_record(vm: VM) -> None:
+    if vm.run_dir is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (Path(vm.run_dir) / SCRATCH_RECORD).unlink()
+
+
+def recover_offline(name: str, run_dir: Path, repo: Repository) -> list[str]:
+    """:func:`recover` once QEMU is gone, and its qemu-storage-daemons with it: a killed
+    backup's jobs, nodes, exports and NBD servers went with them. What it left is the
+    repository's incomplete point (removed), its scratch directory (fleecing overlays, NBD
+    socket: removed, found through :data:`SCRATCH_RECORD` in QEMU's run directory or in a
+    vhost-user-blk disk's operations directory ``D-qsd.ops/``) and its control sockets
+    (removed). The checkpoint bitmaps in the disks' images cannot be changed without a QEMU
+    (nor need they be now): the next backup settles them first, as after any failed backup.
+    Returns what was done."""
+    notes: list[str] = []
+    with _vm_lock(repo, name):
+        for point in repo.incomplete_points(name):
+            repo.delete_point(name, point)
+            notes.append(f"removed the incomplete point {point} (it has no manifest)")
+    directories = [(run_dir, "")]
+    for directory in sorted(run_dir.glob(f"*{DAEMON_OPS_SUFFIX}")):
+        if directory.is_dir() and not directory.is_symlink():
+            device = directory.name[: -len(DAEMON_OPS_SUFFIX)]
+            directories.append((directory, f" (in {device}'s qemu-storage-daemon, gone with QEMU)"))
+    for directory, where in directories:
+        record = directory / SCRATCH_RECORD
+        try:
+            scratch = Path(record.read_text().strip())
+        except (OSError, UnicodeDecodeError):
+            scratch = None
+        # Only a directory a backup made (its prefix, its files) is removed.
+        if scratch is not None and scratch.name.startswith("bc-scratch-") and scratch.is_dir():
+            shutil.rmtree(scratch, ignore_errors=True)
+            notes.append(f"removed the scratch directory {scratch} of a stopped backup{where}")
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()
+        for path in sorted((directory / control_ops.CONTROL_DIR).glob("*.sock")):
+            if not _listens(path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                job = path.name[: -len(".sock")]
+                notes.append(f"removed the control socket of the stopped backup job {job}{where}")
+    if notes:
+        notes.append(
+            "QEMU is gone: the checkpoint bitmaps in the disks' images are settled by the next "
+            "backup, before it reads anything"
+        )
+    for note in notes:
+        _log.warning("blockctl.backup.recovered", vm=name, note=note, offline=True)
+    return notes
 
 
 def _scratch_sockets(nodes: Sequence[GraphNode]) -> list[Path]:
@@ -449,7 +511,7 @@ async def backup(
                 f"{routed} is a vhost-user-blk disk: blockctl does not freeze the guest around "
                 "a backup taken in its qemu-storage-daemon yet; back it up without quiesce",
             )
-        async with vm.on_storage_daemon(routed) as daemon:
+        async with vm.on_storage_daemon(routed, "backup") as daemon:
             return await backup(
                 daemon,
                 repo,
@@ -589,6 +651,7 @@ async def _backup(
     started = time.time()
     scratch = Path(tempfile.mkdtemp(prefix="bc-scratch-", dir=scratch_dir))
     os.chmod(scratch, 0o700)
+    _record_scratch(vm, scratch)
     added: list[str] = []
     jobs: list[Job] = []
     transaction_sent = False
@@ -781,8 +844,10 @@ async def _backup(
                         note="run `blockctl recover VM --repo R` or the next backup settles them",
                     )
             shutil.rmtree(scratch, ignore_errors=True)
+            _drop_scratch_record(vm)
         raise
     shutil.rmtree(scratch, ignore_errors=True)
+    _drop_scratch_record(vm)
     # The point is durable: now the previous checkpoints may go.
     try:
         await _settle(vm, repo, devices=[d.device for d in disks])

@@ -196,14 +196,14 @@ class Jobs(Command):
                             "monitor": "qemu",
                         }
                     )
-                # A backup in a vhost-user-blk disk's daemon: the daemon's job, known from
-                # its copy's control socket (the backup holds the daemon's one monitor).
-                for device, job_id, copy in await control_ops.daemon_backups(vm):
+                # A job in a vhost-user-blk disk's daemon (a backup, a commit, a stream):
+                # known from its control socket (its process holds the daemon's one monitor).
+                for device, job_id, copy in await control_ops.daemon_jobs(vm):
                     done, total = copy["done"], copy["total"]
                     rows.append(
                         {
                             "id": job_id,
-                            "type": "backup",
+                            "type": copy.get("type", "backup"),
                             "status": copy["status"],
                             "io_status": copy["io_status"],
                             "done": done,
@@ -227,9 +227,17 @@ class Jobs(Command):
         emit(
             args,
             {"job": args.job, "action": args.action, "by": by},
-            f"{args.job}: {args.action} sent (to {'the backup' if by == 'backup' else 'QEMU'})",
+            f"{args.job}: {args.action} sent (to {SENT_TO[by]})",
         )
         return 0
+
+
+#: Who carried out ``jobs VM ACTION ID`` (:func:`blockctl._backup.control.control_job`).
+SENT_TO = {
+    "backup": "the backup",
+    "daemon": "the process driving it in the qemu-storage-daemon",
+    "qemu": "QEMU",
+}
 
 
 def job_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -243,7 +251,8 @@ def job_table(rows: Sequence[Mapping[str, Any]]) -> str:
         if r["io_status"] not in (None, "ok"):
             words.append(f"paused on an I/O error: {r['io_status']}")
         if r.get("driven_by") is not None:
-            words.append(f"copied by pid {r['driven_by']}")
+            verb = "copied" if r["type"] == "backup" else "driven"
+            words.append(f"{verb} by pid {r['driven_by']}")
         if str(r.get("monitor")).startswith("qsd:"):
             words.append(f"in {r['monitor'][4:]}'s qemu-storage-daemon")
         return "; ".join(words)

@@ -42,6 +42,7 @@ from blockctl._agent import (
     quiesced,
     require_agent,
 )
+from blockctl._backup.control import relaying
 from blockctl._graph import BlockGraph, GraphNode, NodeRole
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobResult, error_policy, start_job
 from blockctl._log import get_logger
@@ -134,7 +135,7 @@ async def external_snapshot(
                 f"{routed} is a vhost-user-blk disk: blockctl does not freeze the guest around "
                 "a snapshot taken in its qemu-storage-daemon yet; snapshot it without quiesce",
             )
-        async with vm.on_storage_daemon(routed) as daemon:
+        async with vm.on_storage_daemon(routed, "snapshot") as daemon:
             return await external_snapshot(daemon, tag, directory, devices=[routed])
     require_agent(vm, quiesce)
     await vm.require("transaction", "blockdev-snapshot", "blockdev-add")
@@ -308,7 +309,7 @@ async def list_external(vm: VM) -> dict[str, list[str]]:
     # A vhost-user-blk disk's chain is in its qemu-storage-daemon.
     for device_id, record in vm.registry.drives.items():
         if record.daemon is not None and vm.daemon_disk("snapshot list", [device_id]):
-            async with vm.on_storage_daemon(device_id) as daemon:
+            async with vm.on_storage_daemon(device_id, "snapshot list") as daemon:
                 chains.update(await list_external(daemon))
     return chains
 
@@ -319,7 +320,7 @@ async def daemon_graphs(vm: VM) -> dict[str, BlockGraph]:
     graphs = {}
     for device_id, record in vm.registry.drives.items():
         if record.daemon is not None and vm.daemon_disk("chain", [device_id]):
-            async with vm.on_storage_daemon(device_id) as daemon:
+            async with vm.on_storage_daemon(device_id, "chain") as daemon:
                 graphs[device_id] = await read_graph(daemon)
     return graphs
 
@@ -337,7 +338,7 @@ async def delete_external(
     deadline, default 600 s, to each one)."""
     _check_tag(tag)
     if devices is not None and (routed := vm.daemon_disk("snapshot delete", devices)):
-        async with vm.on_storage_daemon(routed) as daemon:
+        async with vm.on_storage_daemon(routed, "snapshot delete") as daemon:
             return await delete_external(daemon, tag, devices=[routed], control=control)
     graph = await read_graph(vm)
     for device in devices or ():
@@ -524,7 +525,7 @@ async def commit(
     ``control.speed`` within the deadline; raise the speed limit (``set_speed``) or drop it.
     """
     if vm.daemon_disk("commit", [device]) is not None:
-        async with vm.on_storage_daemon(device) as daemon:
+        async with vm.on_storage_daemon(device, "commit") as daemon:
             return await commit(
                 daemon,
                 device,
@@ -609,6 +610,8 @@ async def commit(
             start_job(
                 vm.session, "commit", start, target=base_node.name, speed=speed, hooks=hooks
             ) as job,
+            # In a qemu-storage-daemon: other processes reach the job through this one.
+            relaying(vm, job),
         ):
             result = await job.wait(
                 # An intermediate commit has no READY phase (issue 16, defect 4).
@@ -661,7 +664,7 @@ async def stream(
     which then backs onto ``base`` (or onto nothing). The streamed-out layers are deleted.
     ``control`` as for :func:`commit` (default deadline 600 s)."""
     if vm.daemon_disk("stream", [device]) is not None:
-        async with vm.on_storage_daemon(device) as daemon:
+        async with vm.on_storage_daemon(device, "stream") as daemon:
             return await stream(
                 daemon, device, base=base, delete_files=delete_files, control=control
             )
@@ -709,6 +712,7 @@ async def stream(
         start_job(
             vm.session, "stream", start, target=chain[0].name, speed=speed, hooks=hooks
         ) as job,
+        relaying(vm, job),
     ):
         result = await job.wait(
             complete_on_ready=False,

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from blockctl._machine import VM
 
 #: Held (flock) by a backup of the VM for its whole run; its content names the process.
-BACKUP_LOCK = "backup.lock"
+BACKUP_LOCK = _journal.BACKUP_LOCK
 #: Held only while a client checks for conflicts and records its operation.
 OPS_LOCK = "ops.lock"
 #: A backup's fleecing nodes: ``bcf<n>-<point>`` (see blockctl._backup.operations).

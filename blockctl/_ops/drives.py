@@ -53,6 +53,7 @@ from blockctl.errors import (
     CommandFailed,
     ConfigError,
     DriveNotFound,
+    InStorageDaemon,
     NoFreeSlot,
     Unsupported,
 )
@@ -915,12 +916,22 @@ async def check_cache(vm: VM, device_id: str, mode: CacheMode) -> DriveRecord:
     return record
 
 
+#: The first qemu-storage-daemon whose vhost-user-blk export tells QEMU (and so the guest) of
+#: a resize. Measured: on 7.2 a ``block_resize`` in the daemon grew its node and the guest
+#: kept its size for 20 s; on 10.0.2 the guest saw the new size at once ("detected capacity
+#: change"). Versions between were not measured: refused.
+DAEMON_RESIZE_SINCE = (10, 0)
+
+
 async def resize(vm: VM, device_id: str, size: int, *, allow_shrink: bool = False) -> DriveInfo:
-    """Grow (or, with ``allow_shrink``, shrink) a live drive's image to ``size`` bytes."""
-    vm.refuse_daemon_disks("resize", [device_id])
-    info = await drive_info(vm, device_id)
+    """Grow (or, with ``allow_shrink``, shrink) a live drive's image to ``size`` bytes. A
+    vhost-user-blk disk's image is resized in its qemu-storage-daemon (from
+    :data:`DAEMON_RESIZE_SINCE` on; refused before, naming the measured reason)."""
     if size <= 0 or size % 512:
         raise ConfigError("size", f"{size} is not a positive multiple of 512 bytes")
+    if vm.daemon_disk("resize", [device_id]) is not None:
+        return await _resize_in_daemon(vm, device_id, size, allow_shrink=allow_shrink)
+    info = await drive_info(vm, device_id)
     node = next((n for n in info.chain if n.driver not in ("copy-on-read", "throttle")), None)
     if node is None or info.size is None:
         raise DriveNotFound(device_id, f"{device_id!r} has no medium to resize")
@@ -950,6 +961,46 @@ async def resize(vm: VM, device_id: str, size: int, *, allow_shrink: bool = Fals
             "device: its file, then `losetup -c`), then resize again to at most its new size",
         ) from exc
     return await drive_info(vm, device_id)
+
+
+async def _resize_in_daemon(vm: VM, device_id: str, size: int, *, allow_shrink: bool) -> DriveInfo:
+    """Resize the node a vhost-user-blk disk's export serves, in its daemon; the daemon's
+    export tells QEMU, which tells the guest (on the daemons that do: see
+    :data:`DAEMON_RESIZE_SINCE`)."""
+    async with vm.on_storage_daemon(device_id, "resize") as daemon:
+        version = await daemon.version()
+        if (version.major, version.minor) < DAEMON_RESIZE_SINCE:
+            raise InStorageDaemon(
+                "resize",
+                device_id,
+                daemon_pid=daemon.pid,
+                monitor=(vm.registry.drives[device_id].daemon or {}).get("monitor"),
+                why=(
+                    f"its qemu-storage-daemon is {version.major}.{version.minor}.{version.micro}, "
+                    "whose vhost-user-blk export does not tell QEMU of a new size (measured on "
+                    "7.2: the daemon's node grew, the guest's disk kept its size); blockctl "
+                    "resizes such a disk from a 10.0 daemon on"
+                ),
+                way_out=(
+                    "shut the VM down, grow the image offline (`blockctl img resize`), and "
+                    "start it again; or run the VM with QEMU 10.0"
+                ),
+            )
+        node_name = await daemon.export_node()
+        node = next(n for n in await daemon.block_nodes() if n.node_name == node_name)
+        current = node.virtual_size
+        if current is not None and size < current and not allow_shrink:
+            raise ConfigError(
+                "size",
+                f"{size} is smaller than the current {current} bytes; shrinking cuts off "
+                "whatever the guest stored at the end. Pass allow_shrink (--shrink) to do it "
+                "anyway",
+            )
+        await wire.block_resize(daemon.session, node_name, size)
+        grown = next(n for n in await daemon.block_nodes() if n.node_name == node_name)
+    info = await drive_info(vm, device_id)
+    # QEMU has none of the disk's nodes: its size is the daemon's node's.
+    return replace(info, chain=(grown,))
 
 
 async def set_throttle(

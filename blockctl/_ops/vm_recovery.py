@@ -14,6 +14,7 @@ import anyio
 
 from blockctl import _runtime
 from blockctl._backup.operations import recover as recover_backup
+from blockctl._backup.operations import recover_offline as recover_backup_offline
 from blockctl._backup.store import Repository
 from blockctl._machine import _pidfd_exited, attach
 from blockctl._ops.recovery import Recovery, reconcile, reconcile_offline
@@ -48,11 +49,16 @@ async def recover_vm(
 ) -> RecoveryReport:
     """Recover the VM named ``name``: reconcile its journal (offline from the records and the
     files on disk if its QEMU is gone) and, with ``repo``, the backup's leftovers; then the
-    same in each of its vhost-user-blk disks' qemu-storage-daemons (while QEMU runs)."""
+    same in each of its vhost-user-blk disks' qemu-storage-daemons (while QEMU runs; once it
+    is gone, from their operations directories and the repository)."""
     record = _runtime.read_record(name)
     if not _runtime.is_alive(record):
         await _exited(record.pid)
-        return RecoveryReport(False, await reconcile_offline(Path(record.run_dir)), [])
+        run_dir = Path(record.run_dir)
+        results = await reconcile_offline(run_dir)
+        # QEMU's and its daemons' backups alike: what they left outside QEMU.
+        left = [] if repo is None else recover_backup_offline(name, run_dir, repo)
+        return RecoveryReport(False, results, left)
     async with attach(name) as vm:
         results = await reconcile(vm, deadline=deadline, forget=forget)
         notes: list[str] = []
@@ -63,7 +69,7 @@ async def recover_vm(
         for device, drive in vm.registry.drives.items():
             if drive.daemon is None:
                 continue
-            async with vm.on_storage_daemon(device) as daemon:
+            async with vm.on_storage_daemon(device, "recover") as daemon:
                 results += await reconcile(daemon, deadline=deadline, forget=forget)
                 if repo is not None:
                     notes += await recover_backup(daemon, repo)

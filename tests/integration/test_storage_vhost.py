@@ -31,7 +31,7 @@ from blockctl._ops import drives
 from blockctl._qmp import wire
 from blockctl._qmp.models import JobStatus
 from blockctl.backup import BackupOptions
-from blockctl.errors import ConfigError, InStorageDaemon
+from blockctl.errors import ConfigError, InStorageDaemon, StorageDaemonBusy
 from blockctl.types import (
     CacheMode,
     Drive,
@@ -134,7 +134,7 @@ async def test_vhost_user_blk_launch_io_refusals_hotplug_unplug(
 ) -> None:
     """One boot with a qcow2 vhost-user-blk disk from launch: blockctl lists it truthfully
     (the CLI from another process too), the guest reads what the host put there, writes and
-    reads back; snapshot, commit, stream, backup, resize, cache and throttle are refused
+    reads back; a snapshot or backup with other disks or quiesce, cache and throttle are refused
     naming the disk and its daemon, with QEMU's and the daemon's state unchanged. A raw one
     is hot-plugged, written, and unplugged: its daemon reaped, chardev and sockets gone. After
     shutdown the images hold what the guest wrote (qemu-img compare against a reference)."""
@@ -184,7 +184,6 @@ async def test_vhost_user_blk_launch_io_refusals_hotplug_unplug(
         # Refusals: by name, nothing changed in QEMU or in the daemon.
         before = (await qemu_state(vm), await daemon_state(vm, "disk0"))
         refused = {
-            "resize": drives.resize(vm, "disk0", 2 * DISK_SIZE),
             "cache": drives.set_cache(vm, "disk0", CacheMode.NONE),
             "throttle": drives.set_throttle(vm, "disk0", {"bps": 1 << 20}),
         }
@@ -861,3 +860,238 @@ async def test_vhost_user_blk_chain_shows_the_daemons_graph(
 async def run_blockctl(*args: str) -> str:
     done = await anyio.run_process([sys.executable, "-m", "blockctl", *args], env=dict(os.environ))
     return done.stdout.decode()
+
+
+async def jobs_row(
+    vm_name: str, pid: int, until: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The row of ``blockctl jobs VM`` (another process) of the job driven by ``pid``, once
+    ``until`` holds for it (bounded: a hang fails, no time is asserted)."""
+    with anyio.fail_after(120):
+        while True:
+            rows = await cli_json("jobs", vm_name, "--sample", "0")
+            mine = [r for r in rows if r["driven_by"] == pid]
+            assert len(mine) <= 1, rows
+            if mine and until(mine[0]):
+                return mine[0]  # type: ignore[no-any-return]
+            await anyio.sleep(0.2)
+
+
+async def cli_fails(*args: str) -> tuple[int, dict[str, Any]]:
+    """``blockctl ARGS --json`` from another process that is expected to fail: its exit
+    code and its JSON error."""
+    done = await anyio.run_process(
+        [sys.executable, "-m", "blockctl", *args, "--json"], check=False, env=dict(os.environ)
+    )
+    assert done.returncode != 0, done.stdout
+    return done.returncode, json.loads(done.stdout)["error"]
+
+
+async def test_vhost_user_blk_commit_and_stream_in_daemon_reached_by_another_process(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A commit and a stream of a daemon's disk, each run by the CLI in one process (which
+    holds the daemon's one monitor), are listed by ``blockctl jobs VM`` from another
+    (``monitor`` ``qsd:disk0``, the driving pid, the job's type) and driven from there: the
+    commit paused, re-speeded and resumed (it completes: the export back on the base, the
+    guest's view unchanged), the stream cancelled (``JobCancelledByOther``; the daemon's nodes,
+    exports and jobs as before it, no record, no control socket). While the commit holds the
+    daemon's monitor, an operation routed there (``snapshot list`` from another process, a
+    stream in this one) is refused at once with ``StorageDaemonBusy`` naming the disk, the
+    commit, its pid and job (before: ``QMPConnectFailed`` after 10 s); a monitor held by a
+    client blockctl has no record of is refused the same way after the 10 s connect."""
+    base = await raw_image(tmp_path / "base.raw", pattern(361, DISK_SIZE))
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    name = "vhostrelay"
+    async with open_vm(base_config(guest, vhost_drive(base, ImageFormat.RAW), name=name)) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        ops_dir = vm.run_dir / "disk0-qsd.ops"
+        qemu_before = await qemu_state(vm)
+        exports0, nodes0, _ = await daemon_nodes(vm, "disk0")
+        await chains.external_snapshot(vm, "r1", overlays, devices=["disk0"])
+        for i in range(4):  # 4 MiB in the overlay: the commit has that much to copy
+            await guest_write_read(vm, vda, 60 + i, 4 + i)
+        view = await guest_view(vm, vda)
+        async with blockctl_process(
+            "commit", name, "disk0", "--speed", "64K", "--json"
+        ) as committer:
+            first = await jobs_row(name, committer.pid, lambda r: r["total"] > 0)
+            assert (first["type"], first["monitor"], first["speed"]) == (
+                "commit",
+                "qsd:disk0",
+                64 * 1024,
+            )
+            assert await vm.command("query-jobs") == []  # the daemon's job, not QEMU's
+            job_id = first["id"]
+            assert (await cli_json("jobs", name, "pause", job_id))["by"] == "daemon"
+            # Paused before READY (the mirror under an active commit copies its first pass
+            # in one burst whatever the speed): it cannot end until resumed.
+            await jobs_row(name, committer.pid, lambda r: r["status"] == "paused")
+            # The monitor is the committer's: refused at once, naming it.
+            code, error = await cli_fails("snapshot", name, "list")
+            assert (code, error["type"]) == (5, "StorageDaemonBusy"), error
+            for said in ("disk0", "commit", str(committer.pid), job_id, "qemu-storage-daemon"):
+                assert said in error["message"], (said, error["message"])
+            with pytest.raises(StorageDaemonBusy) as busy:
+                await chains.stream(vm, "disk0")
+            assert (busy.value.kind, busy.value.pid, busy.value.job_id) == (
+                "commit",
+                committer.pid,
+                job_id,
+            )
+            assert f"blockctl jobs {name} cancel {job_id}" in str(busy.value)
+            assert (await cli_json("jobs", name, "speed", job_id, "8M"))["by"] == "daemon"
+            respeeded = await jobs_row(name, committer.pid, lambda r: r["speed"] == 8 * MIB)
+            assert respeeded["status"] == "paused"
+            assert committer.returncode is None  # still paused, still its driver's
+            assert (await cli_json("jobs", name, "resume", job_id))["by"] == "daemon"
+            code, out, err = await finish(committer)
+        assert code == 0, (out, err)
+        committed = json.loads(out)
+        assert committed["job"] == job_id and committed["bytes"] > 0
+        assert await daemon_nodes(vm, "disk0") == (exports0, nodes0, [])  # back on the base
+        assert await guest_view(vm, vda) == view
+        assert not list(ops_dir.glob("control/*.sock")) and not list(ops_dir.glob("journal-*"))
+
+        # A client blockctl keeps no record of holds the monitor: refused after the connect.
+        async with vm.daemons.running["disk0"].qmp():
+            with pytest.raises(StorageDaemonBusy) as busy:
+                await chains.stream(vm, "disk0")
+        assert busy.value.kind == "client" and busy.value.pid is None
+
+        await chains.external_snapshot(vm, "r2", overlays, devices=["disk0"])
+        await guest_write_read(vm, vda, 70, 9)
+        snapped = await daemon_nodes(vm, "disk0")
+        async with blockctl_process(
+            "stream", name, "disk0", "--speed", "64K", "--json"
+        ) as streamer:
+            row = await jobs_row(name, streamer.pid, lambda r: r["total"] > 0)
+            assert (row["type"], row["monitor"]) == ("stream", "qsd:disk0")
+            assert (await cli_json("jobs", name, "cancel", row["id"]))["by"] == "daemon"
+            code, out, err = await finish(streamer)
+        assert code == 3, (out, err)
+        assert json.loads(out)["error"]["type"] == "JobCancelledByOther"
+        assert await daemon_nodes(vm, "disk0") == snapped
+        assert not list(ops_dir.glob("control/*.sock")) and not list(ops_dir.glob("journal-*"))
+        assert await qemu_state(vm) == qemu_before
+        await truth_check(vm)
+
+
+async def test_vhost_user_blk_offline_recover_cleans_a_killed_daemon_backup(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A controller SIGKILLed while its backup of a daemon's disk reads, then QEMU SIGKILLed
+    (the daemon with it): the repository holds the killed backup's incomplete point, its
+    scratch directory its fleecing overlay, the disk's operations directory its control
+    socket. ``blockctl recover VM --repo`` (another process) finds QEMU gone, reports each and
+    removes them (before: nothing reported, all of it left); the repository then holds the
+    full point alone, which verifies and restores to the guest's view at that point."""
+    data = await raw_image(tmp_path / "data.raw", pattern(371, DISK_SIZE))
+    img = tmp_path / "disk.qcow2"
+    await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", data, img)
+    repo_path = tmp_path / "repo"
+    repo = backup_ops.init_repository(repo_path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    name = "vhostoffbk"
+    async with open_vm(base_config(guest, vhost_drive(img, ImageFormat.QCOW2), name=name)) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        await guest_write_read(vm, vda, 81, 1)
+        view = await guest_view(vm, vda)
+        full = await backup_ops.backup(vm, repo, kind="full", devices=["disk0"])
+        await guest_write_read(vm, vda, 82, 6)
+        ops_dir = vm.run_dir / "disk0-qsd.ops"
+        await kill_controller_at(
+            name, "backup", "copy", repo=str(repo_path), devices=["disk0"], scratch_dir=str(scratch)
+        )
+        (incomplete,) = repo.incomplete_points(name)
+        (left_scratch,) = scratch.iterdir()
+        assert list(left_scratch.glob("fleece-*"))
+        (control,) = ops_dir.glob("control/*.sock")
+        daemon = vm.daemons.running["disk0"]
+        os.kill(vm.process.pid, signal.SIGKILL)
+        await vm.process.wait()
+        with anyio.fail_after(60):  # a bound on a hang, not a measured time
+            await daemon.process.wait()
+        done = await anyio.run_process(
+            [sys.executable, "-m", "blockctl", "recover", name, "--repo", str(repo_path), "--json"],
+            check=False,
+            env=dict(os.environ),
+        )
+        assert done.returncode == 0, (done.stdout, done.stderr[-2000:])
+        report = json.loads(done.stdout)
+        assert report["qemu_running"] is False
+        notes = "\n".join(report["backup"])
+        assert f"removed the incomplete point {incomplete}" in notes, notes
+        assert f"removed the scratch directory {left_scratch}" in notes, notes
+        assert "disk0's qemu-storage-daemon" in notes, notes
+        assert control.name[: -len(".sock")] in notes, notes
+        assert repo.incomplete_points(name) == []
+        assert [m.id for m in repo.manifests(name)] == [full.id]
+        assert list(scratch.iterdir()) == [] and not control.exists()
+        assert not (ops_dir / backup_ops.SCRATCH_RECORD).exists()
+    verified = await backup_ops.verify(repo, name, full.id)
+    assert verified.ok, verified.problems
+    restored = tmp_path / "restored.raw"
+    await backup_ops.restore(repo, name, full.id, "disk0", restored, ImageFormat.RAW)
+    assert sha256(restored.read_bytes()) == view
+
+
+async def test_vhost_user_blk_resize_in_daemon_seen_by_the_guest_on_10_refused_on_7_2(
+    guest: GuestImage, storage_daemon: str, tmp_path: Path
+) -> None:
+    """A resize of a vhost-user-blk disk goes to its daemon. From a 10.0 daemon on, the
+    guest sees the new size (its ``/sys/block`` size, then reading the whole disk: the old
+    data, then zeros), the daemon's node has it, and a shrink without allow_shrink is refused
+    with nothing changed. A 7.2 daemon's export does not tell QEMU of a new size (measured):
+    refused with ``InStorageDaemon`` naming that reason, the daemon's and QEMU's state
+    unchanged, the guest's size too."""
+    data = pattern(381, DISK_SIZE)
+    base = await raw_image(tmp_path / "base.raw", data)
+    name = "vhostresize"
+    async with open_vm(base_config(guest, vhost_drive(base, ImageFormat.RAW), name=name)) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        (vda,) = await guest_disks(vm)
+        async with vm.daemons.running["disk0"].qmp() as session:
+            version = await wire.query_version(session)
+
+        async def guest_size() -> int:
+            return int(await sh(vm, f"cat /sys/block/{vda}/size")) * 512
+
+        before = (await qemu_state(vm), await daemon_state(vm, "disk0"))
+        if (version.major, version.minor) < drives.DAEMON_RESIZE_SINCE:
+            with pytest.raises(InStorageDaemon) as caught:
+                await drives.resize(vm, "disk0", 2 * DISK_SIZE)
+            assert caught.value.operation == "resize" and caught.value.device_id == "disk0"
+            assert "does not tell QEMU of a new size" in str(caught.value)
+            assert (await qemu_state(vm), await daemon_state(vm, "disk0")) == before
+            assert await guest_size() == DISK_SIZE
+            return
+        with pytest.raises(ConfigError, match="smaller"):
+            await drives.resize(vm, "disk0", DISK_SIZE // 2)
+        assert (await qemu_state(vm), await daemon_state(vm, "disk0")) == before
+        shown = await cli_json("resize", name, "disk0", str(2 * DISK_SIZE))
+        assert shown["size"] == 2 * DISK_SIZE
+        # The guest waits for its new size (bounded: 60 s, a hang's bound, not a figure).
+        sectors = 2 * DISK_SIZE // 512
+        await sh(
+            vm,
+            f"for i in $(seq 300); do [ $(cat /sys/block/{vda}/size) = {sectors} ] && exit 0; "
+            "sleep 0.2; done; exit 1",
+        )
+        assert await guest_size() == 2 * DISK_SIZE
+        async with vm.daemons.running["disk0"].qmp() as session:
+            exports = {e.id: e.node_name for e in await wire.query_block_exports(session)}
+            sizes = {
+                n.node_name: n.virtual_size for n in await wire.query_named_block_nodes(session)
+            }
+        assert sizes[exports["drv0-export"]] == 2 * DISK_SIZE
+        assert await guest_view(vm, vda) == sha256(data + bytes(DISK_SIZE))
+        assert await qemu_state(vm) == before[0]
+        await truth_check(vm)

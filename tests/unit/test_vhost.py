@@ -242,3 +242,50 @@ def test_daemon_disk_routes_one_disk_and_refuses_mixes(tmp_path: Path) -> None:
         assert caught.value.device_id == "disk0"
         assert "name disk0 alone" in str(caught.value)
         assert "one point in time" in str(caught.value)
+
+
+def test_daemon_holder_names_another_live_process_operation(tmp_path: Path) -> None:
+    """Who holds a daemon's one monitor, from its operations directory: another live
+    process's journal record (a commit, with its job), else the backup lock's live owner
+    (with the job its control socket names); a record or lock whose process is gone, or this
+    process's own, names nobody."""
+    import os
+    import subprocess
+
+    from blockctl import _journal, _proc
+    from blockctl._machine import daemon_holder
+
+    ops = tmp_path / "disk0-qsd.ops"
+    ops.mkdir()
+    assert daemon_holder(ops) is None
+    other = subprocess.Popen(["sleep", "60"])  # another live process
+    try:
+        live = _journal.Intent(
+            id="commit-1",
+            kind=_journal.OpKind.COMMIT,
+            vm="vm",
+            job_id="bc-commit-1-abc",
+            what="commit of o.qcow2 into b.raw on disk0",
+            pid=other.pid,
+            pid_start=_proc.process_start(other.pid),
+        )
+        _journal.write(ops, live)
+        holder = daemon_holder(ops)
+        assert holder is not None
+        assert (holder.kind, holder.pid, holder.job_id) == ("commit", other.pid, "bc-commit-1-abc")
+        assert "commit of o.qcow2 into b.raw on disk0" in holder.what
+        # This process's own record (no operation in progress here): not another's.
+        _journal.write(ops, dataclasses.replace(live, pid=os.getpid(), pid_start=None))
+        assert daemon_holder(ops) is None
+        _journal.remove(ops, "commit-1")
+        lock = {"pid": other.pid, "pid_start": _proc.process_start(other.pid)}
+        (ops / _journal.BACKUP_LOCK).write_text(json.dumps(lock))
+        (ops / "control").mkdir()
+        (ops / "control" / "bc-backup-2-def.sock").touch()
+        holder = daemon_holder(ops)
+        assert holder is not None
+        assert (holder.kind, holder.pid, holder.job_id) == ("backup", other.pid, "bc-backup-2-def")
+    finally:
+        other.kill()
+        other.wait()
+    assert daemon_holder(ops) is None  # its process is gone
