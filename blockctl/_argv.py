@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from blockctl._images import ImageLayer
 from blockctl._qmp.models import (
@@ -154,8 +154,17 @@ def _cache_opts(drive: Drive) -> CacheOptions:
 def _protocol_node(
     name: str, filename: str, drive: Drive, *, block_device: bool, read_only: bool
 ) -> FileOptions:
+    # A block device under a cdrom drive is a CD drive to QEMU (host_cdrom: it asks the
+    # device whether a disc is in and passes eject and the tray lock on to it).
+    driver: Literal["file", "host_device", "host_cdrom"] = (
+        "file"
+        if not block_device
+        else "host_cdrom"
+        if drive.media is Media.CDROM
+        else "host_device"
+    )
     node: FileOptions = {
-        "driver": "host_device" if block_device else "file",
+        "driver": driver,
         "node-name": name,
         "filename": filename,
         "cache": _cache_opts(drive),
@@ -419,7 +428,13 @@ def _device(
     if drive.interface is Interface.VIRTIO:
         device["driver"] = "virtio-blk-pci"
     elif drive.interface is Interface.SCSI:
-        kind = "scsi-cd" if cdrom else "scsi-block" if drive.passthrough else "scsi-hd"
+        kind = (
+            "scsi-cd"
+            if cdrom
+            else drive.passthrough.device_driver
+            if drive.passthrough
+            else "scsi-hd"
+        )
         device.update(driver=kind, bus=f"scsi{(slot or (0, 0))[0]}.0")
         if slot is not None:
             device.update({"scsi-id": slot[1], "lun": 0})
@@ -440,7 +455,7 @@ def _device(
         device["drive"] = top
     if not cdrom and drive.interface is not Interface.FLOPPY and not drive.passthrough:
         # The guest-visible write cache is part of the cache mode and fixed at realize.
-        # (scsi-block has none: the guest talks to the LUN's own cache.)
+        # (scsi-block and scsi-generic have none: the guest talks to the LUN's own cache.)
         device["write-cache"] = "on" if drive.cache.write_cache else "off"
     if drive.serial is not None:
         device["serial"] = drive.serial

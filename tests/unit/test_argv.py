@@ -819,3 +819,26 @@ def test_a_drive_record_keeps_plain_copies_of_every_node() -> None:
     assert list(record) == [dict(n) for n in plan.nodes]
     assert all(r is not n for r, n in zip(record, plan.nodes, strict=True))
     assert json.loads(json.dumps(record)) == list(record)
+
+
+def test_a_block_device_under_a_cdrom_drive_opens_with_host_cdrom() -> None:
+    """A cdrom drive over a block device (a host CD drive) gets QEMU's host_cdrom driver,
+    which asks the device whether a disc is in; a disk over one stays host_device."""
+    source = DriveSource(chain=(layer("/dev/sr0", ImageFormat.RAW),), block_device=True)
+    kinds = {}
+    for media, interface in ((Media.CDROM, Interface.SCSI), (Media.DISK, Interface.VIRTIO)):
+        drive = Drive(
+            file=Path("/dev/sr0"), format=ImageFormat.RAW, media=media, interface=interface
+        )
+        plan = plan_drive(0, drive, source, "pc", None)
+        kinds[media] = (plan.nodes[0]["driver"], plan.device["driver"])
+    assert kinds == {
+        Media.CDROM: ("host_cdrom", "scsi-cd"),
+        Media.DISK: ("host_device", "virtio-blk-pci"),
+    }
+    # A regular file under a cdrom drive is the file driver, as before.
+    iso = DriveSource(chain=(layer("/a.iso", ImageFormat.RAW),))
+    drive = Drive(
+        file=Path("/a.iso"), format=ImageFormat.RAW, media=Media.CDROM, interface=Interface.IDE
+    )
+    assert plan_drive(0, drive, iso, "pc", None).nodes[0]["driver"] == "file"

@@ -26,6 +26,8 @@ from blockctl.types import (
     Interface,
     IscsiSource,
     MachineConfig,
+    Media,
+    Passthrough,
 )
 from tests.unit.test_drives_logic import live
 
@@ -171,11 +173,54 @@ def test_nodes_and_device_of_an_iscsi_disk() -> None:
 
 
 def test_a_passed_through_lun_is_scsi_block_without_a_write_cache_property() -> None:
-    drive = Drive(iscsi=lun(), format=ImageFormat.RAW, interface=Interface.SCSI, passthrough=True)
+    drive = Drive(
+        iscsi=lun(), format=ImageFormat.RAW, interface=Interface.SCSI, passthrough=Passthrough.BLOCK
+    )
     device = plan_drive(0, drive, None, "pc", None).device
     assert device["driver"] == "scsi-block"
     # QEMU: "Property 'scsi-block.write-cache' not found"
     assert "write-cache" not in device
+
+
+@pytest.mark.parametrize(
+    ("given", "kind"),
+    [(True, "scsi-block"), ("block", "scsi-block"), ("generic", "scsi-generic")],
+)
+def test_passthrough_from_toml_chooses_the_device(given: object, kind: str) -> None:
+    drive = Drive.from_mapping(
+        {"iscsi": URL, "format": "raw", "if": "scsi", "passthrough": given}, "drive[0]"
+    )
+    assert drive.passthrough is Passthrough(kind.removeprefix("scsi-"))
+    device = plan_drive(0, drive, None, "pc", None).device
+    assert device["driver"] == kind
+    # Neither has the property: "Property 'scsi-generic.write-cache' not found"
+    assert "write-cache" not in device and "serial" not in device
+    emulated = Drive.from_mapping(
+        {"iscsi": URL, "format": "raw", "if": "scsi", "passthrough": False}
+    )
+    assert emulated.passthrough is None
+    assert plan_drive(0, emulated, None, "pc", None).device["driver"] == "scsi-hd"
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "said"),
+    [
+        ({"passthrough": "sg"}, "drive[0].passthrough", "'generic' (scsi-generic)"),
+        ({"passthrough": 1}, "drive[0].passthrough", "or false"),
+        ({"passthrough": "generic", "werror": "stop"}, "drive[0].werror", "no rerror/werror"),
+        ({"passthrough": "generic", "rerror": "report"}, "drive[0].rerror", "no rerror/werror"),
+        ({"passthrough": "generic", "if": "virtio"}, "drive[0].passthrough", "if = 'scsi'"),
+    ],
+)
+def test_scsi_generic_refusals(values: dict[str, object], field: str, said: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Drive.from_mapping({"iscsi": URL, "format": "raw", "if": "scsi", **values}, "drive[0]")
+    assert refused.value.field == field
+    assert said in str(refused.value)
+    # scsi-block takes an error policy (its reads and writes are QEMU's requests).
+    Drive.from_mapping(
+        {"iscsi": URL, "format": "raw", "if": "scsi", "passthrough": "block", "werror": "stop"}
+    )
 
 
 def test_chap_password_goes_through_a_secret_object_read_from_the_file() -> None:
@@ -292,7 +337,18 @@ def test_cli_attach_parses_an_iscsi_url_into_the_typed_form(
     )
     assert code == 1 and drive is not None  # _Reached
     assert drive.iscsi == lun(user="bob", password_file=password)
-    assert drive.file is None and drive.passthrough
+    assert drive.file is None and drive.passthrough is Passthrough.BLOCK
+    code, drive = _cli_attach(
+        monkeypatch, "vm1", URL, "--format=raw", "--bus=scsi", "--passthrough=generic"
+    )
+    assert drive is not None and drive.passthrough is Passthrough.GENERIC
+    code, drive = _cli_attach(monkeypatch, "vm1", URL, "--format=raw", "--bus=scsi")
+    assert drive is not None and drive.passthrough is None
+    code, drive = _cli_attach(
+        monkeypatch, "vm1", "/dev/sr0", "--format=raw", "--bus=scsi", "--cdrom"
+    )
+    assert drive is not None and drive.media is Media.CDROM and drive.read_only
+    assert drive.file == Path("/dev/sr0")
     code, drive = _cli_attach(monkeypatch, "vm1", f"iscsi://127.0.0.1/{IQN}/x", "--format=raw")
     assert drive is None
     assert "iscsi.lun" in capsys.readouterr().err
