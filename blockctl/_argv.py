@@ -55,11 +55,16 @@ class DriveSource:
     """What preflight learnt about a drive's image on disk.
 
     ``chain`` is the image and its backing files (top first); ``block_device`` says to use
-    the ``host_device`` protocol driver; ``overlay`` is the throwaway qcow2 for ``snapshot``.
+    the ``host_device`` protocol driver (``host_cdrom`` for a cdrom drive when ``cd_drive``:
+    the device answers as a CD drive); ``overlay`` is the throwaway qcow2 for ``snapshot``.
     """
 
     chain: tuple[ImageLayer, ...]
     block_device: bool = False
+    #: The block device is a CD drive: the kernel answers its CDROM_DRIVE_STATUS ioctl (the
+    #: test QEMU's own probe makes). A loop device does not (EINVAL), and QEMU's host_cdrom
+    #: reports such a device empty ("No medium found"): it stays host_device.
+    cd_drive: bool = False
     overlay: Path | None = None
     #: A vhost-user-blk drive: the socket its qemu-storage-daemon serves it on.
     vhost_socket: Path | None = None
@@ -152,15 +157,21 @@ def _cache_opts(drive: Drive) -> CacheOptions:
 
 
 def _protocol_node(
-    name: str, filename: str, drive: Drive, *, block_device: bool, read_only: bool
+    name: str,
+    filename: str,
+    drive: Drive,
+    *,
+    block_device: bool,
+    read_only: bool,
+    cd_drive: bool = False,
 ) -> FileOptions:
-    # A block device under a cdrom drive is a CD drive to QEMU (host_cdrom: it asks the
-    # device whether a disc is in and passes eject and the tray lock on to it).
+    # A host CD drive under a cdrom drive is host_cdrom: QEMU asks the drive whether a disc
+    # is in and passes the guest's eject and tray lock on to it.
     driver: Literal["file", "host_device", "host_cdrom"] = (
         "file"
         if not block_device
         else "host_cdrom"
-        if drive.media is Media.CDROM
+        if cd_drive and drive.media is Media.CDROM
         else "host_device"
     )
     node: FileOptions = {
@@ -326,6 +337,7 @@ def plan_drive(
                     layer.filename,
                     drive,
                     block_device=source.block_device and depth == 0,
+                    cd_drive=source.cd_drive and depth == 0,
                     read_only=read_only,
                 )
             )

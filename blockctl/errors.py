@@ -11,7 +11,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      ├── LaunchFailed           qemu-system refused to start or died during start-up
  ├── StorageDaemonFailed    a drive's qemu-storage-daemon refused to start or to stop
  ├── InStorageDaemon        refused: the disk's nodes live in a qemu-storage-daemon, not QEMU
-     ├── PassedThrough          refused: a passed-through LUN (scsi-block) bypasses QEMU's nodes
+     ├── PassedThrough          refused: a passed-through LUN (scsi-block/-generic) bypasses QEMU's nodes
      ├── VMError                something about a named VM in the runtime directory
      │    ├── VMNotFound
      │    └── VMExists
@@ -317,9 +317,10 @@ class InStorageDaemon(BlockctlError):
 
 
 class PassedThrough(BlockctlError):
-    """Refused: ``device_id`` is a passed-through LUN (``device_driver``, scsi-block): the
-    guest's SCSI commands go to the target as they are (an ioctl through QEMU's nodes), which
-    only the iscsi node can carry, and which no overlay, bitmap or job above it sees."""
+    """Refused: ``device_id`` is a passed-through LUN (``device_driver``: scsi-block or
+    scsi-generic): the guest's SCSI commands go to the target as they are (an ioctl through
+    QEMU's nodes), which only the iscsi node can carry, and which no overlay, bitmap or job
+    above it sees."""
 
     #: Why each operation cannot be done on such a disk, and the way out it names.
     WHY: ClassVar[dict[str, tuple[str, str]]] = {

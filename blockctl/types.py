@@ -823,12 +823,17 @@ class Drive:
                     f"{where}.passthrough",
                     "SCSI commands bypass the block layer: no copy_on_read or detect_zeroes",
                 )
-            if self.passthrough is Passthrough.GENERIC and (self.rerror or self.werror):
-                # QEMU: "Device doesn't support drive option rerror"
+            # QEMU: "Device doesn't support drive option werror" for anything but its defaults.
+            if self.passthrough is Passthrough.GENERIC and (
+                self.rerror not in (None, DeviceErrorPolicy.REPORT)
+                or self.werror not in (None, DeviceErrorPolicy.ENOSPC)
+            ):
                 raise ConfigError(
-                    f"{where}.rerror" if self.rerror else f"{where}.werror",
-                    "scsi-generic takes no rerror/werror (the guest gets the target's own "
-                    "errors): drop it, or pass the LUN through as 'block' (scsi-block)",
+                    f"{where}.rerror"
+                    if self.rerror not in (None, DeviceErrorPolicy.REPORT)
+                    else f"{where}.werror",
+                    "scsi-generic takes no rerror/werror policy (the guest gets the target's "
+                    "own errors): drop it, or pass the LUN through as 'block' (scsi-block)",
                 )
         if (
             self.file is None

@@ -208,7 +208,8 @@ def test_passthrough_from_toml_chooses_the_device(given: object, kind: str) -> N
         ({"passthrough": "sg"}, "drive[0].passthrough", "'generic' (scsi-generic)"),
         ({"passthrough": 1}, "drive[0].passthrough", "or false"),
         ({"passthrough": "generic", "werror": "stop"}, "drive[0].werror", "no rerror/werror"),
-        ({"passthrough": "generic", "rerror": "report"}, "drive[0].rerror", "no rerror/werror"),
+        ({"passthrough": "generic", "rerror": "stop"}, "drive[0].rerror", "no rerror/werror"),
+        ({"passthrough": "generic", "werror": "report"}, "drive[0].werror", "no rerror/werror"),
         ({"passthrough": "generic", "if": "virtio"}, "drive[0].passthrough", "if = 'scsi'"),
     ],
 )
@@ -217,6 +218,13 @@ def test_scsi_generic_refusals(values: dict[str, object], field: str, said: str)
         Drive.from_mapping({"iscsi": URL, "format": "raw", "if": "scsi", **values}, "drive[0]")
     assert refused.value.field == field
     assert said in str(refused.value)
+    # QEMU's own defaults are what scsi-generic has anyway.
+    Drive.from_mapping(
+        {
+            **{"iscsi": URL, "format": "raw", "if": "scsi", "passthrough": "generic"},
+            **{"rerror": "report", "werror": "enospc"},
+        }
+    )
     # scsi-block takes an error policy (its reads and writes are QEMU's requests).
     Drive.from_mapping(
         {"iscsi": URL, "format": "raw", "if": "scsi", "passthrough": "block", "werror": "stop"}
