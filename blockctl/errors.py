@@ -11,7 +11,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      ├── LaunchFailed           qemu-system refused to start or died during start-up
  ├── StorageDaemonFailed    a drive's qemu-storage-daemon refused to start or to stop
  ├── InStorageDaemon        refused: the disk's nodes live in a qemu-storage-daemon, not QEMU
-     ├── PassedThrough          refused: a passed-through LUN (scsi-block/-generic) bypasses QEMU's nodes
+     ├── PassedThrough          refused: a passed-through LUN (scsi-block, scsi-generic)
      ├── VMError                something about a named VM in the runtime directory
      │    ├── VMNotFound
      │    └── VMExists
