@@ -337,17 +337,28 @@ class PassedThrough(BlockctlError):
             "back it up on the target (the storage's own snapshot or backup), or attach the "
             "LUN emulated (scsi-hd, without passthrough) to back it up",
         ),
+        "throttle": (
+            "its reads and writes are ioctls, which QEMU's I/O limits do not hold back (the "
+            "limits would be set and not applied)",
+            "limit it on the target, or attach the LUN emulated (scsi-hd, without "
+            "passthrough) to throttle it",
+        ),
     }
+    #: Operations on one named disk: no other disks to name instead.
+    SINGLE: ClassVar[frozenset[str]] = frozenset({"throttle"})
 
     def __init__(self, operation: str, device_id: str, *, device_driver: str) -> None:
         self.operation = operation
         self.device_id = device_id
         self.device_driver = device_driver
         why, elsewhere = self.WHY.get(operation, self.WHY["snapshot"])
+        leave_out = (
+            "" if operation in self.SINGLE else f"leave {device_id} out (name the other disks), "
+        )
         super().__init__(
             f"{operation}: {device_id} is a passed-through LUN ({device_driver}): the guest's "
-            f"SCSI commands reach the target directly, and {why}. Ways out: leave "
-            f"{device_id} out (name the other disks), {elsewhere}"
+            f"SCSI commands reach the target directly, and {why}. Ways out: {leave_out}"
+            f"{elsewhere}"
         )
 
 

@@ -776,6 +776,7 @@ async def test_a_passed_through_lun_refuses_an_external_snapshot(
             assert repo.manifests("ptsnap") == [] and repo.incomplete_points("ptsnap") == []
         # The guest's I/O on the LUN goes on as before.
         after = await guest_write_read(vm, lun_dev, 32, 5)
+        grown = await passed_through_live_operations(vm, tgt, "disk1", lun_dev, 2, rescan=False)
         await truth_check(vm)
         # The way out: the other disks alone.
         snap = await chains.external_snapshot(vm, "s1", overlays, devices=["disk0"])
@@ -786,7 +787,11 @@ async def test_a_passed_through_lun_refuses_an_external_snapshot(
         assert [d.device for d in point.disks] == ["disk0"]
         await truth_check(vm)
     lun = tgt.backing[1].read_bytes()
-    assert (sha256(mib(lun, 2)), sha256(mib(lun, 5))) == (before, after)
+    assert (sha256(mib(lun, 2)), sha256(mib(lun, 5)), sha256(mib(lun, 20))) == (
+        before,
+        after,
+        grown,
+    )
 
 
 async def iet_disks(vm: LaunchedVM, count: int) -> dict[str, str]:
@@ -805,6 +810,40 @@ async def iet_disks(vm: LaunchedVM, count: int) -> dict[str, str]:
     disks = {line.split()[0]: line.split()[1] for line in found.splitlines() if line.strip()}
     assert len(disks) == count, found
     return disks
+
+
+async def passed_through_live_operations(
+    vm: LaunchedVM, tgt: Tgt, device_id: str, dev: str, lun: int, *, rescan: bool
+) -> str:
+    """On a passed-through LUN: I/O limits refused (QEMU would show them and not apply them
+    to the guest's SG_IO writes: measured) with none set; a live cache change to ``none``
+    and back (the nodes' flags as QEMU reports them, the guest's I/O going on); a resize
+    past the LUN refused, then, the LUN grown on its target, the resize reaching QEMU's
+    node and the guest (scsi-generic: after the guest's own rescan: it reads the LUN's
+    capacity from the target), which writes into the new part. Returns that write's sha256."""
+    with pytest.raises(PassedThrough) as refused:
+        await drives.set_throttle(vm, device_id, {"bps_wr": MIB})
+    assert (refused.value.operation, refused.value.device_id) == ("throttle", device_id)
+    assert "QEMU's I/O limits do not hold back" in str(refused.value)
+    limits = (await drives.drive_info(vm, device_id)).io_limits
+    assert limits is None or not limits.limited
+    for mode, seed in ((CacheMode.NONE, 51), (CacheMode.WRITEBACK, 52)):
+        info = await drives.set_cache(vm, device_id, mode)
+        assert info.cache is not None and info.cache.direct == mode.direct
+        flags = await node_cache(vm, device_id)
+        assert flags and set(flags.values()) == {(mode.direct, False)}, flags
+        await guest_write_read(vm, dev, seed, 4)
+    nodes = await node_names(vm)
+    with pytest.raises(ConfigError, match="grow the LUN on its target first"):
+        await drives.resize(vm, device_id, 2 * LUN_SIZE)
+    assert (await drives.drive_info(vm, device_id)).size == LUN_SIZE
+    assert await node_names(vm) == nodes
+    tgt.grow(lun, 2 * LUN_SIZE)
+    assert (await drives.resize(vm, device_id, 2 * LUN_SIZE)).size == 2 * LUN_SIZE
+    if rescan:
+        await sh(vm, f"echo 1 > /sys/block/{dev}/device/rescan")
+    assert await guest_size(vm, dev, 2 * LUN_SIZE) == 2 * LUN_SIZE
+    return await guest_write_read(vm, dev, 53, 20)
 
 
 async def test_an_iscsi_lun_passed_through_as_scsi_generic(
@@ -882,6 +921,9 @@ async def test_an_iscsi_lun_passed_through_as_scsi_generic(
         assert repo.manifests("sgeneric") == [] and repo.incomplete_points("sgeneric") == []
         # The guest's I/O goes on after the refusals.
         later = await guest_write_read(vm, devs[1], 43, 3)
+        grown = await passed_through_live_operations(
+            vm, tgt, hotplugged.device_id, devs[2], 2, rescan=True
+        )
         for device_id in ("disk0", hotplugged.device_id):
             result = await drives.unplug(vm, device_id)
             assert result.state is UnplugState.REMOVED
@@ -890,7 +932,7 @@ async def test_an_iscsi_lun_passed_through_as_scsi_generic(
         await truth_check(vm)
     lun1, lun2 = (path.read_bytes() for path in tgt.backing)
     assert (sha256(mib(lun1, 2)), sha256(mib(lun1, 3))) == (sums[1], later)
-    assert sha256(mib(lun2, 2)) == sums[2]
+    assert (sha256(mib(lun2, 2)), sha256(mib(lun2, 20))) == (sums[2], grown)
     # The rest as the host wrote it.
     assert lun1[: 2 * MIB] == pattern(101, LUN_SIZE)[: 2 * MIB]
     assert lun2[: 2 * MIB] == pattern(102, LUN_SIZE)[: 2 * MIB]
