@@ -18,7 +18,7 @@ from blockctl._cli import main as cli
 from blockctl._graph import image_filename
 from blockctl._ops import drives as drives_ops
 from blockctl._ops.apply import Action, DesiredDrive, load_desired, plan
-from blockctl.errors import BlockctlError, ConfigError
+from blockctl.errors import BlockctlError, ConfigError, PassedThrough
 from blockctl.types import (
     Accel,
     Drive,
@@ -363,3 +363,14 @@ def test_cli_attach_parses_an_iscsi_url_into_the_typed_form(
     code, drive = _cli_attach(monkeypatch, "vm1", "/img/a.raw", "--format=raw", "--chap-user=bob")
     assert drive is None
     assert "chap-user" in capsys.readouterr().err
+
+
+def test_passed_through_refusals_name_their_ways_out() -> None:
+    """A snapshot or backup of several disks can leave the LUN out; a throttle names one disk,
+    so its ways out are the target's own limits or an emulated LUN."""
+    throttle = str(PassedThrough("throttle", "disk2", device_driver="scsi-generic"))
+    assert throttle.startswith("throttle: disk2 is a passed-through LUN (scsi-generic)")
+    assert "QEMU's I/O limits do not hold back" in throttle
+    assert "leave disk2 out" not in throttle and "limit it on the target" in throttle
+    snapshot = str(PassedThrough("snapshot", "disk2", device_driver="scsi-block"))
+    assert "leave disk2 out (name the other disks)" in snapshot
