@@ -513,21 +513,24 @@ async def test_a_cdrom_drive_over_a_loop_device_holding_an_iso(
             assert await cd_read(vm, "sr0") == expect["one"]
             await truth_check(vm)
 
+            # A second CD drive from the command line (another process): attach --cdrom.
             kept = await node_names(vm)
-            second = await drives.hotplug(
-                vm,
-                Drive(
-                    file=loops["two"],
-                    format=ImageFormat.RAW,
-                    interface=Interface.SCSI,
-                    media=Media.CDROM,
-                ),
+            second = await cli_json(
+                "attach", vm.name, str(loops["two"]), "--format", "raw", "--bus", "scsi", "--cdrom"
             )
-            assert (second.device_driver, second.read_only) == ("scsi-cd", True)
+            assert (second["driver"], second["read_only"], second["file"]) == (
+                "scsi-cd",
+                True,
+                str(loops["two"]),
+            )
+            assert [n["driver"] for n in second["chain"]] == ["raw"]
+            drivers = {n.node_name: n.driver for n in await vm.block_nodes()}
+            assert drivers[f"{second['node']}-file"] == "host_device"
             await sh(vm, "for i in $(seq 100); do [ -b /dev/sr1 ] && exit 0; sleep 0.1; done")
             assert await cd_read(vm, "sr1") == expect["two"]
-            result = await drives.unplug(vm, second.device_id)
-            assert result.state is UnplugState.REMOVED
+            await truth_check(vm)
+            detached = await cli_json("detach", vm.name, second["device"])
+            assert detached["state"] == "removed"
             assert await node_names(vm) == kept
             await truth_check(vm)
     finally:
