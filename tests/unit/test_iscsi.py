@@ -304,6 +304,28 @@ def test_apply_matches_an_iscsi_disk_by_its_url(tmp_path: Path) -> None:
     assert load_desired(doc)[0].drive.iscsi == lun()
 
 
+@pytest.mark.parametrize("live_driver", ["scsi-hd", "scsi-block", "scsi-generic"])
+def test_apply_reports_a_lun_passed_through_otherwise_as_a_conflict(live_driver: str) -> None:
+    """A drives file asking for a LUN as one SCSI device while the VM has it as another
+    (emulated, scsi-block, scsi-generic) is a conflict naming both: nothing live changes it."""
+    for kind in (None, Passthrough.BLOCK, Passthrough.GENERIC):
+        wanted = DesiredDrive(
+            drive=Drive(
+                iscsi=lun(), format=ImageFormat.RAW, interface=Interface.SCSI, passthrough=kind
+            )
+        )
+        wanted_driver = kind.device_driver if kind else "scsi-hd"
+        result = plan([wanted], [live("disk0", URL, driver=live_driver)])
+        if wanted_driver == live_driver:
+            assert result.empty
+        else:
+            assert result.steps == ()
+            assert result.conflicts == (
+                f"disk0: is {live_driver}, not {wanted_driver}; a LUN's passthrough is changed "
+                "by detach + attach",
+            )
+
+
 class _Reached(BlockctlError):
     """The CLI got as far as the hot-plug: the drive it built is recorded."""
 
