@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from blockctl._images import ImageLayer
 from blockctl._qmp.models import (
@@ -55,11 +55,16 @@ class DriveSource:
     """What preflight learnt about a drive's image on disk.
 
     ``chain`` is the image and its backing files (top first); ``block_device`` says to use
-    the ``host_device`` protocol driver; ``overlay`` is the throwaway qcow2 for ``snapshot``.
+    the ``host_device`` protocol driver (``host_cdrom`` for a cdrom drive when ``cd_drive``:
+    the device answers as a CD drive); ``overlay`` is the throwaway qcow2 for ``snapshot``.
     """
 
     chain: tuple[ImageLayer, ...]
     block_device: bool = False
+    #: The block device is a CD drive: the kernel answers its CDROM_DRIVE_STATUS ioctl (the
+    #: test QEMU's own probe makes). A loop device does not (EINVAL), and QEMU's host_cdrom
+    #: reports such a device empty ("No medium found"): it stays host_device.
+    cd_drive: bool = False
     overlay: Path | None = None
     #: A vhost-user-blk drive: the socket its qemu-storage-daemon serves it on.
     vhost_socket: Path | None = None
@@ -152,10 +157,25 @@ def _cache_opts(drive: Drive) -> CacheOptions:
 
 
 def _protocol_node(
-    name: str, filename: str, drive: Drive, *, block_device: bool, read_only: bool
+    name: str,
+    filename: str,
+    drive: Drive,
+    *,
+    block_device: bool,
+    read_only: bool,
+    cd_drive: bool = False,
 ) -> FileOptions:
+    # A host CD drive under a cdrom drive is host_cdrom: QEMU asks the drive whether a disc
+    # is in and passes the guest's eject and tray lock on to it.
+    driver: Literal["file", "host_device", "host_cdrom"] = (
+        "file"
+        if not block_device
+        else "host_cdrom"
+        if cd_drive and drive.media is Media.CDROM
+        else "host_device"
+    )
     node: FileOptions = {
-        "driver": "host_device" if block_device else "file",
+        "driver": driver,
         "node-name": name,
         "filename": filename,
         "cache": _cache_opts(drive),
@@ -327,6 +347,7 @@ def plan_drive(
                     layer.filename,
                     drive,
                     block_device=source.block_device and depth == 0,
+                    cd_drive=source.cd_drive and depth == 0,
                     read_only=read_only,
                 )
             )
@@ -429,7 +450,13 @@ def _device(
     if drive.interface is Interface.VIRTIO:
         device["driver"] = "virtio-blk-pci"
     elif drive.interface is Interface.SCSI:
-        kind = "scsi-cd" if cdrom else "scsi-block" if drive.passthrough else "scsi-hd"
+        kind = (
+            "scsi-cd"
+            if cdrom
+            else drive.passthrough.device_driver
+            if drive.passthrough
+            else "scsi-hd"
+        )
         device.update(driver=kind, bus=f"scsi{(slot or (0, 0))[0]}.0")
         if slot is not None:
             device.update({"scsi-id": slot[1], "lun": 0})
@@ -450,7 +477,7 @@ def _device(
         device["drive"] = top
     if not cdrom and drive.interface is not Interface.FLOPPY and not drive.passthrough:
         # The guest-visible write cache is part of the cache mode and fixed at realize.
-        # (scsi-block has none: the guest talks to the LUN's own cache.)
+        # (scsi-block and scsi-generic have none: the guest talks to the LUN's own cache.)
         device["write-cache"] = "on" if drive.cache.write_cache else "off"
     if drive.serial is not None:
         device["serial"] = drive.serial

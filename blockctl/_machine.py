@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -638,7 +639,31 @@ async def inspect_drive(
             where, f"{path} is not {'readable' if drive.read_only else 'readable and writable'}"
         )
     chain = await _images.inspect_untrusted(path, drive.format, roots=roots, where=where)
-    return DriveSource(chain=chain, block_device=block_device)
+    return DriveSource(
+        chain=chain, block_device=block_device, cd_drive=block_device and is_cd_drive(path)
+    )
+
+
+#: linux/cdrom.h: the drive's status (and so whether it is a CD drive at all); the slot.
+_CDROM_DRIVE_STATUS = 0x5326
+_CDSL_CURRENT = 0x7FFFFFFF
+
+
+def is_cd_drive(device: Path) -> bool:
+    """Whether the block device ``device`` is a CD drive: its driver answers
+    CDROM_DRIVE_STATUS (QEMU's own probe for host_cdrom). A loop device over an ISO image
+    does not (EINVAL): QEMU's host_cdrom would call it empty, host_device reads it."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.ioctl(fd, _CDROM_DRIVE_STATUS, _CDSL_CURRENT)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 # Section: launch

@@ -11,7 +11,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      ├── LaunchFailed           qemu-system refused to start or died during start-up
  ├── StorageDaemonFailed    a drive's qemu-storage-daemon refused to start or to stop
  ├── InStorageDaemon        refused: the disk's nodes live in a qemu-storage-daemon, not QEMU
-     ├── PassedThrough          refused: a passed-through LUN (scsi-block) bypasses QEMU's nodes
+     ├── PassedThrough          refused: a passed-through LUN (scsi-block, scsi-generic)
      ├── VMError                something about a named VM in the runtime directory
      │    ├── VMNotFound
      │    └── VMExists
@@ -319,9 +319,10 @@ class InStorageDaemon(BlockctlError):
 
 
 class PassedThrough(BlockctlError):
-    """Refused: ``device_id`` is a passed-through LUN (``device_driver``, scsi-block): the
-    guest's SCSI commands go to the target as they are (an ioctl through QEMU's nodes), which
-    only the iscsi node can carry, and which no overlay, bitmap or job above it sees."""
+    """Refused: ``device_id`` is a passed-through LUN (``device_driver``: scsi-block or
+    scsi-generic): the guest's SCSI commands go to the target as they are (an ioctl through
+    QEMU's nodes), which only the iscsi node can carry, and which no overlay, bitmap or job
+    above it sees."""
 
     #: Why each operation cannot be done on such a disk, and the way out it names.
     WHY: ClassVar[dict[str, tuple[str, str]]] = {
@@ -338,17 +339,28 @@ class PassedThrough(BlockctlError):
             "back it up on the target (the storage's own snapshot or backup), or attach the "
             "LUN emulated (scsi-hd, without passthrough) to back it up",
         ),
+        "throttle": (
+            "its reads and writes are ioctls, which QEMU's I/O limits do not hold back (the "
+            "limits would be set and not applied)",
+            "limit it on the target, or attach the LUN emulated (scsi-hd, without "
+            "passthrough) to throttle it",
+        ),
     }
+    #: Operations on one named disk: no other disks to name instead.
+    SINGLE: ClassVar[frozenset[str]] = frozenset({"throttle"})
 
     def __init__(self, operation: str, device_id: str, *, device_driver: str) -> None:
         self.operation = operation
         self.device_id = device_id
         self.device_driver = device_driver
         why, elsewhere = self.WHY.get(operation, self.WHY["snapshot"])
+        leave_out = (
+            "" if operation in self.SINGLE else f"leave {device_id} out (name the other disks), "
+        )
         super().__init__(
             f"{operation}: {device_id} is a passed-through LUN ({device_driver}): the guest's "
-            f"SCSI commands reach the target directly, and {why}. Ways out: leave "
-            f"{device_id} out (name the other disks), {elsewhere}"
+            f"SCSI commands reach the target directly, and {why}. Ways out: {leave_out}"
+            f"{elsewhere}"
         )
 
 

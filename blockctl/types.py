@@ -46,6 +46,7 @@ __all__ = [
     "Media",
     "NbdSource",
     "NfsSource",
+    "Passthrough",
     "VhostUserBlkSource",
 ]
 
@@ -74,6 +75,23 @@ class Interface(enum.StrEnum):
 class Media(enum.StrEnum):
     DISK = "disk"
     CDROM = "cdrom"
+
+
+class Passthrough(enum.StrEnum):
+    """How a LUN is passed through to the guest (TOML ``passthrough = "block"`` or
+    ``"generic"``; ``true`` is ``"block"``). Either way the guest's SCSI commands go to the
+    target as they are (SG_IO, which QEMU's ``iscsi`` node answers itself)."""
+
+    #: ``scsi-block``: reads and writes go through QEMU's block layer as requests (rerror /
+    #: werror apply), every other command is passed on.
+    BLOCK = "block"
+    #: ``scsi-generic``: every command, reads and writes too, is passed on as it is (no
+    #: rerror/werror, no write-cache or serial of QEMU's).
+    GENERIC = "generic"
+
+    @property
+    def device_driver(self) -> str:
+        return "scsi-block" if self is Passthrough.BLOCK else "scsi-generic"
 
 
 class CacheMode(enum.StrEnum):
@@ -683,9 +701,10 @@ class Drive:
     #: The image is served by a qemu-storage-daemon over vhost-user-blk (TOML
     #: ``vhost-user-blk = { file = "..." }``); the VM's guest RAM must be shared memory.
     vhost_user_blk: VhostUserBlkSource | None = None
-    #: SCSI LUN passthrough: the guest gets the LUN itself (``scsi-block``: SCSI commands go
-    #: to the target, the guest sees its vendor, VPD pages, ...), not an emulated disk.
-    passthrough: bool = False
+    #: SCSI LUN passthrough: the guest gets the LUN itself (``scsi-block`` or
+    #: ``scsi-generic``: SCSI commands go to the target, the guest sees its vendor, VPD
+    #: pages, ...), not an emulated disk. ``True`` (TOML ``true``) is :attr:`Passthrough.BLOCK`.
+    passthrough: Passthrough | None = None
     #: What the device does on a failed read / write (:class:`DeviceErrorPolicy`); None:
     #: QEMU's default. ``stop`` pauses the VM until it is resumed (``blockctl resume``).
     rerror: DeviceErrorPolicy | None = None
@@ -736,9 +755,27 @@ class Drive:
                 raise ConfigError(
                     f"{where}.{name}", f"must be a non-negative integer, got {value!r}"
                 )
-        for name in ("read_only", "snapshot", "copy_on_read", "passthrough"):
+        for name in ("read_only", "snapshot", "copy_on_read"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{where}.{name}", "must be true or false")
+        passthrough: object = self.passthrough
+        if passthrough is True:
+            put(self, "passthrough", Passthrough.BLOCK)
+        elif passthrough is False:
+            put(self, "passthrough", None)
+        elif passthrough is not None:
+            try:
+                put(
+                    self,
+                    "passthrough",
+                    Passthrough(passthrough if isinstance(passthrough, str) else ""),
+                )
+            except ValueError:
+                raise ConfigError(
+                    f"{where}.passthrough",
+                    f"{passthrough!r}: true or 'block' (scsi-block), 'generic' (scsi-generic), "
+                    "or false",
+                ) from None
 
         if self.nbd is not None:
             if not isinstance(self.nbd, NbdSource):
@@ -767,8 +804,8 @@ class Drive:
             if self.iscsi is None:
                 raise ConfigError(
                     f"{where}.passthrough",
-                    "LUN passthrough (scsi-block) needs an iscsi LUN (the host has no SCSI "
-                    "devices blockctl passes through)",
+                    f"LUN passthrough ({self.passthrough.device_driver}) needs an iscsi LUN "
+                    "(the host has no SCSI devices blockctl passes through)",
                 )
             if self.interface is not Interface.SCSI or self.media is not Media.DISK:
                 raise ConfigError(f"{where}.passthrough", "a passed-through LUN needs if = 'scsi'")
@@ -785,6 +822,18 @@ class Drive:
                 raise ConfigError(
                     f"{where}.passthrough",
                     "SCSI commands bypass the block layer: no copy_on_read or detect_zeroes",
+                )
+            # QEMU: "Device doesn't support drive option werror" for anything but its defaults.
+            if self.passthrough is Passthrough.GENERIC and (
+                self.rerror not in (None, DeviceErrorPolicy.REPORT)
+                or self.werror not in (None, DeviceErrorPolicy.ENOSPC)
+            ):
+                raise ConfigError(
+                    f"{where}.rerror"
+                    if self.rerror not in (None, DeviceErrorPolicy.REPORT)
+                    else f"{where}.werror",
+                    "scsi-generic takes no rerror/werror policy (the guest gets the target's "
+                    "own errors): drop it, or pass the LUN through as 'block' (scsi-block)",
                 )
         if (
             self.file is None

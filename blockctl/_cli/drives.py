@@ -114,8 +114,17 @@ class AttachDrive(Command):
         parser.add_argument("--bus", default="virtio", help="virtio | scsi")
         parser.add_argument(
             "--passthrough",
+            nargs="?",
+            const="block",
+            choices=("block", "generic"),
+            help="iSCSI LUN passthrough (--bus scsi, --format raw): block (the default: "
+            "scsi-block) or generic (scsi-generic)",
+        )
+        parser.add_argument(
+            "--cdrom",
             action="store_true",
-            help="iSCSI LUN passthrough (scsi-block, --bus scsi, --format raw)",
+            help="a CD drive (scsi-cd, --bus scsi, read-only): an image file, or a block device "
+            "(a host CD drive) opened with QEMU's host_cdrom driver",
         )
         iscsi_options(parser)
         parser.add_argument("--cache", default="writeback")
@@ -147,6 +156,7 @@ class AttachDrive(Command):
             {
                 **source,
                 "passthrough": args.passthrough,
+                "media": "cdrom" if args.cdrom else "disk",
                 "format": args.format,
                 "interface": args.bus,
                 "cache": args.cache,

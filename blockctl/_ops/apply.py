@@ -39,7 +39,14 @@ from blockctl._machine import VM
 from blockctl._ops import drives as ops
 from blockctl._ops.drives import DriveInfo
 from blockctl.errors import BlockctlError, ConfigError, PartiallyApplied, Unsupported
-from blockctl.types import CacheMode, Drive, Media, drive_paths_relative_to, parse_size
+from blockctl.types import (
+    CacheMode,
+    Drive,
+    Interface,
+    Media,
+    drive_paths_relative_to,
+    parse_size,
+)
 
 _THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
 
@@ -168,6 +175,17 @@ def _same_source(drive: Drive, live_file: str | None) -> bool:
     return _same_file(drive.file, live_file)
 
 
+#: The SCSI disk devices a LUN can be given to the guest as (emulated or passed through).
+_SCSI_DISK_DRIVERS = frozenset({"scsi-hd", "scsi-block", "scsi-generic"})
+
+
+def _scsi_device_driver(drive: Drive) -> str | None:
+    """The SCSI disk device a desired drive asks for; None when it is no SCSI disk."""
+    if drive.interface is not Interface.SCSI or drive.media is not Media.DISK:
+        return None
+    return drive.passthrough.device_driver if drive.passthrough else "scsi-hd"
+
+
 def _live_cache_matches(live: DriveInfo, mode: CacheMode) -> bool:
     flags = live.cache
     return flags is not None and (flags.direct, flags.no_flush) == (mode.direct, mode.no_flush)
@@ -224,6 +242,16 @@ def plan(
             conflicts.append(
                 f"{current.device_id}: holds {current.file}, not {_source_name(drive)}; "
                 "a disk's image is changed by detach + attach"
+            )
+            continue
+        wanted_scsi = _scsi_device_driver(drive)
+        if current.device_driver in _SCSI_DISK_DRIVERS and wanted_scsi not in (
+            None,
+            current.device_driver,
+        ):
+            conflicts.append(
+                f"{current.device_id}: is {current.device_driver}, not {wanted_scsi}; a LUN's "
+                "passthrough is changed by detach + attach"
             )
             continue
         if current.cache is not None and not _live_cache_matches(current, drive.cache):

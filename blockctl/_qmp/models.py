@@ -496,11 +496,12 @@ class UnixAddress(TypedDict):
     path: str
 
 
-#: A protocol node over a file or a host block device (``file``, ``host_device``).
+#: A protocol node over a file or a host block device (``file``, ``host_device``; a cdrom
+#: drive's block device ``host_cdrom``).
 FileOptions = TypedDict(
     "FileOptions",
     {
-        "driver": Literal["file", "host_device"],
+        "driver": Literal["file", "host_device", "host_cdrom"],
         "node-name": str,
         "filename": str,
         "cache": NotRequired[CacheOptions],

@@ -23,8 +23,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from blockctl import GuestImage, LaunchedVM, chains, open_vm
+from blockctl import GuestImage, LaunchedVM, _binaries, chains, open_vm
 from blockctl._backup import operations as backup_ops
+from blockctl._machine import is_cd_drive
 from blockctl._ops import drives
 from blockctl._ops.apply import Action, load_desired
 from blockctl._ops.apply import apply as apply_drives
@@ -39,6 +40,8 @@ from blockctl.types import (
     ImageFormat,
     Interface,
     IscsiSource,
+    Media,
+    Passthrough,
 )
 from tests.conftest import missing
 from tests.figures import report
@@ -278,7 +281,7 @@ async def test_iscsi_lun_at_launch_and_passed_through_by_hotplug(
                 iscsi=tgt.source(2),
                 format=ImageFormat.RAW,
                 interface=Interface.SCSI,
-                passthrough=True,
+                passthrough=Passthrough.BLOCK,
             ),
         )
         assert passthrough.device_driver == "scsi-block"
@@ -419,6 +422,125 @@ async def test_host_device_on_a_loop_device(guest: GuestImage, tmp_path: Path) -
         with anyio.CancelScope(shield=True):
             await anyio.run_process(["losetup", "-d", str(loop)], check=False)
     assert sha256(image.read_bytes()[2 * MIB : 3 * MIB]) == written
+
+
+async def iso_image(directory: Path, name: str, data: bytes) -> Path:
+    """An ISO 9660 image (genisoimage, Rock Ridge) holding ``data`` as ``data.bin``."""
+    if shutil.which("genisoimage") is None:
+        missing("genisoimage (Debian package genisoimage, installed by scripts/setup)")
+    tree = directory / name
+    tree.mkdir()
+    (tree / "data.bin").write_bytes(data)
+    iso = directory / f"{name}.iso"
+    await run("genisoimage", "-quiet", "-R", "-V", name.upper(), "-o", iso, tree)
+    return iso
+
+
+async def cd_read(vm: LaunchedVM, dev: str) -> tuple[str, str]:
+    """What the guest reads from the CD in /dev/DEV: the sha256 of the whole device (the
+    first read after a media change may fail with UNIT ATTENTION: read again, bounded) and
+    of data.bin from the ISO 9660 file system mounted on it."""
+    whole = await sh(
+        vm,
+        f"for i in $(seq 50); do dd if=/dev/{dev} of=/dev/null bs=2048 count=1 2>/dev/null "
+        f"&& break; sleep 0.1; done; dd if=/dev/{dev} bs=2048 2>/dev/null | sha256sum",
+    )
+    mounted = await sh(
+        vm,
+        f"mkdir -p /mnt/cd && mount -t iso9660 -o ro /dev/{dev} /mnt/cd && "
+        "sha256sum /mnt/cd/data.bin; umount /mnt/cd",
+    )
+    return whole.split()[0], mounted.split()[0]
+
+
+async def test_a_cdrom_drive_over_a_loop_device_holding_an_iso(
+    guest: GuestImage, tmp_path: Path
+) -> None:
+    """This host has no CD drive: a read-only loop device over an ISO 9660 image stands in
+    for one. It is no CD drive to the kernel (CDROM_DRIVE_STATUS: EINVAL), and QEMU's
+    host_cdrom driver then reports it empty ("No medium found", checked here with qemu-io),
+    so blockctl opens it host_device under a scsi-cd, as QEMU's own probe would. The guest
+    reads the whole disc and a file from the mounted ISO; eject, insert and change onto
+    another such device; a second CD drive hot-plugged and unplugged."""
+    if shutil.which("losetup") is None:
+        missing("losetup (util-linux)")
+    data = {name: pattern(seed, 300 * 1024) for name, seed in (("one", 61), ("two", 62))}
+    isos = {name: await iso_image(tmp_path, name, content) for name, content in data.items()}
+    expect = {
+        name: (sha256(isos[name].read_bytes()), sha256(content)) for name, content in data.items()
+    }
+    loops: dict[str, Path] = {}
+    try:
+        for name, iso in isos.items():
+            attached = await anyio.run_process(["losetup", "-r", "-f", "--show", str(iso)])
+            loops[name] = Path(attached.stdout.decode().strip())
+        assert not any(is_cd_drive(loop) for loop in loops.values())
+        probe = await anyio.run_process(
+            [_binaries.binary("qemu-io"), "-r", "-c", "read 0 2048", "--image-opts",
+             f"driver=raw,file.driver=host_cdrom,file.filename={loops['one']}"],
+            check=False,
+        )  # fmt: skip
+        assert "No medium found" in (probe.stdout + probe.stderr).decode()
+
+        cdrom = Drive(
+            file=loops["one"], format=ImageFormat.RAW, interface=Interface.SCSI, media=Media.CDROM
+        )
+        async with open_vm(base_config(guest, cdrom, name="loopcd")) as vm:
+            assert vm.console is not None
+            await vm.console.wait_ready()
+            drivers = {n.node_name: n.driver for n in await vm.block_nodes()}
+            assert drivers == {"drv0-file": "host_device", "drv0": "raw"}
+            (info,) = await drives.list_drives(vm)
+            assert (info.device_driver, info.file, info.read_only) == (
+                "scsi-cd",
+                str(loops["one"]),
+                True,
+            )
+            assert await cd_read(vm, "sr0") == expect["one"]
+            await truth_check(vm)
+
+            await drives.eject(vm, "disk0")
+            (info,) = await drives.list_drives(vm)
+            assert (info.top_node, info.tray_open) == (None, True)
+            assert await node_names(vm) == set()
+            inserted = await drives.insert(vm, "disk0", loops["two"], ImageFormat.RAW)
+            assert inserted.file == str(loops["two"])
+            drivers = {n.node_name: n.driver for n in await vm.block_nodes()}
+            assert sorted(drivers.values()) == ["host_device", "raw"]
+            assert await cd_read(vm, "sr0") == expect["two"]
+            changed = await drives.change_medium(vm, "disk0", loops["one"], ImageFormat.RAW)
+            assert changed.file == str(loops["one"])
+            assert await cd_read(vm, "sr0") == expect["one"]
+            await truth_check(vm)
+
+            # A second CD drive from the command line (another process): attach --cdrom.
+            kept = await node_names(vm)
+            second = await cli_json(
+                "attach", vm.name, str(loops["two"]), "--format", "raw", "--bus", "scsi", "--cdrom"
+            )
+            assert (second["driver"], second["read_only"], second["file"]) == (
+                "scsi-cd",
+                True,
+                str(loops["two"]),
+            )
+            assert [n["driver"] for n in second["chain"]] == ["raw"]
+            drivers = {n.node_name: n.driver for n in await vm.block_nodes()}
+            assert drivers[f"{second['node']}-file"] == "host_device"
+            await sh(vm, "for i in $(seq 100); do [ -b /dev/sr1 ] && exit 0; sleep 0.1; done")
+            assert await cd_read(vm, "sr1") == expect["two"]
+            await truth_check(vm)
+            detached = await cli_json("detach", vm.name, second["device"])
+            assert detached["state"] == "removed"
+            assert await node_names(vm) == kept
+            await truth_check(vm)
+    finally:
+        with anyio.CancelScope(shield=True):
+            for loop in loops.values():
+                await anyio.run_process(["losetup", "-d", str(loop)], check=False)
+    # Read-only all along: the ISOs are as made.
+    assert {name: sha256(iso.read_bytes()) for name, iso in isos.items()} == {
+        name: sums[0] for name, sums in expect.items()
+    }
 
 
 async def test_full_backup_of_an_iscsi_disk_restores_the_guests_view(
@@ -606,7 +728,10 @@ async def test_a_passed_through_lun_refuses_an_external_snapshot(
     is snapshotted and committed back as usual. A commit has nothing to commit into."""
     emulated = Drive(iscsi=tgt.source(1), format=ImageFormat.RAW, interface=Interface.SCSI)
     passed = Drive(
-        iscsi=tgt.source(2), format=ImageFormat.RAW, interface=Interface.SCSI, passthrough=True
+        iscsi=tgt.source(2),
+        format=ImageFormat.RAW,
+        interface=Interface.SCSI,
+        passthrough=Passthrough.BLOCK,
     )
     overlays = tmp_path / "overlays"
     overlays.mkdir()
@@ -654,6 +779,7 @@ async def test_a_passed_through_lun_refuses_an_external_snapshot(
             assert repo.manifests("ptsnap") == [] and repo.incomplete_points("ptsnap") == []
         # The guest's I/O on the LUN goes on as before.
         after = await guest_write_read(vm, lun_dev, 32, 5)
+        grown = await passed_through_live_operations(vm, tgt, "disk1", lun_dev, 2, rescan=False)
         await truth_check(vm)
         # The way out: the other disks alone.
         snap = await chains.external_snapshot(vm, "s1", overlays, devices=["disk0"])
@@ -664,7 +790,155 @@ async def test_a_passed_through_lun_refuses_an_external_snapshot(
         assert [d.device for d in point.disks] == ["disk0"]
         await truth_check(vm)
     lun = tgt.backing[1].read_bytes()
-    assert (sha256(mib(lun, 2)), sha256(mib(lun, 5))) == (before, after)
+    assert (sha256(mib(lun, 2)), sha256(mib(lun, 5)), sha256(mib(lun, 20))) == (
+        before,
+        after,
+        grown,
+    )
+
+
+async def iet_disks(vm: LaunchedVM, count: int) -> dict[str, str]:
+    """The guest's sdX whose INQUIRY vendor is tgt's (``IET``), once there are ``count`` of
+    them (bounded wait), each with the sha256 of its first MiB (which LUN it is)."""
+    found = await sh(
+        vm,
+        "for i in $(seq 100); do n=0; for d in /sys/block/sd*; do "
+        '[ -e $d/device/vendor ] && [ "$(cat $d/device/vendor | tr -d " ")" = IET ] '
+        f"&& n=$((n+1)); done; [ $n -ge {count} ] && break; sleep 0.1; done; "
+        "for d in /sys/block/sd*; do "
+        '[ "$(cat $d/device/vendor | tr -d " ")" = IET ] && '
+        "echo $(basename $d) $(dd if=/dev/$(basename $d) bs=1M count=1 iflag=direct "
+        "2>/dev/null | sha256sum); done; true",
+    )
+    disks = {line.split()[0]: line.split()[1] for line in found.splitlines() if line.strip()}
+    assert len(disks) == count, found
+    return disks
+
+
+async def passed_through_live_operations(
+    vm: LaunchedVM, tgt: Tgt, device_id: str, dev: str, lun: int, *, rescan: bool
+) -> str:
+    """On a passed-through LUN: I/O limits refused (QEMU would show them and not apply them
+    to the guest's SG_IO writes: measured) with none set; a live cache change to ``none``
+    and back (the nodes' flags as QEMU reports them, the guest's I/O going on); a resize
+    past the LUN refused, then, the LUN grown on its target, the resize reaching QEMU's
+    node and the guest (scsi-generic: after the guest's own rescan: it reads the LUN's
+    capacity from the target), which writes into the new part. Returns that write's sha256."""
+    with pytest.raises(PassedThrough) as refused:
+        await drives.set_throttle(vm, device_id, {"bps_wr": MIB})
+    assert (refused.value.operation, refused.value.device_id) == ("throttle", device_id)
+    assert "QEMU's I/O limits do not hold back" in str(refused.value)
+    limits = (await drives.drive_info(vm, device_id)).io_limits
+    assert limits is None or not limits.limited
+    for mode, seed in ((CacheMode.NONE, 51), (CacheMode.WRITEBACK, 52)):
+        info = await drives.set_cache(vm, device_id, mode)
+        assert info.cache is not None and info.cache.direct == mode.direct
+        flags = await node_cache(vm, device_id)
+        assert flags and set(flags.values()) == {(mode.direct, False)}, flags
+        await guest_write_read(vm, dev, seed, 4)
+    nodes = await node_names(vm)
+    with pytest.raises(ConfigError, match="grow the LUN on its target first"):
+        await drives.resize(vm, device_id, 2 * LUN_SIZE)
+    assert (await drives.drive_info(vm, device_id)).size == LUN_SIZE
+    assert await node_names(vm) == nodes
+    tgt.grow(lun, 2 * LUN_SIZE)
+    assert (await drives.resize(vm, device_id, 2 * LUN_SIZE)).size == 2 * LUN_SIZE
+    if rescan:
+        await sh(vm, f"echo 1 > /sys/block/{dev}/device/rescan")
+    assert await guest_size(vm, dev, 2 * LUN_SIZE) == 2 * LUN_SIZE
+    return await guest_write_read(vm, dev, 53, 20)
+
+
+async def test_an_iscsi_lun_passed_through_as_scsi_generic(
+    guest: GuestImage, tgt: Tgt, tmp_path: Path
+) -> None:
+    """``passthrough = "generic"``: LUN 1 at launch and LUN 2 hot-plugged as scsi-generic on
+    the ``iscsi`` node (every SCSI command, reads and writes too, is an SG_IO that QEMU's
+    libiscsi driver answers). The guest sees tgt's INQUIRY (vendor IET), its sd driver binds
+    each as a disk, reads what the host put there, writes and reads back; a snapshot and a
+    backup of either are refused (``PassedThrough``) with nothing changed; after unplug the
+    LUNs' files hold the guest's writes and nothing is left in QEMU."""
+    launch = Drive(
+        iscsi=tgt.source(1),
+        format=ImageFormat.RAW,
+        interface=Interface.SCSI,
+        passthrough=Passthrough.GENERIC,
+    )
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    async with open_vm(base_config(guest, launch, name="sgeneric")) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        hotplugged = await drives.hotplug(
+            vm,
+            Drive(
+                iscsi=tgt.source(2),
+                format=ImageFormat.RAW,
+                interface=Interface.SCSI,
+                passthrough=Passthrough.GENERIC,
+            ),
+        )
+        listed = {d.device_id: d for d in await drives.list_drives(vm)}
+        assert {k: d.device_driver for k, d in listed.items()} == {
+            "disk0": "scsi-generic",
+            hotplugged.device_id: "scsi-generic",
+        }
+        assert listed["disk0"].file == f"iscsi://{tgt.portal}/{TARGET}/1"
+        assert hotplugged.file == f"iscsi://{tgt.portal}/{TARGET}/2"
+        assert {n.driver for n in await vm.block_nodes()} == {"iscsi", "raw"}
+        # The guest's sd binds both as disks; which is which by the host's pattern.
+        heads = {sha256(pattern(100 + lun, LUN_SIZE)[:MIB]): lun for lun in (1, 2)}
+        devs = {heads[head]: dev for dev, head in (await iet_disks(vm, 2)).items()}
+        assert set(devs) == {1, 2}
+        for dev in devs.values():
+            assert await sh(vm, f"cat /sys/block/{dev}/size") == f"{LUN_SIZE // 512}\n"
+            assert (await sh(vm, f"cat /sys/block/{dev}/device/model")).strip() == "VIRTUAL-DISK"
+        sums = {lun: await guest_write_read(vm, dev, 40 + lun) for lun, dev in devs.items()}
+        await truth_check(vm)
+        # Refused like scsi-block: the guest's I/O is ioctls no overlay, bitmap or job sees.
+        nodes = await node_names(vm)
+        records = dict(vm.registry.drives)
+        repo = backup_ops.init_repository(tmp_path / "repo")
+        for device in ("disk0", hotplugged.device_id):
+            with pytest.raises(PassedThrough) as refused:
+                await chains.external_snapshot(vm, "s1", overlays, devices=[device])
+            assert (refused.value.device_id, refused.value.device_driver) == (
+                device,
+                "scsi-generic",
+            )
+            assert f"{device} is a passed-through LUN (scsi-generic)" in str(refused.value)
+            with pytest.raises(PassedThrough) as refused:
+                await backup_ops.backup(vm, repo, devices=[device])
+            assert refused.value.operation == "backup"
+        for refusal in (
+            chains.external_snapshot(vm, "s1", overlays),
+            backup_ops.backup(vm, repo),
+        ):
+            with pytest.raises(PassedThrough):
+                await refusal
+        assert await node_names(vm) == nodes
+        assert dict(vm.registry.drives) == records
+        assert await wire.query_jobs(vm.session) == ()
+        assert await wire.query_block_exports(vm.session) == ()
+        assert list(overlays.iterdir()) == []
+        assert repo.manifests("sgeneric") == [] and repo.incomplete_points("sgeneric") == []
+        # The guest's I/O goes on after the refusals.
+        later = await guest_write_read(vm, devs[1], 43, 3)
+        grown = await passed_through_live_operations(
+            vm, tgt, hotplugged.device_id, devs[2], 2, rescan=True
+        )
+        for device_id in ("disk0", hotplugged.device_id):
+            result = await drives.unplug(vm, device_id)
+            assert result.state is UnplugState.REMOVED
+        assert await node_names(vm) == set()
+        assert vm.registry.drives == {}
+        await truth_check(vm)
+    lun1, lun2 = (path.read_bytes() for path in tgt.backing)
+    assert (sha256(mib(lun1, 2)), sha256(mib(lun1, 3))) == (sums[1], later)
+    assert (sha256(mib(lun2, 2)), sha256(mib(lun2, 20))) == (sums[2], grown)
+    # The rest as the host wrote it.
+    assert lun1[: 2 * MIB] == pattern(101, LUN_SIZE)[: 2 * MIB]
+    assert lun2[: 2 * MIB] == pattern(102, LUN_SIZE)[: 2 * MIB]
 
 
 async def test_a_killed_tgtd_stalls_the_guest_and_nothing_is_lost(

@@ -251,7 +251,8 @@ async def test_nfs_disks_launch_hotplug_snapshot_commit_backup_apply(
 ) -> None:
     """One boot: a raw image over NFS from launch and a qcow2 one hot-plugged; the guest reads
     what the host put there, writes and reads back. The qcow2 disk is snapshotted onto a local
-    overlay, written, and actively committed back onto its NFS node. A full backup restores to
+    overlay, written, and actively committed back onto its NFS node, then changes cache mode,
+    is throttled and grown live (the guest writing into the new part). A full backup restores to
     exactly the guest's view of both disks. A drives file naming the disks by nfs:// URL finds
     them (QEMU's name for each reads back as its URL) and attaches a third, read-only with a
     uid, gid and readahead (QEMU's name has the ids, not the readahead: the second apply finds
@@ -260,6 +261,7 @@ async def test_nfs_disks_launch_hotplug_snapshot_commit_backup_apply(
     launch_img = await raw_image(nfs.export / "launch.raw", pattern(201, DISK_SIZE))
     base = await raw_image(tmp_path / "hot-data.raw", pattern(202, DISK_SIZE))
     hot_img = nfs.export / "hot.qcow2"
+    grown_size = DISK_SIZE + 8 * MIB
     await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", base, hot_img)
     await raw_image(nfs.export / "third.raw", pattern(203, 4 * MIB))
     launch = Drive(nfs=nfs.source("launch.raw"), format=ImageFormat.RAW, serial="nfslaunch")
@@ -307,6 +309,17 @@ async def test_nfs_disks_launch_hotplug_snapshot_commit_backup_apply(
         assert len(committed.chain) == 1
         assert (await chains.list_external(vm))[hot.device_id] == [nfs.url("hot.qcow2")]
         assert (await drives.drive_info(vm, hot.device_id)).file == nfs.url("hot.qcow2")
+        await truth_check(vm)
+
+        # Live operations on the qcow2 image over NFS (on a raw one: the next test): cache
+        # change and throttling with the guest's I/O going on, then a grow that reaches the
+        # qcow2 header on the export and the guest, which writes into the new part.
+        await iscsi.live_cache_and_throttle(vm, hot.device_id, vdb, 70)
+        assert (await drives.resize(vm, hot.device_id, grown_size)).size == grown_size
+        assert await iscsi.guest_size(vm, vdb, grown_size) == grown_size
+        header = json.loads(await run("qemu-img", "info", "--output=json", "-U", hot_img))
+        assert header["virtual-size"] == grown_size
+        in_new_part = await guest_write_read(vm, vdb, 73, DISK_SIZE // MIB + 4)
         await truth_check(vm)
 
         # A full backup restores to the guest's view of each disk.
@@ -364,6 +377,8 @@ async def test_nfs_disks_launch_hotplug_snapshot_commit_backup_apply(
     hot_data = hot_raw.read_bytes()
     assert sha256(hot_data[2 * MIB : 3 * MIB]) == sums[vdb]
     assert sha256(hot_data[5 * MIB : 6 * MIB]) == in_overlay
+    assert len(hot_data) == grown_size
+    assert sha256(hot_data[(DISK_SIZE // MIB + 4) * MIB :][:MIB]) == in_new_part
 
 
 async def test_nfs_disk_live_operations_incremental_backup_and_restore_onto_nfs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from blockctl._argv import (
     qemu_opt_escape,
 )
 from blockctl._images import ImageLayer
+from blockctl._machine import is_cd_drive
 from blockctl.errors import ConfigError
 from blockctl.types import (
     DEFAULT_HOTPLUG_SLOTS,
@@ -819,3 +821,40 @@ def test_a_drive_record_keeps_plain_copies_of_every_node() -> None:
     assert list(record) == [dict(n) for n in plan.nodes]
     assert all(r is not n for r, n in zip(record, plan.nodes, strict=True))
     assert json.loads(json.dumps(record)) == list(record)
+
+
+def test_a_cd_drive_under_a_cdrom_drive_opens_with_host_cdrom() -> None:
+    """A cdrom drive over a host CD drive (the device answers CDROM_DRIVE_STATUS) gets QEMU's
+    host_cdrom driver; over any other block device (a loop device over an ISO, which
+    host_cdrom would call empty) and as a disk it stays host_device; a file stays file."""
+    layers = (layer("/dev/sr0", ImageFormat.RAW),)
+    cd_drive = DriveSource(chain=layers, block_device=True, cd_drive=True)
+    loop = DriveSource(chain=layers, block_device=True)
+    iso = DriveSource(chain=(layer("/a.iso", ImageFormat.RAW),))
+    cdrom = Drive(
+        file=Path("/dev/sr0"), format=ImageFormat.RAW, media=Media.CDROM, interface=Interface.SCSI
+    )
+    disk = Drive(file=Path("/dev/sr0"), format=ImageFormat.RAW)
+    drivers = {
+        name: (plan.nodes[0]["driver"], plan.device["driver"])
+        for name, plan in {
+            "cd drive": plan_drive(0, cdrom, cd_drive, "pc", None),
+            "loop": plan_drive(0, cdrom, loop, "pc", None),
+            "iso file": plan_drive(0, replace(cdrom, file=Path("/a.iso")), iso, "pc", None),
+            "cd drive as a disk": plan_drive(0, disk, cd_drive, "pc", None),
+        }.items()
+    }
+    assert drivers == {
+        "cd drive": ("host_cdrom", "scsi-cd"),
+        "loop": ("host_device", "scsi-cd"),
+        "iso file": ("file", "scsi-cd"),
+        "cd drive as a disk": ("host_device", "virtio-blk-pci"),
+    }
+
+
+def test_only_a_cd_drive_answers_the_cdrom_probe(tmp_path: Path) -> None:
+    """The probe: a regular file and a device that is no CD drive (/dev/null: ENOTTY) are
+    not CD drives, nor is a path that cannot be opened."""
+    plain = tmp_path / "a.iso"
+    plain.write_bytes(b"x")
+    assert not any(is_cd_drive(p) for p in (plain, Path("/dev/null"), tmp_path / "missing"))

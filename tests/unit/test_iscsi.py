@@ -18,7 +18,7 @@ from blockctl._cli import main as cli
 from blockctl._graph import image_filename
 from blockctl._ops import drives as drives_ops
 from blockctl._ops.apply import Action, DesiredDrive, load_desired, plan
-from blockctl.errors import BlockctlError, ConfigError
+from blockctl.errors import BlockctlError, ConfigError, PassedThrough
 from blockctl.types import (
     Accel,
     Drive,
@@ -26,6 +26,8 @@ from blockctl.types import (
     Interface,
     IscsiSource,
     MachineConfig,
+    Media,
+    Passthrough,
 )
 from tests.unit.test_drives_logic import live
 
@@ -171,11 +173,62 @@ def test_nodes_and_device_of_an_iscsi_disk() -> None:
 
 
 def test_a_passed_through_lun_is_scsi_block_without_a_write_cache_property() -> None:
-    drive = Drive(iscsi=lun(), format=ImageFormat.RAW, interface=Interface.SCSI, passthrough=True)
+    drive = Drive(
+        iscsi=lun(), format=ImageFormat.RAW, interface=Interface.SCSI, passthrough=Passthrough.BLOCK
+    )
     device = plan_drive(0, drive, None, "pc", None).device
     assert device["driver"] == "scsi-block"
     # QEMU: "Property 'scsi-block.write-cache' not found"
     assert "write-cache" not in device
+
+
+@pytest.mark.parametrize(
+    ("given", "kind"),
+    [(True, "scsi-block"), ("block", "scsi-block"), ("generic", "scsi-generic")],
+)
+def test_passthrough_from_toml_chooses_the_device(given: object, kind: str) -> None:
+    drive = Drive.from_mapping(
+        {"iscsi": URL, "format": "raw", "if": "scsi", "passthrough": given}, "drive[0]"
+    )
+    assert drive.passthrough is Passthrough(kind.removeprefix("scsi-"))
+    device = plan_drive(0, drive, None, "pc", None).device
+    assert device["driver"] == kind
+    # Neither has the property: "Property 'scsi-generic.write-cache' not found"
+    assert "write-cache" not in device and "serial" not in device
+    emulated = Drive.from_mapping(
+        {"iscsi": URL, "format": "raw", "if": "scsi", "passthrough": False}
+    )
+    assert emulated.passthrough is None
+    assert plan_drive(0, emulated, None, "pc", None).device["driver"] == "scsi-hd"
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "said"),
+    [
+        ({"passthrough": "sg"}, "drive[0].passthrough", "'generic' (scsi-generic)"),
+        ({"passthrough": 1}, "drive[0].passthrough", "or false"),
+        ({"passthrough": "generic", "werror": "stop"}, "drive[0].werror", "no rerror/werror"),
+        ({"passthrough": "generic", "rerror": "stop"}, "drive[0].rerror", "no rerror/werror"),
+        ({"passthrough": "generic", "werror": "report"}, "drive[0].werror", "no rerror/werror"),
+        ({"passthrough": "generic", "if": "virtio"}, "drive[0].passthrough", "if = 'scsi'"),
+    ],
+)
+def test_scsi_generic_refusals(values: dict[str, object], field: str, said: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Drive.from_mapping({"iscsi": URL, "format": "raw", "if": "scsi", **values}, "drive[0]")
+    assert refused.value.field == field
+    assert said in str(refused.value)
+    # QEMU's own defaults are what scsi-generic has anyway.
+    Drive.from_mapping(
+        {
+            **{"iscsi": URL, "format": "raw", "if": "scsi", "passthrough": "generic"},
+            **{"rerror": "report", "werror": "enospc"},
+        }
+    )
+    # scsi-block takes an error policy (its reads and writes are QEMU's requests).
+    Drive.from_mapping(
+        {"iscsi": URL, "format": "raw", "if": "scsi", "passthrough": "block", "werror": "stop"}
+    )
 
 
 def test_chap_password_goes_through_a_secret_object_read_from_the_file() -> None:
@@ -251,6 +304,28 @@ def test_apply_matches_an_iscsi_disk_by_its_url(tmp_path: Path) -> None:
     assert load_desired(doc)[0].drive.iscsi == lun()
 
 
+@pytest.mark.parametrize("live_driver", ["scsi-hd", "scsi-block", "scsi-generic"])
+def test_apply_reports_a_lun_passed_through_otherwise_as_a_conflict(live_driver: str) -> None:
+    """A drives file asking for a LUN as one SCSI device while the VM has it as another
+    (emulated, scsi-block, scsi-generic) is a conflict naming both: nothing live changes it."""
+    for kind in (None, Passthrough.BLOCK, Passthrough.GENERIC):
+        wanted = DesiredDrive(
+            drive=Drive(
+                iscsi=lun(), format=ImageFormat.RAW, interface=Interface.SCSI, passthrough=kind
+            )
+        )
+        wanted_driver = kind.device_driver if kind else "scsi-hd"
+        result = plan([wanted], [live("disk0", URL, driver=live_driver)])
+        if wanted_driver == live_driver:
+            assert result.empty
+        else:
+            assert result.steps == ()
+            assert result.conflicts == (
+                f"disk0: is {live_driver}, not {wanted_driver}; a LUN's passthrough is changed "
+                "by detach + attach",
+            )
+
+
 class _Reached(BlockctlError):
     """The CLI got as far as the hot-plug: the drive it built is recorded."""
 
@@ -292,10 +367,32 @@ def test_cli_attach_parses_an_iscsi_url_into_the_typed_form(
     )
     assert code == 1 and drive is not None  # _Reached
     assert drive.iscsi == lun(user="bob", password_file=password)
-    assert drive.file is None and drive.passthrough
+    assert drive.file is None and drive.passthrough is Passthrough.BLOCK
+    code, drive = _cli_attach(
+        monkeypatch, "vm1", URL, "--format=raw", "--bus=scsi", "--passthrough=generic"
+    )
+    assert drive is not None and drive.passthrough is Passthrough.GENERIC
+    code, drive = _cli_attach(monkeypatch, "vm1", URL, "--format=raw", "--bus=scsi")
+    assert drive is not None and drive.passthrough is None
+    code, drive = _cli_attach(
+        monkeypatch, "vm1", "/dev/sr0", "--format=raw", "--bus=scsi", "--cdrom"
+    )
+    assert drive is not None and drive.media is Media.CDROM and drive.read_only
+    assert drive.file == Path("/dev/sr0")
     code, drive = _cli_attach(monkeypatch, "vm1", f"iscsi://127.0.0.1/{IQN}/x", "--format=raw")
     assert drive is None
     assert "iscsi.lun" in capsys.readouterr().err
     code, drive = _cli_attach(monkeypatch, "vm1", "/img/a.raw", "--format=raw", "--chap-user=bob")
     assert drive is None
     assert "chap-user" in capsys.readouterr().err
+
+
+def test_passed_through_refusals_name_their_ways_out() -> None:
+    """A snapshot or backup of several disks can leave the LUN out; a throttle names one disk,
+    so its ways out are the target's own limits or an emulated LUN."""
+    throttle = str(PassedThrough("throttle", "disk2", device_driver="scsi-generic"))
+    assert throttle.startswith("throttle: disk2 is a passed-through LUN (scsi-generic)")
+    assert "QEMU's I/O limits do not hold back" in throttle
+    assert "leave disk2 out" not in throttle and "limit it on the target" in throttle
+    snapshot = str(PassedThrough("snapshot", "disk2", device_driver="scsi-block"))
+    assert "leave disk2 out (name the other disks)" in snapshot
