@@ -7,7 +7,14 @@ import argparse
 import enum
 import json
 import sys
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from blockctl.types import MachineConfig
+
+#: The VM name when neither the command line nor the config gives one.
+DEFAULT_NAME = "default"
 
 
 def emit(args: argparse.Namespace, data: object, human: str) -> None:
@@ -77,3 +84,21 @@ def global_options(parent: bool) -> argparse.ArgumentParser:
         help="events on stderr as one JSON object per line (for log pipelines)",
     )
     return options
+
+
+def load_config(path: Path, name: str | None) -> MachineConfig:
+    import tomllib  # here: only `up CONFIG` and `restore --launch` read TOML (about 2 ms)
+
+    from blockctl.errors import ConfigError
+    from blockctl.types import MachineConfig
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    if name is not None:
+        data["name"] = name
+    data.setdefault("name", DEFAULT_NAME)
+    return MachineConfig.from_mapping(data, base=path.parent)

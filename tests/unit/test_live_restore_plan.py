@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from blockctl._argv import DrivePlan, DriveSource, plan_drive
-from blockctl._ops.drives import _over_backing
+from blockctl._argv import DrivePlan, DriveSource, over_backing, plan_drive
 from blockctl.errors import ConfigError
 from blockctl.types import Drive, ImageFormat
 from tests.unit.test_argv import layer
@@ -27,7 +26,7 @@ def plan(*chain: str, fmt: ImageFormat = ImageFormat.QCOW2) -> DrivePlan:
 
 def test_backing_nodes_come_first_and_the_image_backs_onto_the_last() -> None:
     before = plan("/t.qcow2")
-    after = _over_backing(before, "drv3", BACKING)
+    after = over_backing(before, "drv3", BACKING)
     assert after.nodes[:2] == BACKING
     image = next(n for n in after.nodes if n["node-name"] == "drv3")
     assert dict(image)["backing"] == "bclr-1"
@@ -44,4 +43,4 @@ def test_backing_nodes_come_first_and_the_image_backs_onto_the_last() -> None:
 def test_only_a_qcow2_with_no_backing_file_takes_backing_nodes(chain: tuple[str, ...]) -> None:
     fmt = ImageFormat.RAW if chain[0].endswith(".raw") else ImageFormat.QCOW2
     with pytest.raises(ConfigError, match="qcow2 image with no backing file"):
-        _over_backing(plan(*chain, fmt=fmt), "drv3", BACKING)
+        over_backing(plan(*chain, fmt=fmt), "drv3", BACKING)
