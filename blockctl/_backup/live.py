@@ -45,6 +45,13 @@ mirrored into the target::
 
 Journaled as a ``mirror`` record (before: overlay ← backup; after: the target's raw node);
 ``recover`` adopts the mirror (pivoting at READY), or mirrors again while the server runs.
+
+A lost VM is launched from its config instead (:func:`launch_live`, qcow2 only): the server
+starts in the new run directory and the target is made before QEMU, whose launch plan puts
+the config's drive on the target over the backup nodes (``launch_detached``'s ``prepare``
+returns :class:`blockctl._machine.Prepared`); the guest starts on it at once, then the
+stream, its record and recovery are the qcow2 path's above. A failure before the stream
+starts shuts the VM down and removes the target.
 """
 
 from __future__ import annotations
