@@ -26,8 +26,15 @@ from blockctl._jobs import JobControl
 from blockctl._machine import shutdown_detached
 from blockctl._qmp import wire
 from blockctl._runtime import read_record
-from blockctl.errors import VMNotFound
-from tests.integration.conftest import MIB, qcow2_image, running, shell_prompt_in, truth_check
+from blockctl.errors import BackupCorrupt, CommandFailed, VMNotFound
+from tests.integration.conftest import (
+    MIB,
+    qcow2_image,
+    qemu_pids_under,
+    running,
+    shell_prompt_in,
+    truth_check,
+)
 from tests.integration.test_attach_cli import cli
 from tests.integration.test_backup import config
 from tests.integration.test_live_restore import (
@@ -259,3 +266,44 @@ async def test_a_launch_qemu_refuses_leaves_nothing_and_says_why(
     assert list(runtime_dir.iterdir()) == []
     assert sorted(p.name for p in images.iterdir()) == before
     assert tree_digest(repo.path) == hashes
+
+
+@pytest.mark.guest
+async def test_a_failure_after_qemu_started_and_before_the_stream_leaves_nothing(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    runtime_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``block-stream`` refused (injected) once the launched VM runs on the backup: the VM is
+    shut down, its run directory, the server and the target are gone, the repository is
+    unchanged. A point with a missing chunk is refused before anything starts."""
+    repo = backup.init_repository(tmp_path / "repo")
+    point, _ = await backed_up(guest, images, repo)
+    hashes = tree_digest(repo.path)
+    before = sorted(p.name for p in images.iterdir())
+    target = images / "lost.qcow2"
+    config_ = load_config(machine_toml(tmp_path / "l.toml", guest, "lostf", target, "pc"), None)
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise CommandFailed("block-stream", "GenericError", "injected")
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(wire, "block_stream", refused)
+            with pytest.raises(CommandFailed, match="injected"):
+                await backup.launch_live(config_, repo, "src", point.id, "disk0", target)
+        assert qemu_pids_under(runtime_dir) == []
+        assert nbdkit_pids_under(runtime_dir) == []
+        assert list(runtime_dir.iterdir()) == []
+        assert sorted(p.name for p in images.iterdir()) == before
+        assert tree_digest(repo.path) == hashes
+        digest = next(iter(repo.read_index("src", point.id, "disk0").referenced())).hex()
+        (repo.path / "chunks" / digest[:2] / digest).unlink()
+        with pytest.raises(BackupCorrupt, match="missing"):
+            await backup.launch_live(config_, repo, "src", point.id, "disk0", target)
+        assert list(runtime_dir.iterdir()) == []
+        assert sorted(p.name for p in images.iterdir()) == before
+    finally:
+        await down("lostf")
