@@ -332,7 +332,9 @@ async def _copy_launched(
 ) -> _Copied:
     """The launched VM runs on the backup: journal the copy, stream, clean up. Until the
     stream starts, a failure shuts the VM down and removes ``target``."""
-    undone = True  # until the stream has started (or QEMU is gone with the record kept)
+    # True until the record is written; after that only the stream's own rollback (it never
+    # started, QEMU still there) sets it again.
+    undone = True
     try:
         async with attach(name) as vm:
             device_id = next(

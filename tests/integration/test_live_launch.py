@@ -307,3 +307,36 @@ async def test_a_failure_after_qemu_started_and_before_the_stream_leaves_nothing
         assert sorted(p.name for p in images.iterdir()) == before
     finally:
         await down("lostf")
+
+
+@pytest.mark.guest
+async def test_cli_restore_live_launch(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """``blockctl restore --live --launch CONFIG`` end to end: the VM runs afterwards, its
+    drive one standalone layer equal to the point (no guest writes: plain restore is the
+    reference); no server left."""
+    repo = backup.init_repository(tmp_path / "repo")
+    point, want = await backed_up(guest, images, repo)
+    target = images / "lost.qcow2"
+    toml = machine_toml(tmp_path / "lost.toml", guest, "lostc", target, "pc")
+    try:
+        restored = json.loads(
+            (
+                await cli(
+                    *("restore", "src", point.id, "disk0", target),
+                    *("--repo", repo.path, "--live", "--launch", toml, "--json"),
+                )
+            ).stdout
+        )
+        assert restored["launched"] == "lostc" and restored["attached"] == "disk0"
+        assert restored["seconds_to_start"] <= restored["seconds"]
+        listed = json.loads((await cli("drives", "lostc", "--json")).stdout)
+        assert [n["filename"] for n in listed[0]["chain"]] == [str(target)]
+        assert nbdkit_pids_under(runtime_dir) == []
+        async with console_of("lostc") as console:
+            assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == want
+    finally:
+        await down("lostc")
+    want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", ())
+    await standalone_equals(target, want_file)
