@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from blockctl._images import ImageLayer
 from blockctl._qmp.models import (
@@ -520,6 +520,23 @@ def assign_slots(drives: Sequence[Drive], machine: str) -> list[tuple[int, int] 
         slots[i] = free
         taken.add((drive.interface, free))
     return slots
+
+
+def over_backing(
+    plan: DrivePlan, image_node: str, backing: Sequence[Mapping[str, Any]]
+) -> DrivePlan:
+    """``plan`` with ``backing`` below its image node, which backs onto the last of them."""
+    image = next((n for n in plan.nodes if n["node-name"] == image_node), None)
+    if image is None or image["driver"] != "qcow2" or image.get("backing", "") is not None:
+        raise ConfigError(
+            "drive.file", "a run-time backing node needs a qcow2 image with no backing file"
+        )
+    top = str(backing[-1]["node-name"])
+    # The backing nodes are the caller's (an NBD client with options blockctl's builders do
+    # not make): sent as given.
+    below = [cast(BlockdevOptions, dict(n)) for n in backing]
+    nodes = [cast(BlockdevOptions, {**n, "backing": top}) if n is image else n for n in plan.nodes]
+    return replace(plan, nodes=(*below, *nodes))
 
 
 def plan_drives(config: MachineConfig, sources: Mapping[int, DriveSource]) -> tuple[DrivePlan, ...]:

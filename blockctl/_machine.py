@@ -26,7 +26,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -51,6 +51,7 @@ from blockctl._argv import (
     DrivePlan,
     DriveSource,
     build_argv,
+    over_backing,
     plan_drives,
 )
 from blockctl._console import GuestConsole
@@ -686,9 +687,11 @@ async def _started_qemu(
     console: bool,
     timeouts: Timeouts,
     monitors: int = 0,
+    backing: Mapping[int, Sequence[Mapping[str, Any]]] | None = None,
 ) -> AsyncIterator[LaunchedVM]:
     """Start QEMU and its QMP session; on any failure, reap QEMU and raise LaunchFailed.
-    ``monitors``: the size of its pool of QMP monitors for other processes.
+    ``monitors``: the size of its pool of QMP monitors for other processes. ``backing``:
+    per drive index, nodes its image backs onto at run time (:class:`Prepared`).
 
     While the block runs, a watcher marks the session lost the moment QEMU exits. When the
     block exits the session is closed; stopping QEMU is the caller's job. The
@@ -714,6 +717,7 @@ async def _started_qemu(
             timeouts=timeouts,
             monitors=monitors,
             daemons=daemons,
+            backing=backing or {},
         ) as vm,
     ):
         yield vm
@@ -730,6 +734,7 @@ async def _qemu_with_daemons(
     timeouts: Timeouts,
     monitors: int,
     daemons: _storage_daemon.StorageDaemons,
+    backing: Mapping[int, Sequence[Mapping[str, Any]]],
 ) -> AsyncIterator[LaunchedVM]:
     binary, sources = await preflight(config)
     accel = choose_accel(config.accel)
@@ -753,6 +758,8 @@ async def _qemu_with_daemons(
             socket_path = _storage_daemon.vhost_socket(run_dir, i)
             sources[i] = dataclasses.replace(sources[i], vhost_socket=socket_path)
     plans = plan_drives(config, sources)
+    for i, below in backing.items():
+        plans = (*plans[:i], over_backing(plans[i], f"drv{i}", below), *plans[i + 1 :])
     registry = DriveRegistry.load(run_dir)
     for plan, drive in zip(plans, config.drives, strict=True):
         daemon = None
@@ -937,11 +944,22 @@ async def open_vm(
 BEFORE_SHUTDOWN: list[Callable[[VM], Awaitable[None]]] = []
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What a launch's ``prepare`` may return besides a bare config: per drive index, nodes
+    (bottom-up) its qcow2 image backs onto at run time, not named in its header (a live
+    restore's NBD export of a backup point). They are added before the image and belong to
+    the drive's record."""
+
+    config: MachineConfig
+    backing: Mapping[int, Sequence[Mapping[str, Any]]]
+
+
 async def launch_detached(
     config: MachineConfig,
     *,
     timeouts: Timeouts = Timeouts(),
-    prepare: Callable[[Path], Awaitable[MachineConfig]] | None = None,
+    prepare: Callable[[Path], Awaitable[MachineConfig | Prepared]] | None = None,
     monitors: int = _monitors.POOL_SIZE,
 ) -> _runtime.VMRecord:
     """Start a named VM that keeps running after this process exits (``blockctl up``).
@@ -949,7 +967,7 @@ async def launch_detached(
     Its console is ``console.sock`` (connect with ``socat - UNIX:…``) and ``console.log``;
     ``monitors`` processes can drive it at once (its pool of QMP monitors, ``qmp-N.sock``).
     ``prepare(run_dir)``, if given, returns the final config once the run directory exists
-    (the embedded default creates its disk there).
+    (the embedded default creates its disk there), or a :class:`Prepared`.
     Stop it with :func:`shutdown_detached`.
     """
     require_asyncio("launch_detached")
@@ -958,8 +976,13 @@ async def launch_detached(
         raise ConfigError("name", "a VM that outlives its launcher needs a name")
     run_dir = _make_run_dir(name)
     try:
+        backing: Mapping[int, Sequence[Mapping[str, Any]]] = {}
         if prepare is not None:
-            config = await prepare(run_dir)
+            prepared = await prepare(run_dir)
+            if isinstance(prepared, Prepared):
+                config, backing = prepared.config, prepared.backing
+            else:
+                config = prepared
         async with _started_qemu(
             config,
             run_dir=run_dir,
@@ -968,6 +991,7 @@ async def launch_detached(
             console=True,
             timeouts=timeouts,
             monitors=monitors,
+            backing=backing,
         ) as vm:
             record = _record_for(
                 vm, console_socket=run_dir / "console.sock", console_log=run_dir / "console.log"

@@ -13,6 +13,8 @@
     )
     await backup.restore(repo, vm.name, point.id, "disk0", Path("disk0.qcow2"))
     await backup.restore_live(vm, repo, vm.name, point.id, "disk0", Path("new.qcow2"))
+    # a lost VM: launched from its config, the drive on disk0.qcow2 served by the point
+    await backup.launch_live(config, repo, "web", point.id, "disk0", Path("disk0.qcow2"))
     report = await backup.verify(repo, vm.name, point.id)
     await backup.prune(repo, vm.name, keep_last=7)
 
@@ -20,7 +22,13 @@ See the README's "Backups" section for the guarantees.
 """
 
 from blockctl._backup.live import (
+    LiveLaunchResult as LiveLaunchResult,
+)
+from blockctl._backup.live import (
     LiveRestoreResult as LiveRestoreResult,
+)
+from blockctl._backup.live import (
+    launch_live as launch_live,
 )
 from blockctl._backup.live import (
     restore_live as restore_live,
@@ -81,6 +89,7 @@ __all__ = [
     "create",
     "restore",
     "restore_live",
+    "launch_live",
     "verify",
     "prune",
     "recover",
@@ -93,6 +102,7 @@ __all__ = [
     "DiskPoint",
     "RestoreResult",
     "LiveRestoreResult",
+    "LiveLaunchResult",
     "Verification",
     "PruneResult",
     "GcResult",

@@ -7,7 +7,8 @@ Benchmarks: qmp (a QMP round trip through blockctl vs raw qemu.qmp), hotplug (at
 guest sees the disk, detach until DEVICE_DELETED and the nodes are gone, vs the same QMP steps
 sent with raw qemu.qmp), backup (repository v2 vs the raw QMP incremental, qemu-img convert, cat
 and zstd: scripts/bench_backup.py), live (live restore's NBD server of a backup point:
-scripts/bench_live.py), cli (the command line's start-up: scripts/bench_cli.py), fleet (a
+scripts/bench_live.py), live-launch (a VM launched from a point vs restore-then-launch: the
+same file), cli (the command line's start-up: scripts/bench_cli.py), fleet (a
 fleet backup of 12 VMs on Temporal vs the same backups from one event loop:
 scripts/bench_fleet.py), and more in bench_more and bench_agent. The machines are
 shared and noisy: read the ratios, not the absolute times. Exits non-zero if a benchmark breaks
@@ -215,6 +216,7 @@ BENCHMARKS = (
     "chains",
     "backup",
     "live",
+    "live-launch",
     "stall",
     "scale",
     "quiesce",
@@ -286,6 +288,10 @@ async def main(args: argparse.Namespace) -> int:
             live_dir.mkdir()
             rows += await bench_live.bench_live(args.quick, live_dir)
             rows += await bench_live.bench_live_guest(find_guest(), args.quick, live_dir)
+        if "live-launch" in selected:
+            launch_dir = Path(tmp) / "live-launch"
+            launch_dir.mkdir()
+            rows += await bench_live.bench_live_launch(find_guest(), args.quick, launch_dir)
         if "stall" in selected:
             rows += await bench_more.bench_snapshot_stall(
                 find_guest(), 1 if args.quick else 5, work
@@ -332,8 +338,8 @@ if __name__ == "__main__":
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="qmp, launch, hotplug, chains, backup, live, stall, scale, quiesce, clients, fleet, "
-        "cli (default: all)",
+        help="qmp, launch, hotplug, chains, backup, live, live-launch, stall, scale, quiesce, "
+        "clients, fleet, cli (default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="few repetitions (CI smoke)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")

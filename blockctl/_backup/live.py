@@ -45,6 +45,13 @@ mirrored into the target::
 
 Journaled as a ``mirror`` record (before: overlay ← backup; after: the target's raw node);
 ``recover`` adopts the mirror (pivoting at READY), or mirrors again while the server runs.
+
+A lost VM is launched from its config instead (:func:`launch_live`, qcow2 only): the server
+starts in the new run directory and the target is made before QEMU, whose launch plan puts
+the config's drive on the target over the backup nodes (``launch_detached``'s ``prepare``
+returns :class:`blockctl._machine.Prepared`); the guest starts on it at once, then the
+stream, its record and recovery are the qcow2 path's above. A failure before the stream
+starts shuts the VM down and removes the target.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -68,12 +75,20 @@ from blockctl._backup.serve import BACKUP_NODE_PREFIX, PointExport, backing_node
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobHook, JobResult, start_job
 from blockctl._log import get_logger
-from blockctl._machine import VM
+from blockctl._machine import VM, Prepared, Timeouts, attach, launch_detached, shutdown_detached
 from blockctl._ops import drives
 from blockctl._ops.nodes import delete_nodes, flush_chain, read_graph
 from blockctl._qmp import wire
 from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, ConnectionLost
-from blockctl.types import Drive, ErrorPolicy, ImageFormat, Interface, IscsiSource
+from blockctl.types import (
+    Drive,
+    ErrorPolicy,
+    ImageFormat,
+    Interface,
+    IscsiSource,
+    MachineConfig,
+    Media,
+)
 
 _log = get_logger()
 
@@ -186,6 +201,189 @@ async def restore_live(
         seconds=round(time.monotonic() - started, 3),
         job=copied.job,
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveLaunchResult:
+    """A finished live launch: the VM runs, its disk stands alone on ``path``."""
+
+    vm: str  # the launched VM's name
+    device_id: str  # the config's drive that came back from the point
+    path: Path
+    point: str
+    source_device: str  # the disk of the point
+    #: Seconds from the call until QEMU ran the guest on the disk (what an outage lasts,
+    #: the guest's own boot aside).
+    seconds_to_start: float
+    seconds: float
+    job: JobResult
+
+
+async def launch_live(
+    config: MachineConfig,
+    repo: Repository,
+    vm_name: str,
+    point: str,
+    device: str,
+    target: Path,
+    *,
+    control: JobControl = DEFAULT_CONTROL,
+    timeouts: Timeouts | None = None,
+) -> LiveLaunchResult:
+    """Launch the VM of ``config`` (as ``blockctl up``: it outlives this call) with its drive
+    whose file is ``target`` brought back from ``device`` of ``vm_name``'s backup ``point``:
+    ``target`` is made a new empty qcow2 (0600) whose run-time backing is the point's NBD
+    server (nbdkit, started in the VM's run directory before QEMU), so the guest starts at
+    once on it; then the point is copied into it underneath (``block-stream``, journaled
+    as :func:`restore_live`'s: ``blockctl recover`` finishes it after a crash). Returns once
+    the disk stands alone; the VM keeps running.
+
+    The drive must be a qcow2 (not read-only, no snapshot, not vhost-user-blk) and
+    ``target`` must not exist. A failure before the copy starts leaves nothing: the VM shut
+    down, its run directory, the server and ``target`` gone."""
+    started = time.monotonic()
+    if control.on_error is not ErrorPolicy.REPORT:
+        raise ConfigError(
+            "on_error", "a live restore's copy fails on its first error (policy 'report')"
+        )
+    name = config.name
+    if name is None:
+        raise ConfigError("name", "a VM launched from a backup point needs a name")
+    target = _local_target(target)
+    index = _launch_drive(config, target)
+    if target.exists() or target.is_symlink():
+        raise ConfigError("target", f"{target} exists; a live launch writes a new file")
+    base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
+    with repo.lock(exclusive=False):
+        size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
+        async with contextlib.AsyncExitStack() as stack:
+            exports: list[PointExport] = []
+
+            async def prepare(run_dir: Path) -> Prepared:
+                exports.append(
+                    await stack.enter_async_context(
+                        serve_point(repo, vm_name, point, device, run_dir, size=size, detached=True)
+                    )
+                )
+                await _images.create(target, ImageFormat.QCOW2, size=size)
+                return Prepared(config, {index: backing_nodes(base, exports[0].socket)})
+
+            try:
+                await launch_detached(config, prepare=prepare, timeouts=timeouts or Timeouts())
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)  # made by prepare, or not at all (checked above)
+                raise
+            (export,) = exports
+            copied = await _copy_launched(
+                name, repo, vm_name, point, device, target, size, base, export, control, started
+            )
+    return LiveLaunchResult(
+        vm=name,
+        device_id=copied.device_id,
+        path=target,
+        point=point,
+        source_device=device,
+        seconds_to_start=round(copied.attached, 3),
+        seconds=round(time.monotonic() - started, 3),
+        job=copied.job,
+    )
+
+
+def _launch_drive(config: MachineConfig, target: Path) -> int:
+    """The index of the config's drive whose file is ``target``, checked for a live launch."""
+    for i, drive in enumerate(config.drives):
+        if drive.file is None or Path(drive.file).absolute() != target:
+            continue
+        where = f"drive[{i}]"
+        if drive.format is not ImageFormat.QCOW2:
+            raise ConfigError(
+                f"{where}.format",
+                f"a live launch streams the point into a qcow2 ({target} is "
+                f"{drive.format.value if drive.format else 'unset'}). Way out: make it a "
+                "qcow2 in the config, or launch without this drive and `blockctl restore "
+                "--live --attach VM -O raw` into the running VM",
+            )
+        if drive.read_only or drive.snapshot or drive.media is not Media.DISK:
+            raise ConfigError(
+                where, "a live launch restores a writable disk (not read-only, no snapshot)"
+            )
+        return i
+    files = ", ".join(str(d.file) for d in config.drives if d.file is not None) or "none"
+    raise ConfigError(
+        "target",
+        f"no drive of the config has the file {target} (its files: {files}): a live launch "
+        "brings back the drive whose file is the target",
+    )
+
+
+async def _copy_launched(
+    name: str,
+    repo: Repository,
+    vm_name: str,
+    point: str,
+    device: str,
+    target: Path,
+    size: int,
+    base: str,
+    export: PointExport,
+    control: JobControl,
+    started: float,
+) -> _Copied:
+    """The launched VM runs on the backup: journal the copy, stream, clean up. Until the
+    stream starts, a failure shuts the VM down and removes ``target``."""
+    # True until the record is written; after that only the stream's own rollback (it never
+    # started, QEMU still there) sets it again.
+    undone = True
+    try:
+        async with attach(name) as vm:
+            device_id = next(
+                r.device_id
+                for r in vm.registry.drives.values()
+                if any(n.get("backing") == base for n in r.nodes)
+            )
+            attached = _attached(vm, device_id, point, started)
+            await vm.require("block-stream", "job-dismiss")
+            call = _Call(
+                vm=vm,
+                repo=repo,
+                vm_name=vm_name,
+                point=point,
+                device=device,
+                target=target,
+                size=size,
+                device_target=False,
+                interface=Interface.VIRTIO,
+                control=control,
+                started=started,
+            )
+            op = await _begin(call, device_id, export)
+            undone = False
+
+            async def undo() -> None:
+                nonlocal undone
+                undone = True
+
+            result = await _stream(
+                vm,
+                device_id,
+                base,
+                control.speed,
+                control.deadline_or(3600.0),
+                control.hooks,
+                op,
+                export,
+                undo,
+            )
+    except BaseException:
+        if undone:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(BlockctlError, OSError):
+                    await shutdown_detached(name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+        raise
+    return _Copied(device_id, attached, result)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -677,7 +875,10 @@ async def _stream(
     hooks: Sequence[JobHook],
     op: _journal.Op | None,
     export: PointExport,
+    undo: Callable[[], Awaitable[None]] | None = None,
 ) -> JobResult:
+    """``undo``: how the disk is taken away when the stream did not start (default: it is
+    unplugged and its file removed)."""
     record = vm.registry.drives[device_id]
     image = next(str(n["node-name"]) for n in record.nodes if n.get("backing") == base)
     backing_names = [
@@ -711,7 +912,10 @@ async def _stream(
                 # record (a stream on the device, its writer alive) and refuse.
                 op.release()
             with anyio.CancelScope(shield=True):
-                await _detach(vm, device_id, record.nodes)
+                if undo is None:
+                    await _detach(vm, device_id, record.nodes)
+                else:
+                    await undo()
             if op is not None:
                 op.finished()
         else:

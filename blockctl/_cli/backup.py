@@ -19,6 +19,7 @@ from blockctl._cli.common import (
     global_options,
     image_location,
     iscsi_options,
+    load_config,
 )
 from blockctl._cli.jobs import job_control, job_hooks, say_paused
 from blockctl._cli.output import human_size
@@ -340,11 +341,18 @@ class RestoreCommand(Command):
             "--attach", metavar="TARGET_VM", help="hot-plug the restored disk into this running VM"
         )
         parser.add_argument(
+            "--launch",
+            metavar="CONFIG",
+            type=Path,
+            help="with --live: launch the VM of this TOML config (as `up`), its drive whose "
+            "file is DEST served by the point from the start (qcow2 only)",
+        )
+        parser.add_argument(
             "--live",
             action="store_true",
             help="with --attach: attach the disk at once and copy the point into it while the "
             "guest uses it (-O raw: a new raw file, a block device or an iscsi:// LUN, mirrored "
-            "from an overlay)",
+            "from an overlay); with --launch: start the VM on it at once",
         )
         parser.add_argument("--speed", help="--live: bytes/s limit of the copy (e.g. 50M)")
         parser.add_argument(
@@ -353,10 +361,18 @@ class RestoreCommand(Command):
 
     async def run(self, args: argparse.Namespace) -> int:
         fmt = coerce_enum(ImageFormat, args.output_format, "output_format")
+        if args.launch is not None and not args.live:
+            raise ConfigError("launch", "--launch starts a VM on a --live restore: add --live")
         if args.live:
+            if args.launch is not None:
+                if args.attach:
+                    raise ConfigError("launch", "--launch and --attach: give one of them")
+                return await self._launch(args, open_repo(args), fmt)
             if not args.attach:
                 raise ConfigError(
-                    "live", "--live needs --attach TARGET_VM: the running VM to restore into"
+                    "live",
+                    "--live needs --attach TARGET_VM (the running VM to restore into) or "
+                    "--launch CONFIG (a VM to start on the restored disk)",
                 )
             return await self._live(args, open_repo(args), fmt)
         if args.speed is not None:
@@ -390,6 +406,46 @@ class RestoreCommand(Command):
             f"restored {args.device} of {args.backup_id} to {where} "
             f"({human_size(result.bytes_written)} written, {result.chunks_verified} chunks "
             "verified)" + (f", attached to {args.attach} as {attached}" if attached else ""),
+        )
+        return 0
+
+    async def _launch(
+        self, args: argparse.Namespace, repo: backup_ops.Repository, fmt: ImageFormat
+    ) -> int:
+        if fmt is not ImageFormat.QCOW2:
+            raise ConfigError(
+                "output_format",
+                "--launch streams the point into a qcow2 drive of the config; -O raw is not "
+                "built for it. Way out: launch without that drive, then `restore --live "
+                "--attach VM -O raw`",
+            )
+        config = load_config(args.launch, None)
+        result = await backup_ops.launch_live(
+            config,
+            repo,
+            args.vm,
+            args.backup_id,
+            args.device,
+            Path(args.dest).absolute(),
+            control=job_control(args, job_hooks(args, "restore")),
+        )
+        emit(
+            args,
+            {
+                "restored": str(result.path),
+                "format": fmt.value,
+                "device": args.device,
+                "point": args.backup_id,
+                "live": True,
+                "launched": result.vm,
+                "attached": result.device_id,
+                "seconds_to_start": result.seconds_to_start,
+                "seconds": result.seconds,
+                "bytes_streamed": result.job.length,
+            },
+            f"launched {result.vm} with {args.device} of {args.backup_id} live as "
+            f"{result.device_id} (running after {result.seconds_to_start:.2f} s, standalone on "
+            f"{result.path} after {result.seconds:.2f} s)",
         )
         return 0
 

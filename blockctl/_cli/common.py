@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from blockctl.types import IscsiSource, NfsSource
+    from blockctl.types import IscsiSource, MachineConfig, NfsSource
 
 
 def iscsi_options(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,10 @@ def image_location(text: str, args: argparse.Namespace) -> Path | IscsiSource | 
     if text.startswith("nfs://"):
         return NfsSource.from_url(text)
     return Path(text).absolute()
+
+
+#: The VM name when neither the command line nor the config gives one.
+DEFAULT_NAME = "default"
 
 
 def emit(args: argparse.Namespace, data: object, human: str) -> None:
@@ -116,3 +120,21 @@ def global_options(parent: bool) -> argparse.ArgumentParser:
         help="events on stderr as one JSON object per line (for log pipelines)",
     )
     return options
+
+
+def load_config(path: Path, name: str | None) -> MachineConfig:
+    import tomllib  # here: only `up CONFIG` and `restore --launch` read TOML (about 2 ms)
+
+    from blockctl.errors import ConfigError
+    from blockctl.types import MachineConfig
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    if name is not None:
+        data["name"] = name
+    data.setdefault("name", DEFAULT_NAME)
+    return MachineConfig.from_mapping(data, base=path.parent)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockctl import _images, _journal, _lazy, _runtime
-from blockctl._cli.common import Command, emit
+from blockctl._cli.common import DEFAULT_NAME, Command, emit, load_config
 from blockctl._machine import (
     Timeouts,
     attach,
@@ -30,7 +30,6 @@ else:
     _guest = _lazy.module("blockctl._guest")
 
 
-DEFAULT_NAME = "default"
 DEFAULT_DISK_BYTES = 64 << 20
 
 
@@ -47,21 +46,6 @@ def default_config(name: str, disk: Path, *, agent: bool = False) -> MachineConf
         drives=(Drive(file=disk, format=ImageFormat.QCOW2, serial="blockctl-disk0"),),
         guest_agent=agent,
     )
-
-
-def load_config(path: Path, name: str | None) -> MachineConfig:
-    import tomllib  # here: only `up --config` reads TOML (about 2 ms of a short command)
-
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    if name is not None:
-        data["name"] = name
-    data.setdefault("name", DEFAULT_NAME)
-    return MachineConfig.from_mapping(data, base=path.parent)
 
 
 class Up(Command):

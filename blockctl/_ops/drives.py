@@ -26,12 +26,12 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 
 from blockctl import _proc, _storage_daemon
-from blockctl._argv import DrivePlan, DriveSource, plan_drive
+from blockctl._argv import DriveSource, over_backing, plan_drive
 from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
 from blockctl._machine import (
@@ -46,7 +46,7 @@ from blockctl._machine import (
 from blockctl._ops import conflicts
 from blockctl._ops.nodes import delete_nodes, read_graph, refuse_passed_through
 from blockctl._qmp import wire
-from blockctl._qmp.models import BlockDevice, BlockdevOptions, BlockNode, CacheFlags, IoLimits
+from blockctl._qmp.models import BlockDevice, BlockNode, CacheFlags, IoLimits
 from blockctl._registry import DriveRecord
 from blockctl.errors import (
     BlockctlError,
@@ -552,7 +552,7 @@ async def hotplug(
     machine = str(await vm.qom_get("/machine", "type"))
     plan = plan_drive(index, drive, source, machine, None)
     if backing:
-        plan = _over_backing(plan, f"drv{index}", backing)
+        plan = over_backing(plan, f"drv{index}", backing)
     added_nodes: list[str] = []
     added_devices: list[str] = []
     added_objects: list[str] = []
@@ -578,23 +578,6 @@ async def hotplug(
     )
     _log.info("blockctl.drive.plugged", vm=vm.name, device=plan.device_id, node=plan.top_node)
     return await drive_info(vm, plan.device_id)
-
-
-def _over_backing(
-    plan: DrivePlan, image_node: str, backing: Sequence[Mapping[str, Any]]
-) -> DrivePlan:
-    """``plan`` with ``backing`` below its image node, which backs onto the last of them."""
-    image = next((n for n in plan.nodes if n["node-name"] == image_node), None)
-    if image is None or image["driver"] != "qcow2" or image.get("backing", "") is not None:
-        raise ConfigError(
-            "drive.file", "a run-time backing node needs a qcow2 image with no backing file"
-        )
-    top = str(backing[-1]["node-name"])
-    # The backing nodes are the caller's (an NBD client with options blockctl's builders do
-    # not make): sent as given.
-    below = [cast(BlockdevOptions, dict(n)) for n in backing]
-    nodes = [cast(BlockdevOptions, {**n, "backing": top}) if n is image else n for n in plan.nodes]
-    return replace(plan, nodes=(*below, *nodes))
 
 
 def _same_file(a: str, b: Path) -> bool:

@@ -2,8 +2,10 @@
 
 ``python -m tests.integration.crash_child VM KIND STEP JSON`` — KIND is ``commit``,
 ``stream``, ``snapshot``, ``backup``, ``live`` (a live restore: ``repo``, ``point``,
-``device``, ``target``, ``speed``) or ``live-raw`` (the same, into a new raw file, a block
-device or an ``iscsi://`` LUN); STEP a :class:`blockctl._journal.Step` value (for a
+``device``, ``target``, ``speed``), ``live-raw`` (the same, into a new raw file, a block
+device or an ``iscsi://`` LUN) or ``live-launch`` (VM is launched, not attached to: the
+same keys, plus ``config``, a machine TOML whose drive on ``target`` comes back, and
+``source_vm``, the VM of the point); STEP a :class:`blockctl._journal.Step` value (for a
 backup: a name in ``blockctl.backup.STEPS``, or ``copy``; ``frozen``: right after a
 quiesced operation's freeze is confirmed, via ``_agent.FAILPOINT``); JSON the operation's
 keyword arguments (for a backup: ``repo``, and optionally ``kind``, ``devices`` and
@@ -27,6 +29,7 @@ from typing import Any
 import anyio
 
 from blockctl import _agent, _journal, backup
+from blockctl._cli.common import load_config
 from blockctl._jobs import JobProgress, JobTransition
 from blockctl._machine import attach
 from blockctl._ops import chains
@@ -72,6 +75,18 @@ def backup_failpoint(step: str) -> Callable[[str], None]:
 
 
 async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
+    if kind == "live-launch":
+        config = load_config(Path(kwargs["config"]), vm_name)
+        await backup.launch_live(
+            config,
+            backup.open_repository(kwargs["repo"]),
+            kwargs["source_vm"],
+            kwargs["point"],
+            kwargs["device"],
+            Path(kwargs["target"]),
+            control=JobControl(speed=kwargs.get("speed")),
+        )
+        return
     async with attach(vm_name) as vm:
         if kind == "backup":
             step = kwargs.pop("step")
@@ -119,7 +134,10 @@ if __name__ == "__main__":
     else:
         # A live restore's record is a stream's (with its server); into a raw target, a
         # mirror's.
-        die_at({"live": "stream", "live-raw": "mirror"}.get(op_kind, op_kind), at)
+        die_at(
+            {"live": "stream", "live-launch": "stream", "live-raw": "mirror"}.get(op_kind, op_kind),
+            at,
+        )
     extra = {"step": at} if op_kind == "backup" else {}
     anyio.run(main, name, op_kind, {**json.loads(args), **extra}, backend="asyncio")
     sys.exit(3)

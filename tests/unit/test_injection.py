@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from blockctl import _runtime
 from blockctl._argv import DriveSource, build_argv, plan_drives
+from blockctl._cli import common as cli_common
 from blockctl._cli import drives as cli_drives
 from blockctl._cli import main as cli
 from blockctl._cli import vm as cli_vm
@@ -365,7 +366,7 @@ def test_machine_toml_loads_or_refuses(
     path = workdir / "vm.toml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     try:
-        config = cli_vm.load_config(path, None)
+        config = cli_common.load_config(path, None)
     except BlockctlError:
         refused("machine TOML")
         return

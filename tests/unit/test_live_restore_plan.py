@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from blockctl._argv import DrivePlan, DriveSource, plan_drive
-from blockctl._ops.drives import _over_backing
+from blockctl._argv import DrivePlan, DriveSource, over_backing, plan_drive
+from blockctl._backup import live
 from blockctl.errors import ConfigError
-from blockctl.types import Drive, ImageFormat
+from blockctl.types import Drive, ImageFormat, MachineConfig
 from tests.unit.test_argv import layer
 
 BACKING = (
@@ -27,7 +27,7 @@ def plan(*chain: str, fmt: ImageFormat = ImageFormat.QCOW2) -> DrivePlan:
 
 def test_backing_nodes_come_first_and_the_image_backs_onto_the_last() -> None:
     before = plan("/t.qcow2")
-    after = _over_backing(before, "drv3", BACKING)
+    after = over_backing(before, "drv3", BACKING)
     assert after.nodes[:2] == BACKING
     image = next(n for n in after.nodes if n["node-name"] == "drv3")
     assert dict(image)["backing"] == "bclr-1"
@@ -44,4 +44,55 @@ def test_backing_nodes_come_first_and_the_image_backs_onto_the_last() -> None:
 def test_only_a_qcow2_with_no_backing_file_takes_backing_nodes(chain: tuple[str, ...]) -> None:
     fmt = ImageFormat.RAW if chain[0].endswith(".raw") else ImageFormat.QCOW2
     with pytest.raises(ConfigError, match="qcow2 image with no backing file"):
-        _over_backing(plan(*chain, fmt=fmt), "drv3", BACKING)
+        over_backing(plan(*chain, fmt=fmt), "drv3", BACKING)
+
+
+# Section: which drive of a config a live launch brings back (backup.launch_live)
+
+
+def launch_config(*drives: Drive) -> MachineConfig:
+    return MachineConfig(name="lost", drives=drives)
+
+
+def test_a_live_launch_brings_back_the_drive_whose_file_is_the_target() -> None:
+    config = launch_config(
+        Drive(file=Path("/i/boot.qcow2"), format=ImageFormat.QCOW2),
+        Drive(file=Path("/i/data.qcow2"), format=ImageFormat.QCOW2),
+    )
+    assert live._launch_drive(config, Path("/i/data.qcow2")) == 1
+    assert live._launch_drive(config, Path("/i/boot.qcow2")) == 0
+
+
+def test_a_live_launch_refuses_a_target_no_drive_has_and_names_the_files() -> None:
+    config = launch_config(Drive(file=Path("/i/boot.qcow2"), format=ImageFormat.QCOW2))
+    with pytest.raises(ConfigError, match=r"no drive of the config has the file /i/x.qcow2") as e:
+        live._launch_drive(config, Path("/i/x.qcow2"))
+    assert "/i/boot.qcow2" in e.value.message
+
+
+@pytest.mark.parametrize(
+    ("drive", "field", "says"),
+    [
+        (
+            Drive(file=Path("/i/d.raw"), format=ImageFormat.RAW),
+            "drive[0].format",
+            "--attach VM -O raw",
+        ),
+        (
+            Drive(file=Path("/i/d.raw"), format=ImageFormat.QCOW2, read_only=True),
+            "drive[0]",
+            "writable",
+        ),
+        (
+            Drive(file=Path("/i/d.raw"), format=ImageFormat.QCOW2, snapshot=True),
+            "drive[0]",
+            "no snapshot",
+        ),
+    ],
+)
+def test_a_live_launch_refuses_a_drive_it_cannot_stream_into(
+    drive: Drive, field: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        live._launch_drive(launch_config(drive), Path("/i/d.raw"))
+    assert e.value.field == field and says in e.value.message

@@ -1,0 +1,342 @@
+"""Live restore, the lost-VM case (issue 18): a VM launched from its TOML config with the
+drive whose file is the target served by a backup point from the start, the point copied
+into it underneath while the guest reads and writes it (``backup.launch_live``,
+``blockctl restore --live --launch CONFIG``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from blockctl import GuestImage, backup, open_vm
+from blockctl import attach as attach_vm
+from blockctl._backup.live import LiveLaunchResult
+from blockctl._backup.store import Manifest, Repository
+from blockctl._cli.common import load_config
+from blockctl._console import GuestConsole
+from blockctl._jobs import JobControl
+from blockctl._machine import shutdown_detached
+from blockctl._qmp import wire
+from blockctl._runtime import read_record
+from blockctl.errors import BackupCorrupt, CommandFailed, VMNotFound
+from tests.integration.conftest import (
+    MIB,
+    qcow2_image,
+    qemu_pids_under,
+    running,
+    shell_prompt_in,
+    truth_check,
+)
+from tests.integration.test_attach_cli import cli
+from tests.integration.test_backup import config
+from tests.integration.test_live_restore import (
+    GUEST_WRITES,
+    ROOT,
+    StreamWatch,
+    fill,
+    nbdkit_pids_under,
+    node_names,
+    read_sha,
+    reference,
+    standalone_equals,
+    tree_digest,
+)
+from tests.integration.test_live_restore import nbdkit as nbdkit  # the autouse fixture
+
+DISK_MIB = 16
+
+
+def machine_toml(path: Path, guest: GuestImage, name: str, target: Path, machine: str) -> Path:
+    """The lost VM's config: the test guest, its one drive (the data disk) on ``target``."""
+    path.write_text(
+        f"name = {json.dumps(name)}\nmachine = {json.dumps(machine)}\n"
+        f"kernel = {json.dumps(str(guest.kernel))}\ninitrd = {json.dumps(str(guest.initrd))}\n"
+        f'append = {json.dumps(guest.append)}\ndeprecated-input = "reject"\n'
+        f'[[drive]]\nfile = {json.dumps(str(target))}\nformat = "qcow2"\n'
+    )
+    return path
+
+
+async def backed_up(guest: GuestImage, images: Path, repo: Repository) -> tuple[Manifest, str]:
+    """A VM ``src`` with random data on its 16 MiB disk, backed up; the guest's sha256 of the
+    disk at the point. The VM then goes away (lost)."""
+    disk = await qcow2_image(images / "src.qcow2", b"", DISK_MIB * MIB)
+    async with open_vm(config(guest, "src", disk)) as vm:
+        assert vm.console is not None
+        await vm.console.wait_ready()
+        await vm.console.check(
+            "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
+        )
+        await vm.console.check(
+            "dd if=/dev/urandom of=/dev/vda bs=64k seek=128 count=16 oflag=direct conv=fsync "
+            "2>/dev/null"
+        )
+        point = await backup.create(vm, repo)
+        want = (await vm.console.check(read_sha("vda", DISK_MIB))).split()[0]
+    return point, want
+
+
+async def down(name: str) -> None:
+    """Stop the launched VM if it was launched (shielded: a test's own failure stays the
+    one reported)."""
+    with anyio.CancelScope(shield=True), contextlib.suppress(VMNotFound):
+        await shutdown_detached(name)
+
+
+@asynccontextmanager
+async def console_of(name: str) -> AsyncIterator[GuestConsole]:
+    """A shell on a detached VM's console socket, once its guest booted."""
+    record = read_record(name)
+    assert record.console_socket is not None and record.console_log is not None
+    await shell_prompt_in(Path(record.console_log))
+    stream = await anyio.connect_unix(record.console_socket)
+    console = GuestConsole(stream, name)
+    try:
+        await stream.send(b"exit\n")  # a fresh shell prints the prompt the console waits for
+        await console.wait_ready()
+        yield console
+    finally:
+        await console.aclose()
+
+
+@pytest.mark.guest
+async def test_a_vm_launched_from_a_point_runs_on_it_while_it_comes_back(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """The guest boots at once with its data disk served by the point; it reads the disk
+    whole (sha256 equals the point's) and writes to it while the stream runs (1 B/s until
+    released); afterwards the disk stands alone and equals the point plus exactly those
+    writes (``qemu-img compare`` against a reference built by plain restore + ``qemu-io``),
+    no server, record or backup node is left, the repository is unchanged."""
+    repo = backup.init_repository(tmp_path / "repo")
+    point, want = await backed_up(guest, images, repo)
+    hashes = tree_digest(repo.path)
+    target = images / "lost.qcow2"
+    toml = machine_toml(tmp_path / "lost.toml", guest, "lost", target, "pc")
+
+    watch = StreamWatch()
+    results: list[LiveLaunchResult] = []
+
+    async def launch() -> None:
+        results.append(
+            await backup.launch_live(
+                load_config(toml, None),
+                repo,
+                "src",
+                point.id,
+                "disk0",
+                target,
+                control=JobControl(speed=1, hooks=(watch,)),
+            )
+        )
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(launch)
+            await watch.running.wait()
+            async with console_of("lost") as console:
+                # The stream waits at 1 B/s: everything here happens during the copy.
+                assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == want
+                for write in GUEST_WRITES:
+                    await console.check(fill("vda", *write))
+                during = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
+                async with attach_vm("lost") as vm:
+                    assert [j.id for j in await wire.query_jobs(vm.session)] == [watch.job_id]
+                    assert any(n.startswith("bclr-") for n in await node_names(vm))
+                    await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+        (result,) = results
+        assert result.vm == "lost" and result.device_id == "disk0"
+        assert result.seconds_to_start <= result.seconds
+        async with console_of("lost") as console:
+            assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == during
+        async with attach_vm("lost") as vm:
+            assert await wire.query_jobs(vm.session) == ()
+            assert not [n for n in await node_names(vm) if n.startswith("bclr")]
+            record = vm.registry.drives["disk0"]
+            assert await node_names(vm) == set(record.node_names)
+            await truth_check(vm)
+        assert nbdkit_pids_under(runtime_dir) == []
+        assert not list((runtime_dir / "lost").glob("journal-*.json"))
+    finally:
+        await down("lost")
+    assert tree_digest(repo.path) == hashes
+    want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", GUEST_WRITES)
+    await standalone_equals(target, want_file)
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("step", ["starting", "running"])
+async def test_a_launch_whose_controller_is_killed_then_recover_finishes_it(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path, step: str
+) -> None:
+    """kill -9 of the launching controller at the record's ``starting`` write (the VM up on
+    the backup, the stream about to be sent) or mid-copy (``running``, at 1 B/s). The VM
+    keeps running on the server; the guest reads the disk whole and writes;
+    ``blockctl recover`` copies the rest and cleans up: a standalone disk equal to the point
+    plus the guest's writes, no server or record, the repository unchanged."""
+    repo = backup.init_repository(tmp_path / "repo")
+    point, want = await backed_up(guest, images, repo)
+    hashes = tree_digest(repo.path)
+    target = images / "lost.qcow2"
+    toml = machine_toml(tmp_path / "lost.toml", guest, "lostk", target, "pc")
+    run_dir = runtime_dir / "lostk"
+    arguments = {
+        "repo": str(repo.path),
+        "source_vm": "src",
+        "point": point.id,
+        "device": "disk0",
+        "target": str(target),
+        "config": str(toml),
+        "speed": 1,
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "tests.integration.crash_child", "lostk", "live-launch"]
+    try:
+        killed = await anyio.run_process([*argv, step, json.dumps(arguments)], check=False, env=env)
+        assert killed.returncode == -9, killed.stderr.decode()
+        (server,) = nbdkit_pids_under(run_dir)
+        (record,) = list(run_dir.glob("journal-*.json"))
+        written = json.loads(record.read_text())
+        assert written["kind"] == "stream" and written["server"]["pid"] == server
+        async with console_of("lostk") as console:
+            assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == want
+            for write in GUEST_WRITES:
+                await console.check(fill("vda", *write))
+            during = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
+            done = json.loads((await cli("recover", "lostk", "--json")).stdout)
+            (result,) = [r for r in done["operations"] if r["kind"] == "stream"]
+            assert result["verdict"] == "finished", result
+            assert nbdkit_pids_under(run_dir) == [] and not running(server)
+            assert not list(run_dir.glob("journal-*.json"))
+            listed = json.loads((await cli("drives", "lostk", "--json")).stdout)
+            assert [n["filename"] for n in listed[0]["chain"]] == [str(target)]
+            assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == during
+        async with attach_vm("lostk") as vm:
+            assert await wire.query_jobs(vm.session) == ()
+            assert await node_names(vm) == set(vm.registry.drives["disk0"].node_names)
+            await truth_check(vm)
+    finally:
+        await down("lostk")
+    assert tree_digest(repo.path) == hashes
+    want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", GUEST_WRITES)
+    await standalone_equals(target, want_file)
+
+
+@pytest.mark.guest
+async def test_a_launch_qemu_refuses_leaves_nothing_and_says_why(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """``blockctl restore --live --launch`` with a config QEMU refuses (a machine type it
+    does not have): exit 1 with QEMU's reason; no nbdkit, no run directory, no target file,
+    nothing else new in the images directory, the repository's files unchanged. Also the
+    refusals before anything starts: a config with no drive on the target, -O raw."""
+    repo = backup.init_repository(tmp_path / "repo")
+    point, _ = await backed_up(guest, images, repo)
+    hashes = tree_digest(repo.path)
+    before = sorted(p.name for p in images.iterdir())
+    target = images / "lost.qcow2"
+    bad = machine_toml(tmp_path / "bad.toml", guest, "lostb", target, "nosuchmachine")
+    restore: list[str | Path] = [
+        *("restore", "src", point.id, "disk0", target),
+        *("--repo", repo.path, "--live"),
+    ]
+    failed = await cli(*restore, "--launch", bad, "--json", check=False)
+    assert failed.returncode == 1, failed
+    error = json.loads(failed.stdout)["error"]
+    assert error["type"] == "LaunchFailed" and "LaunchFailed" in failed.stderr
+    assert "unsupported machine type" in error["message"]
+    good = machine_toml(tmp_path / "good.toml", guest, "lostb", images / "other.qcow2", "pc")
+    elsewhere = await cli(*restore, "--launch", good, check=False)
+    assert elsewhere.returncode == 1 and "no drive of the config has the file" in (
+        elsewhere.stderr
+    ), elsewhere
+    raw = await cli(*restore, "--launch", good, "-O", "raw", check=False)
+    assert raw.returncode == 1 and "-O raw is not built" in raw.stderr, raw
+    unpaired = await cli(*restore, "--launch", good, "--attach", "src", check=False)
+    assert unpaired.returncode == 1 and "give one of them" in unpaired.stderr, unpaired
+    assert nbdkit_pids_under(runtime_dir) == []
+    assert list(runtime_dir.iterdir()) == []
+    assert sorted(p.name for p in images.iterdir()) == before
+    assert tree_digest(repo.path) == hashes
+
+
+@pytest.mark.guest
+async def test_a_failure_after_qemu_started_and_before_the_stream_leaves_nothing(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    runtime_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``block-stream`` refused (injected) once the launched VM runs on the backup: the VM is
+    shut down, its run directory, the server and the target are gone, the repository is
+    unchanged. A point with a missing chunk is refused before anything starts."""
+    repo = backup.init_repository(tmp_path / "repo")
+    point, _ = await backed_up(guest, images, repo)
+    hashes = tree_digest(repo.path)
+    before = sorted(p.name for p in images.iterdir())
+    target = images / "lost.qcow2"
+    config_ = load_config(machine_toml(tmp_path / "l.toml", guest, "lostf", target, "pc"), None)
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise CommandFailed("block-stream", "GenericError", "injected")
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(wire, "block_stream", refused)
+            with pytest.raises(CommandFailed, match="injected"):
+                await backup.launch_live(config_, repo, "src", point.id, "disk0", target)
+        assert qemu_pids_under(runtime_dir) == []
+        assert nbdkit_pids_under(runtime_dir) == []
+        assert list(runtime_dir.iterdir()) == []
+        assert sorted(p.name for p in images.iterdir()) == before
+        assert tree_digest(repo.path) == hashes
+        digest = next(iter(repo.read_index("src", point.id, "disk0").referenced())).hex()
+        (repo.path / "chunks" / digest[:2] / digest).unlink()
+        with pytest.raises(BackupCorrupt, match="missing"):
+            await backup.launch_live(config_, repo, "src", point.id, "disk0", target)
+        assert list(runtime_dir.iterdir()) == []
+        assert sorted(p.name for p in images.iterdir()) == before
+    finally:
+        await down("lostf")
+
+
+@pytest.mark.guest
+async def test_cli_restore_live_launch(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """``blockctl restore --live --launch CONFIG`` end to end: the VM runs afterwards, its
+    drive one standalone layer equal to the point (no guest writes: plain restore is the
+    reference); no server left."""
+    repo = backup.init_repository(tmp_path / "repo")
+    point, want = await backed_up(guest, images, repo)
+    target = images / "lost.qcow2"
+    toml = machine_toml(tmp_path / "lost.toml", guest, "lostc", target, "pc")
+    try:
+        restored = json.loads(
+            (
+                await cli(
+                    *("restore", "src", point.id, "disk0", target),
+                    *("--repo", repo.path, "--live", "--launch", toml, "--json"),
+                )
+            ).stdout
+        )
+        assert restored["launched"] == "lostc" and restored["attached"] == "disk0"
+        assert restored["seconds_to_start"] <= restored["seconds"]
+        listed = json.loads((await cli("drives", "lostc", "--json")).stdout)
+        assert [n["filename"] for n in listed[0]["chain"]] == [str(target)]
+        assert nbdkit_pids_under(runtime_dir) == []
+        async with console_of("lostc") as console:
+            assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == want
+    finally:
+        await down("lostc")
+    want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", ())
+    await standalone_equals(target, want_file)
