@@ -781,17 +781,11 @@ async def test_qemu_killed_during_the_copy_then_recover_says_how_to_finish_keepi
     pivoted = live_target.raw and at == "end"
     assert ("holds the whole disk" if pivoted else "holds the guest's writes") in message
     # The way on, run as the message gives it.
-    steps = [] if pivoted else re.findall(r"`([^`]+)`", message.split("To finish")[1])
+    steps = [] if pivoted else await follow_way_on(message)
     finish = "convert" if live_target.raw else "rebase"
-    assert [s.split()[:2] for s in steps] == (
+    assert steps == (
         [] if pivoted else [["blockctl", "restore"], ["qemu-img", "rebase"], ["qemu-img", finish]]
     )
-    for step in steps:
-        words = shlex.split(step)
-        if words[0] == "blockctl":
-            await cli(*words[1:])
-        else:
-            await run(*words)
     # Then removed, as it says (a raw target's overlay; the base the commands restored).
     for path in (*left, *([Path(f"{top}.base.raw")] if steps else [])):
         assert str(path) in message and "remove" in message
@@ -799,6 +793,21 @@ async def test_qemu_killed_during_the_copy_then_recover_says_how_to_finish_keepi
     assert tree_digest(repo.path) == hashes
     want_file = await reference(repo, "lrq", point.id, tmp_path / "r.raw", writes)
     await standalone_equals(target, want_file, live_target.format)
+
+
+async def follow_way_on(message: str) -> list[list[str]]:
+    """Run the commands a recovery message gives after "To finish", as given (each
+    `quoted`); returns each one's first two words."""
+    from tests.integration.test_attach_cli import cli
+
+    steps = re.findall(r"`([^`]+)`", message.split("To finish")[1])
+    for step in steps:
+        words = shlex.split(step)
+        if words[0] == "blockctl":
+            await cli(*words[1:])
+        else:
+            await run(*words)
+    return [step.split()[:2] for step in steps]
 
 
 def server_pid(intent: Intent) -> int:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -34,6 +32,7 @@ from tests.integration.test_live_restore import (
     StreamWatch,
     device_overlays,
     fill,
+    follow_way_on,
     guest_fill,
     nbdkit,  # noqa: F401 (the fixture: nbdkit is required)
     nbdkit_pids_under,
@@ -347,18 +346,11 @@ async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plu
         assert not list(run_dir.glob("journal-*.json"))
     message = result["message"]
     assert "holds the guest's writes" in message and tgt.source(LUN).url in message
-    steps = re.findall(r"`([^`]+)`", message.split("To finish")[1])
-    assert [s.split()[:2] for s in steps] == [
+    assert await follow_way_on(message) == [
         ["blockctl", "restore"],
         ["qemu-img", "rebase"],
         ["qemu-img", "convert"],
     ]
-    for step in steps:
-        words = shlex.split(step)
-        if words[0] == "blockctl":
-            await cli(*words[1:])
-        else:
-            await run(*words)
     base = Path(f"{overlay}.base.raw")
     for path in (overlay, base):
         assert str(path) in message and "remove" in message
