@@ -1,6 +1,7 @@
 """``blockctl fleet status``: every VM's last point, read from its repository, its running
-backups and its last failed one (its child workflows, as Temporal has them), and the fleet
-backups Temporal has (running, completed, failed), as plain values and their JSON form. No
+backups and its last failed one (its child workflows, as Temporal has them), its state as its
+host's worker lists it, and the fleet backups Temporal has (running, completed, failed), as
+plain values and their JSON form. No
 temporalio here: the worker module reads the workflows (the only place that connects), the
 CLI renders the text.
 """
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockctl import backup
-from blockctl._fleet.inventory import VMBackup
+from blockctl._fleet.inventory import HostVMs, VMBackup
 from blockctl.errors import BlockctlError
 
 
@@ -59,7 +60,9 @@ class VMWork:
 @dataclass(frozen=True, slots=True)
 class VMStatus:
     """One VM and its repository's newest complete point (None: none; ``unreadable``: the
-    repository could not be read, why), its running backups and its last failed one."""
+    repository could not be read, why; ``repository`` empty: none known, the VM listed by
+    its worker and never backed up), its running backups and its last failed one, and its
+    state as its host's worker listed it (running, dead; None: not asked, or not listed)."""
 
     host: str
     vm: str
@@ -68,6 +71,7 @@ class VMStatus:
     running: list[RunningBackup] = field(default_factory=list)
     last_failure: LastFailure | None = None
     unreadable: str | None = None
+    state: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,16 +102,28 @@ class RunStatus:
 class FleetStatus:
     vms: list[VMStatus]
     runs: list[RunStatus]  # newest first
+    #: The hosts whose workers were asked for their VMs, with what they answered.
+    hosts: list[HostVMs] = field(default_factory=list)
 
 
 def vm_points(
-    backups: list[VMBackup], work: dict[tuple[str, str], VMWork] | None = None
+    backups: list[VMBackup],
+    work: dict[tuple[str, str], VMWork] | None = None,
+    states: dict[tuple[str, str], str] | None = None,
 ) -> list[VMStatus]:
-    """Each VM with its repository's newest complete point (by start) and what ``work``
-    (Temporal's) has of it. A repository that cannot be read is said so, VM by VM."""
+    """Each VM with its repository's newest complete point (by start), what ``work``
+    (Temporal's) has of it and its state in ``states`` (its worker's listing). A repository
+    that cannot be read is said so, VM by VM; a VM with no repository known has no point."""
     repositories: dict[str, backup.Repository | BlockctlError] = {}
     found = []
     for b in backups:
+        state = (states or {}).get((b.host, b.vm))
+        if not b.repository:
+            known = (work or {}).get((b.host, b.vm), VMWork(""))
+            found.append(
+                VMStatus(b.host, b.vm, "", None, known.running, known.last_failure, state=state)
+            )
+            continue
         repo = repositories.get(b.repository)
         if repo is None:
             try:
@@ -119,13 +135,32 @@ def vm_points(
         if isinstance(repo, BlockctlError):
             found.append(
                 VMStatus(b.host, b.vm, b.repository, None, known.running, known.last_failure,
-                         unreadable=str(repo))
+                         unreadable=str(repo), state=state)
             )  # fmt: skip
             continue
         latest = repo.latest(b.vm)
         last = None if latest is None else LastPoint(latest.id, latest.kind, latest.completed)
-        found.append(VMStatus(b.host, b.vm, b.repository, last, known.running, known.last_failure))
+        found.append(
+            VMStatus(b.host, b.vm, b.repository, last, known.running, known.last_failure,
+                     state=state)
+        )  # fmt: skip
     return found
+
+
+def with_workers_vms(
+    backups: list[VMBackup], hosts: list[HostVMs], repositories: dict[str, str] | None = None
+) -> tuple[list[VMBackup], dict[tuple[str, str], str]]:
+    """``backups`` and every VM the workers listed (``hosts``) that is not among them (into
+    ``repositories``' repository of its host, else none known), by host then VM when
+    ``backups`` came from the server; and each listed VM's state."""
+    states = {(h.host, v.name): v.state for h in hosts for v in h.vms}
+    named = {(b.host, b.vm) for b in backups}
+    added = [
+        VMBackup(host, vm, (repositories or {}).get(host, ""))
+        for host, vm in sorted(states)
+        if (host, vm) not in named
+    ]
+    return backups + added, states
 
 
 def known_vms(work: dict[tuple[str, str], VMWork]) -> list[VMBackup]:
@@ -140,11 +175,12 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
             {
                 "host": v.host,
                 "vm": v.vm,
-                "repository": v.repository,
+                "repository": v.repository or None,
                 "last_point": None
                 if v.last is None
                 else {"id": v.last.id, "kind": v.last.kind, "completed": v.last.completed},
                 "unreadable": v.unreadable,
+                "state": v.state,
                 "running": [
                     {
                         "workflow_id": r.workflow_id,
@@ -179,6 +215,14 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
                 "error": r.error,
             }
             for r in status.runs
+        ],
+        "hosts": [
+            {
+                "host": h.host,
+                "vms": [{"name": v.name, "state": v.state, "pid": v.pid} for v in h.vms],
+                "error": h.error,
+            }
+            for h in status.hosts
         ],
     }
 

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, timedelta
+from typing import Any, TypeVar
 
 import anyio
 from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import PendingActivityState
-from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryRequest
+from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import (
+    DescribeTaskQueueRequest,
+    GetWorkflowExecutionHistoryRequest,
+)
 from temporalio.client import (
     Client,
     Schedule,
@@ -32,12 +39,19 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from blockctl._fleet.activities import backup_vm
+from blockctl._fleet.activities import backup_vm, list_vms, prune_vm, verify_vm, vm_points
 from blockctl._fleet.inventory import (
     WORKFLOW_QUEUE,
     FleetBackupRequest,
     FleetBackupResult,
+    FleetPruneRequest,
+    FleetPruneResult,
+    FleetVerifyRequest,
+    FleetVerifyResult,
+    ListRequest,
+    ListResult,
     VMBackupResult,
+    check_host,
     split_vm_workflow_id,
     task_queue,
 )
@@ -50,10 +64,19 @@ from blockctl._fleet.status import (
     VMFailure,
     VMWork,
 )
-from blockctl._fleet.workflows import FLEET_BACKUP, FleetBackup, VMBackupWorkflow
+from blockctl._fleet.workflows import (
+    FLEET_BACKUP,
+    FleetBackup,
+    FleetList,
+    FleetPrune,
+    FleetVerify,
+    VMBackupWorkflow,
+)
 from blockctl.errors import BlockctlError
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
+#: A worker's identity starts with this and its host's name (then its PID and machine).
+IDENTITY_PREFIX = "blockctl-worker:"
 DEFAULT_NAMESPACE = "default"
 #: How long in all ``fleet_backup`` keeps waiting for a workflow's result while the server
 #: does not answer (restarted, its host rebooting): the SDK's own retries give up after 10 s.
@@ -86,13 +109,21 @@ async def run_worker(
     runner = SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules("blockctl")
     )
+    # The identity names the host: ``worker_hosts`` finds the hosts whose workers poll.
+    identity = f"{IDENTITY_PREFIX}{check_host(host)} {os.getpid()}@{socket.gethostname()}"
     workers = [
-        Worker(client, task_queue=task_queue(host), activities=[backup_vm]),
+        Worker(
+            client,
+            task_queue=task_queue(host),
+            activities=[backup_vm, vm_points, verify_vm, prune_vm, list_vms],
+            identity=identity,
+        ),
         Worker(
             client,
             task_queue=WORKFLOW_QUEUE,
-            workflows=[FleetBackup, VMBackupWorkflow],
+            workflows=[FleetBackup, VMBackupWorkflow, FleetVerify, FleetPrune, FleetList],
             workflow_runner=runner,
+            identity=identity,
         ),
     ]
     # Plain asyncio tasks, outside anyio's cancel scopes: anyio cancels every await of a
@@ -126,18 +157,41 @@ async def fleet_backup(
     restart of the server: its state is in its database, the workflow goes on, and so does
     the wait (the SDK reconnects; a call that fails with the server unreachable is made again
     for up to ``RECONNECT_WINDOW`` s in all)."""
+    return await _run_workflow(
+        FleetBackup.run,
+        request,
+        FleetBackupResult,
+        workflow_id or f"fleet-backup-{uuid.uuid4()}",
+        "the fleet backup",
+        address,
+        namespace,
+    )
+
+
+_Result = TypeVar("_Result")
+
+
+async def _run_workflow(
+    run: Any,
+    request: object,
+    result_type: type[_Result],
+    workflow_id: str,
+    what: str,
+    address: str,
+    namespace: str,
+) -> _Result:
+    """Start workflow ``run`` on ``request`` and wait for its result, through a restart of
+    the server (``fleet_backup``)."""
     client = await connect(address, namespace)
     try:
         handle = await client.start_workflow(
-            FleetBackup.run,
-            request,
-            id=workflow_id or f"fleet-backup-{uuid.uuid4()}",
-            task_queue=WORKFLOW_QUEUE,
+            run, request, id=workflow_id, task_queue=WORKFLOW_QUEUE, result_type=result_type
         )
         unreachable_since: float | None = None
         while True:
             try:
-                return await handle.result()
+                result: _Result = await handle.result()
+                return result
             except RPCError as exc:
                 now = time.monotonic()
                 unreachable_since = unreachable_since or now
@@ -146,7 +200,81 @@ async def fleet_backup(
                 await asyncio.sleep(1.0)  # the server restarting: wait for it, not poll hot
     except (RPCError, WorkflowFailureError) as exc:
         cause = getattr(exc, "cause", None) or exc
-        raise FleetError(f"the fleet backup failed: {cause}") from None
+        raise FleetError(f"{what} failed: {cause}") from None
+
+
+async def fleet_verify(
+    request: FleetVerifyRequest,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    workflow_id: str | None = None,
+) -> FleetVerifyResult:
+    """Run the fleet verify workflow over ``request`` and wait for its result."""
+    return await _run_workflow(
+        FleetVerify.run,
+        request,
+        FleetVerifyResult,
+        workflow_id or f"fleet-verify-{uuid.uuid4()}",
+        "the fleet verify",
+        address,
+        namespace,
+    )
+
+
+async def fleet_prune(
+    request: FleetPruneRequest,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    workflow_id: str | None = None,
+) -> FleetPruneResult:
+    """Run the fleet prune workflow over ``request`` and wait for its result."""
+    return await _run_workflow(
+        FleetPrune.run,
+        request,
+        FleetPruneResult,
+        workflow_id or f"fleet-prune-{uuid.uuid4()}",
+        "the fleet prune",
+        address,
+        namespace,
+    )
+
+
+async def list_hosts_vms(
+    hosts: list[str], address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
+) -> ListResult:
+    """Each host's VMs, as its worker lists them (a host without a worker: its error)."""
+    return await _run_workflow(
+        FleetList.run,
+        ListRequest(hosts),
+        ListResult,
+        f"fleet-list-{uuid.uuid4()}",
+        "listing the hosts' VMs",
+        address,
+        namespace,
+    )
+
+
+async def worker_hosts(
+    address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
+) -> list[str]:
+    """The hosts whose workers the server has seen polling the workflow queue lately (the
+    server keeps its pollers for a few minutes: a worker just stopped may still be there)."""
+    client = await connect(address, namespace)
+    try:
+        response = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=WORKFLOW_QUEUE),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            )
+        )
+    except RPCError as exc:
+        raise FleetError(f"cannot describe the fleet's task queue at {address}: {exc}") from None
+    hosts = set()
+    for poller in response.pollers:
+        if poller.identity.startswith(IDENTITY_PREFIX):
+            hosts.add(poller.identity.removeprefix(IDENTITY_PREFIX).split(" ", 1)[0])
+    return sorted(hosts)
 
 
 #: The workflows ``fleet status`` lists: the fleet backups, newest first.
