@@ -8,7 +8,9 @@ ARGV...`` (``fleet worker ...``) with, for VM's backup: at STEP (a name in
 fleecing job, nodes, NBD server and export live), ACTION: ``kill`` (this worker SIGKILLs
 itself: the crash point is exact, never a race) or ``hold:PATH`` (it creates PATH and waits
 until PATH is removed, while the test acts; once; not at ``copy``, where job hooks cannot
-wait).
+wait). STEP ``prune``: in VM's prune (``blockctl.backup.prune``, which the worker's prune
+activity calls), right after its first point is deleted, before the others and before the
+chunks are collected; ACTION ``kill`` only.
 """
 
 from __future__ import annotations
@@ -48,7 +50,24 @@ async def hold(path: Path) -> None:
         await anyio.sleep(0.1)
 
 
+def install_prune_kill(vm_name: str) -> None:
+    """SIGKILL this process right after the first point of ``vm_name`` a prune deletes."""
+    delete_point = backup.Repository.delete_point
+
+    def delete_then_die(repo: backup.Repository, vm: str, point: str) -> None:
+        delete_point(repo, vm, point)
+        if vm == vm_name:
+            die()
+
+    backup.Repository.delete_point = delete_then_die  # type: ignore[method-assign, assignment]
+
+
 def install(vm_name: str, step: str, action: str) -> None:
+    if step == "prune":
+        if action != "kill":
+            sys.exit(f"no action {action!r} at prune: kill")
+        install_prune_kill(vm_name)
+        return
     if step != "copy" and step not in backup.STEPS:
         sys.exit(f"no backup step {step!r}: {', '.join(backup.STEPS)} or copy")
     if action != "kill" and not (action.startswith("hold:") and step != "copy"):

@@ -28,7 +28,7 @@ import anyio
 import pytest
 from anyio.abc import Process
 
-from blockctl import GuestImage, backup
+from blockctl import GuestImage, backup, drives
 from blockctl._qmp import wire
 from blockctl.types import Drive, ImageFormat
 from tests.conftest import missing
@@ -918,4 +918,167 @@ async def test_a_schedule_runs_the_fleet_backup_until_deleted(
                 await restores_to(repo_path, vm, point, disks[vm], tmp_path)
     finally:
         leaked = await down_vms(runtime, names)
+    assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+async def hmp_write(runtime: Path, vm_name: str, byte: int, offset: int) -> None:
+    """64 KiB of ``byte`` at ``offset`` through the VM's device's own block backend (HMP
+    ``qemu-io -d``, as a guest's write goes), then a flush: new data for its next point. The
+    VM is attached by its monitor socket (this process's runtime directory is not ``runtime``)."""
+    from blockctl import attach
+
+    async with attach(runtime / vm_name / "qmp.sock") as vm:
+        (device,) = [d.device_id for d in await drives.list_drives(vm)]
+        for command in (f"write -P {byte} {offset} 64k", "flush"):
+            out = await vm.command(
+                "human-monitor-command",
+                {"command-line": f'qemu-io -d /machine/peripheral/{device}/virtio-backend '
+                                 f'"{command}"'},
+            )  # fmt: skip
+            assert "error" not in str(out).lower(), out
+
+
+async def status_json(runtime: Path, address: str, *more: str | Path) -> dict[str, Any]:
+    return dict(
+        json.loads(await blockctl(runtime, "fleet", "status", "--address", address, "--json",
+                                  *more))
+    )  # fmt: skip
+
+
+async def fleet_json(
+    runtime: Path, address: str, *argv: str | Path, code: int = 0
+) -> dict[str, Any]:
+    """``blockctl fleet ARGV... --json``'s output, once it exits with ``code``."""
+    result = await anyio.run_process(
+        [sys.executable, "-m", "blockctl", "fleet", *map(str, argv), "--address", address,
+         "--json"],
+        check=False,
+        env=cli_env(runtime),
+    )  # fmt: skip
+    assert result.returncode == code, (argv, result.stdout.decode(), result.stderr.decode())
+    return dict(json.loads(result.stdout))
+
+
+def repository_files(path: Path) -> tuple[set[str], set[str]]:
+    """A repository's chunk files and point directories (relative paths)."""
+    chunks = {str(f.relative_to(path)) for f in (path / "chunks").rglob("*") if f.is_file()}
+    points = {str(d.relative_to(path)) for d in (path / "points").glob("*/*") if d.is_dir()}
+    return chunks, points
+
+
+async def test_fleet_verify_prune_and_the_workers_vm_lists(
+    guest: GuestImage, temporal_server: str, tmp_path: Path
+) -> None:
+    """One host's worker, 2 firmware-idle VMs. ``fleet status`` without an inventory lists
+    the VMs the worker has (running, never backed up); a fleet backup of an inventory naming
+    the host only backs up those; three runs (a write through each VM's device between them)
+    give each VM 3 points. ``fleet verify``: each VM's newest point ok. ``fleet prune --keep
+    1`` of a copy of the repository (the reference), then of the repository with the worker
+    SIGKILLing itself right after web's first point deleted: restarted, the retry ends with
+    the reference's result (points deleted and kept, chunks collected) and the same files;
+    pruned again, nothing changes; verified and restored again, equal to the disks."""
+    address = temporal_server
+    repo_path, ref_path = tmp_path / "repo", tmp_path / "ref"
+    backup.init_repository(repo_path)
+    hosts_only = tmp_path / "hosts.toml"
+    hosts_only.write_text('repository = "repo"\n[hosts.hv1]\n')
+    named = tmp_path / "named.toml"
+    named.write_text('repository = "repo"\n[hosts.hv1]\nvms = ["web", "db"]\n')
+    reference = tmp_path / "ref.toml"
+    reference.write_text('repository = "ref"\n[hosts.hv1]\nvms = ["web", "db"]\n')
+    runtime = Path(tempfile.mkdtemp(prefix="bct-hv1-", dir="/tmp"))
+    names = ["web", "db"]
+    leaked: list[int] = []
+    try:
+        disks = await up_vms(runtime, tmp_path, names)
+        async with worker("hv1", runtime, address, tmp_path / "hv1.log"):
+            # The server lists a worker's pollers a moment after they poll: wait for it.
+            with anyio.fail_after(START_DEADLINE):
+                while True:
+                    status = await status_json(runtime, address)
+                    if status["hosts"]:
+                        break
+                    await anyio.sleep(0.5)
+            (host,) = status["hosts"]
+            assert host["host"] == "hv1" and host["error"] is None, host
+            assert sorted((v["name"], v["state"]) for v in host["vms"]) == [
+                ("db", "running"),
+                ("web", "running"),
+            ]
+            assert [(v["host"], v["vm"], v["state"], v["repository"], v["last_point"])
+                    for v in status["vms"]] == [
+                ("hv1", "db", "running", None, None),
+                ("hv1", "web", "running", None, None),
+            ]  # fmt: skip
+            for run in range(3):
+                if run:
+                    for n, vm in enumerate(names):
+                        await hmp_write(runtime, vm, 0x10 * run + n, run * 65536)
+                out = await fleet_json(runtime, address, "backup", hosts_only)
+                assert sorted((r["vm"], r["error"]) for r in out["results"]) == [
+                    ("db", None),
+                    ("web", None),
+                ], out
+            repo = backup.open_repository(repo_path)
+            points = {vm: [m.id for m in repo.manifests(vm)] for vm in names}
+            assert all(len(p) == 3 for p in points.values()), points
+            # Status with the hosts-only inventory: each VM's newest point, its state.
+            status = await status_json(runtime, address, "--inventory", hosts_only)
+            assert sorted((v["vm"], v["state"], v["last_point"]["id"]) for v in status["vms"]) == [
+                (vm, "running", points[vm][-1]) for vm in sorted(names)
+            ]
+            verified = await fleet_json(runtime, address, "verify", named)
+            assert (verified["damaged"], verified["failed"]) == (0, 0), verified
+            for r in verified["results"]:
+                assert (r["point"], r["ok"], r["problems"]) == (points[r["vm"]][-1], True, [])
+                assert r["chunks_checked"] > 0, r
+            # The reference: the same repository pruned without a kill.
+            shutil.copytree(repo_path, ref_path)
+            expected = await fleet_json(runtime, address, "prune", reference, "--keep", "1")
+        for r in expected["results"]:
+            assert r["error"] is None and r["kept"] == points[r["vm"]][-1:], r
+            assert r["deleted"] == points[r["vm"]][:-1], r
+        assert expected["results"][0]["chunks_removed"] > 0, expected
+        out_path = tmp_path / "prune.json"
+        argv = [sys.executable, "-m", "blockctl", "fleet", "prune", str(named), "--keep", "1",
+                "--address", address, "--heartbeat-timeout", "5", "--json"]  # fmt: skip
+        with open(out_path, "wb") as stdout:
+            prune = await anyio.open_process(
+                argv, env=cli_env(runtime), stdout=stdout, stderr=subprocess.STDOUT
+            )
+        try:
+            dead_log, log = tmp_path / "dead.log", tmp_path / "retry.log"
+            async with worker("hv1", runtime, address, dead_log, ("web", "prune", "kill")) as w:
+                await killed(w, dead_log)
+            # The dead attempt deleted one of web's two old points, collected nothing.
+            assert backup.open_repository(repo_path).point_ids("web") == points["web"][1:]
+            async with worker("hv1", runtime, address, log):
+                with anyio.fail_after(BACKUP_DEADLINE):
+                    await prune.wait()
+                assert prune.returncode == 0, out_path.read_text()
+                pruned = json.loads(out_path.read_text().splitlines()[-1])
+                again = await fleet_json(runtime, address, "prune", named, "--keep", "1")
+                verified = await fleet_json(runtime, address, "verify", named)
+        finally:
+            stop(prune)
+            with anyio.move_on_after(START_DEADLINE):
+                await prune.wait()
+            await prune.aclose()
+
+        def comparable(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{k: v for k, v in r.items() if k != "repository"} for r in results]
+
+        assert comparable(pruned["results"]) == comparable(expected["results"]), pruned
+        assert repository_files(repo_path) == repository_files(ref_path)
+        for r in again["results"]:
+            assert (r["deleted"], r["kept"], r["chunks_removed"], r["error"]) == (
+                [], points[r["vm"]][-1:], 0, None,
+            ), r  # fmt: skip
+        assert repository_files(repo_path) == repository_files(ref_path)
+        for r in verified["results"]:
+            assert (r["point"], r["ok"]) == (points[r["vm"]][-1], True), r
+        for vm in names:
+            await restores_to(repo_path, vm, points[vm][-1], disks[vm], tmp_path)
+    finally:
+        leaked += await down_vms(runtime, names)
     assert not leaked, f"QEMU processes left running: {leaked}"
