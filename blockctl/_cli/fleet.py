@@ -474,12 +474,19 @@ class Fleet(Command):
             known_vms,
             to_json,
             vm_points,
+            with_checks,
             with_workers_vms,
         )
 
         inventory = None if args.inventory is None else load_inventory(args.inventory)
         _require_temporalio()
-        from blockctl._fleet.worker import list_hosts_vms, recent_runs, vm_work, worker_hosts
+        from blockctl._fleet.worker import (
+            list_hosts_vms,
+            recent_runs,
+            vm_checks,
+            vm_work,
+            worker_hosts,
+        )
 
         work = await vm_work(args.address, args.namespace)
         if inventory is None:
@@ -499,7 +506,9 @@ class Fleet(Command):
         backups, states = with_workers_vms(backups, found.hosts, repositories)
         if inventory is None:
             backups = sorted(backups, key=lambda b: (b.host, b.vm))
-        vms = vm_points(backups, work, states)
+        vms = with_checks(
+            vm_points(backups, work, states), await vm_checks(args.address, args.namespace)
+        )
         # With an inventory: the runs that back up one of its VMs at least.
         named = None if inventory is None else {(b.host, b.vm) for b in backups}
         runs = await recent_runs(args.address, args.namespace, args.runs, named)
@@ -532,6 +541,19 @@ def _vm_notes(status: FleetStatus) -> list[str]:
                 f"{v.host}/{v.vm}: last failure {f.workflow_id} ({f.status} {_when(f.closed)}): "
                 f"{f.error}"
             )
+        if (c := v.checks.verify) is not None:
+            if c.error is not None:
+                what = f"FAILED: {c.error}"
+            elif c.point is None:
+                what = "no point"
+            else:
+                what = f"{c.point} ok" if c.ok else f"{c.point} DAMAGED: " + "; ".join(c.problems)
+            notes.append(
+                f"{v.host}/{v.vm}: last verify {c.workflow_id} ({_when(c.closed)}): {what}"
+            )
+        if (p := v.checks.prune) is not None:
+            what = f"FAILED: {p.error}" if p.error else f"deleted {p.deleted}, kept {p.kept}"
+            notes.append(f"{v.host}/{v.vm}: last prune {p.workflow_id} ({_when(p.closed)}): {what}")
     return notes
 
 

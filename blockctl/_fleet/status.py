@@ -8,7 +8,7 @@ CLI renders the text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockctl import backup
@@ -58,6 +58,39 @@ class VMWork:
 
 
 @dataclass(frozen=True, slots=True)
+class LastVerify:
+    """A VM's result in the newest completed fleet verify that had it: the point checked
+    (None: the VM had none), whether it was sound and its problems, or the error."""
+
+    workflow_id: str
+    closed: float | None
+    point: str | None
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LastPrune:
+    """A VM's result in the newest completed fleet prune that had it: how many points it
+    deleted and kept, or the error."""
+
+    workflow_id: str
+    closed: float | None
+    deleted: int
+    kept: int
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VMChecks:
+    """A VM's last fleet verify and fleet prune (None: none among those looked at)."""
+
+    verify: LastVerify | None = None
+    prune: LastPrune | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class VMStatus:
     """One VM and its repository's newest complete point (None: none; ``unreadable``: the
     repository could not be read, why; ``repository`` empty: none known, the VM listed by
@@ -72,6 +105,7 @@ class VMStatus:
     last_failure: LastFailure | None = None
     unreadable: str | None = None
     state: str | None = None
+    checks: VMChecks = field(default_factory=VMChecks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +181,11 @@ def vm_points(
     return found
 
 
+def with_checks(vms: list[VMStatus], checks: dict[tuple[str, str], VMChecks]) -> list[VMStatus]:
+    """``vms``, each with its last fleet verify and prune from ``checks``."""
+    return [replace(v, checks=checks.get((v.host, v.vm), VMChecks())) for v in vms]
+
+
 def with_workers_vms(
     backups: list[VMBackup], hosts: list[HostVMs], repositories: dict[str, str] | None = None
 ) -> tuple[list[VMBackup], dict[tuple[str, str], str]]:
@@ -199,6 +238,25 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
                     "status": v.last_failure.status,
                     "closed": v.last_failure.closed,
                     "error": v.last_failure.error,
+                },
+                "last_verify": None
+                if v.checks.verify is None
+                else {
+                    "workflow_id": v.checks.verify.workflow_id,
+                    "closed": v.checks.verify.closed,
+                    "point": v.checks.verify.point,
+                    "ok": v.checks.verify.ok,
+                    "problems": v.checks.verify.problems,
+                    "error": v.checks.verify.error,
+                },
+                "last_prune": None
+                if v.checks.prune is None
+                else {
+                    "workflow_id": v.checks.prune.workflow_id,
+                    "closed": v.checks.prune.closed,
+                    "deleted": v.checks.prune.deleted,
+                    "kept": v.checks.prune.kept,
+                    "error": v.checks.prune.error,
                 },
             }
             for v in status.vms

@@ -57,15 +57,19 @@ from blockctl._fleet.inventory import (
 )
 from blockctl._fleet.status import (
     LastFailure,
+    LastPrune,
+    LastVerify,
     RunningBackup,
     RunStatus,
     ScheduledRun,
     ScheduleStatus,
+    VMChecks,
     VMFailure,
     VMWork,
 )
 from blockctl._fleet.workflows import (
     FLEET_BACKUP,
+    FLEET_VERIFY,
     FleetBackup,
     FleetList,
     FleetPrune,
@@ -390,6 +394,58 @@ async def vm_work(
     except RPCError as exc:
         raise FleetError(f"cannot list the VM backups at {address}: {exc}") from None
     return work
+
+
+#: The fleet verifies and prunes, newest first.
+_FLEET_CHECKS = "WorkflowType = 'blockctl.fleet-verify' OR WorkflowType = 'blockctl.fleet-prune'"
+#: How many of the newest fleet verify and prune runs ``vm_checks`` looks at.
+CHECK_RUNS_LISTED = 100
+
+
+async def vm_checks(
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    limit: int = CHECK_RUNS_LISTED,
+) -> dict[tuple[str, str], VMChecks]:
+    """By (host, VM): its result in the newest completed fleet verify and fleet prune among
+    the newest ``limit`` of those runs (a run still going, or that did not complete, has no
+    result to show)."""
+    client = await connect(address, namespace)
+    verifies: dict[tuple[str, str], LastVerify] = {}
+    prunes: dict[tuple[str, str], LastPrune] = {}
+    try:
+        async for wf in client.list_workflows(_FLEET_CHECKS, limit=limit):
+            closed = None if wf.close_time is None else wf.close_time.timestamp()
+            verify = wf.workflow_type == FLEET_VERIFY
+            handle = client.get_workflow_handle(
+                wf.id,
+                run_id=wf.run_id,
+                result_type=FleetVerifyResult if verify else FleetPruneResult,
+            )
+            if wf.status != WorkflowExecutionStatus.COMPLETED:
+                # The list lags behind the run: its own state says if it completed.
+                run = await handle.describe()
+                if run.status != WorkflowExecutionStatus.COMPLETED:
+                    continue
+                closed = None if run.close_time is None else run.close_time.timestamp()
+            result = await handle.result(follow_runs=False)
+            if isinstance(result, FleetVerifyResult):
+                for v in result.results:
+                    verifies.setdefault(
+                        (v.host, v.vm),
+                        LastVerify(wf.id, closed, v.point, v.ok, v.problems, v.error),
+                    )
+            else:
+                for p in result.results:
+                    prunes.setdefault(
+                        (p.host, p.vm),
+                        LastPrune(wf.id, closed, len(p.deleted), len(p.kept), p.error),
+                    )
+    except (RPCError, WorkflowFailureError) as exc:
+        raise FleetError(f"cannot list the fleet verifies and prunes at {address}: {exc}") from None
+    return {
+        key: VMChecks(verifies.get(key), prunes.get(key)) for key in verifies.keys() | prunes.keys()
+    }
 
 
 def _running(workflow_id: str, run: WorkflowExecutionDescription) -> RunningBackup:

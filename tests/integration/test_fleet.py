@@ -1057,8 +1057,12 @@ async def test_fleet_verify_prune_and_the_workers_vm_lists(
                     await prune.wait()
                 assert prune.returncode == 0, out_path.read_text()
                 pruned = json.loads(out_path.read_text().splitlines()[-1])
-                again = await fleet_json(runtime, address, "prune", named, "--keep", "1")
-                verified = await fleet_json(runtime, address, "verify", named)
+                again = await fleet_json(
+                    runtime, address, "prune", named, "--keep", "1", "--workflow-id", "again"
+                )
+                verified = await fleet_json(
+                    runtime, address, "verify", named, "--workflow-id", "verify-after"
+                )
         finally:
             stop(prune)
             with anyio.move_on_after(START_DEADLINE):
@@ -1079,6 +1083,23 @@ async def test_fleet_verify_prune_and_the_workers_vm_lists(
             assert (r["point"], r["ok"]) == (points[r["vm"]][-1], True), r
         for vm in names:
             await restores_to(repo_path, vm, points[vm][-1], disks[vm], tmp_path)
+        # fleet status: each VM's last verify and prune (the server lists a run just closed a
+        # moment later: wait for those two).
+        with anyio.fail_after(START_DEADLINE):
+            while True:
+                status = await status_json(runtime, address, "--inventory", named)
+                checks = {
+                    v["vm"]: (v["last_verify"] or {}, v["last_prune"] or {}) for v in status["vms"]
+                }
+                if all(
+                    (c[0].get("workflow_id"), c[1].get("workflow_id")) == ("verify-after", "again")
+                    for c in checks.values()
+                ):
+                    break
+                await anyio.sleep(0.5)
+        for vm, (last_verify, last_prune) in checks.items():
+            assert (last_verify["point"], last_verify["ok"]) == (points[vm][-1], True)
+            assert (last_prune["deleted"], last_prune["kept"], last_prune["error"]) == (0, 1, None)
     finally:
         leaked += await down_vms(runtime, names)
     assert not leaked, f"QEMU processes left running: {leaked}"

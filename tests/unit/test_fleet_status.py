@@ -121,6 +121,8 @@ def test_the_json_has_the_raw_values_and_null_for_what_there_is_not() -> None:
         "state": None,
         "running": [],
         "last_failure": None,
+        "last_verify": None,
+        "last_prune": None,
     }
     assert data["hosts"] == []
     assert mail["last_point"] is None and mail["unreadable"] is None
@@ -237,3 +239,40 @@ def test_workers_listed_vms_join_the_status_with_their_state(tmp_path: Path) -> 
         },
         {"host": "hv2", "vms": [], "error": "no worker took the question within 10 s"},
     ]
+
+
+def test_a_vms_last_verify_and_prune_are_shown() -> None:
+    """Each VM's last fleet verify (its point ok, damaged, or failed) and last fleet prune, a
+    line each and in the JSON."""
+    from blockctl._fleet.status import LastPrune, LastVerify, VMChecks, with_checks
+
+    vms = with_checks(
+        [VMStatus("hv1", "web", "/r", None), VMStatus("hv1", "db", "/r", None),
+         VMStatus("hv2", "dns", "/r", None)],
+        {
+            ("hv1", "web"): VMChecks(
+                LastVerify("v1", T0, "p9", True), LastPrune("q1", T0 + 1, 2, 1)
+            ),
+            ("hv1", "db"): VMChecks(LastVerify("v1", T0, "p8", False, ["chunk ab: bad"])),
+        },
+    )  # fmt: skip
+    status = FleetStatus(vms, [])
+    lines = render_status(status).splitlines()
+    assert f"hv1/web: last verify v1 ({stamp(T0)}): p9 ok" in lines
+    assert f"hv1/web: last prune q1 ({stamp(T0 + 1)}): deleted 2, kept 1" in lines
+    assert f"hv1/db: last verify v1 ({stamp(T0)}): p8 DAMAGED: chunk ab: bad" in lines
+    assert not [line for line in lines if line.startswith("hv2/dns")]
+    web, db, dns = json.loads(json.dumps(to_json(status)))["vms"]
+    assert web["last_verify"] == {
+        "workflow_id": "v1", "closed": T0, "point": "p9", "ok": True, "problems": [],
+        "error": None,
+    }  # fmt: skip
+    assert web["last_prune"] == {
+        "workflow_id": "q1",
+        "closed": T0 + 1,
+        "deleted": 2,
+        "kept": 1,
+        "error": None,
+    }
+    assert db["last_verify"]["problems"] == ["chunk ab: bad"] and db["last_prune"] is None
+    assert dns["last_verify"] is None and dns["last_prune"] is None
