@@ -54,6 +54,7 @@ from blockctl._fleet.inventory import (
     check_host,
     split_vm_workflow_id,
     task_queue,
+    with_listed,
 )
 from blockctl._fleet.status import (
     LastFailure,
@@ -160,7 +161,11 @@ async def fleet_backup(
     """Run the fleet backup workflow over ``request`` and wait for its result, through a
     restart of the server: its state is in its database, the workflow goes on, and so does
     the wait (the SDK reconnects; a call that fails with the server unreachable is made again
-    for up to ``RECONNECT_WINDOW`` s in all)."""
+    for up to ``RECONNECT_WINDOW`` s in all). Hosts ``request`` names without VMs are asked
+    for theirs first (``with_listed``)."""
+    if request.listed:
+        found = await list_hosts_vms([h.host for h in request.listed], address, namespace)
+        request = with_listed(request, found)
     return await _run_workflow(
         FleetBackup.run,
         request,

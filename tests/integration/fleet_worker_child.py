@@ -9,8 +9,8 @@ fleecing job, nodes, NBD server and export live), ACTION: ``kill`` (this worker 
 itself: the crash point is exact, never a race) or ``hold:PATH`` (it creates PATH and waits
 until PATH is removed, while the test acts; once; not at ``copy``, where job hooks cannot
 wait). STEP ``prune``: in VM's prune (``blockctl.backup.prune``, which the worker's prune
-activity calls), right after its first point is deleted, before the others and before the
-chunks are collected; ACTION ``kill`` only.
+activity calls), once its points are deleted, as it starts collecting the chunks (the first
+collection this worker starts: one prune at a time per repository); ACTION ``kill`` only.
 """
 
 from __future__ import annotations
@@ -51,15 +51,26 @@ async def hold(path: Path) -> None:
 
 
 def install_prune_kill(vm_name: str) -> None:
-    """SIGKILL this process right after the first point of ``vm_name`` a prune deletes."""
-    delete_point = backup.Repository.delete_point
+    """SIGKILL this process when ``vm_name``'s prune, its points deleted, starts collecting."""
+    prune = backup.prune
+    pruning = False
 
-    def delete_then_die(repo: backup.Repository, vm: str, point: str) -> None:
-        delete_point(repo, vm, point)
-        if vm == vm_name:
+    def gc_then_die(repo: backup.Repository, **kwargs: Any) -> Any:
+        if pruning:
             die()
+        return gc(repo, **kwargs)
 
-    backup.Repository.delete_point = delete_then_die  # type: ignore[method-assign, assignment]
+    async def prune_with_fault(repo: Any, vm: str, **kwargs: Any) -> Any:
+        nonlocal pruning
+        pruning = vm == vm_name
+        try:
+            return await prune(repo, vm, **kwargs)
+        finally:
+            pruning = False
+
+    gc = backup.Repository.gc
+    backup.Repository.gc = gc_then_die  # type: ignore[method-assign, assignment]
+    backup.prune = prune_with_fault  # type: ignore[assignment]
 
 
 def install(vm_name: str, step: str, action: str) -> None:
