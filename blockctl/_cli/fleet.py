@@ -165,19 +165,23 @@ class Fleet(Command):
         p = sub.add_parser(
             "schedule",
             parents=[global_options(parent=False)],
-            help="create, list or delete a Temporal Schedule running an inventory's fleet backup",
+            help="create, update, list or delete a Temporal Schedule running an inventory's "
+            "fleet backup",
         )
-        p.add_argument("schedule_action", choices=["create", "list", "delete"])
-        p.add_argument("name", nargs="?", help="the schedule's name (create, delete)")
+        p.add_argument("schedule_action", choices=["create", "update", "list", "delete"])
+        p.add_argument("name", nargs="?", help="the schedule's name (create, update, delete)")
         p.add_argument(
-            "inventory", nargs="?", type=Path, help="create: the TOML inventory, read now"
+            "inventory", nargs="?", type=Path, help="create, update: the TOML inventory, read now"
         )
         when = p.add_mutually_exclusive_group()
         when.add_argument(
-            "--every", type=_interval, metavar="SECONDS", help="create: a run every SECONDS"
+            "--every",
+            type=_interval,
+            metavar="SECONDS",
+            help="create, update: a run every SECONDS (update: default, the times it had)",
         )
         when.add_argument(
-            "--cron", metavar="SPEC", help='create: runs at a cron line ("0 2 * * *")'
+            "--cron", metavar="SPEC", help='create, update: runs at a cron line ("0 2 * * *")'
         )
         self._backup_options(p)
         self._server_options(p)
@@ -411,24 +415,28 @@ class Fleet(Command):
             emit(args, {"deleted": name}, f"deleted schedule {name}")
             return ExitCode.OK
         if args.inventory is None:
-            raise ConfigError("inventory", "fleet schedule create NAME INVENTORY")
-        if args.every is None and args.cron is None:
+            raise ConfigError("inventory", f"fleet schedule {action} NAME INVENTORY")
+        if action == "create" and args.every is None and args.cron is None:
             raise ConfigError("every", "--every SECONDS or --cron SPEC: when the runs start")
         request = self._request(args)
         _require_temporalio()
-        from blockctl._fleet.worker import create_schedule
+        from blockctl._fleet.worker import create_schedule, update_schedule
 
         request = await self._listed(request, args)
-
         inventory = str(args.inventory.absolute())
-        await create_schedule(
-            name, request, inventory, args.every, args.cron, args.address, args.namespace
-        )
-        spec = f"every {args.every:g} s" if args.every is not None else f"cron {args.cron!r}"
+        make = create_schedule if action == "create" else update_schedule
+        await make(name, request, inventory, args.every, args.cron, args.address, args.namespace)
+        if args.every is not None:
+            spec = f"every {args.every:g} s"
+        elif args.cron is not None:
+            spec = f"cron {args.cron!r}"
+        else:
+            spec = "at the times it had"
+        done = "created" if action == "create" else "updated"
         emit(
             args,
-            {"created": name, "every": args.every, "cron": args.cron, "inventory": inventory},
-            f"created schedule {name}: the fleet backup of {inventory}, {spec}",
+            {done: name, "every": args.every, "cron": args.cron, "inventory": inventory},
+            f"{done} schedule {name}: the fleet backup of {inventory}, {spec}",
         )
         return ExitCode.OK
 

@@ -26,11 +26,14 @@ from temporalio.client import (
     ScheduleActionExecutionStartWorkflow,
     ScheduleActionStartWorkflow,
     ScheduleAlreadyRunningError,
+    ScheduleDescription,
     ScheduleIntervalSpec,
     ScheduleListActionStartWorkflow,
     ScheduleOverlapPolicy,
     SchedulePolicy,
     ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowFailureError,
@@ -475,6 +478,30 @@ def _running(workflow_id: str, run: WorkflowExecutionDescription) -> RunningBack
     )
 
 
+def _spec(every: float | None, cron: str | None) -> ScheduleSpec:
+    return (
+        ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every))])
+        if every is not None
+        else ScheduleSpec(cron_expressions=[cron or ""])
+    )
+
+
+def _action(
+    name: str, request: FleetBackupRequest, inventory: str, every: float | None, cron: str | None
+) -> ScheduleActionStartWorkflow:
+    """The schedule's action: the fleet backup of ``request``. Its memo (each run's too)
+    says what ``fleet schedule list`` shows: the spec as given (the server turns a cron line
+    into calendars), the inventory and its VM count; unlike a schedule's own memo, an update
+    replaces it."""
+    return ScheduleActionStartWorkflow(
+        FleetBackup.run,
+        request,
+        id=name,
+        task_queue=WORKFLOW_QUEUE,
+        memo={"every": every, "cron": cron, "inventory": inventory, "vms": len(request.backups)},
+    )
+
+
 async def create_schedule(
     name: str,
     request: FleetBackupRequest,
@@ -488,20 +515,13 @@ async def create_schedule(
     as read now) every ``every`` seconds or at the ``cron`` line's times. A run still going
     when the next is due: that next one is skipped (Temporal's SKIP overlap policy). Its
     runs' workflow ids are ``NAME-<due time>`` (Temporal's)."""
-    spec = (
-        ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every))])
-        if every is not None
-        else ScheduleSpec(cron_expressions=[cron or ""])
-    )
     client = await connect(address, namespace)
     try:
         await client.create_schedule(
             name,
             Schedule(
-                action=ScheduleActionStartWorkflow(
-                    FleetBackup.run, request, id=name, task_queue=WORKFLOW_QUEUE
-                ),
-                spec=spec,
+                action=_action(name, request, inventory, every, cron),
+                spec=_spec(every, cron),
                 policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
             ),
             memo={"every": every, "cron": cron, "inventory": inventory,
@@ -515,11 +535,67 @@ async def create_schedule(
         raise FleetError(f"cannot create the schedule {name!r} at {address}: {exc}") from None
 
 
+async def update_schedule(
+    name: str,
+    request: FleetBackupRequest,
+    inventory: str,
+    every: float | None = None,
+    cron: str | None = None,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> None:
+    """Schedule ``name`` runs the fleet backup of ``request`` from its next run on (a run
+    going on ends as it would), every ``every`` seconds or at the ``cron`` line's times if
+    one is given, else at the times it had; its policy, state and recent runs stay."""
+    client = await connect(address, namespace)
+
+    async def updater(given: ScheduleUpdateInput) -> ScheduleUpdate:
+        schedule = given.description.schedule
+        action = schedule.action
+        if not (
+            isinstance(action, ScheduleActionStartWorkflow) and action.workflow == FLEET_BACKUP
+        ):
+            raise FleetError(f"the schedule {name!r} does not run a fleet backup: not updated")
+        if every is None and cron is None:
+            was = await _schedule_memo(client, given.description)
+            kept_every, kept_cron = was.get("every"), was.get("cron")
+            spec = schedule.spec
+            new_every = None if kept_every is None else float(kept_every)
+            new_cron = None if kept_cron is None else str(kept_cron)
+        else:
+            spec, new_every, new_cron = _spec(every, cron), every, cron
+        return ScheduleUpdate(
+            replace(
+                schedule, action=_action(name, request, inventory, new_every, new_cron), spec=spec
+            )
+        )
+
+    try:
+        await client.get_schedule_handle(name).update(updater)
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise FleetError(f"no schedule named {name!r} at {address}") from None
+        raise FleetError(f"cannot update the schedule {name!r} at {address}: {exc}") from None
+
+
+async def _schedule_memo(client: Client, description: ScheduleDescription) -> dict[str, Any]:
+    """What ``_action`` put in the action's memo; a schedule made before it kept these in its
+    own memo."""
+    action = description.schedule.action
+    fields = action.memo if isinstance(action, ScheduleActionStartWorkflow) else None
+    if fields and "inventory" in fields:
+        keys = list(fields)
+        values = await client.data_converter.decode([fields[k] for k in keys])
+        return dict(zip(keys, values, strict=True))
+    return dict(await description.memo())
+
+
 async def list_schedules(
     address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
 ) -> list[ScheduleStatus]:
     """The fleet backup schedules on the server, by name (the server lists a schedule a
-    moment after it is made or deleted)."""
+    moment after it is made or deleted), each as it is now (``describe``: an update shows at
+    once)."""
     client = await connect(address, namespace)
     found = []
     try:
@@ -530,17 +606,21 @@ async def list_schedules(
                 and action.workflow == FLEET_BACKUP
             ):
                 continue
-            memo = await entry.memo()
-            recent = []
-            for r in entry.info.recent_actions if entry.info is not None else []:
-                if isinstance(r.action, ScheduleActionExecutionStartWorkflow):
-                    recent.append(
-                        ScheduledRun(
-                            r.action.workflow_id,
-                            r.scheduled_at.timestamp(),
-                            r.started_at.timestamp(),
-                        )
-                    )
+            try:
+                description = await client.get_schedule_handle(entry.id).describe()
+            except RPCError as exc:
+                if exc.status == RPCStatusCode.NOT_FOUND:
+                    continue  # deleted since it was listed
+                raise
+            memo = await _schedule_memo(client, description)
+            info = description.info
+            recent = [
+                ScheduledRun(
+                    r.action.workflow_id, r.scheduled_at.timestamp(), r.started_at.timestamp()
+                )
+                for r in info.recent_actions
+                if isinstance(r.action, ScheduleActionExecutionStartWorkflow)
+            ]
             every, cron = memo.get("every"), memo.get("cron")
             found.append(
                 ScheduleStatus(
@@ -549,8 +629,8 @@ async def list_schedules(
                     None if cron is None else str(cron),
                     str(memo.get("inventory", "")),
                     int(memo.get("vms", 0)),
-                    entry.schedule is not None and entry.schedule.state.paused,
-                    [t.timestamp() for t in (entry.info.next_action_times if entry.info else [])],
+                    description.schedule.state.paused,
+                    [t.timestamp() for t in info.next_action_times],
                     recent,
                 )
             )

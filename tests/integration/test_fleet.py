@@ -1105,3 +1105,86 @@ async def test_fleet_verify_prune_and_the_workers_vm_lists(
     finally:
         leaked += await down_vms(runtime, names)
     assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+def action_input(dev_server: DevServer, name: str) -> dict[str, Any]:
+    """The input of schedule ``name``'s action as the server has it (``temporal schedule
+    describe``), decoded from its JSON payload."""
+    import base64
+
+    described = subprocess.run(
+        [dev_server.binary, "schedule", "describe", "--schedule-id", name, "--address",
+         dev_server.address, "-o", "json"],
+        capture_output=True,
+        check=True,
+    )  # fmt: skip
+    data = json.loads(described.stdout)
+    start = data["schedule"]["action"]["startWorkflow"]
+    (payload,) = start["input"]["payloads"]
+    return dict(json.loads(base64.b64decode(payload["data"])))
+
+
+async def test_a_schedule_is_updated_in_place(dev_server: DevServer, tmp_path: Path) -> None:
+    """``fleet schedule update NAME INVENTORY``: the schedule's action runs the new
+    inventory's fleet backup (as the server's own CLI has the action's input), its spec kept
+    unless one is given; ``fleet schedule list`` shows the update at once; a schedule that
+    does not exist is refused. No VM, no worker: only the schedule is looked at."""
+    address = dev_server.address
+    runtime = Path(tempfile.mkdtemp(prefix="bct-sched-", dir="/tmp"))
+    one, three = tmp_path / "one.toml", tmp_path / "three.toml"
+    one.write_text('repository = "repo"\n[hosts.hv1]\nvms = ["web"]\n')
+    three.write_text(
+        'repository = "repo"\nper-host = 1\n[hosts.hv1]\nvms = ["web", "db"]\n'
+        '[hosts.hv2]\nvms = ["mail"]\n'
+    )
+    schedule = ("fleet", "schedule")
+    try:
+        # Once a day: no run is due while the test looks (none could run: no worker).
+        await blockctl(runtime, *schedule, "create", "nightly", one, "--every", "86400",
+                       "--address", address)  # fmt: skip
+        with anyio.fail_after(START_DEADLINE):
+            while True:  # the server lists a schedule a moment after it is made
+                listed = json.loads(
+                    await blockctl(runtime, *schedule, "list", "--address", address, "--json")
+                )["schedules"]
+                if listed:
+                    break
+                await anyio.sleep(0.5)
+        assert [b["vm"] for b in action_input(dev_server, "nightly")["backups"]] == ["web"]
+        updated = json.loads(
+            await blockctl(runtime, *schedule, "update", "nightly", three, "--address", address,
+                           "--json")
+        )  # fmt: skip
+        assert updated == {"updated": "nightly", "every": None, "cron": None,
+                           "inventory": str(three)}  # fmt: skip
+        request = action_input(dev_server, "nightly")
+        assert [(b["host"], b["vm"]) for b in request["backups"]] == [
+            ("hv1", "web"), ("hv1", "db"), ("hv2", "mail"),
+        ]  # fmt: skip
+        assert request["per_host"] == 1, request
+        (nightly,) = json.loads(
+            await blockctl(runtime, *schedule, "list", "--address", address, "--json")
+        )["schedules"]
+        assert (nightly["every"], nightly["cron"], nightly["inventory"], nightly["vms"]) == (
+            86400.0, None, str(three), 3,
+        ), nightly  # fmt: skip
+        await blockctl(runtime, *schedule, "update", "nightly", one, "--cron", "0 3 * * *",
+                       "--address", address)  # fmt: skip
+        assert [b["vm"] for b in action_input(dev_server, "nightly")["backups"]] == ["web"]
+        (nightly,) = json.loads(
+            await blockctl(runtime, *schedule, "list", "--address", address, "--json")
+        )["schedules"]
+        assert (nightly["every"], nightly["cron"], nightly["inventory"], nightly["vms"]) == (
+            None, "0 3 * * *", str(one), 1,
+        ), nightly  # fmt: skip
+        # Every next run at 03:00 UTC: the cron line replaced the interval.
+        assert all(time.gmtime(t)[3:6] == (3, 0, 0) for t in nightly["next_runs"]), nightly
+        ghost = await anyio.run_process(
+            [sys.executable, "-m", "blockctl", *schedule, "update", "ghost", one, "--address",
+             address],
+            check=False,
+            env=cli_env(runtime),
+        )  # fmt: skip
+        assert ghost.returncode == 1 and "no schedule named 'ghost'" in ghost.stderr.decode()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
