@@ -51,6 +51,7 @@ from blockctl._fleet.inventory import (
     FleetPruneResult,
     FleetVerifyRequest,
     FleetVerifyResult,
+    HostVMs,
     ListRequest,
     ListResult,
     VMBackupResult,
@@ -89,6 +90,9 @@ DEFAULT_NAMESPACE = "default"
 #: How long in all ``fleet_backup`` keeps waiting for a workflow's result while the server
 #: does not answer (restarted, its host rebooting): the SDK's own retries give up after 10 s.
 RECONNECT_WINDOW = 600.0
+#: How long a fleet list may run beyond its hosts' wait before it is given up (no worker
+#: polls the workflows' queue: nothing runs it).
+LIST_RUN_TIMEOUT = 30.0
 #: The codes of a server that is not there (yet): its restart, a lost connection.
 _UNREACHABLE = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED}
 
@@ -191,13 +195,19 @@ async def _run_workflow(
     what: str,
     address: str,
     namespace: str,
+    execution_timeout: timedelta | None = None,
 ) -> _Result:
     """Start workflow ``run`` on ``request`` and wait for its result, through a restart of
-    the server (``fleet_backup``)."""
+    the server (``fleet_backup``); ``execution_timeout``: the workflow's, if any."""
     client = await connect(address, namespace)
     try:
         handle = await client.start_workflow(
-            run, request, id=workflow_id, task_queue=WORKFLOW_QUEUE, result_type=result_type
+            run,
+            request,
+            id=workflow_id,
+            task_queue=WORKFLOW_QUEUE,
+            result_type=result_type,
+            execution_timeout=execution_timeout,
         )
         unreachable_since: float | None = None
         while True:
@@ -254,16 +264,23 @@ async def fleet_prune(
 async def list_hosts_vms(
     hosts: list[str], address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
 ) -> ListResult:
-    """Each host's VMs, as its worker lists them (a host without a worker: its error)."""
-    return await _run_workflow(
-        FleetList.run,
-        ListRequest(hosts),
-        ListResult,
-        f"fleet-list-{uuid.uuid4()}",
-        "listing the hosts' VMs",
-        address,
-        namespace,
-    )
+    """Each host's VMs, as its worker lists them (a host without a worker: its error). The
+    list is a workflow: with no worker polling at all, nothing runs it; it is given up after
+    ``LIST_RUN_TIMEOUT`` s and every host has that as its error."""
+    request = ListRequest(hosts)
+    try:
+        return await _run_workflow(
+            FleetList.run,
+            request,
+            ListResult,
+            f"fleet-list-{uuid.uuid4()}",
+            "listing the hosts' VMs",
+            address,
+            namespace,
+            execution_timeout=timedelta(seconds=request.wait + LIST_RUN_TIMEOUT),
+        )
+    except FleetError as exc:
+        return ListResult([HostVMs(h, error=f"{exc} (is any worker running?)") for h in hosts])
 
 
 async def worker_hosts(

@@ -1011,6 +1011,13 @@ async def test_fleet_verify_prune_and_the_workers_vm_lists(
                 ("hv1", "db", "running", None, None),
                 ("hv1", "web", "running", None, None),
             ]  # fmt: skip
+            # A host named without VMs whose worker does not run: said so, the others listed.
+            absent = tmp_path / "absent.toml"
+            absent.write_text('repository = "repo"\n[hosts.hv1]\n[hosts.hv9]\n')
+            status = await status_json(runtime, address, "--inventory", absent)
+            assert [(h["host"], len(h["vms"])) for h in status["hosts"]] == [("hv1", 2), ("hv9", 0)]
+            assert "no worker took the question within 10 s" in status["hosts"][1]["error"]
+            assert sorted(v["vm"] for v in status["vms"]) == ["db", "web"]
             for run in range(3):
                 if run:
                     for n, vm in enumerate(names):
