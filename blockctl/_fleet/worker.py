@@ -92,7 +92,10 @@ DEFAULT_NAMESPACE = "default"
 RECONNECT_WINDOW = 600.0
 #: How long a fleet list may run beyond its hosts' wait before it is given up (no worker
 #: polls the workflows' queue: nothing runs it).
-LIST_RUN_TIMEOUT = 30.0
+LIST_RUN_TIMEOUT = 10.0
+#: A poller the server saw longer ago than this is taken as gone (a live worker polls again
+#: at least every minute: a long poll returns empty after 60 s).
+POLLER_FRESH = 120.0
 #: The codes of a server that is not there (yet): its restart, a lost connection.
 _UNREACHABLE = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED}
 
@@ -286,8 +289,9 @@ async def list_hosts_vms(
 async def worker_hosts(
     address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
 ) -> list[str]:
-    """The hosts whose workers the server has seen polling the workflow queue lately (the
-    server keeps its pollers for a few minutes: a worker just stopped may still be there)."""
+    """The hosts whose workers the server has seen polling the workflow queue in the last
+    ``POLLER_FRESH`` s (the server keeps its pollers for a few minutes: a worker stopped
+    less than that ago is still taken as there)."""
     client = await connect(address, namespace)
     try:
         response = await client.workflow_service.describe_task_queue(
@@ -300,7 +304,12 @@ async def worker_hosts(
     except RPCError as exc:
         raise FleetError(f"cannot describe the fleet's task queue at {address}: {exc}") from None
     hosts = set()
+    now = time.time()
     for poller in response.pollers:
+        if poller.HasField("last_access_time"):
+            seen = poller.last_access_time.ToDatetime().replace(tzinfo=UTC).timestamp()
+            if now - seen > POLLER_FRESH:
+                continue
         if poller.identity.startswith(IDENTITY_PREFIX):
             hosts.add(poller.identity.removeprefix(IDENTITY_PREFIX).split(" ", 1)[0])
     return sorted(hosts)
