@@ -1066,6 +1066,11 @@ async def test_fleet_verify_prune_and_the_workers_vm_lists(
                     await prune.wait()
                 assert prune.returncode == 0, out_path.read_text()
                 pruned = json.loads(out_path.read_text().splitlines()[-1])
+                # The text forms (before the runs fleet status is to show as the last).
+                text = await blockctl(runtime, "fleet", "verify", named, "--address", address)
+                pruned_text = await blockctl(
+                    runtime, "fleet", "prune", named, "--keep", "1", "--address", address
+                )
                 again = await fleet_json(
                     runtime, address, "prune", named, "--keep", "1", "--workflow-id", "again"
                 )
@@ -1090,6 +1095,12 @@ async def test_fleet_verify_prune_and_the_workers_vm_lists(
         assert repository_files(repo_path) == repository_files(ref_path)
         for r in verified["results"]:
             assert (r["point"], r["ok"]) == (points[r["vm"]][-1], True), r
+        lines = text.splitlines()
+        for n, vm in enumerate(names):
+            assert lines[n].startswith(f"hv1/{vm}: {points[vm][-1]}: ok ("), text
+        assert lines[-1] == "2 VMs: 0 damaged, 0 failed", text
+        assert pruned_text.splitlines()[-1] == "2 pruned, 0 failed", pruned_text
+        assert pruned_text.startswith("hv1/web: deleted 0 point(s), kept 1; removed 0 chunk(s)")
         for vm in names:
             await restores_to(repo_path, vm, points[vm][-1], disks[vm], tmp_path)
         # fleet status: each VM's last verify and prune (the server lists a run just closed a
