@@ -1,8 +1,9 @@
 """``fleet``: blockctl on Temporal (the ``blockctl[fleet]`` extra). ``worker`` runs a host's
 worker; ``backup`` runs a fleet backup over an inventory and prints each VM's point;
-``status`` shows each VM's last point, running backups and last failure, and the last fleet
-backups Temporal has; ``schedule`` creates, lists and deletes Temporal Schedules that run a
-fleet backup.
+``verify`` and ``prune`` verify each VM's newest point and prune each VM's points, on its
+host's worker; ``status`` shows each VM's last point, running backups and last failure (and,
+for hosts without VMs named, the VMs their workers list), and the last fleet backups Temporal
+has; ``schedule`` creates, lists and deletes Temporal Schedules that run a fleet backup.
 
 temporalio is imported only when a fleet command runs: every other command, and this one's
 parser, work without it.
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockctl._cli.common import Command, ExitCode, emit, global_options
-from blockctl._cli.output import table
+from blockctl._cli.output import human_size, table
 from blockctl.errors import MissingComponent
 
 if TYPE_CHECKING:
@@ -67,6 +68,12 @@ def _interval(text: str) -> float:
     return value
 
 
+def _keep(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of points to keep, at least 1")
+    return int(text)
+
+
 def _runs(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 100:
         raise argparse.ArgumentTypeError(f"{text!r}: a number of runs, 1 to 100")
@@ -105,6 +112,35 @@ class Fleet(Command):
         self._server_options(p)
 
         p = sub.add_parser(
+            "verify",
+            parents=[global_options(parent=False)],
+            help="verify each VM's newest point on its host's worker (exit 4: one is damaged)",
+        )
+        p.add_argument("inventory", type=Path, help="a TOML inventory: [hosts.NAME] vms = [...]")
+        p.add_argument("--workflow-id", help="the workflow's id (default: fleet-verify-<uuid>)")
+        self._heartbeat_option(p)
+        p.add_argument(
+            "--per-host",
+            type=_limit,
+            metavar="N",
+            help="at most N verifies at once on one host (default: the inventory's; 0: none)",
+        )
+        self._server_options(p)
+
+        p = sub.add_parser(
+            "prune",
+            parents=[global_options(parent=False)],
+            help="keep each VM's newest N points, on its host's worker (exit 1: one failed)",
+        )
+        p.add_argument("inventory", type=Path, help="a TOML inventory: [hosts.NAME] vms = [...]")
+        p.add_argument(
+            "--keep", type=_keep, required=True, metavar="N", help="how many points to keep"
+        )
+        p.add_argument("--workflow-id", help="the workflow's id (default: fleet-prune-<uuid>)")
+        self._heartbeat_option(p)
+        self._server_options(p)
+
+        p = sub.add_parser(
             "status",
             parents=[global_options(parent=False)],
             help="each VM's last point, running backups and last failure; the last fleet backups",
@@ -113,8 +149,9 @@ class Fleet(Command):
             "--inventory",
             type=Path,
             metavar="FILE",
-            help="only this inventory's VMs, and the runs backing up one of them at least "
-            "(default: every VM the server has backups of, every run)",
+            help="only this inventory's VMs (a host without vms: those its worker lists), and "
+            "the runs backing up one of them at least (default: every VM the server has "
+            "backups of and every VM the polling workers list, every run)",
         )
         p.add_argument(
             "--runs",
@@ -128,25 +165,29 @@ class Fleet(Command):
         p = sub.add_parser(
             "schedule",
             parents=[global_options(parent=False)],
-            help="create, list or delete a Temporal Schedule running an inventory's fleet backup",
+            help="create, update, list or delete a Temporal Schedule running an inventory's "
+            "fleet backup",
         )
-        p.add_argument("schedule_action", choices=["create", "list", "delete"])
-        p.add_argument("name", nargs="?", help="the schedule's name (create, delete)")
+        p.add_argument("schedule_action", choices=["create", "update", "list", "delete"])
+        p.add_argument("name", nargs="?", help="the schedule's name (create, update, delete)")
         p.add_argument(
-            "inventory", nargs="?", type=Path, help="create: the TOML inventory, read now"
+            "inventory", nargs="?", type=Path, help="create, update: the TOML inventory, read now"
         )
         when = p.add_mutually_exclusive_group()
         when.add_argument(
-            "--every", type=_interval, metavar="SECONDS", help="create: a run every SECONDS"
+            "--every",
+            type=_interval,
+            metavar="SECONDS",
+            help="create, update: a run every SECONDS (update: default, the times it had)",
         )
         when.add_argument(
-            "--cron", metavar="SPEC", help='create: runs at a cron line ("0 2 * * *")'
+            "--cron", metavar="SPEC", help='create, update: runs at a cron line ("0 2 * * *")'
         )
         self._backup_options(p)
         self._server_options(p)
 
     @staticmethod
-    def _backup_options(p: argparse.ArgumentParser) -> None:
+    def _heartbeat_option(p: argparse.ArgumentParser) -> None:
         from blockctl._fleet.inventory import DEFAULT_HEARTBEAT_TIMEOUT
 
         p.add_argument(
@@ -154,8 +195,12 @@ class Fleet(Command):
             type=_seconds,
             default=DEFAULT_HEARTBEAT_TIMEOUT,
             metavar="SECONDS",
-            help="a worker silent this long is taken as lost and its backups retried (default 30)",
+            help="a worker silent this long is taken as lost and its work retried (default 30)",
         )
+
+    @classmethod
+    def _backup_options(cls, p: argparse.ArgumentParser) -> None:
+        cls._heartbeat_option(p)
         p.add_argument(
             "--per-host",
             type=_limit,
@@ -185,6 +230,10 @@ class Fleet(Command):
             return await self._status(args)
         if args.action == "schedule":
             return await self._schedule(args)
+        if args.action == "verify":
+            return await self._verify(args)
+        if args.action == "prune":
+            return await self._prune(args)
         return await self._backup(args)
 
     async def _worker(self, args: argparse.Namespace) -> int:
@@ -222,6 +271,122 @@ class Fleet(Command):
             request = replace(request, per_repository=args.per_repository)
         return request
 
+    @staticmethod
+    async def _listed(request: FleetBackupRequest, args: argparse.Namespace) -> FleetBackupRequest:
+        """``request`` with the VMs of the hosts it names without VMs, as their workers list
+        them now (a workflow's input names every VM)."""
+        if not request.listed:
+            return request
+        from blockctl._fleet.inventory import with_listed
+        from blockctl._fleet.worker import list_hosts_vms
+
+        found = await list_hosts_vms([h.host for h in request.listed], args.address, args.namespace)
+        return with_listed(request, found)
+
+    async def _verify(self, args: argparse.Namespace) -> int:
+        from blockctl._fleet.inventory import FleetVerifyRequest, VMVerify, load_inventory
+
+        inventory = load_inventory(args.inventory)
+        _require_temporalio()
+        from blockctl._fleet.worker import fleet_verify
+
+        inventory = await self._listed(inventory, args)
+        request = FleetVerifyRequest(
+            [VMVerify(b.host, b.vm, b.repository) for b in inventory.backups],
+            args.heartbeat_timeout,
+            inventory.per_host if args.per_host is None else args.per_host,
+        )
+        result = await fleet_verify(request, args.address, args.namespace, args.workflow_id)
+        lines = []
+        for r in result.results:
+            if r.error is not None:
+                what = f"FAILED: {r.error}"
+            elif r.point is None:
+                what = "no point"
+            elif r.ok:
+                what = f"{r.point}: ok ({r.chunks_checked} chunks, {human_size(r.bytes_checked)})"
+            else:
+                what = f"{r.point}: DAMAGED: " + "; ".join(r.problems)
+            lines.append(f"{r.host}/{r.vm}: {what}")
+        failed = [r for r in result.results if r.error is not None]
+        damaged = [r for r in result.results if r.error is None and r.point and not r.ok]
+        lines.append(f"{len(result.results)} VMs: {len(damaged)} damaged, {len(failed)} failed")
+        emit(
+            args,
+            {
+                "results": [
+                    {
+                        "host": r.host,
+                        "vm": r.vm,
+                        "repository": r.repository,
+                        "point": r.point,
+                        "ok": r.ok,
+                        "problems": r.problems,
+                        "chunks_checked": r.chunks_checked,
+                        "bytes_checked": r.bytes_checked,
+                        "error": r.error,
+                    }
+                    for r in result.results
+                ],
+                "damaged": len(damaged),
+                "failed": len(failed),
+            },
+            "\n".join(lines),
+        )
+        if damaged:
+            return ExitCode.DIFFERENT
+        return ExitCode.ERROR if failed else ExitCode.OK
+
+    async def _prune(self, args: argparse.Namespace) -> int:
+        from blockctl._fleet.inventory import FleetPruneRequest, VMPrune, load_inventory
+
+        inventory = load_inventory(args.inventory)
+        _require_temporalio()
+        from blockctl._fleet.worker import fleet_prune
+
+        inventory = await self._listed(inventory, args)
+        request = FleetPruneRequest(
+            [VMPrune(b.host, b.vm, b.repository, args.keep) for b in inventory.backups],
+            args.heartbeat_timeout,
+        )
+        result = await fleet_prune(request, args.address, args.namespace, args.workflow_id)
+        lines = []
+        for r in result.results:
+            if r.error is not None:
+                what = f"FAILED: {r.error}"
+            else:
+                what = (
+                    f"deleted {len(r.deleted)} point(s), kept {len(r.kept)}; removed "
+                    f"{r.chunks_removed} chunk(s), {human_size(r.bytes_removed)}"
+                )
+                if r.gc_skipped:
+                    what += f"; chunks not collected: {r.gc_skipped}"
+            lines.append(f"{r.host}/{r.vm}: {what}")
+        failed = [r for r in result.results if r.error is not None]
+        lines.append(f"{len(result.results) - len(failed)} pruned, {len(failed)} failed")
+        emit(
+            args,
+            {
+                "results": [
+                    {
+                        "host": r.host,
+                        "vm": r.vm,
+                        "repository": r.repository,
+                        "deleted": r.deleted,
+                        "kept": r.kept,
+                        "chunks_removed": r.chunks_removed,
+                        "bytes_removed": r.bytes_removed,
+                        "gc_skipped": r.gc_skipped,
+                        "error": r.error,
+                    }
+                    for r in result.results
+                ],
+                "failed": len(failed),
+            },
+            "\n".join(lines),
+        )
+        return ExitCode.ERROR if failed else ExitCode.OK
+
     async def _schedule(self, args: argparse.Namespace) -> int:
         from blockctl._fleet.inventory import check_schedule_name
         from blockctl._fleet.status import schedules_to_json
@@ -250,22 +415,28 @@ class Fleet(Command):
             emit(args, {"deleted": name}, f"deleted schedule {name}")
             return ExitCode.OK
         if args.inventory is None:
-            raise ConfigError("inventory", "fleet schedule create NAME INVENTORY")
-        if args.every is None and args.cron is None:
+            raise ConfigError("inventory", f"fleet schedule {action} NAME INVENTORY")
+        if action == "create" and args.every is None and args.cron is None:
             raise ConfigError("every", "--every SECONDS or --cron SPEC: when the runs start")
         request = self._request(args)
         _require_temporalio()
-        from blockctl._fleet.worker import create_schedule
+        from blockctl._fleet.worker import create_schedule, update_schedule
 
+        request = await self._listed(request, args)
         inventory = str(args.inventory.absolute())
-        await create_schedule(
-            name, request, inventory, args.every, args.cron, args.address, args.namespace
-        )
-        spec = f"every {args.every:g} s" if args.every is not None else f"cron {args.cron!r}"
+        make = create_schedule if action == "create" else update_schedule
+        await make(name, request, inventory, args.every, args.cron, args.address, args.namespace)
+        if args.every is not None:
+            spec = f"every {args.every:g} s"
+        elif args.cron is not None:
+            spec = f"cron {args.cron!r}"
+        else:
+            spec = "at the times it had"
+        done = "created" if action == "create" else "updated"
         emit(
             args,
-            {"created": name, "every": args.every, "cron": args.cron, "inventory": inventory},
-            f"created schedule {name}: the fleet backup of {inventory}, {spec}",
+            {done: name, "every": args.every, "cron": args.cron, "inventory": inventory},
+            f"{done} schedule {name}: the fleet backup of {inventory}, {spec}",
         )
         return ExitCode.OK
 
@@ -273,6 +444,8 @@ class Fleet(Command):
         request = self._request(args)
         _require_temporalio()
         from blockctl._fleet.worker import fleet_backup
+
+        request = await self._listed(request, args)
 
         result = await fleet_backup(request, args.address, args.namespace, args.workflow_id)
         lines = []
@@ -303,19 +476,51 @@ class Fleet(Command):
         return ExitCode.ERROR if failed else ExitCode.OK
 
     async def _status(self, args: argparse.Namespace) -> int:
-        from blockctl._fleet.inventory import load_inventory
-        from blockctl._fleet.status import FleetStatus, known_vms, to_json, vm_points
+        from blockctl._fleet.inventory import ListResult, load_inventory
+        from blockctl._fleet.status import (
+            FleetStatus,
+            known_vms,
+            to_json,
+            vm_points,
+            with_checks,
+            with_workers_vms,
+        )
 
         inventory = None if args.inventory is None else load_inventory(args.inventory)
         _require_temporalio()
-        from blockctl._fleet.worker import recent_runs, vm_work
+        from blockctl._fleet.worker import (
+            list_hosts_vms,
+            recent_runs,
+            vm_checks,
+            vm_work,
+            worker_hosts,
+        )
 
         work = await vm_work(args.address, args.namespace)
-        vms = vm_points(known_vms(work) if inventory is None else inventory.backups, work)
+        if inventory is None:
+            # Every VM the server has backups of, and every VM the polling workers list.
+            backups = known_vms(work)
+            hosts = sorted(set(await worker_hosts(args.address, args.namespace)))
+            repositories: dict[str, str] = {}
+        else:
+            backups = inventory.backups
+            hosts = [h.host for h in inventory.listed]
+            repositories = {h.host: h.repository for h in inventory.listed}
+        found = (
+            await list_hosts_vms(hosts, args.address, args.namespace) if hosts else ListResult([])
+        )
+        # A VM both listed and backed up keeps its newest backup's repository (or the
+        # inventory's); one only listed has its host's inventory repository, else none.
+        backups, states = with_workers_vms(backups, found.hosts, repositories)
+        if inventory is None:
+            backups = sorted(backups, key=lambda b: (b.host, b.vm))
+        vms = with_checks(
+            vm_points(backups, work, states), await vm_checks(args.address, args.namespace)
+        )
         # With an inventory: the runs that back up one of its VMs at least.
-        named = None if inventory is None else {(b.host, b.vm) for b in inventory.backups}
+        named = None if inventory is None else {(b.host, b.vm) for b in backups}
         runs = await recent_runs(args.address, args.namespace, args.runs, named)
-        status = FleetStatus(vms, runs)
+        status = FleetStatus(vms, runs, found.hosts)
         emit(args, to_json(status), render_status(status))
         return ExitCode.OK
 
@@ -326,7 +531,7 @@ def _when(stamp: float | None) -> str:
 
 def _vm_notes(status: FleetStatus) -> list[str]:
     """Each VM's running backups and last failure, and a repository not read, a line each."""
-    notes = []
+    notes = [f"{h.host}: VMs not listed: {h.error}" for h in status.hosts if h.error is not None]
     for v in status.vms:
         if v.unreadable is not None:
             notes.append(f"{v.host}/{v.vm}: repository not read: {v.unreadable}")
@@ -344,6 +549,19 @@ def _vm_notes(status: FleetStatus) -> list[str]:
                 f"{v.host}/{v.vm}: last failure {f.workflow_id} ({f.status} {_when(f.closed)}): "
                 f"{f.error}"
             )
+        if (c := v.checks.verify) is not None:
+            if c.error is not None:
+                what = f"FAILED: {c.error}"
+            elif c.point is None:
+                what = "no point"
+            else:
+                what = f"{c.point} ok" if c.ok else f"{c.point} DAMAGED: " + "; ".join(c.problems)
+            notes.append(
+                f"{v.host}/{v.vm}: last verify {c.workflow_id} ({_when(c.closed)}): {what}"
+            )
+        if (p := v.checks.prune) is not None:
+            what = f"FAILED: {p.error}" if p.error else f"deleted {p.deleted}, kept {p.kept}"
+            notes.append(f"{v.host}/{v.vm}: last prune {p.workflow_id} ({_when(p.closed)}): {what}")
     return notes
 
 
@@ -351,12 +569,16 @@ def render_status(status: FleetStatus) -> str:
     """Two tables: the VMs with their last points, the runs with their outcomes; then each
     VM's running backups and last failure, each failed VM of a completed run, and each ended
     run's error."""
+    # The STATE column (a VM as its host's worker listed it) when workers were asked.
+    listed = bool(status.hosts)
     vms = table(
-        ["HOST", "VM", "LAST POINT", "KIND", "COMPLETED", "RUNNING"],
+        ["HOST", "VM", *(["STATE"] if listed else []), "LAST POINT", "KIND", "COMPLETED",
+         "RUNNING"],
         [
             (
                 v.host,
                 v.vm,
+                *([v.state or "-"] if listed else []),
                 "(no point)" if v.last is None else v.last.id,
                 None if v.last is None else v.last.kind,
                 None if v.last is None else _when(v.last.completed),
@@ -365,11 +587,11 @@ def render_status(status: FleetStatus) -> str:
             for v in status.vms
         ],
         right={"RUNNING"},
-    )
-    if vm_notes := _vm_notes(status):
-        vms = f"{vms}\n\n" + "\n".join(vm_notes)
+    )  # fmt: skip
     if not status.vms:
         vms = "no VM backups on the server"
+    if vm_notes := _vm_notes(status):
+        vms = f"{vms}\n\n" + "\n".join(vm_notes)
     if not status.runs:
         return f"{vms}\n\nno fleet backup runs on the server"
     runs = table(

@@ -1,6 +1,15 @@
-"""What a host's worker runs: blockctl's public operations on this host's VMs, as Temporal
-activities. Only the worker of a VM's host talks QMP to it (the VM is found by name in this
-process's runtime directory, ``BLOCKCTL_RUNTIME_DIR``).
+"""What a host's worker runs: blockctl's public operations on this host's VMs and on the
+repositories as this host sees them (backup, verify, prune), and the list of this host's
+VMs, as Temporal activities. Only the worker of a VM's host talks QMP to it (the VM is found
+by name in this process's runtime directory, ``BLOCKCTL_RUNTIME_DIR``).
+
+Verify and prune are idempotent: a verify reads only, the point it checks chosen by the
+workflow (``blockctl.points``, recorded in the workflow's history before the verify starts);
+a prune retried after its worker died deletes what the dead attempt had not (the same points
+kept: the newest ``keep_last``), then collects the chunks no point references (a retry always
+does: the dead attempt may have deleted points and not collected); its result names every
+point the workflow's ``blockctl.points`` listed that is gone, the dead attempt's deletions
+included.
 
 A backup activity is idempotent: its request id (the workflow's id and run and the
 activity's id, the same in every attempt) is recorded in the point's manifest, and
@@ -19,17 +28,34 @@ workflow's heartbeat timeout.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import quote
 
+import anyio
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from blockctl import attach, backup, jobs
-from blockctl._fleet.inventory import VMBackup, VMBackupResult
+from blockctl import _runtime, attach, backup, jobs
+from blockctl._fleet.inventory import (
+    HostVMs,
+    ListedVM,
+    VMBackup,
+    VMBackupResult,
+    VMPoints,
+    VMPrune,
+    VMPruneResult,
+    VMVerify,
+    VMVerifyResult,
+)
 from blockctl.errors import RepositoryBusy
 
-#: The activity's name (workflows name it as a string: they never import this module).
+#: The activities' names (workflows name them as strings: they never import this module).
 BACKUP_VM = "blockctl.backup"
+POINTS = "blockctl.points"
+VERIFY_VM = "blockctl.verify"
+PRUNE_VM = "blockctl.prune"
+LIST_VMS = "blockctl.list-vms"
 #: Heartbeats per heartbeat timeout while nothing else heartbeats (recovery, syncing the
 #: chunks, writing the manifest): one lost or late heartbeat does not lose the worker.
 BEATS_PER_TIMEOUT = 4
@@ -50,6 +76,28 @@ async def _beat(interval: float) -> None:
     while True:
         activity.heartbeat()
         await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def _heartbeating() -> AsyncIterator[None]:
+    """Heartbeat every quarter of the activity's heartbeat timeout while the block runs, and
+    turn its errors into final ones (not retried: only a lost worker is), but
+    ``RepositoryBusy`` (retried: the lock's holder ends, or is found dead)."""
+    timeout = activity.info().heartbeat_timeout
+    beat = (
+        None
+        if timeout is None
+        else asyncio.ensure_future(_beat(timeout.total_seconds() / BEATS_PER_TIMEOUT))
+    )
+    try:
+        yield
+    except RepositoryBusy:
+        raise
+    except Exception as exc:
+        raise ApplicationError(str(exc), type=type(exc).__name__, non_retryable=True) from exc
+    finally:
+        if beat is not None:
+            beat.cancel()
 
 
 def request_id(info: activity.Info) -> str:
@@ -92,3 +140,81 @@ async def backup_vm(request: VMBackup) -> VMBackupResult:
         kind=point.kind,
         bytes_read=point.bytes_read,
     )
+
+
+@activity.defn(name=POINTS)
+async def vm_points(request: VMVerify) -> VMPoints:
+    """VM ``request.vm``'s complete points in ``request.repository``, oldest first (read
+    only: the workflow records them, and what follows is planned on them)."""
+    async with _heartbeating():
+        repo = backup.open_repository(request.repository)
+        manifests = await anyio.to_thread.run_sync(repo.manifests, request.vm)
+    return VMPoints(request.host, request.vm, request.repository, [m.id for m in manifests])
+
+
+@activity.defn(name=VERIFY_VM)
+async def verify_vm(request: VMVerify, point: str) -> VMVerifyResult:
+    """Verify ``point`` of the VM (its manifest, indexes and every chunk it references):
+    reading only, so a retry checks the same point again."""
+    async with _heartbeating():
+        repo = backup.open_repository(request.repository)
+        report = await backup.verify(repo, request.vm, point)
+    return VMVerifyResult(
+        host=request.host,
+        vm=request.vm,
+        repository=request.repository,
+        point=point,
+        ok=report.ok,
+        problems=list(report.problems),
+        chunks_checked=report.chunks_checked,
+        bytes_checked=report.bytes_checked,
+    )
+
+
+@activity.defn(name=PRUNE_VM)
+async def prune_vm(request: VMPrune, before: list[str]) -> VMPruneResult:
+    """Keep the VM's newest ``keep_last`` points, delete the others, collect the chunks no
+    point references. ``before``: its points when the workflow planned the prune; a point of
+    them not kept is reported deleted, whichever attempt deleted it."""
+    info = activity.info()
+    async with _heartbeating():
+        repo = backup.open_repository(request.repository)
+        result = await backup.prune(repo, request.vm, keep_last=request.keep_last)
+        removed, removed_bytes, skipped = (
+            result.chunks_removed,
+            result.bytes_removed,
+            result.gc_skipped,
+        )
+        if not result.deleted and info.attempt > 1:
+            # An earlier attempt may have deleted points and died before collecting: collect
+            # now (a point directory it left without its manifest goes too).
+            try:
+                gc = await anyio.to_thread.run_sync(repo.gc)
+                removed, removed_bytes = gc.chunks_removed, gc.bytes_removed
+            except RepositoryBusy as exc:
+                skipped = str(exc)
+    kept = set(result.kept)
+    deleted = [p for p in before if p not in kept]
+    deleted += [p for p in result.deleted if p not in deleted]
+    return VMPruneResult(
+        host=request.host,
+        vm=request.vm,
+        repository=request.repository,
+        deleted=deleted,
+        kept=list(result.kept),
+        chunks_removed=removed,
+        bytes_removed=removed_bytes,
+        gc_skipped=skipped,
+    )
+
+
+@activity.defn(name=LIST_VMS)
+async def list_vms(host: str) -> HostVMs:
+    """This host's VMs: its runtime directory's records (as ``blockctl ls`` reads them),
+    each running or dead (its QEMU gone)."""
+    async with _heartbeating():
+        records = await anyio.to_thread.run_sync(_runtime.list_records)
+        vms = [
+            ListedVM(r.name, "running" if _runtime.is_alive(r) else "dead", r.pid) for r in records
+        ]
+    return HostVMs(host, vms)

@@ -13,6 +13,8 @@ int: Temporal's JSON converter carries them as they are).
     vms = ["mail"]
     repository = "/srv/hv2-backups"
 
+    [hosts.hv3]                        # no vms: every VM hv3's worker lists
+
     per-host = 2                       # optional: at most 2 backups at once on one host
     per-repository = 4                 # optional: at most 4 at once into one repository
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,14 +84,148 @@ DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
+class ListedHost:
+    """A host the inventory names without its VMs: every VM its worker lists, into
+    ``repository``."""
+
+    host: str
+    repository: str
+
+
+@dataclass(frozen=True, slots=True)
 class FleetBackupRequest:
     """The VMs to back up, and how many of their backups may run at once on one host and
-    into one repository (0: no limit)."""
+    into one repository (0: no limit). ``listed``: hosts whose VMs their workers list (the
+    client asks them and adds their VMs to ``backups`` before starting a workflow: a
+    workflow's input names every VM)."""
 
     backups: list[VMBackup]
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT  # seconds
     per_host: int = 0
     per_repository: int = 0
+    listed: list[ListedHost] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ListedVM:
+    """A VM of a host's runtime directory, as its worker lists it (``blockctl ls``):
+    ``state`` running, or dead (its record left, its QEMU gone)."""
+
+    name: str
+    state: str
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostVMs:
+    """A host's VMs, as its worker listed them, or why it did not (``error``)."""
+
+    host: str
+    vms: list[ListedVM] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListRequest:
+    """The hosts whose workers are asked for their VMs, and how long a host's worker has to
+    take the question before it is taken as not running (seconds)."""
+
+    hosts: list[str]
+    wait: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ListResult:
+    hosts: list[HostVMs]
+
+
+@dataclass(frozen=True, slots=True)
+class VMVerify:
+    """Verify VM ``vm``'s newest point (as found by the first attempt) in ``repository``."""
+
+    host: str
+    vm: str
+    repository: str
+
+
+@dataclass(frozen=True, slots=True)
+class VMPoints:
+    """A VM's complete points in a repository, oldest first, as a worker found them."""
+
+    host: str
+    vm: str
+    repository: str
+    points: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class VMVerifyResult:
+    """A VM's verification: the point checked, whether it is sound (``problems``: what is
+    not), or the error that stopped it (``point`` None and no error: the VM has no point)."""
+
+    host: str
+    vm: str
+    repository: str
+    point: str | None = None
+    ok: bool = False
+    problems: list[str] = field(default_factory=list)
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VMPrune:
+    """Prune VM ``vm``'s points in ``repository`` to its newest ``keep_last``."""
+
+    host: str
+    vm: str
+    repository: str
+    keep_last: int
+
+
+@dataclass(frozen=True, slots=True)
+class VMPruneResult:
+    """A VM's prune: the points it deleted (every attempt's: a retry reports what an earlier
+    attempt deleted too) and kept, the chunks collected, or the error that stopped it."""
+
+    host: str
+    vm: str
+    repository: str
+    deleted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    chunks_removed: int = 0
+    bytes_removed: int = 0
+    gc_skipped: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetVerifyRequest:
+    """The VMs whose newest point to verify, at most ``per_host`` at once on one host."""
+
+    vms: list[VMVerify]
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    per_host: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FleetVerifyResult:
+    results: list[VMVerifyResult]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPruneRequest:
+    """The VMs to prune; one prune at a time per repository (its garbage collection takes
+    the repository's lock exclusively, and removes what no point references)."""
+
+    vms: list[VMPrune]
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPruneResult:
+    results: list[VMPruneResult]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +289,7 @@ def parse_inventory(data: dict[str, Any], base: Path) -> FleetBackupRequest:
     if not isinstance(hosts, dict) or not hosts:
         raise ConfigError("hosts", "at least one [hosts.NAME] table with vms = [...]")
     backups: list[VMBackup] = []
+    listed: list[ListedHost] = []
     seen: set[tuple[str, str]] = set()
     for host, table in hosts.items():
         where = f"hosts.{host}"
@@ -163,11 +300,18 @@ def parse_inventory(data: dict[str, Any], base: Path) -> FleetBackupRequest:
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key (vms, repository)")
         vms = table.get("vms")
-        if not isinstance(vms, list) or not all(isinstance(v, str) for v in vms):
-            raise ConfigError(f"{where}.vms", "a list of VM names")
+        if vms is not None and (
+            not isinstance(vms, list) or not all(isinstance(v, str) for v in vms)
+        ):
+            raise ConfigError(
+                f"{where}.vms", "a list of VM names (none: every VM its worker lists)"
+            )
         repository = table.get("repository", shared)
         if not isinstance(repository, str) or not repository:
             raise ConfigError(f"{where}.repository", "a path (here or as the top-level repository)")
+        if vms is None:
+            listed.append(ListedHost(host, str(base / repository)))
+            continue
         for vm in vms:
             if not _VM.fullmatch(vm):
                 raise ConfigError(f"{where}.vms", f"{vm!r} is not a VM name")
@@ -175,7 +319,30 @@ def parse_inventory(data: dict[str, Any], base: Path) -> FleetBackupRequest:
                 raise ConfigError(f"{where}.vms", f"{vm!r} is listed twice")
             seen.add((host, vm))
             backups.append(VMBackup(host, vm, str(base / repository)))
-    return FleetBackupRequest(backups, per_host=per_host, per_repository=per_repository)
+    return FleetBackupRequest(
+        backups, per_host=per_host, per_repository=per_repository, listed=listed
+    )
+
+
+def with_listed(request: FleetBackupRequest, found: ListResult) -> FleetBackupRequest:
+    """``request`` with the VMs its listed hosts' workers have (``found``) added, in the
+    workers' order (the running ones: a dead VM's record has no QEMU to back up), and no
+    host left to list. A host whose worker did not answer is an error: its VMs are unknown,
+    and going on would silently leave them out."""
+    by_host = {h.host: h for h in found.hosts}
+    backups = list(request.backups)
+    named = {(b.host, b.vm) for b in backups}
+    for listed in request.listed:
+        answer = by_host.get(listed.host)
+        if answer is None or answer.error is not None:
+            why = "not asked" if answer is None else answer.error
+            raise ConfigError(f"hosts.{listed.host}", f"its VMs could not be listed: {why}")
+        for vm in answer.vms:
+            if vm.state == "running" and (listed.host, vm.name) not in named:
+                backups.append(VMBackup(listed.host, vm.name, listed.repository))
+    return FleetBackupRequest(
+        backups, request.heartbeat_timeout, request.per_host, request.per_repository
+    )
 
 
 def load_inventory(path: Path) -> FleetBackupRequest:

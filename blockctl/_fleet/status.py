@@ -1,17 +1,18 @@
 """``blockctl fleet status``: every VM's last point, read from its repository, its running
-backups and its last failed one (its child workflows, as Temporal has them), and the fleet
-backups Temporal has (running, completed, failed), as plain values and their JSON form. No
+backups and its last failed one (its child workflows, as Temporal has them), its state as its
+host's worker lists it, and the fleet backups Temporal has (running, completed, failed), as
+plain values and their JSON form. No
 temporalio here: the worker module reads the workflows (the only place that connects), the
 CLI renders the text.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockctl import backup
-from blockctl._fleet.inventory import VMBackup
+from blockctl._fleet.inventory import HostVMs, VMBackup
 from blockctl.errors import BlockctlError
 
 
@@ -57,9 +58,44 @@ class VMWork:
 
 
 @dataclass(frozen=True, slots=True)
+class LastVerify:
+    """A VM's result in the newest completed fleet verify that had it: the point checked
+    (None: the VM had none), whether it was sound and its problems, or the error."""
+
+    workflow_id: str
+    closed: float | None
+    point: str | None
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LastPrune:
+    """A VM's result in the newest completed fleet prune that had it: how many points it
+    deleted and kept, or the error."""
+
+    workflow_id: str
+    closed: float | None
+    deleted: int
+    kept: int
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VMChecks:
+    """A VM's last fleet verify and fleet prune (None: none among those looked at)."""
+
+    verify: LastVerify | None = None
+    prune: LastPrune | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class VMStatus:
     """One VM and its repository's newest complete point (None: none; ``unreadable``: the
-    repository could not be read, why), its running backups and its last failed one."""
+    repository could not be read, why; ``repository`` empty: none known, the VM listed by
+    its worker and never backed up), its running backups and its last failed one, and its
+    state as its host's worker listed it (running, dead; None: not asked, or not listed)."""
 
     host: str
     vm: str
@@ -68,6 +104,8 @@ class VMStatus:
     running: list[RunningBackup] = field(default_factory=list)
     last_failure: LastFailure | None = None
     unreadable: str | None = None
+    state: str | None = None
+    checks: VMChecks = field(default_factory=VMChecks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,16 +136,28 @@ class RunStatus:
 class FleetStatus:
     vms: list[VMStatus]
     runs: list[RunStatus]  # newest first
+    #: The hosts whose workers were asked for their VMs, with what they answered.
+    hosts: list[HostVMs] = field(default_factory=list)
 
 
 def vm_points(
-    backups: list[VMBackup], work: dict[tuple[str, str], VMWork] | None = None
+    backups: list[VMBackup],
+    work: dict[tuple[str, str], VMWork] | None = None,
+    states: dict[tuple[str, str], str] | None = None,
 ) -> list[VMStatus]:
-    """Each VM with its repository's newest complete point (by start) and what ``work``
-    (Temporal's) has of it. A repository that cannot be read is said so, VM by VM."""
+    """Each VM with its repository's newest complete point (by start), what ``work``
+    (Temporal's) has of it and its state in ``states`` (its worker's listing). A repository
+    that cannot be read is said so, VM by VM; a VM with no repository known has no point."""
     repositories: dict[str, backup.Repository | BlockctlError] = {}
     found = []
     for b in backups:
+        state = (states or {}).get((b.host, b.vm))
+        if not b.repository:
+            known = (work or {}).get((b.host, b.vm), VMWork(""))
+            found.append(
+                VMStatus(b.host, b.vm, "", None, known.running, known.last_failure, state=state)
+            )
+            continue
         repo = repositories.get(b.repository)
         if repo is None:
             try:
@@ -119,13 +169,37 @@ def vm_points(
         if isinstance(repo, BlockctlError):
             found.append(
                 VMStatus(b.host, b.vm, b.repository, None, known.running, known.last_failure,
-                         unreadable=str(repo))
+                         unreadable=str(repo), state=state)
             )  # fmt: skip
             continue
         latest = repo.latest(b.vm)
         last = None if latest is None else LastPoint(latest.id, latest.kind, latest.completed)
-        found.append(VMStatus(b.host, b.vm, b.repository, last, known.running, known.last_failure))
+        found.append(
+            VMStatus(b.host, b.vm, b.repository, last, known.running, known.last_failure,
+                     state=state)
+        )  # fmt: skip
     return found
+
+
+def with_checks(vms: list[VMStatus], checks: dict[tuple[str, str], VMChecks]) -> list[VMStatus]:
+    """``vms``, each with its last fleet verify and prune from ``checks``."""
+    return [replace(v, checks=checks.get((v.host, v.vm), VMChecks())) for v in vms]
+
+
+def with_workers_vms(
+    backups: list[VMBackup], hosts: list[HostVMs], repositories: dict[str, str] | None = None
+) -> tuple[list[VMBackup], dict[tuple[str, str], str]]:
+    """``backups`` and every VM the workers listed (``hosts``) that is not among them (into
+    ``repositories``' repository of its host, else none known), by host then VM when
+    ``backups`` came from the server; and each listed VM's state."""
+    states = {(h.host, v.name): v.state for h in hosts for v in h.vms}
+    named = {(b.host, b.vm) for b in backups}
+    added = [
+        VMBackup(host, vm, (repositories or {}).get(host, ""))
+        for host, vm in sorted(states)
+        if (host, vm) not in named
+    ]
+    return backups + added, states
 
 
 def known_vms(work: dict[tuple[str, str], VMWork]) -> list[VMBackup]:
@@ -140,11 +214,12 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
             {
                 "host": v.host,
                 "vm": v.vm,
-                "repository": v.repository,
+                "repository": v.repository or None,
                 "last_point": None
                 if v.last is None
                 else {"id": v.last.id, "kind": v.last.kind, "completed": v.last.completed},
                 "unreadable": v.unreadable,
+                "state": v.state,
                 "running": [
                     {
                         "workflow_id": r.workflow_id,
@@ -164,6 +239,25 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
                     "closed": v.last_failure.closed,
                     "error": v.last_failure.error,
                 },
+                "last_verify": None
+                if v.checks.verify is None
+                else {
+                    "workflow_id": v.checks.verify.workflow_id,
+                    "closed": v.checks.verify.closed,
+                    "point": v.checks.verify.point,
+                    "ok": v.checks.verify.ok,
+                    "problems": v.checks.verify.problems,
+                    "error": v.checks.verify.error,
+                },
+                "last_prune": None
+                if v.checks.prune is None
+                else {
+                    "workflow_id": v.checks.prune.workflow_id,
+                    "closed": v.checks.prune.closed,
+                    "deleted": v.checks.prune.deleted,
+                    "kept": v.checks.prune.kept,
+                    "error": v.checks.prune.error,
+                },
             }
             for v in status.vms
         ],
@@ -179,6 +273,14 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
                 "error": r.error,
             }
             for r in status.runs
+        ],
+        "hosts": [
+            {
+                "host": h.host,
+                "vms": [{"name": v.name, "state": v.state, "pid": v.pid} for v in h.vms],
+                "error": h.error,
+            }
+            for h in status.hosts
         ],
     }
 

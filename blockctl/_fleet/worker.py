@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, timedelta
+from typing import Any, TypeVar
 
 import anyio
 from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import PendingActivityState
-from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryRequest
+from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import (
+    DescribeTaskQueueRequest,
+    GetWorkflowExecutionHistoryRequest,
+)
 from temporalio.client import (
     Client,
     Schedule,
     ScheduleActionExecutionStartWorkflow,
     ScheduleActionStartWorkflow,
     ScheduleAlreadyRunningError,
+    ScheduleDescription,
     ScheduleIntervalSpec,
     ScheduleListActionStartWorkflow,
     ScheduleOverlapPolicy,
     SchedulePolicy,
     ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowFailureError,
@@ -32,32 +42,60 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from blockctl._fleet.activities import backup_vm
+from blockctl._fleet.activities import backup_vm, list_vms, prune_vm, verify_vm, vm_points
 from blockctl._fleet.inventory import (
     WORKFLOW_QUEUE,
     FleetBackupRequest,
     FleetBackupResult,
+    FleetPruneRequest,
+    FleetPruneResult,
+    FleetVerifyRequest,
+    FleetVerifyResult,
+    HostVMs,
+    ListRequest,
+    ListResult,
     VMBackupResult,
+    check_host,
     split_vm_workflow_id,
     task_queue,
+    with_listed,
 )
 from blockctl._fleet.status import (
     LastFailure,
+    LastPrune,
+    LastVerify,
     RunningBackup,
     RunStatus,
     ScheduledRun,
     ScheduleStatus,
+    VMChecks,
     VMFailure,
     VMWork,
 )
-from blockctl._fleet.workflows import FLEET_BACKUP, FleetBackup, VMBackupWorkflow
+from blockctl._fleet.workflows import (
+    FLEET_BACKUP,
+    FLEET_VERIFY,
+    FleetBackup,
+    FleetList,
+    FleetPrune,
+    FleetVerify,
+    VMBackupWorkflow,
+)
 from blockctl.errors import BlockctlError
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
+#: A worker's identity starts with this and its host's name (then its PID and machine).
+IDENTITY_PREFIX = "blockctl-worker:"
 DEFAULT_NAMESPACE = "default"
 #: How long in all ``fleet_backup`` keeps waiting for a workflow's result while the server
 #: does not answer (restarted, its host rebooting): the SDK's own retries give up after 10 s.
 RECONNECT_WINDOW = 600.0
+#: How long a fleet list may run beyond its hosts' wait before it is given up (no worker
+#: polls the workflows' queue: nothing runs it).
+LIST_RUN_TIMEOUT = 10.0
+#: A poller the server saw longer ago than this is taken as gone (a live worker polls again
+#: at least every minute: a long poll returns empty after 60 s).
+POLLER_FRESH = 120.0
 #: The codes of a server that is not there (yet): its restart, a lost connection.
 _UNREACHABLE = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED}
 
@@ -86,13 +124,21 @@ async def run_worker(
     runner = SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules("blockctl")
     )
+    # The identity names the host: ``worker_hosts`` finds the hosts whose workers poll.
+    identity = f"{IDENTITY_PREFIX}{check_host(host)} {os.getpid()}@{socket.gethostname()}"
     workers = [
-        Worker(client, task_queue=task_queue(host), activities=[backup_vm]),
+        Worker(
+            client,
+            task_queue=task_queue(host),
+            activities=[backup_vm, vm_points, verify_vm, prune_vm, list_vms],
+            identity=identity,
+        ),
         Worker(
             client,
             task_queue=WORKFLOW_QUEUE,
-            workflows=[FleetBackup, VMBackupWorkflow],
+            workflows=[FleetBackup, VMBackupWorkflow, FleetVerify, FleetPrune, FleetList],
             workflow_runner=runner,
+            identity=identity,
         ),
     ]
     # Plain asyncio tasks, outside anyio's cancel scopes: anyio cancels every await of a
@@ -125,19 +171,52 @@ async def fleet_backup(
     """Run the fleet backup workflow over ``request`` and wait for its result, through a
     restart of the server: its state is in its database, the workflow goes on, and so does
     the wait (the SDK reconnects; a call that fails with the server unreachable is made again
-    for up to ``RECONNECT_WINDOW`` s in all)."""
+    for up to ``RECONNECT_WINDOW`` s in all). Hosts ``request`` names without VMs are asked
+    for theirs first (``with_listed``)."""
+    if request.listed:
+        found = await list_hosts_vms([h.host for h in request.listed], address, namespace)
+        request = with_listed(request, found)
+    return await _run_workflow(
+        FleetBackup.run,
+        request,
+        FleetBackupResult,
+        workflow_id or f"fleet-backup-{uuid.uuid4()}",
+        "the fleet backup",
+        address,
+        namespace,
+    )
+
+
+_Result = TypeVar("_Result")
+
+
+async def _run_workflow(
+    run: Any,
+    request: object,
+    result_type: type[_Result],
+    workflow_id: str,
+    what: str,
+    address: str,
+    namespace: str,
+    execution_timeout: timedelta | None = None,
+) -> _Result:
+    """Start workflow ``run`` on ``request`` and wait for its result, through a restart of
+    the server (``fleet_backup``); ``execution_timeout``: the workflow's, if any."""
     client = await connect(address, namespace)
     try:
         handle = await client.start_workflow(
-            FleetBackup.run,
+            run,
             request,
-            id=workflow_id or f"fleet-backup-{uuid.uuid4()}",
+            id=workflow_id,
             task_queue=WORKFLOW_QUEUE,
+            result_type=result_type,
+            execution_timeout=execution_timeout,
         )
         unreachable_since: float | None = None
         while True:
             try:
-                return await handle.result()
+                result: _Result = await handle.result()
+                return result
             except RPCError as exc:
                 now = time.monotonic()
                 unreachable_since = unreachable_since or now
@@ -146,7 +225,94 @@ async def fleet_backup(
                 await asyncio.sleep(1.0)  # the server restarting: wait for it, not poll hot
     except (RPCError, WorkflowFailureError) as exc:
         cause = getattr(exc, "cause", None) or exc
-        raise FleetError(f"the fleet backup failed: {cause}") from None
+        raise FleetError(f"{what} failed: {cause}") from None
+
+
+async def fleet_verify(
+    request: FleetVerifyRequest,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    workflow_id: str | None = None,
+) -> FleetVerifyResult:
+    """Run the fleet verify workflow over ``request`` and wait for its result."""
+    return await _run_workflow(
+        FleetVerify.run,
+        request,
+        FleetVerifyResult,
+        workflow_id or f"fleet-verify-{uuid.uuid4()}",
+        "the fleet verify",
+        address,
+        namespace,
+    )
+
+
+async def fleet_prune(
+    request: FleetPruneRequest,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    workflow_id: str | None = None,
+) -> FleetPruneResult:
+    """Run the fleet prune workflow over ``request`` and wait for its result."""
+    return await _run_workflow(
+        FleetPrune.run,
+        request,
+        FleetPruneResult,
+        workflow_id or f"fleet-prune-{uuid.uuid4()}",
+        "the fleet prune",
+        address,
+        namespace,
+    )
+
+
+async def list_hosts_vms(
+    hosts: list[str], address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
+) -> ListResult:
+    """Each host's VMs, as its worker lists them (a host without a worker: its error). The
+    list is a workflow: with no worker polling at all, nothing runs it; it is given up after
+    ``LIST_RUN_TIMEOUT`` s and every host has that as its error."""
+    request = ListRequest(hosts)
+    try:
+        return await _run_workflow(
+            FleetList.run,
+            request,
+            ListResult,
+            f"fleet-list-{uuid.uuid4()}",
+            "listing the hosts' VMs",
+            address,
+            namespace,
+            execution_timeout=timedelta(seconds=request.wait + LIST_RUN_TIMEOUT),
+        )
+    except FleetError as exc:
+        return ListResult([HostVMs(h, error=f"{exc} (is any worker running?)") for h in hosts])
+
+
+async def worker_hosts(
+    address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
+) -> list[str]:
+    """The hosts whose workers the server has seen polling the workflow queue in the last
+    ``POLLER_FRESH`` s (the server keeps its pollers for a few minutes: a worker stopped
+    less than that ago is still taken as there)."""
+    client = await connect(address, namespace)
+    try:
+        response = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=WORKFLOW_QUEUE),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            )
+        )
+    except RPCError as exc:
+        raise FleetError(f"cannot describe the fleet's task queue at {address}: {exc}") from None
+    hosts = set()
+    now = time.time()
+    for poller in response.pollers:
+        if poller.HasField("last_access_time"):
+            seen = poller.last_access_time.ToDatetime().replace(tzinfo=UTC).timestamp()
+            if now - seen > POLLER_FRESH:
+                continue
+        if poller.identity.startswith(IDENTITY_PREFIX):
+            hosts.add(poller.identity.removeprefix(IDENTITY_PREFIX).split(" ", 1)[0])
+    return sorted(hosts)
 
 
 #: The workflows ``fleet status`` lists: the fleet backups, newest first.
@@ -264,6 +430,58 @@ async def vm_work(
     return work
 
 
+#: The fleet verifies and prunes, newest first.
+_FLEET_CHECKS = "WorkflowType = 'blockctl.fleet-verify' OR WorkflowType = 'blockctl.fleet-prune'"
+#: How many of the newest fleet verify and prune runs ``vm_checks`` looks at.
+CHECK_RUNS_LISTED = 100
+
+
+async def vm_checks(
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    limit: int = CHECK_RUNS_LISTED,
+) -> dict[tuple[str, str], VMChecks]:
+    """By (host, VM): its result in the newest completed fleet verify and fleet prune among
+    the newest ``limit`` of those runs (a run still going, or that did not complete, has no
+    result to show)."""
+    client = await connect(address, namespace)
+    verifies: dict[tuple[str, str], LastVerify] = {}
+    prunes: dict[tuple[str, str], LastPrune] = {}
+    try:
+        async for wf in client.list_workflows(_FLEET_CHECKS, limit=limit):
+            closed = None if wf.close_time is None else wf.close_time.timestamp()
+            verify = wf.workflow_type == FLEET_VERIFY
+            handle = client.get_workflow_handle(
+                wf.id,
+                run_id=wf.run_id,
+                result_type=FleetVerifyResult if verify else FleetPruneResult,
+            )
+            if wf.status != WorkflowExecutionStatus.COMPLETED:
+                # The list lags behind the run: its own state says if it completed.
+                run = await handle.describe()
+                if run.status != WorkflowExecutionStatus.COMPLETED:
+                    continue
+                closed = None if run.close_time is None else run.close_time.timestamp()
+            result = await handle.result(follow_runs=False)
+            if isinstance(result, FleetVerifyResult):
+                for v in result.results:
+                    verifies.setdefault(
+                        (v.host, v.vm),
+                        LastVerify(wf.id, closed, v.point, v.ok, v.problems, v.error),
+                    )
+            else:
+                for p in result.results:
+                    prunes.setdefault(
+                        (p.host, p.vm),
+                        LastPrune(wf.id, closed, len(p.deleted), len(p.kept), p.error),
+                    )
+    except (RPCError, WorkflowFailureError) as exc:
+        raise FleetError(f"cannot list the fleet verifies and prunes at {address}: {exc}") from None
+    return {
+        key: VMChecks(verifies.get(key), prunes.get(key)) for key in verifies.keys() | prunes.keys()
+    }
+
+
 def _running(workflow_id: str, run: WorkflowExecutionDescription) -> RunningBackup:
     started = run.start_time.timestamp()
     pending = run.raw_description.pending_activities
@@ -286,6 +504,30 @@ def _running(workflow_id: str, run: WorkflowExecutionDescription) -> RunningBack
     )
 
 
+def _spec(every: float | None, cron: str | None) -> ScheduleSpec:
+    return (
+        ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every))])
+        if every is not None
+        else ScheduleSpec(cron_expressions=[cron or ""])
+    )
+
+
+def _action(
+    name: str, request: FleetBackupRequest, inventory: str, every: float | None, cron: str | None
+) -> ScheduleActionStartWorkflow:
+    """The schedule's action: the fleet backup of ``request``. Its memo (each run's too)
+    says what ``fleet schedule list`` shows: the spec as given (the server turns a cron line
+    into calendars), the inventory and its VM count; unlike a schedule's own memo, an update
+    replaces it."""
+    return ScheduleActionStartWorkflow(
+        FleetBackup.run,
+        request,
+        id=name,
+        task_queue=WORKFLOW_QUEUE,
+        memo={"every": every, "cron": cron, "inventory": inventory, "vms": len(request.backups)},
+    )
+
+
 async def create_schedule(
     name: str,
     request: FleetBackupRequest,
@@ -299,20 +541,13 @@ async def create_schedule(
     as read now) every ``every`` seconds or at the ``cron`` line's times. A run still going
     when the next is due: that next one is skipped (Temporal's SKIP overlap policy). Its
     runs' workflow ids are ``NAME-<due time>`` (Temporal's)."""
-    spec = (
-        ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every))])
-        if every is not None
-        else ScheduleSpec(cron_expressions=[cron or ""])
-    )
     client = await connect(address, namespace)
     try:
         await client.create_schedule(
             name,
             Schedule(
-                action=ScheduleActionStartWorkflow(
-                    FleetBackup.run, request, id=name, task_queue=WORKFLOW_QUEUE
-                ),
-                spec=spec,
+                action=_action(name, request, inventory, every, cron),
+                spec=_spec(every, cron),
                 policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
             ),
             memo={"every": every, "cron": cron, "inventory": inventory,
@@ -326,11 +561,67 @@ async def create_schedule(
         raise FleetError(f"cannot create the schedule {name!r} at {address}: {exc}") from None
 
 
+async def update_schedule(
+    name: str,
+    request: FleetBackupRequest,
+    inventory: str,
+    every: float | None = None,
+    cron: str | None = None,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> None:
+    """Schedule ``name`` runs the fleet backup of ``request`` from its next run on (a run
+    going on ends as it would), every ``every`` seconds or at the ``cron`` line's times if
+    one is given, else at the times it had; its policy, state and recent runs stay."""
+    client = await connect(address, namespace)
+
+    async def updater(given: ScheduleUpdateInput) -> ScheduleUpdate:
+        schedule = given.description.schedule
+        action = schedule.action
+        if not (
+            isinstance(action, ScheduleActionStartWorkflow) and action.workflow == FLEET_BACKUP
+        ):
+            raise FleetError(f"the schedule {name!r} does not run a fleet backup: not updated")
+        if every is None and cron is None:
+            was = await _schedule_memo(client, given.description)
+            kept_every, kept_cron = was.get("every"), was.get("cron")
+            spec = schedule.spec
+            new_every = None if kept_every is None else float(kept_every)
+            new_cron = None if kept_cron is None else str(kept_cron)
+        else:
+            spec, new_every, new_cron = _spec(every, cron), every, cron
+        return ScheduleUpdate(
+            replace(
+                schedule, action=_action(name, request, inventory, new_every, new_cron), spec=spec
+            )
+        )
+
+    try:
+        await client.get_schedule_handle(name).update(updater)
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise FleetError(f"no schedule named {name!r} at {address}") from None
+        raise FleetError(f"cannot update the schedule {name!r} at {address}: {exc}") from None
+
+
+async def _schedule_memo(client: Client, description: ScheduleDescription) -> dict[str, Any]:
+    """What ``_action`` put in the action's memo; a schedule made before it kept these in its
+    own memo."""
+    action = description.schedule.action
+    fields = action.memo if isinstance(action, ScheduleActionStartWorkflow) else None
+    if fields and "inventory" in fields:
+        keys = list(fields)
+        values = await client.data_converter.decode([fields[k] for k in keys])
+        return dict(zip(keys, values, strict=True))
+    return dict(await description.memo())
+
+
 async def list_schedules(
     address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
 ) -> list[ScheduleStatus]:
     """The fleet backup schedules on the server, by name (the server lists a schedule a
-    moment after it is made or deleted)."""
+    moment after it is made or deleted), each as it is now (``describe``: an update shows at
+    once)."""
     client = await connect(address, namespace)
     found = []
     try:
@@ -341,17 +632,21 @@ async def list_schedules(
                 and action.workflow == FLEET_BACKUP
             ):
                 continue
-            memo = await entry.memo()
-            recent = []
-            for r in entry.info.recent_actions if entry.info is not None else []:
-                if isinstance(r.action, ScheduleActionExecutionStartWorkflow):
-                    recent.append(
-                        ScheduledRun(
-                            r.action.workflow_id,
-                            r.scheduled_at.timestamp(),
-                            r.started_at.timestamp(),
-                        )
-                    )
+            try:
+                description = await client.get_schedule_handle(entry.id).describe()
+            except RPCError as exc:
+                if exc.status == RPCStatusCode.NOT_FOUND:
+                    continue  # deleted since it was listed
+                raise
+            memo = await _schedule_memo(client, description)
+            info = description.info
+            recent = [
+                ScheduledRun(
+                    r.action.workflow_id, r.scheduled_at.timestamp(), r.started_at.timestamp()
+                )
+                for r in info.recent_actions
+                if isinstance(r.action, ScheduleActionExecutionStartWorkflow)
+            ]
             every, cron = memo.get("every"), memo.get("cron")
             found.append(
                 ScheduleStatus(
@@ -360,8 +655,8 @@ async def list_schedules(
                     None if cron is None else str(cron),
                     str(memo.get("inventory", "")),
                     int(memo.get("vms", 0)),
-                    entry.schedule is not None and entry.schedule.state.paused,
-                    [t.timestamp() for t in (entry.info.next_action_times if entry.info else [])],
+                    description.schedule.state.paused,
+                    [t.timestamp() for t in info.next_action_times],
                     recent,
                 )
             )

@@ -7,24 +7,51 @@ host and per repository allow, in the inventory's order. A child runs that VM's 
 activity on its host's queue; a VM whose backup failed fails its child (its error is there,
 in Temporal, for ``fleet status``), and the parent records that error in the VM's result and
 goes on with the others.
+
+A fleet verify (``blockctl.fleet-verify``) and a fleet prune (``blockctl.fleet-prune``) run
+their activities straight from the one workflow (no child per VM: nothing of theirs needs a
+VM's own history), on each VM's host's queue: first ``blockctl.points`` (the VM's points, so
+the plan is in the history: the point a verify checks, the points a prune started from),
+then ``blockctl.verify`` of the newest or ``blockctl.prune``. Prunes run one at a time per
+repository (each collects the repository's unreferenced chunks under its exclusive lock).
+A fleet list (``blockctl.fleet-list``) asks each named host's worker for its VMs.
 """
 
 from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Protocol
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    TimeoutError,
+    TimeoutType,
+)
 
 with workflow.unsafe.imports_passed_through():
     from blockctl._fleet.inventory import (
         FleetBackupRequest,
         FleetBackupResult,
+        FleetPruneRequest,
+        FleetPruneResult,
+        FleetVerifyRequest,
+        FleetVerifyResult,
+        HostVMs,
+        ListRequest,
+        ListResult,
         VMBackup,
         VMBackupRequest,
         VMBackupResult,
+        VMPoints,
+        VMPrune,
+        VMPruneResult,
+        VMVerify,
+        VMVerifyResult,
         task_queue,
         vm_workflow_id,
     )
@@ -32,8 +59,15 @@ with workflow.unsafe.imports_passed_through():
 #: The backup activity's name (blockctl._fleet.activities.BACKUP_VM: not imported here, the
 #: sandbox would re-import the library behind it).
 BACKUP_VM = "blockctl.backup"
+POINTS = "blockctl.points"
+VERIFY_VM = "blockctl.verify"
+PRUNE_VM = "blockctl.prune"
+LIST_VMS = "blockctl.list-vms"
 FLEET_BACKUP = "blockctl.fleet-backup"
 VM_BACKUP = "blockctl.vm-backup"
+FLEET_VERIFY = "blockctl.fleet-verify"
+FLEET_PRUNE = "blockctl.fleet-prune"
+FLEET_LIST = "blockctl.fleet-list"
 #: A backup is retried when its worker is lost (no heartbeat within the request's heartbeat
 #: timeout: killed, its host down) or the VM's backup lock is still held by an attempt taken
 #: for lost; the activity marks every other error final. A retry is safe: the activity's
@@ -45,6 +79,10 @@ RETRY = RetryPolicy(
     maximum_attempts=5,
 )
 BACKUP_TIMEOUT = timedelta(hours=1)  # as blockctl's own default deadline for a backup
+#: A verify reads every chunk of a point; a prune's collection reads every index.
+REPOSITORY_TIMEOUT = timedelta(hours=1)
+#: Listing a runtime directory's records: a worker that took the task answers at once.
+LIST_TIMEOUT = timedelta(seconds=60)
 #: A VM's failure type: its child workflow fails with it (never retried: the activity
 #: already was, as far as a retry could help).
 VM_BACKUP_FAILED = "VMBackupFailed"
@@ -75,6 +113,15 @@ class VMBackupWorkflow:
         return result
 
 
+class _Placed(Protocol):
+    """Work on one host and into one repository (a VM's backup, verify, prune)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def repository(self) -> str: ...
+
+
 class _Slots:
     """Which VMs' backups may start: at most ``per_host`` at once on one host and
     ``per_repository`` into one repository (0: no limit), in the request's order. Admitting
@@ -86,9 +133,9 @@ class _Slots:
         self.per_repository = per_repository
         self.hosts: dict[str, int] = {}
         self.repositories: dict[str, int] = {}
-        self.waiting: list[tuple[VMBackup, asyncio.Future[None]]] = []
+        self.waiting: list[tuple[_Placed, asyncio.Future[None]]] = []
 
-    def _fits(self, b: VMBackup) -> bool:
+    def _fits(self, b: _Placed) -> bool:
         return (not self.per_host or self.hosts.get(b.host, 0) < self.per_host) and (
             not self.per_repository or self.repositories.get(b.repository, 0) < self.per_repository
         )
@@ -104,13 +151,13 @@ class _Slots:
                 self.waiting.remove(entry)
                 admitted.set_result(None)
 
-    async def acquire(self, b: VMBackup) -> None:
+    async def acquire(self, b: _Placed) -> None:
         admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiting.append((b, admitted))
         self._admit()
         await admitted
 
-    def release(self, b: VMBackup) -> None:
+    def release(self, b: _Placed) -> None:
         self.hosts[b.host] -= 1
         self.repositories[b.repository] -= 1
         self._admit()
@@ -147,3 +194,128 @@ class FleetBackup:
         finally:
             slots.release(b)
         return result
+
+
+def _error(exc: ActivityError) -> str:
+    cause = exc.cause if exc.cause is not None else exc
+    return str(cause)
+
+
+async def _points(v: VMVerify, heartbeat: float) -> VMPoints:
+    """The VM's points as its host's worker reads them, recorded in the workflow's history."""
+    points: VMPoints = await workflow.execute_activity(
+        POINTS,
+        v,
+        result_type=VMPoints,
+        task_queue=task_queue(v.host),
+        activity_id=f"points/{v.host}/{v.vm}",
+        start_to_close_timeout=REPOSITORY_TIMEOUT,
+        heartbeat_timeout=timedelta(seconds=heartbeat),
+        retry_policy=RETRY,
+    )
+    return points
+
+
+@workflow.defn(name=FLEET_VERIFY)
+class FleetVerify:
+    """Each VM's newest point verified by its host's worker, at most ``per_host`` at once on
+    one host; one result per VM in the request's order (no point: ``point`` None; a failed
+    verify: its error)."""
+
+    @workflow.run
+    async def run(self, request: FleetVerifyRequest) -> FleetVerifyResult:
+        slots = _Slots(request.per_host, 0)
+        results = await asyncio.gather(
+            *(self._verify(v, request.heartbeat_timeout, slots) for v in request.vms)
+        )
+        return FleetVerifyResult(list(results))
+
+    async def _verify(self, v: VMVerify, heartbeat: float, slots: _Slots) -> VMVerifyResult:
+        await slots.acquire(v)
+        try:
+            points = await _points(v, heartbeat)
+            if not points.points:
+                return VMVerifyResult(v.host, v.vm, v.repository)
+            result: VMVerifyResult = await workflow.execute_activity(
+                VERIFY_VM,
+                args=[v, points.points[-1]],
+                result_type=VMVerifyResult,
+                task_queue=task_queue(v.host),
+                activity_id=f"verify/{v.host}/{v.vm}",
+                start_to_close_timeout=REPOSITORY_TIMEOUT,
+                heartbeat_timeout=timedelta(seconds=heartbeat),
+                retry_policy=RETRY,
+            )
+        except ActivityError as exc:
+            return VMVerifyResult(v.host, v.vm, v.repository, error=_error(exc))
+        finally:
+            slots.release(v)
+        return result
+
+
+@workflow.defn(name=FLEET_PRUNE)
+class FleetPrune:
+    """Each VM pruned to its newest ``keep_last`` points by its host's worker, one prune at a
+    time per repository; one result per VM in the request's order."""
+
+    @workflow.run
+    async def run(self, request: FleetPruneRequest) -> FleetPruneResult:
+        slots = _Slots(0, 1)
+        results = await asyncio.gather(
+            *(self._prune(p, request.heartbeat_timeout, slots) for p in request.vms)
+        )
+        return FleetPruneResult(list(results))
+
+    async def _prune(self, p: VMPrune, heartbeat: float, slots: _Slots) -> VMPruneResult:
+        await slots.acquire(p)
+        try:
+            points = await _points(VMVerify(p.host, p.vm, p.repository), heartbeat)
+            result: VMPruneResult = await workflow.execute_activity(
+                PRUNE_VM,
+                args=[p, points.points],
+                result_type=VMPruneResult,
+                task_queue=task_queue(p.host),
+                activity_id=f"prune/{p.host}/{p.vm}",
+                start_to_close_timeout=REPOSITORY_TIMEOUT,
+                heartbeat_timeout=timedelta(seconds=heartbeat),
+                retry_policy=RETRY,
+            )
+        except ActivityError as exc:
+            return VMPruneResult(p.host, p.vm, p.repository, error=_error(exc))
+        finally:
+            slots.release(p)
+        return result
+
+
+@workflow.defn(name=FLEET_LIST)
+class FleetList:
+    """Each host's VMs, from its worker; a host whose worker does not take the question
+    within ``request.wait`` seconds (none polls its queue) has that said as its error."""
+
+    @workflow.run
+    async def run(self, request: ListRequest) -> ListResult:
+        hosts = await asyncio.gather(*(self._list(h, request.wait) for h in request.hosts))
+        return ListResult(list(hosts))
+
+    async def _list(self, host: str, wait: float) -> HostVMs:
+        try:
+            found: HostVMs = await workflow.execute_activity(
+                LIST_VMS,
+                host,
+                result_type=HostVMs,
+                task_queue=task_queue(host),
+                activity_id=f"list/{host}",
+                schedule_to_start_timeout=timedelta(seconds=wait),
+                start_to_close_timeout=LIST_TIMEOUT,
+                retry_policy=RetryPolicy(maximum_attempts=1),
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
+                return HostVMs(
+                    host,
+                    error=f"no worker took the question within {wait:g} s (is `blockctl fleet "
+                    f"worker --host {host}` running?)",
+                )
+            return HostVMs(host, error=_error(exc))
+        return found

@@ -8,7 +8,9 @@ ARGV...`` (``fleet worker ...``) with, for VM's backup: at STEP (a name in
 fleecing job, nodes, NBD server and export live), ACTION: ``kill`` (this worker SIGKILLs
 itself: the crash point is exact, never a race) or ``hold:PATH`` (it creates PATH and waits
 until PATH is removed, while the test acts; once; not at ``copy``, where job hooks cannot
-wait).
+wait). STEP ``prune``: in VM's prune (``blockctl.backup.prune``, which the worker's prune
+activity calls), once its points are deleted, as it starts collecting the chunks (the first
+collection this worker starts: one prune at a time per repository); ACTION ``kill`` only.
 """
 
 from __future__ import annotations
@@ -48,7 +50,35 @@ async def hold(path: Path) -> None:
         await anyio.sleep(0.1)
 
 
+def install_prune_kill(vm_name: str) -> None:
+    """SIGKILL this process when ``vm_name``'s prune, its points deleted, starts collecting."""
+    prune = backup.prune
+    pruning = False
+
+    def gc_then_die(repo: backup.Repository, **kwargs: Any) -> Any:
+        if pruning:
+            die()
+        return gc(repo, **kwargs)
+
+    async def prune_with_fault(repo: Any, vm: str, **kwargs: Any) -> Any:
+        nonlocal pruning
+        pruning = vm == vm_name
+        try:
+            return await prune(repo, vm, **kwargs)
+        finally:
+            pruning = False
+
+    gc = backup.Repository.gc
+    backup.Repository.gc = gc_then_die  # type: ignore[method-assign, assignment]
+    backup.prune = prune_with_fault  # type: ignore[assignment]
+
+
 def install(vm_name: str, step: str, action: str) -> None:
+    if step == "prune":
+        if action != "kill":
+            sys.exit(f"no action {action!r} at prune: kill")
+        install_prune_kill(vm_name)
+        return
     if step != "copy" and step not in backup.STEPS:
         sys.exit(f"no backup step {step!r}: {', '.join(backup.STEPS)} or copy")
     if action != "kill" and not (action.startswith("hold:") and step != "copy"):

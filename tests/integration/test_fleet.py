@@ -28,7 +28,7 @@ import anyio
 import pytest
 from anyio.abc import Process
 
-from blockctl import GuestImage, backup
+from blockctl import GuestImage, backup, drives
 from blockctl._qmp import wire
 from blockctl.types import Drive, ImageFormat
 from tests.conftest import missing
@@ -919,3 +919,290 @@ async def test_a_schedule_runs_the_fleet_backup_until_deleted(
     finally:
         leaked = await down_vms(runtime, names)
     assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+async def hmp_write(runtime: Path, vm_name: str, byte: int, offset: int) -> None:
+    """64 KiB of ``byte`` at ``offset`` through the VM's device's own block backend (HMP
+    ``qemu-io -d``, as a guest's write goes), then a flush: new data for its next point. The
+    VM is attached by its monitor socket (this process's runtime directory is not ``runtime``)."""
+    from blockctl import attach
+
+    async with attach(runtime / vm_name / "qmp.sock") as vm:
+        (device,) = [d.device_id for d in await drives.list_drives(vm)]
+        for command in (f"write -P {byte} {offset} 64k", "flush"):
+            out = await vm.command(
+                "human-monitor-command",
+                {"command-line": f'qemu-io -d /machine/peripheral/{device}/virtio-backend '
+                                 f'"{command}"'},
+            )  # fmt: skip
+            assert "error" not in str(out).lower(), out
+
+
+async def status_json(runtime: Path, address: str, *more: str | Path) -> dict[str, Any]:
+    return dict(
+        json.loads(await blockctl(runtime, "fleet", "status", "--address", address, "--json",
+                                  *more))
+    )  # fmt: skip
+
+
+async def fleet_json(
+    runtime: Path, address: str, *argv: str | Path, code: int = 0
+) -> dict[str, Any]:
+    """``blockctl fleet ARGV... --json``'s output, once it exits with ``code``."""
+    result = await anyio.run_process(
+        [sys.executable, "-m", "blockctl", "fleet", *map(str, argv), "--address", address,
+         "--json"],
+        check=False,
+        env=cli_env(runtime),
+    )  # fmt: skip
+    assert result.returncode == code, (argv, result.stdout.decode(), result.stderr.decode())
+    return dict(json.loads(result.stdout))
+
+
+def repository_files(path: Path) -> tuple[set[str], set[str]]:
+    """A repository's chunk files and point directories (relative paths)."""
+    chunks = {str(f.relative_to(path)) for f in (path / "chunks").rglob("*") if f.is_file()}
+    points = {str(d.relative_to(path)) for d in (path / "points").glob("*/*") if d.is_dir()}
+    return chunks, points
+
+
+async def test_fleet_verify_prune_and_the_workers_vm_lists(
+    guest: GuestImage, temporal_server: str, tmp_path: Path
+) -> None:
+    """One host's worker, 2 firmware-idle VMs. ``fleet status`` without an inventory lists
+    the VMs the worker has (running, never backed up); a fleet backup of an inventory naming
+    the host only backs up those; three runs (a write through each VM's device between them)
+    give each VM 3 points. ``fleet verify``: each VM's newest point ok. ``fleet prune --keep
+    1`` of a copy of the repository (the reference), then of the repository with the worker
+    SIGKILLing itself as web's prune, its points deleted, starts collecting the chunks
+    (nothing is left for the retry to delete, all to collect): restarted, the retry ends with
+    the reference's result (points deleted and kept, chunks collected) and the same files;
+    pruned again, nothing changes; verified and restored again, equal to the disks."""
+    address = temporal_server
+    repo_path, ref_path = tmp_path / "repo", tmp_path / "ref"
+    backup.init_repository(repo_path)
+    hosts_only = tmp_path / "hosts.toml"
+    hosts_only.write_text('repository = "repo"\n[hosts.hv1]\n')
+    named = tmp_path / "named.toml"
+    named.write_text('repository = "repo"\n[hosts.hv1]\nvms = ["web", "db"]\n')
+    reference = tmp_path / "ref.toml"
+    reference.write_text('repository = "ref"\n[hosts.hv1]\nvms = ["web", "db"]\n')
+    runtime = Path(tempfile.mkdtemp(prefix="bct-hv1-", dir="/tmp"))
+    names = ["web", "db"]
+    leaked: list[int] = []
+    try:
+        disks = await up_vms(runtime, tmp_path, names)
+        async with worker("hv1", runtime, address, tmp_path / "hv1.log"):
+            # The server lists a worker's pollers a moment after they poll: wait for it.
+            with anyio.fail_after(START_DEADLINE):
+                while True:
+                    status = await status_json(runtime, address)
+                    if status["hosts"]:
+                        break
+                    await anyio.sleep(0.5)
+            (host,) = status["hosts"]
+            assert host["host"] == "hv1" and host["error"] is None, host
+            assert sorted((v["name"], v["state"]) for v in host["vms"]) == [
+                ("db", "running"),
+                ("web", "running"),
+            ]
+            assert [(v["host"], v["vm"], v["state"], v["repository"], v["last_point"])
+                    for v in status["vms"]] == [
+                ("hv1", "db", "running", None, None),
+                ("hv1", "web", "running", None, None),
+            ]  # fmt: skip
+            # A host named without VMs whose worker does not run: said so, the others listed.
+            absent = tmp_path / "absent.toml"
+            absent.write_text('repository = "repo"\n[hosts.hv1]\n[hosts.hv9]\n')
+            status = await status_json(runtime, address, "--inventory", absent)
+            assert [(h["host"], len(h["vms"])) for h in status["hosts"]] == [("hv1", 2), ("hv9", 0)]
+            assert "no worker took the question within 10 s" in status["hosts"][1]["error"]
+            assert sorted(v["vm"] for v in status["vms"]) == ["db", "web"]
+            for run in range(3):
+                if run:
+                    for n, vm in enumerate(names):
+                        await hmp_write(runtime, vm, 0x10 * run + n, run * 65536)
+                out = await fleet_json(runtime, address, "backup", hosts_only)
+                assert sorted((r["vm"], r["error"]) for r in out["results"]) == [
+                    ("db", None),
+                    ("web", None),
+                ], out
+            repo = backup.open_repository(repo_path)
+            points = {vm: [m.id for m in repo.manifests(vm)] for vm in names}
+            assert all(len(p) == 3 for p in points.values()), points
+            # Status with the hosts-only inventory: each VM's newest point, its state.
+            status = await status_json(runtime, address, "--inventory", hosts_only)
+            assert sorted((v["vm"], v["state"], v["last_point"]["id"]) for v in status["vms"]) == [
+                (vm, "running", points[vm][-1]) for vm in sorted(names)
+            ]
+            verified = await fleet_json(runtime, address, "verify", named)
+            assert (verified["damaged"], verified["failed"]) == (0, 0), verified
+            for r in verified["results"]:
+                assert (r["point"], r["ok"], r["problems"]) == (points[r["vm"]][-1], True, [])
+                assert r["chunks_checked"] > 0, r
+            # The reference: the same repository pruned without a kill.
+            shutil.copytree(repo_path, ref_path)
+            expected = await fleet_json(runtime, address, "prune", reference, "--keep", "1")
+        for r in expected["results"]:
+            assert r["error"] is None and r["kept"] == points[r["vm"]][-1:], r
+            assert r["deleted"] == points[r["vm"]][:-1], r
+        assert expected["results"][0]["chunks_removed"] > 0, expected
+        out_path = tmp_path / "prune.json"
+        argv = [sys.executable, "-m", "blockctl", "fleet", "prune", str(named), "--keep", "1",
+                "--address", address, "--heartbeat-timeout", "5", "--json"]  # fmt: skip
+        with open(out_path, "wb") as stdout:
+            prune = await anyio.open_process(
+                argv, env=cli_env(runtime), stdout=stdout, stderr=subprocess.STDOUT
+            )
+        try:
+            dead_log, log = tmp_path / "dead.log", tmp_path / "retry.log"
+            async with worker("hv1", runtime, address, dead_log, ("web", "prune", "kill")) as w:
+                await killed(w, dead_log)
+            # The dead attempt deleted web's two old points and collected nothing.
+            assert backup.open_repository(repo_path).point_ids("web") == points["web"][-1:]
+            assert repository_files(repo_path)[0] > repository_files(ref_path)[0]
+            async with worker("hv1", runtime, address, log):
+                with anyio.fail_after(BACKUP_DEADLINE):
+                    await prune.wait()
+                assert prune.returncode == 0, out_path.read_text()
+                pruned = json.loads(out_path.read_text().splitlines()[-1])
+                # The text forms (before the runs fleet status is to show as the last).
+                text = await blockctl(runtime, "fleet", "verify", named, "--address", address)
+                pruned_text = await blockctl(
+                    runtime, "fleet", "prune", named, "--keep", "1", "--address", address
+                )
+                again = await fleet_json(
+                    runtime, address, "prune", named, "--keep", "1", "--workflow-id", "again"
+                )
+                verified = await fleet_json(
+                    runtime, address, "verify", named, "--workflow-id", "verify-after"
+                )
+        finally:
+            stop(prune)
+            with anyio.move_on_after(START_DEADLINE):
+                await prune.wait()
+            await prune.aclose()
+
+        def comparable(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{k: v for k, v in r.items() if k != "repository"} for r in results]
+
+        assert comparable(pruned["results"]) == comparable(expected["results"]), pruned
+        assert repository_files(repo_path) == repository_files(ref_path)
+        for r in again["results"]:
+            assert (r["deleted"], r["kept"], r["chunks_removed"], r["error"]) == (
+                [], points[r["vm"]][-1:], 0, None,
+            ), r  # fmt: skip
+        assert repository_files(repo_path) == repository_files(ref_path)
+        for r in verified["results"]:
+            assert (r["point"], r["ok"]) == (points[r["vm"]][-1], True), r
+        lines = text.splitlines()
+        for n, vm in enumerate(names):
+            assert lines[n].startswith(f"hv1/{vm}: {points[vm][-1]}: ok ("), text
+        assert lines[-1] == "2 VMs: 0 damaged, 0 failed", text
+        assert pruned_text.splitlines()[-1] == "2 pruned, 0 failed", pruned_text
+        assert pruned_text.startswith("hv1/web: deleted 0 point(s), kept 1; removed 0 chunk(s)")
+        for vm in names:
+            await restores_to(repo_path, vm, points[vm][-1], disks[vm], tmp_path)
+        # fleet status: each VM's last verify and prune (the server lists a run just closed a
+        # moment later: wait for those two).
+        with anyio.fail_after(START_DEADLINE):
+            while True:
+                status = await status_json(runtime, address, "--inventory", named)
+                checks = {
+                    v["vm"]: (v["last_verify"] or {}, v["last_prune"] or {}) for v in status["vms"]
+                }
+                if all(
+                    (c[0].get("workflow_id"), c[1].get("workflow_id")) == ("verify-after", "again")
+                    for c in checks.values()
+                ):
+                    break
+                await anyio.sleep(0.5)
+        for vm, (last_verify, last_prune) in checks.items():
+            assert (last_verify["point"], last_verify["ok"]) == (points[vm][-1], True)
+            assert (last_prune["deleted"], last_prune["kept"], last_prune["error"]) == (0, 1, None)
+    finally:
+        leaked += await down_vms(runtime, names)
+    assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+def action_input(dev_server: DevServer, name: str) -> dict[str, Any]:
+    """The input of schedule ``name``'s action as the server has it (``temporal schedule
+    describe``), decoded from its JSON payload."""
+    import base64
+
+    described = subprocess.run(
+        [dev_server.binary, "schedule", "describe", "--schedule-id", name, "--address",
+         dev_server.address, "-o", "json"],
+        capture_output=True,
+        check=True,
+    )  # fmt: skip
+    data = json.loads(described.stdout)
+    start = data["schedule"]["action"]["startWorkflow"]
+    (payload,) = start["input"]["payloads"]
+    return dict(json.loads(base64.b64decode(payload["data"])))
+
+
+async def test_a_schedule_is_updated_in_place(dev_server: DevServer, tmp_path: Path) -> None:
+    """``fleet schedule update NAME INVENTORY``: the schedule's action runs the new
+    inventory's fleet backup (as the server's own CLI has the action's input), its spec kept
+    unless one is given; ``fleet schedule list`` shows the update at once; a schedule that
+    does not exist is refused. No VM, no worker: only the schedule is looked at."""
+    address = dev_server.address
+    runtime = Path(tempfile.mkdtemp(prefix="bct-sched-", dir="/tmp"))
+    one, three = tmp_path / "one.toml", tmp_path / "three.toml"
+    one.write_text('repository = "repo"\n[hosts.hv1]\nvms = ["web"]\n')
+    three.write_text(
+        'repository = "repo"\nper-host = 1\n[hosts.hv1]\nvms = ["web", "db"]\n'
+        '[hosts.hv2]\nvms = ["mail"]\n'
+    )
+    schedule = ("fleet", "schedule")
+    try:
+        # Once a day: no run is due while the test looks (none could run: no worker).
+        await blockctl(runtime, *schedule, "create", "nightly", one, "--every", "86400",
+                       "--address", address)  # fmt: skip
+        with anyio.fail_after(START_DEADLINE):
+            while True:  # the server lists a schedule a moment after it is made
+                listed = json.loads(
+                    await blockctl(runtime, *schedule, "list", "--address", address, "--json")
+                )["schedules"]
+                if listed:
+                    break
+                await anyio.sleep(0.5)
+        assert [b["vm"] for b in action_input(dev_server, "nightly")["backups"]] == ["web"]
+        updated = json.loads(
+            await blockctl(runtime, *schedule, "update", "nightly", three, "--address", address,
+                           "--json")
+        )  # fmt: skip
+        assert updated == {"updated": "nightly", "every": None, "cron": None,
+                           "inventory": str(three)}  # fmt: skip
+        request = action_input(dev_server, "nightly")
+        assert [(b["host"], b["vm"]) for b in request["backups"]] == [
+            ("hv1", "web"), ("hv1", "db"), ("hv2", "mail"),
+        ]  # fmt: skip
+        assert request["per_host"] == 1, request
+        (nightly,) = json.loads(
+            await blockctl(runtime, *schedule, "list", "--address", address, "--json")
+        )["schedules"]
+        assert (nightly["every"], nightly["cron"], nightly["inventory"], nightly["vms"]) == (
+            86400.0, None, str(three), 3,
+        ), nightly  # fmt: skip
+        await blockctl(runtime, *schedule, "update", "nightly", one, "--cron", "0 3 * * *",
+                       "--address", address)  # fmt: skip
+        assert [b["vm"] for b in action_input(dev_server, "nightly")["backups"]] == ["web"]
+        (nightly,) = json.loads(
+            await blockctl(runtime, *schedule, "list", "--address", address, "--json")
+        )["schedules"]
+        assert (nightly["every"], nightly["cron"], nightly["inventory"], nightly["vms"]) == (
+            None, "0 3 * * *", str(one), 1,
+        ), nightly  # fmt: skip
+        # Every next run at 03:00 UTC: the cron line replaced the interval.
+        assert all(time.gmtime(t)[3:6] == (3, 0, 0) for t in nightly["next_runs"]), nightly
+        ghost = await anyio.run_process(
+            [sys.executable, "-m", "blockctl", *schedule, "update", "ghost", one, "--address",
+             address],
+            check=False,
+            env=cli_env(runtime),
+        )  # fmt: skip
+        assert ghost.returncode == 1 and "no schedule named 'ghost'" in ghost.stderr.decode()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)

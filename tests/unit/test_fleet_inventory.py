@@ -275,3 +275,39 @@ def test_a_cancelled_wait_for_a_slot_is_passed_over() -> None:
         assert slots.hosts == {"h": 1} and not slots.waiting
 
     asyncio.run(fleet())
+
+
+def test_a_host_without_vms_is_listed_by_its_worker(tmp_path: Path) -> None:
+    """A host named without ``vms``: its running VMs, as its worker lists them, are added
+    (a dead one is not: no QEMU to back up); a host whose worker did not answer is refused,
+    not left out silently."""
+    from blockctl._fleet.inventory import HostVMs, ListedHost, ListedVM, ListResult, with_listed
+
+    request = parse_inventory(
+        {"repository": "r", "hosts": {"hv1": {"vms": ["web"]}, "hv2": {}}}, tmp_path
+    )
+    assert request.backups == [VMBackup("hv1", "web", str(tmp_path / "r"))]
+    assert request.listed == [ListedHost("hv2", str(tmp_path / "r"))]
+    found = ListResult(
+        [HostVMs("hv2", [ListedVM("mail", "running", 5), ListedVM("old", "dead", 6)])]
+    )
+    expanded = with_listed(request, found)
+    assert expanded.backups == [
+        VMBackup("hv1", "web", str(tmp_path / "r")),
+        VMBackup("hv2", "mail", str(tmp_path / "r")),
+    ]
+    assert expanded.listed == []
+    with pytest.raises(ConfigError) as caught:
+        with_listed(request, ListResult([HostVMs("hv2", error="no worker")]))
+    assert caught.value.field == "hosts.hv2" and "no worker" in str(caught.value)
+
+
+@pytest.mark.parametrize("keep", ["0", "-1", "x"])
+def test_fleet_prune_refuses_a_bad_keep_as_usage(
+    keep: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from blockctl._cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser()[0].parse_args(["fleet", "prune", "inv.toml", "--keep", keep])
+    assert "a number of points to keep" in capsys.readouterr().err

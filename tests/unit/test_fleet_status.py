@@ -118,9 +118,13 @@ def test_the_json_has_the_raw_values_and_null_for_what_there_is_not() -> None:
         "repository": "/r",
         "last_point": {"id": "20261204T171442.478113-bcbf", "kind": "full", "completed": T0},
         "unreadable": None,
+        "state": None,
         "running": [],
         "last_failure": None,
+        "last_verify": None,
+        "last_prune": None,
     }
+    assert data["hosts"] == []
     assert mail["last_point"] is None and mail["unreadable"] is None
     assert mail["running"] == [
         {
@@ -187,3 +191,88 @@ def test_status_refuses_a_number_of_runs_out_of_range(
     with pytest.raises(SystemExit):
         build_parser()[0].parse_args(["fleet", "status", "--runs", runs])
     assert "a number of runs, 1 to 100" in capsys.readouterr().err
+
+
+def test_workers_listed_vms_join_the_status_with_their_state(tmp_path: Path) -> None:
+    """A VM a worker lists and the server never backed up is shown, with its state and no
+    repository (without an inventory) or its host's (with one); a host whose worker did not
+    answer is said so."""
+    from blockctl._fleet.inventory import HostVMs, ListedVM
+    from blockctl._fleet.status import with_workers_vms
+
+    backup.init_repository(tmp_path / "repo")
+    known = [VMBackup("hv1", "web", str(tmp_path / "repo"))]
+    hosts = [
+        HostVMs("hv1", [ListedVM("web", "running", 10), ListedVM("db", "dead", 11)]),
+        HostVMs("hv2", error="no worker took the question within 10 s"),
+    ]
+    backups, states = with_workers_vms(known, hosts)
+    assert backups == [known[0], VMBackup("hv1", "db", "")]
+    assert states == {("hv1", "web"): "running", ("hv1", "db"): "dead"}
+    backups_inv, _ = with_workers_vms([], hosts, {"hv1": "/inv"})
+    assert backups_inv == [VMBackup("hv1", "db", "/inv"), VMBackup("hv1", "web", "/inv")]
+    vms = vm_points(backups, None, states)
+    assert vms == [
+        VMStatus("hv1", "web", str(tmp_path / "repo"), None, state="running"),
+        VMStatus("hv1", "db", "", None, state="dead"),
+    ]
+    status = FleetStatus(vms, [], hosts)
+    lines = render_status(status).splitlines()
+    assert lines[0].split() == ["HOST", "VM", "STATE", "LAST", "POINT", "KIND", "COMPLETED",
+                                "RUNNING"]  # fmt: skip
+    assert lines[1].split() == ["hv1", "web", "running", "(no", "point)"]
+    assert lines[2].split() == ["hv1", "db", "dead", "(no", "point)"]
+    assert "hv2: VMs not listed: no worker took the question within 10 s" in lines
+    data = json.loads(json.dumps(to_json(status)))
+    assert [(v["vm"], v["state"], v["repository"]) for v in data["vms"]] == [
+        ("web", "running", str(tmp_path / "repo")),
+        ("db", "dead", None),
+    ]
+    assert data["hosts"] == [
+        {
+            "host": "hv1",
+            "vms": [
+                {"name": "web", "state": "running", "pid": 10},
+                {"name": "db", "state": "dead", "pid": 11},
+            ],
+            "error": None,
+        },
+        {"host": "hv2", "vms": [], "error": "no worker took the question within 10 s"},
+    ]
+
+
+def test_a_vms_last_verify_and_prune_are_shown() -> None:
+    """Each VM's last fleet verify (its point ok, damaged, or failed) and last fleet prune, a
+    line each and in the JSON."""
+    from blockctl._fleet.status import LastPrune, LastVerify, VMChecks, with_checks
+
+    vms = with_checks(
+        [VMStatus("hv1", "web", "/r", None), VMStatus("hv1", "db", "/r", None),
+         VMStatus("hv2", "dns", "/r", None)],
+        {
+            ("hv1", "web"): VMChecks(
+                LastVerify("v1", T0, "p9", True), LastPrune("q1", T0 + 1, 2, 1)
+            ),
+            ("hv1", "db"): VMChecks(LastVerify("v1", T0, "p8", False, ["chunk ab: bad"])),
+        },
+    )  # fmt: skip
+    status = FleetStatus(vms, [])
+    lines = render_status(status).splitlines()
+    assert f"hv1/web: last verify v1 ({stamp(T0)}): p9 ok" in lines
+    assert f"hv1/web: last prune q1 ({stamp(T0 + 1)}): deleted 2, kept 1" in lines
+    assert f"hv1/db: last verify v1 ({stamp(T0)}): p8 DAMAGED: chunk ab: bad" in lines
+    assert not [line for line in lines if line.startswith("hv2/dns")]
+    web, db, dns = json.loads(json.dumps(to_json(status)))["vms"]
+    assert web["last_verify"] == {
+        "workflow_id": "v1", "closed": T0, "point": "p9", "ok": True, "problems": [],
+        "error": None,
+    }  # fmt: skip
+    assert web["last_prune"] == {
+        "workflow_id": "q1",
+        "closed": T0 + 1,
+        "deleted": 2,
+        "kept": 1,
+        "error": None,
+    }
+    assert db["last_verify"]["problems"] == ["chunk ab: bad"] and db["last_prune"] is None
+    assert dns["last_verify"] is None and dns["last_prune"] is None
