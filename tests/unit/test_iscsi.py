@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from blockctl._argv import DriveSource, build_argv, plan_drive, plan_drives
+from blockctl._argv import DriveSource, build_argv, plan_drive, plan_drives, remote_file_node
 from blockctl._cli import drives as cli_drives
 from blockctl._cli import main as cli
 from blockctl._graph import image_filename
@@ -27,6 +27,7 @@ from blockctl.types import (
     IscsiSource,
     MachineConfig,
     Media,
+    NfsSource,
     Passthrough,
 )
 from tests.unit.test_drives_logic import live
@@ -324,6 +325,62 @@ def test_apply_reports_a_lun_passed_through_otherwise_as_a_conflict(live_driver:
                 f"disk0: is {live_driver}, not {wanted_driver}; a LUN's passthrough is changed "
                 "by detach + attach",
             )
+
+
+def test_a_lun_conflict_does_not_stop_the_plan_of_the_other_drives() -> None:
+    """After a LUN's passthrough conflict, the next desired drive is still planned."""
+    conflicting = DesiredDrive(
+        drive=Drive(
+            iscsi=lun(), format=ImageFormat.RAW, interface=Interface.SCSI,
+            passthrough=Passthrough.GENERIC,
+        )
+    )  # fmt: skip
+    other = DesiredDrive(
+        drive=Drive(iscsi=lun(lun=2), format=ImageFormat.RAW, interface=Interface.SCSI)
+    )
+    result = plan([conflicting, other], [live("disk0", URL, driver="scsi-hd")])
+    assert len(result.conflicts) == 1 and "is scsi-hd, not scsi-generic" in result.conflicts[0]
+    assert [s.action for s in result.steps] == [Action.ATTACH]
+    assert lun(lun=2).url in result.steps[0].detail
+
+
+def test_a_remote_images_node_is_the_one_a_vm_opens(tmp_path: Path) -> None:
+    """remote_file_node (a restore onto a LUN or NFS image): the node plan_drive gives a VM
+    for the same drive, and the CHAP secret object naming the password's file."""
+    password = tmp_path / "pw"
+    chap = lun(user="bob", password_file=password, initiator_name="iqn.2026-12.org.example:i")
+    for source, objects in ((lun(), 0), (chap, 1)):
+        drive = Drive(iscsi=source, format=ImageFormat.RAW)
+        node, secrets = remote_file_node("t-file", drive)
+        planned = plan_drive(0, drive, None, "q35", None)
+        assert dict(node) == {**planned.nodes[0], "node-name": "t-file"} | (
+            {"password-secret": "t-file-secret"} if objects else {}
+        )
+        assert len(secrets) == objects
+    (secret,) = remote_file_node("t-file", Drive(iscsi=chap, format=ImageFormat.RAW))[1]
+    assert secret == {
+        "qom-type": "secret", "id": "t-file-secret", "file": str(password), "format": "raw",
+    }  # fmt: skip
+    found = dict(remote_file_node("t-file", Drive(iscsi=chap, format=ImageFormat.RAW))[0])
+    assert (found["user"], found["initiator-name"], found["lun"]) == (
+        "bob", "iqn.2026-12.org.example:i", 1,
+    )  # fmt: skip
+    nfs = NfsSource(server="10.0.0.1", path="/e/d.raw", user=7, group=8, readahead_size=4096)
+    nfs_node, secrets = remote_file_node("n-file", Drive(nfs=nfs, format=ImageFormat.RAW))
+    assert secrets == ()
+    node_options = dict(nfs_node)
+    assert {k: node_options[k] for k in ("driver", "node-name", "server", "path")} == {
+        "driver": "nfs", "node-name": "n-file",
+        "server": {"type": "inet", "host": "10.0.0.1"}, "path": "/e/d.raw",
+    }  # fmt: skip
+    assert (node_options["user"], node_options["group"], node_options["readahead-size"]) == (
+        7, 8, 4096,
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        remote_file_node("x", Drive(file=tmp_path / "f.raw", format=ImageFormat.RAW))
+    assert (refused.value.field, refused.value.message) == (
+        "drive", "an iSCSI LUN or an NFS image was expected",
+    )  # fmt: skip
 
 
 class _Reached(BlockctlError):

@@ -3,6 +3,7 @@ first, the image backs onto the last of them, and only a qcow2 with no backing f
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,39 @@ def test_only_a_qcow2_with_no_backing_file_takes_backing_nodes(chain: tuple[str,
     fmt = ImageFormat.RAW if chain[0].endswith(".raw") else ImageFormat.QCOW2
     with pytest.raises(ConfigError, match="qcow2 image with no backing file"):
         over_backing(plan(*chain, fmt=fmt), "drv3", BACKING)
+
+
+def test_the_image_backs_onto_the_last_of_three_backing_nodes() -> None:
+    three = (
+        {"driver": "nbd", "node-name": "n0", "server": {"type": "unix", "path": "/s"}},
+        {"driver": "raw", "node-name": "n1", "file": "n0"},
+        {"driver": "raw", "node-name": "n2", "file": "n1"},
+    )
+    after = over_backing(plan("/t.qcow2"), "drv3", three)
+    assert after.nodes[:3] == three
+    assert dict(next(n for n in after.nodes if n["node-name"] == "drv3"))["backing"] == "n2"
+
+
+def test_over_backing_refuses_what_is_no_qcow2_with_a_null_backing() -> None:
+    """The refusal names the field and why; an image node not there, a raw node (even with
+    a null backing), and a qcow2 node without a backing field are refused alike."""
+    base = plan("/t.qcow2")
+    image = next(n for n in base.nodes if n["node-name"] == "drv3")
+    others = [n for n in base.nodes if n is not image]
+    raw_null = {**image, "driver": "raw", "backing": None}
+    no_field = {k: v for k, v in image.items() if k != "backing"}
+    cases = [
+        ("drv9", base),
+        ("drv3", replace(base, nodes=(*others, raw_null))),  # type: ignore[arg-type]
+        ("drv3", replace(base, nodes=(*others, no_field))),  # type: ignore[arg-type]
+    ]
+    for name, case in cases:
+        with pytest.raises(ConfigError) as refused:
+            over_backing(case, name, BACKING)
+        assert refused.value.field == "drive.file"
+        assert refused.value.message == (
+            "a run-time backing node needs a qcow2 image with no backing file"
+        )
 
 
 # Section: which drive of a config a live launch brings back (backup.launch_live)
