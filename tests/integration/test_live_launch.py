@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,10 +24,19 @@ from blockctl._backup.store import Manifest, Repository
 from blockctl._cli.common import load_config
 from blockctl._console import GuestConsole
 from blockctl._jobs import JobControl
+from blockctl._journal import Verdict
 from blockctl._machine import shutdown_detached
+from blockctl._ops import recovery
 from blockctl._qmp import wire
 from blockctl._runtime import read_record
-from blockctl.errors import BackupCorrupt, CommandFailed, VMNotFound
+from blockctl.errors import (
+    BackupCorrupt,
+    BlockctlError,
+    CommandFailed,
+    ConnectionLost,
+    JobFailed,
+    VMNotFound,
+)
 from tests.integration.conftest import (
     MIB,
     qcow2_image,
@@ -42,6 +52,7 @@ from tests.integration.test_live_restore import (
     ROOT,
     StreamWatch,
     fill,
+    follow_way_on,
     nbdkit_pids_under,
     node_names,
     read_sha,
@@ -225,6 +236,100 @@ async def test_a_launch_whose_controller_is_killed_then_recover_finishes_it(
             await truth_check(vm)
     finally:
         await down("lostk")
+    assert tree_digest(repo.path) == hashes
+    want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", GUEST_WRITES)
+    await standalone_equals(target, want_file)
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("killed", ["server", "qemu"])
+async def test_a_launch_whose_server_or_qemu_is_killed_mid_copy_then_recover(
+    guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path, killed: str
+) -> None:
+    """kill -9 of the NBD server, or of QEMU, while the launched VM's stream runs at 1 B/s
+    and after the guest wrote whole clusters (nothing it writes is read from the backup).
+    Server: the copy fails on its next read (JobFailed), the VM keeps running; recovery
+    (in this process) starts a new server under the target (``blockdev-reopen``), copies and
+    finishes. QEMU: the controller raises ConnectionLost and stops the server; ``recover``
+    says what the target holds and the commands that make it whole, which, run as given,
+    give the point plus the guest's writes. Each: standalone, no server or record left, the
+    repository unchanged."""
+    repo = backup.init_repository(tmp_path / "repo")
+    point, want = await backed_up(guest, images, repo)
+    hashes = tree_digest(repo.path)
+    target = images / "lost.qcow2"
+    name = f"lost{killed[0]}"
+    run_dir = runtime_dir / name
+    toml = machine_toml(tmp_path / "lost.toml", guest, name, target, "pc")
+    watch = StreamWatch()
+    raised: list[BaseException] = []
+
+    async def launch() -> None:
+        try:
+            await backup.launch_live(
+                load_config(toml, None),
+                repo,
+                "src",
+                point.id,
+                "disk0",
+                target,
+                control=JobControl(speed=1, hooks=(watch,)),
+            )
+        except BlockctlError as exc:
+            raised.append(exc)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(launch)
+            await watch.running.wait()
+            async with console_of(name) as console:
+                if killed == "qemu":
+                    # (Read whole, the disk would be all copied by the stream's
+                    # copy-on-read: the server's death would go unseen.)
+                    assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == want
+                for write in GUEST_WRITES:
+                    await console.check(fill("vda", *write))
+            (server,) = nbdkit_pids_under(run_dir)
+            if killed == "server":
+                os.kill(server, signal.SIGKILL)
+                async with attach_vm(name) as vm:
+                    await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+            else:
+                os.kill(read_record(name).pid, signal.SIGKILL)
+        (error,) = raised
+        assert isinstance(error, JobFailed if killed == "server" else ConnectionLost), repr(error)
+        (record,) = list(run_dir.glob("journal-*.json"))
+        assert json.loads(record.read_text())["kind"] == "stream"
+        if killed == "server":
+            # In this process, as the hot-plug test does: the record's writer (this process)
+            # released it, which another process's `blockctl recover` cannot see while the
+            # writer lives.
+            async with attach_vm(name) as vm:
+                (done,) = await recovery.reconcile(vm)
+                assert done.verdict is Verdict.FINISHED, (done.message, done.done)
+                assert any(d.startswith("started a new server") for d in done.done), done.done
+                assert await wire.query_jobs(vm.session) == ()
+                assert await node_names(vm) == set(vm.registry.drives["disk0"].node_names)
+                await truth_check(vm)
+        else:
+            recovered = json.loads((await cli("recover", name, "--json")).stdout)
+            (result,) = [r for r in recovered["operations"] if r["kind"] == "stream"]
+            assert result["verdict"] == "qemu-gone", result
+            assert result["step"] == "running" and result["tops"] == {"disk0": str(target)}
+            message = result["message"]
+            steps = await follow_way_on(message)
+            assert steps == [
+                ["blockctl", "restore"],
+                ["qemu-img", "rebase"],
+                ["qemu-img", "rebase"],
+            ]
+            base = Path(f"{target}.base.raw")
+            assert str(base) in message and "remove" in message
+            base.unlink()
+        assert nbdkit_pids_under(run_dir) == [] and not running(server)
+        assert not list(run_dir.glob("journal-*.json"))
+    finally:
+        await down(name)
     assert tree_digest(repo.path) == hashes
     want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", GUEST_WRITES)
     await standalone_equals(target, want_file)
