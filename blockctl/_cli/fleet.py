@@ -141,6 +141,39 @@ class Fleet(Command):
         self._server_options(p)
 
         p = sub.add_parser(
+            "restore",
+            parents=[global_options(parent=False)],
+            help="restore each VM's newest point (or --point) into new files on its host "
+            "(exit 1: one failed)",
+        )
+        p.add_argument("inventory", type=Path, help="a TOML inventory: [hosts.NAME] vms = [...]")
+        p.add_argument(
+            "--dest-dir",
+            type=Path,
+            required=True,
+            metavar="DIR",
+            help="where each host writes its VMs' files, VM.POINT.DEVICE.qcow2 (a directory "
+            "on that host)",
+        )
+        p.add_argument("--point", metavar="ID", help="this point of each VM (default: its newest)")
+        p.add_argument(
+            "--vm",
+            action="append",
+            dest="only_vms",  # not ``vm``: that name is a single positional's elsewhere
+            metavar="NAME",
+            help="only this VM of the inventory (repeatable; default: all of them)",
+        )
+        p.add_argument("--workflow-id", help="the workflow's id (default: fleet-restore-<uuid>)")
+        self._heartbeat_option(p)
+        p.add_argument(
+            "--per-host",
+            type=_limit,
+            metavar="N",
+            help="at most N restores at once on one host (default: the inventory's; 0: none)",
+        )
+        self._server_options(p)
+
+        p = sub.add_parser(
             "status",
             parents=[global_options(parent=False)],
             help="each VM's last point, running backups and last failure; the last fleet backups",
@@ -234,6 +267,8 @@ class Fleet(Command):
             return await self._verify(args)
         if args.action == "prune":
             return await self._prune(args)
+        if args.action == "restore":
+            return await self._restore(args)
         return await self._backup(args)
 
     async def _worker(self, args: argparse.Namespace) -> int:
@@ -377,6 +412,63 @@ class Fleet(Command):
                         "chunks_removed": r.chunks_removed,
                         "bytes_removed": r.bytes_removed,
                         "gc_skipped": r.gc_skipped,
+                        "error": r.error,
+                    }
+                    for r in result.results
+                ],
+                "failed": len(failed),
+            },
+            "\n".join(lines),
+        )
+        return ExitCode.ERROR if failed else ExitCode.OK
+
+    async def _restore(self, args: argparse.Namespace) -> int:
+        from blockctl._fleet.inventory import FleetRestoreRequest, VMRestore, load_inventory
+        from blockctl.errors import ConfigError
+
+        inventory = load_inventory(args.inventory)
+        _require_temporalio()
+        from blockctl._fleet.worker import fleet_restore
+
+        inventory = await self._listed(inventory, args)
+        backups = inventory.backups
+        if args.only_vms is not None:
+            missing = sorted(set(args.only_vms) - {b.vm for b in backups})
+            if missing:
+                raise ConfigError("vm", f"{missing[0]!r} is not a VM of {args.inventory}")
+            backups = [b for b in backups if b.vm in args.only_vms]
+        dest_dir = str(args.dest_dir.absolute())
+        request = FleetRestoreRequest(
+            [VMRestore(b.host, b.vm, b.repository, dest_dir, args.point) for b in backups],
+            args.heartbeat_timeout,
+            inventory.per_host if args.per_host is None else args.per_host,
+        )
+        result = await fleet_restore(request, args.address, args.namespace, args.workflow_id)
+        lines = []
+        for r in result.results:
+            if r.error is not None:
+                what = f"FAILED: {r.error}"
+            elif r.point is None:
+                what = "no point"
+            else:
+                what = f"{r.point}: " + ", ".join(
+                    f + (" (an earlier attempt's)" if f in r.reused else "") for f in r.files
+                )
+            lines.append(f"{r.host}/{r.vm}: {what}")
+        failed = [r for r in result.results if r.error is not None]
+        lines.append(f"{len(result.results) - len(failed)} restored, {len(failed)} failed")
+        emit(
+            args,
+            {
+                "results": [
+                    {
+                        "host": r.host,
+                        "vm": r.vm,
+                        "repository": r.repository,
+                        "point": r.point,
+                        "files": r.files,
+                        "reused": r.reused,
+                        "bytes_written": r.bytes_written,
                         "error": r.error,
                     }
                     for r in result.results

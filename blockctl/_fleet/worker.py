@@ -42,13 +42,22 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from blockctl._fleet.activities import backup_vm, list_vms, prune_vm, verify_vm, vm_points
+from blockctl._fleet.activities import (
+    backup_vm,
+    list_vms,
+    prune_vm,
+    restore_vm,
+    verify_vm,
+    vm_points,
+)
 from blockctl._fleet.inventory import (
     WORKFLOW_QUEUE,
     FleetBackupRequest,
     FleetBackupResult,
     FleetPruneRequest,
     FleetPruneResult,
+    FleetRestoreRequest,
+    FleetRestoreResult,
     FleetVerifyRequest,
     FleetVerifyResult,
     HostVMs,
@@ -78,6 +87,7 @@ from blockctl._fleet.workflows import (
     FleetBackup,
     FleetList,
     FleetPrune,
+    FleetRestore,
     FleetVerify,
     VMBackupWorkflow,
 )
@@ -130,13 +140,20 @@ async def run_worker(
         Worker(
             client,
             task_queue=task_queue(host),
-            activities=[backup_vm, vm_points, verify_vm, prune_vm, list_vms],
+            activities=[backup_vm, vm_points, verify_vm, prune_vm, restore_vm, list_vms],
             identity=identity,
         ),
         Worker(
             client,
             task_queue=WORKFLOW_QUEUE,
-            workflows=[FleetBackup, VMBackupWorkflow, FleetVerify, FleetPrune, FleetList],
+            workflows=[
+                FleetBackup,
+                VMBackupWorkflow,
+                FleetVerify,
+                FleetPrune,
+                FleetRestore,
+                FleetList,
+            ],
             workflow_runner=runner,
             identity=identity,
         ),
@@ -259,6 +276,24 @@ async def fleet_prune(
         FleetPruneResult,
         workflow_id or f"fleet-prune-{uuid.uuid4()}",
         "the fleet prune",
+        address,
+        namespace,
+    )
+
+
+async def fleet_restore(
+    request: FleetRestoreRequest,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    workflow_id: str | None = None,
+) -> FleetRestoreResult:
+    """Run the fleet restore workflow over ``request`` and wait for its result."""
+    return await _run_workflow(
+        FleetRestore.run,
+        request,
+        FleetRestoreResult,
+        workflow_id or f"fleet-restore-{uuid.uuid4()}",
+        "the fleet restore",
         address,
         namespace,
     )

@@ -14,6 +14,9 @@ VM's own history), on each VM's host's queue: first ``blockctl.points`` (the VM'
 the plan is in the history: the point a verify checks, the points a prune started from),
 then ``blockctl.verify`` of the newest or ``blockctl.prune``. Prunes run one at a time per
 repository (each collects the repository's unreferenced chunks under its exclusive lock).
+A fleet restore (``blockctl.fleet-restore``) runs the same way: ``blockctl.points``, then
+``blockctl.restore`` of the point asked for (the newest when none is) into new files on the
+VM's host.
 A fleet list (``blockctl.fleet-list``) asks each named host's worker for its VMs.
 """
 
@@ -39,6 +42,8 @@ with workflow.unsafe.imports_passed_through():
         FleetBackupResult,
         FleetPruneRequest,
         FleetPruneResult,
+        FleetRestoreRequest,
+        FleetRestoreResult,
         FleetVerifyRequest,
         FleetVerifyResult,
         HostVMs,
@@ -50,6 +55,8 @@ with workflow.unsafe.imports_passed_through():
         VMPoints,
         VMPrune,
         VMPruneResult,
+        VMRestore,
+        VMRestoreResult,
         VMVerify,
         VMVerifyResult,
         task_queue,
@@ -62,11 +69,13 @@ BACKUP_VM = "blockctl.backup"
 POINTS = "blockctl.points"
 VERIFY_VM = "blockctl.verify"
 PRUNE_VM = "blockctl.prune"
+RESTORE_VM = "blockctl.restore"
 LIST_VMS = "blockctl.list-vms"
 FLEET_BACKUP = "blockctl.fleet-backup"
 VM_BACKUP = "blockctl.vm-backup"
 FLEET_VERIFY = "blockctl.fleet-verify"
 FLEET_PRUNE = "blockctl.fleet-prune"
+FLEET_RESTORE = "blockctl.fleet-restore"
 FLEET_LIST = "blockctl.fleet-list"
 #: A backup is retried when its worker is lost (no heartbeat within the request's heartbeat
 #: timeout: killed, its host down) or the VM's backup lock is still held by an attempt taken
@@ -284,6 +293,52 @@ class FleetPrune:
             return VMPruneResult(p.host, p.vm, p.repository, error=_error(exc))
         finally:
             slots.release(p)
+        return result
+
+
+@workflow.defn(name=FLEET_RESTORE)
+class FleetRestore:
+    """Each VM's point (its newest, or the one named) restored by its host's worker into new
+    files there, at most ``per_host`` at once on one host; one result per VM in the
+    request's order (no point: ``point`` None; the named point missing, or a failed
+    restore: its error)."""
+
+    @workflow.run
+    async def run(self, request: FleetRestoreRequest) -> FleetRestoreResult:
+        slots = _Slots(request.per_host, 0)
+        results = await asyncio.gather(
+            *(self._restore(r, request.heartbeat_timeout, slots) for r in request.vms)
+        )
+        return FleetRestoreResult(list(results))
+
+    async def _restore(self, r: VMRestore, heartbeat: float, slots: _Slots) -> VMRestoreResult:
+        await slots.acquire(r)
+        try:
+            points = await _points(VMVerify(r.host, r.vm, r.repository), heartbeat)
+            if r.point is None and not points.points:
+                return VMRestoreResult(r.host, r.vm, r.repository)
+            point = points.points[-1] if r.point is None else r.point
+            if point not in points.points:
+                return VMRestoreResult(
+                    r.host,
+                    r.vm,
+                    r.repository,
+                    error=f"no complete point {point} of {r.vm} in {r.repository}",
+                )
+            result: VMRestoreResult = await workflow.execute_activity(
+                RESTORE_VM,
+                args=[r, point],
+                result_type=VMRestoreResult,
+                task_queue=task_queue(r.host),
+                activity_id=f"restore/{r.host}/{r.vm}",
+                start_to_close_timeout=REPOSITORY_TIMEOUT,
+                heartbeat_timeout=timedelta(seconds=heartbeat),
+                retry_policy=RETRY,
+            )
+        except ActivityError as exc:
+            return VMRestoreResult(r.host, r.vm, r.repository, error=_error(exc))
+        finally:
+            slots.release(r)
         return result
 
 
