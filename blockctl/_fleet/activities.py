@@ -1,5 +1,6 @@
 """What a host's worker runs: blockctl's public operations on this host's VMs and on the
-repositories as this host sees them (backup, verify, prune, restore), and the list of this host's
+repositories as this host sees them (backup, verify, prune, restore; external snapshot and
+its commit back), and the list of this host's
 VMs, as Temporal activities. Only the worker of a VM's host talks QMP to it (the VM is found
 by name in this process's runtime directory, ``BLOCKCTL_RUNTIME_DIR``).
 
@@ -42,12 +43,14 @@ import anyio
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from blockctl import _fsutil, _runtime, attach, backup, jobs
+from blockctl import _fsutil, _runtime, attach, backup, chains, jobs, recovery
 from blockctl._fleet.inventory import (
     HostVMs,
     ListedVM,
     VMBackup,
     VMBackupResult,
+    VMChain,
+    VMChainResult,
     VMPoints,
     VMPrune,
     VMPruneResult,
@@ -57,6 +60,7 @@ from blockctl._fleet.inventory import (
     VMVerifyResult,
     restored_name,
 )
+from blockctl._ops.chains import overlay_name
 from blockctl.errors import ConfigError, RepositoryBusy
 
 #: The activities' names (workflows name them as strings: they never import this module).
@@ -65,6 +69,8 @@ POINTS = "blockctl.points"
 VERIFY_VM = "blockctl.verify"
 PRUNE_VM = "blockctl.prune"
 RESTORE_VM = "blockctl.restore"
+SNAPSHOT_VM = "blockctl.snapshot"
+COMMIT_VM = "blockctl.commit"
 LIST_VMS = "blockctl.list-vms"
 #: Heartbeats per heartbeat timeout while nothing else heartbeats (recovery, syncing the
 #: chunks, writing the manifest): one lost or late heartbeat does not lose the worker.
@@ -270,6 +276,68 @@ async def restore_vm(request: VMRestore, point: str) -> VMRestoreResult:
         files=files,
         reused=reused,
         bytes_written=written,
+    )
+
+
+def _tagged(vm_identity: str, found: dict[str, list[str]], tag: str) -> dict[str, str]:
+    """Each device whose chain (``chains.list_external``) has snapshot ``tag``'s overlay:
+    that overlay's file."""
+    return {
+        device: f
+        for device, files in found.items()
+        for f in files
+        if Path(f).name == overlay_name(vm_identity, device, tag)
+    }
+
+
+@activity.defn(name=SNAPSHOT_VM)
+async def snapshot_vm(request: VMChain) -> VMChainResult:
+    """Take external snapshot ``request.tag`` of every writable disk of the VM (one point in
+    time). The chain is read first, after settling what an earlier attempt left
+    (``recovery.reconcile``: its journal record finished or undone): if it has the tag's
+    overlays, an earlier attempt took it, and it is reported (``reused``), not taken twice."""
+    info = activity.info()
+    async with (
+        _heartbeating(),
+        attach(
+            request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
+        ) as vm,
+    ):
+        await recovery.reconcile(vm)
+        taken = _tagged(vm.identity, await chains.list_external(vm), request.tag)
+        if not taken:
+            directory = None if request.directory is None else Path(request.directory)
+            snap = await chains.external_snapshot(vm, request.tag, directory)
+            overlays = {d: str(p) for d, p in snap.overlays.items()}
+        else:
+            overlays = taken
+        after = await chains.list_external(vm)
+    return VMChainResult(
+        request.host, request.vm, request.tag, overlays, reused=bool(taken), chains=after
+    )
+
+
+@activity.defn(name=COMMIT_VM)
+async def commit_vm(request: VMChain) -> VMChainResult:
+    """Commit external snapshot ``request.tag``'s overlays back into the images below them
+    (an active commit where the overlay is the top; ``chains.delete_external``), their files
+    deleted. After settling what an earlier attempt left: a retry (attempt > 1) that finds
+    none of the tag's overlays in the chain reports the commit done (``reused``); a first
+    attempt fails (no such snapshot)."""
+    info = activity.info()
+    async with (
+        _heartbeating(),
+        attach(
+            request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
+        ) as vm,
+    ):
+        await recovery.reconcile(vm)
+        tagged = _tagged(vm.identity, await chains.list_external(vm), request.tag)
+        if tagged or info.attempt == 1:
+            await chains.delete_external(vm, request.tag)
+        after = await chains.list_external(vm)
+    return VMChainResult(
+        request.host, request.vm, request.tag, tagged, reused=not tagged, chains=after
     )
 
 

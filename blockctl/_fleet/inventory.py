@@ -278,6 +278,47 @@ class FleetRestoreResult:
 
 
 @dataclass(frozen=True, slots=True)
+class VMChain:
+    """An external snapshot ``tag`` of VM ``vm`` on ``host``: taken (its overlays in
+    ``directory``, None: beside each disk's image) or committed back (``directory`` unused)."""
+
+    host: str
+    vm: str
+    tag: str
+    directory: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VMChainResult:
+    """A VM's snapshot or commit: each disk's overlay file (device to file), whether an
+    earlier attempt had already done it (``reused``: a retry found the overlays in the chain,
+    or, for a commit, gone from it), each disk's chain afterwards (top first, files), or the
+    error that stopped it."""
+
+    host: str
+    vm: str
+    tag: str
+    overlays: dict[str, str] = field(default_factory=dict)
+    reused: bool = False
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetChainRequest:
+    """The VMs to snapshot (or commit), at most ``per_host`` at once on one host."""
+
+    vms: list[VMChain]
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    per_host: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FleetChainResult:
+    results: list[VMChainResult]
+
+
+@dataclass(frozen=True, slots=True)
 class VMBackupRequest:
     """One VM's child workflow's input: the VM and its activity's heartbeat timeout."""
 

@@ -44,9 +44,11 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from blockctl._fleet.activities import (
     backup_vm,
+    commit_vm,
     list_vms,
     prune_vm,
     restore_vm,
+    snapshot_vm,
     verify_vm,
     vm_points,
 )
@@ -54,6 +56,8 @@ from blockctl._fleet.inventory import (
     WORKFLOW_QUEUE,
     FleetBackupRequest,
     FleetBackupResult,
+    FleetChainRequest,
+    FleetChainResult,
     FleetPruneRequest,
     FleetPruneResult,
     FleetRestoreRequest,
@@ -85,9 +89,11 @@ from blockctl._fleet.workflows import (
     FLEET_BACKUP,
     FLEET_VERIFY,
     FleetBackup,
+    FleetCommit,
     FleetList,
     FleetPrune,
     FleetRestore,
+    FleetSnapshot,
     FleetVerify,
     VMBackupWorkflow,
 )
@@ -140,7 +146,16 @@ async def run_worker(
         Worker(
             client,
             task_queue=task_queue(host),
-            activities=[backup_vm, vm_points, verify_vm, prune_vm, restore_vm, list_vms],
+            activities=[
+                backup_vm,
+                vm_points,
+                verify_vm,
+                prune_vm,
+                restore_vm,
+                snapshot_vm,
+                commit_vm,
+                list_vms,
+            ],
             identity=identity,
         ),
         Worker(
@@ -152,6 +167,8 @@ async def run_worker(
                 FleetVerify,
                 FleetPrune,
                 FleetRestore,
+                FleetSnapshot,
+                FleetCommit,
                 FleetList,
             ],
             workflow_runner=runner,
@@ -294,6 +311,27 @@ async def fleet_restore(
         FleetRestoreResult,
         workflow_id or f"fleet-restore-{uuid.uuid4()}",
         "the fleet restore",
+        address,
+        namespace,
+    )
+
+
+async def fleet_chain(
+    action: str,
+    request: FleetChainRequest,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    workflow_id: str | None = None,
+) -> FleetChainResult:
+    """Run the fleet snapshot (``action`` "snapshot") or commit ("commit") workflow over
+    ``request`` and wait for its result."""
+    run = FleetSnapshot.run if action == "snapshot" else FleetCommit.run
+    return await _run_workflow(
+        run,
+        request,
+        FleetChainResult,
+        workflow_id or f"fleet-{action}-{uuid.uuid4()}",
+        f"the fleet {action}",
         address,
         namespace,
     )

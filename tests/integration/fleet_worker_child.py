@@ -79,31 +79,26 @@ def install_prune_kill(vm_name: str) -> None:
 
 def install_restore_kill(vm_name: str, named: bool) -> None:
     """SIGKILL this process in ``vm_name``'s restore: once its file is named (``named``),
-    else just before."""
+    else just before (the file told by its name, ``VM.POINT.DEVICE.qcow2``: restores of
+    several VMs run at once)."""
     from blockctl import _fsutil
 
     restore = backup.restore
     name_unnamed_file = _fsutil.name_unnamed_file
-    restoring = False
 
     def name_then_die(fd: int, path: Path) -> None:
-        if restoring and not named:
+        if not named and path.name.startswith(f"{vm_name}."):
             die()
         name_unnamed_file(fd, path)
 
-    async def restore_with_fault(repo: Any, vm: str, *args: Any, **kwargs: Any) -> Any:
-        nonlocal restoring
-        restoring = vm == vm_name
-        try:
-            result = await restore(repo, vm, *args, **kwargs)
-        finally:
-            restoring = False
-        if vm == vm_name and named:
+    async def restore_then_die(repo: Any, vm: str, *args: Any, **kwargs: Any) -> Any:
+        result = await restore(repo, vm, *args, **kwargs)
+        if named and vm == vm_name:
             die()
         return result
 
     _fsutil.name_unnamed_file = name_then_die
-    backup.restore = restore_with_fault  # type: ignore[assignment]
+    backup.restore = restore_then_die  # type: ignore[assignment]
 
 
 def install(vm_name: str, step: str, action: str) -> None:

@@ -1208,6 +1208,26 @@ async def test_a_schedule_is_updated_in_place(dev_server: DevServer, tmp_path: P
         shutil.rmtree(runtime, ignore_errors=True)
 
 
+async def vm_chains(runtime: Path, vm_name: str) -> dict[str, list[str]]:
+    """The VM's chains, each device's image files top first (``chains.list_external``)."""
+    from blockctl import attach, chains
+
+    async with attach(runtime / vm_name / "qmp.sock") as vm:
+        return await chains.list_external(vm)
+
+
+async def holds(image: Path, byte: int, offset: int) -> bool:
+    """Whether qcow2 ``image`` itself (not its backing file) holds 64 KiB of ``byte`` at
+    ``offset`` (``qemu-io``'s pattern read; ``-U``: QEMU may hold the image)."""
+    read = await anyio.run_process(
+        ["qemu-io", "-U", "-r", "-f", "qcow2", "-c", f"read -P {byte} {offset} 64k", image],
+        check=False,
+    )
+    out = read.stdout.decode() + read.stderr.decode()
+    assert read.returncode == 0 or "Pattern verification failed" in out, out
+    return "Pattern verification failed" not in out
+
+
 async def images_equal(a: Path, b: Path) -> bool:
     """``qemu-img compare`` of two qcow2 images (``-U``: a running VM's disk too)."""
     compare = await anyio.run_process(
@@ -1279,24 +1299,57 @@ async def test_fleet_restore_of_each_vms_point_and_a_killed_restore(
                 runtime, address, "restore", named, "--dest-dir", first, "--vm", "web",
                 "--point", points["web"][0],
             )  # fmt: skip
+            for r in restored["results"]:
+                vm = r["vm"]
+                file = newest / f"{vm}.{points[vm][-1]}.{devices[vm]}.qcow2"
+                assert (r["point"], r["files"], r["reused"], r["error"]) == (
+                    points[vm][-1], [str(file)], [], None
+                ), r  # fmt: skip
+                assert r["bytes_written"] > 0, r
+                assert await images_equal(disks[vm], file), vm
+            (r,) = old["results"]
+            assert (r["vm"], r["point"], r["error"]) == ("web", points["web"][0], None), r
+            reference = tmp_path / "web-first.qcow2"
+            await backup.restore(repo, "web", points["web"][0], devices["web"], reference)
+            assert await images_equal(reference, Path(r["files"][0]))
+            assert not await images_equal(disks["web"], Path(r["files"][0]))
+            assert sorted(os.listdir(first)) == [Path(r["files"][0]).name]
             again = await fleet_json(
                 runtime, address, "restore", named, "--dest-dir", newest, code=1
             )
-        for r in restored["results"]:
-            vm = r["vm"]
-            file = newest / f"{vm}.{points[vm][-1]}.{devices[vm]}.qcow2"
-            assert (r["point"], r["files"], r["reused"], r["error"]) == (
-                points[vm][-1], [str(file)], [], None
-            ), r  # fmt: skip
-            assert r["bytes_written"] > 0, r
-            assert await images_equal(disks[vm], file), vm
-        (r,) = old["results"]
-        assert (r["vm"], r["point"], r["error"]) == ("web", points["web"][0], None), r
-        reference = tmp_path / "web-first.qcow2"
-        await backup.restore(repo, "web", points["web"][0], devices["web"], reference)
-        assert await images_equal(reference, Path(r["files"][0]))
-        assert not await images_equal(disks["web"], Path(r["files"][0]))
-        assert sorted(os.listdir(first)) == [Path(r["files"][0]).name]
+            # Snapshot, a write into each overlay, commit: the chain as before, the data in
+            # the base (qemu-io reads the base image itself: -U, QEMU holds it).
+            before = {vm: await vm_chains(runtime, vm) for vm in names}
+            assert all(list(c.values()) == [[str(disks[vm])]] for vm, c in before.items())
+            snapped = await fleet_json(runtime, address, "snapshot", named, "t1")
+            overlays = {}
+            for r in snapped["results"]:
+                vm = r["vm"]
+                assert (r["error"], r["reused"]) == (None, False), r
+                ((device, overlay),) = r["overlays"].items()
+                assert r["chains"] == {device: [overlay, str(disks[vm])]}, r
+                overlays[vm] = Path(overlay)
+            # Again (a new run): found in the chain, not taken a second time.
+            snapped_again = await fleet_json(runtime, address, "snapshot", named, "t1")
+            for r in snapped_again["results"]:
+                assert (r["error"], r["reused"]) == (None, True), r
+                assert r["overlays"] == {devices[r["vm"]]: str(overlays[r["vm"]])}, r
+                assert await vm_chains(runtime, r["vm"]) == r["chains"]
+                assert len(r["chains"][devices[r["vm"]]]) == 2, r
+            for n, vm in enumerate(names):
+                await hmp_write(runtime, vm, 0x40 + n, 3 * 65536)
+                assert not await holds(disks[vm], 0x40 + n, 3 * 65536), vm  # in the overlay
+            committed = await fleet_json(runtime, address, "commit", named, "t1")
+            for n, r in enumerate(committed["results"]):
+                vm = r["vm"]
+                assert (r["error"], r["reused"]) == (None, False), r
+                assert r["overlays"] == {devices[vm]: str(overlays[vm])}, r
+                assert r["chains"] == before[vm] == await vm_chains(runtime, vm), r
+                assert not overlays[vm].exists(), overlays[vm]
+                assert await holds(disks[vm], 0x40 + n, 3 * 65536), vm
+            # Committed again in a new run (first attempts): no such snapshot, an error.
+            recommit = await fleet_json(runtime, address, "commit", named, "t1", code=1)
+            assert all("no external snapshot" in r["error"] for r in recommit["results"])
         for r in again["results"]:
             assert r["files"] == [] and "exists" in r["error"], r
         assert again["failed"] == 2, again
@@ -1328,7 +1381,8 @@ async def test_fleet_restore_of_each_vms_point_and_a_killed_restore(
             )
             for vm in names:
                 (file,) = by_vm[vm]["files"]
-                assert await images_equal(disks[vm], Path(file)), (step, vm)
+                # Equal to the first restore of that point (equal to the disk then).
+                assert await images_equal(newest / Path(file).name, Path(file)), (step, vm)
     finally:
         leaked += await down_vms(runtime, names)
     assert not leaked, f"QEMU processes left running: {leaked}"
