@@ -60,7 +60,6 @@ from blockctl._fleet.inventory import (
     VMVerifyResult,
     restored_name,
 )
-from blockctl._ops.chains import overlay_name
 from blockctl.errors import ConfigError, RepositoryBusy
 
 #: The activities' names (workflows name them as strings: they never import this module).
@@ -286,7 +285,7 @@ def _tagged(vm_identity: str, found: dict[str, list[str]], tag: str) -> dict[str
         device: f
         for device, files in found.items()
         for f in files
-        if Path(f).name == overlay_name(vm_identity, device, tag)
+        if Path(f).name == chains.overlay_name(vm_identity, device, tag)
     }
 
 
