@@ -1,9 +1,11 @@
 """``fleet``: blockctl on Temporal (the ``blockctl[fleet]`` extra). ``worker`` runs a host's
 worker; ``backup`` runs a fleet backup over an inventory and prints each VM's point;
-``verify`` and ``prune`` verify each VM's newest point and prune each VM's points, on its
-host's worker; ``status`` shows each VM's last point, running backups and last failure (and,
-for hosts without VMs named, the VMs their workers list), and the last fleet backups Temporal
-has; ``schedule`` creates, lists and deletes Temporal Schedules that run a fleet backup.
+``verify``, ``prune``, ``restore``, ``snapshot`` and ``commit`` verify each VM's newest
+point, prune its points, restore a point into new files, take and commit back an external
+snapshot, on its host's worker; ``status`` shows each VM's last point, running backups and
+last failure (and, for hosts without VMs named, the VMs their workers list; its last fleet
+verify, prune and restore), and the last fleet backups Temporal has; ``schedule`` creates,
+lists and deletes Temporal Schedules that run a fleet backup.
 
 temporalio is imported only when a fleet command runs: every other command, and this one's
 parser, work without it.
@@ -751,6 +753,16 @@ def _vm_notes(status: FleetStatus) -> list[str]:
         if (p := v.checks.prune) is not None:
             what = f"FAILED: {p.error}" if p.error else f"deleted {p.deleted}, kept {p.kept}"
             notes.append(f"{v.host}/{v.vm}: last prune {p.workflow_id} ({_when(p.closed)}): {what}")
+        if (last := v.checks.restore) is not None:
+            if last.error is not None:
+                what = f"FAILED: {last.error}"
+            elif last.point is None:
+                what = "no point"
+            else:
+                what = f"{last.point} into " + ", ".join(last.files)
+            notes.append(
+                f"{v.host}/{v.vm}: last restore {last.workflow_id} ({_when(last.closed)}): {what}"
+            )
     return notes
 
 

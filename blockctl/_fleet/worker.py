@@ -76,6 +76,7 @@ from blockctl._fleet.inventory import (
 from blockctl._fleet.status import (
     LastFailure,
     LastPrune,
+    LastRestore,
     LastVerify,
     RunningBackup,
     RunStatus,
@@ -87,6 +88,7 @@ from blockctl._fleet.status import (
 )
 from blockctl._fleet.workflows import (
     FLEET_BACKUP,
+    FLEET_PRUNE,
     FLEET_VERIFY,
     FleetBackup,
     FleetCommit,
@@ -504,8 +506,11 @@ async def vm_work(
 
 
 #: The fleet verifies and prunes, newest first.
-_FLEET_CHECKS = "WorkflowType = 'blockctl.fleet-verify' OR WorkflowType = 'blockctl.fleet-prune'"
-#: How many of the newest fleet verify and prune runs ``vm_checks`` looks at.
+_FLEET_CHECKS = (
+    "WorkflowType = 'blockctl.fleet-verify' OR WorkflowType = 'blockctl.fleet-prune' "
+    "OR WorkflowType = 'blockctl.fleet-restore'"
+)
+#: How many of the newest fleet verify, prune and restore runs ``vm_checks`` looks at.
 CHECK_RUNS_LISTED = 100
 
 
@@ -520,14 +525,18 @@ async def vm_checks(
     client = await connect(address, namespace)
     verifies: dict[tuple[str, str], LastVerify] = {}
     prunes: dict[tuple[str, str], LastPrune] = {}
+    restores: dict[tuple[str, str], LastRestore] = {}
+    result_types: dict[str, type] = {
+        FLEET_VERIFY: FleetVerifyResult,
+        FLEET_PRUNE: FleetPruneResult,
+    }
     try:
         async for wf in client.list_workflows(_FLEET_CHECKS, limit=limit):
             closed = None if wf.close_time is None else wf.close_time.timestamp()
-            verify = wf.workflow_type == FLEET_VERIFY
             handle = client.get_workflow_handle(
                 wf.id,
                 run_id=wf.run_id,
-                result_type=FleetVerifyResult if verify else FleetPruneResult,
+                result_type=result_types.get(wf.workflow_type, FleetRestoreResult),
             )
             if wf.status != WorkflowExecutionStatus.COMPLETED:
                 # The list lags behind the run: its own state says if it completed.
@@ -536,7 +545,12 @@ async def vm_checks(
                     continue
                 closed = None if run.close_time is None else run.close_time.timestamp()
             result = await handle.result(follow_runs=False)
-            if isinstance(result, FleetVerifyResult):
+            if isinstance(result, FleetRestoreResult):
+                for r in result.results:
+                    restores.setdefault(
+                        (r.host, r.vm), LastRestore(wf.id, closed, r.point, r.files, r.error)
+                    )
+            elif isinstance(result, FleetVerifyResult):
                 for v in result.results:
                     verifies.setdefault(
                         (v.host, v.vm),
@@ -549,9 +563,12 @@ async def vm_checks(
                         LastPrune(wf.id, closed, len(p.deleted), len(p.kept), p.error),
                     )
     except (RPCError, WorkflowFailureError) as exc:
-        raise FleetError(f"cannot list the fleet verifies and prunes at {address}: {exc}") from None
+        raise FleetError(
+            f"cannot list the fleet verifies, prunes and restores at {address}: {exc}"
+        ) from None
     return {
-        key: VMChecks(verifies.get(key), prunes.get(key)) for key in verifies.keys() | prunes.keys()
+        key: VMChecks(verifies.get(key), prunes.get(key), restores.get(key))
+        for key in verifies.keys() | prunes.keys() | restores.keys()
     }
 
 

@@ -1359,7 +1359,7 @@ async def test_fleet_restore_of_each_vms_point_and_a_killed_restore(
             out_path = tmp_path / f"{step}.json"
             async with fleet_running(
                 runtime, out_path, "restore", named, "--dest-dir", dest, "--address", address,
-                "--heartbeat-timeout", "5",
+                "--heartbeat-timeout", "5", "--workflow-id", f"killed-{step}",
             ) as restore:  # fmt: skip
                 dead_log = tmp_path / f"{step}-dead.log"
                 async with worker("hv1", runtime, address, dead_log, ("web", step, "kill")) as w:
@@ -1383,6 +1383,18 @@ async def test_fleet_restore_of_each_vms_point_and_a_killed_restore(
                 (file,) = by_vm[vm]["files"]
                 # Equal to the first restore of that point (equal to the disk then).
                 assert await images_equal(newest / Path(file).name, Path(file)), (step, vm)
+        # fleet status: each VM's last restore, the last run's (listed a moment after it
+        # closed: wait for it).
+        with anyio.fail_after(START_DEADLINE):
+            while True:
+                status = await status_json(runtime, address, "--inventory", named)
+                last = {v["vm"]: v["last_restore"] or {} for v in status["vms"]}
+                if all(r.get("workflow_id") == "killed-restore-unnamed" for r in last.values()):
+                    break
+                await anyio.sleep(0.5)
+        for vm, r in last.items():
+            file = tmp_path / "k2" / f"{vm}.{points[vm][-1]}.{devices[vm]}.qcow2"
+            assert (r["point"], r["files"], r["error"]) == (points[vm][-1], [str(file)], None), r
     finally:
         leaked += await down_vms(runtime, names)
     assert not leaked, f"QEMU processes left running: {leaked}"
