@@ -26,6 +26,7 @@ from blockctl._ops.chains import (
     list_external,
     list_internal,
     load_internal,
+    overlay_name,
     save_internal,
     stream,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "external_snapshot",
     "delete_external",
     "list_external",
+    "overlay_name",
     "commit",
     "stream",
     "flush_chain",

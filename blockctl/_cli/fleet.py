@@ -1,9 +1,11 @@
 """``fleet``: blockctl on Temporal (the ``blockctl[fleet]`` extra). ``worker`` runs a host's
 worker; ``backup`` runs a fleet backup over an inventory and prints each VM's point;
-``verify`` and ``prune`` verify each VM's newest point and prune each VM's points, on its
-host's worker; ``status`` shows each VM's last point, running backups and last failure (and,
-for hosts without VMs named, the VMs their workers list), and the last fleet backups Temporal
-has; ``schedule`` creates, lists and deletes Temporal Schedules that run a fleet backup.
+``verify``, ``prune``, ``restore``, ``snapshot`` and ``commit`` verify each VM's newest
+point, prune its points, restore a point into new files, take and commit back an external
+snapshot, on its host's worker; ``status`` shows each VM's last point, running backups and
+last failure (and, for hosts without VMs named, the VMs their workers list; its last fleet
+verify, prune and restore), and the last fleet backups Temporal has; ``schedule`` creates,
+lists and deletes Temporal Schedules that run a fleet backup.
 
 temporalio is imported only when a fleet command runs: every other command, and this one's
 parser, work without it.
@@ -23,7 +25,7 @@ from blockctl._cli.output import human_size, table
 from blockctl.errors import MissingComponent
 
 if TYPE_CHECKING:
-    from blockctl._fleet.inventory import FleetBackupRequest
+    from blockctl._fleet.inventory import FleetBackupRequest, VMBackup
     from blockctl._fleet.status import FleetStatus, ScheduleStatus
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
@@ -141,6 +143,78 @@ class Fleet(Command):
         self._server_options(p)
 
         p = sub.add_parser(
+            "restore",
+            parents=[global_options(parent=False)],
+            help="restore each VM's newest point (or --point) into new files on its host "
+            "(exit 1: one failed)",
+        )
+        p.add_argument("inventory", type=Path, help="a TOML inventory: [hosts.NAME] vms = [...]")
+        p.add_argument(
+            "--dest-dir",
+            type=Path,
+            required=True,
+            metavar="DIR",
+            help="where each host writes its VMs' files, VM.POINT.DEVICE.qcow2 (a directory "
+            "on that host)",
+        )
+        p.add_argument("--point", metavar="ID", help="this point of each VM (default: its newest)")
+        p.add_argument(
+            "--vm",
+            action="append",
+            dest="only_vms",  # not ``vm``: that name is a single positional's elsewhere
+            metavar="NAME",
+            help="only this VM of the inventory (repeatable; default: all of them)",
+        )
+        p.add_argument("--workflow-id", help="the workflow's id (default: fleet-restore-<uuid>)")
+        self._heartbeat_option(p)
+        p.add_argument(
+            "--per-host",
+            type=_limit,
+            metavar="N",
+            help="at most N restores at once on one host (default: the inventory's; 0: none)",
+        )
+        self._server_options(p)
+
+        for action, what in (
+            ("snapshot", "take external snapshot TAG of each VM's disks on its host"),
+            ("commit", "commit each VM's external snapshot TAG back into its disks' images"),
+        ):
+            p = sub.add_parser(
+                action,
+                parents=[global_options(parent=False)],
+                help=f"{what} (exit 1: one failed)",
+            )
+            p.add_argument(
+                "inventory", type=Path, help="a TOML inventory: [hosts.NAME] vms = [...]"
+            )
+            p.add_argument("tag", help="the snapshot's tag (what finds it again on a retry)")
+            if action == "snapshot":
+                p.add_argument(
+                    "--dir",
+                    type=Path,
+                    metavar="DIR",
+                    help="the overlays' directory on each host (default: beside each image)",
+                )
+            p.add_argument(
+                "--vm",
+                action="append",
+                dest="only_vms",
+                metavar="NAME",
+                help="only this VM of the inventory (repeatable; default: all of them)",
+            )
+            p.add_argument(
+                "--workflow-id", help=f"the workflow's id (default: fleet-{action}-<uuid>)"
+            )
+            self._heartbeat_option(p)
+            p.add_argument(
+                "--per-host",
+                type=_limit,
+                metavar="N",
+                help="at most N at once on one host (default: the inventory's; 0: none)",
+            )
+            self._server_options(p)
+
+        p = sub.add_parser(
             "status",
             parents=[global_options(parent=False)],
             help="each VM's last point, running backups and last failure; the last fleet backups",
@@ -234,6 +308,10 @@ class Fleet(Command):
             return await self._verify(args)
         if args.action == "prune":
             return await self._prune(args)
+        if args.action == "restore":
+            return await self._restore(args)
+        if args.action in ("snapshot", "commit"):
+            return await self._chain(args)
         return await self._backup(args)
 
     async def _worker(self, args: argparse.Namespace) -> int:
@@ -387,6 +465,107 @@ class Fleet(Command):
         )
         return ExitCode.ERROR if failed else ExitCode.OK
 
+    async def _restore(self, args: argparse.Namespace) -> int:
+        from blockctl._fleet.inventory import FleetRestoreRequest, VMRestore, load_inventory
+
+        inventory = load_inventory(args.inventory)
+        _require_temporalio()
+        from blockctl._fleet.worker import fleet_restore
+
+        inventory = await self._listed(inventory, args)
+        backups = _only(inventory.backups, args)
+        dest_dir = str(args.dest_dir.absolute())
+        request = FleetRestoreRequest(
+            [VMRestore(b.host, b.vm, b.repository, dest_dir, args.point) for b in backups],
+            args.heartbeat_timeout,
+            inventory.per_host if args.per_host is None else args.per_host,
+        )
+        result = await fleet_restore(request, args.address, args.namespace, args.workflow_id)
+        lines = []
+        for r in result.results:
+            if r.error is not None:
+                what = f"FAILED: {r.error}"
+            elif r.point is None:
+                what = "no point"
+            else:
+                what = f"{r.point}: " + ", ".join(
+                    f + (" (an earlier attempt's)" if f in r.reused else "") for f in r.files
+                )
+            lines.append(f"{r.host}/{r.vm}: {what}")
+        failed = [r for r in result.results if r.error is not None]
+        lines.append(f"{len(result.results) - len(failed)} restored, {len(failed)} failed")
+        emit(
+            args,
+            {
+                "results": [
+                    {
+                        "host": r.host,
+                        "vm": r.vm,
+                        "repository": r.repository,
+                        "point": r.point,
+                        "files": r.files,
+                        "reused": r.reused,
+                        "bytes_written": r.bytes_written,
+                        "error": r.error,
+                    }
+                    for r in result.results
+                ],
+                "failed": len(failed),
+            },
+            "\n".join(lines),
+        )
+        return ExitCode.ERROR if failed else ExitCode.OK
+
+    async def _chain(self, args: argparse.Namespace) -> int:
+        from blockctl._fleet.inventory import FleetChainRequest, VMChain, load_inventory
+
+        inventory = load_inventory(args.inventory)
+        _require_temporalio()
+        from blockctl._fleet.worker import fleet_chain
+
+        inventory = await self._listed(inventory, args)
+        directory = getattr(args, "dir", None)
+        where = None if directory is None else str(directory.absolute())
+        request = FleetChainRequest(
+            [VMChain(b.host, b.vm, args.tag, where) for b in _only(inventory.backups, args)],
+            args.heartbeat_timeout,
+            inventory.per_host if args.per_host is None else args.per_host,
+        )
+        result = await fleet_chain(
+            args.action, request, args.address, args.namespace, args.workflow_id
+        )
+        done = "snapshotted" if args.action == "snapshot" else "committed"
+        lines = []
+        for r in result.results:
+            if r.error is not None:
+                what = f"FAILED: {r.error}"
+            else:
+                what = ", ".join(f"{d} {f}" for d, f in r.overlays.items()) or "-"
+                what = f"{done} {what}" + (" (by an earlier attempt)" if r.reused else "")
+            lines.append(f"{r.host}/{r.vm}: {what}")
+        failed = [r for r in result.results if r.error is not None]
+        lines.append(f"{len(result.results) - len(failed)} {done}, {len(failed)} failed")
+        emit(
+            args,
+            {
+                "results": [
+                    {
+                        "host": r.host,
+                        "vm": r.vm,
+                        "tag": r.tag,
+                        "overlays": r.overlays,
+                        "reused": r.reused,
+                        "chains": r.chains,
+                        "error": r.error,
+                    }
+                    for r in result.results
+                ],
+                "failed": len(failed),
+            },
+            "\n".join(lines),
+        )
+        return ExitCode.ERROR if failed else ExitCode.OK
+
     async def _schedule(self, args: argparse.Namespace) -> int:
         from blockctl._fleet.inventory import check_schedule_name
         from blockctl._fleet.status import schedules_to_json
@@ -525,6 +704,18 @@ class Fleet(Command):
         return ExitCode.OK
 
 
+def _only(backups: list[VMBackup], args: argparse.Namespace) -> list[VMBackup]:
+    """The inventory's VMs, or those of them ``--vm`` names (a name it has not: an error)."""
+    from blockctl.errors import ConfigError
+
+    if args.only_vms is None:
+        return backups
+    missing = sorted(set(args.only_vms) - {b.vm for b in backups})
+    if missing:
+        raise ConfigError("vm", f"{missing[0]!r} is not a VM of {args.inventory}")
+    return [b for b in backups if b.vm in args.only_vms]
+
+
 def _when(stamp: float | None) -> str:
     return "" if stamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
 
@@ -562,6 +753,16 @@ def _vm_notes(status: FleetStatus) -> list[str]:
         if (p := v.checks.prune) is not None:
             what = f"FAILED: {p.error}" if p.error else f"deleted {p.deleted}, kept {p.kept}"
             notes.append(f"{v.host}/{v.vm}: last prune {p.workflow_id} ({_when(p.closed)}): {what}")
+        if (last := v.checks.restore) is not None:
+            if last.error is not None:
+                what = f"FAILED: {last.error}"
+            elif last.point is None:
+                what = "no point"
+            else:
+                what = f"{last.point} into " + ", ".join(last.files)
+            notes.append(
+                f"{v.host}/{v.vm}: last restore {last.workflow_id} ({_when(last.closed)}): {what}"
+            )
     return notes
 
 

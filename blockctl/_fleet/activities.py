@@ -1,5 +1,6 @@
 """What a host's worker runs: blockctl's public operations on this host's VMs and on the
-repositories as this host sees them (backup, verify, prune), and the list of this host's
+repositories as this host sees them (backup, verify, prune, restore; external snapshot and
+its commit back), and the list of this host's
 VMs, as Temporal activities. Only the worker of a VM's host talks QMP to it (the VM is found
 by name in this process's runtime directory, ``BLOCKCTL_RUNTIME_DIR``).
 
@@ -10,6 +11,10 @@ kept: the newest ``keep_last``), then collects the chunks no point references (a
 does: the dead attempt may have deleted points and not collected); its result names every
 point the workflow's ``blockctl.points`` listed that is gone, the dead attempt's deletions
 included.
+
+A restore writes each disk's file only once complete and durable (``backup.restore``: an
+unnamed file, named at the end), under a name fixed by VM, point and device: a retry that
+finds the file reports it instead of writing it again.
 
 A backup activity is idempotent: its request id (the workflow's id and run and the
 activity's id, the same in every attempt) is recorded in the point's manifest, and
@@ -28,33 +33,43 @@ workflow's heartbeat timeout.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import quote
 
 import anyio
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from blockctl import _runtime, attach, backup, jobs
+from blockctl import _fsutil, _runtime, attach, backup, chains, jobs, recovery
 from blockctl._fleet.inventory import (
     HostVMs,
     ListedVM,
     VMBackup,
     VMBackupResult,
+    VMChain,
+    VMChainResult,
     VMPoints,
     VMPrune,
     VMPruneResult,
+    VMRestore,
+    VMRestoreResult,
     VMVerify,
     VMVerifyResult,
+    restored_name,
 )
-from blockctl.errors import RepositoryBusy
+from blockctl.errors import ConfigError, RepositoryBusy
 
 #: The activities' names (workflows name them as strings: they never import this module).
 BACKUP_VM = "blockctl.backup"
 POINTS = "blockctl.points"
 VERIFY_VM = "blockctl.verify"
 PRUNE_VM = "blockctl.prune"
+RESTORE_VM = "blockctl.restore"
+SNAPSHOT_VM = "blockctl.snapshot"
+COMMIT_VM = "blockctl.commit"
 LIST_VMS = "blockctl.list-vms"
 #: Heartbeats per heartbeat timeout while nothing else heartbeats (recovery, syncing the
 #: chunks, writing the manifest): one lost or late heartbeat does not lose the worker.
@@ -205,6 +220,123 @@ async def prune_vm(request: VMPrune, before: list[str]) -> VMPruneResult:
         chunks_removed=removed,
         bytes_removed=removed_bytes,
         gc_skipped=skipped,
+    )
+
+
+def _names_only_complete(directory: Path) -> bool:
+    """Whether a restore into ``directory`` names its file only once complete (its
+    filesystem has unnamed files); else ``backup.restore`` writes the named file directly."""
+    fd = _fsutil.unnamed_file(directory)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+@activity.defn(name=RESTORE_VM)
+async def restore_vm(request: VMRestore, point: str) -> VMRestoreResult:
+    """Restore each disk of the VM's ``point`` into a new qcow2 file in ``request.dest_dir``
+    (``restored_name``). ``backup.restore`` names a file only once it is complete and
+    durable, so a retry (attempt > 1) that finds its file there takes it as an earlier
+    attempt's, complete, and reports it (``reused``) instead of failing or writing it again;
+    a first attempt that finds it there fails (that file is not this restore's)."""
+    info = activity.info()
+    async with _heartbeating():
+        repo = backup.open_repository(request.repository)
+        manifest = repo.get(request.vm, point)
+        dest_dir = Path(request.dest_dir)
+        if not dest_dir.is_dir():
+            raise ConfigError(
+                "dest-dir", f"{dest_dir} is not a directory on {request.host} (create it first)"
+            )
+        files: list[str] = []
+        reused: list[str] = []
+        written = 0
+        for disk in manifest.disks:
+            dest = dest_dir / restored_name(request.vm, point, disk.device)
+            files.append(str(dest))
+            if info.attempt > 1 and dest.exists():
+                if not await anyio.to_thread.run_sync(_names_only_complete, dest_dir):
+                    raise ConfigError(
+                        "dest-dir",
+                        f"{dest} exists and may be an earlier attempt's incomplete file: "
+                        f"{dest_dir} has no unnamed files (O_TMPFILE); remove it and restore "
+                        "again",
+                    )
+                reused.append(str(dest))
+                continue
+            result = await backup.restore(repo, request.vm, point, disk.device, dest)
+            written += result.bytes_written
+    return VMRestoreResult(
+        host=request.host,
+        vm=request.vm,
+        repository=request.repository,
+        point=point,
+        files=files,
+        reused=reused,
+        bytes_written=written,
+    )
+
+
+def _tagged(vm_identity: str, found: dict[str, list[str]], tag: str) -> dict[str, str]:
+    """Each device whose chain (``chains.list_external``) has snapshot ``tag``'s overlay:
+    that overlay's file."""
+    return {
+        device: f
+        for device, files in found.items()
+        for f in files
+        if Path(f).name == chains.overlay_name(vm_identity, device, tag)
+    }
+
+
+@activity.defn(name=SNAPSHOT_VM)
+async def snapshot_vm(request: VMChain) -> VMChainResult:
+    """Take external snapshot ``request.tag`` of every writable disk of the VM (one point in
+    time). The chain is read first, after settling what an earlier attempt left
+    (``recovery.reconcile``: its journal record finished or undone): if it has the tag's
+    overlays, an earlier attempt took it, and it is reported (``reused``), not taken twice."""
+    info = activity.info()
+    async with (
+        _heartbeating(),
+        attach(
+            request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
+        ) as vm,
+    ):
+        await recovery.reconcile(vm)
+        taken = _tagged(vm.identity, await chains.list_external(vm), request.tag)
+        if not taken:
+            directory = None if request.directory is None else Path(request.directory)
+            snap = await chains.external_snapshot(vm, request.tag, directory)
+            overlays = {d: str(p) for d, p in snap.overlays.items()}
+        else:
+            overlays = taken
+        after = await chains.list_external(vm)
+    return VMChainResult(
+        request.host, request.vm, request.tag, overlays, reused=bool(taken), chains=after
+    )
+
+
+@activity.defn(name=COMMIT_VM)
+async def commit_vm(request: VMChain) -> VMChainResult:
+    """Commit external snapshot ``request.tag``'s overlays back into the images below them
+    (an active commit where the overlay is the top; ``chains.delete_external``), their files
+    deleted. After settling what an earlier attempt left: a retry (attempt > 1) that finds
+    none of the tag's overlays in the chain reports the commit done (``reused``); a first
+    attempt fails (no such snapshot)."""
+    info = activity.info()
+    async with (
+        _heartbeating(),
+        attach(
+            request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
+        ) as vm,
+    ):
+        await recovery.reconcile(vm)
+        tagged = _tagged(vm.identity, await chains.list_external(vm), request.tag)
+        if tagged or info.attempt == 1:
+            await chains.delete_external(vm, request.tag)
+        after = await chains.list_external(vm)
+    return VMChainResult(
+        request.host, request.vm, request.tag, tagged, reused=not tagged, chains=after
     )
 
 

@@ -229,6 +229,96 @@ class FleetPruneResult:
 
 
 @dataclass(frozen=True, slots=True)
+class VMRestore:
+    """Restore VM ``vm``'s point ``point`` (None: its newest, as the workflow found it) from
+    ``repository`` into new qcow2 files in ``dest_dir``, on ``host`` (a path as that host
+    sees it)."""
+
+    host: str
+    vm: str
+    repository: str
+    dest_dir: str
+    point: str | None = None
+
+
+def restored_name(vm: str, point: str, device: str) -> str:
+    """The file a fleet restore writes for one disk of a point: the same in every attempt (a
+    retry finds what an earlier attempt named), different for every VM, point and device."""
+    return f"{vm}.{point}.{device}.qcow2"
+
+
+@dataclass(frozen=True, slots=True)
+class VMRestoreResult:
+    """A VM's restore: the point restored and the file each disk went to (``files``, with
+    ``reused``: those an earlier attempt had already completed), or the error that stopped
+    it (``point`` None and no error: the VM has no point)."""
+
+    host: str
+    vm: str
+    repository: str
+    point: str | None = None
+    files: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRestoreRequest:
+    """The VMs to restore, at most ``per_host`` at once on one host."""
+
+    vms: list[VMRestore]
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    per_host: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRestoreResult:
+    results: list[VMRestoreResult]
+
+
+@dataclass(frozen=True, slots=True)
+class VMChain:
+    """An external snapshot ``tag`` of VM ``vm`` on ``host``: taken (its overlays in
+    ``directory``, None: beside each disk's image) or committed back (``directory`` unused)."""
+
+    host: str
+    vm: str
+    tag: str
+    directory: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VMChainResult:
+    """A VM's snapshot or commit: each disk's overlay file (device to file), whether an
+    earlier attempt had already done it (``reused``: a retry found the overlays in the chain,
+    or, for a commit, gone from it), each disk's chain afterwards (top first, files), or the
+    error that stopped it."""
+
+    host: str
+    vm: str
+    tag: str
+    overlays: dict[str, str] = field(default_factory=dict)
+    reused: bool = False
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetChainRequest:
+    """The VMs to snapshot (or commit), at most ``per_host`` at once on one host."""
+
+    vms: list[VMChain]
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    per_host: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FleetChainResult:
+    results: list[VMChainResult]
+
+
+@dataclass(frozen=True, slots=True)
 class VMBackupRequest:
     """One VM's child workflow's input: the VM and its activity's heartbeat timeout."""
 

@@ -83,11 +83,25 @@ class LastPrune:
 
 
 @dataclass(frozen=True, slots=True)
+class LastRestore:
+    """A VM's result in the newest completed fleet restore that had it: the point restored
+    (None: the VM had none) and its files, or the error."""
+
+    workflow_id: str
+    closed: float | None
+    point: str | None
+    files: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class VMChecks:
-    """A VM's last fleet verify and fleet prune (None: none among those looked at)."""
+    """A VM's last fleet verify, fleet prune and fleet restore (None: none among those
+    looked at)."""
 
     verify: LastVerify | None = None
     prune: LastPrune | None = None
+    restore: LastRestore | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +271,15 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
                     "deleted": v.checks.prune.deleted,
                     "kept": v.checks.prune.kept,
                     "error": v.checks.prune.error,
+                },
+                "last_restore": None
+                if v.checks.restore is None
+                else {
+                    "workflow_id": v.checks.restore.workflow_id,
+                    "closed": v.checks.restore.closed,
+                    "point": v.checks.restore.point,
+                    "files": v.checks.restore.files,
+                    "error": v.checks.restore.error,
                 },
             }
             for v in status.vms

@@ -42,13 +42,26 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from blockctl._fleet.activities import backup_vm, list_vms, prune_vm, verify_vm, vm_points
+from blockctl._fleet.activities import (
+    backup_vm,
+    commit_vm,
+    list_vms,
+    prune_vm,
+    restore_vm,
+    snapshot_vm,
+    verify_vm,
+    vm_points,
+)
 from blockctl._fleet.inventory import (
     WORKFLOW_QUEUE,
     FleetBackupRequest,
     FleetBackupResult,
+    FleetChainRequest,
+    FleetChainResult,
     FleetPruneRequest,
     FleetPruneResult,
+    FleetRestoreRequest,
+    FleetRestoreResult,
     FleetVerifyRequest,
     FleetVerifyResult,
     HostVMs,
@@ -63,6 +76,7 @@ from blockctl._fleet.inventory import (
 from blockctl._fleet.status import (
     LastFailure,
     LastPrune,
+    LastRestore,
     LastVerify,
     RunningBackup,
     RunStatus,
@@ -74,10 +88,14 @@ from blockctl._fleet.status import (
 )
 from blockctl._fleet.workflows import (
     FLEET_BACKUP,
+    FLEET_PRUNE,
     FLEET_VERIFY,
     FleetBackup,
+    FleetCommit,
     FleetList,
     FleetPrune,
+    FleetRestore,
+    FleetSnapshot,
     FleetVerify,
     VMBackupWorkflow,
 )
@@ -130,13 +148,31 @@ async def run_worker(
         Worker(
             client,
             task_queue=task_queue(host),
-            activities=[backup_vm, vm_points, verify_vm, prune_vm, list_vms],
+            activities=[
+                backup_vm,
+                vm_points,
+                verify_vm,
+                prune_vm,
+                restore_vm,
+                snapshot_vm,
+                commit_vm,
+                list_vms,
+            ],
             identity=identity,
         ),
         Worker(
             client,
             task_queue=WORKFLOW_QUEUE,
-            workflows=[FleetBackup, VMBackupWorkflow, FleetVerify, FleetPrune, FleetList],
+            workflows=[
+                FleetBackup,
+                VMBackupWorkflow,
+                FleetVerify,
+                FleetPrune,
+                FleetRestore,
+                FleetSnapshot,
+                FleetCommit,
+                FleetList,
+            ],
             workflow_runner=runner,
             identity=identity,
         ),
@@ -259,6 +295,45 @@ async def fleet_prune(
         FleetPruneResult,
         workflow_id or f"fleet-prune-{uuid.uuid4()}",
         "the fleet prune",
+        address,
+        namespace,
+    )
+
+
+async def fleet_restore(
+    request: FleetRestoreRequest,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    workflow_id: str | None = None,
+) -> FleetRestoreResult:
+    """Run the fleet restore workflow over ``request`` and wait for its result."""
+    return await _run_workflow(
+        FleetRestore.run,
+        request,
+        FleetRestoreResult,
+        workflow_id or f"fleet-restore-{uuid.uuid4()}",
+        "the fleet restore",
+        address,
+        namespace,
+    )
+
+
+async def fleet_chain(
+    action: str,
+    request: FleetChainRequest,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+    workflow_id: str | None = None,
+) -> FleetChainResult:
+    """Run the fleet snapshot (``action`` "snapshot") or commit ("commit") workflow over
+    ``request`` and wait for its result."""
+    run = FleetSnapshot.run if action == "snapshot" else FleetCommit.run
+    return await _run_workflow(
+        run,
+        request,
+        FleetChainResult,
+        workflow_id or f"fleet-{action}-{uuid.uuid4()}",
+        f"the fleet {action}",
         address,
         namespace,
     )
@@ -431,8 +506,11 @@ async def vm_work(
 
 
 #: The fleet verifies and prunes, newest first.
-_FLEET_CHECKS = "WorkflowType = 'blockctl.fleet-verify' OR WorkflowType = 'blockctl.fleet-prune'"
-#: How many of the newest fleet verify and prune runs ``vm_checks`` looks at.
+_FLEET_CHECKS = (
+    "WorkflowType = 'blockctl.fleet-verify' OR WorkflowType = 'blockctl.fleet-prune' "
+    "OR WorkflowType = 'blockctl.fleet-restore'"
+)
+#: How many of the newest fleet verify, prune and restore runs ``vm_checks`` looks at.
 CHECK_RUNS_LISTED = 100
 
 
@@ -447,14 +525,18 @@ async def vm_checks(
     client = await connect(address, namespace)
     verifies: dict[tuple[str, str], LastVerify] = {}
     prunes: dict[tuple[str, str], LastPrune] = {}
+    restores: dict[tuple[str, str], LastRestore] = {}
+    result_types: dict[str, type] = {
+        FLEET_VERIFY: FleetVerifyResult,
+        FLEET_PRUNE: FleetPruneResult,
+    }
     try:
         async for wf in client.list_workflows(_FLEET_CHECKS, limit=limit):
             closed = None if wf.close_time is None else wf.close_time.timestamp()
-            verify = wf.workflow_type == FLEET_VERIFY
             handle = client.get_workflow_handle(
                 wf.id,
                 run_id=wf.run_id,
-                result_type=FleetVerifyResult if verify else FleetPruneResult,
+                result_type=result_types.get(wf.workflow_type, FleetRestoreResult),
             )
             if wf.status != WorkflowExecutionStatus.COMPLETED:
                 # The list lags behind the run: its own state says if it completed.
@@ -463,7 +545,12 @@ async def vm_checks(
                     continue
                 closed = None if run.close_time is None else run.close_time.timestamp()
             result = await handle.result(follow_runs=False)
-            if isinstance(result, FleetVerifyResult):
+            if isinstance(result, FleetRestoreResult):
+                for r in result.results:
+                    restores.setdefault(
+                        (r.host, r.vm), LastRestore(wf.id, closed, r.point, r.files, r.error)
+                    )
+            elif isinstance(result, FleetVerifyResult):
                 for v in result.results:
                     verifies.setdefault(
                         (v.host, v.vm),
@@ -476,9 +563,12 @@ async def vm_checks(
                         LastPrune(wf.id, closed, len(p.deleted), len(p.kept), p.error),
                     )
     except (RPCError, WorkflowFailureError) as exc:
-        raise FleetError(f"cannot list the fleet verifies and prunes at {address}: {exc}") from None
+        raise FleetError(
+            f"cannot list the fleet verifies, prunes and restores at {address}: {exc}"
+        ) from None
     return {
-        key: VMChecks(verifies.get(key), prunes.get(key)) for key in verifies.keys() | prunes.keys()
+        key: VMChecks(verifies.get(key), prunes.get(key), restores.get(key))
+        for key in verifies.keys() | prunes.keys() | restores.keys()
     }
 
 

@@ -14,6 +14,12 @@ VM's own history), on each VM's host's queue: first ``blockctl.points`` (the VM'
 the plan is in the history: the point a verify checks, the points a prune started from),
 then ``blockctl.verify`` of the newest or ``blockctl.prune``. Prunes run one at a time per
 repository (each collects the repository's unreferenced chunks under its exclusive lock).
+A fleet restore (``blockctl.fleet-restore``) runs the same way: ``blockctl.points``, then
+``blockctl.restore`` of the point asked for (the newest when none is) into new files on the
+VM's host.
+A fleet snapshot (``blockctl.fleet-snapshot``) and a fleet commit (``blockctl.fleet-commit``)
+run ``blockctl.snapshot`` or ``blockctl.commit`` of each VM on its host's queue, keyed by the
+snapshot's tag: a retry finds in the chain what an earlier attempt did.
 A fleet list (``blockctl.fleet-list``) asks each named host's worker for its VMs.
 """
 
@@ -37,8 +43,12 @@ with workflow.unsafe.imports_passed_through():
     from blockctl._fleet.inventory import (
         FleetBackupRequest,
         FleetBackupResult,
+        FleetChainRequest,
+        FleetChainResult,
         FleetPruneRequest,
         FleetPruneResult,
+        FleetRestoreRequest,
+        FleetRestoreResult,
         FleetVerifyRequest,
         FleetVerifyResult,
         HostVMs,
@@ -47,9 +57,13 @@ with workflow.unsafe.imports_passed_through():
         VMBackup,
         VMBackupRequest,
         VMBackupResult,
+        VMChain,
+        VMChainResult,
         VMPoints,
         VMPrune,
         VMPruneResult,
+        VMRestore,
+        VMRestoreResult,
         VMVerify,
         VMVerifyResult,
         task_queue,
@@ -62,11 +76,19 @@ BACKUP_VM = "blockctl.backup"
 POINTS = "blockctl.points"
 VERIFY_VM = "blockctl.verify"
 PRUNE_VM = "blockctl.prune"
+RESTORE_VM = "blockctl.restore"
+SNAPSHOT_VM = "blockctl.snapshot"
+COMMIT_VM = "blockctl.commit"
 LIST_VMS = "blockctl.list-vms"
 FLEET_BACKUP = "blockctl.fleet-backup"
 VM_BACKUP = "blockctl.vm-backup"
 FLEET_VERIFY = "blockctl.fleet-verify"
 FLEET_PRUNE = "blockctl.fleet-prune"
+FLEET_RESTORE = "blockctl.fleet-restore"
+FLEET_SNAPSHOT = "blockctl.fleet-snapshot"
+FLEET_COMMIT = "blockctl.fleet-commit"
+#: A snapshot's transaction is quick; a commit copies the overlay's data into its base.
+CHAIN_TIMEOUT = timedelta(hours=1)
 FLEET_LIST = "blockctl.fleet-list"
 #: A backup is retried when its worker is lost (no heartbeat within the request's heartbeat
 #: timeout: killed, its host down) or the VM's backup lock is still held by an attempt taken
@@ -285,6 +307,110 @@ class FleetPrune:
         finally:
             slots.release(p)
         return result
+
+
+@workflow.defn(name=FLEET_RESTORE)
+class FleetRestore:
+    """Each VM's point (its newest, or the one named) restored by its host's worker into new
+    files there, at most ``per_host`` at once on one host; one result per VM in the
+    request's order (no point: ``point`` None; the named point missing, or a failed
+    restore: its error)."""
+
+    @workflow.run
+    async def run(self, request: FleetRestoreRequest) -> FleetRestoreResult:
+        slots = _Slots(request.per_host, 0)
+        results = await asyncio.gather(
+            *(self._restore(r, request.heartbeat_timeout, slots) for r in request.vms)
+        )
+        return FleetRestoreResult(list(results))
+
+    async def _restore(self, r: VMRestore, heartbeat: float, slots: _Slots) -> VMRestoreResult:
+        await slots.acquire(r)
+        try:
+            points = await _points(VMVerify(r.host, r.vm, r.repository), heartbeat)
+            if r.point is None and not points.points:
+                return VMRestoreResult(r.host, r.vm, r.repository)
+            point = points.points[-1] if r.point is None else r.point
+            if point not in points.points:
+                return VMRestoreResult(
+                    r.host,
+                    r.vm,
+                    r.repository,
+                    error=f"no complete point {point} of {r.vm} in {r.repository}",
+                )
+            result: VMRestoreResult = await workflow.execute_activity(
+                RESTORE_VM,
+                args=[r, point],
+                result_type=VMRestoreResult,
+                task_queue=task_queue(r.host),
+                activity_id=f"restore/{r.host}/{r.vm}",
+                start_to_close_timeout=REPOSITORY_TIMEOUT,
+                heartbeat_timeout=timedelta(seconds=heartbeat),
+                retry_policy=RETRY,
+            )
+        except ActivityError as exc:
+            return VMRestoreResult(r.host, r.vm, r.repository, error=_error(exc))
+        finally:
+            slots.release(r)
+        return result
+
+
+class _Chained:
+    """A VM's chain work is placed on its host only (``_Slots`` counts repositories too)."""
+
+    def __init__(self, c: VMChain) -> None:
+        self.host = c.host
+        self.repository = ""
+
+
+async def _chain(activity_name: str, c: VMChain, heartbeat: float, slots: _Slots) -> VMChainResult:
+    """One VM's snapshot or commit on its host's queue."""
+    placed = _Chained(c)
+    await slots.acquire(placed)
+    try:
+        result: VMChainResult = await workflow.execute_activity(
+            activity_name,
+            c,
+            result_type=VMChainResult,
+            task_queue=task_queue(c.host),
+            activity_id=f"{activity_name.removeprefix('blockctl.')}/{c.host}/{c.vm}",
+            start_to_close_timeout=CHAIN_TIMEOUT,
+            heartbeat_timeout=timedelta(seconds=heartbeat),
+            retry_policy=RETRY,
+        )
+    except ActivityError as exc:
+        return VMChainResult(c.host, c.vm, c.tag, error=_error(exc))
+    finally:
+        slots.release(placed)
+    return result
+
+
+@workflow.defn(name=FLEET_SNAPSHOT)
+class FleetSnapshot:
+    """Each VM's external snapshot ``tag`` taken by its host's worker, at most ``per_host``
+    at once on one host; one result per VM in the request's order."""
+
+    @workflow.run
+    async def run(self, request: FleetChainRequest) -> FleetChainResult:
+        slots = _Slots(request.per_host, 0)
+        results = await asyncio.gather(
+            *(_chain(SNAPSHOT_VM, c, request.heartbeat_timeout, slots) for c in request.vms)
+        )
+        return FleetChainResult(list(results))
+
+
+@workflow.defn(name=FLEET_COMMIT)
+class FleetCommit:
+    """Each VM's external snapshot ``tag`` committed back by its host's worker, at most
+    ``per_host`` at once on one host; one result per VM in the request's order."""
+
+    @workflow.run
+    async def run(self, request: FleetChainRequest) -> FleetChainResult:
+        slots = _Slots(request.per_host, 0)
+        results = await asyncio.gather(
+            *(_chain(COMMIT_VM, c, request.heartbeat_timeout, slots) for c in request.vms)
+        )
+        return FleetChainResult(list(results))
 
 
 @workflow.defn(name=FLEET_LIST)

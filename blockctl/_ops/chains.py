@@ -294,7 +294,13 @@ async def _record_read_only(vm: VM, devices: Sequence[str]) -> None:
 
 
 def _overlay_name(vm: VM, device: str, tag: str) -> str:
-    return f"{vm.identity}-{device}-{tag}.qcow2"
+    return overlay_name(vm.identity, device, tag)
+
+
+def overlay_name(identity: str, device: str, tag: str) -> str:
+    """The file name of external snapshot ``tag``'s overlay of ``device`` (``identity``: the
+    VM's): how a snapshot is found again in a chain."""
+    return f"{identity}-{device}-{tag}.qcow2"
 
 
 async def list_external(vm: VM) -> dict[str, list[str]]:

@@ -11,6 +11,10 @@ until PATH is removed, while the test acts; once; not at ``copy``, where job hoo
 wait). STEP ``prune``: in VM's prune (``blockctl.backup.prune``, which the worker's prune
 activity calls), once its points are deleted, as it starts collecting the chunks (the first
 collection this worker starts: one prune at a time per repository); ACTION ``kill`` only.
+STEP ``restore``: in VM's restore (``blockctl.backup.restore``, which the worker's restore
+activity calls), once its file is named, complete (before the activity reports it); STEP
+``restore-unnamed``: as the file, written and fsynced, is about to be named; ACTION ``kill``
+only.
 """
 
 from __future__ import annotations
@@ -73,7 +77,36 @@ def install_prune_kill(vm_name: str) -> None:
     backup.prune = prune_with_fault  # type: ignore[assignment]
 
 
+def install_restore_kill(vm_name: str, named: bool) -> None:
+    """SIGKILL this process in ``vm_name``'s restore: once its file is named (``named``),
+    else just before (the file told by its name, ``VM.POINT.DEVICE.qcow2``: restores of
+    several VMs run at once)."""
+    from blockctl import _fsutil
+
+    restore = backup.restore
+    name_unnamed_file = _fsutil.name_unnamed_file
+
+    def name_then_die(fd: int, path: Path) -> None:
+        if not named and path.name.startswith(f"{vm_name}."):
+            die()
+        name_unnamed_file(fd, path)
+
+    async def restore_then_die(repo: Any, vm: str, *args: Any, **kwargs: Any) -> Any:
+        result = await restore(repo, vm, *args, **kwargs)
+        if named and vm == vm_name:
+            die()
+        return result
+
+    _fsutil.name_unnamed_file = name_then_die
+    backup.restore = restore_then_die  # type: ignore[assignment]
+
+
 def install(vm_name: str, step: str, action: str) -> None:
+    if step in ("restore", "restore-unnamed"):
+        if action != "kill":
+            sys.exit(f"no action {action!r} at {step}: kill")
+        install_restore_kill(vm_name, named=step == "restore")
+        return
     if step == "prune":
         if action != "kill":
             sys.exit(f"no action {action!r} at prune: kill")

@@ -1206,3 +1206,195 @@ async def test_a_schedule_is_updated_in_place(dev_server: DevServer, tmp_path: P
         assert ghost.returncode == 1 and "no schedule named 'ghost'" in ghost.stderr.decode()
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+async def vm_chains(runtime: Path, vm_name: str) -> dict[str, list[str]]:
+    """The VM's chains, each device's image files top first (``chains.list_external``)."""
+    from blockctl import attach, chains
+
+    async with attach(runtime / vm_name / "qmp.sock") as vm:
+        return await chains.list_external(vm)
+
+
+async def holds(image: Path, byte: int, offset: int) -> bool:
+    """Whether qcow2 ``image`` itself (not its backing file) holds 64 KiB of ``byte`` at
+    ``offset`` (``qemu-io``'s pattern read; ``-U``: QEMU may hold the image)."""
+    read = await anyio.run_process(
+        ["qemu-io", "-U", "-r", "-f", "qcow2", "-c", f"read -P {byte} {offset} 64k", image],
+        check=False,
+    )
+    out = read.stdout.decode() + read.stderr.decode()
+    assert read.returncode == 0 or "Pattern verification failed" in out, out
+    return "Pattern verification failed" not in out
+
+
+async def images_equal(a: Path, b: Path) -> bool:
+    """``qemu-img compare`` of two qcow2 images (``-U``: a running VM's disk too)."""
+    compare = await anyio.run_process(
+        ["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", a, b], check=False
+    )
+    assert compare.returncode in (0, 1), compare.stderr.decode()
+    return compare.returncode == 0
+
+
+@contextlib.asynccontextmanager
+async def fleet_running(runtime: Path, out: Path, *argv: str | Path) -> AsyncIterator[Process]:
+    """``blockctl fleet ARGV... --json`` in the background, its output into ``out``;
+    stopped by PID when the block ends, if it still runs."""
+    argv2 = [sys.executable, "-m", "blockctl", "fleet", *map(str, argv), "--json"]
+    with open(out, "wb") as stdout:
+        process = await anyio.open_process(
+            argv2, env=cli_env(runtime), stdout=stdout, stderr=subprocess.STDOUT
+        )
+    try:
+        yield process
+    finally:
+        stop(process)
+        with anyio.move_on_after(START_DEADLINE):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.aclose()
+
+
+async def test_fleet_restore_of_each_vms_point_and_a_killed_restore(
+    guest: GuestImage, temporal_server: str, tmp_path: Path
+) -> None:
+    """One host's worker, 2 firmware-idle VMs, 2 points each (a write through each VM's
+    device between them). ``fleet restore``: each VM's newest point into a new file equal to
+    its disk; ``--vm web --point`` its first point: equal to a plain ``backup.restore`` of
+    it, not to the disk; the same restore into the same directory again (a new run, first
+    attempts): each VM fails, its file exists. Then the worker SIGKILLs itself once web's
+    file is named (before the activity reports it): restarted, the retry reports that file
+    as an earlier attempt's, complete (``reused``), and each VM has exactly one file, equal
+    to its disk; and once more as web's file, written, is about to be named: nothing is
+    left there, and the retry writes it afresh."""
+    address = temporal_server
+    repo_path = tmp_path / "repo"
+    backup.init_repository(repo_path)
+    named = tmp_path / "named.toml"
+    named.write_text('repository = "repo"\n[hosts.hv1]\nvms = ["web", "db"]\n')
+    runtime = Path(tempfile.mkdtemp(prefix="bct-hv1-", dir="/tmp"))
+    names = ["web", "db"]
+    leaked: list[int] = []
+    try:
+        disks = await up_vms(runtime, tmp_path, names)
+        newest, first = tmp_path / "newest", tmp_path / "first"
+        for d in (newest, first):
+            d.mkdir()
+        async with worker("hv1", runtime, address, tmp_path / "hv1.log"):
+            for run in range(2):
+                if run:
+                    for n, vm in enumerate(names):
+                        await hmp_write(runtime, vm, 0x20 + n, 65536)
+                out = await fleet_json(runtime, address, "backup", named)
+                assert [r["error"] for r in out["results"]] == [None, None], out
+            repo = backup.open_repository(repo_path)
+            points = {vm: [m.id for m in repo.manifests(vm)] for vm in names}
+            devices = {vm: repo.get(vm, points[vm][-1]).disks[0].device for vm in names}
+            assert all(len(p) == 2 for p in points.values()), points
+            restored = await fleet_json(runtime, address, "restore", named, "--dest-dir", newest)
+            old = await fleet_json(
+                runtime, address, "restore", named, "--dest-dir", first, "--vm", "web",
+                "--point", points["web"][0],
+            )  # fmt: skip
+            for r in restored["results"]:
+                vm = r["vm"]
+                file = newest / f"{vm}.{points[vm][-1]}.{devices[vm]}.qcow2"
+                assert (r["point"], r["files"], r["reused"], r["error"]) == (
+                    points[vm][-1], [str(file)], [], None
+                ), r  # fmt: skip
+                assert r["bytes_written"] > 0, r
+                assert await images_equal(disks[vm], file), vm
+            (r,) = old["results"]
+            assert (r["vm"], r["point"], r["error"]) == ("web", points["web"][0], None), r
+            reference = tmp_path / "web-first.qcow2"
+            await backup.restore(repo, "web", points["web"][0], devices["web"], reference)
+            assert await images_equal(reference, Path(r["files"][0]))
+            assert not await images_equal(disks["web"], Path(r["files"][0]))
+            assert sorted(os.listdir(first)) == [Path(r["files"][0]).name]
+            again = await fleet_json(
+                runtime, address, "restore", named, "--dest-dir", newest, code=1
+            )
+            # Snapshot, a write into each overlay, commit: the chain as before, the data in
+            # the base (qemu-io reads the base image itself: -U, QEMU holds it).
+            before = {vm: await vm_chains(runtime, vm) for vm in names}
+            assert all(list(c.values()) == [[str(disks[vm])]] for vm, c in before.items())
+            snapped = await fleet_json(runtime, address, "snapshot", named, "t1")
+            overlays = {}
+            for r in snapped["results"]:
+                vm = r["vm"]
+                assert (r["error"], r["reused"]) == (None, False), r
+                ((device, overlay),) = r["overlays"].items()
+                assert r["chains"] == {device: [overlay, str(disks[vm])]}, r
+                overlays[vm] = Path(overlay)
+            # Again (a new run): found in the chain, not taken a second time.
+            snapped_again = await fleet_json(runtime, address, "snapshot", named, "t1")
+            for r in snapped_again["results"]:
+                assert (r["error"], r["reused"]) == (None, True), r
+                assert r["overlays"] == {devices[r["vm"]]: str(overlays[r["vm"]])}, r
+                assert await vm_chains(runtime, r["vm"]) == r["chains"]
+                assert len(r["chains"][devices[r["vm"]]]) == 2, r
+            for n, vm in enumerate(names):
+                await hmp_write(runtime, vm, 0x40 + n, 3 * 65536)
+                assert not await holds(disks[vm], 0x40 + n, 3 * 65536), vm  # in the overlay
+            committed = await fleet_json(runtime, address, "commit", named, "t1")
+            for n, r in enumerate(committed["results"]):
+                vm = r["vm"]
+                assert (r["error"], r["reused"]) == (None, False), r
+                assert r["overlays"] == {devices[vm]: str(overlays[vm])}, r
+                assert r["chains"] == before[vm] == await vm_chains(runtime, vm), r
+                assert not overlays[vm].exists(), overlays[vm]
+                assert await holds(disks[vm], 0x40 + n, 3 * 65536), vm
+            # Committed again in a new run (first attempts): no such snapshot, an error.
+            recommit = await fleet_json(runtime, address, "commit", named, "t1", code=1)
+            assert all("no external snapshot" in r["error"] for r in recommit["results"])
+        for r in again["results"]:
+            assert r["files"] == [] and "exists" in r["error"], r
+        assert again["failed"] == 2, again
+
+        for step, dest in (("restore", tmp_path / "killed"), ("restore-unnamed", tmp_path / "k2")):
+            dest.mkdir()
+            out_path = tmp_path / f"{step}.json"
+            async with fleet_running(
+                runtime, out_path, "restore", named, "--dest-dir", dest, "--address", address,
+                "--heartbeat-timeout", "5", "--workflow-id", f"killed-{step}",
+            ) as restore:  # fmt: skip
+                dead_log = tmp_path / f"{step}-dead.log"
+                async with worker("hv1", runtime, address, dead_log, ("web", step, "kill")) as w:
+                    await killed(w, dead_log)
+                web_file = dest / f"web.{points['web'][-1]}.{devices['web']}.qcow2"
+                # Named and complete, or (killed before naming) nothing there.
+                assert web_file.exists() == (step == "restore"), os.listdir(dest)
+                async with worker("hv1", runtime, address, tmp_path / f"{step}-retry.log"):
+                    with anyio.fail_after(BACKUP_DEADLINE):
+                        await restore.wait()
+                assert restore.returncode == 0, out_path.read_text()
+            result = json.loads(out_path.read_text().splitlines()[-1])
+            by_vm = {r["vm"]: r for r in result["results"]}
+            web = by_vm["web"]
+            assert (web["files"], web["error"]) == ([str(web_file)], None), web
+            assert web["reused"] == ([str(web_file)] if step == "restore" else []), web
+            assert sorted(os.listdir(dest)) == sorted(
+                f"{vm}.{points[vm][-1]}.{devices[vm]}.qcow2" for vm in names
+            )
+            for vm in names:
+                (file,) = by_vm[vm]["files"]
+                # Equal to the first restore of that point (equal to the disk then).
+                assert await images_equal(newest / Path(file).name, Path(file)), (step, vm)
+        # fleet status: each VM's last restore, the last run's (listed a moment after it
+        # closed: wait for it).
+        with anyio.fail_after(START_DEADLINE):
+            while True:
+                status = await status_json(runtime, address, "--inventory", named)
+                last = {v["vm"]: v["last_restore"] or {} for v in status["vms"]}
+                if all(r.get("workflow_id") == "killed-restore-unnamed" for r in last.values()):
+                    break
+                await anyio.sleep(0.5)
+        for vm, r in last.items():
+            file = tmp_path / "k2" / f"{vm}.{points[vm][-1]}.{devices[vm]}.qcow2"
+            assert (r["point"], r["files"], r["error"]) == (points[vm][-1], [str(file)], None), r
+    finally:
+        leaked += await down_vms(runtime, names)
+    assert not leaked, f"QEMU processes left running: {leaked}"

@@ -123,6 +123,7 @@ def test_the_json_has_the_raw_values_and_null_for_what_there_is_not() -> None:
         "last_failure": None,
         "last_verify": None,
         "last_prune": None,
+        "last_restore": None,
     }
     assert data["hosts"] == []
     assert mail["last_point"] is None and mail["unreadable"] is None
@@ -244,7 +245,7 @@ def test_workers_listed_vms_join_the_status_with_their_state(tmp_path: Path) -> 
 def test_a_vms_last_verify_and_prune_are_shown() -> None:
     """Each VM's last fleet verify (its point ok, damaged, or failed) and last fleet prune, a
     line each and in the JSON."""
-    from blockctl._fleet.status import LastPrune, LastVerify, VMChecks, with_checks
+    from blockctl._fleet.status import LastPrune, LastRestore, LastVerify, VMChecks, with_checks
 
     vms = with_checks(
         [VMStatus("hv1", "web", "/r", None), VMStatus("hv1", "db", "/r", None),
@@ -253,7 +254,11 @@ def test_a_vms_last_verify_and_prune_are_shown() -> None:
             ("hv1", "web"): VMChecks(
                 LastVerify("v1", T0, "p9", True), LastPrune("q1", T0 + 1, 2, 1)
             ),
-            ("hv1", "db"): VMChecks(LastVerify("v1", T0, "p8", False, ["chunk ab: bad"])),
+            ("hv1", "db"): VMChecks(
+                LastVerify("v1", T0, "p8", False, ["chunk ab: bad"]),
+                restore=LastRestore("r1", T0 + 2, "p8", ["/d/db.p8.disk0.qcow2"]),
+            ),
+            ("hv2", "dns"): VMChecks(restore=LastRestore("r1", T0 + 2, None, error="gone")),
         },
     )  # fmt: skip
     status = FleetStatus(vms, [])
@@ -261,7 +266,10 @@ def test_a_vms_last_verify_and_prune_are_shown() -> None:
     assert f"hv1/web: last verify v1 ({stamp(T0)}): p9 ok" in lines
     assert f"hv1/web: last prune q1 ({stamp(T0 + 1)}): deleted 2, kept 1" in lines
     assert f"hv1/db: last verify v1 ({stamp(T0)}): p8 DAMAGED: chunk ab: bad" in lines
-    assert not [line for line in lines if line.startswith("hv2/dns")]
+    assert f"hv1/db: last restore r1 ({stamp(T0 + 2)}): p8 into /d/db.p8.disk0.qcow2" in lines
+    assert [line for line in lines if line.startswith("hv2/dns")] == [
+        f"hv2/dns: last restore r1 ({stamp(T0 + 2)}): FAILED: gone"
+    ]
     web, db, dns = json.loads(json.dumps(to_json(status)))["vms"]
     assert web["last_verify"] == {
         "workflow_id": "v1", "closed": T0, "point": "p9", "ok": True, "problems": [],
@@ -276,3 +284,9 @@ def test_a_vms_last_verify_and_prune_are_shown() -> None:
     }
     assert db["last_verify"]["problems"] == ["chunk ab: bad"] and db["last_prune"] is None
     assert dns["last_verify"] is None and dns["last_prune"] is None
+    assert web["last_restore"] is None
+    assert db["last_restore"] == {
+        "workflow_id": "r1", "closed": T0 + 2, "point": "p8",
+        "files": ["/d/db.p8.disk0.qcow2"], "error": None,
+    }  # fmt: skip
+    assert dns["last_restore"]["error"] == "gone"
