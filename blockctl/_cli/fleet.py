@@ -14,6 +14,7 @@ parser, work without it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -392,20 +393,7 @@ class Fleet(Command):
         emit(
             args,
             {
-                "results": [
-                    {
-                        "host": r.host,
-                        "vm": r.vm,
-                        "repository": r.repository,
-                        "point": r.point,
-                        "ok": r.ok,
-                        "problems": r.problems,
-                        "chunks_checked": r.chunks_checked,
-                        "bytes_checked": r.bytes_checked,
-                        "error": r.error,
-                    }
-                    for r in result.results
-                ],
+                "results": [dataclasses.asdict(r) for r in result.results],
                 "damaged": len(damaged),
                 "failed": len(failed),
             },
@@ -445,20 +433,7 @@ class Fleet(Command):
         emit(
             args,
             {
-                "results": [
-                    {
-                        "host": r.host,
-                        "vm": r.vm,
-                        "repository": r.repository,
-                        "deleted": r.deleted,
-                        "kept": r.kept,
-                        "chunks_removed": r.chunks_removed,
-                        "bytes_removed": r.bytes_removed,
-                        "gc_skipped": r.gc_skipped,
-                        "error": r.error,
-                    }
-                    for r in result.results
-                ],
+                "results": [dataclasses.asdict(r) for r in result.results],
                 "failed": len(failed),
             },
             "\n".join(lines),
@@ -497,19 +472,7 @@ class Fleet(Command):
         emit(
             args,
             {
-                "results": [
-                    {
-                        "host": r.host,
-                        "vm": r.vm,
-                        "repository": r.repository,
-                        "point": r.point,
-                        "files": r.files,
-                        "reused": r.reused,
-                        "bytes_written": r.bytes_written,
-                        "error": r.error,
-                    }
-                    for r in result.results
-                ],
+                "results": [dataclasses.asdict(r) for r in result.results],
                 "failed": len(failed),
             },
             "\n".join(lines),
@@ -548,18 +511,7 @@ class Fleet(Command):
         emit(
             args,
             {
-                "results": [
-                    {
-                        "host": r.host,
-                        "vm": r.vm,
-                        "tag": r.tag,
-                        "overlays": r.overlays,
-                        "reused": r.reused,
-                        "chains": r.chains,
-                        "error": r.error,
-                    }
-                    for r in result.results
-                ],
+                "results": [dataclasses.asdict(r) for r in result.results],
                 "failed": len(failed),
             },
             "\n".join(lines),
@@ -636,18 +588,7 @@ class Fleet(Command):
         emit(
             args,
             {
-                "results": [
-                    {
-                        "host": r.host,
-                        "vm": r.vm,
-                        "repository": r.repository,
-                        "point": r.point,
-                        "kind": r.kind,
-                        "bytes_read": r.bytes_read,
-                        "error": r.error,
-                    }
-                    for r in result.results
-                ],
+                "results": [dataclasses.asdict(r) for r in result.results],
                 "failed": failed,
             },
             "\n".join(lines),
