@@ -32,24 +32,36 @@ from tests.unit.test_repository_store import VM, commit, store
 
 CHUNKS = 8
 
-#: Runs the CLI with the chunk reader killing its own process when it is asked for the
-#: chunk numbered argv[1] (counted from 1), before returning it.
+#: Runs the CLI and kills its own process (SIGKILL) from inside the restore: with argv[1]
+#: "read", when the chunk reader is asked for chunk number argv[2] (counted from 1); with
+#: "write", just before the write that would leave only one more (argv[2]: the data
+#: chunks), after the others are on the disk. Then argv[3:] are the CLI's.
 KILLER = """
 import os, signal, sys, threading
+from blockctl._backup import operations
 from blockctl._backup.store import Repository
 from blockctl._cli.main import main
-kill_at = int(sys.argv[1])
+mode, count = sys.argv[1], int(sys.argv[2])
 calls = [0]
 lock = threading.Lock()
-read = Repository.read_chunk_view
-def read_then_die(self, *args, **kwargs):
+def die_at(n):
     with lock:
         calls[0] += 1
-        if calls[0] == kill_at:
+        if calls[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
-    return read(self, *args, **kwargs)
-Repository.read_chunk_view = read_then_die
-sys.argv = ["blockctl", *sys.argv[2:]]
+if mode == "read":
+    read = Repository.read_chunk_view
+    def read_then_die(self, *args, **kwargs):
+        die_at(count)
+        return read(self, *args, **kwargs)
+    Repository.read_chunk_view = read_then_die
+else:
+    write = operations._write_direct
+    def die_then_write(*args, **kwargs):
+        die_at(count)
+        return write(*args, **kwargs)
+    operations._write_direct = die_then_write
+sys.argv = ["blockctl", *sys.argv[3:]]
 main()
 """
 
@@ -73,13 +85,20 @@ def make_point(
     return repo, point, bytes(disk)
 
 
-def killed_restore(repo: Repository, point: str, dest: Path, fmt: str) -> None:
-    """`blockctl restore` of the point into ``dest``, SIGKILLed at its third chunk."""
+def killed_restore(
+    repo: Repository, point: str, dest: Path, fmt: str, at: tuple[str, int] = ("read", 3)
+) -> None:
+    """`blockctl restore` of the point into ``dest``, SIGKILLed at ``at`` (KILLER's mode and
+    count: by default as it reads its third chunk)."""
     args = ["restore", "--repo", str(repo.path), "-O", fmt, VM, point, "disk0", str(dest)]
     done = subprocess.run(
-        [sys.executable, "-c", KILLER, "3", *args], capture_output=True, timeout=120
+        [sys.executable, "-c", KILLER, at[0], str(at[1]), *args], capture_output=True, timeout=120
     )
     assert done.returncode == -signal.SIGKILL, (done.returncode, done.stdout, done.stderr)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def entries(directory: Path) -> list[str]:
@@ -118,20 +137,22 @@ async def test_a_killed_restore_onto_a_block_device_leaves_its_start_zeros(
     # The device holds something else before: it must not read as the point's disk after.
     backing.write_bytes(b"\xa5" * len(disk))
     device = await loop_devices(backing)
-    killed_restore(repo, point, device, "raw")
+    # Killed just before its last data chunk's write, every other one on the device.
+    killed_restore(repo, point, device, "raw", ("write", CHUNKS - 1))
     chunk = repo.chunk_size
     with open(device, "rb") as f:
         head = f.read(chunk)
         rest = f.read()
-    # Before the fix: the first chunk, written among the first, read as the point's.
-    assert head == bytes(chunk), "the device's first chunk was written before the rest"
-    # Two chunks were read before the kill, so the device is neither as before nor the point.
-    assert rest != b"\xa5" * len(rest)
-    assert hashlib.sha256(head + rest).digest() != hashlib.sha256(disk).digest()
+    # Digests, not bytes: pytest would diff two 4 MiB values for minutes on a failure.
+    # Before the fix: the first chunk, read and written among the first, held the point's.
+    assert sha(head) == sha(bytes(chunk)), "the device's first chunk was written before the rest"
+    # The others were written: the device is neither as before nor the point.
+    assert sha(rest) != sha(b"\xa5" * len(rest))
+    assert sha(head + rest) != sha(disk)
     result = await operations.restore(repo, VM, point, "disk0", device, ImageFormat.RAW)
     assert result.bytes_written == len(disk) - chunk
     with open(device, "rb") as f:
-        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(disk).digest()
+        assert sha(f.read()) == sha(disk)
 
 
 async def test_a_file_made_at_the_destination_meanwhile_is_kept_and_the_restore_refused(
