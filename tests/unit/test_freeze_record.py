@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,11 @@ async def test_reconcile_drops_a_record_when_already_thawed() -> None:
         assert not path.exists() and "guest-fsfreeze-thaw" not in fake.received
 
 
-async def test_reconcile_keeps_the_record_when_the_agent_is_unreachable() -> None:
+async def test_reconcile_keeps_the_record_when_the_agent_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The hung agent is given up after 0.5 s instead of the default 5 (twice): the same path.
+    monkeypatch.setattr(_agent, "connect_agent", partial(_agent.connect_agent, timeout=0.5))
     fake = FakeAgent(hang={"guest-sync"})
     async with serving(fake) as vm:
         path = dead_record(vm.run_dir)
