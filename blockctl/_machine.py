@@ -104,6 +104,9 @@ class Timeouts:
 #: How long a resumed VM must keep running before :meth:`VM.resume` counts it as resumed: the
 #: requests QEMU retries on ``cont`` fail, and pause it again, within this time.
 RESUME_SETTLE = 1.0
+#: How long an operation routed to a qemu-storage-daemon waits for its monitor's greeting:
+#: the monitor takes one client at a time, so no greeting means another client holds it.
+DAEMON_GREETING_TIMEOUT = 10.0
 
 
 class VM:
@@ -291,7 +294,8 @@ class VM:
 
         :raise StorageDaemonBusy: another client holds the daemon's one monitor: at once when
             the daemon's directory says who (another live process's operation record, or the
-            backup lock), else once the daemon sent no greeting within 10 s. ``operation``
+            backup lock), else once the daemon sent no greeting within
+            :data:`DAEMON_GREETING_TIMEOUT`. ``operation``
             names what was refused."""
         record = self.registry.drives.get(device_id)
         if record is None or record.daemon is None:
@@ -330,7 +334,9 @@ class VM:
             try:
                 session = await stack.enter_async_context(
                     QMPSession.connect(
-                        str(daemon["monitor"]), label=f"qsd-{device_id}", timeout=10.0
+                        str(daemon["monitor"]),
+                        label=f"qsd-{device_id}",
+                        timeout=DAEMON_GREETING_TIMEOUT,
                     )
                 )
             except QMPConnectFailed as exc:
@@ -344,7 +350,7 @@ class VM:
                         what=(
                             "another client blockctl keeps no record of (a `chain` or "
                             "`snapshot list` from another process, another QMP tool), or the "
-                            "daemon hangs: no greeting came within 10 s"
+                            f"daemon hangs: no greeting came within {DAEMON_GREETING_TIMEOUT:g} s"
                         ),
                         kind="client",
                     )
