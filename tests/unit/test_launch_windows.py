@@ -1,0 +1,101 @@
+"""A detached launch killed before QEMU started (issue 18, a live launch's windows): its
+run directory holds only the copy's journal record and the backup's server. ``blockctl
+recover`` of the name reports it as QEMU gone and stops the server, so that ``up`` of the
+name is no longer refused; while the launcher still runs, it is left alone. (The windows
+from QEMU's spawn on are tested with QEMU: tests/integration/test_live_launch.py.)"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockctl import _journal, _proc
+from blockctl._journal import Intent, OpKind, ServerRecord, Verdict
+from blockctl._ops.vm_recovery import recover_vm
+from blockctl.errors import VMNotFound
+
+
+def launch_record(run_dir: Path, writer: subprocess.Popen[bytes], server: int) -> Path:
+    intent = Intent(
+        id="stream-1",
+        kind=OpKind.STREAM,
+        vm="lost",
+        devices={
+            "disk0": _journal.DeviceChains(
+                before=("drv0", "bclr-1"),
+                after=("drv0",),
+                files_before=(str(run_dir / "t.qcow2"), "nbd+unix:///?socket=/s"),
+                files_after=(str(run_dir / "t.qcow2"),),
+            )
+        },
+        pid=writer.pid,
+        pid_start=_proc.process_start(writer.pid),
+        server=ServerRecord(
+            pid=server, pid_start=_proc.process_start(server), home=str(run_dir / "srv")
+        ),
+    )
+    _journal.write(run_dir, intent)
+    return _journal.path_of(run_dir, intent.id)
+
+
+def orphan() -> int:
+    """A process that is not ours (as a server left by a dead launcher: init reaps it)."""
+    out = subprocess.run(
+        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], check=True, capture_output=True
+    )
+    return int(out.stdout)
+
+
+@pytest.fixture
+def writer() -> Iterator[subprocess.Popen[bytes]]:
+    """The launcher: alive, then killed by the test."""
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BLOCKCTL_RUNTIME_DIR", str(tmp_path / "rt"))
+    path = tmp_path / "rt" / "lost"
+    path.mkdir(parents=True, mode=0o700)
+    (tmp_path / "rt").chmod(0o700)
+    return path
+
+
+async def test_a_launch_killed_before_qemu_started_is_recovered_as_qemu_gone(
+    run_dir: Path, writer: subprocess.Popen[bytes]
+) -> None:
+    server = orphan()
+    started = _proc.process_start(server)
+    try:
+        record = launch_record(run_dir, writer, server)
+        # The launcher still runs: its launch, not recover's.
+        with pytest.raises(VMNotFound):
+            await recover_vm("lost")
+        assert record.exists() and _proc.process_alive(server, started)
+        writer.kill()
+        writer.wait()
+        report = await recover_vm("lost")
+        assert not report.qemu_running
+        (result,) = report.operations
+        assert result.verdict is Verdict.QEMU_GONE, result
+        assert "stopped the backup's server" in " ".join(result.done), result.done
+        assert not record.exists() and not _proc.process_alive(server, started)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
+
+
+async def test_no_record_no_vm(run_dir: Path) -> None:
+    with pytest.raises(VMNotFound):
+        await recover_vm("lost")
+    with pytest.raises(VMNotFound):
+        await recover_vm("..")
