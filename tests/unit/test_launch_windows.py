@@ -1,8 +1,8 @@
 """A detached launch killed before QEMU started (issue 18, a live launch's windows): its
 run directory holds only the copy's journal record and the backup's server. ``blockctl
 recover`` of the name reports it as QEMU gone and stops the server, so that ``up`` of the
-name is no longer refused; while the launcher still runs, it is left alone. (The windows
-from QEMU's spawn on are tested with QEMU: tests/integration/test_live_launch.py.)"""
+name (refused until then) reuses it; while the launcher still runs, it is left alone. (The
+windows from QEMU's spawn on are tested with QEMU: tests/integration/test_live_launch.py.)"""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import pytest
 
 from blockctl import _journal, _proc
 from blockctl._journal import Intent, OpKind, ServerRecord, Verdict
+from blockctl._machine import _make_run_dir
 from blockctl._ops.vm_recovery import recover_vm
-from blockctl.errors import VMNotFound
+from blockctl.errors import VMExists, VMNotFound
 
 
 def launch_record(run_dir: Path, writer: subprocess.Popen[bytes], server: int) -> Path:
@@ -77,6 +78,8 @@ async def test_a_launch_killed_before_qemu_started_is_recovered_as_qemu_gone(
     started = _proc.process_start(server)
     try:
         record = launch_record(run_dir, writer, server)
+        with pytest.raises(VMExists, match="recover"):  # `up` of the name
+            _make_run_dir("lost")
         # The launcher still runs: its launch, not recover's.
         with pytest.raises(VMNotFound):
             await recover_vm("lost")
@@ -89,6 +92,7 @@ async def test_a_launch_killed_before_qemu_started_is_recovered_as_qemu_gone(
         assert result.verdict is Verdict.QEMU_GONE, result
         assert "stopped the backup's server" in " ".join(result.done), result.done
         assert not record.exists() and not _proc.process_alive(server, started)
+        assert _make_run_dir("lost") == run_dir and not list(run_dir.iterdir())
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server, signal.SIGKILL)
