@@ -1315,6 +1315,7 @@ async def attach(
     pool: tuple[Path, ...] = ()
     address: str | tuple[str, int]
     foreign = True
+    starting = False
     if isinstance(target, tuple):
         address, name = target, f"{target[0]}:{target[1]}"
     elif isinstance(target, Path) or "/" in target:
@@ -1332,6 +1333,7 @@ async def attach(
                 f"{record.pid}, is gone); `blockctl down {target}` cleans up"
             )
         address, name, pid = record.monitor, record.name, record.pid
+        starting = record.starting
         run_dir = Path(record.run_dir)
         pool = tuple(Path(p) for p in record.monitors)
     if not pool:
@@ -1351,9 +1353,22 @@ async def attach(
     lease = await _monitors.take(pool, vm=name, timeout=timeout, command=command)
     try:
         remaining = max(timeout - (time.monotonic() - started), 1.0)
-        async with QMPSession.connect(
-            str(lease.socket), label=name, timeout=remaining, where=str(lease.socket)
-        ) as session:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                session = await stack.enter_async_context(
+                    QMPSession.connect(
+                        str(lease.socket), label=name, timeout=remaining, where=str(lease.socket)
+                    )
+                )
+            except QMPConnectFailed as exc:
+                if not starting:
+                    raise
+                raise QMPConnectFailed(
+                    f"VM {name!r} (QEMU pid {pid}) is still starting: its launcher has not "
+                    f"seen QEMU's QMP greeting, and its monitor does not answer ({exc}). If "
+                    f"its launcher died, `blockctl recover {name}` takes it over once QEMU "
+                    f"answers; `blockctl down {name}` stops it"
+                ) from exc
             yield VM(session, name=name, pid=pid, run_dir=run_dir, monitor=lease.socket, pool=pool)
     finally:
         lease.release()  # after the session closed: the next client finds the monitor free

@@ -6,7 +6,6 @@ neither imports the other.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -19,7 +18,7 @@ from blockctl._backup.operations import recover_offline as recover_backup_offlin
 from blockctl._backup.store import Repository
 from blockctl._machine import _pidfd_exited, attach, finish_start
 from blockctl._ops.recovery import Recovery, reconcile, reconcile_offline
-from blockctl.errors import MonitorsBusy, QMPConnectFailed, VMNotFound
+from blockctl.errors import VMNotFound
 
 
 class RecoveryReport(NamedTuple):
@@ -56,8 +55,9 @@ async def recover_vm(
 
     A VM whose launcher died between QEMU's spawn and its greeting (its record still says
     "starting") is taken over once it answers on its monitors; while it does not, this
-    raises and changes nothing (`blockctl down` stops it). A launch killed before QEMU
-    started, which left only journal records (a live launch's), is recovered as QEMU gone."""
+    raises (:func:`~blockctl._machine.attach` says so) and changes nothing. A launch killed
+    before QEMU started, which left only journal records (a live launch's), is recovered as
+    QEMU gone."""
     try:
         record = _runtime.read_record(name)
     except VMNotFound:
@@ -78,18 +78,7 @@ async def recover_vm(
         # QEMU's and its daemons' backups alike: what they left outside QEMU.
         left = [] if repo is None else recover_backup_offline(name, run_dir, repo)
         return RecoveryReport(False, results, left)
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            vm = await stack.enter_async_context(attach(name))
-        except QMPConnectFailed as exc:
-            if not record.starting or isinstance(exc, MonitorsBusy):
-                raise
-            raise QMPConnectFailed(
-                f"VM {name!r} (QEMU pid {record.pid}) is still starting: its launcher has not "
-                f"seen QEMU's QMP greeting, and its monitors do not answer ({exc}). Nothing "
-                f"was changed. If its launcher died, run `blockctl recover {name}` again once "
-                f"QEMU answers, or stop it: `blockctl down {name}`"
-            ) from exc
+    async with attach(name) as vm:  # a VM still starting that does not answer: raises
         if record.starting:
             finish_start(record)
         results = await reconcile(vm, deadline=deadline, forget=forget)

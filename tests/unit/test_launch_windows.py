@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import pytest
 
 from blockctl import _journal, _proc
 from blockctl._journal import Intent, OpKind, ServerRecord, Verdict
-from blockctl._machine import _make_run_dir
+from blockctl._machine import Timeouts, _make_run_dir, shutdown_detached
 from blockctl._ops.vm_recovery import recover_vm
-from blockctl.errors import VMExists, VMNotFound
+from blockctl._runtime import VMRecord, read_record, write_record
+from blockctl.errors import QMPConnectFailed, VMExists, VMNotFound
 
 
 def launch_record(run_dir: Path, writer: subprocess.Popen[bytes], server: int) -> Path:
@@ -103,3 +105,46 @@ async def test_no_record_no_vm(run_dir: Path) -> None:
         await recover_vm("lost")
     with pytest.raises(VMNotFound):
         await recover_vm("..")
+
+
+@pytest.fixture
+def never_greets(run_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], VMRecord]]:
+    """A "QEMU" whose launcher died before its greeting and that never answers: its record
+    says starting, its process runs (its command line names the monitor, as QEMU's does),
+    no monitor socket exists."""
+    monitor = run_dir / "qmp.sock"
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(monitor)])
+    record = VMRecord(
+        name="lost",
+        pid=process.pid,
+        run_dir=str(run_dir),
+        monitor=str(monitor),
+        console_socket=None,
+        console_log=None,
+        qemu_log=str(run_dir / "qemu.log"),
+        argv=("qemu",),
+        accel="tcg",
+        started=0.0,
+        monitors=(str(run_dir / "qmp-0.sock"),),
+        starting=True,
+    )
+    write_record(record)
+    yield process, record
+    process.kill()
+    process.wait()
+
+
+async def test_a_vm_still_starting_that_never_answers_is_reported_then_stopped_by_down(
+    run_dir: Path, never_greets: tuple[subprocess.Popen[bytes], VMRecord]
+) -> None:
+    """``recover`` (and any attach) says it is still starting and how to go on, changing
+    nothing; ``up`` of the name refuses; ``down`` stops it and removes its run directory."""
+    process, record = never_greets
+    with pytest.raises(QMPConnectFailed, match="still starting") as refused:
+        await recover_vm("lost")
+    assert "blockctl down lost" in str(refused.value)
+    assert read_record("lost") == record and process.poll() is None
+    with pytest.raises(VMExists, match="already running"):
+        _make_run_dir("lost")
+    await shutdown_detached("lost", timeouts=Timeouts(powerdown=None, quit=0.1, terminate=5.0))
+    assert process.wait() == -signal.SIGTERM and not run_dir.exists()
