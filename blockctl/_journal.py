@@ -402,6 +402,11 @@ class Op:
 
 
 def begin(vm: VM, intent: Intent) -> Op:
+    return begin_at(vm.run_dir, intent, lambda: vm.session.lost)
+
+
+def begin_at(run_dir: Path | None, intent: Intent, session_lost: Callable[[], bool]) -> Op:
+    """:func:`begin` without a session yet (a record written before QEMU starts)."""
     pid = os.getpid()
     intent = replace(
         intent,
@@ -410,7 +415,7 @@ def begin(vm: VM, intent: Intent) -> Op:
         pid=pid,
         pid_start=process_start(pid),
     )
-    return Op(vm.run_dir, intent, lambda: vm.session.lost)
+    return Op(run_dir, intent, session_lost)
 
 
 # Section: the planner

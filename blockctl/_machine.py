@@ -683,6 +683,22 @@ def _qemu_log_text(path: Path) -> str:
         return ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Spawned:
+    """A QEMU process just started, before its QMP greeting."""
+
+    pid: int
+    argv: tuple[str, ...]
+    accel: str
+    pool: tuple[Path, ...]  # its monitors for other processes
+
+
+#: Test hook: called with "spawned" right after QEMU's process exists (and, launched
+#: detached, its record is written), and "greeted" once a detached VM's launch is complete.
+#: Crash tests kill the process there, so a kill "at QEMU's start" is exact, never a race.
+FAILPOINT: Callable[[str], None] | None = None
+
+
 @contextlib.asynccontextmanager
 async def _started_qemu(
     config: MachineConfig,
@@ -694,10 +710,12 @@ async def _started_qemu(
     timeouts: Timeouts,
     monitors: int = 0,
     backing: Mapping[int, Sequence[Mapping[str, Any]]] | None = None,
+    on_spawn: Callable[[Spawned], None] | None = None,
 ) -> AsyncIterator[LaunchedVM]:
     """Start QEMU and its QMP session; on any failure, reap QEMU and raise LaunchFailed.
     ``monitors``: the size of its pool of QMP monitors for other processes. ``backing``:
     per drive index, nodes its image backs onto at run time (:class:`Prepared`).
+    ``on_spawn``: called once QEMU's process exists, before its greeting is awaited.
 
     While the block runs, a watcher marks the session lost the moment QEMU exits. When the
     block exits the session is closed; stopping QEMU is the caller's job. The
@@ -724,6 +742,7 @@ async def _started_qemu(
             monitors=monitors,
             daemons=daemons,
             backing=backing or {},
+            on_spawn=on_spawn,
         ) as vm,
     ):
         yield vm
@@ -741,6 +760,7 @@ async def _qemu_with_daemons(
     monitors: int,
     daemons: _storage_daemon.StorageDaemons,
     backing: Mapping[int, Sequence[Mapping[str, Any]]],
+    on_spawn: Callable[[Spawned], None] | None,
 ) -> AsyncIterator[LaunchedVM]:
     binary, sources = await preflight(config)
     accel = choose_accel(config.accel)
@@ -833,6 +853,10 @@ async def _qemu_with_daemons(
     connected = False
     yielded = False
     try:
+        if on_spawn is not None:
+            on_spawn(Spawned(pid=process.pid, argv=tuple(argv), accel=accel.accel.value, pool=pool))
+        if FAILPOINT is not None:
+            FAILPOINT("spawned")
         try:
             async with QMPSession.connect(
                 qmp_ours, label=label, timeout=timeouts.launch
@@ -981,6 +1005,29 @@ async def launch_detached(
     if name is None:
         raise ConfigError("name", "a VM that outlives its launcher needs a name")
     run_dir = _make_run_dir(name)
+    spawned: list[_runtime.VMRecord] = []
+
+    def record_spawn(process: Spawned) -> None:
+        # Before the greeting: a launcher killed from here on leaves a QEMU that
+        # `blockctl recover` and `down` find, and that `up` of the name does not clear away.
+        spawned.append(
+            _runtime.VMRecord(
+                name=name,
+                pid=process.pid,
+                run_dir=str(run_dir),
+                monitor=str(run_dir / "qmp.sock"),
+                console_socket=str(run_dir / "console.sock"),
+                console_log=str(run_dir / "console.log"),
+                qemu_log=str(run_dir / "qemu.log"),
+                argv=process.argv,
+                accel=process.accel,
+                started=time.time(),
+                monitors=tuple(str(p) for p in process.pool),
+                starting=True,
+            )
+        )
+        _runtime.write_record(spawned[0])
+
     try:
         backing: Mapping[int, Sequence[Mapping[str, Any]]] = {}
         if prepare is not None:
@@ -998,16 +1045,33 @@ async def launch_detached(
             timeouts=timeouts,
             monitors=monitors,
             backing=backing,
-        ) as vm:
-            record = _record_for(
-                vm, console_socket=run_dir / "console.sock", console_log=run_dir / "console.log"
-            )
+            on_spawn=record_spawn,
+        ):
+            record = dataclasses.replace(spawned[0], starting=False)
             _runtime.write_record(record)
+            if FAILPOINT is not None:
+                FAILPOINT("greeted")
             # The greeting arrived, so QEMU created qmp.sock before we return.
             return record
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def finish_start(record: _runtime.VMRecord) -> _runtime.VMRecord:
+    """A detached VM whose launcher died between QEMU's spawn and its greeting, found
+    answering on its monitors (the caller attached): what the launcher would have done after
+    the greeting (its sockets 0600, the record no longer "starting")."""
+    run_dir = Path(record.run_dir)
+    for sock_path in (*map(Path, record.monitors), Path(record.monitor), run_dir / "console.sock"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(sock_path, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(run_dir / AGENT_SOCKET, 0o600)
+    done = dataclasses.replace(record, starting=False)
+    _runtime.write_record(done)
+    _log.info("blockctl.launch.start_finished", vm=record.name, pid=record.pid)
+    return done
 
 
 def _record_for(
@@ -1257,6 +1321,7 @@ async def attach(
     pool: tuple[Path, ...] = ()
     address: str | tuple[str, int]
     foreign = True
+    starting = False
     if isinstance(target, tuple):
         address, name = target, f"{target[0]}:{target[1]}"
     elif isinstance(target, Path) or "/" in target:
@@ -1274,6 +1339,7 @@ async def attach(
                 f"{record.pid}, is gone); `blockctl down {target}` cleans up"
             )
         address, name, pid = record.monitor, record.name, record.pid
+        starting = record.starting
         run_dir = Path(record.run_dir)
         pool = tuple(Path(p) for p in record.monitors)
     if not pool:
@@ -1293,9 +1359,22 @@ async def attach(
     lease = await _monitors.take(pool, vm=name, timeout=timeout, command=command)
     try:
         remaining = max(timeout - (time.monotonic() - started), 1.0)
-        async with QMPSession.connect(
-            str(lease.socket), label=name, timeout=remaining, where=str(lease.socket)
-        ) as session:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                session = await stack.enter_async_context(
+                    QMPSession.connect(
+                        str(lease.socket), label=name, timeout=remaining, where=str(lease.socket)
+                    )
+                )
+            except QMPConnectFailed as exc:
+                if not starting:
+                    raise
+                raise QMPConnectFailed(
+                    f"VM {name!r} (QEMU pid {pid}) is still starting: its launcher has not "
+                    f"seen QEMU's QMP greeting, and its monitor does not answer ({exc}). If "
+                    f"its launcher died, `blockctl recover {name}` takes it over once QEMU "
+                    f"answers; `blockctl down {name}` stops it"
+                ) from exc
             yield VM(session, name=name, pid=pid, run_dir=run_dir, monitor=lease.socket, pool=pool)
     finally:
         lease.release()  # after the session closed: the next client finds the monitor free

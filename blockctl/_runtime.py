@@ -81,6 +81,10 @@ class VMRecord:
     started: float
     #: The pool of QMP monitor sockets clients take one of (empty in an older record).
     monitors: tuple[str, ...] = ()
+    #: Written at QEMU's spawn, before its QMP greeting (so that no QEMU ever runs with
+    #: nothing naming it); cleared once it greeted. Still set with QEMU alive: its launcher
+    #: is waiting for the greeting, or died there (``blockctl recover`` finishes the start).
+    starting: bool = False
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
@@ -130,6 +134,13 @@ def list_records(root: Path | None = None) -> list[VMRecord]:
             except VMNotFound:
                 continue
     return records
+
+
+def run_dir_of(name: str, root: Path | None = None) -> Path | None:
+    """The run directory a VM named ``name`` has or would have (None: not a VM name)."""
+    if not _NAME.fullmatch(name):
+        return None
+    return (root or runtime_root()) / name
 
 
 def is_alive(record: VMRecord) -> bool:

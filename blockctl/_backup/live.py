@@ -258,6 +258,7 @@ async def launch_live(
         size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
         async with contextlib.AsyncExitStack() as stack:
             exports: list[PointExport] = []
+            planned: list[_journal.Op] = []
 
             async def prepare(run_dir: Path) -> Prepared:
                 exports.append(
@@ -266,17 +267,36 @@ async def launch_live(
                     )
                 )
                 await _images.create(target, ImageFormat.QCOW2, size=size)
+                # The copy's record, before QEMU starts: a controller killed from QEMU's
+                # spawn on leaves it to `blockctl recover` (QEMU's record is written at the
+                # spawn), which copies, or says what the target holds once QEMU is gone.
+                server = _server_record(repo, vm_name, point, device, exports[0])
+                intent = _launch_intent(name, index, base, target, exports[0], server)
+                planned.append(_journal.begin_at(run_dir, intent, lambda: False))
                 return Prepared(config, {index: backing_nodes(base, exports[0].socket)})
 
             try:
                 await launch_detached(config, prepare=prepare, timeouts=timeouts or Timeouts())
             except BaseException:
+                for op in planned:
+                    op.release()  # removed with the run directory
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(target)  # made by prepare, or not at all (checked above)
                 raise
             (export,) = exports
             copied = await _copy_launched(
-                name, repo, vm_name, point, device, target, size, base, export, control, started
+                name,
+                repo,
+                vm_name,
+                point,
+                device,
+                target,
+                size,
+                base,
+                export,
+                control,
+                started,
+                planned[0],
             )
     return LiveLaunchResult(
         vm=name,
@@ -329,9 +349,11 @@ async def _copy_launched(
     export: PointExport,
     control: JobControl,
     started: float,
+    planned: _journal.Op,
 ) -> _Copied:
-    """The launched VM runs on the backup: journal the copy, stream, clean up. Until the
-    stream starts, a failure shuts the VM down and removes ``target``."""
+    """The launched VM runs on the backup: journal the copy (``planned``, its record from
+    before QEMU started, rewritten from QEMU's graph), stream, clean up. Until the stream
+    starts, a failure shuts the VM down and removes ``target`` (and the record)."""
     # True until the record is written; after that only the stream's own rollback (it never
     # started, QEMU still there) sets it again.
     undone = True
@@ -357,7 +379,7 @@ async def _copy_launched(
                 control=control,
                 started=started,
             )
-            op = await _begin(call, device_id, export)
+            op = await _begin(call, device_id, export, op_id=planned.intent.id)
             undone = False
 
             async def undo() -> None:
@@ -378,6 +400,7 @@ async def _copy_launched(
     except BaseException:
         if undone:
             with anyio.CancelScope(shield=True):
+                planned.finished()  # nothing to recover: the VM and the target go
                 with contextlib.suppress(BlockctlError, OSError):
                     await shutdown_detached(name)
                 with contextlib.suppress(FileNotFoundError):
@@ -638,7 +661,7 @@ async def _begin_mirror(
         files_after=(_target_name(call.target),),
         formats_before=tuple(n.driver for n in chain),
     )
-    server = _server_record(call, export)
+    server = _server_record(call.repo, call.vm_name, call.point, call.device, export)
     intent = _journal.Intent(
         id="",
         kind=_journal.OpKind.MIRROR,
@@ -804,16 +827,51 @@ async def _serving(call: _Call) -> AsyncIterator[PointExport]:
             yield export
 
 
-def _server_record(call: _Call, export: PointExport) -> _journal.ServerRecord:
+def _server_record(
+    repo: Repository, vm_name: str, point: str, device: str, export: PointExport
+) -> _journal.ServerRecord:
     """The journal's name for the server: the process, and what it serves."""
     return _journal.ServerRecord(
         pid=export.pid,
         pid_start=_proc.process_start(export.pid),
         home=str(export.home),
-        repo=str(call.repo.path),
-        source_vm=call.vm_name,
-        point=call.point,
-        device=call.device,
+        repo=str(repo.path),
+        source_vm=vm_name,
+        point=point,
+        device=device,
+    )
+
+
+def _launch_intent(
+    name: str,
+    index: int,
+    base: str,
+    target: Path,
+    export: PointExport,
+    server: _journal.ServerRecord,
+) -> _journal.Intent:
+    """A live launch's copy, recorded before QEMU starts, as :func:`_begin` records it from
+    QEMU's graph once the VM runs: the chain is the launch plan's (drive ``i`` is device
+    ``disk{i}`` over image node ``drv{i}``, :func:`blockctl._argv.plan_drive`; here on the
+    backup's raw node ``base`` over its NBD client ``base-nbd``)."""
+    device_id, image = f"disk{index}", f"drv{index}"
+    served = f"nbd+unix:///?socket={export.socket}"  # the NBD client's file, as QEMU names it
+    chains = _journal.DeviceChains(
+        before=(image, base),
+        after=(image,),
+        files_before=(str(target), served),
+        files_after=(str(target),),
+        formats_before=(ImageFormat.QCOW2.value, "raw"),
+    )
+    return _journal.Intent(
+        id="",
+        kind=_journal.OpKind.STREAM,
+        vm=name,
+        devices={device_id: chains},
+        drop_nodes=(base, f"{base}-nbd"),
+        drop_files=(served,),
+        server=server,
+        what=f"live restore of {server.device} ({server.point}) into {target.name} on {device_id}",
     )
 
 
@@ -847,9 +905,10 @@ async def _attach(
         raise
 
 
-async def _begin(call: _Call, device_id: str, export: PointExport) -> _journal.Op:
+async def _begin(call: _Call, device_id: str, export: PointExport, op_id: str = "") -> _journal.Op:
     """The record of the copy to come: a stream of ``device_id`` off the backup nodes, and
-    the server that recovery stops once they are gone."""
+    the server that recovery stops once they are gone. ``op_id``: the record to rewrite (a
+    live launch's, written before QEMU started)."""
     graph = await read_graph(call.vm)
     intent = _journal.chain_intent(
         call.vm.name,
@@ -860,10 +919,10 @@ async def _begin(call: _Call, device_id: str, export: PointExport) -> _journal.O
         base=len(graph.chain_of(device_id)),
         delete_files=False,
     )
-    server = _server_record(call, export)
+    server = _server_record(call.repo, call.vm_name, call.point, call.device, export)
     assert isinstance(call.target, Path)
     what = f"live restore of {call.device} ({call.point}) into {call.target.name} on {device_id}"
-    return _journal.begin(call.vm, replace(intent, server=server, what=what))
+    return _journal.begin(call.vm, replace(intent, id=op_id, server=server, what=what))
 
 
 async def _stream(

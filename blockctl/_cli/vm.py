@@ -118,7 +118,11 @@ class Ls(Command):
                 {
                     "name": record.name,
                     "pid": record.pid,
-                    "state": "running" if _runtime.is_alive(record) else "dead",
+                    # "starting": QEMU runs and has not greeted its launcher yet (or its
+                    # launcher died there: `blockctl recover` takes it over).
+                    "state": ("starting" if record.starting else "running")
+                    if _runtime.is_alive(record)
+                    else "dead",
                     "accel": record.accel,
                     "monitor": record.monitor,
                     "started": record.started,

@@ -12,12 +12,13 @@ from typing import NamedTuple
 
 import anyio
 
-from blockctl import _runtime
+from blockctl import _journal, _runtime
 from blockctl._backup.operations import recover as recover_backup
 from blockctl._backup.operations import recover_offline as recover_backup_offline
 from blockctl._backup.store import Repository
-from blockctl._machine import _pidfd_exited, attach
+from blockctl._machine import _pidfd_exited, attach, finish_start
 from blockctl._ops.recovery import Recovery, reconcile, reconcile_offline
+from blockctl.errors import VMNotFound
 
 
 class RecoveryReport(NamedTuple):
@@ -50,8 +51,26 @@ async def recover_vm(
     """Recover the VM named ``name``: reconcile its journal (offline from the records and the
     files on disk if its QEMU is gone) and, with ``repo``, the backup's leftovers; then the
     same in each of its vhost-user-blk disks' qemu-storage-daemons (while QEMU runs; once it
-    is gone, from their operations directories and the repository)."""
-    record = _runtime.read_record(name)
+    is gone, from their operations directories and the repository).
+
+    A VM whose launcher died between QEMU's spawn and its greeting (its record still says
+    "starting") is taken over once it answers on its monitors; while it does not, this
+    raises (:func:`~blockctl._machine.attach` says so) and changes nothing. A launch killed
+    before QEMU started, which left only journal records (a live launch's), is recovered as
+    QEMU gone."""
+    try:
+        record = _runtime.read_record(name)
+    except VMNotFound:
+        run_dir = _runtime.run_dir_of(name)
+        left_by_launch = [] if run_dir is None else _journal.load_all(run_dir)
+        if not left_by_launch or any(
+            isinstance(r, _journal.Intent) and _journal.owner_alive(r) for r in left_by_launch
+        ):
+            raise
+        assert run_dir is not None
+        results = await reconcile_offline(run_dir)
+        left = [] if repo is None else recover_backup_offline(name, run_dir, repo)
+        return RecoveryReport(False, results, left)
     if not _runtime.is_alive(record):
         await _exited(record.pid)
         run_dir = Path(record.run_dir)
@@ -59,7 +78,9 @@ async def recover_vm(
         # QEMU's and its daemons' backups alike: what they left outside QEMU.
         left = [] if repo is None else recover_backup_offline(name, run_dir, repo)
         return RecoveryReport(False, results, left)
-    async with attach(name) as vm:
+    async with attach(name) as vm:  # a VM still starting that does not answer: raises
+        if record.starting:
+            finish_start(record)
         results = await reconcile(vm, deadline=deadline, forget=forget)
         notes: list[str] = []
         if repo is not None:

@@ -7,7 +7,10 @@ device or an ``iscsi://`` LUN) or ``live-launch`` (VM is launched, not attached 
 same keys, plus ``config``, a machine TOML whose drive on ``target`` comes back, and
 ``source_vm``, the VM of the point); STEP a :class:`blockctl._journal.Step` value (for a
 backup: a name in ``blockctl.backup.STEPS``, or ``copy``; ``frozen``: right after a
-quiesced operation's freeze is confirmed, via ``_agent.FAILPOINT``); JSON the operation's
+quiesced operation's freeze is confirmed, via ``_agent.FAILPOINT``; for ``live-launch`` also
+``spawned``, right after QEMU's process exists, before its greeting, and ``greeted``, once
+the launch is complete, before the copy is journaled from QEMU's graph, via
+``_machine.FAILPOINT``); JSON the operation's
 keyword arguments (for a backup: ``repo``, and optionally ``kind``, ``devices`` and
 ``scratch_dir``). The process SIGKILLs itself right
 after the journal record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup, at
@@ -28,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from blockctl import _agent, _journal, backup
+from blockctl import _agent, _journal, _machine, backup
 from blockctl._cli.common import load_config
 from blockctl._jobs import JobProgress, JobTransition
 from blockctl._machine import attach
@@ -41,6 +44,14 @@ from blockctl.types import ImageFormat, IscsiSource
 def die_at(kind: str, step: str) -> None:
     if step == "frozen":  # inside quiesced: the guest's freeze has just been confirmed
         _agent.FAILPOINT = lambda stage: os.kill(os.getpid(), signal.SIGKILL)
+        return
+    if step in ("spawned", "greeted"):  # a detached launch, at QEMU's start
+
+        def at_start(stage: str) -> None:
+            if stage == step:
+                die()
+
+        _machine.FAILPOINT = at_start
         return
 
     def failpoint(intent: _journal.Intent) -> None:

@@ -184,15 +184,19 @@ async def test_a_vm_launched_from_a_point_runs_on_it_while_it_comes_back(
 
 
 @pytest.mark.guest
-@pytest.mark.parametrize("step", ["starting", "running"])
+@pytest.mark.parametrize("step", ["spawned", "greeted", "starting", "running"])
 async def test_a_launch_whose_controller_is_killed_then_recover_finishes_it(
     guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path, step: str
 ) -> None:
-    """kill -9 of the launching controller at the record's ``starting`` write (the VM up on
-    the backup, the stream about to be sent) or mid-copy (``running``, at 1 B/s). The VM
-    keeps running on the server; the guest reads the disk whole and writes;
-    ``blockctl recover`` copies the rest and cleans up: a standalone disk equal to the point
-    plus the guest's writes, no server or record, the repository unchanged."""
+    """kill -9 of the launching controller just after QEMU's spawn, before its QMP greeting
+    (``spawned``: QEMU's record says it is starting; ``blockctl ls`` says so, and ``up`` of
+    the name refuses while it runs), once the launch is complete and before the copy is
+    journaled from QEMU's graph (``greeted``), at the record's ``starting`` write (the
+    stream about to be sent) or mid-copy (``running``, at 1 B/s). Each leaves the copy's
+    record (written before QEMU started) naming the server. The VM keeps running on the
+    server; the guest reads the disk whole and writes; ``blockctl recover`` takes a VM still
+    starting over, copies the rest and cleans up: a standalone disk equal to the point plus
+    the guest's writes, no server or record, the repository unchanged."""
     repo = backup.init_repository(tmp_path / "repo")
     point, want = await backed_up(guest, images, repo)
     hashes = tree_digest(repo.path)
@@ -217,6 +221,13 @@ async def test_a_launch_whose_controller_is_killed_then_recover_finishes_it(
         (record,) = list(run_dir.glob("journal-*.json"))
         written = json.loads(record.read_text())
         assert written["kind"] == "stream" and written["server"]["pid"] == server
+        assert read_record("lostk").starting is (step == "spawned")
+        if step == "spawned":
+            listed = json.loads((await cli("ls", "--json")).stdout)
+            assert [(v["name"], v["state"]) for v in listed] == [("lostk", "starting")]
+            again = await cli("up", toml, check=False)
+            assert again.returncode == 1 and "already running" in again.stderr, again
+            assert (run_dir / "vm.json").is_file() and nbdkit_pids_under(run_dir) == [server]
         async with console_of("lostk") as console:
             assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == want
             for write in GUEST_WRITES:
@@ -225,6 +236,7 @@ async def test_a_launch_whose_controller_is_killed_then_recover_finishes_it(
             done = json.loads((await cli("recover", "lostk", "--json")).stdout)
             (result,) = [r for r in done["operations"] if r["kind"] == "stream"]
             assert result["verdict"] == "finished", result
+            assert not read_record("lostk").starting
             assert nbdkit_pids_under(run_dir) == [] and not running(server)
             assert not list(run_dir.glob("journal-*.json"))
             listed = json.loads((await cli("drives", "lostk", "--json")).stdout)

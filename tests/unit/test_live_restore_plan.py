@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from blockctl import _journal
 from blockctl._argv import DrivePlan, DriveSource, over_backing, plan_drive
 from blockctl._backup import live
+from blockctl._backup.serve import PointExport, backing_nodes
 from blockctl.errors import ConfigError
 from blockctl.types import Drive, ImageFormat, MachineConfig
 from tests.unit.test_argv import layer
@@ -130,3 +132,20 @@ def test_a_live_launch_refuses_a_drive_it_cannot_stream_into(
     with pytest.raises(ConfigError) as e:
         live._launch_drive(launch_config(drive), Path("/i/d.raw"))
     assert e.value.field == field and says in e.value.message
+
+
+def test_a_live_launch_records_its_copy_with_the_names_the_launch_plan_gives() -> None:
+    """The copy's record, written before QEMU starts, names the device, the image node and
+    the backup's nodes as the launch's drive plan makes them (recovery compares them with
+    QEMU's chain): drive 3 over ``backing_nodes``."""
+    export = PointExport(socket=Path("/run/x/s.sock"), pid=1, size=1, home=Path("/run/x"))
+    record = _journal.ServerRecord(pid=1, pid_start=None, home="/run/x", point="p", device="d")
+    intent = live._launch_intent("lost", 3, "bclr-1", Path("/t.qcow2"), export, record)
+    planned = over_backing(plan("/t.qcow2"), "drv3", backing_nodes("bclr-1", export.socket))
+    ((device, chains),) = intent.devices.items()
+    assert device == planned.device_id
+    image = next(n for n in planned.nodes if dict(n).get("backing") == "bclr-1")
+    assert chains.before == (image["node-name"], "bclr-1") and chains.after[0] == "drv3"
+    backing = [str(n["node-name"]) for n in planned.nodes[:2]]
+    assert sorted(intent.drop_nodes) == sorted(backing)
+    assert intent.server == record and intent.kind is _journal.OpKind.STREAM

@@ -1,0 +1,150 @@
+"""A detached launch killed before QEMU started (issue 18, a live launch's windows): its
+run directory holds only the copy's journal record and the backup's server. ``blockctl
+recover`` of the name reports it as QEMU gone and stops the server, so that ``up`` of the
+name (refused until then) reuses it; while the launcher still runs, it is left alone. (The
+windows from QEMU's spawn on are tested with QEMU: tests/integration/test_live_launch.py.)"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockctl import _journal, _proc
+from blockctl._journal import Intent, OpKind, ServerRecord, Verdict
+from blockctl._machine import Timeouts, _make_run_dir, shutdown_detached
+from blockctl._ops.vm_recovery import recover_vm
+from blockctl._runtime import VMRecord, read_record, write_record
+from blockctl.errors import QMPConnectFailed, VMExists, VMNotFound
+
+
+def launch_record(run_dir: Path, writer: subprocess.Popen[bytes], server: int) -> Path:
+    intent = Intent(
+        id="stream-1",
+        kind=OpKind.STREAM,
+        vm="lost",
+        devices={
+            "disk0": _journal.DeviceChains(
+                before=("drv0", "bclr-1"),
+                after=("drv0",),
+                files_before=(str(run_dir / "t.qcow2"), "nbd+unix:///?socket=/s"),
+                files_after=(str(run_dir / "t.qcow2"),),
+            )
+        },
+        pid=writer.pid,
+        pid_start=_proc.process_start(writer.pid),
+        server=ServerRecord(
+            pid=server, pid_start=_proc.process_start(server), home=str(run_dir / "srv")
+        ),
+    )
+    _journal.write(run_dir, intent)
+    return _journal.path_of(run_dir, intent.id)
+
+
+def orphan() -> int:
+    """A process that is not ours (as a server left by a dead launcher: init reaps it)."""
+    out = subprocess.run(
+        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], check=True, capture_output=True
+    )
+    return int(out.stdout)
+
+
+@pytest.fixture
+def writer() -> Iterator[subprocess.Popen[bytes]]:
+    """The launcher: alive, then killed by the test."""
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BLOCKCTL_RUNTIME_DIR", str(tmp_path / "rt"))
+    path = tmp_path / "rt" / "lost"
+    path.mkdir(parents=True, mode=0o700)
+    (tmp_path / "rt").chmod(0o700)
+    return path
+
+
+async def test_a_launch_killed_before_qemu_started_is_recovered_as_qemu_gone(
+    run_dir: Path, writer: subprocess.Popen[bytes]
+) -> None:
+    server = orphan()
+    started = _proc.process_start(server)
+    try:
+        record = launch_record(run_dir, writer, server)
+        with pytest.raises(VMExists, match="recover"):  # `up` of the name
+            _make_run_dir("lost")
+        # The launcher still runs: its launch, not recover's.
+        with pytest.raises(VMNotFound):
+            await recover_vm("lost")
+        assert record.exists() and _proc.process_alive(server, started)
+        writer.kill()
+        writer.wait()
+        report = await recover_vm("lost")
+        assert not report.qemu_running
+        (result,) = report.operations
+        assert result.verdict is Verdict.QEMU_GONE, result
+        assert "stopped the backup's server" in " ".join(result.done), result.done
+        assert not record.exists() and not _proc.process_alive(server, started)
+        assert _make_run_dir("lost") == run_dir and not list(run_dir.iterdir())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
+
+
+async def test_no_record_no_vm(run_dir: Path) -> None:
+    with pytest.raises(VMNotFound):
+        await recover_vm("lost")
+    with pytest.raises(VMNotFound):
+        await recover_vm("..")
+
+
+@pytest.fixture
+def never_greets(run_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], VMRecord]]:
+    """A "QEMU" whose launcher died before its greeting and that never answers: its record
+    says starting, its process runs (its command line names the monitor, as QEMU's does),
+    no monitor socket exists."""
+    monitor = run_dir / "qmp.sock"
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(monitor)])
+    record = VMRecord(
+        name="lost",
+        pid=process.pid,
+        run_dir=str(run_dir),
+        monitor=str(monitor),
+        console_socket=None,
+        console_log=None,
+        qemu_log=str(run_dir / "qemu.log"),
+        argv=("qemu",),
+        accel="tcg",
+        started=0.0,
+        monitors=(str(run_dir / "qmp-0.sock"),),
+        starting=True,
+    )
+    write_record(record)
+    yield process, record
+    process.kill()
+    process.wait()
+
+
+async def test_a_vm_still_starting_that_never_answers_is_reported_then_stopped_by_down(
+    run_dir: Path, never_greets: tuple[subprocess.Popen[bytes], VMRecord]
+) -> None:
+    """``recover`` (and any attach) says it is still starting and how to go on, changing
+    nothing; ``up`` of the name refuses; ``down`` stops it and removes its run directory."""
+    process, record = never_greets
+    with pytest.raises(QMPConnectFailed, match="still starting") as refused:
+        await recover_vm("lost")
+    assert "blockctl down lost" in str(refused.value)
+    assert read_record("lost") == record and process.poll() is None
+    with pytest.raises(VMExists, match="already running"):
+        _make_run_dir("lost")
+    await shutdown_detached("lost", timeouts=Timeouts(powerdown=None, quit=0.1, terminate=5.0))
+    assert process.wait() == -signal.SIGTERM and not run_dir.exists()
