@@ -43,6 +43,7 @@ from tests.integration.conftest import (
     qcow2_image,
     qemu_pids_under,
     running,
+    sha256,
     shell_prompt_in,
     truth_check,
 )
@@ -485,7 +486,8 @@ async def test_a_vm_launched_from_a_point_onto_a_raw_file_or_device_runs_on_a_mi
     device (a loop device 1 MiB larger than the disk; its overlay in the runtime root's
     ``_live-overlays``) with the controller ``kill -9``ed at the mirror record's ``running``
     write (another process): the VM runs on, the guest writes, ``blockctl recover``
-    finishes with the same checks (the device's last MiB compared against zeros)."""
+    finishes with the same checks (the guest reads the reference's sha256; the device's
+    last MiB compared against zeros)."""
     repo = backup.init_repository(tmp_path / "repo")
     point, want = await backed_up(guest, images, repo, RAW_DISK_MIB)
     hashes = tree_digest(repo.path)
@@ -544,6 +546,8 @@ async def test_a_vm_launched_from_a_point_onto_a_raw_file_or_device_runs_on_a_mi
         await down("lostr")
     want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", RAW_WRITES)
     await standalone_equals(target, want_file, ImageFormat.RAW)
+    want_sha = sha256(want_file.read_bytes())
+    assert during == want_sha  # the guest's view during the copy: the point plus its writes
 
     # Onto a block device, the controller killed mid-mirror; `blockctl recover`, another
     # process, finishes.
@@ -578,7 +582,6 @@ async def test_a_vm_launched_from_a_point_onto_a_raw_file_or_device_runs_on_a_mi
         async with console_of("lostk") as console:
             for write in RAW_WRITES:
                 await console.check(fill("vda", *write))
-            during = (await console.check(read_sha("vda", RAW_DISK_MIB))).split()[0]
             done = json.loads((await cli("recover", "lostk", "--json")).stdout)
             (recovered,) = [r for r in done["operations"] if r["kind"] == "mirror"]
             assert recovered["verdict"] == "finished", recovered
@@ -586,7 +589,8 @@ async def test_a_vm_launched_from_a_point_onto_a_raw_file_or_device_runs_on_a_mi
             assert not list(run_dir.glob("journal-*.json")) and device_overlays(run_dir) == []
             listed = json.loads((await cli("drives", "lostk", "--json")).stdout)
             assert [n["filename"] for n in listed[0]["chain"]] == [str(killed_target)]
-            assert (await console.check(read_sha("vda", RAW_DISK_MIB))).split()[0] == during
+            # On the device now: the point plus the guest's writes, as the reference has them.
+            assert (await console.check(read_sha("vda", RAW_DISK_MIB))).split()[0] == want_sha
         async with attach_vm("lostk") as vm:
             assert await wire.query_jobs(vm.session) == ()
             drive = vm.registry.drives["disk0"]
