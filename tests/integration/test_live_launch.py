@@ -405,7 +405,8 @@ async def test_a_failure_after_qemu_started_and_before_the_stream_leaves_nothing
 ) -> None:
     """``block-stream`` refused (injected) once the launched VM runs on the backup: the VM is
     shut down, its run directory, the server and the target are gone, the repository is
-    unchanged. A point with a missing chunk is refused before anything starts."""
+    unchanged. The same with a raw drive, ``blockdev-mirror`` refused: the overlay and the
+    new raw file gone too. A point with a missing chunk is refused before anything starts."""
     repo = backup.init_repository(tmp_path / "repo")
     point, _ = await backed_up(guest, images, repo)
     hashes = tree_digest(repo.path)
@@ -421,6 +422,18 @@ async def test_a_failure_after_qemu_started_and_before_the_stream_leaves_nothing
             patch.setattr(wire, "block_stream", refused)
             with pytest.raises(CommandFailed, match="injected"):
                 await backup.launch_live(config_, repo, "src", point.id, "disk0", target)
+        assert qemu_pids_under(runtime_dir) == []
+        assert nbdkit_pids_under(runtime_dir) == []
+        assert list(runtime_dir.iterdir()) == []
+        assert sorted(p.name for p in images.iterdir()) == before
+        raw_target = images / "lost.raw"
+        raw_toml = machine_toml(tmp_path / "r.toml", guest, "lostf", raw_target, "pc", "raw")
+        with monkeypatch.context() as patch:
+            patch.setattr(wire, "blockdev_mirror", refused)
+            with pytest.raises(CommandFailed, match="injected"):
+                await backup.launch_live(
+                    load_config(raw_toml, None), repo, "src", point.id, "disk0", raw_target
+                )
         assert qemu_pids_under(runtime_dir) == []
         assert nbdkit_pids_under(runtime_dir) == []
         assert list(runtime_dir.iterdir()) == []
