@@ -46,12 +46,14 @@ mirrored into the target::
 Journaled as a ``mirror`` record (before: overlay ← backup; after: the target's raw node);
 ``recover`` adopts the mirror (pivoting at READY), or mirrors again while the server runs.
 
-A lost VM is launched from its config instead (:func:`launch_live`, qcow2 only): the server
-starts in the new run directory and the target is made before QEMU, whose launch plan puts
-the config's drive on the target over the backup nodes (``launch_detached``'s ``prepare``
-returns :class:`blockctl._machine.Prepared`); the guest starts on it at once, then the
-stream, its record and recovery are the qcow2 path's above. A failure before the stream
-starts shuts the VM down and removes the target.
+A lost VM is launched from its config instead (:func:`launch_live`): the server starts in
+the new run directory and the target is made before QEMU, whose launch plan puts the
+config's drive over the backup nodes (``launch_detached``'s ``prepare`` returns
+:class:`blockctl._machine.Prepared`): a qcow2 drive on the target itself, a raw drive (a new
+file or a block device) on the temporary overlay, as above. The guest starts on it at once,
+then the stream (qcow2) or the target's nodes and the mirror (raw), their records and
+recovery are the hot-plug paths' above. A failure before the copy starts shuts the VM down
+and removes the overlay and a new target. A LUN drive is refused.
 """
 
 from __future__ import annotations
@@ -210,6 +212,7 @@ class LiveLaunchResult:
     vm: str  # the launched VM's name
     device_id: str  # the config's drive that came back from the point
     path: Path
+    format: ImageFormat  # the drive's: qcow2 (streamed into) or raw (mirrored into)
     point: str
     source_device: str  # the disk of the point
     #: Seconds from the call until QEMU ran the guest on the disk (what an outage lasts,
@@ -229,18 +232,24 @@ async def launch_live(
     *,
     control: JobControl = DEFAULT_CONTROL,
     timeouts: Timeouts | None = None,
+    target_format: ImageFormat | None = None,
 ) -> LiveLaunchResult:
     """Launch the VM of ``config`` (as ``blockctl up``: it outlives this call) with its drive
-    whose file is ``target`` brought back from ``device`` of ``vm_name``'s backup ``point``:
-    ``target`` is made a new empty qcow2 (0600) whose run-time backing is the point's NBD
-    server (nbdkit, started in the VM's run directory before QEMU), so the guest starts at
-    once on it; then the point is copied into it underneath (``block-stream``, journaled
-    as :func:`restore_live`'s: ``blockctl recover`` finishes it after a crash). Returns once
-    the disk stands alone; the VM keeps running.
+    whose file is ``target`` brought back from ``device`` of ``vm_name``'s backup ``point``,
+    served by the point's NBD server (nbdkit, started in the VM's run directory before QEMU)
+    from the start, so the guest starts at once; then the point is copied underneath,
+    journaled as :func:`restore_live`'s (``blockctl recover`` finishes it after a crash).
+    Returns once the disk stands alone; the VM keeps running.
 
-    The drive must be a qcow2 (not read-only, no snapshot, not vhost-user-blk) and
-    ``target`` must not exist. A failure before the copy starts leaves nothing: the VM shut
-    down, its run directory, the server and ``target`` gone."""
+    A qcow2 drive: ``target`` is made a new empty qcow2 (0600) whose run-time backing is the
+    server, streamed into (``block-stream``). A raw drive: ``target`` is a new raw file
+    (0600) or an existing block device at least the disk's size; QEMU starts with the drive
+    on a temporary qcow2 overlay over the server (where :func:`restore_live` puts it), which
+    is then mirrored into ``target`` (write-blocking) and pivoted onto it. The drive must not
+    be read-only, a snapshot, copy-on-read (raw) or vhost-user-blk; a LUN drive is refused.
+    ``target_format``, if given, must be the drive's format (the config's decides).
+    A failure before the copy starts leaves nothing: the VM shut down, its run directory,
+    the server, the overlay and a new ``target`` gone."""
     started = time.monotonic()
     if control.on_error is not ErrorPolicy.REPORT:
         raise ConfigError(
@@ -249,13 +258,39 @@ async def launch_live(
     name = config.name
     if name is None:
         raise ConfigError("name", "a VM launched from a backup point needs a name")
-    target = _local_target(target)
-    index = _launch_drive(config, target)
-    if target.exists() or target.is_symlink():
-        raise ConfigError("target", f"{target} exists; a live launch writes a new file")
-    base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
+    target = _launch_target(target)
+    index, drive_format = _launch_drive(config, target)
+    if target_format is not None and target_format is not drive_format:
+        raise ConfigError(
+            "target_format",
+            f"the config's drive[{index}] on {target} is {drive_format.value}, not "
+            f"{target_format.value}: the config's format is the one launched. Way out: give "
+            "the matching format (-O), or none",
+        )
+    raw = drive_format is ImageFormat.RAW
+    device_target = raw and target.is_block_device()
+    if not device_target and (target.exists() or target.is_symlink()):
+        raise ConfigError(
+            "target",
+            f"{target} exists; a live launch writes a new file"
+            + (" or an existing block device" if raw else ""),
+        )
+    tag = secrets.token_hex(2)
+    base = f"{BACKUP_NODE_PREFIX}{tag}"
+    overlay = None
+    if raw:
+        # Where restore_live's raw path puts it (a device's: not in the run directory, which
+        # goes with the VM while this overlay may hold the guest's only writes).
+        overlay = (
+            _live_overlay_dir() / f"live-overlay-{tag}.qcow2"
+            if device_target
+            else target.parent / f".{target.name}.live-overlay-{tag}.qcow2"
+        )
+    made: list[Path] = []  # the files prepare made: removed on a failure before the copy
     with repo.lock(exclusive=False):
         size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
+        if device_target:
+            _check_device_size(target, size)
         async with contextlib.AsyncExitStack() as stack:
             exports: list[PointExport] = []
             planned: list[_journal.Op] = []
@@ -266,42 +301,66 @@ async def launch_live(
                         serve_point(repo, vm_name, point, device, run_dir, size=size, detached=True)
                     )
                 )
-                await _images.create(target, ImageFormat.QCOW2, size=size)
-                # The copy's record, before QEMU starts: a controller killed from QEMU's
-                # spawn on leaves it to `blockctl recover` (QEMU's record is written at the
-                # spawn), which copies, or says what the target holds once QEMU is gone.
-                server = _server_record(repo, vm_name, point, device, exports[0])
-                intent = _launch_intent(name, index, base, target, exports[0], server)
-                planned.append(_journal.begin_at(run_dir, intent, lambda: False))
-                return Prepared(config, {index: backing_nodes(base, exports[0].socket)})
+                launched = config
+                if overlay is None:
+                    made.append(target)
+                    await _images.create(target, ImageFormat.QCOW2, size=size)
+                    # The copy's record, before QEMU starts: a controller killed from QEMU's
+                    # spawn on leaves it to `blockctl recover` (QEMU's record is written at
+                    # the spawn), which copies, or says what the target holds once QEMU is
+                    # gone. (A raw drive's mirror record is written once the VM runs.)
+                    server = _server_record(repo, vm_name, point, device, exports[0])
+                    intent = _launch_intent(name, index, base, target, exports[0], server)
+                    planned.append(_journal.begin_at(run_dir, intent, lambda: False))
+                else:
+                    if not device_target:
+                        made.append(target)
+                        await _images.create(target, ImageFormat.RAW, size=size)
+                    made.append(overlay)
+                    await _images.create(overlay, ImageFormat.QCOW2, size=size)
+                    # QEMU starts with the drive on the overlay; the mirror takes it to
+                    # ``target`` (the drive's record then names the target's nodes).
+                    on_overlay = replace(
+                        config.drives[index], file=overlay, format=ImageFormat.QCOW2
+                    )
+                    launched = replace(
+                        config,
+                        drives=(*config.drives[:index], on_overlay, *config.drives[index + 1 :]),
+                    )
+                return Prepared(launched, {index: backing_nodes(base, exports[0].socket)})
 
             try:
                 await launch_detached(config, prepare=prepare, timeouts=timeouts or Timeouts())
             except BaseException:
                 for op in planned:
                     op.release()  # removed with the run directory
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)  # made by prepare, or not at all (checked above)
+                _remove(made)
                 raise
             (export,) = exports
+
+            def call_on(vm: VM) -> _Call:
+                return _Call(
+                    vm=vm,
+                    repo=repo,
+                    vm_name=vm_name,
+                    point=point,
+                    device=device,
+                    target=target,
+                    size=size,
+                    device_target=device_target,
+                    interface=config.drives[index].interface,
+                    control=control,
+                    started=started,
+                )
+
             copied = await _copy_launched(
-                name,
-                repo,
-                vm_name,
-                point,
-                device,
-                target,
-                size,
-                base,
-                export,
-                control,
-                started,
-                planned[0],
+                name, call_on, base, export, overlay, made, planned[0] if planned else None
             )
     return LiveLaunchResult(
         vm=name,
         device_id=copied.device_id,
         path=target,
+        format=ImageFormat.RAW if raw else ImageFormat.QCOW2,
         point=point,
         source_device=device,
         seconds_to_start=round(copied.attached, 3),
@@ -310,25 +369,50 @@ async def launch_live(
     )
 
 
-def _launch_drive(config: MachineConfig, target: Path) -> int:
-    """The index of the config's drive whose file is ``target``, checked for a live launch."""
+def _remove(files: Sequence[Path]) -> None:
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _launch_target(target: Path | str) -> Path:
+    """A live launch's target: a local file or block device (a LUN drive is refused)."""
+    if str(target).startswith("iscsi:"):
+        raise ConfigError(
+            "target",
+            f"{target}: a LUN drive is not launched from a point yet (the overlay-and-mirror "
+            "path is wired into the launch for a raw file or block device only). Way out: "
+            "launch without that drive, then `blockctl restore --live --attach VM -O raw` "
+            "onto the LUN",
+        )
+    return _local_target(target)
+
+
+def _launch_drive(config: MachineConfig, target: Path) -> tuple[int, ImageFormat]:
+    """The index and format of the config's drive whose file is ``target``, checked for a
+    live launch."""
     for i, drive in enumerate(config.drives):
         if drive.file is None or Path(drive.file).absolute() != target:
             continue
         where = f"drive[{i}]"
-        if drive.format is not ImageFormat.QCOW2:
+        if drive.format is None or drive.format not in (ImageFormat.QCOW2, ImageFormat.RAW):
             raise ConfigError(
                 f"{where}.format",
-                f"a live launch streams the point into a qcow2 ({target} is "
-                f"{drive.format.value if drive.format else 'unset'}). Way out: make it a "
-                "qcow2 in the config, or launch without this drive and `blockctl restore "
-                "--live --attach VM -O raw` into the running VM",
+                f"a live launch writes a qcow2 or a raw drive ({target} is "
+                f"{drive.format.value if drive.format else 'unset'})",
             )
         if drive.read_only or drive.snapshot or drive.media is not Media.DISK:
             raise ConfigError(
                 where, "a live launch restores a writable disk (not read-only, no snapshot)"
             )
-        return i
+        if drive.copy_on_read and drive.format is ImageFormat.RAW:
+            raise ConfigError(
+                f"{where}.copy_on_read",
+                "a raw drive launched from a point is mirrored from an overlay, which a "
+                "copy-on-read filter would sit on: not built. Way out: drop copy_on_read "
+                "from the config for the launch",
+            )
+        return i, drive.format
     files = ", ".join(str(d.file) for d in config.drives if d.file is not None) or "none"
     raise ConfigError(
         "target",
@@ -339,80 +423,90 @@ def _launch_drive(config: MachineConfig, target: Path) -> int:
 
 async def _copy_launched(
     name: str,
-    repo: Repository,
-    vm_name: str,
-    point: str,
-    device: str,
-    target: Path,
-    size: int,
+    call_on: Callable[[VM], _Call],
     base: str,
     export: PointExport,
-    control: JobControl,
-    started: float,
-    planned: _journal.Op,
+    overlay: Path | None,
+    made: Sequence[Path],
+    planned: _journal.Op | None,
 ) -> _Copied:
-    """The launched VM runs on the backup: journal the copy (``planned``, its record from
-    before QEMU started, rewritten from QEMU's graph), stream, clean up. Until the stream
-    starts, a failure shuts the VM down and removes ``target`` (and the record)."""
-    # True until the record is written; after that only the stream's own rollback (it never
+    """The launched VM runs on the backup: journal the copy, stream (qcow2) or mirror from
+    ``overlay`` (raw), clean up. A qcow2 drive's record (``planned``) was written before
+    QEMU started and is rewritten from QEMU's graph. Until the copy starts, a failure shuts
+    the VM down and removes the files ``made`` (and the record)."""
+    # True until the record is written; after that only the copy's own rollback (it never
     # started, QEMU still there) sets it again.
     undone = True
     try:
         async with attach(name) as vm:
+            call = call_on(vm)
             device_id = next(
                 r.device_id
                 for r in vm.registry.drives.values()
                 if any(n.get("backing") == base for n in r.nodes)
             )
-            attached = _attached(vm, device_id, point, started)
-            await vm.require("block-stream", "job-dismiss")
-            call = _Call(
-                vm=vm,
-                repo=repo,
-                vm_name=vm_name,
-                point=point,
-                device=device,
-                target=target,
-                size=size,
-                device_target=False,
-                interface=Interface.VIRTIO,
-                control=control,
-                started=started,
-            )
-            op = await _begin(call, device_id, export, op_id=planned.intent.id)
-            undone = False
+            attached = _attached(vm, device_id, call.point, call.started)
 
             async def undo() -> None:
                 nonlocal undone
                 undone = True
 
-            result = await _stream(
-                vm,
-                device_id,
-                base,
-                control.speed,
-                control.deadline_or(3600.0),
-                control.hooks,
-                op,
-                export,
-                undo,
-            )
+            if overlay is None:
+                await vm.require("block-stream", "job-dismiss")
+                op = await _begin(
+                    call, device_id, export, op_id="" if planned is None else planned.intent.id
+                )
+                undone = False
+                result = await _stream(
+                    vm,
+                    device_id,
+                    base,
+                    call.control.speed,
+                    call.control.deadline_or(3600.0),
+                    call.control.hooks,
+                    op,
+                    export,
+                    undo,
+                )
+            else:
+                await vm.require("blockdev-mirror", "job-complete", "job-dismiss")
+                record = vm.registry.drives[device_id]
+                image = next(str(n["node-name"]) for n in record.nodes if n.get("backing") == base)
+                target_nodes = _target_nodes(
+                    record.nodes, image, call.target, call.size, call.device_target
+                )
+                for node in target_nodes:  # a failure here: the VM goes (undone)
+                    await wire.blockdev_add(vm.session, node)
+                op = await _begin_mirror(call, device_id, export, target_nodes)
+                undone = False
+                result = await _mirror(
+                    vm,
+                    device_id,
+                    image,
+                    base,
+                    target_nodes,
+                    overlay,
+                    call.control,
+                    op,
+                    export,
+                    undo,
+                )
     except BaseException:
         if undone:
             with anyio.CancelScope(shield=True):
-                planned.finished()  # nothing to recover: the VM and the target go
+                if planned is not None:
+                    planned.finished()  # nothing to recover: the VM and the target go
                 with contextlib.suppress(BlockctlError, OSError):
                     await shutdown_detached(name)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)
+                _remove(made)
         raise
     return _Copied(device_id, attached, result)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Call:
-    """One call of :func:`restore_live`, checked, as the target's path gets it (the
-    repository lock held)."""
+    """One call of :func:`restore_live` (or :func:`launch_live`, once its VM runs),
+    checked, as the target's path gets it (the repository lock held)."""
 
     vm: VM
     repo: Repository
@@ -691,7 +785,10 @@ async def _mirror(
     control: JobControl,
     op: _journal.Op | None,
     export: PointExport,
+    undo: Callable[[], Awaitable[None]] | None = None,
 ) -> JobResult:
+    """``undo``: how the disk is taken away when the mirror did not start (default: the
+    target's nodes deleted, the disk unplugged and its overlay removed)."""
     record = vm.registry.drives[device_id]
     target = str(target_nodes[-1]["node-name"])
     started = False
@@ -733,12 +830,15 @@ async def _mirror(
             if op is not None:
                 op.release()
             with anyio.CancelScope(shield=True):
-                await delete_nodes(
-                    vm,
-                    [str(n["node-name"]) for n in target_nodes],
-                    event="blockctl.backup.live_node_kept",
-                )
-                await _detach(vm, device_id, record.nodes)
+                if undo is not None:
+                    await undo()
+                else:
+                    await delete_nodes(
+                        vm,
+                        [str(n["node-name"]) for n in target_nodes],
+                        event="blockctl.backup.live_node_kept",
+                    )
+                    await _detach(vm, device_id, record.nodes)
             if op is not None:
                 op.finished()
         else:

@@ -336,7 +336,12 @@ class RestoreCommand(Command):
         )  # a str: a Path would fold a URL's // into /
         repo_options(parser)
         iscsi_options(parser)
-        parser.add_argument("-O", "--output-format", default="qcow2", choices=["qcow2", "raw"])
+        parser.add_argument(
+            "-O",
+            "--output-format",
+            choices=["qcow2", "raw"],
+            help="qcow2 unless given; with --launch: the config's drive's format",
+        )
         parser.add_argument(
             "--attach", metavar="TARGET_VM", help="hot-plug the restored disk into this running VM"
         )
@@ -345,7 +350,8 @@ class RestoreCommand(Command):
             metavar="CONFIG",
             type=Path,
             help="with --live: launch the VM of this TOML config (as `up`), its drive whose "
-            "file is DEST served by the point from the start (qcow2 only)",
+            "file is DEST (qcow2, or raw: a new file or a block device) served by the point "
+            "from the start",
         )
         parser.add_argument(
             "--live",
@@ -360,7 +366,7 @@ class RestoreCommand(Command):
         )
 
     async def run(self, args: argparse.Namespace) -> int:
-        fmt = coerce_enum(ImageFormat, args.output_format, "output_format")
+        fmt = coerce_enum(ImageFormat, args.output_format or "qcow2", "output_format")
         if args.launch is not None and not args.live:
             raise ConfigError("launch", "--launch starts a VM on a --live restore: add --live")
         if args.live:
@@ -412,13 +418,6 @@ class RestoreCommand(Command):
     async def _launch(
         self, args: argparse.Namespace, repo: backup_ops.Repository, fmt: ImageFormat
     ) -> int:
-        if fmt is not ImageFormat.QCOW2:
-            raise ConfigError(
-                "output_format",
-                "--launch streams the point into a qcow2 drive of the config; -O raw is not "
-                "built for it. Way out: launch without that drive, then `restore --live "
-                "--attach VM -O raw`",
-            )
         config = load_config(args.launch, None)
         result = await backup_ops.launch_live(
             config,
@@ -426,14 +425,15 @@ class RestoreCommand(Command):
             args.vm,
             args.backup_id,
             args.device,
-            Path(args.dest).absolute(),
+            Path(args.dest),  # made absolute by launch_live, which refuses a URL
             control=job_control(args, job_hooks(args, "restore")),
+            target_format=None if args.output_format is None else fmt,
         )
         emit(
             args,
             {
                 "restored": str(result.path),
-                "format": fmt.value,
+                "format": result.format.value,
                 "device": args.device,
                 "point": args.backup_id,
                 "live": True,

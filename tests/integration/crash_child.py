@@ -5,7 +5,8 @@
 ``device``, ``target``, ``speed``), ``live-raw`` (the same, into a new raw file, a block
 device or an ``iscsi://`` LUN) or ``live-launch`` (VM is launched, not attached to: the
 same keys, plus ``config``, a machine TOML whose drive on ``target`` comes back, and
-``source_vm``, the VM of the point); STEP a :class:`blockctl._journal.Step` value (for a
+``source_vm``, the VM of the point; ``live-launch-raw``: the same, the config's drive
+raw, its record a mirror's); STEP a :class:`blockctl._journal.Step` value (for a
 backup: a name in ``blockctl.backup.STEPS``, or ``copy``; ``frozen``: right after a
 quiesced operation's freeze is confirmed, via ``_agent.FAILPOINT``; for ``live-launch`` also
 ``spawned``, right after QEMU's process exists, before its greeting, and ``greeted``, once
@@ -86,7 +87,7 @@ def backup_failpoint(step: str) -> Callable[[str], None]:
 
 
 async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
-    if kind == "live-launch":
+    if kind in ("live-launch", "live-launch-raw"):
         config = load_config(Path(kwargs["config"]), vm_name)
         await backup.launch_live(
             config,
@@ -146,7 +147,12 @@ if __name__ == "__main__":
         # A live restore's record is a stream's (with its server); into a raw target, a
         # mirror's.
         die_at(
-            {"live": "stream", "live-launch": "stream", "live-raw": "mirror"}.get(op_kind, op_kind),
+            {
+                "live": "stream",
+                "live-launch": "stream",
+                "live-raw": "mirror",
+                "live-launch-raw": "mirror",
+            }.get(op_kind, op_kind),
             at,
         )
     extra = {"step": at} if op_kind == "backup" else {}

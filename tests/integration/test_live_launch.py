@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -37,11 +37,13 @@ from blockctl.errors import (
     JobFailed,
     VMNotFound,
 )
+from blockctl.types import ImageFormat
 from tests.integration.conftest import (
     MIB,
     qcow2_image,
     qemu_pids_under,
     running,
+    sha256,
     shell_prompt_in,
     truth_check,
 )
@@ -49,12 +51,16 @@ from tests.integration.test_attach_cli import cli
 from tests.integration.test_backup import config
 from tests.integration.test_live_restore import (
     GUEST_WRITES,
+    RAW_DISK_MIB,
+    RAW_WRITES,
     ROOT,
     StreamWatch,
+    device_overlays,
     fill,
     follow_way_on,
     nbdkit_pids_under,
     node_names,
+    overlays,
     read_sha,
     reference,
     standalone_equals,
@@ -65,21 +71,25 @@ from tests.integration.test_live_restore import nbdkit as nbdkit  # the autouse 
 DISK_MIB = 16
 
 
-def machine_toml(path: Path, guest: GuestImage, name: str, target: Path, machine: str) -> Path:
+def machine_toml(
+    path: Path, guest: GuestImage, name: str, target: Path, machine: str, fmt: str = "qcow2"
+) -> Path:
     """The lost VM's config: the test guest, its one drive (the data disk) on ``target``."""
     path.write_text(
         f"name = {json.dumps(name)}\nmachine = {json.dumps(machine)}\n"
         f"kernel = {json.dumps(str(guest.kernel))}\ninitrd = {json.dumps(str(guest.initrd))}\n"
         f'append = {json.dumps(guest.append)}\ndeprecated-input = "reject"\n'
-        f'[[drive]]\nfile = {json.dumps(str(target))}\nformat = "qcow2"\n'
+        f"[[drive]]\nfile = {json.dumps(str(target))}\nformat = {json.dumps(fmt)}\n"
     )
     return path
 
 
-async def backed_up(guest: GuestImage, images: Path, repo: Repository) -> tuple[Manifest, str]:
-    """A VM ``src`` with random data on its 16 MiB disk, backed up; the guest's sha256 of the
-    disk at the point. The VM then goes away (lost)."""
-    disk = await qcow2_image(images / "src.qcow2", b"", DISK_MIB * MIB)
+async def backed_up(
+    guest: GuestImage, images: Path, repo: Repository, mib: int = DISK_MIB
+) -> tuple[Manifest, str]:
+    """A VM ``src`` with random data on its disk (16 MiB unless ``mib``), backed up; the
+    guest's sha256 of the disk at the point. The VM then goes away (lost)."""
+    disk = await qcow2_image(images / "src.qcow2", b"", mib * MIB)
     async with open_vm(config(guest, "src", disk)) as vm:
         assert vm.console is not None
         await vm.console.wait_ready()
@@ -91,7 +101,7 @@ async def backed_up(guest: GuestImage, images: Path, repo: Repository) -> tuple[
             "2>/dev/null"
         )
         point = await backup.create(vm, repo)
-        want = (await vm.console.check(read_sha("vda", DISK_MIB))).split()[0]
+        want = (await vm.console.check(read_sha("vda", mib))).split()[0]
     return point, want
 
 
@@ -358,7 +368,8 @@ async def test_a_launch_qemu_refuses_leaves_nothing_and_says_why(
     """``blockctl restore --live --launch`` with a config QEMU refuses (a machine type it
     does not have): exit 1 with QEMU's reason; no nbdkit, no run directory, no target file,
     nothing else new in the images directory, the repository's files unchanged. Also the
-    refusals before anything starts: a config with no drive on the target, -O raw."""
+    refusals before anything starts: a config with no drive on the target, -O raw for its
+    qcow2 drive, a LUN as DEST."""
     repo = backup.init_repository(tmp_path / "repo")
     point, _ = await backed_up(guest, images, repo)
     hashes = tree_digest(repo.path)
@@ -379,8 +390,15 @@ async def test_a_launch_qemu_refuses_leaves_nothing_and_says_why(
     assert elsewhere.returncode == 1 and "no drive of the config has the file" in (
         elsewhere.stderr
     ), elsewhere
-    raw = await cli(*restore, "--launch", good, "-O", "raw", check=False)
-    assert raw.returncode == 1 and "-O raw is not built" in raw.stderr, raw
+    on_target = machine_toml(tmp_path / "on.toml", guest, "lostb", target, "pc")
+    raw = await cli(*restore, "--launch", on_target, "-O", "raw", check=False)
+    assert raw.returncode == 1 and "is qcow2, not raw" in raw.stderr, raw
+    lun = await cli(
+        *("restore", "src", point.id, "disk0", "iscsi://127.0.0.1/iqn.2026-12.test:t/1"),
+        *("--repo", repo.path, "--live", "--launch", good),
+        check=False,
+    )
+    assert lun.returncode == 1 and "a LUN drive is not launched" in lun.stderr, lun
     unpaired = await cli(*restore, "--launch", good, "--attach", "src", check=False)
     assert unpaired.returncode == 1 and "give one of them" in unpaired.stderr, unpaired
     assert nbdkit_pids_under(runtime_dir) == []
@@ -399,7 +417,8 @@ async def test_a_failure_after_qemu_started_and_before_the_stream_leaves_nothing
 ) -> None:
     """``block-stream`` refused (injected) once the launched VM runs on the backup: the VM is
     shut down, its run directory, the server and the target are gone, the repository is
-    unchanged. A point with a missing chunk is refused before anything starts."""
+    unchanged. The same with a raw drive, ``blockdev-mirror`` refused: the overlay and the
+    new raw file gone too. A point with a missing chunk is refused before anything starts."""
     repo = backup.init_repository(tmp_path / "repo")
     point, _ = await backed_up(guest, images, repo)
     hashes = tree_digest(repo.path)
@@ -415,6 +434,18 @@ async def test_a_failure_after_qemu_started_and_before_the_stream_leaves_nothing
             patch.setattr(wire, "block_stream", refused)
             with pytest.raises(CommandFailed, match="injected"):
                 await backup.launch_live(config_, repo, "src", point.id, "disk0", target)
+        assert qemu_pids_under(runtime_dir) == []
+        assert nbdkit_pids_under(runtime_dir) == []
+        assert list(runtime_dir.iterdir()) == []
+        assert sorted(p.name for p in images.iterdir()) == before
+        raw_target = images / "lost.raw"
+        raw_toml = machine_toml(tmp_path / "r.toml", guest, "lostf", raw_target, "pc", "raw")
+        with monkeypatch.context() as patch:
+            patch.setattr(wire, "blockdev_mirror", refused)
+            with pytest.raises(CommandFailed, match="injected"):
+                await backup.launch_live(
+                    load_config(raw_toml, None), repo, "src", point.id, "disk0", raw_target
+                )
         assert qemu_pids_under(runtime_dir) == []
         assert nbdkit_pids_under(runtime_dir) == []
         assert list(runtime_dir.iterdir()) == []
@@ -461,3 +492,137 @@ async def test_cli_restore_live_launch(
         await down("lostc")
     want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", ())
     await standalone_equals(target, want_file)
+
+
+@pytest.mark.guest
+async def test_a_vm_launched_from_a_point_onto_a_raw_file_or_device_runs_on_a_mirrored_overlay(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    runtime_dir: Path,
+    loop_devices: Callable[[Path], Awaitable[Path]],
+) -> None:
+    """A raw drive: QEMU starts with it on a temporary qcow2 overlay (next to the target)
+    over the point's server; the guest reads the disk whole (the point's sha256) and writes
+    while the mirror waits at 1 B/s (64 MiB: more than its first request); released, the
+    device pivots onto the raw file (0600), which then stands alone and equals the point
+    plus exactly those writes (``qemu-img compare`` against plain restore + ``qemu-io``);
+    no job, backup node, overlay, server or record left. Then the same launch onto a block
+    device (a loop device 1 MiB larger than the disk; its overlay in the runtime root's
+    ``_live-overlays``) with the controller ``kill -9``ed at the mirror record's ``running``
+    write (another process): the VM runs on, the guest writes, ``blockctl recover``
+    finishes with the same checks (the guest reads the reference's sha256; the device's
+    last MiB compared against zeros)."""
+    repo = backup.init_repository(tmp_path / "repo")
+    point, want = await backed_up(guest, images, repo, RAW_DISK_MIB)
+    hashes = tree_digest(repo.path)
+    target = images / "lost.raw"
+    toml = machine_toml(tmp_path / "lost.toml", guest, "lostr", target, "pc", "raw")
+    watch = StreamWatch()  # the mirror's id, once it runs
+    results: list[LiveLaunchResult] = []
+
+    async def launch() -> None:
+        results.append(
+            await backup.launch_live(
+                load_config(toml, None),
+                repo,
+                "src",
+                point.id,
+                "disk0",
+                target,
+                control=JobControl(speed=1, hooks=(watch,)),
+            )
+        )
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(launch)
+            await watch.running.wait()
+            (overlay,) = overlays(images)
+            assert overlay.name.startswith(".lost.raw.live-overlay-")
+            async with console_of("lostr") as console:
+                # The mirror waits at 1 B/s: everything here happens during the copy.
+                assert (await console.check(read_sha("vda", RAW_DISK_MIB))).split()[0] == want
+                for write in RAW_WRITES:
+                    await console.check(fill("vda", *write))
+                during = (await console.check(read_sha("vda", RAW_DISK_MIB))).split()[0]
+                async with attach_vm("lostr") as vm:
+                    jobs = await wire.query_jobs(vm.session)
+                    assert [(j.id, j.type) for j in jobs] == [(watch.job_id, "mirror")]
+                    assert any(n.startswith("bclr-") for n in await node_names(vm))
+                    await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+        (result,) = results
+        assert result.vm == "lostr" and result.device_id == "disk0"
+        assert result.format is ImageFormat.RAW
+        assert result.job.completed_on_ready and result.job.offset == result.job.length
+        async with console_of("lostr") as console:
+            assert (await console.check(read_sha("vda", RAW_DISK_MIB))).split()[0] == during
+        async with attach_vm("lostr") as vm:
+            assert await wire.query_jobs(vm.session) == ()
+            record = vm.registry.drives["disk0"]
+            assert [n["driver"] for n in record.nodes] == ["file", "raw"]
+            assert record.nodes[0]["filename"] == str(target)
+            assert await node_names(vm) == set(record.node_names)
+            await truth_check(vm)
+        assert nbdkit_pids_under(runtime_dir) == [] and overlays(images) == []
+        assert not list((runtime_dir / "lostr").glob("journal-*.json"))
+        assert target.stat().st_mode & 0o777 == 0o600
+    finally:
+        await down("lostr")
+    want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", RAW_WRITES)
+    await standalone_equals(target, want_file, ImageFormat.RAW)
+    want_sha = sha256(want_file.read_bytes())
+    assert during == want_sha  # the guest's view during the copy: the point plus its writes
+
+    # Onto a block device, the controller killed mid-mirror; `blockctl recover`, another
+    # process, finishes.
+    loop_file = images / "loop.img"
+    with open(loop_file, "wb") as file:
+        file.truncate((RAW_DISK_MIB + 1) * MIB)
+    killed_target = await loop_devices(loop_file)
+    run_dir = runtime_dir / "lostk"
+    arguments = {
+        "repo": str(repo.path),
+        "source_vm": "src",
+        "point": point.id,
+        "device": "disk0",
+        "target": str(killed_target),
+        "config": str(
+            machine_toml(tmp_path / "k.toml", guest, "lostk", killed_target, "pc", "raw")
+        ),
+        "speed": 1,
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "tests.integration.crash_child", "lostk", "live-launch-raw"]
+    try:
+        killed = await anyio.run_process(
+            [*argv, "running", json.dumps(arguments)], check=False, env=env
+        )
+        assert killed.returncode == -9, killed.stderr.decode()
+        (server,) = nbdkit_pids_under(run_dir)
+        (record_file,) = list(run_dir.glob("journal-*.json"))
+        written = json.loads(record_file.read_text())
+        assert written["kind"] == "mirror" and written["server"]["pid"] == server
+        assert len(device_overlays(run_dir)) == 1 and overlays(images) == []
+        async with console_of("lostk") as console:
+            for write in RAW_WRITES:
+                await console.check(fill("vda", *write))
+            done = json.loads((await cli("recover", "lostk", "--json")).stdout)
+            (recovered,) = [r for r in done["operations"] if r["kind"] == "mirror"]
+            assert recovered["verdict"] == "finished", recovered
+            assert nbdkit_pids_under(run_dir) == [] and not running(server)
+            assert not list(run_dir.glob("journal-*.json")) and device_overlays(run_dir) == []
+            listed = json.loads((await cli("drives", "lostk", "--json")).stdout)
+            assert [n["filename"] for n in listed[0]["chain"]] == [str(killed_target)]
+            # On the device now: the point plus the guest's writes, as the reference has them.
+            assert (await console.check(read_sha("vda", RAW_DISK_MIB))).split()[0] == want_sha
+        async with attach_vm("lostk") as vm:
+            assert await wire.query_jobs(vm.session) == ()
+            drive = vm.registry.drives["disk0"]
+            assert [n["driver"] for n in drive.nodes] == ["host_device", "raw"]
+            assert await node_names(vm) == set(drive.node_names)
+            await truth_check(vm)
+    finally:
+        await down("lostk")
+    assert tree_digest(repo.path) == hashes
+    await standalone_equals(killed_target, want_file, ImageFormat.RAW)

@@ -94,9 +94,21 @@ def test_a_live_launch_brings_back_the_drive_whose_file_is_the_target() -> None:
     config = launch_config(
         Drive(file=Path("/i/boot.qcow2"), format=ImageFormat.QCOW2),
         Drive(file=Path("/i/data.qcow2"), format=ImageFormat.QCOW2),
+        Drive(file=Path("/i/data.raw"), format=ImageFormat.RAW),
     )
-    assert live._launch_drive(config, Path("/i/data.qcow2")) == 1
-    assert live._launch_drive(config, Path("/i/boot.qcow2")) == 0
+    assert live._launch_drive(config, Path("/i/data.qcow2")) == (1, ImageFormat.QCOW2)
+    assert live._launch_drive(config, Path("/i/boot.qcow2")) == (0, ImageFormat.QCOW2)
+    assert live._launch_drive(config, Path("/i/data.raw")) == (2, ImageFormat.RAW)
+
+
+@pytest.mark.parametrize("url", ["iscsi://127.0.0.1/iqn.2026-01.t:lun/1", Path("iscsi://h/i/1")])
+def test_a_live_launch_refuses_a_lun_target_with_the_way_out(url: str | Path) -> None:
+    """A LUN drive is not launched from a point (the CLI hands DEST as a Path, which folds
+    the URL's // into /)."""
+    with pytest.raises(ConfigError) as e:
+        live._launch_target(url)
+    assert e.value.field == "target" and "LUN drive is not launched" in e.value.message
+    assert "--attach VM -O raw" in e.value.message
 
 
 def test_a_live_launch_refuses_a_target_no_drive_has_and_names_the_files() -> None:
@@ -110,9 +122,14 @@ def test_a_live_launch_refuses_a_target_no_drive_has_and_names_the_files() -> No
     ("drive", "field", "says"),
     [
         (
-            Drive(file=Path("/i/d.raw"), format=ImageFormat.RAW),
+            Drive(file=Path("/i/d.raw"), format=ImageFormat.VMDK),
             "drive[0].format",
-            "--attach VM -O raw",
+            "a qcow2 or a raw drive",
+        ),
+        (
+            Drive(file=Path("/i/d.raw"), format=ImageFormat.RAW, copy_on_read=True),
+            "drive[0].copy_on_read",
+            "drop copy_on_read",
         ),
         (
             Drive(file=Path("/i/d.raw"), format=ImageFormat.QCOW2, read_only=True),
