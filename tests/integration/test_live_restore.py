@@ -22,7 +22,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from blockctl import VM as Machine
-from blockctl import GuestImage, LaunchedVM, _journal, backup, open_vm
+from blockctl import GuestImage, LaunchedVM, _journal, _proc, backup, open_vm
 from blockctl import attach as attach_vm
 from blockctl._backup import live, serve
 from blockctl._backup.serve import serve_point
@@ -40,6 +40,7 @@ from blockctl.errors import (
     JobFailed,
     OperationTimeout,
     ProcessFailed,
+    RepositoryBusy,
 )
 from blockctl.types import ImageFormat
 from tests.conftest import missing
@@ -140,6 +141,41 @@ async def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:
         async with serve_point(repo, VM, POINTS[0], "disk9", tmp_path, size=len(DISK)):
             pass
     assert not list(tmp_path.glob("nbd-*"))
+
+
+async def test_a_server_holds_the_repository_lock_by_itself_until_it_stops(tmp_path: Path) -> None:
+    """A point's NBD server holds the repository's lock shared for as long as it runs, by
+    itself: a detached one left running (as a killed controller leaves it), the point
+    deleted meanwhile (a prune), a garbage collection is refused, naming the server and the
+    way out, and removes no chunk; the server still serves them. The lock this process took
+    and released beside it (the controller's) changes nothing. Once the server stops, the
+    collection removes them."""
+    repo = point_repo(tmp_path, encrypted=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    chunks = tree_digest(repo.path / "chunks")
+    assert chunks
+    async with serve_point(
+        repo, VM, POINTS[0], "disk0", home, size=len(DISK), detached=True, into="lrx"
+    ) as export:
+        with repo.lock(exclusive=False):  # the controller's own, as a live restore holds it
+            export.keep_running = True
+    try:
+        assert running(export.pid)
+        repo.delete_point(VM, POINTS[0])
+        with pytest.raises(RepositoryBusy) as refused:
+            repo.gc()
+        assert f"pid {export.pid} (a live restore into the VM lrx)" in str(refused.value)
+        assert "`blockctl recover lrx` first" in str(refused.value)
+        assert tree_digest(repo.path / "chunks") == chunks
+        handle = connect(export.socket)
+        assert sha256(handle.pread(len(DISK), 0)) == sha256(DISK)
+        handle.shutdown()
+    finally:
+        await _proc.stop_recorded(export.pid, _proc.process_start(export.pid), grace=5.0)
+        shutil.rmtree(export.home)
+    assert repo.gc().chunks_removed == len(chunks)
+    assert tree_digest(repo.path / "chunks") == {}
 
 
 #: A stand-in for nbdkit 1.32 forking into the background, as far as the launcher goes: the
@@ -631,7 +667,10 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
     device (a loop device) mid-copy only. The guest reads every
     block and writes; ``blockctl recover`` starts the copy again or adopts it, and cleans
     up: the disk stands alone, equal to the point plus the guest's writes; the repository
-    unchanged, no server, no overlay, no node beyond the disk's, no record."""
+    unchanged, no server, no overlay, no node beyond the disk's, no record. Mid-copy, the
+    point restored is pruned meanwhile (a newer one kept) by another process: the server
+    holds the repository's lock, so its garbage collection (and a ``backup gc``) is refused
+    naming the server and removes no chunk; once ``recover`` is done, ``gc`` removes them."""
     from tests.integration.test_attach_cli import cli
     from tests.integration.test_backup_faults import detached
 
@@ -648,8 +687,19 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
         async with attach_vm("lrk") as vm:
             point = await backup.create(vm, repo)
             before = await node_names(vm)
-        hashes = tree_digest(repo.path)
         want = (await console.check(read_sha("vda", mib))).split()[0]
+        want_file = await reference(repo, "lrk", point.id, tmp_path / "r.raw", live_target.writes)
+        if prune := step == "running":
+            # A newer point whose first chunk differs: a prune deletes the one restored,
+            # and only the server's lock keeps that chunk from its garbage collection.
+            await console.check(
+                "dd if=/dev/urandom of=/dev/vda bs=64k count=1 oflag=direct conv=fsync 2>/dev/null"
+            )
+            async with attach_vm("lrk") as vm:
+                newer = (await backup.create(vm, repo)).id
+            kept = repo.read_index("lrk", newer, "disk0").referenced()
+        hashes = tree_digest(repo.path)
+        chunks = {k: v for k, v in hashes.items() if k.startswith("chunks/")}
         arguments = {
             "repo": str(repo.path),
             "point": point.id,
@@ -668,6 +718,25 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
         written = json.loads(record.read_text())
         assert written["kind"] == live_target.kind.value and written["server"]["pid"] == server
         assert len(live_target.overlays(images, run_dir)) == live_target.raw
+        if prune:
+            # Another process prunes: the point restored goes, its chunks stay (the server
+            # holds the lock), and the refusal names the server and the way out.
+            pruned = json.loads(
+                (
+                    await cli(
+                        "backup", "prune", "lrk", "--repo", repo.path, "--keep", "1", "--json"
+                    )
+                ).stdout
+            )
+            assert pruned["deleted"] == [point.id] and pruned["chunks_removed"] == 0, pruned
+            held = f"pid {server} (a live restore into the VM lrk)"
+            assert held in pruned["gc_skipped"], pruned
+            assert "`blockctl recover lrk` first" in pruned["gc_skipped"], pruned
+            refused = await cli("backup", "gc", "--repo", repo.path, check=False)
+            assert refused.returncode == 1 and held in refused.stderr, refused
+            assert tree_digest(repo.path) == {
+                k: v for k, v in hashes.items() if not k.startswith(f"points/lrk/{point.id}/")
+            }
         # The controller is gone; the guest reads the new disk whole, through the server,
         # and writes to it.
         await console.check(WAIT_VDB)
@@ -689,8 +758,17 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
             (device,) = set(vm.registry.drives) - {"disk0"}
             assert await node_names(vm) == before | set(vm.registry.drives[device].node_names)
             await truth_check(vm)
+    if prune:
+        # The server gone, the collection runs: the chunks only the deleted point had.
+        collected = json.loads((await cli("backup", "gc", "--repo", repo.path, "--json")).stdout)
+        only_deleted = [k for k in chunks if bytes.fromhex(k.rsplit("/", 1)[1]) not in kept]
+        assert only_deleted and collected["chunks_removed"] == len(only_deleted), collected
+        hashes = {
+            k: v
+            for k, v in hashes.items()
+            if not k.startswith(f"points/lrk/{point.id}/") and k not in only_deleted
+        }
     assert tree_digest(repo.path) == hashes
-    want_file = await reference(repo, "lrk", point.id, tmp_path / "r.raw", live_target.writes)
     await standalone_equals(target, want_file, live_target.format)
 
 
