@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -262,6 +263,40 @@ async def guest_fill(vm: LaunchedVM, dev: str, offset_kib: int, kib: int, byte: 
     await sh(vm, fill(dev, offset_kib, kib, byte))
 
 
+def kill_server(pid: int) -> list[str]:
+    """SIGKILL a live restore's server; returns its argv, once it is gone."""
+    argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [])  # readable once it has exited
+    finally:
+        os.close(pidfd)
+    return argv
+
+
+async def restart_server(argv: list[str], home: Path) -> tuple[int, int | None]:
+    """Start a killed server's ``argv`` again on the same socket (a new ready pipe); returns
+    the new server's pid and start time once it listens. The caller stops it."""
+    os.unlink(argv[argv.index("--unix") + 1])  # left by the dead server: nbdkit won't bind
+    ready_r, ready_w = os.pipe()
+    argv = [f"readyfd={ready_w}" if a.startswith("readyfd=") else a for a in argv]
+    try:
+        with open(home / "restarted.log", "wb") as log:
+            launcher = await _proc.spawn(argv, log=log, pass_fds=[ready_w], die_with_parent=False)
+        os.close(ready_w)
+        ready_w = -1
+        await anyio.wait_readable(ready_r)
+        said = os.read(ready_r, 32)
+        await _proc.reap(launcher, grace=30.0)
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+    assert said.startswith(b"1"), (home / "restarted.log").read_text()
+    return int(said[1:]), _proc.process_start(int(said[1:]))
+
+
 @pytest.mark.guest
 async def test_live_restore_while_the_guest_reads_and_writes(
     guest: GuestImage, images: Path, tmp_path: Path
@@ -270,55 +305,80 @@ async def test_live_restore_while_the_guest_reads_and_writes(
     disk = await qcow2_image(images / "d0.qcow2", b"", 16 * MIB)
     target = images / "live.qcow2"
     watch = StreamWatch()
-    async with open_vm(config(guest, "lr", disk)) as vm:
-        await vm.console.wait_ready()  # type: ignore[union-attr]
-        await write(vm, "vda", 0, 4096)
-        await write(vm, "vda", 8192, 1024)
-        point = await backup.create(vm, repo)
-        at_point = await disk_sha(vm, "vda")
-        before = await node_names(vm)
-        results: list[live.LiveRestoreResult] = []
+    restarted: list[tuple[int, int | None]] = []  # the server started again (the outage)
+    try:
+        async with open_vm(config(guest, "lr", disk)) as vm:
+            await vm.console.wait_ready()  # type: ignore[union-attr]
+            await write(vm, "vda", 0, 4096)
+            await write(vm, "vda", 8192, 1024)
+            point = await backup.create(vm, repo)
+            at_point = await disk_sha(vm, "vda")
+            before = await node_names(vm)
+            results: list[live.LiveRestoreResult] = []
 
-        async def restore() -> None:
-            # 1 byte/s: the stream copies at most one request, then waits for the speed
-            # change below; so everything the guest does meanwhile is during the stream.
-            results.append(
-                await backup.restore_live(
-                    vm,
-                    repo,
-                    "lr",
-                    point.id,
-                    "disk0",
-                    target,
-                    control=JobControl(speed=1, hooks=(watch,)),
+            async def restore() -> None:
+                # 1 byte/s: the stream copies at most one request, then waits for the speed
+                # change below; so everything the guest does meanwhile is during the stream.
+                results.append(
+                    await backup.restore_live(
+                        vm,
+                        repo,
+                        "lr",
+                        point.id,
+                        "disk0",
+                        target,
+                        control=JobControl(speed=1, hooks=(watch,)),
+                    )
                 )
-            )
 
-        with capture_logs() as logs:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(restore)
-                await watch.running.wait()
-                assert watch.job_id is not None
-                await sh(vm, "for i in $(seq 200); do [ -b /dev/vdb ] && break; sleep 0.1; done")
-                # The guest reads the whole disk through the backup (copy-on-read) ...
-                assert await disk_sha(vm, "vdb") == at_point
-                # ... and writes to it.
-                for offset, kib, byte in GUEST_WRITES:
-                    await guest_fill(vm, "vdb", offset, kib, byte)
-                during = await disk_sha(vm, "vdb")
-                jobs = await wire.query_jobs(vm.session)
-                assert [j.id for j in jobs] == [watch.job_id]
-                assert any(n.startswith("bclr-") for n in await node_names(vm))
-                await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
-        (result,) = results
-        assert result.device_id in {d.device_id for d in await vm.block_devices()}
-        # After the stream: the guest's writes are there, the backup is not.
-        assert await disk_sha(vm, "vdb") == during
-        after = await node_names(vm)
-        assert not [n for n in after if n.startswith("bclr-")]
-        record = vm.registry.drives[result.device_id]
-        assert after == before | set(record.node_names)
-        assert await wire.query_jobs(vm.session) == ()
+            with capture_logs() as logs:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(restore)
+                    await watch.running.wait()
+                    assert watch.job_id is not None
+                    await sh(
+                        vm, "for i in $(seq 200); do [ -b /dev/vdb ] && break; sleep 0.1; done"
+                    )
+                    # The guest reads the whole disk through the backup (copy-on-read) ...
+                    assert await disk_sha(vm, "vdb") == at_point
+                    # ... and writes to it.
+                    for offset, kib, byte in GUEST_WRITES:
+                        await guest_fill(vm, "vdb", offset, kib, byte)
+                    during = await disk_sha(vm, "vdb")
+                    jobs = await wire.query_jobs(vm.session)
+                    assert [j.id for j in jobs] == [watch.job_id]
+                    assert any(n.startswith("bclr-") for n in await node_names(vm))
+                    # A server outage shorter than reconnect-delay: the server killed, the copy
+                    # let go at full speed (it reads the dead server: QEMU's client reconnects,
+                    # the reads wait), the guest reading the whole disk meanwhile, and the same
+                    # server started again on the same socket: both go on.
+                    (old,) = [
+                        e["pid"] for e in logs if e["event"] == "blockctl.backup.export_started"
+                    ]
+                    argv = kill_server(old)
+
+                    async def restart() -> None:
+                        restarted.append(await restart_server(argv, tmp_path))
+
+                    with anyio.fail_after(120):  # a guard against a hang, not a timed assertion
+                        async with anyio.create_task_group() as outage:
+                            outage.start_soon(restart)
+                            await vm.command(
+                                "block-job-set-speed", {"device": watch.job_id, "speed": 0}
+                            )
+                            assert await disk_sha(vm, "vdb") == during
+            (result,) = results
+            assert result.device_id in {d.device_id for d in await vm.block_devices()}
+            # After the stream: the guest's writes are there, the backup is not.
+            assert await disk_sha(vm, "vdb") == during
+            after = await node_names(vm)
+            assert not [n for n in after if n.startswith("bclr-")]
+            record = vm.registry.drives[result.device_id]
+            assert after == before | set(record.node_names)
+            assert await wire.query_jobs(vm.session) == ()
+    finally:
+        for pid, start in restarted:
+            await _proc.stop_recorded(pid, start, grace=5.0)
     (started,) = [e for e in logs if e["event"] == "blockctl.backup.export_started"]
     assert not running(started["pid"])
     info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "qcow2", target))
