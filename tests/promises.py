@@ -743,6 +743,20 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="live-restore-rides-out-a-short-outage",
+        section="Backups",
+        quote="a server outage shorter than `reconnect-delay`",
+        tests=(I + "test_live_restore.py::test_live_restore_while_the_guest_reads_and_writes",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/serve.py",
+                find="RECONNECT_DELAY = 10",
+                replace="RECONNECT_DELAY = 0",
+                what="the backup's NBD node fails its requests at the first outage",
+            ),
+        ),
+    ),
+    Promise(
         id="live-restore-qemu-gone-keeps-record",
         section="Backups",
         quote="the controller now keeps the record whenever QEMU is gone and raises "
