@@ -179,6 +179,37 @@ async def test_a_server_holds_the_repository_lock_by_itself_until_it_stops(tmp_p
     assert tree_digest(repo.path / "chunks") == {}
 
 
+async def test_a_server_started_while_a_gc_runs_waits_for_it(tmp_path: Path) -> None:
+    """While a garbage collection holds the repository (exclusively), a new server waits
+    before it listens (its log says why), then serves once the collection is done."""
+    repo = point_repo(tmp_path, encrypted=False)
+    served = anyio.Event()
+
+    async def serve() -> None:
+        async with serve_point(repo, VM, POINTS[0], "disk0", tmp_path, size=len(DISK)) as export:
+            served.set()
+            handle = connect(export.socket)
+            assert sha256(handle.pread(len(DISK), 0)) == sha256(DISK)
+            handle.shutdown()
+
+    def says_it_waits() -> bool:
+        return any(
+            "waiting for the repository's garbage collection" in log.read_text()
+            for log in tmp_path.glob("nbd-*/nbdkit.log")
+        )
+
+    with anyio.fail_after(60):  # a guard against a hang, not a timed assertion
+        async with anyio.create_task_group() as tg:
+            with repo.lock(exclusive=True):  # a collection's
+                tg.start_soon(serve)
+                for _ in range(1200):
+                    if says_it_waits() or served.is_set():
+                        break
+                    await anyio.sleep(0.05)
+                assert says_it_waits() and not served.is_set()
+    assert served.is_set()
+
+
 #: A stand-in for nbdkit 1.32 forking into the background, as far as the launcher goes: the
 #: launcher (the process started) and the server share a quit pipe; the launcher's SIGTERM
 #: handler writes to it; the launcher exits by itself a moment after the server is ready. The
