@@ -24,7 +24,7 @@ wrong and what to do about it, and carries the facts as attributes, not only as 
      ├── RepositoryError        a backup repository is missing, loose, locked or malformed (path)
      │    ├── BackupCorrupt     a backup's data does not match its manifest or index
      │    ├── BackupKeyError    an encrypted repository's key is missing or wrong
-     │    └── RepositoryBusy    another process holds the repository (gc vs a running backup)
+     │    └── RepositoryBusy    another process holds the repository (gc vs a backup, a server)
      ├── NbdError               reading a point-in-time export over NBD failed (errno, name)
      ├── QMPError               anything on the QMP connection
      │    ├── QMPConnectFailed  could not connect, attach or negotiate
@@ -513,7 +513,8 @@ class NbdError(BlockctlError):
 
 class RepositoryBusy(RepositoryError):
     """Another process holds the repository's lock (garbage collection waits for no backup to
-    be writing, and a backup for no collection to be running)."""
+    be writing and no point's NBD server to be serving, a backup for no collection to be
+    running). The message names a server holding it, and the VM to recover first."""
 
 
 class QMPError(BlockctlError):

@@ -714,6 +714,49 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="live-restore-server-holds-the-lock",
+        section="Backups",
+        quote="the server holds it too, by itself, for as long as it runs",
+        tests=(
+            I + "test_live_restore.py::test_a_server_holds_the_repository_lock_by_itself_until_"
+            "it_stops",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/nbdkit_plugin.py",
+                find="    _held.close()\n    _held = held\n",
+                replace="    _held.close()\n",
+                what="the server takes the repository's lock and lets it go at once",
+            ),
+            Mutation(
+                file="blockctl/_backup/nbdkit_plugin.py",
+                find="    _hold_lock(_image.repo)  # in the serving process",
+                replace="    pass  # in the serving process",
+                what="a detached server's lock is its exited launcher's: no server named",
+            ),
+            Mutation(
+                file="blockctl/_backup/store.py",
+                find="        servers = self.servers_holding() if exclusive else []",
+                replace="        servers = []",
+                what="a gc refused by a server says a backup may be writing",
+            ),
+        ),
+    ),
+    Promise(
+        id="live-restore-rides-out-a-short-outage",
+        section="Backups",
+        quote="a server outage shorter than `reconnect-delay`",
+        tests=(I + "test_live_restore.py::test_live_restore_while_the_guest_reads_and_writes",),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/serve.py",
+                find="RECONNECT_DELAY = 10",
+                replace="RECONNECT_DELAY = 0",
+                what="the backup's NBD node fails its requests at the first outage",
+            ),
+        ),
+    ),
+    Promise(
         id="live-restore-qemu-gone-keeps-record",
         section="Backups",
         quote="the controller now keeps the record whenever QEMU is gone and raises "

@@ -298,7 +298,16 @@ async def launch_live(
             async def prepare(run_dir: Path) -> Prepared:
                 exports.append(
                     await stack.enter_async_context(
-                        serve_point(repo, vm_name, point, device, run_dir, size=size, detached=True)
+                        serve_point(
+                            repo,
+                            vm_name,
+                            point,
+                            device,
+                            run_dir,
+                            size=size,
+                            detached=True,
+                            into=name,
+                        )
                     )
                 )
                 launched = config
@@ -923,6 +932,8 @@ async def _serving(call: _Call) -> AsyncIterator[PointExport]:
             home,
             size=call.size,
             detached=call.vm.run_dir is not None,
+            # Named only where `blockctl recover` finds it (a run directory: a journal).
+            into=call.vm.name if call.vm.run_dir is not None else None,
         ) as export:
             yield export
 

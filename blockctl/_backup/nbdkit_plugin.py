@@ -11,6 +11,17 @@ are imported in :func:`config_complete`. Parameters::
     readyfd=N             an inherited pipe: "1", the serving pid and a newline, once nbdkit
                           listens
     cache=N               decoded chunks kept (default: PointImage's; the bench varies it)
+    into=NAME             the VM a live restore serves (unused here: it names the server to
+                          a garbage collection refused by its lock, store.servers_holding)
+
+The server holds the repository's lock shared for as long as it runs, as a backup does while
+it writes: a detached server outlives a killed controller (and its lock) until ``blockctl
+recover`` stops it, and meanwhile a garbage collection must not remove the chunks the guest's
+disk still reads (the point may have been pruned). Taken in :func:`config_complete`, before
+nbdkit listens; taken again in :func:`after_fork` by the serving process itself (a new open
+file description: ``flock`` locks belong to it, so the controller's own shared or exclusive
+locking is independent of it), so that ``/proc/locks`` names the serving pid, not the process
+that forked it and exited.
 
 Every request goes through :class:`blockctl._backup.export.PointImage`: a chunk that fails
 its digest check makes the request fail with EIO.
@@ -18,6 +29,7 @@ its digest check makes the request fail with EIO.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -29,6 +41,8 @@ API_VERSION = 2
 _params: dict[str, str] = {}
 _paths: list[str] = []
 _image: Any = None
+#: The repository's shared lock, held until the process exits.
+_held = contextlib.ExitStack()
 
 
 def _nbdkit() -> Any:
@@ -42,7 +56,7 @@ def config(key: str, value: str) -> None:
         # In the order given, ahead of the interpreter's own site-packages.
         sys.path.insert(len(_paths), value)
         _paths.append(value)
-    elif key in ("repo", "vm", "point", "device", "keyfd", "readyfd", "cache"):
+    elif key in ("repo", "vm", "point", "device", "keyfd", "readyfd", "cache", "into"):
         _params[key] = value
     else:
         raise ValueError(f"unknown parameter {key}")
@@ -68,10 +82,27 @@ def config_complete() -> None:
             raise ValueError("keyfd: expected 64 bytes of key")
         key = RepositoryKey(enc=raw[:32], mac=raw[32:])
     repo = Repository.open(Path(_params["repo"]), key=key)
+    _hold_lock(repo)
     vm, point, device = _params["vm"], _params["point"], _params["device"]
     index = repo.read_index(vm, point, device)
     cache = {"cache_chunks": int(_params["cache"])} if "cache" in _params else {}
     _image = PointImage(repo, index, where=f" of {vm}/{point}/{device}", **cache)
+
+
+def _hold_lock(repo: Any) -> None:
+    """Take the repository's lock shared (waiting for a garbage collection that runs) and
+    keep it; an earlier hold of this process is released once the new one is held."""
+    from blockctl.errors import RepositoryBusy
+
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(repo.lock(exclusive=False, wait=False))
+    except RepositoryBusy:
+        print("waiting for the repository's garbage collection to end", file=sys.stderr)
+        held.enter_context(repo.lock(exclusive=False))
+    global _held
+    _held.close()
+    _held = held
 
 
 def thread_model() -> int:
@@ -81,6 +112,7 @@ def thread_model() -> int:
 
 def after_fork() -> None:
     # nbdkit listens by now: the parent waits for this byte rather than poll the socket.
+    _hold_lock(_image.repo)  # in the serving process, before it says it is ready
     fd = int(_params["readyfd"])
     # With the serving process's pid: in the background it is not the one the parent started.
     os.write(fd, b"1%d\n" % os.getpid())

@@ -102,6 +102,7 @@ def nbdkit_argv(
     readyfd: int,
     cache_chunks: int | None = None,
     detached: bool = False,
+    into: str | None = None,
 ) -> list[str]:
     """The server's argv (pure): read-only, one unix socket; in the foreground, or
     ``detached``: forked into the background, where nbdkit no longer dies with the process
@@ -122,6 +123,8 @@ def nbdkit_argv(
         argv.append(f"keyfd={keyfd}")
     if cache_chunks is not None:
         argv.append(f"cache={cache_chunks}")
+    if into is not None:
+        argv.append(f"into={into}")
     argv.append(f"readyfd={readyfd}")
     return argv
 
@@ -137,16 +140,22 @@ async def serve_point(
     size: int,
     cache_chunks: int | None = None,
     detached: bool = False,
+    into: str | None = None,
 ) -> AsyncIterator[PointExport]:
     """Run an NBD server of ``device`` at ``point`` for the block's duration, on a socket in
     a new private directory under ``directory``; the directory goes when the block exits.
 
     ``detached``: the server does not die with this process (its own session, no
     PR_SET_PDEATHSIG), and the caller may set ``keep_running`` to leave it (and its
-    directory) when the block exits."""
+    directory) when the block exits. ``into``: the VM whose live restore it serves (named
+    by a garbage collection its lock refuses).
+
+    The server holds the repository's lock shared while it runs (:mod:`.nbdkit_plugin`)."""
     check_name(vm_name, "VM")
     check_name(device, "device")
     check_point_id(point)
+    if into is not None:
+        check_name(into, "VM")
     if shutil.which(NBDKIT) is None:
         raise MissingComponent(NBDKIT, NBDKIT_HINT)
     home = Path(directory) / f"nbd-{secrets.token_hex(4)}"
@@ -168,7 +177,7 @@ async def serve_point(
             fds.remove(key_w)
             keyfd = key_r
         argv = nbdkit_argv(
-            repo, vm_name, point, device, socket, keyfd, ready_w, cache_chunks, detached
+            repo, vm_name, point, device, socket, keyfd, ready_w, cache_chunks, detached, into
         )
         with open(home / "nbdkit.log", "wb") as log:
             process = await _proc.spawn(

@@ -4,7 +4,8 @@ repository; a point is a per-disk index of chunk digests plus a manifest.
 Layout (directories 0700, files 0600, whatever the umask)::
 
     REPO/config.json                      format, id, chunk size, digest, compression, encryption
-    REPO/lock                             flock: shared while a backup writes, exclusive for gc
+    REPO/lock                             flock: shared while a backup writes or a point's NBD
+                                          server (a live restore's) runs, exclusive for gc
     REPO/chunks/ab/abcdef…(64 hex)        one chunk: header + (zstd?) (AES-GCM?) payload
     REPO/points/<vm>/<point id>/<device>.index
     REPO/points/<vm>/<point id>/manifest.json    the commit point of a backup
@@ -13,7 +14,9 @@ Crash safety: a chunk is written to a temporary file, fsynced and renamed (compl
 an index is written only after every chunk it names and their directories are durable; the
 manifest is written last, atomically (write, fsync, rename, fsync the directory). A point
 without a manifest is not a point. Garbage collection takes the lock exclusively, so it never
-sees the chunks of a backup that has not written its manifest yet.
+sees the chunks of a backup that has not written its manifest yet, nor removes those a
+point's NBD server serves (a live restore's, which may outlive its controller: the server
+holds the lock itself, :mod:`.nbdkit_plugin`), even if that point was deleted meanwhile.
 
 The repository is untrusted input: every name read from it (point ids, VM and device names,
 digests) is validated before it touches the filesystem, files are opened relative to
@@ -626,21 +629,56 @@ class Repository:
 
     @contextlib.contextmanager
     def lock(self, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
-        """Shared while a backup writes (several may), exclusive for garbage collection."""
+        """Shared while a backup writes or a point's NBD server runs (several may), exclusive
+        for garbage collection."""
         with _fsutil.flocked(
             self.path / "lock",
             shared=not exclusive,
             wait=wait,
-            busy=lambda: RepositoryBusy(
-                f"{self.path} is in use by another process (a backup is writing, or a "
-                "garbage collection is running): try again when it is done"
-            ),
+            busy=lambda: RepositoryBusy(self._busy_text(exclusive)),
             open_error=lambda exc: RepositoryError(
                 f"{self.path}/lock: cannot open the repository's lock file (missing, or a "
                 f"symlink: refused): {_errno_text(exc)}"
             ),
         ):
             yield
+
+    def _busy_text(self, exclusive: bool) -> str:
+        servers = self.servers_holding() if exclusive else []
+        if not servers:
+            return (
+                f"{self.path} is in use by another process (a backup is writing, or a "
+                "garbage collection is running): try again when it is done"
+            )
+        named = ", ".join(
+            f"pid {pid}" + (f" (a live restore into the VM {vm})" if vm else "")
+            for pid, vm in servers
+        )
+        ways = sorted({f"`blockctl recover {vm}`" for _, vm in servers if vm})
+        return (
+            f"{self.path} is held by the NBD server of a backup point ({named}): a live "
+            "restore's disk reads the chunks it serves, and a garbage collection could remove "
+            "them; try again when the restore has finished"
+            + (f" (if its controller died: {' and '.join(ways)} first)" if ways else "")
+        )
+
+    def servers_holding(self) -> list[tuple[int, str | None]]:
+        """The NBD servers of this repository's points (nbdkit and blockctl's plugin,
+        :mod:`.serve`) that hold its lock, as each one does while it runs: their pids and
+        the VM each serves (its ``into=`` parameter; ``None`` for a server outside a
+        VM's live restore). From ``/proc``: for naming them, never for deciding."""
+        servers: list[tuple[int, str | None]] = []
+        for pid in _fsutil.flock_holders(self.path / "lock"):
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue  # gone since
+            argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+            if not argv or Path(argv[0]).name != "nbdkit" or f"repo={self.path}" not in argv:
+                continue
+            into = next((a.removeprefix("into=") for a in argv if a.startswith("into=")), None)
+            servers.append((pid, into))
+        return servers
 
     # -- chunks
 

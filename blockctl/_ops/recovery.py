@@ -356,6 +356,7 @@ async def _replace_server(vm: VM, intent: Intent, action: ReplaceServer) -> Inte
             Path(old.home).parent,
             size=size,
             detached=True,
+            into=vm.name,
         ) as export:
             export.keep_running = True  # it serves the disk from now on
         server = _journal.ServerRecord(

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -22,7 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from blockctl import VM as Machine
-from blockctl import GuestImage, LaunchedVM, _journal, backup, open_vm
+from blockctl import GuestImage, LaunchedVM, _journal, _proc, backup, open_vm
 from blockctl import attach as attach_vm
 from blockctl._backup import live, serve
 from blockctl._backup.serve import serve_point
@@ -40,6 +41,7 @@ from blockctl.errors import (
     JobFailed,
     OperationTimeout,
     ProcessFailed,
+    RepositoryBusy,
 )
 from blockctl.types import ImageFormat
 from tests.conftest import missing
@@ -142,6 +144,72 @@ async def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("nbd-*"))
 
 
+async def test_a_server_holds_the_repository_lock_by_itself_until_it_stops(tmp_path: Path) -> None:
+    """A point's NBD server holds the repository's lock shared for as long as it runs, by
+    itself: a detached one left running (as a killed controller leaves it), the point
+    deleted meanwhile (a prune), a garbage collection is refused, naming the server and the
+    way out, and removes no chunk; the server still serves them. The lock this process took
+    and released beside it (the controller's) changes nothing. Once the server stops, the
+    collection removes them."""
+    repo = point_repo(tmp_path, encrypted=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    chunks = tree_digest(repo.path / "chunks")
+    assert chunks
+    async with serve_point(
+        repo, VM, POINTS[0], "disk0", home, size=len(DISK), detached=True, into="lrx"
+    ) as export:
+        with repo.lock(exclusive=False):  # the controller's own, as a live restore holds it
+            export.keep_running = True
+    try:
+        assert running(export.pid)
+        repo.delete_point(VM, POINTS[0])
+        with pytest.raises(RepositoryBusy) as refused:
+            repo.gc()
+        assert f"pid {export.pid} (a live restore into the VM lrx)" in str(refused.value)
+        assert "`blockctl recover lrx` first" in str(refused.value)
+        assert tree_digest(repo.path / "chunks") == chunks
+        handle = connect(export.socket)
+        assert sha256(handle.pread(len(DISK), 0)) == sha256(DISK)
+        handle.shutdown()
+    finally:
+        await _proc.stop_recorded(export.pid, _proc.process_start(export.pid), grace=5.0)
+        shutil.rmtree(export.home)
+    assert repo.gc().chunks_removed == len(chunks)
+    assert tree_digest(repo.path / "chunks") == {}
+
+
+async def test_a_server_started_while_a_gc_runs_waits_for_it(tmp_path: Path) -> None:
+    """While a garbage collection holds the repository (exclusively), a new server waits
+    before it listens (its log says why), then serves once the collection is done."""
+    repo = point_repo(tmp_path, encrypted=False)
+    served = anyio.Event()
+
+    async def serve() -> None:
+        async with serve_point(repo, VM, POINTS[0], "disk0", tmp_path, size=len(DISK)) as export:
+            served.set()
+            handle = connect(export.socket)
+            assert sha256(handle.pread(len(DISK), 0)) == sha256(DISK)
+            handle.shutdown()
+
+    def says_it_waits() -> bool:
+        return any(
+            "waiting for the repository's garbage collection" in log.read_text()
+            for log in tmp_path.glob("nbd-*/nbdkit.log")
+        )
+
+    with anyio.fail_after(60):  # a guard against a hang, not a timed assertion
+        async with anyio.create_task_group() as tg:
+            with repo.lock(exclusive=True):  # a collection's
+                tg.start_soon(serve)
+                for _ in range(1200):
+                    if says_it_waits() or served.is_set():
+                        break
+                    await anyio.sleep(0.05)
+                assert says_it_waits() and not served.is_set()
+    assert served.is_set()
+
+
 #: A stand-in for nbdkit 1.32 forking into the background, as far as the launcher goes: the
 #: launcher (the process started) and the server share a quit pipe; the launcher's SIGTERM
 #: handler writes to it; the launcher exits by itself a moment after the server is ready. The
@@ -226,6 +294,57 @@ async def guest_fill(vm: LaunchedVM, dev: str, offset_kib: int, kib: int, byte: 
     await sh(vm, fill(dev, offset_kib, kib, byte))
 
 
+#: 1 MiB of the disk at 8 MiB (data in the point, beyond the stream's first request).
+READ_8MIB = "dd if=/dev/{dev} bs=1M skip=8 count=1 iflag=direct 2>/dev/null"
+#: Starts that read of the new disk in the background; ends once the read is in flight at
+#: the device (/sys/block/vdb/inflight: reads, writes).
+OUTAGE_READ = (
+    f"rm -f /tmp/outage.*; ({READ_8MIB.format(dev='vdb')} > /tmp/outage.out; "
+    "echo $? > /tmp/outage.rc) >/dev/null 2>&1 & "
+    "for i in $(seq 400); do read r w < /sys/block/vdb/inflight; [ $r -gt 0 ] && exit 0; "
+    "sleep 0.05; done; exit 1"
+)
+#: Waits for that read to end: its exit status, then the sha256 of what it read.
+OUTAGE_READ_DONE = (
+    "for i in $(seq 600); do [ -s /tmp/outage.rc ] && break; sleep 0.05; done; "
+    "cat /tmp/outage.rc; sha256sum < /tmp/outage.out"
+)
+
+
+def kill_server(pid: int) -> list[str]:
+    """SIGKILL a live restore's server; returns its argv, once it is gone."""
+    argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [])  # readable once it has exited
+    finally:
+        os.close(pidfd)
+    return argv
+
+
+async def restart_server(argv: list[str], home: Path) -> tuple[int, int | None]:
+    """Start a killed server's ``argv`` again on the same socket (a new ready pipe); returns
+    the new server's pid and start time once it listens. The caller stops it."""
+    os.unlink(argv[argv.index("--unix") + 1])  # left by the dead server: nbdkit won't bind
+    ready_r, ready_w = os.pipe()
+    argv = [f"readyfd={ready_w}" if a.startswith("readyfd=") else a for a in argv]
+    try:
+        with open(home / "restarted.log", "wb") as log:
+            launcher = await _proc.spawn(argv, log=log, pass_fds=[ready_w], die_with_parent=False)
+        os.close(ready_w)
+        ready_w = -1
+        await anyio.wait_readable(ready_r)
+        said = os.read(ready_r, 32)
+        await _proc.reap(launcher, grace=30.0)
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+    assert said.startswith(b"1"), (home / "restarted.log").read_text()
+    return int(said[1:]), _proc.process_start(int(said[1:]))
+
+
 @pytest.mark.guest
 async def test_live_restore_while_the_guest_reads_and_writes(
     guest: GuestImage, images: Path, tmp_path: Path
@@ -234,55 +353,74 @@ async def test_live_restore_while_the_guest_reads_and_writes(
     disk = await qcow2_image(images / "d0.qcow2", b"", 16 * MIB)
     target = images / "live.qcow2"
     watch = StreamWatch()
-    async with open_vm(config(guest, "lr", disk)) as vm:
-        await vm.console.wait_ready()  # type: ignore[union-attr]
-        await write(vm, "vda", 0, 4096)
-        await write(vm, "vda", 8192, 1024)
-        point = await backup.create(vm, repo)
-        at_point = await disk_sha(vm, "vda")
-        before = await node_names(vm)
-        results: list[live.LiveRestoreResult] = []
+    restarted: list[tuple[int, int | None]] = []  # the server started again (the outage)
+    try:
+        async with open_vm(config(guest, "lr", disk)) as vm:
+            await vm.console.wait_ready()  # type: ignore[union-attr]
+            await write(vm, "vda", 0, 4096)
+            await write(vm, "vda", 8192, 1024)
+            point = await backup.create(vm, repo)
+            at_point = await disk_sha(vm, "vda")
+            at_8mib = (await sh(vm, f"{READ_8MIB.format(dev='vda')} | sha256sum")).split()[0]
+            before = await node_names(vm)
+            results: list[live.LiveRestoreResult] = []
 
-        async def restore() -> None:
-            # 1 byte/s: the stream copies at most one request, then waits for the speed
-            # change below; so everything the guest does meanwhile is during the stream.
-            results.append(
-                await backup.restore_live(
-                    vm,
-                    repo,
-                    "lr",
-                    point.id,
-                    "disk0",
-                    target,
-                    control=JobControl(speed=1, hooks=(watch,)),
+            async def restore() -> None:
+                # 1 byte/s: the stream copies at most one request, then waits for the speed
+                # change below; so everything the guest does meanwhile is during the stream.
+                results.append(
+                    await backup.restore_live(
+                        vm,
+                        repo,
+                        "lr",
+                        point.id,
+                        "disk0",
+                        target,
+                        control=JobControl(speed=1, hooks=(watch,)),
+                    )
                 )
-            )
 
-        with capture_logs() as logs:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(restore)
-                await watch.running.wait()
-                assert watch.job_id is not None
-                await sh(vm, "for i in $(seq 200); do [ -b /dev/vdb ] && break; sleep 0.1; done")
-                # The guest reads the whole disk through the backup (copy-on-read) ...
-                assert await disk_sha(vm, "vdb") == at_point
-                # ... and writes to it.
-                for offset, kib, byte in GUEST_WRITES:
-                    await guest_fill(vm, "vdb", offset, kib, byte)
-                during = await disk_sha(vm, "vdb")
-                jobs = await wire.query_jobs(vm.session)
-                assert [j.id for j in jobs] == [watch.job_id]
-                assert any(n.startswith("bclr-") for n in await node_names(vm))
-                await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
-        (result,) = results
-        assert result.device_id in {d.device_id for d in await vm.block_devices()}
-        # After the stream: the guest's writes are there, the backup is not.
-        assert await disk_sha(vm, "vdb") == during
-        after = await node_names(vm)
-        assert not [n for n in after if n.startswith("bclr-")]
-        record = vm.registry.drives[result.device_id]
-        assert after == before | set(record.node_names)
-        assert await wire.query_jobs(vm.session) == ()
+            with capture_logs() as logs:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(restore)
+                    await watch.running.wait()
+                    assert watch.job_id is not None
+                    await sh(
+                        vm, "for i in $(seq 200); do [ -b /dev/vdb ] && break; sleep 0.1; done"
+                    )
+                    # A server outage shorter than reconnect-delay: the server killed, a guest
+                    # read of blocks not copied yet sent and seen in flight at the device (it
+                    # cannot complete while the server is dead), the same server started again
+                    # on the same socket: the read completes with the point's bytes.
+                    (old,) = [
+                        e["pid"] for e in logs if e["event"] == "blockctl.backup.export_started"
+                    ]
+                    argv = kill_server(old)
+                    await sh(vm, OUTAGE_READ)
+                    restarted.append(await restart_server(argv, tmp_path))
+                    assert (await sh(vm, OUTAGE_READ_DONE)).split()[:2] == ["0", at_8mib]
+                    # The guest reads the whole disk through the backup (copy-on-read) ...
+                    assert await disk_sha(vm, "vdb") == at_point
+                    # ... and writes to it.
+                    for offset, kib, byte in GUEST_WRITES:
+                        await guest_fill(vm, "vdb", offset, kib, byte)
+                    during = await disk_sha(vm, "vdb")
+                    jobs = await wire.query_jobs(vm.session)
+                    assert [j.id for j in jobs] == [watch.job_id]
+                    assert any(n.startswith("bclr-") for n in await node_names(vm))
+                    await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+            (result,) = results
+            assert result.device_id in {d.device_id for d in await vm.block_devices()}
+            # After the stream: the guest's writes are there, the backup is not.
+            assert await disk_sha(vm, "vdb") == during
+            after = await node_names(vm)
+            assert not [n for n in after if n.startswith("bclr-")]
+            record = vm.registry.drives[result.device_id]
+            assert after == before | set(record.node_names)
+            assert await wire.query_jobs(vm.session) == ()
+    finally:
+        for pid, start in restarted:
+            await _proc.stop_recorded(pid, start, grace=5.0)
     (started,) = [e for e in logs if e["event"] == "blockctl.backup.export_started"]
     assert not running(started["pid"])
     info = json.loads(await run("qemu-img", "info", "--output=json", "-f", "qcow2", target))
@@ -631,7 +769,10 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
     device (a loop device) mid-copy only. The guest reads every
     block and writes; ``blockctl recover`` starts the copy again or adopts it, and cleans
     up: the disk stands alone, equal to the point plus the guest's writes; the repository
-    unchanged, no server, no overlay, no node beyond the disk's, no record."""
+    unchanged, no server, no overlay, no node beyond the disk's, no record. Mid-copy, the
+    point restored is pruned meanwhile (a newer one kept) by another process: the server
+    holds the repository's lock, so its garbage collection (and a ``backup gc``) is refused
+    naming the server and removes no chunk; once ``recover`` is done, ``gc`` removes them."""
     from tests.integration.test_attach_cli import cli
     from tests.integration.test_backup_faults import detached
 
@@ -648,8 +789,19 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
         async with attach_vm("lrk") as vm:
             point = await backup.create(vm, repo)
             before = await node_names(vm)
-        hashes = tree_digest(repo.path)
         want = (await console.check(read_sha("vda", mib))).split()[0]
+        want_file = await reference(repo, "lrk", point.id, tmp_path / "r.raw", live_target.writes)
+        if prune := step == "running":
+            # A newer point whose first chunk differs: a prune deletes the one restored,
+            # and only the server's lock keeps that chunk from its garbage collection.
+            await console.check(
+                "dd if=/dev/urandom of=/dev/vda bs=64k count=1 oflag=direct conv=fsync 2>/dev/null"
+            )
+            async with attach_vm("lrk") as vm:
+                newer = (await backup.create(vm, repo)).id
+            kept = repo.read_index("lrk", newer, "disk0").referenced()
+        hashes = tree_digest(repo.path)
+        chunks = {k: v for k, v in hashes.items() if k.startswith("chunks/")}
         arguments = {
             "repo": str(repo.path),
             "point": point.id,
@@ -668,6 +820,25 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
         written = json.loads(record.read_text())
         assert written["kind"] == live_target.kind.value and written["server"]["pid"] == server
         assert len(live_target.overlays(images, run_dir)) == live_target.raw
+        if prune:
+            # Another process prunes: the point restored goes, its chunks stay (the server
+            # holds the lock), and the refusal names the server and the way out.
+            pruned = json.loads(
+                (
+                    await cli(
+                        "backup", "prune", "lrk", "--repo", repo.path, "--keep", "1", "--json"
+                    )
+                ).stdout
+            )
+            assert pruned["deleted"] == [point.id] and pruned["chunks_removed"] == 0, pruned
+            held = f"pid {server} (a live restore into the VM lrk)"
+            assert held in pruned["gc_skipped"], pruned
+            assert "`blockctl recover lrk` first" in pruned["gc_skipped"], pruned
+            refused = await cli("backup", "gc", "--repo", repo.path, check=False)
+            assert refused.returncode == 1 and held in refused.stderr, refused
+            assert tree_digest(repo.path) == {
+                k: v for k, v in hashes.items() if not k.startswith(f"points/lrk/{point.id}/")
+            }
         # The controller is gone; the guest reads the new disk whole, through the server,
         # and writes to it.
         await console.check(WAIT_VDB)
@@ -689,8 +860,17 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
             (device,) = set(vm.registry.drives) - {"disk0"}
             assert await node_names(vm) == before | set(vm.registry.drives[device].node_names)
             await truth_check(vm)
+    if prune:
+        # The server gone, the collection runs: the chunks only the deleted point had.
+        collected = json.loads((await cli("backup", "gc", "--repo", repo.path, "--json")).stdout)
+        only_deleted = [k for k in chunks if bytes.fromhex(k.rsplit("/", 1)[1]) not in kept]
+        assert only_deleted and collected["chunks_removed"] == len(only_deleted), collected
+        hashes = {
+            k: v
+            for k, v in hashes.items()
+            if not k.startswith(f"points/lrk/{point.id}/") and k not in only_deleted
+        }
     assert tree_digest(repo.path) == hashes
-    want_file = await reference(repo, "lrk", point.id, tmp_path / "r.raw", live_target.writes)
     await standalone_equals(target, want_file, live_target.format)
 
 

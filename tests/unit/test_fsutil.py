@@ -286,6 +286,21 @@ def test_flocked_shared_holders_coexist_and_exclude_an_exclusive_one(tmp_path: P
         assert shared is None  # an exclusive holder excludes a shared one
 
 
+def test_flock_holders_names_the_processes_holding_the_lock(tmp_path: Path) -> None:
+    """From the kernel's own table: this process and another one sharing the lock, each
+    once; a lock on another file, or a released one, is not named."""
+    lock, other = tmp_path / "lock", tmp_path / "other"
+    assert _fsutil.flock_holders(lock) == []  # no file
+    with holder(lock, shared=True) as child, _fsutil.flocked(other, create=True):
+        assert _fsutil.flock_holders(lock) == [child.pid]
+        with _fsutil.flocked(lock, shared=True), _fsutil.flocked(lock, shared=True):
+            assert sorted(_fsutil.flock_holders(lock)) == sorted([child.pid, os.getpid()])
+        assert _fsutil.flock_holders(other) == [os.getpid()]
+        child.kill()
+        child.wait()
+        assert _fsutil.flock_holders(lock) == []
+
+
 def test_flocked_releases_and_closes_on_an_exception(tmp_path: Path) -> None:
     lock = tmp_path / "lock"
     before = open_fds()
