@@ -302,6 +302,7 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
                 "host": h.host,
                 "vms": [{"name": v.name, "state": v.state, "pid": v.pid} for v in h.vms],
                 "error": h.error,
+                "last_poll": h.last_poll,
             }
             for h in status.hosts
         ],

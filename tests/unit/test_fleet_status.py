@@ -205,7 +205,7 @@ def test_workers_listed_vms_join_the_status_with_their_state(tmp_path: Path) -> 
     known = [VMBackup("hv1", "web", str(tmp_path / "repo"))]
     hosts = [
         HostVMs("hv1", [ListedVM("web", "running", 10), ListedVM("db", "dead", 11)]),
-        HostVMs("hv2", error="no worker took the question within 10 s"),
+        HostVMs("hv2", error="worker not polling since then", last_poll=1700000000.5),
     ]
     backups, states = with_workers_vms(known, hosts)
     assert backups == [known[0], VMBackup("hv1", "db", "")]
@@ -223,7 +223,7 @@ def test_workers_listed_vms_join_the_status_with_their_state(tmp_path: Path) -> 
                                 "RUNNING"]  # fmt: skip
     assert lines[1].split() == ["hv1", "web", "running", "(no", "point)"]
     assert lines[2].split() == ["hv1", "db", "dead", "(no", "point)"]
-    assert "hv2: VMs not listed: no worker took the question within 10 s" in lines
+    assert "hv2: VMs not listed: worker not polling since then" in lines
     data = json.loads(json.dumps(to_json(status)))
     assert [(v["vm"], v["state"], v["repository"]) for v in data["vms"]] == [
         ("web", "running", str(tmp_path / "repo")),
@@ -237,8 +237,14 @@ def test_workers_listed_vms_join_the_status_with_their_state(tmp_path: Path) -> 
                 {"name": "db", "state": "dead", "pid": 11},
             ],
             "error": None,
+            "last_poll": None,
         },
-        {"host": "hv2", "vms": [], "error": "no worker took the question within 10 s"},
+        {
+            "host": "hv2",
+            "vms": [],
+            "error": "worker not polling since then",
+            "last_poll": 1700000000.5,
+        },
     ]
 
 
