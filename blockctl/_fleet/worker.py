@@ -120,7 +120,7 @@ LIST_RUN_TIMEOUT = 10.0
 #: A queue the server has not seen polled for longer than this has no live worker: a live
 #: worker polls again as soon as a long poll returns, and the server answers an idle long
 #: poll empty within a minute (measured: a worker's last poll is at most ~55 s old).
-LIVE_POLL = 70.0
+LIVE_POLL = 90.0
 #: How long a fleet list may wait for a worker to take its workflow before the server's
 #: last poll of the workflows' queue is looked at (a live worker's waiting poll takes it
 #: at once; ``list_hosts_vms``).
@@ -410,11 +410,14 @@ def _when(stamp: float | None) -> str:
 
 
 def _not_polling(host: str, last: float | None, why: str = "") -> HostVMs:
-    since = "never polled" if last is None else f"not polling since {_when(last)}"
+    if last is None:
+        since = f"(the server has no poll of {task_queue(host)} on record"
+    else:
+        since = f"since {_when(last)} ({task_queue(host)}"
     return HostVMs(
         host,
-        error=f"worker {since} ({task_queue(host)}{why}; is `blockctl fleet worker --host "
-        f"{host}` running?)",
+        error=f"worker not polling {since}{why}; is `blockctl fleet worker --host {host}` "
+        "running?)",
         last_poll=last,
     )
 
