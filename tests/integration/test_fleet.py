@@ -1460,7 +1460,8 @@ async def killed_snapshot_and_commit(
     in web's, once QEMU's transaction switched the overlay in (blockctl's journal record of
     it still there, at SWITCHING); then its fleet commit, killed the same way once the
     commit job pivoted and the overlay's nodes were deleted, just before the overlay file
-    is. Restarted, the retry settles the record (recovery), finds the snapshot taken or the
+    is (the snapshot's retry worker is that commit's dying one: one worker start fewer).
+    Restarted, the retry settles the record (recovery), finds the snapshot taken or the
     commit done and reports it (``reused``); db's runs after as a first attempt. Each VM
     ends with exactly one ``t2`` overlay in its chain, then none and no file; the chains as
     QEMU has them, no record left, and blockctl's views equal to QEMU's (``truth_check``)."""
@@ -1471,31 +1472,33 @@ async def killed_snapshot_and_commit(
     base = {vm: await vm_chains(runtime, vm) for vm in names}
     assert all(list(c.values()) == [[str(disks[vm])]] for vm, c in base.items()), base
     t2: dict[str, Path] = {}
-    for step in ("snapshot", "commit"):
+
+    def running(step: str) -> contextlib.AbstractAsyncContextManager[Process]:
+        return fleet_running(
+            runtime, tmp_path / f"{step}-killed.json", step, inventory, "t2", "--per-host",
+            "1", "--address", address, "--heartbeat-timeout", "5", "--workflow-id",
+            f"killed-{step}",
+        )  # fmt: skip
+
+    async def at_kill(step: str) -> None:
+        """As QEMU has it at the kill: the overlay switched in, or the commit pivoted (its
+        file still there); the dead worker's record of it left."""
+        (chain,) = (await vm_chains(runtime, "web")).values()
+        if step == "snapshot":
+            assert chain[1:] == [str(disks["web"])], chain
+            assert Path(chain[0]).name.endswith("-t2.qcow2"), chain
+        else:
+            assert chain == [str(disks["web"])] and t2["web"].exists(), chain
+        records = _journal.load_all(runtime / "web")
+        assert [(r.kind.value, r.vm) for r in records if isinstance(r, _journal.Intent)] == [
+            (step, "web")
+        ] and len(records) == 1, records
+
+    async def retried(step: str, run: Process) -> None:
+        with anyio.fail_after(BACKUP_DEADLINE):
+            await run.wait()
         out_path = tmp_path / f"{step}-killed.json"
-        async with fleet_running(
-            runtime, out_path, step, inventory, "t2", "--per-host", "1", "--address", address,
-            "--heartbeat-timeout", "5", "--workflow-id", f"killed-{step}",
-        ) as chain_run:  # fmt: skip
-            dead_log = tmp_path / f"{step}-dead.log"
-            async with worker("hv1", runtime, address, dead_log, ("web", step, "kill")) as w:
-                await killed(w, dead_log)
-            # As QEMU has it at the kill: the overlay switched in, or the commit pivoted
-            # (its file still there); the dead worker's record of it left.
-            ((device, chain),) = (await vm_chains(runtime, "web")).items()
-            if step == "snapshot":
-                assert chain[1:] == [str(disks["web"])], chain
-                assert Path(chain[0]).name.endswith("-t2.qcow2"), chain
-            else:
-                assert chain == [str(disks["web"])] and t2["web"].exists(), chain
-            records = _journal.load_all(runtime / "web")
-            assert [(r.kind.value, r.vm) for r in records if isinstance(r, _journal.Intent)] == [
-                (step, "web")
-            ] and len(records) == 1, records
-            async with worker("hv1", runtime, address, tmp_path / f"{step}-retry.log"):
-                with anyio.fail_after(BACKUP_DEADLINE):
-                    await chain_run.wait()
-            assert chain_run.returncode == 0, out_path.read_text()
+        assert run.returncode == 0, out_path.read_text()
         result = json.loads(out_path.read_text().splitlines()[-1])
         by_vm = {r["vm"]: r for r in result["results"]}
         for vm in names:
@@ -1503,8 +1506,10 @@ async def killed_snapshot_and_commit(
             assert (r["error"], r["reused"]) == (None, vm == "web"), r
             now = await vm_chains(runtime, vm)
             assert r["chains"] == now, (r, now)
+            (device,) = base[vm]
             if step == "snapshot":
-                ((device, overlay),) = r["overlays"].items()
+                assert list(r["overlays"]) == [device], r
+                overlay = r["overlays"][device]
                 t2[vm] = Path(overlay)
                 assert now == {device: [overlay, str(disks[vm])]}, now
             else:
@@ -1516,3 +1521,17 @@ async def killed_snapshot_and_commit(
         # Exactly one overlay file per VM after the snapshot, none after the commit.
         left = sorted(p.name for p in disks["web"].parent.glob("*-t2.qcow2"))
         assert left == (sorted(p.name for p in t2.values()) if step == "snapshot" else []), left
+
+    dead_log = tmp_path / "snapshot-dead.log"
+    async with running("snapshot") as snapshot_run:
+        async with worker("hv1", runtime, address, dead_log, ("web", "snapshot", "kill")) as w:
+            await killed(w, dead_log)
+        await at_kill("snapshot")
+        dead_log = tmp_path / "commit-dead.log"
+        async with worker("hv1", runtime, address, dead_log, ("web", "commit", "kill")) as w:
+            await retried("snapshot", snapshot_run)
+            async with running("commit") as commit_run:
+                await killed(w, dead_log)
+                await at_kill("commit")
+                async with worker("hv1", runtime, address, tmp_path / "commit-retry.log"):
+                    await retried("commit", commit_run)
