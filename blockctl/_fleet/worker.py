@@ -91,6 +91,9 @@ from blockctl._fleet.status import (
     VMChecks,
     VMFailure,
     VMWork,
+    not_polling,
+    not_polling_host,
+    when,
 )
 from blockctl._fleet.workflows import (
     FLEET_BACKUP,
@@ -403,25 +406,6 @@ async def _stopped_workers(client: Client) -> dict[str, float]:
     return {h: at for h, at in stopped.items() if h not in running}
 
 
-def _when(stamp: float | None) -> str:
-    if stamp is None:
-        return "never"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
-
-
-def _not_polling(host: str, last: float | None, why: str = "") -> HostVMs:
-    if last is None:
-        since = f"(the server has no poll of {task_queue(host)} on record"
-    else:
-        since = f"since {_when(last)} ({task_queue(host)}"
-    return HostVMs(
-        host,
-        error=f"worker not polling {since}{why}; is `blockctl fleet worker --host {host}` "
-        "running?)",
-        last_poll=last,
-    )
-
-
 async def list_hosts_vms(
     hosts: list[str], address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
 ) -> ListResult:
@@ -445,24 +429,19 @@ async def list_hosts_vms(
         )
     except RPCError as exc:
         raise FleetError(f"cannot describe the fleet's task queues at {address}: {exc}") from None
-    now = time.time()
     last_poll = {
         h: max(polls.values(), default=None) for h, polls in zip(hosts, host_polls, strict=True)
     }
-    answers: dict[str, HostVMs] = {}
-    for h in hosts:
-        last = last_poll[h]
-        stop = stopped.get(h)
-        if last is None or now - last > LIVE_POLL:
-            answers[h] = _not_polling(h, last)
-        elif stop is not None and last <= stop + STOP_POLL_MARGIN:
-            answers[h] = _not_polling(h, last, f"; its worker stopped at {_when(stop)}")
+    answers = not_polling(
+        hosts,
+        last_poll,
+        max(flow_polls.values(), default=None),
+        stopped,
+        time.time(),
+        live_poll=LIVE_POLL,
+        stop_margin=STOP_POLL_MARGIN,
+    )
     asked = [h for h in hosts if h not in answers]
-    flow_last = max(flow_polls.values(), default=None)
-    if asked and (flow_last is None or now - flow_last > LIVE_POLL):
-        why = f"; no worker polls the workflows' queue {WORKFLOW_QUEUE} since {_when(flow_last)}"
-        answers.update({h: _not_polling(h, last_poll[h], why) for h in asked})
-        asked = []
     if asked:
         found = await _list(client, asked, last_poll)
         answers.update({h.host: h for h in found})
@@ -502,10 +481,10 @@ async def _list(
         if never_taken and (flow_last is None or flow_last < started):
             why = (
                 f"; no worker has polled the workflows' queue {WORKFLOW_QUEUE} since "
-                f"{_when(flow_last)}, before the list {handle.id} was started"
+                f"{when(flow_last)}, before the list {handle.id} was started"
             )
             await handle.terminate(reason=f"no worker polls {WORKFLOW_QUEUE}{why}")
-            return [_not_polling(h, last_poll[h], why) for h in hosts]
+            return [not_polling_host(h, last_poll[h], why) for h in hosts]
         result: ListResult = await handle.result()
         return result.hosts
     except (RPCError, WorkflowFailureError) as exc:
