@@ -118,11 +118,14 @@ class ListedVM:
 
 @dataclass(frozen=True, slots=True)
 class HostVMs:
-    """A host's VMs, as its worker listed them, or why it did not (``error``)."""
+    """A host's VMs, as its worker listed them, or why it did not (``error``).
+    ``last_poll``: when the server last saw its worker poll its queue (seconds since the
+    epoch; None: never, or not looked at), given when it was not asked for that reason."""
 
     host: str
     vms: list[ListedVM] = field(default_factory=list)
     error: str | None = None
+    last_poll: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

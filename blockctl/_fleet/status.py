@@ -8,12 +8,68 @@ CLI renders the text.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockctl import backup
-from blockctl._fleet.inventory import HostVMs, VMBackup
+from blockctl._fleet.inventory import WORKFLOW_QUEUE, HostVMs, VMBackup, task_queue
 from blockctl.errors import BlockctlError
+
+
+def when(stamp: float | None) -> str:
+    """A time as the fleet's messages give it (UTC: the server's and hosts' zones differ)."""
+    if stamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
+
+
+def not_polling_host(host: str, last: float | None, why: str = "") -> HostVMs:
+    """``host`` not asked for its VMs: its worker is not polling since ``last`` (the server's
+    last poll of its queue; None: none on record), and ``why`` it is taken so."""
+    if last is None:
+        since = f"(the server has no poll of {task_queue(host)} on record"
+    else:
+        since = f"since {when(last)} ({task_queue(host)}"
+    return HostVMs(
+        host,
+        error=f"worker not polling {since}{why}; is `blockctl fleet worker --host {host}` "
+        "running?)",
+        last_poll=last,
+    )
+
+
+def not_polling(
+    hosts: list[str],
+    last_poll: dict[str, float | None],
+    workflows_last_poll: float | None,
+    stopped: dict[str, float],
+    now: float,
+    *,
+    live_poll: float,
+    stop_margin: float,
+) -> dict[str, HostVMs]:
+    """The ``hosts`` not to ask for their VMs, each with why: its queue's last poll
+    (``last_poll``) is none or older than ``live_poll`` s, or its worker said it stopped
+    (``stopped``: when) and nothing polled more than ``stop_margin`` s after; every host,
+    when the workflows' queue's last poll is none or older than ``live_poll`` s (nothing
+    would run the question)."""
+    answers: dict[str, HostVMs] = {}
+    for h in hosts:
+        last = last_poll.get(h)
+        stop = stopped.get(h)
+        if last is None or now - last > live_poll:
+            answers[h] = not_polling_host(h, last)
+        elif stop is not None and last <= stop + stop_margin:
+            answers[h] = not_polling_host(h, last, f"; its worker stopped at {when(stop)}")
+    asked = [h for h in hosts if h not in answers]
+    if asked and (workflows_last_poll is None or now - workflows_last_poll > live_poll):
+        why = (
+            f"; no worker polls the workflows' queue {WORKFLOW_QUEUE} since "
+            f"{when(workflows_last_poll)}"
+        )
+        answers.update({h: not_polling_host(h, last_poll.get(h), why) for h in asked})
+    return answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +358,7 @@ def to_json(status: FleetStatus) -> dict[str, Any]:
                 "host": h.host,
                 "vms": [{"name": v.name, "state": v.state, "pid": v.pid} for v in h.vms],
                 "error": h.error,
+                "last_poll": h.last_poll,
             }
             for h in status.hosts
         ],

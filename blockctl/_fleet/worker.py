@@ -14,11 +14,17 @@ from typing import Any, TypeVar
 
 import anyio
 from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
+from temporalio.api.enums.v1 import (
+    PendingActivityState,
+    PendingWorkflowTaskState,
+    TaskQueueType,
+    WorkerStatus,
+)
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import (
     DescribeTaskQueueRequest,
     GetWorkflowExecutionHistoryRequest,
+    ListWorkersRequest,
 )
 from temporalio.client import (
     Client,
@@ -85,6 +91,9 @@ from blockctl._fleet.status import (
     VMChecks,
     VMFailure,
     VMWork,
+    not_polling,
+    not_polling_host,
+    when,
 )
 from blockctl._fleet.workflows import (
     FLEET_BACKUP,
@@ -111,6 +120,17 @@ RECONNECT_WINDOW = 600.0
 #: How long a fleet list may run beyond its hosts' wait before it is given up (no worker
 #: polls the workflows' queue: nothing runs it).
 LIST_RUN_TIMEOUT = 10.0
+#: A queue the server has not seen polled for longer than this has no live worker: a live
+#: worker polls again as soon as a long poll returns, and the server answers an idle long
+#: poll empty within a minute (measured: a worker's last poll is at most ~55 s old).
+LIVE_POLL = 90.0
+#: How long a fleet list may wait for a worker to take its workflow before the server's
+#: last poll of the workflows' queue is looked at (a live worker's waiting poll takes it
+#: at once; ``list_hosts_vms``).
+PICKUP_WAIT = 3.0
+#: A worker stopping ends its waiting polls just after its final heartbeat (measured: ms
+#: apart): a poll later than this after that heartbeat is a worker started since.
+STOP_POLL_MARGIN = 5.0
 #: A poller the server saw longer ago than this is taken as gone (a live worker polls again
 #: at least every minute: a long poll returns empty after 60 s).
 POLLER_FRESH = 120.0
@@ -339,26 +359,138 @@ async def fleet_chain(
     )
 
 
+async def _last_polls(
+    client: Client, queue: str, kind: TaskQueueType.ValueType
+) -> dict[str, float]:
+    """By poller identity: when the server last saw it poll ``queue`` (seconds since the
+    epoch, the server's clock). A poll is recorded when it starts: an idle live worker's
+    long poll is answered empty within a minute and it polls again at once."""
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace, task_queue=TaskQueue(name=queue), task_queue_type=kind
+        )
+    )
+    return {
+        p.identity: p.last_access_time.ToDatetime().replace(tzinfo=UTC).timestamp()
+        for p in response.pollers
+        if p.HasField("last_access_time")
+    }
+
+
+async def _stopped_workers(client: Client) -> dict[str, float]:
+    """By host: when its worker said it was shutting down, for a host all of whose worker
+    instances on its queue the server lists said so (the SDK's final worker heartbeat, sent
+    as it stops; a worker killed sends none). Empty when the server lists no workers (one
+    without worker heartbeats)."""
+    try:
+        response = await client.workflow_service.list_workers(
+            ListWorkersRequest(namespace=client.namespace, page_size=1000)
+        )
+    except RPCError:
+        return {}
+    stopped: dict[str, float] = {}
+    running: set[str] = set()
+    gone = {WorkerStatus.WORKER_STATUS_SHUTTING_DOWN, WorkerStatus.WORKER_STATUS_SHUTDOWN}
+    for info in response.workers_info:
+        beat = info.worker_heartbeat
+        if not beat.worker_identity.startswith(IDENTITY_PREFIX):
+            continue
+        host = beat.worker_identity.removeprefix(IDENTITY_PREFIX).split(" ", 1)[0]
+        if beat.task_queue != task_queue(host):
+            continue
+        if beat.status not in gone:
+            running.add(host)
+            continue
+        at = beat.heartbeat_time.ToDatetime().replace(tzinfo=UTC).timestamp()
+        stopped[host] = max(at, stopped.get(host, at))
+    return {h: at for h, at in stopped.items() if h not in running}
+
+
 async def list_hosts_vms(
     hosts: list[str], address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE
 ) -> ListResult:
-    """Each host's VMs, as its worker lists them (a host without a worker: its error). The
-    list is a workflow: with no worker polling at all, nothing runs it; it is given up after
-    ``LIST_RUN_TIMEOUT`` s and every host has that as its error."""
+    """Each host's VMs, as its worker lists them: the hosts asked at once, in one fleet
+    list workflow (a host whose worker does not answer: its error). A host is not asked,
+    and has "worker not polling since T" (T: the server's last poll of its queue, also in
+    ``last_poll``), when the server has not seen its queue polled for ``LIVE_POLL`` s, or
+    its worker said it stopped (its final heartbeat) and none has polled since. If no worker
+    has polled the workflows' queue since the list started, ``PICKUP_WAIT`` s later (a live
+    worker's waiting poll takes the workflow at once and polls again), the list is
+    terminated and each host asked has that said; else the list has its run timeout."""
+    if not hosts:
+        return ListResult([])
+    client = await connect(address, namespace)
+    activity = TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+    try:
+        stopped, flow_polls, *host_polls = await asyncio.gather(
+            _stopped_workers(client),
+            _last_polls(client, WORKFLOW_QUEUE, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
+            *(_last_polls(client, task_queue(h), activity) for h in hosts),
+        )
+    except RPCError as exc:
+        raise FleetError(f"cannot describe the fleet's task queues at {address}: {exc}") from None
+    last_poll = {
+        h: max(polls.values(), default=None) for h, polls in zip(hosts, host_polls, strict=True)
+    }
+    answers = not_polling(
+        hosts,
+        last_poll,
+        max(flow_polls.values(), default=None),
+        stopped,
+        time.time(),
+        live_poll=LIVE_POLL,
+        stop_margin=STOP_POLL_MARGIN,
+    )
+    asked = [h for h in hosts if h not in answers]
+    if asked:
+        found = await _list(client, asked, last_poll)
+        answers.update({h.host: h for h in found})
+    return ListResult([answers[h] for h in hosts])
+
+
+async def _list(
+    client: Client, hosts: list[str], last_poll: dict[str, float | None]
+) -> list[HostVMs]:
+    """``hosts``' VMs from the fleet list workflow (``list_hosts_vms``)."""
     request = ListRequest(hosts)
     try:
-        return await _run_workflow(
+        handle = await client.start_workflow(
             FleetList.run,
             request,
-            ListResult,
-            f"fleet-list-{uuid.uuid4()}",
-            "listing the hosts' VMs",
-            address,
-            namespace,
+            id=f"fleet-list-{uuid.uuid4()}",
+            task_queue=WORKFLOW_QUEUE,
             execution_timeout=timedelta(seconds=request.wait + LIST_RUN_TIMEOUT),
         )
-    except FleetError as exc:
-        return ListResult([HostVMs(h, error=f"{exc} (is any worker running?)") for h in hosts])
+        try:
+            taken: ListResult = await asyncio.wait_for(handle.result(), PICKUP_WAIT)
+            return taken.hosts
+        except TimeoutError:
+            pass
+        run = await handle.describe()
+        task = run.raw_description.pending_workflow_task
+        flow_polls = await _last_polls(
+            client, WORKFLOW_QUEUE, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW
+        )
+        flow_last = max(flow_polls.values(), default=None)
+        started = run.start_time.timestamp()
+        never_taken = (
+            run.raw_description.HasField("pending_workflow_task")
+            and task.state == PendingWorkflowTaskState.PENDING_WORKFLOW_TASK_STATE_SCHEDULED
+            and task.attempt == 1
+        )
+        if never_taken and (flow_last is None or flow_last < started):
+            why = (
+                f"; no worker has polled the workflows' queue {WORKFLOW_QUEUE} since "
+                f"{when(flow_last)}, before the list {handle.id} was started"
+            )
+            await handle.terminate(reason=f"no worker polls {WORKFLOW_QUEUE}{why}")
+            return [not_polling_host(h, last_poll[h], why) for h in hosts]
+        result: ListResult = await handle.result()
+        return result.hosts
+    except (RPCError, WorkflowFailureError) as exc:
+        cause = getattr(exc, "cause", None) or exc
+        error = f"listing the hosts' VMs failed: {cause} (is any worker running?)"
+        return [HostVMs(h, error=error) for h in hosts]
 
 
 async def worker_hosts(

@@ -14,11 +14,16 @@ collection this worker starts: one prune at a time per repository); ACTION ``kil
 STEP ``restore``: in VM's restore (``blockctl.backup.restore``, which the worker's restore
 activity calls), once its file is named, complete (before the activity reports it); STEP
 ``restore-unnamed``: as the file, written and fsynced, is about to be named; ACTION ``kill``
-only.
+only. STEP ``snapshot``: in VM's fleet snapshot, once QEMU's transaction switched its
+overlays in (before blockctl records that: its journal record at SWITCHING); STEP
+``commit``: in VM's fleet commit, once the commit job pivoted and the overlay's nodes are
+deleted, just before the overlay file is (``chains.flush_chain``, its step before the
+unlink); ACTION ``kill`` only.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import signal
 import sys
@@ -101,7 +106,53 @@ def install_restore_kill(vm_name: str, named: bool) -> None:
     backup.restore = restore_then_die  # type: ignore[assignment]
 
 
+def install_chain_kill(vm_name: str, step: str) -> None:
+    """SIGKILL this process in ``vm_name``'s snapshot (``step`` "snapshot") once QEMU's
+    transaction returned, or in its commit ("commit") just before the overlay file is
+    deleted (the other VMs' calls go through: the VM's call is marked in its task)."""
+    from blockctl import chains
+    from blockctl._ops import chains as ops
+    from blockctl._qmp import wire
+
+    marked = contextvars.ContextVar("marked", default=False)
+    if step == "snapshot":
+        transaction = wire.transaction_snapshot
+
+        async def transaction_then_die(*args: Any, **kwargs: Any) -> None:
+            await transaction(*args, **kwargs)
+            if marked.get():
+                die()
+
+        wire.transaction_snapshot = transaction_then_die
+        entry = "external_snapshot"
+    else:
+        flush_chain = ops.flush_chain
+
+        async def die_before_deleting(*args: Any, **kwargs: Any) -> Any:
+            if marked.get():
+                die()
+            return await flush_chain(*args, **kwargs)
+
+        ops.flush_chain = die_before_deleting
+        entry = "delete_external"
+    call = getattr(chains, entry)
+
+    async def marking(vm: Any, *args: Any, **kwargs: Any) -> Any:
+        token = marked.set(vm.name == vm_name)
+        try:
+            return await call(vm, *args, **kwargs)
+        finally:
+            marked.reset(token)
+
+    setattr(chains, entry, marking)
+
+
 def install(vm_name: str, step: str, action: str) -> None:
+    if step in ("snapshot", "commit"):
+        if action != "kill":
+            sys.exit(f"no action {action!r} at {step}: kill")
+        install_chain_kill(vm_name, step)
+        return
     if step in ("restore", "restore-unnamed"):
         if action != "kill":
             sys.exit(f"no action {action!r} at {step}: kill")

@@ -681,6 +681,21 @@ async def test_a_fleet_backup_goes_on_through_a_server_restart_and_status_shows_
         assert "VMNotFound" in ghost_failure["error"], ghost_failure
         # Without an inventory: the VMs the server has backups of; with one: its VMs only.
         every = await fleet_status(runtime, address)
+        # hv1's worker stopped (Ctrl-C) just before: found from the server's pollers, it is
+        # not asked (no fleet list started: every one the server has is the completed one
+        # of the status taken while the worker ran) and is reported as not polling since
+        # the server's last poll of its queue.
+        (hv1,) = every["hosts"]
+        last_poll = await server_last_poll(address, "blockctl@hv1")
+        assert last_poll is not None and (hv1["host"], hv1["vms"]) == ("hv1", []), hv1
+        assert hv1["last_poll"] == pytest.approx(last_poll, abs=1e-3), (hv1, last_poll)
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(hv1["last_poll"]))
+        assert (
+            f"worker not polling since {since} (blockctl@hv1; its worker stopped at "
+            in (hv1["error"])
+        ), hv1
+        lists = fleet_workflows(dev_server, "WorkflowType = 'blockctl.fleet-list'")
+        assert lists and all(wf["status"].endswith("COMPLETED") for wf in lists), lists
         assert [(v["host"], v["vm"]) for v in every["vms"]] == [
             ("hv1", "db"),
             ("hv1", "ghost"),
@@ -715,6 +730,37 @@ async def test_a_fleet_backup_goes_on_through_a_server_restart_and_status_shows_
     finally:
         leaked = await down_vms(runtime, names)
     assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+def fleet_workflows(dev_server: DevServer, query: str) -> list[dict[str, Any]]:
+    """The workflows the server lists for ``query`` (its own CLI, not blockctl's client)."""
+    listed = subprocess.run(
+        [dev_server.binary, "workflow", "list", "--address", dev_server.address, "--query",
+         query, "-o", "json"],
+        capture_output=True,
+        check=True,
+    )  # fmt: skip
+    return list(json.loads(listed.stdout or b"[]"))
+
+
+async def server_last_poll(address: str, queue: str) -> float | None:
+    """The server's newest poll of activity queue ``queue`` (seconds since the epoch), as
+    its DescribeTaskQueue has it (temporalio's raw call, not blockctl's code)."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+    from temporalio.client import Client
+
+    client = await Client.connect(address)
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace="default",
+            task_queue=TaskQueue(name=queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+        )
+    )
+    polls = [p.last_access_time.ToNanoseconds() / 1e9 for p in response.pollers]
+    return max(polls, default=None)
 
 
 def vm_workflows(dev_server: DevServer, query: str) -> dict[str, dict[str, Any]]:
@@ -1016,7 +1062,13 @@ async def test_fleet_verify_prune_and_the_workers_vm_lists(
             absent.write_text('repository = "repo"\n[hosts.hv1]\n[hosts.hv9]\n')
             status = await status_json(runtime, address, "--inventory", absent)
             assert [(h["host"], len(h["vms"])) for h in status["hosts"]] == [("hv1", 2), ("hv9", 0)]
-            assert "no worker took the question within 10 s" in status["hosts"][1]["error"]
+            # hv9's queue was never polled: not asked, said so at once (no 10 s wait).
+            hv9 = status["hosts"][1]
+            assert hv9["last_poll"] is None, hv9
+            assert (
+                "worker not polling (the server has no poll of blockctl@hv9 on record"
+                in (hv9["error"])
+            ), hv9
             assert sorted(v["vm"] for v in status["vms"]) == ["db", "web"]
             for run in range(3):
                 if run:
@@ -1395,6 +1447,91 @@ async def test_fleet_restore_of_each_vms_point_and_a_killed_restore(
         for vm, r in last.items():
             file = tmp_path / "k2" / f"{vm}.{points[vm][-1]}.{devices[vm]}.qcow2"
             assert (r["point"], r["files"], r["error"]) == (points[vm][-1], [str(file)], None), r
+        await killed_snapshot_and_commit(runtime, address, named, disks, tmp_path)
     finally:
         leaked += await down_vms(runtime, names)
     assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+async def killed_snapshot_and_commit(
+    runtime: Path, address: str, inventory: Path, disks: dict[str, Path], tmp_path: Path
+) -> None:
+    """A fleet snapshot ``t2`` (one VM at a time: web, then db) whose worker SIGKILLs itself
+    in web's, once QEMU's transaction switched the overlay in (blockctl's journal record of
+    it still there, at SWITCHING); then its fleet commit, killed the same way once the
+    commit job pivoted and the overlay's nodes were deleted, just before the overlay file
+    is (the snapshot's retry worker is that commit's dying one: one worker start fewer).
+    Restarted, the retry settles the record (recovery), finds the snapshot taken or the
+    commit done and reports it (``reused``); db's runs after as a first attempt. Each VM
+    ends with exactly one ``t2`` overlay in its chain, then none and no file; the chains as
+    QEMU has them, no record left, and blockctl's views equal to QEMU's (``truth_check``)."""
+    from blockctl import _journal, attach
+    from tests.integration.conftest import truth_check
+
+    names = list(disks)
+    base = {vm: await vm_chains(runtime, vm) for vm in names}
+    assert all(list(c.values()) == [[str(disks[vm])]] for vm, c in base.items()), base
+    t2: dict[str, Path] = {}
+
+    def running(step: str) -> contextlib.AbstractAsyncContextManager[Process]:
+        return fleet_running(
+            runtime, tmp_path / f"{step}-killed.json", step, inventory, "t2", "--per-host",
+            "1", "--address", address, "--heartbeat-timeout", "5", "--workflow-id",
+            f"killed-{step}",
+        )  # fmt: skip
+
+    async def at_kill(step: str) -> None:
+        """As QEMU has it at the kill: the overlay switched in, or the commit pivoted (its
+        file still there); the dead worker's record of it left."""
+        (chain,) = (await vm_chains(runtime, "web")).values()
+        if step == "snapshot":
+            assert chain[1:] == [str(disks["web"])], chain
+            assert Path(chain[0]).name.endswith("-t2.qcow2"), chain
+        else:
+            assert chain == [str(disks["web"])] and t2["web"].exists(), chain
+        records = _journal.load_all(runtime / "web")
+        assert [(r.kind.value, r.vm) for r in records if isinstance(r, _journal.Intent)] == [
+            (step, "web")
+        ] and len(records) == 1, records
+
+    async def retried(step: str, run: Process) -> None:
+        with anyio.fail_after(BACKUP_DEADLINE):
+            await run.wait()
+        out_path = tmp_path / f"{step}-killed.json"
+        assert run.returncode == 0, out_path.read_text()
+        result = json.loads(out_path.read_text().splitlines()[-1])
+        by_vm = {r["vm"]: r for r in result["results"]}
+        for vm in names:
+            r = by_vm[vm]
+            assert (r["error"], r["reused"]) == (None, vm == "web"), r
+            now = await vm_chains(runtime, vm)
+            assert r["chains"] == now, (r, now)
+            (device,) = base[vm]
+            if step == "snapshot":
+                assert list(r["overlays"]) == [device], r
+                overlay = r["overlays"][device]
+                t2[vm] = Path(overlay)
+                assert now == {device: [overlay, str(disks[vm])]}, now
+            else:
+                assert r["overlays"] == ({} if vm == "web" else {device: str(t2[vm])}), r
+                assert now == base[vm] and not t2[vm].exists(), (now, t2[vm])
+            assert _journal.load_all(runtime / vm) == [], vm
+            async with attach(runtime / vm / "qmp.sock") as handle:
+                await truth_check(handle, cli=False)
+        # Exactly one overlay file per VM after the snapshot, none after the commit.
+        left = sorted(p.name for p in disks["web"].parent.glob("*-t2.qcow2"))
+        assert left == (sorted(p.name for p in t2.values()) if step == "snapshot" else []), left
+
+    dead_log = tmp_path / "snapshot-dead.log"
+    async with running("snapshot") as snapshot_run:
+        async with worker("hv1", runtime, address, dead_log, ("web", "snapshot", "kill")) as w:
+            await killed(w, dead_log)
+        await at_kill("snapshot")
+        dead_log = tmp_path / "commit-dead.log"
+        async with worker("hv1", runtime, address, dead_log, ("web", "commit", "kill")) as w:
+            await retried("snapshot", snapshot_run)
+            async with running("commit") as commit_run:
+                await killed(w, dead_log)
+                await at_kill("commit")
+                async with worker("hv1", runtime, address, tmp_path / "commit-retry.log"):
+                    await retried("commit", commit_run)

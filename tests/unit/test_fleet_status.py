@@ -205,7 +205,7 @@ def test_workers_listed_vms_join_the_status_with_their_state(tmp_path: Path) -> 
     known = [VMBackup("hv1", "web", str(tmp_path / "repo"))]
     hosts = [
         HostVMs("hv1", [ListedVM("web", "running", 10), ListedVM("db", "dead", 11)]),
-        HostVMs("hv2", error="no worker took the question within 10 s"),
+        HostVMs("hv2", error="worker not polling since then", last_poll=1700000000.5),
     ]
     backups, states = with_workers_vms(known, hosts)
     assert backups == [known[0], VMBackup("hv1", "db", "")]
@@ -223,7 +223,7 @@ def test_workers_listed_vms_join_the_status_with_their_state(tmp_path: Path) -> 
                                 "RUNNING"]  # fmt: skip
     assert lines[1].split() == ["hv1", "web", "running", "(no", "point)"]
     assert lines[2].split() == ["hv1", "db", "dead", "(no", "point)"]
-    assert "hv2: VMs not listed: no worker took the question within 10 s" in lines
+    assert "hv2: VMs not listed: worker not polling since then" in lines
     data = json.loads(json.dumps(to_json(status)))
     assert [(v["vm"], v["state"], v["repository"]) for v in data["vms"]] == [
         ("web", "running", str(tmp_path / "repo")),
@@ -237,8 +237,14 @@ def test_workers_listed_vms_join_the_status_with_their_state(tmp_path: Path) -> 
                 {"name": "db", "state": "dead", "pid": 11},
             ],
             "error": None,
+            "last_poll": None,
         },
-        {"host": "hv2", "vms": [], "error": "no worker took the question within 10 s"},
+        {
+            "host": "hv2",
+            "vms": [],
+            "error": "worker not polling since then",
+            "last_poll": 1700000000.5,
+        },
     ]
 
 
@@ -290,3 +296,43 @@ def test_a_vms_last_verify_and_prune_are_shown() -> None:
         "files": ["/d/db.p8.disk0.qcow2"], "error": None,
     }  # fmt: skip
     assert dns["last_restore"]["error"] == "gone"
+
+
+def test_hosts_whose_workers_are_not_polling_are_not_asked() -> None:
+    """``fleet status``'s host lists: a host whose queue was never polled or not for longer
+    than a live worker's poll cycle, or whose worker said it stopped and nothing polled
+    after, is said so (with the server's last poll), not asked; a worker started after a
+    stop (a later poll) is asked; with the workflows' queue not polled, nobody is asked."""
+    from blockctl._fleet.status import not_polling
+
+    now = 1_800_000_000.0
+    last_poll = {
+        "fresh": now - 5,
+        "stale": now - 95,
+        "never": None,
+        "stopped": now - 40,
+        "restarted": now - 2,
+    }
+    stopped = {"stopped": now - 38, "restarted": now - 30}
+    hosts = list(last_poll)
+    found = not_polling(hosts, last_poll, now - 1, stopped, now, live_poll=90, stop_margin=5)
+    assert sorted(found) == ["never", "stale", "stopped"]
+    assert {h: found[h].last_poll for h in found} == {
+        "never": None,
+        "stale": now - 95,
+        "stopped": now - 40,
+    }
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now - 95))
+    assert found["stale"].error is not None
+    assert found["stale"].error.startswith(f"worker not polling since {since} (blockctl@stale;")
+    stop = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now - 38))
+    assert f"; its worker stopped at {stop};" in (found["stopped"].error or "")
+    assert "no poll of blockctl@never on record" in (found["never"].error or "")
+    assert all(h.vms == [] for h in found.values())
+    # Nothing polls the workflows' queue: every host is said so, none asked.
+    none = not_polling(hosts, last_poll, now - 200, stopped, now, live_poll=90, stop_margin=5)
+    assert sorted(none) == sorted(hosts)
+    assert "no worker polls the workflows' queue blockctl-fleet since" in (
+        none["fresh"].error or ""
+    )
+    assert none["fresh"].last_poll == now - 5
