@@ -124,6 +124,14 @@ LIST_RUN_TIMEOUT = 10.0
 #: worker polls again as soon as a long poll returns, and the server answers an idle long
 #: poll empty within a minute (measured: a worker's last poll is at most ~55 s old).
 LIVE_POLL = 90.0
+#: How long a workflow's next task waits on the queue of the worker that ran its last one
+#: (its cached state, "sticky") before any worker takes it and replays the history. The
+#: SDK's default is 10 s, all of it lost when that worker was killed: measured, a fleet
+#: activity retried after its worker's kill -9 took ~17 s from the kill (5 s heartbeat
+#: timeout, 1 s retry interval, then 10 s for the workflow's next task). Replaying one
+#: fleet workflow's history is cheap (tens of events), a sticky task waits under a second on
+#: a busy worker (README "Fleet"): 2 s.
+STICKY_TIMEOUT = timedelta(seconds=2)
 #: How long a fleet list may wait for a worker to take its workflow before the server's
 #: last poll of the workflows' queue is looked at (a live worker's waiting poll takes it
 #: at once; ``list_hosts_vms``).
@@ -195,6 +203,7 @@ async def run_worker(
             ],
             workflow_runner=runner,
             identity=identity,
+            sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
         ),
     ]
     # Plain asyncio tasks, outside anyio's cancel scopes: anyio cancels every await of a
