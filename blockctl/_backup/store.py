@@ -7,7 +7,7 @@ Layout (directories 0700, files 0600, whatever the umask)::
     REPO/lock                             flock: shared while a backup writes or a point's NBD
                                           server (a live restore's) runs, exclusive for gc
     REPO/chunks/ab/abcdef…(64 hex)        one chunk: header + (zstd?) (AES-GCM?) payload
-    REPO/points/<vm>/<point id>/         flock: shared while a point's NBD server runs; a
+    REPO/points/<vm>/<point id>/          flock: shared while a point's NBD server runs; a
                                           prune deletes the point only holding it exclusively
     REPO/points/<vm>/<point id>/<device>.index
     REPO/points/<vm>/<point id>/manifest.json    the commit point of a backup
