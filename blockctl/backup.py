@@ -46,6 +46,9 @@ from blockctl._backup.operations import (
     RestoreResult as RestoreResult,
 )
 from blockctl._backup.operations import (
+    ServedPoint as ServedPoint,
+)
+from blockctl._backup.operations import (
     Verification as Verification,
 )
 from blockctl._backup.operations import (
@@ -105,6 +108,7 @@ __all__ = [
     "LiveLaunchResult",
     "Verification",
     "PruneResult",
+    "ServedPoint",
     "GcResult",
     "STEPS",
 ]

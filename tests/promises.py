@@ -743,6 +743,44 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="live-restore-prune-keeps-the-served-point",
+        section="Backups",
+        quote="Nor does a `prune` delete the point a server serves",
+        tests=(
+            I + "test_live_restore.py::test_prune_keeps_the_point_a_server_serves_until_it_stops",
+            I + "test_live_restore.py::test_a_server_does_not_start_on_a_point_a_prune_is_deleting",
+            U + "test_repository_store.py::test_prune_keeps_a_served_point_and_a_server_waits_"
+            "for_a_deletion",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/store.py",
+                find="                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+                replace="                pass",
+                what="a prune deletes the point a server serves",
+            ),
+            Mutation(
+                file="blockctl/_backup/nbdkit_plugin.py",
+                find='        held.enter_context(repo.serving(_params["vm"], _params["point"]))',
+                replace="        pass",
+                what="the server does not hold its point: a prune deletes it",
+            ),
+            Mutation(
+                file="blockctl/_backup/store.py",
+                find='                os.stat("manifest.json", dir_fd=fd, follow_symlinks=False)',
+                replace="                pass",
+                what="a server starts on a point a prune is deleting",
+            ),
+            Mutation(
+                file="blockctl/_backup/store.py",
+                find="            fcntl.flock(fd, fcntl.LOCK_SH)  # waits for a prune deleting "
+                "this point",
+                replace="            pass",
+                what="a starting server does not wait for a prune deleting its point",
+            ),
+        ),
+    ),
+    Promise(
         id="live-restore-rides-out-a-short-outage",
         section="Backups",
         quote="a server outage shorter than `reconnect-delay`",

@@ -17,11 +17,12 @@ are imported in :func:`config_complete`. Parameters::
 The server holds the repository's lock shared for as long as it runs, as a backup does while
 it writes: a detached server outlives a killed controller (and its lock) until ``blockctl
 recover`` stops it, and meanwhile a garbage collection must not remove the chunks the guest's
-disk still reads (the point may have been pruned). Taken in :func:`config_complete`, before
-nbdkit listens; taken again in :func:`after_fork` by the serving process itself (a new open
-file description: ``flock`` locks belong to it, so the controller's own shared or exclusive
-locking is independent of it), so that ``/proc/locks`` names the serving pid, not the process
-that forked it and exited.
+disk still reads. It holds its point's lock too (``Repository.serving``), so a prune keeps
+the point, from which a recovery starts a replacement server if this one dies. Taken in
+:func:`config_complete`, before nbdkit listens; taken again in :func:`after_fork` by the
+serving process itself (a new open file description: ``flock`` locks belong to it, so the
+controller's own shared or exclusive locking is independent of it), so that ``/proc/locks``
+names the serving pid, not the process that forked it and exited.
 
 Every request goes through :class:`blockctl._backup.export.PointImage`: a chunk that fails
 its digest check makes the request fail with EIO.
@@ -90,8 +91,10 @@ def config_complete() -> None:
 
 
 def _hold_lock(repo: Any) -> None:
-    """Take the repository's lock shared (waiting for a garbage collection that runs) and
-    keep it; an earlier hold of this process is released once the new one is held."""
+    """Take the repository's lock shared (waiting for a garbage collection that runs), then
+    the point's (``Repository.serving``: a prune keeps a point so held, and a server waits
+    for a prune deleting its point, then finds it gone and does not start), and keep both;
+    an earlier hold of this process is released once the new one is held."""
     from blockctl.errors import RepositoryBusy
 
     held = contextlib.ExitStack()
@@ -100,6 +103,11 @@ def _hold_lock(repo: Any) -> None:
     except RepositoryBusy:
         print("waiting for the repository's garbage collection to end", file=sys.stderr)
         held.enter_context(repo.lock(exclusive=False))
+    try:
+        held.enter_context(repo.serving(_params["vm"], _params["point"]))
+    except BaseException:
+        held.close()
+        raise
     global _held
     _held.close()
     _held = held

@@ -1454,12 +1454,25 @@ def _verify(repo: Repository, vm_name: str, point: str, sample: float | None) ->
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ServedPoint:
+    """A point a prune would have deleted, kept because an NBD server serves it."""
+
+    point: str
+    #: The server's pid and the VM whose live restore it serves, when ``/proc`` names them.
+    pid: int | None
+    into: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PruneResult:
     deleted: tuple[str, ...]
+    #: Every point left, those in ``served`` too.
     kept: tuple[str, ...]
     chunks_removed: int
     bytes_removed: int
     gc_skipped: str | None = None
+    served: tuple[ServedPoint, ...] = ()
 
 
 async def prune(
@@ -1473,8 +1486,10 @@ async def prune(
     """Keep the newest ``keep_last`` points and/or those newer than ``keep_within`` seconds
     (the newest point holding each disk always stays: that disk's checkpoint is named after
     it, and a disk backed up apart, like a vhost-user-blk disk in its daemon, keeps a point);
-    delete the others, then collect the chunks no point references (skipped, and said, while
-    a backup writes)."""
+    delete the others, except those an NBD server serves (a live restore's: a recovery
+    replacing a dead server starts the new one from the point; kept, in ``served`` with
+    the reason), then collect the chunks no point references (skipped, and said, while a
+    backup writes or a server runs)."""
     if keep_last is None and keep_within is None:
         raise ConfigError("keep", "say what to keep: keep_last (--keep) or keep_within")
     if keep_last is not None and keep_last < 1:
@@ -1487,9 +1502,16 @@ async def prune(
         keep |= {m.id for m in manifests[-keep_last:]}
     if keep_within is not None:
         keep |= {m.id for m in manifests if now - m.completed <= keep_within}
-    doomed = [m.id for m in manifests if m.id not in keep]
-    for point in doomed:
-        repo.delete_point(vm_name, point)
+    doomed: list[str] = []
+    served: list[ServedPoint] = []
+    for point in (m.id for m in manifests if m.id not in keep):
+        # Each point is locked exclusively for its deletion; a server holds its point's lock
+        # shared from before it listens: either the server holds it (the point stays) or it
+        # waits for the deletion and then finds no point (Repository.serving).
+        if repo.delete_point_unless_served(vm_name, point):
+            doomed.append(point)
+        else:
+            served.append(_served_point(repo, vm_name, point))
     removed = removed_bytes = 0
     skipped = None
     if gc and doomed:
@@ -1500,10 +1522,39 @@ async def prune(
             skipped = str(exc)
     return PruneResult(
         deleted=tuple(doomed),
-        kept=tuple(m.id for m in manifests if m.id in keep),
+        kept=tuple(m.id for m in manifests if m.id not in doomed),
         chunks_removed=removed,
         bytes_removed=removed_bytes,
         gc_skipped=skipped,
+        served=tuple(served),
+    )
+
+
+def _served_point(repo: Repository, vm_name: str, point: str) -> ServedPoint:
+    """Why a point that holds a server's lock stays, naming the server when ``/proc`` can
+    (it may have stopped since: then it is named as unknown, and the point still stays)."""
+    server = next((s for s in repo.servers_holding() if s.vm == vm_name and s.point == point), None)
+    if server is None:
+        return ServedPoint(
+            point=point,
+            pid=None,
+            into=None,
+            reason="served by an NBD server of this repository (a live restore's?) that "
+            "cannot be named: prune again once it has stopped",
+        )
+    if server.into is None:
+        return ServedPoint(
+            point=point,
+            pid=server.pid,
+            into=None,
+            reason=f"served by the NBD server pid {server.pid}: prune again once it has stopped",
+        )
+    return ServedPoint(
+        point=point,
+        pid=server.pid,
+        into=server.into,
+        reason=f"served by the live restore into the VM {server.into} (pid {server.pid}): "
+        f"let the restore finish, or `blockctl recover {server.into}`, then prune again",
     )
 
 

@@ -7,6 +7,8 @@ Layout (directories 0700, files 0600, whatever the umask)::
     REPO/lock                             flock: shared while a backup writes or a point's NBD
                                           server (a live restore's) runs, exclusive for gc
     REPO/chunks/ab/abcdef…(64 hex)        one chunk: header + (zstd?) (AES-GCM?) payload
+    REPO/points/<vm>/<point id>/          flock: shared while a point's NBD server runs; a
+                                          prune deletes the point only holding it exclusively
     REPO/points/<vm>/<point id>/<device>.index
     REPO/points/<vm>/<point id>/manifest.json    the commit point of a backup
 
@@ -16,7 +18,9 @@ manifest is written last, atomically (write, fsync, rename, fsync the directory)
 without a manifest is not a point. Garbage collection takes the lock exclusively, so it never
 sees the chunks of a backup that has not written its manifest yet, nor removes those a
 point's NBD server serves (a live restore's, which may outlive its controller: the server
-holds the lock itself, :mod:`.nbdkit_plugin`), even if that point was deleted meanwhile.
+holds the lock itself, :mod:`.nbdkit_plugin`). Nor does a prune delete a point a server
+serves (:meth:`Repository.serving`, :meth:`Repository.delete_point_unless_served`): a
+recovery that must replace a dead server starts the new one from it.
 
 The repository is untrusted input: every name read from it (point ids, VM and device names,
 digests) is validated before it touches the filesystem, files are opened relative to
@@ -27,6 +31,7 @@ bounded before anything is allocated.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -494,6 +499,18 @@ def _check_types(value: object, types: dict[str, type | tuple[type, ...]], where
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PointServer:
+    """A running NBD server of a point of the repository, as ``/proc`` names it
+    (:meth:`Repository.servers_holding`): its pid, the point it serves, and the VM whose
+    live restore it serves (``into``; ``None`` outside a live restore)."""
+
+    pid: int
+    into: str | None
+    vm: str | None
+    point: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GcResult:
     chunks_kept: int
     chunks_removed: int
@@ -651,10 +668,10 @@ class Repository:
                 "garbage collection is running): try again when it is done"
             )
         named = ", ".join(
-            f"pid {pid}" + (f" (a live restore into the VM {vm})" if vm else "")
-            for pid, vm in servers
+            f"pid {s.pid}" + (f" (a live restore into the VM {s.into})" if s.into else "")
+            for s in servers
         )
-        ways = sorted({f"`blockctl recover {vm}`" for _, vm in servers if vm})
+        ways = sorted({f"`blockctl recover {s.into}`" for s in servers if s.into})
         return (
             f"{self.path} is held by the NBD server of a backup point ({named}): a live "
             "restore's disk reads the chunks it serves, and a garbage collection could remove "
@@ -662,12 +679,13 @@ class Repository:
             + (f" (if its controller died: {' and '.join(ways)} first)" if ways else "")
         )
 
-    def servers_holding(self) -> list[tuple[int, str | None]]:
+    def servers_holding(self) -> list[PointServer]:
         """The NBD servers of this repository's points (nbdkit and blockctl's plugin,
-        :mod:`.serve`) that hold its lock, as each one does while it runs: their pids and
-        the VM each serves (its ``into=`` parameter; ``None`` for a server outside a
-        VM's live restore). From ``/proc``: for naming them, never for deciding."""
-        servers: list[tuple[int, str | None]] = []
+        :mod:`.serve`) that hold its lock, as each one does while it runs: their pids, the
+        point each serves (its ``vm=`` and ``point=`` parameters) and the VM whose live
+        restore it serves (``into=``; ``None`` for a server outside a live restore). From
+        ``/proc``: for naming them, never for deciding."""
+        servers: list[PointServer] = []
         for pid in _fsutil.flock_holders(self.path / "lock"):
             try:
                 raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -676,9 +694,43 @@ class Repository:
             argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
             if not argv or Path(argv[0]).name != "nbdkit" or f"repo={self.path}" not in argv:
                 continue
-            into = next((a.removeprefix("into=") for a in argv if a.startswith("into=")), None)
-            servers.append((pid, into))
+            params = {
+                key: a.removeprefix(f"{key}=")
+                for a in argv
+                for key in ("into", "vm", "point")
+                if a.startswith(f"{key}=")
+            }
+            servers.append(
+                PointServer(
+                    pid=pid, into=params.get("into"), vm=params.get("vm"), point=params.get("point")
+                )
+            )
         return servers
+
+    @contextlib.contextmanager
+    def serving(self, vm: str, point: str) -> Iterator[None]:
+        """Held by a point's NBD server for as long as it runs (:mod:`.nbdkit_plugin`): the
+        point's directory locked shared, then its manifest found (a complete point). A prune
+        deletes a point only with that lock held exclusively
+        (:meth:`delete_point_unless_served`), so a server either holds it first (and the
+        point is kept) or waits for the deletion and finds no manifest (and does not start).
+        The repository's own lock cannot tell this: servers and backups share it, and a
+        prune cannot take it exclusively while any server runs."""
+        missing = ConfigError("backup", f"no complete backup {point!r} of {vm} in {self.path}")
+        try:
+            directory = self._point_dir(vm, point)
+            fd = os.open(directory, _O_DIR)
+        except FileNotFoundError:
+            raise missing from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits for a prune deleting this point
+            try:
+                os.stat("manifest.json", dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise missing from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # -- chunks
 
@@ -959,8 +1011,18 @@ class Repository:
         return manifests[-1] if manifests else None
 
     def delete_point(self, vm: str, point: str) -> None:
-        """The manifest goes first: from then on it is not a point; the rest is removed."""
+        """The manifest goes first: from then on it is not a point; the rest is removed.
+        Whether a server serves it is not asked (an incomplete point has none):
+        :meth:`delete_point_unless_served` for a complete one."""
         _remove_point(self._point_dir(vm, point))
+
+    def delete_point_unless_served(self, vm: str, point: str) -> bool:
+        """:meth:`delete_point`, unless an NBD server serves the point (holds
+        :meth:`serving`): then nothing is removed and the answer is False. The decision is
+        the kernel's lock on the point's directory, taken exclusively for the whole deletion
+        (a server starting meanwhile waits, then finds no manifest); name the server with
+        :meth:`servers_holding`."""
+        return _remove_point(self._point_dir(vm, point), unless_served=True)
 
     def incomplete_points(self, vm: str) -> list[str]:
         return [
@@ -1029,17 +1091,24 @@ class Repository:
             )
 
 
-def _remove_point(directory: Path) -> None:
+def _remove_point(directory: Path, *, unless_served: bool = False) -> bool:
     """Remove a point directory: its manifest first (from then on it is not a point), then
     its files, through a descriptor of the directory: a symlink in it is removed, never
-    followed; a symlink in its place, or a directory in it, is refused."""
+    followed; a symlink in its place, or a directory in it, is refused. ``unless_served``:
+    with the directory locked exclusively (:meth:`Repository.serving`), held until it is
+    gone; a server's shared lock on it leaves it all in place (False)."""
     try:
         fd = os.open(directory, _O_DIR)
     except FileNotFoundError:
-        return
+        return True
     except OSError as exc:
         raise BackupCorrupt(f"{directory} is not a plain directory: refused ({exc})") from exc
     try:
+        if unless_served:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
         with contextlib.suppress(FileNotFoundError):
             os.unlink("manifest.json", dir_fd=fd)
             os.fsync(fd)
@@ -1050,10 +1119,11 @@ def _remove_point(directory: Path) -> None:
                 raise BackupCorrupt(
                     f"{directory}/{name} is a directory: a point holds files only"
                 ) from exc
+        os.rmdir(directory)  # under the lock: a server waiting for it finds no manifest
+        _fsutil.fsync_dir(directory.parent)
     finally:
         os.close(fd)
-    os.rmdir(directory)
-    _fsutil.fsync_dir(directory.parent)
+    return True
 
 
 class ChunkBatch:

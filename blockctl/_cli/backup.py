@@ -283,6 +283,8 @@ class BackupCommand(Command):
             )
             if result.gc_skipped:
                 human += f"; chunks not collected: {result.gc_skipped}"
+            for served in result.served:
+                human += f"\nkept {served.point}: {served.reason}"
             emit(args, dataclasses.asdict(result), human)
             return 0
         if action == "gc":

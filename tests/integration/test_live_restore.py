@@ -179,6 +179,82 @@ async def test_a_server_holds_the_repository_lock_by_itself_until_it_stops(tmp_p
     assert tree_digest(repo.path / "chunks") == {}
 
 
+async def prune_cli(repo: Repository, *options: str) -> str:
+    """``blockctl backup prune`` of the test VM keeping one point, in another process."""
+    prune = ("backup", "prune", VM, "--keep", "1", "--repo", str(repo.path))
+    result = await anyio.run_process(
+        [sys.executable, "-m", "blockctl", *prune, *options],
+        check=False,
+        env=dict(os.environ),
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+async def test_prune_keeps_the_point_a_server_serves_until_it_stops(tmp_path: Path) -> None:
+    """A prune keeping one point of two, while a detached server (a live restore's, its
+    controller gone) serves the older: the point is kept, reported with the server, the
+    restore's VM and the way out (library, ``--json`` and text), nothing of it is deleted
+    (its manifest, index and chunks, so a recovery could start a replacement server) and the
+    server still serves it. Once the server stops, a prune deletes it and collects its
+    chunks."""
+    repo = point_repo(tmp_path, encrypted=False)
+    newer = (os.urandom(CHUNK), os.urandom(CHUNK))
+    commit(repo, POINTS[1], {"disk0": index_of(repo, *newer)}, n=100)
+    older_files = tree_digest(repo.path / "points" / VM / POINTS[0])
+    chunks = tree_digest(repo.path / "chunks")
+    home = tmp_path / "home"
+    home.mkdir()
+    async with serve_point(
+        repo, VM, POINTS[0], "disk0", home, size=len(DISK), detached=True, into="lrx"
+    ) as export:
+        export.keep_running = True
+    try:
+        pruned = await backup.prune(repo, VM, keep_last=1)
+        way_out = "let the restore finish, or `blockctl recover lrx`"
+        assert pruned.deleted == ()
+        assert pruned.kept == POINTS[:2]
+        [served] = pruned.served
+        assert (served.point, served.pid, served.into) == (POINTS[0], export.pid, "lrx")
+        assert f"the live restore into the VM lrx (pid {export.pid})" in served.reason
+        assert way_out in served.reason
+        assert pruned.gc_skipped is None  # nothing deleted: nothing to collect
+        as_json = json.loads(await prune_cli(repo, "--json"))
+        assert as_json["deleted"] == [] and as_json["kept"] == list(POINTS[:2])
+        assert as_json["served"] == [
+            {"point": POINTS[0], "pid": export.pid, "into": "lrx", "reason": served.reason}
+        ]
+        text = await prune_cli(repo)
+        assert f"kept {POINTS[0]}: served by the live restore into the VM lrx" in text
+        assert way_out in text
+        assert [m.id for m in repo.manifests(VM)] == list(POINTS[:2])
+        assert tree_digest(repo.path / "points" / VM / POINTS[0]) == older_files
+        assert tree_digest(repo.path / "chunks") == chunks
+        handle = connect(export.socket)
+        assert sha256(handle.pread(len(DISK), 0)) == sha256(DISK)
+        handle.shutdown()
+    finally:
+        await _proc.stop_recorded(export.pid, _proc.process_start(export.pid), grace=5.0)
+        shutil.rmtree(export.home)
+    pruned = await backup.prune(repo, VM, keep_last=1)
+    assert (pruned.deleted, pruned.kept, pruned.served) == ((POINTS[0],), (POINTS[1],), ())
+    assert not (repo.path / "points" / VM / POINTS[0]).exists()
+    # The older point's data chunks (PIECES[0], [2], [3]) are collected; the newer's stay.
+    assert pruned.chunks_removed == 3
+    assert len(tree_digest(repo.path / "chunks")) == len(chunks) - 3
+
+
+async def test_a_server_does_not_start_on_a_point_a_prune_is_deleting(tmp_path: Path) -> None:
+    """A server started on a point a prune is deleting (its manifest gone first, its index
+    not yet: the server waited for the prune's lock on the point) does not start, and says
+    the point is gone: it would serve a point no recovery can serve again."""
+    repo = point_repo(tmp_path, encrypted=False)
+    (repo.path / "points" / VM / POINTS[0] / "manifest.json").unlink()
+    with pytest.raises(ProcessFailed, match="no complete backup"):
+        async with serve_point(repo, VM, POINTS[0], "disk0", tmp_path, size=len(DISK)):
+            pass
+
+
 async def test_a_server_started_while_a_gc_runs_waits_for_it(tmp_path: Path) -> None:
     """While a garbage collection holds the repository (exclusively), a new server waits
     before it listens (its log says why), then serves once the collection is done."""
@@ -771,8 +847,9 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
     up: the disk stands alone, equal to the point plus the guest's writes; the repository
     unchanged, no server, no overlay, no node beyond the disk's, no record. Mid-copy, the
     point restored is pruned meanwhile (a newer one kept) by another process: the server
-    holds the repository's lock, so its garbage collection (and a ``backup gc``) is refused
-    naming the server and removes no chunk; once ``recover`` is done, ``gc`` removes them."""
+    holds the point, so the prune keeps it, naming the server and the way out, and changes
+    nothing in the repository; a ``backup gc`` is refused naming the server; once
+    ``recover`` is done, a prune deletes the point and collects the chunks only it had."""
     from tests.integration.test_attach_cli import cli
     from tests.integration.test_backup_faults import detached
 
@@ -792,8 +869,8 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
         want = (await console.check(read_sha("vda", mib))).split()[0]
         want_file = await reference(repo, "lrk", point.id, tmp_path / "r.raw", live_target.writes)
         if prune := step == "running":
-            # A newer point whose first chunk differs: a prune deletes the one restored,
-            # and only the server's lock keeps that chunk from its garbage collection.
+            # A newer point whose first chunk differs: a prune would delete the one
+            # restored, and its garbage collection that chunk.
             await console.check(
                 "dd if=/dev/urandom of=/dev/vda bs=64k count=1 oflag=direct conv=fsync 2>/dev/null"
             )
@@ -821,8 +898,9 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
         assert written["kind"] == live_target.kind.value and written["server"]["pid"] == server
         assert len(live_target.overlays(images, run_dir)) == live_target.raw
         if prune:
-            # Another process prunes: the point restored goes, its chunks stay (the server
-            # holds the lock), and the refusal names the server and the way out.
+            # Another process prunes: the point restored stays (the server serves it; a
+            # recovery replacing a dead server needs it), reported with the server and the
+            # way out; a gc is refused (the server holds the repository's lock).
             pruned = json.loads(
                 (
                     await cli(
@@ -830,15 +908,14 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
                     )
                 ).stdout
             )
-            assert pruned["deleted"] == [point.id] and pruned["chunks_removed"] == 0, pruned
-            held = f"pid {server} (a live restore into the VM lrk)"
-            assert held in pruned["gc_skipped"], pruned
-            assert "`blockctl recover lrk` first" in pruned["gc_skipped"], pruned
+            assert pruned["deleted"] == [] and pruned["kept"] == [point.id, newer], pruned
+            (served,) = pruned["served"]
+            assert (served["point"], served["pid"], served["into"]) == (point.id, server, "lrk")
+            assert "`blockctl recover lrk`" in served["reason"], pruned
             refused = await cli("backup", "gc", "--repo", repo.path, check=False)
+            held = f"pid {server} (a live restore into the VM lrk)"
             assert refused.returncode == 1 and held in refused.stderr, refused
-            assert tree_digest(repo.path) == {
-                k: v for k, v in hashes.items() if not k.startswith(f"points/lrk/{point.id}/")
-            }
+            assert tree_digest(repo.path) == hashes
         # The controller is gone; the guest reads the new disk whole, through the server,
         # and writes to it.
         await console.check(WAIT_VDB)
@@ -861,8 +938,13 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
             assert await node_names(vm) == before | set(vm.registry.drives[device].node_names)
             await truth_check(vm)
     if prune:
-        # The server gone, the collection runs: the chunks only the deleted point had.
-        collected = json.loads((await cli("backup", "gc", "--repo", repo.path, "--json")).stdout)
+        # The server gone, a prune deletes the point and collects the chunks only it had.
+        collected = json.loads(
+            (
+                await cli("backup", "prune", "lrk", "--repo", repo.path, "--keep", "1", "--json")
+            ).stdout
+        )
+        assert collected["deleted"] == [point.id] and collected["served"] == [], collected
         only_deleted = [k for k in chunks if bytes.fromhex(k.rsplit("/", 1)[1]) not in kept]
         assert only_deleted and collected["chunks_removed"] == len(only_deleted), collected
         hashes = {

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
 import blake3
 import pytest
 
@@ -501,6 +502,64 @@ def test_gc_refuses_while_another_open_file_holds_the_shared_lock(tmp_path: Path
     finally:
         os.close(fd)
     assert repo.gc().chunks_removed == 1
+
+
+def point_files(repo: Repository, point: str) -> dict[str, bytes]:
+    directory = repo.path / "points" / VM / point
+    return {p.name: p.read_bytes() for p in directory.iterdir()} if directory.exists() else {}
+
+
+async def test_prune_keeps_a_served_point_and_a_server_waits_for_a_deletion(
+    tmp_path: Path,
+) -> None:
+    """A point held by ``serving`` (as its NBD server holds it) is not deleted by a prune (it
+    is reported as served, unnamed: no nbdkit here) and is deleted once let go. A server
+    starting while a deletion holds the point's lock waits for it (the kernel lists it as
+    waiting), then finds the point gone and refuses."""
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    for n, point in enumerate(POINTS[:2]):
+        commit(
+            repo, point, {"disk0": index_of(repo, INCOMPRESSIBLE[::-1] if n else COMPRESSIBLE)}, n
+        )
+    before = point_files(repo, POINTS[0])
+    with repo.serving(VM, POINTS[0]):
+        result = await ops.prune(repo, VM, keep_last=1)
+        assert result.deleted == () and result.kept == POINTS[:2]
+        [served] = result.served
+        assert (served.point, served.pid, served.into) == (POINTS[0], None, None)
+        assert "prune again once it has stopped" in served.reason
+        assert point_files(repo, POINTS[0]) == before
+    result = await ops.prune(repo, VM, keep_last=1)
+    assert result.deleted == POINTS[:1] and result.served == ()
+    assert point_files(repo, POINTS[1]) and not point_files(repo, POINTS[0])
+
+    directory = repo.path / "points" / VM / POINTS[1]
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    outcome: list[BaseException | None] = []
+
+    def start_server() -> None:
+        try:
+            with repo.serving(VM, POINTS[1]):
+                outcome.append(None)
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a prune deleting the point
+        server = threading.Thread(target=start_server)
+        server.start()
+        inode = f":{os.stat(directory).st_ino} "
+        while not any(
+            "->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines()
+        ):
+            assert server.is_alive() and not outcome
+            await anyio.sleep(0.01)
+        (directory / "manifest.json").unlink()  # the deletion's first step
+    finally:
+        os.close(fd)
+    server.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], ConfigError)
+    assert "no complete backup" in str(outcome[0])
 
 
 async def test_prune_keeps_the_newest_and_what_it_references(tmp_path: Path) -> None:
