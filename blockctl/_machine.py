@@ -690,7 +690,29 @@ class Spawned:
     pid: int
     argv: tuple[str, ...]
     accel: str
+    run_dir: Path
+    monitor: Path  # the QMP socket other processes attach to
     pool: tuple[Path, ...]  # its monitors for other processes
+
+    def record(self, name: str, *, detached: bool, starting: bool = False) -> _runtime.VMRecord:
+        """Its runtime record (``blockctl ls``, :func:`attach`); a detached VM's console is
+        a socket and a log in its run directory."""
+        console = self.run_dir / "console.sock" if detached else None
+        console_log = self.run_dir / "console.log" if detached else None
+        return _runtime.VMRecord(
+            name=name,
+            pid=self.pid,
+            run_dir=str(self.run_dir),
+            monitor=str(self.monitor),
+            console_socket=None if console is None else str(console),
+            console_log=None if console_log is None else str(console_log),
+            qemu_log=str(self.run_dir / "qemu.log"),
+            argv=self.argv,
+            accel=self.accel,
+            started=time.time(),
+            monitors=tuple(str(p) for p in self.pool),
+            starting=starting,
+        )
 
 
 #: Test hook: called with "spawned" right after QEMU's process exists (and, launched
@@ -854,7 +876,16 @@ async def _qemu_with_daemons(
     yielded = False
     try:
         if on_spawn is not None:
-            on_spawn(Spawned(pid=process.pid, argv=tuple(argv), accel=accel.accel.value, pool=pool))
+            on_spawn(
+                Spawned(
+                    pid=process.pid,
+                    argv=tuple(argv),
+                    accel=accel.accel.value,
+                    run_dir=run_dir,
+                    monitor=monitor,
+                    pool=pool,
+                )
+            )
         if FAILPOINT is not None:
             FAILPOINT("spawned")
         try:
@@ -939,6 +970,7 @@ async def open_vm(
     require_asyncio("open_vm")
     run_dir = _make_run_dir(config.name)
     label = config.name or run_dir.name
+    spawned: list[Spawned] = []
     try:
         async with _started_qemu(
             config,
@@ -948,9 +980,10 @@ async def open_vm(
             console=console,
             timeouts=timeouts,
             monitors=monitors if config.name is not None else 0,
+            on_spawn=spawned.append,
         ) as vm:
             if config.name is not None:
-                _runtime.write_record(_record_for(vm, console_socket=None, console_log=None))
+                _runtime.write_record(spawned[0].record(config.name, detached=False))
             try:
                 yield vm
                 # The block ended normally: observers see the VM before it is shut down.
@@ -1010,22 +1043,7 @@ async def launch_detached(
     def record_spawn(process: Spawned) -> None:
         # Before the greeting: a launcher killed from here on leaves a QEMU that
         # `blockctl recover` and `down` find, and that `up` of the name does not clear away.
-        spawned.append(
-            _runtime.VMRecord(
-                name=name,
-                pid=process.pid,
-                run_dir=str(run_dir),
-                monitor=str(run_dir / "qmp.sock"),
-                console_socket=str(run_dir / "console.sock"),
-                console_log=str(run_dir / "console.log"),
-                qemu_log=str(run_dir / "qemu.log"),
-                argv=process.argv,
-                accel=process.accel,
-                started=time.time(),
-                monitors=tuple(str(p) for p in process.pool),
-                starting=True,
-            )
-        )
+        spawned.append(process.record(name, detached=True, starting=True))
         _runtime.write_record(spawned[0])
 
     try:
@@ -1072,24 +1090,6 @@ def finish_start(record: _runtime.VMRecord) -> _runtime.VMRecord:
     _runtime.write_record(done)
     _log.info("blockctl.launch.start_finished", vm=record.name, pid=record.pid)
     return done
-
-
-def _record_for(
-    vm: LaunchedVM, *, console_socket: Path | None, console_log: Path | None
-) -> _runtime.VMRecord:
-    return _runtime.VMRecord(
-        name=vm.name,
-        pid=vm.process.pid,
-        run_dir=str(vm.run_dir),
-        monitor=str(vm.monitor_path),
-        console_socket=None if console_socket is None else str(console_socket),
-        console_log=None if console_log is None else str(console_log),
-        qemu_log=str(vm.run_dir / "qemu.log"),
-        argv=tuple(vm.argv),
-        accel=vm.accel.accel.value,
-        started=time.time(),
-        monitors=tuple(str(p) for p in vm.pool),
-    )
 
 
 def _make_run_dir(name: str | None) -> Path:
