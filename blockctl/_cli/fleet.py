@@ -26,10 +26,25 @@ from blockctl._cli.output import human_size, table
 from blockctl.errors import MissingComponent
 
 if TYPE_CHECKING:
-    from blockctl._fleet.inventory import FleetBackupRequest, VMBackup
+    from blockctl._fleet.inventory import FleetBackupRequest, VMBackup, VMPruneResult
     from blockctl._fleet.status import FleetStatus, ScheduleStatus
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
+
+
+def prune_line(r: VMPruneResult) -> str:
+    """One VM's prune, as ``fleet prune`` says it."""
+    if r.error is not None:
+        return f"{r.host}/{r.vm}: FAILED: {r.error}"
+    what = (
+        f"deleted {len(r.deleted)} point(s), kept {len(r.kept)}; removed "
+        f"{r.chunks_removed} chunk(s), {human_size(r.bytes_removed)}"
+    )
+    for point, reason in r.served.items():
+        what += f"; kept {point}: {reason}"
+    if r.gc_skipped:
+        what += f"; chunks not collected: {r.gc_skipped}"
+    return f"{r.host}/{r.vm}: {what}"
 
 
 def _require_temporalio() -> None:
@@ -416,18 +431,7 @@ class Fleet(Command):
             args.heartbeat_timeout,
         )
         result = await fleet_prune(request, args.address, args.namespace, args.workflow_id)
-        lines = []
-        for r in result.results:
-            if r.error is not None:
-                what = f"FAILED: {r.error}"
-            else:
-                what = (
-                    f"deleted {len(r.deleted)} point(s), kept {len(r.kept)}; removed "
-                    f"{r.chunks_removed} chunk(s), {human_size(r.bytes_removed)}"
-                )
-                if r.gc_skipped:
-                    what += f"; chunks not collected: {r.gc_skipped}"
-            lines.append(f"{r.host}/{r.vm}: {what}")
+        lines = [prune_line(r) for r in result.results]
         failed = [r for r in result.results if r.error is not None]
         lines.append(f"{len(result.results) - len(failed)} pruned, {len(failed)} failed")
         emit(

@@ -220,6 +220,7 @@ async def prune_vm(request: VMPrune, before: list[str]) -> VMPruneResult:
         chunks_removed=removed,
         bytes_removed=removed_bytes,
         gc_skipped=skipped,
+        served={p.point: p.reason for p in result.served},
     )
 
 

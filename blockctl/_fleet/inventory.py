@@ -190,7 +190,9 @@ class VMPrune:
 @dataclass(frozen=True, slots=True)
 class VMPruneResult:
     """A VM's prune: the points it deleted (every attempt's: a retry reports what an earlier
-    attempt deleted too) and kept, the chunks collected, or the error that stopped it."""
+    attempt deleted too) and kept, the chunks collected, or the error that stopped it.
+    ``served``: the points kept although not asked for, because an NBD server (a live
+    restore's) serves them, each with why and the way out."""
 
     host: str
     vm: str
@@ -201,6 +203,7 @@ class VMPruneResult:
     bytes_removed: int = 0
     gc_skipped: str | None = None
     error: str | None = None
+    served: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -311,3 +311,32 @@ def test_fleet_prune_refuses_a_bad_keep_as_usage(
     with pytest.raises(SystemExit):
         build_parser()[0].parse_args(["fleet", "prune", "inv.toml", "--keep", keep])
     assert "a number of points to keep" in capsys.readouterr().err
+
+
+def test_a_fleet_prune_reports_the_point_a_server_serves(tmp_path: Path) -> None:
+    """The prune activity, run as a worker runs it: a point an NBD server serves (its lock
+    held as ``Repository.serving`` holds it) is kept and reported under ``served`` with the
+    reason, in the result the workflow records and in the CLI's text; the other is deleted."""
+    try:
+        from temporalio.testing import ActivityEnvironment
+
+        from blockctl._cli.fleet import prune_line
+        from blockctl._fleet.activities import prune_vm
+        from blockctl._fleet.inventory import VMPrune
+    except ImportError:
+        missing("temporalio (pip install 'blockctl[fleet]')")
+    from blockctl._backup.store import Repository
+    from tests.unit.test_repository_store import CHUNK, POINTS, VM, commit, index_of
+
+    repo = Repository.init(tmp_path / "r", chunk_size=CHUNK)
+    for n, point in enumerate(POINTS[:3]):
+        commit(repo, point, {"disk0": index_of(repo, os.urandom(CHUNK))}, n)
+    request = VMPrune("hv1", VM, str(repo.path), 1)
+    with repo.serving(VM, POINTS[0]):
+        result = asyncio.run(ActivityEnvironment().run(prune_vm, request, list(POINTS[:3])))
+    assert result.deleted == [POINTS[1]]
+    assert result.kept == [POINTS[0], POINTS[2]]
+    assert list(result.served) == [POINTS[0]]
+    assert "prune again once it has stopped" in result.served[POINTS[0]]
+    assert f"kept {POINTS[0]}: {result.served[POINTS[0]]}" in prune_line(result)
+    assert [m.id for m in repo.manifests(VM)] == [POINTS[0], POINTS[2]]
