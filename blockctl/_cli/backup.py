@@ -46,7 +46,12 @@ class RecoverCommand(Command):
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("vm")
         parser.add_argument("--repo", type=Path, help="also recover backups into this repository")
-        parser.add_argument("--key-file", type=Path, help="the repository's key file (encrypted)")
+        parser.add_argument(
+            "--key-file",
+            type=Path,
+            help="the repository's key file (encrypted; a live restore's server is replaced "
+            "from it)",
+        )
         parser.add_argument(
             "--forget", action="store_true", help="drop records that need attention (checked)"
         )

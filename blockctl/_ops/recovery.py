@@ -50,6 +50,7 @@ from blockctl._ops.nodes import delete_nodes, flush_chain, node_options, read_gr
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobStatus
 from blockctl.errors import (
+    BackupKeyError,
     BlockctlError,
     CommandFailed,
     GuestAgentError,
@@ -138,9 +139,12 @@ async def reconcile(
     deadline: float = 600.0,
     hooks: Sequence[JobHook] = DEFAULT_HOOKS,
     forget: bool = False,
+    repositories: Sequence[Repository] = (),
 ) -> list[Recovery]:
     """Reconcile every journaled operation of ``vm`` (a live QEMU). ``forget``: drop the
-    records that need attention too (after the operator checked them)."""
+    records that need attention too (after the operator checked them). ``repositories``:
+    opened by the caller, an encrypted one with its key; a live restore's dead server is
+    replaced from the one it served (without it, an encrypted repository's cannot be)."""
     # First the guest: a freeze left by a dead controller blocks every write in it.
     results = await reconcile_freezes(vm, forget=forget)
     for item in _journal.load_all(vm.run_dir):
@@ -149,7 +153,7 @@ async def reconcile(
                 item.path.unlink(missing_ok=True)
             results.append(replace(_unreadable(item), kept=not forget))
             continue
-        results.append(await _reconcile_one(vm, item, deadline, hooks, forget))
+        results.append(await _reconcile_one(vm, item, deadline, hooks, forget, repositories))
     for r in results:
         # Another client's operation in progress is not something recovery found wrong.
         log = _log.info if r.verdict is Verdict.RUNNING else _log.warning
@@ -217,7 +221,12 @@ async def _reconcile_freeze(vm: VM, record: _agent.FreezeRecord) -> Recovery | N
 
 
 async def _reconcile_one(
-    vm: VM, intent: Intent, deadline: float, hooks: Sequence[JobHook], forget: bool
+    vm: VM,
+    intent: Intent,
+    deadline: float,
+    hooks: Sequence[JobHook],
+    forget: bool,
+    repositories: Sequence[Repository],
 ) -> Recovery:
     assert vm.run_dir is not None
     first_step = intent.step.value
@@ -249,7 +258,7 @@ async def _reconcile_one(
                 continue
             if isinstance(action, ReplaceServer):
                 old = intent.server
-                intent = await _replace_server(vm, intent, action)
+                intent = await _replace_server(vm, intent, action, repositories)
                 if intent.error is None:
                     assert old is not None and intent.server is not None
                     done.append(
@@ -333,7 +342,24 @@ async def _restart_copy(vm: VM, intent: Intent, action: RestartStream | RestartM
     return intent
 
 
-async def _replace_server(vm: VM, intent: Intent, action: ReplaceServer) -> Intent:
+def _served_repository(vm: VM, path: str, opened: Sequence[Repository]) -> Repository:
+    """The repository a live restore's server served: the caller's, when it opened that one
+    (an encrypted repository's key is unwrapped only there), else opened here."""
+    for repo in opened:
+        if repo.path == Path(path).resolve():
+            return repo
+    try:
+        return Repository.open(Path(path))
+    except BackupKeyError as exc:
+        raise BackupKeyError(
+            f"{exc}: `blockctl recover {vm.name} --repo {path} --key-file KEY` replaces the "
+            "server with the key"
+        ) from exc
+
+
+async def _replace_server(
+    vm: VM, intent: Intent, action: ReplaceServer, repositories: Sequence[Repository]
+) -> Intent:
     """A new server of the same point; new backup nodes on it become ``action.node``'s
     backing (``blockdev-reopen``: the measured way on, ``notes/backup-data-path.md``), the
     old ones are deleted, the old server's directory removed. The record follows each name.
@@ -346,7 +372,7 @@ async def _replace_server(vm: VM, intent: Intent, action: ReplaceServer) -> Inte
         return replace(intent, error=f"{action.node} was not opened by blockctl")
     chains = intent.devices[action.device]
     try:
-        repo = Repository.open(Path(old.repo))
+        repo = _served_repository(vm, old.repo, repositories)
         size = repo.read_index(old.source_vm, old.point, old.device).virtual_size
         async with serve_point(
             repo,

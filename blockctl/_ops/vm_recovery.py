@@ -81,7 +81,8 @@ async def recover_vm(
     async with attach(name) as vm:  # a VM still starting that does not answer: raises
         if record.starting:
             finish_start(record)
-        results = await reconcile(vm, deadline=deadline, forget=forget)
+        opened = () if repo is None else (repo,)
+        results = await reconcile(vm, deadline=deadline, forget=forget, repositories=opened)
         notes: list[str] = []
         if repo is not None:
             notes = await recover_backup(vm, repo)
@@ -91,7 +92,9 @@ async def recover_vm(
             if drive.daemon is None:
                 continue
             async with vm.on_storage_daemon(device, "recover") as daemon:
-                results += await reconcile(daemon, deadline=deadline, forget=forget)
+                results += await reconcile(
+                    daemon, deadline=deadline, forget=forget, repositories=opened
+                )
                 if repo is not None:
                     notes += await recover_backup(daemon, repo)
     return RecoveryReport(True, results, notes)

@@ -31,6 +31,7 @@ from blockctl._backup.store import Repository
 from blockctl._jobs import JobControl, JobProgress, JobStatus, JobTransition
 from blockctl._journal import Intent, OpKind, Step, Verdict
 from blockctl._ops import drives, recovery
+from blockctl._ops.vm_recovery import recover_vm
 from blockctl._qmp import wire
 from blockctl._runtime import read_record
 from blockctl.errors import (
@@ -1100,9 +1101,15 @@ async def test_a_server_killed_during_the_copy_then_recover_puts_in_a_new_one_an
     server's nodes deleted, the server found gone) and leaves ``recover`` nothing. Each: the
     point plus the guest's writes, standalone; the repository unchanged, no server, no
     overlay, no record. A block device target (a loop device 1 MiB larger than the disk):
-    mid-copy only."""
+    mid-copy only. Mid-copy into qcow2, the repository is encrypted: a recovery without its
+    key keeps the record (the key named as the way out) and changes nothing; with the
+    repository opened with its key (``blockctl recover --repo --key-file``) it finishes."""
     live_target = LIVE_TARGETS[fmt]
-    repo = backup.init_repository(tmp_path / "repo")
+    encrypted = at == "mid" and fmt == "qcow2"
+    key_file = tmp_path / "key"
+    key_file.write_bytes(SECRET)
+    key_file.chmod(0o600)
+    repo = backup.init_repository(tmp_path / "repo", key_file=key_file if encrypted else None)
     disk = await qcow2_image(images / "s0.qcow2", b"", live_target.mib * MIB)
     target = await target_path(live_target, images, loop_devices)
     watch = StreamWatch()
@@ -1165,9 +1172,24 @@ async def test_a_server_killed_during_the_copy_then_recover_puts_in_a_new_one_an
             (error,) = raised
             assert isinstance(error, JobFailed), repr(error)
             assert [e["device"] for e in left] == [attached["device"]]
-            (done,) = await recovery.reconcile(vm)
-            assert done.verdict is Verdict.FINISHED, (done.message, done.done)
-            assert any(d.startswith("started a new server") for d in done.done), done.done
+            if encrypted:
+                nodes = await node_names(vm)
+                (kept,) = await recovery.reconcile(vm)
+                assert kept.verdict is Verdict.ATTENTION and kept.kept, kept
+                way_out = f"`blockctl recover lrn --repo {repo.path} --key-file KEY`"
+                assert "is encrypted" in kept.message and way_out in kept.message, kept.message
+                assert await node_names(vm) == nodes
+                # What `blockctl recover lrn --repo R --key-file K` runs (in this process:
+                # the record's owner, alive, would be another client's to a second one).
+                keyed = backup.open_repository(repo.path, key_file=key_file)
+                _alive, (done,), _notes = await recover_vm("lrn", repo=keyed)
+                assert done.verdict is Verdict.FINISHED, (done.message, done.done)
+                done_steps = done.done
+            else:
+                (done,) = await recovery.reconcile(vm)
+                assert done.verdict is Verdict.FINISHED, (done.message, done.done)
+                done_steps = done.done
+            assert any(d.startswith("started a new server") for d in done_steps), done_steps
         assert nbdkit_pids_under(vm.run_dir) == []
         assert not list(vm.run_dir.glob("journal-*.json"))
         assert not list(vm.run_dir.glob("nbd-*"))
