@@ -781,6 +781,23 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="live-restore-encrypted-server-replaced",
+        section="Backups",
+        quote="an encrypted repository's server needs its key",
+        tests=(
+            I + "test_live_restore.py::test_a_server_killed_during_the_copy_then_recover_puts_in_"
+            "a_new_one_and_finishes[mid-qcow2]",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find="    for repo in opened:",
+                replace="    for repo in ():",
+                what="recovery ignores the repository opened with its key",
+            ),
+        ),
+    ),
+    Promise(
         id="live-restore-rides-out-a-short-outage",
         section="Backups",
         quote="a server outage shorter than `reconnect-delay`",
