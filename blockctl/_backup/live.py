@@ -50,10 +50,15 @@ A lost VM is launched from its config instead (:func:`launch_live`): the server 
 the new run directory and the target is made before QEMU, whose launch plan puts the
 config's drive over the backup nodes (``launch_detached``'s ``prepare`` returns
 :class:`blockctl._machine.Prepared`): a qcow2 drive on the target itself, a raw drive (a new
-file or a block device) on the temporary overlay, as above. The guest starts on it at once,
-then the stream (qcow2) or the target's nodes and the mirror (raw), their records and
-recovery are the hot-plug paths' above. A failure before the copy starts shuts the VM down
-and removes the overlay and a new target. A LUN drive is refused.
+file or a block device) on the temporary overlay, as above. The copy's record (a stream's,
+or a mirror's naming the target's nodes to add) is written in ``prepare``, before QEMU's
+spawn, from the launch plan's node names, and names the files ``prepare`` made until the
+spawn (``Prepared.spawned`` rewrites it): ``blockctl recover`` of a launch killed before the
+spawn removes them and stops the server; killed from the spawn on, it copies. The guest
+starts on the drive at once, then the stream (qcow2) or the target's nodes and the mirror
+(raw), the record rewritten from QEMU's graph, and recovery are the hot-plug paths' above.
+A failure before the copy starts shuts the VM down and removes the overlay and a new
+target. A LUN drive is refused.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """A detached launch killed before QEMU started (issue 18, a live launch's windows): its
 run directory holds only the copy's journal record and the backup's server. ``blockctl
-recover`` of the name reports it as QEMU gone and stops the server, so that ``up`` of the
-name (refused until then) reuses it; while the launcher still runs, it is left alone. (The
+recover`` of the name reports it as QEMU gone and stops the server (and removes the files
+the launch made while its record still names them: a raw drive's overlay and new target),
+so that ``up`` of the name (refused until then) reuses it; while the launcher still runs,
+it is left alone. (The
 windows from QEMU's spawn on are tested with QEMU: tests/integration/test_live_launch.py.)"""
 
 from __future__ import annotations
