@@ -156,7 +156,7 @@ def _cache_opts(drive: Drive) -> CacheOptions:
     return {"direct": drive.cache.direct, "no-flush": drive.cache.no_flush}
 
 
-def _protocol_node(
+def protocol_node(
     name: str,
     filename: str,
     drive: Drive,
@@ -342,7 +342,7 @@ def plan_drive(
             is_backing_layer = depth > 0
             read_only = drive.read_only or is_backing_layer or drive.snapshot
             nodes.append(
-                _protocol_node(
+                protocol_node(
                     f"{name}-file",
                     layer.filename,
                     drive,
@@ -369,7 +369,7 @@ def plan_drive(
             if source.overlay is None:
                 raise ConfigError(f"drive[{i}].snapshot", "no overlay was created")
             nodes.append(
-                _protocol_node(
+                protocol_node(
                     f"drv{i}-snap-file",
                     str(source.overlay),
                     drive,

@@ -437,6 +437,9 @@ class Facts:
     files: Mapping[str, str] = field(default_factory=dict)  # node → the file it has open
     chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # device → nodes
     server_alive: bool = False  # the record's server (a live restore's) still runs
+    #: QEMU gone, and it never ran: no record of it was ever written (a live launch killed
+    #: before QEMU's spawn, in its run directory only journal records).
+    qemu_never_ran: bool = False
 
 
 class Verdict(enum.StrEnum):
@@ -573,6 +576,8 @@ def plan(intent: Intent, facts: Facts, *, owner_alive: bool = False) -> Plan:
     nothing runs any more, whoever is alive."""
     what = intent.describe()
     if not facts.alive:
+        if facts.qemu_never_ran and intent.server is not None and intent.created_files:
+            return _plan_never_started(intent, what)
         return _plan_gone(intent, what)
     if owner_alive:
         its_job = f", job {intent.job_id}" if intent.job_id else ""
@@ -840,6 +845,23 @@ def _plan_gone(intent: Intent, what: str) -> Plan:
         message=(
             f"{what} was interrupted at step {intent.step.value}: QEMU is gone. "
             f"On disk: {chain_text}. {'; '.join(notes)}".rstrip()
+        ),
+    )
+
+
+def _plan_never_started(intent: Intent, what: str) -> Plan:
+    """A live launch's record written before QEMU's spawn, which still names the files the
+    launch made (the spawn rewrites it without them), and no QEMU record: QEMU never ran,
+    so nothing wrote to those files (an empty target, an overlay): they go, with the
+    server."""
+    assert intent.server is not None
+    files = ", ".join(intent.created_files)
+    return Plan(
+        verdict=Verdict.QEMU_GONE,
+        actions=(DeleteFiles(intent.created_files), StopServer(intent.server)),
+        message=(
+            f"{what}: the launch stopped before QEMU started; nothing ran on the files it "
+            f"made ({files}): removed, with the backup's server; the backup point is unchanged"
         ),
     )
 

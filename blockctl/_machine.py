@@ -1016,6 +1016,10 @@ class Prepared:
 
     config: MachineConfig
     backing: Mapping[int, Sequence[Mapping[str, Any]]]
+    #: Called right after QEMU's record is written at its spawn (before its greeting): from
+    #: then on QEMU may write to the files ``prepare`` made (a live launch's journal record
+    #: stops naming them as files to remove if the launch never started QEMU).
+    spawned: Callable[[], None] | None = None
 
 
 async def launch_detached(
@@ -1045,13 +1049,17 @@ async def launch_detached(
         # `blockctl recover` and `down` find, and that `up` of the name does not clear away.
         spawned.append(process.record(name, detached=True, starting=True))
         _runtime.write_record(spawned[0])
+        if after_spawn is not None:
+            after_spawn()
 
+    after_spawn: Callable[[], None] | None = None
     try:
         backing: Mapping[int, Sequence[Mapping[str, Any]]] = {}
         if prepare is not None:
             prepared = await prepare(run_dir)
             if isinstance(prepared, Prepared):
                 config, backing = prepared.config, prepared.backing
+                after_spawn = prepared.spawned
             else:
                 config = prepared
         async with _started_qemu(

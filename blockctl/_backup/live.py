@@ -50,10 +50,15 @@ A lost VM is launched from its config instead (:func:`launch_live`): the server 
 the new run directory and the target is made before QEMU, whose launch plan puts the
 config's drive over the backup nodes (``launch_detached``'s ``prepare`` returns
 :class:`blockctl._machine.Prepared`): a qcow2 drive on the target itself, a raw drive (a new
-file or a block device) on the temporary overlay, as above. The guest starts on it at once,
-then the stream (qcow2) or the target's nodes and the mirror (raw), their records and
-recovery are the hot-plug paths' above. A failure before the copy starts shuts the VM down
-and removes the overlay and a new target. A LUN drive is refused.
+file or a block device) on the temporary overlay, as above. The copy's record (a stream's,
+or a mirror's naming the target's nodes to add) is written in ``prepare``, before QEMU's
+spawn, from the launch plan's node names, and names the files ``prepare`` made until the
+spawn (``Prepared.spawned`` rewrites it): ``blockctl recover`` of a launch killed before the
+spawn removes them and stops the server; killed from the spawn on, it copies. The guest
+starts on the drive at once, then the stream (qcow2) or the target's nodes and the mirror
+(raw), the record rewritten from QEMU's graph, and recovery are the hot-plug paths' above.
+A failure before the copy starts shuts the VM down and removes the overlay and a new
+target. A LUN drive is refused.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ from typing import Any
 
 import anyio
 
-from blockctl import _fsutil, _images, _journal, _proc, _runtime
+from blockctl import _argv, _fsutil, _images, _journal, _proc, _runtime
 from blockctl._backup.serve import BACKUP_NODE_PREFIX, PointExport, backing_nodes, serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobHook, JobResult, start_job
@@ -311,16 +316,11 @@ async def launch_live(
                     )
                 )
                 launched = config
+                server = _server_record(repo, vm_name, point, device, exports[0])
                 if overlay is None:
                     made.append(target)
                     await _images.create(target, ImageFormat.QCOW2, size=size)
-                    # The copy's record, before QEMU starts: a controller killed from QEMU's
-                    # spawn on leaves it to `blockctl recover` (QEMU's record is written at
-                    # the spawn), which copies, or says what the target holds once QEMU is
-                    # gone. (A raw drive's mirror record is written once the VM runs.)
-                    server = _server_record(repo, vm_name, point, device, exports[0])
                     intent = _launch_intent(name, index, base, target, exports[0], server)
-                    planned.append(_journal.begin_at(run_dir, intent, lambda: False))
                 else:
                     if not device_target:
                         made.append(target)
@@ -336,7 +336,33 @@ async def launch_live(
                         config,
                         drives=(*config.drives[:index], on_overlay, *config.drives[index + 1 :]),
                     )
-                return Prepared(launched, {index: backing_nodes(base, exports[0].socket)})
+                    intent = _launch_mirror_intent(
+                        name,
+                        index,
+                        base,
+                        overlay,
+                        on_overlay,
+                        target,
+                        size,
+                        device_target,
+                        exports[0],
+                        server,
+                    )
+                # The copy's record, before QEMU starts: a controller killed from QEMU's
+                # spawn on leaves it to `blockctl recover` (QEMU's record is written at the
+                # spawn), which copies, or says what the target holds once QEMU is gone.
+                # Until the spawn it names the files made here: killed before QEMU started,
+                # recover removes them (nothing ran on them).
+                intent = replace(intent, created_files=tuple(str(p) for p in made))
+                op = _journal.begin_at(run_dir, intent, lambda: False)
+                planned.append(op)
+
+                def spawned() -> None:
+                    op.step(op.intent.step, created_files=())
+
+                return Prepared(
+                    launched, {index: backing_nodes(base, exports[0].socket)}, spawned=spawned
+                )
 
             try:
                 await launch_detached(config, prepare=prepare, timeouts=timeouts or Timeouts())
@@ -486,7 +512,13 @@ async def _copy_launched(
                 )
                 for node in target_nodes:  # a failure here: the VM goes (undone)
                     await wire.blockdev_add(vm.session, node)
-                op = await _begin_mirror(call, device_id, export, target_nodes)
+                op = await _begin_mirror(
+                    call,
+                    device_id,
+                    export,
+                    target_nodes,
+                    op_id=planned.intent.id if planned else "",
+                )
                 undone = False
                 result = await _mirror(
                     vm,
@@ -750,10 +782,15 @@ def _target_nodes(
 
 
 async def _begin_mirror(
-    call: _Call, device_id: str, export: PointExport, target_nodes: Sequence[dict[str, Any]]
+    call: _Call,
+    device_id: str,
+    export: PointExport,
+    target_nodes: Sequence[dict[str, Any]],
+    op_id: str = "",
 ) -> _journal.Op:
     """The record of the copy to come: the device leaves its overlay and the backup nodes for
-    the target's raw node; the overlay file goes with them."""
+    the target's raw node; the overlay file goes with them. ``op_id``: the record to rewrite
+    (a live launch's, written before QEMU started)."""
     graph = await read_graph(call.vm)
     chain = graph.chain_of(device_id)
     dropped = [n for layer in chain for n in graph.layer_nodes(layer)]
@@ -766,7 +803,7 @@ async def _begin_mirror(
     )
     server = _server_record(call.repo, call.vm_name, call.point, call.device, export)
     intent = _journal.Intent(
-        id="",
+        id=op_id,
         kind=_journal.OpKind.MIRROR,
         vm=call.vm.name,
         active=True,
@@ -983,6 +1020,55 @@ def _launch_intent(
         drop_files=(served,),
         server=server,
         what=f"live restore of {server.device} ({server.point}) into {target.name} on {device_id}",
+    )
+
+
+def _launch_mirror_intent(
+    name: str,
+    index: int,
+    base: str,
+    overlay: Path,
+    on_overlay: Drive,
+    target: Path,
+    size: int,
+    device_target: bool,
+    export: PointExport,
+    server: _journal.ServerRecord,
+) -> _journal.Intent:
+    """A raw drive's launch: its mirror, recorded before QEMU starts as :func:`_begin_mirror`
+    records it once the VM runs, from the launch plan (device ``disk{i}`` on the overlay's
+    image node ``drv{i}`` over ``drv{i}-file``, backing onto ``base`` over ``base-nbd``;
+    the target's nodes as :func:`_target_nodes` makes them from the overlay's file node)."""
+    device_id, image = f"disk{index}", f"drv{index}"
+    overlay_file = dict(
+        _argv.protocol_node(
+            f"{image}-file", str(overlay), on_overlay, block_device=False, read_only=False
+        )
+    )
+    target_nodes = _target_nodes([overlay_file], image, target, size, device_target)
+    served = f"nbd+unix:///?socket={export.socket}"
+    chains = _journal.DeviceChains(
+        before=(image, base),
+        after=(str(target_nodes[-1]["node-name"]),),
+        files_before=(str(overlay), served),
+        files_after=(str(target),),
+        formats_before=(ImageFormat.QCOW2.value, "raw"),
+    )
+    return _journal.Intent(
+        id="",
+        kind=_journal.OpKind.MIRROR,
+        vm=name,
+        active=True,
+        devices={device_id: chains},
+        drop_nodes=(image, f"{image}-file", base, f"{base}-nbd"),
+        drop_files=(str(overlay),),
+        delete_files=True,
+        add_nodes={device_id: target_nodes},
+        server=server,
+        what=(
+            f"live restore of {server.device} ({server.point}) into {_target_name(target)} (raw) "
+            f"on {device_id}"
+        ),
     )
 
 

@@ -330,6 +330,12 @@ async def _restart_copy(vm: VM, intent: Intent, action: RestartStream | RestartM
     intent = replace(intent, job_id=job_id, step=Step.STARTING, error=None)
     _journal.write(vm.run_dir, intent)
     if isinstance(action, RestartMirror):
+        # A launch's record is written before QEMU starts: a controller killed before it
+        # added the target's nodes leaves them to add here (bottom-up, as recorded).
+        present = {n.node_name for n in await vm.block_nodes()}
+        for node in intent.add_nodes.get(action.device, ()):
+            if str(node["node-name"]) not in present:
+                await wire.blockdev_add(vm.session, node)
         await wire.blockdev_mirror(
             vm.session,
             job_id=job_id,
@@ -499,11 +505,13 @@ async def _act(vm: VM, action: _journal.Action) -> str:
             raise AssertionError(action)
 
 
-async def reconcile_offline(run_dir: Path) -> list[Recovery]:
+async def reconcile_offline(run_dir: Path, *, never_ran: bool = False) -> list[Recovery]:
     """QEMU is gone: report each record (which file is each device's top on disk now, and
     what is uncertain), repair the backing links a finished job may have left unflushed
     (:class:`~blockctl._journal.Relink`), then drop the record: it has been reported, and
-    QEMU cannot be asked."""
+    QEMU cannot be asked. ``never_ran``: no record of QEMU was ever written in ``run_dir``
+    (a launch killed before QEMU's spawn): a live launch's record that still names the files
+    it made has them removed."""
     results = []
     for freeze in _agent.load_freeze_records(run_dir):
         if isinstance(freeze, Unreadable):
@@ -525,19 +533,19 @@ async def reconcile_offline(run_dir: Path) -> list[Recovery]:
             )
         )
         _journal.remove_durably(freeze.path)
-    results += await _journal_offline(run_dir, "")
+    results += await _journal_offline(run_dir, "", never_ran)
     # A vhost-user-blk disk's operations kept their records in its daemon's directory; the
     # daemon died with QEMU (it is the launcher's child, stopped when QEMU exits).
     for daemon_dir in sorted(run_dir.glob(f"*{DAEMON_OPS_SUFFIX}")):
         device = daemon_dir.name[: -len(DAEMON_OPS_SUFFIX)]
         if daemon_dir.is_dir() and not daemon_dir.is_symlink():
             results += await _journal_offline(
-                daemon_dir, f" (in {device}'s qemu-storage-daemon, gone with QEMU)"
+                daemon_dir, f" (in {device}'s qemu-storage-daemon, gone with QEMU)", False
             )
     return results
 
 
-async def _journal_offline(run_dir: Path, where: str) -> list[Recovery]:
+async def _journal_offline(run_dir: Path, where: str, never_ran: bool) -> list[Recovery]:
     """The offline pass over the journal records in ``run_dir`` (QEMU's run directory or a
     daemon's operations directory, said by ``where``)."""
     results = []
@@ -545,11 +553,16 @@ async def _journal_offline(run_dir: Path, where: str) -> list[Recovery]:
         if isinstance(item, Unreadable):
             results.append(_unreadable(item))
             continue
-        plan = _journal.plan(item, Facts(alive=False))
+        plan = _journal.plan(item, Facts(alive=False, qemu_never_ran=never_ran))
         done = []
         for action in plan.actions:
             if isinstance(action, StopServer):
                 done.append(await _stop_server(action.server))
+                continue
+            if isinstance(action, DeleteFiles):  # a live launch's, QEMU never started
+                for path in action.paths:
+                    Path(path).unlink(missing_ok=True)
+                done.append(f"deleted files {', '.join(action.paths)}")
                 continue
             assert isinstance(action, Relink)
             try:

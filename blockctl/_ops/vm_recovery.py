@@ -68,7 +68,7 @@ async def recover_vm(
         ):
             raise
         assert run_dir is not None
-        results = await reconcile_offline(run_dir)
+        results = await reconcile_offline(run_dir, never_ran=True)
         left = [] if repo is None else recover_backup_offline(name, run_dir, repo)
         return RecoveryReport(False, results, left)
     if not _runtime.is_alive(record):

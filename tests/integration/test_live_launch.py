@@ -194,7 +194,7 @@ async def test_a_vm_launched_from_a_point_runs_on_it_while_it_comes_back(
 
 
 @pytest.mark.guest
-@pytest.mark.parametrize("step", ["spawned", "greeted", "starting", "running"])
+@pytest.mark.parametrize("step", ["spawned", "greeted", "starting", "running", "spawned-raw"])
 async def test_a_launch_whose_controller_is_killed_then_recover_finishes_it(
     guest: GuestImage, images: Path, tmp_path: Path, runtime_dir: Path, step: str
 ) -> None:
@@ -206,12 +206,17 @@ async def test_a_launch_whose_controller_is_killed_then_recover_finishes_it(
     record (written before QEMU started) naming the server. The VM keeps running on the
     server; the guest reads the disk whole and writes; ``blockctl recover`` takes a VM still
     starting over, copies the rest and cleans up: a standalone disk equal to the point plus
-    the guest's writes, no server or record, the repository unchanged."""
+    the guest's writes, no server or record, the repository unchanged. ``spawned-raw``: a
+    raw drive killed at the spawn (its VM on an overlay over the server): the mirror's
+    record, written before QEMU started, names the target's nodes recovery adds before it
+    mirrors and pivots; the target, a raw file, then stands alone; no overlay left."""
+    step, raw = step.removesuffix("-raw"), step.endswith("-raw")
     repo = backup.init_repository(tmp_path / "repo")
     point, want = await backed_up(guest, images, repo)
     hashes = tree_digest(repo.path)
-    target = images / "lost.qcow2"
-    toml = machine_toml(tmp_path / "lost.toml", guest, "lostk", target, "pc")
+    target = images / ("lost.raw" if raw else "lost.qcow2")
+    toml = machine_toml(tmp_path / "lost.toml", guest, "lostk", target, "pc", target.suffix[1:])
+    kind = "mirror" if raw else "stream"
     run_dir = runtime_dir / "lostk"
     arguments = {
         "repo": str(repo.path),
@@ -224,13 +229,18 @@ async def test_a_launch_whose_controller_is_killed_then_recover_finishes_it(
     }
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "tests.integration.crash_child", "lostk", "live-launch"]
+    if raw:
+        argv[-1] = "live-launch-raw"
     try:
         killed = await anyio.run_process([*argv, step, json.dumps(arguments)], check=False, env=env)
         assert killed.returncode == -9, killed.stderr.decode()
         (server,) = nbdkit_pids_under(run_dir)
         (record,) = list(run_dir.glob("journal-*.json"))
         written = json.loads(record.read_text())
-        assert written["kind"] == "stream" and written["server"]["pid"] == server
+        assert written["kind"] == kind and written["server"]["pid"] == server
+        # Rewritten at the spawn: QEMU may write to them now, so recovery never removes them.
+        assert written["created_files"] == []
+        assert len(overlays(images)) == raw
         assert read_record("lostk").starting is (step == "spawned")
         if step == "spawned":
             listed = json.loads((await cli("ls", "--json")).stdout)
@@ -244,11 +254,11 @@ async def test_a_launch_whose_controller_is_killed_then_recover_finishes_it(
                 await console.check(fill("vda", *write))
             during = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
             done = json.loads((await cli("recover", "lostk", "--json")).stdout)
-            (result,) = [r for r in done["operations"] if r["kind"] == "stream"]
+            (result,) = [r for r in done["operations"] if r["kind"] == kind]
             assert result["verdict"] == "finished", result
             assert not read_record("lostk").starting
             assert nbdkit_pids_under(run_dir) == [] and not running(server)
-            assert not list(run_dir.glob("journal-*.json"))
+            assert not list(run_dir.glob("journal-*.json")) and overlays(images) == []
             listed = json.loads((await cli("drives", "lostk", "--json")).stdout)
             assert [n["filename"] for n in listed[0]["chain"]] == [str(target)]
             assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == during
@@ -260,7 +270,7 @@ async def test_a_launch_whose_controller_is_killed_then_recover_finishes_it(
         await down("lostk")
     assert tree_digest(repo.path) == hashes
     want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", GUEST_WRITES)
-    await standalone_equals(target, want_file)
+    await standalone_equals(target, want_file, ImageFormat.RAW if raw else ImageFormat.QCOW2)
 
 
 @pytest.mark.guest

@@ -1,7 +1,9 @@
 """A detached launch killed before QEMU started (issue 18, a live launch's windows): its
 run directory holds only the copy's journal record and the backup's server. ``blockctl
-recover`` of the name reports it as QEMU gone and stops the server, so that ``up`` of the
-name (refused until then) reuses it; while the launcher still runs, it is left alone. (The
+recover`` of the name reports it as QEMU gone and stops the server (and removes the files
+the launch made while its record still names them: a raw drive's overlay and new target),
+so that ``up`` of the name (refused until then) reuses it; while the launcher still runs,
+it is left alone. (The
 windows from QEMU's spawn on are tested with QEMU: tests/integration/test_live_launch.py.)"""
 
 from __future__ import annotations
@@ -94,6 +96,62 @@ async def test_a_launch_killed_before_qemu_started_is_recovered_as_qemu_gone(
         assert result.verdict is Verdict.QEMU_GONE, result
         assert "stopped the backup's server" in " ".join(result.done), result.done
         assert not record.exists() and not _proc.process_alive(server, started)
+        assert _make_run_dir("lost") == run_dir and not list(run_dir.iterdir())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("spawned", [False, True])
+async def test_a_raw_launch_killed_before_qemu_started_removes_the_files_it_made(
+    run_dir: Path, writer: subprocess.Popen[bytes], tmp_path: Path, spawned: bool
+) -> None:
+    """A raw drive's launch: its mirror's record, written before QEMU's spawn, names the
+    overlay and the new target it made; with no QEMU record in the run directory (QEMU never
+    ran), ``recover`` removes them with the server. Once the spawn has rewritten the record
+    without them (``spawned``: QEMU may have written to them), they are kept whatever
+    happens to QEMU's record, and the way on is said instead."""
+    overlay, target = tmp_path / ".t.raw.live-overlay-ab.qcow2", tmp_path / "t.raw"
+    overlay.write_bytes(b"overlay")
+    target.write_bytes(b"target")
+    server = orphan()
+    started = _proc.process_start(server)
+    chains = _journal.DeviceChains(
+        before=("drv0", "bclr-1"),
+        after=("drv0-target",),
+        files_before=(str(overlay), "nbd+unix:///?socket=/s"),
+        files_after=(str(target),),
+        formats_before=("qcow2", "raw"),
+    )
+    intent = Intent(
+        id="mirror-1",
+        kind=OpKind.MIRROR,
+        vm="lost",
+        active=True,
+        devices={"disk0": chains},
+        drop_nodes=("drv0", "drv0-file", "bclr-1", "bclr-1-nbd"),
+        drop_files=(str(overlay),),
+        delete_files=True,
+        created_files=() if spawned else (str(overlay), str(target)),
+        pid=writer.pid,
+        pid_start=_proc.process_start(writer.pid),
+        server=ServerRecord(pid=server, pid_start=started, home=str(run_dir / "srv")),
+    )
+    _journal.write(run_dir, intent)
+    try:
+        writer.kill()
+        writer.wait()
+        report = await recover_vm("lost")
+        (result,) = report.operations
+        assert result.verdict is Verdict.QEMU_GONE, result
+        assert "stopped the backup's server" in " ".join(result.done), result.done
+        assert not _proc.process_alive(server, started)
+        if spawned:
+            assert overlay.exists() and target.exists()
+            assert "holds the guest's writes" in result.message, result.message
+        else:
+            assert not overlay.exists() and not target.exists()
+            assert "before QEMU started" in result.message, result.message
         assert _make_run_dir("lost") == run_dir and not list(run_dir.iterdir())
     finally:
         with contextlib.suppress(ProcessLookupError):
