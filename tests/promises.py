@@ -798,6 +798,32 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="live-launch-raw-record-before-spawn",
+        section="Backups",
+        quote="(issue 18's two windows, closed for a qcow2 and a raw drive)",
+        tests=(
+            I + "test_live_launch.py::test_a_launch_whose_controller_is_killed_then_recover_"
+            "finishes_it[spawned-raw]",
+            U + "test_launch_windows.py::test_a_raw_launch_killed_before_qemu_started_removes_"
+            "the_files_it_made",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find='            if str(node["node-name"]) not in present:',
+                replace="            if False:",
+                what="recovery of a launch killed at QEMU's spawn mirrors into no target",
+            ),
+            Mutation(
+                file="blockctl/_journal.py",
+                find="        if facts.qemu_never_ran and intent.server is not None and "
+                "intent.created_files:",
+                replace="        if False:",
+                what="a launch killed before QEMU's spawn leaves the files it made",
+            ),
+        ),
+    ),
+    Promise(
         id="live-restore-rides-out-a-short-outage",
         section="Backups",
         quote="a server outage shorter than `reconnect-delay`",
