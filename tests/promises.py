@@ -617,6 +617,32 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="backup-request-readopts-killed-copy",
+        section="Backups",
+        quote="it continues the copy from that same point in time (re-reading the export; chunks "
+        "already stored are deduplicated) into the same point id",
+        tests=(
+            I + "test_backup_faults.py::"
+            "test_controller_killed_at_every_step_then_recovered_loses_no_write",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="        adopted = None if request_id is None else await _adoptable(",
+                replace="        adopted = None if True else await _adoptable(",
+                what="a retry recovers a killed attempt's whole frozen point instead of "
+                "re-adopting it (a fresh point, with the later writes)",
+            ),
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="                job=None if request_id is None else backup_job_id(request_id, n),",
+                replace="                job=None,",
+                what="fleecing job ids not derived from the request id (a retry cannot find "
+                "the job)",
+            ),
+        ),
+    ),
+    Promise(
         id="backup-manifest-atomic",
         section="Backups",
         quote="the manifest is written last, atomically. A point without a manifest is not a "
