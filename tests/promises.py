@@ -628,14 +628,15 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_backup/operations.py",
-                find="        adopted = None if request_id is None else await _adoptable(",
-                replace="        adopted = None if True else await _adoptable(",
+                find="            None if request_id is None else await _adoptable(",
+                replace="            None if True else await _adoptable(",
                 what="a retry recovers a killed attempt's whole frozen point instead of "
                 "re-adopting it (a fresh point, with the later writes)",
             ),
             Mutation(
                 file="blockctl/_backup/operations.py",
-                find="                job=None if request_id is None else backup_job_id(request_id, n),",
+                find="                job=None if request_id is None else "
+                "backup_job_id(request_id, n),",
                 replace="                job=None,",
                 what="fleecing job ids not derived from the request id (a retry cannot find "
                 "the job)",

@@ -702,7 +702,9 @@ async def backup(
     )
     libnbd()  # before anything is changed
     with repo.lock(exclusive=False), _vm_lock(repo, vm):
-        adopted = None if request_id is None else await _adoptable(vm, repo, request_id)
+        adopted = (
+            None if request_id is None else await _adoptable(vm, repo, request_id, kind, devices)
+        )
         if adopted is not None:
             attempt = adopted
         else:
@@ -878,7 +880,9 @@ async def _plan(
     )
 
 
-async def _adoptable(vm: VM, repo: Repository, request_id: str) -> _Attempt | None:
+async def _adoptable(
+    vm: VM, repo: Repository, request_id: str, kind: str, devices: Sequence[str] | None
+) -> _Attempt | None:
     """The attempt of ``request_id`` a killed controller left, when its frozen point is
     still whole in QEMU: its fleecing jobs running, its nodes, bitmaps, exports and NBD
     server there, its point directory incomplete. Otherwise None (recovery tears down what
@@ -896,8 +900,11 @@ async def _adoptable(vm: VM, repo: Repository, request_id: str) -> _Attempt | No
         return _not_whole(vm, request_id, str(exc))
     if plan.request_id != request_id:
         return _not_whole(vm, request_id, f"{path} is the attempt of another request")
-    why = await _why_not_whole(vm, repo, plan)
-    if why is not None:
+    chosen = [d.device for d in plan.disks]
+    if plan.kind != kind or (devices is not None and list(devices) != chosen):
+        asked = f"it was asked for a {plan.kind} backup of {chosen}, not this request's"
+        return _not_whole(vm, request_id, asked)
+    if (why := await _why_not_whole(vm, repo, plan)) is not None:
         return _not_whole(vm, request_id, why)
     disks = []
     for d in plan.disks:
