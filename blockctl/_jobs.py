@@ -963,6 +963,7 @@ async def start_job(
     speed: int | None = None,
     hooks: Sequence[JobHook] = DEFAULT_HOOKS,
     cleanup_timeout: float = 30.0,
+    job_id: str | None = None,
 ) -> AsyncIterator[Job]:
     """Register the job listener, then ``await start(job_id)`` (the QMP command that creates
     the job, with ``auto-dismiss: false``; the ``wire`` job starters do that), then yield
@@ -974,9 +975,14 @@ async def start_job(
     :class:`~blockctl.errors.JobNeverReady`). ``auto_finalize`` and ``speed`` must be what
     ``start`` passes to QEMU. If the block exits while the job is unfinished (an exception,
     a deadline), the job is cancelled, driven to its end and dismissed (shielded, at most
-    ``cleanup_timeout`` s), so no job is left behind.
+    ``cleanup_timeout`` s), so no job is left behind. ``job_id``: the id to give the job
+    (one blockctl derived, ``bc-<kind>-…``, so that a retry finds the job again; default a
+    fresh one).
     """
-    job_id = new_job_id(kind)
+    if job_id is None:
+        job_id = new_job_id(kind)
+    elif not job_id.startswith(f"bc-{kind}-"):
+        raise ValueError(f"job id {job_id!r} is not blockctl's bc-{kind}-…")
     with wire.job_events(session) as stream:
         job = Job(
             session,

@@ -594,7 +594,7 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_backup/operations.py",
-                find="            if transaction_sent:\n"
+                find="            if a.transaction_sent:\n"
                 "                # Merge this attempt's bitmap",
                 replace="            if False:\n                # Merge this attempt's bitmap",
                 what="a failed backup does not settle the checkpoints (its bitmap lingers)",
@@ -604,16 +604,42 @@ PROMISES: tuple[Promise, ...] = (
     Promise(
         id="backup-request-once",
         section="Backups",
-        quote="Another call with the same ID first recovers what an earlier attempt left (as "
-        "`blockctl recover`), then returns the point that attempt recorded, if its manifest was "
-        "written, instead of taking a second one",
+        quote="it recovers what the attempt left (as `blockctl recover`), then returns the point "
+        "that attempt recorded, if its manifest was written, instead of taking a second one",
         tests=(I + "test_repository.py::test_a_retried_request_returns_the_point_it_recorded",),
         mutations=(
             Mutation(
                 file="blockctl/_backup/operations.py",
-                find="                if manifest.request_id == request_id:\n",
-                replace="                if False:\n",
+                find="                    if manifest.request_id == request_id:\n",
+                replace="                    if False:\n",
                 what="a retried request takes a second point",
+            ),
+        ),
+    ),
+    Promise(
+        id="backup-request-readopts-killed-copy",
+        section="Backups",
+        quote="it continues the copy from that same point in time (re-reading the export; chunks "
+        "already stored are deduplicated) into the same point id",
+        tests=(
+            I + "test_backup_faults.py::"
+            "test_controller_killed_at_every_step_then_recovered_loses_no_write",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="            None if request_id is None else await _adoptable(",
+                replace="            None if True else await _adoptable(",
+                what="a retry recovers a killed attempt's whole frozen point instead of "
+                "re-adopting it (a fresh point, with the later writes)",
+            ),
+            Mutation(
+                file="blockctl/_backup/operations.py",
+                find="                job=None if request_id is None else "
+                "backup_job_id(request_id, n),",
+                replace="                job=None,",
+                what="fleecing job ids not derived from the request id (a retry cannot find "
+                "the job)",
             ),
         ),
     ),
@@ -889,8 +915,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_backup/operations.py",
-                find="                            start_for(d, i == len(disks) - 1),",
-                replace="                            start_for(d, True),",
+                find="                    start_for(d, i == len(disks) - 1),",
+                replace="                    start_for(d, True),",
                 what="each disk's bitmap and fleecing job in its own transaction "
                 "(issue 22 survivor: grouped completion across disks)",
             ),

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_module
+import hashlib
 import inspect
+import json
 import os
 import re
 import shutil
@@ -61,6 +63,7 @@ from blockctl._backup.store import (
     Manifest,
     Repository,
     check_name,
+    check_point_id,
     check_request_id,
     new_point_id,
     start_writeback,
@@ -264,6 +267,7 @@ async def _recover(vm: VM, repo: Repository) -> tuple[list[str], BlockGraph | No
     for point in repo.incomplete_points(vm.name):
         repo.delete_point(vm.name, point)
         notes.append(f"removed the incomplete point {point} (it has no manifest)")
+    _drop_attempt_record(vm)  # what it planned is gone: no retry can take it over
     settled = await _settle(vm, repo, devices=None, graph=graph)
     if settled:
         graph = None
@@ -315,6 +319,7 @@ def recover_offline(name: str, run_dir: Path, repo: Repository) -> list[str]:
             notes.append(f"removed the scratch directory {scratch} of a stopped backup{where}")
         with contextlib.suppress(FileNotFoundError):
             record.unlink()
+        _drop_attempt_record(None, directory)
         for path in sorted((directory / control_ops.CONTROL_DIR).glob("*.sock")):
             if not _listens(path):
                 with contextlib.suppress(FileNotFoundError):
@@ -406,6 +411,159 @@ async def _settle(
 
 # Section: taking a backup
 
+#: ``<run dir>/backup-attempt.json``: the plan of the backup running now (its point, bitmap,
+#: per-disk nodes, exports and job ids, scratch directory), written before its transaction.
+#: A controller killed mid-copy leaves QEMU holding the frozen point; a retry with the same
+#: request id reads this to find it and continue the copy (:func:`_adoptable`).
+ATTEMPT_RECORD = "backup-attempt.json"
+_ATTEMPT_VERSION = 1
+_JOB_ID = re.compile(r"^bc-backup-[0-9a-z-]{1,60}$")
+
+
+def backup_job_id(request_id: str, number: int) -> str:
+    """The fleecing job id of disk ``number`` of the backup of ``request_id``: the same in
+    every attempt, so a retry finds the job its killed first attempt left running. A valid
+    QMP id (letters, digits, ``-``) with the ``bc-backup-`` prefix recovery ends."""
+    digest = hashlib.sha256(request_id.encode()).hexdigest()[:16]
+    return f"bc-backup-{digest}-{number}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptDisk:
+    """One disk of an :class:`AttemptPlan`: what the attempt added to QEMU for it."""
+
+    device: str
+    node: str
+    driver: str
+    virtual_size: int
+    number: int
+    base: str | None  # the frozen bitmap an incremental reads (None: full)
+    reason: str | None
+    parent: str | None
+    fleece: str
+    export: str
+    job: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptPlan:
+    """A backup attempt with a request id, as :data:`ATTEMPT_RECORD` holds it."""
+
+    request_id: str
+    vm: str
+    repository: str
+    point: str
+    bitmap: str
+    kind: str
+    started: float
+    scratch: str
+    disks: tuple[AttemptDisk, ...]
+    #: Known once the transaction ran: ``filesystem`` or ``crash``, and the frozen count.
+    consistency: str | None = None
+    frozen_filesystems: int = 0
+
+    @property
+    def socket(self) -> str:
+        return str(Path(self.scratch) / "nbd.sock")
+
+    def dumps(self) -> bytes:
+        record = {
+            "version": _ATTEMPT_VERSION,
+            **{k: getattr(self, k) for k in self.__slots__ if k != "disks"},
+            "disks": [{k: getattr(d, k) for k in d.__slots__} for d in self.disks],
+        }
+        return json.dumps(record, sort_keys=True).encode()
+
+    @classmethod
+    def loads(cls, data: bytes, where: str) -> AttemptPlan:
+        """Parse and check a record; anything else is :class:`BackupCorrupt` naming it."""
+
+        def bad(what: str) -> BackupCorrupt:
+            return BackupCorrupt(f"{where}: {what}")
+
+        try:
+            record = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad(f"not JSON ({exc})") from None
+        if not isinstance(record, dict) or record.get("version") != _ATTEMPT_VERSION:
+            raise bad("not a version-1 backup attempt record")
+
+        def field_of(obj: dict[str, Any], name: str, kind: Any, none: bool = False) -> Any:
+            value = obj.get(name)
+            if none and value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise bad(f"{name}: {value!r}")
+            return value
+
+        raw_disks = record.get("disks")
+        if not isinstance(raw_disks, list) or not raw_disks:
+            raise bad("no disks")
+        disks = []
+        for n, raw in enumerate(raw_disks):
+            if not isinstance(raw, dict):
+                raise bad(f"disk {n}: {raw!r}")
+            disk = AttemptDisk(
+                device=field_of(raw, "device", str),
+                node=field_of(raw, "node", str),
+                driver=field_of(raw, "driver", str),
+                virtual_size=field_of(raw, "virtual_size", int),
+                number=field_of(raw, "number", int),
+                base=field_of(raw, "base", str, none=True),
+                reason=field_of(raw, "reason", str, none=True),
+                parent=field_of(raw, "parent", str, none=True),
+                fleece=field_of(raw, "fleece", str),
+                export=field_of(raw, "export", str),
+                job=field_of(raw, "job", str),
+            )
+            if disk.number != n or disk.virtual_size <= 0:
+                raise bad(f"disk {n}: number {disk.number}, size {disk.virtual_size}")
+            if not (_FLEECE_NODE.match(disk.fleece) and _EXPORT.match(disk.export)):
+                raise bad(f"disk {n}: {disk.fleece!r}, {disk.export!r} are not a backup's")
+            if not _JOB_ID.match(disk.job):
+                raise bad(f"disk {n}: job {disk.job!r} is not a backup's")
+            if (disk.base is None) != (disk.parent is None):
+                raise bad(f"disk {n}: an incremental names its base and parent, a full neither")
+            disks.append(disk)
+        consistency = field_of(record, "consistency", str, none=True)
+        if consistency not in (None, "filesystem", "crash"):
+            raise bad(f"consistency: {consistency!r}")
+        plan = cls(
+            request_id=field_of(record, "request_id", str),
+            vm=field_of(record, "vm", str),
+            repository=field_of(record, "repository", str),
+            point=field_of(record, "point", str),
+            bitmap=field_of(record, "bitmap", str),
+            kind=field_of(record, "kind", str),
+            started=float(field_of(record, "started", int | float)),
+            scratch=field_of(record, "scratch", str),
+            disks=tuple(disks),
+            consistency=consistency,
+            frozen_filesystems=field_of(record, "frozen_filesystems", int),
+        )
+        try:
+            check_request_id(plan.request_id, where)
+            check_point_id(plan.point)
+        except RepositoryError as exc:
+            raise bad(str(exc)) from None
+        if plan.kind not in ("full", "incremental"):
+            raise bad(f"kind: {plan.kind!r}")
+        if not Path(plan.scratch).name.startswith("bc-scratch-"):
+            raise bad(f"scratch: {plan.scratch!r} is not a backup's scratch directory")
+        return plan
+
+
+def _record_attempt(vm: VM, plan: AttemptPlan) -> None:
+    if vm.run_dir is not None:
+        _fsutil.atomic_write_bytes(Path(vm.run_dir) / ATTEMPT_RECORD, plan.dumps())
+
+
+def _drop_attempt_record(vm: VM | None, run_dir: Path | None = None) -> None:
+    directory = run_dir if vm is None else vm.run_dir
+    if directory is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (Path(directory) / ATTEMPT_RECORD).unlink()
+
 
 @dataclass(slots=True, kw_only=True)
 class _Disk:
@@ -420,6 +578,7 @@ class _Disk:
     parent: str | None = None  # the point whose index an incremental starts from
     fleece: str = ""
     export: str = ""
+    job: str | None = None  # the fleecing job's id when derived from the request id
     copier: ChunkCopier | None = None
     started: float = 0.0
     index: DiskIndex | None = None
@@ -486,10 +645,14 @@ async def backup(
     While it copies, any process can list, pause, resume, re-speed or cancel it
     (:mod:`blockctl._backup.control`).
 
-    ``request_id``: the caller's id of this request, recorded in the point's manifest. A
-    retry with the same id (its first attempt's controller killed, or its answer lost) first
-    recovers what the attempt left (as :func:`recover`), then returns the point that attempt
-    recorded, if it got that far, instead of taking a second one.
+    ``request_id``: the caller's id of this request, recorded in the point's manifest; it
+    also names the fleecing jobs (:func:`backup_job_id`). A retry with the same id (its
+    first attempt's controller killed, or its answer lost) re-adopts the attempt's frozen
+    point when QEMU still holds it whole (jobs running, nodes, bitmaps, exports, NBD server,
+    the incomplete point: :data:`ATTEMPT_RECORD`), continuing the copy into that same point;
+    otherwise it recovers what the attempt left (as :func:`recover`, the reason logged), then
+    returns the point that attempt recorded, if it got that far, instead of taking a second
+    one.
 
     ``_failpoint``/``_fail_after_chunks``: fault injection for blockctl's own tests."""
     if kind not in ("full", "incremental"):
@@ -539,58 +702,113 @@ async def backup(
     )
     libnbd()  # before anything is changed
     with repo.lock(exclusive=False), _vm_lock(repo, vm):
-        recovered, graph = await _recover(vm, repo)
-        if request_id is not None:
-            # Under the VM's lock and after recovery: the point an earlier attempt recorded
-            # is complete and its checkpoints settled, or there is none.
-            for manifest in reversed(repo.manifests(vm.name)):
-                if manifest.request_id == request_id:
-                    _log.warning(
-                        "blockctl.backup.already_recorded",
-                        vm=vm.name,
-                        id=manifest.id,
-                        request_id=request_id,
-                        recovered=recovered,
-                    )
-                    return manifest
+        adopted = (
+            None if request_id is None else await _adoptable(vm, repo, request_id, kind, devices)
+        )
+        if adopted is not None:
+            attempt = adopted
+        else:
+            recovered, graph = await _recover(vm, repo)
+            if request_id is not None:
+                # Under the VM's lock and after recovery: the point an earlier attempt
+                # recorded is complete and its checkpoints settled, or there is none.
+                for manifest in reversed(repo.manifests(vm.name)):
+                    if manifest.request_id == request_id:
+                        _log.warning(
+                            "blockctl.backup.already_recorded",
+                            vm=vm.name,
+                            id=manifest.id,
+                            request_id=request_id,
+                            recovered=recovered,
+                        )
+                        return manifest
+            attempt = await _plan(
+                vm, repo, kind, devices, options.scratch_dir, recovered, graph, request_id
+            )
         return await _backup(
             vm,
             repo,
-            kind,
-            devices,
+            attempt,
             control.deadline_or(3600.0),
             control.hooks,
             quiesce,
             options.freeze_deadline,
             options.connections,
-            options.scratch_dir,
             _failpoint,
             _fail_after_chunks,
-            recovered,
-            graph,
             copy_control,
-            request_id,
         )
 
 
-async def _backup(
+@dataclass(slots=True, kw_only=True)
+class _Attempt:
+    """One backup's point and what it holds in QEMU, from its plan to its manifest."""
+
+    point: str
+    bitmap: str
+    kind: str
+    disks: list[_Disk]
+    started: float
+    scratch: Path
+    request_id: str | None
+    #: Taken over from a killed attempt of the same request (its frozen point still whole).
+    adopted: bool = False
+    consistency: str = "crash"
+    frozen_filesystems: int = 0
+    added: list[str] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
+    transaction_sent: bool = False
+    server_started: bool = False
+
+    @property
+    def socket(self) -> str:
+        return str(self.scratch / "nbd.sock")
+
+    def plan(self, vm: VM, repo: Repository) -> AttemptPlan | None:
+        """The record a retry of the same request reads (None: no request id)."""
+        if self.request_id is None:
+            return None
+        return AttemptPlan(
+            request_id=self.request_id,
+            vm=vm.name,
+            repository=repo.config.id,
+            point=self.point,
+            bitmap=self.bitmap,
+            kind=self.kind,
+            started=self.started,
+            scratch=str(self.scratch),
+            disks=tuple(
+                AttemptDisk(
+                    device=d.device,
+                    node=d.node,
+                    driver=d.driver,
+                    virtual_size=d.virtual_size,
+                    number=d.number,
+                    base=d.base,
+                    reason=d.reason,
+                    parent=d.parent,
+                    fleece=d.fleece,
+                    export=d.export,
+                    job=d.job or "",
+                )
+                for d in self.disks
+            ),
+            consistency=self.consistency if self.transaction_sent else None,
+            frozen_filesystems=self.frozen_filesystems,
+        )
+
+
+async def _plan(
     vm: VM,
     repo: Repository,
     kind: str,
     devices: Sequence[str] | None,
-    deadline: float,
-    hooks: Sequence[JobHook],
-    quiesce: Quiesce | bool | str,
-    freeze_deadline: float,
-    connections: int,
     scratch_dir: Path | None,
-    failpoint: Failpoint,
-    fail_after_chunks: int | None,
     recovered: list[str],
     graph: BlockGraph | None,
-    control: CopyControl,
     request_id: str | None,
-) -> Manifest:
+) -> _Attempt:
+    """A new point: its disks, their bases, the names of what it adds to QEMU."""
     if graph is None:
         graph = await read_graph(vm)
     chosen = (
@@ -636,11 +854,11 @@ async def _backup(
                 parent=None if base is None or latest is None else latest.id,
                 fleece=f"bcf{n}-{point[-4:]}",
                 export=f"bcx{n}-{point[-4:]}",
+                job=None if request_id is None else backup_job_id(request_id, n),
             )
         )
     # Before anything is added: a passed-through LUN's writes would escape the checkpoint.
     await refuse_passed_through(vm, graph, chosen, "backup")
-    reasons = [f"{d.device}: {d.reason}" for d in disks if d.reason]
     if recovered and kind == "incremental":
         _log.warning("blockctl.backup.recovered_first", vm=vm.name, notes=recovered)
     for d in disks:
@@ -651,103 +869,190 @@ async def _backup(
     started = time.time()
     scratch = Path(tempfile.mkdtemp(prefix="bc-scratch-", dir=scratch_dir))
     os.chmod(scratch, 0o700)
-    _record_scratch(vm, scratch)
-    added: list[str] = []
-    jobs: list[Job] = []
-    transaction_sent = False
-    server_started = False
-    committed = False
-    points: list[Quiesced] = []
-    batch = repo.batch()  # this backup's chunks: synced, or discarded, by this backup alone
-    with _step(repo, "creating the point's directory"):
-        repo.begin_point(vm.name, point)
+    return _Attempt(
+        point=point,
+        bitmap=bitmap,
+        kind=kind,
+        disks=disks,
+        started=started,
+        scratch=scratch,
+        request_id=request_id,
+    )
+
+
+async def _adoptable(
+    vm: VM, repo: Repository, request_id: str, kind: str, devices: Sequence[str] | None
+) -> _Attempt | None:
+    """The attempt of ``request_id`` a killed controller left, when its frozen point is
+    still whole in QEMU: its fleecing jobs running, its nodes, bitmaps, exports and NBD
+    server there, its point directory incomplete. Otherwise None (recovery tears down what
+    is left, and the backup starts afresh), the reason logged."""
+    if vm.run_dir is None:
+        return None
+    path = Path(vm.run_dir) / ATTEMPT_RECORD
     try:
-        await _at(failpoint, "before-transaction")
-        for d in disks:
-            path = scratch / f"fleece-{d.device}.qcow2"
-            _fsutil.create_private_file(path)
-            write_empty(path, d.virtual_size)
-            scratch_file: FileOptions = {
-                "driver": "file",
-                "node-name": f"{d.fleece}-file",
-                "filename": str(path),
-                # Scratch that no crash needs back: flushes (formatting and copying old data
-                # aside) would only wait for the disk.
-                "cache": {"no-flush": True},
-            }
-            await wire.blockdev_add(vm.session, scratch_file)
-            added.append(f"{d.fleece}-file")
-            fleece: FormatOptions = {
-                "driver": "qcow2",
-                "node-name": d.fleece,
-                "file": f"{d.fleece}-file",
-                "backing": d.node,
-            }
-            await wire.blockdev_add(vm.session, fleece)
-            added.append(d.fleece)
-        actions: list[dict[str, Any]] = []
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        plan = AttemptPlan.loads(data, str(path))
+    except BackupCorrupt as exc:
+        return _not_whole(vm, request_id, str(exc))
+    if plan.request_id != request_id:
+        return _not_whole(vm, request_id, f"{path} is the attempt of another request")
+    chosen = [d.device for d in plan.disks]
+    if plan.kind != kind or (devices is not None and list(devices) != chosen):
+        asked = f"it was asked for a {plan.kind} backup of {chosen}, not this request's"
+        return _not_whole(vm, request_id, asked)
+    if (why := await _why_not_whole(vm, repo, plan)) is not None:
+        return _not_whole(vm, request_id, why)
+    disks = []
+    for d in plan.disks:
+        parent_index = None
+        if d.parent is not None:
+            try:
+                parent_index = repo.read_index(vm.name, d.parent, d.device)
+            except RepositoryError as exc:
+                return _not_whole(vm, request_id, f"the parent point {d.parent}: {exc}")
+            if parent_index.chunk_size != repo.chunk_size:
+                return _not_whole(vm, request_id, "the repository's chunk size changed")
+        disks.append(
+            _Disk(
+                device=d.device,
+                node=d.node,
+                driver=d.driver,
+                virtual_size=d.virtual_size,
+                number=d.number,
+                base=d.base,
+                reason=d.reason,
+                parent_index=parent_index,
+                parent=d.parent,
+                fleece=d.fleece,
+                export=d.export,
+                job=d.job,
+            )
+        )
+    ids = [d.job for d in plan.disks]
+    # Concluded jobs stay for their owners (nothing of ours concluded: checked above).
+    found = {j.id: j for j in await adopt_jobs(vm.session, dismiss=False)}
+    attempt = _Attempt(
+        point=plan.point,
+        bitmap=plan.bitmap,
+        kind=plan.kind,
+        disks=disks,
+        started=plan.started,
+        scratch=Path(plan.scratch),
+        request_id=request_id,
+        adopted=True,
+        consistency=plan.consistency or "crash",
+        frozen_filesystems=plan.frozen_filesystems,
+        added=[name for d in plan.disks for name in (f"{d.fleece}-file", d.fleece)],
+        jobs=[found[i] for i in ids],
+        transaction_sent=True,
+        server_started=True,
+    )
+    _log.warning(
+        "blockctl.backup.readopted",
+        vm=vm.name,
+        id=plan.point,
+        request_id=request_id,
+        jobs=ids,
+        note="a killed attempt's frozen point is whole in QEMU: its copy is continued",
+    )
+    return attempt
+
+
+def _not_whole(vm: VM, request_id: str, why: str) -> _Attempt | None:
+    """Logs why a killed attempt's point is not taken over; None (nothing adopted)."""
+    _log.warning(
+        "blockctl.backup.not_readopted",
+        vm=vm.name,
+        request_id=request_id,
+        reason=why,
+        note="what the earlier attempt left is recovered and the backup taken afresh",
+    )
+    return None
+
+
+async def _why_not_whole(vm: VM, repo: Repository, plan: AttemptPlan) -> str | None:
+    """Why the frozen point of ``plan`` cannot be read any more (None: it can)."""
+    if plan.vm != vm.name:
+        return f"it is the attempt of the VM {plan.vm}"
+    if plan.repository != repo.config.id:
+        return "it wrote into another repository"
+    if plan.point not in repo.incomplete_points(vm.name):
+        return f"its point {plan.point} is recorded or gone"
+    if plan.consistency is None:
+        return "it was stopped before its transaction ended"
+    jobs = {j.id: j for j in await wire.query_jobs(vm.session)}
+    exports = {e.id: e for e in await wire.query_block_exports(vm.session)}
+    graph = await read_graph(vm)
+    for d in plan.disks:
+        job = jobs.get(d.job)
+        if job is None:
+            return f"its fleecing job {d.job} is gone (QEMU restarted?)"
+        if job.type != "backup" or job.status is not JobStatus.RUNNING:
+            return f"its fleecing job {d.job} is {job.status.value}"
+        device = graph.devices.get(d.device)
+        if device is None or device.root is None or graph.format_node(d.device).name != d.node:
+            return f"the disk {d.device} is not on the node {d.node} any more"
+        bitmaps = {b.name: b for b in graph.format_node(d.device).dirty_bitmaps}
+        if plan.bitmap not in bitmaps:
+            return f"the checkpoint bitmap {plan.bitmap} is gone from {d.node}"
+        if d.base is not None and (d.base not in bitmaps or bitmaps[d.base].recording):
+            return f"the frozen bitmap {d.base} of {d.node} is gone or recording again"
+        for name in (d.fleece, f"{d.fleece}-file"):
+            if name not in graph.nodes:
+                return f"its fleecing node {name} is gone"
+        if graph.nodes[d.fleece].backing != d.node:
+            return f"its fleecing node {d.fleece} is not over {d.node}"
+        export = exports.get(d.export)
+        if export is None or export.node_name != d.fleece:
+            return f"its NBD export {d.export} is gone"
+    if not _listens(Path(plan.socket)):
+        return f"no NBD server listens on {plan.socket}"
+    return None
+
+
+async def _backup(
+    vm: VM,
+    repo: Repository,
+    a: _Attempt,
+    deadline: float,
+    hooks: Sequence[JobHook],
+    quiesce: Quiesce | bool | str,
+    freeze_deadline: float,
+    connections: int,
+    failpoint: Failpoint,
+    fail_after_chunks: int | None,
+    control: CopyControl,
+) -> Manifest:
+    """Freeze the point (unless adopted: frozen by the attempt that planned it), copy it,
+    record it. One path from the copy on, whichever attempt froze the point."""
+    disks = a.disks
+    reasons = [f"{d.device}: {d.reason}" for d in disks if d.reason]
+    _record_scratch(vm, a.scratch)
+    committed = False
+    batch = repo.batch()  # this backup's chunks: synced, or discarded, by this backup alone
+    if not a.adopted:
+        with _step(repo, "creating the point's directory"):
+            repo.begin_point(vm.name, a.point)
+    try:
+        if (plan := a.plan(vm, repo)) is not None and not a.adopted:
+            # Before anything is added to QEMU: a retry finds (or recovery ends) all of it.
+            _record_attempt(vm, plan)
         async with contextlib.AsyncExitStack() as stack:
+            if not a.adopted:
+                await _freeze(vm, repo, a, stack, hooks, quiesce, freeze_deadline, failpoint)
+            else:
 
-            def start_for(d: _Disk, last: bool) -> Callable[[str], Any]:
-                async def start(job_id: str) -> None:
-                    nonlocal transaction_sent
-                    actions.append(
-                        wire.bitmap_add_action(
-                            d.node, bitmap, persistent=checkpoints.persistent_for(d.driver)
-                        )
-                    )
-                    if d.base is not None:
-                        actions.append(wire.bitmap_disable_action(d.node, d.base))
-                    actions.append(
-                        wire.backup_action(
-                            job_id=job_id, device=d.node, target=d.fleece, sync="none"
-                        )
-                    )
-                    if last:
-                        async with quiesced(
-                            vm, quiesce, operation="backup", freeze_deadline=freeze_deadline
-                        ) as frozen:
-                            await wire.transaction(vm.session, actions)
-                            transaction_sent = True
-                        points.append(frozen)
+                async def end_adopted_on_failure(exc_type: object, *_exc: object) -> bool:
+                    if exc_type is not None:
+                        await _teardown(vm, disks, a.jobs, a.added, a.server_started, hooks)
+                    return False
 
-                return start
-
-            for i, d in enumerate(disks):
-                jobs.append(
-                    await stack.enter_async_context(
-                        start_job(
-                            vm.session,
-                            "backup",
-                            start_for(d, i == len(disks) - 1),
-                            target=d.fleece,
-                            hooks=hooks,
-                        )
-                    )
-                )
-
-            async def end_jobs_on_failure(exc_type: object, *_exc: object) -> bool:
-                # Before the job handles close: they would warn that a job was abandoned,
-                # while ending a sync=none fleecing job by a cancel is how it always ends.
-                if exc_type is not None:
-                    await _teardown(vm, disks, jobs, added, server_started, hooks)
-                return False
-
-            stack.push_async_exit(end_jobs_on_failure)
-            await _at(failpoint, "after-transaction")
-            socket = str(scratch / "nbd.sock")
-            await wire.nbd_server_start(vm.session, socket)
-            server_started = True
-            await _at(failpoint, "after-server-start")
-            for d in disks:
-                await wire.block_export_add(
-                    vm.session,
-                    export_id=d.export,
-                    node=d.fleece,
-                    name=d.device,
-                    writable=False,
-                    bitmaps=() if d.base is None else ((d.node, d.base),),
-                )
+                stack.push_async_exit(end_adopted_on_failure)
+            jobs = a.jobs
             with anyio.fail_after(deadline):
                 try:
                     async with (
@@ -764,7 +1069,7 @@ async def _backup(
                                 d,
                                 repo,
                                 batch,
-                                socket,
+                                a.socket,
                                 connections,
                                 hooks,
                                 fail_after_chunks,
@@ -779,11 +1084,11 @@ async def _backup(
             # The copy is done: QEMU's side goes before the repository is committed, while
             # the chunks are made durable (independent: one waits for QEMU, one for the disk).
             async def qemu_side() -> None:
-                await _teardown(vm, disks, jobs, added, server_started, hooks)
+                await _teardown(vm, disks, jobs, a.added, a.server_started, hooks)
                 # The overlays go with their nodes: a controller killed from here on leaves
                 # no scratch file that recovery (which finds them through the nodes) could
                 # not see; gone before the sync, their pages are not written back.
-                shutil.rmtree(scratch, ignore_errors=True)
+                shutil.rmtree(a.scratch, ignore_errors=True)
 
             try:
                 async with anyio.create_task_group() as tg:
@@ -792,31 +1097,30 @@ async def _backup(
                         await anyio.to_thread.run_sync(batch.sync)
             except BaseExceptionGroup as group:
                 raise _first_leaf(group) from None
-            server_started = False
-        shutil.rmtree(scratch, ignore_errors=True)
+            a.server_started = False
+        shutil.rmtree(a.scratch, ignore_errors=True)
         await _at(failpoint, "after-chunks")
         for d in disks:
             assert d.index is not None
             with _step(repo, f"writing the index of {d.device}"):
-                repo.write_index(vm.name, point, d.device, d.index)
+                repo.write_index(vm.name, a.point, d.device, d.index)
         await _at(failpoint, "after-index")
         version = await vm.version()
-        full_asked = kind == "full"
         manifest = Manifest(
-            id=point,
+            id=a.point,
             vm=vm.name,
             kind="incremental" if any(d.base for d in disks) else "full",
             # Disks backed up apart have their own last points: the newest is the parent.
             parent=max((d.parent for d in disks if d.parent is not None), default=None),
-            checkpoint=bitmap,
-            started=started,
+            checkpoint=a.bitmap,
+            started=a.started,
             completed=time.time(),
             qemu=str(version),
             disks=tuple(_disk_point(d) for d in disks),
-            fallback_reason=None if full_asked or not reasons else "; ".join(reasons),
-            consistency="filesystem" if points and points[0].consistent else "crash",
-            frozen_filesystems=points[0].frozen if points else 0,
-            request_id=request_id,
+            fallback_reason=None if a.kind == "full" or not reasons else "; ".join(reasons),
+            consistency=a.consistency,
+            frozen_filesystems=a.frozen_filesystems,
+            request_id=a.request_id,
         )
         with _step(repo, "writing the manifest"):
             repo.write_manifest(manifest)
@@ -826,12 +1130,12 @@ async def _backup(
         await _at(failpoint, "after-manifest")
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await _teardown(vm, disks, jobs, added, server_started, hooks)
+            await _teardown(vm, disks, a.jobs, a.added, a.server_started, hooks)
             batch.discard()
             if not committed:
                 with contextlib.suppress(OSError, RepositoryError):
-                    repo.delete_point(vm.name, point)
-            if transaction_sent:
+                    repo.delete_point(vm.name, a.point)
+            if a.transaction_sent:
                 # Merge this attempt's bitmap into the last good point's and enable it (or,
                 # if the manifest was written, give up the old one): nothing is lost.
                 try:
@@ -843,11 +1147,13 @@ async def _backup(
                         error=str(exc),
                         note="run `blockctl recover VM --repo R` or the next backup settles them",
                     )
-            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(a.scratch, ignore_errors=True)
             _drop_scratch_record(vm)
+            _drop_attempt_record(vm)
         raise
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(a.scratch, ignore_errors=True)
     _drop_scratch_record(vm)
+    _drop_attempt_record(vm)
     # The point is durable: now the previous checkpoints may go.
     try:
         await _settle(vm, repo, devices=[d.device for d in disks])
@@ -856,12 +1162,118 @@ async def _backup(
     _log.info(
         "blockctl.backup.done",
         vm=vm.name,
-        id=point,
+        id=a.point,
         kind=manifest.kind,
         bytes_read=manifest.bytes_read,
         bytes_new=manifest.bytes_new,
+        readopted=a.adopted,
     )
     return manifest
+
+
+async def _freeze(
+    vm: VM,
+    repo: Repository,
+    a: _Attempt,
+    stack: contextlib.AsyncExitStack,
+    hooks: Sequence[JobHook],
+    quiesce: Quiesce | bool | str,
+    freeze_deadline: float,
+    failpoint: Failpoint,
+) -> None:
+    """The point in time: fleecing nodes, one transaction (new bitmaps, frozen bases,
+    fleecing jobs), the NBD server and the exports. The jobs' handles live on ``stack``,
+    which tears everything down if the block it guards fails."""
+    disks = a.disks
+    await _at(failpoint, "before-transaction")
+    for d in disks:
+        path = a.scratch / f"fleece-{d.device}.qcow2"
+        _fsutil.create_private_file(path)
+        write_empty(path, d.virtual_size)
+        scratch_file: FileOptions = {
+            "driver": "file",
+            "node-name": f"{d.fleece}-file",
+            "filename": str(path),
+            # Scratch that no crash needs back: flushes (formatting and copying old data
+            # aside) would only wait for the disk.
+            "cache": {"no-flush": True},
+        }
+        await wire.blockdev_add(vm.session, scratch_file)
+        a.added.append(f"{d.fleece}-file")
+        fleece: FormatOptions = {
+            "driver": "qcow2",
+            "node-name": d.fleece,
+            "file": f"{d.fleece}-file",
+            "backing": d.node,
+        }
+        await wire.blockdev_add(vm.session, fleece)
+        a.added.append(d.fleece)
+    actions: list[dict[str, Any]] = []
+    points: list[Quiesced] = []
+
+    def start_for(d: _Disk, last: bool) -> Callable[[str], Any]:
+        async def start(job_id: str) -> None:
+            actions.append(
+                wire.bitmap_add_action(
+                    d.node, a.bitmap, persistent=checkpoints.persistent_for(d.driver)
+                )
+            )
+            if d.base is not None:
+                actions.append(wire.bitmap_disable_action(d.node, d.base))
+            actions.append(
+                wire.backup_action(job_id=job_id, device=d.node, target=d.fleece, sync="none")
+            )
+            if last:
+                async with quiesced(
+                    vm, quiesce, operation="backup", freeze_deadline=freeze_deadline
+                ) as frozen:
+                    await wire.transaction(vm.session, actions)
+                    a.transaction_sent = True
+                points.append(frozen)
+
+        return start
+
+    for i, d in enumerate(disks):
+        a.jobs.append(
+            await stack.enter_async_context(
+                start_job(
+                    vm.session,
+                    "backup",
+                    start_for(d, i == len(disks) - 1),
+                    target=d.fleece,
+                    hooks=hooks,
+                    job_id=d.job,
+                )
+            )
+        )
+
+    async def end_jobs_on_failure(exc_type: object, *_exc: object) -> bool:
+        # Before the job handles close: they would warn that a job was abandoned,
+        # while ending a sync=none fleecing job by a cancel is how it always ends.
+        if exc_type is not None:
+            await _teardown(vm, disks, a.jobs, a.added, a.server_started, hooks)
+        return False
+
+    stack.push_async_exit(end_jobs_on_failure)
+    if points and points[0].consistent:
+        a.consistency, a.frozen_filesystems = "filesystem", points[0].frozen
+    else:
+        a.consistency, a.frozen_filesystems = "crash", points[0].frozen if points else 0
+    if (plan := a.plan(vm, repo)) is not None:
+        _record_attempt(vm, plan)  # with the consistency the transaction gave
+    await _at(failpoint, "after-transaction")
+    await wire.nbd_server_start(vm.session, a.socket)
+    a.server_started = True
+    await _at(failpoint, "after-server-start")
+    for d in disks:
+        await wire.block_export_add(
+            vm.session,
+            export_id=d.export,
+            node=d.fleece,
+            name=d.device,
+            writable=False,
+            bitmaps=() if d.base is None else ((d.node, d.base),),
+        )
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

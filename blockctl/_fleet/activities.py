@@ -17,12 +17,15 @@ unnamed file, named at the end), under a name fixed by VM, point and device: a r
 finds the file reports it instead of writing it again.
 
 A backup activity is idempotent: its request id (the workflow's id and run and the
-activity's id, the same in every attempt) is recorded in the point's manifest, and
-``backup.create`` given that id first recovers what an earlier attempt left on the VM and in
-the repository (its fleecing job, nodes, export, incomplete point; its checkpoint bitmaps
-settled), then returns that attempt's point if it was recorded, else backs up afresh. A
-killed worker's copy cannot be continued (the worker itself read the export over NBD), so
-"re-adopting" it means exactly that: recover, then one point.
+activity's id, the same in every attempt) is recorded in the point's manifest and names the
+backup's QEMU fleecing jobs (``bc-backup-<digest of the id>-<n>``). A worker killed mid-copy
+leaves its frozen point in QEMU (fleecing jobs, nodes, NBD export, new checkpoint bitmap) and
+its plan in the VM's run directory: ``backup.create`` given the same id re-adopts it when it
+is still whole, continuing the copy from that same point in time (chunks already stored are
+deduplicated) into the same point. Otherwise (QEMU restarted, a job ended, a node or export
+gone, killed before the transaction or after the manifest) it recovers what the attempt left
+(fleecing job, nodes, export, incomplete point; checkpoint bitmaps settled), then returns the
+attempt's point if it was recorded, else backs up afresh. Either way: exactly one point.
 
 Errors: a backup that raised is not retried (it failed on its own: the VM is gone, the
 repository is full...) except :class:`~blockctl.errors.RepositoryBusy` (an earlier attempt of

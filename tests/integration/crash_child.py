@@ -12,8 +12,8 @@ quiesced operation's freeze is confirmed, via ``_agent.FAILPOINT``; for ``live-l
 ``spawned``, right after QEMU's process exists, before its greeting, and ``greeted``, once
 the launch is complete, before the copy is journaled from QEMU's graph, via
 ``_machine.FAILPOINT``); JSON the operation's
-keyword arguments (for a backup: ``repo``, and optionally ``kind``, ``devices`` and
-``scratch_dir``). The process SIGKILLs itself right
+keyword arguments (for a backup: ``repo``, and optionally ``kind``, ``devices``,
+``scratch_dir`` and ``request_id``). The process SIGKILLs itself right
 after the journal record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup, at
 the backup's failpoint STEP (``copy``: at the first progress record of the read, with the
 fleecing job, nodes and export live): the crash point is exact, never a race. Exit code 3:
@@ -109,6 +109,7 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
                 repo,
                 kind=kwargs.pop("kind", "incremental"),
                 devices=kwargs.pop("devices", None),
+                request_id=kwargs.pop("request_id", None),
                 _failpoint=backup_failpoint(step),
                 options=BackupOptions(scratch_dir=None if scratch is None else Path(scratch)),
                 control=JobControl(hooks=(DieReading(),) if step == "copy" else ()),

@@ -44,6 +44,7 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from blockctl import GuestImage, open_vm
 from blockctl._backup import checkpoints
@@ -489,11 +490,15 @@ async def detached(guest: GuestImage, name: str, disk: Path) -> AsyncIterator[Gu
             await shutdown_detached(name)
 
 
-async def kill_controller_at(name: str, step: str, repo: Repository, scratch: Path) -> None:
-    """``crash_child`` attaches to the VM, runs an incremental and SIGKILLs itself at
-    ``step``."""
+async def kill_controller_at(
+    name: str, step: str, repo: Repository, scratch: Path, request_id: str | None = None
+) -> None:
+    """``crash_child`` attaches to the VM, runs an incremental (of ``request_id``) and
+    SIGKILLs itself at ``step``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = {"repo": str(repo.path), "scratch_dir": str(scratch)}
+    args: dict[str, Any] = {"repo": str(repo.path), "scratch_dir": str(scratch)}
+    if request_id is not None:
+        args["request_id"] = request_id
     argv = [sys.executable, "-m", "tests.integration.crash_child", name, "backup", step]
     done = await anyio.run_process([*argv, json.dumps(args)], check=False, env=env, cwd=ROOT)
     assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr.decode()[-2000:])
@@ -621,8 +626,97 @@ async def test_controller_killed_at_every_step_then_recovered_loses_no_write(
                         what=what,
                     )
                     ok.add("next-exact")
+        good = await killed_mid_copy_then_retried(
+            guest_writes, repo, disk, scratch, tmp_path, good, len(KILL_STEPS)
+        )
         # Nothing of any attempt is left in the temporary directories either.
         assert [p for p in scratch.rglob("*") if not p.is_dir()] == []
+
+
+async def killed_mid_copy_then_retried(
+    guest_writes: Writes,
+    repo: Repository,
+    disk: Path,
+    scratch: Path,
+    out: Path,
+    good: Manifest,
+    case: int,
+) -> Manifest:
+    """Issue 19: a controller killed mid-copy of a backup with a request id leaves QEMU
+    holding its frozen point; the retry of the same request takes it over (the same QEMU
+    job, the same point), and what it records is the first attempt's instant, not the
+    writes made since. Then: a point that is no longer whole (its export removed by hand)
+    is recovered and taken afresh, with the later writes."""
+    request = "wf-1/backup/killed"
+    job_id = ops.backup_job_id(request, 0)
+    await guest_writes.w1(case)
+    async with attach("killed") as vm:
+        await wire.stop(vm.session)
+        ref = await reference(vm, disk, out)  # the first attempt's instant
+    try:
+        await kill_controller_at("killed", "copy", repo, scratch, request)
+    finally:
+        async with attach("killed") as vm:
+            await wire.cont(vm.session)
+    await guest_writes.w2(case)  # after the kill: not in the first attempt's point
+    async with attach("killed") as vm:
+        [attempt] = repo.incomplete_points("killed")
+        [job] = await wire.query_jobs(vm.session)
+        assert (job.id, job.status.value) == (job_id, "running"), job
+        with capture_logs() as logs:
+            again = await ops.backup(
+                vm, repo, request_id=request, options=BackupOptions(scratch_dir=scratch)
+            )
+        events = [e for e in logs if e["event"] == "blockctl.backup.readopted"]
+        assert [e["jobs"] for e in events] == [[job_id]], logs
+        assert (again.id, again.request_id, again.parent) == (attempt, request, good.id)
+        assert [m.id for m in repo.manifests("killed")][-2:] == [good.id, again.id]
+        repo.gc()  # the killed writer's chunk temporaries (recovery leaves them to gc)
+        assert await restore_equals(repo, "killed", again.id, "disk0", ref, out), (
+            "the re-adopted point is not the first attempt's instant"
+        )
+        ref.unlink()
+        # The writes made after the kill are in the next incremental (one chunk).
+        readopted = await next_incremental(
+            vm,
+            repo,
+            "killed",
+            disk,
+            out,
+            parent=again.id,
+            chunks_read=1,
+            scratch=scratch,
+            what="after the re-adopted backup",
+        )
+    # Not whole: the export is gone. Recovered, and a fresh point holds every write.
+    request = "wf-2/backup/killed"
+    await guest_writes.w1(case + 1)
+    await kill_controller_at("killed", "copy", repo, scratch, request)
+    async with attach("killed") as vm:
+        [attempt] = repo.incomplete_points("killed")
+        [export] = await wire.query_block_exports(vm.session)
+        await wire.block_export_del(vm.session, export.id)
+        await guest_writes.w2(case + 1)
+        await wire.stop(vm.session)
+        try:
+            ref = await reference(vm, disk, out)
+            with capture_logs() as logs:
+                fresh = await ops.backup(
+                    vm, repo, request_id=request, options=BackupOptions(scratch_dir=scratch)
+                )
+        finally:
+            await wire.cont(vm.session)
+        reasons = [e["reason"] for e in logs if e["event"] == "blockctl.backup.not_readopted"]
+        assert reasons == [f"its NBD export {export.id} is gone"], logs
+        assert fresh.id != attempt and fresh.request_id == request
+        assert fresh.parent == readopted.id and fresh.bytes_read == 4 * CHUNK, fresh
+        assert await restore_equals(repo, "killed", fresh.id, "disk0", ref, out)
+        ref.unlink()
+        repo.gc()
+        await nothing_left(
+            vm, repo, "killed", [m.id for m in repo.manifests("killed")], scratch, "fresh"
+        )
+    return fresh
 
 
 # Section: QEMU is killed -9

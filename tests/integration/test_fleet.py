@@ -498,6 +498,7 @@ async def test_a_killed_worker_is_retried_into_exactly_one_point(
             async with fleet_backup_running(runtime, inventory, address, out) as fleet:
                 async with worker("hv1", runtime, address, dead_log, ("web", step, "kill")) as w:
                     await killed(w, dead_log)
+                killed_at = time.time()
                 async with worker("hv1", runtime, address, log):
                     results = await fleet_result(fleet, out)
             for vm in names:
@@ -513,10 +514,12 @@ async def test_a_killed_worker_is_retried_into_exactly_one_point(
             assert manifest.request_id.endswith("/backup/hv1/web"), manifest.request_id
             retry_log = log.read_text()
             if step == "copy":
-                # The dead worker's fleecing job, export and nodes were found and removed.
-                assert "the fleecing job" in retry_log, retry_log
-                assert "removed the leftover NBD export" in retry_log, retry_log
-                assert "deleted the leftover fleecing node" in retry_log, retry_log
+                # The dead worker's frozen point (fleecing job, nodes, export) was whole in
+                # QEMU: the retry took it over and continued its copy; the point is the dead
+                # attempt's instant, before the kill (a fresh one would start after it).
+                assert "blockctl.backup.readopted" in retry_log, retry_log
+                assert "removed the leftover NBD export" not in retry_log, retry_log
+                assert manifest.started < killed_at, (manifest.started, killed_at)
             else:
                 # Killed after writing the manifest: the retry returned that point.
                 assert "blockctl.backup.already_recorded" in retry_log, retry_log
