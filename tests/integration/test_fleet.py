@@ -691,7 +691,7 @@ async def test_a_fleet_backup_goes_on_through_a_server_restart_and_status_shows_
         assert hv1["last_poll"] == pytest.approx(last_poll, abs=1e-3), (hv1, last_poll)
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(hv1["last_poll"]))
         assert (
-            f"worker not polling since {since} (blockctl@hv1; its worker stopped at "
+            f"worker not polling since {since} (blockctl@hv1; its worker stopped by "
             in (hv1["error"])
         ), hv1
         lists = fleet_workflows(dev_server, "WorkflowType = 'blockctl.fleet-list'")
