@@ -46,7 +46,7 @@ import anyio
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from blockctl import _fsutil, _runtime, attach, backup, chains, jobs, recovery
+from blockctl import VM, _fsutil, _runtime, attach, backup, chains, jobs, recovery
 from blockctl._fleet.inventory import (
     HostVMs,
     ListedVM,
@@ -63,7 +63,7 @@ from blockctl._fleet.inventory import (
     VMVerifyResult,
     restored_name,
 )
-from blockctl.errors import ConfigError, RepositoryBusy
+from blockctl.errors import ConfigError, RepositoryBusy, UnsafeOperation
 
 #: The activities' names (workflows name them as strings: they never import this module).
 BACKUP_VM = "blockctl.backup"
@@ -293,12 +293,38 @@ def _tagged(vm_identity: str, found: dict[str, list[str]], tag: str) -> dict[str
     }
 
 
+#: Verdicts after which the chain is in a known state: the interrupted operation took
+#: effect, or it did not and what it added is gone (its job's failure left it as before).
+_SETTLED = frozenset(
+    {recovery.Verdict.FINISHED, recovery.Verdict.NOT_DONE, recovery.Verdict.FAILED}
+)
+
+
+async def _settle(vm: VM, activity_name: str) -> None:
+    """Reconcile what an earlier attempt (or another client) left on the VM; fail unless
+    every record is settled. A record kept for attention, or another client's operation
+    still running, leaves the chain in a state nobody finished: a retry reading it would
+    report the snapshot or commit done (``reused``) while QEMU holds that half-done
+    operation."""
+    unsettled = [r for r in await recovery.reconcile(vm) if r.kept or r.verdict not in _SETTLED]
+    if unsettled:
+        raise UnsafeOperation(
+            f"{activity_name} of {vm.name}: not done: an interrupted operation is not settled: "
+            + "; ".join(
+                f"{r.kind} {r.op_id} ({r.what}): {r.verdict.value}: {r.message}" for r in unsettled
+            )
+            + f"; check it and run `blockctl recover {vm.name}` (`--forget` drops the record "
+            "once checked), then the fleet command again"
+        )
+
+
 @activity.defn(name=SNAPSHOT_VM)
 async def snapshot_vm(request: VMChain) -> VMChainResult:
     """Take external snapshot ``request.tag`` of every writable disk of the VM (one point in
     time). The chain is read first, after settling what an earlier attempt left
-    (``recovery.reconcile``: its journal record finished or undone): if it has the tag's
-    overlays, an earlier attempt took it, and it is reported (``reused``), not taken twice."""
+    (``recovery.reconcile``: its journal record finished or undone; a record kept for
+    attention fails the activity, ``_settle``): if it has the tag's overlays, an earlier
+    attempt took it, and it is reported (``reused``), not taken twice."""
     info = activity.info()
     async with (
         _heartbeating(),
@@ -306,7 +332,7 @@ async def snapshot_vm(request: VMChain) -> VMChainResult:
             request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
         ) as vm,
     ):
-        await recovery.reconcile(vm)
+        await _settle(vm, "snapshot")
         taken = _tagged(vm.identity, await chains.list_external(vm), request.tag)
         if not taken:
             directory = None if request.directory is None else Path(request.directory)
@@ -324,9 +350,9 @@ async def snapshot_vm(request: VMChain) -> VMChainResult:
 async def commit_vm(request: VMChain) -> VMChainResult:
     """Commit external snapshot ``request.tag``'s overlays back into the images below them
     (an active commit where the overlay is the top; ``chains.delete_external``), their files
-    deleted. After settling what an earlier attempt left: a retry (attempt > 1) that finds
-    none of the tag's overlays in the chain reports the commit done (``reused``); a first
-    attempt fails (no such snapshot)."""
+    deleted. After settling what an earlier attempt left (``_settle``: a record kept for
+    attention fails it): a retry (attempt > 1) that finds none of the tag's overlays in the
+    chain reports the commit done (``reused``); a first attempt fails (no such snapshot)."""
     info = activity.info()
     async with (
         _heartbeating(),
@@ -334,7 +360,7 @@ async def commit_vm(request: VMChain) -> VMChainResult:
             request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
         ) as vm,
     ):
-        await recovery.reconcile(vm)
+        await _settle(vm, "commit")
         tagged = _tagged(vm.identity, await chains.list_external(vm), request.tag)
         if tagged or info.attempt == 1:
             await chains.delete_external(vm, request.tag)

@@ -61,7 +61,7 @@ def not_polling(
         if last is None or now - last > live_poll:
             answers[h] = not_polling_host(h, last)
         elif stop is not None and last <= stop + stop_margin:
-            answers[h] = not_polling_host(h, last, f"; its worker stopped at {when(stop)}")
+            answers[h] = not_polling_host(h, last, f"; its worker stopped by {when(stop)}")
     asked = [h for h in hosts if h not in answers]
     if asked and (workflows_last_poll is None or now - workflows_last_poll > live_poll):
         why = (

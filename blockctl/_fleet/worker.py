@@ -44,6 +44,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
 )
+from temporalio.runtime import Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
@@ -142,6 +143,12 @@ STOP_POLL_MARGIN = 5.0
 #: A poller the server saw longer ago than this is taken as gone (a live worker polls again
 #: at least every minute: a long poll returns empty after 60 s).
 POLLER_FRESH = 120.0
+#: How often a worker tells the server it is alive (the SDK's worker heartbeat, listed by
+#: ListWorkers). A worker killed -9 sends no final heartbeat: its last one ages, and once
+#: older than ``WORKER_BEAT_LOST`` its host is taken as stopped then (``_stopped_workers``),
+#: not asked (asked, a host with no worker costs the fleet list its 10 s wait).
+WORKER_BEAT = timedelta(seconds=5)
+WORKER_BEAT_LOST = 3 * WORKER_BEAT.total_seconds()
 #: The codes of a server that is not there (yet): its restart, a lost connection.
 _UNREACHABLE = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED}
 
@@ -150,9 +157,11 @@ class FleetError(BlockctlError):
     """The Temporal server could not be reached, or refused a call."""
 
 
-async def connect(address: str, namespace: str = DEFAULT_NAMESPACE) -> Client:
+async def connect(
+    address: str, namespace: str = DEFAULT_NAMESPACE, runtime: Runtime | None = None
+) -> Client:
     try:
-        return await Client.connect(address, namespace=namespace)
+        return await Client.connect(address, namespace=namespace, runtime=runtime)
     except (RuntimeError, RPCError) as exc:
         raise FleetError(f"cannot connect to Temporal at {address}: {exc}") from None
 
@@ -165,7 +174,9 @@ async def run_worker(
 ) -> None:
     """Poll ``blockctl@HOST`` (this host's activities) and the fleet's workflow queue until
     cancelled; then stop polling and let the running activities finish."""
-    client = await connect(address, namespace)
+    # Its own runtime: worker heartbeats every WORKER_BEAT (the SDK's default is 60 s).
+    runtime = Runtime(telemetry=TelemetryConfig(), worker_heartbeat_interval=WORKER_BEAT)
+    client = await connect(address, namespace, runtime)
     # The workflows import only the inventory's values from blockctl: let them through.
     runner = SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules("blockctl")
@@ -386,11 +397,12 @@ async def _last_polls(
     }
 
 
-async def _stopped_workers(client: Client) -> dict[str, float]:
+async def _stopped_workers(client: Client, now: float) -> dict[str, float]:
     """By host: when its worker said it was shutting down, for a host all of whose worker
     instances on its queue the server lists said so (the SDK's final worker heartbeat, sent
-    as it stops; a worker killed sends none). Empty when the server lists no workers (one
-    without worker heartbeats)."""
+    as it stops), or fell silent (a worker killed sends none: its last heartbeat older than
+    ``WORKER_BEAT_LOST`` at ``now``, the client's clock against the server's). Empty when
+    the server lists no workers (one without worker heartbeats)."""
     try:
         response = await client.workflow_service.list_workers(
             ListWorkersRequest(namespace=client.namespace, page_size=1000)
@@ -405,12 +417,18 @@ async def _stopped_workers(client: Client) -> dict[str, float]:
         if not beat.worker_identity.startswith(IDENTITY_PREFIX):
             continue
         host = beat.worker_identity.removeprefix(IDENTITY_PREFIX).split(" ", 1)[0]
-        if beat.task_queue != task_queue(host):
-            continue
-        if beat.status not in gone:
-            running.add(host)
-            continue
         at = beat.heartbeat_time.ToDatetime().replace(tzinfo=UTC).timestamp()
+        if beat.status not in gone:
+            # Either of the worker process's two pollers (its queue's, the workflows'): the
+            # server does not always list both.
+            if now - at <= WORKER_BEAT_LOST:
+                running.add(host)
+                continue
+            # Silent for WORKER_BEAT_LOST (killed -9, its host down): it stopped before its
+            # next heartbeat was due.
+            at += WORKER_BEAT.total_seconds()
+        elif beat.task_queue != task_queue(host):
+            continue
         stopped[host] = max(at, stopped.get(host, at))
     return {h: at for h, at in stopped.items() if h not in running}
 
@@ -430,9 +448,10 @@ async def list_hosts_vms(
         return ListResult([])
     client = await connect(address, namespace)
     activity = TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+    now = time.time()
     try:
         stopped, flow_polls, *host_polls = await asyncio.gather(
-            _stopped_workers(client),
+            _stopped_workers(client, now),
             _last_polls(client, WORKFLOW_QUEUE, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
             *(_last_polls(client, task_queue(h), activity) for h in hosts),
         )
@@ -446,7 +465,7 @@ async def list_hosts_vms(
         last_poll,
         max(flow_polls.values(), default=None),
         stopped,
-        time.time(),
+        now,
         live_poll=LIVE_POLL,
         stop_margin=STOP_POLL_MARGIN,
     )

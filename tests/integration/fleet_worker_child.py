@@ -18,7 +18,10 @@ only. STEP ``snapshot``: in VM's fleet snapshot, once QEMU's transaction switche
 overlays in (before blockctl records that: its journal record at SWITCHING); STEP
 ``commit``: in VM's fleet commit, once the commit job pivoted and the overlay's nodes are
 deleted, just before the overlay file is (``chains.flush_chain``, its step before the
-unlink); ACTION ``kill`` only.
+unlink); ACTION ``kill`` only. STEP ``verify``: in VM's verify (``blockctl.backup.verify``,
+which the worker's verify activity calls), as the first chunk is read once it started (the
+read runs in a thread: any verify's read then kills, VM's own reads guarantee one); ACTION
+``kill`` only.
 """
 
 from __future__ import annotations
@@ -80,6 +83,26 @@ def install_prune_kill(vm_name: str) -> None:
     gc = backup.Repository.gc
     backup.Repository.gc = gc_then_die  # type: ignore[method-assign, assignment]
     backup.prune = prune_with_fault  # type: ignore[assignment]
+
+
+def install_verify_kill(vm_name: str) -> None:
+    """SIGKILL this process at the first chunk read once ``vm_name``'s verify started."""
+    verify = backup.verify
+    read_chunk_view = backup.Repository.read_chunk_view
+    verifying = False
+
+    def read_then_die(repo: backup.Repository, *args: Any, **kwargs: Any) -> Any:
+        if verifying:
+            die()
+        return read_chunk_view(repo, *args, **kwargs)
+
+    async def verify_with_fault(repo: Any, vm: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal verifying
+        verifying = verifying or vm == vm_name
+        return await verify(repo, vm, *args, **kwargs)
+
+    backup.Repository.read_chunk_view = read_then_die  # type: ignore[method-assign, assignment]
+    backup.verify = verify_with_fault  # type: ignore[assignment]
 
 
 def install_restore_kill(vm_name: str, named: bool) -> None:
@@ -157,6 +180,11 @@ def install(vm_name: str, step: str, action: str) -> None:
         if action != "kill":
             sys.exit(f"no action {action!r} at {step}: kill")
         install_restore_kill(vm_name, named=step == "restore")
+        return
+    if step == "verify":
+        if action != "kill":
+            sys.exit(f"no action {action!r} at verify: kill")
+        install_verify_kill(vm_name)
         return
     if step == "prune":
         if action != "kill":

@@ -694,7 +694,7 @@ async def test_a_fleet_backup_goes_on_through_a_server_restart_and_status_shows_
         assert hv1["last_poll"] == pytest.approx(last_poll, abs=1e-3), (hv1, last_poll)
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(hv1["last_poll"]))
         assert (
-            f"worker not polling since {since} (blockctl@hv1; its worker stopped at "
+            f"worker not polling since {since} (blockctl@hv1; its worker stopped by "
             in (hv1["error"])
         ), hv1
         lists = fleet_workflows(dev_server, "WorkflowType = 'blockctl.fleet-list'")
@@ -1109,6 +1109,7 @@ async def test_fleet_verify_prune_and_the_workers_vm_lists(
             prune = await anyio.open_process(
                 argv, env=cli_env(runtime), stdout=stdout, stderr=subprocess.STDOUT
             )
+        verify: Process | None = None
         try:
             dead_log, log = tmp_path / "dead.log", tmp_path / "retry.log"
             async with worker("hv1", runtime, address, dead_log, ("web", "prune", "kill")) as w:
@@ -1129,14 +1130,32 @@ async def test_fleet_verify_prune_and_the_workers_vm_lists(
                 again = await fleet_json(
                     runtime, address, "prune", named, "--keep", "1", "--workflow-id", "again"
                 )
-                verified = await fleet_json(
-                    runtime, address, "verify", named, "--workflow-id", "verify-after"
+            # A fleet verify whose worker SIGKILLs itself as web's verify reads its chunks:
+            # restarted, the retry checks the same point again.
+            verify_path = tmp_path / "verify.json"
+            argv = [sys.executable, "-m", "blockctl", "fleet", "verify", str(named),
+                    "--address", address, "--heartbeat-timeout", "5", "--workflow-id",
+                    "verify-after", "--json"]  # fmt: skip
+            with open(verify_path, "wb") as stdout:
+                verify = await anyio.open_process(
+                    argv, env=cli_env(runtime), stdout=stdout, stderr=subprocess.STDOUT
                 )
+            dead_log = tmp_path / "dead-verify.log"
+            async with worker("hv1", runtime, address, dead_log, ("web", "verify", "kill")) as w:
+                await killed(w, dead_log)
+            async with worker("hv1", runtime, address, tmp_path / "verify-retry.log"):
+                with anyio.fail_after(BACKUP_DEADLINE):
+                    await verify.wait()
+            assert verify.returncode == 0, verify_path.read_text()
+            verified = json.loads(verify_path.read_text().splitlines()[-1])
         finally:
-            stop(prune)
-            with anyio.move_on_after(START_DEADLINE):
-                await prune.wait()
-            await prune.aclose()
+            for process in (prune, verify):
+                if process is None:
+                    continue
+                stop(process)
+                with anyio.move_on_after(START_DEADLINE):
+                    await process.wait()
+                await process.aclose()
 
         def comparable(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return [{k: v for k, v in r.items() if k != "repository"} for r in results]
@@ -1148,8 +1167,16 @@ async def test_fleet_verify_prune_and_the_workers_vm_lists(
                 [], points[r["vm"]][-1:], 0, None,
             ), r  # fmt: skip
         assert repository_files(repo_path) == repository_files(ref_path)
+        # The killed and retried verify equals a verify of the same points in this process.
+        repo = backup.open_repository(repo_path)
+        assert len(verified["results"]) == len(names), verified
         for r in verified["results"]:
-            assert (r["point"], r["ok"]) == (points[r["vm"]][-1], True), r
+            direct = await backup.verify(repo, r["vm"], points[r["vm"]][-1])
+            got = [r[k] for k in ("point", "ok", "problems", "chunks_checked", "bytes_checked")]
+            assert r["error"] is None, r
+            assert got == [direct.point, direct.ok, list(direct.problems),
+                           direct.chunks_checked, direct.bytes_checked], r  # fmt: skip
+            assert direct.ok and direct.chunks_checked > 0, direct
         lines = text.splitlines()
         for n, vm in enumerate(names):
             assert lines[n].startswith(f"hv1/{vm}: {points[vm][-1]}: ok ("), text

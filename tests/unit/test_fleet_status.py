@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -326,7 +327,7 @@ def test_hosts_whose_workers_are_not_polling_are_not_asked() -> None:
     assert found["stale"].error is not None
     assert found["stale"].error.startswith(f"worker not polling since {since} (blockctl@stale;")
     stop = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now - 38))
-    assert f"; its worker stopped at {stop};" in (found["stopped"].error or "")
+    assert f"; its worker stopped by {stop};" in (found["stopped"].error or "")
     assert "no poll of blockctl@never on record" in (found["never"].error or "")
     assert all(h.vms == [] for h in found.values())
     # Nothing polls the workflows' queue: every host is said so, none asked.
@@ -336,3 +337,56 @@ def test_hosts_whose_workers_are_not_polling_are_not_asked() -> None:
         none["fresh"].error or ""
     )
     assert none["fresh"].last_poll == now - 5
+
+
+async def test_a_worker_silent_for_three_heartbeats_is_taken_as_stopped() -> None:
+    """A worker killed -9 sends no final heartbeat: once its last one (either of its two
+    pollers', the server's list) is older than ``WORKER_BEAT_LOST``, its host is taken as
+    stopped by the next one due (not asked: asked, it cost the fleet list its 10 s wait); a
+    fresh heartbeat of any of the host's workers keeps it running; a stop (its final
+    heartbeat) counts on the host's own queue only, as before."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from temporalio.api.enums.v1 import WorkerStatus
+    from temporalio.api.worker.v1 import WorkerHeartbeat, WorkerInfo
+    from temporalio.api.workflowservice.v1 import ListWorkersResponse
+
+    from blockctl._fleet import worker
+
+    now = 1_800_000_000.0
+    running, down = WorkerStatus.WORKER_STATUS_RUNNING, WorkerStatus.WORKER_STATUS_SHUTDOWN
+
+    def beat(host: str, queue: str, age: float, status: int = running) -> WorkerInfo:
+        at = Timestamp()
+        at.FromNanoseconds(int((now - age) * 1e9))
+        return WorkerInfo(
+            worker_heartbeat=WorkerHeartbeat(
+                worker_identity=f"{worker.IDENTITY_PREFIX}{host} 1@m",
+                task_queue=queue,
+                status=status,  # type: ignore[arg-type]
+                heartbeat_time=at,
+            )
+        )
+
+    lost = worker.WORKER_BEAT_LOST
+    infos = [
+        beat("killed", "blockctl-fleet", lost + 10),  # its own queue's poller not listed
+        beat("live", "blockctl@live", lost + 30),
+        beat("live", "blockctl-fleet", 1),
+        beat("quiet", "blockctl@quiet", lost - 1),
+        beat("stopped", "blockctl@stopped", 40, down),
+        beat("other-stopped", "blockctl-fleet", 40, down),  # not its host's queue
+    ]
+
+    class Service:
+        async def list_workers(self, _request: Any) -> ListWorkersResponse:
+            return ListWorkersResponse(workers_info=infos)
+
+    class Client:
+        namespace = "default"
+        workflow_service = Service()
+
+    found = await worker._stopped_workers(Client(), now)  # type: ignore[arg-type]
+    assert found == {
+        "killed": now - lost - 10 + worker.WORKER_BEAT.total_seconds(),
+        "stopped": now - 40,
+    }
