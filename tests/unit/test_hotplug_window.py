@@ -146,7 +146,9 @@ async def test_killed_once_the_device_was_added_recover_copies(tmp_path: Path, r
         plugged = ("drv2", "drv2-file", BASE, f"{BASE}-nbd")
         plan = _journal.plan(intent, facts(plugged, True, True))
         assert plan.verdict is None, plan
-        want = RestartMirror("disk2", "drv2", "drv2-target") if raw else RestartStream("disk2", "drv2")
+        want = (
+            RestartMirror("disk2", "drv2", "drv2-target") if raw else RestartStream("disk2", "drv2")
+        )
         assert plan.actions == (want,), plan.actions
         if raw:
             assert [n["node-name"] for n in intent.add_nodes["disk2"]] == [
