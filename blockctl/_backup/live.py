@@ -17,9 +17,13 @@ once, its data copied underneath while the guest uses it (``notes/backup-data-pa
 A failure before the stream starts removes everything it added (device, nodes, server,
 target file).
 
-Journaled (a VM with a run directory): once the disk is attached, the operation's record
-(:mod:`blockctl._journal`, a stream whose backing is the server, the server's pid named) is
-written before the stream starts, and the server runs in its own session, not tied to this
+Journaled (a VM with a run directory): the operation's record (:mod:`blockctl._journal`, a
+stream whose backing is the server, the server's pid named) is written before the hot-plug,
+from its plan (device id, node names; it names the nodes the hot-plug adds and the files made
+for it), and rewritten from QEMU's graph once the disk is attached, before the stream
+starts: a controller killed before the ``device_add`` leaves `blockctl recover` to delete
+those nodes and files and stop the server (the guest never had the disk); killed after it,
+recovery copies. The server runs in its own session, not tied to this
 process. A controller that is killed, interrupted or sees the copy fail leaves the server
 running and the record; ``blockctl recover`` adopts the copy (or starts it again while the
 server runs), then deletes the backup nodes and stops the server. Server killed: recovery
