@@ -828,7 +828,7 @@ async def standalone_equals(target: Path, want: Path, fmt: ImageFormat = ImageFo
     [
         *((step, fmt) for fmt in FILE_TARGETS for step in ("starting", "running", "concluded")),
         ("running", "device"),
-        ("attached", "qcow2"),
+        *(("attached", fmt) for fmt in FILE_TARGETS),
     ],
 )
 async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_every_guest_write(
@@ -841,7 +841,7 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
     fmt: str,
 ) -> None:
     """kill -9 of the controller right after its record reaches ``step``: right after the
-    hot-plug (``attached``, qcow2: the record written before it, not yet rewritten from
+    hot-plug (``attached``: the record written before it, not yet rewritten from
     QEMU's graph), at the start (the copy about to be sent), mid-copy (it runs at 1 B/s:
     under way, far from done) or at the end (the copy done, the cleanup not). A qcow2
     target is streamed into; a raw one is mirrored into from an overlay (its end: the
