@@ -191,6 +191,10 @@ class Intent:
     pid_start: int | None = None
     #: A live restore (a stream off a backup's NBD server): its server.
     server: ServerRecord | None = None
+    #: A live restore's record written before its hot-plug: the nodes the hot-plug adds
+    #: (top-down); ``created_files`` then names the files made for it. Both cleared once the
+    #: disk is attached (the record rewritten from QEMU's graph).
+    hotplug_nodes: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return self.what or f"{self.kind.value} on {', '.join(self.devices)}"
@@ -217,6 +221,7 @@ class Intent:
             "pid": self.pid,
             "pid_start": self.pid_start,
             "server": None if self.server is None else self.server.to_json(),
+            "hotplug_nodes": list(self.hotplug_nodes),
         }
 
     @classmethod
@@ -243,6 +248,7 @@ class Intent:
             pid=_int_or_none(data.get("pid")),
             pid_start=_int_or_none(data.get("pid_start")),
             server=None if data.get("server") is None else ServerRecord.from_json(data["server"]),
+            hotplug_nodes=tuple(str(n) for n in data.get("hotplug_nodes", ())),
         )
 
 
@@ -590,6 +596,9 @@ def plan(intent: Intent, facts: Facts, *, owner_alive: bool = False) -> Plan:
                 "left to it"
             ),
         )
+    attached = any(d in facts.chains for d in intent.devices)
+    if intent.server is not None and intent.hotplug_nodes and not attached:
+        return _plan_never_attached(intent, facts, what)
     job = facts.jobs.get(intent.job_id) if intent.job_id else None
     if job is not None and job.status is not JobStatus.NULL:  # NULL: being dismissed = gone
         if job.status in _ACTIVE_JOB:
@@ -862,6 +871,33 @@ def _plan_never_started(intent: Intent, what: str) -> Plan:
         message=(
             f"{what}: the launch stopped before QEMU started; nothing ran on the files it "
             f"made ({files}): removed, with the backup's server; the backup point is unchanged"
+        ),
+    )
+
+
+def _plan_never_attached(intent: Intent, facts: Facts, what: str) -> Plan:
+    """A live restore's record written before its hot-plug (never rewritten once the disk was
+    attached), and no device of it in QEMU: the guest never had the disk, so nothing wrote
+    to the files made for it. The nodes the hot-plug had added so far, those files and the
+    server go."""
+    assert intent.server is not None
+    present = tuple(n for n in intent.hotplug_nodes if n in facts.nodes)
+    used = _in_use(facts, present)
+    files = tuple(f for f in intent.created_files if f not in used)
+    actions: list[Action] = []
+    if present:
+        actions.append(DeleteNodes(present))
+    if files:
+        actions.append(DeleteFiles(files))
+    actions.append(StopServer(intent.server))
+    return Plan(
+        verdict=Verdict.NOT_DONE,
+        actions=tuple(actions),
+        message=(
+            f"{what}: not done: the controller stopped before the disk was attached (the guest "
+            f"never had it); removed what it had made ({', '.join((*present, *files)) or 'none'})"
+            " and stopped the backup's server; the backup point is unchanged. Run it again if "
+            "still wanted"
         ),
     )
 

@@ -17,9 +17,13 @@ once, its data copied underneath while the guest uses it (``notes/backup-data-pa
 A failure before the stream starts removes everything it added (device, nodes, server,
 target file).
 
-Journaled (a VM with a run directory): once the disk is attached, the operation's record
-(:mod:`blockctl._journal`, a stream whose backing is the server, the server's pid named) is
-written before the stream starts, and the server runs in its own session, not tied to this
+Journaled (a VM with a run directory): the operation's record (:mod:`blockctl._journal`, a
+stream whose backing is the server, the server's pid named) is written before the hot-plug,
+from its plan (device id, node names; it names the nodes the hot-plug adds and the files made
+for it), and rewritten from QEMU's graph once the disk is attached, before the stream
+starts: a controller killed before the ``device_add`` leaves `blockctl recover` to delete
+those nodes and files and stop the server (the guest never had the disk); killed after it,
+recovery copies. The server runs in its own session, not tied to this
 process. A controller that is killed, interrupted or sees the copy fail leaves the server
 running and the record; ``blockctl recover`` adopts the copy (or starts it again while the
 server runs), then deletes the backup nodes and stops the server. Server killed: recovery
@@ -78,6 +82,7 @@ from typing import Any
 import anyio
 
 from blockctl import _argv, _fsutil, _images, _journal, _proc, _runtime
+from blockctl._argv import DrivePlan
 from blockctl._backup.serve import BACKUP_NODE_PREFIX, PointExport, backing_nodes, serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobHook, JobResult, start_job
@@ -98,6 +103,10 @@ from blockctl.types import (
 )
 
 _log = get_logger()
+
+#: Test hook: called with ``"attached"`` right after a live restore's hot-plug returned,
+#: before its record is rewritten from QEMU's graph (crash tests kill the process here).
+FAILPOINT: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -575,26 +584,130 @@ class _Copied:
 async def _restore_qcow2(call: _Call) -> _Copied:
     """The qcow2 target's path (``call.device_target`` is always false here)."""
     assert isinstance(call.target, Path)
+    target = call.target
     journaled = call.vm.run_dir is not None
-    async with _serving(call) as export:
-        base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
-        backing = backing_nodes(base, export.socket)
-        info = await _attach(call.vm, call.target, call.size, call.interface, backing)
-        attached = _attached(call.vm, info.device_id, call.point, call.started)
-        op = None
-        if journaled:
-            op = await _begin(call, info.device_id, export)
-        result = await _stream(
-            call.vm,
-            info.device_id,
-            base,
-            call.control.speed,
-            call.control.deadline_or(3600.0),
-            call.control.hooks,
-            op,
-            export,
-        )
+    planned: list[_journal.Op] = []  # the record written before the hot-plug, until rewritten
+    try:
+        async with _serving(call) as export:
+            base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
+            backing = backing_nodes(base, export.socket)
+
+            def before_hotplug(plan: DrivePlan) -> None:
+                if journaled:
+                    intent = _hotplug_intent(call, plan, base, export, created=(target,))
+                    planned.append(_journal.begin(call.vm, intent))
+
+            info = await _attach(
+                call.vm, target, call.size, call.interface, backing, before_hotplug
+            )
+            attached = _attached(call.vm, info.device_id, call.point, call.started)
+            if FAILPOINT is not None:
+                FAILPOINT("attached")
+            op = None
+            if journaled:
+                op = await _begin(call, info.device_id, export, op_id=planned[0].intent.id)
+                planned.clear()
+            result = await _stream(
+                call.vm,
+                info.device_id,
+                base,
+                call.control.speed,
+                call.control.deadline_or(3600.0),
+                call.control.hooks,
+                op,
+                export,
+            )
+    except BaseException:
+        _unplanned(call.vm, planned)
+        raise
     return _Copied(info.device_id, attached, result)
+
+
+def _unplanned(vm: VM, planned: Sequence[_journal.Op]) -> None:
+    """A live restore failed before its record was rewritten from QEMU's graph (the server
+    has stopped by now): its own rollbacks ran (the hot-plug's, the files'), so the record
+    goes; QEMU gone, it stays (``blockctl recover`` says what is on disk)."""
+    for op in planned:
+        if vm.session.lost:
+            op.release()
+        else:
+            op.finished()
+
+
+def _hotplug_intent(
+    call: _Call,
+    plan: DrivePlan,
+    base: str,
+    export: PointExport,
+    *,
+    created: Sequence[Path],
+    overlay: Path | None = None,
+) -> _journal.Intent:
+    """A live restore's copy, recorded before the hot-plug from its plan as :func:`_begin`
+    (qcow2) or :func:`_begin_mirror` (``overlay``: raw) record it from QEMU's graph once the
+    disk is attached, naming the nodes the hot-plug adds and the files ``created`` for it:
+    a controller killed before the device was added leaves them to ``blockctl recover``,
+    which removes them and stops the server (the guest never had the disk); killed once it
+    was added, recovery copies."""
+    image = next(str(n["node-name"]) for n in plan.nodes if n.get("backing") == base)
+    served = f"nbd+unix:///?socket={export.socket}"  # the NBD client's file, as QEMU names it
+    server = _server_record(call.repo, call.vm_name, call.point, call.device, export)
+    plugged = tuple(reversed([str(n["node-name"]) for n in plan.nodes]))  # top-down
+    if overlay is None:
+        assert isinstance(call.target, Path)
+        intent = _journal.Intent(
+            id="",
+            kind=_journal.OpKind.STREAM,
+            vm=call.vm.name,
+            devices={
+                plan.device_id: _journal.DeviceChains(
+                    before=(image, base),
+                    after=(image,),
+                    files_before=(str(call.target), served),
+                    files_after=(str(call.target),),
+                    formats_before=(ImageFormat.QCOW2.value, "raw"),
+                )
+            },
+            drop_nodes=(base, f"{base}-nbd"),
+            drop_files=(served,),
+            what=(
+                f"live restore of {call.device} ({call.point}) into {call.target.name} on "
+                f"{plan.device_id}"
+            ),
+        )
+    else:
+        target_nodes = _target_nodes(
+            plan.record_nodes(), image, call.target, call.size, call.device_target
+        )
+        intent = _journal.Intent(
+            id="",
+            kind=_journal.OpKind.MIRROR,
+            vm=call.vm.name,
+            active=True,
+            devices={
+                plan.device_id: _journal.DeviceChains(
+                    before=(image, base),
+                    after=(str(target_nodes[-1]["node-name"]),),
+                    files_before=(str(overlay), served),
+                    files_after=(_target_name(call.target),),
+                    formats_before=(ImageFormat.QCOW2.value, "raw"),
+                )
+            },
+            drop_nodes=(image, f"{image}-file", base, f"{base}-nbd"),
+            drop_files=(str(overlay),),
+            delete_files=True,
+            add_nodes={plan.device_id: target_nodes},
+            what=(
+                f"live restore of {call.device} ({call.point}) into {_target_name(call.target)} "
+                f"(raw) on {plan.device_id}"
+            ),
+        )
+    return replace(
+        intent,
+        server=server,
+        hotplug_nodes=plugged,
+        created_files=tuple(str(p) for p in created),
+    )
 
 
 def _attached(vm: VM, device_id: str, point: str, started: float) -> float:
@@ -678,13 +791,32 @@ async def _restore_raw(call: _Call) -> _Copied:
         assert isinstance(call.target, Path)
         overlay = call.target.parent / f".{call.target.name}.live-overlay-{tag}.qcow2"
         await _images.create(call.target, ImageFormat.RAW, size=call.size)
+    planned: list[_journal.Op] = []  # the record written before the hot-plug, until rewritten
     try:
         async with _serving(call) as export:
             base = f"{BACKUP_NODE_PREFIX}{tag}"
+
+            def before_hotplug(plan: DrivePlan) -> None:
+                if journaled:
+                    made = [overlay]
+                    if not call.device_target and isinstance(call.target, Path):
+                        made.append(call.target)
+                    intent = _hotplug_intent(
+                        call, plan, base, export, created=made, overlay=overlay
+                    )
+                    planned.append(_journal.begin(call.vm, intent))
+
             info = await _attach(
-                call.vm, overlay, call.size, call.interface, backing_nodes(base, export.socket)
+                call.vm,
+                overlay,
+                call.size,
+                call.interface,
+                backing_nodes(base, export.socket),
+                before_hotplug,
             )
             attached = _attached(call.vm, info.device_id, call.point, call.started)
+            if FAILPOINT is not None:
+                FAILPOINT("attached")
             record = call.vm.registry.drives[info.device_id]
             image = next(str(n["node-name"]) for n in record.nodes if n.get("backing") == base)
             target_nodes = _target_nodes(
@@ -701,7 +833,10 @@ async def _restore_raw(call: _Call) -> _Copied:
                 raise
             op = None
             if journaled:
-                op = await _begin_mirror(call, info.device_id, export, target_nodes)
+                op = await _begin_mirror(
+                    call, info.device_id, export, target_nodes, op_id=planned[0].intent.id
+                )
+                planned.clear()
             result = await _mirror(
                 call.vm,
                 info.device_id,
@@ -719,6 +854,7 @@ async def _restore_raw(call: _Call) -> _Copied:
         if not call.device_target and isinstance(call.target, Path) and not overlay.exists():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(call.target)
+        _unplanned(call.vm, planned)
         raise
     return _Copied(info.device_id, attached, result)
 
@@ -1087,14 +1223,20 @@ def _server_home(vm: VM) -> Any:
 
 
 async def _attach(
-    vm: VM, target: Path, size: int, interface: Interface, backing: Sequence[dict[str, Any]]
+    vm: VM,
+    target: Path,
+    size: int,
+    interface: Interface,
+    backing: Sequence[dict[str, Any]],
+    planned: Callable[[DrivePlan], None] | None = None,
 ) -> drives.DriveInfo:
     """A new empty qcow2 at ``target``, hot-plugged over ``backing``; nothing left of it on
-    a failure."""
+    a failure. ``planned``: :func:`blockctl._ops.drives.hotplug`'s (before anything is
+    added)."""
     try:
         await _images.create(target, ImageFormat.QCOW2, size=size)
         drive = Drive(file=target, format=ImageFormat.QCOW2, interface=interface)
-        return await drives.hotplug(vm, drive, backing=backing)
+        return await drives.hotplug(vm, drive, backing=backing, planned=planned)
     except BaseException:
         # hotplug removed its nodes and device itself; the file is ours.
         with contextlib.suppress(FileNotFoundError):

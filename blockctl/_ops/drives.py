@@ -23,7 +23,7 @@ import enum
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 
 from blockctl import _proc, _storage_daemon
-from blockctl._argv import DriveSource, over_backing, plan_drive
+from blockctl._argv import DrivePlan, DriveSource, over_backing, plan_drive
 from blockctl._graph import BlockGraph, NodeRole, image_filename
 from blockctl._log import get_logger
 from blockctl._machine import (
@@ -530,6 +530,7 @@ async def hotplug(
     *,
     image_roots: Iterable[Path | str] = (),
     backing: Sequence[Mapping[str, Any]] = (),
+    planned: Callable[[DrivePlan], None] | None = None,
 ) -> DriveInfo:
     """Add ``drive`` to the running guest: ``blockdev-add`` bottom-up, then ``device_add``.
 
@@ -542,10 +543,13 @@ async def hotplug(
     backing node at run time, not named in its header (a live restore's NBD export). The
     image must then be a qcow2 with no backing file; the nodes belong to the drive's record
     and to its rollback like the others.
+
+    ``planned``: called with the drive's plan (its device id and nodes) once it is known,
+    before anything is added (a live restore journals what it is about to add there).
     """
     source = await check_hotplug(vm, drive, image_roots=image_roots)
     if drive.vhost_user_blk is not None:
-        if backing:
+        if backing or planned is not None:
             raise ConfigError("backing", "a vhost-user-blk disk's nodes live in its daemon")
         return await _hotplug_vhost(vm, drive, source)
     index = await _next_index(vm)
@@ -553,6 +557,8 @@ async def hotplug(
     plan = plan_drive(index, drive, source, machine, None)
     if backing:
         plan = over_backing(plan, f"drv{index}", backing)
+    if planned is not None:
+        planned(plan)
     added_nodes: list[str] = []
     added_devices: list[str] = []
     added_objects: list[str] = []

@@ -11,7 +11,9 @@ backup: a name in ``blockctl.backup.STEPS``, or ``copy``; ``frozen``: right afte
 quiesced operation's freeze is confirmed, via ``_agent.FAILPOINT``; for ``live-launch`` also
 ``spawned``, right after QEMU's process exists, before its greeting, and ``greeted``, once
 the launch is complete, before the copy is journaled from QEMU's graph, via
-``_machine.FAILPOINT``); JSON the operation's
+``_machine.FAILPOINT``; for ``live``/``live-raw`` also ``attached``, right after the
+hot-plug returned, before the record is rewritten from QEMU's graph, via
+``_backup.live.FAILPOINT``); JSON the operation's
 keyword arguments (for a backup: ``repo``, and optionally ``kind``, ``devices``,
 ``scratch_dir`` and ``request_id``). The process SIGKILLs itself right
 after the journal record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup, at
@@ -33,6 +35,7 @@ from typing import Any
 import anyio
 
 from blockctl import _agent, _journal, _machine, backup
+from blockctl._backup import live
 from blockctl._cli.common import load_config
 from blockctl._jobs import JobProgress, JobTransition
 from blockctl._machine import attach
@@ -45,6 +48,14 @@ from blockctl.types import ImageFormat, IscsiSource
 def die_at(kind: str, step: str) -> None:
     if step == "frozen":  # inside quiesced: the guest's freeze has just been confirmed
         _agent.FAILPOINT = lambda stage: os.kill(os.getpid(), signal.SIGKILL)
+        return
+    if step == "attached":  # a live restore, right after its hot-plug returned
+
+        def after_hotplug(stage: str) -> None:
+            if stage == step:
+                die()
+
+        live.FAILPOINT = after_hotplug
         return
     if step in ("spawned", "greeted"):  # a detached launch, at QEMU's start
 

@@ -828,6 +828,7 @@ async def standalone_equals(target: Path, want: Path, fmt: ImageFormat = ImageFo
     [
         *((step, fmt) for fmt in FILE_TARGETS for step in ("starting", "running", "concluded")),
         ("running", "device"),
+        *(("attached", fmt) for fmt in FILE_TARGETS),
     ],
 )
 async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_every_guest_write(
@@ -839,13 +840,14 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
     step: str,
     fmt: str,
 ) -> None:
-    """kill -9 of the controller right after its record reaches ``step``: at the start (the
-    copy about to be sent), mid-copy (it runs at 1 B/s: under way, far from done) or at
-    the end (the copy done, the cleanup not). A qcow2 target is streamed into; a raw one
-    is mirrored into from an overlay (its end: the device pivoted); a raw one on a block
-    device (a loop device) mid-copy only. The guest reads every
-    block and writes; ``blockctl recover`` starts the copy again or adopts it, and cleans
-    up: the disk stands alone, equal to the point plus the guest's writes; the repository
+    """kill -9 of the controller right after its record reaches ``step``: right after the
+    hot-plug (``attached``: the record written before it, not yet rewritten from
+    QEMU's graph), at the start (the copy about to be sent), mid-copy (it runs at 1 B/s:
+    under way, far from done) or at the end (the copy done, the cleanup not). A qcow2
+    target is streamed into; a raw one is mirrored into from an overlay (its end: the
+    device pivoted); a raw one on a block device (a loop device) mid-copy only. The guest
+    reads every block and writes; ``blockctl recover`` starts the copy again or adopts it,
+    and cleans up: the disk stands alone, equal to the point plus the guest's writes; the repository
     unchanged, no server, no overlay, no node beyond the disk's, no record. Mid-copy, the
     point restored is pruned meanwhile (a newer one kept) by another process: the server
     holds the point, so the prune keeps it, naming the server and the way out, and changes
@@ -897,6 +899,8 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
         (record,) = list(run_dir.glob("journal-*.json"))
         written = json.loads(record.read_text())
         assert written["kind"] == live_target.kind.value and written["server"]["pid"] == server
+        # Killed right after the hot-plug: its record is the one written before it.
+        assert bool(written["hotplug_nodes"]) == (step == "attached"), written
         assert len(live_target.overlays(images, run_dir)) == live_target.raw
         if prune:
             # Another process prunes: the point restored stays (the server serves it; a
