@@ -92,6 +92,7 @@ from blockctl.errors import (
     BackupCorrupt,
     BlockctlError,
     ConfigError,
+    JobCancelled,
     JobError,
     JobFailed,
     RepositoryBusy,
@@ -227,18 +228,26 @@ async def _recover(vm: VM, repo: Repository) -> tuple[list[str], BlockGraph | No
     # also runs its vhost-user-blk export, which is not served by the NBD server).
     exports = [e.id for e in await wire.query_block_exports(vm.session) if e.type == "nbd"]
     ours = [e for e in exports if _EXPORT.match(e)]
+    # What cannot be undone is said, not passed over: the notes are the caller's report.
     for export in ours:
-        with contextlib.suppress(BlockctlError):
+        try:
             await wire.block_export_del(vm.session, export)
             notes.append(f"removed the leftover NBD export {export}")
+        except BlockctlError as exc:
+            notes.append(f"could not remove the leftover NBD export {export}: {exc}")
     for job in await adopt_jobs(vm.session):
         if job.type != "backup" or not job.id.startswith("bc-backup-"):
             continue
         if not job.done:
-            with contextlib.suppress(BlockctlError):
+            with contextlib.suppress(BlockctlError):  # it may be ending by itself
                 await job.cancel()
-            with contextlib.suppress(BlockctlError):
+            try:
                 await job.wait(complete_on_ready=False, deadline=60)
+            except (JobCancelled, JobFailed):
+                pass  # ended, as asked (or by itself), and dismissed
+            except BlockctlError as exc:
+                notes.append(f"could not end the fleecing job {job.id}: {exc}")
+                continue
         notes.append(f"the fleecing job {job.id} of a stopped controller was ended")
     graph: BlockGraph | None = await read_graph(vm)
     assert graph is not None
@@ -251,15 +260,21 @@ async def _recover(vm: VM, repo: Repository) -> tuple[list[str], BlockGraph | No
     # on a stopped backup's socket (in the scratch directory beside its fleecing overlays):
     # left running, it would refuse every later backup ("NBD server already running").
     if len(ours) == len(exports) and (ours or any(map(_listens, _scratch_sockets(stale)))):
-        with contextlib.suppress(BlockctlError):
+        try:
             await wire.nbd_server_stop(vm.session)
             if not ours:
                 notes.append("stopped the NBD server of a stopped controller (it had no export)")
+        except BlockctlError as exc:
+            notes.append(f"could not stop the NBD server of a stopped controller: {exc}")
     for node in stale:
         graph = None  # nodes go: the graph is read again
-        with contextlib.suppress(BlockctlError):
+        try:
             await wire.blockdev_del(vm.session, node.name)
             notes.append(f"deleted the leftover fleecing node {node.name}")
+        except BlockctlError as exc:
+            # Still open in QEMU (something uses it): its scratch file stays with it.
+            notes.append(f"could not delete the leftover fleecing node {node.name}: {exc}")
+            continue
         if node.name.endswith("-file") and node.filename:
             scratch = Path(node.filename)
             if scratch.name.startswith("fleece-") and scratch.parent.name.startswith("bc-scratch-"):

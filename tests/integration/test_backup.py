@@ -437,3 +437,50 @@ async def test_raw_disk_incrementals_until_qemu_restarts(
         assert again.kind == "full"
         assert again.fallback_reason is not None and "no checkpoint" in again.fallback_reason
     assert await restored_sha(repo, "rawbk", inc.id, "disk0", tmp_path) == at_inc
+
+
+async def test_recovery_says_what_it_could_not_undo(images: Path, tmp_path: Path) -> None:
+    """A killed backup's fleecing node that another client has exported since (so QEMU
+    refuses its deletion): ``recover`` says it could not delete it and why, keeps its scratch
+    file (QEMU still has it open) and the NBD server (it serves the other export). Once that
+    export is gone, recovery deletes the nodes and removes the scratch directory."""
+    disk = await qcow2_image(images / "rc.qcow2", b"", 16 * MIB)
+    repo = backup.init_repository(tmp_path / "repo")
+    scratch = tmp_path / "bc-scratch-test"
+    scratch.mkdir()
+    fleece = scratch / "fleece-disk0.qcow2"
+    await run("qemu-img", "create", "-f", "qcow2", fleece, str(16 * MIB))
+    cfg = MachineConfig(
+        name="rcv",
+        deprecated_input=DeprecatedInput.REJECT,
+        drives=(Drive(file=disk, format=ImageFormat.QCOW2),),
+    )
+    async with open_vm(cfg, console=False) as vm:
+        file_node = {"driver": "file", "node-name": "bcf0-abcd-file", "filename": str(fleece)}
+        await vm.command("blockdev-add", file_node)
+        fmt_node = {"driver": "qcow2", "node-name": "bcf0-abcd", "file": "bcf0-abcd-file"}
+        await vm.command("blockdev-add", fmt_node)
+        socket = str(tmp_path / "nbd.sock")
+        await vm.command("nbd-server-start", {"addr": {"type": "unix", "data": {"path": socket}}})
+        export = {"type": "nbd", "id": "theirs", "node-name": "bcf0-abcd"}
+        await vm.command("block-export-add", export)
+        notes = await backup.recover(vm, repo)
+        for node in ("bcf0-abcd", "bcf0-abcd-file"):
+            assert any(
+                n.startswith(f"could not delete the leftover fleecing node {node}: ")
+                for n in notes
+            ), notes
+        assert fleece.exists()
+        assert {"bcf0-abcd", "bcf0-abcd-file"} <= {n.node_name for n in await vm.block_nodes()}
+        assert [e.id for e in await wire.query_block_exports(vm.session)] == ["theirs"]
+        await vm.command("block-export-del", {"id": "theirs"})
+        while await wire.query_block_exports(vm.session):  # deleted once its clients are gone
+            await anyio.sleep(0.01)
+        await vm.command("nbd-server-stop")
+        notes = await backup.recover(vm, repo)
+        assert notes == [
+            "deleted the leftover fleecing node bcf0-abcd",
+            "deleted the leftover fleecing node bcf0-abcd-file",
+        ]
+        assert not scratch.exists()
+        assert not {"bcf0-abcd", "bcf0-abcd-file"} & {n.node_name for n in await vm.block_nodes()}
