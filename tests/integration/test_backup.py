@@ -473,9 +473,9 @@ async def test_recovery_says_what_it_could_not_undo(images: Path, tmp_path: Path
         assert fleece.exists()
         assert {"bcf0-abcd", "bcf0-abcd-file"} <= {n.node_name for n in await vm.block_nodes()}
         assert [e.id for e in await wire.query_block_exports(vm.session)] == ["theirs"]
-        await vm.command("block-export-del", {"id": "theirs"})
-        while await wire.query_block_exports(vm.session):  # deleted once its clients are gone
-            await anyio.sleep(0.01)
+        with vm.session.events("BLOCK_EXPORT_DELETED") as deleted:
+            await vm.command("block-export-del", {"id": "theirs"})
+            await deleted.next()  # once its clients are gone (it has none)
         await vm.command("nbd-server-stop")
         notes = await backup.recover(vm, repo)
         assert notes == [
