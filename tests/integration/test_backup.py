@@ -467,8 +467,7 @@ async def test_recovery_says_what_it_could_not_undo(images: Path, tmp_path: Path
         notes = await backup.recover(vm, repo)
         for node in ("bcf0-abcd", "bcf0-abcd-file"):
             assert any(
-                n.startswith(f"could not delete the leftover fleecing node {node}: ")
-                for n in notes
+                n.startswith(f"could not delete the leftover fleecing node {node}: ") for n in notes
             ), notes
         assert fleece.exists()
         assert {"bcf0-abcd", "bcf0-abcd-file"} <= {n.node_name for n in await vm.block_nodes()}
