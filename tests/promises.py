@@ -54,6 +54,7 @@ SECTIONS = (
     "Crash recovery",
     "Untrusted images",
     "Private by construction",
+    "Fleet",
 )
 
 U = "tests/unit/"
@@ -846,6 +847,44 @@ PROMISES: tuple[Promise, ...] = (
                 "intent.created_files:",
                 replace="        if False:",
                 what="a launch killed before QEMU's spawn leaves the files it made",
+            ),
+        ),
+    ),
+    Promise(
+        id="live-restore-hotplug-record-before-attach",
+        section="Backups",
+        quote="**The hot-plug path's window** (`--attach`, closed): the copy's record is written "
+        "before the hot-plug",
+        tests=(
+            I + "test_live_restore.py::test_a_controller_killed_during_the_copy_then_recover_"
+            "finishes_with_every_guest_write[attached-qcow2]",
+            U + "test_hotplug_window.py",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_journal.py",
+                find="    if intent.server is not None and intent.hotplug_nodes and not attached:",
+                replace="    if False:",
+                what="recovery of a restore killed before its device_add leaves its files and "
+                "server",
+            ),
+        ),
+    ),
+    Promise(
+        id="fleet-retry-refuses-an-unsettled-operation",
+        section="Fleet",
+        quote="a record kept for attention, or another client's operation still running, fails "
+        "the VM, final",
+        tests=(
+            U + "test_fleet_activities.py::test_a_retry_that_finds_an_unsettled_operation_fails_"
+            "naming_it_and_the_way_out",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_fleet/activities.py",
+                find="    if unsettled:\n        raise UnsafeOperation(",
+                replace="    if False:\n        raise UnsafeOperation(",
+                what="a retried snapshot or commit reports done over a half-done operation",
             ),
         ),
     ),
