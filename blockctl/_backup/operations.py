@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -792,20 +792,10 @@ class _Attempt:
             kind=self.kind,
             started=self.started,
             scratch=str(self.scratch),
+            # A disk's plan is its fields of the same names (the job's id is set: derived
+            # from the request id).
             disks=tuple(
-                AttemptDisk(
-                    device=d.device,
-                    node=d.node,
-                    driver=d.driver,
-                    virtual_size=d.virtual_size,
-                    number=d.number,
-                    base=d.base,
-                    reason=d.reason,
-                    parent=d.parent,
-                    fleece=d.fleece,
-                    export=d.export,
-                    job=d.job or "",
-                )
+                AttemptDisk(**{f.name: getattr(d, f.name) for f in fields(AttemptDisk)})
                 for d in self.disks
             ),
             consistency=self.consistency if self.transaction_sent else None,
@@ -931,22 +921,7 @@ async def _adoptable(
                 return _not_whole(vm, request_id, f"the parent point {d.parent}: {exc}")
             if parent_index.chunk_size != repo.chunk_size:
                 return _not_whole(vm, request_id, "the repository's chunk size changed")
-        disks.append(
-            _Disk(
-                device=d.device,
-                node=d.node,
-                driver=d.driver,
-                virtual_size=d.virtual_size,
-                number=d.number,
-                base=d.base,
-                reason=d.reason,
-                parent_index=parent_index,
-                parent=d.parent,
-                fleece=d.fleece,
-                export=d.export,
-                job=d.job,
-            )
-        )
+        disks.append(_Disk(**asdict(d), parent_index=parent_index))
     ids = [d.job for d in plan.disks]
     # Concluded jobs stay for their owners (nothing of ours concluded: checked above).
     found = {j.id: j for j in await adopt_jobs(vm.session, dismiss=False)}
