@@ -69,6 +69,8 @@ from blockctl.types import (
 
 _log = get_logger()
 
+#: QEMU's id syntax (util/id.c: id_wellformed).
+_DEVICE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _OURS = re.compile(r"^(?:drv|disk)(\d+)")
 _THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
 
@@ -530,8 +532,13 @@ async def hotplug(
     *,
     image_roots: Iterable[Path | str] = (),
     backing: Sequence[Mapping[str, Any]] = (),
+    device_id: str | None = None,
 ) -> DriveInfo:
     """Add ``drive`` to the running guest: ``blockdev-add`` bottom-up, then ``device_add``.
+
+    ``device_id``: the guest device's id (a letter, then letters, digits, ``-``, ``.``,
+    ``_``); None: the next free ``diskN``. A caller that must find its device again (a
+    retried fleet attach) fixes it up front.
 
     The image is inspected first (:func:`blockctl._images.inspect_untrusted`; ``image_roots``
     are allowed roots for its backing files besides ``$BLOCKCTL_IMAGE_ROOTS``). A failure at
@@ -543,8 +550,15 @@ async def hotplug(
     image must then be a qcow2 with no backing file; the nodes belong to the drive's record
     and to its rollback like the others.
     """
+    if device_id is not None and not _DEVICE_ID.fullmatch(device_id):
+        raise ConfigError(
+            "device_id",
+            f"{device_id!r} is not a device id: a letter, then letters, digits, '-', '.', '_'",
+        )
     source = await check_hotplug(vm, drive, image_roots=image_roots)
     if drive.vhost_user_blk is not None:
+        if device_id is not None:
+            raise ConfigError("device_id", "a vhost-user-blk disk's device id is not chosen")
         if backing:
             raise ConfigError("backing", "a vhost-user-blk disk's nodes live in its daemon")
         return await _hotplug_vhost(vm, drive, source)
@@ -553,6 +567,8 @@ async def hotplug(
     plan = plan_drive(index, drive, source, machine, None)
     if backing:
         plan = over_backing(plan, f"drv{index}", backing)
+    if device_id is not None:
+        plan = replace(plan, device_id=device_id, device={**plan.device, "id": device_id})
     added_nodes: list[str] = []
     added_devices: list[str] = []
     added_objects: list[str] = []
