@@ -67,6 +67,7 @@ from blockctl._fleet.inventory import (
     restored_name,
 )
 from blockctl.errors import ConfigError, DriveNotFound, RepositoryBusy, UnsafeOperation
+from blockctl.types import ImageFormat, coerce_enum
 
 #: The activities' names (workflows name them as strings: they never import this module).
 BACKUP_VM = "blockctl.backup"
@@ -420,7 +421,11 @@ async def attach_vm(request: VMAttach) -> VMPlugResult:
                 return VMPlugResult(
                     request.host, request.vm, request.device_id, found.file, "attached", True
                 )
-        drive = Drive(file=Path(request.file), format=request.format, read_only=request.read_only)
+        drive = Drive(
+            file=Path(request.file),
+            format=coerce_enum(ImageFormat, request.format, "format"),
+            read_only=request.read_only,
+        )
         added = await drives.hotplug(vm, drive, device_id=request.device_id)
     return VMPlugResult(request.host, request.vm, added.device_id, added.file, "attached")
 

@@ -1,5 +1,6 @@
-"""The fleet's snapshot, commit, attach and detach activities given what ``recovery.reconcile`` found on the
-VM (pure decision logic: the VM, its reconciliation and its chain are stand-ins; the
+"""The fleet's snapshot, commit, attach and detach activities given what
+``recovery.reconcile`` found on the VM (pure decision logic: the VM, its reconciliation and
+its chain or devices are stand-ins; the
 activities run in ``temporalio.testing.ActivityEnvironment``, no server, no QEMU). The
 killed-worker retries on a real server and QEMU are tests/integration/test_fleet.py's."""
 
@@ -273,11 +274,13 @@ async def test_a_plug_retry_that_finds_an_unsettled_operation_fails_naming_it(
         plug_vm.devices["data1"] = ATTACH.file
         plug_vm.registry.drives["data1"] = object()
     reconciled(monkeypatch, result)
+    run = (
+        retry().run(activities.attach_vm, ATTACH)
+        if which == "attach"
+        else retry().run(activities.detach_vm, DETACH)
+    )
     with pytest.raises(ApplicationError) as failed:
-        if which == "attach":
-            await retry().run(activities.attach_vm, ATTACH)
-        else:
-            await retry().run(activities.detach_vm, DETACH)
+        await run
     assert failed.value.non_retryable and failed.value.type == "UnsafeOperation"
     for part in (which, "op-1", result.verdict.value, "blockctl recover web"):
         assert part in str(failed.value), (part, str(failed.value))
