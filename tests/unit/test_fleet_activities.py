@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,10 +19,19 @@ from temporalio.testing import ActivityEnvironment
 
 from blockctl import chains, drives, recovery
 from blockctl._fleet import activities
-from blockctl._fleet.inventory import VMAttach, VMChain, VMChainResult, VMDetach, VMPlugResult
+from blockctl._fleet.inventory import (
+    VMAttach,
+    VMChain,
+    VMChainResult,
+    VMDetach,
+    VMPlugResult,
+    plug_device_id,
+)
 from blockctl._journal import Verdict
 from blockctl._ops.chains import overlay_name
+from blockctl._ops.drives import _DEVICE_ID
 from blockctl.errors import ConfigError, DriveNotFound
+from blockctl.types import Drive, ImageFormat
 
 REQUEST = VMChain("hv1", "web", "t2")
 
@@ -285,3 +295,24 @@ async def test_a_plug_retry_that_finds_an_unsettled_operation_fails_naming_it(
     for part in (which, "op-1", result.verdict.value, "blockctl recover web"):
         assert part in str(failed.value), (part, str(failed.value))
     assert plug_vm.changed == []
+
+
+def test_the_derived_device_id_is_fixed_by_the_path_and_a_qemu_id() -> None:
+    """Without ``--id`` the device id comes from the file's path alone (the same in every
+    attempt and every repeat of the command), one per path, and QEMU takes it as an id."""
+    first = plug_device_id("/srv/img/data.qcow2")
+    assert first == plug_device_id("/srv/img/data.qcow2")
+    assert first != plug_device_id("/srv/img/data2.qcow2")
+    assert _DEVICE_ID.fullmatch(first), first
+
+
+@pytest.mark.parametrize("bad", ["1disk", "disk 1", "dísk", "", "a/b"])
+async def test_hotplug_refuses_a_device_id_qemu_would_not_take_before_touching_the_vm(
+    bad: str,
+) -> None:
+    with pytest.raises(ConfigError, match="not a device id"):
+        await drives.hotplug(
+            None,  # type: ignore[arg-type]
+            Drive(file=Path("/d/data.qcow2"), format=ImageFormat.QCOW2),
+            device_id=bad,
+        )
