@@ -493,8 +493,9 @@ async def killed_attach_and_detach(
     """A fleet attach of a qcow2 into the booted guest as ``plug1`` whose worker SIGKILLs
     itself once the hot-plug returned (QEMU has the device; the activity has not reported
     it): restarted, the retry finds the device on the file and reports it (``reused``):
-    exactly one device on that file in QEMU's ``query-block``, as ``blockctl drives`` says.
-    Then a fleet detach: gone from QEMU (the guest released it); again: "no drive", exit 1."""
+    exactly one device on that file in QEMU's ``query-block``, as ``blockctl drives`` says;
+    the same command started again meanwhile joins that run (its result the same). Then a
+    fleet detach: gone from QEMU (the guest released it); again: "no drive", exit 1."""
     image = await qcow2_image(tmp_path / "plug.qcow2", pattern(7, 65536), MIB)
     out_path = tmp_path / "attach-killed.json"
     dead_log = tmp_path / "attach-dead.log"
@@ -505,11 +506,23 @@ async def killed_attach_and_detach(
         async with worker("hv1", runtime, address, dead_log, (IO_VM, "attach", "kill")) as w:
             await killed(w, dead_log)
         assert await plugged(session, image) == ["/machine/peripheral/plug1/virtio-backend"]
-        async with worker("hv1", runtime, address, tmp_path / "attach-retry.log"):
+        # The same command again while the first waits for its retry: it joins that run
+        # (the workflow id is the device's), the same result.
+        rerun_path = tmp_path / "attach-again.json"
+        async with (
+            fleet_running(
+                runtime, rerun_path, "attach", "hv1", IO_VM, "--file", image, "--id", "plug1",
+                "--address", address,
+            ) as rerun,
+            worker("hv1", runtime, address, tmp_path / "attach-retry.log"),
+        ):  # fmt: skip
             with anyio.fail_after(BACKUP_DEADLINE):
                 await attach_run.wait()
+                await rerun.wait()
             assert attach_run.returncode == 0, out_path.read_text()
+            assert rerun.returncode == 0, rerun_path.read_text()
             result = json.loads(out_path.read_text().splitlines()[-1])
+            assert json.loads(rerun_path.read_text().splitlines()[-1]) == result
             assert (result["device_id"], result["file"], result["state"], result["reused"]) == (
                 "plug1", str(image), "attached", True
             ), result  # fmt: skip
