@@ -2,7 +2,8 @@
 worker; ``backup`` runs a fleet backup over an inventory and prints each VM's point;
 ``verify``, ``prune``, ``restore``, ``snapshot`` and ``commit`` verify each VM's newest
 point, prune its points, restore a point into new files, take and commit back an external
-snapshot, on its host's worker; ``status`` shows each VM's last point, running backups and
+snapshot, on its host's worker; ``attach`` and ``detach`` hot-plug and unplug one device of
+one VM on its host's worker; ``status`` shows each VM's last point, running backups and
 last failure (and, for hosts without VMs named, the VMs their workers list; its last fleet
 verify, prune and restore), and the last fleet backups Temporal has; ``schedule`` creates,
 lists and deletes Temporal Schedules that run a fleet backup.
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from blockctl._cli.common import Command, ExitCode, emit, global_options
 from blockctl._cli.output import human_size, table
-from blockctl.errors import MissingComponent
+from blockctl.errors import ConfigError, MissingComponent
 
 if TYPE_CHECKING:
     from blockctl._fleet.inventory import FleetBackupRequest, VMBackup, VMPruneResult
@@ -231,6 +232,49 @@ class Fleet(Command):
             self._server_options(p)
 
         p = sub.add_parser(
+            "attach",
+            parents=[global_options(parent=False)],
+            help="hot-plug an image into one running VM on its host's worker (exit 1: failed)",
+        )
+        p.add_argument("host", help="the VM's host (its worker's --host)")
+        p.add_argument("vm", help="the running VM's name on that host")
+        p.add_argument("--file", required=True, help="the image, a path on that host")
+        p.add_argument(
+            "--format",
+            default="qcow2",
+            choices=["qcow2", "raw"],
+            help="the image's format (never probed; default qcow2)",
+        )
+        p.add_argument(
+            "--id",
+            dest="device_id",
+            metavar="DEVICE_ID",
+            help="the guest device's id (what finds it again on a retry; default: "
+            "fleet-<digest of the file's path>)",
+        )
+        p.add_argument("--read-only", action="store_true")
+        self._heartbeat_option(p)
+        self._server_options(p)
+        p = sub.add_parser(
+            "detach",
+            parents=[global_options(parent=False)],
+            help="unplug a device of one running VM on its host's worker (exit 1: failed; "
+            "3: unplug pending)",
+        )
+        p.add_argument("host", help="the VM's host (its worker's --host)")
+        p.add_argument("vm", help="the running VM's name on that host")
+        p.add_argument("device_id", metavar="DEVICE_ID", help="the device's id")
+        p.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=10.0,
+            metavar="SECONDS",
+            help="how long to wait for the guest to release it (default 10)",
+        )
+        self._heartbeat_option(p)
+        self._server_options(p)
+
+        p = sub.add_parser(
             "status",
             parents=[global_options(parent=False)],
             help="each VM's last point, running backups and last failure; the last fleet backups",
@@ -328,6 +372,8 @@ class Fleet(Command):
             return await self._restore(args)
         if args.action in ("snapshot", "commit"):
             return await self._chain(args)
+        if args.action in ("attach", "detach"):
+            return await self._plug(args)
         return await self._backup(args)
 
     async def _worker(self, args: argparse.Namespace) -> int:
@@ -521,6 +567,59 @@ class Fleet(Command):
             "\n".join(lines),
         )
         return ExitCode.ERROR if failed else ExitCode.OK
+
+    async def _plug(self, args: argparse.Namespace) -> int:
+        from blockctl._fleet.inventory import (
+            VMAttach,
+            VMDetach,
+            check_host,
+            plug_device_id,
+        )
+
+        check_host(args.host)
+        request: VMAttach | VMDetach
+        if args.action == "attach":
+            file = args.file
+            if not file.startswith("/"):
+                # Made absolute by no one: it names a file on the VM's host, not here.
+                raise ConfigError(
+                    "file", f"{file!r}: give the image's absolute path on {args.host}"
+                )
+            request = VMAttach(
+                args.host,
+                args.vm,
+                file,
+                args.format,
+                args.device_id or plug_device_id(file),
+                args.read_only,
+                args.heartbeat_timeout,
+            )
+        else:
+            request = VMDetach(
+                args.host, args.vm, args.device_id, args.timeout, args.heartbeat_timeout
+            )
+        _require_temporalio()
+        from blockctl._fleet.worker import fleet_plug
+
+        r = await fleet_plug(request, args.address, args.namespace)
+        where = f"{r.host}/{r.vm} {r.device_id}"
+        if r.error is not None:
+            line = f"{where}: FAILED: {r.error}"
+        elif r.state == "attached":
+            line = f"{where}: attached {r.file}"
+        elif r.state == "pending":
+            line = (
+                f"{where}: unplug pending: the guest has not released it yet; its nodes are "
+                "kept. Run fleet detach again later."
+            )
+        else:
+            line = f"{where}: detached"
+        if r.error is None and r.reused:
+            line += " (by an earlier attempt)"
+        emit(args, dataclasses.asdict(r), line)
+        if r.error is not None:
+            return ExitCode.ERROR
+        return ExitCode.PENDING if r.state == "pending" else ExitCode.OK
 
     async def _schedule(self, args: argparse.Namespace) -> int:
         from blockctl._fleet.inventory import check_schedule_name

@@ -46,14 +46,17 @@ import anyio
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from blockctl import VM, _fsutil, _runtime, attach, backup, chains, jobs, recovery
+from blockctl import VM, Drive, _fsutil, _runtime, attach, backup, chains, drives, jobs, recovery
 from blockctl._fleet.inventory import (
     HostVMs,
     ListedVM,
+    VMAttach,
     VMBackup,
     VMBackupResult,
     VMChain,
     VMChainResult,
+    VMDetach,
+    VMPlugResult,
     VMPoints,
     VMPrune,
     VMPruneResult,
@@ -63,7 +66,8 @@ from blockctl._fleet.inventory import (
     VMVerifyResult,
     restored_name,
 )
-from blockctl.errors import ConfigError, RepositoryBusy, UnsafeOperation
+from blockctl.errors import ConfigError, DriveNotFound, RepositoryBusy, UnsafeOperation
+from blockctl.types import ImageFormat, coerce_enum
 
 #: The activities' names (workflows name them as strings: they never import this module).
 BACKUP_VM = "blockctl.backup"
@@ -73,6 +77,8 @@ PRUNE_VM = "blockctl.prune"
 RESTORE_VM = "blockctl.restore"
 SNAPSHOT_VM = "blockctl.snapshot"
 COMMIT_VM = "blockctl.commit"
+ATTACH_VM = "blockctl.attach"
+DETACH_VM = "blockctl.detach"
 LIST_VMS = "blockctl.list-vms"
 #: Heartbeats per heartbeat timeout while nothing else heartbeats (recovery, syncing the
 #: chunks, writing the manifest): one lost or late heartbeat does not lose the worker.
@@ -368,6 +374,85 @@ async def commit_vm(request: VMChain) -> VMChainResult:
     return VMChainResult(
         request.host, request.vm, request.tag, tagged, reused=not tagged, chains=after
     )
+
+
+def _same_file(a: str | None, b: str) -> bool:
+    if a is None:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a == b
+
+
+@activity.defn(name=ATTACH_VM)
+async def attach_vm(request: VMAttach) -> VMPlugResult:
+    """Hot-plug ``request.file`` into the VM as device ``request.device_id``
+    (``drives.hotplug``). A retry (attempt > 1) first settles what an earlier attempt left
+    (``_settle``), then looks for the device: there on that file, an earlier attempt added
+    it, and it is reported (``reused``), not added twice; there on another file, it fails
+    (that device is not this attach's)."""
+    info = activity.info()
+    async with (
+        _heartbeating(),
+        attach(
+            request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
+        ) as vm,
+    ):
+        if info.attempt > 1:
+            await _settle(vm, "attach")
+            found = {d.device_id: d for d in await drives.list_drives(vm)}.get(request.device_id)
+            if found is not None:
+                if not _same_file(found.file, request.file):
+                    raise ConfigError(
+                        "id",
+                        f"{request.vm} has device {request.device_id} on {found.file}, not on "
+                        f"{request.file}: give another --id, or detach it first",
+                    )
+                if request.device_id not in vm.registry.drives:
+                    # Killed between QEMU's device_add and the drive's record: its nodes are
+                    # unknown to blockctl, which could not unplug it cleanly.
+                    raise UnsafeOperation(
+                        f"attach of {request.vm}: device {request.device_id} is on "
+                        f"{request.file} but blockctl has no record of its nodes (an earlier "
+                        "attempt died before writing it): remove it with QMP device_del and "
+                        "blockdev-del, then the fleet command again"
+                    )
+                return VMPlugResult(
+                    request.host, request.vm, request.device_id, found.file, "attached", True
+                )
+        drive = Drive(
+            file=Path(request.file),
+            format=coerce_enum(ImageFormat, request.format, "format"),
+            read_only=request.read_only,
+        )
+        added = await drives.hotplug(vm, drive, device_id=request.device_id)
+    return VMPlugResult(request.host, request.vm, added.device_id, added.file, "attached")
+
+
+@activity.defn(name=DETACH_VM)
+async def detach_vm(request: VMDetach) -> VMPlugResult:
+    """Unplug device ``request.device_id`` from the VM (``drives.unplug``: a pending unplug
+    keeps its nodes, and unplugging again finishes it). A retry (attempt > 1) first settles
+    what an earlier attempt left (``_settle``); one that finds the device gone reports the
+    detach done (``reused``: the earlier attempt removed it); a first attempt fails (no
+    such device)."""
+    info = activity.info()
+    async with (
+        _heartbeating(),
+        attach(
+            request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
+        ) as vm,
+    ):
+        if info.attempt > 1:
+            await _settle(vm, "detach")
+        try:
+            result = await drives.unplug(vm, request.device_id, timeout=request.timeout)
+        except DriveNotFound:
+            if info.attempt == 1:
+                raise
+            return VMPlugResult(request.host, request.vm, request.device_id, None, "removed", True)
+    return VMPlugResult(request.host, request.vm, request.device_id, None, result.state.value)
 
 
 @activity.defn(name=LIST_VMS)

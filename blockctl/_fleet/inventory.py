@@ -21,6 +21,7 @@ int: Temporal's JSON converter carries them as they are).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -449,3 +450,56 @@ def load_inventory(path: Path) -> FleetBackupRequest:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("inventory", f"{path} is not valid TOML: {exc}") from None
     return parse_inventory(data, path.parent.absolute())
+
+
+@dataclass(frozen=True, slots=True)
+class VMAttach:
+    """Hot-plug image ``file`` (on ``host``) into running VM ``vm`` as device ``device_id``:
+    fixed before the first attempt, so a retry finds the device an earlier attempt added."""
+
+    host: str
+    vm: str
+    file: str
+    format: str
+    device_id: str
+    read_only: bool = False
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class VMDetach:
+    """Unplug device ``device_id`` of running VM ``vm`` on ``host``, waiting up to
+    ``timeout`` seconds for the guest to release it."""
+
+    host: str
+    vm: str
+    device_id: str
+    timeout: float = 10.0
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class VMPlugResult:
+    """A fleet attach or detach of one device: its file (attach), its state afterwards
+    (``attached``; ``removed``, or ``pending``: the guest has not released it yet), whether
+    an earlier attempt had already done it (``reused``), or the error that stopped it."""
+
+    host: str
+    vm: str
+    device_id: str
+    file: str | None = None
+    state: str | None = None
+    reused: bool = False
+    error: str | None = None
+
+
+def plug_device_id(file: str) -> str:
+    """The device id a fleet attach without ``--id`` gives image ``file`` (an absolute path):
+    the same in every attempt and every repeat of the command, derived from the path only."""
+    return "fleet-" + hashlib.sha256(file.encode()).hexdigest()[:12]
+
+
+def plug_workflow_id(action: str, host: str, vm: str, device_id: str) -> str:
+    """The workflow id of a fleet attach or detach (``action``) of one device: a repeat of the
+    command while the first runs waits for that run instead of starting another."""
+    return f"fleet-{action}/{host}/{vm}/{device_id}"

@@ -44,14 +44,17 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
 )
+from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.runtime import Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from blockctl._fleet.activities import (
+    attach_vm,
     backup_vm,
     commit_vm,
+    detach_vm,
     list_vms,
     prune_vm,
     restore_vm,
@@ -74,8 +77,12 @@ from blockctl._fleet.inventory import (
     HostVMs,
     ListRequest,
     ListResult,
+    VMAttach,
     VMBackupResult,
+    VMDetach,
+    VMPlugResult,
     check_host,
+    plug_workflow_id,
     split_vm_workflow_id,
     task_queue,
     with_listed,
@@ -100,8 +107,10 @@ from blockctl._fleet.workflows import (
     FLEET_BACKUP,
     FLEET_PRUNE,
     FLEET_VERIFY,
+    FleetAttach,
     FleetBackup,
     FleetCommit,
+    FleetDetach,
     FleetList,
     FleetPrune,
     FleetRestore,
@@ -195,6 +204,8 @@ async def run_worker(
                 restore_vm,
                 snapshot_vm,
                 commit_vm,
+                attach_vm,
+                detach_vm,
                 list_vms,
             ],
             identity=identity,
@@ -210,6 +221,8 @@ async def run_worker(
                 FleetRestore,
                 FleetSnapshot,
                 FleetCommit,
+                FleetAttach,
+                FleetDetach,
                 FleetList,
             ],
             workflow_runner=runner,
@@ -275,9 +288,11 @@ async def _run_workflow(
     address: str,
     namespace: str,
     execution_timeout: timedelta | None = None,
+    join_running: bool = False,
 ) -> _Result:
     """Start workflow ``run`` on ``request`` and wait for its result, through a restart of
-    the server (``fleet_backup``); ``execution_timeout``: the workflow's, if any."""
+    the server (``fleet_backup``); ``execution_timeout``: the workflow's, if any;
+    ``join_running``: a run of ``workflow_id`` still running is waited for, not refused."""
     client = await connect(address, namespace)
     try:
         handle = await client.start_workflow(
@@ -287,6 +302,11 @@ async def _run_workflow(
             task_queue=WORKFLOW_QUEUE,
             result_type=result_type,
             execution_timeout=execution_timeout,
+            id_conflict_policy=(
+                WorkflowIDConflictPolicy.USE_EXISTING
+                if join_running
+                else WorkflowIDConflictPolicy.FAIL
+            ),
         )
         unreachable_since: float | None = None
         while True:
@@ -376,6 +396,29 @@ async def fleet_chain(
         f"the fleet {action}",
         address,
         namespace,
+    )
+
+
+async def fleet_plug(
+    request: VMAttach | VMDetach,
+    address: str = DEFAULT_ADDRESS,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> VMPlugResult:
+    """Run the fleet attach (a ``VMAttach``) or detach (a ``VMDetach``) workflow of one
+    device and wait for its result. Its id is the device's (``plug_workflow_id``): the same
+    command again while it runs waits for that run."""
+    attaching = isinstance(request, VMAttach)
+    action = "attach" if attaching else "detach"
+    run: Any = FleetAttach.run if attaching else FleetDetach.run
+    return await _run_workflow(
+        run,
+        request,
+        VMPlugResult,
+        plug_workflow_id(action, request.host, request.vm, request.device_id),
+        f"the fleet {action}",
+        address,
+        namespace,
+        join_running=True,
     )
 
 

@@ -20,6 +20,10 @@ VM's host.
 A fleet snapshot (``blockctl.fleet-snapshot``) and a fleet commit (``blockctl.fleet-commit``)
 run ``blockctl.snapshot`` or ``blockctl.commit`` of each VM on its host's queue, keyed by the
 snapshot's tag: a retry finds in the chain what an earlier attempt did.
+A fleet attach (``blockctl.fleet-attach``) and a fleet detach (``blockctl.fleet-detach``)
+run ``blockctl.attach`` or ``blockctl.detach`` of one device of one VM on its host's queue,
+keyed by the device's id (fixed before the first attempt): a retry finds the device an
+earlier attempt added, or finds it gone.
 A fleet list (``blockctl.fleet-list``) asks each named host's worker for its VMs.
 """
 
@@ -54,11 +58,14 @@ with workflow.unsafe.imports_passed_through():
         HostVMs,
         ListRequest,
         ListResult,
+        VMAttach,
         VMBackup,
         VMBackupRequest,
         VMBackupResult,
         VMChain,
         VMChainResult,
+        VMDetach,
+        VMPlugResult,
         VMPoints,
         VMPrune,
         VMPruneResult,
@@ -80,6 +87,12 @@ RESTORE_VM = "blockctl.restore"
 SNAPSHOT_VM = "blockctl.snapshot"
 COMMIT_VM = "blockctl.commit"
 LIST_VMS = "blockctl.list-vms"
+ATTACH_VM = "blockctl.attach"
+DETACH_VM = "blockctl.detach"
+FLEET_ATTACH = "blockctl.fleet-attach"
+FLEET_DETACH = "blockctl.fleet-detach"
+#: A hot-plug is a few QMP commands; an unplug waits for the guest (its own timeout).
+PLUG_TIMEOUT = timedelta(minutes=10)
 FLEET_BACKUP = "blockctl.fleet-backup"
 VM_BACKUP = "blockctl.vm-backup"
 FLEET_VERIFY = "blockctl.fleet-verify"
@@ -411,6 +424,47 @@ class FleetCommit:
             *(_chain(COMMIT_VM, c, request.heartbeat_timeout, slots) for c in request.vms)
         )
         return FleetChainResult(list(results))
+
+
+async def _plug(activity_name: str, request: VMAttach | VMDetach, activity_id: str) -> VMPlugResult:
+    """One device's attach or detach on its VM's host's queue; a failure is the result's
+    error."""
+    try:
+        result: VMPlugResult = await workflow.execute_activity(
+            activity_name,
+            request,
+            result_type=VMPlugResult,
+            task_queue=task_queue(request.host),
+            activity_id=activity_id,
+            start_to_close_timeout=PLUG_TIMEOUT,
+            heartbeat_timeout=timedelta(seconds=request.heartbeat_timeout),
+            retry_policy=RETRY,
+        )
+    except ActivityError as exc:
+        return VMPlugResult(request.host, request.vm, request.device_id, error=_error(exc))
+    return result
+
+
+@workflow.defn(name=FLEET_ATTACH)
+class FleetAttach:
+    """Image ``file`` hot-plugged into one VM as device ``device_id`` by its host's worker."""
+
+    @workflow.run
+    async def run(self, request: VMAttach) -> VMPlugResult:
+        return await _plug(
+            ATTACH_VM, request, f"attach/{request.host}/{request.vm}/{request.device_id}"
+        )
+
+
+@workflow.defn(name=FLEET_DETACH)
+class FleetDetach:
+    """Device ``device_id`` unplugged from one VM by its host's worker."""
+
+    @workflow.run
+    async def run(self, request: VMDetach) -> VMPlugResult:
+        return await _plug(
+            DETACH_VM, request, f"detach/{request.host}/{request.vm}/{request.device_id}"
+        )
 
 
 @workflow.defn(name=FLEET_LIST)

@@ -69,6 +69,8 @@ from blockctl.types import (
 
 _log = get_logger()
 
+#: QEMU's id syntax (util/id.c: id_wellformed).
+_DEVICE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _OURS = re.compile(r"^(?:drv|disk)(\d+)")
 _THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
 
@@ -531,8 +533,13 @@ async def hotplug(
     image_roots: Iterable[Path | str] = (),
     backing: Sequence[Mapping[str, Any]] = (),
     planned: Callable[[DrivePlan], None] | None = None,
+    device_id: str | None = None,
 ) -> DriveInfo:
     """Add ``drive`` to the running guest: ``blockdev-add`` bottom-up, then ``device_add``.
+
+    ``device_id``: the guest device's id (a letter, then letters, digits, ``-``, ``.``,
+    ``_``); None: the next free ``diskN``. A caller that must find its device again (a
+    retried fleet attach) fixes it up front.
 
     The image is inspected first (:func:`blockctl._images.inspect_untrusted`; ``image_roots``
     are allowed roots for its backing files besides ``$BLOCKCTL_IMAGE_ROOTS``). A failure at
@@ -547,8 +554,15 @@ async def hotplug(
     ``planned``: called with the drive's plan (its device id and nodes) once it is known,
     before anything is added (a live restore journals what it is about to add there).
     """
+    if device_id is not None and not _DEVICE_ID.fullmatch(device_id):
+        raise ConfigError(
+            "device_id",
+            f"{device_id!r} is not a device id: a letter, then letters, digits, '-', '.', '_'",
+        )
     source = await check_hotplug(vm, drive, image_roots=image_roots)
     if drive.vhost_user_blk is not None:
+        if device_id is not None:
+            raise ConfigError("device_id", "a vhost-user-blk disk's device id is not chosen")
         if backing or planned is not None:
             raise ConfigError("backing", "a vhost-user-blk disk's nodes live in its daemon")
         return await _hotplug_vhost(vm, drive, source)
@@ -557,6 +571,8 @@ async def hotplug(
     plan = plan_drive(index, drive, source, machine, None)
     if backing:
         plan = over_backing(plan, f"drv{index}", backing)
+    if device_id is not None:
+        plan = replace(plan, device_id=device_id, device={**plan.device, "id": device_id})
     if planned is not None:
         planned(plan)
     added_nodes: list[str] = []

@@ -21,7 +21,9 @@ deleted, just before the overlay file is (``chains.flush_chain``, its step befor
 unlink); ACTION ``kill`` only. STEP ``verify``: in VM's verify (``blockctl.backup.verify``,
 which the worker's verify activity calls), as the first chunk is read once it started (the
 read runs in a thread: any verify's read then kills, VM's own reads guarantee one); ACTION
-``kill`` only.
+``kill`` only. STEP ``attach``: in VM's fleet attach, once ``drives.hotplug`` returned (QEMU's
+device_add done, blockctl's record of the drive written; before the activity reports it);
+ACTION ``kill`` only.
 """
 
 from __future__ import annotations
@@ -170,7 +172,28 @@ def install_chain_kill(vm_name: str, step: str) -> None:
     setattr(chains, entry, marking)
 
 
+def install_attach_kill(vm_name: str) -> None:
+    """SIGKILL this process once ``vm_name``'s hot-plug (``drives.hotplug``, which the
+    worker's attach activity calls) returned."""
+    from blockctl import drives
+
+    hotplug = drives.hotplug
+
+    async def hotplug_then_die(vm: Any, *args: Any, **kwargs: Any) -> Any:
+        info = await hotplug(vm, *args, **kwargs)
+        if vm.name == vm_name:
+            die()
+        return info
+
+    drives.hotplug = hotplug_then_die
+
+
 def install(vm_name: str, step: str, action: str) -> None:
+    if step == "attach":
+        if action != "kill":
+            sys.exit(f"no action {action!r} at {step}: kill")
+        install_attach_kill(vm_name)
+        return
     if step in ("snapshot", "commit"):
         if action != "kill":
             sys.exit(f"no action {action!r} at {step}: kill")

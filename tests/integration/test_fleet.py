@@ -398,7 +398,9 @@ async def test_fleet_backup_of_three_hosts_by_four_vms_and_a_writing_guest(
     the booted test guest, which writes its disk through the guest's block layer (O_DIRECT,
     fsync) and is then paused, so its reference (``qemu-img convert -U``) and its point are
     the same instant. One ``fleet backup``: every VM exactly one full point, restored and
-    ``qemu-img compare``-equal to its reference; the guest's own checksum of its disk agrees."""
+    ``qemu-img compare``-equal to its reference; the guest's own checksum of its disk agrees.
+    Then a fleet attach and detach into the booted guest (``killed_attach_and_detach``: a
+    firmware-idle VM never completes an unplug)."""
     address = temporal_server
     repo_path = tmp_path / "repo"
     backup.init_repository(repo_path)
@@ -448,6 +450,7 @@ async def test_fleet_backup_of_three_hosts_by_four_vms_and_a_writing_guest(
                     out = json.loads(await blockctl(runtime_dir, *argv))
             finally:
                 await wire.cont(io.session)
+            await killed_attach_and_detach(io.session, runtime_dir, address, tmp_path)
         # The guest wrote over its pattern, and its checksum of its disk is the reference's.
         assert ref.read_bytes()[:MIB] != pattern(99, MIB)
         assert hashlib.sha256(ref.read_bytes()).hexdigest() == guest_sum
@@ -473,6 +476,67 @@ async def test_fleet_backup_of_three_hosts_by_four_vms_and_a_writing_guest(
         for host, vms in GRID.items():
             leaked += await down_vms(runtimes[host], vms)
     assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+async def plugged(session: Any, file: Path) -> list[str]:
+    """The devices QEMU's ``query-block`` has on image ``file`` (their qdev paths)."""
+    return [
+        b["qdev"]
+        for b in await session.execute("query-block")
+        if b.get("inserted", {}).get("file") == str(file)
+    ]
+
+
+async def killed_attach_and_detach(
+    session: Any, runtime: Path, address: str, tmp_path: Path
+) -> None:
+    """A fleet attach of a qcow2 into the booted guest as ``plug1`` whose worker SIGKILLs
+    itself once the hot-plug returned (QEMU has the device; the activity has not reported
+    it): restarted, the retry finds the device on the file and reports it (``reused``):
+    exactly one device on that file in QEMU's ``query-block``, as ``blockctl drives`` says;
+    the same command started again meanwhile joins that run (its result the same). Then a
+    fleet detach: gone from QEMU (the guest released it); again: "no drive", exit 1."""
+    image = await qcow2_image(tmp_path / "plug.qcow2", pattern(7, 65536), MIB)
+    out_path = tmp_path / "attach-killed.json"
+    dead_log = tmp_path / "attach-dead.log"
+    async with fleet_running(
+        runtime, out_path, "attach", "hv1", IO_VM, "--file", image, "--id", "plug1",
+        "--address", address, "--heartbeat-timeout", "5",
+    ) as attach_run:  # fmt: skip
+        async with worker("hv1", runtime, address, dead_log, (IO_VM, "attach", "kill")) as w:
+            await killed(w, dead_log)
+        assert await plugged(session, image) == ["/machine/peripheral/plug1/virtio-backend"]
+        # The same command again while the first waits for its retry: it joins that run
+        # (the workflow id is the device's), the same result.
+        rerun_path = tmp_path / "attach-again.json"
+        async with (
+            fleet_running(
+                runtime, rerun_path, "attach", "hv1", IO_VM, "--file", image, "--id", "plug1",
+                "--address", address,
+            ) as rerun,
+            worker("hv1", runtime, address, tmp_path / "attach-retry.log"),
+        ):  # fmt: skip
+            with anyio.fail_after(BACKUP_DEADLINE):
+                await attach_run.wait()
+                await rerun.wait()
+            assert attach_run.returncode == 0, out_path.read_text()
+            assert rerun.returncode == 0, rerun_path.read_text()
+            result = json.loads(out_path.read_text().splitlines()[-1])
+            assert json.loads(rerun_path.read_text().splitlines()[-1]) == result
+            assert (result["device_id"], result["file"], result["state"], result["reused"]) == (
+                "plug1", str(image), "attached", True
+            ), result  # fmt: skip
+            assert await plugged(session, image) == ["/machine/peripheral/plug1/virtio-backend"]
+            listed = json.loads(await blockctl(runtime, "drives", IO_VM, "--json"))
+            assert [d["file"] for d in listed if d["device"] == "plug1"] == [str(image)], listed
+            detached = await fleet_json(runtime, address, "detach", "hv1", IO_VM, "plug1")
+            assert (detached["state"], detached["reused"], detached["error"]) == (
+                "removed", False, None
+            ), detached  # fmt: skip
+            assert await plugged(session, image) == []
+            assert "plug1" not in await wire.qom_list(session, "/machine/peripheral")
+            again = await fleet_json(runtime, address, "detach", "hv1", IO_VM, "plug1", code=1)
+            assert "plug1" in again["error"] and "no drive" in again["error"], again
 
 
 async def test_a_killed_worker_is_retried_into_exactly_one_point(
