@@ -32,6 +32,7 @@ import enum
 import json
 import os
 import secrets
+import shlex
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -900,13 +901,15 @@ def _mirror_way_on(intent: Intent, source: str, repo: str) -> str:
             "the backup point is unchanged"
         )
     base = f"{overlay}.base.raw"
+    # A LUN's or an NFS image's URL is the target's name to qemu-img too (its own initiator
+    # or NFS client writes it); quoted, as an nfs URL may carry ?uid=U&gid=G.
     return (
         f"a live restore into a raw target: {overlay} holds the guest's writes, {target} only "
         "part of the copy; the backup point is unchanged. To finish, keeping the guest's "
         f"writes: `blockctl restore {source} {base}{repo} -O raw`, "
         f"`qemu-img rebase -u -f qcow2 -F raw -b {base} {overlay}`, "
-        f"`qemu-img convert -n -f qcow2 -O raw {overlay} {target}`, then remove {overlay} "
-        f"and {base}: {target} stands alone"
+        f"`qemu-img convert -n -f qcow2 -O raw {overlay} {shlex.quote(target)}`, then remove "
+        f"{overlay} and {base}: {target} stands alone"
     )
 
 

@@ -95,6 +95,7 @@ from blockctl.types import (
     IscsiSource,
     MachineConfig,
     Media,
+    NfsSource,
 )
 
 _log = get_logger()
@@ -105,7 +106,7 @@ class LiveRestoreResult:
     """A finished live restore: the guest's new disk stands alone on ``path``."""
 
     device_id: str  # the new device in the guest
-    path: Path | IscsiSource  # the target: a file, a block device or an iSCSI LUN
+    path: Path | IscsiSource | NfsSource  # a file, a block device, an iSCSI LUN, an NFS image
     point: str
     source_device: str  # the disk of the point
     #: Seconds from the call until the guest had the disk (what an outage lasts).
@@ -141,7 +142,7 @@ async def restore_live(
     vm_name: str,
     point: str,
     device: str,
-    target: Path | IscsiSource,
+    target: Path | IscsiSource | NfsSource,
     *,
     interface: Interface = Interface.VIRTIO,
     control: JobControl = DEFAULT_CONTROL,
@@ -158,7 +159,9 @@ async def restore_live(
     least as large as the disk; the guest runs on a temporary qcow2 overlay meanwhile, which
     is mirrored into the target (module docstring); the result's ``job`` is the mirror.
     ``target`` may also be an :class:`IscsiSource` (raw only): an existing LUN at least as
-    large as the disk, opened by QEMU's initiator (node ``iscsi``) as the mirror's target."""
+    large as the disk, opened by QEMU's initiator (node ``iscsi``) as the mirror's target; or
+    an :class:`NfsSource` (raw only): an existing image on an NFS server at least as large as
+    the disk, opened by QEMU's NFS client (node ``nfs``) likewise."""
     started = time.monotonic()
     if control.on_error is not ErrorPolicy.REPORT:
         raise ConfigError(
@@ -169,8 +172,8 @@ async def restore_live(
         raise ConfigError("target_format", "a live restore writes a qcow2 or a raw target")
     copy = ("blockdev-mirror", "job-complete") if raw else ("block-stream",)
     await vm.require("blockdev-add", "device_add", *copy, "job-dismiss")
-    if isinstance(target, IscsiSource):
-        _check_lun_target(target, raw)
+    if isinstance(target, IscsiSource | NfsSource):
+        _check_remote_target(target, raw)
         device_target = True  # an existing target: nothing to create or remove
     else:
         target = _local_target(target)
@@ -554,9 +557,10 @@ class _Call:
     vm_name: str
     point: str
     device: str  # the disk of the point
-    target: Path | IscsiSource
+    target: Path | IscsiSource | NfsSource
     size: int  # the disk's
-    device_target: bool  # ``target`` exists (a block device or a LUN): not created, not removed
+    #: ``target`` exists (a block device, a LUN, an NFS image): not created, not removed.
+    device_target: bool
     interface: Interface
     control: JobControl
     started: float  # time.monotonic() at the call
@@ -619,20 +623,22 @@ def _local_target(target: Path | str) -> Path:
     if _URL.match(str(target)):
         raise ConfigError(
             "target",
-            f"{target}: a live restore writes a local file, a block device or an iSCSI LUN "
-            "(given as an IscsiSource, or iscsi://host[:port]/iqn/lun to the CLI), not this URL",
+            f"{target}: a live restore writes a local file, a block device, an iSCSI LUN or "
+            "an NFS image (given as an IscsiSource or an NfsSource, or to the CLI as "
+            "iscsi://host[:port]/iqn/lun or nfs://server/path), not this URL",
         )
     return Path(target).absolute()
 
 
-def _check_lun_target(target: IscsiSource, raw: bool) -> None:
+def _check_remote_target(target: IscsiSource | NfsSource, raw: bool) -> None:
+    what = "a LUN" if isinstance(target, IscsiSource) else "an NFS image"
     if not raw:
         raise ConfigError(
             "target_format",
-            f"{target.url}: a LUN is written raw; a qcow2 live restore (block-stream) writes a "
-            "new local file. Way out: target format raw (the CLI's -O raw)",
+            f"{target.url}: {what} is written raw; a qcow2 live restore (block-stream) writes "
+            "a new local file. Way out: target format raw (the CLI's -O raw)",
         )
-    if target.password_file is not None:
+    if isinstance(target, IscsiSource) and target.password_file is not None:
         raise ConfigError(
             "target",
             f"{target.url}: a LUN with CHAP credentials is not a live-restore target yet. "
@@ -641,9 +647,10 @@ def _check_lun_target(target: IscsiSource, raw: bool) -> None:
         )
 
 
-def _target_name(target: Path | IscsiSource) -> str:
-    """How records and messages name a target (a LUN by its URL, never credentials)."""
-    return target.url if isinstance(target, IscsiSource) else str(target)
+def _target_name(target: Path | IscsiSource | NfsSource) -> str:
+    """How records and messages name a target (a LUN or an NFS image by its URL, never
+    credentials)."""
+    return target.url if isinstance(target, IscsiSource | NfsSource) else str(target)
 
 
 def _check_device_size(path: Path, size: int) -> None:
@@ -693,8 +700,8 @@ async def _restore_raw(call: _Call) -> _Copied:
             try:
                 for node in target_nodes:
                     await wire.blockdev_add(call.vm.session, node)
-                    if node is target_nodes[0] and isinstance(call.target, IscsiSource):
-                        await _check_lun_size(call, str(node["node-name"]))
+                    if node is target_nodes[0] and not isinstance(call.target, Path):
+                        await _check_remote_size(call, str(node["node-name"]))
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await _detach(call.vm, info.device_id, record.nodes)
@@ -723,24 +730,29 @@ async def _restore_raw(call: _Call) -> _Copied:
     return _Copied(info.device_id, attached, result)
 
 
-async def _check_lun_size(call: _Call, node: str) -> None:
-    """The LUN's node was just added: it must hold the disk (else deleted, and refused)."""
+async def _check_remote_size(call: _Call, node: str) -> None:
+    """The LUN's or NFS image's node was just added: it must hold the disk (else deleted,
+    and refused)."""
     have = next(
         (n.virtual_size or 0 for n in await call.vm.block_nodes() if n.node_name == node), 0
     )
     if have < call.size:
         await delete_nodes(call.vm, [node], event="blockctl.backup.live_node_kept")
+        grow = (
+            "a LUN at least as large (grow its backing store, then make its LU again)"
+            if isinstance(call.target, IscsiSource)
+            else "an NFS image at least as large (e.g. `qemu-img resize -f raw` on it)"
+        )
         raise ConfigError(
             "target",
-            f"{_target_name(call.target)} holds {have} bytes, the disk {call.size}: give a LUN "
-            "at least as large (grow its backing store, then make its LU again)",
+            f"{_target_name(call.target)} holds {have} bytes, the disk {call.size}: give {grow}",
         )
 
 
 def _target_nodes(
     nodes: Sequence[Any],
     image: str,
-    target: Path | IscsiSource,
+    target: Path | IscsiSource | NfsSource,
     size: int,
     device_target: bool,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -759,6 +771,19 @@ def _target_nodes(
             "lun": target.lun,
             "cache": overlay_file.get("cache"),
             "initiator-name": target.initiator_name,
+        }
+        file_node = {k: v for k, v in file_node.items() if v is not None}
+    elif isinstance(target, NfsSource):
+        # QEMU's own NFSv3 client (libnfs): the host mounts nothing.
+        file_node = {
+            "driver": "nfs",
+            "node-name": f"{name}-file",
+            "server": {"type": "inet", "host": target.server},
+            "path": target.path,
+            "user": target.user,
+            "group": target.group,
+            "readahead-size": target.readahead_size,
+            "cache": overlay_file.get("cache"),
         }
         file_node = {k: v for k, v in file_node.items() if v is not None}
     else:
