@@ -192,6 +192,9 @@ class Intent:
     pid_start: int | None = None
     #: A live restore (a stream off a backup's NBD server): its server.
     server: ServerRecord | None = None
+    #: A live restore onto a CHAP LUN: its ``secret`` object's id → the password file's name
+    #: (never the password), for the way on once QEMU is gone.
+    secret_files: Mapping[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         return self.what or f"{self.kind.value} on {', '.join(self.devices)}"
@@ -218,6 +221,7 @@ class Intent:
             "pid": self.pid,
             "pid_start": self.pid_start,
             "server": None if self.server is None else self.server.to_json(),
+            "secret_files": dict(self.secret_files),
         }
 
     @classmethod
@@ -244,6 +248,7 @@ class Intent:
             pid=_int_or_none(data.get("pid")),
             pid_start=_int_or_none(data.get("pid_start")),
             server=None if data.get("server") is None else ServerRecord.from_json(data["server"]),
+            secret_files={str(k): str(v) for k, v in data.get("secret_files", {}).items()},
         )
 
 
@@ -902,13 +907,28 @@ def _mirror_way_on(intent: Intent, source: str, repo: str) -> str:
         )
     base = f"{overlay}.base.raw"
     # A LUN's or an NFS image's URL is the target's name to qemu-img too (its own initiator
-    # or NFS client writes it); quoted, as an nfs URL may carry ?uid=U&gid=G.
+    # or NFS client writes it); quoted, as an nfs URL may carry ?uid=U&gid=G. A CHAP LUN's
+    # URL cannot carry the password: the target is given as options naming a secret object
+    # that qemu-img reads from the password file.
+    into = f"-O raw {overlay} {shlex.quote(target)}"
+    added = next(iter(intent.add_nodes.values()), ())
+    lun = added[0] if added else {}
+    secret = str(lun.get("password-secret", ""))
+    if lun.get("driver") == "iscsi" and secret in intent.secret_files:
+        options = {
+            "driver": "raw",
+            **{f"file.{k}": v for k, v in lun.items() if k not in ("node-name", "cache")},
+        }
+        spec = ",".join(f"{k}={str(v).replace(',', ',,')}" for k, v in options.items())
+        password_file = intent.secret_files[secret].replace(",", ",,")
+        obj = f"secret,id={secret},file={password_file},format=raw"
+        into = f"--object {shlex.quote(obj)} --target-image-opts {overlay} {shlex.quote(spec)}"
     return (
         f"a live restore into a raw target: {overlay} holds the guest's writes, {target} only "
         "part of the copy; the backup point is unchanged. To finish, keeping the guest's "
         f"writes: `blockctl restore {source} {base}{repo} -O raw`, "
         f"`qemu-img rebase -u -f qcow2 -F raw -b {base} {overlay}`, "
-        f"`qemu-img convert -n -f qcow2 -O raw {overlay} {shlex.quote(target)}`, then remove "
+        f"`qemu-img convert -n -f qcow2 {into}`, then remove "
         f"{overlay} and {base}: {target} stands alone"
     )
 

@@ -86,7 +86,13 @@ from blockctl._machine import VM, Prepared, Timeouts, attach, launch_detached, s
 from blockctl._ops import drives
 from blockctl._ops.nodes import delete_nodes, flush_chain, read_graph
 from blockctl._qmp import wire
-from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, ConnectionLost
+from blockctl.errors import (
+    BackupCorrupt,
+    BlockctlError,
+    CommandFailed,
+    ConfigError,
+    ConnectionLost,
+)
 from blockctl.types import (
     Drive,
     ErrorPolicy,
@@ -638,13 +644,6 @@ def _check_remote_target(target: IscsiSource | NfsSource, raw: bool) -> None:
             f"{target.url}: {what} is written raw; a qcow2 live restore (block-stream) writes "
             "a new local file. Way out: target format raw (the CLI's -O raw)",
         )
-    if isinstance(target, IscsiSource) and target.password_file is not None:
-        raise ConfigError(
-            "target",
-            f"{target.url}: a LUN with CHAP credentials is not a live-restore target yet. "
-            "Way out: restore --live into a new raw file, then copy it onto the LUN with "
-            "`qemu-img convert -n` while nothing uses it",
-        )
 
 
 def _target_name(target: Path | IscsiSource | NfsSource) -> str:
@@ -698,12 +697,14 @@ async def _restore_raw(call: _Call) -> _Copied:
                 record.nodes, image, call.target, call.size, call.device_target
             )
             try:
+                await _add_target_secret(call.vm, call.target, target_nodes)
                 for node in target_nodes:
                     await wire.blockdev_add(call.vm.session, node)
                     if node is target_nodes[0] and not isinstance(call.target, Path):
                         await _check_remote_size(call, str(node["node-name"]))
             except BaseException:
                 with anyio.CancelScope(shield=True):
+                    await _delete_target_secrets(call.vm, target_nodes)
                     await _detach(call.vm, info.device_id, record.nodes)
                 raise
             op = None
@@ -749,6 +750,34 @@ async def _check_remote_size(call: _Call, node: str) -> None:
         )
 
 
+async def _add_target_secret(
+    vm: VM, target: Path | IscsiSource | NfsSource, target_nodes: Sequence[dict[str, Any]]
+) -> None:
+    """A CHAP LUN's ``secret`` object, before its node: QEMU reads the password from the
+    file, only the file's name is sent."""
+    secret = target_nodes[0].get("password-secret")
+    if not isinstance(target, IscsiSource) or target.password_file is None or secret is None:
+        return
+    await wire.secret_add(
+        vm.session,
+        {
+            "qom-type": "secret",
+            "id": str(secret),
+            "file": str(Path(target.password_file).absolute()),
+            "format": "raw",
+        },
+    )
+
+
+async def _delete_target_secrets(vm: VM, target_nodes: Sequence[dict[str, Any]]) -> None:
+    """The target's ``secret`` objects, its nodes gone (or never added); one not there (never
+    added) is not an error."""
+    for node in target_nodes:
+        if "password-secret" in node:
+            with contextlib.suppress(CommandFailed):
+                await wire.object_del(vm.session, str(node["password-secret"]))
+
+
 def _target_nodes(
     nodes: Sequence[Any],
     image: str,
@@ -772,6 +801,11 @@ def _target_nodes(
             "cache": overlay_file.get("cache"),
             "initiator-name": target.initiator_name,
         }
+        if target.password_file is not None:
+            # CHAP: the password in a secret object QEMU reads from the file
+            # (:func:`_add_target_secret`); the node names only the object.
+            file_node["user"] = target.user
+            file_node["password-secret"] = _argv.secret_id(f"{name}-file")
         file_node = {k: v for k, v in file_node.items() if v is not None}
     elif isinstance(target, NfsSource):
         # QEMU's own NFSv3 client (libnfs): the host mounts nothing.
@@ -838,6 +872,13 @@ async def _begin_mirror(
         delete_files=True,
         add_nodes={device_id: tuple(target_nodes)},
         server=server,
+        secret_files={
+            str(n["password-secret"]): str(Path(call.target.password_file).absolute())
+            for n in target_nodes
+            if "password-secret" in n
+            and isinstance(call.target, IscsiSource)
+            and call.target.password_file is not None
+        },
         what=(
             f"live restore of {call.device} ({call.point}) into {_target_name(call.target)} "
             f"(raw) on {device_id}"
@@ -909,6 +950,7 @@ async def _mirror(
                         [str(n["node-name"]) for n in target_nodes],
                         event="blockctl.backup.live_node_kept",
                     )
+                    await _delete_target_secrets(vm, target_nodes)
                     await _detach(vm, device_id, record.nodes)
             if op is not None:
                 op.finished()
