@@ -32,6 +32,7 @@ import enum
 import json
 import os
 import secrets
+import shlex
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -195,6 +196,9 @@ class Intent:
     #: (top-down); ``created_files`` then names the files made for it. Both cleared once the
     #: disk is attached (the record rewritten from QEMU's graph).
     hotplug_nodes: tuple[str, ...] = ()
+    #: A live restore onto a CHAP LUN: its ``secret`` object's id → the password file's name
+    #: (never the password), for the way on once QEMU is gone.
+    secret_files: Mapping[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         return self.what or f"{self.kind.value} on {', '.join(self.devices)}"
@@ -222,6 +226,7 @@ class Intent:
             "pid_start": self.pid_start,
             "server": None if self.server is None else self.server.to_json(),
             "hotplug_nodes": list(self.hotplug_nodes),
+            "secret_files": dict(self.secret_files),
         }
 
     @classmethod
@@ -249,6 +254,7 @@ class Intent:
             pid_start=_int_or_none(data.get("pid_start")),
             server=None if data.get("server") is None else ServerRecord.from_json(data["server"]),
             hotplug_nodes=tuple(str(n) for n in data.get("hotplug_nodes", ())),
+            secret_files={str(k): str(v) for k, v in data.get("secret_files", {}).items()},
         )
 
 
@@ -936,13 +942,30 @@ def _mirror_way_on(intent: Intent, source: str, repo: str) -> str:
             "the backup point is unchanged"
         )
     base = f"{overlay}.base.raw"
+    # A LUN's or an NFS image's URL is the target's name to qemu-img too (its own initiator
+    # or NFS client writes it); quoted, as an nfs URL may carry ?uid=U&gid=G. A CHAP LUN's
+    # URL cannot carry the password: the target is given as options naming a secret object
+    # that qemu-img reads from the password file.
+    into = f"-O raw {overlay} {shlex.quote(target)}"
+    added = next(iter(intent.add_nodes.values()), ())
+    lun = added[0] if added else {}
+    secret = str(lun.get("password-secret", ""))
+    if lun.get("driver") == "iscsi" and secret in intent.secret_files:
+        options = {
+            "driver": "raw",
+            **{f"file.{k}": v for k, v in lun.items() if k not in ("node-name", "cache")},
+        }
+        spec = ",".join(f"{k}={str(v).replace(',', ',,')}" for k, v in options.items())
+        password_file = intent.secret_files[secret].replace(",", ",,")
+        obj = f"secret,id={secret},file={password_file},format=raw"
+        into = f"--object {shlex.quote(obj)} --target-image-opts {overlay} {shlex.quote(spec)}"
     return (
         f"a live restore into a raw target: {overlay} holds the guest's writes, {target} only "
         "part of the copy; the backup point is unchanged. To finish, keeping the guest's "
         f"writes: `blockctl restore {source} {base}{repo} -O raw`, "
         f"`qemu-img rebase -u -f qcow2 -F raw -b {base} {overlay}`, "
-        f"`qemu-img convert -n -f qcow2 -O raw {overlay} {target}`, then remove {overlay} "
-        f"and {base}: {target} stands alone"
+        f"`qemu-img convert -n -f qcow2 {into}`, then remove "
+        f"{overlay} and {base}: {target} stands alone"
     )
 
 

@@ -91,7 +91,13 @@ from blockctl._machine import VM, Prepared, Timeouts, attach, launch_detached, s
 from blockctl._ops import drives
 from blockctl._ops.nodes import delete_nodes, flush_chain, read_graph
 from blockctl._qmp import wire
-from blockctl.errors import BackupCorrupt, BlockctlError, ConfigError, ConnectionLost
+from blockctl.errors import (
+    BackupCorrupt,
+    BlockctlError,
+    CommandFailed,
+    ConfigError,
+    ConnectionLost,
+)
 from blockctl.types import (
     Drive,
     ErrorPolicy,
@@ -100,6 +106,7 @@ from blockctl.types import (
     IscsiSource,
     MachineConfig,
     Media,
+    NfsSource,
 )
 
 _log = get_logger()
@@ -114,7 +121,7 @@ class LiveRestoreResult:
     """A finished live restore: the guest's new disk stands alone on ``path``."""
 
     device_id: str  # the new device in the guest
-    path: Path | IscsiSource  # the target: a file, a block device or an iSCSI LUN
+    path: Path | IscsiSource | NfsSource  # a file, a block device, an iSCSI LUN, an NFS image
     point: str
     source_device: str  # the disk of the point
     #: Seconds from the call until the guest had the disk (what an outage lasts).
@@ -150,7 +157,7 @@ async def restore_live(
     vm_name: str,
     point: str,
     device: str,
-    target: Path | IscsiSource,
+    target: Path | IscsiSource | NfsSource,
     *,
     interface: Interface = Interface.VIRTIO,
     control: JobControl = DEFAULT_CONTROL,
@@ -167,7 +174,9 @@ async def restore_live(
     least as large as the disk; the guest runs on a temporary qcow2 overlay meanwhile, which
     is mirrored into the target (module docstring); the result's ``job`` is the mirror.
     ``target`` may also be an :class:`IscsiSource` (raw only): an existing LUN at least as
-    large as the disk, opened by QEMU's initiator (node ``iscsi``) as the mirror's target."""
+    large as the disk, opened by QEMU's initiator (node ``iscsi``) as the mirror's target; or
+    an :class:`NfsSource` (raw only): an existing image on an NFS server at least as large as
+    the disk, opened by QEMU's NFS client (node ``nfs``) likewise."""
     started = time.monotonic()
     if control.on_error is not ErrorPolicy.REPORT:
         raise ConfigError(
@@ -178,8 +187,8 @@ async def restore_live(
         raise ConfigError("target_format", "a live restore writes a qcow2 or a raw target")
     copy = ("blockdev-mirror", "job-complete") if raw else ("block-stream",)
     await vm.require("blockdev-add", "device_add", *copy, "job-dismiss")
-    if isinstance(target, IscsiSource):
-        _check_lun_target(target, raw)
+    if isinstance(target, IscsiSource | NfsSource):
+        _check_remote_target(target, raw)
         device_target = True  # an existing target: nothing to create or remove
     else:
         target = _local_target(target)
@@ -563,9 +572,10 @@ class _Call:
     vm_name: str
     point: str
     device: str  # the disk of the point
-    target: Path | IscsiSource
+    target: Path | IscsiSource | NfsSource
     size: int  # the disk's
-    device_target: bool  # ``target`` exists (a block device or a LUN): not created, not removed
+    #: ``target`` exists (a block device, a LUN, an NFS image): not created, not removed.
+    device_target: bool
     interface: Interface
     control: JobControl
     started: float  # time.monotonic() at the call
@@ -732,31 +742,27 @@ def _local_target(target: Path | str) -> Path:
     if _URL.match(str(target)):
         raise ConfigError(
             "target",
-            f"{target}: a live restore writes a local file, a block device or an iSCSI LUN "
-            "(given as an IscsiSource, or iscsi://host[:port]/iqn/lun to the CLI), not this URL",
+            f"{target}: a live restore writes a local file, a block device, an iSCSI LUN or "
+            "an NFS image (given as an IscsiSource or an NfsSource, or to the CLI as "
+            "iscsi://host[:port]/iqn/lun or nfs://server/path), not this URL",
         )
     return Path(target).absolute()
 
 
-def _check_lun_target(target: IscsiSource, raw: bool) -> None:
+def _check_remote_target(target: IscsiSource | NfsSource, raw: bool) -> None:
+    what = "a LUN" if isinstance(target, IscsiSource) else "an NFS image"
     if not raw:
         raise ConfigError(
             "target_format",
-            f"{target.url}: a LUN is written raw; a qcow2 live restore (block-stream) writes a "
-            "new local file. Way out: target format raw (the CLI's -O raw)",
-        )
-    if target.password_file is not None:
-        raise ConfigError(
-            "target",
-            f"{target.url}: a LUN with CHAP credentials is not a live-restore target yet. "
-            "Way out: restore --live into a new raw file, then copy it onto the LUN with "
-            "`qemu-img convert -n` while nothing uses it",
+            f"{target.url}: {what} is written raw; a qcow2 live restore (block-stream) writes "
+            "a new local file. Way out: target format raw (the CLI's -O raw)",
         )
 
 
-def _target_name(target: Path | IscsiSource) -> str:
-    """How records and messages name a target (a LUN by its URL, never credentials)."""
-    return target.url if isinstance(target, IscsiSource) else str(target)
+def _target_name(target: Path | IscsiSource | NfsSource) -> str:
+    """How records and messages name a target (a LUN or an NFS image by its URL, never
+    credentials)."""
+    return target.url if isinstance(target, IscsiSource | NfsSource) else str(target)
 
 
 def _check_device_size(path: Path, size: int) -> None:
@@ -823,12 +829,14 @@ async def _restore_raw(call: _Call) -> _Copied:
                 record.nodes, image, call.target, call.size, call.device_target
             )
             try:
+                await _add_target_secret(call.vm, call.target, target_nodes)
                 for node in target_nodes:
                     await wire.blockdev_add(call.vm.session, node)
-                    if node is target_nodes[0] and isinstance(call.target, IscsiSource):
-                        await _check_lun_size(call, str(node["node-name"]))
+                    if node is target_nodes[0] and not isinstance(call.target, Path):
+                        await _check_remote_size(call, str(node["node-name"]))
             except BaseException:
                 with anyio.CancelScope(shield=True):
+                    await _delete_target_secrets(call.vm, target_nodes)
                     await _detach(call.vm, info.device_id, record.nodes)
                 raise
             op = None
@@ -859,24 +867,57 @@ async def _restore_raw(call: _Call) -> _Copied:
     return _Copied(info.device_id, attached, result)
 
 
-async def _check_lun_size(call: _Call, node: str) -> None:
-    """The LUN's node was just added: it must hold the disk (else deleted, and refused)."""
+async def _check_remote_size(call: _Call, node: str) -> None:
+    """The LUN's or NFS image's node was just added: it must hold the disk (else deleted,
+    and refused)."""
     have = next(
         (n.virtual_size or 0 for n in await call.vm.block_nodes() if n.node_name == node), 0
     )
     if have < call.size:
         await delete_nodes(call.vm, [node], event="blockctl.backup.live_node_kept")
+        grow = (
+            "a LUN at least as large (grow its backing store, then make its LU again)"
+            if isinstance(call.target, IscsiSource)
+            else "an NFS image at least as large (e.g. `qemu-img resize -f raw` on it)"
+        )
         raise ConfigError(
             "target",
-            f"{_target_name(call.target)} holds {have} bytes, the disk {call.size}: give a LUN "
-            "at least as large (grow its backing store, then make its LU again)",
+            f"{_target_name(call.target)} holds {have} bytes, the disk {call.size}: give {grow}",
         )
+
+
+async def _add_target_secret(
+    vm: VM, target: Path | IscsiSource | NfsSource, target_nodes: Sequence[dict[str, Any]]
+) -> None:
+    """A CHAP LUN's ``secret`` object, before its node: QEMU reads the password from the
+    file, only the file's name is sent."""
+    secret = target_nodes[0].get("password-secret")
+    if not isinstance(target, IscsiSource) or target.password_file is None or secret is None:
+        return
+    await wire.secret_add(
+        vm.session,
+        {
+            "qom-type": "secret",
+            "id": str(secret),
+            "file": str(Path(target.password_file).absolute()),
+            "format": "raw",
+        },
+    )
+
+
+async def _delete_target_secrets(vm: VM, target_nodes: Sequence[dict[str, Any]]) -> None:
+    """The target's ``secret`` objects, its nodes gone (or never added); one not there (never
+    added) is not an error."""
+    for node in target_nodes:
+        if "password-secret" in node:
+            with contextlib.suppress(CommandFailed):
+                await wire.object_del(vm.session, str(node["password-secret"]))
 
 
 def _target_nodes(
     nodes: Sequence[Any],
     image: str,
-    target: Path | IscsiSource,
+    target: Path | IscsiSource | NfsSource,
     size: int,
     device_target: bool,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -895,6 +936,24 @@ def _target_nodes(
             "lun": target.lun,
             "cache": overlay_file.get("cache"),
             "initiator-name": target.initiator_name,
+        }
+        if target.password_file is not None:
+            # CHAP: the password in a secret object QEMU reads from the file
+            # (:func:`_add_target_secret`); the node names only the object.
+            file_node["user"] = target.user
+            file_node["password-secret"] = _argv.secret_id(f"{name}-file")
+        file_node = {k: v for k, v in file_node.items() if v is not None}
+    elif isinstance(target, NfsSource):
+        # QEMU's own NFSv3 client (libnfs): the host mounts nothing.
+        file_node = {
+            "driver": "nfs",
+            "node-name": f"{name}-file",
+            "server": {"type": "inet", "host": target.server},
+            "path": target.path,
+            "user": target.user,
+            "group": target.group,
+            "readahead-size": target.readahead_size,
+            "cache": overlay_file.get("cache"),
         }
         file_node = {k: v for k, v in file_node.items() if v is not None}
     else:
@@ -949,6 +1008,13 @@ async def _begin_mirror(
         delete_files=True,
         add_nodes={device_id: tuple(target_nodes)},
         server=server,
+        secret_files={
+            str(n["password-secret"]): str(Path(call.target.password_file).absolute())
+            for n in target_nodes
+            if "password-secret" in n
+            and isinstance(call.target, IscsiSource)
+            and call.target.password_file is not None
+        },
         what=(
             f"live restore of {call.device} ({call.point}) into {_target_name(call.target)} "
             f"(raw) on {device_id}"
@@ -1020,6 +1086,7 @@ async def _mirror(
                         [str(n["node-name"]) for n in target_nodes],
                         event="blockctl.backup.live_node_kept",
                     )
+                    await _delete_target_secrets(vm, target_nodes)
                     await _detach(vm, device_id, record.nodes)
             if op is not None:
                 op.finished()

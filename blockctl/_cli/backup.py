@@ -364,7 +364,8 @@ class RestoreCommand(Command):
             "--live",
             action="store_true",
             help="with --attach: attach the disk at once and copy the point into it while the "
-            "guest uses it (-O raw: a new raw file, a block device or an iscsi:// LUN, mirrored "
+            "guest uses it (-O raw: a new raw file, a block device, an iscsi:// LUN or an nfs:// "
+            "image, mirrored "
             "from an overlay); with --launch: start the VM on it at once",
         )
         parser.add_argument("--speed", help="--live: bytes/s limit of the copy (e.g. 50M)")
@@ -459,14 +460,7 @@ class RestoreCommand(Command):
     async def _live(
         self, args: argparse.Namespace, repo: backup_ops.Repository, fmt: ImageFormat
     ) -> int:
-        given = image_location(args.dest, args)
-        if isinstance(given, NfsSource):
-            raise ConfigError(
-                "dest",
-                f"{given.url}: a live restore writes a local file, a block device or an iSCSI "
-                "LUN. Way out: restore without --live onto the NFS image",
-            )
-        target: Path | IscsiSource = given
+        target = image_location(args.dest, args)
         async with attach(args.attach, vm_name=args.vm_name) as vm:
             result = await backup_ops.restore_live(
                 vm,
@@ -478,7 +472,11 @@ class RestoreCommand(Command):
                 control=job_control(args, job_hooks(args, "restore")),
                 target_format=fmt,
             )
-        where = result.path.url if isinstance(result.path, IscsiSource) else str(result.path)
+        where = (
+            result.path.url
+            if isinstance(result.path, IscsiSource | NfsSource)
+            else str(result.path)
+        )
         emit(
             args,
             {

@@ -295,6 +295,10 @@ def _image_file(qemu_name: str) -> str:
             return str(spec["filename"])
         if spec.get("driver") == "iscsi":  # a LUN is named by its URL
             return f"iscsi://{spec['portal']}/{spec['target']}/{spec['lun']}"
+        if spec.get("driver") == "nfs":  # an NFS image by its URL (QEMU flattens "server")
+            ids = [f"{q}={spec[k]}" for q, k in (("uid", "user"), ("gid", "group")) if k in spec]
+            query = f"?{'&'.join(ids)}" if ids else ""
+            return f"nfs://{spec['server.host']}{spec['path']}{query}"
         spec = spec.get("file", spec.get("image"))
     raise AssertionError(f"no filename in {qemu_name}")
 

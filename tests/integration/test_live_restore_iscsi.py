@@ -18,9 +18,11 @@ from blockctl import GuestImage, backup, open_vm
 from blockctl import attach as attach_vm
 from blockctl._backup import live
 from blockctl._jobs import JobControl
+from blockctl._ops import drives
+from blockctl._ops.drives import UnplugState
 from blockctl._qmp import wire
 from blockctl._runtime import read_record
-from blockctl.errors import BlockctlError, ConfigError, ConnectionLost
+from blockctl.errors import BlockctlError, CommandFailed, ConfigError, ConnectionLost
 from blockctl.types import ImageFormat
 from tests.integration.conftest import MIB, qcow2_image, run, running, sha256, truth_check
 from tests.integration.test_backup import config, disk_sha
@@ -77,14 +79,27 @@ async def test_live_restore_into_an_iscsi_lun_while_the_guest_reads_and_writes(
     images: Path,
     tmp_path: Path,
     tgt: Tgt,  # noqa: F811
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """Refused first, nothing changed: a qcow2 target on a LUN, a LUN with CHAP, a LUN
-    smaller than the disk (LUN 1, 16 MiB: its node is added, measured, deleted). Then into
-    LUN 2 while the guest reads the whole disk and writes during the copy."""
+    """Refused first, nothing changed: a qcow2 target on a LUN, a LUN smaller than the disk
+    (LUN 1, 16 MiB: its node is added, measured, deleted). Then CHAP on the target: a wrong
+    password refused (the LUN, the nodes, QEMU's objects as they were). Then into LUN 2 with
+    the right one (a secret object QEMU reads from the file; the drive's record names it,
+    unplug removes it) while the guest reads the whole disk and writes during the copy. The
+    password is in no output, record or log."""
+    from tests.integration.test_storage_iscsi import object_ids
+
     repo = backup.init_repository(tmp_path / "repo", chunk_size=256 * 1024)
     disk = await qcow2_image(images / "d0.qcow2", b"", DISK_MIB * MIB)
     tail = lun_ready(tgt)
-    target = tgt.source(LUN)
+    password = "chap-secret-7d2a0b"  # tgt: 12-16 characters for iSCSI CHAP
+    good = tmp_path / "chap.pw"
+    good.write_text(password)
+    good.chmod(0o600)
+    wrong = tmp_path / "wrong.pw"
+    wrong.write_text("not-the-password")
+    wrong.chmod(0o600)
+    target = tgt.source(LUN, user="carol", password_file=good)
     watch = StreamWatch()  # the mirror's id, once it runs
     async with open_vm(config(guest, "lri", disk)) as vm:
         await vm.console.wait_ready()  # type: ignore[union-attr]
@@ -94,17 +109,10 @@ async def test_live_restore_into_an_iscsi_lun_while_the_guest_reads_and_writes(
         at_point = await disk_sha(vm, "vda", DISK_MIB)
         before = await node_names(vm)
         assert vm.run_dir is not None
-        password = tmp_path / "chap"
-        password.write_text("secret")
-        password.chmod(0o600)
+        objects = set(await object_ids(vm))
+        # (A LUN with CHAP credentials was refused here before it was a target: issue 18.)
         refusals = (
-            (target, ImageFormat.QCOW2, "target_format", "a LUN is written raw"),
-            (
-                tgt.source(LUN, user="u", password_file=password),
-                ImageFormat.RAW,
-                "target",
-                "CHAP",
-            ),
+            (tgt.source(LUN), ImageFormat.QCOW2, "target_format", "a LUN is written raw"),
             (tgt.source(1), ImageFormat.RAW, "target", "give a LUN at least as large"),
         )
         for bad, fmt, field, says in refusals:
@@ -118,6 +126,27 @@ async def test_live_restore_into_an_iscsi_lun_while_the_guest_reads_and_writes(
             assert await wire.query_jobs(vm.session) == ()
             assert device_overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
             assert not list(vm.run_dir.glob("journal-*.json"))
+        tgt.admin("--lld", "iscsi", "--op", "new", "--mode", "account", "--user", "carol",
+                  "--password", password)  # fmt: skip
+        tgt.admin("--lld", "iscsi", "--op", "bind", "--mode", "account", "--tid", "1",
+                  "--user", "carol")  # fmt: skip
+        lun_before = sha256(tgt.backing[LUN - 1].read_bytes())
+        with pytest.raises(CommandFailed) as denied:
+            await backup.restore_live(
+                vm,
+                repo,
+                "lri",
+                point.id,
+                "disk0",
+                tgt.source(LUN, user="carol", password_file=wrong),
+                target_format=ImageFormat.RAW,
+            )
+        assert "Authentication failure" in str(denied.value), denied.value
+        assert await node_names(vm) == before and set(await object_ids(vm)) == objects
+        assert set(vm.registry.drives) == {"disk0"}
+        assert device_overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
+        assert not list(vm.run_dir.glob("journal-*.json"))
+        assert sha256(tgt.backing[LUN - 1].read_bytes()) == lun_before
         results: list[live.LiveRestoreResult] = []
 
         async def restore() -> None:
@@ -155,6 +184,9 @@ async def test_live_restore_into_an_iscsi_lun_while_the_guest_reads_and_writes(
         record = vm.registry.drives[result.device_id]
         assert [n["driver"] for n in record.nodes] == ["iscsi", "raw"]
         assert (record.nodes[0]["portal"], record.nodes[0]["lun"]) == (tgt.portal, LUN)
+        # The drive's record names the secret object (its unplug deletes it), QEMU has it.
+        secret = record.nodes[0]["password-secret"]
+        assert set(await object_ids(vm)) == objects | {secret}
         # The LUN's raw node is the disk's size, not the (larger) LUN's.
         sizes = {n.node_name: n.virtual_size for n in await vm.block_nodes()}
         assert sizes[record.nodes[-1]["node-name"]] == DISK_MIB * MIB
@@ -163,9 +195,16 @@ async def test_live_restore_into_an_iscsi_lun_while_the_guest_reads_and_writes(
         assert device_overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
         assert not list(vm.run_dir.glob("journal-*.json"))
         await truth_check(vm)
+        for path in [p for p in vm.run_dir.rglob("*") if p.is_file()]:
+            assert password.encode() not in path.read_bytes(), path
+        unplugged = await drives.unplug(vm, result.device_id)
+        assert unplugged.state is UnplugState.REMOVED
+        assert set(await object_ids(vm)) == objects and await node_names(vm) == before
     want = await reference(repo, "lri", point.id, tmp_path / "reference.raw", RAW_WRITES)
     assert sha256(want.read_bytes()) == during
     await lun_equals(tgt, want, tail)
+    out, err = capfd.readouterr()
+    assert password not in out + err  # blockctl's log lines and QEMU's
 
 
 @pytest.mark.guest
@@ -283,19 +322,30 @@ async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plu
     tmp_path: Path,
     runtime_dir: Path,
     tgt: Tgt,  # noqa: F811
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """kill -9 of QEMU mid-copy into a LUN (the guest has read the disk and written to it):
-    the controller raises ConnectionLost and stops the server; ``blockctl recover`` drops
-    the record and says what the LUN and the overlay hold, with the commands that make the
-    LUN whole. Run as given (the last one writes the LUN by its URL through QEMU's own
-    initiator), the LUN's file holds the point plus the guest's writes, and its bytes past
-    the disk as they were; the repository is unchanged."""
+    """kill -9 of QEMU mid-copy into a CHAP LUN (the guest has read the disk and written to
+    it): the controller raises ConnectionLost and stops the server; ``blockctl recover``
+    drops the record and says what the LUN and the overlay hold, with the commands that make
+    the LUN whole. Run as given (the last one writes the LUN through qemu-img's own
+    initiator, the password read from its file by a secret object), the LUN's file holds
+    the point plus the guest's writes, and its bytes past the disk as they were; the
+    repository is unchanged; the password is in no record, message or output."""
     from tests.integration.test_attach_cli import cli
     from tests.integration.test_backup_faults import detached
 
     repo = backup.init_repository(tmp_path / "repo")
     disk = await qcow2_image(images / "q0.qcow2", b"", DISK_MIB * MIB)
     tail = lun_ready(tgt)
+    password = "chap-secret-5e8f1c"  # tgt: 12-16 characters for iSCSI CHAP
+    tgt.admin("--lld", "iscsi", "--op", "new", "--mode", "account", "--user", "dave",
+              "--password", password)  # fmt: skip
+    tgt.admin("--lld", "iscsi", "--op", "bind", "--mode", "account", "--tid", "1",
+              "--user", "dave")  # fmt: skip
+    good = tmp_path / "chap.pw"
+    good.write_text(password)
+    good.chmod(0o600)
+    target = tgt.source(LUN, user="dave", password_file=good)
     run_dir = runtime_dir / "lrl"
     watch = StreamWatch()
     raised: list[BaseException] = []
@@ -316,7 +366,7 @@ async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plu
                         "lrl",
                         point.id,
                         "disk0",
-                        tgt.source(LUN),
+                        target,
                         control=JobControl(speed=1, hooks=(watch,)),
                         target_format=ImageFormat.RAW,
                     )
@@ -339,13 +389,16 @@ async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plu
         assert overlays(run_dir) == []
         (overlay,) = device_overlays(run_dir)
         await cli("down", "lrl")
-        assert len(list(run_dir.glob("journal-*.json"))) == 1
+        (record,) = list(run_dir.glob("journal-*.json"))
+        assert password.encode() not in record.read_bytes()
         done = json.loads((await cli("recover", "lrl", "--json")).stdout)
         (result,) = [r for r in done["operations"] if r["kind"] == "mirror"]
         assert result["verdict"] == "qemu-gone", result
         assert not list(run_dir.glob("journal-*.json"))
     message = result["message"]
-    assert "holds the guest's writes" in message and tgt.source(LUN).url in message
+    assert "holds the guest's writes" in message and target.url in message
+    assert password not in json.dumps(done) and str(good) in message
+    assert "--object" in message and "--target-image-opts" in message
     assert await follow_way_on(message) == [
         ["blockctl", "restore"],
         ["qemu-img", "rebase"],
@@ -358,3 +411,5 @@ async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plu
     assert tree_digest(repo.path) == hashes
     want_file = await reference(repo, "lrl", point.id, tmp_path / "r.raw", RAW_WRITES)
     await lun_equals(tgt, want_file, tail)
+    out, err = capfd.readouterr()
+    assert password not in out + err

@@ -1,0 +1,243 @@
+"""Live restore onto an NFS image (issue 18): the guest's disk runs on a temporary qcow2
+overlay over the backup's NBD server, mirrored (write-blocking) into an existing image on
+an NFS server, opened by QEMU's own NFSv3 client (node ``nfs``; the host mounts nothing); at
+READY the device pivots onto the image's raw node. Ganesha is test_storage_nfs.py's fixture
+(QEMU runs in its network namespace); the export's files are read after."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from blockctl import GuestImage, backup, open_vm
+from blockctl import attach as attach_vm
+from blockctl._backup import live
+from blockctl._binaries import binary as qemu_binary
+from blockctl._jobs import JobControl
+from blockctl._qmp import wire
+from blockctl._runtime import read_record
+from blockctl.errors import BlockctlError, ConfigError, ConnectionLost
+from blockctl.types import ImageFormat
+from tests.integration.conftest import MIB, pattern, qcow2_image, raw_image, sha256, truth_check
+from tests.integration.test_backup import config, disk_sha
+from tests.integration.test_live_restore import (
+    RAW_DISK_MIB,
+    RAW_WRITES,
+    WAIT_VDB,
+    StreamWatch,
+    device_overlays,
+    fill,
+    follow_way_on,
+    guest_fill,
+    nbdkit,  # noqa: F401 (the fixture: nbdkit is required)
+    nbdkit_pids_under,
+    node_names,
+    overlays,
+    read_sha,
+    reference,
+    tree_digest,
+)
+from tests.integration.test_storage_nfs import Nfs, nfs  # noqa: F401 (nfs: the fixture)
+
+DISK_MIB = RAW_DISK_MIB
+
+
+@pytest.mark.guest
+async def test_live_restore_onto_an_nfs_image_while_the_guest_reads_and_writes(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    nfs: Nfs,  # noqa: F811
+) -> None:
+    """Refused first, nothing changed on the VM or the export: a qcow2 target on an NFS
+    image, an image smaller than the disk (its node is added, measured, deleted). Then onto
+    an image 1 MiB larger than the disk while the guest reads the whole disk and writes
+    during the copy: the image holds the point plus the guest's writes, its last MiB as it
+    was; the repository unchanged."""
+    repo = backup.init_repository(tmp_path / "repo", chunk_size=256 * 1024)
+    disk = await qcow2_image(images / "d0.qcow2", b"", DISK_MIB * MIB)
+    image = await raw_image(nfs.export / "t.raw", pattern(221, (DISK_MIB + 1) * MIB))
+    small = await raw_image(nfs.export / "small.raw", pattern(222, 16 * MIB))
+    tail = sha256(image.read_bytes()[DISK_MIB * MIB :])
+    small_sha = sha256(small.read_bytes())
+    target = nfs.source("t.raw")
+    watch = StreamWatch()  # the mirror's id, once it runs
+    async with open_vm(config(guest, "lrn", disk)) as vm:
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await guest_fill(vm, "vda", 0, 64, 0x41)
+        await guest_fill(vm, "vda", 128, 64, 0x42)
+        point = await backup.create(vm, repo)
+        hashes = tree_digest(repo.path)
+        at_point = await disk_sha(vm, "vda", DISK_MIB)
+        before = await node_names(vm)
+        assert vm.run_dir is not None
+        untouched = sha256(image.read_bytes())
+        refusals = (
+            (target, ImageFormat.QCOW2, "target_format", "an NFS image is written raw"),
+            (nfs.source("small.raw"), ImageFormat.RAW, "target", "an NFS image at least as"),
+        )
+        for bad, fmt, field, says in refusals:
+            with pytest.raises(ConfigError) as refused:
+                await backup.restore_live(
+                    vm, repo, "lrn", point.id, "disk0", bad, target_format=fmt
+                )
+            assert refused.value.field == field and says in str(refused.value), refused.value
+            assert await node_names(vm) == before
+            assert set(vm.registry.drives) == {"disk0"}
+            assert await wire.query_jobs(vm.session) == ()
+            assert device_overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
+            assert not list(vm.run_dir.glob("journal-*.json"))
+        assert sha256(small.read_bytes()) == small_sha
+        assert sha256(image.read_bytes()) == untouched
+        results: list[live.LiveRestoreResult] = []
+
+        async def restore() -> None:
+            # 1 byte/s: the mirror copies one request, then waits for the speed change below.
+            results.append(
+                await backup.restore_live(
+                    vm,
+                    repo,
+                    "lrn",
+                    point.id,
+                    "disk0",
+                    target,
+                    control=JobControl(speed=1, hooks=(watch,)),
+                    target_format=ImageFormat.RAW,
+                )
+            )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(restore)
+            await watch.running.wait()
+            assert watch.job_id is not None
+            await vm.console.check(WAIT_VDB)  # type: ignore[union-attr]
+            assert len(device_overlays(vm.run_dir)) == 1
+            assert await disk_sha(vm, "vdb", DISK_MIB) == at_point
+            for offset, kib, byte in RAW_WRITES:
+                await guest_fill(vm, "vdb", offset, kib, byte)
+            during = await disk_sha(vm, "vdb", DISK_MIB)
+            jobs = await wire.query_jobs(vm.session)
+            assert [(j.id, j.type) for j in jobs] == [(watch.job_id, "mirror")]
+            await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+        (result,) = results
+        assert result.path == target
+        assert result.job.completed_on_ready and result.job.offset == result.job.length
+        assert await disk_sha(vm, "vdb", DISK_MIB) == during
+        record = vm.registry.drives[result.device_id]
+        assert [n["driver"] for n in record.nodes] == ["nfs", "raw"]
+        assert record.nodes[0]["path"] == str(image)
+        # The image's raw node is the disk's size, not the (larger) image's.
+        sizes = {n.node_name: n.virtual_size for n in await vm.block_nodes()}
+        assert sizes[record.nodes[-1]["node-name"]] == DISK_MIB * MIB
+        assert await node_names(vm) == before | set(record.node_names)
+        assert await wire.query_jobs(vm.session) == ()
+        assert device_overlays(vm.run_dir) == [] and nbdkit_pids_under(vm.run_dir) == []
+        assert not list(vm.run_dir.glob("journal-*.json"))
+        await truth_check(vm)
+    assert tree_digest(repo.path) == hashes
+    want = await reference(repo, "lrn", point.id, tmp_path / "reference.raw", RAW_WRITES)
+    assert sha256(want.read_bytes()) == during
+    written = image.read_bytes()
+    assert sha256(written[: DISK_MIB * MIB]) == during
+    assert sha256(written[DISK_MIB * MIB :]) == tail
+
+
+@pytest.mark.guest
+async def test_qemu_killed_mid_mirror_onto_nfs_then_the_way_on_gives_point_plus_writes(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    runtime_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    nfs: Nfs,  # noqa: F811
+) -> None:
+    """kill -9 of QEMU mid-copy onto an NFS image (the guest has read the disk and written
+    to it): the controller raises ConnectionLost and stops the server; ``blockctl recover``
+    drops the record and gives the commands that make the image whole. Run as given (the
+    last one writes the image by its nfs:// URL through qemu-img's own NFS client, in the
+    server's network namespace as QEMU is), the image holds the point plus the guest's
+    writes and its bytes past the disk as they were; the repository is unchanged."""
+    from tests.integration.test_attach_cli import cli
+    from tests.integration.test_backup_faults import detached
+
+    wrapper = tmp_path / "qemu-img-in-netns"
+    wrapper.write_text(
+        f"#!/bin/sh\nexec nsenter --net=/proc/{nfs.netns_pid}/ns/net -- "
+        f'{qemu_binary("qemu-img")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("BLOCKCTL_QEMU_IMG", str(wrapper))
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "q0.qcow2", b"", DISK_MIB * MIB)
+    image = await raw_image(nfs.export / "k.raw", pattern(223, (DISK_MIB + 1) * MIB))
+    tail = sha256(image.read_bytes()[DISK_MIB * MIB :])
+    target = nfs.source("k.raw")
+    run_dir = runtime_dir / "lrk"
+    watch = StreamWatch()
+    raised: list[BaseException] = []
+    async with detached(guest, "lrk", disk) as console:
+        await console.check(
+            "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
+        )
+        async with attach_vm("lrk") as vm:
+            point = await backup.create(vm, repo)
+            hashes = tree_digest(repo.path)
+            want = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
+
+            async def restore() -> None:
+                try:
+                    await backup.restore_live(
+                        vm,
+                        repo,
+                        "lrk",
+                        point.id,
+                        "disk0",
+                        target,
+                        control=JobControl(speed=1, hooks=(watch,)),
+                        target_format=ImageFormat.RAW,
+                    )
+                except BlockctlError as exc:
+                    raised.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(restore)
+                await watch.running.wait()
+                await console.check(WAIT_VDB)
+                assert (await console.check(read_sha("vdb", DISK_MIB))).split()[0] == want
+                for write_ in RAW_WRITES:
+                    await console.check(fill("vdb", *write_))
+                during = (await console.check(read_sha("vdb", DISK_MIB))).split()[0]
+                os.kill(read_record("lrk").pid, signal.SIGKILL)
+        (error,) = raised
+        assert isinstance(error, ConnectionLost), repr(error)
+        assert nbdkit_pids_under(run_dir) == []
+        assert overlays(run_dir) == []
+        (overlay,) = device_overlays(run_dir)
+        await cli("down", "lrk")
+        assert len(list(run_dir.glob("journal-*.json"))) == 1
+        done = json.loads((await cli("recover", "lrk", "--json")).stdout)
+        (result,) = [r for r in done["operations"] if r["kind"] == "mirror"]
+        assert result["verdict"] == "qemu-gone", result
+        assert not list(run_dir.glob("journal-*.json"))
+    message = result["message"]
+    assert "holds the guest's writes" in message and target.url in message
+    assert await follow_way_on(message) == [
+        ["blockctl", "restore"],
+        ["qemu-img", "rebase"],
+        ["qemu-img", "convert"],
+    ]
+    base = Path(f"{overlay}.base.raw")
+    for path in (overlay, base):
+        assert str(path) in message and "remove" in message
+        path.unlink()
+    assert tree_digest(repo.path) == hashes
+    want_file = await reference(repo, "lrk", point.id, tmp_path / "r.raw", RAW_WRITES)
+    assert sha256(want_file.read_bytes()) == during
+    written = image.read_bytes()
+    assert sha256(written[: DISK_MIB * MIB]) == during
+    assert sha256(written[DISK_MIB * MIB :]) == tail
