@@ -9,7 +9,9 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -23,7 +25,7 @@ from blockctl._ops.drives import UnplugState
 from blockctl._qmp import wire
 from blockctl._runtime import read_record
 from blockctl.errors import BlockctlError, CommandFailed, ConfigError, ConnectionLost
-from blockctl.types import ImageFormat
+from blockctl.types import ImageFormat, IscsiSource, NfsSource
 from tests.integration.conftest import MIB, qcow2_image, run, running, sha256, truth_check
 from tests.integration.test_backup import config, disk_sha
 from tests.integration.test_live_restore import (
@@ -315,45 +317,43 @@ async def test_a_controller_killed_mid_mirror_into_a_lun_then_recover_finishes(
     await lun_equals(tgt, want_file, tail)
 
 
-@pytest.mark.guest
-async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plus_writes(
+@dataclass(frozen=True)
+class QemuKilledMidMirror:
+    """What :func:`qemu_killed_mid_mirror` leaves for its test to check."""
+
+    point: str
+    hashes: dict[str, str]  # the repository's files, before the restore
+    during: str  # the restored disk's sha256 read in the guest just before QEMU's kill
+    overlay: Path  # the guest's writes, kept outside the run directory
+    record: bytes  # the journal record `recover` found
+    recovered: dict[str, Any]  # `blockctl recover --json`
+    result: dict[str, Any]  # its mirror operation
+
+
+async def qemu_killed_mid_mirror(
     guest: GuestImage,
-    images: Path,
-    tmp_path: Path,
-    runtime_dir: Path,
-    tgt: Tgt,  # noqa: F811
-    capfd: pytest.CaptureFixture[str],
-) -> None:
-    """kill -9 of QEMU mid-copy into a CHAP LUN (the guest has read the disk and written to
-    it): the controller raises ConnectionLost and stops the server; ``blockctl recover``
-    drops the record and says what the LUN and the overlay hold, with the commands that make
-    the LUN whole. Run as given (the last one writes the LUN through qemu-img's own
-    initiator, the password read from its file by a secret object), the LUN's file holds
-    the point plus the guest's writes, and its bytes past the disk as they were; the
-    repository is unchanged; the password is in no record, message or output."""
+    name: str,
+    disk: Path,
+    repo: backup.Repository,
+    target: IscsiSource | NfsSource,
+    run_dir: Path,
+) -> QemuKilledMidMirror:
+    """A live restore of the point of ``disk`` into the remote raw ``target``, in the
+    detached VM ``name``: once the guest has read the disk (equal to the point) and written
+    ``RAW_WRITES`` to it, QEMU is SIGKILLed mid-copy. The controller raises ConnectionLost
+    and stops the server; the overlay stays outside the run directory; `blockctl down` keeps
+    the record and `blockctl recover` (other processes) reports the mirror as qemu-gone and
+    drops it."""
     from tests.integration.test_attach_cli import cli
     from tests.integration.test_backup_faults import detached
 
-    repo = backup.init_repository(tmp_path / "repo")
-    disk = await qcow2_image(images / "q0.qcow2", b"", DISK_MIB * MIB)
-    tail = lun_ready(tgt)
-    password = "chap-secret-5e8f1c"  # tgt: 12-16 characters for iSCSI CHAP
-    tgt.admin("--lld", "iscsi", "--op", "new", "--mode", "account", "--user", "dave",
-              "--password", password)  # fmt: skip
-    tgt.admin("--lld", "iscsi", "--op", "bind", "--mode", "account", "--tid", "1",
-              "--user", "dave")  # fmt: skip
-    good = tmp_path / "chap.pw"
-    good.write_text(password)
-    good.chmod(0o600)
-    target = tgt.source(LUN, user="dave", password_file=good)
-    run_dir = runtime_dir / "lrl"
     watch = StreamWatch()
     raised: list[BaseException] = []
-    async with detached(guest, "lrl", disk) as console:
+    async with detached(guest, name, disk) as console:
         await console.check(
             "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
         )
-        async with attach_vm("lrl") as vm:
+        async with attach_vm(name) as vm:
             point = await backup.create(vm, repo)
             hashes = tree_digest(repo.path)
             want = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
@@ -363,7 +363,7 @@ async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plu
                     await backup.restore_live(
                         vm,
                         repo,
-                        "lrl",
+                        name,
                         point.id,
                         "disk0",
                         target,
@@ -380,7 +380,8 @@ async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plu
                 assert (await console.check(read_sha("vdb", DISK_MIB))).split()[0] == want
                 for write_ in RAW_WRITES:
                     await console.check(fill("vdb", *write_))
-                os.kill(read_record("lrl").pid, signal.SIGKILL)
+                during = (await console.check(read_sha("vdb", DISK_MIB))).split()[0]
+                os.kill(read_record(name).pid, signal.SIGKILL)
         (error,) = raised
         assert isinstance(error, ConnectionLost), repr(error)
         assert nbdkit_pids_under(run_dir) == []
@@ -388,28 +389,71 @@ async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plu
         # the dead VM keeps that directory while it holds the interrupted restore's record.
         assert overlays(run_dir) == []
         (overlay,) = device_overlays(run_dir)
-        await cli("down", "lrl")
+        await cli("down", name)
         (record,) = list(run_dir.glob("journal-*.json"))
-        assert password.encode() not in record.read_bytes()
-        done = json.loads((await cli("recover", "lrl", "--json")).stdout)
-        (result,) = [r for r in done["operations"] if r["kind"] == "mirror"]
+        record_bytes = record.read_bytes()
+        recovered = json.loads((await cli("recover", name, "--json")).stdout)
+        (result,) = [r for r in recovered["operations"] if r["kind"] == "mirror"]
         assert result["verdict"] == "qemu-gone", result
         assert not list(run_dir.glob("journal-*.json"))
-    message = result["message"]
+    return QemuKilledMidMirror(
+        point=point.id,
+        hashes=hashes,
+        during=during,
+        overlay=overlay,
+        record=record_bytes,
+        recovered=recovered,
+        result=result,
+    )
+
+
+@pytest.mark.guest
+async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plus_writes(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    runtime_dir: Path,
+    tgt: Tgt,  # noqa: F811
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """kill -9 of QEMU mid-copy into a CHAP LUN (the guest has read the disk and written to
+    it): the controller raises ConnectionLost and stops the server; ``blockctl recover``
+    drops the record and says what the LUN and the overlay hold, with the commands that make
+    the LUN whole. Run as given (the last one writes the LUN through qemu-img's own
+    initiator, the password read from its file by a secret object), the LUN's file holds
+    the point plus the guest's writes, and its bytes past the disk as they were; the
+    repository is unchanged; the password is in no record, message or output."""
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "q0.qcow2", b"", DISK_MIB * MIB)
+    tail = lun_ready(tgt)
+    password = "chap-secret-5e8f1c"  # tgt: 12-16 characters for iSCSI CHAP
+    tgt.admin("--lld", "iscsi", "--op", "new", "--mode", "account", "--user", "dave",
+              "--password", password)  # fmt: skip
+    tgt.admin("--lld", "iscsi", "--op", "bind", "--mode", "account", "--tid", "1",
+              "--user", "dave")  # fmt: skip
+    good = tmp_path / "chap.pw"
+    good.write_text(password)
+    good.chmod(0o600)
+    target = tgt.source(LUN, user="dave", password_file=good)
+    run_dir = runtime_dir / "lrl"
+    killed = await qemu_killed_mid_mirror(guest, "lrl", disk, repo, target, run_dir)
+    assert password.encode() not in killed.record
+    message = killed.result["message"]
     assert "holds the guest's writes" in message and target.url in message
-    assert password not in json.dumps(done) and str(good) in message
+    assert password not in json.dumps(killed.recovered) and str(good) in message
     assert "--object" in message and "--target-image-opts" in message
     assert await follow_way_on(message) == [
         ["blockctl", "restore"],
         ["qemu-img", "rebase"],
         ["qemu-img", "convert"],
     ]
-    base = Path(f"{overlay}.base.raw")
-    for path in (overlay, base):
+    base = Path(f"{killed.overlay}.base.raw")
+    for path in (killed.overlay, base):
         assert str(path) in message and "remove" in message
         path.unlink()
-    assert tree_digest(repo.path) == hashes
-    want_file = await reference(repo, "lrl", point.id, tmp_path / "r.raw", RAW_WRITES)
+    assert tree_digest(repo.path) == killed.hashes
+    want_file = await reference(repo, "lrl", killed.point, tmp_path / "r.raw", RAW_WRITES)
+    assert sha256(want_file.read_bytes()) == killed.during
     await lun_equals(tgt, want_file, tail)
     out, err = capfd.readouterr()
     assert password not in out + err

@@ -6,22 +6,17 @@ READY the device pivots onto the image's raw node. Ganesha is test_storage_nfs.p
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 from pathlib import Path
 
 import anyio
 import pytest
 
 from blockctl import GuestImage, backup, open_vm
-from blockctl import attach as attach_vm
 from blockctl._backup import live
 from blockctl._binaries import binary as qemu_binary
 from blockctl._jobs import JobControl
 from blockctl._qmp import wire
-from blockctl._runtime import read_record
-from blockctl.errors import BlockctlError, ConfigError, ConnectionLost
+from blockctl.errors import ConfigError
 from blockctl.types import ImageFormat
 from tests.integration.conftest import MIB, pattern, qcow2_image, raw_image, sha256, truth_check
 from tests.integration.test_backup import config, disk_sha
@@ -31,17 +26,15 @@ from tests.integration.test_live_restore import (
     WAIT_VDB,
     StreamWatch,
     device_overlays,
-    fill,
     follow_way_on,
     guest_fill,
     nbdkit,  # noqa: F401 (the fixture: nbdkit is required)
     nbdkit_pids_under,
     node_names,
-    overlays,
-    read_sha,
     reference,
     tree_digest,
 )
+from tests.integration.test_live_restore_iscsi import qemu_killed_mid_mirror
 from tests.integration.test_storage_nfs import Nfs, nfs  # noqa: F401 (nfs: the fixture)
 
 DISK_MIB = RAW_DISK_MIB
@@ -162,9 +155,6 @@ async def test_qemu_killed_mid_mirror_onto_nfs_then_the_way_on_gives_point_plus_
     last one writes the image by its nfs:// URL through qemu-img's own NFS client, in the
     server's network namespace as QEMU is), the image holds the point plus the guest's
     writes and its bytes past the disk as they were; the repository is unchanged."""
-    from tests.integration.test_attach_cli import cli
-    from tests.integration.test_backup_faults import detached
-
     wrapper = tmp_path / "qemu-img-in-netns"
     wrapper.write_text(
         f"#!/bin/sh\nexec nsenter --net=/proc/{nfs.netns_pid}/ns/net -- "
@@ -178,66 +168,21 @@ async def test_qemu_killed_mid_mirror_onto_nfs_then_the_way_on_gives_point_plus_
     tail = sha256(image.read_bytes()[DISK_MIB * MIB :])
     target = nfs.source("k.raw")
     run_dir = runtime_dir / "lrk"
-    watch = StreamWatch()
-    raised: list[BaseException] = []
-    async with detached(guest, "lrk", disk) as console:
-        await console.check(
-            "dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct conv=fsync 2>/dev/null"
-        )
-        async with attach_vm("lrk") as vm:
-            point = await backup.create(vm, repo)
-            hashes = tree_digest(repo.path)
-            want = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
-
-            async def restore() -> None:
-                try:
-                    await backup.restore_live(
-                        vm,
-                        repo,
-                        "lrk",
-                        point.id,
-                        "disk0",
-                        target,
-                        control=JobControl(speed=1, hooks=(watch,)),
-                        target_format=ImageFormat.RAW,
-                    )
-                except BlockctlError as exc:
-                    raised.append(exc)
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(restore)
-                await watch.running.wait()
-                await console.check(WAIT_VDB)
-                assert (await console.check(read_sha("vdb", DISK_MIB))).split()[0] == want
-                for write_ in RAW_WRITES:
-                    await console.check(fill("vdb", *write_))
-                during = (await console.check(read_sha("vdb", DISK_MIB))).split()[0]
-                os.kill(read_record("lrk").pid, signal.SIGKILL)
-        (error,) = raised
-        assert isinstance(error, ConnectionLost), repr(error)
-        assert nbdkit_pids_under(run_dir) == []
-        assert overlays(run_dir) == []
-        (overlay,) = device_overlays(run_dir)
-        await cli("down", "lrk")
-        assert len(list(run_dir.glob("journal-*.json"))) == 1
-        done = json.loads((await cli("recover", "lrk", "--json")).stdout)
-        (result,) = [r for r in done["operations"] if r["kind"] == "mirror"]
-        assert result["verdict"] == "qemu-gone", result
-        assert not list(run_dir.glob("journal-*.json"))
-    message = result["message"]
+    killed = await qemu_killed_mid_mirror(guest, "lrk", disk, repo, target, run_dir)
+    message = killed.result["message"]
     assert "holds the guest's writes" in message and target.url in message
     assert await follow_way_on(message) == [
         ["blockctl", "restore"],
         ["qemu-img", "rebase"],
         ["qemu-img", "convert"],
     ]
-    base = Path(f"{overlay}.base.raw")
-    for path in (overlay, base):
+    base = Path(f"{killed.overlay}.base.raw")
+    for path in (killed.overlay, base):
         assert str(path) in message and "remove" in message
         path.unlink()
-    assert tree_digest(repo.path) == hashes
-    want_file = await reference(repo, "lrk", point.id, tmp_path / "r.raw", RAW_WRITES)
-    assert sha256(want_file.read_bytes()) == during
+    assert tree_digest(repo.path) == killed.hashes
+    want_file = await reference(repo, "lrk", killed.point, tmp_path / "r.raw", RAW_WRITES)
+    assert sha256(want_file.read_bytes()) == killed.during
     written = image.read_bytes()
-    assert sha256(written[: DISK_MIB * MIB]) == during
+    assert sha256(written[: DISK_MIB * MIB]) == killed.during
     assert sha256(written[DISK_MIB * MIB :]) == tail
