@@ -124,6 +124,15 @@ async def _heartbeating() -> AsyncIterator[None]:
             beat.cancel()
 
 
+@asynccontextmanager
+async def _on_vm(name: str, info: activity.Info) -> AsyncIterator[VM]:
+    """The VM this activity acts on, attached under the activity's id and attempt (what
+    ``jobs`` and the records show of it), heartbeating meanwhile."""
+    command = f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
+    async with _heartbeating(), attach(name, command=command) as vm:
+        yield vm
+
+
 def request_id(info: activity.Info) -> str:
     """The backup's request id: the same in every attempt of one activity of one workflow
     run (quoted: a manifest's request id is printable ASCII without spaces)."""
@@ -332,12 +341,7 @@ async def snapshot_vm(request: VMChain) -> VMChainResult:
     attention fails the activity, ``_settle``): if it has the tag's overlays, an earlier
     attempt took it, and it is reported (``reused``), not taken twice."""
     info = activity.info()
-    async with (
-        _heartbeating(),
-        attach(
-            request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
-        ) as vm,
-    ):
+    async with _on_vm(request.vm, info) as vm:
         await _settle(vm, "snapshot")
         taken = _tagged(vm.identity, await chains.list_external(vm), request.tag)
         if not taken:
@@ -360,12 +364,7 @@ async def commit_vm(request: VMChain) -> VMChainResult:
     attention fails it): a retry (attempt > 1) that finds none of the tag's overlays in the
     chain reports the commit done (``reused``); a first attempt fails (no such snapshot)."""
     info = activity.info()
-    async with (
-        _heartbeating(),
-        attach(
-            request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
-        ) as vm,
-    ):
+    async with _on_vm(request.vm, info) as vm:
         await _settle(vm, "commit")
         tagged = _tagged(vm.identity, await chains.list_external(vm), request.tag)
         if tagged or info.attempt == 1:
@@ -393,12 +392,7 @@ async def attach_vm(request: VMAttach) -> VMPlugResult:
     it, and it is reported (``reused``), not added twice; there on another file, it fails
     (that device is not this attach's)."""
     info = activity.info()
-    async with (
-        _heartbeating(),
-        attach(
-            request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
-        ) as vm,
-    ):
+    async with _on_vm(request.vm, info) as vm:
         if info.attempt > 1:
             await _settle(vm, "attach")
             found = {d.device_id: d for d in await drives.list_drives(vm)}.get(request.device_id)
@@ -438,12 +432,7 @@ async def detach_vm(request: VMDetach) -> VMPlugResult:
     detach done (``reused``: the earlier attempt removed it); a first attempt fails (no
     such device)."""
     info = activity.info()
-    async with (
-        _heartbeating(),
-        attach(
-            request.vm, command=f"blockctl fleet worker ({info.activity_id}#{info.attempt})"
-        ) as vm,
-    ):
+    async with _on_vm(request.vm, info) as vm:
         if info.attempt > 1:
             await _settle(vm, "detach")
         try:
