@@ -208,7 +208,11 @@ async def run_worker(
                 detach_vm,
                 list_vms,
             ],
+            # Each VM's backup workflow runs on its host's queue (FleetBackup).
+            workflows=[VMBackupWorkflow],
+            workflow_runner=runner,
             identity=identity,
+            sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
         ),
         Worker(
             client,

@@ -220,7 +220,10 @@ class FleetBackup:
                 VMBackupRequest(b, heartbeat),
                 result_type=VMBackupResult,
                 id=vm_workflow_id(workflow.info().workflow_id, b.host, b.vm),
-                task_queue=workflow.info().task_queue,
+                # On its host's queue: the host's worker runs the child's workflow tasks,
+                # and its activity (same queue) is handed over eagerly, with the task's
+                # completion, not after another poll.
+                task_queue=task_queue(b.host),
                 memo={"host": b.host, "vm": b.vm, "repository": b.repository},
             )
         except ChildWorkflowError as exc:
