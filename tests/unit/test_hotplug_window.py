@@ -116,6 +116,7 @@ async def test_killed_before_the_device_was_added_recover_removes_what_it_made(
         # Killed between its blockdev-adds and its device_add: the nodes added go (top-down).
         half = _journal.plan(intent, facts((f"{BASE}-nbd", BASE), False, True))
         assert half.verdict is Verdict.NOT_DONE and half.forget, half
+        assert half.message.startswith(f"{intent.describe()}: not done"), half.message
         assert half.actions == (
             DeleteNodes((BASE, f"{BASE}-nbd")),
             DeleteFiles(tuple(str(p) for p in made)),

@@ -152,6 +152,7 @@ async def test_a_raw_launch_killed_before_qemu_started_removes_the_files_it_made
         else:
             assert not overlay.exists() and not target.exists()
             assert "before QEMU started" in result.message, result.message
+            assert result.message.startswith(f"{intent.describe()}: "), result.message
         assert _make_run_dir("lost") == run_dir and not list(run_dir.iterdir())
     finally:
         with contextlib.suppress(ProcessLookupError):
