@@ -36,6 +36,7 @@ from blockctl.types import (
     DetectZeroes,
     Drive,
     Interface,
+    IscsiSource,
     MachineConfig,
     Media,
     drive_slot,
@@ -243,18 +244,24 @@ def _iscsi_node(name: str, drive: Drive) -> tuple[IscsiOptions, tuple[SecretObje
         node["initiator-name"] = source.initiator_name
     objects: tuple[SecretObject, ...] = ()
     if source.password_file is not None:
-        # QEMU reads the password from the file itself: only the file's name is sent.
         assert source.user is not None  # IscsiSource: CHAP has both or neither
-        secret: SecretObject = {
-            "qom-type": "secret",
-            "id": secret_id(name),
-            "file": str(Path(source.password_file).absolute()),
-            "format": "raw",
-        }
+        secret = chap_secret(name, source)
         node["user"] = source.user
         node["password-secret"] = secret["id"]
         objects = (secret,)
     return node, objects
+
+
+def chap_secret(node_name: str, source: IscsiSource) -> SecretObject:
+    """The ``secret`` object holding the CHAP password of iSCSI node ``node_name``: QEMU
+    reads the password from the file itself, so only the file's name is sent."""
+    assert source.password_file is not None
+    return {
+        "qom-type": "secret",
+        "id": secret_id(node_name),
+        "file": str(Path(source.password_file).absolute()),
+        "format": "raw",
+    }
 
 
 def _nfs_node(name: str, drive: Drive) -> NfsOptions:

@@ -94,7 +94,6 @@ from blockctl._qmp import wire
 from blockctl.errors import (
     BackupCorrupt,
     BlockctlError,
-    CommandFailed,
     ConfigError,
     ConnectionLost,
 )
@@ -889,29 +888,17 @@ async def _check_remote_size(call: _Call, node: str) -> None:
 async def _add_target_secret(
     vm: VM, target: Path | IscsiSource | NfsSource, target_nodes: Sequence[dict[str, Any]]
 ) -> None:
-    """A CHAP LUN's ``secret`` object, before its node: QEMU reads the password from the
-    file, only the file's name is sent."""
-    secret = target_nodes[0].get("password-secret")
-    if not isinstance(target, IscsiSource) or target.password_file is None or secret is None:
+    """A CHAP LUN's ``secret`` object, before its node (the node names it)."""
+    if not isinstance(target, IscsiSource) or target.password_file is None:
         return
-    await wire.secret_add(
-        vm.session,
-        {
-            "qom-type": "secret",
-            "id": str(secret),
-            "file": str(Path(target.password_file).absolute()),
-            "format": "raw",
-        },
-    )
+    await wire.secret_add(vm.session, _argv.chap_secret(str(target_nodes[0]["node-name"]), target))
 
 
 async def _delete_target_secrets(vm: VM, target_nodes: Sequence[dict[str, Any]]) -> None:
-    """The target's ``secret`` objects, its nodes gone (or never added); one not there (never
-    added) is not an error."""
-    for node in target_nodes:
-        if "password-secret" in node:
-            with contextlib.suppress(CommandFailed):
-                await wire.object_del(vm.session, str(node["password-secret"]))
+    """The target's ``secret`` objects, its nodes gone (or never added)."""
+    await drives.delete_secrets(
+        vm, [str(n["password-secret"]) for n in target_nodes if "password-secret" in n]
+    )
 
 
 def _target_nodes(

@@ -660,14 +660,14 @@ async def _rollback(
     vm: VM, nodes: list[str], devices: list[str], objects: Sequence[str] = ()
 ) -> None:
     await delete_nodes(vm, nodes, event="blockctl.drive.rollback_failed")
-    await _delete_secrets(vm, objects)
+    await delete_secrets(vm, objects)
     for device_id in reversed(devices):
         # An empty controller: its removal needs no guest cooperation worth waiting for.
         with contextlib.suppress(BlockctlError):
             await wire.device_del(vm.session, device_id)
 
 
-async def _delete_secrets(vm: VM, ids: Sequence[str]) -> None:
+async def delete_secrets(vm: VM, ids: Sequence[str]) -> None:
     """Delete the ``secret`` objects of a drive's nodes once no node uses them (one already
     gone, e.g. deleted by another client finishing the same removal, is not an error)."""
     for object_id in ids:
@@ -771,7 +771,7 @@ async def _delete_nodes(vm: VM, record: DriveRecord) -> UnplugResult:
                     raise
                 continue
             deleted.append(name)
-    await _delete_secrets(
+    await delete_secrets(
         vm, [str(n["password-secret"]) for n in record.nodes if "password-secret" in n]
     )
     vm.registry.remove(record.device_id)
