@@ -863,7 +863,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_journal.py",
-                find="    if intent.server is not None and intent.hotplug_nodes and not attached:",
+                find="    if intent.server is not None and (intent.hotplug_nodes or not "
+                "intent.devices) and not attached:",
                 replace="    if False:",
                 what="recovery of a restore killed before its device_add leaves its files and "
                 "server",
