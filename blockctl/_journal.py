@@ -126,9 +126,10 @@ class ServerRecord:
     """A live restore's NBD server: started by the operation, it outlives a killed controller
     (the guest's disk reads through it until the copy ends), so the record names it."""
 
+    #: 0: recorded before it started (recovery finds it by the pid file in ``home``).
     pid: int
     pid_start: int | None
-    home: str  # its private directory (socket, log), removed with it
+    home: str  # its private directory (socket, log, pid file), removed with it
     # What it serves (for the way on once QEMU is gone: restore the point, rebase onto it).
     repo: str = ""
     source_vm: str = ""  # the VM the point belongs to in the repository
@@ -590,6 +591,8 @@ def plan(intent: Intent, facts: Facts, *, owner_alive: bool = False) -> Plan:
     if not facts.alive:
         if facts.qemu_never_ran and intent.server is not None and intent.created_files:
             return _plan_never_started(intent, what)
+        if intent.server is not None and not intent.devices:
+            return _plan_never_attached(intent, facts, what)
         return _plan_gone(intent, what)
     if owner_alive:
         its_job = f", job {intent.job_id}" if intent.job_id else ""
@@ -603,7 +606,9 @@ def plan(intent: Intent, facts: Facts, *, owner_alive: bool = False) -> Plan:
             ),
         )
     attached = any(d in facts.chains for d in intent.devices)
-    if intent.server is not None and intent.hotplug_nodes and not attached:
+    # No device at all: a live restore's record written before its server started, never
+    # rewritten from the hot-plug's plan.
+    if intent.server is not None and (intent.hotplug_nodes or not intent.devices) and not attached:
         return _plan_never_attached(intent, facts, what)
     job = facts.jobs.get(intent.job_id) if intent.job_id else None
     if job is not None and job.status is not JobStatus.NULL:  # NULL: being dismissed = gone
@@ -883,9 +888,10 @@ def _plan_never_started(intent: Intent, what: str) -> Plan:
 
 def _plan_never_attached(intent: Intent, facts: Facts, what: str) -> Plan:
     """A live restore's record written before its hot-plug (never rewritten once the disk was
-    attached), and no device of it in QEMU: the guest never had the disk, so nothing wrote
-    to the files made for it. The nodes the hot-plug had added so far, those files and the
-    server go."""
+    attached), and no device of it in QEMU, or one written before its server started (no
+    device named; QEMU there or not): the guest never had the disk, so nothing wrote to the
+    files made for it. The nodes the hot-plug had added so far, those files and the server
+    go."""
     assert intent.server is not None
     present = tuple(n for n in intent.hotplug_nodes if n in facts.nodes)
     used = _in_use(facts, present)

@@ -863,10 +863,61 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_journal.py",
-                find="    if intent.server is not None and intent.hotplug_nodes and not attached:",
+                find="    if intent.server is not None and (intent.hotplug_nodes or not "
+                "intent.devices) and not attached:",
                 replace="    if False:",
                 what="recovery of a restore killed before its device_add leaves its files and "
                 "server",
+            ),
+        ),
+    ),
+    Promise(
+        id="live-restore-record-before-server",
+        section="Backups",
+        quote="**The server's start** (closed, both paths): the copy's first record is written "
+        "before the backup's server starts",
+        tests=(
+            U + "test_launch_windows.py::test_a_server_is_found_by_its_pid_file_only_if_it_"
+            "serves_that_home",
+            U + "test_launch_windows.py::test_a_launch_killed_before_its_record_named_the_"
+            "servers_pid_is_recovered",
+            U + "test_hotplug_window.py::test_killed_before_its_record_named_the_servers_pid_"
+            "recover_stops_it",
+            I + "test_live_launch.py::test_a_launch_killed_once_its_server_listens_then_recover_"
+            "leaves_nothing",
+            I + "test_live_restore.py::test_a_restore_killed_once_its_server_listens_then_"
+            "recover_leaves_nothing",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_backup/live.py",
+                find="                            starting=starting,\n",
+                replace="",
+                what="a launch's record is written after its server starts",
+            ),
+            Mutation(
+                file="blockctl/_backup/live.py",
+                find="            starting=starting,\n        ) as export:",
+                replace="        ) as export:",
+                what="a hot-plug restore's record is written after its server starts",
+            ),
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find="    if not pid:  # recorded before it started",
+                replace="    if False:  # recorded before it started",
+                what="recovery leaves a server recorded before its pid",
+            ),
+            Mutation(
+                file="blockctl/_backup/serve.py",
+                find='    serves = (b"--unix", socket) in itertools.pairwise(argv)',
+                replace="    serves = True",
+                what="recovery stops an nbdkit of another directory its pid file names",
+            ),
+            Mutation(
+                file="blockctl/_journal.py",
+                find="        if intent.server is not None and not intent.devices:",
+                replace="        if False:",
+                what="a restore killed before its hot-plug's plan, QEMU gone, leaves its files",
             ),
         ),
     ),

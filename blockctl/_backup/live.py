@@ -83,7 +83,13 @@ import anyio
 
 from blockctl import _argv, _fsutil, _images, _journal, _proc, _runtime
 from blockctl._argv import DrivePlan
-from blockctl._backup.serve import BACKUP_NODE_PREFIX, PointExport, backing_nodes, serve_point
+from blockctl._backup.serve import (
+    BACKUP_NODE_PREFIX,
+    PointExport,
+    backing_nodes,
+    serve_point,
+    socket_in,
+)
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobHook, JobResult, start_job
 from blockctl._log import get_logger
@@ -110,8 +116,10 @@ from blockctl.types import (
 
 _log = get_logger()
 
-#: Test hook: called with ``"attached"`` right after a live restore's hot-plug returned,
-#: before its record is rewritten from QEMU's graph (crash tests kill the process here).
+#: Test hook: called with ``"served"`` right after a live restore's (or launch's) server
+#: listens, before its record names the server's pid, and with ``"attached"`` right after a
+#: live restore's hot-plug returned, before its record is rewritten from QEMU's graph (crash
+#: tests kill the process here).
 FAILPOINT: Callable[[str], None] | None = None
 
 
@@ -318,6 +326,47 @@ async def launch_live(
             planned: list[_journal.Op] = []
 
             async def prepare(run_dir: Path) -> Prepared:
+                launched = config
+                on_overlay = config.drives[index]
+                making = [] if device_target else [target]  # the files made, in order
+                if overlay is not None:
+                    making.append(overlay)
+                    # QEMU starts with the drive on the overlay; the mirror takes it to
+                    # ``target`` (the drive's record then names the target's nodes).
+                    on_overlay = replace(on_overlay, file=overlay, format=ImageFormat.QCOW2)
+                    launched = replace(
+                        config,
+                        drives=(*config.drives[:index], on_overlay, *config.drives[index + 1 :]),
+                    )
+
+                def starting(home: Path) -> None:
+                    # The copy's record, before the server starts and QEMU: a controller
+                    # killed from here on leaves it to `blockctl recover` (QEMU's record is
+                    # written at its spawn), which copies, or says what the target holds
+                    # once QEMU is gone. It names the server's directory (where nbdkit
+                    # writes its pid; the record gets the pid once it listens) and, until
+                    # QEMU's spawn, the files made here: killed before QEMU started,
+                    # recover stops the server and removes them (nothing ran on them).
+                    server = _server_record(repo, vm_name, point, device, home)
+                    socket = socket_in(home)
+                    if overlay is None:
+                        intent = _launch_intent(name, index, base, target, socket, server)
+                    else:
+                        intent = _launch_mirror_intent(
+                            name,
+                            index,
+                            base,
+                            overlay,
+                            on_overlay,
+                            target,
+                            size,
+                            device_target,
+                            socket,
+                            server,
+                        )
+                    intent = replace(intent, created_files=tuple(str(p) for p in making))
+                    planned.append(_journal.begin_at(run_dir, intent, lambda: False))
+
                 exports.append(
                     await stack.enter_async_context(
                         serve_point(
@@ -329,50 +378,22 @@ async def launch_live(
                             size=size,
                             detached=True,
                             into=name,
+                            starting=starting,
                         )
                     )
                 )
-                launched = config
-                server = _server_record(repo, vm_name, point, device, exports[0])
-                if overlay is None:
-                    made.append(target)
-                    await _images.create(target, ImageFormat.QCOW2, size=size)
-                    intent = _launch_intent(name, index, base, target, exports[0], server)
-                else:
-                    if not device_target:
-                        made.append(target)
-                        await _images.create(target, ImageFormat.RAW, size=size)
-                    made.append(overlay)
-                    await _images.create(overlay, ImageFormat.QCOW2, size=size)
-                    # QEMU starts with the drive on the overlay; the mirror takes it to
-                    # ``target`` (the drive's record then names the target's nodes).
-                    on_overlay = replace(
-                        config.drives[index], file=overlay, format=ImageFormat.QCOW2
-                    )
-                    launched = replace(
-                        config,
-                        drives=(*config.drives[:index], on_overlay, *config.drives[index + 1 :]),
-                    )
-                    intent = _launch_mirror_intent(
-                        name,
-                        index,
-                        base,
-                        overlay,
-                        on_overlay,
-                        target,
-                        size,
-                        device_target,
-                        exports[0],
-                        server,
-                    )
-                # The copy's record, before QEMU starts: a controller killed from QEMU's
-                # spawn on leaves it to `blockctl recover` (QEMU's record is written at the
-                # spawn), which copies, or says what the target holds once QEMU is gone.
-                # Until the spawn it names the files made here: killed before QEMU started,
-                # recover removes them (nothing ran on them).
-                intent = replace(intent, created_files=tuple(str(p) for p in made))
-                op = _journal.begin_at(run_dir, intent, lambda: False)
-                planned.append(op)
+                if FAILPOINT is not None:
+                    FAILPOINT("served")
+                op = planned[0]
+                server = _server_record(
+                    repo, vm_name, point, device, exports[0].home, exports[0].pid
+                )
+                op.step(op.intent.step, server=server)
+                for path in making:
+                    made.append(path)
+                    raw_target = overlay is not None and path == target
+                    fmt = ImageFormat.RAW if raw_target else ImageFormat.QCOW2
+                    await _images.create(path, fmt, size=size)
 
                 def spawned() -> None:
                     op.step(op.intent.step, created_files=())
@@ -595,16 +616,16 @@ async def _restore_qcow2(call: _Call) -> _Copied:
     assert isinstance(call.target, Path)
     target = call.target
     journaled = call.vm.run_dir is not None
-    planned: list[_journal.Op] = []  # the record written before the hot-plug, until rewritten
+    planned: list[_journal.Op] = []  # the record written before the server, until rewritten
     try:
-        async with _serving(call) as export:
+        async with _serving(call, planned, (target,), raw=False) as export:
             base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
             backing = backing_nodes(base, export.socket)
 
             def before_hotplug(plan: DrivePlan) -> None:
                 if journaled:
                     intent = _hotplug_intent(call, plan, base, export, created=(target,))
-                    planned.append(_journal.begin(call.vm, intent))
+                    planned[0] = _journal.begin(call.vm, replace(intent, id=planned[0].intent.id))
 
             info = await _attach(
                 call.vm, target, call.size, call.interface, backing, before_hotplug
@@ -660,7 +681,9 @@ def _hotplug_intent(
     was added, recovery copies."""
     image = next(str(n["node-name"]) for n in plan.nodes if n.get("backing") == base)
     served = f"nbd+unix:///?socket={export.socket}"  # the NBD client's file, as QEMU names it
-    server = _server_record(call.repo, call.vm_name, call.point, call.device, export)
+    server = _server_record(
+        call.repo, call.vm_name, call.point, call.device, export.home, export.pid
+    )
     plugged = tuple(reversed([str(n["node-name"]) for n in plan.nodes]))  # top-down
     if overlay is None:
         assert isinstance(call.target, Path)
@@ -795,21 +818,22 @@ async def _restore_raw(call: _Call) -> _Copied:
     else:
         assert isinstance(call.target, Path)
         overlay = call.target.parent / f".{call.target.name}.live-overlay-{tag}.qcow2"
-        await _images.create(call.target, ImageFormat.RAW, size=call.size)
-    planned: list[_journal.Op] = []  # the record written before the hot-plug, until rewritten
+    made = [overlay]  # made for the restore (the overlay by _attach)
+    if not call.device_target and isinstance(call.target, Path):
+        made.append(call.target)
+    planned: list[_journal.Op] = []  # the record written before the server, until rewritten
     try:
-        async with _serving(call) as export:
+        async with _serving(call, planned, made, raw=True) as export:
             base = f"{BACKUP_NODE_PREFIX}{tag}"
+            if not call.device_target and isinstance(call.target, Path):
+                await _images.create(call.target, ImageFormat.RAW, size=call.size)
 
             def before_hotplug(plan: DrivePlan) -> None:
                 if journaled:
-                    made = [overlay]
-                    if not call.device_target and isinstance(call.target, Path):
-                        made.append(call.target)
                     intent = _hotplug_intent(
                         call, plan, base, export, created=made, overlay=overlay
                     )
-                    planned.append(_journal.begin(call.vm, intent))
+                    planned[0] = _journal.begin(call.vm, replace(intent, id=planned[0].intent.id))
 
             info = await _attach(
                 call.vm,
@@ -983,7 +1007,9 @@ async def _begin_mirror(
         files_after=(_target_name(call.target),),
         formats_before=tuple(n.driver for n in chain),
     )
-    server = _server_record(call.repo, call.vm_name, call.point, call.device, export)
+    server = _server_record(
+        call.repo, call.vm_name, call.point, call.device, export.home, export.pid
+    )
     intent = _journal.Intent(
         id=op_id,
         kind=_journal.OpKind.MIRROR,
@@ -1147,9 +1173,20 @@ def _left_behind(
 
 
 @contextlib.asynccontextmanager
-async def _serving(call: _Call) -> AsyncIterator[PointExport]:
+async def _serving(
+    call: _Call, planned: list[_journal.Op], created: Sequence[Path], *, raw: bool
+) -> AsyncIterator[PointExport]:
     """The point's server; detached (not tied to this process) when the restore is
-    journaled."""
+    journaled. Then the copy's first record is written before the server starts (into
+    ``planned``), naming the server's directory (its pid once it listens) and the files
+    ``created`` for the restore (made after it): a controller killed before the hot-plug's
+    plan leaves them to ``blockctl recover``, which stops the server and removes them (the
+    guest never had the disk)."""
+
+    def starting(home: Path) -> None:
+        if call.vm.run_dir is not None:
+            planned.append(_journal.begin(call.vm, _serving_intent(call, home, created, raw)))
+
     with _server_home(call.vm) as home:
         async with serve_point(
             call.repo,
@@ -1161,18 +1198,45 @@ async def _serving(call: _Call) -> AsyncIterator[PointExport]:
             detached=call.vm.run_dir is not None,
             # Named only where `blockctl recover` finds it (a run directory: a journal).
             into=call.vm.name if call.vm.run_dir is not None else None,
+            starting=starting,
         ) as export:
+            if FAILPOINT is not None:
+                FAILPOINT("served")
+            for op in planned:  # the server's pid, now that it listens
+                server = _server_record(
+                    call.repo, call.vm_name, call.point, call.device, export.home, export.pid
+                )
+                op.step(op.intent.step, server=server)
             yield export
 
 
+def _serving_intent(call: _Call, home: Path, created: Sequence[Path], raw: bool) -> _journal.Intent:
+    """A live restore's first record, before its server starts (:func:`_serving`): the
+    server in ``home`` (no pid yet) and the files to be ``created``; no device yet (the
+    hot-plug's plan, which names it, comes once the target exists)."""
+    return _journal.Intent(
+        id="",
+        kind=_journal.OpKind.MIRROR if raw else _journal.OpKind.STREAM,
+        vm=call.vm.name,
+        server=_server_record(call.repo, call.vm_name, call.point, call.device, home),
+        created_files=tuple(str(p) for p in created),
+        what=(
+            f"live restore of {call.device} ({call.point}) into {_target_name(call.target)}"
+            + (" (raw)" if raw else "")
+        ),
+    )
+
+
 def _server_record(
-    repo: Repository, vm_name: str, point: str, device: str, export: PointExport
+    repo: Repository, vm_name: str, point: str, device: str, home: Path, pid: int = 0
 ) -> _journal.ServerRecord:
-    """The journal's name for the server: the process, and what it serves."""
+    """The journal's name for the server: its directory, the process (pid 0: recorded before
+    it started; recovery then finds it by the pid file nbdkit writes in ``home``,
+    :func:`blockctl._backup.serve.server_in`), and what it serves."""
     return _journal.ServerRecord(
-        pid=export.pid,
-        pid_start=_proc.process_start(export.pid),
-        home=str(export.home),
+        pid=pid,
+        pid_start=_proc.process_start(pid) if pid else None,
+        home=str(home),
         repo=str(repo.path),
         source_vm=vm_name,
         point=point,
@@ -1185,7 +1249,7 @@ def _launch_intent(
     index: int,
     base: str,
     target: Path,
-    export: PointExport,
+    socket: Path,
     server: _journal.ServerRecord,
 ) -> _journal.Intent:
     """A live launch's copy, recorded before QEMU starts, as :func:`_begin` records it from
@@ -1193,7 +1257,7 @@ def _launch_intent(
     ``disk{i}`` over image node ``drv{i}``, :func:`blockctl._argv.plan_drive`; here on the
     backup's raw node ``base`` over its NBD client ``base-nbd``)."""
     device_id, image = f"disk{index}", f"drv{index}"
-    served = f"nbd+unix:///?socket={export.socket}"  # the NBD client's file, as QEMU names it
+    served = f"nbd+unix:///?socket={socket}"  # the NBD client's file, as QEMU names it
     chains = _journal.DeviceChains(
         before=(image, base),
         after=(image,),
@@ -1222,7 +1286,7 @@ def _launch_mirror_intent(
     target: Path,
     size: int,
     device_target: bool,
-    export: PointExport,
+    socket: Path,
     server: _journal.ServerRecord,
 ) -> _journal.Intent:
     """A raw drive's launch: its mirror, recorded before QEMU starts as :func:`_begin_mirror`
@@ -1236,7 +1300,7 @@ def _launch_mirror_intent(
         )
     )
     target_nodes = _target_nodes([overlay_file], image, target, size, device_target)
-    served = f"nbd+unix:///?socket={export.socket}"
+    served = f"nbd+unix:///?socket={socket}"
     chains = _journal.DeviceChains(
         before=(image, base),
         after=(str(target_nodes[-1]["node-name"]),),
@@ -1312,7 +1376,9 @@ async def _begin(call: _Call, device_id: str, export: PointExport, op_id: str = 
         base=len(graph.chain_of(device_id)),
         delete_files=False,
     )
-    server = _server_record(call.repo, call.vm_name, call.point, call.device, export)
+    server = _server_record(
+        call.repo, call.vm_name, call.point, call.device, export.home, export.pid
+    )
     assert isinstance(call.target, Path)
     what = f"live restore of {call.device} ({call.point}) into {call.target.name} on {device_id}"
     return _journal.begin(call.vm, replace(intent, id=op_id, server=server, what=what))

@@ -7,7 +7,10 @@ restore"). nbdkit is started through :mod:`blockctl._proc` on a unix socket in a
 directory (0700, the socket 0600) under the VM's run directory; it dies with this process
 (nbdkit in the foreground sets PR_SET_PDEATHSIG) and is always terminated and reaped when the
 block exits (shielded). A ``detached`` server (a live restore's) runs forked into the
-background, so that it outlives a killed controller; its pid comes through the ready pipe.
+background, so that it outlives a killed controller; its pid comes through the ready pipe,
+and nbdkit writes it to a pid file in its directory too (before it says it is ready), where
+recovery finds a server started after its record was written and before the record named
+its pid (:func:`server_in`).
 
 Readiness is a pipe, not a poll: the plugin writes "1" and its pid from nbdkit's ``after_fork``
 hook, which runs once the socket listens. A server that exits first closes the pipe, and its
@@ -17,11 +20,12 @@ log is the error.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
 import sysconfig
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,9 @@ READY_TIMEOUT = 30.0
 #: Seconds the NBD client waits for a server that went away before requests fail (a short
 #: outage goes unnoticed: ``notes/backup-data-path.md``).
 RECONNECT_DELAY = 10
+#: In a detached server's directory: its socket, and the pid file nbdkit writes.
+SOCKET_NAME = "sock"
+PIDFILE_NAME = "nbdkit.pid"
 #: The names of a live restore's backup nodes begin with it (recovery tells them from the
 #: other nodes an operation drops by it).
 BACKUP_NODE_PREFIX = "bclr-"
@@ -107,10 +114,14 @@ def nbdkit_argv(
     """The server's argv (pure): read-only, one unix socket; in the foreground, or
     ``detached``: forked into the background, where nbdkit no longer dies with the process
     that started it (in the foreground it sets PR_SET_PDEATHSIG itself, measured with
-    strace: nbdkit 1.32)."""
+    strace: nbdkit 1.32), and writes its pid to :data:`PIDFILE_NAME` beside the socket."""
     argv = [
         NBDKIT,
-        "--log=stderr" if detached else "--foreground",
+        *(
+            ["--log=stderr", f"--pidfile={socket.parent / PIDFILE_NAME}"]
+            if detached
+            else ["--foreground"]
+        ),
         "--readonly",
         "--unix",
         str(socket),
@@ -129,6 +140,33 @@ def nbdkit_argv(
     return argv
 
 
+def socket_in(home: Path) -> Path:
+    """The socket of the server whose directory is ``home``."""
+    return home / SOCKET_NAME
+
+
+def server_in(home: Path) -> tuple[int, int] | None:
+    """The detached server of the directory ``home``, by the pid file nbdkit wrote there,
+    if that process is still nbdkit serving ``home``'s socket: its pid and start time (for
+    :func:`blockctl._proc.stop_recorded`); None if there is none (never started, or gone)."""
+    try:
+        pid = int((home / PIDFILE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    # The start time first: a pid reused after it is read fails stop_recorded's check, so
+    # the command line read next is that process's or the check refuses.
+    start = _proc.process_start(pid)
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    socket = str(socket_in(home)).encode()
+    serves = (b"--unix", socket) in itertools.pairwise(argv)
+    if start is None or os.path.basename(argv[0]) != NBDKIT.encode() or not serves:
+        return None
+    return pid, start
+
+
 @contextlib.asynccontextmanager
 async def serve_point(
     repo: Repository,
@@ -141,6 +179,7 @@ async def serve_point(
     cache_chunks: int | None = None,
     detached: bool = False,
     into: str | None = None,
+    starting: Callable[[Path], None] | None = None,
 ) -> AsyncIterator[PointExport]:
     """Run an NBD server of ``device`` at ``point`` for the block's duration, on a socket in
     a new private directory under ``directory``; the directory goes when the block exits.
@@ -148,7 +187,9 @@ async def serve_point(
     ``detached``: the server does not die with this process (its own session, no
     PR_SET_PDEATHSIG), and the caller may set ``keep_running`` to leave it (and its
     directory) when the block exits. ``into``: the VM whose live restore it serves (named
-    by a garbage collection its lock refuses).
+    by a garbage collection its lock refuses). ``starting``: called with the server's
+    directory (:func:`socket_in` names its socket) before anything is made: a caller that
+    journals the server records it there first (:func:`server_in` finds it later).
 
     The server holds the repository's lock shared while it runs (:mod:`.nbdkit_plugin`)."""
     check_name(vm_name, "VM")
@@ -159,9 +200,11 @@ async def serve_point(
     if shutil.which(NBDKIT) is None:
         raise MissingComponent(NBDKIT, NBDKIT_HINT)
     home = Path(directory) / f"nbd-{secrets.token_hex(4)}"
+    if starting is not None:
+        starting(home)
     os.mkdir(home, 0o700)
     os.chmod(home, 0o700)  # whatever the umask
-    socket = home / "sock"
+    socket = socket_in(home)
     keyfd: int | None = None
     fds: list[int] = []
     export: PointExport | None = None

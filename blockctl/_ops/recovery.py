@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockctl import _agent, _images, _journal, _proc
-from blockctl._backup.serve import BACKUP_NODE_PREFIX, backing_nodes, serve_point
+from blockctl._backup.serve import BACKUP_NODE_PREFIX, backing_nodes, serve_point, server_in
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
 from blockctl._journal import (
@@ -458,9 +458,12 @@ async def _replace_server(
 
 
 async def _stop_server(server: _journal.ServerRecord) -> str:
-    stopped = await _proc.stop_recorded(server.pid, server.pid_start, grace=5.0)
+    pid, start = server.pid, server.pid_start
+    if not pid:  # recorded before it started: the pid file nbdkit wrote once it listened
+        pid, start = server_in(Path(server.home)) or (0, None)
+    stopped = bool(pid) and await _proc.stop_recorded(pid, start, grace=5.0)
     shutil.rmtree(server.home, ignore_errors=True)
-    return f"{'stopped' if stopped else 'found gone'} the backup's server (pid {server.pid})"
+    return f"{'stopped' if stopped else 'found gone'} the backup's server (pid {pid or 'none'})"
 
 
 async def _act(vm: VM, action: _journal.Action) -> str:

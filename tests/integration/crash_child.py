@@ -13,7 +13,8 @@ quiesced operation's freeze is confirmed, via ``_agent.FAILPOINT``; for ``live-l
 the launch is complete, before the copy is journaled from QEMU's graph, via
 ``_machine.FAILPOINT``; for ``live``/``live-raw`` also ``attached``, right after the
 hot-plug returned, before the record is rewritten from QEMU's graph, via
-``_backup.live.FAILPOINT``); JSON the operation's
+``_backup.live.FAILPOINT``; for the four live kinds also ``served``, right after the
+backup's server listens, before the record names its pid, likewise); JSON the operation's
 keyword arguments (for a backup: ``repo``, and optionally ``kind``, ``devices``,
 ``scratch_dir`` and ``request_id``). The process SIGKILLs itself right
 after the journal record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup, at
@@ -49,7 +50,7 @@ def die_at(kind: str, step: str) -> None:
     if step == "frozen":  # inside quiesced: the guest's freeze has just been confirmed
         _agent.FAILPOINT = lambda stage: os.kill(os.getpid(), signal.SIGKILL)
         return
-    if step == "attached":  # a live restore, right after its hot-plug returned
+    if step in ("attached", "served"):  # a live restore's hot-plug returned, its server up
 
         def after_hotplug(stage: str) -> None:
             if stage == step:

@@ -61,12 +61,14 @@ from tests.integration.test_live_restore import (
     nbdkit_pids_under,
     node_names,
     overlays,
+    point_repo,
     read_sha,
     reference,
     standalone_equals,
     tree_digest,
 )
 from tests.integration.test_live_restore import nbdkit as nbdkit  # the autouse fixture
+from tests.unit.test_repository_store import POINTS, VM
 
 DISK_MIB = 16
 
@@ -191,6 +193,51 @@ async def test_a_vm_launched_from_a_point_runs_on_it_while_it_comes_back(
     assert tree_digest(repo.path) == hashes
     want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", GUEST_WRITES)
     await standalone_equals(target, want_file)
+
+
+async def test_a_launch_killed_once_its_server_listens_then_recover_leaves_nothing(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
+    """kill -9 of the launching controller right after the backup's server listens
+    (``served``: before the record names the server's pid, the target is made and QEMU
+    spawns; no QEMU here). The copy's record, written before the server started, names its
+    directory and the target: ``blockctl recover`` of the name finds the server by the pid
+    file nbdkit wrote there and stops it; no nbdkit, record or target is left, the
+    repository is unchanged and ``up`` of the name may run again."""
+    repo = point_repo(tmp_path, encrypted=False)
+    hashes = tree_digest(repo.path)
+    target = tmp_path / "lost.qcow2"
+    toml = tmp_path / "lost.toml"
+    toml.write_text(
+        f'name = "losts"\nmachine = "pc"\n[[drive]]\nfile = {json.dumps(str(target))}\n'
+        'format = "qcow2"\n'
+    )
+    run_dir = runtime_dir / "losts"
+    arguments = {
+        "repo": str(repo.path),
+        "source_vm": VM,
+        "point": POINTS[0],
+        "device": "disk0",
+        "target": str(target),
+        "config": str(toml),
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "tests.integration.crash_child", "losts", "live-launch"]
+    killed = await anyio.run_process([*argv, "served", json.dumps(arguments)], check=False, env=env)
+    assert killed.returncode == -9, killed.stderr.decode()
+    (server,) = nbdkit_pids_under(run_dir)
+    (record,) = list(run_dir.glob("journal-*.json"))
+    written = json.loads(record.read_text())
+    assert written["server"]["pid"] == 0 and written["created_files"] == [str(target)]
+    assert not (run_dir / "vm.json").exists()  # QEMU never spawned
+    done = json.loads((await cli("recover", "losts", "--json")).stdout)
+    (result,) = done["operations"]
+    assert result["verdict"] == "qemu-gone", result
+    assert f"stopped the backup's server (pid {server})" in result["done"], result
+    assert nbdkit_pids_under(runtime_dir) == [] and not running(server)
+    assert not target.exists() and not list(run_dir.glob("journal-*.json"))
+    assert not run_dir.exists() or not list(run_dir.iterdir())
+    assert tree_digest(repo.path) == hashes
 
 
 @pytest.mark.guest

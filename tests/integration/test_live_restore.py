@@ -30,6 +30,7 @@ from blockctl._backup.serve import serve_point
 from blockctl._backup.store import Repository
 from blockctl._jobs import JobControl, JobProgress, JobStatus, JobTransition
 from blockctl._journal import Intent, OpKind, Step, Verdict
+from blockctl._machine import launch_detached, shutdown_detached
 from blockctl._ops import drives, recovery
 from blockctl._ops.vm_recovery import recover_vm
 from blockctl._qmp import wire
@@ -44,7 +45,7 @@ from blockctl.errors import (
     ProcessFailed,
     RepositoryBusy,
 )
-from blockctl.types import ImageFormat
+from blockctl.types import ImageFormat, MachineConfig
 from tests.conftest import missing
 from tests.integration.conftest import (
     MIB,
@@ -959,6 +960,55 @@ async def test_a_controller_killed_during_the_copy_then_recover_finishes_with_ev
         }
     assert tree_digest(repo.path) == hashes
     await standalone_equals(target, want_file, live_target.format)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+async def test_a_restore_killed_once_its_server_listens_then_recover_leaves_nothing(
+    tmp_path: Path, runtime_dir: Path, fmt: str
+) -> None:
+    """kill -9 of the controller right after the backup's server listens (``served``:
+    before the record names the server's pid, before the target (raw: and overlay) is made
+    and the hot-plug planned), into a VM that runs its firmware only (the disk is never
+    attached). The copy's record, written before the server started, names its directory
+    and the files the restore makes: ``blockctl recover`` finds the server by the pid file
+    nbdkit wrote there and stops it; no nbdkit, record, target or overlay is left, QEMU's
+    nodes are as before and the repository is unchanged."""
+    from tests.integration.test_attach_cli import cli
+
+    repo = point_repo(tmp_path, encrypted=False)
+    hashes = tree_digest(repo.path)
+    target = tmp_path / f"live.{fmt}"
+    kind = "mirror" if fmt == "raw" else "stream"
+    run_dir = runtime_dir / VM  # the VM the point is of: crash_child restores its own
+    await launch_detached(MachineConfig(name=VM, memory_mib=64))
+    try:
+        async with attach_vm(VM) as vm:
+            before = await node_names(vm)
+        arguments = {"repo": str(repo.path), "point": POINTS[0], "device": "disk0"}
+        arguments["target"] = str(target)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        crash = "live-raw" if fmt == "raw" else "live"
+        argv = [sys.executable, "-m", "tests.integration.crash_child", VM, crash, "served"]
+        killed = await anyio.run_process([*argv, json.dumps(arguments)], check=False, env=env)
+        assert killed.returncode == -9, killed.stderr.decode()
+        (server,) = nbdkit_pids_under(run_dir)
+        (record,) = list(run_dir.glob("journal-*.json"))
+        written = json.loads(record.read_text())
+        assert written["kind"] == kind and written["server"]["pid"] == 0, written
+        assert written["devices"] == {} and str(target) in written["created_files"]
+        done = json.loads((await cli("recover", VM, "--json")).stdout)
+        (result,) = [r for r in done["operations"] if r["kind"] == kind]
+        assert result["verdict"] == "not-done", result
+        assert f"stopped the backup's server (pid {server})" in result["done"], result
+        assert nbdkit_pids_under(runtime_dir) == [] and not running(server)
+        assert not list(run_dir.glob("journal-*.json")) and not list(run_dir.glob("nbd-*"))
+        assert not target.exists() and overlays(tmp_path) == []
+        async with attach_vm(VM) as vm:
+            assert await node_names(vm) == before
+    finally:
+        with anyio.CancelScope(shield=True):
+            await shutdown_detached(VM)
+    assert tree_digest(repo.path) == hashes
 
 
 @pytest.mark.guest

@@ -34,7 +34,7 @@ from blockctl._journal import (
 )
 from blockctl._ops import recovery
 from blockctl.types import Drive, ImageFormat, Interface
-from tests.unit.test_launch_windows import orphan
+from tests.unit.test_launch_windows import fake_server, orphan
 
 BASE = "bclr-ab12"
 
@@ -157,6 +157,61 @@ async def test_killed_once_the_device_was_added_recover_copies(tmp_path: Path, r
                 "drv2-target",
             ]
         assert all(p.exists() for p in made)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("qemu", [True, False], ids=["qemu-up", "qemu-gone"])
+@pytest.mark.parametrize("raw", [False, True], ids=["qcow2", "raw"])
+async def test_killed_before_its_record_named_the_servers_pid_recover_stops_it(
+    tmp_path: Path, raw: bool, qemu: bool
+) -> None:
+    """The first record, written before the server starts (``_serving``), names the
+    server's directory (no pid yet) and the files the restore makes, and no device: killed
+    once the server listens (before its pid was recorded), ``recover`` finds the server by
+    its pid file and stops it, and removes its directory and those files, whether QEMU is
+    still up (the guest never had the disk) or gone."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    target = tmp_path / ("t.raw" if raw else "t.qcow2")
+    made = [tmp_path / ".t.raw.live-overlay-ab12.qcow2", target] if raw else [target]
+    for path in made:
+        path.write_bytes(b"new")
+    home = run_dir / "nbd-1"
+    server = fake_server(home)
+    started = _proc.process_start(server)
+    vm: Any = SimpleNamespace(
+        name="vm1",
+        run_dir=run_dir,
+        session=SimpleNamespace(lost=False),
+        registry=SimpleNamespace(drives={}),
+    )
+    call: Any = SimpleNamespace(
+        vm=vm,
+        repo=SimpleNamespace(path=tmp_path / "repo"),
+        vm_name="src",
+        point="p1",
+        device="disk0",
+        target=target,
+    )
+    try:
+        _journal.begin(vm, live._serving_intent(call, home, made, raw)).release()
+        (intent,) = _journal.load_all(run_dir)
+        assert isinstance(intent, Intent) and intent.server is not None
+        assert intent.server.pid == 0 and intent.server.home == str(home)
+        assert intent.devices == {} and intent.created_files == tuple(str(p) for p in made)
+        plan = _journal.plan(intent, facts((), False, False) if qemu else Facts(alive=False))
+        assert plan.verdict is Verdict.NOT_DONE and plan.forget, plan
+        assert plan.message.startswith(f"{intent.describe()}: not done"), plan.message
+        assert plan.actions == (
+            DeleteFiles(tuple(str(p) for p in made)),
+            StopServer(intent.server),
+        ), plan.actions
+        done = [await recovery._act(vm, action) for action in plan.actions]
+        assert f"stopped the backup's server (pid {server})" in done, done
+        assert not any(p.exists() for p in made) and not home.exists()
+        assert not _proc.process_alive(server, started)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server, signal.SIGKILL)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from blockctl import _journal, _proc
+from blockctl._backup.serve import PIDFILE_NAME, server_in, socket_in
 from blockctl._journal import Intent, OpKind, ServerRecord, Verdict
 from blockctl._machine import Timeouts, _make_run_dir, shutdown_detached
 from blockctl._ops.vm_recovery import recover_vm
@@ -207,3 +208,87 @@ async def test_a_vm_still_starting_that_never_answers_is_reported_then_stopped_b
         _make_run_dir("lost")
     await shutdown_detached("lost", timeouts=Timeouts(powerdown=None, quit=0.1, terminate=5.0))
     assert process.wait() == -signal.SIGTERM and not run_dir.exists()
+
+
+def fake_server(home: Path) -> int:
+    """A process that is not ours and looks like a detached nbdkit serving ``home``'s
+    socket (its command line), its pid in ``home``'s pid file as nbdkit writes it once it
+    listens (serve.server_in reads both)."""
+    home.mkdir(parents=True, exist_ok=True)
+    sleeper = f"exec -a nbdkit {sys.executable} -c 'import time; time.sleep(60)'"
+    out = subprocess.run(
+        ["bash", "-c", f"({sleeper} --unix {socket_in(home)}) >/dev/null 2>&1 & echo $!"],
+        check=True,
+        capture_output=True,
+    )
+    pid = int(out.stdout)
+    (home / PIDFILE_NAME).write_text(f"{pid}\n")
+    return pid
+
+
+def test_a_server_is_found_by_its_pid_file_only_if_it_serves_that_home(tmp_path: Path) -> None:
+    """A pid file naming a process that is not nbdkit on that home's socket (another
+    server's, or a reused pid) finds nothing: recovery never stops it."""
+    home, other = tmp_path / "nbd-1", tmp_path / "nbd-2"
+    server, stranger = fake_server(home), orphan()
+    try:
+        assert server_in(home) == (server, _proc.process_start(server))
+        other.mkdir()
+        (other / PIDFILE_NAME).write_text(str(server))  # the socket it serves is home's
+        assert server_in(other) is None
+        (other / PIDFILE_NAME).write_text(str(stranger))  # not nbdkit
+        assert server_in(other) is None
+        (other / PIDFILE_NAME).write_text("")  # never written whole
+        assert server_in(other) is None
+        assert server_in(tmp_path / "nbd-3") is None  # never started
+    finally:
+        for pid in (server, stranger):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("made", [False, True])
+async def test_a_launch_killed_before_its_record_named_the_servers_pid_is_recovered(
+    run_dir: Path, writer: subprocess.Popen[bytes], tmp_path: Path, made: bool
+) -> None:
+    """The copy's record is written before the server starts, naming its directory (pid 0)
+    and the files the launch makes: killed once the server listens (before its pid was
+    recorded, the files ``made`` or not), ``recover`` of the name finds the server by its
+    pid file, stops it, removes its directory and the files."""
+    target = tmp_path / "t.qcow2"
+    if made:
+        target.write_bytes(b"new")
+    home = run_dir / "nbd-1"
+    server = fake_server(home)
+    started = _proc.process_start(server)
+    intent = Intent(
+        id="stream-1",
+        kind=OpKind.STREAM,
+        vm="lost",
+        devices={
+            "disk0": _journal.DeviceChains(
+                before=("drv0", "bclr-1"),
+                after=("drv0",),
+                files_before=(str(target), f"nbd+unix:///?socket={socket_in(home)}"),
+                files_after=(str(target),),
+            )
+        },
+        created_files=(str(target),),
+        pid=writer.pid,
+        pid_start=_proc.process_start(writer.pid),
+        server=ServerRecord(pid=0, pid_start=None, home=str(home)),
+    )
+    _journal.write(run_dir, intent)
+    try:
+        writer.kill()
+        writer.wait()
+        report = await recover_vm("lost")
+        (result,) = report.operations
+        assert result.verdict is Verdict.QEMU_GONE, result
+        assert f"stopped the backup's server (pid {server})" in result.done, result.done
+        assert not _proc.process_alive(server, started)
+        assert not target.exists() and not home.exists()
+        assert _make_run_dir("lost") == run_dir and not list(run_dir.iterdir())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)

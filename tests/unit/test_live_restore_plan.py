@@ -157,7 +157,7 @@ def test_a_live_launch_records_its_copy_with_the_names_the_launch_plan_gives() -
     QEMU's chain): drive 3 over ``backing_nodes``."""
     export = PointExport(socket=Path("/run/x/s.sock"), pid=1, size=1, home=Path("/run/x"))
     record = _journal.ServerRecord(pid=1, pid_start=None, home="/run/x", point="p", device="d")
-    intent = live._launch_intent("lost", 3, "bclr-1", Path("/t.qcow2"), export, record)
+    intent = live._launch_intent("lost", 3, "bclr-1", Path("/t.qcow2"), export.socket, record)
     planned = over_backing(plan("/t.qcow2"), "drv3", backing_nodes("bclr-1", export.socket))
     ((device, chains),) = intent.devices.items()
     assert device == planned.device_id
