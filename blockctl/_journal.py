@@ -453,6 +453,9 @@ class Facts:
     #: QEMU gone, and it never ran: no record of it was ever written (a live launch killed
     #: before QEMU's spawn, in its run directory only journal records).
     qemu_never_ran: bool = False
+    #: Files a live restore made (its record's ``created_files``) that hold data now: written
+    #: since they were made (a disk attached and then unplugged by another client).
+    holding_data: frozenset[str] = frozenset()
 
 
 class Verdict(enum.StrEnum):
@@ -891,23 +894,39 @@ def _plan_never_attached(intent: Intent, facts: Facts, what: str) -> Plan:
     attached), and no device of it in QEMU, or one written before its server started (no
     device named; QEMU there or not): the guest never had the disk, so nothing wrote to the
     files made for it. The nodes the hot-plug had added so far, those files and the server
-    go."""
+    go. A file that holds data all the same was written since it was made (the disk attached
+    and then unplugged by another client before this recovery): it is kept, and said."""
     assert intent.server is not None
     present = tuple(n for n in intent.hotplug_nodes if n in facts.nodes)
     used = _in_use(facts, present)
     files = tuple(f for f in intent.created_files if f not in used)
+    kept = tuple(f for f in files if f in facts.holding_data)
+    files = tuple(f for f in files if f not in facts.holding_data)
     actions: list[Action] = []
     if present:
         actions.append(DeleteNodes(present))
     if files:
         actions.append(DeleteFiles(files))
     actions.append(StopServer(intent.server))
+    removed = ", ".join((*present, *files)) or "none"
+    if kept:
+        return Plan(
+            verdict=Verdict.ATTENTION,
+            actions=tuple(actions),
+            message=(
+                f"{what}: not done, and not attached now, but {', '.join(kept)} holds data "
+                "written since the restore made it (the disk was attached, then unplugged by "
+                f"another client?): kept. Removed the rest ({removed}) and stopped the backup's "
+                "server; the backup point is unchanged. Check what the kept file holds, "
+                "then remove it and restore again"
+            ),
+        )
     return Plan(
         verdict=Verdict.NOT_DONE,
         actions=tuple(actions),
         message=(
             f"{what}: not done: the controller stopped before the disk was attached (the guest "
-            f"never had it); removed what it had made ({', '.join((*present, *files)) or 'none'})"
+            f"never had it); removed what it had made ({removed})"
             " and stopped the backup's server; the backup point is unchanged. Run it again if "
             "still wanted"
         ),

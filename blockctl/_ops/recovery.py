@@ -15,12 +15,16 @@ runs it too when given the repository.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import secrets
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from blockctl import _agent, _images, _journal, _proc
 from blockctl._backup.serve import BACKUP_NODE_PREFIX, backing_nodes, serve_point, server_in
@@ -130,7 +134,54 @@ async def read_facts(vm: VM, intent: Intent | None = None) -> Facts:
         server_alive=intent is not None
         and intent.server is not None
         and _proc.process_alive(intent.server.pid, intent.server.pid_start),
+        holding_data=frozenset(
+            [
+                path
+                for path in (intent.created_files if intent and intent.server else ())
+                if await _holds_data(Path(path))
+            ]
+        ),
     )
+
+
+async def _holds_data(path: Path) -> bool:
+    """Whether a file a live restore made holds data now (was written since it was made, as
+    made it holds none): a qcow2 (a target, an overlay; no backing file in its header) with
+    any cluster allocated, a raw file with a non-zero byte in a data extent (``qemu-img
+    create`` allocates a raw file's first block, zeros). Whatever cannot be read counts as
+    holding data (it is kept, not removed)."""
+    try:
+        with open(path, "rb") as file:
+            if file.read(4) != b"QFI\xfb":
+                return await anyio.to_thread.run_sync(_raw_holds_data, file.fileno())
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        extents = await _images.map_extents(path, ImageFormat.QCOW2)
+    except BlockctlError:
+        return True
+    return any(e.present and e.depth == 0 for e in extents)
+
+
+def _raw_holds_data(fd: int) -> bool:
+    offset = 0
+    while True:
+        try:
+            offset = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset
+                return False
+            raise
+        end = os.lseek(fd, offset, os.SEEK_HOLE)
+        while offset < end:
+            piece = os.pread(fd, min(end - offset, 1 << 20), offset)
+            if not piece:
+                return False
+            if piece.count(0) != len(piece):
+                return True
+            offset += len(piece)
 
 
 async def reconcile(

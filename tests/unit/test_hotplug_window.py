@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from blockctl import _argv, _journal, _proc
+from blockctl import _argv, _binaries, _images, _journal, _proc
 from blockctl._backup import live
 from blockctl._backup.serve import PointExport, backing_nodes
 from blockctl._images import ImageLayer
@@ -131,6 +132,42 @@ async def test_killed_before_the_device_was_added_recover_removes_what_it_made(
             await recovery._act(vm, action)
         assert not any(p.exists() for p in made)
         assert not _proc.process_alive(server, started)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["qcow2", "raw"])
+async def test_a_file_written_since_it_was_made_is_kept_and_said(tmp_path: Path, raw: bool) -> None:
+    """Killed after the ``device_add``, then the disk unplugged by another client before
+    ``recover``: QEMU shows no device, as if never attached, but the guest wrote to the
+    image. Recovery finds the file holding data (a qcow2 with a cluster allocated, a raw file
+    with a data extent; as made, neither holds any), keeps it and says so, never removing
+    what may be the guest's only writes; the rest goes as before."""
+    server = orphan()
+    try:
+        intent, made = written(tmp_path, server, raw)
+        for path in made:  # as the restore makes them: empty
+            path.unlink()
+            fmt = ImageFormat.QCOW2 if path.suffix == ".qcow2" else ImageFormat.RAW
+            await _images.create(path, fmt, size=1 << 20)
+            assert not await recovery._holds_data(path), path
+        image = made[0]  # the device's image: the qcow2 target, a raw target's overlay
+        await _proc.run([_binaries.qemu_io(), "-f", "qcow2", "-c", "write 64k 4k", str(image)])
+        assert await recovery._holds_data(image)
+        if raw:
+            with open(made[1], "r+b") as file:
+                file.seek(512 << 10)
+                file.write(b"guest")
+            assert await recovery._holds_data(made[1])
+        assert not await recovery._holds_data(tmp_path / "absent")
+        holding = frozenset(str(p) for p in made[: 1 + raw])
+        plan = _journal.plan(intent, replace(facts((), False, True), holding_data=holding))
+        assert plan.verdict is Verdict.ATTENTION and plan.forget, plan
+        assert intent.server is not None
+        assert plan.actions == (StopServer(intent.server),), plan.actions
+        assert all(f in plan.message for f in holding) and "kept" in plan.message, plan.message
+        assert plan.message.startswith(intent.describe()), plan.message
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server, signal.SIGKILL)
