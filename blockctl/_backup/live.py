@@ -53,16 +53,19 @@ Journaled as a ``mirror`` record (before: overlay ← backup; after: the target'
 A lost VM is launched from its config instead (:func:`launch_live`): the server starts in
 the new run directory and the target is made before QEMU, whose launch plan puts the
 config's drive over the backup nodes (``launch_detached``'s ``prepare`` returns
-:class:`blockctl._machine.Prepared`): a qcow2 drive on the target itself, a raw drive (a new
-file or a block device) on the temporary overlay, as above. The copy's record (a stream's,
-or a mirror's naming the target's nodes to add) is written in ``prepare``, before QEMU's
-spawn, from the launch plan's node names, and names the files ``prepare`` made until the
-spawn (``Prepared.spawned`` rewrites it): ``blockctl recover`` of a launch killed before the
-spawn removes them and stops the server; killed from the spawn on, it copies. The guest
-starts on the drive at once, then the stream (qcow2) or the target's nodes and the mirror
-(raw), the record rewritten from QEMU's graph, and recovery are the hot-plug paths' above.
-A failure before the copy starts shuts the VM down and removes the overlay and a new
-target. A LUN drive is refused.
+:class:`blockctl._machine.Prepared`): a qcow2 drive on the target itself, a raw drive (a
+new file, a block device or an iSCSI LUN) on the temporary overlay, as above. The copy's
+record (a stream's, or a mirror's naming the target's nodes to add) is written in
+``prepare``, before QEMU's spawn, from the launch plan's node names, and names the files
+``prepare`` made until the spawn (``Prepared.spawned`` rewrites it): ``blockctl recover``
+of a launch killed before the spawn removes them and stops the server; killed from the
+spawn on, it copies. The guest starts on the drive at once, then the stream (qcow2) or the
+target's nodes and the mirror (raw), the record rewritten from QEMU's graph, and recovery
+are the hot-plug paths' above. A failure before the copy starts shuts the VM down and
+removes the overlay and a new target. A LUN drive (named by its URL) is the raw path with
+the LUN as the mirror's target: the config's credentials (a CHAP ``secret`` object added
+before the LUN's node, the record naming its password file), the LUN's size checked before
+the copy.
 """
 
 from __future__ import annotations
@@ -241,7 +244,7 @@ class LiveLaunchResult:
 
     vm: str  # the launched VM's name
     device_id: str  # the config's drive that came back from the point
-    path: Path
+    path: Path | IscsiSource  # a file, a block device, or the config's LUN
     format: ImageFormat  # the drive's: qcow2 (streamed into) or raw (mirrored into)
     point: str
     source_device: str  # the disk of the point
@@ -258,7 +261,7 @@ async def launch_live(
     vm_name: str,
     point: str,
     device: str,
-    target: Path,
+    target: Path | str | IscsiSource,
     *,
     control: JobControl = DEFAULT_CONTROL,
     timeouts: Timeouts | None = None,
@@ -275,8 +278,11 @@ async def launch_live(
     server, streamed into (``block-stream``). A raw drive: ``target`` is a new raw file
     (0600) or an existing block device at least the disk's size; QEMU starts with the drive
     on a temporary qcow2 overlay over the server (where :func:`restore_live` puts it), which
-    is then mirrored into ``target`` (write-blocking) and pivoted onto it. The drive must not
-    be read-only, a snapshot, copy-on-read (raw) or vhost-user-blk; a LUN drive is refused.
+    is then mirrored into ``target`` (write-blocking) and pivoted onto it. A raw LUN drive:
+    ``target`` is its URL (``iscsi://portal/target/lun``, a str or an :class:`IscsiSource`;
+    the config's drive gives the initiator name and CHAP credentials), an existing LUN at
+    least the disk's size, mirrored into as a block device is. The drive must not
+    be read-only, a snapshot, copy-on-read (raw), passed through or vhost-user-blk.
     ``target_format``, if given, must be the drive's format (the config's decides).
     A failure before the copy starts leaves nothing: the VM shut down, its run directory,
     the server, the overlay and a new ``target`` gone."""
@@ -288,21 +294,25 @@ async def launch_live(
     name = config.name
     if name is None:
         raise ConfigError("name", "a VM launched from a backup point needs a name")
-    target = _launch_target(target)
-    index, drive_format = _launch_drive(config, target)
+    named = _launch_target(target)
+    index, drive_format = _launch_drive(config, named)
     if target_format is not None and target_format is not drive_format:
         raise ConfigError(
             "target_format",
-            f"the config's drive[{index}] on {target} is {drive_format.value}, not "
+            f"the config's drive[{index}] on {named} is {drive_format.value}, not "
             f"{target_format.value}: the config's format is the one launched. Way out: give "
             "the matching format (-O), or none",
         )
     raw = drive_format is ImageFormat.RAW
-    device_target = raw and target.is_block_device()
-    if not device_target and (target.exists() or target.is_symlink()):
+    # The LUN as the config gives it (its initiator name and CHAP credentials), or a path.
+    lun = config.drives[index].iscsi
+    dest: Path | IscsiSource = lun if lun is not None else Path(named)
+    local = dest if isinstance(dest, Path) else None  # a local file or block device
+    device_target = local is None or (raw and local.is_block_device())
+    if local is not None and not device_target and (local.exists() or local.is_symlink()):
         raise ConfigError(
             "target",
-            f"{target} exists; a live launch writes a new file"
+            f"{local} exists; a live launch writes a new file"
             + (" or an existing block device" if raw else ""),
         )
     tag = secrets.token_hex(2)
@@ -312,15 +322,15 @@ async def launch_live(
         # Where restore_live's raw path puts it (a device's: not in the run directory, which
         # goes with the VM while this overlay may hold the guest's only writes).
         overlay = (
-            _live_overlay_dir() / f"live-overlay-{tag}.qcow2"
-            if device_target
-            else target.parent / f".{target.name}.live-overlay-{tag}.qcow2"
+            local.parent / f".{local.name}.live-overlay-{tag}.qcow2"
+            if local is not None and not device_target
+            else _live_overlay_dir() / f"live-overlay-{tag}.qcow2"
         )
     made: list[Path] = []  # the files prepare made: removed on a failure before the copy
     with repo.lock(exclusive=False):
         size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
-        if device_target:
-            _check_device_size(target, size)
+        if local is not None and device_target:
+            _check_device_size(local, size)  # a LUN's: once its node is added
         async with contextlib.AsyncExitStack() as stack:
             exports: list[PointExport] = []
             planned: list[_journal.Op] = []
@@ -328,12 +338,15 @@ async def launch_live(
             async def prepare(run_dir: Path) -> Prepared:
                 launched = config
                 on_overlay = config.drives[index]
-                making = [] if device_target else [target]  # the files made, in order
+                # The files made, in order.
+                making = [local] if local is not None and not device_target else []
                 if overlay is not None:
                     making.append(overlay)
                     # QEMU starts with the drive on the overlay; the mirror takes it to
                     # ``target`` (the drive's record then names the target's nodes).
-                    on_overlay = replace(on_overlay, file=overlay, format=ImageFormat.QCOW2)
+                    on_overlay = replace(
+                        on_overlay, file=overlay, format=ImageFormat.QCOW2, iscsi=None
+                    )
                     launched = replace(
                         config,
                         drives=(*config.drives[:index], on_overlay, *config.drives[index + 1 :]),
@@ -350,7 +363,8 @@ async def launch_live(
                     server = _server_record(repo, vm_name, point, device, home)
                     socket = socket_in(home)
                     if overlay is None:
-                        intent = _launch_intent(name, index, base, target, socket, server)
+                        assert local is not None  # a qcow2 drive: a new local file
+                        intent = _launch_intent(name, index, base, local, socket, server)
                     else:
                         intent = _launch_mirror_intent(
                             name,
@@ -358,7 +372,7 @@ async def launch_live(
                             base,
                             overlay,
                             on_overlay,
-                            target,
+                            dest,
                             size,
                             device_target,
                             socket,
@@ -391,7 +405,7 @@ async def launch_live(
                 op.step(op.intent.step, server=server)
                 for path in making:
                     made.append(path)
-                    raw_target = overlay is not None and path == target
+                    raw_target = overlay is not None and path == local
                     fmt = ImageFormat.RAW if raw_target else ImageFormat.QCOW2
                     await _images.create(path, fmt, size=size)
 
@@ -418,7 +432,7 @@ async def launch_live(
                     vm_name=vm_name,
                     point=point,
                     device=device,
-                    target=target,
+                    target=dest,
                     size=size,
                     device_target=device_target,
                     interface=config.drives[index].interface,
@@ -432,7 +446,7 @@ async def launch_live(
     return LiveLaunchResult(
         vm=name,
         device_id=copied.device_id,
-        path=target,
+        path=dest,
         format=ImageFormat.RAW if raw else ImageFormat.QCOW2,
         point=point,
         source_device=device,
@@ -448,26 +462,47 @@ def _remove(files: Sequence[Path]) -> None:
             os.unlink(path)
 
 
-def _launch_target(target: Path | str) -> Path:
-    """A live launch's target: a local file or block device (a LUN drive is refused)."""
-    if str(target).startswith("iscsi:"):
+def _launch_target(target: Path | str | IscsiSource) -> Path | str:
+    """A live launch's target: a local file or block device (absolute), or a LUN's URL
+    (``iscsi://portal/target/lun`` as :attr:`blockctl.types.Drive.remote_url` gives it; a
+    Path has folded the URL's ``//`` into ``/``, so a LUN comes as a str)."""
+    if isinstance(target, IscsiSource):
+        return target.url
+    if isinstance(target, str) and target.startswith("iscsi://"):
+        return IscsiSource.from_url(target, "target").url  # checked, its port spelled out
+    if str(target).startswith("nfs:"):
         raise ConfigError(
             "target",
-            f"{target}: a LUN drive is not launched from a point yet (the overlay-and-mirror "
-            "path is wired into the launch for a raw file or block device only). Way out: "
-            "launch without that drive, then `blockctl restore --live --attach VM -O raw` "
-            "onto the LUN",
+            f"{target}: an NFS drive is not launched from a point yet (the LUN's path would "
+            "carry it, untested). Way out: launch without that drive, then `blockctl restore "
+            "--live --attach VM -O raw` onto the image",
         )
     return _local_target(target)
 
 
-def _launch_drive(config: MachineConfig, target: Path) -> tuple[int, ImageFormat]:
-    """The index and format of the config's drive whose file is ``target``, checked for a
-    live launch."""
+def _launch_drive(config: MachineConfig, target: Path | str) -> tuple[int, ImageFormat]:
+    """The index and format of the config's drive whose file is ``target`` (a path), or whose
+    LUN it is (a URL), checked for a live launch."""
     for i, drive in enumerate(config.drives):
-        if drive.file is None or Path(drive.file).absolute() != target:
+        if isinstance(target, str):
+            if drive.iscsi is None or drive.remote_url != target:
+                continue
+        elif drive.file is None or Path(drive.file).absolute() != target:
             continue
         where = f"drive[{i}]"
+        if drive.iscsi is not None and drive.format is not ImageFormat.RAW:
+            raise ConfigError(
+                f"{where}.format",
+                f"a LUN drive launched from a point is raw (mirrored onto the LUN); {target} "
+                f"is {drive.format.value if drive.format else 'unset'}",
+            )
+        if drive.passthrough is not None:
+            raise ConfigError(
+                f"{where}.passthrough",
+                "a passed-through LUN is the guest's SCSI device itself: no overlay can stand "
+                "in for it while the point comes back. Way out: launch it emulated (drop "
+                "passthrough) for the restore",
+            )
         if drive.format is None or drive.format not in (ImageFormat.QCOW2, ImageFormat.RAW):
             raise ConfigError(
                 f"{where}.format",
@@ -486,6 +521,13 @@ def _launch_drive(config: MachineConfig, target: Path) -> tuple[int, ImageFormat
                 "from the config for the launch",
             )
         return i, drive.format
+    if isinstance(target, str):
+        luns = ", ".join(str(d.remote_url) for d in config.drives if d.iscsi) or "none"
+        raise ConfigError(
+            "target",
+            f"no drive of the config is the LUN {target} (its LUNs: {luns}): a live launch "
+            "brings back the drive whose LUN is the target",
+        )
     files = ", ".join(str(d.file) for d in config.drives if d.file is not None) or "none"
     raise ConfigError(
         "target",
@@ -548,8 +590,7 @@ async def _copy_launched(
                 target_nodes = _target_nodes(
                     record.nodes, image, call.target, call.size, call.device_target
                 )
-                for node in target_nodes:  # a failure here: the VM goes (undone)
-                    await wire.blockdev_add(vm.session, node)
+                await _add_target(call, target_nodes)  # a failure here: the VM goes (undone)
                 op = await _begin_mirror(
                     call,
                     device_id,
@@ -852,11 +893,7 @@ async def _restore_raw(call: _Call) -> _Copied:
                 record.nodes, image, call.target, call.size, call.device_target
             )
             try:
-                await _add_target_secret(call.vm, call.target, target_nodes)
-                for node in target_nodes:
-                    await wire.blockdev_add(call.vm.session, node)
-                    if node is target_nodes[0] and not isinstance(call.target, Path):
-                        await _check_remote_size(call, str(node["node-name"]))
+                await _add_target(call, target_nodes)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await _delete_target_secrets(call.vm, target_nodes)
@@ -888,6 +925,17 @@ async def _restore_raw(call: _Call) -> _Copied:
         _unplanned(call.vm, planned)
         raise
     return _Copied(info.device_id, attached, result)
+
+
+async def _add_target(call: _Call, target_nodes: Sequence[dict[str, Any]]) -> None:
+    """The raw target's nodes, bottom-up: a CHAP LUN's ``secret`` object first, a LUN's or
+    NFS image's size checked once its node is there. On a failure the caller removes what
+    was added (the hot-plug: the secret, the disk; a launch: the VM)."""
+    await _add_target_secret(call.vm, call.target, target_nodes)
+    for node in target_nodes:
+        await wire.blockdev_add(call.vm.session, node)
+        if node is target_nodes[0] and not isinstance(call.target, Path):
+            await _check_remote_size(call, str(node["node-name"]))
 
 
 async def _check_remote_size(call: _Call, node: str) -> None:
@@ -1021,19 +1069,25 @@ async def _begin_mirror(
         delete_files=True,
         add_nodes={device_id: tuple(target_nodes)},
         server=server,
-        secret_files={
-            str(n["password-secret"]): str(Path(call.target.password_file).absolute())
-            for n in target_nodes
-            if "password-secret" in n
-            and isinstance(call.target, IscsiSource)
-            and call.target.password_file is not None
-        },
+        secret_files=_secret_files(call.target, target_nodes),
         what=(
             f"live restore of {call.device} ({call.point}) into {_target_name(call.target)} "
             f"(raw) on {device_id}"
         ),
     )
     return _journal.begin(call.vm, intent)
+
+
+def _secret_files(
+    target: Path | IscsiSource | NfsSource, target_nodes: Sequence[dict[str, Any]]
+) -> dict[str, str]:
+    """A CHAP LUN's ``secret`` object id → its password file (never the password)."""
+    if not isinstance(target, IscsiSource) or target.password_file is None:
+        return {}
+    password_file = str(Path(target.password_file).absolute())
+    return {
+        str(n["password-secret"]): password_file for n in target_nodes if "password-secret" in n
+    }
 
 
 async def _mirror(
@@ -1283,7 +1337,7 @@ def _launch_mirror_intent(
     base: str,
     overlay: Path,
     on_overlay: Drive,
-    target: Path,
+    target: Path | IscsiSource,
     size: int,
     device_target: bool,
     socket: Path,
@@ -1292,7 +1346,8 @@ def _launch_mirror_intent(
     """A raw drive's launch: its mirror, recorded before QEMU starts as :func:`_begin_mirror`
     records it once the VM runs, from the launch plan (device ``disk{i}`` on the overlay's
     image node ``drv{i}`` over ``drv{i}-file``, backing onto ``base`` over ``base-nbd``;
-    the target's nodes as :func:`_target_nodes` makes them from the overlay's file node)."""
+    the target's nodes as :func:`_target_nodes` makes them from the overlay's file node; a
+    CHAP LUN's password file named for its ``secret`` object, as :func:`_begin_mirror`)."""
     device_id, image = f"disk{index}", f"drv{index}"
     overlay_file = dict(
         _argv.protocol_node(
@@ -1305,7 +1360,7 @@ def _launch_mirror_intent(
         before=(image, base),
         after=(str(target_nodes[-1]["node-name"]),),
         files_before=(str(overlay), served),
-        files_after=(str(target),),
+        files_after=(_target_name(target),),
         formats_before=(ImageFormat.QCOW2.value, "raw"),
     )
     return _journal.Intent(
@@ -1319,6 +1374,7 @@ def _launch_mirror_intent(
         delete_files=True,
         add_nodes={device_id: target_nodes},
         server=server,
+        secret_files=_secret_files(target, target_nodes),
         what=(
             f"live restore of {server.device} ({server.point}) into {_target_name(target)} (raw) "
             f"on {device_id}"

@@ -357,8 +357,8 @@ class RestoreCommand(Command):
             metavar="CONFIG",
             type=Path,
             help="with --live: launch the VM of this TOML config (as `up`), its drive whose "
-            "file is DEST (qcow2, or raw: a new file or a block device) served by the point "
-            "from the start",
+            "file is DEST (qcow2, or raw: a new file or a block device) or whose LUN is DEST "
+            "(raw, iscsi://host[:port]/iqn/lun) served by the point from the start",
         )
         parser.add_argument(
             "--live",
@@ -427,20 +427,29 @@ class RestoreCommand(Command):
         self, args: argparse.Namespace, repo: backup_ops.Repository, fmt: ImageFormat
     ) -> int:
         config = load_config(args.launch, None)
+        for option in ("initiator_name", "chap_user", "chap_password_file"):
+            if getattr(args, option) is not None:
+                raise ConfigError(
+                    option.replace("_", "-"),
+                    "with --launch the config's LUN drive gives how QEMU logs in: drop it",
+                )
         result = await backup_ops.launch_live(
             config,
             repo,
             args.vm,
             args.backup_id,
             args.device,
-            Path(args.dest),  # made absolute by launch_live, which refuses a URL
+            # A LUN drive is named by its URL (a Path would fold its // into /); a path is
+            # made absolute by launch_live.
+            args.dest if args.dest.startswith("iscsi://") else Path(args.dest),
             control=job_control(args, job_hooks(args, "restore")),
             target_format=None if args.output_format is None else fmt,
         )
+        where = result.path.url if isinstance(result.path, IscsiSource) else str(result.path)
         emit(
             args,
             {
-                "restored": str(result.path),
+                "restored": where,
                 "format": result.format.value,
                 "device": args.device,
                 "point": args.backup_id,
@@ -453,7 +462,7 @@ class RestoreCommand(Command):
             },
             f"launched {result.vm} with {args.device} of {args.backup_id} live as "
             f"{result.device_id} (running after {result.seconds_to_start:.2f} s, standalone on "
-            f"{result.path} after {result.seconds:.2f} s)",
+            f"{where} after {result.seconds:.2f} s)",
         )
         return 0
 

@@ -384,9 +384,27 @@ async def _restart_copy(vm: VM, intent: Intent, action: RestartStream | RestartM
         # A launch's record is written before QEMU starts: a controller killed before it
         # added the target's nodes leaves them to add here (bottom-up, as recorded).
         present = {n.node_name for n in await vm.block_nodes()}
+        objects: dict[str, str] | None = None  # QEMU's objects, read once if needed
         for node in intent.add_nodes.get(action.device, ()):
-            if str(node["node-name"]) not in present:
-                await wire.blockdev_add(vm.session, node)
+            if str(node["node-name"]) in present:
+                continue
+            secret = str(node.get("password-secret", ""))
+            if secret in intent.secret_files:
+                # A CHAP LUN's node names its secret object: added first (from the password
+                # file the record names) unless the dead controller added it already.
+                if objects is None:
+                    objects = await wire.qom_list(vm.session, "/objects")
+                if secret not in objects:
+                    await wire.secret_add(
+                        vm.session,
+                        {
+                            "qom-type": "secret",
+                            "id": secret,
+                            "file": intent.secret_files[secret],
+                            "format": "raw",
+                        },
+                    )
+            await wire.blockdev_add(vm.session, node)
         await wire.blockdev_mirror(
             vm.session,
             job_id=job_id,

@@ -457,3 +457,119 @@ async def test_qemu_killed_mid_mirror_into_a_lun_then_the_way_on_gives_point_plu
     await lun_equals(tgt, want_file, tail)
     out, err = capfd.readouterr()
     assert password not in out + err
+
+
+@pytest.mark.guest
+async def test_a_vm_launched_from_a_point_onto_a_chap_lun_runs_on_a_mirrored_overlay(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    runtime_dir: Path,
+    tgt: Tgt,  # noqa: F811
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A lost VM whose config's drive is a CHAP LUN (named by its URL, as the CLI hands it):
+    QEMU starts with the drive on a temporary qcow2 overlay (in the runtime root's
+    ``_live-overlays``) over the point's server; the guest reads the disk whole (the point's
+    sha256) and writes while the mirror into the LUN waits at 1 B/s; released, the device
+    pivots onto the LUN's nodes (``iscsi``, ``raw``; the CHAP secret object QEMU reads from
+    the file), then runs alone on it: no job, backup node, overlay, server or record. After
+    shutdown the LUN's file equals the point plus exactly the guest's writes (``qemu-img
+    compare`` against plain restore + ``qemu-io``), its last MiB as it was; the repository
+    unchanged; the password in no output or file of the run directory."""
+    from blockctl._backup.live import LiveLaunchResult
+    from blockctl._cli.common import load_config
+    from tests.integration.test_live_launch import backed_up, console_of, down
+
+    repo = backup.init_repository(tmp_path / "repo")
+    point, want = await backed_up(guest, images, repo, DISK_MIB)
+    hashes = tree_digest(repo.path)
+    tail = lun_ready(tgt)
+    password = "chap-secret-3c9e41"  # tgt: 12-16 characters for iSCSI CHAP
+    good = tmp_path / "chap.pw"
+    good.write_text(password)
+    good.chmod(0o600)
+    tgt.admin("--lld", "iscsi", "--op", "new", "--mode", "account", "--user", "dave",
+              "--password", password)  # fmt: skip
+    tgt.admin("--lld", "iscsi", "--op", "bind", "--mode", "account", "--tid", "1",
+              "--user", "dave")  # fmt: skip
+    lun = tgt.source(LUN)
+    toml = tmp_path / "lost.toml"
+    toml.write_text(
+        f'name = "lostl"\nmachine = "pc"\nkernel = {json.dumps(str(guest.kernel))}\n'
+        f"initrd = {json.dumps(str(guest.initrd))}\nappend = {json.dumps(guest.append)}\n"
+        'deprecated-input = "reject"\n[[drive]]\nformat = "raw"\n'
+        f"iscsi = {{ portal = {json.dumps(lun.portal)}, target = {json.dumps(lun.target)}, "
+        f'lun = {LUN}, user = "dave", password-file = {json.dumps(str(good))} }}\n'
+    )
+    run_dir = runtime_dir / "lostl"
+    watch = StreamWatch()  # the mirror's id, once it runs
+    results: list[LiveLaunchResult] = []
+
+    async def launch() -> None:
+        results.append(
+            await backup.launch_live(
+                load_config(toml, None),
+                repo,
+                "src",
+                point.id,
+                "disk0",
+                lun.url,
+                control=JobControl(speed=1, hooks=(watch,)),
+            )
+        )
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(launch)
+            await watch.running.wait()
+            (overlay,) = device_overlays(run_dir)
+            (record_file,) = list(run_dir.glob("journal-*.json"))
+            written = json.loads(record_file.read_text())
+            assert written["kind"] == "mirror"
+            (added,) = written["add_nodes"].values()
+            assert [n["driver"] for n in added] == ["iscsi", "raw"]
+            assert set(written["secret_files"].values()) == {str(good)}
+            async with console_of("lostl") as console:
+                # The mirror waits at 1 B/s: everything here happens during the copy.
+                assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == want
+                for write_ in RAW_WRITES:
+                    await console.check(fill("vda", *write_))
+                during = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
+                async with attach_vm("lostl") as vm:
+                    jobs = await wire.query_jobs(vm.session)
+                    assert [(j.id, j.type) for j in jobs] == [(watch.job_id, "mirror")]
+                    assert any(n.startswith("bclr-") for n in await node_names(vm))
+                    await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+        (result,) = results
+        assert result.vm == "lostl" and result.device_id == "disk0"
+        assert isinstance(result.path, IscsiSource) and result.path.url == lun.url
+        assert result.format is ImageFormat.RAW
+        assert result.job.completed_on_ready and result.job.offset == result.job.length
+        async with console_of("lostl") as console:
+            assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == during
+        async with attach_vm("lostl") as vm:
+            assert await wire.query_jobs(vm.session) == ()
+            record = vm.registry.drives["disk0"]
+            assert [(n["driver"], n.get("lun")) for n in record.nodes] == [
+                ("iscsi", LUN),
+                ("raw", None),
+            ]
+            assert await node_names(vm) == set(record.node_names)
+            assert record.nodes[0]["password-secret"] in await wire.qom_list(
+                vm.session, "/objects"
+            )
+            await truth_check(vm)
+        assert nbdkit_pids_under(runtime_dir) == [] and not overlay.exists()
+        assert not list(run_dir.glob("journal-*.json"))
+        seen = capfd.readouterr()
+        assert password not in seen.out + seen.err
+        for path in run_dir.rglob("*"):
+            if path.is_file() and not path.is_socket():
+                assert password.encode() not in path.read_bytes(), path
+    finally:
+        await down("lostl")
+    assert tree_digest(repo.path) == hashes
+    want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", RAW_WRITES)
+    assert sha256(want_file.read_bytes()) == during  # the guest's view: point plus writes
+    await lun_equals(tgt, want_file, tail)
