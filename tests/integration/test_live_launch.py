@@ -426,7 +426,7 @@ async def test_a_launch_qemu_refuses_leaves_nothing_and_says_why(
     does not have): exit 1 with QEMU's reason; no nbdkit, no run directory, no target file,
     nothing else new in the images directory, the repository's files unchanged. Also the
     refusals before anything starts: a config with no drive on the target, -O raw for its
-    qcow2 drive, a LUN as DEST."""
+    qcow2 drive, a LUN as DEST that no drive of the config is."""
     repo = backup.init_repository(tmp_path / "repo")
     point, _ = await backed_up(guest, images, repo)
     hashes = tree_digest(repo.path)
@@ -455,7 +455,10 @@ async def test_a_launch_qemu_refuses_leaves_nothing_and_says_why(
         *("--repo", repo.path, "--live", "--launch", good),
         check=False,
     )
-    assert lun.returncode == 1 and "a LUN drive is not launched" in lun.stderr, lun
+    # A LUN is named by its URL (not folded into a path): the config has no drive on it.
+    assert lun.returncode == 1 and (
+        "no drive of the config is the LUN iscsi://127.0.0.1:3260/iqn.2026-12.test:t/1"
+    ) in lun.stderr.replace("\n", " "), lun
     unpaired = await cli(*restore, "--launch", good, "--attach", "src", check=False)
     assert unpaired.returncode == 1 and "give one of them" in unpaired.stderr, unpaired
     assert nbdkit_pids_under(runtime_dir) == []

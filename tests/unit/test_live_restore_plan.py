@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -12,8 +14,9 @@ from blockctl import _journal
 from blockctl._argv import DrivePlan, DriveSource, over_backing, plan_drive
 from blockctl._backup import live
 from blockctl._backup.serve import PointExport, backing_nodes
+from blockctl._ops import recovery
 from blockctl.errors import ConfigError
-from blockctl.types import Drive, ImageFormat, MachineConfig
+from blockctl.types import Drive, ImageFormat, Interface, IscsiSource, MachineConfig, Passthrough
 from tests.unit.test_argv import layer
 
 BACKING = (
@@ -101,14 +104,171 @@ def test_a_live_launch_brings_back_the_drive_whose_file_is_the_target() -> None:
     assert live._launch_drive(config, Path("/i/data.raw")) == (2, ImageFormat.RAW)
 
 
-@pytest.mark.parametrize("url", ["iscsi://127.0.0.1/iqn.2026-01.t:lun/1", Path("iscsi://h/i/1")])
-def test_a_live_launch_refuses_a_lun_target_with_the_way_out(url: str | Path) -> None:
-    """A LUN drive is not launched from a point (the CLI hands DEST as a Path, which folds
-    the URL's // into /)."""
+LUN_URL = "iscsi://127.0.0.1:3260/iqn.2026-01.t:lun/1"
+
+
+def lun_drive(**kwargs: object) -> Drive:
+    source = IscsiSource(
+        portal="127.0.0.1",
+        target="iqn.2026-01.t:lun",
+        lun=1,
+        user="carol",
+        password_file=Path("/k/chap.pw"),
+    )
+    return Drive(iscsi=source, **{"format": ImageFormat.RAW, **kwargs})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "iscsi://127.0.0.1/iqn.2026-01.t:lun/1",
+        LUN_URL,
+        IscsiSource(portal="127.0.0.1", target="iqn.2026-01.t:lun", lun=1),
+    ],
+)
+def test_a_live_launch_names_a_lun_by_its_url_with_the_port_spelled_out(
+    url: str | IscsiSource,
+) -> None:
+    """A LUN target comes as its URL (a str: the CLI's DEST) or an IscsiSource; either is
+    the URL the config's drive reads back as (``remote_url``: the default port given)."""
+    assert live._launch_target(url) == LUN_URL
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (Path("iscsi://h/i/1"), "not this URL"),  # a Path folded the URL's // into /
+        ("nfs://srv/export/d.raw", "an NFS drive is not launched from a point yet"),
+        ("iscsi://127.0.0.1/iqn.2026-01.t:lun", "the path is /target-iqn/lun"),
+    ],
+)
+def test_a_live_launch_refuses_a_target_it_cannot_name(url: str | Path, says: str) -> None:
     with pytest.raises(ConfigError) as e:
         live._launch_target(url)
-    assert e.value.field == "target" and "LUN drive is not launched" in e.value.message
-    assert "--attach VM -O raw" in e.value.message
+    assert e.value.field.startswith("target") and says in e.value.message, e.value
+
+
+def test_a_live_launch_brings_back_the_lun_drive_by_its_url() -> None:
+    config = launch_config(
+        Drive(file=Path("/i/boot.qcow2"), format=ImageFormat.QCOW2), lun_drive()
+    )
+    assert live._launch_drive(config, LUN_URL) == (1, ImageFormat.RAW)
+    with pytest.raises(ConfigError) as e:
+        live._launch_drive(config, LUN_URL.replace("/1", "/2"))
+    assert e.value.field == "target" and f"its LUNs: {LUN_URL}" in e.value.message
+    # A path never matches a LUN drive, nor a URL a file drive.
+    with pytest.raises(ConfigError, match="no drive of the config has the file"):
+        live._launch_drive(config, Path("/i/x.raw"))
+
+
+@pytest.mark.parametrize(
+    ("drive", "field", "says"),
+    [
+        (lun_drive(format=ImageFormat.QCOW2), "drive[0].format", "a LUN drive launched"),
+        (
+            lun_drive(interface=Interface.SCSI, passthrough=Passthrough.BLOCK),
+            "drive[0].passthrough",
+            "launch it emulated",
+        ),
+        (lun_drive(read_only=True), "drive[0]", "writable"),
+    ],
+)
+def test_a_live_launch_refuses_a_lun_drive_it_cannot_mirror_into(
+    drive: Drive, field: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        live._launch_drive(launch_config(drive), LUN_URL)
+    assert e.value.field == field and says in e.value.message, e.value
+
+
+def test_a_lun_launch_records_its_mirror_with_the_luns_nodes_and_the_password_file() -> None:
+    """A CHAP LUN drive's launch: the record written before QEMU starts names the LUN's
+    nodes as the launched VM gets them (``_target_nodes`` from the launch plan's overlay
+    file node: what ``_copy_launched`` adds), its secret object's password file (never the
+    password), the LUN by its URL, and the overlay as the file to drop."""
+    drive = lun_drive()
+    assert drive.iscsi is not None
+    overlay = Path("/run/_live-overlays/live-overlay-ab12.qcow2")
+    on_overlay = replace(drive, file=overlay, format=ImageFormat.QCOW2, iscsi=None)
+    record = _journal.ServerRecord(pid=0, pid_start=None, home="/run/x", point="p", device="d")
+    socket = Path("/run/x/s.sock")
+    intent = live._launch_mirror_intent(
+        "lost", 3, "bclr-1", overlay, on_overlay, drive.iscsi, 1 << 20, True, socket, record
+    )
+    source = DriveSource(chain=(layer(str(overlay), ImageFormat.QCOW2),))
+    planned = over_backing(
+        plan_drive(3, on_overlay, source, "pc", None), "drv3", backing_nodes("bclr-1", socket)
+    )
+    want = live._target_nodes(planned.record_nodes(), "drv3", drive.iscsi, 1 << 20, True)
+    assert intent.add_nodes == {"disk3": want}
+    lun_node, raw_node = want
+    assert lun_node["driver"] == "iscsi" and lun_node["lun"] == 1
+    assert lun_node["user"] == "carol" and "password" not in lun_node
+    assert raw_node["file"] == lun_node["node-name"] and raw_node["size"] == 1 << 20
+    assert intent.secret_files == {str(lun_node["password-secret"]): "/k/chap.pw"}
+    (chains,) = intent.devices.values()
+    assert chains.files_after == (LUN_URL,) and chains.after == (raw_node["node-name"],)
+    assert chains.before == ("drv3", "bclr-1") and intent.drop_files == (str(overlay),)
+    assert intent.kind is _journal.OpKind.MIRROR and LUN_URL in intent.what
+
+
+class RecordedSession:
+    """What recovery sends QEMU, in order; QEMU has the ``objects`` given."""
+
+    def __init__(self, objects: tuple[str, ...]) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.objects = objects
+        self.lost = False
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        self.sent.append((command, dict(arguments or {})))
+        if command == "qom-list":
+            return [{"name": o, "type": "child<secret>"} for o in self.objects]
+        return {}
+
+
+@pytest.mark.parametrize("secret_there", [False, True], ids=["no-secret", "secret-added"])
+async def test_recover_adds_a_chap_luns_secret_before_its_node(
+    tmp_path: Path, secret_there: bool
+) -> None:
+    """A LUN launch killed before it added the LUN's nodes: recovery's restarted mirror adds
+    the CHAP secret object from the password file the record names (unless the controller
+    had added it), then the LUN's nodes, then the mirror; without the secret QEMU refuses
+    the node (its ``password-secret`` names no object)."""
+    drive = lun_drive()
+    assert drive.iscsi is not None
+    overlay = tmp_path / "live-overlay-ab12.qcow2"
+    on_overlay = replace(drive, file=overlay, format=ImageFormat.QCOW2, iscsi=None)
+    record = _journal.ServerRecord(pid=0, pid_start=None, home="/run/x", point="p", device="d")
+    intent = replace(
+        live._launch_mirror_intent(
+            "lost", 0, "bclr-1", overlay, on_overlay, drive.iscsi, 1 << 20, True,
+            Path("/run/x/s.sock"), record,
+        ),  # fmt: skip
+        id="op1",
+    )
+    lun_node, raw_node = intent.add_nodes["disk0"]
+    secret = str(lun_node["password-secret"])
+    session = RecordedSession((secret,) if secret_there else ())
+
+    async def block_nodes() -> list[Any]:
+        return []
+
+    vm: Any = SimpleNamespace(run_dir=tmp_path, session=session, block_nodes=block_nodes)
+    action = _journal.RestartMirror("disk0", "drv0", str(raw_node["node-name"]))
+    restarted = await recovery._restart_copy(vm, intent, action)
+    added = [] if secret_there else [
+        ("object-add", {"qom-type": "secret", "id": secret, "file": "/k/chap.pw", "format": "raw"})
+    ]
+    sent = [c for c in session.sent if c[0] != "qom-list"]
+    assert sent[:-1] == [
+        *added,
+        ("blockdev-add", dict(lun_node)),
+        ("blockdev-add", dict(raw_node)),
+    ]
+    mirror, arguments = sent[-1]
+    assert mirror == "blockdev-mirror" and arguments["target"] == raw_node["node-name"]
+    assert arguments["job-id"] == restarted.job_id
 
 
 def test_a_live_launch_refuses_a_target_no_drive_has_and_names_the_files() -> None:
