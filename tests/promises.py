@@ -837,8 +837,8 @@ PROMISES: tuple[Promise, ...] = (
         mutations=(
             Mutation(
                 file="blockctl/_ops/recovery.py",
-                find='            if str(node["node-name"]) not in present:',
-                replace="            if False:",
+                find='            if str(node["node-name"]) in present:',
+                replace="            if True:",
                 what="recovery of a launch killed at QEMU's spawn mirrors into no target",
             ),
             Mutation(

@@ -556,9 +556,7 @@ async def test_a_vm_launched_from_a_point_onto_a_chap_lun_runs_on_a_mirrored_ove
                 ("raw", None),
             ]
             assert await node_names(vm) == set(record.node_names)
-            assert record.nodes[0]["password-secret"] in await wire.qom_list(
-                vm.session, "/objects"
-            )
+            assert record.nodes[0]["password-secret"] in await wire.qom_list(vm.session, "/objects")
             await truth_check(vm)
         assert nbdkit_pids_under(runtime_dir) == [] and not overlay.exists()
         assert not list(run_dir.glob("journal-*.json"))

@@ -149,9 +149,7 @@ def test_a_live_launch_refuses_a_target_it_cannot_name(url: str | Path, says: st
 
 
 def test_a_live_launch_brings_back_the_lun_drive_by_its_url() -> None:
-    config = launch_config(
-        Drive(file=Path("/i/boot.qcow2"), format=ImageFormat.QCOW2), lun_drive()
-    )
+    config = launch_config(Drive(file=Path("/i/boot.qcow2"), format=ImageFormat.QCOW2), lun_drive())
     assert live._launch_drive(config, LUN_URL) == (1, ImageFormat.RAW)
     with pytest.raises(ConfigError) as e:
         live._launch_drive(config, LUN_URL.replace("/1", "/2"))
@@ -240,13 +238,11 @@ async def test_recover_adds_a_chap_luns_secret_before_its_node(
     overlay = tmp_path / "live-overlay-ab12.qcow2"
     on_overlay = replace(drive, file=overlay, format=ImageFormat.QCOW2, iscsi=None)
     record = _journal.ServerRecord(pid=0, pid_start=None, home="/run/x", point="p", device="d")
-    intent = replace(
-        live._launch_mirror_intent(
-            "lost", 0, "bclr-1", overlay, on_overlay, drive.iscsi, 1 << 20, True,
-            Path("/run/x/s.sock"), record,
-        ),  # fmt: skip
-        id="op1",
+    socket = Path("/run/x/s.sock")
+    planned = live._launch_mirror_intent(
+        "lost", 0, "bclr-1", overlay, on_overlay, drive.iscsi, 1 << 20, True, socket, record
     )
+    intent = replace(planned, id="op1")
     lun_node, raw_node = intent.add_nodes["disk0"]
     secret = str(lun_node["password-secret"])
     session = RecordedSession((secret,) if secret_there else ())
@@ -257,9 +253,16 @@ async def test_recover_adds_a_chap_luns_secret_before_its_node(
     vm: Any = SimpleNamespace(run_dir=tmp_path, session=session, block_nodes=block_nodes)
     action = _journal.RestartMirror("disk0", "drv0", str(raw_node["node-name"]))
     restarted = await recovery._restart_copy(vm, intent, action)
-    added = [] if secret_there else [
-        ("object-add", {"qom-type": "secret", "id": secret, "file": "/k/chap.pw", "format": "raw"})
-    ]
+    added = (
+        []
+        if secret_there
+        else [
+            (
+                "object-add",
+                {"qom-type": "secret", "id": secret, "file": "/k/chap.pw", "format": "raw"},
+            )
+        ]
+    )
     sent = [c for c in session.sent if c[0] != "qom-list"]
     assert sent[:-1] == [
         *added,
