@@ -6,7 +6,8 @@
 device or an ``iscsi://`` LUN) or ``live-launch`` (VM is launched, not attached to: the
 same keys, plus ``config``, a machine TOML whose drive on ``target`` comes back, and
 ``source_vm``, the VM of the point; ``live-launch-raw``: the same, the config's drive
-raw, its record a mirror's); STEP a :class:`blockctl._journal.Step` value (for a
+raw (a file, a block device or a LUN: ``target`` its ``iscsi://`` URL), its record a
+mirror's); STEP a :class:`blockctl._journal.Step` value (for a
 backup: a name in ``blockctl.backup.STEPS``, or ``copy``; ``frozen``: right after a
 quiesced operation's freeze is confirmed, via ``_agent.FAILPOINT``; for ``live-launch`` also
 ``spawned``, right after QEMU's process exists, before its greeting, and ``greeted``, once
@@ -107,7 +108,8 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
             kwargs["source_vm"],
             kwargs["point"],
             kwargs["device"],
-            Path(kwargs["target"]),
+            # A LUN drive's target is its URL (a Path would fold its //).
+            target if (target := kwargs["target"]).startswith("iscsi://") else Path(target),
             control=JobControl(speed=kwargs.get("speed")),
         )
         return

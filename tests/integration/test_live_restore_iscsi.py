@@ -476,9 +476,14 @@ async def test_a_vm_launched_from_a_point_onto_a_chap_lun_runs_on_a_mirrored_ove
     the file), then runs alone on it: no job, backup node, overlay, server or record. After
     shutdown the LUN's file equals the point plus exactly the guest's writes (``qemu-img
     compare`` against plain restore + ``qemu-io``), its last MiB as it was; the repository
-    unchanged; the password in no output or file of the run directory."""
+    unchanged; the password in no output or file of the run directory. Then the same
+    launch with its controller ``kill -9``ed at QEMU's spawn (before the LUN's secret and
+    nodes were added): the guest writes, ``blockctl recover`` adds the
+    secret from the password file the record names, the nodes, mirrors and pivots; the
+    LUN (scribbled over first) again equals the reference."""
     from blockctl._backup.live import LiveLaunchResult
     from blockctl._cli.common import load_config
+    from tests.integration.test_attach_cli import cli
     from tests.integration.test_live_launch import backed_up, console_of, down
 
     repo = backup.init_repository(tmp_path / "repo")
@@ -569,5 +574,56 @@ async def test_a_vm_launched_from_a_point_onto_a_chap_lun_runs_on_a_mirrored_ove
         await down("lostl")
     assert tree_digest(repo.path) == hashes
     want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", RAW_WRITES)
-    assert sha256(want_file.read_bytes()) == during  # the guest's view: point plus writes
+    want_sha = sha256(want_file.read_bytes())
+    assert want_sha == during  # the guest's view: point plus writes
+    await lun_equals(tgt, want_file, tail)
+
+    # The same launch with its controller kill -9ed (another process) at QEMU's spawn: the
+    # VM runs on the overlay over the server, the LUN's nodes and CHAP secret not added
+    # yet; the guest reads and writes; `blockctl recover` (another process) adds the secret
+    # from the password file the record names, then the nodes, mirrors and pivots. The
+    # LUN's disk part scribbled over first: the mirror must write all of it.
+    with open(tgt.backing[LUN - 1], "r+b") as file:
+        file.write(b"\xee" * (DISK_MIB * MIB))
+    killed_dir = runtime_dir / "lostk"
+    arguments = {
+        "repo": str(repo.path),
+        "source_vm": "src",
+        "point": point.id,
+        "device": "disk0",
+        "target": lun.url,
+        "config": str(toml),
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "tests.integration.crash_child", "lostk", "live-launch-raw"]
+    try:
+        killed = await anyio.run_process(
+            [*argv, "spawned", json.dumps(arguments)], check=False, env=env
+        )
+        assert killed.returncode == -9, killed.stderr.decode()
+        (server,) = nbdkit_pids_under(killed_dir)
+        (record_file,) = list(killed_dir.glob("journal-*.json"))
+        assert set(json.loads(record_file.read_text())["secret_files"].values()) == {str(good)}
+        assert len(device_overlays(killed_dir)) == 1
+        async with console_of("lostk") as console:
+            for write_ in RAW_WRITES:
+                await console.check(fill("vda", *write_))
+            done = json.loads((await cli("recover", "lostk", "--json")).stdout)
+            (recovered,) = [r for r in done["operations"] if r["kind"] == "mirror"]
+            assert recovered["verdict"] == "finished", recovered
+            assert nbdkit_pids_under(killed_dir) == [] and not running(server)
+            assert not list(killed_dir.glob("journal-*.json"))
+            assert device_overlays(killed_dir) == []
+            assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == want_sha
+        async with attach_vm("lostk") as vm:
+            assert await wire.query_jobs(vm.session) == ()
+            nodes = vm.registry.drives["disk0"].nodes
+            assert [(n["driver"], n.get("lun")) for n in nodes] == [("iscsi", LUN), ("raw", None)]
+            assert await node_names(vm) == set(vm.registry.drives["disk0"].node_names)
+            await truth_check(vm)
+        seen = capfd.readouterr()
+        assert password not in seen.out + seen.err
+    finally:
+        await down("lostk")
+    assert tree_digest(repo.path) == hashes
     await lun_equals(tgt, want_file, tail)
