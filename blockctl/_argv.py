@@ -256,12 +256,13 @@ def chap_secret(node_name: str, source: IscsiSource) -> SecretObject:
     """The ``secret`` object holding the CHAP password of iSCSI node ``node_name``: QEMU
     reads the password from the file itself, so only the file's name is sent."""
     assert source.password_file is not None
-    return {
-        "qom-type": "secret",
-        "id": secret_id(node_name),
-        "file": str(Path(source.password_file).absolute()),
-        "format": "raw",
-    }
+    return password_secret(secret_id(node_name), str(Path(source.password_file).absolute()))
+
+
+def password_secret(object_id: str, password_file: str) -> SecretObject:
+    """The ``secret`` object ``object_id`` QEMU reads from ``password_file`` (a journal
+    record names the file, never the password)."""
+    return {"qom-type": "secret", "id": object_id, "file": password_file, "format": "raw"}
 
 
 def _nfs_node(name: str, drive: Drive) -> NfsOptions:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from blockctl import _agent, _images, _journal, _proc
+from blockctl import _agent, _argv, _images, _journal, _proc
 from blockctl._backup.serve import BACKUP_NODE_PREFIX, backing_nodes, serve_point, server_in
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
@@ -396,13 +396,7 @@ async def _restart_copy(vm: VM, intent: Intent, action: RestartStream | RestartM
                     objects = await wire.qom_list(vm.session, "/objects")
                 if secret not in objects:
                     await wire.secret_add(
-                        vm.session,
-                        {
-                            "qom-type": "secret",
-                            "id": secret,
-                            "file": intent.secret_files[secret],
-                            "format": "raw",
-                        },
+                        vm.session, _argv.password_secret(secret, intent.secret_files[secret])
                     )
             await wire.blockdev_add(vm.session, node)
         await wire.blockdev_mirror(
