@@ -728,9 +728,9 @@ async def unplug(vm: VM, device_id: str, *, timeout: float = 10.0) -> UnplugResu
     meanwhile).
     """
     device, record = await _find(vm, device_id)
-    peripherals = await wire.qom_list(vm.session, "/machine/peripheral")
     if record is not None and record.plug_under_way:
         raise _plug_under_way(vm, record, "unplug")
+    peripherals = await wire.qom_list(vm.session, "/machine/peripheral")
     if device is None and device_id not in peripherals:
         if record is not None and record.nodes:
             # The device went away (e.g. the guest finished a pending unplug): finish up.
