@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from blockctl import _fsutil
+from blockctl import _fsutil, _proc
 
 Json = dict[str, Any]
 
@@ -36,6 +37,18 @@ class DriveRecord:
     #: ``pid``, ``pid_start``, ``monitor`` (its QMP socket), ``socket`` (the vhost-user one),
     #: ``chardev`` (QEMU's chardev id), ``file``, ``format``, ``nodes`` (the daemon's).
     daemon: Json | None = None
+    #: Written before a hot-plug's first change (``drives.hotplug``), by the process named
+    #: here (``pid``, ``pid_start``); dropped once its ``device_add`` returned. While that
+    #: process lives the record is not judged by what QEMU has (nothing need be added yet);
+    #: once it is gone, what QEMU has is what it did (:meth:`DriveRegistry.reconcile`): a
+    #: process killed after its ``device_add`` leaves a device whose nodes are known.
+    plugging: Json | None = None
+
+    @property
+    def plug_under_way(self) -> bool:
+        """Its hot-plug's process still runs (see ``plugging``)."""
+        mark = self.plugging
+        return mark is not None and _proc.process_alive(mark.get("pid"), mark.get("pid_start"))
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -53,6 +66,7 @@ class DriveRecord:
             "nodes": list(self.nodes),
             "pending_unplug": self.pending_unplug,
             **({} if self.daemon is None else {"daemon": self.daemon}),
+            **({} if self.plugging is None else {"plugging": self.plugging}),
         }
 
     @classmethod
@@ -63,7 +77,14 @@ class DriveRecord:
             nodes=tuple(dict(n) for n in data.get("nodes", ())),
             pending_unplug=bool(data.get("pending_unplug", False)),
             daemon=None if data.get("daemon") is None else dict(data["daemon"]),
+            plugging=None if data.get("plugging") is None else dict(data["plugging"]),
         )
+
+
+def this_process() -> Json:
+    """The ``plugging`` mark of a record this process is hot-plugging."""
+    pid = os.getpid()
+    return {"pid": pid, "pid_start": _proc.process_start(pid)}
 
 
 @dataclass(slots=True)
@@ -123,6 +144,15 @@ class DriveRegistry:
             self.drives[record.device_id] = record
             self.save()
 
+    def add(self, record: DriveRecord) -> bool:
+        """Record a drive under an id no record has yet; False (nothing written) if one has."""
+        with self._changing():
+            if record.device_id in self.drives:
+                return False
+            self.drives[record.device_id] = record
+            self.save()
+            return True
+
     def remove(self, device_id: str) -> None:
         with self._changing():
             if self.drives.pop(device_id, None) is not None:
@@ -174,6 +204,13 @@ class DriveRegistry:
         for device_id, record in list(self.drives.items()):
             if known is not None and known.get(device_id) != record:
                 continue
+            if record.plugging is not None:
+                if record.plug_under_way:
+                    continue  # its hot-plug is under way
+                # Its process is gone: QEMU's devices and nodes are what it did.
+                record = replace(record, plugging=None)
+                self.drives[device_id] = record
+                changed = True
             kept = tuple(n for n in record.nodes if n["node-name"] in live_nodes)
             if device_id not in live_devices and not kept:
                 del self.drives[device_id]
@@ -218,6 +255,9 @@ class DaemonDriveRegistry(DriveRegistry):
                 self._vm_registry.drives[self._device] = replace(current, daemon=daemon)
                 self._vm_registry.save()
         self.refresh()
+
+    def add(self, record: DriveRecord) -> bool:
+        raise ValueError(f"{record.device_id}: a daemon's drive is hot-plugged into the VM")
 
     def remove(self, device_id: str) -> None:
         raise ValueError(f"{device_id}: a daemon's drive is removed by unplugging it from the VM")

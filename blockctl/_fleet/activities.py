@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -384,13 +385,21 @@ def _same_file(a: str | None, b: str) -> bool:
         return a == b
 
 
+def _record_file(nodes: Iterable[Mapping[str, Any]]) -> str | None:
+    """The image file a drive's recorded nodes open (its protocol node's)."""
+    return next((str(n["filename"]) for n in nodes if "filename" in n), None)
+
+
 @activity.defn(name=ATTACH_VM)
 async def attach_vm(request: VMAttach) -> VMPlugResult:
     """Hot-plug ``request.file`` into the VM as device ``request.device_id``
     (``drives.hotplug``). A retry (attempt > 1) first settles what an earlier attempt left
     (``_settle``), then looks for the device: there on that file, an earlier attempt added
-    it, and it is reported (``reused``), not added twice; there on another file, it fails
-    (that device is not this attach's)."""
+    it, and it is reported (``reused``), not added twice (``drives.hotplug`` records the
+    drive's nodes before its ``device_add``: a device an attempt killed after it is known);
+    there on another file, or without blockctl's record, it fails (not this attach's). A
+    record of the device on that file without the device (killed between the nodes and the
+    ``device_add``): its nodes are removed, then the drive added."""
     info = activity.info()
     async with _on_vm(request.vm, info) as vm:
         if info.attempt > 1:
@@ -404,17 +413,28 @@ async def attach_vm(request: VMAttach) -> VMPlugResult:
                         f"{request.file}: give another --id, or detach it first",
                     )
                 if request.device_id not in vm.registry.drives:
-                    # Killed between QEMU's device_add and the drive's record: its nodes are
-                    # unknown to blockctl, which could not unplug it cleanly.
+                    # Not added by a hot-plug that records its nodes before its device_add
+                    # (by hand, or by an older blockctl): blockctl could not unplug it.
                     raise UnsafeOperation(
                         f"attach of {request.vm}: device {request.device_id} is on "
-                        f"{request.file} but blockctl has no record of its nodes (an earlier "
-                        "attempt died before writing it): remove it with QMP device_del and "
+                        f"{request.file} but blockctl has no record of its nodes (it was not "
+                        "added by this blockctl): remove it with QMP device_del and "
                         "blockdev-del, then the fleet command again"
                     )
+                # An earlier attempt's device_add went through (killed before or after its
+                # record was settled: `list_drives` settled it from QEMU's devices).
                 return VMPlugResult(
                     request.host, request.vm, request.device_id, found.file, "attached", True
                 )
+            left = vm.registry.drives.get(request.device_id)
+            if (
+                left is not None
+                and left.nodes
+                and _same_file(_record_file(left.nodes), request.file)
+            ):
+                # Killed between its blockdev-adds and its device_add: its nodes are in QEMU,
+                # no device uses them; removed (as `blockctl detach` does), then added again.
+                await drives.unplug(vm, request.device_id)
         drive = Drive(
             file=Path(request.file),
             format=coerce_enum(ImageFormat, request.format, "format"),

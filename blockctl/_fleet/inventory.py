@@ -132,10 +132,16 @@ class HostVMs:
 @dataclass(frozen=True, slots=True)
 class ListRequest:
     """The hosts whose workers are asked for their VMs, and how long a host's worker has to
-    take the question before it is taken as not running (seconds)."""
+    take the question before it is taken as not running (seconds): ``waits``' for the hosts
+    it names (a worker whose heartbeat is overdue), else ``wait``."""
 
     hosts: list[str]
     wait: float = 10.0
+    waits: dict[str, float] = field(default_factory=dict)
+
+
+#: How a host's error starts when no worker took the fleet list's question in time.
+NO_TAKER = "no worker took the question within"
 
 
 @dataclass(frozen=True, slots=True)

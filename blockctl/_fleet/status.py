@@ -72,6 +72,17 @@ def not_polling(
     return answers
 
 
+def question_wait(last_beat: float | None, now: float, *, wait: float, lost: float) -> float:
+    """How long a host's worker has to take the fleet list's question: ``wait`` s, but not
+    beyond the moment its worker's last heartbeat (``last_beat``, None: not listed) is
+    ``lost`` s old, when it is taken as stopped unless it beat again meanwhile (a live
+    worker beats every ``lost`` / 3 s: with ``lost`` - ``wait`` s at least one beat, a
+    worker whose last beat is on time has the whole ``wait``); at least 1 s."""
+    if last_beat is None:
+        return wait
+    return max(1.0, min(wait, last_beat + lost - now))
+
+
 @dataclass(frozen=True, slots=True)
 class LastPoint:
     id: str

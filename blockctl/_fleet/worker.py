@@ -63,6 +63,7 @@ from blockctl._fleet.activities import (
     vm_points,
 )
 from blockctl._fleet.inventory import (
+    NO_TAKER,
     WORKFLOW_QUEUE,
     FleetBackupRequest,
     FleetBackupResult,
@@ -101,6 +102,7 @@ from blockctl._fleet.status import (
     VMWork,
     not_polling,
     not_polling_host,
+    question_wait,
     when,
 )
 from blockctl._fleet.workflows import (
@@ -444,20 +446,21 @@ async def _last_polls(
     }
 
 
-async def _stopped_workers(client: Client, now: float) -> dict[str, float]:
+async def _stopped_workers(client: Client, now: float) -> tuple[dict[str, float], dict[str, float]]:
     """By host: when its worker said it was shutting down, for a host all of whose worker
     instances on its queue the server lists said so (the SDK's final worker heartbeat, sent
     as it stops), or fell silent (a worker killed sends none: its last heartbeat older than
-    ``WORKER_BEAT_LOST`` at ``now``, the client's clock against the server's). Empty when
-    the server lists no workers (one without worker heartbeats)."""
+    ``WORKER_BEAT_LOST`` at ``now``, the client's clock against the server's); and, for each
+    other host, its worker's newest heartbeat. Both empty when the server lists no workers
+    (one without worker heartbeats)."""
     try:
         response = await client.workflow_service.list_workers(
             ListWorkersRequest(namespace=client.namespace, page_size=1000)
         )
     except RPCError:
-        return {}
+        return {}, {}
     stopped: dict[str, float] = {}
-    running: set[str] = set()
+    running: dict[str, float] = {}
     gone = {WorkerStatus.WORKER_STATUS_SHUTTING_DOWN, WorkerStatus.WORKER_STATUS_SHUTDOWN}
     for info in response.workers_info:
         beat = info.worker_heartbeat
@@ -469,7 +472,7 @@ async def _stopped_workers(client: Client, now: float) -> dict[str, float]:
             # Either of the worker process's two pollers (its queue's, the workflows'): the
             # server does not always list both.
             if now - at <= WORKER_BEAT_LOST:
-                running.add(host)
+                running[host] = max(at, running.get(host, at))
                 continue
             # Silent for WORKER_BEAT_LOST (killed -9, its host down): it stopped before its
             # next heartbeat was due.
@@ -477,7 +480,7 @@ async def _stopped_workers(client: Client, now: float) -> dict[str, float]:
         elif beat.task_queue != task_queue(host):
             continue
         stopped[host] = max(at, stopped.get(host, at))
-    return {h: at for h, at in stopped.items() if h not in running}
+    return {h: at for h, at in stopped.items() if h not in running}, running
 
 
 async def list_hosts_vms(
@@ -490,17 +493,21 @@ async def list_hosts_vms(
     its worker said it stopped (its final heartbeat) and none has polled since. If no worker
     has polled the workflows' queue since the list started, ``PICKUP_WAIT`` s later (a live
     worker's waiting poll takes the workflow at once and polls again), the list is
-    terminated and each host asked has that said; else the list has its run timeout."""
+    terminated and each host asked has that said; else the list has its run timeout. A
+    host whose worker's heartbeat is overdue (older than one beat) has until it is
+    ``WORKER_BEAT_LOST`` old to take the question (``question_wait``), not the whole wait;
+    one that did not, and whose worker has not beaten since, is then said not polling
+    (stopped by then), as if it had not been asked."""
     if not hosts:
         return ListResult([])
     client = await connect(address, namespace)
     activity = TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
     now = time.time()
     try:
-        stopped, flow_polls, *host_polls = await asyncio.gather(
+        (stopped, beats), flow_polls, host_polls = await asyncio.gather(
             _stopped_workers(client, now),
             _last_polls(client, WORKFLOW_QUEUE, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
-            *(_last_polls(client, task_queue(h), activity) for h in hosts),
+            asyncio.gather(*(_last_polls(client, task_queue(h), activity) for h in hosts)),
         )
     except RPCError as exc:
         raise FleetError(f"cannot describe the fleet's task queues at {address}: {exc}") from None
@@ -518,16 +525,53 @@ async def list_hosts_vms(
     )
     asked = [h for h in hosts if h not in answers]
     if asked:
-        found = await _list(client, asked, last_poll)
+        request = ListRequest(asked)
+        waits = {
+            h: question_wait(beats.get(h), now, wait=request.wait, lost=WORKER_BEAT_LOST)
+            for h in asked
+        }
+        request = ListRequest(asked, waits={h: w for h, w in waits.items() if w < request.wait})
+        found = await _list(client, request, last_poll)
         answers.update({h.host: h for h in found})
+        late = [h for h in request.waits if (answers[h].error or "").startswith(NO_TAKER)]
+        if late:
+            answers.update(await _stopped_since(client, late))
     return ListResult([answers[h] for h in hosts])
 
 
+async def _stopped_since(client: Client, hosts: list[str]) -> dict[str, HostVMs]:
+    """Of ``hosts``, whose workers did not take the question in their shortened wait, those
+    now taken as stopped (silent for ``WORKER_BEAT_LOST``, nothing polled since): "not
+    polling", as ``list_hosts_vms`` says of a host it does not ask."""
+    now = time.time()
+    activity = TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+    try:
+        (stopped, _), host_polls = await asyncio.gather(
+            _stopped_workers(client, now),
+            asyncio.gather(*(_last_polls(client, task_queue(h), activity) for h in hosts)),
+        )
+    except RPCError:
+        return {}
+    last_poll = {
+        h: max(polls.values(), default=None) for h, polls in zip(hosts, host_polls, strict=True)
+    }
+    # (the workflows' queue was polled: a worker ran the list)
+    return not_polling(
+        hosts,
+        last_poll,
+        now,
+        {h: at for h, at in stopped.items() if h in hosts},
+        now,
+        live_poll=LIVE_POLL,
+        stop_margin=STOP_POLL_MARGIN,
+    )
+
+
 async def _list(
-    client: Client, hosts: list[str], last_poll: dict[str, float | None]
+    client: Client, request: ListRequest, last_poll: dict[str, float | None]
 ) -> list[HostVMs]:
-    """``hosts``' VMs from the fleet list workflow (``list_hosts_vms``)."""
-    request = ListRequest(hosts)
+    """``request.hosts``' VMs from the fleet list workflow (``list_hosts_vms``)."""
+    hosts = request.hosts
     try:
         handle = await client.start_workflow(
             FleetList.run,

@@ -45,6 +45,7 @@ from temporalio.exceptions import (
 
 with workflow.unsafe.imports_passed_through():
     from blockctl._fleet.inventory import (
+        NO_TAKER,
         FleetBackupRequest,
         FleetBackupResult,
         FleetChainRequest,
@@ -477,7 +478,9 @@ class FleetList:
 
     @workflow.run
     async def run(self, request: ListRequest) -> ListResult:
-        hosts = await asyncio.gather(*(self._list(h, request.wait) for h in request.hosts))
+        hosts = await asyncio.gather(
+            *(self._list(h, request.waits.get(h, request.wait)) for h in request.hosts)
+        )
         return ListResult(list(hosts))
 
     async def _list(self, host: str, wait: float) -> HostVMs:
@@ -497,7 +500,7 @@ class FleetList:
             if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
                 return HostVMs(
                     host,
-                    error=f"no worker took the question within {wait:g} s (is `blockctl fleet "
+                    error=f"{NO_TAKER} {wait:.3g} s (is `blockctl fleet "
                     f"worker --host {host}` running?)",
                 )
             return HostVMs(host, error=_error(exc))

@@ -47,11 +47,12 @@ from blockctl._ops import conflicts
 from blockctl._ops.nodes import delete_nodes, read_graph, refuse_passed_through
 from blockctl._qmp import wire
 from blockctl._qmp.models import BlockDevice, BlockNode, CacheFlags, IoLimits
-from blockctl._registry import DriveRecord
+from blockctl._registry import DriveRecord, this_process
 from blockctl.errors import (
     BlockctlError,
     CommandFailed,
     ConfigError,
+    Conflict,
     DriveNotFound,
     InStorageDaemon,
     NoFreeSlot,
@@ -575,6 +576,10 @@ async def hotplug(
         plan = replace(plan, device_id=device_id, device={**plan.device, "id": device_id})
     if planned is not None:
         planned(plan)
+    record = DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.record_nodes())
+    # Recorded before QEMU is changed: a process killed after its device_add (before it could
+    # write the record) leaves a device whose nodes blockctl knows, to list and unplug.
+    await _record_plugging(vm, replace(record, plugging=this_process()))
     added_nodes: list[str] = []
     added_devices: list[str] = []
     added_objects: list[str] = []
@@ -594,12 +599,42 @@ async def hotplug(
     except BaseException:
         with anyio.CancelScope(shield=True):
             await _rollback(vm, added_nodes, added_devices, added_objects)
+            vm.registry.remove(plan.device_id)
         raise
-    vm.registry.put(
-        DriveRecord(device_id=plan.device_id, device=plan.device, nodes=plan.record_nodes())
-    )
+    vm.registry.put(record)
     _log.info("blockctl.drive.plugged", vm=vm.name, device=plan.device_id, node=plan.top_node)
     return await drive_info(vm, plan.device_id)
+
+
+async def _record_plugging(vm: VM, record: DriveRecord) -> None:
+    """Write the record of a drive about to be hot-plugged, under an id no record has. A
+    record of that id that QEMU no longer has is forgotten first (``list_drives``
+    reconciles); one it has is another drive's."""
+    if vm.registry.add(record):
+        return
+    await list_drives(vm)
+    if vm.registry.add(record):
+        return
+    held = vm.registry.drives.get(record.device_id)
+    if held is not None and held.plug_under_way:
+        raise _plug_under_way(vm, held, "hotplug")
+    raise ConfigError(
+        "device_id",
+        f"{vm.name}: blockctl has a record of drive {record.device_id} already (QEMU has its "
+        f"device or nodes): give another device id, or detach it first (`blockctl detach "
+        f"{vm.name} {record.device_id}`)",
+    )
+
+
+def _plug_under_way(vm: VM, record: DriveRecord, operation: str) -> Conflict:
+    pid = (record.plugging or {}).get("pid")
+    return Conflict(
+        f"{vm.name}: {operation} of {record.device_id} refused: process {pid} is hot-plugging "
+        "it; wait for it to end, then run the command again",
+        kind="hotplug",
+        device=record.device_id,
+        pid=pid,
+    )
 
 
 def _same_file(a: str, b: Path) -> bool:
@@ -693,6 +728,8 @@ async def unplug(vm: VM, device_id: str, *, timeout: float = 10.0) -> UnplugResu
     meanwhile).
     """
     device, record = await _find(vm, device_id)
+    if record is not None and record.plug_under_way:
+        raise _plug_under_way(vm, record, "unplug")
     peripherals = await wire.qom_list(vm.session, "/machine/peripheral")
     if device is None and device_id not in peripherals:
         if record is not None and record.nodes:

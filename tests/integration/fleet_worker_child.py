@@ -21,9 +21,9 @@ deleted, just before the overlay file is (``chains.flush_chain``, its step befor
 unlink); ACTION ``kill`` only. STEP ``verify``: in VM's verify (``blockctl.backup.verify``,
 which the worker's verify activity calls), as the first chunk is read once it started (the
 read runs in a thread: any verify's read then kills, VM's own reads guarantee one); ACTION
-``kill`` only. STEP ``attach``: in VM's fleet attach, once ``drives.hotplug`` returned (QEMU's
-device_add done, blockctl's record of the drive written; before the activity reports it);
-ACTION ``kill`` only.
+``kill`` only. STEP ``attach``: in VM's fleet attach, once QEMU's ``device_add`` of the disk
+returned, before ``drives.hotplug`` settles blockctl's record of the drive (and before the
+activity reports it); ACTION ``kill`` only.
 """
 
 from __future__ import annotations
@@ -173,19 +173,19 @@ def install_chain_kill(vm_name: str, step: str) -> None:
 
 
 def install_attach_kill(vm_name: str) -> None:
-    """SIGKILL this process once ``vm_name``'s hot-plug (``drives.hotplug``, which the
-    worker's attach activity calls) returned."""
-    from blockctl import drives
+    """SIGKILL this process once QEMU's ``device_add`` of ``vm_name``'s hot-plugged disk
+    returned (in ``drives.hotplug``, which the worker's attach activity calls), before
+    ``hotplug`` settles the drive's record."""
+    from blockctl._ops import drives
 
-    hotplug = drives.hotplug
+    device_add = drives._device_add_placed
 
-    async def hotplug_then_die(vm: Any, *args: Any, **kwargs: Any) -> Any:
-        info = await hotplug(vm, *args, **kwargs)
-        if vm.name == vm_name:
+    async def device_add_then_die(vm: Any, device: Any) -> None:
+        await device_add(vm, device)
+        if vm.name == vm_name and device.get("id") != "scsi0":  # (not its controller)
             die()
-        return info
 
-    drives.hotplug = hotplug_then_die
+    drives._device_add_placed = device_add_then_die
 
 
 def install(vm_name: str, step: str, action: str) -> None:

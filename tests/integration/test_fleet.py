@@ -491,8 +491,10 @@ async def killed_attach_and_detach(
     session: Any, runtime: Path, address: str, tmp_path: Path
 ) -> None:
     """A fleet attach of a qcow2 into the booted guest as ``plug1`` whose worker SIGKILLs
-    itself once the hot-plug returned (QEMU has the device; the activity has not reported
-    it): restarted, the retry finds the device on the file and reports it (``reused``):
+    itself once QEMU's ``device_add`` returned, before ``drives.hotplug`` settled the drive's
+    record (written before the hot-plug, naming the worker: QEMU has the device and every
+    node the record names): restarted, the retry finds the device on the file and reports it
+    (``reused``; without the record written first it failed: no record of its nodes):
     exactly one device on that file in QEMU's ``query-block``, as ``blockctl drives`` says;
     the same command started again meanwhile joins that run (its result the same). Then a
     fleet detach: gone from QEMU (the guest released it); again: "no drive", exit 1."""
@@ -506,6 +508,16 @@ async def killed_attach_and_detach(
         async with worker("hv1", runtime, address, dead_log, (IO_VM, "attach", "kill")) as w:
             await killed(w, dead_log)
         assert await plugged(session, image) == ["/machine/peripheral/plug1/virtio-backend"]
+        # Killed after QEMU's device_add, before the record was settled: the record written
+        # before the hot-plug names the dead worker and every node QEMU now has of plug1.
+        (record,) = [
+            d
+            for d in json.loads((runtime / IO_VM / "drives.json").read_text())["drives"]
+            if d["device_id"] == "plug1"
+        ]
+        assert record["plugging"]["pid"] == w.pid, record
+        qemu_nodes = {n["node-name"] for n in await session.execute("query-named-block-nodes")}
+        assert {n["node-name"] for n in record["nodes"]} <= qemu_nodes, (record, qemu_nodes)
         # The same command again while the first waits for its retry: it joins that run
         # (the workflow id is the device's), the same result.
         rerun_path = tmp_path / "attach-again.json"
@@ -528,7 +540,9 @@ async def killed_attach_and_detach(
             ), result  # fmt: skip
             assert await plugged(session, image) == ["/machine/peripheral/plug1/virtio-backend"]
             listed = json.loads(await blockctl(runtime, "drives", IO_VM, "--json"))
-            assert [d["file"] for d in listed if d["device"] == "plug1"] == [str(image)], listed
+            assert [(d["file"], d["driver"]) for d in listed if d["device"] == "plug1"] == [
+                (str(image), "virtio-blk-pci")
+            ], listed  # (its record known: the driver is the record's)
             detached = await fleet_json(runtime, address, "detach", "hv1", IO_VM, "plug1")
             assert (detached["state"], detached["reused"], detached["error"]) == (
                 "removed", False, None

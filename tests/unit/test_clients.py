@@ -370,6 +370,76 @@ def test_reconcile_keeps_a_record_written_after_qemu_was_asked(tmp_path: Path) -
     assert set(DriveRegistry.load(tmp_path).drives) == {"disk2"}
 
 
+def test_a_hot_plugs_record_is_judged_by_qemu_once_its_process_is_gone(tmp_path: Path) -> None:
+    """``drives.hotplug`` records the drive before it changes QEMU, marked with its process.
+    While that process runs, QEMU's lack of the device and nodes says nothing (they are not
+    added yet): the record stays as written. Once it is gone (a process that started at
+    another time under that pid is another process), what QEMU has is what it did: the
+    device there, the record kept, settled (the drive can be listed and unplugged); nodes
+    without the device, those kept (``detach`` deletes them); nothing, forgotten."""
+    from dataclasses import replace
+
+    from blockctl import _proc
+    from blockctl._registry import DriveRegistry, this_process
+
+    here = this_process()
+    assert _proc.process_alive(here["pid"], here["pid_start"])
+    gone = {**here, "pid_start": here["pid_start"] - 1}
+
+    def nodes(n: int) -> dict[str, Any]:
+        return {"nodes": ({"node-name": f"drv{n}f"}, {"node-name": f"drv{n}"})}
+
+    a = DriveRegistry.load(tmp_path)
+    for n in (1, 2, 3):
+        a.put(replace(_record(n), **nodes(n), plugging=gone))
+    a.put(replace(_record(4), **nodes(4), plugging=here))
+    assert DriveRegistry.load(tmp_path).drives["disk1"].plugging == gone  # (as written)
+    a.reconcile(devices=["disk1"], nodes=["drv1f", "drv1", "drv2f"], known=dict(a.drives))
+    after = DriveRegistry.load(tmp_path).drives
+    assert sorted(after) == ["disk1", "disk2", "disk4"]
+    assert after["disk1"] == replace(_record(1), **nodes(1))
+    assert after["disk2"] == replace(_record(2), nodes=({"node-name": "drv2f"},))
+    assert after["disk4"] == replace(_record(4), **nodes(4), plugging=here)
+    assert after["disk4"].plug_under_way and not after["disk1"].plug_under_way
+
+
+async def test_a_drive_another_process_is_hot_plugging_is_not_unplugged_nor_plugged_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record whose hot-plug's process runs (this test's process stands for it): an
+    unplug of it is refused (``Conflict``, naming the process) before QEMU is asked, and so
+    is a hot-plug under its id; a settled record of that id refuses a hot-plug with the way
+    out (detach it). Nothing is written."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from blockctl._ops import drives as drives_ops
+    from blockctl._registry import FILE, DriveRegistry, this_process
+    from blockctl.errors import ConfigError, Conflict
+
+    registry = DriveRegistry.load(tmp_path)
+    registry.put(replace(_record(1), plugging=this_process()))
+
+    async def no_devices() -> list[Any]:
+        return []
+
+    async def listed(_vm: Any) -> tuple[Any, ...]:
+        return ()
+
+    monkeypatch.setattr(drives_ops, "list_drives", listed)
+    vm: Any = SimpleNamespace(name="vm1", registry=registry, block_devices=no_devices)
+    for attempt in (drives_ops.unplug(vm, "disk1"), drives_ops._record_plugging(vm, _record(1))):
+        before = (tmp_path / FILE).read_bytes()
+        with pytest.raises(Conflict) as refused:
+            await attempt
+        assert refused.value.pid == os.getpid() and "hot-plugging" in str(refused.value)
+        assert (tmp_path / FILE).read_bytes() == before
+    registry.put(_record(1))
+    with pytest.raises(ConfigError, match="blockctl detach vm1 disk1"):
+        await drives_ops._record_plugging(vm, replace(_record(1), plugging=this_process()))
+    assert DriveRegistry.load(tmp_path).drives == {"disk1": _record(1)}
+
+
 def test_a_rewrite_with_the_same_inode_mtime_and_size_is_seen(tmp_path: Path) -> None:
     """Another client's rewrite is seen even when the file's (inode, mtime, size) repeat: a
     rewrite within one kernel tick of a reused inode number looks so. (The first version

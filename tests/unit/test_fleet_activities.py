@@ -30,6 +30,7 @@ from blockctl._fleet.inventory import (
 from blockctl._journal import Verdict
 from blockctl._ops.chains import overlay_name
 from blockctl._ops.drives import _DEVICE_ID
+from blockctl._registry import DriveRecord
 from blockctl.errors import ConfigError, DriveNotFound
 from blockctl.types import Drive, ImageFormat
 
@@ -185,6 +186,8 @@ def plug_vm(monkeypatch: pytest.MonkeyPatch) -> PlugStandIn:
         v.changed.append(f"hotplug {device_id}")
         if str(drive.file) in v.devices.values():
             raise ConfigError("file", f"{drive.file} is already attached")
+        if device_id in v.registry.drives:  # (its record is written first, under a new id)
+            raise ConfigError("device_id", f"blockctl has a record of drive {device_id}")
         v.devices[device_id] = str(drive.file)
         v.registry.drives[device_id] = object()
         return SimpleNamespace(device_id=device_id, file=str(drive.file))
@@ -192,6 +195,8 @@ def plug_vm(monkeypatch: pytest.MonkeyPatch) -> PlugStandIn:
     async def unplug(v: PlugStandIn, device_id: str, **_: Any) -> Any:
         v.changed.append(f"unplug {device_id}")
         if device_id not in v.devices:
+            if v.registry.drives.pop(device_id, None) is not None:  # its nodes deleted
+                return SimpleNamespace(state=drives.UnplugState.REMOVED)
             raise DriveNotFound(device_id, f"the VM has no drive {device_id!r}")
         del v.devices[device_id]
         return SimpleNamespace(state=drives.UnplugState.REMOVED)
@@ -222,6 +227,7 @@ async def test_an_attach_retry_that_finds_the_device_on_its_file_reports_it_not_
     assert plug_vm.changed == []
     # A first attempt (or a retry that finds no device) hot-plugs, under the fixed id.
     plug_vm.devices.clear()
+    plug_vm.registry.drives.clear()
     first: VMPlugResult = await ActivityEnvironment().run(activities.attach_vm, ATTACH)
     assert (first.device_id, first.reused) == ("data1", False)
     assert plug_vm.changed == ["hotplug data1"]
@@ -247,6 +253,47 @@ async def test_an_attach_retry_refuses_a_device_of_that_id_on_another_file_or_wi
     assert unrecorded.value.non_retryable and unrecorded.value.type == "UnsafeOperation"
     assert "device_del" in str(unrecorded.value)
     assert plug_vm.changed == []
+
+
+def left_nodes(file: str) -> DriveRecord:
+    """The record ``drives.hotplug`` writes before its first ``blockdev-add``, as
+    ``reconcile`` leaves it once its process is gone with its nodes in QEMU, no device."""
+    return DriveRecord(
+        device_id="data1",
+        device={"driver": "virtio-blk-pci", "id": "data1", "drive": "drv3"},
+        nodes=(
+            {"driver": "file", "filename": file, "node-name": "drv3f"},
+            {"driver": "qcow2", "file": "drv3f", "node-name": "drv3"},
+        ),
+    )
+
+
+async def test_an_attach_retry_that_finds_its_nodes_without_the_device_removes_them_first(
+    plug_vm: PlugStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between its ``blockdev-add``s and its ``device_add``: blockctl's record of
+    ``data1`` names the nodes on the file, QEMU has no device. The retry removes them
+    (``drives.unplug``, as ``blockctl detach`` does), then hot-plugs: attached, not reused.
+    A record of ``data1`` on another file is not this attach's: left alone (the hot-plug
+    then refuses the id, final)."""
+    reconciled(monkeypatch)
+    plug_vm.registry.drives["data1"] = left_nodes(ATTACH.file)
+    result: VMPlugResult = await retry().run(activities.attach_vm, ATTACH)
+    assert (result.device_id, result.file, result.state, result.reused) == (
+        "data1",
+        ATTACH.file,
+        "attached",
+        False,
+    )
+    assert plug_vm.changed == ["unplug data1", "hotplug data1"]
+    plug_vm.devices.clear()
+    plug_vm.changed.clear()
+    plug_vm.registry.drives["data1"] = left_nodes("/d/other.qcow2")
+    with pytest.raises(ApplicationError) as failed:
+        await retry().run(activities.attach_vm, ATTACH)
+    assert failed.value.non_retryable and "data1" in str(failed.value)
+    assert plug_vm.changed == ["hotplug data1"]
+    assert plug_vm.registry.drives["data1"] == left_nodes("/d/other.qcow2")
 
 
 async def test_a_detach_retry_that_finds_the_device_gone_reports_it_done(

@@ -385,8 +385,35 @@ async def test_a_worker_silent_for_three_heartbeats_is_taken_as_stopped() -> Non
         namespace = "default"
         workflow_service = Service()
 
-    found = await worker._stopped_workers(Client(), now)  # type: ignore[arg-type]
+    found, beats = await worker._stopped_workers(Client(), now)  # type: ignore[arg-type]
     assert found == {
         "killed": now - lost - 10 + worker.WORKER_BEAT.total_seconds(),
         "stopped": now - 40,
     }
+    assert beats == {"live": now - 1, "quiet": now - lost + 1}  # (each host's newest)
+
+
+def test_a_host_whose_worker_heartbeat_is_overdue_has_until_it_is_lost_to_take_the_question() -> (
+    None
+):
+    """A worker whose last heartbeat is on time (at most one beat old: a live worker's) has
+    the whole wait to take the fleet list's question; one whose heartbeat is overdue has
+    until it is ``WORKER_BEAT_LOST`` old (then taken as stopped, unless it beat again), at
+    least 1 s; a host the server lists no worker heartbeat of has the whole wait."""
+    from blockctl._fleet import worker
+    from blockctl._fleet.status import question_wait
+
+    now, beat, lost = 1_800_000_000.0, worker.WORKER_BEAT.total_seconds(), worker.WORKER_BEAT_LOST
+
+    def waits(age: float | None) -> float:
+        return question_wait(None if age is None else now - age, now, wait=10.0, lost=lost)
+
+    assert lost - 10.0 >= beat  # (so that an on-time heartbeat leaves the whole wait)
+    assert [waits(a) for a in (None, 0.0, beat, beat + 3, lost - 0.5, lost + 1)] == [
+        10.0,
+        10.0,
+        10.0,
+        lost - beat - 3,
+        1.0,
+        1.0,
+    ]
