@@ -42,11 +42,15 @@ async def test_the_node_list_is_not_read_while_a_stream_is_concluded_and_not_dis
         assert len(before.chain_of(device)) == 2
         job_id = "bc-stream-segv"
         with wire.job_events(vm.session) as events:
-            await wire.block_stream(vm.session, job_id=job_id, device=before.chain_of(device)[0].name)
+            await wire.block_stream(
+                vm.session, job_id=job_id, device=before.chain_of(device)[0].name
+            )
             await events.wait_for(
-                lambda e: e.name == "JOB_STATUS_CHANGE"
-                and e.data["id"] == job_id
-                and e.data["status"] == "concluded"
+                lambda e: (
+                    e.name == "JOB_STATUS_CHANGE"
+                    and e.data["id"] == job_id
+                    and e.data["status"] == "concluded"
+                )
             )
         monkeypatch.setattr(wire, "STREAM_DISMISS_WAIT", 0.2)
         with pytest.raises(Conflict) as refused:
