@@ -186,7 +186,7 @@ def spawn(
         check=True,
     )
     nbdkit = subprocess.Popen(  # noqa: S603
-        ["nbdkit", "-f", "-r", "-U", str(work / "nbd.sock"), "file", f"file={image}"],
+        ["nbdkit", "-f", "-r", "--unix", str(work / "nbd.sock"), "file", f"file={image}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
