@@ -285,6 +285,15 @@ async def _reconcile_one(
     if intent.server is not None:
         # A live restore's copy is tried again on each recovery run (while its server runs).
         intent = replace(intent, error=None)
+    if intent.job_id and not _journal.owner_alive(intent):
+        # A stream its dead controller left concluded and not dismissed: QEMU would crash on
+        # the graph read of read_facts (wire._named_block_nodes refuses it). Its outcome is
+        # read and it is dismissed first, as the plan would adopt it.
+        jobs = {j.id: j.status for j in await wire.query_jobs(vm.session)}
+        if jobs.get(intent.job_id) is JobStatus.CONCLUDED:
+            intent = await _adopt(vm, intent, AdoptJob(intent.job_id, False), deadline, hooks)
+            done.append(f"adopted job {intent.job_id}: {intent.error or 'succeeded'}")
+            _journal.write(vm.run_dir, intent)
     plan = _journal.plan(
         intent, await read_facts(vm, intent), owner_alive=_journal.owner_alive(intent)
     )
@@ -306,6 +315,13 @@ async def _reconcile_one(
             if isinstance(action, RestartStream | RestartMirror):
                 intent = await _restart_copy(vm, intent, action)
                 done.append(f"started the copy again: job {intent.job_id}")
+                # Driven to its end at once, as the next plan would adopt it: no graph read
+                # while the copy runs. A stream concluding just before a query-named-block-
+                # nodes crashed QEMU 7.2 and 10.0.2 (wire._named_block_nodes).
+                adopt = AdoptJob(intent.job_id or "", intent.active)
+                intent = await _adopt(vm, intent, adopt, deadline, hooks)
+                done.append(f"adopted job {adopt.job_id}: {intent.error or 'succeeded'}")
+                _journal.write(vm.run_dir, intent)
                 continue
             if isinstance(action, ReplaceServer):
                 old = intent.server

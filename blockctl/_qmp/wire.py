@@ -7,8 +7,11 @@ One typed async function per command. Replies become frozen dataclasses from
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+import anyio
 
 from blockctl._qmp import models as _models
 from blockctl._qmp.models import (
@@ -21,7 +24,7 @@ from blockctl._qmp.models import (
 )
 from blockctl._qmp.models import parse_list as _parse_list
 from blockctl._qmp.session import Event, EventStream, QMPSession
-from blockctl.errors import ConfigError
+from blockctl.errors import ConfigError, Conflict
 
 # Events, by the name QEMU sends.
 EVENT_SHUTDOWN = "SHUTDOWN"
@@ -41,8 +44,44 @@ async def query_block(session: QMPSession) -> tuple[BlockDevice, ...]:
     return _parse_list(await session.execute("query-block"), "query-block", BlockDevice)
 
 
+#: How long a read of the node list waits for a concluded stream job to be dismissed (its
+#: driver does that right after reading the outcome), and how often it looks meanwhile.
+STREAM_DISMISS_WAIT = 10.0
+_STREAM_DISMISS_POLL = 0.02
+
+
+async def _named_block_nodes(session: QMPSession) -> Any:
+    """``query-named-block-nodes`` (flat), never while a stream job is concluded and not yet
+    dismissed: QEMU (7.2 and 10.0.2, measured: ``scripts/repro_stream_query.py``) segfaults
+    on it then. The job still holds the implicit copy-on-read filter it took out of the graph,
+    now with no child, and ``bdrv_refresh_filename`` follows that missing child (NULL +
+    0x40). Such a job is waited for, and the read refused (:class:`Conflict`) if it stays.
+    A stream that concludes between the ``query-jobs`` here and the query is not seen: the
+    callers read no graph while a stream they started runs."""
+    deadline = time.monotonic() + STREAM_DISMISS_WAIT
+    while True:
+        stuck = [
+            job.id
+            for job in await query_jobs(session)
+            if job.type == "stream" and job.status is _models.JobStatus.CONCLUDED
+        ]
+        if not stuck:
+            return await session.execute("query-named-block-nodes", {"flat": True})
+        if time.monotonic() >= deadline:
+            raise Conflict(
+                f"{session.label}: stream job {stuck[0]} has concluded but was not dismissed "
+                f"within {STREAM_DISMISS_WAIT:g} s, and QEMU crashes (SIGSEGV) on "
+                "query-named-block-nodes until it is: the block graph was not read. Way "
+                f"out: `blockctl recover {session.label}` (a job blockctl started), or "
+                "dismiss it (QMP job-dismiss), then run the command again",
+                kind="stream",
+                job_id=stuck[0],
+            )
+        await anyio.sleep(_STREAM_DISMISS_POLL)
+
+
 async def query_named_block_nodes(session: QMPSession) -> tuple[BlockNode, ...]:
-    reply = await session.execute("query-named-block-nodes", {"flat": True})
+    reply = await _named_block_nodes(session)
     return _parse_list(reply, "query-named-block-nodes", BlockNode)
 
 
@@ -516,7 +555,7 @@ async def block_job_io_status(session: QMPSession, job_id: str) -> str | None:
 
 async def query_named_block_node_details(session: QMPSession) -> tuple[_models.NodeDetail, ...]:
     """``query-named-block-nodes`` (flat) with image and dirty-bitmap details, for the graph."""
-    reply = await session.execute("query-named-block-nodes", {"flat": True})
+    reply = await _named_block_nodes(session)
     return _parse_list(reply, "query-named-block-nodes", _models.NodeDetail)
 
 
