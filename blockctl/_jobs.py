@@ -7,7 +7,10 @@ offset/length/error details). Rules, each from something that went wrong elsewhe
 - The listener is registered *before* the command that creates the job
   (:func:`start_job`): a fast job can conclude before its command's reply arrives.
 - Jobs are created with ``auto-dismiss: false``; the driver reads ``query-jobs[].error`` at
-  ``concluded`` and always sends ``job-dismiss``. Nothing is left in ``query-jobs``.
+  ``concluded`` and always sends ``job-dismiss``. Nothing is left in ``query-jobs``. Streams
+  are the exception (QEMU crashes on a graph read while one is concluded:
+  :func:`~blockctl._qmp.wire.block_stream`): ``auto-finalize: false`` and ``auto-dismiss:
+  true``; the driver finalizes at ``pending`` and reads the outcome from the final event.
 - Success is *only* "concluded, no ``error``, and ``current-progress == total-progress``".
   Anything else raises :class:`~blockctl.errors.JobFailed` (or ``JobCancelled``).
 - One deadline per operation (``anyio.fail_after`` around the whole wait), never per event;
@@ -356,6 +359,7 @@ class Job:
         job_type: str | None,
         target: str | None = None,
         auto_finalize: bool | None = True,
+        auto_dismiss: bool = False,
         speed: int | None = None,
         status: JobStatus | None = None,
         stream: EventStream | None = None,
@@ -367,6 +371,8 @@ class Job:
         self.target = target
         #: None for an adopted job: QEMU does not report it, so PENDING is finalized anyway.
         self.auto_finalize = auto_finalize
+        #: Created with ``auto-dismiss: true``: gone from ``query-jobs`` once concluded.
+        self.auto_dismiss = auto_dismiss
         self.speed = speed
         self.status = status
         self._stream = stream
@@ -634,6 +640,10 @@ class Job:
             and await self.io_status() not in (None, "ok")
         ):
             self._stopped_since = time.monotonic()
+        if info.status is JobStatus.PENDING:
+            # Its PENDING event came before we listened: finalized now, under the listener
+            # (an auto-dismissed stream is gone the moment it concludes).
+            await self._finalize()
         if info.status is JobStatus.CONCLUDED:
             await self._conclude(info)
 
@@ -692,12 +702,12 @@ class Job:
                 case JobStatus.READY:
                     if await self._reached_ready(until_ready, complete_on_ready):
                         return
-                case JobStatus.PENDING if self.auto_finalize is not True and not self._finalizing:
-                    self._finalizing = True
-                    try:
-                        await wire.job_finalize(self.session, self.id)
-                    except CommandFailed as exc:  # an adopted job that finalized by itself
-                        _log.info("blockctl.job.finalize_refused", job_id=self.id, error=str(exc))
+                case JobStatus.PENDING:
+                    await self._finalize()
+                case JobStatus.CONCLUDED if not self._dismissed and self.auto_dismiss:
+                    # QEMU dismissed it in the same step: only the final event tells.
+                    self._dismissed = True
+                    await self._conclude(None)
                 case JobStatus.CONCLUDED if not self._dismissed:
                     await self._conclude(await self.info())
                 case JobStatus.NULL if not self.done:
@@ -707,6 +717,17 @@ class Job:
                     await self._conclude(None)
                 case _:
                     pass
+
+    async def _finalize(self) -> None:
+        """At PENDING: ``job-finalize`` a job QEMU does not finalize by itself (or may not:
+        an adopted one), once."""
+        if self.auto_finalize is True or self._finalizing:
+            return
+        self._finalizing = True
+        try:
+            await wire.job_finalize(self.session, self.id)
+        except CommandFailed as exc:  # an adopted job that finalized by itself
+            _log.info("blockctl.job.finalize_refused", job_id=self.id, error=str(exc))
 
     async def _next_event(self, stream: EventStream) -> Event | None:
         """The next event; None once the job has been paused on an I/O error for
@@ -983,13 +1004,16 @@ async def start_job(
         job_id = new_job_id(kind)
     elif not job_id.startswith(f"bc-{kind}-"):
         raise ValueError(f"job id {job_id!r} is not blockctl's bc-{kind}-…")
+    # wire.block_stream's options: finalized here, dismissed by QEMU (QEMU issue #3149).
+    streamed = kind == "stream"
     with wire.job_events(session) as stream:
         job = Job(
             session,
             job_id,
             job_type=job_type or (kind if kind in _TYPE_KINDS else None),
             target=target,
-            auto_finalize=auto_finalize,
+            auto_finalize=auto_finalize and not streamed,
+            auto_dismiss=streamed,
             speed=speed,
             stream=stream,
         )

@@ -9,6 +9,8 @@ off, as blockctl starts it), then ``query-named-block-nodes`` sent:
   --guard         each query preceded by query-jobs and skipped while a stream job is
                   concluded (blockctl's rule, ``wire._named_block_nodes``)
   --auto-dismiss  the stream started with auto-dismiss on
+  --pending       the stream started with auto-finalize off and auto-dismiss on, and
+                  finalized (job-finalize) once PENDING (blockctl's streams since then)
 
 Each run's QEMU exit is reported; a crash keeps its core, QMP log and output under
 DIR/crash-N (gdb -batch -ex bt QEMU-BINARY DIR/crash-N/core). Exit 1 if QEMU crashed.
@@ -136,13 +138,22 @@ async def scenario(qmp: Monitor, args: argparse.Namespace, socket: Path, target:
         {"driver": "qcow2", "node-name": "target", "file": "target-file", "backing": "bclr-0"},
     )
     await qmp.command("device_add", {"driver": "virtio-blk-pci", "drive": "target", "id": "d0"})
-    stream = {"job-id": "j", "device": "target", "auto-dismiss": args.auto_dismiss}
+    dismiss = args.auto_dismiss or args.pending
+    stream = {"job-id": "j", "device": "target", "auto-dismiss": dismiss}
+    if args.pending:
+        stream["auto-finalize"] = False
     await qmp.command("block-stream", stream)
     stop = asyncio.Event()
     loop = asyncio.create_task(hammer(qmp, args.guard, stop)) if args.mode == "hammer" else None
     try:
+        if args.pending:
+            await qmp.job_status("j", "pending")
+            if args.mode == "window":
+                await query_nodes(qmp, args.guard)
+            await qmp.command("query-jobs")
+            await qmp.command("job-finalize", {"id": "j"})
         await qmp.job_status("j", "concluded")
-        if not args.auto_dismiss:
+        if not dismiss:
             if args.mode == "window":
                 await query_nodes(qmp, args.guard)
             await qmp.command("query-jobs")
@@ -257,6 +268,7 @@ async def main() -> int:
     parser.add_argument("--mode", choices=["window", "hammer"], default="window")
     parser.add_argument("--guard", action="store_true")
     parser.add_argument("--auto-dismiss", action="store_true")
+    parser.add_argument("--pending", action="store_true")
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/repro-stream-query"))

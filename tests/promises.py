@@ -922,6 +922,46 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="stream-never-left-concluded",
+        section="Backups",
+        quote="**Since 2026-12-05 blockctl's streams never sit concluded:** `wire.block_stream` "
+        "starts them with `auto-finalize: false` and `auto-dismiss: true`",
+        tests=(
+            U + "test_jobs.py::test_a_stream_is_finalized_at_pending_and_dismissed_by_qemu",
+            U + "test_jobs.py::test_a_failed_stream_gone_with_its_conclusion_reports_the_error",
+            U + "test_jobs.py::test_an_adopted_stream_found_pending_is_finalized_once_listened_to",
+            I + "test_stream_query.py::test_another_clients_graph_reads_in_a_loop_survive_"
+            "blockctls_streams",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_qmp/wire.py",
+                find="    options = _job_options(job_id, speed, False, extra, auto_dismiss=True)",
+                replace="    options = _job_options(job_id, speed, True, extra)",
+                what="streams start as every other job (auto-finalize on, auto-dismiss off)",
+            ),
+            Mutation(
+                file="blockctl/_qmp/wire.py",
+                find="    options = _job_options(job_id, speed, False, extra, auto_dismiss=True)",
+                replace="    options = _job_options(job_id, speed, False, extra)",
+                what="a stream is finalized by blockctl but dismissed by a second command",
+            ),
+            Mutation(
+                file="blockctl/_jobs.py",
+                find="the moment it concludes).\n            await self._finalize()",
+                replace="the moment it concludes).\n            pass",
+                what="an adopted job found PENDING is never finalized",
+            ),
+            Mutation(
+                file="blockctl/_jobs.py",
+                find="                case JobStatus.CONCLUDED if not self._dismissed and "
+                "self.auto_dismiss:",
+                replace="                case JobStatus.CONCLUDED if False:",
+                what="a stream QEMU dismissed is dismissed again",
+            ),
+        ),
+    ),
+    Promise(
         id="fleet-retry-refuses-an-unsettled-operation",
         section="Fleet",
         quote="a record kept for attention, or another client's operation still running, fails "

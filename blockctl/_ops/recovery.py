@@ -379,9 +379,8 @@ async def _adopt(
             await job.set_speed(0)  # the dead controller's limit was for its own pacing
     if action.complete and info.status is JobStatus.READY:
         await job.complete()
-    if info.status is JobStatus.PENDING:  # waits for job-finalize (auto-finalize: false)
-        with contextlib.suppress(CommandFailed):
-            await wire.job_finalize(vm.session, job.id)
+    # A PENDING job (auto-finalize: false) is finalized by the driver once it listens: a
+    # stream is auto-dismissed, and its final event is all that tells its outcome.
     try:
         await job.wait(complete_on_ready=action.complete, deadline=deadline, hooks=hooks)
     except JobError as exc:

@@ -134,6 +134,9 @@ class FakeQEMU:
             assert args["auto-dismiss"] is False
             job.job_id = str(args["job-id"])
             return FakeReply({}, after=self.events(job.on_start))
+        if command == "block-stream":
+            job.job_id = str(args["job-id"])
+            return FakeReply({}, after=self.events(job.on_start))
         if command == "query-jobs":
             if self.listed is not None:
                 return self.listed
@@ -333,6 +336,75 @@ async def test_pending_is_finalized_when_auto_finalize_is_off() -> None:
         assert result.transitions == (C, R, W, PEND, CONC, NULL)
         assert commands(fake) == ["blockdev-backup", "job-finalize", "job-dismiss"]
         assert fake.received[0][1]["auto-finalize"] is False
+
+
+def stream_start(session: QMPSession) -> Any:
+    async def start(job_id: str) -> None:
+        await wire.block_stream(session, job_id=job_id, device="drv0")
+
+    return start
+
+
+# QEMU dismisses an auto-dismissed job in the step that concludes it: every event at once.
+STREAM_END = [
+    block_event("BLOCK_JOB_COMPLETED", "", 4 * MIB, 4 * MIB, type="stream"),
+    status("", CONC),
+    status("", NULL),
+]
+
+
+async def test_a_stream_is_finalized_at_pending_and_dismissed_by_qemu() -> None:
+    """QEMU crashes on a graph read while a stream is concluded and not dismissed (issue
+    #3149): blockctl starts it with auto-finalize off and auto-dismiss on, finalizes it at
+    PENDING, reads its outcome from the final event and sends no job-dismiss."""
+    job = FakeJob(
+        job_type="stream",
+        on_start=[status("", C), status("", R), status("", W), status("", PEND)],
+        on_finalize=STREAM_END,
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        async with start_job(session, "stream", stream_start(session)) as handle:
+            result = await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
+        assert result.transitions == (C, R, W, PEND, CONC, NULL)
+        assert (result.offset, result.length) == (4 * MIB, 4 * MIB)
+        assert commands(fake) == ["block-stream", "job-finalize"]
+        sent = fake.received[0][1]
+        assert (sent["auto-finalize"], sent["auto-dismiss"]) == (False, True)
+
+
+async def test_a_failed_stream_gone_with_its_conclusion_reports_the_error() -> None:
+    job = FakeJob(
+        job_type="stream",
+        on_start=[
+            status("", C),
+            status("", R),
+            status("", AB),
+            block_event(
+                "BLOCK_JOB_COMPLETED", "", MIB, 4 * MIB, type="stream", error="Input/output error"
+            ),
+            status("", CONC),
+            status("", NULL),
+        ],
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        with pytest.raises(JobFailed) as failed:
+            async with start_job(session, "stream", stream_start(session)) as handle:
+                await handle.wait(complete_on_ready=False, deadline=10, hooks=[])
+        assert "failed at 1048576 of 4194304: Input/output error" in str(failed.value)
+        assert commands(fake) == ["block-stream"]
+
+
+async def test_an_adopted_stream_found_pending_is_finalized_once_listened_to() -> None:
+    """A dead controller's stream waits in PENDING: the adopter finalizes it only once its
+    listener is registered, since the job is gone the moment it concludes."""
+    job = FakeJob(
+        job_type="stream", status="pending", job_id="bc-stream-1-abcdef", on_finalize=STREAM_END
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        adopted = Job(session, job.job_id, job_type=None, auto_finalize=None, status=PEND)
+        result = await adopted.wait(complete_on_ready=False, deadline=10, hooks=[])
+        assert (result.offset, result.length) == (4 * MIB, 4 * MIB)
+        assert commands(fake) == ["job-finalize", "job-dismiss"]  # refused: gone, harmless
 
 
 async def test_cancel_raises_job_cancelled_and_dismisses() -> None:
