@@ -881,6 +881,9 @@ PROMISES: tuple[Promise, ...] = (
             "serves_that_home",
             U + "test_launch_windows.py::test_a_launch_killed_before_its_record_named_the_"
             "servers_pid_is_recovered",
+            U + "test_launch_windows.py::test_a_server_that_has_not_written_its_pid_file_is_"
+            "found_by_its_command_line",
+            U + "test_launch_windows.py::test_a_server_stopped_as_it_forks_leaves_no_child_behind",
             U + "test_hotplug_window.py::test_killed_before_its_record_named_the_servers_pid_"
             "recover_stops_it",
             I + "test_live_launch.py::test_a_launch_killed_once_its_server_listens_then_recover_"
@@ -903,8 +906,8 @@ PROMISES: tuple[Promise, ...] = (
             ),
             Mutation(
                 file="blockctl/_ops/recovery.py",
-                find="    if not pid:  # recorded before it started",
-                replace="    if False:  # recorded before it started",
+                find="        found = servers_in(Path(server.home))",
+                replace="        found: list[tuple[int, int]] = []",
                 what="recovery leaves a server recorded before its pid",
             ),
             Mutation(
@@ -912,6 +915,19 @@ PROMISES: tuple[Promise, ...] = (
                 find='    serves = (b"--unix", socket) in itertools.pairwise(argv)',
                 replace="    serves = True",
                 what="recovery stops an nbdkit of another directory its pid file names",
+            ),
+            Mutation(
+                file="blockctl/_backup/serve.py",
+                find='    pids = sorted(int(entry) for entry in os.listdir("/proc") '
+                "if entry.isdigit())",
+                replace="    pids: list[int] = []",
+                what="a server that has not written its pid file yet is not found",
+            ),
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find="SERVER_SEARCHES = 5",
+                replace="SERVER_SEARCHES = 1",
+                what="the child of a server stopped as it forked is left running",
             ),
             Mutation(
                 file="blockctl/_journal.py",

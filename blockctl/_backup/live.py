@@ -1286,7 +1286,7 @@ def _server_record(
 ) -> _journal.ServerRecord:
     """The journal's name for the server: its directory, the process (pid 0: recorded before
     it started; recovery then finds it by the pid file nbdkit writes in ``home``,
-    :func:`blockctl._backup.serve.server_in`), and what it serves."""
+    :func:`blockctl._backup.serve.servers_in`), and what it serves."""
     return _journal.ServerRecord(
         pid=pid,
         pid_start=_proc.process_start(pid) if pid else None,

@@ -10,7 +10,7 @@ block exits (shielded). A ``detached`` server (a live restore's) runs forked int
 background, so that it outlives a killed controller; its pid comes through the ready pipe,
 and nbdkit writes it to a pid file in its directory too (before it says it is ready), where
 recovery finds a server started after its record was written and before the record named
-its pid (:func:`server_in`).
+its pid (:func:`servers_in`).
 
 Readiness is a pipe, not a poll: the plugin writes "1" and its pid from nbdkit's ``after_fork``
 hook, which runs once the socket listens. A server that exits first closes the pipe, and its
@@ -145,14 +145,26 @@ def socket_in(home: Path) -> Path:
     return home / SOCKET_NAME
 
 
-def server_in(home: Path) -> tuple[int, int] | None:
-    """The detached server of the directory ``home``, by the pid file nbdkit wrote there,
-    if that process is still nbdkit serving ``home``'s socket: its pid and start time (for
-    :func:`blockctl._proc.stop_recorded`); None if there is none (never started, or gone)."""
+def servers_in(home: Path) -> list[tuple[int, int]]:
+    """The detached servers of the directory ``home``: the process its pid file names (nbdkit
+    writes it once it listens), if that is still nbdkit serving ``home``'s socket; without a
+    pid file, every nbdkit process serving that socket (nbdkit is started, loads its plugin
+    and forks into the background before it writes the file: a launcher killed in between
+    leaves a server only its command line tells). Each as its pid and start time (for
+    :func:`blockctl._proc.stop_recorded`); empty if there is none (never started, or gone)."""
     try:
-        pid = int((home / PIDFILE_NAME).read_text())
+        named = int((home / PIDFILE_NAME).read_text())
     except (OSError, ValueError):
-        return None
+        named = None
+    if named is not None:
+        found = _serving(named, home)
+        return [] if found is None else [found]
+    pids = sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+    return [found for pid in pids if (found := _serving(pid, home)) is not None]
+
+
+def _serving(pid: int, home: Path) -> tuple[int, int] | None:
+    """``pid`` and its start time, if it is nbdkit serving ``home``'s socket."""
     # The start time first: a pid reused after it is read fails stop_recorded's check, so
     # the command line read next is that process's or the check refuses.
     start = _proc.process_start(pid)
@@ -189,7 +201,7 @@ async def serve_point(
     directory) when the block exits. ``into``: the VM whose live restore it serves (named
     by a garbage collection its lock refuses). ``starting``: called with the server's
     directory (:func:`socket_in` names its socket) before anything is made: a caller that
-    journals the server records it there first (:func:`server_in` finds it later).
+    journals the server records it there first (:func:`servers_in` finds it later).
 
     The server holds the repository's lock shared while it runs (:mod:`.nbdkit_plugin`)."""
     check_name(vm_name, "VM")

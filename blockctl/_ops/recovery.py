@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from blockctl import _agent, _argv, _images, _journal, _proc
-from blockctl._backup.serve import BACKUP_NODE_PREFIX, backing_nodes, serve_point, server_in
+from blockctl._backup.serve import BACKUP_NODE_PREFIX, backing_nodes, serve_point, servers_in
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
 from blockctl._journal import (
@@ -535,13 +535,30 @@ async def _replace_server(
     )
 
 
+#: Searches for a server recorded before its pid (each after stopping what the last found).
+SERVER_SEARCHES = 5
+
+
 async def _stop_server(server: _journal.ServerRecord) -> str:
-    pid, start = server.pid, server.pid_start
-    if not pid:  # recorded before it started: the pid file nbdkit wrote once it listened
-        pid, start = server_in(Path(server.home)) or (0, None)
-    stopped = bool(pid) and await _proc.stop_recorded(pid, start, grace=5.0)
+    if server.pid:
+        ended = await _proc.stop_recorded(server.pid, server.pid_start, grace=5.0)
+        shutil.rmtree(server.home, ignore_errors=True)
+        return f"{'stopped' if ended else 'found gone'} the backup's server (pid {server.pid})"
+    # Recorded before it started: found by its pid file or its command line. Searched again
+    # once what was found is stopped: an nbdkit stopped as it forked into the background
+    # leaves the child it forked.
+    stopped: list[int] = []
+    for _ in range(SERVER_SEARCHES):
+        found = servers_in(Path(server.home))
+        if not found:
+            break
+        for pid, start in found:
+            if await _proc.stop_recorded(pid, start, grace=5.0):
+                stopped.append(pid)
     shutil.rmtree(server.home, ignore_errors=True)
-    return f"{'stopped' if stopped else 'found gone'} the backup's server (pid {pid or 'none'})"
+    if not stopped:
+        return "found gone the backup's server (pid none)"
+    return f"stopped the backup's server (pid {', '.join(map(str, stopped))})"
 
 
 async def _act(vm: VM, action: _journal.Action) -> str:

@@ -13,13 +13,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from blockctl import _journal, _proc
-from blockctl._backup.serve import PIDFILE_NAME, server_in, socket_in
+from blockctl._backup.serve import PIDFILE_NAME, servers_in, socket_in
 from blockctl._journal import Intent, OpKind, ServerRecord, Verdict
 from blockctl._machine import Timeouts, _make_run_dir, shutdown_detached
 from blockctl._ops.vm_recovery import recover_vm
@@ -210,10 +211,10 @@ async def test_a_vm_still_starting_that_never_answers_is_reported_then_stopped_b
     assert process.wait() == -signal.SIGTERM and not run_dir.exists()
 
 
-def fake_server(home: Path) -> int:
+def fake_server(home: Path, *, pidfile: bool = True) -> int:
     """A process that is not ours and looks like a detached nbdkit serving ``home``'s
     socket (its command line), its pid in ``home``'s pid file as nbdkit writes it once it
-    listens (serve.server_in reads both)."""
+    listens (serve.servers_in reads both); ``pidfile`` False: not written yet."""
     home.mkdir(parents=True, exist_ok=True)
     sleeper = f"exec -a nbdkit {sys.executable} -c 'import time; time.sleep(60)'"
     out = subprocess.run(
@@ -222,7 +223,8 @@ def fake_server(home: Path) -> int:
         capture_output=True,
     )
     pid = int(out.stdout)
-    (home / PIDFILE_NAME).write_text(f"{pid}\n")
+    if pidfile:
+        (home / PIDFILE_NAME).write_text(f"{pid}\n")
     return pid
 
 
@@ -232,34 +234,130 @@ def test_a_server_is_found_by_its_pid_file_only_if_it_serves_that_home(tmp_path:
     home, other = tmp_path / "nbd-1", tmp_path / "nbd-2"
     server, stranger = fake_server(home), orphan()
     try:
-        assert server_in(home) == (server, _proc.process_start(server))
+        assert servers_in(home) == [(server, _proc.process_start(server))]
         other.mkdir()
         (other / PIDFILE_NAME).write_text(str(server))  # the socket it serves is home's
-        assert server_in(other) is None
+        assert servers_in(other) == []
         (other / PIDFILE_NAME).write_text(str(stranger))  # not nbdkit
-        assert server_in(other) is None
+        assert servers_in(other) == []
         (other / PIDFILE_NAME).write_text("")  # never written whole
-        assert server_in(other) is None
-        assert server_in(tmp_path / "nbd-3") is None  # never started
+        assert servers_in(other) == []
+        assert servers_in(tmp_path / "nbd-3") == []  # never started
     finally:
         for pid in (server, stranger):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("made", [False, True])
+def test_a_server_that_has_not_written_its_pid_file_is_found_by_its_command_line(
+    tmp_path: Path,
+) -> None:
+    """nbdkit loads its plugin and forks into the background before it writes its pid file:
+    a launcher killed in between leaves a server only its command line names (and, at the
+    fork, two processes). Each nbdkit serving that home's socket is found; another home's
+    server and a process that only mentions the socket are not."""
+    home, other = tmp_path / "nbd-1", tmp_path / "nbd-2"
+    servers = [fake_server(home, pidfile=False) for _ in range(2)]
+    neighbour = fake_server(other, pidfile=False)
+    mentions = subprocess.Popen(["sleep", "60", "--unix", str(socket_in(home))])
+    try:
+        assert servers_in(home) == sorted((p, _proc.process_start(p)) for p in servers)
+        assert servers_in(other) == [(neighbour, _proc.process_start(neighbour))]
+    finally:
+        mentions.kill()
+        mentions.wait()
+        for pid in (*servers, neighbour):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def forking_server(home: Path, ready: Path) -> int:
+    """A process that looks like nbdkit serving ``home``'s socket, with no pid file, that
+    forks on SIGTERM (the child, with the same command line, goes on) and exits."""
+    home.mkdir()
+    forks = (
+        "import os, signal, sys, time\n"
+        "def term(*_):\n"  # forked: the child has the same command line, as nbdkit's has
+        "    if os.fork() == 0:\n"
+        "        signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "        time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "open(sys.argv[-1], 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    out = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'(exec -a nbdkit {sys.executable} -c "$1" --unix {socket_in(home)} "$2") '
+            ">/dev/null 2>&1 & echo $!",
+            "bash",
+            forks,
+            str(ready),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    parent = int(out.stdout)
+    for _ in range(500):  # its SIGTERM handler is in place
+        if ready.exists():
+            break
+        time.sleep(0.01)
+    ready.unlink()
+    return parent
+
+
+async def test_a_server_stopped_as_it_forks_leaves_no_child_behind(
+    run_dir: Path, writer: subprocess.Popen[bytes]
+) -> None:
+    """A server with no pid file yet, that on SIGTERM starts another process serving the
+    same socket and exits (as nbdkit stopped while it forks into the background leaves its
+    child): ``recover`` searches again once it stopped what it found, and stops the child
+    too; nothing serves the socket afterwards."""
+    home = run_dir / "nbd-1"
+    parent = forking_server(home, run_dir / "handler-set")
+    intent = Intent(
+        id="stream-1",
+        kind=OpKind.STREAM,
+        vm="lost",
+        devices={},
+        pid=writer.pid,
+        pid_start=_proc.process_start(writer.pid),
+        server=ServerRecord(pid=0, pid_start=None, home=str(home)),
+    )
+    _journal.write(run_dir, intent)
+    try:
+        writer.kill()
+        writer.wait()
+        report = await recover_vm("lost")
+        (result,) = report.operations
+        (said,) = [d for d in result.done if "server" in d]
+        stopped = [int(p) for p in said.partition("(pid ")[2].rstrip(")").split(", ")]
+        assert stopped[0] == parent and len(stopped) == 2, said
+        assert servers_in(home) == []
+    finally:
+        for pid in [*servers_in(home), (parent, 0)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid[0], signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("made", "pidfile"), [(False, True), (True, True), (False, False)], ids=str
+)
 async def test_a_launch_killed_before_its_record_named_the_servers_pid_is_recovered(
-    run_dir: Path, writer: subprocess.Popen[bytes], tmp_path: Path, made: bool
+    run_dir: Path, writer: subprocess.Popen[bytes], tmp_path: Path, made: bool, pidfile: bool
 ) -> None:
     """The copy's record is written before the server starts, naming its directory (pid 0)
     and the files the launch makes: killed once the server listens (before its pid was
-    recorded, the files ``made`` or not), ``recover`` of the name finds the server by its
-    pid file, stops it, removes its directory and the files."""
+    recorded, the files ``made`` or not), or before the server wrote its pid file
+    (``pidfile`` False), ``recover`` of the name finds the server (by its pid file, or its
+    command line), stops it, removes its directory and the files."""
     target = tmp_path / "t.qcow2"
     if made:
         target.write_bytes(b"new")
     home = run_dir / "nbd-1"
-    server = fake_server(home)
+    server = fake_server(home, pidfile=pidfile)
     started = _proc.process_start(server)
     intent = Intent(
         id="stream-1",
