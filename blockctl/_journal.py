@@ -193,6 +193,12 @@ class Intent:
     pid_start: int | None = None
     #: A live restore (a stream off a backup's NBD server): its server.
     server: ServerRecord | None = None
+    #: A live restore's new server recovery is putting in place of ``server`` (gone): its
+    #: backup nodes are ``replacement_base`` and ``replacement_base``-nbd. Until QEMU's graph
+    #: shows the disk's image on them, the chains still name the old nodes; recovery then
+    #: finishes the swap or undoes it before anything else (a recover killed inside it).
+    replacement: ServerRecord | None = None
+    replacement_base: str = ""
     #: A live restore's record written before its hot-plug: the nodes the hot-plug adds
     #: (top-down); ``created_files`` then names the files made for it. Both cleared once the
     #: disk is attached (the record rewritten from QEMU's graph).
@@ -226,6 +232,8 @@ class Intent:
             "pid": self.pid,
             "pid_start": self.pid_start,
             "server": None if self.server is None else self.server.to_json(),
+            "replacement": None if self.replacement is None else self.replacement.to_json(),
+            "replacement_base": self.replacement_base,
             "hotplug_nodes": list(self.hotplug_nodes),
             "secret_files": dict(self.secret_files),
         }
@@ -254,6 +262,10 @@ class Intent:
             pid=_int_or_none(data.get("pid")),
             pid_start=_int_or_none(data.get("pid_start")),
             server=None if data.get("server") is None else ServerRecord.from_json(data["server"]),
+            replacement=None
+            if data.get("replacement") is None
+            else ServerRecord.from_json(data["replacement"]),
+            replacement_base=str(data.get("replacement_base", "")),
             hotplug_nodes=tuple(str(n) for n in data.get("hotplug_nodes", ())),
             secret_files={str(k): str(v) for k, v in data.get("secret_files", {}).items()},
         )

@@ -978,6 +978,39 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="recover-killed-inside-a-server-replacement",
+        section="Backups",
+        quote="**`recover` killed inside that replacement** is finished or undone by the next one",
+        tests=(
+            I + "test_live_restore.py::test_a_server_killed_during_the_copy_then_recover_puts_"
+            "in_a_new_one_and_finishes[start-qcow2]",
+            I + "test_live_restore.py::test_a_server_killed_during_the_copy_then_recover_puts_"
+            "in_a_new_one_and_finishes[start-raw]",
+            U + "test_launch_windows.py::test_qemu_gone_after_a_recover_killed_inside_a_server_"
+            "replacement_stops_both",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find="    if intent.replacement is not None and not _journal.owner_alive(intent):",
+                replace="    if False:",
+                what="a replacement a killed recover left is neither finished nor undone",
+            ),
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find="    if image is not None and image.backing == intent.replacement_base:",
+                replace="    if False:",
+                what="a replacement QEMU already reads through is undone",
+            ),
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find="        if item.replacement is not None:  # a recover killed inside it",
+                replace="        if False:  # a recover killed inside it",
+                what="QEMU gone, a killed recover's new server is left running",
+            ),
+        ),
+    ),
+    Promise(
         id="fleet-retry-refuses-an-unsettled-operation",
         section="Fleet",
         quote="a record kept for attention, or another client's operation still running, fails "

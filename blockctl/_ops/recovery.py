@@ -19,7 +19,7 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from blockctl import _agent, _argv, _images, _journal, _proc
-from blockctl._backup.serve import BACKUP_NODE_PREFIX, backing_nodes, serve_point, servers_in
+from blockctl._backup.serve import (
+    BACKUP_NODE_PREFIX,
+    backing_nodes,
+    serve_point,
+    servers_in,
+    socket_in,
+)
 from blockctl._backup.store import Repository
 from blockctl._jobs import DEFAULT_HOOKS, Job, JobHook
 from blockctl._journal import (
@@ -67,6 +73,11 @@ if TYPE_CHECKING:
     pass
 
 _log = get_logger()
+
+#: A test's hook inside a server replacement (``replacement-served``: the new server listens
+#: and is recorded, QEMU not told; ``replaced``: QEMU reads through it, the record not yet
+#: following): ``tests/integration/crash_child.py`` kills the process there.
+FAILPOINT: Callable[[str], None] | None = None
 
 #: Plan/act rounds per record: adopt the job, then finish (a third round is a safety margin).
 _ROUNDS = 4
@@ -294,6 +305,8 @@ async def _reconcile_one(
             intent = await _adopt(vm, intent, AdoptJob(intent.job_id, False), deadline, hooks)
             done.append(f"adopted job {intent.job_id}: {intent.error or 'succeeded'}")
             _journal.write(vm.run_dir, intent)
+    if intent.replacement is not None and not _journal.owner_alive(intent):
+        intent = await _settle_replacement(vm, intent, done)
     plan = _journal.plan(
         intent, await read_facts(vm, intent), owner_alive=_journal.owner_alive(intent)
     )
@@ -446,15 +459,28 @@ async def _replace_server(
 ) -> Intent:
     """A new server of the same point; new backup nodes on it become ``action.node``'s
     backing (``blockdev-reopen``: the measured way on, ``notes/backup-data-path.md``), the
-    old ones are deleted, the old server's directory removed. The record follows each name.
-    A failure is recorded as the operation's error (the next plan says what is left)."""
+    old ones are deleted, the old server's directory removed. The record names the new
+    server and its nodes (``replacement``) before the server starts, and follows the swap
+    once QEMU made it: a recover killed in between is finished or undone by the next one
+    (:func:`_settle_replacement`). A failure is undone and recorded as the operation's error
+    (the next plan says what is left)."""
     old = intent.server
     assert old is not None and vm.run_dir is not None
+    run_dir = vm.run_dir
     record = vm.registry.drives.get(action.device)
     image = node_options(record, action.node)
     if record is None or image is None:
         return replace(intent, error=f"{action.node} was not opened by blockctl")
-    chains = intent.devices[action.device]
+    base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
+
+    def starting(home: Path) -> None:
+        # Recorded before the server starts: a recover killed from here on leaves a record
+        # naming it (found by its directory), for the next one to stop or to take on.
+        nonlocal intent
+        replacement = replace(old, pid=0, pid_start=None, home=str(home))
+        intent = replace(intent, replacement=replacement, replacement_base=base)
+        _journal.write(run_dir, intent)
+
     try:
         repo = _served_repository(vm, old.repo, repositories)
         size = repo.read_index(old.source_vm, old.point, old.device).virtual_size
@@ -467,60 +493,107 @@ async def _replace_server(
             size=size,
             detached=True,
             into=vm.name,
+            starting=starting,
         ) as export:
             export.keep_running = True  # it serves the disk from now on
-        server = _journal.ServerRecord(
-            pid=export.pid,
-            pid_start=_proc.process_start(export.pid),
-            home=str(export.home),
-            repo=old.repo,
-            source_vm=old.source_vm,
-            point=old.point,
-            device=old.device,
-        )
-        # Recorded before QEMU is told: a crash from here leaves a record naming the new
-        # server (running) and the old nodes (the next run replaces them again).
-        intent = replace(intent, server=server)
-        _journal.write(vm.run_dir, intent)
-        await _stop_server(old)
-        base = f"{BACKUP_NODE_PREFIX}{secrets.token_hex(2)}"
-        nodes = backing_nodes(base, export.socket)
-        added: list[str] = []
-        try:
-            for node in nodes:
-                await wire.blockdev_add(vm.session, node)
-                added.append(str(node["node-name"]))
-            await wire.blockdev_reopen(vm.session, [{**image, "backing": base}])
-        except BlockctlError:
-            await delete_nodes(vm, added, event="blockctl.recovery.live_node_kept")
-            raise
     except BlockctlError as exc:
-        return replace(intent, error=f"a new server of the backup could not be put in: {exc}")
+        return await _undo_replacement(vm, intent, f"{exc}")
+    assert intent.replacement is not None
+    new = replace(intent.replacement, pid=export.pid, pid_start=_proc.process_start(export.pid))
+    intent = replace(intent, replacement=new)
+    _journal.write(run_dir, intent)
+    if FAILPOINT is not None:
+        FAILPOINT("replacement-served")
+    try:
+        for node in backing_nodes(base, export.socket):
+            await wire.blockdev_add(vm.session, node)
+        await wire.blockdev_reopen(vm.session, [{**image, "backing": base}])
+    except BlockctlError as exc:
+        return await _undo_replacement(vm, intent, f"{exc}")
+    if FAILPOINT is not None:
+        FAILPOINT("replaced")
+    return await _swapped(vm, intent, action.device, action.node)
+
+
+async def _settle_replacement(vm: VM, intent: Intent, done: list[str]) -> Intent:
+    """A server replacement a killed recover left: finished if QEMU's graph shows the disk's
+    image on the new backup nodes, else undone (its nodes and server go; the next plan
+    replaces the old server again). The record is written either way."""
+    assert intent.replacement is not None and vm.run_dir is not None
+    (device, chains), *_ = intent.devices.items()
+    node = chains.before[0]
+    graph = await read_graph(vm)
+    image = graph.nodes.get(node)
+    if image is not None and image.backing == intent.replacement_base:
+        intent = await _swapped(vm, intent, device, node)
+        done.append(
+            "finished putting in the new server of the backup a killed recovery had started "
+            f"(pid {intent.server.pid if intent.server else 'none'})"
+        )
+    else:
+        intent = await _undo_replacement(vm, intent, None)
+        done.append("undid the server replacement a killed recovery had not finished")
+    _journal.write(vm.run_dir, intent)
+    return intent
+
+
+async def _undo_replacement(vm: VM, intent: Intent, error: str | None) -> Intent:
+    """The new server and its backup nodes go (those that exist); the record names the old
+    server alone again, with ``error`` if the replacement failed."""
+    base = intent.replacement_base
+    present = {n.node_name for n in await vm.block_nodes()}
+    ours = [n for n in (f"{base}-nbd", base) if base and n in present]
+    await delete_nodes(vm, ours, event="blockctl.recovery.live_node_kept")
+    if intent.replacement is not None:
+        await _stop_server(intent.replacement)
+    intent = replace(intent, replacement=None, replacement_base="")
+    if error is not None:
+        intent = replace(intent, error=f"a new server of the backup could not be put in: {error}")
+    return intent
+
+
+async def _swapped(vm: VM, intent: Intent, device: str, node: str) -> Intent:
+    """QEMU reads the disk through the replacement's nodes: the old backup nodes and the old
+    server's directory go, and the drive record and the journal's chains name the new ones.
+    Each step holds if done again (a recover killed inside it)."""
+    new, base, old = intent.replacement, intent.replacement_base, intent.server
+    assert new is not None and old is not None
+    if not new.pid:  # killed before the pid was recorded: the pid file names it
+        found = servers_in(Path(new.home))
+        if found:
+            (pid, start), *_ = found
+            new = replace(new, pid=pid, pid_start=start)
+    await _stop_server(old)  # gone already (that is why it was replaced): its directory
     # The old backup nodes (a raw target's overlay is dropped at the end too, but stays):
     # raw first (it holds the nbd node).
     old_backup = [n for n in intent.drop_nodes if n.startswith(BACKUP_NODE_PREFIX)]
-    old_nodes = sorted(old_backup, key=lambda n: n.endswith("-nbd"))
+    present = {n.node_name for n in await vm.block_nodes()}
+    old_nodes = sorted((n for n in old_backup if n in present), key=lambda n: n.endswith("-nbd"))
     await delete_nodes(vm, old_nodes[::-1], event="blockctl.recovery.live_node_kept")
     # In the record, each old backup node's place is taken by its new counterpart.
-    new_nbd, new_raw = nodes
+    socket = socket_in(Path(new.home))
+    new_nbd, new_raw = backing_nodes(base, socket)
     swapped = {**{n: new_nbd for n in old_backup if n.endswith("-nbd")}}
     swapped.update({n: new_raw for n in old_backup if not n.endswith("-nbd")})
-    vm.registry.put(
-        replace(
-            record,
-            nodes=tuple(
-                swapped.get(str(n["node-name"]))
-                or ({**n, "backing": base} if n["node-name"] == action.node else n)
-                for n in record.nodes
-            ),
+    record = vm.registry.drives.get(device)
+    if record is not None:
+        vm.registry.put(
+            replace(
+                record,
+                nodes=tuple(
+                    swapped.get(str(n["node-name"]))
+                    or ({**n, "backing": base} if n["node-name"] == node else n)
+                    for n in record.nodes
+                ),
+            )
         )
-    )
+    chains = intent.devices[device]
     names = {n: base for n in old_backup if not n.endswith("-nbd")}
-    url = f"nbd+unix:///?socket={export.socket}"
+    url = f"nbd+unix:///?socket={socket}"
     old_url = chains.files_before[1] if len(chains.files_before) > 1 else None
     devices = {
         **intent.devices,
-        action.device: replace(
+        device: replace(
             chains,
             before=tuple(names.get(n, n) for n in chains.before),
             files_before=(*chains.files_before[:1], url, *chains.files_before[2:]),
@@ -529,6 +602,9 @@ async def _replace_server(
     kept = tuple(n for n in intent.drop_nodes if n not in old_backup)
     return replace(
         intent,
+        server=new,
+        replacement=None,
+        replacement_base="",
         devices=devices,
         drop_nodes=(*kept, base, f"{base}-nbd"),
         drop_files=(*(f for f in intent.drop_files if f != old_url), url),
@@ -651,8 +727,11 @@ async def _journal_offline(run_dir: Path, where: str, never_ran: bool) -> list[R
         if isinstance(item, Unreadable):
             results.append(_unreadable(item))
             continue
-        plan = _journal.plan(item, Facts(alive=False, qemu_never_ran=never_ran))
         done = []
+        if item.replacement is not None:  # a recover killed inside it: nothing reads it now
+            done.append(await _stop_server(item.replacement))
+            item = replace(item, replacement=None, replacement_base="")
+        plan = _journal.plan(item, Facts(alive=False, qemu_never_ran=never_ran))
         for action in plan.actions:
             if isinstance(action, StopServer):
                 done.append(await _stop_server(action.server))

@@ -15,7 +15,10 @@ the launch is complete, before the copy is journaled from QEMU's graph, via
 ``_machine.FAILPOINT``; for ``live``/``live-raw`` also ``attached``, right after the
 hot-plug returned, before the record is rewritten from QEMU's graph, via
 ``_backup.live.FAILPOINT``; for the four live kinds also ``served``, right after the
-backup's server listens, before the record names its pid, likewise); JSON the operation's
+backup's server listens, before the record names its pid, likewise; KIND ``recover``:
+``blockctl recover VM``, no arguments, with STEP ``replacement-served`` or ``replaced``,
+inside its replacement of a live restore's dead server, via ``_ops.recovery.FAILPOINT``);
+JSON the operation's
 keyword arguments (for a backup: ``repo``, and optionally ``kind``, ``devices``,
 ``scratch_dir`` and ``request_id``). The process SIGKILLs itself right
 after the journal record for STEP is on disk (``_journal.FAILPOINT``), or, for a backup, at
@@ -41,13 +44,22 @@ from blockctl._backup import live
 from blockctl._cli.common import load_config
 from blockctl._jobs import JobProgress, JobTransition
 from blockctl._machine import attach
-from blockctl._ops import chains
+from blockctl._ops import chains, recovery
+from blockctl._ops.vm_recovery import recover_vm
 from blockctl.backup import BackupOptions
 from blockctl.jobs import JobControl
 from blockctl.types import ImageFormat, IscsiSource
 
 
 def die_at(kind: str, step: str) -> None:
+    if kind == "recover":
+
+        def replacing(stage: str) -> None:
+            if stage == step:
+                die()
+
+        recovery.FAILPOINT = replacing
+        return
     if step == "frozen":  # inside quiesced: the guest's freeze has just been confirmed
         _agent.FAILPOINT = lambda stage: os.kill(os.getpid(), signal.SIGKILL)
         return
@@ -100,6 +112,9 @@ def backup_failpoint(step: str) -> Callable[[str], None]:
 
 
 async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
+    if kind == "recover":
+        await recover_vm(vm_name)
+        return
     if kind in ("live-launch", "live-launch-raw"):
         config = load_config(Path(kwargs["config"]), vm_name)
         await backup.launch_live(

@@ -1127,6 +1127,21 @@ async def follow_way_on(message: str) -> list[list[str]]:
     return [step.split()[:2] for step in steps]
 
 
+async def killed_recover(vm: LaunchedVM, step: str) -> None:
+    """``blockctl recover`` of ``vm`` in another process, SIGKILLed at ``step`` of its
+    replacement of the live restore's dead server (tests/integration/crash_child.py). The
+    record's writer (this process: its restore failed and left the record) is first named
+    gone, as if the restore had run in a controller killed since: another process recovers
+    only the records of writers that are gone."""
+    assert vm.run_dir is not None
+    (path,) = vm.run_dir.glob("journal-*.json")
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "pid": None, "pid_start": None}))
+    argv = [sys.executable, "-m", "tests.integration.crash_child", vm.name, "recover", step, "{}"]
+    child = await anyio.run_process(argv, check=False)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+
+
 def server_pid(intent: Intent) -> int:
     assert intent.server is not None
     return intent.server.pid
@@ -1240,10 +1255,21 @@ async def test_a_server_killed_during_the_copy_then_recover_puts_in_a_new_one_an
                 assert done.verdict is Verdict.FINISHED, (done.message, done.done)
                 done_steps = done.done
             else:
+                if at == "start":
+                    # `blockctl recover` in another process, kill -9ed inside its server
+                    # replacement: into qcow2 once the new server listens and is recorded
+                    # (QEMU not told), into raw once QEMU reads through it (the record not
+                    # following yet). The next recover undoes or finishes it, then goes on.
+                    await killed_recover(vm, "replacement-served" if fmt == "qcow2" else "replaced")
                 (done,) = await recovery.reconcile(vm)
                 assert done.verdict is Verdict.FINISHED, (done.message, done.done)
                 done_steps = done.done
-            assert any(d.startswith("started a new server") for d in done_steps), done_steps
+            if at == "start" and fmt == "raw":
+                assert any(d.startswith("finished putting in the new server") for d in done_steps)
+            else:
+                assert any(d.startswith("started a new server") for d in done_steps), done_steps
+            if at == "start" and fmt == "qcow2":
+                assert any(d.startswith("undid the server replacement") for d in done_steps)
         assert nbdkit_pids_under(vm.run_dir) == []
         assert not list(vm.run_dir.glob("journal-*.json"))
         assert not list(vm.run_dir.glob("nbd-*"))

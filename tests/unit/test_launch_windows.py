@@ -21,7 +21,7 @@ import pytest
 
 from blockctl import _journal, _proc
 from blockctl._backup.serve import PIDFILE_NAME, servers_in, socket_in
-from blockctl._journal import Intent, OpKind, ServerRecord, Verdict
+from blockctl._journal import Intent, OpKind, ServerRecord, Step, Verdict
 from blockctl._machine import Timeouts, _make_run_dir, shutdown_detached
 from blockctl._ops.vm_recovery import recover_vm
 from blockctl._runtime import VMRecord, read_record, write_record
@@ -340,6 +340,50 @@ async def test_a_server_stopped_as_it_forks_leaves_no_child_behind(
         for pid in [*servers_in(home), (parent, 0)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid[0], signal.SIGKILL)
+
+
+async def test_qemu_gone_after_a_recover_killed_inside_a_server_replacement_stops_both(
+    run_dir: Path, writer: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    """A recover killed while it put a new server in place of a dead one, then QEMU gone:
+    the next recover stops the new server too (nothing reads through it any more)."""
+    old_home, new_home = run_dir / "nbd-1", run_dir / "nbd-2"
+    old_home.mkdir()
+    server = fake_server(new_home)
+    started = _proc.process_start(server)
+    target = tmp_path / "t.qcow2"
+    intent = Intent(
+        id="stream-1",
+        kind=OpKind.STREAM,
+        vm="lost",
+        step=Step.STARTING,
+        devices={
+            "disk0": _journal.DeviceChains(
+                before=("drv0", "bclr-1"),
+                after=("drv0",),
+                files_before=(str(target), f"nbd+unix:///?socket={socket_in(old_home)}"),
+                files_after=(str(target),),
+            )
+        },
+        pid=writer.pid,
+        pid_start=_proc.process_start(writer.pid),
+        server=ServerRecord(pid=0, pid_start=None, home=str(old_home)),
+        replacement=ServerRecord(pid=server, pid_start=started, home=str(new_home)),
+        replacement_base="bclr-2",
+    )
+    _journal.write(run_dir, intent)
+    try:
+        writer.kill()
+        writer.wait()
+        report = await recover_vm("lost")
+        (result,) = report.operations
+        assert result.verdict is Verdict.QEMU_GONE, result
+        assert f"stopped the backup's server (pid {server})" in result.done, result.done
+        assert not _proc.process_alive(server, started)
+        assert not new_home.exists() and not old_home.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
 
 
 @pytest.mark.parametrize(
