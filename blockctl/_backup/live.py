@@ -86,6 +86,7 @@ import anyio
 
 from blockctl import _argv, _fsutil, _images, _journal, _proc, _runtime
 from blockctl._argv import DrivePlan
+from blockctl._backup import remote
 from blockctl._backup.serve import (
     BACKUP_NODE_PREFIX,
     PointExport,
@@ -330,7 +331,19 @@ async def launch_live(
     with repo.lock(exclusive=False):
         size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
         if local is not None and device_target:
-            _check_device_size(local, size)  # a LUN's: once its node is added
+            _check_device_size(local, size)
+        elif lun is not None:
+            # Before QEMU starts: a guest launched onto a LUN too small would run (and write)
+            # until the LUN's node were added and measured, then go with its writes. Measured
+            # again once the node is in (_add_target): the LUN is not ours to hold.
+            have = await remote.size_of(lun)
+            if have < size:
+                raise ConfigError(
+                    "target",
+                    f"{lun.url} holds {have} bytes, the disk {size}: nothing was launched; "
+                    "give a LUN at least as large (grow its backing store, then make its LU "
+                    "again)",
+                )
         async with contextlib.AsyncExitStack() as stack:
             exports: list[PointExport] = []
             planned: list[_journal.Op] = []

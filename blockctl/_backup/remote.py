@@ -48,6 +48,13 @@ def _target(dest: RemoteImage, fmt: ImageFormat) -> tuple[dict[str, Any], tuple[
     return {"driver": fmt.value, "file": file_options}, objects
 
 
+async def size_of(dest: RemoteImage) -> int:
+    """The bytes the LUN or the NFS image holds, read by ``qemu-img info`` (QEMU's own
+    initiator or client, with the credentials the source names): no VM needed."""
+    target, objects = _target(dest, ImageFormat.RAW)
+    return await _images.node_virtual_size(target, objects)
+
+
 def _window(node: dict[str, Any], offset: int, size: int) -> dict[str, Any]:
     """``node`` seen from ``offset`` for ``size`` bytes (the raw driver's window)."""
     assert node["driver"] == "raw"

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from blockctl import GuestImage, backup, open_vm
+from blockctl import GuestImage, _machine, backup, open_vm
 from blockctl import attach as attach_vm
 from blockctl._backup import live
 from blockctl._jobs import JobControl
@@ -490,6 +490,28 @@ async def test_a_vm_launched_from_a_point_onto_a_chap_lun_runs_on_a_mirrored_ove
     point, want = await backed_up(guest, images, repo, DISK_MIB)
     hashes = tree_digest(repo.path)
     tail = lun_ready(tgt)
+    # Onto LUN 1 (16 MiB, smaller than the disk): refused before QEMU starts (no guest runs
+    # and writes only to be taken down), nothing made, no server left.
+    small = tgt.source(1)
+    small_toml = tmp_path / "small.toml"
+    small_toml.write_text(
+        f'name = "lostsmall"\nmachine = "pc"\nkernel = {json.dumps(str(guest.kernel))}\n'
+        f'deprecated-input = "reject"\n[[drive]]\nformat = "raw"\n'
+        f"iscsi = {{ portal = {json.dumps(small.portal)}, target = {json.dumps(small.target)}, "
+        "lun = 1 }\n"
+    )
+    spawned: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_machine, "FAILPOINT", spawned.append)
+        with pytest.raises(ConfigError) as refused:
+            await backup.launch_live(
+                load_config(small_toml, None), repo, "src", point.id, "disk0", small.url
+            )
+    assert refused.value.field == "target", refused.value
+    assert "give a LUN at least as large" in str(refused.value)
+    assert "nothing was launched" in str(refused.value)
+    assert spawned == [] and not (runtime_dir / "lostsmall" / "vm.json").exists()
+    assert nbdkit_pids_under(runtime_dir) == [] and device_overlays(runtime_dir / "x") == []
     password = "chap-secret-3c9e41"  # tgt: 12-16 characters for iSCSI CHAP
     good = tmp_path / "chap.pw"
     good.write_text(password)
