@@ -2,7 +2,8 @@
 
 ``python -m tests.integration.crash_child VM KIND STEP JSON`` — KIND is ``commit``,
 ``stream``, ``snapshot``, ``backup``, ``live`` (a live restore: ``repo``, ``point``,
-``device``, ``target``, ``speed``), ``live-raw`` (the same, into a new raw file, a block
+``device``, ``target``, ``speed``), ``up`` (``blockctl up``: ``config``, a machine TOML;
+STEP ``spawned`` or ``greeted``), ``live-raw`` (the same, into a new raw file, a block
 device or an ``iscsi://`` LUN) or ``live-launch`` (VM is launched, not attached to: the
 same keys, plus ``config``, a machine TOML whose drive on ``target`` comes back, and
 ``source_vm``, the VM of the point; ``live-launch-raw``: the same, the config's drive
@@ -114,6 +115,9 @@ def backup_failpoint(step: str) -> Callable[[str], None]:
 async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
     if kind == "recover":
         await recover_vm(vm_name)
+        return
+    if kind == "up":  # `blockctl up CONFIG`: a plain detached launch
+        await _machine.launch_detached(load_config(Path(kwargs["config"]), vm_name))
         return
     if kind in ("live-launch", "live-launch-raw"):
         config = load_config(Path(kwargs["config"]), vm_name)

@@ -175,3 +175,36 @@ async def test_cli_qmp_error_reply(guest: GuestImage) -> None:
     assert done.returncode == 1
     assert done.stderr.startswith("blockctl: CommandFailed: QEMU refused blockdev-del: ")
     assert "nosuch" in done.stderr
+
+
+async def test_an_up_killed_at_qemus_spawn_is_taken_over_by_recover_then_down(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
+    """``blockctl up`` kill -9ed right after QEMU's spawn, before its greeting (another
+    process, ``tests/integration/crash_child.py``; a firmware-idle VM): QEMU runs on, ``ls``
+    says the VM is starting and a second ``up`` of the name refuses; ``recover`` takes it
+    over (running, ``status`` answers), and ``down`` stops it, leaving no QEMU and no run
+    directory."""
+    toml = tmp_path / "upk.toml"
+    toml.write_text('name = "upk"\nmemory = 64\ndeprecated-input = "reject"\n')
+    argv = [sys.executable, "-m", "tests.integration.crash_child", "upk", "up", "spawned"]
+    killed = await anyio.run_process(
+        [*argv, json.dumps({"config": str(toml)})], check=False, env=dict(os.environ)
+    )
+    assert killed.returncode == -9, killed.stderr.decode()
+    pid = json.loads((runtime_dir / "upk" / "vm.json").read_text())["pid"]
+    try:
+        assert running(pid)
+        listed = json.loads((await cli("ls", "--json")).stdout)
+        assert [(v["name"], v["state"]) for v in listed] == [("upk", "starting")]
+        again = await cli("up", toml, check=False)
+        assert again.returncode == 1 and "already running" in again.stderr, again.stderr
+        await cli("recover", "upk")
+        listed = json.loads((await cli("ls", "--json")).stdout)
+        assert [(v["name"], v["state"], v["pid"]) for v in listed] == [("upk", "running", pid)]
+        status = json.loads((await cli("status", "upk", "--json")).stdout)
+        assert status["status"] == "running" and status["pid"] == pid
+    finally:
+        down = json.loads((await cli("down", "upk", "--json")).stdout)
+    assert down == {"name": "upk", "stopped": True}
+    assert not running(pid) and not (runtime_dir / "upk").exists()
