@@ -245,7 +245,7 @@ class LiveLaunchResult:
 
     vm: str  # the launched VM's name
     device_id: str  # the config's drive that came back from the point
-    path: Path | IscsiSource  # a file, a block device, or the config's LUN
+    path: Path | IscsiSource | NfsSource  # a file, a block device, the config's LUN or image
     format: ImageFormat  # the drive's: qcow2 (streamed into) or raw (mirrored into)
     point: str
     source_device: str  # the disk of the point
@@ -262,7 +262,7 @@ async def launch_live(
     vm_name: str,
     point: str,
     device: str,
-    target: Path | str | IscsiSource,
+    target: Path | str | IscsiSource | NfsSource,
     *,
     control: JobControl = DEFAULT_CONTROL,
     timeouts: Timeouts | None = None,
@@ -282,7 +282,10 @@ async def launch_live(
     is then mirrored into ``target`` (write-blocking) and pivoted onto it. A raw LUN drive:
     ``target`` is its URL (``iscsi://portal/target/lun``, a str or an :class:`IscsiSource`;
     the config's drive gives the initiator name and CHAP credentials), an existing LUN at
-    least the disk's size, mirrored into as a block device is. The drive must not
+    least the disk's size, mirrored into as a block device is. A raw NFS drive likewise:
+    ``target`` is its URL (``nfs://server/path``, with the config's uid and gid if it gives
+    them; a str or an :class:`NfsSource`), an existing image at least the disk's size, opened
+    by QEMU's own NFS client. The drive must not
     be read-only, a snapshot, copy-on-read (raw), passed through or vhost-user-blk.
     ``target_format``, if given, must be the drive's format (the config's decides).
     A failure before the copy starts leaves nothing: the VM shut down, its run directory,
@@ -305,9 +308,10 @@ async def launch_live(
             "the matching format (-O), or none",
         )
     raw = drive_format is ImageFormat.RAW
-    # The LUN as the config gives it (its initiator name and CHAP credentials), or a path.
-    lun = config.drives[index].iscsi
-    dest: Path | IscsiSource = lun if lun is not None else Path(named)
+    # The LUN or NFS image as the config gives it (a LUN's initiator name and CHAP
+    # credentials, an image's uid and gid), or a path.
+    lun = config.drives[index].iscsi or config.drives[index].nfs
+    dest: Path | IscsiSource | NfsSource = lun if lun is not None else Path(named)
     local = dest if isinstance(dest, Path) else None  # a local file or block device
     device_target = local is None or (raw and local.is_block_device())
     if local is not None and not device_target and (local.exists() or local.is_symlink()):
@@ -338,11 +342,15 @@ async def launch_live(
             # again once the node is in (_add_target): the LUN is not ours to hold.
             have = await remote.size_of(lun)
             if have < size:
+                grow = (
+                    "a LUN at least as large (grow its backing store, then make its LU again)"
+                    if isinstance(lun, IscsiSource)
+                    else "an NFS image at least as large (e.g. `qemu-img resize -f raw` on it)"
+                )
                 raise ConfigError(
                     "target",
                     f"{lun.url} holds {have} bytes, the disk {size}: nothing was launched; "
-                    "give a LUN at least as large (grow its backing store, then make its LU "
-                    "again)",
+                    f"give {grow}",
                 )
         async with contextlib.AsyncExitStack() as stack:
             exports: list[PointExport] = []
@@ -358,7 +366,7 @@ async def launch_live(
                     # QEMU starts with the drive on the overlay; the mirror takes it to
                     # ``target`` (the drive's record then names the target's nodes).
                     on_overlay = replace(
-                        on_overlay, file=overlay, format=ImageFormat.QCOW2, iscsi=None
+                        on_overlay, file=overlay, format=ImageFormat.QCOW2, iscsi=None, nfs=None
                     )
                     launched = replace(
                         config,
@@ -475,22 +483,29 @@ def _remove(files: Sequence[Path]) -> None:
             os.unlink(path)
 
 
-def _launch_target(target: Path | str | IscsiSource) -> Path | str:
-    """A live launch's target: a local file or block device (absolute), or a LUN's URL
-    (``iscsi://portal/target/lun`` as :attr:`blockctl.types.Drive.remote_url` gives it; a
-    Path has folded the URL's ``//`` into ``/``, so a LUN comes as a str)."""
-    if isinstance(target, IscsiSource):
+def _launch_target(target: Path | str | IscsiSource | NfsSource) -> Path | str:
+    """A live launch's target: a local file or block device (absolute), or a LUN's or an NFS
+    image's URL (``iscsi://portal/target/lun``, ``nfs://server/path``, as
+    :attr:`blockctl.types.Drive.remote_url` gives them; a Path has folded the URL's ``//``
+    into ``/``, so a URL comes as a str)."""
+    if isinstance(target, IscsiSource | NfsSource):
         return target.url
     if isinstance(target, str) and target.startswith("iscsi://"):
         return IscsiSource.from_url(target, "target").url  # checked, its port spelled out
-    if str(target).startswith("nfs:"):
-        raise ConfigError(
-            "target",
-            f"{target}: an NFS drive is not launched from a point yet (the LUN's path would "
-            "carry it, untested). Way out: launch without that drive, then `blockctl restore "
-            "--live --attach VM -O raw` onto the image",
-        )
+    if isinstance(target, str) and target.startswith("nfs://"):
+        return NfsSource.from_url(target, "target").url
     return _local_target(target)
+
+
+def _same_remote(drive: Drive, url: str) -> bool:
+    """Whether ``url`` is the drive's LUN or NFS image (an NFS URL without the config's
+    ?uid=&gid= names the same image)."""
+    mine = drive.remote_url
+    if mine is None:
+        return False
+    return mine == url or (
+        drive.nfs is not None and mine.partition("?")[0] == url.partition("?")[0]
+    )
 
 
 def _launch_drive(config: MachineConfig, target: Path | str) -> tuple[int, ImageFormat]:
@@ -498,7 +513,7 @@ def _launch_drive(config: MachineConfig, target: Path | str) -> tuple[int, Image
     LUN it is (a URL), checked for a live launch."""
     for i, drive in enumerate(config.drives):
         if isinstance(target, str):
-            if drive.iscsi is None or drive.remote_url != target:
+            if (drive.iscsi is None and drive.nfs is None) or not _same_remote(drive, target):
                 continue
         elif drive.file is None or Path(drive.file).absolute() != target:
             continue
@@ -508,6 +523,13 @@ def _launch_drive(config: MachineConfig, target: Path | str) -> tuple[int, Image
                 f"{where}.format",
                 f"a LUN drive launched from a point is raw (mirrored onto the LUN); {target} "
                 f"is {drive.format.value if drive.format else 'unset'}",
+            )
+        if drive.nfs is not None and drive.format is not ImageFormat.RAW:
+            raise ConfigError(
+                f"{where}.format",
+                f"an NFS drive launched from a point is raw (mirrored onto the image; a qcow2 "
+                f"image on NFS is not a live target); {target} is "
+                f"{drive.format.value if drive.format else 'unset'}",
             )
         if drive.passthrough is not None:
             raise ConfigError(
@@ -535,11 +557,15 @@ def _launch_drive(config: MachineConfig, target: Path | str) -> tuple[int, Image
             )
         return i, drive.format
     if isinstance(target, str):
-        luns = ", ".join(str(d.remote_url) for d in config.drives if d.iscsi) or "none"
+        lun = target.startswith("iscsi://")
+        what, kinds = ("LUN", "LUNs") if lun else ("NFS image", "NFS images")
+        urls = ", ".join(
+            str(d.remote_url) for d in config.drives if (d.iscsi if lun else d.nfs) is not None
+        )
         raise ConfigError(
             "target",
-            f"no drive of the config is the LUN {target} (its LUNs: {luns}): a live launch "
-            "brings back the drive whose LUN is the target",
+            f"no drive of the config is the {what} {target} (its {kinds}: {urls or 'none'}): "
+            f"a live launch brings back the drive whose {what} is the target",
         )
     files = ", ".join(str(d.file) for d in config.drives if d.file is not None) or "none"
     raise ConfigError(
@@ -1350,7 +1376,7 @@ def _launch_mirror_intent(
     base: str,
     overlay: Path,
     on_overlay: Drive,
-    target: Path | IscsiSource,
+    target: Path | IscsiSource | NfsSource,
     size: int,
     device_target: bool,
     socket: Path,

@@ -439,13 +439,17 @@ class RestoreCommand(Command):
             args.vm,
             args.backup_id,
             args.device,
-            # A LUN drive is named by its URL (a Path would fold its // into /); a path is
-            # made absolute by launch_live.
-            args.dest if args.dest.startswith("iscsi://") else Path(args.dest),
+            # A LUN or NFS drive is named by its URL (a Path would fold its // into /); a
+            # path is made absolute by launch_live.
+            args.dest if args.dest.startswith(("iscsi://", "nfs://")) else Path(args.dest),
             control=job_control(args, job_hooks(args, "restore")),
             target_format=None if args.output_format is None else fmt,
         )
-        where = result.path.url if isinstance(result.path, IscsiSource) else str(result.path)
+        where = (
+            result.path.url
+            if isinstance(result.path, IscsiSource | NfsSource)
+            else str(result.path)
+        )
         emit(
             args,
             {

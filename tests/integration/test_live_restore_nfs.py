@@ -11,7 +11,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from blockctl import GuestImage, backup, open_vm
+from blockctl import GuestImage, _machine, backup, open_vm
+from blockctl import attach as attach_vm
 from blockctl._backup import live
 from blockctl._binaries import binary as qemu_binary
 from blockctl._jobs import JobControl
@@ -185,4 +186,127 @@ async def test_qemu_killed_mid_mirror_onto_nfs_then_the_way_on_gives_point_plus_
     assert sha256(want_file.read_bytes()) == killed.during
     written = image.read_bytes()
     assert sha256(written[: DISK_MIB * MIB]) == killed.during
+    assert sha256(written[DISK_MIB * MIB :]) == tail
+
+
+@pytest.mark.guest
+async def test_a_vm_launched_from_a_point_onto_an_nfs_image_runs_on_a_mirrored_overlay(
+    guest: GuestImage,
+    images: Path,
+    tmp_path: Path,
+    runtime_dir: Path,
+    nfs: Nfs,  # noqa: F811
+) -> None:
+    """A lost VM whose config's drive is a raw image on NFS (named by its URL, as the CLI
+    hands it). Onto a 16 MiB image first: refused before QEMU starts (qemu-img measures it),
+    nothing made. Then onto an image 1 MiB larger than the disk: QEMU starts with the drive on
+    a temporary qcow2 overlay over the point's server; the guest reads the disk whole (the
+    point's sha256) and writes while the mirror waits at 1 B/s; released, the device pivots
+    onto the image's nodes (``nfs``, ``raw``) and runs alone on it: no job, backup node,
+    overlay, server or record. After shutdown the image holds the point plus exactly the
+    guest's writes, its last MiB as it was; the repository unchanged."""
+    from blockctl._cli.common import load_config
+    from tests.integration.test_live_launch import backed_up, console_of, down
+    from tests.integration.test_live_restore import fill, read_sha
+
+    # qemu-img (the size check before the launch) reaches the server as QEMU does: in its
+    # network namespace.
+    wrapper = tmp_path / "qemu-img-in-netns"
+    wrapper.write_text(
+        f"#!/bin/sh\nexec nsenter --net=/proc/{nfs.netns_pid}/ns/net -- "
+        f'{qemu_binary("qemu-img")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    repo = backup.init_repository(tmp_path / "repo")
+    point, want = await backed_up(guest, images, repo, DISK_MIB)
+    hashes = tree_digest(repo.path)
+    image = await raw_image(nfs.export / "t.raw", pattern(223, (DISK_MIB + 1) * MIB))
+    small = await raw_image(nfs.export / "small.raw", pattern(224, 16 * MIB))
+    tail = sha256(image.read_bytes()[DISK_MIB * MIB :])
+    small_sha = sha256(small.read_bytes())
+
+    def toml(name: str, file: str) -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            f'name = "{name}"\nmachine = "pc"\nkernel = "{guest.kernel}"\n'
+            f'initrd = "{guest.initrd}"\nappend = "{guest.append}"\n'
+            f'deprecated-input = "reject"\n[[drive]]\nformat = "raw"\nnfs = "{nfs.url(file)}"\n'
+        )
+        return path
+
+    watch = StreamWatch()  # the mirror's id, once it runs
+    results: list[live.LiveLaunchResult] = []
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("BLOCKCTL_QEMU_IMG", str(wrapper))
+        spawned: list[str] = []
+        env.setattr(_machine, "FAILPOINT", spawned.append)
+        with pytest.raises(ConfigError) as refused:
+            await backup.launch_live(
+                load_config(toml("nfssmall", "small.raw"), None),
+                repo,
+                "src",
+                point.id,
+                "disk0",
+                nfs.url("small.raw"),
+            )
+        assert refused.value.field == "target" and "nothing was launched" in str(refused.value)
+        assert "an NFS image at least as large" in str(refused.value)
+        assert spawned == [] and not (runtime_dir / "nfssmall" / "vm.json").exists()
+        assert sha256(small.read_bytes()) == small_sha
+        env.setattr(_machine, "FAILPOINT", None)
+
+        async def launch() -> None:
+            results.append(
+                await backup.launch_live(
+                    load_config(toml("lostn", "t.raw"), None),
+                    repo,
+                    "src",
+                    point.id,
+                    "disk0",
+                    nfs.url("t.raw"),
+                    control=JobControl(speed=1, hooks=(watch,)),
+                )
+            )
+
+        run_dir = runtime_dir / "lostn"
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(launch)
+                await watch.running.wait()
+                (overlay,) = device_overlays(run_dir)
+                async with console_of("lostn") as console:
+                    # The mirror waits at 1 B/s: everything here happens during the copy.
+                    assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == want
+                    for write in RAW_WRITES:
+                        await console.check(fill("vda", *write))
+                    during = (await console.check(read_sha("vda", DISK_MIB))).split()[0]
+                    async with attach_vm("lostn") as vm:
+                        jobs = await wire.query_jobs(vm.session)
+                        assert [(j.id, j.type) for j in jobs] == [(watch.job_id, "mirror")]
+                        assert any(n.startswith("bclr-") for n in await node_names(vm))
+                        await vm.command(
+                            "block-job-set-speed", {"device": watch.job_id, "speed": 0}
+                        )
+            (result,) = results
+            assert result.vm == "lostn" and result.device_id == "disk0"
+            assert result.path == nfs.source("t.raw") and result.format is ImageFormat.RAW
+            assert result.job.completed_on_ready and result.job.offset == result.job.length
+            async with console_of("lostn") as console:
+                assert (await console.check(read_sha("vda", DISK_MIB))).split()[0] == during
+            async with attach_vm("lostn") as vm:
+                assert await wire.query_jobs(vm.session) == ()
+                record = vm.registry.drives["disk0"]
+                assert [n["driver"] for n in record.nodes] == ["nfs", "raw"]
+                assert record.nodes[0]["path"] == str(image)
+                assert await node_names(vm) == set(record.node_names)
+                await truth_check(vm)
+            assert nbdkit_pids_under(runtime_dir) == [] and not overlay.exists()
+            assert not list(run_dir.glob("journal-*.json"))
+        finally:
+            await down("lostn")
+    assert tree_digest(repo.path) == hashes
+    want_file = await reference(repo, "src", point.id, tmp_path / "r.raw", RAW_WRITES)
+    assert sha256(want_file.read_bytes()) == during
+    written = image.read_bytes()
+    assert sha256(written[: DISK_MIB * MIB]) == during
     assert sha256(written[DISK_MIB * MIB :]) == tail

@@ -16,7 +16,15 @@ from blockctl._backup import live
 from blockctl._backup.serve import PointExport, backing_nodes
 from blockctl._ops import recovery
 from blockctl.errors import ConfigError
-from blockctl.types import Drive, ImageFormat, Interface, IscsiSource, MachineConfig, Passthrough
+from blockctl.types import (
+    Drive,
+    ImageFormat,
+    Interface,
+    IscsiSource,
+    MachineConfig,
+    NfsSource,
+    Passthrough,
+)
 from tests.unit.test_argv import layer
 
 BACKING = (
@@ -138,7 +146,7 @@ def test_a_live_launch_names_a_lun_by_its_url_with_the_port_spelled_out(
     ("url", "says"),
     [
         (Path("iscsi://h/i/1"), "not this URL"),  # a Path folded the URL's // into /
-        ("nfs://srv/export/d.raw", "an NFS drive is not launched from a point yet"),
+        (Path("nfs://srv/export/d.raw"), "not this URL"),
         ("iscsi://127.0.0.1/iqn.2026-01.t:lun", "the path is /target-iqn/lun"),
     ],
 )
@@ -157,6 +165,28 @@ def test_a_live_launch_brings_back_the_lun_drive_by_its_url() -> None:
     # A path never matches a LUN drive, nor a URL a file drive.
     with pytest.raises(ConfigError, match="no drive of the config has the file"):
         live._launch_drive(config, Path("/i/x.raw"))
+
+
+def nfs_drive(**kwargs: object) -> Drive:
+    source = NfsSource(server="127.0.0.1", path="/export/d.raw", user=1000, group=1000)
+    return Drive(nfs=source, **{"format": ImageFormat.RAW, **kwargs})  # type: ignore[arg-type]
+
+
+def test_a_live_launch_brings_back_the_nfs_drive_by_its_url() -> None:
+    """An NFS image is named by its URL, with the config's uid and gid or without them (the
+    same image); a qcow2 image on NFS is not launched onto (it would be streamed into)."""
+    config = launch_config(Drive(file=Path("/i/boot.qcow2"), format=ImageFormat.QCOW2), nfs_drive())
+    url = str(live._launch_target("nfs://127.0.0.1/export/d.raw"))
+    assert live._launch_drive(config, url) == (1, ImageFormat.RAW)
+    with_ids = str(live._launch_target(nfs_drive().nfs))  # type: ignore[arg-type]
+    assert "uid=1000" in with_ids and live._launch_drive(config, with_ids) == (1, ImageFormat.RAW)
+    with pytest.raises(ConfigError) as e:
+        live._launch_drive(config, url.replace("d.raw", "e.raw"))
+    assert e.value.field == "target" and "no drive of the config is the NFS image" in str(e.value)
+    qcow2 = launch_config(nfs_drive(format=ImageFormat.QCOW2))
+    with pytest.raises(ConfigError) as e:
+        live._launch_drive(qcow2, url)
+    assert e.value.field == "drive[0].format" and "an NFS drive launched" in str(e.value)
 
 
 @pytest.mark.parametrize(
