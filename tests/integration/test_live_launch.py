@@ -458,6 +458,15 @@ async def test_a_launch_qemu_refuses_leaves_nothing_and_says_why(
     assert lun.returncode == 1 and (
         "no drive of the config is the LUN iscsi://127.0.0.1:3260/iqn.2026-12.test:t/1"
     ) in lun.stderr.replace("\n", " "), lun
+    nfs = await cli(
+        *("restore", "src", point.id, "disk0", "nfs://127.0.0.1/export/x.raw"),
+        *("--repo", repo.path, "--live", "--launch", good),
+        check=False,
+    )
+    # So is an NFS image.
+    assert nfs.returncode == 1 and (
+        "no drive of the config is the NFS image nfs://127.0.0.1/export/x.raw"
+    ) in nfs.stderr.replace("\n", " "), nfs
     unpaired = await cli(*restore, "--launch", good, "--attach", "src", check=False)
     assert unpaired.returncode == 1 and "give one of them" in unpaired.stderr, unpaired
     assert nbdkit_pids_under(runtime_dir) == []
