@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from blockctl import _journal, _proc
 from blockctl._backup.serve import PIDFILE_NAME, servers_in, socket_in
 from blockctl._journal import Intent, OpKind, ServerRecord, Step, Verdict
 from blockctl._machine import Timeouts, _make_run_dir, shutdown_detached
+from blockctl._ops.recovery import Recovery
 from blockctl._ops.vm_recovery import recover_vm
 from blockctl._runtime import VMRecord, read_record, write_record
 from blockctl.errors import QMPConnectFailed, VMExists, VMNotFound
@@ -308,6 +310,41 @@ def forking_server(home: Path, ready: Path) -> int:
     return parent
 
 
+def served_stream(
+    writer: subprocess.Popen[bytes], target: Path, home: Path, **fields: Any
+) -> Intent:
+    """A live restore's stream record into ``target`` whose server's directory is ``home``
+    (its pid not recorded yet), written by ``writer``; ``fields`` override the rest."""
+    chains = _journal.DeviceChains(
+        before=("drv0", "bclr-1"),
+        after=("drv0",),
+        files_before=(str(target), f"nbd+unix:///?socket={socket_in(home)}"),
+        files_after=(str(target),),
+    )
+    defaults: dict[str, Any] = {
+        "id": "stream-1",
+        "kind": OpKind.STREAM,
+        "vm": "lost",
+        "devices": {"disk0": chains},
+        "pid": writer.pid,
+        "pid_start": _proc.process_start(writer.pid),
+        "server": ServerRecord(pid=0, pid_start=None, home=str(home)),
+    }
+    return Intent(**{**defaults, **fields})
+
+
+async def recovered_after(
+    run_dir: Path, writer: subprocess.Popen[bytes], intent: Intent
+) -> Recovery:
+    """``intent`` on disk, its writer killed, then ``recover`` of the VM: its one result."""
+    _journal.write(run_dir, intent)
+    writer.kill()
+    writer.wait()
+    report = await recover_vm("lost")
+    (result,) = report.operations
+    return result
+
+
 async def test_a_server_stopped_as_it_forks_leaves_no_child_behind(
     run_dir: Path, writer: subprocess.Popen[bytes]
 ) -> None:
@@ -317,21 +354,9 @@ async def test_a_server_stopped_as_it_forks_leaves_no_child_behind(
     too; nothing serves the socket afterwards."""
     home = run_dir / "nbd-1"
     parent = forking_server(home, run_dir / "handler-set")
-    intent = Intent(
-        id="stream-1",
-        kind=OpKind.STREAM,
-        vm="lost",
-        devices={},
-        pid=writer.pid,
-        pid_start=_proc.process_start(writer.pid),
-        server=ServerRecord(pid=0, pid_start=None, home=str(home)),
-    )
-    _journal.write(run_dir, intent)
+    intent = served_stream(writer, run_dir / "t.qcow2", home, devices={})
     try:
-        writer.kill()
-        writer.wait()
-        report = await recover_vm("lost")
-        (result,) = report.operations
+        result = await recovered_after(run_dir, writer, intent)
         (said,) = [d for d in result.done if "server" in d]
         stopped = [int(p) for p in said.partition("(pid ")[2].rstrip(")").split(", ")]
         assert stopped[0] == parent and len(stopped) == 2, said
@@ -351,32 +376,16 @@ async def test_qemu_gone_after_a_recover_killed_inside_a_server_replacement_stop
     old_home.mkdir()
     server = fake_server(new_home)
     started = _proc.process_start(server)
-    target = tmp_path / "t.qcow2"
-    intent = Intent(
-        id="stream-1",
-        kind=OpKind.STREAM,
-        vm="lost",
+    intent = served_stream(
+        writer,
+        tmp_path / "t.qcow2",
+        old_home,
         step=Step.STARTING,
-        devices={
-            "disk0": _journal.DeviceChains(
-                before=("drv0", "bclr-1"),
-                after=("drv0",),
-                files_before=(str(target), f"nbd+unix:///?socket={socket_in(old_home)}"),
-                files_after=(str(target),),
-            )
-        },
-        pid=writer.pid,
-        pid_start=_proc.process_start(writer.pid),
-        server=ServerRecord(pid=0, pid_start=None, home=str(old_home)),
         replacement=ServerRecord(pid=server, pid_start=started, home=str(new_home)),
         replacement_base="bclr-2",
     )
-    _journal.write(run_dir, intent)
     try:
-        writer.kill()
-        writer.wait()
-        report = await recover_vm("lost")
-        (result,) = report.operations
+        result = await recovered_after(run_dir, writer, intent)
         assert result.verdict is Verdict.QEMU_GONE, result
         assert f"stopped the backup's server (pid {server})" in result.done, result.done
         assert not _proc.process_alive(server, started)
@@ -403,29 +412,9 @@ async def test_a_launch_killed_before_its_record_named_the_servers_pid_is_recove
     home = run_dir / "nbd-1"
     server = fake_server(home, pidfile=pidfile)
     started = _proc.process_start(server)
-    intent = Intent(
-        id="stream-1",
-        kind=OpKind.STREAM,
-        vm="lost",
-        devices={
-            "disk0": _journal.DeviceChains(
-                before=("drv0", "bclr-1"),
-                after=("drv0",),
-                files_before=(str(target), f"nbd+unix:///?socket={socket_in(home)}"),
-                files_after=(str(target),),
-            )
-        },
-        created_files=(str(target),),
-        pid=writer.pid,
-        pid_start=_proc.process_start(writer.pid),
-        server=ServerRecord(pid=0, pid_start=None, home=str(home)),
-    )
-    _journal.write(run_dir, intent)
+    intent = served_stream(writer, target, home, created_files=(str(target),))
     try:
-        writer.kill()
-        writer.wait()
-        report = await recover_vm("lost")
-        (result,) = report.operations
+        result = await recovered_after(run_dir, writer, intent)
         assert result.verdict is Verdict.QEMU_GONE, result
         assert f"stopped the backup's server (pid {server})" in result.done, result.done
         assert not _proc.process_alive(server, started)
