@@ -704,12 +704,13 @@ class Job:
                         return
                 case JobStatus.PENDING:
                     await self._finalize()
-                case JobStatus.CONCLUDED if not self._dismissed and self.auto_dismiss:
-                    # QEMU dismissed it in the same step: only the final event tells.
-                    self._dismissed = True
-                    await self._conclude(None)
                 case JobStatus.CONCLUDED if not self._dismissed:
-                    await self._conclude(await self.info())
+                    info = await self.info()
+                    if info is None and self.auto_dismiss:
+                        # QEMU dismissed it in the same step: only the final event tells.
+                        # (Still listed, it was not: dismissed below, as any other.)
+                        self._dismissed = True
+                    await self._conclude(info)
                 case JobStatus.NULL if not self.done:
                     # Dismissed by someone else (or created with auto-dismiss): only the
                     # final BLOCK_JOB_* event, if any, tells how it ended.

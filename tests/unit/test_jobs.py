@@ -372,6 +372,22 @@ async def test_a_stream_is_finalized_at_pending_and_dismissed_by_qemu() -> None:
         assert (sent["auto-finalize"], sent["auto-dismiss"]) == (False, True)
 
 
+async def test_a_stream_still_listed_at_its_conclusion_is_dismissed() -> None:
+    """A stream QEMU did not dismiss by itself (not started by wire.block_stream): still
+    listed at CONCLUDED, it is read and dismissed as any other job, not waited for."""
+    job = FakeJob(
+        job_type="stream",
+        on_start=[status("", C), status("", R), status("", W), status("", PEND)],
+        on_finalize=[STREAM_END[0], status("", CONC)],
+        progress=(4 * MIB, 4 * MIB),
+    )
+    async with qemu(FakeQEMU(job)) as (fake, session):
+        async with start_job(session, "stream", stream_start(session)) as handle:
+            result = await handle.wait(complete_on_ready=False, deadline=5, hooks=[])
+        assert result.transitions == (C, R, W, PEND, CONC, NULL)
+        assert commands(fake) == ["block-stream", "job-finalize", "job-dismiss"]
+
+
 async def test_a_failed_stream_gone_with_its_conclusion_reports_the_error() -> None:
     job = FakeJob(
         job_type="stream",
