@@ -310,8 +310,8 @@ async def launch_live(
     raw = drive_format is ImageFormat.RAW
     # The LUN or NFS image as the config gives it (a LUN's initiator name and CHAP
     # credentials, an image's uid and gid), or a path.
-    lun = config.drives[index].iscsi or config.drives[index].nfs
-    dest: Path | IscsiSource | NfsSource = lun if lun is not None else Path(named)
+    remote_image = config.drives[index].iscsi or config.drives[index].nfs
+    dest: Path | IscsiSource | NfsSource = remote_image or Path(named)
     local = dest if isinstance(dest, Path) else None  # a local file or block device
     device_target = local is None or (raw and local.is_block_device())
     if local is not None and not device_target and (local.exists() or local.is_symlink()):
@@ -336,22 +336,13 @@ async def launch_live(
         size = await anyio.to_thread.run_sync(check_point, repo, vm_name, point, device)
         if local is not None and device_target:
             _check_device_size(local, size)
-        elif lun is not None:
+        elif remote_image is not None:
             # Before QEMU starts: a guest launched onto a LUN too small would run (and write)
             # until the LUN's node were added and measured, then go with its writes. Measured
             # again once the node is in (_add_target): the LUN is not ours to hold.
-            have = await remote.size_of(lun)
+            have = await remote.size_of(remote_image)
             if have < size:
-                grow = (
-                    "a LUN at least as large (grow its backing store, then make its LU again)"
-                    if isinstance(lun, IscsiSource)
-                    else "an NFS image at least as large (e.g. `qemu-img resize -f raw` on it)"
-                )
-                raise ConfigError(
-                    "target",
-                    f"{lun.url} holds {have} bytes, the disk {size}: nothing was launched; "
-                    f"give {grow}",
-                )
+                raise _too_small(remote_image, have, size, "nothing was launched; ")
         async with contextlib.AsyncExitStack() as stack:
             exports: list[PointExport] = []
             planned: list[_journal.Op] = []
@@ -513,22 +504,17 @@ def _launch_drive(config: MachineConfig, target: Path | str) -> tuple[int, Image
     LUN it is (a URL), checked for a live launch."""
     for i, drive in enumerate(config.drives):
         if isinstance(target, str):
-            if (drive.iscsi is None and drive.nfs is None) or not _same_remote(drive, target):
+            if not _same_remote(drive, target):
                 continue
         elif drive.file is None or Path(drive.file).absolute() != target:
             continue
         where = f"drive[{i}]"
-        if drive.iscsi is not None and drive.format is not ImageFormat.RAW:
+        if drive.remote_url is not None and drive.format is not ImageFormat.RAW:
+            what = "a LUN drive" if drive.iscsi is not None else "an NFS drive"
             raise ConfigError(
                 f"{where}.format",
-                f"a LUN drive launched from a point is raw (mirrored onto the LUN); {target} "
-                f"is {drive.format.value if drive.format else 'unset'}",
-            )
-        if drive.nfs is not None and drive.format is not ImageFormat.RAW:
-            raise ConfigError(
-                f"{where}.format",
-                f"an NFS drive launched from a point is raw (mirrored onto the image; a qcow2 "
-                f"image on NFS is not a live target); {target} is "
+                f"{what} launched from a point is raw (mirrored onto its storage; a qcow2 "
+                f"image there is not a live target); {target} is "
                 f"{drive.format.value if drive.format else 'unset'}",
             )
         if drive.passthrough is not None:
@@ -985,15 +971,23 @@ async def _check_remote_size(call: _Call, node: str) -> None:
     )
     if have < call.size:
         await delete_nodes(call.vm, [node], event="blockctl.backup.live_node_kept")
-        grow = (
-            "a LUN at least as large (grow its backing store, then make its LU again)"
-            if isinstance(call.target, IscsiSource)
-            else "an NFS image at least as large (e.g. `qemu-img resize -f raw` on it)"
-        )
-        raise ConfigError(
-            "target",
-            f"{_target_name(call.target)} holds {have} bytes, the disk {call.size}: give {grow}",
-        )
+        assert not isinstance(call.target, Path)
+        raise _too_small(call.target, have, call.size)
+
+
+def _too_small(
+    target: IscsiSource | NfsSource, have: int, size: int, done: str = ""
+) -> ConfigError:
+    """The refusal of a LUN or an NFS image smaller than the disk (``done``: what became of
+    the operation), with the way to a large enough one."""
+    grow = (
+        "a LUN at least as large (grow its backing store, then make its LU again)"
+        if isinstance(target, IscsiSource)
+        else "an NFS image at least as large (e.g. `qemu-img resize -f raw` on it)"
+    )
+    return ConfigError(
+        "target", f"{target.url} holds {have} bytes, the disk {size}: {done}give {grow}"
+    )
 
 
 async def _add_target_secret(

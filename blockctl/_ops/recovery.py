@@ -557,12 +557,8 @@ async def _swapped(vm: VM, intent: Intent, device: str, node: str) -> Intent:
     server's directory go, and the drive record and the journal's chains name the new ones.
     Each step holds if done again (a recover killed inside it)."""
     new, base, old = intent.replacement, intent.replacement_base, intent.server
-    assert new is not None and old is not None
-    if not new.pid:  # killed before the pid was recorded: the pid file names it
-        found = servers_in(Path(new.home))
-        if found:
-            (pid, start), *_ = found
-            new = replace(new, pid=pid, pid_start=start)
+    # The new server's pid was recorded before its nodes were added.
+    assert new is not None and new.pid and old is not None
     await _stop_server(old)  # gone already (that is why it was replaced): its directory
     # The old backup nodes (a raw target's overlay is dropped at the end too, but stays):
     # raw first (it holds the nbd node).

@@ -53,32 +53,17 @@ from blockctl.types import ImageFormat, IscsiSource
 
 
 def die_at(kind: str, step: str) -> None:
-    if kind == "recover":
-
-        def replacing(stage: str) -> None:
-            if stage == step:
-                die()
-
-        recovery.FAILPOINT = replacing
+    if kind == "recover":  # inside its replacement of a live restore's dead server
+        recovery.FAILPOINT = stage_failpoint(step)
         return
     if step == "frozen":  # inside quiesced: the guest's freeze has just been confirmed
         _agent.FAILPOINT = lambda stage: os.kill(os.getpid(), signal.SIGKILL)
         return
     if step in ("attached", "served"):  # a live restore's hot-plug returned, its server up
-
-        def after_hotplug(stage: str) -> None:
-            if stage == step:
-                die()
-
-        live.FAILPOINT = after_hotplug
+        live.FAILPOINT = stage_failpoint(step)
         return
     if step in ("spawned", "greeted"):  # a detached launch, at QEMU's start
-
-        def at_start(stage: str) -> None:
-            if stage == step:
-                die()
-
-        _machine.FAILPOINT = at_start
+        _machine.FAILPOINT = stage_failpoint(step)
         return
 
     def failpoint(intent: _journal.Intent) -> None:
@@ -104,7 +89,9 @@ class DieReading:
             die()
 
 
-def backup_failpoint(step: str) -> Callable[[str], None]:
+def stage_failpoint(step: str) -> Callable[[str], None]:
+    """A module's FAILPOINT hook that kills this process at the stage named ``step``."""
+
     def failpoint(at: str) -> None:
         if at == step:
             die()
@@ -143,7 +130,7 @@ async def main(vm_name: str, kind: str, kwargs: dict[str, Any]) -> None:
                 kind=kwargs.pop("kind", "incremental"),
                 devices=kwargs.pop("devices", None),
                 request_id=kwargs.pop("request_id", None),
-                _failpoint=backup_failpoint(step),
+                _failpoint=stage_failpoint(step),
                 options=BackupOptions(scratch_dir=None if scratch is None else Path(scratch)),
                 control=JobControl(hooks=(DieReading(),) if step == "copy" else ()),
             )
