@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -45,9 +45,8 @@ async def query_block(session: QMPSession) -> tuple[BlockDevice, ...]:
 
 
 #: How long a read of the node list waits for a concluded stream job to be dismissed (its
-#: driver does that right after reading the outcome), and how often it looks meanwhile.
+#: driver does that right after reading the outcome).
 STREAM_DISMISS_WAIT = 10.0
-_STREAM_DISMISS_POLL = 0.02
 
 
 async def _named_block_nodes(session: QMPSession) -> Any:
@@ -55,29 +54,40 @@ async def _named_block_nodes(session: QMPSession) -> Any:
     dismissed: QEMU (7.2 and 10.0.2, measured: ``scripts/repro_stream_query.py``) segfaults
     on it then. The job still holds the implicit copy-on-read filter it took out of the graph,
     now with no child, and ``bdrv_refresh_filename`` follows that missing child (NULL +
-    0x40). Such a job is waited for, and the read refused (:class:`Conflict`) if it stays.
-    A stream that concludes between the ``query-jobs`` here and the query is not seen: the
-    callers read no graph while a stream they started runs."""
+    0x40). Such a job's dismissal (its ``null`` transition) is waited for, and the read
+    refused (:class:`Conflict`) if it does not come. A stream that concludes between the
+    ``query-jobs`` here and the query is not seen: blockctl's own streams never sit concluded
+    (:func:`block_stream`); another tool's may."""
     deadline = time.monotonic() + STREAM_DISMISS_WAIT
-    while True:
-        stuck = [
-            job.id
-            for job in await query_jobs(session)
-            if job.type == "stream" and job.status is _models.JobStatus.CONCLUDED
-        ]
-        if not stuck:
-            return await session.execute("query-named-block-nodes", {"flat": True})
-        if time.monotonic() >= deadline:
-            raise Conflict(
-                f"{session.label}: stream job {stuck[0]} has concluded but was not dismissed "
-                f"within {STREAM_DISMISS_WAIT:g} s, and QEMU crashes (SIGSEGV) on "
-                "query-named-block-nodes until it is: the block graph was not read. Way "
-                f"out: `blockctl recover {session.label}` (a job blockctl started), or "
-                "dismiss it (QMP job-dismiss), then run the command again",
-                kind="stream",
-                job_id=stuck[0],
-            )
-        await anyio.sleep(_STREAM_DISMISS_POLL)
+    # Listening before the jobs are read: a dismissal in between is not missed.
+    with session.events("JOB_STATUS_CHANGE") as changes:
+        while True:
+            stuck = {
+                job.id
+                for job in await query_jobs(session)
+                if job.type == "stream" and job.status is _models.JobStatus.CONCLUDED
+            }
+            if not stuck:
+                return await session.execute("query-named-block-nodes", {"flat": True})
+            left = deadline - time.monotonic()
+            if left <= 0:
+                job_id = sorted(stuck)[0]
+                raise Conflict(
+                    f"{session.label}: stream job {job_id} has concluded but was not dismissed "
+                    f"within {STREAM_DISMISS_WAIT:g} s, and QEMU crashes (SIGSEGV) on "
+                    "query-named-block-nodes until it is: the block graph was not read. Way "
+                    f"out: `blockctl recover {session.label}` (a job blockctl started), or "
+                    "dismiss it (QMP job-dismiss), then run the command again",
+                    kind="stream",
+                    job_id=job_id,
+                )
+            with anyio.move_on_after(left):
+                await changes.wait_for(_dismissal_of(frozenset(stuck)))
+
+
+def _dismissal_of(job_ids: frozenset[str]) -> Callable[[Event], bool]:
+    """Whether an event is the ``null`` transition (the dismissal) of one of ``job_ids``."""
+    return lambda e: e.data.get("id") in job_ids and e.data.get("status") == "null"
 
 
 async def query_named_block_nodes(session: QMPSession) -> tuple[BlockNode, ...]:
