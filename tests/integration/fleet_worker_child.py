@@ -23,7 +23,9 @@ which the worker's verify activity calls), as the first chunk is read once it st
 read runs in a thread: any verify's read then kills, VM's own reads guarantee one); ACTION
 ``kill`` only. STEP ``attach``: in VM's fleet attach, once QEMU's ``device_add`` of the disk
 returned, before ``drives.hotplug`` settles blockctl's record of the drive (and before the
-activity reports it); ACTION ``kill`` only.
+activity reports it); STEP ``attach-nodes``: the same attach, once its nodes are added, as its
+``device_add`` is about to be sent (QEMU has the nodes, no device uses them); ACTION ``kill``
+only.
 """
 
 from __future__ import annotations
@@ -172,27 +174,31 @@ def install_chain_kill(vm_name: str, step: str) -> None:
     setattr(chains, entry, marking)
 
 
-def install_attach_kill(vm_name: str) -> None:
+def install_attach_kill(vm_name: str, before_device: bool) -> None:
     """SIGKILL this process once QEMU's ``device_add`` of ``vm_name``'s hot-plugged disk
     returned (in ``drives.hotplug``, which the worker's attach activity calls), before
-    ``hotplug`` settles the drive's record."""
+    ``hotplug`` settles the drive's record; ``before_device``: as that ``device_add`` is
+    about to be sent, its nodes added."""
     from blockctl._ops import drives
 
     device_add = drives._device_add_placed
 
     async def device_add_then_die(vm: Any, device: Any) -> None:
+        disk = vm.name == vm_name and device.get("id") != "scsi0"  # (not its controller)
+        if disk and before_device:
+            die()
         await device_add(vm, device)
-        if vm.name == vm_name and device.get("id") != "scsi0":  # (not its controller)
+        if disk:
             die()
 
     drives._device_add_placed = device_add_then_die
 
 
 def install(vm_name: str, step: str, action: str) -> None:
-    if step == "attach":
+    if step in ("attach", "attach-nodes"):
         if action != "kill":
             sys.exit(f"no action {action!r} at {step}: kill")
-        install_attach_kill(vm_name)
+        install_attach_kill(vm_name, before_device=step == "attach-nodes")
         return
     if step in ("snapshot", "commit"):
         if action != "kill":

@@ -399,8 +399,9 @@ async def test_fleet_backup_of_three_hosts_by_four_vms_and_a_writing_guest(
     fsync) and is then paused, so its reference (``qemu-img convert -U``) and its point are
     the same instant. One ``fleet backup``: every VM exactly one full point, restored and
     ``qemu-img compare``-equal to its reference; the guest's own checksum of its disk agrees.
-    Then a fleet attach and detach into the booted guest (``killed_attach_and_detach``: a
-    firmware-idle VM never completes an unplug)."""
+    Then fleet attaches and detaches into the booted guest, each attach's worker killed
+    before (``attach_killed_before_its_device``) or after (``killed_attach_and_detach``) its
+    ``device_add`` (a firmware-idle VM never completes an unplug)."""
     address = temporal_server
     repo_path = tmp_path / "repo"
     backup.init_repository(repo_path)
@@ -450,6 +451,7 @@ async def test_fleet_backup_of_three_hosts_by_four_vms_and_a_writing_guest(
                     out = json.loads(await blockctl(runtime_dir, *argv))
             finally:
                 await wire.cont(io.session)
+            await attach_killed_before_its_device(io.session, runtime_dir, address, tmp_path)
             await killed_attach_and_detach(io.session, runtime_dir, address, tmp_path)
         # The guest wrote over its pattern, and its checksum of its disk is the reference's.
         assert ref.read_bytes()[:MIB] != pattern(99, MIB)
@@ -485,6 +487,67 @@ async def plugged(session: Any, file: Path) -> list[str]:
         for b in await session.execute("query-block")
         if b.get("inserted", {}).get("file") == str(file)
     ]
+
+
+def drive_record(runtime: Path, device_id: str) -> dict[str, Any]:
+    """blockctl's record of ``device_id`` in the booted guest's ``drives.json``."""
+    (record,) = [
+        d
+        for d in json.loads((runtime / IO_VM / "drives.json").read_text())["drives"]
+        if d["device_id"] == device_id
+    ]
+    return dict(record)
+
+
+async def nodes_on(session: Any, file: Path) -> list[str]:
+    """The nodes QEMU has open on image ``file`` (its format and protocol nodes)."""
+    return sorted(
+        n["node-name"]
+        for n in await session.execute("query-named-block-nodes")
+        if n.get("file") == str(file)
+    )
+
+
+async def attach_killed_before_its_device(
+    session: Any, runtime: Path, address: str, tmp_path: Path
+) -> None:
+    """A fleet attach of a qcow2 into the booted guest as ``plug0`` whose worker SIGKILLs
+    itself as its ``device_add`` is about to be sent: QEMU has the drive's nodes (holding
+    the image's write lock), no device uses them, and blockctl's record (written before the
+    hot-plug, naming the dead worker) names them. Restarted, the retry removes those nodes
+    (as ``blockctl detach`` does), then hot-plugs the disk: attached, not reused, one device
+    and one format and protocol node on the image (without the removal, the retry's
+    ``blockdev-add`` fails on the lock). Then a fleet detach leaves nothing on it."""
+    image = await qcow2_image(tmp_path / "plug0.qcow2", pattern(5, 65536), MIB)
+    out_path = tmp_path / "attach-nodes-killed.json"
+    dead_log = tmp_path / "attach-nodes-dead.log"
+    async with fleet_running(
+        runtime, out_path, "attach", "hv1", IO_VM, "--file", image, "--id", "plug0",
+        "--address", address, "--heartbeat-timeout", "5",
+    ) as attach_run:  # fmt: skip
+        async with worker("hv1", runtime, address, dead_log, (IO_VM, "attach-nodes", "kill")) as w:
+            await killed(w, dead_log)
+        assert await plugged(session, image) == []
+        left = await nodes_on(session, image)
+        record = drive_record(runtime, "plug0")
+        assert record["plugging"]["pid"] == w.pid, record
+        assert len(left) == 2 and set(left) <= {n["node-name"] for n in record["nodes"]}, (
+            left, record
+        )  # fmt: skip
+        async with worker("hv1", runtime, address, tmp_path / "attach-nodes-retry.log"):
+            with anyio.fail_after(BACKUP_DEADLINE):
+                await attach_run.wait()
+            assert attach_run.returncode == 0, out_path.read_text()
+            result = json.loads(out_path.read_text().splitlines()[-1])
+            assert (result["device_id"], result["file"], result["state"], result["reused"]) == (
+                "plug0", str(image), "attached", False
+            ), result  # fmt: skip
+            assert await plugged(session, image) == ["/machine/peripheral/plug0/virtio-backend"]
+            assert len(await nodes_on(session, image)) == 2
+            assert "plugging" not in drive_record(runtime, "plug0")
+            detached = await fleet_json(runtime, address, "detach", "hv1", IO_VM, "plug0")
+            assert (detached["state"], detached["error"]) == ("removed", None), detached
+    assert await plugged(session, image) == [] and await nodes_on(session, image) == []
 
 
 async def killed_attach_and_detach(
