@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
 import shutil
 import statistics
 import threading
@@ -125,6 +126,24 @@ class SpaceWatch:
 # Section: the floors
 
 
+def own_cpu() -> float:
+    """This process's CPU seconds (user and system, every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def children_cpu() -> float:
+    """The CPU seconds of this process's reaped children (user and system)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """Another process's CPU seconds so far (user and system), from ``/proc/PID/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def clock() -> float:
     """Write back what earlier steps left dirty (each measurement pays for its own writes),
     then the time."""
@@ -189,18 +208,24 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-async def convert_seconds(src: Path, dst: Path, out_fmt: str) -> float:
+async def convert_seconds(
+    src: Path, dst: Path, out_fmt: str, cpu: list[float] | None = None
+) -> float:
     """qemu-img convert to a new file on the same filesystem, then fsync it: ``-O raw`` does
     not (strace: no fdatasync; ``-O qcow2`` does), and a backup or a restore is only done when
     its data is durable, as blockctl's are. The VM holds ``src``'s lock, and blockctl never
-    overrides a lock (not even here): the floor converts a sparse copy of it, made untimed."""
+    overrides a lock (not even here): the floor converts a sparse copy of it, made untimed.
+    ``cpu``: gets qemu-img's CPU seconds (user and system)."""
     copy = dst.with_name(dst.name + ".src.qcow2")
     await _proc.run(["cp", "--sparse=always", str(src), str(copy)])
     try:
         start = await clock()
+        used = children_cpu()
         await _proc.run(
             [_binaries.qemu_img(), "convert", "-f", "qcow2", "-O", out_fmt, str(copy), str(dst)]
         )
+        if cpu is not None:
+            cpu.append(children_cpu() - used)
         await anyio.to_thread.run_sync(fsync_file, dst)
         seconds = time.perf_counter() - start
     finally:
@@ -209,8 +234,10 @@ async def convert_seconds(src: Path, dst: Path, out_fmt: str) -> float:
     return seconds
 
 
-async def convert_into(src: Path, dst: Path, out_fmt: str, mib: int, out: list[float]) -> None:
-    out.append(mib / await convert_seconds(src, dst, out_fmt))
+async def convert_into(
+    src: Path, dst: Path, out_fmt: str, mib: int, out: list[float], cpu: list[float] | None = None
+) -> None:
+    out.append(mib / await convert_seconds(src, dst, out_fmt, cpu))
 
 
 async def cat_seconds(directory: Path) -> float:
@@ -453,8 +480,12 @@ async def _fulls(
         conv_qcow2: list[float] = []
         first: tuple[bk.Repository, bk.Manifest] | None = None
 
+        cpu: list[tuple[float, float]] = []  # per GiB of the plain full: blockctl's, QEMU's
+        convert_cpu: list[float] = []
+
         async def full_into(repo: bk.Repository, out: list[float]) -> bk.Manifest:
             start = await clock()
+            mine, qemu = own_cpu(), process_cpu(vm.process.pid)
             point = await bk.create(
                 vm,
                 repo,
@@ -463,6 +494,9 @@ async def _fulls(
                 control=JobControl(hooks=()),
             )
             out.append(mib / (time.perf_counter() - start))
+            if out is full:
+                gib = mib / 1024
+                cpu.append(((own_cpu() - mine) / gib, (process_cpu(vm.process.pid) - qemu) / gib))
             assert point.bytes_read == mib * MIB, point.bytes_read
             return point
 
@@ -474,7 +508,7 @@ async def _fulls(
                 partial(full_into, repo, full),
                 partial(full_into, erepo, enc),
                 partial(full_into, prepo, plain),
-                partial(convert_into, disk, work / "conv.raw", "raw", mib, conv_raw),
+                partial(convert_into, disk, work / "conv.raw", "raw", mib, conv_raw, convert_cpu),
                 partial(convert_into, disk, work / "conv.qcow2", "qcow2", mib, conv_qcow2),
             ]
             for step in steps[rep % len(steps) :] + steps[: rep % len(steps)]:
@@ -509,6 +543,17 @@ async def _fulls(
             ),
         ]
         rows[0].met = rows[0].ratio() >= 1.0
+        mine = statistics.median(c[0] for c in cpu)
+        qemu = statistics.median(c[1] for c in cpu)
+        best = 1024 / max(conv_raw)  # s per GiB at convert's fastest rep
+        cores = os.cpu_count() or 1
+        notes.append(
+            f"full backup CPU per GiB (medians of {len(cpu)}): blockctl {mine:.2f} s, QEMU's "
+            f"NBD export {qemu:.2f} s, together {mine + qemu:.2f} s; qemu-img convert -O raw "
+            f"{statistics.median(convert_cpu) * 1024 / mib:.2f} s (its writeback's kernel "
+            f"threads not counted); at convert's fastest rep ({max(conv_raw):.0f} MB/s, "
+            f"{best:.2f} s per GiB) {cores} cores give {best * cores:.2f} CPU s per GiB"
+        )
         assert first is not None
         repo, point = first
         restore_raw: list[float] = []
