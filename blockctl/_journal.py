@@ -751,7 +751,8 @@ def _plan_live_unfinished(intent: Intent, facts: Facts, what: str) -> Plan:
         forget=False,
         message=(
             f"{what}: {why}; {server}. Or give it up: detach the disk (`blockctl detach`), "
-            "then `blockctl recover --forget` stops the server; the backup point is unchanged"
+            "then `blockctl recover --forget` stops the server and deletes the copy's nodes; "
+            "the backup point is unchanged"
         ),
     )
 

@@ -978,6 +978,28 @@ PROMISES: tuple[Promise, ...] = (
         ),
     ),
     Promise(
+        id="live-restore-given-up-leaves-no-copy-node",
+        section="Backups",
+        quote="**deletes what is left of the copy in QEMU**",
+        tests=(
+            I + "test_live_restore.py::test_a_raw_restore_given_up_leaves_no_node_of_its_target",
+        ),
+        mutations=(
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find="            done.extend(await _give_up_live(vm, intent))\n",
+                replace="",
+                what="a given-up raw restore leaves its target's nodes in QEMU",
+            ),
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find="    if made:\n",
+                replace="    if False:\n",
+                what="the files a given-up restore leaves are not named",
+            ),
+        ),
+    ),
+    Promise(
         id="recover-killed-inside-a-server-replacement",
         section="Backups",
         quote="**`recover` killed inside that replacement** is finished or undone by the next one",

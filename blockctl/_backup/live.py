@@ -99,7 +99,7 @@ from blockctl._jobs import DEFAULT_CONTROL, JobControl, JobHook, JobResult, star
 from blockctl._log import get_logger
 from blockctl._machine import VM, Prepared, Timeouts, attach, launch_detached, shutdown_detached
 from blockctl._ops import drives
-from blockctl._ops.nodes import delete_nodes, flush_chain, read_graph
+from blockctl._ops.nodes import delete_nodes, delete_secrets, flush_chain, read_graph
 from blockctl._qmp import wire
 from blockctl.errors import (
     BackupCorrupt,
@@ -1001,7 +1001,7 @@ async def _add_target_secret(
 
 async def _delete_target_secrets(vm: VM, target_nodes: Sequence[dict[str, Any]]) -> None:
     """The target's ``secret`` objects, its nodes gone (or never added)."""
-    await drives.delete_secrets(
+    await delete_secrets(
         vm, [str(n["password-secret"]) for n in target_nodes if "password-secret" in n]
     )
 

@@ -44,7 +44,7 @@ from blockctl._machine import (
     vhost_image,
 )
 from blockctl._ops import conflicts
-from blockctl._ops.nodes import delete_nodes, read_graph, refuse_passed_through
+from blockctl._ops.nodes import delete_nodes, delete_secrets, read_graph, refuse_passed_through
 from blockctl._qmp import wire
 from blockctl._qmp.models import BlockDevice, BlockNode, CacheFlags, IoLimits
 from blockctl._registry import DriveRecord, this_process
@@ -700,14 +700,6 @@ async def _rollback(
         # An empty controller: its removal needs no guest cooperation worth waiting for.
         with contextlib.suppress(BlockctlError):
             await wire.device_del(vm.session, device_id)
-
-
-async def delete_secrets(vm: VM, ids: Sequence[str]) -> None:
-    """Delete the ``secret`` objects of a drive's nodes once no node uses them (one already
-    gone, e.g. deleted by another client finishing the same removal, is not an error)."""
-    for object_id in ids:
-        with contextlib.suppress(CommandFailed):
-            await wire.object_del(vm.session, object_id)
 
 
 async def drive_info(vm: VM, device_id: str) -> DriveInfo:

@@ -5,6 +5,7 @@ operation, and finishes what an interrupted one left), so neither imports the ot
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -16,7 +17,7 @@ from blockctl._log import get_logger
 from blockctl._machine import VM
 from blockctl._qmp import wire
 from blockctl._registry import DriveRecord
-from blockctl.errors import BlockctlError, PassedThrough
+from blockctl.errors import BlockctlError, CommandFailed, PassedThrough
 
 _log = get_logger()
 
@@ -105,6 +106,14 @@ async def delete_nodes(vm: VM, added: Sequence[str], *, event: str) -> dict[str,
                 if not vm.session.lost:  # QEMU gone: its nodes went with it, nothing is kept
                     _log.warning(event, node=name, error=str(exc))
     return refused
+
+
+async def delete_secrets(vm: VM, ids: Sequence[str]) -> None:
+    """Delete the ``secret`` objects of a drive's nodes once no node uses them (one already
+    gone, e.g. deleted by another client finishing the same removal, is not an error)."""
+    for object_id in ids:
+        with contextlib.suppress(CommandFailed):
+            await wire.object_del(vm.session, object_id)
 
 
 #: Guest devices that send the guest's SCSI commands to the LUN as they are (SG_IO through

@@ -43,6 +43,7 @@ from blockctl._journal import (
     Facts,
     Intent,
     JobFact,
+    OpKind,
     Relink,
     ReopenReadOnly,
     ReplaceServer,
@@ -56,7 +57,14 @@ from blockctl._journal import (
 )
 from blockctl._log import get_logger
 from blockctl._machine import DAEMON_OPS_SUFFIX, VM
-from blockctl._ops.nodes import delete_nodes, flush_chain, node_options, read_graph, set_read_only
+from blockctl._ops.nodes import (
+    delete_nodes,
+    delete_secrets,
+    flush_chain,
+    node_options,
+    read_graph,
+    set_read_only,
+)
 from blockctl._qmp import wire
 from blockctl._qmp.models import JOB_FINAL, JobStatus
 from blockctl.errors import (
@@ -364,6 +372,7 @@ async def _reconcile_one(
         _journal.write(vm.run_dir, intent)
     else:
         if keep and intent.server is not None:  # given up (--forget): its server goes too
+            done.extend(await _give_up_live(vm, intent))
             done.append(await _act(vm, StopServer(intent.server)))
         _journal.remove(vm.run_dir, intent.id)
     return Recovery(
@@ -377,6 +386,42 @@ async def _reconcile_one(
         tops=dict(plan.tops),
         kept=keep and not forget,
     )
+
+
+async def _give_up_live(vm: VM, intent: Intent) -> list[str]:
+    """A live restore given up (``--forget``; its disk detached, as its message says, or
+    not): a raw target's nodes and a CHAP LUN's ``secret`` object go too. No drive's record
+    holds them before the pivot, so a detach leaves them, holding the target open. QEMU
+    refuses to delete a node a device or job still uses: kept, and said. The files the
+    restore made are named, not removed: what the guest wrote during it is in them."""
+    done: list[str] = []
+    present = {n.node_name for n in await vm.block_nodes()}
+    for nodes in intent.add_nodes.values() if intent.kind is OpKind.MIRROR else ():
+        names = [str(n["node-name"]) for n in nodes if str(n["node-name"]) in present]
+        refused = await delete_nodes(vm, names, event="blockctl.recovery.live_node_kept")
+        deleted = [n for n in reversed(names) if n not in refused]
+        await delete_secrets(
+            vm,
+            [
+                str(n["password-secret"])
+                for n in nodes
+                if "password-secret" in n and str(n["node-name"]) in deleted
+            ],
+        )
+        if deleted:
+            done.append(f"deleted the target's nodes {', '.join(deleted)}")
+        for name, exc in refused.items():
+            done.append(f"kept the target's node {name}: {exc}")
+    targets = [f for chains in intent.devices.values() for f in chains.files_after]
+    made = dict.fromkeys(
+        f for f in (*intent.created_files, *intent.drop_files, *targets) if Path(f).is_file()
+    )
+    if made:
+        done.append(
+            f"left the files {', '.join(made)} (what the guest wrote during the restore and "
+            "the blocks copied are in them; remove them if not wanted)"
+        )
+    return done
 
 
 async def _adopt(

@@ -1148,6 +1148,82 @@ def server_pid(intent: Intent) -> int:
 
 
 @pytest.mark.guest
+async def test_a_raw_restore_given_up_leaves_no_node_of_its_target(
+    guest: GuestImage, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live restore into a raw file whose server is killed mid-copy, its repository gone
+    (moved away): ``recover`` cannot put in a new server and keeps the record, naming the
+    way to give it up (detach the disk, then ``recover --forget``). Given up so: no node of
+    the backup, the overlay or the raw target is left in QEMU (the target's nodes are in no
+    drive's record until the pivot: the detach does not take them), no server, no record;
+    the files left (the overlay with the guest's writes, the partly copied target) are
+    named; the repository, moved back, unchanged; the guest goes on."""
+    live_target = LIVE_TARGETS["raw"]
+    repo = backup.init_repository(tmp_path / "repo")
+    disk = await qcow2_image(images / "g0.qcow2", b"", live_target.mib * MIB)
+    target = images / "given-up.raw"
+    watch = StreamWatch()
+    monkeypatch.setattr(serve, "RECONNECT_DELAY", 2)
+    async with open_vm(config(guest, "lrg", disk)) as vm:
+        assert vm.run_dir is not None
+        await vm.console.wait_ready()  # type: ignore[union-attr]
+        await write(vm, "vda", 0, 1024)
+        point = await backup.create(vm, repo)
+        hashes = tree_digest(repo.path)
+        raised: list[BaseException] = []
+
+        async def restore() -> None:
+            try:
+                await backup.restore_live(
+                    vm,
+                    repo,
+                    "lrg",
+                    point.id,
+                    "disk0",
+                    target,
+                    control=JobControl(speed=1, hooks=(watch,)),
+                    target_format=ImageFormat.RAW,
+                )
+            except BlockctlError as exc:
+                raised.append(exc)
+
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(restore)
+                await watch.running.wait()
+                await sh(vm, WAIT_VDB)
+                await guest_fill(vm, "vdb", 0, 64, 0x47)
+                (server,) = nbdkit_pids_under(vm.run_dir)
+                os.kill(server, signal.SIGKILL)
+                await vm.command("block-job-set-speed", {"device": watch.job_id, "speed": 0})
+        (error,) = raised
+        assert isinstance(error, JobFailed), repr(error)
+        (attached,) = [e for e in logs if e["event"] == "blockctl.backup.live_attached"]
+        device = attached["device"]
+        moved = tmp_path / "repo.away"
+        repo.path.rename(moved)
+        (kept,) = await recovery.reconcile(vm)
+        assert kept.verdict is Verdict.ATTENTION and kept.kept, kept
+        assert "blockctl detach" in kept.message and "--forget" in kept.message, kept.message
+        target_nodes = {n for n in await node_names(vm) if n.endswith(("-target", "-target-file"))}
+        assert target_nodes, await node_names(vm)
+        assert (await drives.unplug(vm, device)).state is drives.UnplugState.REMOVED
+        (given_up,) = await recovery.reconcile(vm, forget=True)
+        assert not given_up.kept, given_up
+        left = await node_names(vm)
+        assert not {n for n in left if n.startswith("bclr") or n in target_nodes}, left
+        assert not any(n.file == str(target) for n in await vm.block_nodes())
+        assert nbdkit_pids_under(vm.run_dir) == []
+        assert not list(vm.run_dir.glob("journal-*.json"))
+        said = " ".join(given_up.done)
+        assert str(target) in said and any(str(o) in said for o in overlays(images)), said
+        assert (await sh(vm, "echo alive")).strip() == "alive"
+        await truth_check(vm)
+    moved.rename(repo.path)
+    assert tree_digest(repo.path) == hashes
+
+
+@pytest.mark.guest
 @pytest.mark.parametrize(
     ("at", "fmt"), [*((at, fmt) for fmt in FILE_TARGETS for at in KILL_POINTS), ("mid", "device")]
 )

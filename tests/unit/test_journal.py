@@ -847,7 +847,8 @@ def test_a_live_restore_whose_copy_failed_or_whose_server_is_gone_needs_attentio
         "live restore of disk0 (p1) into new.qcow2 on disk1: the copy failed: read error; the "
         "disk still reads the backup through its server (pid 4242), kept running; `blockctl "
         "recover` tries the copy again. Or give it up: detach the disk (`blockctl detach`), "
-        "then `blockctl recover --forget` stops the server; the backup point is unchanged"
+        "then `blockctl recover --forget` stops the server and deletes the copy's nodes; the "
+        "backup point is unchanged"
     )
     # A server gone, from a record that does not say what it served: nothing to restart.
     unnamed = replace(SERVER, repo="")
@@ -857,7 +858,8 @@ def test_a_live_restore_whose_copy_failed_or_whose_server_is_gone_needs_attentio
         "live restore of disk0 (p1) into new.qcow2 on disk1: the copy stopped; the backup's "
         "server (pid 4242) is gone: the blocks not copied yet cannot be read (the guest gets "
         "I/O errors on them). Or give it up: detach the disk (`blockctl detach`), then "
-        "`blockctl recover --forget` stops the server; the backup point is unchanged"
+        "`blockctl recover --forget` stops the server and deletes the copy's nodes; the "
+        "backup point is unchanged"
     )
     # A plain stream in the same state is "not done", as before.
     plain = j.plan(live_restore(server=None), live_facts(("drv1", "bclr"), server_alive=True))
