@@ -983,6 +983,7 @@ PROMISES: tuple[Promise, ...] = (
         quote="**deletes what is left of the copy in QEMU**",
         tests=(
             I + "test_live_restore.py::test_a_raw_restore_given_up_leaves_no_node_of_its_target",
+            U + "test_live_give_up.py",
         ),
         mutations=(
             Mutation(
@@ -996,6 +997,20 @@ PROMISES: tuple[Promise, ...] = (
                 find="    if made:\n",
                 replace="    if False:\n",
                 what="the files a given-up restore leaves are not named",
+            ),
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find=(
+                    '                if "password-secret" in n and str(n["node-name"]) in deleted\n'
+                ),
+                replace='                if "password-secret" in n\n',
+                what="a CHAP secret a node still in use reads is deleted with the others",
+            ),
+            Mutation(
+                file="blockctl/_ops/recovery.py",
+                find="        await delete_secrets(\n            vm,\n            [\n",
+                replace="        await delete_secrets(\n            vm,\n            [] and [\n",
+                what="a given-up LUN restore's CHAP secret object is left in QEMU",
             ),
         ),
     ),
