@@ -994,7 +994,7 @@ PROMISES: tuple[Promise, ...] = (
             ),
             Mutation(
                 file="blockctl/_ops/recovery.py",
-                find="    if made:\n",
+                find="    if left:\n",
                 replace="    if False:\n",
                 what="the files a given-up restore leaves are not named",
             ),

@@ -416,10 +416,17 @@ async def _give_up_live(vm: VM, intent: Intent) -> list[str]:
     made = dict.fromkeys(
         f for f in (*intent.created_files, *intent.drop_files, *targets) if Path(f).is_file()
     )
-    if made:
+    still_open = {n.file for n in await vm.block_nodes()}
+    left = [f for f in made if f not in still_open]
+    if left:
         done.append(
-            f"left the files {', '.join(made)} (what the guest wrote during the restore and "
+            f"left the files {', '.join(left)} (what the guest wrote during the restore and "
             "the blocks copied are in them; remove them if not wanted)"
+        )
+    if in_use := [f for f in made if f in still_open]:
+        done.append(
+            f"kept the files {', '.join(in_use)} open in the VM (its disk still runs on them: "
+            "detach it before removing them)"
         )
     return done
 

@@ -26,12 +26,12 @@ LUN_NODES = (
 )
 
 
-def node(name: str, driver: str) -> dict[str, Any]:
+def node(name: str, driver: str, file: str) -> dict[str, Any]:
     """One ``query-named-block-nodes`` entry, as QEMU gives it."""
     return {
         "node-name": name,
         "drv": driver,
-        "file": LUN,
+        "file": file,
         "ro": False,
         "cache": {"writeback": True, "direct": False, "no-flush": False},
         "detect_zeroes": "off",
@@ -41,9 +41,10 @@ def node(name: str, driver: str) -> dict[str, Any]:
 
 @dataclass
 class Qemu:
-    """The nodes QEMU has, the objects, and the nodes it refuses to delete (in use)."""
+    """The nodes QEMU has (name: driver, file), the objects, and the nodes it refuses to
+    delete (in use)."""
 
-    nodes: dict[str, str]
+    nodes: dict[str, tuple[str, str]]
     objects: set[str]
     busy: set[str] = field(default_factory=set)
     commands: list[tuple[str, str]] = field(default_factory=list)
@@ -52,7 +53,7 @@ class Qemu:
         if command == "query-jobs":
             return []
         if command == "query-named-block-nodes":
-            return [node(name, driver) for name, driver in self.nodes.items()]
+            return [node(name, *what) for name, what in self.nodes.items()]
         if command == "blockdev-del":
             self.commands.append((command, args["node-name"]))
             if args["node-name"] in self.busy:
@@ -105,9 +106,11 @@ async def test_a_given_up_lun_restore_deletes_its_nodes_then_their_secret(
 ) -> None:
     """The detach left the LUN's nodes (no record held them): deleted top-down, then the
     secret object; the overlay file (the guest's writes) is named, not removed."""
-    (tmp_path / "overlay.qcow2").write_bytes(b"guest writes")
+    overlay = tmp_path / "overlay.qcow2"
+    overlay.write_bytes(b"guest writes")
+    disk0 = ("qcow2", str(tmp_path / "d0.qcow2"))
     qemu = Qemu(
-        nodes={"drv1-target-file": "iscsi", "drv1-target": "raw", "drv0": "qcow2"},
+        nodes={"drv1-target-file": ("iscsi", LUN), "drv1-target": ("raw", LUN), "drv0": disk0},
         objects={SECRET, "other-secret"},
     )
     done = await give_up(qemu, tmp_path)
@@ -116,23 +119,49 @@ async def test_a_given_up_lun_restore_deletes_its_nodes_then_their_secret(
         ("blockdev-del", "drv1-target-file"),
         ("object-del", SECRET),
     ]
-    assert qemu.nodes == {"drv0": "qcow2"} and qemu.objects == {"other-secret"}
-    assert done[0] == "deleted the target's nodes drv1-target, drv1-target-file"
-    assert str(tmp_path / "overlay.qcow2") in done[1] and LUN not in done[1]
-    assert (tmp_path / "overlay.qcow2").exists()
+    assert qemu.nodes == {"drv0": disk0} and qemu.objects == {"other-secret"}
+    assert done == [
+        "deleted the target's nodes drv1-target, drv1-target-file",
+        f"left the files {overlay} (what the guest wrote during the restore and the blocks "
+        "copied are in them; remove them if not wanted)",
+    ]
+    assert overlay.exists()
+
+
+async def test_given_up_with_its_disk_still_attached_its_overlay_is_said_open(
+    tmp_path: Path,
+) -> None:
+    """``--forget`` without the detach first: the LUN's nodes (no device uses them) go, and
+    the overlay the disk still runs on is said to be open in the VM, not left."""
+    overlay = tmp_path / "overlay.qcow2"
+    overlay.write_bytes(b"guest writes")
+    qemu = Qemu(
+        nodes={
+            "drv1-target-file": ("iscsi", LUN),
+            "drv1-target": ("raw", LUN),
+            "drv1": ("qcow2", str(overlay)),
+        },
+        objects={SECRET},
+    )
+    done = await give_up(qemu, tmp_path)
+    assert done == [
+        "deleted the target's nodes drv1-target, drv1-target-file",
+        f"kept the files {overlay} open in the VM (its disk still runs on them: detach it "
+        "before removing them)",
+    ]
 
 
 async def test_a_lun_node_still_in_use_keeps_its_secret_and_is_said(tmp_path: Path) -> None:
     """QEMU refuses to delete the protocol node (a job or device still uses it): its secret
     object stays (the node reads its password from it), and the refusal is said."""
     qemu = Qemu(
-        nodes={"drv1-target-file": "iscsi", "drv1-target": "raw"},
+        nodes={"drv1-target-file": ("iscsi", LUN), "drv1-target": ("raw", LUN)},
         objects={SECRET},
         busy={"drv1-target-file"},
     )
     done = await give_up(qemu, tmp_path)
     assert ("object-del", SECRET) not in qemu.commands
-    assert qemu.objects == {SECRET} and qemu.nodes == {"drv1-target-file": "iscsi"}
+    assert qemu.objects == {SECRET} and qemu.nodes == {"drv1-target-file": ("iscsi", LUN)}
     assert done[0] == "deleted the target's nodes drv1-target"
     assert done[1].startswith("kept the target's node drv1-target-file: ") and "busy" in done[1]
     assert len(done) == 2  # no file of it left here (the overlay was never made)
