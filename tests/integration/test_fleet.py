@@ -508,6 +508,26 @@ async def nodes_on(session: Any, file: Path) -> list[str]:
     )
 
 
+@contextlib.asynccontextmanager
+async def attach_killed_at(
+    step: str, device_id: str, seed: int, runtime: Path, address: str, tmp_path: Path
+) -> AsyncIterator[tuple[Path, Process, Path, int]]:
+    """A fleet attach of a new 1 MiB qcow2 into the booted guest as ``device_id``, run in
+    the background, whose worker SIGKILLs itself at ``step`` (fleet_worker_child.py's
+    ``attach`` or ``attach-nodes``): yields the image, the attach's process (waiting for
+    its retry), its output file and the dead worker's pid."""
+    image = await qcow2_image(tmp_path / f"{device_id}.qcow2", pattern(seed, 65536), MIB)
+    out_path = tmp_path / f"{step}-killed.json"
+    dead_log = tmp_path / f"{step}-dead.log"
+    async with fleet_running(
+        runtime, out_path, "attach", "hv1", IO_VM, "--file", image, "--id", device_id,
+        "--address", address, "--heartbeat-timeout", "5",
+    ) as attach_run:  # fmt: skip
+        async with worker("hv1", runtime, address, dead_log, (IO_VM, step, "kill")) as w:
+            await killed(w, dead_log)
+        yield image, attach_run, out_path, w.pid
+
+
 async def attach_killed_before_its_device(
     session: Any, runtime: Path, address: str, tmp_path: Path
 ) -> None:
@@ -518,19 +538,13 @@ async def attach_killed_before_its_device(
     (as ``blockctl detach`` does), then hot-plugs the disk: attached, not reused, one device
     and one format and protocol node on the image (without the removal, the retry's
     ``blockdev-add`` fails on the lock). Then a fleet detach leaves nothing on it."""
-    image = await qcow2_image(tmp_path / "plug0.qcow2", pattern(5, 65536), MIB)
-    out_path = tmp_path / "attach-nodes-killed.json"
-    dead_log = tmp_path / "attach-nodes-dead.log"
-    async with fleet_running(
-        runtime, out_path, "attach", "hv1", IO_VM, "--file", image, "--id", "plug0",
-        "--address", address, "--heartbeat-timeout", "5",
-    ) as attach_run:  # fmt: skip
-        async with worker("hv1", runtime, address, dead_log, (IO_VM, "attach-nodes", "kill")) as w:
-            await killed(w, dead_log)
+    async with attach_killed_at("attach-nodes", "plug0", 5, runtime, address, tmp_path) as (
+        image, attach_run, out_path, dead
+    ):  # fmt: skip
         assert await plugged(session, image) == []
         left = await nodes_on(session, image)
         record = drive_record(runtime, "plug0")
-        assert record["plugging"]["pid"] == w.pid, record
+        assert record["plugging"]["pid"] == dead, record
         assert len(left) == 2 and set(left) <= {n["node-name"] for n in record["nodes"]}, (
             left, record
         )  # fmt: skip
@@ -561,24 +575,14 @@ async def killed_attach_and_detach(
     exactly one device on that file in QEMU's ``query-block``, as ``blockctl drives`` says;
     the same command started again meanwhile joins that run (its result the same). Then a
     fleet detach: gone from QEMU (the guest released it); again: "no drive", exit 1."""
-    image = await qcow2_image(tmp_path / "plug.qcow2", pattern(7, 65536), MIB)
-    out_path = tmp_path / "attach-killed.json"
-    dead_log = tmp_path / "attach-dead.log"
-    async with fleet_running(
-        runtime, out_path, "attach", "hv1", IO_VM, "--file", image, "--id", "plug1",
-        "--address", address, "--heartbeat-timeout", "5",
-    ) as attach_run:  # fmt: skip
-        async with worker("hv1", runtime, address, dead_log, (IO_VM, "attach", "kill")) as w:
-            await killed(w, dead_log)
+    async with attach_killed_at("attach", "plug1", 7, runtime, address, tmp_path) as (
+        image, attach_run, out_path, dead
+    ):  # fmt: skip
         assert await plugged(session, image) == ["/machine/peripheral/plug1/virtio-backend"]
         # Killed after QEMU's device_add, before the record was settled: the record written
         # before the hot-plug names the dead worker and every node QEMU now has of plug1.
-        (record,) = [
-            d
-            for d in json.loads((runtime / IO_VM / "drives.json").read_text())["drives"]
-            if d["device_id"] == "plug1"
-        ]
-        assert record["plugging"]["pid"] == w.pid, record
+        record = drive_record(runtime, "plug1")
+        assert record["plugging"]["pid"] == dead, record
         qemu_nodes = {n["node-name"] for n in await session.execute("query-named-block-nodes")}
         assert {n["node-name"] for n in record["nodes"]} <= qemu_nodes, (record, qemu_nodes)
         # The same command again while the first waits for its retry: it joins that run
